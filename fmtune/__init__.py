@@ -1,0 +1,45 @@
+"""fmtune: fine-tune a pretrained foundation model for one task, test it against the
+pretrained baseline, and use it.
+
+    import fmtune
+    summary = fmtune.train({"model": {"name": "minilm-l6"}, "data": {"train": "train.csv", "test": "test.csv"}})
+    fmtune.evaluate(summary["run_dir"], "test.csv")
+    fmtune.predict(summary["run_dir"], "new.csv", "preds.csv")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["train", "evaluate", "predict", "demo", "load_config"]
+
+
+def train(config: Any, **kw: Any) -> dict:
+    from fmtune.api import train as _train
+
+    return _train(config, **kw)
+
+
+def evaluate(run: Any, data: Any = None, **kw: Any) -> dict:
+    from fmtune.api import evaluate as _evaluate
+
+    return _evaluate(run, data, **kw)
+
+
+def predict(run: Any, inputs: Any, output: Any = None, **kw: Any):
+    from fmtune.api import predict as _predict
+
+    return _predict(run, inputs, output, **kw)
+
+
+def demo(task: str = "text", **kw: Any) -> dict:
+    from fmtune.demo import demo as _demo
+
+    return _demo(task, **kw)
+
+
+def load_config(path: Any = None, overrides: list[str] | None = None):
+    from fmtune.config import load
+
+    return load(path, overrides)

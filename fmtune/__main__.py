@@ -1,0 +1,5 @@
+import sys
+
+from fmtune.cli import main
+
+sys.exit(main())

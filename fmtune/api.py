@@ -1,0 +1,235 @@
+"""The verbs, as Python functions: train, evaluate, predict. The CLI only parses arguments and
+calls these."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate.utils import set_seed
+
+from fmtune import config as config_mod
+from fmtune import evaluation, ui
+from fmtune.data.dataset import ImageData
+from fmtune.data.prepare import make_dataset, make_task, read_frames
+from fmtune.data.readers import IMAGE_SUFFIXES, read_table
+from fmtune.errors import DataError
+from fmtune.fsutil import write_json
+from fmtune.models import build
+from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
+from fmtune.strategies import apply_strategy
+from fmtune.training import checkpoint, hardware
+from fmtune.training.infer import infer
+from fmtune.training.loop import fit
+
+
+def _datasets(cfg: config_mod.Config, bundle: build.Bundle, task: Any, frames: Any) -> dict[str, Any]:
+    allow = cfg.data.unknown_labels == "unknown"
+    out = {"train": make_dataset(frames.train, bundle, task, cfg.data)[0],
+           "val": make_dataset(frames.val, bundle, task, cfg.data, allow_unknown=allow)[0]}
+    if frames.test is not None:
+        out["test"] = make_dataset(frames.test, bundle, task, cfg.data, allow_unknown=allow)[0]
+    return out
+
+
+def _summary(frames: Any, cfg: config_mod.Config, data: dict[str, Any]) -> dict[str, Any]:
+    col = cfg.data.label_column
+    out: dict[str, Any] = {"val_split_from_train": frames.val_from_train}
+    for name in ("train", "val", "test"):
+        df = getattr(frames, name)
+        if df is None:
+            continue
+        out[name] = {"rows": len(data[name]), "source": df.attrs.get("source")}
+        if cfg.task.type == "classification":
+            out[name]["label_counts"] = df[col].astype(str).value_counts().sort_index().to_dict()
+    return out
+
+
+def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False, resume: str | Path | None = None,
+          quiet: bool = False) -> dict[str, Any]:
+    """Fine-tune as configured; returns the run summary (run dir, best metric, test metrics).
+
+    ``cfg`` is a Config, a dict, or a YAML path. ``resume`` continues an interrupted run
+    from its last checkpoint (its saved config is used).
+    """
+    out = ui.console
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = read_config(run_dir)
+        if not checkpoint.has_state(run_dir):
+            checkpoint.load_state(run_dir, None, None, None)  # raises the explanatory RunDirError
+    else:
+        cfg = cfg if isinstance(cfg, config_mod.Config) else (
+            config_mod.from_dict(cfg) if isinstance(cfg, dict) else config_mod.load(cfg))
+        run_dir = None
+    hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads)
+    set_seed(cfg.train.seed)
+    frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
+    task = read_task(run_dir) if resume is not None else make_task(cfg.task, cfg.data, frames.train)
+    set_seed(cfg.train.seed)
+    bundle = build.create(cfg.model, task)
+    data = _datasets(cfg, bundle, task, frames)  # every split is checked before any training
+    counts = apply_strategy(bundle.model, cfg.strategy)
+    if run_dir is None:
+        run_dir = new_run_dir(cfg, overwrite)
+        write_start(run_dir, cfg, task)
+    if not quiet:
+        out.print(f"[bold]fmtune train[/] -> {run_dir}")
+        out.print(f"  model {cfg.model.name} ({bundle.kind}, pooling={bundle.pooling})  task {task.name}"
+                  f"{' with ' + str(len(task.labels)) + ' labels' if task.labels else ''}  strategy {cfg.strategy.name}")
+        out.print(f"  trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
+                  f"({100 * counts['trainable_params'] / counts['total_params']:.1f}%)")
+        out.print(f"  data: train {len(data['train'])}, val {len(data['val'])}"
+                  f"{' (split off train)' if frames.val_from_train else ''}"
+                  f"{', test ' + str(len(data['test'])) if 'test' in data else ''}")
+        out.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
+    result = fit(bundle, task, data["train"], data["val"], cfg.train, run_dir, hardware=hw,
+                 resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
+                 progress=ui.FitProgress(quiet))
+    info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, data),
+            "fit": {k: v for k, v in vars(result).items() if k != "history"},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    write_json(run_dir / INFO_FILE, info)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
+                               "best_step": result.best_step, "stopped_early": result.stopped_early,
+                               "seconds": result.seconds}
+    if not quiet:
+        stop = "stopped early" if result.stopped_early else (
+            f"stopped at the time budget of {cfg.train.max_minutes} min" if result.out_of_time else "finished")
+        out.print(f"  {stop} after {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s, "
+                  f"{result.samples_per_s:.1f} samples/s; best val {result.metric} {result.best:.4f} "
+                  f"at step {result.best_step}")
+    if "test" in data:
+        build.load_weights(bundle, run_dir / "model")
+        summary["eval"] = _evaluate_run(OpenRun(run_dir, cfg, task, bundle), data["test"],
+                                        cfg.train.baseline, quiet, source=cfg.data.test,
+                                        train_ds=data["train"])
+    return summary
+
+
+def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: Any, train_ds: Any = None) -> dict:
+    cfg, task = run.config, run.task
+    with ui.CountProgress("evaluate", len(ds), quiet) as bar:
+        logits, targets = infer(run.bundle.model, ds, cfg.train.eval_batch_size, progress=bar)
+    result: dict[str, Any] = {"test": task.metrics(logits, targets), "n_test": len(ds), "data": str(source)}
+    result["test"].pop("loss", None)
+    report = evaluation.text_report(task, logits, targets)
+    (run.dir / "classification_report.txt").write_text(report)
+    png = evaluation.confusion_png(task, logits, targets, run.dir / "confusion_matrix.png",
+                                   title=f"{run.dir.name}: test confusion matrix")
+    if baseline:
+        if train_ds is None:
+            frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
+            train_ds = make_dataset(frames.train, run.bundle, task, cfg.data)[0]
+        pre = build.create(cfg.model, task)  # the pretrained backbone, untouched
+        with ui.CountProgress("baseline (frozen features)", len(train_ds) + len(ds), quiet) as bar:
+            probe = evaluation.linear_probe(pre.model, task, train_ds, {"test": ds}, cfg.train.eval_batch_size,
+                                            cfg.train.seed, progress=bar)
+        result["baseline"] = {k: v for k, v in probe["test"].items() if k != "loss"}
+        result["baseline_method"] = "linear probe (scikit-learn) on the frozen pretrained backbone's pooled features"
+    write_json(run.dir / EVAL_FILE, result)
+    if not quiet:
+        ui.console.print(f"\n[bold]test[/] ({len(ds)} examples, {source})\n{report}")
+        if png:
+            ui.console.print(f"confusion matrix: {png}")
+        print_comparison(result)
+        ui.console.print(f"eval: {run.dir / EVAL_FILE}")
+    return result
+
+
+def print_comparison(result: dict[str, Any]) -> None:
+    keys = [k for k in result["test"] if k != "loss"]
+    rows = [["fine-tuned", *[result["test"][k] for k in keys]]]
+    if "baseline" in result:
+        rows.insert(0, ["pretrained baseline (linear probe)", *[result["baseline"].get(k, float("nan")) for k in keys]])
+    ui.console.print(ui.table("test metrics", ["model", *keys], rows))
+
+
+def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool = False,
+             quiet: bool = False) -> dict[str, Any]:
+    """Score a trained run on ``data`` (default: its configured test file); writes eval.json."""
+    opened = open_run(run)
+    cfg = opened.config
+    source = data or cfg.data.test
+    if source is None:
+        raise DataError(f"{run}: no test data configured; pass --data FILE")
+    df = _read_input(Path(source), cfg)
+    ds, _ = make_dataset(df, opened.bundle, opened.task, cfg.data, allow_unknown=cfg.data.unknown_labels == "unknown")
+    return _evaluate_run(opened, ds, baseline, quiet, source)
+
+
+def _read_input(path: Path, cfg: config_mod.Config) -> pd.DataFrame:
+    from fmtune.data.readers import read_any
+
+    return read_any(path, cfg.data.encoding)
+
+
+def _unlabelled_frame(path: Path, cfg: config_mod.Config) -> pd.DataFrame:
+    """Inputs to predict: a table, a folder of images (any depth), or a single image."""
+    if path.is_dir():
+        files = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no image files found")
+        df = pd.DataFrame({cfg.data.image_column: files})
+        df.attrs["source"] = str(path)
+        return df
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        df = pd.DataFrame({cfg.data.image_column: [str(path)]})
+        df.attrs["source"] = str(path)
+        return df
+    return read_table(path, cfg.data.encoding)
+
+
+def predict(run: str | Path, inputs: str | Path, output: str | Path | None = None, *, quiet: bool = False,
+            batch_size: int | None = None) -> pd.DataFrame:
+    """Predict every row of ``inputs``; returns (and with ``output`` writes CSV) the input rows
+    plus prediction columns: label, score and prob_<label> (classification), labels (multi-label),
+    prediction (regression). Unreadable images get an ``error`` and no prediction."""
+    opened = open_run(run)
+    cfg, task = opened.config, opened.task
+    df = _unlabelled_frame(Path(inputs), cfg)
+    ds, kept = make_dataset(df, opened.bundle, task, cfg.data, with_targets=False)
+    with ui.CountProgress("predict", len(ds), quiet) as bar:
+        logits, _ = infer(opened.bundle.model, ds, batch_size or cfg.train.eval_batch_size, progress=bar)
+    rows = task.postprocess(logits)
+    preds: list[dict[str, Any]] = [{"error": "unreadable image"} for _ in range(len(df))]
+    for pos, r in zip(kept, rows):
+        flat: dict[str, Any] = {}
+        if task.name == "classification":
+            flat = {"label": r["label"], "score": r["score"]}
+        elif task.name == "multilabel":
+            flat = {"labels": task.separator.join(r["labels"])}
+        else:
+            flat = {"prediction": r["value"]}
+        flat.update({f"prob_{k}": v for k, v in r.get("probabilities", {}).items()})
+        preds[int(pos)] = flat
+    out = pd.concat([df.reset_index(drop=True), pd.DataFrame(preds)], axis=1)
+    if "error" in out and out["error"].isna().all():
+        out = out.drop(columns="error")
+    if output is not None:
+        out.to_csv(output, index=False)
+        if not quiet:
+            ui.console.print(f"wrote {len(out)} predictions to {output}")
+    return out
+
+
+def models() -> list[dict[str, str]]:
+    from fmtune.zoo.models import MODELS
+
+    return [{"name": n, "kind": MODELS.get(n).kind, "package": MODELS.get(n).package,
+             "description": MODELS.get(n).description} for n in MODELS.names()]
+
+
+def datasets() -> list[dict[str, str]]:
+    from fmtune.zoo.datasets import DATASETS
+
+    return [{"name": n, "kind": DATASETS.get(n).kind, "package": DATASETS.get(n).package,
+             "description": DATASETS.get(n).description} for n in DATASETS.names()]
+
+
+def read_eval(run: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run) / EVAL_FILE).read_text())

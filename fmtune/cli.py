@@ -1,0 +1,165 @@
+"""The command line: a table of verbs, each parsing its arguments and calling one api function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from typing import Any, Callable
+
+from fmtune.errors import FmtuneError
+
+
+def _config_epilog() -> str:
+    from fmtune.config import describe
+
+    lines = ["settings (YAML keys, or --set KEY=VALUE):"]
+    for key, default, help_ in describe():
+        lines.append(f"  {key:<26} {help_} [default: {default}]")
+    return "\n".join(lines)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from fmtune.demo import demo
+
+    demo(a.task, a.out, seed=a.seed, overwrite=a.overwrite, quiet=a.quiet)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from fmtune import api, config
+
+    if a.resume:
+        api.train(None, resume=a.resume, quiet=a.quiet)
+        return
+    flags = {"model.name": a.model, "data.train": a.data, "data.val": a.val, "data.test": a.test,
+             "task.type": a.task, "strategy.name": a.strategy, "train.epochs": a.epochs, "out": a.out,
+             "name": a.name, "train.baseline": True if a.baseline else None}
+    cfg = config.load(a.config, overrides=a.set, base={k: v for k, v in flags.items() if v is not None})
+    api.train(cfg, overwrite=a.overwrite, quiet=a.quiet)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from fmtune import api
+
+    res = api.evaluate(a.run, a.data, baseline=a.baseline, quiet=a.quiet)
+    if a.quiet:
+        print(json.dumps(res, indent=2, default=float))
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from fmtune import api
+
+    df = api.predict(a.run, a.inputs, a.output, quiet=a.quiet, batch_size=a.batch_size)
+    if a.output is None:
+        df.to_csv(sys.stdout, index=False)
+
+
+def cmd_models(a: argparse.Namespace) -> None:
+    from fmtune import api, ui
+
+    rows = [[m["name"], m["kind"], m["description"], m["package"]] for m in api.models()]
+    ui.console.print(ui.table("offline models (--model NAME, or a local Hugging Face folder)",
+                              ["name", "kind", "description", "package"], rows))
+
+
+def cmd_datasets(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from fmtune import api, ui
+
+    if a.export:
+        from fmtune.zoo.datasets import export
+
+        paths = export(a.export[0], Path(a.export[1]), seed=a.seed)
+        for k, v in paths.items():
+            print(f"{k}: {v}")
+        return
+    rows = [[d["name"], d["kind"], d["description"], d["package"]] for d in api.datasets()]
+    ui.console.print(ui.table("offline datasets (fmtune datasets --export NAME DIR writes train/val/test files)",
+                              ["name", "kind", "description", "package"], rows))
+
+
+def cmd_config(a: argparse.Namespace) -> None:
+    print(_config_epilog())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fmtune", description="Fine-tune a pretrained foundation model for one task: "
+                                "train, evaluate against the pretrained baseline, predict.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def verb(name: str, fn: Callable, help_: str, **kw: Any) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=fmt, **kw)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+        return sp
+
+    d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (< 3 min on 2 cores)")
+    d.add_argument("--task", choices=["text", "image"], default="text",
+                   help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits")
+    d.add_argument("--out", help="run directory (default: runs/demo-<task>-<time>)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    t = verb("train", cmd_train, "fine-tune a model; writes a run directory", epilog=_config_epilog())
+    t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
+    t.add_argument("--model", help="zoo name (fmtune models) or a local Hugging Face model folder")
+    t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images")
+    t.add_argument("--val", help="validation data (default: split off --data)")
+    t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
+    t.add_argument("--task", choices=["classification", "multilabel", "regression"], help="what to predict")
+    t.add_argument("--strategy", choices=["full", "head", "last_n"], help="what to train (strategy.n for last_n)")
+    t.add_argument("--epochs", type=int, help="passes over the training data")
+    t.add_argument("--out", help="run directory (default: runs/<name>)")
+    t.add_argument("--name", help="run name (default: <model>-<strategy>-<time>)")
+    t.add_argument("--baseline", action="store_true", help="also score the pretrained baseline on --test")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting, e.g. --set train.lr=3e-5 (repeatable)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run directory if it exists")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+
+    e = verb("evaluate", cmd_evaluate, "score a trained run on a labelled file; writes eval.json, a report and "
+             "a confusion matrix")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--data", help="labelled data (default: the run's test file)")
+    e.add_argument("--baseline", action="store_true",
+                   help="also fit and score the pretrained baseline (linear probe on the frozen backbone)")
+
+    pr = verb("predict", cmd_predict, "predict labels for new inputs; CSV with labels and probabilities")
+    pr.add_argument("run", help="run directory")
+    pr.add_argument("inputs", help="CSV/JSONL/Parquet with the text (or image path) column, an image folder or file")
+    pr.add_argument("-o", "--output", help="output CSV (default: stdout)")
+    pr.add_argument("--batch-size", type=int, help="examples per forward pass")
+
+    verb("models", cmd_models, "list the models available offline")
+    ds = verb("datasets", cmd_datasets, "list the datasets available offline, or export one to files")
+    ds.add_argument("--export", nargs=2, metavar=("NAME", "DIR"), help="write NAME's train/val/test files into DIR")
+    ds.add_argument("--seed", type=int, default=0, help="seed of the exported split")
+    verb("config", cmd_config, "list every setting with its default and meaning")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+    try:
+        args.fn(args)
+    except FmtuneError as e:
+        from rich.markup import escape
+
+        from fmtune.ui import console
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue a training run with: fmtune train --resume RUN", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

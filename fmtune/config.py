@@ -1,0 +1,278 @@
+"""Typed config: sections as dataclasses, YAML load/save, dotted overrides, validation.
+
+Every field carries its help text in ``metadata["help"]`` (one place); ``fmtune train --help``
+and ``fmtune config`` print it. Unknown keys and wrong types are ConfigErrors naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from fmtune.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("minilm-l6", "zoo name (see `fmtune models`) or a local Hugging Face model folder")
+    pooling: Literal["auto", "mean", "cls", "pooler"] = _f(
+        "auto", "how the head reads the backbone: auto = what the backbone was trained with"
+    )
+    max_length: int = _f(128, "text: tokens kept per example (longer texts are truncated)")
+    image_size: Optional[int] = _f(None, "images: side length fed to the backbone (default: the backbone's)")
+    head_dropout: float = _f(0.1, "dropout before the linear head")
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "model.max_length", "must be at least 8")
+        _check(self.image_size is None or self.image_size >= 16, "model.image_size", "must be at least 16")
+        _check(0.0 <= self.head_dropout < 1.0, "model.head_dropout", "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = _f(None, "training data: CSV/JSONL/Parquet file, or a folder of class sub-folders")
+    val: Optional[str] = _f(None, "validation data (default: split off the training data)")
+    test: Optional[str] = _f(None, "test data, evaluated with the best checkpoint at the end")
+    text_column: str = _f("text", "column holding the text")
+    image_column: str = _f("image", "column holding image paths (relative to the file) in a CSV/JSONL/Parquet")
+    label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
+    label_separator: str = _f("|", "multi-label: separator between labels in one cell")
+    encoding: str = _f("utf-8", "text encoding of CSV/JSONL files (e.g. latin-1)")
+    val_fraction: float = _f(0.1, "share of training rows split off as validation when no val set is given")
+    max_train_samples: Optional[int] = _f(None, "use at most this many training rows (seeded, stratified)")
+    unknown_labels: Literal["error", "unknown"] = _f(
+        "error", "a val/test label unseen in training: fail, or map it to 'unknown' (never predicted)"
+    )
+    max_bad_fraction: float = _f(0.05, "images: fail when more than this share of files cannot be read")
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 0.9, "data.val_fraction", "must be in (0, 0.9)")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
+        _check(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
+
+
+@dataclass
+class TaskConfig:
+    type: Literal["classification", "multilabel", "regression"] = _f("classification", "what the head predicts")
+    class_weights: bool = _f(False, "weight the loss by inverse class frequency (imbalanced data)")
+    threshold: float = _f(0.5, "multilabel: probability above which a label is predicted")
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["full", "head", "last_n"] = _f(
+        "full", "what is trained: full = everything, head = linear probe, last_n = last N blocks + head"
+    )
+    n: int = _f(2, "last_n: number of final backbone blocks to train")
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 1, "strategy.n", "must be at least 1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(3, "passes over the training data")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides epochs)")
+    max_minutes: Optional[float] = _f(None, "time budget: evaluate, keep the best and stop once training took this long")
+    batch_size: int = _f(32, "examples per optimizer step, per accumulation micro-step")
+    eval_batch_size: int = _f(128, "examples per forward pass when evaluating")
+    optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
+    lr: float = _f(5e-5, "learning rate of the backbone")
+    head_lr: Optional[float] = _f(None, "learning rate of the head (default: 20x lr, at most 1e-2)")
+    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
+    momentum: float = _f(0.9, "sgd: momentum")
+    scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate decay after warm-up")
+    warmup_ratio: float = _f(0.06, "share of steps spent warming the learning rate up from 0")
+    grad_clip: Optional[float] = _f(1.0, "clip the gradient norm to this value (null: no clipping)")
+    grad_accum: int = _f(1, "accumulate gradients over this many batches per optimizer step")
+    eval_every: Optional[int] = _f(None, "evaluate every K optimizer steps (default: every epoch)")
+    metric: str = _f("auto", "validation metric for early stopping and the best checkpoint (auto: per task)")
+    patience: Optional[int] = _f(3, "stop after this many evaluations without improvement (null: never)")
+    min_delta: float = _f(0.0, "smallest change of the metric that counts as an improvement")
+    save_every_minutes: float = _f(5.0, "also write the resume checkpoint (state/) this often between evaluations")
+    save_every_steps: Optional[int] = _f(None, "also write the resume checkpoint every K optimizer steps")
+    log_every: int = _f(10, "log train loss, learning rate and throughput every K optimizer steps")
+    baseline: bool = _f(False, "with a test set: also fit the pretrained baseline (linear probe on the frozen backbone)")
+    seed: int = _f(42, "seed for data splits, order, initialisation and dropout")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", "auto = fp32 on CPUs without native bf16, bf16 on GPUs that have it"
+    )
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
+    num_threads: Optional[int] = _f(None, "CPU threads (default: physical cores)")
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be at least 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0")
+        _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.head_lr is None or self.head_lr > 0, "train.head_lr", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+        _check(self.eval_every is None or self.eval_every >= 1, "train.eval_every", "must be at least 1")
+        _check(self.patience is None or self.patience >= 1, "train.patience", "must be at least 1 or null")
+
+
+@dataclass
+class Config:
+    name: Optional[str] = _f(None, "run name (default: <model>-<strategy>-<timestamp>)")
+    out: Optional[str] = _f(None, "run directory (default: runs/<name>)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    """Build a validated Config from a (possibly partial) nested dict."""
+    return _build(Config, data or {})
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c = value`` in a nested dict, creating sections as needed."""
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value``; the value is read as YAML (numbers, true/false, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None,
+         base: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (optional), apply ``base`` then ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
+        data = loaded or {}
+    for k, v in (base or {}).items():
+        set_dotted(data, k, v)
+    for text in overrides or []:
+        set_dotted(data, *parse_override(text))
+    return from_dict(data)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every setting; used by `fmtune config`."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.name in _SECTIONS):
+                walk(_SECTIONS[f.name], key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, yaml.safe_dump(default).strip().removesuffix("..."), f.metadata.get("help", "")))
+
+    walk(Config, "")
+    return rows
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "task": TaskConfig,
+             "strategy": StrategyConfig, "train": TrainConfig}

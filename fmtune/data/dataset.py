@@ -1,0 +1,171 @@
+"""Turn a DataFrame into model inputs: tokenised text or decoded images, plus batching.
+
+Text is tokenised once, without padding; each batch is padded to its own longest example, and
+training batches are grouped by length (shuffled buckets) so little compute goes to padding.
+Images are decoded, converted to RGB and resized once, kept as uint8, and normalised per batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from fmtune.data.readers import require_column, row_label
+from fmtune.errors import DataError
+
+EAGER_IMAGE_BYTES = 2 << 30  # decode everything up front below this size, else decode per batch
+
+
+class TextData(torch.utils.data.Dataset):
+    def __init__(self, input_ids: list[list[int]], targets: torch.Tensor | None, pad_id: int):
+        self.input_ids, self.targets, self.pad_id = input_ids, targets, pad_id
+        self.lengths = np.array([len(x) for x in input_ids])
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> int:
+        return i  # collation reads the columns directly; cheaper than per-item tensors
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        width = int(self.lengths[idx].max())
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = self.input_ids[i]
+            ids[row, : len(seq)] = torch.as_tensor(seq)
+            mask[row, : len(seq)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.targets is not None:
+            batch["labels"] = self.targets[idx]
+        return batch
+
+
+class ImageData(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor | list[str], targets: torch.Tensor | None, spec: dict[str, Any]):
+        self.images, self.targets, self.spec = images, targets, spec
+        self.mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
+        self.lengths = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        if isinstance(self.images, torch.Tensor):
+            raw = self.images[idx]
+        else:
+            raw = torch.stack([decode_image(self.images[i], self.spec["size"]) for i in idx])
+        pixels = (raw.float() / 255.0 - self.mean) / self.std
+        batch = {"pixel_values": pixels}
+        if self.targets is not None:
+            batch["labels"] = self.targets[idx]
+        return batch
+
+
+def decode_image(source: Any, size: int) -> torch.Tensor:
+    """Open a path / file object / PIL image -> uint8 (3, size, size): RGB, shorter side resized, centre crop."""
+    img = source if isinstance(source, Image.Image) else Image.open(source)
+    img.load()
+    if img.mode != "RGB":  # grayscale, palette, RGBA, CMYK ...
+        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA") else img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _check_image(path: str) -> str | None:
+    """None if the file decodes as an image, else the reason."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except FileNotFoundError:
+        return "file not found"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"not a readable image ({type(e).__name__}: {e})"
+    return None
+
+
+def text_dataset(df: pd.DataFrame, column: str, tokenizer: Any, max_length: int,
+                 targets: torch.Tensor | None) -> TextData:
+    require_column(df, column, "text", "data.text_column")
+    values = df[column]
+    for i, v in enumerate(values):
+        if not isinstance(v, str) or not v.strip():
+            what = "empty" if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "" \
+                else f"not text ({type(v).__name__})"
+            raise DataError(f"{row_label(df, i)}: column {column!r} is {what}; fill or drop that row")
+    enc = tokenizer(list(values), truncation=True, max_length=max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return TextData(enc["input_ids"], targets, pad)
+
+
+def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: torch.Tensor | None,
+                  max_bad_fraction: float) -> tuple[ImageData, np.ndarray]:
+    """Decode every image (or check it, when too many to hold); drop unreadable ones with a warning.
+
+    Returns the dataset and the positions (into ``df``) of the rows kept.
+    """
+    require_column(df, column, "image path", "data.image_column")
+    src = df.attrs.get("source", "")
+    base = Path(src).parent if src and Path(src).is_file() else Path(".")
+    paths = [str(p if Path(p).is_absolute() else base / p) for p in df[column].astype(str)]
+    size = int(spec["size"])
+    eager = len(paths) * 3 * size * size <= EAGER_IMAGE_BYTES
+    kept, images, bad = [], [], []
+    for i, p in enumerate(paths):
+        reason = _check_image(p)
+        if reason is None and eager:
+            try:
+                images.append(decode_image(p, size))
+            except (OSError, ValueError) as e:
+                reason = f"cannot decode ({e})"
+        if reason is None:
+            kept.append(i)
+        else:
+            bad.append(f"{row_label(df, i)}: {p}: {reason}")
+    if bad:
+        share = len(bad) / len(paths)
+        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        if share > max_bad_fraction:
+            raise DataError(f"{src}: {len(bad)} of {len(paths)} images cannot be read ({share:.0%}, more than "
+                            f"data.max_bad_fraction={max_bad_fraction:.0%}):\n  {listing}")
+        warnings.warn(f"skipping {len(bad)} unreadable image(s) in {src}:\n  {listing}", stacklevel=2)
+    keep = np.array(kept, dtype=np.int64)
+    data = torch.stack(images) if eager else [paths[i] for i in kept]
+    return ImageData(data, None if targets is None else targets[keep], spec), keep
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray | None = None,
+                  shuffle: bool = True) -> list[list[int]]:
+    """The batches of one epoch, a pure function of (seed, epoch): resume can replay it exactly.
+
+    With ``lengths``, examples are grouped by length within shuffled mega-batches of 50 batches,
+    and the batches are then shuffled, so each batch pads little and training stays random.
+    """
+    if not shuffle:
+        order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(n)
+        return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    if lengths is not None:
+        mega = batch_size * 50
+        chunks = [order[i:i + mega] for i in range(0, n, mega)]
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+    batches = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]

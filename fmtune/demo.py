@@ -1,0 +1,64 @@
+"""`fmtune demo`: fine-tune a real pretrained model on real data, offline, in under 3 minutes on
+2 CPU cores, and compare it with the pretrained baseline on a held-out test split.
+
+The sizes below were chosen by measuring on a 2-core Zen 3 machine (see the README); the demo
+prints them so the user knows what was run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fmtune import api, ui
+from fmtune.zoo.datasets import export
+
+DEMOS: dict[str, dict[str, Any]] = {
+    "text": {
+        "dataset": "rotten-tomatoes",
+        "sizes": (2400, 400, 1000),
+        "config": {
+            "model": {"name": "minilm-l6", "max_length": 64},
+            "strategy": {"name": "full"},
+            "train": {"epochs": 2, "batch_size": 32, "lr": 8e-5, "baseline": True, "patience": None,
+                      "max_minutes": 1.7},
+        },
+        "why": "MiniLM-L6 fully fine-tuned for 2 epochs on 2,400 snippets (max 64 tokens, length-bucketed "
+               "batches); 400 validation, 1,000 test; training capped at 1.7 min on slower machines",
+    },
+    "image": {
+        "dataset": "digits",
+        "sizes": (1200, 200, 397),
+        "config": {
+            "model": {"name": "efficientnet-lite0", "image_size": 64},
+            "strategy": {"name": "full"},
+            "train": {"epochs": 5, "batch_size": 32, "lr": 1e-3, "baseline": True, "patience": None,
+                      "max_minutes": 1.5},
+        },
+        "why": "EfficientNet-Lite0 (ImageNet) fully fine-tuned for 5 epochs on 1,200 8x8 digits upscaled to 64px; "
+               "200 validation, 397 test; training capped at 1.5 min on slower machines",
+    },
+}
+
+
+def demo(task: str = "text", out: str | Path | None = None, seed: int = 0, overwrite: bool = False,
+         quiet: bool = False) -> dict[str, Any]:
+    """Run the offline demo for ``task`` ("text" or "image"); returns train()'s summary."""
+    spec = DEMOS[task]
+    run_dir = Path(out) if out else Path("runs") / f"demo-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    started = time.perf_counter()
+    if not quiet:
+        ui.console.print(f"[bold]fmtune demo ({task})[/]: {spec['why']}.")
+        ui.console.print(f"  data: {spec['dataset']} (real, offline), seeded stratified split, seed {seed}")
+    # the split is written as ordinary files beside the runs, so the regular readers are exercised
+    data_dir = run_dir.parent / ".demo-data" / f"{spec['dataset']}-{'-'.join(map(str, spec['sizes']))}-seed{seed}"
+    files = export(spec["dataset"], data_dir, sizes=spec["sizes"], seed=seed)
+    cfg = {**spec["config"], "out": str(run_dir), "name": run_dir.name,
+           "data": {"train": str(files["train"]), "val": str(files["val"]), "test": str(files["test"])}}
+    summary = api.train(cfg, overwrite=overwrite, quiet=quiet)
+    summary["wall_seconds"] = time.perf_counter() - started
+    if not quiet:
+        ui.console.print(f"\n[bold]run directory:[/] {run_dir}  (eval.json, model/, metrics.jsonl, config.yaml)")
+        ui.console.print(f"demo finished in {summary['wall_seconds']:.0f}s")
+    return summary

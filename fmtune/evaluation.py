@@ -1,0 +1,106 @@
+"""Test-set report, confusion matrix, and the pretrained baseline (a linear probe on the
+frozen pretrained backbone, fitted with scikit-learn on its pooled features)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from fmtune.training.infer import infer
+
+
+def text_report(task: Any, logits: torch.Tensor, targets: torch.Tensor) -> str:
+    """Per-class precision/recall/F1 with macro and weighted averages; MAE/RMSE/R² for regression."""
+    if task.name == "regression":
+        m = task.metrics(logits, targets)
+        return f"MAE {m['mae']:.4f}   RMSE {m['rmse']:.4f}   R² {m['r2']:.4f}   (n={len(targets)})"
+    names = list(task.labels)
+    if task.name == "multilabel":
+        pred = (logits.sigmoid() > task.threshold).int().numpy()
+        return skm.classification_report(targets.int().numpy(), pred, target_names=names, zero_division=0, digits=4)
+    y, pred = targets.numpy(), logits.argmax(-1).numpy()
+    known = y >= 0
+    text = skm.classification_report(y[known], pred[known], labels=list(range(len(names))), target_names=names,
+                                     zero_division=0, digits=4)
+    if (~known).any():
+        text += f"\n{int((~known).sum())} example(s) with labels unseen in training counted as errors in accuracy\n"
+    return text
+
+
+def confusion_png(task: Any, logits: torch.Tensor, targets: torch.Tensor, path: Path, title: str = "") -> Path | None:
+    """Save a confusion-matrix PNG (single-label classification only)."""
+    if task.name != "classification":
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y, pred = targets.numpy(), logits.argmax(-1).numpy()
+    k = len(task.labels)
+    cm = skm.confusion_matrix(y[y >= 0], pred[y >= 0], labels=list(range(k)))
+    side = min(2 + 0.45 * k, 16)
+    fig, ax = plt.subplots(figsize=(side, side * 0.85))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(k), labels=task.labels, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax.set_yticks(range(k), labels=task.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def linear_probe(model: torch.nn.Module, task: Any, train_ds: Any, eval_sets: dict[str, Any], batch_size: int,
+                 seed: int = 0, progress: Any = None) -> dict[str, dict[str, float]]:
+    """Fit a linear model on frozen pooled features of ``train_ds``; score it on each eval set.
+
+    Returns task metrics per eval set, computed exactly as for the fine-tuned model.
+    """
+    x_train, y_train = infer(model, train_ds, batch_size, features=True, progress=progress)
+    x_train = x_train.numpy()
+    if task.name == "regression":
+        probe = make_pipeline(StandardScaler(), Ridge(alpha=1.0))
+        probe.fit(x_train, y_train.numpy())
+    elif task.name == "multilabel":
+        probe = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(max_iter=2000)))
+        y = y_train.numpy().astype(int)
+        keep = (y.min(0) != y.max(0))  # a label that is always on/off in training cannot be fitted
+        probe.fit(x_train, y[:, keep])
+    else:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+        known = y_train.numpy() >= 0
+        probe.fit(x_train[known], y_train.numpy()[known])
+    out = {}
+    for name, ds in eval_sets.items():
+        x, y = infer(model, ds, batch_size, features=True, progress=progress)
+        out[name] = task.metrics(_as_logits(probe, task, x.numpy(), keep if task.name == "multilabel" else None), y)
+    return out
+
+
+def _as_logits(probe: Any, task: Any, x: np.ndarray, keep: np.ndarray | None) -> torch.Tensor:
+    if task.name == "regression":
+        return torch.from_numpy(probe.predict(x)).float().view(-1, 1)
+    if task.name == "multilabel":
+        full = np.full((len(x), len(task.labels)), -20.0)
+        full[:, keep] = probe.decision_function(x).reshape(len(x), -1)
+        return torch.from_numpy(full).float()
+    proba = np.full((len(x), len(task.labels)), 1e-12)
+    proba[:, probe.classes_] = probe.predict_proba(x)
+    return torch.from_numpy(np.log(proba)).float()

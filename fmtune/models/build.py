@@ -1,0 +1,232 @@
+"""Create a backbone + head for a task, save it to a run's ``model/`` folder, load it back.
+
+A ``Bundle`` holds the model and the preprocessing it was trained with (a tokenizer, or the
+image size and normalisation), so every later verb uses exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fmtune.errors import ModelError
+from fmtune.fsutil import atomic_dir
+from fmtune.models import cnn
+from fmtune.models.hf_remote import FmtuneClassifier, build_backbone
+from fmtune.zoo.models import MODELS
+
+META_FILE = "fmtune.json"
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+CNN_FAMILIES = {
+    "efficientnet-lite0": dict(make=lambda: cnn.EfficientNetLite("efficientnet-lite0"), size=224,
+                               mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+    "mobilenet-v2": dict(make=cnn.MobileNetV2, size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+}
+_AUTO_MAP = {"AutoModelForSequenceClassification": "modeling_fmtune.FmtuneClassifier",
+             "AutoModelForImageClassification": "modeling_fmtune.FmtuneClassifier"}
+_PROBLEM = {"classification": "single_label_classification", "multilabel": "multi_label_classification",
+            "regression": "regression"}
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+_quiet_transformers()
+
+
+@dataclass
+class Bundle:
+    model: nn.Module
+    kind: str  # "text" | "image"
+    family: str  # "hf" or a key of CNN_FAMILIES
+    pooling: str
+    tokenizer: Any = None
+    image: dict = field(default_factory=dict)  # size, mean, std
+    max_length: int = 128
+    source: str = ""  # the model name or path it was created from
+
+    def meta(self) -> dict[str, Any]:
+        return {"kind": self.kind, "family": self.family, "pooling": self.pooling, "image": self.image,
+                "max_length": self.max_length, "source": self.source}
+
+
+def resolve(name: str) -> tuple[str, Path | str]:
+    """Zoo name -> (family, path); a local folder -> ("hf", folder); a hub id -> ("hf", id)."""
+    if name in MODELS:
+        entry = MODELS.get(name)
+        return entry.family, entry.path()
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ModelError(f"model path {p} is not a Hugging Face model folder (no config.json in it); "
+                             f"give a folder saved with save_pretrained, or one of: {', '.join(MODELS.names())}")
+        return "hf", p
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "~"))
+    if not hub_id or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(f"model {name!r} is not a zoo model and no such folder exists; "
+                         f"zoo models: {', '.join(MODELS.names())} (see `fmtune models`)")
+    return "hf", name  # a hub id; loading will need the network
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if kind == "image":
+        if getattr(config, "hidden_sizes", None):  # CNNs: ResNet, ConvNeXt, ... pool globally
+            return "pooler"
+        return "cls" if getattr(config, "patch_size", None) else "mean"
+    st = _read_json(Path(path) / "1_Pooling" / "config.json") if isinstance(path, Path) else {}
+    if st.get("pooling_mode_mean_tokens"):
+        return "mean"  # sentence-transformers encoders were trained with mean pooling
+    return "cls"
+
+
+def _hf_num_features(config: Any) -> int:
+    for attr in ("hidden_size", "d_model", "dim"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    sizes = getattr(config, "hidden_sizes", None)
+    if sizes:
+        return int(sizes[-1])
+    raise ModelError(f"cannot tell the feature size of model type {config.model_type!r}")
+
+
+def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, Any]:
+    pp = _read_json(Path(path) / "preprocessor_config.json") if isinstance(path, Path) else {}
+    s = pp.get("size") or {}
+    default = (s.get("height") or s.get("shortest_edge")) if isinstance(s, dict) else s
+    return {"size": int(size or default or getattr(config, "image_size", 224)),
+            "mean": pp.get("image_mean", IMAGENET_MEAN), "std": pp.get("image_std", IMAGENET_STD)}
+
+
+def create(model_cfg: Any, task: Any) -> Bundle:
+    """Build the pretrained backbone named by ``model_cfg.name`` plus a fresh head for ``task``."""
+    family, path = resolve(model_cfg.name)
+    scale = task.target_stats.get("std", 1.0) if task.name == "regression" else 1.0
+    shift = task.target_stats.get("mean", 0.0) if task.name == "regression" else 0.0
+    if family in CNN_FAMILIES:
+        spec = CNN_FAMILIES[family]
+        backbone = spec["make"]()
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if family == "mobilenet-v2":
+            sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+            backbone.load_state_dict(sd, strict=True)
+        else:
+            backbone.load_imagenet(sd)
+        model = cnn.TaskModel(backbone, task.num_outputs, model_cfg.head_dropout, scale, shift)
+        image = {"size": model_cfg.image_size or spec["size"], "mean": spec["mean"], "std": spec["std"]}
+        pooling = "mean" if model_cfg.pooling == "auto" else model_cfg.pooling
+        if pooling != "mean":
+            raise ModelError(f"model.pooling: {family} pools globally (mean); {pooling!r} does not apply")
+        return Bundle(model, "image", family, pooling, image=image, source=model_cfg.name)
+    return _create_hf(path, model_cfg, task, scale, shift)
+
+
+def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift: float) -> Bundle:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError for bad folders
+        raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    is_image = isinstance(path, Path) and (path / "preprocessor_config.json").exists() and not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    kind = "image" if is_image else "text"
+    pooling = _hf_pooling(path, config, kind, model_cfg.pooling)
+    labels = task.labels or ["value"]
+    config.num_labels = task.num_outputs
+    config.id2label = {i: n for i, n in enumerate(labels)}
+    config.label2id = {n: i for i, n in enumerate(labels)}
+    config.problem_type = _PROBLEM[task.name]
+    config.fmtune_pooling = pooling
+    config.fmtune_num_features = _hf_num_features(config)
+    config.fmtune_head_dropout = model_cfg.head_dropout
+    config.fmtune_output_scale, config.fmtune_output_shift = scale, shift
+    config.auto_map = dict(_AUTO_MAP)
+    config.architectures = ["FmtuneClassifier"]
+    try:
+        backbone = build_backbone(config, pooling, str(path))
+        tokenizer = AutoTokenizer.from_pretrained(path) if kind == "text" else None
+    except Exception as e:
+        raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
+    backbone.float()
+    model = FmtuneClassifier(config, backbone=backbone)
+    image = _image_spec(path, config, model_cfg.image_size) if kind == "image" else {}
+    return Bundle(model, kind, "hf", pooling, tokenizer=tokenizer, image=image,
+                  max_length=model_cfg.max_length, source=str(model_cfg.name))
+
+
+def save(bundle: Bundle, target: Path) -> None:
+    """Save model + preprocessing to ``target`` atomically."""
+    atomic_dir(target, lambda tmp: _write(bundle, tmp))
+
+
+def _write(bundle: Bundle, tmp: Path) -> None:
+    meta = bundle.meta()
+    if bundle.family == "hf":
+        bundle.model.save_pretrained(tmp, safe_serialization=True)
+        shutil.copyfile(Path(__file__).with_name("hf_remote.py"), tmp / "modeling_fmtune.py")
+        if bundle.tokenizer is not None:
+            bundle.tokenizer.save_pretrained(tmp)
+    else:
+        m: cnn.TaskModel = bundle.model
+        state = {k: v.contiguous() for k, v in m.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        meta.update(num_outputs=m.head[1].out_features, head_dropout=m.head[0].p,
+                    output_scale=m.output_scale, output_shift=m.output_shift)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load(model_dir: Path) -> Bundle:
+    """Load a model saved by ``save``: same weights, same preprocessing."""
+    meta = _read_json(model_dir / META_FILE)
+    if not meta:
+        raise ModelError(f"{model_dir} holds no fmtune model ({META_FILE} missing or unreadable)")
+    family = meta["family"]
+    if family == "hf":
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(model_dir)
+        model = FmtuneClassifier.from_pretrained(model_dir, config=config, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir) if meta["kind"] == "text" else None
+    else:
+        if family not in CNN_FAMILIES:
+            raise ModelError(f"{model_dir}/{META_FILE}: unknown model family {family!r}")
+        backbone = CNN_FAMILIES[family]["make"]()
+        model = cnn.TaskModel(backbone, meta["num_outputs"], meta["head_dropout"],
+                              meta["output_scale"], meta["output_shift"])
+        model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
+        tokenizer = None
+    model.eval()
+    return Bundle(model, meta["kind"], family, meta["pooling"], tokenizer=tokenizer, image=meta.get("image") or {},
+                  max_length=meta.get("max_length", 128), source=meta.get("source", ""))
+
+
+def load_weights(bundle: Bundle, model_dir: Path) -> None:
+    """Load saved weights into an already-built bundle's model (for resume / best checkpoint)."""
+    sd = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    missing, unexpected = bundle.model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if "num_batches_tracked" not in k]:
+        raise ModelError(f"{model_dir}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

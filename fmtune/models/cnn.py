@@ -1,0 +1,119 @@
+"""Image backbones that are not transformers models: EfficientNet-Lite0 (from the
+``efficientnet-lite-pytorch`` package) and MobileNetV2 (architecture written here, since
+torchvision cannot be a dependency; the state_dict keys match torchvision's so its ImageNet
+weights load as they are).
+
+Every backbone here maps ``pixel_values`` (B, 3, H, W) to pooled features (B, num_features) and
+exposes ``blocks``: its repeated stages in order, for the ``last_n`` strategy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                               nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(nn.ReLU6(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(_conv_bn(cin, hidden, k=1))
+        layers += [_conv_bn(hidden, hidden, stride=stride, groups=hidden),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) feature extractor; ``features.N`` keys as in torchvision."""
+
+    num_features = 1280
+    _SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn(3, 32, stride=2)]
+        cin = 32
+        for t, c, n, s in self._SETTING:
+            for i in range(n):
+                layers.append(_InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers.append(_conv_bn(cin, self.num_features, k=1))
+        self.features = nn.Sequential(*layers)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.features)[1:]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.features(pixel_values).mean(dim=(2, 3))
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite feature extractor around ``efficientnet_lite_pytorch.EfficientNet``."""
+
+    def __init__(self, variant: str = "efficientnet-lite0") -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_name(variant)
+        self.num_features = self.net._fc.in_features
+        # The ImageNet classifier is replaced by the task head; drop it so it is neither
+        # trained nor counted.
+        del self.net._fc
+        # The TF port uses BatchNorm momentum 0.01: over a short fine-tuning run the running
+        # statistics would barely move while the weights adapt to the new data's batch statistics,
+        # so evaluation would use stale ImageNet statistics. PyTorch's 0.1 tracks them.
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        # The 1x1 head convolution and its norm form the last stage after the MBConv blocks.
+        return list(self.net._blocks) + [nn.ModuleList([self.net._conv_head, self.net._bn1])]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(pixel_values).mean(dim=(2, 3))
+
+    def load_imagenet(self, state_dict: dict[str, torch.Tensor]) -> None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_fc.")}
+        self.net.load_state_dict(state_dict, strict=True)
+
+
+class TaskModel(nn.Module):
+    """A non-transformers backbone + dropout + linear head; same interface as FmtuneClassifier."""
+
+    def __init__(self, backbone: nn.Module, num_outputs: int, dropout: float = 0.1,
+                 output_scale: float = 1.0, output_shift: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_outputs))
+        nn.init.normal_(self.head[1].weight, std=0.02)
+        nn.init.zeros_(self.head[1].bias)
+        self.output_scale, self.output_shift = output_scale, output_shift
+
+    def features(self, pixel_values: torch.Tensor, **_: object) -> torch.Tensor:
+        return self.backbone(pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor, **_: object):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.head(self.features(pixel_values))
+        if self.output_scale != 1.0 or self.output_shift != 0.0:
+            logits = logits * self.output_scale + self.output_shift
+        return SequenceClassifierOutput(logits=logits)

@@ -1,0 +1,96 @@
+"""A transformers backbone + pooling + linear head, as a PreTrainedModel.
+
+This file is self-contained (torch + transformers only): fmtune copies it into every saved
+run as ``model/modeling_fmtune.py`` so that the model loads without fmtune:
+
+    AutoModelForSequenceClassification.from_pretrained(run / "model", trust_remote_code=True)
+    AutoModelForImageClassification.from_pretrained(run / "model", trust_remote_code=True)
+
+The head reads the representation the backbone was trained to give (``config.fmtune_pooling``):
+``mean`` (masked mean of the last hidden states: sentence-transformers encoders), ``cls`` (the
+first token), or ``pooler`` (the model's own pooled output: global pooling for CNNs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = None) -> nn.Module:
+    """AutoModel from ``path`` (pretrained) or from ``config`` (random init), without an unused pooler."""
+    kwargs = {} if pooling == "pooler" else {"add_pooling_layer": False}
+    for kw in (kwargs, {}):  # not every architecture takes add_pooling_layer
+        try:
+            if path is None:
+                return AutoModel.from_config(config, **kw)
+            return AutoModel.from_pretrained(path, config=config, **kw)
+        except TypeError:
+            continue
+    raise RuntimeError("unreachable")
+
+
+def pool(outputs, attention_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Reduce backbone outputs to one feature vector per example."""
+    if mode == "pooler":
+        out = outputs.pooler_output
+        return out.flatten(1)
+    hidden = outputs.last_hidden_state
+    if mode == "cls":
+        return hidden[:, 0]
+    if hidden.dim() == 4:  # CNN feature map (B, C, H, W)
+        return hidden.mean(dim=(2, 3))
+    if attention_mask is None:
+        return hidden.mean(1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class FmtuneClassifier(PreTrainedModel):
+    """Backbone -> pooling -> dropout -> linear. Serves classification, multi-label and regression."""
+
+    base_model_prefix = "fmtune"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: PreTrainedConfig, backbone: nn.Module | None = None):
+        super().__init__(config)
+        self.pooling = getattr(config, "fmtune_pooling", "mean")
+        self.backbone = backbone if backbone is not None else build_backbone(config, self.pooling)
+        self.head = nn.Sequential(
+            nn.Dropout(getattr(config, "fmtune_head_dropout", 0.1)),
+            nn.Linear(config.fmtune_num_features, config.num_labels),
+        )
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the head is ever created here without pretrained weights worth keeping.
+        if module is getattr(self, "head", None):
+            lin = module[1]
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def features(self, input_ids=None, attention_mask=None, pixel_values=None, **kwargs) -> torch.Tensor:
+        if pixel_values is not None:
+            outputs = self.backbone(pixel_values=pixel_values, **kwargs)
+        else:
+            outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return pool(outputs, attention_mask, self.pooling)
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None, **kwargs):
+        kwargs.pop("return_dict", None)
+        logits = self.head(self.features(input_ids, attention_mask, pixel_values, **kwargs))
+        # Regression heads predict in target units: a standardised output mapped back by a fixed affine.
+        scale, shift = getattr(self.config, "fmtune_output_scale", 1.0), getattr(self.config, "fmtune_output_shift", 0.0)
+        if scale != 1.0 or shift != 0.0:
+            logits = logits * scale + shift
+        loss = None
+        if labels is not None:
+            if self.config.problem_type == "regression":
+                loss = nn.functional.mse_loss(logits.view(-1), labels.float().view(-1))
+            elif self.config.problem_type == "multi_label_classification":
+                loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+            else:
+                loss = nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -1,0 +1,54 @@
+"""The resume checkpoint (``state/``): everything needed to continue a run bit for bit.
+
+Written atomically (a temp folder swapped in by rename), so a run killed while saving keeps
+its previous checkpoint. Loaded with safetensors and ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fmtune.errors import RunDirError
+from fmtune.fsutil import atomic_dir
+
+STATE_DIR = "state"
+
+
+def save_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+               progress: dict[str, Any]) -> None:
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer.json").write_text(json.dumps(progress, indent=2))
+
+    atomic_dir(run_dir / STATE_DIR, write)
+
+
+def has_state(run_dir: Path) -> bool:
+    return (run_dir / STATE_DIR / "trainer.json").is_file()
+
+
+def load_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    state = run_dir / STATE_DIR
+    if not has_state(run_dir):
+        raise RunDirError(f"{run_dir}: no resume checkpoint ({state}/trainer.json missing); "
+                          "the run stopped before its first checkpoint: start it again with --overwrite")
+    model.load_state_dict(load_file(str(state / "model.safetensors")), strict=True)
+    opt = torch.load(state / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng = torch.load(state / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((state / "trainer.json").read_text())

@@ -1,0 +1,40 @@
+"""Batched forward passes in eval mode, results returned in the dataset's own order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fmtune.data.dataset import epoch_batches
+
+
+def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any = "cpu", features: bool = False,
+          autocast_dtype: torch.dtype | None = None, progress: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (or pooled features) for every example of ``ds``, plus its targets (or None).
+
+    Batches are sorted by length (text) so padding is minimal; outputs are put back in order.
+    """
+    model.eval()  # the caller puts it back in train mode (see strategies.set_train_mode)
+    batches = epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False)
+    out: torch.Tensor | None = None
+    dev_type = torch.device(device).type
+    for idx in batches:
+        batch = _to(ds.collate(idx), device)
+        batch.pop("labels", None)
+        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            y = model.features(**batch) if features else model(**batch).logits
+        y = y.float().cpu()
+        if out is None:
+            out = torch.empty((len(ds), *y.shape[1:]), dtype=y.dtype)
+        out[torch.as_tensor(idx)] = y
+        if progress is not None:
+            progress(len(idx))
+    if out is None:
+        out = torch.empty((0,))
+    return out, getattr(ds, "targets", None)

@@ -1,0 +1,185 @@
+"""fit(): the one training loop every task and strategy shares.
+
+Forward, loss (owned by the task), backward, clip, step, evaluate, keep the best checkpoint,
+write the resume checkpoint, stop early. Built on accelerate.Accelerator so multi-process runs
+need no rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from fmtune.data.dataset import epoch_batches
+from fmtune.errors import ConfigError, TrainingError
+from fmtune.strategies import set_train_mode
+from fmtune.training import checkpoint
+from fmtune.training.infer import infer
+from fmtune.training.optim import make_optimizer, make_scheduler
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class FitResult:
+    metric: str
+    best: float | None
+    best_step: int
+    steps: int
+    epochs: float
+    stopped_early: bool
+    out_of_time: bool
+    seconds: float
+    samples_per_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Log:
+    """metrics.jsonl: appended line by line; on resume, lines after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, keep_until_step: int | None):
+        self.path = path
+        if keep_until_step is not None and path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif keep_until_step is None:
+            path.write_text("")
+
+    def write(self, **record: Any) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record, default=float) + "\n")
+
+
+def _improved(value: float, best: float | None, greater: bool, min_delta: float) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best + min_delta if greater else value < best - min_delta
+
+
+def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: Path, *, hardware: Any,
+        resume: bool = False, save_best: Callable[[], None], progress: Any = None) -> FitResult:
+    """Train ``bundle.model`` on ``train_ds``; evaluate on ``val_ds``; save the best via ``save_best``."""
+    accelerator = Accelerator(cpu=hardware.device == "cpu", mixed_precision=hardware.precision)
+    set_seed(cfg.seed)
+    model = bundle.model.to(accelerator.device)  # before the optimizer, so it can pick fused kernels
+    metric = task.default_metric if cfg.metric == "auto" else cfg.metric
+    greater = task.greater_is_better(metric)
+
+    batches_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_step": 0, "bad_evals": 0,
+             "history": [], "seconds": 0.0, "samples": 0, "stopped_early": False, "done": False, "out_of_time": False}
+    if resume:
+        state.update(checkpoint.load_state(run_dir, accelerator.unwrap_model(model), optimizer, scheduler))
+    log = _Log(run_dir / METRICS_FILE, state["step"] if resume else None)
+
+    def save_resume_point() -> None:
+        checkpoint.save_state(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state)
+
+    def evaluate() -> None:
+        logits, targets = infer(model, val_ds, cfg.eval_batch_size, device)
+        res = task.metrics(logits, targets)
+        if metric not in res:
+            raise ConfigError(f"train.metric: {metric!r} is not computed for task {task.name!r}; "
+                              f"choose one of: {', '.join(sorted(res))}")
+        epoch = state["step"] / steps_per_epoch
+        rec = {"step": state["step"], "epoch": round(epoch, 3), **{k: round(v, 6) for k, v in res.items()}}
+        if _improved(res[metric], state["best"], greater, cfg.min_delta):
+            state.update(best=res[metric], best_step=state["step"], bad_evals=0)
+            save_best()  # the best checkpoint first: a crash after it still leaves the best model
+            rec["best"] = True
+        else:
+            state["bad_evals"] += 1
+        state["history"].append(rec)
+        log.write(type="eval", **rec)
+        if progress:
+            progress.evaluated(rec, metric)
+        if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
+            state["stopped_early"] = True
+        set_train_mode(model)
+
+    started = time.perf_counter() - state["seconds"]
+    last_save = time.perf_counter()
+    if progress:
+        progress.start(total_steps, state["step"])
+    set_train_mode(model)
+    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+    while not state["done"] and state["step"] < total_steps and not state["stopped_early"]:
+        batches = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, state["epoch"],
+                                getattr(train_ds, "lengths", None))
+        micro = 0
+        for bi in range(state["batch_in_epoch"], len(batches)):
+            batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(batches[bi]).items()}
+            targets = batch.pop("labels")
+            with accelerator.autocast():
+                logits = model(**batch).logits
+            loss = task.loss(logits, targets)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the training loss became {loss.item()} at epoch {state['epoch'] + 1}, step {state['step']}; "
+                    f"stopped. The best checkpoint ({run_dir / 'model'}, step {state['best_step']}) is intact. "
+                    "Try a lower train.lr, train.grad_clip, or check the targets for extreme values")
+            accelerator.backward(loss / cfg.grad_accum)
+            micro += 1
+            window_loss += loss.item() * len(targets)
+            window_n += len(targets)
+            last_of_epoch = bi == len(batches) - 1
+            if micro % cfg.grad_accum and not last_of_epoch:
+                continue
+            # an optimizer step: clip, step, schedule, flush the gradients as soon as we can
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch_in_epoch"] = bi + 1
+            state["samples"] += window_n
+            if state["step"] % cfg.log_every == 0 or last_of_epoch:
+                dt = time.perf_counter() - window_t
+                log.write(type="train", step=state["step"], epoch=round(state["step"] / steps_per_epoch, 3),
+                          loss=round(window_loss / max(window_n, 1), 6), lr=scheduler.get_last_lr()[0],
+                          samples_per_s=round(window_n / max(dt, 1e-9), 2))
+                if progress:
+                    progress.trained(state["step"], window_loss / max(window_n, 1))
+                window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+            if last_of_epoch:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+            at_end = state["step"] >= total_steps
+            if cfg.max_minutes and time.perf_counter() - started >= cfg.max_minutes * 60 and not at_end:
+                at_end = state["out_of_time"] = True
+            if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (
+                    not cfg.eval_every and last_of_epoch) or at_end:
+                if not (state["history"] and state["history"][-1]["step"] == state["step"]):
+                    evaluate()
+            state["seconds"] = time.perf_counter() - started
+            due = (cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0) or \
+                (time.perf_counter() - last_save) / 60 >= cfg.save_every_minutes or \
+                (state["history"] and state["history"][-1]["step"] == state["step"])
+            if due or at_end or state["stopped_early"]:
+                state["done"] = at_end or state["stopped_early"]
+                save_resume_point()
+                last_save = time.perf_counter()
+            if at_end or state["stopped_early"]:
+                break
+    if progress:
+        progress.stop()
+    seconds = time.perf_counter() - started
+    return FitResult(metric, state["best"], state["best_step"], state["step"], state["step"] / steps_per_epoch,
+                     state["stopped_early"], state["out_of_time"], seconds, state["samples"] / max(seconds, 1e-9), state["history"])

@@ -1,0 +1,47 @@
+"""Optimizer (AdamW or SGD, separate head learning rate, no decay on biases/norms) and the
+warm-up + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def head_lr(cfg: Any) -> float:
+    return cfg.head_lr if cfg.head_lr is not None else min(cfg.lr * 20, 1e-2)
+
+
+def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    head_ids = {id(p) for p in model.head.parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            # biases and norm weights are 1-D: weight decay on them only hurts
+            groups.setdefault((id(p) in head_ids, p.ndim > 1), []).append(p)
+    param_groups = [
+        {"params": ps, "lr": head_lr(cfg) if is_head else cfg.lr, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (is_head, decay), ps in sorted(groups.items())
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
+    fused = torch.cuda.is_available() and all(p.is_cuda for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, fused=fused or None)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

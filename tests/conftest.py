@@ -1,0 +1,152 @@
+"""Shared fixtures: tiny random-init models saved as Hugging Face folders, and small data files
+whose labels a tiny model can learn (a keyword decides the label)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "plot", "actor", "was", "a", "film",
+         "story", "very", "really", "scene", "music"]
+POS, NEG = ["good", "great", "fine"], ["bad", "awful", "poor"]
+FILLER = ["the", "movie", "plot", "actor", "was", "a", "film", "story", "very", "really", "scene", "music"]
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_text_rows(n: int, seed: int = 0, task: str = "classification") -> pd.DataFrame:
+    """Texts of filler words with one sentiment word that decides the label."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        positive = bool(rng.integers(2))
+        key = rng.choice(POS if positive else NEG)
+        words = list(rng.choice(FILLER, size=rng.integers(3, 9)))
+        words.insert(int(rng.integers(len(words) + 1)), key)
+        text = " ".join(words)
+        if task == "classification":
+            label = "pos" if positive else "neg"
+        elif task == "multilabel":
+            extra = "|music" if "music" in words else ""
+            label = ("pos" if positive else "neg") + extra
+        else:
+            label = f"{(3.0 if positive else -1.0) + rng.normal(0, 0.1):.4f}"
+        rows.append({"text": text, "label": label})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT, hidden size 32, with a word-level vocabulary, saved as a HF folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_st_bert(tiny_bert, tmp_path_factory) -> Path:
+    """The tiny BERT marked as a sentence-transformers encoder (mean pooling)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("tiny-st-bert") / "m"
+    shutil.copytree(tiny_bert, d)
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    d = tmp_path_factory.mktemp("tiny-vit")
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64)
+    torch.manual_seed(0)
+    ViTModel(cfg).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32, "width": 32}}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet(tmp_path_factory) -> Path:
+    """A tiny ResNet (BatchNorm inside) as a HF folder."""
+    from transformers import ResNetConfig, ResNetModel
+
+    d = tmp_path_factory.mktemp("tiny-resnet")
+    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", image_size=32)
+    torch.manual_seed(0)
+    ResNetModel(cfg).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"shortest_edge": 32}}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("text-data")
+    out = {}
+    for name, n, seed in (("train", 240, 0), ("val", 60, 1), ("test", 80, 2)):
+        out[name] = d / f"{name}.csv"
+        make_text_rows(n, seed).to_csv(out[name], index=False)
+    for task in ("multilabel", "regression"):
+        for name, n, seed in (("train", 240, 0), ("test", 60, 2)):
+            out[f"{task}_{name}"] = d / f"{task}_{name}.csv"
+            make_text_rows(n, seed, task).to_csv(out[f"{task}_{name}"], index=False)
+    return out
+
+
+def save_shape_images(root: Path, n_per_class: int, seed: int = 0, size: int = 32) -> Path:
+    """Two classes a tiny model can tell apart: bright top half vs bright bottom half."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label in ("top", "bottom"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+            half = slice(0, size // 2) if label == "top" else slice(size // 2, size)
+            img[half] += 150
+            Image.fromarray(img).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_dirs(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("image-data")
+    return {"train": save_shape_images(d / "train", 30, 0), "test": save_shape_images(d / "test", 10, 1)}
+
+
+def cfg_dict(model: Path | str, train_file: Path, **sections) -> dict:
+    """A small, fast config: a few epochs, small batches, every default otherwise."""
+    base = {
+        "model": {"name": str(model), "max_length": 32},
+        "data": {"train": str(train_file)},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "eval_batch_size": 64, "patience": None,
+                  "num_threads": 1, "precision": "fp32"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            base.setdefault(section, {}).update(values)
+        else:
+            base[section] = values
+    return base

@@ -1,0 +1,161 @@
+"""End to end on tiny models: train -> run directory -> evaluate -> predict, for every task."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from conftest import cfg_dict
+
+import fmtune
+from fmtune.errors import RunDirError, TrainingError
+from fmtune.models import build
+
+
+def _train(tmp_path, model, train_file, name="run", **sections):
+    cfg = cfg_dict(model, train_file, out=str(tmp_path / name), **sections)
+    return fmtune.train(cfg, quiet=True)
+
+
+def test_classification_run_directory_and_learning(tmp_path, tiny_st_bert, text_files):
+    s = _train(tmp_path, tiny_st_bert, text_files["train"], data={"val": str(text_files["val"]),
+               "test": str(text_files["test"])}, train={"epochs": 4})
+    run = tmp_path / "run"
+    for f in ("config.yaml", "labels.json", "metrics.jsonl", "eval.json", "run.json", "model/model.safetensors",
+              "model/config.json", "model/modeling_fmtune.py", "state/trainer.json", "confusion_matrix.png",
+              "classification_report.txt"):
+        assert (run / f).exists(), f
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["test"]) >= {"accuracy", "macro_f1"}
+    # the keyword decides the label: a model that learned nothing sits near 0.5
+    assert ev["test"]["accuracy"] > 0.9, ev
+    assert s["best"] > 0.9
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(x["type"] == "eval" for x in lines) and any(x["type"] == "train" for x in lines)
+    assert json.loads((run / "labels.json").read_text())["labels"] == ["neg", "pos"]
+
+
+def test_split_validation_off_train_and_baseline(tmp_path, tiny_st_bert, text_files):
+    s = _train(tmp_path, tiny_st_bert, text_files["train"], data={"test": str(text_files["test"])},
+               train={"baseline": True, "epochs": 1})
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["data"]["val_split_from_train"] is True
+    assert info["data"]["val"]["rows"] == 24  # 10% of 240
+    # stratified: both labels in validation
+    assert set(info["data"]["val"]["label_counts"]) == {"neg", "pos"}
+    assert set(s["eval"]["baseline"]) >= {"accuracy", "macro_f1"}
+
+
+def test_multilabel(tmp_path, tiny_st_bert, text_files):
+    s = _train(tmp_path, tiny_st_bert, text_files["multilabel_train"], task={"type": "multilabel"},
+               data={"test": str(text_files["multilabel_test"])}, train={"epochs": 6})
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["music", "neg", "pos"]
+    assert s["eval"]["test"]["macro_f1"] > 0.6
+    preds = fmtune.predict(tmp_path / "run", text_files["multilabel_test"], quiet=True)
+    assert "labels" in preds and "prob_music" in preds
+
+
+def test_regression(tmp_path, tiny_st_bert, text_files):
+    s = _train(tmp_path, tiny_st_bert, text_files["regression_train"], task={"type": "regression"},
+               data={"test": str(text_files["regression_test"])}, train={"epochs": 6})
+    ev = s["eval"]["test"]
+    assert set(ev) >= {"mae", "rmse", "r2"}
+    assert ev["r2"] > 0.5, ev
+    preds = fmtune.predict(tmp_path / "run", text_files["regression_test"], quiet=True)
+    # the model predicts in target units (about -1 and 3), not standardised ones
+    assert preds["prediction"].max() > 2.0 and preds["prediction"].min() < 0.0
+
+
+def test_predict_and_evaluate_reuse_the_run(tmp_path, tiny_st_bert, text_files):
+    _train(tmp_path, tiny_st_bert, text_files["train"], train={"epochs": 3})
+    out = tmp_path / "preds.csv"
+    df = fmtune.predict(tmp_path / "run", text_files["test"], out, quiet=True)
+    assert out.exists()
+    assert list(df.columns[:2]) == ["text", "label"] and {"score", "prob_neg", "prob_pos"} <= set(df.columns)
+    truth = pd.read_csv(text_files["test"])["label"]
+    assert (df["label"].iloc[:, -1] if df["label"].ndim > 1 else df["label"]).size == len(truth)
+    ev = fmtune.evaluate(tmp_path / "run", text_files["test"], quiet=True)
+    pred_labels = pd.read_csv(out).iloc[:, 2]  # the predicted label column follows the inputs
+    assert ev["test"]["accuracy"] == pytest.approx((pred_labels.to_numpy() == truth.to_numpy()).mean())
+
+
+def test_saved_model_loads_with_plain_transformers(tmp_path, tiny_st_bert, text_files):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _train(tmp_path, tiny_st_bert, text_files["train"], train={"epochs": 1})
+    model_dir = tmp_path / "run" / "model"
+    hf = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = pd.read_csv(text_files["test"])["text"].tolist()[:12]
+    with torch.no_grad():
+        logits = hf(**tok(texts, padding=True, return_tensors="pt")).logits
+    ours = fmtune.predict(tmp_path / "run", text_files["test"], quiet=True).head(12)
+    probs = torch.tensor(ours[["prob_neg", "prob_pos"]].to_numpy())
+    assert torch.allclose(logits.softmax(-1), probs.float(), atol=1e-5)
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_same_seed_same_metrics(tmp_path, tiny_bert, text_files):
+    a = _train(tmp_path, tiny_bert, text_files["train"], name="a", train={"epochs": 1})
+    b = _train(tmp_path, tiny_bert, text_files["train"], name="b", train={"epochs": 1})
+    ha = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    hb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    strip = [{k: v for k, v in r.items() if k != "samples_per_s"} for r in ha]
+    assert strip == [{k: v for k, v in r.items() if k != "samples_per_s"} for r in hb]
+    assert a["best"] == b["best"]
+
+
+def test_refuses_existing_run_dir(tmp_path, tiny_bert, text_files):
+    _train(tmp_path, tiny_bert, text_files["train"], train={"max_steps": 2})
+    with pytest.raises(RunDirError, match="already exists.*--overwrite"):
+        _train(tmp_path, tiny_bert, text_files["train"], train={"max_steps": 2})
+    cfg = cfg_dict(tiny_bert, text_files["train"], out=str(tmp_path / "run"), train={"max_steps": 2})
+    fmtune.train(cfg, overwrite=True, quiet=True)
+
+
+def test_nan_loss_stops_and_keeps_best_checkpoint(tmp_path, tiny_bert, text_files, monkeypatch):
+    from fmtune import tasks
+
+    calls = {"n": 0}
+    real = tasks.Classification.loss
+
+    def flaky(self, logits, targets):
+        calls["n"] += 1
+        loss = real(self, logits, targets)
+        return loss * float("nan") if calls["n"] > 6 else loss
+
+    monkeypatch.setattr(tasks.Classification, "loss", flaky)
+    with pytest.raises(TrainingError, match="loss became nan.*best checkpoint.*intact"):
+        _train(tmp_path, tiny_bert, text_files["train"], train={"eval_every": 3})
+    # the best checkpoint (from step 3 or 6) is complete and loads
+    bundle = build.load(tmp_path / "run" / "model")
+    assert bundle.model.head[1].weight.isfinite().all()
+
+
+def test_early_stopping(tmp_path, tiny_bert, text_files):
+    # lr 0 after warm-up: the metric cannot improve, so patience 1 stops after the second evaluation
+    s = _train(tmp_path, tiny_bert, text_files["train"],
+               train={"epochs": 10, "eval_every": 2, "patience": 1, "lr": 1e-12, "head_lr": 1e-12})
+    assert s["stopped_early"] is True
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in x]
+    assert len(evals) == 2
+
+
+def test_grad_accum_and_schedules(tmp_path, tiny_bert, text_files):
+    s = _train(tmp_path, tiny_bert, text_files["train"],
+               train={"epochs": 1, "grad_accum": 3, "scheduler": "cosine", "optimizer": "sgd", "lr": 0.05,
+                      "log_every": 1})
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["type"] == "train"]
+    # 216 training rows / 16 per batch = 14 batches -> 5 optimizer steps with accumulation 3
+    assert train_lines[-1]["step"] == 5
+    assert train_lines[-1]["lr"] < train_lines[1]["lr"]  # decayed
+    assert s["best_step"] >= 1
+
+
+def test_class_weights(tmp_path, tiny_bert, text_files):
+    s = _train(tmp_path, tiny_bert, text_files["train"], task={"class_weights": True}, train={"max_steps": 3})
+    assert s["best"] is not None
