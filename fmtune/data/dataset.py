@@ -137,7 +137,8 @@ def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: 
         if reason is None:
             kept.append(i)
         else:
-            bad.append(f"{row_label(df, i)}: {p}: {reason}")
+            where = f"{row_label(df, i)}: " if src and Path(src).is_file() else ""  # a table row, or the file
+            bad.append(f"{where}{p}: {reason}")
     if bad:
         share = len(bad) / len(paths)
         listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")

@@ -1,0 +1,221 @@
+"""Every bad input gets an error (or warning) that names the file and the row, column or key."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import cfg_dict, save_shape_images
+from PIL import Image
+
+import fmtune
+from fmtune.config import load
+from fmtune.data.readers import read_any, read_table
+from fmtune.errors import ConfigError, DataError, ModelError
+
+
+def _train(tmp_path, model, train_file, **sections):
+    return fmtune.train(cfg_dict(model, train_file, out=str(tmp_path / "run"), **sections), quiet=True)
+
+
+def _csv(tmp_path, name, rows, columns=("text", "label")):
+    p = tmp_path / name
+    pd.DataFrame(rows, columns=list(columns)).to_csv(p, index=False)
+    return p
+
+
+# --- files -----------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nope.csv does not exist"):
+        read_table(tmp_path / "nope.csv")
+
+
+def test_empty_file_and_header_only(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="empty.csv: the file is empty"):
+        read_table(tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(DataError, match="header.csv: no data rows"):
+        read_table(tmp_path / "header.csv")
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    p = tmp_path / "latin.csv"
+    p.write_bytes("text,label\ngood film,pos\ncaf\xe9 noir,neg\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv: line 3 \(row 2\) is not valid utf-8.*data.encoding"):
+        read_table(p)
+    assert read_table(p, encoding="latin-1")["text"].iloc[1] == "café noir"
+
+
+def test_jsonl_bad_line_and_parquet(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
+    with pytest.raises(DataError, match="d.jsonl: line 2 is not valid JSON"):
+        read_table(p)
+    pq = tmp_path / "d.parquet"
+    pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_parquet(pq)
+    assert read_table(pq)["label"].tolist() == ["x", "y"]
+
+
+def test_unsupported_suffix(tmp_path):
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type '.xlsx'"):
+        read_table(tmp_path / "d.xlsx")
+
+
+def test_jsonl_and_parquet_train(tmp_path, tiny_bert, text_files):
+    df = pd.read_csv(text_files["train"])
+    df.to_json(tmp_path / "t.jsonl", orient="records", lines=True)
+    df.rename(columns={"text": "review", "label": "y"}).to_parquet(tmp_path / "t.parquet")
+    assert _train(tmp_path, tiny_bert, tmp_path / "t.jsonl", train={"max_steps": 2})["best"] is not None
+    s = fmtune.train(cfg_dict(tiny_bert, tmp_path / "t.parquet", out=str(tmp_path / "pq"),
+                              data={"text_column": "review", "label_column": "y"}, train={"max_steps": 2}),
+                     quiet=True)
+    assert s["best"] is not None
+
+
+# --- columns and values ----------------------------------------------------------------
+def test_missing_label_and_text_columns(tmp_path, tiny_bert):
+    p = _csv(tmp_path, "d.csv", [["good", "pos"], ["bad", "neg"]] * 5, columns=("review", "label"))
+    with pytest.raises(DataError, match="d.csv: no text column 'text'; columns are: review, label.*data.text_column"):
+        _train(tmp_path, tiny_bert, p)
+    q = _csv(tmp_path, "e.csv", [["good", "pos"], ["bad", "neg"]] * 5, columns=("text", "y"))
+    with pytest.raises(DataError, match="e.csv: no label column 'label'.*data.label_column"):
+        _train(tmp_path, tiny_bert, q)
+
+
+def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):
+    rows = [[t, y] for _ in range(5) for t, y in (("good film", "pos"), ("bad film", "neg"))]
+    rows[3][0] = None
+    p = _csv(tmp_path, "d.csv", rows)
+    with pytest.raises(DataError, match=r"d.csv: row 4 \(line 5\): column 'text' is empty"):
+        _train(tmp_path, tiny_bert, p, data={"val": str(p)})
+
+
+def test_unseen_label_in_validation(tmp_path, tiny_bert, text_files):
+    val = pd.read_csv(text_files["val"])
+    val.loc[7, "label"] = "meh"
+    vp = tmp_path / "val.csv"
+    val.to_csv(vp, index=False)
+    with pytest.raises(DataError, match=r"val.csv: row 8 \(line 9\): label 'meh'.*not seen in training"):
+        _train(tmp_path, tiny_bert, text_files["train"], data={"val": str(vp)})
+    # asked for: mapped to 'unknown', never predicted, counted as an error
+    s = fmtune.train(cfg_dict(tiny_bert, text_files["train"], out=str(tmp_path / "ok"),
+                              data={"val": str(vp), "test": str(vp), "unknown_labels": "unknown"},
+                              train={"max_steps": 2}), quiet=True)
+    assert s["eval"]["test"]["accuracy"] <= 1 - 1 / len(val)
+
+
+def test_non_numeric_regression_target(tmp_path, tiny_bert):
+    p = _csv(tmp_path, "r.csv", [["good", "1.5"], ["bad", "2"], ["ok", "three"], ["x", "4"]] * 3)
+    with pytest.raises(DataError, match=r"r.csv: row 3 \(line 4\): regression target 'three'.*not a finite number"):
+        _train(tmp_path, tiny_bert, p, task={"type": "regression"}, data={"val": str(p)})
+
+
+def test_single_class_is_refused(tmp_path, tiny_bert):
+    p = _csv(tmp_path, "one.csv", [["good", "pos"]] * 10)
+    with pytest.raises(DataError, match="single label"):
+        _train(tmp_path, tiny_bert, p)
+
+
+# --- images --------------------------------------------------------------------------------
+def test_bad_images_are_skipped_with_a_warning_then_fail_over_the_limit(tmp_path, tiny_vit):
+    root = save_shape_images(tmp_path / "imgs", 12)
+    val = str(save_shape_images(tmp_path / "val", 3))
+    (root / "top" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "bottom" / "notes.jpg").write_text("hello")
+    good = root / "top" / "0.png"
+    (root / "top" / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(DataError, match=r"(?s)3 of 27 images cannot be read.*corrupt.png.*max_bad_fraction"):
+        _train(tmp_path, tiny_vit, root, data={"val": val}, train={"max_steps": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = fmtune.train(cfg_dict(tiny_vit, root, out=str(tmp_path / "ok"), data={"max_bad_fraction": 0.2, "val": val},
+                                  train={"max_steps": 1}), quiet=True)
+    msgs = " ".join(str(w.message) for w in caught)
+    assert "skipping" in msgs and "truncated.png" in msgs and "notes.jpg" in msgs and "corrupt.png" in msgs
+    assert s["best"] is not None
+
+
+def test_grayscale_rgba_cmyk_palette_images_are_converted(tmp_path, tiny_vit):
+    root = tmp_path / "modes"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i, mode in enumerate(["L", "RGBA", "CMYK", "P", "I;16", "LA"]):
+            arr = rng.integers(0, 255, size=(20, 30, 3), dtype=np.uint8)
+            img = Image.fromarray(arr).convert(mode if mode != "I;16" else "L")
+            if mode == "I;16":
+                img = img.convert("I;16")
+            ext = "jpg" if mode == "CMYK" else "png"
+            img.save(root / label / f"{i}.{ext}")
+    s = fmtune.train(cfg_dict(tiny_vit, root, out=str(tmp_path / "r"), data={"max_bad_fraction": 0.0},
+                              train={"max_steps": 1}), quiet=True)
+    assert s["best"] is not None
+
+
+def test_image_csv_with_relative_paths(tmp_path, tiny_vit):
+    root = save_shape_images(tmp_path / "data" / "imgs", 8)
+    rows = [(str(p.relative_to(tmp_path / "data")), p.parent.name) for p in sorted(root.rglob("*.png"))]
+    csv = tmp_path / "data" / "index.csv"
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(csv, index=False)
+    s = fmtune.train(cfg_dict(tiny_vit, csv, out=str(tmp_path / "r"), data={"image_column": "path"},
+                              train={"max_steps": 1}), quiet=True)
+    assert s["best"] is not None
+    assert len(read_any(root)) == 16
+
+
+def test_empty_image_folder(tmp_path, tiny_vit):
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        _train(tmp_path, tiny_vit, tmp_path / "imgs")
+
+
+# --- models ---------------------------------------------------------------------------------
+def test_model_path_that_does_not_exist(tmp_path, text_files):
+    with pytest.raises(ModelError, match="not a zoo model and no such folder.*minilm-l6"):
+        _train(tmp_path, tmp_path / "no-such-model", text_files["train"])
+
+
+def test_folder_that_is_not_a_model(tmp_path, text_files):
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "notmodel" / "readme.txt").write_text("hi")
+    with pytest.raises(ModelError, match="not a Hugging Face model folder \\(no config.json"):
+        _train(tmp_path, tmp_path / "notmodel", text_files["train"])
+
+
+def test_broken_model_config(tmp_path, text_files):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
+    with pytest.raises(ModelError, match="cannot read the model config"):
+        _train(tmp_path, tmp_path / "broken", text_files["train"])
+
+
+# --- config -----------------------------------------------------------------------------------
+def test_unknown_key_and_wrong_type_name_the_dotted_path(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'train.lrate'; valid keys here: .*lr"):
+        load(overrides=["train.lrate=1e-4"])
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer, got 'many'"):
+        load(overrides=["train.epochs=many"])
+    with pytest.raises(ConfigError, match="strategy.name: 'sideways' is not one of"):
+        load(overrides=["strategy.name=sideways"])
+    with pytest.raises(ConfigError, match="train.lr: must be > 0"):
+        load(overrides=["train.lr=0"])
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  name: minilm-l6\n  colour: blue\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.colour'"):
+        load(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="c.yaml: expected a mapping"):
+        load(p)
+
+
+def test_overrides_and_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 3e-5\n  epochs: 2\n")
+    cfg = load(p, overrides=["train.epochs=5", "model.max_length=64", "train.grad_clip=null"])
+    assert cfg.train.lr == 3e-5 and cfg.train.epochs == 5 and cfg.model.max_length == 64
+    assert cfg.train.grad_clip is None

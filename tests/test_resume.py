@@ -1,0 +1,86 @@
+"""A run killed with SIGKILL mid-epoch and resumed ends exactly like an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import cfg_dict, make_text_rows
+from safetensors.torch import load_file
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fmtune", *args]
+
+
+@pytest.mark.parametrize("strategy", ["full", "last_n"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert, strategy):
+    train = tmp_path / "train.csv"
+    make_text_rows(1200, seed=5).to_csv(train, index=False)
+    cfg = cfg_dict(tiny_bert, train, strategy={"name": strategy, "n": 1},
+                   train={"epochs": 2, "batch_size": 4, "save_every_steps": 7, "eval_every": 20,
+                          "patience": 2, "lr": 5e-4})
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    ref = tmp_path / "ref"
+    subprocess.run(_cli("train", str(cfg_file), "--out", str(ref), "-q"), check=True, env=env, timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", str(cfg_file), "--out", str(run), "-q"), env=env)
+    state = run / "state" / "trainer.json"
+    killed_at = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                progress = json.loads(state.read_text())
+            except (json.JSONDecodeError, OSError):
+                progress = {}
+            if progress.get("step", 0) >= 45:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = progress
+                break
+        time.sleep(0.005)
+    proc.wait(timeout=30)
+    assert killed_at is not None, "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    last = json.loads(state.read_text())
+    # killed in the first epoch (270 batches per epoch), after it had passed an evaluation
+    assert last["epoch"] == 0 and 0 < last["batch_in_epoch"] < 270 and not last["done"]
+    assert last["history"], "the checkpoint should carry the evaluation history (early-stopping state)"
+
+    subprocess.run(_cli("train", "--resume", str(run), "-q"), check=True, env=env, timeout=300)
+
+    def evals(d):
+        lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [x for x in lines if x["type"] == "eval"]
+
+    assert evals(run) == evals(ref)
+    a = load_file(str(ref / "model" / "model.safetensors"))
+    b = load_file(str(run / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((run / "state" / "trainer.json").read_text())["done"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_bert, text_files):
+    from fmtune.api import train
+    from fmtune.errors import RunDirError
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg_dict(tiny_bert, text_files["train"])))
+    with pytest.raises(RunDirError, match="no resume checkpoint"):
+        train(None, resume=run, quiet=True)
+    with pytest.raises(RunDirError, match="does not exist"):
+        train(None, resume=tmp_path / "missing", quiet=True)
