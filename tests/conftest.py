@@ -136,10 +136,10 @@ def image_dirs(tmp_path_factory) -> dict[str, Path]:
     return {"train": save_shape_images(d / "train", 30, 0), "test": save_shape_images(d / "test", 10, 1)}
 
 
-def cfg_dict(model: Path | str, train_file: Path, **sections) -> dict:
+def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
     """A small, fast config: a few epochs, small batches, every default otherwise."""
     base = {
-        "model": {"name": str(model), "max_length": 32},
+        "model": {"name": str(model_name), "max_length": 32},
         "data": {"train": str(train_file)},
         "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "eval_batch_size": 64, "patience": None,
                   "num_threads": 1, "precision": "fp32"},

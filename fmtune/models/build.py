@@ -197,6 +197,13 @@ def _write(bundle: Bundle, tmp: Path) -> None:
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def _hf_from_dir(model_dir: Path) -> FmtuneClassifier:
+    from transformers import AutoConfig
+
+    return FmtuneClassifier.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir),
+                                            dtype=torch.float32)
+
+
 def load(model_dir: Path) -> Bundle:
     """Load a model saved by ``save``: same weights, same preprocessing."""
     meta = _read_json(model_dir / META_FILE)
@@ -204,10 +211,9 @@ def load(model_dir: Path) -> Bundle:
         raise ModelError(f"{model_dir} holds no fmtune model ({META_FILE} missing or unreadable)")
     family = meta["family"]
     if family == "hf":
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        config = AutoConfig.from_pretrained(model_dir)
-        model = FmtuneClassifier.from_pretrained(model_dir, config=config, dtype=torch.float32)
+        model = _hf_from_dir(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir) if meta["kind"] == "text" else None
     else:
         if family not in CNN_FAMILIES:
@@ -223,10 +229,11 @@ def load(model_dir: Path) -> Bundle:
 
 
 def load_weights(bundle: Bundle, model_dir: Path) -> None:
-    """Load saved weights into an already-built bundle's model (for resume / best checkpoint)."""
-    sd = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-    missing, unexpected = bundle.model.load_state_dict(sd, strict=False)
-    if unexpected or [k for k in missing if "num_batches_tracked" not in k]:
-        raise ModelError(f"{model_dir}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    """Load the weights saved in ``model_dir`` into an already-built bundle's model (the best
+    checkpoint, after training). transformers may store a model's keys under legacy names, so
+    the folder is read back the way it was written."""
+    if bundle.family == "hf":
+        state = _hf_from_dir(model_dir).state_dict()
+    else:
+        state = load_file(str(model_dir / "model.safetensors"))
+    bundle.model.load_state_dict(state, strict=True)

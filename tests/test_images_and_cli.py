@@ -1,0 +1,125 @@
+"""Image runs end to end, the linear probe against scikit-learn, and the CLI verbs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import cfg_dict
+from sklearn.linear_model import LogisticRegression
+
+import fmtune
+from fmtune.cli import main
+
+
+@pytest.mark.parametrize("model", ["tiny_vit", "tiny_resnet", "mobilenet-v2"])
+def test_image_classification_end_to_end(tmp_path, image_dirs, model, request):
+    name = request.getfixturevalue(model) if model.startswith("tiny") else model
+    s = fmtune.train(cfg_dict(name, image_dirs["train"], out=str(tmp_path / "run"),
+                              model={"image_size": 32}, data={"test": str(image_dirs["test"])},
+                              train={"epochs": 4, "batch_size": 8}), quiet=True)
+    assert s["eval"]["test"]["accuracy"] >= 0.8, s
+    preds = fmtune.predict(tmp_path / "run", image_dirs["test"], quiet=True)
+    assert len(preds) == 20 and set(preds["label"]) <= {"top", "bottom"}
+    # a folder with an unreadable file: the row is reported, the rest predicted
+    (image_dirs["test"] / "bad.png").write_text("not an image")
+    try:
+        with pytest.warns(UserWarning, match="bad.png"):
+            preds = fmtune.predict(tmp_path / "run", image_dirs["test"], quiet=True, )
+    finally:
+        (image_dirs["test"] / "bad.png").unlink()
+    assert preds["error"].notna().sum() == 1 and preds["label"].notna().sum() == 20
+
+
+def test_head_strategy_matches_sklearn_logistic_regression(tmp_path, tiny_st_bert, text_files):
+    """A linear probe trained by fmtune on the frozen encoder scores like scikit-learn's logistic
+    regression on the same mean-pooled features."""
+    from fmtune.config import DataConfig
+    from fmtune.data.prepare import make_dataset
+    from fmtune.data.readers import read_table
+    from fmtune.models import build
+    from fmtune.run import open_run
+    from fmtune.training.infer import infer
+
+    s = fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / "run"),
+                              strategy={"name": "head"}, data={"val": str(text_files["val"]),
+                                                               "test": str(text_files["test"])},
+                              model={"head_dropout": 0.0},
+                              train={"epochs": 30, "lr": 1e-2, "head_lr": 0.1, "weight_decay": 0.0}), quiet=True)
+    run = open_run(tmp_path / "run")
+    cfg = DataConfig()
+    feats = {}
+    for split in ("train", "test"):
+        ds, _ = make_dataset(read_table(text_files[split]), run.bundle, run.task, cfg)
+        x, y = infer(run.bundle.model, ds, 64, features=True)
+        feats[split] = (x.numpy(), y.numpy())
+    # the backbone really was frozen: its features equal the pretrained model's
+    pre = build.create(run.config.model, run.task)
+    ds, _ = make_dataset(read_table(text_files["test"]), pre, run.task, cfg)
+    assert torch.allclose(infer(pre.model, ds, 64, features=True)[0], torch.from_numpy(feats["test"][0]), atol=1e-5)
+    lr = LogisticRegression(max_iter=5000).fit(*feats["train"])
+    sk_acc = float((lr.predict(feats["test"][0]) == feats["test"][1]).mean())
+    assert abs(s["eval"]["test"]["accuracy"] - sk_acc) <= 0.05, (s["eval"]["test"], sk_acc)
+
+
+def test_cli_train_evaluate_predict(tmp_path, tiny_st_bert, text_files, capsys):
+    run = tmp_path / "run"
+    rc = main(["train", "--model", str(tiny_st_bert), "--data", str(text_files["train"]), "--val",
+               str(text_files["val"]), "--test", str(text_files["test"]), "--task", "classification",
+               "--strategy", "last_n", "--epochs", "2", "--out", str(run), "--baseline",
+               "--set", "train.lr=1e-3", "--set", "strategy.n=1", "--set", "train.precision=fp32", "-q"])
+    assert rc == 0
+    cfg = (run / "config.yaml").read_text()
+    assert "n: 1" in cfg and "lr: 0.001" in cfg and "baseline: true" in cfg
+    assert set(json.loads((run / "eval.json").read_text())) >= {"test", "baseline"}
+
+    assert main(["evaluate", str(run), "--data", str(text_files["test"]), "--baseline"]) == 0
+    err = capsys.readouterr().err
+    assert "macro avg" in err and "weighted avg" in err and "pretrained baseline" in err
+
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(text_files["test"]), "-o", str(out), "-q"]) == 0
+    assert len(pd.read_csv(out)) == len(pd.read_csv(text_files["test"]))
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, text_files, capsys):
+    rc = main(["train", "--model", "no-such-model", "--data", str(text_files["train"]), "--out",
+               str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err and "no-such-model" in err and "Traceback" not in err
+    rc = main(["train", "--data", str(text_files["train"]), "--set", "train.bogus=1"])
+    assert rc == 2 and "train.bogus" in capsys.readouterr().err
+    rc = main(["evaluate", str(tmp_path / "nothing")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_help_lists_the_settings():
+    out = subprocess.run([sys.executable, "-m", "fmtune", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for key in ("train.lr", "train.head_lr", "train.patience", "strategy.n", "data.text_column", "train.grad_accum"):
+        assert key in out
+    assert "--resume" in out and "--overwrite" in out
+
+
+def test_models_and_datasets_listing(tmp_path, capsys):
+    assert main(["models"]) == 0 and main(["datasets"]) == 0
+    err = capsys.readouterr().err
+    assert "minilm-l6" in err and "efficientnet-lite0" in err and "rotten-tomatoes" in err and "digits" in err
+    assert main(["datasets", "--export", "digits", str(tmp_path / "digits")]) == 0
+    n = sum(1 for _ in (tmp_path / "digits").rglob("*.png"))
+    assert n == 1797 and len(list((tmp_path / "digits" / "train").iterdir())) == 10
+
+
+def test_zoo_text_datasets_are_real():
+    from fmtune.zoo.datasets import DATASETS
+
+    rt = DATASETS.get("rotten-tomatoes").load()
+    assert len(rt) == 12808 and set(rt["label"]) == {"fresh", "rotten"}
+    tw = DATASETS.get("tweet-sentiment").load()
+    assert set(tw["label"]) == {"negative", "neutral", "positive"} and len(tw) > 30000
+    assert np.all(rt["text"].str.len() > 0)

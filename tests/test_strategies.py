@@ -1,0 +1,118 @@
+"""Each strategy trains exactly the intended parameters; frozen ones are bit-identical after a
+step; frozen BatchNorm stays in eval mode with unchanged statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fmtune.config import ModelConfig, StrategyConfig, TrainConfig
+from fmtune.models import build
+from fmtune.strategies import apply_strategy, backbone_blocks, set_train_mode
+from fmtune.tasks import Classification
+from fmtune.training.optim import make_optimizer
+
+TASK = Classification(["a", "b", "c"])
+
+
+def _bundle(name) -> build.Bundle:
+    torch.manual_seed(0)
+    return build.create(ModelConfig(name=str(name), max_length=16, image_size=32), TASK)
+
+
+def _batch(bundle: build.Bundle) -> dict:
+    if bundle.kind == "text":
+        ids = torch.randint(5, 20, (4, 7))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"pixel_values": torch.randn(4, 3, 32, 32)}
+
+
+def _step(bundle: build.Bundle, strategy: StrategyConfig):
+    model = bundle.model
+    counts = apply_strategy(model, strategy)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, head_lr=1e-2))
+    set_train_mode(model)
+    loss = TASK.loss(model(**_batch(bundle)).logits, torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    return counts, changed, with_grad, buffers
+
+
+MODELS = ["tiny_bert", "tiny_vit", "tiny_resnet", "mobilenet-v2", "efficientnet-lite0"]
+
+
+@pytest.fixture
+def model_path(request):
+    name = request.param
+    return request.getfixturevalue(name) if name.startswith("tiny") else name
+
+
+@pytest.mark.parametrize("model_path", MODELS, indirect=True)
+def test_head_strategy_trains_only_the_head(model_path):
+    b = _bundle(model_path)
+    counts, changed, with_grad, _ = _step(b, StrategyConfig(name="head"))
+    head = {n for n, _ in b.model.named_parameters() if n.startswith("head.")}
+    assert with_grad == head and changed == head
+    assert counts["trainable_params"] == sum(p.numel() for p in b.model.head.parameters())
+
+
+@pytest.mark.parametrize("model_path", MODELS, indirect=True)
+def test_last_n_trains_the_last_blocks_and_head(model_path):
+    b = _bundle(model_path)
+    blocks = backbone_blocks(b.model.backbone)
+    _, changed, with_grad, _ = _step(b, StrategyConfig(name="last_n", n=1))
+    last = {id(p) for p in blocks[-1].parameters()}
+    earlier = {id(p) for blk in blocks[:-1] for p in blk.parameters()}
+    params = dict(b.model.named_parameters())
+    assert all(id(params[n]) not in earlier for n in with_grad)
+    assert {n for n in with_grad if id(params[n]) in last} == {n for n, p in params.items() if id(p) in last}
+    assert {n for n in params if n.startswith("head.")} <= with_grad
+    # nothing before the blocks (embeddings, stem) moves
+    first_block_param = next(iter(blocks[0].parameters()))
+    names = list(params)
+    first_idx = next(i for i, n in enumerate(names) if params[n] is first_block_param)
+    assert not changed & set(names[:first_idx])
+
+
+@pytest.mark.parametrize("model_path", MODELS, indirect=True)
+def test_full_trains_everything(model_path):
+    b = _bundle(model_path)
+    counts, _, with_grad, _ = _step(b, StrategyConfig(name="full"))
+    assert counts["trainable_params"] == counts["total_params"]
+    used = {n for n, p in b.model.named_parameters()}
+    assert with_grad == used
+
+
+@pytest.mark.parametrize("model_path", ["tiny_resnet", "mobilenet-v2", "efficientnet-lite0"], indirect=True)
+def test_frozen_batchnorm_stays_in_eval_mode(model_path):
+    b = _bundle(model_path)
+    _, _, _, before = _step(b, StrategyConfig(name="last_n", n=1))
+    bns = {n: m for n, m in b.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    frozen = {n for n, m in bns.items() if not any(p.requires_grad for p in m.parameters())}
+    trained = set(bns) - frozen
+    assert frozen and trained
+    assert all(not bns[n].training for n in frozen) and all(bns[n].training for n in trained)
+    after = dict(b.model.named_buffers())
+    for n in frozen:
+        assert torch.equal(before[f"{n}.running_mean"], after[f"{n}.running_mean"]), n
+    assert any(not torch.equal(before[f"{n}.running_mean"], after[f"{n}.running_mean"]) for n in trained)
+
+
+def test_last_n_larger_than_the_backbone_is_an_error(tiny_bert):
+    from fmtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy.n: 5 is more than the 2 blocks"):
+        apply_strategy(_bundle(tiny_bert).model, StrategyConfig(name="last_n", n=5))
+
+
+def test_pooling_follows_what_the_backbone_was_trained_with(tiny_bert, tiny_st_bert, tiny_vit, tiny_resnet):
+    assert _bundle(tiny_st_bert).pooling == "mean"
+    assert _bundle(tiny_bert).pooling == "cls"
+    assert _bundle(tiny_vit).pooling == "cls"
+    assert _bundle(tiny_resnet).pooling == "pooler"
+    assert _bundle("efficientnet-lite0").pooling == "mean"
