@@ -33,7 +33,7 @@ DEMOS: dict[str, dict[str, Any]] = {
         "config": {
             "model": {"name": "efficientnet-lite0", "image_size": 64},
             "strategy": {"name": "full"},
-            "train": {"epochs": 5, "batch_size": 32, "lr": 1e-3, "baseline": True, "patience": None,
+            "train": {"epochs": 5, "batch_size": 32, "lr": 2e-3, "baseline": True, "patience": None,
                       "max_minutes": 1.5},
         },
         "why": "EfficientNet-Lite0 (ImageNet) fully fine-tuned for 5 epochs on 1,200 8x8 digits upscaled to 64px; "

@@ -159,3 +159,26 @@ def test_grad_accum_and_schedules(tmp_path, tiny_bert, text_files):
 def test_class_weights(tmp_path, tiny_bert, text_files):
     s = _train(tmp_path, tiny_bert, text_files["train"], task={"class_weights": True}, train={"max_steps": 3})
     assert s["best"] is not None
+
+
+def test_time_budget_stops_with_the_best_checkpoint(tmp_path, tiny_bert, text_files):
+    s = _train(tmp_path, tiny_bert, text_files["train"], train={"epochs": 50, "max_minutes": 1e-6})
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["fit"]["out_of_time"] is True and info["fit"]["steps"] == 1
+    assert s["best_step"] == 1 and (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_vit_run_loads_with_plain_transformers_image_class(tmp_path, tiny_vit, image_dirs):
+    from transformers import AutoModelForImageClassification
+
+    from fmtune.data.dataset import decode_image
+
+    _train(tmp_path, tiny_vit, image_dirs["train"], train={"max_steps": 3})
+    hf = AutoModelForImageClassification.from_pretrained(tmp_path / "run" / "model", trust_remote_code=True).eval()
+    files = sorted(image_dirs["test"].rglob("*.png"))[:6]
+    pixels = torch.stack([decode_image(f, 32) for f in files]).float() / 255
+    with torch.no_grad():
+        probs = hf(pixel_values=(pixels - 0.5) / 0.5).logits.softmax(-1)
+    ours = fmtune.predict(tmp_path / "run", image_dirs["test"], quiet=True).set_index("image")
+    expected = torch.tensor(ours.loc[[str(f) for f in files], ["prob_bottom", "prob_top"]].to_numpy()).float()
+    assert torch.allclose(probs, expected, atol=1e-5)

@@ -1,0 +1,60 @@
+"""Real offline weights and real data (minutes, not seconds): `make test-slow` / `pytest -m slow`."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import fmtune
+from fmtune.zoo.datasets import DATASETS, split
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def rt_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rt")
+    train, val, test = split(DATASETS.get("rotten-tomatoes").load(), (800, 200, 400), seed=1)
+    for name, df in (("train", train), ("val", val), ("test", test)):
+        df.to_csv(d / f"{name}.csv", index=False)
+    return {n: d / f"{n}.csv" for n in ("train", "val", "test")}
+
+
+def test_real_minilm_few_steps_and_plain_transformers_load(tmp_path, rt_files):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    s = fmtune.train({"model": {"name": "minilm-l6", "max_length": 64}, "out": str(tmp_path / "run"),
+                      "data": {"train": str(rt_files["train"]), "val": str(rt_files["val"])},
+                      "train": {"max_steps": 6, "batch_size": 16, "eval_every": 3}}, quiet=True)
+    assert s["best"] > 0.5
+    model_dir = tmp_path / "run" / "model"
+    hf = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = pd.read_csv(rt_files["test"])["text"].tolist()[:16]
+    with torch.no_grad():
+        probs = hf(**tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")).logits.softmax(-1)
+    ours = fmtune.predict(tmp_path / "run", rt_files["test"], quiet=True).head(16)
+    assert torch.allclose(probs, torch.tensor(ours[["prob_fresh", "prob_rotten"]].to_numpy()).float(), atol=1e-4)
+
+
+def test_linear_probe_on_frozen_minilm_matches_sklearn(tmp_path, rt_files):
+    s = fmtune.train({"model": {"name": "minilm-l6", "max_length": 64, "head_dropout": 0.0},
+                      "out": str(tmp_path / "run"), "strategy": {"name": "head"},
+                      "data": {"train": str(rt_files["train"]), "val": str(rt_files["val"]),
+                               "test": str(rt_files["test"])},
+                      "train": {"epochs": 15, "batch_size": 32, "head_lr": 3e-3, "weight_decay": 0.0,
+                                "baseline": True}}, quiet=True)
+    ev = s["eval"]
+    # the baseline is scikit-learn's logistic regression on the same mean-pooled features
+    assert abs(ev["test"]["accuracy"] - ev["baseline"]["accuracy"]) <= 0.03, ev
+
+
+@pytest.mark.parametrize("task", ["text", "image"])
+def test_demo_beats_the_pretrained_baseline(tmp_path, task):
+    s = fmtune.demo(task, out=tmp_path / task, quiet=True)
+    ev = json.loads((tmp_path / task / "eval.json").read_text())
+    assert ev["test"]["accuracy"] > ev["baseline"]["accuracy"] + 0.02, ev
+    assert s["wall_seconds"] < 180
