@@ -34,7 +34,7 @@ def predict(run: Any, inputs: Any, output: Any = None, **kw: Any):
 
 
 def demo(task: str = "text", **kw: Any) -> dict:
-    from fmtune.demo import demo as _demo
+    from fmtune.demos import demo as _demo
 
     return _demo(task, **kw)
 

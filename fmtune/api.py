@@ -14,9 +14,8 @@ from accelerate.utils import set_seed
 
 from fmtune import config as config_mod
 from fmtune import evaluation, ui
-from fmtune.data.dataset import ImageData
 from fmtune.data.prepare import make_dataset, make_task, read_frames
-from fmtune.data.readers import IMAGE_SUFFIXES, read_table
+from fmtune.data.readers import IMAGE_SUFFIXES, read_any, read_table
 from fmtune.errors import DataError
 from fmtune.fsutil import write_json
 from fmtune.models import build
@@ -79,8 +78,9 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         write_start(run_dir, cfg, task)
     if not quiet:
         out.print(f"[bold]fmtune train[/] -> {run_dir}")
-        out.print(f"  model {cfg.model.name} ({bundle.kind}, pooling={bundle.pooling})  task {task.name}"
-                  f"{' with ' + str(len(task.labels)) + ' labels' if task.labels else ''}  strategy {cfg.strategy.name}")
+        labels = f" with {len(task.labels)} labels" if task.labels else ""
+        out.print(f"  model {cfg.model.name} ({bundle.kind}, pooling={bundle.pooling})  task {task.name}{labels}"
+                  f"  strategy {cfg.strategy.name}")
         out.print(f"  trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
                   f"({100 * counts['trainable_params'] / counts['total_params']:.1f}%)")
         out.print(f"  data: train {len(data['train'])}, val {len(data['val'])}"
@@ -157,15 +157,9 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
     source = data or cfg.data.test
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")
-    df = _read_input(Path(source), cfg)
+    df = read_any(Path(source), cfg.data.encoding)
     ds, _ = make_dataset(df, opened.bundle, opened.task, cfg.data, allow_unknown=cfg.data.unknown_labels == "unknown")
     return _evaluate_run(opened, ds, baseline, quiet, source)
-
-
-def _read_input(path: Path, cfg: config_mod.Config) -> pd.DataFrame:
-    from fmtune.data.readers import read_any
-
-    return read_any(path, cfg.data.encoding)
 
 
 def _unlabelled_frame(path: Path, cfg: config_mod.Config) -> pd.DataFrame:

@@ -7,7 +7,8 @@ import json
 import os
 import sys
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fmtune.errors import FmtuneError
 
@@ -22,7 +23,7 @@ def _config_epilog() -> str:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    from fmtune.demo import demo
+    from fmtune.demos import demo
 
     demo(a.task, a.out, seed=a.seed, overwrite=a.overwrite, quiet=a.quiet)
 

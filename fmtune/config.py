@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -31,7 +31,7 @@ class ModelConfig:
         "auto", "how the head reads the backbone: auto = what the backbone was trained with"
     )
     max_length: int = _f(128, "text: tokens kept per example (longer texts are truncated)")
-    image_size: Optional[int] = _f(None, "images: side length fed to the backbone (default: the backbone's)")
+    image_size: int | None = _f(None, "images: side length fed to the backbone (default: the backbone's)")
     head_dropout: float = _f(0.1, "dropout before the linear head")
 
     def __post_init__(self) -> None:
@@ -42,16 +42,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = _f(None, "training data: CSV/JSONL/Parquet file, or a folder of class sub-folders")
-    val: Optional[str] = _f(None, "validation data (default: split off the training data)")
-    test: Optional[str] = _f(None, "test data, evaluated with the best checkpoint at the end")
+    train: str | None = _f(None, "training data: CSV/JSONL/Parquet file, or a folder of class sub-folders")
+    val: str | None = _f(None, "validation data (default: split off the training data)")
+    test: str | None = _f(None, "test data, evaluated with the best checkpoint at the end")
     text_column: str = _f("text", "column holding the text")
     image_column: str = _f("image", "column holding image paths (relative to the file) in a CSV/JSONL/Parquet")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
     label_separator: str = _f("|", "multi-label: separator between labels in one cell")
     encoding: str = _f("utf-8", "text encoding of CSV/JSONL files (e.g. latin-1)")
     val_fraction: float = _f(0.1, "share of training rows split off as validation when no val set is given")
-    max_train_samples: Optional[int] = _f(None, "use at most this many training rows (seeded, stratified)")
+    max_train_samples: int | None = _f(None, "use at most this many training rows (seeded, stratified)")
     unknown_labels: Literal["error", "unknown"] = _f(
         "error", "a val/test label unseen in training: fail, or map it to 'unknown' (never predicted)"
     )
@@ -84,33 +84,33 @@ class StrategyConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _f(3, "passes over the training data")
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides epochs)")
-    max_minutes: Optional[float] = _f(None, "time budget: evaluate, keep the best and stop once training took this long")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
+    max_minutes: float | None = _f(None, "time budget: evaluate, keep the best and stop once training took this long")
     batch_size: int = _f(32, "examples per optimizer step, per accumulation micro-step")
     eval_batch_size: int = _f(128, "examples per forward pass when evaluating")
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
     lr: float = _f(5e-5, "learning rate of the backbone")
-    head_lr: Optional[float] = _f(None, "learning rate of the head (default: 20x lr, at most 1e-2)")
+    head_lr: float | None = _f(None, "learning rate of the head (default: 20x lr, at most 1e-2)")
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
     momentum: float = _f(0.9, "sgd: momentum")
     scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate decay after warm-up")
     warmup_ratio: float = _f(0.06, "share of steps spent warming the learning rate up from 0")
-    grad_clip: Optional[float] = _f(1.0, "clip the gradient norm to this value (null: no clipping)")
+    grad_clip: float | None = _f(1.0, "clip the gradient norm to this value (null: no clipping)")
     grad_accum: int = _f(1, "accumulate gradients over this many batches per optimizer step")
-    eval_every: Optional[int] = _f(None, "evaluate every K optimizer steps (default: every epoch)")
+    eval_every: int | None = _f(None, "evaluate every K optimizer steps (default: every epoch)")
     metric: str = _f("auto", "validation metric for early stopping and the best checkpoint (auto: per task)")
-    patience: Optional[int] = _f(3, "stop after this many evaluations without improvement (null: never)")
+    patience: int | None = _f(3, "stop after this many evaluations without improvement (null: never)")
     min_delta: float = _f(0.0, "smallest change of the metric that counts as an improvement")
     save_every_minutes: float = _f(5.0, "also write the resume checkpoint (state/) this often between evaluations")
-    save_every_steps: Optional[int] = _f(None, "also write the resume checkpoint every K optimizer steps")
+    save_every_steps: int | None = _f(None, "also write the resume checkpoint every K optimizer steps")
     log_every: int = _f(10, "log train loss, learning rate and throughput every K optimizer steps")
-    baseline: bool = _f(False, "with a test set: also fit the pretrained baseline (linear probe on the frozen backbone)")
+    baseline: bool = _f(False, "with a test set: also score the pretrained baseline (linear probe, frozen backbone)")
     seed: int = _f(42, "seed for data splits, order, initialisation and dropout")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
         "auto", "auto = fp32 on CPUs without native bf16, bf16 on GPUs that have it"
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
-    num_threads: Optional[int] = _f(None, "CPU threads (default: physical cores)")
+    num_threads: int | None = _f(None, "CPU threads (default: physical cores)")
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be at least 1")
@@ -130,8 +130,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    name: Optional[str] = _f(None, "run name (default: <model>-<strategy>-<timestamp>)")
-    out: Optional[str] = _f(None, "run directory (default: runs/<name>)")
+    name: str | None = _f(None, "run name (default: <model>-<strategy>-<timestamp>)")
+    out: str | None = _f(None, "run directory (default: runs/<name>)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

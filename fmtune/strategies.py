@@ -7,7 +7,8 @@ would otherwise drift with the new data although their weights are frozen.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

@@ -19,7 +19,7 @@ from fmtune.data.readers import row_label
 from fmtune.errors import DataError
 from fmtune.registry import Registry
 
-TASKS: Registry[type["Task"]] = Registry("task")
+TASKS: Registry[type[Task]] = Registry("task")
 UNKNOWN = "unknown"
 
 
@@ -46,7 +46,7 @@ class Task:
 
     # --- set-up from the training data -------------------------------------------------
     @classmethod
-    def from_train(cls, values: pd.Series, df: pd.DataFrame, **kw: Any) -> "Task":
+    def from_train(cls, values: pd.Series, df: pd.DataFrame, **kw: Any) -> Task:
         raise NotImplementedError
 
     def encode(self, values: pd.Series, df: pd.DataFrame, column: str, allow_unknown: bool = False) -> torch.Tensor:
@@ -82,7 +82,7 @@ class Classification(Task):
 
     @classmethod
     def from_train(cls, values: pd.Series, df: pd.DataFrame, column: str = "label",
-                   class_weights: bool = False, **kw: Any) -> "Classification":
+                   class_weights: bool = False, **kw: Any) -> Classification:
         _missing(df, values, column)
         labels = sorted({str(v) for v in values})
         if len(labels) < 2:

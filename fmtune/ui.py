@@ -67,7 +67,7 @@ class CountProgress:
                                                     TimeElapsedColumn(), console=console, transient=True)
         self.total = total
 
-    def __enter__(self) -> "CountProgress":
+    def __enter__(self) -> CountProgress:
         if self.progress:
             self.progress.start()
             self.task = self.progress.add_task("x", total=self.total)

@@ -129,7 +129,8 @@ def test_bad_images_are_skipped_with_a_warning_then_fail_over_the_limit(tmp_path
     (root / "bottom" / "notes.jpg").write_text("hello")
     good = root / "top" / "0.png"
     (root / "top" / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
-    with pytest.raises(DataError, match=r"(?s)3 of 27 images cannot be read.*max_bad_fraction.*corrupt.png.*truncated.png"):
+    expected = r"(?s)3 of 27 images cannot be read.*max_bad_fraction.*corrupt.png.*truncated.png"
+    with pytest.raises(DataError, match=expected):
         _train(tmp_path, tiny_vit, root, data={"val": val}, train={"max_steps": 1})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -82,7 +82,8 @@ class FmtuneClassifier(PreTrainedModel):
         kwargs.pop("return_dict", None)
         logits = self.head(self.features(input_ids, attention_mask, pixel_values, **kwargs))
         # Regression heads predict in target units: a standardised output mapped back by a fixed affine.
-        scale, shift = getattr(self.config, "fmtune_output_scale", 1.0), getattr(self.config, "fmtune_output_shift", 0.0)
+        scale = getattr(self.config, "fmtune_output_scale", 1.0)
+        shift = getattr(self.config, "fmtune_output_shift", 0.0)
         if scale != 1.0 or shift != 0.0:
             logits = logits * scale + shift
         loss = None

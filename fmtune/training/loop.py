@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -182,4 +183,5 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
         progress.stop()
     seconds = time.perf_counter() - started
     return FitResult(metric, state["best"], state["best_step"], state["step"], state["step"] / steps_per_epoch,
-                     state["stopped_early"], state["out_of_time"], seconds, state["samples"] / max(seconds, 1e-9), state["history"])
+                     state["stopped_early"], state["out_of_time"], seconds, state["samples"] / max(seconds, 1e-9),
+                     state["history"])

