@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from fmtune.fsutil import write_json
 from fmtune.models import build
 from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
 from fmtune.strategies import apply_strategy
-from fmtune.training import checkpoint, hardware
+from fmtune.training import cache, checkpoint, hardware
 from fmtune.training.infer import infer
 from fmtune.training.loop import fit
 
@@ -87,9 +88,12 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
                   f"{' (split off train)' if frames.val_from_train else ''}"
                   f"{', test ' + str(len(data['test'])) if 'test' in data else ''}")
         out.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
-    result = fit(bundle, task, data["train"], data["val"], cfg.train, run_dir, hardware=hw,
+    net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet)
+    if not quiet:
+        out.print(f"  feature cache: {cache_note}")
+    result = fit(bundle, task, train_ds, val_ds, cfg.train, run_dir, hardware=hw,
                  resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
-                 progress=ui.FitProgress(quiet))
+                 progress=ui.FitProgress(quiet), net=net)
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, data),
             "fit": {k: v for k, v in vars(result).items() if k != "history"},
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
@@ -109,6 +113,22 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
                                         cfg.train.baseline, quiet, source=cfg.data.test,
                                         train_ds=data["train"])
     return summary
+
+
+def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, Any],
+                quiet: bool) -> tuple[Any, Any, Any, str]:
+    """Swap train/val for their cached frozen-prefix outputs where the strategy allows it."""
+    if cfg.train.feature_cache == "off":
+        return None, data["train"], data["val"], "off (train.feature_cache=off)"
+    split, why = cache.plan(bundle)
+    if split is None:
+        return None, data["train"], data["val"], f"not used: {why}"
+    started = time.perf_counter()
+    with ui.CountProgress("caching frozen features", len(data["train"]) + len(data["val"]), quiet) as bar:
+        train_ds, r1 = cache.build(bundle, split, data["train"], cfg.train.eval_batch_size, bar)
+        val_ds, r2 = cache.build(bundle, split, data["val"], cfg.train.eval_batch_size, bar)
+    how = "reused from" if r1 and r2 else f"computed in {time.perf_counter() - started:.1f}s into"
+    return cache.CachedForward(bundle.model, split), train_ds, val_ds, f"{why} ({how} {cache.cache_dir()})"
 
 
 def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: Any, train_ds: Any = None) -> dict:

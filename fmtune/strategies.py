@@ -18,18 +18,27 @@ from fmtune.registry import Registry
 STRATEGIES: Registry[Callable[[nn.Module, Any], set[str]]] = Registry("strategy")
 
 
+def block_list(backbone: nn.Module) -> tuple[nn.Module, str] | None:
+    """(parent, attribute) of the longest ModuleList in a transformers backbone: its repeated
+    blocks (``encoder.layer`` of BERT, ``layers`` of ViT and Llama-like models ...)."""
+    best: tuple[nn.Module, str] | None = None
+    size = 0
+    for _, parent in backbone.named_modules():
+        for attr, mod in parent.named_children():
+            if isinstance(mod, nn.ModuleList) and len(mod) > size:
+                best, size = (parent, attr), len(mod)
+    return best
+
+
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's repeated blocks, in order: ``blocks`` if it defines them, else the longest
-    ModuleList (``encoder.layer`` of BERT/ViT, ``layers`` of Llama-like models ...)."""
+    ModuleList."""
     if hasattr(backbone, "blocks"):
         return list(backbone.blocks)
-    best: list[nn.Module] = []
-    for _, mod in backbone.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > len(best):
-            best = list(mod)
-    if not best:
+    loc = block_list(backbone)
+    if loc is None:
         raise ConfigError(f"strategy last_n: cannot find repeated blocks in {type(backbone).__name__}")
-    return best
+    return list(getattr(*loc))
 
 
 def _names_of(model: nn.Module, modules: list[nn.Module]) -> set[str]:
@@ -76,9 +85,56 @@ def apply_strategy(model: nn.Module, cfg: Any) -> dict[str, int]:
     return {"trainable_params": n_train, "total_params": total}
 
 
+WHOLE_BACKBONE = -1
+
+
+def frozen_prefix(model: nn.Module) -> int:
+    """How much of the backbone is a fixed function of the input: ``WHOLE_BACKBONE`` when nothing
+    in it trains, else the number ``k`` of leading blocks that are frozen with nothing trainable
+    before them (0: none). This part runs in eval mode, and its output can be cached."""
+    backbone = model.backbone
+    trainable = {id(p) for p in backbone.parameters() if p.requires_grad}
+    if not trainable:
+        return WHOLE_BACKBONE
+    try:
+        blocks = backbone_blocks(backbone)
+    except ConfigError:
+        return 0
+    for k, block in enumerate(blocks):
+        if any(id(p) in trainable for p in block.parameters()):
+            first = {id(p) for p in block.parameters()}
+            for p in backbone.parameters():  # registration order: is anything before block k trained?
+                if id(p) in first:
+                    return k
+                if id(p) in trainable:
+                    return 0
+    return 0
+
+
+def prefix_modules(model: nn.Module, k: int) -> list[nn.Module]:
+    """The backbone's modules that run before block ``k`` (embeddings/stem and blocks < k)."""
+    stop = {id(p) for p in backbone_blocks(model.backbone)[k].parameters()}
+    out = []
+    for m in model.backbone.modules():  # registration order
+        own = {id(p) for p in m.parameters()}
+        if own & stop:
+            if own <= stop:
+                break  # block k itself starts here
+            continue  # a container of block k
+        out.append(m)
+    return out
+
+
 def set_train_mode(model: nn.Module) -> None:
-    """``model.train()``, except norm layers whose parameters are all frozen stay in eval mode."""
+    """``model.train()``, except the frozen prefix of the backbone (a fixed feature extractor:
+    no dropout noise) and norm layers whose parameters are all frozen stay in eval mode."""
     model.train()
+    k = frozen_prefix(model)
+    if k == WHOLE_BACKBONE:
+        model.backbone.eval()
+    elif k:
+        for m in prefix_modules(model, k):
+            m.eval()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))

@@ -150,3 +150,9 @@ def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
         else:
             base[section] = values
     return base
+
+
+@pytest.fixture(autouse=True)
+def _private_feature_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own feature cache folder (never the user's ~/.cache)."""
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "feature-cache"))

@@ -62,6 +62,14 @@ class MobileNetV2(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.features(pixel_values).mean(dim=(2, 3))
 
+    def forward_prefix(self, pixel_values: torch.Tensor, k: int) -> torch.Tensor:
+        """The stem and the first ``k`` blocks: the input of block ``k``."""
+        return self.features[: 1 + k](pixel_values)
+
+    def forward_suffix(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """Blocks ``k`` and later, then global pooling."""
+        return self.features[1 + k:](hidden).mean(dim=(2, 3))
+
 
 class EfficientNetLite(nn.Module):
     """EfficientNet-Lite feature extractor around ``efficientnet_lite_pytorch.EfficientNet``."""
@@ -90,6 +98,23 @@ class EfficientNetLite(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(pixel_values).mean(dim=(2, 3))
 
+    # extract_features split at block k (same drop-connect schedule), for the frozen-prefix cache
+    def _run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        n = len(self.net._blocks)
+        for idx in range(start, min(stop, n)):
+            rate = self.net._global_params.drop_connect_rate
+            x = self.net._blocks[idx](x, drop_connect_rate=rate * idx / n if rate else rate)
+        if stop > n:  # the head convolution stage is the last block
+            x = self.net._swish(self.net._bn1(self.net._conv_head(x)))
+        return x
+
+    def forward_prefix(self, pixel_values: torch.Tensor, k: int) -> torch.Tensor:
+        x = self.net._swish(self.net._bn0(self.net._conv_stem(pixel_values)))
+        return self._run_blocks(x, 0, k)
+
+    def forward_suffix(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        return self._run_blocks(hidden, k, len(self.net._blocks) + 1).mean(dim=(2, 3))
+
     def load_imagenet(self, state_dict: dict[str, torch.Tensor]) -> None:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_fc.")}
         self.net.load_state_dict(state_dict, strict=True)
@@ -110,10 +135,13 @@ class TaskModel(nn.Module):
     def features(self, pixel_values: torch.Tensor, **_: object) -> torch.Tensor:
         return self.backbone(pixel_values)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.head(features)
+        if self.output_scale != 1.0 or self.output_shift != 0.0:
+            logits = logits * self.output_scale + self.output_shift
+        return logits
+
     def forward(self, pixel_values: torch.Tensor, **_: object):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        logits = self.head(self.features(pixel_values))
-        if self.output_scale != 1.0 or self.output_shift != 0.0:
-            logits = logits * self.output_scale + self.output_shift
-        return SequenceClassifierOutput(logits=logits)
+        return SequenceClassifierOutput(logits=self.classify(self.features(pixel_values)))

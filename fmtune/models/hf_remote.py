@@ -78,14 +78,19 @@ class FmtuneClassifier(PreTrainedModel):
             outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return pool(outputs, attention_mask, self.pooling)
 
-    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None, **kwargs):
-        kwargs.pop("return_dict", None)
-        logits = self.head(self.features(input_ids, attention_mask, pixel_values, **kwargs))
-        # Regression heads predict in target units: a standardised output mapped back by a fixed affine.
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features -> outputs. Regression heads predict in target units: a standardised
+        output mapped back by a fixed affine (the training targets' std and mean)."""
+        logits = self.head(features)
         scale = getattr(self.config, "fmtune_output_scale", 1.0)
         shift = getattr(self.config, "fmtune_output_shift", 0.0)
         if scale != 1.0 or shift != 0.0:
             logits = logits * scale + shift
+        return logits
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None, **kwargs):
+        kwargs.pop("return_dict", None)
+        logits = self.classify(self.features(input_ids, attention_mask, pixel_values, **kwargs))
         loss = None
         if labels is not None:
             if self.config.problem_type == "regression":

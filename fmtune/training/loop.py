@@ -67,11 +67,17 @@ def _improved(value: float, best: float | None, greater: bool, min_delta: float)
 
 
 def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: Path, *, hardware: Any,
-        resume: bool = False, save_best: Callable[[], None], progress: Any = None) -> FitResult:
-    """Train ``bundle.model`` on ``train_ds``; evaluate on ``val_ds``; save the best via ``save_best``."""
+        resume: bool = False, save_best: Callable[[], None], progress: Any = None,
+        net: torch.nn.Module | None = None) -> FitResult:
+    """Train ``bundle.model`` on ``train_ds``; evaluate on ``val_ds``; save the best via ``save_best``.
+
+    ``net`` is what the batches are fed to when it is not the model itself (the model seen
+    from the feature cache); its parameters are the model's.
+    """
     accelerator = Accelerator(cpu=hardware.device == "cpu", mixed_precision=hardware.precision)
     set_seed(cfg.seed)
     model = bundle.model.to(accelerator.device)  # before the optimizer, so it can pick fused kernels
+    net = net if net is not None else model
     metric = task.default_metric if cfg.metric == "auto" else cfg.metric
     greater = task.greater_is_better(metric)
 
@@ -80,20 +86,20 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    net, optimizer = accelerator.prepare(net, optimizer)
     device = accelerator.device
 
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_step": 0, "bad_evals": 0,
              "history": [], "seconds": 0.0, "samples": 0, "stopped_early": False, "done": False, "out_of_time": False}
     if resume:
-        state.update(checkpoint.load_state(run_dir, accelerator.unwrap_model(model), optimizer, scheduler))
+        state.update(checkpoint.load_state(run_dir, model, optimizer, scheduler))
     log = _Log(run_dir / METRICS_FILE, state["step"] if resume else None)
 
     def save_resume_point() -> None:
-        checkpoint.save_state(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state)
+        checkpoint.save_state(run_dir, model, optimizer, scheduler, state)
 
     def evaluate() -> None:
-        logits, targets = infer(model, val_ds, cfg.eval_batch_size, device)
+        logits, targets = infer(net, val_ds, cfg.eval_batch_size, device)
         res = task.metrics(logits, targets)
         if metric not in res:
             raise ConfigError(f"train.metric: {metric!r} is not computed for task {task.name!r}; "
@@ -112,13 +118,13 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             progress.evaluated(rec, metric)
         if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
             state["stopped_early"] = True
-        set_train_mode(model)
+        set_train_mode(net)
 
     started = time.perf_counter() - state["seconds"]
     last_save = time.perf_counter()
     if progress:
         progress.start(total_steps, state["step"])
-    set_train_mode(model)
+    set_train_mode(net)
     window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
     while not state["done"] and state["step"] < total_steps and not state["stopped_early"]:
         batches = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, state["epoch"],
@@ -128,7 +134,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(batches[bi]).items()}
             targets = batch.pop("labels")
             with accelerator.autocast():
-                logits = model(**batch).logits
+                logits = net(**batch).logits
             loss = task.loss(logits, targets)
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -144,7 +150,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                 continue
             # an optimizer step: clip, step, schedule, flush the gradients as soon as we can
             if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,229 @@
+"""Frozen-prefix feature cache.
+
+When the first ``k`` blocks of the backbone are frozen (``head``, ``last_n``, any strategy that
+leaves a prefix untouched) and the inputs are deterministic, the prefix's output is computed
+once per example and stored; training then runs only the rest of the network. With the whole
+backbone frozen (``head``), the pooled features are cached and an epoch is a few matrix
+products.
+
+The cache lives in ``$FMTUNE_CACHE_DIR`` (default ``~/.cache/fmtune/features``), memory-mapped
+from disk, under a content hash of the backbone weights, the split point, the pooling and the
+preprocessed inputs: any change of model, data or preprocessing computes a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from fmtune.data.dataset import TextData, epoch_batches
+from fmtune.fsutil import atomic_dir
+from fmtune.strategies import WHOLE_BACKBONE, backbone_blocks, block_list, frozen_prefix
+
+VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Split:
+    kind: str  # "pooled": cache the pooled features; "hidden": cache the input of block k
+    k: int
+    image_size: int = 0
+
+
+def plan(bundle: Any) -> tuple[Split | None, str]:
+    """Where to split the model, or None with the reason why nothing can be cached."""
+    model = bundle.model
+    k = frozen_prefix(model)
+    if k == WHOLE_BACKBONE:
+        return Split("pooled", -1), "the whole backbone is frozen: its pooled features are cached"
+    if k == 0:
+        return None, "the first backbone block (or the embeddings) trains: nothing to cache"
+    bb = model.backbone
+    supported = hasattr(bb, "forward_suffix") or (hasattr(bb, "embeddings") and block_list(bb) is not None)
+    if not supported:
+        return None, f"{type(bb).__name__} cannot be run from an intermediate block"
+    n = len(backbone_blocks(bb))
+    return Split("hidden", k, int(bundle.image.get("size", 0))), f"the first {k} of {n} blocks are frozen: cached"
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _prefix(model: nn.Module, split: Split, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if split.kind == "pooled":
+        return model.features(**batch)
+    bb = model.backbone
+    if hasattr(bb, "forward_prefix"):
+        return bb.forward_prefix(batch["pixel_values"], split.k)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop  # the rest of the network is not needed
+
+    handle = backbone_blocks(bb)[split.k].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.features(**batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def suffix_features(model: nn.Module, split: Split, hidden: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run blocks ``k``.. of the backbone on cached hidden states and pool."""
+    bb = model.backbone
+    if hasattr(bb, "forward_suffix"):
+        return bb.forward_suffix(hidden, split.k)
+    parent, attr = block_list(bb)
+    full = getattr(parent, attr)
+    # The backbone's own forward (masks, final norm, pooler) runs over the remaining blocks;
+    # the embeddings' output is replaced by the cached hidden states.
+    setattr(parent, attr, nn.ModuleList(list(full)[split.k:]))
+    handle = bb.embeddings.register_forward_hook(lambda _m, _a, _o: hidden)
+    try:
+        if attention_mask is not None:
+            dummy = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            return model.features(input_ids=dummy, attention_mask=attention_mask)
+        pixels = torch.zeros((hidden.shape[0], 3, split.image_size, split.image_size), device=hidden.device)
+        return model.features(pixel_values=pixels)
+    finally:
+        setattr(parent, attr, full)
+        handle.remove()
+
+
+class CachedForward(nn.Module):
+    """The model seen from the cache: takes cached features or hidden states, returns logits."""
+
+    def __init__(self, model: nn.Module, split: Split):
+        super().__init__()
+        self.model, self.split = model, split
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.backbone
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.head
+
+    def forward(self, features: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        if features is None:
+            features = suffix_features(self.model, self.split, hidden, attention_mask)
+        return SequenceClassifierOutput(logits=self.model.classify(features))
+
+
+class CachedData(torch.utils.data.Dataset):
+    """Cached prefix outputs of one split. Text hidden states are ragged: one flat array and offsets."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray | None, targets: torch.Tensor | None, key: str,
+                 lengths: np.ndarray | None = None):
+        self.data, self.offsets, self.targets, self.key = data, offsets, targets, key
+        # the source's lengths: batches are drawn exactly as without the cache
+        self.lengths = lengths
+        self.field = "hidden" if data.ndim > 2 or offsets is not None else "features"
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1 if self.offsets is not None else len(self.data)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        if self.offsets is None:
+            batch = {self.field: torch.tensor(self.data[idx])}
+        else:
+            width = int(max(self.offsets[i + 1] - self.offsets[i] for i in idx))
+            hidden = torch.zeros((len(idx), width, self.data.shape[1]))
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                a, b = self.offsets[i], self.offsets[i + 1]
+                hidden[row, : b - a] = torch.tensor(self.data[a:b])
+                mask[row, : b - a] = 1
+            batch = {"hidden": hidden, "attention_mask": mask}
+        if self.targets is not None:
+            batch["labels"] = self.targets[idx]
+        return batch
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FMTUNE_CACHE_DIR", Path.home() / ".cache" / "fmtune" / "features"))
+
+
+def content_key(model: nn.Module, split: Split, ds: Any, pooling: str) -> str:
+    h = hashlib.sha256(f"{VERSION}|{split}|{pooling}".encode())
+    for name, t in model.backbone.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    if isinstance(ds, TextData):
+        for ids in ds.input_ids:
+            h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+    elif isinstance(ds.images, torch.Tensor):
+        h.update(json.dumps(ds.spec, sort_keys=True).encode())
+        h.update(ds.images.numpy().tobytes())
+    else:  # lazily decoded images: their paths, sizes and modification times
+        h.update(json.dumps(ds.spec, sort_keys=True).encode())
+        for p in ds.images:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def build(bundle: Any, split: Split, ds: Any, batch_size: int, progress: Any = None) -> tuple[CachedData, bool]:
+    """Cached version of ``ds`` (computed now, or reused from disk). Returns it and whether it was reused."""
+    model = bundle.model
+    key = content_key(model, split, ds, bundle.pooling)
+    target = cache_dir() / key
+    if not (target / "meta.json").is_file():
+        _compute(model, split, ds, batch_size, target, progress)
+        reused = False
+    else:
+        reused = True
+    data = np.load(target / "data.npy", mmap_mode="r")
+    offsets = np.load(target / "offsets.npy") if (target / "offsets.npy").exists() else None
+    return CachedData(data, offsets, ds.targets, key, getattr(ds, "lengths", None)), reused
+
+
+def _compute(model: nn.Module, split: Split, ds: Any, batch_size: int, target: Path, progress: Any) -> None:
+    was_training = model.training
+    model.eval()
+    text = isinstance(ds, TextData) and split.kind == "hidden"
+    parts: list[np.ndarray | None] = [None] * len(ds)
+    started = time.perf_counter()
+    for idx in epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False):
+        batch = ds.collate(idx)
+        batch.pop("labels", None)
+        out = _prefix(model, split, batch).float().numpy()
+        for row, i in enumerate(idx):
+            parts[i] = out[row, : len(ds.input_ids[i])] if text else out[row]
+        if progress is not None:
+            progress(len(idx))
+    model.train(was_training)
+
+    def write(tmp: Path) -> None:
+        if text:
+            lengths = np.array([len(p) for p in parts])
+            np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+            np.save(tmp / "data.npy", np.concatenate(parts).astype(np.float32))
+        else:
+            np.save(tmp / "data.npy", np.stack(parts).astype(np.float32))
+        (tmp / "meta.json").write_text(json.dumps({"split": str(split), "examples": len(parts),
+                                                   "seconds": round(time.perf_counter() - started, 3)}))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(target, write)

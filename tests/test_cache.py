@@ -1,0 +1,110 @@
+"""The frozen-prefix feature cache: same numbers as recomputing, invalidated by any change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import cfg_dict
+from safetensors.torch import load_file
+
+import fmtune
+from fmtune.config import ModelConfig, StrategyConfig
+from fmtune.data.dataset import TextData
+from fmtune.models import build
+from fmtune.strategies import apply_strategy
+from fmtune.tasks import Classification
+from fmtune.training import cache
+
+TASK = Classification(["a", "b"])
+MODELS = ["tiny_st_bert", "tiny_vit", "mobilenet-v2", "efficientnet-lite0"]
+
+
+@pytest.fixture
+def model_path(request):
+    name = request.param
+    return request.getfixturevalue(name) if name.startswith("tiny") else name
+
+
+def _bundle(name, strategy):
+    torch.manual_seed(0)
+    b = build.create(ModelConfig(name=str(name), max_length=16, image_size=32), TASK)
+    apply_strategy(b.model, strategy)
+    b.model.eval()
+    return b
+
+
+def _batch(b):
+    if b.kind == "text":
+        ids = torch.randint(5, 20, (3, 9))
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    return {"pixel_values": torch.randn(3, 3, 32, 32)}
+
+
+@pytest.mark.parametrize("model_path", MODELS, indirect=True)
+@pytest.mark.parametrize("strategy", [StrategyConfig(name="head"), StrategyConfig(name="last_n", n=1)])
+def test_suffix_of_cached_prefix_equals_the_full_forward(model_path, strategy):
+    b = _bundle(model_path, strategy)
+    split, why = cache.plan(b)
+    assert split is not None, why
+    batch = _batch(b)
+    with torch.no_grad():
+        full = b.model(**batch).logits
+        hidden = cache._prefix(b.model, split, batch)
+        if split.kind == "pooled":
+            via = cache.CachedForward(b.model, split)(features=hidden).logits
+        else:
+            via = cache.CachedForward(b.model, split)(hidden=hidden, attention_mask=batch.get("attention_mask")).logits
+    assert torch.allclose(full, via, atol=1e-5)
+
+
+def test_nothing_is_cached_when_the_first_block_trains(tiny_bert):
+    b = _bundle(tiny_bert, StrategyConfig(name="full"))
+    split, why = cache.plan(b)
+    assert split is None and "nothing to cache" in why
+    b2 = _bundle(tiny_bert, StrategyConfig(name="last_n", n=2))  # all blocks of the 2-layer model
+    assert cache.plan(b2)[0] is None
+
+
+@pytest.mark.parametrize("strategy", ["head", "last_n"])
+def test_training_with_and_without_the_cache_reaches_the_same_model(tmp_path, tiny_st_bert, text_files, strategy):
+    runs = {}
+    for mode in ("auto", "off"):
+        cfg = cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / mode),
+                       strategy={"name": strategy, "n": 1}, data={"test": str(text_files["test"])},
+                       train={"epochs": 2, "feature_cache": mode})
+        runs[mode] = fmtune.train(cfg, quiet=True)
+    a = load_file(str(tmp_path / "auto" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
+    assert runs["auto"]["eval"]["test"] == pytest.approx(runs["off"]["eval"]["test"], abs=1e-3)
+
+
+def test_cache_is_reused_and_invalidated_by_content(tmp_path, tiny_st_bert, monkeypatch):
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "c"))
+    b = _bundle(tiny_st_bert, StrategyConfig(name="head"))
+    split, _ = cache.plan(b)
+    ds = TextData([[2, 5, 6, 3], [2, 7, 3]], torch.tensor([0, 1]), 0)
+    first, reused = cache.build(b, split, ds, 8)
+    assert not reused
+    again, reused = cache.build(b, split, ds, 8)
+    assert reused and again.key == first.key
+    other = TextData([[2, 5, 6, 3], [2, 8, 3]], torch.tensor([0, 1]), 0)  # one token changed
+    assert cache.build(b, split, other, 8)[0].key != first.key
+    with torch.no_grad():
+        b.model.backbone.embeddings.word_embeddings.weight[5] += 1  # other weights
+    assert cache.build(b, split, ds, 8)[0].key != first.key
+    assert len(list((tmp_path / "c").iterdir())) == 3
+
+
+def test_run_says_what_the_cache_did(tmp_path, tiny_st_bert, text_files, capsys):
+    fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / "r"), strategy={"name": "head"},
+                          train={"max_steps": 2}))
+    err = capsys.readouterr().err
+    assert "feature cache: the whole backbone is frozen" in err
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["fit"]["steps"] == 2
