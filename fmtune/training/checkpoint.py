@@ -19,11 +19,17 @@ from fmtune.fsutil import atomic_dir
 STATE_DIR = "state"
 
 
+def _changing_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and all buffers: frozen weights never change, and resume rebuilds
+    them from the same pretrained model, so the checkpoint of a head or last_n run stays small."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in frozen}
+
+
 def save_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                progress: dict[str, Any]) -> None:
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
+        save_file(_changing_state(model), str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -43,7 +49,12 @@ def load_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler:
     if not has_state(run_dir):
         raise RunDirError(f"{run_dir}: no resume checkpoint ({state}/trainer.json missing); "
                           "the run stopped before its first checkpoint: start it again with --overwrite")
-    model.load_state_dict(load_file(str(state / "model.safetensors")), strict=True)
+    missing, unexpected = model.load_state_dict(load_file(str(state / "model.safetensors")), strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    lacking = sorted(set(missing) - frozen)
+    if unexpected or lacking:
+        raise RunDirError(f"{state}: the checkpoint does not fit the model (missing {lacking[:3]}, "
+                          f"unexpected {unexpected[:3]}); was the config or the model changed?")
     opt = torch.load(state / "optim.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])

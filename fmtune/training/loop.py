@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from fmtune.data.dataset import epoch_batches
@@ -74,6 +75,9 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     ``net`` is what the batches are fed to when it is not the model itself (the model seen
     from the feature cache); its parameters are the model's.
     """
+    # A process may train several times with different precisions (or after a Trainer): drop the
+    # previous run's accelerator settings, keeping the process group of a distributed launch.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=hardware.device == "cpu", mixed_precision=hardware.precision)
     set_seed(cfg.seed)
     model = bundle.model.to(accelerator.device)  # before the optimizer, so it can pick fused kernels
@@ -105,7 +109,8 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             raise ConfigError(f"train.metric: {metric!r} is not computed for task {task.name!r}; "
                               f"choose one of: {', '.join(sorted(res))}")
         epoch = state["step"] / steps_per_epoch
-        rec = {"step": state["step"], "epoch": round(epoch, 3), **{k: round(v, 6) for k, v in res.items()}}
+        rec = {"step": state["step"], "epoch": round(epoch, 3), "seconds": round(time.perf_counter() - started, 3),
+               **{k: round(v, 6) for k, v in res.items()}}
         if _improved(res[metric], state["best"], greater, cfg.min_delta):
             state.update(best=res[metric], best_step=state["step"], bad_evals=0)
             save_best()  # the best checkpoint first: a crash after it still leaves the best model

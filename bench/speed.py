@@ -1,0 +1,221 @@
+"""Speed benchmark: fmtune against the Hugging Face Trainer, side by side in one run.
+
+    .venv/bin/python bench/speed.py [--train 2000 --test 1000 --epochs 2] > result.json
+
+Same model (MiniLM-L6 + fmtune's mean-pooling head, built once per run), same real data
+(rotten-tomatoes, seeded split), same epochs, batch size, learning rate and schedule:
+
+1. Trainer, standard recipe (tokenised with padding to max_length, as run_glue does) vs
+   Trainer with group_by_length + dynamic padding (its best setting) vs `fmtune train --strategy full`
+   (defaults; and with precision forced to fp32, to separate the effect of the precision choice).
+2. `head` and `last_n` (last 2 blocks) with and without the frozen-prefix cache: seconds per
+   epoch after the first, and test accuracy.
+3. EfficientNet-Lite0 on digits: full fine-tuning, and `head` with and without the cache.
+4. Model FLOP/s of a full fine-tuning step on a fixed-length batch against the matmul ceiling
+   measured in the same run.
+
+Prints one JSON document on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import fmtune  # noqa: E402
+from fmtune.config import ModelConfig  # noqa: E402
+from fmtune.models import build  # noqa: E402
+from fmtune.tasks import Classification  # noqa: E402
+from fmtune.training import hardware  # noqa: E402
+from fmtune.zoo.datasets import export  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def hf_trainer(files: dict, args: argparse.Namespace, group_by_length: bool, out: Path) -> dict:
+    """The Trainer on the same model and data; accuracy from its predictions on the test split."""
+    import pandas as pd
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
+
+    task = Classification(["fresh", "rotten"])
+    torch.manual_seed(0)
+    bundle = build.create(ModelConfig(name="minilm-l6", max_length=args.max_length), task)
+    tok = bundle.tokenizer
+
+    def encode(path: Path) -> list[dict]:
+        df = pd.read_csv(path)
+        enc = tok(df["text"].tolist(), truncation=True, max_length=args.max_length,
+                  padding=False if group_by_length else "max_length")
+        labels = [task.labels.index(y) for y in df["label"]]
+        return [{"input_ids": i, "attention_mask": m, "labels": y}
+                for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+
+    train, test = encode(files["train"]), encode(files["test"])
+    targs = TrainingArguments(
+        output_dir=str(out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=128, learning_rate=args.lr, weight_decay=0.01, warmup_steps=0.06,
+        lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=50, save_strategy="no", eval_strategy="no",
+        report_to=[], seed=0, use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        dataloader_num_workers=0, disable_tqdm=True)
+    collator = DataCollatorWithPadding(tok) if group_by_length else default_data_collator
+    trainer = Trainer(model=bundle.model, args=targs, train_dataset=train, data_collator=collator)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    pred = trainer.predict(test)
+    acc = float((pred.predictions.argmax(-1) == np.array([x["labels"] for x in test])).mean())
+    return {"seconds": round(seconds, 2), "samples_per_s": round(len(train) * args.epochs / seconds, 1),
+            "test_accuracy": round(acc, 4)}
+
+
+def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, lr: float, batch_size: int,
+               max_length: int | None = None, **train: object) -> dict:
+    cfg = {"model": {"name": model}, "out": str(out), "strategy": {"name": strategy, "n": 2},
+           "data": {"train": str(files["train"]), "val": str(files["val"]), "test": str(files["test"])},
+           "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": None, **train}}
+    if max_length:
+        cfg["model"]["max_length"] = max_length
+    if model == "efficientnet-lite0":
+        cfg["model"]["image_size"] = 64
+    t0 = time.perf_counter()
+    s = fmtune.train(cfg, quiet=True)
+    total = time.perf_counter() - t0
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    epoch_ends = [e["seconds"] for e in evals if float(e["epoch"]).is_integer()]
+    per_epoch = np.diff(epoch_ends).tolist()  # seconds per epoch after the first (evaluation included)
+    return {"train_seconds": round(s["seconds"], 2), "wall_seconds_incl_setup_and_test": round(total, 2),
+            "first_epoch_seconds": round(epoch_ends[0], 3),
+            "later_epoch_seconds": round(float(np.mean(per_epoch)), 4) if per_epoch else None,
+            "samples_per_s": json.loads((out / "run.json").read_text())["fit"]["samples_per_s"],
+            "test_accuracy": round(s["eval"]["test"]["accuracy"], 4)}
+
+
+def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def step_flops(args: argparse.Namespace) -> dict:
+    """Achieved model FLOP/s of a full fine-tuning step (fixed length) vs the matmul ceiling."""
+    task = Classification(["a", "b"])
+    bundle = build.create(ModelConfig(name="minilm-l6", max_length=128), task)
+    model = bundle.model
+    cfg = model.config
+    b, t = args.batch_size, 128
+    ids = torch.randint(1000, 20000, (b, t))
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 2, (b,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    dense = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embeddings" not in n)
+    # 6 * dense params * tokens (forward + backward) + attention scores and values: 12 * L * B * T^2 * H
+    flops = 6 * dense * b * t + 12 * cfg.num_hidden_layers * b * t * t * cfg.hidden_size
+    out = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        model.train()
+        times = []
+        for i in range(6):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = task.loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        achieved = flops / float(np.median(times))
+        ceiling = matmul_ceiling(torch.float32 if dtype is None else torch.bfloat16)
+        out[name] = {"step_seconds": round(float(np.median(times)), 3), "model_gflops": round(achieved / 1e9, 1),
+                     "matmul_ceiling_gflops": round(ceiling / 1e9, 1),
+                     "fraction_of_ceiling": round(achieved / ceiling, 3)}
+    out["batch"] = [b, t]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=int, default=2000, help="training examples (rotten-tomatoes)")
+    p.add_argument("--test", type=int, default=1000)
+    p.add_argument("--val", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--max-length", type=int, default=128, help="run_glue's default max_seq_length")
+    p.add_argument("--skip", nargs="*", default=[], choices=["trainer", "strategies", "image", "flops"])
+    args = p.parse_args()
+    hw = hardware.choose()
+    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": hw.threads,
+                                "fmtune_default": hw.describe(), "torch": torch.__version__},
+                    "settings": vars(args)}
+    work = Path(tempfile.mkdtemp(prefix="fmtune-bench-"))
+    os.environ.setdefault("FMTUNE_CACHE_DIR", str(work / "cache"))
+    text = export("rotten-tomatoes", work / "rt", sizes=(args.train, args.val, args.test), seed=0)
+    common = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length}
+
+    if "trainer" not in args.skip:
+        log("HF Trainer, padding to max_length")
+        std = hf_trainer(text, args, False, work / "hf-std")
+        log("HF Trainer, group_by_length + dynamic padding")
+        grouped = hf_trainer(text, args, True, work / "hf-grouped")
+        log("fmtune full (defaults)")
+        ours = fmtune_run(text, "minilm-l6", work / "ft-full", "full", **common)
+        log("fmtune full (fp32)")
+        ours32 = fmtune_run(text, "minilm-l6", work / "ft-full32", "full", precision="fp32", **common)
+        result["full_finetuning"] = {
+            "hf_trainer_padded_to_max_length": std, "hf_trainer_group_by_length": grouped,
+            "fmtune_full": ours, "fmtune_full_fp32": ours32,
+            "speedup_vs_trainer_standard": round(std["seconds"] / ours["train_seconds"], 2),
+            "speedup_vs_trainer_grouped": round(grouped["seconds"] / ours["train_seconds"], 2),
+            "speedup_fp32_vs_trainer_standard": round(std["seconds"] / ours32["train_seconds"], 2),
+            "accuracy_delta_points_vs_trainer_standard": round(100 * (ours["test_accuracy"] - std["test_accuracy"]), 2),
+        }
+    if "strategies" not in args.skip:
+        res = {}
+        for strategy, lr in (("head", 1e-3), ("last_n", 1e-4)):
+            for mode in ("off", "auto"):
+                log(f"fmtune {strategy}, feature cache {mode}")
+                res[f"{strategy}_cache_{mode}"] = fmtune_run(
+                    text, "minilm-l6", work / f"{strategy}-{mode}", strategy, max(3, args.epochs), lr,
+                    args.batch_size, args.max_length, feature_cache=mode, head_lr=1e-3)
+            off, on = res[f"{strategy}_cache_off"], res[f"{strategy}_cache_auto"]
+            res[f"{strategy}_later_epoch_speedup"] = round(off["later_epoch_seconds"] / on["later_epoch_seconds"], 1)
+        result["text_strategies"] = res
+    if "image" not in args.skip:
+        digits = export("digits", work / "digits", sizes=(1200, 200, 397), seed=0)
+        res = {}
+        log("fmtune EfficientNet-Lite0 full")
+        res["full"] = fmtune_run(digits, "efficientnet-lite0", work / "img-full", "full", 3, 2e-3, 32)
+        for mode in ("off", "auto"):
+            log(f"fmtune EfficientNet-Lite0 head, cache {mode}")
+            res[f"head_cache_{mode}"] = fmtune_run(digits, "efficientnet-lite0", work / f"img-head-{mode}", "head", 4,
+                                                   1e-3, 32, feature_cache=mode, head_lr=1e-2)
+        res["head_later_epoch_speedup"] = round(res["head_cache_off"]["later_epoch_seconds"]
+                                                / res["head_cache_auto"]["later_epoch_seconds"], 1)
+        result["image"] = res
+    if "flops" not in args.skip:
+        log("full fine-tuning step FLOP/s")
+        result["full_step_flops"] = step_flops(args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
