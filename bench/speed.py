@@ -20,6 +20,7 @@ Prints one JSON document on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -36,9 +37,11 @@ import torch  # noqa: E402
 
 import fmtune  # noqa: E402
 from fmtune.config import ModelConfig  # noqa: E402
+from fmtune.data.dataset import TextData  # noqa: E402
 from fmtune.models import build  # noqa: E402
 from fmtune.tasks import Classification  # noqa: E402
 from fmtune.training import hardware  # noqa: E402
+from fmtune.training.infer import infer  # noqa: E402
 from fmtune.zoo.datasets import export  # noqa: E402
 
 
@@ -46,7 +49,7 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def hf_trainer(files: dict, args: argparse.Namespace, group_by_length: bool, out: Path) -> dict:
+def hf_trainer(files: dict, args: argparse.Namespace, group_by_length: bool, out: Path, bf16: bool = False) -> dict:
     """The Trainer on the same model and data; accuracy from its predictions on the test split."""
     import pandas as pd
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
@@ -71,14 +74,18 @@ def hf_trainer(files: dict, args: argparse.Namespace, group_by_length: bool, out
         lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=50, save_strategy="no", eval_strategy="no",
         report_to=[], seed=0, use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length" if group_by_length else "random",
-        dataloader_num_workers=0, disable_tqdm=True)
+        dataloader_num_workers=0, disable_tqdm=True, bf16=bf16)
     collator = DataCollatorWithPadding(tok) if group_by_length else default_data_collator
     trainer = Trainer(model=bundle.model, args=targs, train_dataset=train, data_collator=collator)
     t0 = time.perf_counter()
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is the JSON
+        trainer.train()
     seconds = time.perf_counter() - t0
-    pred = trainer.predict(test)
-    acc = float((pred.predictions.argmax(-1) == np.array([x["labels"] for x in test])).mean())
+    # scored by the same code as fmtune's runs (the same model class, eval mode, no padding effects)
+    ds = TextData([x["input_ids"][: sum(x["attention_mask"])] for x in test],
+                  torch.tensor([x["labels"] for x in test]), tok.pad_token_id)
+    logits, targets = infer(bundle.model, ds, 128)
+    acc = task.metrics(logits, targets)["accuracy"]
     return {"seconds": round(seconds, 2), "samples_per_s": round(len(train) * args.epochs / seconds, 1),
             "test_accuracy": round(acc, 4)}
 
@@ -105,14 +112,19 @@ def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, l
             "test_accuracy": round(s["eval"]["test"]["accuracy"], 4)}
 
 
-def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+def matmul_ceiling(dtype: torch.dtype, reps: int = 10, trials: int = 5) -> float:
+    """Best FLOP/s of large square matmuls and of the model's own GEMM shapes (tokens x 384 x 1536)."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (4096, 384, 1536), (4096, 1536, 384)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
+    return best
 
 
 def step_flops(args: argparse.Namespace) -> dict:
@@ -176,6 +188,9 @@ def main() -> None:
         std = hf_trainer(text, args, False, work / "hf-std")
         log("HF Trainer, group_by_length + dynamic padding")
         grouped = hf_trainer(text, args, True, work / "hf-grouped")
+        if hw.precision == "bf16":  # give the Trainer the precision fmtune picks on this hardware too
+            log("HF Trainer, group_by_length + dynamic padding + bf16")
+            result["hf_trainer_group_by_length_bf16"] = hf_trainer(text, args, True, work / "hf-grouped-bf16", True)
         log("fmtune full (defaults)")
         ours = fmtune_run(text, "minilm-l6", work / "ft-full", "full", **common)
         log("fmtune full (fp32)")

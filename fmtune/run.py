@@ -33,7 +33,7 @@ def default_name(cfg: config_mod.Config) -> str:
 def new_run_dir(cfg: config_mod.Config, overwrite: bool) -> Path:
     """Resolve and create the run directory; an existing non-empty one needs ``overwrite``."""
     if cfg.name is None:
-        cfg.name = default_name(cfg)
+        cfg.name = Path(cfg.out).name if cfg.out else default_name(cfg)
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / cfg.name
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not overwrite:
