@@ -24,7 +24,7 @@ from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, rea
 from fmtune.strategies import apply_strategy
 from fmtune.training import cache, checkpoint, hardware
 from fmtune.training.infer import infer
-from fmtune.training.loop import fit
+from fmtune.training.loop import fit, resolve_metric
 
 
 def _datasets(cfg: config_mod.Config, bundle: build.Bundle, task: Any, frames: Any) -> dict[str, Any]:
@@ -60,8 +60,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     if resume is not None:
         run_dir = Path(resume)
         cfg = read_config(run_dir)
-        if not checkpoint.has_state(run_dir):
-            checkpoint.load_state(run_dir, None, None, None)  # raises the explanatory RunDirError
+        checkpoint.require_state(run_dir)
     else:
         cfg = cfg if isinstance(cfg, config_mod.Config) else (
             config_mod.from_dict(cfg) if isinstance(cfg, dict) else config_mod.load(cfg))
@@ -70,6 +69,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     set_seed(cfg.train.seed)
     frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
     task = read_task(run_dir) if resume is not None else make_task(cfg.task, cfg.data, frames.train)
+    resolve_metric(task, cfg.train)
     set_seed(cfg.train.seed)
     bundle = build.create(cfg.model, task)
     data = _datasets(cfg, bundle, task, frames)  # every split is checked before any training
@@ -105,8 +105,8 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         stop = "stopped early" if result.stopped_early else (
             f"stopped at the time budget of {cfg.train.max_minutes} min" if result.out_of_time else "finished")
         out.print(f"  {stop} after {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s, "
-                  f"{result.samples_per_s:.1f} samples/s; best val {result.metric} {result.best:.4f} "
-                  f"at step {result.best_step}")
+                  f"{result.samples_per_s:.1f} samples/s; best val {result.metric} "
+                  + (f"{result.best:.4f} at step {result.best_step}" if result.best is not None else "never finite"))
     if "test" in data:
         build.load_weights(bundle, run_dir / "model")
         summary["eval"] = _evaluate_run(OpenRun(run_dir, cfg, task, bundle), data["test"],

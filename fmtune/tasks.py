@@ -28,6 +28,7 @@ class Task:
 
     name = ""
     default_metric = ""
+    metric_names: tuple[str, ...] = ()
 
     def __init__(self, labels: list[str] | None = None, class_weights: torch.Tensor | None = None,
                  threshold: float = 0.5, separator: str = "|", target_stats: dict | None = None):
@@ -79,6 +80,7 @@ def _missing(df: pd.DataFrame, values: pd.Series, column: str) -> None:
 class Classification(Task):
     name = "classification"
     default_metric = "accuracy"
+    metric_names = ("accuracy", "macro_f1", "loss")
 
     @classmethod
     def from_train(cls, values: pd.Series, df: pd.DataFrame, column: str = "label",
@@ -137,6 +139,7 @@ class Classification(Task):
 class MultiLabel(Task):
     name = "multilabel"
     default_metric = "macro_f1"
+    metric_names = ("macro_f1", "micro_f1", "accuracy", "loss")
 
     def _split(self, v: Any) -> list[str]:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -196,6 +199,7 @@ class Regression(Task):
 
     name = "regression"
     default_metric = "rmse"
+    metric_names = ("mae", "rmse", "r2", "loss")
 
     @property
     def num_outputs(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -220,3 +221,22 @@ def test_overrides_and_yaml(tmp_path):
     cfg = load(p, overrides=["train.epochs=5", "model.max_length=64", "train.grad_clip=null"])
     assert cfg.train.lr == 3e-5 and cfg.train.epochs == 5 and cfg.model.max_length == 64
     assert cfg.train.grad_clip is None
+
+
+def test_unknown_metric_fails_before_training(tmp_path, tiny_bert, text_files):
+    with pytest.raises(ConfigError, match="train.metric: 'rmse' is not computed for task 'classification'.*accuracy"):
+        _train(tmp_path, tiny_bert, text_files["train"], train={"metric": "rmse"})
+    assert not (tmp_path / "run").exists()  # nothing written: the same command works once fixed
+
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert len(EXAMPLES) >= 3
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load(path)
+    assert cfg.model.name and cfg.data.train

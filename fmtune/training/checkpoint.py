@@ -44,11 +44,15 @@ def has_state(run_dir: Path) -> bool:
     return (run_dir / STATE_DIR / "trainer.json").is_file()
 
 
+def require_state(run_dir: Path) -> None:
+    if not has_state(run_dir):
+        raise RunDirError(f"{run_dir}: no resume checkpoint ({run_dir / STATE_DIR}/trainer.json missing); "
+                          "the run stopped before its first checkpoint: start it again with --overwrite")
+
+
 def load_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     state = run_dir / STATE_DIR
-    if not has_state(run_dir):
-        raise RunDirError(f"{run_dir}: no resume checkpoint ({state}/trainer.json missing); "
-                          "the run stopped before its first checkpoint: start it again with --overwrite")
+    require_state(run_dir)
     missing, unexpected = model.load_state_dict(load_file(str(state / "model.safetensors")), strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     lacking = sorted(set(missing) - frozen)

@@ -67,6 +67,15 @@ def _improved(value: float, best: float | None, greater: bool, min_delta: float)
     return value > best + min_delta if greater else value < best - min_delta
 
 
+def resolve_metric(task: Any, cfg: Any) -> str:
+    """The validation metric that picks the best checkpoint; unknown names are a ConfigError."""
+    metric = task.default_metric if cfg.metric == "auto" else cfg.metric
+    if metric not in task.metric_names:
+        raise ConfigError(f"train.metric: {metric!r} is not computed for task {task.name!r}; "
+                          f"choose one of: {', '.join(task.metric_names)}")
+    return metric
+
+
 def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: Path, *, hardware: Any,
         resume: bool = False, save_best: Callable[[], None], progress: Any = None,
         net: torch.nn.Module | None = None) -> FitResult:
@@ -82,7 +91,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     set_seed(cfg.seed)
     model = bundle.model.to(accelerator.device)  # before the optimizer, so it can pick fused kernels
     net = net if net is not None else model
-    metric = task.default_metric if cfg.metric == "auto" else cfg.metric
+    metric = resolve_metric(task, cfg)
     greater = task.greater_is_better(metric)
 
     batches_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
@@ -105,9 +114,6 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     def evaluate() -> None:
         logits, targets = infer(net, val_ds, cfg.eval_batch_size, device)
         res = task.metrics(logits, targets)
-        if metric not in res:
-            raise ConfigError(f"train.metric: {metric!r} is not computed for task {task.name!r}; "
-                              f"choose one of: {', '.join(sorted(res))}")
         epoch = state["step"] / steps_per_epoch
         rec = {"step": state["step"], "epoch": round(epoch, 3), "seconds": round(time.perf_counter() - started, 3),
                **{k: round(v, 6) for k, v in res.items()}}
