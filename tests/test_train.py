@@ -189,3 +189,9 @@ def test_two_runs_with_different_precisions_in_one_process(tmp_path, tiny_bert, 
     _train(tmp_path, tiny_bert, text_files["train"], name="a", train={"max_steps": 1, "precision": "bf16"})
     s = _train(tmp_path, tiny_bert, text_files["train"], name="b", train={"max_steps": 1, "precision": "fp32"})
     assert s["best"] is not None
+
+
+def test_throughput_counts_each_example_once(tmp_path, tiny_bert, text_files):
+    _train(tmp_path, tiny_bert, text_files["train"], train={"epochs": 2, "log_every": 3})
+    fit = json.loads((tmp_path / "run" / "run.json").read_text())["fit"]
+    assert fit["samples_per_s"] == pytest.approx(216 * 2 / fit["seconds"], rel=1e-6)

@@ -156,6 +156,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             micro += 1
             window_loss += loss.item() * len(targets)
             window_n += len(targets)
+            state["samples"] += len(targets)
             last_of_epoch = bi == len(batches) - 1
             if micro % cfg.grad_accum and not last_of_epoch:
                 continue
@@ -167,7 +168,6 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["batch_in_epoch"] = bi + 1
-            state["samples"] += window_n
             if state["step"] % cfg.log_every == 0 or last_of_epoch:
                 dt = time.perf_counter() - window_t
                 log.write(type="train", step=state["step"], epoch=round(state["step"] / steps_per_epoch, 3),
