@@ -195,3 +195,12 @@ def test_throughput_counts_each_example_once(tmp_path, tiny_bert, text_files):
     _train(tmp_path, tiny_bert, text_files["train"], train={"epochs": 2, "log_every": 3})
     fit = json.loads((tmp_path / "run" / "run.json").read_text())["fit"]
     assert fit["samples_per_s"] == pytest.approx(216 * 2 / fit["seconds"], rel=1e-6)
+
+
+def test_max_train_samples_is_a_stratified_subset(tmp_path, tiny_bert, text_files):
+    _train(tmp_path, tiny_bert, text_files["train"], data={"max_train_samples": 100}, train={"max_steps": 1})
+    data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert data["train"]["rows"] == 90 and data["val"]["rows"] == 10
+    counts = data["train"]["label_counts"]
+    full = pd.read_csv(text_files["train"])["label"].value_counts(normalize=True)
+    assert counts["pos"] / 90 == pytest.approx(full["pos"], abs=0.02)  # stratified: same class balance
