@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from fmtune.errors import FmtuneError
+from fmtune.errors import FmtuneError, Interrupted
 
 
 def _config_epilog() -> str:
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
     try:
         args.fn(args)
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
     except FmtuneError as e:
         from rich.markup import escape
 

@@ -21,5 +21,9 @@ class RunDirError(FmtuneError):
     """A run directory is missing, incomplete, or would be overwritten."""
 
 
+class Interrupted(FmtuneError):
+    """The user stopped training (Ctrl-C); the message says how to resume."""
+
+
 class TrainingError(FmtuneError):
     """Training cannot continue (for example the loss became NaN)."""

@@ -20,13 +20,13 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fmtune", *args]
 
 
-@pytest.mark.parametrize("strategy", ["full", "last_n"])
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert, strategy):
-    train = tmp_path / "train.csv"
-    make_text_rows(1200, seed=5).to_csv(train, index=False)
-    cfg = cfg_dict(tiny_bert, train, strategy={"name": strategy, "n": 1},
-                   train={"epochs": 2, "batch_size": 4, "save_every_steps": 7, "eval_every": 20,
-                          "patience": 2, "lr": 5e-4})
+def _interrupt_and_resume(tmp_path, model, strategy: str, sig: int, train: dict) -> dict:
+    """Train once uninterrupted and once stopped by ``sig`` at step >= 45 then resumed; compare."""
+    data = tmp_path / "train.csv"
+    make_text_rows(1200, seed=5).to_csv(data, index=False)
+    cfg = cfg_dict(model, data, strategy={"name": strategy, "n": 1},
+                   train={"epochs": 2, "batch_size": 4, "eval_every": 20, "patience": 2, "lr": 5e-4, "log_every": 1,
+                          **train})
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -34,27 +34,23 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert
     ref = tmp_path / "ref"
     subprocess.run(_cli("train", str(cfg_file), "--out", str(ref), "-q"), check=True, env=env, timeout=300)
 
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", str(cfg_file), "--out", str(run), "-q"), env=env)
-    state = run / "state" / "trainer.json"
-    killed_at = None
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen(_cli("train", str(cfg_file), "--out", str(run), "-q"), env=env,
+                            stderr=subprocess.PIPE, text=True)
+    state, log = run / "state" / "trainer.json", run / "metrics.jsonl"
+    sent = False
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if state.exists():
-            try:
-                progress = json.loads(state.read_text())
-            except (json.JSONDecodeError, OSError):
-                progress = {}
-            if progress.get("step", 0) >= 45:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = progress
-                break
+        lines = log.read_text().splitlines() if log.exists() else []
+        if lines and lines[-1].endswith("}") and json.loads(lines[-1]).get("step", 0) >= 45:
+            os.kill(proc.pid, sig)  # a train step after the evaluation at step 40
+            sent = True
+            break
         time.sleep(0.005)
-    proc.wait(timeout=30)
-    assert killed_at is not None, "the run finished before it could be killed"
-    assert proc.returncode == -signal.SIGKILL
+    _, stderr = proc.communicate(timeout=60)
+    assert sent, "the run finished before it could be stopped"
     last = json.loads(state.read_text())
-    # killed in the first epoch (270 batches per epoch), after it had passed an evaluation
+    # stopped in the first epoch (270 batches per epoch), after it had passed an evaluation
     assert last["epoch"] == 0 and 0 < last["batch_in_epoch"] < 270 and not last["done"]
     assert last["history"], "the checkpoint should carry the evaluation history (early-stopping state)"
 
@@ -71,6 +67,22 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert json.loads((run / "state" / "trainer.json").read_text())["done"]
+    return {"returncode": proc.returncode, "stderr": stderr, "stopped_state": last}
+
+
+@pytest.mark.parametrize("strategy", ["full", "last_n"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert, strategy):
+    out = _interrupt_and_resume(tmp_path, tiny_bert, strategy, signal.SIGKILL, {"save_every_steps": 7})
+    assert out["returncode"] == -signal.SIGKILL
+
+
+def test_ctrl_c_saves_a_resume_point_that_continues_exactly(tmp_path, tiny_bert):
+    # no periodic checkpoints: what resumes is what Ctrl-C saved (or the evaluation at step 40)
+    out = _interrupt_and_resume(tmp_path, tiny_bert, "full", signal.SIGINT, {"save_every_minutes": 100})
+    assert out["returncode"] == 130
+    assert "continue with  fmtune train --resume" in out["stderr"] and "Traceback" not in out["stderr"]
+    # saved by Ctrl-C itself: past the last evaluation (step 40), the only other checkpoint
+    assert out["stopped_state"]["step"] >= 45
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_bert, text_files):

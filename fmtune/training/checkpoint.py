@@ -26,15 +26,20 @@ def _changing_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in frozen}
 
 
+def rng_state() -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
 def save_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-               progress: dict[str, Any]) -> None:
+               progress: dict[str, Any], rng: dict[str, Any] | None = None) -> None:
+    """``rng``: the generators' state at the step boundary ``progress`` describes (default: now)."""
     def write(tmp: Path) -> None:
         save_file(_changing_state(model), str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        torch.save(rng or rng_state(), tmp / "rng.pt")
         (tmp / "trainer.json").write_text(json.dumps(progress, indent=2))
 
     atomic_dir(run_dir / STATE_DIR, write)
@@ -42,6 +47,13 @@ def save_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler:
 
 def has_state(run_dir: Path) -> bool:
     return (run_dir / STATE_DIR / "trainer.json").is_file()
+
+
+def saved_step(run_dir: Path) -> int | None:
+    try:
+        return json.loads((run_dir / STATE_DIR / "trainer.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def require_state(run_dir: Path) -> None:

@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from fmtune.data.dataset import epoch_batches
-from fmtune.errors import ConfigError, TrainingError
+from fmtune.errors import ConfigError, Interrupted, TrainingError
 from fmtune.strategies import set_train_mode
 from fmtune.training import checkpoint
 from fmtune.training.infer import infer
@@ -137,65 +137,79 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
         progress.start(total_steps, state["step"])
     set_train_mode(net)
     window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
-    while not state["done"] and state["step"] < total_steps and not state["stopped_early"]:
-        batches = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, state["epoch"],
-                                getattr(train_ds, "lengths", None))
-        micro = 0
-        for bi in range(state["batch_in_epoch"], len(batches)):
-            batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(batches[bi]).items()}
-            targets = batch.pop("labels")
-            with accelerator.autocast():
-                logits = net(**batch).logits
-            loss = task.loss(logits, targets)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the training loss became {loss.item()} at epoch {state['epoch'] + 1}, step {state['step']}; "
-                    f"stopped. The best checkpoint ({run_dir / 'model'}, step {state['best_step']}) is intact. "
-                    "Try a lower train.lr, train.grad_clip, or check the targets for extreme values")
-            accelerator.backward(loss / cfg.grad_accum)
-            micro += 1
-            window_loss += loss.item() * len(targets)
-            window_n += len(targets)
-            state["samples"] += len(targets)
-            last_of_epoch = bi == len(batches) - 1
-            if micro % cfg.grad_accum and not last_of_epoch:
-                continue
-            # an optimizer step: clip, step, schedule, flush the gradients as soon as we can
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["batch_in_epoch"] = bi + 1
-            if state["step"] % cfg.log_every == 0 or last_of_epoch:
-                dt = time.perf_counter() - window_t
-                log.write(type="train", step=state["step"], epoch=round(state["step"] / steps_per_epoch, 3),
-                          loss=round(window_loss / max(window_n, 1), 6), lr=scheduler.get_last_lr()[0],
-                          samples_per_s=round(window_n / max(dt, 1e-9), 2))
-                if progress:
-                    progress.trained(state["step"], window_loss / max(window_n, 1))
-                window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
-            if last_of_epoch:
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-            at_end = state["step"] >= total_steps
-            if cfg.max_minutes and time.perf_counter() - started >= cfg.max_minutes * 60 and not at_end:
-                at_end = state["out_of_time"] = True
-            if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (
-                    not cfg.eval_every and last_of_epoch) or at_end:
-                if not (state["history"] and state["history"][-1]["step"] == state["step"]):
-                    evaluate()
+    # Ctrl-C between two optimizer steps saves a resume point that continues bit for bit: the
+    # model and optimizer still sit at the last step boundary, and its RNG state is kept here.
+    boundary_rng, at_boundary = checkpoint.rng_state(), True
+    try:
+        while not state["done"] and state["step"] < total_steps and not state["stopped_early"]:
+            batches = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, state["epoch"],
+                                    getattr(train_ds, "lengths", None))
+            micro = 0
+            for bi in range(state["batch_in_epoch"], len(batches)):
+                batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(batches[bi]).items()}
+                targets = batch.pop("labels")
+                with accelerator.autocast():
+                    logits = net(**batch).logits
+                loss = task.loss(logits, targets)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the training loss became {loss.item()} at epoch {state['epoch'] + 1}, step {state['step']}; "
+                        f"stopped. The best checkpoint ({run_dir / 'model'}, step {state['best_step']}) is intact. "
+                        "Try a lower train.lr, train.grad_clip, or check the targets for extreme values")
+                accelerator.backward(loss / cfg.grad_accum)
+                micro += 1
+                window_loss += loss.item() * len(targets)
+                window_n += len(targets)
+                state["samples"] += len(targets)
+                last_of_epoch = bi == len(batches) - 1
+                if micro % cfg.grad_accum and not last_of_epoch:
+                    continue
+                # an optimizer step: clip, step, schedule, flush the gradients as soon as we can
+                at_boundary = False
+                if cfg.grad_clip:
+                    accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["batch_in_epoch"] = bi + 1
+                if state["step"] % cfg.log_every == 0 or last_of_epoch:
+                    dt = time.perf_counter() - window_t
+                    log.write(type="train", step=state["step"], epoch=round(state["step"] / steps_per_epoch, 3),
+                              loss=round(window_loss / max(window_n, 1), 6), lr=scheduler.get_last_lr()[0],
+                              samples_per_s=round(window_n / max(dt, 1e-9), 2))
+                    if progress:
+                        progress.trained(state["step"], window_loss / max(window_n, 1))
+                    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+                if last_of_epoch:
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+                at_end = state["step"] >= total_steps
+                if cfg.max_minutes and time.perf_counter() - started >= cfg.max_minutes * 60 and not at_end:
+                    at_end = state["out_of_time"] = True
+                if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (
+                        not cfg.eval_every and last_of_epoch) or at_end:
+                    if not (state["history"] and state["history"][-1]["step"] == state["step"]):
+                        evaluate()
+                state["seconds"] = time.perf_counter() - started
+                due = (cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0) or \
+                    (time.perf_counter() - last_save) / 60 >= cfg.save_every_minutes or \
+                    (state["history"] and state["history"][-1]["step"] == state["step"])
+                if due or at_end or state["stopped_early"]:
+                    state["done"] = at_end or state["stopped_early"]
+                    save_resume_point()
+                    last_save = time.perf_counter()
+                boundary_rng, at_boundary = checkpoint.rng_state(), True
+                if at_end or state["stopped_early"]:
+                    break
+    except KeyboardInterrupt:
+        if progress:
+            progress.stop()
+        if at_boundary and not state["done"]:
             state["seconds"] = time.perf_counter() - started
-            due = (cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0) or \
-                (time.perf_counter() - last_save) / 60 >= cfg.save_every_minutes or \
-                (state["history"] and state["history"][-1]["step"] == state["step"])
-            if due or at_end or state["stopped_early"]:
-                state["done"] = at_end or state["stopped_early"]
-                save_resume_point()
-                last_save = time.perf_counter()
-            if at_end or state["stopped_early"]:
-                break
+            checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=boundary_rng)
+        raise Interrupted(f"interrupted; the resume checkpoint in {run_dir / 'state'} is at step "
+                          f"{checkpoint.saved_step(run_dir)}: continue with  fmtune train --resume {run_dir}") from None
     if progress:
         progress.stop()
     seconds = time.perf_counter() - started
