@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +67,26 @@ def _improved(value: float, best: float | None, greater: bool, min_delta: float)
     if best is None or math.isnan(best):
         return not math.isnan(value)
     return value > best + min_delta if greater else value < best - min_delta
+
+
+class _StopRequest:
+    """While training, the first SIGINT asks to stop at the next step boundary; a second one
+    interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def resolve_metric(task: Any, cfg: Any) -> str:
@@ -137,15 +159,19 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
         progress.start(total_steps, state["step"])
     set_train_mode(net)
     window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
-    # Ctrl-C between two optimizer steps saves a resume point that continues bit for bit: the
-    # model and optimizer still sit at the last step boundary, and its RNG state is kept here.
+    # Ctrl-C stops at the next step boundary and saves a resume point there that continues bit
+    # for bit (a second Ctrl-C stops at once, saving only if the model still sits at a boundary:
+    # partial gradient accumulation is discarded, and the boundary's RNG state is kept here).
     boundary_rng, at_boundary = checkpoint.rng_state(), True
+    stop = _StopRequest()
     try:
         while not state["done"] and state["step"] < total_steps and not state["stopped_early"]:
             batches = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, state["epoch"],
                                     getattr(train_ds, "lengths", None))
             micro = 0
             for bi in range(state["batch_in_epoch"], len(batches)):
+                if stop.requested and at_boundary:
+                    raise KeyboardInterrupt
                 batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(batches[bi]).items()}
                 targets = batch.pop("labels")
                 with accelerator.autocast():
@@ -210,6 +236,8 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=boundary_rng)
         raise Interrupted(f"interrupted; the resume checkpoint in {run_dir / 'state'} is at step "
                           f"{checkpoint.saved_step(run_dir)}: continue with  fmtune train --resume {run_dir}") from None
+    finally:
+        stop.restore()
     if progress:
         progress.stop()
     seconds = time.perf_counter() - started
