@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from fmtune import config as config_mod
 from fmtune import evaluation, ui
 from fmtune.data.prepare import make_dataset, make_task, read_frames
-from fmtune.data.readers import IMAGE_SUFFIXES, read_any, read_table
+from fmtune.data.readers import IMAGE_SUFFIXES, list_images, read_any, read_table
 from fmtune.errors import DataError
 from fmtune.fsutil import write_json
 from fmtune.models import build
@@ -125,8 +125,9 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
         return None, data["train"], data["val"], f"not used: {why}"
     started = time.perf_counter()
     with ui.CountProgress("caching frozen features", len(data["train"]) + len(data["val"]), quiet) as bar:
-        train_ds, r1 = cache.build(bundle, split, data["train"], cfg.train.eval_batch_size, bar)
-        val_ds, r2 = cache.build(bundle, split, data["val"], cfg.train.eval_batch_size, bar)
+        digest = cache.weights_digest(bundle.model)
+        train_ds, r1 = cache.build(bundle, split, data["train"], cfg.train.eval_batch_size, bar, digest)
+        val_ds, r2 = cache.build(bundle, split, data["val"], cfg.train.eval_batch_size, bar, digest)
     how = "reused from" if r1 and r2 else f"computed in {time.perf_counter() - started:.1f}s into"
     return cache.CachedForward(bundle.model, split), train_ds, val_ds, f"{why} ({how} {cache.cache_dir()})"
 
@@ -185,7 +186,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
 def _unlabelled_frame(path: Path, cfg: config_mod.Config) -> pd.DataFrame:
     """Inputs to predict: a table, a folder of images (any depth), or a single image."""
     if path.is_dir():
-        files = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        files = [str(f) for f in list_images(path)]
         if not files:
             raise DataError(f"{path}: no image files found")
         df = pd.DataFrame({cfg.data.image_column: files})

@@ -93,13 +93,16 @@ def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+def list_images(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder``, sorted."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def read_image_folder(path: Path) -> pd.DataFrame:
     """A folder of class sub-folders -> rows (image path, label = sub-folder name)."""
     rows = []
     for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(sub.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append((str(f), sub.name))
+        rows += [(str(f), sub.name) for f in list_images(sub)]
     if not rows:
         raise DataError(f"{path}: no images found; expected class sub-folders (e.g. {path}/cat/1.png) "
                         f"holding {', '.join(sorted(IMAGE_SUFFIXES))} files")

@@ -165,11 +165,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FMTUNE_CACHE_DIR", Path.home() / ".cache" / "fmtune" / "features"))
 
 
-def content_key(model: nn.Module, split: Split, ds: Any, pooling: str) -> str:
-    h = hashlib.sha256(f"{VERSION}|{split}|{pooling}".encode())
+def weights_digest(model: nn.Module) -> str:
+    """Hash of the backbone's weights (tens of MB): computed once per run, shared by its splits."""
+    h = hashlib.sha256()
     for name, t in model.backbone.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def content_key(digest: str, split: Split, ds: Any, pooling: str) -> str:
+    h = hashlib.sha256(f"{VERSION}|{split}|{pooling}|{digest}".encode())
     if isinstance(ds, TextData):
         for ids in ds.input_ids:
             h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
@@ -184,10 +190,14 @@ def content_key(model: nn.Module, split: Split, ds: Any, pooling: str) -> str:
     return h.hexdigest()[:24]
 
 
-def build(bundle: Any, split: Split, ds: Any, batch_size: int, progress: Any = None) -> tuple[CachedData, bool]:
-    """Cached version of ``ds`` (computed now, or reused from disk). Returns it and whether it was reused."""
+def build(bundle: Any, split: Split, ds: Any, batch_size: int, progress: Any = None,
+          digest: str | None = None) -> tuple[CachedData, bool]:
+    """Cached version of ``ds`` (computed now, or reused from disk). Returns it and whether it was reused.
+
+    ``digest``: the backbone's ``weights_digest``, when the caller already has it.
+    """
     model = bundle.model
-    key = content_key(model, split, ds, bundle.pooling)
+    key = content_key(digest or weights_digest(model), split, ds, bundle.pooling)
     target = cache_dir() / key
     if not (target / "meta.json").is_file():
         _compute(model, split, ds, batch_size, target, progress)

@@ -19,10 +19,14 @@ from fmtune.fsutil import atomic_dir
 STATE_DIR = "state"
 
 
+def _frozen(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
 def _changing_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters and all buffers: frozen weights never change, and resume rebuilds
     them from the same pretrained model, so the checkpoint of a head or last_n run stays small."""
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = _frozen(model)
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in frozen}
 
 
@@ -66,8 +70,7 @@ def load_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler:
     state = run_dir / STATE_DIR
     require_state(run_dir)
     missing, unexpected = model.load_state_dict(load_file(str(state / "model.safetensors")), strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    lacking = sorted(set(missing) - frozen)
+    lacking = sorted(set(missing) - _frozen(model))
     if unexpected or lacking:
         raise RunDirError(f"{state}: the checkpoint does not fit the model (missing {lacking[:3]}, "
                           f"unexpected {unexpected[:3]}); was the config or the model changed?")
