@@ -5,6 +5,8 @@ pretrained baseline, and use it.
     summary = fmtune.train({"model": {"name": "minilm-l6"}, "data": {"train": "train.csv", "test": "test.csv"}})
     fmtune.evaluate(summary["run_dir"], "test.csv")
     fmtune.predict(summary["run_dir"], "new.csv", "preds.csv")
+    fmtune.load(summary["run_dir"]).predict(["a text", "another"])    # [{"label": ..., "score": ...}, ...]
+    fmtune.export(summary["run_dir"], "exported/", merge=True)   # LoRA/DoRA/IA3 runs: adapter folded in
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate", "predict", "demo", "load_config"]
+__all__ = ["train", "evaluate", "predict", "export", "load", "demo", "load_config"]
 
 
 def train(config: Any, **kw: Any) -> dict:
@@ -31,6 +33,19 @@ def predict(run: Any, inputs: Any, output: Any = None, **kw: Any):
     from fmtune.api import predict as _predict
 
     return _predict(run, inputs, output, **kw)
+
+
+def export(run: Any, out: Any = None, **kw: Any) -> dict:
+    from fmtune.exporter import export as _export
+
+    return _export(run, out, **kw)
+
+
+def load(run: Any, batch_size: int | None = None):
+    """A trained run as a predictor: ``fmtune.load(run).predict(["some text", ...])``."""
+    from fmtune.predictor import load as _load
+
+    return _load(run, batch_size)
 
 
 def demo(task: str = "text", **kw: Any) -> dict:

@@ -4,8 +4,11 @@ calls these."""
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,13 @@ from accelerate.utils import set_seed
 from fmtune import config as config_mod
 from fmtune import evaluation, ui
 from fmtune.data.prepare import make_dataset, make_task, read_frames
-from fmtune.data.readers import IMAGE_SUFFIXES, list_images, read_any, read_table
+from fmtune.data.readers import count_rows, iter_chunks, read_any, require_column, row_label
 from fmtune.errors import DataError
 from fmtune.fsutil import write_json
 from fmtune.models import build
 from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
 from fmtune.strategies import apply_strategy
-from fmtune.training import cache, checkpoint, hardware
+from fmtune.training import cache, checkpoint, hardware, optim
 from fmtune.training.infer import infer
 from fmtune.training.loop import fit, resolve_metric
 
@@ -73,7 +76,8 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     set_seed(cfg.train.seed)
     bundle = build.create(cfg.model, task)
     data = _datasets(cfg, bundle, task, frames)  # every split is checked before any training
-    counts = apply_strategy(bundle.model, cfg.strategy)
+    counts = apply_strategy(bundle, cfg.strategy)
+    counts.update(optim.memory_note(counts, cfg.train))
     if run_dir is None:
         run_dir = new_run_dir(cfg, overwrite)
         write_start(run_dir, cfg, task)
@@ -83,7 +87,10 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         out.print(f"  model {cfg.model.name} ({bundle.kind}, pooling={bundle.pooling})  task {task.name}{labels}"
                   f"  strategy {cfg.strategy.name}")
         out.print(f"  trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
-                  f"({100 * counts['trainable_params'] / counts['total_params']:.1f}%)")
+                  f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); optimizer state "
+                  f"{counts['optimizer_state_mib']:.1f} MiB (full fine-tuning: "
+                  f"{counts['full_finetune_optimizer_state_mib']:.1f} MiB)")
+        out.print(f"  lr {cfg.train.lr:g}, head lr {optim.head_lr(cfg.train):g}")
         out.print(f"  data: train {len(data['train'])}, val {len(data['val'])}"
                   f"{' (split off train)' if frames.val_from_train else ''}"
                   f"{', test ' + str(len(data['test'])) if 'test' in data else ''}")
@@ -183,53 +190,121 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
     return _evaluate_run(opened, ds, baseline, quiet, source)
 
 
-def _unlabelled_frame(path: Path, cfg: config_mod.Config) -> pd.DataFrame:
-    """Inputs to predict: a table, a folder of images (any depth), or a single image."""
-    if path.is_dir():
-        files = [str(f) for f in list_images(path)]
-        if not files:
-            raise DataError(f"{path}: no image files found")
-        df = pd.DataFrame({cfg.data.image_column: files})
-        df.attrs["source"] = str(path)
-        return df
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        df = pd.DataFrame({cfg.data.image_column: [str(path)]})
-        df.attrs["source"] = str(path)
-        return df
-    return read_table(path, cfg.data.encoding)
+PREDICT_CHUNK_ROWS = 1024
+
+
+def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict: bool) -> pd.DataFrame:
+    """Prediction columns for one chunk of input rows; a row that cannot be predicted gets an
+    ``error`` (or, with ``strict``, stops everything with a DataError naming it)."""
+    cfg, task = pred.config, pred.task
+    column = cfg.data.text_column if pred.kind == "text" else cfg.data.image_column
+    require_column(df, column, "text" if pred.kind == "text" else "image path",
+                   "data.text_column" if pred.kind == "text" else "data.image_column")
+    src = df.attrs.get("source", "")
+    base = Path(src).parent if src and Path(src).is_file() else Path(".")
+    errors: list[str | None] = [None] * len(df)
+    ok, items = [], []
+    for i, value in enumerate(df[column].tolist()):
+        if i in problems:  # the reader could not make a row of this line
+            if strict:
+                raise DataError(problems[i])
+            errors[i] = problems[i]
+            continue
+        where = row_label(df, i)
+        try:
+            if pred.kind == "text":
+                items.append(pred.check_text(value, f"{where}: column {column!r}"))
+            else:
+                path = Path(str(value))
+                items.append(pred.decode(path if path.is_absolute() else base / path, where))
+        except DataError as e:
+            if strict:
+                raise
+            errors[i] = str(e)
+            continue
+        ok.append(i)
+    results: list[dict[str, Any]] = [{} for _ in range(len(df))]
+    if ok:
+        ds = pred.text_data(items) if pred.kind == "text" else pred.image_data(items)
+        for i, r in zip(ok, pred.predict_prepared(ds)):
+            if task.name == "classification":
+                flat = {"label": r["label"], "score": r["score"]}
+            elif task.name == "multilabel":
+                flat = {"labels": task.separator.join(r["labels"])}
+            else:
+                flat = {"prediction": r["value"]}
+            flat.update({f"prob_{k}": v for k, v in r.get("probabilities", {}).items()})
+            results[i] = flat
+    columns = (["label", "score"] if task.name == "classification" else ["labels"] if task.name == "multilabel"
+               else ["prediction"]) + [f"prob_{k}" for k in (task.labels if task.name != "regression" else [])]
+    out = pd.DataFrame(results, columns=columns)
+    # an input column of the same name (a `label` column of a labelled file) is kept as it is
+    out.columns = [f"predicted_{c}" if c in df.columns else c for c in out.columns]
+    out["error"] = errors
+    return pd.concat([df.reset_index(drop=True), out], axis=1)
 
 
 def predict(run: str | Path, inputs: str | Path, output: str | Path | None = None, *, quiet: bool = False,
-            batch_size: int | None = None) -> pd.DataFrame:
-    """Predict every row of ``inputs``; returns (and with ``output`` writes CSV) the input rows
-    plus prediction columns: label, score and prob_<label> (classification), labels (multi-label),
-    prediction (regression). Unreadable images get an ``error`` and no prediction."""
-    opened = open_run(run)
-    cfg, task = opened.config, opened.task
-    df = _unlabelled_frame(Path(inputs), cfg)
-    ds, kept = make_dataset(df, opened.bundle, task, cfg.data, with_targets=False)
-    with ui.CountProgress("predict", len(ds), quiet) as bar:
-        logits, _ = infer(opened.bundle.model, ds, batch_size or cfg.train.eval_batch_size, progress=bar)
-    rows = task.postprocess(logits)
-    preds: list[dict[str, Any]] = [{"error": "unreadable image"} for _ in range(len(df))]
-    for pos, r in zip(kept, rows):
-        flat: dict[str, Any] = {}
-        if task.name == "classification":
-            flat = {"label": r["label"], "score": r["score"]}
-        elif task.name == "multilabel":
-            flat = {"labels": task.separator.join(r["labels"])}
-        else:
-            flat = {"prediction": r["value"]}
-        flat.update({f"prob_{k}": v for k, v in r.get("probabilities", {}).items()})
-        preds[int(pos)] = flat
-    out = pd.concat([df.reset_index(drop=True), pd.DataFrame(preds)], axis=1)
-    if "error" in out and out["error"].isna().all():
-        out = out.drop(columns="error")
-    if output is not None:
-        out.to_csv(output, index=False)
+            batch_size: int | None = None, strict: bool = False,
+            chunk_rows: int = PREDICT_CHUNK_ROWS) -> pd.DataFrame | dict[str, Any]:
+    """Predict every row of ``inputs`` (CSV/TSV/JSONL/Parquet, an image folder or an image file).
+
+    Columns added to the input's: label, score and prob_<label> (classification), labels
+    (multi-label), prediction (regression), each prefixed ``predicted_`` where the input already
+    has a column of that name, and ``error``: why a row got no prediction (empty text, unreadable
+    image, malformed line). With ``strict`` the first bad row stops it instead.
+
+    The input is read and predicted in chunks of ``chunk_rows``. With ``output`` the CSV is
+    written chunk by chunk (constant memory, however large the input; the file appears complete
+    or not at all) and a summary is returned; ``output="-"`` streams the CSV to stdout. Without
+    it, the predictions are returned as a DataFrame.
+    """
+    from fmtune.predictor import Predictor
+
+    pred = Predictor(run, batch_size)
+    inputs = Path(inputs)
+    rows = bad = 0
+    first_error: str | None = None
+    frames: list[pd.DataFrame] = []
+    to_stdout = str(output) == "-"
+    target = Path(output) if output is not None and not to_stdout else None
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target is not None else None
+    try:
+        with ui.CountProgress("predict", count_rows(inputs) or 0, quiet) as bar:
+            for df, problems in iter_chunks(inputs, pred.config.data.encoding, chunk_rows,
+                                            pred.config.data.image_column):
+                out = _predict_chunk(pred, df, problems, strict)
+                rows += len(out)
+                errs = out["error"].dropna()
+                bad += len(errs)
+                first_error = first_error or (errs.iloc[0] if len(errs) else None)
+                if tmp is not None:
+                    out.to_csv(tmp, mode="a", header=rows == len(out), index=False)
+                elif to_stdout:
+                    out.to_csv(sys.stdout, header=rows == len(out), index=False)
+                    sys.stdout.flush()
+                else:
+                    frames.append(out)
+                bar(len(df))
+        if tmp is not None:
+            if rows == 0:
+                raise DataError(f"{inputs}: no rows to predict")
+            os.replace(tmp, target)
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+    if bad:
+        warnings.warn(f"{inputs}: {bad} of {rows} row(s) got no prediction; the error column says why"
+                      + (f" (first: {first_error})" if first_error else ""), UserWarning, stacklevel=2)
+    if to_stdout:
+        return {"rows": rows, "errors": bad, "output": "-"}
+    if target is not None:
         if not quiet:
-            ui.console.print(f"wrote {len(out)} predictions to {output}")
-    return out
+            ui.console.print(f"wrote {rows} predictions to {target}" + (f" ({bad} rows with an error)" if bad else ""))
+        return {"rows": rows, "errors": bad, "output": str(target)}
+    if not frames:
+        raise DataError(f"{inputs}: no rows to predict")
+    return pd.concat(frames, ignore_index=True)
 
 
 def models() -> list[dict[str, str]]:

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from fmtune.config import STRATEGY_NAMES
 from fmtune.errors import FmtuneError, Interrupted
 
 
@@ -52,9 +53,15 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 def cmd_predict(a: argparse.Namespace) -> None:
     from fmtune import api
 
-    df = api.predict(a.run, a.inputs, a.output, quiet=a.quiet, batch_size=a.batch_size)
-    if a.output is None:
-        df.to_csv(sys.stdout, index=False)
+    api.predict(a.run, a.inputs, a.output or "-", quiet=a.quiet, batch_size=a.batch_size, strict=a.strict)
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from fmtune.exporter import export
+
+    res = export(a.run, a.output, merge=a.merge, overwrite=a.overwrite, quiet=a.quiet)
+    if a.quiet:
+        print(json.dumps(res, indent=2, default=float))
 
 
 def cmd_models(a: argparse.Namespace) -> None:
@@ -112,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", help="validation data (default: split off --data)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
     t.add_argument("--task", choices=["classification", "multilabel", "regression"], help="what to predict")
-    t.add_argument("--strategy", choices=["full", "head", "last_n"], help="what to train (strategy.n for last_n)")
+    t.add_argument("--strategy", choices=list(STRATEGY_NAMES),
+                   help="what to train: full, head, last_n (strategy.n), lora/dora (strategy.r, strategy.alpha, "
+                   "strategy.targets), ia3, prompt (strategy.virtual_tokens), bitfit; see `fmtune config`")
     t.add_argument("--epochs", type=int, help="passes over the training data")
     t.add_argument("--out", help="run directory (default: runs/<name>)")
     t.add_argument("--name", help="run name (default: <model>-<strategy>-<time>)")
@@ -129,11 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", action="store_true",
                    help="also fit and score the pretrained baseline (linear probe on the frozen backbone)")
 
-    pr = verb("predict", cmd_predict, "predict labels for new inputs; CSV with labels and probabilities")
+    pr = verb("predict", cmd_predict, "predict labels for new inputs, streamed in chunks (any size, constant "
+              "memory); CSV with labels, probabilities and an error column for rows that could not be predicted")
     pr.add_argument("run", help="run directory")
     pr.add_argument("inputs", help="CSV/JSONL/Parquet with the text (or image path) column, an image folder or file")
     pr.add_argument("-o", "--output", help="output CSV (default: stdout)")
     pr.add_argument("--batch-size", type=int, help="examples per forward pass")
+    pr.add_argument("--strict", action="store_true",
+                    help="stop at the first row that cannot be predicted (default: report it in the error "
+                    "column and go on)")
+
+    x = verb("export", cmd_export, "write a run's model as a folder other tools load, checked against the run's "
+             "model on real rows of its data")
+    x.add_argument("run", help="run directory")
+    x.add_argument("-o", "--output", help="output folder (default: RUN/export/model|adapter|merged)")
+    x.add_argument("--merge", action="store_true",
+                   help="lora/dora/ia3 runs: fold the adapter into the weights: a plain model, no peft needed")
+    x.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
     verb("models", cmd_models, "list the models available offline")
     ds = verb("datasets", cmd_datasets, "list the datasets available offline, or export one to files")
@@ -143,10 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                  line: Any = None) -> None:
+    """Warnings meant for the user (unreadable rows, images): one line, no source location."""
+    from rich.markup import escape
+
+    from fmtune.ui import console
+
+    console.print(f"[yellow]warning:[/] {escape(str(message))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+    warnings.showwarning = _show_warning
     try:
         args.fn(args)
     except Interrupted as e:
@@ -162,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; continue a training run with: fmtune train --resume RUN", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fmtune predict RUN in.csv | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

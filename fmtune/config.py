@@ -70,15 +70,36 @@ class TaskConfig:
     threshold: float = _f(0.5, "multilabel: probability above which a label is predicted")
 
 
+STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit")
+# train.lr when it is not set: what each strategy needs to move in a few epochs. Adapters start at
+# zero (LoRA/DoRA) or one (IA3) and are small, so they take much larger steps than full weights.
+DEFAULT_LR = {"full": 5e-5, "head": 5e-5, "last_n": 5e-5, "lora": 5e-4, "dora": 5e-4, "ia3": 3e-3,
+              "prompt": 3e-2, "bitfit": 1e-3}
+
+
 @dataclass
 class StrategyConfig:
-    name: Literal["full", "head", "last_n"] = _f(
-        "full", "what is trained: full = everything, head = linear probe, last_n = last N blocks + head"
+    name: Literal["full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit"] = _f(
+        "full", "what is trained: full = everything, head = linear probe, last_n = last N blocks + head, "
+        "lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, bitfit = biases + head"
     )
     n: int = _f(2, "last_n: number of final backbone blocks to train")
+    r: int = _f(8, "lora/dora: rank of the weight update")
+    alpha: float = _f(16.0, "lora/dora: scaling of the update (alpha / r)")
+    dropout: float = _f(0.1, "lora/dora: dropout on the adapter's input")
+    targets: str | None = _f(
+        None, "lora/dora/ia3: modules to adapt, comma-separated names (as printed in errors) or all-linear "
+        "(default: per architecture: query,value for BERT-like, q_proj,v_proj for ViT, 1x1/plain convs for CNNs)")
+    virtual_tokens: int = _f(20, "prompt: trainable virtual tokens put before every text")
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, "strategy.n", "must be at least 1")
+        _check(self.r >= 1, "strategy.r", "must be at least 1")
+        _check(self.alpha > 0, "strategy.alpha", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "strategy.dropout", "must be in [0, 1)")
+        _check(self.virtual_tokens >= 1, "strategy.virtual_tokens", "must be at least 1")
+        _check(self.targets is None or bool(self.targets.strip(" ,")), "strategy.targets",
+               "must name at least one module (or leave it unset for the default)")
 
 
 @dataclass
@@ -89,7 +110,8 @@ class TrainConfig:
     batch_size: int = _f(32, "examples per optimizer step, per accumulation micro-step")
     eval_batch_size: int = _f(128, "examples per forward pass when evaluating")
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
-    lr: float = _f(5e-5, "learning rate of the backbone")
+    lr: float | None = _f(None, "learning rate of what trains besides the head (default: per strategy: "
+                          + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     head_lr: float | None = _f(None, "learning rate of the head (default: 20x lr, at most 1e-2)")
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
     momentum: float = _f(0.9, "sgd: momentum")
@@ -120,7 +142,7 @@ class TrainConfig:
         _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0")
         _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1")
-        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.lr is None or self.lr > 0, "train.lr", "must be > 0")
         _check(self.head_lr is None or self.head_lr > 0, "train.head_lr", "must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
@@ -139,6 +161,10 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.lr is None:  # resolved here, so the saved config.yaml says what was used
+            self.train.lr = DEFAULT_LR[self.strategy.name]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,11 +292,11 @@ def describe() -> list[tuple[str, str, str]]:
     def walk(cls: type, prefix: str) -> None:
         for f in dataclasses.fields(cls):
             key = f"{prefix}{f.name}"
-            if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.name in _SECTIONS):
+            if cls is Config and f.name in _SECTIONS:
                 walk(_SECTIONS[f.name], key + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, yaml.safe_dump(default).strip().removesuffix("..."), f.metadata.get("help", "")))
+            rows.append((key, yaml.safe_dump(default).strip().removesuffix("...").strip(), f.metadata.get("help", "")))
 
     walk(Config, "")
     return rows

@@ -15,7 +15,11 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
         os.replace(target, old)

@@ -1,5 +1,7 @@
-"""What is trainable. Every strategy is a function (model, config) -> names of trainable
-parameters, applied by the one helper ``apply_strategy``; the head is always trained.
+"""What is trainable. ``apply_strategy`` is the one helper every strategy goes through: the
+strategies written here (full, head, last_n, bitfit) are functions (model, config) -> names of
+trainable parameters; the peft ones (lora, dora, ia3, prompt) wrap the model with an adapter
+first (``fmtune.adapters``). The head is always trained.
 
 Frozen BatchNorm layers stay in eval mode (``set_train_mode``): their running statistics
 would otherwise drift with the new data although their weights are frozen.
@@ -73,16 +75,39 @@ def _last_n(model: nn.Module, cfg: Any) -> set[str]:
     return chosen | after | _names_of(model, [model.head])
 
 
-def apply_strategy(model: nn.Module, cfg: Any) -> dict[str, int]:
-    """Freeze everything the strategy does not train. Returns trainable / total parameter counts."""
-    fn = STRATEGIES.get(cfg.name, "strategy.name")
-    trainable = fn(model, cfg) | _names_of(model, [model.head])
+@STRATEGIES.register("bitfit")
+def _bitfit(model: nn.Module, cfg: Any) -> set[str]:
+    """BitFit (Ben Zaken et al., 2022): the backbone's bias terms, plus the head."""
+    return {"backbone." + n for n, _ in model.backbone.named_parameters() if n.endswith("bias")}
+
+
+def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
+    """Make ``bundle.model`` train what strategy ``cfg`` says and nothing else (wrapping it with a
+    peft adapter for lora/dora/ia3/prompt). Returns the parameter counts: trainable, total, and
+    ``base_params`` (the plain model's, which full fine-tuning would train)."""
+    from fmtune import adapters
+
+    model = bundle.model
+    base = sum(p.numel() for p in model.parameters())
+    if adapters.is_peft(cfg.name):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        bundle.model = adapters.wrap(bundle, cfg)  # trains the adapter and (modules_to_save) the head
+        bundle.adapter = cfg.name
+    else:
+        if cfg.name == "bitfit" and not any(n.endswith("bias") for n, _ in model.backbone.named_parameters()):
+            raise ConfigError(f"strategy bitfit: the {type(model.backbone).__name__} backbone has no bias terms "
+                              "to train; use lora, ia3 or last_n")
+        trainable = STRATEGIES.get(cfg.name, "strategy.name")(model, cfg) | _names_of(model, [model.head])
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in trainable)
     total = n_train = 0
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in trainable)
+    for n, p in bundle.model.named_parameters():
+        if ".original_module." in n:  # peft keeps the untrained head beside the trained copy
+            continue
         total += p.numel()
         n_train += p.numel() if p.requires_grad else 0
-    return {"trainable_params": n_train, "total_params": total}
+    return {"trainable_params": n_train, "total_params": total, "base_params": base}
 
 
 WHOLE_BACKBONE = -1
@@ -94,6 +119,9 @@ def frozen_prefix(model: nn.Module) -> int:
     before them (0: none). This part runs in eval mode, and its output can be cached."""
     backbone = model.backbone
     trainable = {id(p) for p in backbone.parameters() if p.requires_grad}
+    known = trainable | {id(p) for p in model.head.parameters()}
+    if any(p.requires_grad and id(p) not in known for p in model.parameters()):
+        return 0  # something trained outside backbone and head feeds the backbone (prompt tuning)
     if not trainable:
         return WHOLE_BACKBONE
     try:
@@ -127,7 +155,8 @@ def prefix_modules(model: nn.Module, k: int) -> list[nn.Module]:
 
 def set_train_mode(model: nn.Module) -> None:
     """``model.train()``, except the frozen prefix of the backbone (a fixed feature extractor:
-    no dropout noise) and norm layers whose parameters are all frozen stay in eval mode."""
+    no dropout noise) and BatchNorm layers whose scale is frozen stay in eval mode, so their
+    running statistics do not drift (BitFit trains their shift only)."""
     model.train()
     k = frozen_prefix(model)
     if k == WHOLE_BACKBONE:
@@ -137,6 +166,5 @@ def set_train_mode(model: nn.Module) -> None:
             m.eval()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                m.eval()
+            if m.weight is not None and not m.weight.requires_grad:
+                m.eval()  # frozen scale (head, last_n below the top, adapters, bitfit): statistics stay

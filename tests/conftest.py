@@ -156,3 +156,50 @@ def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
 def _private_feature_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own feature cache folder (never the user's ~/.cache)."""
     monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+
+
+# --- one optimizer step on a freshly built model: what each strategy changes -------------------
+
+def small_bundle(name, task):
+    """A model built the way `fmtune train` builds it, small inputs (16 tokens, 32 px)."""
+    from fmtune.config import ModelConfig
+    from fmtune.models import build
+
+    torch.manual_seed(0)
+    return build.create(ModelConfig(name=str(name), max_length=16, image_size=32), task)
+
+
+def random_batch(bundle, n: int = 4) -> dict:
+    if bundle.kind == "text":
+        ids = torch.randint(5, 20, (n, 7))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"pixel_values": torch.randn(n, 3, 32, 32)}
+
+
+def strategy_step(bundle, strategy, task):
+    """Apply ``strategy``, take one AdamW step on a random batch. Returns (counts, names changed,
+    names with a gradient, buffers before the step); names are the (possibly peft-wrapped) model's."""
+    from fmtune.config import TrainConfig
+    from fmtune.strategies import apply_strategy, set_train_mode
+    from fmtune.training.optim import make_optimizer
+
+    counts = apply_strategy(bundle, strategy)
+    model = bundle.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, head_lr=1e-2))
+    set_train_mode(model)
+    n_out = task.num_outputs
+    loss = task.loss(model(**random_batch(bundle)).logits, torch.arange(4) % n_out)
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    return counts, changed, with_grad, buffers
+
+
+@pytest.fixture
+def model_path(request):
+    """Parametrize indirectly with a fixture name (tiny_*) or a zoo model name."""
+    name = request.param
+    return request.getfixturevalue(name) if name.startswith("tiny") else name

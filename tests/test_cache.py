@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import cfg_dict
+from conftest import cfg_dict, small_bundle
 from safetensors.torch import load_file
 
 import fmtune
-from fmtune.config import ModelConfig, StrategyConfig
+from fmtune.config import StrategyConfig
 from fmtune.data.dataset import TextData
-from fmtune.models import build
 from fmtune.strategies import apply_strategy
 from fmtune.tasks import Classification
 from fmtune.training import cache
@@ -21,16 +20,9 @@ TASK = Classification(["a", "b"])
 MODELS = ["tiny_st_bert", "tiny_vit", "mobilenet-v2", "efficientnet-lite0"]
 
 
-@pytest.fixture
-def model_path(request):
-    name = request.param
-    return request.getfixturevalue(name) if name.startswith("tiny") else name
-
-
 def _bundle(name, strategy):
-    torch.manual_seed(0)
-    b = build.create(ModelConfig(name=str(name), max_length=16, image_size=32), TASK)
-    apply_strategy(b.model, strategy)
+    b = small_bundle(name, TASK)
+    apply_strategy(b, strategy)
     b.model.eval()
     return b
 
@@ -69,16 +61,22 @@ def test_nothing_is_cached_when_the_first_block_trains(tiny_bert):
     assert cache.plan(b2)[0] is None
 
 
-@pytest.mark.parametrize("strategy", ["head", "last_n"])
-def test_training_with_and_without_the_cache_reaches_the_same_model(tmp_path, tiny_st_bert, text_files, strategy):
+LAST_LAYER_LORA = {"name": "lora", "targets": "encoder.layer.1.attention.self.query,encoder.layer.1.attention.self.value"}
+
+
+@pytest.mark.parametrize("strategy", [{"name": "head"}, {"name": "last_n", "n": 1}, LAST_LAYER_LORA],
+                         ids=["head", "last_n", "lora-last-layer"])
+def test_training_with_and_without_the_cache_reaches_the_same_model(tmp_path, tiny_st_bert, text_files, strategy,
+                                                                     capsys):
     runs = {}
     for mode in ("auto", "off"):
-        cfg = cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / mode),
-                       strategy={"name": strategy, "n": 1}, data={"test": str(text_files["test"])},
-                       train={"epochs": 2, "feature_cache": mode})
-        runs[mode] = fmtune.train(cfg, quiet=True)
-    a = load_file(str(tmp_path / "auto" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
+        cfg = cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / mode), strategy=strategy,
+                       data={"test": str(text_files["test"])}, train={"epochs": 2, "feature_cache": mode})
+        runs[mode] = fmtune.train(cfg, quiet=mode == "off")
+    assert "are frozen: cached" in capsys.readouterr().err or strategy["name"] == "head"
+    name = "adapter_model.safetensors" if strategy["name"] == "lora" else "model.safetensors"
+    a = load_file(str(tmp_path / "auto" / "model" / name))
+    b = load_file(str(tmp_path / "off" / "model" / name))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k
     assert runs["auto"]["eval"]["test"] == pytest.approx(runs["off"]["eval"]["test"], abs=1e-3)

@@ -61,16 +61,22 @@ def _interrupt_and_resume(tmp_path, model, strategy: str, sig: int, train: dict)
         return [{k: v for k, v in x.items() if k != "seconds"} for x in lines if x["type"] == "eval"]
 
     assert evals(run) == evals(ref)
-    a = load_file(str(ref / "model" / "model.safetensors"))
-    b = load_file(str(run / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    files = sorted(f.name for f in (ref / "model").glob("*.safetensors"))  # the model, or the adapter
+    assert files and files == sorted(f.name for f in (run / "model").glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(str(ref / "model" / name)), load_file(str(run / "model" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
     assert json.loads((run / "state" / "trainer.json").read_text())["done"]
     return {"returncode": proc.returncode, "stderr": stderr, "stopped_state": last}
 
 
-@pytest.mark.parametrize("strategy", ["full", "last_n"])
+SLOW = pytest.mark.slow  # the same machinery; CI runs them (make test-slow)
+
+
+@pytest.mark.parametrize("strategy", ["full", "last_n", "lora", "prompt", pytest.param("dora", marks=SLOW),
+                                      pytest.param("ia3", marks=SLOW), pytest.param("bitfit", marks=SLOW)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert, strategy):
     out = _interrupt_and_resume(tmp_path, tiny_bert, strategy, signal.SIGKILL, {"save_every_steps": 7})
     assert out["returncode"] == -signal.SIGKILL

@@ -58,3 +58,18 @@ def test_demo_beats_the_pretrained_baseline(tmp_path, task):
     ev = json.loads((tmp_path / task / "eval.json").read_text())
     assert ev["test"]["accuracy"] > ev["baseline"]["accuracy"] + 0.02, ev
     assert s["wall_seconds"] < 180
+
+
+def test_real_minilm_lora_run_is_small_and_merges_exactly(tmp_path, rt_files):
+    s = fmtune.train({"model": {"name": "minilm-l6", "max_length": 64}, "out": str(tmp_path / "lora"),
+                      "strategy": {"name": "lora"}, "data": {k: str(v) for k, v in rt_files.items()},
+                      "train": {"max_steps": 30, "batch_size": 16, "eval_every": 15}}, quiet=True)
+    assert s["eval"]["test"]["accuracy"] > 0.6  # 480 examples seen
+    adapter = tmp_path / "lora" / "model" / "adapter_model.safetensors"
+    assert adapter.stat().st_size < 1_000_000  # against 90 MB for the whole model
+    res = fmtune.export(tmp_path / "lora", merge=True, quiet=True)
+    assert res["max_abs_diff"] <= 1e-4 and res["checked_rows"] == 64
+    from fmtune.models import build
+
+    plain = build.load(tmp_path / "lora" / "export" / "merged")
+    assert plain.adapter is None and not any("lora" in n for n, _ in plain.model.named_parameters())

@@ -5,51 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_bundle, strategy_step
 from torch import nn
 
-from fmtune.config import ModelConfig, StrategyConfig, TrainConfig
+from fmtune.config import StrategyConfig
 from fmtune.models import build
-from fmtune.strategies import apply_strategy, backbone_blocks, set_train_mode
+from fmtune.strategies import apply_strategy, backbone_blocks
 from fmtune.tasks import Classification
-from fmtune.training.optim import make_optimizer
 
 TASK = Classification(["a", "b", "c"])
 
 
 def _bundle(name) -> build.Bundle:
-    torch.manual_seed(0)
-    return build.create(ModelConfig(name=str(name), max_length=16, image_size=32), TASK)
-
-
-def _batch(bundle: build.Bundle) -> dict:
-    if bundle.kind == "text":
-        ids = torch.randint(5, 20, (4, 7))
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return {"pixel_values": torch.randn(4, 3, 32, 32)}
+    return small_bundle(name, TASK)
 
 
 def _step(bundle: build.Bundle, strategy: StrategyConfig):
-    model = bundle.model
-    counts = apply_strategy(model, strategy)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    opt = make_optimizer(model, TrainConfig(lr=1e-2, head_lr=1e-2))
-    set_train_mode(model)
-    loss = TASK.loss(model(**_batch(bundle)).logits, torch.tensor([0, 1, 2, 0]))
-    loss.backward()
-    opt.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    return counts, changed, with_grad, buffers
+    return strategy_step(bundle, strategy, TASK)
 
 
 MODELS = ["tiny_bert", "tiny_vit", "tiny_resnet", "mobilenet-v2", "efficientnet-lite0"]
-
-
-@pytest.fixture
-def model_path(request):
-    name = request.param
-    return request.getfixturevalue(name) if name.startswith("tiny") else name
 
 
 @pytest.mark.parametrize("model_path", MODELS, indirect=True)
@@ -107,7 +82,7 @@ def test_last_n_larger_than_the_backbone_is_an_error(tiny_bert):
     from fmtune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="strategy.n: 5 is more than the 2 blocks"):
-        apply_strategy(_bundle(tiny_bert).model, StrategyConfig(name="last_n", n=5))
+        apply_strategy(_bundle(tiny_bert), StrategyConfig(name="last_n", n=5))
 
 
 def test_pooling_follows_what_the_backbone_was_trained_with(tiny_bert, tiny_st_bert, tiny_vit, tiny_resnet):

@@ -71,14 +71,14 @@ def test_regression(tmp_path, tiny_st_bert, text_files):
 def test_predict_and_evaluate_reuse_the_run(tmp_path, tiny_st_bert, text_files):
     _train(tmp_path, tiny_st_bert, text_files["train"], train={"epochs": 3})
     out = tmp_path / "preds.csv"
-    df = fmtune.predict(tmp_path / "run", text_files["test"], out, quiet=True)
-    assert out.exists()
-    assert list(df.columns[:2]) == ["text", "label"] and {"score", "prob_neg", "prob_pos"} <= set(df.columns)
+    summary = fmtune.predict(tmp_path / "run", text_files["test"], out, quiet=True)
     truth = pd.read_csv(text_files["test"])["label"]
-    assert (df["label"].iloc[:, -1] if df["label"].ndim > 1 else df["label"]).size == len(truth)
+    assert summary == {"rows": len(truth), "errors": 0, "output": str(out)}
+    df = pd.read_csv(out)
+    assert list(df.columns[:3]) == ["text", "label", "predicted_label"]  # the input's label is kept as it is
+    assert {"score", "prob_neg", "prob_pos", "error"} <= set(df.columns)
     ev = fmtune.evaluate(tmp_path / "run", text_files["test"], quiet=True)
-    pred_labels = pd.read_csv(out).iloc[:, 2]  # the predicted label column follows the inputs
-    assert ev["test"]["accuracy"] == pytest.approx((pred_labels.to_numpy() == truth.to_numpy()).mean())
+    assert ev["test"]["accuracy"] == pytest.approx((df["predicted_label"] == truth).mean())
 
 
 def test_saved_model_loads_with_plain_transformers(tmp_path, tiny_st_bert, text_files):

@@ -138,3 +138,150 @@ def row_label(df: pd.DataFrame, i: int) -> str:
     if src.endswith((".csv", ".tsv")):
         return f"{src}: row {i + 1} (line {i + 2})"
     return f"{src}: row {i + 1}"
+
+
+# --- streaming: large inputs in chunks of rows, in constant memory ----------------------------
+
+def count_rows(path: Path) -> int | None:
+    """Data rows of a table or images of a folder, cheaply (for a progress bar); None if unknown."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        return len(list_images(path))
+    if suffix in IMAGE_SUFFIXES:
+        return 1
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    lines = 0
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            lines += block.count(b"\n")
+    return max(0, lines - (1 if suffix in (".csv", ".tsv") else 0))
+
+
+def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: str = "image"):
+    """Yield ``(frame, problems)`` chunks of at most ``chunk_rows`` rows of a table, an image
+    folder (any depth) or one image. Frames keep the file's row positions in their index. A row
+    that cannot be read at all (a CSV line with the wrong number of fields, a JSONL line that is
+    not a JSON object) is an empty row, and ``problems`` maps its position in the chunk to a
+    message naming its line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"input {path} does not exist")
+    if path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES:
+        files = list_images(path) if path.is_dir() else [path]
+        if not files:
+            raise DataError(f"{path}: no image files found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for start in range(0, len(files), chunk_rows):
+            part = files[start:start + chunk_rows]
+            df = pd.DataFrame({image_column: [str(f) for f in part]}, index=range(start, start + len(part)))
+            df.attrs["source"] = str(path)
+            yield df, {}
+        return
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .parquet, "
+                        "an image file, or a folder of images")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    if suffix in (".parquet", ".pq"):
+        yield from _parquet_chunks(path, chunk_rows)
+    elif suffix in (".jsonl", ".json"):
+        yield from _jsonl_chunks(path, encoding, chunk_rows)
+    else:
+        yield from _csv_chunks(path, encoding, chunk_rows)
+
+
+def _parquet_chunks(path: Path, chunk_rows: int):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises many types
+        raise DataError(f"{path}: cannot read as Parquet: {e}") from None
+    start = 0
+    for batch in pf.iter_batches(batch_size=chunk_rows):
+        df = batch.to_pandas()
+        df.index = range(start, start + len(df))
+        df.attrs["source"] = str(path)
+        start += len(df)
+        yield df, {}
+
+
+def _jsonl_chunks(path: Path, encoding: str, chunk_rows: int):
+    with path.open(encoding=encoding, errors="strict") as fh:
+        first = fh.read(1)
+        while first.isspace():
+            first = fh.read(1)
+    if first == "[":  # a plain JSON array cannot be streamed: read it whole
+        df = _read_jsonl(path, encoding)
+        for start in range(0, len(df), chunk_rows):
+            yield df.iloc[start:start + chunk_rows], {}
+        return
+    records: list[dict] = []
+    index: list[int] = []
+    problems: dict[int, str] = {}
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode(encoding)
+                rec = json.loads(line) if line.strip() else None
+                if rec is not None and not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except (UnicodeDecodeError, ValueError) as e:
+                problems[len(records)] = f"{path}: row {lineno} (line {lineno}) cannot be read: {e}"
+                rec = {}  # an empty row in its place: one output row per input row
+            if rec is None:
+                continue
+            records.append(rec)
+            index.append(lineno - 1)  # "row N" of a JSONL file is its line N
+            if len(records) == chunk_rows:
+                yield _frame(records, index, path), problems
+                records, index, problems = [], [], {}
+    if records:
+        yield _frame(records, index, path), problems
+
+
+def _frame(records: list[dict], index: list[int], path: Path) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(records, index=index) if records else pd.DataFrame(index=index)
+    df.attrs["source"] = str(path)
+    return df
+
+
+def _csv_chunks(path: Path, encoding: str, chunk_rows: int):
+    """The csv module's reader, not pandas': it knows the file line of every row (quoted cells may
+    span lines), so a malformed row is reported by line and the rest goes on."""
+    _check_encoding(path, encoding)
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    with path.open(encoding=encoding, newline="") as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: the file is empty")
+        rows: list[list[str | None]] = []
+        index: list[int] = []
+        problems: dict[int, str] = {}
+        row = -1
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            row += 1
+            if len(fields) != len(header):
+                msg = (f"{path}: row {row + 1} (line {reader.line_num}) has {len(fields)} fields, the header has "
+                       f"{len(header)} (an unquoted separator in a value?)")
+                problems[len(rows)] = msg
+                fields = [None] * len(header)  # an empty row in its place: one output row per input row
+            rows.append([v if v != "" else None for v in fields])
+            index.append(row)
+            if len(rows) == chunk_rows:
+                yield _table(rows, index, header, path), problems
+                rows, index, problems = [], [], {}
+        if rows:
+            yield _table(rows, index, header, path), problems
+
+
+def _table(rows: list[list], index: list[int], header: list[str], path: Path) -> pd.DataFrame:
+    df = pd.DataFrame(rows, index=index, columns=header, dtype=object)
+    df.attrs["source"] = str(path)
+    return df

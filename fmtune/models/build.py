@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fmtune import adapters
 from fmtune.errors import ModelError
 from fmtune.fsutil import atomic_dir
 from fmtune.models import cnn
@@ -57,10 +58,11 @@ class Bundle:
     image: dict = field(default_factory=dict)  # size, mean, std
     max_length: int = 128
     source: str = ""  # the model name or path it was created from
+    adapter: str | None = None  # the peft strategy when ``model`` is wrapped by peft (fmtune.adapters)
 
     def meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "family": self.family, "pooling": self.pooling, "image": self.image,
-                "max_length": self.max_length, "source": self.source}
+                "max_length": self.max_length, "source": self.source, "adapter": self.adapter}
 
 
 def resolve(name: str) -> tuple[str, Path | str]:
@@ -126,20 +128,24 @@ def create(model_cfg: Any, task: Any) -> Bundle:
     shift = task.target_stats.get("mean", 0.0) if task.name == "regression" else 0.0
     if family in CNN_FAMILIES:
         spec = CNN_FAMILIES[family]
-        backbone = spec["make"]()
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if family == "mobilenet-v2":
-            sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
-            backbone.load_state_dict(sd, strict=True)
-        else:
-            backbone.load_imagenet(sd)
-        model = cnn.TaskModel(backbone, task.num_outputs, model_cfg.head_dropout, scale, shift)
+        model = cnn.TaskModel(_pretrained_cnn(family, path), task.num_outputs, model_cfg.head_dropout, scale, shift)
         image = {"size": model_cfg.image_size or spec["size"], "mean": spec["mean"], "std": spec["std"]}
         pooling = "mean" if model_cfg.pooling == "auto" else model_cfg.pooling
         if pooling != "mean":
             raise ModelError(f"model.pooling: {family} pools globally (mean); {pooling!r} does not apply")
         return Bundle(model, "image", family, pooling, image=image, source=model_cfg.name)
     return _create_hf(path, model_cfg, task, scale, shift)
+
+
+def _pretrained_cnn(family: str, path: Path | str) -> nn.Module:
+    backbone = CNN_FAMILIES[family]["make"]()
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if family == "mobilenet-v2":
+        sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+        backbone.load_state_dict(sd, strict=True)
+    else:
+        backbone.load_imagenet(sd)
+    return backbone
 
 
 def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift: float) -> Bundle:
@@ -181,19 +187,32 @@ def save(bundle: Bundle, target: Path) -> None:
     atomic_dir(target, lambda tmp: _write(bundle, tmp))
 
 
+def _head_layers(model: nn.Module) -> tuple[nn.Dropout, nn.Linear]:
+    """The task head's dropout and linear layer (also when peft wraps the head)."""
+    mods = list(model.head.modules())
+    return ([m for m in mods if isinstance(m, nn.Dropout)][0], [m for m in mods if isinstance(m, nn.Linear)][-1])
+
+
 def _write(bundle: Bundle, tmp: Path) -> None:
     meta = bundle.meta()
+    base = adapters.base_model(bundle.model)
+    if bundle.adapter:
+        adapters.save(bundle.model, tmp)  # the adapter and the trained head; the backbone comes from its source
     if bundle.family == "hf":
-        bundle.model.save_pretrained(tmp, safe_serialization=True)
+        if bundle.adapter:
+            base.config.save_pretrained(tmp)
+        else:
+            base.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(Path(__file__).with_name("hf_remote.py"), tmp / "modeling_fmtune.py")
         if bundle.tokenizer is not None:
             bundle.tokenizer.save_pretrained(tmp)
     else:
-        m: cnn.TaskModel = bundle.model
-        state = {k: v.contiguous() for k, v in m.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        meta.update(num_outputs=m.head[1].out_features, head_dropout=m.head[0].p,
-                    output_scale=m.output_scale, output_shift=m.output_shift)
+        if not bundle.adapter:
+            state = {k: v.contiguous() for k, v in base.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+        dropout, linear = _head_layers(base)
+        meta.update(num_outputs=linear.out_features, head_dropout=dropout.p,
+                    output_scale=base.output_scale, output_shift=base.output_shift)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -204,34 +223,62 @@ def _hf_from_dir(model_dir: Path) -> FmtuneClassifier:
                                             dtype=torch.float32)
 
 
+def _base_for_adapter(model_dir: Path, meta: dict[str, Any]) -> nn.Module:
+    """The plain task model an adapter was trained on: the pretrained backbone (read from the
+    run's source model) and a head that the adapter's saved head replaces."""
+    try:
+        _, path = resolve(meta["source"])
+    except ModelError as e:
+        raise ModelError(f"{model_dir} holds a {meta['adapter']} adapter; its base model {meta['source']!r} "
+                         f"is needed to load it and is not available here ({e})") from None
+    if meta["family"] == "hf":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        try:
+            backbone = build_backbone(config, meta["pooling"], str(path))
+        except Exception as e:
+            raise ModelError(f"cannot load the base model {path} of the adapter in {model_dir}: {e}") from None
+        return FmtuneClassifier(config, backbone=backbone.float())
+    return cnn.TaskModel(_pretrained_cnn(meta["family"], path), meta["num_outputs"], meta["head_dropout"],
+                         meta["output_scale"], meta["output_shift"])
+
+
 def load(model_dir: Path) -> Bundle:
     """Load a model saved by ``save``: same weights, same preprocessing."""
     meta = _read_json(model_dir / META_FILE)
     if not meta:
         raise ModelError(f"{model_dir} holds no fmtune model ({META_FILE} missing or unreadable)")
     family = meta["family"]
-    if family == "hf":
-        from transformers import AutoTokenizer
-
+    if family != "hf" and family not in CNN_FAMILIES:
+        raise ModelError(f"{model_dir}/{META_FILE}: unknown model family {family!r}")
+    adapter = meta.get("adapter")
+    if adapter:
+        model = adapters.load(_base_for_adapter(model_dir, meta), model_dir)
+    elif family == "hf":
         model = _hf_from_dir(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir) if meta["kind"] == "text" else None
     else:
-        if family not in CNN_FAMILIES:
-            raise ModelError(f"{model_dir}/{META_FILE}: unknown model family {family!r}")
         backbone = CNN_FAMILIES[family]["make"]()
         model = cnn.TaskModel(backbone, meta["num_outputs"], meta["head_dropout"],
                               meta["output_scale"], meta["output_shift"])
         model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
-        tokenizer = None
+    tokenizer = None
+    if family == "hf" and meta["kind"] == "text":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model.eval()
     return Bundle(model, meta["kind"], family, meta["pooling"], tokenizer=tokenizer, image=meta.get("image") or {},
-                  max_length=meta.get("max_length", 128), source=meta.get("source", ""))
+                  max_length=meta.get("max_length", 128), source=meta.get("source", ""), adapter=adapter)
 
 
 def load_weights(bundle: Bundle, model_dir: Path) -> None:
     """Load the weights saved in ``model_dir`` into an already-built bundle's model (the best
     checkpoint, after training). transformers may store a model's keys under legacy names, so
     the folder is read back the way it was written."""
+    if bundle.adapter:
+        adapters.load_weights(bundle.model, model_dir)
+        return
     if bundle.family == "hf":
         state = _hf_from_dir(model_dir).state_dict()
     else:

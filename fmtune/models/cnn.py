@@ -89,6 +89,14 @@ class EfficientNetLite(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
+        # 1x1 stride-1 convolutions need no "same" padding: make them plain nn.Conv2d (same keys, same
+        # function), so that peft's LoRA, which copies a layer's class, can adapt them.
+        for parent in list(self.modules()):
+            for name, child in parent.named_children():
+                if (isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d and child.kernel_size == (1, 1)
+                        and tuple(child.stride) == (1, 1) and child.groups == 1):
+                    plain = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+                    setattr(parent, name, plain)
 
     @property
     def blocks(self) -> list[nn.Module]:

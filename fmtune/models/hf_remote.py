@@ -32,12 +32,16 @@ def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = No
     raise RuntimeError("unreachable")
 
 
-def pool(outputs, attention_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
-    """Reduce backbone outputs to one feature vector per example."""
+def pool(outputs, attention_mask: torch.Tensor | None, mode: str, skip: int = 0) -> torch.Tensor:
+    """Reduce backbone outputs to one feature vector per example, leaving out the first ``skip``
+    positions (virtual tokens that prompt tuning put before the text)."""
     if mode == "pooler":
         out = outputs.pooler_output
         return out.flatten(1)
     hidden = outputs.last_hidden_state
+    if skip:
+        hidden = hidden[:, skip:]
+        attention_mask = attention_mask[:, skip:] if attention_mask is not None else None
     if mode == "cls":
         return hidden[:, 0]
     if hidden.dim() == 4:  # CNN feature map (B, C, H, W)
@@ -76,7 +80,9 @@ class FmtuneClassifier(PreTrainedModel):
             outputs = self.backbone(pixel_values=pixel_values, **kwargs)
         else:
             outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return pool(outputs, attention_mask, self.pooling)
+        # prompt tuning (peft) feeds the virtual tokens first; the head reads the text's positions
+        skip = getattr(self.config, "fmtune_virtual_tokens", 0) if input_ids is None else 0
+        return pool(outputs, attention_mask, self.pooling, skip)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Pooled features -> outputs. Regression heads predict in target units: a standardised

@@ -14,6 +14,21 @@ def head_lr(cfg: Any) -> float:
     return cfg.head_lr if cfg.head_lr is not None else min(cfg.lr * 20, 1e-2)
 
 
+def state_bytes(n_params: int, cfg: Any) -> int:
+    """Memory the optimizer keeps per trained parameter set: AdamW two fp32 moments, SGD one
+    momentum buffer (none without momentum)."""
+    per = 8 if cfg.optimizer == "adamw" else (4 if cfg.momentum else 0)
+    return per * n_params
+
+
+def memory_note(counts: dict[str, int], cfg: Any) -> dict[str, float]:
+    """Optimizer-state memory of this run against full fine-tuning of the same model, in MiB."""
+    mib = 2 ** 20
+    ours, full = state_bytes(counts["trainable_params"], cfg), state_bytes(counts["base_params"], cfg)
+    return {"optimizer_state_mib": round(ours / mib, 3), "full_finetune_optimizer_state_mib": round(full / mib, 3),
+            "optimizer_state_saved_mib": round((full - ours) / mib, 3)}
+
+
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     head_ids = {id(p) for p in model.head.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}

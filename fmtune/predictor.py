@@ -1,0 +1,113 @@
+"""``fmtune.load(RUN)``: a trained run loaded once, predicting new inputs.
+
+    predictor = fmtune.load("runs/my-run")
+    predictor.predict(["a great film", "dull and long"])   # -> [{"label": ..., "score": ..., ...}, ...]
+    predictor.predict("photo.jpg")                          # image runs: paths, PIL images or bytes
+
+The same preprocessing as in training (tokenizer and max length, or image size and
+normalisation) and the same postprocessing as ``fmtune predict``. Used by ``fmtune predict``
+and ``fmtune serve``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fmtune.data.dataset import ImageData, TextData, decode_image
+from fmtune.errors import DataError
+from fmtune.run import EVAL_FILE, open_run
+from fmtune.training.infer import infer
+
+
+def _version(model_dir: Path) -> str:
+    """A short content hash of the model folder: changes whenever the weights change."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".json"):
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:12]
+
+
+class Predictor:
+    """A trained run's model with its preprocessing; ``predict`` takes raw inputs."""
+
+    def __init__(self, run: str | Path, batch_size: int | None = None):
+        opened = open_run(run)
+        self.run_dir = opened.dir
+        self.config, self.task, self.bundle = opened.config, opened.task, opened.bundle
+        self.model = self.bundle.model.eval()
+        self.kind = self.bundle.kind
+        self.batch_size = batch_size or self.config.train.eval_batch_size
+        self.version = _version(self.run_dir / "model")
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.task.labels or [])
+
+    def metadata(self) -> dict[str, Any]:
+        ev = self.run_dir / EVAL_FILE
+        metrics = json.loads(ev.read_text()).get("test") if ev.is_file() else None
+        return {"run": self.run_dir.name, "model_version": self.version, "model": self.config.model.name,
+                "kind": self.kind, "task": self.task.name, "labels": self.labels,
+                "strategy": self.config.strategy.name, "max_length": self.bundle.max_length if self.kind == "text"
+                else None, "image_size": self.bundle.image.get("size"), "test_metrics": metrics}
+
+    # --- inputs -> a dataset ------------------------------------------------------------------
+    def check_text(self, value: Any, where: str) -> str:
+        if value is None or (isinstance(value, float) and value != value):  # missing (NaN) cell
+            raise DataError(f"{where}: the text is empty")
+        if not isinstance(value, str):
+            raise DataError(f"{where}: expected text, got {type(value).__name__}")
+        if not value.strip():
+            raise DataError(f"{where}: the text is empty")
+        return value
+
+    def text_data(self, texts: list[str]) -> TextData:
+        tok = self.bundle.tokenizer
+        enc = tok(texts, truncation=True, max_length=self.bundle.max_length)
+        return TextData(enc["input_ids"], None, tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+    def decode(self, value: Any, where: str) -> torch.Tensor:
+        """One image from a path, bytes or a PIL image -> uint8 (3, size, size); DataError if it is not one."""
+        source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
+        if isinstance(value, (str, Path)) and not Path(value).is_file():
+            raise DataError(f"{where}: no such image file: {value}")
+        try:
+            return decode_image(source, int(self.bundle.image["size"]))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for non-images and truncated files
+            raise DataError(f"{where}: not a readable image ({e.__class__.__name__}: {e})") from None
+
+    def image_data(self, images: list[torch.Tensor]) -> ImageData:
+        return ImageData(torch.stack(images), None, self.bundle.image)
+
+    # --- predictions --------------------------------------------------------------------------
+    def predict_prepared(self, ds: Any) -> list[dict[str, Any]]:
+        logits, _ = infer(self.model, ds, self.batch_size)
+        return self.task.postprocess(logits)
+
+    def predict(self, inputs: Any) -> list[dict[str, Any]] | dict[str, Any]:
+        """Predict one input or a list of them (texts; or image paths, bytes or PIL images).
+        One input gives one dict, a list gives a list."""
+        single = isinstance(inputs, (str, bytes, Path)) or not isinstance(inputs, (list, tuple))
+        items = [inputs] if single else list(inputs)
+        if not items:
+            return []
+        if self.kind == "text":
+            texts = [self.check_text(v, f"input {i}") for i, v in enumerate(items)]
+            out = self.predict_prepared(self.text_data(texts))
+        else:
+            out = self.predict_prepared(self.image_data([self.decode(v, f"input {i}") for i, v in enumerate(items)]))
+        return out[0] if single else out
+
+
+def load(run: str | Path, batch_size: int | None = None) -> Predictor:
+    return Predictor(run, batch_size)
