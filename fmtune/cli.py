@@ -64,6 +64,15 @@ def cmd_export(a: argparse.Namespace) -> None:
         print(json.dumps(res, indent=2, default=float))
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    from fmtune.serve import Limits, serve
+
+    limits = Limits(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_items=a.max_items,
+                    max_body_mb=a.max_body_mb, max_text_chars=a.max_text_chars, long_text=a.long_text)
+    serve(a.run, a.host, a.port, api_key=a.api_key or os.environ.get("FMTUNE_API_KEY") or None, limits=limits,
+          quiet=a.quiet)
+
+
 def cmd_models(a: argparse.Namespace) -> None:
     from fmtune import api, ui
 
@@ -155,6 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--merge", action="store_true",
                    help="lora/dora/ia3 runs: fold the adapter into the weights: a plain model, no peft needed")
     x.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+    sv = verb("serve", cmd_serve, "serve a run over HTTP: POST /predict, GET /health, GET /metadata, docs at /docs; "
+              "concurrent requests are micro-batched; bad input gets a 4xx JSON error")
+    sv.add_argument("run", help="run directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                    "0.0.0.0 to accept other machines)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--api-key", help="require this key (X-API-Key or Authorization: Bearer) on every request but "
+                    "/health; also read from $FMTUNE_API_KEY")
+    sv.add_argument("--max-batch", type=int, default=64, help="items per forward pass (default: 64)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="how long a request waits for others to share its forward pass (default: 5)")
+    sv.add_argument("--max-items", type=int, default=256, help="inputs per request (default: 256; more: 413)")
+    sv.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit (default: 16; more: 413)")
+    sv.add_argument("--max-text-chars", type=int, default=20_000, help="characters per text (default: 20000)")
+    sv.add_argument("--long-text", choices=["truncate", "reject"], default="truncate",
+                    help="a longer text: cut it (the response lists which) or answer 413 (default: truncate)")
 
     verb("models", cmd_models, "list the models available offline")
     ds = verb("datasets", cmd_datasets, "list the datasets available offline, or export one to files")

@@ -1,0 +1,266 @@
+"""``fmtune serve``: a trained run as an HTTP service (FastAPI + uvicorn).
+
+    POST /predict   {"inputs": ["text", ...]}            text runs
+                    {"inputs": ["<base64>", ...]}         image runs, or multipart files (field "files")
+                    -> {"predictions": [...], "model_version": "..."}
+    GET  /health    liveness, no key needed
+    GET  /metadata  model, task, labels, strategy, test metrics at training time, service limits
+    GET  /docs      OpenAPI documentation
+
+Concurrent requests are gathered for up to ``max_wait_ms`` (or ``max_batch`` items) into one
+forward pass. Bad input is a 4xx with a JSON ``{"error": ...}`` body, never a 500, and the
+service goes on: malformed JSON (400), missing key (401), wrong types, an empty list or an
+input that is not an image (422), a body, item count or text over its limit (413).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from fmtune.errors import DataError
+
+
+@dataclass
+class Limits:
+    max_batch: int = 64  # items per forward pass
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_items: int = 256  # items per request
+    max_body_mb: float = 16.0
+    max_text_chars: int = 20_000
+    long_text: Literal["truncate", "reject"] = "truncate"
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class MicroBatcher:
+    """Gathers the items of concurrent requests into one forward pass at a time."""
+
+    def __init__(self, predictor: Any, limits: Limits):
+        self.predictor, self.limits = predictor, limits
+        self.queue: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+        self.stats = {"requests": 0, "items": 0, "batches": 0}
+
+    async def submit(self, items: list[Any]) -> list[dict[str, Any]]:
+        if self.worker is None or self.worker.done():
+            self.queue = asyncio.Queue()
+            self.worker = asyncio.create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((items, future))
+        return await future
+
+    async def _run(self) -> None:
+        assert self.queue is not None
+        while True:
+            jobs = [await self.queue.get()]
+            n = len(jobs[0][0])
+            deadline = time.monotonic() + self.limits.max_wait_ms / 1000
+            while n < self.limits.max_batch:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                jobs.append(job)
+                n += len(job[0])
+            items = [x for job, _ in jobs for x in job]
+            try:
+                results = await asyncio.to_thread(self._forward, items)
+            except Exception as e:  # a failure of the model, not of the input: every waiting request learns it
+                for _, fut in jobs:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(jobs)
+            self.stats["items"] += len(items)
+            start = 0
+            for job, fut in jobs:
+                if not fut.done():
+                    fut.set_result(results[start:start + len(job)])
+                start += len(job)
+
+    def _forward(self, items: list[Any]) -> list[dict[str, Any]]:
+        p = self.predictor
+        ds = p.text_data(items) if p.kind == "text" else p.image_data(items)
+        return p.predict_prepared(ds)
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+
+
+def _check_items(value: Any, limits: Limits) -> list[Any]:
+    if isinstance(value, (str, bytes)):
+        value = [value]
+    if not isinstance(value, list):
+        raise HTTPError(422, f"'inputs' must be a string or a list of strings, got {type(value).__name__}")
+    if not value:
+        raise HTTPError(422, "'inputs' is an empty list; send at least one input")
+    if len(value) > limits.max_items:
+        raise HTTPError(413, f"{len(value)} inputs in one request; the limit is {limits.max_items}")
+    return value
+
+
+def _prepare_texts(values: list[Any], predictor: Any, limits: Limits) -> tuple[list[str], list[int]]:
+    texts, truncated = [], []
+    for i, v in enumerate(values):
+        try:
+            text = predictor.check_text(v, f"inputs[{i}]")
+        except DataError as e:
+            raise HTTPError(422, str(e)) from None
+        if len(text) > limits.max_text_chars:
+            if limits.long_text == "reject":
+                raise HTTPError(413, f"inputs[{i}]: {len(text)} characters; the limit is {limits.max_text_chars}")
+            text, truncated = text[: limits.max_text_chars], [*truncated, i]
+        texts.append(text)
+    return texts, truncated
+
+
+def _prepare_images(values: list[Any], predictor: Any) -> list[Any]:
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, str):
+            try:
+                v = base64.b64decode(v.split(",", 1)[1] if v.startswith("data:") else v, validate=True)
+            except (binascii.Error, ValueError):
+                raise HTTPError(422, f"inputs[{i}]: not valid base64 (send images base64-encoded, or as multipart "
+                                     "files)") from None
+        elif not isinstance(v, (bytes, bytearray)):
+            raise HTTPError(422, f"inputs[{i}]: expected a base64 string, got {type(v).__name__}")
+        try:
+            out.append(predictor.decode(bytes(v), f"inputs[{i}]"))
+        except DataError as e:
+            raise HTTPError(422, str(e)) from None
+    return out
+
+
+def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None = None) -> Any:
+    """The FastAPI application serving ``predictor`` (a ``fmtune.predictor.Predictor``)."""
+    from contextlib import asynccontextmanager
+
+    limits = limits or Limits()
+    batcher = MicroBatcher(predictor, limits)
+    meta = predictor.metadata()
+    open_paths = {"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        yield
+        await batcher.close()  # after uvicorn has let the requests in flight finish
+
+    app = FastAPI(title=f"fmtune: {meta['run']}", version=meta["model_version"], lifespan=lifespan,
+                  description=f"{meta['task']} with {meta['model']} ({meta['strategy']}); labels: "
+                              f"{', '.join(meta['labels']) or '-'}")
+    app.state.batcher = batcher
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if api_key is not None and request.url.path not in open_paths:
+            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return error(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limits.max_body_mb * 2**20:
+            return error(413, f"request body of {int(size)} bytes; the limit is {limits.max_body_mb:g} MB")
+        try:
+            return await call_next(request)
+        except Exception as e:  # never a traceback to the client; the service keeps serving
+            return error(500, f"internal error: {e.__class__.__name__}")
+
+    async def read_json(request: Request) -> Any:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_mb * 2**20:
+                raise HTTPError(413, f"request body over the limit of {limits.max_body_mb:g} MB")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+
+    async def inputs_of(request: Request) -> tuple[list[Any], list[int]]:
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            if predictor.kind != "image":
+                raise HTTPError(422, "file upload is for image models; send texts as JSON {\"inputs\": [...]}")
+            form = await request.form(max_files=limits.max_items + 1)
+            files = [f for f in form.getlist("files") if hasattr(f, "read")]
+            files = _check_items(files, limits)
+            raw = [await f.read() for f in files]
+            return await run_in_threadpool(_prepare_images, raw, predictor), []
+        data = await read_json(request)
+        if not isinstance(data, dict) or "inputs" not in data:
+            raise HTTPError(422, 'expected a JSON object {"inputs": [...]}')
+        values = _check_items(data["inputs"], limits)
+        if predictor.kind == "text":
+            return _prepare_texts(values, predictor, limits)
+        return await run_in_threadpool(_prepare_images, values, predictor), []
+
+    example = ["a gripping, well-acted film"] if predictor.kind == "text" else ["<base64 image>"]
+    body_doc = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                       "example": example}}}},
+        **({"multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}
+           if predictor.kind == "image" else {})}}}
+
+    @app.post("/predict", openapi_extra=body_doc)
+    async def predict(request: Request) -> Any:
+        """Predict one or many inputs; returns one prediction per input, in order."""
+        try:
+            items, truncated = await inputs_of(request)
+        except HTTPError as e:
+            return error(e.status, e.message)
+        predictions = await batcher.submit(items)
+        out: dict[str, Any] = {"predictions": predictions, "model_version": meta["model_version"]}
+        if truncated:
+            out["truncated"] = truncated
+        return out
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model_version": meta["model_version"]}
+
+    @app.get("/metadata")
+    async def metadata() -> dict[str, Any]:
+        return {**meta, "limits": asdict(limits), "stats": dict(batcher.stats)}
+
+    return app
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: Limits | None = None, batch_size: int | None = None, quiet: bool = False) -> None:
+    """Load ``run`` and serve it until stopped (Ctrl-C / SIGTERM: requests in flight finish first)."""
+    import uvicorn
+
+    from fmtune import ui
+    from fmtune.predictor import Predictor
+
+    predictor = Predictor(run, batch_size)
+    app = create_app(predictor, limits, api_key)
+    if not quiet:
+        ui.console.print(f"[bold]fmtune serve[/] {run} (model {predictor.version}) on http://{host}:{port}  "
+                         f"docs: http://{host}:{port}/docs" + ("  (API key required)" if api_key else ""))
+    uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", timeout_graceful_shutdown=30)

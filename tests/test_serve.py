@@ -1,0 +1,174 @@
+"""The HTTP service: predictions equal fmtune.load's, concurrent requests share forward passes,
+bad input is a 4xx JSON error and the service keeps serving, the API key is enforced, and a
+real server finishes the request in flight when stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import cfg_dict
+from fastapi.testclient import TestClient
+
+import fmtune
+from fmtune.serve import Limits, create_app
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, tiny_st_bert, text_files):
+    out = tmp_path_factory.mktemp("serve") / "run"
+    fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(out), data={"test": str(text_files["test"])},
+                          train={"epochs": 2}), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, image_dirs):
+    out = tmp_path_factory.mktemp("serve-img") / "run"
+    fmtune.train(cfg_dict("mobilenet-v2", image_dirs["train"], out=str(out), model={"image_size": 32},
+                          train={"epochs": 1}), quiet=True)
+    return out
+
+
+def test_predict_health_metadata_docs(text_run):
+    pred = fmtune.load(text_run)
+    with TestClient(create_app(pred)) as client:
+        texts = ["good movie really", "the plot was awful"]
+        r = client.post("/predict", json={"inputs": texts})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = pred.predict(texts)
+        assert [p["label"] for p in body["predictions"]] == [w["label"] for w in want]
+        assert [p["score"] for p in body["predictions"]] == pytest.approx([w["score"] for w in want], abs=1e-5)
+        assert body["model_version"] == pred.version
+        one = client.post("/predict", json={"inputs": "good movie"}).json()["predictions"]
+        assert len(one) == 1
+        assert client.get("/health").json() == {"status": "ok", "model_version": pred.version}
+        meta = client.get("/metadata").json()
+        assert meta["labels"] == ["neg", "pos"] and meta["strategy"] == "full" and "accuracy" in meta["test_metrics"]
+        assert client.get("/docs").status_code == 200
+        assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("request_kw,status,message", [
+    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ({"json": {"texts": ["a"]}}, 422, 'expected a JSON object {"inputs"'),
+    ({"json": {"inputs": []}}, 422, "empty list"),
+    ({"json": {"inputs": [1, 2]}}, 422, "inputs[0]: expected text, got int"),
+    ({"json": {"inputs": {"a": 1}}}, 422, "must be a string or a list"),
+    ({"json": {"inputs": ["ok", "   "]}}, 422, "inputs[1]: the text is empty"),
+    ({"json": {"inputs": ["x"] * 11}}, 413, "11 inputs in one request; the limit is 10"),
+    ({"json": {"inputs": ["x" * 2000]}}, 413, "the limit is 1000 MB"),
+    ({"files": {"files": ("a.png", b"abc", "image/png")}}, 422, "file upload is for image models"),
+])
+def test_bad_input_is_a_4xx_json_error_and_the_service_goes_on(text_run, request_kw, status, message):
+    limits = Limits(max_items=10, max_body_mb=1000, max_text_chars=100, long_text="reject")
+    if "x" * 2000 in str(request_kw):
+        limits = Limits(max_body_mb=0.001)
+    with TestClient(create_app(fmtune.load(text_run), limits)) as client:
+        r = client.post("/predict", **request_kw)
+        assert r.status_code == status, r.text
+        assert message.replace("1000 MB", f"{limits.max_body_mb:g} MB") in r.json()["error"]
+        assert client.post("/predict", json={"inputs": ["fine"]}).status_code == 200
+
+
+def test_long_texts_are_truncated_or_rejected(text_run):
+    pred = fmtune.load(text_run)
+    with TestClient(create_app(pred, Limits(max_text_chars=20))) as client:
+        r = client.post("/predict", json={"inputs": ["fine", "good " * 50]})
+        assert r.status_code == 200 and r.json()["truncated"] == [1]
+    with TestClient(create_app(pred, Limits(max_text_chars=20, long_text="reject"))) as client:
+        r = client.post("/predict", json={"inputs": ["fine", "good " * 50]})
+        assert r.status_code == 413 and "inputs[1]: 250 characters; the limit is 20" in r.json()["error"]
+
+
+def test_api_key(text_run):
+    with TestClient(create_app(fmtune.load(text_run), api_key="s3cret")) as client:
+        assert client.post("/predict", json={"inputs": ["a"]}).status_code == 401
+        assert client.post("/predict", json={"inputs": ["a"]}, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert client.post("/predict", json={"inputs": ["a"]}, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.post("/predict", json={"inputs": ["a"]},
+                           headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/metadata").status_code == 401
+        assert client.get("/health").status_code == 200
+
+
+def test_concurrent_requests_share_forward_passes(text_run):
+    pred = fmtune.load(text_run)
+    app = create_app(pred, Limits(max_wait_ms=200, max_batch=64))
+    texts = [f"good movie {i}" if i % 2 else "awful plot really" for i in range(24)]
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            rs = await asyncio.gather(*[client.post("/predict", json={"inputs": [t]}) for t in texts])
+            return [r.json()["predictions"][0] for r in rs]
+
+    got = asyncio.run(main())
+    want = pred.predict(texts)
+    assert [g["label"] for g in got] == [w["label"] for w in want]  # each request got its own answer
+    stats = app.state.batcher.stats
+    assert stats["requests"] == 24 and stats["items"] == 24 and stats["batches"] < 24 / 2, stats
+
+
+def test_images_as_base64_and_multipart(image_run, image_dirs):
+    pred = fmtune.load(image_run)
+    f = sorted((image_dirs["test"] / "bottom").iterdir())[0]
+    with TestClient(create_app(pred)) as client:
+        a = client.post("/predict", json={"inputs": [base64.b64encode(f.read_bytes()).decode()]})
+        b = client.post("/predict", files=[("files", (f.name, f.read_bytes(), "image/png"))])
+        assert a.status_code == b.status_code == 200, (a.text, b.text)
+        assert a.json()["predictions"] == b.json()["predictions"]
+        assert a.json()["predictions"][0]["label"] == pred.predict(str(f))["label"]
+        bad = client.post("/predict", json={"inputs": [base64.b64encode(b"not an image").decode()]})
+        assert bad.status_code == 422 and "inputs[0]: not a readable image" in bad.json()["error"]
+        assert client.post("/predict", json={"inputs": ["%%%"]}).status_code == 422
+        assert client.post("/predict", files=[("files", ("x.png", b"junk", "image/png"))]).status_code == 422
+        assert client.post("/predict", json={"inputs": [base64.b64encode(f.read_bytes()).decode()]}).status_code == 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_server_binds_loopback_and_finishes_in_flight_requests_on_sigterm(text_run):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fmtune", "serve", str(text_run), "--port", str(port),
+                             "--max-wait-ms", "1500", "-q"], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not come up: " + proc.stderr.read()[-2000:] if proc.poll() else "")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/predict", json={"inputs": ["good"]},
+                                                                       timeout=30)))
+        t.start()
+        time.sleep(0.5)  # the request is waiting in the batcher (1.5 s window) when the stop comes
+        proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert result["r"].status_code == 200 and result["r"].json()["predictions"][0]["label"] in ("neg", "pos")
+        # uvicorn shuts down gracefully, then re-raises SIGTERM: the conventional exit status
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
