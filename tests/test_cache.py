@@ -61,7 +61,8 @@ def test_nothing_is_cached_when_the_first_block_trains(tiny_bert):
     assert cache.plan(b2)[0] is None
 
 
-LAST_LAYER_LORA = {"name": "lora", "targets": "encoder.layer.1.attention.self.query,encoder.layer.1.attention.self.value"}
+LAST_LAYER_LORA = {"name": "lora",
+                   "targets": "encoder.layer.1.attention.self.query,encoder.layer.1.attention.self.value"}
 
 
 @pytest.mark.parametrize("strategy", [{"name": "head"}, {"name": "last_n", "n": 1}, LAST_LAYER_LORA],
