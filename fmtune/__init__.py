@@ -41,11 +41,12 @@ def export(run: Any, out: Any = None, **kw: Any) -> dict:
     return _export(run, out, **kw)
 
 
-def load(run: Any, batch_size: int | None = None):
-    """A trained run as a predictor: ``fmtune.load(run).predict(["some text", ...])``."""
+def load(run: Any, batch_size: int | None = None, backend: str = "torch"):
+    """A trained run as a predictor: ``fmtune.load(run).predict(["some text", ...])``; backend torch,
+    onnx or onnx-int8 (exported into RUN/export/ on first use, checked, then reused)."""
     from fmtune.predictor import load as _load
 
-    return _load(run, batch_size)
+    return _load(run, batch_size, backend)
 
 
 def demo(task: str = "text", **kw: Any) -> dict:

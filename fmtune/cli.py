@@ -59,7 +59,8 @@ def cmd_predict(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from fmtune.exporter import export
 
-    res = export(a.run, a.output, merge=a.merge, overwrite=a.overwrite, quiet=a.quiet)
+    res = export(a.run, a.output, format=a.format, merge=a.merge, overwrite=a.overwrite, max_drop=a.max_drop,
+                 quiet=a.quiet)
     if a.quiet:
         print(json.dumps(res, indent=2, default=float))
 
@@ -70,7 +71,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     limits = Limits(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_items=a.max_items,
                     max_body_mb=a.max_body_mb, max_text_chars=a.max_text_chars, long_text=a.long_text)
     serve(a.run, a.host, a.port, api_key=a.api_key or os.environ.get("FMTUNE_API_KEY") or None, limits=limits,
-          quiet=a.quiet)
+          backend=a.backend, quiet=a.quiet)
 
 
 def cmd_models(a: argparse.Namespace) -> None:
@@ -160,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     x = verb("export", cmd_export, "write a run's model as a folder other tools load, checked against the run's "
              "model on real rows of its data")
     x.add_argument("run", help="run directory")
-    x.add_argument("-o", "--output", help="output folder (default: RUN/export/model|adapter|merged)")
+    x.add_argument("-o", "--output", help="output folder (default: RUN/export/model|adapter|merged|onnx|onnx-int8)")
+    x.add_argument("--format", choices=["hf", "onnx", "onnx-int8"], default="hf",
+                   help="hf: the model folder (transformers/peft); onnx: model.onnx with dynamic batch and sequence "
+                   "axes, checked within 1e-4; onnx-int8: dynamically quantised, checked on the run's test split "
+                   "(default: hf). ONNX folders carry the tokenizer and preprocessing.json")
+    x.add_argument("--max-drop", type=float, default=0.01,
+                   help="onnx-int8: refuse when the test metric drops by more than this (default: 0.01)")
     x.add_argument("--merge", action="store_true",
                    help="lora/dora/ia3 runs: fold the adapter into the weights: a plain model, no peft needed")
     x.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -171,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
                     "0.0.0.0 to accept other machines)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default="torch",
+                    help="what runs the model: torch, or onnxruntime on the run's ONNX export (made and checked on "
+                    "first use, in RUN/export/) (default: torch)")
     sv.add_argument("--api-key", help="require this key (X-API-Key or Authorization: Bearer) on every request but "
                     "/health; also read from $FMTUNE_API_KEY")
     sv.add_argument("--max-batch", type=int, default=64, help="items per forward pass (default: 64)")

@@ -4,14 +4,19 @@
   (``AutoModelFor...Classification.from_pretrained(dir, trust_remote_code=True)``);
 - adapter runs (lora, dora, ia3, prompt): the peft adapter folder (``PeftModel.from_pretrained``
   on the base model), or with ``merge`` the plain model with the adapter folded into its
-  weights, loadable without peft.
+  weights, loadable without peft;
+- ``onnx`` / ``onnx-int8``: ``model.onnx`` (dynamic batch and sequence axes; int8: dynamic
+  quantisation by onnxruntime) with ``preprocessing.json`` and the tokenizer.
 
 Every export is loaded back and compared with the run's model on real rows of the run's data;
-a difference above ``tolerance`` fails the export and nothing is written.
+a difference above ``tolerance`` (int8: a drop of the test metric above ``max_drop``) fails the
+export and nothing is written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,11 +24,12 @@ from typing import Any
 import torch
 
 from fmtune import adapters, ui
-from fmtune.data.prepare import make_dataset
+from fmtune.data.prepare import make_dataset, read_frames
 from fmtune.data.readers import read_any
-from fmtune.errors import DataError, ModelError, RunDirError
+from fmtune.errors import ConfigError, DataError, ModelError, RunDirError
 from fmtune.fsutil import atomic_dir
 from fmtune.models import build
+from fmtune.onnx_export import MODEL_FILE, OnnxModel, export_onnx, quantize_int8, write_preprocessing
 from fmtune.run import open_run
 from fmtune.training.infer import infer
 
@@ -47,47 +53,121 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, ds: Any) -> float:
     return float((ya - yb).abs().max()) if len(ds) else 0.0
 
 
-def export(run: str | Path, out: str | Path | None = None, *, merge: bool = False, overwrite: bool = False,
-           tolerance: float = 1e-4, quiet: bool = False) -> dict[str, Any]:
-    """Write the run's model to ``out`` (default ``RUN/export/merged|adapter|model``); returns what was
-    written and the measured difference to the run's model."""
+FORMATS = ("hf", "onnx", "onnx-int8")
+
+
+def _plain(opened: Any) -> Any:
+    """A freshly loaded copy of the run's model with any adapter merged in (prompt tuning cannot be)."""
+    bundle = build.load(opened.dir / "model")
+    if bundle.adapter:
+        bundle = build.Bundle(adapters.merge(bundle.model, bundle.adapter), bundle.kind, bundle.family,
+                              bundle.pooling, tokenizer=bundle.tokenizer, image=bundle.image,
+                              max_length=bundle.max_length, source=bundle.source)
+    return bundle
+
+
+def _metric_split(opened: Any) -> tuple[Any, str]:
+    """The run's labelled test split, else its validation split (the same seeded split as in
+    training when it was split off the training data), for the int8 metric check."""
+    cfg = opened.config
+    frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
+    df, source = (frames.test, cfg.data.test) if frames.test is not None else (
+        frames.val, cfg.data.val or f"validation split of {cfg.data.train}")
+    ds = make_dataset(df, opened.bundle, opened.task, cfg.data, allow_unknown=cfg.data.unknown_labels == "unknown")[0]
+    return ds, str(source)
+
+
+def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf", merge: bool = False,
+           overwrite: bool = False, tolerance: float = 1e-4, max_drop: float = 0.01,
+           quiet: bool = False) -> dict[str, Any]:
+    """Write the run's model to ``out`` (default ``RUN/export/<kind>``) and check it against the run's
+    model on real rows of its data; returns what was written and what was measured (also saved as
+    ``export.json`` in the folder).
+
+    ``format``: ``hf`` (the model folder, or with ``merge`` the adapter folded in), ``onnx``
+    (outputs within ``tolerance``), ``onnx-int8`` (dynamic int8; refused when the run's main test
+    metric drops by more than ``max_drop``)."""
+    if format not in FORMATS:
+        raise ConfigError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
     opened = open_run(run)
     bundle = opened.bundle
-    kind = "merged" if merge and bundle.adapter else ("adapter" if bundle.adapter else "model")
+    if format != "hf":
+        kind = format
+    else:
+        kind = "merged" if merge and bundle.adapter else ("adapter" if bundle.adapter else "model")
     target = Path(out) if out is not None else opened.dir / "export" / kind
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise RunDirError(f"{target} already exists; pass --overwrite to replace it, or -o another folder")
     ds = check_rows(opened)
+    reference = bundle
+    result: dict[str, Any] = {"run": str(opened.dir), "out": str(target), "format": format, "kind": kind,
+                              "strategy": bundle.adapter or opened.config.strategy.name, "checked_rows": len(ds)}
     if kind == "merged":
-        plain = build.Bundle(adapters.merge(bundle.model, bundle.adapter), bundle.kind, bundle.family, bundle.pooling,
-                             tokenizer=bundle.tokenizer, image=bundle.image, max_length=bundle.max_length,
-                             source=bundle.source)
-        reference = build.load(opened.dir / "model")  # merging changed the loaded model in place
-        write = lambda tmp: build.save(plain, tmp / "m")  # noqa: E731
+        plain = _plain(opened)
+        write = lambda tmp: build.save(plain, tmp)  # noqa: E731
+        exported = lambda tmp: build.load(tmp).model  # noqa: E731
+    elif kind in ("adapter", "model"):
+        write = lambda tmp: shutil.copytree(opened.dir / "model", tmp, dirs_exist_ok=True)  # noqa: E731
+        exported = lambda tmp: build.load(tmp).model  # noqa: E731
     else:
-        reference = bundle
-        write = lambda tmp: shutil.copytree(opened.dir / "model", tmp / "m")  # noqa: E731
+        if bundle.adapter == "prompt":
+            raise ConfigError("--format onnx: prompt-tuned runs cannot be exported to ONNX (the virtual tokens are "
+                              "not part of the weights); serve them with the torch backend")
+        plain = _plain(opened)
+        sample = ds.collate([i % len(ds) for i in range(max(2, min(len(ds), 4)))])  # >1 row: a dynamic batch axis
+
+        def write(tmp: Path) -> None:
+            fp32 = tmp / MODEL_FILE if kind == "onnx" else tmp / "fp32.onnx"
+            export_onnx(plain.model, plain.kind, sample, fp32)
+            if kind == "onnx-int8":
+                quantize_int8(fp32, tmp / MODEL_FILE)
+                fp32.unlink()
+            write_preprocessing(plain, opened.task, tmp)
+
+        exported = lambda tmp: OnnxModel(tmp / MODEL_FILE, bundle.kind)  # noqa: E731
 
     def build_and_check(tmp: Path) -> None:
         write(tmp)
-        diff = max_abs_diff(reference.model, build.load(tmp / "m").model, ds)
+        model = exported(tmp)
+        diff = max_abs_diff(reference.model, model, ds)
         result["max_abs_diff"] = diff
-        if not diff <= tolerance:
+        if kind == "onnx-int8":
+            _check_metric(opened, reference.model, model, max_drop, result)
+        elif not diff <= tolerance:
             raise ModelError(f"export check failed: the exported model's outputs differ from the run's by {diff:.3g} "
                              f"(> {tolerance:g}) on {len(ds)} rows of the run's data; nothing was written")
-        for f in (tmp / "m").iterdir():
-            shutil.move(str(f), tmp / f.name)
-        (tmp / "m").rmdir()
+        (tmp / "export.json").write_text(json.dumps(result, indent=2))
 
-    result: dict[str, Any] = {"run": str(opened.dir), "out": str(target), "kind": kind, "strategy": bundle.adapter
-                              or opened.config.strategy.name, "checked_rows": len(ds)}
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_dir(target, build_and_check)
+    with contextlib.nullcontext() if quiet else ui.console.status(f"export {kind}: writing and checking"):
+        atomic_dir(target, build_and_check)
     if not quiet:
         loader = "transformers (trust_remote_code=True)" if bundle.family == "hf" else "fmtune.load"
         how = {"merged": f"adapter merged into the weights; loads with {loader}, no peft needed",
                "adapter": "peft adapter folder: PeftModel.from_pretrained on the base model",
-               "model": f"loads with {loader}" + ("; nothing to merge" if merge else "")}[kind]
+               "model": f"loads with {loader}" + ("; nothing to merge" if merge else ""),
+               "onnx": "onnxruntime; preprocessing.json says how to prepare inputs",
+               "onnx-int8": "onnxruntime, int8 weights; preprocessing.json says how to prepare inputs"}[kind]
         ui.console.print(f"exported {opened.dir} -> {target} ({how}); max |difference| to the run's model "
                          f"{result['max_abs_diff']:.2e} on {len(ds)} rows")
+        if "metric" in result:
+            m = result["metric"]
+            ui.console.print(f"  {m['name']} on {m['data']}: {m['torch']:.4f} -> {m['exported']:.4f} with int8 "
+                             f"(change {m['exported'] - m['torch']:+.4f}; refused beyond -{max_drop:g})")
     return result
+
+
+def _check_metric(opened: Any, reference: torch.nn.Module, model: torch.nn.Module, max_drop: float,
+                  result: dict[str, Any]) -> None:
+    task = opened.task
+    split, source = _metric_split(opened)
+    name = task.default_metric
+    ref_logits, targets = infer(reference, split, 64)
+    new_logits, _ = infer(model, split, 64)
+    a, b = task.metrics(ref_logits, targets)[name], task.metrics(new_logits, targets)[name]
+    drop = (a - b) if task.greater_is_better(name) else (b - a)
+    result["metric"] = {"name": name, "data": source, "rows": len(split), "torch": a, "exported": b, "drop": drop}
+    if drop > max_drop:
+        raise ModelError(f"int8 export refused: test {name} on {source} drops from {a:.4f} to {b:.4f} "
+                         f"(by {drop:.4f}, more than --max-drop {max_drop:g}); nothing was written. Use --format onnx, "
+                         "or allow a larger drop")

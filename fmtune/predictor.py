@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fmtune.data.dataset import ImageData, TextData, decode_image
-from fmtune.errors import DataError
+from fmtune.errors import ConfigError, DataError
 from fmtune.run import EVAL_FILE, open_run
 from fmtune.training.infer import infer
 
@@ -29,7 +29,7 @@ def _version(model_dir: Path) -> str:
     """A short content hash of the model folder: changes whenever the weights change."""
     h = hashlib.sha256()
     for f in sorted(model_dir.iterdir()):
-        if f.is_file() and f.suffix in (".safetensors", ".json"):
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".onnx"):
             h.update(f.name.encode())
             with f.open("rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
@@ -40,14 +40,27 @@ def _version(model_dir: Path) -> str:
 class Predictor:
     """A trained run's model with its preprocessing; ``predict`` takes raw inputs."""
 
-    def __init__(self, run: str | Path, batch_size: int | None = None):
+    def __init__(self, run: str | Path, batch_size: int | None = None, backend: str = "torch"):
         opened = open_run(run)
         self.run_dir = opened.dir
         self.config, self.task, self.bundle = opened.config, opened.task, opened.bundle
-        self.model = self.bundle.model.eval()
         self.kind = self.bundle.kind
         self.batch_size = batch_size or self.config.train.eval_batch_size
-        self.version = _version(self.run_dir / "model")
+        self.backend = backend
+        if backend == "torch":
+            self.model = self.bundle.model.eval()
+            self.version = _version(self.run_dir / "model")
+        elif backend in ("onnx", "onnx-int8"):
+            from fmtune.exporter import export
+            from fmtune.onnx_export import MODEL_FILE, OnnxModel
+
+            folder = self.run_dir / "export" / backend
+            if not (folder / MODEL_FILE).is_file():  # exported once, checked, then reused
+                export(self.run_dir, format=backend, quiet=True)
+            self.model = OnnxModel(folder / MODEL_FILE, self.kind)
+            self.version = _version(folder)
+        else:
+            raise ConfigError(f"backend {backend!r} is not one of torch, onnx, onnx-int8")
 
     @property
     def labels(self) -> list[str]:
@@ -56,7 +69,8 @@ class Predictor:
     def metadata(self) -> dict[str, Any]:
         ev = self.run_dir / EVAL_FILE
         metrics = json.loads(ev.read_text()).get("test") if ev.is_file() else None
-        return {"run": self.run_dir.name, "model_version": self.version, "model": self.config.model.name,
+        return {"run": self.run_dir.name, "model_version": self.version, "backend": self.backend,
+                "model": self.config.model.name,
                 "kind": self.kind, "task": self.task.name, "labels": self.labels,
                 "strategy": self.config.strategy.name, "max_length": self.bundle.max_length if self.kind == "text"
                 else None, "image_size": self.bundle.image.get("size"), "test_metrics": metrics}
@@ -109,5 +123,5 @@ class Predictor:
         return out[0] if single else out
 
 
-def load(run: str | Path, batch_size: int | None = None) -> Predictor:
-    return Predictor(run, batch_size)
+def load(run: str | Path, batch_size: int | None = None, backend: str = "torch") -> Predictor:
+    return Predictor(run, batch_size, backend)

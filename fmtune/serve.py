@@ -159,7 +159,6 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
     limits = limits or Limits()
     batcher = MicroBatcher(predictor, limits)
     meta = predictor.metadata()
-    open_paths = {"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
 
     @asynccontextmanager
     async def lifespan(app: Any):
@@ -174,19 +173,24 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.url.path not in open_paths:
+    def guard(request: Request) -> None:
+        """The API key and the declared body size, checked before the body is read."""
+        if api_key is not None:
             given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
             if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
+                raise HTTPError(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > limits.max_body_mb * 2**20:
-            return error(413, f"request body of {int(size)} bytes; the limit is {limits.max_body_mb:g} MB")
-        try:
-            return await call_next(request)
-        except Exception as e:  # never a traceback to the client; the service keeps serving
-            return error(500, f"internal error: {e.__class__.__name__}")
+            raise HTTPError(413, f"request body of {int(size)} bytes; the limit is {limits.max_body_mb:g} MB")
+
+    @app.exception_handler(HTTPError)
+    async def http_error(request: Request, e: HTTPError) -> JSONResponse:
+        return error(e.status, e.message)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        # never a traceback to the client; the service keeps serving
+        return error(500, f"internal error: {e.__class__.__name__}")
 
     async def read_json(request: Request) -> Any:
         body = bytearray()
@@ -229,10 +233,8 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
     @app.post("/predict", openapi_extra=body_doc)
     async def predict(request: Request) -> Any:
         """Predict one or many inputs; returns one prediction per input, in order."""
-        try:
-            items, truncated = await inputs_of(request)
-        except HTTPError as e:
-            return error(e.status, e.message)
+        guard(request)
+        items, truncated = await inputs_of(request)
         predictions = await batcher.submit(items)
         out: dict[str, Any] = {"predictions": predictions, "model_version": meta["model_version"]}
         if truncated:
@@ -244,23 +246,25 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
         return {"status": "ok", "model_version": meta["model_version"]}
 
     @app.get("/metadata")
-    async def metadata() -> dict[str, Any]:
+    async def metadata(request: Request) -> dict[str, Any]:
+        guard(request)
         return {**meta, "limits": asdict(limits), "stats": dict(batcher.stats)}
 
     return app
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None, batch_size: int | None = None, quiet: bool = False) -> None:
+          limits: Limits | None = None, batch_size: int | None = None, backend: str = "torch",
+          quiet: bool = False) -> None:
     """Load ``run`` and serve it until stopped (Ctrl-C / SIGTERM: requests in flight finish first)."""
     import uvicorn
 
     from fmtune import ui
     from fmtune.predictor import Predictor
 
-    predictor = Predictor(run, batch_size)
+    predictor = Predictor(run, batch_size, backend)
     app = create_app(predictor, limits, api_key)
     if not quiet:
-        ui.console.print(f"[bold]fmtune serve[/] {run} (model {predictor.version}) on http://{host}:{port}  "
+        ui.console.print(f"[bold]fmtune serve[/] {run} ({backend}, model {predictor.version}) on http://{host}:{port}  "
                          f"docs: http://{host}:{port}/docs" + ("  (API key required)" if api_key else ""))
     uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", timeout_graceful_shutdown=30)

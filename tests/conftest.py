@@ -203,3 +203,15 @@ def model_path(request):
     """Parametrize indirectly with a fixture name (tiny_*) or a zoo model name."""
     name = request.param
     return request.getfixturevalue(name) if name.startswith("tiny") else name
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory, tiny_st_bert, text_files) -> Path:
+    """A finished run on the keyword data (tiny encoder, 3 epochs, with a test file): for the
+    verbs that use a run (predict, export, serve). Tests may add exports under it."""
+    import fmtune
+
+    out = tmp_path_factory.mktemp("text-run") / "run"
+    fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(out), data={"test": str(text_files["test"])},
+                          train={"epochs": 3}), quiet=True)
+    return out

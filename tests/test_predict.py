@@ -14,13 +14,6 @@ from fmtune import api
 from fmtune.errors import DataError
 
 
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory, tiny_st_bert, text_files):
-    out = tmp_path_factory.mktemp("predict") / "run"
-    fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(out), train={"epochs": 3}), quiet=True)
-    return out
-
-
 def test_streams_in_chunks_and_matches_the_in_memory_answer(tmp_path, text_run, monkeypatch):
     src = tmp_path / "many.csv"
     make_text_rows(2500, seed=9).to_csv(src, index=False)

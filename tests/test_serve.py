@@ -24,14 +24,6 @@ from fmtune.serve import Limits, create_app
 
 
 @pytest.fixture(scope="module")
-def text_run(tmp_path_factory, tiny_st_bert, text_files):
-    out = tmp_path_factory.mktemp("serve") / "run"
-    fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(out), data={"test": str(text_files["test"])},
-                          train={"epochs": 2}), quiet=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def image_run(tmp_path_factory, image_dirs):
     out = tmp_path_factory.mktemp("serve-img") / "run"
     fmtune.train(cfg_dict("mobilenet-v2", image_dirs["train"], out=str(out), model={"image_size": 32},
@@ -172,3 +164,30 @@ def test_real_server_binds_loopback_and_finishes_in_flight_requests_on_sigterm(t
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_schema_fuzz_finds_no_server_error(text_run):
+    """schemathesis generates valid and invalid requests from the service's own OpenAPI schema."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    app = create_app(fmtune.load(text_run), Limits(max_items=16))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    cases = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        # GET endpoints take no input: there is nothing invalid to generate for them
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if operation.method.upper() == "POST" else [])
+        for mode in modes:
+            @settings(max_examples=40, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case):
+                nonlocal cases
+                response = case.call()
+                cases += 1
+                assert response.status_code < 500, (case.body, response.text)
+
+            check()
+    assert cases >= 60  # GET endpoints give one distinct case each; POST the rest

@@ -34,17 +34,22 @@ def _check_encoding(path: Path, encoding: str) -> None:
                 ) from None
 
 
+def _check_table(path: Path, alternatives: str) -> str:
+    """The lower-case suffix of a non-empty table file; a DataError otherwise."""
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .parquet, {alternatives}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    return suffix
+
+
 def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
     """Read CSV/TSV, JSONL or Parquet; every cell of CSV/JSONL is kept as read (no type guessing for text)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .parquet, "
-                        "or a folder of class sub-folders for images")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
+    suffix = _check_table(path, "or a folder of class sub-folders for images")
     if suffix in (".parquet", ".pq"):
         try:
             df = pd.read_parquet(path)
@@ -179,12 +184,7 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
             df.attrs["source"] = str(path)
             yield df, {}
         return
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .parquet, "
-                        "an image file, or a folder of images")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
+    suffix = _check_table(path, "an image file, or a folder of images")
     if suffix in (".parquet", ".pq"):
         yield from _parquet_chunks(path, chunk_rows)
     elif suffix in (".jsonl", ".json"):
