@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require this key (X-API-Key or Authorization: Bearer) on every request but "
                     "/health; also read from $FMTUNE_API_KEY")
     sv.add_argument("--max-batch", type=int, default=64, help="items per forward pass (default: 64)")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0,
-                    help="how long a request waits for others to share its forward pass (default: 5)")
+    sv.add_argument("--max-wait-ms", type=float, default=0.0,
+                    help="requests that arrive while a forward pass runs share the next one; this makes a batch "
+                    "that is not full wait that much longer for more (default: 0)")
     sv.add_argument("--max-items", type=int, default=256, help="inputs per request (default: 256; more: 413)")
     sv.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit (default: 16; more: 413)")
     sv.add_argument("--max-text-chars", type=int, default=20_000, help="characters per text (default: 20000)")

@@ -27,7 +27,7 @@ from fmtune import adapters, ui
 from fmtune.data.prepare import make_dataset, read_frames
 from fmtune.data.readers import read_any
 from fmtune.errors import ConfigError, DataError, ModelError, RunDirError
-from fmtune.fsutil import atomic_dir
+from fmtune.fsutil import atomic_dir, folder_digest
 from fmtune.models import build
 from fmtune.onnx_export import MODEL_FILE, OnnxModel, export_onnx, quantize_int8, write_preprocessing
 from fmtune.run import open_run
@@ -100,7 +100,8 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
         raise RunDirError(f"{target} already exists; pass --overwrite to replace it, or -o another folder")
     ds = check_rows(opened)
     reference = bundle
-    result: dict[str, Any] = {"run": str(opened.dir), "out": str(target), "format": format, "kind": kind,
+    result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),
+                              "out": str(target), "format": format, "kind": kind,
                               "strategy": bundle.adapter or opened.config.strategy.name, "checked_rows": len(ds)}
     if kind == "merged":
         plain = _plain(opened)

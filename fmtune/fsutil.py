@@ -35,3 +35,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")
+
+
+def folder_digest(folder: Path, suffixes: tuple[str, ...] = (".safetensors", ".json", ".onnx")) -> str:
+    """A short content hash of the files of ``folder`` with these suffixes: a model's version."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in suffixes and f.name != "export.json":
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:12]

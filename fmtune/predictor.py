@@ -11,7 +11,6 @@ and ``fmtune serve``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -21,20 +20,17 @@ import torch
 
 from fmtune.data.dataset import ImageData, TextData, decode_image
 from fmtune.errors import ConfigError, DataError
+from fmtune.fsutil import folder_digest
 from fmtune.run import EVAL_FILE, open_run
 from fmtune.training.infer import infer
 
 
-def _version(model_dir: Path) -> str:
-    """A short content hash of the model folder: changes whenever the weights change."""
-    h = hashlib.sha256()
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and f.suffix in (".safetensors", ".json", ".onnx"):
-            h.update(f.name.encode())
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:12]
+def _exported_from(folder: Path) -> str | None:
+    """The version of the run's model an export folder was made from (None: no usable export)."""
+    try:
+        return json.loads((folder / "export.json").read_text())["model_version"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 class Predictor:
@@ -49,16 +45,16 @@ class Predictor:
         self.backend = backend
         if backend == "torch":
             self.model = self.bundle.model.eval()
-            self.version = _version(self.run_dir / "model")
+            self.version = folder_digest(self.run_dir / "model")
         elif backend in ("onnx", "onnx-int8"):
             from fmtune.exporter import export
             from fmtune.onnx_export import MODEL_FILE, OnnxModel
 
             folder = self.run_dir / "export" / backend
-            if not (folder / MODEL_FILE).is_file():  # exported once, checked, then reused
-                export(self.run_dir, format=backend, quiet=True)
+            if _exported_from(folder) != folder_digest(self.run_dir / "model"):  # none yet, or of older weights
+                export(self.run_dir, format=backend, overwrite=True, quiet=True)
             self.model = OnnxModel(folder / MODEL_FILE, self.kind)
-            self.version = _version(folder)
+            self.version = folder_digest(folder)
         else:
             raise ConfigError(f"backend {backend!r} is not one of torch, onnx, onnx-int8")
 

@@ -7,8 +7,8 @@
     GET  /metadata  model, task, labels, strategy, test metrics at training time, service limits
     GET  /docs      OpenAPI documentation
 
-Concurrent requests are gathered for up to ``max_wait_ms`` (or ``max_batch`` items) into one
-forward pass. Bad input is a 4xx with a JSON ``{"error": ...}`` body, never a 500, and the
+Requests that arrive while a forward pass runs are gathered (up to ``max_batch`` items) into
+the next one; ``max_wait_ms`` makes a batch that is not full wait that much longer for more. Bad input is a 4xx with a JSON ``{"error": ...}`` body, never a 500, and the
 service goes on: malformed JSON (400), missing key (401), wrong types, an empty list or an
 input that is not an image (422), a body, item count or text over its limit (413).
 """
@@ -34,7 +34,7 @@ from fmtune.errors import DataError
 @dataclass
 class Limits:
     max_batch: int = 64  # items per forward pass
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_wait_ms: float = 0.0  # how long a batch that is not full waits for more requests
     max_items: int = 256  # items per request
     max_body_mb: float = 16.0
     max_text_chars: int = 20_000
@@ -69,15 +69,20 @@ class MicroBatcher:
         while True:
             jobs = [await self.queue.get()]
             n = len(jobs[0][0])
+            # everything that queued up while the previous forward pass ran joins this one; with
+            # max_wait_ms, a batch that is not full also waits that long for more
             deadline = time.monotonic() + self.limits.max_wait_ms / 1000
             while n < self.limits.max_batch:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
+                if not self.queue.empty():
+                    job = self.queue.get_nowait()
+                else:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self.queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        break
                 jobs.append(job)
                 n += len(job[0])
             items = [x for job, _ in jobs for x in job]

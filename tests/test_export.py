@@ -55,6 +55,12 @@ def test_onnx_backend_predicts_like_torch(text_run, text_files):
     a, b = torch_p.predict(texts), onnx_p.predict(texts)
     assert [x["label"] for x in a] == [x["label"] for x in b]
     assert [x["score"] for x in a] == pytest.approx([x["score"] for x in b], abs=1e-4)
+    # an export of other weights (the run was resumed since) is made again before it is served
+    record = text_run / "export" / "onnx" / "export.json"
+    stale = {**json.loads(record.read_text()), "model_version": "older"}
+    record.write_text(json.dumps(stale))
+    fmtune.load(text_run, backend="onnx")
+    assert json.loads(record.read_text())["model_version"] == torch_p.version
 
 
 def test_image_and_lora_runs_export_to_onnx(tmp_path, image_dirs, tiny_bert, text_files):
