@@ -53,8 +53,9 @@ def _summary(frames: Any, cfg: config_mod.Config, data: dict[str, Any]) -> dict[
 
 
 def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False, resume: str | Path | None = None,
-          quiet: bool = False) -> dict[str, Any]:
+          quiet: bool = False, report: bool = True) -> dict[str, Any]:
     """Fine-tune as configured; returns the run summary (run dir, best metric, test metrics).
+    Writes ``report.html`` into the run directory at the end unless ``report`` is False.
 
     ``cfg`` is a Config, a dict, or a YAML path. ``resume`` continues an interrupted run
     from its last checkpoint (its saved config is used).
@@ -119,7 +120,27 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         summary["eval"] = _evaluate_run(OpenRun(run_dir, cfg, task, bundle), data["test"],
                                         cfg.train.baseline, quiet, source=cfg.data.test,
                                         train_ds=data["train"])
+    _log_hparams(run_dir, cfg, result, summary.get("eval", {}).get("test", {}))
+    if report:
+        from fmtune.report import write_report
+
+        summary["report"] = str(write_report(run_dir))
+        if not quiet:
+            out.print(f"report: {summary['report']}")
     return summary
+
+
+def _log_hparams(run_dir: Path, cfg: config_mod.Config, result: Any, test: dict[str, float]) -> None:
+    """The run's settings against its results, for TensorBoard's hyper-parameter view."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    hp = {"model": cfg.model.name, "strategy": cfg.strategy.name, "lr": cfg.train.lr,
+          "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs, "weight_decay": cfg.train.weight_decay,
+          "seed": cfg.train.seed}
+    metrics = {f"hparam/val_{result.metric}": result.best if result.best is not None else float("nan"),
+               **{f"hparam/test_{k}": v for k, v in test.items()}}
+    with SummaryWriter(str(run_dir / "tb")) as w:
+        w.add_hparams(hp, metrics, run_name="hparams")
 
 
 def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, Any],
@@ -149,6 +170,7 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
     (run.dir / "classification_report.txt").write_text(report)
     png = evaluation.confusion_png(task, logits, targets, run.dir / "confusion_matrix.png",
                                    title=f"{run.dir.name}: test confusion matrix")
+    result["mistakes"] = evaluation.confident_mistakes(task, logits, targets, ds, run.bundle, run.dir / "mistakes.png")
     if baseline:
         if train_ds is None:
             frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
@@ -319,6 +341,36 @@ def datasets() -> list[dict[str, str]]:
 
     return [{"name": n, "kind": DATASETS.get(n).kind, "package": DATASETS.get(n).package,
              "description": DATASETS.get(n).description} for n in DATASETS.names()]
+
+
+def report(run: str | Path, quiet: bool = False) -> Path:
+    """Write (again) ``RUN/report.html`` from the run directory."""
+    from fmtune.report import write_report
+
+    path = write_report(run)
+    if not quiet:
+        ui.console.print(f"report: {path}")
+    return path
+
+
+def compare(runs: list[str | Path], output: str | Path = "compare.html", quiet: bool = False) -> Path:
+    """Compare runs side by side: prints a table, writes ``output`` (HTML)."""
+    from fmtune.report import compare as _compare
+
+    path, header, rows = _compare(runs, output)
+    if not quiet:
+        def short(i: int, v: Any) -> str:
+            if i == 1:
+                return Path(str(v)).name  # a model path: its folder name
+            if isinstance(v, int):
+                return f"{v:,}"
+            if isinstance(v, float):
+                return f"{v:.1f}" if header[i] in ("train s", "epochs") else f"{v:.4f}"
+            return str(v)
+
+        ui.console.print(ui.table("runs", header, [[short(i, v) for i, v in enumerate(r)] for r in rows]))
+        ui.console.print(f"compare: {path}")
+    return path
 
 
 def read_eval(run: str | Path) -> dict[str, Any]:

@@ -33,13 +33,13 @@ def cmd_train(a: argparse.Namespace) -> None:
     from fmtune import api, config
 
     if a.resume:
-        api.train(None, resume=a.resume, quiet=a.quiet)
+        api.train(None, resume=a.resume, quiet=a.quiet, report=not a.no_report)
         return
     flags = {"model.name": a.model, "data.train": a.data, "data.val": a.val, "data.test": a.test,
              "task.type": a.task, "strategy.name": a.strategy, "train.epochs": a.epochs, "out": a.out,
              "name": a.name, "train.baseline": True if a.baseline else None}
     cfg = config.load(a.config, overrides=a.set, base={k: v for k, v in flags.items() if v is not None})
-    api.train(cfg, overwrite=a.overwrite, quiet=a.quiet)
+    api.train(cfg, overwrite=a.overwrite, quiet=a.quiet, report=not a.no_report)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -72,6 +72,18 @@ def cmd_serve(a: argparse.Namespace) -> None:
                     max_body_mb=a.max_body_mb, max_text_chars=a.max_text_chars, long_text=a.long_text)
     serve(a.run, a.host, a.port, api_key=a.api_key or os.environ.get("FMTUNE_API_KEY") or None, limits=limits,
           backend=a.backend, quiet=a.quiet)
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from fmtune import api
+
+    api.report(a.run, quiet=a.quiet)
+
+
+def cmd_compare(a: argparse.Namespace) -> None:
+    from fmtune import api
+
+    api.compare(a.runs, a.output, quiet=a.quiet)
 
 
 def cmd_models(a: argparse.Namespace) -> None:
@@ -140,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any setting, e.g. --set train.lr=3e-5 (repeatable)")
     t.add_argument("--overwrite", action="store_true", help="replace the run directory if it exists")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
 
     e = verb("evaluate", cmd_evaluate, "score a trained run on a labelled file; writes eval.json, a report and "
              "a confusion matrix")
@@ -192,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-text-chars", type=int, default=20_000, help="characters per text (default: 20000)")
     sv.add_argument("--long-text", choices=["truncate", "reject"], default="truncate",
                     help="a longer text: cut it (the response lists which) or answer 413 (default: truncate)")
+
+    rp = verb("report", cmd_report, "write RUN/report.html: one self-contained page with the config, data summary, "
+              "training curves, test results against the baseline, confusion matrix, confident mistakes, environment")
+    rp.add_argument("run", help="run directory")
+    cp = verb("compare", cmd_compare, "compare runs side by side: strategy, trainable parameters, time, metrics "
+              "(a table here and an HTML page)")
+    cp.add_argument("runs", nargs="+", help="run directories")
+    cp.add_argument("-o", "--output", default="compare.html", help="HTML file to write (default: compare.html)")
 
     verb("models", cmd_models, "list the models available offline")
     ds = verb("datasets", cmd_datasets, "list the datasets available offline, or export one to files")

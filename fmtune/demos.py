@@ -59,6 +59,8 @@ def demo(task: str = "text", out: str | Path | None = None, seed: int = 0, overw
     summary = api.train(cfg, overwrite=overwrite, quiet=quiet)
     summary["wall_seconds"] = time.perf_counter() - started
     if not quiet:
-        ui.console.print(f"\n[bold]run directory:[/] {run_dir}  (eval.json, model/, metrics.jsonl, config.yaml)")
+        ui.console.print(f"\n[bold]run directory:[/] {run_dir}  (report.html, eval.json, model/, metrics.jsonl, "
+                         "config.yaml, tb/)")
+        ui.console.print(f"open the report: {run_dir / 'report.html'}")
         ui.console.print(f"demo finished in {summary['wall_seconds']:.0f}s")
     return summary

@@ -120,3 +120,41 @@ def _as_logits(probe: Any, task: Any, x: np.ndarray, keep: np.ndarray | None) ->
     proba = np.full((len(x), len(task.labels)), 1e-12)
     proba[:, probe.classes_] = probe.predict_proba(x)
     return torch.from_numpy(np.log(proba)).float()
+
+
+def confident_mistakes(task: Any, logits: torch.Tensor, targets: torch.Tensor, ds: Any, bundle: Any,
+                       png: Path, k: int = 8) -> list[dict[str, Any]]:
+    """The ``k`` wrong predictions made with the highest confidence (single-label classification):
+    position in the split, true and predicted label, score, and the input (text as the model read
+    it; images drawn into ``png``)."""
+    if task.name != "classification" or not len(targets):
+        return []
+    probs = logits.float().softmax(-1)
+    score, pred = probs.max(-1)
+    wrong = torch.nonzero((pred != targets) & (targets >= 0)).flatten()
+    order = wrong[score[wrong].argsort(descending=True)][:k].tolist()
+    out = [{"position": i, "true": task.labels[int(targets[i])], "predicted": task.labels[int(pred[i])],
+            "score": round(float(score[i]), 4)} for i in order]
+    if bundle.kind == "text":
+        for rec in out:
+            text = bundle.tokenizer.decode(ds.input_ids[rec["position"]], skip_special_tokens=True)
+            rec["input"] = text[:400]
+    elif out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from fmtune.data.dataset import decode_image
+
+        fig, axes = plt.subplots(1, len(out), figsize=(2.2 * len(out), 2.6), squeeze=False)
+        for ax, rec in zip(axes[0], out):
+            src = ds.images[rec["position"]]
+            img = src if isinstance(src, torch.Tensor) else decode_image(src, int(bundle.image["size"]))
+            ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.set_title(f"true {rec['true']}\npred {rec['predicted']} {rec['score']:.2f}", fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(png, dpi=90)
+        plt.close(fig)
+    return out

@@ -8,9 +8,10 @@
     GET  /docs      OpenAPI documentation
 
 Requests that arrive while a forward pass runs are gathered (up to ``max_batch`` items) into
-the next one; ``max_wait_ms`` makes a batch that is not full wait that much longer for more. Bad input is a 4xx with a JSON ``{"error": ...}`` body, never a 500, and the
-service goes on: malformed JSON (400), missing key (401), wrong types, an empty list or an
-input that is not an image (422), a body, item count or text over its limit (413).
+the next one; ``max_wait_ms`` makes a batch that is not full wait that much longer for more.
+Bad input is a 4xx with a JSON ``{"error": ...}`` body, never a 500, and the service goes on:
+malformed JSON (400), missing key (401), wrong types, an empty list or an input that is not an
+image (422), a body, item count or text over its limit (413).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from test_report import CHROMIUM, check_render
 
 import fmtune
 from fmtune.zoo.datasets import DATASETS, split
@@ -52,12 +53,25 @@ def test_linear_probe_on_frozen_minilm_matches_sklearn(tmp_path, rt_files):
     assert abs(ev["test"]["accuracy"] - ev["baseline"]["accuracy"]) <= 0.03, ev
 
 
-@pytest.mark.parametrize("task", ["text", "image"])
-def test_demo_beats_the_pretrained_baseline(tmp_path, task):
-    s = fmtune.demo(task, out=tmp_path / task, quiet=True)
-    ev = json.loads((tmp_path / task / "eval.json").read_text())
+@pytest.fixture(scope="module", params=["text", "image"])
+def demo_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / request.param
+    return out, fmtune.demo(request.param, out=out, quiet=True)
+
+
+def test_demo_beats_the_pretrained_baseline(demo_run):
+    run_dir, summary = demo_run
+    ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["test"]["accuracy"] > ev["baseline"]["accuracy"] + 0.02, ev
-    assert s["wall_seconds"] < 180
+    assert summary["wall_seconds"] < 180
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_demo_report_renders_in_headless_chromium(demo_run, tmp_path):
+    run_dir, _ = demo_run
+    check_render(run_dir, tmp_path)
+    page = (run_dir / "report.html").read_text()
+    assert "pretrained baseline" in page and "Most confident mistakes" in page
 
 
 def test_real_minilm_lora_run_is_small_and_merges_exactly(tmp_path, rt_files):

@@ -29,7 +29,7 @@ from fmtune.training import checkpoint
 from fmtune.training.infer import infer
 from fmtune.training.optim import make_optimizer, make_scheduler
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE, TB_DIR = "metrics.jsonl", "tb"
 
 
 @dataclass
@@ -47,7 +47,8 @@ class FitResult:
 
 
 class _Log:
-    """metrics.jsonl: appended line by line; on resume, lines after the checkpoint are dropped."""
+    """metrics.jsonl, appended line by line, and the same numbers as TensorBoard scalars in
+    ``tb/``; on resume, what was logged after the checkpoint is dropped from both."""
 
     def __init__(self, path: Path, keep_until_step: int | None):
         self.path = path
@@ -57,10 +58,22 @@ class _Log:
             path.write_text("".join(ln + "\n" for ln in kept))
         elif keep_until_step is None:
             path.write_text("")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(path.parent / TB_DIR), purge_step=(keep_until_step or 0) + 1
+                                if keep_until_step else None)
 
     def write(self, **record: Any) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
+        kind = {"train": "train", "eval": "val"}.get(record.get("type", ""), record.get("type", "log"))
+        for k, v in record.items():
+            if k not in ("type", "step", "epoch", "seconds", "best") and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{kind}/{k}", v, record.get("step", 0))
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
 
 
 def _improved(value: float, best: float | None, greater: bool, min_delta: float) -> bool:
@@ -238,6 +251,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                           f"{checkpoint.saved_step(run_dir)}: continue with  fmtune train --resume {run_dir}") from None
     finally:
         stop.restore()
+        log.close()
     if progress:
         progress.stop()
     seconds = time.perf_counter() - started

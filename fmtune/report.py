@@ -1,0 +1,249 @@
+"""``fmtune report RUN`` and ``fmtune compare RUN...``: one self-contained HTML page per run (or
+per comparison), made from what the run directory already holds. Plots are matplotlib (Agg)
+PNGs inlined as data URIs; no script, stylesheet or font comes from the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fmtune.errors import RunDirError
+from fmtune.fsutil import write_text_atomic
+
+REPORT_FILE, COMPARE_FILE = "report.html", "compare.html"
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1080px;
+color:#222;padding:0 1rem}h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.3rem .6rem;text-align:left;
+font-size:.9rem}th{background:#f4f4f4}img{max-width:100%}pre{background:#f7f7f7;padding:.8rem;overflow:auto;
+font-size:.8rem}.num{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}"""
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _records(p: Path) -> list[dict[str, Any]]:
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return _img_tag(buf.getvalue())
+
+
+def _img_tag(data: bytes, alt: str = "") -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f'<td class="num">{v:.4f}</td>'
+        if isinstance(v, int):
+            return f'<td class="num">{v:,}</td>'
+        return f"<td>{html.escape(str(v))}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curves(log: list[dict[str, Any]], metric: str, best_step: int | None) -> str:
+    plt = _plt()
+    train = [r for r in log if r.get("type") == "train"]
+    evals = [r for r in log if r.get("type") == "eval"]
+    if not train and not evals:
+        return '<p class="muted">no training log</p>'
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals and "loss" in evals[0]:
+        axes[0].plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="val loss")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    if evals:
+        axes[1].plot([r["step"] for r in evals], [r.get(metric) for r in evals], "o-", color="tab:green")
+        if best_step is not None:
+            axes[1].axvline(best_step, color="tab:red", ls="--", label=f"best (step {best_step})")
+            axes[1].legend()
+    axes[1].set_title(f"validation {metric}")
+    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:purple")
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _data_section(cfg: dict[str, Any], info: dict[str, Any]) -> str:
+    plt = _plt()
+    data = info.get("data") or {}
+    parts = []
+    rows = [[name, d.get("rows", ""), d.get("source") or ("split off train" if name == "val" else "")]
+            for name, d in data.items() if isinstance(d, dict)]
+    parts.append(_table(["split", "rows", "source"], rows))
+    counts = {name: d["label_counts"] for name, d in data.items() if isinstance(d, dict) and d.get("label_counts")}
+    if counts:
+        labels = sorted({lab for c in counts.values() for lab in c})
+        fig, ax = plt.subplots(figsize=(min(3 + 0.5 * len(labels) * len(counts), 12), 3))
+        width = 0.8 / len(counts)
+        for j, (name, c) in enumerate(counts.items()):
+            total = sum(c.values()) or 1
+            ax.bar([i + j * width for i in range(len(labels))], [c.get(lab, 0) / total for lab in labels], width,
+                   label=name)
+        ax.set_xticks([i + width * (len(counts) - 1) / 2 for i in range(len(labels))], labels,
+                      rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
+        ax.set_ylabel("share of rows")
+        ax.set_title("class balance per split")
+        ax.legend()
+        parts.append(_png(fig))
+    train = (cfg.get("data") or {}).get("train")
+    col = (cfg.get("data") or {}).get("text_column", "text")
+    if train and Path(train).is_file():
+        try:
+            from fmtune.data.readers import read_table
+
+            df = read_table(train, (cfg.get("data") or {}).get("encoding", "utf-8"))
+            if col in df:
+                lengths = df[col].dropna().astype(str).str.split().str.len()
+                fig, ax = plt.subplots(figsize=(6, 2.8))
+                ax.hist(lengths, bins=40, color="tab:blue")
+                ax.set_xlabel("words per text (training data)")
+                ax.set_ylabel("rows")
+                parts.append(_png(fig))
+        except Exception:  # the histogram is a nicety; the data may have moved since
+            parts.append('<p class="muted">training file not readable any more: no length histogram</p>')
+    return "\n".join(parts)
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """The facts of a run that reports and comparisons show."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"{run_dir} is not an fmtune run directory (config.yaml missing)")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    info = _read_json(run_dir / "run.json") or {}
+    ev = _read_json(run_dir / "eval.json") or {}
+    fit = info.get("fit") or {}
+    params = info.get("params") or {}
+    return {"run": run_dir.name, "dir": str(run_dir), "model": (cfg.get("model") or {}).get("name"),
+            "strategy": (cfg.get("strategy") or {}).get("name"), "task": (cfg.get("task") or {}).get("type"),
+            "trainable_params": params.get("trainable_params"), "total_params": params.get("total_params"),
+            "seconds": fit.get("seconds"), "epochs": fit.get("epochs"), "metric": fit.get("metric"),
+            "best_val": fit.get("best"), "best_step": fit.get("best_step"), "test": ev.get("test") or {},
+            "baseline": ev.get("baseline") or {}, "cfg": cfg, "info": info, "eval": ev}
+
+
+def write_report(run: str | Path) -> Path:
+    """Write ``RUN/report.html`` and return its path."""
+    s = run_summary(Path(run))
+    run_dir = Path(s["dir"])
+    cfg, info, ev = s["cfg"], s["info"], s["eval"]
+    sections = [f"<h1>fmtune run {html.escape(s['run'])}</h1>",
+                f"<p>{html.escape(str(s['model']))} &middot; task {html.escape(str(s['task']))} &middot; strategy "
+                f"{html.escape(str(s['strategy']))} &middot; {s['trainable_params'] or 0:,} of "
+                f"{s['total_params'] or 0:,} parameters trained</p>"]
+    if s["test"]:
+        keys = list(s["test"])
+        rows = []
+        if s["baseline"]:
+            rows.append(["pretrained baseline (linear probe)", *[s["baseline"].get(k, float("nan")) for k in keys]])
+        rows.append(["fine-tuned", *[s["test"][k] for k in keys]])
+        sections += [f"<h2>Test results ({ev.get('n_test', '?')} examples)</h2>", _table(["model", *keys], rows)]
+        if s["baseline"]:
+            sections.append(f'<p class="muted">baseline: {html.escape(ev.get("baseline_method", ""))}</p>')
+    sections += ["<h2>Training</h2>", _curves(_records(run_dir / "metrics.jsonl"), s["metric"] or "", s["best_step"])]
+    fit = info.get("fit") or {}
+    if fit:
+        stop = ("stopped early (patience)" if fit.get("stopped_early") else
+                "stopped at the time budget" if fit.get("out_of_time") else "ran all epochs")
+        sections.append(f"<p>{fit.get('steps')} steps ({fit.get('epochs', 0):.2f} epochs) in "
+                        f"{fit.get('seconds', 0):.0f} s, "
+                        f"{fit.get('samples_per_s', 0):.1f} samples/s; {stop}; best validation {fit.get('metric')} "
+                        f"{fit.get('best') if fit.get('best') is not None else 'n/a'} at step {fit.get('best_step')} "
+                        "(the checkpoint kept)</p>")
+    for title, name in (("Confusion matrix (test)", "confusion_matrix.png"),):
+        if (run_dir / name).is_file():
+            sections += [f"<h2>{title}</h2>", _img_tag((run_dir / name).read_bytes(), title)]
+    if (run_dir / "classification_report.txt").is_file():
+        sections.append(f"<pre>{html.escape((run_dir / 'classification_report.txt').read_text())}</pre>")
+    mistakes = ev.get("mistakes") or []
+    if mistakes:
+        sections.append("<h2>Most confident mistakes (test)</h2>")
+        if "input" in mistakes[0]:
+            sections.append(_table(["true", "predicted", "score", "input"],
+                                   [[m["true"], m["predicted"], m["score"], m["input"]] for m in mistakes]))
+        elif (run_dir / "mistakes.png").is_file():
+            sections.append(_img_tag((run_dir / "mistakes.png").read_bytes(), "most confident mistakes"))
+    for title, name in (("Robustness", "robustness.png"), ("Explanations", "explanations.png")):
+        if (run_dir / name).is_file():  # written by later verbs when they exist
+            sections += [f"<h2>{title}</h2>", _img_tag((run_dir / name).read_bytes(), title)]
+    sections += ["<h2>Data</h2>", _data_section(cfg, info)]
+    env = [["hardware", info.get("hardware", "")], ["params", json.dumps(info.get("params", {}))],
+           *[[k, v] for k, v in (info.get("versions") or {}).items()], ["report made with python",
+                                                                          platform.python_version()]]
+    sections += ["<h2>Environment</h2>", _table(["", ""], env),
+                 "<h2>Config</h2>", f"<pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>"]
+    page = _page(f"fmtune report: {s['run']}", "\n".join(sections))
+    out = run_dir / REPORT_FILE
+    write_text_atomic(out, page)
+    return out
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+def compare(runs: list[str | Path], out: str | Path) -> tuple[Path, list[str], list[list[Any]]]:
+    """Write a side-by-side HTML of ``runs``; returns its path and the table (header, rows)."""
+    summaries = [run_summary(Path(r)) for r in runs]
+    metrics = list(dict.fromkeys(k for s in summaries for k in s["test"]))
+    header = ["run", "model", "strategy", "trainable params", "train s", "epochs", "best val", *metrics]
+    rows = [[s["run"], s["model"], s["strategy"], s["trainable_params"] or 0, float(s["seconds"] or 0),
+             float(s["epochs"] or 0), float(s["best_val"]) if s["best_val"] is not None else "",
+             *[float(s["test"][m]) if m in s["test"] else "" for m in metrics]] for s in summaries]
+    plt = _plt()
+    figs = ""
+    if metrics:
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(summaries) * len(metrics)), 3.2))
+        width = 0.8 / len(metrics)
+        for j, m in enumerate(metrics):
+            ax.bar([i + j * width for i in range(len(summaries))], [s["test"].get(m, 0) for s in summaries], width,
+                   label=m)
+        ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(summaries))],
+                      [s["run"] for s in summaries], rotation=20, ha="right")
+        ax.set_title("test metrics")
+        ax.legend()
+        figs = _png(fig)
+    body = (f"<h1>fmtune: {len(summaries)} runs compared</h1>" + _table(header, rows) + figs
+            + "".join(f'<p class="muted">{html.escape(s["run"])}: {html.escape(s["dir"])}</p>' for s in summaries))
+    out = Path(out)
+    write_text_atomic(out, _page("fmtune compare", body))
+    return out, header, rows

@@ -1,0 +1,97 @@
+"""report.html (self-contained, every section that applies), TensorBoard logs, compare, and a
+render in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import cfg_dict
+
+import fmtune
+from fmtune import api
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _inline_images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_report_is_self_contained_and_complete(text_run):
+    page = (text_run / "report.html").read_text()  # written at the end of training
+    assert not re.search(r'(src|href)="(https?:)?//', page) and "<script" not in page  # nothing from a network
+    for section in ("Test results", "fine-tuned", "Training",
+                    "Confusion matrix", "Most confident mistakes", "Data", "Environment", "Config"):
+        assert section in page, section
+    from PIL import Image
+
+    images = _inline_images(page)
+    assert len(images) >= 4  # curves, confusion matrix, class balance, text lengths
+    for data in images:
+        Image.open(io.BytesIO(data)).verify()
+    mistakes = json.loads((text_run / "eval.json").read_text())["mistakes"]
+    assert mistakes and all(m["true"] != m["predicted"] for m in mistakes)
+    assert [m["score"] for m in mistakes] == sorted((m["score"] for m in mistakes), reverse=True)
+    assert mistakes[0]["input"] in page
+
+
+def test_tensorboard_logs_scalars_and_hparams(text_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(text_run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/samples_per_s", "val/accuracy", "val/loss"} <= tags
+    evals = [json.loads(x) for x in (text_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e.value for e in acc.Scalars("val/accuracy")] == pytest.approx([e["accuracy"] for e in evals])
+    assert (text_run / "tb" / "hparams").is_dir()
+
+
+def test_no_report_and_compare(tmp_path, tiny_st_bert, text_files, text_run):
+    s = fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / "head"),
+                              strategy={"name": "head"}, data={"test": str(text_files["test"])}), quiet=True,
+                     report=False)
+    assert not (tmp_path / "head" / "report.html").exists() and "report" not in s
+    api.report(tmp_path / "head", quiet=True)
+    assert (tmp_path / "head" / "report.html").exists()
+    out = api.compare([text_run, tmp_path / "head"], tmp_path / "cmp.html", quiet=True)
+    page = out.read_text()
+    assert "head" in page and "full" in page and len(_inline_images(page)) == 1
+
+
+def render(html_file: Path, png: Path) -> str:
+    """Load a page in headless Chromium, screenshot it; returns what Chromium logged."""
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={png.parent / 'chromium-profile'}", "--enable-logging=stderr",
+                           "--window-size=1200,2400", f"--screenshot={png}", html_file.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def check_render(run_dir: Path, tmp_path: Path) -> None:
+    """The report renders: a real screenshot, every image decodes, nothing failed to load and no
+    console error."""
+    from PIL import Image, ImageStat
+
+    png = tmp_path / f"{run_dir.name}-report.png"
+    log = render(run_dir / "report.html", png)
+    assert "Failed to load resource" not in log and "Uncaught" not in log and ":CONSOLE" not in log, log[-2000:]
+    shot = Image.open(png).convert("L")
+    assert shot.size == (1200, 2400) and ImageStat.Stat(shot).stddev[0] > 10  # not a blank page
+    for data in _inline_images((run_dir / "report.html").read_text()):
+        Image.open(io.BytesIO(data)).load()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(text_run, tmp_path):
+    check_render(text_run, tmp_path)
