@@ -25,7 +25,7 @@ from fmtune.fsutil import write_json
 from fmtune.models import build
 from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
 from fmtune.strategies import apply_strategy
-from fmtune.training import cache, checkpoint, hardware, optim
+from fmtune.training import cache, checkpoint, hardware, optim, trackers
 from fmtune.training.infer import infer
 from fmtune.training.loop import fit, resolve_metric
 
@@ -70,6 +70,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
             config_mod.from_dict(cfg) if isinstance(cfg, dict) else config_mod.load(cfg))
         run_dir = None
     hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads)
+    trackers.check(cfg.train.tracker)  # a tracker that is not installed stops us before any work
     set_seed(cfg.train.seed)
     frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
     task = read_task(run_dir) if resume is not None else make_task(cfg.task, cfg.data, frames.train)
@@ -99,9 +100,29 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet)
     if not quiet:
         out.print(f"  feature cache: {cache_note}")
+    tracked = trackers.make(cfg.train.tracker, run_dir, cfg.to_dict())
+    try:
+        summary = _fit_and_test(cfg, bundle, task, data, frames, counts, hw, run_dir, resume, quiet, net,
+                                train_ds, val_ds, tracked)
+    finally:
+        for t in tracked:
+            t.close()
+    if report:
+        from fmtune.report import write_report
+
+        summary["report"] = str(write_report(run_dir))
+        if not quiet:
+            out.print(f"report: {summary['report']}")
+    return summary
+
+
+def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], frames: Any,
+                  counts: dict[str, Any], hw: Any, run_dir: Path, resume: Any, quiet: bool, net: Any,
+                  train_ds: Any, val_ds: Any, tracked: list[Any]) -> dict[str, Any]:
+    out = ui.console
     result = fit(bundle, task, train_ds, val_ds, cfg.train, run_dir, hardware=hw,
                  resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
-                 progress=ui.FitProgress(quiet), net=net)
+                 progress=ui.FitProgress(quiet), net=net, trackers=tracked)
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, data),
             "fit": {k: v for k, v in vars(result).items() if k != "history"},
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
@@ -120,13 +141,10 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         summary["eval"] = _evaluate_run(OpenRun(run_dir, cfg, task, bundle), data["test"],
                                         cfg.train.baseline, quiet, source=cfg.data.test,
                                         train_ds=data["train"])
-    _log_hparams(run_dir, cfg, result, summary.get("eval", {}).get("test", {}))
-    if report:
-        from fmtune.report import write_report
-
-        summary["report"] = str(write_report(run_dir))
-        if not quiet:
-            out.print(f"report: {summary['report']}")
+    test = summary.get("eval", {}).get("test", {})
+    _log_hparams(run_dir, cfg, result, test)
+    for t in tracked:
+        t.log({f"test/{k}": v for k, v in test.items()}, result.steps)
     return summary
 
 

@@ -37,7 +37,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         return
     flags = {"model.name": a.model, "data.train": a.data, "data.val": a.val, "data.test": a.test,
              "task.type": a.task, "strategy.name": a.strategy, "train.epochs": a.epochs, "out": a.out,
-             "name": a.name, "train.baseline": True if a.baseline else None}
+             "name": a.name, "train.baseline": True if a.baseline else None, "train.tracker": a.tracker}
     cfg = config.load(a.config, overrides=a.set, base={k: v for k, v in flags.items() if v is not None})
     api.train(cfg, overwrite=a.overwrite, quiet=a.quiet, report=not a.no_report)
 
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the run directory if it exists")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    t.add_argument("--tracker", choices=["tensorboard", "mlflow", "wandb"],
+                   help="also log to MLflow (file store runs/mlruns) or W&B (offline); tb/ is always written")
 
     e = verb("evaluate", cmd_evaluate, "score a trained run on a labelled file; writes eval.json, a report and "
              "a confusion matrix")

@@ -128,6 +128,9 @@ class TrainConfig:
     log_every: int = _f(10, "log train loss, learning rate and throughput every K optimizer steps")
     baseline: bool = _f(False, "with a test set: also score the pretrained baseline (linear probe, frozen backbone)")
     seed: int = _f(42, "seed for data splits, order, initialisation and dropout")
+    tracker: Literal["tensorboard", "mlflow", "wandb"] = _f(
+        "tensorboard", "also log to MLflow (local file store runs/mlruns) or Weights & Biases (offline); "
+        "TensorBoard logs (tb/) are always written")
     feature_cache: Literal["auto", "off"] = _f(
         "auto", "compute the frozen part of the backbone once and train only the rest (head, last_n)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(

@@ -125,7 +125,28 @@ def _data_section(cfg: dict[str, Any], info: dict[str, Any]) -> str:
         parts.append(_png(fig))
     train = (cfg.get("data") or {}).get("train")
     col = (cfg.get("data") or {}).get("text_column", "text")
-    if train and Path(train).is_file():
+    if train and Path(train).is_dir():  # an image folder: the sizes the images came in
+        from PIL import Image
+
+        from fmtune.data.readers import list_images
+
+        sizes = []
+        for f in list_images(Path(train))[:5000]:
+            try:
+                with Image.open(f) as im:  # reads the header only
+                    sizes.append(im.size)
+            except OSError:
+                continue
+        if sizes:
+            fig, ax = plt.subplots(figsize=(6, 2.8))
+            ax.hist([w for w, _ in sizes], bins=30, alpha=0.6, label="width")
+            ax.hist([h for _, h in sizes], bins=30, alpha=0.6, label="height")
+            ax.set_xlabel("pixels (training images, before resizing)")
+            ax.set_ylabel("images")
+            ax.legend()
+            parts.append(_png(fig))
+            parts.append(f'<p class="muted">sizes of {len(sizes):,} training images before resizing</p>')
+    elif train and Path(train).is_file():
         try:
             from fmtune.data.readers import read_table
 
@@ -137,6 +158,8 @@ def _data_section(cfg: dict[str, Any], info: dict[str, Any]) -> str:
                 ax.set_xlabel("words per text (training data)")
                 ax.set_ylabel("rows")
                 parts.append(_png(fig))
+                parts.append(f'<p class="muted">words per text in the training data (median '
+                             f'{int(lengths.median())}, longest {int(lengths.max())})</p>')
         except Exception:  # the histogram is a nicety; the data may have moved since
             parts.append('<p class="muted">training file not readable any more: no length histogram</p>')
     return "\n".join(parts)

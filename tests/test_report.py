@@ -95,3 +95,38 @@ def check_render(run_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(text_run, tmp_path):
     check_render(text_run, tmp_path)
+
+
+def test_trackers_missing_package_is_a_clear_error(tmp_path, tiny_st_bert, text_files):
+    from fmtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.tracker=mlflow: the mlflow package is not installed"):
+        fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / "r"),
+                              train={"tracker": "mlflow"}), quiet=True)
+    assert not (tmp_path / "r").exists()  # stopped before anything was written
+
+
+def test_trackers_receive_params_and_every_logged_number(tmp_path, tiny_st_bert, text_files, monkeypatch):
+    """The integration code, against stand-ins recording what mlflow / wandb would be told."""
+    import sys
+    from types import SimpleNamespace
+
+    calls: dict[str, list] = {"params": [], "metrics": [], "uri": [], "ended": [], "wandb": []}
+    fake_mlflow = SimpleNamespace(set_tracking_uri=calls["uri"].append, set_experiment=lambda name: None,
+                                  start_run=lambda run_name: None, log_params=calls["params"].append,
+                                  log_metrics=lambda m, step: calls["metrics"].append((step, m)),
+                                  end_run=lambda: calls["ended"].append(True))
+    run = SimpleNamespace(log=lambda m, step: calls["wandb"].append((step, m)), finish=lambda: calls["ended"].append(1))
+    fake_wandb = SimpleNamespace(init=lambda **kw: calls["wandb"].append(kw) or run)
+    monkeypatch.setitem(sys.modules, "mlflow", fake_mlflow)
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for tracker in ("mlflow", "wandb"):
+        fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / tracker),
+                              data={"test": str(text_files["test"])}, train={"tracker": tracker}),
+                     quiet=True, report=False)
+    assert calls["uri"] == [(tmp_path / "mlruns").as_uri()]
+    assert calls["params"][0]["strategy.name"] == "full" and calls["ended"] == [True, 1]
+    logged = {k for _, m in calls["metrics"] for k in m}
+    assert {"train/loss", "val/accuracy", "test/accuracy"} <= logged
+    assert calls["wandb"][0]["name"] == "wandb" and any("test/accuracy" in m for _, m in calls["wandb"][1:])

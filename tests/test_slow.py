@@ -72,6 +72,7 @@ def test_demo_report_renders_in_headless_chromium(demo_run, tmp_path):
     check_render(run_dir, tmp_path)
     page = (run_dir / "report.html").read_text()
     assert "pretrained baseline" in page and "Most confident mistakes" in page
+    assert ("words per text" if run_dir.name == "text" else "before resizing") in page  # the data summary
 
 
 def test_real_minilm_lora_run_is_small_and_merges_exactly(tmp_path, rt_files):

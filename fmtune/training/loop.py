@@ -50,8 +50,8 @@ class _Log:
     """metrics.jsonl, appended line by line, and the same numbers as TensorBoard scalars in
     ``tb/``; on resume, what was logged after the checkpoint is dropped from both."""
 
-    def __init__(self, path: Path, keep_until_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, keep_until_step: int | None, trackers: list[Any] = ()):
+        self.path, self.trackers = path, list(trackers)
         if keep_until_step is not None and path.exists():
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
@@ -67,10 +67,13 @@ class _Log:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
         kind = {"train": "train", "eval": "val"}.get(record.get("type", ""), record.get("type", "log"))
-        for k, v in record.items():
-            if k not in ("type", "step", "epoch", "seconds", "best") and isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{kind}/{k}", v, record.get("step", 0))
+        scalars = {f"{kind}/{k}": v for k, v in record.items()
+                   if k not in ("type", "step", "epoch", "seconds", "best") and isinstance(v, (int, float))}
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, record.get("step", 0))
         self.tb.flush()
+        for t in self.trackers:
+            t.log(scalars, record.get("step", 0))
 
     def close(self) -> None:
         self.tb.close()
@@ -113,7 +116,7 @@ def resolve_metric(task: Any, cfg: Any) -> str:
 
 def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: Path, *, hardware: Any,
         resume: bool = False, save_best: Callable[[], None], progress: Any = None,
-        net: torch.nn.Module | None = None) -> FitResult:
+        net: torch.nn.Module | None = None, trackers: list[Any] = ()) -> FitResult:
     """Train ``bundle.model`` on ``train_ds``; evaluate on ``val_ds``; save the best via ``save_best``.
 
     ``net`` is what the batches are fed to when it is not the model itself (the model seen
@@ -141,7 +144,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
              "history": [], "seconds": 0.0, "samples": 0, "stopped_early": False, "done": False, "out_of_time": False}
     if resume:
         state.update(checkpoint.load_state(run_dir, model, optimizer, scheduler))
-    log = _Log(run_dir / METRICS_FILE, state["step"] if resume else None)
+    log = _Log(run_dir / METRICS_FILE, state["step"] if resume else None, trackers)
 
     def save_resume_point() -> None:
         checkpoint.save_state(run_dir, model, optimizer, scheduler, state)
