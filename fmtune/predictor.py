@@ -55,6 +55,7 @@ class Predictor:
                 export(self.run_dir, format=backend, overwrite=True, quiet=True)
             self.model = OnnxModel(folder / MODEL_FILE, self.kind)
             self.version = folder_digest(folder)
+            self.bundle.model = None  # the torch weights are not needed beside onnxruntime's
         else:
             raise ConfigError(f"backend {backend!r} is not one of torch, onnx, onnx-int8")
 
