@@ -27,7 +27,7 @@ from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, rea
 from fmtune.strategies import apply_strategy
 from fmtune.training import cache, checkpoint, hardware, optim, trackers
 from fmtune.training.infer import infer
-from fmtune.training.loop import fit, resolve_metric
+from fmtune.training.loop import TB_DIR, fit, resolve_metric
 
 
 def _datasets(cfg: config_mod.Config, bundle: build.Bundle, task: Any, frames: Any) -> dict[str, Any]:
@@ -157,7 +157,7 @@ def _log_hparams(run_dir: Path, cfg: config_mod.Config, result: Any, test: dict[
           "seed": cfg.train.seed}
     metrics = {f"hparam/val_{result.metric}": result.best if result.best is not None else float("nan"),
                **{f"hparam/test_{k}": v for k, v in test.items()}}
-    with SummaryWriter(str(run_dir / "tb")) as w:
+    with SummaryWriter(str(run_dir / TB_DIR)) as w:
         w.add_hparams(hp, metrics, run_name="hparams")
 
 
@@ -265,8 +265,7 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
         ok.append(i)
     results: list[dict[str, Any]] = [{} for _ in range(len(df))]
     if ok:
-        ds = pred.text_data(items) if pred.kind == "text" else pred.image_data(items)
-        for i, r in zip(ok, pred.predict_prepared(ds)):
+        for i, r in zip(ok, pred.predict_items(items)):
             if task.name == "classification":
                 flat = {"label": r["label"], "score": r["score"]}
             elif task.name == "multilabel":

@@ -70,9 +70,11 @@ def _metric_split(opened: Any) -> tuple[Any, str]:
     """The run's labelled test split, else its validation split (the same seeded split as in
     training when it was split off the training data), for the int8 metric check."""
     cfg = opened.config
-    frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
-    df, source = (frames.test, cfg.data.test) if frames.test is not None else (
-        frames.val, cfg.data.val or f"validation split of {cfg.data.train}")
+    if cfg.data.test:  # the training file is read (and split again) only when there is no test file
+        df, source = read_any(Path(cfg.data.test), cfg.data.encoding), cfg.data.test
+    else:
+        frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
+        df, source = frames.val, cfg.data.val or f"validation split of {cfg.data.train}"
     ds = make_dataset(df, opened.bundle, opened.task, cfg.data, allow_unknown=cfg.data.unknown_labels == "unknown")[0]
     return ds, str(source)
 

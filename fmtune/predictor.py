@@ -12,7 +12,6 @@ and ``fmtune serve``.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,14 @@ import torch
 
 from fmtune.data.dataset import ImageData, TextData, decode_image
 from fmtune.errors import ConfigError, DataError
-from fmtune.fsutil import folder_digest
+from fmtune.fsutil import folder_digest, read_json
 from fmtune.run import EVAL_FILE, open_run
 from fmtune.training.infer import infer
 
 
 def _exported_from(folder: Path) -> str | None:
     """The version of the run's model an export folder was made from (None: no usable export)."""
-    try:
-        return json.loads((folder / "export.json").read_text())["model_version"]
-    except (OSError, ValueError, KeyError):
-        return None
+    return read_json(folder / "export.json", {}).get("model_version")
 
 
 class Predictor:
@@ -64,8 +60,7 @@ class Predictor:
         return list(self.task.labels or [])
 
     def metadata(self) -> dict[str, Any]:
-        ev = self.run_dir / EVAL_FILE
-        metrics = json.loads(ev.read_text()).get("test") if ev.is_file() else None
+        metrics = read_json(self.run_dir / EVAL_FILE, {}).get("test")
         return {"run": self.run_dir.name, "model_version": self.version, "backend": self.backend,
                 "model": self.config.model.name,
                 "kind": self.kind, "task": self.task.name, "labels": self.labels,
@@ -101,7 +96,9 @@ class Predictor:
         return ImageData(torch.stack(images), None, self.bundle.image)
 
     # --- predictions --------------------------------------------------------------------------
-    def predict_prepared(self, ds: Any) -> list[dict[str, Any]]:
+    def predict_items(self, items: list[Any]) -> list[dict[str, Any]]:
+        """Predictions for checked texts (``check_text``) or decoded images (``decode``)."""
+        ds = self.text_data(items) if self.kind == "text" else self.image_data(items)
         logits, _ = infer(self.model, ds, self.batch_size)
         return self.task.postprocess(logits)
 
@@ -112,11 +109,8 @@ class Predictor:
         items = [inputs] if single else list(inputs)
         if not items:
             return []
-        if self.kind == "text":
-            texts = [self.check_text(v, f"input {i}") for i, v in enumerate(items)]
-            out = self.predict_prepared(self.text_data(texts))
-        else:
-            out = self.predict_prepared(self.image_data([self.decode(v, f"input {i}") for i, v in enumerate(items)]))
+        check = self.check_text if self.kind == "text" else self.decode
+        out = self.predict_items([check(v, f"input {i}") for i, v in enumerate(items)])
         return out[0] if single else out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from fmtune.errors import RunDirError
-from fmtune.fsutil import write_text_atomic
+from fmtune.fsutil import read_json, write_text_atomic
 
 REPORT_FILE, COMPARE_FILE = "report.html", "compare.html"
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1080px;
@@ -24,13 +24,6 @@ color:#222;padding:0 1rem}h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2re
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.3rem .6rem;text-align:left;
 font-size:.9rem}th{background:#f4f4f4}img{max-width:100%}pre{background:#f7f7f7;padding:.8rem;overflow:auto;
 font-size:.8rem}.num{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}"""
-
-
-def _read_json(p: Path) -> Any:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _records(p: Path) -> list[dict[str, Any]]:
@@ -171,8 +164,8 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"{run_dir} is not an fmtune run directory (config.yaml missing)")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    info = _read_json(run_dir / "run.json") or {}
-    ev = _read_json(run_dir / "eval.json") or {}
+    info = read_json(run_dir / "run.json", {})
+    ev = read_json(run_dir / "eval.json", {})
     fit = info.get("fit") or {}
     params = info.get("params") or {}
     return {"run": run_dir.name, "dir": str(run_dir), "model": (cfg.get("model") or {}).get("name"),

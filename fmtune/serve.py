@@ -88,7 +88,7 @@ class MicroBatcher:
                 n += len(job[0])
             items = [x for job, _ in jobs for x in job]
             try:
-                results = await asyncio.to_thread(self._forward, items)
+                results = await asyncio.to_thread(self.predictor.predict_items, items)
             except Exception as e:  # a failure of the model, not of the input: every waiting request learns it
                 for _, fut in jobs:
                     if not fut.done():
@@ -102,11 +102,6 @@ class MicroBatcher:
                 if not fut.done():
                     fut.set_result(results[start:start + len(job)])
                 start += len(job)
-
-    def _forward(self, items: list[Any]) -> list[dict[str, Any]]:
-        p = self.predictor
-        ds = p.text_data(items) if p.kind == "text" else p.image_data(items)
-        return p.predict_prepared(ds)
 
     async def close(self) -> None:
         if self.worker is not None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from fmtune import adapters
 from fmtune.errors import ModelError
-from fmtune.fsutil import atomic_dir
+from fmtune.fsutil import atomic_dir, read_json
 from fmtune.models import cnn
 from fmtune.models.hf_remote import FmtuneClassifier, build_backbone
 from fmtune.zoo.models import MODELS
@@ -83,13 +83,6 @@ def resolve(name: str) -> tuple[str, Path | str]:
     return "hf", name  # a hub id; loading will need the network
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str:
     if requested != "auto":
         return requested
@@ -97,7 +90,7 @@ def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str
         if getattr(config, "hidden_sizes", None):  # CNNs: ResNet, ConvNeXt, ... pool globally
             return "pooler"
         return "cls" if getattr(config, "patch_size", None) else "mean"
-    st = _read_json(Path(path) / "1_Pooling" / "config.json") if isinstance(path, Path) else {}
+    st = read_json(Path(path) / "1_Pooling" / "config.json", {}) if isinstance(path, Path) else {}
     if st.get("pooling_mode_mean_tokens"):
         return "mean"  # sentence-transformers encoders were trained with mean pooling
     return "cls"
@@ -114,7 +107,7 @@ def _hf_num_features(config: Any) -> int:
 
 
 def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, Any]:
-    pp = _read_json(Path(path) / "preprocessor_config.json") if isinstance(path, Path) else {}
+    pp = read_json(Path(path) / "preprocessor_config.json", {}) if isinstance(path, Path) else {}
     s = pp.get("size") or {}
     default = (s.get("height") or s.get("shortest_edge")) if isinstance(s, dict) else s
     return {"size": int(size or default or getattr(config, "image_size", 224)),
@@ -246,7 +239,7 @@ def _base_for_adapter(model_dir: Path, meta: dict[str, Any]) -> nn.Module:
 
 def load(model_dir: Path) -> Bundle:
     """Load a model saved by ``save``: same weights, same preprocessing."""
-    meta = _read_json(model_dir / META_FILE)
+    meta = read_json(model_dir / META_FILE, {})
     if not meta:
         raise ModelError(f"{model_dir} holds no fmtune model ({META_FILE} missing or unreadable)")
     family = meta["family"]
