@@ -1,6 +1,9 @@
 """Speed benchmark: fmtune against the Hugging Face Trainer, side by side in one run.
 
     .venv/bin/python bench/speed.py [--train 2000 --test 1000 --epochs 2] > result.json
+    python bench/speed.py --model DIR --data DIR --skip image   # any HF text model, your own csv files
+
+On a CUDA machine everything (both trainers, the FLOP/s step, the matmul ceiling) runs on the GPU.
 
 Same model (MiniLM-L6 + fmtune's mean-pooling head, built once per run), same real data
 (rotten-tomatoes, seeded split), same epochs, batch size, learning rate and schedule:
@@ -54,16 +57,16 @@ def hf_trainer(files: dict, args: argparse.Namespace, group_by_length: bool, out
     import pandas as pd
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
 
-    task = Classification(["fresh", "rotten"])
+    task = Classification(sorted(pd.read_csv(files["train"])["label"].astype(str).unique()))
     torch.manual_seed(0)
-    bundle = build.create(ModelConfig(name="minilm-l6", max_length=args.max_length), task)
+    bundle = build.create(ModelConfig(name=args.model, max_length=args.max_length), task)
     tok = bundle.tokenizer
 
     def encode(path: Path) -> list[dict]:
         df = pd.read_csv(path)
         enc = tok(df["text"].tolist(), truncation=True, max_length=args.max_length,
                   padding=False if group_by_length else "max_length")
-        labels = [task.labels.index(y) for y in df["label"]]
+        labels = [task.labels.index(str(y)) for y in df["label"]]
         return [{"input_ids": i, "attention_mask": m, "labels": y}
                 for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
 
@@ -112,31 +115,39 @@ def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, l
             "test_accuracy": round(s["eval"]["test"]["accuracy"], 4)}
 
 
-def matmul_ceiling(dtype: torch.dtype, reps: int = 10, trials: int = 5) -> float:
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_ceiling(dtype: torch.dtype, device: str, reps: int = 10, trials: int = 5) -> float:
     """Best FLOP/s of large square matmuls and of the model's own GEMM shapes (tokens x 384 x 1536)."""
     best = 0.0
-    for m, k, n in ((2048, 2048, 2048), (4096, 384, 1536), (4096, 1536, 384)):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    big = 8192 if device == "cuda" else 2048
+    for m, k, n in ((big, big, big), (4096, 384, 1536), (4096, 1536, 384)):
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         for _ in range(3):
             a @ b
         for _ in range(trials):
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(reps):
                 a @ b
+            sync(device)
             best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
     return best
 
 
-def step_flops(args: argparse.Namespace) -> dict:
+def step_flops(args: argparse.Namespace, device: str) -> dict:
     """Achieved model FLOP/s of a full fine-tuning step (fixed length) vs the matmul ceiling."""
     task = Classification(["a", "b"])
-    bundle = build.create(ModelConfig(name="minilm-l6", max_length=128), task)
-    model = bundle.model
+    bundle = build.create(ModelConfig(name=args.model, max_length=128), task)
+    model = bundle.model.to(device)
     cfg = model.config
     b, t = args.batch_size, 128
-    ids = torch.randint(1000, 20000, (b, t))
+    ids = torch.randint(1000, 20000, (b, t), device=device)
     mask = torch.ones_like(ids)
-    labels = torch.randint(0, 2, (b,))
+    labels = torch.randint(0, 2, (b,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     dense = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embeddings" not in n)
     # 6 * dense params * tokens (forward + backward) + attention scores and values: 12 * L * B * T^2 * H
@@ -145,17 +156,19 @@ def step_flops(args: argparse.Namespace) -> dict:
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         model.train()
         times = []
-        for i in range(6):
+        for i in range(6 if device == "cpu" else 30):
+            sync(device)
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = task.loss(model(input_ids=ids, attention_mask=mask).logits, labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sync(device)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
         achieved = flops / float(np.median(times))
-        ceiling = matmul_ceiling(torch.float32 if dtype is None else torch.bfloat16)
+        ceiling = matmul_ceiling(torch.float32 if dtype is None else torch.bfloat16, device)
         out[name] = {"step_seconds": round(float(np.median(times)), 3), "model_gflops": round(achieved / 1e9, 1),
                      "matmul_ceiling_gflops": round(ceiling / 1e9, 1),
                      "fraction_of_ceiling": round(achieved / ceiling, 3)}
@@ -172,15 +185,22 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--max-length", type=int, default=128, help="run_glue's default max_seq_length")
+    p.add_argument("--model", default="minilm-l6", help="text model: zoo name or Hugging Face folder")
+    p.add_argument("--data", type=Path, help="folder with train.csv, val.csv, test.csv (text,label) "
+                   "instead of the rotten-tomatoes split")
     p.add_argument("--skip", nargs="*", default=[], choices=["trainer", "strategies", "image", "flops"])
     args = p.parse_args()
     hw = hardware.choose()
-    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": hw.threads,
+    gpu = torch.cuda.get_device_name() if hw.device == "cuda" else None
+    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "gpu": gpu, "threads": hw.threads,
                                 "fmtune_default": hw.describe(), "torch": torch.__version__},
-                    "settings": vars(args)}
+                    "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     work = Path(tempfile.mkdtemp(prefix="fmtune-bench-"))
     os.environ.setdefault("FMTUNE_CACHE_DIR", str(work / "cache"))
-    text = export("rotten-tomatoes", work / "rt", sizes=(args.train, args.val, args.test), seed=0)
+    if args.data:
+        text = {k: args.data / f"{k}.csv" for k in ("train", "val", "test")}
+    else:
+        text = export("rotten-tomatoes", work / "rt", sizes=(args.train, args.val, args.test), seed=0)
     common = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length}
 
     if "trainer" not in args.skip:
@@ -192,9 +212,9 @@ def main() -> None:
             log("HF Trainer, group_by_length + dynamic padding + bf16")
             result["hf_trainer_group_by_length_bf16"] = hf_trainer(text, args, True, work / "hf-grouped-bf16", True)
         log("fmtune full (defaults)")
-        ours = fmtune_run(text, "minilm-l6", work / "ft-full", "full", **common)
+        ours = fmtune_run(text, args.model, work / "ft-full", "full", **common)
         log("fmtune full (fp32)")
-        ours32 = fmtune_run(text, "minilm-l6", work / "ft-full32", "full", precision="fp32", **common)
+        ours32 = fmtune_run(text, args.model, work / "ft-full32", "full", precision="fp32", **common)
         result["full_finetuning"] = {
             "hf_trainer_padded_to_max_length": std, "hf_trainer_group_by_length": grouped,
             "fmtune_full": ours, "fmtune_full_fp32": ours32,
@@ -209,7 +229,7 @@ def main() -> None:
             for mode in ("off", "auto"):
                 log(f"fmtune {strategy}, feature cache {mode}")
                 res[f"{strategy}_cache_{mode}"] = fmtune_run(
-                    text, "minilm-l6", work / f"{strategy}-{mode}", strategy, max(3, args.epochs), lr,
+                    text, args.model, work / f"{strategy}-{mode}", strategy, max(3, args.epochs), lr,
                     args.batch_size, args.max_length, feature_cache=mode, head_lr=1e-3)
             off, on = res[f"{strategy}_cache_off"], res[f"{strategy}_cache_auto"]
             res[f"{strategy}_later_epoch_speedup"] = round(off["later_epoch_seconds"] / on["later_epoch_seconds"], 1)
@@ -228,7 +248,7 @@ def main() -> None:
         result["image"] = res
     if "flops" not in args.skip:
         log("full fine-tuning step FLOP/s")
-        result["full_step_flops"] = step_flops(args)
+        result["full_step_flops"] = step_flops(args, hw.device)
     print(json.dumps(result, indent=2))
 
 

@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 
 from fmtune import config as config_mod
 from fmtune import evaluation, ui
+from fmtune.data.dataset import epoch_batches
 from fmtune.data.prepare import make_dataset, make_task, read_frames
 from fmtune.data.readers import count_rows, iter_chunks, read_any, require_column, row_label
 from fmtune.errors import DataError
@@ -26,7 +27,7 @@ from fmtune.models import build
 from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
 from fmtune.strategies import apply_strategy
 from fmtune.training import cache, checkpoint, hardware, optim, trackers
-from fmtune.training.infer import infer
+from fmtune.training.infer import infer, model_device
 from fmtune.training.loop import TB_DIR, fit, resolve_metric
 
 
@@ -80,6 +81,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     data = _datasets(cfg, bundle, task, frames)  # every split is checked before any training
     counts = apply_strategy(bundle, cfg.strategy)
     counts.update(optim.memory_note(counts, cfg.train))
+    bundle.model.to(hw.device)  # the feature cache, training, test and baseline all run there
     if run_dir is None:
         run_dir = new_run_dir(cfg, overwrite)
         write_start(run_dir, cfg, task)
@@ -96,9 +98,12 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         out.print(f"  data: train {len(data['train'])}, val {len(data['val'])}"
                   f"{' (split off train)' if frames.val_from_train else ''}"
                   f"{', test ' + str(len(data['test'])) if 'test' in data else ''}")
-        out.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
     net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet)
+    if hw.device == "cuda" and cfg.train.precision == "auto" and hw.precision != "no":
+        first = epoch_batches(len(train_ds), cfg.train.batch_size, cfg.train.seed, 0, getattr(train_ds, "lengths", None))
+        hw = hardware.probe_precision(hw, net or bundle.model, train_ds.collate(first[0]), task.loss)
     if not quiet:
+        out.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
         out.print(f"  feature cache: {cache_note}")
     tracked = trackers.make(cfg.train.tracker, run_dir, cfg.to_dict())
     try:
@@ -194,6 +199,7 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
             frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
             train_ds = make_dataset(frames.train, run.bundle, task, cfg.data)[0]
         pre = build.create(cfg.model, task)  # the pretrained backbone, untouched
+        pre.model.to(model_device(run.bundle.model))
         with ui.CountProgress("baseline (frozen features)", len(train_ds) + len(ds), quiet) as bar:
             probe = evaluation.linear_probe(pre.model, task, train_ds, {"test": ds}, cfg.train.eval_batch_size,
                                             cfg.train.seed, progress=bar)
@@ -227,6 +233,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
         raise DataError(f"{run}: no test data configured; pass --data FILE")
     df = read_any(Path(source), cfg.data.encoding)
     ds, _ = make_dataset(df, opened.bundle, opened.task, cfg.data, allow_unknown=cfg.data.unknown_labels == "unknown")
+    opened.bundle.model.to(hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device)
     return _evaluate_run(opened, ds, baseline, quiet, source)
 
 

@@ -204,3 +204,24 @@ def test_max_train_samples_is_a_stratified_subset(tmp_path, tiny_bert, text_file
     counts = data["train"]["label_counts"]
     full = pd.read_csv(text_files["train"])["label"].value_counts(normalize=True)
     assert counts["pos"] / 90 == pytest.approx(full["pos"], abs=0.02)  # stratified: same class balance
+
+
+def test_precision_probe_times_both_and_leaves_no_trace(tiny_bert):
+    """The probe used on GPUs (where a small model can be slower in bf16) works on any device; here, CPU."""
+    from conftest import random_batch, small_bundle
+
+    from fmtune.tasks import Classification
+    from fmtune.training import hardware
+
+    task = Classification(["a", "b"])
+    bundle = small_bundle(tiny_bert, task)
+    batch = {**random_batch(bundle), "labels": torch.tensor([0, 1, 0, 1])}
+    before = torch.random.get_rng_state()
+    hw = hardware.Hardware("cpu", "bf16", 1, "x")
+    out = hardware.probe_precision(hw, bundle.model, batch, task.loss, steps=2)
+    assert out.precision in ("no", "bf16") and (out.device, out.threads) == ("cpu", 1)
+    assert "fp32" in out.why and "bf16" in out.why and "ms/step" in out.why
+    assert all(p.grad is None for p in bundle.model.parameters())
+    assert torch.equal(torch.random.get_rng_state(), before)  # dropout drew from a forked generator
+    # a model whose fp32 step cannot be 1.1x slower than bf16 with min_gain huge stays fp32
+    assert hardware.probe_precision(hw, bundle.model, batch, task.loss, steps=1, min_gain=1e9).precision == "no"

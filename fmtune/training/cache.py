@@ -28,6 +28,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fmtune.data.dataset import TextData, epoch_batches
 from fmtune.fsutil import atomic_dir
+from fmtune.training.infer import model_device
 from fmtune.strategies import WHOLE_BACKBONE, backbone_blocks, block_list, frozen_prefix
 
 VERSION = "1"
@@ -215,10 +216,11 @@ def _compute(model: nn.Module, split: Split, ds: Any, batch_size: int, target: P
     text = isinstance(ds, TextData) and split.kind == "hidden"
     parts: list[np.ndarray | None] = [None] * len(ds)
     started = time.perf_counter()
+    device = model_device(model)
     for idx in epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False):
-        batch = ds.collate(idx)
+        batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
         batch.pop("labels", None)
-        out = _prefix(model, split, batch).float().numpy()
+        out = _prefix(model, split, batch).float().cpu().numpy()
         for row, i in enumerate(idx):
             parts[i] = out[row, : len(ds.input_ids[i])] if text else out[row]
         if progress is not None:

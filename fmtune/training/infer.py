@@ -9,17 +9,23 @@ import torch
 from fmtune.data.dataset import epoch_batches
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
 def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any = "cpu", features: bool = False,
+def infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any = None, features: bool = False,
           autocast_dtype: torch.dtype | None = None, progress: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (or pooled features) for every example of ``ds``, plus its targets (or None).
 
     Batches are sorted by length (text) so padding is minimal; outputs are put back in order.
+    ``device``: where the batches go; by default wherever the model's weights are.
     """
+    device = device or model_device(model)
     model.eval()  # the caller puts it back in train mode (see strategies.set_train_mode)
     batches = epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False)
     out: torch.Tensor | None = None

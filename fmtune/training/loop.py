@@ -114,6 +114,13 @@ def resolve_metric(task: Any, cfg: Any) -> str:
     return metric
 
 
+def _diverged(loss: float, state: dict, run_dir: Path) -> TrainingError:
+    return TrainingError(
+        f"the training loss became {loss} at epoch {state['epoch'] + 1}, step {state['step']}; "
+        f"stopped. The best checkpoint ({run_dir / 'model'}, step {state['best_step']}) is intact. "
+        "Try a lower train.lr, train.grad_clip, or check the targets for extreme values")
+
+
 def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: Path, *, hardware: Any,
         resume: bool = False, save_best: Callable[[], None], progress: Any = None,
         net: torch.nn.Module | None = None, trackers: list[Any] = ()) -> FitResult:
@@ -139,6 +146,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     net, optimizer = accelerator.prepare(net, optimizer)
     device = accelerator.device
+    on_gpu = device.type != "cpu"  # a host sync per step would stall the GPU's queue
 
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_step": 0, "bad_evals": 0,
              "history": [], "seconds": 0.0, "samples": 0, "stopped_early": False, "done": False, "out_of_time": False}
@@ -193,14 +201,11 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                 with accelerator.autocast():
                     logits = net(**batch).logits
                 loss = task.loss(logits, targets)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"the training loss became {loss.item()} at epoch {state['epoch'] + 1}, step {state['step']}; "
-                        f"stopped. The best checkpoint ({run_dir / 'model'}, step {state['best_step']}) is intact. "
-                        "Try a lower train.lr, train.grad_clip, or check the targets for extreme values")
+                if not on_gpu and not torch.isfinite(loss):
+                    raise _diverged(loss.item(), state, run_dir)
                 accelerator.backward(loss / cfg.grad_accum)
                 micro += 1
-                window_loss += loss.item() * len(targets)
+                window_loss += loss.detach().float() * len(targets)  # stays on the device: no sync per step
                 window_n += len(targets)
                 state["samples"] += len(targets)
                 last_of_epoch = bi == len(batches) - 1
@@ -217,11 +222,14 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                 state["batch_in_epoch"] = bi + 1
                 if state["step"] % cfg.log_every == 0 or last_of_epoch:
                     dt = time.perf_counter() - window_t
+                    mean_loss = float(window_loss) / max(window_n, 1)
+                    if not math.isfinite(mean_loss):  # on a GPU, found here (up to log_every steps late)
+                        raise _diverged(mean_loss, state, run_dir)
                     log.write(type="train", step=state["step"], epoch=round(state["step"] / steps_per_epoch, 3),
-                              loss=round(window_loss / max(window_n, 1), 6), lr=scheduler.get_last_lr()[0],
+                              loss=round(mean_loss, 6), lr=scheduler.get_last_lr()[0],
                               samples_per_s=round(window_n / max(dt, 1e-9), 2))
                     if progress:
-                        progress.trained(state["step"], window_loss / max(window_n, 1))
+                        progress.trained(state["step"], mean_loss)
                     window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
                 if last_of_epoch:
                     state["epoch"] += 1
