@@ -100,8 +100,9 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
                   f"{', test ' + str(len(data['test'])) if 'test' in data else ''}")
     net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet)
     if hw.device == "cuda" and cfg.train.precision == "auto" and hw.precision != "no":
-        first = epoch_batches(len(train_ds), cfg.train.batch_size, cfg.train.seed, 0, getattr(train_ds, "lengths", None))
-        hw = hardware.probe_precision(hw, net or bundle.model, train_ds.collate(first[0]), task.loss)
+        first = epoch_batches(len(train_ds), cfg.train.batch_size, cfg.train.seed, 0,
+                              getattr(train_ds, "lengths", None))[0]
+        hw = hardware.probe_precision(hw, net or bundle.model, train_ds.collate(first), task.loss)
     if not quiet:
         out.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
         out.print(f"  feature cache: {cache_note}")

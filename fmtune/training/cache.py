@@ -28,8 +28,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fmtune.data.dataset import TextData, epoch_batches
 from fmtune.fsutil import atomic_dir
-from fmtune.training.infer import model_device
 from fmtune.strategies import WHOLE_BACKBONE, backbone_blocks, block_list, frozen_prefix
+from fmtune.training.infer import model_device
 
 VERSION = "1"
 
