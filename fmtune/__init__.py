@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate", "predict", "export", "load", "demo", "load_config"]
+__all__ = ["train", "evaluate", "predict", "export", "load", "demo", "load_config", "explain", "robustness"]
 
 
 def train(config: Any, **kw: Any) -> dict:
@@ -39,6 +39,20 @@ def export(run: Any, out: Any = None, **kw: Any) -> dict:
     from fmtune.exporter import export as _export
 
     return _export(run, out, **kw)
+
+
+def explain(run: Any, inputs: Any = None, **kw: Any) -> dict:
+    """Attributions for ``inputs`` or the run's most confident mistakes (see fmtune.explain)."""
+    from fmtune.explain import explain as _explain
+
+    return _explain(run, inputs, **kw)
+
+
+def robustness(runs: Any, data: Any, **kw: Any) -> dict:
+    """Metric under noise, corruptions and attacks, per severity (see fmtune.robustness)."""
+    from fmtune.robustness import robustness as _robustness
+
+    return _robustness(runs, data, **kw)
 
 
 def load(run: Any, batch_size: int | None = None, backend: str = "torch"):

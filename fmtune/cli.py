@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fmtune.config import STRATEGY_NAMES
@@ -84,6 +85,28 @@ def cmd_compare(a: argparse.Namespace) -> None:
     from fmtune import api
 
     api.compare(a.runs, a.output, quiet=a.quiet)
+
+
+def cmd_explain(a: argparse.Namespace) -> None:
+    from fmtune.explain import explain
+    from fmtune.ui import console
+
+    res = explain(a.run, a.input, method=a.method, target=a.target, misclassified=a.misclassified, data=a.data,
+                  out=a.output, limit=a.limit, steps=a.steps, quiet=a.quiet)
+    if a.quiet:
+        print(json.dumps(res, indent=2, default=float))
+        return
+    for it in res["items"]:
+        line = f"  {it['name']}: pred {it['predicted']} ({it['score']:.2f})"
+        if it.get("true") is not None:
+            line += f", true {it['true']}"
+        if "top_positive" in it:
+            line += "; for " + repr(it["target"]) + ": " + ", ".join(w["word"] for w in it["top_positive"][:3])
+        console.print(line, markup=False, highlight=False)
+    if res.get("note"):
+        console.print(f"  {res['note']}")
+    for f in res.get("files", []):
+        console.print(f"{Path(res['out']) / f}")
 
 
 def cmd_models(a: argparse.Namespace) -> None:
@@ -215,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
               "(a table here and an HTML page)")
     cp.add_argument("runs", nargs="+", help="run directories")
     cp.add_argument("-o", "--output", default="compare.html", help="HTML file to write (default: compare.html)")
+
+    ex = verb("explain", cmd_explain, "show why the model predicts what it does: heat maps over images (Grad-CAM, "
+              "integrated gradients, occlusion) or shaded words (integrated gradients); to RUN/explain/")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("--input", action="append", default=[], metavar="X",
+                    help="a text, a text/table file, an image, a folder of images (repeatable)")
+    ex.add_argument("--misclassified", type=int, default=0, metavar="N",
+                    help="explain the N most confident mistakes on --data (default: the run's test file)")
+    ex.add_argument("--data", help="labelled data for --misclassified")
+    ex.add_argument("--method", default="auto", choices=["auto", "gradcam", "ig", "occlusion"],
+                    help="images: gradcam (CNN backbones: last convolution), ig (integrated gradients), occlusion; "
+                    "text: ig on the token embeddings (default auto: gradcam for CNNs, else ig)")
+    ex.add_argument("--target", metavar="LABEL", help="explain this label instead of the predicted one")
+    ex.add_argument("-o", "--output", help="output folder (default: RUN/explain, replaced on each call)")
+    ex.add_argument("--limit", type=int, default=24, help="explain at most this many inputs (default: 24)")
+    ex.add_argument("--steps", type=int, default=32, help="integration steps for ig (default: 32; text at least 20)")
 
     verb("models", cmd_models, "list the models available offline")
     ds = verb("datasets", cmd_datasets, "list the datasets available offline, or export one to files")

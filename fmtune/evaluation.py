@@ -122,6 +122,14 @@ def _as_logits(probe: Any, task: Any, x: np.ndarray, keep: np.ndarray | None) ->
     return torch.from_numpy(np.log(proba)).float()
 
 
+def mistake_positions(task: Any, logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
+    """(position, predicted class, score) of the ``k`` most confident wrong predictions."""
+    score, pred = logits.float().softmax(-1).max(-1)
+    wrong = torch.nonzero((pred != targets) & (targets >= 0)).flatten()
+    order = wrong[score[wrong].argsort(descending=True)][:k].tolist()
+    return [(i, int(pred[i]), float(score[i])) for i in order]
+
+
 def confident_mistakes(task: Any, logits: torch.Tensor, targets: torch.Tensor, ds: Any, bundle: Any,
                        png: Path, k: int = 8) -> list[dict[str, Any]]:
     """The ``k`` wrong predictions made with the highest confidence (single-label classification):
@@ -129,12 +137,8 @@ def confident_mistakes(task: Any, logits: torch.Tensor, targets: torch.Tensor, d
     it; images drawn into ``png``)."""
     if task.name != "classification" or not len(targets):
         return []
-    probs = logits.float().softmax(-1)
-    score, pred = probs.max(-1)
-    wrong = torch.nonzero((pred != targets) & (targets >= 0)).flatten()
-    order = wrong[score[wrong].argsort(descending=True)][:k].tolist()
-    out = [{"position": i, "true": task.labels[int(targets[i])], "predicted": task.labels[int(pred[i])],
-            "score": round(float(score[i]), 4)} for i in order]
+    out = [{"position": i, "true": task.labels[int(targets[i])], "predicted": task.labels[p],
+            "score": round(score, 4)} for i, p, score in mistake_positions(task, logits, targets, k)]
     if bundle.kind == "text":
         for rec in out:
             text = bundle.tokenizer.decode(ds.input_ids[rec["position"]], skip_special_tokens=True)

@@ -1,0 +1,415 @@
+"""Why did the model say that? Attributions with captum, for one input or the model's worst mistakes.
+
+    fmtune explain RUN --input photo.jpg                 # Grad-CAM (CNN) / integrated gradients (ViT)
+    fmtune explain RUN --input "a dull, lifeless film"   # token attributions (layer IG on the embeddings)
+    fmtune explain RUN --misclassified 8                 # the 8 most confident mistakes on the test split
+
+Images are explained in pixel space ([0, 1], before normalisation): integrated gradients from the
+normalisation's mean colour (what the model sees as zero; a black baseline gives no attribution to
+dark pixels), occlusion with a patch of that colour, Grad-CAM on the backbone's last convolution. Each
+input gives a PNG (heat map over the image, predicted / true / explained label and score in the
+title); several give a grid. Text gives an HTML page of shaded words and a JSON file with each
+word's attribution and the top positive / negative words. Everything goes to RUN/explain/ (or
+``out``), written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmtune import ui
+from fmtune.data.dataset import decode_image
+from fmtune.data.prepare import make_dataset
+from fmtune.data.readers import IMAGE_SUFFIXES, TABLE_SUFFIXES, list_images, read_any
+from fmtune.errors import ConfigError, DataError
+from fmtune.fsutil import atomic_dir
+from fmtune.predictor import Predictor
+from fmtune.training.infer import infer
+
+IMAGE_METHODS = ("gradcam", "ig", "occlusion")
+TEXT_METHODS = ("ig",)
+
+
+# --- the model seen from captum -------------------------------------------------------------
+
+
+class PixelModel(nn.Module):
+    """The image model taking pixels in [0, 1] (normalisation inside): attributions and attacks
+    then live in the space a person sees and the bounds are simply 0 and 1."""
+
+    def __init__(self, model: nn.Module, image_spec: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(image_spec["mean"]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(image_spec["std"]).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=(pixels - self.mean) / self.std).logits
+
+
+class TextModel(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def last_conv(model: nn.Module) -> nn.Module | None:
+    """The backbone's last convolution (its LoRA wrapper, when it has one); None for a ViT."""
+    found = None
+    for name, module in model.named_modules():
+        patchify = module.kernel_size == module.stride and module.kernel_size[0] > 1 if isinstance(
+            module, nn.Conv2d) else False  # a ViT's patch embedding is a convolution too
+        if isinstance(module, nn.Conv2d) and "lora_" not in name and not patchify:
+            found = name
+    if found is None:
+        return None
+    if found.endswith(".base_layer"):  # peft wraps it: explain what the adapted layer outputs
+        found = found[: -len(".base_layer")]
+    return model.get_submodule(found)
+
+
+def word_embeddings(model: nn.Module, vocab_size: int) -> nn.Module:
+    """The token embedding table (the nn.Embedding with one row per vocabulary entry)."""
+    candidates = [m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and "lora_" not in n]
+    for m in candidates:
+        if m.num_embeddings >= vocab_size:
+            return m
+    if candidates:
+        return candidates[0]
+    raise ConfigError("this text model has no embedding layer for token attributions")
+
+
+def check_method(kind: str, method: str, model: nn.Module) -> str:
+    """The method to use ('auto' resolved); a ConfigError naming the valid ones otherwise."""
+    valid = TEXT_METHODS if kind == "text" else IMAGE_METHODS
+    if method == "auto":
+        return "ig" if kind == "text" or last_conv(model) is None else "gradcam"
+    if method not in valid:
+        raise ConfigError(f"--method {method!r} does not apply to {kind} models; choose one of: {', '.join(valid)}")
+    if method == "gradcam" and last_conv(model) is None:
+        raise ConfigError("--method gradcam needs a convolutional backbone and this one has no convolution "
+                          "(a vision transformer?); use ig or occlusion")
+    return method
+
+
+# --- attributions ---------------------------------------------------------------------------
+
+
+def image_heatmaps(model: nn.Module, spec: dict[str, Any], pixels: torch.Tensor, targets: torch.Tensor,
+                   method: str, steps: int = 32) -> torch.Tensor:
+    """(N, H, W) maps in [0, 1]: where the evidence for each target class lies."""
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
+
+    net = PixelModel(model, spec).to(pixels.device).eval()
+    size = pixels.shape[-1]
+    mean_image = net.mean.expand_as(pixels).contiguous()  # the normalisation mean: 0 as the model sees it
+    if method == "gradcam":
+        cam = LayerGradCam(net, last_conv(model)).attribute(pixels, target=targets, relu_attributions=True)
+        heat = LayerAttribution.interpolate(cam, (size, size), interpolate_mode="bilinear")[:, 0]
+    elif method == "ig":
+        attr = IntegratedGradients(net).attribute(pixels, baselines=mean_image, target=targets,
+                                                  n_steps=steps, internal_batch_size=max(1, 4 * len(pixels)))
+        heat = attr.abs().sum(1)
+        heat = nn.functional.avg_pool2d(heat[:, None], 3, stride=1, padding=1)[:, 0]  # pixel noise -> regions
+    else:  # occlusion: how much the target's score drops when a grey patch covers each place
+        win = max(2, size // 8)
+        attr = Occlusion(net).attribute(pixels, sliding_window_shapes=(3, win, win), strides=(3, max(1, win // 2),
+                                        max(1, win // 2)), baselines=mean_image, target=targets,
+                                        perturbations_per_eval=16)
+        heat = attr.sum(1).clamp(min=0)
+    heat = heat.detach().float()
+    top = heat.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1)
+    return (heat / top).cpu()
+
+
+def text_attributions(model: nn.Module, tokenizer: Any, text: str, max_length: int, target: int,
+                      steps: int = 50) -> list[dict[str, Any]]:
+    """Layer integrated gradients on the token embeddings, from a baseline of padding (special
+    tokens kept); summed per word of the original text. Returns [{word, attribution}] in order."""
+    from captum.attr import LayerIntegratedGradients
+
+    enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt",
+                    return_offsets_mapping=getattr(tokenizer, "is_fast", False))
+    device = next(model.parameters()).device
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    special = torch.tensor([[i in set(tokenizer.all_special_ids) for i in ids[0].tolist()]], device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    baseline = torch.where(special, ids, torch.full_like(ids, pad))
+    net = TextModel(model).eval()
+    lig = LayerIntegratedGradients(net, word_embeddings(model, len(tokenizer)))
+    attr = lig.attribute(ids, baselines=baseline, target=target, additional_forward_args=(mask,), n_steps=steps,
+                         internal_batch_size=steps)
+    per_token = attr.sum(-1)[0].detach().float().cpu()
+    words: list[dict[str, Any]] = []
+    if "offset_mapping" in enc:  # group word pieces into the words of the original text
+        word_ids = enc.word_ids(0)
+        offsets = enc["offset_mapping"][0].tolist()
+        last = None
+        for t, (wid, (a, b)) in enumerate(zip(word_ids, offsets)):
+            if wid is None or special[0, t]:
+                continue
+            if wid == last:
+                words[-1]["end"] = b
+                words[-1]["attribution"] += float(per_token[t])
+            else:
+                words.append({"start": a, "end": b, "attribution": float(per_token[t])})
+            last = wid
+        for w in words:
+            w["word"] = text[w.pop("start"): w.pop("end")]
+    else:
+        toks = tokenizer.convert_ids_to_tokens(ids[0].tolist())
+        words = [{"word": tok, "attribution": float(per_token[t])} for t, tok in enumerate(toks) if not special[0, t]]
+    return [{"word": w["word"], "attribution": round(w["attribution"], 5)} for w in words]
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def _looks_like_image(value: str) -> bool:
+    return Path(value).suffix.lower() in IMAGE_SUFFIXES
+
+
+def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[str, Any]]:
+    """--input values -> items {name, input (text or uint8 image), true (or None)}; clear errors for
+    the wrong modality, missing files and unreadable images."""
+    items: list[dict[str, Any]] = []
+    cfg = pred.config.data
+    for value in inputs:
+        path = Path(value)
+        if pred.kind == "text":
+            if _looks_like_image(value) or path.is_dir():
+                raise DataError(f"--input {value}: this run's model reads text, and this is "
+                                f"{'a folder' if path.is_dir() else 'an image file'}; give a text or a table file")
+            if path.is_file() and (path.suffix.lower() in TABLE_SUFFIXES or path.suffix.lower() == ".txt"):
+                if path.suffix.lower() == ".txt":
+                    rows = [(line, None) for line in path.read_text(encoding=cfg.encoding).splitlines() if line.strip()]
+                else:
+                    df = read_any(path, cfg.encoding)
+                    if cfg.text_column not in df.columns:
+                        raise DataError(f"{path}: no text column {cfg.text_column!r} (columns: {', '.join(df.columns)})")
+                    truth = df[cfg.label_column] if cfg.label_column in df.columns else [None] * len(df)
+                    rows = list(zip(df[cfg.text_column], truth))
+                for i, (text, true) in enumerate(rows):
+                    items.append({"name": f"{path.name}:{i + 1}", "input": pred.check_text(text, f"{path}, row {i + 1}"),
+                                  "true": None if true is None else str(true)})
+            else:
+                items.append({"name": f"text{len(items) + 1}", "input": pred.check_text(value, "--input"), "true": None})
+        else:
+            if path.is_dir():
+                files = list_images(path)
+                if not files:
+                    raise DataError(f"--input {value}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+                df = read_any(path, cfg.encoding)
+                if cfg.image_column not in df.columns:
+                    raise DataError(f"{path}: no image column {cfg.image_column!r} (columns: {', '.join(df.columns)})")
+                base = path.parent
+                truth = df[cfg.label_column] if cfg.label_column in df.columns else [None] * len(df)
+                for i, (p, true) in enumerate(zip(df[cfg.image_column].astype(str), truth)):
+                    f = Path(p) if Path(p).is_absolute() else base / p
+                    items.append({"name": f.name, "input": pred.decode(str(f), f"{path}, row {i + 2}"),
+                                  "true": None if true is None else str(true)})
+                continue
+            elif path.is_file():
+                files = [path]
+            elif not _looks_like_image(value) and not path.suffix:
+                raise DataError(f"--input {value!r}: this run's model reads images; give an image file, "
+                                "a folder of images or a table with an image column")
+            else:
+                raise DataError(f"--input {value}: no such file")
+            for f in files:
+                true = f.parent.name if path.is_dir() and f.parent != path else None
+                items.append({"name": f.name, "input": pred.decode(str(f), str(f)), "true": true})
+        if len(items) >= limit:
+            break
+    return items[:limit]
+
+
+def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dict[str, Any]]:
+    """The ``n`` most confident wrong predictions on ``data`` (a labelled file)."""
+    from fmtune.evaluation import mistake_positions
+
+    if pred.task.name != "classification":
+        raise ConfigError("--misclassified needs a single-label classification run")
+    cfg = pred.config
+    df = read_any(Path(data), cfg.data.encoding)
+    ds, kept = make_dataset(df, pred.bundle, pred.task, cfg.data)
+    with ui.CountProgress("finding mistakes", len(ds), quiet) as bar:
+        logits, targets = infer(pred.model, ds, pred.batch_size, progress=bar)
+    items = []
+    for i, _, _ in mistake_positions(pred.task, logits, targets, n):
+        row = int(kept[i])
+        if pred.kind == "text":
+            value = str(df[cfg.data.text_column].iloc[row])
+        else:
+            src = ds.images[i]
+            value = src if isinstance(src, torch.Tensor) else decode_image(src, int(pred.bundle.image["size"]))
+        items.append({"name": f"row {row + 2}" if Path(data).suffix.lower() in (".csv", ".tsv") else f"row {row + 1}",
+                      "input": value, "true": pred.task.labels[int(targets[i])]})
+    return items
+
+
+# --- drawing --------------------------------------------------------------------------------
+
+
+def _title(item: dict[str, Any]) -> str:
+    t = f"pred {item['predicted']} ({item['score']:.2f})"
+    if item.get("true") is not None:
+        t += f" | true {item['true']}"
+    if item["target"] != item["predicted"]:
+        t += f"\nexplaining {item['target']}"
+    return t
+
+
+def draw_overlay(ax: Any, image: torch.Tensor, heat: torch.Tensor, title: str) -> None:
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def save_image_pngs(items: list[dict[str, Any]], heats: torch.Tensor, folder: Path, method: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for k, (item, heat) in enumerate(zip(items, heats)):
+        fig, ax = plt.subplots(figsize=(3.2, 3.4))
+        draw_overlay(ax, item["input"], heat, f"{item['name']} ({method})\n{_title(item)}")
+        fig.tight_layout()
+        name = f"{k + 1:03d}-{Path(item['name']).stem.replace(' ', '_')}.png"
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    if len(items) > 1:
+        cols = min(6, len(items))
+        rows = (len(items) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, item, heat in zip(axes.flat, items, heats):
+            draw_overlay(ax, item["input"], heat, _title(item))
+        fig.suptitle(f"{method}: heat = evidence for the explained class", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(folder / "grid.png", dpi=100)
+        plt.close(fig)
+        files.append("grid.png")
+    return files
+
+
+def text_html(items: list[dict[str, Any]]) -> str:
+    """Self-contained HTML: each text with its words shaded, green for evidence for the explained
+    label and red against it (opacity relative to the text's largest attribution)."""
+    blocks = []
+    for item in items:
+        top = max((abs(w["attribution"]) for w in item["words"]), default=0) or 1.0
+        spans = []
+        for w in item["words"]:
+            a = w["attribution"] / top
+            colour = f"rgba(0,150,0,{a:.2f})" if a >= 0 else f"rgba(210,0,0,{-a:.2f})"
+            spans.append(f'<span title="{w["attribution"]:+.4f}" style="background:{colour};padding:1px 2px;'
+                         f'border-radius:3px">{html.escape(w["word"])}</span>')
+        meta = html.escape(_title(item).replace("\n", "; "))
+        blocks.append(f'<div class="fmtune-attr" style="margin:10px 0"><div style="font:12px sans-serif;'
+                      f'color:#555">{html.escape(item["name"])}: {meta}</div><div style="font:15px/1.9 serif">'
+                      f'{" ".join(spans)}</div></div>')
+    legend = ('<p style="font:12px sans-serif">Layer integrated gradients on the token embeddings. '
+              '<span style="background:rgba(0,150,0,.6)">green</span>: pushes towards the explained label; '
+              '<span style="background:rgba(210,0,0,.6)">red</span>: pushes away. Hover a word for its value.</p>')
+    return ('<!doctype html><html><head><meta charset="utf-8"><title>fmtune explain</title></head><body>'
+            + legend + "\n".join(blocks) + "</body></html>\n")
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "auto", target: str | None = None,
+            misclassified: int = 0, data: str | Path | None = None, out: str | Path | None = None,
+            limit: int = 24, steps: int = 32, quiet: bool = False) -> dict[str, Any]:
+    """Explain the run's predictions for ``inputs`` or for its ``misclassified`` most confident
+    mistakes on ``data`` (default: the run's test file). Returns a summary; files go to ``out``."""
+    pred = Predictor(run)
+    model = pred.model
+    method = check_method(pred.kind, method, model)
+    if misclassified:
+        source = data or pred.config.data.test or pred.config.data.val
+        if source is None:
+            raise DataError("--misclassified needs labelled data: pass --data FILE (the run has no test file)")
+        items = mistakes(pred, source, misclassified, quiet)
+    elif inputs:
+        items = collect_inputs(pred, inputs, limit)
+    else:
+        raise ConfigError("nothing to explain: give --input (text, image, folder or table) or --misclassified N")
+    labels = pred.labels
+    target_idx = None
+    if target is not None:
+        if target not in labels:
+            raise ConfigError(f"--target {target!r} is not a label of this run; labels: {', '.join(labels)}")
+        target_idx = labels.index(target)
+    out_dir = Path(out) if out else pred.run_dir / "explain"
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "explain.json").is_file():
+        raise ConfigError(f"--out {out_dir} exists and holds other files; give a new folder")
+    summary: dict[str, Any] = {"method": method, "run": str(pred.run_dir), "out": str(out_dir), "items": []}
+    if not items:
+        summary["note"] = "no misclassified examples" if misclassified else "no inputs"
+        return summary
+
+    if pred.kind == "text":
+        logits = infer(model, pred.text_data([it["input"] for it in items]), pred.batch_size)[0]
+    else:
+        logits = infer(model, pred.image_data([it["input"] for it in items]), pred.batch_size)[0]
+    post = pred.task.postprocess(logits)
+    for item, p, row in zip(items, post, logits):
+        k = target_idx if target_idx is not None else int(row.argmax())
+        item.update(predicted=p.get("label", labels[int(row.argmax())] if labels else "value"),
+                    score=float(p.get("score", row.max())), target=labels[k] if labels else "value", target_idx=k)
+
+    def write(tmp: Path) -> None:
+        if pred.kind == "text":
+            with ui.CountProgress(f"explaining ({method})", len(items), quiet) as bar:
+                for item in items:
+                    item["words"] = text_attributions(model, pred.bundle.tokenizer, item["input"],
+                                                      pred.bundle.max_length, item["target_idx"], max(steps, 20))
+                    bar(1)
+            (tmp / "attributions.html").write_text(text_html(items))
+            records = []
+            for item in items:
+                ranked = sorted(item["words"], key=lambda w: w["attribution"])
+                records.append({k: item[k] for k in ("name", "input", "predicted", "score", "target", "true")}
+                               | {"words": item["words"],
+                                  "top_positive": [w for w in ranked[::-1][:5] if w["attribution"] > 0],
+                                  "top_negative": [w for w in ranked[:5] if w["attribution"] < 0]})
+            (tmp / "attributions.json").write_text(json.dumps(records, indent=1))
+            summary["files"] = ["attributions.html", "attributions.json"]
+            summary["items"] = records
+        else:
+            pixels = torch.stack([it["input"] for it in items]).float() / 255.0
+            device = next(model.parameters()).device
+            heats = []
+            with ui.CountProgress(f"explaining ({method})", len(items), quiet) as bar:
+                for s in range(0, len(items), 8):
+                    chunk = pixels[s: s + 8].to(device)
+                    tgt = torch.tensor([it["target_idx"] for it in items[s: s + 8]], device=device)
+                    heats.append(image_heatmaps(model, pred.bundle.image, chunk, tgt, method, steps))
+                    bar(len(chunk))
+            heat = torch.cat(heats)
+            summary["files"] = save_image_pngs(items, heat, tmp, method)
+            summary["items"] = [{k: it[k] for k in ("name", "predicted", "score", "target", "true")} for it in items]
+            np.save(tmp / "heatmaps.npy", heat.numpy().astype(np.float16))
+        (tmp / "explain.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "out"}, indent=1))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(out_dir, write)
+    return summary

@@ -1,0 +1,141 @@
+"""fmtune explain: attributions land on what decides the label; bad inputs are clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import NEG, POS, cfg_dict
+from PIL import Image
+
+import fmtune
+from fmtune.cli import main
+from fmtune.errors import ConfigError, DataError
+from fmtune.explain import explain
+
+SIZE, SQUARE = 48, 12
+
+
+def save_square_images(root, n_per_class: int, seed: int) -> tuple[dict, list]:
+    """Grey noise with one coloured square at a random place: its colour (red/blue) is the label.
+    Returns the folder and, per file, the square's box."""
+    rng = np.random.default_rng(seed)
+    boxes = {}
+    for label, colour in (("red", (230, 20, 20)), ("blue", (20, 20, 230))):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(70, 180, size=(SIZE, SIZE, 3), dtype=np.uint8)
+            y, x = rng.integers(0, SIZE - SQUARE, size=2)
+            img[y: y + SQUARE, x: x + SQUARE] = colour
+            path = root / label / f"{i}.png"
+            Image.fromarray(img).save(path)
+            boxes[str(path)] = (int(y), int(x))
+    return root, boxes
+
+
+@pytest.fixture(scope="module")
+def square_run(tmp_path_factory, tiny_resnet):
+    d = tmp_path_factory.mktemp("squares")
+    train, _ = save_square_images(d / "train", 40, 0)
+    test, boxes = save_square_images(d / "test", 6, 1)
+    out = d / "run"
+    fmtune.train(cfg_dict(tiny_resnet, train, out=str(out), model={"image_size": SIZE},
+                          data={"test": str(test)}, train={"epochs": 6, "lr": 3e-3}), quiet=True)
+    return out, test, boxes
+
+
+def test_text_attributions_fall_on_the_deciding_word(text_run, text_files):
+    df = pd.read_csv(text_files["test"]).head(16)
+    res = explain(text_run, [str(text_files["test"])], limit=16, quiet=True)
+    assert (text_run / "explain" / "attributions.html").is_file()
+    saved = json.loads((text_run / "explain" / "attributions.json").read_text())
+    assert len(saved) == len(res["items"]) == 16
+    hits = n = 0
+    for item, (_, row) in zip(res["items"], df.iterrows()):
+        assert item["true"] == row["label"] and [w["word"] for w in item["words"]] == row["text"].split()
+        if item["predicted"] != item["true"]:
+            continue
+        n += 1
+        key = next(w for w in row["text"].split() if w in POS + NEG)
+        top = max(item["words"], key=lambda w: w["attribution"])  # strongest evidence for the prediction
+        hits += top["word"] == key
+        assert item["top_positive"][0] == top
+    assert n >= 12 and hits / n >= 0.8, (hits, n)
+    html = (text_run / "explain" / "attributions.html").read_text()
+    assert "<span" in html and "rgba(" in html
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ig", "occlusion"])
+def test_image_attributions_fall_on_the_deciding_square(square_run, method, tmp_path):
+    run, test, boxes = square_run
+    out = tmp_path / method
+    res = explain(run, [str(test)], method=method, out=out, limit=12, quiet=True)
+    heat = np.load(out / "heatmaps.npy").astype(np.float32)
+    assert heat.shape == (12, SIZE, SIZE) and np.isfinite(heat).all()
+    inside = []
+    paths = sorted(boxes)  # list_images order: blue/ then red/, file names sorted
+    for k, item in enumerate(res["items"]):
+        path = next(p for p in paths if p.endswith(f"{item['true']}/{item['name']}"))
+        y, x = boxes[path]
+        if item["predicted"] != item["true"]:
+            continue
+        box = np.zeros((SIZE, SIZE), dtype=bool)
+        box[y: y + SQUARE, x: x + SQUARE] = True
+        inside.append(heat[k][box].mean() / max(heat[k][~box].mean(), 1e-9))  # 1 for a map that ignores it
+    print(method, np.round(inside, 2))
+    assert len(inside) >= 9 and np.median(inside) > 2.5, (method, np.round(inside, 2))
+    assert (out / "grid.png").is_file() and len(list(out.glob("0*.png"))) == 12
+
+
+def test_misclassified_explains_the_confident_mistakes(text_run, tmp_path):
+    res = explain(text_run, misclassified=3, out=tmp_path / "m", quiet=True)
+    assert len(res["items"]) <= 3
+    for it in res["items"]:
+        assert it["predicted"] != it["true"]
+    scores = [it["score"] for it in res["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_target_label_and_a_wrong_size_image(square_run, tmp_path):
+    run, _, _ = square_run
+    img = np.full((70, 30, 3), 120, dtype=np.uint8)
+    img[20:40, 5:25] = (230, 20, 20)
+    Image.fromarray(img).save(tmp_path / "odd.jpg")  # not SIZE x SIZE: resized like in training
+    res = explain(run, [str(tmp_path / "odd.jpg")], target="blue", out=tmp_path / "e", quiet=True)
+    assert res["items"][0]["target"] == "blue" and (tmp_path / "e" / "001-odd.png").is_file()
+
+
+def test_bad_requests_are_clear_errors(text_run, square_run, tiny_vit, image_dirs, tmp_path):
+    run, test, _ = square_run
+    with pytest.raises(ConfigError, match="does not apply to text models; choose one of: ig"):
+        explain(text_run, ["great film"], method="gradcam")
+    with pytest.raises(DataError, match="reads text, and this is an image file"):
+        explain(text_run, [str(next(test.rglob("*.png")))])
+    with pytest.raises(DataError, match="reads images"):
+        explain(run, ["a sentence, not an image"])
+    with pytest.raises(DataError, match="no such file"):
+        explain(run, [str(tmp_path / "missing.png")])
+    with pytest.raises(ConfigError, match="not a label of this run; labels: blue, red"):
+        explain(run, [str(test)], target="green")
+    with pytest.raises(ConfigError, match="nothing to explain"):
+        explain(run)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="holds other files"):
+        explain(text_run, ["great film"], out=tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    vit_run = tmp_path / "vit"
+    fmtune.train(cfg_dict(tiny_vit, image_dirs["train"], out=str(vit_run), train={"epochs": 1}), quiet=True)
+    with pytest.raises(ConfigError, match="gradcam needs a convolutional backbone"):
+        explain(vit_run, [str(image_dirs["test"])], method="gradcam")
+    res = explain(vit_run, [str(image_dirs["test"])], limit=2, quiet=True)  # auto: ig for a ViT
+    assert res["method"] == "ig" and len(res["items"]) == 2
+
+
+def test_cli_explain(text_run, tmp_path):
+    assert main(["explain", str(text_run), "--input", "a really great film", "-o", str(tmp_path / "x")]) == 0
+    saved = json.loads((tmp_path / "x" / "attributions.json").read_text())
+    assert [w["word"] for w in saved[0]["words"]] == ["a", "really", "great", "film"]
+    assert main(["explain", str(text_run), "--method", "occlusion", "--input", "x"]) == 2
