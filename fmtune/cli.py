@@ -109,6 +109,40 @@ def cmd_explain(a: argparse.Namespace) -> None:
         console.print(f"{Path(res['out']) / f}")
 
 
+def cmd_robustness(a: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from fmtune.robustness import robustness, table_rows
+    from fmtune.ui import console
+
+    res = robustness(a.runs, a.data, suite=a.suite, out=a.output, limit=a.limit or None, seed=a.seed,
+                     attacks=not a.no_attacks, quiet=a.quiet)
+    if a.quiet:
+        print(json.dumps(res, indent=2, default=float))
+        return
+    t = Table(title=f"{res['metric']} under perturbation ({res['rows']} rows of {res['data']}), by severity")
+    for col in ("run", "perturbation", "1", "2", "3", "4", "5"):
+        t.add_column(col)
+    for row in table_rows(res):
+        t.add_row(*row)
+    console.print(t)
+    console.print(f"{Path(res['out']) / 'robustness.json'}\n{Path(res['out']) / 'robustness.png'}")
+
+
+def cmd_embed(a: argparse.Namespace) -> None:
+    from fmtune.embed import embed
+    from fmtune.ui import console
+
+    res = embed(a.run, a.data, methods=tuple(a.method.split(",")), out=a.output, limit=a.limit or None, seed=a.seed,
+                quiet=a.quiet)
+    if a.quiet:
+        print(json.dumps(res, indent=2, default=float))
+        return
+    for k, v in res.get("separation", {}).items():
+        console.print(f"  {k:>10}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
+    console.print(f"{Path(res['out']) / 'embed.png'}")
+
+
 def cmd_models(a: argparse.Namespace) -> None:
     from fmtune import api, ui
 
@@ -254,6 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", help="output folder (default: RUN/explain, replaced on each call)")
     ex.add_argument("--limit", type=int, default=24, help="explain at most this many inputs (default: 24)")
     ex.add_argument("--steps", type=int, default=32, help="integration steps for ig (default: 32; text at least 20)")
+
+    rb = verb("robustness", cmd_robustness, "score runs under noise, corruptions and white-box attacks (images) or "
+              "typos, dropped/swapped words, case changes (text), five severities each; robustness.json and a plot")
+    rb.add_argument("runs", nargs="+", help="run directories (several: side by side, on the same perturbed inputs)")
+    rb.add_argument("--data", help="labelled data (default: the first run's test file)")
+    rb.add_argument("--suite", choices=["default", "quick"], default="default",
+                    help="default: every severity; quick: severities 1, 3, 5 and two attack epsilons")
+    rb.add_argument("--limit", type=int, default=1000, help="rows used, sampled with --seed (default: 1000; 0: all)")
+    rb.add_argument("--seed", type=int, default=0, help="seed of the sample and of every perturbation")
+    rb.add_argument("--no-attacks", action="store_true", help="skip FGSM and PGD (images)")
+    rb.add_argument("-o", "--output", help="output folder (default: RUN/robustness; several runs: "
+                    "<first run>-robustness-compare beside it)")
+
+    em = verb("embed", cmd_embed, "2-D map of the penultimate features, coloured by label: the pretrained backbone "
+              "beside the fine-tuned model, with how well the classes separate; to RUN/embed/")
+    em.add_argument("run", help="run directory")
+    em.add_argument("--data", help="labelled data (default: the run's test file)")
+    em.add_argument("--method", default="pca,tsne", help="projections, comma-separated: pca, tsne, umap (umap "
+                    "needs umap-learn) (default: pca,tsne)")
+    em.add_argument("--limit", type=int, default=1000, help="rows used, sampled with --seed (default: 1000; 0: all)")
+    em.add_argument("--seed", type=int, default=0, help="seed of the sample and the projections")
+    em.add_argument("-o", "--output", help="output folder (default: RUN/embed)")
 
     verb("models", cmd_models, "list the models available offline")
     ds = verb("datasets", cmd_datasets, "list the datasets available offline, or export one to files")

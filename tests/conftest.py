@@ -215,3 +215,39 @@ def text_run(tmp_path_factory, tiny_st_bert, text_files) -> Path:
     fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(out), data={"test": str(text_files["test"])},
                           train={"epochs": 3}), quiet=True)
     return out
+
+
+SIZE, SQUARE = 48, 12
+
+
+def save_square_images(root: Path, n_per_class: int, seed: int) -> tuple[Path, dict]:
+    """Grey noise with one coloured square at a random place: its colour (red/blue) is the label.
+    Returns the folder and, per file, the square's box."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    boxes = {}
+    for label, colour in (("red", (230, 20, 20)), ("blue", (20, 20, 230))):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(70, 180, size=(SIZE, SIZE, 3), dtype=np.uint8)
+            y, x = rng.integers(0, SIZE - SQUARE, size=2)
+            img[y: y + SQUARE, x: x + SQUARE] = colour
+            path = root / label / f"{i}.png"
+            Image.fromarray(img).save(path)
+            boxes[str(path)] = (int(y), int(x))
+    return root, boxes
+
+
+@pytest.fixture(scope="session")
+def square_run(tmp_path_factory, tiny_resnet):
+    """A tiny ResNet trained to tell red squares from blue ones: (run, test folder, square boxes)."""
+    import fmtune
+
+    d = tmp_path_factory.mktemp("squares")
+    train, _ = save_square_images(d / "train", 40, 0)
+    test, boxes = save_square_images(d / "test", 6, 1)
+    out = d / "run"
+    fmtune.train(cfg_dict(tiny_resnet, train, out=str(out), model={"image_size": SIZE},
+                          data={"test": str(test)}, train={"epochs": 6, "lr": 3e-3}), quiet=True)
+    return out, test, boxes

@@ -1,0 +1,118 @@
+"""fmtune robustness: perturbations are what they say, seeded; scores are honest; bad requests are clear."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fmtune.cli import main
+from fmtune.errors import ConfigError
+from fmtune.predictor import Predictor
+from fmtune.robustness import (
+    ATTACKS,
+    IMAGE_CORRUPTIONS,
+    TEXT_PERTURBATIONS,
+    attack,
+    corrupt_images,
+    perturb_text,
+    robustness,
+)
+
+
+def _images(n=4, size=32):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", list(IMAGE_CORRUPTIONS))
+def test_image_corruptions_grow_with_severity_and_are_seeded(name):
+    x = _images()
+    levels = IMAGE_CORRUPTIONS[name][0]
+    dist = []
+    for level in levels:
+        y = corrupt_images(x, name, level, torch.Generator().manual_seed(1))
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+        assert torch.equal(y, corrupt_images(x, name, level, torch.Generator().manual_seed(1)))
+        dist.append(float((y - x).abs().mean()))
+    assert dist[0] > 0
+    assert dist[-1] > dist[0], (name, dist)  # the worst severity changes the image more than the mildest
+
+
+@pytest.mark.parametrize("name", list(TEXT_PERTURBATIONS))
+def test_text_perturbations(name):
+    text = "the plot was really quite good and the actors were great"
+    assert perturb_text(text, name, 0.0, np.random.default_rng(0)) == text
+    a = perturb_text(text, name, TEXT_PERTURBATIONS[name][0][-1], np.random.default_rng(3))
+    b = perturb_text(text, name, TEXT_PERTURBATIONS[name][0][-1], np.random.default_rng(3))
+    assert a == b and a != text and a.strip()
+    assert perturb_text("single", "word_drop", 1.0, np.random.default_rng(0)) == "single"  # never empty
+
+
+def test_attacks_stay_in_budget_and_hurt(square_run):
+    run, _, _ = square_run
+    pred = Predictor(run)
+    ds = [pred.decode(str(p), str(p)) for p in sorted(run.parent.glob("test/*/*.png"))]
+    x = torch.stack(ds).float() / 255
+    labels = [pred.labels.index(p.parent.name) for p in sorted(run.parent.glob("test/*/*.png"))]
+    y = torch.tensor(labels)
+    net_logits = lambda z: pred.model(pixel_values=(z - 0.5) / 0.5).logits  # noqa: E731 (spec: mean=std=0.5)
+    with torch.no_grad():
+        clean = (net_logits(x).argmax(-1) == y).float().mean()
+    for kind in ATTACKS:
+        eps = 16 / 255
+        adv = attack(pred.model, pred.bundle.image, x, y, kind, eps)
+        assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        with torch.no_grad():
+            acc = (net_logits(adv).argmax(-1) == y).float().mean()
+        assert acc < clean, (kind, float(acc), float(clean))
+
+
+def test_text_run_report_matches_the_evaluation(text_run, tmp_path):
+    out = tmp_path / "rob"
+    rep = robustness(text_run, suite="quick", out=out, quiet=True)
+    saved = json.loads((out / "robustness.json").read_text())
+    assert (out / "robustness.png").stat().st_size > 10_000
+    res = saved["runs"]["run"]
+    evaluated = json.loads((text_run / "eval.json").read_text())["test"]["accuracy"]
+    assert res["clean"] == pytest.approx(evaluated, abs=1e-4)  # the same rows, the same model: the same score
+    assert set(res["perturbations"]) == set(TEXT_PERTURBATIONS)
+    for p in res["perturbations"].values():
+        assert [r["severity"] for r in p["results"]] == [1, 3, 5]
+        for r in p["results"]:
+            assert 0 <= r["accuracy"] <= 1 and r["relative"] == pytest.approx(r["accuracy"] / res["clean"], abs=1e-3)
+    # dropping 40% of the words removes the deciding word often: the score must fall
+    assert res["perturbations"]["word_drop"]["results"][-1]["accuracy"] < res["clean"]
+    assert rep["out"] == str(out)
+    # seeded: a second call gives the same numbers
+    again = robustness(text_run, suite="quick", out=tmp_path / "rob2", quiet=True)
+    assert again["runs"] == saved["runs"]
+
+
+def test_image_runs_side_by_side(square_run, tmp_path, capsys):
+    run, test, _ = square_run
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    code = main(["robustness", str(run), str(other), "--data", str(test), "--suite", "quick", "-o",
+                 str(tmp_path / "cmp"), "-q"])
+    assert code == 0
+    rep = json.loads((tmp_path / "cmp" / "robustness.json").read_text())
+    assert list(rep["runs"]) == ["run", "other"]
+    a, b = rep["runs"].values()
+    assert a["perturbations"] == b["perturbations"]  # same weights, same perturbed inputs, same numbers
+    assert set(a["perturbations"]) == set(IMAGE_CORRUPTIONS) | set(ATTACKS)
+    assert a["perturbations"]["pgd"]["results"][-1]["accuracy"] <= a["clean"]
+
+
+def test_bad_requests(text_run, square_run, tmp_path):
+    with pytest.raises(ConfigError, match="choose one of: default, quick"):
+        robustness(text_run, suite="hard")
+    with pytest.raises(ConfigError, match="different inputs"):
+        robustness([text_run, square_run[0]])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="holds other files"):
+        robustness(text_run, suite="quick", out=tmp_path / "mine", quiet=True)
