@@ -21,7 +21,7 @@ from fmtune import evaluation, ui
 from fmtune.data.dataset import epoch_batches
 from fmtune.data.prepare import make_dataset, make_task, read_frames
 from fmtune.data.readers import count_rows, iter_chunks, read_any, require_column, row_label
-from fmtune.errors import DataError
+from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import write_json
 from fmtune.models import build
 from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
@@ -78,6 +78,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     resolve_metric(task, cfg.train)
     set_seed(cfg.train.seed)
     bundle = build.create(cfg.model, task)
+    _check_robust_training(cfg.train, bundle.kind, task.name)
     data = _datasets(cfg, bundle, task, frames)  # every split is checked before any training
     counts = apply_strategy(bundle, cfg.strategy)
     counts.update(optim.memory_note(counts, cfg.train))
@@ -167,9 +168,32 @@ def _log_hparams(run_dir: Path, cfg: config_mod.Config, result: Any, test: dict[
         w.add_hparams(hp, metrics, run_name="hparams")
 
 
+def _check_robust_training(cfg: Any, kind: str, task: str) -> None:
+    aug = cfg.augment
+    if kind == "text" and aug.image_on():
+        raise ConfigError("train.augment.noise / corruptions perturb images, and this model reads text; "
+                          "use train.augment.typos or word_drop")
+    if kind == "image" and aug.text_on():
+        raise ConfigError("train.augment.typos / word_drop perturb text, and this model reads images; "
+                          "use train.augment.noise or corruptions")
+    if cfg.adversarial != "none" and kind != "image":
+        raise ConfigError("train.adversarial attacks pixels: image models only; for text, make training "
+                          "robust with train.augment.typos and word_drop")
+    if cfg.adversarial != "none" and task != "classification":
+        raise ConfigError(f"train.adversarial needs a single-label classification task, not {task}")
+
+
 def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, Any],
                 quiet: bool) -> tuple[Any, Any, Any, str]:
     """Swap train/val for their cached frozen-prefix outputs where the strategy allows it."""
+    aug = cfg.train.augment
+    if aug.text_on() or aug.image_on():
+        from fmtune.robustness import Augmented
+
+        train = Augmented(data["train"], aug, cfg.train.seed, bundle.tokenizer, bundle.max_length)
+        return None, train, data["val"], "not used: train.augment perturbs the inputs of every batch"
+    if cfg.train.adversarial != "none":
+        return None, data["train"], data["val"], "not used: train.adversarial attacks the whole model every batch"
     if cfg.train.feature_cache == "off":
         return None, data["train"], data["val"], "off (train.feature_cache=off)"
     split, why = cache.plan(bundle)

@@ -103,6 +103,26 @@ class StrategyConfig:
 
 
 @dataclass
+class AugmentConfig:
+    noise: float = _f(0.0, "images: std of Gaussian noise added to every training image, pixel units (e.g. 0.05)")
+    corruptions: float = _f(0.0, "images: share of training images given one random corruption of `fmtune "
+                            "robustness` (noise, blur, brightness, contrast, JPEG, occlusion) at severity 1-3")
+    typos: float = _f(0.0, "text: share of letters hit by a typo in every training text (e.g. 0.05)")
+    word_drop: float = _f(0.0, "text: share of words dropped from every training text (e.g. 0.1)")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.noise <= 1, "train.augment.noise", "must be in [0, 1]")
+        for name in ("corruptions", "typos", "word_drop"):
+            _check(0 <= getattr(self, name) < 1, f"train.augment.{name}", "must be in [0, 1)")
+
+    def text_on(self) -> bool:
+        return bool(self.typos or self.word_drop)
+
+    def image_on(self) -> bool:
+        return bool(self.noise or self.corruptions)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = _f(3, "passes over the training data")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
@@ -137,6 +157,10 @@ class TrainConfig:
         "auto", "auto = fp32 on CPUs without native bf16, bf16 on GPUs that have it"
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    adversarial: Literal["none", "fgsm", "pgd"] = _f(
+        "none", "images: add adversarial copies of every batch (FGSM, or PGD with 3 steps) to the batch")
+    adversarial_eps: float = _f(0.0078, "images: L-inf budget of the adversarial copies, pixel units (2/255)")
     num_threads: int | None = _f(None, "CPU threads (default: physical cores)")
 
     def __post_init__(self) -> None:
@@ -153,6 +177,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")
         _check(self.eval_every is None or self.eval_every >= 1, "train.eval_every", "must be at least 1")
         _check(self.patience is None or self.patience >= 1, "train.patience", "must be at least 1 or null")
+        _check(0 < self.adversarial_eps <= 1, "train.adversarial_eps", "must be in (0, 1]")
 
 
 @dataclass
@@ -297,6 +322,9 @@ def describe() -> list[tuple[str, str, str]]:
             key = f"{prefix}{f.name}"
             if cls is Config and f.name in _SECTIONS:
                 walk(_SECTIONS[f.name], key + ".")
+                continue
+            if f.name == "augment":
+                walk(AugmentConfig, key + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((key, yaml.safe_dump(default).strip().removesuffix("...").strip(), f.metadata.get("help", "")))

@@ -69,7 +69,8 @@ def separation(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:
 
 
 def embed(run: str | Path, data: str | Path | None = None, *, methods: tuple[str, ...] = ("pca", "tsne"),
-          out: str | Path | None = None, limit: int | None = 1000, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+          out: str | Path | None = None, limit: int | None = 1000, seed: int = 0,
+          quiet: bool = False) -> dict[str, Any]:
     from fmtune.models import build
     from fmtune.predictor import Predictor
 

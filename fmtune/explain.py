@@ -27,7 +27,7 @@ from torch import nn
 from fmtune import ui
 from fmtune.data.dataset import decode_image
 from fmtune.data.prepare import make_dataset
-from fmtune.data.readers import IMAGE_SUFFIXES, TABLE_SUFFIXES, list_images, read_any
+from fmtune.data.readers import IMAGE_SUFFIXES, TABLE_SUFFIXES, list_images, read_any, require_column
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import atomic_dir
 from fmtune.predictor import Predictor
@@ -195,15 +195,16 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
                     rows = [(line, None) for line in path.read_text(encoding=cfg.encoding).splitlines() if line.strip()]
                 else:
                     df = read_any(path, cfg.encoding)
-                    if cfg.text_column not in df.columns:
-                        raise DataError(f"{path}: no text column {cfg.text_column!r} (columns: {', '.join(df.columns)})")
+                    require_column(df, cfg.text_column, "text", "data.text_column")
                     truth = df[cfg.label_column] if cfg.label_column in df.columns else [None] * len(df)
                     rows = list(zip(df[cfg.text_column], truth))
                 for i, (text, true) in enumerate(rows):
-                    items.append({"name": f"{path.name}:{i + 1}", "input": pred.check_text(text, f"{path}, row {i + 1}"),
+                    checked = pred.check_text(text, f"{path}, row {i + 1}")
+                    items.append({"name": f"{path.name}:{i + 1}", "input": checked,
                                   "true": None if true is None else str(true)})
             else:
-                items.append({"name": f"text{len(items) + 1}", "input": pred.check_text(value, "--input"), "true": None})
+                checked = pred.check_text(value, "--input")
+                items.append({"name": f"text{len(items) + 1}", "input": checked, "true": None})
         else:
             if path.is_dir():
                 files = list_images(path)
@@ -211,8 +212,7 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
                     raise DataError(f"--input {value}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
             elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
                 df = read_any(path, cfg.encoding)
-                if cfg.image_column not in df.columns:
-                    raise DataError(f"{path}: no image column {cfg.image_column!r} (columns: {', '.join(df.columns)})")
+                require_column(df, cfg.image_column, "image path", "data.image_column")
                 base = path.parent
                 truth = df[cfg.label_column] if cfg.label_column in df.columns else [None] * len(df)
                 for i, (p, true) in enumerate(zip(df[cfg.image_column].astype(str), truth)):

@@ -337,3 +337,67 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             rows.append(["", pname, *[f"{r[metric]:.3f}" for r in p["results"]]])
     return rows
 
+
+
+# --- robust training --------------------------------------------------------------------------
+
+
+class Augmented(torch.utils.data.Dataset):
+    """A training set whose batches are perturbed on the fly (``train.augment``).
+
+    The randomness of a batch is a function of the seed and the batch's example indices, so an
+    interrupted and resumed run sees exactly the same perturbations.
+    """
+
+    def __init__(self, ds: Any, augment: Any, seed: int, tokenizer: Any = None, max_length: int | None = None):
+        self.ds, self.augment, self.seed = ds, augment, seed
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.lengths, self.targets = getattr(ds, "lengths", None), ds.targets
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def _rng(self, idx: list[int]) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *map(int, idx)])
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        rng = self._rng(idx)
+        if isinstance(self.ds, TextData):
+            texts = [self.tokenizer.decode(self.ds.input_ids[i], skip_special_tokens=True) for i in idx]
+            for name, rate in (("typos", self.augment.typos), ("word_drop", self.augment.word_drop)):
+                if rate:
+                    texts = [perturb_text(t, name, rate, rng) if t.strip() else t for t in texts]
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            return TextData(enc["input_ids"], self.ds.targets[idx], self.ds.pad_id).collate(list(range(len(idx))))
+        batch = self.ds.collate(idx)
+        mean, std = self.ds.mean, self.ds.std
+        x = batch["pixel_values"] * std + mean
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        if self.augment.corruptions:
+            names = list(IMAGE_CORRUPTIONS)
+            for i in range(len(x)):
+                if rng.random() < self.augment.corruptions:
+                    name = names[int(rng.integers(len(names)))]
+                    level = IMAGE_CORRUPTIONS[name][0][int(rng.integers(3))]
+                    x[i: i + 1] = corrupt_images(x[i: i + 1], name, level, gen)
+        if self.augment.noise:
+            x = (x + self.augment.noise * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+        batch["pixel_values"] = (x - mean) / std
+        return batch
+
+
+def adversarial_batch(net: nn.Module, spec: dict[str, Any], batch: dict[str, torch.Tensor], targets: torch.Tensor,
+                      kind: str, eps: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``batch`` with an adversarial copy of every image appended (the model attacked in eval mode)."""
+    from fmtune.strategies import set_train_mode
+
+    mean = torch.tensor(spec["mean"], device=targets.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec["std"], device=targets.device).view(1, 3, 1, 1)
+    pixels = (batch["pixel_values"] * std + mean).clamp(0, 1)
+    net.eval()
+    adv = attack(net, spec, pixels, targets, kind, eps, steps=3)
+    set_train_mode(net)
+    return {"pixel_values": torch.cat([batch["pixel_values"], (adv - mean) / std])}, torch.cat([targets, targets])

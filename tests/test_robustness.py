@@ -116,3 +116,53 @@ def test_bad_requests(text_run, square_run, tmp_path):
     (tmp_path / "mine" / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="holds other files"):
         robustness(text_run, suite="quick", out=tmp_path / "mine", quiet=True)
+
+
+def test_augmented_batches_are_perturbed_and_reproducible(text_run, square_run):
+    from fmtune.config import AugmentConfig
+    from fmtune.data.prepare import make_dataset
+    from fmtune.data.readers import read_any
+    from fmtune.robustness import Augmented
+
+    for run, aug in ((text_run, AugmentConfig(typos=0.2, word_drop=0.2)),
+                     (square_run[0], AugmentConfig(noise=0.1, corruptions=0.5))):
+        pred = Predictor(run)
+        df = read_any(pred.config.data.test)
+        ds, _ = make_dataset(df, pred.bundle, pred.task, pred.config.data)
+        wrapped = Augmented(ds, aug, 7, pred.bundle.tokenizer, pred.bundle.max_length)
+        idx = [0, 3, 5, 8]
+        a, b, plain = wrapped.collate(idx), wrapped.collate(idx), ds.collate(idx)
+        key = "input_ids" if pred.kind == "text" else "pixel_values"
+        assert torch.equal(a[key], b[key]) and torch.equal(a["labels"], plain["labels"])
+        assert a[key].shape != plain[key].shape or not torch.equal(a[key], plain[key])
+        if pred.kind == "image":  # another batch: other noise on the same first image
+            assert not torch.equal(wrapped.collate([0, 3, 5, 9])[key][:1], a[key][:1])
+
+
+def test_robust_training_runs_and_bad_combinations(square_run, text_run, tiny_bert, tiny_resnet, text_files, tmp_path):
+    from conftest import cfg_dict
+
+    import fmtune
+
+    run, test, _ = square_run
+    train = run.parent / "train"
+    cfg = cfg_dict(tiny_resnet, train, out=str(tmp_path / "adv"), model={"image_size": 48}, data={"test": str(test)},
+                   train={"epochs": 4, "lr": 3e-3, "adversarial": "fgsm", "adversarial_eps": 0.03,
+                          "augment": {"noise": 0.05, "corruptions": 0.3}})
+    res = fmtune.train(cfg, quiet=True)
+    assert res["eval"]["test"]["accuracy"] >= 0.75
+    info = json.loads((tmp_path / "adv" / "run.json").read_text())["fit"]
+    assert info["samples_per_s"] > 0 and info["steps"] == 4 * 5  # 80 images / 16 per batch; copies not counted
+    for sections, match in (
+        ({"train": {"augment": {"typos": 0.1}}}, "perturb text, and this model reads images"),
+        ({"train": {"adversarial": "pgd"}, "task": {"type": "multilabel"}}, "single-label classification"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            fmtune.train(cfg_dict(tiny_resnet, train, out=str(tmp_path / "bad"), **sections), quiet=True)
+    for train_cfg, match in (({"augment": {"noise": 0.1}}, "perturb images, and this model reads text"),
+                             ({"adversarial": "fgsm"}, "image models only")):
+        with pytest.raises(ConfigError, match=match):
+            fmtune.train(cfg_dict(tiny_bert, text_files["train"], out=str(tmp_path / "bad"), train=train_cfg),
+                         quiet=True)
+    with pytest.raises(ConfigError, match="train.augment.typos: must be in"):
+        fmtune.train(cfg_dict(tiny_bert, text_files["train"], train={"augment": {"typos": 1.5}}), quiet=True)

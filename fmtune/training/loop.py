@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 
 from fmtune.data.dataset import epoch_batches
 from fmtune.errors import ConfigError, Interrupted, TrainingError
+from fmtune.robustness import adversarial_batch
 from fmtune.strategies import set_train_mode
 from fmtune.training import checkpoint
 from fmtune.training.infer import infer
@@ -198,6 +199,10 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                     raise KeyboardInterrupt
                 batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(batches[bi]).items()}
                 targets = batch.pop("labels")
+                examples = len(targets)
+                if cfg.adversarial != "none":
+                    batch, targets = adversarial_batch(net, bundle.image, batch, targets, cfg.adversarial,
+                                                       cfg.adversarial_eps)
                 with accelerator.autocast():
                     logits = net(**batch).logits
                 loss = task.loss(logits, targets)
@@ -205,9 +210,9 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                     raise _diverged(loss.item(), state, run_dir)
                 accelerator.backward(loss / cfg.grad_accum)
                 micro += 1
-                window_loss += loss.detach().float() * len(targets)  # stays on the device: no sync per step
-                window_n += len(targets)
-                state["samples"] += len(targets)
+                window_loss += loss.detach().float() * examples  # stays on the device: no sync per step
+                window_n += examples
+                state["samples"] += examples
                 last_of_epoch = bi == len(batches) - 1
                 if micro % cfg.grad_accum and not last_of_epoch:
                     continue
