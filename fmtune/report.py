@@ -217,9 +217,15 @@ def write_report(run: str | Path) -> Path:
                                    [[m["true"], m["predicted"], m["score"], m["input"]] for m in mistakes]))
         elif (run_dir / "mistakes.png").is_file():
             sections.append(_img_tag((run_dir / "mistakes.png").read_bytes(), "most confident mistakes"))
-    for title, name in (("Robustness", "robustness.png"), ("Explanations", "explanations.png")):
-        if (run_dir / name).is_file():  # written by later verbs when they exist
+    for title, name in (("Explanations (fmtune explain)", "explain/grid.png"),
+                        ("Features before and after fine-tuning (fmtune embed)", "embed/embed.png"),
+                        ("Robustness (fmtune robustness)", "robustness/robustness.png")):
+        if (run_dir / name).is_file():  # written by the analysis verbs, when they were run
             sections += [f"<h2>{title}</h2>", _img_tag((run_dir / name).read_bytes(), title)]
+        if name.startswith("explain/") and (run_dir / "explain" / "attributions.html").is_file():
+            page = (run_dir / "explain" / "attributions.html").read_text()
+            body = page.split("<body>", 1)[-1].rsplit("</body>", 1)[0]
+            sections += [f"<h2>{title}</h2>", body]
     sections += ["<h2>Data</h2>", _data_section(cfg, info)]
     env = [["hardware", info.get("hardware", "")], ["params", json.dumps(info.get("params", {}))],
            *[[k, v] for k, v in (info.get("versions") or {}).items()], ["report made with python",

@@ -109,3 +109,14 @@ def test_cli_explain(text_run, tmp_path):
     saved = json.loads((tmp_path / "x" / "attributions.json").read_text())
     assert [w["word"] for w in saved[0]["words"]] == ["a", "really", "great", "film"]
     assert main(["explain", str(text_run), "--method", "occlusion", "--input", "x"]) == 2
+
+
+@pytest.mark.parametrize("strategy", ["lora", "prompt"])
+def test_adapter_runs_are_explained_through_the_adapter(tiny_bert, text_files, tmp_path, strategy):
+    run = tmp_path / strategy
+    fmtune.train(cfg_dict(tiny_bert, text_files["train"], out=str(run), strategy={"name": strategy},
+                          train={"epochs": 1}), quiet=True)
+    res = explain(run, ["the movie was good"], quiet=True)
+    words = res["items"][0]["words"]
+    assert [w["word"] for w in words] == ["the", "movie", "was", "good"]
+    assert any(w["attribution"] != 0 for w in words)

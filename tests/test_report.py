@@ -130,3 +130,15 @@ def test_trackers_receive_params_and_every_logged_number(tmp_path, tiny_st_bert,
     logged = {k for _, m in calls["metrics"] for k in m}
     assert {"train/loss", "val/accuracy", "test/accuracy"} <= logged
     assert calls["wandb"][0]["name"] == "wandb" and any("test/accuracy" in m for _, m in calls["wandb"][1:])
+
+
+def test_report_shows_the_analysis_verbs_outputs(text_run):
+    from fmtune.explain import explain
+    from fmtune.report import write_report
+    from fmtune.robustness import robustness
+
+    explain(text_run, ["a really great film"], quiet=True)
+    robustness(text_run, suite="quick", quiet=True)
+    page = write_report(text_run).read_text()
+    assert "Explanations (fmtune explain)" in page and "rgba(" in page and ">great</span>" in page
+    assert "Robustness (fmtune robustness)" in page
