@@ -54,9 +54,10 @@ def _summary(frames: Any, cfg: config_mod.Config, data: dict[str, Any]) -> dict[
 
 
 def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False, resume: str | Path | None = None,
-          quiet: bool = False, report: bool = True) -> dict[str, Any]:
+          quiet: bool = False, report: bool = True, on_eval: Any = None) -> dict[str, Any]:
     """Fine-tune as configured; returns the run summary (run dir, best metric, test metrics).
     Writes ``report.html`` into the run directory at the end unless ``report`` is False.
+    ``on_eval(record)`` is called after every validation (``fmtune search`` prunes trials there).
 
     ``cfg`` is a Config, a dict, or a YAML path. ``resume`` continues an interrupted run
     from its last checkpoint (its saved config is used).
@@ -110,7 +111,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     tracked = trackers.make(cfg.train.tracker, run_dir, cfg.to_dict())
     try:
         summary = _fit_and_test(cfg, bundle, task, data, frames, counts, hw, run_dir, resume, quiet, net,
-                                train_ds, val_ds, tracked)
+                                train_ds, val_ds, tracked, on_eval)
     finally:
         for t in tracked:
             t.close()
@@ -125,11 +126,11 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
 
 def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], frames: Any,
                   counts: dict[str, Any], hw: Any, run_dir: Path, resume: Any, quiet: bool, net: Any,
-                  train_ds: Any, val_ds: Any, tracked: list[Any]) -> dict[str, Any]:
+                  train_ds: Any, val_ds: Any, tracked: list[Any], on_eval: Any = None) -> dict[str, Any]:
     out = ui.console
     result = fit(bundle, task, train_ds, val_ds, cfg.train, run_dir, hardware=hw,
                  resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
-                 progress=ui.FitProgress(quiet), net=net, trackers=tracked)
+                 progress=ui.FitProgress(quiet), net=net, trackers=tracked, on_eval=on_eval)
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, data),
             "fit": {k: v for k, v in vars(result).items() if k != "history"},
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}

@@ -143,6 +143,15 @@ def cmd_embed(a: argparse.Namespace) -> None:
     console.print(f"{Path(res['out']) / 'embed.png'}")
 
 
+def cmd_search(a: argparse.Namespace) -> None:
+    from fmtune.search import search
+
+    res = search(a.config, trials=a.trials, storage=a.storage, study=a.study, out=a.output, pruner=a.pruner,
+                 seed=a.seed, quiet=a.quiet)
+    if a.quiet:
+        print(json.dumps(res, indent=2, default=float))
+
+
 def cmd_models(a: argparse.Namespace) -> None:
     from fmtune import api, ui
 
@@ -310,6 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--limit", type=int, default=1000, help="rows used, sampled with --seed (default: 1000; 0: all)")
     em.add_argument("--seed", type=int, default=0, help="seed of the sample and the projections")
     em.add_argument("-o", "--output", help="output folder (default: RUN/embed)")
+
+    se = verb("search", cmd_search, "hyper-parameter search with optuna over the config's search: section; each "
+              "trial is a training run, bad ones pruned; best.yaml, trials.csv, plots in the study folder")
+    se.add_argument("config", help="YAML config with a search: section, e.g. "
+                    "search: {train.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}}")
+    se.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (default: 20); "
+                    "rerunning continues the study up to this number")
+    se.add_argument("--storage", help="optuna storage URL (default: sqlite in the study folder); a shared database "
+                    "(postgresql://...) lets several machines run one study")
+    se.add_argument("--study", help="study name (default: the config's name or file name)")
+    se.add_argument("-o", "--output", help="study folder (default: runs/search-<study>)")
+    se.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                    help="stop unpromising trials from their per-epoch validation (default: median)")
+    se.add_argument("--seed", type=int, help="seed of the sampler (default: random)")
 
     verb("models", cmd_models, "list the models available offline")
     ds = verb("datasets", cmd_datasets, "list the datasets available offline, or export one to files")

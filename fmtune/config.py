@@ -189,6 +189,8 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: dict[str, Any] = _f({}, "fmtune search: the space, {dotted key: {type: float|int|categorical, low, high, "
+                                "log, step, choices}}; e.g. train.lr: {type: float, low: 1e-5, high: 1e-3, log: true}")
 
     def __post_init__(self) -> None:
         if self.train.lr is None:  # resolved here, so the saved config.yaml says what was used
@@ -209,6 +211,10 @@ def _check(ok: bool, key: str, msg: str) -> None:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to the annotated type, or raise a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -124,7 +124,8 @@ def _diverged(loss: float, state: dict, run_dir: Path) -> TrainingError:
 
 def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: Path, *, hardware: Any,
         resume: bool = False, save_best: Callable[[], None], progress: Any = None,
-        net: torch.nn.Module | None = None, trackers: list[Any] = ()) -> FitResult:
+        net: torch.nn.Module | None = None, trackers: list[Any] = (),
+        on_eval: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``bundle.model`` on ``train_ds``; evaluate on ``val_ds``; save the best via ``save_best``.
 
     ``net`` is what the batches are fed to when it is not the model itself (the model seen
@@ -176,6 +177,8 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             progress.evaluated(rec, metric)
         if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
             state["stopped_early"] = True
+        if on_eval is not None:
+            on_eval(rec)
         set_train_mode(net)
 
     started = time.perf_counter() - state["seconds"]

@@ -1,0 +1,80 @@
+"""fmtune search: optuna over the config's search space; resumable; several workers share one study."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import cfg_dict
+
+from fmtune import config as config_mod
+from fmtune.errors import ConfigError
+from fmtune.search import search
+
+SPACE = {"train.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+         "strategy.name": {"type": "categorical", "choices": ["head", "full"]}}
+
+
+def _config(tmp_path, tiny_bert, text_files, **extra):
+    cfg = cfg_dict(tiny_bert, text_files["train"], data={"val": str(text_files["test"])},
+                   train={"epochs": 2, "lr": None}, **extra)
+    cfg["train"].pop("lr")
+    cfg["search"] = SPACE
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_search_writes_best_config_trials_and_plots(tmp_path, tiny_bert, text_files):
+    path = _config(tmp_path, tiny_bert, text_files)
+    res = search(path, trials=4, out=tmp_path / "study", seed=0, quiet=True)
+    folder = tmp_path / "study"
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 4 == res["trials"] and res["complete"] >= 2
+    best = config_mod.load(folder / "best.yaml")
+    assert best.train.lr == pytest.approx(res["best_params"]["train.lr"])
+    assert best.strategy.name == res["best_params"]["strategy.name"]
+    assert res["best_value"] == trials["value"].max()
+    assert (folder / "history.png").is_file() and (folder / "study.db").is_file()
+    # rerunning continues the study from its database
+    again = search(path, trials=5, out=folder, quiet=True)
+    assert again["trials"] == 5 and len(list((folder / "trials").iterdir())) == 5
+
+
+def test_two_workers_share_one_study(tmp_path, tiny_bert, text_files):
+    path = _config(tmp_path, tiny_bert, text_files)
+    folder = tmp_path / "shared"
+    cmd = [sys.executable, "-m", "fmtune", "search", str(path), "--trials", "6", "-o", str(folder), "-q",
+           "--pruner", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    import optuna
+
+    study = optuna.load_study(study_name="space", storage=f"sqlite:///{folder / 'study.db'}")
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) and 6 <= len(numbers) <= 7  # none lost; at most one extra in flight
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    dirs = sorted(p.name for p in (folder / "trials").iterdir())
+    assert dirs == [f"trial-{n:04d}" for n in sorted(numbers)]
+    for n in numbers:  # each trial's run is complete and its own
+        assert (folder / "trials" / f"trial-{n:04d}" / "run.json").is_file()
+
+
+def test_bad_spaces_are_clear_errors(tmp_path, tiny_bert, text_files):
+    base = cfg_dict(tiny_bert, text_files["train"])
+    for space, match in (({}, "no search: section"),
+                         ({"train.learning_rate": {"type": "float", "low": 1, "high": 2}}, "not a setting"),
+                         ({"train.lr": {"type": "float", "low": 1e-3, "high": 1e-5}}, "above high"),
+                         ({"train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "log scale needs low > 0"),
+                         ({"strategy.name": {"type": "categorical"}}, "non-empty list of choices"),
+                         ({"train.lr": {"type": "uniform", "low": 0, "high": 1}}, "expected {type")):
+        with pytest.raises(ConfigError, match=match):
+            search({**base, "search": space}, trials=1, out=tmp_path / "x", quiet=True)
