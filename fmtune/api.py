@@ -3,6 +3,7 @@ calls these."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ from fmtune.fsutil import write_json
 from fmtune.models import build
 from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
 from fmtune.strategies import apply_strategy
-from fmtune.training import cache, checkpoint, hardware, optim, trackers
+from fmtune.training import cache, checkpoint, distributed, hardware, optim, trackers
 from fmtune.training.infer import infer, model_device
 from fmtune.training.loop import TB_DIR, fit, resolve_metric
 
@@ -72,6 +73,10 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
             config_mod.from_dict(cfg) if isinstance(cfg, dict) else config_mod.load(cfg))
         run_dir = None
     hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads)
+    dist = distributed.init(cpu=hw.device == "cpu")  # a launched multi-process run: join its process group
+    main = dist is None or dist.is_main_process
+    if not main:  # rank 0 speaks and writes for everyone
+        quiet, report = True, False
     trackers.check(cfg.train.tracker)  # a tracker that is not installed stops us before any work
     set_seed(cfg.train.seed)
     frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
@@ -84,9 +89,13 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     counts = apply_strategy(bundle, cfg.strategy)
     counts.update(optim.memory_note(counts, cfg.train))
     bundle.model.to(hw.device)  # the feature cache, training, test and baseline all run there
-    if run_dir is None:
+    if run_dir is None and main:
         run_dir = new_run_dir(cfg, overwrite)
         write_start(run_dir, cfg, task)
+    if dist is not None:
+        from accelerate.utils import broadcast_object_list
+
+        run_dir = Path(broadcast_object_list([str(run_dir) if main else None])[0])
     if not quiet:
         out.print(f"[bold]fmtune train[/] -> {run_dir}")
         labels = f" with {len(task.labels)} labels" if task.labels else ""
@@ -100,15 +109,16 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         out.print(f"  data: train {len(data['train'])}, val {len(data['val'])}"
                   f"{' (split off train)' if frames.val_from_train else ''}"
                   f"{', test ' + str(len(data['test'])) if 'test' in data else ''}")
-    net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet)
-    if hw.device == "cuda" and cfg.train.precision == "auto" and hw.precision != "no":
+    with dist.main_process_first() if dist is not None else contextlib.nullcontext():  # one rank fills the cache
+        net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet)
+    if hw.device == "cuda" and cfg.train.precision == "auto" and hw.precision != "no" and dist is None:
         first = epoch_batches(len(train_ds), cfg.train.batch_size, cfg.train.seed, 0,
                               getattr(train_ds, "lengths", None))[0]
         hw = hardware.probe_precision(hw, net or bundle.model, train_ds.collate(first), task.loss)
     if not quiet:
         out.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
         out.print(f"  feature cache: {cache_note}")
-    tracked = trackers.make(cfg.train.tracker, run_dir, cfg.to_dict())
+    tracked = trackers.make(cfg.train.tracker, run_dir, cfg.to_dict()) if main else []
     try:
         summary = _fit_and_test(cfg, bundle, task, data, frames, counts, hw, run_dir, resume, quiet, net,
                                 train_ds, val_ds, tracked, on_eval)
@@ -131,13 +141,17 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
     result = fit(bundle, task, train_ds, val_ds, cfg.train, run_dir, hardware=hw,
                  resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
                  progress=ui.FitProgress(quiet), net=net, trackers=tracked, on_eval=on_eval)
-    info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, data),
-            "fit": {k: v for k, v in vars(result).items() if k != "history"},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-    write_json(run_dir / INFO_FILE, info)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
                                "best_step": result.best_step, "stopped_early": result.stopped_early,
-                               "seconds": result.seconds}
+                               "seconds": result.seconds, "processes": result.processes}
+    if not distributed.is_main():
+        return summary  # the test, the baseline and the files are rank 0's
+    fit_info = {k: v for k, v in vars(result).items() if k not in ("history", "processes", "params_in_sync")}
+    if result.processes > 1:
+        fit_info["distributed"] = {"processes": result.processes, "params_in_sync": result.params_in_sync}
+    info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, data), "fit": fit_info,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    write_json(run_dir / INFO_FILE, info)
     if not quiet:
         stop = "stopped early" if result.stopped_early else (
             f"stopped at the time budget of {cfg.train.max_minutes} min" if result.out_of_time else "finished")

@@ -30,9 +30,31 @@ def cmd_demo(a: argparse.Namespace) -> None:
     demo(a.task, a.out, seed=a.seed, overwrite=a.overwrite, quiet=a.quiet)
 
 
+DIST_FLAGS = ("--num-processes", "--num-machines", "--machine-rank", "--main-process-ip", "--main-process-port")
+
+
+def _without_dist_flags(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in DIST_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in DIST_FLAGS)):
+            out.append(arg)
+    return out
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from fmtune import api, config
+    from fmtune.training import distributed
 
+    if (a.num_processes > 1 or a.num_machines > 1) and distributed.world_size() == 1:
+        code = distributed.launch(_without_dist_flags(a.argv), a.num_processes, a.num_machines, a.machine_rank,
+                                  a.main_process_ip, a.main_process_port)
+        if code:
+            raise SystemExit(code)
+        return
     if a.resume:
         api.train(None, resume=a.resume, quiet=a.quiet, report=not a.no_report)
         return
@@ -219,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the run directory if it exists")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    t.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="data-parallel training in N processes on this machine (DDP via torchrun; on CPU they "
+                   "share the cores, gloo); train.batch_size stays the global batch")
+    t.add_argument("--num-machines", type=int, default=1, help="machines taking part (run the same command on each)")
+    t.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 .. num-machines-1")
+    t.add_argument("--main-process-ip", help="address of machine rank 0 (several machines)")
+    t.add_argument("--main-process-port", type=int, default=29500, help="port on machine rank 0 (default: 29500)")
     t.add_argument("--tracker", choices=["tensorboard", "mlflow", "wandb"],
                    help="also log to MLflow (file store runs/mlruns) or W&B (offline); tb/ is always written")
 
@@ -353,7 +382,9 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
     warnings.showwarning = _show_warning

@@ -63,7 +63,9 @@ def choose(device: str = "auto", precision: str = "auto", threads: int | None = 
             prec, why = "no", "no native bf16 on this " + ("GPU" if use_cuda else "CPU") + ": fp32 is faster"
     else:
         prec, why = {"fp32": "no"}.get(precision, precision), "as configured"
-    n = threads or physical_cores()
+    from fmtune.training.distributed import local_world_size
+
+    n = threads or max(1, physical_cores() // local_world_size())  # processes on this machine share its cores
     torch.set_num_threads(n)
     return Hardware(dev, prec, n, why)
 

@@ -27,6 +27,7 @@ from fmtune.errors import ConfigError, Interrupted, TrainingError
 from fmtune.robustness import adversarial_batch
 from fmtune.strategies import set_train_mode
 from fmtune.training import checkpoint
+from fmtune.training.distributed import broadcast_flag, gathered_infer, params_in_sync, shard
 from fmtune.training.infer import infer
 from fmtune.training.optim import make_optimizer, make_scheduler
 
@@ -45,6 +46,8 @@ class FitResult:
     seconds: float
     samples_per_s: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    processes: int = 1
+    params_in_sync: bool | None = None  # several processes: every rank ended with the same weights
 
 
 class _Log:
@@ -78,6 +81,16 @@ class _Log:
 
     def close(self) -> None:
         self.tb.close()
+
+
+class _NoLog:
+    """What ranks other than 0 log: nothing."""
+
+    def write(self, **record: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _improved(value: float, best: float | None, greater: bool, min_delta: float) -> bool:
@@ -148,26 +161,35 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     net, optimizer = accelerator.prepare(net, optimizer)
     device = accelerator.device
-    on_gpu = device.type != "cpu"  # a host sync per step would stall the GPU's queue
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    # a host sync per step would stall a GPU's queue; with several processes a decision taken on
+    # one rank's own loss could leave the others waiting: both check the (reduced) loss when logging
+    deferred_checks = device.type != "cpu" or world > 1
+    plain_net = accelerator.unwrap_model(net)
 
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_step": 0, "bad_evals": 0,
              "history": [], "seconds": 0.0, "samples": 0, "stopped_early": False, "done": False, "out_of_time": False}
     if resume:
         state.update(checkpoint.load_state(run_dir, model, optimizer, scheduler))
-    log = _Log(run_dir / METRICS_FILE, state["step"] if resume else None, trackers)
+    log = _Log(run_dir / METRICS_FILE, state["step"] if resume else None, trackers) if main else _NoLog()
+    save_best_here = save_best if main else (lambda: None)
 
     def save_resume_point() -> None:
-        checkpoint.save_state(run_dir, model, optimizer, scheduler, state)
+        if main:
+            checkpoint.save_state(run_dir, model, optimizer, scheduler, state)
 
     def evaluate() -> None:
-        logits, targets = infer(net, val_ds, cfg.eval_batch_size, device)
+        if world > 1:
+            logits, targets = gathered_infer(plain_net, val_ds, cfg.eval_batch_size, device, accelerator)
+        else:
+            logits, targets = infer(net, val_ds, cfg.eval_batch_size, device)
         res = task.metrics(logits, targets)
         epoch = state["step"] / steps_per_epoch
         rec = {"step": state["step"], "epoch": round(epoch, 3), "seconds": round(time.perf_counter() - started, 3),
                **{k: round(v, 6) for k, v in res.items()}}
         if _improved(res[metric], state["best"], greater, cfg.min_delta):
             state.update(best=res[metric], best_step=state["step"], bad_evals=0)
-            save_best()  # the best checkpoint first: a crash after it still leaves the best model
+            save_best_here()  # the best checkpoint first: a crash after it still leaves the best model
             rec["best"] = True
         else:
             state["bad_evals"] += 1
@@ -179,14 +201,16 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             state["stopped_early"] = True
         if on_eval is not None:
             on_eval(rec)
-        set_train_mode(net)
+        net.train()
+        set_train_mode(plain_net)
 
     started = time.perf_counter() - state["seconds"]
     last_save = time.perf_counter()
     if progress:
         progress.start(total_steps, state["step"])
-    set_train_mode(net)
-    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+    net.train()
+    set_train_mode(plain_net)
+    window_loss, window_n, window_local, window_t = 0.0, 0, 0, time.perf_counter()
     # Ctrl-C stops at the next step boundary and saves a resume point there that continues bit
     # for bit (a second Ctrl-C stops at once, saving only if the model still sits at a boundary:
     # partial gradient accumulation is discarded, and the boundary's RNG state is kept here).
@@ -200,20 +224,25 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             for bi in range(state["batch_in_epoch"], len(batches)):
                 if stop.requested and at_boundary:
                     raise KeyboardInterrupt
-                batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(batches[bi]).items()}
+                idx = batches[bi]
+                examples = len(idx)  # counted once, over all ranks
+                if world > 1 and len(idx) >= world:  # a batch smaller than the world: every rank takes it whole
+                    idx = shard(idx, rank, world)
+                batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(idx).items()}
                 targets = batch.pop("labels")
-                examples = len(targets)
+                local = len(targets)
                 if cfg.adversarial != "none":
-                    batch, targets = adversarial_batch(net, bundle.image, batch, targets, cfg.adversarial,
+                    batch, targets = adversarial_batch(plain_net, bundle.image, batch, targets, cfg.adversarial,
                                                        cfg.adversarial_eps)
                 with accelerator.autocast():
                     logits = net(**batch).logits
                 loss = task.loss(logits, targets)
-                if not on_gpu and not torch.isfinite(loss):
+                if not deferred_checks and not torch.isfinite(loss):
                     raise _diverged(loss.item(), state, run_dir)
                 accelerator.backward(loss / cfg.grad_accum)
                 micro += 1
-                window_loss += loss.detach().float() * examples  # stays on the device: no sync per step
+                window_loss += loss.detach().float() * local  # stays on the device: no sync per step
+                window_local += local
                 window_n += examples
                 state["samples"] += examples
                 last_of_epoch = bi == len(batches) - 1
@@ -230,7 +259,11 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                 state["batch_in_epoch"] = bi + 1
                 if state["step"] % cfg.log_every == 0 or last_of_epoch:
                     dt = time.perf_counter() - window_t
-                    mean_loss = float(window_loss) / max(window_n, 1)
+                    totals = torch.stack([torch.as_tensor(window_loss, dtype=torch.float32, device=device),
+                                          torch.tensor(float(window_local), device=device)])
+                    if world > 1:
+                        totals = accelerator.reduce(totals, "sum")
+                    mean_loss = float(totals[0]) / max(float(totals[1]), 1.0)
                     if not math.isfinite(mean_loss):  # on a GPU, found here (up to log_every steps late)
                         raise _diverged(mean_loss, state, run_dir)
                     log.write(type="train", step=state["step"], epoch=round(state["step"] / steps_per_epoch, 3),
@@ -238,13 +271,15 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                               samples_per_s=round(window_n / max(dt, 1e-9), 2))
                     if progress:
                         progress.trained(state["step"], mean_loss)
-                    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+                    window_loss, window_n, window_local, window_t = 0.0, 0, 0, time.perf_counter()
                 if last_of_epoch:
                     state["epoch"] += 1
                     state["batch_in_epoch"] = 0
                 at_end = state["step"] >= total_steps
-                if cfg.max_minutes and time.perf_counter() - started >= cfg.max_minutes * 60 and not at_end:
-                    at_end = state["out_of_time"] = True
+                if cfg.max_minutes and not at_end:
+                    late = time.perf_counter() - started >= cfg.max_minutes * 60
+                    if broadcast_flag(late, accelerator) if world > 1 else late:
+                        at_end = state["out_of_time"] = True
                 if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (
                         not cfg.eval_every and last_of_epoch) or at_end:
                     if not (state["history"] and state["history"][-1]["step"] == state["step"]):
@@ -274,6 +309,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     if progress:
         progress.stop()
     seconds = time.perf_counter() - started
+    in_sync = params_in_sync(model, accelerator) if world > 1 else None
     return FitResult(metric, state["best"], state["best_step"], state["step"], state["step"] / steps_per_epoch,
                      state["stopped_early"], state["out_of_time"], seconds, state["samples"] / max(seconds, 1e-9),
-                     state["history"])
+                     state["history"], world, in_sync)

@@ -1,0 +1,110 @@
+"""Data-parallel training over several processes (DDP through accelerate), launched by torchrun.
+
+``fmtune train --num-processes 2`` re-runs itself under ``torch.distributed.run``; running
+``torchrun -m fmtune train ...`` or ``accelerate launch -m fmtune train ...`` directly works too.
+Every rank walks the same seeded batches and takes its slice of each, so ``train.batch_size``
+stays the global batch and a run matches a 1-process run with that batch. Only rank 0 writes
+the run directory; validation is sharded and gathered, so every rank takes the same
+early-stopping decision; the time budget is rank 0's clock, broadcast.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmtune.training.infer import infer
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def init(cpu: bool) -> Any:
+    """The process group of a launched run (gloo on CPU: ``cpu=True``, else each rank may stay in
+    a world of its own); None for a single process."""
+    if world_size() <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu)
+
+
+def is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def shard(idx: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous slice of a global batch."""
+    return [int(i) for i in np.array_split(np.asarray(idx), world)[rank]]
+
+
+class _View:
+    """Examples ``keep`` of a dataset, collated by the dataset itself."""
+
+    def __init__(self, ds: Any, keep: np.ndarray):
+        self.ds, self.keep = ds, keep
+        self.lengths = None if getattr(ds, "lengths", None) is None else np.asarray(ds.lengths)[keep]
+        self.targets = None if ds.targets is None else ds.targets[torch.as_tensor(keep)]
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        return self.ds.collate([int(self.keep[i]) for i in idx])
+
+
+def gathered_infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any, accelerator: Any,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``infer`` with the examples split over the ranks and the outputs gathered back, in order,
+    each example once (the shards are padded to one length for the gather and trimmed after)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    parts = np.array_split(np.arange(len(ds)), world)
+    mine, _ = infer(model, _View(ds, parts[rank]), batch_size, device)
+    width = max(len(p) for p in parts)
+    padded = torch.zeros((width, *mine.shape[1:]), dtype=mine.dtype)
+    padded[: len(mine)] = mine
+    everything = accelerator.gather(padded.to(accelerator.device)).cpu().view(world, width, *mine.shape[1:])
+    out = torch.cat([everything[r, : len(parts[r])] for r in range(world)])
+    return out, ds.targets
+
+
+def broadcast_flag(flag: bool, accelerator: Any) -> bool:
+    """Rank 0's value of ``flag`` on every rank."""
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def params_in_sync(model: torch.nn.Module, accelerator: Any) -> bool:
+    """Whether every rank holds the same trained weights (a checksum per tensor, gathered)."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad])
+    everything = accelerator.gather(sums.to(accelerator.device)[None]).cpu()
+    return bool(torch.allclose(everything, everything[:1].expand_as(everything), rtol=0, atol=1e-9))
+
+
+def launch(argv: list[str], processes: int, machines: int = 1, machine_rank: int = 0,
+           main_ip: str | None = None, main_port: int = 29500) -> int:
+    """Run ``fmtune <argv>`` under torchrun with ``processes`` per machine; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+    if machines > 1:
+        if not main_ip:
+            from fmtune.errors import ConfigError
+
+            raise ConfigError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
+        cmd += [f"--nnodes={machines}", f"--node-rank={machine_rank}", f"--master-addr={main_ip}",
+                f"--master-port={main_port}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += ["-m", "fmtune", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
