@@ -114,7 +114,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
     from fmtune.ui import console
 
     res = explain(a.run, a.input, method=a.method, target=a.target, misclassified=a.misclassified, data=a.data,
-                  out=a.output, limit=a.limit, steps=a.steps, quiet=a.quiet)
+                  out=a.output, limit=a.limit, steps=a.steps, baseline=a.baseline, quiet=a.quiet)
     if a.quiet:
         print(json.dumps(res, indent=2, default=float))
         return
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", help="output folder (default: RUN/explain, replaced on each call)")
     ex.add_argument("--limit", type=int, default=24, help="explain at most this many inputs (default: 24)")
     ex.add_argument("--steps", type=int, default=32, help="integration steps for ig (default: 32; text at least 20)")
+    ex.add_argument("--baseline", choices=["mean", "blur", "black"], default="mean",
+                    help="images, ig and occlusion: what the input is compared with: the normalisation's mean colour, "
+                    "a heavy blur of the input, or black (black gives dark pixels no attribution) (default: mean)")
 
     rb = verb("robustness", cmd_robustness, "score runs under noise, corruptions and white-box attacks (images) or "
               "typos, dropped/swapped words, case changes (text), five severities each; robustness.json and a plot")

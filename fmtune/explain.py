@@ -105,26 +105,44 @@ def check_method(kind: str, method: str, model: nn.Module) -> str:
 # --- attributions ---------------------------------------------------------------------------
 
 
+BASELINES = ("mean", "blur", "black")
+
+
+def reference_images(pixels: torch.Tensor, mean: torch.Tensor, kind: str) -> torch.Tensor:
+    """What an input is compared with (ig's path start, occlusion's patch): the normalisation's
+    mean colour (0 as the model sees it), a heavy blur of the input (keeps colour and layout,
+    drops shapes), or black."""
+    if kind == "mean":
+        return mean.expand_as(pixels).contiguous()
+    if kind == "black":
+        return torch.zeros_like(pixels)
+    if kind == "blur":
+        from fmtune.robustness import blur
+
+        return blur(pixels, max(1.0, pixels.shape[-1] / 10))
+    raise ConfigError(f"--baseline {kind!r}: choose one of {', '.join(BASELINES)}")
+
+
 def image_heatmaps(model: nn.Module, spec: dict[str, Any], pixels: torch.Tensor, targets: torch.Tensor,
-                   method: str, steps: int = 32) -> torch.Tensor:
+                   method: str, steps: int = 32, baseline: str = "mean") -> torch.Tensor:
     """(N, H, W) maps in [0, 1]: where the evidence for each target class lies."""
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 
     net = PixelModel(model, spec).to(pixels.device).eval()
     size = pixels.shape[-1]
-    mean_image = net.mean.expand_as(pixels).contiguous()  # the normalisation mean: 0 as the model sees it
+    reference = reference_images(pixels, net.mean, baseline)
     if method == "gradcam":
         cam = LayerGradCam(net, last_conv(model)).attribute(pixels, target=targets, relu_attributions=True)
         heat = LayerAttribution.interpolate(cam, (size, size), interpolate_mode="bilinear")[:, 0]
     elif method == "ig":
-        attr = IntegratedGradients(net).attribute(pixels, baselines=mean_image, target=targets,
+        attr = IntegratedGradients(net).attribute(pixels, baselines=reference, target=targets,
                                                   n_steps=steps, internal_batch_size=max(1, 4 * len(pixels)))
         heat = attr.abs().sum(1)
         heat = nn.functional.avg_pool2d(heat[:, None], 3, stride=1, padding=1)[:, 0]  # pixel noise -> regions
     else:  # occlusion: how much the target's score drops when a grey patch covers each place
         win = max(2, size // 8)
         attr = Occlusion(net).attribute(pixels, sliding_window_shapes=(3, win, win), strides=(3, max(1, win // 2),
-                                        max(1, win // 2)), baselines=mean_image, target=targets,
+                                        max(1, win // 2)), baselines=reference, target=targets,
                                         perturbations_per_eval=16)
         heat = attr.sum(1).clamp(min=0)
     heat = heat.detach().float()
@@ -254,8 +272,11 @@ def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dic
         else:
             src = ds.images[i]
             value = src if isinstance(src, torch.Tensor) else decode_image(src, int(pred.bundle.image["size"]))
-        items.append({"name": f"row {row + 2}" if Path(data).suffix.lower() in (".csv", ".tsv") else f"row {row + 1}",
-                      "input": value, "true": pred.task.labels[int(targets[i])]})
+        if pred.kind == "image" and cfg.data.image_column in df.columns:
+            name = Path(str(df[cfg.data.image_column].iloc[row])).name
+        else:
+            name = f"row {row + 2}" if Path(data).suffix.lower() in (".csv", ".tsv") else f"row {row + 1}"
+        items.append({"name": name, "input": value, "true": pred.task.labels[int(targets[i])]})
     return items
 
 
@@ -272,8 +293,15 @@ def _title(item: dict[str, Any]) -> str:
 
 
 def draw_overlay(ax: Any, image: torch.Tensor, heat: torch.Tensor, title: str) -> None:
+    """The image, with the heat drawn over it more opaque where it is stronger (weak evidence
+    leaves the image visible)."""
+    import matplotlib.pyplot as plt
+
     ax.imshow(image.permute(1, 2, 0).numpy())
-    ax.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    h = heat.clamp(0, 1).numpy()
+    rgba = plt.cm.jet(h)
+    rgba[..., 3] = 0.15 + 0.6 * h
+    ax.imshow(rgba)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
@@ -337,12 +365,14 @@ def text_html(items: list[dict[str, Any]]) -> str:
 
 def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "auto", target: str | None = None,
             misclassified: int = 0, data: str | Path | None = None, out: str | Path | None = None,
-            limit: int = 24, steps: int = 32, quiet: bool = False) -> dict[str, Any]:
+            limit: int = 24, steps: int = 32, baseline: str = "mean", quiet: bool = False) -> dict[str, Any]:
     """Explain the run's predictions for ``inputs`` or for its ``misclassified`` most confident
     mistakes on ``data`` (default: the run's test file). Returns a summary; files go to ``out``."""
     pred = Predictor(run)
     model = pred.model
     method = check_method(pred.kind, method, model)
+    if baseline not in BASELINES:
+        raise ConfigError(f"--baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
     if misclassified:
         source = data or pred.config.data.test or pred.config.data.val
         if source is None:
@@ -362,6 +392,8 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "explain.json").is_file():
         raise ConfigError(f"--out {out_dir} exists and holds other files; give a new folder")
     summary: dict[str, Any] = {"method": method, "run": str(pred.run_dir), "out": str(out_dir), "items": []}
+    if pred.kind == "image" and method != "gradcam":
+        summary["baseline"] = baseline
     if not items:
         summary["note"] = "no misclassified examples" if misclassified else "no inputs"
         return summary
@@ -402,7 +434,7 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
                 for s in range(0, len(items), 8):
                     chunk = pixels[s: s + 8].to(device)
                     tgt = torch.tensor([it["target_idx"] for it in items[s: s + 8]], device=device)
-                    heats.append(image_heatmaps(model, pred.bundle.image, chunk, tgt, method, steps))
+                    heats.append(image_heatmaps(model, pred.bundle.image, chunk, tgt, method, steps, baseline))
                     bar(len(chunk))
             heat = torch.cat(heats)
             summary["files"] = save_image_pngs(items, heat, tmp, method)

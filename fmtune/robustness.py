@@ -59,9 +59,10 @@ PGD_STEPS = 10
 # --- image corruptions (pixels in [0, 1], shape (N, 3, H, W)) ----------------------------------
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (N, C, H, W) with ``sigma`` in pixels (separable, replicate padding)."""
     radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
     c = x.shape[1]
@@ -87,7 +88,7 @@ def corrupt_images(x: torch.Tensor, name: str, level: float, gen: torch.Generato
     if name == "gaussian_noise":
         y = x + level * torch.randn(x.shape, generator=gen)
     elif name == "gaussian_blur":
-        y = _blur(x, level * x.shape[-1] / 64)
+        y = blur(x, level * x.shape[-1] / 64)
     elif name == "brightness":
         y = x + level
     elif name == "contrast":

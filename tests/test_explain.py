@@ -37,11 +37,12 @@ def test_text_attributions_fall_on_the_deciding_word(text_run, text_files):
     assert "<span" in html and "rgba(" in html
 
 
-@pytest.mark.parametrize("method", ["gradcam", "ig", "occlusion"])
-def test_image_attributions_fall_on_the_deciding_square(square_run, method, tmp_path):
+@pytest.mark.parametrize("method,baseline", [("gradcam", "mean"), ("ig", "mean"), ("occlusion", "mean"),
+                                             ("occlusion", "blur")])  # ig from a blur does not pass: see the README
+def test_image_attributions_fall_on_the_deciding_square(square_run, method, baseline, tmp_path):
     run, test, boxes = square_run
     out = tmp_path / method
-    res = explain(run, [str(test)], method=method, out=out, limit=12, quiet=True)
+    res = explain(run, [str(test)], method=method, out=out, limit=12, baseline=baseline, quiet=True)
     heat = np.load(out / "heatmaps.npy").astype(np.float32)
     assert heat.shape == (12, SIZE, SIZE) and np.isfinite(heat).all()
     inside = []
