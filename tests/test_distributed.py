@@ -30,8 +30,9 @@ def test_two_processes_match_one(tmp_path, tiny_bert, text_files):
     fmtune.train({**cfg, "out": str(one)}, quiet=True, report=False)
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fmtune", "train", str(path), "--out", str(two), "--num-processes",
-                           "2", "--no-report", "-q"], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    cmd = [sys.executable, "-m", "fmtune", "train", str(path), "--out", str(two), "--num-processes", "2",
+           "--no-report", "-q"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((two / "run.json").read_text())["fit"]
     assert info["distributed"] == {"processes": 2, "params_in_sync": True}
