@@ -104,7 +104,8 @@ class StrategyConfig:
 
 @dataclass
 class AugmentConfig:
-    noise: float = _f(0.0, "images: std of Gaussian noise added to every training image, pixel units (e.g. 0.05)")
+    noise: float = _f(0.0, "images: Gaussian noise on training images, std drawn per image from 0 to this, pixel "
+                      "units (e.g. 0.1)")
     corruptions: float = _f(0.0, "images: share of training images given one random corruption of `fmtune "
                             "robustness` (noise, blur, brightness, contrast, JPEG, occlusion) at severity 1-3")
     typos: float = _f(0.0, "text: share of letters hit by a typo in every training text (e.g. 0.05)")
@@ -159,7 +160,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     adversarial: Literal["none", "fgsm", "pgd"] = _f(
-        "none", "images: add adversarial copies of every batch (FGSM, or PGD with 3 steps) to the batch")
+        "none", "images: add adversarial copies of every batch to it: fgsm (from a random start, step 1.25 eps) "
+        "or pgd (3 steps of eps/2)")
     adversarial_eps: float = _f(0.0078, "images: L-inf budget of the adversarial copies, pixel units (2/255)")
     num_threads: int | None = _f(None, "CPU threads (default: physical cores)")
 

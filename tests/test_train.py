@@ -225,3 +225,12 @@ def test_precision_probe_times_both_and_leaves_no_trace(tiny_bert):
     assert torch.equal(torch.random.get_rng_state(), before)  # dropout drew from a forked generator
     # a model whose fp32 step cannot be 1.1x slower than bf16 with min_gain huge stays fp32
     assert hardware.probe_precision(hw, bundle.model, batch, task.loss, steps=1, min_gain=1e9).precision == "no"
+
+
+def test_test_metrics_after_mixed_precision_training_match_a_fresh_evaluation(tmp_path, tiny_bert, text_files):
+    """accelerate wraps the model's forward in autocast for bf16 training; the test split at the end must
+    be scored like `fmtune evaluate` scores the saved model (fp32), not under that wrapper."""
+    res = _train(tmp_path, tiny_bert, text_files["regression_train"], task={"type": "regression"},
+                 data={"test": str(text_files["regression_test"])}, train={"precision": "bf16", "epochs": 1})
+    again = fmtune.evaluate(tmp_path / "run", quiet=True)
+    assert res["eval"]["test"] == again["test"]  # regression errors show any bf16 rounding

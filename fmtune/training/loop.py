@@ -309,6 +309,9 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     if progress:
         progress.stop()
     seconds = time.perf_counter() - started
+    # accelerate wrapped the forward in autocast: take it off, so what runs after training (the
+    # test split, the baseline, the caller) computes what a fresh load of the model computes
+    accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     in_sync = params_in_sync(model, accelerator) if world > 1 else None
     return FitResult(metric, state["best"], state["best_step"], state["step"], state["step"] / steps_per_epoch,
                      state["stopped_early"], state["out_of_time"], seconds, state["samples"] / max(seconds, 1e-9),
