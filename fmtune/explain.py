@@ -183,11 +183,11 @@ def text_attributions(model: nn.Module, tokenizer: Any, text: str, max_length: i
                 words.append({"start": a, "end": b, "attribution": float(per_token[t])})
             last = wid
         for w in words:
-            w["word"] = text[w.pop("start"): w.pop("end")]
+            w["word"] = text[w["start"]: w["end"]]
     else:
         toks = tokenizer.convert_ids_to_tokens(ids[0].tolist())
         words = [{"word": tok, "attribution": float(per_token[t])} for t, tok in enumerate(toks) if not special[0, t]]
-    return [{"word": w["word"], "attribution": round(w["attribution"], 5)} for w in words]
+    return [{**w, "attribution": round(w["attribution"], 5)} for w in words]
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -343,16 +343,19 @@ def text_html(items: list[dict[str, Any]]) -> str:
     blocks = []
     for item in items:
         top = max((abs(w["attribution"]) for w in item["words"]), default=0) or 1.0
-        spans = []
+        spans, end = [], 0
         for w in item["words"]:
             a = w["attribution"] / top
             colour = f"rgba(0,150,0,{a:.2f})" if a >= 0 else f"rgba(210,0,0,{-a:.2f})"
-            spans.append(f'<span title="{w["attribution"]:+.4f}" style="background:{colour};padding:1px 2px;'
+            # the text between words as written (spaces, or none before punctuation), when offsets are known
+            gap = html.escape(item["input"][end: w["start"]]) if "start" in w else " "
+            end = w.get("end", end)
+            spans.append(f'{gap}<span title="{w["attribution"]:+.4f}" style="background:{colour};padding:1px 1px;'
                          f'border-radius:3px">{html.escape(w["word"])}</span>')
         meta = html.escape(_title(item).replace("\n", "; "))
         blocks.append(f'<div class="fmtune-attr" style="margin:10px 0"><div style="font:12px sans-serif;'
                       f'color:#555">{html.escape(item["name"])}: {meta}</div><div style="font:15px/1.9 serif">'
-                      f'{" ".join(spans)}</div></div>')
+                      f'{"".join(spans)}</div></div>')
     legend = ('<p style="font:12px sans-serif">Layer integrated gradients on the token embeddings. '
               '<span style="background:rgba(0,150,0,.6)">green</span>: pushes towards the explained label; '
               '<span style="background:rgba(210,0,0,.6)">red</span>: pushes away. Hover a word for its value.</p>')
