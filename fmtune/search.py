@@ -174,7 +174,8 @@ def search(config: str | Path | dict, *, trials: int = 20, storage: str | None =
 
         def show(study: Any, t: Any) -> None:
             if not quiet:
-                value = "pruned" if t.value is None else f"{metric} {t.value:.4f}"
+                value = "" if t.value is None else f" {metric} {t.value:.4f}"
+                value = t.state.name.lower() + value
                 ui.console.print(f"  trial {t.number}: {value}  {t.params}", markup=False, highlight=False)
 
         st.optimize(objective, n_trials=trials - done_before, callbacks=[stop, show], catch=())
