@@ -336,7 +336,10 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     for name, res in report["runs"].items():
         rows.append([name, "clean", f"{res['clean']:.3f}"])
         for pname, p in res["perturbations"].items():
-            rows.append(["", pname, *[f"{r[metric]:.3f}" for r in p["results"]]])
+            cells = [""] * 5  # one column per severity; the quick suite leaves some empty
+            for r in p["results"]:
+                cells[r["severity"] - 1] = f"{r[metric]:.3f}"
+            rows.append(["", pname, *cells])
     return rows
 
 
