@@ -150,11 +150,11 @@ def search(config: str | Path | dict, *, trials: int = 20, storage: str | None =
         trial.set_user_attr("run_dir", str(run))
         try:
             summary = api.train(cfg, overwrite=True, quiet=True, report=False, on_eval=report)
-        except FmtuneError as e:  # a bad combination of settings fails this trial, not the study
+        except FmtuneError as e:  # a bad combination of settings fails this trial (state FAIL), not the study
             trial.set_user_attr("error", str(e))
-            raise optuna.TrialPruned(f"failed: {e}") from None
+            raise
         if summary.get("best") is None:
-            raise optuna.TrialPruned("no finite validation score")
+            return float("nan")  # optuna records the trial as failed
         if "eval" in summary:
             trial.set_user_attr("test", summary["eval"]["test"])
         return float(summary["best"])
@@ -178,7 +178,7 @@ def search(config: str | Path | dict, *, trials: int = 20, storage: str | None =
                 value = t.state.name.lower() + value
                 ui.console.print(f"  trial {t.number}: {value}  {t.params}", markup=False, highlight=False)
 
-        st.optimize(objective, n_trials=trials - done_before, callbacks=[stop, show], catch=())
+        st.optimize(objective, n_trials=trials - done_before, callbacks=[stop, show], catch=(FmtuneError,))
     return write_results(st, folder, base, metric, quiet)
 
 

@@ -78,3 +78,13 @@ def test_bad_spaces_are_clear_errors(tmp_path, tiny_bert, text_files):
                          ({"train.lr": {"type": "uniform", "low": 0, "high": 1}}, "expected {type")):
         with pytest.raises(ConfigError, match=match):
             search({**base, "search": space}, trials=1, out=tmp_path / "x", quiet=True)
+
+
+def test_a_trial_whose_settings_clash_fails_alone(tmp_path, tiny_bert, text_files):
+    cfg = cfg_dict(tiny_bert, text_files["train"], strategy={"name": "lora"})
+    cfg["search"] = {"strategy.targets": {"type": "categorical", "choices": ["no_such_module"]}}
+    res = search(cfg, trials=2, out=tmp_path / "s", quiet=True)
+    assert res["trials"] == 2 and res["complete"] == 0 and res["note"] == "no trial completed"
+    trials = pd.read_csv(tmp_path / "s" / "trials.csv")
+    assert list(trials["state"]) == ["FAIL", "FAIL"]
+    assert trials["user_attrs_error"].str.contains("no_such_module").all()
