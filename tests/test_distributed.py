@@ -58,3 +58,42 @@ def test_shards_cover_a_batch_once():
 def test_launcher_drops_only_its_own_flags():
     argv = ["train", "c.yaml", "--num-processes", "2", "--out", "r", "--main-process-port=1234", "-q"]
     assert _without_dist_flags(argv) == ["train", "c.yaml", "--out", "r", "-q"]
+
+
+def test_two_processes_stop_together_on_ctrl_c_and_resume(tmp_path, tiny_bert):
+    """Ctrl-C in a terminal reaches torchrun and both ranks: they stop at the same step (rank 0
+    decides), rank 0 saves, and `--resume --num-processes 2` finishes the run."""
+    import signal
+    import time
+
+    from conftest import make_text_rows
+
+    data = tmp_path / "train.csv"
+    make_text_rows(600, seed=3).to_csv(data, index=False)
+    cfg = cfg_dict(tiny_bert, data, train={"epochs": 2, "batch_size": 8, "eval_every": 10, "log_every": 1,
+                                           "save_every_minutes": 100})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fmtune", "train", str(path), "--out", str(run), "-q",
+                             "--num-processes", "2", "--no-report"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log, sent, deadline = run / "metrics.jsonl", False, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if lines and lines[-1].endswith("}") and json.loads(lines[-1]).get("step", 0) >= 15:
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+            sent = True
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    assert sent, "the run finished before it could be stopped"
+    state = json.loads((run / "state" / "trainer.json").read_text())
+    assert state["step"] >= 15 and not state["done"], err[-2000:]
+    res = subprocess.run([sys.executable, "-m", "fmtune", "train", "--resume", str(run), "--num-processes", "2",
+                          "-q", "--no-report"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fit = json.loads((run / "run.json").read_text())["fit"]
+    assert fit["distributed"]["params_in_sync"] and fit["steps"] == 2 * 68  # 540 training rows / 8, 2 epochs
+    assert json.loads((run / "state" / "trainer.json").read_text())["done"]

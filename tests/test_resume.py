@@ -82,9 +82,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert
     assert out["returncode"] == -signal.SIGKILL
 
 
-def test_ctrl_c_saves_a_resume_point_that_continues_exactly(tmp_path, tiny_bert):
-    # no periodic checkpoints: what resumes is what Ctrl-C saved (or the evaluation at step 40)
-    out = _interrupt_and_resume(tmp_path, tiny_bert, "full", signal.SIGINT, {"save_every_minutes": 100})
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler's preemption
+def test_ctrl_c_saves_a_resume_point_that_continues_exactly(tmp_path, tiny_bert, sig):
+    # no periodic checkpoints: what resumes is what the signal saved (or the evaluation at step 40)
+    out = _interrupt_and_resume(tmp_path, tiny_bert, "full", sig, {"save_every_minutes": 100})
     assert out["returncode"] == 130
     assert "continue with  fmtune train --resume" in out["stderr"] and "Traceback" not in out["stderr"]
     # saved by Ctrl-C itself: past the last evaluation (step 40), the only other checkpoint

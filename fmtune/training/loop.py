@@ -100,14 +100,17 @@ def _improved(value: float, best: float | None, greater: bool, min_delta: float)
 
 
 class _StopRequest:
-    """While training, the first SIGINT asks to stop at the next step boundary; a second one
+    """While training, the first SIGINT or SIGTERM (Ctrl-C; a scheduler's preemption; torchrun
+    passing a Ctrl-C on) asks to stop at the next step boundary and save there; a second one
     interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self.previous = None
+        self.previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -115,8 +118,8 @@ class _StopRequest:
         self.requested = True
 
     def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def resolve_metric(task: Any, cfg: Any) -> str:
@@ -222,8 +225,9 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                                     getattr(train_ds, "lengths", None))
             micro = 0
             for bi in range(state["batch_in_epoch"], len(batches)):
-                if stop.requested and at_boundary:
-                    raise KeyboardInterrupt
+                if at_boundary:  # several processes stop at the same step: rank 0 decides
+                    if broadcast_flag(stop.requested, accelerator) if world > 1 else stop.requested:
+                        raise KeyboardInterrupt
                 idx = batches[bi]
                 examples = len(idx)  # counted once, over all ranks
                 if world > 1 and len(idx) >= world:  # a batch smaller than the world: every rank takes it whole
@@ -300,7 +304,10 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             progress.stop()
         if at_boundary and not state["done"]:
             state["seconds"] = time.perf_counter() - started
-            checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=boundary_rng)
+            if main:
+                checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=boundary_rng)
+            if world > 1:  # every rank left at this boundary; let rank 0 finish writing
+                accelerator.wait_for_everyone()
         raise Interrupted(f"interrupted; the resume checkpoint in {run_dir / 'state'} is at step "
                           f"{checkpoint.saved_step(run_dir)}: continue with  fmtune train --resume {run_dir}") from None
     finally:
