@@ -166,3 +166,21 @@ def test_robust_training_runs_and_bad_combinations(square_run, text_run, tiny_be
                          quiet=True)
     with pytest.raises(ConfigError, match="train.augment.typos: must be in"):
         fmtune.train(cfg_dict(tiny_bert, text_files["train"], train={"augment": {"typos": 1.5}}), quiet=True)
+
+
+def test_regression_and_multilabel_runs_are_explained_and_stressed(tiny_bert, text_files, tmp_path):
+    import fmtune
+    from conftest import cfg_dict
+
+    from fmtune.explain import explain
+
+    for task in ("regression", "multilabel"):
+        run = tmp_path / task
+        fmtune.train(cfg_dict(tiny_bert, text_files[f"{task}_train"], out=str(run), task={"type": task},
+                              data={"test": str(text_files[f"{task}_test"])}, train={"epochs": 1}), quiet=True)
+        rep = robustness(run, suite="quick", out=tmp_path / f"{task}-rob", quiet=True)
+        res = rep["runs"][task]
+        metric = rep["metric"]
+        assert metric in res["perturbations"]["typos"]["results"][0] and res["clean"] is not None
+        ex = explain(run, ["the movie was good"], out=tmp_path / f"{task}-ex", quiet=True)
+        assert [w["word"] for w in ex["items"][0]["words"]] == ["the", "movie", "was", "good"]
