@@ -169,9 +169,9 @@ def test_robust_training_runs_and_bad_combinations(square_run, text_run, tiny_be
 
 
 def test_regression_and_multilabel_runs_are_explained_and_stressed(tiny_bert, text_files, tmp_path):
-    import fmtune
     from conftest import cfg_dict
 
+    import fmtune
     from fmtune.explain import explain
 
     for task in ("regression", "multilabel"):
