@@ -60,6 +60,7 @@ def test_launcher_drops_only_its_own_flags():
     assert _without_dist_flags(argv) == ["train", "c.yaml", "--out", "r", "-q"]
 
 
+@pytest.mark.slow  # a minute of two processes; CI runs it (make test-slow)
 def test_two_processes_stop_together_on_ctrl_c_and_resume(tmp_path, tiny_bert):
     """Ctrl-C in a terminal reaches torchrun and both ranks: they stop at the same step (rank 0
     decides), rank 0 saves, and `--resume --num-processes 2` finishes the run."""
