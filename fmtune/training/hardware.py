@@ -75,8 +75,8 @@ def probe_precision(hw: Hardware, net: torch.nn.Module, batch: dict[str, torch.T
     """Time forward+backward steps of ``net`` on ``batch`` in fp32 and bf16; keep bf16 only where it is
     at least ``min_gain`` times faster.
 
-    On a GPU a small model at a small batch is bound by kernel launches, and autocast's casts make
-    bf16 slower than fp32 (MiniLM-L6, batch 32, H200: 2.3x slower); a large one gains. Gradients
+    Native bf16 is not always faster: on a GPU a small model at a small batch is bound by kernel
+    launches and autocast's casts add more (MiniLM-L6, batch 32, H200: bf16 2.3x slower). Gradients
     and random state are left as they were.
     """
     device = torch.device(hw.device)
