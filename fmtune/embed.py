@@ -21,7 +21,7 @@ from fmtune import ui
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import read_any
 from fmtune.errors import ConfigError, DataError
-from fmtune.fsutil import atomic_dir
+from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
 
 METHODS = ("pca", "tsne", "umap")
@@ -79,6 +79,8 @@ def embed(run: str | Path, data: str | Path | None = None, *, methods: tuple[str
             raise ConfigError(f"--method {m!r}: choose from {', '.join(METHODS)}")
     pred = Predictor(run)
     cfg, task = pred.config, pred.task
+    target = Path(out) if out else pred.run_dir / "embed"
+    check_output_dir(target, "embed.json")  # before the work, not after
     source = data or cfg.data.test or cfg.data.val
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")
@@ -107,15 +109,11 @@ def embed(run: str | Path, data: str | Path | None = None, *, methods: tuple[str
             for k, v in feats.items():
                 points[(m, k)] = project(v, m, seed)
                 bar(1)
-    target = Path(out) if out else pred.run_dir / "embed"
-    if target.exists() and any(target.iterdir()) and not (target / "embed.json").is_file():
-        raise ConfigError(f"--out {target} exists and holds other files; give a new folder")
 
     def write(tmp: Path) -> None:
         _plot(points, colour, task, summary, methods, tmp / "embed.png", pred.run_dir.name)
         (tmp / "embed.json").write_text(json.dumps(summary, indent=1))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(target, write)
     summary["out"] = str(target)
     return summary

@@ -149,12 +149,9 @@ def confident_mistakes(task: Any, logits: torch.Tensor, targets: torch.Tensor, d
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from fmtune.data.dataset import decode_image
-
         fig, axes = plt.subplots(1, len(out), figsize=(2.2 * len(out), 2.6), squeeze=False)
         for ax, rec in zip(axes[0], out):
-            src = ds.images[rec["position"]]
-            img = src if isinstance(src, torch.Tensor) else decode_image(src, int(bundle.image["size"]))
+            img = ds.raw([rec["position"]])[0]
             ax.imshow(img.permute(1, 2, 0).numpy())
             ax.set_title(f"true {rec['true']}\npred {rec['predicted']} {rec['score']:.2f}", fontsize=8)
             ax.axis("off")

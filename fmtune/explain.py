@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from fmtune import ui
-from fmtune.data.dataset import decode_image
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import IMAGE_SUFFIXES, TABLE_SUFFIXES, list_images, read_any, require_column, row_label
 from fmtune.errors import ConfigError, DataError
-from fmtune.fsutil import atomic_dir
+from fmtune.fsutil import atomic_dir, check_output_dir
+from fmtune.onnx_export import TextLogits
 from fmtune.predictor import Predictor
 from fmtune.training.infer import infer
 
@@ -52,15 +52,6 @@ class PixelModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=(pixels - self.mean) / self.std).logits
-
-
-class TextModel(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def last_conv(model: nn.Module) -> nn.Module | None:
@@ -163,7 +154,7 @@ def text_attributions(model: nn.Module, tokenizer: Any, text: str, max_length: i
     special = torch.tensor([[i in set(tokenizer.all_special_ids) for i in ids[0].tolist()]], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     baseline = torch.where(special, ids, torch.full_like(ids, pad))
-    net = TextModel(model).eval()
+    net = TextLogits(model).eval()
     lig = LayerIntegratedGradients(net, word_embeddings(model, len(tokenizer)))
     attr = lig.attribute(ids, baselines=baseline, target=target, additional_forward_args=(mask,), n_steps=steps,
                          internal_batch_size=steps)
@@ -274,8 +265,7 @@ def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dic
         if pred.kind == "text":
             value = str(df[cfg.data.text_column].iloc[row])
         else:
-            src = ds.images[i]
-            value = src if isinstance(src, torch.Tensor) else decode_image(src, int(pred.bundle.image["size"]))
+            value = ds.raw([i])[0]
         if pred.kind == "image" and cfg.data.image_column in df.columns:
             name = Path(str(df[cfg.data.image_column].iloc[row])).name
         else:
@@ -396,8 +386,7 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
             raise ConfigError(f"--target {target!r} is not a label of this run; labels: {', '.join(labels)}")
         target_idx = labels.index(target)
     out_dir = Path(out) if out else pred.run_dir / "explain"
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "explain.json").is_file():
-        raise ConfigError(f"--out {out_dir} exists and holds other files; give a new folder")
+    check_output_dir(out_dir, "explain.json")
     summary: dict[str, Any] = {"method": method, "run": str(pred.run_dir), "out": str(out_dir), "items": []}
     if pred.kind == "image" and method != "gradcam":
         summary["baseline"] = baseline
@@ -449,6 +438,5 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
             np.save(tmp / "heatmaps.npy", heat.numpy().astype(np.float16))
         (tmp / "explain.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "out"}, indent=1))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(out_dir, write)
     return summary

@@ -27,6 +27,15 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_dir(target: Path, marker: str) -> None:
+    """Refuse an output folder that holds something other than an earlier output of the same
+    verb (recognised by its ``marker`` file): ``atomic_dir`` would replace it whole."""
+    if target.exists() and any(target.iterdir()) and not (target / marker).is_file():
+        from fmtune.errors import ConfigError
+
+        raise ConfigError(f"--out {target} exists and holds other files; give a new folder")
+
+
 def read_json(path: Path, default: Any = None) -> Any:
     """The JSON in ``path``, or ``default`` when it is missing or unreadable."""
     try:

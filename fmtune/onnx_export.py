@@ -26,8 +26,8 @@ from fmtune.errors import ModelError
 MODEL_FILE, PREP_FILE = "model.onnx", "preprocessing.json"
 
 
-class _TextLogits(nn.Module):
-    """Tensors in, logits out: the graph ONNX exports."""
+class TextLogits(nn.Module):
+    """Tensors in, logits out: the graph ONNX exports, and what captum attributes (fmtune.explain)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -37,7 +37,7 @@ class _TextLogits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-class _ImageLogits(_TextLogits):
+class _ImageLogits(TextLogits):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model(pixel_values=pixel_values).logits
 
@@ -73,7 +73,7 @@ def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], pa
         shapes: Any = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     else:
         shapes = {"pixel_values": {0: batch}}
-    wrapper = (_TextLogits(model) if kind == "text" else _ImageLogits(model)).eval()
+    wrapper = (TextLogits(model) if kind == "text" else _ImageLogits(model)).eval()
     try:
         with _quiet_exporter(), torch.no_grad():
             torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["logits"], dynamo=True,

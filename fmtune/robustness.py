@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from fmtune import ui
-from fmtune.data.dataset import ImageData, TextData, decode_image
+from fmtune.data.dataset import ImageData, TextData
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import read_any
 from fmtune.errors import ConfigError, DataError
-from fmtune.fsutil import atomic_dir
+from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
 
 # name -> (severity levels, what a level means)
@@ -194,9 +194,7 @@ def _image_batches(ds: ImageData, batch_size: int) -> list[tuple[torch.Tensor, t
     out = []
     for s in range(0, len(ds), batch_size):
         idx = list(range(s, min(len(ds), s + batch_size)))
-        raw = ds.images[idx] if isinstance(ds.images, torch.Tensor) else torch.stack(
-            [decode_image(ds.images[i], int(ds.spec["size"])) for i in idx])
-        out.append((raw, ds.targets[idx]))
+        out.append((ds.raw(idx), ds.targets[idx]))
     return out
 
 
@@ -297,6 +295,9 @@ def robustness(runs: str | Path | list[str | Path], data: str | Path | None = No
         raise ConfigError("give at least one run directory")
     if suite not in SUITES:
         raise ConfigError(f"--suite {suite!r}: choose one of: {', '.join(SUITES)}")
+    target = Path(out) if out else (run_list[0] / "robustness" if len(run_list) == 1
+                                    else run_list[0].parent / f"{run_list[0].name}-robustness-compare")
+    check_output_dir(target, "robustness.json")  # before the work, not after
     preds = [Predictor(r) for r in run_list]
     kinds = {p.kind for p in preds}
     if len(kinds) > 1:
@@ -314,16 +315,11 @@ def robustness(runs: str | Path | list[str | Path], data: str | Path | None = No
                               "metric": preds[0].task.default_metric, "runs": {}}
     for name, pred in zip(names, preds):
         report["runs"][name] = evaluate_run(pred, df, suite, seed, attacks, quiet)
-    target = Path(out) if out else (run_list[0] / "robustness" if len(run_list) == 1
-                                    else run_list[0].parent / f"{run_list[0].name}-robustness-compare")
-    if target.exists() and any(target.iterdir()) and not (target / "robustness.json").is_file():
-        raise ConfigError(f"--out {target} exists and holds other files; give a new folder")
 
     def write(tmp: Path) -> None:
         (tmp / "robustness.json").write_text(json.dumps(report, indent=1))
         plot(report, tmp / "robustness.png")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(target, write)
     report["out"] = str(target)
     return report
