@@ -144,6 +144,7 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
     result = fit(bundle, task, train_ds, val_ds, cfg.train, run_dir, hardware=hw,
                  resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
                  progress=ui.FitProgress(quiet), net=net, trackers=tracked, on_eval=on_eval)
+    distributed.finish()  # the ranks are in step here (fit ends on a gather); the rest is rank 0's alone
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
                                "best_step": result.best_step, "stopped_early": result.stopped_early,
                                "seconds": result.seconds, "processes": result.processes}

@@ -34,9 +34,21 @@ def init(cpu: bool) -> Any:
     a world of its own); None for a single process."""
     if world_size() <= 1:
         return None
+    import atexit
+
     from accelerate import PartialState
 
-    return PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu)
+    atexit.register(finish)  # also on an error or Ctrl-C, while the interpreter is still whole
+    return state
+
+
+def finish() -> None:
+    """Leave the process group of a launched run. A rank that exits with the group alive can abort
+    in gloo's worker threads at interpreter shutdown ("terminate called without an active
+    exception", SIGABRT), failing a run that trained fine; idempotent."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_main() -> bool:
