@@ -7,6 +7,7 @@ pretrained baseline, and use it.
     fmtune.predict(summary["run_dir"], "new.csv", "preds.csv")
     fmtune.load(summary["run_dir"]).predict(["a text", "another"])    # [{"label": ..., "score": ...}, ...]
     fmtune.export(summary["run_dir"], "exported/", merge=True)   # LoRA/DoRA/IA3 runs: adapter folded in
+    fmtune.continue_run(summary["run_dir"], "new.csv", test="new_test.csv", method="replay", out="runs/next")
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate", "predict", "export", "load", "demo", "load_config", "explain", "robustness"]
+__all__ = ["train", "evaluate", "predict", "export", "load", "demo", "load_config", "explain", "robustness",
+           "continue_run", "transfer"]
 
 
 def train(config: Any, **kw: Any) -> dict:
@@ -53,6 +55,23 @@ def robustness(runs: Any, data: Any, **kw: Any) -> dict:
     from fmtune.robustness import robustness as _robustness
 
     return _robustness(runs, data, **kw)
+
+
+def continue_run(run: Any, data: Any, **kw: Any) -> dict:
+    """Train the finished ``run`` on new data without forgetting the old (see fmtune.continual)."""
+    from fmtune.continual import continue_run as _continue
+
+    return _continue(run, data, **kw)
+
+
+def transfer(config: Any, **kw: Any) -> dict:
+    """From scratch vs linear probe vs fine-tuned at several training-set sizes (see fmtune.transfer)."""
+    from fmtune import config as config_mod
+    from fmtune.transfer import transfer as _transfer
+
+    cfg = config if isinstance(config, config_mod.Config) else (
+        config_mod.from_dict(config) if isinstance(config, dict) else config_mod.load(config))
+    return _transfer(cfg, **kw)
 
 
 def load(run: Any, batch_size: int | None = None, backend: str = "torch"):

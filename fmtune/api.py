@@ -4,6 +4,7 @@ calls these."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ from fmtune import config as config_mod
 from fmtune import evaluation, ui
 from fmtune.data.dataset import epoch_batches
 from fmtune.data.prepare import make_dataset, make_task, read_frames
-from fmtune.data.readers import count_rows, iter_chunks, read_any, require_column, row_label
+from fmtune.data.readers import count_rows, iter_chunks, read_any, require_column, row_label, table_base
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import write_json
 from fmtune.models import build
@@ -79,11 +80,22 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         quiet, report = True, False
     trackers.check(cfg.train.tracker)  # a tracker that is not installed stops us before any work
     set_seed(cfg.train.seed)
+    cont = None
+    if cfg.continual.source:  # fmtune continue: start from a finished run (see fmtune.continual)
+        from fmtune import continual
+
+        cont = continual.Setup(cfg, run_dir)
     frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
-    task = read_task(run_dir) if resume is not None else make_task(cfg.task, cfg.data, frames.train)
+    new_rows = len(frames.train)
+    if cont is not None:
+        frames = cont.with_memory(frames)
+    if resume is not None:
+        task = read_task(run_dir)
+    else:
+        task = cont.task(frames.train) if cont is not None else make_task(cfg.task, cfg.data, frames.train)
     resolve_metric(task, cfg.train)
     set_seed(cfg.train.seed)
-    bundle = build.create(cfg.model, task)
+    bundle = cont.bundle(task) if cont is not None else build.create(cfg.model, task)
     _check_robust_training(cfg.train, bundle.kind, task.name)
     data = _datasets(cfg, bundle, task, frames)  # every split is checked before any training
     counts = apply_strategy(bundle, cfg.strategy)
@@ -92,6 +104,8 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     if run_dir is None and main:
         run_dir = new_run_dir(cfg, overwrite)
         write_start(run_dir, cfg, task)
+        if cont is not None:
+            cont.write_memory(run_dir)
     if dist is not None:
         from accelerate.utils import broadcast_object_list
 
@@ -121,13 +135,19 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     if not quiet:
         out.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
         out.print(f"  feature cache: {cache_note}")
+    penalty = None
+    if cont is not None:
+        train_ds, penalty = cont.penalty(bundle.model, data["train"], train_ds, hw.device, quiet)
     tracked = trackers.make(cfg.train.tracker, run_dir, cfg.to_dict()) if main else []
     try:
         summary = _fit_and_test(cfg, bundle, task, data, frames, counts, hw, run_dir, resume, quiet, net,
-                                train_ds, val_ds, tracked, on_eval)
+                                train_ds, val_ds, tracked, on_eval, penalty)
     finally:
         for t in tracked:
             t.close()
+    if cont is not None and main:
+        build.load_weights(bundle, run_dir / "model")
+        summary["continual"] = cont.report(run_dir, bundle, task, new_rows, quiet)
     if report:
         from fmtune.report import write_report
 
@@ -139,11 +159,12 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
 
 def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], frames: Any,
                   counts: dict[str, Any], hw: Any, run_dir: Path, resume: Any, quiet: bool, net: Any,
-                  train_ds: Any, val_ds: Any, tracked: list[Any], on_eval: Any = None) -> dict[str, Any]:
+                  train_ds: Any, val_ds: Any, tracked: list[Any], on_eval: Any = None,
+                  penalty: Any = None) -> dict[str, Any]:
     out = ui.console
     result = fit(bundle, task, train_ds, val_ds, cfg.train, run_dir, hardware=hw,
                  resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
-                 progress=ui.FitProgress(quiet), net=net, trackers=tracked, on_eval=on_eval)
+                 progress=ui.FitProgress(quiet), net=net, trackers=tracked, on_eval=on_eval, penalty=penalty)
     distributed.finish()  # the ranks are in step here (fit ends on a gather); the rest is rank 0's alone
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
                                "best_step": result.best_step, "stopped_early": result.stopped_early,
@@ -242,7 +263,7 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
         if train_ds is None:
             frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
             train_ds = make_dataset(frames.train, run.bundle, task, cfg.data)[0]
-        pre = build.create(cfg.model, task)  # the pretrained backbone, untouched
+        pre = build.create(dataclasses.replace(cfg.model, init="pretrained"), task)  # the pretrained backbone
         pre.model.to(model_device(run.bundle.model))
         with ui.CountProgress("baseline (frozen features)", len(train_ds) + len(ds), quiet) as bar:
             probe = evaluation.linear_probe(pre.model, task, train_ds, {"test": ds}, cfg.train.eval_batch_size,
@@ -291,8 +312,7 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     column = cfg.data.text_column if pred.kind == "text" else cfg.data.image_column
     require_column(df, column, "text" if pred.kind == "text" else "image path",
                    "data.text_column" if pred.kind == "text" else "data.image_column")
-    src = df.attrs.get("source", "")
-    base = Path(src).parent if src and Path(src).is_file() else Path(".")
+    base = table_base(df)
     errors: list[str | None] = [None] * len(df)
     ok, items = [], []
     for i, value in enumerate(df[column].tolist()):

@@ -65,6 +65,38 @@ def cmd_train(a: argparse.Namespace) -> None:
     api.train(cfg, overwrite=a.overwrite, quiet=a.quiet, report=not a.no_report)
 
 
+def cmd_continue(a: argparse.Namespace) -> None:
+    from fmtune.continual import continue_run
+
+    overrides = list(a.set)
+    for key, value in (("continual.memory", a.memory), ("continual.ewc_lambda", a.ewc_lambda),
+                       ("continual.lwf_alpha", a.lwf_alpha), ("continual.task_name", a.task_name),
+                       ("train.epochs", a.epochs)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    res = continue_run(a.run, a.data, val=a.val, test=a.test, method=a.method, out=a.out, overrides=overrides,
+                       overwrite=a.overwrite, quiet=a.quiet, report=not a.no_report)
+    if a.quiet:
+        print(json.dumps(res.get("continual", {}), indent=2, default=float))
+
+
+def cmd_transfer(a: argparse.Namespace) -> None:
+    import time
+
+    from fmtune import config
+    from fmtune.transfer import parse_sizes, transfer
+
+    flags = {"model.name": a.model, "data.train": a.data, "data.val": a.val, "data.test": a.test,
+             "strategy.name": a.strategy, "train.epochs": a.epochs}
+    cfg = config.load(a.config, overrides=a.set, base={k: v for k, v in flags.items() if v is not None})
+    out = a.out or f"runs/transfer-{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    res = transfer(cfg, sizes=parse_sizes(a.sizes), out=out, methods=tuple(m.strip() for m in a.methods.split(",")),
+                   seeds=a.seeds, min_steps=a.min_steps, lr_scratch=a.scratch_lr, keep_models=a.keep_models,
+                   quiet=a.quiet)
+    if a.quiet:
+        print(json.dumps({k: res[k] for k in ("summary", "gain_over_scratch")}, indent=2, default=float))
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from fmtune import api
 
@@ -250,6 +282,56 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--main-process-port", type=int, default=29500, help="port on machine rank 0 (default: 29500)")
     t.add_argument("--tracker", choices=["tensorboard", "mlflow", "wandb"],
                    help="also log to MLflow (file store runs/mlruns) or W&B (offline); tb/ is always written")
+
+    c = verb("continue", cmd_continue, "keep a model current: train a finished run on new data without forgetting "
+             "the old; new labels extend its head; RUN is only read; writes a new run with continual.json (accuracy "
+             "on every task of the lineage before and after, forgetting, gain)")
+    c.add_argument("run", help="the finished run to continue from")
+    c.add_argument("--data", required=True, help="the new training data (same columns as the run's)")
+    c.add_argument("--val", help="validation data (default: split off --data)")
+    c.add_argument("--test", help="the new task's test data (the old tasks' test files come from the lineage)")
+    c.add_argument("--method", choices=["replay", "ewc", "lwf", "naive"], default="replay",
+                   help="replay: mix a class-balanced memory of old examples into training; ewc: elastic weight "
+                   "consolidation; lwf: distil the previous model's outputs; naive: plain fine-tuning "
+                   "(default: replay)")
+    c.add_argument("--memory", type=int, help="old examples kept (class-balanced; default 1000)")
+    c.add_argument("--ewc-lambda", type=float, help="ewc: penalty strength (default: old examples / new examples)")
+    c.add_argument("--lwf-alpha", type=float, help="lwf: weight of the distillation loss (default 1)")
+    c.add_argument("--task-name", help="name of the new task in continual.json (default: the --data file's name)")
+    c.add_argument("--epochs", type=int, help="passes over the new data (default: the run's)")
+    c.add_argument("--out", help="the new run directory (default: runs/<run>-<method>-<time>)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting of the run's config, e.g. --set train.lr=1e-5 (repeatable)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+
+    tr = verb("transfer", cmd_transfer, "does pre-training help here? the same architecture trained from scratch, as "
+              "a linear probe on the frozen pretrained backbone, and fine-tuned, with the same budget, at several "
+              "training-set sizes; a table, transfer.json/csv and a plot")
+    tr.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
+    tr.add_argument("--model", help="zoo name (fmtune models) or a local Hugging Face model folder")
+    tr.add_argument("--data", help="training data to draw the training sets from")
+    tr.add_argument("--val", help="validation data, the same for every run (default: split off --data once)")
+    tr.add_argument("--test", help="test data every run is scored on (required)")
+    tr.add_argument("--sizes", default="8,32,128,all",
+                    help="training examples per class, comma-separated; 'all' = the whole training data "
+                    "(default: 8,32,128,all)")
+    tr.add_argument("--methods", default="scratch,probe,finetune",
+                    help="scratch (random init, all trained), probe (linear head, frozen pretrained backbone), "
+                    "finetune (pretrained, --strategy) (default: all three)")
+    tr.add_argument("--strategy", choices=list(STRATEGY_NAMES), help="how finetune trains (default: full)")
+    tr.add_argument("--epochs", type=int, help="the budget: epochs over each training set (default: 3) ...")
+    tr.add_argument("--min-steps", type=int, default=30, help="... but at least this many optimizer steps, the "
+                    "same for every method at a size (default: 30)")
+    tr.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds (draws and training); mean "
+                    "and spread reported (default: 1)")
+    tr.add_argument("--scratch-lr", type=float,
+                    help="learning rate of the from-scratch runs (default: 10x the fine-tuning lr, within 1e-4..2e-3)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any setting for every run, e.g. --set train.lr=2e-3 (repeatable)")
+    tr.add_argument("--out", help="output folder (default: runs/transfer-<model>-<time>)")
+    tr.add_argument("--keep-models", action="store_true", help="keep every run's model/ (default: only the "
+                    "metrics and logs, to save disk)")
 
     e = verb("evaluate", cmd_evaluate, "score a trained run on a labelled file; writes eval.json, a report and "
              "a confusion matrix")

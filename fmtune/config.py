@@ -33,6 +33,9 @@ class ModelConfig:
     max_length: int = _f(128, "text: tokens kept per example (longer texts are truncated)")
     image_size: int | None = _f(None, "images: side length fed to the backbone (default: the backbone's)")
     head_dropout: float = _f(0.1, "dropout before the linear head")
+    init: Literal["pretrained", "random"] = _f(
+        "pretrained", "backbone weights: pretrained, or random (same architecture from scratch: the control of "
+        "`fmtune transfer`)")
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "model.max_length", "must be at least 8")
@@ -183,6 +186,30 @@ class TrainConfig:
 
 
 @dataclass
+class ContinualConfig:
+    source: str | None = _f(None, "the finished run this one continues from (set by `fmtune continue`): its model, "
+                            "labels and old data")
+    method: Literal["replay", "ewc", "lwf", "naive"] = _f(
+        "replay", "against forgetting: replay = old examples (the memory) mixed into training, ewc = elastic "
+        "weight consolidation, lwf = distillation from the previous model, naive = plain fine-tuning")
+    memory: int = _f(1000, "old examples kept in the run directory (class-balanced; replay trains on them, ewc "
+                     "estimates the Fisher on them, later runs inherit them)")
+    ewc_lambda: float | None = _f(None, "ewc: strength of the penalty (default: old examples / new examples, "
+                                  "the Laplace approximation's weight)")
+    fisher_samples: int = _f(256, "ewc: memory examples the Fisher information is estimated on")
+    lwf_alpha: float = _f(1.0, "lwf: weight of the distillation loss")
+    lwf_temperature: float = _f(2.0, "lwf: softmax temperature of the distillation")
+    task_name: str | None = _f(None, "name of the new task in continual.json (default: the training file's name)")
+
+    def __post_init__(self) -> None:
+        _check(self.memory >= 0, "continual.memory", "must be >= 0")
+        _check(self.ewc_lambda is None or self.ewc_lambda >= 0, "continual.ewc_lambda", "must be >= 0")
+        _check(self.fisher_samples >= 1, "continual.fisher_samples", "must be at least 1")
+        _check(self.lwf_alpha >= 0, "continual.lwf_alpha", "must be >= 0")
+        _check(self.lwf_temperature > 0, "continual.lwf_temperature", "must be > 0")
+
+
+@dataclass
 class Config:
     name: str | None = _f(None, "run name (default: <model>-<strategy>-<timestamp>)")
     out: str | None = _f(None, "run directory (default: runs/<name>)")
@@ -191,10 +218,14 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     search: dict[str, Any] = _f({}, "fmtune search: the space, {dotted key: {type: float|int|categorical, low, high, "
                                 "log, step, choices}}; e.g. train.lr: {type: float, low: 1e-5, high: 1e-3, log: true}")
 
     def __post_init__(self) -> None:
+        _check(not (self.model.init == "random" and self.strategy.name in ("lora", "dora", "ia3", "prompt")),
+               "model.init", "random: an adapter keeps the backbone frozen at its pretrained weights and is saved "
+               "without them; train a random backbone with strategy full")
         if self.train.lr is None:  # resolved here, so the saved config.yaml says what was used
             self.train.lr = DEFAULT_LR[self.strategy.name]
 
@@ -341,5 +372,5 @@ def describe() -> list[tuple[str, str, str]]:
     return rows
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "task": TaskConfig,
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "task": TaskConfig, "continual": ContinualConfig,
              "strategy": StrategyConfig, "train": TrainConfig}

@@ -11,6 +11,7 @@ apart) and the accuracy of a 5-nearest-neighbour classifier, cross-validated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def embed(run: str | Path, data: str | Path | None = None, *, methods: tuple[str
     if limit and len(df) > limit:
         df = df.sample(n=limit, random_state=seed).sort_index()
     ds, _ = make_dataset(df, pred.bundle, task, cfg.data)
-    pretrained = build.create(cfg.model, task).model
+    pretrained = build.create(dataclasses.replace(cfg.model, init="pretrained"), task).model
     feats = {}
     with ui.CountProgress("features (pretrained, fine-tuned)", 2 * len(ds), quiet) as bar:
         feats["pretrained"] = infer(pretrained, ds, pred.batch_size, features=True, progress=bar)[0].numpy()

@@ -194,6 +194,17 @@ def write_report(run: str | Path) -> Path:
         sections += [f"<h2>Test results ({ev.get('n_test', '?')} examples)</h2>", _table(["model", *keys], rows)]
         if s["baseline"]:
             sections.append(f'<p class="muted">baseline: {html.escape(ev.get("baseline_method", ""))}</p>')
+    cont = read_json(run_dir / "continual.json", {})
+    if cont.get("tasks"):  # fmtune continue: every task of the lineage, before and after
+        rows = [[t["task"], t.get("examples", ""), t["before"]["accuracy"], t["after"]["accuracy"],
+                 -t["forgetting"] if "forgetting" in t else t.get("gain", "")] if "after" in t else
+                [t["task"], "", "", "", t.get("note", "")] for t in cont["tasks"]]
+        sections += [f"<h2>Continual learning ({html.escape(cont['method'])}, from "
+                     f"{html.escape(Path(cont['source']).name)})</h2>",
+                     _table(["task", "examples", "accuracy before", "accuracy after", "change"], rows),
+                     f'<p class="muted">mean forgetting on the old tasks {cont.get("mean_forgetting")}; '
+                     f'labels added: {html.escape(", ".join(cont["labels"]["added"]) or "none")}; memory of '
+                     f'{cont["memory"]["examples"]} old examples</p>']
     sections += ["<h2>Training</h2>", _curves(_records(run_dir / "metrics.jsonl"), s["metric"] or "", s["best_step"])]
     fit = info.get("fit") or {}
     if fit:

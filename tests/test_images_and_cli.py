@@ -123,3 +123,17 @@ def test_zoo_text_datasets_are_real():
     tw = DATASETS.get("tweet-sentiment").load()
     assert set(tw["label"]) == {"negative", "neutral", "positive"} and len(tw) > 30000
     assert np.all(rt["text"].str.len() > 0)
+
+
+def test_exported_text_datasets_read_back_whole(tmp_path):
+    """Every exported row reads back as one row with its label (tweets hold bare carriage returns)."""
+    from fmtune.data.readers import read_any
+    from fmtune.zoo.datasets import DATASETS, export
+
+    for name in ("tweet-sentiment", "rotten-tomatoes"):
+        paths = export(name, tmp_path / name)
+        back = {k: read_any(p) for k, p in paths.items()}
+        assert sum(len(df) for df in back.values()) == len(DATASETS.get(name).load())
+        for df in back.values():
+            assert df["label"].notna().all() and set(df["label"]) <= {"negative", "neutral", "positive", "fresh",
+                                                                      "rotten"}

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fmtune.data.readers import require_column, row_label
+from fmtune.data.readers import require_column, row_label, table_base
 from fmtune.errors import DataError
 
 EAGER_IMAGE_BYTES = 2 << 30  # decode everything up front below this size, else decode per batch
@@ -125,8 +125,7 @@ def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: 
     Returns the dataset and the positions (into ``df``) of the rows kept.
     """
     require_column(df, column, "image path", "data.image_column")
-    src = df.attrs.get("source", "")
-    base = Path(src).parent if src and Path(src).is_file() else Path(".")
+    src, base = df.attrs.get("source", ""), table_base(df)
     paths = [str(p if Path(p).is_absolute() else base / p) for p in df[column].astype(str)]
     size = int(spec["size"])
     eager = len(paths) * 3 * size * size <= EAGER_IMAGE_BYTES

@@ -124,6 +124,19 @@ def read_any(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
     return read_table(p, encoding)
 
 
+def table_base(df: pd.DataFrame) -> Path:
+    """The folder that relative paths in ``df`` (image columns) are relative to: its file's."""
+    src = df.attrs.get("source", "")
+    return Path(src).parent if src and Path(src).is_file() else Path(".")
+
+
+def absolute_paths(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """A copy of ``df`` whose ``column`` of paths is absolute (to mix rows of several tables)."""
+    base, out = table_base(df), df.copy()
+    out[column] = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df[column].astype(str)]
+    return out
+
+
 def require_column(df: pd.DataFrame, column: str, what: str, option: str) -> None:
     if column not in df.columns:
         src = df.attrs.get("source", "the data")

@@ -121,7 +121,8 @@ def create(model_cfg: Any, task: Any) -> Bundle:
     shift = task.target_stats.get("mean", 0.0) if task.name == "regression" else 0.0
     if family in CNN_FAMILIES:
         spec = CNN_FAMILIES[family]
-        model = cnn.TaskModel(_pretrained_cnn(family, path), task.num_outputs, model_cfg.head_dropout, scale, shift)
+        backbone = _pretrained_cnn(family, path) if model_cfg.init == "pretrained" else spec["make"]()
+        model = cnn.TaskModel(backbone, task.num_outputs, model_cfg.head_dropout, scale, shift)
         image = {"size": model_cfg.image_size or spec["size"], "mean": spec["mean"], "std": spec["std"]}
         pooling = "mean" if model_cfg.pooling == "auto" else model_cfg.pooling
         if pooling != "mean":
@@ -164,7 +165,7 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     config.auto_map = dict(_AUTO_MAP)
     config.architectures = ["FmtuneClassifier"]
     try:
-        backbone = build_backbone(config, pooling, str(path))
+        backbone = build_backbone(config, pooling, str(path) if model_cfg.init == "pretrained" else None)
         tokenizer = AutoTokenizer.from_pretrained(path) if kind == "text" else None
     except Exception as e:
         raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None

@@ -13,6 +13,8 @@ first token), or ``pooler`` (the model's own pooled output: global pooling for C
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
@@ -24,8 +26,8 @@ def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = No
     kwargs = {} if pooling == "pooler" else {"add_pooling_layer": False}
     for kw in (kwargs, {}):  # not every architecture takes add_pooling_layer
         try:
-            if path is None:
-                return AutoModel.from_config(config, **kw)
+            if path is None:  # a copy: from_config settles the attention implementation on the config it gets
+                return AutoModel.from_config(copy.deepcopy(config), **kw)
             return AutoModel.from_pretrained(path, config=config, **kw)
         except TypeError:
             continue

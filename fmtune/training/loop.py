@@ -141,11 +141,13 @@ def _diverged(loss: float, state: dict, run_dir: Path) -> TrainingError:
 def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: Path, *, hardware: Any,
         resume: bool = False, save_best: Callable[[], None], progress: Any = None,
         net: torch.nn.Module | None = None, trackers: list[Any] = (),
-        on_eval: Callable[[dict], None] | None = None) -> FitResult:
+        on_eval: Callable[[dict], None] | None = None,
+        penalty: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None) -> FitResult:
     """Train ``bundle.model`` on ``train_ds``; evaluate on ``val_ds``; save the best via ``save_best``.
 
     ``net`` is what the batches are fed to when it is not the model itself (the model seen
-    from the feature cache); its parameters are the model's.
+    from the feature cache); its parameters are the model's. ``penalty(logits, aux)`` is added
+    to the task's loss (continual learning), ``aux`` being the batch's ``aux_*`` tensors.
     """
     # A process may train several times with different precisions (or after a Trainer): drop the
     # previous run's accelerator settings, keeping the process group of a distributed launch.
@@ -234,6 +236,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                     idx = shard(idx, rank, world)
                 batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(idx).items()}
                 targets = batch.pop("labels")
+                aux = {k: batch.pop(k) for k in [k for k in batch if k.startswith("aux_")]}
                 local = len(targets)
                 if cfg.adversarial != "none":
                     batch, targets = adversarial_batch(plain_net, bundle.image, batch, targets, cfg.adversarial,
@@ -241,6 +244,8 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                 with accelerator.autocast():
                     logits = net(**batch).logits
                 loss = task.loss(logits, targets)
+                if penalty is not None:
+                    loss = loss + penalty(logits, aux)
                 if not deferred_checks and not torch.isfinite(loss):
                     raise _diverged(loss.item(), state, run_dir)
                 accelerator.backward(loss / cfg.grad_accum)

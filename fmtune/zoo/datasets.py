@@ -109,6 +109,9 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
     def write(tmp: Path) -> None:
         for split_name, part in parts.items():
             if ds.kind == "text":
+                # a bare carriage return (old Mac line ends, in some tweets) is not quoted by pandas and
+                # ends the row for every CSV reader: write line breaks as \n, which is quoted
+                part = part.assign(text=part["text"].str.replace(r"\r\n?", "\n", regex=True))
                 part.to_csv(tmp / f"{split_name}.csv", index=False)
                 continue
             from PIL import Image
