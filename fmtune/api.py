@@ -173,7 +173,8 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
         return summary  # the test, the baseline and the files are rank 0's
     fit_info = {k: v for k, v in vars(result).items() if k not in ("history", "processes", "params_in_sync")}
     if result.processes > 1:
-        fit_info["distributed"] = {"processes": result.processes, "params_in_sync": result.params_in_sync}
+        fit_info["distributed"] = {"processes": result.processes, "mode": cfg.train.distributed,
+                                   "params_in_sync": result.params_in_sync}
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, data), "fit": fit_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     write_json(run_dir / INFO_FILE, info)
@@ -234,6 +235,8 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
         return None, train, data["val"], "not used: train.augment perturbs the inputs of every batch"
     if cfg.train.adversarial != "none":
         return None, data["train"], data["val"], "not used: train.adversarial attacks the whole model every batch"
+    if distributed.world_size() > 1 and cfg.train.distributed == "fsdp":
+        return None, data["train"], data["val"], "not used: FSDP shards the whole model over the processes"
     if cfg.train.feature_cache == "off":
         return None, data["train"], data["val"], "off (train.feature_cache=off)"
     split, why = cache.plan(bundle)

@@ -167,6 +167,10 @@ class TrainConfig:
         "or pgd (3 steps of eps/2)")
     adversarial_eps: float = _f(0.0078, "images: L-inf budget of the adversarial copies, pixel units (2/255)")
     num_threads: int | None = _f(None, "CPU threads (default: physical cores)")
+    distributed: Literal["ddp", "fsdp"] = _f(
+        "ddp", "several processes (--num-processes): ddp = a whole model per process; fsdp = weights, gradients "
+        "and optimizer state sharded over them (torch FSDP2, one unit per backbone block), for models too big "
+        "for one device")
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be at least 1")

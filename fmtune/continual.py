@@ -62,6 +62,11 @@ def check(cfg: Any) -> None:
     if cfg.continual.method == "lwf" and cfg.train.adversarial != "none":
         raise ConfigError("continual.method lwf distils on the new data's batches as they are; it does not mix "
                           "with train.adversarial")
+    from fmtune.training.distributed import world_size
+
+    if cfg.continual.method == "ewc" and cfg.train.distributed == "fsdp" and world_size() > 1:
+        raise ConfigError("continual.method ewc anchors the whole weights of every process; use "
+                          "train.distributed=ddp (or method replay / lwf) with FSDP")
     if cfg.model.init != "pretrained":
         raise ConfigError("continual learning starts from a trained run's weights; model.init does not apply")
 

@@ -38,11 +38,19 @@ def rng_state() -> dict[str, Any]:
 
 
 def save_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-               progress: dict[str, Any], rng: dict[str, Any] | None = None) -> None:
-    """``rng``: the generators' state at the step boundary ``progress`` describes (default: now)."""
+               progress: dict[str, Any], rng: dict[str, Any] | None = None,
+               weights: dict[str, torch.Tensor] | None = None, optimizer_state: dict[str, Any] | None = None) -> None:
+    """``rng``: the generators' state at the step boundary ``progress`` describes (default: now).
+    ``weights`` and ``optimizer_state``: whole states gathered from a sharded (FSDP) model; the
+    optimizer's then names its parameters (``fsdp`` in optim.pt says so)."""
     def write(tmp: Path) -> None:
-        save_file(_changing_state(model), str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        frozen = _frozen(model)
+        changing = _changing_state(model) if weights is None else {
+            k: v.contiguous() for k, v in weights.items() if k not in frozen}
+        save_file(changing, str(tmp / "model.safetensors"))
+        opt = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save({"optimizer": opt, "scheduler": scheduler.state_dict(), "fsdp": optimizer_state is not None},
+                   tmp / "optim.pt")
         torch.save(rng or rng_state(), tmp / "rng.pt")
         (tmp / "trainer.json").write_text(json.dumps(progress, indent=2))
 
@@ -66,16 +74,29 @@ def require_state(run_dir: Path) -> None:
                           "the run stopped before its first checkpoint: start it again with --overwrite")
 
 
-def load_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def load_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+               sharded: Any = None) -> dict[str, Any]:
+    """Restore a resume checkpoint; ``sharded(model, optimizer, weights, optimizer_state)`` loads
+    whole states into a sharded (FSDP) model instead (``fsdp.load_full``)."""
     state = run_dir / STATE_DIR
     require_state(run_dir)
-    missing, unexpected = model.load_state_dict(load_file(str(state / "model.safetensors")), strict=False)
+    weights = load_file(str(state / "model.safetensors"))
+    names = set(model.state_dict())
+    missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
     lacking = sorted(set(missing) - _frozen(model))
     if unexpected or lacking:
         raise RunDirError(f"{state}: the checkpoint does not fit the model (missing {lacking[:3]}, "
                           f"unexpected {unexpected[:3]}); was the config or the model changed?")
     opt = torch.load(state / "optim.pt", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
+    if bool(opt.get("fsdp")) != (sharded is not None):
+        how = "with FSDP over several processes" if opt.get("fsdp") else "without FSDP"
+        raise RunDirError(f"{state}: this checkpoint was written {how}; resume it the same way "
+                          "(train.distributed and --num-processes as before)")
+    if sharded is not None:
+        sharded(model, getattr(optimizer, "optimizer", optimizer), weights, opt["optimizer"])
+    else:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     rng = torch.load(state / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

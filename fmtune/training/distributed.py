@@ -78,14 +78,16 @@ class _View:
 def gathered_infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any, accelerator: Any,
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``infer`` with the examples split over the ranks and the outputs gathered back, in order,
-    each example once (the shards are padded to one length for the gather and trimmed after)."""
+    each example once. Every shard is padded to one length (repeating an example), so every
+    rank runs as many forward passes (FSDP needs it: each one is collective); the padding is
+    trimmed after the gather."""
     world, rank = accelerator.num_processes, accelerator.process_index
     parts = np.array_split(np.arange(len(ds)), world)
-    mine, _ = infer(model, _View(ds, parts[rank]), batch_size, device)
     width = max(len(p) for p in parts)
-    padded = torch.zeros((width, *mine.shape[1:]), dtype=mine.dtype)
-    padded[: len(mine)] = mine
-    everything = accelerator.gather(padded.to(accelerator.device)).cpu().view(world, width, *mine.shape[1:])
+    own = parts[rank]
+    keep = np.concatenate([own, np.full(width - len(own), own[-1] if len(own) else 0, dtype=own.dtype)])
+    padded, _ = infer(model, _View(ds, keep), batch_size, device)
+    everything = accelerator.gather(padded.to(accelerator.device)).cpu().view(world, width, *padded.shape[1:])
     out = torch.cat([everything[r, : len(parts[r])] for r in range(world)])
     return out, ds.targets
 

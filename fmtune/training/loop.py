@@ -7,6 +7,7 @@ need no rewrite.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -26,7 +27,7 @@ from fmtune.data.dataset import epoch_batches
 from fmtune.errors import ConfigError, Interrupted, TrainingError
 from fmtune.robustness import adversarial_batch
 from fmtune.strategies import set_train_mode
-from fmtune.training import checkpoint
+from fmtune.training import checkpoint, fsdp
 from fmtune.training.distributed import broadcast_flag, gathered_infer, params_in_sync, shard
 from fmtune.training.infer import infer
 from fmtune.training.optim import make_optimizer, make_scheduler
@@ -153,8 +154,18 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     # previous run's accelerator settings, keeping the process group of a distributed launch.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=hardware.device == "cpu", mixed_precision=hardware.precision)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(cfg.seed)
     model = bundle.model.to(accelerator.device)  # before the optimizer, so it can pick fused kernels
+    sharded = world > 1 and cfg.distributed == "fsdp"
+    whole = None  # FSDP: rank 0's unsharded copy, what checkpoints are written from and the caller gets
+    if sharded:
+        if net is not None:
+            raise TrainingError("internal: FSDP shards the whole model; the feature cache cannot feed it")
+        whole = copy.deepcopy(model) if main else None
+        fsdp.shard(model)
+        if main:
+            bundle.model = whole
     net = net if net is not None else model
     metric = resolve_metric(task, cfg)
     greater = task.greater_is_better(metric)
@@ -164,9 +175,11 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    net, optimizer = accelerator.prepare(net, optimizer)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)  # the model stays as FSDP made it (no DDP wrapper)
+    else:
+        net, optimizer = accelerator.prepare(net, optimizer)
     device = accelerator.device
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     # a host sync per step would stall a GPU's queue; with several processes a decision taken on
     # one rank's own loss could leave the others waiting: both check the (reduced) loss when logging
     deferred_checks = device.type != "cpu" or world > 1
@@ -175,13 +188,30 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_step": 0, "bad_evals": 0,
              "history": [], "seconds": 0.0, "samples": 0, "stopped_early": False, "done": False, "out_of_time": False}
     if resume:
-        state.update(checkpoint.load_state(run_dir, model, optimizer, scheduler))
+        state.update(checkpoint.load_state(run_dir, model, optimizer, scheduler,
+                                           sharded=fsdp.load_full if sharded else None))
     log = _Log(run_dir / METRICS_FILE, state["step"] if resume else None, trackers) if main else _NoLog()
-    save_best_here = save_best if main else (lambda: None)
 
-    def save_resume_point() -> None:
+    def gather_whole() -> None:
+        """FSDP: the trained weights into rank 0's whole copy (every rank takes part)."""
+        full = fsdp.full_state(model)
         if main:
-            checkpoint.save_state(run_dir, model, optimizer, scheduler, state)
+            whole.load_state_dict(full)
+
+    def save_best_here() -> None:
+        if sharded:
+            gather_whole()
+        if main:
+            save_best()
+
+    def save_resume_point(rng: dict[str, Any] | None = None) -> None:
+        if sharded:  # every rank takes part in gathering the whole states; rank 0 writes them
+            weights, moments = fsdp.full_state(model), fsdp.full_optimizer_state(model, optimizer.optimizer)
+            if main:
+                checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=rng, weights=weights,
+                                      optimizer_state=moments)
+        elif main:
+            checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=rng)
 
     def evaluate() -> None:
         if world > 1:
@@ -309,8 +339,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             progress.stop()
         if at_boundary and not state["done"]:
             state["seconds"] = time.perf_counter() - started
-            if main:
-                checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=boundary_rng)
+            save_resume_point(rng=boundary_rng)
             if world > 1:  # every rank left at this boundary; let rank 0 finish writing
                 accelerator.wait_for_everyone()
         raise Interrupted(f"interrupted; the resume checkpoint in {run_dir / 'state'} is at step "
@@ -324,7 +353,12 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     # accelerate wrapped the forward in autocast: take it off, so what runs after training (the
     # test split, the baseline, the caller) computes what a fresh load of the model computes
     accelerator.unwrap_model(net, keep_fp32_wrapper=False)
-    in_sync = params_in_sync(model, accelerator) if world > 1 else None
+    # FSDP: each rank holds its shard, in sync by construction; rank 0's whole copy gets the final weights
+    in_sync = params_in_sync(model, accelerator) if world > 1 and not sharded else None
+    if sharded:
+        gather_whole()
+        if main:
+            bundle.model = whole.to(device)
     return FitResult(metric, state["best"], state["best_step"], state["step"], state["step"] / steps_per_epoch,
                      state["stopped_early"], state["out_of_time"], seconds, state["samples"] / max(seconds, 1e-9),
                      state["history"], world, in_sync)
