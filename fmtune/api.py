@@ -171,10 +171,12 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                "seconds": result.seconds, "processes": result.processes}
     if not distributed.is_main():
         return summary  # the test, the baseline and the files are rank 0's
-    fit_info = {k: v for k, v in vars(result).items() if k not in ("history", "processes", "params_in_sync")}
+    dist_keys = ("processes", "params_in_sync", "weights_per_rank_mib")
+    fit_info = {k: v for k, v in vars(result).items() if k not in ("history", *dist_keys)}
     if result.processes > 1:
         fit_info["distributed"] = {"processes": result.processes, "mode": cfg.train.distributed,
-                                   "params_in_sync": result.params_in_sync}
+                                   "params_in_sync": result.params_in_sync,
+                                   "weights_per_rank_mib": result.weights_per_rank_mib}
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, data), "fit": fit_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     write_json(run_dir / INFO_FILE, info)

@@ -54,7 +54,11 @@ def test_two_processes_match_one(one_process, two_processes, text_files, mode):
     two = two_processes[mode]
     info = json.loads((two / "run.json").read_text())["fit"]
     # FSDP: each rank holds a shard of every weight; in sync by construction, nothing to compare
-    assert info["distributed"] == {"processes": 2, "mode": mode, "params_in_sync": True if mode == "ddp" else None}
+    dist = info.pop("distributed")
+    held = dist.pop("weights_per_rank_mib")
+    assert dist == {"processes": 2, "mode": mode, "params_in_sync": True if mode == "ddp" else None}
+    whole = json.loads((one / "run.json").read_text())["params"]["total_params"] * 4 / 2**20  # fp32
+    assert held == pytest.approx(whole if mode == "ddp" else whole / 2, rel=0.02)  # FSDP: half the weights each
     assert info["steps"] == json.loads((one / "run.json").read_text())["fit"]["steps"]  # same global batches
     assert sorted(p.name for p in two.parent.iterdir()) == ["cfg.yaml", "two"]  # one run directory
     a, b = _evals(one), _evals(two)

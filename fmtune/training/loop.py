@@ -49,6 +49,7 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     processes: int = 1
     params_in_sync: bool | None = None  # several processes: every rank ended with the same weights
+    weights_per_rank_mib: float | None = None  # several processes: the model weights one rank holds
 
 
 class _Log:
@@ -355,10 +356,11 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     # FSDP: each rank holds its shard, in sync by construction; rank 0's whole copy gets the final weights
     in_sync = params_in_sync(model, accelerator) if world > 1 and not sharded else None
+    held = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters()) / 2**20
     if sharded:
         gather_whole()
         if main:
             bundle.model = whole.to(device)
     return FitResult(metric, state["best"], state["best_step"], state["step"], state["step"] / steps_per_epoch,
                      state["stopped_early"], state["out_of_time"], seconds, state["samples"] / max(seconds, 1e-9),
-                     state["history"], world, in_sync)
+                     state["history"], world, in_sync, round(held, 3) if world > 1 else None)
