@@ -130,6 +130,10 @@ def test_continue_with_replay_then_again(base_run, new_files, tmp_path):
     assert report["memory"]["examples"] == 50
     page = write_report(b).read_text()
     assert "Continual learning (replay" in page and "b_train" in page
+    # --resume rebuilds the continued run (RUN's weights, grown head, B's memory) and lands on the same model
+    again = fmtune.train(None, resume=b, quiet=True, report=False)["continual"]
+    assert [t["after"] for t in again["tasks"]] == [t["after"] for t in report["tasks"]]
+    assert again["memory"] == report["memory"]
     saved = yaml.safe_load((b / "config.yaml").read_text())
     assert saved["continual"]["source"] == str(base_run.resolve()) and saved["data"]["test"] == str(new_files["test"])
     # a chain: C continues B; its lineage has three tasks and its memory holds all three labels

@@ -75,7 +75,7 @@ def _interrupt_and_resume(tmp_path, model, strategy: str, sig: int, train: dict)
 SLOW = pytest.mark.slow  # the same machinery; CI runs them (make test-slow)
 
 
-@pytest.mark.parametrize("strategy", ["full", "last_n", "lora", "prompt", pytest.param("dora", marks=SLOW),
+@pytest.mark.parametrize("strategy", ["full", "last_n", "head", "lora", "prompt", pytest.param("dora", marks=SLOW),
                                       pytest.param("ia3", marks=SLOW), pytest.param("bitfit", marks=SLOW)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert, strategy):
     out = _interrupt_and_resume(tmp_path, tiny_bert, strategy, signal.SIGKILL, {"save_every_steps": 7})
@@ -103,3 +103,25 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_bert, text_fi
         train(None, resume=run, quiet=True)
     with pytest.raises(RunDirError, match="does not exist"):
         train(None, resume=tmp_path / "missing", quiet=True)
+
+
+def test_head_like_runs_write_the_best_model_once(tmp_path, tiny_st_bert, text_files, monkeypatch):
+    """A head run keeps its best weights in memory (and in each resume point) and writes model/
+    once at the end; what it writes is the best evaluation's model, not the last one."""
+    import fmtune
+    from fmtune.models import build
+
+    writes = []
+    real = build.save
+    monkeypatch.setattr(build, "save", lambda bundle, target: (writes.append(target), real(bundle, target)))
+    run = tmp_path / "run"
+    cfg = cfg_dict(tiny_st_bert, text_files["train"], out=str(run), strategy={"name": "head"},  # mean pooling
+                   data={"val": str(text_files["test"])}, train={"epochs": 6, "lr": 3e-3, "metric": "loss"})
+    fmtune.train(cfg, quiet=True, report=False)
+    assert writes == [run / "model"]
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert len(evals) == 6 and sum(1 for e in evals if e.get("best")) >= 2, [(e["loss"], e.get("best")) for e in evals]
+    assert (run / "state" / "best.safetensors").is_file()
+    best = min(evals, key=lambda e: e["loss"])
+    assert fmtune.evaluate(run, text_files["test"], quiet=True)["test"]["accuracy"] == pytest.approx(
+        best["accuracy"], abs=1e-9)

@@ -17,17 +17,18 @@ from fmtune.errors import RunDirError
 from fmtune.fsutil import atomic_dir
 
 STATE_DIR = "state"
+BEST_FILE = "best.safetensors"
 
 
 def _frozen(model: torch.nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if not p.requires_grad}
 
 
-def _changing_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def changing_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters and all buffers: frozen weights never change, and resume rebuilds
     them from the same pretrained model, so the checkpoint of a head or last_n run stays small."""
     frozen = _frozen(model)
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in frozen}
+    return {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items() if k not in frozen}
 
 
 def rng_state() -> dict[str, Any]:
@@ -39,15 +40,19 @@ def rng_state() -> dict[str, Any]:
 
 def save_state(run_dir: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                progress: dict[str, Any], rng: dict[str, Any] | None = None,
-               weights: dict[str, torch.Tensor] | None = None, optimizer_state: dict[str, Any] | None = None) -> None:
+               weights: dict[str, torch.Tensor] | None = None, optimizer_state: dict[str, Any] | None = None,
+               best: dict[str, torch.Tensor] | None = None) -> None:
     """``rng``: the generators' state at the step boundary ``progress`` describes (default: now).
     ``weights`` and ``optimizer_state``: whole states gathered from a sharded (FSDP) model; the
-    optimizer's then names its parameters (``fsdp`` in optim.pt says so)."""
+    optimizer's then names its parameters (``fsdp`` in optim.pt says so). ``best``: the best
+    weights so far, when the loop keeps them in memory instead of writing model/ each time."""
     def write(tmp: Path) -> None:
         frozen = _frozen(model)
-        changing = _changing_state(model) if weights is None else {
+        changing = changing_state(model) if weights is None else {
             k: v.contiguous() for k, v in weights.items() if k not in frozen}
         save_file(changing, str(tmp / "model.safetensors"))
+        if best is not None:
+            save_file(best, str(tmp / BEST_FILE))
         opt = optimizer.state_dict() if optimizer_state is None else optimizer_state
         torch.save({"optimizer": opt, "scheduler": scheduler.state_dict(), "fsdp": optimizer_state is not None},
                    tmp / "optim.pt")
@@ -66,6 +71,12 @@ def saved_step(run_dir: Path) -> int | None:
         return json.loads((run_dir / STATE_DIR / "trainer.json").read_text())["step"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def load_best(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The best weights a resume point carries (head-like strategies), or None."""
+    path = run_dir / STATE_DIR / BEST_FILE
+    return load_file(str(path)) if path.is_file() else None
 
 
 def require_state(run_dir: Path) -> None:

@@ -199,11 +199,32 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
         if main:
             whole.load_state_dict(full)
 
+    # A head-like strategy (at most 5% of the weights train) keeps its best weights in memory and in
+    # every resume point, and writes model/ once: when training ends, stops or fails. Writing the
+    # whole model at each improvement cost more than an epoch of training on cached features.
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    deferred = not sharded and n_trainable <= 0.05 * sum(p.numel() for p in model.parameters())
+    best_state: dict[str, dict[str, torch.Tensor] | None] = {
+        "weights": checkpoint.load_best(run_dir) if resume and deferred else None}
+
     def save_best_here() -> None:
         if sharded:
             gather_whole()
-        if main:
+        if deferred:
+            best_state["weights"] = checkpoint.changing_state(model)
+        elif main:
             save_best()
+
+    def write_deferred_best() -> None:
+        """model/ from the best weights kept in memory (the model keeps its current ones)."""
+        if not (deferred and main and best_state["weights"] is not None):
+            return
+        current = checkpoint.changing_state(model)
+        model.load_state_dict(best_state["weights"], strict=False)
+        try:
+            save_best()
+        finally:
+            model.load_state_dict(current, strict=False)
 
     def save_resume_point(rng: dict[str, Any] | None = None) -> None:
         if sharded:  # every rank takes part in gathering the whole states; rank 0 writes them
@@ -212,7 +233,7 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
                 checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=rng, weights=weights,
                                       optimizer_state=moments)
         elif main:
-            checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=rng)
+            checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=rng, best=best_state["weights"])
 
     def evaluate() -> None:
         if world > 1:
@@ -343,13 +364,18 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             save_resume_point(rng=boundary_rng)
             if world > 1:  # every rank left at this boundary; let rank 0 finish writing
                 accelerator.wait_for_everyone()
+        write_deferred_best()
         raise Interrupted(f"interrupted; the resume checkpoint in {run_dir / 'state'} is at step "
                           f"{checkpoint.saved_step(run_dir)}: continue with  fmtune train --resume {run_dir}") from None
+    except BaseException:  # a failure: the best model goes to disk, as the error message says
+        write_deferred_best()
+        raise
     finally:
         stop.restore()
         log.close()
     if progress:
         progress.stop()
+    write_deferred_best()
     seconds = time.perf_counter() - started
     # accelerate wrapped the forward in autocast: take it off, so what runs after training (the
     # test split, the baseline, the caller) computes what a fresh load of the model computes
