@@ -234,3 +234,16 @@ def test_test_metrics_after_mixed_precision_training_match_a_fresh_evaluation(tm
                  data={"test": str(text_files["regression_test"])}, train={"precision": "bf16", "epochs": 1})
     again = fmtune.evaluate(tmp_path / "run", quiet=True)
     assert res["eval"]["test"] == again["test"]  # regression errors show any bf16 rounding
+
+
+def test_macro_f1_averages_the_classes_that_occur():
+    """A test set without some class (new classes only, after `fmtune continue`) is not scored as if
+    the model had failed on the missing classes; a class predicted but absent still counts."""
+    from fmtune.tasks import Classification
+
+    task = Classification(["a", "b", "c", "d"])
+    logits = torch.eye(4)[[0, 1, 1, 0]] * 5
+    perfect = task.metrics(logits, torch.tensor([0, 1, 1, 0]))
+    assert perfect["accuracy"] == 1.0 and perfect["macro_f1"] == pytest.approx(1.0)
+    wrong = task.metrics(torch.eye(4)[[0, 1, 2, 0]] * 5, torch.tensor([0, 1, 1, 0]))  # 'c' predicted once
+    assert wrong["macro_f1"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
