@@ -331,8 +331,9 @@ def score(bundle: build.Bundle, labels: list[str], df: pd.DataFrame, cfg: Any, t
     logits, targets = infer(bundle.model, ds, cfg.train.eval_batch_size)
     pred = [labels[int(i)] for i in logits.argmax(-1)]
     true = [task.labels[int(t)] if t >= 0 else "<unknown>" for t in targets]
+    f1 = f1_score(true, pred, labels=sorted(set(true) | set(pred)), average="macro", zero_division=0)
     return {"examples": len(true), "accuracy": float(np.mean([p == t for p, t in zip(pred, true)])),
-            "macro_f1": float(f1_score(true, pred, labels=sorted(set(true) | set(pred)), average="macro", zero_division=0))}
+            "macro_f1": float(f1)}
 
 
 def extend_head(model: torch.nn.Module, old: dict[str, torch.Tensor]) -> None:
