@@ -245,7 +245,8 @@ class Setup:
                 lam = self.old_examples() / max(len(train), 1)
             self.ewc_info = {"lambda": lam, "fisher_samples": n,
                              "fisher_mean": float(torch.cat([f.flatten() for f in fisher.values()]).mean())}
-            return train, EWC(model, fisher, lam)
+            self.ewc = EWC(model, fisher, lam)
+            return train, self.ewc
         return train, None
 
     def old_examples(self) -> int:
@@ -306,8 +307,8 @@ class Setup:
                           .sort_index().to_dict() if len(self.memory) else {}},
                "settings": {k: v for k, v in vars(self.cc).items() if k != "source"},
                "lineage": chain, "seconds": round(time.perf_counter() - started, 2)}
-        if getattr(self, "ewc_info", None):
-            out["ewc"] = self.ewc_info
+        if getattr(self, "ewc", None) is not None:
+            out["ewc"] = {**self.ewc_info, **self._ewc_strength(run_dir, quiet)}
         write_json(run_dir / REPORT_FILE, out)
         if not quiet:
             table = [[r["task"], r.get("examples", ""), r["before"]["accuracy"] if "before" in r else "",
@@ -317,6 +318,24 @@ class Setup:
             ui.console.print(ui.table(f"continual ({self.cc.method}): accuracy per task", ["task", "examples",
                                       f"before ({self.source.dir.name})", "after", "change"], table))
             ui.console.print(f"continual: {run_dir / REPORT_FILE}")
+        return out
+
+
+    def _ewc_strength(self, run_dir: Path, quiet: bool) -> dict[str, Any]:
+        """The penalty of the kept model against its validation loss: whether EWC held anything."""
+        import json
+
+        with torch.no_grad():
+            penalty = float(self.ewc())
+        evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+        kept = [e for e in evals if e.get("best")]
+        loss = kept[-1].get("loss") if kept else None
+        out = {"penalty_of_kept_model": penalty, "val_loss_of_kept_model": loss}
+        if loss and penalty < 0.01 * loss:
+            out["note"] = (f"the penalty ({penalty:.2g}) is under 1% of the validation loss ({loss:.3g}): it held the "
+                           "weights barely; raise continual.ewc_lambda (--ewc-lambda) by 100-1000x")
+            if not quiet:
+                ui.console.print(f"[yellow]ewc:[/] {out['note']}")
         return out
 
 

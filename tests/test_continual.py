@@ -157,6 +157,7 @@ def test_continue_with_ewc_and_lwf(base_run, new_files, tmp_path, method):
     assert all(np.isfinite(t["after"]["accuracy"]) for t in report["tasks"])
     if method == "ewc":
         assert report["ewc"]["fisher_samples"] == 16 and report["ewc"]["fisher_mean"] > 0
+        assert report["ewc"]["penalty_of_kept_model"] > 0 and report["ewc"]["val_loss_of_kept_model"] > 0
         rows = json.loads((tmp_path / method / "run.json").read_text())["data"]["train"]["rows"]
         assert report["ewc"]["lambda"] == pytest.approx(
             json.loads((base_run / "run.json").read_text())["data"]["train"]["rows"] / rows)
