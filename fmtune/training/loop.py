@@ -163,7 +163,9 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     if sharded:
         if net is not None:
             raise TrainingError("internal: FSDP shards the whole model; the feature cache cannot feed it")
-        whole = copy.deepcopy(model) if main else None
+        if main:  # copied on the CPU: a second whole model on the accelerator would defeat the point
+            whole = copy.deepcopy(model.cpu())
+            model.to(accelerator.device)
         fsdp.shard(model)
         if main:
             bundle.model = whole
