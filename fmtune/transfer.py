@@ -5,11 +5,12 @@
 For every training-set size (examples per class, drawn class-balanced and seeded from the
 training data) the same architecture is trained three ways with the same budget of optimizer
 steps: ``scratch`` (random initialisation, everything trained), ``probe`` (a linear head on the
-frozen pretrained backbone) and ``finetune`` (the pretrained backbone fine-tuned with the
-configured strategy). Every run is an ordinary run directory under ``OUT/runs/``; the
-validation set is the same for all of them (``--val``, or split once off the training data),
-and each is scored on ``--test`` with its best checkpoint. OUT gets ``transfer.json``,
-``transfer.csv`` and ``transfer.png`` (test metric against examples per class).
+frozen pretrained backbone, learning rate 1e-2 unless ``train.head_lr`` is set) and ``finetune``
+(the pretrained backbone fine-tuned with the configured strategy). Every run is an ordinary run
+directory under ``OUT/runs/``; the validation set is the same for all of them (``--val``, or
+split once off the training data), and each is scored on ``--test`` with its best checkpoint.
+OUT gets ``transfer.json``, ``transfer.csv`` and ``transfer.png`` (test metric against examples
+per class).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fmtune.fsutil import check_output_dir, write_json
 
 METHODS = ("scratch", "probe", "finetune")
 REPORT = "transfer.json"
+PROBE_LR = 1e-2  # the probe's learning rate unless train.head_lr is set
 
 
 def parse_sizes(text: str) -> list[int | str]:
@@ -108,8 +110,9 @@ def transfer(cfg: config_mod.Config, *, sizes: list[int | str], out: str | Path,
             run_cfg["model"]["init"] = "random"
             run_cfg["strategy"]["name"] = "full"
             run_cfg["train"].update(lr=lr_scratch or scratch_lr(ft_lr), head_lr=None)
-        elif method == "probe":
+        elif method == "probe":  # a linear model on fixed features: a large step converges in the same budget
             run_cfg["strategy"]["name"] = "head"
+            run_cfg["train"]["head_lr"] = cfg.train.head_lr or PROBE_LR
         if not quiet:
             ui.console.print(f"[{k}/{len(plan)}] {method}, {n} per class ({len(train)} examples), {steps} steps"
                              + (f", seed {seed}" if seeds > 1 else ""))

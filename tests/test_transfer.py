@@ -63,6 +63,8 @@ def test_transfer_trains_three_ways_with_one_budget(tiny_bert, text_files, tmp_p
         saved = yaml.safe_load((run / "config.yaml").read_text())
         want = {"scratch": ("random", "full"), "probe": ("pretrained", "head"), "finetune": ("pretrained", "full")}
         assert (saved["model"]["init"], saved["strategy"]["name"]) == want[r["method"]]
+        if r["method"] == "probe":
+            assert saved["train"]["head_lr"] == 1e-2
         assert saved["data"]["val"] == str(out / "data" / "val.csv")  # one validation set for all
         steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").open() if '"train"' in x]
         assert max(steps) == r["steps"]
