@@ -193,3 +193,16 @@ def test_continual_refuses_what_it_cannot_do(text_files, tiny_bert, tmp_path):
                           train={"epochs": 1}), quiet=True, report=False)
     with pytest.raises(ConfigError, match="classification"):
         continual.continue_run(run, text_files["regression_train"], out=tmp_path / "B", quiet=True)
+
+
+def test_the_cli_continues_a_run_and_names_what_is_wrong(base_run, new_files, tmp_path, capsys):
+    from fmtune.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["continue", str(base_run), "--data", str(new_files["train"]), "--test", str(new_files["test"]),
+                 "--method", "naive", "--epochs", "1", "--memory", "20", "--out", str(out), "-q", "--no-report"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method"] == "naive" and printed["memory"]["examples"] == 20
+    assert json.loads((out / "continual.json").read_text()) == printed
+    assert main(["continue", str(tmp_path / "nowhere"), "--data", str(new_files["train"]), "-q"]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err.replace("\n", "")
