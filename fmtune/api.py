@@ -95,10 +95,12 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         task = cont.task(frames.train) if cont is not None else make_task(cfg.task, cfg.data, frames.train)
     resolve_metric(task, cfg.train)
     set_seed(cfg.train.seed)
-    bundle = cont.bundle(task) if cont is not None else build.create(cfg.model, task)
+    bundle = build.create(cfg.model, task)
     _check_robust_training(cfg.train, bundle.kind, task.name)
     data = _datasets(cfg, bundle, task, frames)  # every split is checked before any training
     counts = apply_strategy(bundle, cfg.strategy)
+    if cont is not None:
+        cont.start_from_source(bundle)
     counts.update(optim.memory_note(counts, cfg.train))
     bundle.model.to(hw.device)  # the feature cache, training, test and baseline all run there
     if run_dir is None and main:

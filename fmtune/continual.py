@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
-from fmtune import ui
+from fmtune import adapters, ui
 from fmtune.data.prepare import make_dataset, read_frames
 from fmtune.data.readers import absolute_paths, read_any
 from fmtune.errors import ConfigError, DataError, RunDirError
@@ -51,14 +51,9 @@ AUX = "aux_old_logits"  # the batch key that carries RUN's logits to the lwf los
 
 
 def check(cfg: Any) -> None:
-    from fmtune import adapters
-
     if cfg.task.type != "classification":
         raise ConfigError(f"continual learning needs a single-label classification run; this one is "
                           f"{cfg.task.type}")
-    if adapters.is_peft(cfg.strategy.name):
-        raise ConfigError(f"continual learning from a {cfg.strategy.name} run is not supported yet; continue a "
-                          "run trained with strategy full, last_n, bitfit or head")
     if cfg.continual.method == "lwf" and cfg.train.adversarial != "none":
         raise ConfigError("continual.method lwf distils on the new data's batches as they are; it does not mix "
                           "with train.adversarial")
@@ -108,8 +103,13 @@ class Setup:
         if self.source.task.name != "classification":
             raise ConfigError(f"{self.source.dir} is a {self.source.task.name} run; continual learning needs "
                               "single-label classification")
-        if self.source.bundle.adapter:
-            check(self.source.config)
+        wanted = self.cfg.strategy.name if adapters.is_peft(self.cfg.strategy.name) else None
+        if (self.source.bundle.adapter or None) != wanted:
+            how = (f"continue it with the same adapter strategy ({self.source.bundle.adapter}): its weights are that "
+                   "adapter's" if self.source.bundle.adapter else "its weights are the whole model, and an adapter "
+                   "is saved and read back on the pretrained backbone: continue it with full, last_n, bitfit or head")
+            raise ConfigError(f"strategy: {self.source.dir} was trained with strategy "
+                              f"{self.source.config.strategy.name}; {how}")
         self.old_labels = list(self.source.task.labels)
         self.memory = self._read_memory(run_dir) if run_dir is not None else self._draw_memory()
 
@@ -213,12 +213,11 @@ class Setup:
             task.class_weights = counts.sum() / (len(task.labels) * counts.clamp(min=1))
         return task
 
-    def bundle(self, task: Classification) -> build.Bundle:
-        """The model for ``task``: the pretrained architecture with RUN's weights, its head grown by
-        one row per new label (new rows freshly initialised, old rows as they were)."""
-        bundle = build.create(self.cfg.model, task)
+    def start_from_source(self, bundle: build.Bundle) -> None:
+        """Give ``bundle`` (built for the grown task, its strategy applied: an adapter run's model
+        is wrapped the same way as RUN's) RUN's weights, the head grown by one row per new label
+        (new rows freshly initialised, old rows as they were)."""
         extend_head(bundle.model, self.source.bundle.model.state_dict())
-        return bundle
 
     # --- the loss against forgetting ----------------------------------------------------------
     def penalty(self, model: torch.nn.Module, raw_train: Any, train: Any, device: Any,

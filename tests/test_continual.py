@@ -206,3 +206,36 @@ def test_the_cli_continues_a_run_and_names_what_is_wrong(base_run, new_files, tm
     assert json.loads((out / "continual.json").read_text()) == printed
     assert main(["continue", str(tmp_path / "nowhere"), "--data", str(new_files["train"]), "-q"]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err.replace("\n", "")
+
+
+@pytest.mark.parametrize("strategy", ["lora", "prompt"])
+def test_adapter_runs_continue_with_their_adapter(tiny_bert, text_files, new_files, tmp_path, strategy):
+    """An adapter run continues with the same adapter: its trained adapter and head rows are the
+    start (old logits unchanged), the grown head is saved with the adapter, and the run loads."""
+    from fmtune.strategies import apply_strategy
+
+    src = tmp_path / "A"
+    fmtune.train(cfg_dict(tiny_bert, text_files["train"], out=str(src), strategy={"name": strategy},
+                          train={"epochs": 1}), quiet=True, report=False)
+    old = open_run(src)
+    cfg = fmtune.load_config(src / "config.yaml")
+    grown = build.create(cfg.model, Classification(old.task.labels + ["upbeat"]))
+    apply_strategy(grown, cfg.strategy)
+    continual.extend_head(grown.model, old.bundle.model.state_dict())
+    enc = old.bundle.tokenizer(["the movie was good", "awful plot really"], return_tensors="pt", padding=True)
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    old.bundle.model.eval()
+    grown.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(grown.model(**batch).logits[:, :2], old.bundle.model(**batch).logits,
+                                   rtol=0, atol=1e-6)
+    res = continual.continue_run(src, new_files["train"], test=new_files["test"], out=tmp_path / "B", quiet=True,
+                                 report=False, overrides=["train.epochs=1"])
+    assert res["continual"]["labels"]["added"] == ["upbeat"]
+    again = open_run(tmp_path / "B")
+    assert again.bundle.adapter == strategy and again.task.labels == ["neg", "pos", "upbeat"]
+    assert fmtune.evaluate(tmp_path / "B", new_files["test"], quiet=True)["test"]["accuracy"] == pytest.approx(
+        res["continual"]["tasks"][1]["after"]["accuracy"])
+    with pytest.raises(ConfigError, match="same adapter strategy"):
+        continual.continue_run(src, new_files["train"], out=tmp_path / "C", quiet=True,
+                               overrides=["strategy.name=full"])
