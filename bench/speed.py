@@ -39,12 +39,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fmtune  # noqa: E402
-from fmtune.config import ModelConfig  # noqa: E402
+from fmtune.config import ModelConfig, TrainConfig  # noqa: E402
 from fmtune.data.dataset import TextData  # noqa: E402
 from fmtune.models import build  # noqa: E402
 from fmtune.tasks import Classification  # noqa: E402
 from fmtune.training import hardware  # noqa: E402
 from fmtune.training.infer import infer  # noqa: E402
+from fmtune.training.optim import make_optimizer  # noqa: E402
 from fmtune.zoo.datasets import export  # noqa: E402
 
 
@@ -148,7 +149,7 @@ def step_flops(args: argparse.Namespace, device: str) -> dict:
     ids = torch.randint(1000, 20000, (b, t), device=device)
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 2, (b,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = make_optimizer(model, TrainConfig(lr=1e-5))  # fmtune's own (fused AdamW)
     dense = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embeddings" not in n)
     # 6 * dense params * tokens (forward + backward) + attention scores and values: 12 * L * B * T^2 * H
     flops = 6 * dense * b * t + 12 * cfg.num_hidden_layers * b * t * t * cfg.hidden_size
