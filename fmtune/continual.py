@@ -25,6 +25,7 @@ and the lineage.
 
 from __future__ import annotations
 
+import csv
 import shutil
 import time
 from pathlib import Path
@@ -175,14 +176,22 @@ class Setup:
         mem = self.memory.copy()
         if self.source.bundle.kind == "image" and len(mem):
             (folder / "images").mkdir(exist_ok=True)
-            names = []
+            names, lost = [], []
             for i, p in enumerate(mem[self._column()].astype(str)):
                 name = f"images/{i:06d}{Path(p).suffix.lower() or '.png'}"
-                shutil.copyfile(p, folder / name)
+                try:
+                    shutil.copyfile(p, folder / name)
+                except OSError as e:  # an old image gone since: the memory is a little smaller
+                    lost.append(f"{p}: {e.strerror or e}")
+                    name = None
                 names.append(name)
             mem[self._column()] = names
+            mem = mem[mem[self._column()].notna()].reset_index(drop=True)
+            if lost:
+                ui.console.print(f"[yellow]warning:[/] {len(lost)} old image(s) could not be copied into the memory "
+                                 f"(first: {lost[0]})")
         tmp = folder / f".{MEMORY_FILE}.tmp"
-        mem.to_csv(tmp, index=False)
+        mem.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC)  # every text quoted: line breaks stay inside
         tmp.replace(folder / MEMORY_FILE)
         if self.source.bundle.kind == "image":  # from now on the copies are the memory
             self.memory = self._load_memory_file(folder / MEMORY_FILE)

@@ -15,6 +15,7 @@ per class).
 
 from __future__ import annotations
 
+import csv
 import math
 import shutil
 import time
@@ -89,7 +90,7 @@ def transfer(cfg: config_mod.Config, *, sizes: list[int | str], out: str | Path,
         kind_col = cfg.data.image_column  # image paths: written elsewhere, so made absolute
     fix = (lambda d: absolute_paths(d, kind_col)) if kind_col else (lambda d: d)
     val_path = out / "data" / "val.csv"
-    fix(frames.val).to_csv(val_path, index=False)
+    fix(frames.val).to_csv(val_path, index=False, quoting=csv.QUOTE_NONNUMERIC)  # texts quoted whole
     pool = fix(frames.train)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -99,7 +100,7 @@ def transfer(cfg: config_mod.Config, *, sizes: list[int | str], out: str | Path,
         train = per_class(pool, label, n, seed)
         tag = f"{n}" + (f"-seed{seed}" if seeds > 1 else "")
         train_path = out / "data" / f"train-{tag}.csv"
-        train.to_csv(train_path, index=False)
+        train.to_csv(train_path, index=False, quoting=csv.QUOTE_NONNUMERIC)
         steps = max(min_steps, cfg.train.epochs * math.ceil(len(train) / cfg.train.batch_size))
         run_cfg = cfg.to_dict()
         run_cfg.update(name=None, out=str(out / "runs" / f"{method}-{tag}"), search={})

@@ -239,3 +239,22 @@ def test_adapter_runs_continue_with_their_adapter(tiny_bert, text_files, new_fil
     with pytest.raises(ConfigError, match="same adapter strategy"):
         continual.continue_run(src, new_files["train"], out=tmp_path / "C", quiet=True,
                                overrides=["strategy.name=full"])
+
+
+def test_the_memory_keeps_texts_with_line_breaks_whole(tiny_bert, new_files, tmp_path):
+    import csv
+
+    rows = make_text_rows(60, seed=9)
+    rows.loc[:29, "text"] = rows.loc[:29, "text"] + "\rthe plot"  # an old Mac line break, alone in its field
+    rows.loc[30:39, "text"] = rows.loc[30:39, "text"] + "\r\nwas fine"  # a Windows one
+    data = tmp_path / "a.csv"
+    rows.to_csv(data, index=False, quoting=csv.QUOTE_ALL)
+    fmtune.train(cfg_dict(tiny_bert, data, out=str(tmp_path / "A"), train={"epochs": 1}), quiet=True, report=False)
+    continual.continue_run(tmp_path / "A", new_files["train"], out=tmp_path / "B", quiet=True, report=False,
+                           overrides=["train.epochs=1"])
+    from fmtune.data.readers import read_any
+
+    mem = read_any(tmp_path / "B" / "continual" / "memory.csv")
+    train_rows = json.loads((tmp_path / "A" / "run.json").read_text())["data"]["train"]["rows"]
+    assert len(mem) == train_rows and mem["label"].notna().all()
+    assert mem["text"].str.contains("\r", regex=False).sum() >= 1
