@@ -52,18 +52,22 @@ def new_files(tmp_path_factory):
     return out
 
 
-def test_head_extension_keeps_the_old_logits(base_run):
-    old = open_run(base_run)
-    task = Classification(old.task.labels + ["upbeat"])
-    grown = build.create(old.config.model, task)
-    continual.extend_head(grown.model, old.bundle.model.state_dict())
+def _logits_before_and_after(old, grown) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's model and the grown one on the same two texts, in eval mode."""
     enc = old.bundle.tokenizer(["the movie was good", "awful plot really"], return_tensors="pt", padding=True)
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     old.bundle.model.eval()
     grown.model.eval()
     with torch.no_grad():
-        before = old.bundle.model(**batch).logits
-        after = grown.model(**batch).logits
+        return old.bundle.model(**batch).logits, grown.model(**batch).logits
+
+
+def test_head_extension_keeps_the_old_logits(base_run):
+    old = open_run(base_run)
+    task = Classification(old.task.labels + ["upbeat"])
+    grown = build.create(old.config.model, task)
+    continual.extend_head(grown.model, old.bundle.model.state_dict())
+    before, after = _logits_before_and_after(old, grown)
     assert after.shape == (2, 3)
     torch.testing.assert_close(after[:, :2], before, rtol=0, atol=1e-6)
     assert not torch.equal(after[:, 2], torch.zeros(2))  # the new output is initialised, not left out
@@ -222,13 +226,8 @@ def test_adapter_runs_continue_with_their_adapter(tiny_bert, text_files, new_fil
     grown = build.create(cfg.model, Classification(old.task.labels + ["upbeat"]))
     apply_strategy(grown, cfg.strategy)
     continual.extend_head(grown.model, old.bundle.model.state_dict())
-    enc = old.bundle.tokenizer(["the movie was good", "awful plot really"], return_tensors="pt", padding=True)
-    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    old.bundle.model.eval()
-    grown.model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(grown.model(**batch).logits[:, :2], old.bundle.model(**batch).logits,
-                                   rtol=0, atol=1e-6)
+    before, after = _logits_before_and_after(old, grown)
+    torch.testing.assert_close(after[:, :2], before, rtol=0, atol=1e-6)
     res = continual.continue_run(src, new_files["train"], test=new_files["test"], out=tmp_path / "B", quiet=True,
                                  report=False, overrides=["train.epochs=1"])
     assert res["continual"]["labels"]["added"] == ["upbeat"]
