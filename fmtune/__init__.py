@@ -69,9 +69,7 @@ def transfer(config: Any, **kw: Any) -> dict:
     from fmtune import config as config_mod
     from fmtune.transfer import transfer as _transfer
 
-    cfg = config if isinstance(config, config_mod.Config) else (
-        config_mod.from_dict(config) if isinstance(config, dict) else config_mod.load(config))
-    return _transfer(cfg, **kw)
+    return _transfer(config_mod.coerce(config), **kw)
 
 
 def load(run: Any, batch_size: int | None = None, backend: str = "torch"):

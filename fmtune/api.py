@@ -70,8 +70,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         cfg = read_config(run_dir)
         checkpoint.require_state(run_dir)
     else:
-        cfg = cfg if isinstance(cfg, config_mod.Config) else (
-            config_mod.from_dict(cfg) if isinstance(cfg, dict) else config_mod.load(cfg))
+        cfg = config_mod.coerce(cfg)
         run_dir = None
     hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads)
     dist = distributed.init(cpu=hw.device == "cpu")  # a launched multi-process run: join its process group

@@ -356,6 +356,13 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None,
     return from_dict(data)
 
 
+def coerce(cfg: Config | dict[str, Any] | str | Path) -> Config:
+    """A Config as given, built from a dict, or loaded from a YAML path."""
+    if isinstance(cfg, Config):
+        return cfg
+    return from_dict(cfg) if isinstance(cfg, dict) else load(cfg)
+
+
 def describe() -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every setting; used by `fmtune config`."""
     rows = []
