@@ -293,8 +293,9 @@ class Setup:
                 rows.append({"task": s["task"], "test": None, "note": "no test data"})
                 continue
             df = read_any(s["test"], self.cfg.data.encoding)
-            before = score(self.source.bundle, self.old_labels, df, self.cfg, task)
-            after = score(bundle, task.labels, df, self.cfg, task)
+            ds = make_dataset(df, bundle, task, self.cfg.data, allow_unknown=True)[0]  # one preprocessing: RUN's
+            before = score(self.source.bundle.model, self.old_labels, ds, task, self.cfg.train.eval_batch_size)
+            after = score(bundle.model, task.labels, ds, task, self.cfg.train.eval_batch_size)
             row = {"task": s["task"], "test": s["test"], "examples": before.pop("examples"), "before": before,
                    "after": {k: v for k, v in after.items() if k != "examples"}}
             if s is step:
@@ -351,11 +352,10 @@ def _task_name(train: Any, k: int) -> str:
     return Path(str(train)).stem if train else f"task{k}"
 
 
-def score(bundle: build.Bundle, labels: list[str], df: pd.DataFrame, cfg: Any, task: Classification) -> dict:
-    """Accuracy and macro-F1 of a model whose outputs are ``labels`` on a labelled table: a row
-    whose label the model does not know counts as wrong."""
-    ds = make_dataset(df, bundle, task, cfg.data, allow_unknown=True)[0]
-    logits, targets = infer(bundle.model, ds, cfg.train.eval_batch_size)
+def score(model: torch.nn.Module, labels: list[str], ds: Any, task: Classification, batch_size: int) -> dict:
+    """Accuracy and macro-F1 of a model whose outputs are ``labels`` on a dataset labelled with
+    ``task``'s labels: a row whose label the model does not know counts as wrong."""
+    logits, targets = infer(model, ds, batch_size)
     pred = [labels[int(i)] for i in logits.argmax(-1)]
     true = [task.labels[int(t)] if t >= 0 else "<unknown>" for t in targets]
     f1 = f1_score(true, pred, labels=sorted(set(true) | set(pred)), average="macro", zero_division=0)
