@@ -95,11 +95,38 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], out: Path | None)
     return config_mod.from_dict(data)
 
 
-def _storage(url: str | None, folder: Path) -> Any:
+def open_study(url: str | None, folder: Path, name: str, **kwargs: Any) -> tuple[Any, str]:
+    """The study (created or loaded) and its storage URL, also when several workers start at once.
+
+    The first worker on a new database creates its tables; one starting beside it would try too
+    and fail ("table studies already exists", a duplicate ``alembic_version`` row). Workers on a
+    local SQLite file wait on a lock file beside it; on other databases a failed attempt is
+    retried, and finds the tables made.
+    """
+    import contextlib
+    import fcntl
+    import time
+
     optuna = _require_optuna()
+    import sqlalchemy  # optuna's own dependency
+
     url = url or f"sqlite:///{(folder / 'study.db').resolve()}"
-    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs), url
+    local = url.startswith("sqlite:///") and url != "sqlite:///:memory:"
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    with contextlib.ExitStack() as stack:
+        if local:
+            lock = stack.enter_context(open(f"{url.removeprefix('sqlite:///')}.lock", "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        attempt = 0
+        while True:
+            try:
+                store = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+                return optuna.create_study(study_name=name, storage=store, load_if_exists=True, **kwargs), url
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+                attempt += 1
+                if attempt == 5:
+                    raise
+                time.sleep(0.2 * attempt)
 
 
 def search(config: str | Path | dict, *, trials: int = 20, storage: str | None = None, study: str | None = None,
@@ -118,7 +145,6 @@ def search(config: str | Path | dict, *, trials: int = 20, storage: str | None =
     name = study or first.name or (Path(config).stem if not isinstance(config, dict) else "study")
     folder = Path(out) if out else Path("runs") / f"search-{name}"
     folder.mkdir(parents=True, exist_ok=True)
-    store, url = _storage(storage, folder)
     from fmtune.data.prepare import make_task, read_frames
     from fmtune.training.loop import resolve_metric
 
@@ -129,8 +155,7 @@ def search(config: str | Path | dict, *, trials: int = 20, storage: str | None =
     pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
                "hyperband": optuna.pruners.HyperbandPruner(), "none": optuna.pruners.NopPruner()}
     sampler = optuna.samplers.TPESampler(seed=seed) if seed is not None else None
-    st = optuna.create_study(study_name=name, storage=store, direction=direction, load_if_exists=True,
-                             pruner=pruners[pruner], sampler=sampler)
+    st, url = open_study(storage, folder, name, direction=direction, pruner=pruners[pruner], sampler=sampler)
     if st.direction.name.lower() != direction:
         raise ConfigError(f"study {name!r} in {url} optimises in the other direction; give another --study")
 
