@@ -125,7 +125,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
                   f"{' (split off train)' if frames.val_from_train else ''}"
                   f"{', test ' + str(len(data['test'])) if 'test' in data else ''}")
     with dist.main_process_first() if dist is not None else contextlib.nullcontext():  # one rank fills the cache
-        net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet)
+        net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet, hw)
     # bf16 is not always faster on a GPU (MiniLM at batch 32 on an H200: 2.3x slower): time both on this
     # model. Not on CPUs: EfficientNet-Lite0 trains 1.6x faster in fp32 there, but reached 1-2 points
     # lower test accuracy on digits than bf16 in 3 of 3 seeds, so the CPU keeps the native-bf16 rule.
@@ -228,7 +228,7 @@ def _check_robust_training(cfg: Any, kind: str, task: str) -> None:
 
 
 def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, Any],
-                quiet: bool) -> tuple[Any, Any, Any, str]:
+                quiet: bool, hw: hardware.Hardware) -> tuple[Any, Any, Any, str]:
     """Swap train/val for their cached frozen-prefix outputs where the strategy allows it."""
     aug = cfg.train.augment
     if aug.text_on() or aug.image_on():
@@ -245,13 +245,20 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
     split, why = cache.plan(bundle)
     if split is None:
         return None, data["train"], data["val"], f"not used: {why}"
+    autocast, storage = cache.precision(cfg.train, hw)
     started = time.perf_counter()
     with ui.CountProgress("caching frozen features", len(data["train"]) + len(data["val"]), quiet) as bar:
         digest = cache.weights_digest(bundle.model)
-        train_ds, r1 = cache.build(bundle, split, data["train"], cfg.train.eval_batch_size, bar, digest)
-        val_ds, r2 = cache.build(bundle, split, data["val"], cfg.train.eval_batch_size, bar, digest)
+        kw = {"progress": bar, "digest": digest, "storage": storage, "autocast": autocast}
+        train_ds, r1 = cache.build(bundle, split, data["train"], cfg.train.eval_batch_size, **kw)
+        val_ds, r2 = cache.build(bundle, split, data["val"], cfg.train.eval_batch_size, **kw)
     how = "reused from" if r1 and r2 else f"computed in {time.perf_counter() - started:.1f}s into"
-    return cache.CachedForward(bundle.model, split), train_ds, val_ds, f"{why} ({how} {cache.cache_dir()})"
+    stored = "fp16" if train_ds.data.dtype.name == "float16" else "fp32"
+    if storage == "fp16" and stored == "fp32":
+        stored = "fp32: values beyond fp16's range"
+    return (cache.CachedForward(bundle.model, split), train_ds, val_ds,
+            f"{why} ({how} {cache.cache_dir()}, stored as {stored})")
+
 
 
 def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: Any, train_ds: Any = None) -> dict:

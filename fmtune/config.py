@@ -155,8 +155,10 @@ class TrainConfig:
     tracker: Literal["tensorboard", "mlflow", "wandb"] = _f(
         "tensorboard", "also log to MLflow (local file store runs/mlruns) or Weights & Biases (offline); "
         "TensorBoard logs (tb/) are always written")
-    feature_cache: Literal["auto", "off"] = _f(
-        "auto", "compute the frozen part of the backbone once and train only the rest (head, last_n)")
+    feature_cache: Literal["auto", "fp32", "fp16", "off"] = _f(
+        "auto", "compute the frozen part of the backbone once and train only the rest (head, last_n); "
+        "auto stores it as fp16 when the run trains in bf16/fp16 on this hardware (half the disk and "
+        "memory; values beyond fp16's range keep fp32), else fp32; fp32/fp16 force the storage")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
         "auto", "auto = fp32 on CPUs without native bf16, bf16 on GPUs that have it"
     )

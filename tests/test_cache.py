@@ -107,3 +107,43 @@ def test_run_says_what_the_cache_did(tmp_path, tiny_st_bert, text_files, capsys)
     assert "feature cache: the whole backbone is frozen" in err
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["fit"]["steps"] == 2
+
+
+def test_fp16_storage_is_close_and_keeps_fp32_beyond_its_range(tmp_path, tiny_st_bert, monkeypatch):
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "c"))
+    ds = TextData([[2, 5, 6, 3], [2, 7, 3]], torch.tensor([0, 1]), 0)
+    for strategy, field in ((StrategyConfig(name="head"), "features"), (StrategyConfig(name="last_n", n=1), "hidden")):
+        b = _bundle(tiny_st_bert, strategy)
+        split, _ = cache.plan(b)
+        full, _ = cache.build(b, split, ds, 8)
+        half, _ = cache.build(b, split, ds, 8, storage="fp16")
+        assert (full.data.dtype.name, half.data.dtype.name) == ("float32", "float16") and half.key != full.key
+        a, h = full.collate([0, 1]), half.collate([0, 1])
+        assert h[field].dtype == torch.float32  # the model gets fp32 either way
+        assert torch.allclose(a[field], h[field], rtol=1e-3, atol=1e-3) and not torch.equal(a[field], h[field])
+    b = _bundle(tiny_st_bert, StrategyConfig(name="head"))
+    with torch.no_grad():
+        b.model.backbone.encoder.layer[-1].output.LayerNorm.weight.mul_(1e6)  # pooled values beyond 65504
+    big, _ = cache.build(b, cache.plan(b)[0], ds, 8, storage="fp16")
+    assert big.data.dtype.name == "float32" and float(abs(big.data).max()) > 65504
+    with pytest.raises(ValueError, match="fp32 or fp16"):
+        cache.build(b, cache.plan(b)[0], ds, 8, storage="int8")
+
+
+def test_mixed_precision_runs_compute_the_prefix_in_it_and_store_fp16(tmp_path, tiny_st_bert, text_files, capsys):
+    from types import SimpleNamespace as NS
+
+    from fmtune.config import TrainConfig
+
+    cpu_bf16, gpu = NS(device="cpu", precision="bf16"), NS(device="cuda", precision="bf16")
+    assert cache.precision(TrainConfig(), cpu_bf16) == (torch.bfloat16, "fp16")
+    assert cache.precision(TrainConfig(), NS(device="cpu", precision="no")) == (None, "fp32")
+    assert cache.precision(TrainConfig(), gpu) == (None, "fp32")  # auto on a GPU: decided later, by timing
+    assert cache.precision(TrainConfig(precision="bf16"), gpu) == (torch.bfloat16, "fp16")
+    assert cache.precision(TrainConfig(feature_cache="fp32"), cpu_bf16) == (torch.bfloat16, "fp32")
+    assert cache.precision(TrainConfig(feature_cache="fp16"), NS(device="cpu", precision="no")) == (None, "fp16")
+    fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / "r"),
+                          strategy={"name": "last_n", "n": 1}, train={"precision": "bf16", "max_steps": 2}))
+    assert "stored as fp16" in capsys.readouterr().err and (tmp_path / "r" / "model").is_dir()
+    metas = [json.loads(p.read_text()) for p in cache.cache_dir().glob("*/meta.json")]
+    assert {(m["computed_in"], m["stored_as"]) for m in metas} >= {("bfloat16", "float16")}
