@@ -308,8 +308,11 @@ def save_image_pngs(items: list[dict[str, Any]], heats: torch.Tensor, folder: Pa
 
     files = []
     for k, (item, heat) in enumerate(zip(items, heats)):
-        fig, ax = plt.subplots(figsize=(3.2, 3.4))
-        draw_overlay(ax, item["input"], heat, f"{item['name']} ({method})\n{_title(item)}")
+        fig, (left, right) = plt.subplots(1, 2, figsize=(5.6, 3.2))  # the input as is, and under its heat map
+        left.imshow(item["input"].permute(1, 2, 0).numpy())
+        left.set_title(item["name"], fontsize=8)
+        left.axis("off")
+        draw_overlay(right, item["input"], heat, f"{method}: {_title(item)}")
         fig.tight_layout()
         name = f"{k + 1:03d}-{Path(item['name']).stem.replace(' ', '_')}.png"
         fig.savefig(folder / name, dpi=110)
