@@ -16,7 +16,9 @@ Same model (MiniLM-L6 + fmtune's mean-pooling head, built once per run), same re
    of the default (fp16 under mixed precision), and the most the cache could give: the uncached
    epoch against the same epoch less the frozen prefix's forward pass (timed filling the cache).
 3. EfficientNet-Lite0 on digits: full fine-tuning, and `head` with and without the cache.
-4. Model FLOP/s of a full fine-tuning step on a fixed-length batch against the matmul ceiling
+4. EfficientNet-Lite0 on digits with the images decoded per batch, collated inline vs ahead in a
+   background thread (train.loader_threads).
+5. Model FLOP/s of a full fine-tuning step on a fixed-length batch against the matmul ceiling
    measured in the same run.
 
 Prints one JSON document on stdout; progress goes to stderr.
@@ -196,7 +198,7 @@ def main() -> None:
     p.add_argument("--model", default="minilm-l6", help="text model: zoo name or Hugging Face folder")
     p.add_argument("--data", type=Path, help="folder with train.csv, val.csv, test.csv (text,label) "
                    "instead of the rotten-tomatoes split")
-    p.add_argument("--skip", nargs="*", default=[], choices=["trainer", "strategies", "image", "flops"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["trainer", "strategies", "image", "loader", "flops"])
     args = p.parse_args()
     hw = hardware.choose()
     gpu = torch.cuda.get_device_name() if hw.device == "cuda" else None
@@ -260,6 +262,24 @@ def main() -> None:
         res["head_later_epoch_speedup"] = round(res["head_cache_off"]["later_epoch_seconds"]
                                                 / res["head_cache_auto"]["later_epoch_seconds"], 1)
         result["image"] = res
+    if "loader" not in args.skip:
+        # Images decoded per batch (what a dataset too large to hold decoded gets), collated inline
+        # vs ahead in a background thread: same batches, so the same accuracy; only the time differs.
+        from fmtune.data import dataset as dataset_mod
+
+        digits = export("digits", work / "digits", sizes=(1200, 200, 397), seed=0)
+        eager, dataset_mod.EAGER_IMAGE_BYTES = dataset_mod.EAGER_IMAGE_BYTES, 0
+        res = {}
+        try:
+            for threads in (0, None):
+                name = "inline" if threads == 0 else "background_thread"
+                log(f"fmtune EfficientNet-Lite0 full, images decoded per batch, collated {name}")
+                res[name] = fmtune_run(digits, "efficientnet-lite0", work / f"img-lazy-{name}", "full", 2, 2e-3, 32,
+                                       loader_threads=threads)
+        finally:
+            dataset_mod.EAGER_IMAGE_BYTES = eager
+        res["speedup"] = round(res["inline"]["train_seconds"] / res["background_thread"]["train_seconds"], 2)
+        result["image_decoded_per_batch"] = res
     if "flops" not in args.skip:
         log("full fine-tuning step FLOP/s")
         result["full_step_flops"] = step_flops(args, hw.device)

@@ -72,7 +72,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     else:
         cfg = config_mod.coerce(cfg)
         run_dir = None
-    hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads)
+    hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads, cfg.train.loader_threads)
     dist = distributed.init(cpu=hw.device == "cpu")  # a launched multi-process run: join its process group
     main = dist is None or dist.is_main_process
     if not main:  # rank 0 speaks and writes for everyone
@@ -258,7 +258,6 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
         stored = "fp32: values beyond fp16's range"
     return (cache.CachedForward(bundle.model, split), train_ds, val_ds,
             f"{why} ({how} {cache.cache_dir()}, stored as {stored})")
-
 
 
 def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: Any, train_ds: Any = None) -> dict:

@@ -97,15 +97,20 @@ def test_saved_model_loads_with_plain_transformers(tmp_path, tiny_st_bert, text_
     assert hf.config.id2label == {0: "neg", 1: "pos"}
 
 
-def test_same_seed_same_metrics(tmp_path, tiny_bert, text_files):
-    a = _train(tmp_path, tiny_bert, text_files["train"], name="a", train={"epochs": 1})
-    b = _train(tmp_path, tiny_bert, text_files["train"], name="b", train={"epochs": 1})
-    ha = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    hb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+def test_same_seed_same_metrics_however_the_batches_are_collated(tmp_path, tiny_bert, text_files):
+    # b collates inline, c with 3 background threads, a as the hardware chooses (one thread on a CPU)
+    runs = {name: _train(tmp_path, tiny_bert, text_files["train"], name=name, train={"epochs": 1, **extra})
+            for name, extra in (("a", {}), ("b", {"loader_threads": 0}), ("c", {"loader_threads": 3}))}
     timing = {"samples_per_s", "seconds"}
-    strip = [{k: v for k, v in r.items() if k not in timing} for r in ha]
-    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in hb]
-    assert a["best"] == b["best"]
+
+    def history(name):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    assert history("a") == history("b") == history("c")
+    assert runs["a"]["best"] == runs["b"]["best"] == runs["c"]["best"]
+    hw = json.loads((tmp_path / "c" / "run.json").read_text())["hardware"]
+    assert "collated ahead by 3 background threads" in hw
 
 
 def test_refuses_existing_run_dir(tmp_path, tiny_bert, text_files):

@@ -35,6 +35,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from fmtune.data.dataset import TextData, epoch_batches
 from fmtune.fsutil import atomic_dir
 from fmtune.strategies import WHOLE_BACKBONE, backbone_blocks, block_list, frozen_prefix
+from fmtune.training import hardware, prefetch
 from fmtune.training.infer import model_device
 
 VERSION = "2"
@@ -245,8 +246,9 @@ def _compute(model: nn.Module, split: Split, ds: Any, batch_size: int, target: P
     started = time.perf_counter()
     device = model_device(model)
     largest = 0.0
-    for idx in epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False):
-        batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
+    batches = epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False)
+    for idx, host in zip(batches, prefetch.batches(ds.collate, batches, hardware.loader_for(device.type))):
+        batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
         batch.pop("labels", None)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             out = _prefix(model, split, batch).float()

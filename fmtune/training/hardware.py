@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fmtune.training.prefetch import INLINE, Loader
+
 
 @dataclass
 class Hardware:
@@ -17,10 +20,11 @@ class Hardware:
     precision: str  # "no" | "bf16" | "fp16", as accelerate names it
     threads: int
     why: str
+    loader: Loader = INLINE
 
     def describe(self) -> str:
         prec = {"no": "fp32"}.get(self.precision, self.precision)
-        return f"device={self.device} precision={prec} threads={self.threads} ({self.why})"
+        return f"device={self.device} precision={prec} threads={self.threads} ({self.why}); {self.loader.describe()}"
 
 
 def physical_cores() -> int:
@@ -45,7 +49,15 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def choose(device: str = "auto", precision: str = "auto", threads: int | None = None) -> Hardware:
+def loader_for(device: str, threads: int | None = None) -> Loader:
+    """How batches are collated: one background thread on a CPU (its cores compute, collation is
+    the lighter part); on a GPU, where the host only feeds it, up to 4 and pinned memory."""
+    workers = threads if threads is not None else 1 if device == "cpu" else max(1, min(4, physical_cores() - 1))
+    return Loader(workers, pin=device == "cuda" and workers > 0)
+
+
+def choose(device: str = "auto", precision: str = "auto", threads: int | None = None,
+           loader_threads: int | None = None) -> Hardware:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         from fmtune.errors import ConfigError
@@ -67,7 +79,7 @@ def choose(device: str = "auto", precision: str = "auto", threads: int | None = 
 
     n = threads or max(1, physical_cores() // local_world_size())  # processes on this machine share its cores
     torch.set_num_threads(n)
-    return Hardware(dev, prec, n, why)
+    return Hardware(dev, prec, n, why, loader_for(dev, loader_threads))
 
 
 def probe_precision(hw: Hardware, net: torch.nn.Module, batch: dict[str, torch.Tensor], loss_fn: Any,
@@ -104,7 +116,7 @@ def probe_precision(hw: Hardware, net: torch.nn.Module, batch: dict[str, torch.T
     fp32, bf16 = timings["no"] * 1e3, timings["bf16"] * 1e3
     prec = "bf16" if fp32 >= min_gain * bf16 else "no"
     why = f"measured on a training batch: fp32 {fp32:.1f} ms/step, bf16 {bf16:.1f} ms/step"
-    return Hardware(hw.device, prec, hw.threads, why)
+    return dataclasses.replace(hw, precision=prec, why=why)
 
 
 def _sync(device: torch.device) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fmtune.data.dataset import epoch_batches
+from fmtune.training import hardware, prefetch
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -19,19 +20,22 @@ def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any = None, features: bool = False,
-          autocast_dtype: torch.dtype | None = None, progress: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+          autocast_dtype: torch.dtype | None = None, progress: Any = None,
+          loader: prefetch.Loader | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (or pooled features) for every example of ``ds``, plus its targets (or None).
 
     Batches are sorted by length (text) so padding is minimal; outputs are put back in order.
-    ``device``: where the batches go; by default wherever the model's weights are.
+    ``device``: where the batches go; by default wherever the model's weights are. ``loader``:
+    how batches are collated ahead (default: as ``hardware.loader_for`` chooses for the device).
     """
     device = device or model_device(model)
     model.eval()  # the caller puts it back in train mode (see strategies.set_train_mode)
     batches = epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False)
     out: torch.Tensor | None = None
     dev_type = torch.device(device).type
-    for idx in batches:
-        batch = _to(ds.collate(idx), device)
+    loader = loader or hardware.loader_for(dev_type)
+    for idx, host in zip(batches, prefetch.batches(ds.collate, batches, loader)):
+        batch = _to(host, device)
         batch.pop("labels", None)
         with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             y = model.features(**batch) if features else model(**batch).logits

@@ -7,6 +7,7 @@ need no rewrite.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -27,7 +28,7 @@ from fmtune.data.dataset import epoch_batches
 from fmtune.errors import ConfigError, Interrupted, TrainingError
 from fmtune.robustness import adversarial_batch
 from fmtune.strategies import set_train_mode
-from fmtune.training import checkpoint, fsdp
+from fmtune.training import checkpoint, fsdp, prefetch
 from fmtune.training.distributed import broadcast_flag, gathered_infer, params_in_sync, shard
 from fmtune.training.infer import infer
 from fmtune.training.optim import make_optimizer, make_scheduler
@@ -280,84 +281,86 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
             batches = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, state["epoch"],
                                     getattr(train_ds, "lengths", None))
             micro = 0
-            for bi in range(state["batch_in_epoch"], len(batches)):
-                if at_boundary:  # several processes stop at the same step: rank 0 decides
-                    if broadcast_flag(stop.requested, accelerator) if world > 1 else stop.requested:
-                        raise KeyboardInterrupt
-                idx = batches[bi]
-                examples = len(idx)  # counted once, over all ranks
-                if world > 1 and len(idx) >= world:  # a batch smaller than the world: every rank takes it whole
-                    idx = shard(idx, rank, world)
-                batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(idx).items()}
-                targets = batch.pop("labels")
-                aux = {k: batch.pop(k) for k in [k for k in batch if k.startswith("aux_")]}
-                local = len(targets)
-                if cfg.adversarial != "none":
-                    batch, targets = adversarial_batch(plain_net, bundle.image, batch, targets, cfg.adversarial,
-                                                       cfg.adversarial_eps)
-                with accelerator.autocast():
-                    logits = net(**batch).logits
-                loss = task.loss(logits, targets)
-                if penalty is not None:
-                    loss = loss + penalty(logits, aux)
-                if not deferred_checks and not torch.isfinite(loss):
-                    raise _diverged(loss.item(), state, run_dir)
-                accelerator.backward(loss / cfg.grad_accum)
-                micro += 1
-                window_loss += loss.detach().float() * local  # stays on the device: no sync per step
-                window_local += local
-                window_n += examples
-                state["samples"] += examples
-                last_of_epoch = bi == len(batches) - 1
-                if micro % cfg.grad_accum and not last_of_epoch:
-                    continue
-                # an optimizer step: clip, step, schedule, flush the gradients as soon as we can
-                at_boundary = False
-                if cfg.grad_clip:
-                    accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                state["batch_in_epoch"] = bi + 1
-                if state["step"] % cfg.log_every == 0 or last_of_epoch:
-                    dt = time.perf_counter() - window_t
-                    totals = torch.stack([torch.as_tensor(window_loss, dtype=torch.float32, device=device),
-                                          torch.tensor(float(window_local), device=device)])
-                    if world > 1:
-                        totals = accelerator.reduce(totals, "sum")
-                    mean_loss = float(totals[0]) / max(float(totals[1]), 1.0)
-                    if not math.isfinite(mean_loss):  # on a GPU, found here (up to log_every steps late)
-                        raise _diverged(mean_loss, state, run_dir)
-                    log.write(type="train", step=state["step"], epoch=round(state["step"] / steps_per_epoch, 3),
-                              loss=round(mean_loss, 6), lr=scheduler.get_last_lr()[0],
-                              samples_per_s=round(window_n / max(dt, 1e-9), 2))
-                    if progress:
-                        progress.trained(state["step"], mean_loss)
-                    window_loss, window_n, window_local, window_t = 0.0, 0, 0, time.perf_counter()
-                if last_of_epoch:
-                    state["epoch"] += 1
-                    state["batch_in_epoch"] = 0
-                at_end = state["step"] >= total_steps
-                if cfg.max_minutes and not at_end:
-                    late = time.perf_counter() - started >= cfg.max_minutes * 60
-                    if broadcast_flag(late, accelerator) if world > 1 else late:
-                        at_end = state["out_of_time"] = True
-                if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (
-                        not cfg.eval_every and last_of_epoch) or at_end:
-                    if not (state["history"] and state["history"][-1]["step"] == state["step"]):
-                        evaluate()
-                state["seconds"] = time.perf_counter() - started
-                due = (cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0) or \
-                    (time.perf_counter() - last_save) / 60 >= cfg.save_every_minutes or \
-                    (state["history"] and state["history"][-1]["step"] == state["step"])
-                if due or at_end or state["stopped_early"]:
-                    state["done"] = at_end or state["stopped_early"]
-                    save_resume_point()
-                    last_save = time.perf_counter()
-                boundary_rng, at_boundary = checkpoint.rng_state(), True
-                if at_end or state["stopped_early"]:
-                    break
+            first = state["batch_in_epoch"]
+            # this rank's share of each batch (a batch smaller than the world: every rank takes it whole),
+            # collated ahead in the background (prefetch.batches: the same batches, in the same order)
+            mine = [shard(idx, rank, world) if world > 1 and len(idx) >= world else idx for idx in batches[first:]]
+            with contextlib.closing(prefetch.batches(train_ds.collate, mine, hardware.loader)) as feed:
+                for bi, host_batch in zip(range(first, len(batches)), feed):
+                    if at_boundary:  # several processes stop at the same step: rank 0 decides
+                        if broadcast_flag(stop.requested, accelerator) if world > 1 else stop.requested:
+                            raise KeyboardInterrupt
+                    examples = len(batches[bi])  # counted once, over all ranks
+                    batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
+                    targets = batch.pop("labels")
+                    aux = {k: batch.pop(k) for k in [k for k in batch if k.startswith("aux_")]}
+                    local = len(targets)
+                    if cfg.adversarial != "none":
+                        batch, targets = adversarial_batch(plain_net, bundle.image, batch, targets, cfg.adversarial,
+                                                           cfg.adversarial_eps)
+                    with accelerator.autocast():
+                        logits = net(**batch).logits
+                    loss = task.loss(logits, targets)
+                    if penalty is not None:
+                        loss = loss + penalty(logits, aux)
+                    if not deferred_checks and not torch.isfinite(loss):
+                        raise _diverged(loss.item(), state, run_dir)
+                    accelerator.backward(loss / cfg.grad_accum)
+                    micro += 1
+                    window_loss += loss.detach().float() * local  # stays on the device: no sync per step
+                    window_local += local
+                    window_n += examples
+                    state["samples"] += examples
+                    last_of_epoch = bi == len(batches) - 1
+                    if micro % cfg.grad_accum and not last_of_epoch:
+                        continue
+                    # an optimizer step: clip, step, schedule, flush the gradients as soon as we can
+                    at_boundary = False
+                    if cfg.grad_clip:
+                        accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["step"] += 1
+                    state["batch_in_epoch"] = bi + 1
+                    if state["step"] % cfg.log_every == 0 or last_of_epoch:
+                        dt = time.perf_counter() - window_t
+                        totals = torch.stack([torch.as_tensor(window_loss, dtype=torch.float32, device=device),
+                                              torch.tensor(float(window_local), device=device)])
+                        if world > 1:
+                            totals = accelerator.reduce(totals, "sum")
+                        mean_loss = float(totals[0]) / max(float(totals[1]), 1.0)
+                        if not math.isfinite(mean_loss):  # on a GPU, found here (up to log_every steps late)
+                            raise _diverged(mean_loss, state, run_dir)
+                        log.write(type="train", step=state["step"], epoch=round(state["step"] / steps_per_epoch, 3),
+                                  loss=round(mean_loss, 6), lr=scheduler.get_last_lr()[0],
+                                  samples_per_s=round(window_n / max(dt, 1e-9), 2))
+                        if progress:
+                            progress.trained(state["step"], mean_loss)
+                        window_loss, window_n, window_local, window_t = 0.0, 0, 0, time.perf_counter()
+                    if last_of_epoch:
+                        state["epoch"] += 1
+                        state["batch_in_epoch"] = 0
+                    at_end = state["step"] >= total_steps
+                    if cfg.max_minutes and not at_end:
+                        late = time.perf_counter() - started >= cfg.max_minutes * 60
+                        if broadcast_flag(late, accelerator) if world > 1 else late:
+                            at_end = state["out_of_time"] = True
+                    if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (
+                            not cfg.eval_every and last_of_epoch) or at_end:
+                        if not (state["history"] and state["history"][-1]["step"] == state["step"]):
+                            evaluate()
+                    state["seconds"] = time.perf_counter() - started
+                    due = (cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0) or \
+                        (time.perf_counter() - last_save) / 60 >= cfg.save_every_minutes or \
+                        (state["history"] and state["history"][-1]["step"] == state["step"])
+                    if due or at_end or state["stopped_early"]:
+                        state["done"] = at_end or state["stopped_early"]
+                        save_resume_point()
+                        last_save = time.perf_counter()
+                    boundary_rng, at_boundary = checkpoint.rng_state(), True
+                    if at_end or state["stopped_early"]:
+                        break
     except KeyboardInterrupt:
         if progress:
             progress.stop()
