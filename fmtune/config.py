@@ -170,8 +170,8 @@ class TrainConfig:
     adversarial_eps: float = _f(0.0078, "images: L-inf budget of the adversarial copies, pixel units (2/255)")
     num_threads: int | None = _f(None, "CPU threads (default: physical cores)")
     loader_threads: int | None = _f(
-        None, "background threads that collate the next batches while the model computes (default: 1 on a "
-        "CPU; on a GPU up to 4, with pinned memory); 0 = collate inline")
+        None, "background threads that collate the next batches while the model computes (default: none on a "
+        "CPU, whose cores all compute; on a GPU up to 4, with pinned memory); 0 = collate inline")
     distributed: Literal["ddp", "fsdp"] = _f(
         "ddp", "several processes (--num-processes): ddp = a whole model per process; fsdp = weights, gradients "
         "and optimizer state sharded over them (torch FSDP2, one unit per backbone block), for models too big "

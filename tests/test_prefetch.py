@@ -45,7 +45,7 @@ def test_an_error_is_raised_at_its_batch_and_the_threads_end():
 
 
 def test_the_choice_follows_the_device_and_the_setting():
-    assert hardware.loader_for("cpu") == prefetch.Loader(1, False)
+    assert hardware.loader_for("cpu") == prefetch.Loader(0, False)
     gpu = hardware.loader_for("cuda")
     assert 1 <= gpu.workers <= 4 and gpu.pin
     assert hardware.loader_for("cuda", 0) == prefetch.Loader(0, False)
