@@ -408,9 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", help="output folder (default: RUN/explain, replaced on each call)")
     ex.add_argument("--limit", type=int, default=24, help="explain at most this many inputs (default: 24)")
     ex.add_argument("--steps", type=int, default=32, help="integration steps for ig (default: 32; text at least 20)")
-    ex.add_argument("--baseline", choices=["mean", "blur", "black"], default="mean",
-                    help="images, ig and occlusion: what the input is compared with: the normalisation's mean colour, "
-                    "a heavy blur of the input, or black (black gives dark pixels no attribution) (default: mean)")
+    ex.add_argument("--baseline", choices=["mean", "blur", "black", "pad", "mask", "unk"],
+                    help="what the input is compared with (ig, occlusion). Images: the normalisation's mean colour "
+                    "(default), a heavy blur of the input, or black (black gives dark pixels no attribution). Text: "
+                    "every word replaced by [PAD] (default), [MASK] or [UNK]; attributions depend on it, so a "
+                    "word that stands out under two baselines is the safer reading")
 
     rb = verb("robustness", cmd_robustness, "score runs under noise, corruptions and white-box attacks (images) or "
               "typos, dropped/swapped words, case changes (text), five severities each; robustness.json and a plot")

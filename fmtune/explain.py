@@ -8,8 +8,10 @@ Images are explained in pixel space ([0, 1], before normalisation): integrated g
 normalisation's mean colour (what the model sees as zero; a black baseline gives no attribution to
 dark pixels), occlusion with a patch of that colour, Grad-CAM on the backbone's last convolution. Each
 input gives a PNG (heat map over the image, predicted / true / explained label and score in the
-title); several give a grid. Text gives an HTML page of shaded words and a JSON file with each
-word's attribution and the top positive / negative words. Everything goes to RUN/explain/ (or
+title); several give a grid. Text is explained by layer integrated gradients on the token
+embeddings from a baseline of [PAD] tokens (or [MASK] / [UNK]: attributions depend on it), and
+gives an HTML page of shaded words and a JSON file with each word's attribution and the top
+positive / negative words. Everything goes to RUN/explain/ (or
 ``out``), written atomically.
 """
 
@@ -96,7 +98,8 @@ def check_method(kind: str, method: str, model: nn.Module) -> str:
 # --- attributions ---------------------------------------------------------------------------
 
 
-BASELINES = ("mean", "blur", "black")
+IMAGE_BASELINES = ("mean", "blur", "black")
+TEXT_BASELINES = ("pad", "mask", "unk")  # the token each word is replaced by at the path's start
 
 
 def reference_images(pixels: torch.Tensor, mean: torch.Tensor, kind: str) -> torch.Tensor:
@@ -111,7 +114,7 @@ def reference_images(pixels: torch.Tensor, mean: torch.Tensor, kind: str) -> tor
         from fmtune.robustness import blur
 
         return blur(pixels, max(1.0, pixels.shape[-1] / 10))
-    raise ConfigError(f"--baseline {kind!r}: choose one of {', '.join(BASELINES)}")
+    raise ConfigError(f"--baseline {kind!r}: choose one of {', '.join(IMAGE_BASELINES)}")
 
 
 def image_heatmaps(model: nn.Module, spec: dict[str, Any], pixels: torch.Tensor, targets: torch.Tensor,
@@ -141,10 +144,22 @@ def image_heatmaps(model: nn.Module, spec: dict[str, Any], pixels: torch.Tensor,
     return (heat / top).cpu()
 
 
+def baseline_token(tokenizer: Any, kind: str) -> int:
+    """The token id a text baseline puts in place of every word."""
+    token = {"pad": tokenizer.pad_token_id, "mask": tokenizer.mask_token_id, "unk": tokenizer.unk_token_id}[kind]
+    if token is None:
+        if kind == "pad":
+            return 0
+        raise ConfigError(f"--baseline {kind}: this model's tokenizer has no {kind} token; "
+                          f"choose one of {', '.join(TEXT_BASELINES)}")
+    return int(token)
+
+
 def text_attributions(model: nn.Module, tokenizer: Any, text: str, max_length: int, target: int,
-                      steps: int = 50) -> list[dict[str, Any]]:
-    """Layer integrated gradients on the token embeddings, from a baseline of padding (special
-    tokens kept); summed per word of the original text. Returns [{word, attribution}] in order."""
+                      steps: int = 50, baseline: str = "pad") -> list[dict[str, Any]]:
+    """Layer integrated gradients on the token embeddings, from a baseline where every token but
+    the special ones is ``baseline`` ([PAD], [MASK] or [UNK]); summed per word of the original text.
+    Returns [{word, attribution}] in order."""
     from captum.attr import LayerIntegratedGradients
 
     enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt",
@@ -152,11 +167,11 @@ def text_attributions(model: nn.Module, tokenizer: Any, text: str, max_length: i
     device = next(model.parameters()).device
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     special = torch.tensor([[i in set(tokenizer.all_special_ids) for i in ids[0].tolist()]], device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    baseline = torch.where(special, ids, torch.full_like(ids, pad))
+    token = baseline_token(tokenizer, baseline)
+    baseline_ids = torch.where(special, ids, torch.full_like(ids, token))
     net = TextLogits(model).eval()
     lig = LayerIntegratedGradients(net, word_embeddings(model, len(tokenizer)))
-    attr = lig.attribute(ids, baselines=baseline, target=target, additional_forward_args=(mask,), n_steps=steps,
+    attr = lig.attribute(ids, baselines=baseline_ids, target=target, additional_forward_args=(mask,), n_steps=steps,
                          internal_batch_size=steps)
     per_token = attr.sum(-1)[0].detach().float().cpu()
     words: list[dict[str, Any]] = []
@@ -365,14 +380,19 @@ def text_html(items: list[dict[str, Any]]) -> str:
 
 def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "auto", target: str | None = None,
             misclassified: int = 0, data: str | Path | None = None, out: str | Path | None = None,
-            limit: int = 24, steps: int = 32, baseline: str = "mean", quiet: bool = False) -> dict[str, Any]:
+            limit: int = 24, steps: int = 32, baseline: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Explain the run's predictions for ``inputs`` or for its ``misclassified`` most confident
     mistakes on ``data`` (default: the run's test file). Returns a summary; files go to ``out``."""
     pred = Predictor(run)
     model = pred.model
     method = check_method(pred.kind, method, model)
-    if baseline not in BASELINES:
-        raise ConfigError(f"--baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
+    choices = TEXT_BASELINES if pred.kind == "text" else IMAGE_BASELINES
+    baseline = baseline or choices[0]
+    if baseline not in choices:
+        raise ConfigError(f"--baseline {baseline!r} is not one for {pred.kind} runs; "
+                          f"choose one of {', '.join(choices)}")
+    if pred.kind == "text":
+        baseline_token(pred.bundle.tokenizer, baseline)  # a tokenizer without that token: said before any work
     if misclassified:
         source = data or pred.config.data.test or pred.config.data.val
         if source is None:
@@ -391,7 +411,7 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
     out_dir = Path(out) if out else pred.run_dir / "explain"
     check_output_dir(out_dir, "explain.json")
     summary: dict[str, Any] = {"method": method, "run": str(pred.run_dir), "out": str(out_dir), "items": []}
-    if pred.kind == "image" and method != "gradcam":
+    if method != "gradcam":
         summary["baseline"] = baseline
     if not items:
         summary["note"] = "no misclassified examples" if misclassified else "no inputs"
@@ -412,7 +432,8 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
             with ui.CountProgress(f"explaining ({method})", len(items), quiet) as bar:
                 for item in items:
                     item["words"] = text_attributions(model, pred.bundle.tokenizer, item["input"],
-                                                      pred.bundle.max_length, item["target_idx"], max(steps, 20))
+                                                      pred.bundle.max_length, item["target_idx"], max(steps, 20),
+                                                      baseline)
                     bar(1)
             (tmp / "attributions.html").write_text(text_html(items))
             records = []

@@ -16,9 +16,11 @@ from fmtune.errors import ConfigError, DataError
 from fmtune.explain import explain
 
 
-def test_text_attributions_fall_on_the_deciding_word(text_run, text_files):
+@pytest.mark.parametrize("baseline", [None, "mask", "unk"])  # None: [PAD]
+def test_text_attributions_fall_on_the_deciding_word(text_run, text_files, baseline):
     df = pd.read_csv(text_files["test"]).head(16)
-    res = explain(text_run, [str(text_files["test"])], limit=16, quiet=True)
+    res = explain(text_run, [str(text_files["test"])], limit=16, baseline=baseline, quiet=True)
+    assert res["baseline"] == (baseline or "pad")
     assert (text_run / "explain" / "attributions.html").is_file()
     saved = json.loads((text_run / "explain" / "attributions.json").read_text())
     assert len(saved) == len(res["items"]) == 16
@@ -92,6 +94,10 @@ def test_bad_requests_are_clear_errors(text_run, square_run, tiny_vit, image_dir
         explain(run, [str(test)], target="green")
     with pytest.raises(ConfigError, match="nothing to explain"):
         explain(run)
+    with pytest.raises(ConfigError, match="'blur' is not one for text runs; choose one of pad, mask, unk"):
+        explain(text_run, ["great film"], baseline="blur")
+    with pytest.raises(ConfigError, match="'mask' is not one for image runs; choose one of mean, blur, black"):
+        explain(run, [str(test)], method="ig", baseline="mask")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="holds other files"):
@@ -121,3 +127,18 @@ def test_adapter_runs_are_explained_through_the_adapter(tiny_bert, text_files, t
     words = res["items"][0]["words"]
     assert [w["word"] for w in words] == ["the", "movie", "was", "good"]
     assert any(w["attribution"] != 0 for w in words)
+
+
+def test_text_baselines_are_the_tokens_asked_for(text_run, tmp_path):
+    from types import SimpleNamespace
+
+    from fmtune.explain import baseline_token
+
+    runs = {b: explain(text_run, ["a really great film"], baseline=b, out=tmp_path / b, quiet=True) for b in
+            ("pad", "mask")}
+    words = {b: [w["attribution"] for w in r["items"][0]["words"]] for b, r in runs.items()}
+    assert len(words["pad"]) == len(words["mask"]) == 4 and words["pad"] != words["mask"]
+    no_mask = SimpleNamespace(pad_token_id=None, mask_token_id=None, unk_token_id=3)
+    assert baseline_token(no_mask, "pad") == 0 and baseline_token(no_mask, "unk") == 3
+    with pytest.raises(ConfigError, match="tokenizer has no mask token"):
+        baseline_token(no_mask, "mask")
