@@ -237,41 +237,71 @@ def build(bundle: Any, split: Split, ds: Any, batch_size: int, progress: Any = N
     return CachedData(data, offsets, ds.targets, key, getattr(ds, "lengths", None)), reused
 
 
+class _BeyondFp16(Exception):
+    pass
+
+
 def _compute(model: nn.Module, split: Split, ds: Any, batch_size: int, target: Path, progress: Any,
              storage: str = "fp32", autocast: torch.dtype | None = None) -> None:
-    was_training = model.training
-    model.eval()
-    text = isinstance(ds, TextData) and split.kind == "hidden"
-    parts: list[np.ndarray | None] = [None] * len(ds)
+    """Run the prefix over ``ds`` and write it, batch by batch, into a memory-mapped array (the
+    memory it needs is a batch, not the cache). fp16 storage that meets a value beyond fp16's
+    range starts again in fp32."""
     started = time.perf_counter()
-    device = model_device(model)
-    largest = 0.0
-    batches = epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False)
-    for idx, host in zip(batches, prefetch.batches(ds.collate, batches, hardware.loader_for(device.type))):
-        batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
-        batch.pop("labels", None)
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            out = _prefix(model, split, batch).float()
-        largest = max(largest, float(out.abs().max()) if out.numel() else 0.0)
-        out = out.cpu().numpy()
-        for row, i in enumerate(idx):
-            parts[i] = out[row, : len(ds.input_ids[i])] if text else out[row]
-        if progress is not None:
-            progress(len(idx))
-    model.train(was_training)
-    dtype = np.float16 if storage == "fp16" and largest < FP16_MAX else np.float32
 
     def write(tmp: Path) -> None:
-        if text:
-            lengths = np.array([len(p) for p in parts])
-            np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-            np.save(tmp / "data.npy", np.concatenate(parts).astype(dtype))
-        else:
-            np.save(tmp / "data.npy", np.stack(parts).astype(dtype))
+        try:
+            stored, largest = _fill(model, split, ds, batch_size, tmp, progress,
+                                    np.float16 if storage == "fp16" else np.float32, autocast)
+        except _BeyondFp16:
+            stored, largest = _fill(model, split, ds, batch_size, tmp, None, np.float32, autocast)
         (tmp / "meta.json").write_text(json.dumps({
-            "split": str(split), "examples": len(parts), "seconds": round(time.perf_counter() - started, 3),
+            "split": str(split), "examples": len(ds), "seconds": round(time.perf_counter() - started, 3),
             "computed_in": str(autocast or torch.float32).removeprefix("torch."),
-            "stored_as": np.dtype(dtype).name, "largest_abs_value": largest}))
+            "stored_as": np.dtype(stored).name, "largest_abs_value": largest}))
 
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(target, write)
+
+
+def _fill(model: nn.Module, split: Split, ds: Any, batch_size: int, folder: Path, progress: Any,
+          dtype: type, autocast: torch.dtype | None) -> tuple[type, float]:
+    text = isinstance(ds, TextData) and split.kind == "hidden"  # ragged: rows of all examples, and offsets
+    offsets = None
+    if text:
+        lengths = np.array([len(ids) for ids in ds.input_ids], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        np.save(folder / "offsets.npy", offsets)
+    data = None
+    largest = 0.0
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        batches = epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False)
+        for idx, host in zip(batches, prefetch.batches(ds.collate, batches, hardware.loader_for(device.type))):
+            batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+            batch.pop("labels", None)
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                out = _prefix(model, split, batch).float()
+            largest = max(largest, float(out.abs().max()) if out.numel() else 0.0)
+            if dtype == np.float16 and largest >= FP16_MAX:
+                raise _BeyondFp16
+            out = out.cpu().numpy()
+            if data is None:
+                shape = (int(offsets[-1]), out.shape[-1]) if text else (len(ds), *out.shape[1:])
+                data = np.lib.format.open_memmap(folder / "data.npy", mode="w+", dtype=dtype, shape=shape)
+            for row, i in enumerate(idx):
+                if text:
+                    data[offsets[i]: offsets[i + 1]] = out[row, : offsets[i + 1] - offsets[i]]
+                else:
+                    data[i] = out[row]
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        model.train(was_training)
+    if data is None:  # no examples
+        np.save(folder / "data.npy", np.zeros((0,), dtype=dtype))
+    else:
+        data.flush()
+        del data
+    return dtype, largest
