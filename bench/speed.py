@@ -45,6 +45,7 @@ import torch  # noqa: E402
 import fmtune  # noqa: E402
 from fmtune.config import ModelConfig, TrainConfig  # noqa: E402
 from fmtune.data.dataset import TextData  # noqa: E402
+from fmtune.fsutil import read_jsonl  # noqa: E402
 from fmtune.models import build  # noqa: E402
 from fmtune.tasks import Classification  # noqa: E402
 from fmtune.training import hardware  # noqa: E402
@@ -112,7 +113,7 @@ def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, l
     s = fmtune.train(cfg, quiet=True)
     total = time.perf_counter() - t0
     metas = [json.loads(p.read_text()) for p in (out / "feature-cache").glob("*/meta.json")]
-    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    evals = [e for e in read_jsonl(out / "metrics.jsonl") if e.get("type") == "eval"]
     epoch_ends = [e["seconds"] for e in evals if float(e["epoch"]).is_integer()]
     per_epoch = np.diff(epoch_ends).tolist()  # seconds per epoch after the first (evaluation included)
     return {"train_seconds": round(s["seconds"], 2), "wall_seconds_incl_setup_and_test": round(total, 2),

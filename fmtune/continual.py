@@ -41,11 +41,12 @@ from fmtune import adapters, ui
 from fmtune.data.prepare import make_dataset, read_frames
 from fmtune.data.readers import absolute_paths, read_any
 from fmtune.errors import ConfigError, DataError, RunDirError
-from fmtune.fsutil import read_json, write_json
+from fmtune.fsutil import read_json, read_jsonl, write_json
 from fmtune.models import build
 from fmtune.run import OpenRun, open_run
 from fmtune.tasks import Classification
 from fmtune.training.infer import infer
+from fmtune.training.loop import METRICS_FILE
 
 DIR, MEMORY_FILE, REPORT_FILE = "continual", "memory.csv", "continual.json"
 AUX = "aux_old_logits"  # the batch key that carries RUN's logits to the lwf loss
@@ -329,15 +330,11 @@ class Setup:
             ui.console.print(f"continual: {run_dir / REPORT_FILE}")
         return out
 
-
     def _ewc_strength(self, run_dir: Path, quiet: bool) -> dict[str, Any]:
         """The penalty of the kept model against its validation loss: whether EWC held anything."""
-        import json
-
         with torch.no_grad():
             penalty = float(self.ewc())
-        evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-        kept = [e for e in evals if e.get("best")]
+        kept = [e for e in read_jsonl(run_dir / METRICS_FILE) if e.get("type") == "eval" and e.get("best")]
         loss = kept[-1].get("loss") if kept else None
         out = {"penalty_of_kept_model": penalty, "val_loss_of_kept_model": loss}
         if loss and penalty < 0.01 * loss:

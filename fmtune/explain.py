@@ -7,8 +7,8 @@
 Images are explained in pixel space ([0, 1], before normalisation): integrated gradients from the
 normalisation's mean colour (what the model sees as zero; a black baseline gives no attribution to
 dark pixels), occlusion with a patch of that colour, Grad-CAM on the backbone's last convolution. Each
-input gives a PNG (heat map over the image, predicted / true / explained label and score in the
-title); several give a grid. Text is explained by layer integrated gradients on the token
+input gives a PNG (the input beside its heat map, predicted / true / explained label and score in
+the title); several give a grid. Text is explained by layer integrated gradients on the token
 embeddings from a baseline of [PAD] tokens (or [MASK] / [UNK]: attributions depend on it), and
 gives an HTML page of shaded words and a JSON file with each word's attribution and the top
 positive / negative words. Everything goes to RUN/explain/ (or

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from fmtune.errors import RunDirError
-from fmtune.fsutil import read_json, write_text_atomic
+from fmtune.fsutil import read_json, read_jsonl, write_text_atomic
 
 REPORT_FILE, COMPARE_FILE = "report.html", "compare.html"
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1080px;
@@ -24,12 +24,6 @@ color:#222;padding:0 1rem}h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2re
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.3rem .6rem;text-align:left;
 font-size:.9rem}th{background:#f4f4f4}img{max-width:100%}pre{background:#f7f7f7;padding:.8rem;overflow:auto;
 font-size:.8rem}.num{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}"""
-
-
-def _records(p: Path) -> list[dict[str, Any]]:
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 def _png(fig: Any) -> str:
@@ -205,7 +199,7 @@ def write_report(run: str | Path) -> Path:
                      f'<p class="muted">mean forgetting on the old tasks {cont.get("mean_forgetting")}; '
                      f'labels added: {html.escape(", ".join(cont["labels"]["added"]) or "none")}; memory of '
                      f'{cont["memory"]["examples"]} old examples</p>']
-    sections += ["<h2>Training</h2>", _curves(_records(run_dir / "metrics.jsonl"), s["metric"] or "", s["best_step"])]
+    sections += ["<h2>Training</h2>", _curves(read_jsonl(run_dir / "metrics.jsonl"), s["metric"] or "", s["best_step"])]
     fit = info.get("fit") or {}
     if fit:
         stop = ("stopped early (patience)" if fit.get("stopped_early") else
