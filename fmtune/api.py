@@ -21,8 +21,8 @@ from accelerate.utils import set_seed
 from fmtune import config as config_mod
 from fmtune import evaluation, ui
 from fmtune.data.dataset import epoch_batches
-from fmtune.data.prepare import make_dataset, make_task, read_frames
-from fmtune.data.readers import count_rows, iter_chunks, read_any, require_column, row_label, table_base
+from fmtune.data.prepare import make_dataset, make_task, read_data, read_frames
+from fmtune.data.readers import count_rows, iter_chunks, require_column, row_label, table_base
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import write_json
 from fmtune.models import build
@@ -42,16 +42,17 @@ def _datasets(cfg: config_mod.Config, bundle: build.Bundle, task: Any, frames: A
     return out
 
 
-def _summary(frames: Any, cfg: config_mod.Config, data: dict[str, Any]) -> dict[str, Any]:
-    col = cfg.data.label_column
+def _summary(frames: Any, cfg: config_mod.Config, task: Any, data: dict[str, Any]) -> dict[str, Any]:
+    col = task.target_column(cfg.data)
     out: dict[str, Any] = {"val_split_from_train": frames.val_from_train}
     for name in ("train", "val", "test"):
         df = getattr(frames, name)
         if df is None:
             continue
         out[name] = {"rows": len(data[name]), "source": df.attrs.get("source")}
-        if cfg.task.type == "classification":
-            out[name]["label_counts"] = df[col].astype(str).value_counts().sort_index().to_dict()
+        counts = task.label_counts(df, col) if col in df.columns else None
+        if counts is not None:
+            out[name]["label_counts"] = counts
     return out
 
 
@@ -95,7 +96,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     resolve_metric(task, cfg.train)
     set_seed(cfg.train.seed)
     bundle = build.create(cfg.model, task)
-    _check_robust_training(cfg.train, bundle.kind, task.name)
+    _check_robust_training(cfg.train, bundle.kind, task)
     data = _datasets(cfg, bundle, task, frames)  # every split is checked before any training
     counts = apply_strategy(bundle, cfg.strategy)
     if cont is not None:
@@ -178,7 +179,7 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
         fit_info["distributed"] = {"processes": result.processes, "mode": cfg.train.distributed,
                                    "params_in_sync": result.params_in_sync,
                                    "weights_per_rank_mib": result.weights_per_rank_mib}
-    info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, data), "fit": fit_info,
+    info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, task, data), "fit": fit_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     write_json(run_dir / INFO_FILE, info)
     if not quiet:
@@ -212,7 +213,7 @@ def _log_hparams(run_dir: Path, cfg: config_mod.Config, result: Any, test: dict[
         w.add_hparams(hp, metrics, run_name="hparams")
 
 
-def _check_robust_training(cfg: Any, kind: str, task: str) -> None:
+def _check_robust_training(cfg: Any, kind: str, task: Any) -> None:
     aug = cfg.augment
     if kind == "text" and aug.image_on():
         raise ConfigError("train.augment.noise / corruptions perturb images, and this model reads text; "
@@ -223,8 +224,8 @@ def _check_robust_training(cfg: Any, kind: str, task: str) -> None:
     if cfg.adversarial != "none" and kind != "image":
         raise ConfigError("train.adversarial attacks pixels: image models only; for text, make training "
                           "robust with train.augment.typos and word_drop")
-    if cfg.adversarial != "none" and task != "classification":
-        raise ConfigError(f"train.adversarial needs a single-label classification task, not {task}")
+    if cfg.adversarial != "none" and not task.supports("attacks"):
+        raise ConfigError(f"train.adversarial needs a single-label classification task, not {task.name}")
 
 
 def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, Any],
@@ -266,11 +267,12 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
         logits, targets = infer(run.bundle.model, ds, cfg.train.eval_batch_size, progress=bar)
     result: dict[str, Any] = {"test": task.metrics(logits, targets), "n_test": len(ds), "data": str(source)}
     result["test"].pop("loss", None)
-    report = evaluation.text_report(task, logits, targets)
+    report = task.text_report(logits, targets)
     (run.dir / "classification_report.txt").write_text(report)
-    png = evaluation.confusion_png(task, logits, targets, run.dir / "confusion_matrix.png",
-                                   title=f"{run.dir.name}: test confusion matrix")
-    result["mistakes"] = evaluation.confident_mistakes(task, logits, targets, ds, run.bundle, run.dir / "mistakes.png")
+    extra = task.report_files(logits, targets, run.dir, run.dir.name)  # plots, and what eval.json adds
+    png = run.dir / extra.pop("confusion_matrix") if "confusion_matrix" in extra else None
+    result.update(extra)
+    result["mistakes"] = task.mistakes(logits, targets, ds, run.bundle, run.dir / "mistakes.png")
     if baseline:
         if train_ds is None:
             frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
@@ -281,7 +283,7 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
             probe = evaluation.linear_probe(pre.model, task, train_ds, {"test": ds}, cfg.train.eval_batch_size,
                                             cfg.train.seed, progress=bar)
         result["baseline"] = {k: v for k, v in probe["test"].items() if k != "loss"}
-        result["baseline_method"] = "linear probe (scikit-learn) on the frozen pretrained backbone's pooled features"
+        result["baseline_method"] = task.baseline_method
     write_json(run.dir / EVAL_FILE, result)
     if not quiet:
         ui.console.print(f"\n[bold]test[/] ({len(ds)} examples, {source})\n{report}")
@@ -308,7 +310,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
     source = data or cfg.data.test
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")
-    df = read_any(Path(source), cfg.data.encoding)
+    df = read_data(Path(source), opened.task, cfg.data)
     ds, _ = make_dataset(df, opened.bundle, opened.task, cfg.data, allow_unknown=cfg.data.unknown_labels == "unknown")
     opened.bundle.model.to(hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device)
     return _evaluate_run(opened, ds, baseline, quiet, source)
@@ -321,7 +323,7 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     """Prediction columns for one chunk of input rows; a row that cannot be predicted gets an
     ``error`` (or, with ``strict``, stops everything with a DataError naming it)."""
     cfg, task = pred.config, pred.task
-    column = cfg.data.text_column if pred.kind == "text" else cfg.data.image_column
+    column = task.input_column(df, cfg.data.text_column if pred.kind == "text" else cfg.data.image_column)
     require_column(df, column, "text" if pred.kind == "text" else "image path",
                    "data.text_column" if pred.kind == "text" else "data.image_column")
     base = table_base(df)
@@ -349,16 +351,8 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     results: list[dict[str, Any]] = [{} for _ in range(len(df))]
     if ok:
         for i, r in zip(ok, pred.predict_items(items)):
-            if task.name == "classification":
-                flat = {"label": r["label"], "score": r["score"]}
-            elif task.name == "multilabel":
-                flat = {"labels": task.separator.join(r["labels"])}
-            else:
-                flat = {"prediction": r["value"]}
-            flat.update({f"prob_{k}": v for k, v in r.get("probabilities", {}).items()})
-            results[i] = flat
-    columns = (["label", "score"] if task.name == "classification" else ["labels"] if task.name == "multilabel"
-               else ["prediction"]) + [f"prob_{k}" for k in (task.labels if task.name != "regression" else [])]
+            results[i] = task.flatten(r)
+    columns = task.prediction_columns()
     out = pd.DataFrame(results, columns=columns)
     # an input column of the same name (a `label` column of a labelled file) is kept as it is
     out.columns = [f"predicted_{c}" if c in df.columns else c for c in out.columns]
@@ -366,15 +360,34 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     return pd.concat([df.reset_index(drop=True), out], axis=1)
 
 
+def _write_rows(df: pd.DataFrame, dest: Any, header: bool, jsonl: bool = False) -> None:
+    """Append predictions to ``dest`` (a path or stdout): JSON lines, or CSV rows in which a list
+    or mapping (the entities of a sentence) is written as JSON."""
+    if jsonl:
+        with open(dest, "a", encoding="utf-8") as fh:
+            df.to_json(fh, orient="records", lines=True, force_ascii=False)
+        return
+    nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (list, dict))).any()]
+    if nested:
+        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v, ensure_ascii=False)
+                                       if isinstance(v, (list, dict)) else v) for c in nested})
+    if hasattr(dest, "write"):
+        df.to_csv(dest, header=header, index=False)
+    else:
+        df.to_csv(dest, mode="a", header=header, index=False)
+
+
 def predict(run: str | Path, inputs: str | Path, output: str | Path | None = None, *, quiet: bool = False,
             batch_size: int | None = None, strict: bool = False,
             chunk_rows: int = PREDICT_CHUNK_ROWS) -> pd.DataFrame | dict[str, Any]:
     """Predict every row of ``inputs`` (CSV/TSV/JSONL/Parquet, an image folder or an image file).
 
-    Columns added to the input's: label, score and prob_<label> (classification), labels
-    (multi-label), prediction (regression), each prefixed ``predicted_`` where the input already
-    has a column of that name, and ``error``: why a row got no prediction (empty text, unreadable
-    image, malformed line). With ``strict`` the first bad row stops it instead.
+    Columns added to the input's: what the task predicts (``fmtune tasks``: label, score and
+    prob_<label> for classification; labels for multi-label; prediction for regression; entities
+    and tags for ner), each prefixed ``predicted_`` where the input already has a column of that
+    name, and ``error``: why a row got no prediction (empty text, unreadable image, malformed
+    line). With ``strict`` the first bad row stops it instead. ``output`` ending in ``.jsonl``
+    is written as JSON lines (entities as lists), else as CSV (lists as JSON text).
 
     The input is read and predicted in chunks of ``chunk_rows``. With ``output`` the CSV is
     written chunk by chunk (constant memory, however large the input; the file appears complete
@@ -401,9 +414,9 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
                 bad += len(errs)
                 first_error = first_error or (errs.iloc[0] if len(errs) else None)
                 if tmp is not None:
-                    out.to_csv(tmp, mode="a", header=rows == len(out), index=False)
+                    _write_rows(out, tmp, header=rows == len(out), jsonl=target.suffix.lower() == ".jsonl")
                 elif to_stdout:
-                    out.to_csv(sys.stdout, header=rows == len(out), index=False)
+                    _write_rows(out, sys.stdout, header=rows == len(out))
                     sys.stdout.flush()
                 else:
                     frames.append(out)

@@ -231,6 +231,20 @@ def cmd_datasets(a: argparse.Namespace) -> None:
                               ["name", "kind", "description", "package"], rows))
 
 
+def cmd_tasks(a: argparse.Namespace) -> None:
+    from fmtune import ui
+    from fmtune.tasks import TASKS
+
+    rows = []
+    for name in TASKS.names():
+        t = TASKS.get(name)
+        rows.append([name, t.description, t.level, f"{t.default_metric} (also: "
+                     f"{', '.join(m for m in t.metric_names if m != t.default_metric)})",
+                     ", ".join(sorted(t.capabilities)) or "-"])
+    ui.console.print(ui.table("tasks (--task NAME, or task.type in a config)",
+                              ["name", "what it predicts", "head reads", "selection metric", "also supports"], rows))
+
+
 def cmd_config(a: argparse.Namespace) -> None:
     print(_config_epilog())
 
@@ -248,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (< 3 min on 2 cores)")
-    d.add_argument("--task", choices=["text", "image"], default="text",
-                   help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits")
+    d.add_argument("--task", choices=["text", "image", "ner"], default="text",
+                   help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits; ner: MiniLM-L6 "
+                   "tagging named entities in WNUT-2016 tweets")
     d.add_argument("--out", help="run directory (default: runs/demo-<task>-<time>)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -260,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images")
     t.add_argument("--val", help="validation data (default: split off --data)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
-    t.add_argument("--task", choices=["classification", "multilabel", "regression"], help="what to predict")
+    t.add_argument("--task", help="what to predict: classification (default), multilabel, regression, ner ... "
+                   "(`fmtune tasks` lists them)")
     t.add_argument("--strategy", choices=list(STRATEGY_NAMES),
                    help="what to train: full, head, last_n (strategy.n), lora/dora (strategy.r, strategy.alpha, "
                    "strategy.targets), ia3, prompt (strategy.virtual_tokens), bitfit; see `fmtune config`")
@@ -454,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds = verb("datasets", cmd_datasets, "list the datasets available offline, or export one to files")
     ds.add_argument("--export", nargs=2, metavar=("NAME", "DIR"), help="write NAME's train/val/test files into DIR")
     ds.add_argument("--seed", type=int, default=0, help="seed of the exported split")
+    verb("tasks", cmd_tasks, "list the tasks: what each predicts, its metrics and what it supports")
     verb("config", cmd_config, "list every setting with its default and meaning")
     return p
 

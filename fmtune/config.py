@@ -53,6 +53,9 @@ class DataConfig:
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
     label_separator: str = _f("|", "multi-label: separator between labels in one cell")
     encoding: str = _f("utf-8", "text encoding of CSV/JSONL files (e.g. latin-1)")
+    format: Literal["auto", "conll", "jsonl"] = _f(
+        "auto", "ner: how the files are read: auto (by suffix: .jsonl/.json are JSONL, .conll/.bio/.txt/.tsv "
+        "CoNLL), conll (word and tag per line), jsonl ({tokens, tags} or {text, entities} per line)")
     val_fraction: float = _f(0.1, "share of training rows split off as validation when no val set is given")
     max_train_samples: int | None = _f(None, "use at most this many training rows (seeded, stratified)")
     unknown_labels: Literal["error", "unknown"] = _f(
@@ -68,9 +71,21 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    type: Literal["classification", "multilabel", "regression"] = _f("classification", "what the head predicts")
+    type: str = _f("classification", "what the model predicts: a task of `fmtune tasks` (classification, multilabel, "
+                   "regression, ner ...)")
     class_weights: bool = _f(False, "weight the loss by inverse class frequency (imbalanced data)")
     threshold: float = _f(0.5, "multilabel: probability above which a label is predicted")
+    label_all_subtokens: bool = _f(False, "ner: train on every sub-token of a word (default: its first sub-token "
+                                   "only); predictions and metrics always read the first")
+    window_stride: float = _f(0.25, "ner: a sentence longer than model.max_length is read in windows that overlap by "
+                              "this share of the window; every word is predicted from the window where it has "
+                              "the most context")
+
+    def __post_init__(self) -> None:
+        from fmtune.tasks import TASKS  # the registry is the list of tasks
+
+        TASKS.get(self.type, "task.type")
+        _check(0.0 <= self.window_stride <= 0.5, "task.window_stride", "must be in [0, 0.5]")
 
 
 STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit")

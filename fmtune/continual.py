@@ -44,7 +44,7 @@ from fmtune.errors import ConfigError, DataError, RunDirError
 from fmtune.fsutil import read_json, read_jsonl, write_json
 from fmtune.models import build
 from fmtune.run import OpenRun, open_run
-from fmtune.tasks import Classification
+from fmtune.tasks import Classification, task_class
 from fmtune.training.infer import infer
 from fmtune.training.loop import METRICS_FILE
 
@@ -53,9 +53,7 @@ AUX = "aux_old_logits"  # the batch key that carries RUN's logits to the lwf los
 
 
 def check(cfg: Any) -> None:
-    if cfg.task.type != "classification":
-        raise ConfigError(f"continual learning needs a single-label classification run; this one is "
-                          f"{cfg.task.type}")
+    task_class(cfg.task.type)([]).require("continual", "continual learning (fmtune continue)")
     if cfg.continual.method == "lwf" and cfg.train.adversarial != "none":
         raise ConfigError("continual.method lwf distils on the new data's batches as they are; it does not mix "
                           "with train.adversarial")
@@ -102,9 +100,7 @@ class Setup:
             self.source: OpenRun = open_run(self.cc.source)
         except RunDirError as e:
             raise RunDirError(f"continual.source: {e}") from None
-        if self.source.task.name != "classification":
-            raise ConfigError(f"{self.source.dir} is a {self.source.task.name} run; continual learning needs "
-                              "single-label classification")
+        self.source.task.require("continual", f"continual learning from {self.source.dir}")
         wanted = self.cfg.strategy.name if adapters.is_peft(self.cfg.strategy.name) else None
         if (self.source.bundle.adapter or None) != wanted:
             how = (f"continue it with the same adapter strategy ({self.source.bundle.adapter}): its weights are that "

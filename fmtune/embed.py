@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from fmtune import ui
-from fmtune.data.prepare import make_dataset
-from fmtune.data.readers import read_any
+from fmtune.data.prepare import make_dataset, read_data
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
@@ -79,13 +78,14 @@ def embed(run: str | Path, data: str | Path | None = None, *, methods: tuple[str
         if m not in METHODS:
             raise ConfigError(f"--method {m!r}: choose from {', '.join(METHODS)}")
     pred = Predictor(run)
+    pred.task.require("embed", "fmtune embed")
     cfg, task = pred.config, pred.task
     target = Path(out) if out else pred.run_dir / "embed"
     check_output_dir(target, "embed.json")  # before the work, not after
     source = data or cfg.data.test or cfg.data.val
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")
-    df = read_any(Path(source), cfg.data.encoding)
+    df = read_data(Path(source), task, cfg.data)
     if limit and len(df) > limit:
         df = df.sample(n=limit, random_state=seed).sort_index()
     ds, _ = make_dataset(df, pred.bundle, task, cfg.data)
@@ -95,10 +95,10 @@ def embed(run: str | Path, data: str | Path | None = None, *, methods: tuple[str
         feats["pretrained"] = infer(pretrained, ds, pred.batch_size, features=True, progress=bar)[0].numpy()
         feats["fine-tuned"] = infer(pred.model, ds, pred.batch_size, features=True, progress=bar)[0].numpy()
     targets = ds.targets.numpy()
-    if task.name == "multilabel":
-        colour, y = targets.argmax(1), targets.argmax(1)
-    elif task.name == "regression":
+    if not task.labels:  # a number per example: coloured by value, no classes to separate
         colour, y = targets.reshape(len(targets), -1)[:, 0], None
+    elif targets.ndim == 2:  # several labels per example: coloured by the first
+        colour, y = targets.argmax(1), targets.argmax(1)
     else:
         colour, y = targets, targets
     summary: dict[str, Any] = {"data": str(source), "rows": len(ds), "methods": list(methods)}
@@ -128,7 +128,7 @@ def _plot(points: dict, colour: np.ndarray, task: Any, summary: dict, methods: t
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(methods), 2, figsize=(10, 4.6 * len(methods)), squeeze=False)
-    labels = task.labels if task.name != "regression" else None
+    labels = task.labels or None
     for r, m in enumerate(methods):
         for c, k in enumerate(("pretrained", "fine-tuned")):
             ax = axes[r][c]

@@ -265,17 +265,15 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
 
 def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dict[str, Any]]:
     """The ``n`` most confident wrong predictions on ``data`` (a labelled file)."""
-    from fmtune.evaluation import mistake_positions
-
-    if pred.task.name != "classification":
-        raise ConfigError("--misclassified needs a single-label classification run")
+    if not pred.task.supports("mistakes"):
+        raise ConfigError(f"--misclassified needs a single-label classification run, not {pred.task.name}")
     cfg = pred.config
     df = read_any(Path(data), cfg.data.encoding)
     ds, kept = make_dataset(df, pred.bundle, pred.task, cfg.data)
     with ui.CountProgress("finding mistakes", len(ds), quiet) as bar:
         logits, targets = infer(pred.model, ds, pred.batch_size, progress=bar)
     items = []
-    for i, _, _ in mistake_positions(pred.task, logits, targets, n):
+    for i, _, _ in pred.task.mistake_positions(logits, targets, n):
         row = int(kept[i])
         if pred.kind == "text":
             value = str(df[cfg.data.text_column].iloc[row])
@@ -384,6 +382,7 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
     """Explain the run's predictions for ``inputs`` or for its ``misclassified`` most confident
     mistakes on ``data`` (default: the run's test file). Returns a summary; files go to ``out``."""
     pred = Predictor(run)
+    pred.task.require("explain", "fmtune explain")
     model = pred.model
     method = check_method(pred.kind, method, model)
     choices = TEXT_BASELINES if pred.kind == "text" else IMAGE_BASELINES

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from fmtune import adapters, ui
-from fmtune.data.prepare import make_dataset, read_frames
-from fmtune.data.readers import read_any
+from fmtune.data.prepare import make_dataset, read_data, read_frames
 from fmtune.errors import ConfigError, DataError, ModelError, RunDirError
 from fmtune.fsutil import atomic_dir, folder_digest
 from fmtune.models import build
@@ -41,7 +40,7 @@ def check_rows(opened: Any) -> Any:
     cfg = opened.config
     for source in (cfg.data.test, cfg.data.val, cfg.data.train):
         if source and Path(source).exists():
-            df = read_any(Path(source), cfg.data.encoding)
+            df = read_data(Path(source), opened.task, cfg.data)
             return make_dataset(df.head(CHECK_ROWS), opened.bundle, opened.task, cfg.data, with_targets=False)[0]
     raise DataError(f"{opened.dir}: none of the run's data files exist any more ({cfg.data.test}, {cfg.data.val}, "
                     f"{cfg.data.train}); the export cannot be checked against real inputs")
@@ -71,7 +70,7 @@ def _metric_split(opened: Any) -> tuple[Any, str]:
     training when it was split off the training data), for the int8 metric check."""
     cfg = opened.config
     if cfg.data.test:  # the training file is read (and split again) only when there is no test file
-        df, source = read_any(Path(cfg.data.test), cfg.data.encoding), cfg.data.test
+        df, source = read_data(Path(cfg.data.test), opened.task, cfg.data), cfg.data.test
     else:
         frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
         df, source = frames.val, cfg.data.val or f"validation split of {cfg.data.train}"

@@ -95,9 +95,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
 
 
 def write_preprocessing(bundle: Any, task: Any, folder: Path) -> None:
-    prep = {"kind": bundle.kind, "task": task.name, "labels": list(task.labels or []),
-            "inputs": input_names(bundle.kind), "output": "logits",
-            "threshold": task.threshold if task.name == "multilabel" else None}
+    prep = {"kind": bundle.kind, **task.state(), "inputs": input_names(bundle.kind), "output": "logits"}
     if bundle.kind == "text":
         prep["max_length"] = bundle.max_length
         bundle.tokenizer.save_pretrained(folder)

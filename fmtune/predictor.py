@@ -71,6 +71,10 @@ class Predictor:
     def check_text(self, value: Any, where: str) -> str:
         if value is None or (isinstance(value, float) and value != value):  # missing (NaN) cell
             raise DataError(f"{where}: the text is empty")
+        if self.task.accepts_word_lists and isinstance(value, (list, tuple)):  # words already split
+            if not value or not all(isinstance(w, str) and w.strip() for w in value):
+                raise DataError(f"{where}: expected a non-empty list of words")
+            return list(value)
         if not isinstance(value, str):
             raise DataError(f"{where}: expected text, got {type(value).__name__}")
         if not value.strip():
@@ -78,9 +82,7 @@ class Predictor:
         return value
 
     def text_data(self, texts: list[str]) -> TextData:
-        tok = self.bundle.tokenizer
-        enc = tok(texts, truncation=True, max_length=self.bundle.max_length)
-        return TextData(enc["input_ids"], None, tok.pad_token_id if tok.pad_token_id is not None else 0)
+        return self.task.inputs(texts, self.bundle)
 
     def decode(self, value: Any, where: str) -> torch.Tensor:
         """One image from a path, bytes or a PIL image -> uint8 (3, size, size); DataError if it is not one."""
@@ -93,14 +95,14 @@ class Predictor:
             raise DataError(f"{where}: not a readable image ({e.__class__.__name__}: {e})") from None
 
     def image_data(self, images: list[torch.Tensor]) -> ImageData:
-        return ImageData(torch.stack(images), None, self.bundle.image)
+        return self.task.inputs(images, self.bundle)
 
     # --- predictions --------------------------------------------------------------------------
     def predict_items(self, items: list[Any]) -> list[dict[str, Any]]:
         """Predictions for checked texts (``check_text``) or decoded images (``decode``)."""
-        ds = self.text_data(items) if self.kind == "text" else self.image_data(items)
+        ds = self.task.inputs(items, self.bundle)
         logits, _ = infer(self.model, ds, self.batch_size)
-        return self.task.postprocess(logits)
+        return self.task.postprocess(logits, ds)
 
     def predict(self, inputs: Any) -> list[dict[str, Any]] | dict[str, Any]:
         """Predict one input or a list of them (texts; or image paths, bytes or PIL images).

@@ -27,8 +27,7 @@ from torch import nn
 
 from fmtune import ui
 from fmtune.data.dataset import ImageData, TextData
-from fmtune.data.prepare import make_dataset
-from fmtune.data.readers import read_any
+from fmtune.data.prepare import make_dataset, read_data
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
@@ -216,7 +215,7 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
     else:
         batches = _image_batches(ds, bs)
         plan = {k: (_pick(v[0], suite), v[1]) for k, v in IMAGE_CORRUPTIONS.items()}
-        if attacks and task.name == "classification":
+        if attacks and task.supports("attacks"):
             plan.update({k: (_pick(v[0], suite) if suite == "default" else [(2, v[0][1]), (4, v[0][3])], v[1])
                          for k, v in ATTACKS.items()})
     clean = score(*infer(model, ds, bs))
@@ -301,13 +300,15 @@ def robustness(runs: str | Path | list[str | Path], data: str | Path | None = No
                                     else run_list[0].parent / f"{run_list[0].name}-robustness-compare")
     check_output_dir(target, "robustness.json")  # before the work, not after
     preds = [Predictor(r) for r in run_list]
+    for p in preds:
+        p.task.require("robustness", f"fmtune robustness ({p.run_dir})")
     kinds = {p.kind for p in preds}
     if len(kinds) > 1:
         raise ConfigError("these runs read different inputs (text and images); compare runs of one kind")
     source = data or preds[0].config.data.test
     if source is None:
         raise DataError(f"{run_list[0]}: no test data configured; pass --data FILE")
-    df = read_any(Path(source), preds[0].config.data.encoding)
+    df = read_data(Path(source), preds[0].task, preds[0].config.data)
     if limit and len(df) > limit:
         df = df.sample(n=limit, random_state=seed).sort_index()
     names = [p.run_dir.name for p in preds]

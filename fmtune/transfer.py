@@ -31,6 +31,7 @@ from fmtune.data.prepare import read_frames
 from fmtune.data.readers import absolute_paths
 from fmtune.errors import ConfigError
 from fmtune.fsutil import check_output_dir, write_json
+from fmtune.tasks import task_class
 
 METHODS = ("scratch", "probe", "finetune")
 REPORT = "transfer.json"
@@ -74,8 +75,7 @@ def transfer(cfg: config_mod.Config, *, sizes: list[int | str], out: str | Path,
     ``cfg`` gives the model, data and training settings (its strategy is the fine-tuned one)."""
     from fmtune import api
 
-    if cfg.task.type != "classification":
-        raise ConfigError(f"fmtune transfer counts examples per class: a classification task, not {cfg.task.type}")
+    task_class(cfg.task.type)([]).require("transfer", "fmtune transfer (it counts examples per class)")
     if not cfg.data.test:
         raise ConfigError("fmtune transfer scores every run on test data: give --test FILE")
     bad = [m for m in methods if m not in METHODS]

@@ -42,8 +42,9 @@ class TextData(torch.utils.data.Dataset):
             ids[row, : len(seq)] = torch.as_tensor(seq)
             mask[row, : len(seq)] = 1
         batch = {"input_ids": ids, "attention_mask": mask}
-        if self.targets is not None:
-            batch["labels"] = self.targets[idx]
+        if self.targets is not None:  # one per example, or one per token (a per-token target collates itself)
+            batch["labels"] = self.targets.collate(idx, width) if hasattr(self.targets, "collate") \
+                else self.targets[idx]
         return batch
 
 

@@ -10,10 +10,9 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
-from fmtune.data.dataset import image_dataset, text_dataset
-from fmtune.data.readers import read_any, require_column
+from fmtune.data.readers import require_column
 from fmtune.errors import ConfigError, DataError
-from fmtune.tasks import TASKS, Task
+from fmtune.tasks import Task, task_class
 
 
 @dataclass
@@ -24,18 +23,18 @@ class Frames:
     val_from_train: bool
 
 
-def _stratify_on(df: pd.DataFrame, column: str, task_type: str) -> pd.Series | None:
-    if task_type != "classification" or column not in df.columns:
+def _stratify_on(df: pd.DataFrame, column: str, task: type[Task]) -> pd.Series | None:
+    y = task.stratify_values(df, column)
+    if y is None:
         return None
-    y = df[column].astype(str)
     counts = y.value_counts()
     return y if counts.min() >= 2 else None
 
 
-def _subset(df: pd.DataFrame, n: int, column: str, task_type: str, seed: int) -> pd.DataFrame:
+def _subset(df: pd.DataFrame, n: int, column: str, task: type[Task], seed: int) -> pd.DataFrame:
     if n >= len(df):
         return df
-    strat = _stratify_on(df, column, task_type)
+    strat = _stratify_on(df, column, task)
     try:
         part, _ = train_test_split(df, train_size=n, random_state=seed, stratify=strat)
     except ValueError:  # too few rows of some class for a stratified draw
@@ -50,22 +49,29 @@ def _keep_source(part: pd.DataFrame, whole: pd.DataFrame) -> pd.DataFrame:
     return part
 
 
+def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any) -> pd.DataFrame:
+    """One data file (or folder) read the way ``task`` reads its data."""
+    cls = task_class(task) if isinstance(task, str) else task
+    return cls.read(path, data_cfg).reset_index(drop=True)
+
+
 def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     """Read the files named in the config; split validation off train when none is given."""
     if not data_cfg.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
-    train = read_any(data_cfg.train, data_cfg.encoding)
-    train = train.reset_index(drop=True)
-    require_column(train, data_cfg.label_column, "label", "data.label_column")
+    task = task_class(task_type)
+    column = task.target_column(data_cfg)
+    train = read_data(data_cfg.train, task, data_cfg)
+    require_column(train, column, "label", "data.label_column")
     if data_cfg.max_train_samples:
-        train = _subset(train, data_cfg.max_train_samples, data_cfg.label_column, task_type, seed)
+        train = _subset(train, data_cfg.max_train_samples, column, task, seed)
     if data_cfg.val:
-        val, from_train = read_any(data_cfg.val, data_cfg.encoding).reset_index(drop=True), False
+        val, from_train = read_data(data_cfg.val, task, data_cfg), False
     else:
         if len(train) < 4:
             raise DataError(f"{data_cfg.train}: {len(train)} rows is too few to split off a validation set; "
                             "give --val FILE")
-        strat = _stratify_on(train, data_cfg.label_column, task_type)
+        strat = _stratify_on(train, column, task)
         n_val = max(1, round(len(train) * data_cfg.val_fraction))
         if strat is not None:
             n_val = max(n_val, strat.nunique())
@@ -74,26 +80,18 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
         except ValueError:
             tr, va = train_test_split(train, test_size=n_val, random_state=seed)
         train, val, from_train = _keep_source(tr, train), _keep_source(va, train), True
-    test = read_any(data_cfg.test, data_cfg.encoding).reset_index(drop=True) if data_cfg.test else None
+    test = read_data(data_cfg.test, task, data_cfg) if data_cfg.test else None
     return Frames(train, val, test, from_train)
 
 
 def make_task(task_cfg: Any, data_cfg: Any, train: pd.DataFrame) -> Task:
-    cls = TASKS.get(task_cfg.type, "task.type")
-    kw: dict[str, Any] = {"column": data_cfg.label_column, "class_weights": task_cfg.class_weights}
-    if task_cfg.type == "multilabel":
-        kw.update(separator=data_cfg.label_separator, threshold=task_cfg.threshold)
-    return cls.from_train(train[data_cfg.label_column], train, **kw)
+    cls = task_class(task_cfg.type)
+    column = cls.target_column(data_cfg)
+    return cls.from_train(train[column], train, **cls.options_from(task_cfg, data_cfg))
 
 
-def make_dataset(df: pd.DataFrame, bundle: Any, task: Task | None, data_cfg: Any, with_targets: bool = True,
+def make_dataset(df: pd.DataFrame, bundle: Any, task: Task, data_cfg: Any, with_targets: bool = True,
                  allow_unknown: bool = False) -> tuple[torch.utils.data.Dataset, np.ndarray]:
-    """Dataset of one split. Returns it with the row positions kept (images may drop bad files)."""
-    targets = None
-    if with_targets:
-        require_column(df, data_cfg.label_column, "label", "data.label_column")
-        targets = task.encode(df[data_cfg.label_column], df, data_cfg.label_column, allow_unknown)
-    if bundle.kind == "text":
-        ds = text_dataset(df, data_cfg.text_column, bundle.tokenizer, bundle.max_length, targets)
-        return ds, np.arange(len(df))
-    return image_dataset(df, data_cfg.image_column, bundle.image, targets, data_cfg.max_bad_fraction)
+    """Dataset of one split, as the task makes it. Returns it with the positions (into ``df``) of
+    the rows kept (images may drop bad files)."""
+    return task.dataset(df, bundle, data_cfg, with_targets=with_targets, allow_unknown=allow_unknown)

@@ -6,6 +6,7 @@ image size and normalisation), so every later verb uses exactly the same inputs.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -34,8 +35,6 @@ CNN_FAMILIES = {
 }
 _AUTO_MAP = {"AutoModelForSequenceClassification": "modeling_fmtune.FmtuneClassifier",
              "AutoModelForImageClassification": "modeling_fmtune.FmtuneClassifier"}
-_PROBLEM = {"classification": "single_label_classification", "multilabel": "multi_label_classification",
-            "regression": "regression"}
 
 
 def _quiet_transformers() -> None:
@@ -117,8 +116,10 @@ def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, An
 def create(model_cfg: Any, task: Any) -> Bundle:
     """Build the pretrained backbone named by ``model_cfg.name`` plus a fresh head for ``task``."""
     family, path = resolve(model_cfg.name)
-    scale = task.target_stats.get("std", 1.0) if task.name == "regression" else 1.0
-    shift = task.target_stats.get("mean", 0.0) if task.name == "regression" else 0.0
+    scale, shift = task.output_affine()
+    if task.level == "tokens" and family in CNN_FAMILIES:
+        raise ModelError(f"task {task.name} labels the tokens of a text; {model_cfg.name} is an image model: "
+                         "use a text encoder (minilm-l6, or a local BERT-like folder)")
     if family in CNN_FAMILIES:
         spec = CNN_FAMILIES[family]
         backbone = _pretrained_cnn(family, path) if model_cfg.init == "pretrained" else spec["make"]()
@@ -152,17 +153,21 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     is_image = isinstance(path, Path) and (path / "preprocessor_config.json").exists() and not any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
     kind = "image" if is_image else "text"
+    if task.level == "tokens" and kind != "text":
+        raise ModelError(f"task {task.name} labels the tokens of a text; {path} is an image model: use a text encoder")
     pooling = _hf_pooling(path, config, kind, model_cfg.pooling)
     labels = task.labels or ["value"]
     config.num_labels = task.num_outputs
     config.id2label = {i: n for i, n in enumerate(labels)}
     config.label2id = {n: i for i, n in enumerate(labels)}
-    config.problem_type = _PROBLEM[task.name]
+    config.problem_type = task.hf_problem_type
+    config.fmtune_level = task.level
     config.fmtune_pooling = pooling
     config.fmtune_num_features = _hf_num_features(config)
     config.fmtune_head_dropout = model_cfg.head_dropout
     config.fmtune_output_scale, config.fmtune_output_shift = scale, shift
-    config.auto_map = dict(_AUTO_MAP)
+    config.auto_map = dict(_AUTO_MAP) if task.level == "pooled" else {
+        "AutoModelForTokenClassification": "modeling_fmtune.FmtuneClassifier"}
     config.architectures = ["FmtuneClassifier"]
     try:
         backbone = build_backbone(config, pooling, str(path) if model_cfg.init == "pretrained" else None)
@@ -193,8 +198,12 @@ def _write(bundle: Bundle, tmp: Path) -> None:
     if bundle.adapter:
         adapters.save(bundle.model, tmp)  # the adapter and the trained head; the backbone comes from its source
     if bundle.family == "hf":
+        standard = None if bundle.adapter else _as_token_classifier(base)
         if bundle.adapter:
             base.config.save_pretrained(tmp)
+        elif standard is not None:  # transformers' own class: loads without fmtune or remote code
+            standard.save_pretrained(tmp, safe_serialization=True)
+            meta["layout"] = TOKEN_LAYOUT
         else:
             base.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(Path(__file__).with_name("hf_remote.py"), tmp / "modeling_fmtune.py")
@@ -210,9 +219,59 @@ def _write(bundle: Bundle, tmp: Path) -> None:
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+TOKEN_LAYOUT = "AutoModelForTokenClassification"
+
+
+def _token_head_keys(std: nn.Module) -> tuple[str, str] | None:
+    """(weight, bias) keys of the linear head of a transformers ``*ForTokenClassification``."""
+    head = [k for k in std.state_dict() if not k.startswith(std.base_model_prefix + ".")]
+    weight = [k for k in head if k.endswith(".weight")]
+    bias = [k for k in head if k.endswith(".bias")]
+    return (weight[0], bias[0]) if len(head) == 2 and len(weight) == 1 and len(bias) == 1 else None
+
+
+def _as_token_classifier(model: nn.Module) -> nn.Module | None:
+    """A token-level FmtuneClassifier as transformers' own ``*ForTokenClassification`` of the same
+    weights (the linear head is its classifier), or None where there is no such class or the
+    weights do not map one to one."""
+    if getattr(model.config, "fmtune_level", "pooled") != "tokens":
+        return None
+    from transformers import AutoModelForTokenClassification
+
+    config = copy.deepcopy(model.config)
+    config.auto_map = {}
+    config.architectures = None
+    try:
+        std = AutoModelForTokenClassification.from_config(config)
+    except (ValueError, KeyError):
+        return None
+    keys = _token_head_keys(std)
+    if keys is None:
+        return None
+    mapped = {f"{std.base_model_prefix}.{k.removeprefix('backbone.')}": v for k, v in model.state_dict().items()
+              if k.startswith("backbone.")}
+    mapped[keys[0]], mapped[keys[1]] = model.head[1].weight, model.head[1].bias
+    theirs = std.state_dict()
+    if set(mapped) != set(theirs) or any(theirs[k].shape != v.shape for k, v in mapped.items()):
+        return None
+    std.load_state_dict(mapped, strict=True)
+    return std
+
+
 def _hf_from_dir(model_dir: Path) -> FmtuneClassifier:
     from transformers import AutoConfig
 
+    if read_json(model_dir / META_FILE, {}).get("layout") == TOKEN_LAYOUT:
+        from transformers import AutoModelForTokenClassification
+
+        std = AutoModelForTokenClassification.from_pretrained(model_dir, dtype=torch.float32)
+        model = FmtuneClassifier(AutoConfig.from_pretrained(model_dir), backbone=getattr(std, std.base_model_prefix))
+        weight, bias = _token_head_keys(std)
+        sd = std.state_dict()
+        with torch.no_grad():
+            model.head[1].weight.copy_(sd[weight])
+            model.head[1].bias.copy_(sd[bias])
+        return model
     return FmtuneClassifier.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir),
                                             dtype=torch.float32)
 

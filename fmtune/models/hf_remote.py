@@ -6,9 +6,13 @@ run as ``model/modeling_fmtune.py`` so that the model loads without fmtune:
     AutoModelForSequenceClassification.from_pretrained(run / "model", trust_remote_code=True)
     AutoModelForImageClassification.from_pretrained(run / "model", trust_remote_code=True)
 
+(token-level runs are saved in transformers' own ``*ForTokenClassification`` layout instead, and load
+with ``AutoModelForTokenClassification.from_pretrained(run / "model")``.)
+
 The head reads the representation the backbone was trained to give (``config.fmtune_pooling``):
 ``mean`` (masked mean of the last hidden states: sentence-transformers encoders), ``cls`` (the
-first token), or ``pooler`` (the model's own pooled output: global pooling for CNNs).
+first token), or ``pooler`` (the model's own pooled output: global pooling for CNNs). A token-level
+head (``config.fmtune_level == "tokens"``: named entities) reads every token's last hidden state.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import copy
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 
 
 def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = None) -> nn.Module:
@@ -54,8 +58,15 @@ def pool(outputs, attention_mask: torch.Tensor | None, mode: str, skip: int = 0)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def token_states(outputs, skip: int = 0) -> torch.Tensor:
+    """Every token's last hidden state, leaving out the first ``skip`` (prompt tuning's virtual tokens)."""
+    hidden = outputs.last_hidden_state
+    return hidden[:, skip:] if skip else hidden
+
+
 class FmtuneClassifier(PreTrainedModel):
-    """Backbone -> pooling -> dropout -> linear. Serves classification, multi-label and regression."""
+    """Backbone -> pooling -> dropout -> linear. Serves classification, multi-label and regression;
+    with ``fmtune_level: tokens``, backbone -> token states -> dropout -> linear per token."""
 
     base_model_prefix = "fmtune"
     supports_gradient_checkpointing = True
@@ -63,6 +74,7 @@ class FmtuneClassifier(PreTrainedModel):
     def __init__(self, config: PreTrainedConfig, backbone: nn.Module | None = None):
         super().__init__(config)
         self.pooling = getattr(config, "fmtune_pooling", "mean")
+        self.level = getattr(config, "fmtune_level", "pooled")
         self.backbone = backbone if backbone is not None else build_backbone(config, self.pooling)
         self.head = nn.Sequential(
             nn.Dropout(getattr(config, "fmtune_head_dropout", 0.1)),
@@ -84,6 +96,8 @@ class FmtuneClassifier(PreTrainedModel):
             outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # prompt tuning (peft) feeds the virtual tokens first; the head reads the text's positions
         skip = getattr(self.config, "fmtune_virtual_tokens", 0) if input_ids is None else 0
+        if self.level == "tokens":
+            return token_states(outputs, skip)
         return pool(outputs, attention_mask, self.pooling, skip)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
@@ -100,6 +114,10 @@ class FmtuneClassifier(PreTrainedModel):
         kwargs.pop("return_dict", None)
         logits = self.classify(self.features(input_ids, attention_mask, pixel_values, **kwargs))
         loss = None
+        if self.level == "tokens":
+            if labels is not None:
+                loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            return TokenClassifierOutput(loss=loss, logits=logits)
         if labels is not None:
             if self.config.problem_type == "regression":
                 loss = nn.functional.mse_loss(logits.view(-1), labels.float().view(-1))

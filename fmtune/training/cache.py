@@ -44,7 +44,7 @@ FP16_MAX = 65504.0
 
 @dataclass(frozen=True)
 class Split:
-    kind: str  # "pooled": cache the pooled features; "hidden": cache the input of block k
+    kind: str  # "pooled": the pooled features; "tokens": the last token states; "hidden": the input of block k
     k: int
     image_size: int = 0
 
@@ -54,6 +54,8 @@ def plan(bundle: Any) -> tuple[Split | None, str]:
     model = bundle.model
     k = frozen_prefix(model)
     if k == WHOLE_BACKBONE:
+        if getattr(model, "level", "pooled") == "tokens":
+            return Split("tokens", -1), "the whole backbone is frozen: its token states are cached"
         return Split("pooled", -1), "the whole backbone is frozen: its pooled features are cached"
     if k == 0:
         return None, "the first backbone block (or the embeddings) trains: nothing to cache"
@@ -84,7 +86,7 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def _prefix(model: nn.Module, split: Split, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if split.kind == "pooled":
+    if split.kind in ("pooled", "tokens"):
         return model.features(**batch)
     bb = model.backbone
     if hasattr(bb, "forward_prefix"):
@@ -146,7 +148,8 @@ class CachedForward(nn.Module):
     def forward(self, features: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> SequenceClassifierOutput:
         if features is None:
-            features = suffix_features(self.model, self.split, hidden, attention_mask)
+            features = hidden if self.split.kind == "tokens" else \
+                suffix_features(self.model, self.split, hidden, attention_mask)
         return SequenceClassifierOutput(logits=self.model.classify(features))
 
 
@@ -179,7 +182,8 @@ class CachedData(torch.utils.data.Dataset):
                 mask[row, : b - a] = 1
             batch = {"hidden": hidden, "attention_mask": mask}
         if self.targets is not None:
-            batch["labels"] = self.targets[idx]
+            batch["labels"] = self.targets.collate(idx, width) if hasattr(self.targets, "collate") \
+                else self.targets[idx]
         return batch
 
 
@@ -265,7 +269,7 @@ def _compute(model: nn.Module, split: Split, ds: Any, batch_size: int, target: P
 
 def _fill(model: nn.Module, split: Split, ds: Any, batch_size: int, folder: Path, progress: Any,
           dtype: type, autocast: torch.dtype | None) -> tuple[type, float]:
-    text = isinstance(ds, TextData) and split.kind == "hidden"  # ragged: rows of all examples, and offsets
+    text = isinstance(ds, TextData) and split.kind in ("hidden", "tokens")  # ragged: rows of all examples, and offsets
     offsets = None
     if text:
         lengths = np.array([len(ids) for ids in ds.input_ids], dtype=np.int64)

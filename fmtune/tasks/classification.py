@@ -1,0 +1,151 @@
+"""Single-label classification: a pooled vector -> one of K labels (softmax, cross-entropy)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn import metrics as skm
+
+from fmtune import plots
+from fmtune.data.readers import row_label
+from fmtune.errors import DataError
+from fmtune.tasks.base import TASKS, Task, missing_values
+from fmtune.tasks.probe import logreg, scaled
+
+
+@TASKS.register("classification")
+class Classification(Task):
+    name = "classification"
+    description = "one label per example (softmax)"
+    default_metric = "accuracy"
+    metric_names = ("accuracy", "macro_f1", "loss")
+    hf_problem_type = "single_label_classification"
+    capabilities = frozenset({"stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed",
+                              "robustness"})
+
+    @classmethod
+    def stratify_values(cls, df: pd.DataFrame, column: str) -> pd.Series | None:
+        return df[column].astype(str) if column in df.columns else None
+
+    def label_counts(self, df: pd.DataFrame, column: str) -> dict[str, int] | None:
+        return df[column].astype(str).value_counts().sort_index().to_dict()
+
+    @classmethod
+    def from_train(cls, values: pd.Series, df: pd.DataFrame, column: str = "label",
+                   class_weights: bool = False, **kw: Any) -> Classification:
+        missing_values(df, values, column)
+        labels = sorted({str(v) for v in values})
+        if len(labels) < 2:
+            raise DataError(f"{df.attrs.get('source')}: column {column!r} holds a single label {labels}; "
+                            "classification needs at least two")
+        task = cls(labels, **kw)
+        if class_weights:
+            ids = task.encode(values, df, column)
+            counts = torch.bincount(ids, minlength=len(labels)).float()
+            task.class_weights = counts.sum() / (len(labels) * counts.clamp(min=1))
+        return task
+
+    def encode(self, values, df, column, allow_unknown=False):
+        missing_values(df, values, column)
+        index = {name: i for i, name in enumerate(self.labels)}
+        out = np.empty(len(values), dtype=np.int64)
+        for i, v in enumerate(values.astype(str)):
+            if v in index:
+                out[i] = index[v]
+            elif allow_unknown:
+                out[i] = -100  # ignored by the loss, counted as wrong by the metrics
+            else:
+                raise DataError(f"{row_label(df, i)}: label {v!r} in column {column!r} was not seen in training "
+                                f"(known: {', '.join(self.labels[:20])}); fix the row or pass "
+                                "--set data.unknown_labels=unknown")
+        return torch.from_numpy(out)
+
+    def loss(self, logits, targets):
+        w = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        return F.cross_entropy(logits.float(), targets, weight=w, ignore_index=-100)
+
+    def metrics(self, logits, targets):
+        pred = logits.argmax(-1).numpy()
+        y = targets.numpy()
+        known = y >= 0
+        out = {"accuracy": float((pred == y).mean())}
+        # the classes that occur (true or predicted): a class absent from both, say from a test set of
+        # new classes after continual learning, would count as F1 0 and drag the mean down
+        labels = np.union1d(y[known], pred[known])
+        out["macro_f1"] = float(skm.f1_score(y[known], pred[known], labels=labels, average="macro", zero_division=0)) \
+            if known.any() else 0.0
+        out["loss"] = float(F.cross_entropy(logits.float()[torch.from_numpy(known)],
+                                            targets[torch.from_numpy(known)]).item()) if known.any() else math.nan
+        return out
+
+    def postprocess(self, logits, ds=None):
+        probs = logits.float().softmax(-1)
+        top = probs.argmax(-1)
+        return [{"label": self.labels[int(t)], "score": float(p[t]),
+                 "probabilities": {n: float(x) for n, x in zip(self.labels, p)}} for t, p in zip(top, probs)]
+
+    def prediction_columns(self) -> list[str]:
+        return ["label", "score"] + [f"prob_{k}" for k in self.labels]
+
+    def flatten(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {"label": record["label"], "score": record["score"],
+                **{f"prob_{k}": v for k, v in record["probabilities"].items()}}
+
+    # --- the test report ---------------------------------------------------------------------
+    def text_report(self, logits, targets) -> str:
+        y, pred = targets.numpy(), logits.argmax(-1).numpy()
+        known = y >= 0
+        text = skm.classification_report(y[known], pred[known], labels=list(range(len(self.labels))),
+                                         target_names=self.labels, zero_division=0, digits=4)
+        if (~known).any():
+            text += f"\n{int((~known).sum())} example(s) with labels unseen in training counted as errors in accuracy\n"
+        return text
+
+    def report_files(self, logits, targets, folder: Path, title: str) -> dict[str, Any]:
+        y, pred = targets.numpy(), logits.argmax(-1).numpy()
+        cm = skm.confusion_matrix(y[y >= 0], pred[y >= 0], labels=list(range(len(self.labels))))
+        path = plots.confusion_matrix(cm, self.labels, folder / "confusion_matrix.png",
+                                      f"{title}: test confusion matrix")
+        return {"confusion_matrix": path.name}
+
+    def mistake_positions(self, logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
+        """(position, predicted class, score) of the ``k`` most confident wrong predictions."""
+        score, pred = logits.float().softmax(-1).max(-1)
+        wrong = torch.nonzero((pred != targets) & (targets >= 0)).flatten()
+        order = wrong[score[wrong].argsort(descending=True)][:k].tolist()
+        return [(i, int(pred[i]), float(score[i])) for i in order]
+
+    def mistakes(self, logits, targets, ds, bundle, png, k=8):
+        """The ``k`` wrong predictions made with the highest confidence: position in the split, true
+        and predicted label, score, and the input (text as the model read it; images drawn into ``png``)."""
+        if not len(targets):
+            return []
+        out = [{"position": i, "true": self.labels[int(targets[i])], "predicted": self.labels[p],
+                "score": round(score, 4)} for i, p, score in self.mistake_positions(logits, targets, k)]
+        if bundle.kind == "text":
+            for rec in out:
+                text = bundle.tokenizer.decode(ds.input_ids[rec["position"]], skip_special_tokens=True)
+                rec["input"] = text[:400]
+        elif out:
+            plots.image_gallery([ds.raw([r["position"]])[0] for r in out],
+                                [f"true {r['true']}\npred {r['predicted']} {r['score']:.2f}" for r in out], png)
+        return out
+
+    # --- baseline ----------------------------------------------------------------------------
+    def fit_probe(self, x, targets, seed):
+        known = targets.numpy() >= 0
+        with warnings.catch_warnings():  # scikit-learn announces changes of LogisticRegressionCV defaults
+            warnings.simplefilter("ignore", FutureWarning)
+            return scaled(logreg(seed)).fit(x[known], targets.numpy()[known])
+
+    def probe_logits(self, probe, x):
+        proba = np.full((len(x), len(self.labels)), 1e-12)
+        proba[:, probe.classes_] = probe.predict_proba(x)
+        return torch.from_numpy(np.log(proba)).float()

