@@ -59,7 +59,7 @@ def robustness(runs: Any, data: Any, **kw: Any) -> dict:
 
 def continue_run(run: Any, data: Any, **kw: Any) -> dict:
     """Train the finished ``run`` on new data without forgetting the old (see fmtune.continual)."""
-    from fmtune.continual import continue_run as _continue
+    from fmtune.api import continue_run as _continue
 
     return _continue(run, data, **kw)
 

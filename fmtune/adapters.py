@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from fmtune.errors import ConfigError, ModelError
+from fmtune.zoo.models import resolve
 
 PEFT_STRATEGIES = ("lora", "dora", "ia3", "prompt")
 # The head's linear layer, trained and saved with the adapter. peft matches modules_to_save by name
@@ -206,8 +207,6 @@ def wrap(bundle: Any, cfg: Any) -> nn.Module:
 
 def base_path(source: str) -> str:
     """Where the pretrained weights of ``source`` (a zoo name or a path) are on this machine."""
-    from fmtune.models.build import resolve
-
     try:
         return str(resolve(source)[1])
     except ModelError:

@@ -200,6 +200,19 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
     return summary
 
 
+def continue_run(source: str | Path, data: str | Path, *, val: str | Path | None = None,
+                 test: str | Path | None = None, method: str = "replay", out: str | Path | None = None,
+                 overrides: list[str] | None = None, overwrite: bool = False, quiet: bool = False,
+                 report: bool = True) -> dict[str, Any]:
+    """Train a new run from the finished run ``source`` on new data (``fmtune continue``); see
+    ``fmtune.continual.continue_config``. Returns the training summary, with ``continual``
+    (continual.json)."""
+    from fmtune.continual import continue_config
+
+    cfg = continue_config(source, data, val=val, test=test, method=method, out=out, overrides=overrides)
+    return train(cfg, overwrite=overwrite, quiet=quiet, report=report)
+
+
 def _log_hparams(run_dir: Path, cfg: config_mod.Config, result: Any, test: dict[str, float]) -> None:
     """The run's settings against its results, for TensorBoard's hyper-parameter view."""
     from torch.utils.tensorboard import SummaryWriter
@@ -233,9 +246,9 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
     """Swap train/val for their cached frozen-prefix outputs where the strategy allows it."""
     aug = cfg.train.augment
     if aug.text_on() or aug.image_on():
-        from fmtune.robustness import Augmented
+        from fmtune.training.perturb import Augmented
 
-        train = Augmented(data["train"], aug, cfg.train.seed, bundle.tokenizer, bundle.max_length)
+        train = Augmented(data["train"], aug, cfg.train.seed, bundle)
         return None, train, data["val"], "not used: train.augment perturbs the inputs of every batch"
     if cfg.train.adversarial != "none":
         return None, data["train"], data["val"], "not used: train.adversarial attacks the whole model every batch"

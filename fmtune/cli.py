@@ -66,7 +66,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_continue(a: argparse.Namespace) -> None:
-    from fmtune.continual import continue_run
+    from fmtune.api import continue_run
 
     overrides = list(a.set)
     for key, value in (("continual.memory", a.memory), ("continual.ewc_lambda", a.ewc_lambda),

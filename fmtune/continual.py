@@ -446,17 +446,17 @@ class EWC:
         return 0.5 * self.lam * total
 
 
-def continue_run(source: str | Path, data: str | Path, *, val: str | Path | None = None,
-                 test: str | Path | None = None, method: str = "replay", out: str | Path | None = None,
-                 overrides: list[str] | None = None, overwrite: bool = False, quiet: bool = False,
-                 report: bool = True) -> dict[str, Any]:
-    """Train a new run from the finished run ``source`` on new data (``fmtune continue``).
+def continue_config(source: str | Path, data: str | Path, *, val: str | Path | None = None,
+                    test: str | Path | None = None, method: str = "replay", out: str | Path | None = None,
+                    overrides: list[str] | None = None) -> Any:
+    """The config of a new run that continues the finished run ``source`` on new data (``fmtune
+    continue``; ``api.continue_run`` trains it).
 
     The new run takes ``source``'s config (model, strategy, training settings, columns), with
     ``data``/``val``/``test`` as its data and ``overrides`` (``key=value``) on top; ``source``
-    itself is only read. Returns the training summary, with ``continual`` (continual.json).
+    itself is only read.
     """
-    from fmtune import api, config
+    from fmtune import config
     from fmtune.run import read_config
 
     src = Path(source)
@@ -475,4 +475,4 @@ def continue_run(source: str | Path, data: str | Path, *, val: str | Path | None
     target = Path(cfg.out or Path("runs") / cfg.name).resolve()
     if target == src.resolve() or src.resolve() in target.parents:
         raise ConfigError(f"--out {target}: the run being continued ({src}) is never modified; give another folder")
-    return api.train(cfg, overwrite=overwrite, quiet=quiet, report=report)
+    return cfg

@@ -34,26 +34,13 @@ from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.onnx_export import TextLogits
 from fmtune.predictor import Predictor
 from fmtune.training.infer import infer
+from fmtune.training.perturb import PixelModel
 
 IMAGE_METHODS = ("gradcam", "ig", "occlusion")
 TEXT_METHODS = ("ig",)
 
 
 # --- the model seen from captum -------------------------------------------------------------
-
-
-class PixelModel(nn.Module):
-    """The image model taking pixels in [0, 1] (normalisation inside): attributions and attacks
-    then live in the space a person sees and the bounds are simply 0 and 1."""
-
-    def __init__(self, model: nn.Module, image_spec: dict[str, Any]):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(image_spec["mean"]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(image_spec["std"]).view(1, 3, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=(pixels - self.mean) / self.std).logits
 
 
 def last_conv(model: nn.Module) -> nn.Module | None:
@@ -111,7 +98,7 @@ def reference_images(pixels: torch.Tensor, mean: torch.Tensor, kind: str) -> tor
     if kind == "black":
         return torch.zeros_like(pixels)
     if kind == "blur":
-        from fmtune.robustness import blur
+        from fmtune.training.perturb import blur
 
         return blur(pixels, max(1.0, pixels.shape[-1] / 10))
     raise ConfigError(f"--baseline {kind!r}: choose one of {', '.join(IMAGE_BASELINES)}")
@@ -376,6 +363,42 @@ def text_html(items: list[dict[str, Any]]) -> str:
 # --- the command ----------------------------------------------------------------------------
 
 
+def _explain_tokens(pred: Predictor, inputs: list[str], misclassified: int, target: str | None, out: Any,
+                    limit: int, steps: int, baseline: str, quiet: bool) -> dict[str, Any]:
+    """Token-level runs: the words behind each predicted entity (fmtune.explain_entities)."""
+    from fmtune.explain_entities import explain_entities
+
+    if misclassified:
+        raise ConfigError("--misclassified is for classification runs; for entities give --input TEXT (or a file)")
+    if not inputs:
+        raise ConfigError("nothing to explain: give --input (a text, or a text/table file)")
+    types = [lab[2:] for lab in pred.labels if lab.startswith("B-")]
+    if target is not None and target not in types:
+        raise ConfigError(f"--target {target!r} is not an entity type of this run; types: {', '.join(types)}")
+    texts = [(it["name"], it["input"]) for it in collect_inputs(pred, inputs, limit)]
+    out_dir = Path(out) if out else pred.run_dir / "explain"
+    check_output_dir(out_dir, "explain.json")
+    summary: dict[str, Any] = {"method": "ig", "baseline": baseline, "run": str(pred.run_dir), "out": str(out_dir)}
+    tok = pred.bundle.tokenizer
+    with ui.CountProgress("explaining entities (ig)", limit, quiet) as bar:
+        items = explain_entities(pred, texts, target, steps, baseline_token(tok, baseline),
+                                 word_embeddings(pred.model, len(tok)), limit, bar)
+    if not items:
+        summary.update(items=[], note="no entity predicted in the inputs" + (f" of type {target}" if target else ""))
+        return summary
+
+    def write(tmp: Path) -> None:
+        (tmp / "attributions.html").write_text(text_html(items))
+        (tmp / "attributions.json").write_text(json.dumps(items, indent=1))
+        summary["files"] = ["attributions.html", "attributions.json"]
+        summary["items"] = [{**it, "top_positive": sorted([w for w in it["words"] if w["attribution"] > 0],
+                                                          key=lambda w: -w["attribution"])[:5]} for it in items]
+        (tmp / "explain.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "out"}, indent=1))
+
+    atomic_dir(out_dir, write)
+    return summary
+
+
 def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "auto", target: str | None = None,
             misclassified: int = 0, data: str | Path | None = None, out: str | Path | None = None,
             limit: int = 24, steps: int = 32, baseline: str | None = None, quiet: bool = False) -> dict[str, Any]:
@@ -392,6 +415,8 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
                           f"choose one of {', '.join(choices)}")
     if pred.kind == "text":
         baseline_token(pred.bundle.tokenizer, baseline)  # a tokenizer without that token: said before any work
+    if pred.task.level == "tokens":
+        return _explain_tokens(pred, inputs or [], misclassified, target, out, limit, max(steps, 20), baseline, quiet)
     if misclassified:
         source = data or pred.config.data.test or pred.config.data.val
         if source is None:

@@ -142,7 +142,7 @@ def test_continue_with_replay_then_again(base_run, new_files, tmp_path):
     assert saved["continual"]["source"] == str(base_run.resolve()) and saved["data"]["test"] == str(new_files["test"])
     # a chain: C continues B; its lineage has three tasks and its memory holds all three labels
     c = tmp_path / "C"
-    res_c = continual.continue_run(b, new_files["train"], test=new_files["test"], out=c, quiet=True,
+    res_c = fmtune.continue_run(b, new_files["train"], test=new_files["test"], out=c, quiet=True,
                                    report=False, method="naive",
                                    overrides=["continual.memory=60", "continual.task_name=again", "train.epochs=1"])
     chain = res_c["continual"]["lineage"]
@@ -153,7 +153,7 @@ def test_continue_with_replay_then_again(base_run, new_files, tmp_path):
 
 @pytest.mark.parametrize("method", ["ewc", "lwf"])
 def test_continue_with_ewc_and_lwf(base_run, new_files, tmp_path, method):
-    res = continual.continue_run(base_run, new_files["train"], test=new_files["test"], out=tmp_path / method,
+    res = fmtune.continue_run(base_run, new_files["train"], test=new_files["test"], out=tmp_path / method,
                                  method=method, quiet=True, report=False,
                                  overrides=["train.epochs=1", "continual.fisher_samples=16"])
     report = res["continual"]
@@ -169,9 +169,9 @@ def test_continue_with_ewc_and_lwf(base_run, new_files, tmp_path, method):
 
 def test_a_run_cannot_be_continued_into_itself(base_run, new_files):
     with pytest.raises(ConfigError, match="never modified"):
-        continual.continue_run(base_run, new_files["train"], out=base_run, overwrite=True, quiet=True)
+        fmtune.continue_run(base_run, new_files["train"], out=base_run, overwrite=True, quiet=True)
     with pytest.raises(ConfigError, match="never modified"):
-        continual.continue_run(base_run, new_files["train"], out=base_run / "inner", quiet=True)
+        fmtune.continue_run(base_run, new_files["train"], out=base_run / "inner", quiet=True)
 
 
 def test_continue_an_image_run_keeps_copies_of_old_images(square_run, tmp_path, tiny_resnet):
@@ -180,7 +180,7 @@ def test_continue_an_image_run_keeps_copies_of_old_images(square_run, tmp_path, 
     new = tmp_path / "new"
     save_square_images(new, 8, seed=3)
     (new / "blue").rename(new / "purple")  # a new label; red stays
-    res = continual.continue_run(run, new, out=tmp_path / "B", quiet=True, report=False,
+    res = fmtune.continue_run(run, new, out=tmp_path / "B", quiet=True, report=False,
                                  overrides=["continual.memory=10", "train.epochs=1"])
     assert _digest(run) == before
     mem = pd.read_csv(tmp_path / "B" / "continual" / "memory.csv")
@@ -196,7 +196,7 @@ def test_continual_refuses_what_it_cannot_do(text_files, tiny_bert, tmp_path):
     fmtune.train(cfg_dict(tiny_bert, text_files["regression_train"], out=str(run), task={"type": "regression"},
                           train={"epochs": 1}), quiet=True, report=False)
     with pytest.raises(ConfigError, match="classification"):
-        continual.continue_run(run, text_files["regression_train"], out=tmp_path / "B", quiet=True)
+        fmtune.continue_run(run, text_files["regression_train"], out=tmp_path / "B", quiet=True)
 
 
 def test_the_cli_continues_a_run_and_names_what_is_wrong(base_run, new_files, tmp_path, capsys):
@@ -228,7 +228,7 @@ def test_adapter_runs_continue_with_their_adapter(tiny_bert, text_files, new_fil
     continual.extend_head(grown.model, old.bundle.model.state_dict())
     before, after = _logits_before_and_after(old, grown)
     torch.testing.assert_close(after[:, :2], before, rtol=0, atol=1e-6)
-    res = continual.continue_run(src, new_files["train"], test=new_files["test"], out=tmp_path / "B", quiet=True,
+    res = fmtune.continue_run(src, new_files["train"], test=new_files["test"], out=tmp_path / "B", quiet=True,
                                  report=False, overrides=["train.epochs=1"])
     assert res["continual"]["labels"]["added"] == ["upbeat"]
     again = open_run(tmp_path / "B")
@@ -236,7 +236,7 @@ def test_adapter_runs_continue_with_their_adapter(tiny_bert, text_files, new_fil
     assert fmtune.evaluate(tmp_path / "B", new_files["test"], quiet=True)["test"]["accuracy"] == pytest.approx(
         res["continual"]["tasks"][1]["after"]["accuracy"])
     with pytest.raises(ConfigError, match="same adapter strategy"):
-        continual.continue_run(src, new_files["train"], out=tmp_path / "C", quiet=True,
+        fmtune.continue_run(src, new_files["train"], out=tmp_path / "C", quiet=True,
                                overrides=["strategy.name=full"])
 
 
@@ -249,7 +249,7 @@ def test_the_memory_keeps_texts_with_line_breaks_whole(tiny_bert, new_files, tmp
     data = tmp_path / "a.csv"
     rows.to_csv(data, index=False, quoting=csv.QUOTE_ALL)
     fmtune.train(cfg_dict(tiny_bert, data, out=str(tmp_path / "A"), train={"epochs": 1}), quiet=True, report=False)
-    continual.continue_run(tmp_path / "A", new_files["train"], out=tmp_path / "B", quiet=True, report=False,
+    fmtune.continue_run(tmp_path / "A", new_files["train"], out=tmp_path / "B", quiet=True, report=False,
                            overrides=["train.epochs=1"])
     from fmtune.data.readers import read_any
 

@@ -198,10 +198,11 @@ def test_every_strategy_trains_a_tagger(strategy, tmp_path, ner_bert, ner_files)
     assert len(pred["tags"]) == 5
 
 
-def test_feature_cache_on_token_states_gives_the_same_metrics(tmp_path, ner_bert, ner_files):
+@pytest.mark.parametrize("strategy", ["head", "last_n"])
+def test_feature_cache_on_token_states_gives_the_same_metrics(strategy, tmp_path, ner_bert, ner_files):
     runs = {}
     for cache in ("auto", "off"):
-        s = fmtune.train(_cfg(ner_bert, ner_files, tmp_path / cache, strategy={"name": "head"},
+        s = fmtune.train(_cfg(ner_bert, ner_files, tmp_path / cache, strategy={"name": strategy, "n": 1},
                               train={"epochs": 2, "feature_cache": cache}), quiet=True)
         runs[cache] = s["eval"]["test"]
     assert runs["auto"] == pytest.approx(runs["off"], abs=1e-4)
@@ -256,6 +257,22 @@ def test_onnx_export_is_checked_against_the_run(ner_run):
 
     res = export(ner_run, format="onnx", quiet=True)
     assert res["max_abs_diff"] < 1e-4
+
+
+def test_explain_shades_the_words_behind_each_entity(tmp_path, ner_run):
+    from fmtune.explain import explain
+
+    res = explain(ner_run, ["alice smith met bob jones in rome"], out=tmp_path / "x", steps=20, quiet=True)
+    ents = {it["entity"]["text"]: it for it in res["items"]}
+    assert "alice smith" in ents and ents["alice smith"]["predicted"] == "PER"
+    words = {w["word"]: w["attribution"] for w in ents["alice smith"]["words"]}
+    assert list(words) == ["alice", "smith", "met", "bob", "jones", "in", "rome"]
+    assert max(words, key=words.get) in ("alice", "smith")  # the entity's own words decide its tag
+    assert (tmp_path / "x" / "attributions.html").is_file()
+    only = explain(ner_run, ["alice smith met bob jones in rome"], out=tmp_path / "y", target="LOC", quiet=True)
+    assert [it["predicted"] for it in only["items"]] == ["LOC"]
+    with pytest.raises(ConfigError, match="--target 'CITY' is not an entity type of this run; types: LOC, PER"):
+        explain(ner_run, ["alice"], target="CITY", quiet=True)
 
 
 def test_image_model_is_refused_for_ner(tmp_path, ner_files):

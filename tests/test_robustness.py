@@ -129,7 +129,7 @@ def test_augmented_batches_are_perturbed_and_reproducible(text_run, square_run):
         pred = Predictor(run)
         df = read_any(pred.config.data.test)
         ds, _ = make_dataset(df, pred.bundle, pred.task, pred.config.data)
-        wrapped = Augmented(ds, aug, 7, pred.bundle.tokenizer, pred.bundle.max_length)
+        wrapped = Augmented(ds, aug, 7, pred.bundle)
         idx = [0, 3, 5, 8]
         a, b, plain = wrapped.collate(idx), wrapped.collate(idx), ds.collate(idx)
         key = "input_ids" if pred.kind == "text" else "pixel_values"

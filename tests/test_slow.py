@@ -53,7 +53,7 @@ def test_linear_probe_on_frozen_minilm_matches_sklearn(tmp_path, rt_files):
     assert abs(ev["test"]["accuracy"] - ev["baseline"]["accuracy"]) <= 0.03, ev
 
 
-@pytest.fixture(scope="module", params=["text", "image"])
+@pytest.fixture(scope="module", params=["text", "image", "ner"])
 def demo_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / request.param
     return out, fmtune.demo(request.param, out=out, quiet=True)
@@ -62,7 +62,8 @@ def demo_run(request, tmp_path_factory):
 def test_demo_beats_the_pretrained_baseline(demo_run):
     run_dir, summary = demo_run
     ev = json.loads((run_dir / "eval.json").read_text())
-    assert ev["test"]["accuracy"] > ev["baseline"]["accuracy"] + 0.02, ev
+    metric = "entity_f1" if run_dir.name == "ner" else "accuracy"
+    assert ev["test"][metric] > ev["baseline"][metric] + 0.02, ev
     assert summary["wall_seconds"] < 180
 
 
@@ -71,7 +72,11 @@ def test_demo_report_renders_in_headless_chromium(demo_run, tmp_path):
     run_dir, _ = demo_run
     check_render(run_dir, tmp_path)
     page = (run_dir / "report.html").read_text()
-    assert "pretrained baseline" in page and "Most confident mistakes" in page
+    assert "pretrained baseline" in page
+    if run_dir.name == "ner":
+        assert "entity_f1" in page and "read in overlapping windows" in page
+        return
+    assert "Most confident mistakes" in page
     assert ("words per text" if run_dir.name == "text" else "before resizing") in page  # the data summary
 
 

@@ -105,8 +105,7 @@ def _check_image(path: str) -> str | None:
     return None
 
 
-def text_dataset(df: pd.DataFrame, column: str, tokenizer: Any, max_length: int,
-                 targets: torch.Tensor | None) -> TextData:
+def text_dataset(df: pd.DataFrame, column: str, bundle: Any, targets: torch.Tensor | None) -> TextData:
     require_column(df, column, "text", "data.text_column")
     values = df[column]
     for i, v in enumerate(values):
@@ -114,9 +113,7 @@ def text_dataset(df: pd.DataFrame, column: str, tokenizer: Any, max_length: int,
             what = "empty" if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "" \
                 else f"not text ({type(v).__name__})"
             raise DataError(f"{row_label(df, i)}: column {column!r} is {what}; fill or drop that row")
-    enc = tokenizer(list(values), truncation=True, max_length=max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TextData(enc["input_ids"], targets, pad)
+    return bundle.text_data(list(values), targets)
 
 
 def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: torch.Tensor | None,

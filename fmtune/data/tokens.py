@@ -26,6 +26,14 @@ class Layout:
     word_pos: list[np.ndarray]  # window -> positions of its owned words' first sub-tokens
     word_index: list[np.ndarray]  # window -> those words' indices in the sentence
     n_words: np.ndarray  # sentence -> number of words
+    spans: list[np.ndarray] | None = None  # window -> rows (word, start, end): each word's sub-token positions
+
+    def window_of(self, sentence: int, word: int) -> int:
+        """The window that owns ``word`` of ``sentence``."""
+        for w in np.flatnonzero(self.sentence == sentence):
+            if word in self.word_index[w]:
+                return int(w)
+        raise IndexError(f"word {word} of sentence {sentence} is in no window")
 
     def split_sentences(self) -> dict[str, int]:
         """How many sentences (and their words) needed more than one window."""
@@ -145,16 +153,18 @@ def encode_sentences(sentences: list[list[str]], tokenizer: Any, max_length: int
     budget = max(1, max_length - len(before) - len(after))
     unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
     ids_out, train_out = [], []
-    sent_of, pos_of, idx_of = [], [], []
+    sent_of, pos_of, idx_of, spans_of = [], [], [], []
     for s, pieces in enumerate(_word_pieces(sentences, tokenizer)):
         pieces = [(p or [unk])[:budget] for p in pieces]  # a word the tokenizer drops still gets a position
         counts = [len(p) for p in pieces]
         for start, end, own_s, own_e in windows(counts, budget, stride):
             seq = list(before)
             first = []
+            ranges = [[start, 0, 0]]
             lab = [IGNORE] * len(before)
             for w in range(start, end):
                 first.append(len(seq))
+                ranges.append([w, len(seq), len(seq) + len(pieces[w])])
                 seq += pieces[w]
                 owned = own_s <= w < own_e
                 if labels is not None:
@@ -170,6 +180,7 @@ def encode_sentences(sentences: list[list[str]], tokenizer: Any, max_length: int
             sent_of.append(s)
             pos_of.append(np.asarray([first[w - start] for w in owned_words], dtype=np.int64))
             idx_of.append(owned_words)
+            spans_of.append(np.asarray(ranges[1:], dtype=np.int64).reshape(-1, 3))
     layout = Layout(np.asarray(sent_of, dtype=np.int64), pos_of, idx_of,
-                    np.asarray([len(w) for w in sentences], dtype=np.int64))
+                    np.asarray([len(w) for w in sentences], dtype=np.int64), spans_of)
     return ids_out, train_out, layout

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from fmtune.errors import ModelError
 from fmtune.fsutil import atomic_dir, read_json
 from fmtune.models import cnn
 from fmtune.models.hf_remote import FmtuneClassifier, build_backbone
-from fmtune.zoo.models import MODELS
+from fmtune.zoo.models import resolve  # noqa: F401  (build.resolve: where a model name leads)
 
 META_FILE = "fmtune.json"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -59,27 +57,18 @@ class Bundle:
     source: str = ""  # the model name or path it was created from
     adapter: str | None = None  # the peft strategy when ``model`` is wrapped by peft (fmtune.adapters)
 
+    def text_data(self, texts: list[str], targets: Any = None) -> Any:
+        """Texts as the model reads them: token ids, truncated at ``max_length``, without padding
+        (each batch pads itself). The one place text is tokenised for a sequence-level head."""
+        from fmtune.data.dataset import TextData
+
+        tok = self.tokenizer
+        enc = tok(list(texts), truncation=True, max_length=self.max_length)
+        return TextData(enc["input_ids"], targets, tok.pad_token_id if tok.pad_token_id is not None else 0)
+
     def meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "family": self.family, "pooling": self.pooling, "image": self.image,
                 "max_length": self.max_length, "source": self.source, "adapter": self.adapter}
-
-
-def resolve(name: str) -> tuple[str, Path | str]:
-    """Zoo name -> (family, path); a local folder -> ("hf", folder); a hub id -> ("hf", id)."""
-    if name in MODELS:
-        entry = MODELS.get(name)
-        return entry.family, entry.path()
-    p = Path(name).expanduser()
-    if p.exists():
-        if not p.is_dir() or not (p / "config.json").is_file():
-            raise ModelError(f"model path {p} is not a Hugging Face model folder (no config.json in it); "
-                             f"give a folder saved with save_pretrained, or one of: {', '.join(MODELS.names())}")
-        return "hf", p
-    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "~"))
-    if not hub_id or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelError(f"model {name!r} is not a zoo model and no such folder exists; "
-                         f"zoo models: {', '.join(MODELS.names())} (see `fmtune models`)")
-    return "hf", name  # a hub id; loading will need the network
 
 
 def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str:

@@ -121,18 +121,15 @@ class Task:
             require_column(df, column, "label", "data.label_column")
             targets = self.encode(df[column], df, column, allow_unknown)
         if bundle.kind == "text":
-            return text_dataset(df, data_cfg.text_column, bundle.tokenizer, bundle.max_length, targets), \
-                np.arange(len(df))
+            return text_dataset(df, data_cfg.text_column, bundle, targets), np.arange(len(df))
         return image_dataset(df, data_cfg.image_column, bundle.image, targets, data_cfg.max_bad_fraction)
 
     def inputs(self, items: list[Any], bundle: Any) -> torch.utils.data.Dataset:
         """A dataset of raw inputs to predict: checked texts (tokenised as in training) or decoded images."""
-        from fmtune.data.dataset import ImageData, TextData
+        from fmtune.data.dataset import ImageData
 
         if bundle.kind == "text":
-            tok = bundle.tokenizer
-            enc = tok(list(items), truncation=True, max_length=bundle.max_length)
-            return TextData(enc["input_ids"], None, tok.pad_token_id if tok.pad_token_id is not None else 0)
+            return bundle.text_data(items)
         return ImageData(torch.stack(list(items)), None, bundle.image)
 
     def input_column(self, df: pd.DataFrame, default: str) -> str:

@@ -49,7 +49,7 @@ class TokenClassification(Task):
     metric_names = ("entity_f1", "entity_precision", "entity_recall", "macro_f1", "token_accuracy", "loss")
     level = "tokens"
     hf_problem_type = "token_classification"
-    capabilities = frozenset()
+    capabilities = frozenset({"explain"})
     accepts_word_lists = True
     baseline_method = ("linear probe (scikit-learn logistic regression) on the frozen pretrained backbone's token "
                        "states, at each word's first sub-token")

@@ -25,10 +25,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_world_size() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-
-
 def init(cpu: bool) -> Any:
     """The process group of a launched run (gloo on CPU: ``cpu=True``, else each rank may stay in
     a world of its own); None for a single process."""

@@ -14,6 +14,11 @@ import torch
 from fmtune.training.prefetch import INLINE, Loader
 
 
+def local_world_size() -> int:
+    """Processes of a launched run on this machine (1 when not launched)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
 @dataclass
 class Hardware:
     device: str
@@ -77,7 +82,6 @@ def choose(device: str = "auto", precision: str = "auto", threads: int | None = 
             prec, why = "no", "no native bf16 on this " + ("GPU" if use_cuda else "CPU") + ": fp32 is faster"
     else:
         prec, why = {"fp32": "no"}.get(precision, precision), "as configured"
-    from fmtune.training.distributed import local_world_size
 
     n = threads or max(1, physical_cores() // local_world_size())  # processes on this machine share its cores
     torch.set_num_threads(n)

@@ -26,12 +26,12 @@ from accelerate.utils import set_seed
 
 from fmtune.data.dataset import epoch_batches
 from fmtune.errors import ConfigError, Interrupted, TrainingError
-from fmtune.robustness import adversarial_batch
 from fmtune.strategies import set_train_mode
 from fmtune.training import checkpoint, fsdp, prefetch
 from fmtune.training.distributed import broadcast_flag, gathered_infer, params_in_sync, shard
 from fmtune.training.infer import infer
 from fmtune.training.optim import make_optimizer, make_scheduler
+from fmtune.training.perturb import adversarial_batch
 
 METRICS_FILE, TB_DIR = "metrics.jsonl", "tb"
 

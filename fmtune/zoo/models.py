@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,3 +64,21 @@ for _m in (
              "MobileNetV2 (torchvision ImageNet weights), 2.2M backbone params, 224px", _mobilenet_v2),
 ):
     MODELS.register(_m.name, _m)
+
+
+def resolve(name: str) -> tuple[str, Path | str]:
+    """Zoo name -> (family, path); a local folder -> ("hf", folder); a hub id -> ("hf", id)."""
+    if name in MODELS:
+        entry = MODELS.get(name)
+        return entry.family, entry.path()
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ModelError(f"model path {p} is not a Hugging Face model folder (no config.json in it); "
+                             f"give a folder saved with save_pretrained, or one of: {', '.join(MODELS.names())}")
+        return "hf", p
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "~"))
+    if not hub_id or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(f"model {name!r} is not a zoo model and no such folder exists; "
+                         f"zoo models: {', '.join(MODELS.names())} (see `fmtune models`)")
+    return "hf", name  # a hub id; loading will need the network

@@ -1,0 +1,243 @@
+"""Perturbed inputs, shared by training and the analysis verbs: image corruptions and white-box
+attacks (pixels in [0, 1]), text perturbations, and the training-time uses of both: batches
+perturbed on the fly (``train.augment``) and adversarial copies of each batch
+(``train.adversarial``). ``fmtune robustness`` scores runs under the same functions.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmtune.data.dataset import TextData
+from fmtune.errors import ConfigError
+from fmtune.strategies import set_train_mode
+
+# name -> (severity levels, what a level means)
+IMAGE_CORRUPTIONS: dict[str, tuple[list[float], str]] = {
+    "gaussian_noise": ([0.04, 0.08, 0.12, 0.18, 0.26], "noise std, pixel units"),
+    "gaussian_blur": ([0.5, 1.0, 1.5, 2.0, 3.0], "blur sigma, pixels per 64 px of image side"),
+    "brightness": ([0.1, 0.2, 0.3, 0.4, 0.5], "added to every pixel"),
+    "contrast": ([0.8, 0.6, 0.45, 0.3, 0.2], "contrast kept (1 = unchanged)"),
+    "jpeg": ([80, 50, 30, 15, 7], "JPEG quality"),
+    "occlusion": ([0.1, 0.2, 0.3, 0.4, 0.5], "side of a grey square, fraction of the image side"),
+}
+ATTACKS: dict[str, tuple[list[float], str]] = {
+    "fgsm": ([1 / 255, 2 / 255, 4 / 255, 8 / 255], "L-inf epsilon, pixel units"),
+    "pgd": ([1 / 255, 2 / 255, 4 / 255, 8 / 255], "L-inf epsilon, pixel units (10 steps of eps/4)"),
+}
+TEXT_PERTURBATIONS: dict[str, tuple[list[float], str]] = {
+    "typos": ([0.02, 0.05, 0.1, 0.15, 0.2], "share of letters swapped, dropped, doubled or replaced"),
+    "word_drop": ([0.05, 0.1, 0.2, 0.3, 0.4], "share of words dropped"),
+    "word_swap": ([0.05, 0.1, 0.2, 0.3, 0.4], "share of words swapped with the next one"),
+    "case_change": ([0.1, 0.25, 0.5, 0.75, 1.0], "share of words upper-cased, lower-cased or capitalised"),
+}
+PGD_STEPS = 10
+
+
+class PixelModel(nn.Module):
+    """The image model taking pixels in [0, 1] (normalisation inside): attributions and attacks
+    then live in the space a person sees and the bounds are simply 0 and 1."""
+
+    def __init__(self, model: nn.Module, image_spec: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(image_spec["mean"]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(image_spec["std"]).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=(pixels - self.mean) / self.std).logits
+
+
+# --- image corruptions (pixels in [0, 1], shape (N, 3, H, W)) ----------------------------------
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (N, C, H, W) with ``sigma`` in pixels (separable, replicate padding)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = nn.functional.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = nn.functional.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return nn.functional.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def _jpeg(x: torch.Tensor, quality: float) -> torch.Tensor:
+    from PIL import Image
+
+    out = []
+    for img in (x * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=int(quality))
+        buf.seek(0)
+        out.append(torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()))
+    return torch.stack(out).permute(0, 3, 1, 2).float() / 255
+
+
+def corrupt_images(x: torch.Tensor, name: str, level: float, gen: torch.Generator) -> torch.Tensor:
+    """One corruption at one level; ``gen`` (a CPU generator) makes it reproducible."""
+    if name == "gaussian_noise":
+        y = x + level * torch.randn(x.shape, generator=gen)
+    elif name == "gaussian_blur":
+        y = blur(x, level * x.shape[-1] / 64)
+    elif name == "brightness":
+        y = x + level
+    elif name == "contrast":
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        y = (x - mean) * level + mean
+    elif name == "jpeg":
+        y = _jpeg(x, level)
+    elif name == "occlusion":
+        y = x.clone()
+        n, _, h, w = x.shape
+        side = max(1, round(level * min(h, w)))
+        tops = torch.randint(0, h - side + 1, (n,), generator=gen)
+        lefts = torch.randint(0, w - side + 1, (n,), generator=gen)
+        for i in range(n):
+            y[i, :, tops[i]: tops[i] + side, lefts[i]: lefts[i] + side] = 0.5
+    else:
+        raise ConfigError(f"unknown image corruption {name!r}; choose one of: {', '.join(IMAGE_CORRUPTIONS)}")
+    return y.clamp(0, 1)
+
+
+def attack(model: nn.Module, spec: dict[str, Any], pixels: torch.Tensor, targets: torch.Tensor, kind: str,
+           eps: float, steps: int = PGD_STEPS, step_size: float | None = None) -> torch.Tensor:
+    """White-box L-inf adversarial pixels (in [0, 1]) against the true ``targets`` (captum.robust).
+    PGD starts at a random point of the eps-ball and takes ``steps`` of ``step_size`` (eps/4)."""
+    from captum.robust import FGSM, PGD
+
+    net = PixelModel(model, spec).to(pixels.device)
+    pixels = pixels.detach().clone().requires_grad_(True)
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.float(), t, reduction="none")  # per example, as captum wants
+
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*did not already require gradients.*")
+        if kind == "fgsm":
+            adv = FGSM(net, loss, lower_bound=0.0, upper_bound=1.0).perturb(pixels, eps, targets)
+        elif kind == "pgd":
+            adv = PGD(net, loss, lower_bound=0.0, upper_bound=1.0).perturb(
+                pixels, eps, step_size or eps / 4, steps, targets, random_start=True, norm="Linf")
+        else:
+            raise ConfigError(f"unknown attack {kind!r}; choose one of: {', '.join(ATTACKS)}")
+    return adv.detach()
+
+
+# --- text perturbations -----------------------------------------------------------------------
+
+
+def perturb_text(text: str, name: str, rate: float, rng: np.random.Generator) -> str:
+    words = text.split()
+    if name == "typos":
+        chars, out = list(text), []
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        i = 0
+        while i < len(chars):
+            c = chars[i]
+            if c.isalpha() and rng.random() < rate:
+                op = rng.integers(4)
+                if op == 0 and i + 1 < len(chars):  # swap with the next character
+                    out += [chars[i + 1], c]
+                    i += 2
+                    continue
+                if op == 1:  # drop
+                    pass
+                elif op == 2:  # double
+                    out += [c, c]
+                else:  # replace
+                    out.append(letters[rng.integers(26)])
+            else:
+                out.append(c)
+            i += 1
+        new = "".join(out)
+        return new if new.strip() else text
+    if name == "word_drop":
+        kept = [w for w in words if rng.random() >= rate]
+        return " ".join(kept) if kept else words[int(rng.integers(len(words)))]
+    if name == "word_swap":
+        for i in range(len(words) - 1):
+            if rng.random() < rate:
+                words[i], words[i + 1] = words[i + 1], words[i]
+        return " ".join(words)
+    if name == "case_change":
+        fns = (str.upper, str.lower, str.capitalize)
+        return " ".join(fns[rng.integers(3)](w) if rng.random() < rate else w for w in words)
+    raise ConfigError(f"unknown text perturbation {name!r}; choose one of: {', '.join(TEXT_PERTURBATIONS)}")
+
+
+# --- robust training --------------------------------------------------------------------------
+
+
+class Augmented(torch.utils.data.Dataset):
+    """A training set whose batches are perturbed on the fly (``train.augment``).
+
+    The randomness of a batch is a function of the seed and the batch's example indices, so an
+    interrupted and resumed run sees exactly the same perturbations.
+    """
+
+    def __init__(self, ds: Any, augment: Any, seed: int, bundle: Any = None):
+        self.ds, self.augment, self.seed, self.bundle = ds, augment, seed, bundle
+        self.lengths, self.targets = getattr(ds, "lengths", None), ds.targets
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def _rng(self, idx: list[int]) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *map(int, idx)])
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        rng = self._rng(idx)
+        if isinstance(self.ds, TextData):
+            texts = [self.bundle.tokenizer.decode(self.ds.input_ids[i], skip_special_tokens=True) for i in idx]
+            for name, rate in (("typos", self.augment.typos), ("word_drop", self.augment.word_drop)):
+                if rate:
+                    texts = [perturb_text(t, name, rate, rng) if t.strip() else t for t in texts]
+            return self.bundle.text_data(texts, self.ds.targets[idx]).collate(list(range(len(idx))))
+        batch = self.ds.collate(idx)
+        mean, std = self.ds.mean, self.ds.std
+        x = batch["pixel_values"] * std + mean
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        if self.augment.corruptions:
+            names = list(IMAGE_CORRUPTIONS)
+            for i in range(len(x)):
+                if rng.random() < self.augment.corruptions:
+                    name = names[int(rng.integers(len(names)))]
+                    level = IMAGE_CORRUPTIONS[name][0][int(rng.integers(3))]
+                    x[i: i + 1] = corrupt_images(x[i: i + 1], name, level, gen)
+        if self.augment.noise:  # a strength per image, from none to the maximum: clean images stay in the mix
+            sigma = self.augment.noise * torch.rand((len(x), 1, 1, 1), generator=gen)
+            x = (x + sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+        batch["pixel_values"] = (x - mean) / std
+        return batch
+
+
+def adversarial_batch(net: nn.Module, spec: dict[str, Any], batch: dict[str, torch.Tensor], targets: torch.Tensor,
+                      kind: str, eps: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``batch`` with an adversarial copy of every image appended (the model attacked in eval mode).
+
+    ``fgsm`` is FGSM from a random start with a step of 1.25 eps (Wong et al., 2020, "Fast is
+    better than free"): plain FGSM training leaks the label into the perturbation and learns to
+    resist FGSM alone (measured on digits: FGSM accuracy rising with eps while PGD's fell to 4%).
+    ``pgd`` takes 3 steps of eps/2 from a random start."""
+    mean = torch.tensor(spec["mean"], device=targets.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec["std"], device=targets.device).view(1, 3, 1, 1)
+    pixels = (batch["pixel_values"] * std + mean).clamp(0, 1)
+    net.eval()
+    if kind == "fgsm":
+        adv = attack(net, spec, pixels, targets, "pgd", eps, steps=1, step_size=1.25 * eps)
+    else:
+        adv = attack(net, spec, pixels, targets, "pgd", eps, steps=3, step_size=eps / 2)
+    set_train_mode(net)
+    return {"pixel_values": torch.cat([batch["pixel_values"], (adv - mean) / std])}, torch.cat([targets, targets])
