@@ -12,13 +12,13 @@ seqeval reads it. Texts given without words are split into words by ``split_word
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from fmtune.data.readers import jsonl_records
 from fmtune.errors import DataError
 
 CONLL_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes", ".txt", ".tsv", ".conllu"}
@@ -97,14 +97,7 @@ def read_conll(path: Path, encoding: str = "utf-8", token_col: int = 0, tag_col:
         words.clear()
         tags.clear()
 
-    try:
-        handle = path.open(encoding=encoding)
-        lines = list(handle)
-        handle.close()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid {encoding} ({e.reason} at byte {e.start}); pass "
-                        "--set data.encoding=latin-1 (or the file's encoding)") from None
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(_read_text(path, encoding).split("\n"), start=1):  # not splitlines: \u2028 is a word
         stripped = line.strip()
         if not stripped:
             flush()
@@ -122,19 +115,12 @@ def read_conll(path: Path, encoding: str = "utf-8", token_col: int = 0, tag_col:
     return _frame(rows, path)
 
 
-def _jsonl_records(path: Path, encoding: str) -> list[tuple[int, dict]]:
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding=encoding).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}: line {lineno} is not a JSON object")
-        out.append((lineno, rec))
-    return out
+def _read_text(path: Path, encoding: str) -> str:
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid {encoding} ({e.reason} at byte {e.start}); pass "
+                        "--set data.encoding=latin-1 (or the file's encoding)") from None
 
 
 def spans_to_tags(text: str, entities: list[Any], offsets: list[tuple[int, int]], where: str) -> list[str]:
@@ -169,7 +155,7 @@ def read_token_jsonl(path: Path, encoding: str = "utf-8", text_column: str = "te
     """JSONL rows of ``{"tokens": [...], "tags": [...]}`` or ``{"text": ..., "entities": [{start, end,
     label}]}`` (character spans; ``entities`` may be absent for unlabelled text)."""
     rows = []
-    for lineno, rec in _jsonl_records(path, encoding):
+    for lineno, rec in jsonl_records(path, _read_text(path, encoding)):
         where = f"{path}: line {lineno}"
         if "tokens" in rec:
             tokens = rec["tokens"]

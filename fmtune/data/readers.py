@@ -82,20 +82,26 @@ def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     else:
-        records = []
-        for lineno, line in enumerate(io.StringIO(text), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}: line {lineno} is not a JSON object")
-            records.append(rec)
+        records = [rec for _, rec in jsonl_records(path, text)]
     if not records:
         raise DataError(f"{path}: the file is empty")
     return pd.DataFrame.from_records(records)
+
+
+def jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON-lines text; errors name the line."""
+    out = []
+    for lineno, line in enumerate(io.StringIO(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: line {lineno} is not a JSON object")
+        out.append((lineno, rec))
+    return out
 
 
 def list_images(folder: Path) -> list[Path]:
