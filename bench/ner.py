@@ -11,6 +11,8 @@ split, at each word's first sub-token):
   every example padded to max length (128), fp32.
 - trainer-expert: the same with what an expert turns on: dynamic padding
   (DataCollatorForTokenClassification), group_by_length, bf16 where the CPU/GPU runs it natively.
+  (Pitfall met on the way: in transformers 5, group_by_length also reorders the batches of
+  `Trainer.predict`, whose rows then come back shuffled: scored naively, entity F1 0.004.)
 - fmtune: `fmtune train --task ner --strategy full` with the recipe's batch size, lr and epochs
   (its defaults otherwise: length-bucketed batches, padding to the batch, precision by hardware,
   validation every epoch and the best checkpoint kept, the report written).
@@ -95,6 +97,9 @@ def trainer_child(a: argparse.Namespace) -> dict:
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
     train_s = time.perf_counter() - t0
+    # transformers 5 also groups the *evaluation* batches by length when group_by_length is on
+    # (Trainer._get_eval_sampler): predict() then returns the rows shuffled. Predict in order.
+    trainer.args.train_sampling_strategy = "random"
     out = trainer.predict(test)
     pred = np.asarray(out.predictions).argmax(-1)
     gold_tags, pred_tags = [], []

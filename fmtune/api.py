@@ -4,6 +4,7 @@ calls these."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import torch
 from accelerate.utils import set_seed
 
 from fmtune import config as config_mod
-from fmtune import evaluation, ui
+from fmtune import evaluation, paths, ui
 from fmtune.data.dataset import epoch_batches
 from fmtune.data.prepare import make_dataset, make_task, read_data, read_frames
 from fmtune.data.readers import count_rows, iter_chunks, require_column, row_label, table_base
@@ -42,6 +43,15 @@ def _datasets(cfg: config_mod.Config, bundle: build.Bundle, task: Any, frames: A
     return out
 
 
+def _rows(ds: Any) -> int:
+    """Examples of a dataset as the user counts them (sentences, not the windows they are read in)."""
+    return getattr(ds, "n_rows", len(ds))
+
+
+def _split_size(ds: Any) -> str:
+    return f"{_rows(ds)}" + (f" ({len(ds)} windows)" if _rows(ds) != len(ds) else "")
+
+
 def _summary(frames: Any, cfg: config_mod.Config, task: Any, data: dict[str, Any]) -> dict[str, Any]:
     col = task.target_column(cfg.data)
     out: dict[str, Any] = {"val_split_from_train": frames.val_from_train}
@@ -49,7 +59,9 @@ def _summary(frames: Any, cfg: config_mod.Config, task: Any, data: dict[str, Any
         df = getattr(frames, name)
         if df is None:
             continue
-        out[name] = {"rows": len(data[name]), "source": df.attrs.get("source")}
+        out[name] = {"rows": _rows(data[name]), "source": df.attrs.get("source")}
+        if _rows(data[name]) != len(data[name]):  # sentences read in several windows
+            out[name]["model_inputs"] = len(data[name])
         counts = task.label_counts(df, col) if col in df.columns else None
         if counts is not None:
             out[name]["label_counts"] = counts
@@ -122,9 +134,9 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
                   f"{counts['optimizer_state_mib']:.1f} MiB (full fine-tuning: "
                   f"{counts['full_finetune_optimizer_state_mib']:.1f} MiB)")
         out.print(f"  lr {cfg.train.lr:g}, head lr {optim.head_lr(cfg.train):g}")
-        out.print(f"  data: train {len(data['train'])}, val {len(data['val'])}"
+        out.print(f"  data: train {_split_size(data['train'])}, val {_split_size(data['val'])}"
                   f"{' (split off train)' if frames.val_from_train else ''}"
-                  f"{', test ' + str(len(data['test'])) if 'test' in data else ''}")
+                  f"{', test ' + _split_size(data['test']) if 'test' in data else ''}")
     with dist.main_process_first() if dist is not None else contextlib.nullcontext():  # one rank fills the cache
         net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet, hw)
     # bf16 is not always faster on a GPU (MiniLM at batch 32 on an H200: 2.3x slower): time both on this
@@ -278,7 +290,7 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
     cfg, task = run.config, run.task
     with ui.CountProgress("evaluate", len(ds), quiet) as bar:
         logits, targets = infer(run.bundle.model, ds, cfg.train.eval_batch_size, progress=bar)
-    result: dict[str, Any] = {"test": task.metrics(logits, targets), "n_test": len(ds), "data": str(source)}
+    result: dict[str, Any] = {"test": task.metrics(logits, targets), "n_test": _rows(ds), "data": str(source)}
     result["test"].pop("loss", None)
     report = task.text_report(logits, targets)
     (run.dir / "classification_report.txt").write_text(report)
@@ -299,7 +311,7 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
         result["baseline_method"] = task.baseline_method
     write_json(run.dir / EVAL_FILE, result)
     if not quiet:
-        ui.console.print(f"\n[bold]test[/] ({len(ds)} examples, {source})\n{report}")
+        ui.console.print(f"\n[bold]test[/] ({_rows(ds)} examples, {source})\n{report}")
         if png:
             ui.console.print(f"confusion matrix: {png}")
         print_comparison(result)
@@ -409,8 +421,10 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     """
     from fmtune.predictor import Predictor
 
+    inputs = paths.check(inputs, "input")
+    if output is not None and str(output) != "-":
+        paths.check(output, "output-file", "-o")
     pred = Predictor(run, batch_size)
-    inputs = Path(inputs)
     rows = bad = 0
     first_error: str | None = None
     frames: list[pd.DataFrame] = []
@@ -420,7 +434,7 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     try:
         with ui.CountProgress("predict", count_rows(inputs) or 0, quiet) as bar:
             for df, problems in iter_chunks(inputs, pred.config.data.encoding, chunk_rows,
-                                            pred.config.data.image_column):
+                                            pred.config.data.image_column, pred.config.data.text_column):
                 out = _predict_chunk(pred, df, problems, strict)
                 rows += len(out)
                 errs = out["error"].dropna()
@@ -453,6 +467,68 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     if not frames:
         raise DataError(f"{inputs}: no rows to predict")
     return pd.concat(frames, ignore_index=True)
+
+
+def predict_texts(run: str | Path, texts: list[str], output: str | Path | None = None, *,
+                  batch_size: int | None = None, quiet: bool = False) -> pd.DataFrame:
+    """Predict texts given directly (``fmtune predict RUN "a text"``; image runs: image paths):
+    a DataFrame of the inputs and the task's prediction columns, also written to ``output``."""
+    from fmtune.predictor import Predictor
+
+    if output is not None:
+        paths.check(output, "output-file", "-o")
+    pred = Predictor(run, batch_size)
+    column = pred.config.data.text_column if pred.kind == "text" else pred.config.data.image_column
+    if pred.kind != "text":
+        missing = [t for t in texts if not Path(t).is_file()]
+        if missing:
+            raise DataError(f"{missing[0]}: no such image file (this run reads images)")
+    df = pd.DataFrame({column: texts})
+    df.attrs["source"] = "the command line"
+    out = _predict_chunk(pred, df, {}, strict=True)
+    if output is not None:
+        target = Path(output)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            _write_rows(out, tmp, header=True, jsonl=target.suffix.lower() == ".jsonl")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if not quiet:
+            ui.console.print(f"wrote {len(out)} predictions to {target}")
+    return out
+
+
+def predict_stdin(run: str | Path, stream: Any, output: str | Path = "-", *, fmt: str = "auto",
+                  **kw: Any) -> dict[str, Any] | pd.DataFrame:
+    """``fmtune predict RUN -``: stdin (one text per line, CSV/TSV with a header, or JSONL; ``fmt``
+    auto tells them apart by the first line) predicted like a file of that kind. It is spooled to
+    a temporary file first (constant memory), then read in chunks as a file is."""
+    import shutil
+    import tempfile
+
+    from fmtune.run import read_config
+
+    cfg = read_config(Path(run))
+    head = stream.read(1 << 16)
+    if fmt == "auto":
+        first = next((ln for ln in head.splitlines() if ln.strip()), "")
+        fields = next(csv.reader([first], delimiter="\t" if "\t" in first else ","), [])
+        names = {cfg.data.text_column, cfg.data.image_column}
+        fmt = ("jsonl" if first.lstrip().startswith("{") else
+               ("tsv" if "\t" in first else "csv") if names & {f.strip() for f in fields} else "lines")
+    suffix = {"lines": ".txt", "csv": ".csv", "tsv": ".tsv", "jsonl": ".jsonl"}[fmt]
+    folder = Path(tempfile.mkdtemp(prefix="fmtune-stdin-"))
+    spooled = folder / f"stdin{suffix}"
+    try:
+        with spooled.open("w", encoding=cfg.data.encoding) as fh:
+            fh.write(head)
+            shutil.copyfileobj(stream, fh)
+        if spooled.stat().st_size == 0:
+            raise DataError("stdin: nothing to predict (no input was piped in)")
+        return predict(run, spooled, output, **kw)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def models() -> list[dict[str, str]]:

@@ -106,9 +106,27 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from fmtune import api
+    from fmtune import api, ui
+    from fmtune.errors import ConfigError
+    from fmtune.paths import looks_like_path
 
-    api.predict(a.run, a.inputs, a.output or "-", quiet=a.quiet, batch_size=a.batch_size, strict=a.strict)
+    files = [x for x in a.inputs if x == "-" or looks_like_path(x)]
+    texts = [x for x in a.inputs if x not in files] + list(a.text)
+    if files and texts:
+        raise ConfigError(f"give either an input file ({files[0]}) or texts to predict, not both")
+    if len(files) > 1:
+        raise ConfigError(f"one input at a time: {', '.join(files)}")
+    if texts:
+        df = api.predict_texts(a.run, texts, a.output, batch_size=a.batch_size, quiet=a.quiet)
+        if not a.output:
+            ui.console.print(ui.records_table(df))
+    elif files == ["-"]:
+        api.predict_stdin(a.run, sys.stdin, a.output or "-", fmt=a.format, quiet=a.quiet, batch_size=a.batch_size,
+                          strict=a.strict)
+    elif files:
+        api.predict(a.run, files[0], a.output or "-", quiet=a.quiet, batch_size=a.batch_size, strict=a.strict)
+    else:
+        raise ConfigError("nothing to predict: give an input file, - for stdin, or texts (--text)")
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -249,6 +267,39 @@ def cmd_config(a: argparse.Namespace) -> None:
     print(_config_epilog())
 
 
+# The path arguments of each verb and what they must be (fmtune.paths.check): checked before any
+# work, so a missing, unreadable or wrong-kind path is one clear line and exit 2 for every verb.
+# predict's inputs and explain's --input may also be texts: those verbs check them themselves.
+PATH_ARGS: dict[str, dict[str, str]] = {
+    "demo": {"out": "output-dir"},
+    "train": {"config": "input-file", "data": "input", "val": "input", "test": "input", "out": "output-dir",
+              "resume": "run"},
+    "continue": {"run": "run", "data": "input", "val": "input", "test": "input", "out": "output-dir"},
+    "transfer": {"config": "input-file", "data": "input", "val": "input", "test": "input", "out": "output-dir"},
+    "evaluate": {"run": "run", "data": "input"},
+    "predict": {"run": "run", "output": "output-file"},
+    "export": {"run": "run", "output": "output-dir"},
+    "serve": {"run": "run"},
+    "report": {"run": "run"},
+    "compare": {"runs": "run", "output": "output-file"},
+    "explain": {"run": "run", "data": "input", "output": "output-dir"},
+    "robustness": {"runs": "run", "data": "input", "output": "output-dir"},
+    "embed": {"run": "run", "data": "input", "output": "output-dir"},
+    "search": {"config": "input-file", "output": "output-dir"},
+}
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path argument of the verb, checked as PATH_ARGS says (a DataError naming it)."""
+    from fmtune import paths
+
+    for dest, kind in PATH_ARGS.get(args.verb, {}).items():
+        values = getattr(args, dest, None)
+        for v in values if isinstance(values, list) else [values]:
+            if v is not None and not (kind == "output-file" and v == "-"):
+                paths.check(v, kind, "--" + dest.replace("_", "-") if dest not in ("run", "runs", "config") else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmtune", description="Fine-tune a pretrained foundation model for one task: "
                                 "train, evaluate against the pretrained baseline, predict.")
@@ -359,8 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr = verb("predict", cmd_predict, "predict labels for new inputs, streamed in chunks (any size, constant "
               "memory); CSV with labels, probabilities and an error column for rows that could not be predicted")
     pr.add_argument("run", help="run directory")
-    pr.add_argument("inputs", help="CSV/JSONL/Parquet with the text (or image path) column, an image folder or file")
-    pr.add_argument("-o", "--output", help="output CSV (default: stdout)")
+    pr.add_argument("inputs", nargs="*", help="a CSV/TSV/JSONL/Parquet file with the text (or image path) column, a "
+                    ".txt file of one text per line, an image folder or file; - reads stdin; anything else that is not "
+                    "a path is a text to predict (a small table is printed)")
+    pr.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to predict (repeatable)")
+    pr.add_argument("--format", choices=["auto", "lines", "csv", "tsv", "jsonl"], default="auto",
+                    help="stdin (-): one text per line, CSV/TSV with a header, or JSONL (default auto: JSONL when the "
+                    "first line is an object, CSV/TSV when its header names the text column, else lines)")
+    pr.add_argument("-o", "--output", help="output file: .jsonl for JSON lines, else CSV (default: stdout)")
     pr.add_argument("--batch-size", type=int, help="examples per forward pass")
     pr.add_argument("--strict", action="store_true",
                     help="stop at the first row that cannot be predicted (default: report it in the error "
@@ -493,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
     warnings.showwarning = _show_warning
     try:
+        check_paths(args)
         args.fn(args)
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)

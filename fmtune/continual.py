@@ -467,6 +467,12 @@ def continue_config(source: str | Path, data: str | Path, *, val: str | Path | N
                         test=None if test is None else str(test), max_train_samples=None)
     base["continual"] = {**base.get("continual", {}), "source": str(src.resolve()), "method": method,
                          "task_name": None}
+    # a run trained at its strategy's default rate, continued with another strategy, takes that
+    # strategy's default (LoRA at full fine-tuning's 5e-5 barely moves); a rate set by hand is kept
+    set_keys = {config.parse_override(o)[0] for o in overrides or []}
+    old = base["strategy"]["name"]
+    if "train.lr" not in set_keys and base["train"].get("lr") == config.DEFAULT_LR.get(old):
+        base["train"]["lr"] = None
     cfg = config.load(None, overrides, base)
     if cfg.name is None and cfg.out is None:
         cfg.name = f"{src.name}-{cfg.continual.method}-{time.strftime('%Y%m%d-%H%M%S')}"

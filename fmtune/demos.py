@@ -34,10 +34,10 @@ DEMOS: dict[str, dict[str, Any]] = {
             "model": {"name": "minilm-l6", "max_length": 64},
             "task": {"type": "ner"},
             "strategy": {"name": "full"},
-            "train": {"epochs": 4, "batch_size": 16, "lr": 1e-4, "baseline": True, "patience": None,
+            "train": {"epochs": 3, "batch_size": 16, "lr": 1e-4, "baseline": True, "patience": None,
                       "max_minutes": 1.7},
         },
-        "why": "MiniLM-L6 fully fine-tuned to tag named entities (10 types) in 1,695 WNUT-2016 tweets for 4 epochs "
+        "why": "MiniLM-L6 fully fine-tuned to tag named entities (10 types) in 1,695 WNUT-2016 tweets for 3 epochs "
                "(max 64 sub-tokens per window); 200 validation, 400 test tweets; training capped at 1.7 min",
     },
     "image": {

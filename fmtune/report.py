@@ -135,9 +135,11 @@ def _data_section(cfg: dict[str, Any], info: dict[str, Any]) -> str:
             parts.append(f'<p class="muted">sizes of {len(sizes):,} training images before resizing</p>')
     elif train and Path(train).is_file():
         try:
-            from fmtune.data.readers import read_table
+            from fmtune.config import from_dict
+            from fmtune.data.prepare import read_data
 
-            df = read_table(train, (cfg.get("data") or {}).get("encoding", "utf-8"))
+            data_cfg = from_dict({"data": cfg.get("data") or {}}).data
+            df = read_data(train, (cfg.get("task") or {}).get("type", "classification"), data_cfg)
             if col in df:
                 lengths = df[col].dropna().astype(str).str.split().str.len()
                 fig, ax = plt.subplots(figsize=(6, 2.8))

@@ -20,6 +20,30 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return t
 
 
+def records_table(df: Any, width: int = 60) -> Table:
+    """Predictions for a few inputs: the input and what was predicted (no per-label columns);
+    entity lists as "text (label score)"."""
+    cols = [c for c in df.columns if not str(c).startswith("prob_") and c != "error"]
+    if "error" in df.columns and df["error"].notna().any():
+        cols.append("error")
+
+    def cell(v: Any) -> str:
+        if isinstance(v, list):
+            return ", ".join(f"{d.get('text')} ({d.get('label')} {d.get('score', 0):.2f})" if isinstance(d, dict)
+                             else str(d) for d in v) or "-"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        text = "" if v is None else str(v)
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    t = Table(title="predictions", title_justify="left")
+    for c in cols:
+        t.add_column(str(c), overflow="fold")
+    for _, r in df.iterrows():
+        t.add_row(*[cell(r[c]) for c in cols])
+    return t
+
+
 class FitProgress:
     """Progress of fit(): a bar over optimizer steps with the running loss and validation metric."""
 

@@ -257,3 +257,27 @@ def test_the_memory_keeps_texts_with_line_breaks_whole(tiny_bert, new_files, tmp
     train_rows = json.loads((tmp_path / "A" / "run.json").read_text())["data"]["train"]["rows"]
     assert len(mem) == train_rows and mem["label"].notna().all()
     assert mem["text"].str.contains("\r", regex=False).sum() >= 1
+
+
+def test_continue_with_another_strategy_takes_its_default_learning_rate(text_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from fmtune.config import DEFAULT_LR
+    from fmtune.continual import continue_config
+
+    src = tmp_path / "A"
+    shutil.copytree(text_run, src)
+    cfg = yaml.safe_load((src / "config.yaml").read_text())
+    cfg["train"]["lr"] = DEFAULT_LR["full"]  # trained at full fine-tuning's default rate
+    (src / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lora = continue_config(src, "new.csv", out=tmp_path / "B", overrides=["strategy.name=lora"])
+    assert lora.train.lr == DEFAULT_LR["lora"]
+    same = continue_config(src, "new.csv", out=tmp_path / "C")
+    assert same.train.lr == DEFAULT_LR["full"]
+    by_hand = continue_config(src, "new.csv", out=tmp_path / "D", overrides=["strategy.name=lora", "train.lr=1e-4"])
+    assert by_hand.train.lr == 1e-4
+    cfg["train"]["lr"] = 3e-5  # a rate set by hand for the source run is kept
+    (src / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert continue_config(src, "new.csv", out=tmp_path / "E", overrides=["strategy.name=lora"]).train.lr == 3e-5

@@ -298,6 +298,10 @@ def test_wnut_dataset_exports_as_conll(tmp_path):
     assert [len(frames[k]) for k in ("train", "val", "test")] == [1695, 200, 400]  # 2,394 less 99 repeated tweets
     seen = {k: set(map(tuple, f["tokens"])) for k, f in frames.items()}
     assert not seen["train"] & seen["test"] and not seen["train"] & seen["val"] and not seen["val"] & seen["test"]
+    (tmp_path / "w" / ".complete").write_text("wnut16-ner sizes=(None, 200, 400) seed=0\n")  # an older version's
+    paths["train"].write_text("stale\tO\n\n")
+    export("wnut16-ner", tmp_path / "w", sizes=(None, 200, 400), seed=0)
+    assert len(read_tokens(paths["train"])) == 1695  # made again, not reused
     tags = {t for tags in pd.concat(list(frames.values()))["tags"] for t in tags}
     assert {t[2:] for t in tags if t != "O"} == {"company", "facility", "geo-loc", "movie", "musicartist", "other",
                                                   "person", "product", "sportsteam", "tvshow"}

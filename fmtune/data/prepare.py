@@ -49,6 +49,12 @@ def _keep_source(part: pd.DataFrame, whole: pd.DataFrame) -> pd.DataFrame:
     return part
 
 
+def _require_input(df: pd.DataFrame, data_cfg: Any) -> None:
+    """A table must hold the text column or the image column (whichever the model reads)."""
+    if data_cfg.text_column not in df.columns and data_cfg.image_column not in df.columns:
+        require_column(df, data_cfg.text_column, "text", "data.text_column")  # (image tables: data.image_column)
+
+
 def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any) -> pd.DataFrame:
     """One data file (or folder) read the way ``task`` reads its data."""
     cls = task_class(task) if isinstance(task, str) else task
@@ -62,6 +68,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     task = task_class(task_type)
     column = task.target_column(data_cfg)
     train = read_data(data_cfg.train, task, data_cfg)
+    _require_input(train, data_cfg)  # the columns first: a missing one is the problem, whatever the size
     require_column(train, column, "label", "data.label_column")
     if data_cfg.max_train_samples:
         train = _subset(train, data_cfg.max_train_samples, column, task, seed)

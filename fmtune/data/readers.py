@@ -15,7 +15,7 @@ import pandas as pd
 
 from fmtune.errors import DataError
 
-TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq"}
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt"}  # .txt: one text per line
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -38,14 +38,16 @@ def _check_table(path: Path, alternatives: str) -> str:
     """The lower-case suffix of a non-empty table file; a DataError otherwise."""
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .parquet, {alternatives}")
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet or .txt (one "
+                        f"text per line), {alternatives}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     return suffix
 
 
-def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
-    """Read CSV/TSV, JSONL or Parquet; every cell of CSV/JSONL is kept as read (no type guessing for text)."""
+def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "text") -> pd.DataFrame:
+    """Read CSV/TSV, JSONL, Parquet or plain text (one text per line, into ``text_column``; empty
+    lines skipped); every cell of CSV/JSONL is kept as read (no type guessing for text)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -57,6 +59,8 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
             raise DataError(f"{path}: cannot read as Parquet: {e}") from None
     elif suffix in (".jsonl", ".json"):
         df = _read_jsonl(path, encoding)
+    elif suffix == ".txt":
+        df = pd.concat([chunk for chunk, _ in _txt_chunks(path, encoding, 1 << 30, text_column)] or [pd.DataFrame()])
     else:
         _check_encoding(path, encoding)
         sep = "\t" if suffix == ".tsv" else ","
@@ -122,12 +126,12 @@ def read_image_folder(path: Path) -> pd.DataFrame:
     return df
 
 
-def read_any(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
-    """A table file, or an image folder of class sub-folders."""
+def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text") -> pd.DataFrame:
+    """A table file (or a text file, one text per line), or an image folder of class sub-folders."""
     p = Path(path)
     if p.is_dir():
         return read_image_folder(p)
-    return read_table(p, encoding)
+    return read_table(p, encoding, text_column)
 
 
 def table_base(df: pd.DataFrame) -> Path:
@@ -161,6 +165,8 @@ def row_label(df: pd.DataFrame, i: int) -> str:
     i = int(idx) if isinstance(idx, (int, np.integer)) else i
     if src.endswith((".csv", ".tsv")):
         return f"{src}: row {i + 1} (line {i + 2})"
+    if src.endswith(".txt"):
+        return f"{src}: line {i + 1}"
     return f"{src}: row {i + 1}"
 
 
@@ -184,7 +190,8 @@ def count_rows(path: Path) -> int | None:
     return max(0, lines - (1 if suffix in (".csv", ".tsv") else 0))
 
 
-def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: str = "image"):
+def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: str = "image",
+                text_column: str = "text"):
     """Yield ``(frame, problems)`` chunks of at most ``chunk_rows`` rows of a table, an image
     folder (any depth) or one image. Frames keep the file's row positions in their index. A row
     that cannot be read at all (a CSV line with the wrong number of fields, a JSONL line that is
@@ -208,6 +215,8 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
         yield from _parquet_chunks(path, chunk_rows)
     elif suffix in (".jsonl", ".json"):
         yield from _jsonl_chunks(path, encoding, chunk_rows)
+    elif suffix == ".txt":
+        yield from _txt_chunks(path, encoding, chunk_rows, text_column)
     else:
         yield from _csv_chunks(path, encoding, chunk_rows)
 
@@ -260,6 +269,32 @@ def _jsonl_chunks(path: Path, encoding: str, chunk_rows: int):
                 records, index, problems = [], [], {}
     if records:
         yield _frame(records, index, path), problems
+
+
+def _txt_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
+    """One text per line (a row's index is its line number - 1); empty lines are skipped, and
+    counted in a warning at the end."""
+    import warnings
+
+    _check_encoding(path, encoding)
+    texts: list[str] = []
+    index: list[int] = []
+    empty = 0
+    with path.open(encoding=encoding, newline="") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                empty += 1
+                continue
+            texts.append(text)
+            index.append(lineno - 1)
+            if len(texts) == chunk_rows:
+                yield _frame([{column: t} for t in texts], index, path), {}
+                texts, index = [], []
+    if texts:
+        yield _frame([{column: t} for t in texts], index, path), {}
+    if empty:
+        warnings.warn(f"{path}: {empty} empty line(s) skipped", UserWarning, stacklevel=2)
 
 
 def _frame(records: list[dict], index: list[int], path: Path) -> pd.DataFrame:

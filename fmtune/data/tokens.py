@@ -76,6 +76,7 @@ class TokenData(TextData):
                  texts: list[str] | None = None, offsets: list[list[tuple[int, int]]] | None = None):
         super().__init__(input_ids, targets, pad_id)
         self.layout, self.texts, self.offsets = layout, texts, offsets
+        self.n_rows = len(layout.n_words)  # sentences (an example is a window)
 
 
 def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:

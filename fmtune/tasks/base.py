@@ -86,7 +86,7 @@ class Task:
     @classmethod
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
         """A data file (or folder) as a DataFrame with one row per example."""
-        return read_any(path, data_cfg.encoding)
+        return read_any(path, data_cfg.encoding, data_cfg.text_column)
 
     @classmethod
     def target_column(cls, data_cfg: Any) -> str:

