@@ -305,3 +305,25 @@ def test_wnut_dataset_exports_as_conll(tmp_path):
     tags = {t for tags in pd.concat(list(frames.values()))["tags"] for t in tags}
     assert {t[2:] for t in tags if t != "O"} == {"company", "facility", "geo-loc", "movie", "musicartist", "other",
                                                   "person", "product", "sportsteam", "tvshow"}
+
+
+def test_two_processes_gather_per_token_outputs(tmp_path, ner_bert, ner_files):
+    """DDP on CPU (gloo): the validation outputs of the two ranks (padded to different lengths on
+    each) are gathered into one; the best validation F1 is the F1 of the saved model on val."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = _cfg(ner_bert, ner_files, tmp_path / "two", train={"epochs": 2})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "fmtune", "train", str(path), "--num-processes", "2", "--no-report",
+                           "-q"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    best = max(e["entity_f1"] for e in evals)
+    again = fmtune.evaluate(tmp_path / "two", ner_files["val"], quiet=True)["test"]["entity_f1"]
+    assert again == pytest.approx(best, abs=1e-6)

@@ -62,7 +62,9 @@ class _View:
     def __init__(self, ds: Any, keep: np.ndarray):
         self.ds, self.keep = ds, keep
         self.lengths = None if getattr(ds, "lengths", None) is None else np.asarray(ds.lengths)[keep]
-        self.targets = None if ds.targets is None else ds.targets[torch.as_tensor(keep)]
+        # the view is only predicted on; per-token targets (a TokenTargets) are not indexed here
+        self.targets = None if ds.targets is None or hasattr(ds.targets, "collate") \
+            else ds.targets[torch.as_tensor(keep)]
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -83,6 +85,9 @@ def gathered_infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any
     own = parts[rank]
     keep = np.concatenate([own, np.full(width - len(own), own[-1] if len(own) else 0, dtype=own.dtype)])
     padded, _ = infer(model, _View(ds, keep), batch_size, device)
+    if padded.dim() == 3:  # per-token outputs: every rank pads to the longest example of the whole set
+        longest = int(np.max(ds.lengths))
+        padded = torch.nn.functional.pad(padded, (0, 0, 0, longest - padded.shape[1]))
     everything = accelerator.gather(padded.to(accelerator.device)).cpu().view(world, width, *padded.shape[1:])
     out = torch.cat([everything[r, : len(parts[r])] for r in range(world)])
     return out, ds.targets
