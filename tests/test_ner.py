@@ -119,6 +119,7 @@ def test_jsonl_tokens_and_character_spans(tmp_path):
     ('{"text": "Ada Lovelace", "entities": [{"start": 0, "end": 8, "label": "A"}, '
      '{"start": 4, "end": 12, "label": "B"}]}\n', ".jsonl", "line 1: entities 1 (A, 0..8) and 2 (B, 4..12) overlap"),
     ('{"words": ["a"]}\n', ".jsonl", "line 1: expected 'tokens' (with 'tags') or 'text'"),
+    ('{"tokens": ["a", "b"], "ner_tags": [3, 0]}\n', ".jsonl", "line 1: tag 3 (word 1) is a number; write the tag"),
     ("", ".conll", "the file is empty"),
     ("a,b\n", ".csv", "unsupported file type '.csv' for named entities"),
 ])

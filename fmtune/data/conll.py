@@ -21,7 +21,7 @@ import pandas as pd
 from fmtune.data.readers import jsonl_records
 from fmtune.errors import DataError
 
-CONLL_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes", ".txt", ".tsv", ".conllu"}
+CONLL_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes", ".txt", ".tsv"}
 _WORD = re.compile(r"https?://\S+|[@#]\w+|\w+(?:[-'’.]\w+)*|[^\w\s]", re.UNICODE)
 _TAG = re.compile(r"^([BIESLU])-(.+)$")
 
@@ -47,6 +47,9 @@ def to_bio(tags: list[str], where: str) -> list[str]:
     out: list[str] = []
     prev_type = None
     for i, tag in enumerate(tags):
+        if isinstance(tag, int) and not isinstance(tag, bool):
+            raise DataError(f"{where}: tag {tag} (word {i + 1}) is a number; write the tag names (O, B-PER, "
+                            "I-PER ...), e.g. map a Hugging Face dataset's ner_tags through its features' names")
         tag = str(tag).strip()
         if tag == "O":
             out.append("O")
