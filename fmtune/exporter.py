@@ -26,7 +26,7 @@ import torch
 from fmtune import adapters, ui
 from fmtune.data.prepare import make_dataset, read_data, read_frames
 from fmtune.errors import ConfigError, DataError, ModelError, RunDirError
-from fmtune.fsutil import atomic_dir, folder_digest
+from fmtune.fsutil import atomic_dir, folder_digest, read_json
 from fmtune.models import build
 from fmtune.onnx_export import MODEL_FILE, OnnxModel, export_onnx, quantize_int8, write_preprocessing
 from fmtune.run import open_run
@@ -145,6 +145,8 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
         atomic_dir(target, build_and_check)
     if not quiet:
         loader = "transformers (trust_remote_code=True)" if bundle.family == "hf" else "fmtune.load"
+        if read_json(target / build.META_FILE, {}).get("layout") == build.TOKEN_LAYOUT:
+            loader = "transformers' AutoModelForTokenClassification (no remote code)"
         how = {"merged": f"adapter merged into the weights; loads with {loader}, no peft needed",
                "adapter": "peft adapter folder: PeftModel.from_pretrained on the base model",
                "model": f"loads with {loader}" + ("; nothing to merge" if merge else ""),

@@ -328,3 +328,21 @@ def test_two_processes_gather_per_token_outputs(tmp_path, ner_bert, ner_files):
     best = max(e["entity_f1"] for e in evals)
     again = fmtune.evaluate(tmp_path / "two", ner_files["val"], quiet=True)["test"]["entity_f1"]
     assert again == pytest.approx(best, abs=1e-6)
+
+
+def test_merged_lora_export_is_a_plain_token_classifier(tmp_path, ner_bert, ner_files):
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from fmtune.exporter import export
+
+    fmtune.train(_cfg(ner_bert, ner_files, tmp_path / "run", strategy={"name": "lora"}, train={"epochs": 1}),
+                 quiet=True)
+    res = export(tmp_path / "run", merge=True, quiet=True)
+    assert res["max_abs_diff"] < 1e-4
+    merged = AutoModelForTokenClassification.from_pretrained(res["out"])
+    assert type(merged).__name__ == "BertForTokenClassification"
+    enc = AutoTokenizer.from_pretrained(res["out"])(["alice", "smith"], is_split_into_words=True,
+                                                      return_tensors="pt")
+    with torch.no_grad():
+        ours = fmtune.load(tmp_path / "run").model.eval()(**enc).logits
+        assert torch.allclose(merged.eval()(**enc).logits, ours, atol=1e-4)
