@@ -346,3 +346,29 @@ def test_merged_lora_export_is_a_plain_token_classifier(tmp_path, ner_bert, ner_
     with torch.no_grad():
         ours = fmtune.load(tmp_path / "run").model.eval()(**enc).logits
         assert torch.allclose(merged.eval()(**enc).logits, ours, atol=1e-4)
+
+
+def test_byte_level_bpe_model_tags_and_saves_as_its_own_class(tmp_path, ner_files):
+    """A RoBERTa-style model (byte-level BPE: words in context get a leading-space token) trains,
+    predicts every word, and is saved as RobertaForTokenClassification."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoModelForTokenClassification, RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    words = PER + LAST + LOC + FILL
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(random.Random(i).sample(words, 8)) for i in range(200)], vocab_size=300,
+                            min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                               pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    d = tmp_path / "tiny-roberta"
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    RobertaModel(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=80,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(d)
+    s = fmtune.train(_cfg(d, ner_files, tmp_path / "run", train={"epochs": 6}), quiet=True)
+    assert s["eval"]["test"]["entity_f1"] > 0.8, s["eval"]["test"]
+    pred = fmtune.load(tmp_path / "run").predict("alice smith met bob jones in rome")
+    assert len(pred["tags"]) == 7 and pred["entities"][0]["text"] == "alice smith"
+    assert type(AutoModelForTokenClassification.from_pretrained(tmp_path / "run" / "model")).__name__ == \
+        "RobertaForTokenClassification"
