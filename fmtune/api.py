@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from accelerate.utils import set_seed
@@ -152,10 +153,11 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     penalty = None
     if cont is not None:
         train_ds, penalty = cont.penalty(bundle.model, data["train"], train_ds, hw.device, quiet)
+    solved = resume is None and cont is None and _head_from_probe(cfg, bundle, task, train_ds, data["train"], quiet)
     tracked = trackers.make(cfg.train.tracker, run_dir, cfg.to_dict()) if main else []
     try:
         summary = _fit_and_test(cfg, bundle, task, data, frames, counts, hw, run_dir, resume, quiet, net,
-                                train_ds, val_ds, tracked, on_eval, penalty)
+                                train_ds, val_ds, tracked, on_eval, penalty, solved)
     finally:
         for t in tracked:
             t.close()
@@ -174,11 +176,12 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
 def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], frames: Any,
                   counts: dict[str, Any], hw: Any, run_dir: Path, resume: Any, quiet: bool, net: Any,
                   train_ds: Any, val_ds: Any, tracked: list[Any], on_eval: Any = None,
-                  penalty: Any = None) -> dict[str, Any]:
+                  penalty: Any = None, solved: bool = False) -> dict[str, Any]:
     out = ui.console
     result = fit(bundle, task, train_ds, val_ds, cfg.train, run_dir, hardware=hw,
                  resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
-                 progress=ui.FitProgress(quiet), net=net, trackers=tracked, on_eval=on_eval, penalty=penalty)
+                 progress=ui.FitProgress(quiet), net=net, trackers=tracked, on_eval=on_eval, penalty=penalty,
+                 eval_first=solved)
     distributed.finish()  # the ranks are in step here (fit ends on a gather); the rest is rank 0's alone
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
                                "best_step": result.best_step, "stopped_early": result.stopped_early,
@@ -251,6 +254,36 @@ def _check_robust_training(cfg: Any, kind: str, task: Any) -> None:
                           "robust with train.augment.typos and word_drop")
     if cfg.adversarial != "none" and not task.supports("attacks"):
         raise ConfigError(f"train.adversarial needs a single-label classification task, not {task.name}")
+
+
+def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, train_ds: Any, plain: Any,
+                     quiet: bool) -> bool:
+    """strategy head (frozen backbone, pooled features): set the head to the task's probe solved
+    on the training features (a convex problem: solved to convergence in seconds, where a few
+    epochs of SGD under-train it). The features come from the cache, else are computed once.
+    Returns whether it did."""
+    if cfg.strategy.name != "head" or cfg.train.head_init != "probe" or task.level != "pooled":
+        return False
+    started = time.perf_counter()
+    if getattr(train_ds, "field", "") == "features":
+        x, targets = np.asarray(train_ds.data, dtype=np.float32), train_ds.targets
+    else:  # no cache (train.feature_cache=off, augmentation): the same features, computed here
+        feats, targets = infer(bundle.model, plain, cfg.train.eval_batch_size, features=True)
+        x = feats.numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's convergence and deprecation notes
+        probe = task.fit_probe(x, targets, cfg.train.seed)
+    solved = task.head_from_probe(probe, x.shape[1])
+    if solved is None:
+        return False
+    linear = build.head_linear(bundle.model)
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(solved[0], dtype=linear.weight.dtype))
+        linear.bias.copy_(torch.as_tensor(solved[1], dtype=linear.bias.dtype))
+    if not quiet:
+        ui.console.print(f"  head: started from the linear probe solved on the cached features "
+                         f"({time.perf_counter() - started:.1f}s); validated before the first epoch")
+    return True
 
 
 def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, Any],

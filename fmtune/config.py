@@ -152,6 +152,10 @@ class TrainConfig:
     lr: float | None = _f(None, "learning rate of what trains besides the head (default: per strategy: "
                           + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     head_lr: float | None = _f(None, "learning rate of the head (default: 20x lr, at most 1e-2)")
+    head_init: Literal["probe", "random"] = _f(
+        "probe", "strategy head on cached features: start from the linear probe solved to convergence (logistic / "
+        "ridge regression, regularisation by cross-validation, as the baseline); it is validated before the first "
+        "epoch, so the run keeps it unless training does better on validation. random: a fresh head")
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
     momentum: float = _f(0.9, "sgd: momentum")
     scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate decay after warm-up")

@@ -78,8 +78,17 @@ SLOW = pytest.mark.slow  # the same machinery; CI runs them (make test-slow)
 @pytest.mark.parametrize("strategy", ["full", "last_n", "head", "lora", "prompt", pytest.param("dora", marks=SLOW),
                                       pytest.param("ia3", marks=SLOW), pytest.param("bitfit", marks=SLOW)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert, strategy):
-    out = _interrupt_and_resume(tmp_path, tiny_bert, strategy, signal.SIGKILL, {"save_every_steps": 7})
+    # a fresh head: a solved one (the default) is the best at step 0 and stops early with patience 2
+    extra = {"head_init": "random"} if strategy == "head" else {}
+    out = _interrupt_and_resume(tmp_path, tiny_bert, strategy, signal.SIGKILL, {"save_every_steps": 7, **extra})
     assert out["returncode"] == -signal.SIGKILL
+
+
+def test_solved_head_killed_and_resumed_matches_uninterrupted(tmp_path, tiny_bert):
+    """The head solved from the probe and validated at step 0: the step-0 evaluation is in the
+    resume point's history, and the resumed run ends exactly as the uninterrupted one."""
+    out = _interrupt_and_resume(tmp_path, tiny_bert, "head", signal.SIGKILL, {"save_every_steps": 7, "patience": None})
+    assert out["stopped_state"]["history"][0]["step"] == 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=SLOW)])  # Ctrl-C; preemption
@@ -116,7 +125,8 @@ def test_head_like_runs_write_the_best_model_once(tmp_path, tiny_st_bert, text_f
     monkeypatch.setattr(build, "save", lambda bundle, target: (writes.append(target), real(bundle, target)))
     run = tmp_path / "run"
     cfg = cfg_dict(tiny_st_bert, text_files["train"], out=str(run), strategy={"name": "head"},  # mean pooling
-                   data={"val": str(text_files["test"])}, train={"epochs": 6, "lr": 3e-3, "metric": "loss"})
+                   data={"val": str(text_files["test"])}, train={"epochs": 6, "lr": 3e-3, "metric": "loss",
+                                                                 "head_init": "random"})
     fmtune.train(cfg, quiet=True, report=False)
     assert writes == [run / "model"]
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]

@@ -175,6 +175,11 @@ def save(bundle: Bundle, target: Path) -> None:
     atomic_dir(target, lambda tmp: _write(bundle, tmp))
 
 
+def head_linear(model: nn.Module) -> nn.Linear:
+    """The linear layer of the task head (the trained copy when peft wraps the head)."""
+    return _head_layers(model)[1]
+
+
 def _head_layers(model: nn.Module) -> tuple[nn.Dropout, nn.Linear]:
     """The task head's dropout and linear layer (also when peft wraps the head)."""
     mods = list(model.head.modules())

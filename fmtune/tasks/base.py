@@ -185,6 +185,11 @@ class Task:
 
     baseline_method = "linear probe (scikit-learn) on the frozen pretrained backbone's pooled features"
 
+    def head_from_probe(self, probe: Any, num_features: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The fitted probe as the weight and bias of the task's linear head (outputs before the
+        head's fixed output affine), or None where a probe cannot be one."""
+        return None
+
     def state(self) -> dict[str, Any]:
         """What must be saved with a run to rebuild this task (labels.json)."""
         return {"task": self.name, "labels": self.labels, "threshold": self.threshold,

@@ -17,7 +17,7 @@ from fmtune import plots
 from fmtune.data.readers import row_label
 from fmtune.errors import DataError
 from fmtune.tasks.base import TASKS, Task, missing_values
-from fmtune.tasks.probe import logreg, scaled
+from fmtune.tasks.probe import logreg, scaled, unscaled
 
 
 @TASKS.register("classification")
@@ -144,6 +144,18 @@ class Classification(Task):
         with warnings.catch_warnings():  # scikit-learn announces changes of LogisticRegressionCV defaults
             warnings.simplefilter("ignore", FutureWarning)
             return scaled(logreg(seed)).fit(x[known], targets.numpy()[known])
+
+    def head_from_probe(self, probe, num_features):
+        w, b = unscaled(probe, probe[-1].coef_, probe[-1].intercept_)
+        weight, bias = np.zeros((len(self.labels), num_features)), np.zeros(len(self.labels))
+        classes = probe.classes_
+        if len(classes) == 2 and len(w) == 1:  # binary: P(second class) = sigmoid(w.x + b)
+            weight[classes[1]], bias[classes[1]] = w[0], b[0]
+        else:
+            weight[classes], bias[classes] = w, b
+        missing = np.setdiff1d(np.arange(len(self.labels)), classes)
+        bias[missing] = -30.0  # a label the probe never saw: never predicted, as in probe_logits
+        return weight, bias
 
     def probe_logits(self, probe, x):
         proba = np.full((len(x), len(self.labels)), 1e-12)

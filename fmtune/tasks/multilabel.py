@@ -15,7 +15,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from fmtune.data.readers import row_label
 from fmtune.errors import DataError
 from fmtune.tasks.base import TASKS, Task
-from fmtune.tasks.probe import logreg, scaled
+from fmtune.tasks.probe import logreg, scaled, unscaled
 
 
 @TASKS.register("multilabel")
@@ -103,6 +103,14 @@ class MultiLabel(Task):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return scaled(OneVsRestClassifier(logreg(seed))).fit(x, y[:, keep]), keep
+
+    def head_from_probe(self, probe, num_features):
+        model, keep = probe
+        weight, bias = np.zeros((len(self.labels), num_features)), np.full(len(self.labels), -20.0)
+        for j, est in zip(np.flatnonzero(keep), model[-1].estimators_):
+            w, b = unscaled(model, est.coef_, est.intercept_)
+            weight[j], bias[j] = w[0], b[0]
+        return weight, bias
 
     def probe_logits(self, probe, x):
         model, keep = probe

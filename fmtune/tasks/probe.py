@@ -18,3 +18,11 @@ def logreg(seed: int, cv: int = 3, max_iter: int = 3000) -> LogisticRegressionCV
 
 def scaled(model: Any) -> Any:
     return make_pipeline(StandardScaler(), model)
+
+
+def unscaled(pipeline: Any, coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A linear model fitted after ``scaled``'s StandardScaler, as weights on the raw features:
+    w.(x - mean)/scale + b = (w/scale).x + (b - (w/scale).mean)."""
+    scaler = pipeline[0]
+    w = np.atleast_2d(coef) / scaler.scale_
+    return w, np.atleast_1d(intercept) - w @ scaler.mean_

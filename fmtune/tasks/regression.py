@@ -15,7 +15,7 @@ from sklearn.linear_model import RidgeCV
 from fmtune.data.readers import row_label
 from fmtune.errors import DataError
 from fmtune.tasks.base import TASKS, Task, missing_values
-from fmtune.tasks.probe import scaled
+from fmtune.tasks.probe import scaled, unscaled
 
 
 @TASKS.register("regression")
@@ -82,6 +82,11 @@ class Regression(Task):
 
     def fit_probe(self, x, targets, seed):
         return scaled(RidgeCV(alphas=np.logspace(-2, 4, 7))).fit(x, targets.numpy())
+
+    def head_from_probe(self, probe, num_features):
+        w, b = unscaled(probe, probe[-1].coef_, probe[-1].intercept_)
+        scale, shift = self.output_affine()  # the head's output is mapped by * scale + shift
+        return w / scale, (b - shift) / scale
 
     def probe_logits(self, probe, x):
         return torch.from_numpy(probe.predict(x)).float().view(-1, 1)

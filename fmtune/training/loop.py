@@ -145,12 +145,14 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
         resume: bool = False, save_best: Callable[[], None], progress: Any = None,
         net: torch.nn.Module | None = None, trackers: list[Any] = (),
         on_eval: Callable[[dict], None] | None = None,
-        penalty: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None) -> FitResult:
+        penalty: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+        eval_first: bool = False) -> FitResult:
     """Train ``bundle.model`` on ``train_ds``; evaluate on ``val_ds``; save the best via ``save_best``.
 
     ``net`` is what the batches are fed to when it is not the model itself (the model seen
     from the feature cache); its parameters are the model's. ``penalty(logits, aux)`` is added
     to the task's loss (continual learning), ``aux`` being the batch's ``aux_*`` tensors.
+    ``eval_first``: validate (and keep as the best so far) the model as it starts, at step 0.
     """
     # A process may train several times with different precisions (or after a Trainer): drop the
     # previous run's accelerator settings, keeping the process group of a distributed launch.
@@ -268,6 +270,8 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     last_save = time.perf_counter()
     if progress:
         progress.start(total_steps, state["step"])
+    if eval_first and not resume:  # a head that starts solved: the candidate every epoch must beat
+        evaluate()
     net.train()
     set_train_mode(plain_net)
     window_loss, window_n, window_local, window_t = 0.0, 0, 0, time.perf_counter()
