@@ -26,7 +26,7 @@ from fmtune.data.dataset import epoch_batches
 from fmtune.data.prepare import make_dataset, make_task, read_data, read_frames
 from fmtune.data.readers import count_rows, iter_chunks, require_column, row_label, table_base
 from fmtune.errors import ConfigError, DataError
-from fmtune.fsutil import write_json
+from fmtune.fsutil import write_json, write_text_atomic
 from fmtune.models import build
 from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
 from fmtune.strategies import apply_strategy
@@ -281,7 +281,7 @@ def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, tr
         linear.weight.copy_(torch.as_tensor(solved[0], dtype=linear.weight.dtype))
         linear.bias.copy_(torch.as_tensor(solved[1], dtype=linear.bias.dtype))
     if not quiet:
-        ui.console.print(f"  head: started from the linear probe solved on the cached features "
+        ui.console.print(f"  head: started from the linear probe solved on the training features "
                          f"({time.perf_counter() - started:.1f}s); validated before the first epoch")
     return True
 
@@ -418,21 +418,26 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     return pd.concat([df.reset_index(drop=True), out], axis=1)
 
 
-def _write_rows(df: pd.DataFrame, dest: Any, header: bool, jsonl: bool = False) -> None:
-    """Append predictions to ``dest`` (a path or stdout): JSON lines, or CSV rows in which a list
-    or mapping (the entities of a sentence) is written as JSON."""
+def _rows_text(df: pd.DataFrame, header: bool, jsonl: bool = False) -> str:
+    """Predictions as text: JSON lines, or CSV rows in which a list or mapping (the entities of a
+    sentence) is written as JSON."""
     if jsonl:
-        with open(dest, "a", encoding="utf-8") as fh:
-            df.to_json(fh, orient="records", lines=True, force_ascii=False)
-        return
+        return df.to_json(orient="records", lines=True, force_ascii=False)  # a newline after every object
     nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (list, dict))).any()]
     if nested:
         df = df.assign(**{c: df[c].map(lambda v: json.dumps(v, ensure_ascii=False)
                                        if isinstance(v, (list, dict)) else v) for c in nested})
+    return df.to_csv(header=header, index=False)
+
+
+def _write_rows(df: pd.DataFrame, dest: Any, header: bool, jsonl: bool = False) -> None:
+    """Append predictions to ``dest``: a path, or a stream (stdout)."""
+    text = _rows_text(df, header, jsonl)
     if hasattr(dest, "write"):
-        df.to_csv(dest, header=header, index=False)
+        dest.write(text)
     else:
-        df.to_csv(dest, mode="a", header=header, index=False)
+        with open(dest, "a", encoding="utf-8", newline="") as fh:
+            fh.write(text)
 
 
 def predict(run: str | Path, inputs: str | Path, output: str | Path | None = None, *, quiet: bool = False,
@@ -521,12 +526,7 @@ def predict_texts(run: str | Path, texts: list[str], output: str | Path | None =
     out = _predict_chunk(pred, df, {}, strict=True)
     if output is not None:
         target = Path(output)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            _write_rows(out, tmp, header=True, jsonl=target.suffix.lower() == ".jsonl")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(target, _rows_text(out, header=True, jsonl=target.suffix.lower() == ".jsonl"))
         if not quiet:
             ui.console.print(f"wrote {len(out)} predictions to {target}")
     return out

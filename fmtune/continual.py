@@ -53,7 +53,7 @@ AUX = "aux_old_logits"  # the batch key that carries RUN's logits to the lwf los
 
 
 def check(cfg: Any) -> None:
-    task_class(cfg.task.type)([]).require("continual", "continual learning (fmtune continue)")
+    task_class(cfg.task.type).require("continual", "continual learning (fmtune continue)")
     if cfg.continual.method == "lwf" and cfg.train.adversarial != "none":
         raise ConfigError("continual.method lwf distils on the new data's batches as they are; it does not mix "
                           "with train.adversarial")

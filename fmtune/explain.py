@@ -372,7 +372,7 @@ def _explain_tokens(pred: Predictor, inputs: list[str], misclassified: int, targ
         raise ConfigError("--misclassified is for classification runs; for entities give --input TEXT (or a file)")
     if not inputs:
         raise ConfigError("nothing to explain: give --input (a text, or a text/table file)")
-    types = [lab[2:] for lab in pred.labels if lab.startswith("B-")]
+    types = pred.task.types
     if target is not None and target not in types:
         raise ConfigError(f"--target {target!r} is not an entity type of this run; types: {', '.join(types)}")
     texts = [(it["name"], it["input"]) for it in collect_inputs(pred, inputs, limit)]

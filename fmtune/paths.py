@@ -31,10 +31,6 @@ def _first_existing(p: Path) -> Path:
     return p
 
 
-DATA_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt", ".conll", ".bio", ".iob", ".png",
-                 ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".yaml", ".yml"}
-
-
 def looks_like_path(value: str) -> bool:
     """Whether a command-line value means a file: it exists, or it has a data file's suffix, or
     it has a folder separator and no space ("data/test"). Anything else is a text ("a dull film")."""
@@ -43,7 +39,10 @@ def looks_like_path(value: str) -> bool:
         return True
     if "\n" in value:
         return False
-    if p.suffix.lower() in DATA_SUFFIXES:
+    from fmtune.data.conll import CONLL_SUFFIXES  # the readers' own lists (imported here: pandas is slow to load)
+    from fmtune.data.readers import IMAGE_SUFFIXES, TABLE_SUFFIXES
+
+    if p.suffix.lower() in TABLE_SUFFIXES | IMAGE_SUFFIXES | CONLL_SUFFIXES | {".yaml", ".yml"}:
         return True
     return " " not in value.strip() and os.sep in value
 

@@ -75,7 +75,7 @@ def transfer(cfg: config_mod.Config, *, sizes: list[int | str], out: str | Path,
     ``cfg`` gives the model, data and training settings (its strategy is the fine-tuned one)."""
     from fmtune import api
 
-    task_class(cfg.task.type)([]).require("transfer", "fmtune transfer (it counts examples per class)")
+    task_class(cfg.task.type).require("transfer", "fmtune transfer (it counts examples per class)")
     if not cfg.data.test:
         raise ConfigError("fmtune transfer scores every run on test data: give --test FILE")
     bad = [m for m in methods if m not in METHODS]

@@ -94,7 +94,7 @@ def read_conll(path: Path, encoding: str = "utf-8", token_col: int = 0, tag_col:
             k = labelled.index(False)
             raise DataError(f"{where}: word {k + 1} ({words[k]!r}) has no tag while others of the sentence do; "
                             "every line needs a word and its tag")
-        bio = to_bio([t for t in tags], where) if all(labelled) else None
+        bio = to_bio(tags, where) if all(labelled) else None
         text, offsets = join_words(words)
         rows.append({"tokens": list(words), "tags": bio, "text": text, "offsets": offsets, "line": start})
         words.clear()
@@ -108,7 +108,7 @@ def read_conll(path: Path, encoding: str = "utf-8", token_col: int = 0, tag_col:
         if stripped.startswith("-DOCSTART-"):
             flush()
             continue
-        parts = line.rstrip("\n").split("\t") if "\t" in line.strip(" ") else stripped.split()
+        parts = stripped.split("\t") if "\t" in stripped else stripped.split()
         parts = [p.strip() for p in parts if p.strip()]
         if not words:
             start = lineno

@@ -22,6 +22,12 @@ from fmtune.errors import DataError
 EAGER_IMAGE_BYTES = 2 << 30  # decode everything up front below this size, else decode per batch
 
 
+def batch_targets(targets: Any, idx: list[int], width: int) -> Any:
+    """The targets of examples ``idx``: one per example, or one per token (per-token targets,
+    ``fmtune.data.tokens.TokenTargets``, collate themselves, padded to ``width`` positions)."""
+    return targets.collate(idx, width) if hasattr(targets, "collate") else targets[idx]
+
+
 class TextData(torch.utils.data.Dataset):
     def __init__(self, input_ids: list[list[int]], targets: torch.Tensor | None, pad_id: int):
         self.input_ids, self.targets, self.pad_id = input_ids, targets, pad_id
@@ -42,9 +48,8 @@ class TextData(torch.utils.data.Dataset):
             ids[row, : len(seq)] = torch.as_tensor(seq)
             mask[row, : len(seq)] = 1
         batch = {"input_ids": ids, "attention_mask": mask}
-        if self.targets is not None:  # one per example, or one per token (a per-token target collates itself)
-            batch["labels"] = self.targets.collate(idx, width) if hasattr(self.targets, "collate") \
-                else self.targets[idx]
+        if self.targets is not None:
+            batch["labels"] = batch_targets(self.targets, idx, width)
         return batch
 
 

@@ -44,8 +44,7 @@ class Layout:
 
     def per_sentence(self, values_per_window: list[np.ndarray], fill: Any) -> list[np.ndarray]:
         """Per-window values of the owned words put back into sentence order."""
-        out = [np.full(int(n), fill, dtype=np.asarray(fill).dtype if not isinstance(fill, str) else object)
-               for n in self.n_words]
+        out = [np.full(int(n), fill, dtype=np.asarray(fill).dtype) for n in self.n_words]
         for w, vals in enumerate(values_per_window):
             out[self.sentence[w]][self.word_index[w]] = vals
         return out
@@ -170,8 +169,7 @@ def encode_sentences(sentences: list[list[str]], tokenizer: Any, max_length: int
                 owned = own_s <= w < own_e
                 if labels is not None:
                     y = labels[s][w] if owned else IGNORE
-                    rest = inside.get(y, y) if (label_all and owned and inside is not None and y != IGNORE) \
-                        else IGNORE
+                    rest = inside.get(y, y) if label_all and inside is not None and y != IGNORE else IGNORE
                     lab += [y] + [rest] * (len(pieces[w]) - 1)
             seq += after
             lab += [IGNORE] * len(after)

@@ -244,7 +244,8 @@ def _as_token_classifier(model: nn.Module) -> nn.Module | None:
         return None
     mapped = {f"{std.base_model_prefix}.{k.removeprefix('backbone.')}": v for k, v in model.state_dict().items()
               if k.startswith("backbone.")}
-    mapped[keys[0]], mapped[keys[1]] = model.head[1].weight, model.head[1].bias
+    linear = head_linear(model)
+    mapped[keys[0]], mapped[keys[1]] = linear.weight, linear.bias
     theirs = std.state_dict()
     if set(mapped) != set(theirs) or any(theirs[k].shape != v.shape for k, v in mapped.items()):
         return None
@@ -262,9 +263,10 @@ def _hf_from_dir(model_dir: Path) -> FmtuneClassifier:
         model = FmtuneClassifier(AutoConfig.from_pretrained(model_dir), backbone=getattr(std, std.base_model_prefix))
         weight, bias = _token_head_keys(std)
         sd = std.state_dict()
+        linear = head_linear(model)
         with torch.no_grad():
-            model.head[1].weight.copy_(sd[weight])
-            model.head[1].bias.copy_(sd[bias])
+            linear.weight.copy_(sd[weight])
+            linear.bias.copy_(sd[bias])
         return model
     return FmtuneClassifier.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir),
                                             dtype=torch.float32)

@@ -67,17 +67,19 @@ class Task:
     def num_outputs(self) -> int:
         return len(self.labels)
 
-    def supports(self, capability: str) -> bool:
+    @classmethod
+    def supports(cls, capability: str) -> bool:
         assert capability in CAPABILITIES, capability
-        return capability in self.capabilities
+        return capability in cls.capabilities
 
-    def require(self, capability: str, what: str) -> None:
+    @classmethod
+    def require(cls, capability: str, what: str) -> None:
         """A ConfigError naming ``what`` unless this task supports ``capability``."""
         from fmtune.errors import ConfigError
 
-        if not self.supports(capability):
+        if not cls.supports(capability):
             able = ", ".join(n for n in TASKS.names() if capability in TASKS.get(n).capabilities)
-            raise ConfigError(f"{what} is not available for {self.name} runs (only for: {able or 'none yet'})")
+            raise ConfigError(f"{what} is not available for {cls.name} runs (only for: {able or 'none yet'})")
 
     def greater_is_better(self, metric: str) -> bool:
         return metric not in {"loss", "mae", "rmse", "mse"}

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from fmtune.data.dataset import TextData, epoch_batches
+from fmtune.data.dataset import TextData, batch_targets, epoch_batches
 from fmtune.fsutil import atomic_dir
 from fmtune.strategies import WHOLE_BACKBONE, backbone_blocks, block_list, frozen_prefix
 from fmtune.training import hardware, prefetch
@@ -172,6 +172,7 @@ class CachedData(torch.utils.data.Dataset):
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         if self.offsets is None:
             batch = {self.field: torch.tensor(self.data[idx]).float()}
+            width = 0  # no token axis: the targets are one per example
         else:
             width = int(max(self.offsets[i + 1] - self.offsets[i] for i in idx))
             hidden = torch.zeros((len(idx), width, self.data.shape[1]))
@@ -182,8 +183,7 @@ class CachedData(torch.utils.data.Dataset):
                 mask[row, : b - a] = 1
             batch = {"hidden": hidden, "attention_mask": mask}
         if self.targets is not None:
-            batch["labels"] = self.targets.collate(idx, width) if hasattr(self.targets, "collate") \
-                else self.targets[idx]
+            batch["labels"] = batch_targets(self.targets, idx, width)
         return batch
 
 

@@ -40,9 +40,11 @@ def infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any = None, 
         with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             y = model.features(**batch) if features else model(**batch).logits
         y = y.float().cpu()
-        if out is None:  # per-token outputs (B, T, C) are padded with zeros to the longest example
-            width = (int(ds.lengths.max()),) if y.dim() == 3 and getattr(ds, "lengths", None) is not None else ()
-            out = torch.zeros((len(ds), *(width or y.shape[1:2]), *y.shape[2:]), dtype=y.dtype)
+        if out is None:
+            shape = list(y.shape[1:])
+            if y.dim() == 3 and getattr(ds, "lengths", None) is not None:  # per token: to the longest example
+                shape[0] = int(ds.lengths.max())
+            out = torch.zeros((len(ds), *shape), dtype=y.dtype)
         if y.dim() == 3:
             out[torch.as_tensor(idx), : y.shape[1]] = y
         else:
