@@ -78,14 +78,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     ``cfg`` is a Config, a dict, or a YAML path. ``resume`` continues an interrupted run
     from its last checkpoint (its saved config is used).
     """
-    out = ui.console
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg = read_config(run_dir)
-        checkpoint.require_state(run_dir)
-    else:
-        cfg = config_mod.coerce(cfg)
-        run_dir = None
+    cfg, run_dir = _config_and_dir(cfg, resume)
     hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads, cfg.train.loader_threads)
     dist = distributed.init(cpu=hw.device == "cpu")  # a launched multi-process run: join its process group
     main = dist is None or dist.is_main_process
@@ -93,63 +86,19 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         quiet, report = True, False
     trackers.check(cfg.train.tracker)  # a tracker that is not installed stops us before any work
     set_seed(cfg.train.seed)
-    cont = None
-    if cfg.continual.source:  # fmtune continue: start from a finished run (see fmtune.continual)
-        from fmtune import continual
-
-        cont = continual.Setup(cfg, run_dir)
-    frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
-    new_rows = len(frames.train)
-    if cont is not None:
-        frames = cont.with_memory(frames)
-    if resume is not None:
-        task = read_task(run_dir)
-    else:
-        task = cont.task(frames.train) if cont is not None else make_task(cfg.task, cfg.data, frames.train)
-    resolve_metric(task, cfg.train)
-    set_seed(cfg.train.seed)
-    bundle = build.create(cfg.model, task)
-    _check_robust_training(cfg.train, bundle.kind, task)
-    data = _datasets(cfg, bundle, task, frames)  # every split is checked before any training
-    counts = apply_strategy(bundle, cfg.strategy)
-    if cont is not None:
-        cont.start_from_source(bundle)
-    counts.update(optim.memory_note(counts, cfg.train))
-    bundle.model.to(hw.device)  # the feature cache, training, test and baseline all run there
-    if run_dir is None and main:
-        run_dir = new_run_dir(cfg, overwrite)
-        write_start(run_dir, cfg, task)
-        if cont is not None:
-            cont.write_memory(run_dir)
-    if dist is not None:
-        from accelerate.utils import broadcast_object_list
-
-        run_dir = Path(broadcast_object_list([str(run_dir) if main else None])[0])
+    cont = _continual(cfg, run_dir)
+    frames, task, new_rows = _frames_and_task(cfg, run_dir, cont)
+    bundle, data, counts = _model_and_data(cfg, task, frames, cont, hw)
+    run_dir = _run_dir(cfg, run_dir, task, cont, overwrite, dist)
     if not quiet:
-        out.print(f"[bold]fmtune train[/] -> {run_dir}")
-        labels = f" with {len(task.labels)} labels" if task.labels else ""
-        out.print(f"  model {cfg.model.name} ({bundle.kind}, pooling={bundle.pooling})  task {task.name}{labels}"
-                  f"  strategy {cfg.strategy.name}")
-        out.print(f"  trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
-                  f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); optimizer state "
-                  f"{counts['optimizer_state_mib']:.1f} MiB (full fine-tuning: "
-                  f"{counts['full_finetune_optimizer_state_mib']:.1f} MiB)")
-        out.print(f"  lr {cfg.train.lr:g}, head lr {optim.head_lr(cfg.train):g}")
-        out.print(f"  data: train {_split_size(data['train'])}, val {_split_size(data['val'])}"
-                  f"{' (split off train)' if frames.val_from_train else ''}"
-                  f"{', test ' + _split_size(data['test']) if 'test' in data else ''}")
+        _print_plan(cfg, bundle, task, counts, frames, data, run_dir)
     with dist.main_process_first() if dist is not None else contextlib.nullcontext():  # one rank fills the cache
         net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet, hw)
-    # bf16 is not always faster on a GPU (MiniLM at batch 32 on an H200: 2.3x slower): time both on this
-    # model. Not on CPUs: EfficientNet-Lite0 trains 1.6x faster in fp32 there, but reached 1-2 points
-    # lower test accuracy on digits than bf16 in 3 of 3 seeds, so the CPU keeps the native-bf16 rule.
-    if hw.device == "cuda" and cfg.train.precision == "auto" and hw.precision != "no" and dist is None:
-        first = epoch_batches(len(train_ds), cfg.train.batch_size, cfg.train.seed, 0,
-                              getattr(train_ds, "lengths", None))[0]
-        hw = hardware.probe_precision(hw, net or bundle.model, train_ds.collate(first), task.loss)
+    if dist is None:
+        hw = _gpu_precision(cfg, hw, task, net or bundle.model, train_ds)
     if not quiet:
-        out.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
-        out.print(f"  feature cache: {cache_note}")
+        ui.console.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
+        ui.console.print(f"  feature cache: {cache_note}")
     penalty = None
     if cont is not None:
         train_ds, penalty = cont.penalty(bundle.model, data["train"], train_ds, hw.device, quiet)
@@ -169,8 +118,106 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
 
         summary["report"] = str(write_report(run_dir))
         if not quiet:
-            out.print(f"report: {summary['report']}")
+            ui.console.print(f"report: {summary['report']}")
     return summary
+
+
+def _config_and_dir(cfg: Any, resume: str | Path | None) -> tuple[config_mod.Config, Path | None]:
+    """A fresh run's config (its folder is made later, once everything is checked); a resumed
+    run's saved config and folder."""
+    if resume is None:
+        return config_mod.coerce(cfg), None
+    run_dir = Path(resume)
+    cfg = read_config(run_dir)
+    checkpoint.require_state(run_dir)
+    return cfg, run_dir
+
+
+def _continual(cfg: config_mod.Config, run_dir: Path | None) -> Any:
+    """fmtune continue (see fmtune.continual): what starting from a finished run needs; None for
+    an ordinary run."""
+    if not cfg.continual.source:
+        return None
+    from fmtune import continual
+
+    return continual.Setup(cfg, run_dir)
+
+
+def _frames_and_task(cfg: config_mod.Config, run_dir: Path | None, cont: Any) -> tuple[Any, Any, int]:
+    """The splits (a continued run's memory mixed in), the task (a resumed run's own; a continued
+    run's grown from its source's), and how many training rows are new."""
+    frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
+    new_rows = len(frames.train)
+    if cont is not None:
+        frames = cont.with_memory(frames)
+    if run_dir is not None:
+        task = read_task(run_dir)
+    else:
+        task = cont.task(frames.train) if cont is not None else make_task(cfg.task, cfg.data, frames.train)
+    resolve_metric(task, cfg.train)
+    return frames, task, new_rows
+
+
+def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any,
+                    hw: hardware.Hardware) -> tuple[build.Bundle, dict[str, Any], dict[str, Any]]:
+    """The model with its strategy applied (a continued run: its source's weights), every split
+    encoded and checked before any training, and the parameter counts."""
+    set_seed(cfg.train.seed)
+    bundle = build.create(cfg.model, task)
+    _check_robust_training(cfg.train, bundle.kind, task)
+    data = _datasets(cfg, bundle, task, frames)
+    counts = apply_strategy(bundle, cfg.strategy)
+    if cont is not None:
+        cont.start_from_source(bundle)
+    counts.update(optim.memory_note(counts, cfg.train))
+    bundle.model.to(hw.device)  # the feature cache, training, test and baseline all run there
+    return bundle, data, counts
+
+
+def _run_dir(cfg: config_mod.Config, run_dir: Path | None, task: Any, cont: Any, overwrite: bool,
+             dist: Any) -> Path:
+    """A fresh run's folder, made by rank 0 and told to the others."""
+    main = dist is None or dist.is_main_process
+    if run_dir is None and main:
+        run_dir = new_run_dir(cfg, overwrite)
+        write_start(run_dir, cfg, task)
+        if cont is not None:
+            cont.write_memory(run_dir)
+    if dist is not None:
+        from accelerate.utils import broadcast_object_list
+
+        run_dir = Path(broadcast_object_list([str(run_dir) if main else None])[0])
+    return run_dir
+
+
+def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts: dict[str, Any], frames: Any,
+                data: dict[str, Any], run_dir: Path) -> None:
+    out = ui.console
+    out.print(f"[bold]fmtune train[/] -> {run_dir}")
+    labels = f" with {len(task.labels)} labels" if task.labels else ""
+    out.print(f"  model {cfg.model.name} ({bundle.kind}, pooling={bundle.pooling})  task {task.name}{labels}"
+              f"  strategy {cfg.strategy.name}")
+    out.print(f"  trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
+              f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); optimizer state "
+              f"{counts['optimizer_state_mib']:.1f} MiB (full fine-tuning: "
+              f"{counts['full_finetune_optimizer_state_mib']:.1f} MiB)")
+    out.print(f"  lr {cfg.train.lr:g}, head lr {optim.head_lr(cfg.train):g}")
+    out.print(f"  data: train {_split_size(data['train'])}, val {_split_size(data['val'])}"
+              f"{' (split off train)' if frames.val_from_train else ''}"
+              f"{', test ' + _split_size(data['test']) if 'test' in data else ''}")
+
+
+def _gpu_precision(cfg: config_mod.Config, hw: hardware.Hardware, task: Any, net: Any,
+                   train_ds: Any) -> hardware.Hardware:
+    """bf16 is not always faster on a GPU (MiniLM at batch 32 on an H200: 2.3x slower): time both on
+    this model. Not on CPUs: EfficientNet-Lite0 trains 1.6x faster in fp32 there, but reached 1-2
+    points lower test accuracy on digits than bf16 in 3 of 3 seeds, so the CPU keeps the native-bf16
+    rule. Not for a launched multi-process run (the ranks would have to agree)."""
+    if hw.device != "cuda" or cfg.train.precision != "auto" or hw.precision == "no":
+        return hw
+    first = epoch_batches(len(train_ds), cfg.train.batch_size, cfg.train.seed, 0,
+                          getattr(train_ds, "lengths", None))[0]
+    return hardware.probe_precision(hw, net, train_ds.collate(first), task.loss)
 
 
 def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], frames: Any,

@@ -154,248 +154,340 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     to the task's loss (continual learning), ``aux`` being the batch's ``aux_*`` tensors.
     ``eval_first``: validate (and keep as the best so far) the model as it starts, at step 0.
     """
-    # A process may train several times with different precisions (or after a Trainer): drop the
-    # previous run's accelerator settings, keeping the process group of a distributed launch.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=hardware.device == "cpu", mixed_precision=hardware.precision)
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    set_seed(cfg.seed)
-    model = bundle.model.to(accelerator.device)  # before the optimizer, so it can pick fused kernels
-    sharded = world > 1 and cfg.distributed == "fsdp"
-    whole = None  # FSDP: rank 0's unsharded copy, what checkpoints are written from and the caller gets
-    if sharded:
-        if net is not None:
-            raise TrainingError("internal: FSDP shards the whole model; the feature cache cannot feed it")
-        if main:  # copied on the CPU: a second whole model on the accelerator would defeat the point
-            whole = copy.deepcopy(model.cpu())
-            model.to(accelerator.device)
-        fsdp.shard(model)
-        if main:
-            bundle.model = whole
-    net = net if net is not None else model
-    metric = resolve_metric(task, cfg)
-    greater = task.greater_is_better(metric)
+    run = _Fit(bundle, task, train_ds, val_ds, cfg, run_dir, hardware=hardware, save_best=save_best,
+               progress=progress, net=net, on_eval=on_eval, penalty=penalty)
+    run.start(resume, trackers)
+    return run.train(eval_first and not resume)
 
-    batches_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    if sharded:
-        optimizer = accelerator.prepare(optimizer)  # the model stays as FSDP made it (no DDP wrapper)
-    else:
-        net, optimizer = accelerator.prepare(net, optimizer)
-    device = accelerator.device
-    # a host sync per step would stall a GPU's queue; with several processes a decision taken on
-    # one rank's own loss could leave the others waiting: both check the (reduced) loss when logging
-    deferred_checks = device.type != "cpu" or world > 1
-    plain_net = accelerator.unwrap_model(net)
 
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_step": 0, "bad_evals": 0,
-             "history": [], "seconds": 0.0, "samples": 0, "stopped_early": False, "done": False, "out_of_time": False}
-    if resume:
-        state.update(checkpoint.load_state(run_dir, model, optimizer, scheduler,
-                                           sharded=fsdp.load_full if sharded else None))
-    log = _Log(run_dir / METRICS_FILE, state["step"] if resume else None, trackers) if main else _NoLog()
+class _Fit:
+    """The state of one fit(): set up in named steps (accelerator and placement, optimizer,
+    counters and log), then trained batch by batch (forward/backward, optimizer step, logging,
+    evaluation, resume points), ended by finish()."""
 
-    def gather_whole() -> None:
-        """FSDP: the trained weights into rank 0's whole copy (every rank takes part)."""
-        full = fsdp.full_state(model)
-        if main:
-            whole.load_state_dict(full)
+    def __init__(self, bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: Path, *,
+                 hardware: Any, save_best: Callable[[], None], progress: Any, net: torch.nn.Module | None,
+                 on_eval: Callable[[dict], None] | None, penalty: Any) -> None:
+        self.bundle, self.task, self.train_ds, self.val_ds, self.cfg, self.run_dir = \
+            bundle, task, train_ds, val_ds, cfg, run_dir
+        self.hardware, self._save_best, self.progress, self.on_eval, self.penalty = \
+            hardware, save_best, progress, on_eval, penalty
+        self.metric = resolve_metric(task, cfg)
+        self.greater = task.greater_is_better(self.metric)
+        self._accelerator()
+        self._place(net)
+        self._optimizer()
+        # a head-like strategy (at most 5% of the weights train) keeps its best weights in memory and in
+        # every resume point, and writes model/ once: when training ends, stops or fails. Writing the
+        # whole model at each improvement cost more than an epoch of training on cached features.
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.deferred = not self.sharded and n_trainable <= 0.05 * sum(p.numel() for p in self.model.parameters())
 
-    # A head-like strategy (at most 5% of the weights train) keeps its best weights in memory and in
-    # every resume point, and writes model/ once: when training ends, stops or fails. Writing the
-    # whole model at each improvement cost more than an epoch of training on cached features.
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    deferred = not sharded and n_trainable <= 0.05 * sum(p.numel() for p in model.parameters())
-    best_state: dict[str, dict[str, torch.Tensor] | None] = {
-        "weights": checkpoint.load_best(run_dir) if resume and deferred else None}
+    # -- set-up steps ------------------------------------------------------------------------------
 
-    def save_best_here() -> None:
-        if sharded:
-            gather_whole()
-        if deferred:
-            best_state["weights"] = checkpoint.changing_state(model)
-        elif main:
-            save_best()
+    def _accelerator(self) -> None:
+        # A process may train several times with different precisions (or after a Trainer): drop the
+        # previous run's accelerator settings, keeping the process group of a distributed launch.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        acc = self.accelerator = Accelerator(cpu=self.hardware.device == "cpu",
+                                             mixed_precision=self.hardware.precision)
+        self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
+        self.device = acc.device
+        set_seed(self.cfg.seed)
 
-    def write_deferred_best() -> None:
-        """model/ from the best weights kept in memory (the model keeps its current ones)."""
-        if not (deferred and main and best_state["weights"] is not None):
-            return
-        current = checkpoint.changing_state(model)
-        model.load_state_dict(best_state["weights"], strict=False)
-        try:
-            save_best()
-        finally:
-            model.load_state_dict(current, strict=False)
+    def _place(self, net: torch.nn.Module | None) -> None:
+        """The model onto the device (before the optimizer, so it can pick fused kernels); FSDP:
+        sharded over the ranks, rank 0 keeping an unsharded copy on the CPU (what checkpoints are
+        written from and the caller gets; a second whole model on the accelerator would defeat the point)."""
+        self.model = self.bundle.model.to(self.device)
+        self.sharded = self.world > 1 and self.cfg.distributed == "fsdp"
+        self.whole = None
+        if self.sharded:
+            if net is not None:
+                raise TrainingError("internal: FSDP shards the whole model; the feature cache cannot feed it")
+            if self.main:
+                self.whole = copy.deepcopy(self.model.cpu())
+                self.model.to(self.device)
+            fsdp.shard(self.model)
+            if self.main:
+                self.bundle.model = self.whole
+        self.net = net if net is not None else self.model
 
-    def save_resume_point(rng: dict[str, Any] | None = None) -> None:
-        if sharded:  # every rank takes part in gathering the whole states; rank 0 writes them
-            weights, moments = fsdp.full_state(model), fsdp.full_optimizer_state(model, optimizer.optimizer)
-            if main:
-                checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=rng, weights=weights,
-                                      optimizer_state=moments)
-        elif main:
-            checkpoint.save_state(run_dir, model, optimizer, scheduler, state, rng=rng, best=best_state["weights"])
-
-    def evaluate() -> None:
-        if world > 1:
-            logits, targets = gathered_infer(plain_net, val_ds, cfg.eval_batch_size, device, accelerator)
+    def _optimizer(self) -> None:
+        cfg = self.cfg
+        batches_per_epoch = math.ceil(len(self.train_ds) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
+        if self.sharded:  # the model stays as FSDP made it (no DDP wrapper)
+            self.optimizer = self.accelerator.prepare(self.optimizer)
         else:
-            logits, targets = infer(net, val_ds, cfg.eval_batch_size, device)
-        res = task.metrics(logits, targets)
-        epoch = state["step"] / steps_per_epoch
-        rec = {"step": state["step"], "epoch": round(epoch, 3), "seconds": round(time.perf_counter() - started, 3),
-               **{k: round(v, 6) for k, v in res.items()}}
-        if _improved(res[metric], state["best"], greater, cfg.min_delta):
-            state.update(best=res[metric], best_step=state["step"], bad_evals=0)
-            save_best_here()  # the best checkpoint first: a crash after it still leaves the best model
+            self.net, self.optimizer = self.accelerator.prepare(self.net, self.optimizer)
+        self.plain_net = self.accelerator.unwrap_model(self.net)
+        # a host sync per step would stall a GPU's queue; with several processes a decision taken on
+        # one rank's own loss could leave the others waiting: both check the (reduced) loss when logging
+        self.deferred_checks = self.device.type != "cpu" or self.world > 1
+
+    def start(self, resume: bool, trackers: list[Any]) -> None:
+        """The counters (from the resume checkpoint when resuming), the best weights kept in memory,
+        and the log (rank 0 only)."""
+        self.state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_step": 0, "bad_evals": 0,
+                      "history": [], "seconds": 0.0, "samples": 0, "stopped_early": False, "done": False,
+                      "out_of_time": False}
+        if resume:
+            self.state.update(checkpoint.load_state(self.run_dir, self.model, self.optimizer, self.scheduler,
+                                                    sharded=fsdp.load_full if self.sharded else None))
+        self.best_weights = checkpoint.load_best(self.run_dir) if resume and self.deferred else None
+        self.log = _Log(self.run_dir / METRICS_FILE, self.state["step"] if resume else None, trackers) \
+            if self.main else _NoLog()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _gather_whole(self) -> None:
+        """FSDP: the trained weights into rank 0's whole copy (every rank takes part)."""
+        full = fsdp.full_state(self.model)
+        if self.main:
+            self.whole.load_state_dict(full)
+
+    def _keep_best(self) -> None:
+        if self.sharded:
+            self._gather_whole()
+        if self.deferred:
+            self.best_weights = checkpoint.changing_state(self.model)
+        elif self.main:
+            self._save_best()
+
+    def _write_deferred_best(self) -> None:
+        """model/ from the best weights kept in memory (the model keeps its current ones)."""
+        if not (self.deferred and self.main and self.best_weights is not None):
+            return
+        current = checkpoint.changing_state(self.model)
+        self.model.load_state_dict(self.best_weights, strict=False)
+        try:
+            self._save_best()
+        finally:
+            self.model.load_state_dict(current, strict=False)
+
+    def _save_resume_point(self, rng: dict[str, Any] | None = None) -> None:
+        if self.sharded:  # every rank takes part in gathering the whole states; rank 0 writes them
+            weights = fsdp.full_state(self.model)
+            moments = fsdp.full_optimizer_state(self.model, self.optimizer.optimizer)
+            if self.main:
+                checkpoint.save_state(self.run_dir, self.model, self.optimizer, self.scheduler, self.state,
+                                      rng=rng, weights=weights, optimizer_state=moments)
+        elif self.main:
+            checkpoint.save_state(self.run_dir, self.model, self.optimizer, self.scheduler, self.state, rng=rng,
+                                  best=self.best_weights)
+
+    # -- evaluation --------------------------------------------------------------------------------
+
+    def _evaluate(self) -> None:
+        state, cfg = self.state, self.cfg
+        if self.world > 1:
+            logits, targets = gathered_infer(self.plain_net, self.val_ds, cfg.eval_batch_size, self.device,
+                                             self.accelerator)
+        else:
+            logits, targets = infer(self.net, self.val_ds, cfg.eval_batch_size, self.device)
+        res = self.task.metrics(logits, targets)
+        rec = {"step": state["step"], "epoch": round(state["step"] / self.steps_per_epoch, 3),
+               "seconds": round(time.perf_counter() - self.started, 3), **{k: round(v, 6) for k, v in res.items()}}
+        if _improved(res[self.metric], state["best"], self.greater, cfg.min_delta):
+            state.update(best=res[self.metric], best_step=state["step"], bad_evals=0)
+            self._keep_best()  # the best checkpoint first: a crash after it still leaves the best model
             rec["best"] = True
         else:
             state["bad_evals"] += 1
         state["history"].append(rec)
-        log.write(type="eval", **rec)
-        if progress:
-            progress.evaluated(rec, metric)
+        self.log.write(type="eval", **rec)
+        if self.progress:
+            self.progress.evaluated(rec, self.metric)
         if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
             state["stopped_early"] = True
-        if on_eval is not None:
-            on_eval(rec)
-        net.train()
-        set_train_mode(plain_net)
+        if self.on_eval is not None:
+            self.on_eval(rec)
+        self._train_mode()
 
-    started = time.perf_counter() - state["seconds"]
-    last_save = time.perf_counter()
-    if progress:
-        progress.start(total_steps, state["step"])
-    if eval_first and not resume:  # a head that starts solved: the candidate every epoch must beat
-        evaluate()
-    net.train()
-    set_train_mode(plain_net)
-    window_loss, window_n, window_local, window_t = 0.0, 0, 0, time.perf_counter()
-    # Ctrl-C stops at the next step boundary and saves a resume point there that continues bit
-    # for bit (a second Ctrl-C stops at once, saving only if the model still sits at a boundary:
-    # partial gradient accumulation is discarded, and the boundary's RNG state is kept here).
-    boundary_rng, at_boundary = checkpoint.rng_state(), True
-    stop = _StopRequest()
-    try:
-        while not state["done"] and state["step"] < total_steps and not state["stopped_early"]:
-            batches = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, state["epoch"],
-                                    getattr(train_ds, "lengths", None))
-            micro = 0
-            first = state["batch_in_epoch"]
-            # this rank's share of each batch (a batch smaller than the world: every rank takes it whole),
-            # collated ahead in the background (prefetch.batches: the same batches, in the same order)
-            mine = [shard(idx, rank, world) if world > 1 and len(idx) >= world else idx for idx in batches[first:]]
-            with contextlib.closing(prefetch.batches(train_ds.collate, mine, hardware.loader)) as feed:
-                for bi, host_batch in zip(range(first, len(batches)), feed):
-                    if at_boundary:  # several processes stop at the same step: rank 0 decides
-                        if broadcast_flag(stop.requested, accelerator) if world > 1 else stop.requested:
-                            raise KeyboardInterrupt
-                    examples = len(batches[bi])  # counted once, over all ranks
-                    batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
-                    targets = batch.pop("labels")
-                    aux = {k: batch.pop(k) for k in [k for k in batch if k.startswith("aux_")]}
-                    local = len(targets)
-                    if cfg.adversarial != "none":
-                        batch, targets = adversarial_batch(plain_net, bundle.image, batch, targets, cfg.adversarial,
-                                                           cfg.adversarial_eps)
-                    with accelerator.autocast():
-                        logits = net(**batch).logits
-                    loss = task.loss(logits, targets)
-                    if penalty is not None:
-                        loss = loss + penalty(logits, aux)
-                    if not deferred_checks and not torch.isfinite(loss):
-                        raise _diverged(loss.item(), state, run_dir)
-                    accelerator.backward(loss / cfg.grad_accum)
-                    micro += 1
-                    window_loss += loss.detach().float() * local  # stays on the device: no sync per step
-                    window_local += local
-                    window_n += examples
-                    state["samples"] += examples
-                    last_of_epoch = bi == len(batches) - 1
-                    if micro % cfg.grad_accum and not last_of_epoch:
-                        continue
-                    # an optimizer step: clip, step, schedule, flush the gradients as soon as we can
-                    at_boundary = False
-                    if cfg.grad_clip:
-                        accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state["step"] += 1
-                    state["batch_in_epoch"] = bi + 1
-                    if state["step"] % cfg.log_every == 0 or last_of_epoch:
-                        dt = time.perf_counter() - window_t
-                        totals = torch.stack([torch.as_tensor(window_loss, dtype=torch.float32, device=device),
-                                              torch.tensor(float(window_local), device=device)])
-                        if world > 1:
-                            totals = accelerator.reduce(totals, "sum")
-                        mean_loss = float(totals[0]) / max(float(totals[1]), 1.0)
-                        if not math.isfinite(mean_loss):  # on a GPU, found here (up to log_every steps late)
-                            raise _diverged(mean_loss, state, run_dir)
-                        log.write(type="train", step=state["step"], epoch=round(state["step"] / steps_per_epoch, 3),
-                                  loss=round(mean_loss, 6), lr=scheduler.get_last_lr()[0],
-                                  samples_per_s=round(window_n / max(dt, 1e-9), 2))
-                        if progress:
-                            progress.trained(state["step"], mean_loss)
-                        window_loss, window_n, window_local, window_t = 0.0, 0, 0, time.perf_counter()
-                    if last_of_epoch:
-                        state["epoch"] += 1
-                        state["batch_in_epoch"] = 0
-                    at_end = state["step"] >= total_steps
-                    if cfg.max_minutes and not at_end:
-                        late = time.perf_counter() - started >= cfg.max_minutes * 60
-                        if broadcast_flag(late, accelerator) if world > 1 else late:
-                            at_end = state["out_of_time"] = True
-                    if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (
-                            not cfg.eval_every and last_of_epoch) or at_end:
-                        if not (state["history"] and state["history"][-1]["step"] == state["step"]):
-                            evaluate()
-                    state["seconds"] = time.perf_counter() - started
-                    due = (cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0) or \
-                        (time.perf_counter() - last_save) / 60 >= cfg.save_every_minutes or \
-                        (state["history"] and state["history"][-1]["step"] == state["step"])
-                    if due or at_end or state["stopped_early"]:
-                        state["done"] = at_end or state["stopped_early"]
-                        save_resume_point()
-                        last_save = time.perf_counter()
-                    boundary_rng, at_boundary = checkpoint.rng_state(), True
-                    if at_end or state["stopped_early"]:
-                        break
-    except KeyboardInterrupt:
-        if progress:
-            progress.stop()
-        if at_boundary and not state["done"]:
-            state["seconds"] = time.perf_counter() - started
-            save_resume_point(rng=boundary_rng)
-            if world > 1:  # every rank left at this boundary; let rank 0 finish writing
-                accelerator.wait_for_everyone()
-        write_deferred_best()
-        raise Interrupted(f"interrupted; the resume checkpoint in {run_dir / 'state'} is at step "
-                          f"{checkpoint.saved_step(run_dir)}: continue with  fmtune train --resume {run_dir}") from None
-    except BaseException:  # a failure: the best model goes to disk, as the error message says
-        write_deferred_best()
-        raise
-    finally:
-        stop.restore()
-        log.close()
-    if progress:
-        progress.stop()
-    write_deferred_best()
-    seconds = time.perf_counter() - started
-    # accelerate wrapped the forward in autocast: take it off, so what runs after training (the
-    # test split, the baseline, the caller) computes what a fresh load of the model computes
-    accelerator.unwrap_model(net, keep_fp32_wrapper=False)
-    # FSDP: each rank holds its shard, in sync by construction; rank 0's whole copy gets the final weights
-    in_sync = params_in_sync(model, accelerator) if world > 1 and not sharded else None
-    held = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters()) / 2**20
-    if sharded:
-        gather_whole()
-        if main:
-            bundle.model = whole.to(device)
-    return FitResult(metric, state["best"], state["best_step"], state["step"], state["step"] / steps_per_epoch,
-                     state["stopped_early"], state["out_of_time"], seconds, state["samples"] / max(seconds, 1e-9),
-                     state["history"], world, in_sync, round(held, 3) if world > 1 else None)
+    def _train_mode(self) -> None:
+        self.net.train()
+        set_train_mode(self.plain_net)
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def train(self, eval_first: bool) -> FitResult:
+        """Epochs until the step budget, early stopping or the time budget; Ctrl-C stops at the next
+        step boundary and saves a resume point there that continues bit for bit (a second Ctrl-C
+        stops at once, saving only if the model still sits at a boundary: partial gradient
+        accumulation is discarded, and the boundary's RNG state is kept here)."""
+        state = self.state
+        self.started = time.perf_counter() - state["seconds"]
+        self.last_save = time.perf_counter()
+        if self.progress:
+            self.progress.start(self.total_steps, state["step"])
+        if eval_first:  # a head that starts solved: the candidate every epoch must beat
+            self._evaluate()
+        self._train_mode()
+        self._reset_window()
+        self.boundary_rng, self.at_boundary = checkpoint.rng_state(), True
+        stop = _StopRequest()
+        try:
+            while not state["done"] and state["step"] < self.total_steps and not state["stopped_early"]:
+                self._epoch(stop)
+        except KeyboardInterrupt:
+            self._interrupted()
+        except BaseException:  # a failure: the best model goes to disk, as the error message says
+            self._write_deferred_best()
+            raise
+        finally:
+            stop.restore()
+            self.log.close()
+        if self.progress:
+            self.progress.stop()
+        self._write_deferred_best()
+        return self._finish()
+
+    def _epoch(self, stop: _StopRequest) -> None:
+        """The rest of the current epoch: this rank's share of each batch (a batch smaller than the
+        world: every rank takes it whole), collated ahead in the background (prefetch.batches: the
+        same batches, in the same order)."""
+        state, cfg = self.state, self.cfg
+        batches = epoch_batches(len(self.train_ds), cfg.batch_size, cfg.seed, state["epoch"],
+                                getattr(self.train_ds, "lengths", None))
+        first, micro = state["batch_in_epoch"], 0
+        mine = [shard(idx, self.rank, self.world) if self.world > 1 and len(idx) >= self.world else idx
+                for idx in batches[first:]]
+        with contextlib.closing(prefetch.batches(self.train_ds.collate, mine, self.hardware.loader)) as feed:
+            for bi, host_batch in zip(range(first, len(batches)), feed):
+                if self.at_boundary:  # several processes stop at the same step: rank 0 decides
+                    if broadcast_flag(stop.requested, self.accelerator) if self.world > 1 else stop.requested:
+                        raise KeyboardInterrupt
+                self._forward_backward(host_batch, examples=len(batches[bi]))  # counted once, over all ranks
+                micro += 1
+                last_of_epoch = bi == len(batches) - 1
+                if micro % cfg.grad_accum and not last_of_epoch:
+                    continue
+                self.at_boundary = False
+                self._optimizer_step()
+                state["batch_in_epoch"] = bi + 1
+                if state["step"] % cfg.log_every == 0 or last_of_epoch:
+                    self._log_window()
+                if last_of_epoch:
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+                at_end = self._at_end()
+                if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (
+                        not cfg.eval_every and last_of_epoch) or at_end:
+                    if not self._evaluated_here():
+                        self._evaluate()
+                state["seconds"] = time.perf_counter() - self.started
+                if self._save_due() or at_end or state["stopped_early"]:
+                    state["done"] = at_end or state["stopped_early"]
+                    self._save_resume_point()
+                    self.last_save = time.perf_counter()
+                self.boundary_rng, self.at_boundary = checkpoint.rng_state(), True
+                if at_end or state["stopped_early"]:
+                    return
+
+    def _forward_backward(self, host_batch: dict[str, torch.Tensor], examples: int) -> None:
+        cfg = self.cfg
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in host_batch.items()}
+        targets = batch.pop("labels")
+        aux = {k: batch.pop(k) for k in [k for k in batch if k.startswith("aux_")]}
+        local = len(targets)
+        if cfg.adversarial != "none":
+            batch, targets = adversarial_batch(self.plain_net, self.bundle.image, batch, targets, cfg.adversarial,
+                                               cfg.adversarial_eps)
+        with self.accelerator.autocast():
+            logits = self.net(**batch).logits
+        loss = self.task.loss(logits, targets)
+        if self.penalty is not None:
+            loss = loss + self.penalty(logits, aux)
+        if not self.deferred_checks and not torch.isfinite(loss):
+            raise _diverged(loss.item(), self.state, self.run_dir)
+        self.accelerator.backward(loss / cfg.grad_accum)
+        self.window_loss += loss.detach().float() * local  # stays on the device: no sync per step
+        self.window_local += local
+        self.window_n += examples
+        self.state["samples"] += examples
+
+    def _optimizer_step(self) -> None:
+        """Clip, step, schedule, and flush the gradients as soon as we can."""
+        if self.cfg.grad_clip:
+            self.accelerator.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+
+    def _reset_window(self) -> None:
+        self.window_loss, self.window_n, self.window_local, self.window_t = 0.0, 0, 0, time.perf_counter()
+
+    def _log_window(self) -> None:
+        """The mean training loss since the last log line (over all ranks), checked for divergence."""
+        dt = time.perf_counter() - self.window_t
+        totals = torch.stack([torch.as_tensor(self.window_loss, dtype=torch.float32, device=self.device),
+                              torch.tensor(float(self.window_local), device=self.device)])
+        if self.world > 1:
+            totals = self.accelerator.reduce(totals, "sum")
+        mean_loss = float(totals[0]) / max(float(totals[1]), 1.0)
+        if not math.isfinite(mean_loss):  # on a GPU, found here (up to log_every steps late)
+            raise _diverged(mean_loss, self.state, self.run_dir)
+        step = self.state["step"]
+        self.log.write(type="train", step=step, epoch=round(step / self.steps_per_epoch, 3),
+                       loss=round(mean_loss, 6), lr=self.scheduler.get_last_lr()[0],
+                       samples_per_s=round(self.window_n / max(dt, 1e-9), 2))
+        if self.progress:
+            self.progress.trained(step, mean_loss)
+        self._reset_window()
+
+    def _at_end(self) -> bool:
+        """The step budget is spent, or the time budget (decided on rank 0 for every rank)."""
+        if self.state["step"] >= self.total_steps:
+            return True
+        if self.cfg.max_minutes:
+            late = time.perf_counter() - self.started >= self.cfg.max_minutes * 60
+            if broadcast_flag(late, self.accelerator) if self.world > 1 else late:
+                self.state["out_of_time"] = True
+                return True
+        return False
+
+    def _evaluated_here(self) -> bool:
+        history = self.state["history"]
+        return bool(history) and history[-1]["step"] == self.state["step"]
+
+    def _save_due(self) -> bool:
+        cfg = self.cfg
+        return bool((cfg.save_every_steps and self.state["step"] % cfg.save_every_steps == 0)
+                    or (time.perf_counter() - self.last_save) / 60 >= cfg.save_every_minutes
+                    or self._evaluated_here())
+
+    def _interrupted(self) -> None:
+        if self.progress:
+            self.progress.stop()
+        if self.at_boundary and not self.state["done"]:
+            self.state["seconds"] = time.perf_counter() - self.started
+            self._save_resume_point(rng=self.boundary_rng)
+            if self.world > 1:  # every rank left at this boundary; let rank 0 finish writing
+                self.accelerator.wait_for_everyone()
+        self._write_deferred_best()
+        raise Interrupted(f"interrupted; the resume checkpoint in {self.run_dir / 'state'} is at step "
+                          f"{checkpoint.saved_step(self.run_dir)}: continue with  fmtune train --resume "
+                          f"{self.run_dir}") from None
+
+    def _finish(self) -> FitResult:
+        state, model = self.state, self.model
+        seconds = time.perf_counter() - self.started
+        # accelerate wrapped the forward in autocast: take it off, so what runs after training (the
+        # test split, the baseline, the caller) computes what a fresh load of the model computes
+        self.accelerator.unwrap_model(self.net, keep_fp32_wrapper=False)
+        # FSDP: each rank holds its shard, in sync by construction; rank 0's whole copy gets the final weights
+        in_sync = params_in_sync(model, self.accelerator) if self.world > 1 and not self.sharded else None
+        held = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters()) / 2**20
+        if self.sharded:
+            self._gather_whole()
+            if self.main:
+                self.bundle.model = self.whole.to(self.device)
+        return FitResult(self.metric, state["best"], state["best_step"], state["step"],
+                         state["step"] / self.steps_per_epoch, state["stopped_early"], state["out_of_time"],
+                         seconds, state["samples"] / max(seconds, 1e-9), state["history"], self.world, in_sync,
+                         round(held, 3) if self.world > 1 else None)
