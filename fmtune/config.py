@@ -49,6 +49,10 @@ class DataConfig:
     val: str | None = _f(None, "validation data (default: split off the training data)")
     test: str | None = _f(None, "test data, evaluated with the best checkpoint at the end")
     text_column: str = _f("text", "column holding the text")
+    text_columns: str | None = _f(None, "tabular data: write these columns (comma-separated, or 'all' but the label) "
+                                  "as the text, 'col: value, col: value', for a text encoder to read")
+    text_template: str | None = _f(None, "tabular data: the text as a format string over column names, e.g. "
+                                   "'{age} year old {sex}, works as {occupation}' (instead of text_columns)")
     image_column: str = _f("image", "column holding image paths (relative to the file) in a CSV/JSONL/Parquet")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
     label_separator: str = _f("|", "multi-label: separator between labels in one cell")
@@ -67,6 +71,12 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 0.9, "data.val_fraction", "must be in (0, 0.9)")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
         _check(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
+        _check(not (self.text_columns and self.text_template), "data.text_template",
+               "give text_columns or text_template, not both")
+        if self.text_template:
+            from fmtune.data.tabular import template_columns
+
+            template_columns(self.text_template)
 
 
 @dataclass
@@ -77,6 +87,9 @@ class TaskConfig:
     threshold: float = _f(0.5, "multilabel: probability above which a label is predicted")
     label_all_subtokens: bool = _f(False, "ner: train on every sub-token of a word (default: its first sub-token "
                                    "only); predictions and metrics always read the first")
+    group_weights: str | None = _f(None, "fairness: re-weigh training examples so each group x label cell of "
+                                   "these columns (comma-separated, intersected) counts as if group and label were "
+                                   "independent (Kamiran & Calders; regression: each group counts equally)")
     window_stride: float = _f(0.25, "ner: a sentence longer than model.max_length is read in windows that overlap by "
                               "this share of the window; every word is predicted from the window where it has "
                               "the most context")

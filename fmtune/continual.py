@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from fmtune import adapters, ui
+from fmtune.data.dataset import WithAux
 from fmtune.data.prepare import make_dataset, read_frames
 from fmtune.data.readers import absolute_paths, read_any
 from fmtune.errors import ConfigError, DataError, RunDirError
@@ -374,25 +375,6 @@ def extend_head(model: torch.nn.Module, old: dict[str, torch.Tensor]) -> None:
             target[: v.shape[0]].copy_(v)  # the head: old outputs first
         else:
             raise RunDirError(f"the run's weight {k} has shape {tuple(v.shape)}, this model {tuple(target.shape)}")
-
-
-class WithAux:
-    """A training set whose batches also carry per-example tensors (keys ``aux_*``) for the loss."""
-
-    def __init__(self, ds: Any, aux: dict[str, torch.Tensor]):
-        self.ds, self.aux = ds, aux
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.ds, name)
-
-    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        batch = self.ds.collate(idx)
-        at = torch.as_tensor(idx)
-        batch.update({k: v[at] for k, v in self.aux.items()})
-        return batch
 
 
 def lwf_loss(alpha: float, temperature: float) -> Any:

@@ -16,10 +16,17 @@ def linear_probe(model: Any, task: Any, train_ds: Any, eval_sets: dict[str, Any]
 
     Returns task metrics per eval set, computed exactly as for the fine-tuned model.
     """
+    return {name: task.metrics(logits, y) for name, (logits, y) in
+            probe_outputs(model, task, train_ds, eval_sets, batch_size, seed, progress).items()}
+
+
+def probe_outputs(model: Any, task: Any, train_ds: Any, eval_sets: dict[str, Any], batch_size: int,
+                  seed: int = 0, progress: Any = None) -> dict[str, tuple[Any, Any]]:
+    """The probe's (logits, targets) on each eval set, fitted as in ``linear_probe``."""
     x_train, y_train = infer(model, train_ds, batch_size, features=True, progress=progress)
     probe = task.fit_probe(x_train.numpy(), y_train, seed)
     out = {}
     for name, ds in eval_sets.items():
         x, y = infer(model, ds, batch_size, features=True, progress=progress)
-        out[name] = task.metrics(task.probe_logits(probe, x.numpy()), y)
+        out[name] = (task.probe_logits(probe, x.numpy()), y)
     return out

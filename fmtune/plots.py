@@ -55,3 +55,39 @@ def image_gallery(images: list[Any], titles: list[str], path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def fairness(result: dict[str, Any], path: Path) -> Path:
+    """One panel per grouping: each group's key metric (selection rate for two labels, else
+    accuracy; regression: MAE) per model, with its confidence interval; too-small groups hatched."""
+    plt = pyplot()
+    models = list(result["models"])
+    names = list(result["models"][models[0]])
+    first = result["models"][models[0]][names[0]]["groups"][0]["metrics"]
+    metric = next(m for m in ("selection_rate", "accuracy", "mae") if m in first)
+    fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.2 + 0.35 * sum(
+        len(result["models"][models[0]][n]["groups"]) for n in names)), squeeze=False)
+    height = 0.8 / len(models)
+    for ax, name in zip(axes[:, 0], names):
+        groups = result["models"][models[0]][name]["groups"]
+        y = np.arange(len(groups))
+        for j, model in enumerate(models):
+            rows = result["models"][model][name]["groups"]
+            vals = [g["metrics"][metric]["value"] or 0.0 for g in rows]
+            lo = [v - (g["metrics"][metric]["ci"][0] if g["metrics"][metric]["ci"][0] is not None else v)
+                  for v, g in zip(vals, rows)]
+            hi = [(g["metrics"][metric]["ci"][1] if g["metrics"][metric]["ci"][1] is not None else v) - v
+                  for v, g in zip(vals, rows)]
+            bars = ax.barh(y + j * height, vals, height, xerr=[lo, hi], capsize=2, label=model)
+            for b, g in zip(bars, rows):
+                if g["too_small"]:
+                    b.set_hatch("//")
+        ax.set_yticks(y + height * (len(models) - 1) / 2,
+                      labels=[f"{g['group']} (n={g['n']})" for g in groups], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{metric.replace('_', ' ')} by {name}", fontsize=10)
+    axes[0, 0].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

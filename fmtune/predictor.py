@@ -19,6 +19,7 @@ import torch
 
 from fmtune.data.dataset import ImageData, TextData, decode_image
 from fmtune.errors import ConfigError, DataError
+from fmtune.fairness import read_thresholds
 from fmtune.fsutil import folder_digest, read_json
 from fmtune.run import EVAL_FILE, open_run
 from fmtune.training.infer import infer
@@ -39,6 +40,8 @@ class Predictor:
         self.kind = self.bundle.kind
         self.batch_size = batch_size or self.config.train.eval_batch_size
         self.backend = backend
+        # per-group decision thresholds fitted by fmtune fairness --fit-thresholds (None: the model decides)
+        self.thresholds = read_thresholds(self.run_dir) if self.task.supports("fairness") else None
         if backend == "torch":
             self.model = self.bundle.model.eval()
             self.version = folder_digest(self.run_dir / "model")

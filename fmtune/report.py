@@ -233,6 +233,7 @@ def write_report(run: str | Path) -> Path:
             page = (run_dir / "explain" / "attributions.html").read_text()
             body = page.split("<body>", 1)[-1].rsplit("</body>", 1)[0]
             sections += [f"<h2>{title}</h2>", body]
+    sections += _fairness_section(run_dir)
     sections += ["<h2>Data</h2>", _data_section(cfg, info)]
     env = [["hardware", info.get("hardware", "")], ["params", json.dumps(info.get("params", {}))],
            *[[k, v] for k, v in (info.get("versions") or {}).items()], ["report made with python",
@@ -242,6 +243,51 @@ def write_report(run: str | Path) -> Path:
     page = _page(f"fmtune report: {s['run']}", "\n".join(sections))
     out = run_dir / REPORT_FILE
     write_text_atomic(out, page)
+    return out
+
+
+def _gap(m: dict[str, Any]) -> str:
+    if m["value"] is None:
+        return "-"
+    lo, hi = m["ci"]
+    return f"{m['value']:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None else f"{m['value']:.4f}"
+
+
+def _fairness_gap_rows(fair: dict[str, Any], models: list[str], label: str = "") -> list[list[Any]]:
+    rows = []
+    for grouping, entry in fair["models"][models[0]].items():
+        for gap in entry["gaps"] or {"(no gap judged)": None}:
+            rows.append([*([label] if label else []), grouping, gap,
+                         *[_gap(fair["models"][m][grouping]["gaps"][gap]) if gap in fair["models"][m][grouping]["gaps"]
+                           else "-" for m in models]])
+    return rows
+
+
+def _fairness_section(run_dir: Path) -> list[str]:
+    """fmtune fairness, when it was run: gaps per grouping and model, the per-group plot, overall
+    metrics (what thresholds cost), counterfactual flips."""
+    fair = read_json(run_dir / "fairness.json", {})
+    if not fair.get("models"):
+        return []
+    models = list(fair["models"])
+    conf = int(round(100 * fair.get("confidence", 0.95)))
+    out = [f"<h2>Fairness (fmtune fairness: {fair['n']} rows of {html.escape(Path(fair['data']).name)}, groups "
+           f"{html.escape(', '.join(fair['groups']))})</h2>",
+           _table(["grouping", "gap", *models], _fairness_gap_rows(fair, models)),
+           f'<p class="muted">{conf}% bootstrap intervals ({fair.get("bootstrap")} resamples); groups under '
+           f'{fair.get("min_group_size")} examples are flagged and left out of the gaps'
+           + (f"; positive label {html.escape(str(fair['positive']))}" if fair.get("positive") else "") + "</p>"]
+    keys = list(next(iter(fair["overall"].values())))
+    out.append(_table(["model (all rows)", *keys], [[m, *[fair["overall"][m].get(k, "") for k in keys]]
+                                                    for m in models]))
+    if (run_dir / "fairness.png").is_file():
+        out.append(_img_tag((run_dir / "fairness.png").read_bytes(), "metrics by group"))
+    cf = (fair.get("counterfactual") or {}).get("by") or {}
+    if cf:
+        out += [f"<p>Counterfactuals: {html.escape(fair['counterfactual']['method'])}</p>",
+                _table(["swap", "rows", "decision flipped", "mean change", "largest change"],
+                       [[k, c["rows"], c["flip_rate"], c["mean_change"], c["max_change"]] for k, c in cf.items()])]
+    out += [f'<p class="muted">{html.escape(n)}</p>' for n in fair.get("notes", [])]
     return out
 
 
@@ -271,6 +317,15 @@ def compare(runs: list[str | Path], out: str | Path) -> tuple[Path, list[str], l
         ax.set_title("test metrics")
         ax.legend()
         figs = _png(fig)
+    fair_rows = []
+    for s in summaries:
+        fair = read_json(Path(s["dir"]) / "fairness.json", {})
+        if fair.get("models"):
+            fair_rows += _fairness_gap_rows(fair, [m for m in fair["models"] if m != "pretrained baseline"][:1],
+                                            s["run"])
+    if fair_rows:
+        figs += ("<h2>Fairness gaps (each run's last fmtune fairness; fine-tuned model)</h2>"
+                 + _table(["run", "grouping", "gap", "value [interval]"], fair_rows))
     body = (f"<h1>fmtune: {len(summaries)} runs compared</h1>" + _table(header, rows) + figs
             + "".join(f'<p class="muted">{html.escape(s["run"])}: {html.escape(s["dir"])}</p>' for s in summaries))
     out = Path(out)

@@ -157,6 +157,25 @@ def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: 
     return ImageData(data, None if targets is None else targets[keep], spec), keep
 
 
+class WithAux:
+    """A training set whose batches also carry per-example tensors (keys ``aux_*``) for the loss."""
+
+    def __init__(self, ds: Any, aux: dict[str, torch.Tensor]):
+        self.ds, self.aux = ds, aux
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ds, name)
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.ds.collate(idx)
+        at = torch.as_tensor(idx)
+        batch.update({k: v[at] for k, v in self.aux.items()})
+        return batch
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray | None = None,
                   shuffle: bool = True) -> list[list[int]]:
     """The batches of one epoch, a pure function of (seed, epoch): resume can replay it exactly.

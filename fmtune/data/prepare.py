@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
+from fmtune.data import tabular
 from fmtune.data.readers import require_column
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks import Task, task_class
@@ -58,7 +59,7 @@ def _require_input(df: pd.DataFrame, data_cfg: Any) -> None:
 def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any) -> pd.DataFrame:
     """One data file (or folder) read the way ``task`` reads its data."""
     cls = task_class(task) if isinstance(task, str) else task
-    return cls.read(path, data_cfg).reset_index(drop=True)
+    return tabular.render(cls.read(path, data_cfg), data_cfg).reset_index(drop=True)
 
 
 def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:

@@ -36,7 +36,9 @@ UNKNOWN = "unknown"
 #   explain           fmtune explain (attributions towards a predicted label)
 #   embed             fmtune embed (pooled features coloured by target)
 #   robustness        fmtune robustness (metrics under perturbed inputs)
-CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness")
+#   fairness          fmtune fairness (metrics per group; task.group_weights; per-group thresholds)
+CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
+                "fairness")
 
 
 class Task:
@@ -147,10 +149,17 @@ class Task:
         """(scale, shift) the head's output is mapped by (regression predicts in target units)."""
         return 1.0, 0.0
 
-    def loss(self, logits: torch.Tensor, targets: Any) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, targets: Any, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss; ``weights`` (one per example, tasks with capability "fairness"):
+        the weighted mean over the batch (task.group_weights)."""
         raise NotImplementedError
 
     def metrics(self, logits: torch.Tensor, targets: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    def outcomes(self, logits: torch.Tensor, targets: Any) -> dict[str, Any]:
+        """What a fairness audit compares across groups (capability "fairness"): ``kind`` "labels"
+        with ``true``/``pred`` class ids and ``proba`` (N x K), or "values" with ``true``/``pred``."""
         raise NotImplementedError
 
     # --- output ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ class Classification(Task):
     metric_names = ("accuracy", "macro_f1", "loss")
     hf_problem_type = "single_label_classification"
     capabilities = frozenset({"stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed",
-                              "robustness"})
+                              "robustness", "fairness"})
 
     @classmethod
     def stratify_values(cls, df: pd.DataFrame, column: str) -> pd.Series | None:
@@ -67,9 +67,12 @@ class Classification(Task):
                                 "--set data.unknown_labels=unknown")
         return torch.from_numpy(out)
 
-    def loss(self, logits, targets):
+    def loss(self, logits, targets, weights=None):
         w = self.class_weights.to(logits.device) if self.class_weights is not None else None
-        return F.cross_entropy(logits.float(), targets, weight=w, ignore_index=-100)
+        if weights is None:
+            return F.cross_entropy(logits.float(), targets, weight=w, ignore_index=-100)
+        each = F.cross_entropy(logits.float(), targets, weight=w, ignore_index=-100, reduction="none")
+        return (each * weights).sum() / weights[targets != -100].sum().clamp(min=1e-12)
 
     def metrics(self, logits, targets):
         pred = logits.argmax(-1).numpy()
@@ -97,6 +100,10 @@ class Classification(Task):
     def flatten(self, record: dict[str, Any]) -> dict[str, Any]:
         return {"label": record["label"], "score": record["score"],
                 **{f"prob_{k}": v for k, v in record["probabilities"].items()}}
+
+    def outcomes(self, logits, targets):
+        return {"kind": "labels", "true": targets.numpy(), "pred": logits.argmax(-1).numpy(),
+                "proba": logits.float().softmax(-1).numpy()}
 
     # --- the test report ---------------------------------------------------------------------
     def text_report(self, logits, targets) -> str:

@@ -25,7 +25,7 @@ class Regression(Task):
     default_metric = "rmse"
     metric_names = ("mae", "rmse", "r2", "loss")
     hf_problem_type = "regression"
-    capabilities = frozenset({"embed", "explain", "robustness"})
+    capabilities = frozenset({"embed", "explain", "robustness", "fairness"})
     baseline_method = "ridge regression (scikit-learn) on the frozen pretrained backbone's pooled features"
 
     @property
@@ -58,14 +58,21 @@ class Regression(Task):
 
     # The model outputs target units (its head carries the training mean/std as a fixed affine),
     # so the loss divides by the variance to stay on the scale of standardised targets.
-    def loss(self, logits, targets):
-        return F.mse_loss(logits.float().view(-1), targets) / self.target_stats["std"] ** 2
+    def loss(self, logits, targets, weights=None):
+        if weights is None:
+            return F.mse_loss(logits.float().view(-1), targets) / self.target_stats["std"] ** 2
+        each = F.mse_loss(logits.float().view(-1), targets, reduction="none")
+        return (each * weights).sum() / weights.sum().clamp(min=1e-12) / self.target_stats["std"] ** 2
 
     def metrics(self, logits, targets):
         p, y = logits.float().view(-1).numpy(), targets.numpy()
         return {"mae": float(skm.mean_absolute_error(y, p)), "rmse": float(np.sqrt(skm.mean_squared_error(y, p))),
                 "r2": float(skm.r2_score(y, p)) if len(y) > 1 else math.nan,
                 "loss": float(self.loss(logits, targets).item())}
+
+    def outcomes(self, logits, targets):
+        return {"kind": "values", "true": targets.numpy().astype(np.float64),
+                "pred": logits.float().view(-1).numpy().astype(np.float64)}
 
     def postprocess(self, logits, ds=None):
         return [{"value": float(v)} for v in logits.float().view(-1)]

