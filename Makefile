@@ -2,6 +2,7 @@
 #   make demo        fine-tune MiniLM-L6 on rotten-tomatoes (offline, real weights and data)
 #   make demo-image  fine-tune EfficientNet-Lite0 on scikit-learn digits
 #   make demo-ner    fine-tune MiniLM-L6 to tag named entities in WNUT-2016 tweets
+#   make demo-fairness  fine-tune MiniLM-L6 on Adult census rows; audit it by sex and race
 #   make test        the default test suite (tiny random-init models; < 10 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-image demo-ner test test-slow lint clean
+.PHONY: setup demo demo-image demo-ner demo-fairness test test-slow lint clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +34,9 @@ demo-image: setup
 
 demo-ner: setup
 	$(VENV)/bin/fmtune demo --task ner
+
+demo-fairness: setup
+	$(VENV)/bin/fmtune demo --task fairness
 
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
 test: setup

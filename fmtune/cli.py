@@ -117,6 +117,7 @@ def cmd_fairness(a: argparse.Namespace) -> None:
     res = run_fairness(a.run, a.data, split_names(a.groups), baseline=a.baseline, missing=a.missing,
                        min_group_size=a.min_group_size, n_boot=a.bootstrap, confidence=a.confidence,
                        positive=a.positive, fit=a.fit_thresholds, fit_data=a.fit_data,
+                       threshold_groups=split_names(a.threshold_groups) or None,
                        counterfactual=a.counterfactual, terms=a.terms, max_counterfactual_rows=a.limit,
                        quiet=a.quiet)
     if a.quiet:
@@ -342,9 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (< 3 min on 2 cores)")
-    d.add_argument("--task", choices=["text", "image", "ner"], default="text",
+    d.add_argument("--task", choices=["text", "image", "ner", "fairness"], default="text",
                    help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits; ner: MiniLM-L6 "
-                   "tagging named entities in WNUT-2016 tweets")
+                   "tagging named entities in WNUT-2016 tweets; fairness: MiniLM-L6 on Adult census rows, then "
+                   "the per-group audit before and after per-group thresholds")
     d.add_argument("--out", help="run directory (default: runs/demo-<task>-<time>)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -461,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fit per-group decision thresholds (fairlearn ThresholdOptimizer, best accuracy under the "
                     "constraint) on --fit-data, store them in the run (predict and serve apply them; delete "
                     "RUN/fairness_thresholds.json to stop) and audit them beside the model")
+    fa.add_argument("--threshold-groups", help="the columns the thresholds are per (comma-separated, intersected; "
+                    "default: --groups). A group under --min-group-size rows or with one label in the fitting data "
+                    "gets no threshold and keeps the model's decision")
     fa.add_argument("--fit-data", help="labelled data the thresholds are fitted on (default: the run's validation "
                     "split, never the data audited)")
     fa.add_argument("--counterfactual", action="store_true", help="how often the decision moves when only the "

@@ -26,6 +26,7 @@ import torch
 from fmtune import adapters, ui
 from fmtune.data.prepare import make_dataset, read_data, read_frames
 from fmtune.errors import ConfigError, DataError, ModelError, RunDirError
+from fmtune.fairness import THRESHOLDS_FILE, read_thresholds
 from fmtune.fsutil import atomic_dir, folder_digest, read_json
 from fmtune.models import build
 from fmtune.onnx_export import MODEL_FILE, OnnxModel, export_onnx, quantize_int8, write_preprocessing
@@ -128,8 +129,19 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
 
         exported = lambda tmp: OnnxModel(tmp / MODEL_FILE, bundle.kind)  # noqa: E731
 
+    rules = read_thresholds(opened.dir) if opened.task.supports("fairness") else None
+    if rules is not None:  # fmtune fairness --fit-thresholds: the decision rule travels with the model
+        result["decision_thresholds"] = {
+            "file": THRESHOLDS_FILE, "columns": rules["columns"], "constraint": rules["constraint"],
+            "rule": f"per group of {', '.join(rules['columns'])}: predict {rules['positive']!r} when its probability "
+                    "is above threshold0 (operator0) for a share p0 of inputs, else above threshold1; the share is "
+                    "drawn from the first 8 bytes of sha256(input text) as a number in [0, 1) "
+                    "(fmtune.fairness.apply_thresholds); a group without a rule: the most probable label"}
+
     def build_and_check(tmp: Path) -> None:
         write(tmp)
+        if rules is not None:
+            shutil.copyfile(opened.dir / THRESHOLDS_FILE, tmp / THRESHOLDS_FILE)
         model = exported(tmp)
         diff = max_abs_diff(reference.model, model, ds)
         result["max_abs_diff"] = diff
@@ -154,6 +166,9 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
                "onnx-int8": "onnxruntime, int8 weights; preprocessing.json says how to prepare inputs"}[kind]
         ui.console.print(f"exported {opened.dir} -> {target} ({how}); max |difference| to the run's model "
                          f"{result['max_abs_diff']:.2e} on {len(ds)} rows")
+        if rules is not None:
+            ui.console.print(f"  with the run's per-group decision thresholds ({THRESHOLDS_FILE}; export.json says "
+                             "how to apply them)")
         if "metric" in result:
             m = result["metric"]
             ui.console.print(f"  {m['name']} on {m['data']}: {m['torch']:.4f} -> {m['exported']:.4f} with int8 "

@@ -220,29 +220,45 @@ def _scores() -> Any:
 
 
 def fit_thresholds(proba_positive: np.ndarray, true_positive: np.ndarray, groups: pd.DataFrame, constraint: str,
-                   seed: int = 0) -> dict[str, Any]:
+                   min_group_size: int = 30) -> dict[str, Any]:
     """fairlearn's ThresholdOptimizer on held-out scores: per group (``groups``' columns
     intersected), a threshold rule meeting ``constraint`` at the best accuracy. A rule may mix
     two thresholds with probabilities p0/p1 (what makes the constraint exactly reachable);
     ``apply_thresholds`` draws that mix from a hash of the input, so one input always gets one
-    answer. Returns what is stored in the run."""
+    answer. A group with fewer than ``min_group_size`` rows, or with one label only, gets no rule
+    (a threshold fitted on it would be noise; such rows keep the model's decision) and is listed
+    under ``left_out``. Returns what is stored in the run."""
     if constraint not in CONSTRAINTS:
         raise ConfigError(f"--constraint: {constraint!r} is not one of {', '.join(CONSTRAINTS)}")
     from fairlearn.postprocessing import ThresholdOptimizer
 
-    key = groups.astype(str).agg(JOIN.join, axis=1) if len(groups.columns) > 1 else groups.iloc[:, 0]
+    key = (groups.astype(str).agg(JOIN.join, axis=1) if len(groups.columns) > 1 else groups.iloc[:, 0]).to_numpy()
+    y = np.asarray(true_positive).astype(int)
+    left_out = {}
+    for g in sorted(set(key)):
+        rows = y[key == g]
+        if len(rows) < min_group_size:
+            left_out[str(g)] = f"{len(rows)} rows (fewer than {min_group_size})"
+        elif rows.min() == rows.max():
+            left_out[str(g)] = f"only label {'positive' if rows[0] else 'negative'} in its {len(rows)} rows"
+    keep = ~np.isin(key, list(left_out))
+    if len(set(key[keep])) < 2:
+        why = "; ".join(f"{g}: {w}" for g, w in left_out.items())
+        raise DataError(f"--fit-thresholds: fewer than two groups have {min_group_size} or more rows with both labels "
+                        f"in the data the thresholds are fitted on ({why}); give more data (--fit-data), fewer "
+                        "group columns (--threshold-groups), or a smaller --min-group-size")
     opt = ThresholdOptimizer(estimator=_scores(), constraints=constraint, objective="accuracy_score",
                              prefit=True, predict_method="predict", flip=False)
-    x = pd.DataFrame({"score": np.asarray(proba_positive, dtype=np.float64)})
-    opt.fit(x, np.asarray(true_positive).astype(int), sensitive_features=key.to_numpy())
+    x = pd.DataFrame({"score": np.asarray(proba_positive, dtype=np.float64)[keep]})
+    opt.fit(x, y[keep], sensitive_features=key[keep])
     rules = {}
     for g, rule in opt.interpolated_thresholder_.interpolation_dict.items():
         rules[str(g)] = {f"{k}{i}": v for i in (0, 1) for k, v in (
             ("p", float(rule[f"p{i}"])), ("operator", rule[f"operation{i}"].operator),
             ("threshold", float(rule[f"operation{i}"].threshold)))}
-    return {"constraint": constraint, "columns": list(groups.columns), "rules": rules,
-            "default": "a group without a rule (unseen when the thresholds were fitted) gets the model's own "
-                       "decision (the most probable label)"}
+    return {"constraint": constraint, "columns": list(groups.columns), "rules": rules, "left_out": left_out,
+            "default": "a group without a rule (unseen or left out when the thresholds were fitted) gets the "
+                       "model's own decision (the most probable label)"}
 
 
 def _unit(text: str) -> float:
@@ -435,12 +451,14 @@ def overall(outcomes: dict[str, Any], positive: int | None) -> dict[str, float]:
 def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[str] = (), *, baseline: bool = False,
                  missing: str = "error", min_group_size: int = 30, n_boot: int = 1000, confidence: float = 0.95,
                  positive: str | None = None, fit: str | None = None, fit_data: str | Path | None = None,
-                 counterfactual: bool = False, terms: str | Path | None = None, max_counterfactual_rows: int = 1000,
+                 threshold_groups: list[str] | None = None, counterfactual: bool = False,
+                 terms: str | Path | None = None, max_counterfactual_rows: int = 1000,
                  quiet: bool = False) -> dict[str, Any]:
     """``fmtune fairness``: the audit of a run on labelled data (default: its test file), written to
     RUN/fairness.json and RUN/fairness.png. ``baseline``: the pretrained baseline's too. ``fit``: a
-    constraint; per-group thresholds are fitted on ``fit_data`` (default: the run's validation
-    split), stored in the run (predict and serve apply them) and audited too."""
+    constraint; per-group thresholds (per ``threshold_groups``, default: ``groups``, intersected)
+    are fitted on ``fit_data`` (default: the run's validation split), stored in the run (predict,
+    serve and export apply or carry them) and audited too."""
     from fmtune import plots, ui
     from fmtune.data.prepare import read_data, read_frames
     from fmtune.fsutil import write_json
@@ -459,6 +477,9 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
     pos = _positive(task, positive)
     if fit is not None and pos is None:
         raise ConfigError("--fit-thresholds: per-group thresholds are for two labels (a positive and a negative)")
+    if threshold_groups and not set(threshold_groups) <= set(group_df.columns):
+        raise ConfigError(f"--threshold-groups: {', '.join(threshold_groups)} must be among --groups "
+                          f"({', '.join(group_df.columns)}), so the thresholded model is audited on them")
     ds, kept, (logits, targets) = _inputs(opened, df, quiet, "fairness: predict")
     group_df, df = group_df.iloc[kept], df.iloc[kept]
     outcomes = task.outcomes(logits, targets)
@@ -466,24 +487,28 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
     inputs = df[text_col].astype(str).tolist() if text_col in df.columns else [str(i) for i in range(len(df))]
     kw = {"positive": pos, "n_boot": n_boot, "confidence": confidence, "min_group_size": min_group_size,
           "seed": cfg.train.seed}
-    models = {"fine-tuned": outcomes}
     notes = []
-    if baseline:
-        models = {"pretrained baseline": _baseline_outcomes(opened, ds, quiet), **models}
-    if fit is not None:
+    if fit is not None:  # before the slower baseline: a problem with the fit shows at once
+        columns = list(threshold_groups or group_df.columns)
         val = read_frames(cfg.data, cfg.task.type, cfg.train.seed).val if fit_data is None else \
             read_data(Path(fit_data), task, cfg.data)
-        val_groups = group_columns(val, list(groups), missing)
+        val_groups = group_columns(val, columns, missing)
         _, vkept, (vlogits, vtargets) = _inputs(opened, val, quiet, "fairness: validation scores")
         vout = task.outcomes(vlogits, vtargets)
         ok = vout["true"] >= 0
         rules = fit_thresholds(vout["proba"][ok, pos], vout["true"][ok] == pos, val_groups.iloc[vkept][ok],
-                               fit, cfg.train.seed)
+                               fit, min_group_size)
         rules.update(positive=task.labels[pos], fitted_on=str(fit_data or "the run's validation split"),
                      rows=int(ok.sum()))
         write_json(opened.dir / THRESHOLDS_FILE, rules)
         notes.append(f"per-group thresholds ({fit}) fitted on {rules['fitted_on']} ({rules['rows']} rows) and "
                      f"stored in {opened.dir / THRESHOLDS_FILE}: predict and serve apply them")
+        if rules["left_out"]:
+            notes.append("no threshold (the model's own decision) for: " + "; ".join(
+                f"{g} ({why})" for g, why in rules["left_out"].items()))
+    models = {"fine-tuned": outcomes}
+    if baseline:
+        models = {"pretrained baseline": _baseline_outcomes(opened, ds, quiet), **models}
     rules = read_thresholds(opened.dir)
     if rules is not None and pos is not None:
         if not set(rules["columns"]) <= set(group_df.columns):
@@ -491,9 +516,10 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
                             f"{'those columns' if len(rules['columns']) > 1 else 'that column'} in --groups")
         thresholded, unseen = _thresholded(outcomes, rules, group_df, inputs, pos)
         models[f"fine-tuned + thresholds ({rules['constraint']})"] = thresholded
+        unseen = [g for g in unseen if g not in rules.get("left_out", {})]
         if unseen:
-            notes.append(f"warning: group(s) {', '.join(unseen)} had no threshold when they were fitted: those rows "
-                         "keep the model's own decision")
+            notes.append(f"warning: group(s) {', '.join(unseen)} have no threshold (unseen or left out when they were "
+                         "fitted): those rows keep the model's own decision")
     result: dict[str, Any] = {
         "run": str(opened.dir), "data": str(source), "n": int(len(df)), "groups": list(group_df.columns),
         "task": task.name, "positive": task.labels[pos] if pos is not None else None, "bootstrap": n_boot,
@@ -581,27 +607,43 @@ def _fmt(m: dict[str, Any]) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else f"{v:.3f}"
 
 
+def key_metric(result: dict[str, Any]) -> str:
+    """The metric a group table shows: the selection rate for two labels, else accuracy; regression MAE."""
+    first = next(iter(next(iter(result["models"].values())).values()))["groups"][0]["metrics"]
+    return next(m for m in ("selection_rate", "accuracy", "mae") if m in first)
+
+
 def print_fairness(result: dict[str, Any]) -> None:
+    """Per grouping: the key metric of each group for each model, then the gaps; then overall
+    metrics. Everything else (every metric of every group) is in fairness.json."""
     from fmtune import ui
 
     models = list(result["models"])
-    for grouping in result["groups"] + ([JOIN.join(result["groups"])] if len(result["groups"]) > 1 else []):
-        for name in models:
-            entry = result["models"][name][grouping]
-            metrics = list(entry["groups"][0]["metrics"])
-            rows = [[g["group"] + (" (too small)" if g["too_small"] else ""), g["n"],
-                     *[_fmt(g["metrics"][m]) for m in metrics]] for g in entry["groups"]]
-            ui.console.print(ui.table(f"{name}: by {grouping} ({int(result['confidence'] * 100)}% intervals)",
-                                      ["group", "n", *metrics], rows))
+    short = {m: "baseline" if m == "pretrained baseline" else "thresholds" if m.startswith("fine-tuned +") else m
+             for m in models}
+    names = {"accuracy_difference": "accuracy diff.", "demographic_parity_difference": "dem. parity diff.",
+             "demographic_parity_ratio": "dem. parity ratio", "equalized_odds_difference": "eq. odds diff.",
+             "mae_difference": "MAE diff.", "mean_prediction_difference": "mean pred. diff."}
+    metric = key_metric(result)
+    conf = int(round(100 * result["confidence"]))
+    for grouping in result["models"][models[0]]:
+        rows = []
+        for k, g in enumerate(result["models"][models[0]][grouping]["groups"]):
+            rows.append([g["group"] + (" (too small)" if g["too_small"] else ""), g["n"],
+                         *[_fmt(result["models"][m][grouping]["groups"][k]["metrics"][metric]) for m in models]])
+        ui.console.print(ui.table(f"{metric} by {grouping} ({conf}% intervals)", ["group", "n",
+                                                                                *[short[m] for m in models]], rows))
         gaps = list(result["models"][models[0]][grouping]["gaps"])
         if gaps:
-            rows = [[gap, *[_fmt(result["models"][n][grouping]["gaps"][gap]) for n in models]] for gap in gaps]
-            ui.console.print(ui.table(f"gaps between groups of {grouping}", ["gap", *models], rows))
+            rows = [[names.get(gap, gap), *[_fmt(result["models"][n][grouping]["gaps"][gap]) for n in models]]
+                    for gap in gaps]
+            ui.console.print(ui.table(f"gaps between groups of {grouping}", ["gap", *[short[m] for m in models]],
+                                      rows))
         else:
             ui.console.print(result["models"][models[0]][grouping].get("note", ""))
     keys = list(next(iter(result["overall"].values())))
-    ui.console.print(ui.table("overall", ["model", *keys], [[n, *[v.get(k) for k in keys]]
-                                                          for n, v in result["overall"].items()]))
+    ui.console.print(ui.table("overall (all rows)", ["model", *keys], [[short[n], *[v.get(k) for k in keys]]
+                                                                     for n, v in result["overall"].items()]))
     for name, c in result.get("counterfactual", {}).get("by", {}).items():
         ui.console.print(f"counterfactual {name}: {c['rows']} rows, decision flipped in {100 * c['flip_rate']:.1f}%, "
                          f"mean change {c['mean_change']:.4f}, largest {c['max_change']:.4f}")

@@ -120,10 +120,37 @@ def _check_items(value: Any, limits: Limits) -> list[Any]:
     return value
 
 
-def _prepare_texts(values: list[Any], predictor: Any, limits: Limits) -> tuple[list[str], list[int]]:
-    texts, truncated = [], []
+def _row_text(value: dict[str, Any], predictor: Any, where: str) -> Any:
+    """A JSON object input: a table row. Its text is its text key, or (a tabular run) the row
+    written out as the run's data.text_columns / text_template say."""
+    import pandas as pd
+
+    from fmtune.data import tabular
+
+    cfg = predictor.config.data
+    if tabular.uses_columns(cfg):
+        row = pd.DataFrame([value])
+        row.attrs["source"] = where
+        return tabular.render(row, cfg)[cfg.text_column].iloc[0]
+    if cfg.text_column not in value:
+        raise DataError(f"{where}: an object input needs the key {cfg.text_column!r} (the text)")
+    return value[cfg.text_column]
+
+
+def _prepare_texts(values: list[Any], predictor: Any, limits: Limits) -> tuple[list[str], list[int], list[dict]]:
+    """(texts, positions truncated, the group values of each input where the run decides per group)."""
+    texts, truncated, groups = [], [], []
+    rules = getattr(predictor, "thresholds", None)
     for i, v in enumerate(values):
         try:
+            if rules is not None:
+                if not isinstance(v, dict) or any(c not in v for c in rules["columns"]):
+                    raise DataError(f"inputs[{i}]: this run decides with per-group thresholds on "
+                                    f"{', '.join(rules['columns'])}: send objects with those keys, e.g. "
+                                    f"{{\"{predictor.config.data.text_column}\": ..., \"{rules['columns'][0]}\": ...}}")
+                groups.append({c: str(v[c]) for c in rules["columns"]})
+            if isinstance(v, dict):
+                v = _row_text(v, predictor, f"inputs[{i}]")
             text = predictor.check_text(v, f"inputs[{i}]")
         except DataError as e:
             raise HTTPError(422, str(e)) from None
@@ -132,7 +159,7 @@ def _prepare_texts(values: list[Any], predictor: Any, limits: Limits) -> tuple[l
                 raise HTTPError(413, f"inputs[{i}]: {len(text)} characters; the limit is {limits.max_text_chars}")
             text, truncated = text[: limits.max_text_chars], [*truncated, i]
         texts.append(text)
-    return texts, truncated
+    return texts, truncated, groups
 
 
 def _prepare_images(values: list[Any], predictor: Any) -> list[Any]:
@@ -204,7 +231,7 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HTTPError(400, f"the body is not valid JSON: {e}") from None
 
-    async def inputs_of(request: Request) -> tuple[list[Any], list[int]]:
+    async def inputs_of(request: Request) -> tuple[list[Any], list[int], list[dict]]:
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             if predictor.kind != "image":
@@ -213,19 +240,22 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
             files = [f for f in form.getlist("files") if hasattr(f, "read")]
             files = _check_items(files, limits)
             raw = [await f.read() for f in files]
-            return await run_in_threadpool(_prepare_images, raw, predictor), []
+            return await run_in_threadpool(_prepare_images, raw, predictor), [], []
         data = await read_json(request)
         if not isinstance(data, dict) or "inputs" not in data:
             raise HTTPError(422, 'expected a JSON object {"inputs": [...]}')
         values = _check_items(data["inputs"], limits)
         if predictor.kind == "text":
             return _prepare_texts(values, predictor, limits)
-        return await run_in_threadpool(_prepare_images, values, predictor), []
+        return await run_in_threadpool(_prepare_images, values, predictor), [], []
 
     example = ["a gripping, well-acted film"] if predictor.kind == "text" else ["<base64 image>"]
     body_doc = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
-            "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+            "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": [
+                {"type": "string"}, {"type": "object", "description": "a table row: its text key, or the columns "
+                                     "of a tabular run (data.text_columns), plus any group columns the run's "
+                                     "decision thresholds read"}]}}],
                        "example": example}}}},
         **({"multipart/form-data": {"schema": {"type": "object", "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}
@@ -235,9 +265,18 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
     async def predict(request: Request) -> Any:
         """Predict one or many inputs; returns one prediction per input, in order."""
         guard(request)
-        items, truncated = await inputs_of(request)
+        items, truncated, groups = await inputs_of(request)
         predictions = await batcher.submit(items)
         out: dict[str, Any] = {"predictions": predictions, "model_version": meta["model_version"]}
+        if groups:  # per-group decision thresholds (fmtune fairness --fit-thresholds)
+            import pandas as pd
+
+            from fmtune.fairness import threshold_records
+
+            unseen = threshold_records(predictor.thresholds, predictions, pd.DataFrame(groups), items)
+            if unseen:
+                out["warnings"] = [f"group(s) {', '.join(unseen)} had no decision threshold when they were fitted: "
+                                   "those inputs keep the model's own decision"]
         if truncated:
             out["truncated"] = truncated
         return out

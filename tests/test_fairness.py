@@ -234,3 +234,58 @@ def test_predict_applies_the_thresholds(tabular_run, tmp_path):
     test.drop(columns=["grp"]).to_csv(tmp_path / "nogrp.csv", index=False)
     with pytest.raises(DataError, match="'grp'"):
         fmtune.api.predict(run, tmp_path / "nogrp.csv", tmp_path / "p2.csv", quiet=True)
+
+
+def test_serve_applies_the_thresholds_to_rows(tabular_run):
+    from fastapi.testclient import TestClient
+
+    from fmtune.predictor import Predictor
+    from fmtune.serve import create_app
+
+    tmp, _ = tabular_run
+    run = tmp / "run"
+    if not (run / fairness.THRESHOLDS_FILE).is_file():
+        fairness.run_fairness(run, groups=["grp"], fit="demographic_parity", n_boot=50, quiet=True)
+    test = pd.read_csv(tmp / "test.csv").head(40)
+    rows = test[["review", "grp"]].to_dict("records")
+    with TestClient(create_app(Predictor(run))) as client:
+        r = client.post("/predict", json={"inputs": rows})
+        assert r.status_code == 200, r.text
+        served = [p["label"] for p in r.json()["predictions"]]
+        probs = np.array([p["probabilities"]["yes"] for p in r.json()["predictions"]])
+        rules = json.loads((run / fairness.THRESHOLDS_FILE).read_text())
+        texts = list(tabular.render(test, DataConfig(text_template="{review} {grp}"))["text"])
+        decided_pos, _, _ = fairness.apply_thresholds(rules, probs, test[["grp"]], texts)
+        assert served == list(np.where(decided_pos, "yes", "no"))
+        r = client.post("/predict", json={"inputs": ["good movie"]})
+        assert r.status_code == 422 and "per-group thresholds on grp" in r.json()["error"]
+        r = client.post("/predict", json={"inputs": [{"review": "good"}]})
+        assert r.status_code == 422
+
+
+def test_export_carries_the_thresholds(tabular_run, tmp_path):
+    from fmtune.exporter import export
+
+    tmp, _ = tabular_run
+    run = tmp / "run"
+    if not (run / fairness.THRESHOLDS_FILE).is_file():
+        fairness.run_fairness(run, groups=["grp"], fit="demographic_parity", n_boot=50, quiet=True)
+    res = export(run, tmp_path / "exp", quiet=True)
+    assert json.loads((tmp_path / "exp" / fairness.THRESHOLDS_FILE).read_text()) == \
+        json.loads((run / fairness.THRESHOLDS_FILE).read_text())
+    assert res["decision_thresholds"]["columns"] == ["grp"]
+    assert json.loads((tmp_path / "exp" / "export.json").read_text())["decision_thresholds"]["constraint"] == \
+        "demographic_parity"
+
+
+def test_cli_evaluate_with_groups_and_bad_group_column(tabular_run, capsys):
+    from fmtune.cli import main
+
+    tmp, _ = tabular_run
+    run = tmp / "run"
+    assert main(["evaluate", str(run), "--groups", "grp", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["fairness"]["groups"] == ["grp"] and "fine-tuned" in res["fairness"]["models"]
+    assert main(["fairness", str(run), "--groups", "nope"]) == 2
+    assert "no group column 'nope'" in capsys.readouterr().err
+    assert main(["fairness", str(run), "--groups", "grp", "--threshold-groups", "extra"]) == 2

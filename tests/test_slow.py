@@ -93,3 +93,16 @@ def test_real_minilm_lora_run_is_small_and_merges_exactly(tmp_path, rt_files):
 
     plain = build.load(tmp_path / "lora" / "export" / "merged")
     assert plain.adapter is None and not any("lora" in n for n, _ in plain.model.named_parameters())
+
+
+def test_fairness_demo_audits_and_thresholds_close_the_gap(tmp_path):
+    out = tmp_path / "fair"
+    summary = fmtune.demo("fairness", out=out, quiet=True)
+    fair = json.loads((out / "fairness.json").read_text())
+    assert fair == json.loads(json.dumps(summary["fairness"]))
+    models = list(fair["models"])
+    assert models[0] == "pretrained baseline" and models[1] == "fine-tuned" and models[2].startswith("fine-tuned +")
+    sex = {m: fair["models"][m]["sex"]["gaps"]["demographic_parity_difference"]["value"] for m in models}
+    assert sex[models[2]] < sex["fine-tuned"] / 2, sex  # per-sex thresholds for demographic parity
+    assert {g["group"] for g in fair["models"]["fine-tuned"]["race"]["groups"]} >= {"White", "Black"}
+    assert "Fairness" in (out / "report.html").read_text()
