@@ -105,11 +105,20 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
     result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),
                               "out": str(target), "format": format, "kind": kind,
                               "strategy": bundle.adapter or opened.config.strategy.name, "checked_rows": len(ds)}
-    if kind == "merged":
-        plain = _plain(opened)
-        write = lambda tmp: build.save(plain, tmp)  # noqa: E731
+    if kind in ("merged", "model"):
+        plain = _plain(opened) if kind == "merged" else bundle
+
+        def write(tmp: Path) -> None:
+            if kind == "merged":
+                build.save(plain, tmp)
+            else:
+                shutil.copytree(opened.dir / "model", tmp, dirs_exist_ok=True)
+            # the encoder alone, where sentence-transformers users expect it
+            result["sentence_transformers"] = build.ST_FOLDER if build.sentence_transformer_layout(
+                plain, tmp / build.ST_FOLDER) else None
+
         exported = lambda tmp: build.load(tmp).model  # noqa: E731
-    elif kind in ("adapter", "model"):
+    elif kind == "adapter":
         write = lambda tmp: shutil.copytree(opened.dir / "model", tmp, dirs_exist_ok=True)  # noqa: E731
         exported = lambda tmp: build.load(tmp).model  # noqa: E731
     else:
@@ -156,7 +165,8 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
     with contextlib.nullcontext() if quiet else ui.console.status(f"export {kind}: writing and checking"):
         atomic_dir(target, build_and_check)
     if not quiet:
-        loader = "transformers (trust_remote_code=True)" if bundle.family == "hf" else "fmtune.load"
+        loader = ("transformers (trust_remote_code=True; without it transformers refuses, it never loads a stock model)"
+                  if bundle.family == "hf" else "fmtune.load")
         if read_json(target / build.META_FILE, {}).get("layout") == build.TOKEN_LAYOUT:
             loader = "transformers' AutoModelForTokenClassification (no remote code)"
         how = {"merged": f"adapter merged into the weights; loads with {loader}, no peft needed",
@@ -166,6 +176,9 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
                "onnx-int8": "onnxruntime, int8 weights; preprocessing.json says how to prepare inputs"}[kind]
         ui.console.print(f"exported {opened.dir} -> {target} ({how}); max |difference| to the run's model "
                          f"{result['max_abs_diff']:.2e} on {len(ds)} rows")
+        if result.get("sentence_transformers"):
+            ui.console.print(f"  the encoder alone, for sentence-transformers: {target / build.ST_FOLDER} "
+                             "(SentenceTransformer(folder) embeds as the head reads; no remote code)")
         if rules is not None:
             ui.console.print(f"  with the run's per-group decision thresholds ({THRESHOLDS_FILE}; export.json says "
                              "how to apply them)")

@@ -121,15 +121,21 @@ import sys, json, torch
 sys.modules["peft"] = None
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 m = AutoModelForSequenceClassification.from_pretrained({out!r}, trust_remote_code=True).eval()
-tok = AutoTokenizer.from_pretrained({out!r})
+tok = AutoTokenizer.from_pretrained({out!r}, trust_remote_code=True)
 enc = tok(["good movie", "the plot was awful really"], padding=True, return_tensors="pt")
+try:
+    AutoModelForSequenceClassification.from_pretrained({out!r})
+    raise SystemExit("loaded without trust_remote_code")
+except ValueError as e:
+    assert "trust_remote_code" in str(e), e
 with torch.no_grad():
-    print(json.dumps(m(**enc).logits.tolist()))
+    print("LOGITS " + json.dumps(m(**enc).logits.tolist()))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    got = torch.tensor(json.loads(proc.stdout.split("LOGITS ")[-1]))
     pred = api.predict(tmp_path / strategy, _texts(tmp_path), quiet=True)
     expected = torch.tensor(pred[["prob_neg", "prob_pos"]].to_numpy(), dtype=torch.float32)
     assert torch.allclose(got.softmax(-1), expected, atol=1e-4)

@@ -70,3 +70,41 @@ def test_image_and_lora_runs_export_to_onnx(tmp_path, image_dirs, tiny_bert, tex
     fmtune.train(cfg_dict(tiny_bert, text_files["train"], out=str(tmp_path / "lora"), strategy={"name": "lora"},
                           train={"epochs": 1}), quiet=True)
     assert export(tmp_path / "lora", format="onnx", quiet=True)["max_abs_diff"] <= 1e-4  # merged on the way
+
+
+def test_hf_export_never_loads_silently_wrong_and_has_a_sentence_transformers_encoder(text_run, text_files,
+                                                                                      tmp_path):
+    """Without trust_remote_code transformers refuses the folder (it used to build a stock BERT with
+    random weights); with it, the run's logits. The encoder alone loads with sentence-transformers
+    and plain AutoModel (no remote code) and embeds as the run's head reads."""
+    import pandas as pd
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from fmtune.models import build
+
+    res = export(text_run, tmp_path / "exp", quiet=True)
+    folder = tmp_path / "exp"
+    assert res["kind"] == "model" and res["sentence_transformers"] == build.ST_FOLDER
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForSequenceClassification.from_pretrained(folder)
+    texts = pd.read_csv(text_files["test"])["text"].tolist()[:8]
+    run = build.load(text_run / "model")
+    enc = run.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        features = run.model.features(**enc)
+        logits = run.model(**enc).logits
+    hf = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(**enc).logits, logits, atol=1e-5)
+    st = folder / build.ST_FOLDER
+    emb = SentenceTransformer(str(st), device="cpu").encode(texts, convert_to_tensor=True)
+    assert torch.allclose(emb, features, atol=1e-4)
+    plain = AutoModel.from_pretrained(st).eval()  # no remote code: a plain BERT encoder
+    tok = AutoTokenizer.from_pretrained(st)
+    e = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = plain(**e).last_hidden_state
+    mask = e["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose((hidden * mask).sum(1) / mask.sum(1), features, atol=1e-4)

@@ -33,7 +33,7 @@ def test_real_minilm_few_steps_and_plain_transformers_load(tmp_path, rt_files):
     assert s["best"] > 0.5
     model_dir = tmp_path / "run" / "model"
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     texts = pd.read_csv(rt_files["test"])["text"].tolist()[:16]
     with torch.no_grad():
         probs = hf(**tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")).logits.softmax(-1)

@@ -87,7 +87,7 @@ def test_saved_model_loads_with_plain_transformers(tmp_path, tiny_st_bert, text_
     _train(tmp_path, tiny_st_bert, text_files["train"], train={"epochs": 1})
     model_dir = tmp_path / "run" / "model"
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     texts = pd.read_csv(text_files["test"])["text"].tolist()[:12]
     with torch.no_grad():
         logits = hf(**tok(texts, padding=True, return_tensors="pt")).logits
@@ -95,6 +95,9 @@ def test_saved_model_loads_with_plain_transformers(tmp_path, tiny_st_bert, text_
     probs = torch.tensor(ours[["prob_neg", "prob_pos"]].to_numpy())
     assert torch.allclose(logits.softmax(-1), probs.float(), atol=1e-5)
     assert hf.config.id2label == {0: "neg", 1: "pos"}
+    # without trust_remote_code: transformers' error, never a stock BERT with random weights
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForSequenceClassification.from_pretrained(model_dir)
 
 
 def test_same_seed_same_metrics_however_the_batches_are_collated(tmp_path, tiny_bert, text_files):
@@ -188,6 +191,8 @@ def test_vit_run_loads_with_plain_transformers_image_class(tmp_path, tiny_vit, i
     ours = fmtune.predict(tmp_path / "run", image_dirs["test"], quiet=True).set_index("image")
     expected = torch.tensor(ours.loc[[str(f) for f in files], ["prob_bottom", "prob_top"]].to_numpy()).float()
     assert torch.allclose(probs, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "run" / "model")
 
 
 def test_two_runs_with_different_precisions_in_one_process(tmp_path, tiny_bert, text_files):

@@ -21,7 +21,7 @@ from fmtune import adapters
 from fmtune.errors import ModelError
 from fmtune.fsutil import atomic_dir, read_json
 from fmtune.models import cnn
-from fmtune.models.hf_remote import FmtuneClassifier, build_backbone
+from fmtune.models.hf_remote import FMTUNE_MODEL_TYPE, FmtuneClassifier, build_backbone, config_from_values
 from fmtune.zoo.models import resolve  # noqa: F401  (build.resolve: where a model name leads)
 
 META_FILE = "fmtune.json"
@@ -133,10 +133,10 @@ def _pretrained_cnn(family: str, path: Path | str) -> nn.Module:
 
 
 def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift: float) -> Bundle:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = saved_config(path)
     except Exception as e:  # transformers raises OSError/ValueError/KeyError for bad folders
         raise ModelError(f"cannot read the model config at {path}: {e}") from None
     is_image = isinstance(path, Path) and (path / "preprocessor_config.json").exists() and not any(
@@ -160,7 +160,7 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     config.architectures = ["FmtuneClassifier"]
     try:
         backbone = build_backbone(config, pooling, str(path) if model_cfg.init == "pretrained" else None)
-        tokenizer = AutoTokenizer.from_pretrained(path) if kind == "text" else None
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config) if kind == "text" else None
     except Exception as e:
         raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
     backbone.float()
@@ -200,6 +200,8 @@ def _write(bundle: Bundle, tmp: Path) -> None:
             meta["layout"] = TOKEN_LAYOUT
         else:
             base.save_pretrained(tmp, safe_serialization=True)
+        if meta.get("layout") != TOKEN_LAYOUT:
+            _mark_config(tmp)
         shutil.copyfile(Path(__file__).with_name("hf_remote.py"), tmp / "modeling_fmtune.py")
         if bundle.tokenizer is not None:
             bundle.tokenizer.save_pretrained(tmp)
@@ -214,6 +216,33 @@ def _write(bundle: Bundle, tmp: Path) -> None:
 
 
 TOKEN_LAYOUT = "AutoModelForTokenClassification"
+ST_FOLDER = "sentence-transformers"
+
+
+def sentence_transformer_layout(bundle: Bundle, folder: Path) -> bool:
+    """The fine-tuned text encoder (no head) in the sentence-transformers layout under ``folder``:
+    the backbone as a plain transformers model (its own model type: loads without remote code),
+    the tokenizer, modules.json and the pooling the head reads (mean or CLS), so
+    ``SentenceTransformer(folder)`` embeds texts as the run's head sees them. Returns False where
+    there is no such layout (images, token-level heads, pooler outputs, an unmerged adapter)."""
+    model = bundle.model
+    if (bundle.kind != "text" or bundle.family != "hf" or bundle.adapter or bundle.pooling not in ("mean", "cls")
+            or getattr(model.config, "fmtune_level", "pooled") != "pooled"):
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(folder, safe_serialization=True)
+    bundle.tokenizer.save_pretrained(folder)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}], indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": bundle.max_length,
+                                                                  "do_lower_case": False}, indent=2))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": int(model.config.fmtune_num_features),
+        "pooling_mode_cls_token": bundle.pooling == "cls", "pooling_mode_mean_tokens": bundle.pooling == "mean",
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+    return True
 
 
 def _token_head_keys(std: nn.Module) -> tuple[str, str] | None:
@@ -253,14 +282,36 @@ def _as_token_classifier(model: nn.Module) -> nn.Module | None:
     return std
 
 
-def _hf_from_dir(model_dir: Path) -> FmtuneClassifier:
+def saved_config(folder: Path | str) -> Any:
+    """A model folder's config, read without remote code: a saved fmtune model's config.json (model
+    type fmtune) as its backbone's config class with the fmtune settings."""
     from transformers import AutoConfig
 
+    values = read_json(Path(folder) / "config.json", {}) if isinstance(folder, Path) else {}
+    if values.get("model_type") != FMTUNE_MODEL_TYPE:
+        return AutoConfig.from_pretrained(folder)
+    return config_from_values(values)
+
+
+def _mark_config(folder: Path) -> None:
+    """A pooled model's config.json gets fmtune's own model type (see hf_remote.FmtuneConfig), so
+    that transformers refuses to load it without trust_remote_code rather than load it wrong."""
+    path = folder / "config.json"
+    values = json.loads(path.read_text())
+    if values.get("fmtune_level", "pooled") != "pooled" or values.get("model_type") == FMTUNE_MODEL_TYPE:
+        return
+    values["fmtune_backbone_model_type"] = values["model_type"]
+    values["model_type"] = FMTUNE_MODEL_TYPE
+    values["auto_map"] = {**values.get("auto_map", {}), "AutoConfig": "modeling_fmtune.FmtuneConfig"}
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def _hf_from_dir(model_dir: Path) -> FmtuneClassifier:
     if read_json(model_dir / META_FILE, {}).get("layout") == TOKEN_LAYOUT:
         from transformers import AutoModelForTokenClassification
 
         std = AutoModelForTokenClassification.from_pretrained(model_dir, dtype=torch.float32)
-        model = FmtuneClassifier(AutoConfig.from_pretrained(model_dir), backbone=getattr(std, std.base_model_prefix))
+        model = FmtuneClassifier(saved_config(model_dir), backbone=getattr(std, std.base_model_prefix))
         weight, bias = _token_head_keys(std)
         sd = std.state_dict()
         linear = head_linear(model)
@@ -268,8 +319,7 @@ def _hf_from_dir(model_dir: Path) -> FmtuneClassifier:
             linear.weight.copy_(sd[weight])
             linear.bias.copy_(sd[bias])
         return model
-    return FmtuneClassifier.from_pretrained(model_dir, config=AutoConfig.from_pretrained(model_dir),
-                                            dtype=torch.float32)
+    return FmtuneClassifier.from_pretrained(model_dir, config=saved_config(model_dir), dtype=torch.float32)
 
 
 def _base_for_adapter(model_dir: Path, meta: dict[str, Any]) -> nn.Module:
@@ -281,9 +331,7 @@ def _base_for_adapter(model_dir: Path, meta: dict[str, Any]) -> nn.Module:
         raise ModelError(f"{model_dir} holds a {meta['adapter']} adapter; its base model {meta['source']!r} "
                          f"is needed to load it and is not available here ({e})") from None
     if meta["family"] == "hf":
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_dir)
+        config = saved_config(model_dir)
         try:
             backbone = build_backbone(config, meta["pooling"], str(path))
         except Exception as e:
@@ -315,7 +363,7 @@ def load(model_dir: Path) -> Bundle:
     if family == "hf" and meta["kind"] == "text":
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, config=saved_config(model_dir))
     model.eval()
     return Bundle(model, meta["kind"], family, meta["pooling"], tokenizer=tokenizer, image=meta.get("image") or {},
                   max_length=meta.get("max_length", 128), source=meta.get("source", ""), adapter=adapter)

@@ -6,6 +6,9 @@ run as ``model/modeling_fmtune.py`` so that the model loads without fmtune:
     AutoModelForSequenceClassification.from_pretrained(run / "model", trust_remote_code=True)
     AutoModelForImageClassification.from_pretrained(run / "model", trust_remote_code=True)
 
+Its config.json has model type ``fmtune`` (FmtuneConfig): without ``trust_remote_code`` the load
+fails with transformers' error, never silently gives a stock model with random weights.
+
 (token-level runs are saved in transformers' own ``*ForTokenClassification`` layout instead, and load
 with ``AutoModelForTokenClassification.from_pretrained(run / "model")``.)
 
@@ -64,15 +67,45 @@ def token_states(outputs, skip: int = 0) -> torch.Tensor:
     return hidden[:, skip:] if skip else hidden
 
 
+FMTUNE_MODEL_TYPE = "fmtune"
+
+
+class FmtuneConfig(PreTrainedConfig):
+    """The config.json of a saved pooled model. Its model type is fmtune's own, so loading the
+    folder without ``trust_remote_code`` fails with an error instead of building a stock,
+    randomly initialised model of the backbone's type; the backbone's settings are kept as they
+    are, with its model type in ``fmtune_backbone_model_type``."""
+
+    model_type = FMTUNE_MODEL_TYPE
+
+
+def backbone_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The backbone's own config class (BertConfig, ViTConfig, ...) for an FmtuneConfig; any other
+    config as it is."""
+    if getattr(config, "model_type", None) != FMTUNE_MODEL_TYPE:
+        return config
+    return config_from_values(config.to_dict())
+
+
+def config_from_values(values: dict) -> PreTrainedConfig:
+    """The backbone's config class built from the values of an fmtune config.json."""
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version")}
+    return AutoConfig.for_model(values.pop("fmtune_backbone_model_type"), **values)
+
+
 class FmtuneClassifier(PreTrainedModel):
     """Backbone -> pooling -> dropout -> linear. Serves classification, multi-label and regression;
     with ``fmtune_level: tokens``, backbone -> token states -> dropout -> linear per token."""
 
     base_model_prefix = "fmtune"
     supports_gradient_checkpointing = True
+    config_class = FmtuneConfig
 
     def __init__(self, config: PreTrainedConfig, backbone: nn.Module | None = None):
-        super().__init__(config)
+        super().__init__(backbone_config(config))
+        config = self.config
         self.pooling = getattr(config, "fmtune_pooling", "mean")
         self.level = getattr(config, "fmtune_level", "pooled")
         self.backbone = backbone if backbone is not None else build_backbone(config, self.pooling)
