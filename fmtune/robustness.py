@@ -35,6 +35,7 @@ from fmtune.training.perturb import (  # noqa: F401  (re-exported: the suite's p
     Augmented,
     adversarial_batch,
     attack,
+    attack_sweep,
     blur,
     corrupt_images,
     perturb_text,
@@ -85,35 +86,48 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
         if attacks and task.supports("attacks"):
             plan.update({k: (_pick(v[0], suite) if suite == "default" else [(2, v[0][1]), (4, v[0][3])], v[1])
                          for k, v in ATTACKS.items()})
-    clean = score(*infer(model, ds, bs))
+    clean_logits, _ = infer(model, ds, bs)
+    clean = score(clean_logits, ds.targets)
     results["clean"] = round(clean, 4)
-    total = sum(len(levels) for levels, _ in plan.values())
     per: dict[str, Any] = {}
+    # the bar counts rows: every perturbation at every severity reads them all once
+    total = len(ds) * sum(len(levels) for levels, _ in plan.values())
     with ui.CountProgress(f"robustness of {pred.run_dir.name}", total, quiet) as bar:
         for name, (levels, unit) in plan.items():
-            rows = []
-            for severity, level in levels:
-                if pred.kind == "text":
+            values = []
+            if name in ATTACKS:  # every epsilon in one sweep per batch (perturb.attack_sweep)
+                bar.describe(f"robustness of {pred.run_dir.name}: {name}, {len(levels)} epsilons")
+                device = next(model.parameters()).device
+                sweeps, start = [], 0
+                for raw, targets in batches:
+                    n = len(targets)
+                    outs, _ = attack_sweep(model, bundle.image, (raw.float() / 255).to(device), targets.to(device),
+                                           name, [lv for _, lv in levels], clean_logits[start:start + n],
+                                           seed=_seed(seed, name, 0))
+                    sweeps.append([o.cpu() for o in outs])
+                    start += n
+                    bar(n * len(levels))
+                values = [score(torch.cat([b[k] for b in sweeps]), ds.targets) for k in range(len(levels))]
+            for k, (severity, level) in enumerate(levels):
+                if name in ATTACKS:
+                    value = values[k]
+                elif pred.kind == "text":
+                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     rng = np.random.default_rng(_seed(seed, name, severity))
                     changed = [perturb_text(t, name, level, rng) for t in texts]
-                    value = score(*infer(model, bundle.text_data(changed, ds.targets), bs))
+                    value = score(*infer(model, bundle.text_data(changed, ds.targets), bs, progress=bar))
                 else:
+                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     gen = torch.Generator().manual_seed(_seed(seed, name, severity))
                     logits = []
-                    for raw, targets in batches:
-                        x = raw.float() / 255
-                        if name in ATTACKS:
-                            device = next(model.parameters()).device
-                            x = attack(model, bundle.image, x.to(device), targets.to(device), name, level).cpu()
-                        else:
-                            x = corrupt_images(x, name, level, gen)
-                        pixels = ((x * 255).round() if name not in ATTACKS else x * 255).clamp(0, 255)
-                        logits.append(infer(model, ImageData(pixels, None, ds.spec), bs)[0])
+                    for raw, _targets in batches:
+                        x = corrupt_images(raw.float() / 255, name, level, gen)
+                        logits.append(infer(model, ImageData((x * 255).round().clamp(0, 255), None, ds.spec), bs)[0])
+                        bar(len(raw))
                     value = score(torch.cat(logits), ds.targets)
-                rows.append({"severity": severity, "level": round(level, 5), metric: round(value, 4),
-                             "relative": round(value / clean, 4) if clean else None})
-                bar(1)
-            per[name] = {"unit": unit, "results": rows}
+                per.setdefault(name, {"unit": unit, "results": []})["results"].append(
+                    {"severity": severity, "level": round(level, 5), metric: round(value, 4),
+                     "relative": round(value / clean, 4) if clean else None})
     results["perturbations"] = per
     rel = [r["relative"] for p in per.values() for r in p["results"] if r["relative"] is not None]
     results["mean_relative"] = round(float(np.mean(rel)), 4) if rel else None

@@ -87,15 +87,21 @@ class CountProgress:
     """A bar over examples, for inference over a data split."""
 
     def __init__(self, label: str, total: int, quiet: bool = False):
-        self.progress = None if quiet else Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                                                    TimeElapsedColumn(), console=console, transient=True)
-        self.total = total
+        self.progress = None if quiet else Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                                    MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                                                    transient=True)
+        self.total, self.label = total, label
 
     def __enter__(self) -> CountProgress:
         if self.progress:
             self.progress.start()
-            self.task = self.progress.add_task("x", total=self.total)
+            self.task = self.progress.add_task(self.label, total=self.total)
         return self
+
+    def describe(self, label: str) -> None:
+        """Say what is being counted now (e.g. which perturbation)."""
+        if self.progress:
+            self.progress.update(self.task, description=label)
 
     def __call__(self, n: int) -> None:
         if self.progress:

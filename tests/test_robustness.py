@@ -16,6 +16,7 @@ from fmtune.robustness import (
     IMAGE_CORRUPTIONS,
     TEXT_PERTURBATIONS,
     attack,
+    attack_sweep,
     corrupt_images,
     perturb_text,
     robustness,
@@ -67,6 +68,38 @@ def test_attacks_stay_in_budget_and_hurt(square_run):
         with torch.no_grad():
             acc = (net_logits(adv).argmax(-1) == y).float().mean()
         assert acc < clean, (kind, float(acc), float(clean))
+
+
+def test_attack_sweep_is_the_attack_at_a_fraction_of_the_cost(square_run):
+    """FGSM: one gradient for every epsilon, the same pixels as captum's FGSM. PGD: inputs already
+    wrong (clean, or at a smaller epsilon) are not attacked and an input stops at the step it is
+    fooled; every example stays in its budget, accuracy never rises with epsilon, and it is no
+    higher than captum's PGD run per epsilon (never optimistic)."""
+    run, _, _ = square_run
+    pred = Predictor(run)
+    files = sorted(run.parent.glob("test/*/*.png"))
+    x = torch.stack([pred.decode(str(p), str(p)) for p in files]).float() / 255
+    y = torch.tensor([pred.labels.index(p.parent.name) for p in files])
+    net = lambda z: pred.model(pixel_values=(z - 0.5) / 0.5).logits  # noqa: E731 (spec: mean=std=0.5)
+    with torch.no_grad():
+        clean = net(x)
+    levels = [2 / 255, 8 / 255, 16 / 255, 32 / 255]
+    outs, advs = attack_sweep(pred.model, pred.bundle.image, x, y, "fgsm", levels, clean, keep=True)
+    for eps, out, adv in zip(levels, outs, advs):
+        assert torch.allclose(adv, attack(pred.model, pred.bundle.image, x, y, "fgsm", eps), atol=1e-6)
+        with torch.no_grad():
+            assert torch.allclose(out, net(adv), atol=1e-4)
+    outs, advs = attack_sweep(pred.model, pred.bundle.image, x, y, "pgd", levels, clean, keep=True, seed=3)
+    accs = [float((o.argmax(-1) == y).float().mean()) for o in outs]
+    assert accs == sorted(accs, reverse=True) and accs[0] <= float((clean.argmax(-1) == y).float().mean())
+    for eps, out, adv, acc in zip(levels, outs, advs, accs):
+        assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        with torch.no_grad():
+            assert torch.allclose(out, net(adv), atol=1e-4)  # the logits are those of the example kept
+            per_eps = float((net(attack(pred.model, pred.bundle.image, x, y, "pgd", eps)).argmax(-1) == y)
+                            .float().mean())
+        assert acc <= per_eps + 1 / len(y), (eps, acc, per_eps)
+    assert accs[-1] < accs[0] or accs[0] == 0.0
 
 
 def test_text_run_report_matches_the_evaluation(text_run, tmp_path):
