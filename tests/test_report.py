@@ -97,8 +97,12 @@ def test_report_renders_in_headless_chromium(text_run, tmp_path):
     check_render(text_run, tmp_path)
 
 
-def test_trackers_missing_package_is_a_clear_error(tmp_path, tiny_st_bert, text_files):
+def test_trackers_missing_package_is_a_clear_error(tmp_path, tiny_st_bert, text_files, monkeypatch):
+    import sys
+
     from fmtune.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed (the dev extra installs it)
 
     with pytest.raises(ConfigError, match="train.tracker=mlflow: the mlflow package is not installed"):
         fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / "r"),
@@ -130,6 +134,28 @@ def test_trackers_receive_params_and_every_logged_number(tmp_path, tiny_st_bert,
     logged = {k for _, m in calls["metrics"] for k in m}
     assert {"train/loss", "val/accuracy", "test/accuracy"} <= logged
     assert calls["wandb"][0]["name"] == "wandb" and any("test/accuracy" in m for _, m in calls["wandb"][1:])
+
+
+def test_mlflow_for_real(tmp_path, tiny_st_bert, text_files, monkeypatch):
+    """The real mlflow package (mlflow-skinny, a dev extra) with its local file store: the run is
+    there with its settings and every logged number, train, validation and test."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # fmtune sets it: restored after the test
+    monkeypatch.chdir(tmp_path)  # anything mlflow writes on its own stays in the test's folder
+    fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / "runs" / "tracked"),
+                          data={"test": str(text_files["test"])}, train={"tracker": "mlflow"}),
+                 quiet=True, report=False)
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("fmtune")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.data.params["strategy.name"] == "full" and run.data.params["train.epochs"] == "2"
+    assert {"train/loss", "val/accuracy", "test/accuracy"} <= set(run.data.metrics)
+    evaluated = json.loads((tmp_path / "runs" / "tracked" / "eval.json").read_text())["test"]["accuracy"]
+    assert run.data.metrics["test/accuracy"] == pytest.approx(evaluated)
+    assert len(client.get_metric_history(run.info.run_id, "val/accuracy")) == 2  # one per epoch
 
 
 def test_report_shows_the_analysis_verbs_outputs(text_run):

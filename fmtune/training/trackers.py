@@ -37,6 +37,10 @@ class MLflow:
     def __init__(self, run_dir: Path, config: dict[str, Any]):
         self.mlflow = _require("mlflow", "mlflow")
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # mlflow 3 refuses its local file store unless told it may use it (the store is in
+            # maintenance mode, not gone; a database backend needs sqlalchemy, which mlflow-skinny
+            # lacks): a file store beside the runs works with every mlflow and `mlflow ui`
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             self.mlflow.set_tracking_uri((run_dir.resolve().parent / "mlruns").as_uri())
         self.mlflow.set_experiment("fmtune")
         self.mlflow.start_run(run_name=run_dir.name)
