@@ -106,6 +106,19 @@ STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bi
 # zero (LoRA/DoRA) or one (IA3) and are small, so they take much larger steps than full weights.
 DEFAULT_LR = {"full": 5e-5, "head": 5e-5, "last_n": 5e-5, "lora": 5e-4, "dora": 5e-4, "ia3": 3e-3,
               "prompt": 3e-2, "bitfit": 1e-3}
+# Every other default learning rate lives here too. The head (fresh, small) takes larger steps
+# than the weights under it: train.head_lr, unless set, is HEAD_LR_FACTOR x lr, at most HEAD_LR_MAX.
+HEAD_LR_FACTOR, HEAD_LR_MAX = 20, 1e-2
+PROBE_LR = 1e-2  # fmtune transfer's probe (a head on the frozen backbone) unless train.head_lr is set
+
+
+def default_head_lr(lr: float) -> float:
+    return min(lr * HEAD_LR_FACTOR, HEAD_LR_MAX)
+
+
+def scratch_lr(finetune_lr: float) -> float:
+    """fmtune transfer's from-scratch runs need a larger step than fine-tuning: 10x, within [1e-4, 2e-3]."""
+    return float(min(max(10 * finetune_lr, 1e-4), 2e-3))
 
 
 @dataclass
@@ -164,7 +177,8 @@ class TrainConfig:
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
     lr: float | None = _f(None, "learning rate of what trains besides the head (default: per strategy: "
                           + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    head_lr: float | None = _f(None, "learning rate of the head (default: 20x lr, at most 1e-2)")
+    head_lr: float | None = _f(None, f"learning rate of the head (default: {HEAD_LR_FACTOR}x lr, at most "
+                                   f"{HEAD_LR_MAX:g})")
     head_init: Literal["probe", "random"] = _f(
         "probe", "strategy head on cached features: start from the linear probe solved to convergence (logistic / "
         "ridge regression, regularisation by cross-validation, as the baseline); it is validated before the first "

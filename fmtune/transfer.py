@@ -35,7 +35,6 @@ from fmtune.tasks import task_class
 
 METHODS = ("scratch", "probe", "finetune")
 REPORT = "transfer.json"
-PROBE_LR = 1e-2  # the probe's learning rate unless train.head_lr is set
 
 
 def parse_sizes(text: str) -> list[int | str]:
@@ -61,11 +60,6 @@ def per_class(df: pd.DataFrame, column: str, n: int | str, seed: int) -> pd.Data
     labels = df[column].astype(str).to_numpy()
     keep = [rng.permutation(np.flatnonzero(labels == k))[: int(n)] for k in sorted(set(labels))]
     return df.iloc[np.sort(np.concatenate(keep))]
-
-
-def scratch_lr(finetune_lr: float) -> float:
-    """A from-scratch run needs a larger step than fine-tuning: 10x, kept within [1e-4, 2e-3]."""
-    return float(min(max(10 * finetune_lr, 1e-4), 2e-3))
 
 
 def transfer(cfg: config_mod.Config, *, sizes: list[int | str], out: str | Path, methods: tuple[str, ...] = METHODS,
@@ -110,10 +104,10 @@ def transfer(cfg: config_mod.Config, *, sizes: list[int | str], out: str | Path,
         if method == "scratch":
             run_cfg["model"]["init"] = "random"
             run_cfg["strategy"]["name"] = "full"
-            run_cfg["train"].update(lr=lr_scratch or scratch_lr(ft_lr), head_lr=None)
+            run_cfg["train"].update(lr=lr_scratch or config_mod.scratch_lr(ft_lr), head_lr=None)
         elif method == "probe":  # a linear model on fixed features: a large step converges in the same budget
             run_cfg["strategy"]["name"] = "head"
-            run_cfg["train"]["head_lr"] = cfg.train.head_lr or PROBE_LR
+            run_cfg["train"]["head_lr"] = cfg.train.head_lr or config_mod.PROBE_LR
         if not quiet:
             ui.console.print(f"[{k}/{len(plan)}] {method}, {n} per class ({len(train)} examples), {steps} steps"
                              + (f", seed {seed}" if seeds > 1 else ""))

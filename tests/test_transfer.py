@@ -12,10 +12,11 @@ import yaml
 from conftest import cfg_dict
 
 from fmtune import config
+from fmtune.config import scratch_lr
 from fmtune.errors import ConfigError
 from fmtune.models import build
 from fmtune.tasks import Classification
-from fmtune.transfer import parse_sizes, per_class, scratch_lr, transfer
+from fmtune.transfer import parse_sizes, per_class, transfer
 
 
 @pytest.mark.parametrize("name", ["tiny_bert", "tiny_resnet"])

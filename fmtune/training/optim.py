@@ -11,7 +11,9 @@ from torch import nn
 
 
 def head_lr(cfg: Any) -> float:
-    return cfg.head_lr if cfg.head_lr is not None else min(cfg.lr * 20, 1e-2)
+    from fmtune.config import default_head_lr
+
+    return cfg.head_lr if cfg.head_lr is not None else default_head_lr(cfg.lr)
 
 
 def state_bytes(n_params: int, cfg: Any) -> int:
