@@ -289,3 +289,55 @@ def test_cli_evaluate_with_groups_and_bad_group_column(tabular_run, capsys):
     assert main(["fairness", str(run), "--groups", "nope"]) == 2
     assert "no group column 'nope'" in capsys.readouterr().err
     assert main(["fairness", str(run), "--groups", "grp", "--threshold-groups", "extra"]) == 2
+
+
+def test_group_weights_reach_the_loss(tabular_run):
+    """task.group_weights: the training set carries the re-weighing weights, and the loss is the
+    weighted mean of the per-example losses."""
+    import torch
+
+    from fmtune import config as config_mod
+    from fmtune.api import _group_weighted
+    from fmtune.tasks import Classification, MultiLabel, Regression
+    from fmtune.training.loop import WEIGHT_KEY
+
+    tmp, _ = tabular_run
+    train = pd.read_csv(tmp / "train.csv")
+    cfg = config_mod.coerce({"data": {"train": str(tmp / "train.csv")}, "task": {"group_weights": "grp"}})
+    task = Classification(["no", "yes"])
+
+    class Rows:
+        def __len__(self):
+            return len(train)
+
+        def collate(self, idx):
+            return {"labels": torch.zeros(len(idx), dtype=torch.long)}
+
+    ds = _group_weighted(cfg, task, train, Rows(), quiet=True)
+    w = ds.collate(list(range(len(train))))[WEIGHT_KEY].numpy()
+    assert np.allclose(w, fairness.reweighing(train[["grp"]].astype(str), train["label"].to_numpy()))
+    logits, targets = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 0])
+    weights = torch.tensor([0.5, 2.0, 1.0, 1.0, 0.25, 3.0])
+    each = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    assert torch.allclose(task.loss(logits, targets, weights), (each * weights).sum() / weights.sum())
+    reg = Regression([], target_stats={"mean": 0.0, "std": 2.0})
+    v, t = torch.randn(6, 1), torch.randn(6)
+    assert torch.allclose(reg.loss(v, t, weights), ((v.view(-1) - t) ** 2 * weights).sum() / weights.sum() / 4)
+    with pytest.raises(ConfigError, match="task.group_weights"):
+        _group_weighted(cfg, MultiLabel(["a", "b"]), train, Rows(), quiet=True)
+
+
+def test_compare_shows_the_fairness_gaps_side_by_side(tabular_run, tmp_path):
+    import shutil
+
+    from fmtune.report import compare
+
+    tmp, _ = tabular_run
+    run = tmp / "run"
+    if not (run / fairness.FAIRNESS_FILE).is_file():
+        fairness.run_fairness(run, groups=["grp"], n_boot=50, quiet=True)
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    out, _, _ = compare([run, other], tmp_path / "cmp.html")
+    page = out.read_text()
+    assert "Fairness gaps" in page and page.count("demographic_parity_difference") >= 2
