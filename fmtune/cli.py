@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
         return sp
 
-    d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (< 3 min on 2 cores)")
+    d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (about 3 min on 2 cores; fairness: 5)")
     d.add_argument("--task", choices=["text", "image", "ner", "fairness"], default="text",
                    help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits; ner: MiniLM-L6 "
                    "tagging named entities in WNUT-2016 tweets; fairness: MiniLM-L6 on Adult census rows, then "

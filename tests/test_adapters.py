@@ -157,7 +157,9 @@ def test_unmerged_adapter_loads_with_peft_from_pretrained(tmp_path, tiny_bert, t
     res = export(tmp_path / "lora", quiet=True)
     assert res["kind"] == "adapter"
     folder = res["out"]
-    config = AutoConfig.from_pretrained(folder)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never a stock config of the backbone's type
+        AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     base = FmtuneClassifier(config, backbone=build_backbone(config, "cls", str(tiny_bert)))
     model = peft.PeftModel.from_pretrained(base, folder).eval()
     tok = build.load(tmp_path / "lora" / "model").tokenizer

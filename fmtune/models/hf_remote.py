@@ -30,6 +30,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassif
 
 def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = None) -> nn.Module:
     """AutoModel from ``path`` (pretrained) or from ``config`` (random init), without an unused pooler."""
+    config = backbone_config(config)  # a saved model's FmtuneConfig: its backbone's own config class
     kwargs = {} if pooling == "pooler" else {"add_pooling_layer": False}
     for kw in (kwargs, {}):  # not every architecture takes add_pooling_layer
         try:
