@@ -75,7 +75,9 @@ def _interrupt_and_resume(tmp_path, model, strategy: str, sig: int, train: dict)
 SLOW = pytest.mark.slow  # the same machinery; CI runs them (make test-slow)
 
 
-@pytest.mark.parametrize("strategy", ["full", "last_n", "head", "lora", "prompt", pytest.param("dora", marks=SLOW),
+# the default suite kills a full, a head and a LoRA run; the other strategies run with the slow tests (CI)
+@pytest.mark.parametrize("strategy", ["full", pytest.param("last_n", marks=SLOW), "head", "lora",
+                                      pytest.param("prompt", marks=SLOW), pytest.param("dora", marks=SLOW),
                                       pytest.param("ia3", marks=SLOW), pytest.param("bitfit", marks=SLOW)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert, strategy):
     # a fresh head: a solved one (the default) is the best at step 0 and stops early with patience 2
