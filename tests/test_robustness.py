@@ -217,3 +217,18 @@ def test_regression_and_multilabel_runs_are_explained_and_stressed(tiny_bert, te
         assert metric in res["perturbations"]["typos"]["results"][0] and res["clean"] is not None
         ex = explain(run, ["the movie was good"], out=tmp_path / f"{task}-ex", quiet=True)
         assert [w["word"] for w in ex["items"][0]["words"]] == ["the", "movie", "was", "good"]
+
+
+def test_corruptions_on_onnxruntime_score_as_torch(square_run, tmp_path, monkeypatch):
+    import fmtune.robustness as rob
+
+    run, test, _ = square_run
+    fast = robustness(run, test, suite="quick", attacks=False, out=tmp_path / "a", quiet=True)["runs"]["run"]
+    assert fast["corruptions_scored_with"] == "onnxruntime"
+    monkeypatch.setattr(rob, "_forward_model", lambda pred, quiet: (pred.model, "torch"))
+    slow = robustness(run, test, suite="quick", attacks=False, out=tmp_path / "b", quiet=True)["runs"]["run"]
+    assert slow["corruptions_scored_with"] == "torch" and slow["clean"] == fast["clean"]
+    n = fast["examples"]
+    for name, p in fast["perturbations"].items():
+        for a, b in zip(p["results"], slow["perturbations"][name]["results"]):
+            assert abs(a["accuracy"] - b["accuracy"]) <= 1 / n + 1e-9, (name, a, b)
