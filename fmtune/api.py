@@ -487,8 +487,7 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
             fairness.require_group_columns(pred.thresholds, df, pred.run_dir)
             unseen = fairness.threshold_records(pred.thresholds, records, df.iloc[ok], items)
             if unseen:
-                ui.console.print(f"[yellow]warning:[/] group(s) {', '.join(unseen)} had no decision threshold when "
-                                 "they were fitted: those rows keep the model's own decision")
+                ui.console.print("[yellow]warning:[/] " + fairness.no_rule_warning(unseen))
         for i, r in zip(ok, records):
             results[i] = task.flatten(r)
     columns = task.prediction_columns()

@@ -65,11 +65,19 @@ def group_columns(df: pd.DataFrame, columns: list[str], missing: str = "error") 
     return pd.DataFrame(out, index=df.index)
 
 
+def group_key(groups: pd.DataFrame) -> np.ndarray:
+    """Each row's group: its one column's value, or the values of several columns joined (their
+    intersection, e.g. ``Female & Black``)."""
+    if len(groups.columns) == 1:
+        return groups.iloc[:, 0].astype(str).to_numpy()
+    return groups.astype(str).agg(JOIN.join, axis=1).to_numpy()
+
+
 def groupings(groups: pd.DataFrame) -> dict[str, np.ndarray]:
     """Each group column on its own, and their intersection when there are several."""
     out = {c: groups[c].to_numpy() for c in groups.columns}
     if len(groups.columns) > 1:
-        out[JOIN.join(groups.columns)] = groups.astype(str).agg(JOIN.join, axis=1).to_numpy()
+        out[JOIN.join(groups.columns)] = group_key(groups)
     return out
 
 
@@ -187,8 +195,7 @@ def reweighing(groups: pd.DataFrame, labels: np.ndarray | None) -> np.ndarray:
     in the weighted data the label is independent of the group (every group x label cell counts
     as it would if they were). ``labels`` None (regression): each group weighs the same in all.
     ``groups``' columns are intersected. Weights average 1."""
-    g = groups.astype(str).agg(JOIN.join, axis=1).to_numpy() if len(groups.columns) > 1 else \
-        groups.iloc[:, 0].to_numpy()
+    g = group_key(groups)
     n = len(g)
     if labels is None:
         sizes = pd.Series(g).map(pd.Series(g).value_counts()).to_numpy()
@@ -232,7 +239,7 @@ def fit_thresholds(proba_positive: np.ndarray, true_positive: np.ndarray, groups
         raise ConfigError(f"--constraint: {constraint!r} is not one of {', '.join(CONSTRAINTS)}")
     from fairlearn.postprocessing import ThresholdOptimizer
 
-    key = (groups.astype(str).agg(JOIN.join, axis=1) if len(groups.columns) > 1 else groups.iloc[:, 0]).to_numpy()
+    key = group_key(groups)
     y = np.asarray(true_positive).astype(int)
     left_out = {}
     for g in sorted(set(key)):
@@ -271,7 +278,7 @@ def apply_thresholds(rules: dict[str, Any], proba_positive: np.ndarray, groups: 
     """(positive decisions, where a rule applied, groups without a rule). Rows whose group has no
     rule keep the model's decision (``decisions`` is None there: the caller's argmax)."""
     cols = rules["columns"]
-    key = groups[cols].astype(str).agg(JOIN.join, axis=1) if len(cols) > 1 else groups[cols[0]].astype(str)
+    key = group_key(groups[cols])
     decided = np.zeros(len(key), dtype=bool)
     positive = np.zeros(len(key), dtype=bool)
     unseen = []
@@ -298,6 +305,12 @@ def threshold_records(rules: dict[str, Any], records: list[dict[str, Any]], grou
             label = pos if p else next(k for k in r["probabilities"] if k != pos)
             r["label"], r["score"] = label, r["probabilities"][label]
     return unseen
+
+
+def no_rule_warning(groups: list[str]) -> str:
+    """What predict, serve and the audit say of groups the stored thresholds have no rule for."""
+    return (f"group(s) {', '.join(groups)} have no decision threshold (unseen, or left out, when the thresholds "
+            "were fitted): they keep the model's own decision")
 
 
 def require_group_columns(rules: dict[str, Any], df: pd.DataFrame, run_dir: Path) -> None:
@@ -518,8 +531,7 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
         models[f"fine-tuned + thresholds ({rules['constraint']})"] = thresholded
         unseen = [g for g in unseen if g not in rules.get("left_out", {})]
         if unseen:
-            notes.append(f"warning: group(s) {', '.join(unseen)} have no threshold (unseen or left out when they were "
-                         "fitted): those rows keep the model's own decision")
+            notes.append("warning: " + no_rule_warning(unseen))
     result: dict[str, Any] = {
         "run": str(opened.dir), "data": str(source), "n": int(len(df)), "groups": list(group_df.columns),
         "task": task.name, "positive": task.labels[pos] if pos is not None else None, "bootstrap": n_boot,

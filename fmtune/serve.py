@@ -271,12 +271,11 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
         if groups:  # per-group decision thresholds (fmtune fairness --fit-thresholds)
             import pandas as pd
 
-            from fmtune.fairness import threshold_records
+            from fmtune.fairness import no_rule_warning, threshold_records
 
             unseen = threshold_records(predictor.thresholds, predictions, pd.DataFrame(groups), items)
             if unseen:
-                out["warnings"] = [f"group(s) {', '.join(unseen)} had no decision threshold when they were fitted: "
-                                   "those inputs keep the model's own decision"]
+                out["warnings"] = [no_rule_warning(unseen)]
         if truncated:
             out["truncated"] = truncated
         return out
