@@ -7,6 +7,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -56,7 +57,7 @@ def _split_size(ds: Any) -> str:
 
 def _summary(frames: Any, cfg: config_mod.Config, task: Any, data: dict[str, Any]) -> dict[str, Any]:
     col = task.target_column(cfg.data)
-    out: dict[str, Any] = {"val_split_from_train": frames.val_from_train}
+    out: dict[str, Any] = {"val_split_from_train": frames.val_from_train, "val_is_train": frames.val_is_train}
     for name in ("train", "val", "test"):
         df = getattr(frames, name)
         if df is None:
@@ -80,6 +81,13 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     from its last checkpoint (its saved config is used).
     """
     cfg, run_dir = _config_and_dir(cfg, resume)
+    if cfg.semi.unlabeled:  # self-training: rounds of ordinary runs (fmtune.semi)
+        from fmtune import semi
+
+        if resume is not None:
+            raise ConfigError("--resume: a self-training run is not resumed; run it again (its rounds are ordinary "
+                              "runs in OUT/rounds)")
+        return semi.self_train(cfg, overwrite=overwrite, quiet=quiet, report=report)
     hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads, cfg.train.loader_threads)
     dist = distributed.init(cpu=hw.device == "cpu")  # a launched multi-process run: join its process group
     main = dist is None or dist.is_main_process
@@ -89,10 +97,15 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     set_seed(cfg.train.seed)
     cont = _continual(cfg, run_dir)
     frames, task, new_rows = _frames_and_task(cfg, run_dir, cont)
-    bundle, data, counts = _model_and_data(cfg, task, frames, cont, hw)
+    cfg, bundle, data, counts, few = _model_and_data(cfg, task, frames, cont, hw)
     run_dir = _run_dir(cfg, run_dir, task, cont, overwrite, dist)
     if not quiet:
-        _print_plan(cfg, bundle, task, counts, frames, data, run_dir)
+        _print_plan(cfg, bundle, task, counts, frames, data, run_dir, few)
+    if cfg.strategy.name == "contrastive":  # the encoder first (a resumed run does it again: its state is the head's)
+        from fmtune import fewshot
+
+        few["contrastive"] = fewshot.contrastive(bundle, task, data["train"], cfg.strategy, cfg.train, hw.device,
+                                                 quiet)
     with dist.main_process_first() if dist is not None else contextlib.nullcontext():  # one rank fills the cache
         net, train_ds, val_ds, cache_note = _with_cache(cfg, bundle, data, quiet, hw)
     if dist is None:
@@ -108,7 +121,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     tracked = trackers.make(cfg.train.tracker, run_dir, cfg.to_dict()) if main else []
     try:
         summary = _fit_and_test(cfg, bundle, task, data, frames, counts, hw, run_dir, resume, quiet, net,
-                                train_ds, val_ds, tracked, on_eval, penalty, solved)
+                                train_ds, val_ds, tracked, on_eval, penalty, solved, few)
     finally:
         for t in tracked:
             t.close()
@@ -160,12 +173,15 @@ def _frames_and_task(cfg: config_mod.Config, run_dir: Path | None, cont: Any) ->
     return frames, task, new_rows
 
 
-def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any,
-                    hw: hardware.Hardware) -> tuple[build.Bundle, dict[str, Any], dict[str, Any]]:
+def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, hw: hardware.Hardware
+                    ) -> tuple[config_mod.Config, build.Bundle, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The model with its strategy applied (a continued run: its source's weights), every split
-    encoded and checked before any training, and the parameter counts."""
+    encoded and checked before any training, and the parameter counts. The config comes back with
+    the few-label choices made (strategy auto; the step budget when no validation split was made),
+    which are also returned, with why, for run.json."""
     set_seed(cfg.train.seed)
     bundle = build.create(cfg.model, task)
+    cfg, few = _few_labels(cfg, bundle, task, frames)
     _check_robust_training(cfg.train, bundle.kind, task)
     data = _datasets(cfg, bundle, task, frames)
     counts = apply_strategy(bundle, cfg.strategy)
@@ -173,7 +189,40 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any,
         cont.start_from_source(bundle)
     counts.update(optim.memory_note(counts, cfg.train))
     bundle.model.to(hw.device)  # the feature cache, training, test and baseline all run there
-    return bundle, data, counts
+    return cfg, bundle, data, counts, few
+
+
+def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
+                frames: Any) -> tuple[config_mod.Config, dict[str, Any]]:
+    """strategy auto resolved; with no validation split (few labels), no early stopping and a step
+    budget for strategies trained by gradient."""
+    from fmtune import fewshot
+
+    few: dict[str, Any] = {"fewest_per_label": frames.fewest}
+    if cfg.strategy.name == "auto":
+        n_params = sum(p.numel() for p in bundle.model.parameters())
+        name, why = fewshot.choose_strategy(cfg, bundle.kind, n_params, frames.fewest, task)
+        strategy = dataclasses.replace(cfg.strategy, name=name,
+                                       encoder="lora" if n_params > fewshot.LARGE_MODEL else cfg.strategy.encoder)
+        lr = cfg.train.lr if cfg.train.lr is not None else config_mod.default_lr(strategy)
+        cfg = dataclasses.replace(cfg, strategy=strategy, train=dataclasses.replace(cfg.train, lr=lr))
+        few["auto"] = {"strategy": name, "why": why}
+    if frames.val_is_train:
+        train = cfg.train
+        n = len(frames.train)
+        why = ("no validation split (data.min_val_per_class -1)" if cfg.data.min_val_per_class == -1 else
+               f"no validation split: {frames.fewest} rows of the rarest label x data.val_fraction "
+               f"{cfg.data.val_fraction:g} is under data.min_val_per_class {cfg.data.min_val_per_class}")
+        why += "; every row trains, no early stopping, the last weights are kept"
+        changes: dict[str, Any] = {"patience": None}
+        if cfg.strategy.name not in ("head", "contrastive") and train.max_steps is None:
+            batch = min(train.batch_size, max(4, n // 4))
+            steps = max(train.epochs * math.ceil(n / batch), fewshot.FEW_MIN_STEPS)
+            changes.update(batch_size=batch, max_steps=steps)
+            why += f"; a step budget of {steps} steps of {batch} rows"
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(train, **changes))
+        few["no_validation_split"] = why
+    return cfg, few
 
 
 def _run_dir(cfg: config_mod.Config, run_dir: Path | None, task: Any, cont: Any, overwrite: bool,
@@ -193,7 +242,7 @@ def _run_dir(cfg: config_mod.Config, run_dir: Path | None, task: Any, cont: Any,
 
 
 def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts: dict[str, Any], frames: Any,
-                data: dict[str, Any], run_dir: Path) -> None:
+                data: dict[str, Any], run_dir: Path, few: dict[str, Any]) -> None:
     out = ui.console
     out.print(f"[bold]fmtune train[/] -> {run_dir}")
     labels = f" with {len(task.labels)} labels" if task.labels else ""
@@ -203,9 +252,14 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
               f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); optimizer state "
               f"{counts['optimizer_state_mib']:.1f} MiB (full fine-tuning: "
               f"{counts['full_finetune_optimizer_state_mib']:.1f} MiB)")
+    if "auto" in few:
+        out.print(f"  strategy auto -> {few['auto']['strategy']}: {few['auto']['why']}")
     out.print(f"  lr {cfg.train.lr:g}, head lr {optim.head_lr(cfg.train):g}")
-    out.print(f"  data: train {_split_size(data['train'])}, val {_split_size(data['val'])}"
-              f"{' (split off train)' if frames.val_from_train else ''}"
+    if "no_validation_split" in few:
+        out.print(f"  few labels: {few['no_validation_split']}")
+    out.print(f"  data: train {_split_size(data['train'])}, val "
+              + ("= the training rows" if frames.val_is_train else _split_size(data['val']))
+              + f"{' (split off train)' if frames.val_from_train else ''}"
               f"{', test ' + _split_size(data['test']) if 'test' in data else ''}")
 
 
@@ -246,12 +300,15 @@ def _gpu_precision(cfg: config_mod.Config, hw: hardware.Hardware, task: Any, net
 def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], frames: Any,
                   counts: dict[str, Any], hw: Any, run_dir: Path, resume: Any, quiet: bool, net: Any,
                   train_ds: Any, val_ds: Any, tracked: list[Any], on_eval: Any = None,
-                  penalty: Any = None, solved: bool = False) -> dict[str, Any]:
+                  penalty: Any = None, solved: bool = False, few: dict[str, Any] | None = None) -> dict[str, Any]:
     out = ui.console
+    few = few or {}
+    # no validation split: the last weights are kept; a head solved on every row is final as it is
     result = fit(bundle, task, train_ds, val_ds, cfg.train, run_dir, hardware=hw,
                  resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
                  progress=ui.FitProgress(quiet), net=net, trackers=tracked, on_eval=on_eval, penalty=penalty,
-                 eval_first=solved)
+                 eval_first=solved, keep_last=frames.val_is_train,
+                 steps=0 if solved and frames.val_is_train else None)
     distributed.finish()  # the ranks are in step here (fit ends on a gather); the rest is rank 0's alone
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
                                "best_step": result.best_step, "stopped_early": result.stopped_early,
@@ -266,6 +323,9 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                    "weights_per_rank_mib": result.weights_per_rank_mib}
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, task, data), "fit": fit_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    if few.get("auto") or few.get("no_validation_split") or few.get("contrastive"):
+        info["few_labels"] = few
+        summary["few_labels"] = {k: v for k, v in few.items() if k != "contrastive"}
     write_json(run_dir / INFO_FILE, info)
     if not quiet:
         stop = "stopped early" if result.stopped_early else (
@@ -332,7 +392,7 @@ def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, tr
     on the training features (a convex problem: solved to convergence in seconds, where a few
     epochs of SGD under-train it). The features come from the cache, else are computed once.
     Returns whether it did."""
-    if cfg.strategy.name != "head" or cfg.train.head_init != "probe" or task.level != "pooled":
+    if cfg.strategy.name not in ("head", "contrastive") or cfg.train.head_init != "probe" or task.level != "pooled":
         return False
     started = time.perf_counter()
     if getattr(train_ds, "field", "") == "features":

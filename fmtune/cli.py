@@ -60,7 +60,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         return
     flags = {"model.name": a.model, "data.train": a.data, "data.val": a.val, "data.test": a.test,
              "task.type": a.task, "strategy.name": a.strategy, "train.epochs": a.epochs, "out": a.out,
-             "name": a.name, "train.baseline": True if a.baseline else None, "train.tracker": a.tracker}
+             "name": a.name, "train.baseline": True if a.baseline else None, "train.tracker": a.tracker,
+             "semi.unlabeled": a.unlabeled}
     cfg = config.load(a.config, overrides=a.set, base={k: v for k, v in flags.items() if v is not None})
     api.train(cfg, overwrite=a.overwrite, quiet=a.quiet, report=not a.no_report)
 
@@ -361,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(`fmtune tasks` lists them)")
     t.add_argument("--strategy", choices=list(STRATEGY_NAMES),
                    help="what to train: full, head, last_n (strategy.n), lora/dora (strategy.r, strategy.alpha, "
-                   "strategy.targets), ia3, prompt (strategy.virtual_tokens), bitfit; see `fmtune config`")
+                   "strategy.targets), ia3, prompt (strategy.virtual_tokens), bitfit, contrastive (few labels: "
+                   "SetFit-style pair training of a text encoder, then a linear head; strategy.encoder=lora), "
+                   "auto (chosen from the labels per class and the model; run.json says why); see `fmtune config`")
+    t.add_argument("--unlabeled", metavar="FILE",
+                   help="self-training: pseudo-label these unlabelled texts in rounds (semi.rounds, semi.threshold, "
+                   "class-balanced) and train again on them; OUT/selftrain.json has each round")
     t.add_argument("--epochs", type=int, help="passes over the training data")
     t.add_argument("--out", help="run directory (default: runs/<name>)")
     t.add_argument("--name", help="run name (default: <model>-<strategy>-<time>)")

@@ -61,6 +61,9 @@ class DataConfig:
         "auto", "ner: how the files are read: auto (by suffix: .jsonl/.json are JSONL, .conll/.bio/.txt/.tsv "
         "CoNLL), conll (word and tag per line), jsonl ({tokens, tags} or {text, entities} per line)")
     val_fraction: float = _f(0.1, "share of training rows split off as validation when no val set is given")
+    min_val_per_class: int = _f(5, "classification: when the split would leave fewer validation rows than this of "
+                                "some class, none is split off: every row trains, a step budget decides when to "
+                                "stop, and validation is measured on the training rows (0: always split; -1: never)")
     max_train_samples: int | None = _f(None, "use at most this many training rows (seeded, stratified)")
     unknown_labels: Literal["error", "unknown"] = _f(
         "error", "a val/test label unseen in training: fail, or map it to 'unknown' (never predicted)"
@@ -69,6 +72,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 0.9, "data.val_fraction", "must be in (0, 0.9)")
+        _check(self.min_val_per_class >= -1, "data.min_val_per_class", "must be >= -1")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
         _check(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
         _check(not (self.text_columns and self.text_template), "data.text_template",
@@ -101,15 +105,22 @@ class TaskConfig:
         _check(0.0 <= self.window_stride <= 0.5, "task.window_stride", "must be in [0, 0.5]")
 
 
-STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit")
+STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto")
 # train.lr when it is not set: what each strategy needs to move in a few epochs. Adapters start at
 # zero (LoRA/DoRA) or one (IA3) and are small, so they take much larger steps than full weights.
 DEFAULT_LR = {"full": 5e-5, "head": 5e-5, "last_n": 5e-5, "lora": 5e-4, "dora": 5e-4, "ia3": 3e-3,
-              "prompt": 3e-2, "bitfit": 1e-3}
+              "prompt": 3e-2, "bitfit": 1e-3, "contrastive": 1e-4}
+CONTRASTIVE_LORA_LR = 1e-3  # strategy contrastive with strategy.encoder=lora
 # Every other default learning rate lives here too. The head (fresh, small) takes larger steps
 # than the weights under it: train.head_lr, unless set, is HEAD_LR_FACTOR x lr, at most HEAD_LR_MAX.
 HEAD_LR_FACTOR, HEAD_LR_MAX = 20, 1e-2
 PROBE_LR = 1e-2  # fmtune transfer's probe (a head on the frozen backbone) unless train.head_lr is set
+
+
+def default_lr(strategy: Any) -> float:
+    if strategy.name == "contrastive" and strategy.encoder == "lora":
+        return CONTRASTIVE_LORA_LR
+    return DEFAULT_LR[strategy.name]
 
 
 def default_head_lr(lr: float) -> float:
@@ -123,9 +134,11 @@ def scratch_lr(finetune_lr: float) -> float:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit"] = _f(
+    name: Literal["full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto"] = _f(
         "full", "what is trained: full = everything, head = linear probe, last_n = last N blocks + head, "
-        "lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, bitfit = biases + head"
+        "lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, bitfit = biases + head, "
+        "contrastive = SetFit-style pair training of a text encoder, then a linear head (few labels), "
+        "auto = chosen from the labels per class, the model's size and train.max_minutes (run.json says why)"
     )
     n: int = _f(2, "last_n: number of final backbone blocks to train")
     r: int = _f(8, "lora/dora: rank of the weight update")
@@ -135,6 +148,12 @@ class StrategyConfig:
         None, "lora/dora/ia3: modules to adapt, comma-separated names (as printed in errors) or all-linear "
         "(default: per architecture: query,value for BERT-like, q_proj,v_proj for ViT, 1x1/plain convs for CNNs)")
     virtual_tokens: int = _f(20, "prompt: trainable virtual tokens put before every text")
+    encoder: Literal["full", "lora"] = _f("full", "contrastive: what the pair training tunes: the whole encoder, or "
+                                          "a LoRA adapter (strategy.r, alpha, targets) folded into it afterwards")
+    pairs_batch: int = _f(32, "contrastive: rows embedded per step; every pair among them is scored "
+                          "(32 rows = 496 pairs), so the cost of a step does not grow with the classes")
+    contrastive_steps: int | None = _f(None, "contrastive: steps of pair training (default: each row in about "
+                                       "15 batches, 15 to 400 steps)")
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, "strategy.n", "must be at least 1")
@@ -142,6 +161,9 @@ class StrategyConfig:
         _check(self.alpha > 0, "strategy.alpha", "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "strategy.dropout", "must be in [0, 1)")
         _check(self.virtual_tokens >= 1, "strategy.virtual_tokens", "must be at least 1")
+        _check(self.pairs_batch >= 4, "strategy.pairs_batch", "must be at least 4")
+        _check(self.contrastive_steps is None or self.contrastive_steps >= 1, "strategy.contrastive_steps",
+               "must be at least 1")
         _check(self.targets is None or bool(self.targets.strip(" ,")), "strategy.targets",
                "must name at least one module (or leave it unset for the default)")
 
@@ -266,6 +288,23 @@ class ContinualConfig:
 
 
 @dataclass
+class SemiConfig:
+    unlabeled: str | None = _f(None, "self-training: a CSV/JSONL/Parquet of unlabelled texts (a label column, if "
+                               "any, is only used to say how many pseudo-labels were right)")
+    rounds: int = _f(2, "self-training: rounds after the first run, each trained again on the labelled rows plus "
+                     "the pseudo-labelled ones")
+    threshold: float = _f(0.0, "self-training: smallest predicted probability of a pseudo-label (0: none; the most "
+                          "probable rows of every class are taken in any case)")
+    per_round: int | None = _f(None, "self-training: pseudo-labelled rows added per class and round (default: twice "
+                               "the labelled rows of the rarest class, at least 8)")
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "semi.rounds", "must be at least 1")
+        _check(0.0 <= self.threshold < 1.0, "semi.threshold", "must be in [0, 1)")
+        _check(self.per_round is None or self.per_round >= 1, "semi.per_round", "must be at least 1")
+
+
+@dataclass
 class Config:
     name: str | None = _f(None, "run name (default: <model>-<strategy>-<timestamp>)")
     out: str | None = _f(None, "run directory (default: runs/<name>)")
@@ -275,6 +314,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
     search: dict[str, Any] = _f({}, "fmtune search: the space, {dotted key: {type: float|int|categorical, low, high, "
                                 "log, step, choices}}; e.g. train.lr: {type: float, low: 1e-5, high: 1e-3, log: true}")
 
@@ -282,8 +322,8 @@ class Config:
         _check(not (self.model.init == "random" and self.strategy.name in ("lora", "dora", "ia3", "prompt")),
                "model.init", "random: an adapter keeps the backbone frozen at its pretrained weights and is saved "
                "without them; train a random backbone with strategy full")
-        if self.train.lr is None:  # resolved here, so the saved config.yaml says what was used
-            self.train.lr = DEFAULT_LR[self.strategy.name]
+        if self.train.lr is None and self.strategy.name != "auto":  # resolved here, so config.yaml says it
+            self.train.lr = default_lr(self.strategy)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -436,4 +476,4 @@ def describe() -> list[tuple[str, str, str]]:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "task": TaskConfig, "continual": ContinualConfig,
-             "strategy": StrategyConfig, "train": TrainConfig}
+             "strategy": StrategyConfig, "train": TrainConfig, "semi": SemiConfig}

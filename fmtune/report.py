@@ -201,6 +201,7 @@ def write_report(run: str | Path) -> Path:
                      f'<p class="muted">mean forgetting on the old tasks {cont.get("mean_forgetting")}; '
                      f'labels added: {html.escape(", ".join(cont["labels"]["added"]) or "none")}; memory of '
                      f'{cont["memory"]["examples"]} old examples</p>']
+    sections += _few_labels_section(run_dir, info)
     sections += ["<h2>Training</h2>", _curves(read_jsonl(run_dir / "metrics.jsonl"), s["metric"] or "", s["best_step"])]
     fit = info.get("fit") or {}
     if fit:
@@ -261,6 +262,37 @@ def _fairness_gap_rows(fair: dict[str, Any], models: list[str], label: str = "")
                          *[_gap(fair["models"][m][grouping]["gaps"][gap]) if gap in fair["models"][m][grouping]["gaps"]
                            else "-" for m in models]])
     return rows
+
+
+def _few_labels_section(run_dir: Path, info: dict[str, Any]) -> list[str]:
+    """Few labels: what strategy auto chose and why, the contrastive phase, the validation choice,
+    and self-training's rounds (fmtune.fewshot, fmtune.semi)."""
+    few = info.get("few_labels") or {}
+    st = read_json(run_dir / "selftrain.json", {})
+    if not few and not st:
+        return []
+    out = ["<h2>Few labels</h2>"]
+    if few.get("auto"):
+        out.append(f"<p>strategy auto chose <b>{html.escape(few['auto']['strategy'])}</b>: "
+                   f"{html.escape(few['auto']['why'])}</p>")
+    c = few.get("contrastive")
+    if c:
+        out.append(f"<p>contrastive pair training: {c['steps']} steps of {c['rows_per_step']} rows "
+                   f"({c['pairs_seen']:,} pairs) in {c['seconds']:.1f} s, encoder {html.escape(c['encoder'])}, "
+                   f"lr {c['lr']:g}; pair loss {c['loss_first']:.4f} &rarr; {c['loss_last']:.4f}</p>")
+    if few.get("no_validation_split"):
+        out.append(f'<p class="muted">{html.escape(few["no_validation_split"])}</p>')
+    if st.get("rounds"):
+        metrics = list(st["rounds"][-1].get("test", {}))
+        rows = [[r["round"], r["labelled"], r["pseudo_labelled"],
+                 "" if r.get("pseudo_right") is None else f"{r['pseudo_right']}/{r['pseudo_labelled']}",
+                 *[r.get("test", {}).get(k, "") for k in metrics]] for r in st["rounds"]]
+        out += [f"<h3>Self-training ({st['pool_rows']} unlabelled rows of {html.escape(Path(st['unlabeled']).name)})"
+                "</h3>", _table(["round", "labelled", "pseudo-labelled", "pseudo-labels right", *metrics], rows),
+                f'<p class="muted">every round trains from the pretrained weights; {st["per_round"]} more '
+                "pseudo-labels per class each round, the most probable first; rounds before the last are in "
+                "rounds/</p>"]
+    return out
 
 
 def _fairness_section(run_dir: Path) -> list[str]:

@@ -58,6 +58,12 @@ def _head(model: nn.Module, cfg: Any) -> set[str]:
     return _names_of(model, [model.head])
 
 
+@STRATEGIES.register("contrastive")
+def _contrastive(model: nn.Module, cfg: Any) -> set[str]:
+    """The head, once fmtune.fewshot.contrastive has tuned the encoder (before training starts)."""
+    return _names_of(model, [model.head])
+
+
 @STRATEGIES.register("last_n")
 def _last_n(model: nn.Module, cfg: Any) -> set[str]:
     blocks = backbone_blocks(model.backbone)

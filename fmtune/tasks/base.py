@@ -102,6 +102,11 @@ class Task:
         return None
 
     @classmethod
+    def fewest_per_label(cls, df: pd.DataFrame, data_cfg: Any) -> int | None:
+        """Rows of the rarest label in ``df`` (None: the task has no labels to count)."""
+        return None
+
+    @classmethod
     def options_from(cls, task_cfg: Any, data_cfg: Any) -> dict[str, Any]:
         """The keyword arguments of ``from_train`` taken from the config."""
         return {"column": data_cfg.label_column, "class_weights": task_cfg.class_weights}

@@ -38,6 +38,11 @@ class Classification(Task):
         return df[column].astype(str).value_counts().sort_index().to_dict()
 
     @classmethod
+    def fewest_per_label(cls, df: pd.DataFrame, data_cfg: Any) -> int | None:
+        column = cls.target_column(data_cfg)
+        return int(df[column].astype(str).value_counts().min()) if column in df.columns and len(df) else None
+
+    @classmethod
     def from_train(cls, values: pd.Series, df: pd.DataFrame, column: str = "label",
                    class_weights: bool = False, **kw: Any) -> Classification:
         missing_values(df, values, column)

@@ -147,16 +147,21 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
         net: torch.nn.Module | None = None, trackers: list[Any] = (),
         on_eval: Callable[[dict], None] | None = None,
         penalty: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
-        eval_first: bool = False) -> FitResult:
+        eval_first: bool = False, keep_last: bool = False, steps: int | None = None) -> FitResult:
     """Train ``bundle.model`` on ``train_ds``; evaluate on ``val_ds``; save the best via ``save_best``.
 
     ``net`` is what the batches are fed to when it is not the model itself (the model seen
     from the feature cache); its parameters are the model's. ``penalty(logits, aux)`` is added
     to the task's loss (continual learning), ``aux`` being the batch's ``aux_*`` tensors.
     ``eval_first``: validate (and keep as the best so far) the model as it starts, at step 0.
+    ``keep_last``: every evaluation counts as the best (the validation set is no held-out set).
+    ``steps``: the step budget, instead of the config's (0: only the evaluation of ``eval_first``).
     """
     run = _Fit(bundle, task, train_ds, val_ds, cfg, run_dir, hardware=hardware, save_best=save_best,
                progress=progress, net=net, on_eval=on_eval, penalty=penalty)
+    run.keep_last = keep_last
+    if steps is not None:
+        run.total_steps = steps
     run.start(resume, trackers)
     return run.train(eval_first and not resume)
 
@@ -174,6 +179,7 @@ class _Fit:
         self.hardware, self._save_best, self.progress, self.on_eval, self.penalty = \
             hardware, save_best, progress, on_eval, penalty
         self.metric = resolve_metric(task, cfg)
+        self.keep_last = False
         self.greater = task.greater_is_better(self.metric)
         self._accelerator()
         self._place(net)
@@ -293,7 +299,7 @@ class _Fit:
         res = self.task.metrics(logits, targets)
         rec = {"step": state["step"], "epoch": round(state["step"] / self.steps_per_epoch, 3),
                "seconds": round(time.perf_counter() - self.started, 3), **{k: round(v, 6) for k, v in res.items()}}
-        if _improved(res[self.metric], state["best"], self.greater, cfg.min_delta):
+        if self.keep_last or _improved(res[self.metric], state["best"], self.greater, cfg.min_delta):
             state.update(best=res[self.metric], best_step=state["step"], bad_evals=0)
             self._keep_best()  # the best checkpoint first: a crash after it still leaves the best model
             rec["best"] = True

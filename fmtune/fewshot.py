@@ -1,0 +1,226 @@
+"""Few labels: SetFit-style contrastive tuning of a text encoder (``--strategy contrastive``), the
+choice of a strategy from the labels per class (``--strategy auto``), and the defaults of a run
+with few labels.
+
+Contrastive tuning (Tunstall et al., 2022, "SetFit") teaches the encoder that texts of one label
+embed close together and texts of different labels far apart, then solves a linear head on the
+new embeddings. SetFit feeds one pair per example slot (two forward passes per pair) and builds
+its pairs up front, so time and memory grow with examples x classes (SetFit #472, #249). Here a
+step embeds a class-balanced batch of ``B`` examples once and scores every pair inside it:
+B(B-1)/2 pairs for B forward passes, a fixed cost per step whatever the number of classes. The
+loss is SetFit's (squared error between the cosine similarity and the pair's target: 1 same
+label, 0 different; multi-label: the Jaccard overlap of the label sets), averaged over positive
+and negative pairs separately so the rare positives are not drowned out.
+
+A validation split of a few rows per class says nothing and costs training data: when it would
+hold fewer than ``data.min_val_per_class`` rows of some class, no split is made, every row
+trains, a step budget decides when to stop, and the validation numbers are measured on the
+training rows (the run says so).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fmtune import ui
+from fmtune.errors import ConfigError
+
+# --strategy auto: a text encoder is tuned contrastively up to this many labels per class (beyond,
+# plain fine-tuning has enough examples to learn from and is cheaper per example); an image backbone
+# gets the linear probe up to PROBE_MAX; models above LARGE_MODEL parameters get LoRA, not full.
+CONTRASTIVE_MAX = 64
+PROBE_MAX = 16
+LARGE_MODEL = 300_000_000
+# A few-label run that trains by gradient (full, last_n, lora ...): at least this many optimizer steps,
+# on batches of at most a quarter of the rows (3 epochs of 16 rows would be 3 steps of one batch).
+FEW_MIN_STEPS = 50
+
+
+def contrastive_steps(n: int, batch: int) -> int:
+    """Default length of the contrastive phase: every row in about 15 batches, at least 15 and at
+    most 400 steps (400 steps of 32 rows score 200k pairs). Measured on two sentiment sets at 8 rows
+    per class over 3 seeds (bench/fewshot.py): 15 steps at lr 1e-4 matched 30 steps at 5e-5."""
+    return int(min(max(math.ceil(15 * n / batch), 15), 400))
+
+
+def target_matrix(targets: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Labels as an (n, L) 0/1 matrix: one-hot for classification, as given for multi-label."""
+    if targets.dim() == 1:
+        return F.one_hot(targets.clamp(min=0).long(), num_labels).float()
+    return targets.float()
+
+
+def pair_targets(y: torch.Tensor) -> torch.Tensor:
+    """Similarity targets of every pair of rows of ``y`` (n, L): the Jaccard overlap of their label
+    sets (1 the same label(s), 0 none in common); two rows without labels count as the same."""
+    inter = y @ y.T
+    size = y.sum(1)
+    union = size[:, None] + size[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-9), torch.ones_like(inter))
+
+
+def pair_loss(emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SetFit's cosine-similarity loss over every pair of the batch, positives (target > 0.5) and
+    negatives averaged separately and weighted equally."""
+    e = F.normalize(emb.float(), dim=-1)
+    iu = torch.triu_indices(len(e), len(e), 1, device=e.device)
+    sim = (e @ e.T)[iu[0], iu[1]]
+    t = target[iu[0], iu[1]].to(sim.device)
+    err = (sim - t) ** 2
+    pos = t > 0.5
+    parts = [err[m].mean() for m in (pos, ~pos) if m.any()]
+    return torch.stack(parts).mean()
+
+
+class BalancedBatches:
+    """Batches of ``size`` row positions drawn so that every class in a batch has at least two
+    rows (a positive pair) and every row is used before any is used again. Single-label: up to
+    size/2 classes per batch, taken in turn from a shuffled order; multi-label: rows at random."""
+
+    def __init__(self, labels: np.ndarray | None, n: int, size: int, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.n, self.size = n, min(size, n)
+        self.labels = labels
+        if labels is not None:
+            self.classes = [np.flatnonzero(labels == k) for k in np.unique(labels)]
+            self.classes = [c for c in self.classes if len(c)]
+            self.queues: list[list[int]] = [[] for _ in self.classes]
+            self.order: list[int] = []
+        else:
+            self.queue: list[int] = []
+
+    def _take(self, k: int, m: int) -> list[int]:
+        m = min(m, len(self.classes[k]))
+        queue = self.queues[k]
+        out = queue[:m]
+        del queue[:m]
+        if len(out) < m:  # this class's rows are used up: a fresh order, without the ones just taken
+            fresh = [i for i in self.rng.permutation(self.classes[k]).tolist() if i not in out]
+            need = m - len(out)
+            out += fresh[:need]
+            queue[:] = fresh[need:]
+        return out
+
+    def __call__(self) -> list[int]:
+        if self.labels is None:
+            if len(self.queue) < self.size:
+                self.queue += self.rng.permutation(self.n).tolist()
+            out, self.queue = self.queue[: self.size], self.queue[self.size:]
+            return sorted(set(out))
+        n_classes = len(self.classes)
+        per_batch = min(n_classes, max(2, self.size // 2))
+        if len(self.order) < per_batch:
+            self.order += self.rng.permutation(n_classes).tolist()
+        chosen, self.order = self.order[:per_batch], self.order[per_batch:]
+        each = max(2, self.size // per_batch)
+        return [i for k in chosen for i in self._take(k, each)]
+
+
+def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: Any, quiet: bool) -> dict[str, Any]:
+    """Tune ``bundle.model``'s encoder in place on ``ds`` (its training rows, tokenised) by pair
+    training; with ``strategy.encoder=lora`` through a LoRA adapter folded into the weights after.
+    The head is untouched. Returns what was done (for run.json and the report)."""
+    from fmtune import adapters
+    from fmtune.strategies import set_train_mode
+
+    if bundle.kind != "text" or bundle.family != "hf":
+        raise ConfigError(f"strategy contrastive tunes a text encoder on pairs of texts; {bundle.source} reads "
+                          "images: use strategy head (the probe) or full")
+    if not task.labels or task.level != "pooled":
+        raise ConfigError(f"strategy contrastive needs labels of whole texts (classification or multilabel), not "
+                          f"the {task.name} task")
+    n = len(ds)
+    if n < 2:
+        raise ConfigError("strategy contrastive needs at least two training rows")
+    y = target_matrix(ds.targets, len(task.labels))
+    single = ds.targets.dim() == 1
+    batch = min(scfg.pairs_batch, n)
+    steps = scfg.contrastive_steps or contrastive_steps(n, batch)
+    sampler = BalancedBatches(ds.targets.numpy() if single else None, n, batch, tcfg.seed)
+    model = bundle.model
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    if scfg.encoder == "lora":
+        import peft
+
+        targets, _ = adapters.resolve_targets(bundle, scfg)
+        pc = peft.LoraConfig(r=scfg.r, lora_alpha=scfg.alpha, lora_dropout=scfg.dropout, target_modules=targets)
+        with adapters._quiet():
+            model = peft.get_peft_model(model, pc)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = list(model.backbone.parameters())
+        for p in params:
+            p.requires_grad_(True)
+    base = adapters.base_model(model)
+    decay = [p for p in params if p.dim() > 1]
+    rest = [p for p in params if p.dim() <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=tcfg.lr)
+    warm = max(1, int(0.1 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # dropout masks, seeded
+    model.train()
+    losses: list[float] = []
+    started = time.perf_counter()
+    with ui.CountProgress(f"contrastive pairs ({batch} rows, {batch * (batch - 1) // 2} pairs a step)", steps,
+                          quiet) as bar:
+        for _ in range(steps):
+            idx = sampler()
+            host = ds.collate(idx)
+            host.pop("labels", None)
+            emb = base.features(**{k: v.to(device) for k, v in host.items()})
+            loss = pair_loss(emb, pair_targets(y[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar(1)
+    if scfg.encoder == "lora":
+        model = model.merge_and_unload()
+        bundle.model = model
+    for name, p in model.named_parameters():
+        p.requires_grad_(frozen.get(name, False))
+    model.eval()
+    set_train_mode(model)
+    seconds = time.perf_counter() - started
+    k = max(1, len(losses) // 10)
+    info = {"steps": steps, "rows_per_step": batch, "pairs_per_step": batch * (batch - 1) // 2,
+            "pairs_seen": steps * batch * (batch - 1) // 2, "encoder": scfg.encoder, "lr": tcfg.lr,
+            "seconds": round(seconds, 2), "loss_first": round(float(np.mean(losses[:k])), 5),
+            "loss_last": round(float(np.mean(losses[-k:])), 5), "loss": [round(v, 5) for v in losses]}
+    if not quiet:
+        ui.console.print(f"  contrastive: {steps} steps of {batch} rows ({info['pairs_seen']:,} pairs) in "
+                         f"{seconds:.1f}s, encoder {scfg.encoder}, lr {tcfg.lr:g}; pair loss "
+                         f"{info['loss_first']:.4f} -> {info['loss_last']:.4f}")
+    return info
+
+
+def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, task: Any) -> tuple[str, str]:
+    """--strategy auto: (strategy, why) from the model's kind and size and the labels per class."""
+    big = n_params > LARGE_MODEL
+    tuned = "lora" if big else "full"
+    size = f"{n_params / 1e6:.0f}M parameters"
+    if per_class is None:
+        return tuned, f"{task.name} has no classes to count; {tuned} fine-tuning ({size})"
+    few = f"{per_class} labelled rows in the smallest class"
+    if kind == "text" and task.level == "pooled" and per_class <= CONTRASTIVE_MAX:
+        enc = "lora" if big else "full"
+        return "contrastive", (f"{few} (at most {CONTRASTIVE_MAX}): contrastive pair training of the encoder "
+                               f"({enc}), then a linear head")
+    if kind == "image" and per_class <= PROBE_MAX:
+        return "head", f"{few} (at most {PROBE_MAX}): a linear probe on the frozen backbone"
+    budget = cfg.train.max_minutes
+    if budget is not None and budget < 2:
+        return "head", f"{few}, but a time budget of {budget:g} min: a linear probe on the frozen backbone"
+    return tuned, f"{few}: enough to fine-tune; {tuned} ({size})"

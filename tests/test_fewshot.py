@@ -1,0 +1,233 @@
+"""Few labels (issue 20): contrastive pair training, strategy auto, no 2-row validation split, the
+few-label step budget, and self-training on unlabelled rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cfg_dict, make_text_rows
+
+import fmtune
+from fmtune import config as config_mod
+from fmtune import fewshot, semi
+from fmtune.data.prepare import make_task
+from fmtune.errors import ConfigError, DataError
+from fmtune.models import build
+from fmtune.strategies import apply_strategy
+from fmtune.training.infer import infer
+
+
+def few_rows(per_class: int, seed: int, task: str = "classification") -> pd.DataFrame:
+    df = make_text_rows(40 * per_class, seed, task)
+    first = df["label"].str.split("|").str[0]
+    return pd.concat([df[first == k].head(per_class) for k in ("neg", "pos")]).reset_index(drop=True)
+
+
+# --- the pieces -------------------------------------------------------------------------------
+
+def test_pair_targets_are_label_overlap():
+    y = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0], [0, 0, 0.0]])
+    t = fewshot.pair_targets(y)
+    assert t[0, 1] == 1 and t[0, 2] == 0  # same label, different label
+    assert t[0, 3] == pytest.approx(0.5) and t[2, 3] == pytest.approx(0.5)  # {a} vs {a, b}: Jaccard 1/2
+    assert t[4, 5] == 1 and t[0, 4] == 0  # two unlabelled rows are alike; unlabelled vs labelled are not
+    onehot = fewshot.target_matrix(torch.tensor([0, 2, 2]), 3)
+    assert onehot.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
+
+
+def test_pair_loss_is_zero_only_when_similarities_match_the_targets():
+    target = fewshot.pair_targets(fewshot.target_matrix(torch.tensor([0, 0, 1, 1]), 2))
+    ideal = torch.tensor([[1.0, 0], [2.0, 0], [0, 1.0], [0, 3.0]])  # same class: cos 1; other: cos 0
+    assert fewshot.pair_loss(ideal, target).item() == pytest.approx(0.0, abs=1e-7)
+    swapped = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0]])
+    # positives (0,1), (2,3): cos 0, off by 1; negatives: (0,2), (1,3) cos 1 (off by 1), the other two right
+    assert fewshot.pair_loss(swapped, target).item() == pytest.approx((1.0 + 0.5) / 2)
+    # positives and negatives weigh the same however many of each there are
+    many_neg = fewshot.pair_targets(fewshot.target_matrix(torch.tensor([0, 0, 1, 2, 3, 4]), 5))
+    emb = torch.eye(6)[:, :6]  # all pairs cos 0: the one positive pair is off by 1, negatives by 0
+    assert fewshot.pair_loss(emb, many_neg).item() == pytest.approx(0.5)
+
+
+def test_balanced_batches_give_every_class_a_pair_and_use_every_row():
+    labels = np.repeat(np.arange(3), [8, 8, 2])  # a class of two rows
+    draw = fewshot.BalancedBatches(labels, len(labels), 12, seed=0)
+    seen = []
+    for _ in range(6):
+        idx = draw()
+        counts = np.bincount(labels[idx], minlength=3)
+        assert set(counts[counts > 0]) and counts[counts > 0].min() >= 2
+        assert len(set(idx)) == len(idx)
+        seen += idx
+    assert set(seen) == set(range(len(labels)))
+    many = np.repeat(np.arange(150), 8)  # 150 classes: the batch holds 16 of them, 2 rows each
+    idx = fewshot.BalancedBatches(many, len(many), 32, seed=1)()
+    assert len(idx) == 32 and set(np.bincount(many[idx])[np.bincount(many[idx]) > 0]) == {2}
+    rows = fewshot.BalancedBatches(None, 10, 5, seed=0)  # multi-label: every row once per pass
+    assert sorted(rows() + rows()) == list(range(10))
+
+
+def test_default_contrastive_steps():
+    assert fewshot.contrastive_steps(16, 16) == 15
+    assert fewshot.contrastive_steps(48, 32) == 23
+    assert fewshot.contrastive_steps(1200, 32) == 400  # capped
+
+
+def _separation(model, ds, labels) -> float:
+    feats, _ = infer(model, ds, 64, features=True)
+    e = F.normalize(feats, dim=-1)
+    sim = e @ e.T
+    same = torch.as_tensor(labels[:, None] == labels[None, :])
+    off = ~torch.eye(len(labels), dtype=torch.bool)
+    return float(sim[same & off].mean() - sim[~same].mean())
+
+
+@pytest.mark.parametrize("encoder", ["full", "lora"])
+def test_contrastive_pulls_labels_apart_and_leaves_only_the_head_trainable(tiny_st_bert, encoder):
+    df = few_rows(8, 0)
+    cfg = config_mod.from_dict(cfg_dict(tiny_st_bert, "x.csv", strategy={"name": "contrastive", "encoder": encoder},
+                                        train={"lr": 3e-3 if encoder == "full" else 5e-2}))
+    task = make_task(cfg.task, cfg.data, df)
+    bundle = build.create(cfg.model, task)
+    apply_strategy(bundle, cfg.strategy)
+    ds = task.dataset(df, bundle, cfg.data)[0]
+    labels = ds.targets.numpy()
+    head = {k: v.clone() for k, v in bundle.model.head.state_dict().items()}
+    before = _separation(bundle.model, ds, labels)
+    info = fewshot.contrastive(bundle, task, ds, cfg.strategy, cfg.train, "cpu", quiet=True)
+    after = _separation(bundle.model, ds, labels)
+    assert after > before + (0.3 if encoder == "full" else 0.05), (before, after)  # LoRA on q/v: a smaller move
+    assert info["loss_last"] < info["loss_first"]
+    assert info["steps"] == 15 and info["rows_per_step"] == 16 and info["pairs_per_step"] == 120
+    assert not any("lora" in n for n, _ in bundle.model.named_parameters())  # folded in: a plain model
+    trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("head.") for n in trainable)
+    for k, v in bundle.model.head.state_dict().items():
+        assert torch.equal(v, head[k])
+
+
+def test_contrastive_refuses_images(tiny_vit):
+    cfg = config_mod.from_dict(cfg_dict(tiny_vit, "x", strategy={"name": "contrastive"}))
+    task = fmtune.tasks.Classification(["a", "b"])
+    bundle = build.create(cfg.model, task)
+    with pytest.raises(ConfigError, match="reads images"):
+        fewshot.contrastive(bundle, task, None, cfg.strategy, cfg.train, "cpu", True)
+
+
+def test_choose_strategy_by_labels_per_class_and_size():
+    cfg = config_mod.Config()
+    clf = fmtune.tasks.Classification(["a", "b"])
+    assert fewshot.choose_strategy(cfg, "text", 22_000_000, 8, clf)[0] == "contrastive"
+    assert fewshot.choose_strategy(cfg, "text", 22_000_000, 64, clf)[0] == "contrastive"
+    assert fewshot.choose_strategy(cfg, "text", 22_000_000, 65, clf)[0] == "full"
+    assert fewshot.choose_strategy(cfg, "text", 400_000_000, 500, clf)[0] == "lora"
+    assert fewshot.choose_strategy(cfg, "image", 4_000_000, 10, clf)[0] == "head"
+    assert fewshot.choose_strategy(cfg, "image", 4_000_000, 100, clf)[0] == "full"
+    quick = config_mod.from_dict({"train": {"max_minutes": 1}})
+    name, why = fewshot.choose_strategy(quick, "image", 4_000_000, 100, clf)
+    assert name == "head" and "time budget" in why
+    assert fewshot.choose_strategy(cfg, "text", 22_000_000, None, fmtune.tasks.Regression())[0] == "full"
+
+
+# --- runs --------------------------------------------------------------------------------------
+
+def test_contrastive_run_with_few_labels_keeps_every_row_and_learns(tiny_st_bert, tmp_path):
+    train, test = tmp_path / "few.csv", tmp_path / "test.csv"
+    few_rows(16, 0).to_csv(train, index=False)
+    make_text_rows(80, 2).to_csv(test, index=False)
+    cfg = cfg_dict(tiny_st_bert, train, strategy={"name": "auto"}, out=str(tmp_path / "run"),
+                   data={"train": str(train), "test": str(test)}, train={"patience": 3})
+    cfg["train"]["lr"] = 3e-3
+    summary = fmtune.train(cfg, quiet=True, report=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    few = info["few_labels"]
+    assert few["auto"]["strategy"] == "contrastive" and "16 labelled rows" in few["auto"]["why"]
+    assert "no validation split" in few["no_validation_split"]
+    assert info["data"]["train"]["rows"] == 32 and info["data"]["val_is_train"]
+    assert info["fit"]["steps"] == 0  # the head solved on every row is final
+    assert few["contrastive"]["steps"] == 15
+    saved = config_mod.load(tmp_path / "run" / "config.yaml")
+    assert saved.strategy.name == "contrastive" and saved.train.patience is None
+    assert summary["eval"]["test"]["accuracy"] >= 0.75  # chance: 0.5 (a tiny random-init encoder)
+    # the saved model is the tuned encoder with its head: loaded again, it scores the same
+    again = fmtune.api.evaluate(tmp_path / "run", test, quiet=True)
+    assert again["test"]["accuracy"] == summary["eval"]["test"]["accuracy"]
+
+
+def test_few_label_full_run_gets_a_step_budget(tiny_st_bert, tmp_path):
+    train = tmp_path / "few.csv"
+    few_rows(8, 1).to_csv(train, index=False)
+    fmtune.train(cfg_dict(tiny_st_bert, train, strategy={"name": "full"}, out=str(tmp_path / "run")), quiet=True,
+                 report=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["fit"]["steps"] == fewshot.FEW_MIN_STEPS
+    assert "a step budget of 50 steps of 4 rows" in info["few_labels"]["no_validation_split"]
+    # asked for a split: it is made
+    fmtune.train(cfg_dict(tiny_st_bert, train, out=str(tmp_path / "split"), data={"train": str(train),
+                                                                               "min_val_per_class": 0}),
+                 quiet=True, report=False)
+    info = json.loads((tmp_path / "split" / "run.json").read_text())
+    assert info["data"]["val_split_from_train"] and info["data"]["train"]["rows"] < 16
+
+
+def test_contrastive_multilabel_run(tiny_st_bert, tmp_path):
+    train = tmp_path / "ml.csv"
+    df = make_text_rows(120, 3, "multilabel")
+    df.to_csv(train, index=False)
+    summary = fmtune.train(cfg_dict(tiny_st_bert, train, task={"type": "multilabel"}, out=str(tmp_path / "run"),
+                                    strategy={"name": "contrastive", "contrastive_steps": 5}),
+                           quiet=True, report=False)
+    assert summary["best"] is not None
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["few_labels"]["contrastive"]["steps"] == 5
+
+
+# --- self-training ----------------------------------------------------------------------------
+
+def test_select_is_class_balanced_and_most_confident_first():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.95, 0.05], [0.2, 0.8], [0.45, 0.55], [0.99, 0.01]])
+    assert semi.select(["a", "b"], probs, 5, 0.0).tolist() == [3, 4, 5, 2] or \
+        sorted(semi.select(["a", "b"], probs, 5, 0.0).tolist()) == [2, 3, 4, 5]
+    assert semi.select(["a", "b"], probs, 1, 0.0).tolist() == [3, 5]  # the best of each class
+    assert semi.select(["a", "b"], probs, 5, 0.7).tolist() == [3, 5]  # b has one row over 0.7: one each
+    assert semi.select(["a", "b"], probs, 5, 0.99).size == 0  # b has none
+
+
+def test_self_training_rounds(tiny_st_bert, tmp_path):
+    train, pool, test = tmp_path / "few.csv", tmp_path / "pool.csv", tmp_path / "test.csv"
+    few_rows(8, 0).to_csv(train, index=False)
+    make_text_rows(200, 5).to_csv(pool, index=False)  # has labels: used only to count right pseudo-labels
+    make_text_rows(60, 2).to_csv(test, index=False)
+    cfg = cfg_dict(tiny_st_bert, train, strategy={"name": "contrastive"}, out=str(tmp_path / "run"),
+                   data={"train": str(train), "test": str(test)}, semi={"unlabeled": str(pool), "rounds": 2})
+    cfg["train"]["lr"] = 3e-3
+    summary = fmtune.train(cfg, quiet=True, report=True)
+    run = tmp_path / "run"
+    result = json.loads((run / "selftrain.json").read_text())
+    rounds = result["rounds"]
+    assert [r["pseudo_labelled"] for r in rounds] == [0, 32, 64]  # 16 then 32 per class (2x the 8 labelled)
+    assert all(0 <= r["pseudo_right"] <= r["pseudo_labelled"] for r in rounds[1:])
+    assert rounds[1]["pseudo_right"] >= 24  # the tiny model learnt the keyword: most pseudo-labels are right
+    assert all("accuracy" in r["test"] for r in rounds)
+    assert (run / "rounds" / "round-0" / "model").is_dir() and (run / "rounds" / "round-1" / "eval.json").exists()
+    assert summary["selftrain"] == result and (run / "report.html").exists()
+    assert "Self-training" in (run / "report.html").read_text()
+    data = pd.read_csv(run / "selftrain-data" / "train-round-2.csv")
+    assert len(data) == 16 + 64 and "_truth" not in data.columns
+    assert not list(tmp_path.glob(".run.selftrain-*"))  # the work folder is gone
+
+
+def test_self_training_bad_input(tiny_st_bert, tmp_path, text_files):
+    pool = tmp_path / "pool.csv"
+    pd.DataFrame({"sentence": ["a b"]}).to_csv(pool, index=False)
+    cfg = cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / "r"), semi={"unlabeled": str(pool)})
+    with pytest.raises(DataError, match="sentence"):  # the columns it has are named
+        fmtune.train(cfg, quiet=True)
+    cfg = cfg_dict(tiny_st_bert, text_files["regression_train"], task={"type": "regression"},
+                   out=str(tmp_path / "r"), semi={"unlabeled": str(pool)})
+    with pytest.raises(ConfigError, match="single-label classification"):
+        fmtune.train(cfg, quiet=True)
