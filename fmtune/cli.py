@@ -98,6 +98,35 @@ def cmd_transfer(a: argparse.Namespace) -> None:
         print(json.dumps({k: res[k] for k in ("summary", "gain_over_scratch")}, indent=2, default=float))
 
 
+def cmd_select(a: argparse.Namespace) -> None:
+    import time
+
+    from fmtune import active, ui
+    from fmtune.errors import ConfigError
+
+    if a.simulate:
+        from fmtune import config
+
+        flags = {"model.name": a.model, "strategy.name": a.train_strategy}
+        cfg = config.load(None, overrides=a.set, base={k: v for k, v in flags.items() if v is not None})
+        if not a.test:
+            raise ConfigError("fmtune select --simulate scores every round on test data: give --test FILE")
+        out = a.out or f"runs/active-{time.strftime('%Y%m%d-%H%M%S')}"
+        res = active.simulate(cfg, a.pool, a.test, out, start=a.start, step=a.n, rounds=a.rounds,
+                              strategies=tuple(s.strip() for s in a.strategies.split(",")), seed=a.seed,
+                              quiet=a.quiet)
+        ui.console.print(ui.table("active learning (test accuracy)", ["labels", *res["curves"]],
+                                  [[pts[0]["labels"], *[f"{res['curves'][s][i]['accuracy']:.4f}"
+                                                        for s in res["curves"]]]
+                                   for i, pts in enumerate(zip(*res["curves"].values()))]))
+        ui.console.print(f"active learning: {out}/active.json, {out}/active.png")
+        return
+    if not a.run:
+        raise ConfigError("fmtune select: give the RUN whose model ranks the pool (or --simulate)")
+    out = a.output or f"{Path(a.pool).stem}-to-label.csv"
+    active.select(a.run, a.pool, a.n, strategy=a.strategy, output=out, seed=a.seed, quiet=a.quiet)
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from fmtune import api
 
@@ -408,6 +437,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any setting of the run's config, e.g. --set train.lr=1e-5 (repeatable)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+
+    se = verb("select", cmd_select, "active learning: rank unlabelled rows by what labelling them would teach the "
+              "run's model (uncertainty, diversity, or both), and write the next ones to label; --simulate runs "
+              "the whole loop on a labelled set with its labels hidden")
+    se.add_argument("run", nargs="?", help="the trained run whose model ranks the pool (not with --simulate)")
+    se.add_argument("--pool", required=True, help="CSV/JSONL/Parquet of unlabelled texts (data.text_column)")
+    se.add_argument("-n", type=int, default=50, help="rows to pick (--simulate: per round) (default: 50)")
+    se.add_argument("--strategy", default="mix", choices=["mix", "entropy", "margin", "kcenter", "random"],
+                    help="mix: the 3n smallest margins, then k-center among them (default); entropy / margin: "
+                    "most uncertain first; kcenter: farthest from everything labelled (embeddings); random")
+    se.add_argument("-o", "--output", help="where the picked rows go (default: <pool>-to-label.csv)")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--simulate", action="store_true",
+                    help="labels of --pool hidden; start from --start rows per class, then --rounds rounds of -n "
+                    "rows per strategy (--strategies), training again each round (--model, --train-strategy) "
+                    "and scoring on --test; writes active.json/csv/png to --out")
+    se.add_argument("--test", help="--simulate: test data scored every round")
+    se.add_argument("--start", type=int, default=4, help="--simulate: labelled rows per class at the start")
+    se.add_argument("--rounds", type=int, default=4, help="--simulate: rounds of picking")
+    se.add_argument("--strategies", default="random,mix,margin,kcenter", help="--simulate: compared strategies")
+    se.add_argument("--model", help="--simulate: the model trained each round (default: minilm-l6)")
+    se.add_argument("--train-strategy", choices=list(STRATEGY_NAMES),
+                    help="--simulate: how each round trains (default: full; auto picks by labels per class)")
+    se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="--simulate: any setting")
+    se.add_argument("--out", help="--simulate: output folder (default: runs/active-<time>)")
 
     tr = verb("transfer", cmd_transfer, "does pre-training help here? the same architecture trained from scratch, as "
               "a linear probe on the frozen pretrained backbone, and fine-tuned, with the same budget, at several "

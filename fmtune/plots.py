@@ -91,3 +91,23 @@ def fairness(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def active_learning(curves: dict[str, list[dict[str, Any]]], path: Path, metric: str = "accuracy") -> Path:
+    """fmtune select --simulate: test ``metric`` against labels used, one line per strategy."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        ax.plot([p["labels"] for p in points], [p[metric] for p in points], marker="o",
+                linestyle="--" if name == "random" else "-", label=name)
+    ax.set_xlabel("labelled rows")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title("active learning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

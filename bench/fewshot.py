@@ -1,0 +1,201 @@
+"""Few labels: fmtune (--strategy contrastive, and the linear probe) against the real SetFit library,
+same all-MiniLM-L6-v2 weights (the local package), same samples, same seeds.
+
+    make bench-fewshot        # installs setfit (+ datasets, evaluate) into .venv, then runs:
+    .venv/bin/python bench/fewshot.py [--sizes 8,16,64 --seeds 5 --seeds-64 3] > result.json
+
+Data: `fmtune datasets --export` of rotten-tomatoes (2 classes) and tweet-sentiment (3 classes),
+split seed 0. For every dataset, size (rows per class) and seed, the rows are drawn from the
+training split (seeded, class-balanced) and both tools train on exactly them; both are scored on
+the same test rows (--test-rows, drawn once). Times are in this process, after the imports:
+`train_s` is loading the pretrained model + training (fmtune: the whole `fmtune.train` with the
+run directory written; SetFit: `SetFitModel.from_pretrained` + `Trainer.train`); predicting the
+test rows is timed apart. Both run one after the other on the same cores.
+
+SetFit runs with its defaults (batch 16, one epoch, body lr 2e-5, its "oversampling" pairs, the
+logistic-regression head), except at sizes >= --iterations-from (64) where its default draws
+every pair (tens of thousands: ~10x the time of the rest of the bench on 2 cores), so it gets
+num_iterations=20, the SetFit paper's recipe; the output says which. fmtune runs with its
+defaults for `--strategy contrastive` and for `--strategy head`.
+
+--selftrain N: also 8 rows per class of rotten-tomatoes + --pool unlabelled training rows,
+self-training (--unlabeled) against the same run without, for N seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+DATASETS = ("rotten-tomatoes", "tweet-sentiment")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    return {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
+            "n": len(a)}
+
+
+def run_setfit(train, test, seed: int, iterations: int | None) -> dict:
+    import numpy as np
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    from fmtune.zoo.models import resolve
+
+    labels = sorted(train["label"].astype(str).unique())
+    index = {k: i for i, k in enumerate(labels)}
+    ds = Dataset.from_dict({"text": train["text"].astype(str).tolist(),
+                            "label": [index[k] for k in train["label"].astype(str)]})
+    started = time.perf_counter()
+    model = SetFitModel.from_pretrained(str(resolve("minilm-l6")[1]))
+    kw = {"num_iterations": iterations} if iterations else {}
+    args = TrainingArguments(batch_size=16, num_epochs=1, seed=seed, report_to="none", **kw)
+    Trainer(model=model, args=args, train_dataset=ds).train()
+    train_s = time.perf_counter() - started
+    started = time.perf_counter()
+    pred = np.asarray(model.predict(test["text"].astype(str).tolist()))
+    predict_s = time.perf_counter() - started
+    truth = np.array([index.get(k, -1) for k in test["label"].astype(str)])
+    return {"accuracy": float((pred == truth).mean()), "train_s": round(train_s, 2), "predict_s": round(predict_s, 2)}
+
+
+def run_fmtune(train_csv: Path, test_csv: Path, out: Path, seed: int, strategy: str, **extra) -> dict:
+    import fmtune
+
+    cfg = {"model": {"name": "minilm-l6"}, "strategy": {"name": strategy},
+           "data": {"train": str(train_csv), **extra}, "out": str(out), "train": {"seed": seed}}
+    started = time.perf_counter()
+    fmtune.train(cfg, overwrite=True, quiet=True, report=False)
+    train_s = time.perf_counter() - started
+    started = time.perf_counter()
+    ev = fmtune.api.evaluate(out, test_csv, quiet=True)
+    predict_s = time.perf_counter() - started
+    res = {"accuracy": ev["test"]["accuracy"], "train_s": round(train_s, 2), "predict_s": round(predict_s, 2)}
+    info = json.loads((out / "run.json").read_text())
+    if "contrastive" in info.get("few_labels", {}):
+        c = info["few_labels"]["contrastive"]
+        res["contrastive"] = {k: c[k] for k in ("steps", "rows_per_step", "pairs_seen", "seconds")}
+    return res
+
+
+def main() -> None:
+    import contextlib
+
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # the trainers print as they go; stdout is the JSON alone
+        result = bench()
+    print(json.dumps(result, indent=2), file=real_stdout)
+
+
+def bench() -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="8,16,64", help="rows per class")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds (samples) per size")
+    ap.add_argument("--seeds-64", type=int, default=3, help="seeds at sizes >= --iterations-from")
+    ap.add_argument("--iterations-from", type=int, default=64)
+    ap.add_argument("--test-rows", type=int, default=1000)
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--selftrain", type=int, default=0, help="seeds of the self-training comparison (0: none)")
+    ap.add_argument("--pool", type=int, default=2000, help="unlabelled rows for self-training")
+    ap.add_argument("--out", help="working folder (default: a temporary one)")
+    a = ap.parse_args()
+
+    import pandas as pd
+    import setfit
+    import torch
+
+    import fmtune
+    from fmtune.transfer import per_class
+    from fmtune.zoo.datasets import export
+
+    work = Path(a.out or tempfile.mkdtemp(prefix="fmtune-fewshot-bench-"))
+    result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "python": platform.python_version(), "versions": {"fmtune": fmtune.__version__,
+                                                                "setfit": setfit.__version__,
+                                                                "torch": torch.__version__},
+              "test_rows": a.test_rows, "results": {}}
+    sizes = [int(s) for s in a.sizes.split(",")]
+    for name in a.datasets.split(","):
+        files = export(name, work / "data" / name, seed=0)
+        train_all = pd.read_csv(files["train"])
+        test = pd.read_csv(files["test"]).sample(min(a.test_rows, len(pd.read_csv(files["test"]))), random_state=0)
+        test_csv = work / "data" / name / f"test-{len(test)}.csv"
+        test.to_csv(test_csv, index=False)
+        for size in sizes:
+            big = size >= a.iterations_from
+            iterations = 20 if big else None
+            rows: dict[str, list[dict]] = {"setfit": [], "fmtune contrastive": [], "fmtune head": []}
+            for seed in range(a.seeds_64 if big else a.seeds):
+                train = per_class(train_all, "label", size, seed)
+                train_csv = work / "data" / name / f"train-{size}-{seed}.csv"
+                train.to_csv(train_csv, index=False)
+                log(f"{name} {size}/class seed {seed}: setfit ...")
+                rows["setfit"].append(run_setfit(train, test, seed, iterations))
+                log(f"  {rows['setfit'][-1]}\n  fmtune contrastive ...")
+                rows["fmtune contrastive"].append(run_fmtune(train_csv, test_csv, work / "runs" / "c", seed,
+                                                             "contrastive"))
+                log(f"  {rows['fmtune contrastive'][-1]}\n  fmtune head ...")
+                rows["fmtune head"].append(run_fmtune(train_csv, test_csv, work / "runs" / "h", seed, "head"))
+                log(f"  {rows['fmtune head'][-1]}")
+            entry = {tool: {"accuracy": stats([r["accuracy"] for r in runs]),
+                            "train_s": stats([r["train_s"] for r in runs]), "runs": runs}
+                     for tool, runs in rows.items()}
+            entry["setfit"]["recipe"] = (f"num_iterations={iterations}" if iterations else
+                                         "defaults (oversampling of every pair)")
+            result["results"][f"{name} {size}/class"] = entry
+            log(f"{name} {size}/class: " + ", ".join(f"{t} {e['accuracy']['mean']:.3f} +- {e['accuracy']['std']:.3f} "
+                                                    f"in {e['train_s']['mean']:.1f}s" for t, e in entry.items()))
+    if a.selftrain:
+        name = "rotten-tomatoes"
+        files = export(name, work / "data" / name, seed=0)
+        train_all = pd.read_csv(files["train"])
+        test_csv = next((work / "data" / name).glob("test-*.csv"))
+        plain, selft = [], []
+        for seed in range(a.selftrain):
+            train = per_class(train_all, "label", 8, seed)
+            pool = train_all.drop(train.index).sample(a.pool, random_state=seed)
+            train_csv, pool_csv = work / "data" / f"st-train-{seed}.csv", work / "data" / f"st-pool-{seed}.csv"
+            train.to_csv(train_csv, index=False)
+            pool.to_csv(pool_csv, index=False)  # its labels only count the right pseudo-labels
+            log(f"self-training seed {seed} ...")
+            plain.append(run_fmtune(train_csv, test_csv, work / "runs" / "p", seed, "contrastive"))
+            selft.append(run_fmtune_selftrain(train_csv, pool_csv, test_csv, work / "runs" / "s", seed))
+            log(f"  without {plain[-1]['accuracy']}, with {selft[-1]['accuracy']}")
+        result["selftrain"] = {"data": f"{name} 8/class + {a.pool} unlabelled training rows",
+                               "without": {"accuracy": stats([r["accuracy"] for r in plain]), "runs": plain},
+                               "with": {"accuracy": stats([r["accuracy"] for r in selft]), "runs": selft}}
+    return result
+
+
+def run_fmtune_selftrain(train_csv: Path, pool_csv: Path, test_csv: Path, out: Path, seed: int) -> dict:
+    import fmtune
+
+    cfg = {"model": {"name": "minilm-l6"}, "strategy": {"name": "contrastive"},
+           "data": {"train": str(train_csv), "test": str(test_csv)}, "semi": {"unlabeled": str(pool_csv)},
+           "out": str(out), "train": {"seed": seed}}
+    started = time.perf_counter()
+    summary = fmtune.train(cfg, overwrite=True, quiet=True, report=False)
+    return {"accuracy": summary["eval"]["test"]["accuracy"], "train_s": round(time.perf_counter() - started, 2),
+            "rounds": [{k: r.get(k) for k in ("round", "pseudo_labelled", "pseudo_right", "test")}
+                       for r in summary["selftrain"]["rounds"]]}
+
+
+if __name__ == "__main__":
+    main()
