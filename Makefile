@@ -5,13 +5,14 @@
 #   make demo-fairness  fine-tune MiniLM-L6 on Adult census rows; audit it by sex and race
 #   make test        the default test suite (tiny random-init models; < 10 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
+#   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-image demo-ner demo-fairness test test-slow lint clean
+.PHONY: setup demo demo-image demo-ner demo-fairness test test-slow lint clean bench-fewshot
 
 setup: $(VENV)/.installed
 
@@ -44,6 +45,12 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests were collected" >&2; exit 1; fi; exit $$rc
+
+# SetFit is the reference of bench/fewshot.py only: installed here, never a dependency of fmtune.
+bench-fewshot: setup
+	$(PY) -m pip install -q datasets evaluate
+	$(PY) -m pip install -q --no-deps setfit
+	$(PY) bench/fewshot.py --selftrain 3 > bench/results-fewshot-$$(date +%F).json
 
 lint: setup
 	$(VENV)/bin/ruff check fmtune tests bench

@@ -109,7 +109,7 @@ STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bi
 # train.lr when it is not set: what each strategy needs to move in a few epochs. Adapters start at
 # zero (LoRA/DoRA) or one (IA3) and are small, so they take much larger steps than full weights.
 DEFAULT_LR = {"full": 5e-5, "head": 5e-5, "last_n": 5e-5, "lora": 5e-4, "dora": 5e-4, "ia3": 3e-3,
-              "prompt": 3e-2, "bitfit": 1e-3, "contrastive": 1e-4}
+              "prompt": 3e-2, "bitfit": 1e-3, "contrastive": 3e-5}
 CONTRASTIVE_LORA_LR = 1e-3  # strategy contrastive with strategy.encoder=lora
 # Every other default learning rate lives here too. The head (fresh, small) takes larger steps
 # than the weights under it: train.head_lr, unless set, is HEAD_LR_FACTOR x lr, at most HEAD_LR_MAX.

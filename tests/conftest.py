@@ -137,10 +137,12 @@ def image_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
-    """A small, fast config: a few epochs, small batches, every default otherwise."""
+    """A small, fast config: a few epochs, small batches, every default otherwise. The validation
+    split is always made (data.min_val_per_class=0): these small files would otherwise train
+    without one (few labels, tested in test_fewshot.py with the default)."""
     base = {
         "model": {"name": str(model_name), "max_length": 32},
-        "data": {"train": str(train_file)},
+        "data": {"train": str(train_file), "min_val_per_class": 0},
         "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "eval_batch_size": 64, "patience": None,
                   "num_threads": 1, "precision": "fp32"},
     }

@@ -21,6 +21,8 @@ from fmtune.models import build
 from fmtune.strategies import apply_strategy
 from fmtune.training.infer import infer
 
+DEFAULT_MIN_VAL = config_mod.DataConfig().min_val_per_class  # cfg_dict turns the few-label default off
+
 
 def few_rows(per_class: int, seed: int, task: str = "classification") -> pd.DataFrame:
     df = make_text_rows(40 * per_class, seed, task)
@@ -140,7 +142,8 @@ def test_contrastive_run_with_few_labels_keeps_every_row_and_learns(tiny_st_bert
     few_rows(16, 0).to_csv(train, index=False)
     make_text_rows(80, 2).to_csv(test, index=False)
     cfg = cfg_dict(tiny_st_bert, train, strategy={"name": "auto"}, out=str(tmp_path / "run"),
-                   data={"train": str(train), "test": str(test)}, train={"patience": 3})
+                   data={"train": str(train), "test": str(test), "min_val_per_class": DEFAULT_MIN_VAL},
+                   train={"patience": 3})
     cfg["train"]["lr"] = 3e-3
     summary = fmtune.train(cfg, quiet=True, report=False)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -161,8 +164,8 @@ def test_contrastive_run_with_few_labels_keeps_every_row_and_learns(tiny_st_bert
 def test_few_label_full_run_gets_a_step_budget(tiny_st_bert, tmp_path):
     train = tmp_path / "few.csv"
     few_rows(8, 1).to_csv(train, index=False)
-    fmtune.train(cfg_dict(tiny_st_bert, train, strategy={"name": "full"}, out=str(tmp_path / "run")), quiet=True,
-                 report=False)
+    fmtune.train(cfg_dict(tiny_st_bert, train, strategy={"name": "full"}, out=str(tmp_path / "run"),
+                          data={"train": str(train), "min_val_per_class": DEFAULT_MIN_VAL}), quiet=True, report=False)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["fit"]["steps"] == fewshot.FEW_MIN_STEPS
     assert "a step budget of 50 steps of 4 rows" in info["few_labels"]["no_validation_split"]
@@ -197,27 +200,34 @@ def test_select_is_class_balanced_and_most_confident_first():
     assert semi.select(["a", "b"], probs, 5, 0.99).size == 0  # b has none
 
 
-def test_self_training_rounds(tiny_st_bert, tmp_path):
+@pytest.mark.parametrize("split", [False, True])
+def test_self_training_rounds(tiny_st_bert, tmp_path, split):
     train, pool, test = tmp_path / "few.csv", tmp_path / "pool.csv", tmp_path / "test.csv"
     few_rows(8, 0).to_csv(train, index=False)
     make_text_rows(200, 5).to_csv(pool, index=False)  # has labels: used only to count right pseudo-labels
     make_text_rows(60, 2).to_csv(test, index=False)
     cfg = cfg_dict(tiny_st_bert, train, strategy={"name": "contrastive"}, out=str(tmp_path / "run"),
-                   data={"train": str(train), "test": str(test)}, semi={"unlabeled": str(pool), "rounds": 2})
+                   data={"train": str(train), "test": str(test), "min_val_per_class": 0 if split else DEFAULT_MIN_VAL},
+                   semi={"unlabeled": str(pool), "rounds": 2})
     cfg["train"]["lr"] = 3e-3
     summary = fmtune.train(cfg, quiet=True, report=True)
     run = tmp_path / "run"
     result = json.loads((run / "selftrain.json").read_text())
     rounds = result["rounds"]
-    assert [r["pseudo_labelled"] for r in rounds] == [0, 32, 64]  # 16 then 32 per class (2x the 8 labelled)
+    # per class: twice the labelled rows of the rarest class (8, counted before a split) more each round
+    assert [r["pseudo_labelled"] for r in rounds] == [0, 32, 64]
+    assert [r["labelled"] for r in rounds] == [14 if split else 16] * 3
     assert all(0 <= r["pseudo_right"] <= r["pseudo_labelled"] for r in rounds[1:])
-    assert rounds[1]["pseudo_right"] >= 24  # the tiny model learnt the keyword: most pseudo-labels are right
+    assert rounds[1]["pseudo_right"] >= 0.75 * rounds[1]["pseudo_labelled"]  # the tiny model learnt the keyword
+    vals = {config_mod.load(run / "rounds" / f"round-{r}" / "config.yaml").data.val for r in range(2)}
+    vals.add(config_mod.load(run / "config.yaml").data.val)
+    assert len(vals) == 1 and (vals.pop() is None) != split  # one validation file of labelled rows, every round
     assert all("accuracy" in r["test"] for r in rounds)
     assert (run / "rounds" / "round-0" / "model").is_dir() and (run / "rounds" / "round-1" / "eval.json").exists()
     assert summary["selftrain"] == result and (run / "report.html").exists()
     assert "Self-training" in (run / "report.html").read_text()
     data = pd.read_csv(run / "selftrain-data" / "train-round-2.csv")
-    assert len(data) == 16 + 64 and "_truth" not in data.columns
+    assert len(data) == rounds[2]["labelled"] + 64 and "_truth" not in data.columns
     assert not list(tmp_path.glob(".run.selftrain-*"))  # the work folder is gone
 
 
