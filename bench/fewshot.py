@@ -132,12 +132,17 @@ def bench() -> dict:
                                                                 "torch": torch.__version__},
               "test_rows": a.test_rows, "results": {}}
     sizes = [int(s) for s in a.sizes.split(",")]
-    for name in a.datasets.split(","):
+    def data(name: str) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+        """The export's training rows, and --test-rows of its test rows (drawn once) and their file."""
         files = export(name, work / "data" / name, seed=0)
-        train_all = pd.read_csv(files["train"])
-        test = pd.read_csv(files["test"]).sample(min(a.test_rows, len(pd.read_csv(files["test"]))), random_state=0)
+        test = pd.read_csv(files["test"])
+        test = test.sample(min(a.test_rows, len(test)), random_state=0)
         test_csv = work / "data" / name / f"test-{len(test)}.csv"
         test.to_csv(test_csv, index=False)
+        return pd.read_csv(files["train"]), test, test_csv
+
+    for name in a.datasets.split(","):
+        train_all, test, test_csv = data(name)
         for size in sizes:
             big = size >= a.iterations_from
             iterations = 20 if big else None
@@ -160,13 +165,12 @@ def bench() -> dict:
             entry["setfit"]["recipe"] = (f"num_iterations={iterations}" if iterations else
                                          "defaults (oversampling of every pair)")
             result["results"][f"{name} {size}/class"] = entry
+            log("RESULT " + json.dumps({f"{name} {size}/class": entry}))  # kept if the bench is stopped later
             log(f"{name} {size}/class: " + ", ".join(f"{t} {e['accuracy']['mean']:.3f} +- {e['accuracy']['std']:.3f} "
                                                     f"in {e['train_s']['mean']:.1f}s" for t, e in entry.items()))
     if a.selftrain:
         name = "rotten-tomatoes"
-        files = export(name, work / "data" / name, seed=0)
-        train_all = pd.read_csv(files["train"])
-        test_csv = next((work / "data" / name).glob("test-*.csv"))
+        train_all, _, test_csv = data(name)
         plain, selft = [], []
         for seed in range(a.selftrain):
             train = per_class(train_all, "label", 8, seed)

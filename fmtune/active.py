@@ -111,9 +111,9 @@ def select(run: str | Path, pool: str | Path, n: int, *, strategy: str = "mix", 
 
     opened = open_run(run)
     cfg, task = opened.config, opened.task
-    if task.name != "classification" or opened.bundle.kind != "text":
-        raise ConfigError(f"fmtune select ranks texts of a classification run; {run} is a {opened.bundle.kind} "
-                          f"{task.name} run")
+    task.require("pseudo_labels", "fmtune select (it ranks rows by their predicted label)")
+    if opened.bundle.kind != "text":
+        raise ConfigError(f"fmtune select ranks texts; {run} reads {opened.bundle.kind}s")
     if n < 1:
         raise ConfigError("-n: choose at least one row")
     df = read_data(pool, task, cfg.data)

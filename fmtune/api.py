@@ -87,7 +87,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         if resume is not None:
             raise ConfigError("--resume: a self-training run is not resumed; run it again (its rounds are ordinary "
                               "runs in OUT/rounds)")
-        return semi.self_train(cfg, overwrite=overwrite, quiet=quiet, report=report)
+        return semi.self_train(cfg, train, overwrite=overwrite, quiet=quiet, report=report)
     hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads, cfg.train.loader_threads)
     dist = distributed.init(cpu=hw.device == "cpu")  # a launched multi-process run: join its process group
     main = dist is None or dist.is_main_process

@@ -332,7 +332,8 @@ def cmd_config(a: argparse.Namespace) -> None:
 PATH_ARGS: dict[str, dict[str, str]] = {
     "demo": {"out": "output-dir"},
     "train": {"config": "input-file", "data": "input", "val": "input", "test": "input", "out": "output-dir",
-              "resume": "run"},
+              "resume": "run", "unlabeled": "input"},
+    "select": {"run": "run", "pool": "input", "output": "output-file", "test": "input", "out": "output-dir"},
     "continue": {"run": "run", "data": "input", "val": "input", "test": "input", "out": "output-dir"},
     "transfer": {"config": "input-file", "data": "input", "val": "input", "test": "input", "out": "output-dir"},
     "evaluate": {"run": "run", "data": "input"},

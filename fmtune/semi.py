@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from fmtune import config as config_mod
 from fmtune import ui
 from fmtune.data.prepare import read_data, read_frames
 from fmtune.data.readers import require_column
-from fmtune.errors import ConfigError, DataError
+from fmtune.errors import DataError
 from fmtune.fsutil import write_json
 from fmtune.run import default_name
 
@@ -77,14 +78,13 @@ def select(labels: list[str], probs: np.ndarray, k: int, threshold: float) -> np
     return np.sort(np.concatenate([r[:take] for r in per_class])) if take else np.array([], dtype=int)
 
 
-def self_train(cfg: config_mod.Config, *, overwrite: bool = False, quiet: bool = False,
-               report: bool = True) -> dict[str, Any]:
-    from fmtune import api
+def self_train(cfg: config_mod.Config, train: Callable[..., dict[str, Any]], *, overwrite: bool = False,
+               quiet: bool = False, report: bool = True) -> dict[str, Any]:
+    """Self-training as configured in ``cfg.semi``; ``train`` is ``fmtune.api.train`` (one round)."""
     from fmtune.predictor import Predictor
+    from fmtune.tasks import task_class
 
-    if cfg.task.type != "classification":
-        raise ConfigError(f"--unlabeled: self-training pseudo-labels single-label classification; the task is "
-                          f"{cfg.task.type}")
+    task_class(cfg.task.type).require("pseudo_labels", "--unlabeled (self-training on single-label classes)")
     sc = cfg.semi
     final = _final_dir(cfg, overwrite)
     pool, truth = _pool(cfg)
@@ -120,7 +120,7 @@ def self_train(cfg: config_mod.Config, *, overwrite: bool = False, quiet: bool =
             if not quiet:
                 ui.console.rule(f"self-training round {r}: {len(labelled)} labelled + {len(pseudo)} pseudo-labelled "
                                 "rows")
-            summary = api.train(round_cfg, overwrite=last and overwrite, quiet=quiet, report=False)
+            summary = train(round_cfg, overwrite=last and overwrite, quiet=quiet, report=False)
             rec: dict[str, Any] = {"round": r, "labelled": len(labelled), "pseudo_labelled": len(pseudo),
                                    "run_dir": str(out if last else final / ROUNDS_DIR / f"round-{r}")}
             if len(pseudo) and truth is not None:

@@ -38,7 +38,7 @@ UNKNOWN = "unknown"
 #   robustness        fmtune robustness (metrics under perturbed inputs)
 #   fairness          fmtune fairness (metrics per group; task.group_weights; per-group thresholds)
 CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
-                "fairness")
+                "fairness", "pseudo_labels")
 
 
 class Task:

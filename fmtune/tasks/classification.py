@@ -28,7 +28,7 @@ class Classification(Task):
     metric_names = ("accuracy", "macro_f1", "loss")
     hf_problem_type = "single_label_classification"
     capabilities = frozenset({"stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed",
-                              "robustness", "fairness"})
+                              "robustness", "fairness", "pseudo_labels"})
 
     @classmethod
     def stratify_values(cls, df: pd.DataFrame, column: str) -> pd.Series | None:
