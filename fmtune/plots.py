@@ -106,8 +106,13 @@ def active_learning(curves: dict[str, list[dict[str, Any]]], path: Path, metric:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return save_atomic(fig, path)
+
+
+def save_atomic(fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as ``path`` (temp file + rename: a reader never sees half a PNG) and close it."""
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
     tmp.replace(path)
     return path

@@ -164,12 +164,9 @@ def _gains(summary: pd.DataFrame, base: str) -> dict[str, dict[str, float]]:
 
 
 def _plot(summary: pd.DataFrame, path: Path, model: str, metric: str) -> None:
-    import matplotlib
+    from fmtune import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plots.pyplot().subplots(figsize=(6, 4))
     for method, part in summary.groupby("method", sort=False):
         x = part["examples"].to_numpy(dtype=float)
         y = part["mean"].to_numpy(dtype=float)
@@ -183,7 +180,4 @@ def _plot(summary: pd.DataFrame, path: Path, model: str, metric: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    plots.save_atomic(fig, path)
