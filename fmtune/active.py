@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from fmtune import ui
 from fmtune.data.prepare import read_data
@@ -34,20 +33,6 @@ from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import check_output_dir, write_json, write_text_atomic
 
 STRATEGIES = ("mix", "entropy", "margin", "kcenter", "random")
-
-
-def embed_and_score(run: str | Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, probabilities) of ``texts`` under the run's model: one pass."""
-    from fmtune.adapters import base_model
-    from fmtune.predictor import Predictor
-    from fmtune.training.infer import infer
-
-    pred = Predictor(run)
-    ds = pred.text_data([pred.check_text(t, f"row {i}") for i, t in enumerate(texts)])
-    feats, _ = infer(pred.model, ds, pred.batch_size, features=True)
-    with torch.no_grad():
-        logits = base_model(pred.model).classify(feats.to(next(pred.model.parameters()).device)).float().cpu()
-    return feats.numpy(), logits.softmax(-1).numpy()
 
 
 def uncertainty(probs: np.ndarray, how: str) -> np.ndarray:
@@ -107,22 +92,21 @@ def select(run: str | Path, pool: str | Path, n: int, *, strategy: str = "mix", 
            seed: int = 0, quiet: bool = False) -> pd.DataFrame:
     """Rank ``pool``'s rows for labelling; write the ``n`` best (all their columns, plus
     ``select_rank``, ``select_score`` and the model's ``predicted`` label) to ``output``."""
-    from fmtune.run import open_run
+    from fmtune.predictor import Predictor
 
-    opened = open_run(run)
-    cfg, task = opened.config, opened.task
+    pred = Predictor(run)
+    cfg, task = pred.config, pred.task
     task.require("pseudo_labels", "fmtune select (it ranks rows by their predicted label)")
-    if opened.bundle.kind != "text":
-        raise ConfigError(f"fmtune select ranks texts; {run} reads {opened.bundle.kind}s")
+    if pred.kind != "text":
+        raise ConfigError(f"fmtune select ranks texts; {run} reads {pred.kind}s")
     if n < 1:
         raise ConfigError("-n: choose at least one row")
     df = read_data(pool, task, cfg.data)
-    texts = _texts(df, cfg.data.text_column, str(pool))
-    emb, probs = embed_and_score(run, texts)
+    emb, probs = pred.embed(_texts(df, cfg.data.text_column, str(pool)))
     labelled = None
     if strategy in ("kcenter", "mix") and cfg.data.train:
         train = read_data(cfg.data.train, task, cfg.data)
-        labelled, _ = embed_and_score(run, _texts(train, cfg.data.text_column, str(cfg.data.train)))
+        labelled, _ = pred.embed(_texts(train, cfg.data.text_column, str(cfg.data.train)))
     order = rank(strategy, emb, probs, n, labelled, seed)
     out = df.iloc[order].copy()
     out.insert(0, "select_rank", np.arange(1, len(order) + 1))
@@ -145,6 +129,7 @@ def simulate(cfg: Any, pool: str | Path, test: str | Path, out: str | Path, *, s
     ``rounds`` rounds of ``step`` rows picked by each strategy; every round trains ``cfg`` again on
     the labels so far and scores it on ``test``."""
     from fmtune import api
+    from fmtune.predictor import Predictor
     from fmtune.tasks import task_class
     from fmtune.transfer import per_class
 
@@ -178,10 +163,11 @@ def simulate(cfg: Any, pool: str | Path, test: str | Path, out: str | Path, *, s
             if r == rounds:
                 break
             rest = df.drop(index=chosen)
-            emb, probs = embed_and_score(run_dir, rest[cfg.data.text_column].tolist())
+            pred = Predictor(run_dir)
+            emb, probs = pred.embed(rest[cfg.data.text_column].tolist())
             labelled = None
             if strategy in ("kcenter", "mix"):
-                labelled, _ = embed_and_score(run_dir, df.loc[chosen, cfg.data.text_column].tolist())
+                labelled, _ = pred.embed(df.loc[chosen, cfg.data.text_column].tolist())
             picked = rank(strategy, emb, probs, step, labelled, seed + r)
             chosen += list(rest.index[picked])
             shutil.rmtree(run_dir / "model", ignore_errors=True)  # read; only the last round's model is kept

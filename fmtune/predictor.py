@@ -15,6 +15,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fmtune.data.dataset import ImageData, TextData, decode_image
@@ -22,7 +23,7 @@ from fmtune.errors import ConfigError, DataError
 from fmtune.fairness import read_thresholds
 from fmtune.fsutil import folder_digest, read_json
 from fmtune.run import EVAL_FILE, open_run
-from fmtune.training.infer import infer
+from fmtune.training.infer import infer, model_device
 
 
 def _exported_from(folder: Path) -> str | None:
@@ -106,6 +107,19 @@ class Predictor:
         ds = self.task.inputs(items, self.bundle)
         logits, _ = infer(self.model, ds, self.batch_size)
         return self.task.postprocess(logits, ds)
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(pooled embeddings, probabilities) of ``texts`` in one pass: the head is applied to the
+        features (active learning ranks by both, self-training reads the probabilities)."""
+        from fmtune.adapters import base_model
+
+        if self.backend != "torch":
+            raise ConfigError(f"embeddings come from the torch model, not the {self.backend} export")
+        ds = self.text_data([self.check_text(t, f"row {i}") for i, t in enumerate(texts)])
+        feats, _ = infer(self.model, ds, self.batch_size, features=True)
+        with torch.no_grad():
+            logits = base_model(self.model).classify(feats.to(model_device(self.model))).float().cpu()
+        return feats.numpy(), logits.softmax(-1).numpy()
 
     def predict(self, inputs: Any) -> list[dict[str, Any]] | dict[str, Any]:
         """Predict one input or a list of them (texts; or image paths, bytes or PIL images).

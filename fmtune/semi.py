@@ -132,9 +132,8 @@ def self_train(cfg: config_mod.Config, train: Callable[..., dict[str, Any]], *, 
             if last:
                 break
             pred = Predictor(out)
-            records = pred.predict_items([str(t) for t in pool[text]])
             labels = pred.labels
-            probs = np.array([[rec_["probabilities"][n] for n in labels] for rec_ in records])
+            _, probs = pred.embed([str(t) for t in pool[text]])
             chosen = select(labels, probs, step * (r + 1), sc.threshold)
             pseudo = pd.DataFrame({text: pool[text].to_numpy()[chosen],
                                    label: [labels[i] for i in probs[chosen].argmax(1)]})
