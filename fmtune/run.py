@@ -30,15 +30,28 @@ def default_name(cfg: config_mod.Config) -> str:
     return f"{model}-{cfg.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def planned_dir(cfg: config_mod.Config) -> Path:
+    """Where a run of ``cfg`` goes: ``out``, else runs/<name> (default name: <model>-<strategy>-<time>)."""
+    return Path(cfg.out) if cfg.out else Path("runs") / (cfg.name or default_name(cfg))
+
+
+def require_free(run_dir: Path, overwrite: bool, resumable: bool = True) -> bool:
+    """Whether ``run_dir`` is taken (a file, or a folder with something in it); taken without
+    ``overwrite`` is a RunDirError saying what to do."""
+    taken = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
+    if taken and not overwrite:
+        resume = f"--resume {run_dir} to continue it, " if resumable else ""
+        raise RunDirError(f"run directory {run_dir} already exists; pass --overwrite to replace it, "
+                          f"{resume}or --out with another folder")
+    return taken
+
+
 def new_run_dir(cfg: config_mod.Config, overwrite: bool) -> Path:
     """Resolve and create the run directory; an existing non-empty one needs ``overwrite``."""
     if cfg.name is None:
         cfg.name = Path(cfg.out).name if cfg.out else default_name(cfg)
-    run_dir = Path(cfg.out) if cfg.out else Path("runs") / cfg.name
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        if not overwrite:
-            raise RunDirError(f"run directory {run_dir} already exists; pass --overwrite to replace it, "
-                              f"--resume {run_dir} to continue it, or --out with another folder")
+    run_dir = planned_dir(cfg)
+    if require_free(run_dir, overwrite):
         if run_dir.is_dir():
             shutil.rmtree(run_dir)
         else:

@@ -33,19 +33,17 @@ from fmtune.data.prepare import read_data, read_frames
 from fmtune.data.readers import require_column
 from fmtune.errors import DataError
 from fmtune.fsutil import write_json
-from fmtune.run import default_name
+from fmtune.run import planned_dir, require_free
 
 REPORT = "selftrain.json"
 ROUNDS_DIR = "rounds"
 
 
 def _final_dir(cfg: config_mod.Config, overwrite: bool) -> Path:
-    out = Path(cfg.out) if cfg.out else Path("runs") / (cfg.name or default_name(cfg))
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        from fmtune.errors import RunDirError
-
-        raise RunDirError(f"run directory {out} already exists; pass --overwrite to replace it, or --out with "
-                          "another folder")
+    """Where the last round goes, as new_run_dir would place it; checked before round 0 starts (a
+    self-training run is not resumed: it is run again)."""
+    out = planned_dir(cfg)
+    require_free(out, overwrite, resumable=False)
     return out
 
 

@@ -16,7 +16,7 @@ import fmtune
 from fmtune import config as config_mod
 from fmtune import fewshot, semi
 from fmtune.data.prepare import make_task
-from fmtune.errors import ConfigError, DataError
+from fmtune.errors import ConfigError, DataError, RunDirError
 from fmtune.models import build
 from fmtune.strategies import apply_strategy
 from fmtune.training.infer import infer
@@ -237,6 +237,15 @@ def test_self_training_bad_input(tiny_st_bert, tmp_path, text_files):
     cfg = cfg_dict(tiny_st_bert, text_files["train"], out=str(tmp_path / "r"), semi={"unlabeled": str(pool)})
     with pytest.raises(DataError, match="sentence"):  # the columns it has are named
         fmtune.train(cfg, quiet=True)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("")
+    pool_ok = tmp_path / "pool-ok.csv"
+    pd.DataFrame({"text": ["a good film"]}).to_csv(pool_ok, index=False)
+    cfg = cfg_dict(tiny_st_bert, text_files["train"], out=str(taken), semi={"unlabeled": str(pool_ok)})
+    with pytest.raises(RunDirError, match="already exists") as err:  # checked before round 0 trains
+        fmtune.train(cfg, quiet=True)
+    assert "--resume" not in str(err.value) and (taken / "x").exists()
     cfg = cfg_dict(tiny_st_bert, text_files["regression_train"], task={"type": "regression"},
                    out=str(tmp_path / "r"), semi={"unlabeled": str(pool)})
     with pytest.raises(ConfigError, match="self-training.*not available for regression"):
