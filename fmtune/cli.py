@@ -115,10 +115,9 @@ def cmd_select(a: argparse.Namespace) -> None:
         res = active.simulate(cfg, a.pool, a.test, out, start=a.start, step=a.n, rounds=a.rounds,
                               strategies=tuple(s.strip() for s in a.strategies.split(",")), seed=a.seed,
                               quiet=a.quiet)
+        rounds = zip(*res["curves"].values())  # each round: one point per strategy, same label count
         ui.console.print(ui.table("active learning (test accuracy)", ["labels", *res["curves"]],
-                                  [[pts[0]["labels"], *[f"{res['curves'][s][i]['accuracy']:.4f}"
-                                                        for s in res["curves"]]]
-                                   for i, pts in enumerate(zip(*res["curves"].values()))]))
+                                  [[pts[0]["labels"], *(f"{p['accuracy']:.4f}" for p in pts)] for pts in rounds]))
         ui.console.print(f"active learning: {out}/active.json, {out}/active.png")
         return
     if not a.run:

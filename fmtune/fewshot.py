@@ -90,7 +90,6 @@ class BalancedBatches:
         self.labels = labels
         if labels is not None:
             self.classes = [np.flatnonzero(labels == k) for k in np.unique(labels)]
-            self.classes = [c for c in self.classes if len(c)]
             self.queues: list[list[int]] = [[] for _ in self.classes]
             self.order: list[int] = []
         else:

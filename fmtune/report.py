@@ -264,6 +264,15 @@ def _fairness_gap_rows(fair: dict[str, Any], models: list[str], label: str = "")
     return rows
 
 
+def selftrain_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """selftrain.json's rounds as a table (header, rows): for the console and the report."""
+    metrics = list(result["rounds"][-1].get("test", {}))
+    rows = [[r["round"], r["labelled"], r["pseudo_labelled"],
+             "" if r.get("pseudo_right") is None else f"{r['pseudo_right']}/{r['pseudo_labelled']}",
+             *[r.get("test", {}).get(k, "") for k in metrics]] for r in result["rounds"]]
+    return ["round", "labelled", "pseudo-labelled", "pseudo-labels right", *metrics], rows
+
+
 def _few_labels_section(run_dir: Path, info: dict[str, Any]) -> list[str]:
     """Few labels: what strategy auto chose and why, the contrastive phase, the validation choice,
     and self-training's rounds (fmtune.fewshot, fmtune.semi)."""
@@ -283,12 +292,8 @@ def _few_labels_section(run_dir: Path, info: dict[str, Any]) -> list[str]:
     if few.get("no_validation_split"):
         out.append(f'<p class="muted">{html.escape(few["no_validation_split"])}</p>')
     if st.get("rounds"):
-        metrics = list(st["rounds"][-1].get("test", {}))
-        rows = [[r["round"], r["labelled"], r["pseudo_labelled"],
-                 "" if r.get("pseudo_right") is None else f"{r['pseudo_right']}/{r['pseudo_labelled']}",
-                 *[r.get("test", {}).get(k, "") for k in metrics]] for r in st["rounds"]]
         out += [f"<h3>Self-training ({st['pool_rows']} unlabelled rows of {html.escape(Path(st['unlabeled']).name)})"
-                "</h3>", _table(["round", "labelled", "pseudo-labelled", "pseudo-labels right", *metrics], rows),
+                "</h3>", _table(*selftrain_table(st)),
                 f'<p class="muted">every round trains from the pretrained weights; {st["per_round"]} more '
                 "pseudo-labels per class each round, the most probable first; rounds before the last are in "
                 "rounds/</p>"]

@@ -164,11 +164,8 @@ def self_train(cfg: config_mod.Config, train: Callable[..., dict[str, Any]], *, 
 
 
 def _print(result: dict[str, Any]) -> None:
-    rows = []
-    for r in result["rounds"]:
-        right = r.get("pseudo_right")
-        rows.append([r["round"], r["labelled"], r["pseudo_labelled"],
-                     "" if right is None else f"{right}/{r['pseudo_labelled']}",
-                     *(f"{v:.4f}" for k, v in r.get("test", {}).items())])
-    metrics = list(result["rounds"][-1].get("test", {}))
-    ui.console.print(ui.table("self-training", ["round", "labelled", "pseudo", "pseudo right", *metrics], rows))
+    from fmtune.report import selftrain_table
+
+    header, rows = selftrain_table(result)
+    rows = [[f"{v:.4f}" if isinstance(v, float) else v for v in row] for row in rows]
+    ui.console.print(ui.table("self-training", header, rows))

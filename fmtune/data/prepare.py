@@ -76,13 +76,13 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     if data_cfg.max_train_samples:
         train = _subset(train, data_cfg.max_train_samples, column, task, seed)
     fewest = task.fewest_per_label(train, data_cfg)
+    # a split of a few rows per class says nothing and costs training data: then every row trains
+    no_split = not data_cfg.val and fewest is not None and (
+        data_cfg.min_val_per_class == -1 or fewest * data_cfg.val_fraction < data_cfg.min_val_per_class)
     if data_cfg.val:
         val, from_train = read_data(data_cfg.val, task, data_cfg), False
-    elif fewest is not None and (data_cfg.min_val_per_class == -1
-                                 or fewest * data_cfg.val_fraction < data_cfg.min_val_per_class):
-        # a split of a few rows per class says nothing and costs training data: every row trains
-        test = read_data(data_cfg.test, task, data_cfg) if data_cfg.test else None
-        return Frames(train, train, test, False, val_is_train=True, fewest=fewest)
+    elif no_split:
+        val, from_train = train, False
     else:
         if len(train) < 4:
             raise DataError(f"{data_cfg.train}: {len(train)} rows is too few to split off a validation set; "
@@ -97,7 +97,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
             tr, va = train_test_split(train, test_size=n_val, random_state=seed)
         train, val, from_train = _keep_source(tr, train), _keep_source(va, train), True
     test = read_data(data_cfg.test, task, data_cfg) if data_cfg.test else None
-    return Frames(train, val, test, from_train, fewest=fewest)
+    return Frames(train, val, test, from_train, val_is_train=no_split, fewest=fewest)
 
 
 def make_task(task_cfg: Any, data_cfg: Any, train: pd.DataFrame) -> Task:
