@@ -215,7 +215,7 @@ def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
                f"{cfg.data.val_fraction:g} is under data.min_val_per_class {cfg.data.min_val_per_class}")
         why += "; every row trains, no early stopping, the last weights are kept"
         changes: dict[str, Any] = {"patience": None}
-        if cfg.strategy.name not in ("head", "contrastive") and train.max_steps is None:
+        if cfg.strategy.name not in config_mod.SOLVED_HEAD and train.max_steps is None:
             batch = min(train.batch_size, max(4, n // 4))
             steps = max(train.epochs * math.ceil(n / batch), fewshot.FEW_MIN_STEPS)
             changes.update(batch_size=batch, max_steps=steps)
@@ -392,7 +392,7 @@ def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, tr
     on the training features (a convex problem: solved to convergence in seconds, where a few
     epochs of SGD under-train it). The features come from the cache, else are computed once.
     Returns whether it did."""
-    if cfg.strategy.name not in ("head", "contrastive") or cfg.train.head_init != "probe" or task.level != "pooled":
+    if cfg.strategy.name not in config_mod.SOLVED_HEAD or cfg.train.head_init != "probe" or task.level != "pooled":
         return False
     started = time.perf_counter()
     if getattr(train_ds, "field", "") == "features":

@@ -106,6 +106,8 @@ class TaskConfig:
 
 
 STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto")
+# strategies whose head is the probe solved on frozen features (not trained by gradient steps)
+SOLVED_HEAD = ("head", "contrastive")
 # train.lr when it is not set: what each strategy needs to move in a few epochs. Adapters start at
 # zero (LoRA/DoRA) or one (IA3) and are small, so they take much larger steps than full weights.
 DEFAULT_LR = {"full": 5e-5, "head": 5e-5, "last_n": 5e-5, "lora": 5e-4, "dora": 5e-4, "ia3": 3e-3,
