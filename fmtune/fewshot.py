@@ -144,7 +144,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     steps = scfg.contrastive_steps or contrastive_steps(n, batch)
     sampler = BalancedBatches(ds.targets.numpy() if single else None, n, batch, tcfg.seed)
     model = bundle.model
-    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
     if scfg.encoder == "lora":
         import peft
 
@@ -190,7 +190,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
         model = model.merge_and_unload()
         bundle.model = model
     for name, p in model.named_parameters():
-        p.requires_grad_(frozen.get(name, False))
+        p.requires_grad_(trainable_before.get(name, False))
     model.eval()
     set_train_mode(model)
     seconds = time.perf_counter() - started
