@@ -32,6 +32,7 @@ from fmtune.fsutil import write_json, write_text_atomic
 from fmtune.models import build
 from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
 from fmtune.strategies import apply_strategy
+from fmtune.tasks import task_class
 from fmtune.training import cache, checkpoint, distributed, hardware, optim, trackers
 from fmtune.training.infer import infer, model_device
 from fmtune.training.loop import TB_DIR, fit, resolve_metric
@@ -81,6 +82,10 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     from its last checkpoint (its saved config is used).
     """
     cfg, run_dir = _config_and_dir(cfg, resume)
+    if task_class(cfg.task.type).level == "lm":  # text generation: a causal LM (fmtune.generation)
+        from fmtune import generation
+
+        return generation.train(cfg, run_dir, overwrite=overwrite, quiet=quiet, report=report, on_eval=on_eval)
     if cfg.semi.unlabeled:  # self-training: rounds of ordinary runs (fmtune.semi)
         from fmtune import semi
 

@@ -177,6 +177,17 @@ def cmd_predict(a: argparse.Namespace) -> None:
         raise ConfigError("nothing to predict: give an input file, - for stdin, or texts (--text)")
 
 
+def cmd_generate(a: argparse.Namespace) -> None:
+    from fmtune.generation import generate_texts
+
+    records = generate_texts(a.run, a.prompt or None, a.file, a.output, max_new_tokens=a.max_new_tokens,
+                             temperature=a.temperature, top_p=a.top_p, seed=a.seed, batch_size=a.batch_size,
+                             quiet=a.quiet)
+    if a.output is None:
+        for r in records:
+            print(json.dumps(r, ensure_ascii=False))
+
+
 def cmd_export(a: argparse.Namespace) -> None:
     from fmtune.exporter import export
 
@@ -339,6 +350,7 @@ PATH_ARGS: dict[str, dict[str, str]] = {
     "fairness": {"run": "run", "data": "input", "fit_data": "input", "terms": "input-file"},
     "predict": {"run": "run", "output": "output-file"},
     "export": {"run": "run", "output": "output-dir"},
+    "generate": {"run": "run", "file": "input", "output": "output-file"},
     "serve": {"run": "run"},
     "report": {"run": "run"},
     "compare": {"runs": "run", "output": "output-file"},
@@ -373,10 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (about 3 min on 2 cores; fairness: 5)")
-    d.add_argument("--task", choices=["text", "image", "ner", "fairness"], default="text",
+    d.add_argument("--task", choices=["text", "image", "ner", "fairness", "generation"], default="text",
                    help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits; ner: MiniLM-L6 "
                    "tagging named entities in WNUT-2016 tweets; fairness: MiniLM-L6 on Adult census rows, then "
-                   "the per-group audit before and after per-group thresholds")
+                   "the per-group audit before and after per-group thresholds; generation: SmolLM2-135M with LoRA "
+                   "summarising Python standard-library functions in one sentence")
     d.add_argument("--out", help="run directory (default: runs/demo-<task>-<time>)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -387,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images")
     t.add_argument("--val", help="validation data (default: split off --data)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
-    t.add_argument("--task", help="what to predict: classification (default), multilabel, regression, ner ... "
+    t.add_argument("--task", help="what to predict: classification (default), multilabel, regression, ner, "
+                   "generation ... "
                    "(`fmtune tasks` lists them)")
     t.add_argument("--strategy", choices=list(STRATEGY_NAMES),
                    help="what to train: full, head, last_n (strategy.n), lora/dora (strategy.r, strategy.alpha, "
@@ -550,6 +564,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--strict", action="store_true",
                     help="stop at the first row that cannot be predicted (default: report it in the error "
                     "column and go on)")
+
+    g = verb("generate", cmd_generate, "answer prompts with a trained generation run (--task generation): greedy "
+             "by default, batched with a KV cache; JSON lines {prompt, answer} to stdout or -o")
+    g.add_argument("run", help="run directory of a generation run")
+    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt (repeatable); the run's instruction and chat template are applied as in training")
+    g.add_argument("--file", help="prompts: JSONL rows {prompt} or {messages} (as in training, without the answer), "
+                   "or CSV/Parquet with the run's data.input_column")
+    g.add_argument("-o", "--output", help="JSONL file to write (default: stdout)")
+    g.add_argument("--max-new-tokens", type=int, help="most tokens per answer (default: the run's eval.max_new_tokens)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this share of probability mass")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts answered together (default: 16)")
 
     x = verb("export", cmd_export, "write a run's model as a folder other tools load, checked against the run's "
              "model on real rows of its data")

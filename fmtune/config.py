@@ -30,7 +30,8 @@ class ModelConfig:
     pooling: Literal["auto", "mean", "cls", "pooler"] = _f(
         "auto", "how the head reads the backbone: auto = what the backbone was trained with"
     )
-    max_length: int = _f(128, "text: tokens kept per example (longer texts are truncated)")
+    max_length: int | None = _f(None, "text: tokens kept per example (longer texts are truncated; default 128; "
+                                "generation: prompt + completion, default 512)")
     image_size: int | None = _f(None, "images: side length fed to the backbone (default: the backbone's)")
     head_dropout: float = _f(0.1, "dropout before the linear head")
     init: Literal["pretrained", "random"] = _f(
@@ -38,7 +39,7 @@ class ModelConfig:
         "`fmtune transfer`)")
 
     def __post_init__(self) -> None:
-        _check(self.max_length >= 8, "model.max_length", "must be at least 8")
+        _check(self.max_length is None or self.max_length >= 8, "model.max_length", "must be at least 8")
         _check(self.image_size is None or self.image_size >= 16, "model.image_size", "must be at least 16")
         _check(0.0 <= self.head_dropout < 1.0, "model.head_dropout", "must be in [0, 1)")
 
@@ -55,6 +56,9 @@ class DataConfig:
                                    "'{age} year old {sex}, works as {occupation}' (instead of text_columns)")
     image_column: str = _f("image", "column holding image paths (relative to the file) in a CSV/JSONL/Parquet")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
+    input_column: str | None = _f(None, "generation: column of a table holding the input (default: prompt, else "
+                                  "data.text_column)")
+    target_column: str | None = _f(None, "generation: column of a table holding the target text (default: completion)")
     label_separator: str = _f("|", "multi-label: separator between labels in one cell")
     encoding: str = _f("utf-8", "text encoding of CSV/JSONL files (e.g. latin-1)")
     format: Literal["auto", "conll", "jsonl"] = _f(
@@ -98,6 +102,15 @@ class TaskConfig:
                               "this share of the window; every word is predicted from the window where it has "
                               "the most context")
 
+    instruction: str | None = _f(None, "generation: text put before every input (e.g. 'Summarise this function in "
+                                 "one sentence.')")
+    train_on_prompt: bool = _f(False, "generation: also train on the prompt tokens (default: the loss is on the "
+                               "completion only)")
+    chat_template: Literal["auto", "on", "off"] = _f(
+        "auto", "generation: wrap prompts in the tokenizer's chat template (auto: when the tokenizer has one)")
+    truncate: bool = _f(False, "generation: an example longer than model.max_length loses the start of its prompt "
+                        "(then the end of its completion) with a warning, instead of being an error")
+
     def __post_init__(self) -> None:
         from fmtune.tasks import TASKS  # the registry is the list of tasks
 
@@ -136,8 +149,8 @@ def scratch_lr(finetune_lr: float) -> float:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto"] = _f(
-        "full", "what is trained: full = everything, head = linear probe, last_n = last N blocks + head, "
+    name: Literal["full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto"] | None = _f(
+        None, "what is trained (default: full; generation: lora): full = everything, head = linear probe, last_n = last N blocks + head, "
         "lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, bitfit = biases + head, "
         "contrastive = SetFit-style pair training of a text encoder, then a linear head (few labels), "
         "auto = chosen from the labels per class, the model's size and train.max_minutes (run.json says why)"
@@ -307,6 +320,20 @@ class SemiConfig:
 
 
 @dataclass
+class EvalConfig:
+    max_new_tokens: int = _f(64, "generation: most tokens generated per answer when evaluating")
+    samples: int = _f(48, "generation: validation rows answered (greedy, batched, KV cache) at every evaluation "
+                      "and scored with ROUGE / exact match (a fixed, seeded sample; loss and perplexity use every row)")
+    test_samples: int | None = _f(200, "generation: test rows answered at the end, by the baseline and the fine-tuned "
+                                  "model (null: all)")
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1")
+        _check(self.samples >= 1, "eval.samples", "must be at least 1")
+        _check(self.test_samples is None or self.test_samples >= 1, "eval.test_samples", "must be at least 1")
+
+
+@dataclass
 class Config:
     name: str | None = _f(None, "run name (default: <model>-<strategy>-<timestamp>)")
     out: str | None = _f(None, "run directory (default: runs/<name>)")
@@ -317,10 +344,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     search: dict[str, Any] = _f({}, "fmtune search: the space, {dotted key: {type: float|int|categorical, low, high, "
                                 "log, step, choices}}; e.g. train.lr: {type: float, low: 1e-5, high: 1e-3, log: true}")
 
     def __post_init__(self) -> None:
+        if self.strategy.name is None:  # the default depends on the task: a causal LM is tuned with LoRA
+            from fmtune.tasks import task_class
+
+            self.strategy.name = "lora" if task_class(self.task.type).level == "lm" else "full"
         _check(not (self.model.init == "random" and self.strategy.name in ("lora", "dora", "ia3", "prompt")),
                "model.init", "random: an adapter keeps the backbone frozen at its pretrained weights and is saved "
                "without them; train a random backbone with strategy full")
@@ -478,4 +510,4 @@ def describe() -> list[tuple[str, str, str]]:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "task": TaskConfig, "continual": ContinualConfig,
-             "strategy": StrategyConfig, "train": TrainConfig, "semi": SemiConfig}
+             "strategy": StrategyConfig, "train": TrainConfig, "semi": SemiConfig, "eval": EvalConfig}

@@ -77,13 +77,14 @@ def demo(task: str = "text", out: str | Path | None = None, seed: int = 0, overw
     started = time.perf_counter()
     if not quiet:
         ui.console.print(f"[bold]fmtune demo ({task})[/]: {spec['why']}.")
-        how = "seeded split" if task == "ner" else "seeded stratified split"
+        how = {"ner": "seeded split", "generation": "seeded split by module"}.get(task, "seeded stratified split")
         ui.console.print(f"  data: {spec['dataset']} (real, offline), {how}, seed {seed}")
     # the split is written as ordinary files beside the runs, so the regular readers are exercised
     data_dir = run_dir.parent / ".demo-data" / f"{spec['dataset']}-{'-'.join(map(str, spec['sizes']))}-seed{seed}"
     files = export(spec["dataset"], data_dir, sizes=spec["sizes"], seed=seed)
     cfg = {**spec["config"], "out": str(run_dir), "name": run_dir.name,
-           "data": {"train": str(files["train"]), "val": str(files["val"]), "test": str(files["test"])}}
+           "data": {**spec["config"].get("data", {}), "train": str(files["train"]), "val": str(files["val"]),
+                    "test": str(files["test"])}}
     summary = api.train(cfg, overwrite=overwrite, quiet=quiet)
     if "fairness" in spec:
         from fmtune.fairness import run_fairness

@@ -100,6 +100,13 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
     target = Path(out) if out is not None else opened.dir / "export" / kind
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise RunDirError(f"{target} already exists; pass --overwrite to replace it, or -o another folder")
+    if opened.task.level == "lm":  # text generation: a transformers folder, checked on generated answers
+        if format != "hf":
+            raise ConfigError(f"--format {format}: a generation run exports as a Hugging Face folder (--format hf; "
+                              "--merge folds a LoRA/DoRA/IA3 adapter in); ONNX export of generation is not built")
+        from fmtune.generation import export_run
+
+        return export_run(opened, target, kind, quiet)
     ds = check_rows(opened)
     reference = bundle
     result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),

@@ -185,7 +185,8 @@ def write_report(run: str | Path) -> Path:
         keys = list(s["test"])
         rows = []
         if s["baseline"]:
-            rows.append(["pretrained baseline (linear probe)", *[s["baseline"].get(k, float("nan")) for k in keys]])
+            rows.append([ev.get("baseline_label", "pretrained baseline (linear probe)"),
+                         *[s["baseline"].get(k, float("nan")) for k in keys]])
         rows.append(["fine-tuned", *[s["test"][k] for k in keys]])
         sections += [f"<h2>Test results ({ev.get('n_test', '?')} examples)</h2>", _table(["model", *keys], rows)]
         if s["baseline"]:
@@ -202,6 +203,7 @@ def write_report(run: str | Path) -> Path:
                      f'labels added: {html.escape(", ".join(cont["labels"]["added"]) or "none")}; memory of '
                      f'{cont["memory"]["examples"]} old examples</p>']
     sections += _few_labels_section(run_dir, info)
+    sections += _generation_section(run_dir, ev)
     sections += ["<h2>Training</h2>", _curves(read_jsonl(run_dir / "metrics.jsonl"), s["metric"] or "", s["best_step"])]
     fit = info.get("fit") or {}
     if fit:
@@ -244,6 +246,31 @@ def write_report(run: str | Path) -> Path:
     page = _page(f"fmtune report: {s['run']}", "\n".join(sections))
     out = run_dir / REPORT_FILE
     write_text_atomic(out, page)
+    return out
+
+
+def _generation_section(run_dir: Path, ev: dict[str, Any]) -> list[str]:
+    """Text generation: validation perplexity per evaluation, and test answers side by side."""
+    samples = ev.get("samples") or []
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("type") == "eval" and "perplexity" in r]
+    if not samples and not evals:
+        return []
+    out = []
+    if evals:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        ax.plot([r["step"] for r in evals], [r["perplexity"] for r in evals], "o-", color="tab:orange")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        out += ["<h2>Validation perplexity</h2>", _png(fig)]
+    if samples:
+        cut = lambda t: t if len(t) <= 400 else t[:399] + "…"  # noqa: E731
+        out += [f"<h2>Answers (test, {len(samples)} of {ev.get('n_generated', len(samples))} generated; all in "
+                "test_answers.jsonl)</h2>",
+                _table(["prompt", "reference", "pretrained (zero-shot)", "fine-tuned"],
+                       [[cut(a["prompt"]), a["reference"], a["baseline"], a["fine_tuned"]] for a in samples])]
     return out
 
 

@@ -164,6 +164,8 @@ def set_train_mode(model: nn.Module) -> None:
     no dropout noise) and BatchNorm layers whose scale is frozen stay in eval mode, so their
     running statistics do not drift (BitFit trains their shift only)."""
     model.train()
+    if not hasattr(model, "backbone"):  # a model without a separate head (a causal LM): no frozen prefix
+        return
     k = frozen_prefix(model)
     if k == WHOLE_BACKBONE:
         model.backbone.eval()

@@ -20,11 +20,12 @@ from torch import nn
 from fmtune import adapters
 from fmtune.errors import ModelError
 from fmtune.fsutil import atomic_dir, read_json
-from fmtune.models import cnn
+from fmtune.models import causal_lm, cnn
 from fmtune.models.hf_remote import FMTUNE_MODEL_TYPE, FmtuneClassifier, build_backbone, config_from_values
 from fmtune.zoo.models import resolve  # noqa: F401  (build.resolve: where a model name leads)
 
 META_FILE = "fmtune.json"
+DEFAULT_MAX_LENGTH = 128  # model.max_length of sequence- and token-level text tasks
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CNN_FAMILIES = {
     "efficientnet-lite0": dict(make=lambda: cnn.EfficientNetLite("efficientnet-lite0"), size=224,
@@ -104,7 +105,11 @@ def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, An
 
 def create(model_cfg: Any, task: Any) -> Bundle:
     """Build the pretrained backbone named by ``model_cfg.name`` plus a fresh head for ``task``."""
+    if task.level == "lm":  # a causal language model with its own output layer (text generation)
+        return causal_lm.create(model_cfg, task)
     family, path = resolve(model_cfg.name)
+    if family == causal_lm.FAMILY:
+        raise ModelError(f"{model_cfg.name} is a causal language model: it generates text (--task generation)")
     scale, shift = task.output_affine()
     if task.level == "tokens" and family in CNN_FAMILIES:
         raise ModelError(f"task {task.name} labels the tokens of a text; {model_cfg.name} is an image model: "
@@ -167,11 +172,14 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     model = FmtuneClassifier(config, backbone=backbone)
     image = _image_spec(path, config, model_cfg.image_size) if kind == "image" else {}
     return Bundle(model, kind, "hf", pooling, tokenizer=tokenizer, image=image,
-                  max_length=model_cfg.max_length, source=str(model_cfg.name))
+                  max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name))
 
 
 def save(bundle: Bundle, target: Path) -> None:
     """Save model + preprocessing to ``target`` atomically."""
+    if bundle.family == causal_lm.FAMILY:
+        causal_lm.save(bundle, target)
+        return
     atomic_dir(target, lambda tmp: _write(bundle, tmp))
 
 
@@ -347,6 +355,8 @@ def load(model_dir: Path) -> Bundle:
     if not meta:
         raise ModelError(f"{model_dir} holds no fmtune model ({META_FILE} missing or unreadable)")
     family = meta["family"]
+    if family == causal_lm.FAMILY:
+        return causal_lm.load(model_dir)
     if family != "hf" and family not in CNN_FAMILIES:
         raise ModelError(f"{model_dir}/{META_FILE}: unknown model family {family!r}")
     adapter = meta.get("adapter")
@@ -373,6 +383,9 @@ def load_weights(bundle: Bundle, model_dir: Path) -> None:
     """Load the weights saved in ``model_dir`` into an already-built bundle's model (the best
     checkpoint, after training). transformers may store a model's keys under legacy names, so
     the folder is read back the way it was written."""
+    if bundle.family == causal_lm.FAMILY:
+        causal_lm.load_weights(bundle, model_dir)
+        return
     if bundle.adapter:
         adapters.load_weights(bundle.model, model_dir)
         return

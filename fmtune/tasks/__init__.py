@@ -2,9 +2,10 @@
 
 from fmtune.tasks.base import CAPABILITIES, TASKS, UNKNOWN, Task, task_class, task_from_state
 from fmtune.tasks.classification import Classification
+from fmtune.tasks.generation import Generation
 from fmtune.tasks.multilabel import MultiLabel
 from fmtune.tasks.regression import Regression
 from fmtune.tasks.token_classification import TokenClassification
 
-__all__ = ["CAPABILITIES", "TASKS", "UNKNOWN", "Classification", "MultiLabel", "Regression", "Task",
+__all__ = ["CAPABILITIES", "TASKS", "UNKNOWN", "Classification", "Generation", "MultiLabel", "Regression", "Task",
            "TokenClassification", "task_class", "task_from_state"]

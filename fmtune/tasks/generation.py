@@ -1,0 +1,396 @@
+"""Text generation: a causal language model fine-tuned to answer prompts (instructions, summaries, chat).
+
+Rows, one per example (JSONL; CSV/Parquet through ``data.input_column`` / ``data.target_column``):
+    {"prompt": "...", "completion": "..."}             the loss is on the completion
+    {"messages": [{"role": ..., "content": ...}, ...]}  the model's chat template; the loss is on the
+                                                        last (assistant) message
+    {"text": "..."}                                    plain text; the loss is on all of it
+
+Every target ends with the end-of-sequence token (checked before training), so the model learns
+to stop; the prompt's tokens are masked out of the loss unless ``task.train_on_prompt``.
+Validation measures loss and perplexity on every row and, on a fixed sample, the answers the
+model generates (greedy, batched with left padding and a KV cache) against the references:
+ROUGE-1/2/L (``rouge-score``) and exact match. The best checkpoint is chosen on ROUGE-L.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from fmtune.data.readers import read_any
+from fmtune.errors import ConfigError, DataError
+from fmtune.tasks.base import TASKS, Task
+
+ROLES = ("system", "user", "assistant")
+ROUGE = ("rouge1", "rouge2", "rougeL")
+KINDS = ("prompt", "messages", "text")
+
+
+@dataclass
+class GenerationSettings:
+    """How answers are generated when evaluating (the ``eval`` section of the config)."""
+    max_new_tokens: int = 64
+    samples: int = 48
+    batch_size: int = 16
+
+
+def _where(source: str, line: int, table: bool) -> str:
+    return f"{source}: {'row' if table else 'line'} {line}"
+
+
+def _row(rec: dict[str, Any], where: str, input_col: str | None, target_col: str | None,
+         with_targets: bool) -> dict[str, Any]:
+    """One record as (kind, prompt, completion, messages), checked."""
+    if input_col or target_col:
+        inp, tgt = input_col or "prompt", target_col or "completion"
+        if inp not in rec:
+            raise DataError(f"{where}: no {inp!r} (the input, data.input_column); keys: {', '.join(map(str, rec))}")
+        prompt, completion = rec[inp], rec.get(tgt)
+        if with_targets and tgt not in rec:
+            raise DataError(f"{where}: no {tgt!r} (the target, data.target_column); keys: {', '.join(map(str, rec))}")
+        kind, messages = "prompt", None
+    elif "messages" in rec:
+        messages = rec["messages"]
+        if isinstance(messages, str):
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError:
+                raise DataError(f"{where}: 'messages' is not a JSON list of {{role, content}}") from None
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: message {j + 1} must be an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise DataError(f"{where}: message {j + 1} has the unknown role {m['role']!r} "
+                                f"(expected one of: {', '.join(ROLES)})")
+            if not isinstance(m["content"], str):
+                raise DataError(f"{where}: message {j + 1}: 'content' must be a string")
+        completion = None
+        if messages[-1]["role"] == "assistant":
+            completion, messages = messages[-1]["content"], messages[:-1]
+        elif with_targets:
+            raise DataError(f"{where}: the last message must be the assistant's answer to train on "
+                            f"(it is {messages[-1]['role']!r})")
+        if not any(m["role"] == "user" for m in messages):
+            raise DataError(f"{where}: no user message before the answer")
+        kind, prompt = "messages", None
+    elif "prompt" in rec:
+        kind, prompt, completion, messages = "prompt", rec["prompt"], rec.get("completion"), None
+        if with_targets and "completion" not in rec:
+            raise DataError(f"{where}: a 'prompt' without its 'completion'")
+    elif "text" in rec:
+        kind, prompt, completion, messages = "text", "", rec["text"], None
+    else:
+        raise DataError(f"{where}: expected {{\"prompt\", \"completion\"}}, {{\"messages\": [...]}} or {{\"text\"}} "
+                        f"(or set data.input_column / data.target_column); keys: {', '.join(map(str, rec)) or 'none'}")
+    if kind == "prompt" and not isinstance(prompt, str):
+        if prompt is None or (isinstance(prompt, float) and math.isnan(prompt)):
+            raise DataError(f"{where}: empty prompt")
+        prompt = str(prompt)
+    if completion is not None and not isinstance(completion, str):
+        completion = None if isinstance(completion, float) and math.isnan(completion) else str(completion)
+    if with_targets and (completion is None or not completion.strip()):
+        raise DataError(f"{where}: empty completion: there is nothing to learn from this row")
+    return {"kind": kind, "prompt": prompt, "completion": completion,
+            "messages": json.dumps(messages) if messages is not None else None}
+
+
+def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.DataFrame:
+    """A generation data file as rows of kind, prompt, completion, messages (JSON) and line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    source = str(path)
+    records: list[tuple[int, dict[str, Any]]] = []
+    table = path.suffix.lower() not in (".jsonl", ".json")
+    if not table:
+        with path.open(encoding=data_cfg.encoding) as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{source}: line {n}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{source}: line {n}: expected a JSON object, got {type(rec).__name__}")
+                records.append((n, rec))
+    else:
+        df = read_any(path, data_cfg.encoding, data_cfg.input_column or data_cfg.text_column)
+        input_col = data_cfg.input_column or ("prompt" if "prompt" in df.columns else data_cfg.text_column)
+        target_col = data_cfg.target_column or "completion"
+        for col, key in ((input_col, "data.input_column"), (target_col, "data.target_column")):
+            if col not in df.columns and (with_targets or key == "data.input_column"):
+                raise DataError(f"{source}: no column {col!r} ({key}); columns: {', '.join(map(str, df.columns))}")
+        records = [(int(i) + 1, r) for i, r in zip(df.index, df.to_dict("records"))]
+        data_cfg = _with_columns(data_cfg, input_col, target_col)
+    if not records:
+        raise DataError(f"{source}: no rows")
+    rows = []
+    for n, rec in records:
+        row = _row(rec, _where(source, n, table), data_cfg.input_column, data_cfg.target_column, with_targets)
+        row["line"] = n
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out.attrs["source"] = source
+    out.attrs["table"] = table
+    return out
+
+
+def _with_columns(data_cfg: Any, input_col: str, target_col: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(data_cfg, input_column=input_col, target_column=target_col)
+
+
+# --- tokens ------------------------------------------------------------------------------------------
+
+class LMData(torch.utils.data.Dataset):
+    """Token ids of prompt + completion per example, and where the trained part starts.
+
+    ``collate`` pads on the right (training and loss); the model is fed the positions whose next
+    token is trained as ``target_index`` (flat into batch x length) and those next tokens as
+    ``labels``. ``prompts`` / ``references`` are what generation is scored on."""
+
+    def __init__(self, ids: list[list[int]], starts: list[int], pad_id: int, prompts: list[list[int]],
+                 references: list[str | None], lines: list[int]):
+        self.ids, self.starts, self.pad_id = ids, starts, pad_id
+        self.prompts, self.references, self.lines = prompts, references, lines
+        self.lengths = np.array([len(x) for x in ids])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.ids[i], "start": self.starts[i]}
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        width = max(len(self.ids[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        where, labels = [], []
+        for b, i in enumerate(idx):
+            ids = self.ids[i]
+            input_ids[b, :len(ids)] = torch.tensor(ids)
+            mask[b, :len(ids)] = 1
+            first = max(self.starts[i], 1)  # position p predicts token p + 1
+            where.extend(b * width + p - 1 for p in range(first, len(ids)))
+            labels.extend(ids[first:])
+        return {"input_ids": input_ids, "attention_mask": mask, "target_index": torch.tensor(where, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def uses_template(tokenizer: Any, setting: str) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "on" and not has:
+        raise ConfigError("task.chat_template: on, but this tokenizer has no chat template")
+    return has if setting == "auto" else setting == "on"
+
+
+def prompt_ids(tokenizer: Any, row: dict[str, Any], instruction: str | None, template: bool) -> list[int]:
+    """The tokens of a row's prompt, as the model is asked at training and generation time."""
+    if row["kind"] == "text":
+        bos = tokenizer.bos_token_id
+        return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+    if row["kind"] == "messages":
+        messages = json.loads(row["messages"])
+        if not template:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            return tokenizer(text)["input_ids"]
+    else:
+        text = f"{instruction}\n\n{row['prompt']}" if instruction else row["prompt"]
+        if not template:
+            return tokenizer(text)["input_ids"]
+        messages = [{"role": "user", "content": text}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+@TASKS.register("generation")
+class Generation(Task):
+    name = "generation"
+    level = "lm"  # a causal language model and its own output layer (fmtune.models.causal_lm)
+    default_metric = "rougeL"
+    metric_names = ("rougeL", "rouge1", "rouge2", "exact_match", "loss", "perplexity")
+    capabilities = frozenset()
+    description = ("generate text: fine-tune a causal language model on prompt -> completion pairs, chat messages "
+                   "or plain text (loss on the completion; ROUGE-L picks the best checkpoint)")
+    baseline_method = "the pretrained model prompted the same way, before fine-tuning (zero-shot)"
+
+    def __init__(self, labels: list[str] | None = None, **kw: Any):
+        super().__init__([], **{k: v for k, v in kw.items() if k in ("threshold", "separator", "target_stats")})
+        self.instruction = kw.get("instruction")
+        self.train_on_prompt = bool(kw.get("train_on_prompt", False))
+        self.chat_template = kw.get("chat_template", "auto")
+        self.truncate = bool(kw.get("truncate", False))
+        self.options = {"instruction": self.instruction, "train_on_prompt": self.train_on_prompt,
+                        "chat_template": self.chat_template, "truncate": self.truncate}
+        self.settings = GenerationSettings()
+        self.last_answers: list[str] = []  # of the latest evaluation's sample
+
+    def greater_is_better(self, metric: str) -> bool:
+        return metric not in ("loss", "perplexity")
+
+    @classmethod
+    def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
+        return read_rows(path, data_cfg)
+
+    @classmethod
+    def target_column(cls, data_cfg: Any) -> str:
+        return "completion"
+
+    @classmethod
+    def options_from(cls, task_cfg: Any, data_cfg: Any) -> dict[str, Any]:
+        return {"instruction": task_cfg.instruction, "train_on_prompt": task_cfg.train_on_prompt,
+                "chat_template": task_cfg.chat_template, "truncate": task_cfg.truncate}
+
+    @classmethod
+    def from_train(cls, values: pd.Series, df: pd.DataFrame, **kw: Any) -> Generation:
+        return cls(**kw)
+
+    # --- data -----------------------------------------------------------------------------------
+    def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
+                allow_unknown: bool = False) -> tuple[LMData, np.ndarray]:
+        tok = bundle.tokenizer
+        template = uses_template(tok, self.chat_template)
+        eos, limit = tok.eos_token_id, bundle.max_length
+        source, table = df.attrs.get("source", "data"), df.attrs.get("table", False)
+        ids, starts, prompts, refs, cut = [], [], [], [], 0
+        for row in df.to_dict("records"):
+            where = _where(source, row["line"], table)
+            p = prompt_ids(tok, row, self.instruction, template)
+            c = tok(row["completion"], add_special_tokens=False)["input_ids"] + [eos] if row["completion"] else []
+            if with_targets and len(p) + len(c) > limit:
+                if not self.truncate:
+                    raise DataError(f"{where}: {len(p)} prompt + {len(c)} completion tokens is more than "
+                                    f"model.max_length {limit}; raise model.max_length (up to the model's context) "
+                                    "or set task.truncate=true to cut the prompt's start (then the completion's end)")
+                cut += 1
+                keep = max(limit - len(c), 0)
+                p = p[len(p) - keep:] if keep else []
+                c = c[:limit - len(p)]
+            if with_targets and row["kind"] != "text" and (not c or c[-1] != eos) and not self.truncate:
+                raise DataError(f"internal: {where}: the target does not end with the end-of-sequence token")
+            prompts.append(p[-(limit - 1):] if len(p) >= limit else p)
+            full = p + c
+            starts.append(1 if self.train_on_prompt or row["kind"] == "text" else len(p))
+            ids.append(full if with_targets else p)
+            refs.append(row["completion"])
+        if cut:
+            warnings.warn(f"{source}: {cut} example(s) longer than model.max_length {limit} were truncated "
+                          "(task.truncate)", UserWarning, stacklevel=2)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        lines = [int(x) for x in df["line"]]
+        return LMData(ids, starts, pad, prompts, refs, lines), np.arange(len(df))
+
+    def label_counts(self, df: pd.DataFrame, column: str) -> dict[str, int] | None:
+        return None
+
+    # --- loss and metrics -------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, targets: Any, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets)
+
+    def evaluate_model(self, net: Any, ds: LMData, batch_size: int, device: Any,
+                       sample: list[int] | None = None, progress: Any = None) -> dict[str, float]:
+        """Loss and perplexity over every row; ROUGE and exact match of greedy answers to the
+        fixed sample of rows (``sample``; default: the first ``settings.samples`` of a seeded order)."""
+        from fmtune.data.dataset import epoch_batches
+
+        model = net.model
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for idx in epoch_batches(len(ds), batch_size, 0, 0, ds.lengths, shuffle=False):
+                batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
+                labels = batch.pop("labels")
+                if not len(labels):
+                    continue
+                logits = net(**batch).logits
+                total += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+                count += len(labels)
+        loss = total / max(count, 1)
+        out = {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
+        sample = self.sample(ds) if sample is None else sample
+        if sample:
+            answers = generate(model, net.tokenizer, [ds.prompts[i] for i in sample], self.settings, device,
+                               on_batch=progress)
+            self.last_answers = answers
+            out.update(score(answers, [ds.references[i] for i in sample]))
+        if was_training:
+            model.train()
+        return out
+
+    def sample(self, ds: LMData, n: int | None = None) -> list[int]:
+        """A fixed, seeded sample of rows with a reference (the same at every evaluation)."""
+        rows = [i for i, r in enumerate(ds.references) if r]
+        n = self.settings.samples if n is None else n
+        if len(rows) <= n:
+            return rows
+        rng = np.random.default_rng(0)
+        return sorted(rng.choice(rows, size=n, replace=False).tolist())
+
+    def state(self) -> dict[str, Any]:
+        return {"task": self.name, "labels": [], **self.options}
+
+
+def score(answers: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (stemmed, as rouge-score computes it) and exact match (stripped, case kept)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE, 0.0)
+    exact = 0
+    for a, r in zip(answers, references):
+        s = scorer.score(r, a)
+        for k in ROUGE:
+            totals[k] += s[k].fmeasure
+        exact += int(a.strip() == r.strip())
+    n = max(len(answers), 1)
+    return {**{k: v / n for k, v in totals.items()}, "exact_match": exact / n}
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings, device: Any,
+             sampling: dict[str, Any] | None = None, on_batch: Any = None) -> list[str]:
+    """Answers to token-id prompts: batches of similar length, padded on the left, decoded with
+    the KV cache (``model.generate``); greedy unless ``sampling`` (temperature, top_p) is given.
+    Returns the decoded new text of each prompt, in order."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    sampling = sampling or {}
+    gen = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=bool(sampling.get("temperature")),
+                           eos_token_id=eos, pad_token_id=pad, use_cache=True,
+                           **({"temperature": sampling["temperature"], "top_p": sampling.get("top_p", 1.0)}
+                              if sampling.get("temperature") else {}))
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    answers: list[str] = [""] * len(prompts)
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, len(order), settings.batch_size):
+            idx = order[s:s + settings.batch_size]
+            width = max(max(len(prompts[i]) for i in idx), 1)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for b, i in enumerate(idx):
+                p = prompts[i] or [eos]
+                ids[b, width - len(p):] = torch.tensor(p)
+                mask[b, width - len(p):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+            for b, i in enumerate(idx):
+                answers[i] = tokenizer.decode(out[b, width:], skip_special_tokens=True).strip()
+            if on_batch is not None:
+                on_batch(len(idx))
+    return answers

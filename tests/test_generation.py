@@ -1,0 +1,284 @@
+"""Text generation (--task generation): readers and their errors, prompt masking and EOS, the
+logits of the target positions, batched generation with left padding, training end to end on a
+tiny random-init Llama with a BPE tokenizer trained here, generate, export --merge."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fmtune import api, config
+from fmtune.errors import ConfigError, DataError, ModelError
+from fmtune.tasks.generation import GenerationSettings, generate, read_rows
+
+TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+            "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+WORDS = "red green blue cat dog bird one two three four five six seven eight nine ten".split()
+
+
+def repeat_rows(n: int, seed: int) -> list[dict]:
+    """Prompt 'repeat: w1 w2 ...' -> completion 'w1 w2 ...': learnable by a tiny model in seconds."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4)))
+        out.append({"prompt": f"repeat: {words}", "completion": words})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer, a chat template and pad == eos
+    (as SmolLM2 ships it), saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                                                   "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([r["prompt"] + " " + r["completion"] for r in repeat_rows(500, 0)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   unk_token="<unk>", pad_token="<|im_end|>")
+    fast.chat_template = TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id,
+                      pad_token_id=fast.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    fast.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def gen_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("gen-data")
+    return {"train": write_jsonl(d / "train.jsonl", repeat_rows(160, 1)),
+            "test": write_jsonl(d / "test.jsonl", repeat_rows(24, 2))}
+
+
+def gen_cfg(model: Path, train_file: Path, out: Path, **sections) -> config.Config:
+    data = {"model": {"name": str(model)}, "task": {"type": "generation"}, "data": {"train": str(train_file)},
+            "out": str(out), "eval": {"max_new_tokens": 12, "samples": 16},
+            "train": {"epochs": 2, "batch_size": 16, "seed": 0}}
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v) if isinstance(v, dict) else data.__setitem__(k, v)
+    return config.from_dict(data)
+
+
+def data_cfg(**kw):
+    return config.from_dict({"data": kw}).data
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def test_the_three_row_shapes_and_a_table_are_read(tmp_path):
+    rows = [{"prompt": "p", "completion": "c"}, {"text": "plain"},
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                          {"role": "assistant", "content": "a"}]}]
+    df = read_rows(write_jsonl(tmp_path / "a.jsonl", rows), data_cfg())
+    assert df["kind"].tolist() == ["prompt", "text", "messages"]
+    assert df["completion"].tolist() == ["c", "plain", "a"]
+    assert json.loads(df["messages"][2])[-1] == {"role": "user", "content": "u"}  # the answer is the target
+    pd.DataFrame({"body": ["x = 1", "y = 2"], "summary": ["sets x", "sets y"]}).to_csv(tmp_path / "t.csv", index=False)
+    t = read_rows(tmp_path / "t.csv", data_cfg(input_column="body", target_column="summary"))
+    assert t["prompt"].tolist() == ["x = 1", "y = 2"] and t["completion"].tolist() == ["sets x", "sets y"]
+
+
+@pytest.mark.parametrize("line, match", [
+    ({"prompt": "p"}, "line 2: a 'prompt' without its 'completion'"),
+    ({"prompt": "p", "completion": "  "}, "line 2: empty completion"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "line 2: message 1 has the unknown role 'bot'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "line 2: the last message must be the assistant's"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "line 2: no user message"),
+    ({"question": "q"}, "line 2: expected .*keys: question"),
+])
+def test_a_bad_row_is_an_error_naming_file_and_line(tmp_path, line, match):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "completion": "fine"}, line])
+    with pytest.raises(DataError, match=match):
+        read_rows(path, data_cfg())
+
+
+def test_broken_json_and_a_missing_table_column_are_named(tmp_path):
+    (tmp_path / "b.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    with pytest.raises(DataError, match="b.jsonl: line 2: not valid JSON"):
+        read_rows(tmp_path / "b.jsonl", data_cfg())
+    pd.DataFrame({"text": ["a"], "label": ["b"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match="no column 'completion' \\(data.target_column\\)"):
+        read_rows(tmp_path / "t.csv", data_cfg())
+
+
+# --- tokens, masking, EOS ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama):
+    from fmtune.models import build
+    from fmtune.tasks.generation import Generation
+
+    task = Generation()
+    return build.create(config.from_dict({"model": {"name": str(tiny_llama)}}).model, task), task
+
+
+def test_pad_is_not_eos_and_only_the_completion_and_its_eos_are_trained(lm, tmp_path):
+    bundle, task = lm
+    tok = bundle.tokenizer
+    assert tok.pad_token_id != tok.eos_token_id  # shipped equal, as SmolLM2's: the model could never learn to stop
+    df = read_rows(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "repeat: red", "completion": "red"}]), data_cfg())
+    ds, _ = task.dataset(df, bundle, data_cfg())
+    batch = ds.collate([0])
+    completion = tok("red", add_special_tokens=False)["input_ids"]
+    assert batch["labels"].tolist() == completion + [tok.eos_token_id]
+    ids = batch["input_ids"][0]
+    assert ids[batch["target_index"] + 1].tolist() == batch["labels"].tolist()  # position p predicts p + 1
+    prompt = tok.apply_chat_template([{"role": "user", "content": "repeat: red"}], add_generation_prompt=True,
+                                     tokenize=False)
+    assert tok.decode(ids[:len(ids) - len(completion) - 1]) == prompt
+    task_all = type(task)(train_on_prompt=True)
+    assert len(task_all.dataset(df, bundle, data_cfg())[0].collate([0])["labels"]) == len(ids) - 1
+
+
+def test_too_long_examples_are_an_error_or_truncated_with_a_warning(lm, tmp_path):
+    bundle, task = lm
+    long = {"prompt": "repeat: " + "red " * 300, "completion": "red"}
+    df = read_rows(write_jsonl(tmp_path / "a.jsonl", [long]), data_cfg())
+    with pytest.raises(DataError, match="a.jsonl: line 1: .* more than model.max_length 256; .*task.truncate"):
+        task.dataset(df, bundle, data_cfg())
+    with pytest.warns(UserWarning, match="1 example\\(s\\) longer than model.max_length 256 were truncated"):
+        ds, _ = type(task)(truncate=True).dataset(df, bundle, data_cfg())
+    assert ds.lengths[0] == 256 and ds.collate([0])["labels"][-1] == bundle.tokenizer.eos_token_id
+
+
+def test_target_logits_are_the_models_own_logits_at_those_positions(lm, tmp_path):
+    from fmtune.models import causal_lm
+
+    bundle, task = lm
+    df = read_rows(write_jsonl(tmp_path / "a.jsonl", repeat_rows(5, 3)), data_cfg())
+    batch = task.dataset(df, bundle, data_cfg())[0].collate(list(range(5)))
+    labels = batch.pop("labels")
+    net = causal_lm.TargetLogits(bundle.model, bundle.tokenizer).eval()
+    with torch.no_grad():
+        ours = net(**batch).logits
+        full = bundle.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert ours.shape == (len(labels), bundle.model.config.vocab_size)
+    torch.testing.assert_close(ours, full.flatten(0, 1)[batch["target_index"]], rtol=1e-4, atol=1e-5)
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(lm):
+    bundle, _ = lm
+    tok = bundle.tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("repeat: red", "repeat: one two three four five", "cat")]
+    s = GenerationSettings(max_new_tokens=6, batch_size=3)
+    together = generate(bundle.model, tok, prompts, s, "cpu")
+    alone = [generate(bundle.model, tok, [p], s, "cpu")[0] for p in prompts]
+    assert together == alone
+
+
+def test_generation_needs_a_causal_lm_and_a_strategy_that_applies(tiny_bert, tiny_llama, gen_files, tmp_path):
+    with pytest.raises(ModelError, match="needs a causal language model; .* bert model that does not generate"):
+        api.train(gen_cfg(tiny_bert, gen_files["train"], tmp_path / "r1"), quiet=True)
+    with pytest.raises(ConfigError, match="strategy head does not apply to text generation"):
+        api.train(gen_cfg(tiny_llama, gen_files["train"], tmp_path / "r2", strategy={"name": "head"}), quiet=True)
+    with pytest.raises(ConfigError, match="strategy.targets: 'query' matches no linear layer.*q_proj"):
+        api.train(gen_cfg(tiny_llama, gen_files["train"], tmp_path / "r3", strategy={"targets": "query"}),
+                  quiet=True)
+
+
+def test_the_default_strategy_is_lora_for_generation_and_full_otherwise():
+    assert config.from_dict({"task": {"type": "generation"}}).strategy.name == "lora"
+    assert config.from_dict({"task": {"type": "generation"}}).train.lr == config.DEFAULT_LR["lora"]
+    assert config.from_dict({}).strategy.name == "full"
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_run(tiny_llama, gen_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen-runs") / "full"
+    cfg = gen_cfg(tiny_llama, gen_files["train"], out, strategy={"name": "full"},
+                  train={"lr": 1e-2, "epochs": 25, "patience": None}, data={"test": str(gen_files["test"])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return api.train(cfg, quiet=True)
+
+
+def test_fine_tuning_beats_the_zero_shot_baseline_on_rouge_and_loss(full_run):
+    run = Path(full_run["run_dir"])
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["test"]["rougeL"] > ev["baseline"]["rougeL"] + 0.2
+    assert ev["test"]["loss"] < ev["baseline"]["loss"] - 1.0
+    assert ev["test"]["perplexity"] == pytest.approx(2.718281828 ** ev["test"]["loss"], rel=1e-6)
+    answers = [json.loads(x) for x in (run / "test_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 24 and {"prompt", "reference", "baseline", "fine_tuned"} <= set(answers[0])
+    log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in log if r["type"] == "eval"]
+    assert evals[0]["step"] == 0 and {"loss", "perplexity", "rougeL", "exact_match"} <= set(evals[0])
+    html = (run / "report.html").read_text()
+    assert "pretrained (zero-shot)" in html and "Answers" in html
+
+
+def test_a_finished_run_generates_and_loads_in_plain_transformers(full_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fmtune.generation import generate_texts
+
+    run = full_run["run_dir"]
+    recs = generate_texts(run, ["repeat: red dog"], quiet=True)
+    assert recs[0]["prompt"] == "repeat: red dog" and isinstance(recs[0]["answer"], str)
+    model = AutoModelForCausalLM.from_pretrained(Path(run) / "model")  # a plain folder: no fmtune needed
+    assert type(model).__name__ == "LlamaForCausalLM"
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "repeat: cat"}, {"messages": [{"role": "user", "content": "x"}]}])
+    out = tmp_path / "answers.jsonl"
+    generate_texts(run, file=tmp_path / "p.jsonl", output=out, temperature=0.8, seed=1, quiet=True)
+    assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["repeat: cat", "x"]
+
+
+def test_a_lora_run_merges_into_a_folder_that_generates_the_same_text(tiny_llama, gen_files, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fmtune.exporter import export
+    from fmtune.generation import generate_texts
+
+    cfg = gen_cfg(tiny_llama, gen_files["train"], tmp_path / "lora", train={"lr": 5e-3, "epochs": 2})
+    summary = api.train(cfg, quiet=True, report=False)
+    assert (Path(summary["run_dir"]) / "model" / "adapter_config.json").is_file()
+    ours = generate_texts(summary["run_dir"], ["repeat: red dog", "repeat: one"], quiet=True)
+    res = export(summary["run_dir"], tmp_path / "merged", merge=True, quiet=True)
+    assert res["kind"] == "merged" and res["same_greedy_answers"] == res["checked_prompts"] > 0
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    theirs = []
+    for p in ("repeat: red dog", "repeat: one"):
+        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        theirs.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert [r["answer"] for r in ours] == theirs
+
+
+def test_stdlib_docstrings_split_keeps_modules_apart():
+    from fmtune.zoo.datasets import _first_sentence, split
+
+    df = pd.DataFrame({"code": [f"def f{i}(): pass" for i in range(60)], "summary": ["Do it now."] * 60,
+                       "group": [f"mod{i % 12}" for i in range(60)]})
+    train, val, test = split(df, (None, 10, 10), seed=0)
+    assert len(train) + len(val) + len(test) == 60 and len(val) >= 10 and len(test) >= 10
+    assert not (set(train.group) & set(test.group) or set(train.group) & set(val.group) or
+                set(val.group) & set(test.group))
+    assert _first_sentence("Return the sum of a and b.\n\nMore text.") == "Return the sum of a and b."
+    assert _first_sentence(">>> f(1) is the way to call it.") is None and _first_sentence("Too short.") is None
