@@ -147,11 +147,14 @@ def scratch_lr(finetune_lr: float) -> float:
     return float(min(max(10 * finetune_lr, 1e-4), 2e-3))
 
 
+StrategyName = Literal["full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto"]
+
+
 @dataclass
 class StrategyConfig:
-    name: Literal["full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto"] | None = _f(
-        None, "what is trained (default: full; generation: lora): full = everything, head = linear probe, last_n = last N blocks + head, "
-        "lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, bitfit = biases + head, "
+    name: StrategyName | None = _f(
+        None, "what is trained (default: full; generation: lora): full = everything, head = linear probe, "
+        "last_n = last N blocks + head, lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, bitfit = biases + head, "
         "contrastive = SetFit-style pair training of a text encoder, then a linear head (few labels), "
         "auto = chosen from the labels per class, the model's size and train.max_minutes (run.json says why)"
     )
