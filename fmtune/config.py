@@ -154,7 +154,8 @@ StrategyName = Literal["full", "head", "last_n", "lora", "dora", "ia3", "prompt"
 class StrategyConfig:
     name: StrategyName | None = _f(
         None, "what is trained (default: full; generation: lora): full = everything, head = linear probe, "
-        "last_n = last N blocks + head, lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, bitfit = biases + head, "
+        "last_n = last N blocks + head, lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, "
+        "bitfit = biases + head, "
         "contrastive = SetFit-style pair training of a text encoder, then a linear head (few labels), "
         "auto = chosen from the labels per class, the model's size and train.max_minutes (run.json says why)"
     )
