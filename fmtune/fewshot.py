@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fmtune import ui
+from fmtune.config import lora_dropout
 from fmtune.errors import ConfigError
 
 # --strategy auto: a text encoder is tuned contrastively up to this many labels per class (beyond,
@@ -149,7 +150,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
         import peft
 
         targets, _ = adapters.resolve_targets(bundle, scfg)
-        pc = peft.LoraConfig(r=scfg.r, lora_alpha=scfg.alpha, lora_dropout=scfg.dropout, target_modules=targets)
+        pc = peft.LoraConfig(r=scfg.r, lora_alpha=scfg.alpha, lora_dropout=lora_dropout(scfg), target_modules=targets)
         with adapters._quiet():
             model = peft.get_peft_model(model, pc)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -33,6 +33,9 @@ SHOWN_SAMPLES = 12  # answers side by side in eval.json and the report
 
 
 def settings(cfg: config_mod.Config) -> GenerationSettings:
+    # answers are decoded a token at a time for the whole batch: on a CPU each step reads every weight
+    # (memory-bound: SmolLM2 at batch 8 and 16 costs about the same per step), so batches are large;
+    # prompts are sorted by length so their padding stays small
     return GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.samples, min(cfg.train.eval_batch_size, 32))
 
 
@@ -69,6 +72,7 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
           report: bool = True, on_eval: Any = None) -> dict[str, Any]:
     """Fine-tune a causal LM as configured (``run_dir``: resume that run). Returns the run summary."""
     resume = run_dir is not None
+    _check_settings(cfg)
     hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads, cfg.train.loader_threads)
     set_seed(cfg.train.seed)
     from fmtune.data.prepare import make_task
@@ -82,6 +86,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         run_dir = new_run_dir(cfg, overwrite)
         write_start(run_dir, cfg, task)
     out = ui.console
+    if not quiet:
+        _print_plan(cfg, bundle, task, data, run_dir, hw)
     bundle.model.to(hw.device)
     test_sample = task.sample(data["test"], cfg.eval.test_samples or len(data["test"])) if "test" in data else []
     baseline = read_json(run_dir / BASELINE_FILE, {}) if resume else {}
@@ -92,7 +98,9 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     counts.update(optim.memory_note(counts, cfg.train))
     bundle.model.to(hw.device)
     if not quiet:
-        _print_plan(cfg, bundle, task, counts, data, run_dir, hw)
+        share = 100 * counts["trainable_params"] / counts["total_params"]
+        out.print(f"  strategy {cfg.strategy.name}: trainable {counts['trainable_params']:,} of "
+                  f"{counts['total_params']:,} parameters ({share:.2f}%); lr {cfg.train.lr:g}")
     net = causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
     result = fit(bundle, task, data["train"], data["val"], cfg.train, run_dir, hardware=hw, resume=resume,
                  save_best=lambda: build.save(bundle, run_dir / "model"), progress=ui.FitProgress(quiet), net=net,
@@ -128,6 +136,18 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     return summary
 
 
+def _check_settings(cfg: config_mod.Config) -> None:
+    """Settings of other tasks that a generation run would otherwise silently ignore."""
+    unsupported = {"semi.unlabeled / --unlabeled (self-training)": cfg.semi.unlabeled,
+                   "continual.source (fmtune continue)": cfg.continual.source,
+                   "train.adversarial": cfg.train.adversarial != "none",
+                   "train.augment": cfg.train.augment.text_on() or cfg.train.augment.image_on(),
+                   "task.group_weights": cfg.task.group_weights}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: not available for text generation runs")
+
+
 def _score(bundle: build.Bundle, task: Any, ds: Any, sample: list[int], cfg: config_mod.Config, hw: Any,
            quiet: bool, what: str) -> dict[str, Any]:
     net = causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
@@ -161,13 +181,12 @@ def _write_eval(run_dir: Path, df: pd.DataFrame, ds: Any, sample: list[int], bas
     return result
 
 
-def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts: dict[str, Any],
-                data: dict[str, Any], run_dir: Path, hw: Any) -> None:
+def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], run_dir: Path,
+                hw: Any) -> None:
     out = ui.console
     out.print(f"[bold]fmtune train[/] -> {run_dir}")
-    out.print(f"  model {cfg.model.name} (causal LM)  task generation  strategy {cfg.strategy.name}")
-    out.print(f"  trainable {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
-              f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); lr {cfg.train.lr:g}")
+    out.print(f"  model {cfg.model.name} (causal LM, {sum(p.numel() for p in bundle.model.parameters()):,} "
+              "parameters)  task generation")
     tok = bundle.tokenizer
     out.print(f"  prompts {'in the chat template' if uses_template(tok, task.chat_template) else 'as plain text'}"
               f"{', instruction: ' + repr(task.instruction) if task.instruction else ''}; loss on "
@@ -177,9 +196,81 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
               + f"; validation answers {min(cfg.eval.samples, len(data['val']))} rows (max {cfg.eval.max_new_tokens} "
               "new tokens)")
     out.print(f"  {hw.describe()}")
+    if "test" in data:
+        out.print("  the pretrained model answers the test prompts first (the zero-shot baseline)")
 
 
 # --- generate ----------------------------------------------------------------------------------------
+
+class Generator:
+    """A trained generation run loaded once: answers prompts as training asked them (the run's
+    instruction and chat template). Used by ``fmtune generate`` and ``fmtune serve``."""
+
+    generates = True
+    kind = "text"
+
+    def __init__(self, run: str | Path):
+        from fmtune.fsutil import folder_digest
+
+        opened = open_run(run)
+        if opened.task.level != "lm":
+            raise ConfigError(f"{run} is a {opened.task.name} run; answering prompts needs a generation run "
+                              "(use fmtune predict)")
+        self.run_dir, self.config, self.task, self.bundle = opened.dir, opened.config, opened.task, opened.bundle
+        self.template = uses_template(self.bundle.tokenizer, self.task.chat_template)
+        self.device = hardware.choose(self.config.train.device, "fp32", self.config.train.num_threads).device
+        self.bundle.model.to(self.device).eval()
+        self.version = folder_digest(self.run_dir / "model")
+
+    def metadata(self) -> dict[str, Any]:
+        return {"run": self.run_dir.name, "model_version": self.version, "backend": "torch",
+                "model": self.config.model.name, "kind": "text", "task": "generation", "labels": [],
+                "strategy": self.config.strategy.name, "max_length": self.bundle.max_length,
+                "instruction": self.task.instruction, "chat_template": self.template,
+                "max_new_tokens": self.config.eval.max_new_tokens,
+                "test_metrics": read_json(self.run_dir / EVAL_FILE, {}).get("test")}
+
+    def prompt_ids(self, row: dict[str, Any]) -> tuple[list[int], bool]:
+        """The tokens of one row ({prompt} or {messages}); whether its start was cut to fit."""
+        ids = prompt_ids(self.bundle.tokenizer, row, self.task.instruction, self.template)
+        keep = self.bundle.max_length - 1
+        return (ids[-keep:], True) if len(ids) > keep else (ids, False)
+
+    def answer(self, rows: list[dict[str, Any]], max_new_tokens: int | None = None, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, batch_size: int = 16, on_batch: Any = None) -> list[str]:
+        ids = [self.prompt_ids(r)[0] for r in rows]
+        torch.manual_seed(seed)
+        s = GenerationSettings(max_new_tokens or self.config.eval.max_new_tokens, 0, batch_size)
+        sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else None
+        return generate(self.bundle.model, self.bundle.tokenizer, ids, s, self.device, sampling, on_batch=on_batch)
+
+    def stream(self, row: dict[str, Any], max_new_tokens: int | None = None, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0) -> Any:
+        """The answer to one row as pieces of text, yielded as the tokens are decoded (KV cache;
+        generation runs in a background thread)."""
+        import threading
+
+        from transformers import GenerationConfig, TextIteratorStreamer
+
+        tok = self.bundle.tokenizer
+        ids = torch.tensor([self.prompt_ids(row)[0]], device=self.device)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+        gen = GenerationConfig(max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
+                               **sampling)
+        torch.manual_seed(seed)
+
+        def work() -> None:
+            with torch.inference_mode():
+                self.bundle.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
+                                           streamer=streamer)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+
 
 def generate_texts(run: str | Path, prompts: list[str] | None = None, file: str | Path | None = None,
                    output: str | Path | None = None, *, max_new_tokens: int | None = None,
@@ -188,35 +279,23 @@ def generate_texts(run: str | Path, prompts: list[str] | None = None, file: str 
     """Answers of a trained generation run to prompts given directly or in a file (JSONL rows as
     in training, without the completion; CSV/Parquet through data.input_column). Writes JSONL to
     ``output`` when given; returns the records."""
-    opened = open_run(run)
-    if opened.task.name != "generation":
-        raise ConfigError(f"{run} is a {opened.task.name} run; fmtune generate needs a generation run "
-                          "(use fmtune predict)")
     if (prompts is None) == (file is None):
         raise ConfigError("give --prompt TEXT (repeatable) or --file FILE")
-    cfg, task, bundle = opened.config, opened.task, opened.bundle
+    gen = Generator(run)
     if file is not None:
-        df = read_rows(file, cfg.data, with_targets=False)
+        df = read_rows(file, gen.config.data, with_targets=False)
     else:
         df = pd.DataFrame([{"kind": "prompt", "prompt": p, "completion": None, "messages": None, "line": i + 1}
                            for i, p in enumerate(prompts)])
-    template = uses_template(bundle.tokenizer, task.chat_template)
-    ids = [prompt_ids(bundle.tokenizer, r, task.instruction, template) for r in df.to_dict("records")]
-    too_long = [i for i, p in enumerate(ids) if len(p) >= bundle.max_length]
-    for i in too_long:
-        ids[i] = ids[i][-(bundle.max_length - 1):]
-    hw = hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads)
-    bundle.model.to(hw.device)
-    torch.manual_seed(seed)
-    s = GenerationSettings(max_new_tokens or cfg.eval.max_new_tokens, 0, batch_size)
-    sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else None
+    rows = df.to_dict("records")
+    cut = sum(gen.prompt_ids(r)[1] for r in rows)
     started = time.perf_counter()
-    with ui.CountProgress("generate", len(ids), quiet) as bar:
-        answers = generate(bundle.model, bundle.tokenizer, ids, s, hw.device, sampling, on_batch=bar)
-    records = [{"prompt": _display_prompt(r), "answer": a} for r, a in zip(df.to_dict("records"), answers)]
-    if too_long and not quiet:
-        ui.console.print(f"[yellow]warning:[/] {len(too_long)} prompt(s) longer than {bundle.max_length} tokens "
-                         "lost their start")
+    with ui.CountProgress("generate", len(rows), quiet) as bar:
+        answers = gen.answer(rows, max_new_tokens, temperature, top_p, seed, batch_size, on_batch=bar)
+    records = [{"prompt": _display_prompt(r), "answer": a} for r, a in zip(rows, answers)]
+    if cut and not quiet:
+        ui.console.print(f"[yellow]warning:[/] {cut} prompt(s) longer than {gen.bundle.max_length} tokens lost their "
+                         "start")
     if output is not None:
         write_text_atomic(Path(output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         if not quiet:

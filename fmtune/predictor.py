@@ -36,6 +36,9 @@ class Predictor:
 
     def __init__(self, run: str | Path, batch_size: int | None = None, backend: str = "torch"):
         opened = open_run(run)
+        if opened.task.level == "lm":
+            raise ConfigError(f"{run} is a text generation run: answer prompts with  fmtune generate {run} --prompt "
+                              "TEXT  (or --file FILE), or serve it (fmtune serve: POST /generate)")
         self.run_dir = opened.dir
         self.config, self.task, self.bundle = opened.config, opened.task, opened.bundle
         self.kind = self.bundle.kind

@@ -3,6 +3,8 @@
     POST /predict   {"inputs": ["text", ...]}            text runs
                     {"inputs": ["<base64>", ...]}         image runs, or multipart files (field "files")
                     -> {"predictions": [...], "model_version": "..."}
+    POST /generate  {"prompt": "...", "max_new_tokens": 64, "stream": true}  generation runs: the answer,
+                    or with stream server-sent events of its pieces
     GET  /health    liveness, no key needed
     GET  /metadata  model, task, labels, strategy, test metrics at training time, service limits
     GET  /docs      OpenAPI documentation
@@ -40,6 +42,7 @@ class Limits:
     max_body_mb: float = 16.0
     max_text_chars: int = 20_000
     long_text: Literal["truncate", "reject"] = "truncate"
+    max_new_tokens: int = 512  # generation runs: the most tokens one answer may ask for
 
 
 class HTTPError(Exception):
@@ -181,7 +184,8 @@ def _prepare_images(values: list[Any], predictor: Any) -> list[Any]:
 
 
 def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None = None) -> Any:
-    """The FastAPI application serving ``predictor`` (a ``fmtune.predictor.Predictor``)."""
+    """The FastAPI application serving ``predictor`` (a ``fmtune.predictor.Predictor``, or a
+    ``fmtune.generation.Generator``: POST /generate instead of /predict)."""
     from contextlib import asynccontextmanager
 
     limits = limits or Limits()
@@ -261,6 +265,10 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}
            if predictor.kind == "image" else {})}}}
 
+    if getattr(predictor, "generates", False):  # a generation run: POST /generate instead of /predict
+        _generate_routes(app, predictor, limits, guard, read_json)
+        return _common_routes(app, meta, limits, batcher, guard)
+
     @app.post("/predict", openapi_extra=body_doc)
     async def predict(request: Request) -> Any:
         """Predict one or many inputs; returns one prediction per input, in order."""
@@ -280,6 +288,10 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
             out["truncated"] = truncated
         return out
 
+    return _common_routes(app, meta, limits, batcher, guard)
+
+
+def _common_routes(app: Any, meta: dict[str, Any], limits: Limits, batcher: Any, guard: Any) -> Any:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model_version": meta["model_version"]}
@@ -292,6 +304,98 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
     return app
 
 
+GENERATE_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                   "description": "a prompt, or a list of them (answered together); the run's instruction and chat "
+                                  "template are applied as in training"},
+        "messages": {"type": "array", "items": {"type": "object"}, "description": "a chat: [{role, content}, ...] "
+                     "(instead of prompt)"},
+        "max_new_tokens": {"type": "integer"}, "temperature": {"type": "number", "description": "0: greedy"},
+        "top_p": {"type": "number"}, "seed": {"type": "integer"},
+        "stream": {"type": "boolean", "description": "server-sent events: data: {\"token\": ...} per piece of "
+                   "text, then data: {\"done\": true, \"answer\": ...}"}},
+    "example": {"prompt": "def add(a, b):\n    return a + b", "max_new_tokens": 32}}}}}}
+
+
+def _generation_request(data: Any, generator: Any, limits: Limits) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows to answer and the decoding options of a POST /generate body, checked (HTTPError)."""
+    from fmtune.tasks.generation import _row
+
+    if not isinstance(data, dict) or ("prompt" in data) == ("messages" in data):
+        raise HTTPError(422, 'expected a JSON object with "prompt" (a string or a list) or "messages" (a chat)')
+    if "prompt" in data:
+        prompts = _check_items(data["prompt"], limits)
+        records = [{"prompt": p} for p in prompts]
+    else:
+        records = [{"messages": data["messages"]}]
+    rows = []
+    for i, rec in enumerate(records):
+        try:
+            if "prompt" in rec and not (isinstance(rec["prompt"], str) and rec["prompt"].strip()):
+                raise DataError("the prompt must be a non-empty string")
+            row = _row(rec, f"{'prompt' if 'prompt' in rec else 'messages'}[{i}]", None, None, with_targets=False)
+        except DataError as e:
+            raise HTTPError(422, str(e)) from None
+        text = row["prompt"] or row["messages"] or ""
+        if len(text) > limits.max_text_chars:
+            raise HTTPError(413, f"input {i}: {len(text)} characters; the limit is {limits.max_text_chars}")
+        rows.append(row)
+    opts: dict[str, Any] = {}
+    for key, kind, low, high in (("max_new_tokens", int, 1, limits.max_new_tokens), ("temperature", float, 0.0, 5.0),
+                                 ("top_p", float, 0.0, 1.0), ("seed", int, 0, 2**31 - 1)):
+        if key in data:
+            v = data[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+                raise HTTPError(422, f"{key!r} must be a number, got {v!r}")
+            if not low <= v <= high:
+                raise HTTPError(422, f"{key!r} must be in [{low}, {high}], got {v}")
+            opts[key] = kind(v)
+    if "stream" in data and not isinstance(data["stream"], bool):
+        raise HTTPError(422, f"'stream' must be true or false, got {data['stream']!r}")
+    if data.get("stream") and len(rows) > 1:
+        raise HTTPError(422, "stream answers one prompt at a time; send one prompt, or stream: false")
+    return rows, opts
+
+
+def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any) -> None:
+    import threading
+
+    from fastapi.responses import StreamingResponse
+
+    lock = threading.Lock()  # one generation at a time: each uses every core
+
+    @app.post("/generate", openapi_extra=GENERATE_DOC)
+    async def generate(request: Request) -> Any:
+        """Answer a prompt (or a list of them, or a chat); with "stream": true, the answer as
+        server-sent events while it is decoded."""
+        guard(request)
+        data = await read_json(request)
+        rows, opts = _generation_request(data, generator, limits)
+        version = generator.version
+        if data.get("stream"):
+            def events() -> Any:
+                pieces = []
+                with lock:
+                    for piece in generator.stream(rows[0], **opts):
+                        pieces.append(piece)
+                        yield f"data: {json.dumps({'token': piece})}\n\n"
+                end = {"done": True, "answer": "".join(pieces).strip(), "model_version": version}
+                yield f"data: {json.dumps(end)}\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        def run() -> list[str]:
+            with lock:
+                return generator.answer(rows, **opts)
+
+        answers = await asyncio.to_thread(run)
+        single = isinstance(data.get("prompt"), str) or "messages" in data
+        if single:
+            return {"answer": answers[0], "model_version": version}
+        return {"answers": answers, "model_version": version}
+
+
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           limits: Limits | None = None, batch_size: int | None = None, backend: str = "torch",
           quiet: bool = False) -> None:
@@ -300,8 +404,18 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
 
     from fmtune import ui
     from fmtune.predictor import Predictor
+    from fmtune.run import read_task
 
-    predictor = Predictor(run, batch_size, backend)
+    if read_task(run).level == "lm":  # a generation run: POST /generate (fmtune.generation.Generator)
+        from fmtune.errors import ConfigError
+        from fmtune.generation import Generator
+
+        if backend != "torch":
+            raise ConfigError(f"--backend {backend}: a generation run is served by torch (ONNX export of generation "
+                              "is not built)")
+        predictor = Generator(run)
+    else:
+        predictor = Predictor(run, batch_size, backend)
     app = create_app(predictor, limits, api_key)
     if not quiet:
         ui.console.print(f"[bold]fmtune serve[/] {run} ({backend}, model {predictor.version}) on http://{host}:{port}  "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -282,3 +283,39 @@ def test_stdlib_docstrings_split_keeps_modules_apart():
                 set(val.group) & set(test.group))
     assert _first_sentence("Return the sum of a and b.\n\nMore text.") == "Return the sum of a and b."
     assert _first_sentence(">>> f(1) is the way to call it.") is None and _first_sentence("Too short.") is None
+
+
+def test_serve_generate_whole_and_streamed_with_key_and_limits(full_run):
+    from fastapi.testclient import TestClient
+
+    from fmtune.generation import Generator
+    from fmtune.serve import Limits, create_app
+
+    gen = Generator(full_run["run_dir"])
+    expected = gen.answer([{"kind": "prompt", "prompt": "repeat: red dog", "completion": None, "messages": None}])[0]
+    app = create_app(gen, Limits(max_new_tokens=16, max_items=2), api_key="k")
+    with TestClient(app) as client:
+        h = {"X-API-Key": "k"}
+        assert client.post("/generate", json={"prompt": "repeat: red dog"}).status_code == 401
+        r = client.post("/generate", json={"prompt": "repeat: red dog"}, headers=h)
+        assert r.status_code == 200 and r.json()["answer"] == expected and r.json()["model_version"] == gen.version
+        many = client.post("/generate", json={"prompt": ["repeat: red dog", "repeat: cat"]}, headers=h).json()
+        assert many["answers"][0] == expected and len(many["answers"]) == 2
+        chat = client.post("/generate", json={"messages": [{"role": "user", "content": "repeat: red dog"}]}, headers=h)
+        assert chat.json()["answer"] == expected  # a one-turn chat is the prompt in the chat template
+        with client.stream("POST", "/generate", json={"prompt": "repeat: red dog", "stream": True}, headers=h) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["done"] and events[-1]["answer"] == expected
+        assert "".join(e["token"] for e in events[:-1]).strip() == expected
+        for body, status, msg in [
+            ({"prompt": "x", "max_new_tokens": 17}, 422, "max_new_tokens' must be in \\[1, 16\\]"),
+            ({"prompt": ""}, 422, "non-empty string"),
+            ({"prompt": ["a", "b", "c"]}, 413, "limit is 2"),
+            ({"messages": [{"role": "robot", "content": "x"}]}, 422, "unknown role 'robot'"),
+            ({"text": "x"}, 422, '"prompt"'),
+            ({"prompt": ["a", "b"], "stream": True}, 422, "one prompt at a time"),
+        ]:
+            r = client.post("/generate", json=body, headers=h)
+            assert r.status_code == status and re.search(msg, r.json()["error"]), (body, r.json())
+        assert client.get("/metadata", headers=h).json()["task"] == "generation"

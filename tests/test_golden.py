@@ -27,7 +27,7 @@ CASES = {
 
 def _record(run: Path) -> dict:
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    evals = [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s", "lr")} for r in evals
+    evals = [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds", "samples_per_s", "lr")} for r in evals
              if r["type"] == "eval"]
     ev = json.loads((run / "eval.json").read_text())
     return {"evals": evals, "test": ev["test"], "baseline": ev.get("baseline")}

@@ -106,7 +106,9 @@ def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, An
 def create(model_cfg: Any, task: Any) -> Bundle:
     """Build the pretrained backbone named by ``model_cfg.name`` plus a fresh head for ``task``."""
     if task.level == "lm":  # a causal language model with its own output layer (text generation)
-        return causal_lm.create(model_cfg, task)
+        model, tokenizer, max_length = causal_lm.create(model_cfg, task)
+        return Bundle(model, "text", causal_lm.FAMILY, "none", tokenizer=tokenizer, max_length=max_length,
+                      source=str(model_cfg.name))
     family, path = resolve(model_cfg.name)
     if family == causal_lm.FAMILY:
         raise ModelError(f"{model_cfg.name} is a causal language model: it generates text (--task generation)")
@@ -356,7 +358,10 @@ def load(model_dir: Path) -> Bundle:
         raise ModelError(f"{model_dir} holds no fmtune model ({META_FILE} missing or unreadable)")
     family = meta["family"]
     if family == causal_lm.FAMILY:
-        return causal_lm.load(model_dir)
+        model, tokenizer, meta = causal_lm.load(model_dir)
+        return Bundle(model, "text", family, "none", tokenizer=tokenizer,
+                      max_length=meta.get("max_length", causal_lm.DEFAULT_MAX_LENGTH), source=meta.get("source", ""),
+                      adapter=meta.get("adapter"))
     if family != "hf" and family not in CNN_FAMILIES:
         raise ModelError(f"{model_dir}/{META_FILE}: unknown model family {family!r}")
     adapter = meta.get("adapter")

@@ -7,15 +7,12 @@ feeds batches to ``TargetLogits``: the decoder's hidden states, and the output l
 where the next token is a target (the completion), so the vocabulary-sized logits of the prompt
 are never computed.
 
-SmolLM2 ships as a GGUF file (Q4_1 weights); transformers dequantises it on load, which takes
-about 35 s on 2 cores. The first use converts it once into a plain folder in the model cache
-(``FMTUNE_MODELS_DIR``, default ``~/.cache/fmtune/models``); later loads take a second.
+SmolLM2 ships as a GGUF file: ``fmtune.zoo.models`` converts it once into a plain folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import types
 from pathlib import Path
 from typing import Any
@@ -40,41 +37,6 @@ LM_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
     for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3")
 }
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
-
-
-def models_dir() -> Path:
-    return Path(os.environ.get("FMTUNE_MODELS_DIR", Path.home() / ".cache" / "fmtune" / "models"))
-
-
-def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
-    """A plain Hugging Face folder of the GGUF model ``folder/gguf_file``, converted once into the
-    model cache (written atomically: an interrupted conversion leaves nothing half-written)."""
-    target = models_dir() / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fmtune import ui
-
-    ui.console.print(f"  converting {gguf_file} to a plain folder in {target} (once; its quantised weights are "
-                     "dequantised to fp32)")
-
-    def write(tmp: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-        model.config.quantization_config = None  # the weights are plain fp32 now
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        values = json.loads((tmp / "config.json").read_text())
-        values.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(values, indent=2))
-        (tmp / "SOURCE.txt").write_text(f"converted from {folder / gguf_file} (GGUF, dequantised to fp32)\n")
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_dir(target, write)
-    return target
 
 
 def is_causal_lm(config: Any) -> bool:
@@ -107,11 +69,11 @@ def set_pad(tokenizer: Any, model: nn.Module | None = None) -> None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def create(model_cfg: Any, task: Any) -> Any:
-    """The pretrained causal LM named by ``model_cfg.name`` (a zoo name or a local folder) and its tokenizer."""
+def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, int]:
+    """The pretrained causal LM named by ``model_cfg.name`` (a zoo name or a local folder), its
+    tokenizer and the tokens kept per example."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from fmtune.models.build import Bundle
     from fmtune.zoo.models import resolve
 
     family, path = resolve(model_cfg.name)
@@ -140,8 +102,7 @@ def create(model_cfg: Any, task: Any) -> Any:
     max_length = model_cfg.max_length or min(DEFAULT_MAX_LENGTH, context)
     if max_length > context:
         raise ConfigError(f"model.max_length: {max_length} is more than the {context} positions of {model_cfg.name}")
-    return Bundle(model, "text", FAMILY, "none", tokenizer=tokenizer, max_length=max_length,
-                  source=str(model_cfg.name))
+    return model, tokenizer, max_length
 
 
 # --- what trains -----------------------------------------------------------------------------------
@@ -278,10 +239,9 @@ def save(bundle: Any, target: Path) -> None:
     atomic_dir(target, write)
 
 
-def load(model_dir: Path) -> Any:
+def load(model_dir: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model, tokenizer, fmtune.json) of a model saved by ``save``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fmtune.models.build import Bundle
 
     meta = read_json(model_dir / META_FILE, {})
     adapter = meta.get("adapter")
@@ -302,8 +262,7 @@ def load(model_dir: Path) -> Any:
         raise ModelError(f"cannot load the generation model in {model_dir}: {e}") from None
     set_pad(tokenizer, plain(model))
     model.eval()
-    return Bundle(model, "text", FAMILY, "none", tokenizer=tokenizer, max_length=meta.get("max_length",
-                  DEFAULT_MAX_LENGTH), source=meta.get("source", ""), adapter=adapter)
+    return model, tokenizer, meta
 
 
 def load_weights(bundle: Any, model_dir: Path) -> None:

