@@ -13,10 +13,14 @@ for every run except the prompt-masking control.
 Runs:
 1. ``fmtune train --task generation`` (defaults: length-bucketed batches, logits only where the
    next token is trained, validation answers scored at step 0 and at the end);
-2. TRL SFTTrainer, its standard recipe (prompt-completion data, completion-only loss);
-3. TRL SFTTrainer with ``group_by_length`` (what an expert sets on a CPU; padding-free batches and
-   packing need FlashAttention, which a CPU does not have);
-4. fmtune with ``task.train_on_prompt`` (the effect of prompt masking).
+2. TRL SFTTrainer, its standard recipe (prompt-completion data, completion-only loss; SFTConfig's
+   defaults turn on bf16 autocast and gradient checkpointing: on a CPU without native bf16 a step
+   takes minutes, so only ``--trl-standard-steps`` steps are timed and no model is scored);
+3. the same with bf16 off (fp32, what fmtune picks on such a CPU);
+4. TRL as an expert would set it here: fp32, no gradient checkpointing, batches grouped by length
+   (``train_sampling_strategy="group_by_length"``; padding-free batches and packing need
+   FlashAttention, which a CPU does not have);
+5. fmtune with ``task.train_on_prompt`` (the effect of prompt masking).
 
 Every trained model is then scored by the same code: validation loss (completion tokens) and
 ROUGE-L / exact match of greedy answers to the test prompts (batched, KV cache). Prints one JSON
@@ -26,6 +30,7 @@ document on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -101,7 +106,10 @@ def run_fmtune(files: dict[str, Path], out: Path, args: argparse.Namespace, trai
             **score(bundle.model, bundle.tokenizer, files, args)}
 
 
-def run_trl(files: dict[str, Path], out: Path, args: argparse.Namespace, expert: bool) -> dict:
+def run_trl(files: dict[str, Path], out: Path, args: argparse.Namespace, mode: str) -> dict:
+    """mode: standard (SFTConfig's defaults: bf16 autocast and gradient checkpointing; a few steps
+    only, see the module doc), fp32 (the defaults with bf16 off), expert (fp32, no gradient
+    checkpointing, batches grouped by length)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,20 +126,31 @@ def run_trl(files: dict[str, Path], out: Path, args: argparse.Namespace, expert:
                         "completion": [{"role": "assistant", "content": r["summary"]}]})
         return out
 
+    changes = {"standard": {"max_steps": args.trl_standard_steps},
+               "fp32": {"bf16": False},
+               "expert": {"bf16": False, "gradient_checkpointing": False,
+                          "train_sampling_strategy": "group_by_length"}}[mode]
     sft = SFTConfig(output_dir=str(out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
-                    learning_rate=args.lr, lr_scheduler_type="linear", warmup_ratio=0.06, weight_decay=0.01,
+                    learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.06, weight_decay=0.01,
                     max_length=args.max_length, logging_steps=10, save_strategy="no", eval_strategy="no",
-                    report_to="none", seed=args.seed, use_cpu=True, dataloader_num_workers=0,
-                    group_by_length=expert)
+                    report_to="none", seed=args.seed, use_cpu=True, dataloader_num_workers=0, **changes)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=args.lora_dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows("train")),
                          processing_class=tok, peft_config=lora)
     started = time.perf_counter()
-    result = trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log lines; stdout is the JSON
+        result = trainer.train()
     seconds = time.perf_counter() - started
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    settings = {"bf16": sft.bf16, "gradient_checkpointing": sft.gradient_checkpointing,
+                "train_sampling_strategy": sft.train_sampling_strategy}
+    if mode == "standard":
+        return {"settings": settings, "measured_steps": result.global_step,
+                "seconds_per_step": round(seconds / result.global_step, 1),
+                "steps_per_epoch": -(-len(trainer.train_dataset) // args.batch)}
     model = trainer.model.eval()
-    return {"train_seconds": round(seconds, 1), "steps": result.global_step, "trained_tokens": tokens,
+    return {"settings": settings, "train_seconds": round(seconds, 1), "steps": result.global_step,
+            "seconds_per_step": round(seconds / result.global_step, 2), "trained_tokens": tokens,
             "tokens_per_s": round(tokens * args.epochs / seconds, 1), "train_loss": round(result.training_loss, 4),
             **score(model, tok, files, args)}
 
@@ -149,7 +168,10 @@ def main() -> None:
     p.add_argument("--val-answers", type=int, default=24, help="fmtune: validation rows answered per evaluation")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="both tools (fmtune's default for generation)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated: trl, trl-expert, masking")
+    p.add_argument("--trl-standard-steps", type=int, default=1,
+                   help="steps of TRL's default recipe measured (bf16 autocast on a CPU without native bf16 takes "
+                   "minutes per step)")
+    p.add_argument("--skip", default="", help="comma-separated: fmtune, trl-standard, trl, trl-expert, masking")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     hw = hardware.choose("auto", "auto", None)
@@ -161,25 +183,33 @@ def main() -> None:
         files = export("stdlib-docstrings", tmp / "data", sizes=(args.train, args.val, args.test), seed=args.seed)
         log("pretrained (zero-shot)")
         model_cfg = config.from_dict({"model": {"name": "smollm2-135m", "max_length": args.max_length}}).model
-        lm = causal_lm.create(model_cfg, Generation())
-        results["runs"]["pretrained_zero_shot"] = score(lm.model, lm.tokenizer, files, args)
-        log("fmtune")
-        results["runs"]["fmtune"] = run_fmtune(files, tmp / "fmtune", args)
-        if "trl" not in skip:
-            log("TRL SFTTrainer, standard recipe")
-            results["runs"]["trl_sft"] = run_trl(files, tmp / "trl", args, expert=False)
-        if "trl-expert" not in skip:
-            log("TRL SFTTrainer, group_by_length")
-            results["runs"]["trl_sft_group_by_length"] = run_trl(files, tmp / "trl2", args, expert=True)
-        if "masking" not in skip:
-            log("fmtune, loss on prompt and completion")
-            results["runs"]["fmtune_train_on_prompt"] = run_fmtune(files, tmp / "fmtune-prompt", args, True)
+        model, tokenizer, _ = causal_lm.create(model_cfg, Generation())
+        results["runs"]["pretrained_zero_shot"] = score(model, tokenizer, files, args)
+        del model
+        plan = [("fmtune", "fmtune", lambda: run_fmtune(files, tmp / "fmtune", args)),
+                ("trl-standard", "trl_sft_standard", lambda: run_trl(files, tmp / "trl0", args, "standard")),
+                ("trl", "trl_sft_fp32", lambda: run_trl(files, tmp / "trl", args, "fp32")),
+                ("trl-expert", "trl_sft_expert", lambda: run_trl(files, tmp / "trl2", args, "expert")),
+                ("masking", "fmtune_train_on_prompt", lambda: run_fmtune(files, tmp / "fmtune-prompt", args, True))]
+        for key, name, run in plan:
+            if key in skip:
+                continue
+            log(name)
+            results["runs"][name] = run()
+            log(f"RESULT {name} {json.dumps(results['runs'][name])}")  # kept in the log if a later run fails
     runs = results["runs"]
+    if "fmtune" not in runs:
+        print(json.dumps(results, indent=2))
+        return
     ours, bare = runs["fmtune"]["train_seconds"], runs["fmtune"]["train_seconds_without_validation"]
     # TRL's time has no validation in it; fmtune's validates (answers included) at step 0 and at the end
+    steps = runs["fmtune"]["steps"]
     results["speedup"] = {k: {"train_seconds_with_fmtune_validation": round(v["train_seconds"] / ours, 2),
                               "train_seconds_without": round(v["train_seconds"] / bare, 2)}
-                          for k, v in runs.items() if k.startswith("trl")}
+                          for k, v in runs.items() if k.startswith("trl") and "train_seconds" in v}
+    if "trl_sft_standard" in runs:  # measured seconds per step, against fmtune's seconds per step without validation
+        results["speedup"]["trl_sft_standard"] = {
+            "seconds_per_step": round(runs["trl_sft_standard"]["seconds_per_step"] / (bare / steps), 2)}
     print(json.dumps(results, indent=2))
 
 

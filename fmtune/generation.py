@@ -24,6 +24,7 @@ from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import read_json, write_json, write_text_atomic
 from fmtune.models import build, causal_lm
 from fmtune.run import EVAL_FILE, INFO_FILE, new_run_dir, open_run, read_task, write_start
+from fmtune.tasks import task_class
 from fmtune.tasks.generation import GenerationSettings, generate, prompt_ids, read_rows, uses_template
 from fmtune.training import hardware, optim
 from fmtune.training.loop import fit
@@ -39,12 +40,14 @@ def settings(cfg: config_mod.Config) -> GenerationSettings:
     return GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.samples, min(cfg.train.eval_batch_size, 32))
 
 
-def _frames(cfg: config_mod.Config, task: Any) -> dict[str, pd.DataFrame]:
+def _frames(cfg: config_mod.Config) -> dict[str, pd.DataFrame]:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
     train = read_rows(cfg.data.train, cfg.data)
     if cfg.data.max_train_samples and cfg.data.max_train_samples < len(train):
+        attrs = dict(train.attrs)
         train = train.sample(n=cfg.data.max_train_samples, random_state=cfg.train.seed)
+        train.attrs.update(attrs)
     if cfg.data.val:
         val = read_rows(cfg.data.val, cfg.data)
     else:
@@ -75,11 +78,13 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     _check_settings(cfg)
     hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads, cfg.train.loader_threads)
     set_seed(cfg.train.seed)
-    from fmtune.data.prepare import make_task
-
-    task = read_task(run_dir) if resume else make_task(cfg.task, cfg.data, pd.DataFrame({"completion": []}))
+    if resume:
+        task = read_task(run_dir)
+    else:
+        cls = task_class(cfg.task.type)
+        task = cls(**cls.options_from(cfg.task, cfg.data))
     task.settings = settings(cfg)
-    frames = _frames(cfg, task)
+    frames = _frames(cfg)
     bundle = build.create(cfg.model, task)
     data = {name: task.dataset(df, bundle, cfg.data)[0] for name, df in frames.items()}
     if not resume:
@@ -119,8 +124,9 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
                                "best_step": result.best_step, "stopped_early": result.stopped_early,
                                "seconds": result.seconds}
     if not quiet:
+        best = f"{result.best:.4f}" if result.best is not None else "never finite"
         out.print(f"  finished after {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s; "
-                  f"best val {result.metric} {result.best:.4f} at step {result.best_step}"
+                  f"best val {result.metric} {best} at step {result.best_step}"
                   + (" (the pretrained model: fine-tuning did not beat it)" if result.best_step == 0 else ""))
     if "test" in data:
         build.load_weights(bundle, run_dir / "model")
@@ -143,6 +149,9 @@ def _check_settings(cfg: config_mod.Config) -> None:
                    "train.adversarial": cfg.train.adversarial != "none",
                    "train.augment": cfg.train.augment.text_on() or cfg.train.augment.image_on(),
                    "task.group_weights": cfg.task.group_weights}
+    from fmtune.training import distributed
+
+    unsupported["several processes (--num-processes)"] = distributed.world_size() > 1
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: not available for text generation runs")

@@ -96,6 +96,8 @@ def test_the_three_row_shapes_and_a_table_are_read(tmp_path):
     assert df["kind"].tolist() == ["prompt", "text", "messages"]
     assert df["completion"].tolist() == ["c", "plain", "a"]
     assert json.loads(df["messages"][2])[-1] == {"role": "user", "content": "u"}  # the answer is the target
+    (tmp_path / "list.json").write_text(json.dumps(rows))  # a .json file of one list
+    assert read_rows(tmp_path / "list.json", data_cfg())["completion"].tolist() == ["c", "plain", "a"]
     pd.DataFrame({"body": ["x = 1", "y = 2"], "summary": ["sets x", "sets y"]}).to_csv(tmp_path / "t.csv", index=False)
     t = read_rows(tmp_path / "t.csv", data_cfg(input_column="body", target_column="summary"))
     assert t["prompt"].tolist() == ["x = 1", "y = 2"] and t["completion"].tolist() == ["sets x", "sets y"]
@@ -232,6 +234,16 @@ def test_fine_tuning_beats_the_zero_shot_baseline_on_rouge_and_loss(full_run):
     assert "pretrained (zero-shot)" in html and "Answers" in html
 
 
+def test_the_generate_verb_prints_json_lines(full_run, capsys):
+    from fmtune.cli import main
+
+    assert main(["generate", full_run["run_dir"], "--prompt", "repeat: cat", "--prompt", "repeat: dog", "-q"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in lines] == ["repeat: cat", "repeat: dog"] and all("answer" in r for r in lines)
+    assert main(["predict", full_run["run_dir"], "--text", "repeat: cat", "-q"]) == 2
+    assert "is a text generation run: answer prompts with  fmtune generate" in capsys.readouterr().err
+
+
 def test_a_finished_run_generates_and_loads_in_plain_transformers(full_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -319,3 +331,53 @@ def test_serve_generate_whole_and_streamed_with_key_and_limits(full_run):
             r = client.post("/generate", json=body, headers=h)
             assert r.status_code == status and re.search(msg, r.json()["error"]), (body, r.json())
         assert client.get("/metadata", headers=h).json()["task"] == "generation"
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_and_learns_to_summarise_stdlib_functions(tmp_path):
+    """The GGUF weights, dequantised and converted once, give a working chat model; a short LoRA run
+    on real standard-library functions lowers the validation loss and raises ROUGE-L over zero-shot."""
+    from fmtune.generation import Generator  # noqa: F401  (the verbs load it)
+    from fmtune.models import build
+    from fmtune.tasks.generation import Generation
+    from fmtune.zoo.datasets import export
+
+    bundle = build.create(config.from_dict({"model": {"name": "smollm2-135m"}}).model, Generation())
+    tok = bundle.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? One word."}],
+                                  add_generation_prompt=True, tokenize=False)
+    answer = generate(bundle.model, tok, [tok(ids, add_special_tokens=False)["input_ids"]],
+                      GenerationSettings(max_new_tokens=12), "cpu")[0]
+    assert "Paris" in answer
+    files = export("stdlib-docstrings", tmp_path / "data", sizes=(96, 24, 24), seed=0)
+    cfg = config.from_dict({
+        "model": {"name": "smollm2-135m", "max_length": 384},
+        "task": {"type": "generation", "instruction": "Summarise this Python function in one sentence."},
+        "data": {"train": str(files["train"]), "val": str(files["val"]), "test": str(files["test"]),
+                 "input_column": "code", "target_column": "summary"},
+        "train": {"epochs": 1, "batch_size": 8, "patience": None},
+        "eval": {"samples": 8, "test_samples": 24, "max_new_tokens": 32}, "out": str(tmp_path / "run")})
+    summary = api.train(cfg, quiet=True, report=False)
+    ev = summary["eval"]
+    assert ev["test"]["loss"] < ev["baseline"]["loss"] - 0.3
+    assert ev["test"]["rougeL"] > ev["baseline"]["rougeL"]
+
+
+@pytest.mark.parametrize("strategy, trained", [("dora", "lora_magnitude_vector"), ("ia3", "ia3_l"),
+                                               ("prompt", "prompt_encoder"), ("last_n", "model.layers.1.")])
+def test_every_generation_strategy_trains_saves_and_answers(tiny_llama, gen_files, tmp_path, strategy, trained):
+    from fmtune.generation import generate_texts
+    from fmtune.models import build
+    from fmtune.tasks import task_class
+
+    cfg = gen_cfg(tiny_llama, gen_files["train"], tmp_path / strategy, strategy={"name": strategy, "n": 1},
+                  train={"epochs": 1, "lr": 1e-2})
+    bundle = build.create(cfg.model, task_class("generation")())
+    before = {n: p.detach().clone() for n, p in bundle.model.named_parameters()}
+    summary = api.train(cfg, quiet=True, report=False)
+    loaded = build.load(Path(summary["run_dir"]) / "model")
+    changed = [n for n, p in loaded.model.named_parameters() if n not in before or not torch.equal(p, before[n])]
+    assert any(trained in n for n in changed), changed[:5]
+    if strategy == "last_n":  # the first block stays as it was
+        assert not any("layers.0." in n for n in changed)
+    assert isinstance(generate_texts(summary["run_dir"], ["repeat: cat"], quiet=True)[0]["answer"], str)

@@ -114,7 +114,16 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
     source = str(path)
     records: list[tuple[int, dict[str, Any]]] = []
     table = path.suffix.lower() not in (".jsonl", ".json")
-    if not table:
+    if not table and path.read_text(encoding=data_cfg.encoding, errors="replace").lstrip().startswith("["):
+        try:  # a .json file holding one list of objects
+            listed = json.loads(path.read_text(encoding=data_cfg.encoding))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        for n, rec in enumerate(listed, 1):
+            if not isinstance(rec, dict):
+                raise DataError(f"{source}: item {n}: expected a JSON object, got {type(rec).__name__}")
+            records.append((n, rec))
+    elif not table:
         with path.open(encoding=data_cfg.encoding) as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
