@@ -119,7 +119,7 @@ def test_a_bad_row_is_an_error_naming_file_and_line(tmp_path, line, match):
 
 def test_broken_json_and_a_missing_table_column_are_named(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
-    with pytest.raises(DataError, match="b.jsonl: line 2: not valid JSON"):
+    with pytest.raises(DataError, match="b.jsonl: line 2 is not valid JSON"):
         read_rows(tmp_path / "b.jsonl", data_cfg())
     pd.DataFrame({"text": ["a"], "label": ["b"]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(DataError, match="no column 'completion' \\(data.target_column\\)"):
@@ -179,6 +179,39 @@ def test_target_logits_are_the_models_own_logits_at_those_positions(lm, tmp_path
         full = bundle.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert ours.shape == (len(labels), bundle.model.config.vocab_size)
     torch.testing.assert_close(ours, full.flatten(0, 1)[batch["target_index"]], rtol=1e-4, atol=1e-5)
+
+
+def test_a_shared_prefix_runs_once_with_the_same_logits_and_gradients(lm, tmp_path):
+    """Rows that start alike (template + instruction) share one forward pass of their common tokens;
+    the logits at the target positions and the LoRA gradients are those of the plain forward."""
+    import copy
+
+    from fmtune.models import causal_lm
+
+    bundle, _ = lm
+    task = type(lm[1])(instruction="Say every one of the following words again, in the same order as given")
+    df = read_rows(write_jsonl(tmp_path / "a.jsonl", repeat_rows(6, 4)), data_cfg())
+    batch = task.dataset(df, bundle, data_cfg())[0].collate(list(range(6)))
+    assert int(batch["prefix"]) >= causal_lm.MIN_SHARED_PREFIX
+    labels = batch.pop("labels")
+    lora = copy.deepcopy(bundle)
+    causal_lm.apply_strategy(lora, config.from_dict({"task": {"type": "generation"}}).strategy)
+    with torch.no_grad():  # a trained adapter (B = 0 at init would hide a wrong gradient path)
+        for n, p in lora.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    net = causal_lm.TargetLogits(lora.model, lora.tokenizer).eval()
+    grads = []
+    for prefix in (batch["prefix"], None):
+        out = net(**{**batch, "prefix": prefix}).logits
+        torch.nn.functional.cross_entropy(out, labels).backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in lora.model.named_parameters()
+                                     if p.grad is not None}))
+        lora.model.zero_grad()
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    assert grads[0][1].keys() == grads[1][1].keys() and grads[0][1]
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-3, atol=1e-6)
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(lm):
@@ -363,21 +396,22 @@ def test_real_smollm2_answers_and_learns_to_summarise_stdlib_functions(tmp_path)
     assert ev["test"]["rougeL"] > ev["baseline"]["rougeL"]
 
 
-@pytest.mark.parametrize("strategy, trained", [("dora", "lora_magnitude_vector"), ("ia3", "ia3_l"),
-                                               ("prompt", "prompt_encoder"), ("last_n", "model.layers.1.")])
-def test_every_generation_strategy_trains_saves_and_answers(tiny_llama, gen_files, tmp_path, strategy, trained):
+@pytest.mark.parametrize("strategy", ["dora", "ia3", "prompt", "last_n"])
+def test_every_generation_strategy_trains_saves_and_answers(tiny_llama, gen_files, tmp_path, strategy):
     from fmtune.generation import generate_texts
     from fmtune.models import build
     from fmtune.tasks import task_class
 
     cfg = gen_cfg(tiny_llama, gen_files["train"], tmp_path / strategy, strategy={"name": strategy, "n": 1},
-                  train={"epochs": 1, "lr": 1e-2})
-    bundle = build.create(cfg.model, task_class("generation")())
-    before = {n: p.detach().clone() for n, p in bundle.model.named_parameters()}
+                  train={"epochs": 2, "lr": 1e-2, "metric": "loss"})
     summary = api.train(cfg, quiet=True, report=False)
+    log = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in log if r["type"] == "eval"]
+    assert summary["best_step"] > 0 and summary["best"] < evals[0]["loss"]  # trained, and the trained model kept
     loaded = build.load(Path(summary["run_dir"]) / "model")
-    changed = [n for n, p in loaded.model.named_parameters() if n not in before or not torch.equal(p, before[n])]
-    assert any(trained in n for n in changed), changed[:5]
-    if strategy == "last_n":  # the first block stays as it was
-        assert not any("layers.0." in n for n in changed)
+    assert (loaded.adapter == strategy) == (strategy != "last_n")
+    if strategy == "last_n":  # the last block (and the final norm) trained, the first one as it was
+        before = dict(build.create(cfg.model, task_class("generation")()).model.named_parameters())
+        changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
+        assert any(".layers.1." in n for n in changed) and not any(".layers.0." in n for n in changed)
     assert isinstance(generate_texts(summary["run_dir"], ["repeat: cat"], quiet=True)[0]["answer"], str)

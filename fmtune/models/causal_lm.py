@@ -37,6 +37,8 @@ LM_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
     for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3")
 }
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
+# A batch whose rows all start with at least this many identical tokens runs them once (TargetLogits)
+MIN_SHARED_PREFIX = 8
 
 
 def is_causal_lm(config: Any) -> bool:
@@ -200,6 +202,18 @@ def prompt_tuned(model: nn.Module) -> bool:
     return bool(cfg) and any(getattr(c, "is_prompt_learning", False) for c in cfg.values())
 
 
+def _cache_arg(decoder: nn.Module) -> str:
+    """The keyword a transformers decoder takes its KV cache by (``cache`` since 5.2x, ``past_key_values`` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class TargetLogits(nn.Module):
     """What training batches are fed to: the logits at the positions listed in ``target_index``
     (flat indices into batch x length) only. The output layer of a 49k-token vocabulary is a
@@ -211,14 +225,27 @@ class TargetLogits(nn.Module):
         self.model = model
         self.tokenizer = tokenizer  # what evaluation generates with
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                target_index: torch.Tensor) -> types.SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_index: torch.Tensor,
+                prefix: torch.Tensor | None = None) -> types.SimpleNamespace:
         if prompt_tuned(self.model):  # peft puts the virtual tokens in front: through its own forward
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             logits = out.logits[:, -input_ids.shape[1]:].flatten(0, 1).index_select(0, target_index)
             return types.SimpleNamespace(logits=logits)
         lm = plain(self.model)
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        decoder = lm.get_decoder()
+        shared = int(prefix) if prefix is not None else 0
+        rows = input_ids.shape[0]
+        if shared >= MIN_SHARED_PREFIX and rows > 1:
+            # the tokens every row starts with (chat template, system prompt, instruction) run once: their
+            # keys and values are repeated for every row, and the gradients of all rows flow back through them
+            head = decoder(input_ids=input_ids[:1, :shared], use_cache=True)
+            cache = _cache_of(head)
+            cache.batch_repeat_interleave(rows)
+            rest = decoder(input_ids=input_ids[:, shared:], attention_mask=attention_mask, use_cache=True,
+                           **{_cache_arg(decoder): cache})[0]
+            hidden = torch.cat([head[0].expand(rows, -1, -1), rest], dim=1)
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
         picked = hidden.flatten(0, 1).index_select(0, target_index)
         return types.SimpleNamespace(logits=lm.get_output_embeddings()(picked))
 

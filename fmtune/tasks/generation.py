@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fmtune.data.readers import read_any
+from fmtune.data.readers import jsonl_records, read_any
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks.base import TASKS, Task
 
@@ -124,17 +124,7 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
                 raise DataError(f"{source}: item {n}: expected a JSON object, got {type(rec).__name__}")
             records.append((n, rec))
     elif not table:
-        with path.open(encoding=data_cfg.encoding) as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{source}: line {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{source}: line {n}: expected a JSON object, got {type(rec).__name__}")
-                records.append((n, rec))
+        records = jsonl_records(path, path.read_text(encoding=data_cfg.encoding))
     else:
         df = read_any(path, data_cfg.encoding, data_cfg.input_column or data_cfg.text_column)
         input_col = data_cfg.input_column or ("prompt" if "prompt" in df.columns else data_cfg.text_column)
@@ -197,7 +187,18 @@ class LMData(torch.utils.data.Dataset):
             where.extend(b * width + p - 1 for p in range(first, len(ids)))
             labels.extend(ids[first:])
         return {"input_ids": input_ids, "attention_mask": mask, "target_index": torch.tensor(where, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long)}
+                "labels": torch.tensor(labels, dtype=torch.long), "prefix": torch.tensor(self.shared_prefix(idx))}
+
+    def shared_prefix(self, idx: list[int]) -> int:
+        """How many leading tokens every row of the batch has in common (the chat template, a system
+        prompt, an instruction), leaving each row at least one token of its own."""
+        rows = [self.ids[i] for i in idx]
+        limit = min(len(r) for r in rows) - 1
+        first = rows[0]
+        n = 0
+        while n < limit and all(r[n] == first[n] for r in rows[1:]):
+            n += 1
+        return n
 
 
 def uses_template(tokenizer: Any, setting: str) -> bool:

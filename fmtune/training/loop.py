@@ -295,12 +295,12 @@ class _Fit:
         began = time.perf_counter()
         if hasattr(self.task, "evaluate_model"):  # a task that scores the model itself (generation)
             res = self.task.evaluate_model(self.plain_net, self.val_ds, cfg.eval_batch_size, self.device)
-        elif self.world > 1:
-            logits, targets = gathered_infer(self.plain_net, self.val_ds, cfg.eval_batch_size, self.device,
-                                             self.accelerator)
         else:
-            logits, targets = infer(self.net, self.val_ds, cfg.eval_batch_size, self.device)
-        if not hasattr(self.task, "evaluate_model"):
+            if self.world > 1:
+                logits, targets = gathered_infer(self.plain_net, self.val_ds, cfg.eval_batch_size, self.device,
+                                                 self.accelerator)
+            else:
+                logits, targets = infer(self.net, self.val_ds, cfg.eval_batch_size, self.device)
             res = self.task.metrics(logits, targets)
         rec = {"step": state["step"], "epoch": round(state["step"] / self.steps_per_epoch, 3),
                "seconds": round(time.perf_counter() - self.started, 3), **{k: round(v, 6) for k, v in res.items()},
