@@ -304,9 +304,6 @@ class Generation(Task):
         lines = [int(x) for x in df["line"]]
         return LMData(ids, starts, pad, prompts, refs, lines), np.arange(len(df))
 
-    def label_counts(self, df: pd.DataFrame, column: str) -> dict[str, int] | None:
-        return None
-
     # --- loss and metrics -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: Any, weights: torch.Tensor | None = None) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets)
