@@ -66,8 +66,9 @@ DEMOS: dict[str, dict[str, Any]] = {
             "eval": {"samples": 16, "test_samples": 40, "max_new_tokens": 32},
         },
         "why": "SmolLM2-135M-Instruct (GGUF weights, dequantised) with LoRA on every attention and MLP projection, 1 "
-               "epoch on 160 Python standard-library functions -> the first sentence of their docstring; 40 "
-               "validation, 40 test functions from other modules; the loss is on the summary only",
+               "epoch on 160 Python standard-library functions -> the first sentence of their docstring; about 40 "
+               "validation and 40 test functions from other modules (whole modules); the loss is on the summary "
+               "only",
     },
     "image": {
         "dataset": "digits",
