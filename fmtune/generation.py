@@ -25,7 +25,14 @@ from fmtune.fsutil import read_json, write_json, write_text_atomic
 from fmtune.models import build, causal_lm
 from fmtune.run import EVAL_FILE, INFO_FILE, new_run_dir, open_run, read_task, write_start
 from fmtune.tasks import task_class
-from fmtune.tasks.generation import GenerationSettings, generate, prompt_ids, read_rows, uses_template
+from fmtune.tasks.generation import (
+    GenerationSettings,
+    generate,
+    generation_config,
+    prompt_ids,
+    read_rows,
+    uses_template,
+)
 from fmtune.training import hardware, optim
 from fmtune.training.loop import fit
 
@@ -101,7 +108,6 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         write_json(run_dir / BASELINE_FILE, baseline)
     counts = causal_lm.apply_strategy(bundle, cfg.strategy)
     counts.update(optim.memory_note(counts, cfg.train))
-    bundle.model.to(hw.device)
     if not quiet:
         share = 100 * counts["trainable_params"] / counts["total_params"]
         out.print(f"  strategy {cfg.strategy.name}: trainable {counts['trainable_params']:,} of "
@@ -170,7 +176,7 @@ def _write_eval(run_dir: Path, df: pd.DataFrame, ds: Any, sample: list[int], bas
                 tuned: dict[str, Any], cfg: config_mod.Config, task: Any, quiet: bool) -> dict[str, Any]:
     rows = df.to_dict("records")
     answers = [{"line": ds.lines[i], "prompt": _display_prompt(rows[i]), "reference": ds.references[i],
-                "baseline": baseline.get("answers", [""] * len(sample))[j] if baseline.get("answers") else "",
+                "baseline": (baseline.get("answers") or [""] * len(sample))[j],
                 "fine_tuned": tuned["answers"][j]} for j, i in enumerate(sample)]
     write_text_atomic(run_dir / ANSWERS_FILE, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
     result = {"test": tuned["metrics"], "n_test": len(ds), "n_generated": len(sample), "data": str(cfg.data.test),
@@ -218,10 +224,11 @@ class Generator:
     generates = True
     kind = "text"
 
-    def __init__(self, run: str | Path):
+    def __init__(self, run: str | Path, opened: Any = None):
+        """``opened``: the run already loaded (``fmtune.run.open_run``)."""
         from fmtune.fsutil import folder_digest
 
-        opened = open_run(run)
+        opened = opened or open_run(run)
         if opened.task.level != "lm":
             raise ConfigError(f"{run} is a {opened.task.name} run; answering prompts needs a generation run "
                               "(use fmtune predict)")
@@ -259,15 +266,13 @@ class Generator:
         generation runs in a background thread)."""
         import threading
 
-        from transformers import GenerationConfig, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         tok = self.bundle.tokenizer
         ids = torch.tensor([self.prompt_ids(row)[0]], device=self.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
-        gen = GenerationConfig(max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
-                               **sampling)
+        gen = generation_config(tok, max_new_tokens or self.config.eval.max_new_tokens,
+                                {"temperature": temperature, "top_p": top_p})
         torch.manual_seed(seed)
 
         def work() -> None:
@@ -322,18 +327,16 @@ def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dic
     import shutil
 
     from fmtune.fsutil import atomic_dir, folder_digest
-    from fmtune.tasks.generation import read_rows as read
 
-    cfg, task, bundle = opened.config, opened.task, opened.bundle
+    gen = Generator(opened.dir, opened)
+    cfg, bundle = gen.config, gen.bundle
     source = next((f for f in (cfg.data.test, cfg.data.val, cfg.data.train) if f and Path(f).exists()), None)
     if source is None:
         raise DataError(f"{opened.dir}: none of the run's data files exist any more; the export cannot be checked")
-    df = read(source, cfg.data, with_targets=False).head(EXPORT_CHECK_PROMPTS)
-    template = uses_template(bundle.tokenizer, task.chat_template)
-    prompts = [prompt_ids(bundle.tokenizer, r, task.instruction, template)[-(bundle.max_length - 1):]
-               for r in df.to_dict("records")]
+    rows = read_rows(source, cfg.data, with_targets=False).head(EXPORT_CHECK_PROMPTS).to_dict("records")
+    prompts = [gen.prompt_ids(r)[0] for r in rows]
     s = GenerationSettings(cfg.eval.max_new_tokens, 0, EXPORT_CHECK_PROMPTS)
-    reference = generate(bundle.model, bundle.tokenizer, prompts, s, "cpu")
+    reference = generate(bundle.model, bundle.tokenizer, prompts, s, gen.device)
     result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),
                               "out": str(target), "format": "hf", "kind": kind, "strategy": cfg.strategy.name,
                               "checked_prompts": len(prompts), "source": str(source)}
@@ -348,7 +351,7 @@ def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dic
         else:
             shutil.copytree(opened.dir / "model", tmp, dirs_exist_ok=True)
             loaded = build.load(tmp).model
-        answers = generate(loaded, bundle.tokenizer, prompts, s, "cpu")
+        answers = generate(loaded.to(gen.device), bundle.tokenizer, prompts, s, gen.device)
         same = sum(a == b for a, b in zip(answers, reference))
         result["same_greedy_answers"] = same
         if same != len(prompts):

@@ -203,8 +203,9 @@ def write_report(run: str | Path) -> Path:
                      f'labels added: {html.escape(", ".join(cont["labels"]["added"]) or "none")}; memory of '
                      f'{cont["memory"]["examples"]} old examples</p>']
     sections += _few_labels_section(run_dir, info)
-    sections += _generation_section(run_dir, ev)
-    sections += ["<h2>Training</h2>", _curves(read_jsonl(run_dir / "metrics.jsonl"), s["metric"] or "", s["best_step"])]
+    log = read_jsonl(run_dir / "metrics.jsonl")
+    sections += _generation_section(log, ev)
+    sections += ["<h2>Training</h2>", _curves(log, s["metric"] or "", s["best_step"])]
     fit = info.get("fit") or {}
     if fit:
         stop = ("stopped early (patience)" if fit.get("stopped_early") else
@@ -249,10 +250,10 @@ def write_report(run: str | Path) -> Path:
     return out
 
 
-def _generation_section(run_dir: Path, ev: dict[str, Any]) -> list[str]:
+def _generation_section(log: list[dict[str, Any]], ev: dict[str, Any]) -> list[str]:
     """Text generation: validation perplexity per evaluation, and test answers side by side."""
     samples = ev.get("samples") or []
-    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("type") == "eval" and "perplexity" in r]
+    evals = [r for r in log if r.get("type") == "eval" and "perplexity" in r]
     if not samples and not evals:
         return []
     out = []

@@ -318,9 +318,9 @@ GENERATE_DOC = {"requestBody": {"required": True, "content": {"application/json"
     "example": {"prompt": "def add(a, b):\n    return a + b", "max_new_tokens": 32}}}}}}
 
 
-def _generation_request(data: Any, generator: Any, limits: Limits) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _generation_request(data: Any, limits: Limits) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows to answer and the decoding options of a POST /generate body, checked (HTTPError)."""
-    from fmtune.tasks.generation import _row
+    from fmtune.tasks.generation import check_row
 
     if not isinstance(data, dict) or ("prompt" in data) == ("messages" in data):
         raise HTTPError(422, 'expected a JSON object with "prompt" (a string or a list) or "messages" (a chat)')
@@ -334,7 +334,7 @@ def _generation_request(data: Any, generator: Any, limits: Limits) -> tuple[list
         try:
             if "prompt" in rec and not (isinstance(rec["prompt"], str) and rec["prompt"].strip()):
                 raise DataError("the prompt must be a non-empty string")
-            row = _row(rec, f"{'prompt' if 'prompt' in rec else 'messages'}[{i}]", None, None, with_targets=False)
+            row = check_row(rec, f"{'prompt' if 'prompt' in rec else 'messages'}[{i}]", None, None, with_targets=False)
         except DataError as e:
             raise HTTPError(422, str(e)) from None
         text = row["prompt"] or row["messages"] or ""
@@ -371,7 +371,7 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         server-sent events while it is decoded."""
         guard(request)
         data = await read_json(request)
-        rows, opts = _generation_request(data, generator, limits)
+        rows, opts = _generation_request(data, limits)
         version = generator.version
         if data.get("stream"):
             def events() -> Any:

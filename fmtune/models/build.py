@@ -179,9 +179,6 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
 
 def save(bundle: Bundle, target: Path) -> None:
     """Save model + preprocessing to ``target`` atomically."""
-    if bundle.family == causal_lm.FAMILY:
-        causal_lm.save(bundle, target)
-        return
     atomic_dir(target, lambda tmp: _write(bundle, tmp))
 
 
@@ -198,6 +195,10 @@ def _head_layers(model: nn.Module) -> tuple[nn.Dropout, nn.Linear]:
 
 def _write(bundle: Bundle, tmp: Path) -> None:
     meta = bundle.meta()
+    if bundle.family == causal_lm.FAMILY:  # a transformers causal LM folder (or its adapter) and the tokenizer
+        causal_lm.write(bundle, tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        return
     base = adapters.base_model(bundle.model)
     if bundle.adapter:
         adapters.save(bundle.model, tmp)  # the adapter and the trained head; the backbone comes from its source
@@ -358,7 +359,7 @@ def load(model_dir: Path) -> Bundle:
         raise ModelError(f"{model_dir} holds no fmtune model ({META_FILE} missing or unreadable)")
     family = meta["family"]
     if family == causal_lm.FAMILY:
-        model, tokenizer, meta = causal_lm.load(model_dir)
+        model, tokenizer = causal_lm.load(model_dir, meta)
         return Bundle(model, "text", family, "none", tokenizer=tokenizer,
                       max_length=meta.get("max_length", causal_lm.DEFAULT_MAX_LENGTH), source=meta.get("source", ""),
                       adapter=meta.get("adapter"))

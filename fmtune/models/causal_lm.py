@@ -12,7 +12,6 @@ SmolLM2 ships as a GGUF file: ``fmtune.zoo.models`` converts it once into a plai
 
 from __future__ import annotations
 
-import json
 import types
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,9 @@ import torch
 from torch import nn
 
 from fmtune.errors import ConfigError, ModelError
-from fmtune.fsutil import atomic_dir, read_json
 
 FAMILY = "causal-lm"
 DEFAULT_MAX_LENGTH = 512  # model.max_length of generation: prompt + completion
-META_FILE = "fmtune.json"
-PEFT_STRATEGIES = ("lora", "dora", "ia3", "prompt")
 LM_STRATEGIES = ("lora", "dora", "ia3", "prompt", "last_n", "full")
 # Modules adapted by default, per architecture: (lora/dora targets, ia3 targets, ia3 feed-forward
 # subset). Llama-like blocks: every attention and MLP projection (QLoRA's finding: adapting all of
@@ -148,10 +144,10 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
     if cfg.name not in LM_STRATEGIES:
         raise ConfigError(f"strategy {cfg.name} does not apply to text generation (there is no separate head); "
                           f"use one of: {', '.join(LM_STRATEGIES)} (lora is the default)")
-    if cfg.name in PEFT_STRATEGIES:
-        import peft
+    from fmtune import adapters
 
-        from fmtune import adapters
+    if adapters.is_peft(cfg.name):
+        import peft
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -172,12 +168,9 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
     else:
         trainable = {n for n, _ in model.named_parameters()}
         if cfg.name == "last_n":
-            from fmtune.strategies import block_list
+            from fmtune.strategies import backbone_blocks
 
-            loc = block_list(model)
-            if loc is None:
-                raise ConfigError(f"strategy last_n: cannot find repeated blocks in {type(model).__name__}")
-            blocks = list(getattr(*loc))
+            blocks = backbone_blocks(model)
             if cfg.n > len(blocks):
                 raise ConfigError(f"strategy.n: {cfg.n} is more than the {len(blocks)} blocks of this model")
             ids = {id(p) for b in blocks[-cfg.n:] for p in b.parameters()}
@@ -252,25 +245,22 @@ class TargetLogits(nn.Module):
 
 # --- save and load ---------------------------------------------------------------------------------
 
-def save(bundle: Any, target: Path) -> None:
-    """The model (or its adapter) and tokenizer into ``target``, atomically."""
-    def write(tmp: Path) -> None:
-        if bundle.adapter:
-            bundle.model.save_pretrained(tmp)
-            (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card template says nothing of this run
-        else:
-            bundle.model.save_pretrained(tmp, safe_serialization=True)
-        bundle.tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(bundle.meta(), indent=2))
+def write(bundle: Any, folder: Path) -> None:
+    """The model (or its adapter) and tokenizer into ``folder`` (``fmtune.models.build.save`` makes
+    it atomic and adds fmtune.json)."""
+    if bundle.adapter:
+        from fmtune import adapters
 
-    atomic_dir(target, write)
+        adapters.save(bundle.model, folder)
+    else:
+        bundle.model.save_pretrained(folder, safe_serialization=True)
+    bundle.tokenizer.save_pretrained(folder)
 
 
-def load(model_dir: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """(model, tokenizer, fmtune.json) of a model saved by ``save``."""
+def load(model_dir: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a folder written by ``write``; ``meta``: its fmtune.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    meta = read_json(model_dir / META_FILE, {})
     adapter = meta.get("adapter")
     try:
         if adapter:
@@ -289,7 +279,7 @@ def load(model_dir: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
         raise ModelError(f"cannot load the generation model in {model_dir}: {e}") from None
     set_pad(tokenizer, plain(model))
     model.eval()
-    return model, tokenizer, meta
+    return model, tokenizer
 
 
 def load_weights(bundle: Any, model_dir: Path) -> None:
@@ -316,7 +306,6 @@ def merged(bundle: Any) -> nn.Module:
     """The plain transformers model, with a LoRA/DoRA/IA3 adapter folded into its weights."""
     if not bundle.adapter:
         return bundle.model
-    if bundle.adapter == "prompt":
-        raise ConfigError("--merge: prompt tuning adds virtual tokens before every input; they cannot be folded "
-                          "into the weights: export it without --merge")
-    return bundle.model.merge_and_unload()
+    from fmtune import adapters
+
+    return adapters.merge(bundle.model, bundle.adapter)

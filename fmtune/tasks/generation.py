@@ -33,7 +33,6 @@ from fmtune.tasks.base import TASKS, Task
 
 ROLES = ("system", "user", "assistant")
 ROUGE = ("rouge1", "rouge2", "rougeL")
-KINDS = ("prompt", "messages", "text")
 
 
 @dataclass
@@ -48,7 +47,7 @@ def _where(source: str, line: int, table: bool) -> str:
     return f"{source}: {'row' if table else 'line'} {line}"
 
 
-def _row(rec: dict[str, Any], where: str, input_col: str | None, target_col: str | None,
+def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col: str | None,
          with_targets: bool) -> dict[str, Any]:
     """One record as (kind, prompt, completion, messages), checked."""
     if input_col or target_col:
@@ -138,7 +137,7 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
         raise DataError(f"{source}: no rows")
     rows = []
     for n, rec in records:
-        row = _row(rec, _where(source, n, table), data_cfg.input_column, data_cfg.target_column, with_targets)
+        row = check_row(rec, _where(source, n, table), data_cfg.input_column, data_cfg.target_column, with_targets)
         row["line"] = n
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -387,20 +386,26 @@ def score(answers: list[str], references: list[str]) -> dict[str, float]:
     return {**{k: v / n for k, v in totals.items()}, "exact_match": exact / n}
 
 
+def generation_config(tokenizer: Any, max_new_tokens: int, sampling: dict[str, Any] | None = None) -> Any:
+    """How answers are decoded: greedy, or sampled when ``sampling`` gives a temperature (and
+    top_p); stop at the tokenizer's EOS; the KV cache on."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    sampled = bool(sampling and sampling.get("temperature"))
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampled, eos_token_id=eos, pad_token_id=pad,
+                            use_cache=True, **({"temperature": sampling["temperature"],
+                                                "top_p": sampling.get("top_p", 1.0)} if sampled else {}))
+
+
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings, device: Any,
              sampling: dict[str, Any] | None = None, on_batch: Any = None) -> list[str]:
     """Answers to token-id prompts: batches of similar length, padded on the left, decoded with
     the KV cache (``model.generate``); greedy unless ``sampling`` (temperature, top_p) is given.
     Returns the decoded new text of each prompt, in order."""
-    from transformers import GenerationConfig
-
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    sampling = sampling or {}
-    gen = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=bool(sampling.get("temperature")),
-                           eos_token_id=eos, pad_token_id=pad, use_cache=True,
-                           **({"temperature": sampling["temperature"], "top_p": sampling.get("top_p", 1.0)}
-                              if sampling.get("temperature") else {}))
+    gen = generation_config(tokenizer, settings.max_new_tokens, sampling)
+    eos, pad = gen.eos_token_id, gen.pad_token_id
     answers: list[str] = [""] * len(prompts)
     model.eval()
     with torch.inference_mode():
