@@ -25,7 +25,7 @@ from fmtune import config as config_mod
 from fmtune import evaluation, paths, ui
 from fmtune.data import tabular
 from fmtune.data.dataset import epoch_batches
-from fmtune.data.prepare import make_dataset, make_task, read_data, read_frames
+from fmtune.data.prepare import input_column, make_dataset, make_task, read_data, read_frames
 from fmtune.data.readers import count_rows, iter_chunks, require_column, row_label, table_base
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import write_json, write_text_atomic
@@ -522,9 +522,9 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     cfg, task = pred.config, pred.task
     if pred.kind == "text":
         df = tabular.render(df, cfg.data)  # a tabular run reads its rows written out as text
-    column = task.input_column(df, cfg.data.text_column if pred.kind == "text" else cfg.data.image_column)
-    require_column(df, column, "text" if pred.kind == "text" else "image path",
-                   "data.text_column" if pred.kind == "text" else "data.image_column")
+    column, what, key = input_column(pred.kind, cfg.data)
+    column = task.input_column(df, column)
+    require_column(df, column, what, key)
     base = table_base(df)
     errors: list[str | None] = [None] * len(df)
     ok, items = [], []
@@ -665,11 +665,11 @@ def predict_texts(run: str | Path, texts: list[str], output: str | Path | None =
     if output is not None:
         paths.check(output, "output-file", "-o")
     pred = Predictor(run, batch_size)
-    column = pred.config.data.text_column if pred.kind == "text" else pred.config.data.image_column
+    column = input_column(pred.kind, pred.config.data)[0]
     if pred.kind != "text":
         missing = [t for t in texts if not Path(t).is_file()]
         if missing:
-            raise DataError(f"{missing[0]}: no such image file (this run reads images)")
+            raise DataError(f"{missing[0]}: no such {pred.kind} file (this run reads {pred.kind})")
     df = pd.DataFrame({column: texts})
     df.attrs["source"] = "the command line"
     out = _predict_chunk(pred, df, {}, strict=True)

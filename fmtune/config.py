@@ -33,6 +33,8 @@ class ModelConfig:
     max_length: int | None = _f(None, "text: tokens kept per example (longer texts are truncated; default 128; "
                                 "generation: prompt + completion, default 512)")
     image_size: int | None = _f(None, "images: side length fed to the backbone (default: the backbone's)")
+    audio_window: float | None = _f(None, "audio: seconds the encoder reads at once (default: the model's own "
+                                    "window, 30 s for Whisper); longer clips are cut into windows, averaged")
     head_dropout: float = _f(0.1, "dropout before the linear head")
     init: Literal["pretrained", "random"] = _f(
         "pretrained", "backbone weights: pretrained, or random (same architecture from scratch: the control of "
@@ -42,6 +44,7 @@ class ModelConfig:
         _check(self.max_length is None or self.max_length >= 8, "model.max_length", "must be at least 8")
         _check(self.image_size is None or self.image_size >= 16, "model.image_size", "must be at least 16")
         _check(0.0 <= self.head_dropout < 1.0, "model.head_dropout", "must be in [0, 1)")
+        _check(self.audio_window is None or self.audio_window >= 1.0, "model.audio_window", "must be at least 1 s")
 
 
 @dataclass
@@ -55,6 +58,7 @@ class DataConfig:
     text_template: str | None = _f(None, "tabular data: the text as a format string over column names, e.g. "
                                    "'{age} year old {sex}, works as {occupation}' (instead of text_columns)")
     image_column: str = _f("image", "column holding image paths (relative to the file) in a CSV/JSONL/Parquet")
+    audio_column: str = _f("audio", "column holding audio file paths (relative to the file) in a CSV/JSONL/Parquet")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
     input_column: str | None = _f(None, "generation: column of a table holding the input (default: prompt, else "
                                   "data.text_column)")
@@ -72,7 +76,7 @@ class DataConfig:
     unknown_labels: Literal["error", "unknown"] = _f(
         "error", "a val/test label unseen in training: fail, or map it to 'unknown' (never predicted)"
     )
-    max_bad_fraction: float = _f(0.05, "images: fail when more than this share of files cannot be read")
+    max_bad_fraction: float = _f(0.05, "images and audio: fail when more than this share of files cannot be read")
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 0.9, "data.val_fraction", "must be in (0, 0.9)")

@@ -3,6 +3,7 @@
     predictor = fmtune.load("runs/my-run")
     predictor.predict(["a great film", "dull and long"])   # -> [{"label": ..., "score": ..., ...}, ...]
     predictor.predict("photo.jpg")                          # image runs: paths, PIL images or bytes
+    predictor.predict("clip.wav")                           # audio runs: paths or bytes
 
 The same preprocessing as in training (tokenizer and max length, or image size and
 normalisation) and the same postprocessing as ``fmtune predict``. Used by ``fmtune predict``
@@ -91,8 +92,13 @@ class Predictor:
     def text_data(self, texts: list[str]) -> TextData:
         return self.task.inputs(texts, self.bundle)
 
-    def decode(self, value: Any, where: str) -> torch.Tensor:
-        """One image from a path, bytes or a PIL image -> uint8 (3, size, size); DataError if it is not one."""
+    def decode(self, value: Any, where: str) -> Any:
+        """One image from a path, bytes or a PIL image -> uint8 (3, size, size); one audio clip from a
+        path or bytes -> its mono waveform at the model's rate. DataError if it is not one."""
+        if self.kind == "audio":
+            from fmtune.data.audio import load_audio
+
+            return load_audio(value, int(self.bundle.audio["sampling_rate"]), where)
         source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
         if isinstance(value, (str, Path)) and not Path(value).is_file():
             raise DataError(f"{where}: no such image file: {value}")

@@ -1,7 +1,8 @@
 """``fmtune serve``: a trained run as an HTTP service (FastAPI + uvicorn).
 
     POST /predict   {"inputs": ["text", ...]}            text runs
-                    {"inputs": ["<base64>", ...]}         image runs, or multipart files (field "files")
+                    {"inputs": ["<base64>", ...]}         image and audio runs (base64 of the file), or
+                                                          multipart files (field "files")
                     -> {"predictions": [...], "model_version": "..."}
     POST /generate  {"prompt": "...", "max_new_tokens": 64, "stream": true}  generation runs: the answer,
                     or with stream server-sent events of its pieces
@@ -13,7 +14,7 @@ Requests that arrive while a forward pass runs are gathered (up to ``max_batch``
 the next one; ``max_wait_ms`` makes a batch that is not full wait that much longer for more.
 Bad input is a 4xx with a JSON ``{"error": ...}`` body, never a 500, and the service goes on:
 malformed JSON (400), missing key (401), wrong types, an empty list or an input that is not an
-image (422), a body, item count or text over its limit (413).
+image / audio file the model can read (422), a body, item count or text over its limit (413).
 """
 
 from __future__ import annotations
@@ -165,15 +166,15 @@ def _prepare_texts(values: list[Any], predictor: Any, limits: Limits) -> tuple[l
     return texts, truncated, groups
 
 
-def _prepare_images(values: list[Any], predictor: Any) -> list[Any]:
+def _prepare_files(values: list[Any], predictor: Any) -> list[Any]:
     out = []
     for i, v in enumerate(values):
         if isinstance(v, str):
             try:
                 v = base64.b64decode(v.split(",", 1)[1] if v.startswith("data:") else v, validate=True)
             except (binascii.Error, ValueError):
-                raise HTTPError(422, f"inputs[{i}]: not valid base64 (send images base64-encoded, or as multipart "
-                                     "files)") from None
+                raise HTTPError(422, f"inputs[{i}]: not valid base64 (send {predictor.kind} files base64-encoded, "
+                                     "or as multipart files)") from None
         elif not isinstance(v, (bytes, bytearray)):
             raise HTTPError(422, f"inputs[{i}]: expected a base64 string, got {type(v).__name__}")
         try:
@@ -238,22 +239,23 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
     async def inputs_of(request: Request) -> tuple[list[Any], list[int], list[dict]]:
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            if predictor.kind != "image":
-                raise HTTPError(422, "file upload is for image models; send texts as JSON {\"inputs\": [...]}")
+            if predictor.kind == "text":
+                raise HTTPError(422, "file upload is for image and audio models; send texts as JSON "
+                                     "{\"inputs\": [...]}")
             form = await request.form(max_files=limits.max_items + 1)
             files = [f for f in form.getlist("files") if hasattr(f, "read")]
             files = _check_items(files, limits)
             raw = [await f.read() for f in files]
-            return await run_in_threadpool(_prepare_images, raw, predictor), [], []
+            return await run_in_threadpool(_prepare_files, raw, predictor), [], []
         data = await read_json(request)
         if not isinstance(data, dict) or "inputs" not in data:
             raise HTTPError(422, 'expected a JSON object {"inputs": [...]}')
         values = _check_items(data["inputs"], limits)
         if predictor.kind == "text":
             return _prepare_texts(values, predictor, limits)
-        return await run_in_threadpool(_prepare_images, values, predictor), [], []
+        return await run_in_threadpool(_prepare_files, values, predictor), [], []
 
-    example = ["a gripping, well-acted film"] if predictor.kind == "text" else ["<base64 image>"]
+    example = ["a gripping, well-acted film"] if predictor.kind == "text" else [f"<base64 {predictor.kind} file>"]
     body_doc = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": [
@@ -263,7 +265,7 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
                        "example": example}}}},
         **({"multipart/form-data": {"schema": {"type": "object", "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}
-           if predictor.kind == "image" else {})}}}
+           if predictor.kind in ("image", "audio") else {})}}}
 
     if getattr(predictor, "generates", False):  # a generation run: POST /generate instead of /predict
         _generate_routes(app, predictor, limits, guard, read_json)

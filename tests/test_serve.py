@@ -60,7 +60,7 @@ def test_predict_health_metadata_docs(text_run):
     ({"json": {"inputs": ["ok", "   "]}}, 422, "inputs[1]: the text is empty"),
     ({"json": {"inputs": ["x"] * 11}}, 413, "11 inputs in one request; the limit is 10"),
     ({"json": {"inputs": ["x" * 2000]}}, 413, "the limit is 1000 MB"),
-    ({"files": {"files": ("a.png", b"abc", "image/png")}}, 422, "file upload is for image models"),
+    ({"files": {"files": ("a.png", b"abc", "image/png")}}, 422, "file upload is for image and audio models"),
 ])
 def test_bad_input_is_a_4xx_json_error_and_the_service_goes_on(text_run, request_kw, status, message):
     limits = Limits(max_items=10, max_body_mb=1000, max_text_chars=100, long_text="reject")

@@ -52,8 +52,22 @@ def _keep_source(part: pd.DataFrame, whole: pd.DataFrame) -> pd.DataFrame:
     return part
 
 
-def _require_input(df: pd.DataFrame, data_cfg: Any) -> None:
-    """A table must hold the text column or the image column (whichever the model reads)."""
+INPUT_COLUMNS = {"text": ("text_column", "text"), "image": ("image_column", "image path"),
+                 "audio": ("audio_column", "audio path")}
+
+
+def input_column(kind: str, data_cfg: Any) -> tuple[str, str, str]:
+    """(column, what it holds, its config key) of the inputs a model of ``kind`` reads."""
+    attr, what = INPUT_COLUMNS[kind]
+    return getattr(data_cfg, attr), what, f"data.{attr}"
+
+
+def _require_input(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> None:
+    """A table must hold the text column or the image column (whichever the model reads); an
+    audio task's, the audio column."""
+    if task.modality == "audio":
+        require_column(df, *input_column("audio", data_cfg))
+        return
     if data_cfg.text_column not in df.columns and data_cfg.image_column not in df.columns:
         require_column(df, data_cfg.text_column, "text", "data.text_column")  # (image tables: data.image_column)
 
@@ -71,7 +85,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     task = task_class(task_type)
     column = task.target_column(data_cfg)
     train = read_data(data_cfg.train, task, data_cfg)
-    _require_input(train, data_cfg)  # the columns first: a missing one is the problem, whatever the size
+    _require_input(train, data_cfg, task)  # the columns first: a missing one is the problem, whatever the size
     require_column(train, column, "label", "data.label_column")
     if data_cfg.max_train_samples:
         train = _subset(train, data_cfg.max_train_samples, column, task, seed)

@@ -49,11 +49,12 @@ _quiet_transformers()
 @dataclass
 class Bundle:
     model: nn.Module
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "audio"
     family: str  # "hf" or a key of CNN_FAMILIES
     pooling: str
     tokenizer: Any = None
     image: dict = field(default_factory=dict)  # size, mean, std
+    audio: dict = field(default_factory=dict)  # fmtune.data.audio.AudioSpec as a dict
     max_length: int = 128
     source: str = ""  # the model name or path it was created from
     adapter: str | None = None  # the peft strategy when ``model`` is wrapped by peft (fmtune.adapters)
@@ -69,12 +70,14 @@ class Bundle:
 
     def meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "family": self.family, "pooling": self.pooling, "image": self.image,
-                "max_length": self.max_length, "source": self.source, "adapter": self.adapter}
+                "audio": self.audio, "max_length": self.max_length, "source": self.source, "adapter": self.adapter}
 
 
 def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str:
     if requested != "auto":
         return requested
+    if kind == "audio":
+        return "mean"  # over the clip's frames (Whisper's encoder has no summary token)
     if kind == "image":
         if getattr(config, "hidden_sizes", None):  # CNNs: ResNet, ConvNeXt, ... pool globally
             return "pooler"
@@ -103,6 +106,35 @@ def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, An
             "mean": pp.get("image_mean", IMAGENET_MEAN), "std": pp.get("image_std", IMAGENET_STD)}
 
 
+AUDIO_ENCODERS = ("wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "data2vec-audio", "sew", "sew-d", "unispeech",
+                  "unispeech-sat")
+
+
+def _audio_kind(path: Path | str, config: Any) -> str | None:
+    """"audio" for a Whisper model; an error for audio encoders fmtune cannot read yet."""
+    model_type = getattr(config, "model_type", "")
+    if model_type == "whisper":
+        return "audio"
+    if model_type in AUDIO_ENCODERS:
+        raise ModelError(f"{path} is a {model_type} audio encoder (raw-waveform input); fmtune reads audio with "
+                         "Whisper-style log-mel encoders only so far: use whisper-tiny-en or a local Whisper folder")
+    return None
+
+
+def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str, Any]:
+    """The log-mel settings of the model's feature extractor (preprocessor_config.json) and the
+    window the encoder reads (its own 30 s unless model.audio_window is shorter)."""
+    from fmtune.data.audio import AudioSpec
+
+    pp = read_json(Path(path) / "preprocessor_config.json", {}) if isinstance(path, Path) else {}
+    longest = 2 * config.max_source_positions * pp.get("hop_length", 160) / pp.get("sampling_rate", 16000)
+    if window is not None and window > longest:
+        raise ModelError(f"model.audio_window={window:g} s is longer than {path}'s window ({longest:g} s)")
+    return AudioSpec(sampling_rate=int(pp.get("sampling_rate", 16000)), n_mels=int(config.num_mel_bins),
+                     n_fft=int(pp.get("n_fft", 400)), hop_length=int(pp.get("hop_length", 160)),
+                     window_seconds=float(window or longest)).as_dict()
+
+
 def create(model_cfg: Any, task: Any) -> Bundle:
     """Build the pretrained backbone named by ``model_cfg.name`` plus a fresh head for ``task``."""
     if task.level == "lm":  # a causal language model with its own output layer (text generation)
@@ -112,6 +144,9 @@ def create(model_cfg: Any, task: Any) -> Bundle:
     family, path = resolve(model_cfg.name)
     if family == causal_lm.FAMILY:
         raise ModelError(f"{model_cfg.name} is a causal language model: it generates text (--task generation)")
+    if task.modality == "audio" and family in CNN_FAMILIES:
+        raise ModelError(f"task {task.name} reads audio; {model_cfg.name} is an image model: use an audio encoder "
+                         "(whisper-tiny-en, or a local Whisper folder)")
     scale, shift = task.output_affine()
     if task.level == "tokens" and family in CNN_FAMILIES:
         raise ModelError(f"task {task.name} labels the tokens of a text; {model_cfg.name} is an image model: "
@@ -148,7 +183,12 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
         raise ModelError(f"cannot read the model config at {path}: {e}") from None
     is_image = isinstance(path, Path) and (path / "preprocessor_config.json").exists() and not any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-    kind = "image" if is_image else "text"
+    kind = _audio_kind(path, config) or ("image" if is_image else "text")
+    if (kind == "audio") != (task.modality == "audio"):
+        raise ModelError(f"task {task.name} reads audio; {path} is a {kind} model: use an audio encoder "
+                         "(whisper-tiny-en, or a local Whisper folder)" if kind != "audio" else
+                         f"{path} is an audio model ({config.model_type}); {task.name} does not read audio: "
+                         "use --task audio-classification")
     if task.level == "tokens" and kind != "text":
         raise ModelError(f"task {task.name} labels the tokens of a text; {path} is an image model: use a text encoder")
     pooling = _hf_pooling(path, config, kind, model_cfg.pooling)
@@ -168,12 +208,15 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     try:
         backbone = build_backbone(config, pooling, str(path) if model_cfg.init == "pretrained" else None)
         tokenizer = AutoTokenizer.from_pretrained(path, config=config) if kind == "text" else None
+    except ModelError:
+        raise
     except Exception as e:
         raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
     backbone.float()
     model = FmtuneClassifier(config, backbone=backbone)
     image = _image_spec(path, config, model_cfg.image_size) if kind == "image" else {}
-    return Bundle(model, kind, "hf", pooling, tokenizer=tokenizer, image=image,
+    audio = _audio_spec(path, config, model_cfg.audio_window) if kind == "audio" else {}
+    return Bundle(model, kind, "hf", pooling, tokenizer=tokenizer, image=image, audio=audio,
                   max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name))
 
 
@@ -216,6 +259,12 @@ def _write(bundle: Bundle, tmp: Path) -> None:
         shutil.copyfile(Path(__file__).with_name("hf_remote.py"), tmp / "modeling_fmtune.py")
         if bundle.tokenizer is not None:
             bundle.tokenizer.save_pretrained(tmp)
+        if bundle.kind == "audio":  # the feature extractor its log-mel features match
+            from transformers import WhisperFeatureExtractor
+
+            a = bundle.audio
+            WhisperFeatureExtractor(feature_size=a["n_mels"], sampling_rate=a["sampling_rate"],
+                                    hop_length=a["hop_length"], n_fft=a["n_fft"]).save_pretrained(tmp)
     else:
         if not bundle.adapter:
             state = {k: v.contiguous() for k, v in base.state_dict().items()}
@@ -382,6 +431,7 @@ def load(model_dir: Path) -> Bundle:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, config=saved_config(model_dir))
     model.eval()
     return Bundle(model, meta["kind"], family, meta["pooling"], tokenizer=tokenizer, image=meta.get("image") or {},
+                  audio=meta.get("audio") or {},
                   max_length=meta.get("max_length", 128), source=meta.get("source", ""), adapter=adapter)
 
 

@@ -25,12 +25,19 @@ import copy
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
+from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput, TokenClassifierOutput
 
 
 def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = None) -> nn.Module:
     """AutoModel from ``path`` (pretrained) or from ``config`` (random init), without an unused pooler."""
     config = backbone_config(config)  # a saved model's FmtuneConfig: its backbone's own config class
+    if getattr(config, "model_type", None) == "whisper":  # audio: the encoder of the encoder-decoder
+        from transformers import WhisperModel
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        if path is None:
+            return WhisperEncoder(copy.deepcopy(config))
+        return WhisperModel.from_pretrained(path, config=config).encoder
     kwargs = {} if pooling == "pooler" else {"add_pooling_layer": False}
     for kw in (kwargs, {}):  # not every architecture takes add_pooling_layer
         try:
@@ -60,6 +67,39 @@ def pool(outputs, attention_mask: torch.Tensor | None, mode: str, skip: int = 0)
         return hidden.mean(1)
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def whisper_states(encoder: nn.Module, input_features: torch.Tensor,
+                   frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Whisper's encoder over log-mel windows of any length up to its own (30 s): the positions
+    are sliced to the input's length and padded frames are masked out of attention (transformers'
+    WhisperEncoder accepts exactly 3,000 frames: a 1-second clip would cost 30 seconds of compute).
+    Returns the last hidden states and the mask of real positions."""
+    x = nn.functional.gelu(encoder.conv1(input_features))
+    x = nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    n = x.shape[1]
+    if n > encoder.embed_positions.num_embeddings:
+        raise ValueError(f"{input_features.shape[-1]} frames is longer than the encoder's window "
+                         f"({2 * encoder.embed_positions.num_embeddings} frames)")
+    x = x + encoder.embed_positions.weight[:n]
+    mask = None if frame_mask is None else frame_mask[:, ::2][:, :n]
+    bias = None
+    if mask is not None and not bool(mask.all()):
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill(mask == 0, torch.finfo(x.dtype).min)[:, None, None, :]
+    for layer in encoder.layers:
+        x = layer(x, bias)
+    return encoder.layer_norm(x), mask
+
+
+def per_clip(pooled: torch.Tensor, clip_index: torch.Tensor | None) -> torch.Tensor:
+    """The mean of the pooled features of each clip's windows (one row per clip)."""
+    if clip_index is None:
+        return pooled
+    n = int(clip_index.max()) + 1
+    sums = torch.zeros((n, pooled.shape[1]), dtype=pooled.dtype, device=pooled.device).index_add(0, clip_index, pooled)
+    counts = torch.bincount(clip_index, minlength=n).to(pooled.dtype)
+    return sums / counts[:, None]
 
 
 def token_states(outputs, skip: int = 0) -> torch.Tensor:
@@ -123,7 +163,11 @@ class FmtuneClassifier(PreTrainedModel):
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
 
-    def features(self, input_ids=None, attention_mask=None, pixel_values=None, **kwargs) -> torch.Tensor:
+    def features(self, input_ids=None, attention_mask=None, pixel_values=None, input_features=None,
+                 frame_mask=None, clip_index=None, **kwargs) -> torch.Tensor:
+        if input_features is not None:  # audio: log-mel windows, averaged per clip
+            hidden, mask = whisper_states(self.backbone, input_features, frame_mask)
+            return per_clip(pool(BaseModelOutput(last_hidden_state=hidden), mask, self.pooling), clip_index)
         if pixel_values is not None:
             outputs = self.backbone(pixel_values=pixel_values, **kwargs)
         else:

@@ -1,5 +1,6 @@
 """Tasks, one module each, registered by name in ``TASKS`` (see ``fmtune.tasks.base``)."""
 
+from fmtune.tasks.audio import AudioClassification
 from fmtune.tasks.base import CAPABILITIES, TASKS, UNKNOWN, Task, task_class, task_from_state
 from fmtune.tasks.classification import Classification
 from fmtune.tasks.generation import Generation
@@ -7,5 +8,5 @@ from fmtune.tasks.multilabel import MultiLabel
 from fmtune.tasks.regression import Regression
 from fmtune.tasks.token_classification import TokenClassification
 
-__all__ = ["CAPABILITIES", "TASKS", "UNKNOWN", "Classification", "Generation", "MultiLabel", "Regression", "Task",
-           "TokenClassification", "task_class", "task_from_state"]
+__all__ = ["AudioClassification", "CAPABILITIES", "TASKS", "UNKNOWN", "Classification", "Generation", "MultiLabel",
+           "Regression", "Task", "TokenClassification", "task_class", "task_from_state"]

@@ -55,6 +55,7 @@ class Task:
     capabilities: frozenset[str] = frozenset()
     description = ""
     accepts_word_lists = False  # predict takes a list of words (already split) as well as a text
+    modality = ""  # "audio": reads audio files; "" reads what the model reads (text or images)
 
     def __init__(self, labels: list[str] | None = None, class_weights: torch.Tensor | None = None,
                  threshold: float = 0.5, separator: str = "|", target_stats: dict | None = None, **options: Any):

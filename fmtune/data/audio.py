@@ -1,0 +1,242 @@
+"""Audio as a model reads it: decoded, mono, resampled, cut into windows, as log-mel features.
+
+Files are decoded with soundfile (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF: whatever libsndfile
+reads), mixed down to mono and resampled to the model's rate with scipy's polyphase filter
+(torchaudio has no release for torch 2.13). A clip longer than the model's window is cut into
+consecutive windows; each window becomes a log-mel spectrogram computed exactly as Whisper's
+feature extractor does (Hann STFT, mel filters, log10, 8-decade floor, (x + 4) / 4) but only
+over the clip's own frames: a 1-second clip costs 100 frames, not Whisper's padded 3,000, and
+the encoder reads only those (positions sliced, padding masked). A sequence-level head averages
+its pooled features over a clip's windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fmtune.data.readers import require_column, row_label, table_base
+from fmtune.errors import DataError
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}
+MIN_SECONDS = 0.005  # shorter is not a sound a model can tell anything from: an error
+PAD_TO_SECONDS = 1.0  # shorter clips are padded with silence to this length (context for the encoder)
+SILENCE_PEAK = 1e-4  # a clip whose loudest sample is below this is silence (warned, not refused)
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """How a model reads audio: the log-mel settings of its feature extractor and its window."""
+    sampling_rate: int = 16000
+    n_mels: int = 80
+    n_fft: int = 400
+    hop_length: int = 160
+    window_seconds: float = 30.0  # the longest stretch the encoder reads at once
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_seconds * self.sampling_rate))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sampling_rate": self.sampling_rate, "n_mels": self.n_mels, "n_fft": self.n_fft,
+                "hop_length": self.hop_length, "window_seconds": self.window_seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AudioSpec:
+        return cls(**{k: d[k] for k in ("sampling_rate", "n_mels", "n_fft", "hop_length", "window_seconds") if k in d})
+
+
+def list_audio(folder: Path) -> list[Path]:
+    """Audio files anywhere below ``folder``, sorted."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def read_audio_folder(path: Path, column: str = "audio") -> pd.DataFrame:
+    """A folder of class sub-folders of audio files -> rows (audio path, label = sub-folder name)."""
+    rows = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        rows += [(str(f), sub.name) for f in list_audio(sub)]
+    if not rows:
+        raise DataError(f"{path}: no audio files found; expected class sub-folders (e.g. {path}/dog/1.wav) "
+                        f"holding {', '.join(sorted(AUDIO_SUFFIXES))} files")
+    df = pd.DataFrame(rows, columns=[column, "label"])
+    df.attrs["source"] = str(path)
+    return df
+
+
+def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return wave
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(target, rate).limit_denominator(1000)
+    return resample_poly(wave, ratio.numerator, ratio.denominator).astype(np.float32)
+
+
+def load_audio(source: Any, rate: int, where: str = "") -> np.ndarray:
+    """A file path, bytes or file object -> float32 mono waveform at ``rate`` Hz. A DataError names
+    ``where`` (or the file) for a missing, unsupported, unreadable, empty or too-short file; silence
+    only is warned about."""
+    import io
+
+    import soundfile as sf
+
+    name = where or str(source)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{name}: audio file not found: {path}" if where else f"{path}: audio file not found")
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            raise DataError(f"{name}: unsupported audio format {path.suffix or '(no suffix)'!r}; "
+                            f"readable: {', '.join(sorted(AUDIO_SUFFIXES))}")
+    elif isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        wave, sr = sf.read(source, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise DataError(f"{name}: not readable audio ({type(e).__name__}: {e})") from None
+    if wave.shape[0] == 0:
+        raise DataError(f"{name}: the audio is empty (0 samples)")
+    if not np.isfinite(wave).all():
+        raise DataError(f"{name}: the audio holds NaN or infinite samples")
+    wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
+    if len(wave) / sr < MIN_SECONDS:
+        raise DataError(f"{name}: the clip lasts {1000 * len(wave) / sr:.1f} ms; at least "
+                        f"{1000 * MIN_SECONDS:g} ms is needed")
+    if np.abs(wave).max() < SILENCE_PEAK:
+        warnings.warn(f"{name}: the clip is silent (peak amplitude {np.abs(wave).max():.1e})", stacklevel=2)
+    return np.ascontiguousarray(resample(wave, sr, rate), dtype=np.float32)
+
+
+class LogMel:
+    """Whisper's log-mel spectrogram of one window (its own frames only; see the module doc)."""
+
+    def __init__(self, spec: AudioSpec):
+        from transformers.audio_utils import mel_filter_bank
+
+        self.spec = spec
+        self.filters = torch.from_numpy(mel_filter_bank(
+            num_frequency_bins=1 + spec.n_fft // 2, num_mel_filters=spec.n_mels, min_frequency=0.0,
+            max_frequency=spec.sampling_rate / 2, sampling_rate=spec.sampling_rate, norm="slaney",
+            mel_scale="slaney")).float()
+        self.window = torch.hann_window(spec.n_fft)
+
+    def frames(self, samples: int) -> int:
+        """Frames of a window of ``samples`` (even: the encoder's second convolution has stride 2)."""
+        frames = math.ceil(samples / self.spec.hop_length)
+        return frames + frames % 2
+
+    def __call__(self, wave: np.ndarray) -> torch.Tensor:
+        n = self.frames(len(wave))
+        # zeros after the clip, as Whisper pads to its window before the STFT
+        padded = np.zeros(n * self.spec.hop_length + self.spec.n_fft, dtype=np.float32)
+        padded[: len(wave)] = wave
+        stft = torch.stft(torch.from_numpy(padded), self.spec.n_fft, self.spec.hop_length, window=self.window,
+                          return_complex=True)
+        power = (stft[:, :n].abs() ** 2).contiguous()
+        log_spec = (self.filters.T @ power).clamp(min=1e-10).log10()
+        log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+        return (log_spec + 4.0) / 4.0
+
+
+def windows(wave: np.ndarray, spec: AudioSpec) -> list[np.ndarray]:
+    """A clip as consecutive windows of at most the model's window; a clip (or a last piece)
+    shorter than PAD_TO_SECONDS is padded with silence to it."""
+    step = spec.window_samples
+    pieces = [wave[i:i + step] for i in range(0, len(wave), step)] or [wave]
+    if len(pieces) > 1 and len(pieces[-1]) < PAD_TO_SECONDS * spec.sampling_rate:
+        pieces[-1] = wave[-int(PAD_TO_SECONDS * spec.sampling_rate):]  # the last second, overlapping
+    least = int(PAD_TO_SECONDS * spec.sampling_rate)
+    return [np.pad(p, (0, least - len(p))) if len(p) < least else p for p in pieces]
+
+
+class AudioData(torch.utils.data.Dataset):
+    """Clips as log-mel windows (fp16, computed once). A batch of clips is the batch of all their
+    windows, padded to the longest, with ``frame_mask`` marking real frames and ``clip_index``
+    telling which clip of the batch each window belongs to."""
+
+    def __init__(self, clips: list[list[torch.Tensor]], targets: Any, spec: AudioSpec, digest: str = "",
+                 sources: list[str] | None = None):
+        self.clips, self.targets, self.spec = clips, targets, spec
+        self.sources = sources or []  # the file of each clip, where known (reports name them)
+        self.lengths = np.array([sum(w.shape[-1] for w in c) for c in clips])
+        self.digest = digest  # content key of the decoded inputs (feature cache)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        wins = [(row, w) for row, i in enumerate(idx) for w in self.clips[i]]
+        # two frames of padding at least: the convolutions at a clip's end then always read the floor
+        # value that follows it (as in Whisper's padded window), whatever else is in the batch
+        width = max(w.shape[-1] for _, w in wins) + 2
+        feats = torch.zeros((len(wins), self.spec.n_mels, width))
+        mask = torch.zeros((len(wins), width), dtype=torch.long)
+        for j, (_, w) in enumerate(wins):
+            feats[j, :, : w.shape[-1]] = w.float()
+            feats[j, :, w.shape[-1]:] = w.float().min()  # the floor value, as Whisper's padded silence reads
+            mask[j, : w.shape[-1]] = 1
+        batch = {"input_features": feats, "frame_mask": mask,
+                 "clip_index": torch.tensor([row for row, _ in wins], dtype=torch.long)}
+        if self.targets is not None:
+            batch["labels"] = self.targets[idx]
+        return batch
+
+
+def features_of(waves: list[np.ndarray], spec: AudioSpec) -> tuple[list[list[torch.Tensor]], str]:
+    """Each waveform as its windows' log-mel features, and a digest of them all."""
+    mel = LogMel(spec)
+    h = hashlib.sha256(repr(spec.as_dict()).encode())
+    clips = []
+    for wave in waves:
+        h.update(np.ascontiguousarray(wave).tobytes() + b"|")
+        clips.append([mel(w).half() for w in windows(wave, spec)])
+    return clips, h.hexdigest()
+
+
+def audio_dataset(df: pd.DataFrame, column: str, spec: AudioSpec, targets: torch.Tensor | None,
+                  max_bad_fraction: float) -> tuple[AudioData, np.ndarray]:
+    """Decode every clip of ``df[column]`` (paths relative to the table's folder); unreadable ones
+    are dropped with a warning up to ``max_bad_fraction``, else a DataError lists them."""
+    require_column(df, column, "audio path", "data.audio_column")
+    src, base = df.attrs.get("source", ""), table_base(df)
+    table = bool(src) and Path(src).is_file()
+    kept, waves, bad, sources = [], [], [], []
+    for i, value in enumerate(df[column].tolist()):
+        if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+            bad.append(f"{row_label(df, i)}: column {column!r} is empty")
+            continue
+        p = Path(str(value))
+        p = p if p.is_absolute() else base / p
+        where = f"{row_label(df, i)}: {p}" if table else str(p)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                waves.append(load_audio(p, spec.sampling_rate, where))
+        except DataError as e:
+            bad.append(str(e))
+            continue
+        kept.append(i)
+        sources.append(str(p))
+    if bad:
+        share = len(bad) / len(df)
+        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        if share > max_bad_fraction or len(bad) == len(df):
+            raise DataError(f"{src}: {len(bad)} of {len(df)} audio files cannot be used ({share:.0%}, more than "
+                            f"data.max_bad_fraction={max_bad_fraction:.0%}):\n  {listing}")
+        warnings.warn(f"skipping {len(bad)} unusable audio file(s) in {src}:\n  {listing}", stacklevel=2)
+    keep = np.array(kept, dtype=np.int64)
+    clips, digest = features_of(waves, spec)
+    return AudioData(clips, None if targets is None else targets[keep], spec, digest, sources), keep

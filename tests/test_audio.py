@@ -1,0 +1,348 @@
+"""Audio: decoding and its errors, Whisper's log-mel, the variable-length encoder, the CTranslate2
+converter, and audio classification end to end on a tiny random Whisper (tones of three pitches)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from conftest import cfg_dict
+
+from fmtune.data.audio import AudioSpec, LogMel, audio_dataset, features_of, load_audio, windows
+from fmtune.errors import DataError, ModelError
+
+RATE = 16000
+PITCHES = {"low": 220.0, "mid": 880.0, "high": 3000.0}
+
+
+def tone(freq: float, seconds: float, rate: int, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * rng.uniform(0.95, 1.05) * t)
+    return (wave + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def save_tones(root: Path, n_per_class: int, seed: int) -> Path:
+    """Class sub-folders of tone clips of varied length, rate, channels and format."""
+    rng = np.random.default_rng(seed)
+    for label, freq in PITCHES.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            rate = [16000, 22050, 44100, 8000][i % 4]
+            wave = tone(freq, rng.uniform(0.3, 1.6), rate, rng)
+            if i % 3 == 1:
+                wave = np.stack([wave, 0.5 * wave], axis=1)  # stereo
+            fmt = ["wav", "flac", "ogg"][i % 3]
+            sf.write(root / label / f"{i:03d}.{fmt}", wave, rate)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    d = tmp_path_factory.mktemp("tiny-whisper")
+    cfg = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                        max_source_positions=1500, max_target_positions=64, decoder_start_token_id=1,
+                        pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(cfg).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80, "sampling_rate": 16000,
+         "hop_length": 160, "n_fft": 400, "chunk_length": 30}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tone_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tones")
+    return {"train": save_tones(root / "train", 10, 0), "test": save_tones(root / "test", 4, 1)}
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+def test_load_audio_mixes_to_mono_and_resamples(tmp_path):
+    rng = np.random.default_rng(0)
+    wave = tone(440.0, 1.0, 44100, rng)
+    sf.write(tmp_path / "a.flac", np.stack([wave, wave], axis=1), 44100)
+    out = load_audio(tmp_path / "a.flac", RATE)
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert abs(len(out) - RATE) <= 1
+    spectrum = np.abs(np.fft.rfft(out))
+    assert abs(np.argmax(spectrum) * RATE / len(out) - 440.0) < 25  # the pitch survives resampling
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "audio file not found"),
+    ("format", "unsupported audio format '.txt'"),
+    ("garbage", "not readable audio"),
+    ("empty", "empty (0 samples)"),
+    ("short", "at least 5 ms is needed"),
+])
+def test_bad_audio_names_the_file(tmp_path, case, message):
+    path = tmp_path / {"format": "clip.txt"}.get(case, "clip.wav")
+    if case == "format":
+        path.write_text("hello")
+    elif case == "garbage":
+        path.write_bytes(b"RIFF\x00\x00not a wave file at all" * 10)
+    elif case == "empty":
+        sf.write(path, np.zeros(0, dtype=np.float32), RATE)
+    elif case == "short":
+        sf.write(path, np.ones(int(0.002 * RATE), dtype=np.float32) * 0.1, RATE)
+    with pytest.raises(DataError, match="clip") as e:
+        load_audio(path, RATE)
+    assert message in str(e.value)
+
+
+def test_silence_is_warned_not_refused(tmp_path):
+    sf.write(tmp_path / "quiet.wav", np.zeros(RATE // 2, dtype=np.float32), RATE)
+    with pytest.warns(UserWarning, match="quiet.wav: the clip is silent"):
+        load_audio(tmp_path / "quiet.wav", RATE)
+
+
+def test_table_rows_name_row_and_file(tmp_path):
+    sf.write(tmp_path / "ok.wav", tone(440.0, 0.5, RATE, np.random.default_rng(0)), RATE)
+    table = tmp_path / "clips.csv"
+    pd.DataFrame({"audio": ["ok.wav", "gone.wav"], "label": ["a", "b"]}).to_csv(table, index=False)
+    df = pd.read_csv(table)
+    df.attrs["source"] = str(table)
+    with pytest.raises(DataError, match=r"clips.csv: row 2 \(line 3\): .*gone.wav: audio file not found"):
+        audio_dataset(df, "audio", AudioSpec(), None, max_bad_fraction=0.0)
+    with pytest.warns(UserWarning, match="skipping 1 unusable audio file"):
+        ds, kept = audio_dataset(df, "audio", AudioSpec(), None, max_bad_fraction=0.5)
+    assert kept.tolist() == [0] and len(ds) == 1 and ds.sources[0].endswith("ok.wav")
+
+
+# --- features ----------------------------------------------------------------------------------
+
+def test_log_mel_matches_whisper_feature_extractor():
+    """The clip's own frames are Whisper's features of the clip padded to 30 s (same values)."""
+    from transformers import WhisperFeatureExtractor
+
+    rng = np.random.default_rng(0)
+    wave = np.concatenate([tone(300.0, 0.7, RATE, rng), tone(2000.0, 0.8, RATE, rng)])
+    ours = LogMel(AudioSpec())(wave).numpy()
+    theirs = WhisperFeatureExtractor(feature_size=80)(wave, sampling_rate=RATE, return_tensors="np").input_features[0]
+    n = ours.shape[1]
+    assert ours.shape[0] == 80 and n % 2 == 0 and n >= len(wave) / 160
+    np.testing.assert_allclose(ours[:, : n - 2], theirs[:, : n - 2], atol=2e-3)
+
+
+def test_long_clips_are_cut_into_windows_short_ones_padded():
+    spec = AudioSpec(window_seconds=1.0)
+    rng = np.random.default_rng(0)
+    pieces = windows(tone(500.0, 2.3, RATE, rng), spec)
+    assert [len(p) for p in pieces] == [RATE, RATE, RATE]  # the last 0.3 s read as the clip's last second
+    assert [len(p) for p in windows(tone(500.0, 0.2, RATE, rng), spec)] == [RATE]  # padded with silence
+    clips, _ = features_of([tone(500.0, 2.3, RATE, rng), tone(500.0, 0.4, RATE, rng)], spec)
+    from fmtune.data.audio import AudioData
+
+    batch = AudioData(clips, torch.tensor([0, 1]), spec).collate([0, 1])
+    assert batch["clip_index"].tolist() == [0, 0, 0, 1]
+    assert batch["input_features"].shape == (4, 80, 102)  # + 2 frames of padding: the same ends for every clip
+    assert batch["labels"].tolist() == [0, 1]
+
+
+def test_encoder_features_do_not_depend_on_batch_padding(tiny_whisper):
+    """A clip's pooled features are the same alone and beside a longer clip (padding masked)."""
+    from fmtune.config import ModelConfig
+    from fmtune.data.audio import AudioData
+    from fmtune.models import build
+    from fmtune.tasks import AudioClassification
+
+    bundle = build.create(ModelConfig(name=str(tiny_whisper)), AudioClassification(["a", "b"]))
+    assert bundle.kind == "audio" and bundle.pooling == "mean" and bundle.audio["window_seconds"] == 30.0
+    rng = np.random.default_rng(0)
+    spec = AudioSpec.from_dict(bundle.audio)
+    clips, _ = features_of([tone(300.0, 1.2, RATE, rng), tone(900.0, 4.0, RATE, rng)], spec)
+    ds = AudioData(clips, None, spec)
+    model = bundle.model.eval()
+    with torch.no_grad():
+        alone = model.features(**ds.collate([0]))
+        together = model.features(**ds.collate([0, 1]))
+    assert together.shape == (2, 32)
+    torch.testing.assert_close(alone[0], together[0], atol=1e-5, rtol=1e-4)
+
+
+# --- the CTranslate2 converter -------------------------------------------------------------------
+
+def _write_ct2(path: Path, arrays: dict[str, np.ndarray], aliases: dict[str, str]) -> None:
+    """A CTranslate2 model.bin (binary version 6) of ``arrays``, as CTranslate2 writes it."""
+    types = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.float16): 4}
+
+    def text(s: str) -> bytes:
+        return struct.pack("<H", len(s) + 1) + s.encode() + b"\0"
+
+    out = struct.pack("<I", 6) + text("WhisperSpec") + struct.pack("<I", 3) + struct.pack("<I", len(arrays))
+    for name, a in arrays.items():
+        out += text(name) + struct.pack("<B", a.ndim) + b"".join(struct.pack("<I", d) for d in a.shape)
+        out += struct.pack("<B", types[a.dtype]) + struct.pack("<I", a.nbytes) + a.tobytes()
+    out += struct.pack("<I", len(aliases)) + b"".join(text(k) + text(v) for k, v in aliases.items())
+    path.write_bytes(out)
+
+
+def test_ctranslate2_whisper_converts_to_the_same_model(tiny_whisper, tmp_path):
+    """A Whisper written in CTranslate2's layout (fused q|k|v and k|v, gamma/beta, fp16) converts
+    back to the same transformers model: same weights, same logits."""
+    from transformers import WhisperForConditionalGeneration
+
+    from fmtune.models.ctranslate2 import read_arrays, whisper_config, whisper_state_dict
+
+    ref = WhisperForConditionalGeneration.from_pretrained(tiny_whisper).eval()
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    arrays: dict[str, np.ndarray] = {}
+
+    def put(name: str, a: np.ndarray) -> None:
+        arrays[name] = a.astype(np.float16)
+
+    for side, n in (("encoder", 2), ("decoder", 2)):
+        m = f"model.{side}"
+        put(f"{side}/position_encodings/encodings", sd[f"{m}.embed_positions.weight"])
+        put(f"{side}/layer_norm/gamma", sd[f"{m}.layer_norm.weight"])
+        put(f"{side}/layer_norm/beta", sd[f"{m}.layer_norm.bias"])
+        arrays[f"{side}/num_heads"] = np.array(2, dtype=np.int16)
+        for i in range(n):
+            s, d = f"{side}/layer_{i}", f"{m}.layers.{i}"
+            for ct, hf in (("self_attention/layer_norm", "self_attn_layer_norm"),
+                           ("ffn/layer_norm", "final_layer_norm"), ("attention/layer_norm", "encoder_attn_layer_norm")):
+                if f"{d}.{hf}.weight" in sd:
+                    put(f"{s}/{ct}/gamma", sd[f"{d}.{hf}.weight"])
+                    put(f"{s}/{ct}/beta", sd[f"{d}.{hf}.bias"])
+            a = f"{d}.self_attn"
+            put(f"{s}/self_attention/linear_0/weight",
+                np.concatenate([sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]]))
+            put(f"{s}/self_attention/linear_0/bias", np.concatenate([sd[f"{a}.q_proj.bias"], np.zeros(32),
+                                                                      sd[f"{a}.v_proj.bias"]]))
+            put(f"{s}/self_attention/linear_1/weight", sd[f"{a}.out_proj.weight"])
+            put(f"{s}/self_attention/linear_1/bias", sd[f"{a}.out_proj.bias"])
+            if side == "decoder":
+                c = f"{d}.encoder_attn"
+                put(f"{s}/attention/linear_0/weight", sd[f"{c}.q_proj.weight"])
+                put(f"{s}/attention/linear_0/bias", sd[f"{c}.q_proj.bias"])
+                put(f"{s}/attention/linear_1/weight",
+                    np.concatenate([sd[f"{c}.k_proj.weight"], sd[f"{c}.v_proj.weight"]]))
+                put(f"{s}/attention/linear_1/bias", np.concatenate([np.zeros(32), sd[f"{c}.v_proj.bias"]]))
+                put(f"{s}/attention/linear_2/weight", sd[f"{c}.out_proj.weight"])
+                put(f"{s}/attention/linear_2/bias", sd[f"{c}.out_proj.bias"])
+            for j, fc in ((0, "fc1"), (1, "fc2")):
+                put(f"{s}/ffn/linear_{j}/weight", sd[f"{d}.{fc}.weight"])
+                put(f"{s}/ffn/linear_{j}/bias", sd[f"{d}.{fc}.bias"])
+    for conv in ("conv1", "conv2"):
+        put(f"encoder/{conv}/weight", sd[f"model.encoder.{conv}.weight"])
+        put(f"encoder/{conv}/bias", sd[f"model.encoder.{conv}.bias"])
+    put("decoder/embeddings/weight", sd["model.decoder.embed_tokens.weight"])
+    arrays["decoder/pre_norm"] = np.array(1, dtype=np.int8)
+    _write_ct2(tmp_path / "model.bin", arrays, {"decoder/projection/weight": "decoder/embeddings/weight"})
+
+    read = read_arrays(tmp_path / "model.bin")
+    assert read["decoder/projection/weight"] is read["decoder/embeddings/weight"]
+    config = whisper_config(read)
+    assert (config.encoder_layers, config.decoder_layers, config.d_model, config.encoder_attention_heads,
+            config.max_source_positions, config.vocab_size) == (2, 2, 32, 2, 1500, 64)
+    got = WhisperForConditionalGeneration(config).eval()
+    missing, unexpected = got.load_state_dict(whisper_state_dict(read, config), strict=False)
+    assert missing == ["proj_out.weight"] and not unexpected  # tied to the token embedding
+    got.tie_weights()
+    feats = torch.randn(1, 80, 3000)
+    ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(got(input_features=feats, decoder_input_ids=ids).logits,
+                                   ref(input_features=feats, decoder_input_ids=ids).logits, atol=2e-2, rtol=1e-2)
+
+
+def test_ctranslate2_reader_refuses_other_files(tmp_path):
+    from fmtune.models.ctranslate2 import read_arrays
+
+    (tmp_path / "model.bin").write_bytes(struct.pack("<I", 5) + b"\0" * 10)
+    with pytest.raises(ModelError, match="binary version 5"):
+        read_arrays(tmp_path / "model.bin")
+    (tmp_path / "model.bin").write_bytes(struct.pack("<I", 6) + b"\x05\x00ab")
+    with pytest.raises(ModelError, match="not a readable CTranslate2 model"):
+        read_arrays(tmp_path / "model.bin")
+
+
+# --- audio classification end to end -----------------------------------------------------------
+
+def test_audio_task_and_model_must_match(tiny_whisper, tiny_bert, tone_dirs, text_files, tmp_path):
+    import fmtune
+
+    with pytest.raises(ModelError, match="task audio-classification reads audio; .* is a text model"):
+        fmtune.train(cfg_dict(tiny_bert, tone_dirs["train"], task={"type": "audio-classification"},
+                              out=str(tmp_path / "a")), quiet=True)
+    with pytest.raises(ModelError, match="is an audio model .*--task audio-classification"):
+        fmtune.train(cfg_dict(tiny_whisper, text_files["train"], out=str(tmp_path / "b")), quiet=True)
+
+
+def test_train_predict_and_reload_audio_classification(tiny_whisper, tone_dirs, tmp_path):
+    import fmtune
+
+    out = tmp_path / "run"
+    summary = fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(out),
+                                    task={"type": "audio-classification"},
+                                    data={"test": str(tone_dirs["test"])},
+                                    train={"epochs": 8, "batch_size": 8, "lr": 3e-3, "baseline": True}), quiet=True)
+    test = summary["eval"]["test"]
+    assert test["accuracy"] >= 0.75  # three pitches: chance is 0.33
+    assert json.loads((out / "model" / "fmtune.json").read_text())["audio"]["sampling_rate"] == 16000
+    assert (out / "model" / "preprocessor_config.json").is_file()
+    clips = sorted((tone_dirs["test"] / "high").iterdir())[:2] + sorted((tone_dirs["test"] / "low").iterdir())[:2]
+    pred = fmtune.load(out)
+    got = pred.predict([str(c) for c in clips])
+    assert [set(r) >= {"label", "score", "probabilities"} for r in got] == [True] * 4
+    assert pred.predict(clips[0].read_bytes())["label"] == got[0]["label"]  # bytes: an upload
+    table = tmp_path / "to_predict.csv"
+    pd.DataFrame({"audio": [str(c) for c in clips] + [str(tmp_path / "gone.wav")]}).to_csv(table, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = fmtune.predict(out, table)
+    assert df["label"].iloc[:4].tolist() == [r["label"] for r in got]
+    assert "audio file not found" in df["error"].iloc[4]
+    # the saved model: same predictions after a fresh load
+    again = fmtune.load(out).predict([str(c) for c in clips])
+    assert [r["label"] for r in again] == [r["label"] for r in got]
+    np.testing.assert_allclose([r["score"] for r in again], [r["score"] for r in got], atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy,note", [("head", "pooled features are cached"),
+                                           ("lora", "nothing to cache"),
+                                           ("last_n", "audio clips differ in length")])
+def test_audio_strategies_train(tiny_whisper, tone_dirs, tmp_path, strategy, note, capsys):
+    import fmtune
+
+    summary = fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(tmp_path / strategy),
+                                    task={"type": "audio-classification"}, strategy={"name": strategy, "n": 1},
+                                    train={"epochs": 2, "batch_size": 8}))
+    assert summary["best"] is not None
+    assert note in capsys.readouterr().err
+
+
+def test_serve_audio_upload_and_base64(tiny_whisper, tone_dirs, tmp_path):
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    import fmtune
+    from fmtune.serve import create_app
+
+    out = tmp_path / "run"
+    fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(out), task={"type": "audio-classification"},
+                          train={"epochs": 1, "batch_size": 8}), quiet=True)
+    pred = fmtune.load(out)
+    clip = sorted((tone_dirs["test"] / "low").iterdir())[0]
+    expected = pred.predict(str(clip))["label"]
+    with TestClient(create_app(pred)) as client:
+        r = client.post("/predict", files=[("files", (clip.name, clip.read_bytes(), "audio/wav"))])
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["label"] == expected
+        r = client.post("/predict", json={"inputs": [base64.b64encode(clip.read_bytes()).decode()]})
+        assert r.json()["predictions"][0]["label"] == expected
+        r = client.post("/predict", files=[("files", ("x.wav", b"not audio at all", "audio/wav"))])
+        assert r.status_code == 422 and "inputs[0]: not readable audio" in r.json()["error"]
+        assert client.get("/metadata").json()["kind"] == "audio"
