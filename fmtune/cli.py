@@ -385,11 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (about 3 min on 2 cores; fairness: 5)")
-    d.add_argument("--task", choices=["text", "image", "ner", "fairness", "generation"], default="text",
+    d.add_argument("--task", choices=["text", "image", "ner", "fairness", "generation", "audio-classification"],
+                   default="text",
                    help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits; ner: MiniLM-L6 "
                    "tagging named entities in WNUT-2016 tweets; fairness: MiniLM-L6 on Adult census rows, then "
                    "the per-group audit before and after per-group thresholds; generation: SmolLM2-135M with LoRA "
-                   "summarising Python standard-library functions in one sentence")
+                   "summarising Python standard-library functions in one sentence; audio-classification: Whisper "
+                   "tiny.en's encoder telling 20 spoken words apart (espeak-ng voices, needs Debian's espeak-ng)")
     d.add_argument("--out", help="run directory (default: runs/demo-<task>-<time>)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -397,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = verb("train", cmd_train, "fine-tune a model; writes a run directory", epilog=_config_epilog())
     t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     t.add_argument("--model", help="zoo name (fmtune models) or a local Hugging Face model folder")
-    t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images")
+    t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images or "
+                   "audio files (--task audio-classification; a table names the files in data.audio_column)")
     t.add_argument("--val", help="validation data (default: split off --data)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
     t.add_argument("--task", help="what to predict: classification (default), multilabel, regression, ner, "

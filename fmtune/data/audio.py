@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmtune.data.readers import require_column, row_label, table_base
+from fmtune.data.readers import read_class_folder, require_column, row_label, table_base
 from fmtune.errors import DataError
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}
@@ -55,22 +55,9 @@ class AudioSpec:
         return cls(**{k: d[k] for k in ("sampling_rate", "n_mels", "n_fft", "hop_length", "window_seconds") if k in d})
 
 
-def list_audio(folder: Path) -> list[Path]:
-    """Audio files anywhere below ``folder``, sorted."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
-
-
 def read_audio_folder(path: Path, column: str = "audio") -> pd.DataFrame:
     """A folder of class sub-folders of audio files -> rows (audio path, label = sub-folder name)."""
-    rows = []
-    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        rows += [(str(f), sub.name) for f in list_audio(sub)]
-    if not rows:
-        raise DataError(f"{path}: no audio files found; expected class sub-folders (e.g. {path}/dog/1.wav) "
-                        f"holding {', '.join(sorted(AUDIO_SUFFIXES))} files")
-    df = pd.DataFrame(rows, columns=[column, "label"])
-    df.attrs["source"] = str(path)
-    return df
+    return read_class_folder(path, AUDIO_SUFFIXES, column, "dog/1.wav", "audio files")
 
 
 def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:

