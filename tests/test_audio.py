@@ -141,7 +141,7 @@ def test_long_clips_are_cut_into_windows_short_ones_padded():
     pieces = windows(tone(500.0, 2.3, RATE, rng), spec)
     assert [len(p) for p in pieces] == [RATE, RATE, RATE]  # the last 0.3 s read as the clip's last second
     assert [len(p) for p in windows(tone(500.0, 0.2, RATE, rng), spec)] == [RATE]  # padded with silence
-    clips, _ = features_of([tone(500.0, 2.3, RATE, rng), tone(500.0, 0.4, RATE, rng)], spec)
+    clips = features_of([tone(500.0, 2.3, RATE, rng), tone(500.0, 0.4, RATE, rng)], spec)
     from fmtune.data.audio import AudioData
 
     batch = AudioData(clips, torch.tensor([0, 1]), spec).collate([0, 1])
@@ -161,7 +161,7 @@ def test_encoder_features_do_not_depend_on_batch_padding(tiny_whisper):
     assert bundle.kind == "audio" and bundle.pooling == "mean" and bundle.audio["window_seconds"] == 30.0
     rng = np.random.default_rng(0)
     spec = AudioSpec.from_dict(bundle.audio)
-    clips, _ = features_of([tone(300.0, 1.2, RATE, rng), tone(900.0, 4.0, RATE, rng)], spec)
+    clips = features_of([tone(300.0, 1.2, RATE, rng), tone(900.0, 4.0, RATE, rng)], spec)
     ds = AudioData(clips, None, spec)
     model = bundle.model.eval()
     with torch.no_grad():

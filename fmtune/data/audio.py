@@ -12,7 +12,6 @@ its pooled features over a clip's windows.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fmtune.data.dataset import skip_bad
 from fmtune.data.readers import read_class_folder, require_column, row_label, table_base
 from fmtune.errors import DataError
 
@@ -151,12 +151,11 @@ class AudioData(torch.utils.data.Dataset):
     windows, padded to the longest, with ``frame_mask`` marking real frames and ``clip_index``
     telling which clip of the batch each window belongs to."""
 
-    def __init__(self, clips: list[list[torch.Tensor]], targets: Any, spec: AudioSpec, digest: str = "",
+    def __init__(self, clips: list[list[torch.Tensor]], targets: Any, spec: AudioSpec,
                  sources: list[str] | None = None):
         self.clips, self.targets, self.spec = clips, targets, spec
         self.sources = sources or []  # the file of each clip, where known (reports name them)
         self.lengths = np.array([sum(w.shape[-1] for w in c) for c in clips])
-        self.digest = digest  # content key of the decoded inputs (feature cache)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -172,8 +171,9 @@ class AudioData(torch.utils.data.Dataset):
         feats = torch.zeros((len(wins), self.spec.n_mels, width))
         mask = torch.zeros((len(wins), width), dtype=torch.long)
         for j, (_, w) in enumerate(wins):
-            feats[j, :, : w.shape[-1]] = w.float()
-            feats[j, :, w.shape[-1]:] = w.float().min()  # the floor value, as Whisper's padded silence reads
+            w = w.float()
+            feats[j, :, : w.shape[-1]] = w
+            feats[j, :, w.shape[-1]:] = w.min()  # the floor value, as Whisper's padded silence reads
             mask[j, : w.shape[-1]] = 1
         batch = {"input_features": feats, "frame_mask": mask,
                  "clip_index": torch.tensor([row for row, _ in wins], dtype=torch.long)}
@@ -182,15 +182,10 @@ class AudioData(torch.utils.data.Dataset):
         return batch
 
 
-def features_of(waves: list[np.ndarray], spec: AudioSpec) -> tuple[list[list[torch.Tensor]], str]:
-    """Each waveform as its windows' log-mel features, and a digest of them all."""
+def features_of(waves: list[np.ndarray], spec: AudioSpec) -> list[list[torch.Tensor]]:
+    """Each waveform as its windows' log-mel features (fp16)."""
     mel = LogMel(spec)
-    h = hashlib.sha256(repr(spec.as_dict()).encode())
-    clips = []
-    for wave in waves:
-        h.update(np.ascontiguousarray(wave).tobytes() + b"|")
-        clips.append([mel(w).half() for w in windows(wave, spec)])
-    return clips, h.hexdigest()
+    return [[mel(w).half() for w in windows(np.asarray(wave, dtype=np.float32), spec)] for wave in waves]
 
 
 def audio_dataset(df: pd.DataFrame, column: str, spec: AudioSpec, targets: torch.Tensor | None,
@@ -217,13 +212,6 @@ def audio_dataset(df: pd.DataFrame, column: str, spec: AudioSpec, targets: torch
             continue
         kept.append(i)
         sources.append(str(p))
-    if bad:
-        share = len(bad) / len(df)
-        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        if share > max_bad_fraction or len(bad) == len(df):
-            raise DataError(f"{src}: {len(bad)} of {len(df)} audio files cannot be used ({share:.0%}, more than "
-                            f"data.max_bad_fraction={max_bad_fraction:.0%}):\n  {listing}")
-        warnings.warn(f"skipping {len(bad)} unusable audio file(s) in {src}:\n  {listing}", stacklevel=2)
+    skip_bad(bad, len(df), src, max_bad_fraction, "audio files cannot be used", "unusable audio file(s)")
     keep = np.array(kept, dtype=np.int64)
-    clips, digest = features_of(waves, spec)
-    return AudioData(clips, None if targets is None else targets[keep], spec, digest, sources), keep
+    return AudioData(features_of(waves, spec), None if targets is None else targets[keep], spec, sources), keep

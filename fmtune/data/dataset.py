@@ -145,16 +145,24 @@ def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: 
         else:
             where = f"{row_label(df, i)}: " if src and Path(src).is_file() else ""  # a table row, or the file
             bad.append(f"{where}{p}: {reason}")
-    if bad:
-        share = len(bad) / len(paths)
-        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        if share > max_bad_fraction:
-            raise DataError(f"{src}: {len(bad)} of {len(paths)} images cannot be read ({share:.0%}, more than "
-                            f"data.max_bad_fraction={max_bad_fraction:.0%}):\n  {listing}")
-        warnings.warn(f"skipping {len(bad)} unreadable image(s) in {src}:\n  {listing}", stacklevel=2)
+    skip_bad(bad, len(paths), src, max_bad_fraction, "images cannot be read", "unreadable image(s)")
     keep = np.array(kept, dtype=np.int64)
     data = torch.stack(images) if eager else [paths[i] for i in kept]
     return ImageData(data, None if targets is None else targets[keep], spec), keep
+
+
+def skip_bad(bad: list[str], total: int, src: str, max_bad_fraction: float, cannot: str, skipping: str) -> None:
+    """Files that cannot be used (``bad``: one message each, naming the file): a DataError listing
+    them when they are more than ``max_bad_fraction`` of ``total`` (or all of them), else a warning
+    that they are skipped."""
+    if not bad:
+        return
+    share = len(bad) / total
+    listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+    if share > max_bad_fraction or len(bad) == total:
+        raise DataError(f"{src}: {len(bad)} of {total} {cannot} ({share:.0%}, more than "
+                        f"data.max_bad_fraction={max_bad_fraction:.0%}):\n  {listing}")
+    warnings.warn(f"skipping {len(bad)} {skipping} in {src}:\n  {listing}", stacklevel=3)
 
 
 class WithAux:

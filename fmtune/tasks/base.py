@@ -132,14 +132,25 @@ class Task:
             targets = self.encode(df[column], df, column, allow_unknown)
         if bundle.kind == "text":
             return text_dataset(df, data_cfg.text_column, bundle, targets), np.arange(len(df))
+        if bundle.kind == "audio":
+            from fmtune.data.audio import AudioSpec, audio_dataset
+
+            return audio_dataset(df, data_cfg.audio_column, AudioSpec.from_dict(bundle.audio), targets,
+                                 data_cfg.max_bad_fraction)
         return image_dataset(df, data_cfg.image_column, bundle.image, targets, data_cfg.max_bad_fraction)
 
     def inputs(self, items: list[Any], bundle: Any) -> torch.utils.data.Dataset:
-        """A dataset of raw inputs to predict: checked texts (tokenised as in training) or decoded images."""
+        """A dataset of raw inputs to predict: checked texts (tokenised as in training), decoded images,
+        or decoded audio waveforms (``fmtune.data.audio.load_audio``)."""
         from fmtune.data.dataset import ImageData
 
         if bundle.kind == "text":
             return bundle.text_data(items)
+        if bundle.kind == "audio":
+            from fmtune.data.audio import AudioData, AudioSpec, features_of
+
+            spec = AudioSpec.from_dict(bundle.audio)
+            return AudioData(features_of(items, spec), None, spec)
         return ImageData(torch.stack(list(items)), None, bundle.image)
 
     def input_column(self, df: pd.DataFrame, default: str) -> str:

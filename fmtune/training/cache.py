@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from fmtune.data.audio import AudioData
 from fmtune.data.dataset import TextData, batch_targets, epoch_batches
 from fmtune.fsutil import atomic_dir
 from fmtune.strategies import WHOLE_BACKBONE, backbone_blocks, block_list, frozen_prefix
@@ -204,8 +205,10 @@ def weights_digest(model: nn.Module) -> str:
 
 def content_key(digest: str, split: Split, ds: Any, pooling: str, how: str = "") -> str:
     h = hashlib.sha256(f"{VERSION}|{split}|{pooling}|{digest}|{how}".encode())
-    if getattr(ds, "digest", ""):  # audio: a digest of the decoded clips
-        h.update(ds.digest.encode())
+    if isinstance(ds, AudioData):  # the log-mel windows of every clip
+        h.update(json.dumps(ds.spec.as_dict(), sort_keys=True).encode())
+        for clip in ds.clips:
+            h.update(b"".join(w.numpy().tobytes() for w in clip) + b"|")
     elif isinstance(ds, TextData):
         for ids in ds.input_ids:
             h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")

