@@ -621,10 +621,12 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     to_stdout = str(output) == "-"
     target = Path(output) if output is not None and not to_stdout else None
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target is not None else None
+    media = "audio" if pred.kind == "audio" else "image"  # what a folder (or a lone file) is read for
     try:
-        with ui.CountProgress("predict", count_rows(inputs) or 0, quiet) as bar:
+        with ui.CountProgress("predict", count_rows(inputs, media) or 0, quiet) as bar:
             for df, problems in iter_chunks(inputs, pred.config.data.encoding, chunk_rows,
-                                            pred.config.data.image_column, pred.config.data.text_column):
+                                            input_column(media, pred.config.data)[0], pred.config.data.text_column,
+                                            media):
                 out = _predict_chunk(pred, df, problems, strict)
                 rows += len(out)
                 errs = out["error"].dropna()

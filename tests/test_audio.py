@@ -422,3 +422,20 @@ def test_audio_export_and_what_is_refused(tiny_whisper, tone_dirs, tmp_path):
     with pytest.raises(ConfigError, match="audio augmentation .* is not built yet"):
         fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(tmp_path / "aug"),
                               task={"type": "audio-classification"}, train={"augment": {"noise": 0.1}}), quiet=True)
+
+
+def test_predict_cli_reads_an_audio_folder_or_file(tiny_whisper, tone_dirs, tmp_path):
+    """fmtune predict RUN FOLDER / FILE on an audio run reads audio files (not images, not a table)."""
+    import fmtune
+    from fmtune.cli import main
+
+    out = tmp_path / "run"
+    fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(out), task={"type": "audio-classification"},
+                          train={"epochs": 1, "batch_size": 8}), quiet=True)
+    folder = tone_dirs["test"] / "mid"
+    main(["predict", str(out), str(folder), "-o", str(tmp_path / "p.csv"), "-q"])
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert sorted(df["audio"]) == sorted(str(f) for f in folder.iterdir()) and df["error"].isna().all()
+    one = sorted(folder.iterdir())[0]
+    main(["predict", str(out), str(one), "-o", str(tmp_path / "one.csv"), "-q"])
+    assert pd.read_csv(tmp_path / "one.csv")["label"].tolist() == [df.loc[df["audio"] == str(one), "label"].item()]

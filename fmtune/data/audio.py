@@ -24,10 +24,9 @@ import pandas as pd
 import torch
 
 from fmtune.data.dataset import skip_bad
-from fmtune.data.readers import read_class_folder, require_column, row_label, table_base
+from fmtune.data.readers import AUDIO_SUFFIXES, read_class_folder, require_column, row_label, table_base
 from fmtune.errors import DataError
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}
 MIN_SECONDS = 0.005  # shorter is not a sound a model can tell anything from: an error
 PAD_TO_SECONDS = 1.0  # shorter clips are padded with silence to this length (context for the encoder)
 SILENCE_PEAK = 1e-4  # a clip whose loudest sample is below this is silence (warned, not refused)

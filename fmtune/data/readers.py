@@ -17,6 +17,8 @@ from fmtune.errors import DataError
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt"}  # .txt: one text per line
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}  # what soundfile reads
+MEDIA_SUFFIXES = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}  # files a model reads one per example
 
 
 def _check_encoding(path: Path, encoding: str) -> None:
@@ -108,9 +110,14 @@ def jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
     return out
 
 
+def list_files(folder: Path, suffixes: set[str]) -> list[Path]:
+    """Files anywhere below ``folder`` whose suffix is one of ``suffixes``, sorted."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files anywhere below ``folder``, sorted."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    return list_files(folder, IMAGE_SUFFIXES)
 
 
 def read_class_folder(path: Path, suffixes: set[str], column: str = "image", example: str = "cat/1.png",
@@ -119,7 +126,7 @@ def read_class_folder(path: Path, suffixes: set[str], column: str = "image", exa
     the files below each sub-folder whose suffix is one of ``suffixes``."""
     rows = []
     for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        rows += [(str(f), sub.name) for f in sorted(sub.rglob("*")) if f.is_file() and f.suffix.lower() in suffixes]
+        rows += [(str(f), sub.name) for f in list_files(sub, suffixes)]
     if not rows:
         raise DataError(f"{path}: no {what} found; expected class sub-folders (e.g. {path}/{example}) "
                         f"holding {', '.join(sorted(suffixes))} files")
@@ -179,12 +186,13 @@ def row_label(df: pd.DataFrame, i: int) -> str:
 
 # --- streaming: large inputs in chunks of rows, in constant memory ----------------------------
 
-def count_rows(path: Path) -> int | None:
-    """Data rows of a table or images of a folder, cheaply (for a progress bar); None if unknown."""
+def count_rows(path: Path, media: str = "image") -> int | None:
+    """Data rows of a table, or ``media`` files (image, audio) of a folder, cheaply (for a progress
+    bar); None if unknown."""
     suffix = path.suffix.lower()
     if path.is_dir():
-        return len(list_images(path))
-    if suffix in IMAGE_SUFFIXES:
+        return len(list_files(path, MEDIA_SUFFIXES[media]))
+    if suffix in MEDIA_SUFFIXES[media]:
         return 1
     if suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
@@ -198,26 +206,28 @@ def count_rows(path: Path) -> int | None:
 
 
 def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: str = "image",
-                text_column: str = "text"):
-    """Yield ``(frame, problems)`` chunks of at most ``chunk_rows`` rows of a table, an image
-    folder (any depth) or one image. Frames keep the file's row positions in their index. A row
+                text_column: str = "text", media: str = "image"):
+    """Yield ``(frame, problems)`` chunks of at most ``chunk_rows`` rows of a table, a folder
+    (any depth) of ``media`` files (image, audio: their paths in ``image_column``) or one such
+    file. Frames keep the file's row positions in their index. A row
     that cannot be read at all (a CSV line with the wrong number of fields, a JSONL line that is
     not a JSON object) is an empty row, and ``problems`` maps its position in the chunk to a
     message naming its line."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"input {path} does not exist")
-    if path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES:
-        files = list_images(path) if path.is_dir() else [path]
+    suffixes = MEDIA_SUFFIXES[media]
+    if path.is_dir() or path.suffix.lower() in suffixes:
+        files = list_files(path, suffixes) if path.is_dir() else [path]
         if not files:
-            raise DataError(f"{path}: no image files found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(f"{path}: no {media} files found ({', '.join(sorted(suffixes))})")
         for start in range(0, len(files), chunk_rows):
             part = files[start:start + chunk_rows]
             df = pd.DataFrame({image_column: [str(f) for f in part]}, index=range(start, start + len(part)))
             df.attrs["source"] = str(path)
             yield df, {}
         return
-    suffix = _check_table(path, "an image file, or a folder of images")
+    suffix = _check_table(path, f"an {media} file, or a folder of {media} files")
     if suffix in (".parquet", ".pq"):
         yield from _parquet_chunks(path, chunk_rows)
     elif suffix in (".jsonl", ".json"):
