@@ -129,6 +129,8 @@ def test_choose_strategy_by_labels_per_class_and_size():
     assert fewshot.choose_strategy(cfg, "text", 400_000_000, 500, clf)[0] == "lora"
     assert fewshot.choose_strategy(cfg, "image", 4_000_000, 10, clf)[0] == "head"
     assert fewshot.choose_strategy(cfg, "image", 4_000_000, 100, clf)[0] == "full"
+    assert fewshot.choose_strategy(cfg, "audio", 8_000_000, 6, clf)[0] == "head"
+    assert fewshot.choose_strategy(cfg, "audio", 8_000_000, 33, clf)[0] == "full"
     quick = config_mod.from_dict({"train": {"max_minutes": 1}})
     name, why = fewshot.choose_strategy(quick, "image", 4_000_000, 100, clf)
     assert name == "head" and "time budget" in why
