@@ -9,6 +9,7 @@
 #   make test-slow   the tests on the real offline weights
 #   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
 #   make bench-generation  fmtune's text generation against TRL's SFTTrainer (installed for it)
+#   make bench-audio  fmtune's audio classification against the Hugging Face Trainer (WhisperForAudioClassification)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio test test-slow lint \
-	clean bench-fewshot bench-generation
+	clean bench-fewshot bench-generation bench-audio
 
 setup: $(VENV)/.installed
 
@@ -80,3 +81,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+bench-audio: setup setup-audio
+	$(PY) bench/audio.py > bench/results-audio-$$(date +%F).json
