@@ -385,13 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (about 3 min on 2 cores; fairness: 5)")
-    d.add_argument("--task", choices=["text", "image", "ner", "fairness", "generation", "audio-classification"],
+    d.add_argument("--task", choices=["text", "image", "ner", "fairness", "generation", "audio-classification",
+                                      "speech-recognition"],
                    default="text",
                    help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits; ner: MiniLM-L6 "
                    "tagging named entities in WNUT-2016 tweets; fairness: MiniLM-L6 on Adult census rows, then "
                    "the per-group audit before and after per-group thresholds; generation: SmolLM2-135M with LoRA "
                    "summarising Python standard-library functions in one sentence; audio-classification: Whisper "
-                   "tiny.en's encoder telling 20 spoken words apart (espeak-ng voices, needs Debian's espeak-ng)")
+                   "tiny.en's encoder telling 20 spoken words apart (espeak-ng voices, needs Debian's espeak-ng); "
+                   "speech-recognition: Whisper tiny.en with LoRA transcribing real sentences read by espeak-ng")
     d.add_argument("--out", help="run directory (default: runs/demo-<task>-<time>)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -62,7 +62,9 @@ class DataConfig:
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
     input_column: str | None = _f(None, "generation: column of a table holding the input (default: prompt, else "
                                   "data.text_column)")
-    target_column: str | None = _f(None, "generation: column of a table holding the target text (default: completion)")
+    target_column: str | None = _f(None, "generation: column of a table holding the target text (default: "
+                                   "completion); speech-recognition: the transcript (default: the first of text, "
+                                   "transcript, transcription, sentence)")
     label_separator: str = _f("|", "multi-label: separator between labels in one cell")
     encoding: str = _f("utf-8", "text encoding of CSV/JSONL files (e.g. latin-1)")
     format: Literal["auto", "conll", "jsonl"] = _f(
@@ -112,6 +114,8 @@ class TaskConfig:
                                "completion only)")
     chat_template: Literal["auto", "on", "off"] = _f(
         "auto", "generation: wrap prompts in the tokenizer's chat template (auto: when the tokenizer has one)")
+    language: str | None = _f(None, "speech-recognition: the spoken language for a multilingual Whisper (e.g. "
+                              "english, french; default english); English-only models need none")
     truncate: bool = _f(False, "generation: an example longer than model.max_length loses the start of its prompt "
                         "(then the end of its completion) with a warning, instead of being an error")
 

@@ -47,9 +47,10 @@ def settings(cfg: config_mod.Config) -> GenerationSettings:
     return GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.samples, min(cfg.train.eval_batch_size, 32))
 
 
-def _frames(cfg: config_mod.Config) -> dict[str, pd.DataFrame]:
+def _frames(cfg: config_mod.Config, task: Any) -> dict[str, pd.DataFrame]:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
+    read_rows = task.read
     train = read_rows(cfg.data.train, cfg.data)
     if cfg.data.max_train_samples and cfg.data.max_train_samples < len(train):
         attrs = dict(train.attrs)
@@ -72,6 +73,8 @@ def _frames(cfg: config_mod.Config) -> dict[str, pd.DataFrame]:
 
 
 def _display_prompt(row: dict[str, Any]) -> str:
+    if "audio" in row:  # speech recognition: the clip
+        return str(row["audio"])
     if row["kind"] == "messages":
         users = [m["content"] for m in json.loads(row["messages"]) if m["role"] == "user"]
         return users[-1] if users else ""
@@ -80,7 +83,8 @@ def _display_prompt(row: dict[str, Any]) -> str:
 
 def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: bool = False, quiet: bool = False,
           report: bool = True, on_eval: Any = None) -> dict[str, Any]:
-    """Fine-tune a causal LM as configured (``run_dir``: resume that run). Returns the run summary."""
+    """Fine-tune a model that generates (a causal LM: text generation; an encoder-decoder speech
+    model: speech recognition) as configured (``run_dir``: resume that run). Returns the run summary."""
     resume = run_dir is not None
     _check_settings(cfg)
     hw = hardware.choose(cfg.train.device, cfg.train.precision, cfg.train.num_threads, cfg.train.loader_threads)
@@ -91,7 +95,7 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         cls = task_class(cfg.task.type)
         task = cls(**cls.options_from(cfg.task, cfg.data))
     task.settings = settings(cfg)
-    frames = _frames(cfg)
+    frames = _frames(cfg, task)
     bundle = build.create(cfg.model, task)
     data = {name: task.dataset(df, bundle, cfg.data)[0] for name, df in frames.items()}
     if not resume:
@@ -112,18 +116,15 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         share = 100 * counts["trainable_params"] / counts["total_params"]
         out.print(f"  strategy {cfg.strategy.name}: trainable {counts['trainable_params']:,} of "
                   f"{counts['total_params']:,} parameters ({share:.2f}%); lr {cfg.train.lr:g}")
-    net = causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
+    net = _net(bundle)
     result = fit(bundle, task, data["train"], data["val"], cfg.train, run_dir, hardware=hw, resume=resume,
                  save_best=lambda: build.save(bundle, run_dir / "model"), progress=ui.FitProgress(quiet), net=net,
                  on_eval=on_eval, eval_first=True)
     info = {"params": counts, "hardware": hw.describe(),
-            "data": {k: {"rows": len(v), "source": frames[k].attrs.get("source"),
-                         "tokens": int(v.lengths.sum())} for k, v in data.items()},
+            "data": {k: {"rows": len(v), "source": frames[k].attrs.get("source"), **_size(v)} for k, v in data.items()},
             "fit": {k: v for k, v in vars(result).items() if k not in ("history", "processes", "params_in_sync",
                                                                        "weights_per_rank_mib")},
-            "generation": {"chat_template": uses_template(bundle.tokenizer, task.chat_template),
-                           "train_on_prompt": task.train_on_prompt, "max_length": bundle.max_length,
-                           "eos_token": bundle.tokenizer.eos_token, "pad_token": bundle.tokenizer.pad_token},
+            "generation": _settings_info(bundle, task),
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     write_json(run_dir / INFO_FILE, info)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
@@ -148,6 +149,33 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     return summary
 
 
+def _net(bundle: build.Bundle) -> torch.nn.Module:
+    """What training and evaluation feed batches to: logits at the trained positions only."""
+    if bundle.family == causal_lm.SPEECH_FAMILY:
+        from fmtune.models.speech import SpeechLogits
+
+        return SpeechLogits(bundle.model, bundle.tokenizer)
+    return causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
+
+
+def _size(ds: Any) -> dict[str, Any]:
+    if hasattr(ds, "clips"):  # audio: seconds of speech
+        return {"seconds": round(float(sum(w.shape[-1] for c in ds.clips for w in c) * ds.hop_seconds), 1)}
+    return {"tokens": int(ds.lengths.sum())}
+
+
+def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
+    tok = bundle.tokenizer
+    if bundle.family == causal_lm.SPEECH_FAMILY:
+        from fmtune.models import speech
+
+        return {"prefix": tok.convert_ids_to_tokens(speech.prefix_ids(tok, task.language)),
+                "bucket_seconds": speech.BUCKET_SECONDS, "window_seconds": bundle.audio.get("window_seconds"),
+                "eos_token": tok.eos_token, "wer_normalizer": "transformers BasicTextNormalizer"}
+    return {"chat_template": uses_template(tok, task.chat_template), "train_on_prompt": task.train_on_prompt,
+            "max_length": bundle.max_length, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
+
+
 def _check_settings(cfg: config_mod.Config) -> None:
     """Settings of other tasks that a generation run would otherwise silently ignore."""
     unsupported = {"semi.unlabeled / --unlabeled (self-training)": cfg.semi.unlabeled,
@@ -160,12 +188,12 @@ def _check_settings(cfg: config_mod.Config) -> None:
     unsupported["several processes (--num-processes)"] = distributed.world_size() > 1
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise ConfigError(f"{', '.join(bad)}: not available for text generation runs")
+        raise ConfigError(f"{', '.join(bad)}: not available for {cfg.task.type} runs")
 
 
 def _score(bundle: build.Bundle, task: Any, ds: Any, sample: list[int], cfg: config_mod.Config, hw: Any,
            quiet: bool, what: str) -> dict[str, Any]:
-    net = causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
+    net = _net(bundle)
     started = time.perf_counter()
     with ui.CountProgress(f"{what}: answers", len(sample), quiet) as bar:
         metrics = task.evaluate_model(net, ds, cfg.train.eval_batch_size, hw.device, sample=sample, progress=bar)
@@ -175,7 +203,7 @@ def _score(bundle: build.Bundle, task: Any, ds: Any, sample: list[int], cfg: con
 def _write_eval(run_dir: Path, df: pd.DataFrame, ds: Any, sample: list[int], baseline: dict[str, Any],
                 tuned: dict[str, Any], cfg: config_mod.Config, task: Any, quiet: bool) -> dict[str, Any]:
     rows = df.to_dict("records")
-    answers = [{"line": ds.lines[i], "prompt": _display_prompt(rows[i]), "reference": ds.references[i],
+    answers = [{"line": ds.lines[i], task.input_name: _display_prompt(rows[i]), "reference": ds.references[i],
                 "baseline": (baseline.get("answers") or [""] * len(sample))[j],
                 "fine_tuned": tuned["answers"][j]} for j, i in enumerate(sample)]
     write_text_atomic(run_dir / ANSWERS_FILE, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
@@ -190,7 +218,8 @@ def _write_eval(run_dir: Path, df: pd.DataFrame, ds: Any, sample: list[int], bas
                  ["fine-tuned", *[result["test"][k] for k in keys]]]
         ui.console.print(ui.table(f"test ({len(ds)} rows; {len(sample)} answered)", ["model", *keys], rows_))
         for a in answers[:3]:
-            ui.console.print(f"[bold]prompt[/] {a['prompt'][:200]!r}\n  reference  {a['reference']!r}\n"
+            asked = task.input_name
+            ui.console.print(f"[bold]{asked}[/] {a[asked][:200]!r}\n  reference  {a['reference']!r}\n"
                              f"  zero-shot  {a['baseline']!r}\n  fine-tuned {a['fine_tuned']!r}")
         ui.console.print(f"eval: {run_dir / EVAL_FILE}; every answer: {run_dir / ANSWERS_FILE}")
     return result
@@ -200,19 +229,30 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
                 hw: Any) -> None:
     out = ui.console
     out.print(f"[bold]fmtune train[/] -> {run_dir}")
-    out.print(f"  model {cfg.model.name} (causal LM, {sum(p.numel() for p in bundle.model.parameters()):,} "
-              "parameters)  task generation")
+    speech = bundle.family == causal_lm.SPEECH_FAMILY
+    out.print(f"  model {cfg.model.name} ({'encoder-decoder speech model' if speech else 'causal LM'}, "
+              f"{sum(p.numel() for p in bundle.model.parameters()):,} parameters)  task {task.name}")
     tok = bundle.tokenizer
-    out.print(f"  prompts {'in the chat template' if uses_template(tok, task.chat_template) else 'as plain text'}"
-              f"{', instruction: ' + repr(task.instruction) if task.instruction else ''}; loss on "
-              f"{'prompt and completion' if task.train_on_prompt else 'the completion only'}; every target ends "
-              f"with {tok.eos_token!r}; padding {tok.pad_token!r}; max {bundle.max_length} tokens")
-    out.print("  data: " + ", ".join(f"{k} {len(v)} rows ({int(v.lengths.sum()):,} tokens)" for k, v in data.items())
-              + f"; validation answers {min(cfg.eval.samples, len(data['val']))} rows (max {cfg.eval.max_new_tokens} "
-              "new tokens)")
+    if speech:
+        info = _settings_info(bundle, task)
+        out.print(f"  clips read in buckets of {info['bucket_seconds']:g} s (at most {info['window_seconds']:g} s); "
+                  f"decoder prefix {''.join(info['prefix'])}; every transcript ends with {tok.eos_token!r}; WER on "
+                  "lower-cased text without punctuation")
+        sizes = ", ".join(f"{k} {len(v)} clips ({_size(v)['seconds']:,.0f} s)" for k, v in data.items())
+        out.print(f"  data: {sizes}; validation transcripts {min(cfg.eval.samples, len(data['val']))} clips")
+    else:
+        out.print(f"  prompts {'in the chat template' if uses_template(tok, task.chat_template) else 'as plain text'}"
+                  f"{', instruction: ' + repr(task.instruction) if task.instruction else ''}; loss on "
+                  f"{'prompt and completion' if task.train_on_prompt else 'the completion only'}; every target ends "
+                  f"with {tok.eos_token!r}; padding {tok.pad_token!r}; max {bundle.max_length} tokens")
+        sizes = ", ".join(f"{k} {len(v)} rows ({int(v.lengths.sum()):,} tokens)" for k, v in data.items())
+        out.print(f"  data: {sizes}"
+                  + f"; validation answers {min(cfg.eval.samples, len(data['val']))} rows (max "
+                  f"{cfg.eval.max_new_tokens} new tokens)")
     out.print(f"  {hw.describe()}")
     if "test" in data:
-        out.print("  the pretrained model answers the test prompts first (the zero-shot baseline)")
+        out.print(f"  the pretrained model {'transcribes the test clips' if speech else 'answers the test prompts'} "
+                  "first (the zero-shot baseline)")
 
 
 # --- generate ----------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class Predictor:
 
     def __init__(self, run: str | Path, batch_size: int | None = None, backend: str = "torch"):
         opened = open_run(run)
-        if opened.task.level == "lm":
+        if opened.task.level == "lm" and opened.task.modality != "audio":
             raise ConfigError(f"{run} is a text generation run: answer prompts with  fmtune generate {run} --prompt "
                               "TEXT  (or --file FILE), or serve it (fmtune serve: POST /generate)")
         self.run_dir = opened.dir
@@ -45,6 +45,9 @@ class Predictor:
         self.kind = self.bundle.kind
         self.batch_size = batch_size or self.config.train.eval_batch_size
         self.backend = backend
+        if self.task.level == "lm" and backend != "torch":
+            raise ConfigError(f"{run}: a {self.task.name} run transcribes with its torch model; backend {backend!r} "
+                              "is for classifiers and taggers")
         # per-group decision thresholds fitted by fmtune fairness --fit-thresholds (None: the model decides)
         self.thresholds = read_thresholds(self.run_dir) if self.task.supports("fairness") else None
         if backend == "torch":
@@ -114,6 +117,8 @@ class Predictor:
     def predict_items(self, items: list[Any]) -> list[dict[str, Any]]:
         """Predictions for checked texts (``check_text``) or decoded images (``decode``)."""
         ds = self.task.inputs(items, self.bundle)
+        if self.task.level == "lm":  # a model that generates (speech recognition): the task decodes
+            return self.task.generate_records(self.bundle, ds, self.batch_size, model_device(self.model))
         logits, _ = infer(self.model, ds, self.batch_size)
         return self.task.postprocess(logits, ds)
 

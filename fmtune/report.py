@@ -268,10 +268,11 @@ def _generation_section(log: list[dict[str, Any]], ev: dict[str, Any]) -> list[s
         out += ["<h2>Validation perplexity</h2>", _png(fig)]
     if samples:
         cut = lambda t: t if len(t) <= 400 else t[:399] + "…"  # noqa: E731
-        out += [f"<h2>Answers (test, {len(samples)} of {ev.get('n_generated', len(samples))} generated; all in "
-                "test_answers.jsonl)</h2>",
-                _table(["prompt", "reference", "pretrained (zero-shot)", "fine-tuned"],
-                       [[cut(a["prompt"]), a["reference"], a["baseline"], a["fine_tuned"]] for a in samples])]
+        asked = "audio" if "audio" in samples[0] else "prompt"  # speech recognition: the clip transcribed
+        out += [f"<h2>{'Transcripts' if asked == 'audio' else 'Answers'} (test, {len(samples)} of "
+                f"{ev.get('n_generated', len(samples))} generated; all in test_answers.jsonl)</h2>",
+                _table([asked, "reference", "pretrained (zero-shot)", "fine-tuned"],
+                       [[cut(a[asked]), a["reference"], a["baseline"], a["fine_tuned"]] for a in samples])]
     return out
 
 

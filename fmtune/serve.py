@@ -408,7 +408,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     from fmtune.predictor import Predictor
     from fmtune.run import read_task
 
-    if read_task(run).level == "lm":  # a generation run: POST /generate (fmtune.generation.Generator)
+    task = read_task(run)
+    if task.level == "lm" and task.modality != "audio":  # text generation: POST /generate (generation.Generator)
         from fmtune.errors import ConfigError
         from fmtune.generation import Generator
 

@@ -137,6 +137,12 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
 
 def create(model_cfg: Any, task: Any) -> Bundle:
     """Build the pretrained backbone named by ``model_cfg.name`` plus a fresh head for ``task``."""
+    if task.level == "lm" and task.modality == "audio":  # an encoder-decoder speech model (speech recognition)
+        from fmtune.models import speech
+
+        model, tokenizer, audio = speech.create(model_cfg, task)
+        return Bundle(model, "audio", speech.FAMILY, "none", tokenizer=tokenizer, audio=audio,
+                      max_length=speech.max_target_positions(model), source=str(model_cfg.name))
     if task.level == "lm":  # a causal language model with its own output layer (text generation)
         model, tokenizer, max_length = causal_lm.create(model_cfg, task)
         return Bundle(model, "text", causal_lm.FAMILY, "none", tokenizer=tokenizer, max_length=max_length,
@@ -238,7 +244,7 @@ def _head_layers(model: nn.Module) -> tuple[nn.Dropout, nn.Linear]:
 
 def _write(bundle: Bundle, tmp: Path) -> None:
     meta = bundle.meta()
-    if bundle.family == causal_lm.FAMILY:  # a transformers causal LM folder (or its adapter) and the tokenizer
+    if bundle.family in causal_lm.FAMILIES:  # a transformers folder (or its adapter) and the tokenizer
         causal_lm.write(bundle, tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         return
@@ -407,9 +413,10 @@ def load(model_dir: Path) -> Bundle:
     if not meta:
         raise ModelError(f"{model_dir} holds no fmtune model ({META_FILE} missing or unreadable)")
     family = meta["family"]
-    if family == causal_lm.FAMILY:
+    if family in causal_lm.FAMILIES:
         model, tokenizer = causal_lm.load(model_dir, meta)
-        return Bundle(model, "text", family, "none", tokenizer=tokenizer,
+        return Bundle(model, meta.get("kind", "text"), family, "none", tokenizer=tokenizer,
+                      audio=meta.get("audio") or {},
                       max_length=meta.get("max_length", causal_lm.DEFAULT_MAX_LENGTH), source=meta.get("source", ""),
                       adapter=meta.get("adapter"))
     if family != "hf" and family not in CNN_FAMILIES:
@@ -439,7 +446,7 @@ def load_weights(bundle: Bundle, model_dir: Path) -> None:
     """Load the weights saved in ``model_dir`` into an already-built bundle's model (the best
     checkpoint, after training). transformers may store a model's keys under legacy names, so
     the folder is read back the way it was written."""
-    if bundle.family == causal_lm.FAMILY:
+    if bundle.family in causal_lm.FAMILIES:
         causal_lm.load_weights(bundle, model_dir)
         return
     if bundle.adapter:

@@ -22,6 +22,8 @@ from torch import nn
 from fmtune.errors import ConfigError, ModelError
 
 FAMILY = "causal-lm"
+SPEECH_FAMILY = "speech-seq2seq"  # fmtune.models.speech: saved, loaded and adapted as causal LMs are
+FAMILIES = (FAMILY, SPEECH_FAMILY)
 DEFAULT_MAX_LENGTH = 512  # model.max_length of generation: prompt + completion
 LM_STRATEGIES = ("lora", "dora", "ia3", "prompt", "last_n", "full")
 # Modules adapted by default, per architecture: (lora/dora targets, ia3 targets, ia3 feed-forward
@@ -32,6 +34,9 @@ LM_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
            ["k_proj", "v_proj", "down_proj"], ["down_proj"])
     for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3")
 }
+# Whisper: the attention and feed-forward projections of encoder and decoder blocks (self- and cross-attention)
+LM_TARGETS["whisper"] = (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"],
+                         ["fc2"])
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
 # A batch whose rows all start with at least this many identical tokens runs them once (TargetLogits)
 MIN_SHARED_PREFIX = 8
@@ -141,9 +146,12 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
     the parameter counts, as ``fmtune.strategies.apply_strategy`` does."""
     model = bundle.model
     base = sum(p.numel() for p in model.parameters())
-    if cfg.name not in LM_STRATEGIES:
-        raise ConfigError(f"strategy {cfg.name} does not apply to text generation (there is no separate head); "
-                          f"use one of: {', '.join(LM_STRATEGIES)} (lora is the default)")
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    allowed = tuple(s for s in LM_STRATEGIES if not (seq2seq and s == "prompt"))
+    if cfg.name not in allowed:
+        what = "speech recognition" if seq2seq else "text generation"
+        raise ConfigError(f"strategy {cfg.name} does not apply to {what} (there is no separate head); use one of: "
+                          f"{', '.join(allowed)} (lora is the default)")
     from fmtune import adapters
 
     if adapters.is_peft(cfg.name):
@@ -151,7 +159,7 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
 
         for p in model.parameters():
             p.requires_grad_(False)
-        task_type = peft.TaskType.CAUSAL_LM
+        task_type = None if seq2seq else peft.TaskType.CAUSAL_LM  # peft's seq2seq wrapper expects text inputs
         if cfg.name == "prompt":
             pc = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
         else:
@@ -170,12 +178,13 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
         if cfg.name == "last_n":
             from fmtune.strategies import backbone_blocks
 
-            blocks = backbone_blocks(model)
+            blocks = backbone_blocks(model.get_decoder())  # an encoder-decoder's last blocks are the decoder's
             if cfg.n > len(blocks):
                 raise ConfigError(f"strategy.n: {cfg.n} is more than the {len(blocks)} blocks of this model")
             ids = {id(p) for b in blocks[-cfg.n:] for p in b.parameters()}
             decoder = model.get_decoder()
-            norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
+            norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None) or getattr(
+                decoder, "layer_norm", None)
             ids |= {id(p) for p in (norm.parameters() if norm is not None else [])}
             trainable = {n for n, p in model.named_parameters() if id(p) in ids}
         for n, p in model.named_parameters():
@@ -255,12 +264,28 @@ def write(bundle: Any, folder: Path) -> None:
     else:
         bundle.model.save_pretrained(folder, safe_serialization=True)
     bundle.tokenizer.save_pretrained(folder)
+    if bundle.family == SPEECH_FAMILY:
+        from fmtune.models.speech import write_extra
+
+        write_extra(bundle, folder)
+
+
+def _auto(meta: dict[str, Any]) -> Any:
+    """The transformers class a saved folder of this family loads with."""
+    if meta.get("family") == SPEECH_FAMILY:
+        from transformers import WhisperForConditionalGeneration
+
+        return WhisperForConditionalGeneration
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
 
 
 def load(model_dir: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a folder written by ``write``; ``meta``: its fmtune.json."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    auto = _auto(meta)
     adapter = meta.get("adapter")
     try:
         if adapter:
@@ -268,16 +293,17 @@ def load(model_dir: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
             from fmtune.zoo.models import resolve
 
             _, path = resolve(meta["source"])
-            base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            base = auto.from_pretrained(path, dtype=torch.float32)
             model = adapters.load(base, model_dir)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            model = auto.from_pretrained(model_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except ModelError:
         raise
     except Exception as e:
         raise ModelError(f"cannot load the generation model in {model_dir}: {e}") from None
-    set_pad(tokenizer, plain(model))
+    if meta.get("family") != SPEECH_FAMILY:  # Whisper's padding is masked by position; its ids stay as trained
+        set_pad(tokenizer, plain(model))
     model.eval()
     return model, tokenizer
 
@@ -296,7 +322,7 @@ def load_weights(bundle: Any, model_dir: Path) -> None:
     for f in files:
         state.update(load_file(str(f)))
     missing, unexpected = bundle.model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")}  # a tied output layer is stored once
+    tied = {k for k in missing if k.endswith(("lm_head.weight", "proj_out.weight"))}  # a tied output layer: stored once
     if set(missing) - tied or unexpected:
         raise ModelError(f"{model_dir}: weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
                          f"unexpected {unexpected[:3]})")

@@ -6,7 +6,8 @@ from fmtune.tasks.classification import Classification
 from fmtune.tasks.generation import Generation
 from fmtune.tasks.multilabel import MultiLabel
 from fmtune.tasks.regression import Regression
+from fmtune.tasks.speech import SpeechRecognition
 from fmtune.tasks.token_classification import TokenClassification
 
 __all__ = ["AudioClassification", "CAPABILITIES", "TASKS", "UNKNOWN", "Classification", "Generation", "MultiLabel",
-           "Regression", "Task", "TokenClassification", "task_class", "task_from_state"]
+           "Regression", "SpeechRecognition", "Task", "TokenClassification", "task_class", "task_from_state"]

@@ -236,6 +236,7 @@ class Generation(Task):
     description = ("generate text: fine-tune a causal language model on prompt -> completion pairs, chat messages "
                    "or plain text (loss on the completion; ROUGE-L picks the best checkpoint)")
     baseline_method = "the pretrained model prompted the same way, before fine-tuning (zero-shot)"
+    input_name = "prompt"  # what each answer in test_answers.jsonl answers
 
     def __init__(self, labels: list[str] | None = None, **kw: Any):
         super().__init__([], **{k: v for k, v in kw.items() if k in ("threshold", "separator", "target_stats")})

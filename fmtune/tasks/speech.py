@@ -1,0 +1,309 @@
+"""Speech recognition: an audio clip -> its transcript, by an encoder-decoder speech model (Whisper)
+fine-tuned with the token-level loss on the transcript.
+
+Data: a table (CSV/TSV/JSONL/Parquet) of audio paths (``data.audio_column``; relative to the table,
+or absolute) and transcripts (``data.target_column``; found by name when unset: text, transcript,
+transcription, sentence), or a folder holding such a table as ``metadata.csv`` / ``metadata.jsonl``
+(the Hugging Face audiofolder layout, paths in ``file_name``).
+
+Validation measures the loss on every clip and, on a fixed sample, the transcripts the model
+decodes (greedy, batched, KV cache: ``fmtune.models.speech.transcribe``) against the references:
+word and character error rate (``jiwer``) after a light normalisation (lower case, punctuation
+and symbols to spaces: transformers' BasicTextNormalizer), so "Hello, world." and "hello world"
+agree. The best checkpoint is the one of the lowest WER, not the lowest loss (the loss can keep
+falling while the transcripts get worse).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from fmtune.data.readers import read_table, row_label
+from fmtune.errors import DataError
+from fmtune.tasks.base import TASKS, Task
+from fmtune.tasks.generation import GenerationSettings
+
+AUDIO_COLUMNS = ("audio", "file_name", "path", "file", "filename", "audio_path", "audio_filepath")
+TEXT_COLUMNS = ("text", "transcript", "transcription", "sentence", "normalized_text")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.tsv", "metadata.parquet")
+
+
+def _pick(df: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], what: str, option: str) -> str:
+    src = df.attrs.get("source", "the data")
+    cols = ", ".join(map(str, df.columns))
+    if wanted and wanted in df.columns:
+        return wanted
+    found = [c for c in candidates if c in df.columns]
+    if found:
+        return found[0]
+    named = f"no column {wanted!r}" if wanted else f"no {what} column (looked for {', '.join(candidates)})"
+    raise DataError(f"{src}: {named}; columns are: {cols}. Name the right one with --set {option}=COLUMN")
+
+
+def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.DataFrame:
+    """Rows of ``audio`` (a path as written) and ``text`` (the transcript; None without targets),
+    ``line`` (the row in the file), with the table's path in ``attrs['source']``."""
+    p = Path(path)
+    if p.is_dir():
+        meta = next((p / m for m in METADATA_FILES if (p / m).is_file()), None)
+        if meta is None:
+            raise DataError(f"{p}: a speech folder needs a table of its clips and transcripts: "
+                            f"{' or '.join(METADATA_FILES[:2])} with columns file_name and text")
+        p = meta
+    df = read_table(p, data_cfg.encoding, data_cfg.audio_column)
+    if df.empty:
+        raise DataError(f"{p}: no rows")
+    audio_col = _pick(df, data_cfg.audio_column if data_cfg.audio_column in df.columns else None, AUDIO_COLUMNS,
+                      "audio path", "data.audio_column")
+    out = pd.DataFrame({"audio": df[audio_col].to_numpy()}, index=df.index)
+    if with_targets:
+        text_col = _pick(df, data_cfg.target_column, TEXT_COLUMNS, "transcript", "data.target_column")
+        texts = df[text_col].tolist()
+        for i, t in enumerate(texts):
+            if t is None or (isinstance(t, float) and t != t) or not str(t).strip():
+                raise DataError(f"{row_label(df, i)}: empty transcript in column {text_col!r}; a clip without "
+                                "speech needs no row (or give its transcript)")
+        out["text"] = [str(t).strip() for t in texts]
+        out.attrs["text_column"] = text_col
+    out["line"] = [int(i) + 1 for i in df.index]
+    out.attrs["source"] = str(p)
+    out.attrs["audio_column"] = audio_col
+    return out
+
+
+def normalize(text: str) -> str:
+    """What WER compares: lower case, punctuation and symbols as spaces, one space between words."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    return BasicTextNormalizer()(text).strip()
+
+
+def error_rates(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Word and character error rate over the whole set (errors / reference words or characters),
+    as jiwer computes them, on normalised text. An empty hypothesis counts every reference word
+    as deleted."""
+    import jiwer
+
+    refs = [normalize(r) for r in references]
+    hyps = [normalize(h) for h in hypotheses]
+    keep = [i for i, r in enumerate(refs) if r]
+    if not keep:
+        return {"wer": float("nan"), "cer": float("nan")}
+    refs, hyps = [refs[i] for i in keep], [hyps[i] for i in keep]
+    words = jiwer.process_words(refs, hyps)
+    chars = jiwer.process_characters(refs, hyps)
+    return {"wer": float(words.wer), "cer": float(chars.cer)}
+
+
+class SpeechData(torch.utils.data.Dataset):
+    """Clips as log-mel windows (fp16) with their transcripts as decoder tokens.
+
+    ``ids[i]`` is the decoder's prefix (start of transcript, language, task, no timestamps), the
+    transcript's tokens and the end-of-text token; position p predicts token p + 1 from
+    ``start[i] - 1`` on (the prefix is not trained). A batch pads every window, with Whisper's own
+    padding value (silence: its log-mel floor), to the longest ``bucket`` of the batch: clips are
+    read in buckets of a few seconds, not in Whisper's fixed 30 s, and a clip's transcript does not
+    depend on the clips batched with it."""
+
+    def __init__(self, clips: list[list[torch.Tensor]], ids: list[list[int]] | None, start: int, pad_id: int,
+                 spec: Any, references: list[str | None], lines: list[int], sources: list[str]):
+        from fmtune.models.speech import BUCKET_SECONDS
+
+        self.clips, self.ids, self.start, self.pad_id = clips, ids, start, pad_id
+        self.references, self.lines, self.sources = references, lines, sources
+        self.hop_seconds = spec.hop_length / spec.sampling_rate  # of one log-mel frame
+        self.bucket_frames = int(round(BUCKET_SECONDS / self.hop_seconds))
+        self.max_frames = int(round(spec.window_seconds / self.hop_seconds))  # the encoder's window
+        self.lengths = np.array([self.width(w) for c in clips for w in c[:1]])
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def width(self, window: torch.Tensor) -> int:
+        """Frames a window is padded to: its bucket (the next multiple of ``bucket_frames``)."""
+        n = window.shape[-1] + 2  # the convolutions at the end read padding, as in Whisper's window
+        return min(int(-(-n // self.bucket_frames) * self.bucket_frames), max(self.max_frames, window.shape[-1]))
+
+    def features(self, windows: list[torch.Tensor]) -> torch.Tensor:
+        """Windows padded to the widest bucket among them, with each window's floor (its maximum
+        minus 8 decades of log power: Whisper's value for the silence after a clip)."""
+        width = max(self.width(w) for w in windows)
+        out = torch.empty((len(windows), windows[0].shape[0], width))
+        for j, w in enumerate(windows):
+            w = w.float()
+            out[j, :, : w.shape[-1]] = w
+            out[j, :, w.shape[-1]:] = w.max() - 2.0
+        return out
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        feats = self.features([self.clips[i][0] for i in idx])
+        rows = [self.ids[i] for i in idx]
+        width = max(len(r) for r in rows) - 1
+        dec = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        where, labels = [], []
+        for b, r in enumerate(rows):
+            dec[b, : len(r) - 1] = torch.tensor(r[:-1])
+            where.extend(b * width + p for p in range(self.start - 1, len(r) - 1))
+            labels.extend(r[self.start:])
+        return {"input_features": feats, "decoder_input_ids": dec,
+                "target_index": torch.tensor(where, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+@TASKS.register("speech-recognition")
+class SpeechRecognition(Task):
+    name = "speech-recognition"
+    level = "lm"  # a model with its own output layer that generates (fmtune.models.speech)
+    modality = "audio"
+    default_metric = "wer"
+    metric_names = ("wer", "cer", "loss", "perplexity")
+    capabilities = frozenset()
+    description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper) on clips and their "
+                   "transcripts (a table of audio paths and text); WER picks the best checkpoint")
+    input_name = "audio"  # what each transcript in test_answers.jsonl transcribes
+    baseline_method = "the pretrained model's own transcripts of the same test clips, before fine-tuning (zero-shot)"
+
+    def __init__(self, labels: list[str] | None = None, **kw: Any):
+        super().__init__([])
+        self.language = kw.get("language")
+        self.options = {"language": self.language}
+        self.settings = GenerationSettings()  # eval.samples, the decoding batch (set from the config)
+        self.last_answers: list[str] = []  # of the latest evaluation's sample
+
+    def greater_is_better(self, metric: str) -> bool:
+        return metric not in ("wer", "cer", "loss", "perplexity")
+
+    @classmethod
+    def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
+        return read_speech(path, data_cfg)
+
+    @classmethod
+    def target_column(cls, data_cfg: Any) -> str:
+        return "text"
+
+    @classmethod
+    def options_from(cls, task_cfg: Any, data_cfg: Any) -> dict[str, Any]:
+        return {"language": task_cfg.language}
+
+    @classmethod
+    def from_train(cls, values: pd.Series, df: pd.DataFrame, **kw: Any) -> SpeechRecognition:
+        return cls(**kw)
+
+    # --- data -----------------------------------------------------------------------------------
+    def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
+                allow_unknown: bool = False) -> tuple[SpeechData, np.ndarray]:
+        from fmtune.data.audio import AudioSpec, audio_dataset
+        from fmtune.models import speech
+
+        spec = AudioSpec.from_dict(bundle.audio)
+        audio, keep = audio_dataset(df, "audio", spec, None, data_cfg.max_bad_fraction)
+        tok = bundle.tokenizer
+        prefix = speech.prefix_ids(tok, self.language)
+        eot = tok.eos_token_id
+        texts = df["text"].tolist() if with_targets and "text" in df.columns else [None] * len(df)
+        lines = df["line"].tolist() if "line" in df.columns else list(range(1, len(df) + 1))
+        ids, refs, kept_lines, long = [], [], [], []
+        limit = speech.max_target_positions(bundle.model)
+        for j, i in enumerate(keep):
+            where = audio.sources[j]
+            if with_targets:
+                if len(audio.clips[j]) > 1:
+                    long.append(where)
+                    continue
+                body = tok(" " + texts[i], add_special_tokens=False)["input_ids"]
+                if len(prefix) + len(body) + 1 > limit:
+                    raise DataError(f"{row_label(df, int(i))}: the transcript is {len(body)} tokens; the decoder "
+                                    f"holds {limit - len(prefix) - 1} (cut the clip and its transcript in two)")
+                ids.append(prefix + body + [eot])
+            refs.append(texts[i])
+            kept_lines.append(int(lines[i]))
+        if long:
+            raise DataError(f"{long[0]}: the clip is longer than the model's {spec.window_seconds:g} s window "
+                            f"({len(long)} clip(s) in all); a training clip needs a transcript per window: cut long "
+                            "recordings into clips of at most the window, each with its own transcript")
+        data = SpeechData(audio.clips, ids if with_targets else None, len(prefix), eot, spec, refs, kept_lines,
+                          audio.sources)
+        return data, keep
+
+    def inputs(self, items: list[Any], bundle: Any) -> SpeechData:
+        """Decoded waveforms to transcribe (any length: windows are transcribed in turn)."""
+        from fmtune.data.audio import AudioSpec, features_of
+
+        spec = AudioSpec.from_dict(bundle.audio)
+        return SpeechData(features_of(items, spec), None, 0, bundle.tokenizer.eos_token_id, spec,
+                          [None] * len(items), list(range(1, len(items) + 1)), [])
+
+    # --- loss and metrics -------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, targets: Any, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets)
+
+    def evaluate_model(self, net: Any, ds: SpeechData, batch_size: int, device: Any,
+                       sample: list[int] | None = None, progress: Any = None) -> dict[str, float]:
+        """Loss over every clip; WER and CER of greedy transcripts of the fixed sample (``sample``;
+        default: the first ``settings.samples`` of a seeded order)."""
+        import math
+
+        from fmtune.models import speech
+        from fmtune.tasks.generation import token_batches
+
+        was_training = net.training
+        net.eval()
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for idx in token_batches(ds.lengths, batch_size, max_tokens=batch_size * int(ds.lengths.max())):
+                batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
+                labels = batch.pop("labels")
+                total += float(F.cross_entropy(net(**batch).logits.float(), labels, reduction="sum"))
+                count += len(labels)
+        loss = total / max(count, 1)
+        out = {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
+        sample = self.sample(ds) if sample is None else sample
+        if sample:
+            answers = speech.transcribe(net.model, net.tokenizer, ds, sample, self.settings.batch_size, device,
+                                        self.language, on_batch=progress)
+            self.last_answers = answers
+            out.update(error_rates(answers, [ds.references[i] for i in sample]))
+        if was_training:
+            net.train()
+        return out
+
+    def sample(self, ds: SpeechData, n: int | None = None) -> list[int]:
+        """A fixed, seeded sample of clips with a transcript (the same at every evaluation)."""
+        rows = [i for i, r in enumerate(ds.references) if r]
+        n = self.settings.samples if n is None else n
+        if len(rows) <= n:
+            return rows
+        rng = np.random.default_rng(0)
+        return sorted(rng.choice(rows, size=n, replace=False).tolist())
+
+    def input_column(self, df: pd.DataFrame, default: str) -> str:
+        """The audio column of a table to transcribe: ``data.audio_column``, else a usual name
+        (file_name, path ...)."""
+        return default if default in df.columns else next((c for c in AUDIO_COLUMNS if c in df.columns), default)
+
+    # --- output ------------------------------------------------------------------------------
+    def generate_records(self, bundle: Any, ds: SpeechData, batch_size: int, device: Any) -> list[dict[str, Any]]:
+        """The transcript of every clip of ``ds`` (windows of a long clip transcribed in turn)."""
+        from fmtune.models import speech
+
+        texts = speech.transcribe(bundle.model, bundle.tokenizer, ds, list(range(len(ds))), batch_size, device,
+                                  self.language)
+        return [{"transcript": t} for t in texts]
+
+    def prediction_columns(self) -> list[str]:
+        return ["transcript"]
+
+    def flatten(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {"transcript": record["transcript"]}
+
+    def state(self) -> dict[str, Any]:
+        return {"task": self.name, "labels": [], **self.options}
+

@@ -1,0 +1,308 @@
+"""Speech recognition: reading clips and transcripts (and their errors), the bucketed encoder and the
+cached greedy decoder, WER/CER, and the task end to end (train, baseline, report, predict, serve) on
+a tiny random Whisper learning to transcribe tone sequences ("low high mid")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from conftest import cfg_dict
+
+from fmtune.errors import ConfigError, DataError, ModelError
+
+RATE = 16000
+WORDS = {"low": 300.0, "mid": 1200.0, "high": 3500.0}
+
+
+def _tone(freq: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (0.5 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def _clip(words: list[str], rng: np.random.Generator) -> np.ndarray:
+    gap = np.zeros(int(0.08 * RATE), dtype=np.float32)
+    return np.concatenate([p for w in words for p in (_tone(WORDS[w], 0.25, rng), gap)])
+
+
+def write_split(folder: Path, name: str, n: int, seed: int, most: int = 3) -> Path:
+    """``n`` clips of 1 to ``most`` tone 'words' and a table of their paths (relative) and transcripts."""
+    rng = np.random.default_rng(seed)
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        words = list(rng.choice(list(WORDS), size=int(rng.integers(1, most + 1))))
+        sf.write(folder / name / f"{i:03d}.wav", _clip(words, rng), RATE)
+        rows.append({"audio": f"{name}/{i:03d}.wav", "text": " ".join(words).capitalize() + "."})
+    pd.DataFrame(rows).to_csv(folder / f"{name}.csv", index=False)
+    return folder / f"{name}.csv"
+
+
+@pytest.fixture(scope="session")
+def tiny_asr(tmp_path_factory) -> Path:
+    """A tiny random Whisper with a byte-level BPE tokenizer of Whisper's special tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-asr")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["Low mid high. low High mid."] * 10, vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>"])
+    tok = WhisperTokenizerFast(tokenizer_object=bpe._tokenizer, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(d)
+    cfg = WhisperConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                        max_source_positions=1500, max_target_positions=32, decoder_start_token_id=1,
+                        pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(cfg).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80, "sampling_rate": 16000,
+         "hop_length": 160, "n_fft": 400, "chunk_length": 30}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tone_speech(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tone-speech")
+    # one tone a clip: a random tiny Whisper learns that in seconds (sequences of tones take it minutes)
+    return {"train": write_split(root, "train", 48, 0, 1), "val": write_split(root, "val", 12, 1, 1),
+            "test": write_split(root, "test", 12, 2, 1)}
+
+
+def _cfg(model_path: Path, files: dict[str, Path], out: Path, **sections) -> dict:
+    base = cfg_dict(model_path, files["train"], out=str(out), task={"type": "speech-recognition"},
+                    data={"val": str(files["val"]), "test": str(files["test"])}, eval={"samples": 12})
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return base
+
+
+def _bundle(model: Path):
+    from fmtune.models import build
+    from fmtune.tasks import task_class
+
+    task = task_class("speech-recognition")()
+    return build.create(type("M", (), {"name": str(model), "init": "pretrained", "audio_window": None})(), task), task
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+def test_error_rates_normalise_case_and_punctuation():
+    from fmtune.tasks.speech import error_rates
+
+    assert error_rates(["hello world"], ["Hello, World!"]) == {"wer": 0.0, "cer": 0.0}
+    got = error_rates(["the cat sit", ""], ["The cat sat.", "a dog"])
+    assert got["wer"] == pytest.approx(3 / 5)  # one substitution, two deletions over five reference words
+    assert 0 < got["cer"] < got["wer"]
+
+
+# --- decoding -----------------------------------------------------------------------------------------
+
+def _greedy_without_cache(model, feats, prefix, eot, steps):
+    """The reference: the whole decoder over every token so far, at every step."""
+    from fmtune.models import speech
+
+    states = speech.encode(model, feats)
+    every, first = speech._suppressed(model)
+    ids = torch.tensor([prefix] * feats.shape[0])
+    out = []
+    for step in range(steps):
+        h = model.get_decoder()(input_ids=ids, encoder_hidden_states=states, use_cache=False)[0]
+        logits = model.get_output_embeddings()(h[:, -1])
+        for banned in (every, first if step == 0 else every):
+            if len(banned):
+                logits[:, banned] = -float("inf")
+        nxt = logits.argmax(-1)
+        out.append(nxt)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+    toks = torch.stack(out, 1).tolist()
+    return [t[: t.index(eot)] if eot in t else t for t in toks]
+
+
+def test_cached_greedy_decoding_equals_decoding_without_cache(tiny_asr):
+    from fmtune.models import speech
+
+    bundle, _ = _bundle(tiny_asr)
+    model = bundle.model.eval()
+    torch.manual_seed(1)
+    feats = torch.randn(3, 80, 500)
+    with torch.inference_mode():
+        got = speech.greedy(model, feats, [1, 2], 0, 12)
+        want = _greedy_without_cache(model, feats, [1, 2], 0, 12)
+    assert got == want
+    assert any(len(t) > 3 for t in got)  # a random model rambles: the comparison covers many steps
+
+
+def test_a_transcript_does_not_depend_on_its_batch(tiny_asr, tone_speech):
+    from fmtune import config as config_mod
+    from fmtune.models import speech
+
+    bundle, task = _bundle(tiny_asr)
+    cfg = config_mod.from_dict(_cfg(tiny_asr, tone_speech, Path("unused")))
+    ds, _ = task.dataset(task.read(tone_speech["test"], cfg.data), bundle, cfg.data)
+    assert ds.lengths.tolist() == [500] * len(ds)  # 1-3 s clips: one 5-second bucket
+    together = speech.transcribe(bundle.model, bundle.tokenizer, ds, list(range(len(ds))), 4, "cpu")
+    alone = [speech.transcribe(bundle.model, bundle.tokenizer, ds, [i], 1, "cpu")[0] for i in (0, 5, 11)]
+    assert alone == [together[i] for i in (0, 5, 11)]
+
+
+def test_a_long_clip_is_transcribed_window_by_window(tiny_asr, monkeypatch):
+    from fmtune.data.audio import AudioSpec
+    from fmtune.models import speech
+
+    bundle, task = _bundle(tiny_asr)
+    bundle.audio = AudioSpec(window_seconds=2.0).as_dict()
+    ds = task.inputs([np.zeros(int(5.5 * RATE), dtype=np.float32) + 0.01], bundle)
+    assert len(ds.clips[0]) == 3  # 2 s + 2 s + the last 1.5 s
+    low = bundle.tokenizer(" low", add_special_tokens=False)["input_ids"]
+    calls = []
+
+    def fake(model, feats, prefix, eot, max_new):
+        calls.append(feats.shape)
+        return [low] * feats.shape[0]
+
+    monkeypatch.setattr(speech, "greedy", fake)
+    assert speech.transcribe(bundle.model, bundle.tokenizer, ds, [0], 8, "cpu") == ["low low low"]
+    assert sum(s[0] for s in calls) == 3 and all(s[-1] <= 200 for s in calls)  # no window past 2 s
+
+
+# --- reading and its errors -------------------------------------------------------------------------
+
+def test_metadata_folder_and_usual_column_names(tiny_asr, tone_speech, tmp_path):
+    from fmtune import config as config_mod
+    from fmtune.tasks.speech import read_speech
+
+    src = pd.read_csv(tone_speech["train"]).head(5)
+    (tmp_path / "clips").mkdir()
+    for p in src["audio"]:
+        (tmp_path / "clips" / Path(p).name).write_bytes((tone_speech["train"].parent / p).read_bytes())
+    pd.DataFrame({"file_name": [Path(p).name for p in src["audio"]], "transcription": src["text"]}).to_csv(
+        tmp_path / "clips" / "metadata.csv", index=False)
+    data = config_mod.from_dict(_cfg(tiny_asr, tone_speech, tmp_path)).data
+    df = read_speech(tmp_path / "clips", data)
+    assert df["text"].tolist() == src["text"].tolist()
+    assert df.attrs["audio_column"] == "file_name" and df.attrs["text_column"] == "transcription"
+    bundle, task = _bundle(tiny_asr)
+    ds, keep = task.dataset(df, bundle, data)
+    assert len(ds) == 5 and ds.ids[0][:2] == [1, 2] and ds.ids[0][-1] == 0  # prefix ... end of text
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_text_column", "no transcript column (looked for text, transcript"),
+    ("empty_text", "row 2 (line 3): empty transcript in column 'text'"),
+    ("missing_file", "audio file not found"),
+    ("no_metadata", "a speech folder needs a table of its clips and transcripts"),
+    ("long_clip", "is longer than the model's 2 s window"),
+    ("long_text", "the transcript is"),
+])
+def test_bad_speech_input_names_the_file(tiny_asr, tone_speech, tmp_path, case, message):
+
+    src = pd.read_csv(tone_speech["train"]).head(4)
+    src["audio"] = [str(tone_speech["train"].parent / p) for p in src["audio"]]
+    model_cfg: dict = {}
+    if case == "no_text_column":
+        src = src.rename(columns={"text": "words"})
+    elif case == "empty_text":
+        src.loc[1, "text"] = "  "
+    elif case == "missing_file":
+        src.loc[2, "audio"] = str(tmp_path / "gone.wav")
+    elif case == "long_clip":
+        sf.write(tmp_path / "long.wav", np.zeros(3 * RATE, dtype=np.float32) + 0.01, RATE)
+        src.loc[0, "audio"] = str(tmp_path / "long.wav")
+        model_cfg = {"audio_window": 2.0}
+    elif case == "long_text":
+        src.loc[3, "text"] = " ".join(["low mid high"] * 30)
+    table = tmp_path / "t.csv"
+    src.to_csv(table, index=False)
+    data = tmp_path / "folder" if case == "no_metadata" else table
+    (tmp_path / "folder").mkdir()
+    cfg = _cfg(tiny_asr, {**tone_speech, "train": data}, tmp_path / "run", model=model_cfg,
+               data={"max_bad_fraction": 0.0})
+    import fmtune
+
+    with pytest.raises(DataError) as err:
+        fmtune.train(cfg, quiet=True)
+    assert message in str(err.value)
+    if case in ("missing_file", "long_clip"):
+        assert str(tmp_path) in str(err.value)  # the file is named
+
+
+def test_speech_needs_a_whisper_model(tiny_asr, tiny_bert, tone_speech, tmp_path):
+    from transformers import AutoTokenizer
+
+    import fmtune
+    from fmtune.models import speech
+
+    with pytest.raises(ModelError, match="needs a Whisper-style encoder-decoder speech model"):
+        fmtune.train(_cfg(tiny_bert, tone_speech, tmp_path / "r"), quiet=True)
+    with pytest.raises(ModelError, match="transcribes English only"):
+        speech.prefix_ids(AutoTokenizer.from_pretrained(tiny_asr), "french")
+
+
+# --- end to end ---------------------------------------------------------------------------------------
+
+def test_train_evaluate_predict_and_serve_speech_recognition(tiny_asr, tone_speech, tmp_path):
+    import fmtune
+
+    out = tmp_path / "run"
+    summary = fmtune.train(_cfg(tiny_asr, tone_speech, out, strategy={"name": "full"},
+                                train={"epochs": 16, "batch_size": 8, "lr": 1e-2}), quiet=True)
+    ev = summary["eval"]
+    assert set(ev["test"]) >= {"wer", "cer", "loss"} and set(ev["baseline"]) >= {"wer", "cer"}
+    # a random decoder knows nothing of tones; after training it transcribes most of them right
+    assert ev["baseline"]["wer"] >= 0.9
+    assert ev["test"]["wer"] < 0.5 and ev["test"]["wer"] < ev["baseline"]["wer"] - 0.4
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in log if r["type"] == "eval"]
+    best = min(evals, key=lambda r: r["wer"])
+    assert summary["metric"] == "wer"  # chosen on WER, not loss
+    assert summary["best"] == pytest.approx(best["wer"], abs=1e-5)
+    answers = [json.loads(line) for line in (out / "test_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 12 and set(answers[0]) >= {"audio", "reference", "baseline", "fine_tuned"}
+    report = (out / "report.html").read_text()
+    assert "Transcripts (test" in report and "pretrained (zero-shot)" in report
+
+    pred = fmtune.load(out)
+    clips = [str(tone_speech["test"].parent / a["audio"]) for a in answers[:4]]
+    got = pred.predict(clips)
+    assert [r["transcript"] for r in got] == [a["fine_tuned"] for a in answers[:4]]  # the run's own transcripts
+    df = fmtune.predict(out, tone_speech["test"])
+    assert df["transcript"].iloc[:4].tolist() == [a["fine_tuned"] for a in answers[:4]]
+
+    from fastapi.testclient import TestClient
+
+    from fmtune.serve import create_app
+
+    with TestClient(create_app(pred)) as client:
+        r = client.post("/predict", files=[("files", ("a.wav", Path(clips[0]).read_bytes(), "audio/wav"))])
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["transcript"] == got[0]["transcript"]
+
+
+@pytest.mark.parametrize("strategy", ["lora", "last_n"])
+def test_speech_strategies_train_and_reload(tiny_asr, tone_speech, tmp_path, strategy):
+    import fmtune
+
+    out = tmp_path / strategy
+    summary = fmtune.train(_cfg(tiny_asr, tone_speech, out, strategy={"name": strategy, "n": 1},
+                                train={"max_steps": 3, "batch_size": 8}, data={"test": None}), quiet=True)
+    assert summary["best"] is not None
+    info = json.loads((out / "run.json").read_text())
+    counts = info["params"]
+    assert 0 < counts["trainable_params"] < counts["base_params"]
+    pred = fmtune.load(out)  # an adapter run loads over its base model
+    assert isinstance(pred.predict(str(tone_speech["test"].parent / "test" / "000.wav"))["transcript"], str)
+
+
+def test_prompt_tuning_is_refused_for_speech(tiny_asr, tone_speech, tmp_path):
+    import fmtune
+
+    with pytest.raises(ConfigError, match="does not apply to speech recognition"):
+        fmtune.train(_cfg(tiny_asr, tone_speech, tmp_path / "p", strategy={"name": "prompt"}), quiet=True)
