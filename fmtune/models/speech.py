@@ -128,9 +128,10 @@ def _suppressed(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def greedy(model: nn.Module, features: torch.Tensor, prefix: list[int], eot: int, max_new: int) -> list[list[int]]:
     """Greedy decoding of a batch of windows (all of one width): the encoder once, then one
-    decoder step per token for the whole batch with the self- and cross-attention keys and values
-    cached; the model's suppressed tokens never chosen (and its begin-suppressed ones not first).
-    Returns each window's new tokens, up to (not including) the end of text."""
+    decoder step per token for the rows still decoding, with the self- and cross-attention keys
+    and values cached (a row that has ended leaves the batch and its cache: a pretrained model
+    looping on noise costs its own steps only); the model's suppressed tokens never chosen (and
+    its begin-suppressed ones not first). Returns each window's tokens before the end of text."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     from fmtune.models.causal_lm import _cache_arg, _cache_of
@@ -142,8 +143,8 @@ def greedy(model: nn.Module, features: torch.Tensor, prefix: list[int], eot: int
     states = encode(lm, features)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     step_in = torch.tensor([prefix] * rows, dtype=torch.long, device=features.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=features.device)
-    out: list[torch.Tensor] = []
+    active = torch.arange(rows, device=features.device)  # the batch rows still decoding, in cache order
+    out: list[list[int]] = [[] for _ in range(rows)]
     key = _cache_arg(decoder)
     for step in range(max_new):
         res = decoder(input_ids=step_in, encoder_hidden_states=states, use_cache=True, **{key: cache})
@@ -153,14 +154,19 @@ def greedy(model: nn.Module, features: torch.Tensor, prefix: list[int], eot: int
             logits[:, every] = -math.inf
         if step == 0 and len(first):
             logits[:, first] = -math.inf
-        nxt = logits.argmax(-1).masked_fill(done, eot)
-        out.append(nxt)
-        done |= nxt == eot
-        if bool(done.all()):
+        nxt = logits.argmax(-1)
+        for r, t in zip(active.tolist(), nxt.tolist()):
+            if t != eot:
+                out[r].append(t)
+        going = nxt != eot
+        if not bool(going.any()):
             break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            states, active, nxt = states[keep], active[keep], nxt[keep]
         step_in = nxt[:, None]
-    tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(rows)]
-    return [t[: t.index(eot)] if eot in t else t for t in tokens]
+    return out
 
 
 def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch_size: int, device: Any,
