@@ -5,19 +5,21 @@
 #   make demo-fairness  fine-tune MiniLM-L6 on Adult census rows; audit it by sex and race
 #   make demo-generation  fine-tune SmolLM2-135M (LoRA) to summarise Python functions in one sentence
 #   make demo-audio  fine-tune Whisper tiny.en's encoder to tell 20 spoken words apart (installs espeak-ng)
+#   make demo-speech  fine-tune Whisper tiny.en (LoRA) to transcribe sentences read by espeak-ng voices
 #   make test        the default test suite (tiny random-init models; < 10 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
 #   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
 #   make bench-generation  fmtune's text generation against TRL's SFTTrainer (installed for it)
 #   make bench-audio  fmtune's audio classification against the Hugging Face Trainer (WhisperForAudioClassification)
+#   make bench-speech  fmtune's speech recognition against the Hugging Face Seq2SeqTrainer (Whisper + peft LoRA)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio test test-slow lint \
-	clean bench-fewshot bench-generation bench-audio
+.PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech test \
+	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech
 
 setup: $(VENV)/.installed
 
@@ -57,6 +59,9 @@ demo-generation: setup
 demo-audio: setup setup-audio
 	$(VENV)/bin/fmtune demo --task audio-classification
 
+demo-speech: setup setup-audio
+	$(VENV)/bin/fmtune demo --task speech-recognition
+
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
 test: setup
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
@@ -84,3 +89,8 @@ clean:
 
 bench-audio: setup setup-audio
 	$(PY) bench/audio.py > bench/results-audio-$$(date +%F).json
+
+# the Trainer's recipe reads a datasets.Dataset: installed here, never a dependency of fmtune
+bench-speech: setup setup-audio
+	$(PY) -m pip install -q datasets
+	$(PY) bench/speech.py > bench/results-speech-$$(date +%F).json

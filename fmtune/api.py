@@ -379,8 +379,10 @@ def _log_hparams(run_dir: Path, cfg: config_mod.Config, result: Any, test: dict[
 def _check_robust_training(cfg: Any, kind: str, task: Any) -> None:
     aug = cfg.augment
     if kind == "audio" and (aug.text_on() or aug.image_on()):
-        raise ConfigError("train.augment perturbs text or images, and this model reads audio; audio augmentation "
-                          "(noise, shift, gain, speed) is not built yet")
+        raise ConfigError("train.augment.noise / corruptions / typos / word_drop perturb images or text, and this "
+                          "model reads audio; use train.augment.snr, shift, gain or speed")
+    if kind != "audio" and aug.audio_on():
+        raise ConfigError(f"train.augment.snr / shift / gain / speed perturb audio, and this model reads {kind}")
     if kind == "text" and aug.image_on():
         raise ConfigError("train.augment.noise / corruptions perturb images, and this model reads text; "
                           "use train.augment.typos or word_drop")
@@ -428,7 +430,7 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
                 quiet: bool, hw: hardware.Hardware) -> tuple[Any, Any, Any, str]:
     """Swap train/val for their cached frozen-prefix outputs where the strategy allows it."""
     aug = cfg.train.augment
-    if aug.text_on() or aug.image_on():
+    if aug.text_on() or aug.image_on() or aug.audio_on():
         from fmtune.training.perturb import Augmented
 
         train = Augmented(data["train"], aug, cfg.train.seed, bundle)
@@ -504,9 +506,10 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
     opened = open_run(run)
     cfg = opened.config
     if opened.task.level == "lm":
-        raise ConfigError(f"{run}: fmtune evaluate scores classifiers and taggers; a generation run is scored on its "
-                          "test file when it trains (eval.json, test_answers.jsonl); answer new prompts with fmtune "
-                          "generate")
+        raise ConfigError(f"{run}: fmtune evaluate scores classifiers and taggers; a {opened.task.name} run is scored "
+                          "on its test file when it trains (eval.json, test_answers.jsonl); "
+                          + ("transcribe new clips with fmtune predict" if opened.task.modality == "audio" else
+                             "answer new prompts with fmtune generate"))
     source = data or cfg.data.test
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")

@@ -628,28 +628,33 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("-o", "--output", default="compare.html", help="HTML file to write (default: compare.html)")
 
     ex = verb("explain", cmd_explain, "show why the model predicts what it does: heat maps over images (Grad-CAM, "
-              "integrated gradients, occlusion) or shaded words (integrated gradients); to RUN/explain/")
+              "integrated gradients, occlusion), shaded words (integrated gradients) or audio's log-mel "
+              "(integrated gradients over time and frequency); to RUN/explain/")
     ex.add_argument("run", help="run directory")
     ex.add_argument("--input", action="append", default=[], metavar="X",
-                    help="a text, a text/table file, an image, a folder of images (repeatable)")
+                    help="a text, a text/table file, an image, a folder of images, an audio file or a folder of "
+                    "them (repeatable)")
     ex.add_argument("--misclassified", type=int, default=0, metavar="N",
                     help="explain the N most confident mistakes on --data (default: the run's test file)")
     ex.add_argument("--data", help="labelled data for --misclassified")
     ex.add_argument("--method", default="auto", choices=["auto", "gradcam", "ig", "occlusion"],
                     help="images: gradcam (CNN backbones: last convolution), ig (integrated gradients), occlusion; "
-                    "text: ig on the token embeddings (default auto: gradcam for CNNs, else ig)")
+                    "text: ig on the token embeddings; audio: ig over the log-mel (default auto: gradcam for CNNs, "
+                    "else ig)")
     ex.add_argument("--target", metavar="LABEL", help="explain this label instead of the predicted one")
     ex.add_argument("-o", "--output", help="output folder (default: RUN/explain, replaced on each call)")
     ex.add_argument("--limit", type=int, default=24, help="explain at most this many inputs (default: 24)")
     ex.add_argument("--steps", type=int, default=32, help="integration steps for ig (default: 32; text at least 20)")
-    ex.add_argument("--baseline", choices=["mean", "blur", "black", "pad", "mask", "unk"],
+    ex.add_argument("--baseline", choices=["mean", "blur", "black", "pad", "mask", "unk", "silence"],
                     help="what the input is compared with (ig, occlusion). Images: the normalisation's mean colour "
                     "(default), a heavy blur of the input, or black (black gives dark pixels no attribution). Text: "
                     "every word replaced by [PAD] (default), [MASK] or [UNK]; attributions depend on it, so a "
-                    "word that stands out under two baselines is the safer reading")
+                    "word that stands out under two baselines is the safer reading. Audio: silence (its log-mel "
+                    "floor)")
 
-    rb = verb("robustness", cmd_robustness, "score runs under noise, corruptions and white-box attacks (images) or "
-              "typos, dropped/swapped words, case changes (text), five severities each; robustness.json and a plot")
+    rb = verb("robustness", cmd_robustness, "score runs under noise, corruptions and white-box attacks (images), "
+              "typos, dropped/swapped words, case changes (text), or noise, delay, speed and level (audio), five "
+              "severities each; robustness.json and a plot")
     rb.add_argument("runs", nargs="+", help="run directories (several: side by side, on the same perturbed inputs)")
     rb.add_argument("--data", help="labelled data (default: the first run's test file)")
     rb.add_argument("--suite", choices=["default", "quick"], default="default",

@@ -209,17 +209,30 @@ class AugmentConfig:
                             "robustness` (noise, blur, brightness, contrast, JPEG, occlusion) at severity 1-3")
     typos: float = _f(0.0, "text: share of letters hit by a typo in every training text (e.g. 0.05)")
     word_drop: float = _f(0.0, "text: share of words dropped from every training text (e.g. 0.1)")
+    snr: float | None = _f(None, "audio: white noise added to every training clip at a signal-to-noise ratio drawn "
+                           "between this and 40 dB (e.g. 10); null: none")
+    shift: float = _f(0.0, "audio: every training clip starts up to this many seconds later (silence before it)")
+    gain: float = _f(0.0, "audio: every training clip louder or quieter by up to this many dB (e.g. 6)")
+    speed: float = _f(0.0, "audio: every training clip played at a speed drawn in [1 - this, 1 + this] (pitch moves "
+                      "with it, as in Kaldi's speed perturbation; e.g. 0.1)")
 
     def __post_init__(self) -> None:
         _check(0 <= self.noise <= 1, "train.augment.noise", "must be in [0, 1]")
         for name in ("corruptions", "typos", "word_drop"):
             _check(0 <= getattr(self, name) < 1, f"train.augment.{name}", "must be in [0, 1)")
+        _check(self.snr is None or -10 <= self.snr < 40, "train.augment.snr", "must be in [-10, 40) dB")
+        _check(0 <= self.shift <= 10, "train.augment.shift", "must be in [0, 10] seconds")
+        _check(0 <= self.gain <= 30, "train.augment.gain", "must be in [0, 30] dB")
+        _check(0 <= self.speed < 0.5, "train.augment.speed", "must be in [0, 0.5)")
 
     def text_on(self) -> bool:
         return bool(self.typos or self.word_drop)
 
     def image_on(self) -> bool:
         return bool(self.noise or self.corruptions)
+
+    def audio_on(self) -> bool:
+        return bool(self.snr is not None or self.shift or self.gain or self.speed)
 
 
 @dataclass

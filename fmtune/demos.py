@@ -88,18 +88,18 @@ DEMOS: dict[str, dict[str, Any]] = {
     "speech-recognition": {
         "dataset": "espeak-sentences",
         "origin": "real sentences read by espeak-ng offline: no spoken-word recordings ship in a package",
-        "sizes": (400, 75, 150),
+        "sizes": (400, 50, 100),
         "config": {
             "model": {"name": "whisper-tiny-en"},
             "task": {"type": "speech-recognition"},
             "strategy": {"name": "lora"},
-            "train": {"epochs": 2, "batch_size": 16, "patience": None, "max_minutes": 4.0},
-            "eval": {"samples": 40, "test_samples": 150},
+            "train": {"epochs": 1, "batch_size": 16, "patience": None, "max_minutes": 3.0},
+            "eval": {"samples": 24, "test_samples": 100},
         },
         "why": "Whisper tiny.en (converted from the CTranslate2 weights) with LoRA on every attention and "
-               "feed-forward projection of encoder and decoder, 2 epochs on 400 Rotten Tomatoes sentences read by "
-               "espeak-ng voices with noise at 0-20 dB SNR; 75 validation and 150 test clips of voices and sentences "
-               "never heard in training; the best checkpoint has the lowest validation WER",
+               "feed-forward projection of encoder and decoder, 1 epoch on 400 Rotten Tomatoes sentences read by "
+               "espeak-ng voices with noise at 0-20 dB SNR; 50 validation and 100 test clips of voices and sentences "
+               "never heard in training; the best checkpoint has the lowest validation WER; training capped at 3 min",
     },
     "image": {
         "dataset": "digits",
@@ -125,7 +125,8 @@ def demo(task: str = "text", out: str | Path | None = None, seed: int = 0, overw
     if not quiet:
         ui.console.print(f"[bold]fmtune demo ({task})[/]: {spec['why']}.")
         how = {"ner": "seeded split", "generation": "seeded split by module",
-               "audio-classification": "seeded split by voice", "speech-recognition": "seeded split by voice"}.get(task, "seeded stratified split")
+               "audio-classification": "seeded split by voice",
+               "speech-recognition": "seeded split by voice"}.get(task, "seeded stratified split")
         ui.console.print(f"  data: {spec['dataset']} ({spec.get('origin', 'real, offline')}), {how}, seed {seed}")
     # the split is written as ordinary files beside the runs, so the regular readers are exercised
     data_dir = run_dir.parent / ".demo-data" / f"{spec['dataset']}-{'-'.join(map(str, spec['sizes']))}-seed{seed}"

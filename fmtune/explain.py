@@ -2,6 +2,7 @@
 
     fmtune explain RUN --input photo.jpg                 # Grad-CAM (CNN) / integrated gradients (ViT)
     fmtune explain RUN --input "a dull, lifeless film"   # token attributions (layer IG on the embeddings)
+    fmtune explain RUN --input clip.wav                  # audio: IG over the log-mel (fmtune.explain_audio)
     fmtune explain RUN --misclassified 8                 # the 8 most confident mistakes on the test split
 
 Images are explained in pixel space ([0, 1], before normalisation): integrated gradients from the
@@ -406,6 +407,11 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
     mistakes on ``data`` (default: the run's test file). Returns a summary; files go to ``out``."""
     pred = Predictor(run)
     pred.task.require("explain", "fmtune explain")
+    if pred.kind == "audio":  # saliency over the log-mel spectrogram (fmtune.explain_audio)
+        from fmtune.explain_audio import explain_audio
+
+        return explain_audio(pred, inputs or [], method=method, target=target, misclassified=misclassified,
+                             data=data, out=out, limit=limit, steps=steps, baseline=baseline, quiet=quiet)
     model = pred.model
     method = check_method(pred.kind, method, model)
     choices = TEXT_BASELINES if pred.kind == "text" else IMAGE_BASELINES

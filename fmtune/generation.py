@@ -117,7 +117,12 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         out.print(f"  strategy {cfg.strategy.name}: trainable {counts['trainable_params']:,} of "
                   f"{counts['total_params']:,} parameters ({share:.2f}%); lr {cfg.train.lr:g}")
     net = _net(bundle)
-    result = fit(bundle, task, data["train"], data["val"], cfg.train, run_dir, hardware=hw, resume=resume,
+    train_ds = data["train"]
+    if cfg.train.augment.audio_on():  # speech: the clips perturbed on the fly, read again from their files
+        from fmtune.training.perturb import Augmented
+
+        train_ds = Augmented(train_ds, cfg.train.augment, cfg.train.seed, bundle)
+    result = fit(bundle, task, train_ds, data["val"], cfg.train, run_dir, hardware=hw, resume=resume,
                  save_best=lambda: build.save(bundle, run_dir / "model"), progress=ui.FitProgress(quiet), net=net,
                  on_eval=on_eval, eval_first=True)
     info = {"params": counts, "hardware": hw.describe(),
@@ -181,7 +186,10 @@ def _check_settings(cfg: config_mod.Config) -> None:
     unsupported = {"semi.unlabeled / --unlabeled (self-training)": cfg.semi.unlabeled,
                    "continual.source (fmtune continue)": cfg.continual.source,
                    "train.adversarial": cfg.train.adversarial != "none",
-                   "train.augment": cfg.train.augment.text_on() or cfg.train.augment.image_on(),
+                   "train.augment.typos / word_drop / noise / corruptions": cfg.train.augment.text_on()
+                   or cfg.train.augment.image_on(),
+                   "train.augment.snr / shift / gain / speed (audio)": cfg.train.augment.audio_on()
+                   and task_class(cfg.task.type).modality != "audio",
                    "task.group_weights": cfg.task.group_weights}
     from fmtune.training import distributed
 
@@ -269,6 +277,9 @@ class Generator:
         from fmtune.fsutil import folder_digest
 
         opened = opened or open_run(run)
+        if opened.task.modality == "audio":
+            raise ConfigError(f"{run} is a {opened.task.name} run; transcribe audio files with  fmtune predict {run} "
+                              "FILES  (or serve it: POST /predict)")
         if opened.task.level != "lm":
             raise ConfigError(f"{run} is a {opened.task.name} run; answering prompts needs a generation run "
                               "(use fmtune predict)")
@@ -364,6 +375,8 @@ def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dic
     """``fmtune export`` of a generation run (``kind``: model, adapter or merged): the folder is
     loaded back and must give the same greedy answers as the run to up to 8 prompts of the
     run's data, or nothing is written."""
+    if opened.task.modality == "audio":
+        return _export_speech(opened, target, kind, quiet)
     import shutil
 
     from fmtune.fsutil import atomic_dir, folder_digest
@@ -407,4 +420,58 @@ def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dic
                "model": "AutoModelForCausalLM.from_pretrained(folder)"}[kind]
         ui.console.print(f"exported {opened.dir} -> {target} ({how}); the same greedy answers as the run to "
                          f"{len(prompts)} prompts of {source}")
+    return result
+
+
+def _export_speech(opened: Any, target: Path, kind: str, quiet: bool) -> dict[str, Any]:
+    """``fmtune export`` of a speech recognition run: a transformers folder (model, tokenizer,
+    feature extractor; ``merged``: the adapter folded in, loadable without peft), loaded back and
+    checked to give the same transcripts as the run to up to 8 clips of its data."""
+    import shutil
+
+    from fmtune.fsutil import atomic_dir, folder_digest
+    from fmtune.models import speech
+
+    cfg, bundle, task = opened.config, opened.bundle, opened.task
+    device = hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device
+    source = next((f for f in (cfg.data.test, cfg.data.val, cfg.data.train) if f and Path(f).exists()), None)
+    if source is None:
+        raise DataError(f"{opened.dir}: none of the run's data files exist any more; the export cannot be checked")
+    df = task.read(source, cfg.data).head(EXPORT_CHECK_PROMPTS)
+    ds, _ = task.dataset(df, bundle, cfg.data, with_targets=False)
+    rows = list(range(len(ds)))
+    bundle.model.to(device)
+    reference = speech.transcribe(bundle.model, bundle.tokenizer, ds, rows, EXPORT_CHECK_PROMPTS, device, task.language)
+    result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),
+                              "out": str(target), "format": "hf", "kind": kind, "strategy": cfg.strategy.name,
+                              "checked_clips": len(rows), "source": str(source)}
+
+    def write(tmp: Path) -> None:
+        if kind == "merged":
+            from transformers import WhisperForConditionalGeneration
+
+            causal_lm.merged(bundle).save_pretrained(tmp, safe_serialization=True)
+            bundle.tokenizer.save_pretrained(tmp)
+            speech.write_extra(bundle, tmp)
+            loaded = WhisperForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
+        else:
+            shutil.copytree(opened.dir / "model", tmp, dirs_exist_ok=True)
+            loaded = build.load(tmp).model
+        got = speech.transcribe(loaded.to(device), bundle.tokenizer, ds, rows, EXPORT_CHECK_PROMPTS, device,
+                                task.language)
+        same = sum(a == b for a, b in zip(got, reference))
+        result["same_transcripts"] = same
+        if same != len(rows):
+            raise DataError(f"export check failed: the exported model transcribes {len(rows) - same} of {len(rows)} "
+                            f"clips of {source} differently from the run; nothing was written")
+        (tmp / "export.json").write_text(json.dumps(result, indent=2))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(target, write)
+    if not quiet:
+        how = {"merged": "adapter folded in: WhisperForConditionalGeneration.from_pretrained(folder), no peft",
+               "adapter": "peft adapter folder: PeftModel.from_pretrained on the base model",
+               "model": "WhisperForConditionalGeneration.from_pretrained(folder)"}[kind]
+        ui.console.print(f"exported {opened.dir} -> {target} ({how}); the same transcripts as the run for "
+                         f"{len(rows)} clips of {source}")
     return result

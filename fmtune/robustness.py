@@ -3,6 +3,7 @@
     fmtune robustness RUN --data test.csv                  # -> RUN/robustness/robustness.json + .png
     fmtune robustness RUN_PLAIN RUN_ROBUST --data test.csv  # both runs side by side
 
+Audio: white noise at an SNR, a delay, faster and slower playback, quieter, at five levels each.
 Images: Gaussian noise, Gaussian blur, brightness, contrast, JPEG compression and an occluding
 patch at five severities each (in the spirit of ImageNet-C), and white-box L-inf attacks (FGSM,
 and PGD with 10 steps and a random start; captum.robust) at several epsilons, in pixel units of
@@ -29,6 +30,7 @@ from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
 from fmtune.training.perturb import (  # noqa: F401  (re-exported: the suite's parts)
     ATTACKS,
+    AUDIO_PERTURBATIONS,
     IMAGE_CORRUPTIONS,
     PGD_STEPS,
     TEXT_PERTURBATIONS,
@@ -37,6 +39,7 @@ from fmtune.training.perturb import (  # noqa: F401  (re-exported: the suite's p
     attack,
     attack_sweep,
     blur,
+    change_audio,
     corrupt_images,
     perturb_text,
 )
@@ -96,6 +99,12 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
     if pred.kind == "text":
         texts = [str(t) for t in df[cfg.data.text_column].iloc[kept]]
         plan = {k: (_pick(v[0], suite), v[1]) for k, v in TEXT_PERTURBATIONS.items()}
+    elif pred.kind == "audio":  # the clips read again from their files, perturbed as waveforms
+        from fmtune.data.audio import AudioData, AudioSpec, features_of, load_audio
+
+        spec = AudioSpec.from_dict(bundle.audio)
+        waves = [load_audio(src, spec.sampling_rate) for src in ds.sources]
+        plan = {k: (_pick(v[0], suite), v[1]) for k, v in AUDIO_PERTURBATIONS.items()}
     else:
         batches = _image_batches(ds, bs)
         forward, results["corruptions_scored_with"] = _forward_model(pred, quiet)
@@ -133,6 +142,12 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
                     rng = np.random.default_rng(_seed(seed, name, severity))
                     changed = [perturb_text(t, name, level, rng) for t in texts]
                     value = score(*infer(model, bundle.text_data(changed, ds.targets), bs, progress=bar))
+                elif pred.kind == "audio":
+                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
+                    rng = np.random.default_rng(_seed(seed, name, severity))
+                    changed = [change_audio(w, spec.sampling_rate, name, level, rng) for w in waves]
+                    value = score(*infer(model, AudioData(features_of(changed, spec), ds.targets, spec), bs,
+                                         progress=bar))
                 else:
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     gen = torch.Generator().manual_seed(_seed(seed, name, severity))
@@ -201,7 +216,7 @@ def robustness(runs: str | Path | list[str | Path], data: str | Path | None = No
         p.task.require("robustness", f"fmtune robustness ({p.run_dir})")
     kinds = {p.kind for p in preds}
     if len(kinds) > 1:
-        raise ConfigError("these runs read different inputs (text and images); compare runs of one kind")
+        raise ConfigError("these runs read different inputs (text, images or audio); compare runs of one kind")
     source = data or preds[0].config.data.test
     if source is None:
         raise DataError(f"{run_list[0]}: no test data configured; pass --data FILE")

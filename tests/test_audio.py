@@ -16,7 +16,7 @@ import torch
 from conftest import cfg_dict
 
 from fmtune.data.audio import AudioSpec, LogMel, audio_dataset, features_of, load_audio, windows
-from fmtune.errors import DataError, ModelError
+from fmtune.errors import ConfigError, DataError, ModelError
 
 RATE = 16000
 PITCHES = {"low": 220.0, "mid": 880.0, "high": 3000.0}
@@ -408,7 +408,6 @@ def test_real_whisper_encoder_probe_tells_spoken_commands_apart(tmp_path):
 def test_audio_export_and_what_is_refused(tiny_whisper, tone_dirs, tmp_path):
     import fmtune
     from fmtune.errors import ConfigError
-    from fmtune.explain import explain  # (fmtune.explain is also the module's name once it is imported)
 
     out = tmp_path / "run"
     fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(out), task={"type": "audio-classification"},
@@ -417,9 +416,7 @@ def test_audio_export_and_what_is_refused(tiny_whisper, tone_dirs, tmp_path):
     assert result["checked_rows"] > 0 and (Path(result["out"]) / "preprocessor_config.json").is_file()
     with pytest.raises(ConfigError, match="ONNX export of audio models is not built"):
         fmtune.export(out, format="onnx", quiet=True)
-    with pytest.raises(ConfigError, match="explain.*not available for audio-classification"):
-        explain(out, [str(next((tone_dirs["test"] / "low").iterdir()))])
-    with pytest.raises(ConfigError, match="audio augmentation .* is not built yet"):
+    with pytest.raises(ConfigError, match="perturb images or text, and this model reads audio; use train.augment.snr"):
         fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(tmp_path / "aug"),
                               task={"type": "audio-classification"}, train={"augment": {"noise": 0.1}}), quiet=True)
 
@@ -439,3 +436,49 @@ def test_predict_cli_reads_an_audio_folder_or_file(tiny_whisper, tone_dirs, tmp_
     one = sorted(folder.iterdir())[0]
     main(["predict", str(out), str(one), "-o", str(tmp_path / "one.csv"), "-q"])
     assert pd.read_csv(tmp_path / "one.csv")["label"].tolist() == [df.loc[df["audio"] == str(one), "label"].item()]
+
+
+def test_robustness_and_explain_of_an_audio_classifier(tiny_whisper, tone_dirs, tmp_path):
+    import fmtune
+    from fmtune.training.perturb import AUDIO_PERTURBATIONS
+
+    out = tmp_path / "run"
+    fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(out), task={"type": "audio-classification"},
+                          data={"test": str(tone_dirs["test"])},
+                          train={"epochs": 8, "batch_size": 8, "lr": 3e-3}), quiet=True)
+    report = fmtune.robustness(out, None, suite="quick", quiet=True)
+    res = report["runs"]["run"]
+    assert set(res["perturbations"]) == set(AUDIO_PERTURBATIONS) and res["examples"] == 12
+    for p in res["perturbations"].values():
+        assert [r["severity"] for r in p["results"]] == [1, 3, 5]
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in p["results"])
+    # the perturbations reach the model: not every one of them leaves the accuracy where it was
+    assert any(r["accuracy"] != res["clean"] for p in res["perturbations"].values() for r in p["results"])
+    assert (out / "robustness" / "robustness.png").is_file()
+
+    # explain: integrated gradients over the log-mel of each clip (a folder of class sub-folders: true labels)
+    from fmtune.explain import explain  # (fmtune.explain is also the module's name once it is imported)
+
+    summary = explain(out, [str(tone_dirs["test"])], limit=3, steps=8, quiet=True)
+    items = summary["items"]
+    assert len(items) == 3 and {"peak_second", "peak_hz", "predicted", "true"} <= set(items[0])
+    heats = np.load(out / "explain" / "heatmaps.npz")
+    assert len(heats.files) == 3 and heats["arr_0"].shape[0] == 80
+    for item in items:
+        assert (out / "explain" / item["file"]).is_file()
+    # completeness of integrated gradients: the attributions add up to the logit's change from silence
+    from fmtune.data.audio import AudioData, AudioSpec, features_of
+    from fmtune.explain_audio import attributions
+    from fmtune.training.infer import infer
+
+    pred = fmtune.load(out)
+    spec = AudioSpec.from_dict(pred.bundle.audio)
+    clip = sorted((tone_dirs["test"] / "high").iterdir())[0]
+    feats = features_of([pred.decode(str(clip), "clip")], spec)[0][0].float()
+    k = pred.labels.index("high")
+    heat = attributions(pred.model, feats, k, steps=64)
+    silence = torch.full_like(feats, float(feats.max() - 2.0))
+    logits = infer(pred.model, AudioData([[feats.half()], [silence.half()]], None, spec), 2)[0]
+    assert float(heat.sum()) == pytest.approx(float(logits[0, k] - logits[1, k]), rel=0.05, abs=0.02)
+    with pytest.raises(ConfigError, match="does not apply to audio models"):
+        explain(out, [str(tone_dirs["test"])], method="gradcam", quiet=True)

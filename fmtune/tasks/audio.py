@@ -20,7 +20,7 @@ class AudioClassification(Classification):
     name = "audio-classification"
     description = "one label per audio clip (Whisper encoder; a folder of class sub-folders or a table of paths)"
     modality = "audio"
-    capabilities = frozenset({"stratified_split", "mistakes", "transfer", "embed"})
+    capabilities = frozenset({"stratified_split", "mistakes", "transfer", "embed", "robustness", "explain"})
 
     @classmethod
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:

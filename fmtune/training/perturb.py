@@ -244,6 +244,53 @@ def perturb_text(text: str, name: str, rate: float, rng: np.random.Generator) ->
     raise ConfigError(f"unknown text perturbation {name!r}; choose one of: {', '.join(TEXT_PERTURBATIONS)}")
 
 
+# name -> (severity levels, what a level means); fmtune robustness of audio models
+AUDIO_PERTURBATIONS: dict[str, tuple[list[float], str]] = {
+    "noise": ([30.0, 20.0, 10.0, 5.0, 0.0], "SNR of added white noise, dB"),
+    "shift": ([0.1, 0.25, 0.5, 1.0, 2.0], "seconds of silence before the clip"),
+    "speed": ([1.05, 1.1, 1.2, 1.3, 1.5], "playback speed (resampled: pitch moves with it)"),
+    "slow": ([0.95, 0.9, 0.8, 0.7, 0.6], "playback speed (resampled: pitch moves with it)"),
+    "gain": ([-6.0, -12.0, -20.0, -30.0, -40.0], "level change, dB"),
+}
+
+
+def change_audio(wave: np.ndarray, rate: int, name: str, level: float, rng: np.random.Generator) -> np.ndarray:
+    """One clip under one perturbation of AUDIO_PERTURBATIONS at ``level``."""
+    if name in ("speed", "slow"):
+        from fractions import Fraction
+
+        from scipy.signal import resample_poly
+
+        f = Fraction(float(level)).limit_denominator(50)
+        return wave if f == 1 else resample_poly(wave, f.denominator, f.numerator).astype(np.float32)
+    if name == "shift":
+        return np.concatenate([np.zeros(int(level * rate), dtype=np.float32), wave])
+    if name == "gain":
+        return (wave * np.float32(10 ** (level / 20))).astype(np.float32)
+    if name == "noise":
+        power = float(np.mean(wave.astype(np.float64) ** 2))
+        if power == 0:
+            return wave
+        noise = rng.standard_normal(len(wave)).astype(np.float32)
+        return (wave + noise * np.float32(math.sqrt(power / 10 ** (level / 10)))).astype(np.float32)
+    raise ConfigError(f"unknown audio perturbation {name!r}; choose one of: {', '.join(AUDIO_PERTURBATIONS)}")
+
+
+def perturb_audio(wave: np.ndarray, rate: int, augment: Any, rng: np.random.Generator) -> np.ndarray:
+    """One training clip with ``train.augment``'s audio perturbations, drawn from ``rng``: speed
+    (resampled: shorter and higher, or longer and lower), a delay (silence before the clip: the
+    words of a transcript stay whole), gain, then white noise at an SNR between ``snr`` and 40 dB."""
+    if augment.speed:
+        wave = change_audio(wave, rate, "speed", rng.uniform(1 - augment.speed, 1 + augment.speed), rng)
+    if augment.shift:
+        wave = change_audio(wave, rate, "shift", rng.uniform(0, augment.shift), rng)
+    if augment.gain:
+        wave = change_audio(wave, rate, "gain", rng.uniform(-augment.gain, augment.gain), rng)
+    if augment.snr is not None:
+        wave = change_audio(wave, rate, "noise", rng.uniform(augment.snr, 40.0), rng)
+    return np.asarray(wave, dtype=np.float32)
+
+
 # --- robust training --------------------------------------------------------------------------
 
 
@@ -256,7 +303,7 @@ class Augmented(torch.utils.data.Dataset):
 
     def __init__(self, ds: Any, augment: Any, seed: int, bundle: Any = None):
         self.ds, self.augment, self.seed, self.bundle = ds, augment, seed, bundle
-        self.lengths, self.targets = getattr(ds, "lengths", None), ds.targets
+        self.lengths, self.targets = getattr(ds, "lengths", None), getattr(ds, "targets", None)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -269,6 +316,8 @@ class Augmented(torch.utils.data.Dataset):
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         rng = self._rng(idx)
+        if hasattr(self.ds, "clips"):  # audio: the clips read again from their files, perturbed, as features
+            return self._audio(idx, rng)
         if isinstance(self.ds, TextData):
             texts = [self.bundle.tokenizer.decode(self.ds.input_ids[i], skip_special_tokens=True) for i in idx]
             for name, rate in (("typos", self.augment.typos), ("word_drop", self.augment.word_drop)):
@@ -291,6 +340,23 @@ class Augmented(torch.utils.data.Dataset):
             x = (x + sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
         batch["pixel_values"] = (x - mean) / std
         return batch
+
+
+    def _audio(self, idx: list[int], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        import copy
+
+        from fmtune.data.audio import AudioSpec, features_of, load_audio
+
+        spec = AudioSpec.from_dict(self.bundle.audio)
+        waves = [perturb_audio(load_audio(self.ds.sources[i], spec.sampling_rate), spec.sampling_rate, self.augment,
+                               rng) for i in idx]
+        view = copy.copy(self.ds)  # the same dataset with this batch's perturbed clips in the rows asked for
+        view.clips = list(self.ds.clips)
+        for i, feats in zip(idx, features_of(waves, spec)):
+            # a clip made longer than the window by speed or shift keeps its first window (training
+            # clips are one window: a transcript cannot be split)
+            view.clips[i] = feats[:1] if getattr(self.ds, "ids", None) is not None else feats
+        return view.collate(idx)
 
 
 def adversarial_batch(net: nn.Module, spec: dict[str, Any], batch: dict[str, torch.Tensor], targets: torch.Tensor,
