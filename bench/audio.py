@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -115,15 +116,36 @@ def run_trainer(name: str, data: dict, args: argparse.Namespace, out: Path, expe
     return {"name": name, "train_seconds": round(seconds, 1), "test_accuracy": round(correct / len(tw), 4)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(description: str, lr: float) -> argparse.ArgumentParser:
+    """The options the audio benches share (bench/speech.py too)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--skip-standard", action="store_true", help="leave out the Trainer's standard recipe")
-    args = ap.parse_args()
+    return ap
+
+
+def side_by_side(args: argparse.Namespace, ours: Any, trainer: Any) -> list[dict]:
+    """fmtune's run, then the Trainer's standard recipe (unless --skip-standard) and its expert
+    configuration, one after the other (never at the same time: they would share the cores)."""
+    runs = []
+    log("fmtune")
+    runs.append(ours())
+    log(json.dumps(runs[-1]))
+    for name, expert in (("trainer-standard", False), ("trainer-expert", True)):
+        if name == "trainer-standard" and args.skip_standard:
+            continue
+        log(name)
+        runs.append(trainer(name, expert))
+        log(json.dumps(runs[-1]))
+    return runs
+
+
+def main() -> None:
+    args = parser(__doc__.split("\n")[0], 5e-5).parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -131,16 +153,8 @@ def main() -> None:
         train = split(files["train"])
         data = {"train": train, "test": split(files["test"], train[2])}
         log(f"data: {len(train[0])} training clips, {len(data['test'][0])} test clips")
-        runs = []
-        log("fmtune")
-        runs.append(run_fmtune(files, args, tmp / "fmtune"))
-        log(json.dumps(runs[-1]))
-        for name, expert in (("trainer-standard", False), ("trainer-expert", True)):
-            if name == "trainer-standard" and args.skip_standard:
-                continue
-            log(name)
-            runs.append(run_trainer(name, data, args, tmp / name, expert))
-            log(json.dumps(runs[-1]))
+        runs = side_by_side(args, lambda: run_fmtune(files, args, tmp / "fmtune"),
+                            lambda name, expert: run_trainer(name, data, args, tmp / name, expert))
     best = min(r["train_seconds"] for r in runs if r["name"].startswith("trainer"))
     ours = runs[0]["train_seconds"]
     print(json.dumps({"bench": "audio-classification", "model": "whisper-tiny-en (encoder), full fine-tuning",

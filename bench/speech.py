@@ -51,11 +51,10 @@ from fmtune.tasks.speech import error_rates  # noqa: E402
 from fmtune.zoo.datasets import export  # noqa: E402
 from fmtune.zoo.models import resolve  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from audio import log, parser, side_by_side  # noqa: E402  (bench/audio.py)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def clips(table: Path) -> tuple[list[np.ndarray], list[str]]:
@@ -155,15 +154,9 @@ def run_trainer(name: str, data: dict, args: argparse.Namespace, out: Path, expe
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__.split("\n")[0], 5e-4)
     ap.add_argument("--train", type=int, default=200, help="training clips")
     ap.add_argument("--test", type=int, default=100, help="test clips")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--skip-standard", action="store_true", help="leave out the Trainer's standard recipe")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,16 +166,8 @@ def main() -> None:
         audio_seconds = sum(len(w) for w in data["test"][0]) / 16000
         log(f"data: {len(data['train'][0])} training clips, {len(data['test'][0])} test clips "
             f"({audio_seconds:.0f} s of test audio)")
-        runs = []
-        log("fmtune")
-        runs.append(run_fmtune(files, args, tmp / "fmtune", audio_seconds))
-        log(json.dumps(runs[-1]))
-        for name, expert in (("trainer-standard", False), ("trainer-expert", True)):
-            if name == "trainer-standard" and args.skip_standard:
-                continue
-            log(name)
-            runs.append(run_trainer(name, data, args, tmp / name, expert))
-            log(json.dumps(runs[-1]))
+        runs = side_by_side(args, lambda: run_fmtune(files, args, tmp / "fmtune", audio_seconds),
+                            lambda name, expert: run_trainer(name, data, args, tmp / name, expert))
     best = min(r["train_seconds"] for r in runs if r["name"].startswith("trainer"))
     ours = runs[0]["train_seconds"]
     print(json.dumps({"bench": "speech-recognition", "model": "whisper-tiny-en, LoRA r=8 on encoder and decoder",

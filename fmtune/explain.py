@@ -275,6 +275,20 @@ def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dic
     return items
 
 
+def choose_items(pred: Predictor, inputs: list[str] | None, misclassified: int, data: str | Path | None,
+                 limit: int, quiet: bool, find_mistakes: Any, collect: Any, what: str) -> list[dict[str, Any]]:
+    """What to explain: the ``misclassified`` most confident mistakes on ``data`` (default: the
+    run's test, else validation file), or the ``inputs`` given (at most ``limit``)."""
+    if misclassified:
+        source = data or pred.config.data.test or pred.config.data.val
+        if source is None:
+            raise DataError("--misclassified needs labelled data: pass --data FILE (the run has no test file)")
+        return find_mistakes(pred, source, misclassified, quiet)
+    if inputs:
+        return collect(pred, inputs, limit)
+    raise ConfigError(f"nothing to explain: give --input ({what}) or --misclassified N")
+
+
 # --- drawing --------------------------------------------------------------------------------
 
 
@@ -423,15 +437,8 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
         baseline_token(pred.bundle.tokenizer, baseline)  # a tokenizer without that token: said before any work
     if pred.task.level == "tokens":
         return _explain_tokens(pred, inputs or [], misclassified, target, out, limit, max(steps, 20), baseline, quiet)
-    if misclassified:
-        source = data or pred.config.data.test or pred.config.data.val
-        if source is None:
-            raise DataError("--misclassified needs labelled data: pass --data FILE (the run has no test file)")
-        items = mistakes(pred, source, misclassified, quiet)
-    elif inputs:
-        items = collect_inputs(pred, inputs, limit)
-    else:
-        raise ConfigError("nothing to explain: give --input (text, image, folder or table) or --misclassified N")
+    items = choose_items(pred, inputs, misclassified, data, limit, quiet, mistakes, collect_inputs,
+                         "text, image, folder or table")
     labels = pred.labels
     target_idx = None
     if target is not None:

@@ -23,6 +23,7 @@ from fmtune.data.audio import AudioData, AudioSpec, features_of, read_audio_fold
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import AUDIO_SUFFIXES, TABLE_SUFFIXES, list_files, read_table, row_label
 from fmtune.errors import ConfigError, DataError
+from fmtune.explain import choose_items
 from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
 
@@ -148,15 +149,8 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
     labels = pred.labels
     if target is not None and target not in labels:
         raise ConfigError(f"--target {target!r} is not a label of this run; labels: {', '.join(labels)}")
-    if misclassified:
-        source = data or pred.config.data.test or pred.config.data.val
-        if source is None:
-            raise DataError("--misclassified needs labelled data: pass --data FILE (the run has no test file)")
-        items = mistakes(pred, source, misclassified, quiet)
-    elif inputs:
-        items = collect(pred, inputs, limit)
-    else:
-        raise ConfigError("nothing to explain: give --input (an audio file, a folder or a table) or --misclassified N")
+    items = choose_items(pred, inputs, misclassified, data, limit, quiet, mistakes, collect,
+                         "an audio file, a folder or a table")
     out_dir = Path(out) if out else pred.run_dir / "explain"
     check_output_dir(out_dir, "explain.json")
     summary: dict[str, Any] = {"method": "ig", "baseline": "silence", "run": str(pred.run_dir), "out": str(out_dir),

@@ -371,107 +371,96 @@ def generate_texts(run: str | Path, prompts: list[str] | None = None, file: str 
 EXPORT_CHECK_PROMPTS = 8
 
 
-def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dict[str, Any]:
-    """``fmtune export`` of a generation run (``kind``: model, adapter or merged): the folder is
-    loaded back and must give the same greedy answers as the run to up to 8 prompts of the
-    run's data, or nothing is written."""
-    if opened.task.modality == "audio":
-        return _export_speech(opened, target, kind, quiet)
+def _export_source(opened: Any) -> Path:
+    """The first of the run's test, validation and training files that still exists (what an
+    export is checked on)."""
+    cfg = opened.config
+    source = next((f for f in (cfg.data.test, cfg.data.val, cfg.data.train) if f and Path(f).exists()), None)
+    if source is None:
+        raise DataError(f"{opened.dir}: none of the run's data files exist any more; the export cannot be checked")
+    return Path(source)
+
+
+def _checked_export(opened: Any, target: Path, kind: str, quiet: bool, *, auto: Any, extra: Any, outputs: Any,
+                    reference: list[str], what: tuple[str, str, str], source: Path) -> dict[str, Any]:
+    """Write the run's model as a transformers folder (``kind``: model, adapter, or merged: the
+    adapter folded in, ``auto.from_pretrained`` loads it without peft; ``extra(folder)`` adds what
+    else the folder needs), load it back, and keep it only if ``outputs(loaded_model)`` equals
+    ``reference`` (the run's own outputs). ``what``: (the outputs' noun, export.json's key, the verb)."""
     import shutil
 
     from fmtune.fsutil import atomic_dir, folder_digest
 
+    bundle = opened.bundle
+    noun, key, verb = what
+    result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),
+                              "out": str(target), "format": "hf", "kind": kind, "strategy": opened.config.strategy.name,
+                              f"checked_{noun}": len(reference), "source": str(source)}
+
+    def write(tmp: Path) -> None:
+        if kind == "merged":
+            causal_lm.merged(bundle).save_pretrained(tmp, safe_serialization=True)
+            bundle.tokenizer.save_pretrained(tmp)
+            extra(tmp)
+            loaded = auto.from_pretrained(tmp, dtype=torch.float32)
+        else:
+            shutil.copytree(opened.dir / "model", tmp, dirs_exist_ok=True)
+            loaded = build.load(tmp).model
+        same = sum(a == b for a, b in zip(outputs(loaded), reference))
+        result[key] = same
+        if same != len(reference):
+            raise DataError(f"export check failed: the exported model {verb} {len(reference) - same} of "
+                            f"{len(reference)} {noun} of {source} differently from the run; nothing was written")
+        (tmp / "export.json").write_text(json.dumps(result, indent=2))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(target, write)
+    if not quiet:
+        how = {"merged": f"adapter folded into the weights: {auto.__name__}.from_pretrained(folder), no peft",
+               "adapter": "peft adapter folder: PeftModel.from_pretrained on the base model",
+               "model": f"{auto.__name__}.from_pretrained(folder)"}[kind]
+        ui.console.print(f"exported {opened.dir} -> {target} ({how}); checked: the same {key[5:].replace('_', ' ')} "
+                         f"as the run for {len(reference)} {noun} of {source}")
+    return result
+
+
+def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dict[str, Any]:
+    """``fmtune export`` of a generation run (``kind``: model, adapter or merged): the folder is
+    loaded back and must give the same greedy answers as the run to up to 8 prompts of the
+    run's data, or nothing is written. A speech recognition run: the same transcripts of up to
+    8 clips (the folder holds the feature extractor too)."""
+    if opened.task.modality == "audio":
+        return _export_speech(opened, target, kind, quiet)
+    from transformers import AutoModelForCausalLM
+
     gen = Generator(opened.dir, opened)
     cfg, bundle = gen.config, gen.bundle
-    source = next((f for f in (cfg.data.test, cfg.data.val, cfg.data.train) if f and Path(f).exists()), None)
-    if source is None:
-        raise DataError(f"{opened.dir}: none of the run's data files exist any more; the export cannot be checked")
+    source = _export_source(opened)
     rows = read_rows(source, cfg.data, with_targets=False).head(EXPORT_CHECK_PROMPTS).to_dict("records")
     prompts = [gen.prompt_ids(r)[0] for r in rows]
     s = GenerationSettings(cfg.eval.max_new_tokens, 0, EXPORT_CHECK_PROMPTS)
     reference = generate(bundle.model, bundle.tokenizer, prompts, s, gen.device)
-    result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),
-                              "out": str(target), "format": "hf", "kind": kind, "strategy": cfg.strategy.name,
-                              "checked_prompts": len(prompts), "source": str(source)}
-
-    def write(tmp: Path) -> None:
-        if kind == "merged":
-            causal_lm.merged(bundle).save_pretrained(tmp, safe_serialization=True)
-            bundle.tokenizer.save_pretrained(tmp)
-            from transformers import AutoModelForCausalLM
-
-            loaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-        else:
-            shutil.copytree(opened.dir / "model", tmp, dirs_exist_ok=True)
-            loaded = build.load(tmp).model
-        answers = generate(loaded.to(gen.device), bundle.tokenizer, prompts, s, gen.device)
-        same = sum(a == b for a, b in zip(answers, reference))
-        result["same_greedy_answers"] = same
-        if same != len(prompts):
-            raise DataError(f"export check failed: the exported model answers {len(prompts) - same} of {len(prompts)} "
-                            f"prompts of {source} differently from the run; nothing was written")
-        (tmp / "export.json").write_text(json.dumps(result, indent=2))
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_dir(target, write)
-    if not quiet:
-        how = {"merged": "adapter folded into the weights: AutoModelForCausalLM.from_pretrained(folder), no peft",
-               "adapter": "peft adapter folder: PeftModel.from_pretrained on the base model",
-               "model": "AutoModelForCausalLM.from_pretrained(folder)"}[kind]
-        ui.console.print(f"exported {opened.dir} -> {target} ({how}); the same greedy answers as the run to "
-                         f"{len(prompts)} prompts of {source}")
-    return result
+    return _checked_export(opened, target, kind, quiet, auto=AutoModelForCausalLM, extra=lambda tmp: None,
+                           outputs=lambda m: generate(m.to(gen.device), bundle.tokenizer, prompts, s, gen.device),
+                           reference=reference, what=("prompts", "same_greedy_answers", "answers"), source=source)
 
 
 def _export_speech(opened: Any, target: Path, kind: str, quiet: bool) -> dict[str, Any]:
-    """``fmtune export`` of a speech recognition run: a transformers folder (model, tokenizer,
-    feature extractor; ``merged``: the adapter folded in, loadable without peft), loaded back and
-    checked to give the same transcripts as the run to up to 8 clips of its data."""
-    import shutil
+    from transformers import WhisperForConditionalGeneration
 
-    from fmtune.fsutil import atomic_dir, folder_digest
     from fmtune.models import speech
 
     cfg, bundle, task = opened.config, opened.bundle, opened.task
     device = hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device
-    source = next((f for f in (cfg.data.test, cfg.data.val, cfg.data.train) if f and Path(f).exists()), None)
-    if source is None:
-        raise DataError(f"{opened.dir}: none of the run's data files exist any more; the export cannot be checked")
-    df = task.read(source, cfg.data).head(EXPORT_CHECK_PROMPTS)
-    ds, _ = task.dataset(df, bundle, cfg.data, with_targets=False)
+    source = _export_source(opened)
+    ds, _ = task.dataset(task.read(source, cfg.data).head(EXPORT_CHECK_PROMPTS), bundle, cfg.data, with_targets=False)
     rows = list(range(len(ds)))
-    bundle.model.to(device)
-    reference = speech.transcribe(bundle.model, bundle.tokenizer, ds, rows, EXPORT_CHECK_PROMPTS, device, task.language)
-    result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),
-                              "out": str(target), "format": "hf", "kind": kind, "strategy": cfg.strategy.name,
-                              "checked_clips": len(rows), "source": str(source)}
 
-    def write(tmp: Path) -> None:
-        if kind == "merged":
-            from transformers import WhisperForConditionalGeneration
+    def outputs(model: torch.nn.Module) -> list[str]:
+        return speech.transcribe(model.to(device), bundle.tokenizer, ds, rows, EXPORT_CHECK_PROMPTS, device,
+                                 task.language)
 
-            causal_lm.merged(bundle).save_pretrained(tmp, safe_serialization=True)
-            bundle.tokenizer.save_pretrained(tmp)
-            speech.write_extra(bundle, tmp)
-            loaded = WhisperForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
-        else:
-            shutil.copytree(opened.dir / "model", tmp, dirs_exist_ok=True)
-            loaded = build.load(tmp).model
-        got = speech.transcribe(loaded.to(device), bundle.tokenizer, ds, rows, EXPORT_CHECK_PROMPTS, device,
-                                task.language)
-        same = sum(a == b for a, b in zip(got, reference))
-        result["same_transcripts"] = same
-        if same != len(rows):
-            raise DataError(f"export check failed: the exported model transcribes {len(rows) - same} of {len(rows)} "
-                            f"clips of {source} differently from the run; nothing was written")
-        (tmp / "export.json").write_text(json.dumps(result, indent=2))
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_dir(target, write)
-    if not quiet:
-        how = {"merged": "adapter folded in: WhisperForConditionalGeneration.from_pretrained(folder), no peft",
-               "adapter": "peft adapter folder: PeftModel.from_pretrained on the base model",
-               "model": "WhisperForConditionalGeneration.from_pretrained(folder)"}[kind]
-        ui.console.print(f"exported {opened.dir} -> {target} ({how}); the same transcripts as the run for "
-                         f"{len(rows)} clips of {source}")
-    return result
+    return _checked_export(opened, target, kind, quiet, auto=WhisperForConditionalGeneration,
+                           extra=lambda tmp: speech.write_extra(bundle, tmp), outputs=outputs,
+                           reference=outputs(bundle.model), what=("clips", "same_transcripts", "transcribes"),
+                           source=source)

@@ -136,6 +136,23 @@ def image_dirs(tmp_path_factory) -> dict[str, Path]:
     return {"train": save_shape_images(d / "train", 30, 0), "test": save_shape_images(d / "test", 10, 1)}
 
 
+def save_tiny_whisper(folder: Path, vocab_size: int = 64, max_target_positions: int = 64) -> Path:
+    """A 2+2-layer random Whisper (d_model 32) and Whisper's feature extractor settings, saved as a
+    transformers folder."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        num_mel_bins=80, max_source_positions=1500, max_target_positions=max_target_positions,
+                        decoder_start_token_id=1, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(cfg).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80, "sampling_rate": 16000,
+         "hop_length": 160, "n_fft": 400, "chunk_length": 30}))
+    return folder
+
+
 def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
     """A small, fast config: a few epochs, small batches, every default otherwise. The validation
     split is always made (data.min_val_per_class=0): these small files would otherwise train

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict
+from conftest import cfg_dict, save_tiny_whisper
 
 from fmtune.data.audio import AudioSpec, LogMel, audio_dataset, features_of, load_audio, windows
 from fmtune.errors import ConfigError, DataError, ModelError
@@ -45,19 +45,7 @@ def save_tones(root: Path, n_per_class: int, seed: int) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_whisper(tmp_path_factory) -> Path:
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    d = tmp_path_factory.mktemp("tiny-whisper")
-    cfg = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-                        max_source_positions=1500, max_target_positions=64, decoder_start_token_id=1,
-                        pad_token_id=0, eos_token_id=0, bos_token_id=0)
-    torch.manual_seed(0)
-    WhisperForConditionalGeneration(cfg).save_pretrained(d)
-    (d / "preprocessor_config.json").write_text(json.dumps(
-        {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80, "sampling_rate": 16000,
-         "hop_length": 160, "n_fft": 400, "chunk_length": 30}))
-    return d
+    return save_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
 
 
 @pytest.fixture(scope="session")
@@ -446,7 +434,9 @@ def test_robustness_and_explain_of_an_audio_classifier(tiny_whisper, tone_dirs, 
     fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(out), task={"type": "audio-classification"},
                           data={"test": str(tone_dirs["test"])},
                           train={"epochs": 8, "batch_size": 8, "lr": 3e-3}), quiet=True)
-    report = fmtune.robustness(out, None, suite="quick", quiet=True)
+    from fmtune.robustness import robustness  # (fmtune.robustness is the module once it is imported)
+
+    report = robustness(out, None, suite="quick", quiet=True)
     res = report["runs"]["run"]
     assert set(res["perturbations"]) == set(AUDIO_PERTURBATIONS) and res["examples"] == 12
     for p in res["perturbations"].values():

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict
+from conftest import cfg_dict, save_tiny_whisper
 
 from fmtune.errors import ConfigError, DataError, ModelError
 
@@ -47,7 +47,7 @@ def write_split(folder: Path, name: str, n: int, seed: int, most: int = 3) -> Pa
 def tiny_asr(tmp_path_factory) -> Path:
     """A tiny random Whisper with a byte-level BPE tokenizer of Whisper's special tokens."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperTokenizerFast
+    from transformers import WhisperTokenizerFast
 
     d = tmp_path_factory.mktemp("tiny-asr")
     bpe = ByteLevelBPETokenizer()
@@ -56,16 +56,7 @@ def tiny_asr(tmp_path_factory) -> Path:
     tok = WhisperTokenizerFast(tokenizer_object=bpe._tokenizer, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
                                eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tok.save_pretrained(d)
-    cfg = WhisperConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-                        max_source_positions=1500, max_target_positions=32, decoder_start_token_id=1,
-                        pad_token_id=0, eos_token_id=0, bos_token_id=0)
-    torch.manual_seed(0)
-    WhisperForConditionalGeneration(cfg).save_pretrained(d)
-    (d / "preprocessor_config.json").write_text(json.dumps(
-        {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80, "sampling_rate": 16000,
-         "hop_length": 160, "n_fft": 400, "chunk_length": 30}))
-    return d
+    return save_tiny_whisper(d, vocab_size=len(tok), max_target_positions=32)
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def set_pad(tokenizer: Any, model: nn.Module | None = None) -> None:
 def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, int]:
     """The pretrained causal LM named by ``model_cfg.name`` (a zoo name or a local folder), its
     tokenizer and the tokens kept per example."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from fmtune.zoo.models import resolve
 
@@ -92,20 +92,29 @@ def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, int]:
                          f"{config.model_type} model that does not generate text (architectures: "
                          f"{', '.join(getattr(config, 'architectures', None) or ['?'])}); use smollm2-135m or a "
                          "local folder of a *ForCausalLM model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if model_cfg.init == "pretrained":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        else:
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except Exception as e:
-        raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
+    model, tokenizer = load_pretrained(path, config, model_cfg.init, AutoModelForCausalLM)
     set_pad(tokenizer, model)
     context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
     max_length = model_cfg.max_length or min(DEFAULT_MAX_LENGTH, context)
     if max_length > context:
         raise ConfigError(f"model.max_length: {max_length} is more than the {context} positions of {model_cfg.name}")
     return model, tokenizer, max_length
+
+
+def load_pretrained(path: Path | str, config: Any, init: str, auto: Any) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a transformers folder through ``auto`` (an AutoModelFor... class):
+    its pretrained weights, or ``config`` freshly initialised (``model.init: random``), in fp32."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if init == "pretrained":
+            model = auto.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = auto.from_config(config, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
+    return model, tokenizer
 
 
 # --- what trains -----------------------------------------------------------------------------------

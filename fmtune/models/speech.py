@@ -35,9 +35,10 @@ SPEECH_MODEL_TYPES = ("whisper",)
 def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
     """The pretrained speech model named by ``model_cfg.name`` (a zoo name or a local Whisper
     folder), its tokenizer and its audio settings (``fmtune.data.audio.AudioSpec`` as a dict)."""
-    from transformers import AutoTokenizer, WhisperForConditionalGeneration
+    from transformers import AutoModelForSpeechSeq2Seq
 
     from fmtune.models.build import _audio_spec, saved_config
+    from fmtune.models.causal_lm import load_pretrained
     from fmtune.zoo.models import resolve
 
     family, path = resolve(model_cfg.name)
@@ -52,14 +53,7 @@ def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
         raise ModelError(f"task {task.name} needs a Whisper-style encoder-decoder speech model; {model_cfg.name} is "
                          f"a {config.model_type} model (use whisper-tiny-en, or a local Whisper folder; CTC models "
                          "such as wav2vec2 are not supported for transcription yet)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if model_cfg.init == "pretrained":
-            model = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-        else:
-            model = WhisperForConditionalGeneration(config).float()
-    except Exception as e:
-        raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
+    model, tokenizer = load_pretrained(path, config, model_cfg.init, AutoModelForSpeechSeq2Seq)
     prefix_ids(tokenizer, getattr(task, "language", None))  # a wrong language is an error now, not at the end
     audio = _audio_spec(path, config, model_cfg.audio_window)
     return model, tokenizer, audio

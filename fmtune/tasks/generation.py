@@ -315,18 +315,7 @@ class Generation(Task):
         model = net.model
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
-        with torch.inference_mode():
-            for idx in token_batches(ds.lengths, batch_size):
-                batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
-                labels = batch.pop("labels")
-                if not len(labels):
-                    continue
-                logits = net(**batch).logits
-                total += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-                count += len(labels)
-        loss = total / max(count, 1)
-        out = {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
+        out = token_loss(net, ds, token_batches(ds.lengths, batch_size), device)
         sample = self.sample(ds) if sample is None else sample
         if sample:
             answers = generate(model, net.tokenizer, [ds.prompts[i] for i in sample], self.settings, device,
@@ -338,19 +327,38 @@ class Generation(Task):
         return out
 
     def sample(self, ds: LMData, n: int | None = None) -> list[int]:
-        """A fixed, seeded sample of rows with a reference (the same at every evaluation)."""
-        rows = [i for i, r in enumerate(ds.references) if r]
-        n = self.settings.samples if n is None else n
-        if len(rows) <= n:
-            return rows
-        rng = np.random.default_rng(0)
-        return sorted(rng.choice(rows, size=n, replace=False).tolist())
+        return fixed_sample(ds.references, self.settings.samples if n is None else n)
 
     def state(self) -> dict[str, Any]:
         return {"task": self.name, "labels": [], **self.options}
 
 
 TOKENS_PER_BATCH = 4096
+
+
+def token_loss(net: Any, ds: Any, batches: list[list[int]], device: Any) -> dict[str, float]:
+    """Mean cross-entropy over every trained token of ``ds`` (``net`` gives the logits of the
+    positions in each batch's ``target_index``), and its perplexity."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for idx in batches:
+            batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
+            labels = batch.pop("labels")
+            if not len(labels):
+                continue
+            total += float(F.cross_entropy(net(**batch).logits.float(), labels, reduction="sum"))
+            count += len(labels)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
+
+
+def fixed_sample(references: list[str | None], n: int) -> list[int]:
+    """A fixed, seeded sample of ``n`` rows with a reference (the same at every evaluation)."""
+    rows = [i for i, r in enumerate(references) if r]
+    if len(rows) <= n:
+        return rows
+    rng = np.random.default_rng(0)
+    return sorted(rng.choice(rows, size=n, replace=False).tolist())
 
 
 def token_batches(lengths: np.ndarray, max_rows: int, max_tokens: int = TOKENS_PER_BATCH) -> list[list[int]]:

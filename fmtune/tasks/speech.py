@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fmtune.data.readers import read_table, row_label
 from fmtune.errors import DataError
 from fmtune.tasks.base import TASKS, Task
-from fmtune.tasks.generation import GenerationSettings
+from fmtune.tasks.generation import GenerationSettings, fixed_sample, token_batches, token_loss
 
 AUDIO_COLUMNS = ("audio", "file_name", "path", "file", "filename", "audio_path", "audio_filepath")
 TEXT_COLUMNS = ("text", "transcript", "transcription", "sentence", "normalized_text")
@@ -249,22 +249,12 @@ class SpeechRecognition(Task):
                        sample: list[int] | None = None, progress: Any = None) -> dict[str, float]:
         """Loss over every clip; WER and CER of greedy transcripts of the fixed sample (``sample``;
         default: the first ``settings.samples`` of a seeded order)."""
-        import math
-
         from fmtune.models import speech
-        from fmtune.tasks.generation import token_batches
 
         was_training = net.training
         net.eval()
-        total, count = 0.0, 0
-        with torch.inference_mode():
-            for idx in token_batches(ds.lengths, batch_size, max_tokens=batch_size * int(ds.lengths.max())):
-                batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
-                labels = batch.pop("labels")
-                total += float(F.cross_entropy(net(**batch).logits.float(), labels, reduction="sum"))
-                count += len(labels)
-        loss = total / max(count, 1)
-        out = {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
+        batches = token_batches(ds.lengths, batch_size, max_tokens=batch_size * int(ds.lengths.max()))
+        out = token_loss(net, ds, batches, device)
         sample = self.sample(ds) if sample is None else sample
         if sample:
             answers = speech.transcribe(net.model, net.tokenizer, ds, sample, self.settings.batch_size, device,
@@ -277,12 +267,7 @@ class SpeechRecognition(Task):
 
     def sample(self, ds: SpeechData, n: int | None = None) -> list[int]:
         """A fixed, seeded sample of clips with a transcript (the same at every evaluation)."""
-        rows = [i for i, r in enumerate(ds.references) if r]
-        n = self.settings.samples if n is None else n
-        if len(rows) <= n:
-            return rows
-        rng = np.random.default_rng(0)
-        return sorted(rng.choice(rows, size=n, replace=False).tolist())
+        return fixed_sample(ds.references, self.settings.samples if n is None else n)
 
     def input_column(self, df: pd.DataFrame, default: str) -> str:
         """The audio column of a table to transcribe: ``data.audio_column``, else a usual name
