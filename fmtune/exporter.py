@@ -107,9 +107,6 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
         from fmtune.generation import export_run
 
         return export_run(opened, target, kind, quiet)
-    if format != "hf" and bundle.kind == "audio":
-        raise ConfigError(f"--format {format}: ONNX export of audio models is not built yet (the encoder reads "
-                          "variable-length windows); export a Hugging Face folder (--format hf)")
     ds = check_rows(opened)
     reference = bundle
     result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),

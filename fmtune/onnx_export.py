@@ -42,8 +42,17 @@ class _ImageLogits(TextLogits):
         return self.model(pixel_values=pixel_values).logits
 
 
+class _WindowLogits(TextLogits):
+    """Audio: the logits of every log-mel window. The head is linear, so a clip's logits are the
+    mean of its windows' (what the torch model computes from the mean of their features)."""
+
+    def forward(self, input_features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.model(input_features=input_features, frame_mask=frame_mask).logits
+
+
 def input_names(kind: str) -> list[str]:
-    return ["input_ids", "attention_mask"] if kind == "text" else ["pixel_values"]
+    return {"text": ["input_ids", "attention_mask"], "audio": ["input_features", "frame_mask"]}.get(
+        kind, ["pixel_values"])
 
 
 @contextlib.contextmanager
@@ -71,9 +80,12 @@ def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], pa
     if kind == "text":
         seq = torch.export.Dim("seq", min=1)
         shapes: Any = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    elif kind == "audio":  # windows of any length up to the encoder's (plus the two frames of padding)
+        half = torch.export.Dim("half_frames", min=2, max=2 * model.config.max_source_positions)
+        shapes = {"input_features": {0: batch, 2: 2 * half}, "frame_mask": {0: batch, 1: 2 * half}}
     else:
         shapes = {"pixel_values": {0: batch}}
-    wrapper = (TextLogits(model) if kind == "text" else _ImageLogits(model)).eval()
+    wrapper = {"text": TextLogits, "audio": _WindowLogits}.get(kind, _ImageLogits)(model).eval()
     try:
         with _quiet_exporter(), torch.no_grad():
             torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["logits"], dynamo=True,
@@ -99,6 +111,12 @@ def write_preprocessing(bundle: Any, task: Any, folder: Path) -> None:
     if bundle.kind == "text":
         prep["max_length"] = bundle.max_length
         bundle.tokenizer.save_pretrained(folder)
+    elif bundle.kind == "audio":
+        # mono at sampling_rate, cut into windows of window_seconds, Whisper's log-mel of each window's own
+        # frames plus two frames at its minimum; frame_mask 1 on real frames; a clip's logits: the mean of its
+        # windows' logits
+        prep["audio"] = bundle.audio
+        prep["output"] = "logits per window"
     else:
         prep["image"] = bundle.image  # RGB, shorter side resized to size, centre crop, /255, (x - mean) / std
     (folder / PREP_FILE).write_text(json.dumps(prep, indent=2))
@@ -121,4 +139,9 @@ class OnnxModel(nn.Module):
 
     def forward(self, **batch: torch.Tensor) -> SequenceClassifierOutput:
         feeds = {n: batch[n].cpu().numpy() for n in self.names}
-        return SequenceClassifierOutput(logits=torch.from_numpy(self.session.run(["logits"], feeds)[0]))
+        logits = torch.from_numpy(self.session.run(["logits"], feeds)[0])
+        if "clip_index" in batch:  # audio: one row per window; a clip's logits are its windows' mean
+            from fmtune.models.hf_remote import per_clip
+
+            logits = per_clip(logits, batch["clip_index"].cpu())
+        return SequenceClassifierOutput(logits=logits)

@@ -398,12 +398,17 @@ def test_audio_export_and_what_is_refused(tiny_whisper, tone_dirs, tmp_path):
     from fmtune.errors import ConfigError
 
     out = tmp_path / "run"
+    # 1-second windows: clips of 1-1.6 s are two windows, averaged (in ONNX too)
     fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(out), task={"type": "audio-classification"},
-                          train={"epochs": 1, "batch_size": 8}), quiet=True)
+                          model={"audio_window": 1.0}, train={"epochs": 1, "batch_size": 8}), quiet=True)
     result = fmtune.export(out, quiet=True)  # a Hugging Face folder, checked against the run on real clips
     assert result["checked_rows"] > 0 and (Path(result["out"]) / "preprocessor_config.json").is_file()
-    with pytest.raises(ConfigError, match="ONNX export of audio models is not built"):
-        fmtune.export(out, format="onnx", quiet=True)
+    # ONNX: logits per window, averaged per clip outside the graph (the head is linear); checked to 1e-4
+    onnx = fmtune.export(out, format="onnx", quiet=True)
+    assert onnx["max_abs_diff"] <= 1e-4
+    clips = [str(p) for p in sorted((tone_dirs["test"] / "high").iterdir())[:3]]
+    torch_says = [r["label"] for r in fmtune.load(out).predict(clips)]
+    assert [r["label"] for r in fmtune.load(out, backend="onnx").predict(clips)] == torch_says
     with pytest.raises(ConfigError, match="perturb images or text, and this model reads audio; use train.augment.snr"):
         fmtune.train(cfg_dict(tiny_whisper, tone_dirs["train"], out=str(tmp_path / "aug"),
                               task={"type": "audio-classification"}, train={"augment": {"noise": 0.1}}), quiet=True)
@@ -472,3 +477,21 @@ def test_robustness_and_explain_of_an_audio_classifier(tiny_whisper, tone_dirs, 
     assert float(heat.sum()) == pytest.approx(float(logits[0, k] - logits[1, k]), rel=0.05, abs=0.02)
     with pytest.raises(ConfigError, match="does not apply to audio models"):
         explain(out, [str(tone_dirs["test"])], method="gradcam", quiet=True)
+
+
+def test_a_clip_of_a_whole_window_or_more_fits_the_encoder(tiny_whisper):
+    """A 31-second clip: a whole 30-s window (3,000 frames, no padding frames: the encoder holds 1,500
+    positions) and a last second; the padding of the shorter window must not push the batch past it."""
+    from transformers import WhisperForConditionalGeneration
+
+    from fmtune.data.audio import AudioData
+    from fmtune.models.hf_remote import whisper_states
+
+    spec = AudioSpec()
+    rng = np.random.default_rng(0)
+    ds = AudioData(features_of([0.1 * rng.standard_normal(31 * RATE).astype(np.float32)], spec), None, spec)
+    batch = ds.collate([0])
+    assert batch["input_features"].shape[-1] == 3000 and batch["clip_index"].tolist() == [0, 0]
+    encoder = WhisperForConditionalGeneration.from_pretrained(tiny_whisper).model.encoder
+    hidden, mask = whisper_states(encoder, batch["input_features"], batch["frame_mask"])
+    assert hidden.shape[1] == 1500 and mask[1].sum() < mask[0].sum()

@@ -165,8 +165,10 @@ class AudioData(torch.utils.data.Dataset):
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         wins = [(row, w) for row, i in enumerate(idx) for w in self.clips[i]]
         # two frames of padding at least: the convolutions at a clip's end then always read the floor
-        # value that follows it (as in Whisper's padded window), whatever else is in the batch
-        width = max(w.shape[-1] for _, w in wins) + 2
+        # value that follows it (as in Whisper's padded window), whatever else is in the batch; a whole
+        # window (30 s) has none, as in Whisper: the encoder holds no more positions
+        longest = math.ceil(self.spec.window_samples / self.spec.hop_length)
+        width = min(max(w.shape[-1] for _, w in wins) + 2, longest + longest % 2)
         feats = torch.zeros((len(wins), self.spec.n_mels, width))
         mask = torch.zeros((len(wins), width), dtype=torch.long)
         for j, (_, w) in enumerate(wins):

@@ -84,7 +84,8 @@ def whisper_states(encoder: nn.Module, input_features: torch.Tensor,
     x = x + encoder.embed_positions.weight[:n]
     mask = None if frame_mask is None else frame_mask[:, ::2][:, :n]
     bias = None
-    if mask is not None and not bool(mask.all()):
+    # (exporting: always the mask, a graph cannot branch on the data)
+    if mask is not None and (torch.compiler.is_exporting() or not bool(mask.all())):
         bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(mask == 0, torch.finfo(x.dtype).min)[:, None, None, :]
     for layer in encoder.layers:
