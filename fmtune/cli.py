@@ -402,12 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     t.add_argument("--model", help="zoo name (fmtune models) or a local Hugging Face model folder")
     t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images or "
-                   "audio files (--task audio-classification; a table names the files in data.audio_column)")
+                   "audio files (--task audio-classification; a table names the files in data.audio_column); "
+                   "speech-recognition: a table of audio paths and transcripts, or a folder with metadata.csv")
     t.add_argument("--val", help="validation data (default: split off --data)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
     t.add_argument("--task", help="what to predict: classification (default), multilabel, regression, ner, "
-                   "generation ... "
-                   "(`fmtune tasks` lists them)")
+                   "generation, audio-classification, speech-recognition ... (`fmtune tasks` lists them)")
     t.add_argument("--strategy", choices=list(STRATEGY_NAMES),
                    help="what to train: full, head, last_n (strategy.n), lora/dora (strategy.r, strategy.alpha, "
                    "strategy.targets), ia3, prompt (strategy.virtual_tokens), bitfit, contrastive (few labels: "

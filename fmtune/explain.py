@@ -31,6 +31,7 @@ from fmtune import ui
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import IMAGE_SUFFIXES, TABLE_SUFFIXES, list_images, read_any, require_column, row_label
 from fmtune.errors import ConfigError, DataError
+from fmtune.explain_inputs import choose_items
 from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.onnx_export import TextLogits
 from fmtune.predictor import Predictor
@@ -273,20 +274,6 @@ def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dic
             name = f"row {row + 2}" if Path(data).suffix.lower() in (".csv", ".tsv") else f"row {row + 1}"
         items.append({"name": name, "input": value, "true": pred.task.labels[int(targets[i])]})
     return items
-
-
-def choose_items(pred: Predictor, inputs: list[str] | None, misclassified: int, data: str | Path | None,
-                 limit: int, quiet: bool, find_mistakes: Any, collect: Any, what: str) -> list[dict[str, Any]]:
-    """What to explain: the ``misclassified`` most confident mistakes on ``data`` (default: the
-    run's test, else validation file), or the ``inputs`` given (at most ``limit``)."""
-    if misclassified:
-        source = data or pred.config.data.test or pred.config.data.val
-        if source is None:
-            raise DataError("--misclassified needs labelled data: pass --data FILE (the run has no test file)")
-        return find_mistakes(pred, source, misclassified, quiet)
-    if inputs:
-        return collect(pred, inputs, limit)
-    raise ConfigError(f"nothing to explain: give --input ({what}) or --misclassified N")
 
 
 # --- drawing --------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from fmtune.data.audio import AudioData, AudioSpec, features_of, read_audio_fold
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import AUDIO_SUFFIXES, TABLE_SUFFIXES, list_files, read_table, row_label
 from fmtune.errors import ConfigError, DataError
-from fmtune.explain import choose_items
+from fmtune.explain_inputs import choose_items
 from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
 

@@ -116,7 +116,7 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         share = 100 * counts["trainable_params"] / counts["total_params"]
         out.print(f"  strategy {cfg.strategy.name}: trainable {counts['trainable_params']:,} of "
                   f"{counts['total_params']:,} parameters ({share:.2f}%); lr {cfg.train.lr:g}")
-    net = _net(bundle)
+    net = lm_net(bundle)
     train_ds = data["train"]
     if cfg.train.augment.audio_on():  # speech: the clips perturbed on the fly, read again from their files
         from fmtune.training.perturb import Augmented
@@ -154,7 +154,7 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     return summary
 
 
-def _net(bundle: build.Bundle) -> torch.nn.Module:
+def lm_net(bundle: build.Bundle) -> torch.nn.Module:
     """What training and evaluation feed batches to: logits at the trained positions only."""
     if bundle.family == causal_lm.SPEECH_FAMILY:
         from fmtune.models.speech import SpeechLogits
@@ -201,7 +201,7 @@ def _check_settings(cfg: config_mod.Config) -> None:
 
 def _score(bundle: build.Bundle, task: Any, ds: Any, sample: list[int], cfg: config_mod.Config, hw: Any,
            quiet: bool, what: str) -> dict[str, Any]:
-    net = _net(bundle)
+    net = lm_net(bundle)
     started = time.perf_counter()
     with ui.CountProgress(f"{what}: answers", len(sample), quiet) as bar:
         metrics = task.evaluate_model(net, ds, cfg.train.eval_batch_size, hw.device, sample=sample, progress=bar)

@@ -118,7 +118,9 @@ class Predictor:
         """Predictions for checked texts (``check_text``) or decoded images (``decode``)."""
         ds = self.task.inputs(items, self.bundle)
         if self.task.level == "lm":  # a model that generates (speech recognition): the task decodes
-            return self.task.generate_records(self.bundle, ds, self.batch_size, model_device(self.model))
+            from fmtune.generation import lm_net
+
+            return self.task.generate_records(lm_net(self.bundle), ds, self.batch_size, model_device(self.model))
         logits, _ = infer(self.model, ds, self.batch_size)
         return self.task.postprocess(logits, ds)
 

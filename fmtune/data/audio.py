@@ -39,19 +39,28 @@ class AudioSpec:
     n_mels: int = 80
     n_fft: int = 400
     hop_length: int = 160
-    window_seconds: float = 30.0  # the longest stretch the encoder reads at once
+    window_seconds: float = 30.0  # the longest stretch the encoder reads at once (model.audio_window)
+    encoder_seconds: float = 30.0  # what the encoder holds (Whisper: 1,500 positions = 30 s); window <= this
 
     @property
     def window_samples(self) -> int:
         return int(round(self.window_seconds * self.sampling_rate))
 
+    @property
+    def encoder_frames(self) -> int:
+        """Log-mel frames the encoder holds (even: its second convolution halves them)."""
+        n = math.ceil(self.encoder_seconds * self.sampling_rate / self.hop_length)
+        return n - n % 2
+
     def as_dict(self) -> dict[str, Any]:
         return {"sampling_rate": self.sampling_rate, "n_mels": self.n_mels, "n_fft": self.n_fft,
-                "hop_length": self.hop_length, "window_seconds": self.window_seconds}
+                "hop_length": self.hop_length, "window_seconds": self.window_seconds,
+                "encoder_seconds": self.encoder_seconds}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AudioSpec:
-        return cls(**{k: d[k] for k in ("sampling_rate", "n_mels", "n_fft", "hop_length", "window_seconds") if k in d})
+        keys = ("sampling_rate", "n_mels", "n_fft", "hop_length", "window_seconds", "encoder_seconds")
+        return cls(**{k: d[k] for k in keys if k in d})
 
 
 def read_audio_folder(path: Path, column: str = "audio") -> pd.DataFrame:
@@ -165,10 +174,9 @@ class AudioData(torch.utils.data.Dataset):
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         wins = [(row, w) for row, i in enumerate(idx) for w in self.clips[i]]
         # two frames of padding at least: the convolutions at a clip's end then always read the floor
-        # value that follows it (as in Whisper's padded window), whatever else is in the batch; a whole
-        # window (30 s) has none, as in Whisper: the encoder holds no more positions
-        longest = math.ceil(self.spec.window_samples / self.spec.hop_length)
-        width = min(max(w.shape[-1] for _, w in wins) + 2, longest + longest % 2)
+        # value that follows it (as in Whisper's padded window), whatever else is in the batch; a window
+        # as long as the encoder holds (30 s) has none, as in Whisper
+        width = min(max(w.shape[-1] for _, w in wins) + 2, self.spec.encoder_frames)
         feats = torch.zeros((len(wins), self.spec.n_mels, width))
         mask = torch.zeros((len(wins), width), dtype=torch.long)
         for j, (_, w) in enumerate(wins):

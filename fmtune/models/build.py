@@ -132,7 +132,33 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
         raise ModelError(f"model.audio_window={window:g} s is longer than {path}'s window ({longest:g} s)")
     return AudioSpec(sampling_rate=int(pp.get("sampling_rate", 16000)), n_mels=int(config.num_mel_bins),
                      n_fft=int(pp.get("n_fft", 400)), hop_length=int(pp.get("hop_length", 160)),
-                     window_seconds=float(window or longest)).as_dict()
+                     window_seconds=float(window or longest), encoder_seconds=float(longest)).as_dict()
+
+
+def _create_speech(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The pretrained speech model named by ``model_cfg.name`` (a zoo name or a local Whisper
+    folder), its tokenizer and its audio settings (``fmtune.data.audio.AudioSpec`` as a dict)."""
+    from transformers import AutoModelForSpeechSeq2Seq
+
+    from fmtune.models.speech import SPEECH_MODEL_TYPES
+    from fmtune.tasks.speech import prefix_ids
+
+    family, path = resolve(model_cfg.name)
+    if family != "hf":
+        raise ModelError(f"task {task.name} needs an encoder-decoder speech model; {model_cfg.name} is not one "
+                         "(use whisper-tiny-en, or a local Whisper folder in Hugging Face format)")
+    try:
+        config = saved_config(path)
+    except Exception as e:
+        raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    if config.model_type not in SPEECH_MODEL_TYPES:
+        raise ModelError(f"task {task.name} needs a Whisper-style encoder-decoder speech model; {model_cfg.name} is "
+                         f"a {config.model_type} model (use whisper-tiny-en, or a local Whisper folder; CTC models "
+                         "such as wav2vec2 are not supported for transcription yet)")
+    model, tokenizer = causal_lm.load_pretrained(path, config, model_cfg.init, AutoModelForSpeechSeq2Seq)
+    prefix_ids(tokenizer, getattr(task, "language", None))  # a wrong language is an error now, not at the end
+    audio = _audio_spec(path, config, model_cfg.audio_window)
+    return model, tokenizer, audio
 
 
 def create(model_cfg: Any, task: Any) -> Bundle:
@@ -140,7 +166,7 @@ def create(model_cfg: Any, task: Any) -> Bundle:
     if task.level == "lm" and task.modality == "audio":  # an encoder-decoder speech model (speech recognition)
         from fmtune.models import speech
 
-        model, tokenizer, audio = speech.create(model_cfg, task)
+        model, tokenizer, audio = _create_speech(model_cfg, task)
         return Bundle(model, "audio", speech.FAMILY, "none", tokenizer=tokenizer, audio=audio,
                       max_length=speech.max_target_positions(model), source=str(model_cfg.name))
     if task.level == "lm":  # a causal language model with its own output layer (text generation)
@@ -246,6 +272,10 @@ def _write(bundle: Bundle, tmp: Path) -> None:
     meta = bundle.meta()
     if bundle.family in causal_lm.FAMILIES:  # a transformers folder (or its adapter) and the tokenizer
         causal_lm.write(bundle, tmp)
+        if bundle.family == causal_lm.SPEECH_FAMILY:  # and the feature extractor
+            from fmtune.models.speech import write_extra
+
+            write_extra(bundle, tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         return
     base = adapters.base_model(bundle.model)

@@ -273,10 +273,6 @@ def write(bundle: Any, folder: Path) -> None:
     else:
         bundle.model.save_pretrained(folder, safe_serialization=True)
     bundle.tokenizer.save_pretrained(folder)
-    if bundle.family == SPEECH_FAMILY:
-        from fmtune.models.speech import write_extra
-
-        write_extra(bundle, folder)
 
 
 def _auto(meta: dict[str, Any]) -> Any:

@@ -22,56 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmtune.errors import ModelError
+from fmtune.tasks.speech import BUCKET_SECONDS, prefix_ids  # noqa: F401  (BUCKET_SECONDS: the module doc's)
 
 FAMILY = "speech-seq2seq"
-BUCKET_SECONDS = 5.0
 # Whisper's decoder holds 448 positions for a 30-second window: at most this many tokens per second
 # of audio are decoded (a model that loops on a phrase stops there, not at the decoder's end)
 TOKENS_PER_SECOND = 448 / 30
 SPEECH_MODEL_TYPES = ("whisper",)
-
-
-def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The pretrained speech model named by ``model_cfg.name`` (a zoo name or a local Whisper
-    folder), its tokenizer and its audio settings (``fmtune.data.audio.AudioSpec`` as a dict)."""
-    from transformers import AutoModelForSpeechSeq2Seq
-
-    from fmtune.models.build import _audio_spec, saved_config
-    from fmtune.models.causal_lm import load_pretrained
-    from fmtune.zoo.models import resolve
-
-    family, path = resolve(model_cfg.name)
-    if family != "hf":
-        raise ModelError(f"task {task.name} needs an encoder-decoder speech model; {model_cfg.name} is not one "
-                         "(use whisper-tiny-en, or a local Whisper folder in Hugging Face format)")
-    try:
-        config = saved_config(path)
-    except Exception as e:
-        raise ModelError(f"cannot read the model config at {path}: {e}") from None
-    if config.model_type not in SPEECH_MODEL_TYPES:
-        raise ModelError(f"task {task.name} needs a Whisper-style encoder-decoder speech model; {model_cfg.name} is "
-                         f"a {config.model_type} model (use whisper-tiny-en, or a local Whisper folder; CTC models "
-                         "such as wav2vec2 are not supported for transcription yet)")
-    model, tokenizer = load_pretrained(path, config, model_cfg.init, AutoModelForSpeechSeq2Seq)
-    prefix_ids(tokenizer, getattr(task, "language", None))  # a wrong language is an error now, not at the end
-    audio = _audio_spec(path, config, model_cfg.audio_window)
-    return model, tokenizer, audio
-
-
-def prefix_ids(tokenizer: Any, language: str | None) -> list[int]:
-    """The decoder's first tokens: start of transcript, (language, transcribe: multilingual
-    models), no timestamps."""
-    multilingual = "<|en|>" in tokenizer.get_vocab() and tokenizer.convert_tokens_to_ids("<|en|>") != \
-        tokenizer.unk_token_id and len(tokenizer.get_vocab()) > 51864
-    if multilingual:
-        try:
-            tokenizer.set_prefix_tokens(language=language or "english", task="transcribe", predict_timestamps=False)
-        except ValueError as e:
-            raise ModelError(f"task.language: {e}") from None
-    elif language and language.lower() not in ("en", "english"):
-        raise ModelError(f"task.language: {language!r}, but this model transcribes English only")
-    return list(tokenizer.prefix_tokens)
 
 
 def max_target_positions(model: nn.Module) -> int:
@@ -106,6 +63,11 @@ class SpeechLogits(nn.Module):
         hidden = lm.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=states, use_cache=False)[0]
         picked = hidden.flatten(0, 1).index_select(0, target_index)
         return types.SimpleNamespace(logits=lm.get_output_embeddings()(picked))
+
+    def transcribe(self, ds: Any, rows: list[int], batch_size: int, device: Any, language: str | None = None,
+                   on_batch: Any = None) -> list[str]:
+        """``transcribe`` with this model and tokenizer (what the task's evaluation calls)."""
+        return transcribe(self.model, self.tokenizer, ds, rows, batch_size, device, language, on_batch)
 
 
 def _suppressed(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

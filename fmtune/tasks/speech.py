@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from fmtune.data.readers import read_table, row_label
-from fmtune.errors import DataError
+from fmtune.errors import DataError, ModelError
 from fmtune.tasks.base import TASKS, Task
 from fmtune.tasks.generation import GenerationSettings, fixed_sample, token_batches, token_loss
 
 AUDIO_COLUMNS = ("audio", "file_name", "path", "file", "filename", "audio_path", "audio_filepath")
 TEXT_COLUMNS = ("text", "transcript", "transcription", "sentence", "normalized_text")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.tsv", "metadata.parquet")
+# clips are read padded to the next multiple of this many seconds, not to Whisper's 30 (fmtune.models.speech)
+BUCKET_SECONDS = 5.0
 
 
 def _pick(df: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], what: str, option: str) -> str:
@@ -77,6 +79,21 @@ def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> p
     return out
 
 
+def prefix_ids(tokenizer: Any, language: str | None) -> list[int]:
+    """The decoder's first tokens: start of transcript, (language, transcribe: multilingual
+    models), no timestamps."""
+    multilingual = "<|en|>" in tokenizer.get_vocab() and tokenizer.convert_tokens_to_ids("<|en|>") != \
+        tokenizer.unk_token_id and len(tokenizer.get_vocab()) > 51864
+    if multilingual:
+        try:
+            tokenizer.set_prefix_tokens(language=language or "english", task="transcribe", predict_timestamps=False)
+        except ValueError as e:
+            raise ModelError(f"task.language: {e}") from None
+    elif language and language.lower() not in ("en", "english"):
+        raise ModelError(f"task.language: {language!r}, but this model transcribes English only")
+    return list(tokenizer.prefix_tokens)
+
+
 def normalize(text: str) -> str:
     """What WER compares: lower case, punctuation and symbols as spaces, one space between words."""
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer
@@ -113,13 +130,11 @@ class SpeechData(torch.utils.data.Dataset):
 
     def __init__(self, clips: list[list[torch.Tensor]], ids: list[list[int]] | None, start: int, pad_id: int,
                  spec: Any, references: list[str | None], lines: list[int], sources: list[str]):
-        from fmtune.models.speech import BUCKET_SECONDS
-
         self.clips, self.ids, self.start, self.pad_id = clips, ids, start, pad_id
         self.references, self.lines, self.sources = references, lines, sources
         self.hop_seconds = spec.hop_length / spec.sampling_rate  # of one log-mel frame
         self.bucket_frames = int(round(BUCKET_SECONDS / self.hop_seconds))
-        self.max_frames = int(round(spec.window_seconds / self.hop_seconds))  # the encoder's window
+        self.max_frames = spec.encoder_frames  # what the encoder holds
         self.lengths = np.array([self.width(w) for c in clips for w in c[:1]])
 
     def __len__(self) -> int:
@@ -201,17 +216,15 @@ class SpeechRecognition(Task):
     def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
                 allow_unknown: bool = False) -> tuple[SpeechData, np.ndarray]:
         from fmtune.data.audio import AudioSpec, audio_dataset
-        from fmtune.models import speech
-
         spec = AudioSpec.from_dict(bundle.audio)
         audio, keep = audio_dataset(df, "audio", spec, None, data_cfg.max_bad_fraction)
         tok = bundle.tokenizer
-        prefix = speech.prefix_ids(tok, self.language)
+        prefix = prefix_ids(tok, self.language)
         eot = tok.eos_token_id
         texts = df["text"].tolist() if with_targets and "text" in df.columns else [None] * len(df)
         lines = df["line"].tolist() if "line" in df.columns else list(range(1, len(df) + 1))
         ids, refs, kept_lines, long = [], [], [], []
-        limit = speech.max_target_positions(bundle.model)
+        limit = bundle.max_length  # the decoder's positions
         for j, i in enumerate(keep):
             where = audio.sources[j]
             if with_targets:
@@ -249,16 +262,13 @@ class SpeechRecognition(Task):
                        sample: list[int] | None = None, progress: Any = None) -> dict[str, float]:
         """Loss over every clip; WER and CER of greedy transcripts of the fixed sample (``sample``;
         default: the first ``settings.samples`` of a seeded order)."""
-        from fmtune.models import speech
-
         was_training = net.training
         net.eval()
         batches = token_batches(ds.lengths, batch_size, max_tokens=batch_size * int(ds.lengths.max()))
         out = token_loss(net, ds, batches, device)
         sample = self.sample(ds) if sample is None else sample
         if sample:
-            answers = speech.transcribe(net.model, net.tokenizer, ds, sample, self.settings.batch_size, device,
-                                        self.language, on_batch=progress)
+            answers = net.transcribe(ds, sample, self.settings.batch_size, device, self.language, on_batch=progress)
             self.last_answers = answers
             out.update(error_rates(answers, [ds.references[i] for i in sample]))
         if was_training:
@@ -275,12 +285,10 @@ class SpeechRecognition(Task):
         return default if default in df.columns else next((c for c in AUDIO_COLUMNS if c in df.columns), default)
 
     # --- output ------------------------------------------------------------------------------
-    def generate_records(self, bundle: Any, ds: SpeechData, batch_size: int, device: Any) -> list[dict[str, Any]]:
-        """The transcript of every clip of ``ds`` (windows of a long clip transcribed in turn)."""
-        from fmtune.models import speech
-
-        texts = speech.transcribe(bundle.model, bundle.tokenizer, ds, list(range(len(ds))), batch_size, device,
-                                  self.language)
+    def generate_records(self, net: Any, ds: SpeechData, batch_size: int, device: Any) -> list[dict[str, Any]]:
+        """The transcript of every clip of ``ds`` (windows of a long clip transcribed in turn) by
+        ``net`` (``fmtune.models.speech.SpeechLogits``)."""
+        texts = net.transcribe(ds, list(range(len(ds))), batch_size, device, self.language)
         return [{"transcript": t} for t in texts]
 
     def prediction_columns(self) -> list[str]:
