@@ -1,5 +1,5 @@
-"""Encoder-decoder speech models (Whisper) for speech recognition: creation, the training forward,
-and batched greedy transcription with a KV cache.
+"""Encoder-decoder speech models (Whisper) for speech recognition: the training forward and batched
+greedy transcription with a KV cache (``fmtune.models.build`` creates, saves and loads them).
 
 Whisper reads a fixed 30-second window (transformers' encoder refuses anything else): a 3-second
 clip padded to 30 s costs ten times its own compute in the encoder and gives the decoder 1,500
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fmtune.models.causal_lm import SPEECH_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
 from fmtune.tasks.speech import BUCKET_SECONDS, prefix_ids  # noqa: F401  (BUCKET_SECONDS: the module doc's)
 
-FAMILY = "speech-seq2seq"
 # Whisper's decoder holds 448 positions for a 30-second window: at most this many tokens per second
 # of audio are decoded (a model that loops on a phrase stops there, not at the decoder's end)
 TOKENS_PER_SECOND = 448 / 30
