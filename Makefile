@@ -6,7 +6,7 @@
 #   make demo-generation  fine-tune SmolLM2-135M (LoRA) to summarise Python functions in one sentence
 #   make demo-audio  fine-tune Whisper tiny.en's encoder to tell 20 spoken words apart (installs espeak-ng)
 #   make demo-speech  fine-tune Whisper tiny.en (LoRA) to transcribe sentences read by espeak-ng voices
-#   make test        the default test suite (tiny random-init models; < 10 min on 2 cores)
+#   make test        the default test suite (tiny random-init models; about 14 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
 #   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
 #   make bench-generation  fmtune's text generation against TRL's SFTTrainer (installed for it)

@@ -77,7 +77,10 @@ SLOW = pytest.mark.slow  # the same machinery; CI runs them (make test-slow)
 
 
 # the default suite kills a full, a head and a LoRA run; the other strategies run with the slow tests (CI)
-@pytest.mark.parametrize("strategy", ["full", pytest.param("last_n", marks=SLOW), "head", "lora",
+# lora runs by default (a periodic resume point of an adapter run); full and head are also covered by
+# default through the Ctrl-C test (full) and the solved-head test (head)
+@pytest.mark.parametrize("strategy", [pytest.param("full", marks=SLOW), pytest.param("last_n", marks=SLOW),
+                                      pytest.param("head", marks=SLOW), "lora",
                                       pytest.param("prompt", marks=SLOW), pytest.param("dora", marks=SLOW),
                                       pytest.param("ia3", marks=SLOW), pytest.param("bitfit", marks=SLOW)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_bert, strategy):
