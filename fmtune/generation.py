@@ -50,14 +50,13 @@ def settings(cfg: config_mod.Config) -> GenerationSettings:
 def _frames(cfg: config_mod.Config, task: Any) -> dict[str, pd.DataFrame]:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
-    read_rows = task.read
-    train = read_rows(cfg.data.train, cfg.data)
+    train = task.read(cfg.data.train, cfg.data)
     if cfg.data.max_train_samples and cfg.data.max_train_samples < len(train):
         attrs = dict(train.attrs)
         train = train.sample(n=cfg.data.max_train_samples, random_state=cfg.train.seed)
         train.attrs.update(attrs)
     if cfg.data.val:
-        val = read_rows(cfg.data.val, cfg.data)
+        val = task.read(cfg.data.val, cfg.data)
     else:
         if len(train) < 4:
             raise DataError(f"{cfg.data.train}: {len(train)} rows is too few to split off a validation set; "
@@ -68,7 +67,7 @@ def _frames(cfg: config_mod.Config, task: Any) -> dict[str, pd.DataFrame]:
         train.attrs, val.attrs = dict(source), dict(source)
     out = {"train": train, "val": val}
     if cfg.data.test:
-        out["test"] = read_rows(cfg.data.test, cfg.data)
+        out["test"] = task.read(cfg.data.test, cfg.data)
     return out
 
 

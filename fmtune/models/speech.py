@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fmtune.models.causal_lm import SPEECH_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
+from fmtune.models.causal_lm import plain
 from fmtune.tasks.speech import BUCKET_SECONDS, prefix_ids  # noqa: F401  (BUCKET_SECONDS: the module doc's)
 
 # Whisper's decoder holds 448 positions for a 30-second window: at most this many tokens per second
@@ -33,11 +34,6 @@ SPEECH_MODEL_TYPES = ("whisper",)
 
 def max_target_positions(model: nn.Module) -> int:
     return int(plain(model).config.max_target_positions)
-
-
-def plain(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (adapter layers injected in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def encode(model: nn.Module, input_features: torch.Tensor) -> torch.Tensor:

@@ -341,7 +341,6 @@ class Augmented(torch.utils.data.Dataset):
         batch["pixel_values"] = (x - mean) / std
         return batch
 
-
     def _audio(self, idx: list[int], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         import copy
 
