@@ -169,6 +169,7 @@ def peft_config(bundle: Any, cfg: Any) -> Any:
     """The peft config for strategy ``cfg`` on ``bundle``'s model."""
     import peft
 
+    head = head_layers(bundle.model)
     if cfg.name == "prompt":
         if bundle.kind != "text" or bundle.family != "hf":
             raise ConfigError("strategy prompt: prompt tuning puts virtual tokens before a text; "
@@ -178,12 +179,18 @@ def peft_config(bundle: Any, cfg: Any) -> Any:
             raise ConfigError(f"strategy.virtual_tokens: {cfg.virtual_tokens} virtual tokens + model.max_length "
                               f"{bundle.max_length} exceed the {limit} positions of this model; lower one of them")
         return peft.PromptTuningConfig(task_type=peft.TaskType.FEATURE_EXTRACTION,
-                                       num_virtual_tokens=cfg.virtual_tokens, modules_to_save=[HEAD_LAYER])
+                                       num_virtual_tokens=cfg.virtual_tokens, modules_to_save=head)
     targets, ff = resolve_targets(bundle, cfg)
     if cfg.name == "ia3":
-        return peft.IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=[HEAD_LAYER])
+        return peft.IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=head)
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=lora_dropout(cfg), target_modules=targets,
-                           use_dora=cfg.name == "dora", modules_to_save=[HEAD_LAYER])
+                           use_dora=cfg.name == "dora", modules_to_save=head)
+
+
+def head_layers(model: nn.Module) -> list[str]:
+    """The names of the head's layers that train and are saved beside an adapter: the linear layer
+    of a classifier's head, or every layer of a segmentation decoder (``model.head_layers``)."""
+    return [f"head.{n}" for n in model.head_layers] if hasattr(model, "head_layers") else [HEAD_LAYER]
 
 
 def wrap(bundle: Any, cfg: Any) -> nn.Module:
@@ -200,9 +207,10 @@ def wrap(bundle: Any, cfg: Any) -> nn.Module:
         model = peft.get_peft_model(bundle.model, pc, adapter_name=ADAPTER_NAME)
     from peft.utils import ModulesToSaveWrapper
 
-    saved = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    if len(saved) != 1 or not saved[0].endswith("model." + HEAD_LAYER):
-        raise ModelError(f"peft trained more than the head's linear layer beside the adapter: {saved}")
+    saved = sorted(n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    head = head_layers(bundle.model)
+    if len(saved) != len(head) or not all(any(n.endswith("model." + h) for n in saved) for h in head):
+        raise ModelError(f"peft trained other layers than the head's ({', '.join(head)}) beside the adapter: {saved}")
     return model
 
 

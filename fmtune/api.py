@@ -257,6 +257,8 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
               f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); optimizer state "
               f"{counts['optimizer_state_mib']:.1f} MiB (full fine-tuning: "
               f"{counts['full_finetune_optimizer_state_mib']:.1f} MiB)")
+    for note in task.notes():
+        out.print(f"  {note}")
     if "auto" in few:
         out.print(f"  strategy auto -> {few['auto']['strategy']}: {few['auto']['why']}")
     out.print(f"  lr {cfg.train.lr:g}, head lr {optim.head_lr(cfg.train):g}")
@@ -430,6 +432,10 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
                 quiet: bool, hw: hardware.Hardware) -> tuple[Any, Any, Any, str]:
     """Swap train/val for their cached frozen-prefix outputs where the strategy allows it."""
     aug = cfg.train.augment
+    if aug.geometric and hasattr(data["train"], "with_augment"):  # crops and flips that move the masks too
+        data = {**data, "train": data["train"].with_augment(cfg.train.seed)}
+        if not aug.image_on():
+            return None, data["train"], data["val"], "not used: train.augment.geometric crops and flips every image"
     if aug.text_on() or aug.image_on() or aug.audio_on():
         from fmtune.training.perturb import Augmented
 

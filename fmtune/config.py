@@ -60,6 +60,7 @@ class DataConfig:
     image_column: str = _f("image", "column holding image paths (relative to the file) in a CSV/JSONL/Parquet")
     audio_column: str = _f("audio", "column holding audio file paths (relative to the file) in a CSV/JSONL/Parquet")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
+    mask_column: str = _f("mask", "segmentation: column holding mask PNG paths (relative to the file) in a table")
     input_column: str | None = _f(None, "generation: column of a table holding the input (default: prompt, else "
                                   "data.text_column)")
     target_column: str | None = _f(None, "generation: column of a table holding the target text (default: "
@@ -116,6 +117,13 @@ class TaskConfig:
         "auto", "generation: wrap prompts in the tokenizer's chat template (auto: when the tokenizer has one)")
     language: str | None = _f(None, "speech-recognition: the spoken language for a multilingual Whisper (e.g. "
                               "english, french; default english); English-only models need none")
+    classes: str | None = _f(None, "segmentation: class names, comma-separated, in mask-value order (value 0 = the "
+                             "first); default: the values seen in the training masks (0/255 masks: background, "
+                             "foreground)")
+    mask_format: Literal["auto", "index", "binary"] = _f(
+        "auto", "segmentation: how mask pixels are read: index (value = class, task.ignore_index = not scored), "
+        "binary (0 = background, above 127 = foreground), auto (binary when the masks hold only 0 and 255)")
+    ignore_index: int = _f(255, "segmentation: the mask value of pixels neither trained nor scored (-1: none)")
     truncate: bool = _f(False, "generation: an example longer than model.max_length loses the start of its prompt "
                         "(then the end of its completion) with a warning, instead of being an error")
 
@@ -124,6 +132,7 @@ class TaskConfig:
 
         TASKS.get(self.type, "task.type")
         _check(0.0 <= self.window_stride <= 0.5, "task.window_stride", "must be in [0, 0.5]")
+        _check(-1 <= self.ignore_index <= 255, "task.ignore_index", "must be a mask value 0-255, or -1 for none")
 
 
 STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto")
@@ -213,6 +222,8 @@ class AugmentConfig:
                            "between this and 40 dB (e.g. 10); null: none")
     shift: float = _f(0.0, "audio: every training clip starts up to this many seconds later (silence before it)")
     gain: float = _f(0.0, "audio: every training clip louder or quieter by up to this many dB (e.g. 6)")
+    geometric: bool = _f(True, "segmentation: every training image cropped (50-100% of its side) and flipped at "
+                         "random, its mask with it")
     speed: float = _f(0.0, "audio: every training clip played at a speed drawn in [1 - this, 1 + this] (pitch moves "
                       "with it, as in Kaldi's speed perturbation; e.g. 0.1)")
 

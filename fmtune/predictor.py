@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmtune.data.dataset import ImageData, TextData, decode_image
+from fmtune.data.dataset import ImageData, TextData
 from fmtune.errors import ConfigError, DataError
 from fmtune.fairness import read_thresholds
 from fmtune.fsutil import folder_digest, read_json
@@ -106,7 +106,7 @@ class Predictor:
         if isinstance(value, (str, Path)) and not Path(value).is_file():
             raise DataError(f"{where}: no such image file: {value}")
         try:
-            return decode_image(source, int(self.bundle.image["size"]))
+            return self.task.image_input(source, self.bundle)
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for non-images and truncated files
             raise DataError(f"{where}: not a readable image ({e.__class__.__name__}: {e})") from None
 

@@ -20,7 +20,7 @@ from torch import nn
 from fmtune import adapters
 from fmtune.errors import ModelError
 from fmtune.fsutil import atomic_dir, read_json
-from fmtune.models import causal_lm, cnn
+from fmtune.models import causal_lm, cnn, dense
 from fmtune.models.hf_remote import FMTUNE_MODEL_TYPE, FmtuneClassifier, build_backbone, config_from_values
 from fmtune.zoo.models import resolve  # noqa: F401  (build.resolve: where a model name leads)
 
@@ -169,6 +169,8 @@ def create(model_cfg: Any, task: Any) -> Bundle:
         model, tokenizer, audio = _create_speech(model_cfg, task)
         return Bundle(model, "audio", speech.FAMILY, "none", tokenizer=tokenizer, audio=audio,
                       max_length=speech.max_target_positions(model), source=str(model_cfg.name))
+    if task.level == "dense":  # an image backbone + a decoder to every pixel (segmentation)
+        return _create_dense(model_cfg, task)
     if task.level == "lm":  # a causal language model with its own output layer (text generation)
         model, tokenizer, max_length = causal_lm.create(model_cfg, task)
         return Bundle(model, "text", causal_lm.FAMILY, "none", tokenizer=tokenizer, max_length=max_length,
@@ -193,6 +195,31 @@ def create(model_cfg: Any, task: Any) -> Bundle:
             raise ModelError(f"model.pooling: {family} pools globally (mean); {pooling!r} does not apply")
         return Bundle(model, "image", family, pooling, image=image, source=model_cfg.name)
     return _create_hf(path, model_cfg, task, scale, shift)
+
+
+def _dense_net(family: str, path: Path | str, init: str, image_size: int | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The image backbone ``path`` of ``family`` (pretrained or random) and its input settings."""
+    if family in CNN_FAMILIES:
+        spec = CNN_FAMILIES[family]
+        net = _pretrained_cnn(family, path) if init == "pretrained" else spec["make"]()
+        return net, {"size": image_size or spec["size"], "mean": spec["mean"], "std": spec["std"]}
+    if family != "hf":
+        raise ModelError(f"{path} is not an image backbone; segmentation needs an image model: mobilenet-v2, "
+                         "efficientnet-lite0, or a local ResNet / ConvNeXt / ViT folder")
+    try:
+        config = saved_config(path)
+    except Exception as e:
+        raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    dense.check_hf(config, str(path))
+    net = dense.hf_net(config, str(path) if init == "pretrained" else None)
+    return net, _image_spec(path, config, image_size)
+
+
+def _create_dense(model_cfg: Any, task: Any) -> Bundle:
+    family, path = resolve(model_cfg.name)
+    net, image = _dense_net(family, path, model_cfg.init, model_cfg.image_size)
+    model = dense.DenseModel(dense.DenseBackbone(net, int(image["size"])), task.num_outputs)
+    return Bundle(model, "image", family, "none", image=image, source=str(model_cfg.name))
 
 
 def _pretrained_cnn(family: str, path: Path | str) -> nn.Module:
@@ -281,7 +308,13 @@ def _write(bundle: Bundle, tmp: Path) -> None:
     base = adapters.base_model(bundle.model)
     if bundle.adapter:
         adapters.save(bundle.model, tmp)  # the adapter and the trained head; the backbone comes from its source
-    if bundle.family == "hf":
+    if isinstance(base, dense.DenseModel):  # the whole model's weights; a transformers backbone's config
+        if not bundle.adapter:
+            save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp / "model.safetensors"))
+        if base.backbone.is_hf:
+            base.backbone.net.config.save_pretrained(tmp)
+        meta["dense"] = {"num_outputs": base.num_classes}
+    elif bundle.family == "hf":
         standard = None if bundle.adapter else _as_token_classifier(base)
         if bundle.adapter:
             base.config.save_pretrained(tmp)
@@ -426,6 +459,8 @@ def _base_for_adapter(model_dir: Path, meta: dict[str, Any]) -> nn.Module:
     except ModelError as e:
         raise ModelError(f"{model_dir} holds a {meta['adapter']} adapter; its base model {meta['source']!r} "
                          f"is needed to load it and is not available here ({e})") from None
+    if meta.get("dense"):
+        return _dense_model(model_dir, meta, path)
     if meta["family"] == "hf":
         config = saved_config(model_dir)
         try:
@@ -435,6 +470,17 @@ def _base_for_adapter(model_dir: Path, meta: dict[str, Any]) -> nn.Module:
         return FmtuneClassifier(config, backbone=backbone.float())
     return cnn.TaskModel(_pretrained_cnn(meta["family"], path), meta["num_outputs"], meta["head_dropout"],
                          meta["output_scale"], meta["output_shift"])
+
+
+def _dense_model(model_dir: Path, meta: dict[str, Any], pretrained: Path | str | None = None) -> nn.Module:
+    """A saved segmentation model's architecture: its backbone pretrained from ``pretrained`` (an
+    adapter's base) or random (weights loaded after)."""
+    family, size = meta["family"], int(meta["image"]["size"])
+    if family in CNN_FAMILIES:
+        net = _pretrained_cnn(family, pretrained) if pretrained is not None else CNN_FAMILIES[family]["make"]()
+    else:
+        net = dense.hf_net(saved_config(model_dir), None if pretrained is None else str(pretrained))
+    return dense.DenseModel(dense.DenseBackbone(net, size), meta["dense"]["num_outputs"])
 
 
 def load(model_dir: Path) -> Bundle:
@@ -454,6 +500,9 @@ def load(model_dir: Path) -> Bundle:
     adapter = meta.get("adapter")
     if adapter:
         model = adapters.load(_base_for_adapter(model_dir, meta), model_dir)
+    elif meta.get("dense"):
+        model = _dense_model(model_dir, meta)
+        model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
     elif family == "hf":
         model = _hf_from_dir(model_dir)
     else:
@@ -482,7 +531,7 @@ def load_weights(bundle: Bundle, model_dir: Path) -> None:
     if bundle.adapter:
         adapters.load_weights(bundle.model, model_dir)
         return
-    if bundle.family == "hf":
+    if bundle.family == "hf" and not isinstance(bundle.model, dense.DenseModel):
         state = _hf_from_dir(model_dir).state_dict()
     else:
         state = load_file(str(model_dir / "model.safetensors"))

@@ -66,6 +66,14 @@ class MobileNetV2(nn.Module):
         """The stem and the first ``k`` blocks: the input of block ``k``."""
         return self.features[: 1 + k](pixel_values)
 
+    def stage_outputs(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map after the stem and after every block (dense prediction reads two)."""
+        out, x = [], pixel_values
+        for layer in self.features:
+            x = layer(x)
+            out.append(x)
+        return out
+
     def forward_suffix(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """Blocks ``k`` and later, then global pooling."""
         return self.features[1 + k:](hidden).mean(dim=(2, 3))
@@ -119,6 +127,15 @@ class EfficientNetLite(nn.Module):
     def forward_prefix(self, pixel_values: torch.Tensor, k: int) -> torch.Tensor:
         x = self.net._swish(self.net._bn0(self.net._conv_stem(pixel_values)))
         return self._run_blocks(x, 0, k)
+
+    def stage_outputs(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map after the stem and after every block (dense prediction reads two)."""
+        x = self.net._swish(self.net._bn0(self.net._conv_stem(pixel_values)))
+        out = [x]
+        for k in range(len(self.net._blocks) + 1):
+            x = self._run_blocks(x, k, k + 1)
+            out.append(x)
+        return out
 
     def forward_suffix(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         return self._run_blocks(hidden, k, len(self.net._blocks) + 1).mean(dim=(2, 3))

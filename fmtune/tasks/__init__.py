@@ -6,8 +6,9 @@ from fmtune.tasks.classification import Classification
 from fmtune.tasks.generation import Generation
 from fmtune.tasks.multilabel import MultiLabel
 from fmtune.tasks.regression import Regression
+from fmtune.tasks.segmentation import Segmentation
 from fmtune.tasks.speech import SpeechRecognition
 from fmtune.tasks.token_classification import TokenClassification
 
 __all__ = ["AudioClassification", "CAPABILITIES", "TASKS", "UNKNOWN", "Classification", "Generation", "MultiLabel",
-           "Regression", "SpeechRecognition", "Task", "TokenClassification", "task_class", "task_from_state"]
+           "Regression", "Segmentation", "SpeechRecognition", "Task", "TokenClassification", "task_class", "task_from_state"]

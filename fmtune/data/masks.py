@@ -1,0 +1,284 @@
+"""Semantic segmentation data: images with a class-index mask each.
+
+Read directly, without conversion scripts:
+
+- a folder holding an image folder and a mask folder (``images/`` + ``masks/``, or Pascal VOC's
+  ``JPEGImages/`` + ``SegmentationClass/``, and the other names in ``IMAGE_DIRS`` / ``MASK_DIRS``)
+  whose files pair up by name (``images/a.jpg`` with ``masks/a.png``);
+- a CSV/TSV/JSONL/Parquet table with an image path and a mask path per row (``data.image_column``,
+  ``data.mask_column``), paths relative to the table.
+
+A mask is a one-channel PNG (mode L, P or 1; a grey RGB image is read as one channel) whose pixel
+value is the class index; ``task.ignore_index`` (255) marks pixels that are not scored. Masks
+holding only 0 and 255 are binary masks saved for viewing: ``task.mask_format`` auto reads them as
+0 background / 255 foreground and says so (reading 255 as "ignore" would leave nothing to learn,
+a known source of IoU 0). Images are resized to ``size`` x ``size`` (bilinear) and masks with them
+(nearest); predictions are resized back to each image's own size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from fmtune.data.readers import IMAGE_SUFFIXES, list_images, read_table, require_column, row_label, table_base
+from fmtune.errors import DataError
+
+IMAGE_DIRS = ("images", "image", "imgs", "img", "JPEGImages", "inputs")
+MASK_DIRS = ("masks", "mask", "labels", "annotations", "SegmentationClass", "targets", "gt")
+IGNORE = 255
+EAGER_BYTES = 1 << 30  # keep every resized image and mask in memory below this size, else decode per batch
+
+
+def _subdir(folder: Path, names: tuple[str, ...]) -> Path | None:
+    for n in names:
+        if (folder / n).is_dir():
+            return folder / n
+    return None
+
+
+def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
+    """Rows of (image path, mask path) from a folder pair or a table; the mask column is absent
+    for a folder of images alone (images to predict)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    image_col, mask_col = data_cfg.image_column, data_cfg.mask_column
+    if p.is_file():
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            df = pd.DataFrame({image_col: [str(p)]})
+        else:
+            df = read_table(p, data_cfg.encoding, data_cfg.text_column)
+            require_column(df, image_col, "image path", "data.image_column")
+            base = table_base(df)
+            for col in (image_col, mask_col):
+                if col in df.columns:
+                    df[col] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else
+                               str(Path(v) if Path(str(v)).is_absolute() else base / str(v)) for v in df[col]]
+        df.attrs["source"] = str(p)
+        return df
+    images_dir, masks_dir = _subdir(p, IMAGE_DIRS), _subdir(p, MASK_DIRS)
+    if images_dir is None:
+        images = list_images(p)
+        if not images:
+            raise DataError(f"{p}: no images found; a segmentation folder holds images/ and masks/ (same file "
+                            f"names; also {', '.join(IMAGE_DIRS[2:])} / {', '.join(MASK_DIRS[2:])}), or give a "
+                            f"table with columns {image_col!r} and {mask_col!r}")
+        df = pd.DataFrame({image_col: [str(f) for f in images]})  # images only: to predict
+        df.attrs["source"] = str(p)
+        return df
+    images = list_images(images_dir)
+    if not images:
+        raise DataError(f"{images_dir}: no images found")
+    rows = {"image": [str(f) for f in images]}
+    if masks_dir is not None:
+        masks = {f.relative_to(masks_dir).with_suffix("").as_posix(): f for f in list_images(masks_dir)}
+        paired = []
+        for f in images:
+            key = f.relative_to(images_dir).with_suffix("").as_posix()
+            m = masks.pop(key, None)
+            if m is None:
+                raise DataError(f"{f}: no mask for this image in {masks_dir} (expected {masks_dir / key}.png)")
+            paired.append(str(m))
+        if masks:
+            extra = sorted(masks)[:3]
+            raise DataError(f"{masks_dir}: {len(masks)} mask(s) have no image in {images_dir} (e.g. "
+                            f"{', '.join(str(masks[k]) for k in extra)})")
+        rows["mask"] = paired
+    df = pd.DataFrame({image_col: rows["image"], **({mask_col: rows["mask"]} if "mask" in rows else {})})
+    df.attrs["source"] = str(p)
+    return df
+
+
+def read_mask(path: str) -> np.ndarray:
+    """A mask file as a (H, W) uint8 array of class indices; a DataError naming the file if it is
+    not one."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except FileNotFoundError:
+        raise DataError(f"{path}: mask file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a readable mask image ({type(e).__name__}: {e})") from None
+    if arr.ndim == 3:
+        if mode in ("RGBA", "LA"):
+            arr = arr[..., :-1]
+        if not (arr == arr[..., :1]).all():
+            raise DataError(f"{path}: a colour mask ({mode}); fmtune reads class-index masks: one channel whose "
+                            "pixel value is the class (PNG mode L or P). Map each colour to its class index first")
+        arr = arr[..., 0]
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.dtype != np.uint8:
+        if arr.min() < 0 or arr.max() > 255:
+            raise DataError(f"{path}: mask values {int(arr.min())}..{int(arr.max())} (mode {mode}); class indices "
+                            "must be 0-254 (255 = ignore)")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def _where(df: pd.DataFrame, i: int) -> str:
+    src = df.attrs.get("source", "")
+    return f"{row_label(df, i)}: " if src and Path(src).is_file() else ""
+
+
+def mask_values(df: pd.DataFrame, column: str) -> set[int]:
+    """Every value that occurs in the masks of ``df`` (read from their files)."""
+    seen: set[int] = set()
+    for i, path in enumerate(df[column]):
+        if path is None:
+            raise DataError(f"{_where(df, i)}{df.iloc[i, 0]}: no mask given for this image")
+        seen.update(int(v) for v in np.unique(read_mask(path)))
+    return seen
+
+
+def open_image(path: str, where: str = "") -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise DataError(f"{where}{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}{path}: not a readable image ({type(e).__name__}: {e})") from None
+    if img.mode != "RGB":
+        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA") else img.convert("RGB")
+    return img
+
+
+def resize_image(img: Image.Image, size: int) -> torch.Tensor:
+    """uint8 (3, size, size): the whole image, resized (no crop: every pixel is predicted)."""
+    img = img.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST)).copy())
+
+
+def encode_mask(mask: np.ndarray, binary255: bool, num_classes: int, ignore: int, where: str) -> np.ndarray:
+    """Class indices as trained: 0/255 binary masks to 0/1, the ignore value to 255; an index
+    outside the classes is a DataError naming the file and the value."""
+    if binary255:
+        return (mask > 127).astype(np.uint8)
+    ignored = mask == ignore if ignore >= 0 else np.zeros(mask.shape, bool)
+    bad = ~ignored & (mask >= num_classes)
+    if bad.any():
+        v = int(mask[bad][0])
+        raise DataError(f"{where}: mask value {v} is not a class (classes 0..{num_classes - 1}"
+                        f"{', ' + str(ignore) + ' = ignore' if ignore >= 0 else ''}); declare the classes with "
+                        "--set task.classes=NAME,NAME,... or fix the mask")
+    out = mask.copy()
+    out[ignored] = IGNORE
+    return out
+
+
+class SegData(torch.utils.data.Dataset):
+    """Images (uint8, size x size) with their masks (uint8 class indices, 255 = ignore), the
+    original sizes (to predict at), and, for training, flips and scale crops that move the mask
+    with the pixels, seeded by the batch's indices (a resumed run sees the same)."""
+
+    def __init__(self, images: torch.Tensor | list[str], masks: torch.Tensor | list[Any] | None,
+                 sizes: list[tuple[int, int]], spec: dict[str, Any], names: list[str], augment_seed: int | None = None,
+                 mask_reader: Any = None):
+        self.images, self.targets, self.sizes, self.spec, self.names = images, masks, sizes, spec, names
+        self.mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
+        self.augment_seed, self.mask_reader = augment_seed, mask_reader
+        self.lengths = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def raw(self, idx: list[int]) -> torch.Tensor:
+        if isinstance(self.images, torch.Tensor):
+            return self.images[idx]
+        return torch.stack([resize_image(open_image(self.images[i]), self.spec["size"]) for i in idx])
+
+    def masks(self, idx: list[int]) -> torch.Tensor:
+        if isinstance(self.targets, torch.Tensor):
+            return self.targets[idx]
+        return torch.stack([self.mask_reader(i) for i in idx])
+
+    def with_augment(self, seed: int) -> SegData:
+        return SegData(self.images, self.targets, self.sizes, self.spec, self.names, seed, self.mask_reader)
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        x = self.raw(idx).float() / 255.0
+        y = self.masks(idx) if self.targets is not None else None
+        if self.augment_seed is not None and y is not None:
+            x, y = augment(x, y, np.random.default_rng([self.augment_seed, *map(int, idx)]))
+        batch = {"pixel_values": ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)}
+        if y is not None:
+            batch["labels"] = y.long()
+        return batch
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, min_scale: float = 0.5
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: a crop of 50-100% of the side (random place, aspect 3:4-4:3) resized back, and a
+    horizontal flip half the time; the mask gets the same crop (nearest) and flip."""
+    n, _, h, w = x.shape
+    xs, ys = [], []
+    for i in range(n):
+        s = rng.uniform(min_scale, 1.0)
+        ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ch, cw = min(h, max(8, round(h * s / np.sqrt(ar)))), min(w, max(8, round(w * s * np.sqrt(ar))))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        xi = x[i:i + 1, :, top:top + ch, left:left + cw]
+        yi = y[i:i + 1, None, top:top + ch, left:left + cw].float()
+        xi = F.interpolate(xi, size=(h, w), mode="bilinear", align_corners=False)
+        yi = F.interpolate(yi, size=(h, w), mode="nearest")
+        if rng.random() < 0.5:
+            xi, yi = xi.flip(-1), yi.flip(-1)
+        xs.append(xi)
+        ys.append(yi[:, 0].to(y.dtype))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def seg_dataset(df: pd.DataFrame, column: str, mask_column: str | None, spec: dict[str, Any],
+                encode: Any = None) -> SegData:
+    """Every image (and mask) of ``df`` checked, resized and kept as uint8 (decoded per batch when
+    too many to hold); a mask whose size differs from its image is a DataError naming both."""
+    require_column(df, column, "image path", "data.image_column")
+    size = int(spec["size"])
+    with_masks = mask_column is not None
+    eager = len(df) * 4 * size * size <= EAGER_BYTES
+    images, masks, sizes = [], [], []
+    paths = [str(p) for p in df[column]]
+    mask_paths = list(df[mask_column]) if with_masks else []
+    for i, path in enumerate(paths):
+        where = _where(df, i)
+        img = open_image(path, where)
+        sizes.append(img.size)
+        if with_masks:
+            if mask_paths[i] is None:
+                raise DataError(f"{where}{path}: no mask given for this image")
+            m = read_mask(mask_paths[i])
+            if (m.shape[1], m.shape[0]) != img.size:
+                raise DataError(f"{where}{mask_paths[i]}: mask is {m.shape[1]}x{m.shape[0]} but its image {path} is "
+                                f"{img.size[0]}x{img.size[1]}; a mask must have its image's size")
+            m = encode(m, f"{where}{mask_paths[i]}")
+            if eager:
+                masks.append(resize_mask(m, size))
+        if eager:
+            images.append(resize_image(img, size))
+    names = [Path(p).name for p in paths]
+
+    def mask_reader(i: int) -> torch.Tensor:
+        return resize_mask(encode(read_mask(mask_paths[i]), mask_paths[i]), size)
+
+    if eager:
+        return SegData(torch.stack(images), torch.stack(masks) if with_masks else None, sizes, spec, names)
+    return SegData(paths, list(range(len(paths))) if with_masks else None, sizes, spec, names,
+                   mask_reader=mask_reader)

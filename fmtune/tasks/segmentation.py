@@ -1,0 +1,318 @@
+"""Semantic segmentation: a class for every pixel of an image, scored by mean IoU.
+
+Data: images with class-index mask PNGs (``fmtune.data.masks``: a folder pair or a table).
+The model (``fmtune.models.dense``) gives logits at stride 8; the loss and the metrics read them
+resized (bilinear) to the mask, so every pixel counts, and prediction resizes them to each
+image's own size. Pixels of the ignore value (255) are neither trained nor scored.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fmtune.data.masks import IGNORE, encode_mask, mask_values, read_segmentation, seg_dataset
+from fmtune.errors import ConfigError, DataError
+from fmtune.tasks.base import TASKS, Task
+
+CLASSES_FILE = "classes.txt"  # beside images/ and masks/: the class names, one per line, in mask-value order
+PROBE_PIXELS = 30000  # feature-map cells the baseline probe is fitted on (a random sample beyond)
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def confusion(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk: int = 16) -> np.ndarray:
+    """K x K pixel counts (true class, predicted class) over every non-ignored pixel."""
+    cm = torch.zeros(k * k, dtype=torch.int64)
+    for s in range(0, len(targets), chunk):
+        y = targets[s:s + chunk].long()
+        pred = upsample(logits[s:s + chunk], y.shape[-2:]).argmax(1)
+        keep = y != IGNORE
+        cm += torch.bincount(y[keep] * k + pred[keep], minlength=k * k)
+    return cm.view(k, k).numpy()
+
+
+def scores(cm: np.ndarray) -> dict[str, Any]:
+    """Per-class IoU and Dice (NaN for a class neither present nor predicted), their means over
+    the classes that occur, and pixel accuracy."""
+    tp = np.diag(cm).astype(float)
+    gt, pr = cm.sum(1).astype(float), cm.sum(0).astype(float)
+    union = gt + pr - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        dice = np.where(gt + pr > 0, 2 * tp / (gt + pr), np.nan)
+    total = cm.sum()
+    return {"iou": iou, "dice": dice, "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+            "support": gt.astype(int)}
+
+
+def mask_png(mask: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8)).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_mask_png(text: str) -> np.ndarray:
+    """A ``mask_png`` value (what predict and serve return) as a (H, W) array of class indices."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+@TASKS.register("segmentation")
+class Segmentation(Task):
+    name = "segmentation"
+    description = "semantic segmentation: a class per pixel (class-index mask PNGs), mean IoU"
+    default_metric = "miou"
+    metric_names = ("miou", "pixel_accuracy", "dice", "loss")
+    level = "dense"
+    target_what = ("mask path", "data.mask_column")
+    capabilities = frozenset()
+    baseline_method = ("linear probe (scikit-learn logistic regression) per cell of the frozen pretrained backbone's "
+                       "last feature map, resized to the mask")
+
+    # --- reading data ------------------------------------------------------------------------
+    @classmethod
+    def read(cls, path, data_cfg):
+        return read_segmentation(path, data_cfg)
+
+    @classmethod
+    def target_column(cls, data_cfg):
+        return data_cfg.mask_column
+
+    @classmethod
+    def options_from(cls, task_cfg, data_cfg):
+        return {"column": data_cfg.mask_column, "classes": task_cfg.classes, "mask_format": task_cfg.mask_format,
+                "ignore_index": task_cfg.ignore_index}
+
+    @classmethod
+    def from_train(cls, values, df, column="mask", classes=None, mask_format="auto", ignore_index=IGNORE, **kw):
+        seen = mask_values(df, column)
+        binary = mask_format == "binary" or (mask_format == "auto" and 255 in seen and seen <= {0, 255})
+        names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes or [])
+        listed = Path(str(df.attrs.get("source", ""))) / CLASSES_FILE
+        if not names and listed.is_file():  # a dataset folder may name its classes, one per line
+            names = [line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if binary:
+            names = names or ["background", "foreground"]
+            if len(names) != 2:
+                raise ConfigError(f"task.classes: binary masks (0/255) have 2 classes; {len(names)} were named")
+            how = ("masks hold only 0 and 255: read as binary, 0 = background, 255 = foreground (task.mask_format="
+                   "index reads 255 as ignore)" if mask_format == "auto" else
+                   "task.mask_format=binary: 0 = background, above 127 = foreground")
+        else:
+            labelled = sorted(v for v in seen if v != ignore_index)
+            if not labelled:
+                raise DataError(f"{df.attrs.get('source')}: every mask pixel is the ignore value {ignore_index}; "
+                                "nothing to learn")
+            if not names:
+                names = [str(i) for i in range(labelled[-1] + 1)]
+            how = (f"masks read as class indices 0..{len(names) - 1}, value 0 = {names[0]!r}"
+                   + (f", {ignore_index} = ignore (not trained or scored)" if ignore_index >= 0 else ""))
+            if len(names) > 255 or (ignore_index < 0 and len(names) > 255):
+                raise ConfigError("task.classes: at most 255 classes (mask values are 8-bit; 255 is the ignore value)")
+        task = cls(names, binary255=binary, ignore_index=ignore_index, how=how, **kw)
+        missing = [names[v] for v in range(len(names)) if v not in seen] if not binary else []
+        if missing:
+            task.options["absent"] = missing
+        return task
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def notes(self) -> list[str]:
+        out = [self.options["how"]]
+        if self.options.get("absent"):
+            out.append(f"classes never seen in the training masks: {', '.join(self.options['absent'][:10])}")
+        return out
+
+    def _encode(self, mask: np.ndarray, where: str) -> np.ndarray:
+        return encode_mask(mask, self.options.get("binary255", False), self.num_classes,
+                           self.options.get("ignore_index", IGNORE), where)
+
+    def dataset(self, df, bundle, data_cfg, with_targets=True, allow_unknown=False):
+        mask_col = self.target_column(data_cfg) if with_targets else None
+        if with_targets and mask_col not in df.columns:
+            raise DataError(f"{df.attrs.get('source')}: no masks (column {mask_col!r}, or a masks/ folder beside "
+                            "images/); segmentation data needs a mask per image")
+        return seg_dataset(df, data_cfg.image_column, mask_col, bundle.image, self._encode), np.arange(len(df))
+
+    def image_input(self, source, bundle):
+        from fmtune.data.masks import open_image, resize_image
+
+        img = source if isinstance(source, Image.Image) else open_image(source)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return resize_image(img, int(bundle.image["size"])), img.size
+
+    def inputs(self, items, bundle):
+        from fmtune.data.masks import SegData
+
+        return SegData(torch.stack([x for x, _ in items]), None, [s for _, s in items], bundle.image,
+                       [f"image {i}" for i in range(len(items))])
+
+    # --- training and evaluation -----------------------------------------------------------------
+    def loss(self, logits, targets, weights=None):
+        w = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        return F.cross_entropy(upsample(logits, targets.shape[-2:]), targets.long(), weight=w, ignore_index=IGNORE)
+
+    def metrics(self, logits, targets):
+        cm = confusion(logits, targets, self.num_classes)
+        s = scores(cm)
+        present = s["support"] > 0
+        out = {"miou": float(np.nanmean(s["iou"][present])) if present.any() else float("nan"),
+               "pixel_accuracy": s["pixel_accuracy"],
+               # binary: the foreground's Dice (the usual figure); else the mean over classes present
+               "dice": float(s["dice"][1]) if self.num_classes == 2 else
+               float(np.nanmean(s["dice"][present])) if present.any() else float("nan")}
+        total, n = 0.0, 0
+        for i in range(0, len(targets), 16):
+            y = targets[i:i + 16].long()
+            keep = int((y != IGNORE).sum())
+            if keep:
+                total += float(F.cross_entropy(upsample(logits[i:i + 16], y.shape[-2:]), y, ignore_index=IGNORE,
+                                               reduction="sum"))
+                n += keep
+        out["loss"] = total / n if n else float("nan")
+        return out
+
+    # --- output ------------------------------------------------------------------------------
+    def predicted_masks(self, logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
+        """Per image: the class of every pixel at the image's own size, and the mean confidence."""
+        out = []
+        for i, (w, h) in enumerate(sizes):
+            p = upsample(logits[i:i + 1], (h, w)).softmax(1)[0]
+            conf, cls = p.max(0)
+            out.append((cls.to(torch.uint8).numpy(), float(conf.mean())))
+        return out
+
+    def postprocess(self, logits, ds=None):
+        out = []
+        for mask, conf in self.predicted_masks(logits, ds.sizes):
+            counts = np.bincount(mask.ravel(), minlength=self.num_classes)
+            share = {self.labels[c]: round(float(n / mask.size), 4) for c, n in enumerate(counts) if n}
+            out.append({"classes": share, "score": round(conf, 4), "width": int(mask.shape[1]),
+                        "height": int(mask.shape[0]), "mask_png": mask_png(mask)})
+        return out
+
+    def prediction_columns(self):
+        return ["classes", "score", "mask_png"]
+
+    def flatten(self, record):
+        return {k: record[k] for k in self.prediction_columns()}
+
+    # --- the test report ---------------------------------------------------------------------
+    def text_report(self, logits, targets) -> str:
+        s = scores(confusion(logits, targets, self.num_classes))
+        width = max(12, *(len(n) for n in self.labels))
+        lines = [f"{'class':>{width}}  {'IoU':>7}  {'Dice':>7}  {'pixels':>10}"]
+        for i, name in enumerate(self.labels):
+            iou, dice = s["iou"][i], s["dice"][i]
+            lines.append(f"{name:>{width}}  {iou:7.4f}  {dice:7.4f}  {s['support'][i]:10d}" if not np.isnan(iou)
+                         else f"{name:>{width}}  {'-':>7}  {'-':>7}  {s['support'][i]:10d}")
+        m = self.metrics(logits, targets)
+        lines.append(f"\nmean IoU {m['miou']:.4f} (over the {int((s['support'] > 0).sum())} classes present), pixel "
+                     f"accuracy {m['pixel_accuracy']:.4f}, Dice {m['dice']:.4f}")
+        lines.append(self.options.get("how", ""))
+        return "\n".join(lines) + "\n"
+
+    def report_files(self, logits, targets, folder: Path, title: str) -> dict[str, Any]:
+        from fmtune import plots
+
+        cm = confusion(logits, targets, self.num_classes)
+        s = scores(cm)
+        per_class = {n: {"iou": None if np.isnan(s["iou"][i]) else round(float(s["iou"][i]), 6),
+                         "dice": None if np.isnan(s["dice"][i]) else round(float(s["dice"][i]), 6),
+                         "pixels": int(s["support"][i])} for i, n in enumerate(self.labels)}
+        path = plots.confusion_matrix(cm, self.labels, folder / "confusion_matrix.png", f"{title}: pixels")
+        return {"confusion_matrix": path.name, "per_class": per_class}
+
+    def mistakes(self, logits, targets, ds, bundle, png: Path, k: int = 8) -> list[dict[str, Any]]:
+        """The ``k`` test images with the lowest pixel accuracy: image, truth and prediction side by side."""
+        if not len(targets):
+            return []
+        acc = []
+        for i in range(len(targets)):
+            y = targets[i].long()
+            keep = y != IGNORE
+            pred = upsample(logits[i:i + 1], y.shape[-2:]).argmax(1)[0]
+            acc.append(float((pred[keep] == y[keep]).float().mean()) if keep.any() else 1.0)
+        worst = np.argsort(acc)[:k]
+        gallery(ds, logits, targets, worst, png, self.num_classes, [f"{ds.names[i]}: {acc[i]:.2f}" for i in worst])
+        return [{"image": ds.names[i], "pixel_accuracy": round(acc[i], 4)} for i in worst]
+
+    # --- the baseline: a linear probe on frozen feature-map cells -------------------------------
+    def _cell_labels(self, targets: torch.Tensor, h: int, w: int) -> np.ndarray:
+        return F.interpolate(targets[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().numpy()
+
+    def fit_probe(self, x, targets, seed):
+        import warnings
+
+        from sklearn.linear_model import LogisticRegression
+
+        from fmtune.tasks.probe import scaled
+
+        n, d, h, w = x.shape
+        feats = x.transpose(0, 2, 3, 1).reshape(-1, d)
+        y = self._cell_labels(targets if isinstance(targets, torch.Tensor) else torch.as_tensor(targets), h, w)
+        y = y.reshape(-1)
+        keep = np.flatnonzero(y != IGNORE)
+        rng = np.random.default_rng(seed)
+        if len(keep) > PROBE_PIXELS:
+            keep = rng.choice(keep, PROBE_PIXELS, replace=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return scaled(LogisticRegression(C=0.1, max_iter=300)).fit(feats[keep], y[keep])
+
+    def probe_logits(self, probe, x):
+        n, d, h, w = x.shape
+        proba = np.full((n * h * w, self.num_classes), 1e-12)
+        proba[:, probe.classes_] = probe.predict_proba(x.transpose(0, 2, 3, 1).reshape(-1, d))
+        return torch.from_numpy(np.log(proba)).float().view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def palette(k: int) -> np.ndarray:
+    """A colour per class (class 0 black), for overlays and galleries."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    colours = [(0, 0, 0)] + [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(max(k - 1, 0))]
+    return np.array(colours, dtype=np.uint8)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, k: int, alpha: float = 0.5) -> np.ndarray:
+    """The image (H, W, 3 uint8) with each non-background class painted over it."""
+    col = palette(k)[np.minimum(mask, k - 1)]
+    out = image.astype(np.float32)
+    fg = (mask > 0) & (mask != IGNORE)
+    out[fg] = (1 - alpha) * out[fg] + alpha * col[fg]
+    return out.astype(np.uint8)
+
+
+def gallery(ds: Any, logits: torch.Tensor, targets: torch.Tensor, idx: Any, png: Path, k: int,
+            titles: list[str]) -> None:
+    """Rows of image | truth | prediction for the images ``idx``."""
+    from fmtune.plots import pyplot, save_atomic
+
+    plt = pyplot()
+    fig, axes = plt.subplots(len(idx), 3, figsize=(7.5, 2.5 * len(idx)), squeeze=False)
+    for row, i in enumerate(idx):
+        img = ds.raw([int(i)])[0].permute(1, 2, 0).numpy()
+        y = targets[int(i)].numpy()
+        pred = upsample(logits[int(i):int(i) + 1], y.shape[-2:]).argmax(1)[0].numpy().astype(np.uint8)
+        for col, (im, t) in enumerate(((img, titles[row]), (overlay(img, y, k), "truth"),
+                                       (overlay(img, pred, k), "prediction"))):
+            axes[row, col].imshow(im)
+            axes[row, col].set_title(t, fontsize=8)
+            axes[row, col].axis("off")
+    fig.tight_layout()
+    save_atomic(fig, png)

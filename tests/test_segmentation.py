@@ -1,0 +1,252 @@
+"""Semantic segmentation: mask readers and their errors, augmentation that moves masks with the
+pixels, metrics against scikit-learn, training on tiny random backbones (transformers ResNet and
+ViT, fmtune's MobileNetV2), prediction at each image's own size, reload, serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from fmtune import api
+from fmtune.data.masks import IGNORE, augment, read_segmentation
+from fmtune.errors import ConfigError, DataError
+from fmtune.tasks.segmentation import Segmentation, confusion, decode_mask_png, scores
+from conftest import cfg_dict
+
+COLOURS = np.array([[20, 20, 20], [230, 40, 40], [40, 200, 60], [60, 80, 230]], np.uint8)
+
+
+def scene(rng: np.random.Generator, size: int = 48, w: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy background (class 0) with 1-3 filled rectangles of classes 1-3 in their colours."""
+    w = w or size
+    mask = np.zeros((size, w), np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        c = int(rng.integers(1, 4))
+        h0, w0 = int(rng.integers(8, size // 2)), int(rng.integers(8, w // 2))
+        y, x = int(rng.integers(0, size - h0)), int(rng.integers(0, w - w0))
+        mask[y:y + h0, x:x + w0] = c
+    img = COLOURS[mask].astype(np.float32) + rng.normal(0, 12, (size, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def write_scenes(root: Path, n: int, seed: int = 0, size: int = 48, binary: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img, mask = scene(rng, size, size + 8 * (i % 3))  # images of several sizes
+        if binary:
+            mask = np.where(mask > 0, 255, 0).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"s{i:03d}.jpg", quality=95)
+        Image.fromarray(mask).save(root / "masks" / f"s{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("scenes")
+    return {"train": write_scenes(base / "train", 48, 0), "val": write_scenes(base / "val", 12, 1),
+            "test": write_scenes(base / "test", 12, 2)}
+
+
+def seg_cfg(model, scenes, out, **train):
+    return cfg_dict(model, scenes["train"], task={"type": "segmentation"},
+                    data={"train": str(scenes["train"]), "val": str(scenes["val"]), "test": str(scenes["test"])},
+                    model={"name": str(model), "image_size": 32},
+                    train={"epochs": 2, "batch_size": 8, "lr": 2e-3, **train}, out=str(out))
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def test_folder_pairs_and_table_read_the_same(scenes, tmp_path):
+    from fmtune.config import DataConfig
+
+    df = read_segmentation(scenes["train"], DataConfig())
+    assert len(df) == 48 and Path(df["image"][0]).stem == Path(df["mask"][0]).stem
+    rel = pd.DataFrame({"image": [str(Path(p).relative_to(scenes["train"].parent)) for p in df["image"]],
+                        "mask": [str(Path(p).relative_to(scenes["train"].parent)) for p in df["mask"]]})
+    rel.to_csv(scenes["train"].parent / "train.csv", index=False)
+    table = read_segmentation(scenes["train"].parent / "train.csv", DataConfig())
+    assert [Path(p).resolve() for p in table["mask"]] == [Path(p).resolve() for p in df["mask"]]
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no_mask", "no mask for this image"),
+    ("orphan_mask", "have no image"),
+    ("size", "mask is 10x10 but its image"),
+    ("value", "mask value 9 is not a class"),
+    ("colour", "a colour mask"),
+])
+def test_bad_masks_are_named(tmp_path, problem, message):
+    from fmtune.config import DataConfig
+    from fmtune.data.masks import seg_dataset
+
+    root = write_scenes(tmp_path / "d", 6)
+    bad = root / "masks" / "s002.png"
+    if problem == "no_mask":
+        bad.unlink()
+    elif problem == "orphan_mask":
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "masks" / "zzz.png")
+    elif problem == "size":
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(bad)
+    elif problem == "value":
+        m = np.zeros((48, 64), np.uint8)
+        m[0, 0] = 9
+        Image.fromarray(m).save(bad)
+    else:
+        m = np.zeros((48, 64, 3), np.uint8)
+        m[..., 0] = 200
+        Image.fromarray(m).save(bad)
+    with pytest.raises(DataError, match=message) as err:
+        df = read_segmentation(root, DataConfig())
+        task = Segmentation.from_train(df["mask"], df, classes="a,b,c,d")
+        seg_dataset(df, "image", "mask", {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}, task._encode)
+    assert "s002" in str(err.value) or "zzz" in str(err.value)
+
+
+def test_binary_masks_saved_as_0_255_are_recognised(tmp_path):
+    from fmtune.config import DataConfig
+
+    root = write_scenes(tmp_path / "b", 4, binary=True)
+    df = read_segmentation(root, DataConfig())
+    task = Segmentation.from_train(df["mask"], df)
+    assert task.labels == ["background", "foreground"] and "binary" in task.notes()[0]
+    m = np.array([[0, 255], [255, 0]], np.uint8)
+    assert task._encode(m, "x").tolist() == [[0, 1], [1, 0]]
+    # read as indices instead, 255 is the ignore value: nothing but background is left to learn
+    index = Segmentation.from_train(df["mask"], df, mask_format="index")
+    assert index.labels == ["0"] and index._encode(m, "x").tolist() == [[0, IGNORE], [IGNORE, 0]]
+
+
+def test_classes_file_names_the_classes(tmp_path):
+    from fmtune.config import DataConfig
+
+    root = write_scenes(tmp_path / "c", 4)
+    (root / "classes.txt").write_text("bg\nred\ngreen\nblue\n")
+    df = read_segmentation(root, DataConfig())
+    assert Segmentation.from_train(df["mask"], df).labels == ["bg", "red", "green", "blue"]
+    assert Segmentation.from_train(df["mask"], df, classes="w,x,y,z").labels == ["w", "x", "y", "z"]
+
+
+# --- augmentation and metrics ----------------------------------------------------------------
+
+def test_augmentation_moves_the_mask_with_the_pixels():
+    rng = np.random.default_rng(0)
+    imgs, masks = zip(*[scene(rng, 64) for _ in range(8)])
+    x = torch.from_numpy(np.stack([COLOURS[m] for m in masks])).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(np.stack(masks))
+    xa, ya = augment(x, y, np.random.default_rng(1))
+    assert not torch.equal(ya, y)  # something moved
+    # the class each pixel's colour says, after the crop and flip, is the mask's class there
+    dist = ((xa.permute(0, 2, 3, 1)[..., None, :] * 255 - torch.from_numpy(COLOURS).float()) ** 2).sum(-1)
+    agree = (dist.argmin(-1) == ya.long()).float().mean()
+    assert agree > 0.97, agree  # all but the blended edge pixels
+
+
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, jaccard_score
+
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(5, 4, 6, 6))).float()
+    targets = torch.from_numpy(rng.integers(0, 4, (5, 12, 12))).to(torch.uint8)
+    targets[0, :2] = IGNORE
+    task = Segmentation(["a", "b", "c", "d"])
+    m = task.metrics(logits, targets)
+    pred = torch.nn.functional.interpolate(logits, size=(12, 12), mode="bilinear").argmax(1).numpy().ravel()
+    y = targets.numpy().ravel()
+    keep = y != IGNORE
+    assert m["miou"] == pytest.approx(jaccard_score(y[keep], pred[keep], average="macro"))
+    assert m["pixel_accuracy"] == pytest.approx(accuracy_score(y[keep], pred[keep]))
+    cm = confusion(logits, targets, 4)
+    assert cm.sum() == keep.sum() and scores(cm)["support"].tolist() == np.bincount(y[keep], minlength=4).tolist()
+
+
+# --- training, prediction, reload ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory, tiny_resnet, scenes):
+    out = tmp_path_factory.mktemp("runs") / "seg"
+    summary = api.train(seg_cfg(tiny_resnet, scenes, out, epochs=3, baseline=True), quiet=True)
+    return out, summary
+
+
+def test_training_learns_and_reports(resnet_run):
+    out, summary = resnet_run
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["test"]) == {"miou", "pixel_accuracy", "dice"}
+    assert ev["baseline"]["miou"] >= 0 and "linear probe" in ev["baseline_method"]
+    assert set(ev["per_class"]) == {"0", "1", "2", "3"}
+    # three epochs on coloured rectangles: well above the 0.25 of predicting one class everywhere
+    assert ev["test"]["pixel_accuracy"] > 0.6 and ev["test"]["miou"] > 0.3, ev["test"]
+    assert (out / "mistakes.png").is_file() and (out / "confusion_matrix.png").is_file()
+    assert (out / "report.html").is_file()
+
+
+def test_predict_gives_masks_at_each_image_size_and_reload_agrees(resnet_run, scenes, tmp_path):
+    out, _ = resnet_run
+    df = api.predict(out, scenes["test"] / "images", quiet=True)
+    assert df["error"].isna().all() and len(df) == 12
+    for path, png in zip(df["image"], df["mask_png"]):
+        mask = decode_mask_png(png)
+        w, h = Image.open(path).size
+        assert mask.shape == (h, w) and mask.max() < 4
+    from fmtune.predictor import Predictor
+
+    first = Predictor(out).predict(str(Path(df["image"][0])))
+    again = Predictor(out).predict(str(Path(df["image"][0])))
+    assert first["mask_png"] == again["mask_png"] == df["mask_png"][0]
+    # a table of images predicts the same
+    pd.DataFrame({"image": list(df["image"][:3])}).to_csv(tmp_path / "in.csv", index=False)
+    t = api.predict(out, tmp_path / "in.csv", quiet=True)
+    assert list(t["mask_png"]) == list(df["mask_png"][:3])
+
+
+def test_serve_returns_a_mask(resnet_run, scenes):
+    from fastapi.testclient import TestClient
+
+    from fmtune.serve import create_app
+
+    from fmtune.predictor import Predictor
+
+    out, _ = resnet_run
+    img = sorted((scenes["test"] / "images").iterdir())[0]
+    with TestClient(create_app(Predictor(out))) as client:
+        r = client.post("/predict", files={"files": (img.name, img.read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    pred = body["predictions"][0]
+    assert decode_mask_png(pred["mask_png"]).shape == Image.open(img).size[::-1]
+
+
+@pytest.mark.parametrize("strategy", ["head", "last_n", "lora"])
+def test_strategies_train_and_reload(tmp_path, scenes, strategy):
+    cfg = seg_cfg("mobilenet-v2", scenes, tmp_path / strategy, epochs=1)
+    cfg["model"]["init"] = "random" if strategy != "lora" else "pretrained"
+    cfg["strategy"] = {"name": strategy, "n": 2}
+    summary = api.train(cfg, quiet=True, report=False)
+    from fmtune.predictor import Predictor
+
+    pred = Predictor(tmp_path / strategy)
+    ev = json.loads((tmp_path / strategy / "eval.json").read_text())
+    img = sorted((scenes["test"] / "images").iterdir())[0]
+    assert decode_mask_png(pred.predict(str(img))["mask_png"]).shape == Image.open(img).size[::-1]
+    assert 0 <= ev["test"]["miou"] <= 1 and summary["best"] is not None
+
+
+def test_vit_backbone_segments(tmp_path, tiny_vit, scenes):
+    api.train(seg_cfg(tiny_vit, scenes, tmp_path / "vit", epochs=1), quiet=True, report=False)
+    ev = json.loads((tmp_path / "vit" / "eval.json").read_text())
+    assert 0 <= ev["test"]["miou"] <= 1
+
+
+def test_a_text_model_is_refused(tiny_bert, scenes, tmp_path):
+    from fmtune.errors import ModelError
+
+    with pytest.raises((ModelError, ConfigError), match="not an image backbone"):
+        api.train(seg_cfg(tiny_bert, scenes, tmp_path / "t"), quiet=True)
