@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import cfg_dict
 from PIL import Image
 
 from fmtune import api
 from fmtune.data.masks import IGNORE, augment, read_segmentation
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks.segmentation import Segmentation, confusion, decode_mask_png, scores
-from conftest import cfg_dict
 
 COLOURS = np.array([[20, 20, 20], [230, 40, 40], [40, 200, 60], [60, 80, 230]], np.uint8)
 
@@ -210,9 +210,8 @@ def test_predict_gives_masks_at_each_image_size_and_reload_agrees(resnet_run, sc
 def test_serve_returns_a_mask(resnet_run, scenes):
     from fastapi.testclient import TestClient
 
-    from fmtune.serve import create_app
-
     from fmtune.predictor import Predictor
+    from fmtune.serve import create_app
 
     out, _ = resnet_run
     img = sorted((scenes["test"] / "images").iterdir())[0]

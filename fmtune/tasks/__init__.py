@@ -11,4 +11,5 @@ from fmtune.tasks.speech import SpeechRecognition
 from fmtune.tasks.token_classification import TokenClassification
 
 __all__ = ["AudioClassification", "CAPABILITIES", "TASKS", "UNKNOWN", "Classification", "Generation", "MultiLabel",
-           "Regression", "Segmentation", "SpeechRecognition", "Task", "TokenClassification", "task_class", "task_from_state"]
+           "Regression", "Segmentation", "SpeechRecognition", "Task", "TokenClassification", "task_class",
+           "task_from_state"]
