@@ -602,8 +602,8 @@ def _write_rows(df: pd.DataFrame, dest: Any, header: bool, jsonl: bool = False) 
 
 
 def predict(run: str | Path, inputs: str | Path, output: str | Path | None = None, *, quiet: bool = False,
-            batch_size: int | None = None, strict: bool = False,
-            chunk_rows: int = PREDICT_CHUNK_ROWS) -> pd.DataFrame | dict[str, Any]:
+            batch_size: int | None = None, strict: bool = False, chunk_rows: int = PREDICT_CHUNK_ROWS,
+            masks: str | Path | None = None) -> pd.DataFrame | dict[str, Any]:
     """Predict every row of ``inputs`` (CSV/TSV/JSONL/Parquet, an image folder or an image file).
 
     Columns added to the input's: what the task predicts (``fmtune tasks``: label, score and
@@ -617,6 +617,9 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     written chunk by chunk (constant memory, however large the input; the file appears complete
     or not at all) and a summary is returned; ``output="-"`` streams the CSV to stdout. Without
     it, the predictions are returned as a DataFrame.
+
+    ``masks`` (segmentation runs): a folder that gets each predicted mask as a PNG of class indices
+    and an overlay on its image; the ``mask_png`` column then names the file instead.
     """
     from fmtune.predictor import Predictor
 
@@ -624,6 +627,11 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     if output is not None and str(output) != "-":
         paths.check(output, "output-file", "-o")
     pred = Predictor(run, batch_size)
+    inputs = pred.task.predict_source(inputs)
+    if masks is not None:
+        pred.task.require("masks", "--masks")
+        masks = paths.check(masks, "output-dir", "--masks")
+        Path(masks).mkdir(parents=True, exist_ok=True)
     rows = bad = 0
     first_error: str | None = None
     frames: list[pd.DataFrame] = []
@@ -637,6 +645,9 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
                                             input_column(media, pred.config.data)[0], pred.config.data.text_column,
                                             media):
                 out = _predict_chunk(pred, df, problems, strict)
+                if masks is not None:
+                    column = pred.task.input_column(df, input_column(media, pred.config.data)[0])
+                    out = pred.task.write_files(out, column, table_base(df), Path(masks))
                 rows += len(out)
                 errs = out["error"].dropna()
                 bad += len(errs)

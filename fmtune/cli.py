@@ -172,7 +172,8 @@ def cmd_predict(a: argparse.Namespace) -> None:
         api.predict_stdin(a.run, sys.stdin, a.output or "-", fmt=a.format, quiet=a.quiet, batch_size=a.batch_size,
                           strict=a.strict)
     elif files:
-        api.predict(a.run, files[0], a.output or "-", quiet=a.quiet, batch_size=a.batch_size, strict=a.strict)
+        api.predict(a.run, files[0], a.output or "-", quiet=a.quiet, batch_size=a.batch_size, strict=a.strict,
+                    masks=a.masks)
     else:
         raise ConfigError("nothing to predict: give an input file, - for stdin, or texts (--text)")
 
@@ -566,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "first line is an object, CSV/TSV when its header names the text column, else lines)")
     pr.add_argument("-o", "--output", help="output file: .jsonl for JSON lines, else CSV (default: stdout)")
     pr.add_argument("--batch-size", type=int, help="examples per forward pass")
+    pr.add_argument("--masks", metavar="DIR", help="segmentation runs: write each predicted mask into DIR as a PNG "
+                    "of class indices (same name as its image) and an overlay on the image (NAME_overlay.jpg); the "
+                    "output's mask_file column names it (default: the mask as base64 PNG in mask_png)")
     pr.add_argument("--strict", action="store_true",
                     help="stop at the first row that cannot be predicted (default: report it in the error "
                     "column and go on)")

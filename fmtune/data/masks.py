@@ -36,7 +36,7 @@ IGNORE = 255
 EAGER_BYTES = 1 << 30  # keep every resized image and mask in memory below this size, else decode per batch
 
 
-def _subdir(folder: Path, names: tuple[str, ...]) -> Path | None:
+def subdir(folder: Path, names: tuple[str, ...]) -> Path | None:
     for n in names:
         if (folder / n).is_dir():
             return folder / n
@@ -63,7 +63,7 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
                                str(Path(v) if Path(str(v)).is_absolute() else base / str(v)) for v in df[col]]
         df.attrs["source"] = str(p)
         return df
-    images_dir, masks_dir = _subdir(p, IMAGE_DIRS), _subdir(p, MASK_DIRS)
+    images_dir, masks_dir = subdir(p, IMAGE_DIRS), subdir(p, MASK_DIRS)
     if images_dir is None:
         images = list_images(p)
         if not images:

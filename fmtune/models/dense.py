@@ -1,16 +1,19 @@
 """Dense prediction on an image backbone: semantic segmentation with an LR-ASPP decoder.
 
 ``DenseBackbone`` runs any of fmtune's image backbones (MobileNetV2, EfficientNet-Lite0, or a
-transformers image model from a folder: ResNet, ConvNeXt, ViT ...) and returns two feature maps:
-a detailed one at stride 8 (the last stage still at 1/8 of the input; a ViT's patch grid at
-mid-depth) and the backbone's last one (stride 32 for CNNs, the patch stride for ViTs). Which
-stages those are is found once by running the backbone on an image of the model's input size.
+transformers image model from a folder: ResNet, ConvNeXt, ViT ...) and returns three feature
+maps: the last stage at stride 8, the last at stride 16, and the backbone's last one (stride 32
+for CNNs; a ViT, one stride throughout, gives its patch grid at 1/3 and 2/3 of its depth and
+the last). Which stages those are is found once by running the backbone on an image of the
+model's input size.
 
 ``LRASPP`` is the decoder of MobileNetV3's segmentation model (Howard et al., 2019, "Searching
 for MobileNetV3"): the last map through a 1x1 convolution, gated by its own global context,
-upsampled to the detailed map, plus a 1x1 classifier of the detailed map. It outputs class
-logits at stride 8; the task resizes them to the mask (training) or to the image (prediction).
-Written here because torchvision cannot be a dependency.
+upsampled, plus a 1x1 classifier of the detailed map; here with one U-Net-style skip more (the
+stride-16 map joins before the stride-8 one), since without dilated last stages the stride-32
+map alone is too coarse to tell neighbouring objects apart. It outputs class logits at stride
+8; the task resizes them to the mask (training) or to the image (prediction). Written here
+because torchvision cannot be a dependency.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from fmtune.errors import ModelError
 DETAIL_STRIDE = 8
 HEAD_CHANNELS = 128
 # the head's layers by name, so that peft trains and saves exactly them beside an adapter
-HEAD_LAYERS = ("seg_project", "seg_gate", "seg_detail", "seg_context")
+HEAD_LAYERS = ("seg_project", "seg_gate", "seg_middle", "seg_detail", "seg_context")
 
 
 class DenseBackbone(nn.Module):
-    """A backbone returning (detailed map, last map). ``net`` is the wrapped model: one of
-    fmtune's CNNs (``stage_outputs``), or a transformers model read with its hidden states."""
+    """A backbone returning (detailed map, middle map, last map). ``net`` is the wrapped model:
+    one of fmtune's CNNs (``stage_outputs``), or a transformers model read with its hidden states."""
 
     def __init__(self, net: nn.Module, size: int):
         super().__init__()
@@ -44,14 +47,22 @@ class DenseBackbone(nn.Module):
             net.eval()
             maps = self._maps(torch.zeros(1, 3, size, size))
             net.train(was)
-        if not maps:
-            raise ModelError(f"{type(net).__name__}: no feature maps to segment from")
+        if len(maps) < 2:
+            raise ModelError(f"{type(net).__name__}: too few feature maps to segment from ({len(maps)})")
         side = [m.shape[-1] for m in maps]
-        fine = [i for i, s in enumerate(side) if s * DETAIL_STRIDE >= size]
-        # the detailed map: the last one at stride <= 8; a ViT (one stride throughout): mid-depth
-        self.detail_index = fine[-1] if fine and fine[-1] < len(maps) - 1 else len(maps) // 2
-        self.channels = (int(maps[self.detail_index].shape[1]), int(maps[-1].shape[1]))
-        self.strides = (size / side[self.detail_index], size / side[-1])
+        last = len(maps) - 1
+
+        def deepest(stride: int) -> int | None:  # the last map at this stride or finer, before the last one
+            fine = [i for i, s in enumerate(side[:last]) if s * stride >= size]
+            return fine[-1] if fine else None
+
+        detail, middle = deepest(DETAIL_STRIDE), deepest(2 * DETAIL_STRIDE)
+        if detail is None or middle is None or middle <= detail or side[middle] == side[last]:
+            # one stride throughout (a ViT: its embeddings, then every layer): depths 1/3 and 2/3
+            detail, middle = last // 3, max(1, (2 * last) // 3) if last > 1 else 0
+        self.indices = (detail, middle, last)
+        self.channels = tuple(int(maps[i].shape[1]) for i in self.indices)
+        self.strides = tuple(size / side[i] for i in self.indices)
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -71,24 +82,31 @@ class DenseBackbone(nn.Module):
         h, w = pixel_values.shape[-2:]  # a ViT: tokens -> a grid (the patch tokens are the last h*w)
         patch = self.net.config.patch_size
         gh, gw = h // patch, w // patch
-        return [s[:, -gh * gw:].transpose(1, 2).reshape(s.shape[0], s.shape[2], gh, gw) for s in states[1:]]
+        return [s[:, -gh * gw:].transpose(1, 2).reshape(s.shape[0], s.shape[2], gh, gw) for s in states]
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         maps = self._maps(pixel_values)
-        return maps[self.detail_index], maps[-1]
+        return tuple(maps[i] for i in self.indices)
 
 
 class LRASPP(nn.Module):
-    def __init__(self, detail_channels: int, last_channels: int, num_classes: int, inter: int = HEAD_CHANNELS):
+    """LR-ASPP with one more skip: the gated context of the last map is added to the middle map
+    (stride 16) before it meets the detailed one (stride 8)."""
+
+    def __init__(self, channels: tuple[int, int, int], num_classes: int, inter: int = HEAD_CHANNELS):
         super().__init__()
+        detail_channels, middle_channels, last_channels = channels
         self.seg_project = nn.Sequential(nn.Conv2d(last_channels, inter, 1, bias=False), nn.BatchNorm2d(inter),
                                          nn.ReLU(inplace=True))
         self.seg_gate = nn.Conv2d(last_channels, inter, 1)
+        self.seg_middle = nn.Sequential(nn.Conv2d(middle_channels, inter, 1, bias=False), nn.BatchNorm2d(inter))
         self.seg_detail = nn.Conv2d(detail_channels, num_classes, 1)
         self.seg_context = nn.Conv2d(inter, num_classes, 1)
 
-    def forward(self, detail: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def forward(self, detail: torch.Tensor, middle: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         x = self.seg_project(last) * torch.sigmoid(self.seg_gate(F.adaptive_avg_pool2d(last, 1)))
+        x = F.interpolate(x, size=middle.shape[-2:], mode="bilinear", align_corners=False)
+        x = F.relu(x + self.seg_middle(middle))
         x = F.interpolate(x, size=detail.shape[-2:], mode="bilinear", align_corners=False)
         return self.seg_detail(detail) + self.seg_context(x)
 
@@ -103,11 +121,11 @@ class DenseModel(nn.Module):
     def __init__(self, backbone: DenseBackbone, num_classes: int):
         super().__init__()
         self.backbone = backbone
-        self.head = LRASPP(*backbone.channels, num_classes)
+        self.head = LRASPP(backbone.channels, num_classes)
         self.num_classes = num_classes
 
     def features(self, pixel_values: torch.Tensor, **_: object) -> torch.Tensor:
-        return self.backbone(pixel_values)[1]
+        return self.backbone(pixel_values)[-1]
 
     def forward(self, pixel_values: torch.Tensor, **_: object) -> SemanticSegmenterOutput:
         return SemanticSegmenterOutput(logits=self.head(*self.backbone(pixel_values)))

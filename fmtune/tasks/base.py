@@ -37,8 +37,9 @@ UNKNOWN = "unknown"
 #   embed             fmtune embed (pooled features coloured by target)
 #   robustness        fmtune robustness (metrics under perturbed inputs)
 #   fairness          fmtune fairness (metrics per group; task.group_weights; per-group thresholds)
+#   masks             fmtune predict --masks (predicted masks written as image files: write_files)
 CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
-                "fairness", "pseudo_labels")
+                "fairness", "pseudo_labels", "masks")
 
 
 class Task:
@@ -165,6 +166,10 @@ class Task:
         """How the data was read, for the plan printed before training (e.g. which mask value is what)."""
         return []
 
+    def predict_source(self, path: Path) -> Path:
+        """What ``fmtune predict`` reads of the file or folder ``path`` (all of it, by default)."""
+        return path
+
     def input_column(self, df: pd.DataFrame, default: str) -> str:
         """The column of a table to predict from."""
         return default
@@ -202,6 +207,11 @@ class Task:
 
     def flatten(self, record: dict[str, Any]) -> dict[str, Any]:
         """One ``postprocess`` record as the row of ``prediction_columns``."""
+        raise NotImplementedError
+
+    def write_files(self, out: pd.DataFrame, column: str, base: Path, folder: Path) -> pd.DataFrame:
+        """Capability "masks": write what ``out`` (predicted rows; inputs in ``column``, relative to
+        ``base``) holds as files into ``folder``; the rows naming the files."""
         raise NotImplementedError
 
     # --- the test report ---------------------------------------------------------------------

