@@ -6,6 +6,7 @@
 #   make demo-generation  fine-tune SmolLM2-135M (LoRA) to summarise Python functions in one sentence
 #   make demo-audio  fine-tune Whisper tiny.en's encoder to tell 20 spoken words apart (installs espeak-ng)
 #   make demo-speech  fine-tune Whisper tiny.en (LoRA) to transcribe sentences read by espeak-ng voices
+#   make demo-segmentation  fine-tune MobileNetV2 + LR-ASPP to label every pixel of digits on real photos
 #   make test        the default test suite (tiny random-init models; about 14 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
 #   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
@@ -18,7 +19,8 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech test \
+.PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech \
+	demo-segmentation test \
 	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech
 
 setup: $(VENV)/.installed
@@ -61,6 +63,9 @@ demo-audio: setup setup-audio
 
 demo-speech: setup setup-audio
 	$(VENV)/bin/fmtune demo --task speech-recognition
+
+demo-segmentation: setup
+	$(VENV)/bin/fmtune demo --task segmentation
 
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
 test: setup

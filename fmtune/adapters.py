@@ -190,7 +190,13 @@ def peft_config(bundle: Any, cfg: Any) -> Any:
 def head_layers(model: nn.Module) -> list[str]:
     """The names of the head's layers that train and are saved beside an adapter: the linear layer
     of a classifier's head, or every layer of a segmentation decoder (``model.head_layers``)."""
-    return [f"head.{n}" for n in model.head_layers] if hasattr(model, "head_layers") else [HEAD_LAYER]
+    if not hasattr(model, "head_layers"):
+        return [HEAD_LAYER]
+    out = []
+    for n in model.head_layers:  # peft cannot wrap a ModuleList: its layers then, one by one
+        m = getattr(model.head, n)
+        out += [f"head.{n}.{i}" for i in range(len(m))] if isinstance(m, nn.ModuleList) else [f"head.{n}"]
+    return out
 
 
 def wrap(bundle: Any, cfg: Any) -> nn.Module:

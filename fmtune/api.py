@@ -133,6 +133,8 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     if cont is not None and main:
         build.load_weights(bundle, run_dir / "model")
         summary["continual"] = cont.report(run_dir, bundle, task, new_rows, quiet)
+    if main and cfg.train.baseline and not task.probe_baseline and "eval" in summary:
+        summary["eval"] = _head_baseline(cfg, run_dir, summary["eval"], quiet)
     if report:
         from fmtune.report import write_report
 
@@ -140,6 +142,29 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
         if not quiet:
             ui.console.print(f"report: {summary['report']}")
     return summary
+
+
+BASELINE_DIR = "baseline"
+
+
+def _head_baseline(cfg: config_mod.Config, run_dir: Path, result: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """train.baseline for a task without a linear probe (detection): the head trained on the frozen
+    pretrained backbone with the same data and settings, as a run of its own in RUN/baseline; its
+    test metrics join eval.json as the baseline row."""
+    base = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, name="head"),
+                               train=dataclasses.replace(cfg.train, baseline=False, lr=None),
+                               out=str(run_dir / BASELINE_DIR), name=f"{run_dir.name}-{BASELINE_DIR}")
+    base = config_mod.from_dict(base.to_dict())  # the head's own default learning rate
+    if not quiet:
+        ui.console.print(f"\n[bold]baseline[/]: the head on the frozen pretrained backbone ({run_dir / BASELINE_DIR})")
+    summary = train(base, overwrite=True, quiet=True, report=False)
+    result = {**result, "baseline": summary["eval"]["test"], "baseline_run": str(run_dir / BASELINE_DIR),
+              "baseline_label": "head on the frozen backbone",
+              "baseline_method": task_class(cfg.task.type).baseline_method}
+    write_json(run_dir / EVAL_FILE, result)
+    if not quiet:
+        print_comparison(result)
+    return result
 
 
 def _config_and_dir(cfg: Any, resume: str | Path | None) -> tuple[config_mod.Config, Path | None]:
@@ -209,7 +234,7 @@ def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
         name, why = fewshot.choose_strategy(cfg, bundle.kind, n_params, frames.fewest, task)
         strategy = dataclasses.replace(cfg.strategy, name=name,
                                        encoder="lora" if n_params > fewshot.LARGE_MODEL else cfg.strategy.encoder)
-        lr = cfg.train.lr if cfg.train.lr is not None else config_mod.default_lr(strategy)
+        lr = cfg.train.lr if cfg.train.lr is not None else config_mod.default_lr(strategy, cfg.task.type)
         cfg = dataclasses.replace(cfg, strategy=strategy, train=dataclasses.replace(cfg.train, lr=lr))
         few["auto"] = {"strategy": name, "why": why}
     if frames.val_is_train:
@@ -343,7 +368,7 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
     if "test" in data:
         build.load_weights(bundle, run_dir / "model")
         summary["eval"] = _evaluate_run(OpenRun(run_dir, cfg, task, bundle), data["test"],
-                                        cfg.train.baseline, quiet, source=cfg.data.test,
+                                        cfg.train.baseline and task.probe_baseline, quiet, source=cfg.data.test,
                                         train_ds=data["train"])
     test = summary.get("eval", {}).get("test", {})
     _log_hparams(run_dir, cfg, result, test)
@@ -432,7 +457,7 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
                 quiet: bool, hw: hardware.Hardware) -> tuple[Any, Any, Any, str]:
     """Swap train/val for their cached frozen-prefix outputs where the strategy allows it."""
     aug = cfg.train.augment
-    if aug.geometric and hasattr(data["train"], "with_augment"):  # crops and flips that move the masks too
+    if aug.geometric and hasattr(data["train"], "with_augment"):  # crops and flips that move masks / boxes too
         data = {**data, "train": data["train"].with_augment(cfg.train.seed)}
         if not aug.image_on():
             return None, data["train"], data["val"], "not used: train.augment.geometric crops and flips every image"
@@ -502,7 +527,8 @@ def print_comparison(result: dict[str, Any]) -> None:
     keys = [k for k in result["test"] if k != "loss"]
     rows = [["fine-tuned", *[result["test"][k] for k in keys]]]
     if "baseline" in result:
-        rows.insert(0, ["pretrained baseline (linear probe)", *[result["baseline"].get(k, float("nan")) for k in keys]])
+        rows.insert(0, [result.get("baseline_label", "pretrained baseline (linear probe)"),
+                        *[result["baseline"].get(k, float("nan")) for k in keys]])
     ui.console.print(ui.table("test metrics", ["model", *keys], rows))
 
 
@@ -603,7 +629,7 @@ def _write_rows(df: pd.DataFrame, dest: Any, header: bool, jsonl: bool = False) 
 
 def predict(run: str | Path, inputs: str | Path, output: str | Path | None = None, *, quiet: bool = False,
             batch_size: int | None = None, strict: bool = False, chunk_rows: int = PREDICT_CHUNK_ROWS,
-            masks: str | Path | None = None) -> pd.DataFrame | dict[str, Any]:
+            save_images: str | Path | None = None) -> pd.DataFrame | dict[str, Any]:
     """Predict every row of ``inputs`` (CSV/TSV/JSONL/Parquet, an image folder or an image file).
 
     Columns added to the input's: what the task predicts (``fmtune tasks``: label, score and
@@ -618,8 +644,9 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     or not at all) and a summary is returned; ``output="-"`` streams the CSV to stdout. Without
     it, the predictions are returned as a DataFrame.
 
-    ``masks`` (segmentation runs): a folder that gets each predicted mask as a PNG of class indices
-    and an overlay on its image; the ``mask_png`` column then names the file instead.
+    ``save_images``: a folder for what the predictions look like (segmentation: each mask as a PNG of
+    class indices and an overlay on its image, named in ``mask_file`` instead of ``mask_png``;
+    detection: each image with its boxes drawn, named in ``image_file``).
     """
     from fmtune.predictor import Predictor
 
@@ -628,10 +655,10 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
         paths.check(output, "output-file", "-o")
     pred = Predictor(run, batch_size)
     inputs = pred.task.predict_source(inputs)
-    if masks is not None:
-        pred.task.require("masks", "--masks")
-        masks = paths.check(masks, "output-dir", "--masks")
-        Path(masks).mkdir(parents=True, exist_ok=True)
+    if save_images is not None:
+        pred.task.require("save_images", "--save-images")
+        save_images = paths.check(save_images, "output-dir", "--save-images")
+        save_images.mkdir(parents=True, exist_ok=True)
     rows = bad = 0
     first_error: str | None = None
     frames: list[pd.DataFrame] = []
@@ -645,9 +672,9 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
                                             input_column(media, pred.config.data)[0], pred.config.data.text_column,
                                             media):
                 out = _predict_chunk(pred, df, problems, strict)
-                if masks is not None:
+                if save_images is not None:
                     column = pred.task.input_column(df, input_column(media, pred.config.data)[0])
-                    out = pred.task.write_files(out, column, table_base(df), Path(masks))
+                    out = pred.task.write_files(out, column, table_base(df), Path(save_images))
                 rows += len(out)
                 errs = out["error"].dropna()
                 bad += len(errs)

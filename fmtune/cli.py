@@ -173,7 +173,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
                           strict=a.strict)
     elif files:
         api.predict(a.run, files[0], a.output or "-", quiet=a.quiet, batch_size=a.batch_size, strict=a.strict,
-                    masks=a.masks)
+                    save_images=a.save_images)
     else:
         raise ConfigError("nothing to predict: give an input file, - for stdin, or texts (--text)")
 
@@ -387,14 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (about 3 min on 2 cores; fairness: 5)")
     d.add_argument("--task", choices=["text", "image", "ner", "fairness", "generation", "audio-classification",
-                                      "speech-recognition"],
+                                      "speech-recognition", "segmentation"],
                    default="text",
                    help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits; ner: MiniLM-L6 "
                    "tagging named entities in WNUT-2016 tweets; fairness: MiniLM-L6 on Adult census rows, then "
                    "the per-group audit before and after per-group thresholds; generation: SmolLM2-135M with LoRA "
                    "summarising Python standard-library functions in one sentence; audio-classification: Whisper "
                    "tiny.en's encoder telling 20 spoken words apart (espeak-ng voices, needs Debian's espeak-ng); "
-                   "speech-recognition: Whisper tiny.en with LoRA transcribing real sentences read by espeak-ng")
+                   "speech-recognition: Whisper tiny.en with LoRA transcribing real sentences read by espeak-ng; "
+                   "segmentation: MobileNetV2 + an LR-ASPP decoder labelling every pixel of scenes of real digits "
+                   "on real photos")
     d.add_argument("--out", help="run directory (default: runs/demo-<task>-<time>)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -404,11 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="zoo name (fmtune models) or a local Hugging Face model folder")
     t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images or "
                    "audio files (--task audio-classification; a table names the files in data.audio_column); "
-                   "speech-recognition: a table of audio paths and transcripts, or a folder with metadata.csv")
+                   "speech-recognition: a table of audio paths and transcripts, or a folder with metadata.csv; "
+                   "segmentation: a folder with images/ and masks/ (same names; or JPEGImages/ + "
+                   "SegmentationClass/), or a table of image and mask paths (data.image_column, data.mask_column)")
     t.add_argument("--val", help="validation data (default: split off --data)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
     t.add_argument("--task", help="what to predict: classification (default), multilabel, regression, ner, "
-                   "generation, audio-classification, speech-recognition ... (`fmtune tasks` lists them)")
+                   "generation, audio-classification, speech-recognition, segmentation ... (`fmtune tasks` lists "
+                   "them)")
     t.add_argument("--strategy", choices=list(STRATEGY_NAMES),
                    help="what to train: full, head, last_n (strategy.n), lora/dora (strategy.r, strategy.alpha, "
                    "strategy.targets), ia3, prompt (strategy.virtual_tokens), bitfit, contrastive (few labels: "
@@ -567,9 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "first line is an object, CSV/TSV when its header names the text column, else lines)")
     pr.add_argument("-o", "--output", help="output file: .jsonl for JSON lines, else CSV (default: stdout)")
     pr.add_argument("--batch-size", type=int, help="examples per forward pass")
-    pr.add_argument("--masks", metavar="DIR", help="segmentation runs: write each predicted mask into DIR as a PNG "
-                    "of class indices (same name as its image) and an overlay on the image (NAME_overlay.jpg); the "
-                    "output's mask_file column names it (default: the mask as base64 PNG in mask_png)")
+    pr.add_argument("--save-images", metavar="DIR", help="segmentation: write each predicted mask into DIR as a PNG "
+                    "of class indices (same name as its image) and an overlay on the image (NAME_overlay.jpg), named "
+                    "in the mask_file column (default: the mask as base64 PNG in mask_png); detection: each image "
+                    "with its boxes drawn (NAME.jpg, named in image_file)")
     pr.add_argument("--strict", action="store_true",
                     help="stop at the first row that cannot be predicted (default: report it in the error "
                     "column and go on)")

@@ -61,6 +61,10 @@ class DataConfig:
     audio_column: str = _f("audio", "column holding audio file paths (relative to the file) in a CSV/JSONL/Parquet")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
     mask_column: str = _f("mask", "segmentation: column holding mask PNG paths (relative to the file) in a table")
+    image_root: str | None = _f(None, "detection: the folder COCO file_names are relative to (default: the JSON "
+                                "file's folder)")
+    yolo_split: str = _f("train", "detection: the split of a YOLO dataset YAML that --data reads (give --val / --test "
+                         "as the images/ folders of the other splits)")
     input_column: str | None = _f(None, "generation: column of a table holding the input (default: prompt, else "
                                   "data.text_column)")
     target_column: str | None = _f(None, "generation: column of a table holding the target text (default: "
@@ -118,12 +122,17 @@ class TaskConfig:
     language: str | None = _f(None, "speech-recognition: the spoken language for a multilingual Whisper (e.g. "
                               "english, french; default english); English-only models need none")
     classes: str | None = _f(None, "segmentation: class names, comma-separated, in mask-value order (value 0 = the "
-                             "first); default: the values seen in the training masks (0/255 masks: background, "
-                             "foreground)")
+                             "first); default: classes.txt beside images/ and masks/, else the values seen in the "
+                             "training masks (0/255 masks: background, foreground); detection: the class names "
+                             "(default: the dataset's categories / names, else those seen in training)")
     mask_format: Literal["auto", "index", "binary"] = _f(
         "auto", "segmentation: how mask pixels are read: index (value = class, task.ignore_index = not scored), "
         "binary (0 = background, above 127 = foreground), auto (binary when the masks hold only 0 and 255)")
     ignore_index: int = _f(255, "segmentation: the mask value of pixels neither trained nor scored (-1: none)")
+    score_threshold: float = _f(0.05, "detection: boxes scoring below this are dropped (scores: class probability x "
+                                "centre-ness)")
+    nms_iou: float = _f(0.6, "detection: a box overlapping a better one of its class by more than this IoU is dropped")
+    max_detections: int = _f(100, "detection: boxes kept per image, best first")
     truncate: bool = _f(False, "generation: an example longer than model.max_length loses the start of its prompt "
                         "(then the end of its completion) with a warning, instead of being an error")
 
@@ -133,6 +142,9 @@ class TaskConfig:
         TASKS.get(self.type, "task.type")
         _check(0.0 <= self.window_stride <= 0.5, "task.window_stride", "must be in [0, 0.5]")
         _check(-1 <= self.ignore_index <= 255, "task.ignore_index", "must be a mask value 0-255, or -1 for none")
+        _check(0 <= self.score_threshold < 1, "task.score_threshold", "must be in [0, 1)")
+        _check(0 < self.nms_iou <= 1, "task.nms_iou", "must be in (0, 1]")
+        _check(self.max_detections >= 1, "task.max_detections", "must be at least 1")
 
 
 STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto")
@@ -154,9 +166,16 @@ HEAD_LR_FACTOR, HEAD_LR_MAX = 20, 1e-2
 PROBE_LR = 1e-2  # fmtune transfer's probe (a head on the frozen backbone) unless train.head_lr is set
 
 
-def default_lr(strategy: Any) -> float:
+def default_lr(strategy: Any, task_type: str | None = None) -> float:
+    """train.lr unless set: per strategy, or the task's own where it has one (``Task.default_lrs``)."""
     if strategy.name == "contrastive" and strategy.encoder == "lora":
         return CONTRASTIVE_LORA_LR
+    if task_type is not None:
+        from fmtune.tasks import task_class
+
+        own = task_class(task_type).default_lrs
+        if strategy.name in own:
+            return own[strategy.name]
     return DEFAULT_LR[strategy.name]
 
 
@@ -222,8 +241,8 @@ class AugmentConfig:
                            "between this and 40 dB (e.g. 10); null: none")
     shift: float = _f(0.0, "audio: every training clip starts up to this many seconds later (silence before it)")
     gain: float = _f(0.0, "audio: every training clip louder or quieter by up to this many dB (e.g. 6)")
-    geometric: bool = _f(True, "segmentation: every training image cropped (50-100% of its side) and flipped at "
-                         "random, its mask with it")
+    geometric: bool = _f(True, "segmentation and detection: every training image cropped or zoomed and flipped at "
+                         "random, its mask or boxes with it")
     speed: float = _f(0.0, "audio: every training clip played at a speed drawn in [1 - this, 1 + this] (pitch moves "
                       "with it, as in Kaldi's speed perturbation; e.g. 0.1)")
 
@@ -402,7 +421,9 @@ class Config:
                "model.init", "random: an adapter keeps the backbone frozen at its pretrained weights and is saved "
                "without them; train a random backbone with strategy full")
         if self.train.lr is None and self.strategy.name != "auto":  # resolved here, so config.yaml says it
-            self.train.lr = default_lr(self.strategy)
+            self.train.lr = default_lr(self.strategy, self.task.type)
+        if self.train.head_lr is None and task_class(self.task.type).default_head_lr is not None:
+            self.train.head_lr = task_class(self.task.type).default_head_lr
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -101,6 +101,20 @@ DEMOS: dict[str, dict[str, Any]] = {
                "espeak-ng voices with noise at 0-20 dB SNR; 50 validation and 100 test clips of voices and sentences "
                "never heard in training; the best checkpoint has the lowest validation WER; training capped at 3 min",
     },
+    "segmentation": {
+        "dataset": "digit-scenes",
+        "origin": "real MNIST digits blended onto real photos: no labelled masks ship in a package",
+        "sizes": (400, 60, 100),
+        "config": {
+            "model": {"name": "mobilenet-v2", "image_size": 192},
+            "task": {"type": "segmentation"},
+            "strategy": {"name": "full"},
+            "train": {"epochs": 4, "batch_size": 8, "baseline": True, "patience": None, "max_minutes": 3.5},
+        },
+        "why": "MobileNetV2 (ImageNet) with an LR-ASPP decoder, fully fine-tuned for 4 epochs to label every pixel of "
+               "400 scenes (192x192) as background or one of the digits 0-9, with random crops and flips; 60 "
+               "validation and 100 test scenes of digits never seen in training; training capped at 3.5 min",
+    },
     "image": {
         "dataset": "digits",
         "sizes": (1200, 200, 397),
@@ -126,7 +140,8 @@ def demo(task: str = "text", out: str | Path | None = None, seed: int = 0, overw
         ui.console.print(f"[bold]fmtune demo ({task})[/]: {spec['why']}.")
         how = {"ner": "seeded split", "generation": "seeded split by module",
                "audio-classification": "seeded split by voice",
-               "speech-recognition": "seeded split by voice"}.get(task, "seeded stratified split")
+               "speech-recognition": "seeded split by voice",
+               "segmentation": "seeded split; every digit image in one scene only"}.get(task, "seeded stratified split")
         ui.console.print(f"  data: {spec['dataset']} ({spec.get('origin', 'real, offline')}), {how}, seed {seed}")
     # the split is written as ordinary files beside the runs, so the regular readers are exercised
     data_dir = run_dir.parent / ".demo-data" / f"{spec['dataset']}-{'-'.join(map(str, spec['sizes']))}-seed{seed}"

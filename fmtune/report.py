@@ -215,14 +215,18 @@ def write_report(run: str | Path) -> Path:
                         f"{fit.get('samples_per_s', 0):.1f} samples/s; {stop}; best validation {fit.get('metric')} "
                         f"{fit.get('best') if fit.get('best') is not None else 'n/a'} at step {fit.get('best_step')} "
                         "(the checkpoint kept)</p>")
-    for title, name in (("Confusion matrix (test)", "confusion_matrix.png"),):
+    for title, name in (("Confusion matrix (test)", "confusion_matrix.png"),
+                        ("Precision-recall (test)", "precision_recall.png")):
         if (run_dir / name).is_file():
             sections += [f"<h2>{title}</h2>", _img_tag((run_dir / name).read_bytes(), title)]
     if (run_dir / "classification_report.txt").is_file():
         sections.append(f"<pre>{html.escape((run_dir / 'classification_report.txt').read_text())}</pre>")
     mistakes = ev.get("mistakes") or []
     if mistakes:
-        sections.append("<h2>Most confident mistakes (test)</h2>")
+        sections.append("<h2>Test images with the lowest pixel accuracy (image, truth, prediction)</h2>"
+                        if "pixel_accuracy" in mistakes[0] else
+                        "<h2>Test images: truth beside the predictions</h2>" if "gallery" in mistakes[0] else
+                        "<h2>Most confident mistakes (test)</h2>")
         if "input" in mistakes[0]:
             sections.append(_table(["true", "predicted", "score", "input"],
                                    [[m["true"], m["predicted"], m["score"], m["input"]] for m in mistakes]))

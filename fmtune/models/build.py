@@ -218,7 +218,7 @@ def _dense_net(family: str, path: Path | str, init: str, image_size: int | None)
 def _create_dense(model_cfg: Any, task: Any) -> Bundle:
     family, path = resolve(model_cfg.name)
     net, image = _dense_net(family, path, model_cfg.init, model_cfg.image_size)
-    model = dense.DenseModel(dense.DenseBackbone(net, int(image["size"])), task.num_outputs)
+    model = dense.HEADS[task.dense_head](dense.DenseBackbone(net, int(image["size"])), task.num_outputs)
     return Bundle(model, "image", family, "none", image=image, source=str(model_cfg.name))
 
 
@@ -308,12 +308,13 @@ def _write(bundle: Bundle, tmp: Path) -> None:
     base = adapters.base_model(bundle.model)
     if bundle.adapter:
         adapters.save(bundle.model, tmp)  # the adapter and the trained head; the backbone comes from its source
-    if isinstance(base, dense.DenseModel):  # the whole model's weights; a transformers backbone's config
+    if isinstance(base, tuple(dense.HEADS.values())):  # the whole model's weights; a transformers backbone's config
         if not bundle.adapter:
             save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp / "model.safetensors"))
         if base.backbone.is_hf:
             base.backbone.net.config.save_pretrained(tmp)
-        meta["dense"] = {"num_outputs": base.num_classes}
+        meta["dense"] = {"num_outputs": base.num_classes,
+                         "head": next(k for k, v in dense.HEADS.items() if isinstance(base, v))}
     elif bundle.family == "hf":
         standard = None if bundle.adapter else _as_token_classifier(base)
         if bundle.adapter:
@@ -480,7 +481,8 @@ def _dense_model(model_dir: Path, meta: dict[str, Any], pretrained: Path | str |
         net = _pretrained_cnn(family, pretrained) if pretrained is not None else CNN_FAMILIES[family]["make"]()
     else:
         net = dense.hf_net(saved_config(model_dir), None if pretrained is None else str(pretrained))
-    return dense.DenseModel(dense.DenseBackbone(net, size), meta["dense"]["num_outputs"])
+    head = dense.HEADS[meta["dense"].get("head", "lraspp")]
+    return head(dense.DenseBackbone(net, size), meta["dense"]["num_outputs"])
 
 
 def load(model_dir: Path) -> Bundle:
@@ -531,7 +533,7 @@ def load_weights(bundle: Bundle, model_dir: Path) -> None:
     if bundle.adapter:
         adapters.load_weights(bundle.model, model_dir)
         return
-    if bundle.family == "hf" and not isinstance(bundle.model, dense.DenseModel):
+    if bundle.family == "hf" and not isinstance(bundle.model, tuple(dense.HEADS.values())):
         state = _hf_from_dir(model_dir).state_dict()
     else:
         state = load_file(str(model_dir / "model.safetensors"))

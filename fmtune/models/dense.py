@@ -151,3 +151,87 @@ def check_hf(config: Any, where: str) -> None:
             getattr(config, "hidden_sizes", None) or getattr(config, "patch_size", None)):
         raise ModelError(f"{where} is not an image backbone (model type {config.model_type!r}); segmentation needs "
                          "an image model: mobilenet-v2, efficientnet-lite0, or a local ResNet / ConvNeXt / ViT folder")
+
+
+# --- object detection: a feature pyramid and an anchor-free (FCOS) head --------------------------
+
+DET_WIDTH = 96
+# (the per-level scales are parameters, not layers: beside an adapter they stay at 1, saved with the architecture)
+DET_LAYERS = ("det_lateral", "det_smooth", "det_cls_tower", "det_reg_tower", "det_cls", "det_box", "det_ctr")
+PRIOR = 0.01  # the class scores start at this probability (focal-loss initialisation)
+
+
+def _tower(width: int, n: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(n):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class FCOSHead(nn.Module):
+    """A feature pyramid over the three maps (strides 8, 16, 32: lateral 1x1, top-down sums, 3x3
+    smoothing) and FCOS's head shared by its levels (Tian et al., 2019): class scores, the box as
+    distances from each location to its four sides, and centre-ness."""
+
+    def __init__(self, channels: tuple[int, int, int], num_classes: int, width: int = DET_WIDTH, convs: int = 2):
+        super().__init__()
+        self.det_lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.det_smooth = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in channels)
+        self.det_cls_tower, self.det_reg_tower = _tower(width, convs), _tower(width, convs)
+        self.det_cls = nn.Conv2d(width, num_classes, 3, padding=1)
+        self.det_box = nn.Conv2d(width, 4, 3, padding=1)
+        self.det_ctr = nn.Conv2d(width, 1, 3, padding=1)
+        self.det_scales = nn.Parameter(torch.ones(len(channels)))
+        nn.init.constant_(self.det_cls.bias, -float(torch.log(torch.tensor((1 - PRIOR) / PRIOR))))
+        for conv in (self.det_cls, self.det_box, self.det_ctr):
+            nn.init.normal_(conv.weight, std=0.01)
+
+    def forward(self, maps: tuple[torch.Tensor, ...], image_size: tuple[int, int]) -> torch.Tensor:
+        lat = [conv(m) for conv, m in zip(self.det_lateral, maps)]
+        levels = [lat[-1]]
+        for x in reversed(lat[:-1]):
+            levels.insert(0, x + F.interpolate(levels[0], size=x.shape[-2:], mode="nearest"))
+        out = []
+        for k, (smooth, x) in enumerate(zip(self.det_smooth, levels)):
+            x = smooth(x)
+            b, _, h, w = x.shape
+            stride = image_size[0] / h
+            cls = self.det_cls(self.det_cls_tower(x))
+            reg = self.det_reg_tower(x)
+            dist = torch.exp((self.det_scales[k] * self.det_box(reg)).clamp(max=8.0)) * stride
+            ctr = self.det_ctr(reg)
+            ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+            px = ((xs + 0.5) * stride).to(x.dtype).expand(b, h, w)
+            py = ((ys + 0.5) * stride).to(x.dtype).expand(b, h, w)
+            box = torch.stack([px - dist[:, 0], py - dist[:, 1], px + dist[:, 2], py + dist[:, 3]], 1)
+            const = torch.stack([px, py, torch.full_like(px, stride)], 1)
+            out.append(torch.cat([cls, box, ctr, const], 1).flatten(2).transpose(1, 2))
+        return torch.cat(out, 1)
+
+
+class DetectionModel(nn.Module):
+    """Backbone + FCOS head. ``.logits`` (B, locations, K + 8): per location of every pyramid
+    level, K class logits, the box (x0, y0, x1, y1 in input pixels), the centre-ness logit, and the
+    location itself (x, y, stride: constants the loss assigns targets by)."""
+
+    level = "dense"
+    head_layers = DET_LAYERS
+
+    def __init__(self, backbone: DenseBackbone, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = FCOSHead(backbone.channels, num_classes)
+        self.num_classes = num_classes
+
+    def features(self, pixel_values: torch.Tensor, **_: object) -> torch.Tensor:
+        return self.backbone(pixel_values)[-1]
+
+    def forward(self, pixel_values: torch.Tensor, **_: object) -> SemanticSegmenterOutput:
+        maps = self.backbone(pixel_values)
+        if self.backbone.strides[0] == self.backbone.strides[-1]:  # a ViT: a simple pyramid from one stride
+            maps = (F.interpolate(maps[0], scale_factor=2.0, mode="bilinear", align_corners=False), maps[1],
+                    F.max_pool2d(maps[2], 2, ceil_mode=True))
+        return SemanticSegmenterOutput(logits=self.head(maps, pixel_values.shape[-2:]))
+
+
+HEADS = {"lraspp": DenseModel, "fcos": DetectionModel}  # Task.dense_head -> the model class

@@ -37,9 +37,9 @@ UNKNOWN = "unknown"
 #   embed             fmtune embed (pooled features coloured by target)
 #   robustness        fmtune robustness (metrics under perturbed inputs)
 #   fairness          fmtune fairness (metrics per group; task.group_weights; per-group thresholds)
-#   masks             fmtune predict --masks (predicted masks written as image files: write_files)
+#   save_images       fmtune predict --save-images (predictions drawn or written as image files: write_files)
 CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
-                "fairness", "pseudo_labels", "masks")
+                "fairness", "pseudo_labels", "save_images")
 
 
 class Task:
@@ -58,6 +58,10 @@ class Task:
     accepts_word_lists = False  # predict takes a list of words (already split) as well as a text
     modality = ""  # "audio": reads audio files; "" reads what the model reads (text or images)
     target_what = ("label", "data.label_column")  # what the target column holds, and the key that names it
+    default_lrs: dict[str, float] = {}  # train.lr by strategy where this task needs other than config.DEFAULT_LR
+    default_head_lr: float | None = None  # train.head_lr unless set (None: config.default_head_lr of train.lr)
+    dense_head = ""  # level "dense": the head on the backbone's feature maps (fmtune.models.dense.HEADS)
+    probe_baseline = True  # train.baseline: a linear probe (else the head trained on the frozen backbone, a run)
 
     def __init__(self, labels: list[str] | None = None, class_weights: torch.Tensor | None = None,
                  threshold: float = 0.5, separator: str = "|", target_stats: dict | None = None, **options: Any):
@@ -210,7 +214,7 @@ class Task:
         raise NotImplementedError
 
     def write_files(self, out: pd.DataFrame, column: str, base: Path, folder: Path) -> pd.DataFrame:
-        """Capability "masks": write what ``out`` (predicted rows; inputs in ``column``, relative to
+        """Capability "save_images": write what ``out`` (predicted rows; inputs in ``column``, relative to
         ``base``) holds as files into ``folder``; the rows naming the files."""
         raise NotImplementedError
 

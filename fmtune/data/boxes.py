@@ -1,0 +1,393 @@
+"""Object detection data: images with labelled boxes, read in the formats users have.
+
+- COCO JSON (``--data annotations.json``): ``images`` (id, file_name, width, height),
+  ``annotations`` (image_id, bbox [x, y, w, h], category_id, iscrowd), ``categories`` (id, name);
+  file names are relative to the JSON's folder unless ``data.image_root`` says otherwise.
+- YOLO: a dataset YAML (``path``, ``train``/``val``/``test`` image folders, ``names``) — its
+  ``train`` split is read (``data.yolo_split`` picks another) — or an image folder whose labels
+  sit in the parallel ``labels/`` folder (``.../images/x.jpg`` -> ``.../labels/x.txt``: ``class
+  cx cy w h`` per line, normalised to 0-1), class names from a ``data.yaml`` / ``classes.txt``
+  above it.
+- Pascal VOC: a folder with ``Annotations/*.xml`` (``filename``, ``size``, ``object``: ``name``,
+  ``bndbox`` xmin/ymin/xmax/ymax, ``difficult``) and ``JPEGImages/``.
+
+Every reader gives the same rows: image path, its size, boxes (x0, y0, x1, y1 in pixels) and
+their class names; COCO crowd boxes and VOC difficult ones are kept as ``ignore`` (neither
+trained on nor counted as missed, as in COCO's and VOC's own evaluations). A box outside its
+image, of non-positive size, or for a missing image is a DataError naming the file.
+
+Images are letterboxed to a square (``letterbox``: the whole image scaled to fit, padded), the
+boxes with them; training images are flipped and scale-jittered with their boxes moved alike.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from fmtune.data.masks import open_image
+from fmtune.data.readers import IMAGE_SUFFIXES, list_images
+from fmtune.errors import DataError
+
+PAD_VALUE = 114  # letterbox padding (grey), as YOLO pads
+MIN_BOX = 1.0  # pixels: a box narrower or lower than this after resizing is dropped from training
+
+
+def _rows(records: list[dict[str, Any]], source: str) -> pd.DataFrame:
+    df = pd.DataFrame(records, columns=["image", "width", "height", "boxes", "labels", "ignore"])
+    df.attrs["source"] = source
+    return df
+
+
+def _check_box(box: list[float], w: float, h: float, where: str, tolerance: float = 1.0) -> list[float]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise DataError(f"{where}: box {[round(v, 2) for v in box]} has a non-positive size (x0, y0, x1, y1 in "
+                        "pixels)")
+    if x0 < -tolerance or y0 < -tolerance or x1 > w + tolerance or y1 > h + tolerance:
+        raise DataError(f"{where}: box {[round(v, 2) for v in box]} lies outside its {int(w)}x{int(h)} image")
+    return [max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)]
+
+
+def read_coco(path: Path, image_root: str | None = None) -> pd.DataFrame:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable COCO JSON file ({e})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: no {key!r} list; a COCO detection file has images, annotations and categories")
+    root = Path(image_root) if image_root else path.parent
+    names = {}
+    for c in data["categories"]:
+        names[c["id"]] = str(c.get("name", c["id"]))
+    images: dict[Any, dict[str, Any]] = {}
+    for i, im in enumerate(data["images"]):
+        if "id" not in im or "file_name" not in im:
+            raise DataError(f"{path}: images[{i}] has no id or file_name")
+        p = Path(im["file_name"])
+        images[im["id"]] = {"image": str(p if p.is_absolute() else root / p), "width": im.get("width"),
+                            "height": im.get("height"), "boxes": [], "labels": [], "ignore": []}
+    for i, a in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}] (id {a.get('id')})"
+        img = images.get(a.get("image_id"))
+        if img is None:
+            raise DataError(f"{where}: image_id {a.get('image_id')!r} is not in images")
+        if a.get("category_id") not in names:
+            raise DataError(f"{where}: category_id {a.get('category_id')!r} is not in categories")
+        x, y, bw, bh = (float(v) for v in a["bbox"])
+        w, h = img["width"] or 1e9, img["height"] or 1e9
+        img["boxes"].append(_check_box([x, y, x + bw, y + bh], w, h, f"{where} in {img['image']}"))
+        img["labels"].append(names[a["category_id"]])
+        img["ignore"].append(bool(a.get("iscrowd", 0)))
+    df = _rows(list(images.values()), str(path))
+    df.attrs["classes"] = [names[k] for k in sorted(names)]
+    return df
+
+
+def _yolo_names(yaml_path: Path) -> list[str]:
+    import yaml
+
+    spec = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
+    names = spec.get("names")
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names)]
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    raise DataError(f"{yaml_path}: no 'names' (a list, or a dict of class index -> name)")
+
+
+def _find_upwards(folder: Path, names: tuple[str, ...], levels: int = 3) -> Path | None:
+    for parent in [folder, *folder.parents][:levels + 1]:
+        for n in names:
+            if (parent / n).is_file():
+                return parent / n
+    return None
+
+
+def read_yolo(path: Path, split: str = "train") -> pd.DataFrame:
+    """A YOLO dataset YAML (its ``split`` image folder), or an image folder with a parallel labels/."""
+    names: list[str] | None = None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        names = _yolo_names(path)
+        if split not in spec:
+            raise DataError(f"{path}: no {split!r} split (it has: {', '.join(k for k in spec if k != 'names')})")
+        base = Path(spec.get("path") or ".")
+        base = base if base.is_absolute() else path.parent / base
+        folder = base / str(spec[split])
+    else:
+        folder = path
+        found = _find_upwards(folder, ("data.yaml", "dataset.yaml"))
+        if found is not None:
+            names = _yolo_names(found)
+        else:
+            listed = _find_upwards(folder, ("classes.txt", "obj.names"))
+            if listed is not None:
+                names = [x.strip() for x in listed.read_text().splitlines() if x.strip()]
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such image folder (YOLO split {split!r} of {path})")
+    parts = folder.parts
+    if "images" not in parts:
+        raise DataError(f"{folder}: a YOLO image folder is named images/ (labels in the parallel labels/ folder)")
+    k = len(parts) - 1 - parts[::-1].index("images")
+    label_dir = Path(*parts[:k], "labels", *parts[k + 1:])
+    records = []
+    for img_path in list_images(folder):
+        rel = img_path.relative_to(folder).with_suffix(".txt")
+        label_file = label_dir / rel
+        with Image.open(img_path) as im:
+            w, h = im.size
+        boxes, labels = [], []
+        if label_file.is_file():  # no file: an image without objects
+            for n, line in enumerate(label_file.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                where = f"{label_file}: line {n}"
+                f = line.split()
+                try:
+                    c, cx, cy, bw, bh = int(f[0]), *(float(v) for v in f[1:5])
+                except (ValueError, IndexError):
+                    raise DataError(f"{where}: expected 'class cx cy w h' (normalised), got {line.strip()!r}") from None
+                if names is not None and not 0 <= c < len(names):
+                    raise DataError(f"{where}: class {c} is not one of the {len(names)} classes named in the dataset "
+                                    "YAML")
+                boxes.append(_check_box([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h],
+                                        w, h, where))
+                labels.append(names[c] if names is not None else str(c))
+        records.append({"image": str(img_path), "width": w, "height": h, "boxes": boxes, "labels": labels,
+                        "ignore": [False] * len(boxes)})
+    if not records:
+        raise DataError(f"{folder}: no images found")
+    df = _rows(records, str(path))
+    if names is not None:
+        df.attrs["classes"] = names
+    return df
+
+
+def read_voc(path: Path) -> pd.DataFrame:
+    ann_dir = path / "Annotations"
+    img_dir = next((path / n for n in ("JPEGImages", "images", "Images") if (path / n).is_dir()), path)
+    records = []
+    for xml in sorted(ann_dir.glob("*.xml")):
+        try:
+            root = ET.parse(xml).getroot()
+        except ET.ParseError as e:
+            raise DataError(f"{xml}: not readable XML ({e})") from None
+        fname = root.findtext("filename") or xml.with_suffix(".jpg").name
+        img_path = img_dir / fname
+        size = root.find("size")
+        w = float(size.findtext("width")) if size is not None and size.findtext("width") else None
+        h = float(size.findtext("height")) if size is not None and size.findtext("height") else None
+        if not img_path.is_file():
+            raise DataError(f"{xml}: its image {img_path} does not exist")
+        if not w or not h:
+            with Image.open(img_path) as im:
+                w, h = im.size
+        boxes, labels, ignore = [], [], []
+        for j, obj in enumerate(root.findall("object")):
+            bb = obj.find("bndbox")
+            if bb is None:
+                raise DataError(f"{xml}: object {j + 1} has no bndbox")
+            try:
+                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (TypeError, ValueError):
+                raise DataError(f"{xml}: object {j + 1}: bndbox needs xmin, ymin, xmax, ymax") from None
+            box[0] -= 1  # VOC pixel indices are 1-based and inclusive
+            box[1] -= 1
+            boxes.append(_check_box(box, w, h, f"{xml}: object {j + 1}"))
+            labels.append((obj.findtext("name") or "").strip())
+            ignore.append(obj.findtext("difficult", "0").strip() == "1")
+        records.append({"image": str(img_path), "width": w, "height": h, "boxes": boxes, "labels": labels,
+                        "ignore": ignore})
+    if not records:
+        raise DataError(f"{ann_dir}: no .xml annotation files")
+    return _rows(records, str(path))
+
+
+def read_detection(path: str | Path, data_cfg: Any) -> pd.DataFrame:
+    """Rows (image, width, height, boxes, labels, ignore) from COCO JSON, YOLO or VOC; a folder or
+    file of images alone gives rows without boxes (images to predict)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    if p.is_file() and p.suffix.lower() == ".json":
+        return read_coco(p, data_cfg.image_root)
+    if p.is_file() and p.suffix.lower() in (".yaml", ".yml"):
+        return read_yolo(p, data_cfg.yolo_split)
+    if p.is_dir() and (p / "Annotations").is_dir():
+        return read_voc(p)
+    if p.is_dir():
+        for ann in ("annotations.json", "_annotations.coco.json", "instances.json"):
+            if (p / ann).is_file():
+                return read_coco(p / ann, data_cfg.image_root)
+        if (p / "images").is_dir() and (p / "labels").is_dir():
+            return read_yolo(p / "images")
+        if p.name == "images" or "images" in p.parts:
+            return read_yolo(p)
+        images = list_images(p)
+        if not images:
+            raise DataError(f"{p}: no images or annotations found; give a COCO JSON file, a YOLO dataset YAML or "
+                            "images/ folder (labels/ beside it), or a Pascal VOC folder (Annotations/, JPEGImages/)")
+        return pd.DataFrame({"image": [str(f) for f in images]}).pipe(_with_source, str(p))
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        return pd.DataFrame({"image": [str(p)]}).pipe(_with_source, str(p))
+    raise DataError(f"{p}: not a detection dataset: give a COCO .json, a YOLO .yaml, an images/ folder with labels/, "
+                    "or a Pascal VOC folder")
+
+
+def _with_source(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    df.attrs["source"] = source
+    return df
+
+
+# --- images and boxes at the model's input size ------------------------------------------------
+
+def letterbox(img: Image.Image, size: int) -> tuple[torch.Tensor, float, tuple[int, int]]:
+    """uint8 (3, size, size): the image scaled to fit (aspect kept), padded right and below; the
+    scale and the (width, height) it was scaled to."""
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = np.full((size, size, 3), PAD_VALUE, np.uint8)
+    canvas[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR), dtype=np.uint8)
+    return torch.from_numpy(canvas).permute(2, 0, 1), scale, (nw, nh)
+
+
+def pack_targets(boxes: list[np.ndarray], classes: list[np.ndarray], ignore: list[np.ndarray]) -> torch.Tensor:
+    """Per image (N, M, 6): class, x0, y0, x1, y1, ignore; rows past an image's boxes have class -1."""
+    m = max([len(b) for b in boxes] + [1])
+    out = torch.full((len(boxes), m, 6), -1.0)
+    for i, (b, c, g) in enumerate(zip(boxes, classes, ignore)):
+        if len(b):
+            out[i, :len(b), 0] = torch.as_tensor(c, dtype=torch.float32)
+            out[i, :len(b), 1:5] = torch.as_tensor(b, dtype=torch.float32)
+            out[i, :len(b), 5] = torch.as_tensor(g, dtype=torch.float32)
+    return out
+
+
+def augment_boxes(x: torch.Tensor, t: torch.Tensor, rng: np.random.Generator, min_scale: float = 0.6
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: zoom into a random crop (60-100% of the side) that keeps every box's centre, or
+    zoom out (the image shrunk to 60-100%, placed at random on padding), each half the time; a
+    horizontal flip half the time. Boxes move with the pixels, clipped to the crop."""
+    import torch.nn.functional as F
+
+    n, _, s, _ = x.shape
+    xs, ts = x.clone(), t.clone()
+    for i in range(n):
+        valid = ts[i, :, 0] >= 0
+        b = ts[i, valid, 1:5].clone()
+        f = rng.uniform(min_scale, 1.0)
+        if rng.random() < 0.5:  # zoom in: a crop of side f*s that keeps the boxes' centres
+            c = max(8, round(s * f))
+            if len(b):
+                cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+                lo_x, hi_x = max(0.0, float(cx.max()) - c + 1), min(float(s - c), float(cx.min()) - 1)
+                lo_y, hi_y = max(0.0, float(cy.max()) - c + 1), min(float(s - c), float(cy.min()) - 1)
+            else:
+                lo_x = lo_y = 0.0
+                hi_x = hi_y = float(s - c)
+            if hi_x >= lo_x and hi_y >= lo_y:
+                left, top = int(rng.uniform(lo_x, hi_x + 1e-6)), int(rng.uniform(lo_y, hi_y + 1e-6))
+                crop = xs[i:i + 1, :, top:top + c, left:left + c]
+                xs[i] = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False)[0]
+                k = s / c
+                b = ((b - torch.tensor([left, top, left, top])) * k).clamp(0, s)
+        else:  # zoom out: the image shrunk, placed at random on the padding colour
+            c = max(8, round(s * f))
+            small = F.interpolate(xs[i:i + 1], size=(c, c), mode="bilinear", align_corners=False)[0]
+            left, top = int(rng.integers(0, s - c + 1)), int(rng.integers(0, s - c + 1))
+            xs[i] = PAD_VALUE / 255.0
+            xs[i, :, top:top + c, left:left + c] = small
+            b = b * (c / s) + torch.tensor([left, top, left, top])
+        if rng.random() < 0.5:
+            xs[i] = xs[i].flip(-1)
+            b = torch.stack([s - b[:, 2], b[:, 1], s - b[:, 0], b[:, 3]], 1) if len(b) else b
+        ts[i, valid, 1:5] = b
+        small_box = ((b[:, 2] - b[:, 0]) < MIN_BOX) | ((b[:, 3] - b[:, 1]) < MIN_BOX) if len(b) else None
+        if small_box is not None and small_box.any():  # cut away by the crop: no longer an object
+            rows = torch.nonzero(valid).flatten()[small_box]
+            ts[i, rows, 0] = -1
+    return xs, ts
+
+
+class BoxData(torch.utils.data.Dataset):
+    """Letterboxed images (uint8) with packed box targets in input pixels (``pack_targets``), the
+    scale back to each original image, and training augmentation seeded by the batch's indices."""
+
+    def __init__(self, images: torch.Tensor | list[str], targets: torch.Tensor | None, scales: list[float],
+                 sizes: list[tuple[int, int]], spec: dict[str, Any], names: list[str], augment_seed: int | None = None):
+        self.images, self.targets, self.scales, self.sizes, self.spec, self.names = (images, targets, scales, sizes,
+                                                                                     spec, names)
+        self.mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
+        self.augment_seed = augment_seed
+        self.lengths = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def raw(self, idx: list[int]) -> torch.Tensor:
+        if isinstance(self.images, torch.Tensor):
+            return self.images[idx]
+        return torch.stack([letterbox(open_image(self.images[i]), self.spec["size"])[0] for i in idx])
+
+    def with_augment(self, seed: int) -> BoxData:
+        return BoxData(self.images, self.targets, self.scales, self.sizes, self.spec, self.names, seed)
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        x = self.raw(idx).float() / 255.0
+        t = self.targets[idx] if self.targets is not None else None
+        if self.augment_seed is not None and t is not None:
+            x, t = augment_boxes(x, t, np.random.default_rng([self.augment_seed, *map(int, idx)]))
+        batch = {"pixel_values": ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)}
+        if t is not None:
+            batch["labels"] = t
+        return batch
+
+
+def box_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], classes: list[str] | None,
+                with_targets: bool, eager_bytes: int = 1 << 30) -> BoxData:
+    """Every image of ``df`` opened (a missing or unreadable one is a DataError naming it),
+    letterboxed, its boxes scaled with it; a label that is not one of ``classes`` is a DataError."""
+    size = int(spec["size"])
+    eager = len(df) * 3 * size * size <= eager_bytes
+    images, scales, sizes, boxes, cls, ign = [], [], [], [], [], []
+    index = {c: i for i, c in enumerate(classes or [])}
+    for r, path in enumerate(df[column]):
+        img = open_image(str(path), f"{df.attrs.get('source')}: ")
+        w, h = img.size
+        if with_targets and df["width"].iloc[r] and (abs(float(df["width"].iloc[r]) - w) > 1 or
+                                                      abs(float(df["height"].iloc[r]) - h) > 1):
+            raise DataError(f"{df.attrs.get('source')}: {path} is {w}x{h} but its annotation says "
+                            f"{int(df['width'].iloc[r])}x{int(df['height'].iloc[r])}")
+        tensor, scale, _ = letterbox(img, size)
+        if eager:
+            images.append(tensor)
+        scales.append(scale)
+        sizes.append((w, h))
+        if with_targets:
+            labels = list(df["labels"].iloc[r])
+            unknown = [lab for lab in labels if lab not in index]
+            if unknown:
+                raise DataError(f"{df.attrs.get('source')}: {path}: class {unknown[0]!r} is not one of the training "
+                                f"classes ({', '.join(list(index)[:20])})")
+            boxes.append(np.asarray(df["boxes"].iloc[r], dtype=np.float32).reshape(-1, 4) * scale)
+            cls.append(np.asarray([index[lab] for lab in labels], dtype=np.int64))
+            ign.append(np.asarray(df["ignore"].iloc[r], dtype=bool))
+    targets = pack_targets(boxes, cls, ign) if with_targets else None
+    data = torch.stack(images) if eager else [str(p) for p in df[column]]
+    return BoxData(data, targets, scales, sizes, spec, [Path(str(p)).name for p in df[column]])

@@ -1,0 +1,265 @@
+"""Object detection: COCO / YOLO / VOC readers agree and name bad annotations, letterbox and
+augmentation move boxes with the pixels, NMS and the loss's target assignment, COCO mAP through
+pycocotools, training on tiny random backbones with a head-on-frozen-backbone baseline, predict
+(boxes in the original image's pixels, drawn on request), reload, serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import cfg_dict
+from PIL import Image
+
+from fmtune import api
+from fmtune.config import DataConfig
+from fmtune.data.boxes import augment_boxes, letterbox, pack_targets, read_detection
+from fmtune.errors import DataError
+from fmtune.tasks.detection import Detection, box_iou, nms
+
+CLASSES = ["red", "green", "blue"]
+COLOURS = np.array([[230, 40, 40], [40, 200, 60], [60, 80, 230]], np.uint8)
+
+
+def draw_scene(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, list[list[int]], list[int]]:
+    """Grey noise with 1-3 filled rectangles, each of a class's colour; their exact boxes."""
+    img = np.clip(rng.normal(110, 15, (h, w, 3)), 0, 255).astype(np.uint8)
+    boxes, classes = [], []
+    for _ in range(int(rng.integers(1, 4))):
+        c = int(rng.integers(0, 3))
+        bw, bh = int(rng.integers(10, w // 2)), int(rng.integers(10, h // 2))
+        x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+        img[y0:y0 + bh, x0:x0 + bw] = COLOURS[c]
+        boxes.append([x0, y0, x0 + bw, y0 + bh])
+        classes.append(c)
+    return img, boxes, classes
+
+
+def write_dataset(root: Path, n: int, seed: int) -> Path:
+    """The same scenes as COCO (annotations.json), YOLO (images/ + labels/ + data.yaml) and VOC."""
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "labels", "Annotations", "JPEGImages"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]}
+    for i in range(n):
+        w, h = 64 + 16 * (i % 3), 48 + 8 * (i % 2)  # images of several sizes and shapes
+        img, boxes, classes = draw_scene(rng, w, h)
+        name = f"im{i:03d}.png"
+        Image.fromarray(img).save(root / "images" / name)
+        Image.fromarray(img).save(root / "JPEGImages" / name)
+        coco["images"].append({"id": i + 1, "file_name": f"images/{name}", "width": w, "height": h})
+        lines, objects = [], []
+        for (x0, y0, x1, y1), c in zip(boxes, classes):
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": c + 1,
+                                        "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
+            lines.append(f"{c} {(x0 + x1) / 2 / w} {(y0 + y1) / 2 / h} {(x1 - x0) / w} {(y1 - y0) / h}\n")
+            objects.append(f"<object><name>{CLASSES[c]}</name><difficult>0</difficult><bndbox><xmin>{x0 + 1}</xmin>"
+                           f"<ymin>{y0 + 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+        (root / "labels" / f"im{i:03d}.txt").write_text("".join(lines))
+        (root / "Annotations" / f"im{i:03d}.xml").write_text(
+            f"<annotation><filename>{name}</filename><size><width>{w}</width><height>{h}</height></size>"
+            + "".join(objects) + "</annotation>")
+    (root / "annotations.json").write_text(json.dumps(coco))
+    (root / "data.yaml").write_text("path: .\ntrain: images\nnames: [red, green, blue]\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def boxes_data(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("det")
+    return {s: write_dataset(base / s, n, seed) for s, n, seed in (("train", 48, 0), ("val", 12, 1), ("test", 12, 2))}
+
+
+def _norm(df: pd.DataFrame) -> list:
+    return sorted((Path(p).name, tuple(lab), tuple(tuple(round(v, 3) for v in b) for b in bx))
+                  for p, lab, bx in zip(df["image"], df["labels"], df["boxes"]))
+
+
+def test_coco_yolo_and_voc_read_the_same_boxes(boxes_data):
+    root = boxes_data["train"]
+    coco = read_detection(root / "annotations.json", DataConfig())
+    yolo = read_detection(root / "data.yaml", DataConfig())
+    voc = read_detection(_voc_only(root), DataConfig())
+    assert len(coco) == 48 and coco.attrs["classes"] == CLASSES
+    assert _norm(coco) == _norm(yolo) == _norm(voc)
+
+
+def _voc_only(root: Path) -> Path:
+    """A folder with just VOC's Annotations/ and JPEGImages/ (links), so the VOC reader is chosen."""
+    voc = root.parent / f"{root.name}-voc"
+    if not voc.exists():
+        voc.mkdir()
+        (voc / "Annotations").symlink_to(root / "Annotations")
+        (voc / "JPEGImages").symlink_to(root / "JPEGImages")
+    return voc
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("outside", "lies outside its"),
+    ("empty", "non-positive size"),
+    ("missing_image", "image file not found"),
+    ("unknown_image", "is not in images"),
+    ("yolo_class", "class 7 is not one of the 3 classes"),
+])
+def test_bad_annotations_are_named(tmp_path, problem, message):
+    from fmtune.data.boxes import box_dataset
+
+    root = write_dataset(tmp_path / "d", 4, 0)
+    coco = json.loads((root / "annotations.json").read_text())
+    path = root / "annotations.json"
+    if problem == "outside":
+        coco["annotations"][0]["bbox"] = [50, 10, 40, 10]
+    elif problem == "empty":
+        coco["annotations"][0]["bbox"] = [5, 5, 0, 10]
+    elif problem == "missing_image":
+        (root / "images" / "im001.png").unlink()
+    elif problem == "unknown_image":
+        coco["annotations"][0]["image_id"] = 99
+    else:
+        (root / "labels" / "im002.txt").write_text("7 0.5 0.5 0.2 0.2\n")
+        path = root / "data.yaml"
+    (root / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=message) as err:
+        df = read_detection(path, DataConfig())
+        box_dataset(df, "image", {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}, CLASSES, True)
+    assert str(root) in str(err.value)
+
+
+def test_letterbox_and_augmentation_keep_boxes_on_their_objects():
+    rng = np.random.default_rng(0)
+    img, boxes, classes = draw_scene(rng, 96, 64)
+    x, scale, _ = letterbox(Image.fromarray(img), 64)
+    t = pack_targets([np.asarray(boxes, np.float32) * scale], [np.asarray(classes)], [np.zeros(len(boxes), bool)])
+
+    def colour_inside(x: torch.Tensor, t: torch.Tensor) -> list[bool]:
+        """Is the centre pixel of each box its class's colour?"""
+        ok = []
+        for row in t[0]:
+            if row[0] < 0:
+                continue
+            cx, cy = int((row[1] + row[3]) / 2), int((row[2] + row[4]) / 2)
+            px = x[:, cy, cx].numpy() * (255 if x.max() <= 1 else 1)
+            ok.append(bool(np.abs(px - COLOURS[int(row[0])]).max() < 40))
+        return ok
+
+    assert all(colour_inside(x.float(), t)) and x.shape == (3, 64, 64)
+    moved = 0
+    for seed in range(10):
+        xa, ta = augment_boxes(x[None].float() / 255, t, np.random.default_rng(seed))
+        assert not (ta[0, :, 0] >= 0).any() or all(colour_inside(xa[0], ta))
+        moved += int(not torch.equal(ta, t))
+    assert moved >= 8
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes_per_class():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    classes = torch.tensor([0, 0, 1, 0])
+    assert sorted(nms(boxes, scores, classes, 0.5).tolist()) == [0, 2, 3]
+    assert box_iou(boxes[:1], boxes[1:2]).item() == pytest.approx(81 / 100)
+
+
+def test_perfect_predictions_score_map_1():
+    """Logits that put each box's class and its exact box at the box's centre location give mAP 1,
+    and the loss's assignment makes that location positive for that box."""
+    task = Detection(CLASSES)
+    t = pack_targets([np.array([[4, 4, 20, 28], [30, 8, 60, 40]], np.float32)], [np.array([0, 2])],
+                     [np.zeros(2, bool)])
+    ys, xs = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    px, py = (xs.flatten() + 0.5) * 8, (ys.flatten() + 0.5) * 8
+    logits = torch.full((1, 64, 3 + 8), -10.0)
+    logits[0, :, 3:7] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    logits[0, :, 8], logits[0, :, 9], logits[0, :, 10] = px, py, 8.0
+    match, ignored, _ = task.assign(logits, t)
+    for k, (x0, y0, x1, y1) in enumerate(t[0, :, 1:5].tolist()):
+        loc = int(((y0 + y1) / 2 // 8) * 8 + (x0 + x1) / 2 // 8)
+        assert match[0, loc] == k and not ignored[0, loc]
+        logits[0, loc, int(t[0, k, 0])] = 10.0
+        logits[0, loc, 3:7] = t[0, k, 1:5]
+        logits[0, loc, 7] = 10.0
+    m = task.metrics(logits, t)
+    assert m["map"] == pytest.approx(1.0) and m["map50"] == pytest.approx(1.0)
+
+
+# --- training, prediction, reload ------------------------------------------------------------
+
+def det_cfg(model, data, out, **train):
+    return cfg_dict(model, data["train"], task={"type": "detection"},
+                    data={"train": str(data["train"] / "annotations.json"),
+                          "val": str(data["val"] / "annotations.json"),
+                          "test": str(data["test"] / "annotations.json")},
+                    model={"name": str(model), "image_size": 64},
+                    train={"epochs": 2, "batch_size": 8, "lr": 2e-3, **train}, out=str(out))
+
+
+@pytest.fixture(scope="module")
+def det_run(tmp_path_factory, tiny_resnet, boxes_data):
+    out = tmp_path_factory.mktemp("runs") / "det"
+    summary = api.train(det_cfg(tiny_resnet, boxes_data, out, epochs=6, baseline=True), quiet=True)
+    return out, summary
+
+
+def test_training_learns_with_a_head_baseline(det_run):
+    out, summary = det_run
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["test"]) == {"map", "map50", "map75"}
+    assert set(ev["per_class_ap"]) == set(CLASSES)
+    assert ev["baseline_run"].endswith("baseline") and (out / "baseline" / "model").is_dir()
+    import yaml
+
+    assert yaml.safe_load((out / "baseline" / "config.yaml").read_text())["strategy"]["name"] == "head"
+    assert (out / "precision_recall.png").is_file() and (out / "mistakes.png").is_file()
+    # six epochs on coloured rectangles: boxes are found (a random head scores about 0)
+    assert ev["test"]["map50"] > 0.2, ev["test"]
+
+
+def test_predict_boxes_in_original_pixels_and_reload_agrees(det_run, boxes_data, tmp_path):
+    from fmtune.predictor import Predictor
+
+    out, _ = det_run
+    df = api.predict(out, boxes_data["test"] / "images", quiet=True, save_images=tmp_path / "drawn")
+    assert df["error"].isna().all() and len(df) == 12
+    for path, boxes in zip(df["image"], df["boxes"]):
+        w, h = Image.open(path).size
+        for b in boxes:
+            assert 0 <= b["x0"] < b["x1"] <= w and 0 <= b["y0"] < b["y1"] <= h and b["label"] in CLASSES
+    assert len(list((tmp_path / "drawn").glob("*.jpg"))) == 12
+    img = df["image"][0]
+    assert Predictor(out).predict(img)["boxes"] == Predictor(out).predict(img)["boxes"] == df["boxes"][0]
+
+
+def test_serve_returns_boxes(det_run, boxes_data):
+    from fastapi.testclient import TestClient
+
+    from fmtune.predictor import Predictor
+    from fmtune.serve import create_app
+
+    out, _ = det_run
+    img = sorted((boxes_data["test"] / "images").iterdir())[0]
+    with TestClient(create_app(Predictor(out))) as client:
+        r = client.post("/predict", files={"files": (img.name, img.read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    assert "boxes" in r.json()["predictions"][0]
+
+
+@pytest.mark.parametrize("strategy", ["last_n", "lora"])
+def test_strategies_train_and_reload(tmp_path, boxes_data, strategy):
+    from fmtune.predictor import Predictor
+
+    cfg = det_cfg("mobilenet-v2", boxes_data, tmp_path / strategy, epochs=1)
+    cfg["model"]["init"] = "random" if strategy != "lora" else "pretrained"
+    cfg["strategy"] = {"name": strategy, "n": 2}
+    api.train(cfg, quiet=True, report=False)
+    img = sorted((boxes_data["test"] / "images").iterdir())[0]
+    assert isinstance(Predictor(tmp_path / strategy).predict(str(img))["boxes"], list)
+
+
+def test_vit_backbone_detects(tmp_path, tiny_vit, boxes_data):
+    cfg = det_cfg(tiny_vit, boxes_data, tmp_path / "vit", epochs=1)
+    cfg["model"]["image_size"] = 32
+    api.train(cfg, quiet=True, report=False)
+    assert "map" in json.loads((tmp_path / "vit" / "eval.json").read_text())["test"]
