@@ -7,6 +7,7 @@
 #   make demo-audio  fine-tune Whisper tiny.en's encoder to tell 20 spoken words apart (installs espeak-ng)
 #   make demo-speech  fine-tune Whisper tiny.en (LoRA) to transcribe sentences read by espeak-ng voices
 #   make demo-segmentation  fine-tune MobileNetV2 + LR-ASPP to label every pixel of digits on real photos
+#   make demo-detection  fine-tune MobileNetV2 + an FCOS head to box the digits of those scenes
 #   make test        the default test suite (tiny random-init models; about 14 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
 #   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
@@ -20,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech \
-	demo-segmentation test \
+	demo-segmentation demo-detection test \
 	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech
 
 setup: $(VENV)/.installed
@@ -66,6 +67,9 @@ demo-speech: setup setup-audio
 
 demo-segmentation: setup
 	$(VENV)/bin/fmtune demo --task segmentation
+
+demo-detection: setup
+	$(VENV)/bin/fmtune demo --task detection
 
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
 test: setup

@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = verb("demo", cmd_demo, "fine-tune a real model on real data, offline (about 3 min on 2 cores; fairness: 5)")
     d.add_argument("--task", choices=["text", "image", "ner", "fairness", "generation", "audio-classification",
-                                      "speech-recognition", "segmentation"],
+                                      "speech-recognition", "segmentation", "detection"],
                    default="text",
                    help="text: MiniLM-L6 on rotten-tomatoes; image: EfficientNet-Lite0 on digits; ner: MiniLM-L6 "
                    "tagging named entities in WNUT-2016 tweets; fairness: MiniLM-L6 on Adult census rows, then "
@@ -396,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tiny.en's encoder telling 20 spoken words apart (espeak-ng voices, needs Debian's espeak-ng); "
                    "speech-recognition: Whisper tiny.en with LoRA transcribing real sentences read by espeak-ng; "
                    "segmentation: MobileNetV2 + an LR-ASPP decoder labelling every pixel of scenes of real digits "
-                   "on real photos")
+                   "on real photos; detection: MobileNetV2 + an FCOS head boxing the digits of those scenes, against "
+                   "the head trained on the frozen backbone")
     d.add_argument("--out", help="run directory (default: runs/demo-<task>-<time>)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -408,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "audio files (--task audio-classification; a table names the files in data.audio_column); "
                    "speech-recognition: a table of audio paths and transcripts, or a folder with metadata.csv; "
                    "segmentation: a folder with images/ and masks/ (same names; or JPEGImages/ + "
-                   "SegmentationClass/), or a table of image and mask paths (data.image_column, data.mask_column)")
+                   "SegmentationClass/), or a table of image and mask paths (data.image_column, data.mask_column); "
+                   "detection: a COCO JSON file, a YOLO dataset YAML (or images/ folder with labels/ beside it), or "
+                   "a Pascal VOC folder (Annotations/, JPEGImages/)")
     t.add_argument("--val", help="validation data (default: split off --data)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
     t.add_argument("--task", help="what to predict: classification (default), multilabel, regression, ner, "

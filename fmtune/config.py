@@ -32,7 +32,8 @@ class ModelConfig:
     )
     max_length: int | None = _f(None, "text: tokens kept per example (longer texts are truncated; default 128; "
                                 "generation: prompt + completion, default 512)")
-    image_size: int | None = _f(None, "images: side length fed to the backbone (default: the backbone's)")
+    image_size: int | None = _f(None, "images: side length fed to the backbone (default: the backbone's; "
+                                "segmentation and detection on a CNN: 320)")
     audio_window: float | None = _f(None, "audio: seconds the encoder reads at once (default: the model's own "
                                     "window, 30 s for Whisper); longer clips are cut into windows, averaged")
     head_dropout: float = _f(0.1, "dropout before the linear head")

@@ -263,3 +263,20 @@ def test_vit_backbone_detects(tmp_path, tiny_vit, boxes_data):
     cfg["model"]["image_size"] = 32
     api.train(cfg, quiet=True, report=False)
     assert "map" in json.loads((tmp_path / "vit" / "eval.json").read_text())["test"]
+
+
+def test_onnx_export_gives_the_same_boxes(det_run, boxes_data):
+    """The graph ends at the per-location logits and boxes; thresholding and NMS run in Python."""
+    from fmtune.exporter import export
+    from fmtune.predictor import Predictor
+
+    out, _ = det_run
+    res = export(out, format="onnx", quiet=True)
+    assert res["max_abs_diff"] <= 1e-4
+    imgs = [str(p) for p in sorted((boxes_data["test"] / "images").iterdir())[:4]]
+    torch_boxes = Predictor(out).predict(imgs)
+    onnx_boxes = Predictor(out, backend="onnx").predict(imgs)
+    for t, o in zip(torch_boxes, onnx_boxes):
+        assert [b["label"] for b in t["boxes"]] == [b["label"] for b in o["boxes"]]
+        for bt, bo in zip(t["boxes"], o["boxes"]):
+            assert abs(bt["x0"] - bo["x0"]) <= 0.2 and abs(bt["score"] - bo["score"]) <= 1e-3

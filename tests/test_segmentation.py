@@ -249,3 +249,16 @@ def test_a_text_model_is_refused(tiny_bert, scenes, tmp_path):
 
     with pytest.raises((ModelError, ConfigError), match="not an image backbone"):
         api.train(seg_cfg(tiny_bert, scenes, tmp_path / "t"), quiet=True)
+
+
+def test_onnx_export_gives_the_same_masks(resnet_run, scenes):
+    from fmtune.exporter import export
+    from fmtune.predictor import Predictor
+
+    out, _ = resnet_run
+    res = export(out, format="onnx", quiet=True)
+    assert res["max_abs_diff"] <= 1e-4
+    imgs = [str(p) for p in sorted((scenes["test"] / "images").iterdir())[:4]]
+    t = [decode_mask_png(r["mask_png"]) for r in Predictor(out).predict(imgs)]
+    o = [decode_mask_png(r["mask_png"]) for r in Predictor(out, backend="onnx").predict(imgs)]
+    assert all((a == b).mean() > 0.999 for a, b in zip(t, o))

@@ -197,12 +197,17 @@ def create(model_cfg: Any, task: Any) -> Bundle:
     return _create_hf(path, model_cfg, task, scale, shift)
 
 
+DENSE_SIZE = 320  # model.image_size of segmentation and detection on a CNN unless set: objects and edges need pixels
+
+
 def _dense_net(family: str, path: Path | str, init: str, image_size: int | None) -> tuple[nn.Module, dict[str, Any]]:
-    """The image backbone ``path`` of ``family`` (pretrained or random) and its input settings."""
+    """The image backbone ``path`` of ``family`` (pretrained or random) and its input settings: a
+    CNN reads DENSE_SIZE pixels unless model.image_size says otherwise (its classification size,
+    224, leaves small objects a few cells wide); a ViT its own size (its position embeddings)."""
     if family in CNN_FAMILIES:
         spec = CNN_FAMILIES[family]
         net = _pretrained_cnn(family, path) if init == "pretrained" else spec["make"]()
-        return net, {"size": image_size or spec["size"], "mean": spec["mean"], "std": spec["std"]}
+        return net, {"size": image_size or DENSE_SIZE, "mean": spec["mean"], "std": spec["std"]}
     if family != "hf":
         raise ModelError(f"{path} is not an image backbone; segmentation needs an image model: mobilenet-v2, "
                          "efficientnet-lite0, or a local ResNet / ConvNeXt / ViT folder")
@@ -212,7 +217,8 @@ def _dense_net(family: str, path: Path | str, init: str, image_size: int | None)
         raise ModelError(f"cannot read the model config at {path}: {e}") from None
     dense.check_hf(config, str(path))
     net = dense.hf_net(config, str(path) if init == "pretrained" else None)
-    return net, _image_spec(path, config, image_size)
+    cnn_like = bool(getattr(config, "hidden_sizes", None))  # ResNet, ConvNeXt ... (a ViT has one hidden_size)
+    return net, _image_spec(path, config, image_size or (DENSE_SIZE if cnn_like else None))
 
 
 def _create_dense(model_cfg: Any, task: Any) -> Bundle:
