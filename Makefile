@@ -14,6 +14,7 @@
 #   make bench-generation  fmtune's text generation against TRL's SFTTrainer (installed for it)
 #   make bench-audio  fmtune's audio classification against the Hugging Face Trainer (WhisperForAudioClassification)
 #   make bench-speech  fmtune's speech recognition against the Hugging Face Seq2SeqTrainer (Whisper + peft LoRA)
+#   make bench-dense  segmentation and detection: head vs last_n vs full, training and prediction images/s
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
-	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech
+	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense
 
 setup: $(VENV)/.installed
 
@@ -103,3 +104,6 @@ bench-audio: setup setup-audio
 bench-speech: setup setup-audio
 	$(PY) -m pip install -q datasets
 	$(PY) bench/speech.py > bench/results-speech-$$(date +%F).json
+
+bench-dense: setup
+	$(PY) bench/dense.py > bench/results-dense-$$(date +%F).json

@@ -280,3 +280,44 @@ def test_onnx_export_gives_the_same_boxes(det_run, boxes_data):
         assert [b["label"] for b in t["boxes"]] == [b["label"] for b in o["boxes"]]
         for bt, bo in zip(t["boxes"], o["boxes"]):
             assert abs(bt["x0"] - bo["x0"]) <= 0.2 and abs(bt["score"] - bo["score"]) <= 1e-3
+
+
+def test_robustness_scores_map_under_corruptions(det_run, boxes_data, tmp_path):
+    from fmtune.robustness import robustness
+
+    out, _ = det_run
+    res = robustness(out, boxes_data["test"] / "annotations.json", suite="quick", out=tmp_path / "rob", quiet=True)
+    run = res["runs"][out.name]
+    assert res["metric"] == "map" and 0 <= run["clean"] <= 1
+    assert all(0 <= r["map"] <= 1 for p in run["perturbations"].values() for r in p["results"])
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, tiny_resnet, boxes_data):
+    """Augmentation is seeded by the batch: a run stopped mid-training and resumed from its last
+    resume point ends with the same weights and evaluations as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    def cfg(out):
+        c = det_cfg(tiny_resnet, boxes_data, out, epochs=2, eval_every=4, save_every_steps=3, batch_size=8)
+        c["data"]["test"] = None
+        return c
+
+    api.train(cfg(tmp_path / "ref"), quiet=True, report=False)
+
+    def stop(rec):
+        if rec["step"] == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(BaseException, match="interrupted"):
+        api.train(cfg(tmp_path / "cut"), quiet=True, report=False, on_eval=stop)
+    api.train(None, resume=tmp_path / "cut", quiet=True, report=False)
+
+    def evals(d):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")} for r in rows
+                if r["type"] == "eval"]
+
+    assert evals(tmp_path / "cut") == evals(tmp_path / "ref")
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -262,3 +262,16 @@ def test_onnx_export_gives_the_same_masks(resnet_run, scenes):
     t = [decode_mask_png(r["mask_png"]) for r in Predictor(out).predict(imgs)]
     o = [decode_mask_png(r["mask_png"]) for r in Predictor(out, backend="onnx").predict(imgs)]
     assert all((a == b).mean() > 0.999 for a, b in zip(t, o))
+
+
+def test_robustness_scores_miou_under_corruptions(resnet_run, scenes, tmp_path):
+    from fmtune.robustness import robustness
+
+    out, _ = resnet_run
+    res = robustness(out, scenes["test"], suite="quick", out=tmp_path / "rob", quiet=True)
+    run = res["runs"][out.name]
+    ev = json.loads((out / "eval.json").read_text())
+    assert res["metric"] == "miou" and run["clean"] == pytest.approx(ev["test"]["miou"], abs=1e-3)
+    values = [r["miou"] for p in run["perturbations"].values() for r in p["results"]]
+    assert len(values) == 6 * 3 and all(0 <= v <= 1 for v in values)
+    assert (tmp_path / "rob" / "robustness.png").is_file()

@@ -78,7 +78,7 @@ class Segmentation(Task):
     # a fresh decoder on a CNN: measured on digit-scenes (MobileNetV2, 4 epochs, test mIoU): lr 5e-4 beat 2e-3 and
     # 5e-5 (the classification default) at every epoch
     default_lrs = {"full": 5e-4, "last_n": 5e-4, "head": 5e-4}
-    capabilities = frozenset({"save_images"})
+    capabilities = frozenset({"save_images", "robustness"})
     baseline_method = ("linear probe (scikit-learn logistic regression) per cell of the frozen pretrained backbone's "
                        "last feature map, resized to the mask")
 
