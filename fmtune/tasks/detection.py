@@ -4,8 +4,11 @@ Data: COCO JSON, YOLO or Pascal VOC (``fmtune.data.boxes``), letterboxed to the 
 input with the boxes. The model (``fmtune.models.dense.DetectionModel``: a feature pyramid and an
 FCOS head) gives, per location, class logits, a box and a centre-ness logit. Training assigns each
 location inside a box's centre region (1.5 strides) and within its level's size range to the
-smallest such box (FCOS); the losses are sigmoid focal loss (classes), GIoU (boxes, weighted by
-the centre-ness target) and binary cross-entropy (centre-ness). Decoding: scores = class
+smallest such box (FCOS); the losses are sigmoid focal loss (classes, every location), GIoU
+(boxes, weighted by the centre-ness target), binary cross-entropy (centre-ness), and a softmax
+cross-entropy over the classes at the positive locations: FCOS's focal loss alone learns "an
+object is here" long before "which one" (digit-scenes, 4 epochs: test mAP 0.066 without it, 0.196
+with it; mAP with the classes merged 0.44 and 0.35). Decoding: scores = class
 probability x centre-ness, above ``task.score_threshold``, non-maximum suppression per class
 (``task.nms_iou``), at most ``task.max_detections`` per image, in torch.
 """
@@ -28,6 +31,7 @@ from fmtune.tasks.base import TASKS, Task
 
 CENTER_RADIUS = 1.5  # strides around a box's centre whose locations may be its positives
 TOP_K = 1000  # candidates per image before NMS
+CLASS_WEIGHT = 1.0  # of the softmax cross-entropy over classes at positive locations (see Detection.loss)
 
 
 def level_ranges(strides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +209,9 @@ class Detection(Task):
                                 * (torch.min(lt[:, 1], rb[:, 1]) / torch.max(lt[:, 1], rb[:, 1]).clamp(min=1e-6)))
         box_loss = (giou_loss(box[pos], g) * centerness).sum() / centerness.sum().clamp(min=1e-6)
         ctr_loss = F.binary_cross_entropy_with_logits(ctr[pos], centerness, reduction="sum") / n_pos
-        return focal + box_loss + ctr_loss
+        # which class, at the positive locations: softmax cross-entropy (a plain K-way classification)
+        class_loss = F.cross_entropy(cls[pos], labels[pos])
+        return focal + box_loss + ctr_loss + CLASS_WEIGHT * class_loss
 
     # --- decoding and metrics --------------------------------------------------------------------
     def detections(self, logits: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -293,11 +299,11 @@ class Detection(Task):
         for (b, s, c), scale, (w, h) in zip(self.detections(logits), ds.scales, ds.sizes):
             boxes = []
             for bb, ss, cc in zip(b / scale, s, c):
-                x0, y0 = max(0.0, float(bb[0])), max(0.0, float(bb[1]))
-                x1, y1 = min(float(w), float(bb[2])), min(float(h), float(bb[3]))
-                if x1 > x0 and y1 > y0:
-                    boxes.append({"label": self.labels[int(cc)], "score": round(float(ss), 4), "x0": round(x0, 1),
-                                  "y0": round(y0, 1), "x1": round(x1, 1), "y1": round(y1, 1)})
+                x0, y0 = round(max(0.0, float(bb[0])), 1), round(max(0.0, float(bb[1])), 1)
+                x1, y1 = round(min(float(w), float(bb[2])), 1), round(min(float(h), float(bb[3])), 1)
+                if x1 > x0 and y1 > y0:  # a box on the padding, clipped to nothing, is no box
+                    boxes.append({"label": self.labels[int(cc)], "score": round(float(ss), 4), "x0": x0, "y0": y0,
+                                  "x1": x1, "y1": y1})
             out.append({"boxes": boxes, "count": len(boxes)})
         return out
 
