@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from fmtune.data.dataset import ImageData
 from fmtune.data.masks import open_image
 from fmtune.data.readers import IMAGE_SUFFIXES, list_images
 from fmtune.errors import DataError
@@ -321,29 +322,17 @@ def augment_boxes(x: torch.Tensor, t: torch.Tensor, rng: np.random.Generator, mi
     return xs, ts
 
 
-class BoxData(torch.utils.data.Dataset):
+class BoxData(ImageData):
     """Letterboxed images (uint8) with packed box targets in input pixels (``pack_targets``), the
     scale back to each original image, and training augmentation seeded by the batch's indices."""
 
     def __init__(self, images: torch.Tensor | list[str], targets: torch.Tensor | None, scales: list[float],
                  sizes: list[tuple[int, int]], spec: dict[str, Any], names: list[str], augment_seed: int | None = None):
-        self.images, self.targets, self.scales, self.sizes, self.spec, self.names = (images, targets, scales, sizes,
-                                                                                     spec, names)
-        self.mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
-        self.augment_seed = augment_seed
-        self.lengths = None
+        super().__init__(images, targets, spec)
+        self.scales, self.sizes, self.names, self.augment_seed = scales, sizes, names, augment_seed
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-    def raw(self, idx: list[int]) -> torch.Tensor:
-        if isinstance(self.images, torch.Tensor):
-            return self.images[idx]
-        return torch.stack([letterbox(open_image(self.images[i]), self.spec["size"])[0] for i in idx])
+    def decode(self, path: str) -> torch.Tensor:
+        return letterbox(open_image(path), self.spec["size"])[0]
 
     def with_augment(self, seed: int) -> BoxData:
         return BoxData(self.images, self.targets, self.scales, self.sizes, self.spec, self.names, seed)
@@ -353,7 +342,7 @@ class BoxData(torch.utils.data.Dataset):
         t = self.targets[idx] if self.targets is not None else None
         if self.augment_seed is not None and t is not None:
             x, t = augment_boxes(x, t, np.random.default_rng([self.augment_seed, *map(int, idx)]))
-        batch = {"pixel_values": ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)}
+        batch = {"pixel_values": self.pixels(x)}
         if t is not None:
             batch["labels"] = t
         return batch

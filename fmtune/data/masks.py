@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from fmtune.data.dataset import ImageData
 from fmtune.data.readers import IMAGE_SUFFIXES, list_images, read_table, require_column, row_label, table_base
 from fmtune.errors import DataError
 
@@ -180,7 +181,7 @@ def encode_mask(mask: np.ndarray, binary255: bool, num_classes: int, ignore: int
     return out
 
 
-class SegData(torch.utils.data.Dataset):
+class SegData(ImageData):
     """Images (uint8, size x size) with their masks (uint8 class indices, 255 = ignore), the
     original sizes (to predict at), and, for training, flips and scale crops that move the mask
     with the pixels, seeded by the batch's indices (a resumed run sees the same)."""
@@ -188,22 +189,11 @@ class SegData(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor | list[str], masks: torch.Tensor | list[Any] | None,
                  sizes: list[tuple[int, int]], spec: dict[str, Any], names: list[str], augment_seed: int | None = None,
                  mask_reader: Any = None):
-        self.images, self.targets, self.sizes, self.spec, self.names = images, masks, sizes, spec, names
-        self.mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
-        self.augment_seed, self.mask_reader = augment_seed, mask_reader
-        self.lengths = None
+        super().__init__(images, masks, spec)
+        self.sizes, self.names, self.augment_seed, self.mask_reader = sizes, names, augment_seed, mask_reader
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-    def raw(self, idx: list[int]) -> torch.Tensor:
-        if isinstance(self.images, torch.Tensor):
-            return self.images[idx]
-        return torch.stack([resize_image(open_image(self.images[i]), self.spec["size"]) for i in idx])
+    def decode(self, path: str) -> torch.Tensor:
+        return resize_image(open_image(path), self.spec["size"])
 
     def masks(self, idx: list[int]) -> torch.Tensor:
         if isinstance(self.targets, torch.Tensor):
@@ -218,7 +208,7 @@ class SegData(torch.utils.data.Dataset):
         y = self.masks(idx) if self.targets is not None else None
         if self.augment_seed is not None and y is not None:
             x, y = augment(x, y, np.random.default_rng([self.augment_seed, *map(int, idx)]))
-        batch = {"pixel_values": ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)}
+        batch = {"pixel_values": self.pixels(x)}
         if y is not None:
             batch["labels"] = y.long()
         return batch

@@ -147,10 +147,7 @@ def _create_speech(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, dict[str,
     if family != "hf":
         raise ModelError(f"task {task.name} needs an encoder-decoder speech model; {model_cfg.name} is not one "
                          "(use whisper-tiny-en, or a local Whisper folder in Hugging Face format)")
-    try:
-        config = saved_config(path)
-    except Exception as e:
-        raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    config = _config_at(path)
     if config.model_type not in SPEECH_MODEL_TYPES:
         raise ModelError(f"task {task.name} needs a Whisper-style encoder-decoder speech model; {model_cfg.name} is "
                          f"a {config.model_type} model (use whisper-tiny-en, or a local Whisper folder; CTC models "
@@ -211,10 +208,7 @@ def _dense_net(family: str, path: Path | str, init: str, image_size: int | None)
     if family != "hf":
         raise ModelError(f"{path} is not an image backbone; segmentation needs an image model: mobilenet-v2, "
                          "efficientnet-lite0, or a local ResNet / ConvNeXt / ViT folder")
-    try:
-        config = saved_config(path)
-    except Exception as e:
-        raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    config = _config_at(path)
     dense.check_hf(config, str(path))
     net = dense.hf_net(config, str(path) if init == "pretrained" else None)
     cnn_like = bool(getattr(config, "hidden_sizes", None))  # ResNet, ConvNeXt ... (a ViT has one hidden_size)
@@ -242,10 +236,7 @@ def _pretrained_cnn(family: str, path: Path | str) -> nn.Module:
 def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift: float) -> Bundle:
     from transformers import AutoTokenizer
 
-    try:
-        config = saved_config(path)
-    except Exception as e:  # transformers raises OSError/ValueError/KeyError for bad folders
-        raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    config = _config_at(path)
     is_image = isinstance(path, Path) and (path / "preprocessor_config.json").exists() and not any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
     kind = _audio_kind(path, config) or ("image" if is_image else "text")
@@ -314,7 +305,7 @@ def _write(bundle: Bundle, tmp: Path) -> None:
     base = adapters.base_model(bundle.model)
     if bundle.adapter:
         adapters.save(bundle.model, tmp)  # the adapter and the trained head; the backbone comes from its source
-    if isinstance(base, tuple(dense.HEADS.values())):  # the whole model's weights; a transformers backbone's config
+    if isinstance(base, dense.DenseTaskModel):  # the whole model's weights; a transformers backbone's config
         if not bundle.adapter:
             save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp / "model.safetensors"))
         if base.backbone.is_hf:
@@ -416,6 +407,14 @@ def _as_token_classifier(model: nn.Module) -> nn.Module | None:
         return None
     std.load_state_dict(mapped, strict=True)
     return std
+
+
+def _config_at(path: Path | str) -> Any:
+    """The config of the model folder (or hub id) ``path``; a ModelError naming it if unreadable."""
+    try:
+        return saved_config(path)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError for bad folders
+        raise ModelError(f"cannot read the model config at {path}: {e}") from None
 
 
 def saved_config(folder: Path | str) -> Any:
@@ -539,7 +538,7 @@ def load_weights(bundle: Bundle, model_dir: Path) -> None:
     if bundle.adapter:
         adapters.load_weights(bundle.model, model_dir)
         return
-    if bundle.family == "hf" and not isinstance(bundle.model, tuple(dense.HEADS.values())):
+    if bundle.family == "hf" and not isinstance(bundle.model, dense.DenseTaskModel):
         state = _hf_from_dir(model_dir).state_dict()
     else:
         state = load_file(str(model_dir / "model.safetensors"))

@@ -30,7 +30,6 @@ from fmtune.errors import ModelError
 
 DETAIL_STRIDE = 8
 HEAD_CHANNELS = 128
-# the head's layers by name, so that peft trains and saves exactly them beside an adapter
 HEAD_LAYERS = ("seg_project", "seg_gate", "seg_middle", "seg_detail", "seg_context")
 
 
@@ -111,21 +110,28 @@ class LRASPP(nn.Module):
         return self.seg_detail(detail) + self.seg_context(x)
 
 
-class DenseModel(nn.Module):
-    """Backbone + LR-ASPP; ``forward`` gives class logits at stride 8 (``.logits``: B, K, H/8, W/8);
-    ``features`` the backbone's last map (the linear-probe baseline reads it)."""
+class DenseTaskModel(nn.Module):
+    """A DenseBackbone and a head on its maps; ``features``: the backbone's last map (what the
+    linear-probe baseline reads)."""
 
     level = "dense"
-    head_layers = HEAD_LAYERS
+    head_layers: tuple[str, ...] = ()  # the head's layers by name (peft trains and saves them beside an adapter)
 
-    def __init__(self, backbone: DenseBackbone, num_classes: int):
+    def __init__(self, backbone: DenseBackbone, head: nn.Module, num_classes: int):
         super().__init__()
-        self.backbone = backbone
-        self.head = LRASPP(backbone.channels, num_classes)
-        self.num_classes = num_classes
+        self.backbone, self.head, self.num_classes = backbone, head, num_classes
 
     def features(self, pixel_values: torch.Tensor, **_: object) -> torch.Tensor:
         return self.backbone(pixel_values)[-1]
+
+
+class DenseModel(DenseTaskModel):
+    """Backbone + LR-ASPP; ``forward`` gives class logits at stride 8 (``.logits``: B, K, H/8, W/8)."""
+
+    head_layers = HEAD_LAYERS
+
+    def __init__(self, backbone: DenseBackbone, num_classes: int):
+        super().__init__(backbone, LRASPP(backbone.channels, num_classes), num_classes)
 
     def forward(self, pixel_values: torch.Tensor, **_: object) -> SemanticSegmenterOutput:
         return SemanticSegmenterOutput(logits=self.head(*self.backbone(pixel_values)))
@@ -209,22 +215,15 @@ class FCOSHead(nn.Module):
         return torch.cat(out, 1)
 
 
-class DetectionModel(nn.Module):
+class DetectionModel(DenseTaskModel):
     """Backbone + FCOS head. ``.logits`` (B, locations, K + 8): per location of every pyramid
     level, K class logits, the box (x0, y0, x1, y1 in input pixels), the centre-ness logit, and the
     location itself (x, y, stride: constants the loss assigns targets by)."""
 
-    level = "dense"
     head_layers = DET_LAYERS
 
     def __init__(self, backbone: DenseBackbone, num_classes: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = FCOSHead(backbone.channels, num_classes)
-        self.num_classes = num_classes
-
-    def features(self, pixel_values: torch.Tensor, **_: object) -> torch.Tensor:
-        return self.backbone(pixel_values)[-1]
+        super().__init__(backbone, FCOSHead(backbone.channels, num_classes), num_classes)
 
     def forward(self, pixel_values: torch.Tensor, **_: object) -> SemanticSegmenterOutput:
         maps = self.backbone(pixel_values)
