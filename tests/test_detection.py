@@ -321,3 +321,13 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_resnet, boxes_data):
     a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_on_images_without_annotations_says_what_is_missing(tmp_path, tiny_resnet):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    cfg = det_cfg(tiny_resnet, {"train": folder, "val": folder, "test": folder}, tmp_path / "r")
+    cfg["data"] = {"train": str(folder)}
+    with pytest.raises(DataError, match="no annotations; detection data is a COCO JSON file"):
+        api.train(cfg, quiet=True)

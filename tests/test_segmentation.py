@@ -275,3 +275,12 @@ def test_robustness_scores_miou_under_corruptions(resnet_run, scenes, tmp_path):
     values = [r["miou"] for p in run["perturbations"].values() for r in p["results"]]
     assert len(values) == 6 * 3 and all(0 <= v <= 1 for v in values)
     assert (tmp_path / "rob" / "robustness.png").is_file()
+
+
+def test_training_on_images_without_masks_says_what_is_missing(tmp_path, tiny_resnet):
+    root = write_scenes(tmp_path / "d", 4)
+    import shutil
+
+    shutil.rmtree(root / "masks")
+    with pytest.raises(DataError, match="no masks: segmentation data is a folder with images/ and masks/"):
+        api.train(seg_cfg(tiny_resnet, {"train": root, "val": root, "test": root}, tmp_path / "r"), quiet=True)

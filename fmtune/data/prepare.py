@@ -86,7 +86,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     column = task.target_column(data_cfg)
     train = read_data(data_cfg.train, task, data_cfg)
     _require_input(train, data_cfg, task)  # the columns first: a missing one is the problem, whatever the size
-    require_column(train, column, *task.target_what)
+    task.require_targets(train, data_cfg)
     if data_cfg.max_train_samples:
         train = _subset(train, data_cfg.max_train_samples, column, task, seed)
     fewest = task.fewest_per_label(train, data_cfg)

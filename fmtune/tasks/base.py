@@ -57,7 +57,6 @@ class Task:
     description = ""
     accepts_word_lists = False  # predict takes a list of words (already split) as well as a text
     modality = ""  # "audio": reads audio files; "" reads what the model reads (text or images)
-    target_what = ("label", "data.label_column")  # what the target column holds, and the key that names it
     default_lrs: dict[str, float] = {}  # train.lr by strategy where this task needs other than config.DEFAULT_LR
     default_head_lr: float | None = None  # train.head_lr unless set (None: config.default_head_lr of train.lr)
     dense_head = ""  # level "dense": the head on the backbone's feature maps (fmtune.models.dense.HEADS)
@@ -104,6 +103,13 @@ class Task:
         return data_cfg.label_column
 
     @classmethod
+    def require_targets(cls, df: pd.DataFrame, data_cfg: Any) -> None:
+        """A DataError naming what is missing when ``df`` (labelled data) has no targets."""
+        from fmtune.data.readers import require_column
+
+        require_column(df, cls.target_column(data_cfg), "label", "data.label_column")
+
+    @classmethod
     def stratify_values(cls, df: pd.DataFrame, column: str) -> pd.Series | None:
         """Per-row values to stratify splits on (None: a plain random split)."""
         return None
@@ -129,12 +135,11 @@ class Task:
                 allow_unknown: bool = False) -> tuple[torch.utils.data.Dataset, np.ndarray]:
         """The dataset of one split, and the positions (into ``df``) of the rows kept."""
         from fmtune.data.dataset import image_dataset, text_dataset
-        from fmtune.data.readers import require_column
 
         targets = None
         if with_targets:
             column = self.target_column(data_cfg)
-            require_column(df, column, *self.target_what)
+            self.require_targets(df, data_cfg)
             targets = self.encode(df[column], df, column, allow_unknown)
         if bundle.kind == "text":
             return text_dataset(df, data_cfg.text_column, bundle, targets), np.arange(len(df))

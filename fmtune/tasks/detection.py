@@ -87,7 +87,6 @@ class Detection(Task):
     default_metric = "map"
     metric_names = ("map", "map50", "map75", "loss")
     level = "dense"
-    target_what = ("boxes", "the annotations (COCO JSON, YOLO labels/, VOC Annotations/)")
     capabilities = frozenset({"save_images", "robustness"})
     # measured on digit-scenes (MobileNetV2, 400 images): a head lr of 1e-2 (20x lr) left the FCOS towers at val
     # mAP 0.010 after an epoch, 1e-3 reached 0.042 (0.055 at 3 epochs against 0.049)
@@ -105,6 +104,13 @@ class Detection(Task):
     @classmethod
     def target_column(cls, data_cfg):
         return "boxes"
+
+    @classmethod
+    def require_targets(cls, df, data_cfg):
+        if "boxes" not in df.columns:
+            raise DataError(f"{df.attrs.get('source', 'the data')}: no annotations; detection data is a COCO JSON "
+                            "file, a YOLO dataset YAML or images/ folder with labels/ beside it, or a Pascal VOC "
+                            "folder (Annotations/, JPEGImages/)")
 
     @classmethod
     def options_from(cls, task_cfg, data_cfg):
@@ -133,9 +139,8 @@ class Detection(Task):
         return [self.options["how"]] if "how" in self.options else []
 
     def dataset(self, df, bundle, data_cfg, with_targets=True, allow_unknown=False):
-        if with_targets and "boxes" not in df.columns:
-            raise DataError(f"{df.attrs.get('source')}: no annotations; detection data is a COCO JSON file, a YOLO "
-                            "dataset YAML or images/ folder with labels/, or a Pascal VOC folder")
+        if with_targets:
+            self.require_targets(df, data_cfg)
         return box_dataset(df, data_cfg.image_column, bundle.image, self.labels, with_targets), np.arange(len(df))
 
     def image_input(self, source, bundle):

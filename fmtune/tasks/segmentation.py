@@ -73,7 +73,6 @@ class Segmentation(Task):
     default_metric = "miou"
     metric_names = ("miou", "pixel_accuracy", "dice", "loss")
     level = "dense"
-    target_what = ("mask path", "data.mask_column")
     dense_head = "lraspp"
     # a fresh decoder on a CNN: measured on digit-scenes (MobileNetV2, 4 epochs, test mIoU): lr 5e-4 beat 2e-3 and
     # 5e-5 (the classification default) at every epoch
@@ -90,6 +89,14 @@ class Segmentation(Task):
     @classmethod
     def target_column(cls, data_cfg):
         return data_cfg.mask_column
+
+    @classmethod
+    def require_targets(cls, df, data_cfg):
+        if data_cfg.mask_column not in df.columns:
+            src = df.attrs.get("source", "the data")
+            raise DataError(f"{src}: no masks: segmentation data is a folder with images/ and masks/ (same file "
+                            f"names), or a table with a mask path column (data.mask_column, now "
+                            f"{data_cfg.mask_column!r}; columns are: {', '.join(map(str, df.columns))})")
 
     @classmethod
     def options_from(cls, task_cfg, data_cfg):
@@ -144,9 +151,8 @@ class Segmentation(Task):
 
     def dataset(self, df, bundle, data_cfg, with_targets=True, allow_unknown=False):
         mask_col = self.target_column(data_cfg) if with_targets else None
-        if with_targets and mask_col not in df.columns:
-            raise DataError(f"{df.attrs.get('source')}: no masks (column {mask_col!r}, or a masks/ folder beside "
-                            "images/); segmentation data needs a mask per image")
+        if with_targets:
+            self.require_targets(df, data_cfg)
         return seg_dataset(df, data_cfg.image_column, mask_col, bundle.image, self._encode), np.arange(len(df))
 
     def predict_source(self, path):
