@@ -413,6 +413,14 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
 
         return explain_audio(pred, inputs or [], method=method, target=target, misclassified=misclassified,
                              data=data, out=out, limit=limit, steps=steps, baseline=baseline, quiet=quiet)
+    if pred.task.level == "dense":  # a class region or a box: Grad-CAM (fmtune.explain_dense)
+        from fmtune.explain_dense import explain_dense
+
+        if misclassified:
+            raise ConfigError(f"--misclassified: a {pred.task.name} run has no single wrong label per image; give "
+                              "images with --input")
+        return explain_dense(pred, inputs or [], method, target, out, limit, quiet, collect_inputs=collect_inputs,
+                             save_image_pngs=save_image_pngs)
     model = pred.model
     method = check_method(pred.kind, method, model)
     choices = TEXT_BASELINES if pred.kind == "text" else IMAGE_BASELINES

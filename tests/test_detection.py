@@ -331,3 +331,13 @@ def test_training_on_images_without_annotations_says_what_is_missing(tmp_path, t
     cfg["data"] = {"train": str(folder)}
     with pytest.raises(DataError, match="no annotations; detection data is a COCO JSON file"):
         api.train(cfg, quiet=True)
+
+
+def test_explain_gradcam_on_the_best_box(det_run, boxes_data, tmp_path):
+    from fmtune.explain import explain
+
+    out, _ = det_run
+    res = explain(out, [str(boxes_data["test"] / "images")], limit=2, out=tmp_path / "ex", quiet=True)
+    heat = np.load(tmp_path / "ex" / "heatmaps.npy")
+    assert heat.shape == (2, 64, 64) and np.isfinite(heat).all() and heat.max() <= 1.0
+    assert all(it["target"] in CLASSES for it in res["items"])

@@ -284,3 +284,17 @@ def test_training_on_images_without_masks_says_what_is_missing(tmp_path, tiny_re
     shutil.rmtree(root / "masks")
     with pytest.raises(DataError, match="no masks: segmentation data is a folder with images/ and masks/"):
         api.train(seg_cfg(tiny_resnet, {"train": root, "val": root, "test": root}, tmp_path / "r"), quiet=True)
+
+
+def test_explain_gradcam_on_a_predicted_class_region(resnet_run, scenes, tmp_path):
+    from fmtune.explain import explain
+
+    out, _ = resnet_run
+    res = explain(out, [str(scenes["test"])], limit=3, out=tmp_path / "ex", quiet=True)
+    heat = np.load(tmp_path / "ex" / "heatmaps.npy")
+    assert res["method"] == "gradcam" and heat.shape == (3, 32, 32) and len(res["items"]) == 3
+    assert all(it["target"] in ["0", "1", "2", "3"] for it in res["items"]) and (tmp_path / "ex" / "grid.png").is_file()
+    red = explain(out, [str(scenes["test"])], limit=2, target="1", out=tmp_path / "ex1", quiet=True)
+    assert [it["target"] for it in red["items"]] == ["1", "1"]
+    with pytest.raises(ConfigError, match="explained with gradcam"):
+        explain(out, [str(scenes["test"])], method="ig", out=tmp_path / "ex2", quiet=True)

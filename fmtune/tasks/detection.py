@@ -87,7 +87,7 @@ class Detection(Task):
     default_metric = "map"
     metric_names = ("map", "map50", "map75", "loss")
     level = "dense"
-    capabilities = frozenset({"save_images", "robustness"})
+    capabilities = frozenset({"save_images", "robustness", "explain"})
     # measured on digit-scenes (MobileNetV2, 400 images): a head lr of 1e-2 (20x lr) left the FCOS towers at val
     # mAP 0.010 after an epoch, 1e-3 reached 0.042 (0.055 at 3 epochs against 0.049)
     default_lrs = {"full": 5e-4, "last_n": 5e-4, "head": 5e-4}
@@ -335,6 +335,19 @@ class Detection(Task):
             img.save(folder / f"{stem}.jpg", quality=90)
             files.append(str(folder / f"{stem}.jpg"))
         return out.assign(image_file=files)
+
+    # --- explain (fmtune.explain_dense) ---------------------------------------------------------
+    def explain_target(self, logits: torch.Tensor, target: int | None) -> tuple[int, float, None]:
+        """The class to explain in one image's outputs (``target``, else the best box's) and that
+        class's best score."""
+        cls, _, ctr, _, _, _ = self._split(logits.float()[None])
+        scores = torch.sqrt(cls[0].sigmoid() * ctr[0].sigmoid()[:, None]).max(0).values  # (K,)
+        k = int(scores.argmax()) if target is None else target
+        return k, round(float(scores[k]), 4), None
+
+    def class_scores(self, logits: torch.Tensor, regions: None = None) -> torch.Tensor:
+        """(B, K): each class's logit at its best location (the top box of that class)."""
+        return logits[..., :self.num_outputs].max(1).values
 
     # --- the test report ---------------------------------------------------------------------
     def text_report(self, logits, targets) -> str:

@@ -77,7 +77,7 @@ class Segmentation(Task):
     # a fresh decoder on a CNN: measured on digit-scenes (MobileNetV2, 4 epochs, test mIoU): lr 5e-4 beat 2e-3 and
     # 5e-5 (the classification default) at every epoch
     default_lrs = {"full": 5e-4, "last_n": 5e-4, "head": 5e-4}
-    capabilities = frozenset({"save_images", "robustness"})
+    capabilities = frozenset({"save_images", "robustness", "explain"})
     baseline_method = ("linear probe (scikit-learn logistic regression) per cell of the frozen pretrained backbone's "
                        "last feature map, resized to the mask")
 
@@ -245,6 +245,24 @@ class Segmentation(Task):
             Image.fromarray(overlay(image, mask, self.num_classes)).save(folder / f"{stem}_overlay.jpg", quality=90)
             files.append(str(folder / f"{stem}.png"))
         return out.assign(mask_png=files).rename(columns={"mask_png": "mask_file"})
+
+    # --- explain (fmtune.explain_dense) ---------------------------------------------------------
+    def explain_target(self, logits: torch.Tensor, target: int | None) -> tuple[int, float, torch.Tensor]:
+        """The class to explain in one image's logits (``target``, else the largest class predicted
+        besides class 0), its share of the image, and the region predicted as it."""
+        pred = logits.argmax(0)
+        counts = torch.bincount(pred.flatten(), minlength=self.num_classes)
+        if target is None:
+            rest = counts.clone()
+            rest[0] = 0
+            target = int(rest.argmax()) if rest.sum() else 0
+        return target, round(float(counts[target]) / pred.numel(), 4), pred == target
+
+    def class_scores(self, logits: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
+        """(B, K): each class's mean logit over the explained region (all pixels if it is empty)."""
+        m = regions.to(logits.dtype)[:, None]
+        m = torch.where(m.sum((2, 3), keepdim=True) > 0, m, torch.ones_like(m))
+        return (logits * m).sum((2, 3)) / m.sum((2, 3))
 
     # --- the test report ---------------------------------------------------------------------
     def text_report(self, logits, targets) -> str:
