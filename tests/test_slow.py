@@ -106,3 +106,13 @@ def test_fairness_demo_audits_and_thresholds_close_the_gap(tmp_path):
     assert sex[models[2]] < sex["fine-tuned"] / 2, sex  # per-sex thresholds for demographic parity
     assert {g["group"] for g in fair["models"]["fine-tuned"]["race"]["groups"]} >= {"White", "Black"}
     assert "Fairness" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("task, metric, gain", [("segmentation", "miou", 0.15), ("detection", "map", 0.03)])
+def test_dense_demo_beats_its_frozen_backbone_baseline(tmp_path, task, metric, gain):
+    """MobileNetV2 (ImageNet) on digit-scenes: measured mIoU 0.096 -> 0.369 (probe on the frozen
+    backbone) and mAP 0.107 -> 0.203 (the head trained on the frozen backbone)."""
+    summary = fmtune.demo(task, out=tmp_path / task, quiet=True)
+    ev = json.loads((tmp_path / task / "eval.json").read_text())
+    assert ev["test"][metric] > ev["baseline"][metric] + gain, ev
+    assert summary["wall_seconds"] < 600
