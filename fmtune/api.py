@@ -145,6 +145,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
 
 
 BASELINE_DIR = "baseline"
+HEAD_BASELINE = "the head trained on the frozen pretrained backbone (strategy head), with the same data and settings"
 
 
 def _head_baseline(cfg: config_mod.Config, run_dir: Path, result: dict[str, Any], quiet: bool) -> dict[str, Any]:
@@ -159,8 +160,7 @@ def _head_baseline(cfg: config_mod.Config, run_dir: Path, result: dict[str, Any]
         ui.console.print(f"\n[bold]baseline[/]: the head on the frozen pretrained backbone ({run_dir / BASELINE_DIR})")
     summary = train(base, overwrite=True, quiet=True, report=False)
     result = {**result, "baseline": summary["eval"]["test"], "baseline_run": str(run_dir / BASELINE_DIR),
-              "baseline_label": "head on the frozen backbone",
-              "baseline_method": task_class(cfg.task.type).baseline_method}
+              "baseline_label": "head on the frozen backbone", "baseline_method": HEAD_BASELINE}
     write_json(run_dir / EVAL_FILE, result)
     if not quiet:
         print_comparison(result)

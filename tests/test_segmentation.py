@@ -180,12 +180,24 @@ def test_training_learns_and_reports(resnet_run):
     out, summary = resnet_run
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["test"]) == {"miou", "pixel_accuracy", "dice"}
-    assert ev["baseline"]["miou"] >= 0 and "linear probe" in ev["baseline_method"]
+    assert 0 <= ev["baseline"]["miou"] <= 1 and ev["baseline_run"].endswith("baseline")
+    assert "frozen" in ev["baseline_method"] and (out / "baseline" / "model").is_dir()
     assert set(ev["per_class"]) == {"0", "1", "2", "3"}
     # three epochs on coloured rectangles: well above the 0.25 of predicting one class everywhere
     assert ev["test"]["pixel_accuracy"] > 0.6 and ev["test"]["miou"] > 0.3, ev["test"]
     assert (out / "mistakes.png").is_file() and (out / "confusion_matrix.png").is_file()
     assert (out / "report.html").is_file()
+
+
+def test_evaluate_with_the_linear_probe_baseline(resnet_run, scenes, tmp_path):
+    """fmtune evaluate --baseline: the quicker baseline, a per-cell probe on the frozen backbone."""
+    import shutil
+
+    out, _ = resnet_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("baseline", "export", "robustness", "explain"))
+    res = api.evaluate(copy, scenes["test"], baseline=True, quiet=True)
+    assert 0 <= res["baseline"]["miou"] <= 1 and "linear probe" in res["baseline_method"]
 
 
 def test_predict_gives_masks_at_each_image_size_and_reload_agrees(resnet_run, scenes, tmp_path):

@@ -92,7 +92,6 @@ class Detection(Task):
     # mAP 0.010 after an epoch, 1e-3 reached 0.042 (0.055 at 3 epochs against 0.049)
     default_lrs = {"full": 5e-4, "last_n": 5e-4, "head": 5e-4}
     default_head_lr = 1e-3
-    baseline_method = "the detection head trained on the frozen pretrained backbone (strategy head), same settings"
     probe_baseline = False
     dense_head = "fcos"
 

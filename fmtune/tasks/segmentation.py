@@ -78,8 +78,11 @@ class Segmentation(Task):
     # 5e-5 (the classification default) at every epoch
     default_lrs = {"full": 5e-4, "last_n": 5e-4, "head": 5e-4}
     capabilities = frozenset({"save_images", "robustness", "explain"})
+    # train.baseline trains the decoder on the frozen backbone (a run of its own, as for detection); fmtune evaluate
+    # --baseline fits this quicker probe
     baseline_method = ("linear probe (scikit-learn logistic regression) per cell of the frozen pretrained backbone's "
                        "last feature map, resized to the mask")
+    probe_baseline = False
 
     # --- reading data ------------------------------------------------------------------------
     @classmethod
