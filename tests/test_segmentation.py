@@ -154,13 +154,14 @@ def test_metrics_match_scikit_learn():
 
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(size=(5, 4, 6, 6))).float()
-    targets = torch.from_numpy(rng.integers(0, 4, (5, 12, 12))).to(torch.uint8)
+    targets = torch.from_numpy(rng.integers(0, 3, (5, 12, 12))).to(torch.uint8)  # class 3: predicted, never true
     targets[0, :2] = IGNORE
     task = Segmentation(["a", "b", "c", "d"])
     m = task.metrics(logits, targets)
     pred = torch.nn.functional.interpolate(logits, size=(12, 12), mode="bilinear").argmax(1).numpy().ravel()
     y = targets.numpy().ravel()
     keep = y != IGNORE
+    assert (pred[keep] == 3).any()  # so the false-positive-only class counts, with IoU 0, as in scikit-learn
     assert m["miou"] == pytest.approx(jaccard_score(y[keep], pred[keep], average="macro"))
     assert m["pixel_accuracy"] == pytest.approx(accuracy_score(y[keep], pred[keep]))
     cm = confusion(logits, targets, 4)

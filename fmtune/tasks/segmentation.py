@@ -42,8 +42,8 @@ def confusion(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk: int = 
 
 
 def scores(cm: np.ndarray) -> dict[str, Any]:
-    """Per-class IoU and Dice (NaN for a class neither present nor predicted), their means over
-    the classes that occur, and pixel accuracy."""
+    """Per-class IoU and Dice (NaN for a class neither in the truth nor predicted), pixel accuracy,
+    and each class's pixels in the truth."""
     tp = np.diag(cm).astype(float)
     gt, pr = cm.sum(1).astype(float), cm.sum(0).astype(float)
     union = gt + pr - tp
@@ -186,12 +186,12 @@ class Segmentation(Task):
     def metrics(self, logits, targets):
         cm = confusion(logits, targets, self.num_classes)
         s = scores(cm)
-        present = s["support"] > 0
-        out = {"miou": float(np.nanmean(s["iou"][present])) if present.any() else float("nan"),
+        seen = ~np.isnan(s["iou"])  # in the truth or in the prediction: a class only predicted counts as IoU 0
+        out = {"miou": float(np.mean(s["iou"][seen])) if seen.any() else float("nan"),
                "pixel_accuracy": s["pixel_accuracy"],
-               # binary: the foreground's Dice (the usual figure); else the mean over classes present
-               "dice": float(s["dice"][1]) if self.num_classes == 2 else
-               float(np.nanmean(s["dice"][present])) if present.any() else float("nan")}
+               # binary: the foreground's Dice (the usual figure; 0 when neither has any); else the mean
+               "dice": float(np.nan_to_num(s["dice"][1])) if self.num_classes == 2 else
+               float(np.mean(s["dice"][seen])) if seen.any() else float("nan")}
         total, n = 0.0, 0
         for i in range(0, len(targets), 16):
             y = targets[i:i + 16].long()
@@ -277,7 +277,8 @@ class Segmentation(Task):
             lines.append(f"{name:>{width}}  {iou:7.4f}  {dice:7.4f}  {s['support'][i]:10d}" if not np.isnan(iou)
                          else f"{name:>{width}}  {'-':>7}  {'-':>7}  {s['support'][i]:10d}")
         m = self.metrics(logits, targets)
-        lines.append(f"\nmean IoU {m['miou']:.4f} (over the {int((s['support'] > 0).sum())} classes present), pixel "
+        lines.append(f"\nmean IoU {m['miou']:.4f} (over the {int((~np.isnan(s['iou'])).sum())} classes in the truth "
+                     f"or the prediction), pixel "
                      f"accuracy {m['pixel_accuracy']:.4f}, Dice {m['dice']:.4f}")
         lines.append(self.options.get("how", ""))
         return "\n".join(lines) + "\n"
