@@ -221,7 +221,8 @@ def test_predict_boxes_in_original_pixels_and_reload_agrees(det_run, boxes_data,
     from fmtune.predictor import Predictor
 
     out, _ = det_run
-    df = api.predict(out, boxes_data["test"] / "images", quiet=True, save_images=tmp_path / "drawn")
+    # the dataset's folder: its images/ are predicted, not the other files beside them
+    df = api.predict(out, boxes_data["test"], quiet=True, save_images=tmp_path / "drawn")
     assert df["error"].isna().all() and len(df) == 12
     for path, boxes in zip(df["image"], df["boxes"]):
         w, h = Image.open(path).size

@@ -44,6 +44,11 @@ def subdir(folder: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
+def image_folder(path: Path) -> Path:
+    """What to predict of ``path``: a labelled folder's images/ (not its masks or labels), else ``path``."""
+    return (subdir(path, IMAGE_DIRS) or path) if path.is_dir() else path
+
+
 def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
     """Rows of (image path, mask path) from a folder pair or a table; the mask column is absent
     for a folder of images alone (images to predict)."""

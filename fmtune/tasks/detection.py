@@ -142,6 +142,12 @@ class Detection(Task):
             self.require_targets(df, data_cfg)
         return box_dataset(df, data_cfg.image_column, bundle.image, self.labels, with_targets), np.arange(len(df))
 
+    def predict_source(self, path):
+        """A labelled folder (images/ beside labels/ or masks/) predicts its images only."""
+        from fmtune.data.masks import image_folder
+
+        return image_folder(path)
+
     def image_input(self, source, bundle):
         from PIL import Image
 

@@ -160,9 +160,9 @@ class Segmentation(Task):
 
     def predict_source(self, path):
         """A labelled folder (images/ beside masks/) predicts its images only."""
-        from fmtune.data.masks import IMAGE_DIRS, subdir
+        from fmtune.data.masks import image_folder
 
-        return (subdir(path, IMAGE_DIRS) or path) if path.is_dir() else path
+        return image_folder(path)
 
     def image_input(self, source, bundle):
         from fmtune.data.masks import open_image, resize_image
