@@ -152,10 +152,11 @@ def _head_baseline(cfg: config_mod.Config, run_dir: Path, result: dict[str, Any]
     """train.baseline for a task without a linear probe (detection): the head trained on the frozen
     pretrained backbone with the same data and settings, as a run of its own in RUN/baseline; its
     test metrics join eval.json as the baseline row."""
-    base = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, name="head"),
-                               train=dataclasses.replace(cfg.train, baseline=False, lr=None),
-                               out=str(run_dir / BASELINE_DIR), name=f"{run_dir.name}-{BASELINE_DIR}")
-    base = config_mod.from_dict(base.to_dict())  # the head's own default learning rate
+    values = cfg.to_dict()
+    values["strategy"]["name"] = "head"
+    values["train"].update(baseline=False, lr=None)  # lr None: the head strategy's own default
+    values.update(out=str(run_dir / BASELINE_DIR), name=f"{run_dir.name}-{BASELINE_DIR}")
+    base = config_mod.from_dict(values)
     if not quiet:
         ui.console.print(f"\n[bold]baseline[/]: the head on the frozen pretrained backbone ({run_dir / BASELINE_DIR})")
     summary = train(base, overwrite=True, quiet=True, report=False)
@@ -659,6 +660,7 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
         pred.task.require("save_images", "--save-images")
         save_images = paths.check(save_images, "output-dir", "--save-images")
         save_images.mkdir(parents=True, exist_ok=True)
+    written: set[str] = set()  # names of the files --save-images wrote, over every chunk
     rows = bad = 0
     first_error: str | None = None
     frames: list[pd.DataFrame] = []
@@ -674,7 +676,7 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
                 out = _predict_chunk(pred, df, problems, strict)
                 if save_images is not None:
                     column = pred.task.input_column(df, input_column(media, pred.config.data)[0])
-                    out = pred.task.write_files(out, column, table_base(df), Path(save_images))
+                    out = pred.task.write_files(out, column, table_base(df), Path(save_images), written)
                 rows += len(out)
                 errs = out["error"].dropna()
                 bad += len(errs)

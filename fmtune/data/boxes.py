@@ -93,10 +93,14 @@ def read_coco(path: Path, image_root: str | None = None) -> pd.DataFrame:
     return df
 
 
-def _yolo_names(yaml_path: Path) -> list[str]:
+def _yolo_spec(yaml_path: Path) -> dict[str, Any]:
     import yaml
 
-    spec = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
+    return yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
+
+
+def _yolo_names(spec: dict[str, Any], yaml_path: Path) -> list[str]:
+    """The class names of a YOLO dataset YAML (``spec``, read from ``yaml_path``)."""
     names = spec.get("names")
     if isinstance(names, dict):
         return [str(names[k]) for k in sorted(names)]
@@ -117,10 +121,8 @@ def read_yolo(path: Path, split: str = "train") -> pd.DataFrame:
     """A YOLO dataset YAML (its ``split`` image folder), or an image folder with a parallel labels/."""
     names: list[str] | None = None
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        names = _yolo_names(path)
+        spec = _yolo_spec(path)
+        names = _yolo_names(spec, path)
         if split not in spec:
             raise DataError(f"{path}: no {split!r} split (it has: {', '.join(k for k in spec if k != 'names')})")
         base = Path(spec.get("path") or ".")
@@ -130,7 +132,7 @@ def read_yolo(path: Path, split: str = "train") -> pd.DataFrame:
         folder = path
         found = _find_upwards(folder, ("data.yaml", "dataset.yaml"))
         if found is not None:
-            names = _yolo_names(found)
+            names = _yolo_names(_yolo_spec(found), found)
         else:
             listed = _find_upwards(folder, ("classes.txt", "obj.names"))
             if listed is not None:

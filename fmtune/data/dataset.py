@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fmtune.data.readers import require_column, row_label, table_base
+from fmtune.data.readers import require_column, row_label, row_prefix, table_base
 from fmtune.errors import DataError
 
 EAGER_IMAGE_BYTES = 2 << 30  # decode everything up front below this size, else decode per batch
@@ -150,8 +150,7 @@ def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: 
         if reason is None:
             kept.append(i)
         else:
-            where = f"{row_label(df, i)}: " if src and Path(src).is_file() else ""  # a table row, or the file
-            bad.append(f"{where}{p}: {reason}")
+            bad.append(f"{row_prefix(df, i)}{p}: {reason}")
     skip_bad(bad, len(paths), src, max_bad_fraction, "images cannot be read", "unreadable image(s)")
     keep = np.array(kept, dtype=np.int64)
     data = torch.stack(images) if eager else [paths[i] for i in kept]

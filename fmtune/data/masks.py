@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from fmtune.data.dataset import ImageData
-from fmtune.data.readers import IMAGE_SUFFIXES, list_images, read_table, require_column, row_label, table_base
+from fmtune.data.readers import IMAGE_SUFFIXES, list_images, read_table, require_column, row_prefix, table_base
 from fmtune.errors import DataError
 
 IMAGE_DIRS = ("images", "image", "imgs", "img", "JPEGImages", "inputs")
@@ -131,17 +131,12 @@ def read_mask(path: str) -> np.ndarray:
     return arr
 
 
-def _where(df: pd.DataFrame, i: int) -> str:
-    src = df.attrs.get("source", "")
-    return f"{row_label(df, i)}: " if src and Path(src).is_file() else ""
-
-
 def mask_values(df: pd.DataFrame, column: str) -> set[int]:
     """Every value that occurs in the masks of ``df`` (read from their files)."""
     seen: set[int] = set()
     for i, path in enumerate(df[column]):
         if path is None:
-            raise DataError(f"{_where(df, i)}{df.iloc[i, 0]}: no mask given for this image")
+            raise DataError(f"{row_prefix(df, i)}{df.iloc[i, 0]}: no mask given for this image")
         seen.update(int(v) for v in np.unique(read_mask(path)))
     return seen
 
@@ -253,7 +248,7 @@ def seg_dataset(df: pd.DataFrame, column: str, mask_column: str | None, spec: di
     paths = [str(p) for p in df[column]]
     mask_paths = list(df[mask_column]) if with_masks else []
     for i, path in enumerate(paths):
-        where = _where(df, i)
+        where = row_prefix(df, i)
         img = open_image(path, where)
         sizes.append(img.size)
         if with_masks:

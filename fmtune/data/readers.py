@@ -184,6 +184,13 @@ def row_label(df: pd.DataFrame, i: int) -> str:
     return f"{src}: row {i + 1}"
 
 
+def row_prefix(df: pd.DataFrame, i: int) -> str:
+    """``row_label(df, i)`` and ": " when ``df`` was read from a table (its rows name the files),
+    else "" (a folder: the file's own path says which)."""
+    src = df.attrs.get("source", "")
+    return f"{row_label(df, i)}: " if src and Path(src).is_file() else ""
+
+
 # --- streaming: large inputs in chunks of rows, in constant memory ----------------------------
 
 def count_rows(path: Path, media: str = "image") -> int | None:

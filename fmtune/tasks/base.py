@@ -218,9 +218,10 @@ class Task:
         """One ``postprocess`` record as the row of ``prediction_columns``."""
         raise NotImplementedError
 
-    def write_files(self, out: pd.DataFrame, column: str, base: Path, folder: Path) -> pd.DataFrame:
+    def write_files(self, out: pd.DataFrame, column: str, base: Path, folder: Path, taken: set[str]) -> pd.DataFrame:
         """Capability "save_images": write what ``out`` (predicted rows; inputs in ``column``, relative to
-        ``base``) holds as files into ``folder``; the rows naming the files."""
+        ``base``) holds as files into ``folder``; the rows naming the files. ``taken``: the file
+        names written so far by this ``fmtune predict`` (it reads a large input in chunks)."""
         raise NotImplementedError
 
     # --- the test report ---------------------------------------------------------------------

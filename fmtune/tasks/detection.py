@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from fmtune.data.boxes import box_dataset, read_detection
 from fmtune.errors import ConfigError, DataError
-from fmtune.tasks.base import TASKS, Task
+from fmtune.tasks.base import TASKS
+from fmtune.tasks.dense import DenseTask
 
 CENTER_RADIUS = 1.5  # strides around a box's centre whose locations may be its positives
 TOP_K = 1000  # candidates per image before NMS
@@ -81,18 +81,15 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @TASKS.register("detection")
-class Detection(Task):
+class Detection(DenseTask):
     name = "detection"
     description = "object detection: labelled boxes (COCO JSON, YOLO, Pascal VOC), COCO mAP"
     default_metric = "map"
     metric_names = ("map", "map50", "map75", "loss")
-    level = "dense"
     capabilities = frozenset({"save_images", "robustness", "explain"})
     # measured on digit-scenes (MobileNetV2, 400 images): a head lr of 1e-2 (20x lr) left the FCOS towers at val
     # mAP 0.010 after an epoch, 1e-3 reached 0.042 (0.055 at 3 epochs against 0.049)
-    default_lrs = {"full": 5e-4, "last_n": 5e-4, "head": 5e-4}
     default_head_lr = 1e-3
-    probe_baseline = False
     dense_head = "fcos"
 
     # --- reading data ------------------------------------------------------------------------
@@ -118,7 +115,7 @@ class Detection(Task):
 
     @classmethod
     def from_train(cls, values, df, classes=None, **kw):
-        names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes or [])
+        names = cls.class_names(classes)
         seen = sorted({lab for labels in df["labels"] for lab in labels})
         if not names:
             names = list(df.attrs.get("classes") or seen)
@@ -134,19 +131,10 @@ class Detection(Task):
                                f"({sum(1 for b in df['boxes'] if not len(b))} without objects)")
         return task
 
-    def notes(self):
-        return [self.options["how"]] if "how" in self.options else []
-
     def dataset(self, df, bundle, data_cfg, with_targets=True, allow_unknown=False):
         if with_targets:
             self.require_targets(df, data_cfg)
         return box_dataset(df, data_cfg.image_column, bundle.image, self.labels, with_targets), np.arange(len(df))
-
-    def predict_source(self, path):
-        """A labelled folder (images/ beside labels/ or masks/) predicts its images only."""
-        from fmtune.data.masks import image_folder
-
-        return image_folder(path)
 
     def image_input(self, source, bundle):
         from PIL import Image
@@ -272,11 +260,15 @@ class Detection(Task):
             ev.summarize()
         return ev
 
+    @staticmethod
+    def _maps(ev: Any) -> dict[str, float]:
+        """mAP@[.5:.95], @.5, @.75 of a COCO evaluation (0 without detections; COCO's -1, nothing to
+        score, as 0)."""
+        return {k: max(0.0, float(ev.stats[i])) if ev is not None else 0.0
+                for i, k in enumerate(("map", "map50", "map75"))}
+
     def metrics(self, logits, targets):
-        ev = self._coco(logits, targets)
-        out = {"map": 0.0, "map50": 0.0, "map75": 0.0} if ev is None else {
-            "map": max(0.0, float(ev.stats[0])), "map50": max(0.0, float(ev.stats[1])),
-            "map75": max(0.0, float(ev.stats[2]))}
+        out = self._maps(self._coco(logits, targets))
         total = 0.0
         for i in range(0, len(targets), 32):
             total += float(self.loss(logits[i:i + 32], targets[i:i + 32])) * len(targets[i:i + 32])
@@ -289,7 +281,7 @@ class Detection(Task):
         merged = torch.cat([logits[..., :k].max(-1, keepdim=True).values, logits[..., k:]], -1)
         t = targets.clone()
         t[..., 0] = torch.where(targets[..., 0] >= 0, 0.0, -1.0)
-        m = Detection(["object"], **{n: v for n, v in self.options.items() if n != "how"}).metrics(merged, t)
+        m = self._maps(Detection(["object"], **{n: v for n, v in self.options.items() if n != "how"})._coco(merged, t))
         return {"map": round(m["map"], 6), "map50": round(m["map50"], 6)}
 
     def per_class_ap(self, ev: Any) -> dict[str, float | None]:
@@ -323,22 +315,15 @@ class Detection(Task):
     def flatten(self, record):
         return {"boxes": record["boxes"], "count": record["count"]}
 
-    def write_files(self, out, column, base, folder):
+    def write_files(self, out, column, base, folder, taken):
         """Each image with its predicted boxes drawn, as ``folder/<image name>.jpg``."""
         from fmtune.data.masks import open_image
 
-        files: list[str | None] = []
-        taken: set[str] = set()
-        for i, (src, boxes) in enumerate(zip(out[column], out["boxes"])):
-            if not isinstance(boxes, list):
-                files.append(None)
-                continue
-            path = Path(str(src)) if Path(str(src)).is_absolute() else base / str(src)
-            stem = path.stem if path.stem not in taken else f"{path.stem}-{i}"
-            taken.add(stem)
-            img = draw_boxes(open_image(str(path)), boxes, self.labels)
-            img.save(folder / f"{stem}.jpg", quality=90)
-            files.append(str(folder / f"{stem}.jpg"))
+        files: list[str | None] = [None] * len(out)
+        for i, path, stem in self.output_files(out, column, "boxes", base, taken):
+            draw_boxes(open_image(str(path)), out["boxes"].iloc[i], self.labels).save(folder / f"{stem}.jpg",
+                                                                                     quality=90)
+            files[i] = str(folder / f"{stem}.jpg")
         return out.assign(image_file=files)
 
     # --- explain (fmtune.explain_dense) ---------------------------------------------------------
@@ -449,8 +434,3 @@ def draw_boxes(img: Any, boxes: list[dict[str, Any]], labels: list[str]) -> Any:
         text = b["label"] + (f" {b['score']:.2f}" if "score" in b else "")
         draw.text((b["x0"] + 2, max(0, b["y0"] - 11)), text, fill=colour)
     return out
-
-
-def boxes_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """Predicted boxes of several images as one table (image index, label, score, x0 .. y1)."""
-    return pd.DataFrame([{"image": i, **b} for i, r in enumerate(records) for b in r["boxes"]])

@@ -20,7 +20,8 @@ from PIL import Image
 
 from fmtune.data.masks import IGNORE, encode_mask, mask_values, read_segmentation, seg_dataset
 from fmtune.errors import ConfigError, DataError
-from fmtune.tasks.base import TASKS, Task
+from fmtune.tasks.base import TASKS
+from fmtune.tasks.dense import DenseTask
 
 CLASSES_FILE = "classes.txt"  # beside images/ and masks/: the class names, one per line, in mask-value order
 PROBE_PIXELS = 30000  # feature-map cells the baseline probe is fitted on (a random sample beyond)
@@ -32,13 +33,24 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def confusion(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk: int = 16) -> np.ndarray:
     """K x K pixel counts (true class, predicted class) over every non-ignored pixel."""
+    return confusion_and_loss(logits, targets, k, chunk)[0]
+
+
+def confusion_and_loss(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk: int = 16
+                       ) -> tuple[np.ndarray, float]:
+    """The confusion matrix and the mean cross-entropy over every non-ignored pixel (NaN when
+    none), from one resize of the logits to the masks per chunk of images."""
     cm = torch.zeros(k * k, dtype=torch.int64)
+    total, n = 0.0, 0
     for s in range(0, len(targets), chunk):
         y = targets[s:s + chunk].long()
-        pred = upsample(logits[s:s + chunk], y.shape[-2:]).argmax(1)
+        up = upsample(logits[s:s + chunk], y.shape[-2:])
         keep = y != IGNORE
-        cm += torch.bincount(y[keep] * k + pred[keep], minlength=k * k)
-    return cm.view(k, k).numpy()
+        cm += torch.bincount(y[keep] * k + up.argmax(1)[keep], minlength=k * k)
+        if keep.any():
+            total += float(F.cross_entropy(up, y, ignore_index=IGNORE, reduction="sum"))
+            n += int(keep.sum())
+    return cm.view(k, k).numpy(), total / n if n else float("nan")
 
 
 def scores(cm: np.ndarray) -> dict[str, Any]:
@@ -67,22 +79,17 @@ def decode_mask_png(text: str) -> np.ndarray:
 
 
 @TASKS.register("segmentation")
-class Segmentation(Task):
+class Segmentation(DenseTask):
     name = "segmentation"
     description = "semantic segmentation: a class per pixel (class-index mask PNGs), mean IoU"
     default_metric = "miou"
     metric_names = ("miou", "pixel_accuracy", "dice", "loss")
-    level = "dense"
     dense_head = "lraspp"
-    # a fresh decoder on a CNN: measured on digit-scenes (MobileNetV2, 4 epochs, test mIoU): lr 5e-4 beat 2e-3 and
-    # 5e-5 (the classification default) at every epoch
-    default_lrs = {"full": 5e-4, "last_n": 5e-4, "head": 5e-4}
     capabilities = frozenset({"save_images", "robustness", "explain"})
-    # train.baseline trains the decoder on the frozen backbone (a run of its own, as for detection); fmtune evaluate
-    # --baseline fits this quicker probe
+    # train.baseline trains the decoder on the frozen backbone (DenseTask); fmtune evaluate --baseline fits this
+    # quicker probe
     baseline_method = ("linear probe (scikit-learn logistic regression) per cell of the frozen pretrained backbone's "
                        "last feature map, resized to the mask")
-    probe_baseline = False
 
     # --- reading data ------------------------------------------------------------------------
     @classmethod
@@ -110,7 +117,7 @@ class Segmentation(Task):
     def from_train(cls, values, df, column="mask", classes=None, mask_format="auto", ignore_index=IGNORE, **kw):
         seen = mask_values(df, column)
         binary = mask_format == "binary" or (mask_format == "auto" and 255 in seen and seen <= {0, 255})
-        names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes or [])
+        names = cls.class_names(classes)
         listed = Path(str(df.attrs.get("source", ""))) / CLASSES_FILE
         if not names and listed.is_file():  # a dataset folder may name its classes, one per line
             names = [line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -143,7 +150,7 @@ class Segmentation(Task):
         return len(self.labels)
 
     def notes(self) -> list[str]:
-        out = [self.options["how"]]
+        out = super().notes()
         if self.options.get("absent"):
             out.append(f"classes never seen in the training masks: {', '.join(self.options['absent'][:10])}")
         return out
@@ -157,12 +164,6 @@ class Segmentation(Task):
         if with_targets:
             self.require_targets(df, data_cfg)
         return seg_dataset(df, data_cfg.image_column, mask_col, bundle.image, self._encode), np.arange(len(df))
-
-    def predict_source(self, path):
-        """A labelled folder (images/ beside masks/) predicts its images only."""
-        from fmtune.data.masks import image_folder
-
-        return image_folder(path)
 
     def image_input(self, source, bundle):
         from fmtune.data.masks import open_image, resize_image
@@ -184,24 +185,17 @@ class Segmentation(Task):
         return F.cross_entropy(upsample(logits, targets.shape[-2:]), targets.long(), weight=w, ignore_index=IGNORE)
 
     def metrics(self, logits, targets):
-        cm = confusion(logits, targets, self.num_classes)
-        s = scores(cm)
+        cm, loss = confusion_and_loss(logits, targets, self.num_classes)
+        return {**self._summary(scores(cm)), "loss": loss}
+
+    def _summary(self, s: dict[str, Any]) -> dict[str, float]:
+        """mIoU, pixel accuracy and Dice from ``scores``."""
         seen = ~np.isnan(s["iou"])  # in the truth or in the prediction: a class only predicted counts as IoU 0
-        out = {"miou": float(np.mean(s["iou"][seen])) if seen.any() else float("nan"),
-               "pixel_accuracy": s["pixel_accuracy"],
-               # binary: the foreground's Dice (the usual figure; 0 when neither has any); else the mean
-               "dice": float(np.nan_to_num(s["dice"][1])) if self.num_classes == 2 else
-               float(np.mean(s["dice"][seen])) if seen.any() else float("nan")}
-        total, n = 0.0, 0
-        for i in range(0, len(targets), 16):
-            y = targets[i:i + 16].long()
-            keep = int((y != IGNORE).sum())
-            if keep:
-                total += float(F.cross_entropy(upsample(logits[i:i + 16], y.shape[-2:]), y, ignore_index=IGNORE,
-                                               reduction="sum"))
-                n += keep
-        out["loss"] = total / n if n else float("nan")
-        return out
+        return {"miou": float(np.mean(s["iou"][seen])) if seen.any() else float("nan"),
+                "pixel_accuracy": s["pixel_accuracy"],
+                # binary: the foreground's Dice (the usual figure; 0 when neither has any); else the mean
+                "dice": float(np.nan_to_num(s["dice"][1])) if self.num_classes == 2 else
+                float(np.mean(s["dice"][seen])) if seen.any() else float("nan")}
 
     # --- output ------------------------------------------------------------------------------
     def predicted_masks(self, logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
@@ -228,25 +222,18 @@ class Segmentation(Task):
     def flatten(self, record):
         return {k: record[k] for k in self.prediction_columns()}
 
-    def write_files(self, out, column, base, folder):
+    def write_files(self, out, column, base, folder, taken):
         """Each predicted mask as ``folder/<image name>.png`` (class indices) and
         ``<image name>_overlay.jpg`` (classes painted over the image); ``mask_png`` names the file."""
         from fmtune.data.masks import open_image
 
-        files: list[str | None] = []
-        taken: set[str] = set()
-        for i, (src, png) in enumerate(zip(out[column], out["mask_png"])):
-            if not isinstance(png, str):  # a row that got no prediction (see its error)
-                files.append(None)
-                continue
-            path = Path(str(src)) if Path(str(src)).is_absolute() else base / str(src)
-            stem = path.stem if path.stem not in taken else f"{path.stem}-{i}"
-            taken.add(stem)
-            mask = decode_mask_png(png)
+        files: list[str | None] = [None] * len(out)
+        for i, path, stem in self.output_files(out, column, "mask_png", base, taken):
+            mask = decode_mask_png(out["mask_png"].iloc[i])
             Image.fromarray(mask).save(folder / f"{stem}.png")
             image = np.asarray(open_image(str(path)))
             Image.fromarray(overlay(image, mask, self.num_classes)).save(folder / f"{stem}_overlay.jpg", quality=90)
-            files.append(str(folder / f"{stem}.png"))
+            files[i] = str(folder / f"{stem}.png")
         return out.assign(mask_png=files).rename(columns={"mask_png": "mask_file"})
 
     # --- explain (fmtune.explain_dense) ---------------------------------------------------------
@@ -276,7 +263,7 @@ class Segmentation(Task):
             iou, dice = s["iou"][i], s["dice"][i]
             lines.append(f"{name:>{width}}  {iou:7.4f}  {dice:7.4f}  {s['support'][i]:10d}" if not np.isnan(iou)
                          else f"{name:>{width}}  {'-':>7}  {'-':>7}  {s['support'][i]:10d}")
-        m = self.metrics(logits, targets)
+        m = self._summary(s)
         lines.append(f"\nmean IoU {m['miou']:.4f} (over the {int((~np.isnan(s['iou'])).sum())} classes in the truth "
                      f"or the prediction), pixel "
                      f"accuracy {m['pixel_accuracy']:.4f}, Dice {m['dice']:.4f}")
