@@ -233,6 +233,13 @@ def test_predict_boxes_in_original_pixels_and_reload_agrees(det_run, boxes_data,
     assert Predictor(out).predict(img)["boxes"] == Predictor(out).predict(img)["boxes"] == df["boxes"][0]
 
 
+def test_an_unreadable_upload_is_named_by_its_place(det_run):
+    from fmtune.predictor import Predictor
+
+    with pytest.raises(DataError, match=r"^input 0: not a readable image"):
+        Predictor(det_run[0]).predict([b"not an image"])
+
+
 def test_serve_returns_boxes(det_run, boxes_data):
     from fastapi.testclient import TestClient
 

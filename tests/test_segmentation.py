@@ -311,3 +311,29 @@ def test_explain_gradcam_on_a_predicted_class_region(resnet_run, scenes, tmp_pat
     assert [it["target"] for it in red["items"]] == ["1", "1"]
     with pytest.raises(ConfigError, match="explained with gradcam"):
         explain(out, [str(scenes["test"])], method="ig", out=tmp_path / "ex2", quiet=True)
+
+
+def test_an_unreadable_upload_is_named_by_its_place(resnet_run, scenes):
+    from fmtune.predictor import Predictor
+
+    good = sorted((scenes["test"] / "images").iterdir())[0].read_bytes()
+    with pytest.raises(DataError, match=r"^input 1: not a readable image"):
+        Predictor(resnet_run[0]).predict([good, b"not an image"])
+
+
+def test_images_too_many_to_hold_are_decoded_per_batch_with_the_same_batches(scenes, monkeypatch):
+    """Above the memory bound images are read per batch; the masks stay held (the metrics read the
+    targets whole): the same batches, and targets a tensor either way."""
+    from fmtune.config import DataConfig
+    from fmtune.data import masks
+    from fmtune.data.masks import seg_dataset
+
+    df = read_segmentation(scenes["val"], DataConfig())
+    task = Segmentation.from_train(df["mask"], df)
+    spec = {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    held = seg_dataset(df, "image", "mask", spec, task._encode)
+    monkeypatch.setattr(masks, "EAGER_IMAGE_BYTES", 0)
+    lazy = seg_dataset(df, "image", "mask", spec, task._encode)
+    assert isinstance(lazy.images, list) and isinstance(lazy.targets, torch.Tensor)
+    a, b = held.with_augment(3).collate([0, 5, 2]), lazy.with_augment(3).collate([0, 5, 2])
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])

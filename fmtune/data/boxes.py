@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from fmtune.data.dataset import ImageData
+from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData
 from fmtune.data.masks import open_image
 from fmtune.data.readers import IMAGE_SUFFIXES, list_images
 from fmtune.errors import DataError
@@ -351,11 +351,11 @@ class BoxData(ImageData):
 
 
 def box_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], classes: list[str] | None,
-                with_targets: bool, eager_bytes: int = 1 << 30) -> BoxData:
+                with_targets: bool) -> BoxData:
     """Every image of ``df`` opened (a missing or unreadable one is a DataError naming it),
     letterboxed, its boxes scaled with it; a label that is not one of ``classes`` is a DataError."""
     size = int(spec["size"])
-    eager = len(df) * 3 * size * size <= eager_bytes
+    eager = len(df) * 3 * size * size <= EAGER_IMAGE_BYTES
     images, scales, sizes, boxes, cls, ign = [], [], [], [], [], []
     index = {c: i for i, c in enumerate(classes or [])}
     for r, path in enumerate(df[column]):

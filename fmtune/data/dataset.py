@@ -89,12 +89,18 @@ class ImageData(torch.utils.data.Dataset):
         return batch
 
 
-def decode_image(source: Any, size: int) -> torch.Tensor:
-    """Open a path / file object / PIL image -> uint8 (3, size, size): RGB, shorter side resized, centre crop."""
+def load_rgb(source: Any) -> Image.Image:
+    """A path / file object / PIL image as a loaded RGB image (PIL's own errors for what is not one)."""
     img = source if isinstance(source, Image.Image) else Image.open(source)
     img.load()
     if img.mode != "RGB":  # grayscale, palette, RGBA, CMYK ...
         img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA") else img.convert("RGB")
+    return img
+
+
+def decode_image(source: Any, size: int) -> torch.Tensor:
+    """Open a path / file object / PIL image -> uint8 (3, size, size): RGB, shorter side resized, centre crop."""
+    img = load_rgb(source)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

@@ -27,14 +27,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from fmtune.data.dataset import ImageData
+from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, load_rgb
 from fmtune.data.readers import IMAGE_SUFFIXES, list_images, read_table, require_column, row_prefix, table_base
 from fmtune.errors import DataError
 
 IMAGE_DIRS = ("images", "image", "imgs", "img", "JPEGImages", "inputs")
 MASK_DIRS = ("masks", "mask", "labels", "annotations", "SegmentationClass", "targets", "gt")
 IGNORE = 255
-EAGER_BYTES = 1 << 30  # keep every resized image and mask in memory below this size, else decode per batch
 
 
 def subdir(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -142,16 +141,13 @@ def mask_values(df: pd.DataFrame, column: str) -> set[int]:
 
 
 def open_image(path: str, where: str = "") -> Image.Image:
+    """``load_rgb`` of a file; a DataError naming it (after ``where``) if it is missing or unreadable."""
     try:
-        img = Image.open(path)
-        img.load()
+        return load_rgb(path)
     except FileNotFoundError:
         raise DataError(f"{where}{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}{path}: not a readable image ({type(e).__name__}: {e})") from None
-    if img.mode != "RGB":
-        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA") else img.convert("RGB")
-    return img
 
 
 def resize_image(img: Image.Image, size: int) -> torch.Tensor:
@@ -186,26 +182,20 @@ class SegData(ImageData):
     original sizes (to predict at), and, for training, flips and scale crops that move the mask
     with the pixels, seeded by the batch's indices (a resumed run sees the same)."""
 
-    def __init__(self, images: torch.Tensor | list[str], masks: torch.Tensor | list[Any] | None,
-                 sizes: list[tuple[int, int]], spec: dict[str, Any], names: list[str], augment_seed: int | None = None,
-                 mask_reader: Any = None):
+    def __init__(self, images: torch.Tensor | list[str], masks: torch.Tensor | None, sizes: list[tuple[int, int]],
+                 spec: dict[str, Any], names: list[str], augment_seed: int | None = None):
         super().__init__(images, masks, spec)
-        self.sizes, self.names, self.augment_seed, self.mask_reader = sizes, names, augment_seed, mask_reader
+        self.sizes, self.names, self.augment_seed = sizes, names, augment_seed
 
     def decode(self, path: str) -> torch.Tensor:
         return resize_image(open_image(path), self.spec["size"])
 
-    def masks(self, idx: list[int]) -> torch.Tensor:
-        if isinstance(self.targets, torch.Tensor):
-            return self.targets[idx]
-        return torch.stack([self.mask_reader(i) for i in idx])
-
     def with_augment(self, seed: int) -> SegData:
-        return SegData(self.images, self.targets, self.sizes, self.spec, self.names, seed, self.mask_reader)
+        return SegData(self.images, self.targets, self.sizes, self.spec, self.names, seed)
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         x = self.raw(idx).float() / 255.0
-        y = self.masks(idx) if self.targets is not None else None
+        y = self.targets[idx] if self.targets is not None else None
         if self.augment_seed is not None and y is not None:
             x, y = augment(x, y, np.random.default_rng([self.augment_seed, *map(int, idx)]))
         batch = {"pixel_values": self.pixels(x)}
@@ -238,12 +228,13 @@ def augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, min_scal
 
 def seg_dataset(df: pd.DataFrame, column: str, mask_column: str | None, spec: dict[str, Any],
                 encode: Any = None) -> SegData:
-    """Every image (and mask) of ``df`` checked, resized and kept as uint8 (decoded per batch when
-    too many to hold); a mask whose size differs from its image is a DataError naming both."""
+    """Every image (and mask) of ``df`` checked, resized and kept as uint8 (images decoded per batch
+    when too many to hold; the masks, a byte a pixel, always held: the metrics read them whole);
+    a mask whose size differs from its image is a DataError naming both."""
     require_column(df, column, "image path", "data.image_column")
     size = int(spec["size"])
     with_masks = mask_column is not None
-    eager = len(df) * 4 * size * size <= EAGER_BYTES
+    eager = len(df) * 3 * size * size <= EAGER_IMAGE_BYTES
     images, masks, sizes = [], [], []
     paths = [str(p) for p in df[column]]
     mask_paths = list(df[mask_column]) if with_masks else []
@@ -258,17 +249,8 @@ def seg_dataset(df: pd.DataFrame, column: str, mask_column: str | None, spec: di
             if (m.shape[1], m.shape[0]) != img.size:
                 raise DataError(f"{where}{mask_paths[i]}: mask is {m.shape[1]}x{m.shape[0]} but its image {path} is "
                                 f"{img.size[0]}x{img.size[1]}; a mask must have its image's size")
-            m = encode(m, f"{where}{mask_paths[i]}")
-            if eager:
-                masks.append(resize_mask(m, size))
+            masks.append(resize_mask(encode(m, f"{where}{mask_paths[i]}"), size))
         if eager:
             images.append(resize_image(img, size))
-    names = [Path(p).name for p in paths]
-
-    def mask_reader(i: int) -> torch.Tensor:
-        return resize_mask(encode(read_mask(mask_paths[i]), mask_paths[i]), size)
-
-    if eager:
-        return SegData(torch.stack(images), torch.stack(masks) if with_masks else None, sizes, spec, names)
-    return SegData(paths, list(range(len(paths))) if with_masks else None, sizes, spec, names,
-                   mask_reader=mask_reader)
+    return SegData(torch.stack(images) if eager else paths, torch.stack(masks) if with_masks else None, sizes, spec,
+                   [Path(p).name for p in paths])

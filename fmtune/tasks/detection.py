@@ -137,13 +137,11 @@ class Detection(DenseTask):
         return box_dataset(df, data_cfg.image_column, bundle.image, self.labels, with_targets), np.arange(len(df))
 
     def image_input(self, source, bundle):
-        from PIL import Image
-
         from fmtune.data.boxes import letterbox
-        from fmtune.data.masks import open_image
+        from fmtune.data.dataset import load_rgb
 
-        img = source if isinstance(source, Image.Image) else open_image(source)
-        tensor, scale, _ = letterbox(img.convert("RGB"), int(bundle.image["size"]))
+        img = load_rgb(source)  # PIL's errors: the predictor names the input
+        tensor, scale, _ = letterbox(img, int(bundle.image["size"]))
         return tensor, scale, img.size
 
     def inputs(self, items, bundle):

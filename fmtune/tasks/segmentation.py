@@ -166,11 +166,10 @@ class Segmentation(DenseTask):
         return seg_dataset(df, data_cfg.image_column, mask_col, bundle.image, self._encode), np.arange(len(df))
 
     def image_input(self, source, bundle):
-        from fmtune.data.masks import open_image, resize_image
+        from fmtune.data.dataset import load_rgb
+        from fmtune.data.masks import resize_image
 
-        img = source if isinstance(source, Image.Image) else open_image(source)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = load_rgb(source)  # PIL's errors: the predictor names the input
         return resize_image(img, int(bundle.image["size"])), img.size
 
     def inputs(self, items, bundle):
