@@ -652,18 +652,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", help="labelled data for --misclassified")
     ex.add_argument("--method", default="auto", choices=["auto", "gradcam", "ig", "occlusion"],
                     help="images: gradcam (CNN backbones: last convolution), ig (integrated gradients), occlusion; "
-                    "text: ig on the token embeddings; audio: ig over the log-mel (default auto: gradcam for CNNs, "
-                    "else ig)")
+                    "text: ig on the token embeddings; audio: ig over the log-mel (a raw-waveform model: over "
+                    "the samples, shown over the log-mel) (default auto: gradcam for CNNs, else ig)")
     ex.add_argument("--target", metavar="LABEL", help="explain this label instead of the predicted one")
     ex.add_argument("-o", "--output", help="output folder (default: RUN/explain, replaced on each call)")
     ex.add_argument("--limit", type=int, default=24, help="explain at most this many inputs (default: 24)")
     ex.add_argument("--steps", type=int, default=32, help="integration steps for ig (default: 32; text at least 20)")
-    ex.add_argument("--baseline", choices=["mean", "blur", "black", "pad", "mask", "unk", "silence"],
+    ex.add_argument("--baseline", choices=["mean", "blur", "black", "pad", "mask", "unk", "silence", "noise"],
                     help="what the input is compared with (ig, occlusion). Images: the normalisation's mean colour "
                     "(default), a heavy blur of the input, or black (black gives dark pixels no attribution). Text: "
                     "every word replaced by [PAD] (default), [MASK] or [UNK]; attributions depend on it, so a "
                     "word that stands out under two baselines is the safer reading. Audio: silence (its log-mel "
-                    "floor)")
+                    "floor) for Whisper; noise as loud as the clip (seeded) for raw-waveform models (wav2vec2, HuBERT, "
+                    "WavLM), which normalise their input so that a path from silence tells nothing")
 
     rb = verb("robustness", cmd_robustness, "score runs under noise, corruptions and white-box attacks (images), "
               "typos, dropped/swapped words, case changes (text), or noise, delay, speed and level (audio), five "

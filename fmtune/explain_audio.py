@@ -1,6 +1,14 @@
 """Which time-frequency regions decided an audio classifier's label: integrated gradients over the
 clip's log-mel spectrogram (captum), from silence (Whisper's log-mel floor) to the clip.
 
+A raw-waveform model (wav2vec2, HuBERT, WavLM) is attributed over its input, the samples, from
+white noise as loud as the clip (seeded): these models normalise their input, so a clip scaled
+down toward silence reads the same until the very end of the path and integrated gradients from
+silence would miss the change (measured: a third of it); each 10-ms frame's attribution is then
+shared out over the mel bands by the mel power of the attribution signal in that frame, so the
+map adds up to the same total and shows in which frequencies the evidence lies. Its picture is
+the clip's log-mel at the model's rate.
+
     fmtune explain RUN --input clip.wav              # one clip, a folder of clips, or a table of paths
     fmtune explain RUN --misclassified 8             # the 8 most confident mistakes on the test set
 
@@ -19,7 +27,7 @@ import numpy as np
 import torch
 
 from fmtune import ui
-from fmtune.data.audio import AudioData, AudioSpec, features_of, read_audio_folder
+from fmtune.data.audio import WAVEFORM, AudioData, AudioSpec, LogMel, features_of, read_audio_folder
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import AUDIO_SUFFIXES, TABLE_SUFFIXES, list_files, read_table, row_label
 from fmtune.errors import ConfigError, DataError
@@ -28,7 +36,7 @@ from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
 
 AUDIO_METHODS = ("ig",)
-AUDIO_BASELINES = ("silence",)
+AUDIO_BASELINES = ("silence", "noise")  # log-mel models from silence, raw-waveform models from noise
 
 
 def collect(pred: Any, inputs: list[str], limit: int) -> list[dict[str, Any]]:
@@ -85,26 +93,51 @@ def mistakes(pred: Any, data: str | Path, n: int, quiet: bool) -> list[dict[str,
 
 def attributions(model: torch.nn.Module, feats: torch.Tensor, target: int, steps: int) -> torch.Tensor:
     """Integrated gradients of the ``target`` logit over one window's log-mel (n_mels x frames),
-    from silence: every frame at the window's floor value."""
+    from silence: every frame at the window's floor value; or over a window's waveform (samples,
+    a 1-d tensor) from ``noise_like`` it."""
     from captum.attr import IntegratedGradients
 
-    floor = feats.max() - 2.0  # (log-mel max - 8 decades + 4) / 4: what silence reads as
-    width = feats.shape[-1] + 2  # as AudioData pads a window: two frames of silence after it
-    x = torch.full((1, feats.shape[0], width), float(floor))
-    x[0, :, : feats.shape[-1]] = feats
-    mask = torch.ones((1, width), dtype=torch.long)
-    mask[0, feats.shape[-1]:] = 0
+    if feats.dim() == 1:  # the waveform
+        key, x = "input_values", feats[None].clone()
+        base = noise_like(feats)[None]
+        mask = torch.ones((1, feats.shape[0]), dtype=torch.long)
+    else:
+        key, floor = "input_features", float(feats.max() - 2.0)  # (log-mel max - 8 decades + 4) / 4: silence
+        width = feats.shape[-1] + 2  # as AudioData pads a window: two frames of silence after it
+        x = torch.full((1, feats.shape[0], width), floor)
+        x[0, :, : feats.shape[-1]] = feats
+        mask = torch.ones((1, width), dtype=torch.long)
+        mask[0, feats.shape[-1]:] = 0
+        base = torch.full_like(x, floor)
     device = next(model.parameters()).device
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
         n = inp.shape[0]
-        return model(input_features=inp, frame_mask=mask.to(device).expand(n, -1),
+        return model(**{key: inp}, frame_mask=mask.to(device).expand(n, -1),
                      clip_index=torch.arange(n, device=device)).logits
 
     ig = IntegratedGradients(forward)
-    attr = ig.attribute(x.to(device), baselines=torch.full_like(x, float(floor)).to(device), target=target,
+    attr = ig.attribute(x.to(device), baselines=base.to(device), target=target,
                         n_steps=steps, internal_batch_size=8)
-    return attr[0, :, : feats.shape[-1]].detach().float().cpu()
+    return attr[0, ..., : feats.shape[-1]].detach().float().cpu()
+
+
+def noise_like(wave: torch.Tensor) -> torch.Tensor:
+    """White noise with the waveform's standard deviation (seeded: the same clip, the same noise)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(wave.shape, generator=g) * wave.float().std()
+
+
+def spread(attr: torch.Tensor, shown: AudioSpec) -> torch.Tensor:
+    """Attributions of a waveform's samples as a (mel band, frame) map: each frame's sum, shared out
+    over the bands by the mel power of the attributions in that frame (the map's total is theirs)."""
+    mel = LogMel(shown)
+    n, hop = mel.frames(len(attr)), shown.hop_length
+    sums = torch.zeros(n * hop)
+    sums[: len(attr)] = attr
+    power = mel.mel_power(attr.numpy())
+    share = power / power.sum(0, keepdim=True).clamp(min=1e-20)
+    return share * sums.view(n, hop).sum(1)[None, :]
 
 
 def _png(item: dict[str, Any], feats: torch.Tensor, heat: torch.Tensor, spec: AudioSpec, path: Path) -> None:
@@ -153,7 +186,12 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
                          "an audio file, a folder or a table")
     out_dir = Path(out) if out else pred.run_dir / "explain"
     check_output_dir(out_dir, "explain.json")
-    summary: dict[str, Any] = {"method": "ig", "baseline": "silence", "run": str(pred.run_dir), "out": str(out_dir),
+    waveform = AudioSpec.from_dict(pred.bundle.audio).frontend == WAVEFORM
+    expected = "noise" if waveform else "silence"
+    if baseline not in (None, expected):
+        raise ConfigError(f"--baseline {baseline!r}: this run's model is explained from {expected} "
+                          f"({'it reads the waveform' if waveform else 'it reads log-mel features'})")
+    summary: dict[str, Any] = {"method": "ig", "baseline": expected, "run": str(pred.run_dir), "out": str(out_dir),
                                "items": []}
     if not items:
         summary["note"] = "no misclassified examples" if misclassified else "no inputs"
@@ -161,6 +199,7 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
     spec = AudioSpec.from_dict(pred.bundle.audio)
     windows = [w[0].float() for w in features_of([it["wave"] for it in items], spec)]
     logits = infer(pred.model, AudioData([[w.half()] for w in windows], None, spec), pred.batch_size)[0]
+    shown = AudioSpec(sampling_rate=spec.sampling_rate) if waveform else spec  # the picture: a log-mel
     for item, row in zip(items, logits):
         k = labels.index(target) if target is not None else int(row.argmax())
         item.update(predicted=labels[int(row.argmax())], score=float(row.float().softmax(-1).max()),
@@ -172,15 +211,18 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
         with ui.CountProgress("explaining (ig)", len(items), quiet) as bar:
             for n, (item, feats) in enumerate(zip(items, windows)):
                 heat = attributions(model, feats, item["target_idx"], steps)
+                if waveform:
+                    heat, feats = spread(heat, shown), LogMel(shown)(feats.numpy())
                 heats.append(heat)
                 name = f"{n + 1:03d}-{Path(item['name']).stem.replace(' ', '_')}.png"
-                _png(item, feats, heat, spec, tmp / name)
+                _png(item, feats, heat, shown, tmp / name)
                 pos = heat.clamp(min=0)
                 frame = int(pos.sum(0).argmax())
                 band = int(pos.sum(1).argmax())
                 records.append({k: item[k] for k in ("name", "predicted", "score", "target", "true")}
-                               | {"file": name, "peak_second": round(frame * spec.hop_length / spec.sampling_rate, 2),
-                                  "peak_mel_band": band, "peak_hz": round(_mel_centre_hz(band, spec), 1),
+                               | {"file": name,
+                                  "peak_second": round(frame * shown.hop_length / shown.sampling_rate, 2),
+                                  "peak_mel_band": band, "peak_hz": round(_mel_centre_hz(band, shown), 1),
                                   "total_attribution": round(float(heat.sum()), 5)})
                 bar(1)
         np.savez_compressed(tmp / "heatmaps.npz", *[h.numpy().astype(np.float16) for h in heats])

@@ -16,6 +16,7 @@ export and nothing is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -63,9 +64,7 @@ def _plain(opened: Any) -> Any:
     """A freshly loaded copy of the run's model with any adapter merged in (prompt tuning cannot be)."""
     bundle = build.load(opened.dir / "model")
     if bundle.adapter:
-        bundle = build.Bundle(adapters.merge(bundle.model, bundle.adapter), bundle.kind, bundle.family,
-                              bundle.pooling, tokenizer=bundle.tokenizer, image=bundle.image,
-                              max_length=bundle.max_length, source=bundle.source)
+        bundle = dataclasses.replace(bundle, model=adapters.merge(bundle.model, bundle.adapter), adapter=None)
     return bundle
 
 
@@ -140,7 +139,7 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
 
         def write(tmp: Path) -> None:
             fp32 = tmp / MODEL_FILE if kind == "onnx" else tmp / "fp32.onnx"
-            export_onnx(plain.model, plain.kind, sample, fp32)
+            export_onnx(plain.model, plain.kind, sample, fp32, plain.audio)
             if kind == "onnx-int8":
                 quantize_int8(fp32, tmp / MODEL_FILE)
                 fp32.unlink()

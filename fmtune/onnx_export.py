@@ -50,9 +50,21 @@ class _WindowLogits(TextLogits):
         return self.model(input_features=input_features, frame_mask=frame_mask).logits
 
 
-def input_names(kind: str) -> list[str]:
-    return {"text": ["input_ids", "attention_mask"], "audio": ["input_features", "frame_mask"]}.get(
-        kind, ["pixel_values"])
+class _WaveLogits(TextLogits):
+    """Audio read as the waveform (wav2vec2 and its kin): the logits of every window, as above."""
+
+    def forward(self, input_values: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.model(input_values=input_values, frame_mask=frame_mask).logits
+
+
+def input_names(kind: str, audio: dict[str, Any] | None = None) -> list[str]:
+    """The graph's inputs: a text model's ids and mask, an image model's pixels, an audio model's
+    windows (log-mel features or waveform samples, ``bundle.audio``) and their mask."""
+    if kind == "audio":
+        from fmtune.data.audio import AudioSpec
+
+        return [AudioSpec.from_dict(audio or {}).input_key, "frame_mask"]
+    return {"text": ["input_ids", "attention_mask"]}.get(kind, ["pixel_values"])
 
 
 @contextlib.contextmanager
@@ -72,20 +84,26 @@ def _quiet_exporter():
             lg.setLevel(lv)
 
 
-def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], path: Path) -> None:
+def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], path: Path,
+                audio: dict[str, Any] | None = None) -> None:
     """Export a plain (adapter-free) task model to ``path`` with dynamic batch (and sequence) axes."""
-    names = input_names(kind)
+    names = input_names(kind, audio)
     args = tuple(sample[n] for n in names)
     batch = torch.export.Dim("batch", min=1)
     if kind == "text":
         seq = torch.export.Dim("seq", min=1)
         shapes: Any = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    elif names[0] == "input_values":  # waveform windows of any length (in samples)
+        samples = torch.export.Dim("samples", min=800)
+        shapes = {"input_values": {0: batch, 1: samples}, "frame_mask": {0: batch, 1: samples}}
     elif kind == "audio":  # windows of any length up to the encoder's (plus the two frames of padding)
         half = torch.export.Dim("half_frames", min=2, max=2 * model.config.max_source_positions)
         shapes = {"input_features": {0: batch, 2: 2 * half}, "frame_mask": {0: batch, 1: 2 * half}}
     else:
         shapes = {"pixel_values": {0: batch}}
     wrapper = {"text": TextLogits, "audio": _WindowLogits}.get(kind, _ImageLogits)(model).eval()
+    if names[0] == "input_values":
+        wrapper = _WaveLogits(model).eval()
     try:
         with _quiet_exporter(), torch.no_grad():
             torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["logits"], dynamo=True,
@@ -107,14 +125,15 @@ def quantize_int8(src: Path, dst: Path) -> None:
 
 
 def write_preprocessing(bundle: Any, task: Any, folder: Path) -> None:
-    prep = {"kind": bundle.kind, **task.state(), "inputs": input_names(bundle.kind), "output": "logits"}
+    prep = {"kind": bundle.kind, **task.state(), "inputs": input_names(bundle.kind, bundle.audio), "output": "logits"}
     if bundle.kind == "text":
         prep["max_length"] = bundle.max_length
         bundle.tokenizer.save_pretrained(folder)
     elif bundle.kind == "audio":
         # mono at sampling_rate, cut into windows of window_seconds, Whisper's log-mel of each window's own
-        # frames plus two frames at its minimum; frame_mask 1 on real frames; a clip's logits: the mean of its
-        # windows' logits
+        # frames plus two frames at its minimum (frontend log-mel), or the clip's samples normalised to zero mean
+        # and unit variance if normalize, zero-padded (frontend waveform); frame_mask 1 on real frames (samples);
+        # a clip's logits: the mean of its windows' logits
         prep["audio"] = bundle.audio
         prep["output"] = "logits per window"
     else:
@@ -135,11 +154,23 @@ class OnnxModel(nn.Module):
         opts.intra_op_num_threads = threads or physical_cores()
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.names = input_names(kind)
+        self.names = [i.name for i in self.session.get_inputs()]
 
     def forward(self, **batch: torch.Tensor) -> SequenceClassifierOutput:
-        feeds = {n: batch[n].cpu().numpy() for n in self.names}
-        logits = torch.from_numpy(self.session.run(["logits"], feeds)[0])
+        if "input_values" in self.names:  # waveform windows: unpadded, in groups of equal length (as in torch)
+            from fmtune.models.hf_remote import length_groups
+
+            mask = batch["frame_mask"].cpu()
+            logits = None
+            for rows, n in length_groups(mask):
+                feeds = {"input_values": batch["input_values"][rows, :n].cpu().numpy(),
+                         "frame_mask": mask[rows, :n].numpy()}
+                part = torch.from_numpy(self.session.run(["logits"], feeds)[0])
+                logits = part.new_zeros((mask.shape[0], part.shape[1])) if logits is None else logits
+                logits[rows] = part
+        else:
+            feeds = {n: batch[n].cpu().numpy() for n in self.names}
+            logits = torch.from_numpy(self.session.run(["logits"], feeds)[0])
         if "clip_index" in batch:  # audio: one row per window; a clip's logits are its windows' mean
             from fmtune.models.hf_remote import per_clip
 

@@ -50,7 +50,13 @@ def _names_of(model: nn.Module, modules: list[nn.Module]) -> set[str]:
 
 @STRATEGIES.register("full")
 def _full(model: nn.Module, cfg: Any) -> set[str]:
-    return {n for n, _ in model.named_parameters()}
+    """Every parameter, except the convolutional feature encoder of a raw-waveform audio model
+    (wav2vec2, HuBERT, WavLM): it stays as pretrained, as in these models' own fine-tuning recipes."""
+    backbone = getattr(model, "backbone", None)
+    waveform = hasattr(backbone, "_get_feat_extract_output_lengths")
+    conv = getattr(backbone, "feature_extractor", None) if waveform else None
+    frozen = _names_of(model, [conv]) if isinstance(conv, nn.Module) else set()
+    return {n for n, _ in model.named_parameters()} - frozen
 
 
 @STRATEGIES.register("head")

@@ -153,6 +153,23 @@ def save_tiny_whisper(folder: Path, vocab_size: int = 64, max_target_positions: 
     return folder
 
 
+def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_norm: str = "group") -> Path:
+    """A 2-layer random raw-waveform encoder (hidden 32; wav2vec2's 7-convolution feature encoder at
+    16 channels, 20 ms a frame) and Wav2Vec2FeatureExtractor's settings, saved as a transformers folder."""
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                               num_conv_pos_embedding_groups=2, feat_extract_norm=feat_extract_norm,
+                               do_stable_layer_norm=feat_extract_norm == "layer", vocab_size=12)
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
+         "padding_value": 0.0, "do_normalize": True, "return_attention_mask": feat_extract_norm == "layer"}))
+    return folder
+
+
 def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
     """A small, fast config: a few epochs, small batches, every default otherwise. The validation
     split is always made (data.min_val_per_class=0): these small files would otherwise train

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict, save_tiny_whisper
+from conftest import cfg_dict, save_tiny_wav2vec2, save_tiny_whisper
 
-from fmtune.data.audio import AudioSpec, LogMel, audio_dataset, features_of, load_audio, windows
+from fmtune.data.audio import AudioData, AudioSpec, LogMel, audio_dataset, features_of, load_audio, windows
 from fmtune.errors import ConfigError, DataError, ModelError
 
 RATE = 16000
@@ -495,3 +495,131 @@ def test_a_clip_of_a_whole_window_or_more_fits_the_encoder(tiny_whisper):
     encoder = WhisperForConditionalGeneration.from_pretrained(tiny_whisper).model.encoder
     hidden, mask = whisper_states(encoder, batch["input_features"], batch["frame_mask"])
     assert hidden.shape[1] == 1500 and mask[1].sum() < mask[0].sum()
+
+
+# --- raw-waveform encoders: wav2vec2, HuBERT, WavLM ---------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_wav2vec2(tmp_path_factory) -> Path:
+    """wav2vec2-base's kind: group norm in the first convolution, no attention mask."""
+    return save_tiny_wav2vec2(tmp_path_factory.mktemp("tiny-wav2vec2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hubert(tmp_path_factory) -> Path:
+    """The large models' kind: layer norm in every convolution, read with an attention mask."""
+    return save_tiny_wav2vec2(tmp_path_factory.mktemp("tiny-hubert"), "hubert", "layer")
+
+
+def test_waveform_inputs_match_wav2vec2_feature_extractor():
+    """A raw-waveform model reads what transformers' Wav2Vec2FeatureExtractor gives: the clip
+    normalised to zero mean and unit variance (or as it is, with do_normalize false)."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    wave = tone(440.0, 0.8, RATE, np.random.default_rng(0)) * 0.3 + 0.05
+    for normalize in (True, False):
+        spec = AudioSpec(frontend="waveform", normalize=normalize, window_seconds=30.0)
+        ours = features_of([wave], spec)[0]
+        theirs = Wav2Vec2FeatureExtractor(do_normalize=normalize)(wave, sampling_rate=RATE,
+                                                                   return_tensors="np").input_values[0]
+        assert len(ours) == 1 and ours[0].dtype == torch.float16
+        np.testing.assert_allclose(ours[0].float().numpy()[: len(wave)], theirs, atol=5e-3)
+    batch = AudioData([[torch.ones(16000).half()], [torch.ones(24000).half()]], None,
+                      AudioSpec(frontend="waveform")).collate([0, 1])
+    assert set(batch) == {"input_values", "frame_mask", "clip_index"}
+    assert batch["input_values"].shape == (2, 24000) and batch["frame_mask"].sum(1).tolist() == [16000, 24000]
+
+
+@pytest.mark.parametrize("which", ["tiny_wav2vec2", "tiny_hubert"])
+def test_waveform_features_do_not_depend_on_batch_padding(which, request):
+    """A clip's pooled features are the same alone and beside a longer clip, for both kinds of
+    model: masked attention (layer norm), or equal-length groups run unpadded (group norm)."""
+    from fmtune.config import ModelConfig
+    from fmtune.models import build
+    from fmtune.tasks.audio import AudioClassification
+
+    bundle = build.create(ModelConfig(name=str(request.getfixturevalue(which))), AudioClassification(["a", "b"]))
+    assert bundle.audio["frontend"] == "waveform"
+    spec = AudioSpec.from_dict(bundle.audio)
+    rng = np.random.default_rng(1)
+    clips = features_of([tone(440.0, 0.7, RATE, rng), tone(880.0, 1.3, RATE, rng)], spec)
+    data = AudioData(clips, None, spec)
+    model = bundle.model.eval()
+    with torch.no_grad():
+        alone = model.features(**data.collate([0]))
+        together = model.features(**data.collate([0, 1]))
+    torch.testing.assert_close(together[0], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_waveform_encoder_end_to_end(tiny_wav2vec2, tone_dirs, tmp_path):
+    """A wav2vec2 folder: the probe learns the tones; full fine-tuning leaves the convolutional
+    feature encoder as pretrained; the export loads in plain transformers (AutoModelForAudioClassification
+    and the saved Wav2Vec2FeatureExtractor) with the run's probabilities; ONNX agrees with torch;
+    explain and robustness run on the waveform."""
+    from safetensors.torch import load_file
+    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
+
+    import fmtune
+
+    out = tmp_path / "probe"
+    summary = fmtune.train(cfg_dict(tiny_wav2vec2, tone_dirs["train"], out=str(out), strategy={"name": "head"},
+                                    task={"type": "audio-classification"}, data={"test": str(tone_dirs["test"])},
+                                    train={"epochs": 4, "batch_size": 8, "lr": 3e-3}), quiet=True)
+    assert summary["eval"]["test"]["accuracy"] >= 0.75  # three pitches: chance is 0.33
+
+    full = tmp_path / "full"
+    fmtune.train(cfg_dict(tiny_wav2vec2, tone_dirs["train"], out=str(full), task={"type": "audio-classification"},
+                          train={"epochs": 1, "batch_size": 8, "lr": 3e-3}), quiet=True)
+    before = load_file(str(tiny_wav2vec2 / "model.safetensors"))
+    after = load_file(str(full / "model" / "model.safetensors"))
+    convs = [k for k in before if k.startswith("feature_extractor.")]
+    assert convs and all(torch.equal(after[f"backbone.{k}"], before[k]) for k in convs)
+    moved = [k for k in before if k.startswith("encoder.layers.")]
+    assert any(not torch.equal(after[f"backbone.{k}"], before[k]) for k in moved)
+
+    clips = [str(p) for p in sorted((tone_dirs["test"] / "high").iterdir())[:2]
+             + sorted((tone_dirs["test"] / "low").iterdir())[:2]]
+    ours = fmtune.load(out).predict(clips)
+    exported = Path(fmtune.export(out, quiet=True)["out"])
+    extractor = AutoFeatureExtractor.from_pretrained(exported)
+    hf = AutoModelForAudioClassification.from_pretrained(exported, trust_remote_code=True).eval()
+    for clip, row in zip(clips, ours):
+        wave = load_audio(clip, RATE)
+        with torch.no_grad():
+            probs = hf(**extractor(wave, sampling_rate=RATE, return_tensors="pt")).logits.softmax(-1)[0]
+        assert hf.config.id2label[int(probs.argmax())] == row["label"]
+        assert float(probs.max()) == pytest.approx(row["score"], abs=2e-3)  # (fp16 waveform in fmtune)
+    assert fmtune.export(out, format="onnx", quiet=True)["max_abs_diff"] <= 1e-4
+    assert [r["label"] for r in fmtune.load(out, backend="onnx").predict(clips)] == [r["label"] for r in ours]
+
+    from fmtune.explain import explain
+    from fmtune.explain_audio import attributions
+    from fmtune.robustness import robustness
+
+    items = explain(out, [str(tone_dirs["test"])], limit=2, steps=8, quiet=True)["items"]
+    assert len(items) == 2 and {"peak_second", "peak_hz"} <= set(items[0])
+    assert np.load(out / "explain" / "heatmaps.npz")["arr_0"].shape[0] == 80  # mel bands x 10-ms frames
+    # completeness over the samples: the attributions add up to the logit's change from noise as loud
+    from fmtune.explain_audio import noise_like
+
+    pred = fmtune.load(out)
+    spec = AudioSpec.from_dict(pred.bundle.audio)
+    wave = features_of([load_audio(clips[0], RATE)], spec)[0][0].float()
+    heat = attributions(pred.model, wave, 0, steps=64)
+    with torch.no_grad():
+        logits = [pred.model(input_values=w[None], frame_mask=torch.ones((1, len(w)), dtype=torch.long)).logits[0, 0]
+                  for w in (wave, noise_like(wave))]
+    assert float(heat.sum()) == pytest.approx(float(logits[0] - logits[1]), rel=0.05, abs=0.02)
+    res = robustness(out, None, suite="quick", quiet=True)["runs"]["probe"]
+    assert res["examples"] == 12 and any(r["accuracy"] != res["clean"] for p in res["perturbations"].values()
+                                          for r in p["results"])
+
+
+def test_speech_recognition_names_what_a_ctc_model_is(tiny_wav2vec2, tmp_path):
+    import fmtune
+
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"audio": [f"{i}.wav" for i in range(20)], "text": ["hello"] * 20}).to_csv(table, index=False)
+    with pytest.raises(ModelError, match="wav2vec2 model"):
+        fmtune.train(cfg_dict(tiny_wav2vec2, table, out=str(tmp_path / "r"), task={"type": "speech-recognition"}),
+                     quiet=True)

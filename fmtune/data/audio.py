@@ -1,4 +1,5 @@
-"""Audio as a model reads it: decoded, mono, resampled, cut into windows, as log-mel features.
+"""Audio as a model reads it: decoded, mono, resampled, cut into windows, as log-mel features
+(Whisper) or as the normalised waveform itself (wav2vec2, HuBERT, WavLM: ``AudioSpec.frontend``).
 
 Files are decoded with soundfile (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF: whatever libsndfile
 reads), mixed down to mono and resampled to the model's rate with scipy's polyphase filter
@@ -8,6 +9,10 @@ feature extractor does (Hann STFT, mel filters, log10, 8-decade floor, (x + 4) /
 over the clip's own frames: a 1-second clip costs 100 frames, not Whisper's padded 3,000, and
 the encoder reads only those (positions sliced, padding masked). A sequence-level head averages
 its pooled features over a clip's windows.
+
+Raw-waveform encoders (wav2vec2 and its kin) read the samples: each clip is normalised to zero
+mean and unit variance when the model's feature extractor says so (``do_normalize``), as
+transformers' Wav2Vec2FeatureExtractor does, and padded with zeros in a batch.
 """
 
 from __future__ import annotations
@@ -32,9 +37,16 @@ PAD_TO_SECONDS = 1.0  # shorter clips are padded with silence to this length (co
 SILENCE_PEAK = 1e-4  # a clip whose loudest sample is below this is silence (warned, not refused)
 
 
+LOG_MEL, WAVEFORM = "log-mel", "waveform"
+INPUT_KEY = {LOG_MEL: "input_features", WAVEFORM: "input_values"}  # a batch's key for the model's input
+
+
 @dataclass(frozen=True)
 class AudioSpec:
-    """How a model reads audio: the log-mel settings of its feature extractor and its window."""
+    """How a model reads audio: the log-mel settings of its feature extractor (or the raw waveform,
+    normalised or not) and its window."""
+    frontend: str = LOG_MEL  # LOG_MEL (Whisper) | WAVEFORM (wav2vec2, HuBERT, WavLM ...)
+    normalize: bool = True  # waveform: zero mean, unit variance per clip (the extractor's do_normalize)
     sampling_rate: int = 16000
     n_mels: int = 80
     n_fft: int = 400
@@ -52,14 +64,20 @@ class AudioSpec:
         n = math.ceil(self.encoder_seconds * self.sampling_rate / self.hop_length)
         return n - n % 2
 
+    @property
+    def input_key(self) -> str:
+        return INPUT_KEY[self.frontend]
+
     def as_dict(self) -> dict[str, Any]:
-        return {"sampling_rate": self.sampling_rate, "n_mels": self.n_mels, "n_fft": self.n_fft,
+        return {"frontend": self.frontend, "normalize": self.normalize, "sampling_rate": self.sampling_rate,
+                "n_mels": self.n_mels, "n_fft": self.n_fft,
                 "hop_length": self.hop_length, "window_seconds": self.window_seconds,
                 "encoder_seconds": self.encoder_seconds}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AudioSpec:
-        keys = ("sampling_rate", "n_mels", "n_fft", "hop_length", "window_seconds", "encoder_seconds")
+        keys = ("frontend", "normalize", "sampling_rate", "n_mels", "n_fft", "hop_length", "window_seconds",
+                "encoder_seconds")
         return cls(**{k: d[k] for k in keys if k in d})
 
 
@@ -130,34 +148,42 @@ class LogMel:
         frames = math.ceil(samples / self.spec.hop_length)
         return frames + frames % 2
 
-    def __call__(self, wave: np.ndarray) -> torch.Tensor:
+    def mel_power(self, wave: np.ndarray) -> torch.Tensor:
+        """The mel power spectrogram (n_mels, frames) of the window's own frames."""
         n = self.frames(len(wave))
         # zeros after the clip, as Whisper pads to its window before the STFT
         padded = np.zeros(n * self.spec.hop_length + self.spec.n_fft, dtype=np.float32)
         padded[: len(wave)] = wave
         stft = torch.stft(torch.from_numpy(padded), self.spec.n_fft, self.spec.hop_length, window=self.window,
                           return_complex=True)
-        power = (stft[:, :n].abs() ** 2).contiguous()
-        log_spec = (self.filters.T @ power).clamp(min=1e-10).log10()
+        return self.filters.T @ (stft[:, :n].abs() ** 2).contiguous()
+
+    def __call__(self, wave: np.ndarray) -> torch.Tensor:
+        log_spec = self.mel_power(wave).clamp(min=1e-10).log10()
         log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
         return (log_spec + 4.0) / 4.0
 
 
+WAVEFORM_MIN_SECONDS = 0.025  # a raw-waveform encoder's receptive field (400 samples at 16 kHz): one frame
+
+
 def windows(wave: np.ndarray, spec: AudioSpec) -> list[np.ndarray]:
     """A clip as consecutive windows of at most the model's window; a clip (or a last piece)
-    shorter than PAD_TO_SECONDS is padded with silence to it."""
+    shorter than PAD_TO_SECONDS is padded with silence to it (log-mel: context for the encoder), or,
+    for a raw-waveform encoder, only to the one frame it needs (as its own feature extractor
+    leaves clips: silence would enter the clip's mean)."""
     step = spec.window_samples
     pieces = [wave[i:i + step] for i in range(0, len(wave), step)] or [wave]
     if len(pieces) > 1 and len(pieces[-1]) < PAD_TO_SECONDS * spec.sampling_rate:
         pieces[-1] = wave[-int(PAD_TO_SECONDS * spec.sampling_rate):]  # the last second, overlapping
-    least = int(PAD_TO_SECONDS * spec.sampling_rate)
+    least = int((WAVEFORM_MIN_SECONDS if spec.frontend == WAVEFORM else PAD_TO_SECONDS) * spec.sampling_rate)
     return [np.pad(p, (0, least - len(p))) if len(p) < least else p for p in pieces]
 
 
 class AudioData(torch.utils.data.Dataset):
-    """Clips as log-mel windows (fp16, computed once). A batch of clips is the batch of all their
-    windows, padded to the longest, with ``frame_mask`` marking real frames and ``clip_index``
-    telling which clip of the batch each window belongs to."""
+    """Clips as log-mel windows or waveform windows (fp16, computed once). A batch of clips is the
+    batch of all their windows, padded to the longest, with ``frame_mask`` marking real frames (real
+    samples, for a waveform) and ``clip_index`` telling which clip of the batch each window belongs to."""
 
     def __init__(self, clips: list[list[torch.Tensor]], targets: Any, spec: AudioSpec,
                  sources: list[str] | None = None):
@@ -173,6 +199,8 @@ class AudioData(torch.utils.data.Dataset):
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         wins = [(row, w) for row, i in enumerate(idx) for w in self.clips[i]]
+        if self.spec.frontend == WAVEFORM:
+            return self._with_targets(waveform_batch([w for _, w in wins]), wins, idx)
         # two frames of padding at least: the convolutions at a clip's end then always read the floor
         # value that follows it (as in Whisper's padded window), whatever else is in the batch; a window
         # as long as the encoder holds (30 s) has none, as in Whisper
@@ -184,15 +212,38 @@ class AudioData(torch.utils.data.Dataset):
             feats[j, :, : w.shape[-1]] = w
             feats[j, :, w.shape[-1]:] = w.min()  # the floor value, as Whisper's padded silence reads
             mask[j, : w.shape[-1]] = 1
-        batch = {"input_features": feats, "frame_mask": mask,
-                 "clip_index": torch.tensor([row for row, _ in wins], dtype=torch.long)}
+        return self._with_targets({"input_features": feats, "frame_mask": mask}, wins, idx)
+
+    def _with_targets(self, batch: dict[str, torch.Tensor], wins: list, idx: list[int]) -> dict[str, torch.Tensor]:
+        batch["clip_index"] = torch.tensor([row for row, _ in wins], dtype=torch.long)
         if self.targets is not None:
             batch["labels"] = self.targets[idx]
         return batch
 
 
+def waveform_batch(wins: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Waveform windows padded with zeros to the longest; ``frame_mask`` 1 on real samples."""
+    width = max(w.shape[-1] for w in wins)
+    values = torch.zeros((len(wins), width))
+    mask = torch.zeros((len(wins), width), dtype=torch.long)
+    for j, w in enumerate(wins):
+        values[j, : w.shape[-1]] = w.float()
+        mask[j, : w.shape[-1]] = 1
+    return {"input_values": values, "frame_mask": mask}
+
+
+def normalized(wave: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance (Wav2Vec2FeatureExtractor's do_normalize)."""
+    return ((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)).astype(np.float32)
+
+
 def features_of(waves: list[np.ndarray], spec: AudioSpec) -> list[list[torch.Tensor]]:
-    """Each waveform as its windows' log-mel features (fp16)."""
+    """Each waveform as its windows' model input (fp16): log-mel features, or the waveform itself
+    (normalised over the whole clip when the model's extractor does so)."""
+    if spec.frontend == WAVEFORM:
+        prep = normalized if spec.normalize else (lambda w: w)
+        return [[torch.from_numpy(w).half() for w in windows(prep(np.asarray(wave, dtype=np.float32)), spec)]
+                for wave in waves]
     mel = LogMel(spec)
     return [[mel(w).half() for w in windows(np.asarray(wave, dtype=np.float32), spec)] for wave in waves]
 

@@ -33,7 +33,8 @@ CNN_FAMILIES = {
     "mobilenet-v2": dict(make=cnn.MobileNetV2, size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
 _AUTO_MAP = {"AutoModelForSequenceClassification": "modeling_fmtune.FmtuneClassifier",
-             "AutoModelForImageClassification": "modeling_fmtune.FmtuneClassifier"}
+             "AutoModelForImageClassification": "modeling_fmtune.FmtuneClassifier",
+             "AutoModelForAudioClassification": "modeling_fmtune.FmtuneClassifier"}
 
 
 def _quiet_transformers() -> None:
@@ -106,31 +107,38 @@ def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, An
             "mean": pp.get("image_mean", IMAGENET_MEAN), "std": pp.get("image_std", IMAGENET_STD)}
 
 
+AUDIO_CHOICES = "whisper-tiny-en, or a local Whisper, wav2vec2, HuBERT or WavLM folder"
 AUDIO_ENCODERS = ("wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "data2vec-audio", "sew", "sew-d", "unispeech",
                   "unispeech-sat")
 
 
 def _audio_kind(path: Path | str, config: Any) -> str | None:
-    """"audio" for a Whisper model; an error for audio encoders fmtune cannot read yet."""
+    """"audio" for a Whisper model or a raw-waveform encoder (wav2vec2, HuBERT, WavLM ...)."""
     model_type = getattr(config, "model_type", "")
-    if model_type == "whisper":
-        return "audio"
-    if model_type in AUDIO_ENCODERS:
-        raise ModelError(f"{path} is a {model_type} audio encoder (raw-waveform input); fmtune reads audio with "
-                         "Whisper-style log-mel encoders only so far: use whisper-tiny-en or a local Whisper folder")
-    return None
+    return "audio" if model_type == "whisper" or model_type in AUDIO_ENCODERS else None
+
+
+WAVEFORM_WINDOW = 30.0  # seconds a raw-waveform encoder reads at once unless model.audio_window says otherwise
 
 
 def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str, Any]:
-    """The log-mel settings of the model's feature extractor (preprocessor_config.json) and the
-    window the encoder reads (its own 30 s unless model.audio_window is shorter)."""
-    from fmtune.data.audio import AudioSpec
+    """How the model reads audio, from its feature extractor's settings (preprocessor_config.json):
+    Whisper's log-mel settings and window (its own 30 s unless model.audio_window is shorter), or a
+    raw-waveform encoder's sampling rate and normalisation (windows of WAVEFORM_WINDOW seconds)."""
+    from fmtune.data.audio import WAVEFORM, AudioSpec
 
     pp = read_json(Path(path) / "preprocessor_config.json", {}) if isinstance(path, Path) else {}
-    longest = 2 * config.max_source_positions * pp.get("hop_length", 160) / pp.get("sampling_rate", 16000)
+    rate = int(pp.get("sampling_rate", 16000))
+    if getattr(config, "model_type", "") != "whisper":
+        if window is not None and window <= 0:
+            raise ModelError(f"model.audio_window={window:g} s: give a positive number of seconds")
+        seconds = float(window or WAVEFORM_WINDOW)
+        return AudioSpec(frontend=WAVEFORM, normalize=bool(pp.get("do_normalize", True)), sampling_rate=rate,
+                         window_seconds=seconds, encoder_seconds=seconds).as_dict()
+    longest = 2 * config.max_source_positions * pp.get("hop_length", 160) / rate
     if window is not None and window > longest:
         raise ModelError(f"model.audio_window={window:g} s is longer than {path}'s window ({longest:g} s)")
-    return AudioSpec(sampling_rate=int(pp.get("sampling_rate", 16000)), n_mels=int(config.num_mel_bins),
+    return AudioSpec(sampling_rate=rate, n_mels=int(config.num_mel_bins),
                      n_fft=int(pp.get("n_fft", 400)), hop_length=int(pp.get("hop_length", 160)),
                      window_seconds=float(window or longest), encoder_seconds=float(longest)).as_dict()
 
@@ -177,7 +185,7 @@ def create(model_cfg: Any, task: Any) -> Bundle:
         raise ModelError(f"{model_cfg.name} is a causal language model: it generates text (--task generation)")
     if task.modality == "audio" and family in CNN_FAMILIES:
         raise ModelError(f"task {task.name} reads audio; {model_cfg.name} is an image model: use an audio encoder "
-                         "(whisper-tiny-en, or a local Whisper folder)")
+                         f"({AUDIO_CHOICES})")
     scale, shift = task.output_affine()
     if task.level == "tokens" and family in CNN_FAMILIES:
         raise ModelError(f"task {task.name} labels the tokens of a text; {model_cfg.name} is an image model: "
@@ -242,7 +250,7 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     kind = _audio_kind(path, config) or ("image" if is_image else "text")
     if (kind == "audio") != (task.modality == "audio"):
         raise ModelError(f"task {task.name} reads audio; {path} is a {kind} model: use an audio encoder "
-                         "(whisper-tiny-en, or a local Whisper folder)" if kind != "audio" else
+                         f"({AUDIO_CHOICES})" if kind != "audio" else
                          f"{path} is an audio model ({config.model_type}); {task.name} does not read audio: "
                          "use --task audio-classification")
     if task.level == "tokens" and kind != "text":
@@ -274,6 +282,20 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     audio = _audio_spec(path, config, model_cfg.audio_window) if kind == "audio" else {}
     return Bundle(model, kind, "hf", pooling, tokenizer=tokenizer, image=image, audio=audio,
                   max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name))
+
+
+def _feature_extractor(audio: dict[str, Any]) -> Any:
+    """transformers' feature extractor that computes what fmtune feeds the model (``bundle.audio``)."""
+    from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+
+    from fmtune.data.audio import WAVEFORM, AudioSpec
+
+    a = AudioSpec.from_dict(audio)
+    if a.frontend == WAVEFORM:
+        return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=a.sampling_rate, padding_value=0.0,
+                                        do_normalize=a.normalize, return_attention_mask=True)
+    return WhisperFeatureExtractor(feature_size=a.n_mels, sampling_rate=a.sampling_rate, hop_length=a.hop_length,
+                                   n_fft=a.n_fft)
 
 
 def save(bundle: Bundle, target: Path) -> None:
@@ -326,12 +348,8 @@ def _write(bundle: Bundle, tmp: Path) -> None:
         shutil.copyfile(Path(__file__).with_name("hf_remote.py"), tmp / "modeling_fmtune.py")
         if bundle.tokenizer is not None:
             bundle.tokenizer.save_pretrained(tmp)
-        if bundle.kind == "audio":  # the feature extractor its log-mel features match
-            from transformers import WhisperFeatureExtractor
-
-            a = bundle.audio
-            WhisperFeatureExtractor(feature_size=a["n_mels"], sampling_rate=a["sampling_rate"],
-                                    hop_length=a["hop_length"], n_fft=a["n_fft"]).save_pretrained(tmp)
+        if bundle.kind == "audio":  # the feature extractor its inputs match
+            _feature_extractor(bundle.audio).save_pretrained(tmp)
     else:
         if not bundle.adapter:
             state = {k: v.contiguous() for k, v in base.state_dict().items()}

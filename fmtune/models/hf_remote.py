@@ -93,6 +93,38 @@ def whisper_states(encoder: nn.Module, input_features: torch.Tensor,
     return encoder.layer_norm(x), mask
 
 
+def waveform_states(encoder: nn.Module, input_values: torch.Tensor,
+                    sample_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A raw-waveform encoder (wav2vec2, HuBERT, WavLM ...) over zero-padded windows: the last hidden
+    states and the mask of frames that cover real samples.
+
+    Models trained with an attention mask (``feat_extract_norm: layer``) get it. The others
+    (wav2vec2-base and its group-norm kin) normalise their first convolution over the whole window,
+    padding included, so a padded window would read differently from the same window alone: their
+    windows run in groups of equal length, unpadded, and a prediction never depends on its batch."""
+    lengths = None if sample_mask is None else sample_mask.sum(-1)
+    if getattr(encoder.config, "feat_extract_norm", "layer") == "layer" or lengths is None:
+        hidden = encoder(input_values, attention_mask=sample_mask).last_hidden_state
+    elif torch.compiler.is_exporting() or bool((lengths == input_values.shape[-1]).all()):
+        hidden = encoder(input_values).last_hidden_state  # (an ONNX graph: its runner groups by length)
+    else:
+        parts = [(rows, encoder(input_values[rows, :n]).last_hidden_state) for rows, n in length_groups(sample_mask)]
+        width = max(h.shape[1] for _, h in parts)
+        hidden = parts[0][1].new_zeros((input_values.shape[0], width, parts[0][1].shape[-1]))
+        for rows, h in parts:
+            hidden[rows, : h.shape[1]] = h
+    if lengths is None:
+        return hidden, None
+    frames = encoder._get_feat_extract_output_lengths(lengths)
+    return hidden, (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None]).long()
+
+
+def length_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """(rows, length) of each group of equal-length rows of a padded batch."""
+    lengths = mask.sum(-1)
+    return [((lengths == n).nonzero().flatten(), int(n)) for n in lengths.unique().tolist()]
+
+
 def per_clip(pooled: torch.Tensor, clip_index: torch.Tensor | None) -> torch.Tensor:
     """The mean of the pooled features of each clip's windows (one row per clip)."""
     if clip_index is None:
@@ -165,9 +197,13 @@ class FmtuneClassifier(PreTrainedModel):
             nn.init.zeros_(lin.bias)
 
     def features(self, input_ids=None, attention_mask=None, pixel_values=None, input_features=None,
-                 frame_mask=None, clip_index=None, **kwargs) -> torch.Tensor:
-        if input_features is not None:  # audio: log-mel windows, averaged per clip
-            hidden, mask = whisper_states(self.backbone, input_features, frame_mask)
+                 frame_mask=None, clip_index=None, input_values=None, **kwargs) -> torch.Tensor:
+        if input_features is not None or input_values is not None:  # audio windows, averaged per clip
+            if input_features is not None:  # log-mel (Whisper)
+                hidden, mask = whisper_states(self.backbone, input_features, frame_mask)
+            else:  # the waveform (wav2vec2 and its kin); transformers' feature extractor calls the mask attention_mask
+                hidden, mask = waveform_states(self.backbone, input_values,
+                                               frame_mask if frame_mask is not None else attention_mask)
             return per_clip(pool(BaseModelOutput(last_hidden_state=hidden), mask, self.pooling), clip_index)
         if pixel_values is not None:
             outputs = self.backbone(pixel_values=pixel_values, **kwargs)
