@@ -79,7 +79,8 @@ def score(model: torch.nn.Module, tokenizer, files: dict[str, Path], args: argpa
             "examples": [{"reference": r, "answer": a} for r, a in zip(test.references[:3], task.last_answers[:3])]}
 
 
-def run_fmtune(files: dict[str, Path], out: Path, args: argparse.Namespace, train_on_prompt: bool = False) -> dict:
+def run_fmtune(files: dict[str, Path], out: Path, args: argparse.Namespace, train_on_prompt: bool = False,
+               packing: bool = False) -> dict:
     cfg = config.from_dict({
         "model": {"name": "smollm2-135m", "max_length": args.max_length},
         "task": {"type": "generation", "instruction": INSTRUCTION, "train_on_prompt": train_on_prompt},
@@ -87,7 +88,7 @@ def run_fmtune(files: dict[str, Path], out: Path, args: argparse.Namespace, trai
                  "target_column": "summary"},
         "strategy": {"name": "lora", "r": 8, "alpha": 16, "dropout": args.lora_dropout},
         "train": {"epochs": args.epochs, "batch_size": args.batch, "lr": args.lr, "seed": args.seed,
-                  "warmup_ratio": 0.06, "weight_decay": 0.01, "patience": None},
+                  "warmup_ratio": 0.06, "weight_decay": 0.01, "patience": None, "packing": packing},
         "eval": {"samples": args.val_answers, "max_new_tokens": args.max_new_tokens},
         "out": str(out)})
     started = time.perf_counter()
@@ -171,7 +172,8 @@ def main() -> None:
     p.add_argument("--trl-standard-steps", type=int, default=1,
                    help="steps of TRL's default recipe measured (bf16 autocast on a CPU without native bf16 takes "
                    "minutes per step)")
-    p.add_argument("--skip", default="", help="comma-separated: fmtune, trl-standard, trl, trl-expert, masking")
+    p.add_argument("--skip", default="", help="comma-separated: fmtune, trl-standard, trl, trl-expert, masking, "
+                   "packing (fmtune with train.packing)")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     hw = hardware.choose("auto", "auto", None)
@@ -190,7 +192,8 @@ def main() -> None:
                 ("trl-standard", "trl_sft_standard", lambda: run_trl(files, tmp / "trl0", args, "standard")),
                 ("trl", "trl_sft_fp32", lambda: run_trl(files, tmp / "trl", args, "fp32")),
                 ("trl-expert", "trl_sft_expert", lambda: run_trl(files, tmp / "trl2", args, "expert")),
-                ("masking", "fmtune_train_on_prompt", lambda: run_fmtune(files, tmp / "fmtune-prompt", args, True))]
+                ("masking", "fmtune_train_on_prompt", lambda: run_fmtune(files, tmp / "fmtune-prompt", args, True)),
+                ("packing", "fmtune_packed", lambda: run_fmtune(files, tmp / "fmtune-packed", args, packing=True))]
         for key, name, run in plan:
             if key in skip:
                 continue

@@ -288,6 +288,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.06, "share of steps spent warming the learning rate up from 0")
     grad_clip: float | None = _f(1.0, "clip the gradient norm to this value (null: no clipping)")
     grad_accum: int = _f(1, "accumulate gradients over this many batches per optimizer step")
+    packing: bool = _f(False, "text generation: a batch's examples run as one sequence, end to end, with attention "
+                       "kept within each example and positions restarting: no padding at all (prompt tuning excepted)")
     eval_every: int | None = _f(None, "evaluate every K optimizer steps (default: every epoch)")
     metric: str = _f("auto", "validation metric for early stopping and the best checkpoint (auto: per task)")
     patience: int | None = _f(3, "stop after this many evaluations without improvement (null: never)")
@@ -421,6 +423,10 @@ class Config:
         _check(not (self.model.init == "random" and self.strategy.name in ("lora", "dora", "ia3", "prompt")),
                "model.init", "random: an adapter keeps the backbone frozen at its pretrained weights and is saved "
                "without them; train a random backbone with strategy full")
+        _check(not self.train.packing or (generates and task_class(self.task.type).modality != "audio"),
+               "train.packing", "packs the token sequences of text generation; this task does not train on them")
+        _check(not (self.train.packing and self.strategy.name == "prompt"), "train.packing",
+               "prompt tuning puts its virtual tokens before each row: they cannot be packed; drop one of the two")
         if self.train.lr is None and self.strategy.name != "auto":  # resolved here, so config.yaml says it
             self.train.lr = default_lr(self.strategy, self.task.type)
         if self.train.head_lr is None and task_class(self.task.type).default_head_lr is not None:

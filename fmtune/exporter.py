@@ -145,7 +145,7 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
                 fp32.unlink()
             write_preprocessing(plain, opened.task, tmp)
 
-        exported = lambda tmp: OnnxModel(tmp / MODEL_FILE, bundle.kind)  # noqa: E731
+        exported = lambda tmp: OnnxModel(tmp / MODEL_FILE)  # noqa: E731
 
     rules = read_thresholds(opened.dir) if opened.task.supports("fairness") else None
     if rules is not None:  # fmtune fairness --fit-thresholds: the decision rule travels with the model

@@ -117,6 +117,7 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
                   f"{counts['total_params']:,} parameters ({share:.2f}%); lr {cfg.train.lr:g}")
     net = lm_net(bundle)
     train_ds = data["train"]
+    train_ds.packed = cfg.train.packing
     if cfg.train.augment.audio_on():  # speech: the clips perturbed on the fly, read again from their files
         from fmtune.training.perturb import Augmented
 
@@ -159,6 +160,10 @@ def lm_net(bundle: build.Bundle) -> torch.nn.Module:
         from fmtune.models.speech import SpeechLogits
 
         return SpeechLogits(bundle.model, bundle.tokenizer)
+    if bundle.family == causal_lm.CTC_FAMILY:  # log-probabilities per frame
+        from fmtune.models.ctc import CTCLogits
+
+        return CTCLogits(bundle.model, bundle.tokenizer)
     return causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
 
 
@@ -170,6 +175,12 @@ def _size(ds: Any) -> dict[str, Any]:
 
 def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
     tok = bundle.tokenizer
+    if bundle.family == causal_lm.CTC_FAMILY:
+        from fmtune.models.ctc import case_of
+
+        return {"decoding": "greedy CTC", "blank": tok.pad_token, "word_delimiter": tok.word_delimiter_token,
+                "transcripts_cased": case_of(tok), "window_seconds": bundle.audio.get("window_seconds"),
+                "vocabulary": len(tok), "wer_normalizer": "transformers BasicTextNormalizer"}
     if bundle.family == causal_lm.SPEECH_FAMILY:
         from fmtune.models import speech
 
@@ -236,15 +247,23 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
                 hw: Any) -> None:
     out = ui.console
     out.print(f"[bold]fmtune train[/] -> {run_dir}")
-    speech = bundle.family == causal_lm.SPEECH_FAMILY
-    out.print(f"  model {cfg.model.name} ({'encoder-decoder speech model' if speech else 'causal LM'}, "
-              f"{sum(p.numel() for p in bundle.model.parameters()):,} parameters)  task {task.name}")
+    speech = bundle.kind == "audio"
+    kind = {causal_lm.SPEECH_FAMILY: "encoder-decoder speech model", causal_lm.CTC_FAMILY: "CTC speech model"}.get(
+        bundle.family, "causal LM")
+    out.print(f"  model {cfg.model.name} ({kind}, {sum(p.numel() for p in bundle.model.parameters()):,} parameters)"
+              f"  task {task.name}")
     tok = bundle.tokenizer
     if speech:
         info = _settings_info(bundle, task)
-        out.print(f"  clips read in buckets of {info['bucket_seconds']:g} s (at most {info['window_seconds']:g} s); "
-                  f"decoder prefix {''.join(info['prefix'])}; every transcript ends with {tok.eos_token!r}; WER on "
-                  "lower-cased text without punctuation")
+        if bundle.family == causal_lm.CTC_FAMILY:
+            out.print(f"  the waveform in windows of at most {info['window_seconds']:g} s; {info['vocabulary']} "
+                      f"tokens (blank {info['blank']!r}, words split at {info['word_delimiter']!r}, transcripts "
+                      f"{info['transcripts_cased']}-cased); greedy CTC decoding; WER on lower-cased text without "
+                      "punctuation")
+        else:
+            out.print(f"  clips read in buckets of {info['bucket_seconds']:g} s (at most {info['window_seconds']:g} "
+                      f"s); decoder prefix {''.join(info['prefix'])}; every transcript ends with {tok.eos_token!r}; "
+                      "WER on lower-cased text without punctuation")
         sizes = ", ".join(f"{k} {len(v)} clips ({_size(v)['seconds']:,.0f} s)" for k, v in data.items())
         out.print(f"  data: {sizes}; validation transcripts {min(cfg.eval.samples, len(data['val']))} clips")
     else:
@@ -445,21 +464,25 @@ def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dic
 
 
 def _export_speech(opened: Any, target: Path, kind: str, quiet: bool) -> dict[str, Any]:
-    from transformers import WhisperForConditionalGeneration
+    from transformers import AutoModelForCTC, WhisperForConditionalGeneration
 
-    from fmtune.models import speech
+    from fmtune.models import ctc, speech
 
     cfg, bundle, task = opened.config, opened.bundle, opened.task
+    is_ctc = bundle.family == causal_lm.CTC_FAMILY
     device = hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device
     source = _export_source(opened)
     ds, _ = task.dataset(task.read(source, cfg.data).head(EXPORT_CHECK_PROMPTS), bundle, cfg.data, with_targets=False)
     rows = list(range(len(ds)))
 
     def outputs(model: torch.nn.Module) -> list[str]:
+        if is_ctc:
+            return ctc.transcribe(model.to(device), bundle.tokenizer, ds, rows, EXPORT_CHECK_PROMPTS, device)
         return speech.transcribe(model.to(device), bundle.tokenizer, ds, rows, EXPORT_CHECK_PROMPTS, device,
                                  task.language)
 
-    return _checked_export(opened, target, kind, quiet, auto=WhisperForConditionalGeneration,
-                           extra=lambda tmp: speech.write_extra(bundle, tmp), outputs=outputs,
+    return _checked_export(opened, target, kind, quiet,
+                           auto=AutoModelForCTC if is_ctc else WhisperForConditionalGeneration,
+                           extra=lambda tmp: (ctc if is_ctc else speech).write_extra(bundle, tmp), outputs=outputs,
                            reference=outputs(bundle.model), what=("clips", "same_transcripts", "transcribes"),
                            source=source)

@@ -144,7 +144,7 @@ def write_preprocessing(bundle: Any, task: Any, folder: Path) -> None:
 class OnnxModel(nn.Module):
     """An ONNX file run by onnxruntime behind the interface of a task model: ``model(**batch).logits``."""
 
-    def __init__(self, path: Path, kind: str, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None):
         super().__init__()
         import onnxruntime as ort
 

@@ -60,7 +60,7 @@ class Predictor:
             folder = self.run_dir / "export" / backend
             if _exported_from(folder) != folder_digest(self.run_dir / "model"):  # none yet, or of older weights
                 export(self.run_dir, format=backend, overwrite=True, quiet=True)
-            self.model = OnnxModel(folder / MODEL_FILE, self.kind)
+            self.model = OnnxModel(folder / MODEL_FILE)
             self.version = folder_digest(folder)
             self.bundle.model = None  # the torch weights are not needed beside onnxruntime's
         else:

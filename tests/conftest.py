@@ -153,17 +153,28 @@ def save_tiny_whisper(folder: Path, vocab_size: int = 64, max_target_positions: 
     return folder
 
 
-def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_norm: str = "group") -> Path:
+def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_norm: str = "group",
+                       ctc_letters: str | None = None) -> Path:
     """A 2-layer random raw-waveform encoder (hidden 32; wav2vec2's 7-convolution feature encoder at
-    16 channels, 20 ms a frame) and Wav2Vec2FeatureExtractor's settings, saved as a transformers folder."""
-    from transformers import AutoConfig, AutoModel
+    16 channels, 20 ms a frame) and Wav2Vec2FeatureExtractor's settings, saved as a transformers folder;
+    with ``ctc_letters``, a ``*ForCTC`` model and a character vocabulary of those letters (upper case,
+    as wav2vec2-base-960h's), [PAD] the blank and | between words."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCTC, Wav2Vec2CTCTokenizer
 
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "|", *sorted(set((ctc_letters or "").upper()))])}
     cfg = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
                                num_conv_pos_embedding_groups=2, feat_extract_norm=feat_extract_norm,
-                               do_stable_layer_norm=feat_extract_norm == "layer", vocab_size=12)
+                               do_stable_layer_norm=feat_extract_norm == "layer", vocab_size=len(vocab), pad_token_id=0,
+                               ctc_loss_reduction="mean")
     torch.manual_seed(0)
-    AutoModel.from_config(cfg).save_pretrained(folder)
+    if ctc_letters:
+        AutoModelForCTC.from_config(cfg).save_pretrained(folder)
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), unk_token="[UNK]", pad_token="[PAD]",
+                             word_delimiter_token="|").save_pretrained(folder)
+    else:
+        AutoModel.from_config(cfg).save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
          "padding_value": 0.0, "do_normalize": True, "return_attention_mask": feat_extract_norm == "layer"}))

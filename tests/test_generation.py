@@ -415,3 +415,89 @@ def test_every_generation_strategy_trains_saves_and_answers(tiny_llama, gen_file
         changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
         assert any(".layers.1." in n for n in changed) and not any(".layers.0." in n for n in changed)
     assert isinstance(generate_texts(summary["run_dir"], ["repeat: cat"], quiet=True)[0]["answer"], str)
+
+
+# --- packing and resume ------------------------------------------------------------------------------
+
+def test_packed_examples_give_the_padded_batchs_logits_and_gradients(lm, tmp_path):
+    """train.packing: a batch as one row of its examples end to end, positions restarting at each;
+    transformers' packed-sequence mask keeps attention within each example, so the logits at the
+    trained positions, the loss and the gradients are those of the padded batch, with no padding."""
+    from fmtune.models import causal_lm
+
+    bundle, task = lm
+    ds = task.dataset(read_rows(write_jsonl(tmp_path / "a.jsonl", repeat_rows(6, 7)), data_cfg()), bundle,
+                      data_cfg())[0]
+    padded = ds.collate(list(range(6)))
+    ds.packed = True
+    packed = ds.collate(list(range(6)))
+    assert packed["input_ids"].shape == (1, int(ds.lengths.sum())) and "attention_mask" not in packed
+    assert padded["input_ids"].numel() > packed["input_ids"].numel()  # the padding is gone
+    assert torch.equal(packed["labels"], padded["labels"])
+    assert packed["position_ids"][0, : ds.lengths[0] + 1].tolist() == [*range(ds.lengths[0]), 0]
+    net = causal_lm.TargetLogits(bundle.model, bundle.tokenizer).eval()
+    outs = []
+    for batch in (padded, packed):
+        labels = batch.pop("labels")
+        logits = net(**{**batch, "prefix": None}).logits
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        outs.append((logits.detach(), {n: p.grad.clone() for n, p in bundle.model.named_parameters()}))
+        bundle.model.zero_grad()
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[1][1][n], outs[0][1][n], rtol=1e-3, atol=1e-6)
+    # a packed run trains; packing is refused where it cannot apply
+    s = api.train(gen_cfg(bundle.source, write_jsonl(tmp_path / "t.jsonl", repeat_rows(48, 8)), tmp_path / "run",
+                          train={"packing": True, "epochs": 1}), quiet=True)
+    assert s["best"] is not None
+    with pytest.raises(ConfigError, match="train.packing: prompt tuning"):
+        gen_cfg(bundle.source, tmp_path / "t.jsonl", tmp_path / "x", strategy={"name": "prompt"},
+                train={"packing": True})
+    with pytest.raises(ConfigError, match="train.packing: packs the token sequences of text generation"):
+        config.from_dict({"train": {"packing": True}})
+
+
+def test_a_killed_generation_run_resumes_to_the_same_adapter(tiny_llama, gen_files, tmp_path):
+    """SIGKILL mid-epoch after a resume point, then --resume: the same evaluations (loss and
+    greedy answers' ROUGE) and the same LoRA adapter as the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from safetensors.torch import load_file
+
+    cfg = {"model": {"name": str(tiny_llama)}, "task": {"type": "generation"}, "data": {"train": str(gen_files["train"])},
+           "eval": {"max_new_tokens": 8, "samples": 8},
+           "train": {"epochs": 1, "batch_size": 4, "seed": 0, "lr": 3e-3, "eval_every": 12, "save_every_steps": 5,
+                     "log_every": 1, "patience": None, "num_threads": 1}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "fmtune", "train", str(tmp_path / "cfg.yaml"), "-q", "--out"]
+    subprocess.run([*cli, str(tmp_path / "ref")], check=True, env=env, timeout=300)
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([*cli, str(run)], env=env)
+    log, sent, deadline = run / "metrics.jsonl", False, time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if lines and lines[-1].endswith("}") and json.loads(lines[-1]).get("step", 0) >= 16:
+            os.kill(proc.pid, signal.SIGKILL)  # after the evaluation at step 12 and the resume point at 15
+            sent = True
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert sent, "the run finished before it could be stopped"
+    assert not json.loads((run / "state" / "trainer.json").read_text())["done"]
+    subprocess.run([sys.executable, "-m", "fmtune", "train", "--resume", str(run), "-q"], check=True, env=env,
+                   timeout=300)
+
+    def evals(d: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")} for r in rows if r["type"] == "eval"]
+
+    assert evals(run) == evals(tmp_path / "ref") and len(evals(run)) >= 3
+    a = load_file(str(tmp_path / "ref" / "model" / "adapter_model.safetensors"))
+    b = load_file(str(run / "model" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

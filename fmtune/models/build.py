@@ -143,37 +143,38 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
                      window_seconds=float(window or longest), encoder_seconds=float(longest)).as_dict()
 
 
-def _create_speech(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The pretrained speech model named by ``model_cfg.name`` (a zoo name or a local Whisper
-    folder), its tokenizer and its audio settings (``fmtune.data.audio.AudioSpec`` as a dict)."""
+def _create_speech(model_cfg: Any, task: Any) -> Bundle:
+    """The pretrained speech model named by ``model_cfg.name`` (a zoo name, a local Whisper folder or
+    a local ``*ForCTC`` folder: wav2vec2, HuBERT, WavLM ...), its tokenizer and audio settings."""
     from transformers import AutoModelForSpeechSeq2Seq
 
+    from fmtune.models import ctc, speech
     from fmtune.models.speech import SPEECH_MODEL_TYPES
     from fmtune.tasks.speech import prefix_ids
 
     family, path = resolve(model_cfg.name)
     if family != "hf":
-        raise ModelError(f"task {task.name} needs an encoder-decoder speech model; {model_cfg.name} is not one "
-                         "(use whisper-tiny-en, or a local Whisper folder in Hugging Face format)")
+        raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is not one (use "
+                         "whisper-tiny-en, or a local Whisper or wav2vec2-style CTC folder in Hugging Face format)")
     config = _config_at(path)
+    audio = _audio_spec(path, config, model_cfg.audio_window) if _audio_kind(path, config) else {}
+    if config.model_type in AUDIO_ENCODERS:  # a CTC model: one character distribution per frame
+        model, tokenizer = ctc.create(path, config, model_cfg.init)
+        return Bundle(model, "audio", ctc.FAMILY, "none", tokenizer=tokenizer, audio=audio, max_length=0,
+                      source=str(model_cfg.name))
     if config.model_type not in SPEECH_MODEL_TYPES:
-        raise ModelError(f"task {task.name} needs a Whisper-style encoder-decoder speech model; {model_cfg.name} is "
-                         f"a {config.model_type} model (use whisper-tiny-en, or a local Whisper folder; CTC models "
-                         "such as wav2vec2 are not supported for transcription yet)")
+        raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is a {config.model_type} model "
+                         "(use whisper-tiny-en, or a local Whisper or wav2vec2-style CTC folder)")
     model, tokenizer = causal_lm.load_pretrained(path, config, model_cfg.init, AutoModelForSpeechSeq2Seq)
     prefix_ids(tokenizer, getattr(task, "language", None))  # a wrong language is an error now, not at the end
-    audio = _audio_spec(path, config, model_cfg.audio_window)
-    return model, tokenizer, audio
+    return Bundle(model, "audio", speech.FAMILY, "none", tokenizer=tokenizer, audio=audio,
+                  max_length=speech.max_target_positions(model), source=str(model_cfg.name))
 
 
 def create(model_cfg: Any, task: Any) -> Bundle:
     """Build the pretrained backbone named by ``model_cfg.name`` plus a fresh head for ``task``."""
-    if task.level == "lm" and task.modality == "audio":  # an encoder-decoder speech model (speech recognition)
-        from fmtune.models import speech
-
-        model, tokenizer, audio = _create_speech(model_cfg, task)
-        return Bundle(model, "audio", speech.FAMILY, "none", tokenizer=tokenizer, audio=audio,
-                      max_length=speech.max_target_positions(model), source=str(model_cfg.name))
+    if task.level == "lm" and task.modality == "audio":  # a speech model that transcribes (speech recognition)
+        return _create_speech(model_cfg, task)
     if task.level == "dense":  # an image backbone + a decoder to every pixel (segmentation)
         return _create_dense(model_cfg, task)
     if task.level == "lm":  # a causal language model with its own output layer (text generation)
@@ -284,7 +285,7 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
                   max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name))
 
 
-def _feature_extractor(audio: dict[str, Any]) -> Any:
+def feature_extractor(audio: dict[str, Any]) -> Any:
     """transformers' feature extractor that computes what fmtune feeds the model (``bundle.audio``)."""
     from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
@@ -322,6 +323,8 @@ def _write(bundle: Bundle, tmp: Path) -> None:
             from fmtune.models.speech import write_extra
 
             write_extra(bundle, tmp)
+        elif bundle.family == causal_lm.CTC_FAMILY:
+            feature_extractor(bundle.audio).save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         return
     base = adapters.base_model(bundle.model)
@@ -349,7 +352,7 @@ def _write(bundle: Bundle, tmp: Path) -> None:
         if bundle.tokenizer is not None:
             bundle.tokenizer.save_pretrained(tmp)
         if bundle.kind == "audio":  # the feature extractor its inputs match
-            _feature_extractor(bundle.audio).save_pretrained(tmp)
+            feature_extractor(bundle.audio).save_pretrained(tmp)
     else:
         if not bundle.adapter:
             state = {k: v.contiguous() for k, v in base.state_dict().items()}

@@ -23,7 +23,8 @@ from fmtune.errors import ConfigError, ModelError
 
 FAMILY = "causal-lm"
 SPEECH_FAMILY = "speech-seq2seq"  # fmtune.models.speech: saved, loaded and adapted as causal LMs are
-FAMILIES = (FAMILY, SPEECH_FAMILY)
+CTC_FAMILY = "speech-ctc"  # fmtune.models.ctc: wav2vec2-style encoders with a CTC head, likewise
+FAMILIES = (FAMILY, SPEECH_FAMILY, CTC_FAMILY)
 DEFAULT_MAX_LENGTH = 512  # model.max_length of generation: prompt + completion
 LM_STRATEGIES = ("lora", "dora", "ia3", "prompt", "last_n", "full")
 # Modules adapted by default, per architecture: (lora/dora targets, ia3 targets, ia3 feed-forward
@@ -37,6 +38,11 @@ LM_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
 # Whisper: the attention and feed-forward projections of encoder and decoder blocks (self- and cross-attention)
 LM_TARGETS["whisper"] = (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"],
                          ["fc2"])
+# wav2vec2-style CTC models: the attention and feed-forward projections of the encoder blocks
+for _arch in ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat"):
+    LM_TARGETS[_arch] = (["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"],
+                         ["k_proj", "v_proj", "output_dense"], ["output_dense"])
+CTC_HEAD = "lm_head"  # a CTC model's head: trained under every strategy (saved beside an adapter)
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
 # A batch whose rows all start with at least this many identical tokens runs them once (TargetLogits)
 MIN_SHARED_PREFIX = 8
@@ -152,13 +158,15 @@ def _targets(model: nn.Module, cfg: Any) -> tuple[list[str], list[str]]:
 
 def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
     """Make ``bundle.model`` train what strategy ``cfg`` says (peft strategies wrap it). Returns
-    the parameter counts, as ``fmtune.strategies.apply_strategy`` does."""
+    the parameter counts, as ``fmtune.strategies.apply_strategy`` does. A CTC model's head always
+    trains and its convolutional feature encoder never does (as in wav2vec2's own recipe)."""
     model = bundle.model
     base = sum(p.numel() for p in model.parameters())
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    allowed = tuple(s for s in LM_STRATEGIES if not (seq2seq and s == "prompt"))
+    ctc = bundle.family == CTC_FAMILY
+    allowed = tuple(s for s in LM_STRATEGIES if not ((seq2seq or ctc) and s == "prompt"))
     if cfg.name not in allowed:
-        what = "speech recognition" if seq2seq else "text generation"
+        what = "speech recognition" if seq2seq or ctc else "text generation"
         raise ConfigError(f"strategy {cfg.name} does not apply to {what} (there is no separate head); use one of: "
                           f"{', '.join(allowed)} (lora is the default)")
     from fmtune import adapters
@@ -168,16 +176,17 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
 
         for p in model.parameters():
             p.requires_grad_(False)
-        task_type = None if seq2seq else peft.TaskType.CAUSAL_LM  # peft's seq2seq wrapper expects text inputs
+        task_type = None if seq2seq or ctc else peft.TaskType.CAUSAL_LM  # peft's seq2seq wrapper expects text
+        extra = {"modules_to_save": [CTC_HEAD]} if ctc else {}
         if cfg.name == "prompt":
             pc = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
         else:
             targets, ff = _targets(model, cfg)
             if cfg.name == "ia3":
-                pc = peft.IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=ff)
+                pc = peft.IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=ff, **extra)
             else:
                 pc = peft.LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                     target_modules=targets, use_dora=cfg.name == "dora")
+                                     target_modules=targets, use_dora=cfg.name == "dora", **extra)
         pc.base_model_name_or_path = adapters.base_path(bundle.source)
         with adapters._quiet():
             bundle.model = peft.get_peft_model(model, pc, adapter_name=adapters.ADAPTER_NAME)
@@ -187,15 +196,19 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
         if cfg.name == "last_n":
             from fmtune.strategies import backbone_blocks
 
-            blocks = backbone_blocks(model.get_decoder())  # an encoder-decoder's last blocks are the decoder's
+            top = model if ctc else model.get_decoder()  # an encoder-decoder's last blocks are the decoder's
+            blocks = backbone_blocks(top)
             if cfg.n > len(blocks):
                 raise ConfigError(f"strategy.n: {cfg.n} is more than the {len(blocks)} blocks of this model")
             ids = {id(p) for b in blocks[-cfg.n:] for p in b.parameters()}
-            decoder = model.get_decoder()
-            norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None) or getattr(
-                decoder, "layer_norm", None)
+            norm = getattr(top, "norm", None) or getattr(top, "final_layernorm", None) or getattr(
+                top, "layer_norm", None)
             ids |= {id(p) for p in (norm.parameters() if norm is not None else [])}
+            if ctc:
+                ids |= {id(p) for p in getattr(model, CTC_HEAD).parameters()}
             trainable = {n for n, p in model.named_parameters() if id(p) in ids}
+        if ctc:  # the convolutional feature encoder stays as pretrained
+            trainable = {n for n in trainable if ".feature_extractor." not in f".{n}"}
         for n, p in model.named_parameters():
             p.requires_grad_(n in trainable)
     total = sum(p.numel() for p in bundle.model.parameters())
@@ -236,8 +249,8 @@ class TargetLogits(nn.Module):
         self.model = model
         self.tokenizer = tokenizer  # what evaluation generates with
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_index: torch.Tensor,
-                prefix: torch.Tensor | None = None) -> types.SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, target_index: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> types.SimpleNamespace:
         if prompt_tuned(self.model):  # peft puts the virtual tokens in front: through its own forward
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             logits = out.logits[:, -input_ids.shape[1]:].flatten(0, 1).index_select(0, target_index)
@@ -246,7 +259,9 @@ class TargetLogits(nn.Module):
         decoder = lm.get_decoder()
         shared = int(prefix) if prefix is not None else 0
         rows = input_ids.shape[0]
-        if shared >= MIN_SHARED_PREFIX and rows > 1:
+        if position_ids is not None:  # packed examples (no mask: transformers masks by restarting positions)
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+        elif shared >= MIN_SHARED_PREFIX and rows > 1:
             # the tokens every row starts with (chat template, system prompt, instruction) run once: their
             # keys and values are repeated for every row, and the gradients of all rows flow back through them
             head = decoder(input_ids=input_ids[:1, :shared], use_cache=True)
@@ -281,6 +296,10 @@ def _auto(meta: dict[str, Any]) -> Any:
         from transformers import WhisperForConditionalGeneration
 
         return WhisperForConditionalGeneration
+    if meta.get("family") == CTC_FAMILY:
+        from transformers import AutoModelForCTC
+
+        return AutoModelForCTC
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM
@@ -307,7 +326,7 @@ def load(model_dir: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
         raise
     except Exception as e:
         raise ModelError(f"cannot load the generation model in {model_dir}: {e}") from None
-    if meta.get("family") != SPEECH_FAMILY:  # Whisper's padding is masked by position; its ids stay as trained
+    if meta.get("family") == FAMILY:  # speech models' padding ids stay as trained (CTC: the blank)
         set_pad(tokenizer, plain(model))
     model.eval()
     return model, tokenizer

@@ -159,13 +159,17 @@ class LMData(torch.utils.data.Dataset):
 
     ``collate`` pads on the right (training and loss); the model is fed the positions whose next
     token is trained as ``target_index`` (flat into batch x length) and those next tokens as
-    ``labels``. ``prompts`` / ``references`` are what generation is scored on."""
+    ``labels``. With ``packed`` set (``train.packing``, the training split), a batch is one row of
+    its examples end to end with ``position_ids`` restarting at each: transformers then keeps
+    attention within each example (its packed-sequence mask) and no token is padding.
+    ``prompts`` / ``references`` are what generation is scored on."""
 
     def __init__(self, ids: list[list[int]], starts: list[int], pad_id: int, prompts: list[list[int]],
                  references: list[str | None], lines: list[int]):
         self.ids, self.starts, self.pad_id = ids, starts, pad_id
         self.prompts, self.references, self.lines = prompts, references, lines
         self.lengths = np.array([len(x) for x in ids])
+        self.packed = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -174,6 +178,8 @@ class LMData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "start": self.starts[i]}
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return self.collate_packed(idx)
         width = max(len(self.ids[i]) for i in idx)
         input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -187,6 +193,18 @@ class LMData(torch.utils.data.Dataset):
             labels.extend(ids[first:])
         return {"input_ids": input_ids, "attention_mask": mask, "target_index": torch.tensor(where, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long), "prefix": torch.tensor(self.shared_prefix(idx))}
+
+    def collate_packed(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        ids, positions, where, labels = [], [], [], []
+        for i in idx:
+            row, offset = self.ids[i], len(ids)
+            ids.extend(row)
+            positions.extend(range(len(row)))
+            first = max(self.starts[i], 1)  # position p predicts token p + 1, within the example
+            where.extend(offset + p - 1 for p in range(first, len(row)))
+            labels.extend(row[first:])
+        return {"input_ids": torch.tensor([ids], dtype=torch.long), "position_ids": torch.tensor([positions]),
+                "target_index": torch.tensor(where, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
     def shared_prefix(self, idx: list[int]) -> int:
         """How many leading tokens every row of the batch has in common (the chat template, a system

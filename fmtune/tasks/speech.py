@@ -173,6 +173,39 @@ class SpeechData(torch.utils.data.Dataset):
                 "target_index": torch.tensor(where, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
+class CTCData(torch.utils.data.Dataset):
+    """Clips as waveform windows (fp16) with their transcripts as a CTC vocabulary's ids (a
+    wav2vec2-style model, ``fmtune.models.ctc``). A batch pads with zeros to the longest clip,
+    ``frame_mask`` marking real samples; ``labels`` are the ids padded with -100."""
+
+    def __init__(self, clips: list[list[torch.Tensor]], ids: list[list[int]] | None, spec: Any,
+                 references: list[str | None], lines: list[int], sources: list[str]):
+        self.clips, self.ids = clips, ids
+        self.references, self.lines, self.sources = references, lines, sources
+        self.hop_seconds = 1.0 / spec.sampling_rate  # of one sample (what the lengths count)
+        self.lengths = np.array([c[0].shape[-1] for c in clips])
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def waveforms(self, windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        from fmtune.data.audio import waveform_batch
+
+        return waveform_batch(windows)
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.waveforms([self.clips[i][0] for i in idx])
+        rows = [self.ids[i] for i in idx]
+        labels = torch.full((len(idx), max(len(r) for r in rows)), -100, dtype=torch.long)
+        for b, r in enumerate(rows):
+            labels[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        batch["labels"] = labels
+        return batch
+
+
 @TASKS.register("speech-recognition")
 class SpeechRecognition(Task):
     name = "speech-recognition"
@@ -181,8 +214,9 @@ class SpeechRecognition(Task):
     default_metric = "wer"
     metric_names = ("wer", "cer", "loss", "perplexity")
     capabilities = frozenset()
-    description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper) on clips and their "
-                   "transcripts (a table of audio paths and text); WER picks the best checkpoint")
+    description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper) or a wav2vec2-style CTC "
+                   "model on clips and their transcripts (a table of audio paths and text); WER picks the best "
+                   "checkpoint")
     input_name = "audio"  # what each transcript in test_answers.jsonl transcribes
     baseline_method = "the pretrained model's own transcripts of the same test clips, before fine-tuning (zero-shot)"
 
@@ -192,6 +226,7 @@ class SpeechRecognition(Task):
         self.options = {"language": self.language}
         self.settings = GenerationSettings()  # eval.samples, the decoding batch (set from the config)
         self.last_answers: list[str] = []  # of the latest evaluation's sample
+        self.blank = 0  # a CTC model's blank (its tokenizer's pad token), set when its datasets are made
 
     def greater_is_better(self, metric: str) -> bool:
         return metric not in ("wer", "cer", "loss", "perplexity")
@@ -214,10 +249,14 @@ class SpeechRecognition(Task):
 
     # --- data -----------------------------------------------------------------------------------
     def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
-                allow_unknown: bool = False) -> tuple[SpeechData, np.ndarray]:
+                allow_unknown: bool = False) -> tuple[SpeechData | CTCData, np.ndarray]:
         from fmtune.data.audio import AudioSpec, audio_dataset
+        from fmtune.models.causal_lm import CTC_FAMILY
+
         spec = AudioSpec.from_dict(bundle.audio)
         audio, keep = audio_dataset(df, "audio", spec, None, data_cfg.max_bad_fraction)
+        if bundle.family == CTC_FAMILY:
+            return self._ctc_dataset(df, bundle, audio, keep, spec, with_targets), keep
         tok = bundle.tokenizer
         prefix = prefix_ids(tok, self.language)
         eot = tok.eos_token_id
@@ -246,16 +285,53 @@ class SpeechRecognition(Task):
                           audio.sources)
         return data, keep
 
-    def inputs(self, items: list[Any], bundle: Any) -> SpeechData:
+    def _ctc_dataset(self, df: pd.DataFrame, bundle: Any, audio: Any, keep: np.ndarray, spec: Any,
+                     with_targets: bool) -> CTCData:
+        """A CTC model's clips and transcripts: every training clip within one window, and every
+        transcript at most as many tokens as the clip has frames (CTC emits one per frame)."""
+        from fmtune.models.causal_lm import plain
+        from fmtune.models.ctc import encode_texts
+
+        tok = bundle.tokenizer
+        self.blank = int(tok.pad_token_id)
+        texts = df["text"].tolist() if with_targets and "text" in df.columns else [None] * len(df)
+        lines = df["line"].tolist() if "line" in df.columns else list(range(1, len(df) + 1))
+        refs = [texts[i] for i in keep]
+        ids = None
+        if with_targets:
+            long = [audio.sources[j] for j, c in enumerate(audio.clips) if len(c) > 1]
+            if long:
+                raise DataError(f"{long[0]}: the clip is longer than the model's {spec.window_seconds:g} s window "
+                                f"({len(long)} clip(s) in all); a training clip needs a transcript per window: cut "
+                                "long recordings into clips of at most the window, each with its own transcript")
+            ids = encode_texts(tok, refs, [row_label(df, int(i)) for i in keep])
+            frames = plain(bundle.model)._get_feat_extract_output_lengths(
+                torch.tensor([c[0].shape[-1] for c in audio.clips])).tolist()
+            for j, (row, n) in enumerate(zip(ids, frames)):
+                if len(row) > n:
+                    raise DataError(f"{row_label(df, int(keep[j]))}: the transcript is {len(row)} tokens but the "
+                                    f"clip gives the model {n} frames; CTC emits at most one token per frame (is "
+                                    "this the clip's transcript?)")
+        return CTCData(audio.clips, ids, spec, refs, [int(lines[i]) for i in keep], audio.sources)
+
+    def inputs(self, items: list[Any], bundle: Any) -> SpeechData | CTCData:
         """Decoded waveforms to transcribe (any length: windows are transcribed in turn)."""
         from fmtune.data.audio import AudioSpec, features_of
+        from fmtune.models.causal_lm import CTC_FAMILY
 
         spec = AudioSpec.from_dict(bundle.audio)
+        if bundle.family == CTC_FAMILY:
+            return CTCData(features_of(items, spec), None, spec, [None] * len(items),
+                           list(range(1, len(items) + 1)), [])
         return SpeechData(features_of(items, spec), None, 0, bundle.tokenizer.eos_token_id, spec,
                           [None] * len(items), list(range(1, len(items) + 1)), [])
 
     # --- loss and metrics -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: Any, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if targets.dim() == 2:  # a CTC model: log-probabilities per frame, transcripts padded with -100
+            from fmtune.models.ctc import ctc_loss
+
+            return ctc_loss(logits, targets, self.blank)
         return F.cross_entropy(logits.float(), targets)
 
     def evaluate_model(self, net: Any, ds: SpeechData, batch_size: int, device: Any,
@@ -265,7 +341,8 @@ class SpeechRecognition(Task):
         was_training = net.training
         net.eval()
         batches = token_batches(ds.lengths, batch_size, max_tokens=batch_size * int(ds.lengths.max()))
-        out = token_loss(net, ds, batches, device)
+        out = self._ctc_loss(net, ds, batches, device) if isinstance(ds, CTCData) else token_loss(net, ds, batches,
+                                                                                                  device)
         sample = self.sample(ds) if sample is None else sample
         if sample:
             answers = net.transcribe(ds, sample, self.settings.batch_size, device, self.language, on_batch=progress)
@@ -274,6 +351,16 @@ class SpeechRecognition(Task):
         if was_training:
             net.train()
         return out
+
+    def _ctc_loss(self, net: Any, ds: CTCData, batches: list[list[int]], device: Any) -> dict[str, float]:
+        """The mean CTC loss per clip (each divided by its transcript's length, as in training)."""
+        total = 0.0
+        with torch.inference_mode():
+            for idx in batches:
+                batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
+                labels = batch.pop("labels")
+                total += float(self.loss(net(**batch).logits, labels)) * len(idx)
+        return {"loss": total / max(len(ds), 1)}
 
     def sample(self, ds: SpeechData, n: int | None = None) -> list[int]:
         """A fixed, seeded sample of clips with a transcript (the same at every evaluation)."""

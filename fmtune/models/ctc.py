@@ -1,0 +1,161 @@
+"""CTC speech models (wav2vec2, HuBERT, WavLM ... ``*ForCTC``) for speech recognition: the training
+forward, greedy decoding and the vocabulary checks (``fmtune.models.build`` creates them; saving,
+loading and strategies go through ``fmtune.models.causal_lm`` as for the other models that decode).
+
+The encoder reads the waveform (``fmtune.models.hf_remote.waveform_states``: group-norm models in
+groups of equal length, so a transcript never depends on its batch), the CTC head gives one
+distribution over characters per 20-ms frame. Frames past a clip's end are set to emit the blank
+with certainty: every alignment of the clip's own frames then extends over them in exactly one
+way, so the CTC loss over the padded batch is the loss over each clip's frames (tested against
+transformers' own loss). Decoding is greedy: the most likely token per frame, repeats merged,
+blanks dropped (the tokenizer's own ``decode``).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmtune.errors import ModelError
+from fmtune.models.causal_lm import CTC_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
+from fmtune.models.causal_lm import plain
+
+# the attention and feed-forward projections of the encoder blocks (LoRA's default targets)
+CTC_TARGETS = (["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"],
+               ["k_proj", "v_proj", "output_dense"], ["output_dense"])
+HEAD = "lm_head"  # the CTC head: trained (and saved with an adapter) under every strategy
+
+
+def create(path: Path | str, config: Any, init: str) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a local CTC folder: ``*ForCTC`` weights and its character vocabulary."""
+    from transformers import AutoModelForCTC, AutoTokenizer
+
+    archs = getattr(config, "architectures", None) or []
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception:
+        tokenizer = None
+    if tokenizer is None or not any(a.endswith("ForCTC") for a in archs):
+        raise ModelError(f"{path} is a {config.model_type} encoder without a CTC head and vocabulary "
+                         f"(architectures: {', '.join(archs) or '?'}; no vocab.json / tokenizer): speech "
+                         "recognition fine-tunes a *ForCTC checkpoint (e.g. a wav2vec2 model already trained on "
+                         "transcripts) or a Whisper model; for audio classification use --task audio-classification")
+    try:
+        model = (AutoModelForCTC.from_pretrained(path, dtype=torch.float32) if init == "pretrained"
+                 else AutoModelForCTC.from_config(config, dtype=torch.float32))
+    except Exception as e:
+        raise ModelError(f"cannot load the CTC model at {path}: {e}") from None
+    chars = [i for t, i in tokenizer.get_vocab().items() if len(t) == 1]
+    if tokenizer.pad_token_id is None or max([tokenizer.pad_token_id, *chars]) >= model.config.vocab_size:
+        raise ModelError(f"{path}: the tokenizer (pad {tokenizer.pad_token!r}, id {tokenizer.pad_token_id}; characters "
+                         f"up to id {max(chars, default=-1)}) does not fit the CTC head ({model.config.vocab_size} "
+                         "outputs, the blank at the pad token)")
+    return model, tokenizer
+
+
+def case_of(tokenizer: Any) -> str:
+    """How transcripts are cased for this vocabulary: "upper" (e.g. wav2vec2-base-960h), "lower", or "keep"."""
+    letters = [c for t in tokenizer.get_vocab() if len(t) == 1 for c in t if c.isalpha()]
+    if letters and not any(c.islower() for c in letters):
+        return "upper"
+    if letters and not any(c.isupper() for c in letters):
+        return "lower"
+    return "keep"
+
+
+def encode_texts(tokenizer: Any, texts: list[str], where: list[str]) -> list[list[int]]:
+    """Each transcript as the vocabulary's token ids (cased as the vocabulary is); characters the
+    vocabulary lacks are warned about once (they become the unknown token)."""
+    case = case_of(tokenizer)
+    vocab = tokenizer.get_vocab()
+    delimiter = getattr(tokenizer, "word_delimiter_token", None) or " "
+    out, missing = [], {}
+    for text, w in zip(texts, where):
+        text = text.upper() if case == "upper" else text.lower() if case == "lower" else text
+        for c in set(text) - set(vocab) - {" "}:
+            missing.setdefault(c, w)
+        ids = tokenizer(text)["input_ids"]
+        out.append([i for i in ids if i is not None])
+    if missing:
+        shown = ", ".join(f"{c!r} ({w})" for c, w in list(missing.items())[:8])
+        warnings.warn(f"{len(missing)} character(s) of the transcripts are not in the model's vocabulary and are "
+                      f"learned as {tokenizer.unk_token!r}: {shown}; words are split at {delimiter!r}",
+                      UserWarning, stacklevel=2)
+    return out
+
+
+class CTCLogits(nn.Module):
+    """What training batches are fed to: log-probabilities per frame (batch x frames x vocabulary),
+    frames past each clip's end set to the blank with certainty (see the module doc)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def forward(self, input_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> types.SimpleNamespace:
+        from fmtune.models.hf_remote import waveform_states
+
+        lm = plain(self.model)
+        encoder = getattr(lm, lm.base_model_prefix)
+        hidden, mask = waveform_states(encoder, input_values, frame_mask)
+        logits = lm.lm_head(lm.dropout(hidden)).float().log_softmax(-1)
+        if mask is not None and not bool(mask.all()):
+            blank = torch.full_like(logits[0, 0], -1e4)  # (log 0, kept finite for the gradient)
+            blank[lm.config.pad_token_id] = 0.0
+            logits = torch.where(mask[..., None].bool(), logits, blank)
+        return types.SimpleNamespace(logits=logits)
+
+    def transcribe(self, ds: Any, rows: list[int], batch_size: int, device: Any, language: str | None = None,
+                   on_batch: Any = None) -> list[str]:
+        return transcribe(self.model, self.tokenizer, ds, rows, batch_size, device, on_batch)
+
+
+def ctc_loss(log_probs: torch.Tensor, labels: torch.Tensor, blank: int) -> torch.Tensor:
+    """The mean over clips of each clip's CTC loss divided by its transcript's length (torch's
+    ``reduction="mean"``, transformers' ``ctc_loss_reduction="mean"``); ``labels`` padded with -100."""
+    lengths = (labels >= 0).sum(-1)
+    flat = labels[labels >= 0]
+    frames = torch.full((log_probs.shape[0],), log_probs.shape[1], dtype=torch.long, device=log_probs.device)
+    with torch.backends.cudnn.flags(enabled=False):
+        return F.ctc_loss(log_probs.transpose(0, 1), flat, frames, lengths, blank=blank, reduction="mean",
+                          zero_infinity=True)
+
+
+def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch_size: int, device: Any,
+               on_batch: Any = None) -> list[str]:
+    """Greedy CTC transcripts of clips ``rows`` of ``ds`` (``fmtune.tasks.speech.CTCData``): every
+    window of every clip, in batches of similar length; a clip's windows joined in order."""
+    net = CTCLogits(model, tokenizer)
+    windows = [(r, k, w) for r in rows for k, w in enumerate(ds.clips[r])]
+    windows.sort(key=lambda x: x[2].shape[-1])
+    pieces: dict[tuple[int, int], str] = {}
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            group = windows[start:start + batch_size]
+            batch = ds.waveforms([w for _, _, w in group])
+            logits = net(**{k: v.to(device) for k, v in batch.items()}).logits
+            lengths = plain(model)._get_feat_extract_output_lengths(batch["frame_mask"].sum(-1)).tolist()
+            for (r, k, _), best, n in zip(group, logits.argmax(-1).cpu(), lengths):
+                pieces[(r, k)] = tokenizer.decode(best[:n].tolist()).strip()
+            if on_batch is not None:
+                on_batch(len({r for r, _, _ in group}))
+    if was_training:
+        model.train()
+    return [" ".join(p for k in range(len(ds.clips[r])) if (p := pieces[(r, k)])) for r in rows]
+
+
+def write_extra(bundle: Any, folder: Path) -> None:
+    """The feature extractor beside the model: the folder is a whole transformers CTC model
+    (``AutoModelForCTC`` + ``AutoProcessor``)."""
+    from fmtune.models.build import feature_extractor
+
+    feature_extractor(bundle.audio).save_pretrained(folder)
