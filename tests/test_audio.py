@@ -614,12 +614,3 @@ def test_waveform_encoder_end_to_end(tiny_wav2vec2, tone_dirs, tmp_path):
     assert res["examples"] == 12 and any(r["accuracy"] != res["clean"] for p in res["perturbations"].values()
                                           for r in p["results"])
 
-
-def test_speech_recognition_names_what_a_ctc_model_is(tiny_wav2vec2, tmp_path):
-    import fmtune
-
-    table = tmp_path / "t.csv"
-    pd.DataFrame({"audio": [f"{i}.wav" for i in range(20)], "text": ["hello"] * 20}).to_csv(table, index=False)
-    with pytest.raises(ModelError, match="wav2vec2 model"):
-        fmtune.train(cfg_dict(tiny_wav2vec2, table, out=str(tmp_path / "r"), task={"type": "speech-recognition"}),
-                     quiet=True)

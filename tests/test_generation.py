@@ -469,7 +469,8 @@ def test_a_killed_generation_run_resumes_to_the_same_adapter(tiny_llama, gen_fil
     import yaml
     from safetensors.torch import load_file
 
-    cfg = {"model": {"name": str(tiny_llama)}, "task": {"type": "generation"}, "data": {"train": str(gen_files["train"])},
+    cfg = {"model": {"name": str(tiny_llama)}, "task": {"type": "generation"},
+           "data": {"train": str(gen_files["train"])},
            "eval": {"max_new_tokens": 8, "samples": 8},
            "train": {"epochs": 1, "batch_size": 4, "seed": 0, "lr": 3e-3, "eval_every": 12, "save_every_steps": 5,
                      "log_every": 1, "patience": None, "num_threads": 1}}
@@ -495,7 +496,8 @@ def test_a_killed_generation_run_resumes_to_the_same_adapter(tiny_llama, gen_fil
 
     def evals(d: Path) -> list[dict]:
         rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")} for r in rows if r["type"] == "eval"]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")} for r in rows
+                if r["type"] == "eval"]
 
     assert evals(run) == evals(tmp_path / "ref") and len(evals(run)) >= 3
     a = load_file(str(tmp_path / "ref" / "model" / "adapter_model.safetensors"))

@@ -1,0 +1,157 @@
+"""Speech recognition on wav2vec2-style CTC models (tiny random wav2vec2 / HuBERT ``*ForCTC`` with a
+letter vocabulary): the loss and the transcripts are transformers' own, training lowers the loss,
+strategies, predict, export, and the errors."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from conftest import cfg_dict, save_tiny_wav2vec2
+from test_audio import PITCHES, tone
+
+from fmtune import config
+from fmtune.errors import DataError, ModelError
+
+RATE = 16000
+
+
+def tone_words(root: Path, n: int, seed: int) -> Path:
+    """Clips of 1-3 tones with a pause after each; the transcript names each tone by its first
+    letter ("l h m"), in lower case (the vocabulary is upper case, as wav2vec2-base-960h's)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        words = rng.choice(list(PITCHES), size=rng.integers(1, 4))
+        parts = []
+        for w in words:
+            parts += [tone(PITCHES[w], rng.uniform(0.25, 0.4), RATE, rng), np.zeros(1600, np.float32)]
+        sf.write(root / f"{i:03d}.wav", np.concatenate(parts), RATE)
+        rows.append({"file_name": f"{i:03d}.wav", "text": " ".join(w[0] for w in words)})
+    pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ctc_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ctc-models")
+    return {"group": save_tiny_wav2vec2(root / "wav2vec2", ctc_letters="lmh"),
+            "layer": save_tiny_wav2vec2(root / "hubert", "hubert", "layer", ctc_letters="lmh")}
+
+
+@pytest.fixture(scope="module")
+def tone_speech(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tone-speech")
+    return {"train": tone_words(root / "train", 32, 0), "test": tone_words(root / "test", 8, 1)}
+
+
+def _bundle(model: Path):
+    from fmtune.models import build
+    from fmtune.tasks.speech import SpeechRecognition
+
+    task = SpeechRecognition()
+    cfg = config.from_dict({"model": {"name": str(model)}, "task": {"type": "speech-recognition"}})
+    return build.create(cfg.model, task), task, cfg
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_ctc_loss_and_transcripts_are_transformers_own(ctc_models, tone_speech, norm):
+    """The loss over a padded batch (frames past each clip set to the blank) equals transformers'
+    Wav2Vec2ForCTC loss; the greedy transcripts equal the tokenizer's decoding of transformers'
+    logits for each clip alone; lower-case transcripts become the upper-case vocabulary's ids."""
+    from fmtune.generation import lm_net
+    from fmtune.models.ctc import transcribe
+
+    bundle, task, cfg = _bundle(ctc_models[norm])
+    ds, _ = task.dataset(task.read(tone_speech["train"], cfg.data), bundle, cfg.data)
+    tok = bundle.tokenizer
+    assert ds.ids[0] == tok(ds.references[0].upper())["input_ids"] and tok.word_delimiter_token_id in ds.ids[0]
+    model = bundle.model.eval()
+    batch = ds.collate(list(range(6)))
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        ours = task.loss(lm_net(bundle)(**batch).logits, labels)
+        mask = batch["frame_mask"] if norm == "layer" else None  # group-norm models: one clip at a time below
+        if mask is not None:
+            theirs = model(input_values=batch["input_values"], attention_mask=mask, labels=labels).loss
+            assert float(ours) == pytest.approx(float(theirs), rel=1e-4)
+        alone = []
+        for i in range(6):
+            one = ds.collate([i])
+            alone.append(float(model(input_values=one["input_values"], labels=one["labels"]).loss))
+        if mask is None:
+            assert float(ours) == pytest.approx(np.mean(alone), rel=1e-4)
+        expected = [tok.decode(model(input_values=ds.collate([i])["input_values"]).logits[0].argmax(-1).tolist())
+                    for i in range(6)]
+    got = transcribe(model, tok, ds, list(range(6)), 4, "cpu")
+    assert got == [e.strip() for e in expected] and any(got)  # a random model says something
+
+
+def test_ctc_speech_recognition_end_to_end(ctc_models, tone_speech, tmp_path):
+    """Training lowers the CTC loss on unseen clips; the best checkpoint is chosen on WER; the
+    run transcribes files, exports a folder AutoModelForCTC loads with the same transcripts, and a
+    LoRA run trains the CTC head beside its adapter while the convolutions stay frozen."""
+    from safetensors.torch import load_file
+
+    import fmtune
+
+    out = tmp_path / "full"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = fmtune.train(cfg_dict(ctc_models["layer"], tone_speech["train"], out=str(out),
+                                        task={"type": "speech-recognition"}, strategy={"name": "full"},
+                                        data={"test": str(tone_speech["test"])},
+                                        train={"epochs": 6, "batch_size": 8, "lr": 3e-3}), quiet=True)
+    ev = summary["eval"]
+    assert summary["metric"] == "wer" and {"loss", "wer", "cer"} <= set(ev["test"])
+    assert ev["test"]["loss"] < 0.8 * ev["baseline"]["loss"]  # unseen clips: the CTC loss fell
+    before = load_file(str(ctc_models["layer"] / "model.safetensors"))
+    after = load_file(str(out / "model" / "model.safetensors"))
+    convs = [k for k in before if ".feature_extractor." in f".{k}"]
+    assert convs and all(torch.equal(before[k], after[k]) for k in convs)
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["generation"]["transcripts_cased"] == "upper" and run["generation"]["blank"] == "[PAD]"
+
+    clips = sorted(str(p) for p in tone_speech["test"].glob("*.wav"))[:3]
+    pred = fmtune.load(out)
+    texts = [r["transcript"] for r in pred.predict(clips)]
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    exported = fmtune.export(out, merge=True, quiet=True)
+    assert exported["same_transcripts"] and (Path(exported["out"]) / "preprocessor_config.json").is_file()
+
+    lora = tmp_path / "lora"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fmtune.train(cfg_dict(ctc_models["group"], tone_speech["train"], out=str(lora),
+                              task={"type": "speech-recognition"}, train={"epochs": 1, "batch_size": 8}), quiet=True)
+    saved = load_file(str(lora / "model" / "adapter_model.safetensors"))
+    assert any("lora_" in k for k in saved) and any("lm_head" in k for k in saved)
+    assert len(fmtune.load(lora).predict(clips)) == 3
+    assert fmtune.export(lora, merge=True, quiet=True)["same_transcripts"]  # the adapter and head folded in
+
+
+def test_ctc_errors_name_the_row_and_the_model(ctc_models, tone_speech, tmp_path):
+    import fmtune
+
+    table = tmp_path / "long.csv"
+    pd.DataFrame({"audio": [str(tone_speech["train"] / "000.wav")] * 10,
+                  "text": ["l " * 40] + ["l"] * 9}).to_csv(table, index=False)
+    with pytest.raises(DataError, match=r"long.csv: row 1 \(line 2\): the transcript is \d+ tokens but the clip "
+                                        "gives the model"):
+        fmtune.train(cfg_dict(ctc_models["layer"], table, out=str(tmp_path / "a"), task={"type": "speech-recognition"},
+                              data={"val": str(table)}), quiet=True)
+    encoder = save_tiny_wav2vec2(tmp_path / "encoder")  # no CTC head, no vocabulary
+    with pytest.raises(ModelError, match="without a CTC head and vocabulary"):
+        fmtune.train(cfg_dict(encoder, table, out=str(tmp_path / "b"), task={"type": "speech-recognition"},
+                              data={"val": str(table)}), quiet=True)
+    with pytest.raises(Exception, match="strategy prompt does not apply to speech recognition"):
+        fmtune.train(cfg_dict(ctc_models["layer"], tone_speech["train"], out=str(tmp_path / "c"),
+                              task={"type": "speech-recognition"}, strategy={"name": "prompt"}), quiet=True)
