@@ -176,7 +176,7 @@ def _size(ds: Any) -> dict[str, Any]:
 def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
     tok = bundle.tokenizer
     if bundle.family == causal_lm.CTC_FAMILY:
-        from fmtune.models.ctc import case_of
+        from fmtune.tasks.speech import case_of
 
         return {"decoding": "greedy CTC", "blank": tok.pad_token, "word_delimiter": tok.word_delimiter_token,
                 "transcripts_cased": case_of(tok), "window_seconds": bundle.audio.get("window_seconds"),

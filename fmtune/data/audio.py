@@ -275,3 +275,15 @@ def audio_dataset(df: pd.DataFrame, column: str, spec: AudioSpec, targets: torch
     skip_bad(bad, len(df), src, max_bad_fraction, "audio files cannot be used", "unusable audio file(s)")
     keep = np.array(kept, dtype=np.int64)
     return AudioData(features_of(waves, spec), None if targets is None else targets[keep], spec, sources), keep
+
+
+def feature_extractor(audio: dict[str, Any]) -> Any:
+    """transformers' feature extractor that computes what fmtune feeds the model (``bundle.audio``)."""
+    from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+
+    a = AudioSpec.from_dict(audio)
+    if a.frontend == WAVEFORM:
+        return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=a.sampling_rate, padding_value=0.0,
+                                        do_normalize=a.normalize, return_attention_mask=True)
+    return WhisperFeatureExtractor(feature_size=a.n_mels, sampling_rate=a.sampling_rate, hop_length=a.hop_length,
+                                   n_fft=a.n_fft)

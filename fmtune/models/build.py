@@ -285,20 +285,6 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
                   max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name))
 
 
-def feature_extractor(audio: dict[str, Any]) -> Any:
-    """transformers' feature extractor that computes what fmtune feeds the model (``bundle.audio``)."""
-    from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
-
-    from fmtune.data.audio import WAVEFORM, AudioSpec
-
-    a = AudioSpec.from_dict(audio)
-    if a.frontend == WAVEFORM:
-        return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=a.sampling_rate, padding_value=0.0,
-                                        do_normalize=a.normalize, return_attention_mask=True)
-    return WhisperFeatureExtractor(feature_size=a.n_mels, sampling_rate=a.sampling_rate, hop_length=a.hop_length,
-                                   n_fft=a.n_fft)
-
-
 def save(bundle: Bundle, target: Path) -> None:
     """Save model + preprocessing to ``target`` atomically."""
     atomic_dir(target, lambda tmp: _write(bundle, tmp))
@@ -324,6 +310,8 @@ def _write(bundle: Bundle, tmp: Path) -> None:
 
             write_extra(bundle, tmp)
         elif bundle.family == causal_lm.CTC_FAMILY:
+            from fmtune.data.audio import feature_extractor
+
             feature_extractor(bundle.audio).save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         return
@@ -352,6 +340,8 @@ def _write(bundle: Bundle, tmp: Path) -> None:
         if bundle.tokenizer is not None:
             bundle.tokenizer.save_pretrained(tmp)
         if bundle.kind == "audio":  # the feature extractor its inputs match
+            from fmtune.data.audio import feature_extractor
+
             feature_extractor(bundle.audio).save_pretrained(tmp)
     else:
         if not bundle.adapter:

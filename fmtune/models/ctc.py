@@ -1,6 +1,7 @@
 """CTC speech models (wav2vec2, HuBERT, WavLM ... ``*ForCTC``) for speech recognition: the training
-forward, greedy decoding and the vocabulary checks (``fmtune.models.build`` creates them; saving,
-loading and strategies go through ``fmtune.models.causal_lm`` as for the other models that decode).
+forward and greedy decoding (``fmtune.models.build`` creates them; saving, loading and strategies go
+through ``fmtune.models.causal_lm`` as for the other models that decode; the transcripts' encoding
+and the CTC loss are the task's, ``fmtune.tasks.speech``).
 
 The encoder reads the waveform (``fmtune.models.hf_remote.waveform_states``: group-norm models in
 groups of equal length, so a transcript never depends on its batch), the CTC head gives one
@@ -14,22 +15,15 @@ blanks dropped (the tokenizer's own ``decode``).
 from __future__ import annotations
 
 import types
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fmtune.errors import ModelError
 from fmtune.models.causal_lm import CTC_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
 from fmtune.models.causal_lm import plain
-
-# the attention and feed-forward projections of the encoder blocks (LoRA's default targets)
-CTC_TARGETS = (["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"],
-               ["k_proj", "v_proj", "output_dense"], ["output_dense"])
-HEAD = "lm_head"  # the CTC head: trained (and saved with an adapter) under every strategy
 
 
 def create(path: Path | str, config: Any, init: str) -> tuple[nn.Module, Any]:
@@ -59,37 +53,6 @@ def create(path: Path | str, config: Any, init: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def case_of(tokenizer: Any) -> str:
-    """How transcripts are cased for this vocabulary: "upper" (e.g. wav2vec2-base-960h), "lower", or "keep"."""
-    letters = [c for t in tokenizer.get_vocab() if len(t) == 1 for c in t if c.isalpha()]
-    if letters and not any(c.islower() for c in letters):
-        return "upper"
-    if letters and not any(c.isupper() for c in letters):
-        return "lower"
-    return "keep"
-
-
-def encode_texts(tokenizer: Any, texts: list[str], where: list[str]) -> list[list[int]]:
-    """Each transcript as the vocabulary's token ids (cased as the vocabulary is); characters the
-    vocabulary lacks are warned about once (they become the unknown token)."""
-    case = case_of(tokenizer)
-    vocab = tokenizer.get_vocab()
-    delimiter = getattr(tokenizer, "word_delimiter_token", None) or " "
-    out, missing = [], {}
-    for text, w in zip(texts, where):
-        text = text.upper() if case == "upper" else text.lower() if case == "lower" else text
-        for c in set(text) - set(vocab) - {" "}:
-            missing.setdefault(c, w)
-        ids = tokenizer(text)["input_ids"]
-        out.append([i for i in ids if i is not None])
-    if missing:
-        shown = ", ".join(f"{c!r} ({w})" for c, w in list(missing.items())[:8])
-        warnings.warn(f"{len(missing)} character(s) of the transcripts are not in the model's vocabulary and are "
-                      f"learned as {tokenizer.unk_token!r}: {shown}; words are split at {delimiter!r}",
-                      UserWarning, stacklevel=2)
-    return out
-
-
 class CTCLogits(nn.Module):
     """What training batches are fed to: log-probabilities per frame (batch x frames x vocabulary),
     frames past each clip's end set to the blank with certainty (see the module doc)."""
@@ -115,17 +78,6 @@ class CTCLogits(nn.Module):
     def transcribe(self, ds: Any, rows: list[int], batch_size: int, device: Any, language: str | None = None,
                    on_batch: Any = None) -> list[str]:
         return transcribe(self.model, self.tokenizer, ds, rows, batch_size, device, on_batch)
-
-
-def ctc_loss(log_probs: torch.Tensor, labels: torch.Tensor, blank: int) -> torch.Tensor:
-    """The mean over clips of each clip's CTC loss divided by its transcript's length (torch's
-    ``reduction="mean"``, transformers' ``ctc_loss_reduction="mean"``); ``labels`` padded with -100."""
-    lengths = (labels >= 0).sum(-1)
-    flat = labels[labels >= 0]
-    frames = torch.full((log_probs.shape[0],), log_probs.shape[1], dtype=torch.long, device=log_probs.device)
-    with torch.backends.cudnn.flags(enabled=False):
-        return F.ctc_loss(log_probs.transpose(0, 1), flat, frames, lengths, blank=blank, reduction="mean",
-                          zero_infinity=True)
 
 
 def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch_size: int, device: Any,
@@ -156,6 +108,6 @@ def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch
 def write_extra(bundle: Any, folder: Path) -> None:
     """The feature extractor beside the model: the folder is a whole transformers CTC model
     (``AutoModelForCTC`` + ``AutoProcessor``)."""
-    from fmtune.models.build import feature_extractor
+    from fmtune.data.audio import feature_extractor
 
     feature_extractor(bundle.audio).save_pretrained(folder)

@@ -16,6 +16,7 @@ falling while the transcripts get worse).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,48 @@ class SpeechData(torch.utils.data.Dataset):
                 "target_index": torch.tensor(where, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
+def case_of(tokenizer: Any) -> str:
+    """How transcripts are cased for this vocabulary: "upper" (e.g. wav2vec2-base-960h), "lower", or "keep"."""
+    letters = [c for t in tokenizer.get_vocab() if len(t) == 1 for c in t if c.isalpha()]
+    if letters and not any(c.islower() for c in letters):
+        return "upper"
+    if letters and not any(c.isupper() for c in letters):
+        return "lower"
+    return "keep"
+
+
+def encode_texts(tokenizer: Any, texts: list[str], where: list[str]) -> list[list[int]]:
+    """Each transcript as the vocabulary's token ids (cased as the vocabulary is); characters the
+    vocabulary lacks are warned about once (they become the unknown token)."""
+    case = case_of(tokenizer)
+    vocab = tokenizer.get_vocab()
+    delimiter = getattr(tokenizer, "word_delimiter_token", None) or " "
+    out, missing = [], {}
+    for text, w in zip(texts, where):
+        text = text.upper() if case == "upper" else text.lower() if case == "lower" else text
+        for c in set(text) - set(vocab) - {" "}:
+            missing.setdefault(c, w)
+        ids = tokenizer(text)["input_ids"]
+        out.append([i for i in ids if i is not None])
+    if missing:
+        shown = ", ".join(f"{c!r} ({w})" for c, w in list(missing.items())[:8])
+        warnings.warn(f"{len(missing)} character(s) of the transcripts are not in the model's vocabulary and are "
+                      f"learned as {tokenizer.unk_token!r}: {shown}; words are split at {delimiter!r}",
+                      UserWarning, stacklevel=2)
+    return out
+
+
+def ctc_loss(log_probs: torch.Tensor, labels: torch.Tensor, blank: int) -> torch.Tensor:
+    """The mean over clips of each clip's CTC loss divided by its transcript's length (torch's
+    ``reduction="mean"``, transformers' ``ctc_loss_reduction="mean"``); ``labels`` padded with -100."""
+    lengths = (labels >= 0).sum(-1)
+    flat = labels[labels >= 0]
+    frames = torch.full((log_probs.shape[0],), log_probs.shape[1], dtype=torch.long, device=log_probs.device)
+    with torch.backends.cudnn.flags(enabled=False):
+        return F.ctc_loss(log_probs.transpose(0, 1), flat, frames, lengths, blank=blank, reduction="mean",
+                          zero_infinity=True)
+
+
 class CTCData(torch.utils.data.Dataset):
     """Clips as waveform windows (fp16) with their transcripts as a CTC vocabulary's ids (a
     wav2vec2-style model, ``fmtune.models.ctc``). A batch pads with zeros to the longest clip,
@@ -250,12 +293,11 @@ class SpeechRecognition(Task):
     # --- data -----------------------------------------------------------------------------------
     def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
                 allow_unknown: bool = False) -> tuple[SpeechData | CTCData, np.ndarray]:
-        from fmtune.data.audio import AudioSpec, audio_dataset
-        from fmtune.models.causal_lm import CTC_FAMILY
+        from fmtune.data.audio import WAVEFORM, AudioSpec, audio_dataset
 
         spec = AudioSpec.from_dict(bundle.audio)
         audio, keep = audio_dataset(df, "audio", spec, None, data_cfg.max_bad_fraction)
-        if bundle.family == CTC_FAMILY:
+        if spec.frontend == WAVEFORM:  # a wav2vec2-style CTC model (fmtune.models.ctc)
             return self._ctc_dataset(df, bundle, audio, keep, spec, with_targets), keep
         tok = bundle.tokenizer
         prefix = prefix_ids(tok, self.language)
@@ -289,9 +331,6 @@ class SpeechRecognition(Task):
                      with_targets: bool) -> CTCData:
         """A CTC model's clips and transcripts: every training clip within one window, and every
         transcript at most as many tokens as the clip has frames (CTC emits one per frame)."""
-        from fmtune.models.causal_lm import plain
-        from fmtune.models.ctc import encode_texts
-
         tok = bundle.tokenizer
         self.blank = int(tok.pad_token_id)
         texts = df["text"].tolist() if with_targets and "text" in df.columns else [None] * len(df)
@@ -305,7 +344,7 @@ class SpeechRecognition(Task):
                                 f"({len(long)} clip(s) in all); a training clip needs a transcript per window: cut "
                                 "long recordings into clips of at most the window, each with its own transcript")
             ids = encode_texts(tok, refs, [row_label(df, int(i)) for i in keep])
-            frames = plain(bundle.model)._get_feat_extract_output_lengths(
+            frames = bundle.model._get_feat_extract_output_lengths(
                 torch.tensor([c[0].shape[-1] for c in audio.clips])).tolist()
             for j, (row, n) in enumerate(zip(ids, frames)):
                 if len(row) > n:
@@ -316,11 +355,10 @@ class SpeechRecognition(Task):
 
     def inputs(self, items: list[Any], bundle: Any) -> SpeechData | CTCData:
         """Decoded waveforms to transcribe (any length: windows are transcribed in turn)."""
-        from fmtune.data.audio import AudioSpec, features_of
-        from fmtune.models.causal_lm import CTC_FAMILY
+        from fmtune.data.audio import WAVEFORM, AudioSpec, features_of
 
         spec = AudioSpec.from_dict(bundle.audio)
-        if bundle.family == CTC_FAMILY:
+        if spec.frontend == WAVEFORM:  # a CTC model
             return CTCData(features_of(items, spec), None, spec, [None] * len(items),
                            list(range(1, len(items) + 1)), [])
         return SpeechData(features_of(items, spec), None, 0, bundle.tokenizer.eos_token_id, spec,
@@ -329,8 +367,6 @@ class SpeechRecognition(Task):
     # --- loss and metrics -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: Any, weights: torch.Tensor | None = None) -> torch.Tensor:
         if targets.dim() == 2:  # a CTC model: log-probabilities per frame, transcripts padded with -100
-            from fmtune.models.ctc import ctc_loss
-
             return ctc_loss(logits, targets, self.blank)
         return F.cross_entropy(logits.float(), targets)
 
