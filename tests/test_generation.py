@@ -457,6 +457,7 @@ def test_packed_examples_give_the_padded_batchs_logits_and_gradients(lm, tmp_pat
         config.from_dict({"train": {"packing": True}})
 
 
+@pytest.mark.slow  # two subprocess runs (~50 s); the resume machinery is fit()'s, tested by default in test_resume.py
 def test_a_killed_generation_run_resumes_to_the_same_adapter(tiny_llama, gen_files, tmp_path):
     """SIGKILL mid-epoch after a resume point, then --resume: the same evaluations (loss and
     greedy answers' ROUGE) and the same LoRA adapter as the uninterrupted run."""
