@@ -15,6 +15,7 @@
 #   make bench-audio  fmtune's audio classification against the Hugging Face Trainer (WhisperForAudioClassification)
 #   make bench-speech  fmtune's speech recognition against the Hugging Face Seq2SeqTrainer (Whisper + peft LoRA)
 #   make bench-dense  segmentation and detection: head vs last_n vs full, training and prediction images/s
+#   make bench-active  active learning: labels each strategy needs to reach 95% of the full pool's accuracy
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,7 +24,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
-	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense
+	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense bench-active
 
 setup: $(VENV)/.installed
 
@@ -80,6 +81,9 @@ test-slow: setup setup-audio
 	$(PY) -m pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests were collected" >&2; exit 1; fi; exit $$rc
 
 # SetFit is the reference of bench/fewshot.py only: installed here, never a dependency of fmtune.
+bench-active: setup
+	$(PY) bench/active.py > bench/results-active-$$(date +%F).json
+
 bench-fewshot: setup
 	$(PY) -m pip install -q datasets evaluate
 	$(PY) -m pip install -q --no-deps setfit

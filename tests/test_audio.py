@@ -551,6 +551,22 @@ def test_waveform_features_do_not_depend_on_batch_padding(which, request):
     torch.testing.assert_close(together[0], alone[0], atol=1e-4, rtol=1e-4)
 
 
+def test_a_very_short_clip_trains_a_waveform_encoder(tiny_wav2vec2):
+    """A 0.1-s clip (5 frames) is padded to WAVEFORM_MIN_SECONDS: transformers refuses inputs shorter
+    than SpecAugment's 10-frame mask span in training (ValueError: `mask_length` has to be smaller)."""
+    from fmtune.config import ModelConfig
+    from fmtune.models import build
+    from fmtune.tasks.audio import AudioClassification
+
+    bundle = build.create(ModelConfig(name=str(tiny_wav2vec2)), AudioClassification(["a", "b"]))
+    spec = AudioSpec.from_dict(bundle.audio)
+    data = AudioData(features_of([tone(440.0, 0.1, RATE, np.random.default_rng(0))], spec), torch.tensor([0]), spec)
+    batch = data.collate([0])
+    assert bundle.model.config.mask_time_prob > 0 and batch["frame_mask"].sum() == 4000  # 0.25 s
+    out = bundle.model.train()(**batch)
+    assert torch.isfinite(out.loss)
+
+
 def test_waveform_encoder_end_to_end(tiny_wav2vec2, tone_dirs, tmp_path):
     """A wav2vec2 folder: the probe learns the tones; full fine-tuning leaves the convolutional
     feature encoder as pretrained; the export loads in plain transformers (AutoModelForAudioClassification

@@ -164,14 +164,16 @@ class LogMel:
         return (log_spec + 4.0) / 4.0
 
 
-WAVEFORM_MIN_SECONDS = 0.025  # a raw-waveform encoder's receptive field (400 samples at 16 kHz): one frame
+# a raw-waveform encoder's shortest input: its SpecAugment (on in training, as in its own recipe) masks spans
+# of 10 frames of 20 ms and transformers refuses a clip of fewer frames than that
+WAVEFORM_MIN_SECONDS = 0.25
 
 
 def windows(wave: np.ndarray, spec: AudioSpec) -> list[np.ndarray]:
     """A clip as consecutive windows of at most the model's window; a clip (or a last piece)
     shorter than PAD_TO_SECONDS is padded with silence to it (log-mel: context for the encoder), or,
-    for a raw-waveform encoder, only to the one frame it needs (as its own feature extractor
-    leaves clips: silence would enter the clip's mean)."""
+    for a raw-waveform encoder, only to WAVEFORM_MIN_SECONDS (its own feature extractor leaves clips
+    as they are, but silence would enter the clip's mean)."""
     step = spec.window_samples
     pieces = [wave[i:i + step] for i in range(0, len(wave), step)] or [wave]
     if len(pieces) > 1 and len(pieces[-1]) < PAD_TO_SECONDS * spec.sampling_rate:
