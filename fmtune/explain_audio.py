@@ -186,7 +186,8 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
                          "an audio file, a folder or a table")
     out_dir = Path(out) if out else pred.run_dir / "explain"
     check_output_dir(out_dir, "explain.json")
-    waveform = AudioSpec.from_dict(pred.bundle.audio).frontend == WAVEFORM
+    spec = AudioSpec.from_dict(pred.bundle.audio)
+    waveform = spec.frontend == WAVEFORM
     expected = "noise" if waveform else "silence"
     if baseline not in (None, expected):
         raise ConfigError(f"--baseline {baseline!r}: this run's model is explained from {expected} "
@@ -196,7 +197,6 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
     if not items:
         summary["note"] = "no misclassified examples" if misclassified else "no inputs"
         return summary
-    spec = AudioSpec.from_dict(pred.bundle.audio)
     windows = [w[0].float() for w in features_of([it["wave"] for it in items], spec)]
     logits = infer(pred.model, AudioData([[w.half()] for w in windows], None, spec), pred.batch_size)[0]
     shown = AudioSpec(sampling_rate=spec.sampling_rate) if waveform else spec  # the picture: a log-mel

@@ -43,18 +43,16 @@ class _ImageLogits(TextLogits):
 
 
 class _WindowLogits(TextLogits):
-    """Audio: the logits of every log-mel window. The head is linear, so a clip's logits are the
-    mean of its windows' (what the torch model computes from the mean of their features)."""
+    """Audio: the logits of every window (log-mel features, or the waveform: ``key``). The head is
+    linear, so a clip's logits are the mean of its windows' (what the torch model computes from the
+    mean of their features)."""
 
-    def forward(self, input_features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.model(input_features=input_features, frame_mask=frame_mask).logits
+    def __init__(self, model: nn.Module, key: str):
+        super().__init__(model)
+        self.key = key
 
-
-class _WaveLogits(TextLogits):
-    """Audio read as the waveform (wav2vec2 and its kin): the logits of every window, as above."""
-
-    def forward(self, input_values: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.model(input_values=input_values, frame_mask=frame_mask).logits
+    def forward(self, windows: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.model(**{self.key: windows}, frame_mask=frame_mask).logits
 
 
 def input_names(kind: str, audio: dict[str, Any] | None = None) -> list[str]:
@@ -101,13 +99,12 @@ def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], pa
         shapes = {"input_features": {0: batch, 2: 2 * half}, "frame_mask": {0: batch, 1: 2 * half}}
     else:
         shapes = {"pixel_values": {0: batch}}
-    wrapper = {"text": TextLogits, "audio": _WindowLogits}.get(kind, _ImageLogits)(model).eval()
-    if names[0] == "input_values":
-        wrapper = _WaveLogits(model).eval()
+    wrapper = (_WindowLogits(model, names[0]) if kind == "audio" else
+               TextLogits(model) if kind == "text" else _ImageLogits(model)).eval()
     try:
         with _quiet_exporter(), torch.no_grad():
             torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["logits"], dynamo=True,
-                              dynamic_shapes=shapes, external_data=False, verbose=False)
+                              dynamic_shapes=tuple(shapes[n] for n in names), external_data=False, verbose=False)
     except Exception as e:  # the exporter raises many kinds
         raise ModelError(f"ONNX export failed for {type(model).__name__}: {e.__class__.__name__}: {e}") from None
 

@@ -48,15 +48,20 @@ def _names_of(model: nn.Module, modules: list[nn.Module]) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
+def waveform_convs(model: nn.Module) -> set[str]:
+    """The parameters of the convolutional feature encoder of every raw-waveform audio encoder
+    (wav2vec2, HuBERT, WavLM ...) inside ``model``: they stay as pretrained under every strategy, as
+    in these models' own fine-tuning recipes."""
+    convs = [m.feature_extractor for m in model.modules()
+             if hasattr(m, "_get_feat_extract_output_lengths") and isinstance(getattr(m, "feature_extractor", None),
+                                                                              nn.Module)]
+    return _names_of(model, convs)
+
+
 @STRATEGIES.register("full")
 def _full(model: nn.Module, cfg: Any) -> set[str]:
-    """Every parameter, except the convolutional feature encoder of a raw-waveform audio model
-    (wav2vec2, HuBERT, WavLM): it stays as pretrained, as in these models' own fine-tuning recipes."""
-    backbone = getattr(model, "backbone", None)
-    waveform = hasattr(backbone, "_get_feat_extract_output_lengths")
-    conv = getattr(backbone, "feature_extractor", None) if waveform else None
-    frozen = _names_of(model, [conv]) if isinstance(conv, nn.Module) else set()
-    return {n for n, _ in model.named_parameters()} - frozen
+    """Every parameter, except a raw-waveform encoder's convolutional feature encoder (``waveform_convs``)."""
+    return {n for n, _ in model.named_parameters()} - waveform_convs(model)
 
 
 @STRATEGIES.register("head")

@@ -208,7 +208,9 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
                 ids |= {id(p) for p in getattr(model, CTC_HEAD).parameters()}
             trainable = {n for n, p in model.named_parameters() if id(p) in ids}
         if ctc:  # the convolutional feature encoder stays as pretrained
-            trainable = {n for n in trainable if ".feature_extractor." not in f".{n}"}
+            from fmtune.strategies import waveform_convs
+
+            trainable -= waveform_convs(model)
         for n, p in model.named_parameters():
             p.requires_grad_(n in trainable)
     total = sum(p.numel() for p in bundle.model.parameters())

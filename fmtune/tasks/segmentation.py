@@ -33,13 +33,13 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def confusion(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk: int = 16) -> np.ndarray:
     """K x K pixel counts (true class, predicted class) over every non-ignored pixel."""
-    return confusion_and_loss(logits, targets, k, chunk)[0]
+    return confusion_and_loss(logits, targets, k, chunk, with_loss=False)[0]
 
 
-def confusion_and_loss(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk: int = 16
-                       ) -> tuple[np.ndarray, float]:
+def confusion_and_loss(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk: int = 16,
+                       with_loss: bool = True) -> tuple[np.ndarray, float]:
     """The confusion matrix and the mean cross-entropy over every non-ignored pixel (NaN when
-    none), from one resize of the logits to the masks per chunk of images."""
+    none, or without ``with_loss``), from one resize of the logits to the masks per chunk of images."""
     cm = torch.zeros(k * k, dtype=torch.int64)
     total, n = 0.0, 0
     for s in range(0, len(targets), chunk):
@@ -47,7 +47,7 @@ def confusion_and_loss(logits: torch.Tensor, targets: torch.Tensor, k: int, chun
         up = upsample(logits[s:s + chunk], y.shape[-2:])
         keep = y != IGNORE
         cm += torch.bincount(y[keep] * k + up.argmax(1)[keep], minlength=k * k)
-        if keep.any():
+        if with_loss and keep.any():
             total += float(F.cross_entropy(up, y, ignore_index=IGNORE, reduction="sum"))
             n += int(keep.sum())
     return cm.view(k, k).numpy(), total / n if n else float("nan")

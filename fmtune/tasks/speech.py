@@ -216,6 +216,15 @@ def ctc_loss(log_probs: torch.Tensor, labels: torch.Tensor, blank: int) -> torch
                           zero_infinity=True)
 
 
+def _one_window_each(audio: Any, spec: Any) -> None:
+    """A DataError naming the first training clip longer than the model's window (and how many)."""
+    long = [src for src, c in zip(audio.sources, audio.clips) if len(c) > 1]
+    if long:
+        raise DataError(f"{long[0]}: the clip is longer than the model's {spec.window_seconds:g} s window "
+                        f"({len(long)} clip(s) in all); a training clip needs a transcript per window: cut long "
+                        "recordings into clips of at most the window, each with its own transcript")
+
+
 class CTCData(torch.utils.data.Dataset):
     """Clips as waveform windows (fp16) with their transcripts as a CTC vocabulary's ids (a
     wav2vec2-style model, ``fmtune.models.ctc``). A batch pads with zeros to the longest clip,
@@ -297,21 +306,19 @@ class SpeechRecognition(Task):
 
         spec = AudioSpec.from_dict(bundle.audio)
         audio, keep = audio_dataset(df, "audio", spec, None, data_cfg.max_bad_fraction)
+        texts = df["text"].tolist() if with_targets and "text" in df.columns else [None] * len(df)
+        lines = df["line"].tolist() if "line" in df.columns else list(range(1, len(df) + 1))
         if spec.frontend == WAVEFORM:  # a wav2vec2-style CTC model (fmtune.models.ctc)
-            return self._ctc_dataset(df, bundle, audio, keep, spec, with_targets), keep
+            return self._ctc_dataset(df, bundle, audio, keep, spec, texts, lines, with_targets), keep
         tok = bundle.tokenizer
         prefix = prefix_ids(tok, self.language)
         eot = tok.eos_token_id
-        texts = df["text"].tolist() if with_targets and "text" in df.columns else [None] * len(df)
-        lines = df["line"].tolist() if "line" in df.columns else list(range(1, len(df) + 1))
-        ids, refs, kept_lines, long = [], [], [], []
+        ids, refs, kept_lines = [], [], []
         limit = bundle.max_length  # the decoder's positions
         for j, i in enumerate(keep):
-            where = audio.sources[j]
             if with_targets:
                 if len(audio.clips[j]) > 1:
-                    long.append(where)
-                    continue
+                    continue  # (refused below, all of them at once)
                 body = tok(" " + texts[i], add_special_tokens=False)["input_ids"]
                 if len(prefix) + len(body) + 1 > limit:
                     raise DataError(f"{row_label(df, int(i))}: the transcript is {len(body)} tokens; the decoder "
@@ -319,30 +326,22 @@ class SpeechRecognition(Task):
                 ids.append(prefix + body + [eot])
             refs.append(texts[i])
             kept_lines.append(int(lines[i]))
-        if long:
-            raise DataError(f"{long[0]}: the clip is longer than the model's {spec.window_seconds:g} s window "
-                            f"({len(long)} clip(s) in all); a training clip needs a transcript per window: cut long "
-                            "recordings into clips of at most the window, each with its own transcript")
+        if with_targets:
+            _one_window_each(audio, spec)
         data = SpeechData(audio.clips, ids if with_targets else None, len(prefix), eot, spec, refs, kept_lines,
                           audio.sources)
         return data, keep
 
     def _ctc_dataset(self, df: pd.DataFrame, bundle: Any, audio: Any, keep: np.ndarray, spec: Any,
-                     with_targets: bool) -> CTCData:
+                     texts: list[str | None], lines: list[int], with_targets: bool) -> CTCData:
         """A CTC model's clips and transcripts: every training clip within one window, and every
         transcript at most as many tokens as the clip has frames (CTC emits one per frame)."""
         tok = bundle.tokenizer
         self.blank = int(tok.pad_token_id)
-        texts = df["text"].tolist() if with_targets and "text" in df.columns else [None] * len(df)
-        lines = df["line"].tolist() if "line" in df.columns else list(range(1, len(df) + 1))
         refs = [texts[i] for i in keep]
         ids = None
         if with_targets:
-            long = [audio.sources[j] for j, c in enumerate(audio.clips) if len(c) > 1]
-            if long:
-                raise DataError(f"{long[0]}: the clip is longer than the model's {spec.window_seconds:g} s window "
-                                f"({len(long)} clip(s) in all); a training clip needs a transcript per window: cut "
-                                "long recordings into clips of at most the window, each with its own transcript")
+            _one_window_each(audio, spec)
             ids = encode_texts(tok, refs, [row_label(df, int(i)) for i in keep])
             frames = bundle.model._get_feat_extract_output_lengths(
                 torch.tensor([c[0].shape[-1] for c in audio.clips])).tolist()
