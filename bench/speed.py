@@ -8,6 +8,10 @@ On a CUDA machine everything (both trainers, the FLOP/s step, the matmul ceiling
 Same model (MiniLM-L6 + fmtune's mean-pooling head, built once per run), same real data
 (rotten-tomatoes, seeded split), same epochs, batch size, learning rate and schedule:
 
+0. `reference`: per strategy (full, LoRA, last_n) and seed (--seeds), the Trainer as an expert sets it
+   up (see expert_trainer) against fmtune's defaults, and fmtune with torch's dropout
+   (train.fast_dropout false). `predict`: fmtune's Predictor (torch and ONNX) against a transformers
+   pipeline, as it comes and batched.
 1. Trainer, standard recipe (tokenised with padding to max_length, as run_glue does) vs
    Trainer with group_by_length + dynamic padding (its best setting) vs `fmtune train --strategy full`
    (defaults; and with precision forced to fp32, to separate the effect of the precision choice).
@@ -126,6 +130,147 @@ def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, l
                 "cache_stored_as": sorted({m["stored_as"] for m in metas})} if metas else {})}
 
 
+def expert_trainer(files: dict, args: argparse.Namespace, strategy: str, seed: int, out: Path) -> dict:
+    """The Trainer configured as an expert would for ``strategy``: dynamic padding, group_by_length, bf16
+    where the hardware runs it natively, its fused AdamW with fmtune's parameter groups (the same body
+    and head learning rates, no decay on biases and norms), linear schedule with the same warm-up, no
+    evaluation or checkpoints while training (its fastest). lora: peft's LoraConfig with fmtune's
+    defaults for BERT (r 8, alpha 16, dropout 0.1, query/value, the head's linear layer trained);
+    last_n: everything frozen but the last 2 blocks and the head."""
+    import pandas as pd
+    import peft
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from fmtune.adapters import HEAD_LAYER, TARGETS
+    from fmtune.config import DEFAULT_LR
+    from fmtune.strategies import backbone_blocks
+
+    task = Classification(sorted(pd.read_csv(files["train"])["label"].astype(str).unique()))
+    torch.manual_seed(seed)
+    bundle = build.create(ModelConfig(name=args.model, max_length=args.max_length), task)
+    model, tok = bundle.model, bundle.tokenizer
+    if strategy == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                                           target_modules=TARGETS["bert"][0],
+                                                           modules_to_save=[HEAD_LAYER]))
+    elif strategy == "last_n":
+        model.requires_grad_(False)
+        for block in backbone_blocks(model.backbone)[-2:]:
+            block.requires_grad_(True)
+        model.head.requires_grad_(True)
+
+    def encode(path: Path) -> list[dict]:
+        df = pd.read_csv(path)
+        enc = tok(df["text"].tolist(), truncation=True, max_length=args.max_length)
+        return [{"input_ids": i, "attention_mask": m, "labels": task.labels.index(str(y))}
+                for i, m, y in zip(enc["input_ids"], enc["attention_mask"], df["label"])]
+
+    train, test = encode(files["train"]), encode(files["test"])
+    lr = DEFAULT_LR[strategy]
+    targs = TrainingArguments(
+        output_dir=str(out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        learning_rate=lr, warmup_steps=0.06, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=50,
+        save_strategy="no", eval_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length", dataloader_num_workers=0, disable_tqdm=True,
+        bf16=hardware.choose().precision == "bf16")
+    optimizer = make_optimizer(model, TrainConfig(lr=lr, weight_decay=0.01))
+    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(tok),
+                      optimizers=(optimizer, None))
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train()
+    seconds = time.perf_counter() - t0
+    ds = TextData([x["input_ids"] for x in test], torch.tensor([x["labels"] for x in test]), tok.pad_token_id)
+    logits, targets = infer(trainer.model, ds, 128)
+    return {"seconds": round(seconds, 2), "samples_per_s": round(len(train) * args.epochs / seconds, 1),
+            "test_accuracy": round(task.metrics(logits, targets)["accuracy"], 4)}
+
+
+def reference_rows(files: dict, args: argparse.Namespace, work: Path) -> dict:
+    """Per strategy and seed: the expert Trainer, fmtune with its defaults, and fmtune with torch's
+    dropout (train.fast_dropout false) to show what the CPU dropout gives."""
+    from fmtune.config import DEFAULT_LR
+
+    # one untimed run of each first: the first training in a process pays one-time set-up (kernels, imports)
+    log("warm-up: one short run of each")
+    small = export("rotten-tomatoes", work / "warm", sizes=(64, 32, 32), seed=0)
+    expert_trainer(small, argparse.Namespace(**{**vars(args), "epochs": 1}), "full", 0, work / "warm-hf")
+    fmtune_run(small, args.model, work / "warm-ft", "full", 1, 5e-5, args.batch_size, args.max_length)
+    res: dict = {}
+    for strategy in args.strategies:
+        rows: dict = {"trainer_expert": [], "fmtune": [], "fmtune_torch_dropout": []}
+        for seed in args.seeds:
+            tag = f"{strategy}-s{seed}"
+            log(f"{strategy}, seed {seed}: Trainer (expert)")
+            rows["trainer_expert"].append(expert_trainer(files, args, strategy, seed, work / f"hf-{tag}"))
+            for name, fast in (("fmtune", True), ("fmtune_torch_dropout", False)):
+                log(f"{strategy}, seed {seed}: {name}")
+                run = fmtune_run(files, args.model, work / f"{name}-{tag}", strategy, args.epochs,
+                                 DEFAULT_LR[strategy], args.batch_size, args.max_length, seed=seed,
+                                 fast_dropout=fast)
+                evals = [e for e in read_jsonl(work / f"{name}-{tag}" / "metrics.jsonl") if e.get("type") == "eval"]
+                run["train_seconds_without_validation"] = round(
+                    run["train_seconds"] - sum(e["eval_seconds"] for e in evals), 2)
+                rows[name].append(run)
+        summary = {}
+        for name, runs in rows.items():
+            secs = [r.get("seconds", r.get("train_seconds")) for r in runs]
+            accs = [r["test_accuracy"] for r in runs]
+            summary[name] = {"seconds_mean": round(float(np.mean(secs)), 2),
+                             "accuracy_mean": round(float(np.mean(accs)), 4),
+                             "accuracy_std": round(float(np.std(accs)), 4)}
+        ref = summary["trainer_expert"]["seconds_mean"]
+        for name in ("fmtune", "fmtune_torch_dropout"):
+            summary[name]["speedup_vs_trainer_expert"] = round(ref / summary[name]["seconds_mean"], 2)
+            no_val = float(np.mean([r["train_seconds_without_validation"] for r in rows[name]]))
+            summary[name]["speedup_vs_trainer_expert_without_validation"] = round(ref / no_val, 2)
+        res[strategy] = {"runs": rows, "summary": summary}
+    return res
+
+
+def predict_rows(files: dict, args: argparse.Namespace, work: Path) -> dict:
+    """Prediction throughput on the test texts: fmtune's Predictor (the run's model, length-sorted
+    batches; torch, and the ONNX export through onnxruntime) against a transformers pipeline on the
+    same model exported as a Hugging Face folder, its default (one text at a time) and batched
+    (batch_size 64)."""
+    import pandas as pd
+    from transformers import pipeline
+
+    from fmtune.exporter import export
+    from fmtune.predictor import load
+
+    run = work / "predict-run"
+    fmtune_run(files, args.model, run, "head", 1, 1e-3, args.batch_size, args.max_length)
+    folder = Path(export(run, quiet=True)["out"])
+    texts = pd.read_csv(files["test"])["text"].astype(str).tolist()
+    torch.set_num_threads(hardware.choose().threads)
+    res: dict = {"texts": len(texts)}
+    for name, backend in (("fmtune_predictor", "torch"), ("fmtune_predictor_onnx", "onnx")):
+        pred = load(run, backend=backend)
+        pred.predict(texts[:64])  # warm-up
+        t0 = time.perf_counter()
+        labels = [r["label"] for r in pred.predict(texts)]
+        res[name] = {"seconds": round(time.perf_counter() - t0, 3)}
+        if backend == "torch":
+            ours = labels
+        else:
+            res[name]["same_label_as_fmtune"] = round(float(np.mean([a == b for a, b in zip(labels, ours)])), 4)
+    for name, batch in (("pipeline_default", None), ("pipeline_batch_64", 64)):
+        pipe = pipeline("text-classification", model=str(folder), trust_remote_code=True, device="cpu")
+        kw = {"truncation": True, "max_length": args.max_length, **({"batch_size": batch} if batch else {})}
+        pipe(texts[:64], **kw)
+        t0 = time.perf_counter()
+        out = pipe(texts, **kw)
+        res[name] = {"seconds": round(time.perf_counter() - t0, 3),
+                     "same_label_as_fmtune": round(float(np.mean([o["label"] == y for o, y in zip(out, ours)])), 4)}
+    for ours_name in ("fmtune_predictor", "fmtune_predictor_onnx"):
+        for name in ("pipeline_default", "pipeline_batch_64"):
+            res[f"{ours_name}_speedup_vs_{name}"] = round(res[name]["seconds"] / res[ours_name]["seconds"], 2)
+    for r in ("fmtune_predictor", "fmtune_predictor_onnx", "pipeline_default", "pipeline_batch_64"):
+        res[r]["texts_per_s"] = round(len(texts) / res[r]["seconds"], 1)
+    return res
+
+
 def backbone_depth(model: str) -> int:
     from fmtune.strategies import backbone_blocks
 
@@ -207,7 +352,11 @@ def main() -> None:
     p.add_argument("--model", default="minilm-l6", help="text model: zoo name or Hugging Face folder")
     p.add_argument("--data", type=Path, help="folder with train.csv, val.csv, test.csv (text,label) "
                    "instead of the rotten-tomatoes split")
-    p.add_argument("--skip", nargs="*", default=[], choices=["trainer", "strategies", "image", "loader", "flops"])
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["reference", "predict", "trainer", "strategies", "image", "loader", "flops"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="reference section: training seeds")
+    p.add_argument("--strategies", nargs="+", default=["full", "lora", "last_n"], choices=["full", "lora", "last_n"],
+                   help="reference section: strategies measured against the expert Trainer")
     args = p.parse_args()
     hw = hardware.choose()
     gpu = torch.cuda.get_device_name() if hw.device == "cuda" else None
@@ -223,6 +372,11 @@ def main() -> None:
     common = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length,
               "seed": args.seed}
 
+    if "reference" not in args.skip:
+        result["reference_expert_trainer"] = reference_rows(text, args, work)
+    if "predict" not in args.skip:
+        log("predict: fmtune's Predictor against a transformers pipeline")
+        result["predict"] = predict_rows(text, args, work)
     if "trainer" not in args.skip:
         log("HF Trainer, padding to max_length")
         std = hf_trainer(text, args, False, work / "hf-std")

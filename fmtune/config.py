@@ -316,6 +316,8 @@ class TrainConfig:
         "or pgd (3 steps of eps/2)")
     adversarial_eps: float = _f(0.0078, "images: L-inf budget of the adversarial copies, pixel units (2/255)")
     num_threads: int | None = _f(None, "CPU threads (default: physical cores)")
+    fast_dropout: bool = _f(True, "on a CPU, dropout masks drawn four elements per random number (keep probability "
+                            "exact to 1/32768) instead of torch's per-element Bernoulli; false: torch's dropout")
     loader_threads: int | None = _f(
         None, "background threads that collate the next batches while the model computes (default: none on a "
         "CPU, whose cores all compute; on a GPU up to 4, with pinned memory); 0 = collate inline")

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from fmtune import ui
 from fmtune.config import lora_dropout
 from fmtune.errors import ConfigError
+from fmtune.training.dropout import fast_dropout
+from fmtune.training.optim import adamw
 
 # --strategy auto: a text encoder is tuned contrastively up to this many labels per class (beyond,
 # plain fine-tuning has enough examples to learn from and is cheaper per example); an image backbone
@@ -161,8 +163,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     base = adapters.base_model(model)
     decay = [p for p in params if p.dim() > 1]
     rest = [p for p in params if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=tcfg.lr)
+    opt = adamw([{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], tcfg.lr)
     warm = max(1, int(0.1 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
@@ -172,7 +173,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     losses: list[float] = []
     started = time.perf_counter()
     with ui.CountProgress(f"contrastive pairs ({batch} rows, {batch * (batch - 1) // 2} pairs a step)", steps,
-                          quiet) as bar:
+                          quiet) as bar, fast_dropout(model, torch.device(device).type == "cpu" and tcfg.fast_dropout):
         for _ in range(steps):
             idx = sampler()
             host = ds.collate(idx)

@@ -95,6 +95,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         task = cls(**cls.options_from(cfg.task, cfg.data))
     task.settings = settings(cfg)
     frames = _frames(cfg, task)
+    if hasattr(task, "use_transcripts"):
+        task.use_transcripts(frames["train"])
     bundle = build.create(cfg.model, task)
     data = {name: task.dataset(df, bundle, cfg.data)[0] for name, df in frames.items()}
     if not resume:
@@ -180,7 +182,8 @@ def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
 
         return {"decoding": "greedy CTC", "blank": tok.pad_token, "word_delimiter": tok.word_delimiter_token,
                 "transcripts_cased": case_of(tok), "window_seconds": bundle.audio.get("window_seconds"),
-                "vocabulary": len(tok), "wer_normalizer": "transformers BasicTextNormalizer"}
+                "vocabulary": len(tok), "new_head": not tok.name_or_path,
+                "wer_normalizer": "transformers BasicTextNormalizer"}
     if bundle.family == causal_lm.SPEECH_FAMILY:
         from fmtune.models import speech
 
@@ -256,8 +259,9 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
     if speech:
         info = _settings_info(bundle, task)
         if bundle.family == causal_lm.CTC_FAMILY:
+            fresh = " (a new CTC head over the training transcripts' characters)" if info["new_head"] else ""
             out.print(f"  the waveform in windows of at most {info['window_seconds']:g} s; {info['vocabulary']} "
-                      f"tokens (blank {info['blank']!r}, words split at {info['word_delimiter']!r}, transcripts "
+                      f"tokens{fresh} (blank {info['blank']!r}, words split at {info['word_delimiter']!r}, transcripts "
                       f"{info['transcripts_cased']}-cased); greedy CTC decoding; WER on lower-cased text without "
                       "punctuation")
         else:

@@ -148,10 +148,46 @@ def test_ctc_errors_name_the_row_and_the_model(ctc_models, tone_speech, tmp_path
                                         "gives the model"):
         fmtune.train(cfg_dict(ctc_models["layer"], table, out=str(tmp_path / "a"), task={"type": "speech-recognition"},
                               data={"val": str(table)}), quiet=True)
-    encoder = save_tiny_wav2vec2(tmp_path / "encoder")  # no CTC head, no vocabulary
-    with pytest.raises(ModelError, match="without a CTC head and vocabulary"):
-        fmtune.train(cfg_dict(encoder, table, out=str(tmp_path / "b"), task={"type": "speech-recognition"},
-                              data={"val": str(table)}), quiet=True)
+    encoder = save_tiny_wav2vec2(tmp_path / "encoder")  # no CTC head, no vocabulary, no transcripts to build one
+    with pytest.raises(ModelError, match="without a CTC head and vocabulary .* no training transcripts"):
+        _bundle(encoder)
     with pytest.raises(Exception, match="strategy prompt does not apply to speech recognition"):
         fmtune.train(cfg_dict(ctc_models["layer"], tone_speech["train"], out=str(tmp_path / "c"),
                               task={"type": "speech-recognition"}, strategy={"name": "prompt"}), quiet=True)
+
+
+def test_a_pretrained_only_encoder_gets_a_vocabulary_from_the_transcripts(tone_speech, tmp_path):
+    """wav2vec2's own recipe: an encoder without a CTC head (wav2vec2-base and the like) gets a
+    character vocabulary built from the training transcripts (blank <pad>, <unk>, | between words)
+    and a fresh head over it; the encoder keeps its pretrained weights; the run saves, transcribes
+    and exports as a whole CTC model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCTC, AutoTokenizer
+
+    import fmtune
+
+    encoder = save_tiny_wav2vec2(tmp_path / "encoder", "wavlm", "layer")
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = fmtune.train(cfg_dict(encoder, tone_speech["train"], out=str(out),
+                                        task={"type": "speech-recognition"}, strategy={"name": "full"},
+                                        data={"test": str(tone_speech["test"])},
+                                        train={"epochs": 4, "batch_size": 8, "lr": 3e-3}), quiet=True)
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert tok.convert_ids_to_tokens(list(range(len(tok)))) == ["<pad>", "<unk>", "|", "h", "l", "m"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["generation"]["new_head"] and run["generation"]["blank"] == "<pad>"
+    assert run["generation"]["transcripts_cased"] == "lower"
+    model = AutoModelForCTC.from_pretrained(out / "model")
+    assert model.lm_head.out_features == 6 and model.config.pad_token_id == 0
+    before = load_file(str(encoder / "model.safetensors"))
+    after = load_file(str(out / "model" / "model.safetensors"))
+    convs = [k for k in before if k.startswith("feature_extractor.")]
+    assert convs and all(torch.equal(before[k], after[f"wavlm.{k}"]) for k in convs)  # pretrained, kept frozen
+    ev = summary["eval"]
+    assert ev["test"]["loss"] < 0.8 * ev["baseline"]["loss"]  # the fresh head learned on unseen clips
+    clips = sorted(str(p) for p in tone_speech["test"].glob("*.wav"))[:3]
+    texts = [r["transcript"] for r in fmtune.load(out).predict(clips)]
+    assert all(set(t) <= set("hlm ") for t in texts)
+    assert fmtune.export(out, quiet=True)["same_transcripts"]

@@ -159,7 +159,7 @@ def _create_speech(model_cfg: Any, task: Any) -> Bundle:
     config = _config_at(path)
     audio = _audio_spec(path, config, model_cfg.audio_window) if _audio_kind(path, config) else {}
     if config.model_type in AUDIO_ENCODERS:  # a CTC model: one character distribution per frame
-        model, tokenizer = ctc.create(path, config, model_cfg.init)
+        model, tokenizer = ctc.create(path, config, model_cfg.init, getattr(task, "alphabet", None))
         return Bundle(model, "audio", ctc.FAMILY, "none", tokenizer=tokenizer, audio=audio, max_length=0,
                       source=str(model_cfg.name))
     if config.model_type not in SPEECH_MODEL_TYPES:

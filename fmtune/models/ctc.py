@@ -14,7 +14,11 @@ blanks dropped (the tokenizer's own ``decode``).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import tempfile
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,27 @@ from fmtune.errors import ModelError
 from fmtune.models.causal_lm import CTC_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
 from fmtune.models.causal_lm import plain
 
+WORD_DELIMITER = "|"
 
-def create(path: Path | str, config: Any, init: str) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a local CTC folder: ``*ForCTC`` weights and its character vocabulary."""
+
+def new_vocabulary(chars: list[str]) -> Any:
+    """A character vocabulary for a fresh CTC head, as wav2vec2's own fine-tuning recipe builds one:
+    the pad token ``<pad>`` (id 0) is the blank, ``<unk>``, ``|`` between words, then ``chars``."""
+    from transformers import Wav2Vec2CTCTokenizer
+
+    tokens = ["<pad>", "<unk>", WORD_DELIMITER, *[c for c in chars if c not in (WORD_DELIMITER, " ")]]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / "vocab.json"
+        vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        return Wav2Vec2CTCTokenizer(str(vocab), unk_token="<unk>", pad_token="<pad>", bos_token=None,
+                                    eos_token=None, word_delimiter_token=WORD_DELIMITER)
+
+
+def create(path: Path | str, config: Any, init: str, chars: list[str] | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a local CTC folder: ``*ForCTC`` weights and its character vocabulary. An
+    encoder without a CTC head or vocabulary (a pretrained-only wav2vec2-base, HuBERT, WavLM ...)
+    gets a vocabulary of ``chars`` (the training transcripts' characters, lower case) and a fresh
+    head over it."""
     from transformers import AutoModelForCTC, AutoTokenizer
 
     archs = getattr(config, "architectures", None) or []
@@ -35,14 +57,23 @@ def create(path: Path | str, config: Any, init: str) -> tuple[nn.Module, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception:
         tokenizer = None
-    if tokenizer is None or not any(a.endswith("ForCTC") for a in archs):
-        raise ModelError(f"{path} is a {config.model_type} encoder without a CTC head and vocabulary "
-                         f"(architectures: {', '.join(archs) or '?'}; no vocab.json / tokenizer): speech "
-                         "recognition fine-tunes a *ForCTC checkpoint (e.g. a wav2vec2 model already trained on "
-                         "transcripts) or a Whisper model; for audio classification use --task audio-classification")
+    fresh = tokenizer is None or not any(a.endswith("ForCTC") for a in archs)
+    if fresh:
+        if not chars:
+            raise ModelError(f"{path} is a {config.model_type} encoder without a CTC head and vocabulary "
+                             f"(architectures: {', '.join(archs) or '?'}; no vocab.json / tokenizer) and there are "
+                             "no training transcripts to build one from: speech recognition fine-tunes it with "
+                             "--data (a table of audio paths and transcripts), or a *ForCTC checkpoint or a "
+                             "Whisper model; for audio classification use --task audio-classification")
+        tokenizer = new_vocabulary(chars)
+        config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
     try:
-        model = (AutoModelForCTC.from_pretrained(path, dtype=torch.float32) if init == "pretrained"
-                 else AutoModelForCTC.from_config(config, dtype=torch.float32))
+        if init != "pretrained":
+            model = AutoModelForCTC.from_config(config, dtype=torch.float32)
+        else:
+            with _quiet_new_head(fresh):
+                model = AutoModelForCTC.from_pretrained(path, config=config, dtype=torch.float32,
+                                                        ignore_mismatched_sizes=fresh)
     except Exception as e:
         raise ModelError(f"cannot load the CTC model at {path}: {e}") from None
     chars = [i for t, i in tokenizer.get_vocab().items() if len(t) == 1]
@@ -51,6 +82,22 @@ def create(path: Path | str, config: Any, init: str) -> tuple[nn.Module, Any]:
                          f"up to id {max(chars, default=-1)}) does not fit the CTC head ({model.config.vocab_size} "
                          "outputs, the blank at the pad token)")
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_new_head(fresh: bool) -> Iterator[None]:
+    """transformers reports the CTC head it initialises as missing weights: expected for a fresh one."""
+    from transformers.utils import logging
+
+    if not fresh:
+        yield
+        return
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 class CTCLogits(nn.Module):

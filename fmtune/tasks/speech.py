@@ -279,6 +279,7 @@ class SpeechRecognition(Task):
         self.settings = GenerationSettings()  # eval.samples, the decoding batch (set from the config)
         self.last_answers: list[str] = []  # of the latest evaluation's sample
         self.blank = 0  # a CTC model's blank (its tokenizer's pad token), set when its datasets are made
+        self.alphabet: list[str] | None = None  # the training transcripts' characters (lower case)
 
     def greater_is_better(self, metric: str) -> bool:
         return metric not in ("wer", "cer", "loss", "perplexity")
@@ -298,6 +299,11 @@ class SpeechRecognition(Task):
     @classmethod
     def from_train(cls, values: pd.Series, df: pd.DataFrame, **kw: Any) -> SpeechRecognition:
         return cls(**kw)
+
+    def use_transcripts(self, train: pd.DataFrame) -> None:
+        """Note the training transcripts' characters (lower case): a CTC encoder without a head gets
+        its vocabulary from them (``fmtune.models.ctc.create``); the same on resume."""
+        self.alphabet = sorted({c for t in train["text"] if isinstance(t, str) for c in t.lower()} - {" "})
 
     # --- data -----------------------------------------------------------------------------------
     def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,

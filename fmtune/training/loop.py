@@ -28,6 +28,7 @@ from fmtune.data.dataset import epoch_batches
 from fmtune.errors import ConfigError, Interrupted, TrainingError
 from fmtune.strategies import set_train_mode
 from fmtune.training import checkpoint, fsdp, prefetch
+from fmtune.training.dropout import fast_dropout
 from fmtune.training.distributed import broadcast_flag, gathered_infer, params_in_sync, shard
 from fmtune.training.infer import infer
 from fmtune.training.optim import make_optimizer, make_scheduler
@@ -102,6 +103,16 @@ def _improved(value: float, best: float | None, greater: bool, min_delta: float)
     if best is None or math.isnan(best):
         return not math.isnan(value)
     return value > best + min_delta if greater else value < best - min_delta
+
+
+def _better(rec: dict[str, Any], best: float | None, best_rec: dict[str, Any] | None, metric: str, greater: bool,
+            min_delta: float) -> bool:
+    """``rec`` beats the best evaluation so far: on the metric, or on a tie of the metric (a word error
+    rate or an accuracy on a small validation set often ties) by a lower validation loss."""
+    if _improved(rec[metric], best, greater, min_delta):
+        return True
+    return (metric != "loss" and best_rec is not None and rec[metric] == best_rec.get(metric)
+            and "loss" in rec and "loss" in best_rec and rec["loss"] < best_rec["loss"])
 
 
 class _StopRequest:
@@ -305,7 +316,8 @@ class _Fit:
         rec = {"step": state["step"], "epoch": round(state["step"] / self.steps_per_epoch, 3),
                "seconds": round(time.perf_counter() - self.started, 3), **{k: round(v, 6) for k, v in res.items()},
                "eval_seconds": round(time.perf_counter() - began, 3)}
-        if self.keep_last or _improved(res[self.metric], state["best"], self.greater, cfg.min_delta):
+        best_rec = next((h for h in reversed(state["history"]) if h.get("best")), None)
+        if self.keep_last or _better(rec, state["best"], best_rec, self.metric, self.greater, cfg.min_delta):
             state.update(best=res[self.metric], best_step=state["step"], bad_evals=0)
             self._keep_best()  # the best checkpoint first: a crash after it still leaves the best model
             rec["best"] = True
@@ -344,8 +356,9 @@ class _Fit:
         self.boundary_rng, self.at_boundary = checkpoint.rng_state(), True
         stop = _StopRequest()
         try:
-            while not state["done"] and state["step"] < self.total_steps and not state["stopped_early"]:
-                self._epoch(stop)
+            with fast_dropout(self.model, self.device.type == "cpu" and self.cfg.fast_dropout):
+                while not state["done"] and state["step"] < self.total_steps and not state["stopped_early"]:
+                    self._epoch(stop)
         except KeyboardInterrupt:
             self._interrupted()
         except BaseException:  # a failure: the best model goes to disk, as the error message says

@@ -45,14 +45,18 @@ def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
+    return adamw(param_groups, cfg.lr)
+
+
+def adamw(param_groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel, on GPUs and CPUs alike: on this 2-core CPU an AdamW step over
+    MiniLM's 22M weights takes ~50 ms fused against ~350 ms with the default (foreach). Not for
+    FSDP's sharded parameters (DTensors), which take the default."""
     params = [p for g in param_groups for p in g["params"]]
-    # the fused kernel, on GPUs and CPUs alike: on this 2-core CPU an AdamW step over MiniLM's 22M
-    # weights takes ~50 ms fused against ~350 ms with the default (foreach). Not for FSDP's
-    # sharded parameters (DTensors), which take the default.
     sharded = any(hasattr(p, "to_local") for p in params)
     same_device = bool(params) and len({p.device.type for p in params}) == 1 and params[0].device.type in (
         "cuda", "cpu")
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, fused=(same_device and not sharded) or None)
+    return torch.optim.AdamW(param_groups, lr=lr, fused=(same_device and not sharded) or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
