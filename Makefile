@@ -8,7 +8,7 @@
 #   make demo-speech  fine-tune Whisper tiny.en (LoRA) to transcribe sentences read by espeak-ng voices
 #   make demo-segmentation  fine-tune MobileNetV2 + LR-ASPP to label every pixel of digits on real photos
 #   make demo-detection  fine-tune MobileNetV2 + an FCOS head to box the digits of those scenes
-#   make test        the default test suite (tiny random-init models; about 13-18 min on 2 cores)
+#   make test        the default test suite (tiny random-init models; about 10-18 min on 2 cores)
 #   make test-slow   the tests on the real offline weights
 #   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
 #   make bench-generation  fmtune's text generation against TRL's SFTTrainer (installed for it)

@@ -270,5 +270,6 @@ def test_a_tie_on_the_metric_is_broken_by_the_validation_loss():
     assert _better({"wer": 0.25, "loss": 1.2}, 0.25, best, "wer", False, 0.0)  # tie: lower loss wins
     assert not _better({"wer": 0.25, "loss": 1.6}, 0.25, best, "wer", False, 0.0)
     assert not _better({"wer": 0.25}, 0.25, best, "wer", False, 0.0)  # no loss to compare: the first stays
+    assert _better({"wer": 0.2500001, "loss": 1.4}, 0.25, best, "wer", False, 0.0)  # equal as logged
     assert _better({"accuracy": 0.5, "loss": 0.3}, None, None, "accuracy", True, 0.0)  # the first evaluation
     assert not _better({"loss": 1.5}, 1.5, {"loss": 1.5}, "loss", False, 0.0)

@@ -28,8 +28,8 @@ from fmtune.data.dataset import epoch_batches
 from fmtune.errors import ConfigError, Interrupted, TrainingError
 from fmtune.strategies import set_train_mode
 from fmtune.training import checkpoint, fsdp, prefetch
-from fmtune.training.dropout import fast_dropout
 from fmtune.training.distributed import broadcast_flag, gathered_infer, params_in_sync, shard
+from fmtune.training.dropout import fast_dropout
 from fmtune.training.infer import infer
 from fmtune.training.optim import make_optimizer, make_scheduler
 from fmtune.training.perturb import adversarial_batch
@@ -105,14 +105,15 @@ def _improved(value: float, best: float | None, greater: bool, min_delta: float)
     return value > best + min_delta if greater else value < best - min_delta
 
 
-def _better(rec: dict[str, Any], best: float | None, best_rec: dict[str, Any] | None, metric: str, greater: bool,
+def _better(res: dict[str, float], best: float | None, best_rec: dict[str, Any] | None, metric: str, greater: bool,
             min_delta: float) -> bool:
-    """``rec`` beats the best evaluation so far: on the metric, or on a tie of the metric (a word error
-    rate or an accuracy on a small validation set often ties) by a lower validation loss."""
-    if _improved(rec[metric], best, greater, min_delta):
+    """``res`` beats the best evaluation so far: on the metric, or on a tie of the metric (a word error
+    rate or an accuracy on a small validation set often ties) by a lower validation loss. ``best_rec``
+    is the best evaluation's log record (values rounded to 6 digits, as ``res`` is compared)."""
+    if _improved(res[metric], best, greater, min_delta):
         return True
-    return (metric != "loss" and best_rec is not None and rec[metric] == best_rec.get(metric)
-            and "loss" in rec and "loss" in best_rec and rec["loss"] < best_rec["loss"])
+    return (metric != "loss" and best_rec is not None and "loss" in res and "loss" in best_rec
+            and round(res[metric], 6) == best_rec.get(metric) and round(res["loss"], 6) < best_rec["loss"])
 
 
 class _StopRequest:
@@ -317,7 +318,7 @@ class _Fit:
                "seconds": round(time.perf_counter() - self.started, 3), **{k: round(v, 6) for k, v in res.items()},
                "eval_seconds": round(time.perf_counter() - began, 3)}
         best_rec = next((h for h in reversed(state["history"]) if h.get("best")), None)
-        if self.keep_last or _better(rec, state["best"], best_rec, self.metric, self.greater, cfg.min_delta):
+        if self.keep_last or _better(res, state["best"], best_rec, self.metric, self.greater, cfg.min_delta):
             state.update(best=res[self.metric], best_step=state["step"], bad_evals=0)
             self._keep_best()  # the best checkpoint first: a crash after it still leaves the best model
             rec["best"] = True
