@@ -52,7 +52,7 @@ def stats(values: list[float]) -> dict[str, float]:
             "n": len(a)}
 
 
-def run_setfit(train, test, seed: int, iterations: int | None) -> dict:
+def run_setfit(train, test, seed: int, iterations: int | None, out: Path) -> dict:
     import numpy as np
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
@@ -66,7 +66,7 @@ def run_setfit(train, test, seed: int, iterations: int | None) -> dict:
     started = time.perf_counter()
     model = SetFitModel.from_pretrained(str(resolve("minilm-l6")[1]))
     kw = {"num_iterations": iterations} if iterations else {}
-    args = TrainingArguments(batch_size=16, num_epochs=1, seed=seed, report_to="none", **kw)
+    args = TrainingArguments(output_dir=str(out), batch_size=16, num_epochs=1, seed=seed, report_to="none", **kw)
     Trainer(model=model, args=args, train_dataset=ds).train()
     train_s = time.perf_counter() - started
     started = time.perf_counter()
@@ -152,7 +152,7 @@ def bench() -> dict:
                 train_csv = work / "data" / name / f"train-{size}-{seed}.csv"
                 train.to_csv(train_csv, index=False)
                 log(f"{name} {size}/class seed {seed}: setfit ...")
-                rows["setfit"].append(run_setfit(train, test, seed, iterations))
+                rows["setfit"].append(run_setfit(train, test, seed, iterations, work / "setfit-checkpoints"))
                 log(f"  {rows['setfit'][-1]}\n  fmtune contrastive ...")
                 rows["fmtune contrastive"].append(run_fmtune(train_csv, test_csv, work / "runs" / "c", seed,
                                                              "contrastive"))
