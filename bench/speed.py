@@ -94,13 +94,17 @@ def hf_trainer(files: dict, args: argparse.Namespace, group_by_length: bool, out
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is the JSON
         trainer.train()
     seconds = time.perf_counter() - t0
-    # scored by the same code as fmtune's runs (the same model class, eval mode, no padding effects)
+    return {"seconds": round(seconds, 2), "samples_per_s": round(len(train) * args.epochs / seconds, 1),
+            "test_accuracy": test_accuracy(bundle.model, test, tok, task)}
+
+
+def test_accuracy(model: torch.nn.Module, test: list[dict], tok: object, task: Classification) -> float:
+    """A Trainer's model scored by the same code as fmtune's runs (the same model class, eval mode,
+    each example without its padding)."""
     ds = TextData([x["input_ids"][: sum(x["attention_mask"])] for x in test],
                   torch.tensor([x["labels"] for x in test]), tok.pad_token_id)
-    logits, targets = infer(bundle.model, ds, 128)
-    acc = task.metrics(logits, targets)["accuracy"]
-    return {"seconds": round(seconds, 2), "samples_per_s": round(len(train) * args.epochs / seconds, 1),
-            "test_accuracy": round(acc, 4)}
+    logits, targets = infer(model, ds, 128)
+    return round(task.metrics(logits, targets)["accuracy"], 4)
 
 
 def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, lr: float, batch_size: int,
@@ -180,10 +184,8 @@ def expert_trainer(files: dict, args: argparse.Namespace, strategy: str, seed: i
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
     seconds = time.perf_counter() - t0
-    ds = TextData([x["input_ids"] for x in test], torch.tensor([x["labels"] for x in test]), tok.pad_token_id)
-    logits, targets = infer(trainer.model, ds, 128)
     return {"seconds": round(seconds, 2), "samples_per_s": round(len(train) * args.epochs / seconds, 1),
-            "test_accuracy": round(task.metrics(logits, targets)["accuracy"], 4)}
+            "test_accuracy": test_accuracy(trainer.model, test, tok, task)}
 
 
 def reference_rows(files: dict, args: argparse.Namespace, work: Path) -> dict:

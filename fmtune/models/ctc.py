@@ -14,11 +14,9 @@ blanks dropped (the tokenizer's own ``decode``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,34 +68,17 @@ def create(path: Path | str, config: Any, init: str, chars: list[str] | None = N
     try:
         if init != "pretrained":
             model = AutoModelForCTC.from_config(config, dtype=torch.float32)
-        else:
-            with _quiet_new_head(fresh):
-                model = AutoModelForCTC.from_pretrained(path, config=config, dtype=torch.float32,
-                                                        ignore_mismatched_sizes=fresh)
+        else:  # (transformers' report of the fresh head as missing weights is silenced with its logging: models.build)
+            model = AutoModelForCTC.from_pretrained(path, config=config, dtype=torch.float32,
+                                                    ignore_mismatched_sizes=fresh)
     except Exception as e:
         raise ModelError(f"cannot load the CTC model at {path}: {e}") from None
-    chars = [i for t, i in tokenizer.get_vocab().items() if len(t) == 1]
-    if tokenizer.pad_token_id is None or max([tokenizer.pad_token_id, *chars]) >= model.config.vocab_size:
+    char_ids = [i for t, i in tokenizer.get_vocab().items() if len(t) == 1]
+    if tokenizer.pad_token_id is None or max([tokenizer.pad_token_id, *char_ids]) >= model.config.vocab_size:
         raise ModelError(f"{path}: the tokenizer (pad {tokenizer.pad_token!r}, id {tokenizer.pad_token_id}; characters "
-                         f"up to id {max(chars, default=-1)}) does not fit the CTC head ({model.config.vocab_size} "
+                         f"up to id {max(char_ids, default=-1)}) does not fit the CTC head ({model.config.vocab_size} "
                          "outputs, the blank at the pad token)")
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _quiet_new_head(fresh: bool) -> Iterator[None]:
-    """transformers reports the CTC head it initialises as missing weights: expected for a fresh one."""
-    from transformers.utils import logging
-
-    if not fresh:
-        yield
-        return
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 class CTCLogits(nn.Module):

@@ -19,6 +19,7 @@ fused kernel for the plain math path anyway); both are put back on exit.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,9 +31,7 @@ _LANE_BITS = 0x7FFF  # the low 15 bits of each 16-bit lane: random in every lane
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """A bool mask, True with probability ``1 - p`` (to 1/32768), four elements per random draw."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # [0, 2**63)
     lanes = words.view(torch.int16)[:n].view(shape)
     return (lanes & _LANE_BITS) >= round(p * (_LANE_BITS + 1))
