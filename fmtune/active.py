@@ -117,8 +117,9 @@ def select(run: str | Path, pool: str | Path, n: int, *, strategy: str = "mix", 
     if output is not None:
         write_text_atomic(Path(output), out.to_csv(index=False))
         if not quiet:
-            ui.console.print(f"wrote the {len(out)} rows to label next ({strategy}) to {output}; add them, labelled, "
-                             "to the training data and train again")
+            ui.console.print(f"wrote the {len(out)} rows to label next ({strategy}) to {output}; fill in their "
+                             f"{cfg.data.label_column!r} column, add them to the training data, and continue this "
+                             f"run's model on it: fmtune train --resume-from {run} --data TRAINING_FILE")
     return out
 
 

@@ -31,7 +31,7 @@ from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import write_json, write_text_atomic
 from fmtune.models import build
 from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
-from fmtune.strategies import apply_strategy
+from fmtune.strategies import WHOLE_BACKBONE, apply_strategy, frozen_prefix
 from fmtune.tasks import task_class
 from fmtune.training import cache, checkpoint, distributed, hardware, optim, trackers
 from fmtune.training.infer import infer, model_device
@@ -391,6 +391,30 @@ def continue_run(source: str | Path, data: str | Path, *, val: str | Path | None
     return train(cfg, overwrite=overwrite, quiet=quiet, report=report)
 
 
+def train_from(source: str | Path, data: str | Path | None = None, *, val: str | Path | None = None,
+               test: str | Path | None = None, out: str | Path | None = None, overrides: list[str] | None = None,
+               overwrite: bool = False, quiet: bool = False, report: bool = True) -> dict[str, Any]:
+    """``fmtune train --resume-from RUN``: a new run that starts from the finished run ``source``'s
+    fine-tuned model (its model, task, strategy and settings; labels new in ``data`` extend the
+    head) and trains it on ``data``, all of it (no replay: the data is taken to hold the old rows
+    too, as after adding the rows ``fmtune select`` picked). ``data``, ``val`` and ``test``
+    default to ``source``'s own files (read again). ``source`` is only read; the new run's
+    continual.json scores ``source``'s model and the new one on the test file."""
+    import time
+
+    from fmtune.continual import continue_config
+    from fmtune.run import read_config
+
+    src = Path(source)
+    old = read_config(src).data
+    overrides = list(overrides or [])
+    if out is None and not any(o.startswith("name=") for o in overrides):
+        overrides.append(f"name={src.name}-continued-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = continue_config(src, data if data is not None else old.train, val=val if val is not None else old.val,
+                          test=test if test is not None else old.test, method="naive", out=out, overrides=overrides)
+    return train(cfg, overwrite=overwrite, quiet=quiet, report=report)
+
+
 def _log_hparams(run_dir: Path, cfg: config_mod.Config, result: Any, test: dict[str, float]) -> None:
     """The run's settings against its results, for TensorBoard's hyper-parameter view."""
     from torch.utils.tensorboard import SummaryWriter
@@ -458,7 +482,8 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
                 quiet: bool, hw: hardware.Hardware) -> tuple[Any, Any, Any, str]:
     """Swap train/val for their cached frozen-prefix outputs where the strategy allows it."""
     aug = cfg.train.augment
-    if aug.geometric and hasattr(data["train"], "with_augment"):  # crops and flips that move masks / boxes too
+    moves = hasattr(data["train"], "with_augment")  # crops and flips that move masks / boxes too
+    if moves and (aug.geometric if aug.geometric != "auto" else frozen_prefix(bundle.model) != WHOLE_BACKBONE):
         data = {**data, "train": data["train"].with_augment(cfg.train.seed)}
         if not aug.image_on():
             return None, data["train"], data["val"], "not used: train.augment.geometric crops and flips every image"

@@ -114,7 +114,8 @@ DEMOS: dict[str, dict[str, Any]] = {
         "why": "MobileNetV2 (ImageNet) with an LR-ASPP decoder, fully fine-tuned for 4 epochs to label every pixel of "
                "400 scenes (192x192) as background or one of the digits 0-9, with random crops and flips; 60 "
                "validation and 100 test scenes of digits never seen in training; then the baseline: the same decoder "
-               "trained on the frozen backbone; each training capped at 3.5 min",
+               "trained on the frozen backbone (its maps computed once and cached, no crops or flips); each "
+               "training capped at 3.5 min",
     },
     "detection": {
         "dataset": "digit-scenes",
@@ -130,7 +131,8 @@ DEMOS: dict[str, dict[str, Any]] = {
         "why": "MobileNetV2 (ImageNet) with a feature pyramid and an FCOS head, fully fine-tuned for 5 epochs to box "
                "and name the digits (0-9) in 400 scenes (192x192, COCO JSON), with random crops, zooms and flips; 60 "
                "validation and 100 test scenes of digits never seen in training; then the baseline: the same head "
-               "trained on the frozen backbone; each training capped at 3 min",
+               "trained on the frozen backbone (its maps computed once and cached, no crops or flips); each "
+               "training capped at 3 min",
     },
     "image": {
         "dataset": "digits",

@@ -14,14 +14,16 @@ from fmtune.config import StrategyConfig
 from fmtune.data.dataset import TextData
 from fmtune.strategies import apply_strategy
 from fmtune.tasks import Classification
+from fmtune.tasks.detection import Detection
+from fmtune.tasks.segmentation import Segmentation
 from fmtune.training import cache
 
 TASK = Classification(["a", "b"])
 MODELS = ["tiny_st_bert", "tiny_vit", "mobilenet-v2", "efficientnet-lite0"]
 
 
-def _bundle(name, strategy):
-    b = small_bundle(name, TASK)
+def _bundle(name, strategy, task=TASK):
+    b = small_bundle(name, task)
     apply_strategy(b, strategy)
     b.model.eval()
     return b
@@ -51,6 +53,30 @@ def test_suffix_of_cached_prefix_equals_the_full_forward(model_path, strategy):
         else:
             via = cache.CachedForward(b.model, split)(hidden=hidden, attention_mask=batch.get("attention_mask")).logits
     assert torch.allclose(full, via, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_path", ["tiny_resnet", "tiny_vit", "mobilenet-v2"], indirect=True)
+@pytest.mark.parametrize("task", [Segmentation(["a", "b", "c"]), Detection(["a", "b"])], ids=["seg", "det"])
+def test_a_dense_head_on_cached_maps_equals_the_full_forward(model_path, task, tmp_path, monkeypatch):
+    """The maps are stored flat, one row per image, and cut back into their shapes per batch."""
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path))
+    b = _bundle(model_path, StrategyConfig(name="head"), task)
+    split, why = cache.plan(b)
+    assert split is not None and split.kind == "maps", why
+    from fmtune.data.dataset import ImageData
+
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    ds = ImageData(images, torch.zeros(5, dtype=torch.long), b.image)
+    cached, _ = cache.build(b, split, ds, 2)
+    assert cached.data.shape[0] == 5
+    batch = cached.collate([3, 1])
+    with torch.no_grad():
+        full = b.model(**{"pixel_values": ds.collate([3, 1])["pixel_values"]}).logits
+        via = cache.CachedForward(b.model, split)(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert via.shape == full.shape
+    assert torch.allclose(full, via, atol=1e-4, rtol=1e-4)
+    b2 = _bundle(model_path, StrategyConfig(name="last_n", n=1), task)
+    assert cache.plan(b2)[0] is None
 
 
 def test_nothing_is_cached_when_the_first_block_trains(tiny_bert):

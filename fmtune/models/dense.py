@@ -124,6 +124,14 @@ class DenseTaskModel(nn.Module):
     def features(self, pixel_values: torch.Tensor, **_: object) -> torch.Tensor:
         return self.backbone(pixel_values)[-1]
 
+    def forward(self, pixel_values: torch.Tensor, **_: object) -> SemanticSegmenterOutput:
+        return self.forward_maps(self.backbone(pixel_values), tuple(pixel_values.shape[-2:]))
+
+    def forward_maps(self, maps: tuple[torch.Tensor, ...], image_size: tuple[int, int]) -> SemanticSegmenterOutput:
+        """The head on the backbone's three maps of images of ``image_size`` (the feature cache
+        of a frozen backbone feeds this directly)."""
+        raise NotImplementedError
+
 
 class DenseModel(DenseTaskModel):
     """Backbone + LR-ASPP; ``forward`` gives class logits at stride 8 (``.logits``: B, K, H/8, W/8)."""
@@ -133,8 +141,8 @@ class DenseModel(DenseTaskModel):
     def __init__(self, backbone: DenseBackbone, num_classes: int):
         super().__init__(backbone, LRASPP(backbone.channels, num_classes), num_classes)
 
-    def forward(self, pixel_values: torch.Tensor, **_: object) -> SemanticSegmenterOutput:
-        return SemanticSegmenterOutput(logits=self.head(*self.backbone(pixel_values)))
+    def forward_maps(self, maps: tuple[torch.Tensor, ...], image_size: tuple[int, int]) -> SemanticSegmenterOutput:
+        return SemanticSegmenterOutput(logits=self.head(*maps))
 
 
 def hf_net(config: Any, path: str | None) -> nn.Module:
@@ -225,12 +233,11 @@ class DetectionModel(DenseTaskModel):
     def __init__(self, backbone: DenseBackbone, num_classes: int):
         super().__init__(backbone, FCOSHead(backbone.channels, num_classes), num_classes)
 
-    def forward(self, pixel_values: torch.Tensor, **_: object) -> SemanticSegmenterOutput:
-        maps = self.backbone(pixel_values)
+    def forward_maps(self, maps: tuple[torch.Tensor, ...], image_size: tuple[int, int]) -> SemanticSegmenterOutput:
         if self.backbone.strides[0] == self.backbone.strides[-1]:  # a ViT: a simple pyramid from one stride
             maps = (F.interpolate(maps[0], scale_factor=2.0, mode="bilinear", align_corners=False), maps[1],
                     F.max_pool2d(maps[2], 2, ceil_mode=True))
-        return SemanticSegmenterOutput(logits=self.head(maps, pixel_values.shape[-2:]))
+        return SemanticSegmenterOutput(logits=self.head(maps, image_size))
 
 
 HEADS = {"lraspp": DenseModel, "fcos": DetectionModel}  # Task.dense_head -> the model class

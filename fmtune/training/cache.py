@@ -4,7 +4,8 @@ When the first ``k`` blocks of the backbone are frozen (``head``, ``last_n``, an
 leaves a prefix untouched) and the inputs are deterministic, the prefix's output is computed
 once per example and stored; training then runs only the rest of the network. With the whole
 backbone frozen (``head``), the pooled features are cached and an epoch is a few matrix
-products.
+products. A dense head (segmentation, detection) on a frozen backbone reads three of its maps:
+those are cached, flattened into one row per image (cut back into maps per batch).
 
 The cache lives in ``$FMTUNE_CACHE_DIR`` (default ``~/.cache/fmtune/features``), memory-mapped
 from disk, under a content hash of the backbone weights, the split point, the pooling, the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -45,7 +47,8 @@ FP16_MAX = 65504.0
 
 @dataclass(frozen=True)
 class Split:
-    kind: str  # "pooled": the pooled features; "tokens": the last token states; "hidden": the input of block k
+    kind: str  # "pooled": the pooled features; "tokens": the last token states; "hidden": the input of block k;
+    # "maps": a dense head's three backbone maps
     k: int
     image_size: int = 0
 
@@ -53,9 +56,12 @@ class Split:
 def plan(bundle: Any) -> tuple[Split | None, str]:
     """Where to split the model, or None with the reason why nothing can be cached."""
     model = bundle.model
-    if getattr(model, "level", "") == "dense":
-        return None, "a segmentation decoder reads two stages of the backbone: not cached yet"
     k = frozen_prefix(model)
+    if getattr(model, "level", "") == "dense":
+        if k == WHOLE_BACKBONE:
+            return (Split("maps", -1, int(bundle.image.get("size", 0))),
+                    "the whole backbone is frozen: the three maps its head reads are cached")
+        return None, "the head reads three stages of the backbone, the last of them trained: nothing to cache"
     if k == WHOLE_BACKBONE:
         if getattr(model, "level", "pooled") == "tokens":
             return Split("tokens", -1), "the whole backbone is frozen: its token states are cached"
@@ -93,6 +99,8 @@ class _Stop(Exception):
 def _prefix(model: nn.Module, split: Split, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if split.kind in ("pooled", "tokens"):
         return model.features(**batch)
+    if split.kind == "maps":  # one row per image: the maps flattened, side by side
+        return torch.cat([m.flatten(1) for m in model.backbone(batch["pixel_values"])], 1)
     bb = model.backbone
     if hasattr(bb, "forward_prefix"):
         return bb.forward_prefix(batch["pixel_values"], split.k)
@@ -151,7 +159,10 @@ class CachedForward(nn.Module):
         return self.model.head
 
     def forward(self, features: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> SequenceClassifierOutput:
+                attention_mask: torch.Tensor | None = None, **maps: torch.Tensor) -> SequenceClassifierOutput:
+        if maps:  # map0, map1, map2: a dense head's backbone maps
+            return self.model.forward_maps(tuple(maps[f"map{i}"] for i in range(len(maps))),
+                                           (self.split.image_size, self.split.image_size))
         if features is None:
             features = hidden if self.split.kind == "tokens" else \
                 suffix_features(self.model, self.split, hidden, attention_mask)
@@ -159,14 +170,15 @@ class CachedForward(nn.Module):
 
 
 class CachedData(torch.utils.data.Dataset):
-    """Cached prefix outputs of one split. Text hidden states are ragged: one flat array and offsets."""
+    """Cached prefix outputs of one split. Text hidden states are ragged: one flat array and offsets.
+    A dense head's maps are one flat row per image, cut back into ``shapes`` (C, h, w) per map."""
 
-    def __init__(self, data: np.ndarray, offsets: np.ndarray | None, targets: torch.Tensor | None, key: str,
-                 lengths: np.ndarray | None = None):
-        self.data, self.offsets, self.targets, self.key = data, offsets, targets, key
+    def __init__(self, data: np.ndarray, offsets: np.ndarray | None, targets: Any, key: str,
+                 lengths: np.ndarray | None = None, shapes: list[tuple[int, ...]] | None = None):
+        self.data, self.offsets, self.targets, self.key, self.shapes = data, offsets, targets, key, shapes
         # the source's lengths: batches are drawn exactly as without the cache
         self.lengths = lengths
-        self.field = "hidden" if data.ndim > 2 or offsets is not None else "features"
+        self.field = "maps" if shapes else "hidden" if data.ndim > 2 or offsets is not None else "features"
 
     def __len__(self) -> int:
         return len(self.offsets) - 1 if self.offsets is not None else len(self.data)
@@ -175,7 +187,13 @@ class CachedData(torch.utils.data.Dataset):
         return i
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        if self.offsets is None:
+        if self.shapes:
+            flat = torch.tensor(self.data[idx]).float()
+            sizes = [math.prod(s) for s in self.shapes]
+            batch = {f"map{i}": part.reshape(len(idx), *shape).contiguous(memory_format=torch.channels_last)
+                     for i, (part, shape) in enumerate(zip(flat.split(sizes, 1), self.shapes))}
+            width = 0
+        elif self.offsets is None:
             batch = {self.field: torch.tensor(self.data[idx]).float()}
             width = 0  # no token axis: the targets are one per example
         else:
@@ -189,6 +207,8 @@ class CachedData(torch.utils.data.Dataset):
             batch = {"hidden": hidden, "attention_mask": mask}
         if self.targets is not None:
             batch["labels"] = batch_targets(self.targets, idx, width)
+            if self.shapes and batch["labels"].dtype == torch.uint8:  # masks are held a byte a pixel
+                batch["labels"] = batch["labels"].long()
         return batch
 
 
@@ -247,7 +267,20 @@ def build(bundle: Any, split: Split, ds: Any, batch_size: int, progress: Any = N
         reused = True
     data = np.load(target / "data.npy", mmap_mode="r")
     offsets = np.load(target / "offsets.npy") if (target / "offsets.npy").exists() else None
-    return CachedData(data, offsets, ds.targets, key, getattr(ds, "lengths", None)), reused
+    shapes = map_shapes(model, split) if split.kind == "maps" else None
+    return CachedData(data, offsets, ds.targets, key, getattr(ds, "lengths", None), shapes), reused
+
+
+@torch.no_grad()
+def map_shapes(model: nn.Module, split: Split) -> list[tuple[int, ...]]:
+    """(C, h, w) of each map a dense head reads, for images of the split's size."""
+    was = model.backbone.training
+    model.backbone.eval()
+    try:
+        x = torch.zeros((1, 3, split.image_size, split.image_size), device=model_device(model))
+        return [tuple(int(d) for d in m.shape[1:]) for m in model.backbone(x)]
+    finally:
+        model.backbone.train(was)
 
 
 class _BeyondFp16(Exception):
