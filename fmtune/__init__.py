@@ -8,6 +8,7 @@ pretrained baseline, and use it.
     fmtune.load(summary["run_dir"]).predict(["a text", "another"])    # [{"label": ..., "score": ...}, ...]
     fmtune.export(summary["run_dir"], "exported/", merge=True)   # LoRA/DoRA/IA3 runs: adapter folded in
     fmtune.continue_run(summary["run_dir"], "new.csv", test="new_test.csv", method="replay", out="runs/next")
+    fmtune.train_from(summary["run_dir"], "train_with_more_labels.csv")   # fmtune train --resume-from RUN
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["train", "evaluate", "predict", "export", "load", "demo", "load_config", "explain", "robustness",
-           "continue_run", "transfer"]
+           "continue_run", "train_from", "transfer"]
 
 
 def train(config: Any, **kw: Any) -> dict:
@@ -62,6 +63,14 @@ def continue_run(run: Any, data: Any, **kw: Any) -> dict:
     from fmtune.api import continue_run as _continue
 
     return _continue(run, data, **kw)
+
+
+def train_from(run: Any, data: Any = None, **kw: Any) -> dict:
+    """Train the finished ``run``'s model further on ``data`` (default: its own training file, read
+    again), e.g. with rows labelled since (``fmtune train --resume-from``; see fmtune.api.train_from)."""
+    from fmtune.api import train_from as _train_from
+
+    return _train_from(run, data, **kw)
 
 
 def transfer(config: Any, **kw: Any) -> dict:

@@ -47,6 +47,7 @@ def _without_dist_flags(argv: list[str]) -> list[str]:
 
 def cmd_train(a: argparse.Namespace) -> None:
     from fmtune import api, config
+    from fmtune.errors import ConfigError
     from fmtune.training import distributed
 
     if (a.num_processes > 1 or a.num_machines > 1) and distributed.world_size() == 1:
@@ -57,6 +58,19 @@ def cmd_train(a: argparse.Namespace) -> None:
         return
     if a.resume:
         api.train(None, resume=a.resume, quiet=a.quiet, report=not a.no_report)
+        return
+    if a.resume_from:
+        given = [f"--{k}" for k in ("model", "task") if getattr(a, k)] + (["a config file"] if a.config else [])
+        if given:
+            raise ConfigError(f"--resume-from {a.resume_from} takes the model, task and settings of that run; "
+                              f"{', '.join(given)} cannot change them (use --set KEY=VALUE for a setting)")
+        overrides = list(a.set) + [f"{k}={v}" for k, v in (("strategy.name", a.strategy), ("train.epochs", a.epochs),
+                                                           ("semi.unlabeled", a.unlabeled), ("name", a.name),
+                                                           ("train.tracker", a.tracker)) if v is not None]
+        if a.baseline:
+            overrides.append("train.baseline=true")
+        api.train_from(a.resume_from, a.data, val=a.val, test=a.test, out=a.out, overrides=overrides,
+                       overwrite=a.overwrite, quiet=a.quiet, report=not a.no_report)
         return
     flags = {"model.name": a.model, "data.train": a.data, "data.val": a.val, "data.test": a.test,
              "task.type": a.task, "strategy.name": a.strategy, "train.epochs": a.epochs, "out": a.out,
@@ -343,7 +357,7 @@ def cmd_config(a: argparse.Namespace) -> None:
 PATH_ARGS: dict[str, dict[str, str]] = {
     "demo": {"out": "output-dir"},
     "train": {"config": "input-file", "data": "input", "val": "input", "test": "input", "out": "output-dir",
-              "resume": "run", "unlabeled": "input"},
+              "resume": "run", "resume_from": "run", "unlabeled": "input"},
     "select": {"run": "run", "pool": "input", "output": "output-file", "test": "input", "out": "output-dir"},
     "continue": {"run": "run", "data": "input", "val": "input", "test": "input", "out": "output-dir"},
     "transfer": {"config": "input-file", "data": "input", "val": "input", "test": "input", "out": "output-dir"},
@@ -433,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any setting, e.g. --set train.lr=3e-5 (repeatable)")
     t.add_argument("--overwrite", action="store_true", help="replace the run directory if it exists")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--resume-from", metavar="RUN",
+                   help="start from a finished run's fine-tuned model (its model, task and settings) and train it on "
+                   "--data (default: RUN's own training file, read again: e.g. after adding the rows `fmtune select` "
+                   "picked and you labelled); --val/--test default to RUN's; RUN is only read, a new run is written "
+                   "(with continual.json: the test scores before and after)")
     t.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     t.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes on this machine (DDP via torchrun; on CPU they "

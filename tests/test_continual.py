@@ -281,3 +281,34 @@ def test_continue_with_another_strategy_takes_its_default_learning_rate(text_run
     cfg["train"]["lr"] = 3e-5  # a rate set by hand for the source run is kept
     (src / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert continue_config(src, "new.csv", out=tmp_path / "E", overrides=["strategy.name=lora"]).train.lr == 3e-5
+
+
+def test_train_resume_from_a_run_trains_its_model_on_the_data_with_more_labels(base_run, text_files, tmp_path,
+                                                                             capsys):
+    """The active-learning loop's last step: `fmtune train --resume-from RUN --data more.csv` starts
+    from RUN's fine-tuned model on all the labels (no replay), keeps RUN's test file, leaves RUN as it
+    was; the model/task/config of RUN cannot be changed by flags."""
+    from fmtune.cli import main
+
+    before = _digest(base_run)
+    more = tmp_path / "more.csv"
+    pd.concat([pd.read_csv(text_files["train"]), make_text_rows(40, 11)]).to_csv(more, index=False)
+    out = tmp_path / "more-labels"
+    assert main(["train", "--resume-from", str(base_run), "--data", str(more), "--epochs", "1", "--out", str(out),
+                 "-q", "--no-report"]) == 0
+    assert _digest(base_run) == before
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["data"]["train"] == str(more) and cfg["data"]["test"] == str(text_files["test"])
+    assert cfg["continual"]["method"] == "naive" and cfg["train"]["epochs"] == 1
+    report = json.loads((out / "continual.json").read_text())
+    a_eval = json.loads((base_run / "eval.json").read_text())["test"]["accuracy"]
+    assert report["tasks"][0]["before"]["accuracy"] == pytest.approx(a_eval)  # started from RUN's model
+    rows = json.loads((out / "run.json").read_text())["data"]
+    assert rows["train"]["rows"] + rows["val"]["rows"] == len(pd.read_csv(more))  # all of it, no replayed memory
+    # no --data: RUN's own training file, read again
+    again = tmp_path / "again"
+    fmtune.train_from(base_run, out=again, overrides=["train.epochs=1"], quiet=True, report=False)
+    assert yaml.safe_load((again / "config.yaml").read_text())["data"]["train"] == str(text_files["train"])
+    capsys.readouterr()
+    assert main(["train", "--resume-from", str(base_run), "--model", "minilm-l6", "-q"]) == 2
+    assert "--model cannot change them" in capsys.readouterr().err.replace("\n", " ")
