@@ -26,6 +26,7 @@ from torch import nn
 from fmtune.errors import ModelError
 from fmtune.models.causal_lm import CTC_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
 from fmtune.models.causal_lm import plain
+from fmtune.tasks.speech import transcribe_clips
 
 WORD_DELIMITER = "|"
 
@@ -113,24 +114,14 @@ def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch
     """Greedy CTC transcripts of clips ``rows`` of ``ds`` (``fmtune.tasks.speech.CTCData``): every
     window of every clip, in batches of similar length; a clip's windows joined in order."""
     net = CTCLogits(model, tokenizer)
-    windows = [(r, k, w) for r in rows for k, w in enumerate(ds.clips[r])]
-    windows.sort(key=lambda x: x[2].shape[-1])
-    pieces: dict[tuple[int, int], str] = {}
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(windows), batch_size):
-            group = windows[start:start + batch_size]
-            batch = ds.waveforms([w for _, _, w in group])
-            logits = net(**{k: v.to(device) for k, v in batch.items()}).logits
-            lengths = plain(model)._get_feat_extract_output_lengths(batch["frame_mask"].sum(-1)).tolist()
-            for (r, k, _), best, n in zip(group, logits.argmax(-1).cpu(), lengths):
-                pieces[(r, k)] = tokenizer.decode(best[:n].tolist()).strip()
-            if on_batch is not None:
-                on_batch(len({r for r, _, _ in group}))
-    if was_training:
-        model.train()
-    return [" ".join(p for k in range(len(ds.clips[r])) if (p := pieces[(r, k)])) for r in rows]
+
+    def decode(windows: list[torch.Tensor]) -> list[str]:
+        batch = ds.waveforms(windows)
+        logits = net(**{k: v.to(device) for k, v in batch.items()}).logits
+        lengths = plain(model)._get_feat_extract_output_lengths(batch["frame_mask"].sum(-1)).tolist()
+        return [tokenizer.decode(best[:n].tolist()).strip() for best, n in zip(logits.argmax(-1).cpu(), lengths)]
+
+    return transcribe_clips(model, ds, rows, batch_size, decode, on_batch)
 
 
 def write_extra(bundle: Any, folder: Path) -> None:

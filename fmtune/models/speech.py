@@ -24,7 +24,7 @@ from torch import nn
 
 from fmtune.models.causal_lm import SPEECH_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
 from fmtune.models.causal_lm import plain
-from fmtune.tasks.speech import BUCKET_SECONDS, prefix_ids  # noqa: F401  (BUCKET_SECONDS: the module doc's)
+from fmtune.tasks.speech import BUCKET_SECONDS, prefix_ids, transcribe_clips  # noqa: F401  (BUCKET_SECONDS: the module doc's)
 
 # Whisper's decoder holds 448 positions for a 30-second window: at most this many tokens per second
 # of audio are decoded (a model that loops on a phrase stops there, not at the decoder's end)
@@ -129,30 +129,14 @@ def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch
     prefix = prefix_ids(tokenizer, language)
     eot = tokenizer.eos_token_id
     room = max_target_positions(model) - len(prefix)
-    windows = [(r, k, w) for r in rows for k, w in enumerate(ds.clips[r])]
-    windows.sort(key=lambda x: (ds.width(x[2]), x[2].shape[-1]))
-    pieces: dict[tuple[int, int], str] = {}
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        start = 0
-        while start < len(windows):
-            width = ds.width(windows[start][2])
-            stop = start
-            while stop < len(windows) and stop - start < batch_size and ds.width(windows[stop][2]) == width:
-                stop += 1
-            group = windows[start:stop]
-            seconds = max(w.shape[-1] for _, _, w in group) * ds.hop_seconds
-            feats = ds.features([w for _, _, w in group]).to(device)
-            limit = min(room, math.ceil(seconds * TOKENS_PER_SECOND) + 8)
-            for (r, k, _), toks in zip(group, greedy(model, feats, prefix, eot, limit)):
-                pieces[(r, k)] = tokenizer.decode(toks, skip_special_tokens=True).strip()
-            if on_batch is not None:
-                on_batch(len({r for r, _, _ in group}))
-            start = stop
-    if was_training:
-        model.train()
-    return [" ".join(p for k in range(len(ds.clips[r])) if (p := pieces[(r, k)])) for r in rows]
+
+    def decode(windows: list[torch.Tensor]) -> list[str]:
+        seconds = max(w.shape[-1] for w in windows) * ds.hop_seconds
+        limit = min(room, math.ceil(seconds * TOKENS_PER_SECOND) + 8)
+        tokens = greedy(model, ds.features(windows).to(device), prefix, eot, limit)
+        return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+    return transcribe_clips(model, ds, rows, batch_size, decode, on_batch, width=ds.width)
 
 
 def write_extra(bundle: Any, folder: Path) -> None:

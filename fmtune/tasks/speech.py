@@ -119,6 +119,36 @@ def error_rates(hypotheses: list[str], references: list[str]) -> dict[str, float
     return {"wer": float(words.wer), "cer": float(chars.cer)}
 
 
+def transcribe_clips(model: torch.nn.Module, ds: Any, rows: list[int], batch_size: int, decode: Any,
+                     on_batch: Any = None, width: Any = None) -> list[str]:
+    """The transcripts of clips ``rows`` of ``ds`` (``SpeechData`` or ``CTCData``): every window of
+    every clip, sorted by length (by ``width(window)`` first, when given: a batch then holds one
+    width), in batches of at most ``batch_size`` turned into texts by ``decode(windows)``, with the
+    model in eval and inference mode; a clip's windows joined in order. ``on_batch(n)`` is told of
+    each batch's clips done."""
+    width = width or (lambda _w: 0)
+    windows = [(r, k, w) for r in rows for k, w in enumerate(ds.clips[r])]
+    windows.sort(key=lambda x: (width(x[2]), x[2].shape[-1]))
+    pieces: dict[tuple[int, int], str] = {}
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        start = 0
+        while start < len(windows):
+            first, stop = width(windows[start][2]), start
+            while stop < len(windows) and stop - start < batch_size and width(windows[stop][2]) == first:
+                stop += 1
+            group = windows[start:stop]
+            for (r, k, _), text in zip(group, decode([w for _, _, w in group])):
+                pieces[(r, k)] = text
+            if on_batch is not None:
+                on_batch(len({r for r, _, _ in group}))
+            start = stop
+    if was_training:
+        model.train()
+    return [" ".join(p for k in range(len(ds.clips[r])) if (p := pieces[(r, k)])) for r in rows]
+
+
 class SpeechData(torch.utils.data.Dataset):
     """Clips as log-mel windows (fp16) with their transcripts as decoder tokens.
 
