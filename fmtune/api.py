@@ -502,6 +502,9 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
     if split is None:
         return None, data["train"], data["val"], f"not used: {why}"
     autocast, storage = cache.precision(cfg.train, hw)
+    big = cache.too_big(bundle.model, split, len(data["train"]) + len(data["val"]), storage)
+    if big:
+        return None, data["train"], data["val"], f"not used: {big}"
     started = time.perf_counter()
     with ui.CountProgress("caching frozen features", len(data["train"]) + len(data["val"]), quiet) as bar:
         digest = cache.weights_digest(bundle.model)

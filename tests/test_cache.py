@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,6 +78,23 @@ def test_a_dense_head_on_cached_maps_equals_the_full_forward(model_path, task, t
     assert torch.allclose(full, via, atol=1e-4, rtol=1e-4)
     b2 = _bundle(model_path, StrategyConfig(name="last_n", n=1), task)
     assert cache.plan(b2)[0] is None
+
+
+def test_dense_maps_are_not_cached_beyond_half_the_free_disk(tiny_resnet, tmp_path, monkeypatch):
+    import collections
+
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "not-yet" / "made"))
+    b = _bundle(tiny_resnet, StrategyConfig(name="head"), Segmentation(["a", "b"]))
+    split, _ = cache.plan(b)
+    row = sum(math.prod(s) for s in cache.map_shapes(b.model, split))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda _p: usage(0, 0, 2 * 100 * row * 2))
+    assert cache.too_big(b.model, split, 100, "fp16") is None  # exactly half
+    why = cache.too_big(b.model, split, 101, "fp16")
+    assert why and "more than half" in why and "not-yet" in why
+    assert cache.too_big(b.model, split, 100, "fp32")  # twice the bytes
+    pooled = _bundle(tiny_resnet, StrategyConfig(name="head"))
+    assert cache.too_big(pooled.model, cache.plan(pooled)[0], 10**9, "fp32") is None  # small rows: not checked
 
 
 def test_nothing_is_cached_when_the_first_block_trains(tiny_bert):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,22 @@ class CachedData(torch.utils.data.Dataset):
             if self.shapes and batch["labels"].dtype == torch.uint8:  # masks are held a byte a pixel
                 batch["labels"] = batch["labels"].long()
         return batch
+
+
+def too_big(model: nn.Module, split: Split, examples: int, storage: str) -> str | None:
+    """Why a cache of ``examples`` would not fit (None: it does). Only a dense head's maps are large
+    (MobileNetV2 at 320 px: 435 KB an image in fp16); they may take at most half the free space of
+    the cache folder's disk."""
+    if split.kind != "maps":
+        return None
+    need = examples * sum(math.prod(s) for s in map_shapes(model, split)) * (2 if storage == "fp16" else 4)
+    folder = cache_dir()
+    probe = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(probe).free
+    if need <= free / 2:
+        return None
+    return (f"the maps of {examples} images would take {need / 2**30:.1f} GiB, more than half the "
+            f"{free / 2**30:.1f} GiB free under {folder} (FMTUNE_CACHE_DIR)")
 
 
 def cache_dir() -> Path:
