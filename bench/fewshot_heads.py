@@ -1,0 +1,87 @@
+"""Few labels, a selection study (issue 20): after fmtune's contrastive phase, which linear head, and
+how many contrastive steps? On validation samples only: seeds 10-14 (the bench, bench/fewshot.py,
+uses 0-4), scored on 500 training-split rows outside each sample, never the test split.
+
+    .venv/bin/python bench/fewshot_heads.py [SIZES=8,16] [OTHER_STEPS=30] > result.json
+
+For each dataset (rotten-tomatoes, tweet-sentiment), rows per class and contrastive step count
+(fmtune's default, then each of OTHER_STEPS), fmtune trains `--strategy contrastive` with its
+defaults and the tuned encoder embeds the sample and the validation rows; heads compared:
+`cv-scaled (now)` (fmtune's: LogisticRegressionCV over standardised features), `C=1 normalised
+(setfit)` (SetFit's: LogisticRegression(C=1) on L2-normalised embeddings) and `run` (the run's
+own head after its epochs). Mean validation accuracy over the 5 samples; progress lines on stdout,
+then one JSON document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+
+import fmtune  # noqa: E402
+from fmtune.data.prepare import make_dataset  # noqa: E402
+from fmtune.run import open_run  # noqa: E402
+from fmtune.tasks.probe import logreg, scaled  # noqa: E402
+from fmtune.training.infer import infer  # noqa: E402
+from fmtune.transfer import per_class  # noqa: E402
+from fmtune.zoo.datasets import export  # noqa: E402
+
+HEADS = ("cv-scaled (now)", "C=1 normalised (setfit)", "run")
+
+
+def embed(run, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    ds, _ = make_dataset(df, run.bundle, run.task, run.config.data)
+    x, y = infer(run.bundle.model, ds, 128, features=True)
+    return x.numpy(), y.numpy()
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def main() -> None:
+    warnings.simplefilter("ignore")
+    work = Path(tempfile.mkdtemp(prefix="fmtune-fewshot-heads-"))
+    sizes = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [8, 16]
+    steps_options = [None] + ([int(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 else [30])
+    out = {}
+    for name in ("rotten-tomatoes", "tweet-sentiment"):
+        train_all = pd.read_csv(export(name, work / name, seed=0)["train"])
+        for size in sizes:
+            for steps in steps_options:
+                acc: dict[str, list[float]] = {h: [] for h in HEADS}
+                for seed in range(10, 15):
+                    sample = per_class(train_all, "label", size, seed)
+                    val = train_all.drop(sample.index).sample(500, random_state=seed)
+                    sample.to_csv(work / "t.csv", index=False)
+                    val.to_csv(work / "v.csv", index=False)
+                    strategy = {"name": "contrastive", **({"contrastive_steps": steps} if steps else {})}
+                    cfg = {"model": {"name": "minilm-l6"}, "strategy": strategy, "train": {"seed": seed},
+                           "data": {"train": str(work / "t.csv"), "test": str(work / "v.csv")},
+                           "out": str(work / "run")}
+                    summary = fmtune.train(cfg, overwrite=True, quiet=True, report=False)
+                    acc["run"].append(summary["eval"]["test"]["accuracy"])
+                    run = open_run(work / "run")
+                    (xt, yt), (xv, yv) = embed(run, sample), embed(run, val)
+                    probe = scaled(logreg(seed)).fit(xt, yt)
+                    acc["cv-scaled (now)"].append(float((probe.predict(xv) == yv).mean()))
+                    setfit = LogisticRegression(C=1.0, max_iter=3000).fit(unit(xt), yt)
+                    acc["C=1 normalised (setfit)"].append(float((setfit.predict(unit(xv)) == yv).mean()))
+                key = f"{name} {size} steps={steps or 'default'}"
+                out[key] = {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
+                print(key, out[key], flush=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
