@@ -207,6 +207,31 @@ def _private_feature_cache(tmp_path_factory, monkeypatch):
 
 # --- one optimizer step on a freshly built model: what each strategy changes -------------------
 
+def assert_head_cache_trains_the_same(make_cfg, tmp_path: Path, capsys, monkeypatch, says: str) -> None:
+    """Train strategy head twice from ``make_cfg(out, feature_cache=...)``, with the feature cache
+    (auto) and without (off): the same weights (2e-3), validation best and test metrics; the plan
+    line says ``says``; two cache folders (train and val)."""
+    from safetensors.torch import load_file
+
+    from fmtune import api
+
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    runs = {}
+    for mode in ("auto", "off"):
+        cfg = make_cfg(tmp_path / mode, feature_cache=mode)
+        cfg["strategy"] = {"name": "head"}
+        runs[mode] = api.train(cfg, quiet=mode == "off", report=False)
+    assert says in capsys.readouterr().err
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    a = load_file(str(tmp_path / "auto" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=2e-3), k
+    assert runs["auto"]["eval"]["test"] == pytest.approx(runs["off"]["eval"]["test"], abs=2e-3)
+    assert runs["auto"]["best"] == pytest.approx(runs["off"]["best"], abs=2e-3)
+
+
 def small_bundle(name, task):
     """A model built the way `fmtune train` builds it, small inputs (16 tokens, 32 px)."""
     from fmtune.config import ModelConfig

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import cfg_dict
+from conftest import assert_head_cache_trains_the_same, cfg_dict
 from PIL import Image
 
 from fmtune import api
@@ -353,21 +353,7 @@ def test_explain_gradcam_on_the_best_box(det_run, boxes_data, tmp_path):
 
 def test_frozen_backbone_maps_are_cached_and_train_the_same_head(tmp_path, tiny_resnet, boxes_data, capsys,
                                                                    monkeypatch):
-    """strategy head without geometric augmentation: the pyramid's three backbone maps are cached
-    and training on them reaches the head training without the cache does."""
-    from safetensors.torch import load_file
-
-    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    runs = {}
-    for mode in ("auto", "off"):
-        cfg = det_cfg(tiny_resnet, boxes_data, tmp_path / mode, feature_cache=mode, augment={"geometric": False})
-        cfg["strategy"] = {"name": "head"}
-        runs[mode] = api.train(cfg, quiet=mode == "off", report=False)
-    assert "the three maps its head reads are cached" in capsys.readouterr().err
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # train and val
-    a = load_file(str(tmp_path / "auto" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=2e-3), k
-    assert runs["auto"]["eval"]["test"] == pytest.approx(runs["off"]["eval"]["test"], abs=2e-3)
-    assert runs["auto"]["best"] == pytest.approx(runs["off"]["best"], abs=2e-3)  # validation mAP
+    """strategy head (zooms and flips off by default there): the pyramid's three backbone maps are
+    cached and training on them reaches the head training without the cache does."""
+    assert_head_cache_trains_the_same(lambda out, **train: det_cfg(tiny_resnet, boxes_data, out, **train), tmp_path,
+                                      capsys, monkeypatch, "the three maps its head reads are cached")

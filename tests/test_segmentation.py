@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import cfg_dict
+from conftest import assert_head_cache_trains_the_same, cfg_dict
 from PIL import Image
 
 from fmtune import api
@@ -341,23 +341,8 @@ def test_images_too_many_to_hold_are_decoded_per_batch_with_the_same_batches(sce
 
 def test_frozen_backbone_maps_are_cached_and_train_the_same_decoder(tmp_path, tiny_resnet, scenes, capsys,
                                                                       monkeypatch):
-    """strategy head without geometric augmentation: the three maps the decoder reads are cached
-    (one row per image) and training on them reaches the decoder training without the cache does."""
-    from safetensors.torch import load_file
-
-    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    runs = {}
-    for mode in ("auto", "off"):
-        cfg = seg_cfg(tiny_resnet, scenes, tmp_path / mode, feature_cache=mode, augment={"geometric": False})
-        cfg["strategy"] = {"name": "head"}
-        runs[mode] = api.train(cfg, quiet=mode == "off", report=False)
-    err = capsys.readouterr().err
-    assert "feature cache: the whole backbone is frozen: the three maps its head reads are cached" in err
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # train and val
-    a = load_file(str(tmp_path / "auto" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
-    assert set(a) == set(b)
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=2e-3), k
-    assert runs["auto"]["eval"]["test"] == pytest.approx(runs["off"]["eval"]["test"], abs=2e-3)
-    assert runs["auto"]["best"] == pytest.approx(runs["off"]["best"], abs=2e-3)  # validation mIoU
+    """strategy head (crops and flips off by default there): the three maps the decoder reads are
+    cached (one row per image) and training on them reaches the decoder training without the cache does."""
+    assert_head_cache_trains_the_same(lambda out, **train: seg_cfg(tiny_resnet, scenes, out, **train), tmp_path,
+                                      capsys, monkeypatch, "feature cache: the whole backbone is frozen: the three "
+                                      "maps its head reads are cached")
