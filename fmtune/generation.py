@@ -120,6 +120,11 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     net = lm_net(bundle)
     train_ds = data["train"]
     train_ds.packed = cfg.train.packing
+    recompute = None
+    if bundle.family not in (causal_lm.SPEECH_FAMILY, causal_lm.CTC_FAMILY):  # tokens of a causal LM
+        recompute = causal_lm.checkpointing(bundle, cfg.train, train_ds.lengths, hw.device)
+    if recompute and not quiet:
+        out.print(f"  gradient checkpointing {recompute}")
     if cfg.train.augment.audio_on():  # speech: the clips perturbed on the fly, read again from their files
         from fmtune.training.perturb import Augmented
 
@@ -131,7 +136,7 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
             "data": {k: {"rows": len(v), "source": frames[k].attrs.get("source"), **_size(v)} for k, v in data.items()},
             "fit": {k: v for k, v in vars(result).items() if k not in ("history", "processes", "params_in_sync",
                                                                        "weights_per_rank_mib")},
-            "generation": _settings_info(bundle, task),
+            "generation": {**_settings_info(bundle, task), "gradient_checkpointing": recompute},
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     write_json(run_dir / INFO_FILE, info)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,

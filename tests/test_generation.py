@@ -504,3 +504,52 @@ def test_a_killed_generation_run_resumes_to_the_same_adapter(tiny_llama, gen_fil
     a = load_file(str(tmp_path / "ref" / "model" / "adapter_model.safetensors"))
     b = load_file(str(run / "model" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_auto_turns_it_on_when_memory_is_short(
+        lm, tmp_path, monkeypatch):
+    """Layers recomputed in the backward pass: the same LoRA gradients as keeping their activations
+    (through the shared-prefix batch, which falls back to the plain forward under checkpointing);
+    auto turns it on only when the largest batch would hold more than half the memory available."""
+    import collections
+    import copy
+
+    import psutil
+
+    from fmtune.models import causal_lm
+
+    bundle, task = lm
+    df = read_rows(write_jsonl(tmp_path / "a.jsonl", repeat_rows(6, 4)), data_cfg())
+    ds = task.dataset(df, bundle, data_cfg())[0]
+    batch = ds.collate(list(range(6)))
+    labels = batch.pop("labels")
+    grads = []
+    for setting in (False, True):
+        lora = copy.deepcopy(bundle)
+        torch.manual_seed(0)  # the same LoRA A matrices
+        causal_lm.apply_strategy(lora, config.from_dict({"task": {"type": "generation"},
+                                                         "strategy": {"name": "lora", "dropout": 0.0}}).strategy)
+        with torch.no_grad():
+            for n, p in lora.model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+        train = config.from_dict({"train": {"gradient_checkpointing": setting}}).train
+        said = causal_lm.checkpointing(lora, train, ds.lengths, "cpu")
+        assert (said is not None) == setting and causal_lm.plain(lora.model).is_activation_checkpointing == setting
+        lora.model.train()
+        out = causal_lm.TargetLogits(lora.model, lora.tokenizer)(**batch).logits
+        torch.nn.functional.cross_entropy(out, labels).backward()
+        grads.append({n: p.grad.clone() for n, p in lora.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7)
+    auto = config.from_dict({"train": {"batch_size": 4}}).train
+    mem = collections.namedtuple("mem", "available")
+    c = causal_lm.plain(bundle.model).config
+    need = causal_lm.ACTIVATION_BYTES * c.hidden_size * c.num_hidden_layers * 4 * int(ds.lengths.max())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: mem(2 * need))
+    plain_copy = copy.deepcopy(bundle)
+    assert causal_lm.checkpointing(plain_copy, auto, ds.lengths, "cpu") is None  # exactly half: fits
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: mem(2 * need - 1))
+    said = causal_lm.checkpointing(plain_copy, auto, ds.lengths, "cpu")
+    assert said and "more than half" in said and f"4 rows x {int(ds.lengths.max())} tokens" in said
