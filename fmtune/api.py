@@ -400,10 +400,7 @@ def train_from(source: str | Path, data: str | Path | None = None, *, val: str |
     too, as after adding the rows ``fmtune select`` picked). ``data``, ``val`` and ``test``
     default to ``source``'s own files (read again). ``source`` is only read; the new run's
     continual.json scores ``source``'s model and the new one on the test file."""
-    import time
-
     from fmtune.continual import continue_config
-    from fmtune.run import read_config
 
     src = Path(source)
     old = read_config(src).data
