@@ -202,7 +202,7 @@ def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
 def _check_settings(cfg: config_mod.Config) -> None:
     """Settings of other tasks that a generation run would otherwise silently ignore."""
     unsupported = {"semi.unlabeled / --unlabeled (self-training)": cfg.semi.unlabeled,
-                   "continual.source (fmtune continue)": cfg.continual.source,
+                   "continual.source (fmtune continue, fmtune train --resume-from)": cfg.continual.source,
                    "train.adversarial": cfg.train.adversarial != "none",
                    "train.augment.typos / word_drop / noise / corruptions": cfg.train.augment.text_on()
                    or cfg.train.augment.image_on(),
