@@ -86,7 +86,8 @@ def test_dense_maps_are_not_cached_beyond_half_the_free_disk(tiny_resnet, tmp_pa
     monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "not-yet" / "made"))
     b = _bundle(tiny_resnet, StrategyConfig(name="head"), Segmentation(["a", "b"]))
     split, _ = cache.plan(b)
-    row = sum(math.prod(s) for s in cache.map_shapes(b.model, split))
+    assert split.shapes == cache.map_shapes(b.model, split.image_size) and len(split.shapes) == 3
+    row = sum(math.prod(s) for s in split.shapes)
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda _p: usage(0, 0, 2 * 100 * row * 2))
     assert cache.too_big(b.model, split, 100, "fp16") is None  # exactly half

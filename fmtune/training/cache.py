@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ class Split:
     # "maps": a dense head's three backbone maps
     k: int
     image_size: int = 0
+    # "maps": (C, h, w) of each map, found once by ``plan`` (not part of the cache key: they follow from the rest)
+    shapes: tuple[tuple[int, ...], ...] = field(default=(), repr=False, compare=False)
 
 
 def plan(bundle: Any) -> tuple[Split | None, str]:
@@ -60,7 +62,8 @@ def plan(bundle: Any) -> tuple[Split | None, str]:
     k = frozen_prefix(model)
     if getattr(model, "level", "") == "dense":
         if k == WHOLE_BACKBONE:
-            return (Split("maps", -1, int(bundle.image.get("size", 0))),
+            size = int(bundle.image.get("size", 0))
+            return (Split("maps", -1, size, map_shapes(model, size)),
                     "the whole backbone is frozen: the three maps its head reads are cached")
         return None, "the head reads three stages of the backbone, the last of them trained: nothing to cache"
     if k == WHOLE_BACKBONE:
@@ -219,7 +222,7 @@ def too_big(model: nn.Module, split: Split, examples: int, storage: str) -> str 
     the cache folder's disk."""
     if split.kind != "maps":
         return None
-    need = examples * sum(math.prod(s) for s in map_shapes(model, split)) * (2 if storage == "fp16" else 4)
+    need = examples * sum(math.prod(s) for s in split.shapes) * (2 if storage == "fp16" else 4)
     folder = cache_dir()
     probe = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(probe).free
@@ -284,18 +287,17 @@ def build(bundle: Any, split: Split, ds: Any, batch_size: int, progress: Any = N
         reused = True
     data = np.load(target / "data.npy", mmap_mode="r")
     offsets = np.load(target / "offsets.npy") if (target / "offsets.npy").exists() else None
-    shapes = map_shapes(model, split) if split.kind == "maps" else None
-    return CachedData(data, offsets, ds.targets, key, getattr(ds, "lengths", None), shapes), reused
+    return CachedData(data, offsets, ds.targets, key, getattr(ds, "lengths", None), list(split.shapes)), reused
 
 
 @torch.no_grad()
-def map_shapes(model: nn.Module, split: Split) -> list[tuple[int, ...]]:
-    """(C, h, w) of each map a dense head reads, for images of the split's size."""
+def map_shapes(model: nn.Module, size: int) -> tuple[tuple[int, ...], ...]:
+    """(C, h, w) of each map a dense head reads, for images of ``size`` pixels square."""
     was = model.backbone.training
     model.backbone.eval()
     try:
-        x = torch.zeros((1, 3, split.image_size, split.image_size), device=model_device(model))
-        return [tuple(int(d) for d in m.shape[1:]) for m in model.backbone(x)]
+        x = torch.zeros((1, 3, size, size), device=model_device(model))
+        return tuple(tuple(int(d) for d in m.shape[1:]) for m in model.backbone(x))
     finally:
         model.backbone.train(was)
 
