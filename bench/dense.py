@@ -1,7 +1,7 @@
 """Segmentation and detection: what each strategy buys, and how fast training and prediction are.
 
     make bench-dense                 # writes bench/results-dense-<date>.json
-    .venv/bin/python bench/dense.py [--epochs 4] [--tasks segmentation,detection] > result.json
+    .venv/bin/python bench/dense.py [--epochs 4[,12]] [--batch-size 8] [--tasks segmentation,detection] > result.json
 
 On the demo data (digit-scenes: 400 / 60 / 100 scenes of 192 x 192, real MNIST digits on two
 real photos; 11 classes for segmentation, 10 for detection) with MobileNetV2 (ImageNet) at 192 px,
@@ -49,10 +49,11 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def run_one(task: str, strategy: str, files: dict[str, Path], out: Path, epochs: int) -> dict[str, Any]:
+def run_one(task: str, strategy: str, files: dict[str, Path], out: Path, epochs: int,
+            batch_size: int = 8) -> dict[str, Any]:
     data = {k: str(v / "annotations.json") if task == "detection" else str(v) for k, v in files.items()}
     cached = strategy == "head-cached"
-    train = {"epochs": epochs, "batch_size": 8, "patience": None, "seed": 0}
+    train = {"epochs": epochs, "batch_size": batch_size, "patience": None, "seed": 0}
     if cached:  # the default for a frozen backbone (train.augment.geometric: auto)
         os.environ["FMTUNE_CACHE_DIR"] = str(out.parent / f"cache-{out.name}")
     else:
@@ -66,13 +67,17 @@ def run_one(task: str, strategy: str, files: dict[str, Path], out: Path, epochs:
     wall = time.perf_counter() - started
     info = json.loads((out / "run.json").read_text())
     fit = info["fit"]
+    metric = "map" if task == "detection" else "miou"
+    curve = [round(r[metric], 4) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if r.get("type") == "eval" and metric in r]
     pred = Predictor(out)
     images = sorted(str(p) for p in (files["test"] / "images").iterdir())
     pred.predict(images[:8])  # warm-up
     t = time.perf_counter()
     pred.predict(images)
     predict_s = time.perf_counter() - t
-    return {"task": task, "strategy": strategy, "epochs": epochs, "test": summary["eval"]["test"],
+    return {"task": task, "strategy": strategy, "epochs": epochs, "batch_size": batch_size,
+            "steps": fit.get("steps"), "val_curve": curve, "test": summary["eval"]["test"],
             "trainable_params": info["params"]["trainable_params"], "train_seconds": round(fit["seconds"], 1),
             "train_images_per_s": round(fit["samples_per_s"], 2), "wall_seconds": round(wall, 1),
             "predict_images_per_s": round(len(images) / predict_s, 2)}
@@ -80,7 +85,8 @@ def run_one(task: str, strategy: str, files: dict[str, Path], out: Path, epochs:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", default="4", help="comma-separated epoch counts, each run in turn")
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--tasks", default="segmentation,detection")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="of head, head-cached, last_n, full")
     ap.add_argument("--cached-epochs", default=None,
@@ -91,16 +97,16 @@ def main() -> None:
     rows = []
     for task in a.tasks.split(","):
         for strategy in a.strategies.split(","):
-            counts = [int(e) for e in (a.cached_epochs or str(a.epochs)).split(",")] \
-                if strategy == "head-cached" else [a.epochs]
-            for epochs in counts:
-                log(f"{task} {strategy} {epochs} epochs ...")
-                rows.append(run_one(task, strategy, files, root / f"{task}-{strategy}-{epochs}", epochs))
+            counts = (a.cached_epochs if strategy == "head-cached" and a.cached_epochs else a.epochs).split(",")
+            for epochs in map(int, counts):
+                log(f"{task} {strategy} {epochs} epochs of batch {a.batch_size} ...")
+                rows.append(run_one(task, strategy, files, root / f"{task}-{strategy}-{epochs}", epochs,
+                                    a.batch_size))
                 log(json.dumps(rows[-1]))
     print(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(), "threads":
                                   torch.get_num_threads(), "torch": torch.__version__},
                       "data": "digit-scenes 400/60/100, 192 px", "model": "mobilenet-v2 (ImageNet)",
-                      "epochs": a.epochs, "runs": rows}, indent=2))
+                      "epochs": a.epochs, "batch_size": a.batch_size, "runs": rows}, indent=2))
 
 
 if __name__ == "__main__":

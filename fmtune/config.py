@@ -180,6 +180,10 @@ def default_lr(strategy: Any, task_type: str | None = None) -> float:
     return DEFAULT_LR[strategy.name]
 
 
+# train.epochs and train.batch_size when they are not set, unless the task has its own (Task.default_train)
+DEFAULT_EPOCHS, DEFAULT_BATCH_SIZE = 3, 32
+
+
 def default_head_lr(lr: float) -> float:
     return min(lr * HEAD_LR_FACTOR, HEAD_LR_MAX)
 
@@ -271,10 +275,13 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(3, "passes over the training data")
+    epochs: int | None = _f(None, f"passes over the training data (default: {DEFAULT_EPOCHS}, or the task's own: "
+                            "detection and segmentation 12)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
     max_minutes: float | None = _f(None, "time budget: evaluate, keep the best and stop once training took this long")
-    batch_size: int = _f(32, "examples per optimizer step, per accumulation micro-step")
+    batch_size: int | None = _f(None, f"examples per optimizer step, per accumulation micro-step (default: "
+                                f"{DEFAULT_BATCH_SIZE}, or the task's own: text generation, detection and "
+                                "segmentation 8)")
     eval_batch_size: int = _f(128, "examples per forward pass when evaluating")
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
     lr: float | None = _f(None, "learning rate of what trains besides the head (default: per strategy: "
@@ -334,10 +341,10 @@ class TrainConfig:
         "for one device")
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", "must be at least 1")
+        _check(self.epochs is None or self.epochs >= 1, "train.epochs", "must be at least 1")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
         _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0")
-        _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
+        _check(self.batch_size is None or self.batch_size >= 1, "train.batch_size", "must be at least 1")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1")
         _check(self.loader_threads is None or self.loader_threads >= 0, "train.loader_threads", "must be >= 0")
         _check(self.lr is None or self.lr > 0, "train.lr", "must be > 0")
@@ -438,6 +445,11 @@ class Config:
                "prompt tuning puts its virtual tokens before each row: they cannot be packed; drop one of the two")
         if self.train.lr is None and self.strategy.name != "auto":  # resolved here, so config.yaml says it
             self.train.lr = default_lr(self.strategy, self.task.type)
+        own = task_class(self.task.type).default_train
+        if self.train.epochs is None:
+            self.train.epochs = own.get("epochs", DEFAULT_EPOCHS)
+        if self.train.batch_size is None:
+            self.train.batch_size = own.get("batch_size", DEFAULT_BATCH_SIZE)
         if self.train.head_lr is None and task_class(self.task.type).default_head_lr is not None:
             self.train.head_lr = task_class(self.task.type).default_head_lr
 

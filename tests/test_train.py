@@ -273,3 +273,25 @@ def test_a_tie_on_the_metric_is_broken_by_the_validation_loss():
     assert _better({"wer": 0.2500001, "loss": 1.4}, 0.25, best, "wer", False, 0.0)  # equal as logged
     assert _better({"accuracy": 0.5, "loss": 0.3}, None, None, "accuracy", True, 0.0)  # the first evaluation
     assert not _better({"loss": 1.5}, 1.5, {"loss": 1.5}, "loss", False, 0.0)
+
+
+def test_epochs_and_batch_size_default_per_task_and_a_setting_wins(tmp_path):
+    from fmtune import config
+    from fmtune.tasks import TASKS, task_class
+
+    own = {name: task_class(name).default_train for name in TASKS.names()}
+    assert own["detection"] == own["segmentation"] == {"epochs": 12, "batch_size": 8}
+    assert own["generation"] == {"batch_size": 8}
+    for name in TASKS.names():
+        train = config.from_dict({"task": {"type": name}}).train
+        assert (train.epochs, train.batch_size) == (own[name].get("epochs", config.DEFAULT_EPOCHS),
+                                                    own[name].get("batch_size", config.DEFAULT_BATCH_SIZE)), name
+        chosen = config.from_dict({"task": {"type": name}, "train": {"epochs": 2, "batch_size": 5}}).train
+        assert (chosen.epochs, chosen.batch_size) == (2, 5), name
+    # a run's config.yaml holds the resolved numbers, so resuming or continuing it does not depend on the defaults
+    cfg = config.from_dict({"task": {"type": "detection"}})
+    cfg.save(tmp_path / "config.yaml")
+    saved = config.load(tmp_path / "config.yaml").to_dict()["train"]
+    assert (saved["epochs"], saved["batch_size"]) == (12, 8)
+    with pytest.raises(fmtune.errors.ConfigError, match="train.batch_size"):
+        config.from_dict({"train": {"batch_size": 0}})

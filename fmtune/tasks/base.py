@@ -59,6 +59,7 @@ class Task:
     modality = ""  # "audio": reads audio files; "" reads what the model reads (text or images)
     default_lrs: dict[str, float] = {}  # train.lr by strategy where this task needs other than config.DEFAULT_LR
     default_head_lr: float | None = None  # train.head_lr unless set (None: config.default_head_lr of train.lr)
+    default_train: dict[str, int] = {}  # train.epochs / train.batch_size unless set (else config.DEFAULT_EPOCHS, ...)
     dense_head = ""  # level "dense": the head on the backbone's feature maps (fmtune.models.dense.HEADS)
     probe_baseline = True  # train.baseline: a linear probe (else the head trained on the frozen backbone, a run)
 
