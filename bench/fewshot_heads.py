@@ -9,8 +9,12 @@ For each dataset (rotten-tomatoes, tweet-sentiment), rows per class and contrast
 defaults and the tuned encoder embeds the sample and the validation rows; heads compared:
 `cv-scaled (now)` (fmtune's: LogisticRegressionCV over standardised features), `C=1 normalised
 (setfit)` (SetFit's: LogisticRegression(C=1) on L2-normalised embeddings) and `run` (the run's
-own head after its epochs). Mean validation accuracy over the 5 samples; progress lines on stdout,
-then one JSON document.
+own head after its epochs). With ALPHAS (e.g. 0,0.5), also `cv-scaled, alpha=A`: fmtune's head
+on an encoder whose weights are interpolated between the pretrained (A=0: the plain probe) and the
+contrastively tuned ones (A=1), as WiSE-FT (Wortsman et al., 2022) does. Mean validation accuracy
+over the 5 samples; progress lines on stdout, then one JSON document.
+
+    .venv/bin/python bench/fewshot_heads.py 8,16 "" 0,0.25,0.5,0.75
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 import fmtune  # noqa: E402
 from fmtune.data.prepare import make_dataset  # noqa: E402
+from fmtune.models import build  # noqa: E402
 from fmtune.run import open_run  # noqa: E402
 from fmtune.tasks.probe import logreg, scaled  # noqa: E402
 from fmtune.training.infer import infer  # noqa: E402
@@ -39,10 +44,19 @@ from fmtune.zoo.datasets import export  # noqa: E402
 HEADS = ("cv-scaled (now)", "C=1 normalised (setfit)", "run")
 
 
-def embed(run, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def embed(run, df: pd.DataFrame, model=None) -> tuple[np.ndarray, np.ndarray]:
     ds, _ = make_dataset(df, run.bundle, run.task, run.config.data)
-    x, y = infer(run.bundle.model, ds, 128, features=True)
+    x, y = infer(model or run.bundle.model, ds, 128, features=True)
     return x.numpy(), y.numpy()
+
+
+def interpolated(run, pretrained, alpha: float):
+    """A copy of the pretrained model whose floating-point weights are (1 - alpha) pretrained + alpha tuned."""
+    tuned = run.bundle.model.state_dict()
+    state = {k: (v + alpha * (tuned[k] - v)) if v.is_floating_point() else tuned[k]
+             for k, v in pretrained.state_dict().items()}
+    pretrained.load_state_dict(state)
+    return pretrained
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -53,13 +67,16 @@ def main() -> None:
     warnings.simplefilter("ignore")
     work = Path(tempfile.mkdtemp(prefix="fmtune-fewshot-heads-"))
     sizes = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [8, 16]
-    steps_options = [None] + ([int(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 else [30])
+    steps_options = [None] + ([int(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 and sys.argv[2]
+                              else [] if len(sys.argv) > 2 else [30])
+    alphas = [float(a) for a in sys.argv[3].split(",")] if len(sys.argv) > 3 else []
+    heads = HEADS + tuple(f"cv-scaled, alpha={a:g}" for a in alphas)
     out = {}
     for name in ("rotten-tomatoes", "tweet-sentiment"):
         train_all = pd.read_csv(export(name, work / name, seed=0)["train"])
         for size in sizes:
             for steps in steps_options:
-                acc: dict[str, list[float]] = {h: [] for h in HEADS}
+                acc: dict[str, list[float]] = {h: [] for h in heads}
                 for seed in range(10, 15):
                     sample = per_class(train_all, "label", size, seed)
                     val = train_all.drop(sample.index).sample(500, random_state=seed)
@@ -77,6 +94,11 @@ def main() -> None:
                     acc["cv-scaled (now)"].append(float((probe.predict(xv) == yv).mean()))
                     setfit = LogisticRegression(C=1.0, max_iter=3000).fit(unit(xt), yt)
                     acc["C=1 normalised (setfit)"].append(float((setfit.predict(unit(xv)) == yv).mean()))
+                    for a in alphas:
+                        model = interpolated(run, build.create(run.config.model, run.task).model, a).eval()
+                        (xt, yt), (xv, yv) = embed(run, sample, model), embed(run, val, model)
+                        probe = scaled(logreg(seed)).fit(xt, yt)
+                        acc[f"cv-scaled, alpha={a:g}"].append(float((probe.predict(xv) == yv).mean()))
                 key = f"{name} {size} steps={steps or 'default'}"
                 out[key] = {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
                 print(key, out[key], flush=True)
