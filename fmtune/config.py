@@ -280,8 +280,8 @@ class TrainConfig:
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
     max_minutes: float | None = _f(None, "time budget: evaluate, keep the best and stop once training took this long")
     batch_size: int | None = _f(None, f"examples per optimizer step, per accumulation micro-step (default: "
-                                f"{DEFAULT_BATCH_SIZE}, or the task's own: text generation, detection and "
-                                "segmentation 8)")
+                                f"{DEFAULT_BATCH_SIZE}, or the task's own: named entities, text generation, "
+                                "detection and segmentation 8)")
     eval_batch_size: int = _f(128, "examples per forward pass when evaluating")
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
     lr: float | None = _f(None, "learning rate of what trains besides the head (default: per strategy: "

@@ -281,7 +281,7 @@ def test_epochs_and_batch_size_default_per_task_and_a_setting_wins(tmp_path):
 
     own = {name: task_class(name).default_train for name in TASKS.names()}
     assert own["detection"] == own["segmentation"] == {"epochs": 12, "batch_size": 8}
-    assert own["generation"] == {"batch_size": 8}
+    assert own["generation"] == own["ner"] == {"batch_size": 8}
     for name in TASKS.names():
         train = config.from_dict({"task": {"type": name}}).train
         assert (train.epochs, train.batch_size) == (own[name].get("epochs", config.DEFAULT_EPOCHS),

@@ -51,6 +51,10 @@ class TokenClassification(Task):
     hf_problem_type = "token_classification"
     capabilities = frozenset({"explain"})
     accepts_word_lists = True
+    # batches of 8, as transformers' run_ner recipe: WNUT-2016 (1,695 tweets, MiniLM-L6, full, 3 epochs), test entity
+    # F1 0.361 / 0.377 (seeds 0 / 1) at batches of 32 (153 steps, still improving at the last), 0.446 / 0.404 at 8
+    # (bench/batch_size.py; bench/results-2026-12-02-ner-batch-2core.json)
+    default_train = {"batch_size": 8}
     baseline_method = ("linear probe (scikit-learn logistic regression) on the frozen pretrained backbone's token "
                        "states, at each word's first sub-token")
 
