@@ -8,7 +8,8 @@ For each dataset (rotten-tomatoes, tweet-sentiment), rows per class and contrast
 (fmtune's default, then each of OTHER_STEPS), fmtune trains `--strategy contrastive` with its
 defaults and the tuned encoder embeds the sample and the validation rows; heads compared:
 `cv-scaled (now)` (fmtune's: LogisticRegressionCV over standardised features), `C=1 normalised
-(setfit)` (SetFit's: LogisticRegression(C=1) on L2-normalised embeddings) and `run` (the run's
+(setfit)` (SetFit's: LogisticRegression(C=1) on L2-normalised embeddings), `cv normalised`
+(LogisticRegressionCV, fmtune's grid of C, on L2-normalised embeddings) and `run` (the run's
 own head after its epochs). With ALPHAS (e.g. 0,0.5), also `cv-scaled, alpha=A`: fmtune's head
 on an encoder whose weights are interpolated between the pretrained (A=0: the plain probe) and the
 contrastively tuned ones (A=1), as WiSE-FT (Wortsman et al., 2022) does. Mean validation accuracy
@@ -41,7 +42,7 @@ from fmtune.training.infer import infer  # noqa: E402
 from fmtune.transfer import per_class  # noqa: E402
 from fmtune.zoo.datasets import export  # noqa: E402
 
-HEADS = ("cv-scaled (now)", "C=1 normalised (setfit)", "run")
+HEADS = ("cv-scaled (now)", "C=1 normalised (setfit)", "cv normalised", "run")
 
 
 def embed(run, df: pd.DataFrame, model=None) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +95,8 @@ def main() -> None:
                     acc["cv-scaled (now)"].append(float((probe.predict(xv) == yv).mean()))
                     setfit = LogisticRegression(C=1.0, max_iter=3000).fit(unit(xt), yt)
                     acc["C=1 normalised (setfit)"].append(float((setfit.predict(unit(xv)) == yv).mean()))
+                    both = logreg(seed).fit(unit(xt), yt)
+                    acc["cv normalised"].append(float((both.predict(unit(xv)) == yv).mean()))
                     for a in alphas:
                         model = interpolated(run, build.create(run.config.model, run.task).model, a).eval()
                         (xt, yt), (xv, yv) = embed(run, sample, model), embed(run, val, model)
