@@ -63,7 +63,8 @@ def run_fmtune(files: dict[str, Path], args: argparse.Namespace, out: Path) -> d
            "strategy": {"name": "full"}, "out": str(out),
            "data": {"train": str(files["train"]), "val": str(files["val"]), "test": str(files["test"])},
            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.0,
-                     "patience": None, "seed": args.seed, "num_threads": args.threads}}
+                     "patience": None, "seed": args.seed, "num_threads": args.threads,
+                     "min_steps": None}}  # the Trainer's batch size, as given
     started = time.perf_counter()
     summary = api.train(cfg, quiet=True, report=False)
     fit = json.loads((out / "run.json").read_text())["fit"]

@@ -1,13 +1,16 @@
 """Batch size at a task's defaults: how many optimizer steps a small dataset needs.
 
     .venv/bin/python bench/batch_size.py [--dataset wnut16-ner --task ner --model minilm-l6]
-                                         [--batches 32,16,8 --seeds 0,1] > result.json
+                                         [--batches 32,16,8 --seeds 0,1 --sizes 300,200,1000] > result.json
 
 For each batch size and seed, ``fmtune train`` on the offline dataset's train/val/test split with
-every other setting at its default (epochs, learning rates, early stopping, precision): the
+every other setting at its default (epochs, learning rates, early stopping, precision;
+``train.min_steps`` off, so each batch size is the one asked for): the
 number of optimizer steps, the step of the best validation score, the test metrics and the
 training time. This is what chose ``Task.default_train`` for named entities (WNUT-2016, 1,695
-tweets: entity F1 at batches of 32 / 16 / 8). Prints one JSON document; progress on stderr.
+tweets: entity F1 at batches of 32 / 16 / 8) and ``train.min_steps`` (rotten-tomatoes and
+tweet-sentiment at 300 and 1,000 training rows: ``--task classification --sizes 300,200,1000``).
+Prints one JSON document; progress on stderr.
 """
 
 from __future__ import annotations
@@ -36,14 +39,17 @@ def main() -> None:
     ap.add_argument("--model", default="minilm-l6")
     ap.add_argument("--batches", default="32,16,8")
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--sizes", default=None, help="train,val,test rows (default: the dataset's own split)")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fmtune-bench-batch-"))
-    files = export(a.dataset, root / "data", seed=0)
+    sizes = tuple(int(x) for x in a.sizes.split(",")) if a.sizes else None
+    files = export(a.dataset, root / "data", sizes=sizes, seed=0)
     rows = []
     for batch in map(int, a.batches.split(",")):
         for seed in map(int, a.seeds.split(",")):
             out = root / f"run-{batch}-{seed}"
-            cfg = {"model": {"name": a.model}, "task": {"type": a.task}, "train": {"seed": seed, "batch_size": batch},
+            train = {"seed": seed, "batch_size": batch, "min_steps": None}
+            cfg = {"model": {"name": a.model}, "task": {"type": a.task}, "train": train,
                    "data": {k: str(v) for k, v in files.items()}, "out": str(out)}
             began = time.perf_counter()
             summary = fmtune.train(cfg, overwrite=True, quiet=True, report=False)
@@ -55,7 +61,8 @@ def main() -> None:
             print(f"[bench] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     print(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                                   "torch": torch.__version__},
-                      "dataset": a.dataset, "task": a.task, "model": a.model, "runs": rows}, indent=2))
+                      "dataset": a.dataset, "sizes": a.sizes, "task": a.task, "model": a.model, "runs": rows},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def fmtune_child(a: argparse.Namespace) -> dict:
                       "data": {"train": str(d / "train.conll"), "val": str(d / "val.conll"),
                                "test": str(d / "test.conll")},
                       "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
-                                "patience": None}}, quiet=True, overwrite=True)
+                                "patience": None, "min_steps": None}}, quiet=True, overwrite=True)
     info = json.loads((Path(a.out) / "run.json").read_text())
     return {"train_seconds": round(s["seconds"], 2), "hardware": info["hardware"],
             "test_entity_f1": round(s["eval"]["test"]["entity_f1"], 4), "best_val_entity_f1": round(s["best"], 4)}

@@ -111,7 +111,8 @@ def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, l
                max_length: int | None = None, **train: object) -> dict:
     cfg = {"model": {"name": model}, "out": str(out), "strategy": {"name": strategy, "n": 2},
            "data": {"train": str(files["train"]), "val": str(files["val"]), "test": str(files["test"])},
-           "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": None, **train}}
+           "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": None, "min_steps": None,
+                     **train}}  # min_steps off: the Trainer's batch size, as given
     if max_length:
         cfg["model"]["max_length"] = max_length
     if model == "efficientnet-lite0":

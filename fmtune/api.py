@@ -213,6 +213,9 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     set_seed(cfg.train.seed)
     bundle = build.create(cfg.model, task)
     cfg, few = _few_labels(cfg, bundle, task, frames)
+    cfg, enough = _enough_steps(cfg, len(frames.train))
+    if enough:
+        few["min_steps"] = enough
     _check_robust_training(cfg.train, bundle.kind, task)
     data = _datasets(cfg, bundle, task, frames)
     counts = apply_strategy(bundle, cfg.strategy)
@@ -256,6 +259,27 @@ def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
     return cfg, few
 
 
+def _enough_steps(cfg: config_mod.Config, n: int) -> tuple[config_mod.Config, str | None]:
+    """train.min_steps: a training set too small to give that many optimizer steps in its epochs at
+    train.batch_size trains on smaller batches (down to config.MIN_STEPS_BATCH) instead; says why."""
+    train = cfg.train
+    if (train.min_steps is None or train.max_steps is not None or cfg.strategy.name in config_mod.SOLVED_HEAD
+            or train.batch_size <= config_mod.MIN_STEPS_BATCH):
+        return cfg, None
+
+    def steps(batch: int) -> int:
+        return train.epochs * math.ceil(math.ceil(n / batch) / train.grad_accum)
+
+    if steps(train.batch_size) >= train.min_steps:
+        return cfg, None
+    fits = train.epochs * n // (train.min_steps * train.grad_accum)  # the largest batch that gives min_steps
+    batch = max(config_mod.MIN_STEPS_BATCH, min(train.batch_size, fits))
+    why = (f"{n} training rows, {train.epochs} epochs of batches of {train.batch_size}: {steps(train.batch_size)} "
+           f"optimizer steps, under train.min_steps {train.min_steps}; batches of {batch} instead ({steps(batch)} "
+           "steps)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, batch_size=batch)), why
+
+
 def _run_dir(cfg: config_mod.Config, run_dir: Path | None, task: Any, cont: Any, overwrite: bool,
              dist: Any) -> Path:
     """A fresh run's folder, made by rank 0 and told to the others."""
@@ -290,6 +314,8 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
     out.print(f"  lr {cfg.train.lr:g}, head lr {optim.head_lr(cfg.train):g}")
     if "no_validation_split" in few:
         out.print(f"  few labels: {few['no_validation_split']}")
+    if "min_steps" in few:
+        out.print(f"  small training set: {few['min_steps']}")
     out.print(f"  data: train {_split_size(data['train'])}, val "
               + ("= the training rows" if frames.val_is_train else _split_size(data['val']))
               + f"{' (split off train)' if frames.val_from_train else ''}"
@@ -356,6 +382,8 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                    "weights_per_rank_mib": result.weights_per_rank_mib}
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, task, data), "fit": fit_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    if few.get("min_steps"):
+        info["min_steps"] = summary["min_steps"] = few.pop("min_steps")
     if few.get("auto") or few.get("no_validation_split") or few.get("contrastive"):
         info["few_labels"] = few
         summary["few_labels"] = {k: v for k, v in few.items() if k != "contrastive"}

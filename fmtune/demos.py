@@ -168,9 +168,11 @@ def demo(task: str = "text", out: str | Path | None = None, seed: int = 0, overw
     files = export(spec["dataset"], data_dir, sizes=spec["sizes"], seed=seed)
     if "data" in spec:  # a file inside each split's folder (detection: the COCO annotations)
         files = {k: v / spec["data"] for k, v in files.items()}
+    # each demo's batch size and epochs were measured together with its learning rate: train.min_steps off
     cfg = {**spec["config"], "out": str(run_dir), "name": run_dir.name,
            "data": {**spec["config"].get("data", {}), "train": str(files["train"]), "val": str(files["val"]),
-                    "test": str(files["test"])}}
+                    "test": str(files["test"])},
+           "train": {"min_steps": None, **spec["config"]["train"]}}
     summary = api.train(cfg, overwrite=overwrite, quiet=quiet)
     if "fairness" in spec:
         from fmtune.fairness import run_fairness

@@ -184,12 +184,13 @@ def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_
 def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
     """A small, fast config: a few epochs, small batches, every default otherwise. The validation
     split is always made (data.min_val_per_class=0): these small files would otherwise train
-    without one (few labels, tested in test_fewshot.py with the default)."""
+    without one (few labels, tested in test_fewshot.py with the default); the batch size stays as
+    given (train.min_steps off; tested in test_train.py)."""
     base = {
         "model": {"name": str(model_name), "max_length": 32},
         "data": {"train": str(train_file), "min_val_per_class": 0},
         "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "eval_batch_size": 64, "patience": None,
-                  "num_threads": 1, "precision": "fp32"},
+                  "num_threads": 1, "precision": "fp32", "min_steps": None},
     }
     for section, values in sections.items():
         if isinstance(values, dict):

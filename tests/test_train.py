@@ -295,3 +295,32 @@ def test_epochs_and_batch_size_default_per_task_and_a_setting_wins(tmp_path):
     assert (saved["epochs"], saved["batch_size"]) == (12, 8)
     with pytest.raises(fmtune.errors.ConfigError, match="train.batch_size"):
         config.from_dict({"train": {"batch_size": 0}})
+
+
+def test_a_small_training_set_gets_smaller_batches_for_min_steps(tmp_path, tiny_st_bert, text_files):
+    from fmtune import api, config
+
+    def enough(n, **train):
+        cfg = config.from_dict({"train": train})
+        new, why = api._enough_steps(cfg, n)
+        return new.train.batch_size, why
+
+    # 1,000 rows, 3 epochs of 32 = 96 steps < 200: the largest batch that gives 200 steps is 15 (201 steps)
+    batch, why = enough(1000)
+    assert batch == 15 and "96 optimizer steps" in why and "(201 steps)" in why
+    assert enough(3000) == (32, None)  # 282 steps: enough already
+    assert enough(300)[0] == config.MIN_STEPS_BATCH  # never below 8, even short of min_steps (114 steps)
+    assert enough(300, min_steps=None) == (32, None)
+    assert enough(300, max_steps=40) == (32, None)  # a step budget the user set stands
+    batch, why = enough(1000, grad_accum=2)  # steps count accumulated batches: 3 x ceil(ceil(1000 / 8) / 2)
+    assert batch == config.MIN_STEPS_BATCH and "(189 steps)" in why
+    assert enough(300, batch_size=8) == (8, None)
+    cfg = config.from_dict({"strategy": {"name": "head"}})  # the probe is solved, not stepped
+    assert api._enough_steps(cfg, 300)[0].train.batch_size == 32
+    # end to end: the plan's batch is the one trained, saved in config.yaml and said in run.json
+    _train(tmp_path, tiny_st_bert, text_files["train"], train={"min_steps": 60, "epochs": 2})
+    run = tmp_path / "run"
+    info = json.loads((run / "run.json").read_text())
+    assert "batches of 8 instead" in info["min_steps"]  # 216 rows x 2 epochs / 60 steps -> 7, so 8
+    assert info["fit"]["steps"] == 2 * 27  # ceil(216 / 8) a epoch
+    assert fmtune.config.load(run / "config.yaml").train.batch_size == 8
