@@ -91,6 +91,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], out: Path | None)
     data.pop("search", None)
     for key, value in params.items():
         config_mod.set_dotted(data, key, value)
+    if "train.batch_size" in params and "min_steps" not in data.get("train", {}):
+        config_mod.set_dotted(data, "train.min_steps", None)  # a searched batch size is the one each trial trains
     data["out"], data["name"] = (str(out), out.name) if out else (None, None)
     return config_mod.from_dict(data)
 

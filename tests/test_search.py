@@ -120,3 +120,13 @@ def test_a_trial_whose_settings_clash_fails_alone(tmp_path, tiny_bert, text_file
     trials = pd.read_csv(tmp_path / "s" / "trials.csv")
     assert list(trials["state"]) == ["FAIL", "FAIL"]
     assert trials["user_attrs_error"].str.contains("no_such_module").all()
+
+
+def test_a_searched_batch_size_is_the_one_each_trial_trains():
+    from fmtune.search import trial_config
+
+    base = {"train": {"epochs": 1}}
+    assert trial_config(base, {"train.batch_size": 16}, None).train.min_steps is None  # not lowered for small data
+    assert trial_config(base, {"train.lr": 1e-4}, None).train.min_steps == config_mod.MIN_STEPS
+    kept = trial_config({"train": {"min_steps": 50}}, {"train.batch_size": 16}, None).train
+    assert (kept.min_steps, kept.batch_size) == (50, 16)  # the user's own setting stands
