@@ -383,7 +383,7 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, task, data), "fit": fit_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     if few.get("min_steps"):
-        info["min_steps"] = summary["min_steps"] = few.pop("min_steps")
+        info["small_training_set"] = summary["small_training_set"] = few.pop("min_steps")
     if few.get("auto") or few.get("no_validation_split") or few.get("contrastive"):
         info["few_labels"] = few
         summary["few_labels"] = {k: v for k, v in few.items() if k != "contrastive"}

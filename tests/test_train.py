@@ -321,6 +321,6 @@ def test_a_small_training_set_gets_smaller_batches_for_min_steps(tmp_path, tiny_
     _train(tmp_path, tiny_st_bert, text_files["train"], train={"min_steps": 60, "epochs": 2})
     run = tmp_path / "run"
     info = json.loads((run / "run.json").read_text())
-    assert "batches of 8 instead" in info["min_steps"]  # 216 rows x 2 epochs / 60 steps -> 7, so 8
+    assert "batches of 8 instead" in info["small_training_set"]  # 216 rows x 2 epochs / 60 steps -> 7, so 8
     assert info["fit"]["steps"] == 2 * 27  # ceil(216 / 8) a epoch
     assert fmtune.config.load(run / "config.yaml").train.batch_size == 8
