@@ -51,13 +51,11 @@ def embed(run, df: pd.DataFrame, model=None) -> tuple[np.ndarray, np.ndarray]:
     return x.numpy(), y.numpy()
 
 
-def interpolated(run, pretrained, alpha: float):
-    """A copy of the pretrained model whose floating-point weights are (1 - alpha) pretrained + alpha tuned."""
-    tuned = run.bundle.model.state_dict()
-    state = {k: (v + alpha * (tuned[k] - v)) if v.is_floating_point() else tuned[k]
-             for k, v in pretrained.state_dict().items()}
-    pretrained.load_state_dict(state)
-    return pretrained
+def interpolated(model, pretrained: dict, tuned: dict, alpha: float):
+    """``model`` loaded with floating-point weights (1 - alpha) pretrained + alpha tuned (state dicts)."""
+    model.load_state_dict({k: (v + alpha * (tuned[k] - v)) if v.is_floating_point() else tuned[k]
+                           for k, v in pretrained.items()})
+    return model
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -97,8 +95,12 @@ def main() -> None:
                     acc["C=1 normalised (setfit)"].append(float((setfit.predict(unit(xv)) == yv).mean()))
                     both = logreg(seed).fit(unit(xt), yt)
                     acc["cv normalised"].append(float((both.predict(unit(xv)) == yv).mean()))
+                    if alphas:  # the pretrained model built once per run; each alpha loads into it
+                        model = build.create(run.config.model, run.task).model.eval()
+                        pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+                        tuned = run.bundle.model.state_dict()
                     for a in alphas:
-                        model = interpolated(run, build.create(run.config.model, run.task).model, a).eval()
+                        interpolated(model, pretrained, tuned, a)
                         (xt, yt), (xv, yv) = embed(run, sample, model), embed(run, val, model)
                         probe = scaled(logreg(seed)).fit(xt, yt)
                         acc[f"cv-scaled, alpha={a:g}"].append(float((probe.predict(xv) == yv).mean()))
