@@ -215,7 +215,7 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     cfg, few = _few_labels(cfg, bundle, task, frames)
     cfg, enough = _enough_steps(cfg, len(frames.train))
     if enough:
-        few["min_steps"] = enough
+        few["small_training_set"] = enough
     _check_robust_training(cfg.train, bundle.kind, task)
     data = _datasets(cfg, bundle, task, frames)
     counts = apply_strategy(bundle, cfg.strategy)
@@ -314,8 +314,8 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
     out.print(f"  lr {cfg.train.lr:g}, head lr {optim.head_lr(cfg.train):g}")
     if "no_validation_split" in few:
         out.print(f"  few labels: {few['no_validation_split']}")
-    if "min_steps" in few:
-        out.print(f"  small training set: {few['min_steps']}")
+    if "small_training_set" in few:
+        out.print(f"  small training set: {few['small_training_set']}")
     out.print(f"  data: train {_split_size(data['train'])}, val "
               + ("= the training rows" if frames.val_is_train else _split_size(data['val']))
               + f"{' (split off train)' if frames.val_from_train else ''}"
@@ -382,8 +382,8 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                    "weights_per_rank_mib": result.weights_per_rank_mib}
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, task, data), "fit": fit_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-    if few.get("min_steps"):
-        info["small_training_set"] = summary["small_training_set"] = few.pop("min_steps")
+    if few.get("small_training_set"):  # said apart from the few-label notes
+        info["small_training_set"] = summary["small_training_set"] = few.pop("small_training_set")
     if few.get("auto") or few.get("no_validation_split") or few.get("contrastive"):
         info["few_labels"] = few
         summary["few_labels"] = {k: v for k, v in few.items() if k != "contrastive"}
