@@ -311,6 +311,8 @@ def test_a_small_training_set_gets_smaller_batches_for_min_steps(tmp_path, tiny_
     assert enough(3000) == (32, None)  # 282 steps: enough already
     assert enough(300)[0] == config.MIN_STEPS_BATCH  # never below 8, even short of min_steps (114 steps)
     assert enough(300, min_steps=None) == (32, None)
+    with pytest.raises(fmtune.errors.ConfigError, match="train.min_steps: must be at least 1 or null"):
+        config.from_dict({"train": {"min_steps": 0}})
     assert enough(300, max_steps=40) == (32, None)  # a step budget the user set stands
     batch, why = enough(1000, grad_accum=2)  # steps count accumulated batches: 3 x ceil(ceil(1000 / 8) / 2)
     assert batch == config.MIN_STEPS_BATCH and "(189 steps)" in why
