@@ -587,7 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
               "memory); CSV with labels, probabilities and an error column for rows that could not be predicted")
     pr.add_argument("run", help="run directory")
     pr.add_argument("inputs", nargs="*", help="a CSV/TSV/JSONL/Parquet file with the text (or image / audio path) "
-                    "column, a .txt file of one text per line, an image or audio folder or file (what the run reads); "
+                    "column, a .txt file of one text per line, a CoNLL file (.conll/.bio/.iob: each sentence; its "
+                    "tags, if any, stay beside the predicted ones), an image or audio folder or file (what the run "
+                    "reads); "
                     "- reads stdin; anything else that is not a path is a text to predict (a small table is printed)")
     pr.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to predict (repeatable)")
     pr.add_argument("--format", choices=["auto", "lines", "csv", "tsv", "jsonl"], default="auto",

@@ -228,6 +228,22 @@ def test_predict_text_and_word_lists_to_jsonl_with_character_spans(tmp_path, ner
     assert pred.predict([["alice", "smith", "rome"]])[0]["tags"] == ["B-PER", "I-PER", "B-LOC"]  # lists of words
 
 
+@pytest.mark.parametrize("labelled", [True, False])
+def test_predict_a_conll_file_sentence_by_sentence(tmp_path, ner_run, labelled):
+    """A CoNLL file (the format the run was trained on) predicts each sentence; its own tags, where
+    it has them, stay beside the predicted ones, and each row names the sentence's first line."""
+    src = tmp_path / "in.conll"
+    src.write_text("-DOCSTART- O\n\nalice\tB-PER\nsmith\tI-PER\nin\tO\nrome\tB-LOC\n\nbob\tB-PER\n"
+                   if labelled else "alice\nsmith\nin\nrome\n\nbob\n")
+    df = fmtune.predict(ner_run, src, quiet=True)
+    assert df["text"].tolist() == ["alice smith in rome", "bob"]
+    assert df["line"].tolist() == ([3, 8] if labelled else [1, 6])
+    assert ("predicted_tags" in df) is labelled
+    assert df["predicted_tags" if labelled else "tags"].tolist()[0] == "B-PER I-PER O B-LOC"
+    if labelled:
+        assert df["tags"].tolist() == ["B-PER I-PER O B-LOC", "B-PER"]
+
+
 def test_serve_returns_spans(ner_run):
     from fastapi.testclient import TestClient
 

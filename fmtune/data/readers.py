@@ -16,6 +16,8 @@ import pandas as pd
 from fmtune.errors import DataError
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt"}  # .txt: one text per line
+# word-per-line files (fmtune.data.conll): `fmtune predict` reads each sentence as a text
+CONLL_PREDICT_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}  # what soundfile reads
 MEDIA_SUFFIXES = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}  # files a model reads one per example
@@ -205,6 +207,8 @@ def count_rows(path: Path, media: str = "image") -> int | None:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
+    if suffix in CONLL_PREDICT_SUFFIXES:
+        return None  # sentences, not lines
     lines = 0
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -234,6 +238,9 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
             df.attrs["source"] = str(path)
             yield df, {}
         return
+    if path.suffix.lower() in CONLL_PREDICT_SUFFIXES:
+        yield from _conll_chunks(path, encoding, chunk_rows, text_column)
+        return
     suffix = _check_table(path, f"an {media} file, or a folder of {media} files")
     if suffix in (".parquet", ".pq"):
         yield from _parquet_chunks(path, chunk_rows)
@@ -243,6 +250,21 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
         yield from _txt_chunks(path, encoding, chunk_rows, text_column)
     else:
         yield from _csv_chunks(path, encoding, chunk_rows)
+
+
+def _conll_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
+    """The sentences of a CoNLL-style file (fmtune.data.conll), each as its words joined by spaces in
+    ``column``, beside its first ``line`` and its ``tags`` (joined likewise) where the file has them."""
+    from fmtune.data.conll import read_conll
+
+    _check_encoding(path, encoding)
+    df = read_conll(path, encoding)
+    df = pd.DataFrame({column: df["text"], "line": df["line"],
+                       **({} if df["tags"].isna().all() else {"tags": df["tags"].map(" ".join)})})
+    for start in range(0, len(df), chunk_rows):
+        part = df.iloc[start:start + chunk_rows]
+        part.attrs["source"] = str(path)
+        yield part, {}
 
 
 def _parquet_chunks(path: Path, chunk_rows: int):
