@@ -58,9 +58,26 @@ def is_peft(name: str) -> bool:
     return name in PEFT_STRATEGIES
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer peft can adapt: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2, GPT-BigCode:
+    a linear layer with its weight stored transposed; peft sets ``fan_in_fan_out`` for it)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def transposed(model: nn.Module, targets: list[str]) -> dict[str, bool]:
+    """peft's ``fan_in_fan_out`` setting for ``targets`` (module names or suffixes): on where they
+    are ``Conv1D`` layers (peft would otherwise switch it on itself, with a warning)."""
+    from transformers.pytorch_utils import Conv1D
+
+    hit = any(isinstance(m, Conv1D) for n, m in model.named_modules() if any(_matches(n, t) for t in targets))
+    return {"fan_in_fan_out": True} if hit else {}
+
+
 def _adaptable(module: nn.Module, method: str) -> str | None:
     """None if ``method`` can adapt ``module``, else why not."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return None
     if isinstance(module, nn.Conv2d):
         if method == "ia3":
@@ -102,7 +119,11 @@ def _choices(model: nn.Module, method: str) -> str:
 
 
 def _arch(bundle: Any) -> str:
-    return bundle.family if bundle.family != "hf" else getattr(bundle.model.config, "model_type", "")
+    if bundle.family != "hf":
+        return bundle.family
+    model = bundle.model  # a dense task model holds the transformers model inside its backbone
+    config = getattr(model, "config", None) or getattr(getattr(model.backbone, "net", None), "config", None)
+    return getattr(config, "model_type", "")
 
 
 def default_targets(bundle: Any, method: str) -> tuple[list[str], list[str]]:
@@ -121,7 +142,7 @@ def default_targets(bundle: Any, method: str) -> tuple[list[str], list[str]]:
         lora = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(arch)
         if lora:
             return list(lora), []
-    linear = [n for n, m in _backbone_modules(bundle.model) if isinstance(m, nn.Linear)]
+    linear = [n for n, m in _backbone_modules(bundle.model) if is_linear(m)]
     if linear and arch not in CONV_ARCHS:
         return linear, []
     convs = [n for n, m in _backbone_modules(bundle.model)
@@ -144,7 +165,7 @@ def resolve_targets(bundle: Any, cfg: Any) -> tuple[list[str], list[str]]:
         ff = []
         key = "strategy.targets"
         if wanted == ["all-linear"]:
-            wanted = [n for n, m in mods if isinstance(m, nn.Linear)]
+            wanted = [n for n, m in mods if is_linear(m)]
             if not wanted:
                 raise ConfigError(f"strategy.targets: all-linear: the {type(model.backbone).__name__} backbone has "
                                   f"no linear layers; valid targets: {_choices(model, method)}")
@@ -178,13 +199,21 @@ def peft_config(bundle: Any, cfg: Any) -> Any:
         if limit and bundle.max_length + cfg.virtual_tokens > limit:
             raise ConfigError(f"strategy.virtual_tokens: {cfg.virtual_tokens} virtual tokens + model.max_length "
                               f"{bundle.max_length} exceed the {limit} positions of this model; lower one of them")
-        return peft.PromptTuningConfig(task_type=peft.TaskType.FEATURE_EXTRACTION,
+        # the virtual tokens join the word embeddings: ALBERT's and ELECTRA's are narrower than the
+        # hidden states peft would size them by, and DistilBERT's config names no size peft reads
+        # (peft also wants the heads and layers, unused by prompt tuning; DistilBERT's names are its own)
+        dim = bundle.model.backbone.get_input_embeddings().embedding_dim
+        bc = bundle.model.backbone.config
+        return peft.PromptTuningConfig(task_type=peft.TaskType.FEATURE_EXTRACTION, token_dim=dim,
+                                       num_attention_heads=getattr(bc, "num_attention_heads", None) or 1,
+                                       num_layers=getattr(bc, "num_hidden_layers", None) or 1,
                                        num_virtual_tokens=cfg.virtual_tokens, modules_to_save=head)
     targets, ff = resolve_targets(bundle, cfg)
     if cfg.name == "ia3":
-        return peft.IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=head)
+        return peft.IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=head,
+                              **transposed(bundle.model, targets))
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=lora_dropout(cfg), target_modules=targets,
-                           use_dora=cfg.name == "dora", modules_to_save=head)
+                           use_dora=cfg.name == "dora", modules_to_save=head, **transposed(bundle.model, targets))
 
 
 def head_layers(model: nn.Module) -> list[str]:
@@ -210,13 +239,32 @@ def wrap(bundle: Any, cfg: Any) -> nn.Module:
     # adapter_config.json records where the base weights are (peft reads it off the model)
     bundle.model.name_or_path = pc.base_model_name_or_path = base_path(bundle.source)
     with _quiet():
-        model = peft.get_peft_model(bundle.model, pc, adapter_name=ADAPTER_NAME)
+        model = keep_conv_geometry(peft.get_peft_model(bundle.model, pc, adapter_name=ADAPTER_NAME))
     from peft.utils import ModulesToSaveWrapper
 
     saved = sorted(n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
     head = head_layers(bundle.model)
     if len(saved) != len(head) or not all(any(n.endswith("model." + h) for n in saved) for h in head):
         raise ModelError(f"peft trained other layers than the head's ({', '.join(head)}) beside the adapter: {saved}")
+    return model
+
+
+CONV_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode")
+
+
+def keep_conv_geometry(model: nn.Module) -> nn.Module:
+    """Give each peft layer that wraps a convolution its convolution's shape attributes: models
+    that pad by hand read them off the layer (transformers' MobileNetV2 and EfficientNet:
+    TensorFlow-style "same" padding), and peft's wrapper does not carry them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in model.modules():
+        base = m.get_base_layer() if isinstance(m, BaseTunerLayer) else None
+        if isinstance(base, nn.Conv2d):
+            for attr in CONV_GEOMETRY:
+                if attr not in m.__dict__ and not hasattr(type(m), attr):
+                    setattr(m, attr, getattr(base, attr))
     return model
 
 
@@ -240,7 +288,8 @@ def load(base: nn.Module, model_dir: Path, trainable: bool = False) -> nn.Module
     import peft
 
     with _quiet():
-        return peft.PeftModel.from_pretrained(base, model_dir, adapter_name=ADAPTER_NAME, is_trainable=trainable)
+        return keep_conv_geometry(peft.PeftModel.from_pretrained(base, model_dir, adapter_name=ADAPTER_NAME,
+                                                                 is_trainable=trainable))
 
 
 def load_weights(model: nn.Module, model_dir: Path) -> None:

@@ -24,9 +24,10 @@ from accelerate.utils import set_seed
 from fmtune import config as config_mod
 from fmtune import evaluation, paths, ui
 from fmtune.data import tabular
+from fmtune.data.conll import sentence_chunks
 from fmtune.data.dataset import epoch_batches
 from fmtune.data.prepare import input_column, make_dataset, make_task, read_data, read_frames
-from fmtune.data.readers import count_rows, iter_chunks, require_column, row_label, table_base
+from fmtune.data.readers import CONLL_PREDICT_SUFFIXES, count_rows, iter_chunks, require_column, row_label, table_base
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import write_json, write_text_atomic
 from fmtune.models import build
@@ -526,6 +527,9 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
     split, why = cache.plan(bundle)
     if split is None:
         return None, data["train"], data["val"], f"not used: {why}"
+    wrong = cache.verify(bundle.model, split, data["train"])
+    if wrong:
+        return None, data["train"], data["val"], f"not used: {wrong}"
     autocast, storage = cache.precision(cfg.train, hw)
     big = cache.too_big(bundle.model, split, len(data["train"]) + len(data["val"]), storage)
     if big:
@@ -684,7 +688,9 @@ def _write_rows(df: pd.DataFrame, dest: Any, header: bool, jsonl: bool = False) 
 def predict(run: str | Path, inputs: str | Path, output: str | Path | None = None, *, quiet: bool = False,
             batch_size: int | None = None, strict: bool = False, chunk_rows: int = PREDICT_CHUNK_ROWS,
             save_images: str | Path | None = None) -> pd.DataFrame | dict[str, Any]:
-    """Predict every row of ``inputs`` (CSV/TSV/JSONL/Parquet, an image folder or an image file).
+    """Predict every row of ``inputs`` (CSV/TSV/JSONL/Parquet, a .txt file of one text per line, a
+    CoNLL file of one word per line (each sentence a row: text, line, and the file's tags if it has
+    them), an image or audio folder or file).
 
     Columns added to the input's: what the task predicts (``fmtune tasks``: label, score and
     prob_<label> for classification; labels for multi-label; prediction for regression; entities
@@ -721,11 +727,14 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     target = Path(output) if output is not None and not to_stdout else None
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target is not None else None
     media = "audio" if pred.kind == "audio" else "image"  # what a folder (or a lone file) is read for
+    enc, text = pred.config.data.encoding, pred.config.data.text_column
+    if inputs.suffix.lower() in CONLL_PREDICT_SUFFIXES and inputs.is_file():
+        chunks = sentence_chunks(inputs, enc, chunk_rows, text)
+    else:
+        chunks = iter_chunks(inputs, enc, chunk_rows, input_column(media, pred.config.data)[0], text, media)
     try:
         with ui.CountProgress("predict", count_rows(inputs, media) or 0, quiet) as bar:
-            for df, problems in iter_chunks(inputs, pred.config.data.encoding, chunk_rows,
-                                            input_column(media, pred.config.data)[0], pred.config.data.text_column,
-                                            media):
+            for df, problems in chunks:
                 out = _predict_chunk(pred, df, problems, strict)
                 if save_images is not None:
                     column = pred.task.input_column(df, input_column(media, pred.config.data)[0])

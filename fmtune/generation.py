@@ -22,7 +22,7 @@ from fmtune import config as config_mod
 from fmtune import ui
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import read_json, write_json, write_text_atomic
-from fmtune.models import build, causal_lm
+from fmtune.models import build, causal_lm, wrapped
 from fmtune.run import EVAL_FILE, INFO_FILE, new_run_dir, open_run, read_task, write_start
 from fmtune.tasks import task_class
 from fmtune.tasks.generation import (
@@ -355,8 +355,8 @@ class Generator:
 
         def work() -> None:
             with torch.inference_mode():
-                self.bundle.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-                                           streamer=streamer)
+                wrapped.generate_new(self.bundle.model, ids, torch.ones_like(ids), generation_config=gen,
+                                     streamer=streamer)
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()

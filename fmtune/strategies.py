@@ -22,13 +22,19 @@ STRATEGIES: Registry[Callable[[nn.Module, Any], set[str]]] = Registry("strategy"
 
 def block_list(backbone: nn.Module) -> tuple[nn.Module, str] | None:
     """(parent, attribute) of the longest ModuleList in a transformers backbone: its repeated
-    blocks (``encoder.layer`` of BERT, ``layers`` of ViT and Llama-like models ...)."""
+    blocks (``encoder.layer`` of BERT, ``layers`` of ViT and Llama-like models ...). Lists of
+    blocks with linear layers come first: a small wav2vec2 has more feature convolutions than
+    transformer layers."""
+    from fmtune.adapters import is_linear
+
     best: tuple[nn.Module, str] | None = None
-    size = 0
+    rank = (False, 0)
     for _, parent in backbone.named_modules():
         for attr, mod in parent.named_children():
-            if isinstance(mod, nn.ModuleList) and len(mod) > size:
-                best, size = (parent, attr), len(mod)
+            if isinstance(mod, nn.ModuleList):
+                r = (any(is_linear(m) for m in mod.modules()), len(mod))
+                if r > rank:
+                    best, rank = (parent, attr), r
     return best
 
 

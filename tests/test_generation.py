@@ -516,7 +516,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_auto_turns_it_on_wh
 
     import psutil
 
-    from fmtune.models import causal_lm
+    from fmtune.models import causal_lm, wrapped
 
     bundle, task = lm
     df = read_rows(write_jsonl(tmp_path / "a.jsonl", repeat_rows(6, 4)), data_cfg())
@@ -535,7 +535,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_auto_turns_it_on_wh
                     p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
         train = config.from_dict({"train": {"gradient_checkpointing": setting}}).train
         said = causal_lm.checkpointing(lora, train, ds.lengths, "cpu")
-        assert (said is not None) == setting and causal_lm.plain(lora.model).is_activation_checkpointing == setting
+        assert (said is not None) == setting and wrapped.plain(lora.model).is_activation_checkpointing == setting
         lora.model.train()
         out = causal_lm.TargetLogits(lora.model, lora.tokenizer)(**batch).logits
         torch.nn.functional.cross_entropy(out, labels).backward()
@@ -545,7 +545,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_auto_turns_it_on_wh
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7)
     auto = config.from_dict({"train": {"batch_size": 4}}).train
     mem = collections.namedtuple("mem", "available")
-    c = causal_lm.plain(bundle.model).config
+    c = wrapped.plain(bundle.model).config
     need = causal_lm.ACTIVATION_BYTES * c.hidden_size * c.num_hidden_layers * 4 * int(ds.lengths.max())
     monkeypatch.setattr(psutil, "virtual_memory", lambda: mem(2 * need))
     plain_copy = copy.deepcopy(bundle)

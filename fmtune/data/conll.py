@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from fmtune.data.readers import jsonl_records
+from fmtune.data.readers import check_encoding, jsonl_records
 from fmtune.errors import DataError
 
 CONLL_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes", ".txt", ".tsv"}
@@ -204,3 +204,17 @@ def read_tokens(path: str | Path, encoding: str = "utf-8", text_column: str = "t
         return read_conll(path, encoding)
     raise DataError(f"{path}: unsupported file type {suffix!r} for named entities; use CoNLL (.conll, .bio, .txt: "
                     "word and tag per line) or JSONL, or say --set data.format=conll|jsonl")
+
+
+def sentence_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
+    """``fmtune predict``'s chunks of a CoNLL-style file: each sentence a row, its words joined by
+    spaces in ``column``, beside its first ``line`` and its ``tags`` (joined likewise) where the
+    file has them. Yields ``(frame, problems)`` as ``fmtune.data.readers.iter_chunks`` does."""
+    check_encoding(path, encoding)
+    df = read_conll(path, encoding)
+    df = pd.DataFrame({column: df["text"], "line": df["line"],
+                       **({} if df["tags"].isna().all() else {"tags": df["tags"].map(" ".join)})})
+    for start in range(0, len(df), chunk_rows):
+        part = df.iloc[start:start + chunk_rows]
+        part.attrs["source"] = str(path)
+        yield part, {}

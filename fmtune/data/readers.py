@@ -16,14 +16,14 @@ import pandas as pd
 from fmtune.errors import DataError
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt"}  # .txt: one text per line
-# word-per-line files (fmtune.data.conll): `fmtune predict` reads each sentence as a text
+# word-per-line files: `fmtune predict` reads each sentence as a text (fmtune.data.conll.sentence_chunks)
 CONLL_PREDICT_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}  # what soundfile reads
 MEDIA_SUFFIXES = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}  # files a model reads one per example
 
 
-def _check_encoding(path: Path, encoding: str) -> None:
+def check_encoding(path: Path, encoding: str) -> None:
     """Decode the file incrementally and name the first line that is not valid ``encoding``."""
     decoder = codecs.getincrementaldecoder(encoding)()
     with path.open("rb") as fh:
@@ -66,7 +66,7 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
     elif suffix == ".txt":
         df = pd.concat([chunk for chunk, _ in _txt_chunks(path, encoding, 1 << 30, text_column)] or [pd.DataFrame()])
     else:
-        _check_encoding(path, encoding)
+        check_encoding(path, encoding)
         sep = "\t" if suffix == ".tsv" else ","
         try:
             df = pd.read_csv(path, sep=sep, encoding=encoding, dtype=str, keep_default_na=False,
@@ -82,7 +82,7 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
 
 
 def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
-    _check_encoding(path, encoding)
+    check_encoding(path, encoding)
     text = path.read_text(encoding=encoding)
     if text.lstrip().startswith("["):  # a plain JSON array of records
         try:
@@ -238,9 +238,6 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
             df.attrs["source"] = str(path)
             yield df, {}
         return
-    if path.suffix.lower() in CONLL_PREDICT_SUFFIXES:
-        yield from _conll_chunks(path, encoding, chunk_rows, text_column)
-        return
     suffix = _check_table(path, f"an {media} file, or a folder of {media} files")
     if suffix in (".parquet", ".pq"):
         yield from _parquet_chunks(path, chunk_rows)
@@ -250,21 +247,6 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
         yield from _txt_chunks(path, encoding, chunk_rows, text_column)
     else:
         yield from _csv_chunks(path, encoding, chunk_rows)
-
-
-def _conll_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
-    """The sentences of a CoNLL-style file (fmtune.data.conll), each as its words joined by spaces in
-    ``column``, beside its first ``line`` and its ``tags`` (joined likewise) where the file has them."""
-    from fmtune.data.conll import read_conll
-
-    _check_encoding(path, encoding)
-    df = read_conll(path, encoding)
-    df = pd.DataFrame({column: df["text"], "line": df["line"],
-                       **({} if df["tags"].isna().all() else {"tags": df["tags"].map(" ".join)})})
-    for start in range(0, len(df), chunk_rows):
-        part = df.iloc[start:start + chunk_rows]
-        part.attrs["source"] = str(path)
-        yield part, {}
 
 
 def _parquet_chunks(path: Path, chunk_rows: int):
@@ -322,7 +304,7 @@ def _txt_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
     counted in a warning at the end."""
     import warnings
 
-    _check_encoding(path, encoding)
+    check_encoding(path, encoding)
     texts: list[str] = []
     index: list[int] = []
     empty = 0
@@ -352,7 +334,7 @@ def _frame(records: list[dict], index: list[int], path: Path) -> pd.DataFrame:
 def _csv_chunks(path: Path, encoding: str, chunk_rows: int):
     """The csv module's reader, not pandas': it knows the file line of every row (quoted cells may
     span lines), so a malformed row is reported by line and the rest goes on."""
-    _check_encoding(path, encoding)
+    check_encoding(path, encoding)
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     with path.open(encoding=encoding, newline="") as fh:
         reader = csv.reader(fh, delimiter=sep)

@@ -89,14 +89,31 @@ def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str
     return "cls"
 
 
-def _hf_num_features(config: Any) -> int:
+def _hf_num_features(config: Any) -> int | None:
+    """The pooled feature size a config states, or None (then ``_probe_num_features`` measures it)."""
     for attr in ("hidden_size", "d_model", "dim"):
         if isinstance(getattr(config, attr, None), int):
             return getattr(config, attr)
     sizes = getattr(config, "hidden_sizes", None)
     if sizes:
         return int(sizes[-1])
-    raise ModelError(f"cannot tell the feature size of model type {config.model_type!r}")
+    return None
+
+
+def _probe_num_features(backbone: nn.Module, config: Any, pooling: str, kind: str) -> int:
+    """The pooled feature size of a backbone whose config does not state it (MobileNetV2 and
+    EfficientNet in transformers: the last convolution's channels follow from width multipliers),
+    measured on one small input."""
+    from fmtune.models.hf_remote import pool
+
+    if kind != "image":
+        raise ModelError(f"cannot tell the feature size of model type {config.model_type!r} "
+                         "(its config has no hidden_size, d_model, dim or hidden_sizes)")
+    size = getattr(config, "image_size", None) or 224
+    size = size if isinstance(size, int) else int(size[0])
+    with torch.no_grad():
+        out = backbone.eval()(pixel_values=torch.zeros(1, getattr(config, "num_channels", 3), size, size))
+    return int(pool(out, None, pooling).shape[-1])
 
 
 def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, Any]:
@@ -264,7 +281,6 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     config.problem_type = task.hf_problem_type
     config.fmtune_level = task.level
     config.fmtune_pooling = pooling
-    config.fmtune_num_features = _hf_num_features(config)
     config.fmtune_head_dropout = model_cfg.head_dropout
     config.fmtune_output_scale, config.fmtune_output_shift = scale, shift
     config.auto_map = dict(_AUTO_MAP) if task.level == "pooled" else {
@@ -278,6 +294,7 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     except Exception as e:
         raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
     backbone.float()
+    config.fmtune_num_features = _hf_num_features(config) or _probe_num_features(backbone, config, pooling, kind)
     model = FmtuneClassifier(config, backbone=backbone)
     image = _image_spec(path, config, model_cfg.image_size) if kind == "image" else {}
     audio = _audio_spec(path, config, model_cfg.audio_window) if kind == "audio" else {}

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fmtune.errors import ConfigError, ModelError
+from fmtune.models.wrapped import plain, prompt_tuned
 
 FAMILY = "causal-lm"
 SPEECH_FAMILY = "speech-seq2seq"  # fmtune.models.speech: saved, loaded and adapted as causal LMs are
@@ -43,6 +44,8 @@ LM_TARGETS["whisper"] = (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"
 for _arch in ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat"):
     LM_TARGETS[_arch] = (["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"],
                          ["k_proj", "v_proj", "output_dense"], ["output_dense"])
+LM_TARGETS["wav2vec2-conformer"] = (["linear_q", "linear_k", "linear_v", "linear_out", "intermediate_dense",
+                                     "output_dense"], ["linear_k", "linear_v", "output_dense"], ["output_dense"])
 CTC_HEAD = "lm_head"  # a CTC model's head: trained under every strategy (saved beside an adapter)
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
 # A batch whose rows all start with at least this many identical tokens runs them once (TargetLogits)
@@ -127,8 +130,10 @@ def load_pretrained(path: Path | str, config: Any, init: str, auto: Any) -> tupl
 # --- what trains -----------------------------------------------------------------------------------
 
 def _linear_names(model: nn.Module) -> list[str]:
+    from fmtune.adapters import is_linear
+
     out = model.get_output_embeddings()
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not out]
+    return [n for n, m in model.named_modules() if is_linear(m) and m is not out]
 
 
 def _targets(model: nn.Module, cfg: Any) -> tuple[list[str], list[str]]:
@@ -183,6 +188,7 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
             pc = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
         else:
             targets, ff = _targets(model, cfg)
+            extra.update(adapters.transposed(model, targets))
             if cfg.name == "ia3":
                 pc = peft.IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=ff, **extra)
             else:
@@ -217,16 +223,6 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
     total = sum(p.numel() for p in bundle.model.parameters())
     n_train = sum(p.numel() for p in bundle.model.parameters() if p.requires_grad)
     return {"trainable_params": n_train, "total_params": total, "base_params": base}
-
-
-def plain(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (adapter layers injected in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def prompt_tuned(model: nn.Module) -> bool:
-    cfg = getattr(model, "peft_config", None)
-    return bool(cfg) and any(getattr(c, "is_prompt_learning", False) for c in cfg.values())
 
 
 def _cache_arg(decoder: nn.Module) -> str:
@@ -373,17 +369,17 @@ def load_weights(bundle: Any, model_dir: Path) -> None:
 
         adapters.load_weights(bundle.model, model_dir)
         return
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = bundle.model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith(("lm_head.weight", "proj_out.weight"))}  # a tied output layer: stored once
-    if set(missing) - tied or unexpected:
-        raise ModelError(f"{model_dir}: weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+    # transformers reads the folder: it renames the keys of architectures whose saved names differ
+    # from their modules' (GPT-NeoX saves its output layer as embed_out, its module is lm_head) and ties
+    # an output layer stored once
+    try:
+        saved = type(bundle.model).from_pretrained(model_dir, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"{model_dir}: cannot read the saved weights: {e}") from None
+    missing, unexpected = bundle.model.load_state_dict(saved.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{model_dir}: weights do not fit the model (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
 
 
 def merged(bundle: Any) -> nn.Module:

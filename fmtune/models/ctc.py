@@ -25,7 +25,7 @@ from torch import nn
 
 from fmtune.errors import ModelError
 from fmtune.models.causal_lm import CTC_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
-from fmtune.models.causal_lm import plain
+from fmtune.models.wrapped import plain
 from fmtune.tasks.speech import transcribe_clips
 
 WORD_DELIMITER = "|"

@@ -44,7 +44,13 @@ class DenseBackbone(nn.Module):
         with torch.no_grad():
             was = net.training
             net.eval()
-            maps = self._maps(torch.zeros(1, 3, size, size))
+            try:
+                maps = self._maps(torch.zeros(1, 3, size, size))
+            except (RuntimeError, ValueError) as e:
+                own = getattr(getattr(net, "config", None), "image_size", None)
+                raise ModelError(f"{type(net).__name__} cannot read {size}x{size} images"
+                                 + (f" (it was built for {own}: set model.image_size {own})" if own else "")
+                                 + f": {e}") from None
             net.train(was)
         if len(maps) < 2:
             raise ModelError(f"{type(net).__name__}: too few feature maps to segment from ({len(maps)})")
@@ -74,18 +80,43 @@ class DenseBackbone(nn.Module):
     def _maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         if not self.is_hf:
             return self.net.stage_outputs(pixel_values)
-        out = self.net(pixel_values=pixel_values, output_hidden_states=True)
-        states = list(out.hidden_states)
+        from fmtune.models.hf_remote import image_kwargs
+
+        out = self.net(pixel_values=pixel_values, output_hidden_states=True, **image_kwargs(self.net, pixel_values))
+        # Swin and its kin give each stage's tokens as a map too
+        states = list(getattr(out, "reshaped_hidden_states", None) or out.hidden_states)
         if states[-1].dim() == 4:  # a CNN: (B, C, h, w) per stage
             return states
-        h, w = pixel_values.shape[-2:]  # a ViT: tokens -> a grid (the patch tokens are the last h*w)
-        patch = self.net.config.patch_size
-        gh, gw = h // patch, w // patch
-        return [s[:, -gh * gw:].transpose(1, 2).reshape(s.shape[0], s.shape[2], gh, gw) for s in states]
+        h, w = pixel_values.shape[-2:]  # tokens -> a grid (the patch tokens are the last gh*gw)
+        maps = []
+        for s in states:
+            gh, gw = token_grid(s.shape[1], h, w)
+            maps.append(s[:, -gh * gw:].transpose(1, 2).reshape(s.shape[0], s.shape[2], gh, gw))
+        return maps
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         maps = self._maps(pixel_values)
         return tuple(maps[i] for i in self.indices)
+
+
+MAX_PREFIX_TOKENS = 16  # tokens before the patches: a class token, a distillation token, registers
+
+
+def token_grid(n: int, h: int, w: int) -> tuple[int, int]:
+    """(rows, columns) of the patch grid among ``n`` tokens of an h x w image: the finest stride whose
+    grid (rounded down or up, as padded stages round) leaves the fewest other tokens in front."""
+    best: tuple[int, int, int] | None = None
+    for stride in range(1, max(h, w) + 1):
+        for gh in {h // stride, -(-h // stride)}:
+            for gw in {w // stride, -(-w // stride)}:
+                extra = n - gh * gw
+                if gh and gw and 0 <= extra <= MAX_PREFIX_TOKENS and (best is None or extra < best[0]):
+                    best = (extra, gh, gw)
+        if best is not None and best[0] == 0:
+            break
+    if best is None:
+        raise ModelError(f"cannot lay {n} tokens out as the patch grid of a {h}x{w} image")
+    return best[1], best[2]
 
 
 class LRASPP(nn.Module):
@@ -161,8 +192,13 @@ def hf_net(config: Any, path: str | None) -> nn.Module:
 
 
 def check_hf(config: Any, where: str) -> None:
-    if getattr(config, "model_type", "") in ("whisper",) or not (
-            getattr(config, "hidden_sizes", None) or getattr(config, "patch_size", None)):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "")
+    # transformers' image classifiers (MobileNetV2 and EfficientNet state neither stage sizes nor patches)
+    image = model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES or bool(
+        getattr(config, "hidden_sizes", None) or getattr(config, "patch_size", None))
+    if not image or model_type == "whisper":
         raise ModelError(f"{where} is not an image backbone (model type {config.model_type!r}); segmentation needs "
                          "an image model: mobilenet-v2, efficientnet-lite0, or a local ResNet / ConvNeXt / ViT folder")
 

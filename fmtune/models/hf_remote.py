@@ -49,6 +49,21 @@ def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = No
     raise RuntimeError("unreachable")
 
 
+def image_kwargs(backbone: nn.Module, pixel_values: torch.Tensor) -> dict[str, bool]:
+    """What a transformers image model needs to read images of another size than its own: ViT,
+    DeiT, CLIP and SigLIP interpolate their position embeddings only when asked."""
+    import inspect
+
+    own = getattr(getattr(backbone, "config", None), "image_size", None)
+    if own is None or tuple(pixel_values.shape[-2:]) == ((own, own) if isinstance(own, int) else tuple(own)):
+        return {}
+    try:
+        takes = "interpolate_pos_encoding" in inspect.signature(backbone.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"interpolate_pos_encoding": True} if takes else {}
+
+
 def pool(outputs, attention_mask: torch.Tensor | None, mode: str, skip: int = 0) -> torch.Tensor:
     """Reduce backbone outputs to one feature vector per example, leaving out the first ``skip``
     positions (virtual tokens that prompt tuning put before the text)."""
@@ -206,7 +221,7 @@ class FmtuneClassifier(PreTrainedModel):
                                                frame_mask if frame_mask is not None else attention_mask)
             return per_clip(pool(BaseModelOutput(last_hidden_state=hidden), mask, self.pooling), clip_index)
         if pixel_values is not None:
-            outputs = self.backbone(pixel_values=pixel_values, **kwargs)
+            outputs = self.backbone(pixel_values=pixel_values, **image_kwargs(self.backbone, pixel_values), **kwargs)
         else:
             outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # prompt tuning (peft) feeds the virtual tokens first; the head reads the text's positions

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fmtune.models.causal_lm import SPEECH_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
-from fmtune.models.causal_lm import plain
+from fmtune.models.wrapped import plain
 from fmtune.tasks.speech import BUCKET_SECONDS, prefix_ids, transcribe_clips  # noqa: F401  (BUCKET_SECONDS: the module doc's)
 
 # Whisper's decoder holds 448 positions for a 30-second window: at most this many tokens per second

@@ -435,6 +435,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Gen
     """Answers to token-id prompts: batches of similar length, padded on the left, decoded with
     the KV cache (``model.generate``); greedy unless ``sampling`` (temperature, top_p) is given.
     Returns the decoded new text of each prompt, in order."""
+    from fmtune.models.wrapped import generate_new
+
     gen = generation_config(tokenizer, settings.max_new_tokens, sampling)
     eos, pad = gen.eos_token_id, gen.pad_token_id
     answers: list[str] = [""] * len(prompts)
@@ -448,9 +450,9 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Gen
                 p = prompts[i] or [eos]
                 ids[b, width - len(p):] = torch.tensor(p)
                 mask[b, width - len(p):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+            out = generate_new(model, ids.to(device), mask.to(device), generation_config=gen)
             for b, i in enumerate(idx):
-                answers[i] = tokenizer.decode(out[b, width:], skip_special_tokens=True).strip()
+                answers[i] = tokenizer.decode(out[b], skip_special_tokens=True).strip()
             if on_batch is not None:
                 on_batch(len(idx))
     return answers

@@ -147,6 +147,30 @@ def suffix_features(model: nn.Module, split: Split, hidden: torch.Tensor,
         handle.remove()
 
 
+@torch.no_grad()
+def verify(model: nn.Module, split: Split, ds: Any) -> str | None:
+    """None if running the blocks after the split on the cached input of block ``k`` gives the
+    model's own features (checked on the first two examples), else why not. Backbones that change
+    the hidden states between their embeddings and first block (ELECTRA's and ALBERT's projections)
+    or pass more than the hidden states between blocks (Swin) would train on wrong features."""
+    if split.kind != "hidden" or len(ds) == 0:
+        return None
+    batch = {k: v.to(model_device(model)) for k, v in ds.collate(list(range(min(2, len(ds))))).items()}
+    batch.pop("labels", None)
+    was = model.training
+    model.eval()
+    try:
+        want = model.features(**batch)
+        got = suffix_features(model, split, _prefix(model, split, batch), batch.get("attention_mask"))
+        same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not cache this backbone this way
+        return f"{type(model.backbone).__name__} cannot be run from an intermediate block ({type(e).__name__})"
+    finally:
+        model.train(was)
+    name = type(model.backbone).__name__
+    return None if same else f"{name} does not give its own features when run from block {split.k}"
+
+
 class CachedForward(nn.Module):
     """The model seen from the cache: takes cached features or hidden states, returns logits."""
 

@@ -1,0 +1,376 @@
+"""Backbones beyond the ones the other tests use: tiny random-init transformers models of many
+architectures, saved as local folders, trained for every task with its defaults (the slow matrix)
+and the cases that once failed (the default suite): GPT-2's Conv1D layers, transformers'
+MobileNetV2 / EfficientNet (no feature size in the config, hand-made "same" padding), Swin's
+staged tokens and ViTs at another image size under a dense head, ALBERT's narrow embeddings and
+DistilBERT's config under prompt tuning, backbones that cannot be run from an intermediate block
+(ELECTRA, CLIP) under last_n, GPT-NeoX's renamed output layer, OPT's positions under prompt
+tuning, and wav2vec2-conformer's CTC model under LoRA."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORDS, cfg_dict, make_text_rows, save_shape_images, save_tiny_wav2vec2, save_tiny_whisper
+from test_audio import save_tones
+from test_ctc import tone_words
+from test_detection import write_dataset
+from test_generation import TEMPLATE, repeat_rows, write_jsonl
+from test_ner import FILL, LAST, LOC, PER, write_conll
+from test_segmentation import write_scenes
+
+import fmtune
+
+LAYERS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+ENCODERS = {
+    "bert": LAYERS, "roberta": LAYERS, "xlm-roberta": LAYERS, "camembert": LAYERS, "deberta": LAYERS,
+    "deberta-v2": LAYERS, "mpnet": LAYERS, "modernbert": LAYERS,
+    "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "electra": dict(LAYERS, embedding_size=16), "albert": dict(LAYERS, embedding_size=16),
+}
+BYTE_BPE = ("roberta", "xlm-roberta", "camembert")  # the others get a WordPiece vocabulary
+VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+IMAGES = {
+    "vit": dict(VIT, intermediate_size=64), "deit": dict(VIT, intermediate_size=64),
+    "beit": dict(VIT, intermediate_size=64), "dinov2": VIT, "dinov2_with_registers": VIT,
+    "clip_vision_model": dict(VIT, intermediate_size=64), "siglip_vision_model": dict(VIT, intermediate_size=64),
+    "convnext": dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
+    "convnextv2": dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
+    "resnet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"),
+    "regnet": dict(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], groups_width=8),
+    "swin": dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4),
+    "mobilenet_v2": dict(image_size=32, depth_multiplier=0.35),
+    # (hidden_dim: the channels of the last convolution, round_filters(1280) at this width)
+    "efficientnet": dict(image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320),
+    "mobilevit": dict(image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32]),
+}
+GQA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+DECODERS = {
+    "llama": GQA, "qwen2": GQA, "mistral": GQA, "stablelm": GQA, "olmo2": GQA, "granite": GQA, "smollm3": GQA,
+    "qwen3": dict(GQA, head_dim=16), "gemma": dict(GQA, head_dim=16), "gemma2": dict(GQA, head_dim=16),
+    "phi3": dict(GQA, num_key_value_heads=2), "phi": dict(GQA, num_key_value_heads=2),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=32),
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=2),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=256),
+    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=2, n_positions=256),
+    "gptj": dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=256),
+    "codegen": dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=256),
+}
+AUDIO = ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat", "wav2vec2-conformer"]
+LAYER_NORM_AUDIO = ("wavlm", "data2vec-audio")  # feat_extract_norm "layer" (an attention mask); the others "group"
+
+
+# --- tiny models of each architecture ----------------------------------------------------------------
+
+def make_encoder(d: Path, model_type: str) -> Path:
+    """A random text encoder with a vocabulary of the test words (byte-level BPE for RoBERTa's kin)."""
+    from transformers import AutoConfig, AutoModel, BertTokenizerFast, RobertaTokenizerFast
+
+    d.mkdir(parents=True)
+    words = sorted(set(WORDS + PER + LAST + LOC + FILL))
+    if model_type in BYTE_BPE:
+        from tokenizers import ByteLevelBPETokenizer
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator([" ".join(random.Random(i).sample(words, 6)) for i in range(300)], vocab_size=400,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        bpe.save_model(str(d))
+        tok = RobertaTokenizerFast(vocab_file=str(d / "vocab.json"), merges_file=str(d / "merges.txt"))
+        ids = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    else:
+        (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
+        tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+        ids = dict(pad_token_id=0)
+    tok.save_pretrained(d)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), max_position_embeddings=128, **ids,
+                               **ENCODERS[model_type])
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).save_pretrained(d)
+    return d
+
+
+def make_image(d: Path, model_type: str) -> Path:
+    from transformers import AutoConfig, AutoModel
+
+    d.mkdir(parents=True)
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(model_type, **IMAGES[model_type])).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32, "width": 32}}))
+    return d
+
+
+def make_decoder(d: Path, model_type: str, chat: bool = True) -> Path:
+    """A random causal LM with a byte-level BPE tokenizer: with a chat template and pad == eos (as
+    SmolLM2 ships), or (``chat`` False) as GPT-2 ships: one special token, no pad, no template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    d.mkdir(parents=True)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([r["prompt"] + " " + r["completion"] for r in repeat_rows(300, 0)],
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                                                "<unk>"]))
+    if chat:
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                      unk_token="<unk>", pad_token="<|im_end|>")
+        tok.chat_template = TEMPLATE
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                      unk_token="<|endoftext|>")
+    kw = {"pad_token_id": None, **DECODERS[model_type]}
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), max_position_embeddings=256,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **kw)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def make_audio(d: Path, model_type: str, ctc: bool = False) -> Path:
+    if model_type == "whisper":
+        return save_tiny_whisper(d)
+    return save_tiny_wav2vec2(d, model_type, "layer" if model_type in LAYER_NORM_AUDIO else "group",
+                              ctc_letters="lmh" if ctc else None)
+
+
+# --- data, and a run with every default but the tiny sizes -----------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("arch-data")
+    make_text_rows(96, 0).to_csv(d / "text.csv", index=False)
+    make_text_rows(24, 2).to_csv(d / "text_test.csv", index=False)
+    return {"text": d / "text.csv", "text_test": d / "text_test.csv",
+            "ner": write_conll(d / "ner.conll", 96, 0), "ner_test": write_conll(d / "ner_test.conll", 24, 2, 10),
+            "images": save_shape_images(d / "images", 12, 0), "images_test": save_shape_images(d / "images_test", 4, 1),
+            "detection": write_dataset(d / "det", 12, 0) / "annotations.json",
+            "detection_test": write_dataset(d / "det_test", 4, 2) / "annotations.json",
+            "segmentation": write_scenes(d / "seg", 12, 0), "segmentation_test": write_scenes(d / "seg_test", 4, 2),
+            "generation": write_jsonl(d / "gen.jsonl", repeat_rows(40, 1)),
+            "generation_test": write_jsonl(d / "gen_test.jsonl", repeat_rows(8, 2)),
+            "audio-classification": save_tones(d / "tones", 4, 0), "audio-classification_test": save_tones(
+                d / "tones_test", 2, 1),
+            "speech-recognition": tone_words(d / "speech", 12, 0),
+            "speech-recognition_test": tone_words(d / "speech_test", 4, 1)}
+
+
+def train(model: Path, task: str, data: dict, out: Path, strategy: str | None = None, **model_cfg) -> dict:
+    """One epoch of ``task`` with its defaults (learning rate included), small batches."""
+    key = {"classification": "images" if (model / "preprocessor_config.json").exists() and not (
+        model / "tokenizer_config.json").exists() else "text"}.get(task, task)
+    cfg = cfg_dict(model, data[key], out=str(out), task={"type": task}, data={"test": str(data[key + "_test"])},
+                   model=model_cfg, train={"epochs": 1, "batch_size": 8},
+                   eval={"max_new_tokens": 8, "samples": 8})
+    cfg["train"].pop("lr")
+    if task == "generation":
+        cfg["model"].pop("max_length")  # the model's own
+    if strategy:
+        cfg["strategy"] = {"name": strategy, "n": 1}
+    return fmtune.train(cfg, quiet=True)
+
+
+def _merged_export(run: Path, out: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "fmtune", "export", str(run), "--merge", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# --- the default suite: what once failed ---------------------------------------------------------------
+
+def test_gpt2_conv1d_layers_take_lora_and_merge(data, tmp_path):
+    """GPT-2's projections are transformers' Conv1D (weights stored transposed): LoRA adapts them
+    by default and the merged export generates."""
+    from safetensors.torch import load_file
+
+    m = make_decoder(tmp_path / "gpt2", "gpt2", chat=False)
+    train(m, "generation", data, tmp_path / "run")
+    assert "name: lora" in (tmp_path / "run" / "config.yaml").read_text()
+    weights = load_file(str(tmp_path / "run" / "model" / "adapter_model.safetensors"))
+    assert any("c_attn.lora_A" in k for k in weights) and any("c_fc.lora_A" in k for k in weights)
+    _merged_export(tmp_path / "run", tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "gpt2"
+
+
+@pytest.mark.parametrize("model_type,strategy", [("gpt_neox", "full"), ("opt", "prompt"), ("bloom", "prompt")])
+def test_decoders_that_once_failed(model_type, strategy, data, tmp_path):
+    """GPT-NeoX saves its output layer under another name than its module's (the best checkpoint
+    is read back through transformers); OPT and BLOOM count positions from the attention mask,
+    which peft's prompt-tuning generate gets wrong."""
+    s = train(make_decoder(tmp_path / model_type, model_type), "generation", data, tmp_path / "run", strategy)
+    answers = [json.loads(line) for line in (tmp_path / "run" / "test_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 8 and {"rougeL", "loss"} <= set(s["eval"]["test"])
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
+def test_prompt_tuned_generation_is_the_models_own_forward(tmp_path):
+    """Greedy answers of a prompt-tuned model (virtual tokens put before the prompt's embeddings)
+    are the argmax of the peft model's own forward pass, token by token."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fmtune.models import wrapped
+    from fmtune.tasks.generation import generation_config
+
+    d = make_decoder(tmp_path / "opt", "opt")
+    tok = AutoTokenizer.from_pretrained(d)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(d),
+                                peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ids = torch.tensor([tok("repeat: red cat")["input_ids"]])
+    with torch.no_grad():
+        got = wrapped.generate_new(model, ids, torch.ones_like(ids),
+                                     generation_config=generation_config(tok, 5))[0].tolist()
+        seq = ids
+        for _ in range(5):
+            nxt = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], 1)
+    want = seq[0, ids.shape[1]:].tolist()
+    assert got == want[:len(got)] and len(got) >= 1
+
+
+@pytest.mark.parametrize("model_type,strategy", [("mobilenet_v2", "lora"), ("efficientnet", "full")])
+def test_transformers_cnns_without_a_feature_size_in_their_config(model_type, strategy, data, tmp_path):
+    """MobileNetV2 and EfficientNet in transformers: the feature size is measured, and LoRA
+    convolutions keep the shape attributes the models' hand-made padding reads."""
+    s = train(make_image(tmp_path / model_type, model_type), "classification", data, tmp_path / "run", strategy,
+              image_size=32)
+    assert 0.0 <= s["eval"]["test"]["accuracy"] <= 1.0
+    fmtune.predict(tmp_path / "run", data["images_test"])  # the saved run loads and predicts
+
+
+@pytest.mark.parametrize("model_type,task,strategy,size", [
+    ("swin", "segmentation", "full", 64), ("vit", "detection", "full", 64),
+    ("mobilenet_v2", "segmentation", "dora", 64), ("clip_vision_model", "segmentation", "lora", 48)])
+def test_dense_heads_on_more_backbones(model_type, task, strategy, size, data, tmp_path):
+    """Swin's stages give maps of their own; ViT-like models read other sizes than their own by
+    interpolating their position embeddings; adapters reach a transformers model inside a dense one."""
+    s = train(make_image(tmp_path / model_type, model_type), task, data, tmp_path / "run", strategy, image_size=size)
+    assert s["eval"]["test"]
+
+
+def test_a_backbone_that_cannot_read_another_size_says_so(data, tmp_path):
+    """LeViT's attention biases are fixed to its own input size."""
+    from transformers import AutoConfig, AutoModel
+
+    from fmtune.errors import ModelError
+
+    d = tmp_path / "levit"
+    AutoModel.from_config(AutoConfig.for_model("levit", image_size=32)).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": 32, "width": 32}}))
+    with pytest.raises(ModelError, match=r"LevitModel cannot read 64x64 images \(it was built for 32: set "
+                                         r"model.image_size 32\)"):
+        train(d, "segmentation", data, tmp_path / "run", image_size=64)
+
+
+def test_the_patch_grid_is_found_among_the_tokens():
+    from fmtune.models.dense import token_grid
+
+    assert token_grid(1 + 14 * 14, 224, 224) == (14, 14)  # ViT: a class token first
+    assert token_grid(2 + 14 * 14, 224, 224) == (14, 14)  # DeiT: and a distillation token
+    assert token_grid(5 + 16 * 16, 224, 224) == (16, 16)  # DINOv2 with 4 registers, patch 14
+    assert token_grid(7 * 7, 224, 224) == (7, 7)  # Swin's last stage: no class token
+    assert token_grid(12, 48, 64) == (3, 4)
+
+
+@pytest.mark.parametrize("model_type", ["albert", "electra", "distilbert"])
+def test_prompt_tuning_sizes_virtual_tokens_by_the_word_embeddings(model_type, data, tmp_path):
+    s = train(make_encoder(tmp_path / model_type, model_type), "classification", data, tmp_path / "run", "prompt")
+    assert 0.0 <= s["eval"]["test"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("model_type,why", [
+    ("electra", "ElectraModel cannot be run from an intermediate block"),
+    ("clip_vision_model", "CLIPVisionModel does not give its own features when run from block 1"),
+    ("bert", None)])
+def test_the_feature_cache_of_last_n_is_checked_against_the_whole_model(model_type, why, data, tmp_path, capsys):
+    """ELECTRA projects its embeddings and CLIP normalises them before the first block: their
+    frozen prefix is not cached (it would train the last blocks on other features); BERT's is."""
+    make = make_image if model_type in IMAGES else make_encoder
+    cfg = cfg_dict(make(tmp_path / model_type, model_type),
+                   data["images" if model_type in IMAGES else "text"], out=str(tmp_path / "run"),
+                   strategy={"name": "last_n", "n": 1}, model={"image_size": 32}, train={"epochs": 1})
+    fmtune.train(cfg, quiet=False)
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if "feature cache:" in ln)
+    if why:
+        assert f"not used: {why}" in line
+    else:
+        assert "the first 1 of 2 blocks are frozen: cached" in line
+
+
+def test_wav2vec2_conformer_speech_recognition_takes_lora(data, tmp_path):
+    """Its attention layers are named linear_q/k/v/out; a small model's feature convolutions (7)
+    outnumber its blocks (2), and the blocks are still the ones adapted."""
+    from safetensors.torch import load_file
+
+    train(make_audio(tmp_path / "m", "wav2vec2-conformer", ctc=True), "speech-recognition", data, tmp_path / "run",
+          "lora")
+    keys = load_file(str(tmp_path / "run" / "model" / "adapter_model.safetensors"))
+    assert any("linear_q.lora_A" in k for k in keys) and not any("conv_layers" in k for k in keys)
+
+
+def test_blocks_are_the_repeated_layers_with_linear_maps():
+    from transformers import AutoConfig, AutoModel
+
+    from fmtune.strategies import backbone_blocks
+
+    cfg = AutoConfig.for_model("wav2vec2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                               num_conv_pos_embedding_groups=2)
+    model = AutoModel.from_config(cfg)
+    assert backbone_blocks(model) == list(model.encoder.layers)
+
+
+# --- the slow matrix: every architecture, every task it serves ----------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["full", "lora", "last_n", "ia3"])
+@pytest.mark.parametrize("model_type", list(ENCODERS))
+def test_text_encoders(model_type, strategy, data, tmp_path):
+    m = make_encoder(tmp_path / model_type, model_type)
+    for task in ("classification", "ner"):
+        assert train(m, task, data, tmp_path / task, strategy)["eval"]["test"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", list(IMAGES))
+def test_image_backbones(model_type, data, tmp_path):
+    m = make_image(tmp_path / model_type, model_type)
+    for strategy in ("full", "lora", "last_n"):
+        assert train(m, "classification", data, tmp_path / strategy, strategy, image_size=32)["eval"]["test"]
+    for task in ("detection", "segmentation"):
+        assert train(m, task, data, tmp_path / task, None, image_size=32)["eval"]["test"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("model_type", list(DECODERS))
+def test_decoders(model_type, chat, data, tmp_path):
+    m = make_decoder(tmp_path / model_type, model_type, chat)
+    assert train(m, "generation", data, tmp_path / "run")["eval"]["test"]
+    _merged_export(tmp_path / "run", tmp_path / "merged")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+@pytest.mark.parametrize("model_type", AUDIO + ["whisper"])
+def test_audio_encoders(model_type, strategy, data, tmp_path):
+    assert train(make_audio(tmp_path / "m", model_type), "audio-classification", data, tmp_path / "cls",
+                 strategy)["eval"]["test"]
+    if model_type != "whisper":
+        assert train(make_audio(tmp_path / "ctc", model_type, ctc=True), "speech-recognition", data, tmp_path / "sr",
+                     strategy)["eval"]["test"]
