@@ -17,7 +17,8 @@ Runs:
    defaults turn on bf16 autocast and gradient checkpointing: on a CPU without native bf16 a step
    takes minutes, so only ``--trl-standard-steps`` steps are timed and no model is scored);
 3. the same with bf16 off (fp32, what fmtune picks on such a CPU);
-4. TRL as an expert would set it here: fp32, no gradient checkpointing, batches grouped by length
+4. TRL as an expert would set it here: bf16 autocast only where the CPU has native bf16 (fmtune's
+   rule too; fp32 otherwise), no gradient checkpointing, batches grouped by length
    (``train_sampling_strategy="group_by_length"``; padding-free batches and packing need
    FlashAttention, which a CPU does not have);
 5. fmtune with ``task.train_on_prompt`` (the effect of prompt masking).
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 
 from fmtune import api, config  # noqa: E402
 from fmtune.fsutil import read_jsonl  # noqa: E402
-from fmtune.models import build, causal_lm  # noqa: E402
+from fmtune.models import build, causal_lm, wrapped  # noqa: E402
 from fmtune.tasks.generation import Generation, GenerationSettings, read_rows  # noqa: E402
 from fmtune.training import hardware  # noqa: E402
 from fmtune.zoo.datasets import export  # noqa: E402
@@ -66,7 +67,7 @@ def score(model: torch.nn.Module, tokenizer, files: dict[str, Path], args: argpa
     task.settings = GenerationSettings(args.max_new_tokens, args.test, 32)
     data_cfg = config.from_dict({"data": {"input_column": "code", "target_column": "summary"}}).data
     bundle = build.Bundle(model, "text", causal_lm.FAMILY, "none", tokenizer=tokenizer, max_length=args.max_length)
-    causal_lm.set_pad(tokenizer, causal_lm.plain(model))
+    causal_lm.set_pad(tokenizer, wrapped.plain(model))
     net = causal_lm.TargetLogits(model, tokenizer)
     val = task.dataset(read_rows(files["val"], data_cfg), bundle, data_cfg)[0]
     test = task.dataset(read_rows(files["test"], data_cfg), bundle, data_cfg)[0]
@@ -109,7 +110,7 @@ def run_fmtune(files: dict[str, Path], out: Path, args: argparse.Namespace, trai
 
 def run_trl(files: dict[str, Path], out: Path, args: argparse.Namespace, mode: str) -> dict:
     """mode: standard (SFTConfig's defaults: bf16 autocast and gradient checkpointing; a few steps
-    only, see the module doc), fp32 (the defaults with bf16 off), expert (fp32, no gradient
+    only, see the module doc), fp32 (the defaults with bf16 off), expert (bf16 where native, no gradient
     checkpointing, batches grouped by length)."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -129,8 +130,8 @@ def run_trl(files: dict[str, Path], out: Path, args: argparse.Namespace, mode: s
 
     changes = {"standard": {"max_steps": args.trl_standard_steps},
                "fp32": {"bf16": False},
-               "expert": {"bf16": False, "gradient_checkpointing": False,
-                          "train_sampling_strategy": "group_by_length"}}[mode]
+               "expert": {"bf16": hardware.choose("auto", "auto", None).precision == "bf16",
+                          "gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"}}[mode]
     sft = SFTConfig(output_dir=str(out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
                     learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.06, weight_decay=0.01,
                     max_length=args.max_length, logging_steps=10, save_strategy="no", eval_strategy="no",
