@@ -306,7 +306,11 @@ class _Fit:
         state, cfg = self.state, self.cfg
         began = time.perf_counter()
         if hasattr(self.task, "evaluate_model"):  # a task that scores the model itself (generation)
-            res = self.task.evaluate_model(self.plain_net, self.val_ds, cfg.eval_batch_size, self.device)
+            # loss and answers in the training's mixed precision (bf16 decoding: half the time of fp32 on a
+            # CPU with native bf16; SmolLM2's validation loss the same to 4 decimals). The test split and the
+            # baseline are scored after training in fp32, as `fmtune generate` answers
+            with self.accelerator.autocast():
+                res = self.task.evaluate_model(self.plain_net, self.val_ds, cfg.eval_batch_size, self.device)
         else:
             if self.world > 1:
                 logits, targets = gathered_infer(self.plain_net, self.val_ds, cfg.eval_batch_size, self.device,
