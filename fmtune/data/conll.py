@@ -18,10 +18,10 @@ from typing import Any
 
 import pandas as pd
 
-from fmtune.data.readers import check_encoding, jsonl_records
+from fmtune.data.readers import CONLL_PREDICT_SUFFIXES, check_encoding, jsonl_records
 from fmtune.errors import DataError
 
-CONLL_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes", ".txt", ".tsv"}
+CONLL_SUFFIXES = CONLL_PREDICT_SUFFIXES | {".txt", ".tsv"}  # training reads .txt / .tsv as CoNLL too
 _WORD = re.compile(r"https?://\S+|[@#]\w+|\w+(?:[-'’.]\w+)*|[^\w\s]", re.UNICODE)
 _TAG = re.compile(r"^([BIESLU])-(.+)$")
 

@@ -19,6 +19,7 @@ because torchvision cannot be a dependency.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -102,6 +103,7 @@ class DenseBackbone(nn.Module):
 MAX_PREFIX_TOKENS = 16  # tokens before the patches: a class token, a distillation token, registers
 
 
+@functools.lru_cache(maxsize=64)  # called per hidden state of every forward, with the same few sizes
 def token_grid(n: int, h: int, w: int) -> tuple[int, int]:
     """(rows, columns) of the patch grid among ``n`` tokens of an h x w image: the finest stride whose
     grid (rounded down or up, as padded stages round) leaves the fewest other tokens in front."""
