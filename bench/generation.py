@@ -2,13 +2,17 @@
 
     make bench-generation        # installs trl for the bench only, writes bench/results-generation-<date>.json
     .venv/bin/python bench/generation.py [--train 320 --val 40 --test 60 --epochs 1] > result.json
+    .venv/bin/python bench/generation.py --corpus debian-descriptions > result.json   # prose
 
 Same model (SmolLM2-135M-Instruct, fp32, from the offline GGUF), same real data (Python standard
-library functions -> the first sentence of their docstring, split by module), same prompt (the
-instruction and the code in the chat template, one user turn; the summary is the assistant's
-answer), same LoRA (r 8, alpha 16, dropout 0 (fmtune's default here) on q/k/v/o/gate/up/down), learning rate, linear
-schedule with 6% warm-up, weight decay, batch size, epochs and seed; loss on the completion only
-for every run except the prompt-masking control.
+library functions -> the first sentence of their docstring, split by module; or, with
+``--corpus debian-descriptions``, this machine's Debian package descriptions -> their one-line
+synopsis, split by source package), same prompt (the instruction and the input in the chat
+template, one user turn; the target is the assistant's answer), same LoRA (r 8, alpha 16,
+dropout 0 (fmtune's default here) on q/k/v/o/gate/up/down), learning rate, linear schedule with
+6% warm-up, weight decay, batch size, epochs and seed; loss on the completion only for every run
+except the prompt-masking control. ``--precision fp32`` runs fmtune and expert TRL in fp32: on a
+CPU with native bf16, what a CPU without it gets.
 
 Runs:
 1. ``fmtune train --task generation`` (defaults: length-bucketed batches, logits only where the
@@ -53,7 +57,48 @@ from fmtune.training import hardware  # noqa: E402
 from fmtune.zoo.datasets import export  # noqa: E402
 from fmtune.zoo.models import resolve  # noqa: E402
 
-INSTRUCTION = "Summarise this Python function in one sentence."
+# corpus -> (input column, target column, instruction)
+CORPORA = {"stdlib-docstrings": ("code", "summary", "Summarise this Python function in one sentence."),
+           "debian-descriptions": ("description", "synopsis", "Summarise this Debian package description in one line.")}
+DPKG_STATUS = Path("/var/lib/dpkg/status")
+DEBIAN_MAX_WORDS = 150  # keeps 98% of descriptions; the longest batches then fit in memory without checkpointing
+
+
+def debian_descriptions(out: Path, sizes: tuple[int, int, int], seed: int) -> dict[str, Path]:
+    """A second real text-to-text corpus, prose rather than code: the package descriptions of this
+    machine's dpkg status file (the extended description -> its one-line synopsis), one row per
+    distinct description, split by source package so that no source is in two splits. Not a zoo
+    dataset: what is installed differs between machines."""
+    import re
+
+    import pandas as pd
+
+    from fmtune.zoo.datasets import split
+
+    rows: dict[str, tuple[str, str]] = {}
+    for para in DPKG_STATUS.read_text(encoding="utf-8").split("\n\n"):
+        fields: dict[str, str] = {}
+        key = None
+        for line in para.split("\n"):
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += "\n" + line
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        synopsis, _, extended = fields.get("Description", "").partition("\n")
+        lines = ["" if ln.strip() == "." else ln[1:] for ln in extended.split("\n")]
+        description = re.sub(r"[ \t]+", " ", "\n".join(lines)).strip()
+        if synopsis and description and len(description.split()) <= DEBIAN_MAX_WORDS:
+            rows.setdefault(description, (synopsis, fields.get("Source", fields.get("Package", "")).split()[0]))
+    df = pd.DataFrame([{"description": d, "synopsis": s, "group": g} for d, (s, g) in rows.items()])
+    if len(df) < sum(sizes):
+        raise SystemExit(f"{DPKG_STATUS} gives {len(df)} descriptions, fewer than the {sum(sizes)} asked for")
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, part in zip(("train", "val", "test"), split(df, sizes, seed)):
+        files[name] = out / f"{name}.jsonl"
+        part.rename(columns={"group": "source"}).to_json(files[name], orient="records", lines=True, force_ascii=False)
+    return files
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -63,9 +108,10 @@ def log(msg: str) -> None:
 
 def score(model: torch.nn.Module, tokenizer, files: dict[str, Path], args: argparse.Namespace) -> dict:
     """Validation loss on the completion tokens and test ROUGE of greedy answers: one code for every run."""
-    task = Generation(instruction=INSTRUCTION)
+    column, target, instruction = CORPORA[args.corpus]
+    task = Generation(instruction=instruction)
     task.settings = GenerationSettings(args.max_new_tokens, args.test, 32)
-    data_cfg = config.from_dict({"data": {"input_column": "code", "target_column": "summary"}}).data
+    data_cfg = config.from_dict({"data": {"input_column": column, "target_column": target}}).data
     bundle = build.Bundle(model, "text", causal_lm.FAMILY, "none", tokenizer=tokenizer, max_length=args.max_length)
     causal_lm.set_pad(tokenizer, wrapped.plain(model))
     net = causal_lm.TargetLogits(model, tokenizer)
@@ -82,14 +128,16 @@ def score(model: torch.nn.Module, tokenizer, files: dict[str, Path], args: argpa
 
 def run_fmtune(files: dict[str, Path], out: Path, args: argparse.Namespace, train_on_prompt: bool = False,
                packing: bool = False) -> dict:
+    column, target, instruction = CORPORA[args.corpus]
     cfg = config.from_dict({
         "model": {"name": "smollm2-135m", "max_length": args.max_length},
-        "task": {"type": "generation", "instruction": INSTRUCTION, "train_on_prompt": train_on_prompt},
-        "data": {"train": str(files["train"]), "val": str(files["val"]), "input_column": "code",
-                 "target_column": "summary"},
+        "task": {"type": "generation", "instruction": instruction, "train_on_prompt": train_on_prompt},
+        "data": {"train": str(files["train"]), "val": str(files["val"]), "input_column": column,
+                 "target_column": target},
         "strategy": {"name": "lora", "r": 8, "alpha": 16, "dropout": args.lora_dropout},
         "train": {"epochs": args.epochs, "batch_size": args.batch, "lr": args.lr, "seed": args.seed,
-                  "warmup_ratio": 0.06, "weight_decay": 0.01, "patience": None, "packing": packing},
+                  "warmup_ratio": 0.06, "weight_decay": 0.01, "patience": None, "packing": packing,
+                 "precision": args.precision},
         "eval": {"samples": args.val_answers, "max_new_tokens": args.max_new_tokens},
         "out": str(out)})
     started = time.perf_counter()
@@ -121,16 +169,18 @@ def run_trl(files: dict[str, Path], out: Path, args: argparse.Namespace, mode: s
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
+    column, target, instruction = CORPORA[args.corpus]
+
     def rows(name: str) -> list[dict]:
         out = []
         for r in read_jsonl(files[name]):
-            out.append({"prompt": [{"role": "user", "content": f"{INSTRUCTION}\n\n{r['code']}"}],
-                        "completion": [{"role": "assistant", "content": r["summary"]}]})
+            out.append({"prompt": [{"role": "user", "content": f"{instruction}\n\n{r[column]}"}],
+                        "completion": [{"role": "assistant", "content": r[target]}]})
         return out
 
     changes = {"standard": {"max_steps": args.trl_standard_steps},
                "fp32": {"bf16": False},
-               "expert": {"bf16": hardware.choose("auto", "auto", None).precision == "bf16",
+               "expert": {"bf16": hardware.choose("auto", args.precision, None).precision == "bf16",
                           "gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"}}[mode]
     sft = SFTConfig(output_dir=str(out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
                     learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.06, weight_decay=0.01,
@@ -159,6 +209,9 @@ def run_trl(files: dict[str, Path], out: Path, args: argparse.Namespace, mode: s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", choices=sorted(CORPORA), default="stdlib-docstrings",
+                   help="stdlib-docstrings (code -> docstring sentence, the demo's) or debian-descriptions (this "
+                   "machine's package descriptions -> their synopsis; prose)")
     p.add_argument("--train", type=int, default=320)
     p.add_argument("--val", type=int, default=40)
     p.add_argument("--test", type=int, default=60)
@@ -170,6 +223,9 @@ def main() -> None:
     p.add_argument("--val-answers", type=int, default=24, help="fmtune: validation rows answered per evaluation")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="both tools (fmtune's default for generation)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "fp32"], default="auto",
+                   help="fmtune's train.precision, and expert TRL's bf16 with it: fp32 measures, on a CPU with native "
+                   "bf16, what a CPU without it gets")
     p.add_argument("--trl-standard-steps", type=int, default=1,
                    help="steps of TRL's default recipe measured (bf16 autocast on a CPU without native bf16 takes "
                    "minutes per step)")
@@ -177,13 +233,15 @@ def main() -> None:
                    "packing (fmtune with train.packing)")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    hw = hardware.choose("auto", "auto", None)
+    hw = hardware.choose("auto", args.precision, None)
     results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                  "hardware": hw.describe(), "torch": torch.__version__},
                      "settings": vars(args), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        files = export("stdlib-docstrings", tmp / "data", sizes=(args.train, args.val, args.test), seed=args.seed)
+        sizes = (args.train, args.val, args.test)
+        files = (debian_descriptions(tmp / "data", sizes, args.seed) if args.corpus == "debian-descriptions"
+                 else export(args.corpus, tmp / "data", sizes=sizes, seed=args.seed))
         log("pretrained (zero-shot)")
         model_cfg = config.from_dict({"model": {"name": "smollm2-135m", "max_length": args.max_length}}).model
         model, tokenizer, _ = causal_lm.create(model_cfg, Generation())
