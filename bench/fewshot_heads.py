@@ -12,10 +12,13 @@ defaults and the tuned encoder embeds the sample and the validation rows; heads 
 (LogisticRegressionCV, fmtune's grid of C, on L2-normalised embeddings) and `run` (the run's
 own head after its epochs). With ALPHAS (e.g. 0,0.5), also `cv-scaled, alpha=A`: fmtune's head
 on an encoder whose weights are interpolated between the pretrained (A=0: the plain probe) and the
-contrastively tuned ones (A=1), as WiSE-FT (Wortsman et al., 2022) does. Mean validation accuracy
-over the 5 samples; progress lines on stdout, then one JSON document.
+contrastively tuned ones (A=1), as WiSE-FT (Wortsman et al., 2022) does, and `ensemble of
+alphas`: the mean of those heads' class probabilities (an output ensemble; with 0,1 the plain
+probe's and the contrastive head's). Mean validation accuracy over the 5 samples; progress lines
+on stdout, then one JSON document.
 
     .venv/bin/python bench/fewshot_heads.py 8,16 "" 0,0.25,0.5,0.75
+    .venv/bin/python bench/fewshot_heads.py 8,16 "" 0,1
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def main() -> None:
     steps_options = [None] + ([int(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 and sys.argv[2]
                               else [] if len(sys.argv) > 2 else [30])
     alphas = [float(a) for a in sys.argv[3].split(",")] if len(sys.argv) > 3 else []
-    heads = HEADS + tuple(f"cv-scaled, alpha={a:g}" for a in alphas)
+    heads = HEADS + tuple(f"cv-scaled, alpha={a:g}" for a in alphas) + (("ensemble of alphas",) if alphas else ())
     out = {}
     for name in ("rotten-tomatoes", "tweet-sentiment"):
         train_all = pd.read_csv(export(name, work / name, seed=0)["train"])
@@ -99,11 +102,16 @@ def main() -> None:
                         model = build.create(run.config.model, run.task).model.eval()
                         pretrained = {k: v.clone() for k, v in model.state_dict().items()}
                         tuned = run.bundle.model.state_dict()
+                    proba = []
                     for a in alphas:
                         interpolated(model, pretrained, tuned, a)
                         (xt, yt), (xv, yv) = embed(run, sample, model), embed(run, val, model)
                         probe = scaled(logreg(seed)).fit(xt, yt)
                         acc[f"cv-scaled, alpha={a:g}"].append(float((probe.predict(xv) == yv).mean()))
+                        proba.append(probe.predict_proba(xv))
+                    if alphas:
+                        votes = probe.classes_[np.mean(proba, axis=0).argmax(axis=1)]
+                        acc["ensemble of alphas"].append(float((votes == yv).mean()))
                 key = f"{name} {size} steps={steps or 'default'}"
                 out[key] = {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
                 print(key, out[key], flush=True)
