@@ -23,7 +23,9 @@ Same model (MiniLM-L6 + fmtune's mean-pooling head, built once per run), same re
 4. EfficientNet-Lite0 on digits with the images decoded per batch, collated inline vs ahead in a
    background thread (train.loader_threads).
 5. Model FLOP/s of a full fine-tuning step on a fixed-length batch against the matmul ceiling
-   measured in the same run.
+   measured in the same run, and where the step's time goes (profiler): the matmuls' share bounds
+   what any saving outside them can give (``--skip reference predict trainer strategies image
+   loader`` runs this part alone, in a minute).
 
 Prints one JSON document on stdout; progress goes to stderr.
 """
@@ -304,18 +306,55 @@ def matmul_ceiling(dtype: torch.dtype, device: str, reps: int = 10, trials: int 
     return best
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def op_shares(step, device: str, steps: int = 3) -> dict:
+    """Where a training step's time goes (torch.profiler, self time per op; CUDA: device time): the
+    matmuls' share, and so the most that removing everything else could speed the step up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ops = {e.key: getattr(e, key) for e in prof.key_averages()}
+    total = sum(ops.values())
+    share = sum(v for k, v in ops.items() if k in MATMUL_OPS) / total
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+    return {"matmul_share": round(share, 3), "speedup_bound_if_only_matmuls_remained": round(1 / share, 2),
+            "top_ops_share": {k: round(v / total, 3) for k, v in top}}
+
+
 def step_flops(args: argparse.Namespace, device: str) -> dict:
-    """Achieved model FLOP/s of a full fine-tuning step (fixed length) vs the matmul ceiling."""
+    """Achieved model FLOP/s of a full fine-tuning step (fixed length) vs the matmul ceiling, and
+    (bf16, with fmtune's CPU dropout as in training) the share of the step spent in matmuls, at
+    128 tokens and at 32 (about the length of the bench's sentences)."""
+    from fmtune.training.dropout import fast_dropout
+
     task = Classification(["a", "b"])
     bundle = build.create(ModelConfig(name=args.model, max_length=128), task)
     model = bundle.model.to(device)
     cfg = model.config
-    b, t = args.batch_size, 128
-    ids = torch.randint(1000, 20000, (b, t), device=device)
-    mask = torch.ones_like(ids)
-    labels = torch.randint(0, 2, (b,), device=device)
+    b = args.batch_size
     opt = make_optimizer(model, TrainConfig(lr=1e-5))  # fmtune's own (fused AdamW)
     dense = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embeddings" not in n)
+
+    def batch(t: int):
+        ids = torch.randint(1000, 20000, (b, t), device=device)
+        return ids, torch.ones_like(ids), torch.randint(0, 2, (b,), device=device)
+
+    def step(tensors, dtype) -> None:
+        ids, mask, labels = tensors
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = task.loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = 128
+    tensors = batch(t)
     # 6 * dense params * tokens (forward + backward) + attention scores and values: 12 * L * B * T^2 * H
     flops = 6 * dense * b * t + 12 * cfg.num_hidden_layers * b * t * t * cfg.hidden_size
     out = {}
@@ -325,11 +364,7 @@ def step_flops(args: argparse.Namespace, device: str) -> dict:
         for i in range(6 if device == "cpu" else 30):
             sync(device)
             t0 = time.perf_counter()
-            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = task.loss(model(input_ids=ids, attention_mask=mask).logits, labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(tensors, dtype)
             sync(device)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
@@ -338,6 +373,12 @@ def step_flops(args: argparse.Namespace, device: str) -> dict:
         out[name] = {"step_seconds": round(float(np.median(times)), 3), "model_gflops": round(achieved / 1e9, 1),
                      "matmul_ceiling_gflops": round(ceiling / 1e9, 1),
                      "fraction_of_ceiling": round(achieved / ceiling, 3)}
+    precision = torch.bfloat16 if hardware.choose().precision == "bf16" else None
+    with fast_dropout(model, device == "cpu"):
+        for length in (128, 32):
+            short = batch(length)
+            step(short, precision)  # warm-up at this shape
+            out[f"where_the_time_goes_{length}_tokens"] = op_shares(lambda s=short: step(s, precision), device)
     out["batch"] = [b, t]
     return out
 
