@@ -214,7 +214,7 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     set_seed(cfg.train.seed)
     bundle = build.create(cfg.model, task)
     cfg, few = _few_labels(cfg, bundle, task, frames)
-    cfg, enough = _enough_steps(cfg, len(frames.train))
+    cfg, enough = config_mod.enough_steps(cfg, len(frames.train))
     if enough:
         few["small_training_set"] = enough
     _check_robust_training(cfg.train, bundle.kind, task)
@@ -258,27 +258,6 @@ def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(train, **changes))
         few["no_validation_split"] = why
     return cfg, few
-
-
-def _enough_steps(cfg: config_mod.Config, n: int) -> tuple[config_mod.Config, str | None]:
-    """train.min_steps: a training set too small to give that many optimizer steps in its epochs at
-    train.batch_size trains on smaller batches (down to config.MIN_STEPS_BATCH) instead; says why."""
-    train = cfg.train
-    if (train.min_steps is None or train.max_steps is not None or cfg.strategy.name in config_mod.SOLVED_HEAD
-            or train.batch_size <= config_mod.MIN_STEPS_BATCH):
-        return cfg, None
-
-    def steps(batch: int) -> int:
-        return train.epochs * math.ceil(math.ceil(n / batch) / train.grad_accum)
-
-    if steps(train.batch_size) >= train.min_steps:
-        return cfg, None
-    fits = train.epochs * n // (train.min_steps * train.grad_accum)  # the largest batch that gives min_steps
-    batch = max(config_mod.MIN_STEPS_BATCH, min(train.batch_size, fits))
-    why = (f"{n} training rows, {train.epochs} epochs of batches of {train.batch_size}: {steps(train.batch_size)} "
-           f"optimizer steps, under train.min_steps {train.min_steps}; batches of {batch} instead ({steps(batch)} "
-           "steps)")
-    return dataclasses.replace(cfg, train=dataclasses.replace(train, batch_size=batch)), why
 
 
 def _run_dir(cfg: config_mod.Config, run_dir: Path | None, task: Any, cont: Any, overwrite: bool,

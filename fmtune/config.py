@@ -7,6 +7,7 @@ and ``fmtune config`` print it. Unknown keys and wrong types are ConfigErrors na
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,29 @@ HEAD_LR_FACTOR, HEAD_LR_MAX = 20, 1e-2
 PROBE_LR = 1e-2  # fmtune transfer's probe (a head on the frozen backbone) unless train.head_lr is set
 
 
+def enough_steps(cfg: Config, n: int) -> tuple[Config, str | None]:
+    """train.min_steps: a training set too small to give that many optimizer steps in its epochs at
+    train.batch_size trains on smaller batches (down to MIN_STEPS_BATCH) instead; says why. Every
+    task's training applies it to the config before the run is written, so config.yaml holds the
+    batch trained."""
+    train = cfg.train
+    if (train.min_steps is None or train.max_steps is not None or cfg.strategy.name in SOLVED_HEAD
+            or train.batch_size <= MIN_STEPS_BATCH):
+        return cfg, None
+
+    def steps(batch: int) -> int:
+        return train.epochs * math.ceil(math.ceil(n / batch) / train.grad_accum)
+
+    if steps(train.batch_size) >= train.min_steps:
+        return cfg, None
+    fits = train.epochs * n // (train.min_steps * train.grad_accum)  # the largest batch that gives min_steps
+    batch = max(MIN_STEPS_BATCH, min(train.batch_size, fits))
+    why = (f"{n} training rows, {train.epochs} epochs of batches of {train.batch_size}: {steps(train.batch_size)} "
+           f"optimizer steps, under train.min_steps {train.min_steps}; batches of {batch} instead ({steps(batch)} "
+           "steps)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, batch_size=batch)), why
+
+
 def default_lr(strategy: Any, task_type: str | None = None) -> float:
     """train.lr unless set: per strategy, or the task's own where it has one (``Task.default_lrs``)."""
     if strategy.name == "contrastive" and strategy.encoder == "lora":
@@ -280,10 +304,10 @@ class TrainConfig:
                             "detection and segmentation 12)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
     min_steps: int | None = _f(
-        MIN_STEPS, "at least this many optimizer steps: a training set too small to give them in train.epochs at "
-        f"train.batch_size trains on smaller batches instead (down to {MIN_STEPS_BATCH}); the plan line says so "
-        "(null: off). 1,000 rows, 3 epochs: batches of 32 (96 steps) test accuracy 0.791 / 0.727 on rotten-tomatoes / "
-        "tweet-sentiment, batches of 15 (201 steps) 0.800 / 0.747")
+        MIN_STEPS, "at least this many optimizer steps (every task): a training set too small to give them in "
+        f"train.epochs at train.batch_size trains on smaller batches instead (down to {MIN_STEPS_BATCH}); the plan "
+        "line says so (null: off). 1,000 rows, 3 epochs: batches of 32 (96 steps) test accuracy 0.791 / 0.727 on "
+        "rotten-tomatoes / tweet-sentiment, batches of 15 (201 steps) 0.800 / 0.747")
     max_minutes: float | None = _f(None, "time budget: evaluate, keep the best and stop once training took this long")
     batch_size: int | None = _f(None, f"examples per optimizer step, per accumulation micro-step (default: "
                                 f"{DEFAULT_BATCH_SIZE}, or the task's own: named entities, text generation, "

@@ -97,6 +97,9 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     frames = _frames(cfg, task)
     if hasattr(task, "use_transcripts"):
         task.use_transcripts(frames["train"])
+    small = None
+    if not resume:  # a resumed run's config holds the batch it trained
+        cfg, small = config_mod.enough_steps(cfg, len(frames["train"]))
     bundle = build.create(cfg.model, task)
     data = {name: task.dataset(df, bundle, cfg.data)[0] for name, df in frames.items()}
     if not resume:
@@ -105,6 +108,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     out = ui.console
     if not quiet:
         _print_plan(cfg, bundle, task, data, run_dir, hw)
+        if small:
+            out.print(f"  small training set: {small}")
     bundle.model.to(hw.device)
     test_sample = task.sample(data["test"], cfg.eval.test_samples or len(data["test"])) if "test" in data else []
     baseline = read_json(run_dir / BASELINE_FILE, {}) if resume else {}
@@ -138,10 +143,14 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
                                                                        "weights_per_rank_mib")},
             "generation": {**_settings_info(bundle, task), "gradient_checkpointing": recompute},
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    if small:
+        info["small_training_set"] = small
     write_json(run_dir / INFO_FILE, info)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
                                "best_step": result.best_step, "stopped_early": result.stopped_early,
                                "seconds": result.seconds}
+    if small:
+        summary["small_training_set"] = small
     if not quiet:
         best = f"{result.best:.4f}" if result.best is not None else "never finite"
         out.print(f"  finished after {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s; "

@@ -313,6 +313,27 @@ def test_speech_strategies_train_and_reload(tiny_asr, tone_speech, tmp_path, str
         assert not any("lora" in n for n, _ in merged.named_parameters())
         assert (tmp_path / "merged" / "preprocessor_config.json").is_file()
 
+def test_a_small_speech_training_set_gets_smaller_batches_for_min_steps(tiny_asr, tone_speech, tmp_path, capsys):
+    """train.min_steps holds for the tasks trained through fmtune.generation too (speech recognition
+    batches 32 by default): 48 clips, 1 epoch of 32 = 2 steps, under 6 -> batches of 8 (6 steps)."""
+    import fmtune
+
+    out = tmp_path / "run"
+    summary = fmtune.train(_cfg(tiny_asr, tone_speech, out, strategy={"name": "full"},
+                                train={"epochs": 1, "batch_size": 32, "min_steps": 6}, data={"test": None}))
+    assert "small training set: 48 training rows" in capsys.readouterr().err  # the plan says so
+    info = json.loads((out / "run.json").read_text())
+    assert "batches of 8 instead (6 steps)" in info["small_training_set"] == summary["small_training_set"]
+    assert info["fit"]["steps"] == 6
+    assert fmtune.config.load(out / "config.yaml").train.batch_size == 8  # saved: a resume trains the same
+    # a batch set at or under the floor, or the rule off, trains as set
+    summary = fmtune.train(_cfg(tiny_asr, tone_speech, tmp_path / "off", strategy={"name": "full"},
+                                train={"epochs": 1, "batch_size": 32, "min_steps": None}, data={"test": None}),
+                           quiet=True)
+    assert "small_training_set" not in summary
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["fit"]["steps"] == 2
+
+
 
 def test_prompt_tuning_is_refused_for_speech(tiny_asr, tone_speech, tmp_path):
     import fmtune

@@ -298,11 +298,11 @@ def test_epochs_and_batch_size_default_per_task_and_a_setting_wins(tmp_path):
 
 
 def test_a_small_training_set_gets_smaller_batches_for_min_steps(tmp_path, tiny_st_bert, text_files):
-    from fmtune import api, config
+    from fmtune import config
 
     def enough(n, **train):
         cfg = config.from_dict({"train": train})
-        new, why = api._enough_steps(cfg, n)
+        new, why = config.enough_steps(cfg, n)
         return new.train.batch_size, why
 
     # 1,000 rows, 3 epochs of 32 = 96 steps < 200: the largest batch that gives 200 steps is 15 (201 steps)
@@ -318,7 +318,7 @@ def test_a_small_training_set_gets_smaller_batches_for_min_steps(tmp_path, tiny_
     assert batch == config.MIN_STEPS_BATCH and "(189 steps)" in why
     assert enough(300, batch_size=8) == (8, None)
     cfg = config.from_dict({"strategy": {"name": "head"}})  # the probe is solved, not stepped
-    assert api._enough_steps(cfg, 300)[0].train.batch_size == 32
+    assert config.enough_steps(cfg, 300)[0].train.batch_size == 32
     # end to end: the plan's batch is the one trained, saved in config.yaml and said in run.json
     _train(tmp_path, tiny_st_bert, text_files["train"], train={"min_steps": 60, "epochs": 2})
     run = tmp_path / "run"
