@@ -107,9 +107,7 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         write_start(run_dir, cfg, task)
     out = ui.console
     if not quiet:
-        _print_plan(cfg, bundle, task, data, run_dir, hw)
-        if small:
-            out.print(f"  small training set: {small}")
+        _print_plan(cfg, bundle, task, data, run_dir, hw, small)
     bundle.model.to(hw.device)
     test_sample = task.sample(data["test"], cfg.eval.test_samples or len(data["test"])) if "test" in data else []
     baseline = read_json(run_dir / BASELINE_FILE, {}) if resume else {}
@@ -261,7 +259,7 @@ def _write_eval(run_dir: Path, df: pd.DataFrame, ds: Any, sample: list[int], bas
 
 
 def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], run_dir: Path,
-                hw: Any) -> None:
+                hw: Any, small: str | None = None) -> None:
     out = ui.console
     out.print(f"[bold]fmtune train[/] -> {run_dir}")
     speech = bundle.kind == "audio"
@@ -294,6 +292,8 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
                   + f"; validation answers {min(cfg.eval.samples, len(data['val']))} rows (max "
                   f"{cfg.eval.max_new_tokens} new tokens)")
     out.print(f"  {hw.describe()}")
+    if small:
+        out.print(f"  small training set: {small}")
     if "test" in data:
         out.print(f"  the pretrained model {'transcribes the test clips' if speech else 'answers the test prompts'} "
                   "first (the zero-shot baseline)")
