@@ -135,20 +135,17 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     result = fit(bundle, task, train_ds, data["val"], cfg.train, run_dir, hardware=hw, resume=resume,
                  save_best=lambda: build.save(bundle, run_dir / "model"), progress=ui.FitProgress(quiet), net=net,
                  on_eval=on_eval, eval_first=True)
+    said = {"small_training_set": small} if small else {}  # in run.json and the summary alike
     info = {"params": counts, "hardware": hw.describe(),
             "data": {k: {"rows": len(v), "source": frames[k].attrs.get("source"), **_size(v)} for k, v in data.items()},
             "fit": {k: v for k, v in vars(result).items() if k not in ("history", "processes", "params_in_sync",
                                                                        "weights_per_rank_mib")},
             "generation": {**_settings_info(bundle, task), "gradient_checkpointing": recompute},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-    if small:
-        info["small_training_set"] = small
+            "versions": {"python": platform.python_version(), "torch": torch.__version__}, **said}
     write_json(run_dir / INFO_FILE, info)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metric": result.metric, "best": result.best,
                                "best_step": result.best_step, "stopped_early": result.stopped_early,
-                               "seconds": result.seconds}
-    if small:
-        summary["small_training_set"] = small
+                               "seconds": result.seconds, **said}
     if not quiet:
         best = f"{result.best:.4f}" if result.best is not None else "never finite"
         out.print(f"  finished after {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s; "

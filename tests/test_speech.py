@@ -326,7 +326,7 @@ def test_a_small_speech_training_set_gets_smaller_batches_for_min_steps(tiny_asr
     assert "batches of 8 instead (6 steps)" in info["small_training_set"] == summary["small_training_set"]
     assert info["fit"]["steps"] == 6
     assert fmtune.config.load(out / "config.yaml").train.batch_size == 8  # saved: a resume trains the same
-    # a batch set at or under the floor, or the rule off, trains as set
+    # the rule off: the batch as set (2 steps of 32), and nothing said
     summary = fmtune.train(_cfg(tiny_asr, tone_speech, tmp_path / "off", strategy={"name": "full"},
                                 train={"epochs": 1, "batch_size": 32, "min_steps": None}, data={"test": None}),
                            quiet=True)
