@@ -5,8 +5,10 @@ same all-MiniLM-L6-v2 weights (the local package), same samples, same seeds.
     .venv/bin/python bench/fewshot.py [--sizes 8,16,64 --seeds 5 --seeds-64 3] > result.json
 
 Data: `fmtune datasets --export` of rotten-tomatoes (2 classes) and tweet-sentiment (3 classes),
-split seed 0. For every dataset, size (rows per class) and seed, the rows are drawn from the
-training split (seeded, class-balanced) and both tools train on exactly them; both are scored on
+split seed 0; `--datasets stdlib-modules` is a many-class set built here (24 classes: docstring
+summary -> its standard-library module; see stdlib_modules). For every dataset, size (rows per
+class) and seed, the rows are drawn from the training split (seeded, class-balanced) and both
+tools train on exactly them; both are scored on
 the same test rows (--test-rows, drawn once). Times are in this process, after the imports:
 `train_s` is loading the pretrained model + training (fmtune: the whole `fmtune.train` with the
 run directory written; SetFit: `SetFitModel.from_pretrained` + `Trainer.train`); predicting the
@@ -38,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 DATASETS = ("rotten-tomatoes", "tweet-sentiment")
+MANY_CLASSES = "stdlib-modules"  # built by stdlib_modules below; not a zoo dataset
 
 
 def log(msg: str) -> None:
@@ -50,6 +53,27 @@ def stats(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=float)
     return {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
             "n": len(a)}
+
+
+def stdlib_modules(folder: Path):
+    """A many-class set (--datasets stdlib-modules): the one-line docstring summaries of the offline
+    stdlib-docstrings export, labelled with their top-level module (asyncio, email, logging ...),
+    for the modules with at least 32 distinct summaries (24 on Python 3.11); a summary found in two
+    places is dropped. Half of each module's rows (seeded) are the pool samples are drawn from, the
+    other half the test rows."""
+    import pandas as pd
+
+    from fmtune.zoo.datasets import export
+
+    files = export("stdlib-docstrings", folder, seed=0)
+    rows = pd.concat([pd.read_json(files[k], lines=True) for k in ("train", "val", "test")])
+    df = pd.DataFrame({"text": rows["summary"].astype(str).str.strip(),
+                       "label": rows["module"].astype(str).str.split(".").str[0]})
+    df = df.drop_duplicates("text", keep=False)
+    counts = df["label"].value_counts()
+    df = df[df["label"].isin(counts[counts >= 32].index)].reset_index(drop=True)
+    pool = df.groupby("label", group_keys=False).sample(frac=0.5, random_state=0)
+    return pool.reset_index(drop=True), df.drop(pool.index).reset_index(drop=True)
 
 
 def run_setfit(train, test, seed: int, iterations: int | None, out: Path) -> dict:
@@ -134,12 +158,15 @@ def bench() -> dict:
     sizes = [int(s) for s in a.sizes.split(",")]
     def data(name: str) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
         """The export's training rows, and --test-rows of its test rows (drawn once) and their file."""
-        files = export(name, work / "data" / name, seed=0)
-        test = pd.read_csv(files["test"])
+        if name == MANY_CLASSES:
+            train, test = stdlib_modules(work / "data" / name)
+        else:
+            files = export(name, work / "data" / name, seed=0)
+            train, test = pd.read_csv(files["train"]), pd.read_csv(files["test"])
         test = test.sample(min(a.test_rows, len(test)), random_state=0)
         test_csv = work / "data" / name / f"test-{len(test)}.csv"
         test.to_csv(test_csv, index=False)
-        return pd.read_csv(files["train"]), test, test_csv
+        return train, test, test_csv
 
     for name in a.datasets.split(","):
         train_all, test, test_csv = data(name)

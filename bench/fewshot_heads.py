@@ -1,28 +1,34 @@
-"""Few labels, a selection study (issue 20): after fmtune's contrastive phase, which linear head, and
-how many contrastive steps? On validation samples only: seeds 10-14 (the bench, bench/fewshot.py,
-uses 0-4), scored on 500 training-split rows outside each sample, never the test split.
+"""Few labels, a selection study (issue 20): after fmtune's contrastive phase, which linear head,
+how many contrastive steps, which pair loss? On validation samples only: seeds 10-14 (the bench,
+bench/fewshot.py, uses 0-4), scored on 500 training-split rows outside each sample, never the test
+split.
 
-    .venv/bin/python bench/fewshot_heads.py [SIZES=8,16] [OTHER_STEPS=30] > result.json
+    .venv/bin/python bench/fewshot_heads.py [SIZES=8,16] [OTHER_STEPS=30] [ALPHAS] [--losses cosine]
+        [--datasets rotten-tomatoes,tweet-sentiment] > result.json
 
-For each dataset (rotten-tomatoes, tweet-sentiment), rows per class and contrastive step count
-(fmtune's default, then each of OTHER_STEPS), fmtune trains `--strategy contrastive` with its
-defaults and the tuned encoder embeds the sample and the validation rows; heads compared:
+For each dataset, rows per class, contrastive step count (fmtune's default, then each of
+OTHER_STEPS) and pair loss (`--losses`: cosine = SetFit's, the default; supcon or supcon@T = the
+supervised contrastive loss at temperature T), fmtune trains `--strategy contrastive` with its
+defaults otherwise and the tuned encoder embeds the sample and the validation rows; heads compared:
 `cv-scaled (now)` (fmtune's: LogisticRegressionCV over standardised features), `C=1 normalised
 (setfit)` (SetFit's: LogisticRegression(C=1) on L2-normalised embeddings), `cv normalised`
-(LogisticRegressionCV, fmtune's grid of C, on L2-normalised embeddings) and `run` (the run's
-own head after its epochs). With ALPHAS (e.g. 0,0.5), also `cv-scaled, alpha=A`: fmtune's head
-on an encoder whose weights are interpolated between the pretrained (A=0: the plain probe) and the
-contrastively tuned ones (A=1), as WiSE-FT (Wortsman et al., 2022) does, and `ensemble of
-alphas`: the mean of those heads' class probabilities (an output ensemble; with 0,1 the plain
-probe's and the contrastive head's). Mean validation accuracy over the 5 samples; progress lines
-on stdout, then one JSON document.
+(LogisticRegressionCV, fmtune's grid of C, on L2-normalised embeddings), `centroid` (nearest class
+mean by cosine) and `run` (the run's own head after its epochs). With ALPHAS (e.g. 0,0.5), also
+`cv-scaled, alpha=A`: fmtune's head on an encoder whose weights are interpolated between the
+pretrained (A=0: the plain probe) and the contrastively tuned ones (A=1), as WiSE-FT (Wortsman et
+al., 2022) does, and `ensemble of alphas`: the mean of those heads' class probabilities (an output
+ensemble; with 0,1 the plain probe's and the contrastive head's). Mean validation accuracy over
+the 5 samples (and fmtune's head per sample); progress lines on stdout, then one JSON document.
 
     .venv/bin/python bench/fewshot_heads.py 8,16 "" 0,0.25,0.5,0.75
     .venv/bin/python bench/fewshot_heads.py 8,16 "" 0,1
+    .venv/bin/python bench/fewshot_heads.py 8,16 "" --losses cosine,supcon@0.1,supcon@0.05
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import os
 import sys
@@ -45,7 +51,10 @@ from fmtune.training.infer import infer  # noqa: E402
 from fmtune.transfer import per_class  # noqa: E402
 from fmtune.zoo.datasets import export  # noqa: E402
 
-HEADS = ("cv-scaled (now)", "C=1 normalised (setfit)", "cv normalised", "run")
+sys.path.insert(0, str(Path(__file__).parent))
+from fewshot import MANY_CLASSES, stdlib_modules  # noqa: E402  (bench/fewshot.py: the many-class set)
+
+HEADS = ("cv-scaled (now)", "C=1 normalised (setfit)", "cv normalised", "centroid", "run")
 
 
 def embed(run, df: pd.DataFrame, model=None) -> tuple[np.ndarray, np.ndarray]:
@@ -66,25 +75,36 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sizes", nargs="?", default="8,16", help="rows per class, comma-separated")
+    ap.add_argument("other_steps", nargs="?", default="30",
+                    help="contrastive step counts tried besides the default, comma-separated ('' for none)")
+    ap.add_argument("alphas", nargs="?", default="", help="WiSE-FT interpolations, comma-separated")
+    ap.add_argument("--losses", default="cosine",
+                    help="pair losses, comma-separated: cosine, supcon or supcon@T (temperature T)")
+    ap.add_argument("--datasets", default="rotten-tomatoes,tweet-sentiment",
+                    help=f"comma-separated: zoo text sets, or {MANY_CLASSES} (bench/fewshot.py's many-class set)")
+    args = ap.parse_args()
     warnings.simplefilter("ignore")
     work = Path(tempfile.mkdtemp(prefix="fmtune-fewshot-heads-"))
-    sizes = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [8, 16]
-    steps_options = [None] + ([int(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 and sys.argv[2]
-                              else [] if len(sys.argv) > 2 else [30])
-    alphas = [float(a) for a in sys.argv[3].split(",")] if len(sys.argv) > 3 else []
+    sizes = [int(s) for s in args.sizes.split(",")]
+    steps_options = [None] + [int(s) for s in args.other_steps.split(",") if s]
+    alphas = [float(a) for a in args.alphas.split(",") if a]
+    losses = [loss_setting(v) for v in args.losses.split(",")]
     heads = HEADS + tuple(f"cv-scaled, alpha={a:g}" for a in alphas) + (("ensemble of alphas",) if alphas else ())
     out = {}
-    for name in ("rotten-tomatoes", "tweet-sentiment"):
-        train_all = pd.read_csv(export(name, work / name, seed=0)["train"])
+    for name in args.datasets.split(","):
+        train_all = (stdlib_modules(work / name)[0] if name == MANY_CLASSES
+                     else pd.read_csv(export(name, work / name, seed=0)["train"]))
         for size in sizes:
-            for steps in steps_options:
+            for steps, loss in itertools.product(steps_options, losses):
                 acc: dict[str, list[float]] = {h: [] for h in heads}
                 for seed in range(10, 15):
                     sample = per_class(train_all, "label", size, seed)
                     val = train_all.drop(sample.index).sample(500, random_state=seed)
                     sample.to_csv(work / "t.csv", index=False)
                     val.to_csv(work / "v.csv", index=False)
-                    strategy = {"name": "contrastive", **({"contrastive_steps": steps} if steps else {})}
+                    strategy = {"name": "contrastive", **loss, **({"contrastive_steps": steps} if steps else {})}
                     cfg = {"model": {"name": "minilm-l6"}, "strategy": strategy, "train": {"seed": seed},
                            "data": {"train": str(work / "t.csv"), "test": str(work / "v.csv")},
                            "out": str(work / "run")}
@@ -98,6 +118,9 @@ def main() -> None:
                     acc["C=1 normalised (setfit)"].append(float((setfit.predict(unit(xv)) == yv).mean()))
                     both = logreg(seed).fit(unit(xt), yt)
                     acc["cv normalised"].append(float((both.predict(unit(xv)) == yv).mean()))
+                    classes = np.unique(yt)
+                    centroids = unit(np.stack([unit(xt[yt == c]).mean(0) for c in classes]))
+                    acc["centroid"].append(float((classes[(unit(xv) @ centroids.T).argmax(1)] == yv).mean()))
                     if alphas:  # the pretrained model built once per run; each alpha loads into it
                         model = build.create(run.config.model, run.task).model.eval()
                         pretrained = {k: v.clone() for k, v in model.state_dict().items()}
@@ -112,10 +135,18 @@ def main() -> None:
                     if alphas:
                         votes = probe.classes_[np.mean(proba, axis=0).argmax(axis=1)]
                         acc["ensemble of alphas"].append(float((votes == yv).mean()))
-                key = f"{name} {size} steps={steps or 'default'}"
+                loss_name = loss["pair_loss"] + (f"@{loss['temperature']:g}" if "temperature" in loss else "")
+                key = f"{name} {size} steps={steps or 'default'} loss={loss_name}"
                 out[key] = {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
+                out[key]["per_seed_cv-scaled"] = [round(v, 4) for v in acc["cv-scaled (now)"]]
                 print(key, out[key], flush=True)
     print(json.dumps(out, indent=1))
+
+
+def loss_setting(text: str) -> dict:
+    """'cosine', 'supcon' or 'supcon@0.05' as strategy settings."""
+    name, _, temp = text.partition("@")
+    return {"pair_loss": name, **({"temperature": float(temp)} if temp else {})}
 
 
 if __name__ == "__main__":

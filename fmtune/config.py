@@ -245,9 +245,17 @@ class StrategyConfig:
                           "(32 rows = 496 pairs), so the cost of a step does not grow with the classes")
     contrastive_steps: int | None = _f(None, "contrastive: steps of pair training (default: each row in about "
                                        "15 batches, 15 to 400 steps)")
+    pair_loss: Literal["cosine", "supcon"] = _f("cosine", "contrastive: cosine = SetFit's (squared error of "
+                                                "each pair's cosine similarity to 1 same label, 0 different); "
+                                                "supcon = supervised contrastive (softmax over the batch)")
+    temperature: float = _f(0.1, "contrastive with pair_loss=supcon: softmax temperature of the similarities")
+    auto_check: bool = _f(True, "auto, about to pick contrastive for single-label classification: first score it "
+                          "against the plain probe on two halves of the training rows, and take the probe where it "
+                          "is clearly better (costs about one more contrastive run; run.json says what it found)")
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, "strategy.n", "must be at least 1")
+        _check(self.temperature > 0, "strategy.temperature", "must be > 0")
         _check(self.r >= 1, "strategy.r", "must be at least 1")
         _check(self.alpha > 0, "strategy.alpha", "must be > 0")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "strategy.dropout", "must be in [0, 1)")

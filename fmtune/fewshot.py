@@ -82,6 +82,24 @@ def pair_loss(emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts).mean()
 
 
+def supcon_loss(emb: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020) over the batch: each row's softmax over the
+    cosine similarities to every other row (divided by ``temperature``) should put its mass on the
+    rows of its label. Multi-label: positives weighted by the pair target (the Jaccard overlap).
+    Rows without a positive in the batch are skipped."""
+    e = F.normalize(emb.float(), dim=-1)
+    n = len(e)
+    eye = torch.eye(n, dtype=torch.bool, device=e.device)
+    logits = (e @ e.T / temperature).masked_fill(eye, float("-inf"))
+    logp = logits.log_softmax(dim=1).masked_fill(eye, 0.0)
+    w = target.to(e.device).float().masked_fill(eye, 0.0)
+    has = w.sum(1) > 0
+    if not has.any():
+        return (e.sum() * 0.0)
+    per_row = -(w * logp).sum(1)[has] / w.sum(1)[has]
+    return per_row.mean()
+
+
 class BalancedBatches:
     """Batches of ``size`` row positions drawn so that every class in a batch has at least two
     rows (a positive pair) and every row is used before any is used again. Single-label: up to
@@ -179,7 +197,9 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
             host = ds.collate(idx)
             host.pop("labels", None)
             emb = base.features(**{k: v.to(device) for k, v in host.items()})
-            loss = pair_loss(emb, pair_targets(y[idx]))
+            target = pair_targets(y[idx])
+            loss = (pair_loss(emb, target) if scfg.pair_loss == "cosine"
+                    else supcon_loss(emb, target, scfg.temperature))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip:
@@ -199,6 +219,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     k = max(1, len(losses) // 10)
     info = {"steps": steps, "rows_per_step": batch, "pairs_per_step": batch * (batch - 1) // 2,
             "pairs_seen": steps * batch * (batch - 1) // 2, "encoder": scfg.encoder, "lr": tcfg.lr,
+            "pair_loss": scfg.pair_loss, **({"temperature": scfg.temperature} if scfg.pair_loss == "supcon" else {}),
             "seconds": round(seconds, 2), "loss_first": round(float(np.mean(losses[:k])), 5),
             "loss_last": round(float(np.mean(losses[-k:])), 5), "loss": [round(v, 5) for v in losses]}
     if not quiet:
@@ -206,6 +227,78 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
                          f"{seconds:.1f}s, encoder {scfg.encoder}, lr {tcfg.lr:g}; pair loss "
                          f"{info['loss_first']:.4f} -> {info['loss_last']:.4f}")
     return info
+
+
+# strategy auto's check of contrastive tuning against the probe needs this many rows of every class: each
+# half then holds 3 (the probe's 3-fold cross-validation)
+CHECK_MIN_PER_CLASS = 6
+
+
+def prefer_probe(probe_right: np.ndarray, tuned_right: np.ndarray) -> bool:
+    """Whether the plain probe beats contrastive tuning on the held-out rows (booleans: right or not,
+    row by row): of the rows the two disagree on, the probe must be right on more, by more than one
+    standard deviation of that count under a tie (a sign test at about 1 sigma). A difference within
+    the noise keeps contrastive tuning, which is the better of the two on most text (SetFit)."""
+    wins = int((probe_right & ~tuned_right).sum())
+    losses = int((tuned_right & ~probe_right).sum())
+    return wins - losses > math.sqrt(wins + losses)
+
+
+def check_contrastive(bundle: Any, task: Any, train_df: Any, cfg: Any, device: Any, quiet: bool) -> dict[str, Any]:
+    """strategy auto, before picking contrastive tuning: is it better than the plain linear probe on
+    these data? Contrastive tuning helps where the pretrained embedding misses what the labels are
+    about (SetFit), and hurts where it already holds it: docstring summary -> module, 24 classes at
+    8 rows each, tuning scored 5 points below the probe (bench/fewshot.py). Two folds: the training
+    rows halved per class (seeded); for each half, the probe on the pretrained features and the
+    probe after contrastive tuning on that half, both scored on the other half. ``prefer_probe`` on
+    all the rows scored decides. The model's weights are put back after."""
+    from fmtune.data.prepare import make_dataset
+    from fmtune.training.infer import infer
+
+    started = time.perf_counter()
+    ds, _ = make_dataset(train_df, bundle, task, cfg.data)
+    labels = ds.targets.numpy()
+    rng = np.random.default_rng(cfg.train.seed)
+    first = np.zeros(len(labels), dtype=bool)
+    for k in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == k))
+        first[rows[: len(rows) // 2]] = True
+    halves = [np.flatnonzero(first), np.flatnonzero(~first)]
+    saved = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+    model_before = bundle.model
+    probe_right, tuned_right = [], []
+    if not quiet:
+        ui.console.print(f"  strategy auto: contrastive tuning against the plain probe on two halves of the "
+                         f"{len(labels)} training rows ...")
+    try:
+        sets = [make_dataset(train_df.iloc[h], bundle, task, cfg.data)[0] for h in halves]
+
+        def scored(fit: int) -> np.ndarray:
+            with torch.no_grad():
+                (x, y), (xo, yo) = (infer(bundle.model, sets[i], cfg.train.eval_batch_size, device, features=True)
+                                    for i in (fit, 1 - fit))
+            probe = task.fit_probe(x.numpy(), y, cfg.train.seed)
+            return np.asarray(probe.predict(xo.numpy())) == yo.numpy()
+
+        for fit in (0, 1):
+            probe_right.append(scored(fit))
+            contrastive(bundle, task, sets[fit], cfg.strategy, cfg.train, device, quiet=True)
+            tuned_right.append(scored(fit))
+            bundle.model = model_before
+            bundle.model.load_state_dict(saved)
+    finally:
+        bundle.model = model_before
+        bundle.model.load_state_dict(saved)
+    p, t = np.concatenate(probe_right), np.concatenate(tuned_right)
+    chosen = "head" if prefer_probe(p, t) else "contrastive"
+    out = {"rows_scored": int(len(p)), "probe_accuracy": round(float(p.mean()), 4),
+           "contrastive_accuracy": round(float(t.mean()), 4), "probe_better_on": int((p & ~t).sum()),
+           "contrastive_better_on": int((t & ~p).sum()), "chosen": chosen,
+           "seconds": round(time.perf_counter() - started, 2)}
+    if not quiet:
+        ui.console.print(f"  strategy auto: on held-out halves the probe scored {out['probe_accuracy']:.3f}, "
+                         f"contrastive tuning {out['contrastive_accuracy']:.3f} ({out['seconds']:.0f}s): {chosen}")
+    return out
 
 
 def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, task: Any) -> tuple[str, str]:

@@ -4,6 +4,7 @@ few-label step budget, and self-training on unlabelled rows."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -55,6 +56,34 @@ def test_pair_loss_is_zero_only_when_similarities_match_the_targets():
     assert fewshot.pair_loss(emb, many_neg).item() == pytest.approx(0.5)
 
 
+def test_supcon_loss_rewards_same_label_neighbours_and_skips_rows_without_a_positive():
+    target = fewshot.pair_targets(fewshot.target_matrix(torch.tensor([0, 0, 1, 1]), 2))
+    ideal = torch.tensor([[1.0, 0], [2.0, 0], [0, 1.0], [0, 3.0]])
+    swapped = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0]])
+    assert fewshot.supcon_loss(ideal, target, 0.05).item() < 1e-6
+    # each row's one positive is orthogonal while a negative matches it: -log(e^0 / (e^0 + e^(1/T) + e^0))
+    t = 0.1
+    expected = -math.log(1 / (2 + math.exp(1 / t)))
+    assert fewshot.supcon_loss(swapped, target, t).item() == pytest.approx(expected, rel=1e-5)
+    # a class of one row has no positive: it adds nothing (the loss of the rest is unchanged)
+    lone = fewshot.pair_targets(fewshot.target_matrix(torch.tensor([0, 0, 1, 1, 2]), 3))
+    emb = torch.cat([swapped, torch.tensor([[1.0, 1.0]])])
+    direct = []
+    for i in range(4):
+        sims = F.normalize(emb, dim=-1) @ F.normalize(emb, dim=-1)[i] / t
+        others = [j for j in range(5) if j != i]
+        pos = next(j for j in others if lone[i, j] == 1)
+        direct.append(-(sims[pos] - torch.logsumexp(sims[others], 0)))
+    assert fewshot.supcon_loss(emb, lone, t).item() == pytest.approx(torch.stack(direct).mean().item(), rel=1e-5)
+    # multi-label: positives weigh their Jaccard overlap
+    soft = torch.tensor([[0, 0.5, 0], [0.5, 0, 1], [0, 1, 0.0]])
+    e = torch.tensor([[1.0, 0], [0.6, 0.8], [0, 1.0]])
+    logp = (F.normalize(e, dim=-1) @ F.normalize(e, dim=-1).T / t).masked_fill(torch.eye(3, dtype=torch.bool),
+                                                                              float("-inf")).log_softmax(1)
+    rows = [-(0.5 * logp[0, 1]) / 0.5, -(0.5 * logp[1, 0] + logp[1, 2]) / 1.5, -logp[2, 1]]
+    assert fewshot.supcon_loss(e, soft, t).item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+
+
 def test_balanced_batches_give_every_class_a_pair_and_use_every_row():
     labels = np.repeat(np.arange(3), [8, 8, 2])  # a class of two rows
     draw = fewshot.BalancedBatches(labels, len(labels), 12, seed=0)
@@ -88,10 +117,11 @@ def _separation(model, ds, labels) -> float:
     return float(sim[same & off].mean() - sim[~same].mean())
 
 
-@pytest.mark.parametrize("encoder", ["full", "lora"])
-def test_contrastive_pulls_labels_apart_and_leaves_only_the_head_trainable(tiny_st_bert, encoder):
+@pytest.mark.parametrize("encoder,loss", [("full", "cosine"), ("lora", "cosine"), ("full", "supcon")])
+def test_contrastive_pulls_labels_apart_and_leaves_only_the_head_trainable(tiny_st_bert, encoder, loss):
     df = few_rows(8, 0)
-    cfg = config_mod.from_dict(cfg_dict(tiny_st_bert, "x.csv", strategy={"name": "contrastive", "encoder": encoder},
+    strategy = {"name": "contrastive", "encoder": encoder, "pair_loss": loss}
+    cfg = config_mod.from_dict(cfg_dict(tiny_st_bert, "x.csv", strategy=strategy,
                                         train={"lr": 3e-3 if encoder == "full" else 5e-2}))
     task = make_task(cfg.task, cfg.data, df)
     bundle = build.create(cfg.model, task)
@@ -105,6 +135,7 @@ def test_contrastive_pulls_labels_apart_and_leaves_only_the_head_trainable(tiny_
     assert after > before + (0.3 if encoder == "full" else 0.05), (before, after)  # LoRA on q/v: a smaller move
     assert info["loss_last"] < info["loss_first"]
     assert info["steps"] == 15 and info["rows_per_step"] == 16 and info["pairs_per_step"] == 120
+    assert info["pair_loss"] == loss and ("temperature" in info) == (loss == "supcon")
     assert not any("lora" in n for n, _ in bundle.model.named_parameters())  # folded in: a plain model
     trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("head.") for n in trainable)
@@ -161,6 +192,65 @@ def test_contrastive_run_with_few_labels_keeps_every_row_and_learns(tiny_st_bert
     # the saved model is the tuned encoder with its head: loaded again, it scores the same
     again = fmtune.api.evaluate(tmp_path / "run", test, quiet=True)
     assert again["test"]["accuracy"] == summary["eval"]["test"]["accuracy"]
+
+
+def test_prefer_probe_needs_the_probe_clearly_ahead_where_the_two_disagree():
+    def right(n_both: int, probe_only: int, tuned_only: int) -> tuple[np.ndarray, np.ndarray]:
+        probe = np.array([True] * n_both + [True] * probe_only + [False] * tuned_only + [False] * 3)
+        tuned = np.array([True] * n_both + [False] * probe_only + [True] * tuned_only + [False] * 3)
+        return probe, tuned
+
+    assert fewshot.prefer_probe(*right(10, 5, 0))  # 5 - 0 > sqrt(5)
+    assert fewshot.prefer_probe(*right(0, 10, 4))  # 6 > sqrt(14)
+    assert not fewshot.prefer_probe(*right(10, 3, 1))  # 2 = sqrt(4): within the noise, contrastive stays
+    assert not fewshot.prefer_probe(*right(10, 2, 2)) and not fewshot.prefer_probe(*right(10, 0, 0))
+    assert not fewshot.prefer_probe(*right(10, 0, 6))
+
+
+def _auto_run(tiny_st_bert, tmp_path, name: str, strategy: dict, per_class: int = 8):
+    train, test = tmp_path / "few.csv", tmp_path / "test.csv"
+    few_rows(per_class, 0).to_csv(train, index=False)
+    make_text_rows(60, 2).to_csv(test, index=False)
+    cfg = cfg_dict(tiny_st_bert, train, strategy=strategy, out=str(tmp_path / name),
+                   data={"train": str(train), "test": str(test), "min_val_per_class": DEFAULT_MIN_VAL},
+                   train={"lr": 3e-3})
+    summary = fmtune.train(cfg, quiet=True, report=False)
+    info = json.loads((tmp_path / name / "run.json").read_text())
+    logits = fmtune.api.evaluate(tmp_path / name, test, quiet=True)["test"]
+    return summary, info["few_labels"], logits
+
+
+@pytest.mark.parametrize("probe_wins", [False, True])
+def test_auto_checks_contrastive_against_the_probe_and_trains_what_it_chose(tiny_st_bert, tmp_path, monkeypatch,
+                                                                           probe_wins):
+    seen = {}
+
+    def decide(probe_right, tuned_right):
+        seen["rows"] = len(probe_right)
+        return probe_wins
+
+    monkeypatch.setattr(fewshot, "prefer_probe", decide)
+    summary, few, metrics = _auto_run(tiny_st_bert, tmp_path, "auto", {"name": "auto"})
+    check = few["auto"]["check"]
+    chosen = "head" if probe_wins else "contrastive"
+    assert seen["rows"] == check["rows_scored"] == 16  # both halves scored: every training row once
+    assert check["chosen"] == few["auto"]["strategy"] == chosen
+    assert 0 <= check["probe_accuracy"] <= 1 and 0 <= check["contrastive_accuracy"] <= 1
+    assert ("plain probe scored" in few["auto"]["why"]) == probe_wins
+    assert config_mod.load(tmp_path / "auto" / "config.yaml").strategy.name == chosen
+    # the check leaves no trace on the run: weights put back, random state too
+    _, direct_few, direct = _auto_run(tiny_st_bert, tmp_path, "direct", {"name": chosen})
+    assert metrics == direct
+    assert ("contrastive" in few) == (not probe_wins) and ("contrastive" in direct_few) == (not probe_wins)
+    if not probe_wins:
+        assert few["contrastive"]["loss"] == direct_few["contrastive"]["loss"]
+
+
+def test_auto_check_is_skipped_when_off_or_when_a_class_is_too_small(tiny_st_bert, tmp_path):
+    _, few, _ = _auto_run(tiny_st_bert, tmp_path, "off", {"name": "auto", "auto_check": False})
+    assert few["auto"]["strategy"] == "contrastive" and "check" not in few["auto"]
+    _, few, _ = _auto_run(tiny_st_bert, tmp_path, "small", {"name": "auto"}, per_class=fewshot.CHECK_MIN_PER_CLASS - 1)
+    assert few["auto"]["strategy"] == "contrastive" and "smallest class" in few["auto"]["check"]["skipped"]
 
 
 def test_few_label_full_run_gets_a_step_budget(tiny_st_bert, tmp_path):
