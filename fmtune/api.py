@@ -103,7 +103,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     set_seed(cfg.train.seed)
     cont = _continual(cfg, run_dir)
     frames, task, new_rows = _frames_and_task(cfg, run_dir, cont)
-    cfg, bundle, data, counts, few = _model_and_data(cfg, task, frames, cont, hw, quiet)
+    cfg, bundle, data, counts, few = _model_and_data(cfg, task, frames, cont, hw)
     run_dir = _run_dir(cfg, run_dir, task, cont, overwrite, dist)
     if not quiet:
         _print_plan(cfg, bundle, task, counts, frames, data, run_dir, few)
@@ -205,8 +205,7 @@ def _frames_and_task(cfg: config_mod.Config, run_dir: Path | None, cont: Any) ->
     return frames, task, new_rows
 
 
-def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, hw: hardware.Hardware,
-                    quiet: bool = True
+def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, hw: hardware.Hardware
                     ) -> tuple[config_mod.Config, build.Bundle, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The model with its strategy applied (a continued run: its source's weights), every split
     encoded and checked before any training, and the parameter counts. The config comes back with
@@ -214,7 +213,7 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     which are also returned, with why, for run.json."""
     set_seed(cfg.train.seed)
     bundle = build.create(cfg.model, task)
-    cfg, few = _few_labels(cfg, bundle, task, frames, hw, quiet)
+    cfg, few = _few_labels(cfg, bundle, task, frames)
     cfg, enough = config_mod.enough_steps(cfg, len(frames.train))
     if enough:
         few["small_training_set"] = enough
@@ -228,10 +227,9 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     return cfg, bundle, data, counts, few
 
 
-def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any, frames: Any,
-                hw: hardware.Hardware, quiet: bool = True) -> tuple[config_mod.Config, dict[str, Any]]:
-    """strategy auto resolved (with contrastive tuning checked against the probe on the training
-    rows, where it applies); with no validation split (few labels), no early stopping and a step
+def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
+                frames: Any) -> tuple[config_mod.Config, dict[str, Any]]:
+    """strategy auto resolved; with no validation split (few labels), no early stopping and a step
     budget for strategies trained by gradient."""
     from fmtune import fewshot
 
@@ -241,30 +239,9 @@ def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any, frames:
         name, why = fewshot.choose_strategy(cfg, bundle.kind, n_params, frames.fewest, task)
         strategy = dataclasses.replace(cfg.strategy, name=name,
                                        encoder="lora" if n_params > fewshot.LARGE_MODEL else cfg.strategy.encoder)
-        def with_lr(s: Any) -> config_mod.Config:
-            lr = cfg.train.lr if cfg.train.lr is not None else config_mod.default_lr(s, cfg.task.type)
-            return dataclasses.replace(cfg, strategy=s, train=dataclasses.replace(cfg.train, lr=lr))
-
-        auto: dict[str, Any] = {"strategy": name, "why": why}
-        if (name == "contrastive" and cfg.strategy.auto_check
-                and getattr(task, "hf_problem_type", None) == "single_label_classification"):
-            if frames.fewest < fewshot.CHECK_MIN_PER_CLASS:
-                auto["check"] = {"skipped": f"{frames.fewest} rows in the smallest class (the check needs "
-                                            f"{fewshot.CHECK_MIN_PER_CLASS})"}
-            else:
-                bundle.model.to(hw.device)
-                cuda = [torch.device(hw.device).index or 0] if torch.device(hw.device).type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda):  # the run goes on as if the check had not been made
-                    auto["check"] = fewshot.check_contrastive(bundle, task, frames.train, with_lr(strategy),
-                                                              hw.device, quiet)
-                if auto["check"]["chosen"] == "head":
-                    name, strategy = "head", dataclasses.replace(strategy, name="head")
-                    auto.update(strategy=name, why=(
-                        f"{why}; but on two held-out halves of the training rows the plain probe scored "
-                        f"{auto['check']['probe_accuracy']:.3f} against {auto['check']['contrastive_accuracy']:.3f} "
-                        "after contrastive tuning: the linear probe on the frozen encoder"))
-        cfg = with_lr(strategy)
-        few["auto"] = auto
+        lr = cfg.train.lr if cfg.train.lr is not None else config_mod.default_lr(strategy, cfg.task.type)
+        cfg = dataclasses.replace(cfg, strategy=strategy, train=dataclasses.replace(cfg.train, lr=lr))
+        few["auto"] = {"strategy": name, "why": why}
     if frames.val_is_train:
         train = cfg.train
         n = len(frames.train)

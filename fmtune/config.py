@@ -249,9 +249,6 @@ class StrategyConfig:
                                                 "each pair's cosine similarity to 1 same label, 0 different); "
                                                 "supcon = supervised contrastive (softmax over the batch)")
     temperature: float = _f(0.1, "contrastive with pair_loss=supcon: softmax temperature of the similarities")
-    auto_check: bool = _f(True, "auto, about to pick contrastive for single-label classification: first score it "
-                          "against the plain probe on two halves of the training rows, and take the probe where it "
-                          "is clearly better (costs about one more contrastive run; run.json says what it found)")
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, "strategy.n", "must be at least 1")

@@ -194,65 +194,6 @@ def test_contrastive_run_with_few_labels_keeps_every_row_and_learns(tiny_st_bert
     assert again["test"]["accuracy"] == summary["eval"]["test"]["accuracy"]
 
 
-def test_prefer_probe_needs_the_probe_clearly_ahead_where_the_two_disagree():
-    def right(n_both: int, probe_only: int, tuned_only: int) -> tuple[np.ndarray, np.ndarray]:
-        probe = np.array([True] * n_both + [True] * probe_only + [False] * tuned_only + [False] * 3)
-        tuned = np.array([True] * n_both + [False] * probe_only + [True] * tuned_only + [False] * 3)
-        return probe, tuned
-
-    assert fewshot.prefer_probe(*right(10, 5, 0))  # 5 - 0 > sqrt(5)
-    assert fewshot.prefer_probe(*right(0, 10, 4))  # 6 > sqrt(14)
-    assert not fewshot.prefer_probe(*right(10, 3, 1))  # 2 = sqrt(4): within the noise, contrastive stays
-    assert not fewshot.prefer_probe(*right(10, 2, 2)) and not fewshot.prefer_probe(*right(10, 0, 0))
-    assert not fewshot.prefer_probe(*right(10, 0, 6))
-
-
-def _auto_run(tiny_st_bert, tmp_path, name: str, strategy: dict, per_class: int = 8):
-    train, test = tmp_path / "few.csv", tmp_path / "test.csv"
-    few_rows(per_class, 0).to_csv(train, index=False)
-    make_text_rows(60, 2).to_csv(test, index=False)
-    cfg = cfg_dict(tiny_st_bert, train, strategy=strategy, out=str(tmp_path / name),
-                   data={"train": str(train), "test": str(test), "min_val_per_class": DEFAULT_MIN_VAL},
-                   train={"lr": 3e-3})
-    summary = fmtune.train(cfg, quiet=True, report=False)
-    info = json.loads((tmp_path / name / "run.json").read_text())
-    logits = fmtune.api.evaluate(tmp_path / name, test, quiet=True)["test"]
-    return summary, info["few_labels"], logits
-
-
-@pytest.mark.parametrize("probe_wins", [False, True])
-def test_auto_checks_contrastive_against_the_probe_and_trains_what_it_chose(tiny_st_bert, tmp_path, monkeypatch,
-                                                                           probe_wins):
-    seen = {}
-
-    def decide(probe_right, tuned_right):
-        seen["rows"] = len(probe_right)
-        return probe_wins
-
-    monkeypatch.setattr(fewshot, "prefer_probe", decide)
-    summary, few, metrics = _auto_run(tiny_st_bert, tmp_path, "auto", {"name": "auto"})
-    check = few["auto"]["check"]
-    chosen = "head" if probe_wins else "contrastive"
-    assert seen["rows"] == check["rows_scored"] == 16  # both halves scored: every training row once
-    assert check["chosen"] == few["auto"]["strategy"] == chosen
-    assert 0 <= check["probe_accuracy"] <= 1 and 0 <= check["contrastive_accuracy"] <= 1
-    assert ("plain probe scored" in few["auto"]["why"]) == probe_wins
-    assert config_mod.load(tmp_path / "auto" / "config.yaml").strategy.name == chosen
-    # the check leaves no trace on the run: weights put back, random state too
-    _, direct_few, direct = _auto_run(tiny_st_bert, tmp_path, "direct", {"name": chosen})
-    assert metrics == direct
-    assert ("contrastive" in few) == (not probe_wins) and ("contrastive" in direct_few) == (not probe_wins)
-    if not probe_wins:
-        assert few["contrastive"]["loss"] == direct_few["contrastive"]["loss"]
-
-
-def test_auto_check_is_skipped_when_off_or_when_a_class_is_too_small(tiny_st_bert, tmp_path):
-    _, few, _ = _auto_run(tiny_st_bert, tmp_path, "off", {"name": "auto", "auto_check": False})
-    assert few["auto"]["strategy"] == "contrastive" and "check" not in few["auto"]
-    _, few, _ = _auto_run(tiny_st_bert, tmp_path, "small", {"name": "auto"}, per_class=fewshot.CHECK_MIN_PER_CLASS - 1)
-    assert few["auto"]["strategy"] == "contrastive" and "smallest class" in few["auto"]["check"]["skipped"]
-
-
 def test_few_label_full_run_gets_a_step_budget(tiny_st_bert, tmp_path):
     train = tmp_path / "few.csv"
     few_rows(8, 1).to_csv(train, index=False)
