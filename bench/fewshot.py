@@ -8,11 +8,11 @@ Data: `fmtune datasets --export` of rotten-tomatoes (2 classes) and tweet-sentim
 split seed 0; `--datasets stdlib-modules` is a many-class set built here (24 classes: docstring
 summary -> its standard-library module; see stdlib_modules). For every dataset, size (rows per
 class) and seed, the rows are drawn from the training split (seeded, class-balanced) and both
-tools train on exactly them; both are scored on
-the same test rows (--test-rows, drawn once). Times are in this process, after the imports:
-`train_s` is loading the pretrained model + training (fmtune: the whole `fmtune.train` with the
-run directory written; SetFit: `SetFitModel.from_pretrained` + `Trainer.train`); predicting the
-test rows is timed apart. Both run one after the other on the same cores.
+tools train on exactly them; both are scored on the same test rows (--test-rows, drawn once).
+Times are in this process, after the imports: `train_s` is loading the pretrained model +
+training (fmtune: the whole `fmtune.train` with the run directory written; SetFit:
+`SetFitModel.from_pretrained` + `Trainer.train`); predicting the test rows is timed apart. Both
+run one after the other on the same cores.
 
 SetFit runs with its defaults (batch 16, one epoch, body lr 2e-5, its "oversampling" pairs, the
 logistic-regression head), except at sizes >= --iterations-from (64) where its default draws
@@ -55,12 +55,12 @@ def stats(values: list[float]) -> dict[str, float]:
             "n": len(a)}
 
 
-def stdlib_modules(folder: Path):
+def stdlib_modules(folder: Path) -> tuple:
     """A many-class set (--datasets stdlib-modules): the one-line docstring summaries of the offline
     stdlib-docstrings export, labelled with their top-level module (asyncio, email, logging ...),
     for the modules with at least 32 distinct summaries (24 on Python 3.11); a summary found in two
-    places is dropped. Half of each module's rows (seeded) are the pool samples are drawn from, the
-    other half the test rows."""
+    places is dropped. Half of each module's rows (seeded) are the pool the samples are drawn from,
+    the other half are the test rows."""
     import pandas as pd
 
     from fmtune.zoo.datasets import export

@@ -252,12 +252,12 @@ class StrategyConfig:
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, "strategy.n", "must be at least 1")
-        _check(self.temperature > 0, "strategy.temperature", "must be > 0")
         _check(self.r >= 1, "strategy.r", "must be at least 1")
         _check(self.alpha > 0, "strategy.alpha", "must be > 0")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "strategy.dropout", "must be in [0, 1)")
         _check(self.virtual_tokens >= 1, "strategy.virtual_tokens", "must be at least 1")
         _check(self.pairs_batch >= 4, "strategy.pairs_batch", "must be at least 4")
+        _check(self.temperature > 0, "strategy.temperature", "must be > 0")
         _check(self.contrastive_steps is None or self.contrastive_steps >= 1, "strategy.contrastive_steps",
                "must be at least 1")
         _check(self.targets is None or bool(self.targets.strip(" ,")), "strategy.targets",

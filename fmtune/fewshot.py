@@ -95,7 +95,7 @@ def supcon_loss(emb: torch.Tensor, target: torch.Tensor, temperature: float) -> 
     w = target.to(e.device).float().masked_fill(eye, 0.0)
     has = w.sum(1) > 0
     if not has.any():
-        return (e.sum() * 0.0)
+        return e.sum() * 0.0
     per_row = -(w * logp).sum(1)[has] / w.sum(1)[has]
     return per_row.mean()
 
