@@ -90,7 +90,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     steps_options = [None] + [int(s) for s in args.other_steps.split(",") if s]
     alphas = [float(a) for a in args.alphas.split(",") if a]
-    losses = [loss_setting(v) for v in args.losses.split(",")]
+    losses = args.losses.split(",")
     heads = HEADS + tuple(f"cv-scaled, alpha={a:g}" for a in alphas) + (("ensemble of alphas",) if alphas else ())
     out = {}
     for name in args.datasets.split(","):
@@ -104,7 +104,8 @@ def main() -> None:
                     val = train_all.drop(sample.index).sample(500, random_state=seed)
                     sample.to_csv(work / "t.csv", index=False)
                     val.to_csv(work / "v.csv", index=False)
-                    strategy = {"name": "contrastive", **loss, **({"contrastive_steps": steps} if steps else {})}
+                    strategy = {"name": "contrastive", **loss_setting(loss),
+                                **({"contrastive_steps": steps} if steps else {})}
                     cfg = {"model": {"name": "minilm-l6"}, "strategy": strategy, "train": {"seed": seed},
                            "data": {"train": str(work / "t.csv"), "test": str(work / "v.csv")},
                            "out": str(work / "run")}
@@ -135,8 +136,7 @@ def main() -> None:
                     if alphas:
                         votes = probe.classes_[np.mean(proba, axis=0).argmax(axis=1)]
                         acc["ensemble of alphas"].append(float((votes == yv).mean()))
-                loss_name = loss["pair_loss"] + (f"@{loss['temperature']:g}" if "temperature" in loss else "")
-                key = f"{name} {size} steps={steps or 'default'} loss={loss_name}"
+                key = f"{name} {size} steps={steps or 'default'} loss={loss}"
                 out[key] = {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
                 out[key]["per_seed_cv-scaled"] = [round(v, 4) for v in acc["cv-scaled (now)"]]
                 print(key, out[key], flush=True)

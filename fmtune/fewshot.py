@@ -20,6 +20,7 @@ training rows (the run says so).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -88,8 +89,7 @@ def supcon_loss(emb: torch.Tensor, target: torch.Tensor, temperature: float) -> 
     rows of its label. Multi-label: positives weighted by the pair target (the Jaccard overlap).
     Rows without a positive in the batch are skipped."""
     e = F.normalize(emb.float(), dim=-1)
-    n = len(e)
-    eye = torch.eye(n, dtype=torch.bool, device=e.device)
+    eye = torch.eye(len(e), dtype=torch.bool, device=e.device)
     logits = (e @ e.T / temperature).masked_fill(eye, float("-inf"))
     logp = logits.log_softmax(dim=1).masked_fill(eye, 0.0)
     w = target.to(e.device).float().masked_fill(eye, 0.0)
@@ -185,6 +185,8 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     warm = max(1, int(0.1 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    supcon = scfg.pair_loss == "supcon"
+    loss_of = functools.partial(supcon_loss, temperature=scfg.temperature) if supcon else pair_loss
     gen = torch.Generator().manual_seed(tcfg.seed)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # dropout masks, seeded
     model.train()
@@ -197,9 +199,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
             host = ds.collate(idx)
             host.pop("labels", None)
             emb = base.features(**{k: v.to(device) for k, v in host.items()})
-            target = pair_targets(y[idx])
-            loss = (pair_loss(emb, target) if scfg.pair_loss == "cosine"
-                    else supcon_loss(emb, target, scfg.temperature))
+            loss = loss_of(emb, pair_targets(y[idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip:
@@ -219,7 +219,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     k = max(1, len(losses) // 10)
     info = {"steps": steps, "rows_per_step": batch, "pairs_per_step": batch * (batch - 1) // 2,
             "pairs_seen": steps * batch * (batch - 1) // 2, "encoder": scfg.encoder, "lr": tcfg.lr,
-            "pair_loss": scfg.pair_loss, **({"temperature": scfg.temperature} if scfg.pair_loss == "supcon" else {}),
+            "pair_loss": scfg.pair_loss, **({"temperature": scfg.temperature} if supcon else {}),
             "seconds": round(seconds, 2), "loss_first": round(float(np.mean(losses[:k])), 5),
             "loss_last": round(float(np.mean(losses[-k:])), 5), "loss": [round(v, 5) for v in losses]}
     if not quiet:

@@ -313,6 +313,7 @@ def test_speech_strategies_train_and_reload(tiny_asr, tone_speech, tmp_path, str
         assert not any("lora" in n for n, _ in merged.named_parameters())
         assert (tmp_path / "merged" / "preprocessor_config.json").is_file()
 
+
 def test_a_small_speech_training_set_gets_smaller_batches_for_min_steps(tiny_asr, tone_speech, tmp_path, capsys):
     """train.min_steps holds for the tasks trained through fmtune.generation too (speech recognition
     batches 32 by default): 48 clips, 1 epoch of 32 = 2 steps, under 6 -> batches of 8 (6 steps)."""
@@ -332,7 +333,6 @@ def test_a_small_speech_training_set_gets_smaller_batches_for_min_steps(tiny_asr
                            quiet=True)
     assert "small_training_set" not in summary
     assert json.loads((tmp_path / "off" / "run.json").read_text())["fit"]["steps"] == 2
-
 
 
 def test_prompt_tuning_is_refused_for_speech(tiny_asr, tone_speech, tmp_path):
