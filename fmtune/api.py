@@ -233,10 +233,10 @@ def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
     budget for strategies trained by gradient."""
     from fmtune import fewshot
 
-    few: dict[str, Any] = {"fewest_per_label": frames.fewest}
+    few: dict[str, Any] = {"fewest_per_label": frames.fewest, "median_per_label": frames.typical}
     if cfg.strategy.name == "auto":
         n_params = sum(p.numel() for p in bundle.model.parameters())
-        name, why = fewshot.choose_strategy(cfg, bundle.kind, n_params, frames.fewest, task)
+        name, why = fewshot.choose_strategy(cfg, bundle.kind, n_params, frames.typical, task)
         strategy = dataclasses.replace(cfg.strategy, name=name,
                                        encoder="lora" if n_params > fewshot.LARGE_MODEL else cfg.strategy.encoder)
         lr = cfg.train.lr if cfg.train.lr is not None else config_mod.default_lr(strategy, cfg.task.type)
@@ -246,7 +246,7 @@ def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
         train = cfg.train
         n = len(frames.train)
         why = ("no validation split (data.min_val_per_class -1)" if cfg.data.min_val_per_class == -1 else
-               f"no validation split: {frames.fewest} rows of the rarest label x data.val_fraction "
+               f"no validation split: {frames.typical} rows per label (the median) x data.val_fraction "
                f"{cfg.data.val_fraction:g} is under data.min_val_per_class {cfg.data.min_val_per_class}")
         why += "; every row trains, no early stopping, the last weights are kept"
         changes: dict[str, Any] = {"patience": None}

@@ -13,9 +13,11 @@ label, 0 different; multi-label: the Jaccard overlap of the label sets), average
 and negative pairs separately so the rare positives are not drowned out.
 
 A validation split of a few rows per class says nothing and costs training data: when it would
-hold fewer than ``data.min_val_per_class`` rows of some class, no split is made, every row
+hold fewer than ``data.min_val_per_class`` rows of the median class, no split is made, every row
 trains, a step budget decides when to stop, and the validation numbers are measured on the
-training rows (the run says so).
+training rows (the run says so). The median, not the rarest class: one rare class in a large set
+does not take its validation split away (its rows are split like the others', and a label seen
+once stays in training), nor turn ``--strategy auto`` to few-label strategies.
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, t
     size = f"{n_params / 1e6:.0f}M parameters"
     if per_class is None:
         return tuned, f"{task.name} has no classes to count; {tuned} fine-tuning ({size})"
-    few = f"{per_class} labelled rows in the smallest class"
+    few = f"{per_class} labelled rows per class (the median class)"
     if kind == "text" and task.level == "pooled" and per_class <= CONTRASTIVE_MAX:
         enc = "lora" if big else "full"
         return "contrastive", (f"{few} (at most {CONTRASTIVE_MAX}): contrastive pair training of the encoder "

@@ -14,7 +14,7 @@ from PIL import Image
 
 import fmtune
 from fmtune.config import load
-from fmtune.data.readers import read_any, read_table
+from fmtune.data.readers import iter_chunks, read_any, read_table
 from fmtune.errors import ConfigError, DataError, ModelError
 
 
@@ -120,6 +120,28 @@ def test_single_class_is_refused(tmp_path, tiny_bert):
     p = _csv(tmp_path, "one.csv", [["good", "pos"]] * 10)
     with pytest.raises(DataError, match="single label"):
         _train(tmp_path, tiny_bert, p)
+
+
+def test_semicolon_csv_from_a_spreadsheet_is_read_like_a_comma_one(tmp_path):
+    p = tmp_path / "excel.csv"
+    p.write_text("text;label\n\"well, it was good\";pos\nbad film;neg\n", encoding="utf-8")
+    df = read_table(p)
+    assert list(df.columns) == ["text", "label"] and df["text"].tolist() == ["well, it was good", "bad film"]
+    chunk, problems = next(iter_chunks(p, "utf-8", 10))
+    assert chunk["label"].tolist() == ["pos", "neg"] and not problems
+    comma = tmp_path / "comma.csv"  # a comma in the header keeps the comma, whatever the cells hold
+    comma.write_text("text,label\na;b,pos\n", encoding="utf-8")
+    assert read_table(comma)["text"].tolist() == ["a;b"]
+
+
+def test_labels_differing_only_in_case_or_spaces_are_named(tmp_path, tiny_bert):
+    rows = [["good", "pos"], ["bad", "neg"]] * 6 + [["fine", "pos "], ["poor", "Neg"]]
+    p = _csv(tmp_path, "look.csv", rows)
+    with pytest.warns(UserWarning) as caught:
+        _train(tmp_path, tiny_bert, p, data={"val": str(p)}, train={"epochs": 1})
+    said = " ".join(str(w.message) for w in caught)
+    assert "'pos' (6 rows) and 'pos ' (1 row(s), first" in said and "look.csv: row 13 (line 14)" in said
+    assert "'neg' (6 rows) and 'Neg' (1 row(s), first" in said and "row 14 (line 15)" in said
 
 
 # --- images --------------------------------------------------------------------------------

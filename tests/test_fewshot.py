@@ -16,7 +16,7 @@ from conftest import cfg_dict, make_text_rows
 import fmtune
 from fmtune import config as config_mod
 from fmtune import fewshot, semi
-from fmtune.data.prepare import make_task
+from fmtune.data.prepare import make_task, read_frames
 from fmtune.errors import ConfigError, DataError, RunDirError
 from fmtune.models import build
 from fmtune.strategies import apply_strategy
@@ -168,6 +168,36 @@ def test_choose_strategy_by_labels_per_class_and_size():
     assert fewshot.choose_strategy(cfg, "text", 22_000_000, None, fmtune.tasks.Regression())[0] == "full"
 
 
+def test_the_median_class_decides_the_split_and_a_label_seen_once_stays_in_training(tmp_path):
+    big = make_text_rows(600, 4)
+    rare = pd.DataFrame({"text": [f"rare text {i}" for i in range(3)], "label": "rare"})
+    once = pd.DataFrame({"text": ["seen once"], "label": "once"})
+    path = tmp_path / "imbalanced.csv"
+    pd.concat([big, rare, once]).to_csv(path, index=False)
+    for seed in range(5):  # whichever rows a seed draws
+        frames = read_frames(config_mod.DataConfig(train=str(path)), "classification", seed)
+        # 4 rows of the rarest labels would leave no split (0.4 validation rows); the median label's ~150 do
+        assert frames.fewest == 1 and frames.typical > 100
+        assert frames.val_from_train and not frames.val_is_train
+        assert len(frames.val) == round(603 * 0.1) and len(frames.train) + len(frames.val) == 604
+        assert "once" in set(frames.train["label"]) and "once" not in set(frames.val["label"])
+        counts = frames.val["label"].value_counts()
+        assert abs(counts["pos"] - counts["neg"]) <= 2  # stratified: the rare labels no longer turn it off
+    # few rows of every class: no split, judged by the same median
+    path8 = tmp_path / "eight.csv"
+    pd.concat([few_rows(8, 0), rare]).to_csv(path8, index=False)
+    frames = read_frames(config_mod.DataConfig(train=str(path8)), "classification", 0)
+    assert frames.val_is_train and frames.typical == 8 and frames.fewest == 3
+    # multi-label: a row holding a label seen once stays in training
+    ml = make_text_rows(200, 5, "multilabel")
+    ml.loc[7, "label"] = "pos|solo"
+    path_ml = tmp_path / "ml.csv"
+    ml.to_csv(path_ml, index=False)
+    for seed in range(5):
+        frames = read_frames(config_mod.DataConfig(train=str(path_ml), min_val_per_class=0), "multilabel", seed)
+        assert 7 in frames.train.index and 7 not in frames.val.index and len(frames.val) == 20
+
+
 # --- runs --------------------------------------------------------------------------------------
 
 def test_contrastive_run_with_few_labels_keeps_every_row_and_learns(tiny_st_bert, tmp_path):
@@ -208,6 +238,20 @@ def test_few_label_full_run_gets_a_step_budget(tiny_st_bert, tmp_path):
                  quiet=True, report=False)
     info = json.loads((tmp_path / "split" / "run.json").read_text())
     assert info["data"]["val_split_from_train"] and info["data"]["train"]["rows"] < 16
+
+
+def test_auto_on_a_large_set_with_one_rare_class_fine_tunes_with_a_split(tiny_st_bert, tmp_path):
+    train = tmp_path / "imbalanced.csv"
+    rare = pd.DataFrame({"text": ["bad great film", "awful great plot"], "label": "mixed"})
+    pd.concat([make_text_rows(300, 6), rare]).to_csv(train, index=False)
+    fmtune.train(cfg_dict(tiny_st_bert, train, strategy={"name": "auto"}, out=str(tmp_path / "run"),
+                          data={"train": str(train), "min_val_per_class": DEFAULT_MIN_VAL}, train={"epochs": 1}),
+                 quiet=True, report=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    few = info["few_labels"]
+    assert few["fewest_per_label"] == 2 and few["median_per_label"] > 64
+    assert few["auto"]["strategy"] == "full" and "(the median class)" in few["auto"]["why"]
+    assert "no_validation_split" not in few and info["data"]["val_split_from_train"]
 
 
 def test_contrastive_multilabel_run(tiny_st_bert, tmp_path):

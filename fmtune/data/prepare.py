@@ -24,6 +24,14 @@ class Frames:
     val_from_train: bool
     val_is_train: bool = False  # few labels: no split was made; validation reads the training rows
     fewest: int | None = None  # training rows of the rarest label (None: no labels to count)
+    typical: int | None = None  # training rows of the median label: what the split and --strategy auto go by
+
+
+def label_counts(labels: list[list[str]] | None) -> pd.Series | None:
+    """Rows per label, from each row's labels (None: the task has no labels to count)."""
+    if not labels:
+        return None
+    return pd.Series([lab for row in labels for lab in row], dtype=object).value_counts()
 
 
 def _stratify_on(df: pd.DataFrame, column: str, task: type[Task]) -> pd.Series | None:
@@ -89,10 +97,14 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     task.require_targets(train, data_cfg)
     if data_cfg.max_train_samples:
         train = _subset(train, data_cfg.max_train_samples, column, task, seed)
-    fewest = task.fewest_per_label(train, data_cfg)
-    # a split of a few rows per class says nothing and costs training data: then every row trains
-    no_split = not data_cfg.val and fewest is not None and (
-        data_cfg.min_val_per_class == -1 or fewest * data_cfg.val_fraction < data_cfg.min_val_per_class)
+    labels = task.row_labels(train, data_cfg)
+    counts = label_counts(labels)
+    fewest, typical = (None, None) if counts is None or not len(counts) else (int(counts.min()),
+                                                                            int(counts.median()))
+    # A split of a few rows per class says nothing and costs training data: then every row trains. It is
+    # judged by the median label, not the rarest, so one rare class does not take a large set's split away.
+    no_split = not data_cfg.val and typical is not None and (
+        data_cfg.min_val_per_class == -1 or typical * data_cfg.val_fraction < data_cfg.min_val_per_class)
     if data_cfg.val:
         val, from_train = read_data(data_cfg.val, task, data_cfg), False
     elif no_split:
@@ -101,17 +113,23 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
         if len(train) < 4:
             raise DataError(f"{data_cfg.train}: {len(train)} rows is too few to split off a validation set; "
                             "give --val FILE")
-        strat = _stratify_on(train, column, task)
-        n_val = max(1, round(len(train) * data_cfg.val_fraction))
+        # rows of a label seen once stay in training: split off, the label would be unknown to the model
+        once = set(counts[counts < 2].index) if counts is not None else set()
+        kept = np.array([bool(once.intersection(row)) for row in labels]) if once else np.zeros(len(train), bool)
+        pool = train[~kept] if len(train) - kept.sum() >= 4 else train
+        strat = _stratify_on(pool, column, task)
+        n_val = max(1, round(len(pool) * data_cfg.val_fraction))
         if strat is not None:
             n_val = max(n_val, strat.nunique())
         try:
-            tr, va = train_test_split(train, test_size=n_val, random_state=seed, stratify=strat)
+            tr, va = train_test_split(pool, test_size=n_val, random_state=seed, stratify=strat)
         except ValueError:
-            tr, va = train_test_split(train, test_size=n_val, random_state=seed)
+            tr, va = train_test_split(pool, test_size=n_val, random_state=seed)
+        if pool is not train:
+            tr = pd.concat([tr, train[kept]])
         train, val, from_train = _keep_source(tr, train), _keep_source(va, train), True
     test = read_data(data_cfg.test, task, data_cfg) if data_cfg.test else None
-    return Frames(train, val, test, from_train, val_is_train=no_split, fewest=fewest)
+    return Frames(train, val, test, from_train, val_is_train=no_split, fewest=fewest, typical=typical)
 
 
 def make_task(task_cfg: Any, data_cfg: Any, train: pd.DataFrame) -> Task:

@@ -38,6 +38,20 @@ def check_encoding(path: Path, encoding: str) -> None:
                 ) from None
 
 
+def csv_separator(path: Path, encoding: str) -> str:
+    """A .tsv file's tab; a .csv file's comma, unless its header has none but a semicolon, tab or
+    bar (spreadsheets in many locales save "CSV" with semicolons)."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    with path.open(encoding=encoding, errors="replace") as fh:
+        header = fh.readline()
+    if "," not in header:
+        for sep in (";", "\t", "|"):
+            if sep in header:
+                return sep
+    return ","
+
+
 def _check_table(path: Path, alternatives: str) -> str:
     """The lower-case suffix of a non-empty table file; a DataError otherwise."""
     suffix = path.suffix.lower()
@@ -67,10 +81,9 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
         df = pd.concat([chunk for chunk, _ in _txt_chunks(path, encoding, 1 << 30, text_column)] or [pd.DataFrame()])
     else:
         check_encoding(path, encoding)
-        sep = "\t" if suffix == ".tsv" else ","
         try:
-            df = pd.read_csv(path, sep=sep, encoding=encoding, dtype=str, keep_default_na=False,
-                             na_values=[""], quoting=csv.QUOTE_MINIMAL)
+            df = pd.read_csv(path, sep=csv_separator(path, encoding), encoding=encoding, dtype=str,
+                             keep_default_na=False, na_values=[""], quoting=csv.QUOTE_MINIMAL)
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: the file is empty") from None
         except pd.errors.ParserError as e:
@@ -335,7 +348,7 @@ def _csv_chunks(path: Path, encoding: str, chunk_rows: int):
     """The csv module's reader, not pandas': it knows the file line of every row (quoted cells may
     span lines), so a malformed row is reported by line and the rest goes on."""
     check_encoding(path, encoding)
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    sep = csv_separator(path, encoding)
     with path.open(encoding=encoding, newline="") as fh:
         reader = csv.reader(fh, delimiter=sep)
         header = next(reader, None)

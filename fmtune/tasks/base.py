@@ -13,6 +13,7 @@ feature cache, inference, predict, serve, export and report ask the task; nothin
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,9 @@ class Task:
         return None
 
     @classmethod
-    def fewest_per_label(cls, df: pd.DataFrame, data_cfg: Any) -> int | None:
-        """Rows of the rarest label in ``df`` (None: the task has no labels to count)."""
+    def row_labels(cls, df: pd.DataFrame, data_cfg: Any) -> list[list[str]] | None:
+        """Each row's labels (None: the task has no labels to count), for the rows per label that
+        decide the validation split and ``--strategy auto``."""
         return None
 
     @classmethod
@@ -255,6 +257,22 @@ class Task:
         """What must be saved with a run to rebuild this task (labels.json)."""
         return {"task": self.name, "labels": self.labels, "threshold": self.threshold,
                 "separator": self.separator, "target_stats": self.target_stats, **self.options}
+
+
+def warn_look_alike_labels(df: pd.DataFrame, values: pd.Series, column: str) -> None:
+    """Warn when labels differ only in case or surrounding spaces ('pos' / 'Pos' / 'pos '): they
+    train as separate classes, which is seldom what a table meant."""
+    text = values.astype(str)
+    counts, cells = text.value_counts(), text.to_numpy()
+    groups: dict[str, list[str]] = {}
+    for lab in counts.index:  # most rows first
+        groups.setdefault(lab.strip().casefold(), []).append(lab)
+    for same in (g for g in groups.values() if len(g) > 1):
+        where = [f"{lab!r} ({counts[lab]} row(s), first {row_label(df, int(np.flatnonzero(cells == lab)[0]))})"
+                 for lab in same[1:]]
+        warnings.warn(f"column {column!r}: label {same[0]!r} ({counts[same[0]]} rows) and {', '.join(where)} differ "
+                      "only in case or surrounding spaces; they are trained as different classes (fix the rows if "
+                      "they are one)", UserWarning, stacklevel=3)
 
 
 def missing_values(df: pd.DataFrame, values: pd.Series, column: str) -> None:

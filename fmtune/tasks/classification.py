@@ -16,7 +16,7 @@ from sklearn import metrics as skm
 from fmtune import plots
 from fmtune.data.readers import row_label
 from fmtune.errors import DataError
-from fmtune.tasks.base import TASKS, Task, missing_values
+from fmtune.tasks.base import TASKS, Task, missing_values, warn_look_alike_labels
 from fmtune.tasks.probe import logreg, scaled, unscaled
 
 
@@ -38,14 +38,15 @@ class Classification(Task):
         return df[column].astype(str).value_counts().sort_index().to_dict()
 
     @classmethod
-    def fewest_per_label(cls, df: pd.DataFrame, data_cfg: Any) -> int | None:
+    def row_labels(cls, df: pd.DataFrame, data_cfg: Any) -> list[list[str]] | None:
         column = cls.target_column(data_cfg)
-        return int(df[column].astype(str).value_counts().min()) if column in df.columns and len(df) else None
+        return [[v] for v in df[column].astype(str)] if column in df.columns else None
 
     @classmethod
     def from_train(cls, values: pd.Series, df: pd.DataFrame, column: str = "label",
                    class_weights: bool = False, **kw: Any) -> Classification:
         missing_values(df, values, column)
+        warn_look_alike_labels(df, values, column)
         labels = sorted({str(v) for v in values})
         if len(labels) < 2:
             raise DataError(f"{df.attrs.get('source')}: column {column!r} holds a single label {labels}; "

@@ -7,7 +7,6 @@ import warnings
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn import metrics as skm
@@ -41,13 +40,12 @@ class MultiLabel(Task):
                 "threshold": task_cfg.threshold}
 
     @classmethod
-    def fewest_per_label(cls, df, data_cfg):
+    def row_labels(cls, df, data_cfg):
         column = cls.target_column(data_cfg)
         if column not in df.columns:
             return None
         split = cls([], separator=data_cfg.label_separator)._split
-        counts = pd.Series([lab for v in df[column] for lab in split(v)]).value_counts()
-        return int(counts.min()) if len(counts) else None
+        return [split(v) for v in df[column]]
 
     @classmethod
     def from_train(cls, values, df, column="label", class_weights=False, separator="|", **kw):
