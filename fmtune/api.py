@@ -25,7 +25,7 @@ from fmtune import config as config_mod
 from fmtune import evaluation, paths, ui
 from fmtune.data import tabular
 from fmtune.data.conll import sentence_chunks
-from fmtune.data.dataset import epoch_batches
+from fmtune.data.dataset import epoch_batches, long_texts, long_texts_line
 from fmtune.data.prepare import input_column, make_dataset, make_task, read_data, read_frames
 from fmtune.data.readers import CONLL_PREDICT_SUFFIXES, count_rows, iter_chunks, require_column, row_label, table_base
 from fmtune.errors import ConfigError, DataError
@@ -219,6 +219,9 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
         few["small_training_set"] = enough
     _check_robust_training(cfg.train, bundle.kind, task)
     data = _datasets(cfg, bundle, task, frames)
+    cut = long_texts(data["train"], bundle, frames.train.get(cfg.data.text_column), cfg.train.seed)
+    if cut:
+        few["long_texts"] = cut
     counts = apply_strategy(bundle, cfg.strategy)
     if cont is not None:
         cont.start_from_source(bundle)
@@ -296,6 +299,8 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
         out.print(f"  few labels: {few['no_validation_split']}")
     if "small_training_set" in few:
         out.print(f"  small training set: {few['small_training_set']}")
+    if "long_texts" in few:
+        out.print(f"  {long_texts_line(few['long_texts'])}")
     out.print(f"  data: train {_split_size(data['train'])}, val "
               + ("= the training rows" if frames.val_is_train else _split_size(data['val']))
               + f"{' (split off train)' if frames.val_from_train else ''}"
@@ -362,8 +367,9 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                    "weights_per_rank_mib": result.weights_per_rank_mib}
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, task, data), "fit": fit_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-    if few.get("small_training_set"):  # said apart from the few-label notes
-        info["small_training_set"] = summary["small_training_set"] = few.pop("small_training_set")
+    for note in ("small_training_set", "long_texts"):  # said apart from the few-label notes
+        if few.get(note):
+            info[note] = summary[note] = few.pop(note)
     if few.get("auto") or few.get("no_validation_split") or few.get("contrastive"):
         info["few_labels"] = few
         summary["few_labels"] = {k: v for k, v in few.items() if k != "contrastive"}

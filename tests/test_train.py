@@ -207,6 +207,37 @@ def test_throughput_counts_each_example_once(tmp_path, tiny_bert, text_files):
     assert fit["samples_per_s"] == pytest.approx(216 * 2 / fit["seconds"], rel=1e-6)
 
 
+def test_texts_cut_at_max_length_are_counted_and_a_length_suggested(tmp_path, tiny_bert, text_files, capsys):
+    df = pd.read_csv(text_files["train"])
+    long = df.copy()
+    long.loc[::2, "text"] = [" ".join([t] * 8) for t in long["text"][::2]]  # half the rows: 8 times as long
+    path = tmp_path / "long.csv"
+    long.to_csv(path, index=False)
+    fmtune.train(cfg_dict(tiny_bert, path, out=str(tmp_path / "run"), train={"max_steps": 1}), quiet=False)
+    note = json.loads((tmp_path / "run" / "run.json").read_text())["long_texts"]
+    n_train = json.loads((tmp_path / "run" / "run.json").read_text())["data"]["train"]["rows"]
+    assert note["max_length"] == 32 and note["model_limit"] == 64  # the tiny BERT's 64 positions
+    assert 0.4 < note["share"] < 0.6 and note["texts_cut"] == round(note["share"] * n_train)
+    assert note["tokens_p95"] > 32 and note["suggested_max_length"] == min(64, -(-note["tokens_p95"] // 32) * 32)
+    assert "of the training texts" in capsys.readouterr().err
+    # short texts: no note
+    fmtune.train(cfg_dict(tiny_bert, text_files["train"], out=str(tmp_path / "short"), train={"max_steps": 1}),
+                 quiet=True)
+    assert "long_texts" not in json.loads((tmp_path / "short" / "run.json").read_text())
+
+
+def test_max_length_beyond_the_model_is_refused_and_the_default_fits_the_model(tmp_path, tiny_bert):
+    from fmtune.config import ModelConfig
+    from fmtune.errors import ConfigError
+    from fmtune.tasks import Classification
+
+    task = Classification(["a", "b"])
+    with pytest.raises(ConfigError, match="model.max_length 100 is more than .* reads: 64 tokens"):
+        build.create(ModelConfig(name=str(tiny_bert), max_length=100), task)
+    assert build.create(ModelConfig(name=str(tiny_bert)), task).max_length == 64  # the default 128, cut to 64
+    assert build.create(ModelConfig(name=str(tiny_bert), max_length=64), task).max_length == 64
+
+
 def test_max_train_samples_is_a_stratified_subset(tmp_path, tiny_bert, text_files):
     _train(tmp_path, tiny_bert, text_files["train"], data={"max_train_samples": 100}, train={"max_steps": 1})
     data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]

@@ -19,6 +19,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from fmtune.data.readers import require_column, row_label, row_prefix, table_base
 from fmtune.errors import DataError
 
+LONG_TEXTS_NOTE = 0.05  # the plan says so when at least this share of the training texts is cut at model.max_length
 EAGER_IMAGE_BYTES = 2 << 30  # decode everything up front below this size, else decode per batch
 
 
@@ -121,6 +122,33 @@ def _check_image(path: str) -> str | None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"not a readable image ({type(e).__name__}: {e})"
     return None
+
+
+def long_texts(ds: Any, bundle: Any, texts: pd.Series | None, seed: int = 0) -> dict[str, Any] | None:
+    """How many training texts reach model.max_length (and are cut there), and the length that keeps
+    95% of them whole, from up to 2,000 of them tokenised uncut; None when under LONG_TEXTS_NOTE."""
+    if not isinstance(ds, TextData) or texts is None or not len(ds) or len(texts) != len(ds):
+        return None
+    cut = int((ds.lengths >= bundle.max_length).sum())
+    if cut < LONG_TEXTS_NOTE * len(ds):
+        return None
+    pick = np.random.default_rng(seed).choice(len(texts), min(len(texts), 2000), replace=False)
+    uncut = bundle.tokenizer([str(t) for t in texts.to_numpy()[pick]], truncation=False, verbose=False)["input_ids"]
+    p95 = int(np.percentile([len(ids) for ids in uncut], 95))
+    limit = bundle.length_limit()
+    keep = -(-p95 // 32) * 32  # a multiple of 32
+    return {"texts_cut": cut, "share": round(cut / len(ds), 3), "max_length": bundle.max_length, "tokens_p95": p95,
+            "suggested_max_length": min(keep, limit) if limit else keep, "model_limit": limit}
+
+
+def long_texts_line(note: dict[str, Any]) -> str:
+    """The plan's line for ``long_texts``' note."""
+    line = (f"long texts: {note['share']:.0%} of the training texts ({note['texts_cut']}) reach model.max_length "
+            f"{note['max_length']} tokens and are cut there; 95% fit in {note['tokens_p95']}")
+    if note["suggested_max_length"] > note["max_length"]:
+        return line + (f": --set model.max_length={note['suggested_max_length']} reads more of them (a step costs "
+                       "about as much more as its batch is longer)")
+    return line + f"; the model reads at most {note['model_limit']}"
 
 
 def text_dataset(df: pd.DataFrame, column: str, bundle: Any, targets: torch.Tensor | None) -> TextData:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fmtune import adapters
-from fmtune.errors import ModelError
+from fmtune.errors import ConfigError, ModelError
 from fmtune.fsutil import atomic_dir, read_json
 from fmtune.models import causal_lm, cnn, dense
 from fmtune.models.hf_remote import FMTUNE_MODEL_TYPE, FmtuneClassifier, build_backbone, config_from_values
@@ -68,6 +68,15 @@ class Bundle:
         tok = self.tokenizer
         enc = tok(list(texts), truncation=True, max_length=self.max_length)
         return TextData(enc["input_ids"], targets, tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+    def length_limit(self) -> int | None:
+        """The most tokens the text model reads: its tokenizer's ``model_max_length``, else its
+        config's ``max_position_embeddings``; None where neither says."""
+        said = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(said, int) and 0 < said < 1_000_000:  # tokenizers without a limit say 1e30
+            return said
+        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return positions if isinstance(positions, int) and positions > 0 else None
 
     def meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "family": self.family, "pooling": self.pooling, "image": self.image,
@@ -298,8 +307,15 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     model = FmtuneClassifier(config, backbone=backbone)
     image = _image_spec(path, config, model_cfg.image_size) if kind == "image" else {}
     audio = _audio_spec(path, config, model_cfg.audio_window) if kind == "audio" else {}
-    return Bundle(model, kind, "hf", pooling, tokenizer=tokenizer, image=image, audio=audio,
-                  max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name))
+    bundle = Bundle(model, kind, "hf", pooling, tokenizer=tokenizer, image=image, audio=audio,
+                    max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name))
+    limit = bundle.length_limit() if kind == "text" else None
+    if limit is not None and model_cfg.max_length is None:
+        bundle.max_length = min(bundle.max_length, limit)  # the default, for a model that reads fewer
+    elif limit is not None and bundle.max_length > limit:
+        raise ConfigError(f"model.max_length {bundle.max_length} is more than {model_cfg.name} reads: {limit} tokens "
+                          f"(its tokenizer and position embeddings); use at most {limit}")
+    return bundle
 
 
 def save(bundle: Bundle, target: Path) -> None:
