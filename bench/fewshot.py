@@ -132,6 +132,8 @@ def bench() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="8,16,64", help="rows per class")
     ap.add_argument("--seeds", type=int, default=5, help="seeds (samples) per size")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="the first seed: --first-seed 5 --seeds 5 draws samples 5-9, new ones beside a run of 0-4")
     ap.add_argument("--seeds-64", type=int, default=3, help="seeds at sizes >= --iterations-from")
     ap.add_argument("--iterations-from", type=int, default=64)
     ap.add_argument("--test-rows", type=int, default=1000)
@@ -174,7 +176,8 @@ def bench() -> dict:
             big = size >= a.iterations_from
             iterations = 20 if big else None
             rows: dict[str, list[dict]] = {"setfit": [], "fmtune contrastive": [], "fmtune head": []}
-            for seed in range(a.seeds_64 if big else a.seeds):
+            seeds = list(range(a.first_seed, a.first_seed + (a.seeds_64 if big else a.seeds)))
+            for seed in seeds:
                 train = per_class(train_all, "label", size, seed)
                 train_csv = work / "data" / name / f"train-{size}-{seed}.csv"
                 train.to_csv(train_csv, index=False)
@@ -189,12 +192,16 @@ def bench() -> dict:
             entry = {tool: {"accuracy": stats([r["accuracy"] for r in runs]),
                             "train_s": stats([r["train_s"] for r in runs]), "runs": runs}
                      for tool, runs in rows.items()}
+            entry["seeds"] = seeds
+            entry["fmtune contrastive minus setfit"] = stats([c["accuracy"] - s["accuracy"] for c, s in
+                                                              zip(rows["fmtune contrastive"], rows["setfit"])])
             entry["setfit"]["recipe"] = (f"num_iterations={iterations}" if iterations else
                                          "defaults (oversampling of every pair)")
             result["results"][f"{name} {size}/class"] = entry
             log("RESULT " + json.dumps({f"{name} {size}/class": entry}))  # kept if the bench is stopped later
-            log(f"{name} {size}/class: " + ", ".join(f"{t} {e['accuracy']['mean']:.3f} +- {e['accuracy']['std']:.3f} "
-                                                    f"in {e['train_s']['mean']:.1f}s" for t, e in entry.items()))
+            log(f"{name} {size}/class: " + ", ".join(
+                f"{t} {entry[t]['accuracy']['mean']:.3f} +- {entry[t]['accuracy']['std']:.3f} "
+                f"in {entry[t]['train_s']['mean']:.1f}s" for t in rows))
     if a.selftrain:
         name = "rotten-tomatoes"
         train_all, _, test_csv = data(name)
