@@ -134,6 +134,8 @@ def bench() -> dict:
     ap.add_argument("--seeds", type=int, default=5, help="seeds (samples) per size")
     ap.add_argument("--first-seed", type=int, default=0,
                     help="the first seed: --first-seed 5 --seeds 5 draws samples 5-9, new ones beside a run of 0-4")
+    ap.add_argument("--tools", default="setfit,contrastive,head",
+                    help="which to run: setfit, contrastive (fmtune's), head (fmtune's probe)")
     ap.add_argument("--seeds-64", type=int, default=3, help="seeds at sizes >= --iterations-from")
     ap.add_argument("--iterations-from", type=int, default=64)
     ap.add_argument("--test-rows", type=int, default=1000)
@@ -175,28 +177,31 @@ def bench() -> dict:
         for size in sizes:
             big = size >= a.iterations_from
             iterations = 20 if big else None
-            rows: dict[str, list[dict]] = {"setfit": [], "fmtune contrastive": [], "fmtune head": []}
+            rows: dict[str, list[dict]] = {t: [] for t in ("setfit", "fmtune contrastive", "fmtune head")
+                                           if t.split()[-1] in a.tools.split(",")}
             seeds = list(range(a.first_seed, a.first_seed + (a.seeds_64 if big else a.seeds)))
             for seed in seeds:
                 train = per_class(train_all, "label", size, seed)
                 train_csv = work / "data" / name / f"train-{size}-{seed}.csv"
                 train.to_csv(train_csv, index=False)
-                log(f"{name} {size}/class seed {seed}: setfit ...")
-                rows["setfit"].append(run_setfit(train, test, seed, iterations, work / "setfit-checkpoints"))
-                log(f"  {rows['setfit'][-1]}\n  fmtune contrastive ...")
-                rows["fmtune contrastive"].append(run_fmtune(train_csv, test_csv, work / "runs" / "c", seed,
-                                                             "contrastive"))
-                log(f"  {rows['fmtune contrastive'][-1]}\n  fmtune head ...")
-                rows["fmtune head"].append(run_fmtune(train_csv, test_csv, work / "runs" / "h", seed, "head"))
-                log(f"  {rows['fmtune head'][-1]}")
+                for tool in rows:
+                    log(f"{name} {size}/class seed {seed}: {tool} ...")
+                    if tool == "setfit":
+                        rows[tool].append(run_setfit(train, test, seed, iterations, work / "setfit-checkpoints"))
+                    else:
+                        strategy = tool.split()[-1]
+                        rows[tool].append(run_fmtune(train_csv, test_csv, work / "runs" / strategy, seed, strategy))
+                    log(f"  {rows[tool][-1]}")
             entry = {tool: {"accuracy": stats([r["accuracy"] for r in runs]),
                             "train_s": stats([r["train_s"] for r in runs]), "runs": runs}
                      for tool, runs in rows.items()}
             entry["seeds"] = seeds
-            entry["fmtune contrastive minus setfit"] = stats([c["accuracy"] - s["accuracy"] for c, s in
-                                                              zip(rows["fmtune contrastive"], rows["setfit"])])
-            entry["setfit"]["recipe"] = (f"num_iterations={iterations}" if iterations else
-                                         "defaults (oversampling of every pair)")
+            if "setfit" in rows and "fmtune contrastive" in rows:
+                entry["fmtune contrastive minus setfit"] = stats([c["accuracy"] - s["accuracy"] for c, s in
+                                                                  zip(rows["fmtune contrastive"], rows["setfit"])])
+            if "setfit" in rows:
+                entry["setfit"]["recipe"] = (f"num_iterations={iterations}" if iterations else
+                                             "defaults (oversampling of every pair)")
             result["results"][f"{name} {size}/class"] = entry
             log("RESULT " + json.dumps({f"{name} {size}/class": entry}))  # kept if the bench is stopped later
             log(f"{name} {size}/class: " + ", ".join(

@@ -245,7 +245,7 @@ class StrategyConfig:
     pairs_batch: int = _f(32, "contrastive: rows embedded per step; every pair among them is scored "
                           "(32 rows = 496 pairs), so the cost of a step does not grow with the classes")
     contrastive_steps: int | None = _f(None, "contrastive: steps of pair training (default: each row in about "
-                                       "15 batches, 15 to 400 steps)")
+                                       "15 batches, 15 to 400 steps; at least 30 from 16 rows per class on)")
     pair_loss: Literal["cosine", "supcon"] = _f("cosine", "contrastive: cosine = SetFit's (squared error of "
                                                 "each pair's cosine similarity to 1 same label, 0 different); "
                                                 "supcon = supervised contrastive (softmax over the batch)")

@@ -106,6 +106,10 @@ def test_default_contrastive_steps():
     assert fewshot.contrastive_steps(16, 16) == 15
     assert fewshot.contrastive_steps(48, 32) == 23
     assert fewshot.contrastive_steps(1200, 32) == 400  # capped
+    assert fewshot.contrastive_steps(32, 32, per_class=16) == 30  # 16 rows per class: at least 30
+    assert fewshot.contrastive_steps(48, 32, per_class=16) == 30
+    assert fewshot.contrastive_steps(24, 24, per_class=8) == 15
+    assert fewshot.contrastive_steps(128, 32, per_class=64) == 60  # every row in 15 batches is more
 
 
 def _separation(model, ds, labels) -> float:
@@ -215,7 +219,7 @@ def test_contrastive_run_with_few_labels_keeps_every_row_and_learns(tiny_st_bert
     assert "no validation split" in few["no_validation_split"]
     assert info["data"]["train"]["rows"] == 32 and info["data"]["val_is_train"]
     assert info["fit"]["steps"] == 0  # the head solved on every row is final
-    assert few["contrastive"]["steps"] == 15
+    assert few["contrastive"]["steps"] == 30  # 16 rows per class: the floor of 30
     saved = config_mod.load(tmp_path / "run" / "config.yaml")
     assert saved.strategy.name == "contrastive" and saved.train.patience is None
     assert summary["eval"]["test"]["accuracy"] >= 0.75  # chance: 0.5 (a tiny random-init encoder)
