@@ -79,9 +79,9 @@ class DataConfig:
         "CoNLL), conll (word and tag per line), jsonl ({tokens, tags} or {text, entities} per line)")
     val_fraction: float = _f(0.1, "share of training rows split off as validation when no val set is given")
     min_val_per_class: int = _f(5, "classification: when the split would leave fewer validation rows than this of "
-                                "the median class, none is split off: every row trains, a step budget decides when "
-                                "to stop, and validation is measured on the training rows (0: always split; -1: "
-                                "never). Rows of a label seen once always stay in training")
+                                "the median class (and per label on average), none is split off: every row trains, "
+                                "a step budget decides when to stop, and validation is measured on the training rows "
+                                "(0: always split; -1: never). Rows of a label seen once always stay in training")
     max_train_samples: int | None = _f(None, "use at most this many training rows (seeded, stratified)")
     unknown_labels: Literal["error", "unknown"] = _f(
         "error", "a val/test label unseen in training: fail, or map it to 'unknown' (never predicted)"

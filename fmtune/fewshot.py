@@ -17,7 +17,8 @@ hold fewer than ``data.min_val_per_class`` rows of the median class, no split is
 trains, a step budget decides when to stop, and the validation numbers are measured on the
 training rows (the run says so). The median, not the rarest class: one rare class in a large set
 does not take its validation split away (its rows are split like the others', and a label seen
-once stays in training), nor turn ``--strategy auto`` to few-label strategies.
+once stays in training), nor turn ``--strategy auto`` to few-label strategies; and a split that
+would hold that many rows per label on average is made however rare the median label.
 """
 
 from __future__ import annotations

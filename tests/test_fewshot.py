@@ -200,6 +200,14 @@ def test_the_median_class_decides_the_split_and_a_label_seen_once_stays_in_train
     for seed in range(5):
         frames = read_frames(config_mod.DataConfig(train=str(path_ml), min_val_per_class=0), "multilabel", seed)
         assert 7 in frames.train.index and 7 not in frames.val.index and len(frames.val) == 20
+    # multi-label with many rare labels: the median label is rare, but 600 rows split 60 rows for 6 labels
+    many = make_text_rows(600, 7, "multilabel")
+    for i, extra in enumerate(["a", "b", "c", "d"]):
+        many.loc[i * 3:i * 3 + 2, "label"] = many.loc[i * 3:i * 3 + 2, "label"] + f"|{extra}"
+    path_many = tmp_path / "many.csv"
+    many.to_csv(path_many, index=False)
+    frames = read_frames(config_mod.DataConfig(train=str(path_many)), "multilabel", 0)
+    assert frames.typical == 3 and frames.val_from_train and len(frames.val) == 60
 
 
 # --- runs --------------------------------------------------------------------------------------
