@@ -192,6 +192,17 @@ def enough_steps(cfg: Config, n: int) -> tuple[Config, str | None]:
     return dataclasses.replace(cfg, train=dataclasses.replace(train, batch_size=batch)), why
 
 
+def resolve_max_length(requested: int | None, default: int, limit: int | None, model: str) -> int:
+    """model.max_length: as set, else ``default`` cut to ``limit`` (the most tokens the model reads,
+    None if unknown); a setting beyond the limit is a ConfigError that says the limit."""
+    if requested is None:
+        return min(default, limit) if limit else default
+    if limit is not None and requested > limit:
+        raise ConfigError(f"model.max_length {requested} is more than {model} reads: {limit} tokens; use at most "
+                          f"{limit}")
+    return requested
+
+
 def default_lr(strategy: Any, task_type: str | None = None) -> float:
     """train.lr unless set: per strategy, or the task's own where it has one (``Task.default_lrs``)."""
     if strategy.name == "contrastive" and strategy.encoder == "lora":

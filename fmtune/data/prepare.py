@@ -104,10 +104,10 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     # A split of a few rows per class says nothing and costs training data: then every row trains. It is
     # judged by the median label, not the rarest, so one rare class does not take a large set's split away,
     # and by the rows per label on average too, so many rare labels (multi-label) do not take a large set's.
-    few_rows = typical is not None and (
-        typical * data_cfg.val_fraction < data_cfg.min_val_per_class
-        and len(train) * data_cfg.val_fraction < data_cfg.min_val_per_class * len(counts))
-    no_split = not data_cfg.val and typical is not None and (data_cfg.min_val_per_class == -1 or few_rows)
+    no_split = not data_cfg.val and typical is not None and (
+        data_cfg.min_val_per_class == -1
+        or (typical * data_cfg.val_fraction < data_cfg.min_val_per_class
+            and len(train) * data_cfg.val_fraction < data_cfg.min_val_per_class * len(counts)))
     if data_cfg.val:
         val, from_train = read_data(data_cfg.val, task, data_cfg), False
     elif no_split:

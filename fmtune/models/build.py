@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fmtune import adapters
-from fmtune.errors import ConfigError, ModelError
+from fmtune.config import resolve_max_length
+from fmtune.errors import ModelError
 from fmtune.fsutil import atomic_dir, read_json
 from fmtune.models import causal_lm, cnn, dense
 from fmtune.models.hf_remote import FMTUNE_MODEL_TYPE, FmtuneClassifier, build_backbone, config_from_values
@@ -309,12 +310,9 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     audio = _audio_spec(path, config, model_cfg.audio_window) if kind == "audio" else {}
     bundle = Bundle(model, kind, "hf", pooling, tokenizer=tokenizer, image=image, audio=audio,
                     max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name))
-    limit = bundle.length_limit() if kind == "text" else None
-    if limit is not None and model_cfg.max_length is None:
-        bundle.max_length = min(bundle.max_length, limit)  # the default, for a model that reads fewer
-    elif limit is not None and bundle.max_length > limit:
-        raise ConfigError(f"model.max_length {bundle.max_length} is more than {model_cfg.name} reads: {limit} tokens "
-                          f"(its tokenizer and position embeddings); use at most {limit}")
+    if kind == "text":
+        bundle.max_length = resolve_max_length(model_cfg.max_length, DEFAULT_MAX_LENGTH, bundle.length_limit(),
+                                               model_cfg.name)
     return bundle
 
 

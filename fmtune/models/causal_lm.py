@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fmtune.config import resolve_max_length
 from fmtune.errors import ConfigError, ModelError
 from fmtune.models.wrapped import plain, prompt_tuned
 
@@ -105,10 +106,7 @@ def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, int]:
     model, tokenizer = load_pretrained(path, config, model_cfg.init, AutoModelForCausalLM)
     set_pad(tokenizer, model)
     context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
-    max_length = model_cfg.max_length or min(DEFAULT_MAX_LENGTH, context)
-    if max_length > context:
-        raise ConfigError(f"model.max_length: {max_length} is more than the {context} positions of {model_cfg.name}")
-    return model, tokenizer, max_length
+    return model, tokenizer, resolve_max_length(model_cfg.max_length, DEFAULT_MAX_LENGTH, context, model_cfg.name)
 
 
 def load_pretrained(path: Path | str, config: Any, init: str, auto: Any) -> tuple[nn.Module, Any]:
