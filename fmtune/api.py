@@ -653,10 +653,12 @@ def _rows_text(df: pd.DataFrame, header: bool, jsonl: bool = False) -> str:
     sentence) is written as JSON."""
     if jsonl:
         return df.to_json(orient="records", lines=True, force_ascii=False)  # a newline after every object
-    nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (list, dict))).any()]
+    kinds = (list, dict, np.ndarray)  # an array: a list cell read from Parquet
+    nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, kinds)).any()]
     if nested:
-        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v, ensure_ascii=False)
-                                       if isinstance(v, (list, dict)) else v) for c in nested})
+        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v.tolist() if isinstance(v, np.ndarray) else v,
+                                                            ensure_ascii=False) if isinstance(v, kinds) else v)
+                          for c in nested})
     return df.to_csv(header=header, index=False)
 
 

@@ -73,10 +73,16 @@ class DataConfig:
                                    "completion); speech-recognition: the transcript (default: the first of text, "
                                    "transcript, transcription, sentence)")
     label_separator: str = _f("|", "multi-label: separator between labels in one cell")
+    label_names: list[str] | None = _f(None, "names of labels stored as numbers, comma-separated in id order (id 0 "
+                                 "first): the label column of a table, or a ner file's tags (e.g. "
+                                 "O,B-PER,I-PER,...), as a Hugging Face dataset saved as JSON/CSV holds them; -1 is "
+                                 "no label. Parquet files written by Hugging Face datasets carry the names and need "
+                                 "none")
     encoding: str = _f("utf-8", "text encoding of CSV/JSONL files (e.g. latin-1)")
     format: Literal["auto", "conll", "jsonl"] = _f(
-        "auto", "ner: how the files are read: auto (by suffix: .jsonl/.json are JSONL, .conll/.bio/.txt/.tsv "
-        "CoNLL), conll (word and tag per line), jsonl ({tokens, tags} or {text, entities} per line)")
+        "auto", "ner: how the files are read: auto (by suffix: .jsonl/.json are JSONL or a JSON array, "
+        ".conll/.bio/.txt/.tsv CoNLL, .parquet Parquet), conll (word and tag per line), jsonl ({tokens, tags or "
+        "ner_tags} or {text, entities} per line)")
     val_fraction: float = _f(0.1, "share of training rows split off as validation when no val set is given")
     min_val_per_class: int = _f(5, "classification: when the split would leave fewer validation rows than this of "
                                 "the median class (and per label on average), none is split off: every row trains, "
@@ -95,6 +101,8 @@ class DataConfig:
         _check(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
         _check(not (self.text_columns and self.text_template), "data.text_template",
                "give text_columns or text_template, not both")
+        _check(self.label_names is None or all(self.label_names), "data.label_names",
+               "must be names separated by commas, none empty")
         if self.text_template:
             from fmtune.data.tabular import template_columns
 
@@ -520,6 +528,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return value
+    if origin is list:  # a YAML list, or its items in one comma-separated string
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}: expected a list (or comma-separated values), got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(v.strip() if isinstance(v, str) else v, inner, key) for v in items]
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

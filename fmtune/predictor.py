@@ -82,10 +82,11 @@ class Predictor:
     def check_text(self, value: Any, where: str) -> str:
         if value is None or (isinstance(value, float) and value != value):  # missing (NaN) cell
             raise DataError(f"{where}: the text is empty")
-        if self.task.accepts_word_lists and isinstance(value, (list, tuple)):  # words already split
+        if self.task.accepts_word_lists and isinstance(value, (list, tuple, np.ndarray)):  # words already split
+            value = list(value)  # a Parquet list cell is an array
             if not value or not all(isinstance(w, str) and w.strip() for w in value):
                 raise DataError(f"{where}: expected a non-empty list of words")
-            return list(value)
+            return value
         if not isinstance(value, str):
             raise DataError(f"{where}: expected text, got {type(value).__name__}")
         if not value.strip():

@@ -324,3 +324,19 @@ def square_run(tmp_path_factory, tiny_resnet):
     fmtune.train(cfg_dict(tiny_resnet, train, out=str(out), model={"image_size": SIZE},
                           data={"test": str(test)}, train={"epochs": 6, "lr": 3e-3}), quiet=True)
     return out, test, boxes
+
+
+def hf_parquet(path: Path, columns: dict[str, list], names: dict[str, list[str]], lists: set[str]) -> Path:
+    """A Parquet file as Hugging Face ``datasets`` writes one: class ids, with the names in the
+    schema's ``huggingface`` metadata (the layout ``datasets`` 5.2's ``to_parquet`` writes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {}
+    for col in columns:
+        inner = {"names": names[col], "_type": "ClassLabel"} if col in names else {"dtype": "string", "_type": "Value"}
+        features[col] = {"feature": inner, "_type": "List"} if col in lists else inner
+    table = pa.table(columns)
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cfg_dict, save_shape_images
+from conftest import cfg_dict, hf_parquet, save_shape_images
 from PIL import Image
 
 import fmtune
@@ -76,6 +76,34 @@ def test_jsonl_and_parquet_train(tmp_path, tiny_bert, text_files):
                               data={"text_column": "review", "label_column": "y"}, train={"max_steps": 2}),
                      quiet=True)
     assert s["best"] is not None
+
+
+def test_hugging_face_class_ids_come_back_as_names(tmp_path, tiny_bert, text_files):
+    """A Hugging Face dataset's Parquet split (label ids, names in its metadata) trains and
+    predicts names; its -1 (GLUE's unlabelled test rows) is no label; a CSV of ids is named by
+    data.label_names."""
+    df = pd.read_csv(text_files["train"])
+    names = ["neg", "pos"]
+    p = hf_parquet(tmp_path / "train.parquet", {"sentence": df["text"].tolist(),
+                                                "label": [names.index(v) for v in df["label"]]},
+                   {"label": names}, set())
+    s = fmtune.train(cfg_dict(tiny_bert, p, out=str(tmp_path / "run"), data={"text_column": "sentence"},
+                              train={"max_steps": 2}), quiet=True)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == names and s["best"] is not None
+    unlabelled = hf_parquet(tmp_path / "test.parquet", {"sentence": ["a good film", "bad"], "label": [-1, -1]},
+                            {"label": names}, set())
+    assert read_table(unlabelled)["label"].tolist() == [None, None]
+    chunk = next(iter_chunks(unlabelled, "utf-8", 10, "sentence"))[0]
+    assert chunk["label"].tolist() == [None, None]
+    ids = _csv(tmp_path, "ids.csv", [(t, names.index(v)) for t, v in zip(df["text"], df["label"])])
+    cfg = cfg_dict(tiny_bert, ids, out=str(tmp_path / "run2"), data={"label_names": "neg, pos"}, train={"max_steps": 2})
+    fmtune.train(cfg, quiet=True)
+    assert json.loads((tmp_path / "run2" / "labels.json").read_text())["labels"] == names
+    assert load(overrides=["data.label_names=[neg, pos]"]).data.label_names == names
+    bad = _csv(tmp_path, "bad.csv", [("fine", 0), ("poor", 2)])
+    with pytest.raises(DataError, match=r"bad.csv: row 2 \(line 3\): label 2 is not a class id: the names given are "
+                                        r"ids 0..1 \(neg, pos\)"):
+        _train(tmp_path, tiny_bert, bad, data={"label_names": "neg,pos"})
 
 
 # --- columns and values ----------------------------------------------------------------

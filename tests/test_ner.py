@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import cfg_dict
+from conftest import cfg_dict, hf_parquet
 
 import fmtune
 from fmtune.data.conll import read_tokens, split_words, to_bio
@@ -118,8 +118,10 @@ def test_jsonl_tokens_and_character_spans(tmp_path):
      "line 1: entity 1 (X) spans characters 3..30, outside the text of 8 characters"),
     ('{"text": "Ada Lovelace", "entities": [{"start": 0, "end": 8, "label": "A"}, '
      '{"start": 4, "end": 12, "label": "B"}]}\n', ".jsonl", "line 1: entities 1 (A, 0..8) and 2 (B, 4..12) overlap"),
-    ('{"words": ["a"]}\n', ".jsonl", "line 1: expected 'tokens' (with 'tags') or 'text'"),
-    ('{"tokens": ["a", "b"], "ner_tags": [3, 0]}\n', ".jsonl", "line 1: tag 3 (word 1) is a number; write the tag"),
+    ('{"words": ["a"]}\n', ".jsonl", "line 1: expected 'tokens' (with 'tags' or 'ner_tags') or 'text'"),
+    ('{"tokens": ["a", "b"], "ner_tags": [3, 0]}\n', ".jsonl",
+     "line 1: tag 3 (word 1) is a number; name the numbers in id order with --set data.label_names="),
+    ('[{"tokens": ["a"], "tags": ["O"]}, {"tokens": ["b"], "tags": ["X"]}]', ".json", "record 2: tag 'X' (word 1)"),
     ("", ".conll", "the file is empty"),
     ("a,b\n", ".csv", "unsupported file type '.csv' for named entities"),
 ])
@@ -129,6 +131,52 @@ def test_bad_input_names_file_and_line(tmp_path, content, suffix, message):
     with pytest.raises(DataError) as e:
         read_tokens(p)
     assert str(p) in str(e.value) and message in str(e.value), str(e.value)
+
+
+CONLL03 = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+
+
+def test_hugging_face_parquet_and_numeric_tags_with_label_names(tmp_path):
+    # conll2003 as the Hub serves it: tokens, ner_tags as ids, names in the file's metadata
+    p = hf_parquet(tmp_path / "train.parquet", {"tokens": [["EU", "rejects", "German", "call"], ["Peter", "Blackburn"]],
+                                                 "ner_tags": [[3, 0, 7, 0], [1, 2]]},
+                   {"ner_tags": CONLL03}, {"tokens", "ner_tags"})
+    df = read_tokens(p)
+    assert list(df["tags"]) == [["B-ORG", "O", "B-MISC", "O"], ["B-PER", "I-PER"]]
+    assert df.attrs["line_unit"] == "row" and df["line"].tolist() == [1, 2]
+    # the same saved with to_json: ids only, named by data.label_names; a JSON array reads too
+    j = tmp_path / "train.json"
+    j.write_text(json.dumps([{"id": "0", "tokens": ["Peter", "Blackburn"], "ner_tags": [1, 2]}]))
+    assert read_tokens(j, names=CONLL03)["tags"].iloc[0] == ["B-PER", "I-PER"]
+    with pytest.raises(DataError, match=r"train.json: record 1: tag 2 \(word 2\) is not an id of data.label_names "
+                                        r"\(0..1\)"):
+        read_tokens(j, names=["O", "B-PER"])
+    # a Parquet file without the metadata: ids, as in JSON
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bare = tmp_path / "bare.parquet"
+    pq.write_table(pa.table({"tokens": [["Peter"]], "ner_tags": [[1]]}), bare)
+    with pytest.raises(DataError, match=r"bare.parquet: row 1: tag 1 \(word 1\) is a number"):
+        read_tokens(bare)
+    assert read_tokens(bare, names=CONLL03)["tags"].iloc[0] == ["B-PER"]
+
+
+def test_train_on_numeric_tags_named_in_the_config(tmp_path, ner_bert, ner_files):
+    """A user's JSONL with ids (Hugging Face's to_json) trains with data.label_names, and the run
+    predicts tag names."""
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    files = {}
+    for split in ("train", "val", "test"):
+        df = read_tokens(ner_files[split])
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"tokens": w, "ner_tags": [names.index(t) for t in tags]}) + "\n"
+                                        for w, tags in zip(df["tokens"], df["tags"])))
+    out = tmp_path / "run"
+    s = fmtune.train(_cfg(ner_bert, files, out, train={"epochs": 1}, data={"label_names": ",".join(names)}),
+                     quiet=True)
+    assert sorted(json.loads((out / "labels.json").read_text())["labels"]) == sorted(names)
+    assert 0.0 <= s["eval"]["test"]["entity_f1"] <= 1.0
 
 
 def test_test_tag_unseen_in_training_is_an_error_or_counted_as_missed(tmp_path, ner_bert, ner_files):
@@ -226,6 +274,20 @@ def test_predict_text_and_word_lists_to_jsonl_with_character_spans(tmp_path, ner
         {k: e[k] for k in ("text", "label", "start", "end")} for e in out[0]["entities"]]
     pred = fmtune.load(ner_run)
     assert pred.predict([["alice", "smith", "rome"]])[0]["tags"] == ["B-PER", "I-PER", "B-LOC"]  # lists of words
+
+
+def test_predict_a_hugging_face_parquet_split(tmp_path, ner_run):
+    """A Hugging Face split (words as lists, tag ids named in the file) predicts sentence by
+    sentence from its words."""
+    p = hf_parquet(tmp_path / "test.parquet", {"tokens": [["alice", "smith", "in", "rome"], ["bob", "jones"]],
+                                                "ner_tags": [[1, 2, 0, 3], [1, 2]]},
+                   {"ner_tags": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}, {"tokens", "ner_tags"})
+    df = fmtune.predict(ner_run, p, quiet=True)
+    assert df["tags"].tolist() == ["B-PER I-PER O B-LOC", "B-PER I-PER"]
+    assert df["ner_tags"].tolist() == [["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "I-PER"]]  # the file's, named
+    fmtune.predict(ner_run, p, tmp_path / "out.csv", quiet=True)
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert json.loads(out["tokens"].iloc[1]) == ["bob", "jones"]  # the words as JSON, as the entities are
 
 
 @pytest.mark.parametrize("labelled", [True, False])

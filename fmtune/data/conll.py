@@ -1,5 +1,5 @@
-"""Readers for token-labelled text (named entities): CoNLL-style files, JSONL of tokens and
-tags, and JSONL of texts with character spans. Each gives one row per sentence with
+"""Readers for token-labelled text (named entities): CoNLL-style files, JSONL (or Parquet) of
+tokens and tags, and JSONL of texts with character spans. Each gives one row per sentence with
 
     tokens   the words                      tags     their tags (None where unlabelled)
     text     the sentence as text           offsets  each word's (start, end) in ``text``
@@ -12,13 +12,14 @@ seqeval reads it. Texts given without words are split into words by ``split_word
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from fmtune.data.readers import CONLL_PREDICT_SUFFIXES, check_encoding, jsonl_records
+from fmtune.data.readers import CONLL_PREDICT_SUFFIXES, check_encoding, jsonl_records, read_parquet
 from fmtune.errors import DataError
 
 CONLL_SUFFIXES = CONLL_PREDICT_SUFFIXES | {".txt", ".tsv"}  # training reads .txt / .tsv as CoNLL too
@@ -48,8 +49,9 @@ def to_bio(tags: list[str], where: str) -> list[str]:
     prev_type = None
     for i, tag in enumerate(tags):
         if isinstance(tag, int) and not isinstance(tag, bool):
-            raise DataError(f"{where}: tag {tag} (word {i + 1}) is a number; write the tag names (O, B-PER, "
-                            "I-PER ...), e.g. map a Hugging Face dataset's ner_tags through its features' names")
+            raise DataError(f"{where}: tag {tag} (word {i + 1}) is a number; name the numbers in id order with "
+                            "--set data.label_names=O,B-PER,I-PER,... (a Hugging Face dataset's "
+                            "features['ner_tags'].feature.names), or write the tag names in the file")
         tag = str(tag).strip()
         if tag == "O":
             out.append("O")
@@ -68,11 +70,14 @@ def to_bio(tags: list[str], where: str) -> list[str]:
     return out
 
 
-def _frame(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
+def _frame(rows: list[dict[str, Any]], path: Path, unit: str = "line") -> pd.DataFrame:
+    """The sentences as a frame; ``unit``: what its ``line`` column counts (line, or the row /
+    record of a Parquet file / JSON array), for messages."""
     if not rows:
         raise DataError(f"{path}: no sentences found")
     df = pd.DataFrame(rows, columns=["tokens", "tags", "text", "offsets", "line"])
     df.attrs["source"] = str(path)
+    df.attrs["line_unit"] = unit
     return df
 
 
@@ -154,20 +159,24 @@ def spans_to_tags(text: str, entities: list[Any], offsets: list[tuple[int, int]]
     return tags
 
 
-def read_token_jsonl(path: Path, encoding: str = "utf-8", text_column: str = "text") -> pd.DataFrame:
-    """JSONL rows of ``{"tokens": [...], "tags": [...]}`` or ``{"text": ..., "entities": [{start, end,
-    label}]}`` (character spans; ``entities`` may be absent for unlabelled text)."""
+def _token_rows(records: list[tuple[str, int, dict]], text_column: str, names: list[str] | None) -> list[dict]:
+    """Sentences from records ``(where, line, object)`` of ``{"tokens": [...], "tags": [...]}`` (or
+    ``ner_tags``; numbers named by ``names``) or ``{"text": ..., "entities": [{start, end, label}]}``
+    (character spans; ``entities`` may be absent for unlabelled text)."""
     rows = []
-    for lineno, rec in jsonl_records(path, _read_text(path, encoding)):
-        where = f"{path}: line {lineno}"
+    for where, line, rec in records:
         if "tokens" in rec:
             tokens = rec["tokens"]
+            tokens = tokens.tolist() if hasattr(tokens, "tolist") else tokens  # a Parquet list column
             if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
                 raise DataError(f"{where}: 'tokens' must be a list of strings")
             tags = rec.get("tags", rec.get("ner_tags"))
+            tags = tags.tolist() if hasattr(tags, "tolist") else tags
             if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)):
                 n = len(tags) if isinstance(tags, list) else "no list of"
                 raise DataError(f"{where}: {len(tokens)} tokens but {n} tags; give one tag per token")
+            if tags is not None and names is not None:
+                tags = _named_tags(tags, names, where)
             text, offsets = join_words(tokens)
         elif text_column in rec:
             text = rec[text_column]
@@ -177,33 +186,73 @@ def read_token_jsonl(path: Path, encoding: str = "utf-8", text_column: str = "te
             ents = rec.get("entities")
             tags = None if ents is None else spans_to_tags(text, ents, offsets, where)
         else:
-            raise DataError(f"{where}: expected 'tokens' (with 'tags') or {text_column!r} (with 'entities'); "
-                            f"found keys {', '.join(map(repr, rec)) or 'none'}")
+            raise DataError(f"{where}: expected 'tokens' (with 'tags' or 'ner_tags') or {text_column!r} (with "
+                            f"'entities'); found keys {', '.join(map(repr, rec)) or 'none'}")
         if not tokens:
             raise DataError(f"{where}: the sentence is empty (no words)")
         rows.append({"tokens": tokens, "tags": None if tags is None else to_bio(tags, where), "text": text,
-                     "offsets": offsets, "line": lineno})
-    return _frame(rows, path)
+                     "offsets": offsets, "line": line})
+    return rows
+
+
+def _named_tags(tags: list[Any], names: list[str], where: str) -> list[Any]:
+    out = []
+    for i, t in enumerate(tags):
+        if isinstance(t, int) and not isinstance(t, bool):
+            if not 0 <= t < len(names):
+                raise DataError(f"{where}: tag {t} (word {i + 1}) is not an id of data.label_names (0.."
+                                f"{len(names) - 1})")
+            t = names[t]
+        out.append(t)
+    return out
+
+
+def read_token_jsonl(path: Path, encoding: str = "utf-8", text_column: str = "text",
+                     names: list[str] | None = None) -> pd.DataFrame:
+    """JSONL (or a JSON array) of sentences: see ``_token_rows``."""
+    text = _read_text(path, encoding)
+    if text.lstrip().startswith("["):  # a plain JSON array of records
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if not all(isinstance(rec, dict) for rec in array):
+            raise DataError(f"{path}: a JSON array of sentences must hold objects only")
+        records = [(f"{path}: record {k}", k, rec) for k, rec in enumerate(array, start=1)]
+        return _frame(_token_rows(records, text_column, names), path, "record")
+    records = [(f"{path}: line {n}", n, rec) for n, rec in jsonl_records(path, text)]
+    return _frame(_token_rows(records, text_column, names), path)
+
+
+def read_token_parquet(path: Path, text_column: str = "text", names: list[str] | None = None) -> pd.DataFrame:
+    """A Parquet file of sentences (columns as ``_token_rows``' keys), e.g. a Hugging Face dataset's
+    split: its ClassLabel tag names are read from the file."""
+    df = read_parquet(path)
+    records = [(f"{path}: row {k}", k, rec) for k, rec in enumerate(df.to_dict("records"), start=1)]
+    return _frame(_token_rows(records, text_column, names), path, "row")
 
 
 def read_tokens(path: str | Path, encoding: str = "utf-8", text_column: str = "text",
-                fmt: str = "auto") -> pd.DataFrame:
-    """Token-labelled data from a CoNLL-style file or a JSONL file (``fmt``: auto, conll, jsonl)."""
+                fmt: str = "auto", names: list[str] | None = None) -> pd.DataFrame:
+    """Token-labelled data from a CoNLL-style, JSONL/JSON or Parquet file (``fmt``: auto, conll,
+    jsonl); ``names``: data.label_names, for tags stored as numbers."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     if path.is_dir():
-        raise DataError(f"{path} is a folder; named entities are read from a CoNLL file (.conll/.bio/.txt) "
-                        "or a JSONL file")
+        raise DataError(f"{path} is a folder; named entities are read from a CoNLL file (.conll/.bio/.txt), "
+                        "a JSONL file or a Parquet file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
+    if fmt == "auto" and suffix in (".parquet", ".pq"):
+        return read_token_parquet(path, text_column, names)
     if fmt == "jsonl" or (fmt == "auto" and suffix in (".jsonl", ".json")):
-        return read_token_jsonl(path, encoding, text_column)
+        return read_token_jsonl(path, encoding, text_column, names)
     if fmt == "conll" or (fmt == "auto" and suffix in CONLL_SUFFIXES):
         return read_conll(path, encoding)
     raise DataError(f"{path}: unsupported file type {suffix!r} for named entities; use CoNLL (.conll, .bio, .txt: "
-                    "word and tag per line) or JSONL, or say --set data.format=conll|jsonl")
+                    "word and tag per line), JSONL or Parquet, or say --set data.format=conll|jsonl")
 
 
 def sentence_chunks(path: Path, encoding: str, chunk_rows: int, column: str):

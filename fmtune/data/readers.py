@@ -9,6 +9,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -71,10 +72,7 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
         raise DataError(f"data file {path} does not exist")
     suffix = _check_table(path, "or a folder of class sub-folders for images")
     if suffix in (".parquet", ".pq"):
-        try:
-            df = pd.read_parquet(path)
-        except Exception as e:  # pyarrow raises many types
-            raise DataError(f"{path}: cannot read as Parquet: {e}") from None
+        df = read_parquet(path)
     elif suffix in (".jsonl", ".json"):
         df = _read_jsonl(path, encoding)
     elif suffix == ".txt":
@@ -269,13 +267,70 @@ def _parquet_chunks(path: Path, chunk_rows: int):
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises many types
         raise DataError(f"{path}: cannot read as Parquet: {e}") from None
-    start = 0
+    start, names = 0, hf_label_names(path)
     for batch in pf.iter_batches(batch_size=chunk_rows):
         df = batch.to_pandas()
         df.index = range(start, start + len(df))
         df.attrs["source"] = str(path)
         start += len(df)
-        yield df, {}
+        yield name_labels(df, names), {}
+
+
+def hf_label_names(path: Path) -> dict[str, list[str]]:
+    """The class names a Parquet file written by Hugging Face ``datasets`` keeps for its ClassLabel
+    columns (``label``) and lists of them (``ner_tags``), from the schema's ``huggingface``
+    metadata; {} for any other file."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        features = json.loads(meta[b"huggingface"])["info"]["features"]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    out = {}
+    for column, feature in features.items() if isinstance(features, dict) else ():
+        inner = feature.get("feature", feature) if isinstance(feature, dict) else None  # List / Sequence of them
+        if isinstance(inner, dict) and inner.get("_type") == "ClassLabel" and isinstance(inner.get("names"), list):
+            out[column] = [str(n) for n in inner["names"]]
+    return out
+
+
+def name_labels(df: pd.DataFrame, names: dict[str, list[str]], digits: bool = False) -> pd.DataFrame:
+    """Integer class ids in ``df``'s columns (or lists of them) as their names (``digits``: ids
+    written as text too, as a CSV holds them); -1 (a Hugging Face dataset's "no label", e.g. a GLUE
+    test split) is a missing label. An id outside the names is a DataError naming the row."""
+    for column, labels in names.items():
+        if column not in df.columns:
+            continue
+
+        def name(v: Any, i: int, column: str = column, labels: list[str] = labels) -> Any:
+            if isinstance(v, (list, tuple, np.ndarray)):
+                return [name(x, i) for x in v]
+            if isinstance(v, str) and digits and v.strip().lstrip("-").isdigit():
+                v = int(v)
+            if v is None or isinstance(v, (str, bool)) or (isinstance(v, float) and not float(v).is_integer()):
+                return v
+            k = int(v)
+            if k == -1:
+                return None
+            if not 0 <= k < len(labels):
+                raise DataError(f"{row_label(df, i)}: {column} {k} is not a class id: the names given are ids "
+                                f"0..{len(labels) - 1} ({', '.join(labels[:10])}{' ...' if len(labels) > 10 else ''})")
+            return labels[k]
+
+        df[column] = pd.Series([name(v, i) for i, v in enumerate(df[column])], index=df.index, dtype=object)
+    return df
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    """A Parquet file as a DataFrame; class ids of a Hugging Face dataset's ClassLabel columns come
+    back as their names."""
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises many types
+        raise DataError(f"{path}: cannot read as Parquet: {e}") from None
+    df.attrs["source"] = str(path)
+    return name_labels(df, hf_label_names(path))
 
 
 def _jsonl_chunks(path: Path, encoding: str, chunk_rows: int):

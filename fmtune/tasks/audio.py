@@ -29,4 +29,4 @@ class AudioClassification(Classification):
         p = Path(path)
         if p.is_dir():
             return read_audio_folder(p, data_cfg.audio_column)
-        return read_table(p, data_cfg.encoding, data_cfg.audio_column)
+        return cls.with_label_names(read_table(p, data_cfg.encoding, data_cfg.audio_column), data_cfg)

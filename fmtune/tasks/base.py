@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmtune.data.readers import read_any, row_label
+from fmtune.data.readers import name_labels, read_any, row_label
 from fmtune.errors import DataError
 from fmtune.registry import Registry
 
@@ -97,8 +97,15 @@ class Task:
     # --- reading data --------------------------------------------------------------------------
     @classmethod
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
-        """A data file (or folder) as a DataFrame with one row per example."""
-        return read_any(path, data_cfg.encoding, data_cfg.text_column)
+        """A data file (or folder) as a DataFrame with one row per example; labels stored as numbers
+        named by data.label_names."""
+        return cls.with_label_names(read_any(path, data_cfg.encoding, data_cfg.text_column), data_cfg)
+
+    @classmethod
+    def with_label_names(cls, df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
+        """``df`` with the ids of its target column named by data.label_names, when set."""
+        names = data_cfg.label_names
+        return df if names is None else name_labels(df, {cls.target_column(data_cfg): names}, digits=True)
 
     @classmethod
     def target_column(cls, data_cfg: Any) -> str:

@@ -61,7 +61,7 @@ class TokenClassification(Task):
     # --- reading data ------------------------------------------------------------------------
     @classmethod
     def read(cls, path, data_cfg):
-        return read_tokens(path, data_cfg.encoding, data_cfg.text_column, data_cfg.format)
+        return read_tokens(path, data_cfg.encoding, data_cfg.text_column, data_cfg.format, data_cfg.label_names)
 
     @classmethod
     def target_column(cls, data_cfg):
@@ -282,7 +282,9 @@ class TokenClassification(Task):
 
 def _where(df: pd.DataFrame, r: int) -> str:
     src = df.attrs.get("source")
-    return f"{src}: line {df['line'].iloc[r]}" if "line" in df.columns else f"{src}: sentence {r + 1}"
+    if "line" not in df.columns:
+        return f"{src}: sentence {r + 1}"
+    return f"{src}: {df.attrs.get('line_unit', 'line')} {df['line'].iloc[r]}"
 
 
 def _check_labelled(values: pd.Series, df: pd.DataFrame) -> None:
