@@ -25,9 +25,18 @@ from fmtune import config as config_mod
 from fmtune import evaluation, paths, ui
 from fmtune.data import tabular
 from fmtune.data.conll import sentence_chunks
-from fmtune.data.dataset import epoch_batches, long_texts, long_texts_line
+from fmtune.data.dataset import auto_max_length, epoch_batches, long_texts, long_texts_line
 from fmtune.data.prepare import input_column, make_dataset, make_task, read_data, read_frames
-from fmtune.data.readers import CONLL_PREDICT_SUFFIXES, count_rows, iter_chunks, require_column, row_label, table_base
+from fmtune.data.readers import (
+    CONLL_PREDICT_SUFFIXES,
+    count_rows,
+    embedded,
+    iter_chunks,
+    media_cell,
+    require_column,
+    row_label,
+    table_base,
+)
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import write_json, write_text_atomic
 from fmtune.models import build
@@ -218,6 +227,12 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     if enough:
         few["small_training_set"] = enough
     _check_robust_training(cfg.train, bundle.kind, task)
+    if cfg.model.max_length is None and bundle.kind == "text" and task.level == "pooled" and cont is None:
+        auto = auto_max_length(bundle, frames.train.get(cfg.data.text_column), bundle.max_length, cfg.train.seed)
+        if auto:  # long texts: read more of them; config.yaml keeps the length chosen
+            bundle.max_length = auto["max_length"]
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_length=auto["max_length"]))
+            few["max_length_auto"] = auto
     data = _datasets(cfg, bundle, task, frames)
     cut = long_texts(data["train"], bundle, frames.train.get(cfg.data.text_column), cfg.train.seed)
     if cut:
@@ -299,6 +314,11 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
         out.print(f"  few labels: {few['no_validation_split']}")
     if "small_training_set" in few:
         out.print(f"  small training set: {few['small_training_set']}")
+    if "max_length_auto" in few:
+        auto = few["max_length_auto"]
+        out.print(f"  long texts: model.max_length {auto['max_length']} (95% of the training texts fit in "
+                  f"{auto['tokens_p95']} tokens); --set model.max_length={auto['default']} trains faster and reads "
+                  "less of each")
     if "long_texts" in few:
         out.print(f"  {long_texts_line(few['long_texts'])}")
     out.print(f"  data: train {_split_size(data['train'])}, val "
@@ -367,7 +387,7 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                    "weights_per_rank_mib": result.weights_per_rank_mib}
     info = {"params": counts, "hardware": hw.describe(), "data": _summary(frames, cfg, task, data), "fit": fit_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-    for note in ("small_training_set", "long_texts"):  # said apart from the few-label notes
+    for note in ("small_training_set", "long_texts", "max_length_auto"):  # said apart from the few-label notes
         if few.get(note):
             info[note] = summary[note] = few.pop(note)
     if few.get("auto") or few.get("no_validation_split") or few.get("contrastive"):
@@ -619,9 +639,11 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
         try:
             if pred.kind == "text":
                 items.append(pred.check_text(value, f"{where}: column {column!r}"))
-            else:
-                path = Path(str(value))
-                items.append(pred.decode(path if path.is_absolute() else base / path, where))
+            else:  # a path, or an image / clip embedded in the table (a Hugging Face Parquet)
+                source, _ = media_cell(value, base)
+                if source is None:
+                    raise DataError(f"{where}: column {column!r} is empty")
+                items.append(pred.decode(source, where))
         except DataError as e:
             if strict:
                 raise
@@ -645,6 +667,8 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     # an input column of the same name (a `label` column of a labelled file) is kept as it is
     out.columns = [f"predicted_{c}" if c in df.columns else c for c in out.columns]
     out["error"] = errors
+    if pred.kind != "text" and column in df.columns:  # an embedded file is written as its name, not its bytes
+        df = df.assign(**{column: [media_cell(v, base)[1] if embedded(v) is not None else v for v in df[column]]})
     return pd.concat([df.reset_index(drop=True), out], axis=1)
 
 

@@ -31,8 +31,9 @@ class ModelConfig:
     pooling: Literal["auto", "mean", "cls", "pooler"] = _f(
         "auto", "how the head reads the backbone: auto = what the backbone was trained with"
     )
-    max_length: int | None = _f(None, "text: tokens kept per example (longer texts are truncated; default 128; "
-                                "generation: prompt + completion, default 512)")
+    max_length: int | None = _f(None, "text: tokens kept per example (longer texts are truncated; default 128, "
+                                "or, for one prediction per text, the length that keeps 95% of the training texts "
+                                "whole, up to 256; ner: the window; generation: prompt + completion, default 512)")
     image_size: int | None = _f(None, "images: side length fed to the backbone (default: the backbone's; "
                                 "segmentation and detection on a CNN: 320)")
     audio_window: float | None = _f(None, "audio: seconds the encoder reads at once (default: the model's own "

@@ -87,7 +87,8 @@ def mistakes(pred: Any, data: str | Path, n: int, quiet: bool) -> list[dict[str,
     with ui.CountProgress("finding mistakes", len(ds), quiet) as bar:
         logits, targets = infer(pred.model, ds, pred.batch_size, progress=bar)
     rate = int(pred.bundle.audio["sampling_rate"])
-    return [{"name": Path(ds.sources[i]).name, "wave": load_audio(ds.sources[i], rate),
+    return [{"name": Path(ds.names[i]).name if isinstance(ds.sources[i], str) else ds.names[i],
+             "wave": load_audio(ds.sources[i], rate),
              "true": pred.task.labels[int(targets[i])]} for i, _, _ in pred.task.mistake_positions(logits, targets, n)]
 
 

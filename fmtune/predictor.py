@@ -98,7 +98,11 @@ class Predictor:
 
     def decode(self, value: Any, where: str) -> Any:
         """One image from a path, bytes or a PIL image -> uint8 (3, size, size); one audio clip from a
-        path or bytes -> its mono waveform at the model's rate. DataError if it is not one."""
+        path or bytes -> its mono waveform at the model's rate. DataError if it is not one. A Hugging
+        Face Parquet cell ({"bytes": ..., "path": ...}) is its bytes."""
+        from fmtune.data.readers import embedded
+
+        value = embedded(value) or (value.get("path") if isinstance(value, dict) else value)
         if self.kind == "audio":
             from fmtune.data.audio import load_audio
 

@@ -326,15 +326,18 @@ def square_run(tmp_path_factory, tiny_resnet):
     return out, test, boxes
 
 
-def hf_parquet(path: Path, columns: dict[str, list], names: dict[str, list[str]], lists: set[str]) -> Path:
+def hf_parquet(path: Path, columns: dict[str, list], names: dict[str, list[str]], lists: set[str],
+               media: dict[str, str] | None = None) -> Path:
     """A Parquet file as Hugging Face ``datasets`` writes one: class ids, with the names in the
-    schema's ``huggingface`` metadata (the layout ``datasets`` 5.2's ``to_parquet`` writes)."""
+    schema's ``huggingface`` metadata, and images / clips (``media``: column -> Image or Audio)
+    embedded as {bytes, path} (the layout ``datasets`` 5.2's ``to_parquet`` writes)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     features = {}
     for col in columns:
-        inner = {"names": names[col], "_type": "ClassLabel"} if col in names else {"dtype": "string", "_type": "Value"}
+        inner = ({"names": names[col], "_type": "ClassLabel"} if col in names else
+                 {"_type": media[col]} if media and col in media else {"dtype": "string", "_type": "Value"})
         features[col] = {"feature": inner, "_type": "List"} if col in lists else inner
     table = pa.table(columns)
     meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict, save_tiny_wav2vec2, save_tiny_whisper
+from conftest import cfg_dict, hf_parquet, save_tiny_wav2vec2, save_tiny_whisper
 
 from fmtune.data.audio import AudioData, AudioSpec, LogMel, audio_dataset, features_of, load_audio, windows
 from fmtune.errors import ConfigError, DataError, ModelError
@@ -477,6 +477,34 @@ def test_robustness_and_explain_of_an_audio_classifier(tiny_whisper, tone_dirs, 
     assert float(heat.sum()) == pytest.approx(float(logits[0, k] - logits[1, k]), rel=0.05, abs=0.02)
     with pytest.raises(ConfigError, match="does not apply to audio models"):
         explain(out, [str(tone_dirs["test"])], method="gradcam", quiet=True)
+
+
+def test_hugging_face_audio_parquet_trains_predicts_and_is_perturbed(tiny_whisper, tone_dirs, tmp_path):
+    """A Hugging Face audio dataset's Parquet split (clips embedded as {bytes, path}, class ids named
+    in its metadata) trains, predicts (the output names each clip, not its bytes) and is read again
+    from its bytes by robustness."""
+    import fmtune
+    from fmtune.robustness import robustness
+
+    names = sorted(PITCHES)
+    files = {}
+    for split in ("train", "test"):
+        clips = sorted(tone_dirs[split].glob("*/*.*"))
+        files[split] = hf_parquet(tmp_path / f"{split}.parquet",
+                                  {"audio": [{"bytes": c.read_bytes(), "path": c.name} for c in clips],
+                                   "label": [names.index(c.parent.name) for c in clips]},
+                                  {"label": names}, set(), {"audio": "Audio"})
+    out = tmp_path / "run"
+    fmtune.train(cfg_dict(tiny_whisper, files["train"], out=str(out), task={"type": "audio-classification"},
+                          data={"test": str(files["test"])}, train={"epochs": 2, "batch_size": 8, "lr": 3e-3}),
+                 quiet=True)
+    assert json.loads((out / "labels.json").read_text())["labels"] == names
+    fmtune.predict(out, files["test"], tmp_path / "out.csv", quiet=True)
+    pred = pd.read_csv(tmp_path / "out.csv")
+    assert len(pred) == 12 and pred["audio"].str.startswith("embedded file ").all() and pred["error"].isna().all()
+    assert set(pred["predicted_label"]) <= set(names)
+    res = robustness(out, None, suite="quick", quiet=True)["runs"]["run"]
+    assert res["examples"] == 12 and res["perturbations"]
 
 
 def test_a_clip_of_a_whole_window_or_more_fits_the_encoder(tiny_whisper):

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import cfg_dict
+from conftest import cfg_dict, hf_parquet
 from sklearn.linear_model import LogisticRegression
 
 import fmtune
 from fmtune.cli import main
+from fmtune.errors import DataError
 
 
 @pytest.mark.parametrize("model", ["tiny_vit", "tiny_resnet", "mobilenet-v2"])
@@ -34,6 +35,45 @@ def test_image_classification_end_to_end(tmp_path, image_dirs, model, request):
     finally:
         (image_dirs["test"] / "bad.png").unlink()
     assert preds["error"].notna().sum() == 1 and preds["label"].notna().sum() == 20
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_hugging_face_image_parquet_trains_and_predicts(tmp_path, image_dirs, tiny_vit, eager, monkeypatch):
+    """A Hugging Face image dataset's Parquet split (images embedded as {bytes, path}, class ids
+    named in its metadata) trains, decoded up front or per batch, and predicts; the predictions
+    name each image, not its bytes; a cell that is no image is an error naming the row."""
+    from fmtune.data import dataset
+
+    if not eager:
+        monkeypatch.setattr(dataset, "EAGER_IMAGE_BYTES", 0)
+    names = ["bottom", "top"]
+    files = {}
+    for split in ("train", "test"):
+        pngs = sorted(image_dirs[split].glob("*/*.png"))
+        files[split] = hf_parquet(tmp_path / f"{split}.parquet",
+                                  {"image": [{"bytes": p.read_bytes(), "path": p.name} for p in pngs],
+                                   "label": [names.index(p.parent.name) for p in pngs]},
+                                  {"label": names}, set(), {"image": "Image"})
+    s = fmtune.train(cfg_dict(tiny_vit, files["train"], out=str(tmp_path / "run"), model={"image_size": 32},
+                              data={"test": str(files["test"])}, train={"epochs": 4, "batch_size": 8}), quiet=True)
+    assert s["eval"]["test"]["accuracy"] >= 0.8, s
+    if not eager:  # the feature cache tells lazily kept embedded images apart by their bytes
+        from fmtune.training.cache import content_key
+
+        spec = {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+        a, b = (content_key("m", "train", dataset.ImageData([x], None, spec), "mean") for x in (b"\x01", b"\x02"))
+        assert a != b
+    fmtune.predict(tmp_path / "run", files["test"], tmp_path / "out.csv", quiet=True)
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert out["image"].str.startswith("embedded file ").all() and out["error"].isna().all()
+    assert (out["label"] == out["predicted_label"]).mean() >= 0.8
+    bad = hf_parquet(tmp_path / "bad.parquet", {"image": [{"bytes": b"not an image", "path": "x.png"}] * 2,
+                                                "label": [0, 1]}, {"label": names}, set(), {"image": "Image"})
+    with pytest.raises(DataError, match=r"(?s)bad.parquet: 2 of 2 images cannot be read.*row 1: embedded file x.png: "
+                                        r"not a readable image \(UnidentifiedImageError: cannot identify image file in "
+                                        r"the table\)"):
+        fmtune.train(cfg_dict(tiny_vit, bad, out=str(tmp_path / "bad"), model={"image_size": 32},
+                              data={"val": str(bad)}), quiet=True)
 
 
 def test_head_strategy_matches_sklearn_logistic_regression(tmp_path, tiny_st_bert, text_files):

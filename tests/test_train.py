@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import cfg_dict
 
 import fmtune
@@ -224,6 +225,44 @@ def test_texts_cut_at_max_length_are_counted_and_a_length_suggested(tmp_path, ti
     fmtune.train(cfg_dict(tiny_bert, text_files["train"], out=str(tmp_path / "short"), train={"max_steps": 1}),
                  quiet=True)
     assert "long_texts" not in json.loads((tmp_path / "short" / "run.json").read_text())
+
+
+def test_long_texts_raise_an_unset_max_length_from_the_data(tmp_path, tiny_bert, text_files, capsys):
+    """model.max_length unset: 128, or the length that keeps 95% of the training texts whole when
+    more (at most 256); the run keeps the length chosen (config.yaml, the saved model)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    model = tmp_path / "bert-512"
+    shutil.copytree(tiny_bert, model)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=BertConfig.from_pretrained(tiny_bert).vocab_size, hidden_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=512)).save_pretrained(model)
+    df = pd.read_csv(text_files["train"])
+    for name, times in (("long", 20), ("longer", 60)):
+        long = df.assign(text=[" ".join([t] * times) for t in df["text"]])  # about 7 tokens per copy
+        long.to_csv(tmp_path / f"{name}.csv", index=False)
+    cfg = cfg_dict(model, tmp_path / "long.csv", out=str(tmp_path / "run"), train={"max_steps": 1})
+    del cfg["model"]["max_length"]
+    fmtune.train(cfg, quiet=False)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    auto = run["max_length_auto"]
+    assert 128 < auto["tokens_p95"] <= 256 and auto["max_length"] == -(-auto["tokens_p95"] // 32) * 32
+    assert "long_texts" not in run  # 95% now fit
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["max_length"] == auto["max_length"]
+    assert fmtune.load(tmp_path / "run").bundle.max_length == auto["max_length"]
+    assert f"model.max_length {auto['max_length']} (95% of the training texts fit" in capsys.readouterr().err
+    # longer still: at most 256, and the note says how many are cut; short texts: 128, nothing said
+    cfg.update(out=str(tmp_path / "longer"), data={**cfg["data"], "train": str(tmp_path / "longer.csv")})
+    fmtune.train(cfg, quiet=True)
+    run = json.loads((tmp_path / "longer" / "run.json").read_text())
+    assert run["max_length_auto"]["max_length"] == 256 and run["long_texts"]["max_length"] == 256
+    cfg.update(out=str(tmp_path / "short"), data={**cfg["data"], "train": str(text_files["train"])})
+    fmtune.train(cfg, quiet=True)
+    assert "max_length_auto" not in json.loads((tmp_path / "short" / "run.json").read_text())
+    assert fmtune.load(tmp_path / "short").bundle.max_length == 128
 
 
 def test_max_length_beyond_the_model_is_refused_and_the_default_fits_the_model(tmp_path, tiny_bert):

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from fmtune.data.dataset import skip_bad
-from fmtune.data.readers import AUDIO_SUFFIXES, read_class_folder, require_column, row_label, table_base
+from fmtune.data.readers import AUDIO_SUFFIXES, media_cell, read_class_folder, require_column, row_label, table_base
 from fmtune.errors import DataError
 
 MIN_SECONDS = 0.005  # shorter is not a sound a model can tell anything from: an error
@@ -188,9 +188,10 @@ class AudioData(torch.utils.data.Dataset):
     samples, for a waveform) and ``clip_index`` telling which clip of the batch each window belongs to."""
 
     def __init__(self, clips: list[list[torch.Tensor]], targets: Any, spec: AudioSpec,
-                 sources: list[str] | None = None):
+                 sources: list[str | bytes] | None = None, names: list[str] | None = None):
         self.clips, self.targets, self.spec = clips, targets, spec
-        self.sources = sources or []  # the file of each clip, where known (reports name them)
+        self.sources = sources or []  # each clip's file (bytes: a clip embedded in its table), where known
+        self.names = names or [str(s) for s in self.sources]  # how reports and messages name each clip
         self.lengths = np.array([sum(w.shape[-1] for w in c) for c in clips])
 
     def __len__(self) -> int:
@@ -257,14 +258,13 @@ def audio_dataset(df: pd.DataFrame, column: str, spec: AudioSpec, targets: torch
     require_column(df, column, "audio path", "data.audio_column")
     src, base = df.attrs.get("source", ""), table_base(df)
     table = bool(src) and Path(src).is_file()
-    kept, waves, bad, sources = [], [], [], []
+    kept, waves, bad, sources, names = [], [], [], [], []
     for i, value in enumerate(df[column].tolist()):
-        if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+        p, name = media_cell(value, base)  # a path, or a clip embedded in the table (a Hugging Face Parquet)
+        if p is None:
             bad.append(f"{row_label(df, i)}: column {column!r} is empty")
             continue
-        p = Path(str(value))
-        p = p if p.is_absolute() else base / p
-        where = f"{row_label(df, i)}: {p}" if table else str(p)
+        where = f"{row_label(df, i)}: {name}" if table or isinstance(p, bytes) else name
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always")
@@ -273,10 +273,12 @@ def audio_dataset(df: pd.DataFrame, column: str, spec: AudioSpec, targets: torch
             bad.append(str(e))
             continue
         kept.append(i)
-        sources.append(str(p))
+        sources.append(p if isinstance(p, bytes) else str(p))
+        names.append(where if isinstance(p, bytes) else str(p))
     skip_bad(bad, len(df), src, max_bad_fraction, "audio files cannot be used", "unusable audio file(s)")
     keep = np.array(kept, dtype=np.int64)
-    return AudioData(features_of(waves, spec), None if targets is None else targets[keep], spec, sources), keep
+    return AudioData(features_of(waves, spec), None if targets is None else targets[keep], spec, sources,
+                     names), keep
 
 
 def feature_extractor(audio: dict[str, Any]) -> Any:

@@ -168,10 +168,37 @@ def table_base(df: pd.DataFrame) -> Path:
 
 
 def absolute_paths(df: pd.DataFrame, column: str) -> pd.DataFrame:
-    """A copy of ``df`` whose ``column`` of paths is absolute (to mix rows of several tables)."""
+    """A copy of ``df`` whose ``column`` of paths is absolute (to mix rows of several tables); files
+    embedded in the table (see ``media_cell``) stay as they are."""
     base, out = table_base(df), df.copy()
-    out[column] = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df[column].astype(str)]
+    out[column] = [v if embedded(v) is not None else str(Path(str(v)) if Path(str(v)).is_absolute()
+                                                         else (base / str(v)).resolve()) for v in df[column]]
     return out
+
+
+def embedded(value: Any) -> bytes | None:
+    """The file held in a table cell itself: a Hugging Face dataset's Image / Audio cell as Parquet
+    stores it (``{"bytes": ..., "path": name}``), or raw bytes; None for a cell naming a file."""
+    if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
+        return bytes(value["bytes"])
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else None
+
+
+def media_cell(value: Any, base: Path) -> tuple[Path | bytes | None, str]:
+    """A table cell of an image / audio column -> (what to decode, how messages name it): a path
+    (relative to ``base``, the table's folder), or the bytes of a file embedded in the table (see
+    ``embedded``; a cell of a path only is that path). None for an empty cell."""
+    data = embedded(value)
+    if data is not None:
+        name = value.get("path") if isinstance(value, dict) else None
+        return data, f"embedded file {name}" if name else "embedded file"
+    if isinstance(value, dict):  # {"bytes": None, "path": ...}: the file is outside the table
+        value = value.get("path")
+    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+        return None, ""
+    p = Path(str(value))
+    p = p if p.is_absolute() else base / p
+    return p, str(p)
 
 
 def require_column(df: pd.DataFrame, column: str, what: str, option: str) -> None:

@@ -148,7 +148,7 @@ class Classification(Task):
                 rec["input"] = text[:400]
         elif bundle.kind == "audio":
             for rec in out:
-                rec["input"] = ds.sources[rec["position"]] if ds.sources else ""
+                rec["input"] = ds.names[rec["position"]] if ds.names else ""
         elif out:
             plots.image_gallery([ds.raw([r["position"]])[0] for r in out],
                                 [f"true {r['true']}\npred {r['predicted']} {r['score']:.2f}" for r in out], png)

@@ -248,7 +248,7 @@ def ctc_loss(log_probs: torch.Tensor, labels: torch.Tensor, blank: int) -> torch
 
 def _one_window_each(audio: Any, spec: Any) -> None:
     """A DataError naming the first training clip longer than the model's window (and how many)."""
-    long = [src for src, c in zip(audio.sources, audio.clips) if len(c) > 1]
+    long = [name for name, c in zip(audio.names, audio.clips) if len(c) > 1]
     if long:
         raise DataError(f"{long[0]}: the clip is longer than the model's {spec.window_seconds:g} s window "
                         f"({len(long)} clip(s) in all); a training clip needs a transcript per window: cut long "

@@ -281,9 +281,12 @@ def content_key(digest: str, split: Split, ds: Any, pooling: str, how: str = "")
     elif isinstance(ds.images, torch.Tensor):
         h.update(json.dumps(ds.spec, sort_keys=True).encode())
         h.update(ds.images.numpy().tobytes())
-    else:  # lazily decoded images: their paths, sizes and modification times
+    else:  # lazily decoded images: their paths, sizes and modification times (embedded ones: their bytes)
         h.update(json.dumps(ds.spec, sort_keys=True).encode())
         for p in ds.images:
+            if isinstance(p, bytes):
+                h.update(hashlib.sha256(p).digest())
+                continue
             st = os.stat(p)
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]
