@@ -97,6 +97,7 @@ def select(run: str | Path, pool: str | Path, n: int, *, strategy: str = "mix", 
     pred = Predictor(run)
     cfg, task = pred.config, pred.task
     task.require("pseudo_labels", "fmtune select (it ranks rows by their predicted label)")
+    pred.require_single_texts("fmtune select")
     if pred.kind != "text":
         raise ConfigError(f"fmtune select ranks texts; {run} reads {pred.kind}s")
     if n < 1:

@@ -25,7 +25,7 @@ from fmtune import config as config_mod
 from fmtune import evaluation, paths, ui
 from fmtune.data import tabular
 from fmtune.data.conll import sentence_chunks
-from fmtune.data.dataset import auto_max_length, epoch_batches, long_texts, long_texts_line
+from fmtune.data.dataset import auto_max_length, epoch_batches, long_texts, long_texts_line, model_texts
 from fmtune.data.prepare import input_column, make_dataset, make_task, read_data, read_frames
 from fmtune.data.readers import (
     CONLL_PREDICT_SUFFIXES,
@@ -227,14 +227,15 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     if enough:
         few["small_training_set"] = enough
     _check_robust_training(cfg.train, bundle.kind, task)
+    _check_pairs(cfg, bundle, task)
     if cfg.model.max_length is None and bundle.kind == "text" and task.level == "pooled" and cont is None:
-        auto = auto_max_length(bundle, frames.train.get(cfg.data.text_column), bundle.max_length, cfg.train.seed)
+        auto = auto_max_length(bundle, model_texts(frames.train, cfg.data), bundle.max_length, cfg.train.seed)
         if auto:  # long texts: read more of them; config.yaml keeps the length chosen
             bundle.max_length = auto["max_length"]
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_length=auto["max_length"]))
             few["max_length_auto"] = auto
     data = _datasets(cfg, bundle, task, frames)
-    cut = long_texts(data["train"], bundle, frames.train.get(cfg.data.text_column), cfg.train.seed)
+    cut = long_texts(data["train"], bundle, model_texts(frames.train, cfg.data), cfg.train.seed)
     if cut:
         few["long_texts"] = cut
     counts = apply_strategy(bundle, cfg.strategy)
@@ -243,6 +244,25 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     counts.update(optim.memory_note(counts, cfg.train))
     bundle.model.to(hw.device)  # the feature cache, training, test and baseline all run there
     return cfg, bundle, data, counts, few
+
+
+def _check_pairs(cfg: config_mod.Config, bundle: build.Bundle, task: Any) -> None:
+    """data.text_pair_column: for one prediction per pair of texts, with what reads pairs."""
+    if not cfg.data.text_pair_column:
+        return
+    if bundle.kind != "text" or task.level != "pooled":
+        raise ConfigError(f"data.text_pair_column: pairs of texts are read by text models predicting one "
+                          f"{'label' if task.labels is not None else 'value'} per pair (classification, multilabel, "
+                          f"regression), not by {task.name} on a {bundle.kind} model")
+    if cfg.strategy.name == "prompt":
+        raise ConfigError("data.text_pair_column: prompt tuning does not read sentence pairs (its virtual tokens "
+                          "do not carry segment ids); use lora or full")
+    if cfg.semi.unlabeled:
+        raise ConfigError("data.text_pair_column: self-training (--unlabeled) reads one text per row; it is not "
+                          "built for pairs")
+    if cfg.train.augment.typos or cfg.train.augment.word_drop:
+        raise ConfigError("data.text_pair_column: train.augment.typos / word_drop rewrite one text per example; "
+                          "they are not applied to pairs")
 
 
 def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
@@ -626,6 +646,10 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     column, what, key = input_column(pred.kind, cfg.data)
     column = task.input_column(df, column)
     require_column(df, column, what, key)
+    pair = pred.pair_column if pred.kind == "text" else None
+    if pair:
+        require_column(df, pair, "second text", "data.text_pair_column")
+        seconds = df[pair].tolist()
     base = table_base(df)
     errors: list[str | None] = [None] * len(df)
     ok, items = [], []
@@ -637,7 +661,9 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
             continue
         where = row_label(df, i)
         try:
-            if pred.kind == "text":
+            if pair:
+                items.append(pred.check_text((value, seconds[i]), f"{where}: columns {column!r}, {pair!r}"))
+            elif pred.kind == "text":
                 items.append(pred.check_text(value, f"{where}: column {column!r}"))
             else:  # a path, or an image / clip embedded in the table (a Hugging Face Parquet)
                 source, _ = media_cell(value, base)

@@ -56,6 +56,10 @@ class DataConfig:
     val: str | None = _f(None, "validation data (default: split off the training data)")
     test: str | None = _f(None, "test data, evaluated with the best checkpoint at the end")
     text_column: str = _f("text", "column holding the text")
+    text_pair_column: str | None = _f(None, "sentence pairs (entailment, paraphrase, question and answer): the "
+                                      "column of each row's second text. The model reads both as one input, joined "
+                                      "by its separator token, with segment ids where it has them; the longer text "
+                                      "is cut first. Unset: one text per row")
     text_columns: str | None = _f(None, "tabular data: write these columns (comma-separated, or 'all' but the label) "
                                   "as the text, 'col: value, col: value', for a text encoder to read")
     text_template: str | None = _f(None, "tabular data: the text as a format string over column names, e.g. "
@@ -102,6 +106,10 @@ class DataConfig:
         _check(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
         _check(not (self.text_columns and self.text_template), "data.text_template",
                "give text_columns or text_template, not both")
+        _check(not (self.text_pair_column and (self.text_columns or self.text_template)), "data.text_pair_column",
+               "reads a second text column as it is; it does not combine with text_columns / text_template")
+        _check(self.text_pair_column != self.text_column, "data.text_pair_column",
+               "must name another column than data.text_column")
         _check(self.label_names is None or all(self.label_names), "data.label_names",
                "must be names separated by commas, none empty")
         if self.text_template:

@@ -413,6 +413,7 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
 
         return explain_audio(pred, inputs or [], method=method, target=target, misclassified=misclassified,
                              data=data, out=out, limit=limit, steps=steps, baseline=baseline, quiet=quiet)
+    pred.require_single_texts("fmtune explain")
     if pred.task.level == "dense":  # a class region or a box: Grad-CAM (fmtune.explain_dense)
         from fmtune.explain_dense import explain_dense
 

@@ -143,7 +143,7 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
             if kind == "onnx-int8":
                 quantize_int8(fp32, tmp / MODEL_FILE)
                 fp32.unlink()
-            write_preprocessing(plain, opened.task, tmp)
+            write_preprocessing(plain, opened.task, tmp, bool(opened.config.data.text_pair_column))
 
         exported = lambda tmp: OnnxModel(tmp / MODEL_FILE)  # noqa: E731
 

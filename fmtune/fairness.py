@@ -581,6 +581,9 @@ def _counterfactual(opened: Any, df: pd.DataFrame, groups: list[str], terms: str
     from fmtune.training.infer import infer
 
     cfg, task, bundle = opened.config, opened.task, opened.bundle
+    if cfg.data.text_pair_column:
+        raise ConfigError("fmtune fairness --counterfactual swaps terms in one text per example; this run reads "
+                          f"pairs of texts ({cfg.data.text_column}, {cfg.data.text_pair_column})")
     rng = np.random.default_rng(cfg.train.seed)
     rows = df.iloc[np.sort(rng.permutation(len(df))[:max_rows])] if len(df) > max_rows else df
     pairs: list[tuple[str, str, str]] = []

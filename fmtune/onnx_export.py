@@ -33,8 +33,10 @@ class TextLogits(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}  # pairs of texts
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits
 
 
 class _ImageLogits(TextLogits):
@@ -55,14 +57,17 @@ class _WindowLogits(TextLogits):
         return self.model(**{self.key: windows}, frame_mask=frame_mask).logits
 
 
-def input_names(kind: str, audio: dict[str, Any] | None = None) -> list[str]:
-    """The graph's inputs: a text model's ids and mask, an image model's pixels, an audio model's
-    windows (log-mel features or waveform samples, ``bundle.audio``) and their mask."""
+def input_names(kind: str, audio: dict[str, Any] | None = None, segments: bool = False) -> list[str]:
+    """The graph's inputs: a text model's ids and mask (and segment ids, for pairs of texts read by
+    a model that has them), an image model's pixels, an audio model's windows (log-mel features or
+    waveform samples, ``bundle.audio``) and their mask."""
     if kind == "audio":
         from fmtune.data.audio import AudioSpec
 
         return [AudioSpec.from_dict(audio or {}).input_key, "frame_mask"]
-    return {"text": ["input_ids", "attention_mask"]}.get(kind, ["pixel_values"])
+    if kind == "text":
+        return ["input_ids", "attention_mask", *(["token_type_ids"] if segments else [])]
+    return ["pixel_values"]
 
 
 @contextlib.contextmanager
@@ -85,12 +90,12 @@ def _quiet_exporter():
 def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], path: Path,
                 audio: dict[str, Any] | None = None) -> None:
     """Export a plain (adapter-free) task model to ``path`` with dynamic batch (and sequence) axes."""
-    names = input_names(kind, audio)
+    names = input_names(kind, audio, "token_type_ids" in sample)
     args = tuple(sample[n] for n in names)
     batch = torch.export.Dim("batch", min=1)
     if kind == "text":
         seq = torch.export.Dim("seq", min=1)
-        shapes: Any = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+        shapes: Any = {n: {0: batch, 1: seq} for n in names}
     elif names[0] == "input_values":  # waveform windows of any length (in samples)
         samples = torch.export.Dim("samples", min=800)
         shapes = {"input_values": {0: batch, 1: samples}, "frame_mask": {0: batch, 1: samples}}
@@ -121,10 +126,14 @@ def quantize_int8(src: Path, dst: Path) -> None:
     prepared.unlink()
 
 
-def write_preprocessing(bundle: Any, task: Any, folder: Path) -> None:
-    prep = {"kind": bundle.kind, **task.state(), "inputs": input_names(bundle.kind, bundle.audio), "output": "logits"}
+def write_preprocessing(bundle: Any, task: Any, folder: Path, pairs: bool = False) -> None:
+    segments = pairs and bundle.kind == "text" and bundle.uses_segments()
+    prep = {"kind": bundle.kind, **task.state(), "inputs": input_names(bundle.kind, bundle.audio, segments),
+            "output": "logits"}
     if bundle.kind == "text":
         prep["max_length"] = bundle.max_length
+        if pairs:  # the tokenizer called on (first, second), truncation longest_first
+            prep["text_pairs"] = True
         bundle.tokenizer.save_pretrained(folder)
     elif bundle.kind == "audio":
         # mono at sampling_rate, cut into windows of window_seconds, Whisper's log-mel of each window's own

@@ -43,6 +43,7 @@ class Predictor:
         self.run_dir = opened.dir
         self.config, self.task, self.bundle = opened.config, opened.task, opened.bundle
         self.kind = self.bundle.kind
+        self.pair_column = getattr(self.config.data, "text_pair_column", None)  # a run on pairs of texts
         self.batch_size = batch_size or self.config.train.eval_batch_size
         self.backend = backend
         if self.task.level == "lm" and backend != "torch":
@@ -79,7 +80,21 @@ class Predictor:
                 else None, "image_size": self.bundle.image.get("size"), "test_metrics": metrics}
 
     # --- inputs -> a dataset ------------------------------------------------------------------
-    def check_text(self, value: Any, where: str) -> str:
+    def check_text(self, value: Any, where: str) -> str | tuple[str, str]:
+        if self.pair_column:  # a run on pairs: two texts, as (first, second)
+            if not (isinstance(value, (list, tuple)) and len(value) == 2):
+                raise DataError(f"{where}: this run reads pairs of texts ({self.config.data.text_column}, "
+                                f"{self.pair_column}): give two texts, e.g. [\"first\", \"second\"]")
+            return tuple(self._one_text(v, f"{where} (text {k + 1})") for k, v in enumerate(value))
+        return self._one_text(value, where)
+
+    def require_single_texts(self, what: str) -> None:
+        """A ConfigError when this run reads pairs of texts, for commands built for one text each."""
+        if self.pair_column:
+            raise ConfigError(f"{what} is built for runs on one text per example; {self.run_dir.name} reads pairs "
+                              f"of texts ({self.config.data.text_column}, {self.pair_column})")
+
+    def _one_text(self, value: Any, where: str) -> Any:
         if value is None or (isinstance(value, float) and value != value):  # missing (NaN) cell
             raise DataError(f"{where}: the text is empty")
         if self.task.accepts_word_lists and isinstance(value, (list, tuple, np.ndarray)):  # words already split
@@ -136,6 +151,7 @@ class Predictor:
 
         if self.backend != "torch":
             raise ConfigError(f"embeddings come from the torch model, not the {self.backend} export")
+        self.require_single_texts("embedding")
         ds = self.text_data([self.check_text(t, f"row {i}") for i, t in enumerate(texts)])
         feats, _ = infer(self.model, ds, self.batch_size, features=True)
         with torch.no_grad():
@@ -143,9 +159,11 @@ class Predictor:
         return feats.numpy(), logits.softmax(-1).numpy()
 
     def predict(self, inputs: Any) -> list[dict[str, Any]] | dict[str, Any]:
-        """Predict one input or a list of them (texts; or image paths, bytes or PIL images).
-        One input gives one dict, a list gives a list."""
-        single = isinstance(inputs, (str, bytes, Path)) or not isinstance(inputs, (list, tuple))
+        """Predict one input or a list of them (texts, or (first, second) pairs of texts for a run
+        on pairs; or image paths, bytes or PIL images). One input gives one dict, a list gives a list."""
+        single = isinstance(inputs, (str, bytes, Path)) or not isinstance(inputs, (list, tuple)) or (
+            bool(self.pair_column) and isinstance(inputs, tuple) and len(inputs) == 2
+            and all(isinstance(v, str) for v in inputs))  # one pair of texts
         items = [inputs] if single else list(inputs)
         if not items:
             return []

@@ -213,6 +213,7 @@ def robustness(runs: str | Path | list[str | Path], data: str | Path | None = No
     check_output_dir(target, "robustness.json")  # before the work, not after
     preds = [Predictor(r) for r in run_list]
     for p in preds:
+        p.require_single_texts("fmtune robustness")
         p.task.require("robustness", f"fmtune robustness ({p.run_dir})")
     kinds = {p.kind for p in preds}
     if len(kinds) > 1:

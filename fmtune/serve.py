@@ -132,6 +132,12 @@ def _row_text(value: dict[str, Any], predictor: Any, where: str) -> Any:
     from fmtune.data import tabular
 
     cfg = predictor.config.data
+    if getattr(predictor, "pair_column", None):  # a run on pairs: the two texts by their columns' names
+        missing = [k for k in (cfg.text_column, predictor.pair_column) if k not in value]
+        if missing:
+            raise DataError(f"{where}: an object input needs the keys {cfg.text_column!r} and "
+                            f"{predictor.pair_column!r} (the two texts of the pair); {missing[0]!r} is missing")
+        return value[cfg.text_column], value[predictor.pair_column]
     if tabular.uses_columns(cfg):
         row = pd.DataFrame([value])
         row.attrs["source"] = where
@@ -158,10 +164,15 @@ def _prepare_texts(values: list[Any], predictor: Any, limits: Limits) -> tuple[l
             text = predictor.check_text(v, f"inputs[{i}]")
         except DataError as e:
             raise HTTPError(422, str(e)) from None
-        if len(text) > limits.max_text_chars:
+        chars = sum(map(len, text)) if isinstance(text, tuple) else len(text)
+        if chars > limits.max_text_chars:
             if limits.long_text == "reject":
-                raise HTTPError(413, f"inputs[{i}]: {len(text)} characters; the limit is {limits.max_text_chars}")
-            text, truncated = text[: limits.max_text_chars], [*truncated, i]
+                raise HTTPError(413, f"inputs[{i}]: {chars} characters; the limit is {limits.max_text_chars}")
+            if isinstance(text, tuple):  # a pair: each text cut to its share of the limit
+                text = tuple(t[: limits.max_text_chars * len(t) // chars] for t in text)
+            else:
+                text = text[: limits.max_text_chars]
+            truncated = [*truncated, i]
         texts.append(text)
     return texts, truncated, groups
 
@@ -255,13 +266,16 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
             return _prepare_texts(values, predictor, limits)
         return await run_in_threadpool(_prepare_files, values, predictor), [], []
 
-    example = ["a gripping, well-acted film"] if predictor.kind == "text" else [f"<base64 {predictor.kind} file>"]
+    example = ([["A man plays a guitar.", "Someone makes music."]] if getattr(predictor, "pair_column", None) else
+               ["a gripping, well-acted film"] if predictor.kind == "text" else [f"<base64 {predictor.kind} file>"])
     body_doc = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": [
-                {"type": "string"}, {"type": "object", "description": "a table row: its text key, or the columns "
-                                     "of a tabular run (data.text_columns), plus any group columns the run's "
-                                     "decision thresholds read"}]}}],
+                {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2,
+                                     "description": "a run on pairs of texts (data.text_pair_column): the two"},
+                {"type": "object", "description": "a table row: its text key (a run on pairs: both texts' keys), "
+                                     "or the columns of a tabular run (data.text_columns), plus any group columns "
+                                     "the run's decision thresholds read"}]}}],
                        "example": example}}}},
         **({"multipart/form-data": {"schema": {"type": "object", "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}

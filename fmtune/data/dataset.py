@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fmtune.data.readers import media_cell, require_column, row_label, row_prefix, table_base
+from fmtune.data.readers import media_cell, require_column, require_text_column, row_label, row_prefix, table_base
 from fmtune.errors import DataError
 
 AUTO_MAX_LENGTH = 256  # the most tokens model.max_length is raised to from the data, when not set
@@ -32,9 +32,22 @@ def batch_targets(targets: Any, idx: list[int], width: int) -> Any:
 
 
 class TextData(torch.utils.data.Dataset):
-    def __init__(self, input_ids: list[list[int]], targets: torch.Tensor | None, pad_id: int):
+    def __init__(self, input_ids: list[list[int]], targets: torch.Tensor | None, pad_id: int,
+                 segments: list[list[int]] | None = None):
         self.input_ids, self.targets, self.pad_id = input_ids, targets, pad_id
+        self.segments = segments  # token type ids of text pairs (None: one text, or a model without them)
+        self.pairs = False  # pairs of texts (data.text_pair_column), set by Bundle.text_data
         self.lengths = np.array([len(x) for x in input_ids])
+
+    def text(self, i: int, tokenizer: Any) -> str:
+        """Example ``i`` as the model read it; a pair keeps the separator between its two texts."""
+        ids = self.input_ids[i]
+        if not self.pairs:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+        ends = {tokenizer.cls_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        ids = ids[1:] if ids and ids[0] in ends else ids  # the leading [CLS] / <s>
+        ids = ids[:-1] if ids and ids[-1] in ends | {tokenizer.sep_token_id} else ids  # and the closing one
+        return tokenizer.decode(ids, skip_special_tokens=False)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -51,6 +64,11 @@ class TextData(torch.utils.data.Dataset):
             ids[row, : len(seq)] = torch.as_tensor(seq)
             mask[row, : len(seq)] = 1
         batch = {"input_ids": ids, "attention_mask": mask}
+        if self.segments is not None:
+            types = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                types[row, : len(self.segments[i])] = torch.as_tensor(self.segments[i])
+            batch["token_type_ids"] = types
         if self.targets is not None:
             batch["labels"] = batch_targets(self.targets, idx, width)
         return batch
@@ -129,10 +147,27 @@ def _check_image(path: str) -> str | None:
 
 
 def tokens_p95(bundle: Any, texts: pd.Series, seed: int = 0) -> int:
-    """The 95th percentile of the token counts of up to 2,000 of ``texts``, tokenised uncut."""
+    """The 95th percentile of the token counts of up to 2,000 of ``texts`` (or pairs of texts),
+    tokenised uncut."""
     pick = np.random.default_rng(seed).choice(len(texts), min(len(texts), 2000), replace=False)
-    uncut = bundle.tokenizer([str(t) for t in texts.to_numpy()[pick]], truncation=False, verbose=False)["input_ids"]
+    items = [texts.iat[int(i)] for i in pick]
+    if items and isinstance(items[0], tuple):
+        uncut = bundle.tokenizer([str(a) for a, _ in items], [str(b) for _, b in items], truncation=False,
+                                 verbose=False)["input_ids"]
+    else:
+        uncut = bundle.tokenizer([str(t) for t in items], truncation=False, verbose=False)["input_ids"]
     return int(np.percentile([len(ids) for ids in uncut], 95))
+
+
+def model_texts(df: pd.DataFrame, data_cfg: Any) -> pd.Series | None:
+    """The texts of ``df`` as the model reads them: ``data.text_column``, or pairs of it and
+    ``data.text_pair_column``; None when a column is missing."""
+    pair = getattr(data_cfg, "text_pair_column", None)
+    if data_cfg.text_column not in df.columns or (pair and pair not in df.columns):
+        return None
+    if not pair:
+        return df[data_cfg.text_column]
+    return pd.Series(list(zip(df[data_cfg.text_column], df[pair])), index=df.index, dtype=object)
 
 
 def auto_max_length(bundle: Any, texts: pd.Series | None, default: int, seed: int = 0) -> dict[str, Any] | None:
@@ -175,15 +210,21 @@ def long_texts_line(note: dict[str, Any]) -> str:
     return line + f"; the model reads at most {note['model_limit']}"
 
 
-def text_dataset(df: pd.DataFrame, column: str, bundle: Any, targets: torch.Tensor | None) -> TextData:
-    require_column(df, column, "text", "data.text_column")
-    values = df[column]
-    for i, v in enumerate(values):
-        if not isinstance(v, str) or not v.strip():
-            what = "empty" if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "" \
-                else f"not text ({type(v).__name__})"
-            raise DataError(f"{row_label(df, i)}: column {column!r} is {what}; fill or drop that row")
-    return bundle.text_data(list(values), targets)
+def text_dataset(df: pd.DataFrame, column: str, bundle: Any, targets: torch.Tensor | None,
+                 pair_column: str | None = None) -> TextData:
+    """The texts of ``column`` (with ``pair_column``: pairs of texts) as the model reads them; an
+    empty or non-text cell is a DataError naming its row and column."""
+    require_text_column(df, column, pair_column)
+    if pair_column is not None:
+        require_column(df, pair_column, "second text", "data.text_pair_column")
+    for col in (column, pair_column) if pair_column else (column,):
+        for i, v in enumerate(df[col]):
+            if not isinstance(v, str) or not v.strip():
+                what = "empty" if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "" \
+                    else f"not text ({type(v).__name__})"
+                raise DataError(f"{row_label(df, i)}: column {col!r} is {what}; fill or drop that row")
+    values = list(df[column]) if pair_column is None else list(zip(df[column], df[pair_column]))
+    return bundle.text_data(values, targets)
 
 
 def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: torch.Tensor | None,

@@ -11,7 +11,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from fmtune.data import tabular
-from fmtune.data.readers import require_column
+from fmtune.data.readers import require_column, require_text_column
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks import Task, task_class
 
@@ -77,7 +77,7 @@ def _require_input(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> None:
         require_column(df, *input_column("audio", data_cfg))
         return
     if data_cfg.text_column not in df.columns and data_cfg.image_column not in df.columns:
-        require_column(df, data_cfg.text_column, "text", "data.text_column")  # (image tables: data.image_column)
+        require_text_column(df, data_cfg.text_column, getattr(data_cfg, "text_pair_column", None))  # (or images)
 
 
 def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any) -> pd.DataFrame:

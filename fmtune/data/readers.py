@@ -208,6 +208,25 @@ def require_column(df: pd.DataFrame, column: str, what: str, option: str) -> Non
                         f"Name the right one with --set {option}=COLUMN")
 
 
+# the column names of common sentence-pair sets (GLUE, SNLI, SICK, PAWS ...): a table holding one of these
+# pairs and no text column is told how to read it
+PAIR_COLUMNS = [("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
+                ("question", "sentence"), ("question", "passage"), ("sentence_A", "sentence_B"),
+                ("sentence_a", "sentence_b"), ("text1", "text2"), ("text_a", "text_b"), ("query", "passage")]
+
+
+def require_text_column(df: pd.DataFrame, column: str, pair_column: str | None = None) -> None:
+    """The text column, else a DataError listing the columns; a table of sentence pairs read
+    without data.text_pair_column is told the settings that read it."""
+    if column not in df.columns and pair_column is None:
+        pair = next(((a, b) for a, b in PAIR_COLUMNS if a in df.columns and b in df.columns), None)
+        if pair:
+            raise DataError(f"{df.attrs.get('source', 'the data')}: no text column {column!r}; columns are: "
+                            f"{', '.join(map(str, df.columns))}. These look like pairs of texts: --set "
+                            f"data.text_column={pair[0]} --set data.text_pair_column={pair[1]}")
+    require_column(df, column, "text", "data.text_column")
+
+
 def row_label(df: pd.DataFrame, i: int) -> str:
     """Human name of positional row ``i`` (0-based) for messages.
 

@@ -61,14 +61,31 @@ class Bundle:
     source: str = ""  # the model name or path it was created from
     adapter: str | None = None  # the peft strategy when ``model`` is wrapped by peft (fmtune.adapters)
 
-    def text_data(self, texts: list[str], targets: Any = None) -> Any:
+    def text_data(self, texts: list[str] | list[tuple[str, str]], targets: Any = None) -> Any:
         """Texts as the model reads them: token ids, truncated at ``max_length``, without padding
-        (each batch pads itself). The one place text is tokenised for a sequence-level head."""
+        (each batch pads itself). The one place text is tokenised for a sequence-level head. Pairs
+        of texts (``data.text_pair_column``) are read as the tokenizer joins two texts, the longer
+        cut first, with their segment ids where the model has them."""
         from fmtune.data.dataset import TextData
 
         tok = self.tokenizer
-        enc = tok(list(texts), truncation=True, max_length=self.max_length)
-        return TextData(enc["input_ids"], targets, tok.pad_token_id if tok.pad_token_id is not None else 0)
+        texts = list(texts)
+        pairs = bool(texts) and isinstance(texts[0], tuple)
+        if pairs:
+            enc = tok([a for a, _ in texts], [b for _, b in texts], truncation="longest_first",
+                      max_length=self.max_length)
+        else:
+            enc = tok(texts, truncation=True, max_length=self.max_length)
+        segments = enc.get("token_type_ids") if pairs and self.uses_segments() else None
+        data = TextData(enc["input_ids"], targets, tok.pad_token_id if tok.pad_token_id is not None else 0, segments)
+        data.pairs = pairs
+        return data
+
+    def uses_segments(self) -> bool:
+        """Whether the text model reads segment ids (BERT's token types; not RoBERTa's kin)."""
+        names = getattr(self.tokenizer, "model_input_names", [])
+        config = getattr(self.model, "config", None)
+        return "token_type_ids" in names and getattr(config, "type_vocab_size", 2) > 1
 
     def length_limit(self) -> int | None:
         """The most tokens the text model reads: its tokenizer's ``model_max_length``, else its

@@ -152,7 +152,8 @@ class Task:
             self.require_targets(df, data_cfg)
             targets = self.encode(df[column], df, column, allow_unknown)
         if bundle.kind == "text":
-            return text_dataset(df, data_cfg.text_column, bundle, targets), np.arange(len(df))
+            return text_dataset(df, data_cfg.text_column, bundle, targets,
+                                getattr(data_cfg, "text_pair_column", None)), np.arange(len(df))
         if bundle.kind == "audio":
             from fmtune.data.audio import AudioSpec, audio_dataset
 

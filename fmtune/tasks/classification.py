@@ -144,8 +144,7 @@ class Classification(Task):
                 "score": round(score, 4)} for i, p, score in self.mistake_positions(logits, targets, k)]
         if bundle.kind == "text":
             for rec in out:
-                text = bundle.tokenizer.decode(ds.input_ids[rec["position"]], skip_special_tokens=True)
-                rec["input"] = text[:400]
+                rec["input"] = ds.text(rec["position"], bundle.tokenizer)[:400]
         elif bundle.kind == "audio":
             for rec in out:
                 rec["input"] = ds.names[rec["position"]] if ds.names else ""

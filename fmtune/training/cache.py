@@ -278,6 +278,8 @@ def content_key(digest: str, split: Split, ds: Any, pooling: str, how: str = "")
     elif isinstance(ds, TextData):
         for ids in ds.input_ids:
             h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+        for seg in ds.segments or ():  # pairs: their segment ids
+            h.update(np.asarray(seg, dtype=np.int64).tobytes() + b"|")
     elif isinstance(ds.images, torch.Tensor):
         h.update(json.dumps(ds.spec, sort_keys=True).encode())
         h.update(ds.images.numpy().tobytes())

@@ -1,0 +1,150 @@
+"""Sentence pairs (data.text_pair_column): tokenised as the tokenizer joins two texts, with segment
+ids; trained, predicted, served and exported; refused clearly where a command reads one text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import FILLER, cfg_dict, make_text_rows
+
+import fmtune
+from fmtune.errors import ConfigError, DataError
+
+
+def write_pairs(path: Path, n: int, seed: int) -> Path:
+    """The label is decided by the second text alone (its sentiment word); the first is filler. A
+    model that did not read the second text would be at chance."""
+    rng = np.random.default_rng(seed)
+    second = make_text_rows(n, seed)
+    first = [" ".join(rng.choice(FILLER, size=int(rng.integers(3, 9)))) for _ in range(n)]
+    pd.DataFrame({"premise": first, "hypothesis": second["text"], "label": second["label"]}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pairs")
+    return {"train": write_pairs(d / "train.csv", 240, 0), "val": write_pairs(d / "val.csv", 60, 1),
+            "test": write_pairs(d / "test.csv", 80, 2)}
+
+
+def _cfg(model, files, out, **sections):
+    base = cfg_dict(model, files["train"], out=str(out),
+                    data={"val": str(files["val"]), "test": str(files["test"]), "text_column": "premise",
+                          "text_pair_column": "hypothesis"}, train={"epochs": 6})
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return base
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory, tiny_bert, pair_files) -> Path:
+    out = tmp_path_factory.mktemp("pair-run") / "run"
+    fmtune.train(_cfg(tiny_bert, pair_files, out), quiet=True)
+    return out
+
+
+def test_pairs_are_tokenised_as_the_tokenizer_joins_them_with_segment_ids(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from fmtune.config import ModelConfig
+    from fmtune.models import build
+    from fmtune.tasks import Classification
+
+    bundle = build.create(ModelConfig(name=str(tiny_bert), max_length=12), Classification(["neg", "pos"]))
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    first, second = " ".join(["the movie"] * 10), "good film"
+    ds = bundle.text_data([(first, second), ("bad", "very good")])
+    assert ds.input_ids[1] == tok("bad", "very good")["input_ids"]
+    assert len(ds.input_ids[0]) == 12 and ds.input_ids[0][-3:-1] == tok("good film", add_special_tokens=False)[
+        "input_ids"]  # longest_first: the long first text is cut, the short second kept whole
+    batch = ds.collate([0, 1])
+    assert batch["token_type_ids"][1].tolist()[:6] == [0, 0, 0, 1, 1, 1] and batch["token_type_ids"][1, 6:].sum() == 0
+    assert ds.text(1, tok) == "bad [SEP] very good"
+    assert "token_type_ids" not in bundle.text_data(["one text"]).collate([0])  # one text: as before
+
+
+def test_a_pair_run_reads_the_second_text(pair_run):
+    """The label is in the second text only: the run beats chance by far only if it reads it."""
+    s = json.loads((pair_run / "eval.json").read_text())
+    assert s["test"]["accuracy"] >= 0.85, s["test"]
+
+
+@pytest.mark.parametrize("strategy", ["head", "lora", "last_n"])
+def test_pairs_train_with_the_feature_cache_and_adapters(tmp_path, tiny_bert, pair_files, strategy):
+    """The segment ids reach the backbone through the frozen-feature cache (head, last_n) and peft."""
+    s = fmtune.train(_cfg(tiny_bert, pair_files, tmp_path / "run", strategy={"name": strategy, "n": 1},
+                          train={"epochs": 1}), quiet=True)
+    assert 0.0 <= s["eval"]["test"]["accuracy"] <= 1.0
+    pred = fmtune.load(tmp_path / "run")
+    assert pred.predict(("the plot", "a great film"))["label"] in ("neg", "pos")
+
+
+def test_predict_a_table_one_pair_or_a_list_and_the_missing_column(tmp_path, pair_run, pair_files):
+    df = fmtune.predict(pair_run, pair_files["test"], quiet=True)
+    assert (df["predicted_label"] == df["label"]).mean() >= 0.85 and df["error"].isna().all()
+    pred = fmtune.load(pair_run)
+    one = pred.predict(("the plot", "a great film"))
+    assert isinstance(one, dict) and one["label"] == "pos"
+    assert [r["label"] for r in pred.predict([("the plot", "an awful film"), ("a scene", "great music")])] == [
+        "neg", "pos"]
+    with pytest.raises(DataError, match=r"input 0: this run reads pairs of texts \(premise, hypothesis\)"):
+        pred.predict("only one text")
+    one_column = tmp_path / "one.csv"
+    pd.read_csv(pair_files["test"]).drop(columns="hypothesis").to_csv(one_column, index=False)
+    with pytest.raises(DataError, match=r"one.csv: no second text column 'hypothesis'.*data.text_pair_column"):
+        fmtune.predict(pair_run, one_column, quiet=True)
+
+
+def test_serve_pairs_as_lists_or_objects(pair_run):
+    from fastapi.testclient import TestClient
+
+    from fmtune.serve import create_app
+
+    with TestClient(create_app(fmtune.load(pair_run))) as client:
+        r = client.post("/predict", json={"inputs": [["the plot", "a great film"],
+                                                     {"premise": "a scene", "hypothesis": "an awful story"}]})
+        assert r.status_code == 200, r.text
+        assert [p["label"] for p in r.json()["predictions"]] == ["pos", "neg"]
+        r = client.post("/predict", json={"inputs": [{"premise": "a scene"}]})
+        assert r.status_code == 422 and "'hypothesis' is missing" in r.json()["error"]
+
+
+def test_onnx_export_takes_segment_ids_and_matches_the_run(tmp_path, pair_run):
+    from fmtune.exporter import export
+
+    export(pair_run, out=tmp_path / "onnx", format="onnx", quiet=True)  # checked against the run on its rows
+    prep = json.loads((tmp_path / "onnx" / "preprocessing.json").read_text())
+    assert prep["inputs"] == ["input_ids", "attention_mask", "token_type_ids"] and prep["text_pairs"] is True
+    pairs = [("the plot", "a great film"), ("a very long scene of the movie", "awful")]
+    torch_probs = [r["probabilities"]["pos"] for r in fmtune.load(pair_run).predict(pairs)]
+    onnx_probs = [r["probabilities"]["pos"] for r in fmtune.load(pair_run, backend="onnx").predict(pairs)]
+    assert onnx_probs == pytest.approx(torch_probs, abs=1e-4)
+
+
+def test_commands_for_one_text_refuse_a_pair_run_and_pairs_need_a_pooled_text_task(tmp_path, pair_run, tiny_bert,
+                                                                                     pair_files):
+    from fmtune.explain import explain
+    from fmtune.robustness import robustness
+
+    with pytest.raises(ConfigError, match="fmtune explain is built for runs on one text per example"):
+        explain(pair_run, ["a"], quiet=True)
+    with pytest.raises(ConfigError, match="fmtune robustness is built for runs on one text per example"):
+        robustness(pair_run, quiet=True)
+    with pytest.raises(ConfigError, match="data.text_pair_column: prompt tuning does not read sentence pairs"):
+        fmtune.train(_cfg(tiny_bert, pair_files, tmp_path / "p", strategy={"name": "prompt"}), quiet=True)
+    with pytest.raises(ConfigError, match="data.text_pair_column: must name another column"):
+        fmtune.train(_cfg(tiny_bert, pair_files, tmp_path / "s", data={"text_pair_column": "premise"}), quiet=True)
+
+
+def test_a_table_of_pairs_without_the_setting_is_told_how_to_read_it(tmp_path, tiny_bert, pair_files):
+    glue = tmp_path / "mrpc.csv"
+    pd.read_csv(pair_files["train"]).rename(columns={"premise": "sentence1", "hypothesis": "sentence2"}).to_csv(
+        glue, index=False)
+    with pytest.raises(DataError, match=r"These look like pairs of texts: --set data.text_column=sentence1 --set "
+                                        r"data.text_pair_column=sentence2"):
+        fmtune.train(cfg_dict(tiny_bert, glue, out=str(tmp_path / "r")), quiet=True)
