@@ -63,6 +63,8 @@ class Predictor:
                 export(self.run_dir, format=backend, overwrite=True, quiet=True)
             self.model = OnnxModel(folder / MODEL_FILE)
             self.version = folder_digest(folder)
+            if self.kind == "text":
+                self.bundle.uses_segments()  # decided on the torch model, which goes now
             self.bundle.model = None  # the torch weights are not needed beside onnxruntime's
         else:
             raise ConfigError(f"backend {backend!r} is not one of torch, onnx, onnx-int8")

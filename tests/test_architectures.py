@@ -347,6 +347,33 @@ def test_text_encoders(model_type, strategy, data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model_type", list(ENCODERS))
+def test_text_encoders_read_sentence_pairs_and_export_them_to_onnx(model_type, data, tmp_path):
+    """Segment ids go to the backbones that take them (BERT's kin), not to the others (RoBERTa's
+    kin, MPNet, ModernBERT, DeBERTa without token types, DistilBERT); the ONNX export gives the run's
+    probabilities."""
+    import pandas as pd
+
+    from fmtune.exporter import export
+
+    m = make_encoder(tmp_path / model_type, model_type)
+    files = {}
+    for split in ("text", "text_test"):
+        df = pd.read_csv(data[split])
+        files[split] = tmp_path / f"{split}.csv"
+        df.assign(first=df["text"].str.split().str[:2].str.join(" ")).to_csv(files[split], index=False)
+    cfg = cfg_dict(m, files["text"], out=str(tmp_path / "run"), data={"test": str(files["text_test"]),
+                                                                       "text_pair_column": "first"},
+                   train={"epochs": 1, "batch_size": 8})
+    assert fmtune.train(cfg, quiet=True)["eval"]["test"]
+    export(tmp_path / "run", out=tmp_path / "onnx", format="onnx", quiet=True)  # checked against the run's rows
+    segments = fmtune.load(tmp_path / "run").bundle.uses_segments()
+    assert segments == (model_type in ("bert", "electra", "albert"))
+    inputs = json.loads((tmp_path / "onnx" / "preprocessing.json").read_text())["inputs"]
+    assert ("token_type_ids" in inputs) == segments
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", list(IMAGES))
 def test_image_backbones(model_type, data, tmp_path):
     m = make_image(tmp_path / model_type, model_type)

@@ -7,6 +7,7 @@ image size and normalisation), so every later verb uses exactly the same inputs.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Bundle:
     max_length: int = 128
     source: str = ""  # the model name or path it was created from
     adapter: str | None = None  # the peft strategy when ``model`` is wrapped by peft (fmtune.adapters)
+    segments: bool | None = None  # whether pairs of texts get segment ids (``uses_segments``, decided once)
 
     def text_data(self, texts: list[str] | list[tuple[str, str]], targets: Any = None) -> Any:
         """Texts as the model reads them: token ids, truncated at ``max_length``, without padding
@@ -82,10 +84,16 @@ class Bundle:
         return data
 
     def uses_segments(self) -> bool:
-        """Whether the text model reads segment ids (BERT's token types; not RoBERTa's kin)."""
-        names = getattr(self.tokenizer, "model_input_names", [])
-        config = getattr(self.model, "config", None)
-        return "token_type_ids" in names and getattr(config, "type_vocab_size", 2) > 1
+        """Whether the text model reads segment ids: its tokenizer makes them, its backbone takes
+        them and has more than one (BERT's token types; not RoBERTa's kin, MPNet, ModernBERT).
+        Decided on the torch model and kept, so an ONNX-backed predictor feeds what its graph takes."""
+        if self.segments is None:
+            backbone = getattr(adapters.base_model(self.model), "backbone", None) if self.model is not None else None
+            self.segments = bool(
+                "token_type_ids" in getattr(self.tokenizer, "model_input_names", []) and backbone is not None
+                and "token_type_ids" in inspect.signature(backbone.forward).parameters
+                and getattr(backbone.config, "type_vocab_size", 2) > 1)
+        return self.segments
 
     def length_limit(self) -> int | None:
         """The most tokens the text model reads: its tokenizer's ``model_max_length``, else its
