@@ -343,3 +343,19 @@ def hf_parquet(path: Path, columns: dict[str, list], names: dict[str, list[str]]
     meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
     pq.write_table(table.replace_schema_metadata(meta), path)
     return path
+
+
+def class_folders_as_hf_parquet(dirs: dict[str, Path], out: Path, column: str, kind: str,
+                                pattern: str) -> tuple[dict[str, Path], list[str]]:
+    """Folders of class sub-folders (one per split) written as Hugging Face Parquet splits: each
+    file embedded in ``column`` as {bytes, path} (``kind``: Image or Audio), the class as an id.
+    Returns the files and the class names (sorted, id order)."""
+    names = sorted({p.parent.name for p in next(iter(dirs.values())).glob(pattern)})
+    files = {}
+    for split, root in dirs.items():
+        paths = sorted(root.glob(pattern))
+        files[split] = hf_parquet(out / f"{split}.parquet",
+                                  {column: [{"bytes": p.read_bytes(), "path": p.name} for p in paths],
+                                   "label": [names.index(p.parent.name) for p in paths]},
+                                  {"label": names}, set(), {column: kind})
+    return files, names

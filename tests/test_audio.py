@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict, hf_parquet, save_tiny_wav2vec2, save_tiny_whisper
+from conftest import cfg_dict, class_folders_as_hf_parquet, save_tiny_wav2vec2, save_tiny_whisper
 
 from fmtune.data.audio import AudioData, AudioSpec, LogMel, audio_dataset, features_of, load_audio, windows
 from fmtune.errors import ConfigError, DataError, ModelError
@@ -486,14 +486,8 @@ def test_hugging_face_audio_parquet_trains_predicts_and_is_perturbed(tiny_whispe
     import fmtune
     from fmtune.robustness import robustness
 
-    names = sorted(PITCHES)
-    files = {}
-    for split in ("train", "test"):
-        clips = sorted(tone_dirs[split].glob("*/*.*"))
-        files[split] = hf_parquet(tmp_path / f"{split}.parquet",
-                                  {"audio": [{"bytes": c.read_bytes(), "path": c.name} for c in clips],
-                                   "label": [names.index(c.parent.name) for c in clips]},
-                                  {"label": names}, set(), {"audio": "Audio"})
+    files, names = class_folders_as_hf_parquet({k: tone_dirs[k] for k in ("train", "test")}, tmp_path, "audio",
+                                               "Audio", "*/*.*")
     out = tmp_path / "run"
     fmtune.train(cfg_dict(tiny_whisper, files["train"], out=str(out), task={"type": "audio-classification"},
                           data={"test": str(files["test"])}, train={"epochs": 2, "batch_size": 8, "lr": 3e-3}),

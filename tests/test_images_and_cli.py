@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import cfg_dict, hf_parquet
+from conftest import cfg_dict, class_folders_as_hf_parquet, hf_parquet
 from sklearn.linear_model import LogisticRegression
 
 import fmtune
@@ -46,14 +46,8 @@ def test_hugging_face_image_parquet_trains_and_predicts(tmp_path, image_dirs, ti
 
     if not eager:
         monkeypatch.setattr(dataset, "EAGER_IMAGE_BYTES", 0)
-    names = ["bottom", "top"]
-    files = {}
-    for split in ("train", "test"):
-        pngs = sorted(image_dirs[split].glob("*/*.png"))
-        files[split] = hf_parquet(tmp_path / f"{split}.parquet",
-                                  {"image": [{"bytes": p.read_bytes(), "path": p.name} for p in pngs],
-                                   "label": [names.index(p.parent.name) for p in pngs]},
-                                  {"label": names}, set(), {"image": "Image"})
+    files, names = class_folders_as_hf_parquet({k: image_dirs[k] for k in ("train", "test")}, tmp_path, "image",
+                                               "Image", "*/*.png")
     s = fmtune.train(cfg_dict(tiny_vit, files["train"], out=str(tmp_path / "run"), model={"image_size": 32},
                               data={"test": str(files["test"])}, train={"epochs": 4, "batch_size": 8}), quiet=True)
     assert s["eval"]["test"]["accuracy"] >= 0.8, s

@@ -32,13 +32,10 @@ def pair_files(tmp_path_factory) -> dict[str, Path]:
             "test": write_pairs(d / "test.csv", 80, 2)}
 
 
-def _cfg(model, files, out, **sections):
-    base = cfg_dict(model, files["train"], out=str(out),
+def _cfg(model, files, out, data=(), train=(), **sections):
+    return cfg_dict(model, files["train"], out=str(out), train={"epochs": 6, **dict(train)}, **sections,
                     data={"val": str(files["val"]), "test": str(files["test"]), "text_column": "premise",
-                          "text_pair_column": "hypothesis"}, train={"epochs": 6})
-    for k, v in sections.items():
-        base.setdefault(k, {}).update(v)
-    return base
+                          "text_pair_column": "hypothesis", **dict(data)})
 
 
 @pytest.fixture(scope="module")
