@@ -693,14 +693,16 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     # an input column of the same name (a `label` column of a labelled file) is kept as it is
     out.columns = [f"predicted_{c}" if c in df.columns else c for c in out.columns]
     out["error"] = errors
-    if pred.kind != "text" and column in df.columns:  # an embedded file is written as its name, not its bytes
-        df = df.assign(**{column: [media_cell(v, base)[1] if embedded(v) is not None else v for v in df[column]]})
     return pd.concat([df.reset_index(drop=True), out], axis=1)
 
 
 def _rows_text(df: pd.DataFrame, header: bool, jsonl: bool = False) -> str:
     """Predictions as text: JSON lines, or CSV rows in which a list or mapping (the entities of a
     sentence) is written as JSON."""
+    media = [c for c in df.columns if df[c].map(lambda v: embedded(v) is not None).any()]
+    if media:  # an image / clip embedded in the input table is written as its name, not its bytes
+        df = df.assign(**{c: [media_cell(v, Path("."))[1] if embedded(v) is not None else v for v in df[c]]
+                          for c in media})
     if jsonl:
         return df.to_json(orient="records", lines=True, force_ascii=False)  # a newline after every object
     kinds = (list, dict, np.ndarray)  # an array: a list cell read from Parquet

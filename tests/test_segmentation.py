@@ -220,6 +220,32 @@ def test_predict_gives_masks_at_each_image_size_and_reload_agrees(resnet_run, sc
     assert list(t["mask_png"]) == list(df["mask_png"][:3])
 
 
+def test_hugging_face_parquet_of_images_and_masks_trains_and_predicts(tmp_path, tiny_resnet, scenes):
+    """A Hugging Face segmentation split (image and annotation embedded as {bytes, path}, the
+    layout of scene_parse_150 / sidewalk-semantic) trains; predict writes each mask under its
+    image's name, and the CSV names the images instead of holding their bytes."""
+    from conftest import hf_parquet
+
+    files = {}
+    for split in ("train", "val", "test"):
+        images = sorted((scenes[split] / "images").iterdir())
+        masks = [scenes[split] / "masks" / f"{p.stem}.png" for p in images]
+        files[split] = hf_parquet(tmp_path / f"{split}.parquet",
+                                  {"image": [{"bytes": p.read_bytes(), "path": p.name} for p in images],
+                                   "annotation": [{"bytes": m.read_bytes(), "path": m.name} for m in masks]},
+                                  {}, set(), {"image": "Image", "annotation": "Image"})
+    cfg = seg_cfg(tiny_resnet, {k: v for k, v in files.items()}, tmp_path / "run", epochs=1)
+    cfg["data"]["mask_column"] = "annotation"
+    s = api.train(cfg, quiet=True)
+    assert 0.0 <= s["eval"]["test"]["miou"] <= 1.0
+    labels = json.loads((tmp_path / "run" / "labels.json").read_text())["labels"]
+    assert len(labels) == 4  # the mask values seen in the embedded masks: background and three shapes
+    api.predict(tmp_path / "run", files["test"], tmp_path / "out.csv", save_images=tmp_path / "masks", quiet=True)
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert out["error"].isna().all() and out["image"].str.startswith("embedded file s0").all()
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*.png")) == [f"s{i:03d}.png" for i in range(12)]
+
+
 def test_serve_returns_a_mask(resnet_run, scenes):
     from fastapi.testclient import TestClient
 

@@ -6,7 +6,8 @@ Read directly, without conversion scripts:
   ``JPEGImages/`` + ``SegmentationClass/``, and the other names in ``IMAGE_DIRS`` / ``MASK_DIRS``)
   whose files pair up by name (``images/a.jpg`` with ``masks/a.png``);
 - a CSV/TSV/JSONL/Parquet table with an image path and a mask path per row (``data.image_column``,
-  ``data.mask_column``), paths relative to the table.
+  ``data.mask_column``), paths relative to the table, or both files embedded in it (a Hugging
+  Face dataset's Parquet split: ``{bytes, path}`` cells).
 
 A mask is a one-channel PNG (mode L, P or 1; a grey RGB image is read as one channel) whose pixel
 value is the class index; ``task.ignore_index`` (255) marks pixels that are not scored. Masks
@@ -18,6 +19,7 @@ a known source of IoU 0). Images are resized to ``size`` x ``size`` (bilinear) a
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,16 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, load_rgb
-from fmtune.data.readers import IMAGE_SUFFIXES, list_images, read_table, require_column, row_prefix, table_base
+from fmtune.data.readers import (
+    IMAGE_SUFFIXES,
+    embedded,
+    list_images,
+    media_cell,
+    read_table,
+    require_column,
+    row_prefix,
+    table_base,
+)
 from fmtune.errors import DataError
 
 IMAGE_DIRS = ("images", "image", "imgs", "img", "JPEGImages", "inputs")
@@ -62,10 +73,10 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
             df = read_table(p, data_cfg.encoding, data_cfg.text_column)
             require_column(df, image_col, "image path", "data.image_column")
             base = table_base(df)
-            for col in (image_col, mask_col):
+            for col in (image_col, mask_col):  # paths made absolute; files embedded in the table kept as they are
                 if col in df.columns:
-                    df[col] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else
-                               str(Path(v) if Path(str(v)).is_absolute() else base / str(v)) for v in df[col]]
+                    df[col] = [v if embedded(v) is not None else
+                               None if (src := media_cell(v, base)[0]) is None else str(src) for v in df[col]]
         df.attrs["source"] = str(p)
         return df
     images_dir, masks_dir = subdir(p, IMAGE_DIRS), subdir(p, MASK_DIRS)
@@ -101,11 +112,12 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
     return df
 
 
-def read_mask(path: str) -> np.ndarray:
-    """A mask file as a (H, W) uint8 array of class indices; a DataError naming the file if it is
-    not one."""
+def read_mask(path: Any) -> np.ndarray:
+    """A mask file (a path, or a table cell holding the file: ``fmtune.data.readers.media_cell``) as
+    a (H, W) uint8 array of class indices; a DataError naming the file if it is not one."""
+    source, path = _opened_cell(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             mode = img.mode
             arr = np.asarray(img)
@@ -130,20 +142,29 @@ def read_mask(path: str) -> np.ndarray:
     return arr
 
 
+def _opened_cell(cell: Any) -> tuple[Any, str]:
+    """What PIL opens for a cell of an image / mask column (a path; the bytes of a file embedded in
+    the table as a file object), and how messages name it."""
+    source, name = media_cell(cell, Path("."))
+    return (io.BytesIO(source) if isinstance(source, bytes) else str(source) if source is not None else ""), name
+
+
 def mask_values(df: pd.DataFrame, column: str) -> set[int]:
     """Every value that occurs in the masks of ``df`` (read from their files)."""
     seen: set[int] = set()
     for i, path in enumerate(df[column]):
-        if path is None:
-            raise DataError(f"{row_prefix(df, i)}{df.iloc[i, 0]}: no mask given for this image")
+        if path is None or (isinstance(path, float) and np.isnan(path)):
+            raise DataError(f"{row_prefix(df, i)}{_opened_cell(df.iloc[i, 0])[1]}: no mask given for this image")
         seen.update(int(v) for v in np.unique(read_mask(path)))
     return seen
 
 
-def open_image(path: str, where: str = "") -> Image.Image:
-    """``load_rgb`` of a file; a DataError naming it (after ``where``) if it is missing or unreadable."""
+def open_image(path: Any, where: str = "") -> Image.Image:
+    """``load_rgb`` of a file (a path, or a table cell holding the file); a DataError naming it
+    (after ``where``) if it is missing or unreadable."""
+    source, path = _opened_cell(path)
     try:
-        return load_rgb(path)
+        return load_rgb(source)
     except FileNotFoundError:
         raise DataError(f"{where}{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -236,21 +257,23 @@ def seg_dataset(df: pd.DataFrame, column: str, mask_column: str | None, spec: di
     with_masks = mask_column is not None
     eager = len(df) * 3 * size * size <= EAGER_IMAGE_BYTES
     images, masks, sizes = [], [], []
-    paths = [str(p) for p in df[column]]
-    mask_paths = list(df[mask_column]) if with_masks else []
-    for i, path in enumerate(paths):
-        where = row_prefix(df, i)
-        img = open_image(path, where)
+    names = [_opened_cell(v)[1] for v in df[column]]
+    cells = [embedded(v) or str(v) for v in df[column]]  # paths, or the bytes of files embedded in the table
+    mask_cells = list(df[mask_column]) if with_masks else []
+    for i, cell in enumerate(cells):
+        where, path = row_prefix(df, i), names[i]
+        img = open_image(cell, where)
         sizes.append(img.size)
         if with_masks:
-            if mask_paths[i] is None:
+            if mask_cells[i] is None or (isinstance(mask_cells[i], float) and np.isnan(mask_cells[i])):
                 raise DataError(f"{where}{path}: no mask given for this image")
-            m = read_mask(mask_paths[i])
+            m = read_mask(mask_cells[i])
+            mask_name = _opened_cell(mask_cells[i])[1]
             if (m.shape[1], m.shape[0]) != img.size:
-                raise DataError(f"{where}{mask_paths[i]}: mask is {m.shape[1]}x{m.shape[0]} but its image {path} is "
+                raise DataError(f"{where}{mask_name}: mask is {m.shape[1]}x{m.shape[0]} but its image {path} is "
                                 f"{img.size[0]}x{img.size[1]}; a mask must have its image's size")
-            masks.append(resize_mask(encode(m, f"{where}{mask_paths[i]}"), size))
+            masks.append(resize_mask(encode(m, f"{where}{mask_name}"), size))
         if eager:
             images.append(resize_image(img, size))
-    return SegData(torch.stack(images) if eager else paths, torch.stack(masks) if with_masks else None, sizes, spec,
-                   [Path(p).name for p in paths])
+    return SegData(torch.stack(images) if eager else cells, torch.stack(masks) if with_masks else None, sizes, spec,
+                   [n if isinstance(c, bytes) else Path(n).name for c, n in zip(cells, names)])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fmtune.data.readers import media_cell
 from fmtune.tasks.base import Task
 
 
@@ -41,17 +42,20 @@ class DenseTask(Task):
 
     @staticmethod
     def output_files(out: pd.DataFrame, column: str, values: str, base: Path,
-                     taken: set[str]) -> Iterator[tuple[int, Path, str]]:
-        """(row, image path, a file stem not ``taken`` yet) for each row of ``out`` with a prediction
+                     taken: set[str]) -> Iterator[tuple[int, Path | bytes, str]]:
+        """(row, image path (or the bytes of an image embedded in the table), a file stem not
+        ``taken`` yet) for each row of ``out`` with a prediction
         in ``values``; a name taken by an earlier image (of this call or an earlier chunk of the same
         ``fmtune predict``: ``taken`` is kept by the caller) gets -2, -3 ..."""
         for i, (src, value) in enumerate(zip(out[column], out[values])):
             if not isinstance(value, (str, list)):  # a row that got no prediction (see its error)
                 continue
-            path = Path(str(src)) if Path(str(src)).is_absolute() else base / str(src)
-            stem, k = path.stem, 1
+            path, name = media_cell(src, base)  # a path, or the bytes of an image embedded in the table
+            first = (Path(name.removeprefix("embedded file ")).stem if isinstance(path, bytes) else path.stem) or \
+                f"image-{i + 1}"
+            stem, k = first, 1
             while stem in taken:
                 k += 1
-                stem = f"{path.stem}-{k}"
+                stem = f"{first}-{k}"
             taken.add(stem)
             yield i, path, stem

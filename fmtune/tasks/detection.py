@@ -319,7 +319,7 @@ class Detection(DenseTask):
 
         files: list[str | None] = [None] * len(out)
         for i, path, stem in self.output_files(out, column, "boxes", base, taken):
-            draw_boxes(open_image(str(path)), out["boxes"].iloc[i], self.labels).save(folder / f"{stem}.jpg",
+            draw_boxes(open_image(path), out["boxes"].iloc[i], self.labels).save(folder / f"{stem}.jpg",
                                                                                      quality=90)
             files[i] = str(folder / f"{stem}.jpg")
         return out.assign(image_file=files)

@@ -230,7 +230,7 @@ class Segmentation(DenseTask):
         for i, path, stem in self.output_files(out, column, "mask_png", base, taken):
             mask = decode_mask_png(out["mask_png"].iloc[i])
             Image.fromarray(mask).save(folder / f"{stem}.png")
-            image = np.asarray(open_image(str(path)))
+            image = np.asarray(open_image(path))
             Image.fromarray(overlay(image, mask, self.num_classes)).save(folder / f"{stem}_overlay.jpg", quality=90)
             files[i] = str(folder / f"{stem}.png")
         return out.assign(mask_png=files).rename(columns={"mask_png": "mask_file"})
