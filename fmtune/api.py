@@ -696,6 +696,11 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     return pd.concat([df.reset_index(drop=True), out], axis=1)
 
 
+def _plain_json(value: Any) -> Any:
+    """numpy arrays and numbers (cells read from Parquet, nested in lists and dicts) as JSON values."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 def _rows_text(df: pd.DataFrame, header: bool, jsonl: bool = False) -> str:
     """Predictions as text: JSON lines, or CSV rows in which a list or mapping (the entities of a
     sentence) is written as JSON."""
@@ -708,9 +713,8 @@ def _rows_text(df: pd.DataFrame, header: bool, jsonl: bool = False) -> str:
     kinds = (list, dict, np.ndarray)  # an array: a list cell read from Parquet
     nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, kinds)).any()]
     if nested:
-        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v.tolist() if isinstance(v, np.ndarray) else v,
-                                                            ensure_ascii=False) if isinstance(v, kinds) else v)
-                          for c in nested})
+        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v, ensure_ascii=False, default=_plain_json)
+                                       if isinstance(v, kinds) else v) for c in nested})
     return df.to_csv(header=header, index=False)
 
 

@@ -70,6 +70,9 @@ class DataConfig:
     mask_column: str = _f("mask", "segmentation: column holding mask PNG paths (relative to the file) in a table")
     image_root: str | None = _f(None, "detection: the folder COCO file_names are relative to (default: the JSON "
                                 "file's folder)")
+    box_format: Literal["xywh", "xyxy"] = _f(
+        "xywh", "detection, boxes in a table (a Hugging Face dataset's objects.bbox): xywh = x, y, width, height "
+        "in pixels (COCO, cppe-5), xyxy = the corners x0, y0, x1, y1")
     yolo_split: str = _f("train", "detection: the split of a YOLO dataset YAML that --data reads (give --val / --test "
                          "as the images/ folders of the other splits)")
     input_column: str | None = _f(None, "generation: column of a table holding the input (default: prompt, else "

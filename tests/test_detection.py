@@ -88,6 +88,58 @@ def test_coco_yolo_and_voc_read_the_same_boxes(boxes_data):
     assert _norm(coco) == _norm(yolo) == _norm(voc)
 
 
+def hf_detection_parquet(root: Path, out: Path, xyxy: bool = False) -> Path:
+    """The COCO fixture as a Hugging Face detection split stores it (cppe-5's layout): the image
+    embedded, width and height, ``objects`` {bbox [x, y, w, h] (or corners), category ids} with
+    the class names in the file's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    coco = json.loads((root / "annotations.json").read_text())
+    rows = []
+    for im in coco["images"]:
+        anns = [a for a in coco["annotations"] if a["image_id"] == im["id"]]
+        boxes = [[x, y, x + w, y + h] if xyxy else [x, y, w, h] for x, y, w, h in (a["bbox"] for a in anns)]
+        rows.append({"image": {"bytes": (root / im["file_name"]).read_bytes(), "path": Path(im["file_name"]).name},
+                     "width": im["width"], "height": im["height"],
+                     "objects": {"bbox": boxes, "category": [a["category_id"] - 1 for a in anns]}})
+    features = {"image": {"_type": "Image"}, "width": {"dtype": "int32", "_type": "Value"},
+                "height": {"dtype": "int32", "_type": "Value"},
+                "objects": {"feature": {"bbox": {"feature": {"dtype": "float32", "_type": "Value"}, "length": 4,
+                                                 "_type": "Sequence"},
+                                        "category": {"names": CLASSES, "_type": "ClassLabel"}}, "_type": "Sequence"}}
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": features}})}),
+                   out)
+    return out
+
+
+def test_hugging_face_detection_parquet_reads_the_same_boxes_trains_and_predicts(boxes_data, tmp_path, tiny_resnet):
+    coco = read_detection(boxes_data["train"] / "annotations.json", DataConfig())
+    hf = read_detection(hf_detection_parquet(boxes_data["train"], tmp_path / "train.parquet"), DataConfig())
+    corners = read_detection(hf_detection_parquet(boxes_data["train"], tmp_path / "xyxy.parquet", xyxy=True),
+                             DataConfig(box_format="xyxy"))
+    assert hf.attrs["classes"] == CLASSES
+
+    def boxes(df):
+        return sorted((lab, tuple(round(v, 3) for v in b)) for labs, bx in zip(df["labels"], df["boxes"])
+                      for lab, b in zip(labs, bx))
+
+    assert boxes(hf) == boxes(corners) == boxes(coco)
+    files = {s: hf_detection_parquet(boxes_data[s], tmp_path / f"{s}-hf.parquet") for s in ("train", "val", "test")}
+    cfg = det_cfg(tiny_resnet, boxes_data, tmp_path / "run", epochs=1)
+    cfg["data"].update({k: str(v) for k, v in files.items()})
+    s = api.train(cfg, quiet=True)
+    assert 0.0 <= s["eval"]["test"]["map"] <= 1.0
+    api.predict(tmp_path / "run", files["test"], tmp_path / "out.csv", save_images=tmp_path / "drawn", quiet=True)
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert out["error"].isna().all() and out["image"].str.startswith("embedded file im0").all()
+    assert len(list((tmp_path / "drawn").glob("im0*.jpg"))) == 12
+    with pytest.raises(DataError, match=r"no 'objects' column; a detection table holds an image per row"):
+        pd.DataFrame({"image": ["a.png"]}).to_parquet(tmp_path / "bad.parquet")
+        read_detection(tmp_path / "bad.parquet", DataConfig())
+
+
 def _voc_only(root: Path) -> Path:
     """A folder with just VOC's Annotations/ and JPEGImages/ (links), so the VOC reader is chosen."""
     voc = root.parent / f"{root.name}-voc"

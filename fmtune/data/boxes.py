@@ -10,6 +10,9 @@
   above it.
 - Pascal VOC: a folder with ``Annotations/*.xml`` (``filename``, ``size``, ``object``: ``name``,
   ``bndbox`` xmin/ymin/xmax/ymax, ``difficult``) and ``JPEGImages/``.
+- A Parquet / JSONL table of one image per row (a path, or embedded as a Hugging Face dataset
+  stores it) and ``objects`` {``bbox``, ``category``, optional ``iscrowd``}: cppe-5's layout;
+  boxes ``data.box_format`` (xywh, as COCO; or xyxy), class ids named by the file's metadata.
 
 Every reader gives the same rows: image path, its size, boxes (x0, y0, x1, y1 in pixels) and
 their class names; COCO crowd boxes and VOC difficult ones are kept as ``ignore`` (neither
@@ -34,7 +37,7 @@ from PIL import Image
 
 from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData
 from fmtune.data.masks import open_image
-from fmtune.data.readers import IMAGE_SUFFIXES, list_images
+from fmtune.data.readers import IMAGE_SUFFIXES, embedded, list_images, media_cell
 from fmtune.errors import DataError
 
 PAD_VALUE = 114  # letterbox padding (grey), as YOLO pads
@@ -217,12 +220,71 @@ def read_voc(path: Path) -> pd.DataFrame:
     return _rows(records, str(path))
 
 
+def _object_names(path: Path) -> list[str] | None:
+    """The class names of a Hugging Face detection Parquet's ``objects.category`` (ClassLabel), from
+    the file's metadata (both the old Sequence-of-dict and the newer dict-of-List layouts)."""
+    import pyarrow.parquet as pq
+
+    try:
+        features = json.loads((pq.read_schema(path).metadata or {})[b"huggingface"])["info"]["features"]
+        objects = features["objects"]
+        objects = objects.get("feature", objects)  # Sequence({...}): the dict inside
+        category = objects.get("category", objects.get("label", {}))
+        category = category.get("feature", category)
+        return [str(n) for n in category["names"]] if category.get("_type") == "ClassLabel" else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def read_box_table(path: Path, data_cfg: Any) -> pd.DataFrame:
+    """A table (a Hugging Face detection dataset's Parquet split) of one image per row (a path, or
+    embedded: ``data.image_column``) and its ``objects``: ``bbox`` (``data.box_format``) and
+    ``category`` (class ids named by the file's metadata, or names); ``iscrowd`` where given."""
+    from fmtune.data.readers import media_cell, read_table, require_column, row_prefix, table_base
+
+    df = read_table(path, data_cfg.encoding)
+    column = data_cfg.image_column
+    require_column(df, column, "image", "data.image_column")
+    if "objects" not in df.columns:
+        raise DataError(f"{path}: no 'objects' column; a detection table holds an image per row and its objects "
+                        f"({{bbox: [[x, y, w, h], ...], category: [...]}}), as Hugging Face detection datasets do; "
+                        f"columns are: {', '.join(map(str, df.columns))}")
+    names, base, records = _object_names(path), table_base(df), []
+    for r, (cell, objects) in enumerate(zip(df[column], df["objects"])):
+        source, name = media_cell(cell, base)
+        where = f"{row_prefix(df, r)}{name}"
+        if source is None:
+            raise DataError(f"{row_prefix(df, r)}column {column!r} is empty")
+        if not isinstance(objects, dict) or "bbox" not in objects:
+            raise DataError(f"{where}: 'objects' must hold 'bbox' and 'category' lists, got {str(objects)[:80]}")
+        boxes = [list(b) for b in objects["bbox"]]
+        cats = list(objects.get("category", objects.get("label", [])))
+        if len(cats) != len(boxes):
+            raise DataError(f"{where}: {len(boxes)} boxes but {len(cats)} categories")
+        w, h = (df["width"].iloc[r], df["height"].iloc[r]) if {"width", "height"} <= set(df.columns) else (None, None)
+        if w is None or h is None or pd.isna(w) or pd.isna(h):
+            w, h = open_image(source, f"{row_prefix(df, r)}").size
+        corners = [[x, y, x + bw, y + bh] for x, y, bw, bh in boxes] if data_cfg.box_format == "xywh" else boxes
+        labels = [names[int(c)] if names is not None and not isinstance(c, str) else str(c) for c in cats]
+        crowd = list(objects.get("iscrowd", [0] * len(boxes)))
+        records.append({"image": cell if isinstance(source, bytes) else str(source), "width": w, "height": h,
+                        "boxes": [_check_box(b, w, h, f"{where}: box {k + 1}") for k, b in enumerate(corners)],
+                        "labels": labels, "ignore": [bool(c) for c in crowd]})
+    out = _rows(records, str(path))
+    if names is not None:
+        out.attrs["classes"] = names
+    return out
+
+
 def read_detection(path: str | Path, data_cfg: Any) -> pd.DataFrame:
-    """Rows (image, width, height, boxes, labels, ignore) from COCO JSON, YOLO or VOC; a folder or
-    file of images alone gives rows without boxes (images to predict)."""
+    """Rows (image, width, height, boxes, labels, ignore) from COCO JSON, YOLO, VOC or a table of
+    images and objects (a Hugging Face Parquet split); a folder or file of images alone gives rows
+    without boxes (images to predict)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
+    if p.is_file() and p.suffix.lower() in (".parquet", ".pq", ".jsonl"):
+        return read_box_table(p, data_cfg)
     if p.is_file() and p.suffix.lower() == ".json":
         return read_coco(p, data_cfg.image_root)
     if p.is_file() and p.suffix.lower() in (".yaml", ".yml"):
@@ -358,8 +420,10 @@ def box_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], classes: li
     eager = len(df) * 3 * size * size <= EAGER_IMAGE_BYTES
     images, scales, sizes, boxes, cls, ign = [], [], [], [], [], []
     index = {c: i for i, c in enumerate(classes or [])}
+    names = [media_cell(v, Path("."))[1] for v in df[column]]  # a path, or an image embedded in the table
     for r, path in enumerate(df[column]):
-        img = open_image(str(path), f"{df.attrs.get('source')}: ")
+        img = open_image(path, f"{df.attrs.get('source')}: ")
+        path = names[r]
         w, h = img.size
         if with_targets and df["width"].iloc[r] and (abs(float(df["width"].iloc[r]) - w) > 1 or
                                                       abs(float(df["height"].iloc[r]) - h) > 1):
@@ -380,5 +444,6 @@ def box_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], classes: li
             cls.append(np.asarray([index[lab] for lab in labels], dtype=np.int64))
             ign.append(np.asarray(df["ignore"].iloc[r], dtype=bool))
     targets = pack_targets(boxes, cls, ign) if with_targets else None
-    data = torch.stack(images) if eager else [str(p) for p in df[column]]
-    return BoxData(data, targets, scales, sizes, spec, [Path(str(p)).name for p in df[column]])
+    data = torch.stack(images) if eager else [embedded(p) or str(p) for p in df[column]]
+    return BoxData(data, targets, scales, sizes, spec,
+                   [n if embedded(v) is not None else Path(n).name for v, n in zip(df[column], names)])
