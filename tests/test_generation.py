@@ -103,6 +103,28 @@ def test_the_three_row_shapes_and_a_table_are_read(tmp_path):
     assert t["prompt"].tolist() == ["x = 1", "y = 2"] and t["completion"].tolist() == ["sets x", "sets y"]
 
 
+def test_hub_layouts_alpaca_dolly_sharegpt_and_parquet_chats_are_read(tmp_path):
+    """What instruction sets on the Hugging Face Hub hold: Alpaca and Dolly rows, ShareGPT turns,
+    and chats stored in Parquet (a list column), each read without settings."""
+    rows = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Greet.", "input": "", "output": "Hello"},
+            {"instruction": "Summarise.", "context": "A long text.", "response": "Short."},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+    df = read_rows(write_jsonl(tmp_path / "hub.jsonl", rows), data_cfg())
+    assert df["prompt"].tolist()[:3] == ["Add.\n\n2 and 3", "Greet.", "Summarise.\n\nA long text."]
+    assert df["completion"].tolist() == ["5", "Hello", "Short.", "hello"]
+    assert json.loads(df["messages"][3]) == [{"role": "user", "content": "hi"}]
+    chats = pd.DataFrame({"messages": [[{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]]})
+    chats.to_parquet(tmp_path / "chats.parquet")
+    parquet = read_rows(tmp_path / "chats.parquet", data_cfg())
+    assert parquet["kind"].tolist() == ["messages"] and parquet["completion"].tolist() == ["a"]
+    pd.DataFrame(rows[:2]).to_parquet(tmp_path / "alpaca.parquet")
+    assert read_rows(tmp_path / "alpaca.parquet", data_cfg())["prompt"].tolist() == ["Add.\n\n2 and 3", "Greet."]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "bot", "value": "x"}]}])
+    with pytest.raises(DataError, match="bad.jsonl: line 1: conversations turn 1 is from 'bot'"):
+        read_rows(bad, data_cfg())
+
+
 @pytest.mark.parametrize("line, match", [
     ({"prompt": "p"}, "line 2: a 'prompt' without its 'completion'"),
     ({"prompt": "p", "completion": "  "}, "line 2: empty completion"),

@@ -1,9 +1,14 @@
 """Text generation: a causal language model fine-tuned to answer prompts (instructions, summaries, chat).
 
-Rows, one per example (JSONL; CSV/Parquet through ``data.input_column`` / ``data.target_column``):
+Rows, one per example (JSONL, or CSV/Parquet of the same columns or through ``data.input_column``
+/ ``data.target_column``):
     {"prompt": "...", "completion": "..."}             the loss is on the completion
     {"messages": [{"role": ..., "content": ...}, ...]}  the model's chat template; the loss is on the
-                                                        last (assistant) message
+                                                        last (assistant) message; ShareGPT's
+                                                        {"conversations": [{"from", "value"}]} too
+    {"instruction", "input", "output"}                 Alpaca's (Dolly's: context, response): the
+                                                        prompt is the instruction, a blank line and
+                                                        the input
     {"text": "..."}                                    plain text; the loss is on all of it
 
 Every target ends with the end-of-sequence token (checked before training), so the model learns
@@ -58,8 +63,10 @@ def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col
         if with_targets and tgt not in rec:
             raise DataError(f"{where}: no {tgt!r} (the target, data.target_column); keys: {', '.join(map(str, rec))}")
         kind, messages = "prompt", None
-    elif "messages" in rec:
-        messages = rec["messages"]
+    elif "messages" in rec or "conversations" in rec:
+        messages = rec["messages"] if "messages" in rec else _sharegpt(rec["conversations"], where)
+        if hasattr(messages, "tolist"):  # a Parquet list cell
+            messages = messages.tolist()
         if isinstance(messages, str):
             try:
                 messages = json.loads(messages)
@@ -84,6 +91,13 @@ def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col
         if not any(m["role"] == "user" for m in messages):
             raise DataError(f"{where}: no user message before the answer")
         kind, prompt = "messages", None
+    elif "instruction" in rec and ("output" in rec or "response" in rec or not with_targets):
+        # Alpaca ({instruction, input, output}) and Dolly ({instruction, context, response}): the input
+        # (context) follows the instruction after a blank line
+        extra = rec.get("input", rec.get("context"))
+        extra = "" if extra is None or (isinstance(extra, float) and math.isnan(extra)) else str(extra).strip()
+        prompt = f"{rec['instruction']}\n\n{extra}" if extra else rec["instruction"]
+        kind, completion, messages = "prompt", rec.get("output", rec.get("response")), None
     elif "prompt" in rec:
         kind, prompt, completion, messages = "prompt", rec["prompt"], rec.get("completion"), None
         if with_targets and "completion" not in rec:
@@ -91,8 +105,9 @@ def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col
     elif "text" in rec:
         kind, prompt, completion, messages = "text", "", rec["text"], None
     else:
-        raise DataError(f"{where}: expected {{\"prompt\", \"completion\"}}, {{\"messages\": [...]}} or {{\"text\"}} "
-                        f"(or set data.input_column / data.target_column); keys: {', '.join(map(str, rec)) or 'none'}")
+        raise DataError(f"{where}: expected {{\"prompt\", \"completion\"}}, {{\"messages\": [...]}}, "
+                        f"{{\"instruction\", \"input\", \"output\"}} or {{\"text\"}} (or set data.input_column / "
+                        f"data.target_column); keys: {', '.join(map(str, rec)) or 'none'}")
     if kind == "prompt" and not isinstance(prompt, str):
         if prompt is None or (isinstance(prompt, float) and math.isnan(prompt)):
             raise DataError(f"{where}: empty prompt")
@@ -103,6 +118,27 @@ def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col
         raise DataError(f"{where}: empty completion: there is nothing to learn from this row")
     return {"kind": kind, "prompt": prompt, "completion": completion,
             "messages": json.dumps(messages) if messages is not None else None}
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROW_FORMATS = ("messages", "conversations", "instruction")  # a table holding one of these is read as its rows say
+
+
+def _sharegpt(turns: Any, where: str) -> Any:
+    """ShareGPT's ``conversations`` [{from: human / gpt / system, value}] as chat messages."""
+    turns = turns.tolist() if hasattr(turns, "tolist") else turns
+    if not isinstance(turns, list):
+        return turns  # (refused as not a list by the caller)
+    out = []
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise DataError(f"{where}: conversations turn {j + 1} must be an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+        if role is None:
+            raise DataError(f"{where}: conversations turn {j + 1} is from {t['from']!r} (expected one of: "
+                            f"{', '.join(SHAREGPT_ROLES)})")
+        out.append({"role": role, "content": t["value"]})
+    return out
 
 
 def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.DataFrame:
@@ -126,6 +162,10 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
         records = jsonl_records(path, path.read_text(encoding=data_cfg.encoding))
     else:
         df = read_any(path, data_cfg.encoding, data_cfg.input_column or data_cfg.text_column)
+        own = not (data_cfg.input_column or data_cfg.target_column or "prompt" in df.columns)
+        if own and any(c in df.columns for c in ROW_FORMATS):  # chat / Alpaca rows, as in JSONL
+            records = [(int(i) + 1, r) for i, r in zip(df.index, df.to_dict("records"))]
+            return _checked_rows(records, source, table, data_cfg, with_targets)
         input_col = data_cfg.input_column or ("prompt" if "prompt" in df.columns else data_cfg.text_column)
         target_col = data_cfg.target_column or "completion"
         for col, key in ((input_col, "data.input_column"), (target_col, "data.target_column")):
@@ -133,6 +173,11 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
                 raise DataError(f"{source}: no column {col!r} ({key}); columns: {', '.join(map(str, df.columns))}")
         records = [(int(i) + 1, r) for i, r in zip(df.index, df.to_dict("records"))]
         data_cfg = _with_columns(data_cfg, input_col, target_col)
+    return _checked_rows(records, source, table, data_cfg, with_targets)
+
+
+def _checked_rows(records: list[tuple[int, dict[str, Any]]], source: str, table: bool, data_cfg: Any,
+                  with_targets: bool) -> pd.DataFrame:
     if not records:
         raise DataError(f"{source}: no rows")
     rows = []
