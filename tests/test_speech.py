@@ -197,6 +197,27 @@ def test_metadata_folder_and_usual_column_names(tiny_asr, tone_speech, tmp_path)
     assert len(ds) == 5 and ds.ids[0][:2] == [1, 2] and ds.ids[0][-1] == 0  # prefix ... end of text
 
 
+def test_a_hugging_face_speech_parquet_reads_its_embedded_clips(tiny_asr, tone_speech, tmp_path):
+    """Common Voice's layout: the clip embedded as {bytes, path} in ``audio`` beside a ``path``
+    string, the transcript in ``sentence``."""
+    from conftest import hf_parquet
+
+    from fmtune import config as config_mod
+    from fmtune.tasks.speech import read_speech
+
+    src = pd.read_csv(tone_speech["train"]).head(4)
+    clips = [tone_speech["train"].parent / p for p in src["audio"]]
+    p = hf_parquet(tmp_path / "cv.parquet", {"path": [c.name for c in clips],
+                                             "audio": [{"bytes": c.read_bytes(), "path": c.name} for c in clips],
+                                             "sentence": src["text"].tolist()}, {}, set(), {"audio": "Audio"})
+    data = config_mod.from_dict(_cfg(tiny_asr, tone_speech, tmp_path)).data
+    df = read_speech(p, data)
+    assert df.attrs["audio_column"] == "audio" and df.attrs["text_column"] == "sentence"
+    bundle, task = _bundle(tiny_asr)
+    ds, keep = task.dataset(df, bundle, data)
+    assert len(ds) == 4 and keep.tolist() == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("case,message", [
     ("no_text_column", "no transcript column (looked for text, transcript"),
     ("empty_text", "row 2 (line 3): empty transcript in column 'text'"),
