@@ -37,7 +37,16 @@ from PIL import Image
 
 from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData
 from fmtune.data.masks import open_image
-from fmtune.data.readers import IMAGE_SUFFIXES, embedded, list_images, media_cell
+from fmtune.data.readers import (
+    IMAGE_SUFFIXES,
+    embedded,
+    list_images,
+    media_cell,
+    read_table,
+    require_column,
+    row_prefix,
+    table_base,
+)
 from fmtune.errors import DataError
 
 PAD_VALUE = 114  # letterbox padding (grey), as YOLO pads
@@ -240,8 +249,6 @@ def read_box_table(path: Path, data_cfg: Any) -> pd.DataFrame:
     """A table (a Hugging Face detection dataset's Parquet split) of one image per row (a path, or
     embedded: ``data.image_column``) and its ``objects``: ``bbox`` (``data.box_format``) and
     ``category`` (class ids named by the file's metadata, or names); ``iscrowd`` where given."""
-    from fmtune.data.readers import media_cell, read_table, require_column, row_prefix, table_base
-
     df = read_table(path, data_cfg.encoding)
     column = data_cfg.image_column
     require_column(df, column, "image", "data.image_column")
