@@ -29,7 +29,16 @@ from torch import nn
 
 from fmtune import ui
 from fmtune.data.prepare import make_dataset
-from fmtune.data.readers import IMAGE_SUFFIXES, TABLE_SUFFIXES, list_images, read_any, require_column, row_label
+from fmtune.data.readers import (
+    IMAGE_SUFFIXES,
+    TABLE_SUFFIXES,
+    list_images,
+    media_cell,
+    media_name,
+    read_any,
+    require_column,
+    row_label,
+)
 from fmtune.errors import ConfigError, DataError
 from fmtune.explain_inputs import choose_items
 from fmtune.fsutil import atomic_dir, check_output_dir
@@ -229,9 +238,11 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
                 return items
         elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
             df, truth = table(path, cfg.image_column, "image path", "data.image_column")
-            for i, (p, true) in enumerate(zip(df[cfg.image_column].astype(str), truth)):
-                f = Path(p) if Path(p).is_absolute() else path.parent / p
-                if add(f.name, pred.decode(str(f), row_label(df, i)), true):
+            for i, (cell, true) in enumerate(zip(df[cfg.image_column], truth)):
+                source, name = media_cell(cell, path.parent)  # a path, or an image embedded in the table
+                if source is None:
+                    raise DataError(f"{row_label(df, i)}: column {cfg.image_column!r} is empty")
+                if add(media_name(source, name), pred.decode(source, row_label(df, i)), true):
                     return items
         else:
             if path.is_dir():
@@ -269,7 +280,7 @@ def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dic
         else:
             value = ds.raw([i])[0]
         if pred.kind == "image" and cfg.data.image_column in df.columns:
-            name = Path(str(df[cfg.data.image_column].iloc[row])).name
+            name = media_name(*media_cell(df[cfg.data.image_column].iloc[row], Path(".")))
         else:
             name = f"row {row + 2}" if Path(data).suffix.lower() in (".csv", ".tsv") else f"row {row + 1}"
         items.append({"name": name, "input": value, "true": pred.task.labels[int(targets[i])]})

@@ -62,6 +62,28 @@ def test_image_attributions_fall_on_the_deciding_square(square_run, method, base
     assert (out / "grid.png").is_file() and len(list(out.glob("0*.png"))) == 12
 
 
+def test_images_embedded_in_a_hugging_face_parquet_are_explained(square_run, tmp_path):
+    """--input and --misclassified read the images from the table, each named by its file name,
+    with the true label named from the file's class ids."""
+    from conftest import class_folders_as_hf_parquet
+
+    run, test, _ = square_run
+    files, names = class_folders_as_hf_parquet({"test": test}, tmp_path, "image", "Image", "*/*.png")
+    res = explain(run, [str(files["test"])], method="gradcam", out=tmp_path / "e", limit=4, quiet=True)
+    firsts = sorted(p.name for p in (test / names[0]).glob("*.png"))[:4]
+    assert [it["name"] for it in res["items"]] == firsts and {it["true"] for it in res["items"]} == {names[0]}
+    from conftest import hf_parquet
+
+    pngs = sorted(test.glob("*/*.png"))  # every label swapped: the run's right answers are the "mistakes"
+    swapped = hf_parquet(tmp_path / "swapped.parquet",
+                         {"image": [{"bytes": p.read_bytes(), "path": p.name} for p in pngs],
+                          "label": [1 - names.index(p.parent.name) for p in pngs]}, {"label": names}, set(),
+                         {"image": "Image"})
+    res = explain(run, misclassified=2, data=swapped, method="gradcam", out=tmp_path / "m", quiet=True)
+    assert len(res["items"]) == 2
+    assert all(it["name"] in {p.name for p in pngs} and it["predicted"] != it["true"] for it in res["items"])
+
+
 def test_misclassified_explains_the_confident_mistakes(text_run, tmp_path):
     res = explain(text_run, misclassified=3, out=tmp_path / "m", quiet=True)
     assert len(res["items"]) <= 3

@@ -201,6 +201,11 @@ def media_cell(value: Any, base: Path) -> tuple[Path | bytes | None, str]:
     return p, str(p)
 
 
+def media_name(source: Path | bytes | None, name: str) -> str:
+    """A short name for a ``media_cell``: the file's name, for a path or an embedded file alike."""
+    return Path(name.removeprefix("embedded file ") if isinstance(source, bytes) else name).name or name
+
+
 def require_column(df: pd.DataFrame, column: str, what: str, option: str) -> None:
     if column not in df.columns:
         src = df.attrs.get("source", "the data")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fmtune.data.readers import media_cell
+from fmtune.data.readers import media_cell, media_name
 from fmtune.tasks.base import Task
 
 
@@ -51,8 +51,7 @@ class DenseTask(Task):
             if not isinstance(value, (str, list)):  # a row that got no prediction (see its error)
                 continue
             path, name = media_cell(src, base)  # a path, or the bytes of an image embedded in the table
-            first = (Path(name.removeprefix("embedded file ")).stem if isinstance(path, bytes) else path.stem) or \
-                f"image-{i + 1}"
+            first = Path(media_name(path, name)).stem or f"image-{i + 1}"
             stem, k = first, 1
             while stem in taken:
                 k += 1
