@@ -228,14 +228,15 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
         few["small_training_set"] = enough
     _check_robust_training(cfg.train, bundle.kind, task)
     _check_pairs(cfg, bundle, task)
+    texts, auto = model_texts(frames.train, cfg.data), None
     if cfg.model.max_length is None and bundle.kind == "text" and task.level == "pooled" and cont is None:
-        auto = auto_max_length(bundle, model_texts(frames.train, cfg.data), bundle.max_length, cfg.train.seed)
+        auto = auto_max_length(bundle, texts, bundle.max_length, cfg.train.seed)
         if auto:  # long texts: read more of them; config.yaml keeps the length chosen
             bundle.max_length = auto["max_length"]
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_length=auto["max_length"]))
             few["max_length_auto"] = auto
     data = _datasets(cfg, bundle, task, frames)
-    cut = long_texts(data["train"], bundle, model_texts(frames.train, cfg.data), cfg.train.seed)
+    cut = long_texts(data["train"], bundle, texts, cfg.train.seed, auto["tokens_p95"] if auto else None)
     if cut:
         few["long_texts"] = cut
     counts = apply_strategy(bundle, cfg.strategy)

@@ -12,7 +12,6 @@ and ``fmtune serve``.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +116,14 @@ class Predictor:
         """One image from a path, bytes or a PIL image -> uint8 (3, size, size); one audio clip from a
         path or bytes -> its mono waveform at the model's rate. DataError if it is not one. A Hugging
         Face Parquet cell ({"bytes": ..., "path": ...}) is its bytes."""
-        from fmtune.data.readers import embedded
+        from fmtune.data.readers import embedded, file_like
 
         value = embedded(value) or (value.get("path") if isinstance(value, dict) else value)
         if self.kind == "audio":
             from fmtune.data.audio import load_audio
 
             return load_audio(value, int(self.bundle.audio["sampling_rate"]), where)
-        source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
+        source = file_like(value)
         if isinstance(value, (str, Path)) and not Path(value).is_file():
             raise DataError(f"{where}: no such image file: {value}")
         try:

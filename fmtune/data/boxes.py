@@ -39,7 +39,9 @@ from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData
 from fmtune.data.masks import open_image
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
+    class_label_names,
     embedded,
+    hf_features,
     list_images,
     media_cell,
     read_table,
@@ -232,17 +234,9 @@ def read_voc(path: Path) -> pd.DataFrame:
 def _object_names(path: Path) -> list[str] | None:
     """The class names of a Hugging Face detection Parquet's ``objects.category`` (ClassLabel), from
     the file's metadata (both the old Sequence-of-dict and the newer dict-of-List layouts)."""
-    import pyarrow.parquet as pq
-
-    try:
-        features = json.loads((pq.read_schema(path).metadata or {})[b"huggingface"])["info"]["features"]
-        objects = features["objects"]
-        objects = objects.get("feature", objects)  # Sequence({...}): the dict inside
-        category = objects.get("category", objects.get("label", {}))
-        category = category.get("feature", category)
-        return [str(n) for n in category["names"]] if category.get("_type") == "ClassLabel" else None
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None
+    objects = hf_features(path).get("objects")
+    objects = objects.get("feature", objects) if isinstance(objects, dict) else {}  # Sequence({...}): the dict inside
+    return class_label_names(objects.get("category", objects.get("label"))) if isinstance(objects, dict) else None
 
 
 def read_box_table(path: Path, data_cfg: Any) -> pd.DataFrame:

@@ -7,7 +7,6 @@ Images are decoded, converted to RGB and resized once, kept as uint8, and normal
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 from typing import Any
@@ -17,7 +16,15 @@ import pandas as pd
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fmtune.data.readers import media_cell, require_column, require_text_column, row_label, row_prefix, table_base
+from fmtune.data.readers import (
+    file_like,
+    media_cell,
+    require_column,
+    require_text_column,
+    row_label,
+    row_prefix,
+    table_base,
+)
 from fmtune.errors import DataError
 
 AUTO_MAX_LENGTH = 256  # the most tokens model.max_length is raised to from the data, when not set
@@ -33,10 +40,10 @@ def batch_targets(targets: Any, idx: list[int], width: int) -> Any:
 
 class TextData(torch.utils.data.Dataset):
     def __init__(self, input_ids: list[list[int]], targets: torch.Tensor | None, pad_id: int,
-                 segments: list[list[int]] | None = None):
+                 segments: list[list[int]] | None = None, pairs: bool = False):
         self.input_ids, self.targets, self.pad_id = input_ids, targets, pad_id
         self.segments = segments  # token type ids of text pairs (None: one text, or a model without them)
-        self.pairs = False  # pairs of texts (data.text_pair_column), set by Bundle.text_data
+        self.pairs = pairs  # pairs of texts (data.text_pair_column)
         self.lengths = np.array([len(x) for x in input_ids])
 
     def text(self, i: int, tokenizer: Any) -> str:
@@ -96,7 +103,7 @@ class ImageData(torch.utils.data.Dataset):
     def decode(self, path: str | bytes) -> torch.Tensor:
         """One lazily kept image (a path, or the bytes of one embedded in its table) as the model
         reads it (classification: resized, centre-cropped)."""
-        return decode_image(_opened(path), self.spec["size"])
+        return decode_image(file_like(path), self.spec["size"])
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] as the model reads them: normalised, channels-last. oneDNN's
@@ -185,15 +192,17 @@ def auto_max_length(bundle: Any, texts: pd.Series | None, default: int, seed: in
     return None if length <= default else {"max_length": length, "tokens_p95": p95, "default": default}
 
 
-def long_texts(ds: Any, bundle: Any, texts: pd.Series | None, seed: int = 0) -> dict[str, Any] | None:
+def long_texts(ds: Any, bundle: Any, texts: pd.Series | None, seed: int = 0,
+               p95: int | None = None) -> dict[str, Any] | None:
     """How many training texts reach model.max_length (and are cut there), and the length that keeps
-    95% of them whole, from up to 2,000 of them tokenised uncut; None when under LONG_TEXTS_NOTE."""
+    95% of them whole, from up to 2,000 of them tokenised uncut (``p95``: that length, when
+    ``auto_max_length`` has measured it already); None when under LONG_TEXTS_NOTE."""
     if not isinstance(ds, TextData) or texts is None or not len(ds) or len(texts) != len(ds):
         return None
     cut = int((ds.lengths >= bundle.max_length).sum())
     if cut < LONG_TEXTS_NOTE * len(ds):
         return None
-    p95 = tokens_p95(bundle, texts, seed)
+    p95 = tokens_p95(bundle, texts, seed) if p95 is None else p95
     limit = bundle.length_limit()
     keep = -(-p95 // 32) * 32  # a multiple of 32
     return {"texts_cut": cut, "share": round(cut / len(ds), 3), "max_length": bundle.max_length, "tokens_p95": p95,
@@ -242,10 +251,10 @@ def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: 
     eager = len(cells) * 3 * size * size <= EAGER_IMAGE_BYTES
     kept, images, bad = [], [], []
     for i, (source, name) in enumerate(cells):
-        reason = f"column {column!r} is empty" if source is None else _check_image(_opened(source))
+        reason = f"column {column!r} is empty" if source is None else _check_image(file_like(source))
         if reason is None and eager:
             try:
-                images.append(decode_image(_opened(source), size))
+                images.append(decode_image(file_like(source), size))
             except (OSError, ValueError) as e:
                 reason = f"cannot decode ({e})"
         if reason is None:
@@ -257,11 +266,6 @@ def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: 
     data = torch.stack(images) if eager else [cells[i][0] if isinstance(cells[i][0], bytes) else str(cells[i][0])
                                               for i in kept]
     return ImageData(data, None if targets is None else targets[keep], spec), keep
-
-
-def _opened(source: Any) -> Any:
-    """What PIL opens: a path as it is, the bytes of an embedded image as a file object."""
-    return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
 def skip_bad(bad: list[str], total: int, src: str, max_bad_fraction: float, cannot: str, skipping: str) -> None:

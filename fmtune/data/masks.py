@@ -19,7 +19,6 @@ a known source of IoU 0). Images are resized to ``size`` x ``size`` (bilinear) a
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, load_rgb
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
     embedded,
+    file_like,
     list_images,
     media_cell,
     read_table,
@@ -146,7 +146,7 @@ def _opened_cell(cell: Any) -> tuple[Any, str]:
     """What PIL opens for a cell of an image / mask column (a path; the bytes of a file embedded in
     the table as a file object), and how messages name it."""
     source, name = media_cell(cell, Path("."))
-    return (io.BytesIO(source) if isinstance(source, bytes) else str(source) if source is not None else ""), name
+    return (file_like(source) if source is not None else ""), name
 
 
 def mask_values(df: pd.DataFrame, column: str) -> set[int]:

@@ -201,6 +201,12 @@ def media_cell(value: Any, base: Path) -> tuple[Path | bytes | None, str]:
     return p, str(p)
 
 
+def file_like(source: Any) -> Any:
+    """What PIL / soundfile open for a ``media_cell`` source: a path as it is, the bytes of a file
+    embedded in a table as a file object."""
+    return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+
+
 def media_name(source: Path | bytes | None, name: str) -> str:
     """A short name for a ``media_cell``: the file's name, for a path or an embedded file alike."""
     return Path(name.removeprefix("embedded file ") if isinstance(source, bytes) else name).name or name
@@ -327,23 +333,31 @@ def _parquet_chunks(path: Path, chunk_rows: int):
         yield name_labels(df, names), {}
 
 
-def hf_label_names(path: Path) -> dict[str, list[str]]:
-    """The class names a Parquet file written by Hugging Face ``datasets`` keeps for its ClassLabel
-    columns (``label``) and lists of them (``ner_tags``), from the schema's ``huggingface``
-    metadata; {} for any other file."""
+def hf_features(path: Path) -> dict[str, Any]:
+    """The features (column types) a Parquet file written by Hugging Face ``datasets`` keeps in its
+    schema's ``huggingface`` metadata; {} for any other file."""
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_schema(path).metadata or {}
-        features = json.loads(meta[b"huggingface"])["info"]["features"]
+        features = json.loads((pq.read_schema(path).metadata or {})[b"huggingface"])["info"]["features"]
     except (KeyError, TypeError, ValueError):
         return {}
-    out = {}
-    for column, feature in features.items() if isinstance(features, dict) else ():
-        inner = feature.get("feature", feature) if isinstance(feature, dict) else None  # List / Sequence of them
-        if isinstance(inner, dict) and inner.get("_type") == "ClassLabel" and isinstance(inner.get("names"), list):
-            out[column] = [str(n) for n in inner["names"]]
-    return out
+    return features if isinstance(features, dict) else {}
+
+
+def class_label_names(feature: Any) -> list[str] | None:
+    """The names of a ClassLabel feature, or of a List / Sequence of them; None for other features."""
+    inner = feature.get("feature", feature) if isinstance(feature, dict) else None
+    if isinstance(inner, dict) and inner.get("_type") == "ClassLabel" and isinstance(inner.get("names"), list):
+        return [str(n) for n in inner["names"]]
+    return None
+
+
+def hf_label_names(path: Path) -> dict[str, list[str]]:
+    """The class names of a Hugging Face Parquet file's ClassLabel columns (``label``) and lists of
+    them (``ner_tags``); {} for any other file."""
+    return {column: names for column, feature in hf_features(path).items()
+            if (names := class_label_names(feature)) is not None}
 
 
 def name_labels(df: pd.DataFrame, names: dict[str, list[str]], digits: bool = False) -> pd.DataFrame:

@@ -79,9 +79,8 @@ class Bundle:
         else:
             enc = tok(texts, truncation=True, max_length=self.max_length)
         segments = enc.get("token_type_ids") if pairs and self.uses_segments() else None
-        data = TextData(enc["input_ids"], targets, tok.pad_token_id if tok.pad_token_id is not None else 0, segments)
-        data.pairs = pairs
-        return data
+        return TextData(enc["input_ids"], targets, tok.pad_token_id if tok.pad_token_id is not None else 0, segments,
+                        pairs)
 
     def uses_segments(self) -> bool:
         """Whether the text model reads segment ids: its tokenizer makes them, its backbone takes

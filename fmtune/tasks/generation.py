@@ -162,22 +162,16 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
         records = jsonl_records(path, path.read_text(encoding=data_cfg.encoding))
     else:
         df = read_any(path, data_cfg.encoding, data_cfg.input_column or data_cfg.text_column)
-        own = not (data_cfg.input_column or data_cfg.target_column or "prompt" in df.columns)
-        if own and any(c in df.columns for c in ROW_FORMATS):  # chat / Alpaca rows, as in JSONL
-            records = [(int(i) + 1, r) for i, r in zip(df.index, df.to_dict("records"))]
-            return _checked_rows(records, source, table, data_cfg, with_targets)
-        input_col = data_cfg.input_column or ("prompt" if "prompt" in df.columns else data_cfg.text_column)
-        target_col = data_cfg.target_column or "completion"
-        for col, key in ((input_col, "data.input_column"), (target_col, "data.target_column")):
-            if col not in df.columns and (with_targets or key == "data.input_column"):
-                raise DataError(f"{source}: no column {col!r} ({key}); columns: {', '.join(map(str, df.columns))}")
         records = [(int(i) + 1, r) for i, r in zip(df.index, df.to_dict("records"))]
-        data_cfg = _with_columns(data_cfg, input_col, target_col)
-    return _checked_rows(records, source, table, data_cfg, with_targets)
-
-
-def _checked_rows(records: list[tuple[int, dict[str, Any]]], source: str, table: bool, data_cfg: Any,
-                  with_targets: bool) -> pd.DataFrame:
+        own = not (data_cfg.input_column or data_cfg.target_column or "prompt" in df.columns)
+        if not (own and any(c in df.columns for c in ROW_FORMATS)):  # (else chat / Alpaca rows, as in JSONL)
+            input_col = data_cfg.input_column or ("prompt" if "prompt" in df.columns else data_cfg.text_column)
+            target_col = data_cfg.target_column or "completion"
+            for col, key in ((input_col, "data.input_column"), (target_col, "data.target_column")):
+                if col not in df.columns and (with_targets or key == "data.input_column"):
+                    raise DataError(f"{source}: no column {col!r} ({key}); columns: "
+                                    f"{', '.join(map(str, df.columns))}")
+            data_cfg = _with_columns(data_cfg, input_col, target_col)
     if not records:
         raise DataError(f"{source}: no rows")
     rows = []
