@@ -88,10 +88,12 @@ def test_coco_yolo_and_voc_read_the_same_boxes(boxes_data):
     assert _norm(coco) == _norm(yolo) == _norm(voc)
 
 
-def hf_detection_parquet(root: Path, out: Path, xyxy: bool = False) -> Path:
-    """The COCO fixture as a Hugging Face detection split stores it (cppe-5's layout): the image
-    embedded, width and height, ``objects`` {bbox [x, y, w, h] (or corners), category ids} with
-    the class names in the file's metadata."""
+def hf_detection_parquet(root: Path, out: Path, xyxy: bool = False, layout: str = "sequence") -> Path:
+    """The COCO fixture as a Hugging Face detection split stores it: the image embedded, width and
+    height, the objects' boxes [x, y, w, h] (or corners) and category ids, with the class names in
+    the file's metadata. ``layout``: "sequence" (cppe-5's ``objects`` {bbox: [...], category:
+    [...]}), "list" (``objects`` [{bbox, category}, ...], datasets' List of dicts) or "columns"
+    (top-level ``bboxes`` and ``labels`` lists, no width and height)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -100,14 +102,23 @@ def hf_detection_parquet(root: Path, out: Path, xyxy: bool = False) -> Path:
     for im in coco["images"]:
         anns = [a for a in coco["annotations"] if a["image_id"] == im["id"]]
         boxes = [[x, y, x + w, y + h] if xyxy else [x, y, w, h] for x, y, w, h in (a["bbox"] for a in anns)]
-        rows.append({"image": {"bytes": (root / im["file_name"]).read_bytes(), "path": Path(im["file_name"]).name},
-                     "width": im["width"], "height": im["height"],
-                     "objects": {"bbox": boxes, "category": [a["category_id"] - 1 for a in anns]}})
+        image = {"bytes": (root / im["file_name"]).read_bytes(), "path": Path(im["file_name"]).name}
+        cats = [a["category_id"] - 1 for a in anns]
+        if layout == "columns":
+            rows.append({"image": image, "bboxes": boxes, "labels": cats})
+            continue
+        objects = ([{"bbox": b, "category": c} for b, c in zip(boxes, cats)] if layout == "list"
+                   else {"bbox": boxes, "category": cats})
+        rows.append({"image": image, "width": im["width"], "height": im["height"], "objects": objects})
+    box = {"feature": {"dtype": "float32", "_type": "Value"}, "length": 4, "_type": "Sequence"}
+    category = {"names": CLASSES, "_type": "ClassLabel"}
     features = {"image": {"_type": "Image"}, "width": {"dtype": "int32", "_type": "Value"},
                 "height": {"dtype": "int32", "_type": "Value"},
-                "objects": {"feature": {"bbox": {"feature": {"dtype": "float32", "_type": "Value"}, "length": 4,
-                                                 "_type": "Sequence"},
-                                        "category": {"names": CLASSES, "_type": "ClassLabel"}}, "_type": "Sequence"}}
+                "objects": {"feature": {"bbox": box, "category": category},
+                            "_type": "List" if layout == "list" else "Sequence"}}
+    if layout == "columns":
+        features = {"image": {"_type": "Image"}, "bboxes": {"feature": box, "_type": "List"},
+                    "labels": {"feature": category, "_type": "List"}}
     table = pa.Table.from_pylist(rows)
     pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": features}})}),
                    out)
@@ -126,6 +137,10 @@ def test_hugging_face_detection_parquet_reads_the_same_boxes_trains_and_predicts
                       for lab, b in zip(labs, bx))
 
     assert boxes(hf) == boxes(corners) == boxes(coco)
+    for layout in ("list", "columns"):
+        other = read_detection(hf_detection_parquet(boxes_data["train"], tmp_path / f"{layout}.parquet",
+                                                    layout=layout), DataConfig())
+        assert other.attrs["classes"] == CLASSES and boxes(other) == boxes(coco), layout
     files = {s: hf_detection_parquet(boxes_data[s], tmp_path / f"{s}-hf.parquet") for s in ("val", "test")}
     cfg = det_cfg(tiny_resnet, boxes_data, tmp_path / "run", epochs=1)  # (trained on the 12 val images: quick)
     cfg["data"].update({"train": str(files["val"]), "val": str(files["val"]), "test": str(files["test"])})
@@ -135,7 +150,7 @@ def test_hugging_face_detection_parquet_reads_the_same_boxes_trains_and_predicts
     out = pd.read_csv(tmp_path / "out.csv")
     assert out["error"].isna().all() and out["image"].str.startswith("embedded file im0").all()
     assert len(list((tmp_path / "drawn").glob("im0*.jpg"))) == 12
-    with pytest.raises(DataError, match=r"no 'objects' column; a detection table holds an image per row"):
+    with pytest.raises(DataError, match=r"no 'objects' column; a detection table holds an image per row.*bboxes"):
         pd.DataFrame({"image": ["a.png"]}).to_parquet(tmp_path / "bad.parquet")
         read_detection(tmp_path / "bad.parquet", DataConfig())
 

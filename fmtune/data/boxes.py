@@ -231,46 +231,85 @@ def read_voc(path: Path) -> pd.DataFrame:
     return _rows(records, str(path))
 
 
-def _object_names(path: Path) -> list[str] | None:
-    """The class names of a Hugging Face detection Parquet's ``objects.category`` (ClassLabel), from
-    the file's metadata (both the old Sequence-of-dict and the newer dict-of-List layouts)."""
-    objects = hf_features(path).get("objects")
-    objects = objects.get("feature", objects) if isinstance(objects, dict) else {}  # Sequence({...}): the dict inside
-    return class_label_names(objects.get("category", objects.get("label"))) if isinstance(objects, dict) else None
+BOX_KEYS = ("bbox", "bboxes", "boxes")
+CLASS_KEYS = ("category", "categories", "label", "labels", "category_id", "class", "classes")
+
+
+def _first_key(keys: Any, wanted: tuple[str, ...]) -> str | None:
+    return next((k for k in wanted if k in keys), None)
+
+
+def _object_names(path: Path, columns: list[str]) -> list[str] | None:
+    """The class names of a Hugging Face detection Parquet's object classes (ClassLabel), from the
+    file's metadata: inside ``objects`` (the old Sequence-of-dict, the dict-of-List and the newer
+    List-of-dict layouts) or a top-level list column beside the boxes."""
+    features = hf_features(path)
+    objects = features.get("objects")
+    if "objects" not in columns:
+        objects = features
+    objects = objects.get("feature", objects) if isinstance(objects, dict) else {}  # Sequence / List: the dict inside
+    key = _first_key(objects, CLASS_KEYS) if isinstance(objects, dict) else None
+    return class_label_names(objects[key]) if key else None
+
+
+def _objects(df: pd.DataFrame, path: Path) -> list[dict]:
+    """Each row's objects as {boxes, classes, crowd} lists, from an ``objects`` column (a dict of
+    lists, or a list of dicts) or from top-level box and class columns."""
+    if "objects" in df.columns:
+        cells = list(df["objects"])
+    else:
+        box, cls = _first_key(df.columns, BOX_KEYS), _first_key(df.columns, CLASS_KEYS)
+        if box is None or cls is None:
+            raise DataError(f"{path}: no 'objects' column; a detection table holds an image per row and its objects "
+                            f"({{bbox: [[x, y, w, h], ...], category: [...]}}), as Hugging Face detection datasets "
+                            f"do, or list columns of boxes ({'/'.join(BOX_KEYS)}) and classes "
+                            f"({'/'.join(CLASS_KEYS)}); columns are: {', '.join(map(str, df.columns))}")
+        cells = [{box: b, cls: c, **({"iscrowd": df["iscrowd"].iloc[r]} if "iscrowd" in df.columns else {})}
+                 for r, (b, c) in enumerate(zip(df[box], df[cls]))]
+    out = []
+    for r, cell in enumerate(cells):
+        if isinstance(cell, (list, tuple, np.ndarray)) and all(isinstance(o, dict) for o in cell):  # list of dicts
+            keys = set().union(*(o.keys() for o in cell)) if len(cell) else {"bbox", "category"}
+            cell = {k: [o.get(k) for o in cell] for k in keys}
+        box = _first_key(cell, BOX_KEYS) if isinstance(cell, dict) else None
+        cls = _first_key(cell, CLASS_KEYS) if box else None
+        if cls is None:
+            raise DataError(f"{row_prefix(df, r)}objects must hold box ({'/'.join(BOX_KEYS)}) and class "
+                            f"({'/'.join(CLASS_KEYS)}) lists, got {str(cell)[:80]}")
+        boxes = [list(b) for b in cell[box]]
+        classes = list(cell[cls])
+        if len(classes) != len(boxes):
+            raise DataError(f"{row_prefix(df, r)}{len(boxes)} boxes but {len(classes)} classes")
+        crowd = cell.get("iscrowd")
+        out.append({"boxes": boxes, "classes": classes,
+                    "crowd": [bool(c) for c in (list(crowd) if crowd is not None else [0] * len(boxes))]})
+    return out
 
 
 def read_box_table(path: Path, data_cfg: Any) -> pd.DataFrame:
     """A table (a Hugging Face detection dataset's Parquet split) of one image per row (a path, or
-    embedded: ``data.image_column``) and its ``objects``: ``bbox`` (``data.box_format``) and
-    ``category`` (class ids named by the file's metadata, or names); ``iscrowd`` where given."""
+    embedded: ``data.image_column``) and its objects: an ``objects`` column holding ``bbox``
+    (``data.box_format``) and ``category`` lists (or a list of such objects), or top-level box and
+    class list columns (``bboxes`` / ``labels`` ...); class ids are named by the file's metadata;
+    ``iscrowd`` where given."""
     df = read_table(path, data_cfg.encoding)
     column = data_cfg.image_column
     require_column(df, column, "image", "data.image_column")
-    if "objects" not in df.columns:
-        raise DataError(f"{path}: no 'objects' column; a detection table holds an image per row and its objects "
-                        f"({{bbox: [[x, y, w, h], ...], category: [...]}}), as Hugging Face detection datasets do; "
-                        f"columns are: {', '.join(map(str, df.columns))}")
-    names, base, records = _object_names(path), table_base(df), []
-    for r, (cell, objects) in enumerate(zip(df[column], df["objects"])):
+    names, base, records = _object_names(path, list(df.columns)), table_base(df), []
+    for r, (cell, objects) in enumerate(zip(df[column], _objects(df, path))):
         source, name = media_cell(cell, base)
         where = f"{row_prefix(df, r)}{name}"
         if source is None:
             raise DataError(f"{row_prefix(df, r)}column {column!r} is empty")
-        if not isinstance(objects, dict) or "bbox" not in objects:
-            raise DataError(f"{where}: 'objects' must hold 'bbox' and 'category' lists, got {str(objects)[:80]}")
-        boxes = [list(b) for b in objects["bbox"]]
-        cats = list(objects.get("category", objects.get("label", [])))
-        if len(cats) != len(boxes):
-            raise DataError(f"{where}: {len(boxes)} boxes but {len(cats)} categories")
         w, h = (df["width"].iloc[r], df["height"].iloc[r]) if {"width", "height"} <= set(df.columns) else (None, None)
         if w is None or h is None or pd.isna(w) or pd.isna(h):
             w, h = open_image(source, f"{row_prefix(df, r)}").size
+        boxes = objects["boxes"]
         corners = [[x, y, x + bw, y + bh] for x, y, bw, bh in boxes] if data_cfg.box_format == "xywh" else boxes
-        labels = [names[int(c)] if names is not None and not isinstance(c, str) else str(c) for c in cats]
-        crowd = list(objects.get("iscrowd", [0] * len(boxes)))
+        labels = [names[int(c)] if names is not None and not isinstance(c, str) else str(c) for c in objects["classes"]]
         records.append({"image": cell if isinstance(source, bytes) else str(source), "width": w, "height": h,
                         "boxes": [_check_box(b, w, h, f"{where}: box {k + 1}") for k, b in enumerate(corners)],
-                        "labels": labels, "ignore": [bool(c) for c in crowd]})
+                        "labels": labels, "ignore": objects["crowd"]})
     out = _rows(records, str(path))
     if names is not None:
         out.attrs["classes"] = names
