@@ -288,6 +288,10 @@ def test_predict_a_hugging_face_parquet_split(tmp_path, ner_run):
     fmtune.predict(ner_run, p, tmp_path / "out.csv", quiet=True)
     out = pd.read_csv(tmp_path / "out.csv")
     assert json.loads(out["tokens"].iloc[1]) == ["bob", "jones"]  # the words as JSON, as the entities are
+    fmtune.predict(ner_run, p, tmp_path / "out.jsonl", quiet=True)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in lines] == [["alice", "smith", "in", "rome"], ["bob", "jones"]]  # arrays as lists
+    assert lines[0]["ner_tags"] == ["B-PER", "I-PER", "O", "B-LOC"] and lines[0]["tags"] == "B-PER I-PER O B-LOC"
 
 
 @pytest.mark.parametrize("labelled", [True, False])
