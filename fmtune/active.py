@@ -80,12 +80,18 @@ def rank(strategy: str, emb: np.ndarray, probs: np.ndarray, n: int, labelled: np
     return kcenter(emb, n, labelled, candidates=shortlist, seed=seed)
 
 
-def _texts(df: pd.DataFrame, column: str, where: str) -> list[str]:
-    require_column(df, column, "text", "data.text_column")
-    bad = [i for i, t in enumerate(df[column].tolist()) if not isinstance(t, str) or not t.strip()]
-    if bad:
-        raise DataError(f"{row_label(df, bad[0])}: no text in column {column!r} (a pool row needs one)")
-    return df[column].tolist()
+def _texts(df: pd.DataFrame, data_cfg: Any, where: str) -> list[Any]:
+    """The rows' texts (``data.text_column``), or (first, second) pairs for a run on pairs of texts
+    (``data.text_pair_column``); a row without text is a DataError naming it."""
+    columns = [c for c in (data_cfg.text_column, data_cfg.text_pair_column) if c]
+    for column, what, key in zip(columns, ("text", "second text"), ("data.text_column", "data.text_pair_column")):
+        require_column(df, column, what, key)
+        bad = [i for i, t in enumerate(df[column].tolist()) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise DataError(f"{row_label(df, bad[0])}: no text in column {column!r} (a pool row needs one)")
+    if len(columns) == 1:
+        return df[columns[0]].tolist()
+    return list(zip(*(df[c].tolist() for c in columns)))
 
 
 def select(run: str | Path, pool: str | Path, n: int, *, strategy: str = "mix", output: str | Path | None = None,
@@ -97,17 +103,16 @@ def select(run: str | Path, pool: str | Path, n: int, *, strategy: str = "mix", 
     pred = Predictor(run)
     cfg, task = pred.config, pred.task
     task.require("pseudo_labels", "fmtune select (it ranks rows by their predicted label)")
-    pred.require_single_texts("fmtune select")
     if pred.kind != "text":
         raise ConfigError(f"fmtune select ranks texts; {run} reads {pred.kind}s")
     if n < 1:
         raise ConfigError("-n: choose at least one row")
     df = read_data(pool, task, cfg.data)
-    emb, probs = pred.embed(_texts(df, cfg.data.text_column, str(pool)))
+    emb, probs = pred.embed(_texts(df, cfg.data, str(pool)))
     labelled = None
     if strategy in ("kcenter", "mix") and cfg.data.train:
         train = read_data(cfg.data.train, task, cfg.data)
-        labelled, _ = pred.embed(_texts(train, cfg.data.text_column, str(cfg.data.train)))
+        labelled, _ = pred.embed(_texts(train, cfg.data, str(cfg.data.train)))
     order = rank(strategy, emb, probs, n, labelled, seed)
     out = df.iloc[order].copy()
     out.insert(0, "select_rank", np.arange(1, len(order) + 1))
@@ -141,7 +146,7 @@ def simulate(cfg: Any, pool: str | Path, test: str | Path, out: str | Path, *, s
     task = task_class(cfg.task.type)
     df = read_data(pool, task, cfg.data)
     require_column(df, cfg.data.label_column, "label", "data.label_column")
-    _texts(df, cfg.data.text_column, str(pool))
+    _texts(df, cfg.data, str(pool))
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ConfigError(f"--strategies: {bad[0]!r} is not one of {', '.join(STRATEGIES)}")
@@ -166,10 +171,10 @@ def simulate(cfg: Any, pool: str | Path, test: str | Path, out: str | Path, *, s
                 break
             rest = df.drop(index=chosen)
             pred = Predictor(run_dir)
-            emb, probs = pred.embed(rest[cfg.data.text_column].tolist())
+            emb, probs = pred.embed(_texts(rest, cfg.data, str(pool)))
             labelled = None
             if strategy in ("kcenter", "mix"):
-                labelled, _ = pred.embed(df.loc[chosen, cfg.data.text_column].tolist())
+                labelled, _ = pred.embed(_texts(df.loc[chosen], cfg.data, str(pool)))
             picked = rank(strategy, emb, probs, step, labelled, seed + r)
             chosen += list(rest.index[picked])
             shutil.rmtree(run_dir / "model", ignore_errors=True)  # read; only the last round's model is kept

@@ -668,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run directory")
     ex.add_argument("--input", action="append", default=[], metavar="X",
                     help="a text, a text/table file, an image, a folder of images, an audio file or a folder of "
-                    "them (repeatable)")
+                    "them (repeatable); a run on pairs of texts takes a JSON list of the two: '[\"a\", \"b\"]'")
     ex.add_argument("--misclassified", type=int, default=0, metavar="N",
                     help="explain the N most confident mistakes on --data (default: the run's test file)")
     ex.add_argument("--data", help="labelled data for --misclassified")

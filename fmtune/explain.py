@@ -153,14 +153,17 @@ def baseline_token(tokenizer: Any, kind: str) -> int:
     return int(token)
 
 
-def text_attributions(model: nn.Module, tokenizer: Any, text: str, max_length: int, target: int,
-                      steps: int = 50, baseline: str = "pad") -> list[dict[str, Any]]:
+def text_attributions(model: nn.Module, tokenizer: Any, text: str | tuple[str, str], max_length: int, target: int,
+                      steps: int = 50, baseline: str = "pad", segments: bool = False) -> list[dict[str, Any]]:
     """Layer integrated gradients on the token embeddings, from a baseline where every token but
     the special ones is ``baseline`` ([PAD], [MASK] or [UNK]); summed per word of the original text.
-    Returns [{word, attribution}] in order."""
+    ``text`` may be a (first, second) pair, read as the run reads pairs (``segments``: with segment
+    ids); each word then says which text (``text``: 0 or 1) it is in. Returns [{word, attribution}]
+    in order."""
     from captum.attr import LayerIntegratedGradients
 
-    enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt",
+    texts = (text,) if isinstance(text, str) else tuple(text)
+    enc = tokenizer(*texts, truncation=True, max_length=max_length, return_tensors="pt",
                     return_offsets_mapping=getattr(tokenizer, "is_fast", False))
     device = next(model.parameters()).device
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -169,25 +172,28 @@ def text_attributions(model: nn.Module, tokenizer: Any, text: str, max_length: i
     baseline_ids = torch.where(special, ids, torch.full_like(ids, token))
     net = TextLogits(model).eval()
     lig = LayerIntegratedGradients(net, word_embeddings(model, len(tokenizer)))
-    attr = lig.attribute(ids, baselines=baseline_ids, target=target, additional_forward_args=(mask,), n_steps=steps,
+    extra = (mask, enc["token_type_ids"].to(device)) if segments and "token_type_ids" in enc else (mask,)
+    attr = lig.attribute(ids, baselines=baseline_ids, target=target, additional_forward_args=extra, n_steps=steps,
                          internal_batch_size=steps)
     per_token = attr.sum(-1)[0].detach().float().cpu()
     words: list[dict[str, Any]] = []
-    if "offset_mapping" in enc:  # group word pieces into the words of the original text
-        word_ids = enc.word_ids(0)
+    pair = len(texts) == 2
+    if "offset_mapping" in enc:  # group word pieces into the words of the original text(s)
+        word_ids, seq_ids = enc.word_ids(0), enc.sequence_ids(0)
         offsets = enc["offset_mapping"][0].tolist()
         last = None
-        for t, (wid, (a, b)) in enumerate(zip(word_ids, offsets)):
+        for t, (wid, seq, (a, b)) in enumerate(zip(word_ids, seq_ids, offsets)):
             if wid is None or special[0, t]:
                 continue
-            if wid == last:
+            if (seq, wid) == last:
                 words[-1]["end"] = b
                 words[-1]["attribution"] += float(per_token[t])
             else:
-                words.append({"start": a, "end": b, "attribution": float(per_token[t])})
-            last = wid
+                words.append({"start": a, "end": b, "attribution": float(per_token[t]), **({"text": seq} if pair
+                                                                                          else {})})
+            last = (seq, wid)
         for w in words:
-            w["word"] = text[w["start"]: w["end"]]
+            w["word"] = texts[w.get("text", 0)][w["start"]: w["end"]]
     else:
         toks = tokenizer.convert_ids_to_tokens(ids[0].tolist())
         words = [{"word": tok, "attribution": float(per_token[t])} for t, tok in enumerate(toks) if not special[0, t]]
@@ -199,6 +205,16 @@ def text_attributions(model: nn.Module, tokenizer: Any, text: str, max_length: i
 
 def _looks_like_image(value: str) -> bool:
     return Path(value).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _pair_or_text(pred: Predictor, value: str) -> Any:
+    """An --input for a run on pairs of texts is a JSON list of the two: '["first", "second"]'."""
+    if pred.pair_column and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"--input {value!r}: not a JSON list of two texts ({e})") from None
+    return value
 
 
 def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[str, Any]]:
@@ -230,11 +246,14 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
                         return items
             elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
                 df, truth = table(path, cfg.text_column, "text", "data.text_column")
-                for i, (text, true) in enumerate(zip(df[cfg.text_column], truth)):
+                if pred.pair_column:
+                    require_column(df, pred.pair_column, "second text", "data.text_pair_column")
+                texts = zip(df[cfg.text_column], df[pred.pair_column]) if pred.pair_column else df[cfg.text_column]
+                for i, (text, true) in enumerate(zip(texts, truth)):
                     where = row_label(df, i)
                     if add(where.split(": ", 1)[-1], pred.check_text(text, where), true):
                         return items
-            elif add(f"text{len(items) + 1}", pred.check_text(value, "--input"), None):
+            elif add(f"text{len(items) + 1}", pred.check_text(_pair_or_text(pred, value), "--input"), None):
                 return items
         elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
             df, truth = table(path, cfg.image_column, "image path", "data.image_column")
@@ -277,6 +296,8 @@ def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dic
         row = int(kept[i])
         if pred.kind == "text":
             value = str(df[cfg.data.text_column].iloc[row])
+            if pred.pair_column:
+                value = (value, str(df[pred.pair_column].iloc[row]))
         else:
             value = ds.raw([i])[0]
         if pred.kind == "image" and cfg.data.image_column in df.columns:
@@ -353,12 +374,16 @@ def text_html(items: list[dict[str, Any]]) -> str:
     blocks = []
     for item in items:
         top = max((abs(w["attribution"]) for w in item["words"]), default=0) or 1.0
-        spans, end = [], 0
+        texts = (item["input"],) if isinstance(item["input"], str) else tuple(item["input"])
+        spans, end, seq = [], 0, 0
         for w in item["words"]:
+            if w.get("text", 0) != seq:  # the second text of a pair: on a line of its own
+                seq, end = w["text"], 0
+                spans.append('<br><span style="font:12px sans-serif;color:#555">second text:</span> ')
             a = w["attribution"] / top
             colour = f"rgba(0,150,0,{a:.2f})" if a >= 0 else f"rgba(210,0,0,{-a:.2f})"
             # the text between words as written (spaces, or none before punctuation), when offsets are known
-            gap = html.escape(item["input"][end: w["start"]]) if "start" in w else " "
+            gap = html.escape(texts[seq][end: w["start"]]) if "start" in w else " "
             end = w.get("end", end)
             spans.append(f'{gap}<span title="{w["attribution"]:+.4f}" style="background:{colour};padding:1px 1px;'
                          f'border-radius:3px">{html.escape(w["word"])}</span>')
@@ -424,7 +449,6 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
 
         return explain_audio(pred, inputs or [], method=method, target=target, misclassified=misclassified,
                              data=data, out=out, limit=limit, steps=steps, baseline=baseline, quiet=quiet)
-    pred.require_single_texts("fmtune explain")
     if pred.task.level == "dense":  # a class region or a box: Grad-CAM (fmtune.explain_dense)
         from fmtune.explain_dense import explain_dense
 
@@ -477,7 +501,7 @@ def explain(run: str | Path, inputs: list[str] | None = None, *, method: str = "
                 for item in items:
                     item["words"] = text_attributions(model, pred.bundle.tokenizer, item["input"],
                                                       pred.bundle.max_length, item["target_idx"], max(steps, 20),
-                                                      baseline)
+                                                      baseline, segments=pred.bundle.uses_segments())
                     bar(1)
             (tmp / "attributions.html").write_text(text_html(items))
             records = []

@@ -89,12 +89,6 @@ class Predictor:
             return tuple(self._one_text(v, f"{where} (text {k + 1})") for k, v in enumerate(value))
         return self._one_text(value, where)
 
-    def require_single_texts(self, what: str) -> None:
-        """A ConfigError when this run reads pairs of texts, for commands built for one text each."""
-        if self.pair_column:
-            raise ConfigError(f"{what} is built for runs on one text per example; {self.run_dir.name} reads pairs "
-                              f"of texts ({self.config.data.text_column}, {self.pair_column})")
-
     def _one_text(self, value: Any, where: str) -> Any:
         if value is None or (isinstance(value, float) and value != value):  # missing (NaN) cell
             raise DataError(f"{where}: the text is empty")
@@ -145,14 +139,14 @@ class Predictor:
         logits, _ = infer(self.model, ds, self.batch_size)
         return self.task.postprocess(logits, ds)
 
-    def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(pooled embeddings, probabilities) of ``texts`` in one pass: the head is applied to the
-        features (active learning ranks by both, self-training reads the probabilities)."""
+    def embed(self, texts: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(pooled embeddings, probabilities) of ``texts`` (of (first, second) pairs for a run on
+        pairs) in one pass: the head is applied to the features (active learning ranks by both,
+        self-training reads the probabilities)."""
         from fmtune.adapters import base_model
 
         if self.backend != "torch":
             raise ConfigError(f"embeddings come from the torch model, not the {self.backend} export")
-        self.require_single_texts("embedding")
         ds = self.text_data([self.check_text(t, f"row {i}") for i, t in enumerate(texts)])
         feats, _ = infer(self.model, ds, self.batch_size, features=True)
         with torch.no_grad():

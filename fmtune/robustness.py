@@ -96,8 +96,9 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
         return float(task.metrics(logits, targets)[metric])
 
     results: dict[str, Any] = {"metric": metric, "examples": len(ds)}
-    if pred.kind == "text":
-        texts = [str(t) for t in df[cfg.data.text_column].iloc[kept]]
+    if pred.kind == "text":  # a run on pairs of texts: both texts of a pair are perturbed
+        columns = [c for c in (cfg.data.text_column, pred.pair_column) if c]
+        texts = [tuple(str(t) for t in row) for row in df[columns].iloc[kept].itertuples(index=False)]
         plan = {k: (_pick(v[0], suite), v[1]) for k, v in TEXT_PERTURBATIONS.items()}
     elif pred.kind == "audio":  # the clips read again from their files, perturbed as waveforms
         from fmtune.data.audio import AudioData, AudioSpec, features_of, load_audio
@@ -140,7 +141,8 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
                 elif pred.kind == "text":
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     rng = np.random.default_rng(_seed(seed, name, severity))
-                    changed = [perturb_text(t, name, level, rng) for t in texts]
+                    changed = [tuple(perturb_text(t, name, level, rng) for t in row) for row in texts]
+                    changed = changed if pred.pair_column else [row[0] for row in changed]
                     value = score(*infer(model, bundle.text_data(changed, ds.targets), bs, progress=bar))
                 elif pred.kind == "audio":
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
@@ -213,7 +215,6 @@ def robustness(runs: str | Path | list[str | Path], data: str | Path | None = No
     check_output_dir(target, "robustness.json")  # before the work, not after
     preds = [Predictor(r) for r in run_list]
     for p in preds:
-        p.require_single_texts("fmtune robustness")
         p.task.require("robustness", f"fmtune robustness ({p.run_dir})")
     kinds = {p.kind for p in preds}
     if len(kinds) > 1:

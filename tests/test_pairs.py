@@ -1,5 +1,6 @@
 """Sentence pairs (data.text_pair_column): tokenised as the tokenizer joins two texts, with segment
-ids; trained, predicted, served and exported; refused clearly where a command reads one text."""
+ids; trained, predicted, served, exported, explained, perturbed and ranked for labelling; refused
+clearly where a command reads one text."""
 
 from __future__ import annotations
 
@@ -123,15 +124,81 @@ def test_onnx_export_takes_segment_ids_and_matches_the_run(tmp_path, pair_run):
     assert onnx_probs == pytest.approx(torch_probs, abs=1e-4)
 
 
-def test_commands_for_one_text_refuse_a_pair_run_and_pairs_need_a_pooled_text_task(tmp_path, pair_run, tiny_bert,
-                                                                                     pair_files):
-    from fmtune.explain import explain
-    from fmtune.robustness import robustness
+def test_robustness_perturbs_both_texts_of_a_pair(tmp_path, pair_run, pair_files, monkeypatch):
+    """fmtune robustness on a pair run: clean, it scores what evaluate scores (both texts read); each
+    perturbation rewrites the first and the second text of every pair."""
+    import importlib
 
-    with pytest.raises(ConfigError, match="fmtune explain is built for runs on one text per example"):
-        explain(pair_run, ["a"], quiet=True)
-    with pytest.raises(ConfigError, match="fmtune robustness is built for runs on one text per example"):
-        robustness(pair_run, quiet=True)
+    rob = importlib.import_module("fmtune.robustness")  # the module (fmtune.robustness is also the function)
+    seen: list[str] = []
+    perturb = rob.perturb_text
+
+    def spy(text, name, rate, rng):
+        seen.append(text)
+        return perturb(text, name, rate, rng)
+
+    monkeypatch.setattr(rob, "perturb_text", spy)
+    report = rob.robustness(pair_run, suite="quick", out=tmp_path / "rob", quiet=True)
+    res = report["runs"]["run"]
+    evaluated = json.loads((pair_run / "eval.json").read_text())["test"]["accuracy"]
+    assert res["clean"] == pytest.approx(evaluated, abs=1e-4) and res["examples"] == 80
+    assert res["perturbations"] and all(len(p["results"]) == 3 for p in res["perturbations"].values())
+    test = pd.read_csv(pair_files["test"])
+    assert set(test["premise"]) <= set(seen) and set(test["hypothesis"]) <= set(seen)
+    assert (tmp_path / "rob" / "robustness.json").is_file()
+
+
+def test_select_ranks_a_pool_of_pairs(tmp_path, pair_run, pair_files):
+    """fmtune select on a pair run reads both texts of each pool row: the rows it picks by margin
+    are the ones the run is least sure of when it predicts the pairs."""
+    from fmtune.active import select
+
+    pool = pd.read_csv(pair_files["test"]).drop(columns="label")
+    pool.to_csv(tmp_path / "pool.csv", index=False)
+    out = select(pair_run, tmp_path / "pool.csv", 10, strategy="margin", output=tmp_path / "next.csv", quiet=True)
+    probs = [r["probabilities"] for r in fmtune.load(pair_run).predict(list(zip(pool["premise"], pool["hypothesis"])))]
+    margins = np.array([abs(p["pos"] - p["neg"]) for p in probs])
+    assert sorted(margins[out.index]) == pytest.approx(sorted(margins)[:10], abs=1e-5)
+    assert len(pd.read_csv(tmp_path / "next.csv")) == 10
+    mixed = select(pair_run, tmp_path / "pool.csv", 10, quiet=True)  # k-center on the pairs, the training pairs too
+    assert len(set(mixed.index)) == 10
+    pool.loc[3, "hypothesis"] = None
+    pool.to_csv(tmp_path / "gap.csv", index=False)
+    with pytest.raises(DataError, match=r"gap.csv: row 4 \(line 5\): no text in column 'hypothesis'"):
+        select(pair_run, tmp_path / "gap.csv", 10, quiet=True)
+
+
+def test_explain_attributes_both_texts_and_finds_the_deciding_word_in_the_second(tmp_path, pair_run, pair_files):
+    """fmtune explain on a pair run: every word of both texts gets an attribution, marked with the
+    text it is in; the label is decided by the second text's sentiment word, and that word is the
+    strongest evidence for a right prediction."""
+    from conftest import NEG, POS
+
+    from fmtune.explain import explain
+
+    df = pd.read_csv(pair_files["test"]).head(16)
+    res = explain(pair_run, [str(pair_files["test"])], limit=16, out=tmp_path / "x", quiet=True)
+    hits = n = 0
+    for item, (_, row) in zip(res["items"], df.iterrows()):
+        assert item["true"] == row["label"] and list(item["input"]) == [row["premise"], row["hypothesis"]]
+        assert [w["word"] for w in item["words"] if w["text"] == 0] == row["premise"].split()
+        assert [w["word"] for w in item["words"] if w["text"] == 1] == row["hypothesis"].split()
+        if item["predicted"] != item["true"]:
+            continue
+        n += 1
+        top = max(item["words"], key=lambda w: w["attribution"])
+        hits += top["text"] == 1 and top["word"] in POS + NEG
+    assert n >= 12 and hits / n >= 0.8, (hits, n)
+    assert "second text:" in (tmp_path / "x" / "attributions.html").read_text()
+    one = explain(pair_run, ['["a long scene", "an awful film"]'], out=tmp_path / "y", quiet=True)["items"][0]
+    assert one["predicted"] == "neg" and {w["text"] for w in one["words"]} == {0, 1}
+    wrong = explain(pair_run, misclassified=3, data=pair_files["test"], out=tmp_path / "z", quiet=True)
+    assert all(len(it["input"]) == 2 for it in wrong["items"])
+    with pytest.raises(DataError, match=r"--input: this run reads pairs of texts \(premise, hypothesis\)"):
+        explain(pair_run, ["only one text"], out=tmp_path / "w", quiet=True)
+
+
+def test_prompt_tuning_refuses_pairs_and_the_two_columns_must_differ(tmp_path, tiny_bert, pair_files):
     with pytest.raises(ConfigError, match="data.text_pair_column: prompt tuning does not read sentence pairs"):
         fmtune.train(_cfg(tiny_bert, pair_files, tmp_path / "p", strategy={"name": "prompt"}), quiet=True)
     with pytest.raises(ConfigError, match="data.text_pair_column: must name another column"):
