@@ -393,8 +393,14 @@ def _moves(task: Any, before: Any, after: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(len(a["pred"]), dtype=bool), np.abs(a["pred"] - b["pred"])
 
 
+def _clip(text: str | tuple[str, ...], n: int = 300) -> str | list[str]:
+    """A text (or each text of a pair) cut to ``n`` characters, for the report's examples."""
+    return text[:n] if isinstance(text, str) else [t[:n] for t in text]
+
+
 def counterfactuals(task: Any, predict: Any, pairs: list[tuple[str, str, str]], seed: int = 0) -> dict[str, Any]:
-    """``pairs``: (name, original text, counterfactual text). ``predict(texts)`` -> logits.
+    """``pairs``: (name, original text, counterfactual text); a text may be a (first, second) pair of
+    texts. ``predict(texts)`` -> logits.
     Per name: how many rows, how often the decision flips, how far the output moves (the largest
     class-probability change; regression: the value), and the rows that moved most."""
     out: dict[str, Any] = {}
@@ -410,7 +416,7 @@ def counterfactuals(task: Any, predict: Any, pairs: list[tuple[str, str, str]], 
         out[name] = {"rows": int(len(idx)), "flip_rate": round(float(flips[idx].mean()), 6),
                      "mean_change": round(float(moved[idx].mean()), 6),
                      "max_change": round(float(moved[idx].max()), 6),
-                     "largest": [{"text": pairs[i][1][:300], "counterfactual": pairs[i][2][:300],
+                     "largest": [{"text": _clip(pairs[i][1]), "counterfactual": _clip(pairs[i][2]),
                                   "change": round(float(moved[i]), 6), "flipped": bool(flips[i])} for i in top]}
     return out
 
@@ -581,9 +587,6 @@ def _counterfactual(opened: Any, df: pd.DataFrame, groups: list[str], terms: str
     from fmtune.training.infer import infer
 
     cfg, task, bundle = opened.config, opened.task, opened.bundle
-    if cfg.data.text_pair_column:
-        raise ConfigError("fmtune fairness --counterfactual swaps terms in one text per example; this run reads "
-                          f"pairs of texts ({cfg.data.text_column}, {cfg.data.text_pair_column})")
     rng = np.random.default_rng(cfg.train.seed)
     rows = df.iloc[np.sort(rng.permutation(len(df))[:max_rows])] if len(df) > max_rows else df
     pairs: list[tuple[str, str, str]] = []
@@ -602,10 +605,15 @@ def _counterfactual(opened: Any, df: pd.DataFrame, groups: list[str], terms: str
     else:
         how = f"identity terms swapped ({'--terms ' + str(terms) if terms else 'default: gender pairs'})"
         sets = read_terms(terms) if terms else default_terms()
-        texts = rows[cfg.data.text_column].astype(str).tolist()
+        columns = [c for c in (cfg.data.text_column, cfg.data.text_pair_column) if c]  # a run on pairs: both
+        texts = list(rows[columns].astype(str).itertuples(index=False, name=None))
         for name, p in sets.items():
             swap = swapper(p)
-            pairs += [(name, t, s) for t in texts if (s := swap(t)) is not None]
+            for t in texts:
+                new = [swap(x) for x in t]
+                if any(x is not None for x in new):
+                    changed = tuple(x if n is None else n for x, n in zip(t, new))
+                    pairs.append((name, t if len(t) > 1 else t[0], changed if len(t) > 1 else changed[0]))
 
     with ui.CountProgress("fairness: counterfactuals", 2 * len(pairs), quiet) as bar:
         def predict(texts: list[str]) -> Any:

@@ -198,6 +198,28 @@ def test_explain_attributes_both_texts_and_finds_the_deciding_word_in_the_second
         explain(pair_run, ["only one text"], out=tmp_path / "w", quiet=True)
 
 
+def test_counterfactual_fairness_swaps_terms_in_both_texts(tmp_path, pair_run, pair_files):
+    """fmtune fairness --counterfactual on a pair run: terms are swapped in whichever text holds
+    them; swapping the second text's sentiment words flips the decision, swapping filler words in
+    the first leaves it."""
+    from conftest import NEG, POS
+
+    from fmtune import fairness
+
+    test = pd.read_csv(pair_files["test"]).assign(grp=lambda d: np.where(np.arange(len(d)) % 2, "a", "b"))
+    test.to_csv(tmp_path / "test.csv", index=False)
+    first_words = sorted({w for t in test["premise"] for w in t.split()})[:2]
+    terms = {"sentiment": [list(p) for p in zip(POS, NEG)], "filler": [first_words]}
+    (tmp_path / "terms.json").write_text(json.dumps(terms))
+    res = fairness.run_fairness(pair_run, tmp_path / "test.csv", groups=["grp"], counterfactual=True,
+                                terms=tmp_path / "terms.json", n_boot=50, quiet=True)
+    by = res["counterfactual"]["by"]
+    assert by["sentiment"]["rows"] == len(test) and by["sentiment"]["flip_rate"] >= 0.8
+    assert by["filler"]["rows"] > 0 and by["filler"]["flip_rate"] <= 0.2
+    example = by["sentiment"]["largest"][0]
+    assert len(example["text"]) == 2 and example["text"][0] == example["counterfactual"][0]  # the first unchanged
+
+
 def test_prompt_tuning_refuses_pairs_and_the_two_columns_must_differ(tmp_path, tiny_bert, pair_files):
     with pytest.raises(ConfigError, match="data.text_pair_column: prompt tuning does not read sentence pairs"):
         fmtune.train(_cfg(tiny_bert, pair_files, tmp_path / "p", strategy={"name": "prompt"}), quiet=True)
