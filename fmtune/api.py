@@ -258,12 +258,6 @@ def _check_pairs(cfg: config_mod.Config, bundle: build.Bundle, task: Any) -> Non
     if cfg.strategy.name == "prompt":
         raise ConfigError("data.text_pair_column: prompt tuning does not read sentence pairs (its virtual tokens "
                           "do not carry segment ids); use lora or full")
-    if cfg.semi.unlabeled:
-        raise ConfigError("data.text_pair_column: self-training (--unlabeled) reads one text per row; it is not "
-                          "built for pairs")
-    if cfg.train.augment.typos or cfg.train.augment.word_drop:
-        raise ConfigError("data.text_pair_column: train.augment.typos / word_drop rewrite one text per example; "
-                          "they are not applied to pairs")
 
 
 def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,

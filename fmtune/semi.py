@@ -52,14 +52,22 @@ def _pool(cfg: config_mod.Config) -> tuple[pd.DataFrame, np.ndarray | None]:
     only to say how many pseudo-labels were right)."""
     path = cfg.semi.unlabeled
     df = read_data(path, cfg.task.type, cfg.data)
-    require_column(df, cfg.data.text_column, "text", "data.text_column")
-    df = df[df[cfg.data.text_column].astype(str).str.strip().astype(bool)].reset_index(drop=True)
+    columns = _text_columns(cfg)
+    for column, what, key in zip(columns, ("text", "second text"), ("data.text_column", "data.text_pair_column")):
+        require_column(df, column, what, key)
+    with_text = [df[c].notna() & df[c].astype(str).str.strip().astype(bool) for c in columns]
+    df = df[np.logical_and.reduce(with_text)].reset_index(drop=True)
     if df.empty:
         raise DataError(f"{path}: no rows with text to pseudo-label")
     truth = None
     if cfg.data.label_column in df.columns:
         truth = df[cfg.data.label_column].astype(str).to_numpy()
     return df, truth
+
+
+def _text_columns(cfg: config_mod.Config) -> list[str]:
+    """The columns a row's text is read from: the text, and the second text of a pair."""
+    return [c for c in (cfg.data.text_column, cfg.data.text_pair_column) if c]
 
 
 def select(labels: list[str], probs: np.ndarray, k: int, threshold: float) -> np.ndarray:
@@ -90,7 +98,7 @@ def self_train(cfg: config_mod.Config, train: Callable[..., dict[str, Any]], *, 
     shutil.rmtree(work, ignore_errors=True)
     (work / "data").mkdir(parents=True)
     frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
-    text, label = cfg.data.text_column, cfg.data.label_column
+    text, label = _text_columns(cfg), cfg.data.label_column
     labelled = frames.train
     data = dataclasses.replace(cfg.data)
     if frames.val_from_train:  # one split, of labelled rows only, for every round
@@ -102,14 +110,14 @@ def self_train(cfg: config_mod.Config, train: Callable[..., dict[str, Any]], *, 
     fewest = frames.fewest or 1
     step = sc.per_round or max(2 * fewest, 8)
     rounds: list[dict[str, Any]] = []
-    pseudo = pd.DataFrame(columns=[text, label])
+    pseudo = pd.DataFrame(columns=[*text, label])
     summary: dict[str, Any] = {}
     try:
         for r in range(sc.rounds + 1):
             last = r == sc.rounds
             train_path = work / "data" / f"train-round-{r}.csv"
-            pd.concat([labelled[[text, label]], pseudo[[text, label]]], ignore_index=True).to_csv(train_path,
-                                                                                                index=False)
+            pd.concat([labelled[[*text, label]], pseudo[[*text, label]]], ignore_index=True).to_csv(train_path,
+                                                                                                  index=False)
             out = final if last else work / ROUNDS_DIR / f"round-{r}"
             round_cfg = dataclasses.replace(
                 cfg, out=str(out), name=final.name if last else f"{final.name}-round-{r}",
@@ -131,10 +139,11 @@ def self_train(cfg: config_mod.Config, train: Callable[..., dict[str, Any]], *, 
                 break
             pred = Predictor(out)
             labels = pred.labels
-            _, probs = pred.embed([str(t) for t in pool[text]])
+            rows = list(pool[text].astype(str).itertuples(index=False, name=None))  # (text,) or (first, second)
+            _, probs = pred.embed([row if len(row) > 1 else row[0] for row in rows])
             chosen = select(labels, probs, step * (r + 1), sc.threshold)
-            pseudo = pd.DataFrame({text: pool[text].to_numpy()[chosen],
-                                   label: [labels[i] for i in probs[chosen].argmax(1)]})
+            pseudo = pool[text].iloc[chosen].reset_index(drop=True).assign(
+                **{label: [labels[i] for i in probs[chosen].argmax(1)]})
             if truth is not None:
                 pseudo["_truth"] = truth[chosen]
             rounds[-1]["pool_confident"] = int((probs.max(1) >= sc.threshold).sum())

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import FILLER, cfg_dict, make_text_rows
 
 import fmtune
@@ -218,6 +219,53 @@ def test_counterfactual_fairness_swaps_terms_in_both_texts(tmp_path, pair_run, p
     assert by["filler"]["rows"] > 0 and by["filler"]["flip_rate"] <= 0.2
     example = by["sentiment"]["largest"][0]
     assert len(example["text"]) == 2 and example["text"][0] == example["counterfactual"][0]  # the first unchanged
+
+
+def test_augmentation_perturbs_both_texts_and_keeps_the_segments(tmp_path, pair_run, pair_files, tiny_bert):
+    """train.augment on pairs: the two texts are split apart at the separator, each perturbed, and
+    read again as a pair (segment ids kept); a run trains with it."""
+    from fmtune.config import AugmentConfig
+    from fmtune.data.prepare import make_dataset
+    from fmtune.data.readers import read_any
+    from fmtune.predictor import Predictor
+    from fmtune.training.perturb import Augmented
+
+    pred = Predictor(pair_run)
+    df = read_any(pair_files["test"])
+    ds, _ = make_dataset(df, pred.bundle, pred.task, pred.config.data)
+    tok = pred.bundle.tokenizer
+    assert [ds.pair(i, tok) for i in range(3)] == [(a.lower(), b.lower()) for a, b in  # tiny_bert is uncased
+                                                   zip(df["premise"][:3], df["hypothesis"][:3])]
+    idx = list(range(16))
+    plain = ds.collate(idx)
+    batch = Augmented(ds, AugmentConfig(word_drop=0.3), 7, pred.bundle).collate(idx)
+    assert batch["input_ids"].shape != plain["input_ids"].shape or not torch.equal(batch["input_ids"],
+                                                                                  plain["input_ids"])
+    sep = tok.sep_token_id
+    for row, types in zip(batch["input_ids"].tolist(), batch["token_type_ids"].tolist()):
+        ends = [k for k, t in enumerate(row) if t == sep]
+        assert len(ends) == 2 and types[: ends[0] + 1] == [0] * (ends[0] + 1)  # still two texts, two segments
+        assert types[ends[0] + 1: ends[1] + 1] == [1] * (ends[1] - ends[0])
+    s = fmtune.train(_cfg(tiny_bert, pair_files, tmp_path / "run", train={"epochs": 1, "augment": {"typos": 0.05}}),
+                     quiet=True)
+    assert 0.0 <= s["eval"]["test"]["accuracy"] <= 1.0
+
+
+def test_self_training_pseudo_labels_pairs(tmp_path, tiny_bert, pair_files):
+    """--unlabeled on a pair run: the pool's pairs are predicted and the confident ones trained on,
+    both texts kept; the label is in the second text, so right pseudo-labels need both read."""
+    pool = tmp_path / "pool.csv"
+    write_pairs(pool, 120, 5)
+    few = tmp_path / "few.csv"
+    pd.read_csv(pair_files["train"]).groupby("label").head(24).to_csv(few, index=False)
+    cfg = _cfg(tiny_bert, {**pair_files, "train": few}, tmp_path / "run", semi={"unlabeled": str(pool), "rounds": 1},
+               train={"epochs": 10})
+    s = fmtune.train(cfg, quiet=True, report=False)
+    rounds = s["selftrain"]["rounds"]
+    assert rounds[1]["pseudo_labelled"] > 0 and rounds[1]["pseudo_right"] >= 0.8 * rounds[1]["pseudo_labelled"]
+    data = pd.read_csv(tmp_path / "run" / "selftrain-data" / "train-round-1.csv")
+    assert list(data.columns) == ["premise", "hypothesis", "label"] and data["hypothesis"].notna().all()
+    assert set(data["premise"]) - set(pd.read_csv(few)["premise"])  # pool pairs were added
 
 
 def test_prompt_tuning_refuses_pairs_and_the_two_columns_must_differ(tmp_path, tiny_bert, pair_files):

@@ -56,6 +56,21 @@ class TextData(torch.utils.data.Dataset):
         ids = ids[:-1] if ids and ids[-1] in ends | {tokenizer.sep_token_id} else ids  # and the closing one
         return tokenizer.decode(ids, skip_special_tokens=False)
 
+    def pair(self, i: int, tokenizer: Any) -> tuple[str, str]:
+        """Example ``i``'s two texts as the model read them (cut to fit), split at the separator
+        between them ([SEP], </s></s> ...)."""
+        marks = {tokenizer.cls_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id,
+                 tokenizer.pad_token_id} - {None}
+        parts: list[list[int]] = [[]]
+        for t in self.input_ids[i]:
+            if t not in marks:
+                parts[-1].append(t)
+            elif parts[-1]:
+                parts.append([])
+        parts = [p for p in parts if p]
+        texts = [tokenizer.decode(p, skip_special_tokens=True) for p in parts] + ["", ""]
+        return texts[0], " ".join(texts[1:]).strip()  # a separator written inside a text stays in the second
+
     def __len__(self) -> int:
         return len(self.input_ids)
 

@@ -318,11 +318,14 @@ class Augmented(torch.utils.data.Dataset):
         rng = self._rng(idx)
         if hasattr(self.ds, "clips"):  # audio: the clips read again from their files, perturbed, as features
             return self._audio(idx, rng)
-        if isinstance(self.ds, TextData):
-            texts = [self.bundle.tokenizer.decode(self.ds.input_ids[i], skip_special_tokens=True) for i in idx]
+        if isinstance(self.ds, TextData):  # a pair of texts: both perturbed
+            tok = self.bundle.tokenizer
+            texts = [self.ds.pair(i, tok) if self.ds.pairs else (tok.decode(self.ds.input_ids[i],
+                                                                            skip_special_tokens=True),) for i in idx]
             for name, rate in (("typos", self.augment.typos), ("word_drop", self.augment.word_drop)):
                 if rate:
-                    texts = [perturb_text(t, name, rate, rng) if t.strip() else t for t in texts]
+                    texts = [tuple(perturb_text(t, name, rate, rng) if t.strip() else t for t in row) for row in texts]
+            texts = texts if self.ds.pairs else [row[0] for row in texts]
             return self.bundle.text_data(texts, self.ds.targets[idx]).collate(list(range(len(idx))))
         batch = self.ds.collate(idx)
         mean, std = self.ds.mean, self.ds.std
