@@ -28,7 +28,7 @@ import pandas as pd
 
 from fmtune import ui
 from fmtune.data.prepare import read_data
-from fmtune.data.readers import require_column, row_label
+from fmtune.data.readers import require_column, require_text_column, row_label
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import check_output_dir, write_json, write_text_atomic
 
@@ -83,9 +83,8 @@ def rank(strategy: str, emb: np.ndarray, probs: np.ndarray, n: int, labelled: np
 def _texts(df: pd.DataFrame, data_cfg: Any, where: str) -> list[Any]:
     """The rows' texts (``data.text_column``), or (first, second) pairs for a run on pairs of texts
     (``data.text_pair_column``); a row without text is a DataError naming it."""
-    columns = [c for c in (data_cfg.text_column, data_cfg.text_pair_column) if c]
-    for column, what, key in zip(columns, ("text", "second text"), ("data.text_column", "data.text_pair_column")):
-        require_column(df, column, what, key)
+    columns = require_text_column(df, data_cfg.text_column, data_cfg.text_pair_column)
+    for column in columns:
         bad = [i for i, t in enumerate(df[column].tolist()) if not isinstance(t, str) or not t.strip()]
         if bad:
             raise DataError(f"{row_label(df, bad[0])}: no text in column {column!r} (a pool row needs one)")

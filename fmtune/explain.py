@@ -37,6 +37,7 @@ from fmtune.data.readers import (
     media_name,
     read_any,
     require_column,
+    require_text_column,
     row_label,
 )
 from fmtune.errors import ConfigError, DataError
@@ -246,8 +247,7 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
                         return items
             elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
                 df, truth = table(path, cfg.text_column, "text", "data.text_column")
-                if pred.pair_column:
-                    require_column(df, pred.pair_column, "second text", "data.text_pair_column")
+                require_text_column(df, cfg.text_column, pred.pair_column)
                 texts = zip(df[cfg.text_column], df[pred.pair_column]) if pred.pair_column else df[cfg.text_column]
                 for i, (text, true) in enumerate(zip(texts, truth)):
                     where = row_label(df, i)

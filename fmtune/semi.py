@@ -30,7 +30,7 @@ import pandas as pd
 from fmtune import config as config_mod
 from fmtune import ui
 from fmtune.data.prepare import read_data, read_frames
-from fmtune.data.readers import require_column
+from fmtune.data.readers import require_text_column
 from fmtune.errors import DataError
 from fmtune.fsutil import write_json
 from fmtune.run import planned_dir, require_free
@@ -52,9 +52,7 @@ def _pool(cfg: config_mod.Config) -> tuple[pd.DataFrame, np.ndarray | None]:
     only to say how many pseudo-labels were right)."""
     path = cfg.semi.unlabeled
     df = read_data(path, cfg.task.type, cfg.data)
-    columns = _text_columns(cfg)
-    for column, what, key in zip(columns, ("text", "second text"), ("data.text_column", "data.text_pair_column")):
-        require_column(df, column, what, key)
+    columns = require_text_column(df, cfg.data.text_column, cfg.data.text_pair_column)
     with_text = [df[c].notna() & df[c].astype(str).str.strip().astype(bool) for c in columns]
     df = df[np.logical_and.reduce(with_text)].reset_index(drop=True)
     if df.empty:

@@ -238,10 +238,7 @@ def text_dataset(df: pd.DataFrame, column: str, bundle: Any, targets: torch.Tens
                  pair_column: str | None = None) -> TextData:
     """The texts of ``column`` (with ``pair_column``: pairs of texts) as the model reads them; an
     empty or non-text cell is a DataError naming its row and column."""
-    require_text_column(df, column, pair_column)
-    if pair_column is not None:
-        require_column(df, pair_column, "second text", "data.text_pair_column")
-    for col in (column, pair_column) if pair_column else (column,):
+    for col in require_text_column(df, column, pair_column):
         for i, v in enumerate(df[col]):
             if not isinstance(v, str) or not v.strip():
                 what = "empty" if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "" \

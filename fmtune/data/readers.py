@@ -226,9 +226,10 @@ PAIR_COLUMNS = [("sentence1", "sentence2"), ("premise", "hypothesis"), ("questio
                 ("sentence_a", "sentence_b"), ("text1", "text2"), ("text_a", "text_b"), ("query", "passage")]
 
 
-def require_text_column(df: pd.DataFrame, column: str, pair_column: str | None = None) -> None:
-    """The text column, else a DataError listing the columns; a table of sentence pairs read
-    without data.text_pair_column is told the settings that read it."""
+def require_text_column(df: pd.DataFrame, column: str, pair_column: str | None = None) -> list[str]:
+    """The text column (and the second text's, ``pair_column``), else a DataError listing the
+    columns; a table of sentence pairs read without data.text_pair_column is told the settings that
+    read it. Returns the columns a row's text is read from."""
     if column not in df.columns and pair_column is None:
         pair = next(((a, b) for a, b in PAIR_COLUMNS if a in df.columns and b in df.columns), None)
         if pair:
@@ -236,6 +237,10 @@ def require_text_column(df: pd.DataFrame, column: str, pair_column: str | None =
                             f"{', '.join(map(str, df.columns))}. These look like pairs of texts: --set "
                             f"data.text_column={pair[0]} --set data.text_pair_column={pair[1]}")
     require_column(df, column, "text", "data.text_column")
+    if pair_column is None:
+        return [column]
+    require_column(df, pair_column, "second text", "data.text_pair_column")
+    return [column, pair_column]
 
 
 def row_label(df: pd.DataFrame, i: int) -> str:
