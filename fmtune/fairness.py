@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fmtune.data.readers import row_label
+from fmtune.data.readers import row_label, text_columns
 from fmtune.errors import ConfigError, DataError
 
 FAIRNESS_FILE, FAIRNESS_PNG = "fairness.json", "fairness.png"
@@ -605,8 +605,7 @@ def _counterfactual(opened: Any, df: pd.DataFrame, groups: list[str], terms: str
     else:
         how = f"identity terms swapped ({'--terms ' + str(terms) if terms else 'default: gender pairs'})"
         sets = read_terms(terms) if terms else default_terms()
-        columns = [c for c in (cfg.data.text_column, cfg.data.text_pair_column) if c]  # a run on pairs: both
-        texts = list(rows[columns].astype(str).itertuples(index=False, name=None))
+        texts = list(rows[text_columns(cfg.data)].astype(str).itertuples(index=False, name=None))  # pairs: both
         for name, p in sets.items():
             swap = swapper(p)
             for t in texts:

@@ -25,6 +25,7 @@ import torch
 from fmtune import ui
 from fmtune.data.dataset import ImageData
 from fmtune.data.prepare import make_dataset, read_data
+from fmtune.data.readers import text_columns
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
@@ -97,8 +98,7 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
 
     results: dict[str, Any] = {"metric": metric, "examples": len(ds)}
     if pred.kind == "text":  # a run on pairs of texts: both texts of a pair are perturbed
-        columns = [c for c in (cfg.data.text_column, pred.pair_column) if c]
-        texts = [tuple(str(t) for t in row) for row in df[columns].iloc[kept].itertuples(index=False)]
+        texts = list(df[text_columns(cfg.data)].iloc[kept].astype(str).itertuples(index=False, name=None))
         plan = {k: (_pick(v[0], suite), v[1]) for k, v in TEXT_PERTURBATIONS.items()}
     elif pred.kind == "audio":  # the clips read again from their files, perturbed as waveforms
         from fmtune.data.audio import AudioData, AudioSpec, features_of, load_audio

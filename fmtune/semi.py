@@ -30,7 +30,7 @@ import pandas as pd
 from fmtune import config as config_mod
 from fmtune import ui
 from fmtune.data.prepare import read_data, read_frames
-from fmtune.data.readers import require_text_column
+from fmtune.data.readers import require_text_column, text_columns
 from fmtune.errors import DataError
 from fmtune.fsutil import write_json
 from fmtune.run import planned_dir, require_free
@@ -63,11 +63,6 @@ def _pool(cfg: config_mod.Config) -> tuple[pd.DataFrame, np.ndarray | None]:
     return df, truth
 
 
-def _text_columns(cfg: config_mod.Config) -> list[str]:
-    """The columns a row's text is read from: the text, and the second text of a pair."""
-    return [c for c in (cfg.data.text_column, cfg.data.text_pair_column) if c]
-
-
 def select(labels: list[str], probs: np.ndarray, k: int, threshold: float) -> np.ndarray:
     """Positions of the pool rows to pseudo-label: for every class its ``k`` most probable rows
     among those predicted as it with probability at least ``threshold``; every class gets as many
@@ -96,7 +91,7 @@ def self_train(cfg: config_mod.Config, train: Callable[..., dict[str, Any]], *, 
     shutil.rmtree(work, ignore_errors=True)
     (work / "data").mkdir(parents=True)
     frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
-    text, label = _text_columns(cfg), cfg.data.label_column
+    text, label = text_columns(cfg.data), cfg.data.label_column
     labelled = frames.train
     data = dataclasses.replace(cfg.data)
     if frames.val_from_train:  # one split, of labelled rows only, for every round

@@ -226,6 +226,12 @@ PAIR_COLUMNS = [("sentence1", "sentence2"), ("premise", "hypothesis"), ("questio
                 ("sentence_a", "sentence_b"), ("text1", "text2"), ("text_a", "text_b"), ("query", "passage")]
 
 
+def text_columns(data_cfg: Any) -> list[str]:
+    """The columns a row's text is read from: ``data.text_column``, and ``data.text_pair_column``
+    for a run on pairs of texts."""
+    return [c for c in (data_cfg.text_column, getattr(data_cfg, "text_pair_column", None)) if c]
+
+
 def require_text_column(df: pd.DataFrame, column: str, pair_column: str | None = None) -> list[str]:
     """The text column (and the second text's, ``pair_column``), else a DataError listing the
     columns; a table of sentence pairs read without data.text_pair_column is told the settings that
