@@ -173,12 +173,12 @@ def text_attributions(model: nn.Module, tokenizer: Any, text: str | tuple[str, s
     baseline_ids = torch.where(special, ids, torch.full_like(ids, token))
     net = TextLogits(model).eval()
     lig = LayerIntegratedGradients(net, word_embeddings(model, len(tokenizer)))
-    extra = (mask, enc["token_type_ids"].to(device)) if segments and "token_type_ids" in enc else (mask,)
+    pair = len(texts) == 2  # segment ids only for a pair, as the run was trained (one text: none)
+    extra = (mask, enc["token_type_ids"].to(device)) if pair and segments and "token_type_ids" in enc else (mask,)
     attr = lig.attribute(ids, baselines=baseline_ids, target=target, additional_forward_args=extra, n_steps=steps,
                          internal_batch_size=steps)
     per_token = attr.sum(-1)[0].detach().float().cpu()
     words: list[dict[str, Any]] = []
-    pair = len(texts) == 2
     if "offset_mapping" in enc:  # group word pieces into the words of the original text(s)
         word_ids, seq_ids = enc.word_ids(0), enc.sequence_ids(0)
         offsets = enc["offset_mapping"][0].tolist()
