@@ -199,6 +199,19 @@ def test_explain_attributes_both_texts_and_finds_the_deciding_word_in_the_second
         explain(pair_run, ["only one text"], out=tmp_path / "w", quiet=True)
 
 
+def test_select_simulates_the_loop_on_pairs(tmp_path, tiny_bert, pair_files):
+    """fmtune select --simulate with a pair config: every round trains on pairs and picks pool pairs."""
+    from fmtune import active
+    from fmtune import config as config_mod
+
+    cfg = config_mod.from_dict(_cfg(tiny_bert, pair_files, tmp_path / "unused", train={"epochs": 2}))
+    res = active.simulate(cfg, pair_files["train"], pair_files["test"], tmp_path / "al", start=4, step=8, rounds=1,
+                          strategies=("mix",), quiet=True)
+    assert [p["labels"] for p in res["curves"]["mix"]] == [8, 16]
+    rounds = [pd.read_csv(tmp_path / "al" / "data" / f"mix-round-{r}.csv") for r in range(2)]
+    assert rounds[1]["hypothesis"].notna().all() and len(rounds[1].drop_duplicates()) == 16
+
+
 def test_counterfactual_fairness_swaps_terms_in_both_texts(tmp_path, pair_run, pair_files):
     """fmtune fairness --counterfactual on a pair run: terms are swapped in whichever text holds
     them; swapping the second text's sentiment words flips the decision, swapping filler words in
