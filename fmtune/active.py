@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from fmtune import ui
+from fmtune.data.dataset import model_texts
 from fmtune.data.prepare import read_data
 from fmtune.data.readers import require_column, require_text_column, row_label
 from fmtune.errors import ConfigError, DataError
@@ -88,9 +89,7 @@ def _texts(df: pd.DataFrame, data_cfg: Any, where: str) -> list[Any]:
         bad = [i for i, t in enumerate(df[column].tolist()) if not isinstance(t, str) or not t.strip()]
         if bad:
             raise DataError(f"{row_label(df, bad[0])}: no text in column {column!r} (a pool row needs one)")
-    if len(columns) == 1:
-        return df[columns[0]].tolist()
-    return list(zip(*(df[c].tolist() for c in columns)))
+    return model_texts(df, data_cfg).tolist()
 
 
 def select(run: str | Path, pool: str | Path, n: int, *, strategy: str = "mix", output: str | Path | None = None,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fmtune import ui
+from fmtune.data.dataset import model_texts
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
@@ -248,8 +249,7 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
             elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
                 df, truth = table(path, cfg.text_column, "text", "data.text_column")
                 require_text_column(df, cfg.text_column, pred.pair_column)
-                texts = zip(df[cfg.text_column], df[pred.pair_column]) if pred.pair_column else df[cfg.text_column]
-                for i, (text, true) in enumerate(zip(texts, truth)):
+                for i, (text, true) in enumerate(zip(model_texts(df, cfg), truth)):  # texts, or pairs
                     where = row_label(df, i)
                     if add(where.split(": ", 1)[-1], pred.check_text(text, where), true):
                         return items

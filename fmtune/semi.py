@@ -29,6 +29,7 @@ import pandas as pd
 
 from fmtune import config as config_mod
 from fmtune import ui
+from fmtune.data.dataset import model_texts
 from fmtune.data.prepare import read_data, read_frames
 from fmtune.data.readers import require_text_column, text_columns
 from fmtune.errors import DataError
@@ -132,8 +133,7 @@ def self_train(cfg: config_mod.Config, train: Callable[..., dict[str, Any]], *, 
                 break
             pred = Predictor(out)
             labels = pred.labels
-            rows = list(pool[text].astype(str).itertuples(index=False, name=None))  # (text,) or (first, second)
-            _, probs = pred.embed([row if len(row) > 1 else row[0] for row in rows])
+            _, probs = pred.embed(model_texts(pool[text].astype(str), cfg.data).tolist())  # texts, or pairs
             chosen = select(labels, probs, step * (r + 1), sc.threshold)
             pseudo = pool[text].iloc[chosen].reset_index(drop=True).assign(
                 **{label: [labels[i] for i in probs[chosen].argmax(1)]})
