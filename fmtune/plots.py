@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,9 @@ def active_learning(curves: dict[str, list[dict[str, Any]]], path: Path, metric:
 
 
 def save_atomic(fig: Any, path: Path, dpi: int = 120) -> Path:
-    """Write ``fig`` as ``path`` (temp file + rename: a reader never sees half a PNG) and close it."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    """Write ``fig`` as ``path`` (temp file + rename: a reader never sees half a PNG) and close it. The
+    temp file is this process's own: two search workers write one study's plots."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=dpi)
     pyplot().close(fig)
     tmp.replace(path)

@@ -219,9 +219,7 @@ def write_results(st: Any, folder: Path, base: dict[str, Any], metric: str, quie
     optuna = _require_optuna()
     complete = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
     df = st.trials_dataframe(attrs=("number", "value", "params", "state", "duration", "user_attrs"))
-    tmp = folder / ".trials.csv.tmp"
-    df.to_csv(tmp, index=False)
-    tmp.replace(folder / "trials.csv")
+    write_text_atomic(folder / "trials.csv", df.to_csv(index=False))  # a temp file of its own: workers share the folder
     summary: dict[str, Any] = {"study": st.study_name, "folder": str(folder), "metric": metric,
                                "trials": len(st.trials), "complete": len(complete),
                                "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in st.trials)}
@@ -245,12 +243,11 @@ def write_results(st: Any, folder: Path, base: dict[str, Any], metric: str, quie
 
 
 def _plots(st: Any, folder: Path, metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
 
+    from fmtune.plots import pyplot, save_atomic
+
+    plt = pyplot()
     done = [t for t in st.trials if t.value is not None]
     fig, ax = plt.subplots(figsize=(6, 3.8))
     xs = [t.number for t in done]
@@ -264,8 +261,7 @@ def _plots(st: Any, folder: Path, metric: str) -> None:
     ax.set_title(f"{st.study_name}: optimisation history", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(folder / "history.png", dpi=100)
-    plt.close(fig)
+    save_atomic(fig, folder / "history.png", dpi=100)
     if len(done) >= 2 and len(st.best_trial.params) >= 1:
         try:
             imp = optuna.importance.get_param_importances(st)
@@ -277,5 +273,4 @@ def _plots(st: Any, folder: Path, metric: str) -> None:
         ax.set_xlabel("importance (fANOVA)")
         ax.set_title(f"{st.study_name}: parameter importances", fontsize=9)
         fig.tight_layout()
-        fig.savefig(folder / "importance.png", dpi=100)
-        plt.close(fig)
+        save_atomic(fig, folder / "importance.png", dpi=100)
