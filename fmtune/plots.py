@@ -20,15 +20,20 @@ def pyplot() -> Any:
 
 def confusion_matrix(cm: np.ndarray, names: list[str], path: Path, title: str, xnames: list[str] | None = None,
                      xlabel: str = "predicted", ylabel: str = "true") -> Path:
-    """A count matrix as a heat map with the counts written in (up to 30 classes)."""
+    """A count matrix as a heat map with the counts written in (up to 30 classes). Beyond 30 the
+    figure grows (up to 28 inches) and the class names shrink so that each stays on its own row."""
     plt = pyplot()
     xnames = xnames if xnames is not None else names
     k, kx = len(names), len(xnames)
-    side = min(2 + 0.45 * max(k, kx), 16)
+    most = max(k, kx)
+    side = min(2 + 0.45 * most, 16) if most <= 30 else min(4 + 0.16 * most, 28)
+    # points of height per row, about 70% of the figure being the matrix; the names take 3/4 of it
+    fontsize = float(min(10.0, max(2.0, 0.75 * side * 0.85 * 72 * 0.7 / most)))
     fig, ax = plt.subplots(figsize=(side, side * 0.85))
     im = ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(kx), labels=xnames, rotation=45 if kx > 4 else 0, ha="right" if kx > 4 else "center")
-    ax.set_yticks(range(k), labels=names)
+    ax.set_xticks(range(kx), labels=xnames, rotation=45 if kx > 4 else 0, ha="right" if kx > 4 else "center",
+                  fontsize=fontsize)
+    ax.set_yticks(range(k), labels=names, fontsize=fontsize)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title or "confusion matrix")

@@ -168,3 +168,27 @@ def test_report_shows_the_analysis_verbs_outputs(text_run):
     page = write_report(text_run).read_text()
     assert "Explanations (fmtune explain)" in page and "rgba(" in page and ">great</span>" in page
     assert "Robustness (fmtune robustness)" in page
+
+
+def test_most_confused_pairs_and_a_readable_matrix_of_150_classes(tmp_path, text_run):
+    import numpy as np
+    from PIL import Image
+
+    from fmtune import plots
+
+    task = fmtune.tasks.Classification([f"class-{i:03d}" for i in range(150)])
+    rng = np.random.default_rng(0)
+    cm = np.diag(rng.integers(3, 9, 150))
+    cm[7, 42], cm[42, 7], cm[100, 3] = 5, 2, 3  # the errors, largest first: 7->42, 100->3, 42->7
+    assert task.most_confused(cm, k=2) == [{"true": "class-007", "predicted": "class-042", "count": 5},
+                                           {"true": "class-100", "predicted": "class-003", "count": 3}]
+    assert len(task.most_confused(cm)) == 3 and task.most_confused(np.diag([4, 5])) == []
+    path = plots.confusion_matrix(cm, task.labels, tmp_path / "cm.png", "150 classes")
+    width, height = Image.open(path).size
+    assert height >= 150 * 12  # at least 12 pixels a row: one class name per row, each legible
+    # a run's evaluation lists them too (the tiny run confuses at least one pair)
+    result = json.loads((text_run / "eval.json").read_text())
+    report = (text_run / "classification_report.txt").read_text()
+    assert result["most_confused"] and "most confused" in report
+    for pair in result["most_confused"]:
+        assert f"{pair['true']} -> {pair['predicted']}: {pair['count']}" in report

@@ -119,14 +119,27 @@ class Classification(Task):
                                          target_names=self.labels, zero_division=0, digits=4)
         if (~known).any():
             text += f"\n{int((~known).sum())} example(s) with labels unseen in training counted as errors in accuracy\n"
+        pairs = self.most_confused(skm.confusion_matrix(y[known], pred[known], labels=list(range(len(self.labels)))))
+        if pairs:
+            text += "\nmost confused (true -> predicted: test examples)\n" + "".join(
+                f"  {p['true']} -> {p['predicted']}: {p['count']}\n" for p in pairs)
         return text
+
+    def most_confused(self, cm: np.ndarray, k: int = 10) -> list[dict[str, Any]]:
+        """The ``k`` largest off-diagonal cells of a confusion matrix, largest first: with many classes
+        the matrix is too big to read, and these are what to look at."""
+        off = cm.copy()
+        np.fill_diagonal(off, 0)
+        cells = [(int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))]
+        cells.sort(key=lambda c: (-c[0], c[1], c[2]))
+        return [{"true": self.labels[i], "predicted": self.labels[j], "count": n} for n, i, j in cells[:k]]
 
     def report_files(self, logits, targets, folder: Path, title: str) -> dict[str, Any]:
         y, pred = targets.numpy(), logits.argmax(-1).numpy()
         cm = skm.confusion_matrix(y[y >= 0], pred[y >= 0], labels=list(range(len(self.labels))))
         path = plots.confusion_matrix(cm, self.labels, folder / "confusion_matrix.png",
                                       f"{title}: test confusion matrix")
-        return {"confusion_matrix": path.name}
+        return {"confusion_matrix": path.name, "most_confused": self.most_confused(cm)}
 
     def mistake_positions(self, logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
         """(position, predicted class, score) of the ``k`` most confident wrong predictions."""
