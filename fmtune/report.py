@@ -98,14 +98,17 @@ def _data_section(cfg: dict[str, Any], info: dict[str, Any]) -> str:
     counts = {name: d["label_counts"] for name, d in data.items() if isinstance(d, dict) and d.get("label_counts")}
     if counts:
         labels = sorted({lab for c in counts.values() for lab in c})
-        fig, ax = plt.subplots(figsize=(min(3 + 0.5 * len(labels) * len(counts), 12), 3))
+        many = len(labels) > 40  # a wider figure, names upright and small: one name per bar (150 classes)
+        fig, ax = plt.subplots(figsize=(min(2 + 0.13 * len(labels), 30) if many else
+                                        min(3 + 0.5 * len(labels) * len(counts), 12), 3.6 if many else 3))
         width = 0.8 / len(counts)
         for j, (name, c) in enumerate(counts.items()):
             total = sum(c.values()) or 1
             ax.bar([i + j * width for i in range(len(labels))], [c.get(lab, 0) / total for lab in labels], width,
                    label=name)
         ax.set_xticks([i + width * (len(counts) - 1) / 2 for i in range(len(labels))], labels,
-                      rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
+                      rotation=90 if many else 45 if len(labels) > 6 else 0,
+                      ha="center" if many or len(labels) <= 6 else "right", fontsize=6 if many else None)
         ax.set_ylabel("share of rows")
         ax.set_title("class balance per split")
         ax.legend()
