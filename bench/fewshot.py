@@ -6,7 +6,9 @@ same all-MiniLM-L6-v2 weights (the local package), same samples, same seeds.
 
 Data: `fmtune datasets --export` of rotten-tomatoes (2 classes) and tweet-sentiment (3 classes),
 split seed 0; `--datasets stdlib-modules` is a many-class set built here (24 classes: docstring
-summary -> its standard-library module; see stdlib_modules). For every dataset, size (rows per
+summary -> its standard-library module; see stdlib_modules), `--datasets package-modules` one with
+150 (summary -> its module in the installed packages; see package_modules; package-modules-40: 40
+of them). For every dataset, size (rows per
 class) and seed, the rows are drawn from the training split (seeded, class-balanced) and both
 tools train on exactly them; both are scored on the same test rows (--test-rows, drawn once).
 Times are in this process, after the imports: `train_s` is loading the pretrained model +
@@ -41,6 +43,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 DATASETS = ("rotten-tomatoes", "tweet-sentiment")
 MANY_CLASSES = "stdlib-modules"  # built by stdlib_modules below; not a zoo dataset
+PACKAGE_MODULES = "package-modules"  # built by package_modules below (150 classes); not a zoo dataset
 
 
 def log(msg: str) -> None:
@@ -76,6 +79,63 @@ def stdlib_modules(folder: Path) -> tuple:
     return pool.reset_index(drop=True), df.drop(pool.index).reset_index(drop=True)
 
 
+def package_modules(folder: Path, classes: int = 150, min_rows: int = 24) -> tuple:
+    """A set with 150 classes (--datasets package-modules): the one-line docstring summaries of the
+    functions and classes of the Python packages installed beside fmtune (numpy, scipy, pandas, scikit-learn,
+    torch, transformers, matplotlib ...; read from their source, nothing imported), labelled with
+    their module down to two levels (``scipy.stats``, ``torch.nn``, ``sklearn.linear_model``). Of
+    the modules with at least ``min_rows`` distinct summaries, ``classes`` are drawn (seed 0);
+    half of each module's rows are the pool, and up to 1,200 / ``classes`` (at least 8) of the
+    other half per module the test rows (class-balanced, so the large modules do not make up the
+    test). Which packages are
+    installed decides the classes: the output records them."""
+    import ast
+    import sysconfig
+
+    import pandas as pd
+
+    from fmtune.zoo.datasets import _first_sentence
+
+    test_per_class = max(8, -(-1200 // classes))
+    cached = folder / "package-modules.csv"  # reading every installed package takes minutes
+    if cached.exists():
+        return _pool_and_test(pd.read_csv(cached), classes, min_rows, test_per_class)
+    root = Path(sysconfig.get_paths()["purelib"])
+    rows = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        parts = rel.with_suffix("").parts
+        if len(parts) < 2 or any(p.startswith(("test", "_")) or "dist-info" in p or p == "__init__" for p in parts[:2]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node, clean=True)
+                summary = _first_sentence(doc) if doc else ""
+                if summary and 3 <= len(summary.split()) <= 40:
+                    rows.append({"text": summary, "label": ".".join(parts[:2])})
+    df = pd.DataFrame(rows).drop_duplicates("text", keep=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    df.to_csv(cached, index=False)
+    return _pool_and_test(df, classes, min_rows, test_per_class)
+
+
+def _pool_and_test(df, classes: int, min_rows: int, test_per_class: int) -> tuple:
+    import numpy as np
+
+    counts = df["label"].value_counts()
+    keep = counts[counts >= min_rows].index.tolist()
+    keep = sorted(np.random.default_rng(0).choice(sorted(keep), min(classes, len(keep)), replace=False).tolist())
+    df = df[df["label"].isin(keep)].reset_index(drop=True)
+    pool = df.groupby("label", group_keys=False).sample(frac=0.5, random_state=0)
+    rest = df.drop(pool.index)
+    test = rest.sample(frac=1.0, random_state=0).groupby("label").head(test_per_class)
+    return pool.reset_index(drop=True), test.reset_index(drop=True)
+
+
 def run_setfit(train, test, seed: int, iterations: int | None, out: Path) -> dict:
     import numpy as np
     from datasets import Dataset
@@ -98,6 +158,15 @@ def run_setfit(train, test, seed: int, iterations: int | None, out: Path) -> dic
     predict_s = time.perf_counter() - started
     truth = np.array([index.get(k, -1) for k in test["label"].astype(str)])
     return {"accuracy": float((pred == truth).mean()), "train_s": round(train_s, 2), "predict_s": round(predict_s, 2)}
+
+
+def setfit_version(tools: str) -> str | None:
+    """SetFit's version, when it runs (it is installed for the bench only)."""
+    if "setfit" not in tools.split(","):
+        return None
+    import setfit
+
+    return setfit.__version__
 
 
 def run_fmtune(train_csv: Path, test_csv: Path, out: Path, seed: int, strategy: str, **extra) -> dict:
@@ -146,7 +215,6 @@ def bench() -> dict:
     a = ap.parse_args()
 
     import pandas as pd
-    import setfit
     import torch
 
     import fmtune
@@ -156,7 +224,7 @@ def bench() -> dict:
     work = Path(a.out or tempfile.mkdtemp(prefix="fmtune-fewshot-bench-"))
     result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "python": platform.python_version(), "versions": {"fmtune": fmtune.__version__,
-                                                                "setfit": setfit.__version__,
+                                                                "setfit": setfit_version(a.tools),
                                                                 "torch": torch.__version__},
               "test_rows": a.test_rows, "results": {}}
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -164,10 +232,16 @@ def bench() -> dict:
         """The export's training rows, and --test-rows of its test rows (drawn once) and their file."""
         if name == MANY_CLASSES:
             train, test = stdlib_modules(work / "data" / name)
+        elif name.startswith(PACKAGE_MODULES):  # package-modules-40: 40 of its classes
+            classes = int(name.removeprefix(PACKAGE_MODULES).strip("-") or 150)
+            train, test = package_modules(work / "data" / PACKAGE_MODULES, classes)
+            result.setdefault(name, {"classes": sorted(train["label"].unique()), "pool_rows": len(train),
+                                     "test_rows": len(test)})
         else:
             files = export(name, work / "data" / name, seed=0)
             train, test = pd.read_csv(files["train"]), pd.read_csv(files["test"])
         test = test.sample(min(a.test_rows, len(test)), random_state=0)
+        (work / "data" / name).mkdir(parents=True, exist_ok=True)
         test_csv = work / "data" / name / f"test-{len(test)}.csv"
         test.to_csv(test_csv, index=False)
         return train, test, test_csv

@@ -435,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to train: full, head, last_n (strategy.n), lora/dora (strategy.r, strategy.alpha, "
                    "strategy.targets), ia3, prompt (strategy.virtual_tokens), bitfit, contrastive (few labels: "
                    "SetFit-style pair training of a text encoder, then a linear head; strategy.encoder=lora), "
-                   "auto (chosen from the labels per class and the model; run.json says why); see `fmtune config`")
+                   "auto (chosen from the labels per class, the number of classes and the model: e.g. text with at "
+                   "most 64 rows per class -> contrastive, or the linear probe from 10 classes on; run.json says "
+                   "why); see `fmtune config`")
     t.add_argument("--unlabeled", metavar="FILE",
                    help="self-training: pseudo-label these unlabelled texts in rounds (semi.rounds, semi.threshold, "
                    "class-balanced) and train again on them; OUT/selftrain.json has each round")

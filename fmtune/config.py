@@ -260,7 +260,8 @@ class StrategyConfig:
         "last_n = last N blocks + head, lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, "
         "bitfit = biases + head, "
         "contrastive = SetFit-style pair training of a text encoder, then a linear head (few labels), "
-        "auto = chosen from the labels per class, the model's size and train.max_minutes (run.json says why)"
+        "auto = chosen from the labels per class, the number of classes, the model's size and train.max_minutes "
+        "(run.json says why)"
     )
     n: int = _f(2, "last_n: number of final backbone blocks to train")
     r: int = _f(8, "lora/dora: rank of the weight update")
