@@ -255,7 +255,7 @@ def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, t
     few = f"{per_class} labelled rows per class (the median class)"
     many = task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES
     if kind == "text" and many and per_class <= MANY_PROBE_MAX:
-        return "head", (f"{few} (at most {MANY_PROBE_MAX}) of {len(task.labels)} classes (at least {MANY_CLASSES}): a "
+        return "head", (f"{few}, at most {MANY_PROBE_MAX}, in {len(task.labels)} classes (at least {MANY_CLASSES}): a "
                         "linear probe on the frozen encoder (with this many classes pair training scored lower)")
     if kind == "text" and task.level == "pooled" and per_class <= CONTRASTIVE_MAX:
         enc = "lora" if big else "full"
