@@ -81,14 +81,13 @@ def stdlib_modules(folder: Path) -> tuple:
 
 def package_modules(folder: Path, classes: int = 150, min_rows: int = 24) -> tuple:
     """A set with 150 classes (--datasets package-modules): the one-line docstring summaries of the
-    functions and classes of the Python packages installed beside fmtune (numpy, scipy, pandas, scikit-learn,
-    torch, transformers, matplotlib ...; read from their source, nothing imported), labelled with
-    their module down to two levels (``scipy.stats``, ``torch.nn``, ``sklearn.linear_model``). Of
-    the modules with at least ``min_rows`` distinct summaries, ``classes`` are drawn (seed 0);
-    half of each module's rows are the pool, and up to 1,200 / ``classes`` (at least 8) of the
+    functions and classes of the Python packages installed beside fmtune (numpy, scipy, pandas,
+    scikit-learn, torch, transformers, matplotlib ...; read from their source, nothing imported),
+    labelled with their module down to two levels (``scipy.stats``, ``torch.optim``). Of the modules
+    with at least ``min_rows`` distinct summaries (--min-module-rows), ``classes`` are drawn (seed
+    0); half of each module's rows are the pool, and up to 1,200 / ``classes`` (at least 8) of the
     other half per module the test rows (class-balanced, so the large modules do not make up the
-    test). Which packages are
-    installed decides the classes: the output records them."""
+    test). Which packages are installed decides the classes: the output records them."""
     import ast
     import sysconfig
 
@@ -204,11 +203,15 @@ def bench() -> dict:
     ap.add_argument("--first-seed", type=int, default=0,
                     help="the first seed: --first-seed 5 --seeds 5 draws samples 5-9, new ones beside a run of 0-4")
     ap.add_argument("--tools", default="setfit,contrastive,head",
-                    help="which to run: setfit, contrastive (fmtune's), head (fmtune's probe)")
+                    help="which to run: setfit, contrastive (fmtune's), head (fmtune's probe), full (fmtune's "
+                    "full fine-tuning with its few-label defaults)")
     ap.add_argument("--seeds-64", type=int, default=3, help="seeds at sizes >= --iterations-from")
     ap.add_argument("--iterations-from", type=int, default=64)
     ap.add_argument("--test-rows", type=int, default=1000)
     ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--min-module-rows", type=int, default=24,
+                    help="package-modules: draw the classes from modules with at least this many distinct summaries "
+                    "(140: every class has 64 rows to sample and a test half)")
     ap.add_argument("--selftrain", type=int, default=0, help="seeds of the self-training comparison (0: none)")
     ap.add_argument("--pool", type=int, default=2000, help="unlabelled rows for self-training")
     ap.add_argument("--out", help="working folder (default: a temporary one)")
@@ -234,9 +237,10 @@ def bench() -> dict:
             train, test = stdlib_modules(work / "data" / name)
         elif name.startswith(PACKAGE_MODULES):  # package-modules-40: 40 of its classes
             classes = int(name.removeprefix(PACKAGE_MODULES).strip("-") or 150)
-            train, test = package_modules(work / "data" / PACKAGE_MODULES, classes)
+            train, test = package_modules(work / "data" / PACKAGE_MODULES, classes, a.min_module_rows)
             result.setdefault(name, {"classes": sorted(train["label"].unique()), "pool_rows": len(train),
-                                     "test_rows": len(test)})
+                                     "pool_rows_per_class_median": float(train["label"].value_counts().median()),
+                                     "min_module_rows": a.min_module_rows, "test_rows": len(test)})
         else:
             files = export(name, work / "data" / name, seed=0)
             train, test = pd.read_csv(files["train"]), pd.read_csv(files["test"])
@@ -251,7 +255,7 @@ def bench() -> dict:
         for size in sizes:
             big = size >= a.iterations_from
             iterations = 20 if big else None
-            rows: dict[str, list[dict]] = {t: [] for t in ("setfit", "fmtune contrastive", "fmtune head")
+            rows: dict[str, list[dict]] = {t: [] for t in ("setfit", "fmtune contrastive", "fmtune head", "fmtune full")
                                            if t.split()[-1] in a.tools.split(",")}
             seeds = list(range(a.first_seed, a.first_seed + (a.seeds_64 if big else a.seeds)))
             for seed in seeds:
@@ -270,6 +274,7 @@ def bench() -> dict:
                             "train_s": stats([r["train_s"] for r in runs]), "runs": runs}
                      for tool, runs in rows.items()}
             entry["seeds"] = seeds
+            entry["sample_rows_per_class_median"] = float(train["label"].value_counts().median())  # the last seed's
             if "setfit" in rows and "fmtune contrastive" in rows:
                 entry["fmtune contrastive minus setfit"] = stats([c["accuracy"] - s["accuracy"] for c, s in
                                                                   zip(rows["fmtune contrastive"], rows["setfit"])])

@@ -436,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "strategy.targets), ia3, prompt (strategy.virtual_tokens), bitfit, contrastive (few labels: "
                    "SetFit-style pair training of a text encoder, then a linear head; strategy.encoder=lora), "
                    "auto (chosen from the labels per class, the number of classes and the model: e.g. text with at "
-                   "most 64 rows per class -> contrastive, but the linear probe from 10 classes on up to 32 rows "
-                   "per class; run.json says why); see `fmtune config`")
+                   "most 64 rows per class -> contrastive, or with 10 classes or more the linear probe; run.json "
+                   "says why); see `fmtune config`")
     t.add_argument("--unlabeled", metavar="FILE",
                    help="self-training: pseudo-label these unlabelled texts in rounds (semi.rounds, semi.threshold, "
                    "class-balanced) and train again on them; OUT/selftrain.json has each round")

@@ -43,14 +43,14 @@ from fmtune.training.optim import adamw
 # gets the linear probe up to PROBE_MAX; models above LARGE_MODEL parameters get LoRA, not full.
 CONTRASTIVE_MAX = 64
 PROBE_MAX = 16
-# ... but a single-label task with MANY_CLASSES classes or more gets the linear probe up to MANY_PROBE_MAX
-# rows per class: pair training pulled apart what the pretrained embedding held. Probe minus contrastive
-# (bench/fewshot.py, package-modules-N: docstring summary -> its module), 8 rows per class, 3 samples
-# each: +1.9 points at 10 classes, +6.7 at 40, +5.6 at 150 (and +4.3 at 24, stdlib-modules), the probe
-# ahead in every sample; 40 classes at 16 and 32 rows per class: +6.7 (2 samples) and +4.3 (1). At 2-3
-# classes (sentiment) the two were within a point at 8 rows per class and contrastive 2.2 points ahead
-# at 16.
-MANY_CLASSES, MANY_PROBE_MAX = 10, 32
+# ... but a single-label task with MANY_CLASSES classes or more gets the linear probe instead, up to the same
+# CONTRASTIVE_MAX rows per class: pair training pulled apart what the pretrained embedding held. Probe minus
+# contrastive (bench/fewshot.py, package-modules-N: docstring summary -> its module), 8 rows per class, 3
+# samples each: +1.9 points at 10 classes, +6.7 at 40, +5.6 at 150 (and +4.3 at 24, stdlib-modules), the
+# probe ahead in every sample; 40 classes at 16, 32 and 64 rows per class: +6.7 (2 samples), +3.8 and +1.8
+# (1 each; full fine-tuning 12 and 10 points under the probe there). At 2-3 classes (sentiment) the two
+# were within a point at 8 rows per class and contrastive 2.2 points ahead at 16.
+MANY_CLASSES = 10
 LARGE_MODEL = 300_000_000
 # A few-label run that trains by gradient (full, last_n, lora ...): at least this many optimizer steps,
 # on batches of at most a quarter of the rows (3 epochs of 16 rows would be 3 steps of one batch).
@@ -254,8 +254,8 @@ def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, t
         return tuned, f"{task.name} has no classes to count; {tuned} fine-tuning ({size})"
     few = f"{per_class} labelled rows per class (the median class)"
     many = task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES
-    if kind == "text" and many and per_class <= MANY_PROBE_MAX:
-        return "head", (f"{few}, at most {MANY_PROBE_MAX}, in {len(task.labels)} classes (at least {MANY_CLASSES}): a "
+    if kind == "text" and many and per_class <= CONTRASTIVE_MAX:
+        return "head", (f"{few}, at most {CONTRASTIVE_MAX}, in {len(task.labels)} classes (at least {MANY_CLASSES}): a "
                         "linear probe on the frozen encoder (with this many classes pair training scored lower)")
     if kind == "text" and task.level == "pooled" and per_class <= CONTRASTIVE_MAX:
         enc = "lora" if big else "full"

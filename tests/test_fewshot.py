@@ -170,12 +170,12 @@ def test_choose_strategy_by_labels_per_class_and_size():
     name, why = fewshot.choose_strategy(quick, "image", 4_000_000, 100, clf)
     assert name == "head" and "time budget" in why
     assert fewshot.choose_strategy(cfg, "text", 22_000_000, None, fmtune.tasks.Regression())[0] == "full"
-    # many classes: the probe up to 32 rows per class, single-label only
+    # many classes: the probe instead of contrastive tuning (up to 64 rows per class), single-label only
     ten = fmtune.tasks.Classification([f"c{i}" for i in range(10)])
     name, why = fewshot.choose_strategy(cfg, "text", 22_000_000, 8, ten)
     assert name == "head" and "10 classes" in why
-    assert fewshot.choose_strategy(cfg, "text", 22_000_000, 32, ten)[0] == "head"
-    assert fewshot.choose_strategy(cfg, "text", 22_000_000, 33, ten)[0] == "contrastive"
+    assert fewshot.choose_strategy(cfg, "text", 22_000_000, 64, ten)[0] == "head"
+    assert fewshot.choose_strategy(cfg, "text", 22_000_000, 65, ten)[0] == "full"
     nine = fmtune.tasks.Classification([f"c{i}" for i in range(9)])
     assert fewshot.choose_strategy(cfg, "text", 22_000_000, 8, nine)[0] == "contrastive"
     tags = fmtune.tasks.MultiLabel([f"c{i}" for i in range(10)])
