@@ -253,11 +253,11 @@ def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, t
     if per_class is None:
         return tuned, f"{task.name} has no classes to count; {tuned} fine-tuning ({size})"
     few = f"{per_class} labelled rows per class (the median class)"
-    many = task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES
-    if kind == "text" and many and per_class <= CONTRASTIVE_MAX:
-        return "head", (f"{few}, at most {CONTRASTIVE_MAX}, in {len(task.labels)} classes (at least {MANY_CLASSES}): a "
-                        "linear probe on the frozen encoder (with this many classes pair training scored lower)")
     if kind == "text" and task.level == "pooled" and per_class <= CONTRASTIVE_MAX:
+        if task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES:
+            return "head", (f"{few}, at most {CONTRASTIVE_MAX}, in {len(task.labels)} classes (at least "
+                            f"{MANY_CLASSES}): a linear probe on the frozen encoder (with this many classes pair "
+                            "training scored lower)")
         enc = "lora" if big else "full"
         return "contrastive", (f"{few} (at most {CONTRASTIVE_MAX}): contrastive pair training of the encoder "
                                f"({enc}), then a linear head")
