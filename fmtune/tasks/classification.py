@@ -119,7 +119,7 @@ class Classification(Task):
                                          target_names=self.labels, zero_division=0, digits=4)
         if (~known).any():
             text += f"\n{int((~known).sum())} example(s) with labels unseen in training counted as errors in accuracy\n"
-        pairs = self.most_confused(skm.confusion_matrix(y[known], pred[known], labels=list(range(len(self.labels)))))
+        pairs = self.most_confused(self.confusion(logits, targets))
         if pairs:
             text += "\nmost confused (true -> predicted: test examples)\n" + "".join(
                 f"  {p['true']} -> {p['predicted']}: {p['count']}\n" for p in pairs)
@@ -134,9 +134,13 @@ class Classification(Task):
         cells.sort(key=lambda c: (-c[0], c[1], c[2]))
         return [{"true": self.labels[i], "predicted": self.labels[j], "count": n} for n, i, j in cells[:k]]
 
-    def report_files(self, logits, targets, folder: Path, title: str) -> dict[str, Any]:
+    def confusion(self, logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """Counts of (true, predicted) over the examples whose label was seen in training."""
         y, pred = targets.numpy(), logits.argmax(-1).numpy()
-        cm = skm.confusion_matrix(y[y >= 0], pred[y >= 0], labels=list(range(len(self.labels))))
+        return skm.confusion_matrix(y[y >= 0], pred[y >= 0], labels=list(range(len(self.labels))))
+
+    def report_files(self, logits, targets, folder: Path, title: str) -> dict[str, Any]:
+        cm = self.confusion(logits, targets)
         path = plots.confusion_matrix(cm, self.labels, folder / "confusion_matrix.png",
                                       f"{title}: test confusion matrix")
         return {"confusion_matrix": path.name, "most_confused": self.most_confused(cm)}
