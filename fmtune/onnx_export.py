@@ -115,14 +115,16 @@ def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], pa
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation of the weights of MatMul/Gemm (and Conv) nodes."""
+    """Dynamic int8 quantisation of the weights of MatMul/Gemm (and Conv) nodes, a scale per output
+    channel: on a probe-started head over the real MiniLM (rotten-tomatoes, 400 test rows) one scale
+    per tensor cost 2.75 points of accuracy, one per channel 1.0 (23.2 vs 23.3 MB)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = dst.with_name("prepared.onnx")
     with _quiet_exporter():
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)  # graph clean-up, as onnxruntime advises
-        quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=True)
     prepared.unlink()
 
 

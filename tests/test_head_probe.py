@@ -35,6 +35,25 @@ def test_solved_classification_head_is_the_probe(k):
     np.testing.assert_allclose(logits.softmax(-1).numpy(), probe.predict_proba(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("task", [Classification(["c0", "c1", "c2"]), MultiLabel(["c0", "c1", "c2"]),
+                                  Regression([], target_stats={"mean": 0.0, "std": 1.0})])
+def test_dead_feature_dimensions_get_no_weight(task):
+    """A pooled dimension that is all but constant (all-MiniLM-L6-v2 has three, about 1e-32): the
+    scaler once divided it by its spread, and the head weighed it 1e31 on the raw features."""
+    x, y = _features(300, 3)
+    x[:, 3] = np.random.default_rng(1).normal(0, 1e-32, 300)
+    x[:, 7] = 0.25 + np.random.default_rng(2).normal(0, 1e-9, 300)
+    targets = (torch.from_numpy(y) if task.name == "classification" else torch.from_numpy(y.astype(np.float32))
+               if task.name == "regression" else torch.nn.functional.one_hot(torch.from_numpy(y), 3).float())
+    probe = task.fit_probe(x, targets, seed=0)
+    weight, bias = task.head_from_probe(probe, 16)
+    assert np.isfinite(weight).all() and np.abs(weight).max() < 100 and np.abs(bias).max() < 100
+    assert np.abs(weight[:, [3, 7]]).max() < 1e-6
+    clean = x.copy()
+    clean[:, [3, 7]] = x[:, [3, 7]].mean(0)
+    np.testing.assert_allclose(task.probe_logits(probe, clean).numpy(), task.probe_logits(probe, x).numpy())
+
+
 def test_solved_multilabel_and_regression_heads_are_the_probes():
     x, y = _features(300, 3)
     task = MultiLabel(["a", "b", "c", "never"])
@@ -82,3 +101,4 @@ def test_head_is_at_least_as_good_as_the_baseline(shape, tmp_path, tiny_st_bert)
                    train={"epochs": 3, "baseline": True, "lr": None, "head_lr": None})
     ev = fmtune.train(cfg, quiet=True, report=False)["eval"]
     assert ev["test"]["accuracy"] >= ev["baseline"]["accuracy"] - 0.005, ev
+

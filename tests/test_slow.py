@@ -53,6 +53,20 @@ def test_linear_probe_on_frozen_minilm_matches_sklearn(tmp_path, rt_files):
     assert abs(ev["test"]["accuracy"] - ev["baseline"]["accuracy"]) <= 0.03, ev
 
 
+def test_probe_head_on_real_minilm_has_bounded_weights_and_exports_to_int8(tmp_path, rt_files):
+    """all-MiniLM-L6-v2's pooled output has dimensions of about 1e-32: the probe once weighed them
+    1e31 on the raw features, a head that int8 quantisation turned to noise (the export refused)."""
+    from fmtune.models import build
+
+    run = tmp_path / "run"
+    fmtune.train({"model": {"name": "minilm-l6", "max_length": 64}, "out": str(run), "strategy": {"name": "head"},
+                  "data": {"train": str(rt_files["train"]), "val": str(rt_files["val"]),
+                           "test": str(rt_files["test"])}, "train": {"baseline": False}}, quiet=True, report=False)
+    assert build.head_linear(build.load(run / "model").model).weight.abs().max() < 100
+    res = fmtune.export(run, format="onnx-int8", max_drop=0.02, quiet=True)  # refused beyond it (it was 0.15)
+    assert res["metric"]["rows"] == 400
+
+
 @pytest.fixture(scope="module", params=["text", "image", "ner"])
 def demo_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / request.param

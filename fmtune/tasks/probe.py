@@ -16,8 +16,24 @@ def logreg(seed: int, cv: int = 3, max_iter: int = 3000) -> LogisticRegressionCV
     return LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=cv, max_iter=max_iter, random_state=seed)
 
 
+class Standardise(StandardScaler):
+    """StandardScaler that reads a feature whose spread is under ``DEAD`` x the largest one as
+    constant: it is scaled to 0, so the model after it gives it no weight. all-MiniLM-L6-v2's
+    mean-pooled output has three such dimensions (values about 1e-32); StandardScaler divides them
+    by their 1e-32 spread, and the probe, moved onto the raw features (``unscaled``), weighed them
+    1e31: a head that a fine-tuned backbone, an fp16 cast or int8 quantisation turns into nonsense."""
+
+    DEAD = 1e-6
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> Standardise:
+        super().fit(X, y, sample_weight)
+        if self.scale_ is not None and len(self.scale_):
+            self.scale_ = np.where(self.scale_ < self.DEAD * self.scale_.max(), np.inf, self.scale_)
+        return self
+
+
 def scaled(model: Any) -> Any:
-    return make_pipeline(StandardScaler(), model)
+    return make_pipeline(Standardise(), model)
 
 
 def unscaled(pipeline: Any, coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
