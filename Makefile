@@ -15,6 +15,7 @@
 #   make bench-audio  fmtune's audio classification against the Hugging Face Trainer (WhisperForAudioClassification)
 #   make bench-speech  fmtune's speech recognition against the Hugging Face Seq2SeqTrainer (Whisper + peft LoRA)
 #   make bench-dense  segmentation and detection: head vs last_n vs full, training and prediction images/s
+#   make bench-head-init  fine-tuning from a random head against from the linear probe (LP-FT)
 #   make bench-active  active learning: labels each strategy needs to reach 95% of the full pool's accuracy
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +25,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
-	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense bench-active
+	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense bench-active bench-head-init
 
 setup: $(VENV)/.installed
 
@@ -83,6 +84,9 @@ test-slow: setup setup-audio
 # SetFit is the reference of bench/fewshot.py only: installed here, never a dependency of fmtune.
 bench-active: setup
 	$(PY) bench/active.py > bench/results-active-$$(date +%F).json
+
+bench-head-init: setup
+	$(PY) bench/head_init.py > bench/results-head-init-$$(date +%F).json
 
 bench-fewshot: setup
 	$(PY) -m pip install -q datasets evaluate

@@ -125,9 +125,11 @@ def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, l
     total = time.perf_counter() - t0
     metas = [json.loads(p.read_text()) for p in (out / "feature-cache").glob("*/meta.json")]
     evals = [e for e in read_jsonl(out / "metrics.jsonl") if e.get("type") == "eval"]
-    epoch_ends = [e["seconds"] for e in evals if float(e["epoch"]).is_integer()]
+    epoch_ends = [e["seconds"] for e in evals if e["step"] > 0 and float(e["epoch"]).is_integer()]  # not step 0
     per_epoch = np.diff(epoch_ends).tolist()  # seconds per epoch after the first (evaluation included)
-    return {"train_seconds": round(s["seconds"], 2), "wall_seconds_incl_setup_and_test": round(total, 2),
+    init = s.get("head_init", {}).get("seconds", 0.0)  # the probe the head starts from: solved before the fit
+    return {"train_seconds": round(s["seconds"] + init, 2), "head_init_seconds": init,
+            "wall_seconds_incl_setup_and_test": round(total, 2),
             "first_epoch_seconds": round(epoch_ends[0], 3),
             "later_epoch_seconds": round(float(np.mean(per_epoch)), 4) if per_epoch else None,
             "samples_per_s": json.loads((out / "run.json").read_text())["fit"]["samples_per_s"],

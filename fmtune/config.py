@@ -357,9 +357,13 @@ class TrainConfig:
     head_lr: float | None = _f(None, f"learning rate of the head (default: {HEAD_LR_FACTOR}x lr, at most "
                                    f"{HEAD_LR_MAX:g})")
     head_init: Literal["probe", "random"] = _f(
-        "probe", "strategy head on cached features: start from the linear probe solved to convergence (logistic / "
-        "ridge regression, regularisation by cross-validation, as the baseline); it is validated before the first "
-        "epoch, so the run keeps it unless training does better on validation. random: a fresh head")
+        "probe", "start the head from the linear probe solved to convergence on the training features of the model "
+        "as training starts (logistic / ridge regression, regularisation by cross-validation, as the baseline). "
+        "Where the body trains too (linear probing, then fine-tuning: LP-FT) the probe reads a sample of 64 rows "
+        "per label, 1,000 to 10,000 rows, and is a start, not the head. It is validated "
+        "before the first epoch, so the run keeps it unless training does better on validation. Full fine-tuning "
+        "of MiniLM, 40 classes x 64 rows: test accuracy 0.52 from a random head, 0.66 from the probe (2 seeds). "
+        "random: a fresh head")
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
     momentum: float = _f(0.9, "sgd: momentum")
     scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate decay after warm-up")

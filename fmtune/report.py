@@ -218,6 +218,12 @@ def write_report(run: str | Path) -> Path:
                         f"{fit.get('samples_per_s', 0):.1f} samples/s; {stop}; best validation {fit.get('metric')} "
                         f"{fit.get('best') if fit.get('best') is not None else 'n/a'} at step {fit.get('best_step')} "
                         "(the checkpoint kept)</p>")
+    init = info.get("head_init")
+    if init:
+        kept = (" Training never did better on validation: the checkpoint kept is that probe on the untrained "
+                "backbone." if init.get("kept_as_is") else "")
+        sections.append(f"<p>The head started from the linear probe solved on {init['rows']} training rows' "
+                        f"features ({init['seconds']:.1f} s), validated at step 0.{kept}</p>")
     for title, name in (("Confusion matrix (test)", "confusion_matrix.png"),
                         ("Precision-recall (test)", "precision_recall.png")):
         if (run_dir / name).is_file():

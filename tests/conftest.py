@@ -16,6 +16,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fmtune.config import SOLVED_HEAD  # noqa: E402
+
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "plot", "actor", "was", "a", "film",
          "story", "very", "really", "scene", "music"]
 POS, NEG = ["good", "great", "fine"], ["bad", "awful", "poor"]
@@ -185,7 +187,9 @@ def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
     """A small, fast config: a few epochs, small batches, every default otherwise. The validation
     split is always made (data.min_val_per_class=0): these small files would otherwise train
     without one (few labels, tested in test_fewshot.py with the default); the batch size stays as
-    given (train.min_steps off; tested in test_train.py)."""
+    given (train.min_steps off; tested in test_train.py). A head trained by gradient starts random
+    (train.head_init random: the probe it would start from costs a fit per run; tested in
+    test_head_probe.py), unless the test sets head_init."""
     base = {
         "model": {"name": str(model_name), "max_length": 32},
         "data": {"train": str(train_file), "min_val_per_class": 0},
@@ -197,6 +201,9 @@ def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
             base.setdefault(section, {}).update(values)
         else:
             base[section] = values
+    strategy = base.get("strategy", {})
+    if (strategy.get("name", "full") if isinstance(strategy, dict) else strategy) not in (*SOLVED_HEAD, "auto"):
+        base["train"].setdefault("head_init", "random")
     return base
 
 

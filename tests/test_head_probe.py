@@ -5,6 +5,8 @@ different shapes (binary imbalanced, 6 classes, 12 classes)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ import torch
 from conftest import FILLER, NEG, POS, cfg_dict
 
 import fmtune
+from fmtune.fsutil import read_jsonl
 from fmtune.tasks import Classification, MultiLabel, Regression
 
 
@@ -102,3 +105,70 @@ def test_head_is_at_least_as_good_as_the_baseline(shape, tmp_path, tiny_st_bert)
     ev = fmtune.train(cfg, quiet=True, report=False)["eval"]
     assert ev["test"]["accuracy"] >= ev["baseline"]["accuracy"] - 0.005, ev
 
+
+def _twelve_classes(tmp_path) -> dict:
+    keys, weights = SHAPES["twelve-classes"]
+    files = {}
+    for name, n, seed in (("train", 360, 0), ("val", 120, 1), ("test", 300, 2)):
+        files[name] = tmp_path / f"{name}.csv"
+        _rows(n, keys, seed, weights).to_csv(files[name], index=False)
+    return files
+
+
+def _evals(run) -> list[dict]:
+    return [e for e in read_jsonl(run / "metrics.jsonl") if e.get("type") == "eval"]
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_a_head_trained_by_gradient_starts_from_the_probe(strategy, tmp_path, tiny_st_bert):
+    """LP-FT: the probe is the step-0 candidate the fine-tuned model must beat on validation, so the
+    run is at least as good as the baseline; with a random head (the old start) it is the fine-tuning
+    alone."""
+    files = _twelve_classes(tmp_path)
+    runs = {}
+    for init in ("probe", "random"):
+        cfg = cfg_dict(tiny_st_bert, files["train"], out=str(tmp_path / init), strategy={"name": strategy},
+                       data={"val": str(files["val"]), "test": str(files["test"])},
+                       train={"epochs": 1, "baseline": True, "lr": None, "head_lr": None, "head_init": init})
+        runs[init] = fmtune.train(cfg, quiet=True, report=False)
+    probe, random = runs["probe"], runs["random"]
+    assert probe["head_init"]["rows"] == 360 and "head_init" not in random
+    first = _evals(tmp_path / "probe")[0]
+    assert first["step"] == 0 and first["best"]
+    assert _evals(tmp_path / "random")[0]["step"] > 0
+    ev = probe["eval"]
+    assert ev["test"]["accuracy"] >= ev["baseline"]["accuracy"] - 0.02, ev
+    info = json.loads((tmp_path / "probe" / "run.json").read_text())
+    assert info["head_init"]["kept_as_is"] == (probe["best_step"] == 0)
+
+
+def test_probe_start_reads_at_most_probe_init_rows_and_says_when_it_is_kept(tmp_path, tiny_st_bert, monkeypatch):
+    from fmtune import api
+
+    assert [api.probe_init_rows(n, k) for n, k in ((500, 2), (2000, 2), (2560, 40), (50_000, 150))] == \
+        [500, 1000, 2560, 9600]
+    monkeypatch.setattr(api, "PROBE_INIT_ROWS", 100)
+    files = _twelve_classes(tmp_path)
+    cfg = cfg_dict(tiny_st_bert, files["train"], out=str(tmp_path / "run"), data={"val": str(files["val"])},
+                   train={"epochs": 1, "lr": 1e-12, "head_lr": 1e-12, "head_init": "probe"})
+    s = fmtune.train(cfg, quiet=True, report=False)
+    assert s["head_init"]["rows"] == 100
+    # steps of 1e-12 change nothing: validation never improves on the probe, and the run says so
+    assert s["best_step"] == 0 and s["head_init"]["kept_as_is"]
+    from fmtune.report import write_report
+
+    page = write_report(tmp_path / "run").read_text()
+    assert "started from the linear probe solved on 100 training rows" in page and "Training never did better" in page
+
+
+def test_few_labels_without_a_validation_split_still_fine_tune_from_the_probe(tmp_path, tiny_st_bert):
+    """With no validation split a solved head (strategy head) is final as it is; a head that trains
+    with its body must still take its steps."""
+    keys, _ = SHAPES["six-classes"]
+    train = tmp_path / "train.csv"
+    _rows(48, keys, 0).to_csv(train, index=False)
+    cfg = cfg_dict(tiny_st_bert, train, out=str(tmp_path / "run"), data={"min_val_per_class": 5},
+                   train={"head_init": "probe"})
+    s = fmtune.train(cfg, quiet=True, report=False)
+    assert s["few_labels"]["no_validation_split"] and s["head_init"]["rows"] == 48
+    assert s["best_step"] > 0 and not s["head_init"]["kept_as_is"]

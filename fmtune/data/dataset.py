@@ -313,6 +313,24 @@ class WithAux:
         return batch
 
 
+class Rows:
+    """Examples ``keep`` of a dataset, collated by the dataset itself (for prediction: a rank's share,
+    the rows a probe reads)."""
+
+    def __init__(self, ds: Any, keep: np.ndarray):
+        self.ds, self.keep = ds, keep
+        self.lengths = None if getattr(ds, "lengths", None) is None else np.asarray(ds.lengths)[keep]
+        # the view is only predicted on; per-token targets (a TokenTargets) are not indexed here
+        self.targets = None if ds.targets is None or hasattr(ds.targets, "collate") \
+            else ds.targets[torch.as_tensor(keep)]
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        return self.ds.collate([int(self.keep[i]) for i in idx])
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray | None = None,
                   shuffle: bool = True) -> list[list[int]]:
     """The batches of one epoch, a pure function of (seed, epoch): resume can replay it exactly.

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fmtune.data.dataset import Rows
 from fmtune.training.infer import infer
 
 
@@ -56,23 +57,6 @@ def shard(idx: list[int], rank: int, world: int) -> list[int]:
     return [int(i) for i in np.array_split(np.asarray(idx), world)[rank]]
 
 
-class _View:
-    """Examples ``keep`` of a dataset, collated by the dataset itself."""
-
-    def __init__(self, ds: Any, keep: np.ndarray):
-        self.ds, self.keep = ds, keep
-        self.lengths = None if getattr(ds, "lengths", None) is None else np.asarray(ds.lengths)[keep]
-        # the view is only predicted on; per-token targets (a TokenTargets) are not indexed here
-        self.targets = None if ds.targets is None or hasattr(ds.targets, "collate") \
-            else ds.targets[torch.as_tensor(keep)]
-
-    def __len__(self) -> int:
-        return len(self.keep)
-
-    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        return self.ds.collate([int(self.keep[i]) for i in idx])
-
-
 def gathered_infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any, accelerator: Any,
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``infer`` with the examples split over the ranks and the outputs gathered back, in order,
@@ -84,7 +68,7 @@ def gathered_infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any
     width = max(len(p) for p in parts)
     own = parts[rank]
     keep = np.concatenate([own, np.full(width - len(own), own[-1] if len(own) else 0, dtype=own.dtype)])
-    padded, _ = infer(model, _View(ds, keep), batch_size, device)
+    padded, _ = infer(model, Rows(ds, keep), batch_size, device)
     if padded.dim() == 3:  # per-token outputs: every rank pads to the longest example of the whole set
         longest = int(np.max(ds.lengths))
         padded = torch.nn.functional.pad(padded, (0, 0, 0, longest - padded.shape[1]))
