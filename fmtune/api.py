@@ -502,16 +502,6 @@ def _check_robust_training(cfg: Any, kind: str, task: Any) -> None:
         raise ConfigError(f"train.adversarial needs a single-label classification task, not {task.name}")
 
 
-# train.head_init probe, for a head that goes on training with its body: the probe it starts from reads a seeded
-# sample of PROBE_INIT_PER_LABEL rows per label (at least PROBE_INIT_MIN_ROWS, at most PROBE_INIT_ROWS): a start,
-# not the final head, at a bounded cost (a forward pass over those rows and a cross-validated fit)
-PROBE_INIT_PER_LABEL, PROBE_INIT_MIN_ROWS, PROBE_INIT_ROWS = 64, 1000, 10_000
-
-
-def probe_init_rows(n: int, labels: int) -> int:
-    return min(n, PROBE_INIT_ROWS, max(PROBE_INIT_MIN_ROWS, PROBE_INIT_PER_LABEL * labels))
-
-
 def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, train_ds: Any, plain: Any,
                      quiet: bool) -> dict[str, Any] | None:
     """train.head_init probe (pooled tasks): set the head to the task's linear probe solved on the
@@ -521,14 +511,14 @@ def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, tr
     first steps follow a head that already separates the classes instead of a random one's
     gradients; on 40 classes of 64 rows full fine-tuning went from 0.52 to 0.66 test accuracy.
     Features come from the cache, else are computed once (for a head that goes on training, on
-    ``probe_init_rows`` of the rows). Returns what was done (run.json ``head_init``), or None."""
+    ``config.probe_init_rows`` of the rows). Returns what was done (run.json ``head_init``), or None."""
     if cfg.train.head_init != "probe" or task.level != "pooled":
         return None
     started = time.perf_counter()
     if getattr(train_ds, "field", "") == "features":
         x, targets = np.asarray(train_ds.data, dtype=np.float32), train_ds.targets
     else:  # no cache of the pooled features (the body trains, augmentation ...): computed here
-        rows, n = plain, probe_init_rows(len(plain), len(task.labels or ()))
+        rows, n = plain, config_mod.probe_init_rows(len(plain), len(task.labels or ()))
         if cfg.strategy.name not in config_mod.SOLVED_HEAD and n < len(plain):
             rows = Rows(plain, np.sort(np.random.default_rng(cfg.train.seed).choice(len(plain), n, replace=False)))
         with ui.CountProgress("probe for the head", len(rows), quiet) as bar:

@@ -189,6 +189,16 @@ HEAD_LR_FACTOR, HEAD_LR_MAX = 20, 1e-2
 PROBE_LR = 1e-2  # fmtune transfer's probe (a head on the frozen backbone) unless train.head_lr is set
 
 
+# train.head_init probe, for a head that goes on training with its body: the probe it starts from reads a seeded
+# sample of PROBE_INIT_PER_LABEL rows per label (at least PROBE_INIT_MIN_ROWS, at most PROBE_INIT_ROWS): a start,
+# not the final head, at a bounded cost (a forward pass over those rows and a cross-validated fit)
+PROBE_INIT_PER_LABEL, PROBE_INIT_MIN_ROWS, PROBE_INIT_ROWS = 64, 1000, 10_000
+
+
+def probe_init_rows(n: int, labels: int) -> int:
+    return min(n, PROBE_INIT_ROWS, max(PROBE_INIT_MIN_ROWS, PROBE_INIT_PER_LABEL * labels))
+
+
 def enough_steps(cfg: Config, n: int) -> tuple[Config, str | None]:
     """train.min_steps: a training set too small to give that many optimizer steps in its epochs at
     train.batch_size trains on smaller batches (down to MIN_STEPS_BATCH) instead; says why. Every
@@ -359,8 +369,9 @@ class TrainConfig:
     head_init: Literal["probe", "random"] = _f(
         "probe", "start the head from the linear probe solved to convergence on the training features of the model "
         "as training starts (logistic / ridge regression, regularisation by cross-validation, as the baseline). "
-        "Where the body trains too (linear probing, then fine-tuning: LP-FT) the probe reads a sample of 64 rows "
-        "per label, 1,000 to 10,000 rows, and is a start, not the head. It is validated "
+        "Where the body trains too (linear probing, then fine-tuning: LP-FT) the probe reads a sample of "
+        f"{PROBE_INIT_PER_LABEL} rows per label, {PROBE_INIT_MIN_ROWS:,} to {PROBE_INIT_ROWS:,} rows, and is a start, "
+        "not the head. It is validated "
         "before the first epoch, so the run keeps it unless training does better on validation. Full fine-tuning "
         "of MiniLM, 40 classes x 64 rows: test accuracy 0.52 from a random head, 0.66 from the probe (2 seeds). "
         "random: a fresh head")

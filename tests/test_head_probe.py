@@ -143,11 +143,11 @@ def test_a_head_trained_by_gradient_starts_from_the_probe(strategy, tmp_path, ti
 
 
 def test_probe_start_reads_at_most_probe_init_rows_and_says_when_it_is_kept(tmp_path, tiny_st_bert, monkeypatch):
-    from fmtune import api
+    from fmtune import config
 
-    assert [api.probe_init_rows(n, k) for n, k in ((500, 2), (2000, 2), (2560, 40), (50_000, 150))] == \
+    assert [config.probe_init_rows(n, k) for n, k in ((500, 2), (2000, 2), (2560, 40), (50_000, 150))] == \
         [500, 1000, 2560, 9600]
-    monkeypatch.setattr(api, "PROBE_INIT_ROWS", 100)
+    monkeypatch.setattr(config, "PROBE_INIT_ROWS", 100)
     files = _twelve_classes(tmp_path)
     cfg = cfg_dict(tiny_st_bert, files["train"], out=str(tmp_path / "run"), data={"val": str(files["val"])},
                    train={"epochs": 1, "lr": 1e-12, "head_lr": 1e-12, "head_init": "probe"})
