@@ -57,6 +57,27 @@ def test_dead_feature_dimensions_get_no_weight(task):
     np.testing.assert_allclose(task.probe_logits(probe, clean).numpy(), task.probe_logits(probe, x).numpy())
 
 
+def test_probe_fits_with_blas_on_one_thread_and_puts_the_limit_back():
+    """Two BLAS threads made LogisticRegressionCV's small products 3-13x slower on 2 cores (see
+    probe.Probe): the fit runs on one, and the caller's setting is back afterwards."""
+    from sklearn.base import BaseEstimator, ClassifierMixin
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from fmtune.tasks.probe import scaled
+
+    class Seen(ClassifierMixin, BaseEstimator):
+        def fit(self, x, y):
+            self.threads_ = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+            return self
+
+    x, y = _features(60, 2)
+    with threadpool_limits(2, user_api="blas"):
+        probe = scaled(Seen()).fit(x, y)
+        after = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    assert probe[-1].threads_ == {1}
+    assert after == {2}
+
+
 def test_solved_multilabel_and_regression_heads_are_the_probes():
     x, y = _features(300, 3)
     task = MultiLabel(["a", "b", "c", "never"])
