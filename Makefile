@@ -16,6 +16,7 @@
 #   make bench-speech  fmtune's speech recognition against the Hugging Face Seq2SeqTrainer (Whisper + peft LoRA)
 #   make bench-dense  segmentation and detection: head vs last_n vs full, training and prediction images/s
 #   make bench-head-init  fine-tuning from a random head against from the linear probe (LP-FT)
+#   make bench-image-lr   full fine-tuning of two ImageNet CNNs on three image sets at several learning rates
 #   make bench-active  active learning: labels each strategy needs to reach 95% of the full pool's accuracy
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +26,8 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
-	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense bench-active bench-head-init
+	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense bench-active bench-head-init \
+	bench-image-lr
 
 setup: $(VENV)/.installed
 
@@ -87,6 +89,9 @@ bench-active: setup
 
 bench-head-init: setup
 	$(PY) bench/head_init.py > bench/results-head-init-$$(date +%F).json
+
+bench-image-lr: setup  # fashion-mnist comes from Debian: apt-get install dataset-fashion-mnist
+	$(PY) bench/image_lr.py > bench/results-image-lr-$$(date +%F).json
 
 bench-fewshot: setup
 	$(PY) -m pip install -q datasets evaluate

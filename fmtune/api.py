@@ -273,7 +273,9 @@ def _few_labels(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
         name, why = fewshot.choose_strategy(cfg, bundle.kind, n_params, frames.typical, task)
         strategy = dataclasses.replace(cfg.strategy, name=name,
                                        encoder="lora" if n_params > fewshot.LARGE_MODEL else cfg.strategy.encoder)
-        lr = cfg.train.lr if cfg.train.lr is not None else config_mod.default_lr(strategy, cfg.task.type)
+        lr = cfg.train.lr
+        if lr is None:
+            lr = config_mod.default_lr(strategy, cfg.task.type, cfg.model.name)
         cfg = dataclasses.replace(cfg, strategy=strategy, train=dataclasses.replace(cfg.train, lr=lr))
         few["auto"] = {"strategy": name, "why": why}
     if frames.val_is_train:

@@ -178,6 +178,10 @@ SOLVED_HEAD = ("head", "contrastive")
 DEFAULT_LR = {"full": 5e-5, "head": 5e-5, "last_n": 5e-5, "lora": 5e-4, "dora": 5e-4, "ia3": 3e-3,
               "prompt": 3e-2, "bitfit": 1e-3, "contrastive": 3e-5}
 CONTRASTIVE_LORA_LR = 1e-3  # strategy contrastive with strategy.encoder=lora
+# full / last_n on a convolutional net normalised by BatchNorm (zoo.models.batchnorm_cnn): at 5e-5 and 2e-4,
+# EfficientNet-Lite0 and MobileNetV2 never beat their linear-probe start in 3 epochs on three image sets
+# (bench/image_lr.py); at 1e-3 to 2e-3 they gained 2 to 7 points over it
+CNN_LR = 1e-3
 LORA_DROPOUT, GENERATION_LORA_DROPOUT = 0.1, 0.0  # strategy.dropout unless set (see its help)
 
 
@@ -233,8 +237,9 @@ def resolve_max_length(requested: int | None, default: int, limit: int | None, m
     return requested
 
 
-def default_lr(strategy: Any, task_type: str | None = None) -> float:
-    """train.lr unless set: per strategy, or the task's own where it has one (``Task.default_lrs``)."""
+def default_lr(strategy: Any, task_type: str | None = None, model: str | None = None) -> float:
+    """train.lr unless set: per strategy, or the task's own where it has one (``Task.default_lrs``), or
+    CNN_LR for full / last_n fine-tuning of a BatchNorm convolutional net (``model``: a zoo name or folder)."""
     if strategy.name == "contrastive" and strategy.encoder == "lora":
         return CONTRASTIVE_LORA_LR
     if task_type is not None:
@@ -243,6 +248,11 @@ def default_lr(strategy: Any, task_type: str | None = None) -> float:
         own = task_class(task_type).default_lrs
         if strategy.name in own:
             return own[strategy.name]
+    if model is not None and strategy.name in ("full", "last_n"):
+        from fmtune.zoo.models import batchnorm_cnn
+
+        if batchnorm_cnn(model):
+            return CNN_LR
     return DEFAULT_LR[strategy.name]
 
 
@@ -363,7 +373,9 @@ class TrainConfig:
     eval_batch_size: int = _f(128, "examples per forward pass when evaluating")
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
     lr: float | None = _f(None, "learning rate of what trains besides the head (default: per strategy: "
-                          + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+                          + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+                          + f"; full and last_n on a BatchNorm CNN (efficientnet-lite0, mobilenet-v2, a ResNet / "
+                          f"EfficientNet / MobileNet folder) {CNN_LR:g})")
     head_lr: float | None = _f(None, f"learning rate of the head (default: {HEAD_LR_FACTOR}x lr, at most "
                                    f"{HEAD_LR_MAX:g})")
     head_init: Literal["probe", "random"] = _f(
@@ -528,7 +540,7 @@ class Config:
         _check(not (self.train.packing and self.strategy.name == "prompt"), "train.packing",
                "prompt tuning puts its virtual tokens before each row: they cannot be packed; drop one of the two")
         if self.train.lr is None and self.strategy.name != "auto":  # resolved here, so config.yaml says it
-            self.train.lr = default_lr(self.strategy, self.task.type)
+            self.train.lr = default_lr(self.strategy, self.task.type, self.model.name)
         own = task_class(self.task.type).default_train
         if self.train.epochs is None:
             self.train.epochs = own.get("epochs", DEFAULT_EPOCHS)

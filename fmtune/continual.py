@@ -442,7 +442,8 @@ def continue_config(source: str | Path, data: str | Path, *, val: str | Path | N
     from fmtune.run import read_config
 
     src = Path(source)
-    base = read_config(src).to_dict()
+    trained = read_config(src)
+    base = trained.to_dict()
     open_run(src)  # a finished run: its model must be there
     base.update(name=None, out=None, search={})
     base["data"].update(train=str(data), val=None if val is None else str(val),
@@ -452,8 +453,8 @@ def continue_config(source: str | Path, data: str | Path, *, val: str | Path | N
     # a run trained at its strategy's default rate, continued with another strategy, takes that
     # strategy's default (LoRA at full fine-tuning's 5e-5 barely moves); a rate set by hand is kept
     set_keys = {config.parse_override(o)[0] for o in overrides or []}
-    old = base["strategy"]["name"]
-    if "train.lr" not in set_keys and base["train"].get("lr") == config.DEFAULT_LR.get(old):
+    if ("train.lr" not in set_keys and trained.strategy.name in config.DEFAULT_LR
+            and trained.train.lr == config.default_lr(trained.strategy, trained.task.type, trained.model.name)):
         base["train"]["lr"] = None
     cfg = config.load(None, overrides, base)
     if cfg.name is None and cfg.out is None:

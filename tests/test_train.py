@@ -396,3 +396,25 @@ def test_a_small_training_set_gets_smaller_batches_for_min_steps(tmp_path, tiny_
     assert "batches of 8 instead" in info["small_training_set"]  # 216 rows x 2 epochs / 60 steps -> 7, so 8
     assert info["fit"]["steps"] == 2 * 27  # ceil(216 / 8) a epoch
     assert fmtune.config.load(run / "config.yaml").train.batch_size == 8
+
+
+def test_batchnorm_cnns_fine_tune_at_their_own_default_learning_rate(tmp_path, tiny_resnet, tiny_vit):
+    """Full / last_n fine-tuning of a BatchNorm CNN defaults to config.CNN_LR (at the transformers'
+    5e-5, EfficientNet-Lite0 and MobileNetV2 never beat their linear-probe start: bench/image_lr.py);
+    a transformer, an adapter, a rate set by hand and a task's own default are left alone."""
+    from fmtune import config
+
+    def lr(model, strategy="full", **extra):
+        return config.from_dict({"model": {"name": str(model)}, "strategy": {"name": strategy}, **extra}).train.lr
+
+    assert lr("efficientnet-lite0") == lr("mobilenet-v2", "last_n") == lr(tiny_resnet) == config.CNN_LR
+    assert lr(tiny_vit) == lr("minilm-l6") == config.DEFAULT_LR["full"]
+    assert lr("mobilenet-v2", "lora") == config.DEFAULT_LR["lora"]
+    assert lr("mobilenet-v2", train={"lr": 3e-4}) == 3e-4
+    from fmtune.tasks import task_class
+
+    assert lr("mobilenet-v2", task={"type": "segmentation"}) == task_class("segmentation").default_lrs["full"]
+    convnext = tmp_path / "convnext"
+    convnext.mkdir()
+    (convnext / "config.json").write_text('{"model_type": "convnext"}')  # LayerNorm, not BatchNorm
+    assert lr(convnext) == config.DEFAULT_LR["full"]

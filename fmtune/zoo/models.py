@@ -138,6 +138,22 @@ for _m in (
     MODELS.register(_m.name, _m)
 
 
+# transformers model types of convolutional nets normalised by BatchNorm (ConvNeXt's LayerNorm is not)
+BATCHNORM_CNN_TYPES = frozenset({"resnet", "regnet", "bit", "efficientnet", "mobilenet_v1", "mobilenet_v2"})
+
+
+def batchnorm_cnn(name: str) -> bool:
+    """Whether ``name`` (a zoo model or a local Hugging Face folder) is a convolutional net normalised by
+    BatchNorm: its full fine-tuning needs a larger learning rate (config.CNN_LR). Reads config.json only."""
+    if name in MODELS:
+        return MODELS.get(name).family not in ("hf", "causal-lm")
+    try:
+        values = json.loads((Path(name).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and values.get("model_type") in BATCHNORM_CNN_TYPES
+
+
 def resolve(name: str) -> tuple[str, Path | str]:
     """Zoo name -> (family, path); a local folder -> ("hf", folder); a hub id -> ("hf", id)."""
     if name in MODELS:
