@@ -43,14 +43,19 @@ from fmtune.training.optim import adamw
 # gets the linear probe up to PROBE_MAX; models above LARGE_MODEL parameters get LoRA, not full.
 CONTRASTIVE_MAX = 64
 PROBE_MAX = 16
-# ... but a single-label task with MANY_CLASSES classes or more gets the linear probe instead, up to the same
-# CONTRASTIVE_MAX rows per class: pair training pulled apart what the pretrained embedding held. Probe minus
+# ... but a single-label task with MANY_CLASSES classes or more gets the linear probe instead (below
+# MANY_CLASSES_FULL_FROM rows per class): pair training pulled apart what the pretrained embedding held. Probe minus
 # contrastive (bench/fewshot.py, package-modules-N: docstring summary -> its module), 8 rows per class, 3
 # samples each: +1.9 points at 10 classes, +6.7 at 40, +5.6 at 150 (and +4.3 at 24, stdlib-modules), the
 # probe ahead in every sample; 40 classes at 16, 32 and 64 rows per class: +6.7 (2 samples), +3.8 and +1.8
 # (1 each; full fine-tuning 12 and 10 points under the probe there). At 2-3 classes (sentiment) the two
 # were within a point at 8 rows per class and contrastive 2.2 points ahead at 16.
 MANY_CLASSES = 10
+# ... up to MANY_CLASSES_FULL_FROM rows per class: from there full fine-tuning, which starts from the probe
+# (train.head_init) and keeps it unless it does better on validation, scored above the probe at 40 classes
+# (package-modules-40, 2 samples each): 32 rows per class 0.593 vs 0.580, 64 rows 0.655 vs 0.627, at about 10x
+# the time (100-135 s vs 8-13 s on 2 cores; bench/results-2026-12-04-fewshot-manyclass-full-2core.json)
+MANY_CLASSES_FULL_FROM = 32
 LARGE_MODEL = 300_000_000
 # A few-label run that trains by gradient (full, last_n, lora ...): at least this many optimizer steps,
 # on batches of at most a quarter of the rows (3 epochs of 16 rows would be 3 steps of one batch).
@@ -254,6 +259,12 @@ def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, t
         return tuned, f"{task.name} has no classes to count; {tuned} fine-tuning ({size})"
     few = f"{per_class} labelled rows per class (the median class)"
     if kind == "text" and task.level == "pooled" and per_class <= CONTRASTIVE_MAX:
+        quick = cfg.train.max_minutes is not None and cfg.train.max_minutes < 2
+        if (task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES
+                and per_class >= MANY_CLASSES_FULL_FROM and cfg.train.head_init == "probe" and not quick):
+            return tuned, (f"{few} in {len(task.labels)} classes (at least {MANY_CLASSES}): {tuned} fine-tuning "
+                           f"({size}) from the linear probe, which it keeps unless it does better on validation "
+                           f"(from {MANY_CLASSES_FULL_FROM} rows per class it scored above the probe)")
         if task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES:
             return "head", (f"{few}, at most {CONTRASTIVE_MAX}, in {len(task.labels)} classes (at least "
                             f"{MANY_CLASSES}): a linear probe on the frozen encoder (with this many classes pair "

@@ -174,7 +174,14 @@ def test_choose_strategy_by_labels_per_class_and_size():
     ten = fmtune.tasks.Classification([f"c{i}" for i in range(10)])
     name, why = fewshot.choose_strategy(cfg, "text", 22_000_000, 8, ten)
     assert name == "head" and "10 classes" in why
-    assert fewshot.choose_strategy(cfg, "text", 22_000_000, 64, ten)[0] == "head"
+    assert fewshot.choose_strategy(cfg, "text", 22_000_000, fewshot.MANY_CLASSES_FULL_FROM - 1, ten)[0] == "head"
+    # ... until full fine-tuning from the probe scores above it
+    name, why = fewshot.choose_strategy(cfg, "text", 22_000_000, fewshot.MANY_CLASSES_FULL_FROM, ten)
+    assert name == "full" and "from the linear probe" in why
+    assert fewshot.choose_strategy(cfg, "text", 400_000_000, 64, ten)[0] == "lora"
+    assert fewshot.choose_strategy(quick, "text", 22_000_000, 64, ten)[0] == "head"  # a time budget under 2 min
+    from_random = config_mod.from_dict({"train": {"head_init": "random"}})  # 10-12 points under the probe
+    assert fewshot.choose_strategy(from_random, "text", 22_000_000, 64, ten)[0] == "head"
     assert fewshot.choose_strategy(cfg, "text", 22_000_000, 65, ten)[0] == "full"
     nine = fmtune.tasks.Classification([f"c{i}" for i in range(9)])
     assert fewshot.choose_strategy(cfg, "text", 22_000_000, 8, nine)[0] == "contrastive"
