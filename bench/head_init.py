@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -86,18 +84,14 @@ def main() -> None:
     import contextlib
 
     import numpy as np
-    import torch
-
-    import fmtune
+    from common import start
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--out", help="working folder (default: a temporary one)")
     a = ap.parse_args()
-    work = Path(a.out or tempfile.mkdtemp(prefix="fmtune-head-init-bench-"))
-    result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "versions": {"fmtune": fmtune.__version__, "torch": torch.__version__}, "results": {}}
+    work, result = start(a.out, "fmtune-head-init-bench-")
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         for case in a.cases.split(","):

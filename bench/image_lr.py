@@ -19,13 +19,12 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def log(msg: str) -> None:
@@ -49,9 +48,8 @@ def run(model: str, files: dict, lr: float, seed: int, out: Path) -> dict:
 
 def main() -> None:
     import numpy as np
-    import torch
+    from common import start
 
-    import fmtune
     from fmtune.zoo.datasets import export
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,9 +59,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--out", help="working folder (default: a temporary one)")
     a = ap.parse_args()
-    work = Path(a.out or tempfile.mkdtemp(prefix="fmtune-image-lr-bench-"))
-    result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "versions": {"fmtune": fmtune.__version__, "torch": torch.__version__}, "results": {}}
+    work, result = start(a.out, "fmtune-image-lr-bench-")
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         for name in a.datasets.split(","):
