@@ -258,26 +258,24 @@ def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, t
     if per_class is None:
         return tuned, f"{task.name} has no classes to count; {tuned} fine-tuning ({size})"
     few = f"{per_class} labelled rows per class (the median class)"
+    budget = cfg.train.max_minutes
+    quick = budget is not None and budget < 2
     if kind == "text" and task.level == "pooled" and per_class <= CONTRASTIVE_MAX:
-        quick = cfg.train.max_minutes is not None and cfg.train.max_minutes < 2
-        if (task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES
-                and per_class >= MANY_CLASSES_FULL_FROM and cfg.train.head_init == "probe" and not quick):
-            return tuned, (f"{few} in {len(task.labels)} classes (at least {MANY_CLASSES}): {tuned} fine-tuning "
-                           f"({size}) from the linear probe, which it keeps unless it does better on validation "
-                           f"(from {MANY_CLASSES_FULL_FROM} rows per class it scored above the probe)")
         if task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES:
+            if per_class >= MANY_CLASSES_FULL_FROM and cfg.train.head_init == "probe" and not quick:
+                return tuned, (f"{few} in {len(task.labels)} classes (at least {MANY_CLASSES}): {tuned} fine-tuning "
+                               f"({size}) from the linear probe, which it keeps unless it does better on validation "
+                               f"(from {MANY_CLASSES_FULL_FROM} rows per class it scored above the probe)")
             return "head", (f"{few}, at most {CONTRASTIVE_MAX}, in {len(task.labels)} classes (at least "
                             f"{MANY_CLASSES}): a linear probe on the frozen encoder (with this many classes pair "
                             "training scored lower)")
-        enc = "lora" if big else "full"
         return "contrastive", (f"{few} (at most {CONTRASTIVE_MAX}): contrastive pair training of the encoder "
-                               f"({enc}), then a linear head")
+                               f"({tuned}), then a linear head")
     # images and audio: a pretrained encoder's pooled features with a probe beat gradient fine-tuning at this
     # size (audio: 105 Sonic Pi recordings of 10 instruments, 6-18 per class: probe 0.70 test accuracy, full
     # fine-tuning 0.57, LoRA 0.47 on validation)
     if kind in ("image", "audio") and per_class <= PROBE_MAX:
         return "head", f"{few} (at most {PROBE_MAX}): a linear probe on the frozen backbone"
-    budget = cfg.train.max_minutes
-    if budget is not None and budget < 2:
+    if quick:
         return "head", f"{few}, but a time budget of {budget:g} min: a linear probe on the frozen backbone"
     return tuned, f"{few}: enough to fine-tune; {tuned} ({size})"

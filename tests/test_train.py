@@ -403,6 +403,7 @@ def test_batchnorm_cnns_fine_tune_at_their_own_default_learning_rate(tmp_path, t
     and at 2e-4, EfficientNet-Lite0 and MobileNetV2 beat their linear-probe start in 1 of 12 runs:
     bench/image_lr.py); a transformer, an adapter, a rate set by hand and a task's own default are left alone."""
     from fmtune import config
+    from fmtune.tasks import task_class
 
     def lr(model, strategy="full", **extra):
         return config.from_dict({"model": {"name": str(model)}, "strategy": {"name": strategy}, **extra}).train.lr
@@ -411,8 +412,6 @@ def test_batchnorm_cnns_fine_tune_at_their_own_default_learning_rate(tmp_path, t
     assert lr(tiny_vit) == lr("minilm-l6") == config.DEFAULT_LR["full"]
     assert lr("mobilenet-v2", "lora") == config.DEFAULT_LR["lora"]
     assert lr("mobilenet-v2", train={"lr": 3e-4}) == 3e-4
-    from fmtune.tasks import task_class
-
     assert lr("mobilenet-v2", task={"type": "segmentation"}) == task_class("segmentation").default_lrs["full"]
     convnext = tmp_path / "convnext"
     convnext.mkdir()
