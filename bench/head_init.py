@@ -2,7 +2,10 @@
 probe (train.head_init random / probe, LP-FT), same data, seeds and every other setting.
 
     .venv/bin/python bench/head_init.py [--cases rotten-full,tweet-full,rotten-lora,digits-full,modules-full,
-                                        modules-lora --seeds 2] > result.json
+                                        modules-lora --seeds 2 --inits random,probe --epochs N] > result.json
+
+`--inits`: random, probe (fmtune's default sample for the probe start), probe:N (the sample's minimum
+set to N rows, config.PROBE_INIT_MIN_ROWS, e.g. probe:1000 for the rule before 2026-12-04).
 
 Cases (model, data, epochs; everything else fmtune's defaults for the strategy, no early stopping,
 train.min_steps off):
@@ -29,6 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fmtune.config import PROBE_INIT_MIN_ROWS as DEFAULT_MIN_ROWS  # noqa: E402
+
 CASES = ("rotten-full", "tweet-full", "rotten-lora", "digits-full", "modules-full", "modules-lora")
 
 
@@ -54,12 +59,15 @@ def data(case: str, work: Path) -> dict:
                   sizes=(2000, 300, 1000), seed=0)
 
 
-def run(case: str, files: dict, seed: int, init: str, work: Path) -> dict:
+def run(case: str, files: dict, seed: int, init: str, work: Path, epochs: int | None) -> dict:
     import fmtune
+    from fmtune import config
 
     name, strategy = case.split("-")
     model = {"name": "efficientnet-lite0", "image_size": 64} if name == "digits" else {"name": "minilm-l6"}
-    train = {"seed": seed, "head_init": init, "patience": None, "min_steps": None, "epochs": 2}
+    kind, _, least = init.partition(":")
+    config.PROBE_INIT_MIN_ROWS = int(least) if least else DEFAULT_MIN_ROWS
+    train = {"seed": seed, "head_init": kind, "patience": None, "min_steps": None, "epochs": 2}
     if name == "modules":
         rows = files["per_class"](files["pool"], "label", 64, seed)
         rows.to_csv(work / f"modules-train-{seed}.csv", index=False)
@@ -68,14 +76,16 @@ def run(case: str, files: dict, seed: int, init: str, work: Path) -> dict:
     else:
         model["max_length"] = 128 if name != "digits" else None
         dataset = {k: str(files[k]) for k in ("train", "val", "test")}
+    train["epochs"] = epochs or train["epochs"]
     model = {k: v for k, v in model.items() if v is not None}
-    out = work / "runs" / f"{case}-{init}"
+    out = work / "runs" / f"{case}-{init.replace(':', '-')}"
     cfg = {"model": model, "strategy": {"name": strategy}, "data": dataset, "out": str(out), "train": train}
     started = time.perf_counter()
     s = fmtune.train(cfg, overwrite=True, quiet=True, report=False)
-    init_s = s.get("head_init", {}).get("seconds", 0.0)
+    start = s.get("head_init", {})
+    init_s = start.get("seconds", 0.0)
     return {"seed": seed, "accuracy": round(s["eval"]["test"]["accuracy"], 4),
-            "train_s": round(s["seconds"] + init_s, 1), "init_s": init_s,
+            "train_s": round(s["seconds"] + init_s, 1), "init_s": init_s, "init_rows": start.get("rows"),
             "wall_s": round(time.perf_counter() - started, 1), "best_step": s["best_step"],
             "steps": json.loads((out / "run.json").read_text())["fit"]["steps"]}
 
@@ -89,6 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--inits", default="random,probe", help="head starts compared: random, probe, probe:N")
+    ap.add_argument("--epochs", type=int, help="epochs of every case (default: 2, modules 3)")
     ap.add_argument("--out", help="working folder (default: a temporary one)")
     a = ap.parse_args()
     work, result = start(a.out, "fmtune-head-init-bench-")
@@ -96,18 +108,19 @@ def main() -> None:
     with contextlib.redirect_stdout(sys.stderr):
         for case in a.cases.split(","):
             files = data(case, work)
-            rows: dict[str, list[dict]] = {"random": [], "probe": []}
+            rows: dict[str, list[dict]] = {init: [] for init in a.inits.split(",")}
             for seed in range(a.seeds):
                 for init in rows:
                     log(f"{case} seed {seed}: head_init {init} ...")
-                    rows[init].append(run(case, files, seed, init, work))
+                    rows[init].append(run(case, files, seed, init, work, a.epochs))
                     log(f"  {rows[init][-1]}")
-            gain = [p["accuracy"] - r["accuracy"] for p, r in zip(rows["probe"], rows["random"])]
             result["results"][case] = {
-                **{init: {"accuracy_mean": round(float(np.mean([r["accuracy"] for r in runs])), 4),
-                          "train_s_mean": round(float(np.mean([r["train_s"] for r in runs])), 1), "runs": runs}
-                   for init, runs in rows.items()},
-                "probe_minus_random": [round(g, 4) for g in gain]}
+                init: {"accuracy_mean": round(float(np.mean([r["accuracy"] for r in runs])), 4),
+                       "train_s_mean": round(float(np.mean([r["train_s"] for r in runs])), 1), "runs": runs}
+                for init, runs in rows.items()}
+            if "probe" in rows and "random" in rows:
+                result["results"][case]["probe_minus_random"] = [
+                    round(p["accuracy"] - r["accuracy"], 4) for p, r in zip(rows["probe"], rows["random"])]
             log("RESULT " + json.dumps({case: result["results"][case]}))
     print(json.dumps(result, indent=2), file=real_stdout)
 

@@ -133,7 +133,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     if cont is not None:
         train_ds, penalty = cont.penalty(bundle.model, data["train"], train_ds, hw.device, quiet)
     solved = None if resume is not None or cont is not None else _head_from_probe(cfg, bundle, task, train_ds,
-                                                                                   data["train"], quiet)
+                                                                                   data["train"], quiet, hw)
     tracked = trackers.make(cfg.train.tracker, run_dir, cfg.to_dict()) if main else []
     try:
         summary = _fit_and_test(cfg, bundle, task, data, frames, counts, hw, run_dir, resume, quiet, net,
@@ -505,16 +505,26 @@ def _check_robust_training(cfg: Any, kind: str, task: Any) -> None:
 
 
 def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, train_ds: Any, plain: Any,
-                     quiet: bool) -> dict[str, Any] | None:
-    """train.head_init probe (pooled tasks): set the head to the task's linear probe solved on the
-    training features of the model as training starts (a convex problem, solved to convergence in
-    seconds). strategy head / contrastive: that is the head (a few epochs of SGD under-train it).
+                     quiet: bool, hw: hardware.Hardware) -> dict[str, Any] | None:
+    """train.head_init probe, or auto where config.head_start says so (pooled tasks): set the head to the
+    task's linear probe solved on the training features of the model as training starts (a convex
+    problem, solved to convergence in seconds). strategy head / contrastive: that is the head (a few
+    epochs of SGD under-train it).
     Every other strategy: linear probing, then fine-tuning (LP-FT, Kumar et al. 2022): the body's
     first steps follow a head that already separates the classes instead of a random one's
     gradients; on 40 classes of 64 rows full fine-tuning went from 0.52 to 0.66 test accuracy.
     Features come from the cache, else are computed once (for a head that goes on training, on
-    ``config.probe_init_rows`` of the rows). Returns what was done (run.json ``head_init``), or None."""
-    if cfg.train.head_init != "probe" or task.level != "pooled":
+    ``config.probe_init_rows`` of the rows), under the run's mixed precision as the cache is (a start, or
+    the head of a body that trains in that precision). Returns what was done (run.json ``head_init``),
+    or None."""
+    if task.level != "pooled":
+        return None
+    single = len(task.labels) if getattr(task, "hf_problem_type", None) == "single_label_classification" else None
+    if config_mod.head_start(cfg.train, cfg.strategy.name, single) != "probe":
+        if cfg.train.head_init == "auto" and not quiet:
+            ui.console.print(f"  head: a random start ({cfg.strategy.name} on {single} classes, train.head_init auto: "
+                             "on two classes its adapters learned more from a random head than from the probe; see "
+                             "the help of train.head_init)")
         return None
     started = time.perf_counter()
     if getattr(train_ds, "field", "") == "features":
@@ -524,7 +534,8 @@ def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, tr
         if cfg.strategy.name not in config_mod.SOLVED_HEAD and n < len(plain):
             rows = Rows(plain, np.sort(np.random.default_rng(cfg.train.seed).choice(len(plain), n, replace=False)))
         with ui.CountProgress("probe for the head", len(rows), quiet) as bar:
-            feats, targets = infer(bundle.model, rows, cfg.train.eval_batch_size, features=True, progress=bar)
+            feats, targets = infer(bundle.model, rows, cfg.train.eval_batch_size, features=True, progress=bar,
+                                   autocast_dtype=hardware.autocast_dtype(hw.precision))
         x = feats.numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn's convergence and deprecation notes

@@ -262,7 +262,7 @@ def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, t
     quick = budget is not None and budget < 2
     if kind == "text" and task.level == "pooled" and per_class <= CONTRASTIVE_MAX:
         if task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES:
-            if per_class >= MANY_CLASSES_FULL_FROM and cfg.train.head_init == "probe" and not quick:
+            if per_class >= MANY_CLASSES_FULL_FROM and cfg.train.head_init != "random" and not quick:
                 return tuned, (f"{few} in {len(task.labels)} classes (at least {MANY_CLASSES}): {tuned} fine-tuning "
                                f"({size}) from the linear probe, which it keeps unless it does better on validation "
                                f"(from {MANY_CLASSES_FULL_FROM} rows per class it scored above the probe)")

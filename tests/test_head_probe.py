@@ -166,8 +166,9 @@ def test_a_head_trained_by_gradient_starts_from_the_probe(strategy, tmp_path, ti
 def test_probe_start_reads_at_most_probe_init_rows_and_says_when_it_is_kept(tmp_path, tiny_st_bert, monkeypatch):
     from fmtune import config
 
-    assert [config.probe_init_rows(n, k) for n, k in ((500, 2), (2000, 2), (2560, 40), (50_000, 150))] == \
-        [500, 1000, 2560, 9600]
+    sizes = ((200, 2), (500, 2), (2000, 2), (2560, 40), (20_000, 3), (50_000, 150), (200_000, 2))
+    # 64 per label or one row in 8, whichever is more, 256 to 10,000 rows, never more than there are
+    assert [config.probe_init_rows(n, k) for n, k in sizes] == [200, 256, 256, 2560, 2500, 9600, 10_000]
     monkeypatch.setattr(config, "PROBE_INIT_ROWS", 100)
     files = _twelve_classes(tmp_path)
     cfg = cfg_dict(tiny_st_bert, files["train"], out=str(tmp_path / "run"), data={"val": str(files["val"])},
@@ -180,6 +181,45 @@ def test_probe_start_reads_at_most_probe_init_rows_and_says_when_it_is_kept(tmp_
 
     page = write_report(tmp_path / "run").read_text()
     assert "started from the linear probe solved on 100 training rows" in page and "Training never did better" in page
+
+
+def test_auto_head_start_is_random_for_lora_on_two_classes_and_the_probe_elsewhere(tmp_path, tiny_st_bert):
+    from fmtune import config
+
+    auto, probe = config.TrainConfig(head_init="auto"), config.TrainConfig(head_init="probe")
+    assert [config.head_start(auto, s, k) for s, k in
+            (("lora", 2), ("dora", 2), ("lora", 3), ("lora", None), ("full", 2), ("ia3", 2))] == \
+        ["random", "random", "probe", "probe", "probe", "probe"]
+    assert config.head_start(probe, "lora", 2) == "probe"
+    assert config.TrainConfig().head_init == "auto"
+    files = {}
+    for name, n, seed in (("train", 120, 0), ("val", 60, 1)):
+        files[name] = tmp_path / f"{name}.csv"
+        _rows(n, SHAPES["binary-imbalanced"][0], seed).to_csv(files[name], index=False)
+    for strategy in ("lora", "full"):
+        cfg = cfg_dict(tiny_st_bert, files["train"], out=str(tmp_path / strategy), strategy={"name": strategy},
+                       data={"val": str(files["val"])}, train={"epochs": 1, "head_init": "auto"})
+        s = fmtune.train(cfg, quiet=True, report=False)
+        assert ("head_init" in s) == (strategy == "full"), s
+        assert (_evals(tmp_path / strategy)[0]["step"] == 0) == (strategy == "full")
+
+
+def test_probe_start_runs_in_the_runs_mixed_precision(tmp_path, tiny_st_bert, monkeypatch):
+    """The probe start's forward pass (no feature cache: the body trains) runs under the precision the
+    run trains in, as the cache's features do."""
+    from fmtune import api
+    from fmtune.training import hardware
+
+    chosen, seen = [], []
+    choose, infer = hardware.choose, api.infer
+    monkeypatch.setattr(hardware, "choose", lambda *a, **k: chosen.append(choose(*a, **k)) or chosen[-1])
+    monkeypatch.setattr(api, "infer", lambda *a, **k: seen.append(k.get("autocast_dtype", "unset")) or infer(*a, **k))
+    files = _twelve_classes(tmp_path)
+    cfg = cfg_dict(tiny_st_bert, files["train"], out=str(tmp_path / "run"), data={"val": str(files["val"])},
+                   train={"epochs": 1, "head_init": "probe"})
+    fmtune.train(cfg, quiet=True, report=False)
+    assert seen[0] == hardware.autocast_dtype(chosen[0].precision)  # the first pass: the probe start's
+    assert hardware.autocast_dtype("bf16") is torch.bfloat16 and hardware.autocast_dtype("no") is None
 
 
 def test_few_labels_without_a_validation_split_still_fine_tune_from_the_probe(tmp_path, tiny_st_bert):

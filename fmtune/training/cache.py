@@ -90,7 +90,7 @@ def precision(train: Any, hw: Any) -> tuple[torch.dtype | None, str]:
     computed in fp32 there). Stored as fp16 when computed in reduced precision, unless set.
     """
     reduced = hw.precision in ("bf16", "fp16") and not (hw.device == "cuda" and train.precision == "auto")
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}[hw.precision] if reduced else None
+    autocast = hardware.autocast_dtype(hw.precision) if reduced else None
     storage = train.feature_cache if train.feature_cache in ("fp32", "fp16") else ("fp16" if reduced else "fp32")
     return autocast, storage
 

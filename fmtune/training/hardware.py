@@ -32,6 +32,11 @@ class Hardware:
         return f"device={self.device} precision={prec} threads={self.threads} ({self.why}); {self.loader.describe()}"
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a run's precision ("bf16", "fp16"; None for "no": fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def physical_cores() -> int:
     try:
         available = len(os.sched_getaffinity(0))
