@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fmtune import ui
-from fmtune.config import lora_dropout
+from fmtune.config import head_start, lora_dropout
 from fmtune.errors import ConfigError
 from fmtune.training.dropout import fast_dropout
 from fmtune.training.optim import adamw
@@ -262,7 +262,8 @@ def choose_strategy(cfg: Any, kind: str, n_params: int, per_class: int | None, t
     quick = budget is not None and budget < 2
     if kind == "text" and task.level == "pooled" and per_class <= CONTRASTIVE_MAX:
         if task.hf_problem_type == "single_label_classification" and len(task.labels) >= MANY_CLASSES:
-            if per_class >= MANY_CLASSES_FULL_FROM and cfg.train.head_init != "random" and not quick:
+            starts_from_probe = head_start(cfg.train, tuned, len(task.labels)) == "probe"
+            if per_class >= MANY_CLASSES_FULL_FROM and starts_from_probe and not quick:
                 return tuned, (f"{few} in {len(task.labels)} classes (at least {MANY_CLASSES}): {tuned} fine-tuning "
                                f"({size}) from the linear probe, which it keeps unless it does better on validation "
                                f"(from {MANY_CLASSES_FULL_FROM} rows per class it scored above the probe)")
