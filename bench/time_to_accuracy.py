@@ -1,0 +1,123 @@
+"""Time to accuracy: how long each of fmtune and the expert-configured Trainer trains to reach a given
+test accuracy, over epochs and seeds (issue 22: "at equal accuracy ... 1.5x faster").
+
+    .venv/bin/python bench/time_to_accuracy.py [--datasets rotten-tomatoes,tweet-sentiment --epochs 1 2 3
+                                               --seeds 0 1 2 --strategy full] > result.json
+
+For every dataset, seed and epoch count, the Trainer as bench/speed.py's `expert_trainer` sets it up
+(group_by_length, dynamic padding, fused AdamW with fmtune's parameter groups, linear schedule with the
+same warm-up, no evaluation) and `fmtune train` with its defaults for the strategy (its probe start,
+validation each epoch, no early stopping, train.min_steps off), same model (MiniLM-L6), data (2,000 /
+300 / 1,000 rows of the export, seeded split), batch 32, max 128 tokens. Each run is a whole schedule
+of that many epochs (warm-up and linear decay to zero fitted to it), not a cut of a longer one.
+
+`summary.<dataset>.to_trainer_accuracy`: for each of the Trainer's epoch counts, the fewest epochs after
+which fmtune's mean test accuracy is at least the Trainer's mean there, and the ratio of the two mean
+training times (fmtune's include its probe start and its validation passes). No tolerance is applied:
+the per-seed accuracies and standard deviations are in the file to judge the noise by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fmtune.config import DEFAULT_LR  # noqa: E402
+from fmtune.training import hardware  # noqa: E402
+from fmtune.zoo.datasets import export  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean / std of accuracy and seconds per (tool, epochs), and fmtune's epochs to each Trainer accuracy."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["tool"], r["epochs"]), []).append(r)
+    table = {f"{tool}@{ep}": {"epochs": ep, "seeds": len(rs),
+                              "accuracy_mean": round(float(np.mean([r["test_accuracy"] for r in rs])), 4),
+                              "accuracy_std": round(float(np.std([r["test_accuracy"] for r in rs])), 4),
+                              "seconds_mean": round(float(np.mean([r["seconds"] for r in rs])), 2)}
+             for (tool, ep), rs in sorted(cells.items())}
+    ours = sorted((v for k, v in table.items() if k.startswith("fmtune@")), key=lambda v: v["epochs"])
+    reach = {}
+    for key, ref in table.items():
+        if not key.startswith("trainer_expert@"):
+            continue
+        hit = next((v for v in ours if v["accuracy_mean"] >= ref["accuracy_mean"]), None)
+        reach[key] = ({"trainer_accuracy": ref["accuracy_mean"], "fmtune_epochs": hit["epochs"],
+                       "fmtune_accuracy": hit["accuracy_mean"],
+                       "speedup": round(ref["seconds_mean"] / hit["seconds_mean"], 2)}
+                      if hit else {"trainer_accuracy": ref["accuracy_mean"], "fmtune_epochs": None})
+    return {"cells": table, "to_trainer_accuracy": reach}
+
+
+def main() -> None:
+    from speed import expert_trainer, fmtune_run
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="rotten-tomatoes,tweet-sentiment", help="zoo text exports, comma-separated")
+    p.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--strategy", default="full", choices=["full", "lora"])
+    p.add_argument("--tools", default="trainer_expert,fmtune")
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--model", default="minilm-l6")
+    args = p.parse_args()
+    tools = args.tools.split(",")
+    hw = hardware.choose()
+    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": hw.threads,
+                                "fmtune_default": hw.describe(), "torch": torch.__version__},
+                    "settings": vars(args), "runs": [], "summary": {}}
+    work = Path(tempfile.mkdtemp(prefix="fmtune-tta-"))
+    os.environ.setdefault("FMTUNE_CACHE_DIR", str(work / "cache"))
+    # one untimed run of each first: the first training in a process pays one-time set-up
+    small = export("rotten-tomatoes", work / "warm", sizes=(64, 32, 32), seed=0)
+    warm = argparse.Namespace(model=args.model, max_length=args.max_length, batch_size=args.batch_size, epochs=1)
+    expert_trainer(small, warm, "full", 0, work / "warm-hf")
+    fmtune_run(small, args.model, work / "warm-ft", "full", 1, 5e-5, args.batch_size, args.max_length)
+    for name in args.datasets.split(","):
+        files = export(name, work / name, sizes=(args.train, 300, 1000), seed=0)
+        rows = []
+        for seed in args.seeds:
+            for epochs in args.epochs:
+                tag = f"{name}-s{seed}-e{epochs}"
+                if "trainer_expert" in tools:
+                    log(f"{tag}: Trainer (expert)")
+                    ns = argparse.Namespace(model=args.model, max_length=args.max_length,
+                                            batch_size=args.batch_size, epochs=epochs)
+                    r = expert_trainer(files, ns, args.strategy, seed, work / f"hf-{tag}")
+                    rows.append({"tool": "trainer_expert", "dataset": name, "seed": seed, "epochs": epochs,
+                                 "seconds": r["seconds"], "test_accuracy": r["test_accuracy"]})
+                if "fmtune" in tools:
+                    log(f"{tag}: fmtune")
+                    r = fmtune_run(files, args.model, work / f"ft-{tag}", args.strategy, epochs,
+                                   DEFAULT_LR[args.strategy], args.batch_size, args.max_length, seed=seed)
+                    rows.append({"tool": "fmtune", "dataset": name, "seed": seed, "epochs": epochs,
+                                 "seconds": r["train_seconds"], "test_accuracy": r["test_accuracy"],
+                                 "head_init_seconds": r["head_init_seconds"]})
+                log(f"{tag}: " + ", ".join(f"{x['tool']} {x['test_accuracy']:.4f} in {x['seconds']:.1f} s"
+                                           for x in rows[-len(tools):]))
+        result["runs"] += rows
+        result["summary"][name] = summarise(rows)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
