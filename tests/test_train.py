@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -417,3 +418,54 @@ def test_batchnorm_cnns_fine_tune_at_their_own_default_learning_rate(tmp_path, t
     convnext.mkdir()
     (convnext / "config.json").write_text('{"model_type": "convnext"}')  # LayerNorm, not BatchNorm
     assert lr(convnext) == config.DEFAULT_LR["full"]
+
+
+def test_inference_batches_cover_every_row_once_and_cut_where_padding_would_pass_its_share():
+    from fmtune.data.dataset import INFER_MAX_PADDING, INFER_MIN_TOKENS, inference_batches, sorted_batches
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(5, 40, 900), rng.integers(40, 128, 100)])  # a long tail
+    batches = sorted_batches(lengths, 128, INFER_MIN_TOKENS)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert max(len(b) for b in batches) <= 128
+    flat = [i for b in batches for i in b]
+    assert (np.diff(lengths[flat]) >= 0).all()  # ascending: each batch pads to its last row
+    for b, nxt in zip(batches, batches[1:]):
+        tokens = int(lengths[b].sum())
+        assert len(b) * lengths[b].max() <= (1 + INFER_MAX_PADDING) * tokens or tokens < INFER_MIN_TOKENS + 128
+        if len(b) < 128:  # cut early: the next row would have padded too much
+            assert (len(b) + 1) * lengths[nxt[0]] > (1 + INFER_MAX_PADDING) * (tokens + lengths[nxt[0]])
+
+    def padded(bs):
+        return sum(int(lengths[b].max()) * len(b) for b in bs) / lengths.sum()
+
+    plain = sorted_batches(lengths, 128, None)
+    assert [len(b) for b in plain] == [128] * 7 + [104]
+    assert padded(batches) < 1.07 < 1.2 < padded(plain)  # 1.061 against 1.235: the short batches pad
+    assert [len(b) for b in sorted_batches(np.full(300, 20), 128, 0)] == [128, 128, 44]  # one length: full batches
+
+    class Rows:  # no lengths (images, audio): runs in order
+        def __len__(self):
+            return 5
+    assert inference_batches(Rows(), 2, "cpu") == [[0, 1], [2, 3], [4]]
+    text = type("Text", (Rows,), {"lengths": lengths})()
+    assert inference_batches(text, 128, "cpu") == batches
+    assert inference_batches(text, 128, "cuda") == plain  # unmeasured on a GPU: as before
+
+
+def test_inference_gives_each_row_its_own_output_in_the_datasets_order(tiny_bert, monkeypatch):
+    from fmtune.config import ModelConfig
+    from fmtune.data import dataset
+    from fmtune.tasks import Classification
+    from fmtune.training.infer import infer
+
+    monkeypatch.setattr(dataset, "INFER_MIN_TOKENS", 0)  # cut wherever padding would pass its share
+    bundle = build.create(ModelConfig(name=str(tiny_bert), max_length=64), Classification(["a", "b"]))
+    texts = [" ".join(["word"] * n) + f" {n}" for n in (30, 2, 17, 5, 44, 1, 9, 25, 3, 12, 29, 31)]
+    ids = bundle.tokenizer(texts, truncation=True, max_length=64)["input_ids"]
+    pad = bundle.tokenizer.pad_token_id
+    ds = dataset.TextData(ids, None, pad)
+    assert 4 < len(dataset.inference_batches(ds, 8, "cpu")) < len(texts)  # batches of several rows, cut early
+    together, _ = infer(bundle.model, ds, 8)
+    alone = torch.cat([infer(bundle.model, dataset.TextData([i], None, pad), 1)[0] for i in ids])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)

@@ -331,16 +331,54 @@ class Rows:
         return self.ds.collate([int(self.keep[i]) for i in idx])
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray | None = None,
-                  shuffle: bool = True) -> list[list[int]]:
+# Inference batches on a CPU (no gradient, no order to keep): examples sorted by length, and a batch is
+# closed before its padding would pass this share of its real tokens, once it holds INFER_MIN_TOKENS real
+# tokens. rotten-tomatoes' 1,000 test sentences in sorted batches of 128 pad 15 % (batches of 32: 3 %);
+# with the cut the Predictor read them in 4.7 s instead of 6.1 s (MiniLM-L6, 2 cores, median of 5).
+INFER_MAX_PADDING = 0.05
+INFER_MIN_TOKENS = 1024
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int, min_tokens: int | None) -> list[list[int]]:
+    """Positions sorted by length, at most ``batch_size`` a batch; with ``min_tokens`` a batch that holds
+    that many real tokens is cut where the next example would make its padding more than
+    INFER_MAX_PADDING of its real tokens (None: plain runs of ``batch_size``)."""
+    order = np.argsort(lengths, kind="stable")
+    if min_tokens is None:
+        return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    out: list[list[int]] = []
+    batch: list[int] = []
+    tokens = 0
+    for i in order.tolist():
+        width = int(lengths[i])  # the longest so far: the order is ascending
+        padded = (len(batch) + 1) * width > (1 + INFER_MAX_PADDING) * (tokens + width)
+        if batch and (len(batch) >= batch_size or (padded and tokens >= min_tokens)):
+            out.append(batch)
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += width
+    if batch:
+        out.append(batch)
+    return out
+
+
+def inference_batches(ds: Any, batch_size: int, device_type: str) -> list[list[int]]:
+    """The batches to run ``ds`` through a model without gradients: sorted by length (text), padding
+    capped on a CPU (sorted_batches); on a GPU plain runs of ``batch_size`` (the cap is unmeasured there,
+    where a larger batch costs little more than a smaller one)."""
+    lengths = getattr(ds, "lengths", None)
+    if lengths is None:
+        return [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
+    return sorted_batches(np.asarray(lengths), batch_size, INFER_MIN_TOKENS if device_type == "cpu" else None)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,
+                  lengths: np.ndarray | None = None) -> list[list[int]]:
     """The batches of one epoch, a pure function of (seed, epoch): resume can replay it exactly.
 
     With ``lengths``, examples are grouped by length within shuffled mega-batches of 50 batches,
     and the batches are then shuffled, so each batch pads little and training stays random.
     """
-    if not shuffle:
-        order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(n)
-        return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     if lengths is not None:

@@ -36,7 +36,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fmtune.data.audio import AudioData
-from fmtune.data.dataset import TextData, batch_targets, epoch_batches
+from fmtune.data.dataset import TextData, batch_targets, inference_batches
 from fmtune.fsutil import atomic_dir
 from fmtune.strategies import WHOLE_BACKBONE, backbone_blocks, block_list, frozen_prefix
 from fmtune.training import hardware, prefetch
@@ -371,7 +371,7 @@ def _fill(model: nn.Module, split: Split, ds: Any, batch_size: int, folder: Path
     was_training = model.training
     model.eval()
     try:
-        batches = epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False)
+        batches = inference_batches(ds, batch_size, device.type)
         for idx, host in zip(batches, prefetch.batches(ds.collate, batches, hardware.loader_for(device.type))):
             batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
             batch.pop("labels", None)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fmtune.data.dataset import epoch_batches
+from fmtune.data.dataset import inference_batches
 from fmtune.training import hardware, prefetch
 
 
@@ -24,15 +24,15 @@ def infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any = None, 
           loader: prefetch.Loader | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (or pooled features) for every example of ``ds``, plus its targets (or None).
 
-    Batches are sorted by length (text) so padding is minimal; outputs are put back in order.
+    Batches are sorted by length (text) so padding is minimal (``inference_batches``); outputs are put back in order.
     ``device``: where the batches go; by default wherever the model's weights are. ``loader``:
     how batches are collated ahead (default: as ``hardware.loader_for`` chooses for the device).
     """
     device = device or model_device(model)
     model.eval()  # the caller puts it back in train mode (see strategies.set_train_mode)
-    batches = epoch_batches(len(ds), batch_size, 0, 0, getattr(ds, "lengths", None), shuffle=False)
-    out: torch.Tensor | None = None
     dev_type = torch.device(device).type
+    batches = inference_batches(ds, batch_size, dev_type)
+    out: torch.Tensor | None = None
     loader = loader or hardware.loader_for(dev_type)
     for idx, host in zip(batches, prefetch.batches(ds.collate, batches, loader)):
         batch = _to(host, device)
