@@ -391,7 +391,9 @@ class TrainConfig:
     batch_size: int | None = _f(None, f"examples per optimizer step, per accumulation micro-step (default: "
                                 f"{DEFAULT_BATCH_SIZE}, or the task's own: named entities, text generation, "
                                 "detection and segmentation 8)")
-    eval_batch_size: int = _f(128, "examples per forward pass when evaluating")
+    eval_batch_size: int = _f(128, "examples per forward pass when evaluating or predicting, at most: on a CPU a "
+                              "batch of texts sorted by length is cut where its padding would pass 5% of its "
+                              "tokens")
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
     lr: float | None = _f(None, "learning rate of what trains besides the head (default: per strategy: "
                           + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
