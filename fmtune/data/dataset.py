@@ -334,7 +334,7 @@ class Rows:
 # Inference batches on a CPU (no gradient, no order to keep): examples sorted by length, and a batch is
 # closed before its padding would pass this share of its real tokens, once it holds INFER_MIN_TOKENS real
 # tokens. rotten-tomatoes' 1,000 test sentences in sorted batches of 128 pad 15 % (batches of 32: 3 %);
-# with the cut the Predictor read them in 4.7 s instead of 6.1 s (MiniLM-L6, 2 cores, median of 5).
+# with the cut the Predictor read them in 3.9 s instead of 6.1-6.3 s (MiniLM-L6, fp32, 2 cores; bench/speed.py).
 INFER_MAX_PADDING = 0.05
 INFER_MIN_TOKENS = 1024
 
