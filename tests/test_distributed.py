@@ -86,6 +86,42 @@ def test_shards_cover_a_batch_once():
     assert sorted(parts[0] + parts[1]) == sorted(idx)
 
 
+def test_every_rank_runs_as_many_forward_passes_when_validation_is_gathered(monkeypatch):
+    # FSDP's forward is collective: a rank that ran one batch more would hang the others. The CPU's padding
+    # cut (dataset.inference_batches) makes the count depend on the lengths, so gathered_infer turns it off.
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from fmtune.data import dataset
+    from fmtune.training.distributed import gathered_infer
+
+    monkeypatch.setattr(dataset, "INFER_MIN_TOKENS", 0)
+    ids = [[1] * 5] * 8 + [[1] * n for n in (5, 9, 17, 30, 44, 61, 80, 100)]  # rank 0 one length, rank 1 spread
+    ds = dataset.TextData(ids, torch.zeros(len(ids), dtype=torch.long), 0)
+    assert len(dataset.inference_batches(dataset.Rows(ds, np.arange(8, 16)), 4, "cpu")) > 2  # cut, alone
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.calls = 0
+
+        def forward(self, input_ids, attention_mask=None, **_):
+            self.calls += 1
+            return SimpleNamespace(logits=attention_mask.sum(1, keepdim=True).float() * self.w)
+
+    calls = []
+    for rank in (0, 1):
+        net = Net()
+        acc = SimpleNamespace(num_processes=2, process_index=rank, device=torch.device("cpu"),
+                              gather=lambda t: torch.cat([t, t]))
+        gathered_infer(net, ds, 4, torch.device("cpu"), acc)
+        calls.append(net.calls)
+    assert calls == [2, 2]
+
+
 def test_finish_leaves_the_process_group_once(tmp_path):
     import torch.distributed as td
 

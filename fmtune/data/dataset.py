@@ -362,14 +362,17 @@ def sorted_batches(lengths: np.ndarray, batch_size: int, min_tokens: int | None)
     return out
 
 
-def inference_batches(ds: Any, batch_size: int, device_type: str) -> list[list[int]]:
+def inference_batches(ds: Any, batch_size: int, device_type: str, cut: bool = True) -> list[list[int]]:
     """The batches to run ``ds`` through a model without gradients: sorted by length (text), padding
     capped on a CPU (sorted_batches); on a GPU plain runs of ``batch_size`` (the cap is unmeasured there,
-    where a larger batch costs little more than a smaller one)."""
+    where a larger batch costs little more than a smaller one). ``cut=False``: plain runs everywhere, so
+    the number of batches depends on the number of rows only (ranks that must run as many forward
+    passes as each other: distributed.gathered_infer)."""
     lengths = getattr(ds, "lengths", None)
     if lengths is None:
         return [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
-    return sorted_batches(np.asarray(lengths), batch_size, INFER_MIN_TOKENS if device_type == "cpu" else None)
+    return sorted_batches(np.asarray(lengths), batch_size,
+                          INFER_MIN_TOKENS if cut and device_type == "cpu" else None)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,

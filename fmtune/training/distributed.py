@@ -68,7 +68,7 @@ def gathered_infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any
     width = max(len(p) for p in parts)
     own = parts[rank]
     keep = np.concatenate([own, np.full(width - len(own), own[-1] if len(own) else 0, dtype=own.dtype)])
-    padded, _ = infer(model, Rows(ds, keep), batch_size, device)
+    padded, _ = infer(model, Rows(ds, keep), batch_size, device, padding_cut=False)  # as many batches per rank
     if padded.dim() == 3:  # per-token outputs: every rank pads to the longest example of the whole set
         longest = int(np.max(ds.lengths))
         padded = torch.nn.functional.pad(padded, (0, 0, 0, longest - padded.shape[1]))

@@ -21,17 +21,18 @@ def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any = None, features: bool = False,
           autocast_dtype: torch.dtype | None = None, progress: Any = None,
-          loader: prefetch.Loader | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+          loader: prefetch.Loader | None = None, padding_cut: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (or pooled features) for every example of ``ds``, plus its targets (or None).
 
     Batches are sorted by length (text) so padding is minimal (``inference_batches``); outputs are put back in order.
     ``device``: where the batches go; by default wherever the model's weights are. ``loader``:
     how batches are collated ahead (default: as ``hardware.loader_for`` chooses for the device).
+    ``padding_cut=False``: as many batches as ``len(ds) / batch_size`` whatever the lengths.
     """
     device = device or model_device(model)
     model.eval()  # the caller puts it back in train mode (see strategies.set_train_mode)
     dev_type = torch.device(device).type
-    batches = inference_batches(ds, batch_size, dev_type)
+    batches = inference_batches(ds, batch_size, dev_type, padding_cut)
     out: torch.Tensor | None = None
     loader = loader or hardware.loader_for(dev_type)
     for idx, host in zip(batches, prefetch.batches(ds.collate, batches, loader)):
