@@ -27,7 +27,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
 	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense bench-active bench-head-init \
-	bench-image-lr
+	bench-image-lr bench-time-to-accuracy
 
 setup: $(VENV)/.installed
 
@@ -89,6 +89,9 @@ bench-active: setup
 
 bench-head-init: setup
 	$(PY) bench/head_init.py > bench/results-head-init-$$(date +%F).json
+
+bench-time-to-accuracy: setup
+	$(PY) bench/time_to_accuracy.py > bench/results-time-to-accuracy-$$(date +%F).json
 
 bench-image-lr: setup  # fashion-mnist comes from Debian: apt-get install dataset-fashion-mnist
 	$(PY) bench/image_lr.py > bench/results-image-lr-$$(date +%F).json
