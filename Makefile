@@ -18,6 +18,7 @@
 #   make bench-head-init  fine-tuning from a random head against from the linear probe (LP-FT)
 #   make bench-image-lr   full fine-tuning of two ImageNet CNNs on three image sets at several learning rates
 #   make bench-active  active learning: labels each strategy needs to reach 95% of the full pool's accuracy
+#   make bench-time-to-accuracy  fmtune and the expert-configured Trainer over 1-3 epochs and 3 seeds
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

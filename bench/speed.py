@@ -49,6 +49,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import fmtune  # noqa: E402
 from fmtune.config import ModelConfig, TrainConfig  # noqa: E402
@@ -136,6 +137,7 @@ def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, l
             "first_epoch_seconds": round(epoch_ends[0], 3),
             "later_epoch_seconds": round(float(np.mean(per_epoch)), 4) if per_epoch else None,
             "samples_per_s": json.loads((out / "run.json").read_text())["fit"]["samples_per_s"],
+            "batch_size": yaml.safe_load((out / "config.yaml").read_text())["train"]["batch_size"],  # as trained
             "test_accuracy": round(s["eval"]["test"]["accuracy"], 4),
             **({"cache_fill_seconds": round(sum(m["seconds"] for m in metas), 3),
                 "cache_mib": round(sum(p.stat().st_size for p in (out / "feature-cache").rglob("*.npy")) / 2**20, 1),

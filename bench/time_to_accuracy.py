@@ -2,14 +2,17 @@
 test accuracy, over epochs and seeds (issue 22: "at equal accuracy ... 1.5x faster").
 
     .venv/bin/python bench/time_to_accuracy.py [--datasets rotten-tomatoes,tweet-sentiment --epochs 1 2 3
-                                               --seeds 0 1 2 --strategy full] > result.json
+                                               --seeds 0 1 2 --strategy full --tools trainer_expert,fmtune
+                                               --fmtune-epochs 1 2] > result.json
 
 For every dataset, seed and epoch count, the Trainer as bench/speed.py's `expert_trainer` sets it up
 (group_by_length, dynamic padding, fused AdamW with fmtune's parameter groups, linear schedule with the
 same warm-up, no evaluation) and `fmtune train` with its defaults for the strategy (its probe start,
 validation each epoch, no early stopping, train.min_steps off), same model (MiniLM-L6), data (2,000 /
 300 / 1,000 rows of the export, seeded split), batch 32, max 128 tokens. Each run is a whole schedule
-of that many epochs (warm-up and linear decay to zero fitted to it), not a cut of a longer one.
+of that many epochs (warm-up and linear decay to zero fitted to it), not a cut of a longer one. The tool
+`fmtune_defaults` is fmtune with its own train.min_steps (200): a short run trains smaller batches (1 epoch
+of 2,000 rows: batches of 10), as a user's run with the defaults does; each of its rows says its batch.
 
 `summary.<dataset>.to_trainer_accuracy`: for each of the Trainer's epoch counts, the fewest epochs after
 which fmtune's mean test accuracy is at least the Trainer's mean there, and the ratio of the two mean
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fmtune.config import DEFAULT_LR  # noqa: E402
+from fmtune.config import DEFAULT_LR, MIN_STEPS  # noqa: E402
 from fmtune.training import hardware  # noqa: E402
 from fmtune.zoo.datasets import export  # noqa: E402
 
@@ -53,16 +56,18 @@ def summarise(rows: list[dict]) -> dict:
                               "accuracy_std": round(float(np.std([r["test_accuracy"] for r in rs])), 4),
                               "seconds_mean": round(float(np.mean([r["seconds"] for r in rs])), 2)}
              for (tool, ep), rs in sorted(cells.items())}
-    ours = sorted((v for k, v in table.items() if k.startswith("fmtune@")), key=lambda v: v["epochs"])
-    reach = {}
-    for key, ref in table.items():
-        if not key.startswith("trainer_expert@"):
-            continue
-        hit = next((v for v in ours if v["accuracy_mean"] >= ref["accuracy_mean"]), None)
-        reach[key] = ({"trainer_accuracy": ref["accuracy_mean"], "fmtune_epochs": hit["epochs"],
-                       "fmtune_accuracy": hit["accuracy_mean"],
-                       "speedup": round(ref["seconds_mean"] / hit["seconds_mean"], 2)}
-                      if hit else {"trainer_accuracy": ref["accuracy_mean"], "fmtune_epochs": None})
+    reach: dict = {}
+    for tool in sorted({t for t, _ in cells} - {"trainer_expert"}):
+        ours = sorted((v for k, v in table.items() if k.startswith(f"{tool}@")), key=lambda v: v["epochs"])
+        for key, ref in table.items():
+            if not key.startswith("trainer_expert@"):
+                continue
+            hit = next((v for v in ours if v["accuracy_mean"] >= ref["accuracy_mean"]), None)
+            reach.setdefault(tool, {})[key] = (
+                {"trainer_accuracy": ref["accuracy_mean"], "fmtune_epochs": hit["epochs"],
+                 "fmtune_accuracy": hit["accuracy_mean"],
+                 "speedup": round(ref["seconds_mean"] / hit["seconds_mean"], 2)}
+                if hit else {"trainer_accuracy": ref["accuracy_mean"], "fmtune_epochs": None})
     return {"cells": table, "to_trainer_accuracy": reach}
 
 
@@ -74,7 +79,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--strategy", default="full", choices=["full", "lora"])
-    p.add_argument("--tools", default="trainer_expert,fmtune")
+    p.add_argument("--tools", default="trainer_expert,fmtune,fmtune_defaults",
+                   help="fmtune: min_steps off (the Trainer's batch of 32 throughout); fmtune_defaults: fmtune's own "
+                        "train.min_steps, which trains a short run on smaller batches")
+    p.add_argument("--fmtune-epochs", type=int, nargs="+", help="fmtune's epoch counts (default: --epochs)")
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
@@ -105,15 +113,17 @@ def main() -> None:
                     r = expert_trainer(files, ns, args.strategy, seed, work / f"hf-{tag}")
                     rows.append({"tool": "trainer_expert", "dataset": name, "seed": seed, "epochs": epochs,
                                  "seconds": r["seconds"], "test_accuracy": r["test_accuracy"]})
-                if "fmtune" in tools:
-                    log(f"{tag}: fmtune")
-                    r = fmtune_run(files, args.model, work / f"ft-{tag}", args.strategy, epochs,
-                                   DEFAULT_LR[args.strategy], args.batch_size, args.max_length, seed=seed)
-                    rows.append({"tool": "fmtune", "dataset": name, "seed": seed, "epochs": epochs,
+                ours = [t for t in tools if t.startswith("fmtune") and epochs in (args.fmtune_epochs or args.epochs)]
+                for tool in ours:
+                    log(f"{tag}: {tool}")
+                    own = {"min_steps": MIN_STEPS} if tool == "fmtune_defaults" else {}
+                    r = fmtune_run(files, args.model, work / f"{tool}-{tag}", args.strategy, epochs,
+                                   DEFAULT_LR[args.strategy], args.batch_size, args.max_length, seed=seed, **own)
+                    rows.append({"tool": tool, "dataset": name, "seed": seed, "epochs": epochs,
                                  "seconds": r["train_seconds"], "test_accuracy": r["test_accuracy"],
-                                 "head_init_seconds": r["head_init_seconds"]})
+                                 "head_init_seconds": r["head_init_seconds"], "batch_size": r["batch_size"]})
                 log(f"{tag}: " + ", ".join(f"{x['tool']} {x['test_accuracy']:.4f} in {x['seconds']:.1f} s"
-                                           for x in rows[-len(tools):]))
+                                           for x in rows if x["seed"] == seed and x["epochs"] == epochs))
         result["runs"] += rows
         result["summary"][name] = summarise(rows)
     print(json.dumps(result, indent=1))
