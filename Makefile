@@ -19,7 +19,6 @@
 #   make bench-image-lr   full fine-tuning of two ImageNet CNNs on three image sets at several learning rates
 #   make bench-active  active learning: labels each strategy needs to reach 95% of the full pool's accuracy
 #   make bench-time-to-accuracy  fmtune and the expert-configured Trainer over 1-3 epochs and 3 seeds
-#   make bench-time-budget  a time budget that cuts the demos short: the schedule fitted to it vs cut off
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,7 +28,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: setup setup-audio demo demo-image demo-ner demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
 	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense bench-active bench-head-init \
-	bench-image-lr bench-time-to-accuracy bench-time-budget
+	bench-image-lr bench-time-to-accuracy
 
 setup: $(VENV)/.installed
 
@@ -94,9 +93,6 @@ bench-head-init: setup
 
 bench-time-to-accuracy: setup
 	$(PY) bench/time_to_accuracy.py > bench/results-time-to-accuracy-$$(date +%F).json
-
-bench-time-budget: setup
-	$(PY) bench/time_budget.py > bench/results-time-budget-$$(date +%F).json
 
 bench-image-lr: setup  # fashion-mnist comes from Debian: apt-get install dataset-fashion-mnist
 	$(PY) bench/image_lr.py > bench/results-image-lr-$$(date +%F).json

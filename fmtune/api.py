@@ -421,8 +421,6 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
     write_json(run_dir / INFO_FILE, info)
     if not quiet:
         stop = "stopped early" if result.stopped_early else (
-            f"fitted to the time budget of {cfg.train.max_minutes} min (the learning rate decayed to 0 by then, "
-            f"{result.planned_steps} steps planned)" if result.planned_steps else
             f"stopped at the time budget of {cfg.train.max_minutes} min" if result.out_of_time else "finished")
         out.print(f"  {stop} after {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s, "
                   f"{result.samples_per_s:.1f} samples/s; best val {result.metric} "

@@ -387,11 +387,7 @@ class TrainConfig:
         f"train.epochs at train.batch_size trains on smaller batches instead (down to {MIN_STEPS_BATCH}); the plan "
         "line says so (null: off). 1,000 rows, 3 epochs: batches of 32 (96 steps) test accuracy 0.791 / 0.727 on "
         "rotten-tomatoes / tweet-sentiment, batches of 15 (201 steps) 0.800 / 0.747")
-    max_minutes: float | None = _f(None, "time budget: after 10 steps the learning-rate schedule is fitted to it "
-                                   "(its end brought forward to the step the pace so far reaches in 90% of the time "
-                                   "left, refitted at every log line, so the rate decays to 0 in time rather than "
-                                   "being cut off high); evaluate, keep the best and stop at that end, or once "
-                                   "training took this long")
+    max_minutes: float | None = _f(None, "time budget: evaluate, keep the best and stop once training took this long")
     batch_size: int | None = _f(None, f"examples per optimizer step, per accumulation micro-step (default: "
                                 f"{DEFAULT_BATCH_SIZE}, or the task's own: named entities, text generation, "
                                 "detection and segmentation 8)")

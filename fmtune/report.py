@@ -212,8 +212,6 @@ def write_report(run: str | Path) -> Path:
     fit = info.get("fit") or {}
     if fit:
         stop = ("stopped early (patience)" if fit.get("stopped_early") else
-                f"the schedule fitted to the time budget ({fit['planned_steps']} steps planned)"
-                if fit.get("planned_steps") else
                 "stopped at the time budget" if fit.get("out_of_time") else "ran all epochs")
         sections.append(f"<p>{fit.get('steps')} steps ({fit.get('epochs', 0):.2f} epochs) in "
                         f"{fit.get('seconds', 0):.0f} s, "

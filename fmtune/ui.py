@@ -64,11 +64,6 @@ class FitProgress:
     def _info(self) -> str:
         return " ".join(x for x in (self.loss, self.val) if x)
 
-    def retotal(self, total: int) -> None:
-        """The run will end at step ``total`` (its schedule fitted to the time budget)."""
-        if self.progress:
-            self.progress.update(self.task, total=total)
-
     def trained(self, step: int, loss: float) -> None:
         self.loss = f"loss {loss:.4f}"
         if self.progress:

@@ -179,49 +179,6 @@ def test_time_budget_stops_with_the_best_checkpoint(tmp_path, tiny_bert, text_fi
     assert s["best_step"] == 1 and (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
-def test_time_budget_fits_the_schedule_so_the_learning_rate_ends_at_zero(tmp_path, tiny_bert, text_files,
-                                                                         monkeypatch):
-    """A fake clock: each optimizer step takes 1 s, evaluations none. With 30 s of budget the schedule's
-    end is brought forward from 700 planned steps to the step 90% of the time left reaches (29), the
-    learning rate decays to exactly 0 there and the run ends at it; the same run without a budget
-    keeps its planned schedule."""
-    import types
-
-    from fmtune.training import loop
-
-    clock = [0.0]
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    step = loop._Fit._optimizer_step
-
-    def timed_step(self):
-        step(self)
-        clock[0] += 1.0
-
-    monkeypatch.setattr(loop._Fit, "_optimizer_step", timed_step)
-    s = _train(tmp_path, tiny_bert, text_files["train"],
-               train={"epochs": 50, "max_minutes": 0.5, "log_every": 1, "scheduler": "linear"})
-    info = json.loads((tmp_path / "run" / "run.json").read_text())
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    train = [x for x in lines if x["type"] == "train"]
-    fitted = [x for x in lines if x["type"] == "schedule"]
-    assert info["fit"]["planned_steps"] == 50 * 14  # 216 training rows in batches of 16
-    assert info["fit"]["steps"] == 29 and info["fit"]["out_of_time"] is True
-    assert fitted[0] == {"type": "schedule", "step": 10, "end": 28, "planned": 700}  # 10 + 0.9 x 20 s left
-    assert fitted[-1]["end"] == 29 and train[-1]["step"] == 29 and train[-1]["lr"] == 0.0
-    lr = {x["step"]: x["lr"] for x in train}
-    assert lr[9] == pytest.approx(1e-3 * 10 / 43)  # before the fit: warming up over 6% of 700 steps
-    assert all(lr[k + 1] < lr[k] for k in range(11, 29))  # after it: the warm-up of 29 steps is over, decay
-    assert s["best_step"] >= 1
-
-    clock[0] = 0.0
-    _train(tmp_path, tiny_bert, text_files["train"], name="unbudgeted",
-           train={"max_steps": 40, "log_every": 1, "scheduler": "linear"})
-    info = json.loads((tmp_path / "unbudgeted" / "run.json").read_text())
-    lines = [json.loads(x) for x in (tmp_path / "unbudgeted" / "metrics.jsonl").read_text().splitlines()]
-    assert info["fit"]["planned_steps"] is None and info["fit"]["steps"] == 40
-    assert not [x for x in lines if x["type"] == "schedule"]
-
-
 def test_vit_run_loads_with_plain_transformers_image_class(tmp_path, tiny_vit, image_dirs):
     from transformers import AutoModelForImageClassification
 

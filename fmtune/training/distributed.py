@@ -79,14 +79,9 @@ def gathered_infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any
 
 def broadcast_flag(flag: bool, accelerator: Any) -> bool:
     """Rank 0's value of ``flag`` on every rank."""
-    return bool(broadcast_int(int(flag), accelerator))
-
-
-def broadcast_int(value: int, accelerator: Any) -> int:
-    """Rank 0's ``value`` on every rank."""
-    t = torch.tensor([value], dtype=torch.int64, device=accelerator.device)
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     torch.distributed.broadcast(t, src=0)
-    return int(t.item())
+    return bool(t.item())
 
 
 def params_in_sync(model: torch.nn.Module, accelerator: Any) -> bool:

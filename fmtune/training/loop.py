@@ -28,16 +28,13 @@ from fmtune.data.dataset import epoch_batches
 from fmtune.errors import ConfigError, Interrupted, TrainingError
 from fmtune.strategies import set_train_mode
 from fmtune.training import checkpoint, fsdp, prefetch
-from fmtune.training.distributed import broadcast_flag, broadcast_int, gathered_infer, params_in_sync, shard
+from fmtune.training.distributed import broadcast_flag, gathered_infer, params_in_sync, shard
 from fmtune.training.dropout import fast_dropout
 from fmtune.training.infer import infer
 from fmtune.training.optim import make_optimizer, make_scheduler
 from fmtune.training.perturb import adversarial_batch
 
 METRICS_FILE, TB_DIR = "metrics.jsonl", "tb"
-# train.max_minutes: after BUDGET_FIT_AFTER optimizer steps the schedule's end is brought forward to the step
-# the pace so far reaches in BUDGET_SHARE of the time left (the rest: evaluations, the pace's drift)
-BUDGET_FIT_AFTER, BUDGET_SHARE = 10, 0.9
 WEIGHT_KEY = "aux_weight"  # a batch's per-example loss weights (task.group_weights)
 NOT_SCALARS = ("type", "step", "epoch", "seconds", "eval_seconds", "best")  # log keys that are no metric
 
@@ -57,7 +54,6 @@ class FitResult:
     processes: int = 1
     params_in_sync: bool | None = None  # several processes: every rank ended with the same weights
     weights_per_rank_mib: float | None = None  # several processes: the model weights one rank holds
-    planned_steps: int | None = None  # train.max_minutes brought the schedule's end forward from this many steps
 
 
 class _Log:
@@ -243,10 +239,7 @@ class _Fit:
         self.steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.optimizer = make_optimizer(self.model, cfg)
-        # where the learning rate reaches its end: the planned steps, or sooner to fit train.max_minutes
-        self.planned_steps = self.total_steps
-        self.horizon = {"steps": self.total_steps}
-        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps, self.horizon)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         if self.sharded:  # the model stays as FSDP made it (no DDP wrapper)
             self.optimizer = self.accelerator.prepare(self.optimizer)
         else:
@@ -261,12 +254,10 @@ class _Fit:
         and the log (rank 0 only)."""
         self.state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_step": 0, "bad_evals": 0,
                       "history": [], "seconds": 0.0, "samples": 0, "stopped_early": False, "done": False,
-                      "out_of_time": False, "schedule_steps": None}
+                      "out_of_time": False}
         if resume:
             self.state.update(checkpoint.load_state(self.run_dir, self.model, self.optimizer, self.scheduler,
                                                     sharded=fsdp.load_full if self.sharded else None))
-            if self.state["schedule_steps"]:  # fitted to the time budget before the stop: it goes on from there
-                self.horizon["steps"] = self.state["schedule_steps"]
         self.best_weights = checkpoint.load_best(self.run_dir) if resume and self.deferred else None
         self.log = _Log(self.run_dir / METRICS_FILE, self.state["step"] if resume else None, trackers) \
             if self.main else _NoLog()
@@ -408,7 +399,6 @@ class _Fit:
                     continue
                 self.at_boundary = False
                 self._optimizer_step()
-                self._fit_to_budget()
                 state["batch_in_epoch"] = bi + 1
                 if state["step"] % cfg.log_every == 0 or last_of_epoch:
                     self._log_window()
@@ -482,34 +472,9 @@ class _Fit:
             self.progress.trained(step, mean_loss)
         self._reset_window()
 
-    def _fit_to_budget(self) -> None:
-        """train.max_minutes: from the BUDGET_FIT_AFTER-th optimizer step on, at every log line, the
-        schedule's end moves to the step the pace so far (its evaluations included) reaches in
-        BUDGET_SHARE of the time left, never past the planned end: the learning rate decays to 0 by the
-        budget instead of being cut off near its height. Decided on rank 0 for every rank."""
-        cfg, state = self.cfg, self.state
-        step = state["step"]
-        if not cfg.max_minutes or step < BUDGET_FIT_AFTER or step % cfg.log_every or step >= self.horizon["steps"]:
-            return  # (at the schedule's end the run ends: it is not moved again)
-        elapsed = time.perf_counter() - self.started
-        reach = step + int(BUDGET_SHARE * (cfg.max_minutes * 60 - elapsed) * step / max(elapsed, 1e-9))
-        end = max(step, min(self.planned_steps, reach))  # no time left: this step is the last
-        if self.world > 1:
-            end = broadcast_int(end, self.accelerator)
-        if end != self.horizon["steps"]:
-            self.horizon["steps"] = end
-            state["schedule_steps"] = end if end < self.planned_steps else None
-            self.log.write(type="schedule", step=step, end=end, planned=self.planned_steps)
-            if self.progress:
-                self.progress.retotal(end)
-
     def _at_end(self) -> bool:
-        """The step budget is spent, the schedule fitted to the time budget has ended, or the time
-        budget is spent (decided on rank 0 for every rank)."""
+        """The step budget is spent, or the time budget (decided on rank 0 for every rank)."""
         if self.state["step"] >= self.total_steps:
-            return True
-        if self.state["schedule_steps"] and self.state["step"] >= self.state["schedule_steps"]:
-            self.state["out_of_time"] = True
             return True
         if self.cfg.max_minutes:
             late = time.perf_counter() - self.started >= self.cfg.max_minutes * 60
@@ -557,5 +522,4 @@ class _Fit:
         return FitResult(self.metric, state["best"], state["best_step"], state["step"],
                          state["step"] / self.steps_per_epoch, state["stopped_early"], state["out_of_time"],
                          seconds, state["samples"] / max(seconds, 1e-9), state["history"], self.world, in_sync,
-                         round(held, 3) if self.world > 1 else None,
-                         self.planned_steps if state["schedule_steps"] else None)
+                         round(held, 3) if self.world > 1 else None)

@@ -59,20 +59,15 @@ def adamw(param_groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, lr=lr, fused=(same_device and not sharded) or None)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int,
-                   horizon: dict[str, int] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up over ``cfg.warmup_ratio`` of the steps, then constant, linear or cosine decay to 0 at the
-    end: ``horizon["steps"]`` when given (read at every step: a time budget may bring it forward, and
-    the warm-up with it), else ``total_steps``."""
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(cfg.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
-        end = horizon["steps"] if horizon is not None else total_steps
-        warmup = int(cfg.warmup_ratio * end)
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if cfg.scheduler == "constant":
             return 1.0
-        progress = (step - warmup) / max(1, end - warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         if cfg.scheduler == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return max(0.0, 1.0 - progress)
