@@ -3,7 +3,7 @@ test accuracy, over epochs and seeds (issue 22: "at equal accuracy ... 1.5x fast
 
     .venv/bin/python bench/time_to_accuracy.py [--datasets rotten-tomatoes,tweet-sentiment --epochs 1 2 3
                                                --seeds 0 1 2 --strategy full --tools trainer_expert,fmtune
-                                               --fmtune-epochs 1 2] > result.json
+                                               --fmtune-epochs 1 2 --variants '{"NAME": {"lr": 1e-4}}'] > result.json
 
 For every dataset, seed and epoch count, the Trainer as bench/speed.py's `expert_trainer` sets it up
 (group_by_length, dynamic padding, fused AdamW with fmtune's parameter groups, linear schedule with the
@@ -12,7 +12,9 @@ validation each epoch, no early stopping, train.min_steps off), same model (Mini
 300 / 1,000 rows of the export, seeded split), batch 32, max 128 tokens. Each run is a whole schedule
 of that many epochs (warm-up and linear decay to zero fitted to it), not a cut of a longer one. The tool
 `fmtune_defaults` is fmtune with its own train.min_steps (200): a short run trains smaller batches (1 epoch
-of 2,000 rows: batches of 10), as a user's run with the defaults does; each of its rows says its batch.
+of 2,000 rows: batches of 10), as a user's run with the defaults does; each of its rows says its batch
+and its best validation accuracy (choose settings on that, not on the test). `--variants` adds
+fmtune_defaults with other train settings, a tool each (fmtune_defaults+NAME).
 
 `summary.<dataset>.to_trainer_accuracy`: for each of the Trainer's epoch counts, the fewest epochs after
 which fmtune's mean test accuracy is at least the Trainer's mean there, and the ratio of the two mean
@@ -83,12 +85,16 @@ def main() -> None:
                    help="fmtune: min_steps off (the Trainer's batch of 32 throughout); fmtune_defaults: fmtune's own "
                         "train.min_steps, which trains a short run on smaller batches")
     p.add_argument("--fmtune-epochs", type=int, nargs="+", help="fmtune's epoch counts (default: --epochs)")
+    p.add_argument("--variants", default="{}",
+                   help='JSON {"NAME": {train setting: value}}: each also runs as the tool fmtune_defaults+NAME, '
+                        'fmtune_defaults with those train settings, e.g. {"llrd": {"layer_lr_decay": 0.8}}')
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--model", default="minilm-l6")
     args = p.parse_args()
-    tools = args.tools.split(",")
+    variants = json.loads(args.variants)
+    tools = args.tools.split(",") + [f"fmtune_defaults+{v}" for v in variants]
     hw = hardware.choose()
     result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": hw.threads,
                                 "fmtune_default": hw.describe(), "torch": torch.__version__},
@@ -116,11 +122,14 @@ def main() -> None:
                 ours = [t for t in tools if t.startswith("fmtune") and epochs in (args.fmtune_epochs or args.epochs)]
                 for tool in ours:
                     log(f"{tag}: {tool}")
-                    own = {"min_steps": MIN_STEPS} if tool == "fmtune_defaults" else {}
+                    own = {"min_steps": MIN_STEPS} if tool.startswith("fmtune_defaults") else {}
+                    own = {"lr": DEFAULT_LR[args.strategy], **own, **variants.get(tool.partition("+")[2], {})}
                     r = fmtune_run(files, args.model, work / f"{tool}-{tag}", args.strategy, epochs,
-                                   DEFAULT_LR[args.strategy], args.batch_size, args.max_length, seed=seed, **own)
+                                   batch_size=args.batch_size, max_length=args.max_length, seed=seed, **own)
+                    fit = json.loads((work / f"{tool}-{tag}" / "run.json").read_text())["fit"]
                     rows.append({"tool": tool, "dataset": name, "seed": seed, "epochs": epochs,
                                  "seconds": r["train_seconds"], "test_accuracy": r["test_accuracy"],
+                                 "best_val_accuracy": round(fit["best"], 4),
                                  "head_init_seconds": r["head_init_seconds"], "batch_size": r["batch_size"]})
                 log(f"{tag}: " + ", ".join(f"{x['tool']} {x['test_accuracy']:.4f} in {x['seconds']:.1f} s"
                                            for x in rows if x["seed"] == seed and x["epochs"] == epochs))

@@ -416,6 +416,13 @@ class TrainConfig:
         "3 seeds, test accuracy 0.750 from the probe, 0.781 from a random head; level on 3 classes, the probe "
         "ahead on 40)")
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
+    layer_lr_decay: float | None = _f(None, "layer-wise learning-rate decay: the backbone's last block trains at "
+                                      "lr x this, each block below at this factor more, the embeddings below the "
+                                      "first block at one more (the head at its own head_lr; null: every layer at lr). "
+                                      "Off by default: "
+                                      "MiniLM full fine-tuning, 1 epoch of 2,000 rows, 3 seeds, test accuracy "
+                                      "rotten-tomatoes 0.797 off, 0.793 at 0.9, 0.795 at 0.8 with lr 1e-4; "
+                                      "tweet-sentiment 0.743, 0.736, 0.739")
     momentum: float = _f(0.9, "sgd: momentum")
     scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate decay after warm-up")
     warmup_ratio: float = _f(0.06, "share of steps spent warming the learning rate up from 0")
@@ -474,6 +481,7 @@ class TrainConfig:
         _check(self.lr is None or self.lr > 0, "train.lr", "must be > 0")
         _check(self.head_lr is None or self.head_lr > 0, "train.head_lr", "must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.layer_lr_decay is None or 0 < self.layer_lr_decay <= 1, "train.layer_lr_decay", "must be in (0, 1]")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")

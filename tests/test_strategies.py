@@ -107,3 +107,26 @@ def test_adamw_is_the_fused_kernel_on_one_device(tiny_bert):
         p.grad = torch.ones_like(p)
     opt.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, bundle.model.parameters()))
+
+
+def test_layer_lr_decay_scales_each_block_by_its_distance_from_the_top(tiny_bert):
+    """train.layer_lr_decay: the last block at lr x decay, each block below one factor more, the
+    embeddings one more than the first block, the head at its own rate; off: one rate for the body."""
+    from fmtune.config import TrainConfig
+    from fmtune.training.optim import make_optimizer
+
+    bundle = small_bundle(tiny_bert, Classification(["a", "b"]))
+    blocks = backbone_blocks(bundle.model.backbone)
+    lr_of = lambda opt: {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}  # noqa: E731
+    lrs = lr_of(make_optimizer(bundle.model, TrainConfig(lr=1e-3, head_lr=1e-2, layer_lr_decay=0.5)))
+    n = len(blocks)
+    for i, block in enumerate(blocks):
+        assert [lrs[id(p)] for p in block.parameters()] == pytest.approx([1e-3 * 0.5 ** (n - i)] * len(list(
+            block.parameters())))
+    embeddings = bundle.model.backbone.embeddings.word_embeddings.weight
+    assert lrs[id(embeddings)] == pytest.approx(1e-3 * 0.5 ** (n + 1))
+    assert {lrs[id(p)] for p in bundle.model.head.parameters()} == {1e-2}
+    flat = lr_of(make_optimizer(bundle.model, TrainConfig(lr=1e-3, head_lr=1e-2)))
+    assert set(flat.values()) == {1e-3, 1e-2}
+    with pytest.raises(Exception, match="train.layer_lr_decay"):
+        TrainConfig(layer_lr_decay=1.5)

@@ -31,17 +31,44 @@ def memory_note(counts: dict[str, int], cfg: Any) -> dict[str, float]:
             "optimizer_state_saved_mib": round((full - ours) / mib, 3)}
 
 
+def layer_scales(model: nn.Module, decay: float | None) -> dict[int, float]:
+    """Layer-wise learning-rate decay: the factor on the learning rate of each backbone parameter (by
+    ``id``), ``decay`` to the power of its distance from the top: the last block's 1 x decay, the first
+    block's decay ** blocks, what comes before the blocks (embeddings, stem) decay ** (blocks + 1), what
+    comes after them (final norm, pooler) 1. Empty where decay is off or the backbone has no blocks."""
+    from fmtune.errors import ConfigError
+    from fmtune.strategies import backbone_blocks
+
+    backbone = getattr(model, "backbone", None)
+    if decay is None or decay == 1.0 or not isinstance(backbone, nn.Module):
+        return {}
+    try:
+        blocks = backbone_blocks(backbone)
+    except ConfigError:
+        return {}
+    depth = {id(p): i + 1 for i, b in enumerate(blocks) for p in b.parameters()}
+    scales, after = {}, False
+    for p in backbone.parameters():  # in the order the modules were registered: embeddings, blocks, norm
+        d = depth.get(id(p))
+        after = after or d is not None
+        scales[id(p)] = decay ** (len(blocks) + 1 - (d if d is not None else (len(blocks) + 1 if after else 0)))
+    return scales
+
+
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     head = getattr(model, "head", None)  # a causal LM has none: its output layer is pretrained
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    scales = layer_scales(model, cfg.layer_lr_decay)
+    groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
     for _, p in model.named_parameters():
         if p.requires_grad:
             # biases and norm weights are 1-D: weight decay on them only hurts
-            groups.setdefault((id(p) in head_ids, p.ndim > 1), []).append(p)
+            scale = 1.0 if id(p) in head_ids else scales.get(id(p), 1.0)
+            groups.setdefault((id(p) in head_ids, p.ndim > 1, scale), []).append(p)
     param_groups = [
-        {"params": ps, "lr": head_lr(cfg) if is_head else cfg.lr, "weight_decay": cfg.weight_decay if decay else 0.0}
-        for (is_head, decay), ps in sorted(groups.items())
+        {"params": ps, "lr": head_lr(cfg) if is_head else cfg.lr * scale,
+         "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (is_head, decay, scale), ps in sorted(groups.items())
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
