@@ -109,7 +109,7 @@ def test_adamw_is_the_fused_kernel_on_one_device(tiny_bert):
     assert all(not torch.equal(a, p) for a, p in zip(before, bundle.model.parameters()))
 
 
-def test_layer_lr_decay_scales_each_block_by_its_distance_from_the_top(tiny_bert):
+def test_layer_lr_decay_scales_each_block_by_its_distance_from_the_top(tiny_bert, tiny_vit):
     """train.layer_lr_decay: the last block at lr x decay, each block below one factor more, the
     embeddings one more than the first block, the head at its own rate; off: one rate for the body."""
     from fmtune.config import TrainConfig
@@ -128,5 +128,10 @@ def test_layer_lr_decay_scales_each_block_by_its_distance_from_the_top(tiny_bert
     assert {lrs[id(p)] for p in bundle.model.head.parameters()} == {1e-2}
     flat = lr_of(make_optimizer(bundle.model, TrainConfig(lr=1e-3, head_lr=1e-2)))
     assert set(flat.values()) == {1e-3, 1e-2}
+    vit = small_bundle(tiny_vit, Classification(["a", "b"]))
+    lrs = lr_of(make_optimizer(vit.model, TrainConfig(lr=1e-3, layer_lr_decay=0.5)))
+    final_norm = vit.model.backbone.layernorm.weight  # what follows the blocks trains at lr
+    assert lrs[id(final_norm)] == 1e-3 and lrs[id(vit.model.backbone.embeddings.cls_token)] == pytest.approx(
+        1e-3 * 0.5 ** (len(backbone_blocks(vit.model.backbone)) + 1))
     with pytest.raises(Exception, match="train.layer_lr_decay"):
         TrainConfig(layer_lr_decay=1.5)

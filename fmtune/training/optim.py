@@ -46,12 +46,12 @@ def layer_scales(model: nn.Module, decay: float | None) -> dict[int, float]:
         blocks = backbone_blocks(backbone)
     except ConfigError:
         return {}
+    top = len(blocks) + 1  # depth 0: before the blocks; 1..blocks: a block; top: after them
     depth = {id(p): i + 1 for i, b in enumerate(blocks) for p in b.parameters()}
-    scales, after = {}, False
+    scales, past_blocks = {}, False
     for p in backbone.parameters():  # in the order the modules were registered: embeddings, blocks, norm
-        d = depth.get(id(p))
-        after = after or d is not None
-        scales[id(p)] = decay ** (len(blocks) + 1 - (d if d is not None else (len(blocks) + 1 if after else 0)))
+        past_blocks = past_blocks or id(p) in depth
+        scales[id(p)] = decay ** (top - depth.get(id(p), top if past_blocks else 0))
     return scales
 
 
