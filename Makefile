@@ -19,6 +19,7 @@
 #   make bench-image-lr   full fine-tuning of two ImageNet CNNs on three image sets at several learning rates
 #   make bench-active  active learning: labels each strategy needs to reach 95% of the full pool's accuracy
 #   make bench-time-to-accuracy  fmtune and the expert-configured Trainer over 1-3 epochs and 3 seeds
+#                                (TTA_ARGS="--strategy lora --tools trainer_expert,fmtune_defaults --fmtune-epochs 1 2")
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -92,7 +93,7 @@ bench-head-init: setup
 	$(PY) bench/head_init.py > bench/results-head-init-$$(date +%F).json
 
 bench-time-to-accuracy: setup
-	$(PY) bench/time_to_accuracy.py > bench/results-time-to-accuracy-$$(date +%F).json
+	$(PY) bench/time_to_accuracy.py $(TTA_ARGS) > bench/results-time-to-accuracy-$$(date +%F).json
 
 bench-image-lr: setup  # fashion-mnist comes from Debian: apt-get install dataset-fashion-mnist
 	$(PY) bench/image_lr.py > bench/results-image-lr-$$(date +%F).json
