@@ -132,11 +132,12 @@ def fmtune_run(files: dict, model: str, out: Path, strategy: str, epochs: int, l
     epoch_ends = [e["seconds"] for e in evals if e["step"] > 0 and float(e["epoch"]).is_integer()]  # not step 0
     per_epoch = np.diff(epoch_ends).tolist()  # seconds per epoch after the first (evaluation included)
     init = s.get("head_init", {}).get("seconds", 0.0)  # the probe the head starts from: solved before the fit
+    fit = json.loads((out / "run.json").read_text())["fit"]
     return {"train_seconds": round(s["seconds"] + init, 2), "head_init_seconds": init,
             "wall_seconds_incl_setup_and_test": round(total, 2),
             "first_epoch_seconds": round(epoch_ends[0], 3),
             "later_epoch_seconds": round(float(np.mean(per_epoch)), 4) if per_epoch else None,
-            "samples_per_s": json.loads((out / "run.json").read_text())["fit"]["samples_per_s"],
+            "samples_per_s": fit["samples_per_s"], "best_val": fit["best"],
             "batch_size": yaml.safe_load((out / "config.yaml").read_text())["train"]["batch_size"],  # as trained
             "test_accuracy": round(s["eval"]["test"]["accuracy"], 4),
             **({"cache_fill_seconds": round(sum(m["seconds"] for m in metas), 3),

@@ -126,10 +126,9 @@ def main() -> None:
                     own = {"lr": DEFAULT_LR[args.strategy], **own, **variants.get(tool.partition("+")[2], {})}
                     r = fmtune_run(files, args.model, work / f"{tool}-{tag}", args.strategy, epochs,
                                    batch_size=args.batch_size, max_length=args.max_length, seed=seed, **own)
-                    fit = json.loads((work / f"{tool}-{tag}" / "run.json").read_text())["fit"]
                     rows.append({"tool": tool, "dataset": name, "seed": seed, "epochs": epochs,
                                  "seconds": r["train_seconds"], "test_accuracy": r["test_accuracy"],
-                                 "best_val_accuracy": round(fit["best"], 4),
+                                 "best_val_accuracy": round(r["best_val"], 4),
                                  "head_init_seconds": r["head_init_seconds"], "batch_size": r["batch_size"]})
                 log(f"{tag}: " + ", ".join(f"{x['tool']} {x['test_accuracy']:.4f} in {x['seconds']:.1f} s"
                                            for x in rows if x["seed"] == seed and x["epochs"] == epochs))
