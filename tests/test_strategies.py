@@ -9,6 +9,7 @@ from conftest import small_bundle, strategy_step
 from torch import nn
 
 from fmtune.config import StrategyConfig
+from fmtune.errors import ConfigError
 from fmtune.models import build
 from fmtune.strategies import apply_strategy, backbone_blocks
 from fmtune.tasks import Classification
@@ -135,3 +136,9 @@ def test_layer_lr_decay_scales_each_block_by_its_distance_from_the_top(tiny_bert
         1e-3 * 0.5 ** (len(backbone_blocks(vit.model.backbone)) + 1))
     with pytest.raises(Exception, match="train.layer_lr_decay"):
         TrainConfig(layer_lr_decay=1.5)
+    no_blocks = nn.Module()
+    no_blocks.backbone, no_blocks.head = nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)
+    for model in (no_blocks, nn.Linear(4, 2)):  # a backbone without blocks; no backbone at all (causal LM)
+        with pytest.raises(ConfigError, match="train.layer_lr_decay"):
+            make_optimizer(model, TrainConfig(lr=1e-3, layer_lr_decay=0.8))
+        make_optimizer(model, TrainConfig(lr=1e-3))  # off: no complaint

@@ -35,17 +35,23 @@ def layer_scales(model: nn.Module, decay: float | None) -> dict[int, float]:
     """Layer-wise learning-rate decay: the factor on the learning rate of each backbone parameter (by
     ``id``), ``decay`` to the power of its distance from the top: the last block's 1 x decay, the first
     block's decay ** blocks, what comes before the blocks (embeddings, stem) decay ** (blocks + 1), what
-    comes after them (final norm, pooler) 1. Empty where decay is off or the backbone has no blocks."""
+    comes after them (final norm, pooler) 1. Empty where decay is off; a ConfigError naming the key
+    where the model has no backbone with repeated blocks to decay over (a causal or speech-to-text
+    model, a backbone without blocks), rather than training every layer at lr unannounced."""
     from fmtune.errors import ConfigError
     from fmtune.strategies import backbone_blocks
 
-    backbone = getattr(model, "backbone", None)
-    if decay is None or decay == 1.0 or not isinstance(backbone, nn.Module):
+    if decay is None or decay == 1.0:
         return {}
+    backbone = getattr(model, "backbone", None)
     try:
+        if not isinstance(backbone, nn.Module):
+            raise ConfigError("no backbone")
         blocks = backbone_blocks(backbone)
     except ConfigError:
-        return {}
+        raise ConfigError(f"train.layer_lr_decay: {decay} needs a backbone with repeated blocks to decay over; "
+                          f"this {type(model).__name__} has none fmtune can find. Leave it unset (null) for "
+                          "this model") from None
     top = len(blocks) + 1  # depth 0: before the blocks; 1..blocks: a block; top: after them
     depth = {id(p): i + 1 for i, b in enumerate(blocks) for p in b.parameters()}
     scales, past_blocks = {}, False
