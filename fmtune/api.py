@@ -323,6 +323,9 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
               f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); optimizer state "
               f"{counts['optimizer_state_mib']:.1f} MiB (full fine-tuning: "
               f"{counts['full_finetune_optimizer_state_mib']:.1f} MiB)")
+    if counts.get("frozen_embedding_params"):
+        out.print(f"  token embeddings ({counts['frozen_embedding_params']:,} parameters) kept as pretrained "
+                  "(strategy.freeze_embeddings=false trains them too)")
     for note in task.notes():
         out.print(f"  {note}")
     if "auto" in few:

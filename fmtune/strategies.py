@@ -49,6 +49,17 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
     return list(getattr(*loc))
 
 
+def token_embeddings(backbone: nn.Module) -> nn.Embedding | None:
+    """A text backbone's token-embedding matrix (one row per vocabulary entry), else None (an image
+    or audio backbone's input layer is a convolution, not a lookup)."""
+    get = getattr(backbone, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:
+        return None
+    return emb if isinstance(emb, nn.Embedding) else None
+
+
 def _names_of(model: nn.Module, modules: list[nn.Module]) -> set[str]:
     ids = {id(p) for m in modules for p in m.parameters()}
     return {n for n, p in model.named_parameters() if id(p) in ids}
@@ -112,6 +123,7 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
 
     model = bundle.model
     base = sum(p.numel() for p in model.parameters())
+    frozen_embeddings = 0
     if adapters.is_peft(cfg.name):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -124,13 +136,18 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
         trainable = STRATEGIES.get(cfg.name, "strategy.name")(model, cfg) | _names_of(model, [model.head])
         for n, p in model.named_parameters():
             p.requires_grad_(n in trainable)
+        embeddings = token_embeddings(model.backbone)
+        if cfg.name == "full" and cfg.freeze_embeddings and embeddings is not None and bundle.pretrained:
+            embeddings.weight.requires_grad_(False)
+            frozen_embeddings = embeddings.weight.numel()
     total = n_train = 0
     for n, p in bundle.model.named_parameters():
         if ".original_module." in n:  # peft keeps the untrained head beside the trained copy
             continue
         total += p.numel()
         n_train += p.numel() if p.requires_grad else 0
-    return {"trainable_params": n_train, "total_params": total, "base_params": base}
+    counts = {"trainable_params": n_train, "total_params": total, "base_params": base}
+    return counts | ({"frozen_embedding_params": frozen_embeddings} if frozen_embeddings else {})
 
 
 WHOLE_BACKBONE = -1

@@ -56,12 +56,25 @@ def test_last_n_trains_the_last_blocks_and_head(model_path):
 
 
 @pytest.mark.parametrize("model_path", MODELS, indirect=True)
-def test_full_trains_everything(model_path):
+def test_full_trains_everything_but_a_text_encoders_token_embeddings(model_path):
     b = _bundle(model_path)
-    counts, _, with_grad, _ = _step(b, StrategyConfig(name="full"))
-    assert counts["trainable_params"] == counts["total_params"]
+    counts, changed, with_grad, _ = _step(b, StrategyConfig(name="full"))
     used = {n for n, p in b.model.named_parameters()}
-    assert with_grad == used
+    if b.kind == "text":  # the vocabulary x width lookup stays as pretrained; its neighbours train
+        vocab = "backbone.embeddings.word_embeddings.weight"
+        assert with_grad == used - {vocab} and vocab not in changed
+        assert "backbone.embeddings.position_embeddings.weight" in changed
+        assert counts["frozen_embedding_params"] == b.model.backbone.get_input_embeddings().weight.numel()
+        assert counts["trainable_params"] == counts["total_params"] - counts["frozen_embedding_params"]
+        for other in (StrategyConfig(name="full", freeze_embeddings=False), None):
+            b = _bundle(model_path)
+            if other is None:  # a randomly initialised model has nothing to keep
+                b.pretrained, other = False, StrategyConfig(name="full")
+            counts, _, with_grad, _ = _step(b, other)
+            assert with_grad == used and "frozen_embedding_params" not in counts
+    else:  # an image backbone's input layer is a convolution: every weight trains
+        assert with_grad == used and "frozen_embedding_params" not in counts
+    assert counts["trainable_params"] == counts["total_params"] - counts.get("frozen_embedding_params", 0)
 
 
 @pytest.mark.parametrize("model_path", ["tiny_resnet", "mobilenet-v2", "efficientnet-lite0"], indirect=True)

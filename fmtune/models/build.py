@@ -62,6 +62,7 @@ class Bundle:
     source: str = ""  # the model name or path it was created from
     adapter: str | None = None  # the peft strategy when ``model`` is wrapped by peft (fmtune.adapters)
     segments: bool | None = None  # whether pairs of texts get segment ids (``uses_segments``, decided once)
+    pretrained: bool = True  # False: model.init random (nothing learned yet: no layer is kept as it is)
 
     def text_data(self, texts: list[str] | list[tuple[str, str]], targets: Any = None) -> Any:
         """Texts as the model reads them: token ids, truncated at ``max_length``, without padding
@@ -333,7 +334,8 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     image = _image_spec(path, config, model_cfg.image_size) if kind == "image" else {}
     audio = _audio_spec(path, config, model_cfg.audio_window) if kind == "audio" else {}
     bundle = Bundle(model, kind, "hf", pooling, tokenizer=tokenizer, image=image, audio=audio,
-                    max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name))
+                    max_length=model_cfg.max_length or DEFAULT_MAX_LENGTH, source=str(model_cfg.name),
+                    pretrained=model_cfg.init == "pretrained")
     if kind == "text":
         bundle.max_length = resolve_max_length(model_cfg.max_length, DEFAULT_MAX_LENGTH, bundle.length_limit(),
                                                model_cfg.name)
