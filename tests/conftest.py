@@ -189,7 +189,10 @@ def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
     without one (few labels, tested in test_fewshot.py with the default); the batch size stays as
     given (train.min_steps off; tested in test_train.py). A head trained by gradient starts random
     (train.head_init random: the probe it would start from costs a fit per run; tested in
-    test_head_probe.py), unless the test sets head_init."""
+    test_head_probe.py), unless the test sets head_init. Full fine-tuning trains the token embeddings
+    too (strategy.freeze_embeddings false): the tiny encoders' weights are random, there is nothing
+    pretrained to keep, and the keyword data is learnt there (the default is tested in
+    test_strategies.py)."""
     base = {
         "model": {"name": str(model_name), "max_length": 32},
         "data": {"train": str(train_file), "min_val_per_class": 0},
@@ -202,6 +205,8 @@ def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
         else:
             base[section] = values
     strategy = base.get("strategy", {})
+    if isinstance(strategy, dict):
+        base["strategy"] = {"freeze_embeddings": False, **strategy}
     if (strategy.get("name", "full") if isinstance(strategy, dict) else strategy) not in (*SOLVED_HEAD, "auto"):
         base["train"].setdefault("head_init", "random")
     return base
