@@ -78,7 +78,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="rotten-tomatoes,tweet-sentiment", help="zoo text exports, comma-separated")
-    p.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 3], help="the Trainer's epoch counts")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--strategy", default="full", choices=["full", "lora"])
     p.add_argument("--tools", default="trainer_expert,fmtune,fmtune_defaults",
@@ -110,9 +110,9 @@ def main() -> None:
         files = export(name, work / name, sizes=(args.train, 300, 1000), seed=0)
         rows = []
         for seed in args.seeds:
-            for epochs in args.epochs:
+            for epochs in sorted(set(args.epochs) | set(args.fmtune_epochs or [])):
                 tag = f"{name}-s{seed}-e{epochs}"
-                if "trainer_expert" in tools:
+                if "trainer_expert" in tools and epochs in args.epochs:
                     log(f"{tag}: Trainer (expert)")
                     ns = argparse.Namespace(model=args.model, max_length=args.max_length,
                                             batch_size=args.batch_size, epochs=epochs)
