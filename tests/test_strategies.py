@@ -8,7 +8,7 @@ import torch
 from conftest import small_bundle, strategy_step
 from torch import nn
 
-from fmtune.config import StrategyConfig
+from fmtune.config import ModelConfig, StrategyConfig
 from fmtune.errors import ConfigError
 from fmtune.models import build
 from fmtune.strategies import apply_strategy, backbone_blocks
@@ -72,6 +72,7 @@ def test_full_trains_everything_but_a_text_encoders_token_embeddings(model_path)
                 b.pretrained, other = False, StrategyConfig(name="full")
             counts, _, with_grad, _ = _step(b, other)
             assert with_grad == used and "frozen_embedding_params" not in counts
+        assert not build.create(ModelConfig(name=str(model_path), max_length=16, init="random"), TASK).pretrained
     else:  # an image backbone's input layer is a convolution: every weight trains
         assert with_grad == used and "frozen_embedding_params" not in counts
     assert counts["trainable_params"] == counts["total_params"] - counts.get("frozen_embedding_params", 0)
