@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("alphas", nargs="?", default="", help="WiSE-FT interpolations, comma-separated")
     ap.add_argument("--losses", default="cosine",
                     help="pair losses, comma-separated: cosine, supcon or supcon@T (temperature T)")
+    ap.add_argument("--strategy-json", default="{}",
+                    help='more strategy settings for every run, e.g. \'{"freeze_embeddings": false}\'')
     ap.add_argument("--datasets", default="rotten-tomatoes,tweet-sentiment",
                     help=f"comma-separated: zoo text sets, or {MANY_CLASSES} (bench/fewshot.py's many-class set)")
     args = ap.parse_args()
@@ -91,6 +93,7 @@ def main() -> None:
     steps_options = [None] + [int(s) for s in args.other_steps.split(",") if s]
     alphas = [float(a) for a in args.alphas.split(",") if a]
     losses = args.losses.split(",")
+    extra = json.loads(args.strategy_json)
     heads = HEADS + tuple(f"cv-scaled, alpha={a:g}" for a in alphas) + (("ensemble of alphas",) if alphas else ())
     out = {}
     for name in args.datasets.split(","):
@@ -99,18 +102,21 @@ def main() -> None:
         for size in sizes:
             for steps, loss in itertools.product(steps_options, losses):
                 acc: dict[str, list[float]] = {h: [] for h in heads}
+                pair_seconds: list[float] = []
                 for seed in range(10, 15):
                     sample = per_class(train_all, "label", size, seed)
                     val = train_all.drop(sample.index).sample(500, random_state=seed)
                     sample.to_csv(work / "t.csv", index=False)
                     val.to_csv(work / "v.csv", index=False)
-                    strategy = {"name": "contrastive", **loss_setting(loss),
+                    strategy = {"name": "contrastive", **extra, **loss_setting(loss),
                                 **({"contrastive_steps": steps} if steps else {})}
                     cfg = {"model": {"name": "minilm-l6"}, "strategy": strategy, "train": {"seed": seed},
                            "data": {"train": str(work / "t.csv"), "test": str(work / "v.csv")},
                            "out": str(work / "run")}
                     summary = fmtune.train(cfg, overwrite=True, quiet=True, report=False)
                     acc["run"].append(summary["eval"]["test"]["accuracy"])
+                    info = json.loads((work / "run" / "run.json").read_text())
+                    pair_seconds.append(info["few_labels"]["contrastive"]["seconds"])
                     run = open_run(work / "run")
                     (xt, yt), (xv, yv) = embed(run, sample), embed(run, val)
                     probe = scaled(logreg(seed)).fit(xt, yt)
@@ -136,9 +142,11 @@ def main() -> None:
                     if alphas:
                         votes = probe.classes_[np.mean(proba, axis=0).argmax(axis=1)]
                         acc["ensemble of alphas"].append(float((votes == yv).mean()))
-                key = f"{name} {size} steps={steps or 'default'} loss={loss}"
+                key = f"{name} {size} steps={steps or 'default'} loss={loss}" + (f" {extra}" if extra else "")
                 out[key] = {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
                 out[key]["per_seed_cv-scaled"] = [round(v, 4) for v in acc["cv-scaled (now)"]]
+                out[key]["per_seed_run"] = [round(v, 4) for v in acc["run"]]
+                out[key]["contrastive_seconds_mean"] = round(float(np.mean(pair_seconds)), 2)
                 print(key, out[key], flush=True)
     print(json.dumps(out, indent=1))
 

@@ -168,7 +168,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     training; with ``strategy.encoder=lora`` through a LoRA adapter folded into the weights after.
     The head is untouched. Returns what was done (for run.json and the report)."""
     from fmtune import adapters
-    from fmtune.strategies import set_train_mode
+    from fmtune.strategies import set_train_mode, token_embeddings
 
     if bundle.kind != "text" or bundle.family != "hf":
         raise ConfigError(f"strategy contrastive tunes a text encoder on pairs of texts; {bundle.source} reads "
@@ -187,6 +187,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     sampler = BalancedBatches(ds.targets.numpy() if single else None, n, batch, tcfg.seed)
     model = bundle.model
     trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    frozen = 0
     if scfg.encoder == "lora":
         import peft
 
@@ -196,9 +197,13 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
             model = peft.get_peft_model(model, pc)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
-        params = list(model.backbone.parameters())
-        for p in params:
+        for p in model.backbone.parameters():
             p.requires_grad_(True)
+        embeddings = token_embeddings(model.backbone)
+        if scfg.freeze_embeddings and embeddings is not None and bundle.pretrained:  # as full fine-tuning does
+            embeddings.weight.requires_grad_(False)
+            frozen = embeddings.weight.numel()
+        params = [p for p in model.backbone.parameters() if p.requires_grad]
     base = adapters.base_model(model)
     decay = [p for p in params if p.dim() > 1]
     rest = [p for p in params if p.dim() <= 1]
@@ -240,13 +245,15 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     k = max(1, len(losses) // 10)
     info = {"steps": steps, "rows_per_step": batch, "pairs_per_step": batch * (batch - 1) // 2,
             "pairs_seen": steps * batch * (batch - 1) // 2, "encoder": scfg.encoder, "lr": tcfg.lr,
+            **({"frozen_embedding_params": frozen} if frozen else {}),
             "pair_loss": scfg.pair_loss, **({"temperature": scfg.temperature} if supcon else {}),
             "seconds": round(seconds, 2), "loss_first": round(float(np.mean(losses[:k])), 5),
             "loss_last": round(float(np.mean(losses[-k:])), 5), "loss": [round(v, 5) for v in losses]}
     if not quiet:
         ui.console.print(f"  contrastive: {steps} steps of {batch} rows ({info['pairs_seen']:,} pairs) in "
-                         f"{seconds:.1f}s, encoder {scfg.encoder}, lr {tcfg.lr:g}; pair loss "
-                         f"{info['loss_first']:.4f} -> {info['loss_last']:.4f}")
+                         f"{seconds:.1f}s, encoder {scfg.encoder}"
+                         + (" (token embeddings kept as pretrained)" if frozen else "")
+                         + f", lr {tcfg.lr:g}; pair loss {info['loss_first']:.4f} -> {info['loss_last']:.4f}")
     return info
 
 

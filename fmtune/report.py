@@ -329,7 +329,8 @@ def _few_labels_section(run_dir: Path, info: dict[str, Any]) -> list[str]:
     c = few.get("contrastive")
     if c:
         out.append(f"<p>contrastive pair training: {c['steps']} steps of {c['rows_per_step']} rows "
-                   f"({c['pairs_seen']:,} pairs) in {c['seconds']:.1f} s, encoder {html.escape(c['encoder'])}, "
+                   f"({c['pairs_seen']:,} pairs) in {c['seconds']:.1f} s, encoder {html.escape(c['encoder'])}"
+                   f"{' (token embeddings kept as pretrained)' if c.get('frozen_embedding_params') else ''}, "
                    f"lr {c['lr']:g}; pair loss {c['loss_first']:.4f} &rarr; {c['loss_last']:.4f}</p>")
     if few.get("no_validation_split"):
         out.append(f'<p class="muted">{html.escape(few["no_validation_split"])}</p>')

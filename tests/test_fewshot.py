@@ -147,6 +147,25 @@ def test_contrastive_pulls_labels_apart_and_leaves_only_the_head_trainable(tiny_
         assert torch.equal(v, head[k])
 
 
+def test_contrastive_keeps_a_pretrained_encoders_token_embeddings(tiny_st_bert):
+    df = few_rows(8, 0)
+    for freeze in (True, False):
+        cfg = config_mod.from_dict(cfg_dict(tiny_st_bert, "x.csv", train={"lr": 3e-3}, strategy={
+            "name": "contrastive", "freeze_embeddings": freeze}))
+        task = make_task(cfg.task, cfg.data, df)
+        bundle = build.create(cfg.model, task)
+        apply_strategy(bundle, cfg.strategy)
+        ds = task.dataset(df, bundle, cfg.data)[0]
+        before = {k: v.clone() for k, v in bundle.model.backbone.embeddings.state_dict().items()}
+        info = fewshot.contrastive(bundle, task, ds, cfg.strategy, cfg.train, "cpu", quiet=True)
+        after = bundle.model.backbone.embeddings.state_dict()
+        vocab = bundle.model.backbone.get_input_embeddings().weight
+        assert torch.equal(before["word_embeddings.weight"], after["word_embeddings.weight"]) == freeze
+        assert info.get("frozen_embedding_params", 0) == (vocab.numel() if freeze else 0)
+        assert not torch.equal(before["position_embeddings.weight"], after["position_embeddings.weight"])
+        assert not vocab.requires_grad  # after the pair phase only the head trains, either way
+
+
 def test_contrastive_refuses_images(tiny_vit):
     cfg = config_mod.from_dict(cfg_dict(tiny_vit, "x", strategy={"name": "contrastive"}))
     task = fmtune.tasks.Classification(["a", "b"])
