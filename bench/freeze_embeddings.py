@@ -8,7 +8,7 @@ as pretrained, MiniLM-L6, on this machine.
   as fmtune trains), median ms per step.
 - ner: `fmtune train --task ner` with its defaults on the WNUT-2016 export (2,000 / 300 / 1,000
   sentences), strategy full, strategy.freeze_embeddings true / false, per seed: training seconds,
-  best validation and test entity F1.
+  best validation entity F1 and the test metrics (entity F1 ...).
 - manyclass: `fmtune train` (strategy full, its defaults) on a set of 40 classes, built as bench/fewshot.py's
   `package-modules-40 --min-module-rows 140` (a docstring's one-line summary -> its module in the installed
   packages; the whole pool, about 8,000 rows here, fmtune's own validation split; 1,200 test rows), embeddings kept /
@@ -41,7 +41,6 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import fmtune  # noqa: E402
-import fmtune.api  # noqa: E402
 from fmtune.config import ModelConfig, TrainConfig  # noqa: E402
 from fmtune.models import build  # noqa: E402
 from fmtune.tasks import Classification  # noqa: E402
@@ -86,31 +85,21 @@ def steps(work: Path, batch: int, rounds: int = 5, n: int = 30) -> dict:
 
 def ner(work: Path, seeds: list[int]) -> list[dict]:
     files = export("wnut16-ner", work / "wnut", sizes=(2000, 300, 1000), seed=0)
-    rows = []
-    for seed in seeds:
-        for frozen in (True, False):
-            out = work / f"ner-s{seed}-{frozen}"
-            s = fmtune.train({"model": {"name": "minilm-l6"}, "task": {"type": "ner"}, "out": str(out),
-                              "strategy": {"name": "full", "freeze_embeddings": frozen},
-                              "data": {k: str(v) for k, v in files.items()}, "train": {"seed": seed}},
-                             quiet=True, overwrite=True)
-            rows.append({"seed": seed, "freeze_embeddings": frozen, "train_seconds": round(s["seconds"], 1),
-                         "test_entity_f1": round(s["eval"]["test"]["entity_f1"], 4), "best_val_entity_f1":
-                         round(s["best"], 4)})
-            log(str(rows[-1]))
-    return rows
+    return [r for seed in seeds for r in _run({"model": {"name": "minilm-l6"}, "task": {"type": "ner"},
+                                               "out": str(work / f"ner-s{seed}"),
+                                               "data": {k: str(v) for k, v in files.items()}, "train": {"seed": seed}})]
 
 
-def _run(cfg: dict, test_csv: Path) -> dict:
-    """`fmtune.train` with the embeddings kept and trained: seconds, best validation, test metrics."""
+def _run(cfg: dict) -> list[dict]:
+    """`fmtune.train` on ``cfg`` (its data with a test file) with the embeddings kept, then trained: per run
+    the seconds, the best validation metric and the test metrics."""
     rows = []
     for frozen in (True, False):
-        out = Path(cfg["out"] + f"-{frozen}")
-        s = fmtune.train({**cfg, "out": str(out), "strategy": {"name": "full", "freeze_embeddings": frozen}},
+        s = fmtune.train({**cfg, "out": cfg["out"] + f"-{frozen}",
+                          "strategy": {"name": "full", "freeze_embeddings": frozen}},
                          quiet=True, overwrite=True, report=False)
-        test = fmtune.api.evaluate(out, test_csv, quiet=True)["test"]
         rows.append({"seed": cfg["train"]["seed"], "freeze_embeddings": frozen, "train_seconds": round(s["seconds"], 1),
-                     "best_val": round(s["best"], 4), "test": {k: round(v, 4) for k, v in test.items()
+                     "best_val": round(s["best"], 4), "test": {k: round(v, 4) for k, v in s["eval"]["test"].items()
                                                                  if isinstance(v, float)}})
         log(str(rows[-1]))
     return rows
@@ -122,9 +111,9 @@ def manyclass(work: Path, seeds: list[int]) -> dict:
     pool, test = package_modules(work / "package-modules", classes=40, min_rows=140)  # reads every package: minutes
     pool.to_csv(work / "pm-train.csv", index=False)
     test.to_csv(work / "pm-test.csv", index=False)
+    data = {"train": str(work / "pm-train.csv"), "test": str(work / "pm-test.csv")}
     runs = [r for seed in seeds for r in _run({"model": {"name": "minilm-l6"}, "out": str(work / f"pm-s{seed}"),
-                                              "data": {"train": str(work / "pm-train.csv")}, "train": {"seed": seed}},
-                                             work / "pm-test.csv")]
+                                              "data": data, "train": {"seed": seed}})]
     return {"classes": int(pool["label"].nunique()), "pool_rows": len(pool), "test_rows": len(test), "runs": runs}
 
 
@@ -148,10 +137,10 @@ def regression(work: Path, seeds: list[int]) -> dict:
     train, val = train_test_split(rest, train_size=2000, test_size=300, random_state=0)
     for name, part in (("train", train), ("val", val), ("test", test)):
         part.to_csv(work / f"compas-{name}.csv", index=False)
-    data = {s: str(work / f"compas-{s}.csv") for s in ("train", "val")}
+    data = {s: str(work / f"compas-{s}.csv") for s in ("train", "val", "test")}
     runs = [r for seed in seeds for r in _run({"model": {"name": "minilm-l6"}, "task": {"type": "regression"},
                                               "out": str(work / f"compas-s{seed}"), "data": data,
-                                              "train": {"seed": seed}}, work / "compas-test.csv")]
+                                              "train": {"seed": seed}})]
     return {"rows": len(df), "target": "decile_score (1-10)", "test_label_std": round(float(test["label"].std()), 4),
             "runs": runs}
 
