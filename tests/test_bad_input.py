@@ -150,6 +150,22 @@ def test_single_class_is_refused(tmp_path, tiny_bert):
         _train(tmp_path, tiny_bert, p)
 
 
+def test_a_numeric_quantity_as_classes_is_refused_and_class_ids_are_not(tmp_path, tiny_bert):
+    """Prices trained as 'classes' (the user forgot --task regression): most values occur once, so
+    the run stops and says which task to use; integer class ids, even one row each, train."""
+    rng = np.random.default_rng(0)
+    prices = _csv(tmp_path, "prices.csv", [[f"flat {i}", f"{v:.2f}"] for i, v in enumerate(rng.normal(900, 200, 40))])
+    with pytest.raises(DataError, match=r"column 'label' holds 40 different numbers \(.*40 of them in one row only, "
+                                        r"e\.g\. '.*' in .*prices\.csv: row \d+ \(line \d+\)\).*--task regression"):
+        _train(tmp_path, tiny_bert, prices, data={"val": str(prices)})
+    ids = _csv(tmp_path, "ids.csv", [[f"intent {i}", str(i)] for i in range(1, 31)])
+    _train(tmp_path, tiny_bert, ids, data={"val": str(ids)}, train={"epochs": 1})
+    assert len(json.loads((tmp_path / "run" / "labels.json").read_text())["labels"]) == 30
+    halves = _csv(tmp_path, "halves.csv", [[f"t {i}", str((i % 25) / 2)] for i in range(75)])
+    with pytest.warns(UserWarning, match=r"column 'label' holds 25 different numbers \(0 to 12\).*--task regression"):
+        _train(tmp_path / "h", tiny_bert, halves, data={"val": str(halves)}, train={"epochs": 1})
+
+
 def test_semicolon_csv_from_a_spreadsheet_is_read_like_a_comma_one(tmp_path):
     p = tmp_path / "excel.csv"
     p.write_text("text;label\n\"well, it was good\";pos\nbad film;neg\n", encoding="utf-8")

@@ -283,6 +283,39 @@ def warn_look_alike_labels(df: pd.DataFrame, values: pd.Series, column: str) -> 
                       "they are one)", UserWarning, stacklevel=3)
 
 
+NUMERIC_CLASSES_MAX = 20  # a label column of numbers with more distinct values is checked for a quantity
+
+
+def check_numeric_labels(df: pd.DataFrame, values: pd.Series, column: str) -> None:
+    """A label column of numbers with many distinct values is most likely a quantity to predict:
+    an error when most of them occur in one row only (such classes cannot be learned), a warning
+    when some are fractional (class ids seldom are). Class ids (0..K-1 or 1..K) pass."""
+    text = values.astype(str)
+    counts = text.value_counts()
+    if len(counts) <= NUMERIC_CLASSES_MAX:
+        return
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.isna().any():
+        return
+    fractional = bool((numbers % 1 != 0).any())
+    ids = not fractional and set(numbers.unique()) in ({float(i) for i in range(start, start + len(counts))}
+                                                         for start in (0, 1))
+    if ids:  # 0..K-1 or 1..K: class ids, even with one row each
+        return
+    once = int((counts == 1).sum())
+    what = f"column {column!r} holds {len(counts):,} different numbers ({numbers.min():g} to {numbers.max():g}"
+    if once:
+        first = row_label(df, int(np.flatnonzero(text.to_numpy() == counts.index[-1])[0]))
+        what += f"; {once:,} of them in one row only, e.g. {counts.index[-1]!r} in {first}"
+    what += ")"
+    if once * 2 > len(counts):
+        raise DataError(f"{what}: a quantity to predict, not classes; pass "
+                        "--task regression, or name the label column with --set data.label_column=NAME")
+    if fractional:
+        warnings.warn(f"{what}: they are trained as {len(counts):,} separate classes; if they are a quantity, "
+                      "pass --task regression", UserWarning, stacklevel=3)
+
+
 def missing_values(df: pd.DataFrame, values: pd.Series, column: str) -> None:
     bad = np.flatnonzero(values.isna().to_numpy())
     if len(bad):

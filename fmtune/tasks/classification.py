@@ -16,7 +16,7 @@ from sklearn import metrics as skm
 from fmtune import plots
 from fmtune.data.readers import row_label
 from fmtune.errors import DataError
-from fmtune.tasks.base import TASKS, Task, missing_values, warn_look_alike_labels
+from fmtune.tasks.base import TASKS, Task, check_numeric_labels, missing_values, warn_look_alike_labels
 from fmtune.tasks.probe import logreg, scaled, unscaled
 
 
@@ -46,6 +46,7 @@ class Classification(Task):
     def from_train(cls, values: pd.Series, df: pd.DataFrame, column: str = "label",
                    class_weights: bool = False, **kw: Any) -> Classification:
         missing_values(df, values, column)
+        check_numeric_labels(df, values, column)
         warn_look_alike_labels(df, values, column)
         labels = sorted({str(v) for v in values})
         if len(labels) < 2:
