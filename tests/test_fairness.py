@@ -341,3 +341,32 @@ def test_compare_shows_the_fairness_gaps_side_by_side(tabular_run, tmp_path):
     out, _, _ = compare([run, other], tmp_path / "cmp.html")
     page = out.read_text()
     assert "Fairness gaps" in page and page.count("demographic_parity_difference") >= 2
+
+
+def test_regression_audit_end_to_end_on_the_compas_deciles_export(tmp_path, tiny_bert):
+    """The zoo's real regression set (COMPAS records -> the decile score) exports as a table with the
+    group columns, trains `--task regression`, and the audit compares the groups' errors and mean
+    predictions, the pretrained baseline's too."""
+    from fmtune.zoo.datasets import export
+
+    files = export("compas-deciles", tmp_path / "data", sizes=(160, 40, 240), seed=0)
+    test = pd.read_csv(files["test"])
+    assert list(test.columns) == ["text", "label", "sex", "race", "age_cat", "two_year_recid"]
+    assert set(test["label"]) <= set(range(1, 11)) and test["label"].nunique() >= 8
+    assert test["text"].str.contains(r"charge degree: (?:felony|misdemeanor), charge: ").all()
+    assert not set(test["text"]) & set(pd.read_csv(files["train"])["text"])  # no record in two splits
+    fmtune.train(cfg_dict(tiny_bert, files["train"], out=str(tmp_path / "run"), task={"type": "regression"},
+                          data={"val": str(files["val"]), "test": str(files["test"])}, train={"epochs": 1}),
+                 quiet=True)
+    res = fairness.run_fairness(tmp_path / "run", groups=["race", "sex"], baseline=True, n_boot=100, quiet=True)
+    assert res["task"] == "regression" and set(res["models"]) == {"pretrained baseline", "fine-tuned"}
+    for model in res["models"].values():
+        race = model["race"]
+        sizes = {g["group"]: g["n"] for g in race["groups"]}
+        assert sum(sizes.values()) == len(test) and "African-American" in race["judged"]
+        assert all(sizes[g] >= 30 for g in race["judged"]) and not {"Asian", "Native American"} & set(race["judged"])
+        mae = [g["metrics"]["mae"]["value"] for g in race["groups"] if g["group"] in race["judged"]]
+        assert race["gaps"]["mae_difference"]["value"] == pytest.approx(max(mae) - min(mae))
+        lo, hi = race["gaps"]["mean_prediction_difference"]["ci"]
+        assert lo <= race["gaps"]["mean_prediction_difference"]["value"] <= hi
+        assert set(model["sex"]["judged"]) == {"Female", "Male"}

