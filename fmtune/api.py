@@ -412,9 +412,15 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
     if solved is not None:
         info["head_init"] = summary["head_init"] = {
             **solved, "kept_as_is": result.best_step == 0 and result.steps > 0 and not frames.val_is_train}
-        if info["head_init"]["kept_as_is"] and cfg.strategy.name not in config_mod.SOLVED_HEAD and not quiet:
-            out.print("  training never did better on validation than the probe it started from: the run's model is "
-                      "that probe on the untrained backbone (its best is step 0)")
+        if info["head_init"]["kept_as_is"] and cfg.strategy.name not in config_mod.SOLVED_HEAD:
+            if not quiet:
+                out.print("  training never did better on validation than the probe it started from: the run's model "
+                          "is that probe on the untrained backbone (its best is step 0)")
+            if solved["rows"] < len(data["train"]):
+                again = info["head_init"]["every_row"] = _probe_on_every_row(cfg, bundle, task, data, run_dir, result,
+                                                                             quiet, hw)
+                if again.get("kept"):
+                    summary["best"] = again[f"val_{result.metric}"]
     for note in ("small_training_set", "long_texts", "max_length_auto"):  # said apart from the few-label notes
         if few.get(note):
             info[note] = summary[note] = few.pop(note)
@@ -540,22 +546,60 @@ def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, tr
             feats, targets = infer(bundle.model, rows, cfg.train.eval_batch_size, features=True, progress=bar,
                                    autocast_dtype=hardware.autocast_dtype(hw.precision))
         x = feats.numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scikit-learn's convergence and deprecation notes
-        probe = task.fit_probe(x, targets, cfg.train.seed)
-    solved = task.head_from_probe(probe, x.shape[1])
-    if solved is None:
+    if not _solve_head(bundle, task, x, targets, cfg.train.seed):
         return None
-    linear = build.head_linear(bundle.model)
-    with torch.no_grad():
-        linear.weight.copy_(torch.as_tensor(solved[0], dtype=linear.weight.dtype))
-        linear.bias.copy_(torch.as_tensor(solved[1], dtype=linear.bias.dtype))
     done = {"from": "linear probe", "rows": len(x), "seconds": round(time.perf_counter() - started, 2)}
     if not quiet:
         then = ("" if cfg.strategy.name in config_mod.SOLVED_HEAD else
                 "; fine-tuning from it is kept only where it does better on validation")
         ui.console.print(f"  head: started from the linear probe solved on {len(x)} training rows' features "
                          f"({done['seconds']:.1f}s); validated before the first epoch{then}")
+    return done
+
+
+def _solve_head(bundle: build.Bundle, task: Any, x: np.ndarray, targets: Any, seed: int) -> bool:
+    """Set the model's head to the task's linear probe solved on features ``x``; False where the task has none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's convergence and deprecation notes
+        probe = task.fit_probe(x, targets, seed)
+    solved = task.head_from_probe(probe, x.shape[1])
+    if solved is None:
+        return False
+    linear = build.head_linear(bundle.model)
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(solved[0], dtype=linear.weight.dtype))
+        linear.bias.copy_(torch.as_tensor(solved[1], dtype=linear.bias.dtype))
+    return True
+
+
+def _probe_on_every_row(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any],
+                        run_dir: Path, result: Any, quiet: bool, hw: hardware.Hardware) -> dict[str, Any]:
+    """Fine-tuning never did better on validation than its start, the untrained body with a head solved on a
+    sample of the training rows (a start, cheap, not a final head): solve the head again on every training row
+    (the pretrained baseline's probe) and keep it where validation does not say it is worse."""
+    build.load_weights(bundle, run_dir / "model")  # the step-0 checkpoint
+    linear = build.head_linear(bundle.model)
+    before = (linear.weight.detach().clone(), linear.bias.detach().clone())
+    dtype = hardware.autocast_dtype(hw.precision)
+    with ui.CountProgress("probe on every training row", len(data["train"]) + len(data["val"]), quiet) as bar:
+        feats, targets = infer(bundle.model, data["train"], cfg.train.eval_batch_size, features=True, progress=bar,
+                               autocast_dtype=dtype)
+        if not _solve_head(bundle, task, feats.numpy(), targets, cfg.train.seed):
+            return {}
+        logits, y = infer(bundle.model, data["val"], cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
+    value = float(task.metrics(logits, y)[result.metric])
+    worse = value < result.best if task.greater_is_better(result.metric) else value > result.best
+    if worse:
+        with torch.no_grad():
+            linear.weight.copy_(before[0])
+            linear.bias.copy_(before[1])
+    else:
+        build.save(bundle, run_dir / "model")
+    done = {"rows": len(data["train"]), f"val_{result.metric}": round(value, 6), "kept": not worse}
+    if not quiet:
+        ui.console.print(f"  the head solved again on all {len(data['train']):,} training rows: val {result.metric} "
+                         f"{value:.4f} against {result.best:.4f} from the sample; "
+                         + ("kept the sample's (validation says it is better)" if worse else "the run's model now"))
     return done
 
 

@@ -222,6 +222,12 @@ def write_report(run: str | Path) -> Path:
     if init:
         kept = (" Training never did better on validation: the checkpoint kept is that probe on the untrained "
                 "backbone." if init.get("kept_as_is") else "")
+        again = init.get("every_row") or {}
+        if again:
+            metric = next(k for k in again if k.startswith("val_"))
+            kept += (f" The head was then solved again on all {again['rows']:,} training rows (validation "
+                     f"{metric[4:]} {again[metric]:g}): "
+                     + ("the run's model." if again["kept"] else "not kept, validation put the sample's first."))
         sections.append(f"<p>The head started from the linear probe solved on {init['rows']} training rows' "
                         f"features ({init['seconds']:.1f} s), validated at step 0.{kept}</p>")
     for title, name in (("Confusion matrix (test)", "confusion_matrix.png"),

@@ -171,16 +171,43 @@ def test_probe_start_reads_at_most_probe_init_rows_and_says_when_it_is_kept(tmp_
     assert [config.probe_init_rows(n, k) for n, k in sizes] == [200, 256, 256, 2560, 2500, 9600, 10_000]
     monkeypatch.setattr(config, "PROBE_INIT_ROWS", 100)
     files = _twelve_classes(tmp_path)
-    cfg = cfg_dict(tiny_st_bert, files["train"], out=str(tmp_path / "run"), data={"val": str(files["val"])},
+    cfg = cfg_dict(tiny_st_bert, files["train"], out=str(tmp_path / "run"),
+                   data={"val": str(files["val"]), "test": str(files["test"])},
                    train={"epochs": 1, "lr": 1e-12, "head_lr": 1e-12, "head_init": "probe"})
     s = fmtune.train(cfg, quiet=True, report=False)
     assert s["head_init"]["rows"] == 100
     # steps of 1e-12 change nothing: validation never improves on the probe, and the run says so
     assert s["best_step"] == 0 and s["head_init"]["kept_as_is"]
+    # ... and a probe of 100 rows is a start, not a final head: it is solved again on all 360 (below)
+    assert s["head_init"]["every_row"] == {"rows": 360, "val_accuracy": s["best"], "kept": True}
     from fmtune.report import write_report
 
     page = write_report(tmp_path / "run").read_text()
     assert "started from the linear probe solved on 100 training rows" in page and "Training never did better" in page
+    assert "solved again on all 360 training rows" in page
+
+
+def test_a_run_that_never_beats_its_probe_start_ends_with_the_probe_on_every_row(tmp_path, tiny_st_bert,
+                                                                                  text_files, monkeypatch):
+    """The probe a head starts from reads a sample of the rows (a start, cheap); when training never does
+    better on validation, the run's model is not that sample's probe (it once scored RMSE 2.40 against the
+    baseline's 2.22 on COMPAS deciles): the head is solved again on every training row, the baseline's probe."""
+    from fmtune import config
+
+    monkeypatch.setattr(config, "PROBE_INIT_ROWS", 100)
+    cfg = cfg_dict(tiny_st_bert, text_files["regression_train"], out=str(tmp_path / "run"),
+                   task={"type": "regression"}, data={"test": str(text_files["regression_test"])},
+                   train={"epochs": 1, "lr": 1e-12, "head_lr": 1e-12, "head_init": "probe", "baseline": True})
+    s = fmtune.train(cfg, quiet=True, report=False)
+    assert s["head_init"]["rows"] == 100 and s["best_step"] == 0
+    again = s["head_init"]["every_row"]
+    assert again["rows"] == 216 and again["kept"] and s["best"] == again["val_rmse"]  # 240 less a 10% split
+    test, base = s["eval"]["test"], s["eval"]["baseline"]
+    assert test["rmse"] == pytest.approx(base["rmse"], rel=1e-5) and test["mae"] == pytest.approx(base["mae"], rel=1e-5)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["head_init"]["every_row"] == again
+    rows = [e for e in _evals(tmp_path / "run")]
+    assert again["val_rmse"] <= rows[0]["rmse"]  # kept: validation does not put the sample's probe first
 
 
 def test_auto_head_start_is_random_for_lora_on_two_classes_and_the_probe_elsewhere(tmp_path, tiny_st_bert):
