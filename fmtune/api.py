@@ -44,6 +44,7 @@ from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, rea
 from fmtune.strategies import WHOLE_BACKBONE, apply_strategy, frozen_prefix
 from fmtune.tasks import task_class
 from fmtune.training import cache, checkpoint, distributed, hardware, optim, trackers
+from fmtune.training.dropout import set_dropout
 from fmtune.training.infer import infer, model_device
 from fmtune.training.loop import TB_DIR, fit, resolve_metric
 
@@ -223,6 +224,8 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     which are also returned, with why, for run.json."""
     set_seed(cfg.train.seed)
     bundle = build.create(cfg.model, task)
+    if cfg.model.dropout is not None:
+        set_dropout(bundle.model, cfg.model.dropout)
     cfg, few = _few_labels(cfg, bundle, task, frames)
     cfg, enough = config_mod.enough_steps(cfg, len(frames.train))
     if enough:

@@ -3,10 +3,13 @@ attention path that uses it while training."""
 
 import pytest
 import torch
+from conftest import cfg_dict, make_text_rows
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import fmtune
+from fmtune import api
 from fmtune.training.dropout import FastDropout, attention, drop, fast_dropout, keep_mask
 
 
@@ -134,3 +137,43 @@ def test_fast_dropout_off_changes_nothing(tiny_bert):
     model = AutoModel.from_pretrained(tiny_bert)
     with fast_dropout(model, enabled=False):
         assert not any(type(m) is FastDropout for m in model.modules())
+
+
+def test_set_dropout_turns_every_dropout_of_a_model_off_in_training(tiny_bert, monkeypatch, tmp_path):
+    """model.dropout: the layers, attention's probabilities and float attributes attention modules keep
+    (Whisper's) all follow; a training-mode forward is then deterministic."""
+    from transformers import AutoModel
+
+    from fmtune.config import from_dict
+    from fmtune.training.dropout import set_dropout
+
+    model = AutoModel.from_pretrained(tiny_bert, attn_implementation="sdpa")
+    model.config.attention_probs_dropout_prob = 0.1
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.3
+    model.encoder.layer[0].attention.dropout = 0.2  # a float, as Whisper's attention keeps it
+    ids = torch.randint(5, 20, (4, 9))
+    model.train()
+    with fast_dropout(model):
+        assert not torch.allclose(model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+    layers = sum(isinstance(m, nn.Dropout) for m in model.modules())
+    assert set_dropout(model, 0.0) == layers + 1 and model.encoder.layer[0].attention.dropout == 0.0
+    for fast in (True, False):
+        with fast_dropout(model, fast):
+            a, b = model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+        assert torch.equal(a, b)
+    # the model's own unless set; a value given is kept and checked
+    assert from_dict({"task": {"type": "regression"}}).model.dropout is None
+    assert from_dict({"task": {"type": "regression"}, "model": {"dropout": 0.0}}).model.dropout == 0.0
+    with pytest.raises(Exception, match="model.dropout"):
+        from_dict({"model": {"dropout": 1.0}})
+    # fmtune train sets it on the model it builds
+    seen = []
+    monkeypatch.setattr(api, "set_dropout", lambda m, p: seen.append(p) or set_dropout(m, p))
+    make_text_rows(60, 0, "regression").to_csv(tmp_path / "r.csv", index=False)
+    for p in (None, 0.0):
+        fmtune.train(cfg_dict(tiny_bert, tmp_path / "r.csv", out=str(tmp_path / f"run-{p}"),
+                              task={"type": "regression"}, model={"dropout": p}, train={"epochs": 1}),
+                     quiet=True, report=False)
+    assert seen == [0.0]

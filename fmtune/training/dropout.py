@@ -129,3 +129,22 @@ def fast_dropout(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         for parent, name, child in swapped:
             child.train(getattr(parent, name).training)
             setattr(parent, name, child)
+
+
+# float attributes attention modules keep their dropout probability in (Whisper, Llama ... read them while training)
+_FLOAT_DROPOUTS = ("dropout", "attention_dropout", "activation_dropout", "attn_dropout", "dropout_p", "dropout_prob")
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Every dropout of ``model`` (``nn.Dropout`` layers, and the probabilities attention modules keep as
+    floats) set to ``p``; returns how many were set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+            n += 1
+        for name in _FLOAT_DROPOUTS:
+            if type(getattr(m, name, None)) is float:
+                setattr(m, name, p)
+                n += 1
+    return n
