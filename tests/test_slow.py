@@ -122,6 +122,21 @@ def test_fairness_demo_audits_and_thresholds_close_the_gap(tmp_path):
     assert "Fairness" in (out / "report.html").read_text()
 
 
+def test_regression_demo_beats_the_probe_and_audits_by_race_and_sex(tmp_path):
+    """COMPAS records -> decile score: fine-tuned against the ridge probe on the frozen encoder, then
+    the audit of both by race and sex (measured, 2 cores fp32: test RMSE 2.314 -> 2.251, R² 0.370 -> 0.404, 131 s)."""
+    out = tmp_path / "reg"
+    summary = fmtune.demo("regression", out=out, quiet=True)
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["test"]["rmse"] < ev["baseline"]["rmse"] - 0.03 and ev["test"]["r2"] > ev["baseline"]["r2"], ev
+    fair = json.loads((out / "fairness.json").read_text())
+    assert fair["task"] == "regression" and list(fair["models"]) == ["pretrained baseline", "fine-tuned"]
+    race = fair["models"]["fine-tuned"]["race"]
+    assert {"African-American", "Caucasian", "Hispanic"} <= set(race["judged"]) and race["gaps"]["mae_difference"]
+    assert "Fairness" in (out / "report.html").read_text()
+    assert summary["wall_seconds"] < 180
+
+
 @pytest.mark.parametrize("task, metric, gain", [("segmentation", "miou", 0.06), ("detection", "map", 0.03)])
 def test_dense_demo_beats_its_frozen_backbone_baseline(tmp_path, task, metric, gain):
     """MobileNetV2 (ImageNet) on digit-scenes, against the head trained on the frozen backbone:
