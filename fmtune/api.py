@@ -424,6 +424,12 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                                                              quiet, hw)
                 if again.get("kept"):
                     summary["best"] = again[f"val_{result.metric}"]
+    ends_on_probe = solved is not None and info["head_init"]["kept_as_is"]
+    if task.supports("recentre") and result.steps > 0 and result.best is not None and not ends_on_probe and \
+            cfg.strategy.name not in config_mod.SOLVED_HEAD:
+        info["recentred"] = summary["recentred"] = _recentre(cfg, bundle, task, data, run_dir, result, quiet, hw)
+        if info["recentred"]["kept"]:
+            summary["best"] = info["recentred"][f"val_{result.metric}"]
     for note in ("small_training_set", "long_texts", "max_length_auto"):  # said apart from the few-label notes
         if few.get(note):
             info[note] = summary[note] = few.pop(note)
@@ -604,6 +610,42 @@ def _probe_on_every_row(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
                          f"{value:.4f} against {result.best:.4f} from the sample; "
                          + ("kept the sample's (validation says it is better)" if worse else "the run's model now"))
     return done
+
+
+RECENTRE_ROWS = 2_000  # training rows the mean prediction is measured on (a seeded sample beyond)
+
+
+def _recentre(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], run_dir: Path,
+              result: Any, quiet: bool, hw: hardware.Hardware) -> dict[str, Any]:
+    """Regression: move the best checkpoint's head bias so that its mean prediction on the training rows (in eval
+    mode, as it predicts) is their mean target; kept unless validation says worse. Fine-tuning leaves it off by a
+    fraction of a standard deviation (MiniLM-L6, 2,000 rows, 12 runs: -1.6 to +0.4 hours a week, -0.37 to +0.32
+    COMPAS deciles), and moving it lowered test RMSE in 10 of the 12 (README, Train on your data)."""
+    build.load_weights(bundle, run_dir / "model")
+    rows = data["train"]
+    if len(rows) > RECENTRE_ROWS:
+        pick = np.random.default_rng(cfg.train.seed).choice(len(rows), RECENTRE_ROWS, replace=False)
+        rows = Rows(rows, np.sort(pick))
+    linear = build.head_linear(bundle.model)
+    dtype = hardware.autocast_dtype(hw.precision)
+    with ui.CountProgress("mean prediction on the training rows", len(rows) + len(data["val"]), quiet) as bar:
+        pred, y = infer(bundle.model, rows, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
+        shift = float((y.double() - pred.double().view(-1)).mean())
+        with torch.no_grad():
+            linear.bias += shift / task.output_affine()[0]  # the head's output is mapped by * scale + shift
+        logits, vy = infer(bundle.model, data["val"], cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
+    value = float(task.metrics(logits, vy)[result.metric])
+    kept = not (value < result.best if task.greater_is_better(result.metric) else value > result.best)
+    if kept:
+        build.save(bundle, run_dir / "model")
+    else:
+        with torch.no_grad():
+            linear.bias -= shift / task.output_affine()[0]
+    if not quiet:
+        ui.console.print(f"  recentred: mean target - mean prediction on {len(rows):,} training rows {shift:+.4g}, "
+                         f"added to the head's output; val {result.metric} {result.best:.4f} -> {value:.4f}"
+                         + ("" if kept else ": not kept (validation says worse)"))
+    return {"rows": len(rows), "shift": round(shift, 6), f"val_{result.metric}": round(value, 6), "kept": kept}
 
 
 def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, Any],

@@ -230,6 +230,12 @@ def write_report(run: str | Path) -> Path:
                      + ("the run's model." if again["kept"] else "not kept, validation put the sample's first."))
         sections.append(f"<p>The head started from the linear probe solved on {init['rows']} training rows' "
                         f"features ({init['seconds']:.1f} s), validated at step 0.{kept}</p>")
+    moved = info.get("recentred")
+    if moved:
+        metric = next(k for k in moved if k.startswith("val_"))
+        sections.append(f"<p>Recentred: mean target minus mean prediction on {moved['rows']:,} training rows "
+                        f"{moved['shift']:+.4g}, added to the head's output (validation {metric[4:]} "
+                        f"{moved[metric]:g}" + ("" if moved["kept"] else ": worse, not kept") + ").</p>")
     for title, name in (("Confusion matrix (test)", "confusion_matrix.png"),
                         ("Precision-recall (test)", "precision_recall.png")):
         if (run_dir / name).is_file():

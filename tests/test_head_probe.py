@@ -260,3 +260,27 @@ def test_few_labels_without_a_validation_split_still_fine_tune_from_the_probe(tm
     s = fmtune.train(cfg, quiet=True, report=False)
     assert s["few_labels"]["no_validation_split"] and s["head_init"]["rows"] == 48
     assert s["best_step"] > 0 and not s["head_init"]["kept_as_is"]
+
+
+def test_regression_is_recentred_on_its_training_rows_after_fine_tuning(tmp_path, tiny_st_bert, text_files):
+    """The best checkpoint's mean prediction on the training rows is moved onto their mean target (unless
+    validation says worse); what was done is in run.json. A head solved on every row is centred already."""
+    import pandas as pd
+
+    cfg = cfg_dict(tiny_st_bert, text_files["regression_train"], out=str(tmp_path / "run"),
+                   task={"type": "regression"}, data={"val": str(text_files["regression_test"])},
+                   train={"epochs": 1, "lr": 1e-3})
+    s = fmtune.train(cfg, quiet=True, report=False)
+    moved = s["recentred"]
+    assert moved["rows"] == 240 and abs(moved["shift"]) > 1e-3 and moved["kept"], moved
+    assert s["best"] == moved["val_rmse"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["recentred"] == moved
+    from fmtune.report import write_report
+
+    page = write_report(tmp_path / "run").read_text()
+    assert f"Recentred: mean target minus mean prediction on 240 training rows {moved['shift']:+.4g}" in page
+    pred = fmtune.predict(tmp_path / "run", text_files["regression_train"], quiet=True)["prediction"]
+    assert pred.mean() == pytest.approx(pd.read_csv(text_files["regression_train"])["label"].mean(), abs=1e-4)
+    h = fmtune.train(cfg_dict(tiny_st_bert, text_files["regression_train"], out=str(tmp_path / "head"),
+                              task={"type": "regression"}, strategy={"name": "head"}), quiet=True, report=False)
+    assert "recentred" not in h

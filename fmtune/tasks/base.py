@@ -39,8 +39,9 @@ UNKNOWN = "unknown"
 #   robustness        fmtune robustness (metrics under perturbed inputs)
 #   fairness          fmtune fairness (metrics per group; task.group_weights; per-group thresholds)
 #   save_images       fmtune predict --save-images (predictions drawn or written as image files: write_files)
+#   recentre          after fine-tuning, the head's output moved so its mean on the training rows is theirs
 CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
-                "fairness", "pseudo_labels", "save_images")
+                "fairness", "pseudo_labels", "save_images", "recentre")
 
 
 class Task:

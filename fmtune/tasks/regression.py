@@ -25,7 +25,7 @@ class Regression(Task):
     default_metric = "rmse"
     metric_names = ("mae", "rmse", "r2", "loss")
     hf_problem_type = "regression"
-    capabilities = frozenset({"embed", "explain", "robustness", "fairness"})
+    capabilities = frozenset({"embed", "explain", "robustness", "fairness", "recentre"})
     baseline_method = "ridge regression (scikit-learn) on the frozen pretrained backbone's pooled features"
 
     @property
