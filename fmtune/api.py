@@ -548,9 +548,8 @@ def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, tr
     if getattr(train_ds, "field", "") == "features":
         x, targets = np.asarray(train_ds.data, dtype=np.float32), train_ds.targets
     else:  # no cache of the pooled features (the body trains, augmentation ...): computed here
-        rows, n = plain, config_mod.probe_init_rows(len(plain), len(task.labels or ()))
-        if cfg.strategy.name not in config_mod.SOLVED_HEAD and n < len(plain):
-            rows = Rows(plain, np.sort(np.random.default_rng(cfg.train.seed).choice(len(plain), n, replace=False)))
+        rows = plain if cfg.strategy.name in config_mod.SOLVED_HEAD else _seeded_sample(
+            plain, config_mod.probe_init_rows(len(plain), len(task.labels or ())), cfg.train.seed)
         with ui.CountProgress("probe for the head", len(rows), quiet) as bar:
             feats, targets = infer(bundle.model, rows, cfg.train.eval_batch_size, features=True, progress=bar,
                                    autocast_dtype=hardware.autocast_dtype(hw.precision))
@@ -564,6 +563,13 @@ def _head_from_probe(cfg: config_mod.Config, bundle: build.Bundle, task: Any, tr
         ui.console.print(f"  head: started from the linear probe solved on {len(x)} training rows' features "
                          f"({done['seconds']:.1f}s); validated before the first epoch{then}")
     return done
+
+
+def _seeded_sample(rows: Any, n: int, seed: int) -> Any:
+    """``rows``, or a seeded sample of ``n`` of them (in their order) where there are more."""
+    if n >= len(rows):
+        return rows
+    return Rows(rows, np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False)))
 
 
 def _solve_head(bundle: build.Bundle, task: Any, x: np.ndarray, targets: Any, seed: int) -> bool:
@@ -587,29 +593,42 @@ def _probe_on_every_row(cfg: config_mod.Config, bundle: build.Bundle, task: Any,
     sample of the training rows (a start, cheap, not a final head): solve the head again on every training row
     (the pretrained baseline's probe) and keep it where validation does not say it is worse."""
     build.load_weights(bundle, run_dir / "model")  # the step-0 checkpoint
-    linear = build.head_linear(bundle.model)
-    before = (linear.weight.detach().clone(), linear.bias.detach().clone())
+    before = _head_state(bundle)
     dtype = hardware.autocast_dtype(hw.precision)
     with ui.CountProgress("probe on every training row", len(data["train"]) + len(data["val"]), quiet) as bar:
         feats, targets = infer(bundle.model, data["train"], cfg.train.eval_batch_size, features=True, progress=bar,
                                autocast_dtype=dtype)
         if not _solve_head(bundle, task, feats.numpy(), targets, cfg.train.seed):
             return {}
-        logits, y = infer(bundle.model, data["val"], cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
+        value, kept = _keep_head_unless_worse(cfg, bundle, task, data["val"], run_dir, result, before, bar, dtype)
+    if not quiet:
+        ui.console.print(f"  the head solved again on all {len(data['train']):,} training rows: val {result.metric} "
+                         f"{value:.4f} against {result.best:.4f} from the sample; "
+                         + ("the run's model now" if kept else "kept the sample's (validation says it is better)"))
+    return {"rows": len(data["train"]), f"val_{result.metric}": round(value, 6), "kept": kept}
+
+
+def _head_state(bundle: build.Bundle) -> tuple[torch.Tensor, torch.Tensor]:
+    linear = build.head_linear(bundle.model)
+    return linear.weight.detach().clone(), linear.bias.detach().clone()
+
+
+def _keep_head_unless_worse(cfg: config_mod.Config, bundle: build.Bundle, task: Any, val: Any, run_dir: Path,
+                            result: Any, before: tuple[torch.Tensor, torch.Tensor], bar: Any,
+                            dtype: Any) -> tuple[float, bool]:
+    """After a change to the best checkpoint's head: its validation metric, and whether it is kept (saved as the
+    run's model) because validation does not say it is worse than the best; else the head goes back to ``before``."""
+    logits, y = infer(bundle.model, val, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
     value = float(task.metrics(logits, y)[result.metric])
     worse = value < result.best if task.greater_is_better(result.metric) else value > result.best
     if worse:
+        linear = build.head_linear(bundle.model)
         with torch.no_grad():
             linear.weight.copy_(before[0])
             linear.bias.copy_(before[1])
     else:
         build.save(bundle, run_dir / "model")
-    done = {"rows": len(data["train"]), f"val_{result.metric}": round(value, 6), "kept": not worse}
-    if not quiet:
-        ui.console.print(f"  the head solved again on all {len(data['train']):,} training rows: val {result.metric} "
-                         f"{value:.4f} against {result.best:.4f} from the sample; "
-                         + ("kept the sample's (validation says it is better)" if worse else "the run's model now"))
-    return done
+    return value, not worse
 
 
 RECENTRE_ROWS = 2_000  # training rows the mean prediction is measured on (a seeded sample beyond)
@@ -622,25 +641,15 @@ def _recentre(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dic
     fraction of a standard deviation (MiniLM-L6, 2,000 rows, 12 runs: -1.6 to +0.4 hours a week, -0.37 to +0.32
     COMPAS deciles), and moving it lowered test RMSE in 10 of the 12 (README, Train on your data)."""
     build.load_weights(bundle, run_dir / "model")
-    rows = data["train"]
-    if len(rows) > RECENTRE_ROWS:
-        pick = np.random.default_rng(cfg.train.seed).choice(len(rows), RECENTRE_ROWS, replace=False)
-        rows = Rows(rows, np.sort(pick))
-    linear = build.head_linear(bundle.model)
+    rows = _seeded_sample(data["train"], RECENTRE_ROWS, cfg.train.seed)
+    before = _head_state(bundle)
     dtype = hardware.autocast_dtype(hw.precision)
     with ui.CountProgress("mean prediction on the training rows", len(rows) + len(data["val"]), quiet) as bar:
         pred, y = infer(bundle.model, rows, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
         shift = float((y.double() - pred.double().view(-1)).mean())
-        with torch.no_grad():
-            linear.bias += shift / task.output_affine()[0]  # the head's output is mapped by * scale + shift
-        logits, vy = infer(bundle.model, data["val"], cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
-    value = float(task.metrics(logits, vy)[result.metric])
-    kept = not (value < result.best if task.greater_is_better(result.metric) else value > result.best)
-    if kept:
-        build.save(bundle, run_dir / "model")
-    else:
-        with torch.no_grad():
-            linear.bias -= shift / task.output_affine()[0]
+        with torch.no_grad():  # the head's output is mapped by * scale + shift
+            build.head_linear(bundle.model).bias += shift / task.output_affine()[0]
+        value, kept = _keep_head_unless_worse(cfg, bundle, task, data["val"], run_dir, result, before, bar, dtype)
     if not quiet:
         ui.console.print(f"  recentred: mean target - mean prediction on {len(rows):,} training rows {shift:+.4g}, "
                          f"added to the head's output; val {result.metric} {result.best:.4f} -> {value:.4f}"
