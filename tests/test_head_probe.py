@@ -284,3 +284,64 @@ def test_regression_is_recentred_on_its_training_rows_after_fine_tuning(tmp_path
     h = fmtune.train(cfg_dict(tiny_st_bert, text_files["regression_train"], out=str(tmp_path / "head"),
                               task={"type": "regression"}, strategy={"name": "head"}), quiet=True, report=False)
     assert "recentred" not in h
+
+
+def _model_rmse(run, path) -> float:
+    pred = fmtune.predict(run, path, quiet=True)["prediction"].to_numpy(float)
+    return float(((pred - pd.read_csv(path)["label"].to_numpy(float)) ** 2).mean() ** 0.5)
+
+
+def test_a_recentring_that_validation_says_is_worse_is_undone(tmp_path, tiny_st_bert, text_files, monkeypatch):
+    """Recentring is kept only unless validation says worse: the training rows' mean target read 100 too high
+    here moves the head by about 100, validation says worse, and the saved model (and the one tested) is the
+    best checkpoint as it was, not the moved one."""
+    from fmtune import api
+
+    sampled, infer, sample = [], api.infer, api._seeded_sample
+    monkeypatch.setattr(api, "_seeded_sample", lambda *a: sampled.append(sample(*a)) or sampled[-1])
+
+    def high_targets(model, ds, *a, **k):
+        pred, y = infer(model, ds, *a, **k)
+        return (pred, y + 100) if sampled and ds is sampled[-1] else (pred, y)
+
+    monkeypatch.setattr(api, "infer", high_targets)
+    val = text_files["regression_test"]
+    cfg = cfg_dict(tiny_st_bert, text_files["regression_train"], out=str(tmp_path / "run"),
+                   task={"type": "regression"}, data={"val": str(val)}, train={"epochs": 1, "lr": 1e-3})
+    s = fmtune.train(cfg, quiet=True, report=False)
+    moved = s["recentred"]
+    assert not moved["kept"] and moved["shift"] > 90 and moved["val_rmse"] > s["best"] + 50, (moved, s["best"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["recentred"] == moved
+    assert _model_rmse(tmp_path / "run", val) == pytest.approx(s["best"], rel=1e-4)  # the saved model: not moved
+
+
+def test_an_every_row_probe_that_validation_says_is_worse_leaves_the_samples_probe(tmp_path, tiny_st_bert,
+                                                                                     text_files, monkeypatch):
+    """The head solved again on every row is kept unless validation says worse; when it is worse (its
+    outputs negated here) the run's model stays the sample's probe, as validated at step 0."""
+    from fmtune import api, config
+
+    monkeypatch.setattr(config, "PROBE_INIT_ROWS", 100)
+    solve, calls = api._solve_head, []
+
+    def second_solve_negated(bundle, *a):
+        done = solve(bundle, *a)
+        calls.append(done)
+        if len(calls) == 2:  # the every-row solve (the first is the probe start)
+            linear = api.build.head_linear(bundle.model)
+            with torch.no_grad():
+                linear.weight.neg_()
+                linear.bias.add_(50)
+        return done
+
+    monkeypatch.setattr(api, "_solve_head", second_solve_negated)
+    val = text_files["regression_test"]
+    cfg = cfg_dict(tiny_st_bert, text_files["regression_train"], out=str(tmp_path / "run"),
+                   task={"type": "regression"}, data={"val": str(val)},
+                   train={"epochs": 1, "lr": 1e-12, "head_lr": 1e-12, "head_init": "probe"})
+    s = fmtune.train(cfg, quiet=True, report=False)
+    again = s["head_init"]["every_row"]
+    assert len(calls) == 2 and s["best_step"] == 0 and again["rows"] == 240 and not again["kept"], again
+    assert again["val_rmse"] > s["best"] + 10
+    assert s["best"] == pytest.approx(_evals(tmp_path / "run")[0]["rmse"], abs=1e-6)  # the step-0 probe's
+    assert _model_rmse(tmp_path / "run", val) == pytest.approx(s["best"], rel=1e-4)
