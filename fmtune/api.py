@@ -4,6 +4,7 @@ calls these."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import json
@@ -40,7 +41,17 @@ from fmtune.data.readers import (
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import write_json, write_text_atomic
 from fmtune.models import build
-from fmtune.run import EVAL_FILE, INFO_FILE, OpenRun, new_run_dir, open_run, read_config, read_task, write_start
+from fmtune.run import (
+    EVAL_FILE,
+    INFO_FILE,
+    LABELS_FILE,
+    OpenRun,
+    new_run_dir,
+    open_run,
+    read_config,
+    read_task,
+    write_start,
+)
 from fmtune.strategies import WHOLE_BACKBONE, apply_strategy, frozen_prefix
 from fmtune.tasks import task_class
 from fmtune.training import cache, checkpoint, distributed, hardware, optim, trackers
@@ -430,6 +441,11 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
         info["recentred"] = summary["recentred"] = _recentre(cfg, bundle, task, data, run_dir, result, quiet, hw)
         if info["recentred"]["kept"]:
             summary["best"] = info["recentred"][f"val_{result.metric}"]
+    if task.supports("thresholds") and cfg.task.thresholds == "auto" and result.best is not None:
+        info["thresholds"] = summary["thresholds"] = _choose_thresholds(cfg, bundle, task, data["val"], run_dir,
+                                                                        result, frames.val_is_train, quiet, hw)
+        if info["thresholds"].get("metric") == result.metric:
+            summary["best"] = info["thresholds"][f"val_{result.metric}"]
     for note in ("small_training_set", "long_texts", "max_length_auto"):  # said apart from the few-label notes
         if few.get(note):
             info[note] = summary[note] = few.pop(note)
@@ -447,7 +463,7 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
         build.load_weights(bundle, run_dir / "model")
         summary["eval"] = _evaluate_run(OpenRun(run_dir, cfg, task, bundle), data["test"],
                                         cfg.train.baseline and task.probe_baseline, quiet, source=cfg.data.test,
-                                        train_ds=data["train"])
+                                        train_ds=data["train"], val_ds=None if frames.val_is_train else data["val"])
     test = summary.get("eval", {}).get("test", {})
     _log_hparams(run_dir, cfg, result, test)
     for t in tracked:
@@ -657,6 +673,39 @@ def _recentre(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dic
     return {"rows": len(rows), "shift": round(shift, 6), f"val_{result.metric}": round(value, 6), "kept": kept}
 
 
+def _choose_thresholds(cfg: config_mod.Config, bundle: build.Bundle, task: Any, val: Any, run_dir: Path, result: Any,
+                       val_is_train: bool, quiet: bool, hw: hardware.Hardware) -> dict[str, Any]:
+    """task.thresholds=auto: the best checkpoint's decision thresholds chosen on the validation rows for the run's
+    metric and saved with the run (labels.json); not on training rows (no validation split: they would flatter)."""
+    if val_is_train:
+        why = f"no validation split: task.threshold {task.threshold:g} for every label"
+        if not quiet:
+            ui.console.print(f"  decision thresholds not chosen: {why}")
+        return {"chosen": False, "why": why}
+    build.load_weights(bundle, run_dir / "model")
+    task.threshold = cfg.task.threshold  # (a resumed run's labels.json may hold the ones chosen before)
+    with ui.CountProgress("decision thresholds on validation", len(val), quiet) as bar:
+        logits, y = infer(bundle.model, val, cfg.train.eval_batch_size, progress=bar,
+                          autocast_dtype=hardware.autocast_dtype(hw.precision))
+    chosen = task.choose_thresholds(logits, y, result.metric)
+    if chosen is None:
+        why = (f"the {len(y):,} validation rows cannot tell (too few positive or negative rows of every label): "
+               f"task.threshold {task.threshold:g} for every label")
+        if not quiet:
+            ui.console.print(f"  decision thresholds not chosen: {why}")
+        return {"chosen": False, "why": why}
+    write_json(run_dir / LABELS_FILE, task.state())
+    if not quiet:
+        metric, before = chosen["metric"], chosen["before"]
+        values = sorted(set(chosen["thresholds"].values()))
+        ui.console.print(f"  decision thresholds chosen on {chosen['rows']:,} validation rows for {metric}: "
+                         + (f"{values[0]:g} for every label" if len(values) == 1 else
+                            f"{values[0]:g} to {values[-1]:g} by label")
+                         + f"; val {metric} {before[f'val_{metric}']:.4f} at {before['threshold']:g} -> "
+                         f"{chosen[f'val_{metric}']:.4f}")
+    return {"chosen": True, **chosen}
+
+
 def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, Any],
                 quiet: bool, hw: hardware.Hardware) -> tuple[Any, Any, Any, str]:
     """Swap train/val for their cached frozen-prefix outputs where the strategy allows it."""
@@ -701,7 +750,13 @@ def _with_cache(cfg: config_mod.Config, bundle: build.Bundle, data: dict[str, An
             f"{why} ({how} {cache.cache_dir()}, stored as {stored})")
 
 
-def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: Any, train_ds: Any = None) -> dict:
+def _thresholds_chosen(task: Any) -> bool:
+    """Whether the run's decision thresholds were chosen on its validation rows (task.thresholds=auto)."""
+    return task.supports("thresholds") and isinstance(task.threshold, list)
+
+
+def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: Any, train_ds: Any = None,
+                  val_ds: Any = None) -> dict:
     cfg, task = run.config, run.task
     with ui.CountProgress("evaluate", len(ds), quiet) as bar:
         logits, targets = infer(run.bundle.model, ds, cfg.train.eval_batch_size, progress=bar)
@@ -717,13 +772,23 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
         if train_ds is None:
             frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
             train_ds = make_dataset(frames.train, run.bundle, task, cfg.data)[0]
+            if _thresholds_chosen(task) and not frames.val_is_train:
+                val_ds = make_dataset(frames.val, run.bundle, task, cfg.data)[0]
         pre = build.create(dataclasses.replace(cfg.model, init="pretrained"), task)  # the pretrained backbone
         pre.model.to(model_device(run.bundle.model))
-        with ui.CountProgress("baseline (frozen features)", len(train_ds) + len(ds), quiet) as bar:
-            probe = evaluation.linear_probe(pre.model, task, train_ds, {"test": ds}, cfg.train.eval_batch_size,
-                                            cfg.train.seed, progress=bar)
-        result["baseline"] = {k: v for k, v in probe["test"].items() if k != "loss"}
-        result["baseline_method"] = task.baseline_method
+        # decision thresholds chosen on validation for the model: the probe's are chosen on the same rows
+        sets = {"test": ds, **({"val": val_ds} if val_ds is not None and _thresholds_chosen(task) else {})}
+        with ui.CountProgress("baseline (frozen features)", sum(map(len, (train_ds, *sets.values()))), quiet) as bar:
+            outputs = evaluation.probe_outputs(pre.model, task, train_ds, sets, cfg.train.eval_batch_size,
+                                               cfg.train.seed, progress=bar)
+        judge, method = task, task.baseline_method
+        if "val" in outputs:
+            judge = copy.copy(task)
+            judge.threshold = cfg.task.threshold
+            if judge.choose_thresholds(*outputs["val"], resolve_metric(task, cfg.train)) is not None:
+                method += "; its decision thresholds chosen on the validation rows, as the fine-tuned model's"
+        result["baseline"] = {k: v for k, v in judge.metrics(*outputs["test"]).items() if k != "loss"}
+        result["baseline_method"] = method
     write_json(run.dir / EVAL_FILE, result)
     if not quiet:
         ui.console.print(f"\n[bold]test[/] ({_rows(ds)} examples, {source})\n{report}")

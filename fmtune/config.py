@@ -131,7 +131,13 @@ class TaskConfig:
     type: str = _f("classification", "what the model predicts: a task of `fmtune tasks` (classification, multilabel, "
                    "regression, ner ...)")
     class_weights: bool = _f(False, "weight the loss by inverse class frequency (imbalanced data)")
-    threshold: float = _f(0.5, "multilabel: probability above which a label is predicted")
+    threshold: float = _f(0.5, "multilabel: probability above which a label is predicted (task.thresholds=fixed, "
+                          "or where validation cannot choose)")
+    thresholds: Literal["auto", "fixed"] = _f(
+        "auto", "multilabel: auto chooses the decision thresholds on the validation rows after training, for "
+        "train.metric (macro_f1: one per label with 5 positive and 5 negative validation rows, the best F1 of each; "
+        "micro_f1 / accuracy: one for all) and saves them with the run; fixed: task.threshold for every label. "
+        "Not chosen without a validation split")
     label_all_subtokens: bool = _f(False, "ner: train on every sub-token of a word (default: its first sub-token "
                                    "only); predictions and metrics always read the first")
     group_weights: str | None = _f(None, "fairness: re-weigh training examples so each group x label cell of "

@@ -9,20 +9,10 @@ from typing import Any
 from fmtune.training.infer import infer
 
 
-def linear_probe(model: Any, task: Any, train_ds: Any, eval_sets: dict[str, Any], batch_size: int,
-                 seed: int = 0, progress: Any = None) -> dict[str, dict[str, float]]:
-    """Fit the task's probe (regularisation chosen by cross-validation) on frozen features of
-    ``train_ds``; score it on each eval set.
-
-    Returns task metrics per eval set, computed exactly as for the fine-tuned model.
-    """
-    return {name: task.metrics(logits, y) for name, (logits, y) in
-            probe_outputs(model, task, train_ds, eval_sets, batch_size, seed, progress).items()}
-
-
 def probe_outputs(model: Any, task: Any, train_ds: Any, eval_sets: dict[str, Any], batch_size: int,
                   seed: int = 0, progress: Any = None) -> dict[str, tuple[Any, Any]]:
-    """The probe's (logits, targets) on each eval set, fitted as in ``linear_probe``."""
+    """Fit the task's probe (regularisation chosen by cross-validation) on frozen features of ``train_ds``;
+    its (logits, targets) on each eval set, scored by the caller exactly as the fine-tuned model's."""
     x_train, y_train = infer(model, train_ds, batch_size, features=True, progress=progress)
     probe = task.fit_probe(x_train.numpy(), y_train, seed)
     out = {}

@@ -236,6 +236,16 @@ def write_report(run: str | Path) -> Path:
         sections.append(f"<p>Recentred: mean target minus mean prediction on {moved['rows']:,} training rows "
                         f"{moved['shift']:+.4g}, added to the head's output (validation {metric[4:]} "
                         f"{moved[metric]:g}" + ("" if moved["kept"] else ": worse, not kept") + ").</p>")
+    cut = info.get("thresholds")
+    if cut:
+        if cut.get("chosen"):
+            metric, values = cut["metric"], cut["thresholds"]
+            sections.append(
+                f"<p>Decision thresholds chosen on {cut['rows']:,} validation rows for {metric} (validation "
+                f"{cut['before'][f'val_{metric}']:g} at {cut['before']['threshold']:g} -> {cut[f'val_{metric}']:g}): "
+                + html.escape(", ".join(f"{k} {v:g}" for k, v in values.items())) + ".</p>")
+        else:
+            sections.append(f"<p>Decision thresholds not chosen: {html.escape(cut['why'])}.</p>")
     for title, name in (("Confusion matrix (test)", "confusion_matrix.png"),
                         ("Precision-recall (test)", "precision_recall.png")):
         if (run_dir / name).is_file():

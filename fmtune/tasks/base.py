@@ -40,8 +40,9 @@ UNKNOWN = "unknown"
 #   fairness          fmtune fairness (metrics per group; task.group_weights; per-group thresholds)
 #   save_images       fmtune predict --save-images (predictions drawn or written as image files: write_files)
 #   recentre          after fine-tuning, the head's output moved so its mean on the training rows is theirs
+#   thresholds        decision thresholds chosen on the validation rows after training (choose_thresholds)
 CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
-                "fairness", "pseudo_labels", "save_images", "recentre")
+                "fairness", "pseudo_labels", "save_images", "recentre", "thresholds")
 
 
 class Task:
@@ -260,6 +261,15 @@ class Task:
     def head_from_probe(self, probe: Any, num_features: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The fitted probe as the weight and bias of the task's linear head (outputs before the
         head's fixed output affine), or None where a probe cannot be one."""
+        return None
+
+    def choose_thresholds(self, logits: torch.Tensor, targets: Any, metric: str) -> dict[str, Any] | None:
+        """Capability "thresholds": set the decision thresholds that score best on ``metric`` on these
+        (validation) outputs; returns what was chosen, or None where the rows cannot tell."""
+        return None
+
+    def decision_thresholds(self) -> dict[str, float] | None:
+        """Capability "thresholds": the probability above which each label is predicted (None elsewhere)."""
         return None
 
     def state(self) -> dict[str, Any]:

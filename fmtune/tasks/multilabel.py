@@ -17,6 +17,50 @@ from fmtune.errors import DataError
 from fmtune.tasks.base import TASKS, Task
 from fmtune.tasks.probe import logreg, scaled, unscaled
 
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+MIN_POSITIVES = 5  # validation rows a label needs on each side (positive, negative) for a threshold of its own
+
+
+def _best(grid: np.ndarray, score: Any, prefer: float) -> float:
+    """The grid value of the highest score; ties go to the value nearest ``prefer``."""
+    return float(max(grid, key=lambda t: (round(float(score(t)), 12), -abs(t - prefer))))
+
+
+def _exact(y: np.ndarray, pred: np.ndarray) -> float:
+    return float((pred == y).all(1).mean())
+
+
+def choose_thresholds(y: np.ndarray, probs: np.ndarray, metric: str = "macro_f1", fallback: float = 0.5,
+                      min_positives: int = MIN_POSITIVES) -> np.ndarray | None:
+    """Per-label decision thresholds chosen on held-out rows for ``metric`` (``y`` 0/1 and ``probs`` the
+    predicted probabilities, rows x labels), or None where the rows cannot tell (no label with
+    ``min_positives`` positive and as many negative rows; a metric thresholds do not move).
+
+    macro_f1 is a mean over labels: each label that has the rows gets the threshold of its best F1, unless
+    that F1 is no better than flagging the label on every row (no decision rule: F1 rewards it on a label
+    the model cannot rank, and it would mark nearly every input); those labels, and labels without the
+    rows, keep ``fallback``. micro_f1 and accuracy (every label right) count all labels together: one
+    threshold for all, the best on that metric. Ties go to the value nearest ``fallback``."""
+    pos = y.sum(0)
+    enough = (pos >= min_positives) & (len(y) - pos >= min_positives)
+    if not enough.any() or metric not in ("macro_f1", "micro_f1", "accuracy"):
+        return None
+    if metric != "macro_f1":
+        def shared(t: float) -> float:
+            pred = (probs > t).astype(int)
+            return _exact(y, pred) if metric == "accuracy" else skm.f1_score(y, pred, average="micro",
+                                                                              zero_division=0)
+
+        return np.full(y.shape[1], _best(THRESHOLD_GRID, shared, fallback))
+    out = np.full(y.shape[1], fallback)
+    for j in np.flatnonzero(enough):
+        yj, pj = y[:, j], probs[:, j]
+        t = _best(THRESHOLD_GRID, lambda t, yj=yj, pj=pj: skm.f1_score(yj, pj > t, zero_division=0), fallback)
+        every_row = 2 * pos[j] / (len(y) + pos[j])  # F1 of flagging every row
+        if skm.f1_score(yj, pj > t, zero_division=0) > every_row:
+            out[j] = t
+    return out
+
 
 @TASKS.register("multilabel")
 class MultiLabel(Task):
@@ -25,7 +69,7 @@ class MultiLabel(Task):
     default_metric = "macro_f1"
     metric_names = ("macro_f1", "micro_f1", "accuracy", "loss")
     hf_problem_type = "multi_label_classification"
-    capabilities = frozenset({"embed", "explain", "robustness"})
+    capabilities = frozenset({"embed", "explain", "robustness", "thresholds"})
 
     def _split(self, v: Any) -> list[str]:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -76,8 +120,31 @@ class MultiLabel(Task):
         w = self.class_weights.to(logits.device) if self.class_weights is not None else None
         return F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=w)
 
+    def _cut(self) -> torch.Tensor:
+        """The decision threshold of every label (one for all, or one each: task.thresholds=auto)."""
+        return torch.as_tensor(self.threshold, dtype=torch.float32).expand(len(self.labels))
+
     def _predicted(self, logits: torch.Tensor) -> np.ndarray:
-        return (logits.float().sigmoid() > self.threshold).numpy().astype(int)
+        return (logits.float().sigmoid() > self._cut()).numpy().astype(int)
+
+    def decision_thresholds(self) -> dict[str, float]:
+        return dict(zip(self.labels, self._cut().tolist()))
+
+    def choose_thresholds(self, logits: torch.Tensor, targets: torch.Tensor, metric: str) -> dict[str, Any] | None:
+        """Set the decision thresholds that score best on ``metric`` on these (validation) rows (see
+        ``choose_thresholds``); what was chosen and the metric before / after, or None where the rows cannot
+        tell (the thresholds are left as they were)."""
+        if metric not in ("macro_f1", "micro_f1", "accuracy"):  # the loss: thresholds do not move it
+            metric = self.default_metric
+        before = self.metrics(logits, targets)[metric]
+        fallback = float(self._cut().mean())
+        chosen = choose_thresholds(targets.numpy().astype(int), logits.float().sigmoid().numpy(), metric, fallback)
+        if chosen is None:
+            return None
+        self.threshold = [float(t) for t in chosen]
+        return {"metric": metric, "rows": len(targets), "thresholds": dict(zip(self.labels, self.threshold)),
+                "before": {"threshold": fallback, f"val_{metric}": round(before, 6)},
+                f"val_{metric}": round(self.metrics(logits, targets)[metric], 6)}
 
     def metrics(self, logits, targets):
         pred = self._predicted(logits)
@@ -90,8 +157,8 @@ class MultiLabel(Task):
         }
 
     def postprocess(self, logits, ds=None):
-        probs = logits.float().sigmoid()
-        return [{"labels": [n for n, x in zip(self.labels, p) if x > self.threshold],
+        probs, cut = logits.float().sigmoid(), self._cut().tolist()
+        return [{"labels": [n for n, x, t in zip(self.labels, p, cut) if x > t],
                  "probabilities": {n: float(x) for n, x in zip(self.labels, p)}} for p in probs]
 
     def prediction_columns(self) -> list[str]:
