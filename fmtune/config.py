@@ -85,7 +85,8 @@ class DataConfig:
     target_column: str | None = _f(None, "generation: column of a table holding the target text (default: "
                                    "completion); speech-recognition: the transcript (default: the first of text, "
                                    "transcript, transcription, sentence)")
-    label_separator: str = _f("|", "multi-label: separator between labels in one cell")
+    label_separator: str = _f("|", "multi-label: separator between labels in one cell (a cell written as a list, "
+                              "[\"a\", \"b\"] or ['a', 'b'], is read as that list)")
     label_names: list[str] | None = _f(None, "names of labels stored as numbers, comma-separated in id order (id 0 "
                                  "first): the label column of a table, or a ner file's tags (e.g. "
                                  "O,B-PER,I-PER,...), as a Hugging Face dataset saved as JSON/CSV holds them; -1 is "

@@ -306,3 +306,44 @@ def test_there_are_shipped_configs():
 def test_shipped_configs_are_valid(path):
     cfg = load(path)
     assert cfg.model.name and cfg.data.train
+
+
+def test_multilabel_cells_written_as_lists_are_read_as_lists(tmp_path, tiny_st_bert, text_files):
+    """A list column written to CSV (pandas writes "['a', 'b']", json '["a", "b"]') is read as its labels, the
+    same run as with '|'-joined cells; a literal is parsed, never evaluated."""
+    from fmtune.tasks import MultiLabel
+
+    df = pd.DataFrame({"label": ["['pos', 'music']", '["neg"]', "[]", "pos|music", "[__import__('os')]"]})
+    task = MultiLabel.from_train(df["label"].iloc[:4], df)
+    assert task.labels == ["music", "neg", "pos"]
+    assert task.encode(df["label"].iloc[:4], df, "label").tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 0, 1]]
+    assert task._split(df["label"].iloc[4]) == ["[__import__('os')]"]  # not a literal: one label, as written
+    runs = {}
+    for style in ("joined", "listed"):
+        paths = {}
+        for name in ("multilabel_train", "multilabel_test"):
+            part = pd.read_csv(text_files[name])
+            if style == "listed":
+                part["label"] = [str(c.split("|")) if i % 2 else json.dumps(c.split("|"))
+                                 for i, c in enumerate(part["label"])]
+            paths[name] = tmp_path / f"{style}-{name}.csv"
+            part.to_csv(paths[name], index=False)
+        s = fmtune.train(cfg_dict(tiny_st_bert, paths["multilabel_train"], out=str(tmp_path / style),
+                                  task={"type": "multilabel"}, data={"test": str(paths["multilabel_test"])},
+                                  train={"epochs": 1}), quiet=True, report=False)
+        runs[style] = (json.loads((tmp_path / style / "labels.json").read_text())["labels"], s["eval"]["test"])
+    assert runs["listed"] == runs["joined"] and runs["listed"][0] == ["music", "neg", "pos"]
+
+
+def test_multilabel_cells_joined_by_another_separator_are_pointed_out(tmp_path):
+    from fmtune.tasks import MultiLabel
+
+    df = pd.DataFrame({"label": ["sports,politics", "sports", "weather", "politics,weather", "sports"]})
+    df.attrs["source"] = "train.csv"
+    with pytest.warns(UserWarning, match=r"row 1 .*'\|'.*2 of 5 hold ','.*--set data.label_separator=,"):
+        task = MultiLabel.from_train(df["label"], df)
+    assert "sports,politics" in task.labels  # read as written: a label name may hold a comma
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MultiLabel.from_train(df["label"], df, separator=",")  # told: no warning
+        MultiLabel.from_train(pd.Series(["a|b", "c,d"]), df)  # the separator is in use: no hint

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import math
 import warnings
 from typing import Any
@@ -62,6 +64,32 @@ def choose_thresholds(y: np.ndarray, probs: np.ndarray, metric: str = "macro_f1"
     return out
 
 
+def _list_literal(text: str) -> list | None:
+    """The list a cell spells as a JSON or Python literal (a list column written to CSV by pandas or json), else None;
+    parsed as literals only (json / ast.literal_eval), never evaluated."""
+    text = text.strip()
+    if len(text) < 2 or text[0] != "[" or text[-1] != "]":
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, list) and all(isinstance(x, (str, int)) for x in value):
+            return value
+    return None
+
+
+def _other_separator(cells: list[str], separator: str) -> str | None:
+    """The character that looks like the labels' separator in these cells where ``separator`` is in none: one of
+    ',' ';' in a tenth of them or more (a label name may hold one, so this is a hint, not a rule)."""
+    if not cells or any(separator in c for c in cells):
+        return None
+    counts = {sep: sum(sep in c for c in cells) for sep in (",", ";") if sep != separator}
+    sep, n = max(counts.items(), key=lambda kv: kv[1], default=(None, 0))
+    return sep if n and n >= len(cells) / 10 else None
+
+
 @TASKS.register("multilabel")
 class MultiLabel(Task):
     name = "multilabel"
@@ -74,6 +102,9 @@ class MultiLabel(Task):
     def _split(self, v: Any) -> list[str]:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return []
+        listed = _list_literal(v) if isinstance(v, str) else None
+        if listed is not None:  # '["a", "b"]' or "['a', 'b']": a list column written out to a CSV
+            v = listed
         if isinstance(v, (list, tuple, np.ndarray)):
             return [str(x).strip() for x in v if str(x).strip()]
         return [s.strip() for s in str(v).split(self.separator) if s.strip()]
@@ -97,6 +128,15 @@ class MultiLabel(Task):
         labels = sorted({lab for v in values for lab in probe._split(v)})
         if not labels:
             raise DataError(f"{df.attrs.get('source')}: column {column!r} holds no labels")
+        cells = [v for v in values if isinstance(v, str) and v.strip() and _list_literal(v) is None]
+        other = _other_separator(cells, separator)
+        if other is not None:
+            n = sum(other in c for c in cells)
+            first = next(i for i, v in enumerate(values) if isinstance(v, str) and other in v)
+            warnings.warn(f"{row_label(df, first)}: column {column!r}: no cell holds the label separator "
+                          f"{separator!r} (data.label_separator), but {n} of {len(cells)} hold {other!r}, e.g. "
+                          f"{values.iloc[first]!r}; each such cell is read as one label. If {other!r} separates "
+                          f"labels, pass --set data.label_separator={other}", UserWarning, stacklevel=3)
         task = cls(labels, separator=separator, **kw)
         if class_weights:  # positive weight per label: negatives / positives
             y = task.encode(values, df, column)
