@@ -415,6 +415,12 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                "seconds": result.seconds, "processes": result.processes}
     if not distributed.is_main():
         return summary  # the test, the baseline and the files are rank 0's
+    if not quiet:
+        stop = "stopped early" if result.stopped_early else (
+            f"stopped at the time budget of {cfg.train.max_minutes} min" if result.out_of_time else "finished")
+        out.print(f"  {stop} after {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s, "
+                  f"{result.samples_per_s:.1f} samples/s; best val {result.metric} "
+                  + (f"{result.best:.4f} at step {result.best_step}" if result.best is not None else "never finite"))
     dist_keys = ("processes", "params_in_sync", "weights_per_rank_mib")
     fit_info = {k: v for k, v in vars(result).items() if k not in ("history", *dist_keys)}
     if result.processes > 1:
@@ -453,12 +459,6 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
         info["few_labels"] = few
         summary["few_labels"] = {k: v for k, v in few.items() if k != "contrastive"}
     write_json(run_dir / INFO_FILE, info)
-    if not quiet:
-        stop = "stopped early" if result.stopped_early else (
-            f"stopped at the time budget of {cfg.train.max_minutes} min" if result.out_of_time else "finished")
-        out.print(f"  {stop} after {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s, "
-                  f"{result.samples_per_s:.1f} samples/s; best val {result.metric} "
-                  + (f"{result.best:.4f} at step {result.best_step}" if result.best is not None else "never finite"))
     if "test" in data:
         build.load_weights(bundle, run_dir / "model")
         summary["eval"] = _evaluate_run(OpenRun(run_dir, cfg, task, bundle), data["test"],
