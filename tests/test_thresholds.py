@@ -120,3 +120,21 @@ def test_fixed_thresholds_and_runs_without_a_validation_split_keep_task_threshol
     assert s["few_labels"]["no_validation_split"]
     assert not s["thresholds"]["chosen"] and "no validation split" in s["thresholds"]["why"]
     assert json.loads((tmp_path / "few" / "labels.json").read_text())["threshold"] == 0.5
+
+
+def test_a_label_is_never_flagged_on_more_than_five_times_its_positive_rows():
+    """F1 rewards flagging a weakly ranked rare label on most rows (once: 62% of tweets at 8% precision);
+    the threshold chosen flags at most 5x as many validation rows as the label has positives."""
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(1)
+    y = (rng.random(1000) < 0.05).astype(int)  # 5%: at most 25% of the rows may be flagged
+    p = np.where(y == 1, rng.uniform(0.06, 0.14, 1000), rng.uniform(0.0, 0.3, 1000) ** 2 * 2)  # weakly ranked
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    free = max(grid, key=lambda t: f1_score(y, p > t, zero_division=0))
+    assert free == 0.05 and (p > free).sum() > 5 * y.sum()  # what an unbounded F1 search takes: 46% of the rows
+    # within the bound (0.15 and up) nothing beats flagging every row: the fallback
+    assert choose_thresholds(y[:, None], p[:, None], "macro_f1")[0] == 0.5
+    p[y == 1] += 0.1  # better ranked: a threshold within the bound
+    t = choose_thresholds(y[:, None], p[:, None], "macro_f1")[0]
+    assert t != 0.5 and (p > t).sum() <= 5 * y.sum(), t
