@@ -137,10 +137,10 @@ class MultiLabel(Task):
         other = _other_separator(cells, separator)
         if other is not None:
             n = sum(other in c for c in cells)
-            first = next(i for i, v in enumerate(values) if isinstance(v, str) and other in v)
+            first, example = next((i, v) for i, v in enumerate(values) if isinstance(v, str) and other in v)
             warnings.warn(f"{row_label(df, first)}: column {column!r}: no cell holds the label separator "
                           f"{separator!r} (data.label_separator), but {n} of {len(cells)} hold {other!r}, e.g. "
-                          f"{values.iloc[first]!r}; each such cell is read as one label. If {other!r} separates "
+                          f"{example!r}; each such cell is read as one label. If {other!r} separates "
                           f"labels, pass --set data.label_separator={other}", UserWarning, stacklevel=3)
         task = cls(labels, separator=separator, **kw)
         if class_weights:  # positive weight per label: negatives / positives
@@ -182,7 +182,7 @@ class MultiLabel(Task):
         if metric not in ("macro_f1", "micro_f1", "accuracy"):  # the loss: thresholds do not move it
             metric = self.default_metric
         before = self.metrics(logits, targets)[metric]
-        fallback = float(self._cut().mean())
+        fallback = round(float(self._cut().mean()), 6)  # (float32: 0.4 is 0.4000000059...)
         chosen = choose_thresholds(targets.numpy().astype(int), logits.float().sigmoid().numpy(), metric, fallback)
         if chosen is None:
             return None
