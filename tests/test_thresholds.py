@@ -120,6 +120,9 @@ def test_fixed_thresholds_and_runs_without_a_validation_split_keep_task_threshol
     assert s["few_labels"]["no_validation_split"]
     assert not s["thresholds"]["chosen"] and "no validation split" in s["thresholds"]["why"]
     assert json.loads((tmp_path / "few" / "labels.json").read_text())["threshold"] == 0.5
+    from fmtune.report import write_report
+
+    assert "Decision thresholds not chosen: no validation split" in write_report(tmp_path / "few").read_text()
 
 
 def test_a_label_is_never_flagged_on_more_than_five_times_its_positive_rows():
