@@ -677,23 +677,24 @@ def _choose_thresholds(cfg: config_mod.Config, bundle: build.Bundle, task: Any, 
                        val_is_train: bool, quiet: bool, hw: hardware.Hardware) -> dict[str, Any]:
     """task.thresholds=auto: the best checkpoint's decision thresholds chosen on the validation rows for the run's
     metric and saved with the run (labels.json); not on training rows (no validation split: they would flatter)."""
-    if val_is_train:
-        why = f"no validation split: task.threshold {task.threshold:g} for every label"
+    task.threshold = cfg.task.threshold  # (a resumed run's labels.json may hold the ones chosen before)
+
+    def not_chosen(why: str) -> dict[str, Any]:
+        write_json(run_dir / LABELS_FILE, task.state())
         if not quiet:
             ui.console.print(f"  decision thresholds not chosen: {why}")
         return {"chosen": False, "why": why}
+
+    if val_is_train:
+        return not_chosen(f"no validation split: task.threshold {task.threshold:g} for every label")
     build.load_weights(bundle, run_dir / "model")
-    task.threshold = cfg.task.threshold  # (a resumed run's labels.json may hold the ones chosen before)
     with ui.CountProgress("decision thresholds on validation", len(val), quiet) as bar:
         logits, y = infer(bundle.model, val, cfg.train.eval_batch_size, progress=bar,
                           autocast_dtype=hardware.autocast_dtype(hw.precision))
     chosen = task.choose_thresholds(logits, y, result.metric)
     if chosen is None:
-        why = (f"the {len(y):,} validation rows cannot tell (too few positive or negative rows of every label): "
-               f"task.threshold {task.threshold:g} for every label")
-        if not quiet:
-            ui.console.print(f"  decision thresholds not chosen: {why}")
-        return {"chosen": False, "why": why}
+        return not_chosen(f"the {len(y):,} validation rows cannot tell (too few positive or negative rows of every "
+                          f"label): task.threshold {task.threshold:g} for every label")
     write_json(run_dir / LABELS_FILE, task.state())
     if not quiet:
         metric, before = chosen["metric"], chosen["before"]
