@@ -62,9 +62,12 @@ def choose_thresholds(y: np.ndarray, probs: np.ndarray, metric: str = "macro_f1"
         grid = np.array([t for t in THRESHOLD_GRID if (pj > t).sum() <= MAX_FLAGGED * pos[j]])
         if not len(grid):
             continue
-        t = _best(grid, lambda t, yj=yj, pj=pj: skm.f1_score(yj, pj > t, zero_division=0), fallback)
-        every_row = 2 * pos[j] / (len(y) + pos[j])  # F1 of flagging every row
-        if skm.f1_score(yj, pj > t, zero_division=0) > every_row:
+
+        def f1(t: float, yj: np.ndarray = yj, pj: np.ndarray = pj) -> float:
+            return skm.f1_score(yj, pj > t, zero_division=0)
+
+        t = _best(grid, f1, fallback)
+        if f1(t) > 2 * pos[j] / (len(y) + pos[j]):  # better than flagging every row
             out[j] = t
     return out
 
