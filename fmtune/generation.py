@@ -101,7 +101,9 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     if not resume:  # a resumed run's config holds the batch it trained
         cfg, small = config_mod.enough_steps(cfg, len(frames["train"]))
     bundle = build.create(cfg.model, task)
-    data = {name: task.dataset(df, bundle, cfg.data)[0] for name, df in frames.items()}
+    built = {name: task.dataset(df, bundle, cfg.data) for name, df in frames.items()}
+    data = {name: ds for name, (ds, _) in built.items()}
+    data["train"] = task.training_set(data["train"])
     if not resume:
         run_dir = new_run_dir(cfg, overwrite)
         write_start(run_dir, cfg, task)
@@ -154,8 +156,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     if "test" in data:
         build.load_weights(bundle, run_dir / "model")
         tuned = _score(bundle, task, data["test"], test_sample, cfg, hw, quiet, "test")
-        summary["eval"] = _write_eval(run_dir, frames["test"], data["test"], test_sample, baseline, tuned, cfg,
-                                      task, quiet)
+        kept = frames["test"].iloc[built["test"][1]]  # (unreadable clips are left out, up to data.max_bad_fraction)
+        summary["eval"] = _write_eval(run_dir, kept, data["test"], test_sample, baseline, tuned, cfg, task, quiet)
     if report:
         from fmtune.report import write_report
 

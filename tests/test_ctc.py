@@ -191,3 +191,26 @@ def test_a_pretrained_only_encoder_gets_a_vocabulary_from_the_transcripts(tone_s
     texts = [r["transcript"] for r in fmtune.load(out).predict(clips)]
     assert all(set(t) <= set("hlm ") for t in texts)
     assert fmtune.export(out, quiet=True)["same_transcripts"]
+
+
+def test_a_ctc_clip_longer_than_the_window_has_no_loss_but_is_transcribed(ctc_models, tone_speech):
+    """As for Whisper (test_speech): a clip longer than the window keeps its transcript for WER, has no CTC loss,
+    and is left out of the training set with a warning."""
+    from fmtune.data.audio import AudioSpec
+    from fmtune.models.ctc import CTCLogits
+
+    bundle, task, cfg = _bundle(ctc_models["layer"])
+    bundle.audio = {**bundle.audio, "window_seconds": AudioSpec(window_seconds=1.0).window_seconds}
+    df = task.read(tone_speech["train"], cfg.data).head(12)
+    ds, _ = task.dataset(df, bundle, cfg.data)
+    long = [i for i, c in enumerate(ds.clips) if len(c) > 1]
+    assert long and len(long) < len(ds) and all(ds.ids[i] is None for i in long)
+    assert ds.trained_rows() == [i for i in range(len(ds)) if i not in long]
+    net = CTCLogits(bundle.model, bundle.tokenizer)
+    metrics = task.evaluate_model(net, ds, 4, "cpu", sample=list(range(len(ds))))
+    alone = task.evaluate_model(net, ds.only(ds.trained_rows()), 4, "cpu", sample=[])
+    assert metrics["loss"] == pytest.approx(alone["loss"], rel=1e-5)  # the loss of the clips within the window
+    assert np.isfinite(metrics["wer"]) and len(task.last_answers) == len(ds)  # every clip transcribed
+    with pytest.warns(UserWarning, match=rf"{len(long)} of 12 training clips are longer than the model's 1 s window"):
+        train = task.training_set(ds)
+    assert len(train) == len(ds) - len(long) and train.ids == [ds.ids[i] for i in ds.trained_rows()]

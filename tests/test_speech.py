@@ -223,7 +223,7 @@ def test_a_hugging_face_speech_parquet_reads_its_embedded_clips(tiny_asr, tone_s
     ("empty_text", "row 2 (line 3): empty transcript in column 'text'"),
     ("missing_file", "audio file not found"),
     ("no_metadata", "a speech folder needs a table of its clips and transcripts"),
-    ("long_clip", "is longer than the model's 2 s window"),
+    ("long_clip", "every training clip (4) is longer than the model's 2 s window"),
     ("long_text", "the transcript is"),
 ])
 def test_bad_speech_input_names_the_file(tiny_asr, tone_speech, tmp_path, case, message):
@@ -237,9 +237,9 @@ def test_bad_speech_input_names_the_file(tiny_asr, tone_speech, tmp_path, case, 
         src.loc[1, "text"] = "  "
     elif case == "missing_file":
         src.loc[2, "audio"] = str(tmp_path / "gone.wav")
-    elif case == "long_clip":
+    elif case == "long_clip":  # (one of several is left out of training: the test below)
         sf.write(tmp_path / "long.wav", np.zeros(3 * RATE, dtype=np.float32) + 0.01, RATE)
-        src.loc[0, "audio"] = str(tmp_path / "long.wav")
+        src["audio"] = str(tmp_path / "long.wav")
         model_cfg = {"audio_window": 2.0}
     elif case == "long_text":
         src.loc[3, "text"] = " ".join(["low mid high"] * 30)
@@ -256,6 +256,48 @@ def test_bad_speech_input_names_the_file(tiny_asr, tone_speech, tmp_path, case, 
     assert message in str(err.value)
     if case in ("missing_file", "long_clip"):
         assert str(tmp_path) in str(err.value)  # the file is named
+
+
+def test_clips_longer_than_the_window_train_no_loss_and_are_scored_window_by_window(tiny_asr, tone_speech, tmp_path):
+    """A training clip longer than the model's window is left out of training with a warning that names it (one
+    transcript cannot be split between windows); a test clip that long is transcribed window by window and scored,
+    and an unreadable test clip left out (data.max_bad_fraction) does not shift the files named in
+    test_answers.jsonl."""
+    import fmtune
+
+    rng = np.random.default_rng(5)
+    long = _clip(["low", "high", "low", "mid", "high", "low", "mid"], rng)  # 7 x 0.33 s: two 2-s windows
+    sf.write(tmp_path / "long.wav", long, RATE)
+    files = {}
+    for split in ("train", "test"):
+        df = pd.read_csv(tone_speech[split])
+        df["audio"] = [str(tone_speech[split].parent / a) for a in df["audio"]]
+        extra = [{"audio": str(tmp_path / "long.wav"), "text": "Low high low mid high low mid."}]
+        if split == "test":
+            (tmp_path / "broken.wav").write_bytes(b"not audio")
+            extra.insert(0, {"audio": str(tmp_path / "broken.wav"), "text": "Low."})
+        df = pd.concat([df.iloc[:3], pd.DataFrame(extra), df.iloc[3:]], ignore_index=True)
+        files[split] = tmp_path / f"{split}.csv"
+        df.to_csv(files[split], index=False)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"1 of 49 training clips are longer than the model's 2 s window and are "
+                                         r"left out of training .*long\.wav \(row 4\)"):
+        summary = fmtune.train(_cfg(tiny_asr, {**tone_speech, **files}, out, model={"audio_window": 2.0},
+                                    strategy={"name": "full"}, train={"max_steps": 2, "batch_size": 8},
+                                    data={"max_bad_fraction": 0.2}, eval={"samples": 13, "test_samples": 13}),
+                               quiet=True)
+    info = json.loads((out / "run.json").read_text())
+    assert info["data"]["train"]["rows"] == 48 and info["data"]["test"]["rows"] == 13
+    assert summary["eval"]["n_test"] == 13 and np.isfinite(summary["eval"]["test"]["loss"])
+    answers = [json.loads(line) for line in (out / "test_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 13
+    by_file = {Path(a["audio"]).name: a for a in answers}
+    assert "broken.wav" not in by_file and by_file["long.wav"]["reference"] == "Low high low mid high low mid."
+    table = pd.read_csv(files["test"])
+    for a in answers:  # each answer names its own clip and transcript, past the unreadable one too
+        assert table.loc[table["audio"] == a["audio"], "text"].item() == a["reference"]
+    pred = fmtune.load(out)
+    assert pred.predict(str(tmp_path / "long.wav"))["transcript"] == by_file["long.wav"]["fine_tuned"]
 
 
 def test_speech_needs_a_speech_model(tiny_asr, tiny_bert, tone_speech, tmp_path):

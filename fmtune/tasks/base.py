@@ -163,6 +163,11 @@ class Task:
                                  data_cfg.max_bad_fraction)
         return image_dataset(df, data_cfg.image_column, bundle.image, targets, data_cfg.max_bad_fraction)
 
+    def training_set(self, ds: Any) -> Any:
+        """The rows of the training split's dataset that train (speech recognition leaves out clips longer than
+        the model's window)."""
+        return ds
+
     def inputs(self, items: list[Any], bundle: Any) -> torch.utils.data.Dataset:
         """A dataset of raw inputs to predict: checked texts (tokenised as in training), decoded images,
         or decoded audio waveforms (``fmtune.data.audio.load_audio``)."""

@@ -6,7 +6,8 @@ or absolute) and transcripts (``data.target_column``; found by name when unset: 
 transcription, sentence), or a folder holding such a table as ``metadata.csv`` / ``metadata.jsonl``
 (the Hugging Face audiofolder layout, paths in ``file_name``).
 
-Validation measures the loss on every clip and, on a fixed sample, the transcripts the model
+Validation measures the loss on every clip within the model's window (a longer clip, which
+cannot train, is left out of the training split) and, on a fixed sample, the transcripts the model
 decodes (greedy, batched, KV cache: ``fmtune.models.speech.transcribe``) against the references:
 word and character error rate (``jiwer``) after a light normalisation (lower case, punctuation
 and symbols to spaces: transformers' BasicTextNormalizer), so "Hello, world." and "hello world"
@@ -16,6 +17,7 @@ falling while the transcripts get worse).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -149,7 +151,35 @@ def transcribe_clips(model: torch.nn.Module, ds: Any, rows: list[int], batch_siz
     return [" ".join(p for k in range(len(ds.clips[r])) if (p := pieces[(r, k)])) for r in rows]
 
 
-class SpeechData(torch.utils.data.Dataset):
+class _Clips:
+    """What the speech datasets share: clips (each a list of windows) with their references, file lines
+    and sources; ``ids[i]`` the trained targets of clip i, None for a clip longer than the model's window
+    (transcribed window by window and scored on WER, but with no loss: one transcript cannot be split between
+    windows)."""
+
+    clips: list[list[torch.Tensor]]
+    ids: list[list[int] | None] | None
+    references: list[str | None]
+    lines: list[int]
+    sources: list[Any]
+    lengths: np.ndarray
+
+    def trained_rows(self) -> list[int]:
+        """The clips with trained targets (every clip within one window)."""
+        return [i for i, r in enumerate(self.ids or []) if r is not None]
+
+    def only(self, rows: list[int]) -> _Clips:
+        """These clips alone (same order)."""
+        out = copy.copy(self)
+        for name in ("clips", "ids", "references", "lines", "sources"):
+            value = getattr(self, name)
+            if value is not None and len(value) == len(self.clips):
+                setattr(out, name, [value[i] for i in rows])
+        out.lengths = self.lengths[rows]
+        return out
+
+
+class SpeechData(_Clips, torch.utils.data.Dataset):
     """Clips as log-mel windows (fp16) with their transcripts as decoder tokens.
 
     ``ids[i]`` is the decoder's prefix (start of transcript, language, task, no timestamps), the
@@ -164,6 +194,7 @@ class SpeechData(torch.utils.data.Dataset):
         self.clips, self.ids, self.start, self.pad_id = clips, ids, start, pad_id
         self.references, self.lines, self.sources = references, lines, sources
         self.hop_seconds = spec.hop_length / spec.sampling_rate  # of one log-mel frame
+        self.window_seconds = spec.window_seconds
         self.bucket_frames = int(round(BUCKET_SECONDS / self.hop_seconds))
         self.max_frames = spec.encoder_frames  # what the encoder holds
         self.lengths = np.array([self.width(w) for c in clips for w in c[:1]])
@@ -246,16 +277,7 @@ def ctc_loss(log_probs: torch.Tensor, labels: torch.Tensor, blank: int) -> torch
                           zero_infinity=True)
 
 
-def _one_window_each(audio: Any, spec: Any) -> None:
-    """A DataError naming the first training clip longer than the model's window (and how many)."""
-    long = [name for name, c in zip(audio.names, audio.clips) if len(c) > 1]
-    if long:
-        raise DataError(f"{long[0]}: the clip is longer than the model's {spec.window_seconds:g} s window "
-                        f"({len(long)} clip(s) in all); a training clip needs a transcript per window: cut long "
-                        "recordings into clips of at most the window, each with its own transcript")
-
-
-class CTCData(torch.utils.data.Dataset):
+class CTCData(_Clips, torch.utils.data.Dataset):
     """Clips as waveform windows (fp16) with their transcripts as a CTC vocabulary's ids (a
     wav2vec2-style model, ``fmtune.models.ctc``). A batch pads with zeros to the longest clip,
     ``frame_mask`` marking real samples; ``labels`` are the ids padded with -100."""
@@ -265,6 +287,7 @@ class CTCData(torch.utils.data.Dataset):
         self.clips, self.ids = clips, ids
         self.references, self.lines, self.sources = references, lines, sources
         self.hop_seconds = 1.0 / spec.sampling_rate  # of one sample (what the lengths count)
+        self.window_seconds = spec.window_seconds
         self.lengths = np.array([c[0].shape[-1] for c in clips])
 
     def __len__(self) -> int:
@@ -352,9 +375,9 @@ class SpeechRecognition(Task):
         ids, refs, kept_lines = [], [], []
         limit = bundle.max_length  # the decoder's positions
         for j, i in enumerate(keep):
-            if with_targets:
-                if len(audio.clips[j]) > 1:
-                    continue  # (refused below, all of them at once)
+            if with_targets and len(audio.clips[j]) > 1:
+                ids.append(None)  # longer than the window: scored on WER only (``_Clips``)
+            elif with_targets:
                 body = tok(" " + texts[i], add_special_tokens=False)["input_ids"]
                 if len(prefix) + len(body) + 1 > limit:
                     raise DataError(f"{row_label(df, int(i))}: the transcript is {len(body)} tokens; the decoder "
@@ -362,11 +385,28 @@ class SpeechRecognition(Task):
                 ids.append(prefix + body + [eot])
             refs.append(texts[i])
             kept_lines.append(int(lines[i]))
-        if with_targets:
-            _one_window_each(audio, spec)
         data = SpeechData(audio.clips, ids if with_targets else None, len(prefix), eot, spec, refs, kept_lines,
                           audio.sources)
         return data, keep
+
+    def training_set(self, ds: SpeechData | CTCData) -> SpeechData | CTCData:
+        """The training split without its clips longer than the model's window (each needs one transcript per
+        window), said in a warning that names the first; none left is a DataError."""
+        rows = ds.trained_rows()
+        if len(rows) == len(ds):
+            return ds
+        long = [i for i in range(len(ds)) if ds.ids[i] is None]
+        source = ds.sources[long[0]] if len(ds.sources) == len(ds) else None
+        first = f"{source} (row {ds.lines[long[0]]})" if isinstance(source, str) else f"row {ds.lines[long[0]]}"
+        window = f"the model's {ds.window_seconds:g} s window"
+        if not rows:
+            raise DataError(f"{first}: every training clip ({len(long)}) is longer than {window}; a training clip "
+                            "needs one transcript per window: cut long recordings into clips of at most the window, "
+                            "each with its own transcript")
+        warnings.warn(f"{len(long)} of {len(ds)} training clips are longer than {window} and are left out of training "
+                      f"(one transcript cannot be split between windows; first: {first}); validation and test clips "
+                      "of any length are transcribed window by window and scored", UserWarning, stacklevel=2)
+        return ds.only(rows)
 
     def _ctc_dataset(self, df: pd.DataFrame, bundle: Any, audio: Any, keep: np.ndarray, spec: Any,
                      texts: list[str | None], lines: list[int], with_targets: bool) -> CTCData:
@@ -377,12 +417,14 @@ class SpeechRecognition(Task):
         refs = [texts[i] for i in keep]
         ids = None
         if with_targets:
-            _one_window_each(audio, spec)
             ids = encode_texts(tok, refs, [row_label(df, int(i)) for i in keep])
             frames = bundle.model._get_feat_extract_output_lengths(
                 torch.tensor([c[0].shape[-1] for c in audio.clips])).tolist()
+            for j, windows in enumerate(audio.clips):
+                if len(windows) > 1:
+                    ids[j] = None  # longer than the window: scored on WER only (``_Clips``)
             for j, (row, n) in enumerate(zip(ids, frames)):
-                if len(row) > n:
+                if row is not None and len(row) > n:
                     raise DataError(f"{row_label(df, int(keep[j]))}: the transcript is {len(row)} tokens but the "
                                     f"clip gives the model {n} frames; CTC emits at most one token per frame (is "
                                     "this the clip's transcript?)")
@@ -411,7 +453,10 @@ class SpeechRecognition(Task):
         default: the first ``settings.samples`` of a seeded order)."""
         was_training = net.training
         net.eval()
-        batches = token_batches(ds.lengths, batch_size, max_tokens=batch_size * int(ds.lengths.max()))
+        rows = ds.trained_rows()  # (a clip longer than the window has no loss: it is scored on WER only)
+        lengths = ds.lengths[rows]
+        batches = [[rows[j] for j in b] for b in token_batches(lengths, batch_size,
+                                                               max_tokens=batch_size * int(lengths.max(initial=1)))]
         out = self._ctc_loss(net, ds, batches, device) if isinstance(ds, CTCData) else token_loss(net, ds, batches,
                                                                                                   device)
         sample = self.sample(ds) if sample is None else sample
@@ -431,7 +476,7 @@ class SpeechRecognition(Task):
                 batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
                 labels = batch.pop("labels")
                 total += float(self.loss(net(**batch).logits, labels)) * len(idx)
-        return {"loss": total / max(len(ds), 1)}
+        return {"loss": total / max(sum(map(len, batches)), 1)}
 
     def sample(self, ds: SpeechData, n: int | None = None) -> list[int]:
         """A fixed, seeded sample of clips with a transcript (the same at every evaluation)."""
