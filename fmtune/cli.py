@@ -328,9 +328,9 @@ def cmd_datasets(a: argparse.Namespace) -> None:
         for k, v in paths.items():
             print(f"{k}: {v}")
         return
-    rows = [[d["name"], d["kind"], d["description"], d["package"]] for d in api.datasets()]
+    rows = [[d["name"], d["kind"], d["package"], d["description"]] for d in api.datasets()]
     ui.console.print(ui.table("offline datasets (fmtune datasets --export NAME DIR writes train/val/test files)",
-                              ["name", "kind", "description", "package"], rows))
+                              ["name", "kind", "package", "description"], rows))
 
 
 def cmd_tasks(a: argparse.Namespace) -> None:

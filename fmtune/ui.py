@@ -12,9 +12,14 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    """Numbers right-aligned, text (and the first column) left-aligned; short words are not wrapped, prose is."""
     t = Table(title=title, title_justify="left")
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        cells = [r[i] for r in rows if i < len(r)]
+        numbers = i > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in cells)
+        longest = max((len(str(v)) for v in cells), default=0)
+        t.add_column(c, justify="right" if numbers else "left", no_wrap=longest <= 30,
+                     ratio=1 if longest > 60 else None)  # (prose takes the width left)
     for r in rows:
         t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r])
     return t
