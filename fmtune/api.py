@@ -405,6 +405,8 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
     few = few or {}
     # no validation split: the last weights are kept; a head solved on every row is final as it is
     final = solved is not None and frames.val_is_train and cfg.strategy.name in config_mod.SOLVED_HEAD
+    if task.supports("thresholds"):  # the best checkpoint: the best once its thresholds are chosen on validation
+        task.select_thresholded = cfg.task.thresholds == "auto" and not frames.val_is_train
     result = fit(bundle, task, train_ds, val_ds, cfg.train, run_dir, hardware=hw,
                  resume=resume is not None, save_best=lambda: build.save(bundle, run_dir / "model"),
                  progress=ui.FitProgress(quiet), net=net, trackers=tracked, on_eval=on_eval, penalty=penalty,
@@ -635,7 +637,7 @@ def _keep_head_unless_worse(cfg: config_mod.Config, bundle: build.Bundle, task: 
     """After a change to the best checkpoint's head: its validation metric, and whether it is kept (saved as the
     run's model) because validation does not say it is worse than the best; else the head goes back to ``before``."""
     logits, y = infer(bundle.model, val, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
-    value = float(task.metrics(logits, y)[result.metric])
+    value = float(task.validation_metrics(logits, y, result.metric)[result.metric])
     worse = value < result.best if task.greater_is_better(result.metric) else value > result.best
     if worse:
         linear = build.head_linear(bundle.model)

@@ -138,8 +138,9 @@ class TaskConfig:
         "auto", "multilabel: auto chooses the decision thresholds on the validation rows after training, for "
         "train.metric (macro_f1: one per label with 5 positive and 5 negative validation rows, the best F1 of each "
         "among thresholds flagging at most 5x the label's positive rows, kept only if better than flagging every "
-        "row; micro_f1 / accuracy: one for all) and saves them with the run; fixed: task.threshold for every label. "
-        "Not chosen without a validation split")
+        "row; micro_f1 / accuracy: one for all) and saves them with the run, and scores every validation during "
+        "training at the thresholds that checkpoint would get (the best checkpoint is the best once thresholded); "
+        "fixed: task.threshold for every label. Not chosen without a validation split")
     label_all_subtokens: bool = _f(False, "ner: train on every sub-token of a word (default: its first sub-token "
                                    "only); predictions and metrics always read the first")
     group_weights: str | None = _f(None, "fairness: re-weigh training examples so each group x label cell of "

@@ -74,6 +74,12 @@ def test_a_multilabel_run_chooses_its_thresholds_on_validation_and_predicts_with
     assert cut["chosen"] and cut["metric"] == "macro_f1" and cut["rows"] == len(pd.read_csv(files["val"]))
     assert cut["val_macro_f1"] >= cut["before"]["val_macro_f1"] and cut["before"]["threshold"] == 0.5
     assert s["best"] == cut["val_macro_f1"]
+    # the checkpoint was chosen on the same thresholded metric: the validations of training read each
+    # checkpoint at the thresholds it would get, so the best one's value is the one chosen for it after
+    evals = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    best = [r for r in evals if r["type"] == "eval" and r.get("best")][-1]
+    assert best["macro_f1"] == pytest.approx(cut["val_macro_f1"], abs=1e-6)
+    assert cut["val_macro_f1"] > cut["before"]["val_macro_f1"]  # (so the line above tells the two apart)
     labels = json.loads((tmp_path / "run" / "labels.json").read_text())
     assert labels["threshold"] == [cut["thresholds"][k] for k in labels["labels"]]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["thresholds"] == cut

@@ -218,6 +218,11 @@ class Task:
     def metrics(self, logits: torch.Tensor, targets: Any) -> dict[str, float]:
         raise NotImplementedError
 
+    def validation_metrics(self, logits: torch.Tensor, targets: Any, metric: str) -> dict[str, float]:
+        """The metrics of a validation during training (what picks the best checkpoint): ``metrics``, except where
+        a task decides with settings chosen on validation after training (multi-label thresholds)."""
+        return self.metrics(logits, targets)
+
     def outcomes(self, logits: torch.Tensor, targets: Any) -> dict[str, Any]:
         """What a fairness audit compares across groups (capability "fairness"): ``kind`` "labels"
         with ``true``/``pred`` class ids and ``proba`` (N x K), or "values" with ``true``/``pred``."""

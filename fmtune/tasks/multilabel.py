@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import math
 import warnings
@@ -106,6 +107,7 @@ class MultiLabel(Task):
     metric_names = ("macro_f1", "micro_f1", "accuracy", "loss")
     hf_problem_type = "multi_label_classification"
     capabilities = frozenset({"embed", "explain", "robustness", "thresholds"})
+    select_thresholded = False  # set for a run that chooses its thresholds on validation (``validation_metrics``)
 
     def _split(self, v: Any) -> list[str]:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -193,6 +195,16 @@ class MultiLabel(Task):
         return {"metric": metric, "rows": len(targets), "thresholds": dict(zip(self.labels, self.threshold)),
                 "before": {"threshold": fallback, f"val_{metric}": round(before, 6)},
                 f"val_{metric}": round(self.metrics(logits, targets)[metric], 6)}
+
+    def validation_metrics(self, logits, targets, metric):
+        """With ``select_thresholded`` (task.thresholds=auto and a validation split): the metrics at the thresholds
+        ``choose_thresholds`` would set on these rows, so the best checkpoint is the one that is best once its
+        thresholds are chosen (at 0.5 a rare label scores 0 until its probabilities cross it)."""
+        if not self.select_thresholded:
+            return self.metrics(logits, targets)
+        judge = copy.copy(self)
+        judge.choose_thresholds(logits, targets, metric)
+        return judge.metrics(logits, targets)
 
     def metrics(self, logits, targets):
         pred = self._predicted(logits)

@@ -317,7 +317,7 @@ class _Fit:
                                                  self.accelerator)
             else:
                 logits, targets = infer(self.net, self.val_ds, cfg.eval_batch_size, self.device)
-            res = self.task.metrics(logits, targets)
+            res = self.task.validation_metrics(logits, targets, self.metric)
         rec = {"step": state["step"], "epoch": round(state["step"] / self.steps_per_epoch, 3),
                "seconds": round(time.perf_counter() - self.started, 3), **{k: round(v, 6) for k, v in res.items()},
                "eval_seconds": round(time.perf_counter() - began, 3)}
