@@ -410,8 +410,8 @@ class SpeechRecognition(Task):
 
     def _ctc_dataset(self, df: pd.DataFrame, bundle: Any, audio: Any, keep: np.ndarray, spec: Any,
                      texts: list[str | None], lines: list[int], with_targets: bool) -> CTCData:
-        """A CTC model's clips and transcripts: every training clip within one window, and every
-        transcript at most as many tokens as the clip has frames (CTC emits one per frame)."""
+        """A CTC model's clips and transcripts: a clip longer than the window has no ids (scored on WER only), and
+        every other transcript at most as many tokens as its clip has frames (CTC emits one per frame)."""
         tok = bundle.tokenizer
         self.blank = int(tok.pad_token_id)
         refs = [texts[i] for i in keep]
