@@ -67,6 +67,19 @@ def test_load_audio_mixes_to_mono_and_resamples(tmp_path):
     assert abs(np.argmax(spectrum) * RATE / len(out) - 440.0) < 25  # the pitch survives resampling
 
 
+@pytest.mark.parametrize("suffix,fmt", [(".mp3", "MP3"), (".ogg", "OGG")])
+def test_compressed_audio_as_speech_corpora_ship_it(tmp_path, suffix, fmt):
+    """Common Voice ships MP3 at 48 kHz, others Ogg Vorbis: decoded, mixed to mono and resampled like WAV/FLAC."""
+    rng = np.random.default_rng(1)
+    wave = tone(660.0, 1.5, 48000, rng)
+    sf.write(tmp_path / f"a{suffix}", np.stack([wave, 0.5 * wave], axis=1), 48000, format=fmt)
+    out = load_audio(tmp_path / f"a{suffix}", RATE)
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert abs(len(out) - 1.5 * RATE) <= 0.05 * RATE  # (an MP3 decoder may add its frame's padding)
+    spectrum = np.abs(np.fft.rfft(out))
+    assert abs(np.argmax(spectrum) * RATE / len(out) - 660.0) < 25
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing", "audio file not found"),
     ("format", "unsupported audio format '.txt'"),
