@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="zoo name (fmtune models) or a local Hugging Face model folder")
     t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images or "
                    "audio files (--task audio-classification; a table names the files in data.audio_column); "
-                   "speech-recognition: a table of audio paths and transcripts, or a folder with metadata.csv; "
+                   "speech-recognition: a table of audio paths and transcripts, or a folder with metadata.csv "
+                   "(or LibriSpeech's *.trans.txt files); "
                    "segmentation: a folder with images/ and masks/ (same names; or JPEGImages/ + "
                    "SegmentationClass/), or a table of image and mask paths (data.image_column, data.mask_column); "
                    "detection: a COCO JSON file, a YOLO dataset YAML (or images/ folder with labels/ beside it), or "

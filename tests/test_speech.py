@@ -197,6 +197,43 @@ def test_metadata_folder_and_usual_column_names(tiny_asr, tone_speech, tmp_path)
     assert len(ds) == 5 and ds.ids[0][:2] == [1, 2] and ds.ids[0][-1] == 0  # prefix ... end of text
 
 
+def test_a_librispeech_folder_reads_its_transcript_files(tiny_asr, tone_speech, tmp_path):
+    """LibriSpeech's layout: SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt lines 'CLIP-ID TRANSCRIPT', each clip a
+    .flac beside it; a run trains on the folder as it is. Errors name the transcript file and line."""
+    import fmtune
+    from fmtune import config as config_mod
+    from fmtune.tasks.speech import read_speech
+
+    src = pd.read_csv(tone_speech["train"]).head(12)
+    root = tmp_path / "LibriSpeech" / "train-tiny"
+    expected = []
+    for speaker in (19, 26):
+        chapter = root / str(speaker) / "198"
+        chapter.mkdir(parents=True)
+        lines = []
+        for k, row in enumerate(src.iloc[(speaker == 26) * 6:][:6].itertuples()):
+            clip = f"{speaker}-198-{k:04d}"
+            wave, rate = sf.read(tone_speech["train"].parent / row.audio)
+            sf.write(chapter / f"{clip}.flac", wave, rate)
+            lines.append(f"{clip} {row.text.upper().rstrip('.')}")
+            expected.append((str(chapter / f"{clip}.flac"), row.text.upper().rstrip(".")))
+        (chapter / f"{speaker}-198.trans.txt").write_text("\n".join(lines) + "\n")
+    data = config_mod.from_dict(_cfg(tiny_asr, tone_speech, tmp_path)).data
+    df = read_speech(root, data)
+    assert list(zip(df["audio"], df["text"])) == expected
+    summary = fmtune.train(_cfg(tiny_asr, {**tone_speech, "train": root}, tmp_path / "run",
+                                train={"max_steps": 2, "batch_size": 4}, data={"test": None}), quiet=True)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["train"]["rows"] == 12
+    assert summary["best"] is not None
+    trans = root / "19" / "198" / "19-198.trans.txt"
+    trans.write_text(trans.read_text() + "19-198-0099 LOW\n")
+    with pytest.raises(DataError, match=r"19-198.trans.txt: line 7: no audio file 19-198-0099.flac"):
+        read_speech(root, data)
+    trans.write_text("19-198-0000\n")
+    with pytest.raises(DataError, match=r"19-198.trans.txt: line 1: no transcript after the clip id '19-198-0000'"):
+        read_speech(root, data)
+
+
 def test_a_hugging_face_speech_parquet_reads_its_embedded_clips(tiny_asr, tone_speech, tmp_path):
     """Common Voice's layout: the clip embedded as {bytes, path} in ``audio`` beside a ``path``
     string, the transcript in ``sentence``."""

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fmtune.data.readers import read_table, row_label
+from fmtune.data.readers import AUDIO_SUFFIXES, read_table, row_label
 from fmtune.errors import DataError, ModelError
 from fmtune.tasks.base import TASKS, Task
 from fmtune.tasks.generation import GenerationSettings, fixed_sample, token_batches, token_loss
@@ -51,19 +51,52 @@ def _pick(df: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], wha
     raise DataError(f"{src}: {named}; columns are: {cols}. Name the right one with --set {option}=COLUMN")
 
 
+def _read_transcript_files(folder: Path, files: list[Path]) -> pd.DataFrame:
+    """LibriSpeech's layout: ``*.trans.txt`` files (anywhere under ``folder``) of lines ``CLIP-ID TRANSCRIPT``, each
+    clip an audio file ``CLIP-ID.flac`` (or another readable format) beside its transcript file. Errors name the
+    transcript file and line."""
+    rows = []
+    for f in files:
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            clip, text = (line.split(maxsplit=1) + [""])[:2]
+            if not text.strip():
+                raise DataError(f"{f}: line {n}: no transcript after the clip id {clip!r} (each line is "
+                                "'CLIP-ID TRANSCRIPT')")
+            found = [f.parent / f"{clip}{suffix}" for suffix in sorted(AUDIO_SUFFIXES)]
+            audio = next((a for a in found if a.is_file()), None)
+            if audio is None:
+                raise DataError(f"{f}: line {n}: no audio file {clip}.flac (or another readable format) beside it")
+            rows.append({"file_name": str(audio), "text": text.strip()})
+    if not rows:
+        raise DataError(f"{folder}: its transcript files ({files[0].name} ...) hold no lines")
+    return pd.DataFrame(rows)
+
+
 def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.DataFrame:
     """Rows of ``audio`` (a path as written) and ``text`` (the transcript; None without targets),
     ``line`` (the row in the file), with the table's path in ``attrs['source']``."""
     p = Path(path)
     if p.is_dir():
         meta = next((p / m for m in METADATA_FILES if (p / m).is_file()), None)
-        if meta is None:
+        transcripts = sorted(p.rglob("*.trans.txt")) if meta is None else []
+        if meta is None and not transcripts:
             raise DataError(f"{p}: a speech folder needs a table of its clips and transcripts: "
-                            f"{' or '.join(METADATA_FILES[:2])} with columns file_name and text")
+                            f"{' or '.join(METADATA_FILES[:2])} with columns file_name and text (or LibriSpeech's "
+                            "*.trans.txt files beside the clips)")
+        if transcripts:
+            df = _read_transcript_files(p, transcripts)
+            df.attrs["source"] = str(p)
+            return _speech_rows(df, data_cfg, with_targets, p)
         p = meta
     df = read_table(p, data_cfg.encoding, data_cfg.audio_column)
     if df.empty:
         raise DataError(f"{p}: no rows")
+    return _speech_rows(df, data_cfg, with_targets, p)
+
+
+def _speech_rows(df: pd.DataFrame, data_cfg: Any, with_targets: bool, p: Path) -> pd.DataFrame:
     audio_col = _pick(df, data_cfg.audio_column if data_cfg.audio_column in df.columns else None, AUDIO_COLUMNS,
                       "audio path", "data.audio_column")
     out = pd.DataFrame({"audio": df[audio_col].to_numpy()}, index=df.index)
