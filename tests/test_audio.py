@@ -108,6 +108,20 @@ def test_silence_is_warned_not_refused(tmp_path):
         load_audio(tmp_path / "quiet.wav", RATE)
 
 
+def test_a_class_folder_named_with_an_underscore_is_not_a_class(tmp_path):
+    """Speech Commands' layout: word folders beside _background_noise_ (long noise recordings), which is no class."""
+    from fmtune.data.audio import read_audio_folder
+
+    rng = np.random.default_rng(2)
+    for name, n in (("yes", 2), ("no", 3), ("_background_noise_", 1), (".cache", 1)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            sf.write(tmp_path / name / f"{i}.wav", tone(440.0, 0.2, RATE, rng), RATE)
+    with pytest.warns(UserWarning, match="sub-folder.s. _background_noise_ left out"):
+        df = read_audio_folder(tmp_path)
+    assert sorted(df["label"]) == ["no", "no", "no", "yes", "yes"]
+
+
 def test_table_rows_name_row_and_file(tmp_path):
     sf.write(tmp_path / "ok.wav", tone(440.0, 0.5, RATE, np.random.default_rng(0)), RATE)
     table = tmp_path / "clips.csv"

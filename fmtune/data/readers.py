@@ -8,6 +8,7 @@ import codecs
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +137,17 @@ def list_images(folder: Path) -> list[Path]:
 def read_class_folder(path: Path, suffixes: set[str], column: str = "image", example: str = "cat/1.png",
                       what: str = "images") -> pd.DataFrame:
     """A folder of class sub-folders -> rows (file path in ``column``, label = sub-folder name) of
-    the files below each sub-folder whose suffix is one of ``suffixes``."""
+    the files below each sub-folder whose suffix is one of ``suffixes``. A sub-folder named ``.*`` or ``_*`` is not
+    a class (Speech Commands keeps long noise recordings in ``_background_noise_``): left out, said in a warning."""
     rows = []
-    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        rows += [(str(f), sub.name) for f in list_files(sub, suffixes)]
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    aside = [p.name for p in subs if p.name.startswith("_")]
+    if aside:
+        warnings.warn(f"{path}: sub-folder(s) {', '.join(aside)} left out (a name starting with '_' is not a class)",
+                      UserWarning, stacklevel=2)
+    for sub in subs:
+        if not sub.name.startswith("_"):
+            rows += [(str(f), sub.name) for f in list_files(sub, suffixes)]
     if not rows:
         raise DataError(f"{path}: no {what} found; expected class sub-folders (e.g. {path}/{example}) "
                         f"holding {', '.join(sorted(suffixes))} files")
