@@ -816,14 +816,13 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
     """Score a trained run on ``data`` (default: its configured test file); writes eval.json."""
     opened = open_run(run)
     cfg = opened.config
-    if opened.task.level == "lm":
-        raise ConfigError(f"{run}: fmtune evaluate scores classifiers and taggers; a {opened.task.name} run is scored "
-                          "on its test file when it trains (eval.json, test_answers.jsonl); "
-                          + ("transcribe new clips with fmtune predict" if opened.task.modality == "audio" else
-                             "answer new prompts with fmtune generate"))
     source = data or cfg.data.test
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")
+    if opened.task.level == "lm":  # a model that generates: scored on its answers (fmtune.generation)
+        from fmtune import generation
+
+        return generation.evaluate(opened, source, baseline, quiet)
     df = read_data(Path(source), opened.task, cfg.data)
     ds, _ = make_dataset(df, opened.bundle, opened.task, cfg.data, allow_unknown=cfg.data.unknown_labels == "unknown")
     opened.bundle.model.to(hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device)

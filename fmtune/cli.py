@@ -547,11 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "metrics and logs, to save disk)")
 
     e = verb("evaluate", cmd_evaluate, "score a trained run on a labelled file; writes eval.json, a report and "
-             "a confusion matrix")
+             "a confusion matrix (generation and speech recognition: the answers or transcripts of up to "
+             "eval.test_samples rows, scored as in training, in test_answers.jsonl)")
     e.add_argument("run", help="run directory")
     e.add_argument("--data", help="labelled data (default: the run's test file)")
     e.add_argument("--baseline", action="store_true",
-                   help="also fit and score the pretrained baseline (linear probe on the frozen backbone)")
+                   help="also fit and score the pretrained baseline (linear probe on the frozen backbone; generation "
+                   "and speech recognition: the pretrained model itself, zero-shot)")
     e.add_argument("--groups", help="also audit fairness over these columns of the data (comma-separated): "
                    "as fmtune fairness RUN --groups with its defaults")
 

@@ -232,27 +232,52 @@ def _score(bundle: build.Bundle, task: Any, ds: Any, sample: list[int], cfg: con
     return {"metrics": metrics, "answers": list(task.last_answers), "seconds": round(time.perf_counter() - started, 2)}
 
 
+def evaluate(opened: Any, source: str | Path, baseline: bool, quiet: bool) -> dict[str, Any]:
+    """``fmtune evaluate`` of a run that generates: its test metrics on ``source`` (speech: WER, CER and the loss;
+    text: the answers' scores and the loss) over ``eval.test_samples`` rows, and with ``baseline`` the pretrained
+    model's (before fine-tuning: zero-shot) on the same rows; eval.json and test_answers.jsonl written as training
+    writes them."""
+    cfg, task, bundle = opened.config, opened.task, opened.bundle
+    task.settings = settings(cfg)
+    hw = hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads)
+    df = task.read(source, cfg.data)
+    ds, keep = task.dataset(df, bundle, cfg.data)
+    sample = task.sample(ds, cfg.eval.test_samples or len(ds))
+    before: dict[str, Any] = {}
+    if baseline:
+        pre = build.create(cfg.model, task)  # the pretrained model, as training scores it before any strategy
+        pre.model.to(hw.device)
+        before = _score(pre, task, ds, sample, cfg, hw, quiet, "baseline (zero-shot)")
+        del pre
+    bundle.model.to(hw.device)
+    tuned = _score(bundle, task, ds, sample, cfg, hw, quiet, "test")
+    return _write_eval(opened.dir, df.iloc[keep], ds, sample, before, tuned, cfg, task, quiet, source)
+
+
 def _write_eval(run_dir: Path, df: pd.DataFrame, ds: Any, sample: list[int], baseline: dict[str, Any],
-                tuned: dict[str, Any], cfg: config_mod.Config, task: Any, quiet: bool) -> dict[str, Any]:
+                tuned: dict[str, Any], cfg: config_mod.Config, task: Any, quiet: bool,
+                source: str | Path | None = None) -> dict[str, Any]:
     rows = df.to_dict("records")
     answers = [{"line": ds.lines[i], task.input_name: _display_prompt(rows[i]), "reference": ds.references[i],
                 "baseline": (baseline.get("answers") or [""] * len(sample))[j],
                 "fine_tuned": tuned["answers"][j]} for j, i in enumerate(sample)]
     write_text_atomic(run_dir / ANSWERS_FILE, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
-    result = {"test": tuned["metrics"], "n_test": len(ds), "n_generated": len(sample), "data": str(cfg.data.test),
+    result = {"test": tuned["metrics"], "n_test": len(ds), "n_generated": len(sample),
+              "data": str(source or cfg.data.test),
               "baseline": baseline.get("metrics", {}), "baseline_method": task.baseline_method,
               "baseline_label": "pretrained (zero-shot)", "samples": answers[:SHOWN_SAMPLES],
               "seconds": {"baseline": baseline.get("seconds"), "fine_tuned": tuned["seconds"]}}
     write_json(run_dir / EVAL_FILE, result)
     if not quiet:
         keys = list(result["test"])
-        rows_ = [["pretrained (zero-shot)", *[result["baseline"].get(k, float("nan")) for k in keys]],
-                 ["fine-tuned", *[result["test"][k] for k in keys]]]
+        rows_ = [["pretrained (zero-shot)", *[result["baseline"].get(k, float("nan")) for k in keys]]] * bool(
+            result["baseline"]) + [["fine-tuned", *[result["test"][k] for k in keys]]]
         ui.console.print(ui.table(f"test ({len(ds)} rows; {len(sample)} answered)", ["model", *keys], rows_))
         for a in answers[:3]:
             asked = task.input_name
             ui.console.print(f"[bold]{asked}[/] {a[asked][:200]!r}\n  reference  {a['reference']!r}\n"
-                             f"  zero-shot  {a['baseline']!r}\n  fine-tuned {a['fine_tuned']!r}")
+                             + (f"  zero-shot  {a['baseline']!r}\n" if result["baseline"] else "")
+                             + f"  fine-tuned {a['fine_tuned']!r}")
         ui.console.print(f"eval: {run_dir / EVAL_FILE}; every answer: {run_dir / ANSWERS_FILE}")
     return result
 

@@ -289,6 +289,20 @@ def test_fine_tuning_beats_the_zero_shot_baseline_on_rouge_and_loss(full_run):
     assert "pretrained (zero-shot)" in html and "Answers" in html
 
 
+def test_evaluate_scores_a_generation_run_again_as_training_did(full_run, capsys):
+    """fmtune evaluate on the run's test file (the CLI, --baseline) gives the test and zero-shot metrics that
+    training wrote (same rows, same greedy answers)."""
+    from fmtune.cli import main
+
+    run = Path(full_run["run_dir"])
+    trained = json.loads((run / "eval.json").read_text())
+    assert main(["evaluate", str(run), "--baseline", "-q"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["test"] == pytest.approx(trained["test"], abs=1e-6)
+    assert again["baseline"] == pytest.approx(trained["baseline"], abs=1e-6)
+    assert again["n_test"] == trained["n_test"] == 24 and again["n_generated"] == 24
+
+
 def test_the_generate_verb_prints_json_lines(full_run, capsys):
     from fmtune.cli import main
 

@@ -388,6 +388,18 @@ def test_train_evaluate_predict_and_serve_speech_recognition(tiny_asr, tone_spee
         assert r.status_code == 200, r.text
         assert r.json()["predictions"][0]["transcript"] == got[0]["transcript"]
 
+    # fmtune evaluate on another file: WER of the run's own transcripts, and the zero-shot model's beside it
+    from fmtune.tasks.speech import error_rates
+
+    again = fmtune.evaluate(out, tone_speech["val"], baseline=True, quiet=True)
+    refs = pd.read_csv(tone_speech["val"])["text"].tolist()
+    said = fmtune.predict(out, tone_speech["val"], quiet=True)["transcript"].tolist()
+    assert again["n_test"] == 12 and again["data"] == str(tone_speech["val"])
+    assert again["test"]["wer"] == pytest.approx(error_rates(said, refs)["wer"], abs=1e-9)
+    assert again["baseline"]["wer"] >= 0.9 and np.isfinite(again["test"]["loss"])
+    answers = [json.loads(line) for line in (out / "test_answers.jsonl").read_text().splitlines()]
+    assert [a["reference"] for a in answers] == refs and [a["fine_tuned"] for a in answers] == said
+
 
 @pytest.mark.parametrize("strategy", ["lora", "last_n"])
 def test_speech_strategies_train_and_reload(tiny_asr, tone_speech, tmp_path, strategy):
