@@ -270,8 +270,9 @@ def _write_eval(run_dir: Path, df: pd.DataFrame, ds: Any, sample: list[int], bas
     write_json(run_dir / EVAL_FILE, result)
     if not quiet:
         keys = list(result["test"])
-        rows_ = [["pretrained (zero-shot)", *[result["baseline"].get(k, float("nan")) for k in keys]]] * bool(
-            result["baseline"]) + [["fine-tuned", *[result["test"][k] for k in keys]]]
+        rows_ = [["fine-tuned", *[result["test"][k] for k in keys]]]
+        if result["baseline"]:
+            rows_.insert(0, ["pretrained (zero-shot)", *[result["baseline"].get(k, float("nan")) for k in keys]])
         ui.console.print(ui.table(f"test ({len(ds)} rows; {len(sample)} answered)", ["model", *keys], rows_))
         for a in answers[:3]:
             asked = task.input_name
