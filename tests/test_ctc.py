@@ -187,6 +187,8 @@ def test_a_pretrained_only_encoder_gets_a_vocabulary_from_the_transcripts(tone_s
     assert convs and all(torch.equal(before[k], after[f"wavlm.{k}"]) for k in convs)  # pretrained, kept frozen
     ev = summary["eval"]
     assert ev["test"]["loss"] < 0.8 * ev["baseline"]["loss"]  # the fresh head learned on unseen clips
+    again = fmtune.evaluate(out, tone_speech["test"], baseline=True, quiet=True)  # the fresh head rebuilt, seeded
+    assert again["test"] == pytest.approx(ev["test"]) and again["baseline"] == pytest.approx(ev["baseline"])
     clips = sorted(str(p) for p in tone_speech["test"].glob("*.wav"))[:3]
     texts = [r["transcript"] for r in fmtune.load(out).predict(clips)]
     assert all(set(t) <= set("hlm ") for t in texts)
