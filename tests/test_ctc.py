@@ -213,6 +213,8 @@ def test_a_ctc_clip_longer_than_the_window_has_no_loss_but_is_transcribed(ctc_mo
     alone = task.evaluate_model(net, ds.only(ds.trained_rows()), 4, "cpu", sample=[])
     assert metrics["loss"] == pytest.approx(alone["loss"], rel=1e-5)  # the loss of the clips within the window
     assert np.isfinite(metrics["wer"]) and len(task.last_answers) == len(ds)  # every clip transcribed
+    only_long = task.evaluate_model(net, ds.only(long), 4, "cpu", sample=list(range(len(long))))
+    assert np.isnan(only_long["loss"]) and np.isfinite(only_long["wer"])  # no loss to report, not a loss of 0
     with pytest.warns(UserWarning, match=rf"{len(long)} of 12 training clips are longer than the model's 1 s window"):
         train = task.training_set(ds)
     assert len(train) == len(ds) - len(long) and train.ids == [ds.ids[i] for i in ds.trained_rows()]

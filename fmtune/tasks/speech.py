@@ -490,8 +490,11 @@ class SpeechRecognition(Task):
         lengths = ds.lengths[rows]
         batches = [[rows[j] for j in b] for b in token_batches(lengths, batch_size,
                                                                max_tokens=batch_size * int(lengths.max(initial=1)))]
-        out = self._ctc_loss(net, ds, batches, device) if isinstance(ds, CTCData) else token_loss(net, ds, batches,
-                                                                                                  device)
+        ctc = isinstance(ds, CTCData)
+        if not rows:  # every clip longer than the window: no loss to report (not a loss of 0)
+            out = dict.fromkeys(("loss",) if ctc else ("loss", "perplexity"), float("nan"))
+        else:
+            out = self._ctc_loss(net, ds, batches, device) if ctc else token_loss(net, ds, batches, device)
         sample = self.sample(ds) if sample is None else sample
         if sample:
             answers = net.transcribe(ds, sample, self.settings.batch_size, device, self.language, on_batch=progress)
