@@ -245,7 +245,7 @@ def evaluate(opened: Any, source: str | Path, baseline: bool, quiet: bool) -> di
     sample = task.sample(ds, cfg.eval.test_samples or len(ds))
     before: dict[str, Any] = {}
     if baseline:
-        if hasattr(task, "use_transcripts") and cfg.data.train and Path(cfg.data.train).exists():
+        if bundle.family == causal_lm.CTC_FAMILY and cfg.data.train and Path(cfg.data.train).exists():
             task.use_transcripts(task.read(cfg.data.train, cfg.data))  # (a CTC head made from their characters)
         set_seed(cfg.train.seed)  # (a fresh head starts as training's did)
         pre = build.create(cfg.model, task)  # the pretrained model, as training scores it before any strategy
