@@ -27,7 +27,7 @@ from fmtune import evaluation, paths, ui
 from fmtune.data import tabular
 from fmtune.data.conll import sentence_chunks
 from fmtune.data.dataset import Rows, auto_max_length, epoch_batches, long_texts, long_texts_line, model_texts
-from fmtune.data.prepare import input_column, make_dataset, make_task, read_data, read_frames
+from fmtune.data.prepare import input_column, make_dataset, make_task, read_data, read_frames, split_lists_unset
 from fmtune.data.readers import (
     CONLL_PREDICT_SUFFIXES,
     count_rows,
@@ -104,6 +104,8 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     from its last checkpoint (its saved config is used).
     """
     cfg, run_dir = _config_and_dir(cfg, resume)
+    if run_dir is None:
+        cfg = _with_split_lists(cfg)
     if task_class(cfg.task.type).level == "lm":  # text generation: a causal LM (fmtune.generation)
         from fmtune import generation
 
@@ -200,6 +202,21 @@ def _config_and_dir(cfg: Any, resume: str | Path | None) -> tuple[config_mod.Con
     cfg = read_config(run_dir)
     checkpoint.require_state(run_dir)
     return cfg, run_dir
+
+
+def _with_split_lists(cfg: config_mod.Config) -> config_mod.Config:
+    """A class folder that ships its held-out splits (Speech Commands) validates and tests on them unless the config
+    names other files: data.val / data.test set to the lists, said in a warning (the run's config keeps them)."""
+    unset = split_lists_unset(cfg.data, cfg.task.type)
+    if not unset:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    for key, path in unset.items():
+        setattr(cfg.data, key, path)
+    said = "; ".join(f"data.{k} = {p}" for k, p in unset.items())
+    warnings.warn(f"{cfg.data.train} ships its held-out splits: {said} (give --val / --test to choose others)",
+                  UserWarning, stacklevel=3)
+    return cfg
 
 
 def _continual(cfg: config_mod.Config, run_dir: Path | None) -> Any:

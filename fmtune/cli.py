@@ -424,14 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     t.add_argument("--model", help="zoo name (fmtune models) or a local Hugging Face model folder")
     t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images or "
-                   "audio files (--task audio-classification; a table names the files in data.audio_column); "
+                   "audio files (--task audio-classification; a table names the files in data.audio_column; a folder "
+                   "with Speech Commands' validation_list.txt / testing_list.txt is validated and tested on them); "
                    "speech-recognition: a table of audio paths and transcripts, or a folder with metadata.csv "
                    "(or LibriSpeech's *.trans.txt files); "
                    "segmentation: a folder with images/ and masks/ (same names; or JPEGImages/ + "
                    "SegmentationClass/), or a table of image and mask paths (data.image_column, data.mask_column); "
                    "detection: a COCO JSON file, a YOLO dataset YAML (or images/ folder with labels/ beside it), or "
                    "a Pascal VOC folder (Annotations/, JPEGImages/)")
-    t.add_argument("--val", help="validation data (default: split off --data)")
+    t.add_argument("--val", help="validation data (default: split off --data, or the folder's validation_list.txt)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
     t.add_argument("--task", help="what to predict: classification (default), multilabel, regression, ner, "
                    "generation, audio-classification, speech-recognition, segmentation ... (`fmtune tasks` lists "

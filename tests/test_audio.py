@@ -122,6 +122,64 @@ def test_a_class_folder_named_with_an_underscore_is_not_a_class(tmp_path):
     assert sorted(df["label"]) == ["no", "no", "no", "yes", "yes"]
 
 
+def _speech_commands_layout(root: Path) -> tuple[list[str], list[str]]:
+    """Class folders of tone clips with Speech Commands' split lists: one file in two per class listed."""
+    save_tones(root, 8, 5)
+    val = [f"{label}/{i:03d}.{['wav', 'flac', 'ogg'][i % 3]}" for label in PITCHES for i in (0, 1)]
+    test = [f"{label}/{i:03d}.{['wav', 'flac', 'ogg'][i % 3]}" for label in PITCHES for i in (2, 3)]
+    (root / "validation_list.txt").write_text("\n".join(val) + "\n")
+    (root / "testing_list.txt").write_text("\n".join(test) + "\n\n")
+    return val, test
+
+
+def test_split_lists_of_a_class_folder_are_its_held_out_splits(tiny_whisper, tmp_path):
+    """Speech Commands ships validation_list.txt / testing_list.txt (speakers kept out of training): their clips are
+    not training clips; a run on the folder validates and tests on them unless told otherwise, and says so."""
+    import fmtune
+    from fmtune.data.audio import read_audio_folder
+
+    root = tmp_path / "speech_commands"
+    val, test = _speech_commands_layout(root)
+    with pytest.warns(UserWarning, match="12 files named in validation_list.txt and testing_list.txt left out"):
+        df = read_audio_folder(root)
+    assert len(df) == 8 * len(PITCHES) - 12
+    assert not {str(Path(p).relative_to(root)) for p in df["audio"]} & set(val + test)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"ships its held-out splits: data.val = .*validation_list.txt; "
+                                         r"data.test = .*testing_list.txt"):
+        summary = fmtune.train(cfg_dict(tiny_whisper, root, out=str(out), task={"type": "audio-classification"},
+                                        train={"epochs": 1, "batch_size": 8}), quiet=True, report=False)
+    info = json.loads((out / "run.json").read_text())
+    assert {k: info["data"][k]["rows"] for k in ("train", "val", "test")} == {"train": 12, "val": 6, "test": 6}
+    assert "accuracy" in summary["eval"]["test"]
+    saved = (out / "config.yaml").read_text()
+    assert "validation_list.txt" in saved and "testing_list.txt" in saved  # later commands read them too
+    # --val given: the validation list is not used, but its clips still stay out of training
+    other = tmp_path / "other_val.csv"
+    pd.DataFrame({"audio": [str(root / p) for p in val[:3]], "label": [p.split("/")[0] for p in val[:3]]}).to_csv(
+        other, index=False)
+    with pytest.warns(UserWarning, match=r"data.test = .*testing_list.txt \(give"):
+        fmtune.train(cfg_dict(tiny_whisper, root, out=str(tmp_path / "run2"), task={"type": "audio-classification"},
+                              data={"val": str(other)}, train={"epochs": 1, "batch_size": 8}), quiet=True, report=False)
+    info = json.loads((tmp_path / "run2" / "run.json").read_text())
+    assert {k: info["data"][k]["rows"] for k in ("train", "val", "test")} == {"train": 12, "val": 3, "test": 6}
+
+
+@pytest.mark.parametrize("line,message", [("high/000.wav\nhigh/gone.wav\n", r"line 2: .*gone.wav does not exist"),
+                                          ("000.wav\n", r"line 1: '000.wav' is not CLASS/FILE"),
+                                          ("high/../high/000.wav\n", "is not CLASS/FILE"),
+                                          ("high/notes.txt\n", r"line 1: 'high/notes.txt' is not one of the audio"),
+                                          ("\n\n", "names no audio files")])
+def test_a_bad_split_list_names_its_line(tmp_path, line, message):
+    from fmtune.data.readers import AUDIO_SUFFIXES, read_file_list
+
+    save_tones(tmp_path, 1, 0)
+    (tmp_path / "high" / "notes.txt").write_text("x")
+    (tmp_path / "validation_list.txt").write_text(line)
+    with pytest.raises(DataError, match=message):
+        read_file_list(tmp_path / "validation_list.txt", AUDIO_SUFFIXES, "audio", "audio files")
+
+
 def test_table_rows_name_row_and_file(tmp_path):
     sf.write(tmp_path / "ok.wav", tone(440.0, 0.5, RATE, np.random.default_rng(0)), RATE)
     table = tmp_path / "clips.csv"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from fmtune.data import tabular
-from fmtune.data.readers import require_column, require_text_column
+from fmtune.data.readers import require_column, require_text_column, split_lists
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks import Task, task_class
 
@@ -84,6 +85,16 @@ def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any) -> pd.Dat
     """One data file (or folder) read the way ``task`` reads its data."""
     cls = task_class(task) if isinstance(task, str) else task
     return tabular.render(cls.read(path, data_cfg), data_cfg).reset_index(drop=True)
+
+
+def split_lists_unset(data_cfg: Any, task_type: str) -> dict[str, str]:
+    """The split lists (``readers.SPLIT_LISTS``: Speech Commands' validation_list.txt and testing_list.txt) of a
+    class folder given as training data, for a task that reads them, where data.val / data.test are unset:
+    {"val": path, "test": path}. Training then validates and tests on the speakers the folder holds out."""
+    train = Path(data_cfg.train) if data_cfg.train else None
+    if train is None or not train.is_dir() or not task_class(task_type).supports("split_lists"):
+        return {}
+    return {k: str(p) for k, p in split_lists(train).items() if getattr(data_cfg, k) is None}
 
 
 def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:

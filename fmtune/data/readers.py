@@ -134,11 +134,56 @@ def list_images(folder: Path) -> list[Path]:
     return list_files(folder, IMAGE_SUFFIXES)
 
 
+# Lists of held-out files a class folder may ship, one path per line relative to the folder (CLASS/FILE): Speech
+# Commands' validation_list.txt and testing_list.txt name the clips of speakers kept out of training.
+SPLIT_LISTS = {"val": "validation_list.txt", "test": "testing_list.txt"}
+
+
+def split_lists(folder: Path) -> dict[str, Path]:
+    """The split lists (``SPLIT_LISTS``) that ``folder`` holds: {"val": path, "test": path}, either may be absent."""
+    return {k: folder / name for k, name in SPLIT_LISTS.items() if (folder / name).is_file()}
+
+
+def _listed(path: Path) -> list[tuple[int, str]]:
+    """(line number, relative path) of every non-empty line of a split list."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); a split list names one file "
+                        "per line") from None
+    return [(n, line.strip().replace("\\", "/")) for n, line in enumerate(text.splitlines(), start=1)
+            if line.strip()]
+
+
+def read_file_list(path: Path, suffixes: set[str], column: str, what: str) -> pd.DataFrame:
+    """A split list (one path per line, relative to the list's folder, CLASS/FILE as Speech Commands writes them)
+    -> rows (file path in ``column``, label = the path's class sub-folder). Errors name the line."""
+    rows = []
+    for n, rel in _listed(path):
+        parts = Path(rel).parts
+        if len(parts) < 2 or Path(rel).is_absolute() or ".." in parts:
+            raise DataError(f"{path}: line {n}: {rel!r} is not CLASS/FILE relative to {path.parent}")
+        if Path(rel).suffix.lower() not in suffixes:
+            raise DataError(f"{path}: line {n}: {rel!r} is not one of the {what} read here "
+                            f"({', '.join(sorted(suffixes))})")
+        f = path.parent / rel
+        if not f.is_file():
+            raise DataError(f"{path}: line {n}: {f} does not exist")
+        rows.append((str(f), parts[0]))
+    if not rows:
+        raise DataError(f"{path}: names no {what} (one CLASS/FILE path per line)")
+    df = pd.DataFrame(rows, columns=[column, "label"])
+    df.attrs["source"] = str(path)
+    return df
+
+
 def read_class_folder(path: Path, suffixes: set[str], column: str = "image", example: str = "cat/1.png",
                       what: str = "images") -> pd.DataFrame:
     """A folder of class sub-folders -> rows (file path in ``column``, label = sub-folder name) of
     the files below each sub-folder whose suffix is one of ``suffixes``. A sub-folder named ``.*`` or ``_*`` is not
-    a class (Speech Commands keeps long noise recordings in ``_background_noise_``): left out, said in a warning."""
+    a class (Speech Commands keeps long noise recordings in ``_background_noise_``): left out, said in a warning.
+    The files a split list of the folder names (``SPLIT_LISTS``) are left out too, said in a warning: they are
+    its held-out splits, read through the lists."""
     rows = []
     subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     aside = [p.name for p in subs if p.name.startswith("_")]
@@ -148,9 +193,18 @@ def read_class_folder(path: Path, suffixes: set[str], column: str = "image", exa
     for sub in subs:
         if not sub.name.startswith("_"):
             rows += [(str(f), sub.name) for f in list_files(sub, suffixes)]
+    lists = split_lists(path)
+    if lists:
+        held = {str(path / rel) for f in lists.values() for _, rel in _listed(f)}
+        before = len(rows)
+        rows = [r for r in rows if r[0] not in held]
+        warnings.warn(f"{path}: {before - len(rows):,} files named in {' and '.join(f.name for f in lists.values())} "
+                      f"left out (the folder's held-out splits; fmtune train validates and tests on them unless "
+                      "--val / --test are given)", UserWarning, stacklevel=2)
     if not rows:
         raise DataError(f"{path}: no {what} found; expected class sub-folders (e.g. {path}/{example}) "
-                        f"holding {', '.join(sorted(suffixes))} files")
+                        f"holding {', '.join(sorted(suffixes))} files"
+                        + (" that the folder's split lists do not name" if lists else ""))
     df = pd.DataFrame(rows, columns=[column, "label"])
     df.attrs["source"] = str(path)
     return df

@@ -18,15 +18,20 @@ from fmtune.tasks.classification import Classification
 @TASKS.register("audio-classification")
 class AudioClassification(Classification):
     name = "audio-classification"
-    description = "one label per audio clip (Whisper encoder; a folder of class sub-folders or a table of paths)"
+    description = ("one label per audio clip (Whisper encoder; a folder of class sub-folders, a table of paths, or a "
+                   "list of CLASS/FILE paths)")
     modality = "audio"
-    capabilities = frozenset({"stratified_split", "mistakes", "transfer", "embed", "robustness", "explain"})
+    capabilities = frozenset({"stratified_split", "mistakes", "transfer", "embed", "robustness", "explain",
+                              "split_lists"})
 
     @classmethod
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
         from fmtune.data.audio import read_audio_folder
+        from fmtune.data.readers import AUDIO_SUFFIXES, read_file_list
 
         p = Path(path)
         if p.is_dir():
             return read_audio_folder(p, data_cfg.audio_column)
+        if p.suffix.lower() == ".txt":  # a split list of a class folder (Speech Commands' validation_list.txt)
+            return read_file_list(p, AUDIO_SUFFIXES, data_cfg.audio_column, "audio files")
         return cls.with_label_names(read_table(p, data_cfg.encoding, data_cfg.audio_column), data_cfg)

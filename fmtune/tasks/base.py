@@ -42,7 +42,8 @@ UNKNOWN = "unknown"
 #   recentre          after fine-tuning, the head's output moved so its mean on the training rows is theirs
 #   thresholds        decision thresholds chosen on the validation rows after training (choose_thresholds)
 CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
-                "fairness", "pseudo_labels", "save_images", "recentre", "thresholds")
+                "fairness", "pseudo_labels", "save_images", "recentre", "thresholds",
+                "split_lists")  # split_lists: reads a class folder's validation_list.txt / testing_list.txt
 
 
 class Task:
