@@ -172,7 +172,7 @@ def lm_net(bundle: build.Bundle) -> torch.nn.Module:
     if bundle.family == causal_lm.SPEECH_FAMILY:
         from fmtune.models.speech import SpeechLogits
 
-        return SpeechLogits(bundle.model, bundle.tokenizer)
+        return SpeechLogits(bundle.model, bundle.tokenizer, bundle.audio)
     if bundle.family == causal_lm.CTC_FAMILY:  # log-probabilities per frame
         from fmtune.models.ctc import CTCLogits
 
@@ -200,6 +200,8 @@ def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
 
         return {"prefix": tok.convert_ids_to_tokens(speech.prefix_ids(tok, task.language)),
                 "bucket_seconds": speech.BUCKET_SECONDS, "window_seconds": bundle.audio.get("window_seconds"),
+                "reads_clips": "in buckets" if bundle.audio.get(speech.BUCKETED) else "in the whole window (not "
+                "yet trained by fmtune)",
                 "eos_token": tok.eos_token, "wer_normalizer": "transformers BasicTextNormalizer"}
     return {"chat_template": uses_template(tok, task.chat_template), "train_on_prompt": task.train_on_prompt,
             "max_length": bundle.max_length, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
@@ -305,7 +307,10 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
                       f"{info['transcripts_cased']}-cased); greedy CTC decoding; WER on lower-cased text without "
                       "punctuation")
         else:
-            out.print(f"  clips read in buckets of {info['bucket_seconds']:g} s (at most {info['window_seconds']:g} "
+            first = ("the model (trained by fmtune before) reads" if bundle.audio.get("bucketed") else
+                     f"the pretrained model reads clips in its whole {info['window_seconds']:g}-s window (zero-shot "
+                     "baseline, first validation); training and the trained model read")
+            out.print(f"  {first} clips in buckets of {info['bucket_seconds']:g} s (at most {info['window_seconds']:g} "
                       f"s); decoder prefix {''.join(info['prefix'])}; every transcript ends with {tok.eos_token!r}; "
                       "WER on lower-cased text without punctuation")
         sizes = ", ".join(f"{k} {len(v)} clips ({_size(v)['seconds']:,.0f} s)" for k, v in data.items())
@@ -525,7 +530,7 @@ def _export_speech(opened: Any, target: Path, kind: str, quiet: bool) -> dict[st
         if is_ctc:
             return ctc.transcribe(model.to(device), bundle.tokenizer, ds, rows, EXPORT_CHECK_PROMPTS, device)
         return speech.transcribe(model.to(device), bundle.tokenizer, ds, rows, EXPORT_CHECK_PROMPTS, device,
-                                 task.language)
+                                 task.language, full_window=not bundle.audio.get(speech.BUCKETED, False))
 
     return _checked_export(opened, target, kind, quiet,
                            auto=AutoModelForCTC if is_ctc else WhisperForConditionalGeneration,

@@ -156,6 +156,43 @@ def test_a_transcript_does_not_depend_on_its_batch(tiny_asr, tone_speech):
     assert alone == [together[i] for i in (0, 5, 11)]
 
 
+def test_a_pretrained_model_reads_the_whole_window_a_model_fmtune_trained_reads_buckets(tiny_asr, tone_speech,
+                                                                                          tmp_path, monkeypatch):
+    """Whisper was pretrained on 30-s windows and loops on short real clips read in 5-s buckets (bench/real_speech.py):
+    the pretrained model (zero-shot baseline, first validation) reads the whole window; from its first training step
+    the model reads buckets, saved with it; loading weights saved before that step reads the window again."""
+    from fmtune import config as config_mod
+    from fmtune.generation import lm_net
+    from fmtune.models import build, speech
+
+    widths = []
+    greedy = speech.greedy
+    monkeypatch.setattr(speech, "greedy", lambda model, feats, *a: widths.append(feats.shape[-1]) or greedy(
+        model, feats, *a))
+    bundle, task = _bundle(tiny_asr)
+    cfg = config_mod.from_dict(_cfg(tiny_asr, tone_speech, Path("unused")))
+    ds, _ = task.dataset(task.read(tone_speech["test"], cfg.data), bundle, cfg.data)
+    net = lm_net(bundle)
+    rows = list(range(4))
+    before = net.transcribe(ds, rows, 4, "cpu")
+    assert widths == [3000] and ds.lengths.tolist()[0] == 500  # the window; the dataset's buckets stay as they were
+    build.save(bundle, tmp_path / "pretrained")
+    net.train()
+    net(**{k: v for k, v in ds.collate([0, 1]).items() if k != "labels"})  # one training forward
+    net.eval()
+    assert bundle.audio[speech.BUCKETED] is True
+    net.transcribe(ds, rows, 4, "cpu")
+    assert widths[1:] == [500]
+    build.save(bundle, tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "fmtune.json").read_text())["audio"][speech.BUCKETED] is True
+    build.load_weights(bundle, tmp_path / "pretrained")  # (a run whose best checkpoint is the pretrained model)
+    assert speech.BUCKETED not in bundle.audio
+    assert lm_net(bundle).transcribe(ds, rows, 4, "cpu") == before and widths[2:] == [3000]
+    opened = build.load(tmp_path / "trained")
+    lm_net(opened).transcribe(ds, rows, 4, "cpu")
+    assert widths[3:] == [500]
+
+
 def test_a_long_clip_is_transcribed_window_by_window(tiny_asr, monkeypatch):
     from fmtune.data.audio import AudioSpec
     from fmtune.models import speech
@@ -367,6 +404,8 @@ def test_train_evaluate_predict_and_serve_speech_recognition(tiny_asr, tone_spee
     best = min(evals, key=lambda r: r["wer"])
     assert summary["metric"] == "wer"  # chosen on WER, not loss
     assert summary["best"] == pytest.approx(best["wer"], abs=1e-5)
+    assert summary["best_step"] > 0  # a trained checkpoint: saved as read in buckets
+    assert json.loads((out / "model" / "fmtune.json").read_text())["audio"]["bucketed"] is True
     answers = [json.loads(line) for line in (out / "test_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 12 and set(answers[0]) >= {"audio", "reference", "baseline", "fine_tuned"}
     report = (out / "report.html").read_text()

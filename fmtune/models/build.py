@@ -602,6 +602,10 @@ def load_weights(bundle: Bundle, model_dir: Path) -> None:
     the folder is read back the way it was written."""
     if bundle.family in causal_lm.FAMILIES:
         causal_lm.load_weights(bundle, model_dir)
+        saved = read_json(model_dir / META_FILE, {}).get("audio")
+        if saved is not None:  # (a speech model: how its weights read clips, e.g. the pretrained ones in the window)
+            bundle.audio.clear()
+            bundle.audio.update(saved)
         return
     if bundle.adapter:
         adapters.load_weights(bundle.model, model_dir)

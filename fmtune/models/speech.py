@@ -5,9 +5,12 @@ Whisper reads a fixed 30-second window (transformers' encoder refuses anything e
 clip padded to 30 s costs ten times its own compute in the encoder and gives the decoder 1,500
 positions to attend to at every token. Here a clip is read in buckets of ``BUCKET_SECONDS``: the
 clip, then Whisper's own padding value (the silence after a clip) up to the next multiple of 5 s.
-Measured on espeak sentences (3.3 s on average, tiny.en, 2 cores): zero-shot WER 0.72 with 5 s
-buckets against 0.78 through transformers' ``generate`` on the full 30 s, and 2.8x less decoding
-time; fine-tuning then learns the shorter context. The padding stays unmasked, as in Whisper's
+Fine-tuning learns the shorter context; the pretrained model has not, and reads short real speech
+badly in it (on 22 clips of real speakers, ``bench/real_speech.py``: WER 1.67 in 5 s buckets, from
+loops like "5 5 5 5 ...", against 0.10 in its 30 s window). So a model fmtune has not trained (the
+zero-shot baseline, the pretrained candidate of the first validation) reads the whole window, and
+a model fmtune trains is marked (``bucketed`` in its audio settings, fmtune.json) from its first
+training step on and read in buckets from then on. The padding stays unmasked, as in Whisper's
 own training, and a clip's bucket does not depend on the other clips of its batch, so neither
 does its transcript.
 """
@@ -30,6 +33,7 @@ from fmtune.tasks.speech import BUCKET_SECONDS, prefix_ids, transcribe_clips  # 
 # of audio are decoded (a model that loops on a phrase stops there, not at the decoder's end)
 TOKENS_PER_SECOND = 448 / 30
 SPEECH_MODEL_TYPES = ("whisper",)
+BUCKETED = "bucketed"  # key of a model's audio settings: fmtune trained it in buckets (read it in them)
 
 
 def max_target_positions(model: nn.Module) -> int:
@@ -47,13 +51,16 @@ class SpeechLogits(nn.Module):
     """What training batches are fed to: the decoder's logits at the positions in ``target_index``
     (flat into batch x length) only: the transcript's tokens, never the prefix or the padding."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any):
+    def __init__(self, model: nn.Module, tokenizer: Any, audio: dict[str, Any]):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer  # what evaluation decodes with
+        self.audio = audio  # the bundle's audio settings: ``bucketed`` once a training step has run
 
     def forward(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor,
                 target_index: torch.Tensor) -> types.SimpleNamespace:
+        if self.training:  # trained in buckets from here on: read in them (saved with the model, fmtune.json)
+            self.audio[BUCKETED] = True
         lm = plain(self.model)
         states = encode(lm, input_features)
         hidden = lm.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=states, use_cache=False)[0]
@@ -62,8 +69,10 @@ class SpeechLogits(nn.Module):
 
     def transcribe(self, ds: Any, rows: list[int], batch_size: int, device: Any, language: str | None = None,
                    on_batch: Any = None) -> list[str]:
-        """``transcribe`` with this model and tokenizer (what the task's evaluation calls)."""
-        return transcribe(self.model, self.tokenizer, ds, rows, batch_size, device, language, on_batch)
+        """``transcribe`` with this model and tokenizer (what the task's evaluation calls), in buckets once the model
+        has been trained in them, else in the whole window."""
+        return transcribe(self.model, self.tokenizer, ds, rows, batch_size, device, language, on_batch,
+                          full_window=not self.audio.get(BUCKETED, False))
 
 
 def _suppressed(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,10 +131,11 @@ def greedy(model: nn.Module, features: torch.Tensor, prefix: list[int], eot: int
 
 
 def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch_size: int, device: Any,
-               language: str | None = None, on_batch: Any = None) -> list[str]:
+               language: str | None = None, on_batch: Any = None, full_window: bool = False) -> list[str]:
     """The transcripts of clips ``rows`` of ``ds`` (a ``fmtune.tasks.speech.SpeechData``): every
-    window of every clip, in batches of one bucket width and similar length, decoded greedily;
-    a clip's windows joined in order. ``on_batch(n)`` is told of each batch's clips done."""
+    window of every clip, in batches of one bucket width and similar length (``full_window``: each padded to the
+    encoder's whole window, as Whisper was pretrained), decoded greedily; a clip's windows joined in order.
+    ``on_batch(n)`` is told of each batch's clips done."""
     prefix = prefix_ids(tokenizer, language)
     eot = tokenizer.eos_token_id
     room = max_target_positions(model) - len(prefix)
@@ -136,7 +146,11 @@ def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch
         tokens = greedy(model, ds.features(windows).to(device), prefix, eot, limit)
         return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
-    return transcribe_clips(model, ds, rows, batch_size, decode, on_batch, width=ds.width)
+    ds.full_window, before = full_window, ds.full_window
+    try:
+        return transcribe_clips(model, ds, rows, batch_size, decode, on_batch, width=ds.width)
+    finally:
+        ds.full_window = before
 
 
 def write_extra(bundle: Any, folder: Path) -> None:

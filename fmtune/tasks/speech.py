@@ -230,6 +230,7 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
         self.window_seconds = spec.window_seconds
         self.bucket_frames = int(round(BUCKET_SECONDS / self.hop_seconds))
         self.max_frames = spec.encoder_frames  # what the encoder holds
+        self.full_window = False  # pad every window to the encoder's whole window (a model not tuned to buckets)
         self.lengths = np.array([self.width(w) for c in clips for w in c[:1]])
 
     def __len__(self) -> int:
@@ -239,7 +240,10 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
         return i
 
     def width(self, window: torch.Tensor) -> int:
-        """Frames a window is padded to: its bucket (the next multiple of ``bucket_frames``)."""
+        """Frames a window is padded to: its bucket (the next multiple of ``bucket_frames``), or the encoder's whole
+        window (``full_window``)."""
+        if self.full_window:
+            return max(self.max_frames, window.shape[-1])
         n = window.shape[-1] + 2  # the convolutions at the end read padding, as in Whisper's window
         return min(int(-(-n // self.bucket_frames) * self.bucket_frames), max(self.max_frames, window.shape[-1]))
 
