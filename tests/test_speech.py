@@ -215,6 +215,35 @@ def test_a_long_clip_is_transcribed_window_by_window(tiny_asr, monkeypatch):
 
 # --- reading and its errors -------------------------------------------------------------------------
 
+def test_asterisk_prompts_reads_the_packages_transcripts(tmp_path, monkeypatch):
+    """The real-speech zoo set: PROMPT: TEXT lines of the package's transcript file, sub-folders as in the prompt
+    name, notes in brackets dropped, tones / silences / prompts without a recording left out."""
+    import gzip
+
+    from fmtune.zoo import datasets
+
+    sounds = tmp_path / "en_US_f_Allison"
+    for name in ("auth-thankyou", "letters/at", "beep", "silence/1", "digits/1"):
+        (sounds / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(sounds / f"{name}.wav", _tone(440.0, 0.3, np.random.default_rng(0)), 8000)
+    notes = tmp_path / "core-sounds-en.txt.gz"
+    with gzip.open(notes, "wt") as fh:
+        fh.write("; Core Asterisk Sounds in English\n\nauth-thankyou: Thank you.\nbeep: [this is a simple beep tone]\n"
+                 "letters/at: at [@]\nsilence/1: (1 second of silence)\ndigits/1: one\nvm-gone: Not recorded.\n")
+    monkeypatch.setattr(datasets, "ASTERISK_EN", sounds)
+    monkeypatch.setattr(datasets, "ASTERISK_TRANSCRIPTS", notes)
+    df = datasets.DATASETS.get("asterisk-prompts", "dataset").load()
+    assert df["text"].tolist() == ["Thank you.", "at", "one"]
+    assert [Path(a).relative_to(sounds).as_posix() for a in df["audio"]] == ["auth-thankyou.wav", "letters/at.wav",
+                                                                              "digits/1.wav"]
+    files = datasets.export("asterisk-prompts", tmp_path / "out", sizes=(1, 1, 1), seed=0)
+    table = pd.read_csv(files["train"])
+    assert list(table.columns) == ["audio", "text"] and (tmp_path / "out" / table["audio"][0]).is_file()
+    monkeypatch.setattr(datasets, "ASTERISK_TRANSCRIPTS", tmp_path / "gone.txt.gz")
+    with pytest.raises(DataError, match="apt-get install asterisk-core-sounds-en-wav asterisk-core-sounds-en"):
+        datasets.DATASETS.get("asterisk-prompts", "dataset").load()
+
+
 def test_metadata_folder_and_usual_column_names(tiny_asr, tone_speech, tmp_path):
     from fmtune import config as config_mod
     from fmtune.tasks.speech import read_speech

