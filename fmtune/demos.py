@@ -100,7 +100,8 @@ DEMOS: dict[str, dict[str, Any]] = {
     },
     "audio-classification": {
         "dataset": "espeak-commands",
-        "origin": "speech synthesised offline by espeak-ng: no spoken-word recordings ship in a package",
+        "origin": "speech synthesised offline by espeak-ng: no recordings of these words by many speakers ship in "
+                  "a package",
         "sizes": (None, 100, 200),
         "config": {
             "model": {"name": "whisper-tiny-en"},
@@ -115,7 +116,8 @@ DEMOS: dict[str, dict[str, Any]] = {
     },
     "speech-recognition": {
         "dataset": "espeak-sentences",
-        "origin": "real sentences read by espeak-ng offline: no spoken-word recordings ship in a package",
+        "origin": "real sentences read by espeak-ng offline in 48 voices: the one real recorded set that ships "
+                  "(asterisk-prompts) has a single voice",
         "sizes": (400, 50, 100),
         "config": {
             "model": {"name": "whisper-tiny-en"},
