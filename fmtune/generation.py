@@ -307,7 +307,7 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
                       f"{info['transcripts_cased']}-cased); greedy CTC decoding; WER on lower-cased text without "
                       "punctuation")
         else:
-            first = ("the model (trained by fmtune before) reads" if bundle.audio.get("bucketed") else
+            first = ("the model (trained by fmtune before) reads" if info["reads_clips"] == "in buckets" else
                      f"the pretrained model reads clips in its whole {info['window_seconds']:g}-s window (zero-shot "
                      "baseline, first validation); training and the trained model read")
             out.print(f"  {first} clips in buckets of {info['bucket_seconds']:g} s (at most {info['window_seconds']:g} "

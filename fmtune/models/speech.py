@@ -6,7 +6,7 @@ clip padded to 30 s costs ten times its own compute in the encoder and gives the
 positions to attend to at every token. Here a clip is read in buckets of ``BUCKET_SECONDS``: the
 clip, then Whisper's own padding value (the silence after a clip) up to the next multiple of 5 s.
 Fine-tuning learns the shorter context; the pretrained model has not, and reads short real speech
-badly in it (on 22 clips of real speakers, ``bench/real_speech.py``: WER 1.67 in 5 s buckets, from
+badly in it (on 22 clips of real speakers, ``bench/real_speech.py``: WER 1.43 in 5 s buckets, from
 loops like "5 5 5 5 ...", against 0.10 in its 30 s window). So a model fmtune has not trained (the
 zero-shot baseline, the pretrained candidate of the first validation) reads the whole window, and
 a model fmtune trains is marked (``bucketed`` in its audio settings, fmtune.json) from its first

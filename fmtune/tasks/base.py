@@ -41,9 +41,9 @@ UNKNOWN = "unknown"
 #   save_images       fmtune predict --save-images (predictions drawn or written as image files: write_files)
 #   recentre          after fine-tuning, the head's output moved so its mean on the training rows is theirs
 #   thresholds        decision thresholds chosen on the validation rows after training (choose_thresholds)
+#   split_lists       a class folder's validation_list.txt / testing_list.txt are its validation and test splits
 CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
-                "fairness", "pseudo_labels", "save_images", "recentre", "thresholds",
-                "split_lists")  # split_lists: reads a class folder's validation_list.txt / testing_list.txt
+                "fairness", "pseudo_labels", "save_images", "recentre", "thresholds", "split_lists")
 
 
 class Task:
