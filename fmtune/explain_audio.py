@@ -50,7 +50,7 @@ def collect(pred: Any, inputs: list[str], limit: int) -> list[dict[str, Any]]:
         if path.is_dir():
             subs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
             if subs:
-                df = read_audio_folder(path)
+                df = read_audio_folder(path, held_out=False)  # (every clip the user points at)
                 rows = [(Path(f).name, Path(f), lab) for f, lab in zip(df["audio"], df["label"])]
             else:
                 rows = [(f.name, f, None) for f in list_files(path, AUDIO_SUFFIXES)]

@@ -144,6 +144,11 @@ def test_split_lists_of_a_class_folder_are_its_held_out_splits(tiny_whisper, tmp
         df = read_audio_folder(root)
     assert len(df) == 8 * len(PITCHES) - 12
     assert not {str(Path(p).relative_to(root)) for p in df["audio"]} & set(val + test)
+    from fmtune.data.readers import AUDIO_SUFFIXES, read_class_folder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a task that does not read split lists (images) keeps every file, silently
+        assert len(read_class_folder(root, AUDIO_SUFFIXES, "audio")) == 8 * len(PITCHES)
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"ships its held-out splits: data.val = .*validation_list.txt; "
                                          r"data.test = .*testing_list.txt"):

@@ -178,12 +178,13 @@ def read_file_list(path: Path, suffixes: set[str], column: str, what: str) -> pd
 
 
 def read_class_folder(path: Path, suffixes: set[str], column: str = "image", example: str = "cat/1.png",
-                      what: str = "images") -> pd.DataFrame:
+                      what: str = "images", split_lists_held_out: bool = False) -> pd.DataFrame:
     """A folder of class sub-folders -> rows (file path in ``column``, label = sub-folder name) of
     the files below each sub-folder whose suffix is one of ``suffixes``. A sub-folder named ``.*`` or ``_*`` is not
     a class (Speech Commands keeps long noise recordings in ``_background_noise_``): left out, said in a warning.
-    The files a split list of the folder names (``SPLIT_LISTS``) are left out too, said in a warning: they are
-    its held-out splits, read through the lists."""
+    With ``split_lists_held_out`` (a task that reads them: audio classification), the files a split list of the
+    folder names (``SPLIT_LISTS``) are left out too, said in a warning: they are its held-out splits, read through
+    the lists."""
     rows = []
     subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     aside = [p.name for p in subs if p.name.startswith("_")]
@@ -193,7 +194,7 @@ def read_class_folder(path: Path, suffixes: set[str], column: str = "image", exa
     for sub in subs:
         if not sub.name.startswith("_"):
             rows += [(str(f), sub.name) for f in list_files(sub, suffixes)]
-    lists = split_lists(path)
+    lists = split_lists(path) if split_lists_held_out else {}
     if lists:
         held = {str(path / rel) for f in lists.values() for _, rel in _listed(f)}
         before = len(rows)
