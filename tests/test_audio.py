@@ -159,6 +159,8 @@ def test_split_lists_of_a_class_folder_are_its_held_out_splits(tiny_whisper, tmp
     assert "accuracy" in summary["eval"]["test"]
     saved = (out / "config.yaml").read_text()
     assert "validation_list.txt" in saved and "testing_list.txt" in saved  # later commands read them too
+    again = fmtune.evaluate(out, quiet=True)  # the run's test data: the testing list
+    assert again["n_test"] == 6 and again["test"]["accuracy"] == pytest.approx(summary["eval"]["test"]["accuracy"])
     # --val given: the validation list is not used, but its clips still stay out of training
     other = tmp_path / "other_val.csv"
     pd.DataFrame({"audio": [str(root / p) for p in val[:3]], "label": [p.split("/")[0] for p in val[:3]]}).to_csv(
