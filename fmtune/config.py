@@ -158,6 +158,10 @@ class TaskConfig:
         "auto", "generation: wrap prompts in the tokenizer's chat template (auto: when the tokenizer has one)")
     language: str | None = _f(None, "speech-recognition: the spoken language for a multilingual Whisper (e.g. "
                               "english, french; default english); English-only models need none")
+    wer_normalizer: Literal["basic", "english"] = _f(
+        "basic", "speech-recognition: the text normaliser before WER/CER: basic (lower case, punctuation and symbols "
+        "as spaces; any language) or english (Whisper's English normaliser, as its papers score: also numbers as "
+        "digits, 'mister' = 'mr', British spellings as American, fillers dropped)")
     classes: str | None = _f(None, "segmentation: class names, comma-separated, in mask-value order (value 0 = the "
                              "first); default: classes.txt beside images/ and masks/, else the values seen in the "
                              "training masks (0/255 masks: background, foreground); detection: the class names "

@@ -188,13 +188,13 @@ def _size(ds: Any) -> dict[str, Any]:
 
 def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
     tok = bundle.tokenizer
-    if bundle.family == causal_lm.CTC_FAMILY:
-        from fmtune.tasks.speech import case_of
+    from fmtune.tasks.speech import NORMALIZERS, case_of
 
+    if bundle.family == causal_lm.CTC_FAMILY:
         return {"decoding": "greedy CTC", "blank": tok.pad_token, "word_delimiter": tok.word_delimiter_token,
                 "transcripts_cased": case_of(tok), "window_seconds": bundle.audio.get("window_seconds"),
                 "vocabulary": len(tok), "new_head": not tok.name_or_path,
-                "wer_normalizer": "transformers BasicTextNormalizer"}
+                "wer_normalizer": NORMALIZERS[task.wer_normalizer]}
     if bundle.family == causal_lm.SPEECH_FAMILY:
         from fmtune.models import speech
 
@@ -202,7 +202,7 @@ def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
                 "bucket_seconds": speech.BUCKET_SECONDS, "window_seconds": bundle.audio.get("window_seconds"),
                 "reads_clips": "in buckets" if bundle.audio.get(speech.BUCKETED) else "in the whole window (not "
                 "yet trained by fmtune)",
-                "eos_token": tok.eos_token, "wer_normalizer": "transformers BasicTextNormalizer"}
+                "eos_token": tok.eos_token, "wer_normalizer": NORMALIZERS[task.wer_normalizer]}
     return {"chat_template": uses_template(tok, task.chat_template), "train_on_prompt": task.train_on_prompt,
             "max_length": bundle.max_length, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
 
@@ -300,19 +300,20 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
     tok = bundle.tokenizer
     if speech:
         info = _settings_info(bundle, task)
+        wer = "WER on lower-cased text without punctuation" + (
+            " (and Whisper's English normaliser: task.wer_normalizer)" if task.wer_normalizer == "english" else "")
         if bundle.family == causal_lm.CTC_FAMILY:
             fresh = " (a new CTC head over the training transcripts' characters)" if info["new_head"] else ""
             out.print(f"  the waveform in windows of at most {info['window_seconds']:g} s; {info['vocabulary']} "
                       f"tokens{fresh} (blank {info['blank']!r}, words split at {info['word_delimiter']!r}, transcripts "
-                      f"{info['transcripts_cased']}-cased); greedy CTC decoding; WER on lower-cased text without "
-                      "punctuation")
+                      f"{info['transcripts_cased']}-cased); greedy CTC decoding; {wer}")
         else:
             first = ("the model (trained by fmtune before) reads" if info["reads_clips"] == "in buckets" else
                      f"the pretrained model reads clips in its whole {info['window_seconds']:g}-s window (zero-shot "
                      "baseline, first validation); training and the trained model read")
             out.print(f"  {first} clips in buckets of {info['bucket_seconds']:g} s (at most {info['window_seconds']:g} "
                       f"s); decoder prefix {''.join(info['prefix'])}; every transcript ends with {tok.eos_token!r}; "
-                      "WER on lower-cased text without punctuation")
+                      f"{wer}")
         sizes = ", ".join(f"{k} {len(v)} clips ({_size(v)['seconds']:,.0f} s)" for k, v in data.items())
         out.print(f"  data: {sizes}; validation transcripts {min(cfg.eval.samples, len(data['val']))} clips")
     else:

@@ -94,6 +94,24 @@ def test_error_rates_normalise_case_and_punctuation():
     assert 0 < got["cer"] < got["wer"]
 
 
+def test_the_english_normaliser_scores_as_whisper_papers_do(tiny_asr, tone_speech, tmp_path):
+    """task.wer_normalizer=english: numbers, titles and fillers compared as Whisper's English normaliser does; the
+    option is saved with the run (labels.json) and said in run.json."""
+    from fmtune.tasks.speech import error_rates
+
+    hyp, ref = ["10 of clubs, Mr. Smith", "uh go forward"], ["ten of clubs mister smith", "go forward"]
+    assert error_rates(hyp, ref)["wer"] == pytest.approx(3 / 7)  # "10", "mr", "uh" over 7 reference words
+    assert error_rates(hyp, ref, "english") == {"wer": 0.0, "cer": 0.0}
+    import fmtune
+
+    out = tmp_path / "run"
+    fmtune.train(_cfg(tiny_asr, tone_speech, out, task={"wer_normalizer": "english"},
+                      train={"epochs": 1, "batch_size": 16}), quiet=True, report=False)
+    assert json.loads((out / "labels.json").read_text())["wer_normalizer"] == "english"
+    info = json.loads((out / "run.json").read_text())
+    assert info["generation"]["wer_normalizer"] == "transformers EnglishTextNormalizer"
+
+
 # --- decoding -----------------------------------------------------------------------------------------
 
 def _greedy_without_cache(model, feats, prefix, eot, steps):

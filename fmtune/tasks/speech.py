@@ -130,21 +130,28 @@ def prefix_ids(tokenizer: Any, language: str | None) -> list[int]:
     return list(tokenizer.prefix_tokens)
 
 
-def normalize(text: str) -> str:
-    """What WER compares: lower case, punctuation and symbols as spaces, one space between words."""
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+NORMALIZERS = {"basic": "transformers BasicTextNormalizer", "english": "transformers EnglishTextNormalizer"}
 
+
+def normalize(text: str, normalizer: str = "basic") -> str:
+    """What WER compares: lower case, punctuation and symbols as spaces, one space between words (basic); english:
+    Whisper's English normaliser too ("ten" and "10" alike, "mr" = "mister", fillers dropped; without its British ->
+    American spelling table, which does not ship with the offline model)."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+    if normalizer == "english":
+        return EnglishTextNormalizer({})(text).strip()
     return BasicTextNormalizer()(text).strip()
 
 
-def error_rates(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+def error_rates(hypotheses: list[str], references: list[str], normalizer: str = "basic") -> dict[str, float]:
     """Word and character error rate over the whole set (errors / reference words or characters),
-    as jiwer computes them, on normalised text. An empty hypothesis counts every reference word
-    as deleted."""
+    as jiwer computes them, on normalised text (``normalizer``: see ``normalize``). An empty hypothesis counts every
+    reference word as deleted."""
     import jiwer
 
-    refs = [normalize(r) for r in references]
-    hyps = [normalize(h) for h in hypotheses]
+    refs = [normalize(r, normalizer) for r in references]
+    hyps = [normalize(h, normalizer) for h in hypotheses]
     keep = [i for i, r in enumerate(refs) if r]
     if not keep:
         return {"wer": float("nan"), "cer": float("nan")}
@@ -365,7 +372,8 @@ class SpeechRecognition(Task):
     def __init__(self, labels: list[str] | None = None, **kw: Any):
         super().__init__([])
         self.language = kw.get("language")
-        self.options = {"language": self.language}
+        self.wer_normalizer = kw.get("wer_normalizer") or "basic"
+        self.options = {"language": self.language, "wer_normalizer": self.wer_normalizer}
         self.settings = GenerationSettings()  # eval.samples, the decoding batch (set from the config)
         self.last_answers: list[str] = []  # of the latest evaluation's sample
         self.blank = 0  # a CTC model's blank (its tokenizer's pad token), set when its datasets are made
@@ -384,7 +392,7 @@ class SpeechRecognition(Task):
 
     @classmethod
     def options_from(cls, task_cfg: Any, data_cfg: Any) -> dict[str, Any]:
-        return {"language": task_cfg.language}
+        return {"language": task_cfg.language, "wer_normalizer": task_cfg.wer_normalizer}
 
     @classmethod
     def from_train(cls, values: pd.Series, df: pd.DataFrame, **kw: Any) -> SpeechRecognition:
@@ -503,7 +511,7 @@ class SpeechRecognition(Task):
         if sample:
             answers = net.transcribe(ds, sample, self.settings.batch_size, device, self.language, on_batch=progress)
             self.last_answers = answers
-            out.update(error_rates(answers, [ds.references[i] for i in sample]))
+            out.update(error_rates(answers, [ds.references[i] for i in sample], self.wer_normalizer))
         if was_training:
             net.train()
         return out
