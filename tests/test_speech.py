@@ -172,6 +172,15 @@ def test_a_transcript_does_not_depend_on_its_batch(tiny_asr, tone_speech):
     together = speech.transcribe(bundle.model, bundle.tokenizer, ds, list(range(len(ds))), 4, "cpu")
     alone = [speech.transcribe(bundle.model, bundle.tokenizer, ds, [i], 1, "cpu")[0] for i in (0, 5, 11)]
     assert alone == [together[i] for i in (0, 5, 11)]
+    # a model that never ends its transcript (as a pretrained one looping on a short clip): each stops at its own
+    # clip's limit, not at the limit of the longest clip in its batch
+    gen = bundle.model.generation_config
+    gen.suppress_tokens = [*(gen.suppress_tokens or []), bundle.tokenizer.eos_token_id]
+    rng = np.random.default_rng(3)
+    short = task.inputs([_tone(440.0, s, rng) for s in (0.3, 0.6, 0.9, 1.2)], bundle)  # limits 13 to 26 tokens
+    together = speech.transcribe(bundle.model, bundle.tokenizer, short, [0, 1, 2, 3], 4, "cpu")
+    alone = [speech.transcribe(bundle.model, bundle.tokenizer, short, [i], 1, "cpu")[0] for i in range(4)]
+    assert alone == together and len(set(map(len, together))) > 1
 
 
 def test_a_pretrained_model_reads_the_whole_window_a_model_fmtune_trained_reads_buckets(tiny_asr, tone_speech,
