@@ -52,11 +52,15 @@ $(VENV)/.installed: pyproject.toml
 # sonic-pi-samples (real instrument recordings) and asterisk-core-sounds-en(-wav) (real recorded speech
 # prompts and their transcripts). Needs root (as on these machines) or sudo.
 AUDIO_DEBS := espeak-ng sonic-pi-samples asterisk-core-sounds-en-wav asterisk-core-sounds-en
+ASTERISK_NOTES := /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz
 setup-audio:
-	@command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/sonic-pi/samples ] && \
-		[ -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ] || \
+	@command -v espeak-ng >/dev/null 2>&1 && [ -d /usr/share/sonic-pi/samples ] && [ -f $(ASTERISK_NOTES) ] || \
 		{ apt-get install -y -q $(AUDIO_DEBS) >/dev/null 2>&1 || \
 		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(AUDIO_DEBS) >/dev/null; }; }
+	@# a system whose dpkg leaves out /usr/share/doc: the transcripts taken from the package file itself
+	@[ -f $(ASTERISK_NOTES) ] || { d=$$(mktemp -d) && cd $$d && apt-get download -q asterisk-core-sounds-en \
+		>/dev/null 2>&1 && dpkg-deb -x asterisk-core-sounds-en_*.deb x && mkdir -p $$(dirname $(ASTERISK_NOTES)) && \
+		cp x$(ASTERISK_NOTES) $(ASTERISK_NOTES); rm -rf $$d; }
 
 demo: setup
 	$(VENV)/bin/fmtune demo
