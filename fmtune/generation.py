@@ -308,7 +308,9 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
                       f"tokens{fresh} (blank {info['blank']!r}, words split at {info['word_delimiter']!r}, transcripts "
                       f"{info['transcripts_cased']}-cased); greedy CTC decoding; {wer}")
         else:
-            first = ("the model (trained by fmtune before) reads" if info["reads_clips"] == "in buckets" else
+            from fmtune.models.speech import BUCKETED
+
+            first = ("the model (trained by fmtune before) reads" if bundle.audio.get(BUCKETED) else
                      f"the pretrained model reads clips in its whole {info['window_seconds']:g}-s window (zero-shot "
                      "baseline, first validation); training and the trained model read")
             out.print(f"  {first} clips in buckets of {info['bucket_seconds']:g} s (at most {info['window_seconds']:g} "

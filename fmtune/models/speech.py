@@ -146,14 +146,11 @@ def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch
 
     def decode(windows: list[torch.Tensor]) -> list[str]:
         limits = [min(room, math.ceil(w.shape[-1] * ds.hop_seconds * TOKENS_PER_SECOND) + 8) for w in windows]
-        tokens = greedy(model, ds.features(windows).to(device), prefix, eot, limits)
+        tokens = greedy(model, ds.features(windows, full_window).to(device), prefix, eot, limits)
         return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
-    ds.full_window, before = full_window, ds.full_window
-    try:
-        return transcribe_clips(model, ds, rows, batch_size, decode, on_batch, width=ds.width)
-    finally:
-        ds.full_window = before
+    return transcribe_clips(model, ds, rows, batch_size, decode, on_batch,
+                            width=lambda w: ds.width(w, full_window))
 
 
 def write_extra(bundle: Any, folder: Path) -> None:

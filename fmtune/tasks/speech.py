@@ -18,6 +18,7 @@ falling while the transcripts get worse).
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -137,11 +138,14 @@ def normalize(text: str, normalizer: str = "basic") -> str:
     """What WER compares: lower case, punctuation and symbols as spaces, one space between words (basic); english:
     Whisper's English normaliser too ("ten" and "10" alike, "mr" = "mister", fillers dropped; without its British ->
     American spelling table, which does not ship with the offline model)."""
+    return _normalizer(normalizer)(text).strip()
+
+
+@functools.cache
+def _normalizer(kind: str) -> Any:
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
-    if normalizer == "english":
-        return EnglishTextNormalizer({})(text).strip()
-    return BasicTextNormalizer()(text).strip()
+    return EnglishTextNormalizer({}) if kind == "english" else BasicTextNormalizer()
 
 
 def error_rates(hypotheses: list[str], references: list[str], normalizer: str = "basic") -> dict[str, float]:
@@ -237,7 +241,6 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
         self.window_seconds = spec.window_seconds
         self.bucket_frames = int(round(BUCKET_SECONDS / self.hop_seconds))
         self.max_frames = spec.encoder_frames  # what the encoder holds
-        self.full_window = False  # pad every window to the encoder's whole window (a model not tuned to buckets)
         self.lengths = np.array([self.width(w) for c in clips for w in c[:1]])
 
     def __len__(self) -> int:
@@ -246,18 +249,18 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
-    def width(self, window: torch.Tensor) -> int:
+    def width(self, window: torch.Tensor, full_window: bool = False) -> int:
         """Frames a window is padded to: its bucket (the next multiple of ``bucket_frames``), or the encoder's whole
-        window (``full_window``)."""
-        if self.full_window:
+        window (``full_window``: a model not trained in buckets)."""
+        if full_window:
             return max(self.max_frames, window.shape[-1])
         n = window.shape[-1] + 2  # the convolutions at the end read padding, as in Whisper's window
         return min(int(-(-n // self.bucket_frames) * self.bucket_frames), max(self.max_frames, window.shape[-1]))
 
-    def features(self, windows: list[torch.Tensor]) -> torch.Tensor:
-        """Windows padded to the widest bucket among them, with each window's floor (its maximum
-        minus 8 decades of log power: Whisper's value for the silence after a clip)."""
-        width = max(self.width(w) for w in windows)
+    def features(self, windows: list[torch.Tensor], full_window: bool = False) -> torch.Tensor:
+        """Windows padded to the widest bucket among them (or to the encoder's window), with each window's floor
+        (its maximum minus 8 decades of log power: Whisper's value for the silence after a clip)."""
+        width = max(self.width(w, full_window) for w in windows)
         out = torch.empty((len(windows), windows[0].shape[0], width))
         for j, w in enumerate(windows):
             w = w.float()

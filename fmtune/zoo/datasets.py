@@ -488,34 +488,32 @@ def _group_split(df: pd.DataFrame, sizes: tuple[int | None, int, int], seed: int
     return rest, val, test
 
 
-def _write_audio(part: pd.DataFrame, folder: Path) -> None:
+def _write_clip(audio: str | tuple[np.ndarray, int], dest: Path) -> None:
+    """A dataset's clip to ``dest``: a real recording (its path) copied as it is, a synthesised one (waveform, rate)
+    written as 16-bit WAV."""
     import shutil
 
     import soundfile as sf
 
+    if isinstance(audio, str):
+        shutil.copyfile(audio, dest)
+    else:
+        wave, rate = audio
+        sf.write(dest, wave, rate, subtype="PCM_16")
+
+
+def _write_audio(part: pd.DataFrame, folder: Path) -> None:
     for i, (audio, label) in enumerate(zip(part["audio"], part["label"])):
         (folder / label).mkdir(parents=True, exist_ok=True)
-        if isinstance(audio, str):
-            shutil.copyfile(audio, folder / label / Path(audio).name)
-        else:
-            wave, rate = audio
-            sf.write(folder / label / f"{i:05d}.wav", wave, rate, subtype="PCM_16")
+        _write_clip(audio, folder / label / (Path(audio).name if isinstance(audio, str) else f"{i:05d}.wav"))
 
 
 def _write_speech(part: pd.DataFrame, tmp: Path, split_name: str) -> None:
-    import shutil
-
-    import soundfile as sf
-
     (tmp / split_name).mkdir(parents=True, exist_ok=True)
     paths = []
     for i, audio in enumerate(part["audio"]):
         paths.append(f"{split_name}/{i:05d}.wav")
-        if isinstance(audio, str):  # a real recording: copied as it is
-            shutil.copyfile(audio, tmp / paths[-1])
-        else:
-            wave, rate = audio
-            sf.write(tmp / paths[-1], wave, rate, subtype="PCM_16")
+        _write_clip(audio, tmp / paths[-1])
     table = {"audio": paths, "text": part["text"].tolist()}
     if "group" in part.columns:
         table["voice"] = part["group"].tolist()
