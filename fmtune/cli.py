@@ -216,7 +216,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from fmtune.serve import Limits, serve
 
     limits = Limits(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_items=a.max_items,
-                    max_body_mb=a.max_body_mb, max_text_chars=a.max_text_chars, long_text=a.long_text)
+                    max_body_mb=a.max_body_mb, max_text_chars=a.max_text_chars, long_text=a.long_text,
+                    max_new_tokens=a.max_new_tokens)
     serve(a.run, a.host, a.port, api_key=a.api_key or os.environ.get("FMTUNE_API_KEY") or None, limits=limits,
           backend=a.backend, quiet=a.quiet)
 
@@ -644,7 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
     sv = verb("serve", cmd_serve, "serve a run over HTTP: POST /predict, GET /health, GET /metadata, docs at /docs; "
-              "concurrent requests are micro-batched; bad input gets a 4xx JSON error")
+              "concurrent requests are micro-batched; bad input gets a 4xx JSON error. A generation run answers "
+              "POST /generate, and OpenAI's API under /v1 (chat/completions, completions, models) for the openai "
+              "clients: base_url http://HOST:PORT/v1, greedy unless a temperature is sent")
     sv.add_argument("run", help="run directory")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
                     "0.0.0.0 to accept other machines)")
@@ -663,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-text-chars", type=int, default=20_000, help="characters per text (default: 20000)")
     sv.add_argument("--long-text", choices=["truncate", "reject"], default="truncate",
                     help="a longer text: cut it (the response lists which) or answer 413 (default: truncate)")
+    sv.add_argument("--max-new-tokens", type=int, default=512,
+                    help="generation runs: the most tokens one answer may ask for (default: 512; more: 422)")
 
     rp = verb("report", cmd_report, "write RUN/report.html: one self-contained page with the config, data summary, "
               "training curves, test results against the baseline, confusion matrix, confident mistakes, environment")

@@ -6,6 +6,9 @@
                     -> {"predictions": [...], "model_version": "..."}
     POST /generate  {"prompt": "...", "max_new_tokens": 64, "stream": true}  generation runs: the answer,
                     or with stream server-sent events of its pieces
+    /v1/...         OpenAI-compatible, for the openai clients (base_url http://HOST:PORT/v1;
+                    ``fmtune.serve_openai``): generation runs chat completions, completions and models;
+                    text runs with one pooled vector (classification, multi-label, regression) embeddings
     GET  /health    liveness, no key needed
     GET  /metadata  model, task, labels, strategy, test metrics at training time, service limits
     GET  /docs      OpenAPI documentation
@@ -32,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from fmtune.errors import DataError
+from fmtune.errors import ConfigError, DataError
 
 
 @dataclass
@@ -45,11 +48,19 @@ class Limits:
     long_text: Literal["truncate", "reject"] = "truncate"
     max_new_tokens: int = 512  # generation runs: the most tokens one answer may ask for
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_items", "max_text_chars", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.max_body_mb <= 0:
+            raise ConfigError(f"--max-wait-ms must be >= 0 and --max-body-mb > 0, got {self.max_wait_ms:g} and "
+                              f"{self.max_body_mb:g}")
+
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.param = status, message, param  # param: the request field at fault
 
 
 class MicroBatcher:
@@ -112,7 +123,19 @@ class MicroBatcher:
             self.worker.cancel()
 
 
-def _check_items(value: Any, limits: Limits) -> list[Any]:
+def number(data: dict[str, Any], key: str, kind: type, low: float, high: float) -> Any:
+    """``data[key]`` checked to be a number of ``kind`` in [low, high]; None where it is absent or null."""
+    v = data.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        raise HTTPError(422, f"{key!r} must be a number, got {v!r}", param=key)
+    if not low <= v <= high:
+        raise HTTPError(422, f"{key!r} must be in [{low}, {high}], got {v}", param=key)
+    return kind(v)
+
+
+def check_items(value: Any, limits: Limits) -> list[Any]:
     if isinstance(value, (str, bytes)):
         value = [value]
     if not isinstance(value, list):
@@ -214,7 +237,11 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
                               f"{', '.join(meta['labels']) or '-'}")
     app.state.batcher = batcher
 
-    def error(status: int, message: str) -> JSONResponse:
+    def error(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):  # the OpenAI-compatible routes answer errors in OpenAI's shape
+            from fmtune.serve_openai import error_body
+
+            return JSONResponse(error_body(status, message, param), status_code=status)
         return JSONResponse({"error": message}, status_code=status)
 
     def guard(request: Request) -> None:
@@ -229,12 +256,12 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
 
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, e: HTTPError) -> JSONResponse:
-        return error(e.status, e.message)
+        return error(request, e.status, e.message, e.param)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         # never a traceback to the client; the service keeps serving
-        return error(500, f"internal error: {e.__class__.__name__}")
+        return error(request, 500, f"internal error: {e.__class__.__name__}")
 
     async def read_json(request: Request) -> Any:
         body = bytearray()
@@ -255,13 +282,13 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
                                      "{\"inputs\": [...]}")
             form = await request.form(max_files=limits.max_items + 1)
             files = [f for f in form.getlist("files") if hasattr(f, "read")]
-            files = _check_items(files, limits)
+            files = check_items(files, limits)
             raw = [await f.read() for f in files]
             return await run_in_threadpool(_prepare_files, raw, predictor), [], []
         data = await read_json(request)
         if not isinstance(data, dict) or "inputs" not in data:
             raise HTTPError(422, 'expected a JSON object {"inputs": [...]}')
-        values = _check_items(data["inputs"], limits)
+        values = check_items(data["inputs"], limits)
         if predictor.kind == "text":
             return _prepare_texts(values, predictor, limits)
         return await run_in_threadpool(_prepare_files, values, predictor), [], []
@@ -284,6 +311,11 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
     if getattr(predictor, "generates", False):  # a generation run: POST /generate instead of /predict
         _generate_routes(app, predictor, limits, guard, read_json)
         return _common_routes(app, meta, limits, batcher, guard)
+
+    if predictor.kind == "text" and predictor.task.level == "pooled" and not getattr(predictor, "pair_column", None):
+        from fmtune import serve_openai  # POST /v1/embeddings: the fine-tuned encoder for the openai clients
+
+        serve_openai.add_embedding_routes(app, predictor, limits, guard, read_json)
 
     @app.post("/predict", openapi_extra=body_doc)
     async def predict(request: Request) -> Any:
@@ -341,7 +373,7 @@ def _generation_request(data: Any, limits: Limits) -> tuple[list[dict[str, Any]]
     if not isinstance(data, dict) or ("prompt" in data) == ("messages" in data):
         raise HTTPError(422, 'expected a JSON object with "prompt" (a string or a list) or "messages" (a chat)')
     if "prompt" in data:
-        prompts = _check_items(data["prompt"], limits)
+        prompts = check_items(data["prompt"], limits)
         records = [{"prompt": p} for p in prompts]
     else:
         records = [{"messages": data["messages"]}]
@@ -360,13 +392,9 @@ def _generation_request(data: Any, limits: Limits) -> tuple[list[dict[str, Any]]
     opts: dict[str, Any] = {}
     for key, kind, low, high in (("max_new_tokens", int, 1, limits.max_new_tokens), ("temperature", float, 0.0, 5.0),
                                  ("top_p", float, 0.0, 1.0), ("seed", int, 0, 2**31 - 1)):
-        if key in data:
-            v = data[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-                raise HTTPError(422, f"{key!r} must be a number, got {v!r}")
-            if not low <= v <= high:
-                raise HTTPError(422, f"{key!r} must be in [{low}, {high}], got {v}")
-            opts[key] = kind(v)
+        value = number(data, key, kind, low, high)
+        if value is not None:
+            opts[key] = value
     if "stream" in data and not isinstance(data["stream"], bool):
         raise HTTPError(422, f"'stream' must be true or false, got {data['stream']!r}")
     if data.get("stream") and len(rows) > 1:
@@ -374,12 +402,59 @@ def _generation_request(data: Any, limits: Limits) -> tuple[list[dict[str, Any]]
     return rows, opts
 
 
-def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any) -> None:
+def threaded_stream(events: Any, lock: Any) -> Any:
+    """A StreamingResponse of server-sent events made by ``events(cancel)`` (a generator of strings, given
+    a ``threading.Event``) in a worker thread of its own, under ``lock``. The thread always runs the
+    generator to its end or closes it itself, so the lock is released and decoding stops as soon as
+    the client goes away (``cancel`` is set then), not when a forgotten generator is collected."""
     import threading
 
     from fastapi.responses import StreamingResponse
 
+    end = object()
+
+    async def body() -> Any:
+        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def produce() -> None:
+            try:
+                with lock:
+                    chunks = events(cancel)
+                    try:
+                        for chunk in chunks:
+                            put(chunk)
+                            if cancel.is_set():
+                                break
+                    finally:
+                        chunks.close()
+            except Exception as e:  # raised below, in the response
+                put(e)
+            finally:
+                put(end)
+
+        worker = loop.run_in_executor(None, produce)
+        try:
+            while (item := await queue.get()) is not end:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()  # a client gone: the worker stops at the next token and lets the lock go
+        await worker
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any) -> None:
+    import threading
+
+    from fmtune import serve_openai
+
     lock = threading.Lock()  # one generation at a time: each uses every core
+    serve_openai.add_routes(app, generator, limits, guard, read_json, lock)
 
     @app.post("/generate", openapi_extra=GENERATE_DOC)
     async def generate(request: Request) -> Any:
@@ -390,16 +465,15 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         rows, opts = _generation_request(data, limits)
         version = generator.version
         if data.get("stream"):
-            def events() -> Any:
+            def events(cancel: Any) -> Any:
                 pieces = []
-                with lock:
-                    for piece in generator.stream(rows[0], **opts):
-                        pieces.append(piece)
-                        yield f"data: {json.dumps({'token': piece})}\n\n"
+                for piece in generator.stream(rows[0], **opts, cancel=cancel):
+                    pieces.append(piece)
+                    yield f"data: {json.dumps({'token': piece})}\n\n"
                 end = {"done": True, "answer": "".join(pieces).strip(), "model_version": version}
                 yield f"data: {json.dumps(end)}\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return threaded_stream(events, lock)
 
         def run() -> list[str]:
             with lock:
@@ -424,7 +498,6 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
 
     task = read_task(run)
     if task.level == "lm" and task.modality != "audio":  # text generation: POST /generate (generation.Generator)
-        from fmtune.errors import ConfigError
         from fmtune.generation import Generator
 
         if backend != "torch":
@@ -437,4 +510,6 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     if not quiet:
         ui.console.print(f"[bold]fmtune serve[/] {run} ({backend}, model {predictor.version}) on http://{host}:{port}  "
                          f"docs: http://{host}:{port}/docs" + ("  (API key required)" if api_key else ""))
+        if getattr(predictor, "generates", False):
+            ui.console.print(f"OpenAI-compatible: base_url http://{host}:{port}/v1, model {predictor.run_dir.name!r}")
     uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", timeout_graceful_shutdown=30)

@@ -402,6 +402,173 @@ def test_serve_generate_whole_and_streamed_with_key_and_limits(full_run):
         assert client.get("/metadata", headers=h).json()["task"] == "generation"
 
 
+def test_the_official_openai_client_talks_to_a_served_run(full_run):
+    """The openai package itself, pointed at the service (base_url .../v1, the service's key as its own):
+    models, chat completions and completions, whole and streamed, stop strings, the token limit, usage,
+    and its errors raised as the client's own exception classes with the field at fault."""
+    import openai
+    from fastapi.testclient import TestClient
+
+    from fmtune.generation import Generator
+    from fmtune.serve import Limits, create_app
+
+    gen = Generator(full_run["run_dir"])
+    row = {"kind": "prompt", "prompt": "repeat: red dog", "completion": None, "messages": None}
+    (c,) = gen.complete([row])
+    assert c.stopped and c.tokens > 1 and len(c.text) > 2
+    other = gen.answer([{**row, "prompt": "repeat: one two"}])[0]
+    prompt_tokens = len(gen.prompt_ids(row)[0])
+    name = Path(full_run["run_dir"]).name
+    with TestClient(create_app(gen, Limits(max_new_tokens=16), api_key="k")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http, max_retries=0)
+        assert [m.id for m in client.models.list()] == [name] and client.models.retrieve(name).owned_by == "fmtune"
+        chat = [{"role": "developer", "content": "x"}, {"role": "user", "content": [{"type": "text",
+                                                                                      "text": "repeat: red dog"}]}]
+        r = client.chat.completions.create(model="any-name", messages=chat[1:])
+        assert r.choices[0].message.content == c.text and r.choices[0].finish_reason == "stop" and r.model == name
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, c.tokens)
+        # a system turn before it changes the prompt the model reads (the run's chat template)
+        r = client.chat.completions.create(model=name, messages=chat)
+        assert r.usage.prompt_tokens > prompt_tokens
+        chunks = list(client.chat.completions.create(model=name, messages=chat[1:], stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == c.text
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+        assert chunks[-1].usage.completion_tokens == c.tokens and not chunks[-1].choices
+        r = client.chat.completions.create(model=name, messages=chat[1:], max_tokens=1)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 1
+        stop = c.text[len(c.text) // 2:]  # a stop string inside the answer: the answer ends before it
+        r = client.chat.completions.create(model=name, messages=chat[1:], stop=[stop, "zzz"])
+        assert r.choices[0].message.content == c.text[:c.text.index(stop)] and r.choices[0].finish_reason == "stop"
+        streamed = client.chat.completions.create(model=name, messages=chat[1:], stop=stop, stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == c.text[:c.text.index(stop)]
+        r = client.completions.create(model=name, prompt=["repeat: red dog", "repeat: one two"])
+        assert [x.text for x in r.choices] == [c.text, other] and r.object == "text_completion"
+        pieces = client.completions.create(model=name, prompt="repeat: red dog", stream=True)
+        assert "".join(p.choices[0].text for p in pieces) == c.text
+        with pytest.raises(openai.UnprocessableEntityError, match="'n'.* not supported") as e:
+            client.chat.completions.create(model=name, messages=chat[1:], n=2)
+        assert e.value.body["param"] == "n" and e.value.body["type"] == "invalid_request_error"
+        for kw, match in [({"max_tokens": 17}, r"'max_tokens' must be in \[1, 16\]"),
+                          ({"messages": [{"role": "assistant", "content": "hi"}]}, "end with the user's turn"),
+                          ({"messages": [{"role": "robot", "content": "hi"}]}, "unknown role 'robot'"),
+                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "'tools'"),
+                          ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4")]:
+            with pytest.raises(openai.UnprocessableEntityError, match=match):
+                client.chat.completions.create(**{"model": name, "messages": chat[1:], **kw})
+        with pytest.raises(openai.UnprocessableEntityError, match="token-id prompts"):
+            client.completions.create(model=name, prompt=[[1, 2, 3]])
+        with pytest.raises(openai.NotFoundError, match="not served here"):
+            client.models.retrieve("gpt-4o")
+        bad = openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=http, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        # a run trained with an instruction: a one-turn chat is asked with it, as a prompt is (and as in training)
+        gen.task.instruction = "Say it again."
+        r = client.chat.completions.create(model=name, messages=chat[1:])
+        assert r.usage.prompt_tokens == len(gen.prompt_ids(row)[0]) > prompt_tokens
+
+
+def test_a_streaming_client_that_goes_away_frees_the_service_at_once(full_run):
+    """A real server: the client reads two events of a long streamed answer and hangs up; the decoding
+    stops there and the next request is answered, not queued behind the rest of that answer."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from test_serve import _free_port
+
+    from fmtune.generation import Generator
+    from fmtune.serve import Limits, create_app
+
+    gen = Generator(full_run["run_dir"])
+    gen.bundle.tokenizer.eos_token = "<unk>"  # (this Generator's own) an end it never decodes: 300 tokens
+    steps = []
+    gen.bundle.model.register_forward_pre_hook(lambda module, args: (steps.append(1), time.sleep(0.01)) and None)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(gen, Limits(max_new_tokens=300)), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        for path, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "repeat: cat"}]}),
+                           ("/generate", {"prompt": "repeat: cat"})]:
+            steps.clear()
+            with httpx.stream("POST", url + path, json={**body, "model": "m", "max_tokens": 300,
+                                                        "max_new_tokens": 300, "stream": True}, timeout=60) as s:
+                lines = s.iter_lines()
+                assert next(lines).startswith("data: ") and next(lines) == "" and next(lines).startswith("data")
+            r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "repeat: dog", "max_tokens": 1},
+                           timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+            assert len(steps) < 100, (path, len(steps))  # the whole answer would be 300 steps (and 3 s)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_schema_fuzz_of_a_generation_service_finds_no_server_error(full_run):
+    """/generate and the OpenAI routes, with requests generated from the service's own schema."""
+    from test_serve import fuzz
+
+    from fmtune.generation import Generator
+    from fmtune.serve import Limits, create_app
+
+    assert fuzz(create_app(Generator(full_run["run_dir"]), Limits(max_new_tokens=8, max_items=4)), 25) >= 60
+
+
+def test_stop_strings_never_reach_a_streaming_client_even_in_part():
+    from fmtune.serve_openai import StopScanner, cut_at_stop
+
+    s = StopScanner(["xyz"])
+    assert [s.feed(p) for p in ["  abx", "y", "q"]] + [s.flush()] == ["ab", "", "xyq", ""] and not s.stopped
+    s = StopScanner(["o w", "END"])
+    out = []
+    for p in ["he", "llo", " wo", "rld"]:
+        out.append(s.feed(p))
+        if s.stopped:
+            break
+    assert "".join(out) == "hell" and s.stopped and s.flush() == ""
+    assert cut_at_stop("a.b;c", [";", "."]) == ("a", True) and cut_at_stop("abc", ["x"]) == ("abc", False)
+
+
+def test_closing_a_stream_early_stops_the_decoding(full_run):
+    """A client that goes away (or a stop string) closes the stream: the worker thread decodes at most a
+    token more, not on to max_new_tokens while the next request waits for the lock."""
+    import time
+
+    from fmtune.generation import Generator
+
+    gen = Generator(full_run["run_dir"])
+    gen.bundle.tokenizer.eos_token = "<unk>"  # (this Generator's own) an end it never decodes: it would go on
+    steps = []
+
+    def slow(module, args):
+        steps.append(1)
+        time.sleep(0.01)
+
+    handle = gen.bundle.model.register_forward_pre_hook(slow)
+    try:
+        row = {"kind": "prompt", "prompt": "repeat: red dog", "completion": None, "messages": None}
+        info = {}
+        pieces = gen.stream(row, max_new_tokens=200, info=info)
+        next(pieces)
+        pieces.close()
+        assert len(steps) < 50, len(steps)
+        assert not info  # closed before its end: no token count
+        steps.clear()
+        whole = list(gen.stream(row, max_new_tokens=20, info=info))
+        assert info == {"tokens": 20, "stopped": False} and len(steps) == 20 and whole
+    finally:
+        handle.remove()
+
+
 @pytest.mark.slow
 def test_real_smollm2_answers_and_learns_to_summarise_stdlib_functions(tmp_path):
     """The GGUF weights, dequantised and converted once, give a working chat model; a short LoRA run

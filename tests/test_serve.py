@@ -83,6 +83,50 @@ def test_long_texts_are_truncated_or_rejected(text_run):
         assert r.status_code == 413 and "inputs[1]: 250 characters; the limit is 20" in r.json()["error"]
 
 
+def test_service_limits_that_would_refuse_everything_are_an_error_naming_the_flag(text_run, capsys):
+    from fmtune.cli import main
+
+    assert main(["serve", str(text_run), "--max-batch", "0"]) != 0
+    assert "--max-batch must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["serve", str(text_run), "--max-new-tokens", "0"]) != 0
+    assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_the_official_openai_client_embeds_texts_with_the_fine_tuned_encoder(text_run):
+    """POST /v1/embeddings through the openai package (which asks for base64 unless told otherwise): the
+    run's pooled features, normalised; model routes; errors as the client's own exceptions."""
+    import numpy as np
+    import openai
+
+    pred = fmtune.load(text_run)
+    texts = ["good film", "bad film", "fine"]
+    feats, _ = pred.embed(texts)
+    expected = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    with TestClient(create_app(pred, Limits(max_items=4), api_key="k")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http, max_retries=0)
+        assert [m.id for m in client.models.list()] == [text_run.name]
+        r = client.embeddings.create(model="any", input=texts)  # base64 on the wire
+        got = np.array([d.embedding for d in r.data])
+        assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
+        assert [d.index for d in r.data] == [0, 1, 2] and r.model == text_run.name and r.usage.prompt_tokens > 3
+        r = client.embeddings.create(model="any", input="good film", encoding_format="float")
+        assert np.allclose(r.data[0].embedding, expected[0], atol=1e-5)
+        for kw, error, match in [
+            ({"input": ["a"] * 5}, openai.APIStatusError, "5 inputs in one request; the limit is 4"),
+            ({"input": [[1, 2, 3]]}, openai.UnprocessableEntityError, "token-id inputs are not supported"),
+            ({"input": [""]}, openai.UnprocessableEntityError, "non-empty strings"),
+            ({"input": "x", "dimensions": 7}, openai.UnprocessableEntityError, "embeddings have \\d+"),
+        ]:
+            with pytest.raises(error, match=match) as e:
+                client.embeddings.create(model="any", **kw)
+            assert e.value.body["param"] in ("input", "dimensions")
+        assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 401
+    pairs = fmtune.load(text_run)
+    pairs.pair_column = "second"  # a run on pairs has no embedding of one text: no such route
+    with TestClient(create_app(pairs)) as http:
+        assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 404
+
+
 def test_api_key(text_run):
     with TestClient(create_app(fmtune.load(text_run), api_key="s3cret")) as client:
         assert client.post("/predict", json={"inputs": ["a"]}).status_code == 401
@@ -166,13 +210,13 @@ def test_real_server_binds_loopback_and_finishes_in_flight_requests_on_sigterm(t
             proc.kill()
 
 
-def test_schema_fuzz_finds_no_server_error(text_run):
-    """schemathesis generates valid and invalid requests from the service's own OpenAPI schema."""
+def fuzz(app, max_examples: int = 40) -> int:
+    """schemathesis generates valid and invalid requests from the service's own OpenAPI schema; none
+    may get a 5xx. Returns the number of requests made."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
 
-    app = create_app(fmtune.load(text_run), Limits(max_items=16))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     cases = 0
     for result in schema.get_all_operations():
@@ -180,14 +224,19 @@ def test_schema_fuzz_finds_no_server_error(text_run):
         # GET endpoints take no input: there is nothing invalid to generate for them
         modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if operation.method.upper() == "POST" else [])
         for mode in modes:
-            @settings(max_examples=40, deadline=None, database=None,
+            @settings(max_examples=max_examples, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
             def check(case):
                 nonlocal cases
                 response = case.call()
                 cases += 1
-                assert response.status_code < 500, (case.body, response.text)
+                assert response.status_code < 500, (case.method, case.path, case.body, response.text)
 
             check()
-    assert cases >= 60  # GET endpoints give one distinct case each; POST the rest
+    return cases
+
+
+def test_schema_fuzz_finds_no_server_error(text_run):
+    """Every route of a text run, /v1/embeddings included."""
+    assert fuzz(create_app(fmtune.load(text_run), Limits(max_items=16))) >= 60  # GETs give one case each

@@ -469,16 +469,34 @@ def generation_config(tokenizer: Any, max_new_tokens: int, sampling: dict[str, A
                                                 "top_p": sampling.get("top_p", 1.0)} if sampled else {}))
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings, device: Any,
-             sampling: dict[str, Any] | None = None, on_batch: Any = None) -> list[str]:
+@dataclass
+class Completion:
+    """One decoded answer: its text, how many new tokens were decoded (the EOS not counted) and
+    whether it ended at the EOS (False: it stopped at max_new_tokens)."""
+    text: str
+    tokens: int
+    stopped: bool
+
+
+def new_tokens(row: torch.Tensor, eos: int | None, pad: int | None) -> tuple[int, bool]:
+    """(tokens decoded before the EOS, whether the EOS came) of one row of ``generate_new``'s output:
+    after its EOS a row of a batch is padded to the longest."""
+    ids = row.tolist()
+    if eos is not None and eos in ids:
+        return ids.index(eos), True
+    return (sum(t != pad for t in ids) if pad is not None else len(ids)), False
+
+
+def complete(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings, device: Any,
+             sampling: dict[str, Any] | None = None, on_batch: Any = None) -> list[Completion]:
     """Answers to token-id prompts: batches of similar length, padded on the left, decoded with
     the KV cache (``model.generate``); greedy unless ``sampling`` (temperature, top_p) is given.
-    Returns the decoded new text of each prompt, in order."""
+    Returns each prompt's answer (new text, tokens, whether it ended at the EOS), in order."""
     from fmtune.models.wrapped import generate_new
 
     gen = generation_config(tokenizer, settings.max_new_tokens, sampling)
     eos, pad = gen.eos_token_id, gen.pad_token_id
-    answers: list[str] = [""] * len(prompts)
+    answers: list[Completion] = [Completion("", 0, False)] * len(prompts)
     model.eval()
     with torch.inference_mode():
         for idx in token_batches(np.array([max(len(p), 1) for p in prompts]), settings.batch_size):
@@ -491,7 +509,14 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Gen
                 mask[b, width - len(p):] = 1
             out = generate_new(model, ids.to(device), mask.to(device), generation_config=gen)
             for b, i in enumerate(idx):
-                answers[i] = tokenizer.decode(out[b], skip_special_tokens=True).strip()
+                text = tokenizer.decode(out[b], skip_special_tokens=True).strip()
+                answers[i] = Completion(text, *new_tokens(out[b], eos, pad))
             if on_batch is not None:
                 on_batch(len(idx))
     return answers
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings, device: Any,
+             sampling: dict[str, Any] | None = None, on_batch: Any = None) -> list[str]:
+    """The texts of ``complete``: each prompt's decoded new text, in order."""
+    return [c.text for c in complete(model, tokenizer, prompts, settings, device, sampling, on_batch)]

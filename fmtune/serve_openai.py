@@ -1,0 +1,398 @@
+"""OpenAI-compatible routes of a served run (``fmtune serve RUN``): the official ``openai`` clients, and
+the tools built on them, talk to the fine-tuned model unchanged, with ``base_url="http://HOST:PORT/v1"``
+(and the service's API key as theirs, if it has one).
+
+    GET  /v1/models                 the one model served; its id is the run's name
+    GET  /v1/models/{id}
+    POST /v1/embeddings             text runs whose head reads one pooled vector (classification,
+                                     multi-label, regression; not pairs): {"model", "input": "..." or
+                                     [...], "encoding_format": "float" or "base64"} -> the fine-tuned
+                                     encoder's pooled features, L2-normalised (cosine = dot product)
+    generation runs:
+    POST /v1/chat/completions       {"model", "messages": [{role, content}, ...], "max_completion_tokens" or
+                                     "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                                     "stream_options": {"include_usage"}}
+    POST /v1/completions            {"model", "prompt": "..." or ["...", ...], the same options}: each prompt
+                                     asked as training asked it (the run's instruction and chat template),
+                                     as POST /generate does
+
+Answers, chunks (server-sent events ending ``data: [DONE]``), ``finish_reason`` ("stop": the model's
+end of answer or a stop string; "length": the token limit) and ``usage`` (tokens of the prompt as
+the model read it, and of the answer) have OpenAI's shapes, and so have errors:
+``{"error": {"message", "type", "param", "code"}}``. Where this service differs, by design:
+
+- ``temperature`` defaults to 0, greedy decoding as ``fmtune generate`` does (OpenAI's default is 1):
+  the same request gets the same answer; send a temperature to sample;
+- ``max_tokens`` defaults to the run's ``eval.max_new_tokens`` and may be at most the service's
+  ``--max-new-tokens``;
+- ``model`` may name anything (clients require the field; there is one model here); answers carry
+  the run's name;
+- what it cannot do is refused with a 422 that names the field, never ignored: ``n`` above 1,
+  ``logprobs``, ``tools`` / ``functions``, a ``response_format`` other than text, non-zero penalties
+  or ``logit_bias``, ``echo``, ``suffix``, token-id prompts, images in a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request
+
+from fmtune.errors import DataError
+from fmtune.serve import HTTPError, Limits, check_items, number, threaded_stream
+
+# request fields refused unless they carry their neutral value (None is always fine: a client's "not given")
+NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
+           "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
+           "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "suffix": ("",)}
+MAX_STOPS = 4  # as OpenAI's API
+
+
+def _doc(properties: dict[str, Any], required: list[str], example: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of a /v1 route (for /docs and schema-driven clients)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": required, "properties": properties, "example": example}}}}}
+
+
+TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+DECODING = {"model": {"type": "string", "description": "any name (one model is served)"},
+            "max_tokens": {"type": "integer"}, "max_completion_tokens": {"type": "integer"},
+            "temperature": {"type": "number", "description": "default 0: greedy"}, "top_p": {"type": "number"},
+            "seed": {"type": "integer"}, "stop": TEXTS, "stream": {"type": "boolean"},
+            "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}}
+CHAT_DOC = _doc({**DECODING, "messages": {"type": "array", "items": {"type": "object", "required": ["role", "content"],
+                                                                      "properties": {"role": {"type": "string"},
+                                                                                     "content": {"type": "string"}}}}},
+                ["model", "messages"], {"model": "run", "messages": [{"role": "user", "content": "Hello"}]})
+COMPLETIONS_DOC = _doc({**DECODING, "prompt": TEXTS}, ["model", "prompt"], {"model": "run", "prompt": "Hello"})
+EMBEDDINGS_DOC = _doc({"model": DECODING["model"], "input": TEXTS,
+                       "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                       "dimensions": {"type": "integer"}}, ["model", "input"],
+                      {"model": "run", "input": ["a gripping, well-acted film"]})
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = ("authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _refuse_unsupported(data: dict[str, Any]) -> None:
+    for key, neutral in NEUTRAL.items():
+        if data.get(key) is not None and data[key] not in neutral:
+            raise HTTPError(422, f"{key!r}: {data[key]!r} is not supported by this service (fmtune serves one "
+                                 f"greedy or sampled answer per prompt); leave it out", param=key)
+    fmt = data.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise HTTPError(422, "'response_format': only {\"type\": \"text\"} is supported", param="response_format")
+
+
+def _stops(data: dict[str, Any]) -> list[str]:
+    stop = data.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
+        raise HTTPError(422, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them",
+                        param="stop")
+    return stops
+
+
+def _options(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """Decoding options in Generator's terms (temperature 0, greedy, unless one is sent)."""
+    _refuse_unsupported(data)
+    opts: dict[str, Any] = {}
+    key = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    for name, field, kind, low, high in (("max_new_tokens", key, int, 1, limits.max_new_tokens),
+                                         ("temperature", "temperature", float, 0.0, 2.0),
+                                         ("top_p", "top_p", float, 0.0, 1.0), ("seed", "seed", int, 0, 2**31 - 1)):
+        value = number(data, field, kind, low, high)
+        if value is not None:
+            opts[name] = value
+    if data.get("stream") is not None and not isinstance(data["stream"], bool):
+        raise HTTPError(422, f"'stream' must be true or false, got {data['stream']!r}", param="stream")
+    if data.get("stream_options") is not None and not isinstance(data["stream_options"], dict):
+        raise HTTPError(422, "'stream_options' must be an object, e.g. {\"include_usage\": true}",
+                        param="stream_options")
+    return opts
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    """OpenAI chat messages as the run's chat reads them: text parts joined, "developer" as "system";
+    the conversation ends with the user's turn (the answer is the model's)."""
+    if not isinstance(value, list) or not value:
+        raise HTTPError(422, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m:
+            raise HTTPError(422, f"messages[{j}] must be an object with 'role' and 'content'", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise HTTPError(422, f"messages[{j}]: only text content parts are supported (this model reads "
+                                     "text)", param="messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if m.get("tool_calls") or m["role"] in ("tool", "function"):
+            raise HTTPError(422, f"messages[{j}]: tool calls and tool results are not supported", param="messages")
+        if not isinstance(content, str):
+            raise HTTPError(422, f"messages[{j}]: 'content' must be a string or a list of text parts",
+                            param="messages")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    if out[-1]["role"] == "assistant":
+        raise HTTPError(422, "the last message is the assistant's: end with the user's turn, which the model "
+                             "answers", param="messages")
+    return out
+
+
+def _rows(records: list[dict[str, Any]], limits: Limits, what: str) -> list[dict[str, Any]]:
+    from fmtune.tasks.generation import check_row
+
+    rows = []
+    for i, rec in enumerate(records):
+        try:
+            row = check_row(rec, f"{what}[{i}]" if "prompt" in rec else what, None, None, with_targets=False)
+        except DataError as e:
+            raise HTTPError(422, str(e), param=what) from None
+        text = row["prompt"] or row["messages"] or ""
+        if len(text) > limits.max_text_chars:
+            raise HTTPError(413, f"{what}: {len(text)} characters; the limit is {limits.max_text_chars}", param=what)
+        rows.append(row)
+    return rows
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first of ``stops`` in it; whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+class StopScanner:
+    """Streamed pieces of text, held back only as long as they may be the start of a stop string, so
+    that no stop string (nor part of one) reaches the client; leading whitespace dropped, as in the
+    whole answer."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        if not self.sent:
+            self.text = self.text.lstrip()
+        head, self.stopped = cut_at_stop(self.text, self.stops)
+        if self.stopped:
+            return self._send(len(head))
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._send(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._send(len(self.text))
+
+    def _send(self, upto: int) -> str:
+        out = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return out
+
+
+def add_model_routes(app: Any, run_dir: Any, guard: Any) -> str:
+    """GET /v1/models and /v1/models/{id}: the one model served, named by its run. Returns the name."""
+    model_id = run_dir.name
+    card = {"id": model_id, "object": "model", "created": int(run_dir.stat().st_mtime), "owned_by": "fmtune"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        guard(request)
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict[str, Any]:
+        guard(request)
+        if name != model_id:
+            raise HTTPError(404, f"the model {name!r} is not served here; this service serves {model_id!r}",
+                            param="model")
+        return card
+
+    return model_id
+
+
+def _inputs(data: dict[str, Any], key: str, limits: Limits) -> list[Any]:
+    """``data[key]``: a string or a list of them (token-id lists refused), checked against the limits."""
+    if key not in data:
+        raise HTTPError(422, f"{key!r} is missing: a string or a list of strings", param=key)
+    try:
+        items = check_items(data[key], limits)
+    except HTTPError as e:
+        raise HTTPError(e.status, e.message.replace("'inputs'", repr(key)), param=key) from None
+    for i, v in enumerate(items):
+        if not isinstance(v, str) or not v.strip():
+            what = "token ids" if isinstance(v, (int, list)) else repr(v)
+            raise HTTPError(422, f"{key}[{i}]: {what}: send non-empty strings (token-id {key}s are not supported)",
+                            param=key)
+        if len(v) > limits.max_text_chars:
+            raise HTTPError(413, f"{key}[{i}]: {len(v)} characters; the limit is {limits.max_text_chars}", param=key)
+    return items
+
+
+def add_embedding_routes(app: Any, predictor: Any, limits: Limits, guard: Any, read_json: Any) -> None:
+    """POST /v1/embeddings (and the model routes) for a text run whose head reads one pooled vector:
+    the fine-tuned encoder's pooled features, L2-normalised as OpenAI's embeddings are."""
+    import base64
+
+    import numpy as np
+    from starlette.concurrency import run_in_threadpool
+
+    model_id = add_model_routes(app, predictor.run_dir, guard)
+
+    @app.post("/v1/embeddings", openapi_extra=EMBEDDINGS_DOC)
+    async def embeddings(request: Request) -> Any:
+        """OpenAI's embeddings: one vector per input text."""
+        guard(request)
+        data = await read_json(request)
+        if not isinstance(data, dict):
+            raise HTTPError(422, "expected a JSON object")
+        if predictor.backend != "torch":
+            raise HTTPError(501, f"this service runs the {predictor.backend} export, which gives predictions, not "
+                                 "embeddings: serve the run with --backend torch")
+        texts = _inputs(data, "input", limits)
+        fmt = data.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise HTTPError(422, f"'encoding_format' must be float or base64, got {fmt!r}", param="encoding_format")
+
+        def run() -> tuple[np.ndarray, int]:
+            feats, _ = predictor.embed(texts)
+            tok, n = predictor.bundle.tokenizer, predictor.bundle.max_length
+            used = sum(len(ids) for ids in tok(texts, truncation=True, max_length=n)["input_ids"])
+            return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12), used
+
+        vectors, used = await run_in_threadpool(run)
+        if data.get("dimensions") is not None and data["dimensions"] != vectors.shape[1]:
+            raise HTTPError(422, f"'dimensions': this model's embeddings have {vectors.shape[1]} (they are not "
+                                 "shortened)", param="dimensions")
+        rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
+                for v in vectors]
+        return {"object": "list", "model": model_id, "usage": {"prompt_tokens": used, "total_tokens": used},
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(rows)]}
+
+
+def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, lock: Any) -> None:
+    """The /v1 routes on ``app``, answering with ``generator`` (a ``fmtune.generation.Generator``) one
+    request at a time under ``lock`` (shared with POST /generate)."""
+    model_id = add_model_routes(app, generator.run_dir, guard)
+
+    def usage(prompt: int, answer: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
+
+    def tokens(text: str) -> int:
+        return len(generator.bundle.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def body(request: Request) -> dict[str, Any]:
+        guard(request)
+        data = await read_json(request)
+        if not isinstance(data, dict):
+            raise HTTPError(422, "expected a JSON object")
+        return data
+
+    def finish(stopped: bool) -> str:
+        return "stop" if stopped else "length"
+
+    async def answer_all(rows: list[dict[str, Any]], opts: dict[str, Any], stops: list[str]) -> list[tuple]:
+        """(text, finish_reason, completion tokens) of each row."""
+        def run() -> Any:
+            with lock:
+                return generator.complete(rows, **opts)
+
+        out = []
+        for c in await asyncio.to_thread(run):
+            text, cut = cut_at_stop(c.text, stops)
+            out.append((text, finish(cut or c.stopped), tokens(text) if cut else c.tokens))
+        return out
+
+    def stream(row: dict[str, Any], opts: dict[str, Any], stops: list[str], chunk: Any, data: dict[str, Any],
+               prompt_tokens: int) -> Any:
+        """Server-sent events: ``chunk(text, finish_reason)`` per piece, then the usage if asked for,
+        then [DONE]. The answer is decoded in a worker thread; the client going away stops it."""
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+
+        def events(cancel: Any) -> Any:
+            info: dict[str, Any] = {}
+            scanner = StopScanner(stops)
+            first = chunk(None, None)
+            if first is not None:
+                yield f"data: {json.dumps(first)}\n\n"
+            pieces = generator.stream(row, **opts, info=info, cancel=cancel)
+            try:
+                for piece in pieces:
+                    text = scanner.feed(piece)
+                    if text:
+                        yield f"data: {json.dumps(chunk(text, None))}\n\n"
+                    if scanner.stopped:
+                        break
+            finally:
+                pieces.close()  # a stop string found: the decoding stops at the next token
+            rest = scanner.flush()
+            if rest:
+                yield f"data: {json.dumps(chunk(rest, None))}\n\n"
+            answer = scanner.text[:scanner.sent]
+            yield f"data: {json.dumps(chunk('', finish(scanner.stopped or info.get('stopped', False))))}\n\n"
+            if include_usage:
+                n = tokens(answer) if scanner.stopped else info.get("tokens", tokens(answer))
+                yield f"data: {json.dumps(chunk(None, None, usage(prompt_tokens, n)))}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return threaded_stream(events, lock)
+
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_DOC)
+    async def chat_completions(request: Request) -> Any:
+        """OpenAI's chat completions: the answer to the conversation's last user turn."""
+        data = await body(request)
+        opts, stops = _options(data, limits), _stops(data)
+        messages = _messages(data.get("messages"))
+        # one user turn is asked as a prompt is, as in training: with the run's instruction (task.instruction)
+        one = len(messages) == 1 and messages[0]["role"] == "user"
+        row = _rows([{"prompt": messages[0]["content"]} if one else {"messages": messages}], limits, "messages")[0]
+        prompt_tokens = len(generator.prompt_ids(row)[0])
+        ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if data.get("stream"):
+            def chunk(text: str | None, reason: str | None, used: dict | None = None) -> dict[str, Any]:
+                base = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id}
+                if used is not None:
+                    return {**base, "choices": [], "usage": used}
+                delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+                return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+            return stream(row, opts, stops, chunk, data, prompt_tokens)
+        (text, reason, n), = await answer_all([row], opts, stops)
+        return {"id": ident, "object": "chat.completion", "created": now, "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                             "logprobs": None, "finish_reason": reason}],
+                "usage": usage(prompt_tokens, n), "system_fingerprint": generator.version}
+
+    @app.post("/v1/completions", openapi_extra=COMPLETIONS_DOC)
+    async def completions(request: Request) -> Any:
+        """OpenAI's (legacy) completions: each prompt asked as the run was trained to be asked."""
+        data = await body(request)
+        opts, stops = _options(data, limits), _stops(data)
+        rows = _rows([{"prompt": p} for p in _inputs(data, "prompt", limits)], limits, "prompt")
+        prompt_tokens = [len(generator.prompt_ids(r)[0]) for r in rows]
+        ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": ident, "object": "text_completion", "created": now, "model": model_id}
+        if data.get("stream"):
+            if len(rows) > 1:
+                raise HTTPError(422, "stream answers one prompt at a time; send one prompt, or stream: false",
+                                param="stream")
+
+            def chunk(text: str | None, reason: str | None, used: dict | None = None) -> dict[str, Any] | None:
+                if used is not None:
+                    return {**base, "choices": [], "usage": used}
+                if text is None:  # no role chunk in this API
+                    return None
+                return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+            return stream(rows[0], opts, stops, chunk, data, prompt_tokens[0])
+        answers = await answer_all(rows, opts, stops)
+        return {**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                                    for i, (text, reason, _) in enumerate(answers)],
+                "usage": usage(sum(prompt_tokens), sum(n for *_, n in answers)),
+                "system_fingerprint": generator.version}
