@@ -646,8 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = verb("serve", cmd_serve, "serve a run over HTTP: POST /predict, GET /health, GET /metadata, docs at /docs; "
               "concurrent requests are micro-batched; bad input gets a 4xx JSON error. A generation run answers "
-              "POST /generate, and OpenAI's API under /v1 (chat/completions, completions, models) for the openai "
-              "clients: base_url http://HOST:PORT/v1, greedy unless a temperature is sent")
+              "POST /generate. OpenAI's API under /v1, for the openai clients (base_url http://HOST:PORT/v1): "
+              "chat/completions and completions (generation runs; greedy unless a temperature is sent), "
+              "embeddings (text classification, multi-label and regression runs), audio/transcriptions (speech "
+              "recognition runs), models")
     sv.add_argument("run", help="run directory")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
                     "0.0.0.0 to accept other machines)")

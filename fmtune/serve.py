@@ -8,7 +8,8 @@
                     or with stream server-sent events of its pieces
     /v1/...         OpenAI-compatible, for the openai clients (base_url http://HOST:PORT/v1;
                     ``fmtune.serve_openai``): generation runs chat completions, completions and models;
-                    text runs with one pooled vector (classification, multi-label, regression) embeddings
+                    text runs with one pooled vector (classification, multi-label, regression) embeddings;
+                    speech recognition runs audio transcriptions
     GET  /health    liveness, no key needed
     GET  /metadata  model, task, labels, strategy, test metrics at training time, service limits
     GET  /docs      OpenAPI documentation
@@ -28,39 +29,16 @@ import binascii
 import hmac
 import json
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from fmtune import serve_openai
 from fmtune.errors import ConfigError, DataError
-
-
-@dataclass
-class Limits:
-    max_batch: int = 64  # items per forward pass
-    max_wait_ms: float = 0.0  # how long a batch that is not full waits for more requests
-    max_items: int = 256  # items per request
-    max_body_mb: float = 16.0
-    max_text_chars: int = 20_000
-    long_text: Literal["truncate", "reject"] = "truncate"
-    max_new_tokens: int = 512  # generation runs: the most tokens one answer may ask for
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_items", "max_text_chars", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.max_body_mb <= 0:
-            raise ConfigError(f"--max-wait-ms must be >= 0 and --max-body-mb > 0, got {self.max_wait_ms:g} and "
-                              f"{self.max_body_mb:g}")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param  # param: the request field at fault
+from fmtune.serve_base import HTTPError, Limits, check_items, number, threaded_stream
 
 
 class MicroBatcher:
@@ -121,30 +99,6 @@ class MicroBatcher:
     async def close(self) -> None:
         if self.worker is not None:
             self.worker.cancel()
-
-
-def number(data: dict[str, Any], key: str, kind: type, low: float, high: float) -> Any:
-    """``data[key]`` checked to be a number of ``kind`` in [low, high]; None where it is absent or null."""
-    v = data.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise HTTPError(422, f"{key!r} must be a number, got {v!r}", param=key)
-    if not low <= v <= high:
-        raise HTTPError(422, f"{key!r} must be in [{low}, {high}], got {v}", param=key)
-    return kind(v)
-
-
-def check_items(value: Any, limits: Limits) -> list[Any]:
-    if isinstance(value, (str, bytes)):
-        value = [value]
-    if not isinstance(value, list):
-        raise HTTPError(422, f"'inputs' must be a string or a list of strings, got {type(value).__name__}")
-    if not value:
-        raise HTTPError(422, "'inputs' is an empty list; send at least one input")
-    if len(value) > limits.max_items:
-        raise HTTPError(413, f"{len(value)} inputs in one request; the limit is {limits.max_items}")
-    return value
 
 
 def _row_text(value: dict[str, Any], predictor: Any, where: str) -> Any:
@@ -239,9 +193,7 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
 
     def error(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
         if request.url.path.startswith("/v1/"):  # the OpenAI-compatible routes answer errors in OpenAI's shape
-            from fmtune.serve_openai import error_body
-
-            return JSONResponse(error_body(status, message, param), status_code=status)
+            return JSONResponse(serve_openai.error_body(status, message, param), status_code=status)
         return JSONResponse({"error": message}, status_code=status)
 
     def guard(request: Request) -> None:
@@ -312,10 +264,11 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
         _generate_routes(app, predictor, limits, guard, read_json)
         return _common_routes(app, meta, limits, batcher, guard)
 
-    if predictor.kind == "text" and predictor.task.level == "pooled" and not getattr(predictor, "pair_column", None):
-        from fmtune import serve_openai  # POST /v1/embeddings: the fine-tuned encoder for the openai clients
-
+    # OpenAI's API under /v1 where the run does what one of its endpoints does (fmtune.serve_openai)
+    if predictor.kind == "text" and predictor.task.supports("embed") and not getattr(predictor, "pair_column", None):
         serve_openai.add_embedding_routes(app, predictor, limits, guard, read_json)
+    elif predictor.task.supports("transcribe"):
+        serve_openai.add_transcription_routes(app, predictor, batcher, limits, guard)
 
     @app.post("/predict", openapi_extra=body_doc)
     async def predict(request: Request) -> Any:
@@ -402,56 +355,8 @@ def _generation_request(data: Any, limits: Limits) -> tuple[list[dict[str, Any]]
     return rows, opts
 
 
-def threaded_stream(events: Any, lock: Any) -> Any:
-    """A StreamingResponse of server-sent events made by ``events(cancel)`` (a generator of strings, given
-    a ``threading.Event``) in a worker thread of its own, under ``lock``. The thread always runs the
-    generator to its end or closes it itself, so the lock is released and decoding stops as soon as
-    the client goes away (``cancel`` is set then), not when a forgotten generator is collected."""
-    import threading
-
-    from fastapi.responses import StreamingResponse
-
-    end = object()
-
-    async def body() -> Any:
-        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-
-        def put(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def produce() -> None:
-            try:
-                with lock:
-                    chunks = events(cancel)
-                    try:
-                        for chunk in chunks:
-                            put(chunk)
-                            if cancel.is_set():
-                                break
-                    finally:
-                        chunks.close()
-            except Exception as e:  # raised below, in the response
-                put(e)
-            finally:
-                put(end)
-
-        worker = loop.run_in_executor(None, produce)
-        try:
-            while (item := await queue.get()) is not end:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            cancel.set()  # a client gone: the worker stops at the next token and lets the lock go
-        await worker
-
-    return StreamingResponse(body(), media_type="text/event-stream")
-
-
 def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any) -> None:
     import threading
-
-    from fmtune import serve_openai
 
     lock = threading.Lock()  # one generation at a time: each uses every core
     serve_openai.add_routes(app, generator, limits, guard, read_json, lock)
@@ -510,6 +415,9 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     if not quiet:
         ui.console.print(f"[bold]fmtune serve[/] {run} ({backend}, model {predictor.version}) on http://{host}:{port}  "
                          f"docs: http://{host}:{port}/docs" + ("  (API key required)" if api_key else ""))
-        if getattr(predictor, "generates", False):
-            ui.console.print(f"OpenAI-compatible: base_url http://{host}:{port}/v1, model {predictor.run_dir.name!r}")
+        openai = sorted(r.path.removeprefix("/v1/") for r in app.routes if getattr(r, "path", "").startswith("/v1/")
+                        and "{" not in r.path)
+        if openai:
+            ui.console.print(f"OpenAI-compatible ({', '.join(openai)}): base_url http://{host}:{port}/v1, model "
+                             f"{predictor.run_dir.name!r}")
     uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", timeout_graceful_shutdown=30)

@@ -4,6 +4,8 @@ the tools built on them, talk to the fine-tuned model unchanged, with ``base_url
 
     GET  /v1/models                 the one model served; its id is the run's name
     GET  /v1/models/{id}
+    POST /v1/audio/transcriptions   speech recognition runs: multipart {file, model, language, response_format
+                                     json or text} -> {"text": ...}, or the plain text
     POST /v1/embeddings             text runs whose head reads one pooled vector (classification,
                                      multi-label, regression; not pairs): {"model", "input": "..." or
                                      [...], "encoding_format": "float" or "base64"} -> the fine-tuned
@@ -43,7 +45,7 @@ from typing import Any
 from fastapi import Request
 
 from fmtune.errors import DataError
-from fmtune.serve import HTTPError, Limits, check_items, number, threaded_stream
+from fmtune.serve_base import HTTPError, Limits, check_items, number, threaded_stream
 
 # request fields refused unless they carry their neutral value (None is always fine: a client's "not given")
 NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
@@ -274,6 +276,72 @@ def add_embedding_routes(app: Any, predictor: Any, limits: Limits, guard: Any, r
                 for v in vectors]
         return {"object": "list", "model": model_id, "usage": {"prompt_tokens": used, "total_tokens": used},
                 "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(rows)]}
+
+
+TRANSCRIPT_FORMATS = ("json", "text")
+
+
+def _language_code(name: str) -> str:
+    """A Whisper language name or code ("english", "English", "en") as its code; unknown ones as given."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    name = name.strip().lower()
+    return TO_LANGUAGE_CODE.get(name, name)
+
+
+def add_transcription_routes(app: Any, predictor: Any, batcher: Any, limits: Limits, guard: Any) -> None:
+    """POST /v1/audio/transcriptions (and the model routes) for a speech recognition run: OpenAI's
+    audio API (multipart: file, model, language, response_format json or text); the clips of
+    concurrent requests share forward passes (the service's micro-batcher), as on POST /predict."""
+    from fastapi.responses import PlainTextResponse
+    from starlette.concurrency import run_in_threadpool
+
+    add_model_routes(app, predictor.run_dir, guard)
+    language = predictor.task.language or "english"  # what the run transcribes (task.language)
+    doc = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "model"], "properties": {
+            "file": {"type": "string", "format": "binary"}, "model": {"type": "string"},
+            "language": {"type": "string"}, "response_format": {"type": "string", "enum": list(TRANSCRIPT_FORMATS)},
+            "temperature": {"type": "number"}, "prompt": {"type": "string"}}}}}}}
+
+    @app.post("/v1/audio/transcriptions", openapi_extra=doc)
+    async def transcriptions(request: Request) -> Any:
+        """OpenAI's transcriptions: the text of one audio file (wav, flac, ogg, mp3: what soundfile reads)."""
+        guard(request)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise HTTPError(422, "send the audio as multipart/form-data with a 'file' field (as the openai "
+                                 "clients do)", param="file")
+        form = await request.form(max_files=2)
+        upload = form.get("file")
+        if upload is None or not hasattr(upload, "read"):
+            raise HTTPError(422, "'file' is missing: the audio file to transcribe", param="file")
+        fmt = str(form.get("response_format") or "json")
+        if fmt not in TRANSCRIPT_FORMATS:
+            raise HTTPError(422, f"'response_format': {fmt!r} is not supported (one of: {', '.join(TRANSCRIPT_FORMATS)}"
+                                 "; the transcript has no timestamps)", param="response_format")
+        asked = form.get("language")
+        if asked and _language_code(str(asked)) != _language_code(language):
+            raise HTTPError(422, f"'language': {asked!r}, but this run transcribes {language} (its task.language); "
+                                 "leave it out", param="language")
+        if form.get("prompt"):
+            raise HTTPError(422, "'prompt' (text to condition the transcript on) is not supported; leave it out",
+                            param="prompt")
+        if form.get("temperature") not in (None, "", "0", "0.0"):
+            raise HTTPError(422, "'temperature': transcripts are decoded greedily here; leave it out or send 0",
+                            param="temperature")
+        if form.getlist("timestamp_granularities[]"):
+            raise HTTPError(422, "'timestamp_granularities': the transcript has no timestamps",
+                            param="timestamp_granularities")
+        raw = await upload.read()
+        try:
+            clip = await run_in_threadpool(predictor.decode, raw, f"file {upload.filename or ''}".strip())
+        except DataError as e:
+            raise HTTPError(422, str(e), param="file") from None
+        (record,) = await batcher.submit([clip])
+        if fmt == "text":
+            return PlainTextResponse(record["transcript"] + "\n")
+        seconds = len(clip) / float(predictor.bundle.audio["sampling_rate"])
+        return {"text": record["transcript"], "usage": {"type": "duration", "seconds": round(seconds, 3)}}
 
 
 def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, lock: Any) -> None:

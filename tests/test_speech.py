@@ -474,6 +474,7 @@ def test_train_evaluate_predict_and_serve_speech_recognition(tiny_asr, tone_spee
     df = fmtune.predict(out, tone_speech["test"])
     assert df["transcript"].iloc[:4].tolist() == [a["fine_tuned"] for a in answers[:4]]
 
+    import openai
     from fastapi.testclient import TestClient
 
     from fmtune.serve import create_app
@@ -482,6 +483,19 @@ def test_train_evaluate_predict_and_serve_speech_recognition(tiny_asr, tone_spee
         r = client.post("/predict", files=[("files", ("a.wav", Path(clips[0]).read_bytes(), "audio/wav"))])
         assert r.status_code == 200, r.text
         assert r.json()["predictions"][0]["transcript"] == got[0]["transcript"]
+        # OpenAI's audio API, through the openai package itself
+        oai = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client, max_retries=0)
+        with open(clips[1], "rb") as f:
+            t = oai.audio.transcriptions.create(model="whisper-1", file=f, language="en")
+        assert t.text == got[1]["transcript"] and t.usage.seconds > 0
+        with open(clips[1], "rb") as f:
+            assert oai.audio.transcriptions.create(model="m", file=f, response_format="text").strip() == t.text
+        for kw, match in [({"language": "fr"}, "'language': 'fr', but this run transcribes english"),
+                          ({"response_format": "srt"}, "'srt' is not supported"), ({"prompt": "hi"}, "'prompt'"),
+                          ({"file": ("x.wav", b"junk", "audio/wav")}, "file x.wav: not readable audio")]:
+            with open(clips[1], "rb") as f, pytest.raises(openai.UnprocessableEntityError, match=match):
+                oai.audio.transcriptions.create(**{"model": "m", "file": f, **kw})
+        assert [m.id for m in oai.models.list()] == [out.name]
 
     # fmtune evaluate on another file: WER of the run's own transcripts, and the zero-shot model's beside it
     from fmtune.tasks.speech import error_rates

@@ -35,15 +35,16 @@ UNKNOWN = "unknown"
 #   continual         fmtune continue (new labels extend the head)
 #   transfer          fmtune transfer (examples per class)
 #   explain           fmtune explain (attributions towards a predicted label)
-#   embed             fmtune embed (pooled features coloured by target)
+#   embed             fmtune embed (pooled features coloured by target); a served text run's POST /v1/embeddings
 #   robustness        fmtune robustness (metrics under perturbed inputs)
 #   fairness          fmtune fairness (metrics per group; task.group_weights; per-group thresholds)
 #   save_images       fmtune predict --save-images (predictions drawn or written as image files: write_files)
 #   recentre          after fine-tuning, the head's output moved so its mean on the training rows is theirs
 #   thresholds        decision thresholds chosen on the validation rows after training (choose_thresholds)
 #   split_lists       a class folder's validation_list.txt / testing_list.txt are its validation and test splits
+#   transcribe        records with a "transcript": a served run answers POST /v1/audio/transcriptions
 CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
-                "fairness", "pseudo_labels", "save_images", "recentre", "thresholds", "split_lists")
+                "fairness", "pseudo_labels", "save_images", "recentre", "thresholds", "split_lists", "transcribe")
 
 
 class Task:

@@ -365,7 +365,7 @@ class SpeechRecognition(Task):
     modality = "audio"
     default_metric = "wer"
     metric_names = ("wer", "cer", "loss", "perplexity")
-    capabilities = frozenset()
+    capabilities = frozenset({"transcribe"})  # POST /v1/audio/transcriptions (fmtune.serve_openai)
     description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper) or a wav2vec2-style CTC "
                    "model on clips and their transcripts (a table of audio paths and text); WER picks the best "
                    "checkpoint")

@@ -1,0 +1,106 @@
+"""What the HTTP service's routes share (``fmtune.serve`` and its OpenAI-compatible routes,
+``fmtune.serve_openai``): the limits, the error a route raises for a 4xx, the checks of numbers and
+input lists in a request body, and server-sent events decoded in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fmtune.errors import ConfigError
+
+
+@dataclass
+class Limits:
+    max_batch: int = 64  # items per forward pass
+    max_wait_ms: float = 0.0  # how long a batch that is not full waits for more requests
+    max_items: int = 256  # items per request
+    max_body_mb: float = 16.0
+    max_text_chars: int = 20_000
+    long_text: Literal["truncate", "reject"] = "truncate"
+    max_new_tokens: int = 512  # generation runs: the most tokens one answer may ask for
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_items", "max_text_chars", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.max_body_mb <= 0:
+            raise ConfigError(f"--max-wait-ms must be >= 0 and --max-body-mb > 0, got {self.max_wait_ms:g} and "
+                              f"{self.max_body_mb:g}")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param  # param: the request field at fault
+
+
+def number(data: dict[str, Any], key: str, kind: type, low: float, high: float) -> Any:
+    """``data[key]`` checked to be a number of ``kind`` in [low, high]; None where it is absent or null."""
+    v = data.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        raise HTTPError(422, f"{key!r} must be a number, got {v!r}", param=key)
+    if not low <= v <= high:
+        raise HTTPError(422, f"{key!r} must be in [{low}, {high}], got {v}", param=key)
+    return kind(v)
+
+
+def check_items(value: Any, limits: Limits) -> list[Any]:
+    if isinstance(value, (str, bytes)):
+        value = [value]
+    if not isinstance(value, list):
+        raise HTTPError(422, f"'inputs' must be a string or a list of strings, got {type(value).__name__}")
+    if not value:
+        raise HTTPError(422, "'inputs' is an empty list; send at least one input")
+    if len(value) > limits.max_items:
+        raise HTTPError(413, f"{len(value)} inputs in one request; the limit is {limits.max_items}")
+    return value
+
+
+def threaded_stream(events: Any, lock: Any) -> Any:
+    """A StreamingResponse of server-sent events made by ``events(cancel)`` (a generator of strings, given
+    a ``threading.Event``) in a worker thread of its own, under ``lock``. The thread always runs the
+    generator to its end or closes it itself, so the lock is released and decoding stops as soon as
+    the client goes away (``cancel`` is set then), not when a forgotten generator is collected."""
+    import threading
+
+    from fastapi.responses import StreamingResponse
+
+    end = object()
+
+    async def body() -> Any:
+        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def produce() -> None:
+            try:
+                with lock:
+                    chunks = events(cancel)
+                    try:
+                        for chunk in chunks:
+                            put(chunk)
+                            if cancel.is_set():
+                                break
+                    finally:
+                        chunks.close()
+            except Exception as e:  # raised below, in the response
+                put(e)
+            finally:
+                put(end)
+
+        worker = loop.run_in_executor(None, produce)
+        try:
+            while (item := await queue.get()) is not end:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()  # a client gone: the worker stops at the next token and lets the lock go
+        await worker
+
+    return StreamingResponse(body(), media_type="text/event-stream")
