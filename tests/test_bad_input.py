@@ -112,8 +112,15 @@ def test_missing_label_and_text_columns(tmp_path, tiny_bert):
     with pytest.raises(DataError, match="d.csv: no text column 'text'; columns are: review, label.*data.text_column"):
         _train(tmp_path, tiny_bert, p)
     q = _csv(tmp_path, "e.csv", [["good", "pos"], ["bad", "neg"]] * 5, columns=("text", "y"))
-    with pytest.raises(DataError, match="e.csv: no label column 'label'.*data.label_column"):
+    with pytest.raises(DataError, match=r"e.csv: no label column 'label'.*data.label_column=COLUMN \('y'\?\)$"):
         _train(tmp_path, tiny_bert, q)
+    # the likely columns are named: the one of long texts; the ones named like labels (a TREC-style table)
+    rows = [[i, f"what is the {w} of this long question", i % 2, i % 4] for i, w in enumerate(["name", "size"] * 6)]
+    g = _csv(tmp_path, "g.csv", rows, columns=("idx", "sentence", "coarse_label", "fine_label"))
+    with pytest.raises(DataError, match=r"data.text_column=COLUMN \('sentence'\?\)$"):
+        _train(tmp_path, tiny_bert, g)
+    with pytest.raises(DataError, match=r"data.label_column=COLUMN \('coarse_label' or 'fine_label'\?\)$"):
+        _train(tmp_path, tiny_bert, g, data={"text_column": "sentence"})
 
 
 def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):

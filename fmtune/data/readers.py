@@ -275,11 +275,37 @@ def media_name(source: Path | bytes | None, name: str) -> str:
     return Path(name.removeprefix("embedded file ") if isinstance(source, bytes) else name).name or name
 
 
-def require_column(df: pd.DataFrame, column: str, what: str, option: str) -> None:
+LABEL_WORDS = ("label", "class", "category", "target", "intent", "sentiment", "topic", "tag", "emotion", "score")
+MIN_TEXT_CHARS = 15  # the mean length of a column of texts worth suggesting as one
+
+
+def likely_columns(df: pd.DataFrame, what: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Columns that may be the missing ``what`` ("text" or "label"), most likely first, for the message
+    that names it: the column of the longest strings for a text; for a label, columns named like
+    one (coarse_label, intent, category ...), else those of a few distinct values. Never ``exclude``."""
+    names = [c for c in df.columns if isinstance(c, str) and c not in exclude]
+    head = df.head(1000)
+    if what == "text":
+        lengths = {c: head[c].dropna().map(lambda v: len(v) if isinstance(v, str) else 0).mean() for c in names}
+        return [c for c in sorted(lengths, key=lengths.get, reverse=True) if lengths[c] >= MIN_TEXT_CHARS][:1]
+    if what == "label":
+        named = [c for c in names if any(w in c.lower() for w in LABEL_WORDS)]
+        if named:
+            return named[:4]
+        few = max(2, min(50, len(head) // 5))
+        return [c for c in names if 2 <= head[c].nunique() <= few][:4]
+    return []
+
+
+def require_column(df: pd.DataFrame, column: str, what: str, option: str, exclude: tuple[str, ...] = ()) -> None:
+    """A DataError listing the columns (and the likely ones) unless ``df`` has ``column``; ``exclude``:
+    columns the message must not suggest (the text, when the label is missing)."""
     if column not in df.columns:
         src = df.attrs.get("source", "the data")
+        likely = likely_columns(df, what, exclude)
+        hint = (f" ({' or '.join(repr(c) for c in likely)}?)" if likely else "")
         raise DataError(f"{src}: no {what} column {column!r}; columns are: {', '.join(map(str, df.columns))}. "
-                        f"Name the right one with --set {option}=COLUMN")
+                        f"Name the right one with --set {option}=COLUMN{hint}")
 
 
 # the column names of common sentence-pair sets (GLUE, SNLI, SICK, PAWS ...): a table holding one of these

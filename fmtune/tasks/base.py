@@ -118,9 +118,9 @@ class Task:
     @classmethod
     def require_targets(cls, df: pd.DataFrame, data_cfg: Any) -> None:
         """A DataError naming what is missing when ``df`` (labelled data) has no targets."""
-        from fmtune.data.readers import require_column
+        from fmtune.data.readers import require_column, text_columns
 
-        require_column(df, cls.target_column(data_cfg), "label", "data.label_column")
+        require_column(df, cls.target_column(data_cfg), "label", "data.label_column", tuple(text_columns(data_cfg)))
 
     @classmethod
     def stratify_values(cls, df: pd.DataFrame, column: str) -> pd.Series | None:
