@@ -1,6 +1,12 @@
 """Service benchmark: `fmtune serve` under load from a second process, on loopback.
 
     .venv/bin/python bench/serve.py [--run RUN] [--seconds 8] > result.json
+    .venv/bin/python bench/serve.py --generation RUN [--clients 1,4,8] [--seconds 30] > result.json
+
+With --generation, RUN is a generation run (the generation demo's: `fmtune demo --task generation
+--out RUN`) and the clients send OpenAI chat completions (POST /v1/chat/completions, greedy, at most
+--max-tokens new tokens) of its test prompts: the service decoding concurrent requests together
+(default settings) against one request at a time (--max-batch 1); answers/s, p50/p99 latency.
 
 The run is the text demo's (MiniLM-L6 fine-tuned on rotten-tomatoes; trained first with
 `fmtune demo` when --run is not given). For each configuration, a server process is started on
@@ -30,6 +36,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+GENERATION_CONFIGS = {"generation-batched": [], "generation-batched-wait-50ms": ["--max-wait-ms", "50"],
+                      "generation-one-at-a-time": ["--max-batch", "1"]}
 CONFIGS = {"torch-batched": ["--backend", "torch"],
            "torch-unbatched": ["--backend", "torch", "--max-batch", "1", "--max-wait-ms", "0"],  # one per forward
            "onnx-batched": ["--backend", "onnx"],
@@ -46,7 +54,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict:
+def predict_body(text: str) -> dict:
+    return {"inputs": [text]}
+
+
+def predict_ok(body: dict) -> bool:
+    return len(body["predictions"]) == 1
+
+
+def chat_body(max_tokens: int):
+    def body(prompt: str) -> dict:
+        return {"model": "run", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+
+    return body
+
+
+def chat_ok(body: dict) -> bool:
+    return bool(body["choices"][0]["message"]["content"])
+
+
+async def load(url: str, texts: list[str], clients: int, seconds: float, make=predict_body, ok_of=predict_ok) -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -59,8 +86,8 @@ async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict
         while time.perf_counter() < stop:
             t = time.perf_counter()
             try:
-                r = await http.post(url, json={"inputs": [texts[i % len(texts)]]})
-                ok = r.status_code == 200 and len(r.json()["predictions"]) == 1
+                r = await http.post(url, json=make(texts[i % len(texts)]))
+                ok = r.status_code == 200 and ok_of(r.json())
             except httpx.HTTPError:
                 ok = False
             if ok:
@@ -71,7 +98,7 @@ async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         await asyncio.gather(*[client(k, http) for k in range(clients)])
     wall = time.perf_counter() - started
     latencies.sort()
@@ -98,10 +125,12 @@ def run_config(name: str, flags: list[str], run: Path, texts: list[str], args: a
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        asyncio.run(load(base + "/predict", texts, 4, 1.0))  # warm-up
+        route, make, ok_of = (("/v1/chat/completions", chat_body(args.max_tokens), chat_ok) if args.generation else
+                              ("/predict", predict_body, predict_ok))
+        asyncio.run(load(base + route, texts, 4, 1.0, make, ok_of))  # warm-up
         rows = []
         for clients in args.clients:
-            res = {"config": name, **asyncio.run(load(base + "/predict", texts, clients, args.seconds))}
+            res = {"config": name, **asyncio.run(load(base + route, texts, clients, args.seconds, make, ok_of))}
             log(json.dumps(res))
             rows.append(res)
         stats = httpx.get(base + "/metadata").json()["stats"]
@@ -118,8 +147,13 @@ def main() -> None:
     ap.add_argument("--run", help="a trained text run (default: train the text demo into a temporary folder)")
     ap.add_argument("--seconds", type=float, default=8.0, help="load time per configuration and client count")
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
+    ap.add_argument("--configs", default=None, help="comma-separated names of CONFIGS (GENERATION_CONFIGS)")
+    ap.add_argument("--generation", metavar="RUN", help="a generation run: OpenAI chat completions of its test prompts")
+    ap.add_argument("--max-tokens", type=int, default=32, help="--generation: new tokens per answer at most")
     args = ap.parse_args()
+    if args.generation:
+        generation(args)
+        return
 
     import pandas as pd
 
@@ -133,7 +167,7 @@ def main() -> None:
         test = next(ln.split(":", 1)[1].strip() for ln in cfg.splitlines() if ln.strip().startswith("test:"))
         texts = pd.read_csv(test)["text"].astype(str).tolist()
         rows = []
-        for name in args.configs.split(","):
+        for name in (args.configs or ",".join(CONFIGS)).split(","):
             log(f"{name}: starting the server")
             rows += run_config(name, CONFIGS[name], run, texts, args)
     import torch
@@ -143,6 +177,58 @@ def main() -> None:
                       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                   "torch": torch.__version__},
                       "results": rows}, indent=2))
+
+
+SHORT_FUNCTIONS = ["def add(a, b):\n    return a + b", "def is_even(n):\n    return n % 2 == 0",
+                   "def first(xs):\n    return xs[0]", "def square(x):\n    return x * x",
+                   "def last(xs):\n    return xs[-1]", "def neg(x):\n    return -x",
+                   "def join(a):\n    return ','.join(a)", "def size(s):\n    return len(s)"]
+
+
+def in_process(run: Path, prompts: list[str], max_tokens: int) -> dict:
+    """Generator.complete on 8 prompts one at a time against as one batch (what the service does with
+    8 concurrent requests), twice, in this process: seconds, and whether the answers are the same."""
+    from fmtune.generation import Generator
+
+    gen = Generator(run)
+    out = {}
+    for name, texts in (("run's test prompts", prompts[:8]), ("short functions", SHORT_FUNCTIONS)):
+        rows = [{"kind": "prompt", "prompt": t, "completion": None, "messages": None} for t in texts]
+        gen.complete(rows[:1], max_new_tokens=max_tokens)  # warm-up
+        reps = []
+        for _ in range(2):
+            t = time.perf_counter()
+            alone = [gen.complete([r], max_new_tokens=max_tokens)[0] for r in rows]
+            a = time.perf_counter() - t
+            t = time.perf_counter()
+            together = gen.complete(rows, max_new_tokens=max_tokens)
+            b = time.perf_counter() - t
+            reps.append({"one_at_a_time_s": round(a, 2), "batch_of_8_s": round(b, 2), "speedup": round(a / b, 2),
+                         "same_answers": [x.text for x in alone] == [x.text for x in together],
+                         "prompt_tokens": sum(len(gen.prompt_ids(r)[0]) for r in rows),
+                         "answer_tokens": sum(x.tokens for x in together)})
+        out[name] = reps
+        log(f"in process, {name}: {reps}")
+    return out
+
+
+def generation(args: argparse.Namespace) -> None:
+    import torch
+
+    run = Path(args.generation)
+    prompts = [json.loads(line)["prompt"] for line in (run / "test_answers.jsonl").read_text().splitlines()]
+    measured = in_process(run, prompts, args.max_tokens)
+    rows = []
+    for name in (args.configs or ",".join(GENERATION_CONFIGS)).split(","):
+        log(f"{name}: starting the server")
+        rows += run_config(name, GENERATION_CONFIGS[name], run, prompts, args)
+    print(json.dumps({"benchmark": "serve --generation", "date": time.strftime("%Y-%m-%d"), "run": str(run),
+                      "request": f"POST /v1/chat/completions, greedy, max_tokens {args.max_tokens}, one test prompt "
+                                 "of the run per request (its instruction and chat template applied)",
+                      "seconds_per_point": args.seconds,
+                      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                  "torch": torch.__version__},
+                      "in_process_8_prompts": measured, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import base64
 import binascii
 import hmac
 import json
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -42,10 +43,11 @@ from fmtune.serve_base import HTTPError, Limits, check_items, number, threaded_s
 
 
 class MicroBatcher:
-    """Gathers the items of concurrent requests into one forward pass at a time."""
+    """Gathers the items of concurrent requests into one call of ``run`` (items -> one result each, in
+    order) at a time: one forward pass of a predictor, or one batched decoding of a generation run."""
 
-    def __init__(self, predictor: Any, limits: Limits):
-        self.predictor, self.limits = predictor, limits
+    def __init__(self, run: Any, limits: Limits):
+        self.run, self.limits = run, limits
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
         self.stats = {"requests": 0, "items": 0, "batches": 0}
@@ -81,7 +83,7 @@ class MicroBatcher:
                 n += len(job[0])
             items = [x for job, _ in jobs for x in job]
             try:
-                results = await asyncio.to_thread(self.predictor.predict_items, items)
+                results = await asyncio.to_thread(self.run, items)
             except Exception as e:  # a failure of the model, not of the input: every waiting request learns it
                 for _, fut in jobs:
                     if not fut.done():
@@ -178,7 +180,9 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
     from contextlib import asynccontextmanager
 
     limits = limits or Limits()
-    batcher = MicroBatcher(predictor, limits)
+    generates = getattr(predictor, "generates", False)
+    lock = threading.Lock()  # generation runs: one decoding at a time (each uses every core)
+    batcher = MicroBatcher(generation_batches(predictor, lock) if generates else predictor.predict_items, limits)
     meta = predictor.metadata()
 
     @asynccontextmanager
@@ -260,8 +264,8 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}
            if predictor.kind in ("image", "audio") else {})}}}
 
-    if getattr(predictor, "generates", False):  # a generation run: POST /generate instead of /predict
-        _generate_routes(app, predictor, limits, guard, read_json)
+    if generates:  # a generation run: POST /generate instead of /predict
+        _generate_routes(app, predictor, limits, guard, read_json, batcher, lock)
         return _common_routes(app, meta, limits, batcher, guard)
 
     # OpenAI's API under /v1 where the run does what one of its endpoints does (fmtune.serve_openai)
@@ -355,11 +359,28 @@ def _generation_request(data: Any, limits: Limits) -> tuple[list[dict[str, Any]]
     return rows, opts
 
 
-def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any) -> None:
-    import threading
+def generation_batches(generator: Any, lock: Any) -> Any:
+    """The MicroBatcher's ``run`` for a generation run: items are (row, decoding options); greedy rows
+    with the same options are answered in one batched decoding (``Generator.complete``), a sampled row
+    alone (its seed gives its answer, whatever else is asked at the time). Returns Completions."""
+    def run(items: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[Any]:
+        groups: dict[Any, list[int]] = {}
+        for i, (_, opts) in enumerate(items):
+            key = ("sampled", i) if opts.get("temperature") else tuple(sorted(opts.items()))
+            groups.setdefault(key, []).append(i)
+        out: list[Any] = [None] * len(items)
+        with lock:
+            for idx in groups.values():
+                for i, c in zip(idx, generator.complete([items[i][0] for i in idx], **items[idx[0]][1])):
+                    out[i] = c
+        return out
 
-    lock = threading.Lock()  # one generation at a time: each uses every core
-    serve_openai.add_routes(app, generator, limits, guard, read_json, lock)
+    return run
+
+
+def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any,
+                     lock: Any) -> None:
+    serve_openai.add_routes(app, generator, limits, guard, read_json, batcher, lock)
 
     @app.post("/generate", openapi_extra=GENERATE_DOC)
     async def generate(request: Request) -> Any:
@@ -380,11 +401,7 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
 
             return threaded_stream(events, lock)
 
-        def run() -> list[str]:
-            with lock:
-                return generator.answer(rows, **opts)
-
-        answers = await asyncio.to_thread(run)
+        answers = [c.text for c in await batcher.submit([(row, opts) for row in rows])]
         single = isinstance(data.get("prompt"), str) or "messages" in data
         if single:
             return {"answer": answers[0], "model_version": version}

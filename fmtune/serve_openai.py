@@ -36,7 +36,6 @@ the model read it, and of the answer) have OpenAI's shapes, and so have errors:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -344,9 +343,10 @@ def add_transcription_routes(app: Any, predictor: Any, batcher: Any, limits: Lim
         return {"text": record["transcript"], "usage": {"type": "duration", "seconds": round(seconds, 3)}}
 
 
-def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, lock: Any) -> None:
-    """The /v1 routes on ``app``, answering with ``generator`` (a ``fmtune.generation.Generator``) one
-    request at a time under ``lock`` (shared with POST /generate)."""
+def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any, lock: Any) -> None:
+    """The /v1 routes on ``app``, answering with ``generator`` (a ``fmtune.generation.Generator``):
+    whole answers through ``batcher`` (concurrent greedy requests decoded together, as on POST
+    /generate), streams one at a time under ``lock`` (which the batcher's decoding holds too)."""
     model_id = add_model_routes(app, generator.run_dir, guard)
 
     def usage(prompt: int, answer: int) -> dict[str, int]:
@@ -367,12 +367,8 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
 
     async def answer_all(rows: list[dict[str, Any]], opts: dict[str, Any], stops: list[str]) -> list[tuple]:
         """(text, finish_reason, completion tokens) of each row."""
-        def run() -> Any:
-            with lock:
-                return generator.complete(rows, **opts)
-
         out = []
-        for c in await asyncio.to_thread(run):
+        for c in await batcher.submit([(row, opts) for row in rows]):
             text, cut = cut_at_stop(c.text, stops)
             out.append((text, finish(cut or c.stopped), tokens(text) if cut else c.tokens))
         return out
