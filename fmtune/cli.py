@@ -649,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
               "POST /generate. OpenAI's API under /v1, for the openai clients (base_url http://HOST:PORT/v1): "
               "chat/completions and completions (generation runs; greedy unless a temperature is sent), "
               "embeddings (text classification, multi-label and regression runs), audio/transcriptions (speech "
-              "recognition runs), models")
+              "recognition runs), models. POST / answers in the Hugging Face Inference API's format, for "
+              "huggingface_hub's InferenceClient(model=URL)")
     sv.add_argument("run", help="run directory")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
                     "0.0.0.0 to accept other machines)")

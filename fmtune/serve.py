@@ -10,6 +10,9 @@
                     ``fmtune.serve_openai``): generation runs chat completions, completions and models;
                     text runs with one pooled vector (classification, multi-label, regression) embeddings;
                     speech recognition runs audio transcriptions
+    POST /          the Hugging Face Inference API's format (huggingface_hub's InferenceClient(model=URL)):
+                    {"inputs": ..., "parameters": {...}} or a file as the body; each task formats its answer
+                    (``Task.hf_output``); generation runs as TGI: [{"generated_text": ...}]
     GET  /health    liveness, no key needed
     GET  /metadata  model, task, labels, strategy, test metrics at training time, service limits
     GET  /docs      OpenAPI documentation
@@ -40,6 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from fmtune import serve_openai
 from fmtune.errors import ConfigError, DataError
 from fmtune.serve_base import HTTPError, Limits, check_items, number, threaded_stream
+from fmtune.tasks.base import Task
 
 
 class MicroBatcher:
@@ -219,12 +223,16 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
         # never a traceback to the client; the service keeps serving
         return error(request, 500, f"internal error: {e.__class__.__name__}")
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request) -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limits.max_body_mb * 2**20:
                 raise HTTPError(413, f"request body over the limit of {limits.max_body_mb:g} MB")
+        return bytes(body)
+
+    async def read_json(request: Request) -> Any:
+        body = await read_body(request)
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -293,7 +301,49 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
             out["truncated"] = truncated
         return out
 
+    if type(predictor.task).hf_output is not Task.hf_output:
+        @app.post("/", openapi_extra=HF_DOC)
+        async def hf_inference(request: Request) -> Any:
+            """The Hugging Face Inference API's format, for huggingface_hub's InferenceClient(model=URL): JSON
+            {"inputs": one input or a list, "parameters": {...}}, or an image / audio file as the body."""
+            guard(request)
+            task, params = predictor.task, {}
+            if predictor.kind == "text" or request.headers.get("content-type", "").startswith("application/json"):
+                data = await read_json(request)
+                if not isinstance(data, dict) or "inputs" not in data:
+                    raise HTTPError(422, 'expected {"inputs": ..., "parameters": {...}} (the Hugging Face Inference '
+                                         "API), or an image or audio file as the body")
+                params = data.get("parameters") or {}
+                if not isinstance(params, dict):
+                    raise HTTPError(422, "'parameters' must be an object")
+                extra = [k for k, v in params.items() if v is not None and k not in task.hf_parameters]
+                if extra:
+                    raise HTTPError(422, f"parameters.{extra[0]} is not supported by this run (it takes: "
+                                         f"{', '.join(task.hf_parameters) or 'none'})")
+                single, values = not isinstance(data["inputs"], list), check_items(data["inputs"], limits)
+                items = (_prepare_texts(values, predictor, limits)[0] if predictor.kind == "text" else
+                         await run_in_threadpool(_prepare_files, values, predictor))
+            else:  # the file itself, as the client sends one without parameters
+                single, items = True, await run_in_threadpool(_prepare_files, [await read_body(request)], predictor)
+            records = await batcher.submit(items)
+            try:
+                outs = [task.hf_output(r, params) for r in records]
+            except DataError as e:
+                raise HTTPError(422, str(e)) from None
+            if not single:
+                return outs
+            return [outs[0]] if predictor.kind == "text" and task.hf_list_of_one else outs[0]
+
     return _common_routes(app, meta, limits, batcher, guard)
+
+
+HF_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                   "description": "texts; for image and audio runs base64 files"},
+        "parameters": {"type": "object", "description": "top_k, function_to_apply (classification); "
+                                                        "aggregation_strategy (ner)"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 def _common_routes(app: Any, meta: dict[str, Any], limits: Limits, batcher: Any, guard: Any) -> Any:
@@ -309,6 +359,10 @@ def _common_routes(app: Any, meta: dict[str, Any], limits: Limits, batcher: Any,
     return app
 
 
+TGI_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"], "properties": {
+        "inputs": {"type": "string"}, "parameters": {"type": "object", "description": "max_new_tokens, do_sample, "
+                                                     "temperature, top_p, seed, stop, return_full_text"}}}}}}}
 GENERATE_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "properties": {
         "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
@@ -378,9 +432,50 @@ def generation_batches(generator: Any, lock: Any) -> Any:
     return run
 
 
+# text-generation parameters of the Inference API / TGI that this service does not honour: refused unless
+# neutral (what huggingface_hub's InferenceClient.text_generation sends by default)
+TGI_NEUTRAL = {"details": (False,), "decoder_input_details": (False,), "best_of": (1,), "watermark": (False,),
+               "top_n_tokens": (0,), "adapter_id": (), "grammar": (), "repetition_penalty": (1, 1.0),
+               "frequency_penalty": (0, 0.0), "typical_p": (1, 1.0), "top_k": (), "truncate": ()}
+
+
+def _tgi_request(data: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any], list[str], bool]:
+    """A text-generation request in the Inference API's format ({"inputs": prompt, "parameters": {...}}) as
+    (row, decoding options, stop strings, return_full_text), checked (HTTPError)."""
+    if not isinstance(data, dict) or not isinstance(data.get("inputs"), str):
+        raise HTTPError(422, 'expected {"inputs": "a prompt", "parameters": {...}} (the Hugging Face Inference API)')
+    if data.get("stream"):
+        raise HTTPError(422, "stream: use POST /generate with \"stream\": true, or /v1/chat/completions")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise HTTPError(422, "'parameters' must be an object")
+    for key, neutral in TGI_NEUTRAL.items():
+        if params.get(key) is not None and params[key] not in neutral:
+            raise HTTPError(422, f"parameters.{key}: {params[key]!r} is not supported by this service; leave it out")
+    sampled = params.get("do_sample") or (params.get("do_sample") is None and params.get("temperature"))
+    temperature = (params.get("temperature") or 1.0) if sampled else None
+    body = {"prompt": data["inputs"], "temperature": temperature,
+            **{k: params.get(k) for k in ("max_new_tokens", "top_p", "seed")}}
+    rows, opts = _generation_request(body, limits)
+    stops = params.get("stop") or []
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+        raise HTTPError(422, "parameters.stop must be a list of non-empty strings")
+    return rows[0], opts, stops, bool(params.get("return_full_text"))
+
+
 def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any,
                      lock: Any) -> None:
     serve_openai.add_routes(app, generator, limits, guard, read_json, batcher, lock)
+
+    @app.post("/", openapi_extra=TGI_DOC)
+    async def text_generation(request: Request) -> Any:
+        """The Hugging Face Inference API's text generation (huggingface_hub's InferenceClient(model=URL)
+        .text_generation): [{"generated_text": ...}], greedy unless do_sample or a temperature."""
+        guard(request)
+        row, opts, stops, full = _tgi_request(await read_json(request), limits)
+        (c,) = await batcher.submit([(row, opts)])
+        text = serve_openai.cut_at_stop(c.text, stops)[0]
+        return [{"generated_text": (row["prompt"] + text) if full else text}]
 
     @app.post("/generate", openapi_extra=GENERATE_DOC)
     async def generate(request: Request) -> Any:

@@ -3,6 +3,7 @@ whose labels a tiny model can learn (a keyword decides the label)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -371,3 +372,37 @@ def class_folders_as_hf_parquet(dirs: dict[str, Path], out: Path, column: str, k
                                    "label": [names.index(p.parent.name) for p in paths]},
                                   {"label": names}, set(), {column: kind})
     return files, names
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """``app`` served by uvicorn on a free loopback port, in a thread: yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def hf_inference_client(url: str, monkeypatch):
+    """huggingface_hub's InferenceClient pointed at a local service. Its offline mode (HF_HUB_OFFLINE=1, set
+    for every test) refuses every URL, loopback included: lifted for this client only."""
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return InferenceClient(model=url)

@@ -403,7 +403,7 @@ def test_audio_strategies_train(tiny_whisper, tone_dirs, tmp_path, strategy, not
     assert note in capsys.readouterr().err
 
 
-def test_serve_audio_upload_and_base64(tiny_whisper, tone_dirs, tmp_path):
+def test_serve_audio_upload_and_base64(tiny_whisper, tone_dirs, tmp_path, monkeypatch):
     import base64
 
     from fastapi.testclient import TestClient
@@ -426,6 +426,11 @@ def test_serve_audio_upload_and_base64(tiny_whisper, tone_dirs, tmp_path):
         r = client.post("/predict", files=[("files", ("x.wav", b"not audio at all", "audio/wav"))])
         assert r.status_code == 422 and "inputs[0]: not readable audio" in r.json()["error"]
         assert client.get("/metadata").json()["kind"] == "audio"
+    from conftest import hf_inference_client, live_server
+
+    with live_server(create_app(pred)) as url:  # huggingface_hub's client: the clip as the body, [{label, score}]
+        got = hf_inference_client(url, monkeypatch).audio_classification(clip)
+    assert got[0].label == expected and abs(sum(g.score for g in got) - 1) < 1e-5
 
 
 # --- the real weights (make test-slow; needs Debian's espeak-ng, which .ci/run installs) ----------

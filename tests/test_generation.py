@@ -464,6 +464,17 @@ def test_the_official_openai_client_talks_to_a_served_run(full_run):
         bad = openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=http, max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+        # the Hugging Face Inference API's text generation (POST /), as TGI answers it
+        r = http.post("/", json={"inputs": "repeat: red dog", "parameters": {"max_new_tokens": 16, "details": False}},
+                      headers={"X-API-Key": "k"})
+        assert r.json() == [{"generated_text": c.text}]
+        r = http.post("/", json={"inputs": "repeat: red dog", "parameters": {"return_full_text": True, "stop": [stop]}},
+                      headers={"X-API-Key": "k"})
+        assert r.json() == [{"generated_text": "repeat: red dog" + c.text[:c.text.index(stop)]}]
+        for params, message in [({"details": True}, "parameters.details"), ({"top_k": 5}, "parameters.top_k"),
+                                ({"max_new_tokens": 99}, r"max_new_tokens' must be in \[1, 16\]")]:
+            r = http.post("/", json={"inputs": "x", "parameters": params}, headers={"X-API-Key": "k"})
+            assert r.status_code == 422 and re.search(message, r.json()["error"]), (params, r.text)
         # a run trained with an instruction: a one-turn chat is asked with it, as a prompt is (and as in training)
         gen.task.instruction = "Say it again."
         r = client.chat.completions.create(model=name, messages=chat[1:])
@@ -473,12 +484,10 @@ def test_the_official_openai_client_talks_to_a_served_run(full_run):
 def test_a_streaming_client_that_goes_away_frees_the_service_at_once(full_run):
     """A real server: the client reads two events of a long streamed answer and hangs up; the decoding
     stops there and the next request is answered, not queued behind the rest of that answer."""
-    import threading
     import time
 
     import httpx
-    import uvicorn
-    from test_serve import _free_port
+    from conftest import live_server
 
     from fmtune.generation import Generator
     from fmtune.serve import Limits, create_app
@@ -487,16 +496,7 @@ def test_a_streaming_client_that_goes_away_frees_the_service_at_once(full_run):
     gen.bundle.tokenizer.eos_token = "<unk>"  # (this Generator's own) an end it never decodes: 300 tokens
     steps = []
     gen.bundle.model.register_forward_pre_hook(lambda module, args: (steps.append(1), time.sleep(0.01)) and None)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(gen, Limits(max_new_tokens=300)), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
+    with live_server(create_app(gen, Limits(max_new_tokens=300))) as url:
         for path, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "repeat: cat"}]}),
                            ("/generate", {"prompt": "repeat: cat"})]:
             steps.clear()
@@ -508,9 +508,6 @@ def test_a_streaming_client_that_goes_away_frees_the_service_at_once(full_run):
                            timeout=60)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
             assert len(steps) < 100, (path, len(steps))  # the whole answer would be 300 steps (and 3 s)
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_concurrent_greedy_requests_are_decoded_together_each_with_its_own_answer(full_run):
@@ -560,6 +557,21 @@ def test_schema_fuzz_of_a_generation_service_finds_no_server_error(full_run):
     from fmtune.serve import Limits, create_app
 
     assert fuzz(create_app(Generator(full_run["run_dir"]), Limits(max_new_tokens=8, max_items=4)), 25) >= 60
+
+
+def test_huggingface_hub_inference_client_generates_text(full_run, monkeypatch):
+    from conftest import hf_inference_client, live_server
+
+    from fmtune.generation import Generator
+    from fmtune.serve import create_app
+
+    gen = Generator(full_run["run_dir"])
+    want = gen.answer([{"kind": "prompt", "prompt": "repeat: two cat", "completion": None, "messages": None}])[0]
+    with live_server(create_app(gen)) as url:
+        client = hf_inference_client(url, monkeypatch)
+        assert client.text_generation("repeat: two cat", max_new_tokens=16) == want
+        chat = client.chat_completion([{"role": "user", "content": "repeat: two cat"}], max_tokens=16)
+        assert chat.choices[0].message.content == want  # its chat_completion is OpenAI's, under /v1
 
 
 def test_stop_strings_never_reach_a_streaming_client_even_in_part():

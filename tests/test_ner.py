@@ -322,6 +322,21 @@ def test_serve_returns_spans(ner_run):
         assert ents and {"text", "label", "start", "end", "score"} <= set(ents[0])
 
 
+def test_huggingface_hub_inference_client_tags_entities(ner_run, monkeypatch):
+    """POST / as the Inference API's token classification, through huggingface_hub's InferenceClient."""
+    from conftest import hf_inference_client, live_server
+
+    from fmtune.serve import create_app
+
+    pred = fmtune.load(ner_run)
+    text = "alice smith met bob jones in rome"
+    want = pred.predict(text)["entities"]
+    with live_server(create_app(pred)) as url:
+        got = hf_inference_client(url, monkeypatch).token_classification(text)
+    assert want and [(g.entity_group, g.word, g.start, g.end) for g in got] == [
+        (e["label"], e["text"], e["start"], e["end"]) for e in want]
+
+
 def test_model_folder_loads_as_plain_token_classifier_with_the_same_logits(ner_run):
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 

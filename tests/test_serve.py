@@ -127,6 +127,35 @@ def test_the_official_openai_client_embeds_texts_with_the_fine_tuned_encoder(tex
         assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 404
 
 
+def test_huggingface_hub_inference_client_classifies_texts_and_images(text_run, image_run, image_dirs, monkeypatch):
+    """POST / in the Hugging Face Inference API's format, through huggingface_hub's own InferenceClient
+    pointed at the service: text and image classification, top_k, a list of texts, refused parameters."""
+    from conftest import hf_inference_client, live_server
+
+    pred = fmtune.load(text_run)
+    want = pred.predict(["good film", "awful plot"])
+    with live_server(create_app(pred)) as url:
+        client = hf_inference_client(url, monkeypatch)
+        got = client.text_classification("good film")
+        assert [(g.label, round(g.score, 6)) for g in got] == sorted(
+            ((k, round(v, 6)) for k, v in want[0]["probabilities"].items()), key=lambda kv: -kv[1])
+        assert [g.label for g in client.text_classification("awful plot", top_k=1)] == [want[1]["label"]]
+        both = httpx.post(url, json={"inputs": ["good film", "awful plot"]}).json()
+        assert [b[0]["label"] for b in both] == [w["label"] for w in want]
+        for body, message in [({"inputs": "x", "parameters": {"function_to_apply": "sigmoid"}}, "softmax"),
+                              ({"inputs": "x", "parameters": {"stride": 4}}, "parameters.stride is not supported"),
+                              ({"inputs": "x", "parameters": {"top_k": 0}}, "top_k must be a whole number"),
+                              ({"text": "x"}, '"inputs"')]:
+            r = httpx.post(url, json=body)
+            assert r.status_code == 422 and message in r.json()["error"], (body, r.text)
+    image = next(image_dirs["train"].rglob("*.png"))
+    images = fmtune.load(image_run)
+    with live_server(create_app(images)) as url:
+        got = hf_inference_client(url, monkeypatch).image_classification(image)  # the file's bytes as the body
+        assert got[0].label == images.predict(str(image))["label"]
+        assert httpx.post(url, content=b"junk").status_code == 422
+
+
 def test_api_key(text_run):
     with TestClient(create_app(fmtune.load(text_run), api_key="s3cret")) as client:
         assert client.post("/predict", json={"inputs": ["a"]}).status_code == 401

@@ -444,7 +444,7 @@ def test_speech_needs_a_speech_model(tiny_asr, tiny_bert, tone_speech, tmp_path)
 
 # --- end to end ---------------------------------------------------------------------------------------
 
-def test_train_evaluate_predict_and_serve_speech_recognition(tiny_asr, tone_speech, tmp_path):
+def test_train_evaluate_predict_and_serve_speech_recognition(tiny_asr, tone_speech, tmp_path, monkeypatch):
     import fmtune
 
     out = tmp_path / "run"
@@ -496,6 +496,11 @@ def test_train_evaluate_predict_and_serve_speech_recognition(tiny_asr, tone_spee
             with open(clips[1], "rb") as f, pytest.raises(openai.UnprocessableEntityError, match=match):
                 oai.audio.transcriptions.create(**{"model": "m", "file": f, **kw})
         assert [m.id for m in oai.models.list()] == [out.name]
+    # the Hugging Face Inference API's speech recognition (POST / with the file as the body)
+    from conftest import hf_inference_client, live_server
+
+    with live_server(create_app(pred)) as url:
+        assert hf_inference_client(url, monkeypatch).automatic_speech_recognition(clips[2]).text == got[2]["transcript"]
 
     # fmtune evaluate on another file: WER of the run's own transcripts, and the zero-shot model's beside it
     from fmtune.tasks.speech import error_rates

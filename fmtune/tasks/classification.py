@@ -20,6 +20,19 @@ from fmtune.tasks.base import TASKS, Task, check_numeric_labels, missing_values,
 from fmtune.tasks.probe import logreg, scaled, unscaled
 
 
+def label_scores(probabilities: dict[str, float], parameters: dict[str, Any], function: str) -> list[dict[str, Any]]:
+    """[{label, score}] most probable first (the Inference API's classification answer), the first
+    ``top_k``; ``function_to_apply`` may only name how this model's scores are made."""
+    asked = parameters.get("function_to_apply")
+    if asked is not None and asked != function:
+        raise DataError(f"parameters.function_to_apply: {asked!r}; this model's scores are its {function}")
+    top_k = parameters.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise DataError(f"parameters.top_k must be a whole number >= 1, got {top_k!r}")
+    ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
+    return [{"label": k, "score": v} for k, v in ranked[:top_k]]
+
+
 @TASKS.register("classification")
 class Classification(Task):
     name = "classification"
@@ -103,6 +116,12 @@ class Classification(Task):
 
     def prediction_columns(self) -> list[str]:
         return ["label", "score"] + [f"prob_{k}" for k in self.labels]
+
+    hf_parameters, hf_list_of_one = ("top_k", "function_to_apply"), True
+    hf_function = "softmax"  # how the scores come from the logits (the API's function_to_apply)
+
+    def hf_output(self, record: dict[str, Any], parameters: dict[str, Any]) -> Any:
+        return label_scores(record["probabilities"], parameters, self.hf_function)
 
     def flatten(self, record: dict[str, Any]) -> dict[str, Any]:
         return {"label": record["label"], "score": record["score"],

@@ -224,6 +224,13 @@ class MultiLabel(Task):
     def prediction_columns(self) -> list[str]:
         return ["labels"] + [f"prob_{k}" for k in self.labels]
 
+    hf_parameters, hf_list_of_one = ("top_k", "function_to_apply"), True
+
+    def hf_output(self, record: dict[str, Any], parameters: dict[str, Any]) -> Any:
+        from fmtune.tasks.classification import label_scores
+
+        return label_scores(record["probabilities"], parameters, "sigmoid")
+
     def flatten(self, record):
         return {"labels": self.separator.join(record["labels"]),
                 **{f"prob_{k}": v for k, v in record["probabilities"].items()}}

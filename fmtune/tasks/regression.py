@@ -4,6 +4,7 @@ mean/std for the loss; the head predicts in target units."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -79,6 +80,12 @@ class Regression(Task):
 
     def prediction_columns(self):
         return ["prediction"]
+
+    hf_list_of_one = True
+
+    def hf_output(self, record: dict[str, Any], parameters: dict[str, Any]) -> Any:
+        # as transformers' text-classification pipeline answers a regression head: the value as the score
+        return [{"label": "value", "score": record["value"]}]
 
     def flatten(self, record):
         return {"prediction": record["value"]}

@@ -548,6 +548,9 @@ class SpeechRecognition(Task):
     def prediction_columns(self) -> list[str]:
         return ["transcript"]
 
+    def hf_output(self, record: dict[str, Any], parameters: dict[str, Any]) -> Any:
+        return {"text": record["transcript"]}
+
     def flatten(self, record: dict[str, Any]) -> dict[str, Any]:
         return {"transcript": record["transcript"]}
 

@@ -194,6 +194,16 @@ class TokenClassification(Task):
     def prediction_columns(self):
         return ["entities", "tags"]
 
+    hf_parameters = ("aggregation_strategy",)
+
+    def hf_output(self, record: dict[str, Any], parameters: dict[str, Any]) -> Any:
+        """The entities as the token-classification API groups them (aggregation_strategy simple)."""
+        if parameters.get("aggregation_strategy") not in (None, "simple"):
+            raise DataError(f"parameters.aggregation_strategy: {parameters['aggregation_strategy']!r}; this service "
+                            "answers whole entities (simple)")
+        return [{"entity_group": e["label"], "score": e["score"], "word": e["text"], "start": e["start"],
+                 "end": e["end"]} for e in record["entities"]]
+
     def flatten(self, record):
         return {"entities": record["entities"], "tags": " ".join(record["tags"])}
 
