@@ -156,6 +156,21 @@ def test_huggingface_hub_inference_client_classifies_texts_and_images(text_run, 
         assert httpx.post(url, content=b"junk").status_code == 422
 
 
+def test_inference_api_answers_of_multilabel_and_regression_records():
+    from fmtune.errors import DataError
+    from fmtune.tasks import task_class
+
+    multi = task_class("multilabel")(["a", "b", "c"])
+    record = {"labels": ["b"], "probabilities": {"a": 0.2, "b": 0.9, "c": 0.4}}
+    assert multi.hf_output(record, {}) == [{"label": "b", "score": 0.9}, {"label": "c", "score": 0.4},
+                                           {"label": "a", "score": 0.2}]
+    assert multi.hf_output(record, {"top_k": 1, "function_to_apply": "sigmoid"}) == [{"label": "b", "score": 0.9}]
+    with pytest.raises(DataError, match="function_to_apply: 'softmax'; this model's scores are its sigmoid"):
+        multi.hf_output(record, {"function_to_apply": "softmax"})
+    assert task_class("regression")().hf_output({"value": 3.5}, {}) == [{"label": "value", "score": 3.5}]
+    assert multi.hf_list_of_one and "top_k" in multi.hf_parameters
+
+
 def test_api_key(text_run):
     with TestClient(create_app(fmtune.load(text_run), api_key="s3cret")) as client:
         assert client.post("/predict", json={"inputs": ["a"]}).status_code == 401
