@@ -308,6 +308,9 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
             {"inputs": one input or a list, "parameters": {...}}, or an image / audio file as the body."""
             guard(request)
             task, params = predictor.task, {}
+            if getattr(predictor, "thresholds", None) is not None:
+                raise HTTPError(422, "this run decides with per-group thresholds (fmtune fairness --fit-thresholds), "
+                                     "which this format cannot carry: use POST /predict")
             if predictor.kind == "text" or request.headers.get("content-type", "").startswith("application/json"):
                 data = await read_json(request)
                 if not isinstance(data, dict) or "inputs" not in data:
