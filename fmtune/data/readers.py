@@ -293,8 +293,16 @@ def likely_columns(df: pd.DataFrame, what: str, exclude: tuple[str, ...] = ()) -
         if named:
             return named[:4]
         few = max(2, min(50, len(head) // 5))
-        return [c for c in names if 2 <= head[c].nunique() <= few][:4]
+        return [c for c in names if 2 <= _distinct(head[c]) <= few][:4]
     return []
+
+
+def _distinct(values: pd.Series) -> int:
+    """How many distinct values (cells holding lists or dicts, which do not hash, count as text)."""
+    try:
+        return int(values.nunique())
+    except TypeError:
+        return int(values.astype(str).nunique())
 
 
 def require_column(df: pd.DataFrame, column: str, what: str, option: str, exclude: tuple[str, ...] = ()) -> None:

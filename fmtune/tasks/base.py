@@ -67,7 +67,7 @@ class Task:
     default_train: dict[str, int] = {}  # train.epochs / train.batch_size unless set (else config.DEFAULT_EPOCHS, ...)
     dense_head = ""  # level "dense": the head on the backbone's feature maps (fmtune.models.dense.HEADS)
     probe_baseline = True  # train.baseline: a linear probe (else the head trained on the frozen backbone, a run)
-    # POST / of a served run in the Hugging Face Inference API's format (fmtune.serve_hf): the request
+    # POST / of a served run in the Hugging Face Inference API's format (fmtune.serve): the request
     # parameters this task takes there (others are refused), and whether a text request of one input
     # is answered as a list of one answer (text-classification's [[...]]; token-classification's [...])
     hf_parameters: tuple[str, ...] = ()
