@@ -447,8 +447,8 @@ def _tgi_request(data: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, A
     (row, decoding options, stop strings, return_full_text), checked (HTTPError)."""
     if not isinstance(data, dict) or not isinstance(data.get("inputs"), str):
         raise HTTPError(422, 'expected {"inputs": "a prompt", "parameters": {...}} (the Hugging Face Inference API)')
-    if data.get("stream"):
-        raise HTTPError(422, "stream: use POST /generate with \"stream\": true, or /v1/chat/completions")
+    if data.get("stream") is not None and not isinstance(data["stream"], bool):
+        raise HTTPError(422, f"'stream' must be true or false, got {data['stream']!r}")
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise HTTPError(422, "'parameters' must be an object")
@@ -466,6 +466,13 @@ def _tgi_request(data: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, A
     return rows[0], opts, stops, bool(params.get("return_full_text"))
 
 
+def _tgi_token(i: int, text: str, whole: str | None) -> dict[str, Any]:
+    """One streamed event of TGI's: a piece of text (its ``id`` is its position, not a token id), and
+    on the last the whole text."""
+    return {"token": {"id": i, "text": text, "logprob": 0.0, "special": whole is not None},
+            "generated_text": whole, "details": None}
+
+
 def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any,
                      lock: Any) -> None:
     serve_openai.add_routes(app, generator, limits, guard, read_json, batcher, lock)
@@ -475,7 +482,28 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         """The Hugging Face Inference API's text generation (huggingface_hub's InferenceClient(model=URL)
         .text_generation): [{"generated_text": ...}], greedy unless do_sample or a temperature."""
         guard(request)
-        row, opts, stops, full = _tgi_request(await read_json(request), limits)
+        data = await read_json(request)
+        row, opts, stops, full = _tgi_request(data, limits)
+        if data.get("stream"):  # TGI's events: data: {"token": {"text": ...}, "generated_text": null}, the last
+            def events(cancel: Any) -> Any:  # with the whole text
+                scanner = serve_openai.StopScanner(stops)
+                pieces = generator.stream(row, **opts, cancel=cancel)
+                try:
+                    for i, piece in enumerate(pieces):
+                        text = scanner.feed(piece)
+                        if text:
+                            yield f"data: {json.dumps(_tgi_token(i, text, None))}\n\n"
+                        if scanner.stopped:
+                            break
+                finally:
+                    pieces.close()
+                rest = scanner.flush()
+                if rest:
+                    yield f"data: {json.dumps(_tgi_token(-2, rest, None))}\n\n"
+                answer = scanner.text[:scanner.sent]
+                yield f"data: {json.dumps(_tgi_token(-1, '', (row['prompt'] if full else '') + answer))}\n\n"
+
+            return threaded_stream(events, lock)
         (c,) = await batcher.submit([(row, opts)])
         text = serve_openai.cut_at_stop(c.text, stops)[0]
         return [{"generated_text": (row["prompt"] + text) if full else text}]

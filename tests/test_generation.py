@@ -570,6 +570,12 @@ def test_huggingface_hub_inference_client_generates_text(full_run, monkeypatch):
     with live_server(create_app(gen)) as url:
         client = hf_inference_client(url, monkeypatch)
         assert client.text_generation("repeat: two cat", max_new_tokens=16) == want
+        assert "".join(client.text_generation("repeat: two cat", max_new_tokens=16, stream=True)) == want
+        import httpx
+
+        with httpx.stream("POST", url, json={"inputs": "repeat: two cat", "stream": True}, timeout=60) as r:
+            events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+        assert events[-1]["generated_text"] == want  # TGI's last event carries the whole text
         chat = client.chat_completion([{"role": "user", "content": "repeat: two cat"}], max_tokens=16)
         assert chat.choices[0].message.content == want  # its chat_completion is OpenAI's, under /v1
 
