@@ -487,21 +487,10 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         if data.get("stream"):  # TGI's events: data: {"token": {"text": ...}, "generated_text": null}, the last
             def events(cancel: Any) -> Any:  # with the whole text
                 scanner = serve_openai.StopScanner(stops)
-                pieces = generator.stream(row, **opts, cancel=cancel)
-                try:
-                    for i, piece in enumerate(pieces):
-                        text = scanner.feed(piece)
-                        if text:
-                            yield f"data: {json.dumps(_tgi_token(i, text, None))}\n\n"
-                        if scanner.stopped:
-                            break
-                finally:
-                    pieces.close()
-                rest = scanner.flush()
-                if rest:
-                    yield f"data: {json.dumps(_tgi_token(-2, rest, None))}\n\n"
-                answer = scanner.text[:scanner.sent]
-                yield f"data: {json.dumps(_tgi_token(-1, '', (row['prompt'] if full else '') + answer))}\n\n"
+                for i, text in enumerate(scanner.relay(generator.stream(row, **opts, cancel=cancel))):
+                    yield f"data: {json.dumps(_tgi_token(i, text, None))}\n\n"
+                whole = (row["prompt"] if full else "") + scanner.answer
+                yield f"data: {json.dumps(_tgi_token(-1, '', whole))}\n\n"
 
             return threaded_stream(events, lock)
         (c,) = await batcher.submit([(row, opts)])

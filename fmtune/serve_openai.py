@@ -191,6 +191,27 @@ class StopScanner:
     def flush(self) -> str:
         return "" if self.stopped else self._send(len(self.text))
 
+    def relay(self, pieces: Any) -> Any:
+        """The text of ``pieces`` (a ``Generator.stream``) as it may be sent, the rest at the end; at a
+        stop string the stream is closed, so the decoding stops at the next token."""
+        try:
+            for piece in pieces:
+                text = self.feed(piece)
+                if text:
+                    yield text
+                if self.stopped:
+                    break
+        finally:
+            pieces.close()
+        rest = self.flush()
+        if rest:
+            yield rest
+
+    @property
+    def answer(self) -> str:
+        """What was sent: the answer up to its stop string."""
+        return self.text[:self.sent]
+
     def _send(self, upto: int) -> str:
         out = self.text[self.sent:upto]
         self.sent = max(self.sent, upto)
@@ -385,20 +406,9 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
             first = chunk(None, None)
             if first is not None:
                 yield f"data: {json.dumps(first)}\n\n"
-            pieces = generator.stream(row, **opts, info=info, cancel=cancel)
-            try:
-                for piece in pieces:
-                    text = scanner.feed(piece)
-                    if text:
-                        yield f"data: {json.dumps(chunk(text, None))}\n\n"
-                    if scanner.stopped:
-                        break
-            finally:
-                pieces.close()  # a stop string found: the decoding stops at the next token
-            rest = scanner.flush()
-            if rest:
-                yield f"data: {json.dumps(chunk(rest, None))}\n\n"
-            answer = scanner.text[:scanner.sent]
+            for text in scanner.relay(generator.stream(row, **opts, info=info, cancel=cancel)):
+                yield f"data: {json.dumps(chunk(text, None))}\n\n"
+            answer = scanner.answer
             yield f"data: {json.dumps(chunk('', finish(scanner.stopped or info.get('stopped', False))))}\n\n"
             if include_usage:
                 n = tokens(answer) if scanner.stopped else info.get("tokens", tokens(answer))
