@@ -27,7 +27,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("minilm-l6", "zoo name (see `fmtune models`) or a local Hugging Face model folder")
+    name: str = _f("minilm-l6", "zoo name (see `fmtune models`), a local Hugging Face model folder, a GGUF file "
+                   "or a CTranslate2 Whisper folder")
     pooling: Literal["auto", "mean", "cls", "pooler"] = _f(
         "auto", "how the head reads the backbone: auto = what the backbone was trained with"
     )

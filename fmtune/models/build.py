@@ -207,7 +207,8 @@ def _create_speech(model_cfg: Any, task: Any) -> Bundle:
     family, path = resolve(model_cfg.name)
     if family != "hf":
         raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is not one (use "
-                         "whisper-tiny-en, or a local Whisper or wav2vec2-style CTC folder in Hugging Face format)")
+                         "whisper-tiny-en, or a local Whisper folder (Hugging Face or CTranslate2 format) or "
+                         "wav2vec2-style CTC folder)")
     config = _config_at(path)
     audio = _audio_spec(path, config, model_cfg.audio_window) if _audio_kind(path, config) else {}
     if config.model_type in AUDIO_ENCODERS:  # a CTC model: one character distribution per frame
