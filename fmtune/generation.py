@@ -374,7 +374,7 @@ class Generator:
 
     def prompt_ids(self, row: dict[str, Any]) -> tuple[list[int], bool]:
         """The tokens of one row ({prompt} or {messages}); whether its start was cut to fit."""
-        ids = prompt_ids(self.bundle.tokenizer, row, self.task.instruction, self.template)
+        ids = prompt_ids(self.bundle.tokenizer, row, self.task.instruction, self.template, self.task.chats)
         keep = self.bundle.max_length - 1
         return (ids[-keep:], True) if len(ids) > keep else (ids, False)
 

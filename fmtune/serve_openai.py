@@ -423,9 +423,8 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
         data = await body(request)
         opts, stops = _options(data, limits), _stops(data)
         messages = _messages(data.get("messages"))
-        # one user turn is asked as a prompt is, as in training: with the run's instruction (task.instruction)
-        one = len(messages) == 1 and messages[0]["role"] == "user"
-        row = _rows([{"prompt": messages[0]["content"]} if one else {"messages": messages}], limits, "messages")[0]
+        # asked as training asked (tasks.generation.prompt_ids): the run's instruction before the first user turn
+        row = _rows([{"messages": messages}], limits, "messages")[0]
         prompt_tokens = len(generator.prompt_ids(row)[0])
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if data.get("stream"):

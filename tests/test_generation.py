@@ -177,6 +177,39 @@ def test_pad_is_not_eos_and_only_the_completion_and_its_eos_are_trained(lm, tmp_
     assert len(task_all.dataset(df, bundle, data_cfg())[0].collate([0])["labels"]) == len(ids) - 1
 
 
+def test_the_instruction_goes_before_a_prompt_and_before_a_chats_first_user_turn(lm, tmp_path):
+    """A one-turn chat asks what the same text as a prompt asks, with the run's instruction, in training and in
+    serving alike; without a chat template a chat is written as role lines, and one user turn is asked as the bare
+    prompt by a run that learned no chats."""
+    from fmtune.tasks.generation import prompt_ids
+
+    tok = lm[0].tokenizer
+    prompt = {"kind": "prompt", "prompt": "repeat: red", "messages": None}
+
+    def chat(*turns: tuple[str, str]) -> dict:
+        messages = [{"role": r, "content": c} for r, c in turns]
+        return {"kind": "messages", "prompt": None, "messages": json.dumps(messages)}
+
+    one = chat(("user", "repeat: red"))
+    for instruction in (None, "Say it again."):
+        for template in (True, False):
+            assert prompt_ids(tok, one, instruction, template, chats=False) == prompt_ids(tok, prompt, instruction,
+                                                                                        template)
+    said = tok.decode(prompt_ids(tok, one, "Say it again.", True))
+    assert "Say it again.\n\nrepeat: red" in said and said.count("Say it again.") == 1
+    two = tok.decode(prompt_ids(tok, chat(("system", "Be brief."), ("user", "a"), ("assistant", "b"), ("user", "c")),
+                                "Say it again.", True))
+    assert "Say it again.\n\na" in two and "Say it again.\n\nc" not in two and "Be brief." in two
+    assert tok.decode(prompt_ids(tok, one, "Say it again.", False, chats=True)) == (
+        "user: Say it again.\n\nrepeat: red\nassistant: ")
+    rows = read_rows(write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "x"},
+                                                                       {"role": "assistant", "content": "y"}]}]),
+                     data_cfg())
+    assert type(lm[1]).from_train(rows["completion"], rows).options["chats"] is True
+    plain = read_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "completion": "y"}]), data_cfg())
+    assert type(lm[1]).from_train(plain["completion"], plain).options["chats"] is False
+
+
 def test_too_long_examples_are_an_error_or_truncated_with_a_warning(lm, tmp_path):
     bundle, task = lm
     long = {"prompt": "repeat: " + "red " * 300, "completion": "red"}

@@ -264,13 +264,24 @@ def uses_template(tokenizer: Any, setting: str) -> bool:
     return has if setting == "auto" else setting == "on"
 
 
-def prompt_ids(tokenizer: Any, row: dict[str, Any], instruction: str | None, template: bool) -> list[int]:
-    """The tokens of a row's prompt, as the model is asked at training and generation time."""
+def prompt_ids(tokenizer: Any, row: dict[str, Any], instruction: str | None, template: bool,
+               chats: bool = True) -> list[int]:
+    """The tokens of a row's prompt, as the model is asked at training and generation time. The
+    instruction goes before a prompt, and before a chat's first user turn, so that a chat of one
+    user turn asks what the same text as a prompt asks (the same tokens under a chat template).
+    Without a chat template, a chat is written out as "role: content" lines, except that one user
+    turn is asked as the bare prompt when the run did not learn chats (``chats`` false)."""
     if row["kind"] == "text":
         bos = tokenizer.bos_token_id
         return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
-    if row["kind"] == "messages":
-        messages = json.loads(row["messages"])
+    messages = json.loads(row["messages"]) if row["kind"] == "messages" else None
+    if messages is not None and not template and not chats and len(messages) == 1 and messages[0]["role"] == "user":
+        messages, row = None, {"kind": "prompt", "prompt": messages[0]["content"]}
+    if messages is not None:
+        if instruction:
+            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages = [{**m, "content": f"{instruction}\n\n{m['content']}"} if i == first else m
+                        for i, m in enumerate(messages)]
         if not template:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             return tokenizer(text)["input_ids"]
@@ -305,8 +316,10 @@ class Generation(Task):
         self.train_on_prompt = bool(kw.get("train_on_prompt", False))
         self.chat_template = kw.get("chat_template", "auto")
         self.truncate = bool(kw.get("truncate", False))
+        # whether the training rows held chats (how a one-turn chat is asked without a chat template, prompt_ids)
+        self.chats = bool(kw.get("chats", False))
         self.options = {"instruction": self.instruction, "train_on_prompt": self.train_on_prompt,
-                        "chat_template": self.chat_template, "truncate": self.truncate}
+                        "chat_template": self.chat_template, "truncate": self.truncate, "chats": self.chats}
         self.settings = GenerationSettings()
         self.last_answers: list[str] = []  # of the latest evaluation's sample
 
@@ -328,7 +341,7 @@ class Generation(Task):
 
     @classmethod
     def from_train(cls, values: pd.Series, df: pd.DataFrame, **kw: Any) -> Generation:
-        return cls(**kw)
+        return cls(**kw, chats=bool((df["kind"] == "messages").any()))
 
     # --- data -----------------------------------------------------------------------------------
     def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
@@ -340,7 +353,7 @@ class Generation(Task):
         ids, starts, prompts, refs, cut = [], [], [], [], 0
         for row in df.to_dict("records"):
             where = _where(source, row["line"], table)
-            p = prompt_ids(tok, row, self.instruction, template)
+            p = prompt_ids(tok, row, self.instruction, template, self.chats)
             c = tok(row["completion"], add_special_tokens=False)["input_ids"] + [eos] if row["completion"] else []
             if with_targets and len(p) + len(c) > limit:
                 if not self.truncate:
