@@ -29,8 +29,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     name: str = _f("minilm-l6", "zoo name (see `fmtune models`), a local Hugging Face model folder, a GGUF file "
                    "or a CTranslate2 Whisper folder")
-    pooling: Literal["auto", "mean", "cls", "pooler"] = _f(
-        "auto", "how the head reads the backbone: auto = what the backbone was trained with"
+    pooling: Literal["auto", "mean", "cls", "last", "pooler"] = _f(
+        "auto", "how the head reads the backbone: auto = what the backbone was trained with (mean for "
+        "sentence-transformers encoders, the last token for causal decoders such as GPT-2, Llama or Qwen, else cls)"
     )
     max_length: int | None = _f(None, "text: tokens kept per example (longer texts are truncated; default 128, "
                                 "or, for one prediction per text, the length that keeps 95% of the training texts "

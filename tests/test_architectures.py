@@ -189,6 +189,29 @@ def _merged_export(run: Path, out: Path) -> None:
 
 # --- the default suite: what once failed ---------------------------------------------------------------
 
+@pytest.mark.parametrize("model_type,chat", [("llama", True), ("gpt2", False)])
+def test_a_causal_decoder_classifies_from_its_last_real_token(model_type, chat, data, tmp_path):
+    """A small language model as a classifier's backbone. A decoder's first token has read nothing after it:
+    the head used to read it (cls pooling), saw the same features for every text that starts with the same
+    token and scored the majority class on real data (SmolLM2-135M, LoRA, Rotten Tomatoes: 0.578). auto
+    pooling reads the last real token; a text's prediction does not depend on the padding of its batch
+    (GPT-2 has no pad token); the ONNX export gives the run's probabilities."""
+    from fmtune.exporter import export
+
+    m = make_decoder(tmp_path / model_type, model_type, chat=chat)
+    assert train(m, "classification", data, tmp_path / "run", "lora")["eval"]["test"]
+    assert json.loads((tmp_path / "run" / "model" / "fmtune.json").read_text())["pooling"] == "last"
+    predictor = fmtune.load(tmp_path / "run")
+    texts = ["red cat", "red dog", "red dog and a cat that sat on the mat near the old tree"]
+    together = [r["probabilities"] for r in predictor.predict(texts)]
+    alone = [predictor.predict([t])[0]["probabilities"] for t in texts]
+    for a, b in zip(together, alone, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert together[0] != pytest.approx(together[1], abs=1e-6)  # same first token, other text: other features
+    if chat:
+        export(tmp_path / "run", out=tmp_path / "onnx", format="onnx", quiet=True)  # checked against the run's rows
+
+
 def test_gpt2_conv1d_layers_take_lora_and_merge(data, tmp_path):
     """GPT-2's projections are transformers' Conv1D (weights stored transposed): LoRA adapts them
     by default, and the merged export gives the run's greedy answers."""

@@ -63,6 +63,22 @@ def is_causal_lm(config: Any) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
 
 
+def is_decoder_only(config: Any) -> bool:
+    """Whether a transformers config describes a causal decoder (GPT-2, Llama, Qwen ...), whatever head it was
+    saved with: each position reads only the positions before it."""
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if is_causal_lm(config):
+        return True
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)  # (BERT's kin have a causal-LM head too, but are encoders)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
 def set_pad(tokenizer: Any, model: nn.Module | None = None) -> None:
     """A padding token distinct from the end-of-sequence token. Where the two are one token,
     tools that mask padding in the labels also mask every EOS, and the model never learns to

@@ -14,7 +14,8 @@ with ``AutoModelForTokenClassification.from_pretrained(run / "model")``.)
 
 The head reads the representation the backbone was trained to give (``config.fmtune_pooling``):
 ``mean`` (masked mean of the last hidden states: sentence-transformers encoders), ``cls`` (the
-first token), or ``pooler`` (the model's own pooled output: global pooling for CNNs). A token-level
+first token), ``last`` (the last real token: a causal decoder, whose other positions have not read
+the whole text), or ``pooler`` (the model's own pooled output: global pooling for CNNs). A token-level
 head (``config.fmtune_level == "tokens"``: named entities) reads every token's last hidden state.
 """
 
@@ -76,6 +77,11 @@ def pool(outputs, attention_mask: torch.Tensor | None, mode: str, skip: int = 0)
         attention_mask = attention_mask[:, skip:] if attention_mask is not None else None
     if mode == "cls":
         return hidden[:, 0]
+    if mode == "last":  # the last position the mask keeps (padding on either side)
+        if attention_mask is None:
+            return hidden[:, -1]
+        at = (attention_mask.long() * torch.arange(1, hidden.shape[1] + 1, device=hidden.device)).argmax(1)
+        return hidden.gather(1, at[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
     if hidden.dim() == 4:  # CNN feature map (B, C, H, W)
         return hidden.mean(dim=(2, 3))
     if attention_mask is None:
