@@ -112,7 +112,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         write_start(run_dir, cfg, task)
     out = ui.console
     if not quiet:
-        _print_plan(cfg, bundle, task, data, run_dir, hw, small)
+        read_as = sorted({tuple(pair) for df in frames.values() for pair in df.attrs.get("read_as", [])})
+        _print_plan(cfg, bundle, task, data, run_dir, hw, small, read_as)
     bundle.model.to(hw.device)
     test_sample = task.sample(data["test"], cfg.eval.test_samples or len(data["test"])) if "test" in data else []
     baseline = read_json(run_dir / BASELINE_FILE, {}) if resume else {}
@@ -292,7 +293,7 @@ def _write_eval(run_dir: Path, df: pd.DataFrame, ds: Any, sample: list[int], bas
 
 
 def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: dict[str, Any], run_dir: Path,
-                hw: Any, small: str | None = None) -> None:
+                hw: Any, small: str | None = None, read_as: list[tuple[str, str]] | None = None) -> None:
     out = ui.console
     out.print(f"[bold]fmtune train[/] -> {run_dir}")
     speech = bundle.kind == "audio"
@@ -326,6 +327,9 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
                   f"{', instruction: ' + repr(task.instruction) if task.instruction else ''}; loss on "
                   f"{'prompt and completion' if task.train_on_prompt else 'the completion only'}; every target ends "
                   f"with {tok.eos_token!r}; padding {tok.pad_token!r}; max {bundle.max_length} tokens")
+        for inp, tgt in read_as or []:
+            out.print(f"  data: {inp!r} read as the prompt and {tgt!r} as the completion (a known dataset layout; "
+                      "data.input_column / data.target_column choose others)")
         sizes = ", ".join(f"{k} {len(v)} rows ({int(v.lengths.sum()):,} tokens)" for k, v in data.items())
         out.print(f"  data: {sizes}"
                   + f"; validation answers {min(cfg.eval.samples, len(data['val']))} rows (max "

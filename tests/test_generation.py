@@ -125,13 +125,39 @@ def test_hub_layouts_alpaca_dolly_sharegpt_and_parquet_chats_are_read(tmp_path):
         read_rows(bad, data_cfg())
 
 
+def test_well_known_text_to_text_columns_are_read_without_settings(tmp_path):
+    """GSM8K's question/answer, BillSum's text/summary (not plain text to continue), CNN/DailyMail's
+    article/highlights in a table, prompt/response ...; the pairs read are recorded (the plan says them);
+    prompts to answer are read by the input alone; a row of none of them names the pairs."""
+    rows = [{"question": "2+2?", "answer": "4"}, {"text": "A bill.", "summary": "Short.", "title": "T"},
+            {"prompt": "p", "response": "r"}, {"prompt": "p2", "completion": "c2", "answer": "not this"},
+            {"text": "plain text"}]
+    df = read_rows(write_jsonl(tmp_path / "pairs.jsonl", rows), data_cfg())
+    assert df["kind"].tolist() == ["prompt"] * 4 + ["text"]
+    assert df["prompt"].tolist()[:4] == ["2+2?", "A bill.", "p", "p2"]
+    assert df["completion"].tolist() == ["4", "Short.", "r", "c2", "plain text"]
+    assert df.attrs["read_as"] == [("prompt", "response"), ("question", "answer"), ("text", "summary")]
+    pd.DataFrame({"id": [1, 2], "article": ["Long news.", "More news."], "highlights": ["News.", "More."]}).to_csv(
+        tmp_path / "cnn.csv", index=False)
+    t = read_rows(tmp_path / "cnn.csv", data_cfg())
+    assert t["prompt"].tolist() == ["Long news.", "More news."] and t["completion"].tolist() == ["News.", "More."]
+    assert t.attrs["read_as"] == [("article", "highlights")]
+    asked = read_rows(write_jsonl(tmp_path / "ask.jsonl", [{"question": "3+3?"}, {"prompt": "p"}]), data_cfg(),
+                      with_targets=False)
+    assert asked["prompt"].tolist() == ["3+3?", "p"]
+    pd.DataFrame({"question": ["5+5?"]}).to_csv(tmp_path / "ask.csv", index=False)
+    assert read_rows(tmp_path / "ask.csv", data_cfg(), with_targets=False)["prompt"].tolist() == ["5+5?"]
+    with pytest.raises(DataError, match=r"line 1: expected .* or one of the pairs question/answer, .*keys: foo, bar"):
+        read_rows(write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1, "bar": 2}]), data_cfg())
+
+
 @pytest.mark.parametrize("line, match", [
     ({"prompt": "p"}, "line 2: a 'prompt' without its 'completion'"),
     ({"prompt": "p", "completion": "  "}, "line 2: empty completion"),
     ({"messages": [{"role": "bot", "content": "x"}]}, "line 2: message 1 has the unknown role 'bot'"),
     ({"messages": [{"role": "user", "content": "x"}]}, "line 2: the last message must be the assistant's"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "line 2: no user message"),
-    ({"question": "q"}, "line 2: expected .*keys: question"),
+    ({"question": "q"}, "line 2: expected .*keys: question"),  # (a question without its answer)
 ])
 def test_a_bad_row_is_an_error_naming_file_and_line(tmp_path, line, match):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "completion": "fine"}, line])

@@ -9,6 +9,8 @@ Rows, one per example (JSONL, or CSV/Parquet of the same columns or through ``da
     {"instruction", "input", "output"}                 Alpaca's (Dolly's: context, response): the
                                                         prompt is the instruction, a blank line and
                                                         the input
+    {"question": ..., "answer": ...} ...               the columns of well-known text-to-text sets
+                                                        (KNOWN_PAIRS), read as prompt and completion
     {"text": "..."}                                    plain text; the loss is on all of it
 
 Every target ends with the end-of-sequence token (checked before training), so the model learns
@@ -54,7 +56,8 @@ def _where(source: str, line: int, table: bool) -> str:
 
 def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col: str | None,
          with_targets: bool) -> dict[str, Any]:
-    """One record as (kind, prompt, completion, messages), checked."""
+    """One record as (kind, prompt, completion, messages), checked; ``pair``: the KNOWN_PAIRS it was read by."""
+    pair = None
     if input_col or target_col:
         inp, tgt = input_col or "prompt", target_col or "completion"
         if inp not in rec:
@@ -98,16 +101,20 @@ def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col
         extra = "" if extra is None or (isinstance(extra, float) and math.isnan(extra)) else str(extra).strip()
         prompt = f"{rec['instruction']}\n\n{extra}" if extra else rec["instruction"]
         kind, completion, messages = "prompt", rec.get("output", rec.get("response")), None
-    elif "prompt" in rec:
+    elif "prompt" in rec and ("completion" in rec or not known_pair(rec, with_targets)):
         kind, prompt, completion, messages = "prompt", rec["prompt"], rec.get("completion"), None
         if with_targets and "completion" not in rec:
             raise DataError(f"{where}: a 'prompt' without its 'completion'")
+    elif known_pair(rec, with_targets):
+        pair = known_pair(rec, with_targets)
+        kind, prompt, completion, messages = "prompt", rec[pair[0]], rec.get(pair[1]), None
     elif "text" in rec:
         kind, prompt, completion, messages = "text", "", rec["text"], None
     else:
+        pairs = ", ".join(f"{a}/{b}" for a, b in KNOWN_PAIRS)
         raise DataError(f"{where}: expected {{\"prompt\", \"completion\"}}, {{\"messages\": [...]}}, "
-                        f"{{\"instruction\", \"input\", \"output\"}} or {{\"text\"}} (or set data.input_column / "
-                        f"data.target_column); keys: {', '.join(map(str, rec)) or 'none'}")
+                        f"{{\"instruction\", \"input\", \"output\"}}, {{\"text\"}} or one of the pairs {pairs} "
+                        f"(or set data.input_column / data.target_column); keys: {', '.join(map(str, rec)) or 'none'}")
     if kind == "prompt" and not isinstance(prompt, str):
         if prompt is None or (isinstance(prompt, float) and math.isnan(prompt)):
             raise DataError(f"{where}: empty prompt")
@@ -117,7 +124,32 @@ def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col
     if with_targets and (completion is None or not completion.strip()):
         raise DataError(f"{where}: empty completion: there is nothing to learn from this row")
     return {"kind": kind, "prompt": prompt, "completion": completion,
-            "messages": json.dumps(messages) if messages is not None else None}
+            "messages": json.dumps(messages) if messages is not None else None, "pair": pair}
+
+
+# The input and target columns of well-known text-to-text datasets, read as prompt and completion without
+# data.input_column / data.target_column (the first pair a row holds both of; said before training)
+KNOWN_PAIRS = (("question", "answer"),  # GSM8K and many question-answering sets
+               ("query", "response"),  # MetaMathQA
+               ("problem", "solution"),  # MATH
+               ("inputs", "targets"),  # FLAN, xP3
+               ("input", "output"), ("source", "target"), ("src", "tgt"), ("input_text", "target_text"),
+               ("article", "highlights"),  # CNN / DailyMail
+               ("document", "summary"),  # XSum
+               ("dialogue", "summary"),  # SAMSum, DialogSum
+               ("text", "summary"),  # BillSum and others: not plain text to continue
+               ("prompt", "response"), ("prompt", "answer"), ("prompt", "output"))
+
+
+def known_pair(keys: Any, with_targets: bool = True) -> tuple[str, str] | None:
+    """The first of KNOWN_PAIRS whose input and target are both among ``keys`` (a row's keys or a
+    table's columns); without targets (prompts to answer), the first whose input is there, other
+    than ``text`` and ``prompt`` (plain text and prompts are read as such)."""
+    keys = set(map(str, keys))
+    for inp, tgt in KNOWN_PAIRS:
+        if inp in keys and (tgt in keys or (not with_targets and inp not in ("text", "prompt"))):
+            return inp, tgt
+    return None
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -148,6 +180,7 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
         raise DataError(f"{path}: no such file")
     source = str(path)
     records: list[tuple[int, dict[str, Any]]] = []
+    read_as: set[tuple[str, str]] = set()  # the KNOWN_PAIRS read
     table = path.suffix.lower() not in (".jsonl", ".json")
     if not table and path.read_text(encoding=data_cfg.encoding, errors="replace").lstrip().startswith("["):
         try:  # a .json file holding one list of objects
@@ -164,7 +197,12 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
         df = read_any(path, data_cfg.encoding, data_cfg.input_column or data_cfg.text_column)
         records = [(int(i) + 1, r) for i, r in zip(df.index, df.to_dict("records"))]
         own = not (data_cfg.input_column or data_cfg.target_column or "prompt" in df.columns)
-        if not (own and any(c in df.columns for c in ROW_FORMATS)):  # (else chat / Alpaca rows, as in JSONL)
+        pair = None if data_cfg.input_column or data_cfg.target_column or "completion" in df.columns or any(
+            c in df.columns for c in ROW_FORMATS) else known_pair(df.columns, with_targets)
+        if pair:
+            data_cfg = _with_columns(data_cfg, *pair)
+            read_as.add(pair)
+        elif not (own and any(c in df.columns for c in ROW_FORMATS)):  # (else chat / Alpaca rows, as in JSONL)
             input_col = data_cfg.input_column or ("prompt" if "prompt" in df.columns else data_cfg.text_column)
             target_col = data_cfg.target_column or "completion"
             for col, key in ((input_col, "data.input_column"), (target_col, "data.target_column")):
@@ -179,9 +217,13 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
         row = check_row(rec, _where(source, n, table), data_cfg.input_column, data_cfg.target_column, with_targets)
         row["line"] = n
         rows.append(row)
+        pair = row.pop("pair")
+        if pair:
+            read_as.add(pair)
     out = pd.DataFrame(rows)
     out.attrs["source"] = source
     out.attrs["table"] = table
+    out.attrs["read_as"] = sorted(read_as)
     return out
 
 
