@@ -96,8 +96,11 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     else:
         cls = task_class(cfg.task.type)
         task = cls(**cls.options_from(cfg.task, cfg.data))
-    task.settings = settings(cfg)
     frames = _frames(cfg, task)
+    if not resume:  # what the training rows tell the task (generation: whether they hold chats)
+        task = cls.from_train(frames["train"][cls.target_column(cfg.data)], frames["train"],
+                              **cls.options_from(cfg.task, cfg.data))
+    task.settings = settings(cfg)
     if hasattr(task, "use_transcripts"):
         task.use_transcripts(frames["train"])
     small = None

@@ -228,6 +228,24 @@ def test_gpt2_conv1d_layers_take_lora_and_merge(data, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "gpt2"
 
 
+def test_a_one_turn_chat_is_asked_as_the_run_learned_without_a_chat_template(data, tmp_path):
+    """GPT-2 has no chat template: a chat is written as role lines. A run that learned chats reads a one-turn
+    chat that way; a run that learned prompts reads it as the bare prompt (what it was trained on)."""
+    from fmtune.generation import Generator
+
+    m = make_decoder(tmp_path / "gpt2", "gpt2", chat=False)
+    chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+             for r in repeat_rows(40, 1)]
+    asked = {"kind": "messages", "prompt": None, "messages": json.dumps([{"role": "user", "content": "repeat: cat"}])}
+    for name, rows in (("chats", chats), ("prompts", None)):
+        d = dict(data, generation=write_jsonl(tmp_path / f"{name}.jsonl", rows) if rows else data["generation"])
+        train(m, "generation", d, tmp_path / name)
+        assert json.loads((tmp_path / name / "labels.json").read_text())["chats"] is (name == "chats")
+        gen = Generator(tmp_path / name)
+        said = gen.bundle.tokenizer.decode(gen.prompt_ids(asked)[0])
+        assert said == ("user: repeat: cat\nassistant: " if name == "chats" else "repeat: cat")
+
+
 @pytest.mark.parametrize("model_type,strategy", [("gpt_neox", "full"), ("opt", "prompt"), ("bloom", "prompt")])
 def test_decoders_that_once_failed(model_type, strategy, data, tmp_path):
     """GPT-NeoX saves its output layer under another name than its module's (the best checkpoint
