@@ -24,6 +24,7 @@ from test_ner import FILL, LAST, LOC, PER, write_conll
 from test_segmentation import write_scenes
 
 import fmtune
+from fmtune.errors import ModelError
 
 LAYERS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 ENCODERS = {
@@ -31,6 +32,10 @@ ENCODERS = {
     "deberta-v2": LAYERS, "mpnet": LAYERS, "modernbert": LAYERS,
     "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
     "electra": dict(LAYERS, embedding_size=16), "albert": dict(LAYERS, embedding_size=16),
+    # text encoder-decoders: their encoder is the backbone
+    "t5": dict(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16),
+    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64),
 }
 BYTE_BPE = ("roberta", "xlm-roberta", "camembert")  # the others get a WordPiece vocabulary
 VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
@@ -226,6 +231,26 @@ def test_gpt2_conv1d_layers_take_lora_and_merge(data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "gpt2"
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_the_encoder_of_a_text_encoder_decoder_is_the_backbone(model_type, data, tmp_path):
+    """T5 and BART as a classifier's backbone: their encoder reads the text, mean-pooled (as Sentence-T5); the
+    decoder is not kept (T5's model refused to run without decoder inputs; BART's ran its decoder and the head
+    read the decoder's first position). The ONNX export gives the run's probabilities; NER trains on it too."""
+    from safetensors.torch import load_file
+
+    from fmtune.exporter import export
+
+    m = make_encoder(tmp_path / model_type, model_type)
+    assert train(m, "classification", data, tmp_path / "run", "lora")["eval"]["test"]
+    assert json.loads((tmp_path / "run" / "model" / "fmtune.json").read_text())["pooling"] == "mean"
+    keys = load_file(str(tmp_path / "run" / "model" / "adapter_model.safetensors"))
+    assert keys and not any("decoder" in k for k in keys)
+    export(tmp_path / "run", out=tmp_path / "onnx", format="onnx", quiet=True)  # checked against the run's rows
+    assert train(m, "ner", data, tmp_path / "ner")["eval"]["test"]["entity_f1"] >= 0
+    with pytest.raises(ModelError, match=f"is a {model_type} encoder-decoder, which fmtune does not train to generate"):
+        train(m, "generation", data, tmp_path / "gen")
 
 
 def test_a_one_turn_chat_is_asked_as_the_run_learned_without_a_chat_template(data, tmp_path):

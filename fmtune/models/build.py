@@ -121,6 +121,8 @@ def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str
     st = read_json(Path(path) / "1_Pooling" / "config.json", {}) if isinstance(path, Path) else {}
     if st.get("pooling_mode_mean_tokens"):
         return "mean"  # sentence-transformers encoders were trained with mean pooling
+    if getattr(config, "is_encoder_decoder", False):
+        return "mean"  # the encoder of a text encoder-decoder (T5, BART): no summary token (as Sentence-T5)
     if causal_lm.is_decoder_only(config):
         return "last"  # a causal decoder's first token has read nothing else (a head on it learns nothing)
     return "cls"

@@ -114,6 +114,11 @@ def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, int]:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"task {task.name} fine-tunes decoder-only language models; {model_cfg.name} is a "
+                         f"{config.model_type} encoder-decoder, which fmtune does not train to generate (its encoder "
+                         "is a backbone for classification, regression or NER); use smollm2-135m, a local folder of a "
+                         "*ForCausalLM model or a GGUF file")
     if not is_causal_lm(config):
         raise ModelError(f"task {task.name} needs a causal language model; {model_cfg.name} is a "
                          f"{config.model_type} model that does not generate text (architectures: "

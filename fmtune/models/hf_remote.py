@@ -30,7 +30,8 @@ from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOut
 
 
 def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = None) -> nn.Module:
-    """AutoModel from ``path`` (pretrained) or from ``config`` (random init), without an unused pooler."""
+    """AutoModel from ``path`` (pretrained) or from ``config`` (random init), without an unused pooler; of an
+    encoder-decoder (Whisper, T5, BART), its encoder."""
     config = backbone_config(config)  # a saved model's FmtuneConfig: its backbone's own config class
     if getattr(config, "model_type", None) == "whisper":  # audio: the encoder of the encoder-decoder
         from transformers import WhisperModel
@@ -39,6 +40,10 @@ def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = No
         if path is None:
             return WhisperEncoder(copy.deepcopy(config))
         return WhisperModel.from_pretrained(path, config=config).encoder
+    if getattr(config, "is_encoder_decoder", False):  # a text encoder-decoder (T5, BART ...): its encoder reads
+        if path is None:
+            return AutoModel.from_config(copy.deepcopy(config)).get_encoder()
+        return AutoModel.from_pretrained(path, config=config).get_encoder()
     kwargs = {} if pooling == "pooler" else {"add_pooling_layer": False}
     for kw in (kwargs, {}):  # not every architecture takes add_pooling_layer
         try:
