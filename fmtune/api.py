@@ -251,6 +251,9 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     the few-label choices made (strategy auto; the step budget when no validation split was made),
     which are also returned, with why, for run.json."""
     set_seed(cfg.train.seed)
+    if cfg.model.tower == "auto" and build.model_has_two_towers(cfg.model.name):  # the tower that reads the data
+        images = cfg.data.image_column in frames.train.columns and cfg.data.text_column not in frames.train.columns
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tower="vision" if images else "text"))
     bundle = build.create(cfg.model, task)
     if cfg.model.dropout is not None:
         set_dropout(bundle.model, cfg.model.dropout)

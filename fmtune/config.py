@@ -29,6 +29,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     name: str = _f("minilm-l6", "zoo name (see `fmtune models`), a local Hugging Face model folder, a GGUF file "
                    "or a CTranslate2 Whisper folder")
+    tower: Literal["auto", "vision", "text"] = _f(
+        "auto", "a model of two towers (CLIP, SigLIP ...): the one that is the backbone; auto: the one that reads "
+        "the training data (images or texts)")
     pooling: Literal["auto", "mean", "cls", "last", "pooler"] = _f(
         "auto", "how the head reads the backbone: auto = what the backbone was trained with (mean for "
         "sentence-transformers encoders, the last token for causal decoders such as GPT-2, Llama or Qwen, else cls)"

@@ -27,3 +27,10 @@ class Interrupted(FmtuneError):
 
 class TrainingError(FmtuneError):
     """Training cannot continue (for example the loss became NaN)."""
+
+
+def brief(error: BaseException, limit: int = 400) -> str:
+    """An exception's text for a message, cut at ``limit`` characters (transformers lists every model
+    class it knows in some errors: thousands of characters that hide the one line that matters)."""
+    text = str(error)
+    return text if len(text) <= limit else text[:limit].rstrip() + " ..."

@@ -253,6 +253,54 @@ def test_the_encoder_of_a_text_encoder_decoder_is_the_backbone(model_type, data,
         train(m, "generation", data, tmp_path / "gen")
 
 
+def make_two_towers(d: Path, model_type: str) -> Path:
+    """A random CLIP or SigLIP: an image tower and a text tower in one folder, with its tokenizer and image
+    processor, as the hub ships them (a vocabulary of the test words)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPImageProcessor
+
+    words = make_encoder(d.parent / f"{d.name}-vocab", "bert")
+    tok = AutoTokenizer.from_pretrained(words)
+    d.mkdir(parents=True)
+    tok.save_pretrained(d)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    cfg = AutoConfig.for_model(model_type, text_config=dict(tower, vocab_size=len(tok), max_position_embeddings=64),
+                               vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).save_pretrained(d)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                       image_std=[0.5] * 3).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("model_type", ["clip", "siglip"])
+def test_a_model_of_two_towers_is_read_by_the_tower_that_reads_the_data(model_type, data, tmp_path):
+    """A whole CLIP / SigLIP folder (model_type clip, no feature size of its own) was refused. Now images train
+    its image tower, texts its text tower (model.tower auto, recorded in config.yaml), each read by its own
+    pooled output, with the pretrained weights of that tower; the ONNX export gives the run's probabilities.
+    Segmentation reads the image tower's patch grid."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from fmtune.exporter import export
+
+    m = make_two_towers(tmp_path / model_type, model_type)
+    whole = load_file(str(m / "model.safetensors"))
+    for what, tower, key in (("images", "vision", "vision_model.embeddings.patch_embedding.weight"),
+                             ("text", "text", "text_model.embeddings.token_embedding.weight")):
+        run = tmp_path / f"run-{what}"
+        cfg = cfg_dict(m, data[what], out=str(run), data={"test": str(data[what + "_test"])},
+                       model={"image_size": 32}, strategy={"name": "head"}, train={"epochs": 1, "batch_size": 8})
+        assert fmtune.train(cfg, quiet=True)["eval"]["test"]
+        assert yaml.safe_load((run / "config.yaml").read_text())["model"]["tower"] == tower
+        meta = json.loads((run / "model" / "fmtune.json").read_text())
+        assert meta["kind"] == {"vision": "image", "text": "text"}[tower] and meta["pooling"] == "pooler"
+        trained = load_file(str(run / "model" / "model.safetensors"))
+        mine = "backbone." + key.split(".", 1)[1]  # (the tower's own prefix, vision_model / text_model, dropped)
+        assert torch.equal(trained[mine], whole[key])  # (head only) the tower as pretrained
+    export(tmp_path / "run-images", out=tmp_path / "onnx", format="onnx", quiet=True)  # checked against the run
+    assert train(m, "segmentation", data, tmp_path / "seg", image_size=32)["eval"]["test"]  # the image tower
+
+
 def test_a_one_turn_chat_is_asked_as_the_run_learned_without_a_chat_template(data, tmp_path):
     """GPT-2 has no chat template: a chat is written as role lines. A run that learned chats reads a one-turn
     chat that way; a run that learned prompts reads it as the bare prompt (what it was trained on)."""

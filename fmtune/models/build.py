@@ -20,7 +20,7 @@ from torch import nn
 
 from fmtune import adapters
 from fmtune.config import resolve_max_length
-from fmtune.errors import ModelError
+from fmtune.errors import ModelError, brief
 from fmtune.fsutil import atomic_dir, read_json
 from fmtune.models import causal_lm, cnn, dense
 from fmtune.models.hf_remote import FMTUNE_MODEL_TYPE, FmtuneClassifier, build_backbone, config_from_values
@@ -274,7 +274,7 @@ def _dense_net(family: str, path: Path | str, init: str, image_size: int | None)
     if family != "hf":
         raise ModelError(f"{path} is not an image backbone; segmentation needs an image model: mobilenet-v2, "
                          "efficientnet-lite0, or a local ResNet / ConvNeXt / ViT folder")
-    config = _config_at(path)
+    config = tower_config(_config_at(path), "vision")
     dense.check_hf(config, str(path))
     net = dense.hf_net(config, str(path) if init == "pretrained" else None)
     cnn_like = bool(getattr(config, "hidden_sizes", None))  # ResNet, ConvNeXt ... (a ViT has one hidden_size)
@@ -303,9 +303,14 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     from transformers import AutoTokenizer
 
     config = _config_at(path)
+    tower = None
+    if two_towers(config):  # CLIP, SigLIP ...: one tower is the backbone (api resolves auto from the data)
+        tower = model_cfg.tower if model_cfg.tower != "auto" else ("text" if task.level == "tokens" else "vision")
+        config = tower_config(config, tower)
     is_image = isinstance(path, Path) and (path / "preprocessor_config.json").exists() and not any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-    kind = _audio_kind(path, config) or ("image" if is_image else "text")
+    kind = {"vision": "image", "text": "text"}.get(tower) or _audio_kind(path, config) or (
+        "image" if is_image else "text")
     if (kind == "audio") != (task.modality == "audio"):
         raise ModelError(f"task {task.name} reads audio; {path} is a {kind} model: use an audio encoder "
                          f"({AUDIO_CHOICES})" if kind != "audio" else
@@ -313,7 +318,8 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
                          "use --task audio-classification")
     if task.level == "tokens" and kind != "text":
         raise ModelError(f"task {task.name} labels the tokens of a text; {path} is an image model: use a text encoder")
-    pooling = _hf_pooling(path, config, kind, model_cfg.pooling)
+    # a tower's own pooled output: CLIP's final-normed class (image) or end-of-text (text) token, SigLIP's heads
+    pooling = "pooler" if tower and model_cfg.pooling == "auto" else _hf_pooling(path, config, kind, model_cfg.pooling)
     labels = task.labels or ["value"]
     config.num_labels = task.num_outputs
     config.id2label = {i: n for i, n in enumerate(labels)}
@@ -332,7 +338,7 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     except ModelError:
         raise
     except Exception as e:
-        raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
+        raise ModelError(f"cannot load the pretrained model at {path}: {brief(e)}") from None
     backbone.float()
     config.fmtune_num_features = _hf_num_features(config) or _probe_num_features(backbone, config, pooling, kind)
     model = FmtuneClassifier(config, backbone=backbone)
@@ -480,6 +486,26 @@ def _as_token_classifier(model: nn.Module) -> nn.Module | None:
         return None
     std.load_state_dict(mapped, strict=True)
     return std
+
+
+def two_towers(config: Any) -> bool:
+    """Whether a config is of a model of two towers, an image encoder and a text encoder (CLIP, SigLIP ...)."""
+    return getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
+
+
+def tower_config(config: Any, tower: str) -> Any:
+    """Of a model of two towers, the config of the one that is the backbone ("vision" or "text"): transformers
+    loads that tower alone from the whole model's weights (``CLIPVisionModel.from_pretrained``). Any other config
+    as it is."""
+    if not two_towers(config):
+        return config
+    return config.vision_config if tower == "vision" else config.text_config
+
+
+def model_has_two_towers(name: str) -> bool:
+    """Whether the model ``name`` (zoo name, folder, hub id) has two towers; reads its config.json only."""
+    family, path = resolve(name)
+    return family == "hf" and isinstance(path, Path) and two_towers(_config_at(path))
 
 
 def _config_at(path: Path | str) -> Any:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fmtune.config import resolve_max_length
-from fmtune.errors import ConfigError, ModelError
+from fmtune.errors import ConfigError, ModelError, brief
 from fmtune.models.wrapped import plain, prompt_tuned
 
 FAMILY = "causal-lm"
@@ -142,7 +142,7 @@ def load_pretrained(path: Path | str, config: Any, init: str, auto: Any) -> tupl
         else:
             model = auto.from_config(config, dtype=torch.float32)
     except Exception as e:
-        raise ModelError(f"cannot load the pretrained model at {path}: {e}") from None
+        raise ModelError(f"cannot load the pretrained model at {path}: {brief(e)}") from None
     return model, tokenizer
 
 

@@ -45,11 +45,18 @@ def build_backbone(config: PreTrainedConfig, pooling: str, path: str | None = No
             return AutoModel.from_config(copy.deepcopy(config)).get_encoder()
         return AutoModel.from_pretrained(path, config=config).get_encoder()
     kwargs = {} if pooling == "pooler" else {"add_pooling_layer": False}
+    auto = AutoModel
+    if type(config) not in AutoModel._model_mapping:  # a tower AutoModel does not map (SigLIP's text tower)
+        import transformers
+
+        auto = getattr(transformers, type(config).__name__.replace("Config", "Model"), AutoModel)
     for kw in (kwargs, {}):  # not every architecture takes add_pooling_layer
         try:
             if path is None:  # a copy: from_config settles the attention implementation on the config it gets
-                return AutoModel.from_config(copy.deepcopy(config), **kw)
-            return AutoModel.from_pretrained(path, config=config, **kw)
+                if auto is AutoModel:
+                    return AutoModel.from_config(copy.deepcopy(config), **kw)
+                return auto._from_config(copy.deepcopy(config), **kw)
+            return auto.from_pretrained(path, config=config, **kw)
         except TypeError:
             continue
     raise RuntimeError("unreachable")

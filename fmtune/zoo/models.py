@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fmtune.errors import ModelError
+from fmtune.errors import ModelError, brief
 from fmtune.registry import Registry
 
 
@@ -96,7 +96,7 @@ def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         except Exception as e:  # an architecture or quantisation transformers does not read from GGUF
             raise ModelError(f"cannot read the GGUF model {folder / gguf_file} with transformers "
-                             f"({type(e).__name__}: {e})") from None
+                             f"({type(e).__name__}: {brief(e)})") from None
         model.config.quantization_config = None  # the weights are plain fp32 now
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
