@@ -309,6 +309,10 @@ def cmd_models(a: argparse.Namespace) -> None:
     rows = [[m["name"], m["kind"], m["description"], m["package"]] for m in api.models()]
     ui.console.print(ui.table("offline models (--model NAME, or a local Hugging Face folder)",
                               ["name", "kind", "description", "package"], rows))
+    ui.console.print("--model also takes a local Hugging Face folder (any encoder, causal LM, Whisper or wav2vec2-style"
+                     " model; of a T5/BART its encoder, of a CLIP/SigLIP the tower that reads the data), a GGUF file "
+                     "(a causal LM, dequantised) or a CTranslate2 Whisper folder (faster-whisper's format); the last "
+                     "two are converted once into ~/.cache/fmtune/models (FMTUNE_MODELS_DIR).")
 
 
 def cmd_datasets(a: argparse.Namespace) -> None:
