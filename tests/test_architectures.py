@@ -253,6 +253,27 @@ def test_the_encoder_of_a_text_encoder_decoder_is_the_backbone(model_type, data,
         train(m, "generation", data, tmp_path / "gen")
 
 
+@pytest.mark.parametrize("model_type", ["swin", "siglip_vision_model", "beit"])
+def test_an_image_transformer_without_a_class_token_is_read_as_its_own_classifier_reads_it(model_type, tmp_path):
+    """Swin's and SigLIP's first token is a patch, not a class token, and BEiT pretrains none: the head read that
+    first token (cls pooling). It reads what the model's own classifier reads: its pooled output."""
+    from transformers import AutoModel
+
+    from fmtune import config as config_mod
+    from fmtune.models import build
+    from fmtune.tasks.classification import Classification
+
+    m = make_image(tmp_path / model_type, model_type)
+    bundle = build.create(config_mod.from_dict({"model": {"name": str(m), "image_size": 32}}).model,
+                          Classification(["a", "b"]))
+    assert bundle.pooling != "cls"
+    x = torch.randn(2, 3, 32, 32)
+    own = AutoModel.from_pretrained(m).eval()
+    with torch.no_grad():
+        assert torch.allclose(bundle.model.eval().features(pixel_values=x), own(pixel_values=x).pooler_output,
+                              atol=1e-5)
+
+
 def make_two_towers(d: Path, model_type: str) -> Path:
     """A random CLIP or SigLIP: an image tower and a text tower in one folder, with its tokenizer and image
     processor, as the hub ships them (a vocabulary of the test words)."""

@@ -109,6 +109,14 @@ class Bundle:
                 "audio": self.audio, "max_length": self.max_length, "source": self.source, "adapter": self.adapter}
 
 
+# Image transformers whose first token is not a class token to read, and what their own classifier reads instead:
+# Swin's tokens are patches only (its classifier averages them: ``mean``), SigLIP's vision tower has no class token
+# (its attention-pooling head: ``pooler``), BEiT and data2vec-vision pretrain no summary in theirs (their pooler
+# averages the patches)
+IMAGE_POOLING = {"swin": "mean", "swinv2": "mean", "donut-swin": "mean", "siglip_vision_model": "pooler",
+                 "siglip2_vision_model": "pooler", "beit": "pooler", "data2vec-vision": "pooler"}
+
+
 def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str:
     if requested != "auto":
         return requested
@@ -117,6 +125,8 @@ def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str
     if kind == "image":
         if getattr(config, "hidden_sizes", None):  # CNNs: ResNet, ConvNeXt, ... pool globally
             return "pooler"
+        if config.model_type in IMAGE_POOLING:  # transformers without a class token, or not trained to summarise
+            return IMAGE_POOLING[config.model_type]
         return "cls" if getattr(config, "patch_size", None) else "mean"
     st = read_json(Path(path) / "1_Pooling" / "config.json", {}) if isinstance(path, Path) else {}
     if st.get("pooling_mode_mean_tokens"):
