@@ -17,6 +17,10 @@ the tools built on them, talk to the fine-tuned model unchanged, with ``base_url
     POST /v1/completions            {"model", "prompt": "..." or ["...", ...], the same options}: each prompt
                                      asked as training asked it (the run's instruction and chat template),
                                      as POST /generate does
+    POST /v1/responses              the Responses API: {"model", "input": "..." or [messages], "instructions",
+                                     "max_output_tokens", "temperature", "top_p", "stream"}: one message of
+                                     output text; streamed as its typed events (response.output_text.delta ...);
+                                     nothing is stored (no previous_response_id)
 
 Answers, chunks (server-sent events ending ``data: [DONE]``), ``finish_reason`` ("stop": the model's
 end of answer or a stop string; "length": the token limit) and ``usage`` (tokens of the prompt as
@@ -70,6 +74,16 @@ CHAT_DOC = _doc({**DECODING, "messages": {"type": "array", "items": {"type": "ob
                                                                                      "content": {"type": "string"}}}}},
                 ["model", "messages"], {"model": "run", "messages": [{"role": "user", "content": "Hello"}]})
 COMPLETIONS_DOC = _doc({**DECODING, "prompt": TEXTS}, ["model", "prompt"], {"model": "run", "prompt": "Hello"})
+RESPONSES_DOC = _doc({"model": DECODING["model"],
+                      "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+                      "instructions": {"type": "string"}, "max_output_tokens": {"type": "integer"},
+                      "temperature": DECODING["temperature"], "top_p": {"type": "number"},
+                      "stream": {"type": "boolean"}},
+                     ["model", "input"], {"model": "run", "input": "Hello"})
+# Responses API fields refused unless neutral (what needs tools, state kept between requests or another output)
+RESPONSES_NEUTRAL = {"tools": ([],), "previous_response_id": (), "conversation": (), "background": (False,),
+                     "include": ([],), "reasoning": ({},), "tool_choice": ("none", "auto"), "max_tool_calls": (),
+                     "prompt": (), "top_logprobs": (0,)}
 EMBEDDINGS_DOC = _doc({"model": DECODING["model"], "input": TEXTS,
                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
                        "dimensions": {"type": "integer"}}, ["model", "input"],
@@ -216,6 +230,61 @@ class StopScanner:
         out = self.text[self.sent:upto]
         self.sent = max(self.sent, upto)
         return out
+
+
+def _response_messages(data: dict[str, Any]) -> list[dict[str, str]]:
+    """The Responses API's ``instructions`` and ``input`` (a string, or messages whose content is a
+    string or input_text / output_text parts) as chat messages."""
+    value = data.get("input")
+    if isinstance(value, str):
+        items: list[Any] = [{"role": "user", "content": value}]
+    elif isinstance(value, list) and value:
+        items = []
+        for j, item in enumerate(value):
+            if not isinstance(item, dict) or item.get("type", "message") != "message" or "role" not in item:
+                kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+                raise HTTPError(422, f"input[{j}]: only messages ({{\"role\", \"content\"}}) are supported, not "
+                                     f"{kind!r}", param="input")
+            content = item.get("content")
+            if isinstance(content, list):
+                if any(not isinstance(x, dict) or x.get("type") not in ("input_text", "output_text") for x in content):
+                    raise HTTPError(422, f"input[{j}]: only input_text / output_text parts are supported (this model "
+                                         "reads text)", param="input")
+                content = [{"type": "text", "text": x.get("text", "")} for x in content]
+            items.append({"role": item["role"], "content": content})
+    else:
+        raise HTTPError(422, "'input' must be a non-empty string or a list of messages", param="input")
+    instructions = data.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise HTTPError(422, "'instructions' must be a string", param="instructions")
+    if instructions:  # as OpenAI reads them: a system (developer) message before the input
+        items = [{"role": "system", "content": instructions}] + items
+    try:
+        return _messages(items)
+    except HTTPError as e:
+        raise HTTPError(e.status, e.message.replace("messages[", "input[").replace("'messages'", "'input'"),
+                        param="input") from None
+
+
+def _response_options(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """Decoding options of a Responses API request (temperature 0, greedy, unless one is sent)."""
+    for key, neutral in RESPONSES_NEUTRAL.items():
+        if data.get(key) is not None and data[key] not in neutral:
+            raise HTTPError(422, f"{key!r} is not supported by this service (one answer of text per request, "
+                                 "nothing stored between requests); leave it out", param=key)
+    fmt = (data.get("text") or {}).get("format") if isinstance(data.get("text"), dict) else data.get("text")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise HTTPError(422, "'text.format': only {\"type\": \"text\"} is supported", param="text")
+    opts: dict[str, Any] = {}
+    for name, field, kind, low, high in (("max_new_tokens", "max_output_tokens", int, 1, limits.max_new_tokens),
+                                         ("temperature", "temperature", float, 0.0, 2.0),
+                                         ("top_p", "top_p", float, 0.0, 1.0), ("seed", "seed", int, 0, 2**31 - 1)):
+        value = number(data, field, kind, low, high)
+        if value is not None:
+            opts[name] = value
+    if data.get("stream") is not None and not isinstance(data["stream"], bool):
+        raise HTTPError(422, f"'stream' must be true or false, got {data['stream']!r}", param="stream")
+    return opts
 
 
 def add_model_routes(app: Any, run_dir: Any, guard: Any) -> str:
@@ -441,6 +510,64 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                              "logprobs": None, "finish_reason": reason}],
                 "usage": usage(prompt_tokens, n), "system_fingerprint": generator.version}
+
+    @app.post("/v1/responses", openapi_extra=RESPONSES_DOC)
+    async def responses(request: Request) -> Any:
+        """OpenAI's Responses API: one message of output text answering the input (a string, or a
+        conversation ending with the user's turn), asked as training asked (the run's instruction and
+        chat template). Nothing is stored: each request stands alone."""
+        data = await body(request)
+        opts = _response_options(data, limits)
+        row = _rows([{"messages": _response_messages(data)}], limits, "input")[0]
+        prompt_tokens = len(generator.prompt_ids(row)[0])
+        ident, item_id, now = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
+
+        def response(text: str | None, reason: str | None, n: int = 0) -> dict[str, Any]:
+            """The response object: in progress (``text`` None), or done with the answer and its usage."""
+            done = text is not None
+            part = {"type": "output_text", "text": text, "annotations": []}
+            item = {"type": "message", "id": item_id, "status": "completed", "role": "assistant", "content": [part]}
+            return {"id": ident, "object": "response", "created_at": now, "model": model_id,
+                    "status": ("completed" if reason == "stop" else "incomplete") if done else "in_progress",
+                    "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
+                    "output": [item] if done else [], "error": None, "instructions": data.get("instructions"),
+                    "max_output_tokens": data.get("max_output_tokens"), "temperature": opts.get("temperature", 0.0),
+                    "top_p": opts.get("top_p", 1.0), "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
+                    "text": {"format": {"type": "text"}}, "metadata": data.get("metadata") or {}, "store": False,
+                    "usage": {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                              "output_tokens": n, "output_tokens_details": {"reasoning_tokens": 0},
+                              "total_tokens": prompt_tokens + n} if done else None}
+
+        if data.get("stream"):
+            def events(cancel: Any) -> Any:
+                seq = iter(range(1 << 30))
+
+                def event(kind: str, **fields: Any) -> str:
+                    payload = {"type": kind, "sequence_number": next(seq), **fields}
+                    return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+
+                where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+                yield event("response.created", response=response(None, None))
+                yield event("response.in_progress", response=response(None, None))
+                yield event("response.output_item.added", output_index=0, item={
+                    "type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": []})
+                yield event("response.content_part.added", **where,
+                            part={"type": "output_text", "text": "", "annotations": []})
+                info: dict[str, Any] = {}
+                scanner = StopScanner([])
+                for text in scanner.relay(generator.stream(row, **opts, info=info, cancel=cancel)):
+                    yield event("response.output_text.delta", **where, delta=text, logprobs=[])
+                text = scanner.answer
+                done = response(text, finish(info.get("stopped", False)), info.get("tokens", tokens(text)))
+                yield event("response.output_text.done", **where, text=text, logprobs=[])
+                yield event("response.content_part.done", **where, part=done["output"][0]["content"][0])
+                yield event("response.output_item.done", output_index=0, item=done["output"][0])
+                yield event("response.completed" if done["status"] == "completed" else "response.incomplete",
+                            response=done)
+
+            return threaded_stream(events, lock)
+        (text, reason, n), = await answer_all([row], opts, [])
+        return response(text, reason, n)
 
     @app.post("/v1/completions", openapi_extra=COMPLETIONS_DOC)
     async def completions(request: Request) -> Any:

@@ -506,6 +506,29 @@ def test_the_official_openai_client_talks_to_a_served_run(full_run):
         assert [x.text for x in r.choices] == [c.text, other] and r.object == "text_completion"
         pieces = client.completions.create(model=name, prompt="repeat: red dog", stream=True)
         assert "".join(p.choices[0].text for p in pieces) == c.text
+        # the Responses API: a string, or messages of input_text parts; streamed as its typed events
+        r = client.responses.create(model=name, input="repeat: red dog")
+        assert (r.output_text, r.status, r.model) == (c.text, "completed", name)
+        assert (r.usage.input_tokens, r.usage.output_tokens) == (prompt_tokens, c.tokens)
+        r = client.responses.create(model=name, input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "repeat: red dog"}]}], instructions="x")
+        assert r.usage.input_tokens > prompt_tokens  # the instructions are read, as a system turn
+        r = client.responses.create(model=name, input="repeat: red dog", max_output_tokens=1)
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+        events = list(client.responses.create(model=name, input="repeat: red dog", stream=True))
+        assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == c.text
+        assert events[-1].type == "response.completed" and events[-1].response.output_text == c.text
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        for kw, match in [({"previous_response_id": "resp_1"}, "'previous_response_id' is not supported"),
+                          ({"tools": [{"type": "web_search"}]}, "'tools' is not supported"),
+                          ({"max_output_tokens": 17}, r"'max_output_tokens' must be in \[1, 16\]"),
+                          ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                           "input_text / output_text parts"),
+                          ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
+                           "only messages")]:
+            with pytest.raises(openai.UnprocessableEntityError, match=match):
+                client.responses.create(**{"model": name, "input": "repeat: red dog", **kw})
         with pytest.raises(openai.UnprocessableEntityError, match="'n'.* not supported") as e:
             client.chat.completions.create(model=name, messages=chat[1:], n=2)
         assert e.value.body["param"] == "n" and e.value.body["type"] == "invalid_request_error"
