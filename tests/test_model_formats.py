@@ -102,6 +102,28 @@ def test_a_gguf_file_trains_generates_and_is_converted_once(data, cache, tmp_pat
     assert resolve(str(gguf_file))[1] != folder
 
 
+def test_a_gguf_model_too_large_to_convert_is_refused_before_any_work(cache, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import psutil
+
+    gguf_file = write_gguf(tmp_path / "tiny.gguf")  # 37,344 parameters: 0.15 MB as fp32
+    real_memory, real_disk = psutil.virtual_memory, shutil.disk_usage
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: namedtuple("mem", "available")(200_000))
+    with pytest.raises(ModelError, match=r"tiny\.gguf: 0\.00B parameters, .*needs about 0\.0 GiB of memory and 0\.0 "
+                                         "GiB is available: use a smaller model"):
+        resolve(str(gguf_file))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: namedtuple("mem", "available")(10 ** 10))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(1, 1, 100_000))
+    with pytest.raises(ModelError, match="the converted copy needs that much disk .*FMTUNE_MODELS_DIR"):
+        resolve(str(gguf_file))
+    assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
+    monkeypatch.setattr(psutil, "virtual_memory", real_memory)
+    monkeypatch.setattr(shutil, "disk_usage", real_disk)
+    assert resolve(str(gguf_file))[1].parent == cache  # where there is room, it converts
+
+
 def test_gguf_errors_name_the_file(cache, tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")

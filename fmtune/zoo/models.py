@@ -83,6 +83,34 @@ def _converted(name: str, what: str, write: Callable[[Path], None]) -> Path:
     return target
 
 
+# Peak memory of a GGUF conversion per byte of the fp32 weights (measured: SmolLM2-135M, 538 MB of fp32 weights,
+# 1.2 GB peak resident of which 0.25 GB is torch and transformers themselves)
+GGUF_MEMORY_FACTOR = 2.0
+
+
+def _check_room(file: Path, target: Path) -> None:
+    """A ModelError, before any work, when dequantising the GGUF model ``file`` to fp32 would not fit in the
+    memory available or on the disk under ``target`` (a 7B model is 28 GB in fp32)."""
+    import shutil
+
+    import gguf
+    import psutil
+
+    try:
+        n = sum(int(t.n_elements) for t in gguf.GGUFReader(str(file)).tensors)
+    except Exception as e:  # a truncated or damaged file
+        raise ModelError(f"cannot read the GGUF file {file}: {type(e).__name__}: {brief(e)}") from None
+    size, gib = 4 * n, 2 ** 30
+    memory, disk = psutil.virtual_memory().available, shutil.disk_usage(target).free
+    what = f"{file}: {n / 1e9:.2f}B parameters, {size / gib:.1f} GiB as fp32 (what fmtune trains)"
+    if GGUF_MEMORY_FACTOR * size > memory:
+        raise ModelError(f"{what}; converting it needs about {GGUF_MEMORY_FACTOR * size / gib:.1f} GiB of memory "
+                         f"and {memory / gib:.1f} GiB is available: use a smaller model")
+    if size > disk:
+        raise ModelError(f"{what}; the converted copy needs that much disk and {disk / gib:.1f} GiB is free under "
+                         f"{target.parent} (FMTUNE_MODELS_DIR chooses another place)")
+
+
 def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
     """A plain Hugging Face folder of the GGUF model ``folder/gguf_file``, converted once into the
     model cache."""
@@ -91,6 +119,7 @@ def from_gguf(folder: Path, gguf_file: str, name: str) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        _check_room(folder / gguf_file, tmp)
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
