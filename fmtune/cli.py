@@ -656,8 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
               "concurrent requests are micro-batched; bad input gets a 4xx JSON error. A generation run answers "
               "POST /generate. OpenAI's API under /v1, for the openai clients (base_url http://HOST:PORT/v1): "
               "chat/completions, completions and responses (generation runs; greedy unless a temperature is "
-              "sent), "
-              "embeddings (text classification, multi-label and regression runs), audio/transcriptions (speech "
+              "sent), embeddings (text classification, multi-label and regression runs), audio/transcriptions (speech "
               "recognition runs), models. POST / answers in the Hugging Face Inference API's format, for "
               "huggingface_hub's InferenceClient(model=URL)")
     sv.add_argument("run", help="run directory")
