@@ -26,6 +26,7 @@ from fmtune.models import build, causal_lm, wrapped
 from fmtune.run import EVAL_FILE, INFO_FILE, new_run_dir, open_run, read_task, write_start
 from fmtune.tasks import task_class
 from fmtune.tasks.generation import (
+    MIN_TEMPERATURE,
     Completion,
     GenerationSettings,
     complete,
@@ -391,7 +392,7 @@ class Generator:
         ids = [self.prompt_ids(r)[0] for r in rows]
         torch.manual_seed(seed)
         s = GenerationSettings(max_new_tokens or self.config.eval.max_new_tokens, 0, batch_size)
-        sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else None
+        sampling = {"temperature": temperature, "top_p": top_p} if temperature >= MIN_TEMPERATURE else None
         return complete(self.bundle.model, self.bundle.tokenizer, ids, s, self.device, sampling, on_batch=on_batch)
 
     def answer(self, rows: list[dict[str, Any]], max_new_tokens: int | None = None, temperature: float = 0.0,

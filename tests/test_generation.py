@@ -497,6 +497,11 @@ def test_the_official_openai_client_talks_to_a_served_run(full_run):
         assert chunks[-1].usage.completion_tokens == c.tokens and not chunks[-1].choices
         r = client.chat.completions.create(model=name, messages=chat[1:], max_tokens=1)
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 1
+        # a vanishing temperature decodes greedily (it made the sampling probabilities NaN: a 500, found by the fuzz)
+        r = client.responses.create(model=name, input="repeat: red dog", temperature=3.3e-165)
+        assert r.output_text == c.text
+        streamed = client.chat.completions.create(model=name, messages=chat[1:], temperature=1e-300, stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == c.text
         stop = c.text[len(c.text) // 2:]  # a stop string inside the answer: the answer ends before it
         r = client.chat.completions.create(model=name, messages=chat[1:], stop=[stop, "zzz"])
         assert r.choices[0].message.content == c.text[:c.text.index(stop)] and r.choices[0].finish_reason == "stop"

@@ -511,14 +511,19 @@ def score(answers: list[str], references: list[str]) -> dict[str, float]:
     return {**{k: v / n for k, v in totals.items()}, "exact_match": exact / n}
 
 
+# Below this temperature an answer is decoded greedily (what it tends to): dividing the logits by a temperature of
+# 1e-165 makes them infinite and the sampling probabilities NaN (found by the service's schema fuzz; vLLM uses 1e-5)
+MIN_TEMPERATURE = 1e-5
+
+
 def generation_config(tokenizer: Any, max_new_tokens: int, sampling: dict[str, Any] | None = None) -> Any:
-    """How answers are decoded: greedy, or sampled when ``sampling`` gives a temperature (and
-    top_p); stop at the tokenizer's EOS; the KV cache on."""
+    """How answers are decoded: greedy, or sampled when ``sampling`` gives a temperature (at least
+    MIN_TEMPERATURE; and top_p); stop at the tokenizer's EOS; the KV cache on."""
     from transformers import GenerationConfig
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    sampled = bool(sampling and sampling.get("temperature"))
+    sampled = bool(sampling and (sampling.get("temperature") or 0) >= MIN_TEMPERATURE)
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampled, eos_token_id=eos, pad_token_id=pad,
                             use_cache=True, **({"temperature": sampling["temperature"],
                                                 "top_p": sampling.get("top_p", 1.0)} if sampled else {}))
