@@ -116,12 +116,11 @@ def _stops(data: dict[str, Any]) -> list[str]:
     return stops
 
 
-def _options(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """Decoding options in Generator's terms (temperature 0, greedy, unless one is sent)."""
-    _refuse_unsupported(data)
+def _decoding(data: dict[str, Any], limits: Limits, max_field: str) -> dict[str, Any]:
+    """The decoding options every generation route takes, in Generator's terms (the token limit under the
+    route's own name, ``max_field``), each checked; and ``stream`` a boolean."""
     opts: dict[str, Any] = {}
-    key = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
-    for name, field, kind, low, high in (("max_new_tokens", key, int, 1, limits.max_new_tokens),
+    for name, field, kind, low, high in (("max_new_tokens", max_field, int, 1, limits.max_new_tokens),
                                          ("temperature", "temperature", float, 0.0, 2.0),
                                          ("top_p", "top_p", float, 0.0, 1.0), ("seed", "seed", int, 0, 2**31 - 1)):
         value = number(data, field, kind, low, high)
@@ -129,6 +128,14 @@ def _options(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
             opts[name] = value
     if data.get("stream") is not None and not isinstance(data["stream"], bool):
         raise HTTPError(422, f"'stream' must be true or false, got {data['stream']!r}", param="stream")
+    return opts
+
+
+def _options(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """Decoding options in Generator's terms (temperature 0, greedy, unless one is sent)."""
+    _refuse_unsupported(data)
+    key = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    opts = _decoding(data, limits, key)
     if data.get("stream_options") is not None and not isinstance(data["stream_options"], dict):
         raise HTTPError(422, "'stream_options' must be an object, e.g. {\"include_usage\": true}",
                         param="stream_options")
@@ -275,16 +282,7 @@ def _response_options(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
     fmt = (data.get("text") or {}).get("format") if isinstance(data.get("text"), dict) else data.get("text")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise HTTPError(422, "'text.format': only {\"type\": \"text\"} is supported", param="text")
-    opts: dict[str, Any] = {}
-    for name, field, kind, low, high in (("max_new_tokens", "max_output_tokens", int, 1, limits.max_new_tokens),
-                                         ("temperature", "temperature", float, 0.0, 2.0),
-                                         ("top_p", "top_p", float, 0.0, 1.0), ("seed", "seed", int, 0, 2**31 - 1)):
-        value = number(data, field, kind, low, high)
-        if value is not None:
-            opts[name] = value
-    if data.get("stream") is not None and not isinstance(data["stream"], bool):
-        raise HTTPError(422, f"'stream' must be true or false, got {data['stream']!r}", param="stream")
-    return opts
+    return _decoding(data, limits, "max_output_tokens")
 
 
 def add_model_routes(app: Any, run_dir: Any, guard: Any) -> str:

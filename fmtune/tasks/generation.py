@@ -57,7 +57,7 @@ def _where(source: str, line: int, table: bool) -> str:
 def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col: str | None,
          with_targets: bool) -> dict[str, Any]:
     """One record as (kind, prompt, completion, messages), checked; ``pair``: the KNOWN_PAIRS it was read by."""
-    pair = None
+    pair, found = None, known_pair(rec, with_targets)
     if input_col or target_col:
         inp, tgt = input_col or "prompt", target_col or "completion"
         if inp not in rec:
@@ -101,12 +101,12 @@ def check_row(rec: dict[str, Any], where: str, input_col: str | None, target_col
         extra = "" if extra is None or (isinstance(extra, float) and math.isnan(extra)) else str(extra).strip()
         prompt = f"{rec['instruction']}\n\n{extra}" if extra else rec["instruction"]
         kind, completion, messages = "prompt", rec.get("output", rec.get("response")), None
-    elif "prompt" in rec and ("completion" in rec or not known_pair(rec, with_targets)):
+    elif "prompt" in rec and ("completion" in rec or not found):
         kind, prompt, completion, messages = "prompt", rec["prompt"], rec.get("completion"), None
         if with_targets and "completion" not in rec:
             raise DataError(f"{where}: a 'prompt' without its 'completion'")
-    elif known_pair(rec, with_targets):
-        pair = known_pair(rec, with_targets)
+    elif found:
+        pair = found
         kind, prompt, completion, messages = "prompt", rec[pair[0]], rec.get(pair[1]), None
     elif "text" in rec:
         kind, prompt, completion, messages = "text", "", rec["text"], None
