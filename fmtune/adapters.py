@@ -193,8 +193,9 @@ def peft_config(bundle: Any, cfg: Any) -> Any:
     head = head_layers(bundle.model)
     if cfg.name == "prompt":
         if bundle.kind != "text" or bundle.family != "hf":
+            what = {"image": "an image model", "audio": "an audio model"}.get(bundle.kind, "not a text encoder")
             raise ConfigError("strategy prompt: prompt tuning puts virtual tokens before a text; "
-                              f"{bundle.source} is an image model: use lora, dora, ia3 or bitfit")
+                              f"{bundle.source} is {what}: use lora, dora, ia3 or bitfit")
         limit = getattr(bundle.model.config, "max_position_embeddings", None)
         if limit and bundle.max_length + cfg.virtual_tokens > limit:
             raise ConfigError(f"strategy.virtual_tokens: {cfg.virtual_tokens} virtual tokens + model.max_length "

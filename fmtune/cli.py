@@ -309,10 +309,10 @@ def cmd_models(a: argparse.Namespace) -> None:
     rows = [[m["name"], m["kind"], m["description"], m["package"]] for m in api.models()]
     ui.console.print(ui.table("offline models (--model NAME, or a local Hugging Face folder)",
                               ["name", "kind", "description", "package"], rows))
-    ui.console.print("--model also takes a local Hugging Face folder (any encoder, causal LM, Whisper or wav2vec2-style"
-                     " model; of a T5/BART its encoder, of a CLIP/SigLIP the tower that reads the data), a GGUF file "
-                     "(a causal LM, dequantised) or a CTranslate2 Whisper folder (faster-whisper's format); the last "
-                     "two are converted once into ~/.cache/fmtune/models (FMTUNE_MODELS_DIR).")
+    ui.console.print("--model also takes a local Hugging Face folder (any encoder, causal LM, Whisper, wav2vec2-style "
+                     "or AST model; of a T5/BART its encoder, of a CLIP/SigLIP the tower that reads the data), a GGUF "
+                     "file (a causal LM, dequantised) or a CTranslate2 Whisper folder (faster-whisper's format); the "
+                     "last two are converted once into ~/.cache/fmtune/models (FMTUNE_MODELS_DIR).")
 
 
 def cmd_datasets(a: argparse.Namespace) -> None:
@@ -712,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "every word replaced by [PAD] (default), [MASK] or [UNK]; attributions depend on it, so a "
                     "word that stands out under two baselines is the safer reading. Audio: silence (its log-mel "
                     "floor) for Whisper; noise as loud as the clip (seeded) for raw-waveform models (wav2vec2, HuBERT, "
-                    "WavLM), which normalise their input so that a path from silence tells nothing")
+                    "WavLM), which normalise their input so that a path from silence tells nothing; silence (the "
+                    "filterbank's floor) for AST")
 
     rb = verb("robustness", cmd_robustness, "score runs under noise, corruptions and white-box attacks (images), "
               "typos, dropped/swapped words, case changes (text), or noise, delay, speed and level (audio), five "

@@ -7,7 +7,8 @@ down toward silence reads the same until the very end of the path and integrated
 silence would miss the change (measured: a third of it); each 10-ms frame's attribution is then
 shared out over the mel bands by the mel power of the attribution signal in that frame, so the
 map adds up to the same total and shows in which frequencies the evidence lies. Its picture is
-the clip's log-mel at the model's rate.
+the clip's log-mel at the model's rate. A spectrogram transformer (AST) is attributed over its
+filterbank, from silence (the filterbank's floor) on the clip's own frames.
 
     fmtune explain RUN --input clip.wav              # one clip, a folder of clips, or a table of paths
     fmtune explain RUN --misclassified 8             # the 8 most confident mistakes on the test set
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from fmtune import ui
-from fmtune.data.audio import WAVEFORM, AudioData, AudioSpec, LogMel, features_of, read_audio_folder
+from fmtune.data.audio import FBANK, WAVEFORM, AudioData, AudioSpec, Fbank, LogMel, features_of, read_audio_folder
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import AUDIO_SUFFIXES, TABLE_SUFFIXES, list_files, read_table, row_label
 from fmtune.errors import ConfigError, DataError
@@ -92,16 +93,24 @@ def mistakes(pred: Any, data: str | Path, n: int, quiet: bool) -> list[dict[str,
              "true": pred.task.labels[int(targets[i])]} for i, _, _ in pred.task.mistake_positions(logits, targets, n)]
 
 
-def attributions(model: torch.nn.Module, feats: torch.Tensor, target: int, steps: int) -> torch.Tensor:
+def attributions(model: torch.nn.Module, feats: torch.Tensor, target: int, steps: int,
+                 spec: AudioSpec | None = None) -> torch.Tensor:
     """Integrated gradients of the ``target`` logit over one window's log-mel (n_mels x frames),
     from silence: every frame at the window's floor value; or over a window's waveform (samples,
-    a 1-d tensor) from ``noise_like`` it."""
+    a 1-d tensor) from ``noise_like`` it; or over a filterbank window (``spec`` fbank: n_mels x
+    frames) from silence (the filterbank's floor), its padding as the model reads it in both."""
     from captum.attr import IntegratedGradients
 
+    mask = None
     if feats.dim() == 1:  # the waveform
         key, x = "input_values", feats[None].clone()
         base = noise_like(feats)[None]
         mask = torch.ones((1, feats.shape[0]), dtype=torch.long)
+    elif spec is not None and spec.frontend == FBANK:  # (1, frames, mel bins), padded to the model's frames
+        key, x = "input_values", torch.full((1, spec.frames, spec.n_mels), spec.fbank_padding)
+        x[0, : feats.shape[-1]] = feats.T
+        base = x.clone()
+        base[0, : feats.shape[-1]] = Fbank(spec)(np.zeros(Fbank.FRAME, dtype=np.float32)).min()  # silence
     else:
         key, floor = "input_features", float(feats.max() - 2.0)  # (log-mel max - 8 decades + 4) / 4: silence
         width = feats.shape[-1] + 2  # as AudioData pads a window: two frames of silence after it
@@ -114,12 +123,14 @@ def attributions(model: torch.nn.Module, feats: torch.Tensor, target: int, steps
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
         n = inp.shape[0]
-        return model(**{key: inp}, frame_mask=mask.to(device).expand(n, -1),
-                     clip_index=torch.arange(n, device=device)).logits
+        masks = {} if mask is None else {"frame_mask": mask.to(device).expand(n, -1)}
+        return model(**{key: inp}, **masks, clip_index=torch.arange(n, device=device)).logits
 
     ig = IntegratedGradients(forward)
     attr = ig.attribute(x.to(device), baselines=base.to(device), target=target,
                         n_steps=steps, internal_batch_size=8)
+    if mask is None:  # a filterbank: back to (mel bins, the window's own frames)
+        return attr[0, : feats.shape[-1]].T.detach().float().cpu()
     return attr[0, ..., : feats.shape[-1]].detach().float().cpu()
 
 
@@ -192,7 +203,7 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
     expected = "noise" if waveform else "silence"
     if baseline not in (None, expected):
         raise ConfigError(f"--baseline {baseline!r}: this run's model is explained from {expected} "
-                          f"({'it reads the waveform' if waveform else 'it reads log-mel features'})")
+                          f"({'it reads the waveform' if waveform else 'it reads mel spectrograms'})")
     summary: dict[str, Any] = {"method": "ig", "baseline": expected, "run": str(pred.run_dir), "out": str(out_dir),
                                "items": []}
     if not items:
@@ -211,7 +222,7 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
         records, heats = [], []
         with ui.CountProgress("explaining (ig)", len(items), quiet) as bar:
             for n, (item, feats) in enumerate(zip(items, windows)):
-                heat = attributions(model, feats, item["target_idx"], steps)
+                heat = attributions(model, feats, item["target_idx"], steps, spec)
                 if waveform:
                     heat, feats = spread(heat, shown), LogMel(shown)(feats.numpy())
                 heats.append(heat)
@@ -237,9 +248,11 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
 
 
 def _mel_centre_hz(band: int, spec: AudioSpec) -> float:
-    """The centre frequency of mel band ``band`` (Slaney's mel scale, as Whisper's filters)."""
+    """The centre frequency of mel band ``band`` (Slaney's mel scale from 0 Hz, as Whisper's filters; Kaldi's from
+    20 Hz for a filterbank, as AST's)."""
     from transformers.audio_utils import hertz_to_mel, mel_to_hertz
 
-    top = hertz_to_mel(spec.sampling_rate / 2, mel_scale="slaney")
-    mels = np.linspace(0.0, top, spec.n_mels + 2)
-    return float(mel_to_hertz(mels[band + 1], mel_scale="slaney"))
+    scale, low = ("kaldi", 20.0) if spec.frontend == FBANK else ("slaney", 0.0)
+    mels = np.linspace(hertz_to_mel(low, mel_scale=scale), hertz_to_mel(spec.sampling_rate / 2, mel_scale=scale),
+                       spec.n_mels + 2)
+    return float(mel_to_hertz(mels[band + 1], mel_scale=scale))

@@ -53,18 +53,21 @@ class _WindowLogits(TextLogits):
         super().__init__(model)
         self.key = key
 
-    def forward(self, windows: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, windows: torch.Tensor, frame_mask: torch.Tensor | None = None  # type: ignore[override]
+                ) -> torch.Tensor:
         return self.model(**{self.key: windows}, frame_mask=frame_mask).logits
 
 
 def input_names(kind: str, audio: dict[str, Any] | None = None, segments: bool = False) -> list[str]:
     """The graph's inputs: a text model's ids and mask (and segment ids, for pairs of texts read by
     a model that has them), an image model's pixels, an audio model's windows (log-mel features or
-    waveform samples, ``bundle.audio``) and their mask."""
+    waveform samples, ``bundle.audio``) and their mask (a filterbank's windows have the model's fixed
+    size: no mask)."""
     if kind == "audio":
-        from fmtune.data.audio import AudioSpec
+        from fmtune.data.audio import FBANK, AudioSpec
 
-        return [AudioSpec.from_dict(audio or {}).input_key, "frame_mask"]
+        spec = AudioSpec.from_dict(audio or {})
+        return [spec.input_key] if spec.frontend == FBANK else [spec.input_key, "frame_mask"]
     if kind == "text":
         return ["input_ids", "attention_mask", *(["token_type_ids"] if segments else [])]
     return ["pixel_values"]
@@ -96,6 +99,8 @@ def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], pa
     if kind == "text":
         seq = torch.export.Dim("seq", min=1)
         shapes: Any = {n: {0: batch, 1: seq} for n in names}
+    elif names == ["input_values"]:  # filterbank windows of the model's fixed size
+        shapes = {"input_values": {0: batch}}
     elif names[0] == "input_values":  # waveform windows of any length (in samples)
         samples = torch.export.Dim("samples", min=800)
         shapes = {"input_values": {0: batch, 1: samples}, "frame_mask": {0: batch, 1: samples}}
@@ -141,6 +146,7 @@ def write_preprocessing(bundle: Any, task: Any, folder: Path, pairs: bool = Fals
         # mono at sampling_rate, cut into windows of window_seconds, Whisper's log-mel of each window's own
         # frames plus two frames at its minimum (frontend log-mel), or the clip's samples normalised to zero mean
         # and unit variance if normalize, zero-padded (frontend waveform); frame_mask 1 on real frames (samples);
+        # or (frontend fbank) ASTFeatureExtractor's filterbank of each window, (windows, frames, n_mels);
         # a clip's logits: the mean of its windows' logits
         prep["audio"] = bundle.audio
         prep["output"] = "logits per window"
@@ -165,7 +171,8 @@ class OnnxModel(nn.Module):
         self.names = [i.name for i in self.session.get_inputs()]
 
     def forward(self, **batch: torch.Tensor) -> SequenceClassifierOutput:
-        if "input_values" in self.names:  # waveform windows: unpadded, in groups of equal length (as in torch)
+        if "frame_mask" in self.names and "input_values" in self.names:  # waveform windows: unpadded, in groups
+            # of equal length (as in torch)
             from fmtune.models.hf_remote import length_groups
 
             mask = batch["frame_mask"].cpu()

@@ -184,6 +184,19 @@ def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_
     return folder
 
 
+def save_tiny_ast(folder: Path, max_length: int = 100) -> Path:
+    """A 2-layer random Audio Spectrogram Transformer (hidden 32) reading ``max_length`` filterbank frames
+    (1 s) of 128 mel bins, and ASTFeatureExtractor's settings, saved as a transformers folder."""
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    cfg = ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    max_length=max_length, num_mel_bins=128)
+    torch.manual_seed(0)
+    ASTModel(cfg).save_pretrained(folder)
+    ASTFeatureExtractor(max_length=max_length).save_pretrained(folder)
+    return folder
+
+
 def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
     """A small, fast config: a few epochs, small batches, every default otherwise. The validation
     split is always made (data.min_val_per_class=0): these small files would otherwise train

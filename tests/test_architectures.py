@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, cfg_dict, make_text_rows, save_shape_images, save_tiny_wav2vec2, save_tiny_whisper
+from conftest import (
+    WORDS,
+    cfg_dict,
+    make_text_rows,
+    save_shape_images,
+    save_tiny_ast,
+    save_tiny_wav2vec2,
+    save_tiny_whisper,
+)
 from test_audio import save_tones
 from test_ctc import tone_words
 from test_detection import write_dataset
@@ -144,6 +152,8 @@ def make_decoder(d: Path, model_type: str, chat: bool = True) -> Path:
 def make_audio(d: Path, model_type: str, ctc: bool = False) -> Path:
     if model_type == "whisper":
         return save_tiny_whisper(d)
+    if model_type == "audio-spectrogram-transformer":
+        return save_tiny_ast(d)
     return save_tiny_wav2vec2(d, model_type, "layer" if model_type in LAYER_NORM_AUDIO else "group",
                               ctc_letters="lmh" if ctc else None)
 
@@ -529,10 +539,10 @@ def test_decoders(model_type, chat, data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["full", "lora"])
-@pytest.mark.parametrize("model_type", AUDIO + ["whisper"])
+@pytest.mark.parametrize("model_type", AUDIO + ["whisper", "audio-spectrogram-transformer"])
 def test_audio_encoders(model_type, strategy, data, tmp_path):
     assert train(make_audio(tmp_path / "m", model_type), "audio-classification", data, tmp_path / "cls",
                  strategy)["eval"]["test"]
-    if model_type != "whisper":
+    if model_type in AUDIO:  # (Whisper transcribes through its decoder; an AST has none)
         assert train(make_audio(tmp_path / "ctc", model_type, ctc=True), "speech-recognition", data, tmp_path / "sr",
                      strategy)["eval"]["test"]

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict, class_folders_as_hf_parquet, save_tiny_wav2vec2, save_tiny_whisper
+from conftest import cfg_dict, class_folders_as_hf_parquet, save_tiny_ast, save_tiny_wav2vec2, save_tiny_whisper
 
 from fmtune.data.audio import AudioData, AudioSpec, LogMel, audio_dataset, features_of, load_audio, windows
 from fmtune.errors import ConfigError, DataError, ModelError
@@ -28,14 +28,14 @@ def tone(freq: float, seconds: float, rate: int, rng: np.random.Generator) -> np
     return (wave + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def save_tones(root: Path, n_per_class: int, seed: int) -> Path:
-    """Class sub-folders of tone clips of varied length, rate, channels and format."""
+def save_tones(root: Path, n_per_class: int, seed: int, seconds: tuple[float, float] = (0.3, 1.6)) -> Path:
+    """Class sub-folders of tone clips of varied length (``seconds``), rate, channels and format."""
     rng = np.random.default_rng(seed)
     for label, freq in PITCHES.items():
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
             rate = [16000, 22050, 44100, 8000][i % 4]
-            wave = tone(freq, rng.uniform(0.3, 1.6), rate, rng)
+            wave = tone(freq, rng.uniform(*seconds), rate, rng)
             if i % 3 == 1:
                 wave = np.stack([wave, 0.5 * wave], axis=1)  # stereo
             fmt = ["wav", "flac", "ogg"][i % 3]
@@ -772,3 +772,121 @@ def test_waveform_encoder_end_to_end(tiny_wav2vec2, tone_dirs, tmp_path):
     assert res["examples"] == 12 and any(r["accuracy"] != res["clean"] for p in res["perturbations"].values()
                                           for r in p["results"])
 
+
+
+# --- spectrogram transformers: AST -------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_ast(tmp_path_factory) -> Path:
+    return save_tiny_ast(tmp_path_factory.mktemp("tiny-ast"))
+
+
+@pytest.fixture(scope="session")
+def second_tones(tmp_path_factory) -> dict[str, Path]:
+    """Tones of 0.8 to 1 s. An AST reads its fixed frames, padding included, with no mask (as its own extractor
+    feeds it): a random one's pooled output mostly tells how much of the window is padding (its position
+    embeddings are zeros), so clips of 0.3 to 1.6 s would test the clip lengths, not the pitch."""
+    root = tmp_path_factory.mktemp("second-tones")
+    return {"train": save_tones(root / "train", 8, 0, (0.8, 1.0)), "test": save_tones(root / "test", 4, 1, (0.8, 1.0))}
+
+
+def test_filterbank_matches_ast_feature_extractor(tiny_ast):
+    """An AST reads what transformers' ASTFeatureExtractor gives: each window's Kaldi-style filterbank,
+    normalised, padded to the model's frames with normalised zeros; a longer clip is cut into windows of
+    those frames (the extractor would cut it off)."""
+    from transformers import ASTFeatureExtractor
+
+    from fmtune.config import ModelConfig
+    from fmtune.models import build
+    from fmtune.tasks.audio import AudioClassification
+
+    audio = build.create(ModelConfig(name=str(tiny_ast)), AudioClassification(["a", "b"])).audio
+    assert audio["frontend"] == "fbank" and audio["frames"] == 100 and audio["n_mels"] == 128
+    spec = AudioSpec.from_dict(audio)
+    assert spec.input_key == "input_values"
+    extractor = ASTFeatureExtractor.from_pretrained(tiny_ast)
+    rng = np.random.default_rng(0)
+    short = AudioData(features_of([tone(440.0, 0.01, RATE, rng)], spec), None, spec).collate([0])["input_values"]
+    assert bool((short[0, 1:] == spec.fbank_padding).all())  # shorter than a frame (the extractor fails): one frame
+    for seconds in (0.6, 1.015, 2.5):  # within the window, exactly it, and three windows
+        wave = tone(440.0, seconds, RATE, rng)
+        batch = AudioData(features_of([wave], spec), None, spec).collate([0])
+        theirs = extractor(wave, sampling_rate=RATE, return_tensors="pt").input_values
+        assert set(batch) == {"input_values", "clip_index"} and batch["input_values"].shape[1:] == (100, 128)
+        assert batch["clip_index"].tolist() == [0] * (3 if seconds > 2 else 1)
+        torch.testing.assert_close(batch["input_values"][:1], theirs, atol=2e-3, rtol=0)
+    with pytest.raises(ModelError, match="reads at most 1.015 s at once"):
+        build.create(ModelConfig(name=str(tiny_ast), audio_window=2.0), AudioClassification(["a", "b"]))
+
+
+def test_ast_end_to_end(tiny_ast, second_tones, tmp_path):
+    """An AST folder was refused ("not an audio model"). Now the probe learns the tones from its pooled output
+    (its own classifier's input: the mean of the class and distillation tokens); LoRA trains; the export loads
+    in plain transformers (its ASTFeatureExtractor and AutoModelForAudioClassification) with the run's
+    probabilities; ONNX agrees with torch; explain's attributions add up from silence; robustness runs; speech
+    recognition refuses it by name."""
+    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
+
+    import fmtune
+    from fmtune.explain import explain
+    from fmtune.explain_audio import attributions
+    from fmtune.robustness import robustness
+
+    out = tmp_path / "probe"
+    summary = fmtune.train(cfg_dict(tiny_ast, second_tones["train"], out=str(out), strategy={"name": "head"},
+                                    task={"type": "audio-classification"}, data={"test": str(second_tones["test"])},
+                                    train={"epochs": 4, "batch_size": 8, "lr": 3e-3}), quiet=True)
+    assert summary["eval"]["test"]["accuracy"] >= 0.75  # three pitches: chance is 0.33
+    assert json.loads((out / "model" / "config.json").read_text())["fmtune_pooling"] == "pooler"
+    lora = fmtune.train(cfg_dict(tiny_ast, second_tones["train"], out=str(tmp_path / "lora"), strategy={"name": "lora"},
+                                 task={"type": "audio-classification"}, train={"epochs": 1, "batch_size": 8}),
+                        quiet=True)
+    params = json.loads((Path(lora["run_dir"]) / "run.json").read_text())["params"]
+    assert 0 < params["trainable_params"] < params["total_params"] / 2
+
+    clips = [str(p) for p in sorted((second_tones["test"] / "high").iterdir())[:2]
+             + sorted((second_tones["test"] / "low").iterdir())[:2]]
+    ours = fmtune.load(out).predict(clips)
+    exported = Path(fmtune.export(out, quiet=True)["out"])
+    extractor = AutoFeatureExtractor.from_pretrained(exported)
+    hf = AutoModelForAudioClassification.from_pretrained(exported, trust_remote_code=True).eval()
+    compared = 0
+    for clip, row in zip(clips, ours):
+        wave = load_audio(clip, RATE)
+        if len(wave) > 1.015 * RATE:
+            continue  # fmtune averages the windows of a longer clip; the extractor reads its first second only
+        with torch.no_grad():
+            probs = hf(**extractor(wave, sampling_rate=RATE, return_tensors="pt")).logits.softmax(-1)[0]
+        assert hf.config.id2label[int(probs.argmax())] == row["label"]
+        assert float(probs.max()) == pytest.approx(row["score"], abs=2e-3)  # (fp16 features in fmtune)
+        compared += 1
+    assert compared >= 1
+    assert fmtune.export(out, format="onnx", quiet=True)["max_abs_diff"] <= 1e-4
+    assert [r["label"] for r in fmtune.load(out, backend="onnx").predict(clips)] == [r["label"] for r in ours]
+
+    items = explain(out, [str(second_tones["test"])], limit=2, steps=8, quiet=True)["items"]
+    assert len(items) == 2 and {"peak_second", "peak_hz"} <= set(items[0])
+    assert np.load(out / "explain" / "heatmaps.npz")["arr_0"].shape[0] == 128  # mel bins x 10-ms frames
+    pred = fmtune.load(out)
+    spec = AudioSpec.from_dict(pred.bundle.audio)
+    feats = features_of([load_audio(clips[0], RATE)], spec)[0][0].float()
+    heat = attributions(pred.model, feats, 0, steps=64, spec=spec)
+    assert heat.shape == feats.shape
+    silence = features_of([np.zeros(len(load_audio(clips[0], RATE)), np.float32)], spec)[0][0]
+    assert silence.shape == feats.shape and bool((silence == silence.min()).all())  # the filterbank's floor
+    with torch.no_grad():
+        logits = [pred.model(**AudioData([[f.half()]], None, spec).collate([0])).logits[0, 0] for f in (feats, silence)]
+    assert float(heat.sum()) == pytest.approx(float(logits[0] - logits[1]), rel=0.05, abs=0.02)
+    res = robustness(out, None, suite="quick", quiet=True)["runs"]["probe"]
+    assert res["examples"] == 12 and res["perturbations"]
+
+    with pytest.raises(ConfigError, match="is an audio model: use lora"):
+        fmtune.train(cfg_dict(tiny_ast, second_tones["train"], out=str(tmp_path / "prompt"),
+                              task={"type": "audio-classification"}, strategy={"name": "prompt"}), quiet=True)
+    speech = tmp_path / "speech"
+    speech.mkdir()
+    pd.DataFrame({"file_name": [str(p) for p in sorted((second_tones["train"] / "low").iterdir())[:4]],
+                  "text": ["a low tone"] * 4}).to_csv(speech / "metadata.csv", index=False)
+    with pytest.raises(ModelError, match="is a model of type .audio-spectrogram-transformer. .use whisper"):
+        fmtune.train(cfg_dict(tiny_ast, speech / "metadata.csv", out=str(tmp_path / "sr"),
+                              task={"type": "speech-recognition"}), quiet=True)

@@ -436,7 +436,7 @@ def test_speech_needs_a_speech_model(tiny_asr, tiny_bert, tone_speech, tmp_path)
     import fmtune
     from fmtune.tasks.speech import prefix_ids
 
-    with pytest.raises(ModelError, match="needs a speech model; .* is a bert model .*Whisper or wav2vec2-style CTC"):
+    with pytest.raises(ModelError, match="speech model; .* is a model of type 'bert' .*Whisper or wav2vec2-style CTC"):
         fmtune.train(_cfg(tiny_bert, tone_speech, tmp_path / "r"), quiet=True)
     with pytest.raises(ModelError, match="transcribes English only"):
         prefix_ids(AutoTokenizer.from_pretrained(tiny_asr), "french")

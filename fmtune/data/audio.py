@@ -13,6 +13,12 @@ its pooled features over a clip's windows.
 Raw-waveform encoders (wav2vec2 and its kin) read the samples: each clip is normalised to zero
 mean and unit variance when the model's feature extractor says so (``do_normalize``), as
 transformers' Wav2Vec2FeatureExtractor does, and padded with zeros in a batch.
+
+Spectrogram transformers (AST) read a Kaldi-style log mel filterbank of a fixed number of frames
+(their position embeddings cover exactly ``frames``: 1,024 = 10.24 s for the AudioSet models),
+normalised with the mean and deviation of their pretraining data, as transformers'
+ASTFeatureExtractor computes it (``Fbank``): a shorter window is padded with zero filterbank
+frames, a longer clip is cut into windows of ``frames``.
 """
 
 from __future__ import annotations
@@ -37,22 +43,26 @@ PAD_TO_SECONDS = 1.0  # shorter clips are padded with silence to this length (co
 SILENCE_PEAK = 1e-4  # a clip whose loudest sample is below this is silence (warned, not refused)
 
 
-LOG_MEL, WAVEFORM = "log-mel", "waveform"
-INPUT_KEY = {LOG_MEL: "input_features", WAVEFORM: "input_values"}  # a batch's key for the model's input
+LOG_MEL, WAVEFORM, FBANK = "log-mel", "waveform", "fbank"
+# a batch's key for the model's input (the one transformers' feature extractor of each kind of model uses)
+INPUT_KEY = {LOG_MEL: "input_features", WAVEFORM: "input_values", FBANK: "input_values"}
 
 
 @dataclass(frozen=True)
 class AudioSpec:
     """How a model reads audio: the log-mel settings of its feature extractor (or the raw waveform,
     normalised or not) and its window."""
-    frontend: str = LOG_MEL  # LOG_MEL (Whisper) | WAVEFORM (wav2vec2, HuBERT, WavLM ...)
-    normalize: bool = True  # waveform: zero mean, unit variance per clip (the extractor's do_normalize)
+    frontend: str = LOG_MEL  # LOG_MEL (Whisper) | WAVEFORM (wav2vec2, HuBERT, WavLM ...) | FBANK (AST)
+    normalize: bool = True  # waveform: zero mean, unit variance per clip; fbank: (x - mean) / (2 std)
     sampling_rate: int = 16000
     n_mels: int = 80
     n_fft: int = 400
     hop_length: int = 160
     window_seconds: float = 30.0  # the longest stretch the encoder reads at once (model.audio_window)
     encoder_seconds: float = 30.0  # what the encoder holds (Whisper: 1,500 positions = 30 s); window <= this
+    frames: int = 0  # fbank: the frames every window is padded to (the model's max_length)
+    mean: float = 0.0  # fbank: the filterbank values' mean and deviation in the model's pretraining data
+    std: float = 1.0
 
     @property
     def window_samples(self) -> int:
@@ -68,16 +78,22 @@ class AudioSpec:
     def input_key(self) -> str:
         return INPUT_KEY[self.frontend]
 
+    @property
+    def fbank_padding(self) -> float:
+        """What a padded frame of a filterbank window holds: zero, normalised."""
+        return -self.mean / (2 * self.std) if self.normalize else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         return {"frontend": self.frontend, "normalize": self.normalize, "sampling_rate": self.sampling_rate,
                 "n_mels": self.n_mels, "n_fft": self.n_fft,
                 "hop_length": self.hop_length, "window_seconds": self.window_seconds,
-                "encoder_seconds": self.encoder_seconds}
+                "encoder_seconds": self.encoder_seconds,
+                **({"frames": self.frames, "mean": self.mean, "std": self.std} if self.frontend == FBANK else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AudioSpec:
         keys = ("frontend", "normalize", "sampling_rate", "n_mels", "n_fft", "hop_length", "window_seconds",
-                "encoder_seconds")
+                "encoder_seconds", "frames", "mean", "std")
         return cls(**{k: d[k] for k in keys if k in d})
 
 
@@ -165,6 +181,40 @@ class LogMel:
         return (log_spec + 4.0) / 4.0
 
 
+class Fbank:
+    """A window's Kaldi-style log mel filterbank (n_mels x frames), its own frames only, as
+    transformers' ASTFeatureExtractor computes it without torchaudio (25 ms Hann frames every
+    10 ms, pre-emphasis 0.97, DC offset removed, 512-point FFT, mel filters from 20 Hz on the Kaldi
+    scale, natural log), normalised with the model's mean and deviation."""
+
+    FRAME, FFT = 400, 512  # samples of a frame at 16 kHz (25 ms), FFT points
+
+    def __init__(self, spec: AudioSpec):
+        from transformers.audio_utils import mel_filter_bank, window_function
+
+        self.spec = spec
+        with warnings.catch_warnings():  # (128 bands leave one filter empty: the models were trained so)
+            warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+            self.filters = mel_filter_bank(num_frequency_bins=1 + self.FFT // 2, num_mel_filters=spec.n_mels,
+                                           min_frequency=20, max_frequency=spec.sampling_rate // 2,
+                                           sampling_rate=spec.sampling_rate, norm=None, mel_scale="kaldi",
+                                           triangularize_in_mel_space=True)
+        self.window = window_function(self.FRAME, "hann", periodic=False)
+
+    def frames(self, samples: int) -> int:
+        return 1 + (samples - self.FRAME) // self.spec.hop_length
+
+    def __call__(self, wave: np.ndarray) -> torch.Tensor:
+        from transformers.audio_utils import spectrogram
+
+        wave = np.pad(wave, (0, max(0, self.FRAME - len(wave))))
+        fbank = spectrogram(wave, self.window, frame_length=self.FRAME, hop_length=self.spec.hop_length,
+                            fft_length=self.FFT, power=2.0, center=False, preemphasis=0.97, mel_filters=self.filters,
+                            log_mel="log", mel_floor=1.192092955078125e-07, remove_dc_offset=True)
+        fbank = torch.from_numpy(np.asarray(fbank, dtype=np.float32))[:, : self.spec.frames]
+        return (fbank - self.spec.mean) / (2 * self.spec.std) if self.spec.normalize else fbank
+
+
 # a raw-waveform encoder's shortest input: its SpecAugment (on in training, as in its own recipe) masks spans
 # of 10 frames of 20 ms and transformers refuses a clip of fewer frames than that
 WAVEFORM_MIN_SECONDS = 0.25
@@ -179,7 +229,10 @@ def windows(wave: np.ndarray, spec: AudioSpec) -> list[np.ndarray]:
     pieces = [wave[i:i + step] for i in range(0, len(wave), step)] or [wave]
     if len(pieces) > 1 and len(pieces[-1]) < PAD_TO_SECONDS * spec.sampling_rate:
         pieces[-1] = wave[-int(PAD_TO_SECONDS * spec.sampling_rate):]  # the last second, overlapping
-    least = int((WAVEFORM_MIN_SECONDS if spec.frontend == WAVEFORM else PAD_TO_SECONDS) * spec.sampling_rate)
+    if spec.frontend == FBANK:  # padded with zero filterbank frames instead, as the model's extractor does
+        least = Fbank.FRAME
+    else:
+        least = int((WAVEFORM_MIN_SECONDS if spec.frontend == WAVEFORM else PAD_TO_SECONDS) * spec.sampling_rate)
     return [np.pad(p, (0, least - len(p))) if len(p) < least else p for p in pieces]
 
 
@@ -205,6 +258,11 @@ class AudioData(torch.utils.data.Dataset):
         wins = [(row, w) for row, i in enumerate(idx) for w in self.clips[i]]
         if self.spec.frontend == WAVEFORM:
             return self._with_targets(waveform_batch([w for _, w in wins]), wins, idx)
+        if self.spec.frontend == FBANK:  # (windows, frames, mel bins), every window padded to the model's frames
+            feats = torch.full((len(wins), self.spec.frames, self.spec.n_mels), self.spec.fbank_padding)
+            for j, (_, w) in enumerate(wins):
+                feats[j, : w.shape[-1]] = w.float().T
+            return self._with_targets({"input_values": feats}, wins, idx)
         # two frames of padding at least: the convolutions at a clip's end then always read the floor
         # value that follows it (as in Whisper's padded window), whatever else is in the batch; a window
         # as long as the encoder holds (30 s) has none, as in Whisper
@@ -248,7 +306,7 @@ def features_of(waves: list[np.ndarray], spec: AudioSpec) -> list[list[torch.Ten
         prep = normalized if spec.normalize else (lambda w: w)
         return [[torch.from_numpy(w).half() for w in windows(prep(np.asarray(wave, dtype=np.float32)), spec)]
                 for wave in waves]
-    mel = LogMel(spec)
+    mel = Fbank(spec) if spec.frontend == FBANK else LogMel(spec)
     return [[mel(w).half() for w in windows(np.asarray(wave, dtype=np.float32), spec)] for wave in waves]
 
 
@@ -284,9 +342,13 @@ def audio_dataset(df: pd.DataFrame, column: str, spec: AudioSpec, targets: torch
 
 def feature_extractor(audio: dict[str, Any]) -> Any:
     """transformers' feature extractor that computes what fmtune feeds the model (``bundle.audio``)."""
-    from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+    from transformers import ASTFeatureExtractor, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
     a = AudioSpec.from_dict(audio)
+    if a.frontend == FBANK:
+        warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")  # (see Fbank)
+        return ASTFeatureExtractor(sampling_rate=a.sampling_rate, num_mel_bins=a.n_mels, max_length=a.frames,
+                                   do_normalize=a.normalize, mean=a.mean, std=a.std)
     if a.frontend == WAVEFORM:
         return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=a.sampling_rate, padding_value=0.0,
                                         do_normalize=a.normalize, return_attention_mask=True)

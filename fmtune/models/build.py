@@ -120,8 +120,9 @@ IMAGE_POOLING = {"swin": "mean", "swinv2": "mean", "donut-swin": "mean", "siglip
 def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str:
     if requested != "auto":
         return requested
-    if kind == "audio":
-        return "mean"  # over the clip's frames (Whisper's encoder has no summary token)
+    if kind == "audio":  # AST: its own pooled output (the mean of its class and distillation tokens)
+        # the others: the mean over the clip's frames (Whisper's encoder has no summary token)
+        return "pooler" if config.model_type in SPECTROGRAM_ENCODERS else "mean"
     if kind == "image":
         if getattr(config, "hidden_sizes", None):  # CNNs: ResNet, ConvNeXt, ... pool globally
             return "pooler"
@@ -173,15 +174,17 @@ def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, An
             "mean": pp.get("image_mean", IMAGENET_MEAN), "std": pp.get("image_std", IMAGENET_STD)}
 
 
-AUDIO_CHOICES = "whisper-tiny-en, or a local Whisper, wav2vec2, HuBERT or WavLM folder"
+AUDIO_CHOICES = "whisper-tiny-en, or a local Whisper, wav2vec2, HuBERT, WavLM or AST folder"
 AUDIO_ENCODERS = ("wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "data2vec-audio", "sew", "sew-d", "unispeech",
                   "unispeech-sat")
+SPECTROGRAM_ENCODERS = ("audio-spectrogram-transformer",)  # read a fixed-size filterbank (data.audio.Fbank)
 
 
 def _audio_kind(path: Path | str, config: Any) -> str | None:
-    """"audio" for a Whisper model or a raw-waveform encoder (wav2vec2, HuBERT, WavLM ...)."""
+    """"audio" for a Whisper model, a raw-waveform encoder (wav2vec2, HuBERT, WavLM ...) or a spectrogram
+    transformer (AST)."""
     model_type = getattr(config, "model_type", "")
-    return "audio" if model_type == "whisper" or model_type in AUDIO_ENCODERS else None
+    return "audio" if model_type == "whisper" or model_type in AUDIO_ENCODERS + SPECTROGRAM_ENCODERS else None
 
 
 WAVEFORM_WINDOW = 30.0  # seconds a raw-waveform encoder reads at once unless model.audio_window says otherwise
@@ -190,11 +193,24 @@ WAVEFORM_WINDOW = 30.0  # seconds a raw-waveform encoder reads at once unless mo
 def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str, Any]:
     """How the model reads audio, from its feature extractor's settings (preprocessor_config.json):
     Whisper's log-mel settings and window (its own 30 s unless model.audio_window is shorter), or a
-    raw-waveform encoder's sampling rate and normalisation (windows of WAVEFORM_WINDOW seconds)."""
-    from fmtune.data.audio import WAVEFORM, AudioSpec
+    raw-waveform encoder's sampling rate and normalisation (windows of WAVEFORM_WINDOW seconds), or a
+    spectrogram transformer's filterbank: its frames (config max_length) and normalisation."""
+    from fmtune.data.audio import FBANK, WAVEFORM, AudioSpec, Fbank
 
     pp = read_json(Path(path) / "preprocessor_config.json", {}) if isinstance(path, Path) else {}
     rate = int(pp.get("sampling_rate", 16000))
+    if getattr(config, "model_type", "") in SPECTROGRAM_ENCODERS:
+        if rate != 16000:  # (the extractor's frame length and FFT size are fixed for 16 kHz)
+            raise ModelError(f"{path}: preprocessor_config.json says sampling_rate {rate}; fmtune reads AST models "
+                             "at 16000 Hz, as transformers' ASTFeatureExtractor does")
+        frames, hop = int(config.max_length), 160
+        longest = (Fbank.FRAME + (frames - 1) * hop) / rate
+        if window is not None and not 0 < window <= longest:
+            raise ModelError(f"model.audio_window={window:g} s: {path} reads at most {longest:g} s at once")
+        return AudioSpec(frontend=FBANK, normalize=bool(pp.get("do_normalize", True)), sampling_rate=rate,
+                         n_mels=int(config.num_mel_bins), n_fft=Fbank.FRAME, hop_length=hop,
+                         window_seconds=float(window or longest), encoder_seconds=longest, frames=frames,
+                         mean=float(pp.get("mean", -4.2677393)), std=float(pp.get("std", 4.5689974))).as_dict()
     if getattr(config, "model_type", "") != "whisper":
         if window is not None and window <= 0:
             raise ModelError(f"model.audio_window={window:g} s: give a positive number of seconds")
@@ -230,8 +246,9 @@ def _create_speech(model_cfg: Any, task: Any) -> Bundle:
         return Bundle(model, "audio", ctc.FAMILY, "none", tokenizer=tokenizer, audio=audio, max_length=0,
                       source=str(model_cfg.name))
     if config.model_type not in SPEECH_MODEL_TYPES:
-        raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is a {config.model_type} model "
-                         "(use whisper-tiny-en, or a local Whisper or wav2vec2-style CTC folder)")
+        raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is a model of type "
+                         f"{config.model_type!r} (use whisper-tiny-en, or a local Whisper or wav2vec2-style CTC "
+                         "folder)")
     model, tokenizer = causal_lm.load_pretrained(path, config, model_cfg.init, AutoModelForSpeechSeq2Seq)
     prefix_ids(tokenizer, getattr(task, "language", None))  # a wrong language is an error now, not at the end
     return Bundle(model, "audio", speech.FAMILY, "none", tokenizer=tokenizer, audio=audio,

@@ -175,6 +175,8 @@ def token_states(outputs, skip: int = 0) -> torch.Tensor:
 
 
 FMTUNE_MODEL_TYPE = "fmtune"
+KEPT_OUT = ("name_or_path", "attn_implementation", "experts_implementation", "output_attentions",
+            "transformers_version")
 
 
 class FmtuneConfig(PreTrainedConfig):
@@ -184,6 +186,13 @@ class FmtuneConfig(PreTrainedConfig):
     are, with its model type in ``fmtune_backbone_model_type``."""
 
     model_type = FMTUNE_MODEL_TYPE
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # what PreTrainedConfig drops: a backbone's settings named like generation parameters (AST's max_length,
+        # the frames its position embeddings cover), kept for backbone_config
+        self.fmtune_backbone_kept = {k: v for k, v in kwargs.items()
+                                     if not hasattr(self, k) and k not in KEPT_OUT and not k.startswith("_")}
 
 
 def backbone_config(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -199,6 +208,7 @@ def config_from_values(values: dict) -> PreTrainedConfig:
     from transformers import AutoConfig
 
     values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version")}
+    values.update(values.pop("fmtune_backbone_kept", None) or {})
     return AutoConfig.for_model(values.pop("fmtune_backbone_model_type"), **values)
 
 
@@ -231,6 +241,8 @@ class FmtuneClassifier(PreTrainedModel):
 
     def features(self, input_ids=None, attention_mask=None, pixel_values=None, input_features=None,
                  frame_mask=None, clip_index=None, input_values=None, **kwargs) -> torch.Tensor:
+        if input_values is not None and input_values.dim() == 3:  # a filterbank (AST): (windows, frames, mel bins)
+            return per_clip(pool(self.backbone(input_values=input_values), None, self.pooling), clip_index)
         if input_features is not None or input_values is not None:  # audio windows, averaged per clip
             if input_features is not None:  # log-mel (Whisper)
                 hidden, mask = whisper_states(self.backbone, input_features, frame_mask)
