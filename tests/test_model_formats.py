@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -100,6 +101,15 @@ def test_a_gguf_file_trains_generates_and_is_converted_once(data, cache, tmp_pat
 
     os.utime(gguf_file, ns=(stamp, stamp + 10**9))  # the file replaced in place: converted again, elsewhere
     assert resolve(str(gguf_file))[1] != folder
+
+    # the GGUF file deleted: the adapter is read over the folder it was converted into, which the run recorded
+    assert json.loads((tmp_path / "run" / "model" / "fmtune.json").read_text())["converted"] == str(folder)
+    gguf_file.unlink()
+    again = generate_texts(tmp_path / "run", ["repeat: red cat"], max_new_tokens=4, quiet=True)
+    assert again[0]["answer"] == answers[0]["answer"]
+    shutil.rmtree(folder)
+    with pytest.raises(ModelError, match=f"no such folder exists.*nor is the folder it was converted into, {folder}"):
+        generate_texts(tmp_path / "run", ["repeat: red cat"], max_new_tokens=4, quiet=True)
 
 
 def test_a_gguf_model_too_large_to_convert_is_refused_before_any_work(cache, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from fmtune.errors import ModelError, brief
 from fmtune.fsutil import atomic_dir, read_json
 from fmtune.models import causal_lm, cnn, dense
 from fmtune.models.hf_remote import FMTUNE_MODEL_TYPE, FmtuneClassifier, build_backbone, config_from_values
-from fmtune.zoo.models import resolve  # noqa: F401  (build.resolve: where a model name leads)
+from fmtune.zoo.models import resolve, resolve_base  # noqa: F401  (build.resolve: where a model name leads)
 
 META_FILE = "fmtune.json"
 DEFAULT_MAX_LENGTH = 128  # model.max_length of sequence- and token-level text tasks
@@ -63,6 +63,7 @@ class Bundle:
     adapter: str | None = None  # the peft strategy when ``model`` is wrapped by peft (fmtune.adapters)
     segments: bool | None = None  # whether pairs of texts get segment ids (``uses_segments``, decided once)
     pretrained: bool = True  # False: model.init random (nothing learned yet: no layer is kept as it is)
+    converted: str | None = None  # the folder a GGUF / CTranslate2 source was converted into, as a run recorded it
 
     def text_data(self, texts: list[str] | list[tuple[str, str]], targets: Any = None) -> Any:
         """Texts as the model reads them: token ids, truncated at ``max_length``, without padding
@@ -105,8 +106,11 @@ class Bundle:
         return positions if isinstance(positions, int) and positions > 0 else None
 
     def meta(self) -> dict[str, Any]:
+        from fmtune.zoo.models import converted_folder
+
         return {"kind": self.kind, "family": self.family, "pooling": self.pooling, "image": self.image,
-                "audio": self.audio, "max_length": self.max_length, "source": self.source, "adapter": self.adapter}
+                "audio": self.audio, "max_length": self.max_length, "source": self.source, "adapter": self.adapter,
+                "converted": (converted_folder(self.source) or self.converted) if self.adapter else None}
 
 
 # Image transformers whose first token is not a class token to read, and what their own classifier reads instead:
@@ -587,7 +591,7 @@ def _base_for_adapter(model_dir: Path, meta: dict[str, Any]) -> nn.Module:
     """The plain task model an adapter was trained on: the pretrained backbone (read from the
     run's source model) and a head that the adapter's saved head replaces."""
     try:
-        _, path = resolve(meta["source"])
+        _, path = resolve_base(meta["source"], meta.get("converted"))
     except ModelError as e:
         raise ModelError(f"{model_dir} holds a {meta['adapter']} adapter; its base model {meta['source']!r} "
                          f"is needed to load it and is not available here ({e})") from None
@@ -627,7 +631,7 @@ def load(model_dir: Path) -> Bundle:
         return Bundle(model, meta.get("kind", "text"), family, "none", tokenizer=tokenizer,
                       audio=meta.get("audio") or {},
                       max_length=meta.get("max_length", causal_lm.DEFAULT_MAX_LENGTH), source=meta.get("source", ""),
-                      adapter=meta.get("adapter"))
+                      adapter=meta.get("adapter"), converted=meta.get("converted"))
     if family != "hf" and family not in CNN_FAMILIES:
         raise ModelError(f"{model_dir}/{META_FILE}: unknown model family {family!r}")
     adapter = meta.get("adapter")
@@ -651,7 +655,8 @@ def load(model_dir: Path) -> Bundle:
     model.eval()
     return Bundle(model, meta["kind"], family, meta["pooling"], tokenizer=tokenizer, image=meta.get("image") or {},
                   audio=meta.get("audio") or {},
-                  max_length=meta.get("max_length", 128), source=meta.get("source", ""), adapter=adapter)
+                  max_length=meta.get("max_length", 128), source=meta.get("source", ""), adapter=adapter,
+                  converted=meta.get("converted"))
 
 
 def load_weights(bundle: Bundle, model_dir: Path) -> None:

@@ -363,9 +363,9 @@ def load(model_dir: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
     try:
         if adapter:
             from fmtune import adapters
-            from fmtune.zoo.models import resolve
+            from fmtune.zoo.models import resolve_base
 
-            _, path = resolve(meta["source"])
+            _, path = resolve_base(meta["source"], meta.get("converted"))
             base = auto.from_pretrained(path, dtype=torch.float32)
             model = adapters.load(base, model_dir)
         else:

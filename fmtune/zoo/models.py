@@ -250,6 +250,33 @@ def _local_format(p: Path) -> Path | None:
     return None
 
 
+def converted_folder(name: str) -> str | None:
+    """The transformers folder that a GGUF file or CTranslate2 Whisper folder given as ``name`` was converted into
+    (None for a zoo name or anything else): an adapter run records it, to find its base if the file goes."""
+    p = Path(name).expanduser()
+    if name in MODELS or not p.exists():
+        return None
+    try:
+        folder = _local_format(p)
+    except ModelError:
+        return None
+    return str(folder) if folder is not None else None
+
+
+def resolve_base(source: str, converted: str | None) -> tuple[str, Path | str]:
+    """An adapter run's base model: ``source`` as ``resolve`` finds it, or, where that GGUF file or CTranslate2
+    folder has since been moved, deleted or replaced, the folder it was converted into (``converted``), if it is
+    still in the model cache."""
+    try:
+        return resolve(source)
+    except ModelError as e:
+        if converted and (Path(converted) / "config.json").is_file():
+            return "hf", Path(converted)
+        if converted:
+            raise ModelError(f"{e} (nor is the folder it was converted into, {converted})") from None
+        raise
+
+
 def resolve(name: str) -> tuple[str, Path | str]:
     """Zoo name -> (family, path); a local folder -> ("hf", folder); a GGUF file or a CTranslate2 Whisper folder ->
     ("hf", the transformers folder converted from it, once); a hub id -> ("hf", id)."""
