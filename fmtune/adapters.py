@@ -160,6 +160,12 @@ def resolve_targets(bundle: Any, cfg: Any) -> tuple[list[str], list[str]]:
     if cfg.targets is None:
         wanted, ff = default_targets(bundle, method)
         key = "the default targets for this architecture"
+        if not wanted:
+            layers = [m for _, m in mods if isinstance(m, nn.Conv2d)]
+            why = _adaptable(layers[0], method) if layers else "no linear or convolution layer"
+            raise ConfigError(f"strategy {cfg.name}: the {type(model.backbone).__name__} backbone has no layer "
+                              f"{cfg.name} can adapt (its convolutions: {why}); use --strategy ia3, bitfit, "
+                              "last_n or full")
     else:
         wanted = [t.strip() for t in cfg.targets.split(",") if t.strip()]
         ff = []

@@ -32,7 +32,7 @@ from test_ner import FILL, LAST, LOC, PER, write_conll
 from test_segmentation import write_scenes
 
 import fmtune
-from fmtune.errors import ModelError
+from fmtune.errors import ConfigError, ModelError
 
 LAYERS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 ENCODERS = {
@@ -60,7 +60,24 @@ IMAGES = {
     # (hidden_dim: the channels of the last convolution, round_filters(1280) at this width)
     "efficientnet": dict(image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320),
     "mobilevit": dict(image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32]),
+    # no pooled output (its map is averaged); a pooled output that is a map (TextNet); tokens given back as a map
+    # (ViTDet); a backbone class (feature maps: HGNetV2); GroupNorm layers (PoolFormer, BiT: the guard below)
+    "segformer": dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+                      strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
+    "textnet": {},
+    "vitdet": dict(image_size=32, pretrain_image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=2, mlp_ratio=2),
+    "hgnet_v2": {},
+    "poolformer": dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
+    "bit": {},
+    "pvt_v2": dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+                   strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
+    "focalnet": dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], focal_levels=[2, 2],
+                     focal_windows=[3, 3], hidden_sizes=[32, 32]),
+    "swinv2": dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4),
+    "yolos": dict(VIT, image_size=[32, 32], intermediate_size=64, num_detection_tokens=4),
 }
+NO_LORA = ("bit",)  # its convolutions are a Conv2d subclass (weight standardised) that peft's LoRA cannot copy
 GQA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 DECODERS = {
     "llama": GQA, "qwen2": GQA, "mistral": GQA, "stablelm": GQA, "olmo2": GQA, "granite": GQA, "smollm3": GQA,
@@ -387,6 +404,44 @@ def test_prompt_tuned_generation_is_the_models_own_forward(tmp_path):
     assert got == want[:len(got)] and len(got) >= 1
 
 
+@pytest.mark.parametrize("model_type,strategy", [("segformer", "full"), ("textnet", "lora"), ("vitdet", "full"),
+                                                 ("hgnet_v2", "full"), ("poolformer", "last_n"), ("bit", "bitfit")])
+def test_image_backbones_that_once_failed(model_type, strategy, data, tmp_path):
+    """SegFormer has no pooled output and TextNet's is a map (the head read a missing attribute, then 2,048
+    features that change with the image size); ViTDet gives its tokens back as a map (the head read a row of it);
+    HGNetV2 loads as a backbone class (feature maps, no last hidden state). PoolFormer under last_n and BiT under
+    bitfit crashed the process: torch's GroupNorm backward on a channels_last input that needs no gradient."""
+    s = train(make_image(tmp_path / model_type, model_type), "classification", data, tmp_path / "run", strategy,
+              image_size=32)
+    assert 0.0 <= s["eval"]["test"]["accuracy"] <= 1.0
+    fmtune.predict(tmp_path / "run", data["images_test"])
+
+
+def test_group_norm_backward_on_channels_last_inputs_is_guarded():
+    """torch 2.13.0 (CPU) crashes on this backward; guarded, the gradients are those of the contiguous input."""
+    from fmtune.models.hf_remote import guard_group_norm
+
+    x = torch.randn(4, 16, 5, 5)
+    grads = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        norm = torch.nn.GroupNorm(2, 16)
+        torch.nn.init.normal_(norm.weight, generator=torch.Generator().manual_seed(0))
+        norm.weight.requires_grad_(False)  # bitfit: the bias alone trains
+        guard_group_norm(norm)
+        guard_group_norm(norm)  # (once is enough: not hooked twice)
+        assert len(norm._forward_pre_hooks) == 1
+        (norm(x.contiguous(memory_format=memory_format)) ** 2).sum().backward()
+        grads.append(norm.bias.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_lora_on_a_backbone_without_a_layer_it_can_adapt_says_what_can(data, tmp_path):
+    with pytest.raises(ConfigError, match="the BitModel backbone has no layer lora can adapt "
+                       r"\(its convolutions: a WeightStandardizedConv2d \(a Conv2d subclass\), which peft's LoRA "
+                       r"cannot copy\); use --strategy ia3, bitfit, last_n or full"):
+        train(make_image(tmp_path / "bit", "bit"), "classification", data, tmp_path / "run", "lora", image_size=32)
+
+
 @pytest.mark.parametrize("model_type,strategy", [("mobilenet_v2", "lora"), ("efficientnet", "full")])
 def test_transformers_cnns_without_a_feature_size_in_their_config(model_type, strategy, data, tmp_path):
     """MobileNetV2 and EfficientNet in transformers: the feature size is measured, and LoRA
@@ -522,7 +577,7 @@ def test_text_encoders_read_sentence_pairs_and_export_them_to_onnx(model_type, d
 @pytest.mark.parametrize("model_type", list(IMAGES))
 def test_image_backbones(model_type, data, tmp_path):
     m = make_image(tmp_path / model_type, model_type)
-    for strategy in ("full", "lora", "last_n"):
+    for strategy in ("full", "last_n") if model_type in NO_LORA else ("full", "lora", "last_n"):
         assert train(m, "classification", data, tmp_path / strategy, strategy, image_size=32)["eval"]["test"]
     for task in ("detection", "segmentation"):
         assert train(m, task, data, tmp_path / task, None, image_size=32)["eval"]["test"]

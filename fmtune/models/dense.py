@@ -28,6 +28,7 @@ from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from fmtune.errors import ModelError
+from fmtune.models.hf_remote import guard_group_norm
 
 DETAIL_STRIDE = 8
 HEAD_CHANNELS = 128
@@ -153,6 +154,7 @@ class DenseTaskModel(nn.Module):
     def __init__(self, backbone: DenseBackbone, head: nn.Module, num_classes: int):
         super().__init__()
         self.backbone, self.head, self.num_classes = backbone, head, num_classes
+        guard_group_norm(self)
 
     def features(self, pixel_values: torch.Tensor, **_: object) -> torch.Tensor:
         return self.backbone(pixel_values)[-1]

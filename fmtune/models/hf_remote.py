@@ -81,9 +81,13 @@ def pool(outputs, attention_mask: torch.Tensor | None, mode: str, skip: int = 0)
     """Reduce backbone outputs to one feature vector per example, leaving out the first ``skip``
     positions (virtual tokens that prompt tuning put before the text)."""
     if mode == "pooler":
-        out = outputs.pooler_output
-        return out.flatten(1)
-    hidden = outputs.last_hidden_state
+        out = getattr(outputs, "pooler_output", None)
+        if out is not None:  # (a map, TextNet's: its mean, as its classifier pools it)
+            return out.mean(dim=(2, 3)) if out.dim() == 4 else out.flatten(1)
+        # a CNN-like model without a pooled output (SegFormer's encoder): the mean of its last map, as its classifier
+    hidden = outputs.last_hidden_state if "last_hidden_state" in outputs else outputs.feature_maps[-1]  # (a backbone)
+    if hidden.dim() == 4:  # a feature map (B, C, H, W): CNNs, and ViTDet, whose tokens come back as a map
+        return hidden.mean(dim=(2, 3))
     if skip:
         hidden = hidden[:, skip:]
         attention_mask = attention_mask[:, skip:] if attention_mask is not None else None
@@ -94,12 +98,28 @@ def pool(outputs, attention_mask: torch.Tensor | None, mode: str, skip: int = 0)
             return hidden[:, -1]
         at = (attention_mask.long() * torch.arange(1, hidden.shape[1] + 1, device=hidden.device)).argmax(1)
         return hidden.gather(1, at[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
-    if hidden.dim() == 4:  # CNN feature map (B, C, H, W)
-        return hidden.mean(dim=(2, 3))
     if attention_mask is None:
         return hidden.mean(1)
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def guard_group_norm(model: nn.Module) -> None:
+    """torch 2.13's GroupNorm backward on the CPU crashes the process (a segmentation fault) when its input is
+    channels_last and needs no gradient while its weight or bias does: the first trainable normalisation after
+    frozen layers (last_n, bitfit) of a model that normalises with GroupNorm (PoolFormer, BiT, MobileViTv2 ...),
+    fed fmtune's channels_last images. Such an input is made contiguous first (one copy, only there)."""
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm) and _contiguous_input not in m._forward_pre_hooks.values():
+            m.register_forward_pre_hook(_contiguous_input)
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    if (torch.is_grad_enabled() and not x.requires_grad and x.dim() == 4 and not x.is_contiguous()
+            and any(p.requires_grad for p in module.parameters(recurse=False))):
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def whisper_states(encoder: nn.Module, input_features: torch.Tensor,
@@ -226,6 +246,7 @@ class FmtuneClassifier(PreTrainedModel):
         self.pooling = getattr(config, "fmtune_pooling", "mean")
         self.level = getattr(config, "fmtune_level", "pooled")
         self.backbone = backbone if backbone is not None else build_backbone(config, self.pooling)
+        guard_group_norm(self.backbone)
         self.head = nn.Sequential(
             nn.Dropout(getattr(config, "fmtune_head_dropout", 0.1)),
             nn.Linear(config.fmtune_num_features, config.num_labels),
