@@ -36,14 +36,19 @@ ADAPTER_NAME = "default"
 
 # Default modules to adapt, per architecture (``config.model_type`` of a transformers backbone, or
 # fmtune's CNN family): (lora/dora targets, ia3 targets, ia3 feed-forward subset). Names are
-# suffixes of module names. Architectures not listed use peft's table, then every linear layer
-# of the backbone (every convolution LoRA can take, for CNNs).
+# suffixes of module names. Architectures not listed use peft's table, then the attention projections of a
+# LLaMA-like block where there are q_proj / v_proj layers (IA3: k_proj, v_proj, down_proj), then every linear
+# layer of the backbone but those peft refuses (every convolution LoRA can take, for CNNs).
 TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
     "bert": (["query", "value"], ["key", "value", "output.dense"], ["output.dense"]),
     "vit": (["q_proj", "v_proj"], ["k_proj", "v_proj", "fc2"], ["fc2"]),
     "distilbert": (["q_lin", "v_lin"], ["k_lin", "v_lin", "lin2"], ["lin2"]),
 }
 CONV_ARCHS = ("efficientnet-lite0", "mobilenet-v2")  # fmtune's own CNNs: convolutions are the targets
+LLAMA_LIKE = (["q_proj", "v_proj"], ["k_proj", "v_proj", "down_proj"], ["down_proj"])
+# what peft refuses to adapt with LoRA in state-space models (peft.tuners.tuners_utils: their fused kernels read
+# these weights directly)
+NOT_LORA = {("mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h"): ("out_proj", "conv1d")}
 
 
 @contextlib.contextmanager
@@ -126,6 +131,11 @@ def _arch(bundle: Any) -> str:
     return getattr(config, "model_type", "")
 
 
+def not_lora(model_type: str) -> tuple[str, ...]:
+    """Module names peft refuses to adapt with LoRA in a model of this type."""
+    return next((names for types, names in NOT_LORA.items() if model_type in types), ())
+
+
 def default_targets(bundle: Any, method: str) -> tuple[list[str], list[str]]:
     """(targets, ia3 feed-forward targets) for ``bundle``'s architecture, as module-name suffixes."""
     arch = _arch(bundle)
@@ -143,6 +153,12 @@ def default_targets(bundle: Any, method: str) -> tuple[list[str], list[str]]:
         if lora:
             return list(lora), []
     linear = [n for n, m in _backbone_modules(bundle.model) if is_linear(m)]
+    short = {n.rsplit(".", 1)[-1] for n in linear}
+    if {"q_proj", "v_proj"} <= short:  # (not every linear layer: an MoE block's router returns its choices too)
+        lora, ia3, ff = LLAMA_LIKE
+        return ([t for t in ia3 if t in short], [t for t in ff if t in short]) if method == "ia3" else (lora, [])
+    refused = not_lora(arch) if method == "lora" else ()
+    linear = [n for n in linear if n.rsplit(".", 1)[-1] not in refused]
     if linear and arch not in CONV_ARCHS:
         return linear, []
     convs = [n for n, m in _backbone_modules(bundle.model)

@@ -466,7 +466,8 @@ class TrainConfig:
     grad_clip: float | None = _f(1.0, "clip the gradient norm to this value (null: no clipping)")
     grad_accum: int = _f(1, "accumulate gradients over this many batches per optimizer step")
     packing: bool = _f(False, "text generation: a batch's examples run as one sequence, end to end, with attention "
-                       "kept within each example and positions restarting: no padding at all (prompt tuning excepted)")
+                       "kept within each example and positions restarting: no padding at all (prompt tuning, and "
+                       "models that would read one example into the next, OPT, BLOOM, Mamba: refused)")
     gradient_checkpointing: Literal["auto", True, False] = _f(
         "auto", "text generation: recompute each decoder layer in the backward pass instead of keeping its "
         "activations (SmolLM2-135M, 8 x 256 tokens: 6.0 -> 1.6 GB, +53% step time); auto: on when the largest "

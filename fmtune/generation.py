@@ -119,6 +119,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
         read_as = sorted({tuple(pair) for df in frames.values() for pair in df.attrs.get("read_as", [])})
         _print_plan(cfg, bundle, task, data, run_dir, hw, small, read_as)
     bundle.model.to(hw.device)
+    if cfg.train.packing:
+        causal_lm.check_packing(bundle)
     test_sample = task.sample(data["test"], cfg.eval.test_samples or len(data["test"])) if "test" in data else []
     baseline = read_json(run_dir / BASELINE_FILE, {}) if resume else {}
     if "test" in data and not baseline:  # the pretrained model, before any strategy touches it

@@ -91,6 +91,11 @@ DECODERS = {
     "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=2, n_positions=256),
     "gptj": dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=256),
     "codegen": dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=256),
+    # not in peft's table of targets: a Llama-like block whose MoE router is a linear layer returning its choices
+    # (PhiMoE); a state-space model whose out_proj peft refuses (Mamba)
+    "phimoe": dict(GQA, num_local_experts=2, num_experts_per_tok=1),
+    "mamba": dict(hidden_size=32, num_hidden_layers=2, state_size=8),
+    "helium": dict(GQA, head_dim=16), "cohere": GQA, "starcoder2": GQA,
 }
 AUDIO = ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat", "wav2vec2-conformer"]
 LAYER_NORM_AUDIO = ("wavlm", "data2vec-audio")  # feat_extract_norm "layer" (an attention mask); the others "group"
@@ -375,6 +380,36 @@ def test_decoders_that_once_failed(model_type, strategy, data, tmp_path):
     s = train(make_decoder(tmp_path / model_type, model_type), "generation", data, tmp_path / "run", strategy)
     answers = [json.loads(line) for line in (tmp_path / "run" / "test_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 8 and {"rougeL", "loss"} <= set(s["eval"]["test"])
+
+
+@pytest.mark.parametrize("model_type", ["phimoe", "mamba"])
+def test_lora_defaults_for_decoders_peft_has_no_targets_for(model_type, data, tmp_path):
+    """LoRA adapted every linear layer of a block: PhiMoE's router too (it returns a tuple: the adapted layer
+    failed), and Mamba's out_proj, which peft refuses. Now a Llama-like block's projections, and every linear
+    layer but those peft refuses; the same for the classifier built on the decoder. Mamba's recurrent state
+    cannot be repeated for the rows that share a chat template's first tokens (they run whole), and it would
+    carry from one packed example into the next: packing is refused, having been checked on the model."""
+    from peft import PeftModel
+
+    from fmtune.models import build
+
+    m = make_decoder(tmp_path / model_type, model_type)  # (with a chat template: rows share their first tokens)
+    assert train(m, "generation", data, tmp_path / "gen", "lora")["eval"]["test"]
+    assert train(m, "classification", data, tmp_path / "cls", "lora")["eval"]["test"]
+    cfg = cfg_dict(m, data["generation"], out=str(tmp_path / "packed"), task={"type": "generation"},
+                   train={"epochs": 1, "batch_size": 8, "packing": True}, eval={"max_new_tokens": 4, "samples": 4})
+    cfg["model"].pop("max_length")
+    if model_type == "mamba":
+        with pytest.raises(ConfigError, match=r"train.packing: .*reads a packed batch as one text \(its mamba layers "
+                                              r"carry a state from one example into the next\); leave train.packing"):
+            fmtune.train(cfg, quiet=True)
+    else:  # attention kept within each packed example: the check passes
+        assert fmtune.train(cfg, quiet=True)["best"] is not None
+    model = build.load(tmp_path / "gen" / "model").model
+    adapted = {n.split(".")[-2] for n, _ in model.named_modules() if n.endswith(".lora_A")}
+    assert isinstance(model, PeftModel) and adapted
+    assert adapted <= ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+                       if model_type == "phimoe" else {"in_proj", "x_proj", "dt_proj"})
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")

@@ -168,6 +168,13 @@ def _targets(model: nn.Module, cfg: Any) -> tuple[list[str], list[str]]:
         loc = block_list(model)
         inside = {id(m) for m in getattr(*loc).modules()} if loc else set()
         wanted = sorted({n.split(".")[-1] for n, m in model.named_modules() if id(m) in inside and n in names})
+        if {"q_proj", "v_proj"} <= set(wanted):  # a Llama-like block of an unlisted model: its projections (not an
+            lora, ia3, ff = LM_TARGETS["llama"]  # MoE router, which returns its choices too)
+            return [t for t in (ia3 if cfg.name == "ia3" else lora) if t in wanted], [t for t in ff if t in wanted]
+        if cfg.name != "ia3":
+            from fmtune.adapters import not_lora
+
+            wanted = [w for w in wanted if w not in not_lora(arch)]
         return wanted, ([w for w in wanted if "down" in w or "fc2" in w or "c_proj" in w] if cfg.name == "ia3" else [])
     wanted = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     if wanted == ["all-linear"]:
@@ -256,6 +263,36 @@ def _cache_of(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
+def _repeatable(cache: Any) -> bool:
+    """Whether a cache can be repeated for every row of a batch (transformers' recurrent layers cannot)."""
+    return hasattr(cache, "batch_repeat_interleave") and all(
+        hasattr(layer, "batch_repeat_interleave") for layer in getattr(cache, "layers", []))
+
+
+def check_packing(bundle: Any) -> None:
+    """``train.packing`` runs a batch's examples as one sequence, attention kept within each by restarting the
+    position ids: a model whose layers carry a state along the sequence (Mamba's, RWKV's, a convolution's) would
+    read each example after the ones before it. Checked on the model: the second of two packed runs of tokens must
+    read as it does alone."""
+    lm = plain(bundle.model)
+    decoder = lm.get_decoder()
+    device = next(lm.parameters()).device
+    ids = (torch.arange(5, 15, device=device) % lm.config.vocab_size)[None]
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            alone = decoder(input_ids=ids[:, 5:], use_cache=False)[0]
+            positions = torch.arange(5, device=device).repeat(2)[None]
+            packed = decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][:, 5:]
+    finally:
+        lm.train(was_training)
+    if not torch.allclose(alone.float(), packed.float(), rtol=1e-3, atol=1e-4):
+        raise ConfigError(f"train.packing: {bundle.source} reads a packed batch as one text (its "
+                          f"{lm.config.model_type} layers carry a state from one example into the next); "
+                          "leave train.packing off")
+
+
 # Activations a training step keeps per token, decoder layer and hidden unit. Measured: SmolLM2-135M (30 layers,
 # hidden 576), LoRA, bf16 autocast on a CPU, 8 rows x 256 tokens: 6.05 GB peak above the model = 171 bytes.
 ACTIVATION_BYTES = 171
@@ -297,6 +334,7 @@ class TargetLogits(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer  # what evaluation generates with
+        self.shares_prefix = True  # the rows' shared first tokens run once (False once its cache cannot be repeated)
 
     def forward(self, input_ids: torch.Tensor, target_index: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 prefix: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> types.SimpleNamespace:
@@ -310,15 +348,20 @@ class TargetLogits(nn.Module):
         rows = input_ids.shape[0]
         if position_ids is not None:  # packed examples (no mask: transformers masks by restarting positions)
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
-        elif shared >= MIN_SHARED_PREFIX and rows > 1 and not (lm.training and lm.is_activation_checkpointing):
+        elif (shared >= MIN_SHARED_PREFIX and rows > 1 and not (lm.training and lm.is_activation_checkpointing)
+              and self.shares_prefix):
             # the tokens every row starts with (chat template, system prompt, instruction) run once: their
             # keys and values are repeated for every row, and the gradients of all rows flow back through them
             head = decoder(input_ids=input_ids[:1, :shared], use_cache=True)
             cache = _cache_of(head)
-            cache.batch_repeat_interleave(rows)
-            rest = decoder(input_ids=input_ids[:, shared:], attention_mask=attention_mask, use_cache=True,
-                           **{_cache_arg(decoder): cache})[0]
-            hidden = torch.cat([head[0].expand(rows, -1, -1), rest], dim=1)
+            self.shares_prefix = _repeatable(cache)
+            if self.shares_prefix:
+                cache.batch_repeat_interleave(rows)
+                rest = decoder(input_ids=input_ids[:, shared:], attention_mask=attention_mask, use_cache=True,
+                               **{_cache_arg(decoder): cache})[0]
+                hidden = torch.cat([head[0].expand(rows, -1, -1), rest], dim=1)
+            else:  # a recurrent state (Mamba's) this transformers cannot repeat per row: the whole rows
+                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
         else:
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
         picked = hidden.flatten(0, 1).index_select(0, target_index)
