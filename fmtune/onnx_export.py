@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from fmtune.errors import ModelError
+from fmtune.errors import ModelError, brief
 
 MODEL_FILE, PREP_FILE = "model.onnx", "preprocessing.json"
 
@@ -116,7 +116,21 @@ def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], pa
             torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["logits"], dynamo=True,
                               dynamic_shapes=tuple(shapes[n] for n in names), external_data=False, verbose=False)
     except Exception as e:  # the exporter raises many kinds
-        raise ModelError(f"ONNX export failed for {type(model).__name__}: {e.__class__.__name__}: {e}") from None
+        raise ModelError(export_failure(model, e)) from None
+
+
+def export_failure(model: nn.Module, error: BaseException) -> str:
+    """What to tell a user whose model torch.export cannot trace: the root cause in a line (the exporter's own
+    message is pages of advice to torch developers, in colour), and what to do instead."""
+    import re
+
+    root = error
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    why = re.sub(r"\x1b\[[0-9;]*m", "", brief(root, 300)).replace("\n", " ")
+    arch = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    return (f"ONNX export failed: torch.export cannot trace this {arch} model ({type(root).__name__}: {why}); "
+            "export the run as a transformers folder instead (fmtune export RUN), which needs no tracing")
 
 
 def quantize_int8(src: Path, dst: Path) -> None:

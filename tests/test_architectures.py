@@ -470,6 +470,22 @@ def test_group_norm_backward_on_channels_last_inputs_is_guarded():
     torch.testing.assert_close(grads[1], grads[0])
 
 
+def test_a_model_torch_export_cannot_trace_is_refused_in_a_line(data, tmp_path, monkeypatch):
+    """Longformer's sliding-window attention has data-dependent shapes: the exporter's error was pages of advice to
+    torch developers, in terminal colours. Now its root cause in a line and what to do instead."""
+    from fmtune.exporter import export
+
+    monkeypatch.setitem(ENCODERS, "longformer", dict(LAYERS, attention_window=4))
+    assert train(make_encoder(tmp_path / "m", "longformer"), "classification", data, tmp_path / "run")
+    with pytest.raises(ModelError) as e:
+        export(tmp_path / "run", out=tmp_path / "onnx", format="onnx", quiet=True)
+    message = str(e.value)
+    assert message.startswith("ONNX export failed: torch.export cannot trace this longformer model (")
+    assert message.endswith("export the run as a transformers folder instead (fmtune export RUN), which needs no "
+                            "tracing") and len(message) < 600 and "\x1b" not in message
+    assert not (tmp_path / "onnx").exists()  # nothing half-written
+
+
 def test_lora_on_a_backbone_without_a_layer_it_can_adapt_says_what_can(data, tmp_path):
     with pytest.raises(ConfigError, match="the BitModel backbone has no layer lora can adapt "
                        r"\(its convolutions: a WeightStandardizedConv2d \(a Conv2d subclass\), which peft's LoRA "
