@@ -945,7 +945,8 @@ def _write_rows(df: pd.DataFrame, dest: Any, header: bool, jsonl: bool = False) 
 
 def predict(run: str | Path, inputs: str | Path, output: str | Path | None = None, *, quiet: bool = False,
             batch_size: int | None = None, strict: bool = False, chunk_rows: int = PREDICT_CHUNK_ROWS,
-            save_images: str | Path | None = None) -> pd.DataFrame | dict[str, Any]:
+            save_images: str | Path | None = None,
+            media_root: str | Path | None = None) -> pd.DataFrame | dict[str, Any]:
     """Predict every row of ``inputs`` (CSV/TSV/JSONL/Parquet, a .txt file of one text per line, a
     CoNLL file of one word per line (each sentence a row: text, line, and the file's tags if it has
     them), an image or audio folder or file).
@@ -965,6 +966,9 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     ``save_images``: a folder for what the predictions look like (segmentation: each mask as a PNG of
     class indices and an overlay on its image, named in ``mask_file`` instead of ``mask_png``;
     detection: each image with its boxes drawn, named in ``image_file``).
+
+    ``media_root``: the folder relative image / audio paths of a table are read from (default: the run's
+    ``data.media_root``, else the table's own folder).
     """
     from fmtune.predictor import Predictor
 
@@ -992,7 +996,10 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
         chunks = iter_chunks(inputs, enc, chunk_rows, input_column(media, pred.config.data)[0], text, media)
     try:
         with ui.CountProgress("predict", count_rows(inputs, media) or 0, quiet) as bar:
+            root = media_root or pred.config.data.media_root
             for df, problems in chunks:
+                if root and inputs.is_file():
+                    df.attrs["media_root"] = str(Path(root).expanduser())
                 out = _predict_chunk(pred, df, problems, strict)
                 if save_images is not None:
                     column = pred.task.input_column(df, input_column(media, pred.config.data)[0])

@@ -191,7 +191,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
                           strict=a.strict)
     elif files:
         api.predict(a.run, files[0], a.output or "-", quiet=a.quiet, batch_size=a.batch_size, strict=a.strict,
-                    save_images=a.save_images)
+                    save_images=a.save_images, media_root=a.media_root)
     else:
         raise ConfigError("nothing to predict: give an input file, - for stdin, or texts (--text)")
 
@@ -623,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--strict", action="store_true",
                     help="stop at the first row that cannot be predicted (default: report it in the error "
                     "column and go on)")
+    pr.add_argument("--media-root", metavar="DIR", help="the folder relative image / audio paths in the table are "
+                    "read from (default: the run's data.media_root, else the table's own folder)")
 
     g = verb("generate", cmd_generate, "answer prompts with a trained generation run (--task generation): greedy "
              "by default, batched with a KV cache; JSON lines {prompt, answer} to stdout or -o")

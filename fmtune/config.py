@@ -81,6 +81,8 @@ class DataConfig:
     mask_column: str = _f("mask", "segmentation: column holding mask PNG paths (relative to the file) in a table")
     image_root: str | None = _f(None, "detection: the folder COCO file_names are relative to (default: the JSON "
                                 "file's folder)")
+    media_root: str | None = _f(None, "the folder that relative image / audio paths in a table are read from "
+                                "(default: the table's own folder), e.g. Common Voice's clips/, ESC-50's audio/")
     box_format: Literal["xywh", "xyxy"] = _f(
         "xywh", "detection, boxes in a table (a Hugging Face dataset's objects.bbox): xywh = x, y, width, height "
         "in pixels (COCO, cppe-5), xyxy = the corners x0, y0, x1, y1")

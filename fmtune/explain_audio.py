@@ -30,7 +30,7 @@ import torch
 from fmtune import ui
 from fmtune.data.audio import FBANK, WAVEFORM, AudioData, AudioSpec, Fbank, LogMel, features_of, read_audio_folder
 from fmtune.data.prepare import make_dataset
-from fmtune.data.readers import AUDIO_SUFFIXES, TABLE_SUFFIXES, list_files, read_table, row_label
+from fmtune.data.readers import AUDIO_SUFFIXES, TABLE_SUFFIXES, list_files, read_table, row_label, table_base
 from fmtune.errors import ConfigError, DataError
 from fmtune.explain_inputs import choose_items
 from fmtune.fsutil import atomic_dir, check_output_dir
@@ -58,14 +58,14 @@ def collect(pred: Any, inputs: list[str], limit: int) -> list[dict[str, Any]]:
             if not rows:
                 raise DataError(f"--input {value}: no audio files in this folder ({', '.join(sorted(AUDIO_SUFFIXES))})")
         elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
-            df = read_table(path, cfg.encoding, cfg.audio_column)
+            df = read_table(path, cfg.encoding, cfg.audio_column, cfg.media_root)
             column = pred.task.input_column(df, cfg.audio_column)
             if column not in df.columns:
                 cols = ", ".join(map(str, df.columns))
                 raise DataError(f"{path}: no audio path column {column!r}; columns are: {cols}")
             truth = df[cfg.label_column] if cfg.label_column in df.columns else [None] * len(df)
             for i, (p, t) in enumerate(zip(df[column].astype(str), truth)):
-                f = Path(p) if Path(p).is_absolute() else path.parent / p
+                f = Path(p) if Path(p).is_absolute() else table_base(df) / p
                 rows.append((row_label(df, i).split(": ", 1)[-1], f, None if t is None else str(t)))
         elif path.is_file():
             rows = [(path.name, path, None)]

@@ -890,3 +890,33 @@ def test_ast_end_to_end(tiny_ast, second_tones, tmp_path):
     with pytest.raises(ModelError, match="is a model of type .audio-spectrogram-transformer. .use whisper"):
         fmtune.train(cfg_dict(tiny_ast, speech / "metadata.csv", out=str(tmp_path / "sr"),
                               task={"type": "speech-recognition"}), quiet=True)
+
+
+def test_a_table_whose_clips_are_in_another_folder(tiny_whisper, tone_dirs, tmp_path):
+    """ESC-50's layout: meta/esc50.csv names files that are in ../audio/. The error says where they are and
+    how to say so; data.media_root reads them from there (for training, evaluation and a table to predict)."""
+    import shutil
+
+    import fmtune
+
+    root = tmp_path / "esc"
+    (root / "meta").mkdir(parents=True)
+    (root / "audio").mkdir()
+    rows = []
+    for f in sorted(tone_dirs["train"].glob("*/*")):
+        shutil.copy(f, root / "audio" / f"{f.parent.name}-{f.name}")
+        rows.append({"filename": f"{f.parent.name}-{f.name}", "category": f.parent.name})
+    pd.DataFrame(rows).to_csv(root / "meta" / "esc50.csv", index=False)
+    cfg = cfg_dict(tiny_whisper, root / "meta" / "esc50.csv", out=str(tmp_path / "run"),
+                   task={"type": "audio-classification"}, train={"epochs": 1, "batch_size": 8},
+                   data={"audio_column": "filename", "label_column": "category"})
+    with pytest.raises(DataError, match=rf"audio file not found(.|\n)*\(they are under {root / 'audio'}: --set "
+                                        rf"data.media_root={root / 'audio'}\)$"):
+        fmtune.train(cfg, quiet=True)
+    cfg["data"]["media_root"] = str(root / "audio")
+    summary = fmtune.train(cfg, quiet=True)
+    assert summary["best"] is not None
+    got = fmtune.load(tmp_path / "run").predict([str(root / "audio" / rows[0]["filename"])])
+    assert got[0]["label"] in {"low", "mid", "high"}
+    table = fmtune.predict(tmp_path / "run", root / "meta" / "esc50.csv")  # the run's media_root reads it again
+    assert len(table) == len(rows) and table.iloc[0]["label"] == got[0]["label"] and not table["error"].any()

@@ -37,6 +37,28 @@ def test_image_classification_end_to_end(tmp_path, image_dirs, model, request):
     assert preds["error"].notna().sum() == 1 and preds["label"].notna().sum() == 20
 
 
+def test_a_table_whose_images_are_in_a_folder_below_it(tmp_path, image_dirs, tiny_vit):
+    """Kaggle's layout: train.csv beside train_images/, the table naming files relative to that folder. The error
+    says where they are; data.media_root reads them (and the run's setting reads a table to predict too)."""
+    import shutil
+
+    shutil.copytree(image_dirs["train"], tmp_path / "train_images")
+    files = sorted(p.relative_to(image_dirs["train"]) for p in image_dirs["train"].glob("*/*.png"))
+    pd.DataFrame({"image_id": [str(f) for f in files], "label": [f.parent.name for f in files]}).to_csv(
+        tmp_path / "train.csv", index=False)
+    cfg = cfg_dict(tiny_vit, tmp_path / "train.csv", out=str(tmp_path / "run"), model={"image_size": 32},
+                   data={"image_column": "image_id"}, train={"epochs": 1, "batch_size": 8})
+    with pytest.raises(DataError, match=rf"file not found(.|\n)*\(they are under {tmp_path / 'train_images'}: "
+                                        rf"--set data.media_root={tmp_path / 'train_images'}\)$"):
+        fmtune.train(cfg, quiet=True)
+    cfg["data"]["media_root"] = str(tmp_path / "train_images")
+    assert fmtune.train(cfg, quiet=True)["best"] is not None
+    preds = fmtune.predict(tmp_path / "run", tmp_path / "train.csv", quiet=True)
+    assert len(preds) == len(files) and not preds["error"].any()
+    moved = fmtune.predict(tmp_path / "run", tmp_path / "train.csv", quiet=True, media_root=tmp_path)
+    assert moved["error"].str.contains(f"no such image file: {tmp_path / 'bottom'}").any()  # read from the one given
+
+
 @pytest.mark.parametrize("eager", [True, False])
 def test_hugging_face_image_parquet_trains_and_predicts(tmp_path, image_dirs, tiny_vit, eager, monkeypatch):
     """A Hugging Face image dataset's Parquet split (images embedded as {bytes, path}, class ids

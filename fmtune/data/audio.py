@@ -35,7 +35,15 @@ import pandas as pd
 import torch
 
 from fmtune.data.dataset import skip_bad
-from fmtune.data.readers import AUDIO_SUFFIXES, media_cell, read_class_folder, require_column, row_label, table_base
+from fmtune.data.readers import (
+    AUDIO_SUFFIXES,
+    media_cell,
+    media_root_hint,
+    read_class_folder,
+    require_column,
+    row_label,
+    table_base,
+)
 from fmtune.errors import DataError
 
 MIN_SECONDS = 0.005  # shorter is not a sound a model can tell anything from: an error
@@ -334,7 +342,9 @@ def audio_dataset(df: pd.DataFrame, column: str, spec: AudioSpec, targets: torch
         kept.append(i)
         sources.append(p if isinstance(p, bytes) else str(p))
         names.append(where if isinstance(p, bytes) else str(p))
-    skip_bad(bad, len(df), src, max_bad_fraction, "audio files cannot be used", "unusable audio file(s)")
+    missing = [p for p, _ in (media_cell(v, base) for v in df[column]) if isinstance(p, Path) and not p.exists()]
+    skip_bad(bad, len(df), src, max_bad_fraction, "audio files cannot be used", "unusable audio file(s)",
+             media_root_hint(missing, base) if missing else "")
     keep = np.array(kept, dtype=np.int64)
     return AudioData(features_of(waves, spec), None if targets is None else targets[keep], spec, sources,
                      names), keep

@@ -292,7 +292,7 @@ def read_box_table(path: Path, data_cfg: Any) -> pd.DataFrame:
     (``data.box_format``) and ``category`` lists (or a list of such objects), or top-level box and
     class list columns (``bboxes`` / ``labels`` ...); class ids are named by the file's metadata;
     ``iscrowd`` where given."""
-    df = read_table(path, data_cfg.encoding)
+    df = read_table(path, data_cfg.encoding, media_root=data_cfg.media_root)
     column = data_cfg.image_column
     require_column(df, column, "image", "data.image_column")
     names, base, records = _object_names(path, list(df.columns)), table_base(df), []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from fmtune.data.readers import (
     file_like,
     media_cell,
+    media_root_hint,
     require_column,
     require_text_column,
     row_label,
@@ -273,24 +275,27 @@ def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: 
             kept.append(i)
         else:
             bad.append(f"{row_prefix(df, i)}{name + ': ' if name else ''}{reason}")
-    skip_bad(bad, len(cells), src, max_bad_fraction, "images cannot be read", "unreadable image(s)")
+    missing = [s for s, _ in cells if isinstance(s, Path) and not s.exists()]
+    skip_bad(bad, len(cells), src, max_bad_fraction, "images cannot be read", "unreadable image(s)",
+             media_root_hint(missing, base) if missing else "")
     keep = np.array(kept, dtype=np.int64)
     data = torch.stack(images) if eager else [cells[i][0] if isinstance(cells[i][0], bytes) else str(cells[i][0])
                                               for i in kept]
     return ImageData(data, None if targets is None else targets[keep], spec), keep
 
 
-def skip_bad(bad: list[str], total: int, src: str, max_bad_fraction: float, cannot: str, skipping: str) -> None:
+def skip_bad(bad: list[str], total: int, src: str, max_bad_fraction: float, cannot: str, skipping: str,
+             hint: str = "") -> None:
     """Files that cannot be used (``bad``: one message each, naming the file): a DataError listing
     them when they are more than ``max_bad_fraction`` of ``total`` (or all of them), else a warning
-    that they are skipped."""
+    that they are skipped; ``hint``, where missing files were found elsewhere, ends the error."""
     if not bad:
         return
     share = len(bad) / total
     listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
     if share > max_bad_fraction or len(bad) == total:
         raise DataError(f"{src}: {len(bad)} of {total} {cannot} ({share:.0%}, more than "
-                        f"data.max_bad_fraction={max_bad_fraction:.0%}):\n  {listing}")
+                        f"data.max_bad_fraction={max_bad_fraction:.0%}):\n  {listing}{hint}")
     warnings.warn(f"skipping {len(bad)} {skipping} in {src}:\n  {listing}", stacklevel=3)
 
 

@@ -65,9 +65,11 @@ def _check_table(path: Path, alternatives: str) -> str:
     return suffix
 
 
-def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "text") -> pd.DataFrame:
+def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "text",
+               media_root: str | None = None) -> pd.DataFrame:
     """Read CSV/TSV, JSONL, Parquet or plain text (one text per line, into ``text_column``; empty
-    lines skipped); every cell of CSV/JSONL is kept as read (no type guessing for text)."""
+    lines skipped); every cell of CSV/JSONL is kept as read (no type guessing for text). Relative image / audio
+    paths in it are read from ``media_root`` (``data.media_root``) when given, else from the table's folder."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -90,6 +92,8 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
     if len(df) == 0:
         raise DataError(f"{path}: no data rows (only a header?)")
     df.attrs["source"] = str(path)
+    if media_root:
+        df.attrs["media_root"] = str(Path(media_root).expanduser())
     return df
 
 
@@ -216,18 +220,38 @@ def read_image_folder(path: Path) -> pd.DataFrame:
     return read_class_folder(path, IMAGE_SUFFIXES)
 
 
-def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text") -> pd.DataFrame:
+def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text",
+             media_root: str | None = None) -> pd.DataFrame:
     """A table file (or a text file, one text per line), or an image folder of class sub-folders."""
     p = Path(path)
     if p.is_dir():
         return read_image_folder(p)
-    return read_table(p, encoding, text_column)
+    return read_table(p, encoding, text_column, media_root)
 
 
 def table_base(df: pd.DataFrame) -> Path:
-    """The folder that relative paths in ``df`` (image columns) are relative to: its file's."""
+    """The folder that relative paths in ``df`` (image and audio columns) are relative to: ``data.media_root``
+    where given (see ``read_table``), else its file's."""
+    if df.attrs.get("media_root"):
+        return Path(df.attrs["media_root"])
     src = df.attrs.get("source", "")
     return Path(src).parent if src and Path(src).is_file() else Path(".")
+
+
+def media_root_hint(missing: list[Path], base: Path) -> str:
+    """Where the relative paths of a table that are not found under ``base`` are instead, as advice to append to
+    the error: the first folder beside or below the table's that holds the first few of them (Common Voice's
+    clips/, ESC-50's ../audio/), or ""."""
+    rel = [p.relative_to(base) for p in missing if p.is_relative_to(base)][:5]
+    if not rel or not base.is_dir():
+        return ""
+    here = base.resolve()
+    for parent in (base, base.parent):
+        folders = sorted(d for d in parent.iterdir() if d.is_dir()) + ([parent] if parent != base else [])
+        for d in folders:
+            if d.resolve() != here and all((d / r).is_file() for r in rel):
+                return f"\n  (they are under {d}: --set data.media_root={d})"
+    return ""
 
 
 def absolute_paths(df: pd.DataFrame, column: str) -> pd.DataFrame:

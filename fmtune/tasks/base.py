@@ -113,7 +113,8 @@ class Task:
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
         """A data file (or folder) as a DataFrame with one row per example; labels stored as numbers
         named by data.label_names."""
-        return cls.with_label_names(read_any(path, data_cfg.encoding, data_cfg.text_column), data_cfg)
+        return cls.with_label_names(read_any(path, data_cfg.encoding, data_cfg.text_column, data_cfg.media_root),
+                                    data_cfg)
 
     @classmethod
     def with_label_names(cls, df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:

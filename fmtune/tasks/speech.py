@@ -91,7 +91,7 @@ def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> p
             df.attrs["source"] = str(p)
             return _speech_rows(df, data_cfg, with_targets, p)
         p = meta
-    df = read_table(p, data_cfg.encoding, data_cfg.audio_column)
+    df = read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg.media_root)
     if df.empty:
         raise DataError(f"{p}: no rows")
     return _speech_rows(df, data_cfg, with_targets, p)
