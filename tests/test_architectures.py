@@ -528,6 +528,22 @@ def test_a_backbone_that_cannot_read_another_size_says_so(data, tmp_path):
         train(d, "segmentation", data, tmp_path / "run", image_size=64)
 
 
+@pytest.mark.parametrize("task", ["detection", "classification"])
+def test_a_whole_detector_is_not_taken_for_a_backbone(task, data, tmp_path):
+    """An RT-DETR folder was read as a segmentation backbone's error (for a detection run) or trained as a
+    classifier until its forward failed; now the error says what it is and what to give instead."""
+    from transformers import AutoConfig, AutoModel
+
+    d = tmp_path / "rt-detr"
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.for_model("rt_detr", d_model=32, encoder_layers=1, decoder_layers=1,
+                                               encoder_hidden_dim=32, num_queries=10)).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 64, "width": 64}}))
+    with pytest.raises(ModelError, match=f"is a whole rt_detr model .*; fmtune trains its own {task} head on an image "
+                                         r"backbone: give the folder of an image model \(a ResNet"):
+        train(d, task, data, tmp_path / "run", image_size=64)
+
+
 def test_the_patch_grid_is_found_among_the_tokens():
     from fmtune.models.dense import token_grid
 

@@ -294,7 +294,8 @@ def create(model_cfg: Any, task: Any) -> Bundle:
 DENSE_SIZE = 320  # model.image_size of segmentation and detection on a CNN unless set: objects and edges need pixels
 
 
-def _dense_net(family: str, path: Path | str, init: str, image_size: int | None) -> tuple[nn.Module, dict[str, Any]]:
+def _dense_net(family: str, path: Path | str, init: str, image_size: int | None,
+               task: str = "segmentation") -> tuple[nn.Module, dict[str, Any]]:
     """The image backbone ``path`` of ``family`` (pretrained or random) and its input settings: a
     CNN reads DENSE_SIZE pixels unless model.image_size says otherwise (its classification size,
     224, leaves small objects a few cells wide); a ViT its own size (its position embeddings)."""
@@ -303,10 +304,10 @@ def _dense_net(family: str, path: Path | str, init: str, image_size: int | None)
         net = _pretrained_cnn(family, path) if init == "pretrained" else spec["make"]()
         return net, {"size": image_size or DENSE_SIZE, "mean": spec["mean"], "std": spec["std"]}
     if family != "hf":
-        raise ModelError(f"{path} is not an image backbone; segmentation needs an image model: mobilenet-v2, "
+        raise ModelError(f"{path} is not an image backbone; {task} needs an image model: mobilenet-v2, "
                          "efficientnet-lite0, or a local ResNet / ConvNeXt / ViT folder")
     config = tower_config(_config_at(path), "vision")
-    dense.check_hf(config, str(path))
+    dense.check_hf(config, str(path), task)
     net = dense.hf_net(config, str(path) if init == "pretrained" else None)
     cnn_like = bool(getattr(config, "hidden_sizes", None))  # ResNet, ConvNeXt ... (a ViT has one hidden_size)
     return net, _image_spec(path, config, image_size or (DENSE_SIZE if cnn_like else None))
@@ -314,7 +315,7 @@ def _dense_net(family: str, path: Path | str, init: str, image_size: int | None)
 
 def _create_dense(model_cfg: Any, task: Any) -> Bundle:
     family, path = resolve(model_cfg.name)
-    net, image = _dense_net(family, path, model_cfg.init, model_cfg.image_size)
+    net, image = _dense_net(family, path, model_cfg.init, model_cfg.image_size, task.name)
     model = dense.HEADS[task.dense_head](dense.DenseBackbone(net, int(image["size"])), task.num_outputs)
     return Bundle(model, "image", family, "none", image=image, source=str(model_cfg.name))
 
@@ -342,6 +343,8 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
     kind = {"vision": "image", "text": "text"}.get(tower) or _audio_kind(path, config) or (
         "image" if is_image else "text")
+    if kind == "image":
+        dense.check_whole_model(config, str(path), task.name)
     if (kind == "audio") != (task.modality == "audio"):
         raise ModelError(f"task {task.name} reads audio; {path} is a {kind} model: use an audio encoder "
                          f"({AUDIO_CHOICES})" if kind != "audio" else

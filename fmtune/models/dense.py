@@ -195,15 +195,25 @@ def hf_net(config: Any, path: str | None) -> nn.Module:
                          f"{e}") from None
 
 
-def check_hf(config: Any, where: str) -> None:
+def check_whole_model(config: Any, where: str, task: str) -> None:
+    """A ModelError for a whole detector or segmenter (DETR, RT-DETR, UperNet, Mask2Former ...: an image backbone
+    inside an architecture of its own), given where an image backbone is wanted."""
+    if getattr(config, "backbone_config", None) is not None or getattr(config, "use_timm_backbone", False):
+        raise ModelError(f"{where} is a whole {config.model_type} model (an image backbone inside an architecture "
+                         f"of its own); fmtune trains its own {task} head on an image backbone: give the folder of an "
+                         "image model (a ResNet, ConvNeXt, Swin or ViT) instead")
+
+
+def check_hf(config: Any, where: str, task: str = "segmentation") -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     model_type = getattr(config, "model_type", "")
+    check_whole_model(config, where, task)
     # transformers' image classifiers (MobileNetV2 and EfficientNet state neither stage sizes nor patches)
     image = model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES or bool(
         getattr(config, "hidden_sizes", None) or getattr(config, "patch_size", None))
     if not image or model_type == "whisper":
-        raise ModelError(f"{where} is not an image backbone (model type {config.model_type!r}); segmentation needs "
+        raise ModelError(f"{where} is not an image backbone (model type {config.model_type!r}); {task} needs "
                          "an image model: mobilenet-v2, efficientnet-lite0, or a local ResNet / ConvNeXt / ViT folder")
 
 
