@@ -36,6 +36,7 @@ from fmtune.data.readers import (
     media_cell,
     require_column,
     row_label,
+    saved_dataset,
     table_base,
 )
 from fmtune.errors import ConfigError, DataError
@@ -206,15 +207,17 @@ def _config_and_dir(cfg: Any, resume: str | Path | None) -> tuple[config_mod.Con
 
 def _with_split_lists(cfg: config_mod.Config) -> config_mod.Config:
     """A class folder that ships its held-out splits (Speech Commands) validates and tests on them unless the config
-    names other files: data.val / data.test set to the lists, said in a warning (the run's config keeps them)."""
+    names other files: data.val / data.test set to the lists, said in a warning (the run's config keeps them). So
+    does a Hugging Face DatasetDict saved to disk, its train split training."""
     unset = split_lists_unset(cfg.data, cfg.task.type)
     if not unset:
         return cfg
+    given = cfg.data.train
     cfg = copy.deepcopy(cfg)
     for key, path in unset.items():
         setattr(cfg.data, key, path)
     said = "; ".join(f"data.{k} = {p}" for k, p in unset.items())
-    warnings.warn(f"{cfg.data.train} ships its held-out splits: {said} (give --val / --test to choose others)",
+    warnings.warn(f"{given} ships its held-out splits: {said} (give --val / --test to choose others)",
                   UserWarning, stacklevel=3)
     return cfg
 
@@ -976,7 +979,7 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     if output is not None and str(output) != "-":
         paths.check(output, "output-file", "-o")
     pred = Predictor(run, batch_size)
-    inputs = pred.task.predict_source(inputs)
+    inputs = saved_dataset(inputs) or pred.task.predict_source(inputs)  # (a dataset saved to disk: its Parquet)
     if save_images is not None:
         pred.task.require("save_images", "--save-images")
         save_images = paths.check(save_images, "output-dir", "--save-images")

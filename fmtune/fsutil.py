@@ -74,3 +74,8 @@ def folder_digest(folder: Path, suffixes: tuple[str, ...] = (".safetensors", ".j
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
     return h.hexdigest()[:12]
+
+def cache_dir() -> Path:
+    """Where fmtune keeps what it computes once: features of frozen backbones, datasets read from another format
+    (``$FMTUNE_CACHE_DIR``, default ``~/.cache/fmtune/features``)."""
+    return Path(os.environ.get("FMTUNE_CACHE_DIR", Path.home() / ".cache" / "fmtune" / "features"))

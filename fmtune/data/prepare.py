@@ -12,7 +12,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from fmtune.data import tabular
-from fmtune.data.readers import require_column, require_text_column, split_lists
+from fmtune.data.readers import dataset_dict_splits, require_column, require_text_column, split_lists
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks import Task, task_class
 
@@ -90,9 +90,15 @@ def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any) -> pd.Dat
 def split_lists_unset(data_cfg: Any, task_type: str) -> dict[str, str]:
     """The split lists (``readers.SPLIT_LISTS``: Speech Commands' validation_list.txt and testing_list.txt) of a
     class folder given as training data, for a task that reads them, where data.val / data.test are unset:
-    {"val": path, "test": path}. Training then validates and tests on the speakers the folder holds out."""
+    {"val": path, "test": path}. Training then validates and tests on the speakers the folder holds out. A
+    DatasetDict saved to disk gives its splits the same way: {"train": its train split, "val", "test"}."""
     train = Path(data_cfg.train) if data_cfg.train else None
-    if train is None or not train.is_dir() or not task_class(task_type).supports("split_lists"):
+    if train is None or not train.is_dir():
+        return {}
+    saved = dataset_dict_splits(train)  # a Hugging Face DatasetDict saved to disk: its train split trains
+    if saved:
+        return {k: str(p) for k, p in saved.items() if k == "train" or getattr(data_cfg, k) is None}
+    if not task_class(task_type).supports("split_lists"):
         return {}
     return {k: str(p) for k, p in split_lists(train).items() if getattr(data_cfg, k) is None}
 

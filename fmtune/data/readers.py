@@ -465,6 +465,80 @@ def _parquet_chunks(path: Path, chunk_rows: int):
         yield name_labels(df, names), {}
 
 
+# --- a Hugging Face dataset saved with save_to_disk ----------------------------------------------------------------
+
+DICT_SPLITS = {"val": ("validation", "valid", "dev", "val"), "test": ("test",)}  # a DatasetDict's held-out splits
+
+
+def dataset_dict_splits(folder: Path) -> dict[str, Path]:
+    """The splits of a ``DatasetDict.save_to_disk`` folder (``dataset_dict.json``), as {"train": path, "val": path,
+    "test": path} where it has them; {} for any other path."""
+    try:
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {"train": folder / "train"} if "train" in splits else {}
+    for key, names in DICT_SPLITS.items():
+        found = next((n for n in names if n in splits), None)
+        if found:
+            out[key] = folder / found
+    return out
+
+
+def saved_dataset(path: str | Path) -> Path | None:
+    """A ``Dataset.save_to_disk`` folder (state.json, dataset_info.json and Arrow files; a ``DatasetDict`` folder:
+    its train split) as a Parquet file of the same rows and features (class names, embedded images and audio),
+    written once into the feature cache's ``datasets`` folder and read as any Hugging Face Parquet file is; None
+    for any other path."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    if not (folder / "state.json").is_file():
+        train = dataset_dict_splits(folder).get("train")
+        return saved_dataset(train) if train is not None else None
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        files = [folder / f["filename"] for f in state["_data_files"]]
+        info_file = folder / "dataset_info.json"
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{folder}: a Hugging Face dataset folder whose state.json cannot be read ({e})") from None
+    missing = [f.name for f in files if not f.is_file()]
+    if missing or not files:
+        raise DataError(f"{folder}: the dataset's Arrow files are missing ({', '.join(missing) or 'none listed'})")
+    from fmtune.fsutil import cache_dir
+
+    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    target = cache_dir() / "datasets" / f"{folder.name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}.parquet"
+    if target.is_file():
+        return target
+    tables = []
+    for f in files:
+        try:
+            with pa.memory_map(str(f)) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())  # (datasets writes Arrow streams)
+        except pa.ArrowInvalid:
+            try:
+                tables.append(pa.ipc.open_file(str(f)).read_all())
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{f}: not an Arrow file a Hugging Face dataset writes ({e})") from None
+    table = pa.concat_tables(tables)
+    features = info.get("features") if isinstance(info.get("features"), dict) else None
+    if features:
+        meta = {**(table.schema.metadata or {}), b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+        table = table.replace_schema_metadata(meta)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(target)
+    return target
+
+
 def hf_features(path: Path) -> dict[str, Any]:
     """The features (column types) a Parquet file written by Hugging Face ``datasets`` keeps in its
     schema's ``huggingface`` metadata; {} for any other file."""

@@ -27,9 +27,9 @@ class AudioClassification(Classification):
     @classmethod
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
         from fmtune.data.audio import read_audio_folder
-        from fmtune.data.readers import AUDIO_SUFFIXES, read_file_list
+        from fmtune.data.readers import AUDIO_SUFFIXES, read_file_list, saved_dataset
 
-        p = Path(path)
+        p = saved_dataset(path) or Path(path)  # (a Hugging Face dataset saved to disk: as its Parquet)
         if p.is_dir():
             return read_audio_folder(p, data_cfg.audio_column)
         if p.suffix.lower() == ".txt":  # a split list of a class folder (Speech Commands' validation_list.txt)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmtune.data.readers import name_labels, read_any, row_label
+from fmtune.data.readers import name_labels, read_any, row_label, saved_dataset
 from fmtune.errors import DataError
 from fmtune.registry import Registry
 
@@ -113,6 +113,7 @@ class Task:
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
         """A data file (or folder) as a DataFrame with one row per example; labels stored as numbers
         named by data.label_names."""
+        path = saved_dataset(path) or path  # (a Hugging Face dataset saved to disk: as its Parquet)
         return cls.with_label_names(read_any(path, data_cfg.encoding, data_cfg.text_column, data_cfg.media_root),
                                     data_cfg)
 

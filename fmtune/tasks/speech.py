@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fmtune.data.readers import AUDIO_SUFFIXES, read_table, row_label
+from fmtune.data.readers import AUDIO_SUFFIXES, read_table, row_label, saved_dataset
 from fmtune.errors import DataError, ModelError
 from fmtune.tasks.base import TASKS, Task
 from fmtune.tasks.generation import GenerationSettings, fixed_sample, token_batches, token_loss
@@ -387,7 +387,7 @@ class SpeechRecognition(Task):
 
     @classmethod
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
-        return read_speech(path, data_cfg)
+        return read_speech(saved_dataset(path) or path, data_cfg)
 
     @classmethod
     def target_column(cls, data_cfg: Any) -> str:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from fmtune import fsutil
 from fmtune.data.audio import AudioData
 from fmtune.data.dataset import TextData, batch_targets, inference_batches
 from fmtune.fsutil import atomic_dir
@@ -257,7 +258,7 @@ def too_big(model: nn.Module, split: Split, examples: int, storage: str) -> str 
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FMTUNE_CACHE_DIR", Path.home() / ".cache" / "fmtune" / "features"))
+    return fsutil.cache_dir()
 
 
 def weights_digest(model: nn.Module) -> str:
