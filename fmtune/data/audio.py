@@ -209,9 +209,6 @@ class Fbank:
                                            triangularize_in_mel_space=True)
         self.window = window_function(self.FRAME, "hann", periodic=False)
 
-    def frames(self, samples: int) -> int:
-        return 1 + (samples - self.FRAME) // self.spec.hop_length
-
     def __call__(self, wave: np.ndarray) -> torch.Tensor:
         from transformers.audio_utils import spectrogram
 
