@@ -165,8 +165,11 @@ def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_
     from transformers import AutoConfig, AutoModel, AutoModelForCTC, Wav2Vec2CTCTokenizer
 
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "|", *sorted(set((ctc_letters or "").upper()))])}
+    sew: dict = {"conv_dim": (16,) * (13 if model_type.startswith("sew") else 7)}  # (SEW: 13 convolutions)
+    if model_type == "sew-d":
+        sew.update(position_buckets=16, max_position_embeddings=64)
     cfg = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                               intermediate_size=64, **sew, num_conv_pos_embeddings=16,
                                num_conv_pos_embedding_groups=2, feat_extract_norm=feat_extract_norm,
                                do_stable_layer_norm=feat_extract_norm == "layer", vocab_size=len(vocab), pad_token_id=0,
                                ctc_loss_reduction="mean")

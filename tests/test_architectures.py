@@ -97,7 +97,8 @@ DECODERS = {
     "mamba": dict(hidden_size=32, num_hidden_layers=2, state_size=8),
     "helium": dict(GQA, head_dim=16), "cohere": GQA, "starcoder2": GQA,
 }
-AUDIO = ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat", "wav2vec2-conformer"]
+AUDIO = ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat", "wav2vec2-conformer", "sew",
+         "sew-d"]
 LAYER_NORM_AUDIO = ("wavlm", "data2vec-audio")  # feat_extract_norm "layer" (an attention mask); the others "group"
 
 

@@ -358,6 +358,19 @@ def test_audio_task_and_model_must_match(tiny_whisper, tiny_bert, tone_dirs, tex
                               out=str(tmp_path / "a")), quiet=True)
     with pytest.raises(ModelError, match="is an audio model .*--task audio-classification"):
         fmtune.train(cfg_dict(tiny_whisper, text_files["train"], out=str(tmp_path / "b")), quiet=True)
+    # an audio model of a kind fmtune does not read (its feature extractor stacks filterbank frames): it was taken
+    # for an image model ("reads audio; ... is a image model")
+    from transformers import AutoConfig, AutoModel, SeamlessM4TFeatureExtractor
+
+    w2v_bert = tmp_path / "w2v-bert"
+    AutoModel.from_config(AutoConfig.for_model("wav2vec2-bert", hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=64,
+                                               output_hidden_size=32)).save_pretrained(w2v_bert)
+    SeamlessM4TFeatureExtractor().save_pretrained(w2v_bert)
+    with pytest.raises(ModelError, match=r"w2v-bert is an audio model fmtune does not read \(model type "
+                                         r"'wav2vec2-bert', read by SeamlessM4TFeatureExtractor\); use whisper"):
+        fmtune.train(cfg_dict(w2v_bert, tone_dirs["train"], task={"type": "audio-classification"},
+                              out=str(tmp_path / "c")), quiet=True)
 
 
 def test_train_predict_and_reload_audio_classification(tiny_whisper, tone_dirs, tmp_path):

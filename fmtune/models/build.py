@@ -345,8 +345,14 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
         "image" if is_image else "text")
     if kind == "image":
         dense.check_whole_model(config, str(path), task.name)
+        pp = read_json(Path(path) / "preprocessor_config.json", {})
+        if "sampling_rate" in pp:  # an audio feature extractor: an audio model of a kind fmtune does not read
+            raise ModelError(f"{path} is an audio model fmtune does not read (model type {config.model_type!r}, "
+                             f"read by {pp.get('feature_extractor_type', 'its own feature extractor')}); use "
+                             f"{AUDIO_CHOICES}")
     if (kind == "audio") != (task.modality == "audio"):
-        raise ModelError(f"task {task.name} reads audio; {path} is a {kind} model: use an audio encoder "
+        raise ModelError(f"task {task.name} reads audio; {path} is {'an' if kind == 'image' else 'a'} {kind} model: "
+                         "use an audio encoder "
                          f"({AUDIO_CHOICES})" if kind != "audio" else
                          f"{path} is an audio model ({config.model_type}); {task.name} does not read audio: "
                          "use --task audio-classification")
