@@ -8,6 +8,7 @@ import codecs
 import csv
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -533,7 +534,7 @@ def saved_dataset(path: str | Path) -> Path | None:
         meta = {**(table.schema.metadata or {}), b"huggingface": json.dumps({"info": {"features": features}}).encode()}
         table = table.replace_schema_metadata(meta)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")  # (ranks of a distributed run may both write it)
     pq.write_table(table, tmp)
     tmp.replace(target)
     return target

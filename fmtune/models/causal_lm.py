@@ -287,7 +287,8 @@ def check_packing(bundle: Any) -> None:
             packed = decoder(input_ids=ids, position_ids=positions, use_cache=False)[0][:, 5:]
     finally:
         lm.train(was_training)
-    if not torch.allclose(alone.float(), packed.float(), rtol=1e-3, atol=1e-4):
+    tol = 1e-3 if next(lm.parameters()).dtype == torch.float32 else 3e-2  # (half-precision weights: their rounding)
+    if not torch.allclose(alone.float(), packed.float(), rtol=tol, atol=tol * 0.1):
         raise ConfigError(f"train.packing: {bundle.source} reads a packed batch as one text (its "
                           f"{lm.config.model_type} layers carry a state from one example into the next); "
                           "leave train.packing off")
