@@ -65,6 +65,8 @@ def test_a_dataset_dict_saved_to_disk_trains_on_its_splits(encoder, tmp_path, mo
     assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["negative", "positive"]
     preds = fmtune.predict(tmp_path / "run", root / "test", quiet=True)  # a split folder to predict
     assert len(preds) == 16 and set(preds["label"]) <= {"negative", "positive"}
+    assert len(fmtune.predict(tmp_path / "run", root, quiet=True)) == 16  # the DatasetDict: its test split
+    assert fmtune.evaluate(tmp_path / "run", root, quiet=True)["n_test"] == 16
     assert len(list((tmp_path / "cache" / "datasets").glob("*.parquet"))) == 3  # each split converted once
 
 
