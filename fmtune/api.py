@@ -35,6 +35,7 @@ from fmtune.data.readers import (
     embedded,
     iter_chunks,
     media_cell,
+    media_templates,
     require_column,
     row_label,
     saved_dataset,
@@ -863,6 +864,8 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
     cfg, task = pred.config, pred.task
     if pred.kind == "text":
         df = tabular.render(df, cfg.data)  # a tabular run reads its rows written out as text
+    else:
+        df = media_templates(df, cfg.data)  # (file paths built from other columns: data.image_column '{id}.jpg')
     column, what, key = input_column(pred.kind, cfg.data)
     column = task.input_column(df, column)
     require_column(df, column, what, key)

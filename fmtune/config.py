@@ -75,8 +75,10 @@ class DataConfig:
                                   "as the text, 'col: value, col: value', for a text encoder to read")
     text_template: str | None = _f(None, "tabular data: the text as a format string over column names, e.g. "
                                    "'{age} year old {sex}, works as {occupation}' (instead of text_columns)")
-    image_column: str = _f("image", "column holding image paths (relative to the file) in a CSV/JSONL/Parquet")
-    audio_column: str = _f("audio", "column holding audio file paths (relative to the file) in a CSV/JSONL/Parquet")
+    image_column: str = _f("image", "column holding image paths (relative to the file) in a CSV/JSONL/Parquet, or a "
+                           "template over columns: 'train/{id}.jpg'")
+    audio_column: str = _f("audio", "column holding audio file paths (relative to the file) in a CSV/JSONL/Parquet, "
+                           "or a template over columns: 'fold{fold}/{slice_file_name}'")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
     mask_column: str = _f("mask", "segmentation: column holding mask PNG paths (relative to the file) in a table")
     image_root: str | None = _f(None, "detection: the folder COCO file_names are relative to (default: the JSON "

@@ -933,3 +933,28 @@ def test_a_table_whose_clips_are_in_another_folder(tiny_whisper, tone_dirs, tmp_
     assert got[0]["label"] in {"low", "mid", "high"}
     table = fmtune.predict(tmp_path / "run", root / "meta" / "esc50.csv")  # the run's media_root reads it again
     assert len(table) == len(rows) and table.iloc[0]["label"] == got[0]["label"] and not table["error"].any()
+
+
+def test_audio_paths_built_from_two_columns(tiny_whisper, tone_dirs, tmp_path):
+    """UrbanSound8K's layout: metadata/UrbanSound8K.csv names slice_file_name and fold; the clips are in
+    audio/fold{fold}/. data.audio_column takes the template, data.media_root the folder it is relative to."""
+    import shutil
+
+    import fmtune
+
+    root = tmp_path / "us8k"
+    (root / "metadata").mkdir(parents=True)
+    rows = []
+    for i, f in enumerate(sorted(tone_dirs["train"].glob("*/*"))):
+        fold = 1 + i % 3
+        (root / "audio" / f"fold{fold}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / "audio" / f"fold{fold}" / f"{f.parent.name}-{f.name}")
+        rows.append({"slice_file_name": f"{f.parent.name}-{f.name}", "fold": fold, "class": f.parent.name})
+    pd.DataFrame(rows).to_csv(root / "metadata" / "UrbanSound8K.csv", index=False)
+    summary = fmtune.train(cfg_dict(tiny_whisper, root / "metadata" / "UrbanSound8K.csv", out=str(tmp_path / "run"),
+                                    task={"type": "audio-classification"}, train={"epochs": 1, "batch_size": 8},
+                                    data={"audio_column": "fold{fold}/{slice_file_name}", "label_column": "class",
+                                          "media_root": str(root / "audio")}), quiet=True)
+    assert summary["best"] is not None
+    preds = fmtune.predict(tmp_path / "run", root / "metadata" / "UrbanSound8K.csv", quiet=True)
+    assert len(preds) == len(rows) and not preds["error"].any()

@@ -59,6 +59,28 @@ def test_a_table_whose_images_are_in_a_folder_below_it(tmp_path, image_dirs, tin
     assert moved["error"].str.contains(f"no such image file: {tmp_path / 'bottom'}").any()  # read from the one given
 
 
+def test_image_paths_built_from_other_columns(tmp_path, image_dirs, tiny_vit):
+    """Kaggle's layout: an id column, the images named {id}.png in a folder. data.image_column takes the template;
+    a name in it that is not a column is an error naming the columns."""
+    import shutil
+
+    (tmp_path / "train").mkdir()
+    rows = []
+    for i, f in enumerate(sorted(image_dirs["train"].glob("*/*.png"))):
+        shutil.copy(f, tmp_path / "train" / f"img{i:03d}.png")
+        rows.append({"id": f"img{i:03d}", "label": f.parent.name})
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    cfg = cfg_dict(tiny_vit, tmp_path / "train.csv", out=str(tmp_path / "run"), model={"image_size": 32},
+                   data={"image_column": "train/{id}.png"}, train={"epochs": 1, "batch_size": 8})
+    assert fmtune.train(cfg, quiet=True)["best"] is not None
+    preds = fmtune.predict(tmp_path / "run", tmp_path / "train.csv", quiet=True)
+    assert len(preds) == len(rows) and not preds["error"].any()
+    cfg["data"]["image_column"] = "train/{image_id}.png"
+    with pytest.raises(DataError, match=r"data.image_column 'train/\{image_id\}.png' names 'image_id', not a column; "
+                                        "columns are: id, label"):
+        fmtune.train({**cfg, "out": str(tmp_path / "run2")}, quiet=True)
+
+
 @pytest.mark.parametrize("eager", [True, False])
 def test_hugging_face_image_parquet_trains_and_predicts(tmp_path, image_dirs, tiny_vit, eager, monkeypatch):
     """A Hugging Face image dataset's Parquet split (images embedded as {bytes, path}, class ids

@@ -239,6 +239,30 @@ def table_base(df: pd.DataFrame) -> Path:
     return Path(src).parent if src and Path(src).is_file() else Path(".")
 
 
+MEDIA_COLUMNS = ("image_column", "audio_column", "mask_column")  # data options naming a column of file paths
+
+
+def media_templates(df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
+    """``df`` with a column of file paths built from its other columns where ``data.image_column`` /
+    ``audio_column`` / ``mask_column`` is a template over column names rather than a column: Kaggle's
+    ``{id}.jpg``, UrbanSound8K's ``fold{fold}/{slice_file_name}``. The new column is named by the template."""
+    import string
+
+    for attr in MEDIA_COLUMNS:
+        template = getattr(data_cfg, attr, None)
+        if not template or "{" not in template or template in df.columns:
+            continue
+        keys = [k for _, k, _, _ in string.Formatter().parse(template) if k]
+        missing = [k for k in keys if k not in df.columns]
+        if missing:
+            raise DataError(f"{df.attrs.get('source', 'the data')}: data.{attr} {template!r} names "
+                            f"{', '.join(map(repr, missing))}, not a column; columns are: "
+                            f"{', '.join(map(str, df.columns))}")
+        rows = df[keys].astype(object).where(df[keys].notna(), None).to_dict("records")
+        df[template] = [None if any(v is None for v in r.values()) else template.format(**r) for r in rows]
+    return df
+
+
 def media_root_hint(missing: list[Path], base: Path) -> str:
     """Where the relative paths of a table that are not found under ``base`` are instead, as advice to append to
     the error: the first folder beside or below the table's that holds the first few of them (Common Voice's
