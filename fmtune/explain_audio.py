@@ -58,7 +58,7 @@ def collect(pred: Any, inputs: list[str], limit: int) -> list[dict[str, Any]]:
             if not rows:
                 raise DataError(f"--input {value}: no audio files in this folder ({', '.join(sorted(AUDIO_SUFFIXES))})")
         elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
-            df = read_table(path, cfg.encoding, cfg.audio_column, cfg.media_root)
+            df = read_table(path, cfg.encoding, cfg.audio_column, cfg)
             column = pred.task.input_column(df, cfg.audio_column)
             if column not in df.columns:
                 cols = ", ".join(map(str, df.columns))

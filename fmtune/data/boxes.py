@@ -44,7 +44,6 @@ from fmtune.data.readers import (
     hf_features,
     list_images,
     media_cell,
-    media_templates,
     read_table,
     require_column,
     row_prefix,
@@ -293,7 +292,7 @@ def read_box_table(path: Path, data_cfg: Any) -> pd.DataFrame:
     (``data.box_format``) and ``category`` lists (or a list of such objects), or top-level box and
     class list columns (``bboxes`` / ``labels`` ...); class ids are named by the file's metadata;
     ``iscrowd`` where given."""
-    df = media_templates(read_table(path, data_cfg.encoding, media_root=data_cfg.media_root), data_cfg)
+    df = read_table(path, data_cfg.encoding, media=data_cfg)
     column = data_cfg.image_column
     require_column(df, column, "image", "data.image_column")
     names, base, records = _object_names(path, list(df.columns)), table_base(df), []

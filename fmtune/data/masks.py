@@ -35,7 +35,6 @@ from fmtune.data.readers import (
     file_like,
     list_images,
     media_cell,
-    media_templates,
     read_table,
     require_column,
     row_prefix,
@@ -71,7 +70,7 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
         if p.suffix.lower() in IMAGE_SUFFIXES:
             df = pd.DataFrame({image_col: [str(p)]})
         else:
-            df = media_templates(read_table(p, data_cfg.encoding, data_cfg.text_column, data_cfg.media_root), data_cfg)
+            df = read_table(p, data_cfg.encoding, data_cfg.text_column, data_cfg)
             require_column(df, image_col, "image path", "data.image_column")
             base = table_base(df)
             for col in (image_col, mask_col):  # paths made absolute; files embedded in the table kept as they are

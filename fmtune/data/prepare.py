@@ -12,13 +12,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from fmtune.data import tabular
-from fmtune.data.readers import (
-    dataset_dict_splits,
-    media_templates,
-    require_column,
-    require_text_column,
-    split_lists,
-)
+from fmtune.data.readers import dataset_dict_splits, require_column, require_text_column, split_lists
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks import Task, task_class
 
@@ -90,7 +84,7 @@ def _require_input(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> None:
 def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any) -> pd.DataFrame:
     """One data file (or folder) read the way ``task`` reads its data."""
     cls = task_class(task) if isinstance(task, str) else task
-    return media_templates(tabular.render(cls.read(path, data_cfg), data_cfg), data_cfg).reset_index(drop=True)
+    return tabular.render(cls.read(path, data_cfg), data_cfg).reset_index(drop=True)
 
 
 def split_lists_unset(data_cfg: Any, task_type: str) -> dict[str, str]:

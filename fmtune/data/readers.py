@@ -67,10 +67,11 @@ def _check_table(path: Path, alternatives: str) -> str:
 
 
 def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "text",
-               media_root: str | None = None) -> pd.DataFrame:
+               media: Any = None) -> pd.DataFrame:
     """Read CSV/TSV, JSONL, Parquet or plain text (one text per line, into ``text_column``; empty
-    lines skipped); every cell of CSV/JSONL is kept as read (no type guessing for text). Relative image / audio
-    paths in it are read from ``media_root`` (``data.media_root``) when given, else from the table's folder."""
+    lines skipped); every cell of CSV/JSONL is kept as read (no type guessing for text). With ``media`` (the data
+    config), relative image / audio paths in it are read from ``data.media_root`` when set, else from the table's
+    folder, and path columns given as templates are built (``media_templates``)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -93,9 +94,11 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
     if len(df) == 0:
         raise DataError(f"{path}: no data rows (only a header?)")
     df.attrs["source"] = str(path)
-    if media_root:
-        df.attrs["media_root"] = str(Path(media_root).expanduser())
-    return df
+    if media is None:
+        return df
+    if media.media_root:
+        df.attrs["media_root"] = str(Path(media.media_root).expanduser())
+    return media_templates(df, media)
 
 
 def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
@@ -221,13 +224,12 @@ def read_image_folder(path: Path) -> pd.DataFrame:
     return read_class_folder(path, IMAGE_SUFFIXES)
 
 
-def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text",
-             media_root: str | None = None) -> pd.DataFrame:
+def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text", media: Any = None) -> pd.DataFrame:
     """A table file (or a text file, one text per line), or an image folder of class sub-folders."""
     p = Path(path)
     if p.is_dir():
         return read_image_folder(p)
-    return read_table(p, encoding, text_column, media_root)
+    return read_table(p, encoding, text_column, media)
 
 
 def table_base(df: pd.DataFrame) -> Path:

@@ -25,14 +25,14 @@ class AudioClassification(Classification):
                               "split_lists"})
 
     @classmethod
-    def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
+    def read_file(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
         from fmtune.data.audio import read_audio_folder
-        from fmtune.data.readers import AUDIO_SUFFIXES, read_file_list, saved_dataset
+        from fmtune.data.readers import AUDIO_SUFFIXES, read_file_list
 
-        p = saved_dataset(path) or Path(path)  # (a Hugging Face dataset saved to disk: as its Parquet)
+        p = Path(path)
         if p.is_dir():
             return read_audio_folder(p, data_cfg.audio_column)
         if p.suffix.lower() == ".txt":  # a split list of a class folder (Speech Commands' validation_list.txt)
             return read_file_list(p, AUDIO_SUFFIXES, data_cfg.audio_column, "audio files")
-        return cls.with_label_names(read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg.media_root),
+        return cls.with_label_names(read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg),
                                     data_cfg)

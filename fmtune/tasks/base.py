@@ -111,10 +111,15 @@ class Task:
     # --- reading data --------------------------------------------------------------------------
     @classmethod
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
-        """A data file (or folder) as a DataFrame with one row per example; labels stored as numbers
-        named by data.label_names."""
-        path = saved_dataset(path) or path  # (a Hugging Face dataset saved to disk: as its Parquet)
-        return cls.with_label_names(read_any(path, data_cfg.encoding, data_cfg.text_column, data_cfg.media_root),
+        """A data file (or folder) as a DataFrame with one row per example, as the task reads it
+        (``read_file``); a Hugging Face dataset saved to disk is read as its Parquet (``saved_dataset``)."""
+        return cls.read_file(saved_dataset(path) or path, data_cfg)
+
+    @classmethod
+    def read_file(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
+        """What ``read`` reads, per task (this one: a table, or a folder of class sub-folders of images);
+        labels stored as numbers named by data.label_names."""
+        return cls.with_label_names(read_any(path, data_cfg.encoding, data_cfg.text_column, data_cfg),
                                     data_cfg)
 
     @classmethod

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from fmtune.data.boxes import box_dataset, read_detection
-from fmtune.data.readers import saved_dataset
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks.base import TASKS
 from fmtune.tasks.dense import DenseTask
@@ -95,8 +94,8 @@ class Detection(DenseTask):
 
     # --- reading data ------------------------------------------------------------------------
     @classmethod
-    def read(cls, path, data_cfg):
-        return read_detection(saved_dataset(path) or path, data_cfg)
+    def read_file(cls, path, data_cfg):
+        return read_detection(path, data_cfg)
 
     @classmethod
     def target_column(cls, data_cfg):

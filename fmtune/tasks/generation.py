@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fmtune.data.readers import jsonl_records, read_any, saved_dataset
+from fmtune.data.readers import jsonl_records, read_any
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks.base import TASKS, Task
 
@@ -369,8 +369,8 @@ class Generation(Task):
         return metric not in ("loss", "perplexity")
 
     @classmethod
-    def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
-        return read_rows(saved_dataset(path) or path, data_cfg)
+    def read_file(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
+        return read_rows(path, data_cfg)
 
     @classmethod
     def target_column(cls, data_cfg: Any) -> str:

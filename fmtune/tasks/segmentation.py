@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fmtune.data.masks import IGNORE, encode_mask, mask_values, read_segmentation, seg_dataset
-from fmtune.data.readers import saved_dataset
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks.base import TASKS
 from fmtune.tasks.dense import DenseTask
@@ -94,8 +93,8 @@ class Segmentation(DenseTask):
 
     # --- reading data ------------------------------------------------------------------------
     @classmethod
-    def read(cls, path, data_cfg):
-        return read_segmentation(saved_dataset(path) or path, data_cfg)
+    def read_file(cls, path, data_cfg):
+        return read_segmentation(path, data_cfg)
 
     @classmethod
     def target_column(cls, data_cfg):

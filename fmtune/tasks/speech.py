@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fmtune.data.readers import AUDIO_SUFFIXES, media_templates, read_table, row_label, saved_dataset
+from fmtune.data.readers import AUDIO_SUFFIXES, read_table, row_label
 from fmtune.errors import DataError, ModelError
 from fmtune.tasks.base import TASKS, Task
 from fmtune.tasks.generation import GenerationSettings, fixed_sample, token_batches, token_loss
@@ -91,7 +91,7 @@ def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> p
             df.attrs["source"] = str(p)
             return _speech_rows(df, data_cfg, with_targets, p)
         p = meta
-    df = media_templates(read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg.media_root), data_cfg)
+    df = read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg)
     if df.empty:
         raise DataError(f"{p}: no rows")
     return _speech_rows(df, data_cfg, with_targets, p)
@@ -386,8 +386,8 @@ class SpeechRecognition(Task):
         return metric not in ("wer", "cer", "loss", "perplexity")
 
     @classmethod
-    def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
-        return read_speech(saved_dataset(path) or path, data_cfg)
+    def read_file(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
+        return read_speech(path, data_cfg)
 
     @classmethod
     def target_column(cls, data_cfg: Any) -> str:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from fmtune import plots
 from fmtune.data.conll import read_tokens, split_words
-from fmtune.data.readers import saved_dataset
 from fmtune.data.tokens import IGNORE, Layout, TokenData, TokenTargets, encode_sentences
 from fmtune.errors import DataError
 from fmtune.tasks.base import TASKS, Task
@@ -61,9 +60,8 @@ class TokenClassification(Task):
 
     # --- reading data ------------------------------------------------------------------------
     @classmethod
-    def read(cls, path, data_cfg):
-        return read_tokens(saved_dataset(path) or path, data_cfg.encoding, data_cfg.text_column, data_cfg.format,
-                           data_cfg.label_names)
+    def read_file(cls, path, data_cfg):
+        return read_tokens(path, data_cfg.encoding, data_cfg.text_column, data_cfg.format, data_cfg.label_names)
 
     @classmethod
     def target_column(cls, data_cfg):
