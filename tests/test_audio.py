@@ -652,6 +652,33 @@ def test_a_clip_of_a_whole_window_or_more_fits_the_encoder(tiny_whisper):
     assert hidden.shape[1] == 1500 and mask[1].sum() < mask[0].sum()
 
 
+def check_exports(run: Path, clips: list[str], longest_seconds: float | None = None) -> int:
+    """The run exported as a transformers folder loads in plain transformers (AutoModelForAudioClassification with
+    ``trust_remote_code`` and the saved feature extractor) and gives the run's label and probability for each clip
+    (those up to ``longest_seconds``); its ONNX export agrees with torch. Returns how many clips were compared."""
+    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
+
+    import fmtune
+
+    ours = fmtune.load(run).predict(clips)
+    exported = Path(fmtune.export(run, quiet=True)["out"])
+    extractor = AutoFeatureExtractor.from_pretrained(exported)
+    hf = AutoModelForAudioClassification.from_pretrained(exported, trust_remote_code=True).eval()
+    compared = 0
+    for clip, row in zip(clips, ours):
+        wave = load_audio(clip, RATE)
+        if longest_seconds is not None and len(wave) > longest_seconds * RATE:
+            continue
+        with torch.no_grad():
+            probs = hf(**extractor(wave, sampling_rate=RATE, return_tensors="pt")).logits.softmax(-1)[0]
+        assert hf.config.id2label[int(probs.argmax())] == row["label"]
+        assert float(probs.max()) == pytest.approx(row["score"], abs=2e-3)  # (fp16 inputs in fmtune)
+        compared += 1
+    assert fmtune.export(run, format="onnx", quiet=True)["max_abs_diff"] <= 1e-4
+    assert [r["label"] for r in fmtune.load(run, backend="onnx").predict(clips)] == [r["label"] for r in ours]
+    return compared
+
+
 # --- raw-waveform encoders: wav2vec2, HuBERT, WavLM ---------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -728,7 +755,6 @@ def test_waveform_encoder_end_to_end(tiny_wav2vec2, tone_dirs, tmp_path):
     and the saved Wav2Vec2FeatureExtractor) with the run's probabilities; ONNX agrees with torch;
     explain and robustness run on the waveform."""
     from safetensors.torch import load_file
-    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
     import fmtune
 
@@ -750,18 +776,7 @@ def test_waveform_encoder_end_to_end(tiny_wav2vec2, tone_dirs, tmp_path):
 
     clips = [str(p) for p in sorted((tone_dirs["test"] / "high").iterdir())[:2]
              + sorted((tone_dirs["test"] / "low").iterdir())[:2]]
-    ours = fmtune.load(out).predict(clips)
-    exported = Path(fmtune.export(out, quiet=True)["out"])
-    extractor = AutoFeatureExtractor.from_pretrained(exported)
-    hf = AutoModelForAudioClassification.from_pretrained(exported, trust_remote_code=True).eval()
-    for clip, row in zip(clips, ours):
-        wave = load_audio(clip, RATE)
-        with torch.no_grad():
-            probs = hf(**extractor(wave, sampling_rate=RATE, return_tensors="pt")).logits.softmax(-1)[0]
-        assert hf.config.id2label[int(probs.argmax())] == row["label"]
-        assert float(probs.max()) == pytest.approx(row["score"], abs=2e-3)  # (fp16 waveform in fmtune)
-    assert fmtune.export(out, format="onnx", quiet=True)["max_abs_diff"] <= 1e-4
-    assert [r["label"] for r in fmtune.load(out, backend="onnx").predict(clips)] == [r["label"] for r in ours]
+    assert check_exports(out, clips) == len(clips)
 
     from fmtune.explain import explain
     from fmtune.explain_audio import attributions
@@ -838,7 +853,6 @@ def test_ast_end_to_end(tiny_ast, second_tones, tmp_path):
     in plain transformers (its ASTFeatureExtractor and AutoModelForAudioClassification) with the run's
     probabilities; ONNX agrees with torch; explain's attributions add up from silence; robustness runs; speech
     recognition refuses it by name."""
-    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
     import fmtune
     from fmtune.explain import explain
@@ -859,23 +873,8 @@ def test_ast_end_to_end(tiny_ast, second_tones, tmp_path):
 
     clips = [str(p) for p in sorted((second_tones["test"] / "high").iterdir())[:2]
              + sorted((second_tones["test"] / "low").iterdir())[:2]]
-    ours = fmtune.load(out).predict(clips)
-    exported = Path(fmtune.export(out, quiet=True)["out"])
-    extractor = AutoFeatureExtractor.from_pretrained(exported)
-    hf = AutoModelForAudioClassification.from_pretrained(exported, trust_remote_code=True).eval()
-    compared = 0
-    for clip, row in zip(clips, ours):
-        wave = load_audio(clip, RATE)
-        if len(wave) > 1.015 * RATE:
-            continue  # fmtune averages the windows of a longer clip; the extractor reads its first second only
-        with torch.no_grad():
-            probs = hf(**extractor(wave, sampling_rate=RATE, return_tensors="pt")).logits.softmax(-1)[0]
-        assert hf.config.id2label[int(probs.argmax())] == row["label"]
-        assert float(probs.max()) == pytest.approx(row["score"], abs=2e-3)  # (fp16 features in fmtune)
-        compared += 1
-    assert compared >= 1
-    assert fmtune.export(out, format="onnx", quiet=True)["max_abs_diff"] <= 1e-4
-    assert [r["label"] for r in fmtune.load(out, backend="onnx").predict(clips)] == [r["label"] for r in ours]
+    # (fmtune averages the windows of a clip longer than the model's 1.015 s; the extractor reads its start only)
+    assert check_exports(out, clips, longest_seconds=1.015) >= 1
 
     items = explain(out, [str(second_tones["test"])], limit=2, steps=8, quiet=True)["items"]
     assert len(items) == 2 and {"peak_second", "peak_hz"} <= set(items[0])
