@@ -1,7 +1,7 @@
 """The verbs of text generation: train (``fmtune train --task generation``) and generate
 (``fmtune generate RUN``). Training shares the one loop (``fmtune.training.loop.fit``), the run
-directory and the report with every other task; what differs is the model (a causal LM,
-``fmtune.models.causal_lm``), its strategies (LoRA by default) and the evaluation (the task
+directory and the report with every other task; what differs is the model (a causal LM or a text
+encoder-decoder, ``fmtune.models.causal_lm``), its strategies (LoRA by default) and the evaluation (the task
 scores generated answers, ``fmtune.tasks.generation``).
 """
 
@@ -30,6 +30,7 @@ from fmtune.tasks.generation import (
     Completion,
     GenerationSettings,
     complete,
+    fit_prompt,
     generate,
     generation_config,
     new_tokens,
@@ -136,7 +137,7 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     train_ds = data["train"]
     train_ds.packed = cfg.train.packing
     recompute = None
-    if bundle.family not in (causal_lm.SPEECH_FAMILY, causal_lm.CTC_FAMILY):  # tokens of a causal LM
+    if bundle.family in causal_lm.TEXT_FAMILIES:  # tokens of a causal LM or a text encoder-decoder
         recompute = causal_lm.checkpointing(bundle, cfg.train, train_ds.lengths, hw.device)
     if recompute and not quiet:
         out.print(f"  gradient checkpointing {recompute}")
@@ -187,6 +188,8 @@ def lm_net(bundle: build.Bundle) -> torch.nn.Module:
         from fmtune.models.ctc import CTCLogits
 
         return CTCLogits(bundle.model, bundle.tokenizer)
+    if bundle.family == causal_lm.SEQ2SEQ_FAMILY:  # the prompt through the encoder, the completion's logits
+        return causal_lm.Seq2SeqLogits(bundle.model, bundle.tokenizer)
     return causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
 
 
@@ -213,8 +216,12 @@ def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
                 "reads_clips": "in buckets" if bundle.audio.get(speech.BUCKETED) else "in the whole window (not "
                 "yet trained by fmtune)",
                 "eos_token": tok.eos_token, "wer_normalizer": NORMALIZERS[task.wer_normalizer]}
-    return {"chat_template": uses_template(tok, task.chat_template), "train_on_prompt": task.train_on_prompt,
+    info = {"chat_template": uses_template(tok, task.chat_template), "train_on_prompt": task.train_on_prompt,
             "max_length": bundle.max_length, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
+    if bundle.family == causal_lm.SEQ2SEQ_FAMILY:  # (max_length: of the prompt, and of the completion)
+        start = causal_lm.decoder_start(bundle.model)
+        info.update(encoder_decoder=True, decoder_start=tok.convert_ids_to_tokens(start))
+    return info
 
 
 def _check_settings(cfg: config_mod.Config) -> None:
@@ -303,8 +310,8 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
     out = ui.console
     out.print(f"[bold]fmtune train[/] -> {run_dir}")
     speech = bundle.kind == "audio"
-    kind = {causal_lm.SPEECH_FAMILY: "encoder-decoder speech model", causal_lm.CTC_FAMILY: "CTC speech model"}.get(
-        bundle.family, "causal LM")
+    kind = {causal_lm.SPEECH_FAMILY: "encoder-decoder speech model", causal_lm.CTC_FAMILY: "CTC speech model",
+            causal_lm.SEQ2SEQ_FAMILY: "encoder-decoder"}.get(bundle.family, "causal LM")
     out.print(f"  model {cfg.model.name} ({kind}, {sum(p.numel() for p in bundle.model.parameters()):,} parameters)"
               f"  task {task.name}")
     tok = bundle.tokenizer
@@ -332,7 +339,9 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data: d
         out.print(f"  prompts {'in the chat template' if uses_template(tok, task.chat_template) else 'as plain text'}"
                   f"{', instruction: ' + repr(task.instruction) if task.instruction else ''}; loss on "
                   f"{'prompt and completion' if task.train_on_prompt else 'the completion only'}; every target ends "
-                  f"with {tok.eos_token!r}; padding {tok.pad_token!r}; max {bundle.max_length} tokens")
+                  f"with {tok.eos_token!r}; padding {tok.pad_token!r}; max {bundle.max_length} tokens"
+                  + (" each for the prompt (the encoder's input) and the completion (the decoder's)"
+                     if bundle.family == causal_lm.SEQ2SEQ_FAMILY else ""))
         for inp, tgt in read_as or []:
             out.print(f"  data: {inp!r} read as the prompt and {tgt!r} as the completion (a known dataset layout; "
                       "data.input_column / data.target_column choose others)")
@@ -383,10 +392,12 @@ class Generator:
                 "test_metrics": read_json(self.run_dir / EVAL_FILE, {}).get("test")}
 
     def prompt_ids(self, row: dict[str, Any]) -> tuple[list[int], bool]:
-        """The tokens of one row ({prompt} or {messages}); whether its start was cut to fit."""
+        """The tokens of one row ({prompt} or {messages}); whether it was cut to fit (a causal LM's prompt loses its
+        start, keeping a token of room for the answer; an encoder-decoder's its end)."""
         ids = prompt_ids(self.bundle.tokenizer, row, self.task.instruction, self.template, self.task.chats)
-        keep = self.bundle.max_length - 1
-        return (ids[-keep:], True) if len(ids) > keep else (ids, False)
+        seq2seq = self.bundle.family == causal_lm.SEQ2SEQ_FAMILY
+        keep = self.bundle.max_length - (0 if seq2seq else 1)
+        return fit_prompt(ids, keep, self.bundle.tokenizer, seq2seq), len(ids) > keep
 
     def complete(self, rows: list[dict[str, Any]], max_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 16, on_batch: Any = None) -> list[Completion]:
@@ -416,7 +427,7 @@ class Generator:
         ids = torch.tensor([self.prompt_ids(row)[0]], device=self.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         gen = generation_config(tok, max_new_tokens or self.config.eval.max_new_tokens,
-                                {"temperature": temperature, "top_p": top_p})
+                                {"temperature": temperature, "top_p": top_p}, self.bundle.model)
         closed, out = threading.Event(), {}  # closed: this generator was closed (its own; ``cancel`` is the caller's)
 
         class Cancelled(StoppingCriteria):
@@ -544,8 +555,6 @@ def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dic
     8 clips (the folder holds the feature extractor too)."""
     if opened.task.modality == "audio":
         return _export_speech(opened, target, kind, quiet)
-    from transformers import AutoModelForCausalLM
-
     gen = Generator(opened.dir, opened)
     cfg, bundle = gen.config, gen.bundle
     source = _export_source(opened)
@@ -553,7 +562,8 @@ def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dic
     prompts = [gen.prompt_ids(r)[0] for r in rows]
     s = GenerationSettings(cfg.eval.max_new_tokens, 0, EXPORT_CHECK_PROMPTS)
     reference = generate(bundle.model, bundle.tokenizer, prompts, s, gen.device)
-    return _checked_export(opened, target, kind, quiet, auto=AutoModelForCausalLM, extra=lambda tmp: None,
+    return _checked_export(opened, target, kind, quiet, auto=causal_lm.auto_class(bundle.family),
+                           extra=lambda tmp: None,
                            outputs=lambda m: generate(m.to(gen.device), bundle.tokenizer, prompts, s, gen.device),
                            reference=reference, what=("prompts", "same_greedy_answers", "answers"), source=source)
 

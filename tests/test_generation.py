@@ -306,7 +306,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(lm):
 
 
 def test_generation_needs_a_causal_lm_and_a_strategy_that_applies(tiny_bert, tiny_llama, gen_files, tmp_path):
-    with pytest.raises(ModelError, match="needs a causal language model; .* bert model that does not generate"):
+    with pytest.raises(ModelError, match="needs a model that generates text; .* bert model that does not"):
         api.train(gen_cfg(tiny_bert, gen_files["train"], tmp_path / "r1"), quiet=True)
     with pytest.raises(ConfigError, match="strategy head does not apply to text generation"):
         api.train(gen_cfg(tiny_llama, gen_files["train"], tmp_path / "r2", strategy={"name": "head"}), quiet=True)

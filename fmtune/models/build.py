@@ -265,9 +265,9 @@ def create(model_cfg: Any, task: Any) -> Bundle:
         return _create_speech(model_cfg, task)
     if task.level == "dense":  # an image backbone + a decoder to every pixel (segmentation)
         return _create_dense(model_cfg, task)
-    if task.level == "lm":  # a causal language model with its own output layer (text generation)
-        model, tokenizer, max_length = causal_lm.create(model_cfg, task)
-        return Bundle(model, "text", causal_lm.FAMILY, "none", tokenizer=tokenizer, max_length=max_length,
+    if task.level == "lm":  # a model that generates text with its own output layer: a causal LM or T5/BART-like
+        model, tokenizer, max_length, family = causal_lm.create(model_cfg, task)
+        return Bundle(model, "text", family, "none", tokenizer=tokenizer, max_length=max_length,
                       source=str(model_cfg.name))
     family, path = resolve(model_cfg.name)
     if family == causal_lm.FAMILY:

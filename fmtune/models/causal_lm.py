@@ -7,6 +7,9 @@ feeds batches to ``TargetLogits``: the decoder's hidden states, and the output l
 where the next token is a target (the completion), so the vocabulary-sized logits of the prompt
 are never computed.
 
+Text encoder-decoders (T5, BART ...: ``SEQ2SEQ_FAMILY``) are built, adapted, saved and loaded here too; their
+batches go to ``Seq2SeqLogits``.
+
 SmolLM2 ships as a GGUF file: ``fmtune.zoo.models`` converts it once into a plain folder.
 """
 
@@ -22,12 +25,16 @@ from torch import nn
 
 from fmtune.config import resolve_max_length
 from fmtune.errors import ConfigError, ModelError, brief
-from fmtune.models.wrapped import plain, prompt_tuned
+from fmtune.models.wrapped import decoder_start, plain, prompt_tuned
 
 FAMILY = "causal-lm"
 SPEECH_FAMILY = "speech-seq2seq"  # fmtune.models.speech: saved, loaded and adapted as causal LMs are
 CTC_FAMILY = "speech-ctc"  # fmtune.models.ctc: wav2vec2-style encoders with a CTC head, likewise
-FAMILIES = (FAMILY, SPEECH_FAMILY, CTC_FAMILY)
+# text encoder-decoders (T5, Flan-T5, BART, mT5, Pegasus, Marian ...): the prompt is the encoder's input, the
+# completion the decoder's (fmtune.tasks.generation.Seq2SeqData, Seq2SeqLogits here)
+SEQ2SEQ_FAMILY = "seq2seq-lm"
+FAMILIES = (FAMILY, SPEECH_FAMILY, CTC_FAMILY, SEQ2SEQ_FAMILY)
+TEXT_FAMILIES = (FAMILY, SEQ2SEQ_FAMILY)
 DEFAULT_MAX_LENGTH = 512  # model.max_length of generation: prompt + completion
 LM_STRATEGIES = ("lora", "dora", "ia3", "prompt", "last_n", "full")
 # Modules adapted by default, per architecture: (lora/dora targets, ia3 targets, ia3 feed-forward
@@ -42,6 +49,15 @@ LM_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
 LM_TARGETS["whisper"] = (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"],
                          ["fc2"])
 # wav2vec2-style CTC models: the attention and feed-forward projections of the encoder blocks
+# T5 and its kin (Flan-T5, mT5, UL2): every projection of the self-, cross-attention and feed-forward layers of
+# encoder and decoder (wi for T5 v1.0, wi_0 / wi_1 gated from v1.1 on: the ones a model lacks are left out); IA3 as
+# peft's own defaults for T5 (keys, values and the feed-forward output)
+for _arch in ("t5", "mt5", "umt5", "longt5", "switch_transformers"):
+    LM_TARGETS[_arch] = (["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"], ["k", "v", "wo"], ["wo"])
+# BART and its kin: the attention and feed-forward projections, as Whisper's
+for _arch in ("bart", "mbart", "pegasus", "pegasus_x", "marian", "m2m_100", "blenderbot", "blenderbot-small", "plbart",
+              "led", "mvp", "bigbird_pegasus", "nllb-moe"):
+    LM_TARGETS[_arch] = LM_TARGETS["whisper"]
 for _arch in ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat"):
     LM_TARGETS[_arch] = (["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"],
                          ["k_proj", "v_proj", "output_dense"], ["output_dense"])
@@ -61,6 +77,19 @@ def is_causal_lm(config: Any) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
+
+
+def is_text_seq2seq(config: Any) -> bool:
+    """Whether a transformers config describes an encoder-decoder that writes text from text (T5, BART ...; not a
+    speech model, whose encoder reads audio)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    return (bool(getattr(config, "is_encoder_decoder", False)) and kind in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+            and kind not in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES)
 
 
 def is_decoder_only(config: Any) -> bool:
@@ -84,9 +113,15 @@ def set_pad(tokenizer: Any, model: nn.Module | None = None) -> None:
     tools that mask padding in the labels also mask every EOS, and the model never learns to
     stop (TRL #1623, #2059). Padding is masked here by position, never by id, but a distinct id
     keeps an exported model safe in those tools too."""
+    if tokenizer.eos_token_id is None and getattr(tokenizer, "sep_token", None) is not None:
+        tokenizer.eos_token = tokenizer.sep_token  # a WordPiece tokenizer (a BERT-initialised encoder-decoder): [SEP]
+        for where in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+            if where is not None:  # (what plain transformers stops at too, once exported)
+                where.eos_token_id = tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ModelError("the tokenizer has no end-of-sequence token; a generation model needs one to stop")
+        raise ModelError("the tokenizer has no end-of-sequence token; a generation model needs one to stop (set "
+                         "eos_token in the model folder's tokenizer_config.json)")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == eos:
         vocab = tokenizer.get_vocab()
         pick = next((t for t in PAD_CANDIDATES if t in vocab and vocab[t] != eos), None)
@@ -99,35 +134,43 @@ def set_pad(tokenizer: Any, model: nn.Module | None = None) -> None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, int]:
-    """The pretrained causal LM named by ``model_cfg.name`` (a zoo name or a local folder), its
-    tokenizer and the tokens kept per example."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def create(model_cfg: Any, task: Any) -> tuple[nn.Module, Any, int, str]:
+    """The pretrained model that generates named by ``model_cfg.name`` (a zoo name or a local folder: a causal LM,
+    or a text encoder-decoder such as T5 or BART), its tokenizer, the tokens kept per example (a causal LM: prompt
+    and completion together; an encoder-decoder: each of them) and its family (FAMILY or SEQ2SEQ_FAMILY)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from fmtune.zoo.models import resolve
 
     family, path = resolve(model_cfg.name)
     if family not in ("hf", FAMILY):
-        raise ModelError(f"task {task.name} needs a causal language model; {model_cfg.name} is an image model "
-                         "(use smollm2-135m, or a local folder of a *ForCausalLM model)")
+        raise ModelError(f"task {task.name} needs a model that generates text; {model_cfg.name} is an image model "
+                         "(use smollm2-135m, or a local folder of a *ForCausalLM or T5/BART-like model)")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise ModelError(f"cannot read the model config at {path}: {e}") from None
-    if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"task {task.name} fine-tunes decoder-only language models; {model_cfg.name} is a "
-                         f"{config.model_type} encoder-decoder, which fmtune does not train to generate (its encoder "
-                         "is a backbone for classification, regression or NER); use smollm2-135m, a local folder of a "
-                         "*ForCausalLM model or a GGUF file")
-    if not is_causal_lm(config):
-        raise ModelError(f"task {task.name} needs a causal language model; {model_cfg.name} is a "
-                         f"{config.model_type} model that does not generate text (architectures: "
+    seq2seq = is_text_seq2seq(config)
+    if getattr(config, "is_encoder_decoder", False) and not seq2seq:
+        raise ModelError(f"task {task.name} needs a model that generates text from text; {model_cfg.name} is a "
+                         f"{config.model_type} encoder-decoder whose encoder does not read text (a speech model: "
+                         "--task speech); use smollm2-135m, a local folder of a *ForCausalLM model, a T5/BART-like "
+                         "model or a GGUF file")
+    if not seq2seq and not is_causal_lm(config):
+        raise ModelError(f"task {task.name} needs a model that generates text; {model_cfg.name} is a "
+                         f"{config.model_type} model that does not (architectures: "
                          f"{', '.join(getattr(config, 'architectures', None) or ['?'])}); use smollm2-135m or a "
-                         "local folder of a *ForCausalLM model")
-    model, tokenizer = load_pretrained(path, config, model_cfg.init, AutoModelForCausalLM)
+                         "local folder of a *ForCausalLM or T5/BART-like (*ForConditionalGeneration) model")
+    model, tokenizer = load_pretrained(path, config, model_cfg.init, AutoModelForSeq2SeqLM if seq2seq
+                                       else AutoModelForCausalLM)
     set_pad(tokenizer, model)
-    context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
-    return model, tokenizer, resolve_max_length(model_cfg.max_length, DEFAULT_MAX_LENGTH, context, model_cfg.name)
+    if seq2seq:
+        decoder_start(model)  # (an error now, not at the first batch)
+    # T5 counts relative positions and holds no table (its n_positions: the length it was trained at)
+    context = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+               or DEFAULT_MAX_LENGTH)
+    return (model, tokenizer, resolve_max_length(model_cfg.max_length, DEFAULT_MAX_LENGTH, context, model_cfg.name),
+            SEQ2SEQ_FAMILY if seq2seq else FAMILY)
 
 
 def load_pretrained(path: Path | str, config: Any, init: str, auto: Any) -> tuple[nn.Module, Any]:
@@ -160,13 +203,17 @@ def _targets(model: nn.Module, cfg: Any) -> tuple[list[str], list[str]]:
     arch = getattr(model.config, "model_type", "")
     names = _linear_names(model)
     if cfg.targets is None:
-        if arch in LM_TARGETS:
-            lora, ia3, ff = LM_TARGETS[arch]
+        if arch in LM_TARGETS:  # (the names this model has: T5 v1.0 has wi, v1.1 wi_0 and wi_1)
+            short = {n.split(".")[-1] for n in names}
+            lora, ia3, ff = ([t for t in group if t in short] for group in LM_TARGETS[arch])
             return (ia3, ff) if cfg.name == "ia3" else (lora, [])
         from fmtune.strategies import block_list
 
-        loc = block_list(model)
-        inside = {id(m) for m in getattr(*loc).modules()} if loc else set()
+        if getattr(model.config, "is_encoder_decoder", False):  # the blocks of encoder and decoder alike
+            inside = {id(m) for top in (model.get_encoder(), model.get_decoder()) for m in top.modules()}
+        else:
+            loc = block_list(model)
+            inside = {id(m) for m in getattr(*loc).modules()} if loc else set()
         wanted = sorted({n.split(".")[-1] for n, m in model.named_modules() if id(m) in inside and n in names})
         if {"q_proj", "v_proj"} <= set(wanted):  # a Llama-like block of an unlisted model: its projections (not an
             lora, ia3, ff = LM_TARGETS["llama"]  # MoE router, which returns its choices too)
@@ -198,9 +245,11 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
     ctc = bundle.family == CTC_FAMILY
     allowed = tuple(s for s in LM_STRATEGIES if not ((seq2seq or ctc) and s == "prompt"))
     if cfg.name not in allowed:
-        what = "speech recognition" if seq2seq or ctc else "text generation"
-        raise ConfigError(f"strategy {cfg.name} does not apply to {what} (there is no separate head); use one of: "
-                          f"{', '.join(allowed)} (lora is the default)")
+        what = ("speech recognition" if bundle.kind == "audio" else "an encoder-decoder (virtual tokens go before "
+                "a decoder-only model's prompt)" if cfg.name == "prompt" else "text generation")
+        why = "" if cfg.name == "prompt" else " (there is no separate head)"
+        raise ConfigError(f"strategy {cfg.name} does not apply to {what}{why}; use one of: {', '.join(allowed)} "
+                          "(lora is the default)")
     from fmtune import adapters
 
     if adapters.is_peft(cfg.name):
@@ -208,7 +257,9 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
 
         for p in model.parameters():
             p.requires_grad_(False)
-        task_type = None if seq2seq or ctc else peft.TaskType.CAUSAL_LM  # peft's seq2seq wrapper expects text
+        # (speech models: no task type, peft's seq2seq wrapper expects text)
+        task_type = (None if bundle.kind == "audio" else peft.TaskType.SEQ_2_SEQ_LM if seq2seq
+                     else peft.TaskType.CAUSAL_LM)
         extra = {"modules_to_save": [CTC_HEAD]} if ctc else {}
         if cfg.name == "prompt":
             pc = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
@@ -230,12 +281,13 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
             from fmtune.strategies import backbone_blocks
 
             top = model if ctc else model.get_decoder()  # an encoder-decoder's last blocks are the decoder's
-            blocks = backbone_blocks(top)
+            # (T5's blocks by name: a small T5's longest list of modules is the 3 layers inside a decoder block)
+            blocks = list(top.block) if isinstance(getattr(top, "block", None), nn.ModuleList) else backbone_blocks(top)
             if cfg.n > len(blocks):
                 raise ConfigError(f"strategy.n: {cfg.n} is more than the {len(blocks)} blocks of this model")
             ids = {id(p) for b in blocks[-cfg.n:] for p in b.parameters()}
-            norm = getattr(top, "norm", None) or getattr(top, "final_layernorm", None) or getattr(
-                top, "layer_norm", None)
+            norm = next((m for m in (getattr(top, a, None) for a in ("norm", "final_layernorm", "layer_norm",
+                                                                       "final_layer_norm")) if m is not None), None)
             ids |= {id(p) for p in (norm.parameters() if norm is not None else [])}
             if ctc:
                 ids |= {id(p) for p in getattr(model, CTC_HEAD).parameters()}
@@ -275,6 +327,9 @@ def check_packing(bundle: Any) -> None:
     read each example after the ones before it. Checked on the model: the second of two packed runs of tokens must
     read as it does alone."""
     lm = plain(bundle.model)
+    if getattr(lm.config, "is_encoder_decoder", False):
+        raise ConfigError(f"train.packing: {bundle.source} is an encoder-decoder ({lm.config.model_type}); packing "
+                          "runs a decoder-only model's examples as one sequence; leave train.packing off")
     decoder = lm.get_decoder()
     device = next(lm.parameters()).device
     ids = (torch.arange(5, 15, device=device) % lm.config.vocab_size)[None]
@@ -299,6 +354,18 @@ def check_packing(bundle: Any) -> None:
 ACTIVATION_BYTES = 171
 
 
+def _width_times_layers(config: Any) -> int:
+    """Hidden size x layers of a model, every layer of an encoder-decoder counted (T5's num_decoder_layers, BART's
+    decoder_layers; a composed EncoderDecoderModel's two configs)."""
+    parts = [c for c in (getattr(config, "encoder", None), getattr(config, "decoder", None)) if hasattr(c, "to_dict")]
+    if parts:
+        return sum(c.hidden_size * c.num_hidden_layers for c in parts)
+    layers = config.num_hidden_layers
+    if getattr(config, "is_encoder_decoder", False):
+        layers += getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or layers
+    return config.hidden_size * layers
+
+
 def checkpointing(bundle: Any, train: Any, lengths: np.ndarray, device: str) -> str | None:
     """``train.gradient_checkpointing`` for a causal LM: turn it on (true; auto: when the largest
     batch, ``train.batch_size`` rows of the longest example, would keep more than half the memory
@@ -308,7 +375,7 @@ def checkpointing(bundle: Any, train: Any, lengths: np.ndarray, device: str) -> 
     if setting is False or not getattr(lm, "supports_gradient_checkpointing", False) or not len(lengths):
         return None
     rows, longest = min(train.batch_size, len(lengths)), int(np.max(lengths))
-    need = ACTIVATION_BYTES * lm.config.hidden_size * lm.config.num_hidden_layers * rows * longest
+    need = ACTIVATION_BYTES * _width_times_layers(lm.config) * rows * longest
     if device == "cuda":
         available = torch.cuda.mem_get_info()[0]
     else:
@@ -369,6 +436,25 @@ class TargetLogits(nn.Module):
         return types.SimpleNamespace(logits=lm.get_output_embeddings()(picked))
 
 
+class Seq2SeqLogits(nn.Module):
+    """What training batches of an encoder-decoder (T5, BART ...) are fed to: the prompt through the encoder, the
+    completion shifted right through the decoder (teacher forcing), and the logits at the positions listed in
+    ``target_index`` (flat into batch x decoder length: every completion token, no padding). The model's own forward
+    (T5 scales the decoder's output before its tied output layer), through a peft adapter alike."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer  # what evaluation generates with
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor,
+                decoder_attention_mask: torch.Tensor, target_index: torch.Tensor) -> types.SimpleNamespace:
+        out = plain(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                                use_cache=False)
+        return types.SimpleNamespace(logits=out.logits.flatten(0, 1).index_select(0, target_index))
+
+
 # --- save and load ---------------------------------------------------------------------------------
 
 def write(bundle: Any, folder: Path) -> None:
@@ -383,13 +469,17 @@ def write(bundle: Any, folder: Path) -> None:
     bundle.tokenizer.save_pretrained(folder)
 
 
-def _auto(meta: dict[str, Any]) -> Any:
+def auto_class(family: str | None) -> Any:
     """The transformers class a saved folder of this family loads with."""
-    if meta.get("family") == SPEECH_FAMILY:
+    if family == SEQ2SEQ_FAMILY:
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM
+    if family == SPEECH_FAMILY:
         from transformers import WhisperForConditionalGeneration
 
         return WhisperForConditionalGeneration
-    if meta.get("family") == CTC_FAMILY:
+    if family == CTC_FAMILY:
         from transformers import AutoModelForCTC
 
         return AutoModelForCTC
@@ -402,7 +492,7 @@ def load(model_dir: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a folder written by ``write``; ``meta``: its fmtune.json."""
     from transformers import AutoTokenizer
 
-    auto = _auto(meta)
+    auto = auto_class(meta.get("family"))
     adapter = meta.get("adapter")
     try:
         if adapter:
@@ -419,7 +509,7 @@ def load(model_dir: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
         raise
     except Exception as e:
         raise ModelError(f"cannot load the generation model in {model_dir}: {e}") from None
-    if meta.get("family") == FAMILY:  # speech models' padding ids stay as trained (CTC: the blank)
+    if meta.get("family") in TEXT_FAMILIES:  # speech models' padding ids stay as trained (CTC: the blank)
         set_pad(tokenizer, plain(model))
     model.eval()
     return model, tokenizer

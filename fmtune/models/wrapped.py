@@ -1,4 +1,4 @@
-"""What is inside a peft wrapper, and generation through it: a leaf module (no fmtune imports),
+"""What is inside a peft wrapper, and generation through it: a leaf module (no fmtune imports but errors),
 so the generation task can decode without importing the model builders."""
 
 from __future__ import annotations
@@ -19,13 +19,34 @@ def prompt_tuned(model: nn.Module) -> bool:
     return bool(cfg) and any(getattr(c, "is_prompt_learning", False) for c in cfg.values())
 
 
+def encoder_decoder(model: nn.Module) -> bool:
+    """Whether a model (peft-wrapped or not) is an encoder-decoder (T5, BART, Whisper ...)."""
+    return bool(getattr(plain(model).config, "is_encoder_decoder", False))
+
+
+def decoder_start(model: nn.Module) -> int:
+    """The token an encoder-decoder's decoder starts from (T5: the padding token; BART: the end-of-sequence)."""
+    from fmtune.errors import ModelError
+
+    lm = plain(model)
+    start = getattr(getattr(lm, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(lm.config, "decoder_start_token_id", None)
+    if start is None:
+        raise ModelError(f"the {lm.config.model_type} model has no decoder_start_token_id (config.json or "
+                         "generation_config.json): the token its decoder starts from; set it in config.json")
+    return int(start)
+
+
 def generate_new(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, **kw: Any) -> torch.Tensor:
-    """``model.generate`` on left-padded prompts: the new tokens only. A prompt-tuned model gets its
+    """``model.generate`` on padded prompts (a causal LM: on the left): the new tokens only (an
+    encoder-decoder's output without the decoder's start token). A prompt-tuned model gets its
     virtual tokens put before the prompts' embeddings here, as in training, and the base model
     generates from the embeddings: peft's own generate loses the positions of models that count
     them from the attention mask (OPT, BLOOM: a shape error at the first new token)."""
     if not prompt_tuned(model):
-        return model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+        out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        return out[:, 1:] if encoder_decoder(model) else out[:, ids.shape[1]:]
     base = plain(model)
     embeds = base.get_input_embeddings()(ids)
     virtual = model.get_prompt(ids.shape[0]).to(device=embeds.device, dtype=embeds.dtype)

@@ -1,4 +1,6 @@
-"""Text generation: a causal language model fine-tuned to answer prompts (instructions, summaries, chat).
+"""Text generation: a causal language model, or a text encoder-decoder (T5, BART ...), fine-tuned to answer
+prompts (instructions, summaries, chat). An encoder-decoder reads the prompt with its encoder and writes the
+completion with its decoder (``Seq2SeqData``); the rest below holds for both.
 
 Rows, one per example (JSONL, or CSV/Parquet of the same columns or through ``data.input_column``
 / ``data.target_column``):
@@ -299,6 +301,48 @@ class LMData(torch.utils.data.Dataset):
         return n
 
 
+class Seq2SeqData(torch.utils.data.Dataset):
+    """An encoder-decoder's examples (T5, BART ...): the prompt's tokens, the encoder's input, and the completion's
+    ending with the EOS, the decoder's targets. ``collate`` pads both on the right; the decoder is fed the targets
+    shifted right after its start token (``decoder_input_ids``), and every target position is trained
+    (``target_index``, flat into batch x decoder length). ``prompts`` / ``references``: what generation is scored
+    on."""
+
+    packed = False  # (train.packing is refused for encoder-decoders: causal_lm.check_packing)
+
+    def __init__(self, prompts: list[list[int]], targets: list[list[int]], start: int, pad_id: int,
+                 references: list[str | None], lines: list[int]):
+        self.prompts, self.targets, self.start, self.pad_id = prompts, targets, start, pad_id
+        self.references, self.lines = references, lines
+        self.lengths = np.array([len(p) + len(t) for p, t in zip(prompts, targets)])
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.prompts[i], "labels": self.targets[i]}
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        width = max(max(len(self.prompts[i]) for i in idx), 1)
+        dwidth = max(max(len(self.targets[i]) for i in idx), 1)
+        out = {"input_ids": torch.full((len(idx), width), self.pad_id, dtype=torch.long),
+               "attention_mask": torch.zeros((len(idx), width), dtype=torch.long),
+               "decoder_input_ids": torch.full((len(idx), dwidth), self.pad_id, dtype=torch.long),
+               "decoder_attention_mask": torch.zeros((len(idx), dwidth), dtype=torch.long)}
+        where, labels = [], []
+        for b, i in enumerate(idx):
+            p, t = self.prompts[i], self.targets[i]
+            out["input_ids"][b, :len(p)] = torch.tensor(p, dtype=torch.long)
+            out["attention_mask"][b, :len(p)] = 1
+            shifted = [self.start, *t[:-1]] if t else [self.start]
+            out["decoder_input_ids"][b, :len(shifted)] = torch.tensor(shifted, dtype=torch.long)
+            out["decoder_attention_mask"][b, :len(shifted)] = 1
+            where.extend(b * dwidth + q for q in range(len(t)))
+            labels.extend(t)
+        return {**out, "target_index": torch.tensor(where, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long)}
+
+
 def uses_template(tokenizer: Any, setting: str) -> bool:
     has = bool(getattr(tokenizer, "chat_template", None))
     if setting == "on" and not has:
@@ -347,8 +391,9 @@ class Generation(Task):
     # of 32 long rows also holds 4x the activations (720 tokens x 32 rows: about 63 GiB without checkpointing).
     default_train = {"batch_size": 8}
     capabilities = frozenset()
-    description = ("generate text: fine-tune a causal language model on prompt -> completion pairs, chat messages "
-                   "or plain text (loss on the completion; ROUGE-L picks the best checkpoint)")
+    description = ("generate text: fine-tune a causal language model (or a T5/BART-like encoder-decoder) on prompt "
+                   "-> completion pairs, chat messages or plain text (loss on the completion; ROUGE-L picks the best "
+                   "checkpoint)")
     baseline_method = "the pretrained model prompted the same way, before fine-tuning (zero-shot)"
     input_name = "prompt"  # what each answer in test_answers.jsonl answers
 
@@ -387,7 +432,11 @@ class Generation(Task):
 
     # --- data -----------------------------------------------------------------------------------
     def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
-                allow_unknown: bool = False) -> tuple[LMData, np.ndarray]:
+                allow_unknown: bool = False) -> tuple[LMData | Seq2SeqData, np.ndarray]:
+        from fmtune.models.wrapped import encoder_decoder
+
+        if encoder_decoder(bundle.model):
+            return self.seq2seq_dataset(df, bundle, with_targets), np.arange(len(df))
         tok = bundle.tokenizer
         template = uses_template(tok, self.chat_template)
         eos, limit = tok.eos_token_id, bundle.max_length
@@ -420,6 +469,52 @@ class Generation(Task):
         lines = [int(x) for x in df["line"]]
         return LMData(ids, starts, pad, prompts, refs, lines), np.arange(len(df))
 
+    def seq2seq_dataset(self, df: pd.DataFrame, bundle: Any, with_targets: bool) -> Seq2SeqData:
+        """The rows as an encoder-decoder reads them: the prompt (with the instruction; a chat as "role: content"
+        lines, or its chat template) into the encoder, the completion and its EOS out of the decoder, each within
+        model.max_length tokens (task.truncate: a prompt loses its end, as a summariser's article does, and keeps its
+        closing special token; a completion its end)."""
+        from fmtune.models.wrapped import decoder_start
+
+        tok = bundle.tokenizer
+        template = uses_template(tok, self.chat_template)
+        eos, limit = tok.eos_token_id, bundle.max_length
+        source, table = df.attrs.get("source", "data"), df.attrs.get("table", False)
+        if self.train_on_prompt:
+            raise ConfigError("task.train_on_prompt: an encoder-decoder reads the prompt with its encoder and never "
+                              "writes it; leave task.train_on_prompt off")
+        prompts, targets, refs, cut = [], [], [], 0
+        start = decoder_start(bundle.model)
+        for row in df.to_dict("records"):
+            where = _where(source, row["line"], table)
+            if row["kind"] == "text":
+                raise DataError(f"{where}: a plain {{\"text\"}} row is text to continue, which a causal LM learns; "
+                                f"{bundle.source} is an encoder-decoder: give each row a prompt (its input) and a "
+                                "completion (data.input_column / data.target_column)")
+            p = prompt_ids(tok, row, self.instruction, template, self.chats)
+            # (as a target: Marian's own target vocabulary, mBART's and NLLB's target-language code)
+            t = tok(text_target=row["completion"])["input_ids"] if with_targets else []
+            if t and t[0] == start:  # a BERT tokenizer's [CLS], the decoder's start token already (bert2bert): once
+                t = t[1:]  # (twice, a short run learnt to repeat it: 10 of 12 answer tokens [CLS])
+            if with_targets and (not t or t[-1] != eos):  # (tokenizers that add no EOS: T5's does, BART's too)
+                t.append(eos)
+            if len(p) > limit or len(t) > limit:
+                if not self.truncate:
+                    longer = "the prompt" if len(p) > limit else "the completion"
+                    raise DataError(f"{where}: {len(p)} prompt tokens and {len(t)} completion tokens: more than "
+                                    f"model.max_length {limit} for {longer}; raise model.max_length or set "
+                                    "task.truncate=true to cut the end of what is longer")
+                cut += 1
+                p, t = fit_prompt(p, limit, tok), t[:limit]
+            prompts.append(p)
+            targets.append(t)
+            refs.append(row["completion"])
+        if cut:
+            warnings.warn(f"{source}: {cut} example(s) longer than model.max_length {limit} were truncated "
+                          "(task.truncate)", UserWarning, stacklevel=3)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        return Seq2SeqData(prompts, targets, start, pad, refs, [int(x) for x in df["line"]])
+
     # --- loss and metrics -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: Any, weights: torch.Tensor | None = None) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets)
@@ -450,6 +545,18 @@ class Generation(Task):
 
 
 TOKENS_PER_BATCH = 4096
+
+
+def fit_prompt(ids: list[int], limit: int, tokenizer: Any, encoder_decoder: bool = True) -> list[int]:
+    """A prompt of at most ``limit`` tokens: an encoder's input loses its end but keeps its closing special token
+    (T5's and BART's EOS); a causal LM's its start (the end is what the answer follows)."""
+    if len(ids) <= limit:
+        return ids
+    if not encoder_decoder:
+        return ids[len(ids) - limit:]
+    if ids[-1] in tokenizer.all_special_ids and limit > 1:
+        return ids[:limit - 1] + ids[-1:]
+    return ids[:limit]
 
 
 def token_loss(net: Any, ds: Any, batches: list[list[int]], device: Any) -> dict[str, float]:
@@ -516,17 +623,28 @@ def score(answers: list[str], references: list[str]) -> dict[str, float]:
 MIN_TEMPERATURE = 1e-5
 
 
-def generation_config(tokenizer: Any, max_new_tokens: int, sampling: dict[str, Any] | None = None) -> Any:
+def generation_config(tokenizer: Any, max_new_tokens: int, sampling: dict[str, Any] | None = None,
+                      model: Any = None) -> Any:
     """How answers are decoded: greedy, or sampled when ``sampling`` gives a temperature (at least
-    MIN_TEMPERATURE; and top_p); stop at the tokenizer's EOS; the KV cache on."""
+    MIN_TEMPERATURE; and top_p); stop at the tokenizer's EOS; the KV cache on. One candidate, no minimum length and
+    no n-gram or repetition rule, whatever the model's own generation_config.json asks (BART-large-CNN's: 4 beams, at
+    least 56 tokens): what the scores measure is the model. An encoder-decoder's decoder starts from its own start
+    token (``model``: the model that generates)."""
     from transformers import GenerationConfig
+
+    from fmtune.models.wrapped import encoder_decoder
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampled = bool(sampling and (sampling.get("temperature") or 0) >= MIN_TEMPERATURE)
+    extra = {"temperature": sampling["temperature"], "top_p": sampling.get("top_p", 1.0)} if sampled else {}
+    if model is not None and encoder_decoder(model):
+        from fmtune.models.wrapped import decoder_start
+
+        extra["decoder_start_token_id"] = decoder_start(model)
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampled, eos_token_id=eos, pad_token_id=pad,
-                            use_cache=True, **({"temperature": sampling["temperature"],
-                                                "top_p": sampling.get("top_p", 1.0)} if sampled else {}))
+                            use_cache=True, num_beams=1, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                            **extra)
 
 
 @dataclass
@@ -549,13 +667,15 @@ def new_tokens(row: torch.Tensor, eos: int | None, pad: int | None) -> tuple[int
 
 def complete(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings, device: Any,
              sampling: dict[str, Any] | None = None, on_batch: Any = None) -> list[Completion]:
-    """Answers to token-id prompts: batches of similar length, padded on the left, decoded with
-    the KV cache (``model.generate``); greedy unless ``sampling`` (temperature, top_p) is given.
-    Returns each prompt's answer (new text, tokens, whether it ended at the EOS), in order."""
-    from fmtune.models.wrapped import generate_new
+    """Answers to token-id prompts: batches of similar length, padded on the left (an encoder-decoder's
+    encoder: on the right), decoded with the KV cache (``model.generate``); greedy unless ``sampling``
+    (temperature, top_p) is given. Returns each prompt's answer (new text, tokens, whether it ended at the
+    EOS), in order."""
+    from fmtune.models.wrapped import encoder_decoder, generate_new
 
-    gen = generation_config(tokenizer, settings.max_new_tokens, sampling)
+    gen = generation_config(tokenizer, settings.max_new_tokens, sampling, model)
     eos, pad = gen.eos_token_id, gen.pad_token_id
+    right = encoder_decoder(model)
     answers: list[Completion] = [Completion("", 0, False)] * len(prompts)
     model.eval()
     with torch.inference_mode():
@@ -565,8 +685,9 @@ def complete(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Gen
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for b, i in enumerate(idx):
                 p = prompts[i] or [eos]
-                ids[b, width - len(p):] = torch.tensor(p)
-                mask[b, width - len(p):] = 1
+                at = slice(0, len(p)) if right else slice(width - len(p), width)
+                ids[b, at] = torch.tensor(p)
+                mask[b, at] = 1
             out = generate_new(model, ids.to(device), mask.to(device), generation_config=gen)
             for b, i in enumerate(idx):
                 text = tokenizer.decode(out[b], skip_special_tokens=True).strip()
