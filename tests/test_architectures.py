@@ -101,7 +101,7 @@ _BART_LIKE = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attent
                   encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256)
 _T5_LIKE = dict(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16)
 # text encoder-decoders, for generation (the whole model). Not here: Switch Transformers and ProphetNet, whose own
-# generate fails in transformers 5.25 (an IndexError in its cache; "position_ids are incorrect")
+# generate fails in transformers 5.25 (an IndexError in its cache; "position_ids are incorrect"): a ModelError saying so
 SEQ2SEQ = {
     "t5": _T5_LIKE, "mt5": _T5_LIKE, "umt5": _T5_LIKE, "longt5": _T5_LIKE,
     "bart": _BART_LIKE, "mbart": _BART_LIKE, "pegasus": _BART_LIKE, "marian": _BART_LIKE, "m2m_100": _BART_LIKE,

@@ -308,3 +308,18 @@ def test_bert2bert_from_real_minilm_weights_learns_to_summarise_real_functions(t
     assert ev["test"]["rougeL"] > ev["baseline"]["rougeL"] + 0.03
     res = export(tmp_path / "run", tmp_path / "export", quiet=True)
     assert res["same_greedy_answers"] == res["checked_prompts"] > 0
+
+
+def test_a_model_whose_own_generate_fails_is_named_in_one_line(tiny_t5, monkeypatch):
+    """transformers 5.25's generate fails on some architectures (ProphetNet: "position_ids are incorrect"; Switch
+    Transformers: an IndexError in its cache): said as a ModelError naming the model type and the cause."""
+    from fmtune.tasks.generation import GenerationSettings, complete
+
+    bundle, _ = loaded(tiny_t5)
+
+    def broken(*a, **kw):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(type(bundle.model), "generate", broken)
+    with pytest.raises(ModelError, match=r"generate fails on this t5 model \(IndexError: list index out of range\)"):
+        complete(bundle.model, bundle.tokenizer, [[5, 6, 1]], GenerationSettings(max_new_tokens=2), "cpu")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fmtune.data.readers import jsonl_records, read_any
-from fmtune.errors import ConfigError, DataError
+from fmtune.errors import ConfigError, DataError, ModelError, brief
 from fmtune.tasks.base import TASKS, Task
 
 ROLES = ("system", "user", "assistant")
@@ -688,7 +688,15 @@ def complete(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Gen
                 at = slice(0, len(p)) if right else slice(width - len(p), width)
                 ids[b, at] = torch.tensor(p)
                 mask[b, at] = 1
-            out = generate_new(model, ids.to(device), mask.to(device), generation_config=gen)
+            try:
+                out = generate_new(model, ids.to(device), mask.to(device), generation_config=gen)
+            except torch.OutOfMemoryError:
+                raise
+            except (IndexError, ValueError, RuntimeError, TypeError) as e:
+                kind = getattr(getattr(model, "config", None), "model_type", "?")
+                raise ModelError(f"transformers' generate fails on this {kind} model ({type(e).__name__}: "
+                                 f"{brief(e)}); fmtune decodes through it, so this model cannot answer here (its "
+                                 "transformers version may be the cause)") from e
             for b, i in enumerate(idx):
                 text = tokenizer.decode(out[b], skip_special_tokens=True).strip()
                 answers[i] = Completion(text, *new_tokens(out[b], eos, pad))
