@@ -14,6 +14,7 @@
 #   make test-slow   the tests on the real offline weights
 #   make bench-fewshot  fmtune's few-label strategies against the SetFit library (installed for it)
 #   make bench-generation  fmtune's text generation against TRL's SFTTrainer (installed for it)
+#   make bench-seq2seq  encoder-decoder generation (BERT2BERT from MiniLM) against the Hugging Face Seq2SeqTrainer
 #   make bench-audio  fmtune's audio classification against the Hugging Face Trainer (WhisperForAudioClassification)
 #   make bench-speech  fmtune's speech recognition against the Hugging Face Seq2SeqTrainer (Whisper + peft LoRA)
 #   make bench-real-speech  the speech demo's recipe scored on real human speakers (recordings fetched from
@@ -32,7 +33,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-audio demo demo-image demo-ner demo-multilabel demo-regression demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
-	test-slow lint clean bench-fewshot bench-generation bench-audio bench-speech bench-real-speech bench-dense bench-active bench-head-init \
+	test-slow lint clean bench-fewshot bench-generation bench-seq2seq bench-audio bench-speech bench-real-speech bench-dense bench-active bench-head-init \
 	bench-image-lr bench-time-to-accuracy
 
 setup: $(VENV)/.installed
@@ -125,6 +126,9 @@ bench-generation: setup
 	$(PY) -m pip install -q datasets
 	$(PY) -m pip install -q --no-deps trl
 	$(PY) bench/generation.py > bench/results-generation-$$(date +%F).json
+
+bench-seq2seq: setup
+	$(PY) bench/seq2seq.py > bench/results-seq2seq-$$(date +%F).json
 
 lint: setup
 	$(VENV)/bin/ruff check fmtune tests bench

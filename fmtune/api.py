@@ -109,7 +109,7 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     cfg, run_dir = _config_and_dir(cfg, resume)
     if run_dir is None:
         cfg = _with_split_lists(cfg)
-    if task_class(cfg.task.type).level == "lm":  # text generation: a causal LM (fmtune.generation)
+    if task_class(cfg.task.type).level == "lm":  # a model that generates (fmtune.generation)
         from fmtune import generation
 
         return generation.train(cfg, run_dir, overwrite=overwrite, quiet=quiet, report=report, on_eval=on_eval)
