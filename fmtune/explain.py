@@ -40,6 +40,7 @@ from fmtune.data.readers import (
     require_column,
     require_text_column,
     row_label,
+    table_base,
 )
 from fmtune.errors import ConfigError, DataError
 from fmtune.explain_inputs import choose_items
@@ -227,7 +228,7 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
     cfg = pred.config.data
 
     def table(path: Path, column: str, what: str, key: str) -> Any:
-        df = read_any(path, cfg.encoding)
+        df = read_any(path, cfg.encoding, media=cfg)  # (the run's data.media_root and path templates, as training)
         require_column(df, column, what, key)
         truth = df[cfg.label_column] if cfg.label_column in df.columns else [None] * len(df)
         return df, [None if t is None else str(t) for t in truth]
@@ -258,7 +259,7 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
         elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
             df, truth = table(path, cfg.image_column, "image path", "data.image_column")
             for i, (cell, true) in enumerate(zip(df[cfg.image_column], truth)):
-                source, name = media_cell(cell, path.parent)  # a path, or an image embedded in the table
+                source, name = media_cell(cell, table_base(df))  # a path, or an image embedded in the table
                 if source is None:
                     raise DataError(f"{row_label(df, i)}: column {cfg.image_column!r} is empty")
                 if add(media_name(source, name), pred.decode(source, row_label(df, i)), true):
@@ -287,7 +288,7 @@ def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dic
     if not pred.task.supports("mistakes"):
         raise ConfigError(f"--misclassified needs a single-label classification run, not {pred.task.name}")
     cfg = pred.config
-    df = read_any(Path(data), cfg.data.encoding)
+    df = read_any(Path(data), cfg.data.encoding, media=cfg.data)
     ds, kept = make_dataset(df, pred.bundle, pred.task, cfg.data)
     with ui.CountProgress("finding mistakes", len(ds), quiet) as bar:
         logits, targets = infer(pred.model, ds, pred.batch_size, progress=bar)

@@ -57,6 +57,9 @@ def test_a_table_whose_images_are_in_a_folder_below_it(tmp_path, image_dirs, tin
     assert len(preds) == len(files) and not preds["error"].any()
     moved = fmtune.predict(tmp_path / "run", tmp_path / "train.csv", quiet=True, media_root=tmp_path)
     assert moved["error"].str.contains(f"no such image file: {tmp_path / 'bottom'}").any()  # read from the one given
+    explained = fmtune.explain(tmp_path / "run", [str(tmp_path / "train.csv")], limit=2, quiet=True,
+                               out=tmp_path / "explained")  # the table explained as the run read it
+    assert [e["name"] for e in explained["items"]] == [f.name for f in files[:2]]
 
 
 def test_image_paths_built_from_other_columns(tmp_path, image_dirs, tiny_vit):
