@@ -13,6 +13,8 @@ pretrained baseline, and use it.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -99,3 +101,18 @@ def load_config(path: Any = None, overrides: list[str] | None = None):
     from fmtune.config import load
 
     return load(path, overrides)
+
+
+class _Package(types.ModuleType):
+    """The package keeps its verbs: importing the submodule of the same name (fmtune/explain.py, robustness.py,
+    transfer.py; anything inside fmtune may) would otherwise replace ``fmtune.explain`` the function by the module,
+    and a user's next ``fmtune.explain(...)`` fail with "'module' object is not callable". The submodules stay in
+    sys.modules (``from fmtune.explain import ...`` reads them there)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -61,3 +61,15 @@ def test_only_tasks_branch_on_a_task_name():
                  if "tasks" not in p.relative_to(ROOT).parts
                  for i, line in enumerate(p.read_text().splitlines(), start=1) if pattern.search(line)]
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_verbs_stay_functions_when_their_modules_are_imported():
+    """fmtune.explain / robustness / transfer are verbs and modules of the same name: importing the module (as
+    fmtune's own code does) once replaced the verb, and a user's next fmtune.explain(...) failed."""
+    import importlib
+
+    import fmtune
+
+    for name in ("explain", "robustness", "transfer"):
+        module = importlib.import_module(f"fmtune.{name}")
+        assert callable(getattr(fmtune, name)) and getattr(fmtune, name) is not module

@@ -220,7 +220,9 @@ def test_regression_and_multilabel_runs_are_explained_and_stressed(tiny_bert, te
 
 
 def test_corruptions_on_onnxruntime_score_as_torch(square_run, tmp_path, monkeypatch):
-    import fmtune.robustness as rob
+    import importlib
+
+    rob = importlib.import_module("fmtune.robustness")  # (fmtune.robustness is the verb)
 
     run, test, _ = square_run
     fast = robustness(run, test, suite="quick", attacks=False, out=tmp_path / "a", quiet=True)["runs"]["run"]

@@ -176,6 +176,17 @@ def test_a_t5_learns_beats_zero_shot_and_its_folder_generates_in_plain_transform
     assert streamed == ours[0] and info["tokens"] > 0
 
 
+def test_evaluate_scores_a_t5_run_again_as_training_did(t5_run, capsys):
+    from fmtune.cli import main
+
+    run = Path(t5_run["run_dir"])
+    trained = json.loads((run / "eval.json").read_text())
+    assert main(["evaluate", str(run), "--baseline", "-q"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["test"] == pytest.approx(trained["test"], abs=1e-6)
+    assert again["baseline"] == pytest.approx(trained["baseline"], abs=1e-6)
+
+
 def test_a_lora_bart_merges_into_a_folder_transformers_loads_without_peft(tiny_bart, s2s_files, tmp_path):
     import peft
     from transformers import AutoModelForSeq2SeqLM
