@@ -7,6 +7,8 @@ the service, and the errors a user meets."""
 from __future__ import annotations
 
 import json
+import random
+import re
 import warnings
 from pathlib import Path
 
@@ -242,6 +244,71 @@ def test_the_openai_chat_endpoint_answers_from_a_t5_run(t5_run):
         assert r.status_code == 200 and r.json()["choices"][0]["text"].strip() == expected
         assert client.post("/generate", json={"prompt": ["repeat: red dog", "repeat: cat"]}).json()["answers"][0] == \
             expected  # (batched with another prompt: right padding changes nothing)
+
+
+NUMBERS = "zero one two three four five six seven eight nine".split()
+
+
+def number_rows(n: int, seed: int) -> list[dict]:
+    """A toy translation, number words -> digits ("two four" -> "2 4"), as {source, target} rows (a known layout)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = [rng.randrange(10) for _ in range(rng.randint(2, 4))]
+        out.append({"source": " ".join(NUMBERS[i] for i in k), "target": " ".join(map(str, k))})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_marian(tmp_path_factory) -> Path:
+    """A 2+2-layer Marian (opus-mt's architecture) with its own tokenizer: SentencePiece models trained here, one
+    for the source language and one for the target, and the shared vocabulary, as opus-mt folders hold them."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-marian")
+    rows = number_rows(400, 0)
+    vocab = {"</s>": 0, "<unk>": 1}
+    for side, size in (("source", 40), ("target", 24)):
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter([r[side] for r in rows]), model_writer=buf,
+                                       vocab_size=size, model_type="unigram", character_coverage=1.0, pad_id=-1,
+                                       bos_id=-1, eos_id=-1, unk_id=0, hard_vocab_limit=False, minloglevel=2)
+        (d / f"{side}.spm").write_bytes(buf.getvalue())
+        sp = spm.SentencePieceProcessor(model_file=str(d / f"{side}.spm"))
+        for i in range(sp.get_piece_size()):
+            vocab.setdefault(sp.id_to_piece(i), len(vocab))
+    vocab["<pad>"] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ("Recommended: pip install sacremoses")
+        tok = MarianTokenizer(source_spm=str(d / "source.spm"), target_spm=str(d / "target.spm"),
+                              vocab=str(d / "vocab.json"))
+    tok.save_pretrained(d)
+    cfg = MarianConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       decoder_start_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    MarianMTModel(cfg).save_pretrained(d)
+    return d
+
+
+def test_a_marian_translator_learns_its_targets_in_the_target_languages_vocabulary(tiny_marian, tmp_path):
+    """opus-mt's layout: a source and a target SentencePiece model. The completion is tokenised as a target
+    (transformers' text_target): the digits are pieces of the target model only, and the answers decode to them."""
+    files = {n: write_jsonl(tmp_path / f"{n}.jsonl", number_rows(k, s)) for n, k, s in (("train", 200, 1),
+                                                                                         ("test", 24, 2))}
+    cfg = gen_cfg(tiny_marian, files["train"], tmp_path / "run", strategy={"name": "full"},
+                  train={"lr": 3e-3, "epochs": 4, "patience": None}, data={"test": str(files["test"])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ev = api.train(cfg, quiet=True, report=False)["eval"]
+    assert ev["test"]["loss"] < ev["baseline"]["loss"] - 1
+    answers = [json.loads(x)["fine_tuned"] for x in (tmp_path / "run" / "test_answers.jsonl").read_text().splitlines()]
+    assert any(answers) and all(re.fullmatch(r"[0-9 ]*", a) for a in answers), answers
 
 
 # --- errors --------------------------------------------------------------------------------------------
