@@ -35,7 +35,7 @@ CTC_FAMILY = "speech-ctc"  # fmtune.models.ctc: wav2vec2-style encoders with a C
 SEQ2SEQ_FAMILY = "seq2seq-lm"
 FAMILIES = (FAMILY, SPEECH_FAMILY, CTC_FAMILY, SEQ2SEQ_FAMILY)
 TEXT_FAMILIES = (FAMILY, SEQ2SEQ_FAMILY)
-DEFAULT_MAX_LENGTH = 512  # model.max_length of generation: prompt + completion
+DEFAULT_MAX_LENGTH = 512  # model.max_length of generation: prompt + completion (an encoder-decoder: each)
 LM_STRATEGIES = ("lora", "dora", "ia3", "prompt", "last_n", "full")
 # Modules adapted by default, per architecture: (lora/dora targets, ia3 targets, ia3 feed-forward
 # subset). Llama-like blocks: every attention and MLP projection (QLoRA's finding: adapting all of
@@ -48,7 +48,6 @@ LM_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
 # Whisper: the attention and feed-forward projections of encoder and decoder blocks (self- and cross-attention)
 LM_TARGETS["whisper"] = (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"],
                          ["fc2"])
-# wav2vec2-style CTC models: the attention and feed-forward projections of the encoder blocks
 # T5 and its kin (Flan-T5, mT5, UL2): every projection of the self-, cross-attention and feed-forward layers of
 # encoder and decoder (wi for T5 v1.0, wi_0 / wi_1 gated from v1.1 on: the ones a model lacks are left out); IA3 as
 # peft's own defaults for T5 (keys, values and the feed-forward output)
@@ -58,6 +57,7 @@ for _arch in ("t5", "mt5", "umt5", "longt5", "switch_transformers"):
 for _arch in ("bart", "mbart", "pegasus", "pegasus_x", "marian", "m2m_100", "blenderbot", "blenderbot-small", "plbart",
               "led", "mvp", "bigbird_pegasus", "nllb-moe"):
     LM_TARGETS[_arch] = LM_TARGETS["whisper"]
+# wav2vec2-style CTC models: the attention and feed-forward projections of the encoder blocks
 for _arch in ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat"):
     LM_TARGETS[_arch] = (["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"],
                          ["k_proj", "v_proj", "output_dense"], ["output_dense"])
