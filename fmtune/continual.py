@@ -290,7 +290,7 @@ class Setup:
             if not s.get("test"):
                 rows.append({"task": s["task"], "test": None, "note": "no test data"})
                 continue
-            df = read_any(s["test"], self.cfg.data.encoding)
+            df = read_any(s["test"], self.cfg.data.encoding, media=self.cfg.data)  # (its data.media_root, templates)
             ds = make_dataset(df, bundle, task, self.cfg.data, allow_unknown=True)[0]  # one preprocessing: RUN's
             before = score(self.source.bundle.model, self.old_labels, ds, task, self.cfg.train.eval_batch_size)
             after = score(bundle.model, task.labels, ds, task, self.cfg.train.eval_batch_size)

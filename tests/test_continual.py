@@ -191,6 +191,23 @@ def test_continue_an_image_run_keeps_copies_of_old_images(square_run, tmp_path, 
     assert json.loads((tmp_path / "B" / "run.json").read_text())["data"]["train"]["rows"] == 14 + 10
 
 
+def test_continue_an_image_run_on_tables_whose_images_are_in_another_folder(square_run, tmp_path):
+    """Tables naming images relative to data.media_root: the new data and its test table are read from there, for
+    training and for the before / after scores of every step."""
+    run, _, _ = square_run
+    root = tmp_path / "images"
+    for split, seed in (("train", 3), ("test", 4)):
+        save_square_images(root / split, 6, seed=seed)
+        files = sorted((root / split).glob("*/*.png"))
+        pd.DataFrame({"image": [str(f.relative_to(root)) for f in files],
+                      "label": [f.parent.name for f in files]}).to_csv(tmp_path / f"{split}.csv", index=False)
+    res = fmtune.continue_run(run, tmp_path / "train.csv", test=tmp_path / "test.csv", out=tmp_path / "B", quiet=True,
+                              report=False, overrides=["continual.memory=10", "train.epochs=1",
+                                                       f"data.media_root={root}"])
+    rows = res["continual"]["tasks"]
+    assert len(rows) == 2 and all("after" in r for r in rows) and res["continual"]["new_task_gain"] is not None
+
+
 def test_continual_refuses_what_it_cannot_do(text_files, tiny_bert, tmp_path):
     run = tmp_path / "reg"
     fmtune.train(cfg_dict(tiny_bert, text_files["regression_train"], out=str(run), task={"type": "regression"},

@@ -808,6 +808,10 @@ def test_packed_examples_give_the_padded_batchs_logits_and_gradients(lm, tmp_pat
 def test_a_killed_generation_run_resumes_to_the_same_adapter(tiny_llama, gen_files, tmp_path):
     """SIGKILL mid-epoch after a resume point, then --resume: the same evaluations (loss and
     greedy answers' ROUGE) and the same LoRA adapter as the uninterrupted run."""
+    killed_run_resumes_the_same(tiny_llama, gen_files["train"], tmp_path)
+
+
+def killed_run_resumes_the_same(model: Path, train_file: Path, tmp_path: Path) -> None:
     import os
     import signal
     import subprocess
@@ -817,8 +821,8 @@ def test_a_killed_generation_run_resumes_to_the_same_adapter(tiny_llama, gen_fil
     import yaml
     from safetensors.torch import load_file
 
-    cfg = {"model": {"name": str(tiny_llama)}, "task": {"type": "generation"},
-           "data": {"train": str(gen_files["train"])},
+    cfg = {"model": {"name": str(model)}, "task": {"type": "generation"},
+           "data": {"train": str(train_file)},
            "eval": {"max_new_tokens": 8, "samples": 8},
            "train": {"epochs": 1, "batch_size": 4, "seed": 0, "lr": 3e-3, "eval_every": 12, "save_every_steps": 5,
                      "log_every": 1, "patience": None, "num_threads": 1}}

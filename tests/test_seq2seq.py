@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_generation import gen_cfg, repeat_rows, write_jsonl
+from test_generation import gen_cfg, killed_run_resumes_the_same, repeat_rows, write_jsonl
 
 from fmtune import api, config
 from fmtune.errors import ConfigError, DataError, ModelError
@@ -187,6 +187,11 @@ def test_evaluate_scores_a_t5_run_again_as_training_did(t5_run, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["test"] == pytest.approx(trained["test"], abs=1e-6)
     assert again["baseline"] == pytest.approx(trained["baseline"], abs=1e-6)
+
+
+@pytest.mark.slow  # two subprocess runs (~25 s), as the causal LM's
+def test_a_killed_t5_run_resumes_to_the_same_adapter(tiny_t5, s2s_files, tmp_path):
+    killed_run_resumes_the_same(tiny_t5, s2s_files["train"], tmp_path)
 
 
 def test_a_lora_bart_merges_into_a_folder_transformers_loads_without_peft(tiny_bart, s2s_files, tmp_path):
