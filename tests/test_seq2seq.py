@@ -42,13 +42,32 @@ def bpe_tokenizer(specials: list[str], template: str) -> object:
     return PreTrainedTokenizerFast(tokenizer_object=tok, **{names[s]: s for s in specials})
 
 
+def t5_tokenizer() -> object:
+    """transformers' own T5Tokenizer (as Flan-T5 folders name it: pad 0, EOS 1, unk 2, 100 sentinel tokens) over a
+    unigram vocabulary SentencePiece learns here from the repeat rows."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([r["prompt"] + " " + r["completion"]
+                                                           for r in repeat_rows(500, 0)]),
+                                   model_writer=buf, vocab_size=60, model_type="unigram", character_coverage=1.0,
+                                   pad_id=-1, bos_id=-1, eos_id=-1, unk_id=0, hard_vocab_limit=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(1, sp.get_piece_size())]
+    return T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces])
+
+
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
-    """A 2+2-layer T5 v1.1 (gated feed-forward, as Flan-T5) with pad 0, EOS 1 and the decoder starting from pad."""
+    """A 2+2-layer T5 v1.1 (gated feed-forward, as Flan-T5) with pad 0, EOS 1 and the decoder starting from pad,
+    and transformers' T5Tokenizer."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     d = tmp_path_factory.mktemp("tiny-t5")
-    fast = bpe_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>")
+    fast = t5_tokenizer()
     cfg = T5Config(vocab_size=len(fast), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
                    tie_word_embeddings=False)
@@ -173,9 +192,9 @@ def test_a_t5_learns_beats_zero_shot_and_its_folder_generates_in_plain_transform
         out = model.generate(**tok(p, return_tensors="pt"), max_new_tokens=12, do_sample=False)
         assert tok.decode(out[0], skip_special_tokens=True).strip() == answer
     gen = Generator(run)
-    info = {}
+    info, whole = {}, gen.complete([ROW])[0]
     streamed = "".join(gen.stream(ROW, info=info)).strip()
-    assert streamed == ours[0] and info["tokens"] > 0
+    assert streamed == whole.text == ours[0] and info == {"tokens": whole.tokens, "stopped": whole.stopped}
 
 
 def test_evaluate_scores_a_t5_run_again_as_training_did(t5_run, capsys):
