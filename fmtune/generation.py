@@ -483,8 +483,9 @@ def generate_texts(run: str | Path, prompts: list[str] | None = None, file: str 
         answers = gen.answer(rows, max_new_tokens, temperature, top_p, seed, batch_size, on_batch=bar)
     records = [{"prompt": _display_prompt(r), "answer": a} for r, a in zip(rows, answers)]
     if cut and not quiet:
+        lost = "end" if gen.bundle.family == causal_lm.SEQ2SEQ_FAMILY else "start"  # (Generator.prompt_ids)
         ui.console.print(f"[yellow]warning:[/] {cut} prompt(s) longer than {gen.bundle.max_length} tokens lost their "
-                         "start")
+                         f"{lost}")
     if output is not None:
         write_text_atomic(Path(output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         if not quiet:

@@ -197,6 +197,18 @@ def test_a_t5_learns_beats_zero_shot_and_its_folder_generates_in_plain_transform
     assert streamed == whole.text == ours[0] and info == {"tokens": whole.tokens, "stopped": whole.stopped}
 
 
+def test_a_prompt_too_long_to_answer_loses_its_end_and_is_said_so(t5_run, capsys):
+    from fmtune.generation import Generator, generate_texts
+
+    gen = Generator(t5_run["run_dir"])
+    long = {**ROW, "prompt": "repeat: " + "red dog " * 400}
+    ids, cut = gen.prompt_ids(long)
+    assert cut and len(ids) == gen.bundle.max_length and ids[-1] == gen.bundle.tokenizer.eos_token_id
+    assert ids[:8] == gen.bundle.tokenizer(long["prompt"])["input_ids"][:8]  # its start kept
+    generate_texts(t5_run["run_dir"], [long["prompt"]], max_new_tokens=2)
+    assert f"1 prompt(s) longer than {gen.bundle.max_length} tokens lost their end" in capsys.readouterr().err
+
+
 def test_evaluate_scores_a_t5_run_again_as_training_did(t5_run, capsys):
     from fmtune.cli import main
 
