@@ -82,6 +82,13 @@ def gen_cfg(model: Path, train_file: Path, out: Path, **sections) -> config.Conf
     return config.from_dict(data)
 
 
+def train_silently(cfg: config.Config, **kw) -> dict:
+    """``api.train`` quietly, warnings silenced (a tiny model's runs warn of what does not matter here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return api.train(cfg, quiet=True, **kw)
+
+
 def data_cfg(**kw):
     return config.from_dict({"data": kw}).data
 
@@ -328,9 +335,7 @@ def full_run(tiny_llama, gen_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen-runs") / "full"
     cfg = gen_cfg(tiny_llama, gen_files["train"], out, strategy={"name": "full"},
                   train={"lr": 1e-2, "epochs": 25, "patience": None}, data={"test": str(gen_files["test"])})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return api.train(cfg, quiet=True)
+    return train_silently(cfg)
 
 
 def test_fine_tuning_beats_the_zero_shot_baseline_on_rouge_and_loss(full_run):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_generation import gen_cfg, killed_run_resumes_the_same, repeat_rows, write_jsonl
+from test_generation import gen_cfg, killed_run_resumes_the_same, repeat_rows, train_silently, write_jsonl
 
 from fmtune import api, config
 from fmtune.errors import ConfigError, DataError, ModelError
@@ -169,9 +169,7 @@ def t5_run(tiny_t5, s2s_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("s2s-runs") / "t5-full"
     cfg = gen_cfg(tiny_t5, s2s_files["train"], out, strategy={"name": "full"},
                   train={"lr": 3e-3, "epochs": 6, "patience": None}, data={"test": str(s2s_files["test"])})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return api.train(cfg, quiet=True)
+    return train_silently(cfg)
 
 
 def test_a_t5_learns_beats_zero_shot_and_its_folder_generates_in_plain_transformers(t5_run):
@@ -339,9 +337,7 @@ def test_a_marian_translator_learns_its_targets_in_the_target_languages_vocabula
                                                                                          ("test", 24, 2))}
     cfg = gen_cfg(tiny_marian, files["train"], tmp_path / "run", strategy={"name": "full"},
                   train={"lr": 3e-3, "epochs": 4, "patience": None}, data={"test": str(files["test"])})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ev = api.train(cfg, quiet=True, report=False)["eval"]
+    ev = train_silently(cfg, report=False)["eval"]
     assert ev["test"]["loss"] < ev["baseline"]["loss"] - 1
     answers = [json.loads(x)["fine_tuned"] for x in (tmp_path / "run" / "test_answers.jsonl").read_text().splitlines()]
     assert any(answers) and all(re.fullmatch(r"[0-9 ]*", a) for a in answers), answers
@@ -415,9 +411,7 @@ def test_bert2bert_from_real_minilm_weights_learns_to_summarise_real_functions(t
                  "input_column": "code", "target_column": "summary"},
         "train": {"epochs": 3, "batch_size": 8, "lr": 1e-4, "patience": None},
         "eval": {"samples": 8, "test_samples": 32, "max_new_tokens": 24}, "out": str(tmp_path / "run")})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ev = api.train(cfg, quiet=True, report=False)["eval"]
+    ev = train_silently(cfg, report=False)["eval"]
     assert ev["test"]["loss"] < ev["baseline"]["loss"] - 3
     assert ev["test"]["rougeL"] > ev["baseline"]["rougeL"] + 0.03
     res = export(tmp_path / "run", tmp_path / "export", quiet=True)

@@ -632,15 +632,13 @@ def generation_config(tokenizer: Any, max_new_tokens: int, sampling: dict[str, A
     token (``model``: the model that generates)."""
     from transformers import GenerationConfig
 
-    from fmtune.models.wrapped import encoder_decoder
+    from fmtune.models.wrapped import decoder_start, encoder_decoder
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampled = bool(sampling and (sampling.get("temperature") or 0) >= MIN_TEMPERATURE)
     extra = {"temperature": sampling["temperature"], "top_p": sampling.get("top_p", 1.0)} if sampled else {}
     if model is not None and encoder_decoder(model):
-        from fmtune.models.wrapped import decoder_start
-
         extra["decoder_start_token_id"] = decoder_start(model)
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampled, eos_token_id=eos, pad_token_id=pad,
                             use_cache=True, num_beams=1, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0,
