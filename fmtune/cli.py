@@ -679,7 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit (default: 16; more: 413)")
     sv.add_argument("--max-text-chars", type=int, default=20_000, help="characters per text (default: 20000)")
     sv.add_argument("--long-text", choices=["truncate", "reject"], default="truncate",
-                    help="a longer text: cut it (the response lists which) or answer 413 (default: truncate)")
+                    help="a longer text (generation runs: a prompt longer than the model's max_length in tokens): "
+                    "cut it (the response lists which in \"truncated\") or answer 413 (default: truncate)")
     sv.add_argument("--max-new-tokens", type=int, default=512,
                     help="generation runs: the most tokens one answer may ask for (default: 512; more: 422)")
 

@@ -391,13 +391,17 @@ class Generator:
                 "max_new_tokens": self.config.eval.max_new_tokens,
                 "test_metrics": read_json(self.run_dir / EVAL_FILE, {}).get("test")}
 
-    def prompt_ids(self, row: dict[str, Any]) -> tuple[list[int], bool]:
-        """The tokens of one row ({prompt} or {messages}); whether it was cut to fit (a causal LM's prompt loses its
-        start, keeping a token of room for the answer; an encoder-decoder's its end)."""
+    @property
+    def prompt_room(self) -> int:
+        """The most tokens of a prompt the model reads (a causal LM keeps one of its max_length for the answer)."""
+        return self.bundle.max_length - (0 if self.bundle.family == causal_lm.SEQ2SEQ_FAMILY else 1)
+
+    def prompt_ids(self, row: dict[str, Any]) -> tuple[list[int], int]:
+        """The tokens of one row ({prompt} or {messages}), cut to ``prompt_room`` (a causal LM's prompt loses its
+        start, an encoder-decoder's its end); how many tokens the whole prompt has (more than it keeps: it was cut)."""
         ids = prompt_ids(self.bundle.tokenizer, row, self.task.instruction, self.template, self.task.chats)
         seq2seq = self.bundle.family == causal_lm.SEQ2SEQ_FAMILY
-        keep = self.bundle.max_length - (0 if seq2seq else 1)
-        return fit_prompt(ids, keep, self.bundle.tokenizer, seq2seq), len(ids) > keep
+        return fit_prompt(ids, self.prompt_room, self.bundle.tokenizer, seq2seq), len(ids)
 
     def complete(self, rows: list[dict[str, Any]], max_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 16, on_batch: Any = None) -> list[Completion]:
@@ -477,7 +481,7 @@ def generate_texts(run: str | Path, prompts: list[str] | None = None, file: str 
         df = pd.DataFrame([{"kind": "prompt", "prompt": p, "completion": None, "messages": None, "line": i + 1}
                            for i, p in enumerate(prompts)])
     rows = df.to_dict("records")
-    cut = sum(gen.prompt_ids(r)[1] for r in rows)
+    cut = sum(gen.prompt_ids(r)[1] > gen.prompt_room for r in rows)
     started = time.perf_counter()
     with ui.CountProgress("generate", len(rows), quiet) as bar:
         answers = gen.answer(rows, max_new_tokens, temperature, top_p, seed, batch_size, on_batch=bar)

@@ -377,6 +377,10 @@ GENERATE_DOC = {"requestBody": {"required": True, "content": {"application/json"
         "top_p": {"type": "number"}, "seed": {"type": "integer"},
         "stream": {"type": "boolean", "description": "server-sent events: data: {\"token\": ...} per piece of "
                    "text, then data: {\"done\": true, \"answer\": ...}"}},
+    "description": "A prompt longer than the model reads (its max_length in tokens) is cut as `fmtune generate` cuts "
+                   "it (a causal LM's start, an encoder-decoder's end) and the answer lists its position in "
+                   "\"truncated\" (the stream's last event: \"truncated\": [0]); under --long-text reject it gets a "
+                   "413 instead.",
     "example": {"prompt": "def add(a, b):\n    return a + b", "max_new_tokens": 32}}}}}}
 
 
@@ -484,6 +488,7 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         guard(request)
         data = await read_json(request)
         row, opts, stops, full = _tgi_request(data, limits)
+        serve_openai.read_prompts(generator, [row], limits, "inputs")  # (413 if too long under --long-text reject)
         if data.get("stream"):  # TGI's events: data: {"token": {"text": ...}, "generated_text": null}, the last
             def events(cancel: Any) -> Any:  # with the whole text
                 scanner = serve_openai.StopScanner(stops)
@@ -504,6 +509,8 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         guard(request)
         data = await read_json(request)
         rows, opts = _generation_request(data, limits)
+        _, cut = serve_openai.read_prompts(generator, rows, limits, "prompt" if "prompt" in data else "messages")
+        said = {"truncated": cut} if cut else {}  # (as /predict lists its cut texts)
         version = generator.version
         if data.get("stream"):
             def events(cancel: Any) -> Any:
@@ -511,7 +518,7 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
                 for piece in generator.stream(rows[0], **opts, cancel=cancel):
                     pieces.append(piece)
                     yield f"data: {json.dumps({'token': piece})}\n\n"
-                end = {"done": True, "answer": "".join(pieces).strip(), "model_version": version}
+                end = {"done": True, "answer": "".join(pieces).strip(), "model_version": version, **said}
                 yield f"data: {json.dumps(end)}\n\n"
 
             return threaded_stream(events, lock)
@@ -519,8 +526,8 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         answers = [c.text for c in await batcher.submit([(row, opts) for row in rows])]
         single = isinstance(data.get("prompt"), str) or "messages" in data
         if single:
-            return {"answer": answers[0], "model_version": version}
-        return {"answers": answers, "model_version": version}
+            return {"answer": answers[0], "model_version": version, **said}
+        return {"answers": answers, "model_version": version, **said}
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

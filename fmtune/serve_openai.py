@@ -24,7 +24,8 @@ the tools built on them, talk to the fine-tuned model unchanged, with ``base_url
 
 Answers, chunks (server-sent events ending ``data: [DONE]``), ``finish_reason`` ("stop": the model's
 end of answer or a stop string; "length": the token limit) and ``usage`` (tokens of the prompt as
-the model read it, and of the answer) have OpenAI's shapes, and so have errors:
+the model read it: a prompt longer than the model reads is cut, or refused with a 413 under
+``--long-text reject``; and of the answer) have OpenAI's shapes, and so have errors:
 ``{"error": {"message", "type", "param", "code"}}``. Where this service differs, by design:
 
 - ``temperature`` defaults to 0, greedy decoding as ``fmtune generate`` does (OpenAI's default is 1):
@@ -183,6 +184,24 @@ def _rows(records: list[dict[str, Any]], limits: Limits, what: str) -> list[dict
             raise HTTPError(413, f"{what}: {len(text)} characters; the limit is {limits.max_text_chars}", param=what)
         rows.append(row)
     return rows
+
+
+def read_prompts(generator: Any, rows: list[dict[str, Any]], limits: Limits, what: str) -> tuple[list[int], list[int]]:
+    """(the tokens of each row's prompt as the model reads it, the positions of the prompts cut to fit). A prompt
+    longer than the model reads (``Generator.prompt_room``) is cut as ``fmtune generate`` cuts it (a causal LM's
+    start, an encoder-decoder's end), or refused with a 413 under ``--long-text reject``."""
+    read, cut = [], []
+    for i, row in enumerate(rows):
+        ids, whole = generator.prompt_ids(row)
+        if whole > len(ids):
+            where = f"{what}[{i}]" if what == "prompt" else what
+            if limits.long_text == "reject":
+                raise HTTPError(413, f"{where}: {whole} tokens; this model reads at most {generator.prompt_room} "
+                                f"(its max_length {generator.bundle.max_length}): send a shorter prompt",
+                                param=what)
+            cut.append(i)
+        read.append(len(ids))
+    return read, cut
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -492,7 +511,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
         messages = _messages(data.get("messages"))
         # asked as training asked (tasks.generation.prompt_ids): the run's instruction before the first user turn
         row = _rows([{"messages": messages}], limits, "messages")[0]
-        prompt_tokens = len(generator.prompt_ids(row)[0])
+        (prompt_tokens,), _ = read_prompts(generator, [row], limits, "messages")
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if data.get("stream"):
             def chunk(text: str | None, reason: str | None, used: dict | None = None) -> dict[str, Any]:
@@ -517,7 +536,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
         data = await body(request)
         opts = _response_options(data, limits)
         row = _rows([{"messages": _response_messages(data)}], limits, "input")[0]
-        prompt_tokens = len(generator.prompt_ids(row)[0])
+        (prompt_tokens,), _ = read_prompts(generator, [row], limits, "input")
         ident, item_id, now = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
 
         def response(text: str | None, reason: str | None, n: int = 0) -> dict[str, Any]:
@@ -573,7 +592,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
         data = await body(request)
         opts, stops = _options(data, limits), _stops(data)
         rows = _rows([{"prompt": p} for p in _inputs(data, "prompt", limits)], limits, "prompt")
-        prompt_tokens = [len(generator.prompt_ids(r)[0]) for r in rows]
+        prompt_tokens, _ = read_prompts(generator, rows, limits, "prompt")
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "object": "text_completion", "created": now, "model": model_id}
         if data.get("stream"):

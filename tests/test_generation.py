@@ -466,6 +466,43 @@ def test_serve_generate_whole_and_streamed_with_key_and_limits(full_run):
         assert client.get("/metadata", headers=h).json()["task"] == "generation"
 
 
+def test_the_service_says_which_prompts_it_cut_and_refuses_them_under_long_text_reject(full_run):
+    """A prompt longer than the model reads is cut as `fmtune generate` cuts it, and POST /generate lists it in
+    "truncated" (whole and streamed); --long-text reject answers 413 on every generation route instead."""
+    from fastapi.testclient import TestClient
+
+    from fmtune.generation import Generator
+    from fmtune.serve import Limits, create_app
+
+    gen = Generator(full_run["run_dir"])
+    long = "repeat: " + "red dog " * gen.prompt_room
+    row = {"kind": "prompt", "prompt": long, "completion": None, "messages": None}
+    ids, whole = gen.prompt_ids(row)
+    assert len(ids) == gen.prompt_room < whole
+    with TestClient(create_app(gen, Limits(max_new_tokens=8))) as client:
+        r = client.post("/generate", json={"prompt": ["repeat: cat", long]}).json()
+        assert r["truncated"] == [1] and r["answers"][1] == gen.answer([row])[0]
+        assert "truncated" not in client.post("/generate", json={"prompt": "repeat: cat"}).json()
+        with client.stream("POST", "/generate", json={"prompt": long, "stream": True, "max_new_tokens": 4}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["done"] and events[-1]["truncated"] == [0]
+        used = client.post("/v1/completions", json={"model": "m", "prompt": long, "max_tokens": 4}).json()["usage"]
+        assert used["prompt_tokens"] == gen.prompt_room  # (what the model read)
+    with TestClient(create_app(gen, Limits(max_new_tokens=8, long_text="reject"))) as client:
+        for path, body, where in [("/generate", {"prompt": ["repeat: cat", long]}, "prompt\\[1\\]"),
+                                  ("/generate", {"messages": [{"role": "user", "content": long}]}, "messages"),
+                                  ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user",
+                                                                                       "content": long}]}, "messages"),
+                                  ("/v1/completions", {"model": "m", "prompt": long}, "prompt\\[0\\]"),
+                                  ("/v1/responses", {"model": "m", "input": long}, "input"),
+                                  ("/", {"inputs": long}, "inputs")]:
+            r = client.post(path, json=body)
+            text = json.dumps(r.json())
+            assert r.status_code == 413 and re.search(f"{where}: {whole} tokens; this model reads at most "
+                                                      f"{gen.prompt_room}", text), (path, text)
+        assert client.post("/generate", json={"prompt": "repeat: cat"}).status_code == 200
+
+
 def test_the_official_openai_client_talks_to_a_served_run(full_run):
     """The openai package itself, pointed at the service (base_url .../v1, the service's key as its own):
     models, chat completions and completions, whole and streamed, stop strings, the token limit, usage,
