@@ -8,7 +8,11 @@ silence would miss the change (measured: a third of it); each 10-ms frame's attr
 shared out over the mel bands by the mel power of the attribution signal in that frame, so the
 map adds up to the same total and shows in which frequencies the evidence lies. Its picture is
 the clip's log-mel at the model's rate. A spectrogram transformer (AST) is attributed over its
-filterbank, from silence (the filterbank's floor) on the clip's own frames.
+filterbank, from silence (the filterbank's floor) on the clip's own frames. w2v-BERT is attributed
+over its stacked filterbank from white noise (unit variance: what a clip of noise reads as once each
+band is normalised over the clip), not from zeros (a silent clip's normalised bands): its first layer
+normalises each frame, so the path from zeros jumps in its first hundredth and integrated gradients
+missed two thirds of the change (measured on a tiny model); drawn unstacked (mel bands x 10-ms frames).
 
     fmtune explain RUN --input clip.wav              # one clip, a folder of clips, or a table of paths
     fmtune explain RUN --misclassified 8             # the 8 most confident mistakes on the test set
@@ -28,7 +32,19 @@ import numpy as np
 import torch
 
 from fmtune import ui
-from fmtune.data.audio import FBANK, WAVEFORM, AudioData, AudioSpec, Fbank, LogMel, features_of, read_audio_folder
+from fmtune.data.audio import (
+    ENCODER_FRONTENDS,
+    FBANK,
+    STACKED,
+    WAVEFORM,
+    AudioData,
+    AudioSpec,
+    Fbank,
+    LogMel,
+    StackedFbank,
+    features_of,
+    read_audio_folder,
+)
 from fmtune.data.prepare import make_dataset
 from fmtune.data.readers import AUDIO_SUFFIXES, TABLE_SUFFIXES, list_files, read_table, row_label, table_base
 from fmtune.errors import ConfigError, DataError
@@ -37,7 +53,7 @@ from fmtune.fsutil import atomic_dir, check_output_dir
 from fmtune.training.infer import infer
 
 AUDIO_METHODS = ("ig",)
-AUDIO_BASELINES = ("silence", "noise")  # log-mel models from silence, raw-waveform models from noise
+AUDIO_BASELINES = ("silence", "noise")  # log-mel models from silence; raw-waveform models and w2v-BERT from noise
 
 
 def collect(pred: Any, inputs: list[str], limit: int) -> list[dict[str, Any]]:
@@ -98,10 +114,12 @@ def attributions(model: torch.nn.Module, feats: torch.Tensor, target: int, steps
     """Integrated gradients of the ``target`` logit over one window's log-mel (n_mels x frames),
     from silence: every frame at the window's floor value; or over a window's waveform (samples,
     a 1-d tensor) from ``noise_like`` it; or over a filterbank window (``spec`` fbank: n_mels x
-    frames) from silence (the filterbank's floor), its padding as the model reads it in both."""
+    frames) from silence (the filterbank's floor), its padding as the model reads it in both; or over
+    w2v-BERT's stacked filterbank (``spec`` stacked-fbank: features x frames) from ``noise_like`` it (see the
+    module doc). The attributions have ``feats``' shape."""
     from captum.attr import IntegratedGradients
 
-    mask = None
+    mask, frames_last = None, True  # (frames_last: x holds feats as they are, not transposed)
     if feats.dim() == 1:  # the waveform
         key, x = "input_values", feats[None].clone()
         base = noise_like(feats)[None]
@@ -111,6 +129,11 @@ def attributions(model: torch.nn.Module, feats: torch.Tensor, target: int, steps
         x[0, : feats.shape[-1]] = feats.T
         base = x.clone()
         base[0, : feats.shape[-1]] = Fbank(spec)(np.zeros(Fbank.FRAME, dtype=np.float32)).min()  # silence
+        frames_last = False
+    elif spec is not None and spec.frontend == STACKED:  # (1, frames, features), unpadded
+        key, x, frames_last = "input_features", feats.T[None].clone(), False
+        base = noise_like(x)
+        mask = torch.ones((1, x.shape[1]), dtype=torch.long)
     else:
         key, floor = "input_features", float(feats.max() - 2.0)  # (log-mel max - 8 decades + 4) / 4: silence
         width = feats.shape[-1] + 2  # as AudioData pads a window: two frames of silence after it
@@ -129,13 +152,13 @@ def attributions(model: torch.nn.Module, feats: torch.Tensor, target: int, steps
     ig = IntegratedGradients(forward)
     attr = ig.attribute(x.to(device), baselines=base.to(device), target=target,
                         n_steps=steps, internal_batch_size=8)
-    if mask is None:  # a filterbank: back to (mel bins, the window's own frames)
+    if not frames_last:  # a filterbank: back to (mel bins, the window's own frames)
         return attr[0, : feats.shape[-1]].T.detach().float().cpu()
     return attr[0, ..., : feats.shape[-1]].detach().float().cpu()
 
 
 def noise_like(wave: torch.Tensor) -> torch.Tensor:
-    """White noise with the waveform's standard deviation (seeded: the same clip, the same noise)."""
+    """White noise with the input's standard deviation (seeded: the same clip, the same noise)."""
     g = torch.Generator().manual_seed(0)
     return torch.randn(wave.shape, generator=g) * wave.float().std()
 
@@ -200,10 +223,11 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
     check_output_dir(out_dir, "explain.json")
     spec = AudioSpec.from_dict(pred.bundle.audio)
     waveform = spec.frontend == WAVEFORM
-    expected = "noise" if waveform else "silence"
+    expected = "noise" if spec.frontend in ENCODER_FRONTENDS else "silence"
+    reads = {WAVEFORM: "it reads the waveform", STACKED: "it normalises each frame of its filterbank"}
     if baseline not in (None, expected):
         raise ConfigError(f"--baseline {baseline!r}: this run's model is explained from {expected} "
-                          f"({'it reads the waveform' if waveform else 'it reads mel spectrograms'})")
+                          f"({reads.get(spec.frontend, 'it reads mel spectrograms')})")
     summary: dict[str, Any] = {"method": "ig", "baseline": expected, "run": str(pred.run_dir), "out": str(out_dir),
                                "items": []}
     if not items:
@@ -225,6 +249,8 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
                 heat = attributions(model, feats, item["target_idx"], steps, spec)
                 if waveform:
                     heat, feats = spread(heat, shown), LogMel(shown)(feats.numpy())
+                elif spec.frontend == STACKED:  # (mel bands, 10-ms frames) again
+                    heat, feats = StackedFbank.unstacked(spec, heat), StackedFbank.unstacked(spec, feats)
                 heats.append(heat)
                 name = f"{n + 1:03d}-{Path(item['name']).stem.replace(' ', '_')}.png"
                 _png(item, feats, heat, shown, tmp / name)
@@ -249,10 +275,10 @@ def explain_audio(pred: Any, inputs: list[str], *, method: str, target: str | No
 
 def _mel_centre_hz(band: int, spec: AudioSpec) -> float:
     """The centre frequency of mel band ``band`` (Slaney's mel scale from 0 Hz, as Whisper's filters; Kaldi's from
-    20 Hz for a filterbank, as AST's)."""
+    20 Hz for a filterbank, as AST's and w2v-BERT's)."""
     from transformers.audio_utils import hertz_to_mel, mel_to_hertz
 
-    scale, low = ("kaldi", 20.0) if spec.frontend == FBANK else ("slaney", 0.0)
+    scale, low = ("kaldi", 20.0) if spec.frontend in (FBANK, STACKED) else ("slaney", 0.0)
     mels = np.linspace(hertz_to_mel(low, mel_scale=scale), hertz_to_mel(spec.sampling_rate / 2, mel_scale=scale),
                        spec.n_mels + 2)
     return float(mel_to_hertz(mels[band + 1], mel_scale=scale))

@@ -93,6 +93,8 @@ def _quiet_exporter():
 def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], path: Path,
                 audio: dict[str, Any] | None = None) -> None:
     """Export a plain (adapter-free) task model to ``path`` with dynamic batch (and sequence) axes."""
+    from fmtune.data.audio import STACKED
+
     names = input_names(kind, audio, "token_type_ids" in sample)
     args = tuple(sample[n] for n in names)
     batch = torch.export.Dim("batch", min=1)
@@ -104,6 +106,9 @@ def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], pa
     elif names[0] == "input_values":  # waveform windows of any length (in samples)
         samples = torch.export.Dim("samples", min=800)
         shapes = {"input_values": {0: batch, 1: samples}, "frame_mask": {0: batch, 1: samples}}
+    elif kind == "audio" and (audio or {}).get("frontend") == STACKED:  # w2v-BERT: (windows, frames, 160)
+        frames = torch.export.Dim("frames", min=2)
+        shapes = {"input_features": {0: batch, 1: frames}, "frame_mask": {0: batch, 1: frames}}
     elif kind == "audio":  # windows of any length up to the encoder's (plus the two frames of padding)
         half = torch.export.Dim("half_frames", min=2, max=2 * model.config.max_source_positions)
         shapes = {"input_features": {0: batch, 2: 2 * half}, "frame_mask": {0: batch, 1: 2 * half}}
@@ -161,6 +166,8 @@ def write_preprocessing(bundle: Any, task: Any, folder: Path, pairs: bool = Fals
         # frames plus two frames at its minimum (frontend log-mel), or the clip's samples normalised to zero mean
         # and unit variance if normalize, zero-padded (frontend waveform); frame_mask 1 on real frames (samples);
         # or (frontend fbank) ASTFeatureExtractor's filterbank of each window, (windows, frames, n_mels);
+        # or (frontend stacked-fbank) SeamlessM4TFeatureExtractor's features of each window, (windows, frames,
+        # n_mels * stride), zero-padded, frame_mask 1 on real frames;
         # a clip's logits: the mean of its windows' logits
         prep["audio"] = bundle.audio
         prep["output"] = "logits per window"

@@ -187,6 +187,36 @@ def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_
     return folder
 
 
+def save_tiny_w2v_bert(folder: Path, ctc_letters: str | None = None) -> Path:
+    """A 2-layer random w2v-BERT (wav2vec2-bert, hidden 32: conformer layers with relative positions, as
+    w2v-BERT 2.0) and SeamlessM4TFeatureExtractor's settings (80 mel bands, two frames stacked), saved as a
+    transformers folder; with ``ctc_letters``, a ``Wav2Vec2BertForCTC`` and a character vocabulary of those letters
+    (lower case, as the blog recipe's), <pad> the blank and | between words; without, the pretrained encoder
+    alone (w2v-BERT 2.0's Wav2Vec2BertModel, no vocabulary)."""
+    from transformers import (
+        SeamlessM4TFeatureExtractor,
+        Wav2Vec2BertConfig,
+        Wav2Vec2BertForCTC,
+        Wav2Vec2BertModel,
+        Wav2Vec2CTCTokenizer,
+    )
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "|", *sorted(set(ctc_letters or ""))])}
+    cfg = Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             output_hidden_size=32, conv_depthwise_kernel_size=7, vocab_size=len(vocab),
+                             pad_token_id=0, ctc_loss_reduction="mean")
+    torch.manual_seed(0)
+    if ctc_letters:
+        Wav2Vec2BertForCTC(cfg).save_pretrained(folder)
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
+                             word_delimiter_token="|").save_pretrained(folder)
+    else:
+        Wav2Vec2BertModel(cfg).save_pretrained(folder)
+    SeamlessM4TFeatureExtractor().save_pretrained(folder)
+    return folder
+
+
 def save_tiny_ast(folder: Path, max_length: int = 100) -> Path:
     """A 2-layer random Audio Spectrogram Transformer (hidden 32) reading ``max_length`` filterbank frames
     (1 s) of 128 mel bins, and ASTFeatureExtractor's settings, saved as a transformers folder."""

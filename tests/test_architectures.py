@@ -21,6 +21,7 @@ from conftest import (
     make_text_rows,
     save_shape_images,
     save_tiny_ast,
+    save_tiny_w2v_bert,
     save_tiny_wav2vec2,
     save_tiny_whisper,
 )
@@ -114,7 +115,7 @@ SEQ2SEQ = {
     "fsmt": dict(_BART_LIKE, langs=["en", "de"]),
 }
 AUDIO = ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat", "wav2vec2-conformer", "sew",
-         "sew-d"]
+         "sew-d", "wav2vec2-bert"]
 LAYER_NORM_AUDIO = ("wavlm", "data2vec-audio")  # feat_extract_norm "layer" (an attention mask); the others "group"
 
 
@@ -209,6 +210,8 @@ def make_audio(d: Path, model_type: str, ctc: bool = False) -> Path:
         return save_tiny_whisper(d)
     if model_type == "audio-spectrogram-transformer":
         return save_tiny_ast(d)
+    if model_type == "wav2vec2-bert":
+        return save_tiny_w2v_bert(d, ctc_letters="lmh" if ctc else None)
     return save_tiny_wav2vec2(d, model_type, "layer" if model_type in LAYER_NORM_AUDIO else "group",
                               ctc_letters="lmh" if ctc else None)
 

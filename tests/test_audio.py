@@ -13,7 +13,14 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict, class_folders_as_hf_parquet, save_tiny_ast, save_tiny_wav2vec2, save_tiny_whisper
+from conftest import (
+    cfg_dict,
+    class_folders_as_hf_parquet,
+    save_tiny_ast,
+    save_tiny_w2v_bert,
+    save_tiny_wav2vec2,
+    save_tiny_whisper,
+)
 
 from fmtune.data.audio import AudioData, AudioSpec, LogMel, audio_dataset, features_of, load_audio, windows
 from fmtune.errors import ConfigError, DataError, ModelError
@@ -28,14 +35,19 @@ def tone(freq: float, seconds: float, rate: int, rng: np.random.Generator) -> np
     return (wave + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def save_tones(root: Path, n_per_class: int, seed: int, seconds: tuple[float, float] = (0.3, 1.6)) -> Path:
-    """Class sub-folders of tone clips of varied length (``seconds``), rate, channels and format."""
+def save_tones(root: Path, n_per_class: int, seed: int, seconds: tuple[float, float] = (0.3, 1.6),
+               pulsed: bool = False) -> Path:
+    """Class sub-folders of tone clips of varied length (``seconds``), rate, channels and format; ``pulsed``:
+    the tone on and off every 0.15 s (a pitch held still is flat in every band, and a model that normalises each
+    band over the clip, as w2v-BERT's extractor does, reads it as noise)."""
     rng = np.random.default_rng(seed)
     for label, freq in PITCHES.items():
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
             rate = [16000, 22050, 44100, 8000][i % 4]
             wave = tone(freq, rng.uniform(*seconds), rate, rng)
+            if pulsed:
+                wave[(np.arange(len(wave)) / rate // 0.15) % 2 == 1] *= 0.05
             if i % 3 == 1:
                 wave = np.stack([wave, 0.5 * wave], axis=1)  # stereo
             fmt = ["wav", "flac", "ogg"][i % 3]
@@ -358,18 +370,18 @@ def test_audio_task_and_model_must_match(tiny_whisper, tiny_bert, tone_dirs, tex
                               out=str(tmp_path / "a")), quiet=True)
     with pytest.raises(ModelError, match="is an audio model .*--task audio-classification"):
         fmtune.train(cfg_dict(tiny_whisper, text_files["train"], out=str(tmp_path / "b")), quiet=True)
-    # an audio model of a kind fmtune does not read (its feature extractor stacks filterbank frames): it was taken
+    # an audio model of a kind fmtune does not read (Moonshine: an encoder-decoder over the waveform): it was taken
     # for an image model ("reads audio; ... is a image model")
-    from transformers import AutoConfig, AutoModel, SeamlessM4TFeatureExtractor
+    from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
 
-    w2v_bert = tmp_path / "w2v-bert"
-    AutoModel.from_config(AutoConfig.for_model("wav2vec2-bert", hidden_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2, intermediate_size=64,
-                                               output_hidden_size=32)).save_pretrained(w2v_bert)
-    SeamlessM4TFeatureExtractor().save_pretrained(w2v_bert)
-    with pytest.raises(ModelError, match=r"w2v-bert is an audio model fmtune does not read \(model type "
-                                         r"'wav2vec2-bert', read by SeamlessM4TFeatureExtractor\); use whisper"):
-        fmtune.train(cfg_dict(w2v_bert, tone_dirs["train"], task={"type": "audio-classification"},
+    moonshine = tmp_path / "moonshine"
+    AutoModel.from_config(AutoConfig.for_model(
+        "moonshine", hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=1, decoder_num_hidden_layers=1,
+        encoder_num_attention_heads=2, decoder_num_attention_heads=2)).save_pretrained(moonshine)
+    Wav2Vec2FeatureExtractor().save_pretrained(moonshine)
+    with pytest.raises(ModelError, match=r"moonshine is an audio model fmtune does not read \(model type "
+                                         r"'moonshine', read by Wav2Vec2FeatureExtractor\); use whisper"):
+        fmtune.train(cfg_dict(moonshine, tone_dirs["train"], task={"type": "audio-classification"},
                               out=str(tmp_path / "c")), quiet=True)
 
 
@@ -902,6 +914,102 @@ def test_ast_end_to_end(tiny_ast, second_tones, tmp_path):
     with pytest.raises(ModelError, match="is a model of type .audio-spectrogram-transformer. .use whisper"):
         fmtune.train(cfg_dict(tiny_ast, speech / "metadata.csv", out=str(tmp_path / "sr"),
                               task={"type": "speech-recognition"}), quiet=True)
+
+
+# --- w2v-BERT: SeamlessM4T's stacked filterbank ----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_w2v_bert(tmp_path_factory) -> Path:
+    return save_tiny_w2v_bert(tmp_path_factory.mktemp("tiny-w2v-bert"))
+
+
+@pytest.fixture(scope="session")
+def pulsed_tones(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pulsed-tones")
+    return {"train": save_tones(root / "train", 10, 0, pulsed=True),
+            "test": save_tones(root / "test", 4, 1, pulsed=True)}
+
+
+def test_stacked_filterbank_matches_seamless_m4t_feature_extractor(tiny_w2v_bert):
+    """A w2v-BERT (wav2vec2-bert) folder was refused ("an audio model fmtune does not read"). It reads what
+    transformers' SeamlessM4TFeatureExtractor gives: 80 Kaldi mel bands normalised per band over the clip, two
+    frames stacked into 160 values, zero-padded in a batch with a mask; a clip's pooled features are the same alone
+    and beside a longer one."""
+    from transformers import SeamlessM4TFeatureExtractor
+
+    from fmtune.config import ModelConfig
+    from fmtune.models import build
+    from fmtune.tasks.audio import AudioClassification
+
+    bundle = build.create(ModelConfig(name=str(tiny_w2v_bert)), AudioClassification(["a", "b"]))
+    audio = bundle.audio
+    assert audio["frontend"] == "stacked-fbank" and audio["n_mels"] == 80 and audio["stride"] == 2
+    spec = AudioSpec.from_dict(audio)
+    assert spec.input_key == "input_features"
+    extractor = SeamlessM4TFeatureExtractor.from_pretrained(tiny_w2v_bert)
+    rng = np.random.default_rng(0)
+    waves = [tone(440.0, 0.6, RATE, rng), tone(880.0, 1.013, RATE, rng), tone(440.0, 0.01, RATE, rng)]
+    data = AudioData(features_of(waves, spec), None, spec)
+    batch = data.collate([0, 1, 2])
+    theirs = extractor(waves[:2], sampling_rate=RATE, padding=True, return_tensors="pt")
+    assert set(batch) == {"input_features", "frame_mask", "clip_index"} and batch["input_features"].shape[-1] == 160
+    lengths = batch["frame_mask"].sum(-1).tolist()
+    assert lengths[:2] == theirs.attention_mask.sum(-1).tolist() == [29, 49] and lengths[2] == 1  # (10 ms: 1 input)
+    for i, n in enumerate(lengths[:2]):
+        torch.testing.assert_close(batch["input_features"][i, :n], theirs.input_features[i, :n], atol=3e-3, rtol=0)
+    feats = batch["input_features"]
+    assert bool(torch.isfinite(feats).all()) and float(feats[0, 29:].abs().max()) == 0  # zero padding
+    model = bundle.model.eval()
+    with torch.no_grad():
+        alone = model.features(**data.collate([0]))
+        together = model.features(**data.collate([0, 1]))
+    torch.testing.assert_close(together[0], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_w2v_bert_end_to_end(tiny_w2v_bert, pulsed_tones, tmp_path):
+    """A w2v-BERT folder: full fine-tuning learns the pulsed tones (a random model's features do not tell them
+    apart for a probe: measured 0.42); LoRA adapts the conformer's attention and feed-forward projections; the
+    export loads in plain transformers (AutoModelForAudioClassification and the saved SeamlessM4TFeatureExtractor)
+    with the run's probabilities; ONNX agrees with torch; explain draws mel bands x 10-ms frames and its
+    attributions add up from noise; robustness runs."""
+    import fmtune
+    from fmtune.explain import explain
+    from fmtune.explain_audio import attributions, noise_like
+    from fmtune.robustness import robustness
+
+    out = tmp_path / "full"
+    summary = fmtune.train(cfg_dict(tiny_w2v_bert, pulsed_tones["train"], out=str(out), strategy={"name": "full"},
+                                    task={"type": "audio-classification"}, data={"test": str(pulsed_tones["test"])},
+                                    train={"epochs": 4, "batch_size": 8, "lr": 3e-3}), quiet=True)
+    assert summary["eval"]["test"]["accuracy"] >= 0.75  # three pitches: chance is 0.33
+    lora = fmtune.train(cfg_dict(tiny_w2v_bert, pulsed_tones["train"], out=str(tmp_path / "lora"),
+                                 strategy={"name": "lora"}, task={"type": "audio-classification"},
+                                 train={"epochs": 1, "batch_size": 8}),
+                        quiet=True)
+    params = json.loads((Path(lora["run_dir"]) / "run.json").read_text())["params"]
+    assert 0 < params["trainable_params"] < params["total_params"] / 2
+    targets = json.loads((Path(lora["run_dir"]) / "model" / "adapter_config.json").read_text())["target_modules"]
+    assert {t.rsplit(".", 1)[-1] for t in targets} >= {"linear_q", "linear_v", "intermediate_dense", "output_dense"}
+
+    clips = [str(p) for p in sorted((pulsed_tones["test"] / "high").iterdir())[:2]
+             + sorted((pulsed_tones["test"] / "low").iterdir())[:2]]
+    assert check_exports(out, clips) == len(clips)
+
+    items = explain(out, [str(pulsed_tones["test"])], limit=2, steps=8, quiet=True)["items"]
+    assert len(items) == 2 and {"peak_second", "peak_hz"} <= set(items[0])
+    heat = np.load(out / "explain" / "heatmaps.npz")["arr_0"]
+    assert heat.shape[0] == 80 and heat.shape[1] % 2 == 0  # mel bands x 10-ms frames (unstacked)
+    pred = fmtune.load(out)
+    spec = AudioSpec.from_dict(pred.bundle.audio)
+    feats = features_of([load_audio(clips[0], RATE)], spec)[0][0].float()
+    attr = attributions(pred.model, feats, 0, steps=64, spec=spec)
+    assert attr.shape == feats.shape
+    with torch.no_grad():
+        logits = [pred.model(input_features=f[None], frame_mask=torch.ones((1, f.shape[0]), dtype=torch.long)
+                             ).logits[0, 0] for f in (feats.T, noise_like(feats.T))]
+    assert float(attr.sum()) == pytest.approx(float(logits[0] - logits[1]), rel=0.05, abs=0.02)
+    res = robustness(out, None, suite="quick", quiet=True)["runs"]["full"]
+    assert res["examples"] == 12 and res["perturbations"]
 
 
 def test_a_table_whose_clips_are_in_another_folder(tiny_whisper, tone_dirs, tmp_path):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict, save_tiny_wav2vec2
+from conftest import cfg_dict, save_tiny_w2v_bert, save_tiny_wav2vec2
 from test_audio import PITCHES, tone
 
 from fmtune import config
@@ -193,6 +193,62 @@ def test_a_pretrained_only_encoder_gets_a_vocabulary_from_the_transcripts(tone_s
     texts = [r["transcript"] for r in fmtune.load(out).predict(clips)]
     assert all(set(t) <= set("hlm ") for t in texts)
     assert fmtune.export(out, quiet=True)["same_transcripts"]
+
+
+def test_w2v_bert_ctc_is_transformers_own_and_learns_from_a_pretrained_only_encoder(tone_speech, tmp_path):
+    """w2v-BERT (the Hugging Face blog's recipe for low-resource speech recognition) was refused. A
+    Wav2Vec2BertForCTC folder: the loss over a padded batch of stacked filterbank frames equals transformers' with
+    its attention mask, and the transcripts are its logits' decoding. A pretrained-only w2v-BERT encoder (w2v-BERT
+    2.0 ships no head) gets a vocabulary from the transcripts; full fine-tuning and LoRA lower the loss on unseen
+    clips (the best checkpoint chosen on the loss: a random model's WER is noise); the export is a whole CTC model
+    (AutoModelForCTC, and SeamlessM4TFeatureExtractor beside it) with the same transcripts, and the same
+    log-probabilities from the extractor's features as the run's from fmtune's."""
+    from transformers import AutoFeatureExtractor, AutoModelForCTC
+
+    import fmtune
+    from fmtune.data.audio import load_audio
+    from fmtune.generation import lm_net
+    from fmtune.models.ctc import CTCLogits, transcribe
+
+    bundle, task, cfg = _bundle(save_tiny_w2v_bert(tmp_path / "ctc", ctc_letters="lmh"))
+    assert bundle.audio["frontend"] == "stacked-fbank"
+    ds, _ = task.dataset(task.read(tone_speech["train"], cfg.data), bundle, cfg.data)
+    model, tok = bundle.model.eval(), bundle.tokenizer
+    batch = ds.collate(list(range(6)))
+    labels = batch.pop("labels")
+    assert set(batch) == {"input_features", "frame_mask"} and batch["frame_mask"].float().mean() < 1  # padded
+    with torch.no_grad():
+        ours = task.loss(lm_net(bundle)(**batch).logits, labels)
+        theirs = model(input_features=batch["input_features"], attention_mask=batch["frame_mask"], labels=labels).loss
+        assert float(ours) == pytest.approx(float(theirs), rel=1e-4)
+        expected = [tok.decode(model(input_features=ds.collate([i])["input_features"]).logits[0].argmax(-1).tolist())
+                    for i in range(6)]
+    assert transcribe(model, tok, ds, list(range(6)), 4, "cpu") == [e.strip() for e in expected]
+
+    encoder = save_tiny_w2v_bert(tmp_path / "encoder")
+    for strategy in ("full", "lora"):
+        out = tmp_path / strategy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            summary = fmtune.train(cfg_dict(encoder, tone_speech["train"], out=str(out),
+                                            task={"type": "speech-recognition"}, strategy={"name": strategy},
+                                            data={"test": str(tone_speech["test"])},
+                                            train={"epochs": 4, "batch_size": 8, "lr": 3e-3, "metric": "loss"}),
+                                   quiet=True)
+        ev = summary["eval"]
+        assert ev["test"]["loss"] < 0.8 * ev["baseline"]["loss"], (strategy, ev)
+        exported = fmtune.export(out, merge=True, quiet=True)
+        assert exported["same_transcripts"]
+        folder = Path(exported["out"])
+        hf, extractor = AutoModelForCTC.from_pretrained(folder).eval(), AutoFeatureExtractor.from_pretrained(folder)
+        assert hf.lm_head.out_features == 6 and type(extractor).__name__ == "SeamlessM4TFeatureExtractor"
+        wave = load_audio(tone_speech["test"] / "000.wav", 16000)
+        pred = fmtune.load(out)
+        clip = pred.task.inputs([wave], pred.bundle)
+        with torch.no_grad():
+            ours = CTCLogits(pred.bundle.model, pred.bundle.tokenizer)(**clip.waveforms(clip.clips[0])).logits[0]
+            theirs = hf(**extractor(wave, sampling_rate=16000, return_tensors="pt")).logits[0].log_softmax(-1)
+        torch.testing.assert_close(ours, theirs[: len(ours)], atol=2e-2, rtol=0)
 
 
 def test_a_ctc_clip_longer_than_the_window_has_no_loss_but_is_transcribed(ctc_models, tone_speech):

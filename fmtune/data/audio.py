@@ -19,6 +19,12 @@ Spectrogram transformers (AST) read a Kaldi-style log mel filterbank of a fixed 
 normalised with the mean and deviation of their pretraining data, as transformers'
 ASTFeatureExtractor computes it (``Fbank``): a shorter window is padded with zero filterbank
 frames, a longer clip is cut into windows of ``frames``.
+
+w2v-BERT (wav2vec2-bert: w2v-BERT 2.0, the MMS-style low-resource recognisers fine-tuned from it)
+reads SeamlessM4T's filterbank (``StackedFbank``): 80 Kaldi mel bands every 10 ms, each band
+normalised over the window's frames, two consecutive frames stacked into one input of 160 values
+(20 ms), padded with zeros in a batch and ``frame_mask`` marking real ones, as transformers'
+SeamlessM4TFeatureExtractor computes it.
 """
 
 from __future__ import annotations
@@ -51,16 +57,20 @@ PAD_TO_SECONDS = 1.0  # shorter clips are padded with silence to this length (co
 SILENCE_PEAK = 1e-4  # a clip whose loudest sample is below this is silence (warned, not refused)
 
 
-LOG_MEL, WAVEFORM, FBANK = "log-mel", "waveform", "fbank"
+LOG_MEL, WAVEFORM, FBANK, STACKED = "log-mel", "waveform", "fbank", "stacked-fbank"
 # a batch's key for the model's input (the one transformers' feature extractor of each kind of model uses)
-INPUT_KEY = {LOG_MEL: "input_features", WAVEFORM: "input_values", FBANK: "input_values"}
+INPUT_KEY = {LOG_MEL: "input_features", WAVEFORM: "input_values", FBANK: "input_values", STACKED: "input_features"}
+# what wav2vec2-style encoders read (the CTC models of speech recognition): one output frame per input frame or
+# per 320 samples, masked where padded
+ENCODER_FRONTENDS = (WAVEFORM, STACKED)
 
 
 @dataclass(frozen=True)
 class AudioSpec:
     """How a model reads audio: the log-mel settings of its feature extractor (or the raw waveform,
     normalised or not) and its window."""
-    frontend: str = LOG_MEL  # LOG_MEL (Whisper) | WAVEFORM (wav2vec2, HuBERT, WavLM ...) | FBANK (AST)
+    # LOG_MEL (Whisper) | WAVEFORM (wav2vec2, HuBERT, WavLM ...) | FBANK (AST) | STACKED (w2v-BERT)
+    frontend: str = LOG_MEL
     normalize: bool = True  # waveform: zero mean, unit variance per clip; fbank: (x - mean) / (2 std)
     sampling_rate: int = 16000
     n_mels: int = 80
@@ -71,6 +81,7 @@ class AudioSpec:
     frames: int = 0  # fbank: the frames every window is padded to (the model's max_length)
     mean: float = 0.0  # fbank: the filterbank values' mean and deviation in the model's pretraining data
     std: float = 1.0
+    stride: int = 1  # stacked-fbank: consecutive frames stacked into one input (SeamlessM4T's stride, 2)
 
     @property
     def window_samples(self) -> int:
@@ -96,12 +107,13 @@ class AudioSpec:
                 "n_mels": self.n_mels, "n_fft": self.n_fft,
                 "hop_length": self.hop_length, "window_seconds": self.window_seconds,
                 "encoder_seconds": self.encoder_seconds,
-                **({"frames": self.frames, "mean": self.mean, "std": self.std} if self.frontend == FBANK else {})}
+                **({"frames": self.frames, "mean": self.mean, "std": self.std} if self.frontend == FBANK else {}),
+                **({"stride": self.stride} if self.frontend == STACKED else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AudioSpec:
         keys = ("frontend", "normalize", "sampling_rate", "n_mels", "n_fft", "hop_length", "window_seconds",
-                "encoder_seconds", "frames", "mean", "std")
+                "encoder_seconds", "frames", "mean", "std", "stride")
         return cls(**{k: d[k] for k in keys if k in d})
 
 
@@ -196,6 +208,7 @@ class Fbank:
     scale, natural log), normalised with the model's mean and deviation."""
 
     FRAME, FFT = 400, 512  # samples of a frame at 16 kHz (25 ms), FFT points
+    WINDOW, SCALE = "hann", 1.0  # the frame's window; the samples' scale (Kaldi's: 16-bit integers)
 
     def __init__(self, spec: AudioSpec):
         from transformers.audio_utils import mel_filter_bank, window_function
@@ -207,17 +220,43 @@ class Fbank:
                                            min_frequency=20, max_frequency=spec.sampling_rate // 2,
                                            sampling_rate=spec.sampling_rate, norm=None, mel_scale="kaldi",
                                            triangularize_in_mel_space=True)
-        self.window = window_function(self.FRAME, "hann", periodic=False)
+        self.window = window_function(self.FRAME, self.WINDOW, periodic=False)
 
-    def __call__(self, wave: np.ndarray) -> torch.Tensor:
+    def log_mel(self, wave: np.ndarray) -> torch.Tensor:
+        """The window's log mel filterbank (n_mels x frames, one frame at least)."""
         from transformers.audio_utils import spectrogram
 
-        wave = np.pad(wave, (0, max(0, self.FRAME - len(wave))))
+        wave = np.pad(wave, (0, max(0, self.FRAME - len(wave)))) * self.SCALE
         fbank = spectrogram(wave, self.window, frame_length=self.FRAME, hop_length=self.spec.hop_length,
                             fft_length=self.FFT, power=2.0, center=False, preemphasis=0.97, mel_filters=self.filters,
                             log_mel="log", mel_floor=1.192092955078125e-07, remove_dc_offset=True)
-        fbank = torch.from_numpy(np.asarray(fbank, dtype=np.float32))[:, : self.spec.frames]
+        return torch.from_numpy(np.asarray(fbank, dtype=np.float32))
+
+    def __call__(self, wave: np.ndarray) -> torch.Tensor:
+        fbank = self.log_mel(wave)[:, : self.spec.frames]
         return (fbank - self.spec.mean) / (2 * self.spec.std) if self.spec.normalize else fbank
+
+
+class StackedFbank(Fbank):
+    """SeamlessM4T's features of a window (w2v-BERT), as its SeamlessM4TFeatureExtractor computes them: the Kaldi
+    filterbank (a Povey window over 16-bit-scaled samples), each mel band normalised to zero mean and unit variance
+    over the window's frames, then every ``stride`` consecutive frames stacked into one input ((n_mels * stride) x
+    frames // stride; an odd last frame is dropped, as the extractor masks it)."""
+
+    WINDOW, SCALE = "povey", 2.0**15
+
+    def __call__(self, wave: np.ndarray) -> torch.Tensor:
+        fbank = self.log_mel(wave).T  # (frames, n_mels)
+        if self.spec.normalize and fbank.shape[0] > 1:
+            fbank = (fbank - fbank.mean(0)) / (fbank.var(0, unbiased=True) + 1e-7).sqrt()
+        k = self.spec.stride
+        n = fbank.shape[0] // k
+        return fbank[: n * k].reshape(n, k * fbank.shape[1]).T.contiguous()
+
+    @staticmethod
+    def unstacked(spec: AudioSpec, feats: torch.Tensor) -> torch.Tensor:
+        """Stacked features ((n_mels * stride) x frames) back as the filterbank (n_mels x frames * stride)."""
+        return feats.T.reshape(-1, spec.n_mels).T
 
 
 # a raw-waveform encoder's shortest input: its SpecAugment (on in training, as in its own recipe) masks spans
@@ -236,6 +275,8 @@ def windows(wave: np.ndarray, spec: AudioSpec) -> list[np.ndarray]:
         pieces[-1] = wave[-int(PAD_TO_SECONDS * spec.sampling_rate):]  # the last second, overlapping
     if spec.frontend == FBANK:  # padded with zero filterbank frames instead, as the model's extractor does
         least = Fbank.FRAME
+    elif spec.frontend == STACKED:  # one stacked input at least
+        least = Fbank.FRAME + (spec.stride - 1) * spec.hop_length
     else:
         least = int((WAVEFORM_MIN_SECONDS if spec.frontend == WAVEFORM else PAD_TO_SECONDS) * spec.sampling_rate)
     return [np.pad(p, (0, least - len(p))) if len(p) < least else p for p in pieces]
@@ -261,8 +302,8 @@ class AudioData(torch.utils.data.Dataset):
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         wins = [(row, w) for row, i in enumerate(idx) for w in self.clips[i]]
-        if self.spec.frontend == WAVEFORM:
-            return self._with_targets(waveform_batch([w for _, w in wins]), wins, idx)
+        if self.spec.frontend in ENCODER_FRONTENDS:
+            return self._with_targets(encoder_batch([w for _, w in wins], self.spec), wins, idx)
         if self.spec.frontend == FBANK:  # (windows, frames, mel bins), every window padded to the model's frames
             feats = torch.full((len(wins), self.spec.frames, self.spec.n_mels), self.spec.fbank_padding)
             for j, (_, w) in enumerate(wins):
@@ -288,15 +329,17 @@ class AudioData(torch.utils.data.Dataset):
         return batch
 
 
-def waveform_batch(wins: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Waveform windows padded with zeros to the longest; ``frame_mask`` 1 on real samples."""
+def encoder_batch(wins: list[torch.Tensor], spec: AudioSpec) -> dict[str, torch.Tensor]:
+    """A wav2vec2-style encoder's windows padded with zeros to the longest, ``frame_mask`` 1 on real samples: the
+    waveform (windows x samples), or stacked filterbank frames (windows x frames x features, ``StackedFbank``)."""
     width = max(w.shape[-1] for w in wins)
-    values = torch.zeros((len(wins), width))
+    stacked = spec.frontend == STACKED
+    values = torch.zeros((len(wins), width, wins[0].shape[0]) if stacked else (len(wins), width))
     mask = torch.zeros((len(wins), width), dtype=torch.long)
     for j, w in enumerate(wins):
-        values[j, : w.shape[-1]] = w.float()
+        values[j, : w.shape[-1]] = w.float().T if stacked else w.float()
         mask[j, : w.shape[-1]] = 1
-    return {"input_values": values, "frame_mask": mask}
+    return {spec.input_key: values, "frame_mask": mask}
 
 
 def normalized(wave: np.ndarray) -> np.ndarray:
@@ -311,7 +354,7 @@ def features_of(waves: list[np.ndarray], spec: AudioSpec) -> list[list[torch.Ten
         prep = normalized if spec.normalize else (lambda w: w)
         return [[torch.from_numpy(w).half() for w in windows(prep(np.asarray(wave, dtype=np.float32)), spec)]
                 for wave in waves]
-    mel = Fbank(spec) if spec.frontend == FBANK else LogMel(spec)
+    mel = {FBANK: Fbank, STACKED: StackedFbank}.get(spec.frontend, LogMel)(spec)
     return [[mel(w).half() for w in windows(np.asarray(wave, dtype=np.float32), spec)] for wave in waves]
 
 
@@ -349,9 +392,17 @@ def audio_dataset(df: pd.DataFrame, column: str, spec: AudioSpec, targets: torch
 
 def feature_extractor(audio: dict[str, Any]) -> Any:
     """transformers' feature extractor that computes what fmtune feeds the model (``bundle.audio``)."""
-    from transformers import ASTFeatureExtractor, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+    from transformers import (
+        ASTFeatureExtractor,
+        SeamlessM4TFeatureExtractor,
+        Wav2Vec2FeatureExtractor,
+        WhisperFeatureExtractor,
+    )
 
     a = AudioSpec.from_dict(audio)
+    if a.frontend == STACKED:
+        return SeamlessM4TFeatureExtractor(feature_size=a.n_mels, num_mel_bins=a.n_mels, sampling_rate=a.sampling_rate,
+                                           stride=a.stride, padding_value=0.0)
     if a.frontend == FBANK:
         warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")  # (see Fbank)
         return ASTFeatureExtractor(sampling_rate=a.sampling_rate, num_mel_bins=a.n_mels, max_length=a.frames,

@@ -145,6 +145,8 @@ def _hf_pooling(path: Path | str, config: Any, kind: str, requested: str) -> str
 
 def _hf_num_features(config: Any) -> int | None:
     """The pooled feature size a config states, or None (then ``_probe_num_features`` measures it)."""
+    if getattr(config, "add_adapter", False) and isinstance(getattr(config, "output_hidden_size", None), int):
+        return config.output_hidden_size  # (wav2vec2 kin with an adapter after the encoder: its width)
     for attr in ("hidden_size", "d_model", "dim"):
         if isinstance(getattr(config, attr, None), int):
             return getattr(config, attr)
@@ -178,15 +180,17 @@ def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, An
             "mean": pp.get("image_mean", IMAGENET_MEAN), "std": pp.get("image_std", IMAGENET_STD)}
 
 
-AUDIO_CHOICES = "whisper-tiny-en, or a local Whisper, wav2vec2, HuBERT, WavLM or AST folder"
+AUDIO_CHOICES = "whisper-tiny-en, or a local Whisper, wav2vec2, w2v-BERT, HuBERT, WavLM or AST folder"
+# wav2vec2-style encoders (CTC models for speech recognition): the waveform's, and w2v-BERT (stacked filterbank)
 AUDIO_ENCODERS = ("wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "data2vec-audio", "sew", "sew-d", "unispeech",
-                  "unispeech-sat")
+                  "unispeech-sat", "wav2vec2-bert")
+STACKED_ENCODERS = ("wav2vec2-bert",)  # read SeamlessM4T's stacked filterbank (data.audio.StackedFbank)
 SPECTROGRAM_ENCODERS = ("audio-spectrogram-transformer",)  # read a fixed-size filterbank (data.audio.Fbank)
 
 
 def _audio_kind(path: Path | str, config: Any) -> str | None:
-    """"audio" for a Whisper model, a raw-waveform encoder (wav2vec2, HuBERT, WavLM ...) or a spectrogram
-    transformer (AST)."""
+    """"audio" for a Whisper model, a wav2vec2-style encoder (wav2vec2, HuBERT, WavLM ..., w2v-BERT) or a
+    spectrogram transformer (AST)."""
     model_type = getattr(config, "model_type", "")
     return "audio" if model_type == "whisper" or model_type in AUDIO_ENCODERS + SPECTROGRAM_ENCODERS else None
 
@@ -198,11 +202,23 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
     """How the model reads audio, from its feature extractor's settings (preprocessor_config.json):
     Whisper's log-mel settings and window (its own 30 s unless model.audio_window is shorter), or a
     raw-waveform encoder's sampling rate and normalisation (windows of WAVEFORM_WINDOW seconds), or a
-    spectrogram transformer's filterbank: its frames (config max_length) and normalisation."""
-    from fmtune.data.audio import FBANK, WAVEFORM, AudioSpec, Fbank
+    spectrogram transformer's filterbank: its frames (config max_length) and normalisation, or w2v-BERT's
+    stacked filterbank (SeamlessM4TFeatureExtractor's mel bands and stride; windows of WAVEFORM_WINDOW seconds)."""
+    from fmtune.data.audio import FBANK, STACKED, WAVEFORM, AudioSpec, Fbank
 
     pp = read_json(Path(path) / "preprocessor_config.json", {}) if isinstance(path, Path) else {}
     rate = int(pp.get("sampling_rate", 16000))
+    if getattr(config, "model_type", "") in STACKED_ENCODERS:
+        mels, stride = int(pp.get("num_mel_bins", 80)), int(pp.get("stride", 2))
+        if rate != 16000 or mels * stride != config.feature_projection_input_dim:
+            raise ModelError(f"{path}: preprocessor_config.json says sampling_rate {rate}, num_mel_bins {mels}, "
+                             f"stride {stride}; the model reads {config.feature_projection_input_dim} features per "
+                             "frame (num_mel_bins x stride) at 16000 Hz, as SeamlessM4TFeatureExtractor computes them")
+        if window is not None and window <= 0:
+            raise ModelError(f"model.audio_window={window:g} s: give a positive number of seconds")
+        seconds = float(window or WAVEFORM_WINDOW)
+        return AudioSpec(frontend=STACKED, sampling_rate=rate, n_mels=mels, n_fft=Fbank.FFT, hop_length=160,
+                         stride=stride, window_seconds=seconds, encoder_seconds=seconds).as_dict()
     if getattr(config, "model_type", "") in SPECTROGRAM_ENCODERS:
         if rate != 16000:  # (the extractor's frame length and FFT size are fixed for 16 kHz)
             raise ModelError(f"{path}: preprocessor_config.json says sampling_rate {rate}; fmtune reads AST models "

@@ -495,16 +495,25 @@ def load(model_dir: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
     auto = auto_class(meta.get("family"))
     adapter = meta.get("adapter")
     try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if adapter:
+            from transformers import AutoConfig
+
             from fmtune import adapters
             from fmtune.zoo.models import resolve_base
 
             _, path = resolve_base(meta["source"], meta.get("converted"))
-            base = auto.from_pretrained(path, dtype=torch.float32)
+            config = AutoConfig.from_pretrained(path)
+            head = {}
+            if meta.get("family") == CTC_FAMILY and not any(a.endswith("ForCTC") for a in config.architectures or []):
+                # an encoder without a CTC head (wav2vec2-base, w2v-BERT 2.0): the run built its vocabulary and head
+                # (models.ctc.create); the base gets a head of that size, which the adapter's saved head replaces
+                config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
+                head = {"ignore_mismatched_sizes": True}
+            base = auto.from_pretrained(path, config=config, dtype=torch.float32, **head)
             model = adapters.load(base, model_dir)
         else:
             model = auto.from_pretrained(model_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except ModelError:
         raise
     except Exception as e:

@@ -1,11 +1,12 @@
-"""CTC speech models (wav2vec2, HuBERT, WavLM ... ``*ForCTC``) for speech recognition: the training
+"""CTC speech models (wav2vec2, HuBERT, WavLM, w2v-BERT ... ``*ForCTC``) for speech recognition: the training
 forward and greedy decoding (``fmtune.models.build`` creates them; saving, loading and strategies go
 through ``fmtune.models.causal_lm`` as for the other models that decode; the transcripts' encoding
 and the CTC loss are the task's, ``fmtune.tasks.speech``).
 
 The encoder reads the waveform (``fmtune.models.hf_remote.waveform_states``: group-norm models in
-groups of equal length, so a transcript never depends on its batch), the CTC head gives one
-distribution over characters per 20-ms frame. Frames past a clip's end are set to emit the blank
+groups of equal length, so a transcript never depends on its batch), or w2v-BERT SeamlessM4T's
+stacked filterbank (``fmtune.data.audio.StackedFbank``); the CTC head gives one distribution over
+characters per 20-ms frame. Frames past a clip's end are set to emit the blank
 with certainty: every alignment of the clip's own frames then extends over them in exactly one
 way, so the CTC loss over the padded batch is the loss over each clip's frames (tested against
 transformers' own loss). Decoding is greedy: the most likely token per frame, repeats merged,
@@ -91,12 +92,14 @@ class CTCLogits(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
 
-    def forward(self, input_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> types.SimpleNamespace:
+    def forward(self, input_values: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
+                input_features: torch.Tensor | None = None) -> types.SimpleNamespace:
         from fmtune.models.hf_remote import waveform_states
 
         lm = plain(self.model)
         encoder = getattr(lm, lm.base_model_prefix)
-        hidden, mask = waveform_states(encoder, input_values, frame_mask)
+        hidden, mask = waveform_states(encoder, input_values if input_values is not None else input_features,
+                                       frame_mask)
         logits = lm.lm_head(lm.dropout(hidden)).float().log_softmax(-1)
         if mask is not None and not bool(mask.all()):
             blank = torch.full_like(logits[0, 0], -1e4)  # (log 0, kept finite for the gradient)

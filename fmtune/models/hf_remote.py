@@ -146,10 +146,17 @@ def whisper_states(encoder: nn.Module, input_features: torch.Tensor,
     return encoder.layer_norm(x), mask
 
 
+def stacked_input(encoder: nn.Module) -> bool:
+    """Whether ``encoder`` reads stacked filterbank frames (w2v-BERT: ``input_features``, windows x frames x
+    features), as a wav2vec2 reads the waveform."""
+    return hasattr(encoder.config, "feature_projection_input_dim")
+
+
 def waveform_states(encoder: nn.Module, input_values: torch.Tensor,
                     sample_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A raw-waveform encoder (wav2vec2, HuBERT, WavLM ...) over zero-padded windows: the last hidden
-    states and the mask of frames that cover real samples.
+    states and the mask of frames that cover real samples. w2v-BERT's stacked filterbank frames (windows x
+    frames x features, ``sample_mask`` over frames) are read the same way (it is trained with the mask).
 
     Models trained with an attention mask (``feat_extract_norm: layer``) get it. The others
     (wav2vec2-base and its group-norm kin) normalise their first convolution over the whole window,
@@ -265,11 +272,14 @@ class FmtuneClassifier(PreTrainedModel):
         if input_values is not None and input_values.dim() == 3:  # a filterbank (AST): (windows, frames, mel bins)
             return per_clip(pool(self.backbone(input_values=input_values), None, self.pooling), clip_index)
         if input_features is not None or input_values is not None:  # audio windows, averaged per clip
-            if input_features is not None:  # log-mel (Whisper)
+            # (transformers' feature extractors call the mask attention_mask)
+            mask = frame_mask if frame_mask is not None else attention_mask
+            if input_features is not None and stacked_input(self.backbone):  # w2v-BERT's stacked filterbank
+                hidden, mask = waveform_states(self.backbone, input_features, mask)
+            elif input_features is not None:  # log-mel (Whisper)
                 hidden, mask = whisper_states(self.backbone, input_features, frame_mask)
-            else:  # the waveform (wav2vec2 and its kin); transformers' feature extractor calls the mask attention_mask
-                hidden, mask = waveform_states(self.backbone, input_values,
-                                               frame_mask if frame_mask is not None else attention_mask)
+            else:  # the waveform (wav2vec2 and its kin)
+                hidden, mask = waveform_states(self.backbone, input_values, mask)
             return per_clip(pool(BaseModelOutput(last_hidden_state=hidden), mask, self.pooling), clip_index)
         if pixel_values is not None:
             outputs = self.backbone(pixel_values=pixel_values, **image_kwargs(self.backbone, pixel_values), **kwargs)

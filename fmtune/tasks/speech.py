@@ -325,15 +325,19 @@ def ctc_loss(log_probs: torch.Tensor, labels: torch.Tensor, blank: int) -> torch
 
 
 class CTCData(_Clips, torch.utils.data.Dataset):
-    """Clips as waveform windows (fp16) with their transcripts as a CTC vocabulary's ids (a
-    wav2vec2-style model, ``fmtune.models.ctc``). A batch pads with zeros to the longest clip,
-    ``frame_mask`` marking real samples; ``labels`` are the ids padded with -100."""
+    """Clips as waveform windows (fp16; w2v-BERT: stacked filterbank frames) with their transcripts as a CTC
+    vocabulary's ids (a wav2vec2-style model, ``fmtune.models.ctc``). A batch pads with zeros to the longest clip,
+    ``frame_mask`` marking real samples (frames); ``labels`` are the ids padded with -100."""
 
     def __init__(self, clips: list[list[torch.Tensor]], ids: list[list[int]] | None, spec: Any,
                  references: list[str | None], lines: list[int], sources: list[str]):
         self.clips, self.ids = clips, ids
         self.references, self.lines, self.sources = references, lines, sources
-        self.hop_seconds = 1.0 / spec.sampling_rate  # of one sample (what the lengths count)
+        from fmtune.data.audio import STACKED
+
+        self.spec = spec
+        # of one sample, or one stacked frame (what the lengths count)
+        self.hop_seconds = (spec.hop_length * spec.stride if spec.frontend == STACKED else 1) / spec.sampling_rate
         self.window_seconds = spec.window_seconds
         self.lengths = np.array([c[0].shape[-1] for c in clips])
 
@@ -344,9 +348,9 @@ class CTCData(_Clips, torch.utils.data.Dataset):
         return i
 
     def waveforms(self, windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        from fmtune.data.audio import waveform_batch
+        from fmtune.data.audio import encoder_batch
 
-        return waveform_batch(windows)
+        return encoder_batch(windows, self.spec)
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         batch = self.waveforms([self.clips[i][0] for i in idx])
@@ -409,13 +413,13 @@ class SpeechRecognition(Task):
     # --- data -----------------------------------------------------------------------------------
     def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
                 allow_unknown: bool = False) -> tuple[SpeechData | CTCData, np.ndarray]:
-        from fmtune.data.audio import WAVEFORM, AudioSpec, audio_dataset
+        from fmtune.data.audio import ENCODER_FRONTENDS, AudioSpec, audio_dataset
 
         spec = AudioSpec.from_dict(bundle.audio)
         audio, keep = audio_dataset(df, "audio", spec, None, data_cfg.max_bad_fraction)
         texts = df["text"].tolist() if with_targets and "text" in df.columns else [None] * len(df)
         lines = df["line"].tolist() if "line" in df.columns else list(range(1, len(df) + 1))
-        if spec.frontend == WAVEFORM:  # a wav2vec2-style CTC model (fmtune.models.ctc)
+        if spec.frontend in ENCODER_FRONTENDS:  # a wav2vec2-style CTC model (fmtune.models.ctc)
             return self._ctc_dataset(df, bundle, audio, keep, spec, texts, lines, with_targets), keep
         tok = bundle.tokenizer
         prefix = prefix_ids(tok, self.language)
@@ -480,10 +484,10 @@ class SpeechRecognition(Task):
 
     def inputs(self, items: list[Any], bundle: Any) -> SpeechData | CTCData:
         """Decoded waveforms to transcribe (any length: windows are transcribed in turn)."""
-        from fmtune.data.audio import WAVEFORM, AudioSpec, features_of
+        from fmtune.data.audio import ENCODER_FRONTENDS, AudioSpec, features_of
 
         spec = AudioSpec.from_dict(bundle.audio)
-        if spec.frontend == WAVEFORM:  # a CTC model
+        if spec.frontend in ENCODER_FRONTENDS:  # a CTC model
             return CTCData(features_of(items, spec), None, spec, [None] * len(items),
                            list(range(1, len(items) + 1)), [])
         return SpeechData(features_of(items, spec), None, 0, bundle.tokenizer.eos_token_id, spec,
