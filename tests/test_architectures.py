@@ -551,6 +551,26 @@ def test_dense_heads_on_more_backbones(model_type, task, strategy, size, data, t
     assert s["eval"]["test"]
 
 
+def test_yolos_maps_are_its_patch_tokens_not_its_detection_tokens(tmp_path):
+    """YOLOS (a ViT whose detection tokens follow the patches) read as a dense backbone: each map is the patch
+    tokens laid out as the grid; the detection tokens were taken for the grid's last patches."""
+    from transformers import AutoConfig, AutoModel
+
+    from fmtune.models import dense
+
+    torch.manual_seed(0)
+    net = AutoModel.from_config(AutoConfig.for_model("yolos", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=64, image_size=[64, 64], patch_size=8,
+                                                     num_detection_tokens=10)).eval()
+    backbone = dense.DenseBackbone(net, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, states = backbone._maps(x), net(pixel_values=x, output_hidden_states=True).hidden_states
+    assert len(maps) == len(states) and states[-1].shape[1] == 1 + 64 + 10  # class token, 8 x 8 patches, detections
+    for m, s in zip(maps, states):
+        assert torch.equal(m, s[:, 1:65].transpose(1, 2).reshape(2, 32, 8, 8))
+
+
 def test_a_backbone_that_cannot_read_another_size_says_so(data, tmp_path):
     """LeViT's attention biases are fixed to its own input size."""
     from transformers import AutoConfig, AutoModel

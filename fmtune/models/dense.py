@@ -90,8 +90,11 @@ class DenseBackbone(nn.Module):
         if states[-1].dim() == 4:  # a CNN: (B, C, h, w) per stage
             return states
         h, w = pixel_values.shape[-2:]  # tokens -> a grid (the patch tokens are the last gh*gw)
+        # (but YOLOS's detection tokens, which follow them)
+        after = int(getattr(self.net.config, "num_detection_tokens", 0) or 0)
         maps = []
         for s in states:
+            s = s[:, : s.shape[1] - after]
             gh, gw = token_grid(s.shape[1], h, w)
             maps.append(s[:, -gh * gw:].transpose(1, 2).reshape(s.shape[0], s.shape[2], gh, gw))
         return maps
