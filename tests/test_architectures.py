@@ -559,9 +559,9 @@ def test_yolos_maps_are_its_patch_tokens_not_its_detection_tokens(tmp_path):
     from fmtune.models import dense
 
     torch.manual_seed(0)
-    net = AutoModel.from_config(AutoConfig.for_model("yolos", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                     intermediate_size=64, image_size=[64, 64], patch_size=8,
-                                                     num_detection_tokens=10)).eval()
+    net = AutoModel.from_config(AutoConfig.for_model(
+        "yolos", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=[64, 64],
+        patch_size=8, num_detection_tokens=10)).eval()
     backbone = dense.DenseBackbone(net, 64)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
