@@ -291,6 +291,10 @@ def default_lr(strategy: Any, task_type: str | None = None, model: str | None = 
     CNN_LR for full / last_n fine-tuning of a BatchNorm convolutional net (``model``: a zoo name or folder)."""
     if strategy.name == "contrastive" and strategy.encoder == "lora":
         return CONTRASTIVE_LORA_LR
+    if task_type is not None and model is not None and _whole_detector(task_type, model):
+        from fmtune.models.detector import BACKBONE_LR
+
+        return BACKBONE_LR
     if task_type is not None:
         from fmtune.tasks import task_class
 
@@ -308,6 +312,14 @@ def default_lr(strategy: Any, task_type: str | None = None, model: str | None = 
 # train.epochs and train.batch_size when they are not set, unless the task has its own (Task.default_train)
 DEFAULT_EPOCHS, DEFAULT_BATCH_SIZE = 3, 32
 MIN_STEPS, MIN_STEPS_BATCH = 200, 8  # train.min_steps, and the smallest batch it lowers train.batch_size to
+
+
+def _whole_detector(task_type: str, model: str) -> bool:
+    """A detection run on a whole transformers detector (``fmtune.models.detector``): its own recipes' rates."""
+    from fmtune.tasks import task_class
+    from fmtune.zoo.models import whole_detector
+
+    return task_class(task_type).dense_head == "fcos" and whole_detector(model)
 
 
 def default_head_lr(lr: float) -> float:
@@ -624,6 +636,10 @@ class Config:
             self.train.epochs = own.get("epochs", DEFAULT_EPOCHS)
         if self.train.batch_size is None:
             self.train.batch_size = own.get("batch_size", DEFAULT_BATCH_SIZE)
+        if self.train.head_lr is None and _whole_detector(self.task.type, self.model.name):
+            from fmtune.models.detector import HEAD_LR
+
+            self.train.head_lr = HEAD_LR
         if self.train.head_lr is None and task_class(self.task.type).default_head_lr is not None:
             self.train.head_lr = task_class(self.task.type).default_head_lr
 

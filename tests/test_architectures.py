@@ -586,10 +586,10 @@ def test_a_backbone_that_cannot_read_another_size_says_so(data, tmp_path):
         train(d, "segmentation", data, tmp_path / "run", image_size=64)
 
 
-@pytest.mark.parametrize("task", ["detection", "classification"])
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
 def test_a_whole_detector_is_not_taken_for_a_backbone(task, data, tmp_path):
-    """An RT-DETR folder was read as a segmentation backbone's error (for a detection run) or trained as a
-    classifier until its forward failed; now the error says what it is and what to give instead."""
+    """An RT-DETR folder was read as a segmentation backbone's error or trained as a classifier until its forward
+    failed; now the error says what it is and what to give instead (detection fine-tunes it: test_detection)."""
     from transformers import AutoConfig, AutoModel
 
     d = tmp_path / "rt-detr"

@@ -424,3 +424,179 @@ def test_frozen_backbone_maps_are_cached_and_train_the_same_head(tmp_path, tiny_
     cached and training on them reaches the head training without the cache does."""
     assert_head_cache_trains_the_same(lambda out, **train: det_cfg(tiny_resnet, boxes_data, out, **train), tmp_path,
                                       capsys, monkeypatch, "the three maps its head reads are cached")
+
+
+# --- whole transformers detectors (fmtune.models.detector) ---------------------------------------
+
+def save_tiny_rt_detr(folder: Path) -> Path:
+    """A random RT-DETR (ResNet backbone of 4 small stages, hidden 32, 2 decoder layers, 30 queries) with 80 COCO-like
+    classes and RT-DETR's processor settings (640 px, pixels in [0, 1]: no normalisation), saved as a folder."""
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
+
+    backbone = RTDetrResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                                  layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    cfg = RTDetrConfig(backbone_config=backbone, encoder_hidden_dim=32, encoder_in_channels=[32, 64, 128], d_model=32,
+                       encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=1, decoder_layers=2,
+                       encoder_attention_heads=2, decoder_attention_heads=2, num_queries=30, num_labels=80,
+                       decoder_in_channels=[32, 32, 32], num_denoising=10, eval_size=None)
+    torch.manual_seed(0)
+    RTDetrForObjectDetection(cfg).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "RTDetrImageProcessor", "do_normalize": False, "do_rescale": True,
+         "do_resize": True, "size": {"height": 640, "width": 640}, "image_mean": [0.485, 0.456, 0.406],
+         "image_std": [0.229, 0.224, 0.225]}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_rt_detr(tmp_path_factory) -> Path:
+    return save_tiny_rt_detr(tmp_path_factory.mktemp("rt-detr") / "m")
+
+
+def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp_path):
+    """An RT-DETR folder was refused ("a whole rt_detr model ... give the folder of an image model"). Now it is
+    fine-tuned as it is, new class heads for the run's classes: the loss is transformers' own (tested equal on a
+    batch), training lowers it on unseen images, mAP is scored by pycocotools, its pixels are not normalised (its
+    processor's do_normalize false), the learning rates are its recipe's; predict, reload and serve give boxes in
+    the image's pixels; strategy head trains all but the backbone; adapters and explain are refused by name."""
+    import yaml
+    from fastapi.testclient import TestClient
+
+    from fmtune.config import ModelConfig
+    from fmtune.errors import ConfigError
+    from fmtune.models import build
+    from fmtune.predictor import Predictor
+    from fmtune.serve import create_app
+
+    task = Detection(CLASSES)
+    bundle = build.create(ModelConfig(name=str(tiny_rt_detr), image_size=64), task)
+    assert bundle.image["mean"] == [0.0] * 3 and bundle.image["std"] == [1.0] * 3 and bundle.image["set_prediction"]
+    model = bundle.model
+    assert model.detector.config.num_labels == 3 and model.detector.config.id2label[2] == "blue"
+    df = task.read(boxes_data["train"] / "annotations.json", DataConfig())
+    ds, _ = task.dataset(df, bundle, DataConfig())
+    batch = ds.collate(list(range(4)))
+    targets = batch.pop("labels")
+    assert torch.equal(batch["det_targets"], targets)
+    torch.manual_seed(0)
+    model.eval()
+    with torch.no_grad():
+        ours = task.loss(model(**batch).logits, targets)
+        theirs = model.detector(pixel_values=batch["pixel_values"], labels=model.targets(targets, 64, 64)).loss
+        plain = model(pixel_values=batch["pixel_values"]).logits
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5) and float(ours) > 0
+    assert plain.shape == (4, 30, 3 + 9) and bool((plain[..., -1] == 0).all())  # no targets: no loss
+    boxes, scores, _ = task.detections(plain)[0]
+    assert len(boxes) and (boxes[:, 2] > boxes[:, 0]).all()  # boxes in input pixels, x1 > x0
+    with torch.no_grad():  # the scores are the detector's own class probabilities (sigmoid, for RT-DETR)
+        top = model.detector(pixel_values=batch["pixel_values"][:1]).logits[0].sigmoid().max()
+    assert float(scores.max()) == pytest.approx(float(top), rel=1e-5)
+
+    out = tmp_path / "full"
+    cfg = det_cfg(tiny_rt_detr, boxes_data, out, epochs=4)
+    del cfg["train"]["lr"]
+    api.train(cfg, quiet=True)
+    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert saved["lr"] == 1e-5 and saved["head_lr"] == 1e-4  # the detector's own recipe
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["test"]) == {"map", "map50", "map75"} and 0.0 <= ev["test"]["map"] <= 1.0
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["type"] == "eval" and "loss" in r]
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses  # the validation loss fell
+    img = sorted((boxes_data["test"] / "images").iterdir())[0]
+    first = Predictor(out).predict(str(img))["boxes"]
+    assert first == Predictor(out).predict(str(img))["boxes"]  # reloaded: the same boxes
+    w, h = Image.open(img).size
+    assert all(0 <= b["x0"] < b["x1"] <= w and 0 <= b["y0"] < b["y1"] <= h for b in first)
+    with TestClient(create_app(Predictor(out))) as client:
+        r = client.post("/predict", files={"files": (img.name, img.read_bytes(), "image/png")})
+    assert r.status_code == 200 and r.json()["predictions"][0]["boxes"] == first
+    # the run's model is a transformers detector folder: its classes named, its processor at the run's size
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    hf = AutoModelForObjectDetection.from_pretrained(out / "model").eval()
+    assert hf.config.id2label == {0: "red", 1: "green", 2: "blue"}
+    assert AutoImageProcessor.from_pretrained(out / "model").size == {"height": 64, "width": 64}
+    pixels = ds.collate([0, 1])["pixel_values"]
+    trained = Predictor(out).model
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=pixels).logits, trained.detector(pixel_values=pixels).logits)
+    from fmtune.exporter import export
+
+    assert export(out, quiet=True)["max_abs_diff"] == 0.0  # (--format hf: the run's folder as it is)
+    with pytest.raises(ConfigError, match="ONNX export of a whole detector .RTDetrForObjectDetection. is not built"):
+        export(out, format="onnx", quiet=True)
+
+    head = tmp_path / "head"
+    cfg = det_cfg(tiny_rt_detr, boxes_data, head, epochs=1)
+    cfg["strategy"] = {"name": "head"}
+    api.train(cfg, quiet=True, report=False)
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_rt_detr / "model.safetensors"))
+    after = load_file(str(head / "model" / "model.safetensors"))
+    frozen = [k for k in before if k.startswith("model.backbone.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.decoder.") and k in after)
+    cfg["strategy"] = {"name": "lora"}
+    with pytest.raises(ConfigError, match="strategy lora: a whole detector .RTDetrForObjectDetection. trains with "
+                                          "full, head, last_n"):
+        api.train(dict(cfg, out=str(tmp_path / "lora")), quiet=True, report=False)
+    from fmtune.explain import explain
+
+    with pytest.raises(ConfigError, match="explain of a whole detector .RTDetrForObjectDetection. is not built"):
+        explain(out, [str(img)], quiet=True)
+
+
+def test_a_detr_whose_backbone_is_timm_says_so(tmp_path, boxes_data):
+    """DETR's hub checkpoints build their ResNet with timm (use_timm_backbone), which fmtune does not depend on."""
+    from transformers import DetrConfig
+
+    from fmtune.errors import ModelError
+
+    folder = tmp_path / "detr"
+    folder.mkdir()
+    DetrConfig(d_model=32, encoder_layers=1, decoder_layers=1, num_queries=10).save_pretrained(folder)
+    with pytest.raises(ModelError, match="detr detector whose backbone is a timm model .*pip install timm"):
+        api.train(det_cfg(folder, boxes_data, tmp_path / "run"), quiet=True)
+
+
+def test_a_softmax_detector_scores_its_classes_without_no_object():
+    """DETR and YOLOS classify each query over the classes and "no object": a class's score is its softmax
+    probability (as their own post-processing gives it), the box their centre and size over the input's pixels."""
+    from types import SimpleNamespace
+
+    from fmtune.models.detector import pack
+
+    raw = torch.tensor([[[2.0, 0.0, 1.0, 3.0]]])
+    packed = pack(SimpleNamespace(logits=raw, pred_boxes=torch.tensor([[[0.5, 0.5, 0.2, 0.4]]]), loss=None), 3, 50, 100)
+    torch.testing.assert_close(packed[0, 0, :3].sigmoid(), raw[0, 0].softmax(-1)[:3])
+    assert packed[0, 0, 3:7].tolist() == pytest.approx([40.0, 15.0, 60.0, 35.0])  # x0 y0 x1 y1 of a 100 x 50 input
+    assert packed.shape[-1] == 3 + 9 and float(packed[0, 0, -1]) == 0.0
+
+
+@pytest.mark.parametrize("model_type", ["yolos", "conditional_detr", "detr"])
+def test_more_whole_detectors_train_and_predict(model_type, boxes_data, tmp_path):
+    """YOLOS (a ViT with detection tokens, softmax classes), Conditional DETR (sigmoid) and DETR (softmax) with a
+    transformers ResNet (use_timm_backbone false): each trains with its own loss, saves and predicts."""
+    from transformers import AutoConfig, AutoModelForObjectDetection, ResNetConfig
+
+    from fmtune.predictor import Predictor
+
+    if model_type == "yolos":
+        cfg = AutoConfig.for_model("yolos", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, image_size=[64, 64], patch_size=8, num_detection_tokens=10)
+    else:
+        resnet = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                              layer_type="basic", out_features=["stage4"])
+        cfg = AutoConfig.for_model(model_type, use_timm_backbone=False, backbone_config=resnet, d_model=32,
+                                   encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                   decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10)
+    torch.manual_seed(0)
+    AutoModelForObjectDetection.from_config(cfg).save_pretrained(tmp_path / model_type)
+    out = tmp_path / "run"
+    api.train(det_cfg(tmp_path / model_type, boxes_data, out, epochs=1), quiet=True, report=False)
+    assert "map" in json.loads((out / "eval.json").read_text())["test"]
+    img = sorted((boxes_data["test"] / "images").iterdir())[0]
+    boxes = Predictor(out).predict(str(img))["boxes"]
+    assert isinstance(boxes, list) and all(b["label"] in CLASSES and 0 <= b["score"] <= 1 for b in boxes)

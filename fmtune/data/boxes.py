@@ -449,6 +449,8 @@ class BoxData(ImageData):
         batch = {"pixel_values": self.pixels(x)}
         if t is not None:
             batch["labels"] = t
+            if self.spec.get("set_prediction"):  # a whole detector computes its own loss from them (models.detector)
+                batch["det_targets"] = t
         return batch
 
 

@@ -32,6 +32,9 @@ from fmtune.tasks.dense import DenseTask
 CENTER_RADIUS = 1.5  # strides around a box's centre whose locations may be its positives
 TOP_K = 1000  # candidates per image before NMS
 CLASS_WEIGHT = 1.0  # of the softmax cross-entropy over classes at positive locations (see Detection.loss)
+# a whole transformers detector's outputs (fmtune.models.detector.SetDetector) have this many channels after the
+# K class logits: the FCOS head's 8 and the detector's own loss
+SET_EXTRA = 9
 
 
 def level_ranges(strides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +189,8 @@ class Detection(DenseTask):
         return match, ignored, boxes
 
     def loss(self, logits, targets, weights=None):
+        if logits.shape[-1] == self.num_outputs + SET_EXTRA:  # a whole detector: its own loss, in its last channel
+            return logits[..., -1].float().sum(1).mean()
         logits, targets = logits.float(), targets.to(logits.device).float()
         cls, box, ctr, px, py, _ = self._split(logits)
         match, ignored, gt = self.assign(logits, targets)
@@ -214,9 +219,10 @@ class Detection(DenseTask):
         """Per image: boxes (input pixels), scores and class ids after the threshold and NMS."""
         cls, box, ctr, _, _, _ = self._split(logits.float())
         thr = float(self.options.get("score_threshold", 0.05))
+        whole = logits.shape[-1] == self.num_outputs + SET_EXTRA  # a whole detector: its own class probabilities
         out = []
         for i in range(len(logits)):
-            scores = torch.sqrt(cls[i].sigmoid() * ctr[i].sigmoid()[:, None])  # (L, K)
+            scores = cls[i].sigmoid() if whole else torch.sqrt(cls[i].sigmoid() * ctr[i].sigmoid()[:, None])  # (L, K)
             flat = scores.flatten()
             cand = torch.nonzero(flat > thr).flatten()
             if len(cand) > TOP_K:

@@ -190,6 +190,20 @@ def batchnorm_cnn(name: str) -> bool:
     return isinstance(values, dict) and values.get("model_type") in BATCHNORM_CNN_TYPES
 
 
+def whole_detector(name: str) -> bool:
+    """Whether ``name`` is a local folder of a whole object detector (RT-DETR, DETR, YOLOS ...: a model type
+    ``AutoModelForObjectDetection`` builds). Reads config.json only."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+
+    if name in MODELS:
+        return False
+    try:
+        values = json.loads((Path(name).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and values.get("model_type") in MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+
+
 GGUF_MAGIC = b"GGUF"
 
 
