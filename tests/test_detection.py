@@ -575,15 +575,31 @@ def test_a_softmax_detector_scores_its_classes_without_no_object():
     assert packed.shape[-1] == 3 + 9 and float(packed[0, 0, -1]) == 0.0
 
 
-@pytest.mark.parametrize("model_type", ["yolos", "conditional_detr", "detr"])
+@pytest.mark.parametrize("model_type", ["yolos", "conditional_detr", "detr", "rt_detr_v2", "d_fine"])
 def test_more_whole_detectors_train_and_predict(model_type, boxes_data, tmp_path):
     """YOLOS (a ViT with detection tokens, softmax classes), Conditional DETR (sigmoid) and DETR (softmax) with a
-    transformers ResNet (use_timm_backbone false): each trains with its own loss, saves and predicts."""
-    from transformers import AutoConfig, AutoModelForObjectDetection, ResNetConfig
+    transformers ResNet (use_timm_backbone false), RT-DETRv2, D-FINE (an HGNetV2 backbone): each trains with its own
+    loss, saves and predicts."""
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForObjectDetection, HGNetV2Config, ResNetConfig
 
     from fmtune.predictor import Predictor
 
-    if model_type == "yolos":
+    rt = dict(encoder_hidden_dim=32, encoder_in_channels=[32, 64, 128], d_model=32, encoder_ffn_dim=64,
+              decoder_ffn_dim=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+              decoder_attention_heads=2, num_queries=30, decoder_in_channels=[32, 32, 32], num_denoising=10,
+              eval_size=None)
+    if model_type == "rt_detr_v2":
+        cfg = CONFIG_MAPPING[model_type](backbone_config=CONFIG_MAPPING["rt_detr_resnet"](
+            embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic",
+            out_features=["stage2", "stage3", "stage4"]), **rt)
+    elif model_type == "d_fine":
+        cfg = CONFIG_MAPPING[model_type](backbone_config=HGNetV2Config(
+            stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 64], stage_mid_channels=[8, 16, 32, 64],
+            stage_out_channels=[16, 32, 64, 128], stage_num_blocks=[1, 1, 1, 1],
+            stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
+            stage_kernel_size=[3, 3, 5, 5], stage_numb_of_layers=[2, 2, 2, 2], hidden_sizes=[16, 32, 64, 128],
+            out_features=["stage2", "stage3", "stage4"]), decoder_n_points=4, **rt)
+    elif model_type == "yolos":
         cfg = AutoConfig.for_model("yolos", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                    intermediate_size=64, image_size=[64, 64], patch_size=8, num_detection_tokens=10)
     else:

@@ -1,5 +1,5 @@
-"""Whole detectors from transformers (RT-DETR, RT-DETRv2, D-FINE, DETR, Conditional and Deformable
-DETR, YOLOS ...: a folder ``AutoModelForObjectDetection`` loads) fine-tuned on the run's classes,
+"""Whole detectors from transformers (RT-DETR, RT-DETRv2, D-FINE, DETR, Conditional DETR, YOLOS ...:
+a folder ``AutoModelForObjectDetection`` loads) fine-tuned on the run's classes,
 where ``fmtune.models.dense`` puts its own head on an image backbone.
 
 The detector keeps everything it was pretrained with but its class heads, which are made anew for
