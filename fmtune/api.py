@@ -362,9 +362,10 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
               f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); optimizer state "
               f"{counts['optimizer_state_mib']:.1f} MiB (full fine-tuning: "
               f"{counts['full_finetune_optimizer_state_mib']:.1f} MiB)")
-    if getattr(bundle.model, "set_prediction", False):
-        out.print(f"  a whole {type(bundle.model.detector).__name__}: new class heads for the run's classes, trained "
-                  "with its own loss (Hungarian matching); head lr for all but its backbone")
+    if getattr(bundle.model, "whole", False):
+        how = ", trained with its own loss (Hungarian matching)" if bundle.model.kind == "detector" else ""
+        out.print(f"  a whole {type(bundle.model.net).__name__}: a new classifier for the run's classes{how}; head lr "
+                  "for all but its backbone")
     if counts.get("frozen_embedding_params"):
         out.print(f"  token embeddings ({counts['frozen_embedding_params']:,} parameters) kept as pretrained "
                   "(strategy.freeze_embeddings=false trains them too)")

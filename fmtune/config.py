@@ -291,10 +291,10 @@ def default_lr(strategy: Any, task_type: str | None = None, model: str | None = 
     CNN_LR for full / last_n fine-tuning of a BatchNorm convolutional net (``model``: a zoo name or folder)."""
     if strategy.name == "contrastive" and strategy.encoder == "lora":
         return CONTRASTIVE_LORA_LR
-    if task_type is not None and model is not None and _whole_detector(task_type, model):
-        from fmtune.models.detector import BACKBONE_LR
+    if task_type is not None and model is not None and _whole_model(task_type, model):
+        from fmtune.models.whole import LRS
 
-        return BACKBONE_LR
+        return LRS[_whole_model(task_type, model)][0]
     if task_type is not None:
         from fmtune.tasks import task_class
 
@@ -314,12 +314,14 @@ DEFAULT_EPOCHS, DEFAULT_BATCH_SIZE = 3, 32
 MIN_STEPS, MIN_STEPS_BATCH = 200, 8  # train.min_steps, and the smallest batch it lowers train.batch_size to
 
 
-def _whole_detector(task_type: str, model: str) -> bool:
-    """A detection run on a whole transformers detector (``fmtune.models.detector``): its own recipes' rates."""
+def _whole_model(task_type: str, model: str) -> str | None:
+    """The kind of whole transformers model (a detector, a segmenter: ``fmtune.models.whole``) ``model`` is for this
+    task, or None: such a run takes its own recipes' learning rates."""
     from fmtune.tasks import task_class
-    from fmtune.zoo.models import whole_detector
+    from fmtune.zoo.models import whole_model
 
-    return task_class(task_type).dense_head == "fcos" and whole_detector(model)
+    head = task_class(task_type).dense_head
+    return whole_model(model, head) if head else None
 
 
 def default_head_lr(lr: float) -> float:
@@ -636,10 +638,10 @@ class Config:
             self.train.epochs = own.get("epochs", DEFAULT_EPOCHS)
         if self.train.batch_size is None:
             self.train.batch_size = own.get("batch_size", DEFAULT_BATCH_SIZE)
-        if self.train.head_lr is None and _whole_detector(self.task.type, self.model.name):
-            from fmtune.models.detector import HEAD_LR
+        if self.train.head_lr is None and _whole_model(self.task.type, self.model.name):
+            from fmtune.models.whole import LRS
 
-            self.train.head_lr = HEAD_LR
+            self.train.head_lr = LRS[_whole_model(self.task.type, self.model.name)][1]
         if self.train.head_lr is None and task_class(self.task.type).default_head_lr is not None:
             self.train.head_lr = task_class(self.task.type).default_head_lr
 

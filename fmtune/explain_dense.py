@@ -51,10 +51,11 @@ def explain_dense(pred: Any, inputs: list[str], method: str, target: str | None,
     if method not in ("auto", "gradcam"):
         raise ConfigError(f"--method {method}: {task.name} runs are explained with gradcam (a class region or box "
                           "of a dense prediction has no single logit for the other methods)")
-    if getattr(base_model(model), "set_prediction", False):
-        raise ConfigError(f"fmtune explain of a whole detector ({type(base_model(model).detector).__name__}) is not "
-                          "built: Grad-CAM reads fmtune's own backbone maps; fmtune robustness and the report's "
-                          "gallery of test images do apply")
+    if getattr(base_model(model), "whole", False):
+        plain = base_model(model)
+        raise ConfigError(f"fmtune explain of a whole {plain.kind} ({type(plain.net).__name__}) is not built: Grad-CAM "
+                          "reads fmtune's own backbone maps; fmtune robustness and the report's gallery of test images "
+                          "do apply")
     layer = base_model(model).backbone  # its three maps; Grad-CAM reads the middle one (stride 16)
     if not inputs:
         raise ConfigError(f"fmtune explain of a {task.name} run: give images (--input FILE, FOLDER or a table)")

@@ -135,7 +135,7 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
             raise ConfigError("--format onnx: prompt-tuned runs cannot be exported to ONNX (the virtual tokens are "
                               "not part of the weights); serve them with the torch backend")
         if getattr(bundle.model, "set_prediction", False):
-            raise ConfigError(f"--format onnx: ONNX export of a whole detector ({type(bundle.model.detector).__name__})"
+            raise ConfigError(f"--format onnx: ONNX export of a whole detector ({type(bundle.model.net).__name__})"
                               " is not built (torch.export fixes its batch size, and the graph traced from RT-DETR "
                               "gave other boxes than the model); --format hf writes the transformers folder, and "
                               "fmtune serve runs it with torch")

@@ -125,7 +125,7 @@ def _bitfit(model: nn.Module, cfg: Any) -> set[str]:
     return {"backbone." + n for n, _ in model.backbone.named_parameters() if n.endswith("bias")}
 
 
-SET_DETECTOR_STRATEGIES = ("full", "head", "last_n")  # what a whole transformers detector trains with
+WHOLE_MODEL_STRATEGIES = ("full", "head", "last_n")  # what a whole detector or segmenter trains with (models.whole)
 
 
 def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
@@ -135,10 +135,10 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
     from fmtune import adapters
 
     model = bundle.model
-    if getattr(model, "set_prediction", False) and cfg.name not in SET_DETECTOR_STRATEGIES:
-        raise ConfigError(f"strategy {cfg.name}: a whole detector ({type(model.detector).__name__}) trains with "
-                          f"{', '.join(SET_DETECTOR_STRATEGIES)} (head: its transformer and heads on the frozen "
-                          "backbone); adapters are not built for it")
+    if getattr(model, "whole", False) and cfg.name not in WHOLE_MODEL_STRATEGIES:
+        raise ConfigError(f"strategy {cfg.name}: a whole {model.kind} ({type(model.net).__name__}) trains with "
+                          f"{', '.join(WHOLE_MODEL_STRATEGIES)} (head: all but its backbone, which stays frozen); "
+                          "adapters are not built for it")
     base = sum(p.numel() for p in model.parameters())
     frozen_embeddings = 0
     if adapters.is_peft(cfg.name):

@@ -426,7 +426,7 @@ def test_frozen_backbone_maps_are_cached_and_train_the_same_head(tmp_path, tiny_
                                       capsys, monkeypatch, "the three maps its head reads are cached")
 
 
-# --- whole transformers detectors (fmtune.models.detector) ---------------------------------------
+# --- whole transformers detectors (fmtune.models.whole) ---------------------------------------
 
 def save_tiny_rt_detr(folder: Path) -> Path:
     """A random RT-DETR (ResNet backbone of 4 small stages, hidden 32, 2 decoder layers, 30 queries) with 80 COCO-like
@@ -472,7 +472,7 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
     bundle = build.create(ModelConfig(name=str(tiny_rt_detr), image_size=64), task)
     assert bundle.image["mean"] == [0.0] * 3 and bundle.image["std"] == [1.0] * 3 and bundle.image["set_prediction"]
     model = bundle.model
-    assert model.detector.config.num_labels == 3 and model.detector.config.id2label[2] == "blue"
+    assert model.net.config.num_labels == 3 and model.net.config.id2label[2] == "blue"
     df = task.read(boxes_data["train"] / "annotations.json", DataConfig())
     ds, _ = task.dataset(df, bundle, DataConfig())
     batch = ds.collate(list(range(4)))
@@ -482,14 +482,14 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
     model.eval()
     with torch.no_grad():
         ours = task.loss(model(**batch).logits, targets)
-        theirs = model.detector(pixel_values=batch["pixel_values"], labels=model.targets(targets, 64, 64)).loss
+        theirs = model.net(pixel_values=batch["pixel_values"], labels=model.targets(targets, 64, 64)).loss
         plain = model(pixel_values=batch["pixel_values"]).logits
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5) and float(ours) > 0
     assert plain.shape == (4, 30, 3 + 9) and bool((plain[..., -1] == 0).all())  # no targets: no loss
     boxes, scores, _ = task.detections(plain)[0]
     assert len(boxes) and (boxes[:, 2] > boxes[:, 0]).all()  # boxes in input pixels, x1 > x0
     with torch.no_grad():  # the scores are the detector's own class probabilities (sigmoid, for RT-DETR)
-        top = model.detector(pixel_values=batch["pixel_values"][:1]).logits[0].sigmoid().max()
+        top = model.net(pixel_values=batch["pixel_values"][:1]).logits[0].sigmoid().max()
     assert float(scores.max()) == pytest.approx(float(top), rel=1e-5)
 
     out = tmp_path / "full"
@@ -520,7 +520,7 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
     pixels = ds.collate([0, 1])["pixel_values"]
     trained = Predictor(out).model
     with torch.no_grad():
-        torch.testing.assert_close(hf(pixel_values=pixels).logits, trained.detector(pixel_values=pixels).logits)
+        torch.testing.assert_close(hf(pixel_values=pixels).logits, trained.net(pixel_values=pixels).logits)
     from fmtune.exporter import export
 
     assert export(out, quiet=True)["max_abs_diff"] == 0.0  # (--format hf: the run's folder as it is)
@@ -557,7 +557,7 @@ def test_a_detr_whose_backbone_is_timm_says_so(tmp_path, boxes_data):
     folder = tmp_path / "detr"
     folder.mkdir()
     DetrConfig(d_model=32, encoder_layers=1, decoder_layers=1, num_queries=10).save_pretrained(folder)
-    with pytest.raises(ModelError, match="detr detector whose backbone is a timm model .*pip install timm"):
+    with pytest.raises(ModelError, match="detr model whose backbone is a timm model .*pip install timm"):
         api.train(det_cfg(folder, boxes_data, tmp_path / "run"), quiet=True)
 
 
@@ -566,7 +566,7 @@ def test_a_softmax_detector_scores_its_classes_without_no_object():
     probability (as their own post-processing gives it), the box their centre and size over the input's pixels."""
     from types import SimpleNamespace
 
-    from fmtune.models.detector import pack
+    from fmtune.models.whole import pack
 
     raw = torch.tensor([[[2.0, 0.0, 1.0, 3.0]]])
     packed = pack(SimpleNamespace(logits=raw, pred_boxes=torch.tensor([[[0.5, 0.5, 0.2, 0.4]]]), loss=None), 3, 50, 100)

@@ -372,3 +372,73 @@ def test_frozen_backbone_maps_are_cached_and_train_the_same_decoder(tmp_path, ti
     assert_head_cache_trains_the_same(lambda out, **train: seg_cfg(tiny_resnet, scenes, out, **train), tmp_path,
                                       capsys, monkeypatch, "feature cache: the whole backbone is frozen: the three "
                                       "maps its head reads are cached")
+
+
+# --- whole transformers segmenters (fmtune.models.whole) ------------------------------------------
+
+def save_whole_segmenter(folder: Path, model_type: str) -> Path:
+    """A random SegFormer (its all-MLP decode head) or UperNet (a ConvNeXt backbone, its pyramid-pooling head)
+    ``*ForSemanticSegmentation`` of 150 ADE20K-like classes, with its processor settings (ImageNet normalisation)."""
+    from transformers import (
+        ConvNextConfig,
+        SegformerConfig,
+        SegformerForSemanticSegmentation,
+        UperNetConfig,
+        UperNetForSemanticSegmentation,
+    )
+
+    torch.manual_seed(0)
+    if model_type == "segformer":
+        model = SegformerForSemanticSegmentation(SegformerConfig(
+            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+            strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=150))
+    else:
+        model = UperNetForSemanticSegmentation(UperNetConfig(
+            backbone_config=ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+                                           out_features=["stage1", "stage2", "stage3", "stage4"]),
+            hidden_size=16, auxiliary_channels=8, num_labels=150))
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+         "size": {"height": 512, "width": 512}}))
+    return folder
+
+
+@pytest.mark.parametrize("model_type", ["segformer", "upernet"])
+def test_a_whole_segmenter_keeps_its_decode_head(model_type, scenes, tmp_path):
+    """A SegFormer fine-tuned for segmentation (its decode head pretrained) was read as a backbone and its decode
+    head dropped for fmtune's; an UperNet folder was refused ("a whole upernet model"). Both are fine-tuned as they
+    are now: a new classifier for the run's classes, the rest pretrained; the run learns the scenes; its folder is
+    a plain transformers segmenter; ONNX agrees; strategy head keeps the backbone as it was."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSemanticSegmentation
+
+    from fmtune.predictor import Predictor
+
+    source = save_whole_segmenter(tmp_path / model_type, model_type)
+    out = tmp_path / "run"
+    cfg = seg_cfg(source, scenes, out, epochs=4)
+    del cfg["train"]["lr"]
+    api.train(cfg, quiet=True, report=False)
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["test"]["pixel_accuracy"] > 0.5, ev["test"]  # coloured rectangles on noise: better than background
+    before, after = load_file(str(source / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    decoder = [k for k in before if k.startswith("decode_head.") and "classifier" not in k]
+    assert decoder and all(k in after for k in decoder)  # the decode head kept (and trained on)
+    hf = AutoModelForSemanticSegmentation.from_pretrained(out / "model")
+    assert hf.config.num_labels == 4 and type(hf).__name__.lower().startswith(model_type)
+    img = sorted((scenes["test"] / "images").iterdir())[0]
+    first = Predictor(out).predict(str(img))
+    assert first["mask_png"] == Predictor(out).predict(str(img))["mask_png"]
+    from fmtune.exporter import export
+
+    assert export(out, format="onnx", quiet=True)["max_abs_diff"] < 1e-4
+
+    head = tmp_path / "head"
+    cfg = seg_cfg(source, scenes, head, epochs=1)
+    cfg["strategy"] = {"name": "head"}
+    api.train(cfg, quiet=True, report=False)
+    frozen = load_file(str(head / "model" / "model.safetensors"))
+    stem = [k for k in before if not k.startswith(("decode_head.", "auxiliary_head."))]
+    assert stem and all(torch.equal(before[k], frozen[k]) for k in stem)
+    assert any(not torch.equal(before[k], frozen[k]) for k in decoder)

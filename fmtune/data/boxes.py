@@ -449,7 +449,7 @@ class BoxData(ImageData):
         batch = {"pixel_values": self.pixels(x)}
         if t is not None:
             batch["labels"] = t
-            if self.spec.get("set_prediction"):  # a whole detector computes its own loss from them (models.detector)
+            if self.spec.get("set_prediction"):  # a whole detector computes its own loss from them (models.whole)
                 batch["det_targets"] = t
         return batch
 

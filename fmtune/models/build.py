@@ -22,7 +22,7 @@ from fmtune import adapters
 from fmtune.config import resolve_max_length
 from fmtune.errors import ModelError, brief
 from fmtune.fsutil import atomic_dir, read_json
-from fmtune.models import causal_lm, cnn, dense, detector
+from fmtune.models import causal_lm, cnn, dense, whole
 from fmtune.models.hf_remote import FMTUNE_MODEL_TYPE, FmtuneClassifier, build_backbone, config_from_values
 from fmtune.zoo.models import resolve, resolve_base  # noqa: F401  (build.resolve: where a model name leads)
 
@@ -334,10 +334,12 @@ def _dense_net(family: str, path: Path | str, init: str, image_size: int | None,
 
 def _create_dense(model_cfg: Any, task: Any) -> Bundle:
     family, path = resolve(model_cfg.name)
-    if family == "hf" and task.dense_head == "fcos" and detector.is_detector(_config_at(path)):
-        # a whole detector (RT-DETR, DETR, YOLOS ...): fine-tuned as it is, new class heads for the run's classes
-        model = detector.create(path, task.labels, model_cfg.init == "pretrained")
-        image = {**_image_spec(path, model.config, model_cfg.image_size), "set_prediction": True}
+    kind = whole.kind_of(_config_at(path).to_dict(), task.dense_head) if family == "hf" else None
+    if kind is not None:  # a whole detector or segmenter (RT-DETR, UperNet ...): fine-tuned as it is, a new classifier
+        model = whole.create(path, task.labels, model_cfg.init == "pretrained", kind)
+        image = _image_spec(path, model.config, model_cfg.image_size)
+        if kind == whole.DETECTOR:  # (its batches carry the boxes to it: it computes its own loss)
+            image["set_prediction"] = True
         return Bundle(model, "image", family, "none", image=image, source=str(model_cfg.name))
     net, image = _dense_net(family, path, model_cfg.init, model_cfg.image_size, task.name)
     model = dense.HEADS[task.dense_head](dense.DenseBackbone(net, int(image["size"])), task.num_outputs)
@@ -450,9 +452,9 @@ def _write(bundle: Bundle, tmp: Path) -> None:
     base = adapters.base_model(bundle.model)
     if bundle.adapter:
         adapters.save(bundle.model, tmp)  # the adapter and the trained head; the backbone comes from its source
-    if isinstance(base, detector.SetDetector):  # a transformers detector folder (AutoModelForObjectDetection)
-        detector.save(base, tmp, bundle.source, int(bundle.image["size"]))
-        meta["dense"] = {"num_outputs": base.num_classes, "head": "detector"}
+    if isinstance(base, whole.WholeModel):  # a transformers detector or segmenter folder
+        whole.save(base, tmp, bundle.source, int(bundle.image["size"]))
+        meta["dense"] = {"num_outputs": base.num_classes, "head": base.kind}
     elif isinstance(base, dense.DenseTaskModel):  # the whole model's weights; a transformers backbone's config
         if not bundle.adapter:
             save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp / "model.safetensors"))
@@ -673,8 +675,8 @@ def load(model_dir: Path) -> Bundle:
     adapter = meta.get("adapter")
     if adapter:
         model = adapters.load(_base_for_adapter(model_dir, meta), model_dir)
-    elif (meta.get("dense") or {}).get("head") == "detector":
-        model = detector.load(model_dir)
+    elif (meta.get("dense") or {}).get("head") in whole.CLASSES:
+        model = whole.load(model_dir, meta["dense"]["head"])
     elif meta.get("dense"):
         model = _dense_model(model_dir, meta)
         model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
@@ -711,8 +713,8 @@ def load_weights(bundle: Bundle, model_dir: Path) -> None:
     if bundle.adapter:
         adapters.load_weights(bundle.model, model_dir)
         return
-    if isinstance(bundle.model, detector.SetDetector):
-        bundle.model.detector.load_state_dict(detector.load(model_dir).detector.state_dict(), strict=True)
+    if isinstance(bundle.model, whole.WholeModel):
+        bundle.model.net.load_state_dict(whole.load(model_dir, bundle.model.kind).net.state_dict(), strict=True)
         return
     if bundle.family == "hf" and not isinstance(bundle.model, dense.DenseTaskModel):
         state = _hf_from_dir(model_dir).state_dict()

@@ -205,7 +205,8 @@ def check_whole_model(config: Any, where: str, task: str) -> None:
         raise ModelError(f"{where} is a whole {config.model_type} model (an image backbone inside an architecture "
                          f"of its own); fmtune trains its own {task} head on an image backbone: give the folder of an "
                          "image model (a ResNet, ConvNeXt, Swin or ViT) instead (detection also fine-tunes a whole "
-                         "object detector: RT-DETR, D-FINE, DETR, YOLOS ...)")
+                         "object detector: RT-DETR, D-FINE, DETR, YOLOS ...; segmentation a whole semantic segmenter: "
+                         "SegFormer, UperNet, DPT ...)")
 
 
 def check_hf(config: Any, where: str, task: str = "segmentation") -> None:

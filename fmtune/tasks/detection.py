@@ -32,7 +32,7 @@ from fmtune.tasks.dense import DenseTask
 CENTER_RADIUS = 1.5  # strides around a box's centre whose locations may be its positives
 TOP_K = 1000  # candidates per image before NMS
 CLASS_WEIGHT = 1.0  # of the softmax cross-entropy over classes at positive locations (see Detection.loss)
-# a whole transformers detector's outputs (fmtune.models.detector.SetDetector) have this many channels after the
+# a whole transformers detector's outputs (fmtune.models.whole.SetDetector) have this many channels after the
 # K class logits: the FCOS head's 8 and the detector's own loss
 SET_EXTRA = 9
 

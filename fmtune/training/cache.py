@@ -60,8 +60,8 @@ class Split:
 def plan(bundle: Any) -> tuple[Split | None, str]:
     """Where to split the model, or None with the reason why nothing can be cached."""
     model = bundle.model
-    if getattr(model, "set_prediction", False):
-        return None, "a whole detector's transformer reads its backbone's maps in its own way: nothing to cache"
+    if getattr(model, "whole", False):
+        return None, "a whole detector's or segmenter's head reads its backbone in its own way: nothing to cache"
     k = frozen_prefix(model)
     if getattr(model, "level", "") == "dense":
         if k == WHOLE_BACKBONE:

@@ -190,18 +190,18 @@ def batchnorm_cnn(name: str) -> bool:
     return isinstance(values, dict) and values.get("model_type") in BATCHNORM_CNN_TYPES
 
 
-def whole_detector(name: str) -> bool:
-    """Whether ``name`` is a local folder of a whole object detector (RT-DETR, DETR, YOLOS ...: a model type
-    ``AutoModelForObjectDetection`` builds). Reads config.json only."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+def whole_model(name: str, dense_head: str) -> str | None:
+    """The kind of whole transformers model (``fmtune.models.whole.kind_of``: a detector, a segmenter) a local
+    folder ``name`` is for a task whose own head would be ``dense_head``, or None. Reads config.json only."""
+    from fmtune.models.whole import kind_of
 
     if name in MODELS:
-        return False
+        return None
     try:
         values = json.loads((Path(name).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(values, dict) and values.get("model_type") in MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+        return None
+    return kind_of(values, dense_head) if isinstance(values, dict) else None
 
 
 GGUF_MAGIC = b"GGUF"

@@ -1,0 +1,223 @@
+"""Whole transformers models for the dense image tasks, fine-tuned as they are where
+``fmtune.models.dense`` puts its own head on an image backbone: a detector (a folder
+``AutoModelForObjectDetection`` loads: RT-DETR, RT-DETRv2, D-FINE, DETR, Conditional DETR, YOLOS ...)
+or a semantic segmenter with its decode head (``AutoModelForSemanticSegmentation``: SegFormer,
+UperNet, DPT, BEiT, MobileViT-DeepLabV3 ... fine-tuned checkpoints; a backbone-only folder such as
+SegFormer's mit-b0 keeps fmtune's decoder).
+
+Either keeps everything it was pretrained with but its classifier, made anew for the run's classes
+(``ignore_mismatched_sizes``, as transformers' own fine-tuning guides do). A segmenter's logits go
+to the segmentation task as fmtune's decoder's do (resized to the mask for the loss). A detector is
+trained with its own loss: transformers' Hungarian matching of queries to boxes with the
+classification, L1 and GIoU terms of the architecture (and its auxiliary and denoising losses).
+So that the detection task scores, decodes, reports and serves it as it does fmtune's FCOS head,
+``SetDetector`` gives the same per-location layout (``fmtune.models.dense.DetectionModel``): per
+query the K class logits (a softmax detector's probabilities as logits of their own, the
+"no object" class dropped), the box in input pixels, a centre-ness of certainty, the box's centre
+and a stride of 0; and one channel more, the detector's loss for the batch (each query holding
+its share), which the task's loss sums (``Detection.loss``): transformers computes the loss from
+outputs a per-location tensor cannot hold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from fmtune.errors import ModelError
+from fmtune.tasks.detection import SET_EXTRA  # noqa: F401  (pack's layout: the task reads it)
+
+CERTAIN = 20.0  # the centre-ness logit of every query (sigmoid: 1)
+DETECTOR, SEGMENTER = "detector", "segmenter"  # (fmtune.json's dense head of a saved run)
+# learning rates unless set (backbone, the rest), from the models' own fine-tuning recipes, not measured here (no
+# detector or segmenter weights ship offline): RT-DETR and DETR train with AdamW at 1e-4, their backbone at 1e-5;
+# SegFormer at 6e-5, its decode head at ten times that
+LRS = {DETECTOR: (1e-5, 1e-4), SEGMENTER: (6e-5, 6e-4)}
+
+
+def kind_of(values: dict[str, Any], dense_head: str) -> str | None:
+    """DETECTOR or SEGMENTER where a model's config (``values``: config.json's) is a whole model of that kind for a
+    task whose own head would be ``dense_head`` ("fcos": detection; "lraspp": segmentation), else None."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES,
+        MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES,
+    )
+
+    model_type = values.get("model_type")
+    if dense_head == "fcos" and model_type in MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES:
+        return DETECTOR
+    has_head = values.get("backbone_config") is not None or any(
+        str(a).endswith("ForSemanticSegmentation") for a in values.get("architectures") or [])
+    if dense_head == "lraspp" and model_type in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES and has_head:
+        return SEGMENTER
+    return None
+
+
+def _auto(kind: str) -> Any:
+    from transformers import AutoModelForObjectDetection, AutoModelForSemanticSegmentation
+
+    return AutoModelForObjectDetection if kind == DETECTOR else AutoModelForSemanticSegmentation
+
+
+def create(path: Any, labels: list[str], pretrained: bool, kind: str) -> WholeModel:
+    """The whole model at ``path`` with a classifier for ``labels`` (pretrained weights, or random with
+    ``pretrained`` False)."""
+    import copy
+
+    from transformers import AutoConfig
+
+    config = copy.deepcopy(AutoConfig.from_pretrained(path))
+    _needs_timm(path, config)
+    config.num_labels = len(labels)
+    config.id2label, config.label2id = dict(enumerate(labels)), {n: i for i, n in enumerate(labels)}
+    try:
+        if pretrained:
+            model = _auto(kind).from_pretrained(path, config=config, ignore_mismatched_sizes=True, dtype=torch.float32)
+        else:
+            model = _auto(kind).from_config(config)
+    except Exception as e:
+        raise ModelError(_failure(path, config, e)) from None
+    return CLASSES[kind](model)
+
+
+def _needs_timm(path: Any, config: Any) -> None:
+    """A ModelError where the model's backbone is a timm model (DETR's, Conditional and Deformable DETR's hub
+    checkpoints: use_timm_backbone) and timm is not installed."""
+    import importlib.util
+
+    timm = getattr(getattr(config, "backbone_config", None), "model_type", None) == "timm_backbone" or getattr(
+        config, "use_timm_backbone", False)
+    if timm and importlib.util.find_spec("timm") is None:
+        raise ModelError(f"{path} is a {config.model_type} model whose backbone is a timm model "
+                         "(use_timm_backbone): transformers builds it only with the timm package installed (pip "
+                         "install timm; fmtune does not depend on it); or use one with a transformers backbone "
+                         "(a detector: RT-DETR, D-FINE, YOLOS)")
+
+
+def _failure(path: Any, config: Any, error: Exception) -> str:
+    why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return f"cannot load the {config.model_type} model at {path}: {why}"
+
+
+def save(model: WholeModel, folder: Path, source: str, size: int) -> None:
+    """The model as a transformers folder (its auto class loads it, classes named), with its source's image
+    processor settings at the run's input size (fmtune itself resizes to that square: the processor of a detector
+    resizes without keeping the aspect, where fmtune letterboxes)."""
+    from fmtune.fsutil import read_json
+
+    model.net.save_pretrained(folder, safe_serialization=True)
+    pp = read_json(Path(source) / "preprocessor_config.json", {}) if Path(source).is_dir() else {}
+    if pp:
+        if isinstance(pp.get("size"), dict) and "height" in pp["size"]:
+            pp["size"] = {"height": size, "width": size}
+        (folder / "preprocessor_config.json").write_text(json.dumps(pp, indent=2))
+
+
+def load(folder: Path, kind: str) -> WholeModel:
+    """A whole model saved by ``save``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    _needs_timm(folder, config)
+    try:
+        return CLASSES[kind](_auto(kind).from_pretrained(folder, dtype=torch.float32))
+    except Exception as e:
+        raise ModelError(_failure(folder, config, e)) from None
+
+
+class WholeModel(nn.Module):
+    """A transformers model behind the interface of fmtune's dense task models: ``backbone`` and ``head`` (what
+    strategies freeze and train, and the optimizer gives train.head_lr), ``num_classes``."""
+
+    level = "dense"
+    whole = True  # (the feature cache, adapters and explain do not apply)
+    kind = ""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.num_classes = int(net.config.num_labels)
+
+    @property
+    def config(self) -> Any:
+        return self.net.config
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The pretrained image backbone inside (a DETR's CNN, YOLOS's ViT, SegFormer's encoder, UperNet's
+        ConvNeXt ...)."""
+        base = self.net.base_model
+        return getattr(base, "backbone", None) or getattr(self.net, "backbone", None) or base
+
+    @property
+    def head(self) -> nn.ModuleList:
+        """Everything but the backbone: a detector's transformer, queries and class and box heads; a segmenter's
+        decode head."""
+        backbone, net = self.backbone, self.net
+        base = net.base_model
+        parts = [m for m in base.children() if m is not backbone] if base is not backbone else []
+        if base is not net:
+            parts += [m for m in net.children() if m is not base and m is not backbone]
+        return nn.ModuleList(parts)
+
+
+class WholeSegmenter(WholeModel):
+    """A transformers semantic segmenter: ``.logits`` (B, K, h, w), at the model's own resolution (the task resizes
+    them to the mask)."""
+
+    kind = SEGMENTER
+
+    def forward(self, pixel_values: torch.Tensor, **_: object) -> SemanticSegmenterOutput:
+        return SemanticSegmenterOutput(logits=self.net(pixel_values=pixel_values).logits)
+
+
+class SetDetector(WholeModel):
+    """A transformers detector behind the interface of fmtune's dense detection model (see the module doc)."""
+
+    kind = DETECTOR
+    set_prediction = True
+
+    @staticmethod
+    def targets(det_targets: torch.Tensor, height: int, width: int) -> list[dict[str, torch.Tensor]]:
+        """fmtune's packed boxes (class, x0, y0, x1, y1 in input pixels, crowd; class -1: padding) as transformers'
+        detection labels: per image the classes and the boxes as centre x, y, width, height over the image's size
+        (crowd boxes left out of training, as COCO leaves them out of scoring)."""
+        out = []
+        scale = det_targets.new_tensor([width, height, width, height])
+        for t in det_targets.float():
+            t = t[(t[:, 0] >= 0) & (t[:, 5] <= 0)]
+            xyxy = t[:, 1:5] / scale
+            box = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                               xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], -1).clamp(0.0, 1.0)
+            out.append({"class_labels": t[:, 0].long(), "boxes": box})
+        return out
+
+    def forward(self, pixel_values: torch.Tensor, det_targets: torch.Tensor | None = None,
+                **_: object) -> SemanticSegmenterOutput:
+        h, w = pixel_values.shape[-2:]
+        labels = None if det_targets is None else self.targets(det_targets, h, w)
+        out = self.net(pixel_values=pixel_values, labels=labels)
+        return SemanticSegmenterOutput(logits=pack(out, self.num_classes, h, w))
+
+
+def pack(out: Any, k: int, height: int, width: int) -> torch.Tensor:
+    """A detector's output as (B, queries, K + SET_EXTRA): see the module doc."""
+    logits, boxes = out.logits.float(), out.pred_boxes.float()
+    if logits.shape[-1] == k + 1:  # softmax over the classes and "no object" (DETR, YOLOS)
+        p = logits.softmax(-1)[..., :k].clamp(1e-6, 1 - 1e-6)
+        logits = torch.log(p) - torch.log1p(-p)
+    cx, cy, bw, bh = (boxes * boxes.new_tensor([width, height, width, height])).unbind(-1)
+    xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+    b, q = logits.shape[:2]
+    loss = getattr(out, "loss", None)
+    share = (loss.float() / q if loss is not None else logits.new_zeros(())).reshape(1, 1, 1).expand(b, q, 1)
+    const = torch.stack([torch.full_like(cx, CERTAIN), cx, cy, torch.zeros_like(cx)], -1)
+    return torch.cat([logits, xyxy, const, share], -1)
+
+
+CLASSES: dict[str, type[WholeModel]] = {DETECTOR: SetDetector, SEGMENTER: WholeSegmenter}
