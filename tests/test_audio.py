@@ -954,7 +954,8 @@ def test_stacked_filterbank_matches_seamless_m4t_feature_extractor(tiny_w2v_bert
     theirs = extractor(waves[:2], sampling_rate=RATE, padding=True, return_tensors="pt")
     assert set(batch) == {"input_features", "frame_mask", "clip_index"} and batch["input_features"].shape[-1] == 160
     lengths = batch["frame_mask"].sum(-1).tolist()
-    assert lengths[:2] == theirs.attention_mask.sum(-1).tolist() == [29, 49] and lengths[2] == 1  # (10 ms: 1 input)
+    assert lengths[:2] == theirs.attention_mask.sum(-1).tolist() == [29, 49]
+    assert lengths[2] == 11  # 10 ms padded to 0.25 s: SpecAugment's 10-frame spans fit (transformers refuses fewer)
     for i, n in enumerate(lengths[:2]):
         torch.testing.assert_close(batch["input_features"][i, :n], theirs.input_features[i, :n], atol=3e-3, rtol=0)
     feats = batch["input_features"]
@@ -964,6 +965,8 @@ def test_stacked_filterbank_matches_seamless_m4t_feature_extractor(tiny_w2v_bert
         alone = model.features(**data.collate([0]))
         together = model.features(**data.collate([0, 1]))
     torch.testing.assert_close(together[0], alone[0], atol=1e-4, rtol=1e-4)
+    short = AudioData([data.clips[2]], torch.tensor([0]), spec).collate([0])
+    assert model.config.mask_time_prob > 0 and torch.isfinite(model.train()(**short).loss)  # trains on a 10-ms clip
 
 
 def test_w2v_bert_end_to_end(tiny_w2v_bert, pulsed_tones, tmp_path):

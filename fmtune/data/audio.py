@@ -259,15 +259,15 @@ class StackedFbank(Fbank):
         return feats.T.reshape(-1, spec.n_mels).T
 
 
-# a raw-waveform encoder's shortest input: its SpecAugment (on in training, as in its own recipe) masks spans
-# of 10 frames of 20 ms and transformers refuses a clip of fewer frames than that
+# a wav2vec2-style encoder's shortest input (the waveform's, or w2v-BERT's): its SpecAugment (on in training, as in
+# its own recipe) masks spans of 10 frames of 20 ms and transformers refuses a clip of fewer frames than that
 WAVEFORM_MIN_SECONDS = 0.25
 
 
 def windows(wave: np.ndarray, spec: AudioSpec) -> list[np.ndarray]:
     """A clip as consecutive windows of at most the model's window; a clip (or a last piece)
     shorter than PAD_TO_SECONDS is padded with silence to it (log-mel: context for the encoder), or,
-    for a raw-waveform encoder, only to WAVEFORM_MIN_SECONDS (its own feature extractor leaves clips
+    for a wav2vec2-style encoder, only to WAVEFORM_MIN_SECONDS (its own feature extractor leaves clips
     as they are, but silence would enter the clip's mean)."""
     step = spec.window_samples
     pieces = [wave[i:i + step] for i in range(0, len(wave), step)] or [wave]
@@ -275,10 +275,9 @@ def windows(wave: np.ndarray, spec: AudioSpec) -> list[np.ndarray]:
         pieces[-1] = wave[-int(PAD_TO_SECONDS * spec.sampling_rate):]  # the last second, overlapping
     if spec.frontend == FBANK:  # padded with zero filterbank frames instead, as the model's extractor does
         least = Fbank.FRAME
-    elif spec.frontend == STACKED:  # one stacked input at least
-        least = Fbank.FRAME + (spec.stride - 1) * spec.hop_length
     else:
-        least = int((WAVEFORM_MIN_SECONDS if spec.frontend == WAVEFORM else PAD_TO_SECONDS) * spec.sampling_rate)
+        least = int((WAVEFORM_MIN_SECONDS if spec.frontend in ENCODER_FRONTENDS else PAD_TO_SECONDS)
+                    * spec.sampling_rate)
     return [np.pad(p, (0, least - len(p))) if len(p) < least else p for p in pieces]
 
 
