@@ -186,6 +186,8 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
                   if bundle.family == "hf" else "fmtune.load")
         if read_json(target / build.META_FILE, {}).get("layout") == build.TOKEN_LAYOUT:
             loader = "transformers' AutoModelForTokenClassification (no remote code)"
+        if getattr(adapters.base_model(bundle.model), "whole", False):  # (models.whole: the model's own class)
+            loader = f"transformers' {type(adapters.base_model(bundle.model).net).__name__} (no remote code)"
         how = {"merged": f"adapter merged into the weights; loads with {loader}, no peft needed",
                "adapter": "peft adapter folder: PeftModel.from_pretrained on the base model",
                "model": f"loads with {loader}" + ("; nothing to merge" if merge else ""),
