@@ -16,7 +16,9 @@ from fmtune.errors import FmtuneError, Interrupted
 
 MODEL_HELP = ("zoo name (fmtune models), a local Hugging Face model folder, a GGUF file (a causal LM) or a "
               "CTranslate2 Whisper folder (faster-whisper's format); the last two are converted once into "
-              "~/.cache/fmtune/models (FMTUNE_MODELS_DIR)")
+              "~/.cache/fmtune/models (FMTUNE_MODELS_DIR). Detection and segmentation put their head on an image "
+              "backbone, or fine-tune a whole detector (RT-DETR, D-FINE, DETR, YOLOS ...) or segmenter with its "
+              "decode head (SegFormer, UperNet ...) as it is")
 
 
 def _config_epilog() -> str:
