@@ -51,12 +51,12 @@ def explain_dense(pred: Any, inputs: list[str], method: str, target: str | None,
     if method not in ("auto", "gradcam"):
         raise ConfigError(f"--method {method}: {task.name} runs are explained with gradcam (a class region or box "
                           "of a dense prediction has no single logit for the other methods)")
-    if getattr(base_model(model), "whole", False):
-        plain = base_model(model)
-        raise ConfigError(f"fmtune explain of a whole {plain.kind} ({type(plain.net).__name__}) is not built: Grad-CAM "
-                          "reads fmtune's own backbone maps; fmtune robustness and the report's gallery of test images "
-                          "do apply")
-    layer = base_model(model).backbone  # its three maps; Grad-CAM reads the middle one (stride 16)
+    if getattr(base_model(model), "whole", False):  # a whole detector or segmenter: its backbone's map at stride 16
+        from fmtune.models.whole import gradcam_layer
+
+        layer = gradcam_layer(base_model(model), int(pred.bundle.image["size"]))
+    else:
+        layer = base_model(model).backbone  # its three maps; Grad-CAM reads the middle one (stride 16)
     if not inputs:
         raise ConfigError(f"fmtune explain of a {task.name} run: give images (--input FILE, FOLDER or a table)")
     target_idx = None
@@ -87,7 +87,8 @@ def explain_dense(pred: Any, inputs: list[str], method: str, target: str | None,
                 tgt = torch.tensor([it["target_idx"] for it in items[s:s + 8]], device=device)
                 net = ClassScores(model, pred.bundle.image, task,
                                   None if region_t is None else region_t[s:s + 8].to(device)).eval()
-                cam = LayerGradCam(net, layer).attribute(pixels, target=tgt, relu_attributions=True)[MAP]
+                cam = LayerGradCam(net, layer).attribute(pixels, target=tgt, relu_attributions=True)
+                cam = cam[MAP] if isinstance(cam, tuple) else cam  # (fmtune's backbones give three maps)
                 heat = LayerAttribution.interpolate(cam, tuple(pixels.shape[-2:]), interpolate_mode="bilinear")[:, 0]
                 top = heat.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1)
                 heats.append((heat / top).detach().cpu())

@@ -458,7 +458,8 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
     fine-tuned as it is, new class heads for the run's classes: the loss is transformers' own (tested equal on a
     batch), training lowers it on unseen images, mAP is scored by pycocotools, its pixels are not normalised (its
     processor's do_normalize false), the learning rates are its recipe's; predict, reload and serve give boxes in
-    the image's pixels; strategy head trains all but the backbone; adapters and explain are refused by name."""
+    the image's pixels; strategy head trains all but the backbone; explain reads Grad-CAM at the backbone's
+    stride-16 stage; adapters and ONNX are refused by name."""
     import yaml
     from fastapi.testclient import TestClient
 
@@ -543,9 +544,13 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
                                           "full, head, last_n"):
         api.train(dict(cfg, out=str(tmp_path / "lora")), quiet=True, report=False)
     from fmtune.explain import explain
+    from fmtune.models.whole import gradcam_layer
 
-    with pytest.raises(ConfigError, match="explain of a whole detector .RTDetrForObjectDetection. is not built"):
-        explain(out, [str(img)], quiet=True)
+    # Grad-CAM at the backbone's stride-16 map: the ResNet's third stage (64 px in, 4 x 4 cells)
+    assert type(gradcam_layer(Predictor(out).model, 64)).__name__ == "RTDetrResNetStage"
+    items = explain(out, [str(img)], quiet=True)["items"]
+    heat = np.load(out / "explain" / "heatmaps.npy")
+    assert len(items) == 1 and items[0]["predicted"] in CLASSES and heat.shape == (1, 64, 64)
 
 
 def test_a_detr_whose_backbone_is_timm_says_so(tmp_path, boxes_data):

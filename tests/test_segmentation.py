@@ -409,7 +409,8 @@ def test_a_whole_segmenter_keeps_its_decode_head(model_type, scenes, tmp_path):
     """A SegFormer fine-tuned for segmentation (its decode head pretrained) was read as a backbone and its decode
     head dropped for fmtune's; an UperNet folder was refused ("a whole upernet model"). Both are fine-tuned as they
     are now: a new classifier for the run's classes, the rest pretrained; the run learns the scenes; its folder is
-    a plain transformers segmenter; ONNX agrees; strategy head keeps the backbone as it was."""
+    a plain transformers segmenter; ONNX agrees; explain reads Grad-CAM in its backbone; strategy head keeps the
+    backbone as it was."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSemanticSegmentation
 
@@ -433,6 +434,13 @@ def test_a_whole_segmenter_keeps_its_decode_head(model_type, scenes, tmp_path):
     from fmtune.exporter import export
 
     assert export(out, format="onnx", quiet=True)["max_abs_diff"] < 1e-4
+    from fmtune.explain import explain
+    from fmtune.models.whole import gradcam_layer
+
+    layer = type(gradcam_layer(Predictor(out).model, 32)).__name__  # the backbone's map at stride 16 (2 x 2 here)
+    assert layer == {"segformer": "SegformerStage", "upernet": "ConvNextStage"}[model_type], layer
+    items = explain(out, [str(img)], quiet=True)["items"]
+    assert len(items) == 1 and np.load(out / "explain" / "heatmaps.npy").shape[0] == 1
 
     head = tmp_path / "head"
     cfg = seg_cfg(source, scenes, head, epochs=1)

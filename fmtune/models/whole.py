@@ -135,7 +135,7 @@ class WholeModel(nn.Module):
     strategies freeze and train, and the optimizer gives train.head_lr), ``num_classes``."""
 
     level = "dense"
-    whole = True  # (the feature cache, adapters and explain do not apply)
+    whole = True  # (the feature cache and adapters do not apply; explain reads Grad-CAM at ``gradcam_layer``)
     kind = ""
 
     def __init__(self, net: nn.Module):
@@ -164,6 +164,35 @@ class WholeModel(nn.Module):
         if base is not net:
             parts += [m for m in net.children() if m is not base and m is not backbone]
         return nn.ModuleList(parts)
+
+
+def gradcam_layer(model: WholeModel, size: int) -> nn.Module:
+    """The backbone's module whose output is its feature map nearest stride 16 (``fmtune.explain_dense`` reads
+    Grad-CAM there, as on fmtune's own backbones): of the modules giving a 4-d map at that stride, the last to run,
+    a block rather than a single layer where there is one (a ResNet's, ConvNeXt's or SegFormer's stage; a ViT's
+    patch embedding, the only map its token encoder gives)."""
+    runs: list[tuple[nn.Module, int]] = []
+
+    def seen(module: nn.Module, _: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            runs.append((module, int(out.shape[-1])))
+
+    backbone = model.backbone
+    hooks = [m.register_forward_hook(seen) for m in backbone.modules() if m is not backbone]
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(pixel_values=torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    if not runs:
+        raise ModelError(f"the {type(backbone).__name__} backbone gives no feature map to read Grad-CAM at")
+    side = min({s for _, s in runs}, key=lambda s: abs(s - size / 16))
+    at = [m for m, s in runs if s == side]
+    blocks = [m for m in at if any(True for _ in m.children())]
+    return (blocks or at)[-1]
 
 
 class WholeSegmenter(WholeModel):
