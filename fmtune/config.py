@@ -291,10 +291,11 @@ def default_lr(strategy: Any, task_type: str | None = None, model: str | None = 
     CNN_LR for full / last_n fine-tuning of a BatchNorm convolutional net (``model``: a zoo name or folder)."""
     if strategy.name == "contrastive" and strategy.encoder == "lora":
         return CONTRASTIVE_LORA_LR
-    if task_type is not None and model is not None and _whole_model(task_type, model):
+    whole = _whole_model(task_type, model) if task_type is not None and model is not None else None
+    if whole is not None:
         from fmtune.models.whole import LRS
 
-        return LRS[_whole_model(task_type, model)][0]
+        return LRS[whole][0]
     if task_type is not None:
         from fmtune.tasks import task_class
 
@@ -638,10 +639,11 @@ class Config:
             self.train.epochs = own.get("epochs", DEFAULT_EPOCHS)
         if self.train.batch_size is None:
             self.train.batch_size = own.get("batch_size", DEFAULT_BATCH_SIZE)
-        if self.train.head_lr is None and _whole_model(self.task.type, self.model.name):
+        whole = _whole_model(self.task.type, self.model.name) if self.train.head_lr is None else None
+        if whole is not None:
             from fmtune.models.whole import LRS
 
-            self.train.head_lr = LRS[_whole_model(self.task.type, self.model.name)][1]
+            self.train.head_lr = LRS[whole][1]
         if self.train.head_lr is None and task_class(self.task.type).default_head_lr is not None:
             self.train.head_lr = task_class(self.task.type).default_head_lr
 

@@ -60,10 +60,15 @@ def tiny_whisper(tmp_path_factory) -> Path:
     return save_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
 
 
+def tone_splits(root: Path, pulsed: bool = False) -> dict[str, Path]:
+    """A training split of 10 tones per pitch and a test split of 4 (``save_tones``)."""
+    return {"train": save_tones(root / "train", 10, 0, pulsed=pulsed),
+            "test": save_tones(root / "test", 4, 1, pulsed=pulsed)}
+
+
 @pytest.fixture(scope="session")
 def tone_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tones")
-    return {"train": save_tones(root / "train", 10, 0), "test": save_tones(root / "test", 4, 1)}
+    return tone_splits(tmp_path_factory.mktemp("tones"))
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -925,9 +930,7 @@ def tiny_w2v_bert(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pulsed_tones(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pulsed-tones")
-    return {"train": save_tones(root / "train", 10, 0, pulsed=True),
-            "test": save_tones(root / "test", 4, 1, pulsed=True)}
+    return tone_splits(tmp_path_factory.mktemp("pulsed-tones"), pulsed=True)
 
 
 def test_stacked_filterbank_matches_seamless_m4t_feature_extractor(tiny_w2v_bert):

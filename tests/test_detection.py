@@ -428,17 +428,22 @@ def test_frozen_backbone_maps_are_cached_and_train_the_same_head(tmp_path, tiny_
 
 # --- whole transformers detectors (fmtune.models.whole) ---------------------------------------
 
+# the sizes of the tiny RT-DETR-like detectors (RT-DETR, RT-DETRv2, D-FINE): hidden 32, 2 decoder layers, 30 queries
+TINY_RT_DETR = dict(encoder_hidden_dim=32, encoder_in_channels=[32, 64, 128], d_model=32, encoder_ffn_dim=64,
+                    decoder_ffn_dim=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                    decoder_attention_heads=2, num_queries=30, decoder_in_channels=[32, 32, 32], num_denoising=10,
+                    eval_size=None)
+# and of their ResNet backbone: 4 small stages, the last three read
+TINY_RT_RESNET = dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic",
+                      out_features=["stage2", "stage3", "stage4"])
+
+
 def save_tiny_rt_detr(folder: Path) -> Path:
-    """A random RT-DETR (ResNet backbone of 4 small stages, hidden 32, 2 decoder layers, 30 queries) with 80 COCO-like
-    classes and RT-DETR's processor settings (640 px, pixels in [0, 1]: no normalisation), saved as a folder."""
+    """A random RT-DETR (``TINY_RT_DETR``) with 80 COCO-like classes and RT-DETR's processor settings (640 px, pixels
+    in [0, 1]: no normalisation), saved as a folder."""
     from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
 
-    backbone = RTDetrResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                                  layer_type="basic", out_features=["stage2", "stage3", "stage4"])
-    cfg = RTDetrConfig(backbone_config=backbone, encoder_hidden_dim=32, encoder_in_channels=[32, 64, 128], d_model=32,
-                       encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=1, decoder_layers=2,
-                       encoder_attention_heads=2, decoder_attention_heads=2, num_queries=30, num_labels=80,
-                       decoder_in_channels=[32, 32, 32], num_denoising=10, eval_size=None)
+    cfg = RTDetrConfig(backbone_config=RTDetrResNetConfig(**TINY_RT_RESNET), num_labels=80, **TINY_RT_DETR)
     torch.manual_seed(0)
     RTDetrForObjectDetection(cfg).save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(
@@ -589,21 +594,16 @@ def test_more_whole_detectors_train_and_predict(model_type, boxes_data, tmp_path
 
     from fmtune.predictor import Predictor
 
-    rt = dict(encoder_hidden_dim=32, encoder_in_channels=[32, 64, 128], d_model=32, encoder_ffn_dim=64,
-              decoder_ffn_dim=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-              decoder_attention_heads=2, num_queries=30, decoder_in_channels=[32, 32, 32], num_denoising=10,
-              eval_size=None)
     if model_type == "rt_detr_v2":
-        cfg = CONFIG_MAPPING[model_type](backbone_config=CONFIG_MAPPING["rt_detr_resnet"](
-            embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic",
-            out_features=["stage2", "stage3", "stage4"]), **rt)
+        cfg = CONFIG_MAPPING[model_type](backbone_config=CONFIG_MAPPING["rt_detr_resnet"](**TINY_RT_RESNET),
+                                         **TINY_RT_DETR)
     elif model_type == "d_fine":
         cfg = CONFIG_MAPPING[model_type](backbone_config=HGNetV2Config(
             stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 64], stage_mid_channels=[8, 16, 32, 64],
             stage_out_channels=[16, 32, 64, 128], stage_num_blocks=[1, 1, 1, 1],
             stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
             stage_kernel_size=[3, 3, 5, 5], stage_numb_of_layers=[2, 2, 2, 2], hidden_sizes=[16, 32, 64, 128],
-            out_features=["stage2", "stage3", "stage4"]), decoder_n_points=4, **rt)
+            out_features=["stage2", "stage3", "stage4"]), decoder_n_points=4, **TINY_RT_DETR)
     elif model_type == "yolos":
         cfg = AutoConfig.for_model("yolos", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                    intermediate_size=64, image_size=[64, 64], patch_size=8, num_detection_tokens=10)

@@ -176,11 +176,11 @@ def _image_spec(path: Path | str, config: Any, size: int | None) -> dict[str, An
     pp = read_json(Path(path) / "preprocessor_config.json", {}) if isinstance(path, Path) else {}
     s = pp.get("size") or {}
     default = (s.get("height") or s.get("shortest_edge")) if isinstance(s, dict) else s
-    if pp.get("do_normalize") is False:  # pixels in [0, 1] as they are (RT-DETR's processor)
-        return {"size": int(size or default or getattr(config, "image_size", 224)), "mean": [0.0] * 3,
-                "std": [1.0] * 3}
-    return {"size": int(size or default or getattr(config, "image_size", 224)),
+    spec = {"size": int(size or default or getattr(config, "image_size", 224)),
             "mean": pp.get("image_mean", IMAGENET_MEAN), "std": pp.get("image_std", IMAGENET_STD)}
+    if pp.get("do_normalize") is False:  # pixels in [0, 1] as they are (RT-DETR's processor)
+        spec.update(mean=[0.0] * 3, std=[1.0] * 3)
+    return spec
 
 
 AUDIO_CHOICES = "whisper-tiny-en, or a local Whisper, wav2vec2, w2v-BERT, HuBERT, WavLM or AST folder"

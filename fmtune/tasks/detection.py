@@ -154,6 +154,10 @@ class Detection(DenseTask):
                        [z for _, _, z in items], bundle.image, [f"image {i}" for i in range(len(items))])
 
     # --- training --------------------------------------------------------------------------------
+    def _whole(self, logits: torch.Tensor) -> bool:
+        """Whether ``logits`` are a whole transformers detector's (SET_EXTRA channels after the classes)."""
+        return logits.shape[-1] == self.num_outputs + SET_EXTRA
+
     def _split(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         k = self.num_outputs
         return (logits[..., :k], logits[..., k:k + 4], logits[..., k + 4], logits[..., k + 5], logits[..., k + 6],
@@ -189,7 +193,7 @@ class Detection(DenseTask):
         return match, ignored, boxes
 
     def loss(self, logits, targets, weights=None):
-        if logits.shape[-1] == self.num_outputs + SET_EXTRA:  # a whole detector: its own loss, in its last channel
+        if self._whole(logits):  # a whole detector: its own loss, in its last channel
             return logits[..., -1].float().sum(1).mean()
         logits, targets = logits.float(), targets.to(logits.device).float()
         cls, box, ctr, px, py, _ = self._split(logits)
@@ -219,7 +223,7 @@ class Detection(DenseTask):
         """Per image: boxes (input pixels), scores and class ids after the threshold and NMS."""
         cls, box, ctr, _, _, _ = self._split(logits.float())
         thr = float(self.options.get("score_threshold", 0.05))
-        whole = logits.shape[-1] == self.num_outputs + SET_EXTRA  # a whole detector: its own class probabilities
+        whole = self._whole(logits)  # a whole detector: its own class probabilities
         out = []
         for i in range(len(logits)):
             scores = cls[i].sigmoid() if whole else torch.sqrt(cls[i].sigmoid() * ctr[i].sigmoid()[:, None])  # (L, K)
