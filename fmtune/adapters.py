@@ -95,9 +95,19 @@ def _adaptable(module: nn.Module, method: str) -> str | None:
     return f"a {type(module).__name__}, not a linear or convolution layer"
 
 
+def backbone_name(model: nn.Module) -> str:
+    """The backbone's module name inside ``model``: "backbone" in fmtune's task models, the transformers model's own
+    (``net.model.backbone`` ...) in a whole detector or segmenter (``fmtune.models.whole``)."""
+    if not getattr(model, "whole", False):
+        return "backbone"
+    backbone = model.backbone
+    return next(n for n, m in model.named_modules() if m is backbone)
+
+
 def _backbone_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name relative to the task model, module) for every module of the backbone."""
-    return [(f"backbone.{n}", m) for n, m in model.backbone.named_modules() if n]
+    prefix = backbone_name(model)
+    return [(f"{prefix}.{n}", m) for n, m in model.backbone.named_modules() if n]
 
 
 def _matches(name: str, target: str) -> bool:
@@ -126,8 +136,9 @@ def _choices(model: nn.Module, method: str) -> str:
 def _arch(bundle: Any) -> str:
     if bundle.family != "hf":
         return bundle.family
-    model = bundle.model  # a dense task model holds the transformers model inside its backbone
-    config = getattr(model, "config", None) or getattr(getattr(model.backbone, "net", None), "config", None)
+    model = bundle.model  # a dense task model holds the transformers model inside its backbone; a whole one in net
+    config = getattr(model, "config", None) or getattr(getattr(model, "net", None), "config", None) or getattr(
+        getattr(model.backbone, "net", None), "config", None)
     return getattr(config, "model_type", "")
 
 
@@ -241,7 +252,15 @@ def peft_config(bundle: Any, cfg: Any) -> Any:
 
 def head_layers(model: nn.Module) -> list[str]:
     """The names of the head's layers that train and are saved beside an adapter: the linear layer
-    of a classifier's head, or every layer of a segmentation decoder (``model.head_layers``)."""
+    of a classifier's head, every layer of a segmentation decoder (``model.head_layers``), or all but the
+    backbone of a whole detector or segmenter (``fmtune.models.whole``: its transformer, queries and class
+    and box heads; its decode head)."""
+    if getattr(model, "whole", False):
+        names = {id(m): n for n, m in model.named_modules()}
+        out = []
+        for m in model.head:  # peft cannot wrap a ModuleList: its layers then, one by one
+            out += [names[id(x)] for x in m] if isinstance(m, nn.ModuleList) else [names[id(m)]]
+        return out
     if not hasattr(model, "head_layers"):
         return [HEAD_LAYER]
     out = []
@@ -331,6 +350,13 @@ def merge(model: nn.Module, strategy: str) -> nn.Module:
     if strategy not in MERGEABLE:
         raise ConfigError(f"--merge: a {strategy} adapter cannot be folded into the weights "
                           f"(only {', '.join(MERGEABLE)} can); export it without --merge")
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, m in list(model.named_modules()):  # the trained copies of the head's layers in their place
+        if isinstance(m, ModulesToSaveWrapper):
+            # (peft's IA3 unloading copies a layer's .weight over: a head layer without one, a Sequential, failed)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, m.modules_to_save[ADAPTER_NAME])
     return model.merge_and_unload()
 
 

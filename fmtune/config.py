@@ -292,7 +292,7 @@ def default_lr(strategy: Any, task_type: str | None = None, model: str | None = 
     if strategy.name == "contrastive" and strategy.encoder == "lora":
         return CONTRASTIVE_LORA_LR
     whole = _whole_model(task_type, model) if task_type is not None and model is not None else None
-    if whole is not None:
+    if whole is not None and strategy.name in ("full", "last_n", "head"):  # (an adapter's, bitfit's: as below)
         from fmtune.models.whole import LRS
 
         return LRS[whole][0]

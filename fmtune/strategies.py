@@ -111,21 +111,28 @@ def _last_n(model: nn.Module, cfg: Any) -> set[str]:
     # Parameters registered after the last block (final norm, pooler, head conv) belong to the top.
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     last_ids = {id(p) for p in blocks[-1].parameters()}
-    after, seen_last = set(), False
+    from fmtune.adapters import backbone_name
+
+    after, seen_last, prefix = set(), False, backbone_name(model)
     for n, p in model.backbone.named_parameters():
         seen_last = seen_last or id(p) in last_ids
         if seen_last and id(p) not in in_blocks:
-            after.add("backbone." + n)
+            after.add(f"{prefix}.{n}")
     return chosen | after | _names_of(model, [model.head])
 
 
 @STRATEGIES.register("bitfit")
 def _bitfit(model: nn.Module, cfg: Any) -> set[str]:
     """BitFit (Ben Zaken et al., 2022): the backbone's bias terms, plus the head."""
-    return {"backbone." + n for n, _ in model.backbone.named_parameters() if n.endswith("bias")}
+    from fmtune.adapters import backbone_name
+
+    prefix = backbone_name(model)
+    return {f"{prefix}.{n}" for n, _ in model.backbone.named_parameters() if n.endswith("bias")}
 
 
-WHOLE_MODEL_STRATEGIES = ("full", "head", "last_n")  # what a whole detector or segmenter trains with (models.whole)
+# what a whole detector or segmenter trains with (models.whole); an adapter adapts its backbone, the rest (its head)
+# trains and is saved with the adapter
+WHOLE_MODEL_STRATEGIES = ("full", "head", "last_n", "bitfit", "lora", "dora", "ia3")
 
 
 def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
@@ -137,8 +144,7 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
     model = bundle.model
     if getattr(model, "whole", False) and cfg.name not in WHOLE_MODEL_STRATEGIES:
         raise ConfigError(f"strategy {cfg.name}: a whole {model.kind} ({type(model.net).__name__}) trains with "
-                          f"{', '.join(WHOLE_MODEL_STRATEGIES)} (head: all but its backbone, which stays frozen); "
-                          "adapters are not built for it")
+                          f"{', '.join(WHOLE_MODEL_STRATEGIES)} (head: all but its backbone, which stays frozen)")
     base = sum(p.numel() for p in model.parameters())
     frozen_embeddings = 0
     if adapters.is_peft(cfg.name):

@@ -464,7 +464,7 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
     batch), training lowers it on unseen images, mAP is scored by pycocotools, its pixels are not normalised (its
     processor's do_normalize false), the learning rates are its recipe's; predict, reload and serve give boxes in
     the image's pixels; strategy head trains all but the backbone; explain reads Grad-CAM at the backbone's
-    stride-16 stage; adapters and ONNX are refused by name."""
+    stride-16 stage; prompt tuning and ONNX are refused by name."""
     import yaml
     from fastapi.testclient import TestClient
 
@@ -544,10 +544,10 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
     frozen = [k for k in before if k.startswith("model.backbone.")]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.decoder.") and k in after)
-    cfg["strategy"] = {"name": "lora"}
-    with pytest.raises(ConfigError, match="strategy lora: a whole detector .RTDetrForObjectDetection. trains with "
-                                          "full, head, last_n"):
-        api.train(dict(cfg, out=str(tmp_path / "lora")), quiet=True, report=False)
+    cfg["strategy"] = {"name": "prompt"}
+    with pytest.raises(ConfigError, match="strategy prompt: a whole detector .RTDetrForObjectDetection. trains with "
+                                          "full, head, last_n, bitfit, lora, dora, ia3"):
+        api.train(dict(cfg, out=str(tmp_path / "prompt")), quiet=True, report=False)
     from fmtune.explain import explain
     from fmtune.models.whole import gradcam_layer
 
@@ -590,9 +590,23 @@ def test_more_whole_detectors_train_and_predict(model_type, boxes_data, tmp_path
     """YOLOS (a ViT with detection tokens, softmax classes), Conditional DETR (sigmoid) and DETR (softmax) with a
     transformers ResNet (use_timm_backbone false), RT-DETRv2, D-FINE (an HGNetV2 backbone): each trains with its own
     loss, saves and predicts."""
-    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForObjectDetection, HGNetV2Config, ResNetConfig
+    from transformers import AutoModelForObjectDetection
 
     from fmtune.predictor import Predictor
+
+    torch.manual_seed(0)
+    AutoModelForObjectDetection.from_config(tiny_detector_config(model_type)).save_pretrained(tmp_path / model_type)
+    out = tmp_path / "run"
+    api.train(det_cfg(tmp_path / model_type, boxes_data, out, epochs=1), quiet=True, report=False)
+    assert "map" in json.loads((out / "eval.json").read_text())["test"]
+    img = sorted((boxes_data["test"] / "images").iterdir())[0]
+    boxes = Predictor(out).predict(str(img))["boxes"]
+    assert isinstance(boxes, list) and all(b["label"] in CLASSES and 0 <= b["score"] <= 1 for b in boxes)
+
+
+def tiny_detector_config(model_type: str):
+    """A tiny random config of a transformers detector (RT-DETRv2, D-FINE, YOLOS, DETR, Conditional DETR)."""
+    from transformers import CONFIG_MAPPING, AutoConfig, HGNetV2Config, ResNetConfig
 
     if model_type == "rt_detr_v2":
         cfg = CONFIG_MAPPING[model_type](backbone_config=CONFIG_MAPPING["rt_detr_resnet"](**TINY_RT_RESNET),
@@ -613,11 +627,58 @@ def test_more_whole_detectors_train_and_predict(model_type, boxes_data, tmp_path
         cfg = AutoConfig.for_model(model_type, use_timm_backbone=False, backbone_config=resnet, d_model=32,
                                    encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                                    decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10)
-    torch.manual_seed(0)
-    AutoModelForObjectDetection.from_config(cfg).save_pretrained(tmp_path / model_type)
-    out = tmp_path / "run"
-    api.train(det_cfg(tmp_path / model_type, boxes_data, out, epochs=1), quiet=True, report=False)
-    assert "map" in json.loads((out / "eval.json").read_text())["test"]
+    return cfg
+
+
+@pytest.mark.parametrize("model_type", ["rt_detr", "yolos"])
+def test_a_whole_detector_trains_an_adapter(model_type, tiny_rt_detr, boxes_data, tmp_path):
+    """LoRA on a whole detector was refused. Now the adapter adapts its backbone (RT-DETR's ResNet convolutions,
+    YOLOS's ViT attention) and all but the backbone (RT-DETR's transformer and heads; YOLOS's class and box heads)
+    trains and is saved with it: the adapter's learning rate is LoRA's, the rest's the detector's recipe; the
+    validation loss falls; the run's folder is a peft adapter with the classes' config (no model weights), the base
+    read from the source; it reloads to the same boxes; --merge exports a plain transformers detector with the run's
+    outputs. IA3's --merge failed on a head layer without a weight (peft copies .weight over: RT-DETR's Sequential
+    projections; fmtune's own FCOS and segmentation heads too): the trained copies are put in place first."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForObjectDetection
+
+    from fmtune.exporter import export
+    from fmtune.predictor import Predictor
+
+    source = tiny_rt_detr
+    if model_type == "yolos":
+        torch.manual_seed(0)
+        source = tmp_path / "yolos"
+        AutoModelForObjectDetection.from_config(tiny_detector_config("yolos")).save_pretrained(source)
+    out = tmp_path / "lora"
+    cfg = det_cfg(source, boxes_data, out, epochs=4)
+    del cfg["train"]["lr"]
+    cfg["strategy"] = {"name": "lora"}
+    api.train(cfg, quiet=True, report=False)
+    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert saved["lr"] == 5e-4 and saved["head_lr"] == 1e-4
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["type"] == "eval" and "loss" in r]
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+    files = {p.name for p in (out / "model").iterdir()}
+    assert {"adapter_model.safetensors", "config.json"} <= files and "model.safetensors" not in files
+    weights = load_file(str(out / "model" / "adapter_model.safetensors"))
+    backbone = "model.backbone." if model_type == "rt_detr" else "vit."
+    lora = [k for k in weights if "lora_" in k]
+    assert lora and all(f".net.{backbone}" in k for k in lora), lora[:3]  # the adapter is in the backbone
+    head = "class_embed" if model_type == "rt_detr" else "class_labels_classifier"
+    assert any(head in k for k in weights)  # the new classifier travels with the adapter
     img = sorted((boxes_data["test"] / "images").iterdir())[0]
-    boxes = Predictor(out).predict(str(img))["boxes"]
-    assert isinstance(boxes, list) and all(b["label"] in CLASSES and 0 <= b["score"] <= 1 for b in boxes)
+    first = Predictor(out).predict(str(img))["boxes"]
+    assert first and first == Predictor(out).predict(str(img))["boxes"]
+    merged = export(out, merge=True, quiet=True)
+    assert merged["max_abs_diff"] < 1e-4
+    hf = AutoModelForObjectDetection.from_pretrained(out / "export" / "merged")
+    assert hf.config.id2label == {0: "red", 1: "green", 2: "blue"} and not any("lora" in n for n, _ in
+                                                                              hf.named_parameters())
+    if model_type == "rt_detr":
+        cfg = det_cfg(source, boxes_data, tmp_path / "ia3", epochs=1)
+        cfg["strategy"] = {"name": "ia3"}
+        api.train(cfg, quiet=True, report=False)
+        assert export(tmp_path / "ia3", merge=True, quiet=True)["max_abs_diff"] < 1e-4

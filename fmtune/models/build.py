@@ -337,7 +337,7 @@ def _create_dense(model_cfg: Any, task: Any) -> Bundle:
     kind = whole.kind_of(_config_at(path).to_dict(), task.dense_head) if family == "hf" else None
     if kind is not None:  # a whole detector or segmenter (RT-DETR, UperNet ...): fine-tuned as it is, a new classifier
         model = whole.create(path, task.labels, model_cfg.init == "pretrained", kind)
-        image = _image_spec(path, model.config, model_cfg.image_size)
+        image = _image_spec(path, model.net.config, model_cfg.image_size)
         if kind == whole.DETECTOR:  # (its batches carry the boxes to it: it computes its own loss)
             image["set_prediction"] = True
         return Bundle(model, "image", family, "none", image=image, source=str(model_cfg.name))
@@ -452,8 +452,8 @@ def _write(bundle: Bundle, tmp: Path) -> None:
     base = adapters.base_model(bundle.model)
     if bundle.adapter:
         adapters.save(bundle.model, tmp)  # the adapter and the trained head; the backbone comes from its source
-    if isinstance(base, whole.WholeModel):  # a transformers detector or segmenter folder
-        whole.save(base, tmp, bundle.source, int(bundle.image["size"]))
+    if isinstance(base, whole.WholeModel):  # a transformers detector or segmenter folder (an adapter's: its config)
+        whole.save(base, tmp, bundle.source, int(bundle.image["size"]), weights=not bundle.adapter)
         meta["dense"] = {"num_outputs": base.num_classes, "head": base.kind}
     elif isinstance(base, dense.DenseTaskModel):  # the whole model's weights; a transformers backbone's config
         if not bundle.adapter:
@@ -633,6 +633,8 @@ def _base_for_adapter(model_dir: Path, meta: dict[str, Any]) -> nn.Module:
     except ModelError as e:
         raise ModelError(f"{model_dir} holds a {meta['adapter']} adapter; its base model {meta['source']!r} "
                          f"is needed to load it and is not available here ({e})") from None
+    if meta.get("dense", {}).get("head") in whole.CLASSES:
+        return whole.adapter_base(path, model_dir, meta["dense"]["head"])
     if meta.get("dense"):
         return _dense_model(model_dir, meta, path)
     if meta["family"] == "hf":

@@ -104,18 +104,31 @@ def _failure(path: Any, config: Any, error: Exception) -> str:
     return f"cannot load the {config.model_type} model at {path}: {why}"
 
 
-def save(model: WholeModel, folder: Path, source: str, size: int) -> None:
+def save(model: WholeModel, folder: Path, source: str, size: int, weights: bool = True) -> None:
     """The model as a transformers folder (its auto class loads it, classes named), with its source's image
     processor settings at the run's input size (fmtune itself resizes to that square: the processor of a detector
-    resizes without keeping the aspect, where fmtune letterboxes)."""
+    resizes without keeping the aspect, where fmtune letterboxes). Without ``weights`` (an adapter's run: the
+    adapter holds what trained) its config alone, the classes named."""
     from fmtune.fsutil import read_json
 
-    model.net.save_pretrained(folder, safe_serialization=True)
+    if weights:
+        model.net.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.net.config.save_pretrained(folder)
     pp = read_json(Path(source) / "preprocessor_config.json", {}) if Path(source).is_dir() else {}
     if pp:
         if isinstance(pp.get("size"), dict) and "height" in pp["size"]:
             pp["size"] = {"height": size, "width": size}
         (folder / "preprocessor_config.json").write_text(json.dumps(pp, indent=2))
+
+
+def adapter_base(source: Any, folder: Path, kind: str) -> WholeModel:
+    """The model an adapter saved in ``folder`` was trained on: the pretrained whole model at ``source`` with a
+    classifier for the classes ``folder``'s config names (the adapter's saved head replaces it)."""
+    from transformers import AutoConfig
+
+    id2label = AutoConfig.from_pretrained(folder).id2label
+    return create(source, [id2label[i] for i in sorted(id2label)], True, kind)
 
 
 def load(folder: Path, kind: str) -> WholeModel:
@@ -132,7 +145,8 @@ def load(folder: Path, kind: str) -> WholeModel:
 
 class WholeModel(nn.Module):
     """A transformers model behind the interface of fmtune's dense task models: ``backbone`` and ``head`` (what
-    strategies freeze and train, and the optimizer gives train.head_lr), ``num_classes``."""
+    strategies freeze and train, and the optimizer gives train.head_lr), ``num_classes``. (No ``config`` of its own:
+    peft would take it for a transformers model and look for one's attributes; ``net.config`` is the model's.)"""
 
     level = "dense"
     whole = True  # (the feature cache and adapters do not apply; explain reads Grad-CAM at ``gradcam_layer``)
@@ -142,10 +156,6 @@ class WholeModel(nn.Module):
         super().__init__()
         self.net = net
         self.num_classes = int(net.config.num_labels)
-
-    @property
-    def config(self) -> Any:
-        return self.net.config
 
     @property
     def backbone(self) -> nn.Module:
