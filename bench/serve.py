@@ -1,12 +1,14 @@
 """Service benchmark: `fmtune serve` under load from a second process, on loopback.
 
     .venv/bin/python bench/serve.py [--run RUN] [--seconds 8] > result.json
-    .venv/bin/python bench/serve.py --generation RUN [--clients 1,4,8] [--seconds 30] > result.json
+    .venv/bin/python bench/serve.py --generation RUN [--clients 1,4,8] [--seconds 30] [--stream] > result.json
 
 With --generation, RUN is a generation run (the generation demo's: `fmtune demo --task generation
 --out RUN`) and the clients send OpenAI chat completions (POST /v1/chat/completions, greedy, at most
 --max-tokens new tokens) of its test prompts: the service decoding concurrent requests together
-(default settings) against one request at a time (--max-batch 1); answers/s, p50/p99 latency.
+(default settings) against one request at a time (--max-batch 1); answers/s, p50/p99 latency. With
+--stream the requests are streamed (stream: true) and the time to the first piece of text is measured too;
+one at a time (--max-batch 1) is how every stream was served before streams joined the batches.
 
 The run is the text demo's (MiniLM-L6 fine-tuned on rotten-tomatoes; trained first with
 `fmtune demo` when --run is not given). For each configuration, a server process is started on
@@ -62,21 +64,40 @@ def predict_ok(body: dict) -> bool:
     return len(body["predictions"]) == 1
 
 
-def chat_body(max_tokens: int):
+def chat_body(max_tokens: int, stream: bool = False):
     def body(prompt: str) -> dict:
-        return {"model": "run", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+        return {"model": "run", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                **({"stream": True} if stream else {})}
 
     return body
+
+
+async def streamed(http, url: str, body: dict) -> tuple[bool, float | None]:
+    """One streamed chat completion: (whether it ended with [DONE] after some text, seconds to its first text)."""
+    t, first, text, done = time.perf_counter(), None, "", False
+    async with http.stream("POST", url, json=body) as r:
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                piece = (event["choices"][0]["delta"].get("content") or "") if event.get("choices") else ""
+                if piece and first is None:
+                    first = time.perf_counter() - t
+                text += piece
+    return r.status_code == 200 and done and bool(text), first
 
 
 def chat_ok(body: dict) -> bool:
     return bool(body["choices"][0]["message"]["content"])
 
 
-async def load(url: str, texts: list[str], clients: int, seconds: float, make=predict_body, ok_of=predict_ok) -> dict:
+async def load(url: str, texts: list[str], clients: int, seconds: float, make=predict_body, ok_of=predict_ok,
+               stream: bool = False) -> dict:
     import httpx
 
     latencies: list[float] = []
+    firsts: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
 
@@ -86,8 +107,13 @@ async def load(url: str, texts: list[str], clients: int, seconds: float, make=pr
         while time.perf_counter() < stop:
             t = time.perf_counter()
             try:
-                r = await http.post(url, json=make(texts[i % len(texts)]))
-                ok = r.status_code == 200 and ok_of(r.json())
+                if stream:
+                    ok, first = await streamed(http, url, make(texts[i % len(texts)]))
+                    if ok and first is not None:
+                        firsts.append(first)
+                else:
+                    r = await http.post(url, json=make(texts[i % len(texts)]))
+                    ok = r.status_code == 200 and ok_of(r.json())
             except httpx.HTTPError:
                 ok = False
             if ok:
@@ -101,11 +127,14 @@ async def load(url: str, texts: list[str], clients: int, seconds: float, make=pr
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         await asyncio.gather(*[client(k, http) for k in range(clients)])
     wall = time.perf_counter() - started
-    latencies.sort()
-    pick = (lambda q: round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)) \
-        if latencies else (lambda q: None)
-    return {"clients": clients, "requests": len(latencies), "errors": errors,
-            "requests_per_s": round(len(latencies) / wall, 1), "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
+    def pick(values: list[float], q: float) -> float | None:
+        values = sorted(values)
+        return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 1) if values else None
+
+    out = {"clients": clients, "requests": len(latencies), "errors": errors,
+           "requests_per_s": round(len(latencies) / wall, 2), "p50_ms": pick(latencies, 0.5),
+           "p99_ms": pick(latencies, 0.99)}
+    return out | ({"first_text_p50_ms": pick(firsts, 0.5), "first_text_p99_ms": pick(firsts, 0.99)} if stream else {})
 
 
 def run_config(name: str, flags: list[str], run: Path, texts: list[str], args: argparse.Namespace) -> list[dict]:
@@ -125,12 +154,13 @@ def run_config(name: str, flags: list[str], run: Path, texts: list[str], args: a
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        route, make, ok_of = (("/v1/chat/completions", chat_body(args.max_tokens), chat_ok) if args.generation else
-                              ("/predict", predict_body, predict_ok))
-        asyncio.run(load(base + route, texts, 4, 1.0, make, ok_of))  # warm-up
+        route, make, ok_of = (("/v1/chat/completions", chat_body(args.max_tokens, args.stream), chat_ok)
+                              if args.generation else ("/predict", predict_body, predict_ok))
+        asyncio.run(load(base + route, texts, 4, 1.0, make, ok_of, args.stream))  # warm-up
         rows = []
         for clients in args.clients:
-            res = {"config": name, **asyncio.run(load(base + route, texts, clients, args.seconds, make, ok_of))}
+            res = {"config": name, **asyncio.run(load(base + route, texts, clients, args.seconds, make, ok_of,
+                                                      args.stream))}
             log(json.dumps(res))
             rows.append(res)
         stats = httpx.get(base + "/metadata").json()["stats"]
@@ -150,6 +180,8 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help="comma-separated names of CONFIGS (GENERATION_CONFIGS)")
     ap.add_argument("--generation", metavar="RUN", help="a generation run: OpenAI chat completions of its test prompts")
     ap.add_argument("--max-tokens", type=int, default=32, help="--generation: new tokens per answer at most")
+    ap.add_argument("--stream", action="store_true", help="--generation: streamed chat completions (stream: true)")
+    ap.add_argument("--no-in-process", action="store_true", help="--generation: skip the in-process comparison")
     args = ap.parse_args()
     if args.generation:
         generation(args)
@@ -217,14 +249,15 @@ def generation(args: argparse.Namespace) -> None:
 
     run = Path(args.generation)
     prompts = [json.loads(line)["prompt"] for line in (run / "test_answers.jsonl").read_text().splitlines()]
-    measured = in_process(run, prompts, args.max_tokens)
+    measured = None if args.no_in_process else in_process(run, prompts, args.max_tokens)
     rows = []
     for name in (args.configs or ",".join(GENERATION_CONFIGS)).split(","):
         log(f"{name}: starting the server")
         rows += run_config(name, GENERATION_CONFIGS[name], run, prompts, args)
     print(json.dumps({"benchmark": "serve --generation", "date": time.strftime("%Y-%m-%d"), "run": str(run),
                       "request": f"POST /v1/chat/completions, greedy, max_tokens {args.max_tokens}, one test prompt "
-                                 "of the run per request (its instruction and chat template applied)",
+                                 "of the run per request (its instruction and chat template applied)"
+                                 + (", streamed (stream: true)" if args.stream else ""),
                       "seconds_per_point": args.seconds,
                       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                   "torch": torch.__version__},

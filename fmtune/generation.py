@@ -22,18 +22,17 @@ from fmtune import config as config_mod
 from fmtune import ui
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import read_json, write_json, write_text_atomic
-from fmtune.models import build, causal_lm, wrapped
+from fmtune.models import build, causal_lm
 from fmtune.run import EVAL_FILE, INFO_FILE, new_run_dir, open_run, read_task, write_start
 from fmtune.tasks import task_class
 from fmtune.tasks.generation import (
     MIN_TEMPERATURE,
     Completion,
     GenerationSettings,
+    StreamSink,
     complete,
     fit_prompt,
     generate,
-    generation_config,
-    new_tokens,
     prompt_ids,
     read_rows,
     uses_template,
@@ -404,13 +403,16 @@ class Generator:
         return fit_prompt(ids, self.prompt_room, self.bundle.tokenizer, seq2seq), len(ids)
 
     def complete(self, rows: list[dict[str, Any]], max_new_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, batch_size: int = 16, on_batch: Any = None) -> list[Completion]:
-        """Each row's answer with its token count and whether it ended at the EOS."""
+                 top_p: float = 1.0, seed: int = 0, batch_size: int = 16, on_batch: Any = None,
+                 sinks: list[StreamSink | None] | None = None) -> list[Completion]:
+        """Each row's answer with its token count and whether it ended at the EOS; ``sinks``: the rows whose text
+        is streamed while it is decoded (``tasks.generation.complete``)."""
         ids = [self.prompt_ids(r)[0] for r in rows]
         torch.manual_seed(seed)
         s = GenerationSettings(max_new_tokens or self.config.eval.max_new_tokens, 0, batch_size)
         sampling = {"temperature": temperature, "top_p": top_p} if temperature >= MIN_TEMPERATURE else None
-        return complete(self.bundle.model, self.bundle.tokenizer, ids, s, self.device, sampling, on_batch=on_batch)
+        return complete(self.bundle.model, self.bundle.tokenizer, ids, s, self.device, sampling, on_batch=on_batch,
+                        sinks=sinks)
 
     def answer(self, rows: list[dict[str, Any]], max_new_tokens: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, batch_size: int = 16, on_batch: Any = None) -> list[str]:
@@ -422,47 +424,34 @@ class Generator:
         generation runs in a background thread). Closing the generator early (a client that went
         away, a stop string found) stops the decoding at the next token, and so does setting
         ``cancel`` (a ``threading.Event``) from another thread. ``info``, when given, gets ``tokens``
-        and ``stopped`` (as ``Completion`` has them) once the answer is complete."""
+        and ``stopped`` (as ``Completion`` has them) once the answer is complete. (The service streams
+        through its batches instead: ``fmtune.serve.Streams``, the same pieces.)"""
+        import queue
         import threading
 
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        tok = self.bundle.tokenizer
-        ids = torch.tensor([self.prompt_ids(row)[0]], device=self.device)
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        gen = generation_config(tok, max_new_tokens or self.config.eval.max_new_tokens,
-                                {"temperature": temperature, "top_p": top_p}, self.bundle.model)
-        closed, out = threading.Event(), {}  # closed: this generator was closed (its own; ``cancel`` is the caller's)
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
-                done = closed.is_set() or (cancel is not None and cancel.is_set())
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-        torch.manual_seed(seed)
+        pieces, end, out = queue.Queue(), object(), {}
+        sink = StreamSink(pieces.put, cancel)
 
         def work() -> None:
             try:
-                with torch.inference_mode():
-                    out["ids"] = wrapped.generate_new(self.bundle.model, ids, torch.ones_like(ids),
-                                                      generation_config=gen, streamer=streamer,
-                                                      stopping_criteria=StoppingCriteriaList([Cancelled()]))
+                out["answer"] = self.complete([row], max_new_tokens, temperature, top_p, seed, sinks=[sink])[0]
             except Exception as e:  # raised where the answer is read, not lost in this thread
                 out["error"] = e
             finally:
-                streamer.end()  # (already ended unless generate raised): the loop below must not wait forever
+                pieces.put(end)
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         try:
-            yield from (piece for piece in streamer if piece)
+            while (piece := pieces.get()) is not end:
+                yield piece
         finally:
-            closed.set()
+            sink.closed.set()
             thread.join()
         if "error" in out:
             raise out["error"]
         if info is not None:
-            info["tokens"], info["stopped"] = new_tokens(out["ids"][0], gen.eos_token_id, gen.pad_token_id)
+            info["tokens"], info["stopped"] = out["answer"].tokens, out["answer"].stopped
 
 
 def generate_texts(run: str | Path, prompts: list[str] | None = None, file: str | Path | None = None,

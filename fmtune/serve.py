@@ -31,7 +31,6 @@ import base64
 import binascii
 import hmac
 import json
-import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -42,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fmtune import serve_openai
 from fmtune.errors import ConfigError, DataError
-from fmtune.serve_base import HTTPError, Limits, check_items, number, threaded_stream
+from fmtune.serve_base import HTTPError, Limits, Streams, check_items, number, threaded_stream
 from fmtune.tasks.base import Task
 
 
@@ -185,8 +184,7 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
 
     limits = limits or Limits()
     generates = getattr(predictor, "generates", False)
-    lock = threading.Lock()  # generation runs: one decoding at a time (each uses every core)
-    batcher = MicroBatcher(generation_batches(predictor, lock) if generates else predictor.predict_items, limits)
+    batcher = MicroBatcher(generation_batches(predictor) if generates else predictor.predict_items, limits)
     meta = predictor.metadata()
 
     @asynccontextmanager
@@ -273,7 +271,7 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
            if predictor.kind in ("image", "audio") else {})}}}
 
     if generates:  # a generation run: POST /generate instead of /predict
-        _generate_routes(app, predictor, limits, guard, read_json, batcher, lock)
+        _generate_routes(app, predictor, limits, guard, read_json, batcher)
         return _common_routes(app, meta, limits, batcher, guard)
 
     # OpenAI's API under /v1 where the run does what one of its endpoints does (fmtune.serve_openai)
@@ -420,20 +418,23 @@ def _generation_request(data: Any, limits: Limits) -> tuple[list[dict[str, Any]]
     return rows, opts
 
 
-def generation_batches(generator: Any, lock: Any) -> Any:
-    """The MicroBatcher's ``run`` for a generation run: items are (row, decoding options); greedy rows
-    with the same options are answered in one batched decoding (``Generator.complete``), a sampled row
-    alone (its seed gives its answer, whatever else is asked at the time). Returns Completions."""
-    def run(items: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[Any]:
+def generation_batches(generator: Any) -> Any:
+    """The MicroBatcher's ``run`` for a generation run (one decoding at a time: each uses every core): items
+    are (row, decoding options) or, streamed, (row, options, sink: ``Streams``); greedy rows with the same
+    options are answered in one batched decoding (``Generator.complete``), a sampled row alone (its seed gives
+    its answer, whatever else is asked at the time). Returns Completions."""
+    def run(items: list[tuple[Any, ...]]) -> list[Any]:
         groups: dict[Any, list[int]] = {}
-        for i, (_, opts) in enumerate(items):
+        for i, (_, opts, *_sink) in enumerate(items):
             key = ("sampled", i) if opts.get("temperature") else tuple(sorted(opts.items()))
             groups.setdefault(key, []).append(i)
         out: list[Any] = [None] * len(items)
-        with lock:
-            for idx in groups.values():
-                for i, c in zip(idx, generator.complete([items[i][0] for i in idx], **items[idx[0]][1])):
-                    out[i] = c
+        for idx in groups.values():
+            sinks = [items[i][2] if len(items[i]) > 2 else None for i in idx]
+            done = generator.complete([items[i][0] for i in idx], **items[idx[0]][1],
+                                      sinks=sinks if any(sinks) else None)
+            for i, c in zip(idx, done):
+                out[i] = c
         return out
 
     return run
@@ -477,9 +478,9 @@ def _tgi_token(i: int, text: str, whole: str | None) -> dict[str, Any]:
             "generated_text": whole, "details": None}
 
 
-def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any,
-                     lock: Any) -> None:
-    serve_openai.add_routes(app, generator, limits, guard, read_json, batcher, lock)
+def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any) -> None:
+    streams = Streams(batcher)
+    serve_openai.add_routes(app, generator, limits, guard, read_json, batcher, streams)
 
     @app.post("/", openapi_extra=TGI_DOC)
     async def text_generation(request: Request) -> Any:
@@ -490,14 +491,16 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         row, opts, stops, full = _tgi_request(data, limits)
         serve_openai.read_prompts(generator, [row], limits, "inputs")  # (413 if too long under --long-text reject)
         if data.get("stream"):  # TGI's events: data: {"token": {"text": ...}, "generated_text": null}, the last
+            read = streams.open(row, opts)
+
             def events(cancel: Any) -> Any:  # with the whole text
                 scanner = serve_openai.StopScanner(stops)
-                for i, text in enumerate(scanner.relay(generator.stream(row, **opts, cancel=cancel))):
+                for i, text in enumerate(scanner.relay(read(cancel))):
                     yield f"data: {json.dumps(_tgi_token(i, text, None))}\n\n"
                 whole = (row["prompt"] if full else "") + scanner.answer
                 yield f"data: {json.dumps(_tgi_token(-1, '', whole))}\n\n"
 
-            return threaded_stream(events, lock)
+            return threaded_stream(events)
         (c,) = await batcher.submit([(row, opts)])
         text = serve_openai.cut_at_stop(c.text, stops)[0]
         return [{"generated_text": (row["prompt"] + text) if full else text}]
@@ -513,15 +516,17 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         said = {"truncated": cut} if cut else {}  # (as /predict lists its cut texts)
         version = generator.version
         if data.get("stream"):
+            read = streams.open(rows[0], opts)
+
             def events(cancel: Any) -> Any:
                 pieces = []
-                for piece in generator.stream(rows[0], **opts, cancel=cancel):
+                for piece in read(cancel):
                     pieces.append(piece)
                     yield f"data: {json.dumps({'token': piece})}\n\n"
                 end = {"done": True, "answer": "".join(pieces).strip(), "model_version": version, **said}
                 yield f"data: {json.dumps(end)}\n\n"
 
-            return threaded_stream(events, lock)
+            return threaded_stream(events)
 
         answers = [c.text for c in await batcher.submit([(row, opts) for row in rows])]
         single = isinstance(data.get("prompt"), str) or "messages" in data

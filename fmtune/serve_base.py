@@ -1,6 +1,7 @@
 """What the HTTP service's routes share (``fmtune.serve`` and its OpenAI-compatible routes,
 ``fmtune.serve_openai``): the limits, the error a route raises for a 4xx, the checks of numbers and
-input lists in a request body, and server-sent events decoded in a worker thread."""
+input lists in a request body, server-sent events made in a worker thread, and streamed answers
+decoded in the service's batches."""
 
 from __future__ import annotations
 
@@ -60,11 +61,11 @@ def check_items(value: Any, limits: Limits) -> list[Any]:
     return value
 
 
-def threaded_stream(events: Any, lock: Any) -> Any:
+def threaded_stream(events: Any) -> Any:
     """A StreamingResponse of server-sent events made by ``events(cancel)`` (a generator of strings, given
-    a ``threading.Event``) in a worker thread of its own, under ``lock``. The thread always runs the
-    generator to its end or closes it itself, so the lock is released and decoding stops as soon as
-    the client goes away (``cancel`` is set then), not when a forgotten generator is collected."""
+    a ``threading.Event``) in a worker thread of its own. The thread always runs the generator to its end or
+    closes it itself, so decoding stops as soon as the client goes away (``cancel`` is set then), not when a
+    forgotten generator is collected."""
     import threading
 
     from fastapi.responses import StreamingResponse
@@ -79,28 +80,64 @@ def threaded_stream(events: Any, lock: Any) -> Any:
 
         def produce() -> None:
             try:
-                with lock:
-                    chunks = events(cancel)
-                    try:
-                        for chunk in chunks:
-                            put(chunk)
-                            if cancel.is_set():
-                                break
-                    finally:
-                        chunks.close()
+                chunks = events(cancel)
+                try:
+                    for chunk in chunks:
+                        put(chunk)
+                        if cancel.is_set():
+                            break
+                finally:
+                    chunks.close()
             except Exception as e:  # raised below, in the response
                 put(e)
             finally:
                 put(end)
 
-        worker = loop.run_in_executor(None, produce)
+        # a thread of its own, not one of the loop's executor: a stream waits on the batches, which decode in that
+        # executor (a pool as small as 6 threads on 2 cores: as many waiting streams would leave none to decode)
+        threading.Thread(target=produce, daemon=True).start()
         try:
             while (item := await queue.get()) is not end:
                 if isinstance(item, Exception):
                     raise item
                 yield item
         finally:
-            cancel.set()  # a client gone: the worker stops at the next token and lets the lock go
-        await worker
+            cancel.set()  # a client gone: the worker stops at the next token
 
     return StreamingResponse(body(), media_type="text/event-stream")
+
+
+class Streams:
+    """Streamed answers of a generation run, decoded in the service's batches (``MicroBatcher``) with whatever
+    else is asked at the time, streamed or not: concurrent streams share one batched decoding instead of each
+    waiting for the one before to finish (``tasks.generation.complete`` with sinks)."""
+
+    def __init__(self, batcher: Any):
+        self.batcher = batcher
+
+    def open(self, row: dict[str, Any], opts: dict[str, Any]) -> Any:
+        """Ask for ``row``'s answer now (in the event loop: an endpoint); returns ``read(cancel, info)``, a
+        generator of its pieces of text for the response's worker thread, as ``Generator.stream`` gives them
+        (``info`` gets ``tokens`` and ``stopped`` at the end; ``cancel`` or closing it stops its row)."""
+        import queue
+
+        from fmtune.tasks.generation import StreamSink
+
+        pieces: queue.Queue = queue.Queue()
+        end = object()
+        sink = StreamSink(pieces.put)
+        answer = asyncio.ensure_future(self.batcher.submit([(row, opts, sink)]))
+        answer.add_done_callback(lambda _: pieces.put(end))
+
+        def read(cancel: Any = None, info: dict[str, Any] | None = None) -> Any:
+            sink.cancel = cancel
+            try:
+                while (piece := pieces.get()) is not end:
+                    yield piece
+            finally:
+                sink.closed.set()
+            (done,) = answer.result()  # (the batch's error, if it failed)
+            if info is not None:
+                info["tokens"], info["stopped"] = done.tokens, done.stopped
+
+        return read

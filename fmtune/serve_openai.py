@@ -450,10 +450,11 @@ def add_transcription_routes(app: Any, predictor: Any, batcher: Any, limits: Lim
         return {"text": record["transcript"], "usage": {"type": "duration", "seconds": round(seconds, 3)}}
 
 
-def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any, lock: Any) -> None:
+def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any,
+               streams: Any) -> None:
     """The /v1 routes on ``app``, answering with ``generator`` (a ``fmtune.generation.Generator``):
     whole answers through ``batcher`` (concurrent greedy requests decoded together, as on POST
-    /generate), streams one at a time under ``lock`` (which the batcher's decoding holds too)."""
+    /generate), streams through ``streams`` (``serve_base.Streams``: in the same batches)."""
     model_id = add_model_routes(app, generator.run_dir, guard)
 
     def usage(prompt: int, answer: int) -> dict[str, int]:
@@ -486,13 +487,15 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
         then [DONE]. The answer is decoded in a worker thread; the client going away stops it."""
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
 
+        read = streams.open(row, opts)
+
         def events(cancel: Any) -> Any:
             info: dict[str, Any] = {}
             scanner = StopScanner(stops)
             first = chunk(None, None)
             if first is not None:
                 yield f"data: {json.dumps(first)}\n\n"
-            for text in scanner.relay(generator.stream(row, **opts, info=info, cancel=cancel)):
+            for text in scanner.relay(read(cancel, info)):
                 yield f"data: {json.dumps(chunk(text, None))}\n\n"
             answer = scanner.answer
             yield f"data: {json.dumps(chunk('', finish(scanner.stopped or info.get('stopped', False))))}\n\n"
@@ -501,7 +504,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
                 yield f"data: {json.dumps(chunk(None, None, usage(prompt_tokens, n)))}\n\n"
             yield "data: [DONE]\n\n"
 
-        return threaded_stream(events, lock)
+        return threaded_stream(events)
 
     @app.post("/v1/chat/completions", openapi_extra=CHAT_DOC)
     async def chat_completions(request: Request) -> Any:
@@ -556,6 +559,8 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
                               "total_tokens": prompt_tokens + n} if done else None}
 
         if data.get("stream"):
+            read = streams.open(row, opts)
+
             def events(cancel: Any) -> Any:
                 seq = iter(range(1 << 30))
 
@@ -572,7 +577,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
                             part={"type": "output_text", "text": "", "annotations": []})
                 info: dict[str, Any] = {}
                 scanner = StopScanner([])
-                for text in scanner.relay(generator.stream(row, **opts, info=info, cancel=cancel)):
+                for text in scanner.relay(read(cancel, info)):
                     yield event("response.output_text.delta", **where, delta=text, logprobs=[])
                 text = scanner.answer
                 done = response(text, finish(info.get("stopped", False)), info.get("tokens", tokens(text)))
@@ -582,7 +587,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
                 yield event("response.completed" if done["status"] == "completed" else "response.incomplete",
                             response=done)
 
-            return threaded_stream(events, lock)
+            return threaded_stream(events)
         (text, reason, n), = await answer_all([row], opts, [])
         return response(text, reason, n)
 

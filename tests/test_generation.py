@@ -16,7 +16,7 @@ import torch
 
 from fmtune import api, config
 from fmtune.errors import ConfigError, DataError, ModelError
-from fmtune.tasks.generation import GenerationSettings, generate, read_rows
+from fmtune.tasks.generation import GenerationSettings, StreamSink, generate, read_rows
 
 TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
             "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -676,6 +676,77 @@ def test_concurrent_greedy_requests_are_decoded_together_each_with_its_own_answe
     assert rs[12].json()["answer"] == rs[13].json()["answer"]  # a seeded sample is the same however it was batched
     stats = app.state.batcher.stats
     assert stats["requests"] == 14 and stats["batches"] < 8, stats
+
+
+def test_concurrent_streams_share_batched_decodings_each_with_its_own_answer(full_run):
+    """Each stream held the model until its answer ended: eight concurrent streams took eight decodings, the last
+    client waiting for the seven answers before. Streams now join the service's batches (with requests that are
+    not streamed): POST /generate, OpenAI chat and TGI streams each get their own answer, as asked alone, their
+    pieces adding up to it, OpenAI's usage counting its own tokens; a client that hangs up stops its own row, not
+    the others'."""
+    import asyncio
+
+    import httpx
+
+    from fmtune.generation import Generator
+    from fmtune.serve import Limits, create_app
+
+    gen = Generator(full_run["run_dir"])
+    prompts = [f"repeat: {' '.join(WORDS[i % 7:i % 7 + 2])}" for i in range(8)]
+    rows = [{"kind": "prompt", "prompt": p, "completion": None, "messages": None} for p in prompts]
+    alone = gen.complete(rows)
+    app = create_app(gen, Limits(max_wait_ms=300))
+
+    def request(i: int, p: str) -> tuple[str, dict]:
+        if i % 4 == 0:
+            return "/generate", {"prompt": p, "stream": True}
+        if i % 4 == 1:
+            return "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": p}],
+                                            "stream": True, "stream_options": {"include_usage": True}}
+        if i % 4 == 2:
+            return "/", {"inputs": p, "stream": True}
+        return "/generate", {"prompt": p}
+
+    def text_of(path: str, r: httpx.Response) -> tuple[str, int | None]:
+        if "stream" not in r.request.content.decode():
+            return r.json()["answer"], None
+        events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: ") and x != "data: [DONE]"]
+        if path == "/generate":
+            assert "".join(e["token"] for e in events[:-1]).strip() == events[-1]["answer"]
+            return events[-1]["answer"], None
+        if path == "/":
+            return events[-1]["generated_text"], None
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+        return text, events[-1]["usage"]["completion_tokens"]
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as client:
+            return await asyncio.gather(*[client.post(path, json=body) for path, body in
+                                          [request(i, p) for i, p in enumerate(prompts)]])
+
+    got = [text_of(request(i, p)[0], r) for i, (p, r) in enumerate(zip(prompts, asyncio.run(main())))]
+    assert [t for t, _ in got] == [c.text for c in alone]
+    assert [n for _, n in got if n is not None] == [alone[i].tokens for i in range(1, 8, 4)]
+    stats = app.state.batcher.stats
+    assert stats["requests"] == 8 and stats["batches"] <= 2, stats  # (the first may start alone)
+
+    # rows decoded together: one stops as its sink is closed; the others go on to their own whole answers
+    pieces: list[list[str]] = [[], [], []]
+    sinks = [StreamSink(pieces[0].append), StreamSink(pieces[1].append), None]
+
+    def close_after_one(text: str) -> None:
+        pieces[1].append(text)
+        sinks[1].closed.set()
+
+    sinks[1].put = close_after_one
+    gen.bundle.tokenizer.eos_token = "<unk>"  # (this Generator's own) an end it never decodes: all 40 tokens
+    three = rows[:3]
+    together = gen.complete(three, max_new_tokens=40, sinks=sinks)
+    each = gen.complete(three, max_new_tokens=40)
+    assert together[0] == each[0] and together[2] == each[2] and each[1].tokens == 40
+    assert together[1].tokens < 10 and len(pieces[1]) == 1
+    assert "".join(pieces[0]).strip() == together[0].text
 
 
 def test_schema_fuzz_of_a_generation_service_finds_no_server_error(full_run):

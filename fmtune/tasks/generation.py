@@ -663,12 +663,80 @@ def new_tokens(row: torch.Tensor, eos: int | None, pad: int | None) -> tuple[int
     return (sum(t != pad for t in ids) if pad is not None else len(ids)), False
 
 
+class StreamSink:
+    """Where one prompt's answer goes while its batch is decoded (``complete(..., sinks=...)``): ``put(text)`` gets
+    each new piece of text as transformers' ``TextStreamer`` cuts it (whole words, a line at its end); the prompt's
+    row stops decoding at the next token once ``closed`` or the caller's ``cancel`` (``threading.Event``) is set."""
+
+    def __init__(self, put: Any, cancel: Any = None):
+        import threading
+
+        self.put, self.cancel, self.closed = put, cancel, threading.Event()
+
+    def stopped(self) -> bool:
+        return self.closed.is_set() or (self.cancel is not None and self.cancel.is_set())
+
+
+class _BatchStreamer:
+    """A transformers streamer for a batch being decoded: each row with a sink gets its own ``TextStreamer``
+    (skip the prompt, skip special tokens: as a stream of one prompt), fed its row's tokens until its EOS."""
+
+    def __init__(self, tokenizer: Any, sinks: list[StreamSink | None], eos: int | None):
+        from transformers import TextStreamer
+
+        class Row(TextStreamer):
+            def __init__(self, sink: StreamSink):
+                super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+                self.sink = sink
+
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    self.sink.put(text)
+
+        self.rows = [Row(s) if s is not None else None for s in sinks]
+        self.done = [r is None for r in self.rows]
+        self.eos, self.prompt = eos, True
+
+    def put(self, value: torch.Tensor) -> None:
+        value = value.reshape(len(self.rows), -1)  # the prompts (B, L) first, then a token per row (B,)
+        for b, row in enumerate(self.rows):
+            if self.done[b]:
+                continue
+            if not self.prompt and (int(value[b, -1]) == self.eos or row.sink.stopped()):
+                self.done[b] = True  # (after its EOS a row is padded; a stopped one's text goes nowhere)
+                row.end()
+                continue
+            row.put(value[b])
+        self.prompt = False
+
+    def end(self) -> None:
+        for b, row in enumerate(self.rows):
+            if not self.done[b]:
+                self.done[b] = True
+                row.end()
+
+
+def _stopped_rows(sinks: list[StreamSink | None]) -> Any:
+    """A stopping criterion: the rows whose sink is closed or cancelled stop at the next token."""
+    from transformers import StoppingCriteria
+
+    class Stopped(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+            return torch.tensor([s is not None and s.stopped() for s in sinks], device=input_ids.device)
+
+    return Stopped()
+
+
 def complete(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings, device: Any,
-             sampling: dict[str, Any] | None = None, on_batch: Any = None) -> list[Completion]:
+             sampling: dict[str, Any] | None = None, on_batch: Any = None,
+             sinks: list[StreamSink | None] | None = None) -> list[Completion]:
     """Answers to token-id prompts: batches of similar length, padded on the left (an encoder-decoder's
     encoder: on the right), decoded with the KV cache (``model.generate``); greedy unless ``sampling``
     (temperature, top_p) is given. Returns each prompt's answer (new text, tokens, whether it ended at the
-    EOS), in order."""
+    EOS), in order. ``sinks`` (one per prompt, None for those not streamed): each streamed prompt's text goes
+    to its sink while the batch is decoded, and a closed sink stops its row (the others go on)."""
+    from transformers import StoppingCriteriaList
+
     from fmtune.models.wrapped import encoder_decoder, generate_new
 
     gen = generation_config(tokenizer, settings.max_new_tokens, sampling, model)
@@ -686,8 +754,13 @@ def complete(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Gen
                 at = slice(0, len(p)) if right else slice(width - len(p), width)
                 ids[b, at] = torch.tensor(p)
                 mask[b, at] = 1
+            streams: dict[str, Any] = {}
+            if sinks is not None and any(sinks[i] is not None for i in idx):
+                rows = [sinks[i] for i in idx]
+                streams = {"streamer": _BatchStreamer(tokenizer, rows, eos),
+                           "stopping_criteria": StoppingCriteriaList([_stopped_rows(rows)])}
             try:
-                out = generate_new(model, ids.to(device), mask.to(device), generation_config=gen)
+                out = generate_new(model, ids.to(device), mask.to(device), generation_config=gen, **streams)
             except torch.OutOfMemoryError:
                 raise
             except (IndexError, ValueError, RuntimeError, TypeError) as e:
