@@ -8,7 +8,9 @@ With --generation, RUN is a generation run (the generation demo's: `fmtune demo 
 --max-tokens new tokens) of its test prompts: the service decoding concurrent requests together
 (default settings) against one request at a time (--max-batch 1); answers/s, p50/p99 latency. With
 --stream the requests are streamed (stream: true) and the time to the first piece of text is measured too;
-one at a time (--max-batch 1) is how every stream was served before streams joined the batches.
+one at a time (--max-batch 1) is how every stream was served before streams joined the batches. With
+--temperature T the requests are sampled, each with a seed of its own (one at a time is how sampled requests
+were served before they joined the batches).
 
 The run is the text demo's (MiniLM-L6 fine-tuned on rotten-tomatoes; trained first with
 `fmtune demo` when --run is not given). For each configuration, a server process is started on
@@ -64,10 +66,13 @@ def predict_ok(body: dict) -> bool:
     return len(body["predictions"]) == 1
 
 
-def chat_body(max_tokens: int, stream: bool = False):
+def chat_body(max_tokens: int, stream: bool = False, temperature: float = 0.0):
+    seeds = iter(range(1 << 30))
+
     def body(prompt: str) -> dict:
+        sampled = {"temperature": temperature, "seed": next(seeds)} if temperature else {}
         return {"model": "run", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                **({"stream": True} if stream else {})}
+                **({"stream": True} if stream else {}), **sampled}
 
     return body
 
@@ -154,7 +159,8 @@ def run_config(name: str, flags: list[str], run: Path, texts: list[str], args: a
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        route, make, ok_of = (("/v1/chat/completions", chat_body(args.max_tokens, args.stream), chat_ok)
+        route, make, ok_of = (("/v1/chat/completions", chat_body(args.max_tokens, args.stream, args.temperature),
+                               chat_ok)
                               if args.generation else ("/predict", predict_body, predict_ok))
         asyncio.run(load(base + route, texts, 4, 1.0, make, ok_of, args.stream))  # warm-up
         rows = []
@@ -181,6 +187,8 @@ def main() -> None:
     ap.add_argument("--generation", metavar="RUN", help="a generation run: OpenAI chat completions of its test prompts")
     ap.add_argument("--max-tokens", type=int, default=32, help="--generation: new tokens per answer at most")
     ap.add_argument("--stream", action="store_true", help="--generation: streamed chat completions (stream: true)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="--generation: sampled requests at this temperature, each with a seed of its own")
     ap.add_argument("--no-in-process", action="store_true", help="--generation: skip the in-process comparison")
     args = ap.parse_args()
     if args.generation:
@@ -257,7 +265,9 @@ def generation(args: argparse.Namespace) -> None:
     print(json.dumps({"benchmark": "serve --generation", "date": time.strftime("%Y-%m-%d"), "run": str(run),
                       "request": f"POST /v1/chat/completions, greedy, max_tokens {args.max_tokens}, one test prompt "
                                  "of the run per request (its instruction and chat template applied)"
-                                 + (", streamed (stream: true)" if args.stream else ""),
+                                 + (", streamed (stream: true)" if args.stream else "")
+                                 + (f", sampled at temperature {args.temperature}, a seed per request"
+                                    if args.temperature else ""),
                       "seconds_per_point": args.seconds,
                       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                   "torch": torch.__version__},

@@ -640,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, help="most tokens per answer (default: the run's eval.max_new_tokens)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this share of probability mass")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling: row i is drawn with seed + i, "
+                   "whatever --batch-size")
     g.add_argument("--batch-size", type=int, default=16, help="prompts answered together (default: 16)")
 
     x = verb("export", cmd_export, "write a run's model as a folder other tools load, checked against the run's "

@@ -26,7 +26,6 @@ from fmtune.models import build, causal_lm
 from fmtune.run import EVAL_FILE, INFO_FILE, new_run_dir, open_run, read_task, write_start
 from fmtune.tasks import task_class
 from fmtune.tasks.generation import (
-    MIN_TEMPERATURE,
     Completion,
     GenerationSettings,
     StreamSink,
@@ -404,14 +403,17 @@ class Generator:
 
     def complete(self, rows: list[dict[str, Any]], max_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 16, on_batch: Any = None,
-                 sinks: list[StreamSink | None] | None = None) -> list[Completion]:
-        """Each row's answer with its token count and whether it ended at the EOS; ``sinks``: the rows whose text
-        is streamed while it is decoded (``tasks.generation.complete``)."""
+                 sinks: list[StreamSink | None] | None = None,
+                 options: list[dict[str, Any]] | None = None) -> list[Completion]:
+        """Each row's answer with its token count and whether it ended at the EOS: greedy, or sampled at
+        ``temperature`` and ``top_p``, row ``i`` with seed ``seed + i`` (its answer the same however the rows are
+        batched); ``options`` gives each row its own (temperature, top_p, seed: the service's requests);
+        ``sinks``: the rows whose text is streamed while it is decoded (``tasks.generation.complete``)."""
         ids = [self.prompt_ids(r)[0] for r in rows]
-        torch.manual_seed(seed)
         s = GenerationSettings(max_new_tokens or self.config.eval.max_new_tokens, 0, batch_size)
-        sampling = {"temperature": temperature, "top_p": top_p} if temperature >= MIN_TEMPERATURE else None
-        return complete(self.bundle.model, self.bundle.tokenizer, ids, s, self.device, sampling, on_batch=on_batch,
+        if options is None:
+            options = [{"temperature": temperature, "top_p": top_p, "seed": seed + i} for i in range(len(rows))]
+        return complete(self.bundle.model, self.bundle.tokenizer, ids, s, self.device, options, on_batch=on_batch,
                         sinks=sinks)
 
     def answer(self, rows: list[dict[str, Any]], max_new_tokens: int | None = None, temperature: float = 0.0,

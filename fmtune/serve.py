@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fmtune import serve_openai
 from fmtune.errors import ConfigError, DataError
-from fmtune.serve_base import HTTPError, Limits, Streams, check_items, number, threaded_stream
+from fmtune.serve_base import HTTPError, Limits, Streams, check_items, number, request_items, threaded_stream
 from fmtune.tasks.base import Task
 
 
@@ -420,18 +420,18 @@ def _generation_request(data: Any, limits: Limits) -> tuple[list[dict[str, Any]]
 
 def generation_batches(generator: Any) -> Any:
     """The MicroBatcher's ``run`` for a generation run (one decoding at a time: each uses every core): items
-    are (row, decoding options) or, streamed, (row, options, sink: ``Streams``); greedy rows with the same
-    options are answered in one batched decoding (``Generator.complete``), a sampled row alone (its seed gives
-    its answer, whatever else is asked at the time). Returns Completions."""
+    are (row, decoding options) or, streamed, (row, options, sink: ``Streams``); rows asking for the same
+    max_new_tokens are answered in one batched decoding (``Generator.complete``), each greedy or sampled with its
+    own temperature, top_p and seed (its seed gives its answer, whatever else is asked at the time). Returns
+    Completions."""
     def run(items: list[tuple[Any, ...]]) -> list[Any]:
         groups: dict[Any, list[int]] = {}
         for i, (_, opts, *_sink) in enumerate(items):
-            key = ("sampled", i) if opts.get("temperature") else tuple(sorted(opts.items()))
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(opts.get("max_new_tokens"), []).append(i)
         out: list[Any] = [None] * len(items)
-        for idx in groups.values():
+        for max_new_tokens, idx in groups.items():
             sinks = [items[i][2] if len(items[i]) > 2 else None for i in idx]
-            done = generator.complete([items[i][0] for i in idx], **items[idx[0]][1],
+            done = generator.complete([items[i][0] for i in idx], max_new_tokens, options=[items[i][1] for i in idx],
                                       sinks=sinks if any(sinks) else None)
             for i, c in zip(idx, done):
                 out[i] = c
@@ -528,7 +528,7 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
 
             return threaded_stream(events)
 
-        answers = [c.text for c in await batcher.submit([(row, opts) for row in rows])]
+        answers = [c.text for c in await batcher.submit(request_items(rows, opts))]
         single = isinstance(data.get("prompt"), str) or "messages" in data
         if single:
             return {"answer": answers[0], "model_version": version, **said}

@@ -107,6 +107,12 @@ def threaded_stream(events: Any) -> Any:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+def request_items(rows: list[dict[str, Any]], opts: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The batcher's items for one request's rows: row ``i`` with seed ``seed + i`` (prompts sent together with a
+    temperature are each drawn, not one draw repeated; as ``Generator.complete`` seeds them)."""
+    return [(row, {**opts, "seed": opts.get("seed", 0) + i} if i else opts) for i, row in enumerate(rows)]
+
+
 class Streams:
     """Streamed answers of a generation run, decoded in the service's batches (``MicroBatcher``) with whatever
     else is asked at the time, streamed or not: concurrent streams share one batched decoding instead of each

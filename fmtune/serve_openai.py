@@ -49,7 +49,7 @@ from typing import Any
 from fastapi import Request
 
 from fmtune.errors import DataError
-from fmtune.serve_base import HTTPError, Limits, check_items, number, threaded_stream
+from fmtune.serve_base import HTTPError, Limits, check_items, number, request_items, threaded_stream
 
 # request fields refused unless they carry their neutral value (None is always fine: a client's "not given")
 NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
@@ -476,7 +476,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
     async def answer_all(rows: list[dict[str, Any]], opts: dict[str, Any], stops: list[str]) -> list[tuple]:
         """(text, finish_reason, completion tokens) of each row."""
         out = []
-        for c in await batcher.submit([(row, opts) for row in rows]):
+        for c in await batcher.submit(request_items(rows, opts)):
             text, cut = cut_at_stop(c.text, stops)
             out.append((text, finish(cut or c.stopped), tokens(text) if cut else c.tokens))
         return out

@@ -391,6 +391,11 @@ def test_a_finished_run_generates_and_loads_in_plain_transformers(full_run, tmp_
     out = tmp_path / "answers.jsonl"
     generate_texts(run, file=tmp_path / "p.jsonl", output=out, temperature=0.8, seed=1, quiet=True)
     assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["repeat: cat", "x"]
+    # sampled: row i drawn with seed + i, the same answers whatever the batch size (one generator drew a batch)
+    prompts = ["repeat: red dog", "repeat: two cat", "repeat: red dog", "repeat: one"]
+    one = generate_texts(run, prompts, temperature=1.0, seed=7, batch_size=1, quiet=True)
+    assert one == generate_texts(run, prompts, temperature=1.0, seed=7, batch_size=4, quiet=True)
+    assert one[0] == generate_texts(run, prompts[:1], temperature=1.0, seed=7, quiet=True)[0]
 
 
 def test_a_lora_run_merges_into_a_folder_that_generates_the_same_text(tiny_llama, gen_files, tmp_path):
@@ -639,9 +644,10 @@ def test_a_streaming_client_that_goes_away_frees_the_service_at_once(full_run):
             assert len(steps) < 100, (path, len(steps))  # the whole answer would be 300 steps (and 3 s)
 
 
-def test_concurrent_greedy_requests_are_decoded_together_each_with_its_own_answer(full_run):
+def test_concurrent_requests_greedy_and_sampled_are_decoded_together_each_with_its_own_answer(full_run):
     """Whole answers of concurrent requests (POST /generate and the OpenAI routes alike) share batched
-    decodings when their options match; a sampled request is decoded alone (its seed decides it)."""
+    decodings when they ask for as many new tokens: greedy and sampled alike, each sampled row drawn with its own
+    seed (``RowSampler``), so its answer is the one it gets alone."""
     import asyncio
 
     import httpx
@@ -667,15 +673,22 @@ def test_concurrent_greedy_requests_are_decoded_together_each_with_its_own_answe
             return await asyncio.gather(*[client.post(path, json=body) for path, body in
                                           [request(i, p) for i, p in enumerate(prompts)] + extra])
 
-    sampled = [("/generate", {"prompt": prompts[0], "temperature": 1.0, "seed": s}) for s in (3, 3)]
+    sampled = [("/generate", {"prompt": prompts[0], "temperature": 1.0, "seed": s}) for s in (3, 3, 4)]
+    sampled.append(("/generate", {"prompt": prompts[0], "temperature": 1.0, "top_p": 1e-6, "seed": 5}))
     rs = asyncio.run(main(sampled))
     texts = [r.json().get("answer") or (r.json()["choices"][0].get("message") or r.json()["choices"][0])
              for r in rs[:12]]
     texts = [t if isinstance(t, str) else t.get("content", t.get("text")) for t in texts]
     assert texts == alone  # each request got its own answer, as asked alone
-    assert rs[12].json()["answer"] == rs[13].json()["answer"]  # a seeded sample is the same however it was batched
+    row = {"kind": "prompt", "prompt": prompts[0], "completion": None, "messages": None}
+    # a seeded sample is the one drawn alone, however it was batched; another seed draws another; a top_p that
+    # keeps one token is greedy
+    drawn = [gen.complete([row], temperature=1.0, seed=s)[0].text for s in (3, 4)]
+    assert [r.json()["answer"] for r in rs[12:15]] == [drawn[0], drawn[0], drawn[1]] and drawn[0] != drawn[1]
+    assert rs[15].json()["answer"] == alone[0]
     stats = app.state.batcher.stats
-    assert stats["requests"] == 14 and stats["batches"] < 8, stats
+    # sampled and greedy requests share decodings (sampled ones were decoded alone: 4 more)
+    assert stats["requests"] == 16 and stats["batches"] <= 3, stats
 
 
 def test_concurrent_streams_share_batched_decodings_each_with_its_own_answer(full_run):

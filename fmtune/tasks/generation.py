@@ -623,26 +623,55 @@ def score(answers: list[str], references: list[str]) -> dict[str, float]:
 MIN_TEMPERATURE = 1e-5
 
 
-def generation_config(tokenizer: Any, max_new_tokens: int, sampling: dict[str, Any] | None = None,
-                      model: Any = None) -> Any:
-    """How answers are decoded: greedy, or sampled when ``sampling`` gives a temperature (at least
-    MIN_TEMPERATURE; and top_p); stop at the tokenizer's EOS; the KV cache on. One candidate, no minimum length and
-    no n-gram or repetition rule, whatever the model's own generation_config.json asks (BART-large-CNN's: 4 beams, at
-    least 56 tokens): what the scores measure is the model. An encoder-decoder's decoder starts from its own start
-    token (``model``: the model that generates)."""
+def generation_config(tokenizer: Any, max_new_tokens: int, model: Any = None) -> Any:
+    """How answers are decoded: the most likely token each step (a sampled row's token is drawn before that, by
+    ``RowSampler``), stop at the tokenizer's EOS, the KV cache on. One candidate, no minimum length and no n-gram or
+    repetition rule, whatever the model's own generation_config.json asks (BART-large-CNN's: 4 beams, at least 56
+    tokens): what the scores measure is the model. An encoder-decoder's decoder starts from its own start token
+    (``model``: the model that generates)."""
     from transformers import GenerationConfig
 
     from fmtune.models.wrapped import decoder_start, encoder_decoder
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    sampled = bool(sampling and (sampling.get("temperature") or 0) >= MIN_TEMPERATURE)
-    extra = {"temperature": sampling["temperature"], "top_p": sampling.get("top_p", 1.0)} if sampled else {}
-    if model is not None and encoder_decoder(model):
-        extra["decoder_start_token_id"] = decoder_start(model)
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampled, eos_token_id=eos, pad_token_id=pad,
+    extra = {"decoder_start_token_id": decoder_start(model)} if model is not None and encoder_decoder(model) else {}
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
                             use_cache=True, num_beams=1, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0,
                             **extra)
+
+
+def sampled(options: dict[str, Any] | None) -> bool:
+    """Whether decoding ``options`` (temperature, top_p, seed) sample: a temperature of at least MIN_TEMPERATURE."""
+    return bool(options and (options.get("temperature") or 0) >= MIN_TEMPERATURE)
+
+
+class RowSampler:
+    """A logits processor that samples each sampled row of a batch with its own temperature, top_p and seed (a
+    ``torch.Generator`` per row): the drawn token is left the only one possible, which the greedy step then takes.
+    So a row's answer depends on its seed, not on what else is decoded beside it (transformers' own sampling draws
+    the whole batch from one generator), and sampled and greedy rows share a batch (``options`` None: greedy)."""
+
+    def __init__(self, options: list[dict[str, Any] | None]):
+        self.rows = [(float(o["temperature"]), float(o.get("top_p", 1.0)),
+                      torch.Generator().manual_seed(int(o.get("seed", 0)))) if sampled(o) else None for o in options]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for b, row in enumerate(self.rows):
+            if row is None:
+                continue
+            temperature, top_p, generator = row
+            probs = torch.softmax(scores[b].float().cpu() / temperature, -1)
+            if top_p < 1.0:  # the smallest set of most likely tokens whose probability reaches top_p (at least one)
+                ranked, order = probs.sort(descending=True)
+                cut = int((ranked.cumsum(0) < top_p).sum()) + 1
+                keep = torch.zeros_like(probs)
+                keep[order[:cut]] = ranked[:cut]
+                probs = keep
+            token = int(torch.multinomial(probs, 1, generator=generator))
+            scores[b] = float("-inf")
+            scores[b, token] = 0.0
+        return scores
 
 
 @dataclass
@@ -728,18 +757,19 @@ def _stopped_rows(sinks: list[StreamSink | None]) -> Any:
 
 
 def complete(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings, device: Any,
-             sampling: dict[str, Any] | None = None, on_batch: Any = None,
+             sampling: list[dict[str, Any] | None] | None = None, on_batch: Any = None,
              sinks: list[StreamSink | None] | None = None) -> list[Completion]:
     """Answers to token-id prompts: batches of similar length, padded on the left (an encoder-decoder's
-    encoder: on the right), decoded with the KV cache (``model.generate``); greedy unless ``sampling``
-    (temperature, top_p) is given. Returns each prompt's answer (new text, tokens, whether it ended at the
-    EOS), in order. ``sinks`` (one per prompt, None for those not streamed): each streamed prompt's text goes
-    to its sink while the batch is decoded, and a closed sink stops its row (the others go on)."""
-    from transformers import StoppingCriteriaList
+    encoder: on the right), decoded with the KV cache (``model.generate``); greedy unless ``sampling`` gives a
+    prompt its temperature, top_p and seed (``RowSampler``; None: greedy). Returns each prompt's answer (new text,
+    tokens, whether it ended at the EOS), in order. ``sinks`` (one per prompt, None for those not streamed): each
+    streamed prompt's text goes to its sink while the batch is decoded, and a closed sink stops its row (the
+    others go on)."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from fmtune.models.wrapped import encoder_decoder, generate_new
 
-    gen = generation_config(tokenizer, settings.max_new_tokens, sampling, model)
+    gen = generation_config(tokenizer, settings.max_new_tokens, model)
     eos, pad = gen.eos_token_id, gen.pad_token_id
     right = encoder_decoder(model)
     answers: list[Completion] = [Completion("", 0, False)] * len(prompts)
@@ -754,13 +784,15 @@ def complete(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Gen
                 at = slice(0, len(p)) if right else slice(width - len(p), width)
                 ids[b, at] = torch.tensor(p)
                 mask[b, at] = 1
-            streams: dict[str, Any] = {}
+            extra: dict[str, Any] = {}
+            if sampling is not None and any(sampled(sampling[i]) for i in idx):
+                extra["logits_processor"] = LogitsProcessorList([RowSampler([sampling[i] for i in idx])])
             if sinks is not None and any(sinks[i] is not None for i in idx):
                 rows = [sinks[i] for i in idx]
-                streams = {"streamer": _BatchStreamer(tokenizer, rows, eos),
-                           "stopping_criteria": StoppingCriteriaList([_stopped_rows(rows)])}
+                extra |= {"streamer": _BatchStreamer(tokenizer, rows, eos),
+                          "stopping_criteria": StoppingCriteriaList([_stopped_rows(rows)])}
             try:
-                out = generate_new(model, ids.to(device), mask.to(device), generation_config=gen, **streams)
+                out = generate_new(model, ids.to(device), mask.to(device), generation_config=gen, **extra)
             except torch.OutOfMemoryError:
                 raise
             except (IndexError, ValueError, RuntimeError, TypeError) as e:
@@ -777,6 +809,6 @@ def complete(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Gen
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings, device: Any,
-             sampling: dict[str, Any] | None = None, on_batch: Any = None) -> list[str]:
+             sampling: list[dict[str, Any] | None] | None = None, on_batch: Any = None) -> list[str]:
     """The texts of ``complete``: each prompt's decoded new text, in order."""
     return [c.text for c in complete(model, tokenizer, prompts, settings, device, sampling, on_batch)]
