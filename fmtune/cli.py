@@ -674,7 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "first use, in RUN/export/) (default: torch)")
     sv.add_argument("--api-key", help="require this key (X-API-Key or Authorization: Bearer) on every request but "
                     "/health; also read from $FMTUNE_API_KEY")
-    sv.add_argument("--max-batch", type=int, default=64, help="items per forward pass (default: 64)")
+    sv.add_argument("--max-batch", type=int, default=64,
+                    help="items per forward pass; generation runs: prompts per decoding, greedy, sampled and "
+                    "streamed requests alike (default: 64; 1: one request at a time)")
     sv.add_argument("--max-wait-ms", type=float, default=0.0,
                     help="requests that arrive while a forward pass runs share the next one; this makes a batch "
                     "that is not full wait that much longer for more (default: 0)")
