@@ -633,7 +633,7 @@ def _base_for_adapter(model_dir: Path, meta: dict[str, Any]) -> nn.Module:
     except ModelError as e:
         raise ModelError(f"{model_dir} holds a {meta['adapter']} adapter; its base model {meta['source']!r} "
                          f"is needed to load it and is not available here ({e})") from None
-    if meta.get("dense", {}).get("head") in whole.CLASSES:
+    if (meta.get("dense") or {}).get("head") in whole.CLASSES:
         return whole.adapter_base(path, model_dir, meta["dense"]["head"])
     if meta.get("dense"):
         return _dense_model(model_dir, meta, path)

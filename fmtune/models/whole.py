@@ -149,7 +149,7 @@ class WholeModel(nn.Module):
     peft would take it for a transformers model and look for one's attributes; ``net.config`` is the model's.)"""
 
     level = "dense"
-    whole = True  # (the feature cache and adapters do not apply; explain reads Grad-CAM at ``gradcam_layer``)
+    whole = True  # (no feature cache; an adapter's head is all but the backbone; Grad-CAM at ``gradcam_layer``)
     kind = ""
 
     def __init__(self, net: nn.Module):
