@@ -28,6 +28,7 @@ from fmtune.tasks import task_class
 from fmtune.tasks.generation import (
     Completion,
     GenerationSettings,
+    QueuedStream,
     StreamSink,
     complete,
     fit_prompt,
@@ -427,28 +428,24 @@ class Generator:
         away, a stop string found) stops the decoding at the next token, and so does setting
         ``cancel`` (a ``threading.Event``) from another thread. ``info``, when given, gets ``tokens``
         and ``stopped`` (as ``Completion`` has them) once the answer is complete. (The service streams
-        through its batches instead: ``fmtune.serve.Streams``, the same pieces.)"""
-        import queue
+        through its batches instead: ``serve_base.open_stream``, the same pieces.)"""
         import threading
 
-        pieces, end, out = queue.Queue(), object(), {}
-        sink = StreamSink(pieces.put, cancel)
+        stream, out = QueuedStream(cancel), {}
 
         def work() -> None:
             try:
-                out["answer"] = self.complete([row], max_new_tokens, temperature, top_p, seed, sinks=[sink])[0]
+                out["answer"] = self.complete([row], max_new_tokens, temperature, top_p, seed, sinks=[stream.sink])[0]
             except Exception as e:  # raised where the answer is read, not lost in this thread
                 out["error"] = e
             finally:
-                pieces.put(end)
+                stream.done()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         try:
-            while (piece := pieces.get()) is not end:
-                yield piece
+            yield from stream.pieces()
         finally:
-            sink.closed.set()
             thread.join()
         if "error" in out:
             raise out["error"]

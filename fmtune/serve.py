@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fmtune import serve_openai
 from fmtune.errors import ConfigError, DataError
-from fmtune.serve_base import HTTPError, Limits, Streams, check_items, number, request_items, threaded_stream
+from fmtune.serve_base import HTTPError, Limits, check_items, number, open_stream, request_items, threaded_stream
 from fmtune.tasks.base import Task
 
 
@@ -420,7 +420,7 @@ def _generation_request(data: Any, limits: Limits) -> tuple[list[dict[str, Any]]
 
 def generation_batches(generator: Any) -> Any:
     """The MicroBatcher's ``run`` for a generation run (one decoding at a time: each uses every core): items
-    are (row, decoding options) or, streamed, (row, options, sink: ``Streams``); rows asking for the same
+    are (row, decoding options) or, streamed, (row, options, sink: ``serve_base.open_stream``); rows asking for the same
     max_new_tokens are answered in one batched decoding (``Generator.complete``), each greedy or sampled with its
     own temperature, top_p and seed (its seed gives its answer, whatever else is asked at the time). Returns
     Completions."""
@@ -479,8 +479,7 @@ def _tgi_token(i: int, text: str, whole: str | None) -> dict[str, Any]:
 
 
 def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any) -> None:
-    streams = Streams(batcher)
-    serve_openai.add_routes(app, generator, limits, guard, read_json, batcher, streams)
+    serve_openai.add_routes(app, generator, limits, guard, read_json, batcher)
 
     @app.post("/", openapi_extra=TGI_DOC)
     async def text_generation(request: Request) -> Any:
@@ -491,7 +490,7 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         row, opts, stops, full = _tgi_request(data, limits)
         serve_openai.read_prompts(generator, [row], limits, "inputs")  # (413 if too long under --long-text reject)
         if data.get("stream"):  # TGI's events: data: {"token": {"text": ...}, "generated_text": null}, the last
-            read = streams.open(row, opts)
+            read = open_stream(batcher, row, opts)
 
             def events(cancel: Any) -> Any:  # with the whole text
                 scanner = serve_openai.StopScanner(stops)
@@ -516,7 +515,7 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
         said = {"truncated": cut} if cut else {}  # (as /predict lists its cut texts)
         version = generator.version
         if data.get("stream"):
-            read = streams.open(rows[0], opts)
+            read = open_stream(batcher, rows[0], opts)
 
             def events(cancel: Any) -> Any:
                 pieces = []

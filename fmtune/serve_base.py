@@ -113,37 +113,23 @@ def request_items(rows: list[dict[str, Any]], opts: dict[str, Any]) -> list[tupl
     return [(row, {**opts, "seed": opts.get("seed", 0) + i} if i else opts) for i, row in enumerate(rows)]
 
 
-class Streams:
-    """Streamed answers of a generation run, decoded in the service's batches (``MicroBatcher``) with whatever
-    else is asked at the time, streamed or not: concurrent streams share one batched decoding instead of each
-    waiting for the one before to finish (``tasks.generation.complete`` with sinks)."""
+def open_stream(batcher: Any, row: dict[str, Any], opts: dict[str, Any]) -> Any:
+    """Ask ``batcher`` (the service's ``MicroBatcher``) for ``row``'s answer now, streamed: decoded in its batches
+    with whatever else is asked at the time, streamed or not, so concurrent streams share one decoding instead of
+    each waiting for the one before to finish. Call it in the event loop (an endpoint); it returns ``read(cancel,
+    info)``, a generator of the answer's pieces for the response's worker thread, as ``Generator.stream`` gives
+    them (``info`` gets ``tokens`` and ``stopped`` at the end; ``cancel`` or closing it stops its row)."""
+    from fmtune.tasks.generation import QueuedStream
 
-    def __init__(self, batcher: Any):
-        self.batcher = batcher
+    stream = QueuedStream()
+    answer = asyncio.ensure_future(batcher.submit([(row, opts, stream.sink)]))
+    answer.add_done_callback(stream.done)
 
-    def open(self, row: dict[str, Any], opts: dict[str, Any]) -> Any:
-        """Ask for ``row``'s answer now (in the event loop: an endpoint); returns ``read(cancel, info)``, a
-        generator of its pieces of text for the response's worker thread, as ``Generator.stream`` gives them
-        (``info`` gets ``tokens`` and ``stopped`` at the end; ``cancel`` or closing it stops its row)."""
-        import queue
+    def read(cancel: Any = None, info: dict[str, Any] | None = None) -> Any:
+        stream.sink.cancel = cancel
+        yield from stream.pieces()
+        (done,) = answer.result()  # (the batch's error, if it failed)
+        if info is not None:
+            info["tokens"], info["stopped"] = done.tokens, done.stopped
 
-        from fmtune.tasks.generation import StreamSink
-
-        pieces: queue.Queue = queue.Queue()
-        end = object()
-        sink = StreamSink(pieces.put)
-        answer = asyncio.ensure_future(self.batcher.submit([(row, opts, sink)]))
-        answer.add_done_callback(lambda _: pieces.put(end))
-
-        def read(cancel: Any = None, info: dict[str, Any] | None = None) -> Any:
-            sink.cancel = cancel
-            try:
-                while (piece := pieces.get()) is not end:
-                    yield piece
-            finally:
-                sink.closed.set()
-            (done,) = answer.result()  # (the batch's error, if it failed)
-            if info is not None:
-                info["tokens"], info["stopped"] = done.tokens, done.stopped
-
-        return read
+    return read

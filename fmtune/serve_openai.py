@@ -49,7 +49,7 @@ from typing import Any
 from fastapi import Request
 
 from fmtune.errors import DataError
-from fmtune.serve_base import HTTPError, Limits, check_items, number, request_items, threaded_stream
+from fmtune.serve_base import HTTPError, Limits, check_items, number, open_stream, request_items, threaded_stream
 
 # request fields refused unless they carry their neutral value (None is always fine: a client's "not given")
 NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
@@ -450,11 +450,10 @@ def add_transcription_routes(app: Any, predictor: Any, batcher: Any, limits: Lim
         return {"text": record["transcript"], "usage": {"type": "duration", "seconds": round(seconds, 3)}}
 
 
-def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any,
-               streams: Any) -> None:
+def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any) -> None:
     """The /v1 routes on ``app``, answering with ``generator`` (a ``fmtune.generation.Generator``):
     whole answers through ``batcher`` (concurrent greedy requests decoded together, as on POST
-    /generate), streams through ``streams`` (``serve_base.Streams``: in the same batches)."""
+    /generate), streams in the same batches (``serve_base.open_stream``)."""
     model_id = add_model_routes(app, generator.run_dir, guard)
 
     def usage(prompt: int, answer: int) -> dict[str, int]:
@@ -487,7 +486,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
         then [DONE]. The answer is decoded in a worker thread; the client going away stops it."""
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
 
-        read = streams.open(row, opts)
+        read = open_stream(batcher, row, opts)
 
         def events(cancel: Any) -> Any:
             info: dict[str, Any] = {}
@@ -559,7 +558,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
                               "total_tokens": prompt_tokens + n} if done else None}
 
         if data.get("stream"):
-            read = streams.open(row, opts)
+            read = open_stream(batcher, row, opts)
 
             def events(cancel: Any) -> Any:
                 seq = iter(range(1 << 30))

@@ -706,6 +706,30 @@ class StreamSink:
         return self.closed.is_set() or (self.cancel is not None and self.cancel.is_set())
 
 
+class QueuedStream:
+    """One streamed answer handed from the thread that decodes it to the one that reads it: ``sink`` goes to
+    ``complete``, ``done()`` once its decoding is over (ended or failed), ``pieces()`` yields the text until then
+    (closing it early closes the sink: its row stops at the next token)."""
+
+    END = object()
+
+    def __init__(self, cancel: Any = None):
+        import queue
+
+        self.queue: queue.Queue = queue.Queue()
+        self.sink = StreamSink(self.queue.put, cancel)
+
+    def done(self, *_: Any) -> None:
+        self.queue.put(self.END)
+
+    def pieces(self) -> Any:
+        try:
+            while (piece := self.queue.get()) is not self.END:
+                yield piece
+        finally:
+            self.sink.closed.set()
+
+
 class _BatchStreamer:
     """A transformers streamer for a batch being decoded: each row with a sink gets its own ``TextStreamer``
     (skip the prompt, skip special tokens: as a stream of one prompt), fed its row's tokens until its EOS."""
