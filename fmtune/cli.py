@@ -650,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--output", help="output folder (default: RUN/export/model|adapter|merged|onnx|onnx-int8)")
     x.add_argument("--format", choices=["hf", "onnx", "onnx-int8"], default="hf",
                    help="hf: the model folder (transformers/peft); onnx: model.onnx with dynamic batch and sequence "
-                   "axes, checked within 1e-4; onnx-int8: dynamically quantised, checked on the run's test split "
+                   "axes (a whole RT-DETR, RT-DETRv2 or D-FINE detector: one image at a time), checked within "
+                   "1e-4; onnx-int8: dynamically quantised, checked on the run's test split "
                    "(default: hf). ONNX folders carry the tokenizer and preprocessing.json")
     x.add_argument("--max-drop", type=float, default=0.01,
                    help="onnx-int8: refuse when the test metric drops by more than this (default: 0.01)")

@@ -91,10 +91,13 @@ def _quiet_exporter():
 
 
 def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], path: Path,
-                audio: dict[str, Any] | None = None) -> None:
-    """Export a plain (adapter-free) task model to ``path`` with dynamic batch (and sequence) axes."""
+                audio: dict[str, Any] | None = None) -> int | None:
+    """Export a plain (adapter-free) task model to ``path`` with dynamic batch (and sequence) axes. Returns the
+    graph's fixed batch size where it has one (``_export_set_detector``), else None."""
     from fmtune.data.audio import STACKED
 
+    if getattr(model, "set_prediction", False):
+        return _export_set_detector(model, sample["pixel_values"], path)
     names = input_names(kind, audio, "token_type_ids" in sample)
     args = tuple(sample[n] for n in names)
     batch = torch.export.Dim("batch", min=1)
@@ -122,6 +125,38 @@ def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], pa
                               dynamic_shapes=tuple(shapes[n] for n in names), external_data=False, verbose=False)
     except Exception as e:  # the exporter raises many kinds
         raise ModelError(export_failure(model, e)) from None
+    return None
+
+
+def _export_set_detector(model: nn.Module, pixels: torch.Tensor, path: Path) -> int | None:
+    """A whole transformers detector (``fmtune.models.whole.SetDetector``: its queries' class logits and boxes, the
+    layout fmtune's detection task decodes) through transformers' own ONNX exporter, whose graph rewrites make
+    RT-DETRv2 and D-FINE exportable (torch.onnx alone has no lowering for their finite-value checks). With a dynamic
+    batch where the model allows it (DETR, Conditional DETR, YOLOS); RT-DETR and its successors take the batch size
+    with ``len()`` of a tensor, which fixes it in any torch.export graph: these are exported for one image at a time
+    (returns 1; ``OnnxModel`` runs a batch image by image)."""
+    try:
+        import onnx_ir
+        from transformers.exporters import OnnxConfig, OnnxExporter
+    except ImportError as e:
+        raise ModelError(f"ONNX export of a whole detector uses transformers' exporter (transformers.exporters, in "
+                         f"transformers 5.25 and later; {brief(e, 120)}): pip install -U 'transformers<6'") from None
+
+    wrapper = _ImageLogits(model).eval()
+    attempts = [(pixels, OnnxConfig(dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1)}}), None),
+                (pixels[:1], OnnxConfig(), 1)]
+    error: BaseException | None = None
+    for x, config, fixed in attempts:
+        try:
+            with _quiet_exporter(), torch.no_grad():
+                program, _ = OnnxExporter().export_program(wrapper, {"pixel_values": x}, config)
+        except Exception as e:  # noqa: PERF203  (torch.export raises many kinds; the next attempt may pass)
+            error = e
+            continue
+        program.graph.outputs[0].name = "logits"
+        onnx_ir.save(program, str(path))  # one file: the weights inside (as torch.onnx's external_data=False)
+        return fixed
+    raise ModelError(export_failure(model, error))
 
 
 def export_failure(model: nn.Module, error: BaseException) -> str:
@@ -152,10 +187,12 @@ def quantize_int8(src: Path, dst: Path) -> None:
     prepared.unlink()
 
 
-def write_preprocessing(bundle: Any, task: Any, folder: Path, pairs: bool = False) -> None:
+def write_preprocessing(bundle: Any, task: Any, folder: Path, pairs: bool = False, batch: int | None = None) -> None:
     segments = pairs and bundle.kind == "text" and bundle.uses_segments()
     prep = {"kind": bundle.kind, **task.state(), "inputs": input_names(bundle.kind, bundle.audio, segments),
             "output": "logits"}
+    if batch is not None:  # the graph's batch size is fixed: run it on that many inputs at a time
+        prep["batch_size"] = batch
     if bundle.kind == "text":
         prep["max_length"] = bundle.max_length
         if pairs:  # the tokenizer called on (first, second), truncation longest_first
@@ -190,6 +227,8 @@ class OnnxModel(nn.Module):
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
+        first = self.session.get_inputs()[0].shape[0]
+        self.batch = first if isinstance(first, int) else None  # a graph made for a fixed batch size (one image)
 
     def forward(self, **batch: torch.Tensor) -> SequenceClassifierOutput:
         if "frame_mask" in self.names and "input_values" in self.names:  # waveform windows: unpadded, in groups
@@ -206,7 +245,13 @@ class OnnxModel(nn.Module):
                 logits[rows] = part
         else:
             feeds = {n: batch[n].cpu().numpy() for n in self.names}
-            logits = torch.from_numpy(self.session.run(["logits"], feeds)[0])
+            rows = len(next(iter(feeds.values())))
+            if self.batch is None or rows <= self.batch:
+                logits = torch.from_numpy(self.session.run(["logits"], feeds)[0])
+            else:  # a graph of a fixed batch size: the batch in slices of that size
+                logits = torch.cat([torch.from_numpy(self.session.run(
+                    ["logits"], {n: v[i:i + self.batch] for n, v in feeds.items()})[0])
+                    for i in range(0, rows, self.batch)])
         if "clip_index" in batch:  # audio: one row per window; a clip's logits are its windows' mean
             from fmtune.models.hf_remote import per_clip
 

@@ -464,7 +464,7 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
     batch), training lowers it on unseen images, mAP is scored by pycocotools, its pixels are not normalised (its
     processor's do_normalize false), the learning rates are its recipe's; predict, reload and serve give boxes in
     the image's pixels; strategy head trains all but the backbone; explain reads Grad-CAM at the backbone's
-    stride-16 stage; prompt tuning and ONNX are refused by name."""
+    stride-16 stage; prompt tuning is refused by name (ONNX: test_a_whole_detector_exports_to_onnx)."""
     import yaml
     from fastapi.testclient import TestClient
 
@@ -530,8 +530,6 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
     from fmtune.exporter import export
 
     assert export(out, quiet=True)["max_abs_diff"] == 0.0  # (--format hf: the run's folder as it is)
-    with pytest.raises(ConfigError, match="ONNX export of a whole detector .RTDetrForObjectDetection. is not built"):
-        export(out, format="onnx", quiet=True)
 
     head = tmp_path / "head"
     cfg = det_cfg(tiny_rt_detr, boxes_data, head, epochs=1)
@@ -556,6 +554,69 @@ def test_a_whole_detector_trains_with_its_own_loss(tiny_rt_detr, boxes_data, tmp
     items = explain(out, [str(img)], quiet=True)["items"]
     heat = np.load(out / "explain" / "heatmaps.npy")
     assert len(items) == 1 and items[0]["predicted"] in CLASSES and heat.shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("model_type", ["rt_detr_v2", "yolos",
+                                        pytest.param("rt_detr", marks=pytest.mark.slow),
+                                        pytest.param("d_fine", marks=pytest.mark.slow),
+                                        pytest.param("detr", marks=pytest.mark.slow)])
+def test_a_whole_detector_exports_to_onnx(model_type, boxes_data, tmp_path):
+    """ONNX export of a whole detector was refused. Now transformers' exporter writes it up to the queries' class
+    logits and boxes, checked against the run (1e-4): YOLOS and DETR with a dynamic batch; RT-DETR, RT-DETRv2 and
+    D-FINE for one image (torch.export fixes their batch: they read it with len()), which preprocessing.json says
+    and the onnx backend runs image by image, giving the torch model's boxes. RT-DETRv2 and D-FINE need
+    transformers' graph rewrites (torch.onnx alone has no lowering for their finite-value check). The tiny config
+    takes all 84 locations of a 64 px image as queries: its random scores tie to float precision, and a top-k
+    of fewer would pick different locations in onnxruntime, as a trained detector's do not."""
+    from transformers import CONFIG_MAPPING, AutoModelForObjectDetection
+
+    from fmtune.exporter import export
+    from fmtune.predictor import Predictor
+
+    if model_type == "rt_detr":
+        cfg = CONFIG_MAPPING[model_type](backbone_config=CONFIG_MAPPING["rt_detr_resnet"](**TINY_RT_RESNET),
+                                         **TINY_RT_DETR)
+    else:
+        cfg = tiny_detector_config(model_type)
+    fixed = hasattr(cfg, "num_denoising")  # the RT-DETR family
+    if fixed:
+        cfg.num_queries = 8 * 8 + 4 * 4 + 2 * 2  # every location of its three levels at 64 px
+    torch.manual_seed(0)
+    AutoModelForObjectDetection.from_config(cfg).save_pretrained(tmp_path / "m")
+    out = tmp_path / "run"
+    api.train(det_cfg(tmp_path / "m", boxes_data, out, epochs=2), quiet=True, report=False)
+    res = export(out, format="onnx", quiet=True)
+    assert res["max_abs_diff"] <= 1e-4 and res.get("batch_size") == (1 if fixed else None)
+    folder = Path(res["out"])
+    prep = json.loads((folder / "preprocessing.json").read_text())
+    assert prep.get("batch_size") == (1 if fixed else None) and prep["image"]["set_prediction"]
+    imgs = [str(p) for p in sorted((boxes_data["test"] / "images").iterdir())[:5]]
+    ours, onnx = Predictor(out).predict(imgs), Predictor(out, backend="onnx").predict(imgs)  # one batch of 5
+
+    def key(b):
+        return b["label"], round(b["score"], 3), round(b["x0"]), round(b["y0"])
+
+    assert sum(len(p["boxes"]) for p in ours) > 0
+    for t, o in zip(ours, onnx):
+        assert len(t["boxes"]) == len(o["boxes"])
+        for bt, bo in zip(sorted(t["boxes"], key=key), sorted(o["boxes"], key=key)):
+            assert bt["label"] == bo["label"] and abs(bt["score"] - bo["score"]) <= 1e-3
+            assert max(abs(bt[c] - bo[c]) for c in ("x0", "y0", "x1", "y1")) <= 0.2
+
+
+def test_a_whole_detectors_outputs_are_compared_as_a_set_of_queries():
+    """The export check pairs a whole detector's queries: the same queries in another order are the same output
+    (raw, they differ by whole boxes), a moved box is not; fmtune's own per-location head is compared as it is."""
+    task = Detection(CLASSES)
+    torch.manual_seed(0)
+    a = torch.cat([torch.randn(2, 6, 3), torch.rand(2, 6, 4) * 60, torch.zeros(2, 6, 5)], -1)  # 3 + SET_EXTRA
+    b = a[:, torch.tensor([3, 1, 0, 5, 4, 2])]
+    assert task.output_difference(a, b) == 0.0 and (a - b).abs().max() > 1.0
+    moved = b.clone()
+    moved[1, 2, 3] += 6.0  # one box's x0 by 6 pixels (of at most 60: relative 0.1 or more)
+    assert task.output_difference(a, moved) >= 0.1 - 1e-6
+    own = a[..., :3 + 9 - 1]  # fmtune's FCOS layout has one channel fewer: compared as it is
+    assert task.output_difference(own, own[:, torch.tensor([3, 1, 0, 5, 4, 2])]) > 1.0
 
 
 def test_a_detr_whose_backbone_is_timm_says_so(tmp_path, boxes_data):

@@ -247,6 +247,12 @@ class Task:
         with ``true``/``pred`` class ids and ``proba`` (N x K), or "values" with ``true``/``pred``."""
         raise NotImplementedError
 
+    def output_difference(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """How far two models' outputs on the same inputs are apart (an export checked against its run): the
+        largest difference, absolute, or relative to the output where it is larger than 1 (a detector's box
+        coordinates are pixels: 200 +- 2e-4 is the same float32 agreement as a logit of 2 +- 2e-6)."""
+        return float(((a - b).abs() / a.abs().clamp(min=1.0)).max()) if a.numel() else 0.0
+
     # --- output ------------------------------------------------------------------------------
     def postprocess(self, logits: torch.Tensor, ds: Any = None) -> list[dict[str, Any]]:
         """One dict per example: the prediction and its scores, for predict/serve."""
