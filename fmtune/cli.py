@@ -203,7 +203,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     records = generate_texts(a.run, a.prompt or None, a.file, a.output, max_new_tokens=a.max_new_tokens,
                              temperature=a.temperature, top_p=a.top_p, seed=a.seed, batch_size=a.batch_size,
-                             quiet=a.quiet)
+                             backend=a.backend, quiet=a.quiet)
     if a.output is None:
         for r in records:
             print(json.dumps(r, ensure_ascii=False))
@@ -643,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling: row i is drawn with seed + i, "
                    "whatever --batch-size")
     g.add_argument("--batch-size", type=int, default=16, help="prompts answered together (default: 16)")
+    g.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="what decodes: torch, or onnxruntime on the run's ONNX export (prefill and decode graphs, made "
+                   "and checked on first use in RUN/export/onnx: minutes for a 100M model; slower than torch on "
+                   "this CPU, for deploying without torch) (default: torch)")
 
     x = verb("export", cmd_export, "write a run's model as a folder other tools load, checked against the run's "
              "model on real rows of its data")
@@ -651,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["hf", "onnx", "onnx-int8"], default="hf",
                    help="hf: the model folder (transformers/peft); onnx: model.onnx with dynamic batch and sequence "
                    "axes (a whole RT-DETR, RT-DETRv2 or D-FINE detector: one image at a time), checked within "
-                   "1e-4; onnx-int8: dynamically quantised, checked on the run's test split "
+                   "1e-4; a decoder-only generation run: prefill.onnx and decode.onnx, checked to give the run's "
+                   "greedy answers); onnx-int8: dynamically quantised, checked on the run's test split "
                    "(default: hf). ONNX folders carry the tokenizer and preprocessing.json")
     x.add_argument("--max-drop", type=float, default=0.01,
                    help="onnx-int8: refuse when the test metric drops by more than this (default: 0.01)")

@@ -100,10 +100,10 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
     target = Path(out) if out is not None else opened.dir / "export" / kind
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise RunDirError(f"{target} already exists; pass --overwrite to replace it, or -o another folder")
-    if opened.task.level == "lm":  # text generation: a transformers folder, checked on generated answers
-        if format != "hf":
-            raise ConfigError(f"--format {format}: a generation run exports as a Hugging Face folder (--format hf; "
-                              "--merge folds a LoRA/DoRA/IA3 adapter in); ONNX export of generation is not built")
+    if opened.task.level == "lm":  # generation: a transformers folder or ONNX graphs, checked on generated answers
+        if format == "onnx-int8":
+            raise ConfigError("--format onnx-int8: a generation run exports as a Hugging Face folder (--format hf; "
+                              "--merge folds a LoRA/DoRA/IA3 adapter in) or as ONNX (--format onnx), not int8")
         from fmtune.generation import export_run
 
         return export_run(opened, target, kind, quiet)

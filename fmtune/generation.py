@@ -7,6 +7,7 @@ scores generated answers, ``fmtune.tasks.generation``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -18,8 +19,8 @@ import torch
 from accelerate.utils import set_seed
 from sklearn.model_selection import train_test_split
 
+from fmtune import adapters, ui
 from fmtune import config as config_mod
-from fmtune import ui
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import read_json, write_json, write_text_atomic
 from fmtune.models import build, causal_lm
@@ -33,6 +34,7 @@ from fmtune.tasks.generation import (
     complete,
     fit_prompt,
     generate,
+    generation_config,
     prompt_ids,
     read_rows,
     uses_template,
@@ -365,8 +367,9 @@ class Generator:
     generates = True
     kind = "text"
 
-    def __init__(self, run: str | Path, opened: Any = None):
-        """``opened``: the run already loaded (``fmtune.run.open_run``)."""
+    def __init__(self, run: str | Path, opened: Any = None, backend: str = "torch"):
+        """``opened``: the run already loaded (``fmtune.run.open_run``); ``backend``: torch, or onnx (onnxruntime on
+        the run's ONNX export, made and checked in RUN/export/onnx on first use)."""
         from fmtune.fsutil import folder_digest
 
         opened = opened or open_run(run)
@@ -379,11 +382,24 @@ class Generator:
         self.run_dir, self.config, self.task, self.bundle = opened.dir, opened.config, opened.task, opened.bundle
         self.template = uses_template(self.bundle.tokenizer, self.task.chat_template)
         self.device = hardware.choose(self.config.train.device, "fp32", self.config.train.num_threads).device
-        self.bundle.model.to(self.device).eval()
+        self.backend = backend
         self.version = folder_digest(self.run_dir / "model")
+        if backend == "onnx":
+            _onnx_exportable(self)
+            from fmtune.onnx_export import OnnxCausalLM
+            from fmtune.run import exported_from
+
+            folder = self.run_dir / "export" / "onnx"
+            if exported_from(folder) != self.version:  # none yet, or of older weights
+                export_run(opened, folder, "onnx", quiet=True)
+            self.bundle.model, self.device = OnnxCausalLM(folder), torch.device("cpu")
+            self.version = folder_digest(folder)
+        elif backend != "torch":
+            raise ConfigError(f"backend {backend!r}: a generation run decodes with torch or onnx")
+        self.bundle.model.to(self.device).eval()
 
     def metadata(self) -> dict[str, Any]:
-        return {"run": self.run_dir.name, "model_version": self.version, "backend": "torch",
+        return {"run": self.run_dir.name, "model_version": self.version, "backend": self.backend,
                 "model": self.config.model.name, "kind": "text", "task": "generation", "labels": [],
                 "strategy": self.config.strategy.name, "max_length": self.bundle.max_length,
                 "instruction": self.task.instruction, "chat_template": self.template,
@@ -456,13 +472,13 @@ class Generator:
 def generate_texts(run: str | Path, prompts: list[str] | None = None, file: str | Path | None = None,
                    output: str | Path | None = None, *, max_new_tokens: int | None = None,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                   quiet: bool = False) -> list[dict[str, Any]]:
+                   backend: str = "torch", quiet: bool = False) -> list[dict[str, Any]]:
     """Answers of a trained generation run to prompts given directly or in a file (JSONL rows as
     in training, without the completion; CSV/Parquet through data.input_column). Writes JSONL to
     ``output`` when given; returns the records."""
     if (prompts is None) == (file is None):
         raise ConfigError("give --prompt TEXT (repeatable) or --file FILE")
-    gen = Generator(run)
+    gen = Generator(run, backend=backend)
     if file is not None:
         df = read_rows(file, gen.config.data, with_targets=False)
     else:
@@ -499,11 +515,13 @@ def _export_source(opened: Any) -> Path:
 
 
 def _checked_export(opened: Any, target: Path, kind: str, quiet: bool, *, auto: Any, extra: Any, outputs: Any,
-                    reference: list[str], what: tuple[str, str, str], source: Path) -> dict[str, Any]:
+                    reference: list[str], what: tuple[str, str, str], source: Path, save: Any = None) -> dict[str, Any]:
     """Write the run's model as a transformers folder (``kind``: model, adapter, or merged: the
     adapter folded in, ``auto.from_pretrained`` loads it without peft; ``extra(folder)`` adds what
-    else the folder needs), load it back, and keep it only if ``outputs(loaded_model)`` equals
-    ``reference`` (the run's own outputs). ``what``: (the outputs' noun, export.json's key, the verb)."""
+    else the folder needs; or onnx: ``save(folder)`` writes it and returns it loaded), load it back, and keep it
+    only if ``outputs(loaded_model)`` equals ``reference`` (the run's own outputs). ``what``: (the outputs' noun,
+    export.json's key, the verb). An export.json already in the folder (transformers' manifest of an ONNX export)
+    keeps its keys."""
     import shutil
 
     from fmtune.fsutil import atomic_dir, folder_digest
@@ -511,11 +529,14 @@ def _checked_export(opened: Any, target: Path, kind: str, quiet: bool, *, auto: 
     bundle = opened.bundle
     noun, key, verb = what
     result: dict[str, Any] = {"run": str(opened.dir), "model_version": folder_digest(opened.dir / "model"),
-                              "out": str(target), "format": "hf", "kind": kind, "strategy": opened.config.strategy.name,
-                              f"checked_{noun}": len(reference), "source": str(source)}
+                              "out": str(target), "format": "onnx" if kind == "onnx" else "hf", "kind": kind,
+                              "strategy": opened.config.strategy.name, f"checked_{noun}": len(reference),
+                              "source": str(source)}
 
     def write(tmp: Path) -> None:
-        if kind == "merged":
+        if save is not None:
+            loaded = save(tmp)
+        elif kind == "merged":
             causal_lm.merged(bundle).save_pretrained(tmp, safe_serialization=True)
             bundle.tokenizer.save_pretrained(tmp)
             extra(tmp)
@@ -528,37 +549,86 @@ def _checked_export(opened: Any, target: Path, kind: str, quiet: bool, *, auto: 
         if same != len(reference):
             raise DataError(f"export check failed: the exported model {verb} {len(reference) - same} of "
                             f"{len(reference)} {noun} of {source} differently from the run; nothing was written")
-        (tmp / "export.json").write_text(json.dumps(result, indent=2))
+        (tmp / "export.json").write_text(json.dumps(read_json(tmp / "export.json", {}) | result, indent=2))
 
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(target, write)
     if not quiet:
         how = {"merged": f"adapter folded into the weights: {auto.__name__}.from_pretrained(folder), no peft",
                "adapter": "peft adapter folder: PeftModel.from_pretrained on the base model",
-               "model": f"{auto.__name__}.from_pretrained(folder)"}[kind]
+               "model": f"{auto.__name__}.from_pretrained(folder)",
+               "onnx": "prefill.onnx and decode.onnx, the KV cache their inputs and outputs; "
+                       "transformers.exporters.ExportedModel.from_pretrained(folder) runs them on onnxruntime, "
+                       "fmtune generate/serve --backend onnx decode with them"}[kind]
         ui.console.print(f"exported {opened.dir} -> {target} ({how}); checked: the same {key[5:].replace('_', ' ')} "
                          f"as the run for {len(reference)} {noun} of {source}")
     return result
 
 
 def export_run(opened: Any, target: Path, kind: str, quiet: bool = False) -> dict[str, Any]:
-    """``fmtune export`` of a generation run (``kind``: model, adapter or merged): the folder is
-    loaded back and must give the same greedy answers as the run to up to 8 prompts of the
+    """``fmtune export`` of a generation run (``kind``: model, adapter or merged; onnx: ``_save_onnx``): the folder
+    is loaded back and must give the same greedy answers as the run to up to 8 prompts of the
     run's data, or nothing is written. A speech recognition run: the same transcripts of up to
     8 clips (the folder holds the feature extractor too)."""
     if opened.task.modality == "audio":
+        if kind == "onnx":
+            raise ConfigError(f"--format onnx: a {opened.task.name} run exports as a Hugging Face folder (--format hf)")
         return _export_speech(opened, target, kind, quiet)
     gen = Generator(opened.dir, opened)
     cfg, bundle = gen.config, gen.bundle
+    if kind == "onnx":
+        _onnx_exportable(gen)
     source = _export_source(opened)
     rows = read_rows(source, cfg.data, with_targets=False).head(EXPORT_CHECK_PROMPTS).to_dict("records")
     prompts = [gen.prompt_ids(r)[0] for r in rows]
     s = GenerationSettings(cfg.eval.max_new_tokens, 0, EXPORT_CHECK_PROMPTS)
     reference = generate(bundle.model, bundle.tokenizer, prompts, s, gen.device)
+    save = (lambda tmp: _save_onnx(gen, prompts, tmp, quiet)) if kind == "onnx" else None
+    device = torch.device("cpu") if kind == "onnx" else gen.device  # (onnxruntime on the CPU)
     return _checked_export(opened, target, kind, quiet, auto=causal_lm.auto_class(bundle.family),
                            extra=lambda tmp: None,
-                           outputs=lambda m: generate(m.to(gen.device), bundle.tokenizer, prompts, s, gen.device),
-                           reference=reference, what=("prompts", "same_greedy_answers", "answers"), source=source)
+                           outputs=lambda m: generate(m.to(device), bundle.tokenizer, prompts, s, device),
+                           reference=reference, what=("prompts", "same_greedy_answers", "answers"), source=source,
+                           save=save)
+
+
+def _onnx_exportable(gen: Generator) -> None:
+    if gen.bundle.family == causal_lm.SEQ2SEQ_FAMILY:
+        raise ConfigError("--format onnx: ONNX export of generation covers decoder-only models; an encoder-decoder "
+                          "run exports as a Hugging Face folder (--format hf)")
+    if gen.bundle.adapter == "prompt":
+        raise ConfigError("--format onnx: prompt-tuned runs cannot be exported to ONNX (the virtual tokens are not "
+                          "part of the weights); serve them with the torch backend")
+
+
+def _save_onnx(gen: Generator, prompts: list[list[int]], folder: Path, quiet: bool) -> Any:
+    """The run's model (its adapter folded in) as ``onnx_export.export_generation``'s two graphs, with the tokenizer,
+    the greedy generation_config fmtune decodes with, and preprocessing.json (how prompts are written); returns it
+    loaded (``onnx_export.OnnxCausalLM``). Traced from two of the check's prompts, left-padded."""
+    import copy
+
+    from fmtune.onnx_export import PREP_FILE, OnnxCausalLM, export_generation
+
+    bundle, tok = gen.bundle, gen.bundle.tokenizer
+    plain = adapters.merge(copy.deepcopy(bundle.model), bundle.adapter) if bundle.adapter else bundle.model
+    sample = sorted(prompts, key=len)[-2:] if len(prompts) > 1 else (prompts or [[tok.eos_token_id]]) * 2
+    if len(sample[0]) == len(sample[1]):  # a padded row, so the graph is traced with its mask's zeros
+        sample = [sample[0][1:] or sample[0], sample[1]]
+    width = max(map(len, sample))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in sample])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in sample])
+    with contextlib.nullcontext() if quiet else ui.console.status(
+            f"export onnx: tracing prefill and decode of {type(plain).__name__} (minutes for a 100M model)"):
+        export_generation(plain.to("cpu"), ids, mask, folder)
+    tok.save_pretrained(folder)
+    generation_config(tok, gen.config.eval.max_new_tokens).save_pretrained(folder)
+    prep = {"kind": "text", "task": "generation", "instruction": gen.task.instruction, "chat_template": gen.template,
+            "max_length": bundle.max_length, "max_new_tokens": gen.config.eval.max_new_tokens,
+            "prompts": "left-padded token ids and attention_mask; position_ids count a row's real tokens; prefill "
+                       "gives the logits and the cache, decode takes one token per row and the cache"}
+    (folder / PREP_FILE).write_text(json.dumps(prep, indent=2))
+    return OnnxCausalLM(folder)
 
 
 def _export_speech(opened: Any, target: Path, kind: str, quiet: bool) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fmtune.errors import ModelError, brief
@@ -76,7 +77,8 @@ def input_names(kind: str, audio: dict[str, Any] | None = None, segments: bool =
 @contextlib.contextmanager
 def _quiet_exporter():
     """The dynamo exporter logs each stage and warns about optional torchvision ops."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript",
+                                               "transformers.exporters")]
     loggers.append(logging.getLogger())  # onnxruntime.quantization logs to the root logger
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -135,12 +137,10 @@ def _export_set_detector(model: nn.Module, pixels: torch.Tensor, path: Path) -> 
     batch where the model allows it (DETR, Conditional DETR, YOLOS); RT-DETR and its successors take the batch size
     with ``len()`` of a tensor, which fixes it in any torch.export graph: these are exported for one image at a time
     (returns 1; ``OnnxModel`` runs a batch image by image)."""
-    try:
-        import onnx_ir
-        from transformers.exporters import OnnxConfig, OnnxExporter
-    except ImportError as e:
-        raise ModelError(f"ONNX export of a whole detector uses transformers' exporter (transformers.exporters, in "
-                         f"transformers 5.25 and later; {brief(e, 120)}): pip install -U 'transformers<6'") from None
+    import onnx_ir
+
+    exporters = _transformers_exporter("a whole detector")
+    OnnxConfig, OnnxExporter = exporters.OnnxConfig, exporters.OnnxExporter  # noqa: N806
 
     wrapper = _ImageLogits(model).eval()
     attempts = [(pixels, OnnxConfig(dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1)}}), None),
@@ -257,3 +257,60 @@ class OnnxModel(nn.Module):
 
             logits = per_clip(logits, batch["clip_index"].cpu())
         return SequenceClassifierOutput(logits=logits)
+
+
+# --- generation: transformers' exporter writes a causal LM as two graphs, prefill and decode, the KV cache their
+# inputs and outputs; ``OnnxCausalLM`` runs them behind transformers' ``generate`` (greedy, sampled, streamed)
+GENERATION_FILES = ("prefill.onnx", "decode.onnx")
+
+
+def _transformers_exporter(what: str) -> Any:
+    try:
+        from transformers import exporters
+    except ImportError as e:
+        raise ModelError(f"ONNX export of {what} uses transformers' exporter (transformers.exporters, in transformers "
+                         f"5.25 and later; {brief(e, 120)}): pip install -U 'transformers<6'") from None
+    return exporters
+
+
+def export_generation(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, folder: Path) -> None:
+    """A plain (adapter-free) causal LM as ``GENERATION_FILES`` (each with its ``.data`` weights) and transformers'
+    manifest (``export.json``), which ``transformers.exporters.ExportedModel.from_pretrained`` loads: every axis
+    dynamic (batch, prompt length, cache length), traced from ``ids``/``mask`` (left-padded prompts)."""
+    exporters = _transformers_exporter("generation")
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            exported = exporters.OnnxExporter().export_for_generation(
+                model.eval(), {"input_ids": ids, "attention_mask": mask}, exporters.OnnxConfig(dynamic=True))
+            exported.save_pretrained(folder)
+    except Exception as e:  # the exporter raises many kinds
+        raise ModelError(export_failure(model, e)) from None
+
+
+class OnnxCausalLM(PreTrainedModel, GenerationMixin):
+    """The two graphs of ``export_generation`` on onnxruntime (transformers' runners) as a model ``generate``
+    drives: the prompt through prefill, each next token through decode with the cache the last step returned."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, folder: Path):
+        from transformers import GenerationConfig
+
+        exported = _transformers_exporter("generation").ExportedModel.from_pretrained(str(folder), device="cpu")
+        super().__init__(exported.config)
+        self.exported = exported
+        # generate reads the device and dtype from a parameter: the graphs run on the CPU in float32
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.generation_config = GenerationConfig.from_model_config(exported.config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Any = None, **_: Any) -> Any:
+        past = 0 if cache is None else cache.get_seq_length()
+        if attention_mask is None:  # (generate leaves it out where no row is padded) every position, the cache's too
+            attention_mask = torch.ones((input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long)
+        if position_ids is None:  # left padding: a row's positions count its real tokens
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if past == 0:
+            return self.exported.runners["prefill"](**inputs)
+        return self.exported.runners["decode"](**inputs, cache=cache)

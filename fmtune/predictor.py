@@ -22,13 +22,8 @@ from fmtune.data.dataset import ImageData, TextData
 from fmtune.errors import ConfigError, DataError
 from fmtune.fairness import read_thresholds
 from fmtune.fsutil import folder_digest, read_json
-from fmtune.run import EVAL_FILE, open_run
+from fmtune.run import EVAL_FILE, exported_from, open_run
 from fmtune.training.infer import infer, model_device
-
-
-def _exported_from(folder: Path) -> str | None:
-    """The version of the run's model an export folder was made from (None: no usable export)."""
-    return read_json(folder / "export.json", {}).get("model_version")
 
 
 class Predictor:
@@ -58,7 +53,7 @@ class Predictor:
             from fmtune.onnx_export import MODEL_FILE, OnnxModel
 
             folder = self.run_dir / "export" / backend
-            if _exported_from(folder) != folder_digest(self.run_dir / "model"):  # none yet, or of older weights
+            if exported_from(folder) != folder_digest(self.run_dir / "model"):  # none yet, or of older weights
                 export(self.run_dir, format=backend, overwrite=True, quiet=True)
             self.model = OnnxModel(folder / MODEL_FILE)
             self.version = folder_digest(folder)

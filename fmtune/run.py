@@ -18,7 +18,7 @@ from typing import Any
 
 from fmtune import config as config_mod
 from fmtune.errors import RunDirError
-from fmtune.fsutil import write_json
+from fmtune.fsutil import read_json, write_json
 from fmtune.models import build
 from fmtune.tasks import Task, task_from_state
 
@@ -102,3 +102,8 @@ def open_run(run_dir: str | Path) -> OpenRun:
     if not (run_dir / "model" / build.META_FILE).is_file():
         raise RunDirError(f"{run_dir}: no trained model yet (model/ missing); train it or --resume it first")
     return OpenRun(run_dir, cfg, task, build.load(run_dir / "model"))
+
+
+def exported_from(folder: Path) -> str | None:
+    """The version of the run's model an export folder (RUN/export/...) was made from (None: no usable export)."""
+    return read_json(folder / "export.json", {}).get("model_version")

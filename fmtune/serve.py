@@ -548,10 +548,9 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     if task.level == "lm" and task.modality != "audio":  # text generation: POST /generate (generation.Generator)
         from fmtune.generation import Generator
 
-        if backend != "torch":
-            raise ConfigError(f"--backend {backend}: a generation run is served by torch (ONNX export of generation "
-                              "is not built)")
-        predictor = Generator(run)
+        if backend == "onnx-int8":
+            raise ConfigError("--backend onnx-int8: a generation run is served by torch or onnx")
+        predictor = Generator(run, backend=backend)
     else:
         predictor = Predictor(run, batch_size, backend)
     app = create_app(predictor, limits, api_key)

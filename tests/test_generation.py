@@ -1030,3 +1030,48 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_auto_turns_it_on_wh
     monkeypatch.setattr(psutil, "virtual_memory", lambda: mem(2 * need - 1))
     said = causal_lm.checkpointing(plain_copy, auto, ds.lengths, "cpu")
     assert said and "more than half" in said and f"4 rows x {int(ds.lengths.max())} tokens" in said
+
+
+def test_a_generation_run_exports_to_onnx_and_decodes_with_it(tiny_llama, gen_files, tmp_path):
+    """ONNX export of generation was refused. Now a decoder-only run (its LoRA folded in) exports as transformers'
+    prefill and decode graphs (the KV cache their inputs and outputs), kept only if onnxruntime gives the run's
+    greedy answers; transformers' own ExportedModel loads the folder; fmtune generate / serve --backend onnx make it
+    on first use and decode with it, greedy and sampled alike (the same answers as torch); int8 is refused by
+    name."""
+    from fastapi.testclient import TestClient
+    from transformers.exporters import ExportedModel
+
+    from fmtune.errors import ConfigError
+    from fmtune.exporter import export
+    from fmtune.generation import Generator, generate_texts
+    from fmtune.serve import create_app
+
+    cfg = gen_cfg(tiny_llama, gen_files["train"], tmp_path / "lora", train={"lr": 5e-3, "epochs": 2},
+                  data={"test": str(gen_files["test"])})
+    run = Path(api.train(cfg, quiet=True, report=False)["run_dir"])
+    res = export(run, format="onnx", quiet=True)
+    assert res["same_greedy_answers"] == res["checked_prompts"] == 8 and res["format"] == "onnx"
+    folder = Path(res["out"])
+    assert folder == run / "export" / "onnx"
+    assert (folder / "prefill.onnx").is_file() and (folder / "decode.onnx").is_file()
+    manifest = json.loads((folder / "export.json").read_text())
+    assert set(manifest["components"]) == {"prefill", "decode"} and manifest["model_version"] == res["model_version"]
+    assert set(ExportedModel.from_pretrained(str(folder)).runners) == {"prefill", "decode"}
+    made = (folder / "prefill.onnx").stat().st_mtime_ns
+    prep = json.loads((folder / "preprocessing.json").read_text())
+    assert prep["task"] == "generation" and prep["chat_template"] is True
+    prompts = ["repeat: red dog", "repeat: one two three", "repeat: blue"]
+    ours = generate_texts(run, prompts, quiet=True)
+    onnx = generate_texts(run, prompts, backend="onnx", quiet=True)
+    assert [r["answer"] for r in onnx] == [r["answer"] for r in ours]
+    sampled = dict(temperature=1.0, seed=3)
+    assert ([r["answer"] for r in generate_texts(run, prompts, backend="onnx", quiet=True, **sampled)]
+            == [r["answer"] for r in generate_texts(run, prompts, quiet=True, **sampled)])
+    gen = Generator(run, backend="onnx")
+    assert gen.metadata()["backend"] == "onnx"
+    assert (folder / "prefill.onnx").stat().st_mtime_ns == made  # the export was reused: made from these weights
+    with TestClient(create_app(gen)) as client:
+        r = client.post("/generate", json={"prompt": prompts[0]})
+    assert r.status_code == 200 and r.json()["answer"] == ours[0]["answer"]
+    with pytest.raises(ConfigError, match="not int8"):
+        export(run, format="onnx-int8", quiet=True)
