@@ -656,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: the model folder (transformers/peft); onnx: model.onnx with dynamic batch and sequence "
                    "axes (a whole RT-DETR, RT-DETRv2 or D-FINE detector: one image at a time), checked within "
                    "1e-4; a decoder-only generation run: prefill.onnx and decode.onnx, checked to give the run's "
-                   "greedy answers); onnx-int8: dynamically quantised, checked on the run's test split "
+                   "greedy answers; onnx-int8: dynamically quantised, checked on the run's test split "
                    "(default: hf). ONNX folders carry the tokenizer and preprocessing.json")
     x.add_argument("--max-drop", type=float, default=0.01,
                    help="onnx-int8: refuse when the test metric drops by more than this (default: 0.01)")

@@ -6,7 +6,9 @@
   on the base model), or with ``merge`` the plain model with the adapter folded into its
   weights, loadable without peft;
 - ``onnx`` / ``onnx-int8``: ``model.onnx`` (dynamic batch and sequence axes; int8: dynamic
-  quantisation by onnxruntime) with ``preprocessing.json`` and the tokenizer.
+  quantisation by onnxruntime) with ``preprocessing.json`` and the tokenizer (a whole RT-DETR-like
+  detector: one image per run, ``onnx_export._export_set_detector``); a decoder-only generation run:
+  ``prefill.onnx`` and ``decode.onnx`` (``onnx_export.export_generation``), checked on greedy answers.
 
 Every export is loaded back and compared with the run's model on real rows of the run's data;
 a difference above ``tolerance`` (int8: a drop of the test metric above ``max_drop``) fails the

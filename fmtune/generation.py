@@ -599,6 +599,14 @@ def _onnx_exportable(gen: Generator) -> None:
     if gen.bundle.adapter == "prompt":
         raise ConfigError("--format onnx: prompt-tuned runs cannot be exported to ONNX (the virtual tokens are not "
                           "part of the weights); serve them with the torch backend")
+    from transformers import DynamicCache
+
+    config = adapters.base_model(gen.bundle.model).config
+    kinds = sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers} - {"DynamicLayer"})
+    if kinds:  # tested: Mistral's and Gemma 2's decode graphs give other logits than the model from the 2nd token
+        raise ConfigError(f"--format onnx: this {config.model_type} model keeps a cache with {', '.join(kinds)} "
+                          "layers, which transformers' exporter does not decode exactly (sliding-window attention, "
+                          "state-space layers); export it as a Hugging Face folder (--format hf)")
 
 
 def _save_onnx(gen: Generator, prompts: list[list[int]], folder: Path, quiet: bool) -> Any:

@@ -311,6 +311,6 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:  # left padding: a row's positions count its real tokens
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        if past == 0:
-            return self.exported.runners["prefill"](**inputs)
-        return self.exported.runners["decode"](**inputs, cache=cache)
+        if cache is not None:  # (empty at the prompt; a sliding-window model's holds its window there too)
+            inputs["cache"] = cache
+        return self.exported.runners["prefill" if past == 0 else "decode"](**inputs)

@@ -301,6 +301,22 @@ def test_gpt2_conv1d_layers_take_lora_and_merge(data, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "gpt2"
 
 
+def test_onnx_export_of_generation_takes_plain_caches_and_refuses_sliding_windows(data, tmp_path):
+    """GPT-2 as a generation model (Conv1D projections, no pad token, no chat template) exports to ONNX and its
+    prefill and decode graphs give the run's greedy answers. A Mistral keeps a cache of sliding-window layers, and
+    the decode graph transformers' exporter made of one gave other logits than the model from the second token
+    (tested by hand on tiny Mistral and Gemma 2): refused by name before minutes of tracing."""
+    from fmtune.errors import ConfigError
+    from fmtune.exporter import export
+
+    train(make_decoder(tmp_path / "gpt2", "gpt2", chat=False), "generation", data, tmp_path / "gpt2-run")
+    res = export(tmp_path / "gpt2-run", format="onnx", quiet=True)
+    assert res["same_greedy_answers"] == res["checked_prompts"] > 0
+    train(make_decoder(tmp_path / "mistral", "mistral"), "generation", data, tmp_path / "mistral-run")
+    with pytest.raises(ConfigError, match="this mistral model keeps a cache with DynamicSlidingWindowLayer layers"):
+        export(tmp_path / "mistral-run", format="onnx", quiet=True)
+
+
 @pytest.mark.parametrize("model_type", ["t5", "bart"])
 def test_the_encoder_of_a_text_encoder_decoder_is_the_backbone(model_type, data, tmp_path):
     """T5 and BART as a classifier's backbone: their encoder reads the text, mean-pooled (as Sentence-T5); the
