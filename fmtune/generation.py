@@ -613,12 +613,10 @@ def _save_onnx(gen: Generator, prompts: list[list[int]], folder: Path, quiet: bo
     """The run's model (its adapter folded in) as ``onnx_export.export_generation``'s two graphs, with the tokenizer,
     the greedy generation_config fmtune decodes with, and preprocessing.json (how prompts are written); returns it
     loaded (``onnx_export.OnnxCausalLM``). Traced from two of the check's prompts, left-padded."""
-    import copy
-
     from fmtune.onnx_export import PREP_FILE, OnnxCausalLM, export_generation
 
     bundle, tok = gen.bundle, gen.bundle.tokenizer
-    plain = adapters.merge(copy.deepcopy(bundle.model), bundle.adapter) if bundle.adapter else bundle.model
+    plain = causal_lm.merged(bundle)  # (in place, as the merged export does: the run's answers are already taken)
     sample = sorted(prompts, key=len)[-2:] if len(prompts) > 1 else (prompts or [[tok.eos_token_id]]) * 2
     if len(sample[0]) == len(sample[1]):  # a padded row, so the graph is traced with its mask's zeros
         sample = [sample[0][1:] or sample[0], sample[1]]

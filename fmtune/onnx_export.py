@@ -261,7 +261,6 @@ class OnnxModel(nn.Module):
 
 # --- generation: transformers' exporter writes a causal LM as two graphs, prefill and decode, the KV cache their
 # inputs and outputs; ``OnnxCausalLM`` runs them behind transformers' ``generate`` (greedy, sampled, streamed)
-GENERATION_FILES = ("prefill.onnx", "decode.onnx")
 
 
 def _transformers_exporter(what: str) -> Any:
@@ -274,9 +273,9 @@ def _transformers_exporter(what: str) -> Any:
 
 
 def export_generation(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, folder: Path) -> None:
-    """A plain (adapter-free) causal LM as ``GENERATION_FILES`` (each with its ``.data`` weights) and transformers'
-    manifest (``export.json``), which ``transformers.exporters.ExportedModel.from_pretrained`` loads: every axis
-    dynamic (batch, prompt length, cache length), traced from ``ids``/``mask`` (left-padded prompts)."""
+    """A plain (adapter-free) causal LM as prefill.onnx and decode.onnx (each with its ``.data`` weights) and
+    transformers' manifest (``export.json``), which ``transformers.exporters.ExportedModel.from_pretrained`` loads:
+    every axis dynamic (batch, prompt length, cache length), traced from ``ids``/``mask`` (left-padded prompts)."""
     exporters = _transformers_exporter("generation")
     try:
         with _quiet_exporter(), torch.no_grad():
