@@ -10,9 +10,9 @@ Same model (MiniLM-L6 + fmtune's mean-pooling head, built once per run), same re
 
 0. `reference`: per strategy (full, LoRA, last_n) and seed (--seeds), the Trainer as an expert sets it
    up (see expert_trainer) against fmtune's defaults, and fmtune with torch's dropout
-   (train.fast_dropout false). `predict`: fmtune's Predictor (torch and ONNX; and without the CPU's
-   padding cut of dataset.inference_batches) against a transformers pipeline, as it comes and batched
-   (median of 3 timings each).
+   (train.fast_dropout false). `predict`: fmtune's Predictor (torch in its default precision and in fp32,
+   and ONNX; and without the CPU's padding cut of dataset.inference_batches) against a transformers
+   pipeline, as it comes, batched, and batched in bf16 where the hardware has it (median of 3 timings each).
 1. Trainer, standard recipe (tokenised with padding to max_length, as run_glue does) vs
    Trainer with group_by_length + dynamic padding (its best setting) vs `fmtune train --strategy full`
    (defaults; and with precision forced to fp32, to separate the effect of the precision choice).
@@ -268,9 +268,12 @@ def predict_rows(files: dict, args: argparse.Namespace, work: Path) -> dict:
             secs.append(time.perf_counter() - t0)
         return {"seconds": round(float(np.median(secs)), 3), "all_seconds": [round(x, 3) for x in secs]}, out
 
-    for name, backend, cut in (("fmtune_predictor", "torch", True), ("fmtune_predictor_onnx", "onnx", True),
-                               ("fmtune_predictor_no_padding_cut", "torch", False)):
-        pred = load(run, backend=backend)
+    for name, backend, cut, precision in (("fmtune_predictor", "torch", True, None),
+                                          ("fmtune_predictor_onnx", "onnx", True, None),
+                                          ("fmtune_predictor_fp32", "torch", True, "fp32"),
+                                          ("fmtune_predictor_no_padding_cut", "torch", False, None)):
+        pred = load(run, backend=backend, precision=precision)
+        res.setdefault("fmtune_predictor_precision", pred.metadata()["precision"])  # (the first: the default)
         pred.predict(texts[:64])  # warm-up
         with contextlib.ExitStack() as stack:
             if not cut:  # batches of 128 sorted by length, as before 2026-12-04 (dataset.inference_batches)
@@ -282,17 +285,24 @@ def predict_rows(files: dict, args: argparse.Namespace, work: Path) -> dict:
             res[name]["same_label_as_fmtune"] = round(float(np.mean([a == b for a, b in zip(out, ours)])), 4)
     res["padding_cut_speedup"] = round(res["fmtune_predictor_no_padding_cut"]["seconds"]
                                        / res["fmtune_predictor"]["seconds"], 2)
-    for name, batch in (("pipeline_default", None), ("pipeline_batch_64", 64)):
-        pipe = pipeline("text-classification", model=str(folder), trust_remote_code=True, device="cpu")
+    # the pipeline as it comes, batched, and batched in bf16 as an expert would run it where the CPU has AMX (or a
+    # GPU: bf16 there) (the folder's weights are fp32; dtype casts them as they load)
+    device = hardware.choose().device
+    bf16 = device == "cuda" or hardware.inference_autocast("auto", device) is not None
+    for name, batch, dtype in (("pipeline_default", None, None), ("pipeline_batch_64", 64, None),
+                               *((("pipeline_batch_64_bf16", 64, torch.bfloat16),) if bf16 else ())):
+        pipe = pipeline("text-classification", model=str(folder), trust_remote_code=True,
+                        device=device, **({"dtype": dtype} if dtype else {}))
         kw = {"truncation": True, "max_length": args.max_length, **({"batch_size": batch} if batch else {})}
         pipe(texts[:64], **kw)
         res[name], out = timed(lambda p=pipe, kw=kw: p(texts, **kw))
         res[name]["same_label_as_fmtune"] = round(float(np.mean([o["label"] == y for o, y in zip(out, ours)])), 4)
-    for ours_name in ("fmtune_predictor", "fmtune_predictor_onnx"):
-        for name in ("pipeline_default", "pipeline_batch_64"):
+    pipes = [k for k in ("pipeline_default", "pipeline_batch_64", "pipeline_batch_64_bf16") if k in res]
+    for ours_name in ("fmtune_predictor", "fmtune_predictor_onnx", "fmtune_predictor_fp32"):
+        for name in pipes:
             res[f"{ours_name}_speedup_vs_{name}"] = round(res[name]["seconds"] / res[ours_name]["seconds"], 2)
-    for r in ("fmtune_predictor", "fmtune_predictor_onnx", "fmtune_predictor_no_padding_cut", "pipeline_default",
-              "pipeline_batch_64"):
+    for r in ("fmtune_predictor", "fmtune_predictor_onnx", "fmtune_predictor_fp32", "fmtune_predictor_no_padding_cut",
+              *pipes):
         res[r]["texts_per_s"] = round(len(texts) / res[r]["seconds"], 1)
     return res
 

@@ -83,12 +83,13 @@ def transfer(config: Any, **kw: Any) -> dict:
     return _transfer(config_mod.coerce(config), **kw)
 
 
-def load(run: Any, batch_size: int | None = None, backend: str = "torch"):
+def load(run: Any, batch_size: int | None = None, backend: str = "torch", precision: str | None = None):
     """A trained run as a predictor: ``fmtune.load(run).predict(["some text", ...])``; backend torch,
-    onnx or onnx-int8 (exported into RUN/export/ on first use, checked, then reused)."""
+    onnx or onnx-int8 (exported into RUN/export/ on first use, checked, then reused); precision auto, fp32 or bf16
+    (the torch model's; default: the run's train.precision, auto: bf16 on a CPU with AMX, else fp32)."""
     from fmtune.predictor import load as _load
 
-    return _load(run, batch_size, backend)
+    return _load(run, batch_size, backend, precision)
 
 
 def demo(task: str = "text", **kw: Any) -> dict:

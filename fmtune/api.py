@@ -788,11 +788,15 @@ def _thresholds_chosen(task: Any) -> bool:
 
 
 def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: Any, train_ds: Any = None,
-                  val_ds: Any = None) -> dict:
+                  val_ds: Any = None, precision: str | None = None) -> dict:
+    """The run's model scored on ``ds`` in the precision it predicts in (``precision``, default the run's
+    train.precision: ``hardware.inference_autocast``), so that eval.json says what fmtune predict gives."""
     cfg, task = run.config, run.task
+    dtype = hardware.inference_autocast(precision or cfg.train.precision, model_device(run.bundle.model).type)
     with ui.CountProgress("evaluate", len(ds), quiet) as bar:
-        logits, targets = infer(run.bundle.model, ds, cfg.train.eval_batch_size, progress=bar)
-    result: dict[str, Any] = {"test": task.metrics(logits, targets), "n_test": _rows(ds), "data": str(source)}
+        logits, targets = infer(run.bundle.model, ds, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
+    result: dict[str, Any] = {"test": task.metrics(logits, targets), "n_test": _rows(ds), "data": str(source),
+                              "precision": hardware.precision_name(dtype)}
     result["test"].pop("loss", None)
     report = task.text_report(logits, targets)
     (run.dir / "classification_report.txt").write_text(report)
@@ -841,8 +845,9 @@ def print_comparison(result: dict[str, Any]) -> None:
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool = False,
-             quiet: bool = False) -> dict[str, Any]:
-    """Score a trained run on ``data`` (default: its configured test file); writes eval.json."""
+             quiet: bool = False, precision: str | None = None) -> dict[str, Any]:
+    """Score a trained run on ``data`` (default: its configured test file); writes eval.json. ``precision``: auto,
+    fp32 or bf16 (default: the run's train.precision; auto is bf16 on a CPU with AMX, as fmtune predict)."""
     opened = open_run(run)
     cfg = opened.config
     source = data or cfg.data.test
@@ -856,7 +861,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
     df = read_data(Path(source), opened.task, cfg.data)
     ds, _ = make_dataset(df, opened.bundle, opened.task, cfg.data, allow_unknown=cfg.data.unknown_labels == "unknown")
     opened.bundle.model.to(hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device)
-    return _evaluate_run(opened, ds, baseline, quiet, source)
+    return _evaluate_run(opened, ds, baseline, quiet, source, precision=precision)
 
 
 PREDICT_CHUNK_ROWS = 1024
@@ -957,8 +962,8 @@ def _write_rows(df: pd.DataFrame, dest: Any, header: bool, jsonl: bool = False) 
 
 def predict(run: str | Path, inputs: str | Path, output: str | Path | None = None, *, quiet: bool = False,
             batch_size: int | None = None, strict: bool = False, chunk_rows: int = PREDICT_CHUNK_ROWS,
-            save_images: str | Path | None = None,
-            media_root: str | Path | None = None) -> pd.DataFrame | dict[str, Any]:
+            save_images: str | Path | None = None, media_root: str | Path | None = None,
+            precision: str | None = None) -> pd.DataFrame | dict[str, Any]:
     """Predict every row of ``inputs`` (CSV/TSV/JSONL/Parquet, a .txt file of one text per line, a
     CoNLL file of one word per line (each sentence a row: text, line, and the file's tags if it has
     them), an image or audio folder or file).
@@ -981,13 +986,16 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
 
     ``media_root``: the folder relative image / audio paths of a table are read from (default: the run's
     ``data.media_root``, else the table's own folder).
+
+    ``precision``: what the model predicts in, auto / fp32 / bf16 (default: the run's train.precision; auto is
+    bf16 on a CPU with AMX, else fp32).
     """
     from fmtune.predictor import Predictor
 
     inputs = paths.check(inputs, "input")
     if output is not None and str(output) != "-":
         paths.check(output, "output-file", "-o")
-    pred = Predictor(run, batch_size)
+    pred = Predictor(run, batch_size, precision=precision)
     inputs = dataset_dict_splits(inputs).get("test", inputs)  # a saved DatasetDict: its test split
     inputs = saved_dataset(inputs) or pred.task.predict_source(inputs)  # (a dataset saved to disk: its Parquet)
     if save_images is not None:
@@ -1051,14 +1059,14 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
 
 
 def predict_texts(run: str | Path, texts: list[str], output: str | Path | None = None, *,
-                  batch_size: int | None = None, quiet: bool = False) -> pd.DataFrame:
+                  batch_size: int | None = None, quiet: bool = False, precision: str | None = None) -> pd.DataFrame:
     """Predict texts given directly (``fmtune predict RUN "a text"``; image runs: image paths):
     a DataFrame of the inputs and the task's prediction columns, also written to ``output``."""
     from fmtune.predictor import Predictor
 
     if output is not None:
         paths.check(output, "output-file", "-o")
-    pred = Predictor(run, batch_size)
+    pred = Predictor(run, batch_size, precision=precision)
     column = input_column(pred.kind, pred.config.data)[0]
     if pred.kind != "text":
         missing = [t for t in texts if not Path(t).is_file()]

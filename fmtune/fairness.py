@@ -438,8 +438,9 @@ def _positive(task: Any, positive: str | None) -> int | None:
     return labels.index(positive)
 
 
-def _inputs(opened: Any, df: pd.DataFrame, quiet: bool, what: str) -> tuple[Any, np.ndarray, Any]:
-    """(dataset, positions of the rows kept, logits and targets) of a labelled table."""
+def _inputs(opened: Any, df: pd.DataFrame, quiet: bool, what: str, dtype: Any) -> tuple[Any, np.ndarray, Any]:
+    """(dataset, positions of the rows kept, logits and targets) of a labelled table, predicted under autocast
+    ``dtype`` (run_fairness's ``precision``)."""
     from fmtune import ui
     from fmtune.data.prepare import make_dataset
     from fmtune.training.infer import infer
@@ -448,7 +449,7 @@ def _inputs(opened: Any, df: pd.DataFrame, quiet: bool, what: str) -> tuple[Any,
     ds, kept = make_dataset(df, opened.bundle, opened.task, cfg.data,
                             allow_unknown=cfg.data.unknown_labels == "unknown")
     with ui.CountProgress(what, len(ds), quiet) as bar:
-        out = infer(opened.bundle.model, ds, cfg.train.eval_batch_size, progress=bar)
+        out = infer(opened.bundle.model, ds, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
     return ds, np.asarray(kept), out
 
 
@@ -472,22 +473,26 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
                  positive: str | None = None, fit: str | None = None, fit_data: str | Path | None = None,
                  threshold_groups: list[str] | None = None, counterfactual: bool = False,
                  terms: str | Path | None = None, max_counterfactual_rows: int = 1000,
-                 quiet: bool = False) -> dict[str, Any]:
+                 quiet: bool = False, precision: str | None = None) -> dict[str, Any]:
     """``fmtune fairness``: the audit of a run on labelled data (default: its test file), written to
     RUN/fairness.json and RUN/fairness.png. ``baseline``: the pretrained baseline's too. ``fit``: a
     constraint; per-group thresholds (per ``threshold_groups``, default: ``groups``, intersected)
     are fitted on ``fit_data`` (default: the run's validation split), stored in the run (predict,
-    serve and export apply or carry them) and audited too."""
+    serve and export apply or carry them) and audited too. ``precision``: what the model predicts in, auto / fp32 /
+    bf16 (default: the run's train.precision, as fmtune predict: ``hardware.inference_autocast``)."""
     from fmtune import plots, ui
     from fmtune.data.prepare import read_data, read_frames
     from fmtune.fsutil import write_json
     from fmtune.run import open_run
+    from fmtune.training.hardware import inference_autocast, precision_name
+    from fmtune.training.infer import model_device
 
     if not 0 < confidence < 1:
         raise ConfigError(f"--confidence: {confidence} must be between 0 and 1")
     opened = open_run(run)
     cfg, task = opened.config, opened.task
     task.require("fairness", "fmtune fairness")
+    dtype = inference_autocast(precision or cfg.train.precision, model_device(opened.bundle.model).type)
     source = data or cfg.data.test
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")
@@ -499,7 +504,7 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
     if threshold_groups and not set(threshold_groups) <= set(group_df.columns):
         raise ConfigError(f"--threshold-groups: {', '.join(threshold_groups)} must be among --groups "
                           f"({', '.join(group_df.columns)}), so the thresholded model is audited on them")
-    ds, kept, (logits, targets) = _inputs(opened, df, quiet, "fairness: predict")
+    ds, kept, (logits, targets) = _inputs(opened, df, quiet, "fairness: predict", dtype)
     group_df, df = group_df.iloc[kept], df.iloc[kept]
     outcomes = task.outcomes(logits, targets)
     text_col = cfg.data.text_column
@@ -512,7 +517,7 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
         val = read_frames(cfg.data, cfg.task.type, cfg.train.seed).val if fit_data is None else \
             read_data(Path(fit_data), task, cfg.data)
         val_groups = group_columns(val, columns, missing)
-        _, vkept, (vlogits, vtargets) = _inputs(opened, val, quiet, "fairness: validation scores")
+        _, vkept, (vlogits, vtargets) = _inputs(opened, val, quiet, "fairness: validation scores", dtype)
         vout = task.outcomes(vlogits, vtargets)
         ok = vout["true"] >= 0
         rules = fit_thresholds(vout["proba"][ok, pos], vout["true"][ok] == pos, val_groups.iloc[vkept][ok],
@@ -541,12 +546,13 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
     result: dict[str, Any] = {
         "run": str(opened.dir), "data": str(source), "n": int(len(df)), "groups": list(group_df.columns),
         "task": task.name, "positive": task.labels[pos] if pos is not None else None, "bootstrap": n_boot,
+        "precision": precision_name(dtype),
         "confidence": confidence, "min_group_size": min_group_size, "notes": notes,
         "overall": {name: overall(o, pos) for name, o in models.items()},
         "models": {name: audit(o, group_df, **kw) for name, o in models.items()}}
     if counterfactual:
         result["counterfactual"] = _counterfactual(opened, df, list(group_df.columns), terms,
-                                                   max_counterfactual_rows, quiet)
+                                                   max_counterfactual_rows, quiet, dtype)
     write_json(opened.dir / FAIRNESS_FILE, result)
     plots.fairness(result, opened.dir / FAIRNESS_PNG)
     if not quiet:
@@ -578,7 +584,7 @@ def _baseline_outcomes(opened: Any, ds: Any, quiet: bool) -> dict[str, Any]:
 
 
 def _counterfactual(opened: Any, df: pd.DataFrame, groups: list[str], terms: str | Path | None, max_rows: int,
-                    quiet: bool) -> dict[str, Any]:
+                    quiet: bool, dtype: Any) -> dict[str, Any]:
     """A tabular run (data.text_columns / text_template): each group column's value swapped for
     each other value and the row written out again. A text run: identity terms swapped (--terms,
     default: gender pairs)."""
@@ -616,7 +622,8 @@ def _counterfactual(opened: Any, df: pd.DataFrame, groups: list[str], terms: str
 
     with ui.CountProgress("fairness: counterfactuals", 2 * len(pairs), quiet) as bar:
         def predict(texts: list[str]) -> Any:
-            return infer(bundle.model, task.inputs(texts, bundle), cfg.train.eval_batch_size, progress=bar)[0]
+            return infer(bundle.model, task.inputs(texts, bundle), cfg.train.eval_batch_size, progress=bar,
+                         autocast_dtype=dtype)[0]
 
         out = counterfactuals(task, predict, pairs, cfg.train.seed)
     return {"method": how, "rows_sampled": int(len(rows)), "by": out}

@@ -23,13 +23,17 @@ from fmtune.errors import ConfigError, DataError
 from fmtune.fairness import read_thresholds
 from fmtune.fsutil import folder_digest, read_json
 from fmtune.run import EVAL_FILE, exported_from, open_run
+from fmtune.training.hardware import inference_autocast, precision_name
 from fmtune.training.infer import infer, model_device
 
 
 class Predictor:
     """A trained run's model with its preprocessing; ``predict`` takes raw inputs."""
 
-    def __init__(self, run: str | Path, batch_size: int | None = None, backend: str = "torch"):
+    def __init__(self, run: str | Path, batch_size: int | None = None, backend: str = "torch",
+                 precision: str | None = None):
+        """``precision``: what the torch model predicts in, auto / fp32 / bf16 (default: the run's
+        ``train.precision``; auto is bf16 on a CPU with AMX, else fp32: ``hardware.inference_autocast``)."""
         opened = open_run(run)
         if opened.task.level == "lm" and opened.task.modality != "audio":
             raise ConfigError(f"{run} is a text generation run: answer prompts with  fmtune generate {run} --prompt "
@@ -62,6 +66,9 @@ class Predictor:
             self.bundle.model = None  # the torch weights are not needed beside onnxruntime's
         else:
             raise ConfigError(f"backend {backend!r} is not one of torch, onnx, onnx-int8")
+        torch_predicts = backend == "torch" and self.task.level != "lm"  # (onnxruntime, a transcribing run: fp32)
+        self.autocast = inference_autocast(precision or self.config.train.precision,
+                                           model_device(self.model).type if torch_predicts else None)
 
     @property
     def labels(self) -> list[str]:
@@ -72,6 +79,7 @@ class Predictor:
         return {"run": self.run_dir.name, "model_version": self.version, "backend": self.backend,
                 "model": self.config.model.name,
                 "kind": self.kind, "task": self.task.name, "labels": self.labels,
+                "precision": precision_name(self.autocast),
                 "strategy": self.config.strategy.name, "max_length": self.bundle.max_length if self.kind == "text"
                 else None, "image_size": self.bundle.image.get("size"), "test_metrics": metrics}
 
@@ -131,7 +139,7 @@ class Predictor:
             from fmtune.generation import lm_net
 
             return self.task.generate_records(lm_net(self.bundle), ds, self.batch_size, model_device(self.model))
-        logits, _ = infer(self.model, ds, self.batch_size)
+        logits, _ = infer(self.model, ds, self.batch_size, autocast_dtype=self.autocast)
         return self.task.postprocess(logits, ds)
 
     def embed(self, texts: list[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +151,7 @@ class Predictor:
         if self.backend != "torch":
             raise ConfigError(f"embeddings come from the torch model, not the {self.backend} export")
         ds = self.text_data([self.check_text(t, f"row {i}") for i, t in enumerate(texts)])
-        feats, _ = infer(self.model, ds, self.batch_size, features=True)
+        feats, _ = infer(self.model, ds, self.batch_size, features=True, autocast_dtype=self.autocast)
         with torch.no_grad():
             logits = base_model(self.model).classify(feats.to(model_device(self.model))).float().cpu()
         return feats.numpy(), logits.softmax(-1).numpy()
@@ -162,5 +170,6 @@ class Predictor:
         return out[0] if single else out
 
 
-def load(run: str | Path, batch_size: int | None = None, backend: str = "torch") -> Predictor:
-    return Predictor(run, batch_size, backend)
+def load(run: str | Path, batch_size: int | None = None, backend: str = "torch",
+         precision: str | None = None) -> Predictor:
+    return Predictor(run, batch_size, backend, precision)

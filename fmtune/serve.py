@@ -536,13 +536,15 @@ def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           limits: Limits | None = None, batch_size: int | None = None, backend: str = "torch",
-          quiet: bool = False) -> None:
-    """Load ``run`` and serve it until stopped (Ctrl-C / SIGTERM: requests in flight finish first)."""
+          quiet: bool = False, precision: str | None = None) -> None:
+    """Load ``run`` and serve it until stopped (Ctrl-C / SIGTERM: requests in flight finish first). ``precision``: what
+    a classifier's or tagger's torch model predicts in (``Predictor``; default: the run's train.precision)."""
     import uvicorn
 
     from fmtune import ui
     from fmtune.predictor import Predictor
     from fmtune.run import read_task
+    from fmtune.training.hardware import precision_name
 
     task = read_task(run)
     if task.level == "lm" and task.modality != "audio":  # text generation: POST /generate (generation.Generator)
@@ -550,12 +552,16 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
 
         if backend == "onnx-int8":
             raise ConfigError("--backend onnx-int8: a generation run is served by torch or onnx")
+        if precision is not None:
+            raise ConfigError("--precision is for classifiers, taggers and the other predicting runs; a generation "
+                              "run decodes as fmtune generate does")
         predictor = Generator(run, backend=backend)
     else:
-        predictor = Predictor(run, batch_size, backend)
+        predictor = Predictor(run, batch_size, backend, precision)
     app = create_app(predictor, limits, api_key)
     if not quiet:
-        ui.console.print(f"[bold]fmtune serve[/] {run} ({backend}, model {predictor.version}) on http://{host}:{port}  "
+        how = f"{backend}, {precision_name(predictor.autocast)}" if isinstance(predictor, Predictor) else backend
+        ui.console.print(f"[bold]fmtune serve[/] {run} ({how}, model {predictor.version}) on http://{host}:{port}  "
                          f"docs: http://{host}:{port}/docs" + ("  (API key required)" if api_key else ""))
         openai = sorted(r.path.removeprefix("/v1/") for r in app.routes if getattr(r, "path", "").startswith("/v1/")
                         and "{" not in r.path)

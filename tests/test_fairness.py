@@ -283,9 +283,13 @@ def test_cli_evaluate_with_groups_and_bad_group_column(tabular_run, capsys):
 
     tmp, _ = tabular_run
     run = tmp / "run"
+    assert main(["evaluate", str(run), "--groups", "grp", "--precision", "bf16", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["precision"] == res["fairness"]["precision"] == "bf16"  # both predicted under bf16 autocast
     assert main(["evaluate", str(run), "--groups", "grp", "-q"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["fairness"]["groups"] == ["grp"] and "fine-tuned" in res["fairness"]["models"]
+    assert res["precision"] == res["fairness"]["precision"] == "fp32"  # the run's train.precision
     assert main(["fairness", str(run), "--groups", "nope"]) == 2
     assert "no group column 'nope'" in capsys.readouterr().err
     assert main(["fairness", str(run), "--groups", "grp", "--threshold-groups", "extra"]) == 2

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import cfg_dict, make_text_rows
 
 import fmtune
@@ -88,3 +91,54 @@ def test_load_image_predictor_takes_paths_bytes_and_pil(tmp_path, image_dirs):
     assert a["label"] == b["label"] == c["label"] and a["score"] == pytest.approx(c["score"], abs=1e-6)
     with pytest.raises(DataError, match="input 0: not a readable image"):
         p.predict(b"not an image")
+
+
+def test_inference_precision_follows_the_run_and_amx():
+    """auto: bf16 only on a CPU with AMX (measured faster there); fp32 elsewhere, GPUs included (unmeasured);
+    what a run or a user asks for otherwise, fp16 never on a CPU; an unknown name is refused with the choices."""
+    from fmtune.errors import ConfigError
+    from fmtune.training import hardware
+
+    real = hardware._cpu_flags
+    try:
+        hardware._cpu_flags = lambda: "flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile"
+        assert hardware.inference_autocast("auto", "cpu") == torch.bfloat16
+        assert hardware.inference_autocast("auto", "cuda") is None
+        assert hardware.inference_autocast("auto", None) is None  # onnxruntime runs it
+        hardware._cpu_flags = lambda: "flags : fpu avx512f avx512_bf16"  # AVX512-BF16 without AMX: unmeasured
+        assert hardware.inference_autocast("auto", "cpu") is None
+    finally:
+        hardware._cpu_flags = real
+    assert hardware.inference_autocast("fp32", "cpu") is None
+    assert hardware.inference_autocast("bf16", "cpu") == torch.bfloat16
+    assert hardware.inference_autocast("fp16", "cpu") is None
+    assert hardware.inference_autocast("fp16", "cuda") == torch.float16
+    with pytest.raises(ConfigError, match="'half' is not one of auto, fp32, bf16"):
+        hardware.inference_autocast("half", "cpu")
+
+
+def test_predict_and_evaluate_take_a_precision(tmp_path, text_run, text_files, capsys):
+    """The run trained with train.precision fp32 predicts in fp32; --precision bf16 predicts under bf16 autocast
+    (other probabilities, close ones), and evaluate / metadata say which."""
+    from fmtune.cli import main
+
+    run = tmp_path / "run"  # (evaluate rewrites eval.json: a copy of the shared run)
+    shutil.copytree(text_run, run)
+    texts = pd.read_csv(text_files["test"])["text"].tolist()
+    fp32, bf16 = fmtune.load(run), fmtune.load(run, precision="bf16")
+    assert (fp32.metadata()["precision"], bf16.metadata()["precision"]) == ("fp32", "bf16")
+    a, b = fp32.predict(texts), bf16.predict(texts)
+    pa = np.array([list(r["probabilities"].values()) for r in a])
+    pb = np.array([list(r["probabilities"].values()) for r in b])
+    assert not np.array_equal(pa, pb) and np.abs(pa - pb).max() < 0.05
+    assert np.mean([x["label"] == y["label"] for x, y in zip(a, b)]) >= 0.9
+    out = tmp_path / "p.csv"
+    main(["predict", str(run), str(text_files["test"]), "-o", str(out), "--precision", "bf16", "--quiet"])
+    assert pd.read_csv(out)["score"].to_numpy() == pytest.approx([r["score"] for r in b], abs=1e-6)
+    main(["evaluate", str(run), "--precision", "bf16", "--quiet"])
+    assert json.loads((run / "eval.json").read_text())["precision"] == "bf16"
+    main(["evaluate", str(run), "--quiet"])
+    assert json.loads((run / "eval.json").read_text())["precision"] == "fp32"
+    with pytest.raises(SystemExit):
+        main(["predict", str(run), "some text", "--precision", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err

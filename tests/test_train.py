@@ -326,11 +326,17 @@ def test_precision_probe_times_both_and_leaves_no_trace(tiny_bert):
     assert hardware.probe_precision(hw, bundle.model, batch, task.loss, steps=1, min_gain=1e9).precision == "no"
 
 
-def test_test_metrics_after_mixed_precision_training_match_a_fresh_evaluation(tmp_path, tiny_bert, text_files):
+def test_test_metrics_after_mixed_precision_training_match_a_fresh_evaluation(tmp_path, tiny_bert, text_files,
+                                                                              monkeypatch):
     """accelerate wraps the model's forward in autocast for bf16 training; the test split at the end must
-    be scored like `fmtune evaluate` scores the saved model (fp32), not under that wrapper."""
+    be scored like `fmtune evaluate` scores the saved model (in the precision it predicts in, made fp32 here so
+    that the wrapper's bf16 would show), not under that wrapper."""
+    from fmtune.training import hardware
+
+    monkeypatch.setattr(hardware, "inference_autocast", lambda precision, device_type: None)
     res = _train(tmp_path, tiny_bert, text_files["regression_train"], task={"type": "regression"},
                  data={"test": str(text_files["regression_test"])}, train={"precision": "bf16", "epochs": 1})
+    assert res["eval"]["precision"] == "fp32"
     again = fmtune.evaluate(tmp_path / "run", quiet=True)
     # regression errors show any bf16 rounding (~1e-3 relative); float32 sums over 60 rows may differ in
     # the last bit between the two processes' thread settings
