@@ -816,7 +816,7 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
         sets = {"test": ds, **({"val": val_ds} if val_ds is not None and _thresholds_chosen(task) else {})}
         with ui.CountProgress("baseline (frozen features)", sum(map(len, (train_ds, *sets.values()))), quiet) as bar:
             outputs = evaluation.probe_outputs(pre.model, task, train_ds, sets, cfg.train.eval_batch_size,
-                                               cfg.train.seed, progress=bar)
+                                               cfg.train.seed, progress=bar, autocast_dtype=dtype)
         judge, method = task, task.baseline_method
         if "val" in outputs:
             judge = copy.copy(task)

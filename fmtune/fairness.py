@@ -532,7 +532,7 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
                 f"{g} ({why})" for g, why in rules["left_out"].items()))
     models = {"fine-tuned": outcomes}
     if baseline:
-        models = {"pretrained baseline": _baseline_outcomes(opened, ds, quiet), **models}
+        models = {"pretrained baseline": _baseline_outcomes(opened, ds, quiet, dtype), **models}
     rules = read_thresholds(opened.dir)
     if rules is not None and pos is not None:
         if not set(rules["columns"]) <= set(group_df.columns):
@@ -563,7 +563,7 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
     return result
 
 
-def _baseline_outcomes(opened: Any, ds: Any, quiet: bool) -> dict[str, Any]:
+def _baseline_outcomes(opened: Any, ds: Any, quiet: bool, dtype: Any) -> dict[str, Any]:
     """The pretrained baseline (the task's probe on the frozen pretrained backbone, fitted on the
     run's training data) on ``ds``."""
     import dataclasses
@@ -579,7 +579,7 @@ def _baseline_outcomes(opened: Any, ds: Any, quiet: bool) -> dict[str, Any]:
     pre.model.to(model_device(opened.bundle.model))
     with ui.CountProgress("fairness: baseline (frozen features)", len(train) + len(ds), quiet) as bar:
         logits, targets = evaluation.probe_outputs(pre.model, task, train, {"data": ds}, cfg.train.eval_batch_size,
-                                                   cfg.train.seed, progress=bar)["data"]
+                                                   cfg.train.seed, progress=bar, autocast_dtype=dtype)["data"]
     return task.outcomes(logits, targets)
 
 

@@ -117,7 +117,7 @@ def test_inference_precision_follows_the_run_and_amx():
         hardware.inference_autocast("half", "cpu")
 
 
-def test_predict_and_evaluate_take_a_precision(tmp_path, text_run, text_files, capsys):
+def test_predict_and_evaluate_take_a_precision(tmp_path, text_run, text_files, capsys, monkeypatch):
     """The run trained with train.precision fp32 predicts in fp32; --precision bf16 predicts under bf16 autocast
     (other probabilities, close ones), and evaluate / metadata say which."""
     from fmtune.cli import main
@@ -137,6 +137,12 @@ def test_predict_and_evaluate_take_a_precision(tmp_path, text_run, text_files, c
     assert pd.read_csv(out)["score"].to_numpy() == pytest.approx([r["score"] for r in b], abs=1e-6)
     main(["evaluate", str(run), "--precision", "bf16", "--quiet"])
     assert json.loads((run / "eval.json").read_text())["precision"] == "bf16"
+    from fmtune import evaluation
+
+    seen, real = [], evaluation.infer  # the baseline's features: in the precision the model is scored in
+    monkeypatch.setattr(evaluation, "infer", lambda *a, **k: seen.append(k.get("autocast_dtype")) or real(*a, **k))
+    assert "baseline" in api.evaluate(run, baseline=True, precision="bf16", quiet=True)
+    assert len(seen) == 2 and set(seen) == {torch.bfloat16}  # training rows, test rows
     main(["evaluate", str(run), "--quiet"])
     assert json.loads((run / "eval.json").read_text())["precision"] == "fp32"
     with pytest.raises(SystemExit):

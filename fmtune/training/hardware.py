@@ -68,7 +68,8 @@ INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
 
 def inference_autocast(precision: str, device_type: str | None) -> torch.dtype | None:
     """The autocast dtype a run's model predicts in where a user reads its outputs (predict, serve, evaluate, the
-    test split after training, the fairness audit), from its ``train.precision`` or a ``--precision`` given there.
+    test split after training, the fairness audit, and the pretrained baseline's features beside them), from its
+    ``train.precision`` or a ``--precision`` given there.
     fp32: None. bf16 (fp16) as given (fp16 on a GPU only). auto: bf16 on a CPU with AMX, fp32 elsewhere. Measured on
     the eight demo runs' test splits (2-core Xeon with AMX, bench/inference_precision.py): bf16 1.6-2.8x faster than
     fp32 (text, NER, multi-label, regression, image, segmentation, detection, audio), the same class for 99.5-100 %
