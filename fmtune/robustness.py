@@ -28,6 +28,7 @@ from fmtune.data.prepare import make_dataset, read_data
 from fmtune.data.readers import text_columns
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import atomic_dir, check_output_dir
+from fmtune.training.hardware import precision_name
 from fmtune.training.infer import infer
 from fmtune.training.perturb import (  # noqa: F401  (re-exported: the suite's parts)
     ATTACKS,
@@ -86,7 +87,9 @@ def _forward_model(pred: Any, quiet: bool) -> tuple[Any, str]:
 def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet: bool) -> dict[str, Any]:
     """Clean and perturbed scores of one loaded run (a Predictor) on the rows of ``df``. Clean
     inputs, text and attacks run on the torch model; corrupted images on the run's ONNX export
-    (``_forward_model``)."""
+    (``_forward_model``). Text and audio are scored in the precision the run predicts in
+    (``Predictor.autocast``: bf16 on a CPU with AMX), as eval.json's scores are; images in fp32, as their
+    ONNX export and the attacks' gradients run."""
     task, bundle, cfg = pred.task, pred.bundle, pred.config
     metric = task.default_metric
     model = pred.model.eval()
@@ -113,7 +116,9 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
         if attacks and task.supports("attacks"):
             plan.update({k: (_pick(v[0], suite) if suite == "default" else [(2, v[0][1]), (4, v[0][3])], v[1])
                          for k, v in ATTACKS.items()})
-    clean_logits, _ = infer(model, ds, bs)
+    dtype = pred.autocast if pred.kind in ("text", "audio") else None
+    results["precision"] = precision_name(dtype)
+    clean_logits, _ = infer(model, ds, bs, autocast_dtype=dtype)
     clean = score(clean_logits, ds.targets)
     results["clean"] = round(clean, 4)
     per: dict[str, Any] = {}
@@ -143,13 +148,14 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
                     rng = np.random.default_rng(_seed(seed, name, severity))
                     changed = [tuple(perturb_text(t, name, level, rng) for t in row) for row in texts]
                     changed = changed if pred.pair_column else [row[0] for row in changed]
-                    value = score(*infer(model, bundle.text_data(changed, ds.targets), bs, progress=bar))
+                    value = score(*infer(model, bundle.text_data(changed, ds.targets), bs, progress=bar,
+                                         autocast_dtype=dtype))
                 elif pred.kind == "audio":
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     rng = np.random.default_rng(_seed(seed, name, severity))
                     changed = [change_audio(w, spec.sampling_rate, name, level, rng) for w in waves]
                     value = score(*infer(model, AudioData(features_of(changed, spec), ds.targets, spec), bs,
-                                         progress=bar))
+                                         progress=bar, autocast_dtype=dtype))
                 else:
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     gen = torch.Generator().manual_seed(_seed(seed, name, severity))

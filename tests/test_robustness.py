@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import cfg_dict
 
 from fmtune.cli import main
 from fmtune.errors import ConfigError
@@ -234,3 +235,17 @@ def test_corruptions_on_onnxruntime_score_as_torch(square_run, tmp_path, monkeyp
     for name, p in fast["perturbations"].items():
         for a, b in zip(p["results"], slow["perturbations"][name]["results"]):
             assert abs(a["accuracy"] - b["accuracy"]) <= 1 / n + 1e-9, (name, a, b)
+
+
+def test_a_bf16_run_is_stressed_in_the_precision_it_is_evaluated_in(tiny_st_bert, text_files, tmp_path):
+    """A run that predicts in bf16 (train.precision bf16; auto on a CPU with AMX) is scored clean and perturbed in
+    bf16, so its clean score is eval.json's."""
+    import fmtune
+
+    run = tmp_path / "run"
+    fmtune.train(cfg_dict(tiny_st_bert, text_files["train"], out=str(run), data={"test": str(text_files["test"])},
+                          train={"epochs": 1, "precision": "bf16"}), quiet=True)
+    evaluated = json.loads((run / "eval.json").read_text())
+    res = robustness(run, suite="quick", out=tmp_path / "rob", quiet=True)["runs"]["run"]
+    assert evaluated["precision"] == res["precision"] == "bf16"
+    assert res["clean"] == pytest.approx(evaluated["test"]["accuracy"], abs=1e-4)
