@@ -508,7 +508,10 @@ class TrainConfig:
         "auto stores it as fp16 when the run trains in bf16/fp16 on this hardware (half the disk and "
         "memory; values beyond fp16's range keep fp32), else fp32; fp32/fp16 force the storage")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
-        "auto", "auto = fp32 on CPUs without native bf16, bf16 on GPUs that have it"
+        "auto", "training: auto = bf16 on CPUs with native bf16 (AMX / AVX512-BF16), fp32 on the others; on "
+        "GPUs that have bf16, kept where a timed training batch says it is faster; prediction, evaluation and "
+        "serving of the run: auto = bf16 on a CPU with AMX, else fp32 (--precision on predict, evaluate, fairness "
+        "and serve overrides it)"
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -74,8 +74,9 @@ def inference_autocast(precision: str, device_type: str | None) -> torch.dtype |
     the eight demo runs' test splits (2-core Xeon with AMX, bench/inference_precision.py): bf16 1.6-2.8x faster than
     fp32 (text, NER, multi-label, regression, image, segmentation, detection, audio), the same class for 99.5-100 %
     of rows, tokens and pixels, every test metric within 0.005 of fp32's. Not measured: GPUs (fp32 there, with TF32
-    matmuls) and CPUs with AVX512-BF16 but no AMX (fp32). The ONNX export check, attributions, attacks and continual
-    learning's before/after scores stay in fp32. ``device_type`` None: no torch model (onnxruntime runs it, fp32)."""
+    matmuls) and CPUs with AVX512-BF16 but no AMX (fp32). The ONNX export check, attributions, attacks, image
+    corruptions (scored on the ONNX export), continual learning's before/after scores and decoding (generation, speech
+    recognition) stay in fp32. ``device_type`` None: no torch model (onnxruntime runs it, fp32)."""
     if precision not in (*INFERENCE_PRECISIONS, "fp16"):
         from fmtune.errors import ConfigError
 
