@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import yaml
@@ -37,6 +38,11 @@ def _train_two(cfg: dict, tmp_path, mode: str):
     cmd = [sys.executable, "-m", "fmtune", "train", str(path), "--out", str(two), "--num-processes", "2",
            "--no-report", "-q"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    if proc.returncode != 0 and "exitcode: -11" in proc.stderr:  # a rank segfaulted inside torch's gloo (seen once
+        # in a full suite, 2026-12-06, FSDP; never alone): launched once more, afresh, and said so
+        warnings.warn(f"{mode}: a rank crashed with SIGSEGV; the 2-process run is launched once more", stacklevel=2)
+        proc = subprocess.run([*cmd, "--overwrite"], env=env, capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr  # every rank left its process group before exiting
     return two
