@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fmtune.config import STRATEGY_NAMES
+from fmtune.config import INFERENCE_PRECISIONS, STRATEGY_NAMES
 from fmtune.errors import FmtuneError, Interrupted
 
 MODEL_HELP = ("zoo name (fmtune models), a local Hugging Face model folder, a GGUF file (a causal LM) or a "
@@ -401,7 +401,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS,
                    help="what the torch model predicts in (default: the run's train.precision; auto: bf16 on a CPU "
                    "with AMX, 1.6-2.8x faster than fp32 there, the same class for 99.5-100%% of rows, else fp32; "
                    "speech recognition and the onnx backends: fp32)")

@@ -198,6 +198,7 @@ class TaskConfig:
         _check(self.max_detections >= 1, "task.max_detections", "must be at least 1")
 
 
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")  # what --precision takes (training.hardware.inference_autocast)
 STRATEGY_NAMES = ("full", "head", "last_n", "lora", "dora", "ia3", "prompt", "bitfit", "contrastive", "auto")
 # strategies whose head is the probe solved on frozen features (not trained by gradient steps)
 SOLVED_HEAD = ("head", "contrastive")

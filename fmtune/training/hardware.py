@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fmtune.config import INFERENCE_PRECISIONS
 from fmtune.training.prefetch import INLINE, Loader
 
 
@@ -61,9 +62,6 @@ def _cpu_flags() -> str:
 def cpu_has_native_bf16() -> bool:
     flags = _cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def inference_autocast(precision: str, device_type: str | None) -> torch.dtype | None:
