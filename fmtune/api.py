@@ -724,14 +724,15 @@ def _choose_thresholds(cfg: config_mod.Config, bundle: build.Bundle, task: Any, 
                           autocast_dtype=hardware.autocast_dtype(hw.precision))
     chosen = task.choose_thresholds(logits, y, result.metric)
     if chosen is None:
-        return not_chosen(f"the {len(y):,} validation rows cannot tell (too few positive or negative rows of every "
-                          f"label): task.threshold {task.threshold:g} for every label")
+        return not_chosen(f"the {len(y):,} validation rows cannot tell ({task.thresholds_unchosen}): task.threshold "
+                          f"{task.threshold:g} for every label")
     write_json(run_dir / LABELS_FILE, task.state())
     if not quiet:
         metric, before = chosen["metric"], chosen["before"]
         values = sorted(set(chosen["thresholds"].values()))
-        ui.console.print(f"  decision thresholds chosen on {chosen['rows']:,} validation rows for {metric}: "
-                         + (f"{values[0]:g} for every label" if len(values) == 1 else
+        ui.console.print(f"  {chosen.get('what', 'decision thresholds')} chosen on {chosen['rows']:,} validation "
+                         f"{chosen.get('unit', 'rows')} for {metric}: "
+                         + (f"{values[0]:.4g} for every label" if len(values) == 1 else
                             f"{values[0]:g} to {values[-1]:g} by label")
                          + f"; val {metric} {before[f'val_{metric}']:.4f} at {before['threshold']:g} -> "
                          f"{chosen[f'val_{metric}']:.4f}")

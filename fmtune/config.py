@@ -142,14 +142,18 @@ class TaskConfig:
     type: str = _f("classification", "what the model predicts: a task of `fmtune tasks` (classification, multilabel, "
                    "regression, ner ...)")
     class_weights: bool = _f(False, "weight the loss by inverse class frequency (imbalanced data)")
-    threshold: float = _f(0.5, "multilabel: probability above which a label is predicted (task.thresholds=fixed, "
-                          "or where validation cannot choose)")
+    threshold: float = _f(0.5, "multilabel: probability above which a label is predicted; detection: the score "
+                          "from which predict and serve return a box (both: task.thresholds=fixed, or where "
+                          "validation cannot choose)")
     thresholds: Literal["auto", "fixed"] = _f(
         "auto", "multilabel: auto chooses the decision thresholds on the validation rows after training, for "
         "train.metric (macro_f1: one per label with 5 positive and 5 negative validation rows, the best F1 of each "
         "among thresholds flagging at most 5x the label's positive rows, kept only if better than flagging every "
         "row; micro_f1 / accuracy: one for all) and saves them with the run, and scores every validation during "
         "training at the thresholds that checkpoint would get (the best checkpoint is the best once thresholded); "
+        "detection: auto chooses the score from which predict and serve return a box, the one of the best F1 of "
+        "boxes on the validation images (a box is right where it overlaps a true box of its class by IoU 0.5; needs "
+        "5 true boxes), and leaves mAP as it is (it scores every box above task.score_threshold); "
         "fixed: task.threshold for every label. Not chosen without a validation split")
     label_all_subtokens: bool = _f(False, "ner: train on every sub-token of a word (default: its first sub-token "
                                    "only); predictions and metrics always read the first")
@@ -180,8 +184,9 @@ class TaskConfig:
         "auto", "segmentation: how mask pixels are read: index (value = class, task.ignore_index = not scored), "
         "binary (0 = background, above 127 = foreground), auto (binary when the masks hold only 0 and 255)")
     ignore_index: int = _f(255, "segmentation: the mask value of pixels neither trained nor scored (-1: none)")
-    score_threshold: float = _f(0.05, "detection: boxes scoring below this are dropped (scores: class probability x "
-                                "centre-ness)")
+    score_threshold: float = _f(0.05, "detection: boxes scoring below this are dropped before mAP is scored "
+                                "(scores: class probability x centre-ness); predict and serve return those from "
+                                "task.threshold")
     nms_iou: float = _f(0.6, "detection: a box overlapping a better one of its class by more than this IoU is dropped")
     max_detections: int = _f(100, "detection: boxes kept per image, best first")
     truncate: bool = _f(False, "generation: an example longer than model.max_length loses the start of its prompt "

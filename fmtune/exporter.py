@@ -150,7 +150,8 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
         exported = lambda tmp: OnnxModel(tmp / MODEL_FILE)  # noqa: E731
 
     cut = opened.task.decision_thresholds()
-    if cut is not None:  # multi-label: a label is predicted above its threshold (task.thresholds=auto: chosen)
+    if cut is not None:  # multi-label: a label is predicted above its threshold; detection: a box is returned from
+        # its class's score (task.thresholds=auto: chosen on validation)
         result["label_thresholds"] = {k: round(v, 6) for k, v in cut.items()}
     rules = read_thresholds(opened.dir) if opened.task.supports("fairness") else None
     if rules is not None:  # fmtune fairness --fit-thresholds: the decision rule travels with the model

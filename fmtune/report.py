@@ -240,8 +240,10 @@ def write_report(run: str | Path) -> Path:
     if cut:
         if cut.get("chosen"):
             metric, values = cut["metric"], cut["thresholds"]
+            what = cut.get("what", "decision thresholds")
             sections.append(
-                f"<p>Decision thresholds chosen on {cut['rows']:,} validation rows for {metric} (validation "
+                f"<p>{what[0].upper() + what[1:]} chosen on {cut['rows']:,} validation {cut.get('unit', 'rows')} for "
+                f"{metric} (validation "
                 f"{cut['before'][f'val_{metric}']:g} at {cut['before']['threshold']:g} -> {cut[f'val_{metric}']:g}): "
                 + html.escape(", ".join(f"{k} {v:g}" for k, v in values.items())) + ".</p>")
         else:

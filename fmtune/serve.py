@@ -116,9 +116,12 @@ def _row_text(value: dict[str, Any], predictor: Any, where: str) -> Any:
     cfg = predictor.config.data
     if getattr(predictor, "pair_column", None):  # a run on pairs: the two texts by their columns' names
         missing = [k for k in (cfg.text_column, predictor.pair_column) if k not in value]
+        if missing and "text" in value and "text_pair" in value:  # as transformers' pipeline takes a pair
+            return value["text"], value["text_pair"]
         if missing:
             raise DataError(f"{where}: an object input needs the keys {cfg.text_column!r} and "
-                            f"{predictor.pair_column!r} (the two texts of the pair); {missing[0]!r} is missing")
+                            f"{predictor.pair_column!r} (the two texts of the pair; or 'text' and 'text_pair'); "
+                            f"{missing[0]!r} is missing")
         return value[cfg.text_column], value[predictor.pair_column]
     if tabular.uses_columns(cfg):
         row = pd.DataFrame([value])
@@ -321,7 +324,10 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
                 if extra:
                     raise HTTPError(422, f"parameters.{extra[0]} is not supported by this run (it takes: "
                                          f"{', '.join(task.hf_parameters) or 'none'})")
-                single, values = not isinstance(data["inputs"], list), check_items(data["inputs"], limits)
+                single, inputs = not isinstance(data["inputs"], list), data["inputs"]
+                if isinstance(inputs, dict) and getattr(predictor, "pair_column", None):
+                    inputs = [inputs]  # one pair, {"text": ..., "text_pair": ...} as transformers' pipeline takes it
+                values = check_items(inputs, limits)
                 items = (_prepare_texts(values, predictor, limits)[0] if predictor.kind == "text" else
                          await run_in_threadpool(_prepare_files, values, predictor))
             else:  # the file itself, as the client sends one without parameters
@@ -343,7 +349,8 @@ HF_DOC = {"requestBody": {"required": True, "content": {
         "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
                    "description": "texts; for image and audio runs base64 files"},
         "parameters": {"type": "object", "description": "top_k, function_to_apply (classification); "
-                                                        "aggregation_strategy (ner)"}}}},
+                                                        "aggregation_strategy (ner); threshold (detection); "
+                                                        "subtask (segmentation)"}}}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 

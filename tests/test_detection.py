@@ -19,7 +19,7 @@ from fmtune import api
 from fmtune.config import DataConfig
 from fmtune.data.boxes import augment_boxes, letterbox, pack_targets, read_detection
 from fmtune.errors import DataError
-from fmtune.tasks.detection import Detection, box_iou, nms
+from fmtune.tasks.detection import Detection, best_f1_cut, box_iou, box_matches, f1_at, nms
 
 CLASSES = ["red", "green", "blue"]
 COLOURS = np.array([[230, 40, 40], [40, 200, 60], [60, 80, 230]], np.uint8)
@@ -300,6 +300,51 @@ def test_predict_boxes_in_original_pixels_and_reload_agrees(det_run, boxes_data,
     assert Predictor(out).predict(img)["boxes"] == Predictor(out).predict(img)["boxes"] == df["boxes"][0]
 
 
+def test_boxes_are_matched_once_per_true_box_and_the_best_f1_cut_is_chosen():
+    """box_matches: best scores first, each true box found once, of its own class, at IoU 0.5; a box inside a
+    crowd region is left out. best_f1_cut: the highest score of the best F1; f1_at: at a given cut."""
+    truth = torch.tensor([[[0, 0, 0, 10, 10, 0], [1, 20, 20, 30, 30, 0], [0, 40, 0, 60, 20, 1],
+                           [-1, 0, 0, 0, 0, 0]]], dtype=torch.float32)
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [20, 21, 30, 30], [70, 70, 80, 80],
+                      [45, 5, 50, 10]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.6], np.float32)
+    classes = np.array([0, 0, 0, 1, 0, 0])
+    got, hits, n_true = box_matches([(boxes, scores, classes)], truth)
+    assert n_true == 2  # the crowd region and the padding row are not boxes to find
+    assert sorted(zip(got.round(3).tolist(), hits.tolist()), reverse=True) == [
+        (0.9, True), (0.8, False), (0.7, False), (0.4, True), (0.3, False)]  # 0.6: inside the crowd, left out
+    # F1 by cut: 0.9 -> 2/3, 0.8 -> 1/2, 0.7 -> 2/5, 0.4 -> 2/3, 0.3 -> 4/7: the tie goes to the higher cut
+    best = best_f1_cut(got, hits, n_true)
+    assert best["threshold"] == pytest.approx(0.9) and best["f1"] == pytest.approx(2 / 3)
+    assert (best["precision"], best["recall"]) == (1.0, 0.5)
+    assert f1_at(got, hits, n_true, 0.4) == pytest.approx({"f1": 2 / 3, "precision": 0.5, "recall": 1.0})
+    assert best_f1_cut(got, np.zeros_like(hits), n_true) is None and best_f1_cut(got, hits, 0) is None
+    task = Detection(CLASSES)
+    assert task.threshold == 0.5 and task.kept(scores).tolist() == [True, True, True, False, False, True]
+
+
+def test_predict_keeps_the_boxes_from_the_threshold_chosen_on_validation(det_run, boxes_data):
+    """task.thresholds=auto: the score of the best box F1 on the validation images is saved with the run and is
+    where predict starts returning boxes (before: every box above task.score_threshold 0.05, up to 100 an image);
+    mAP still scores every box; eval.json says how the boxes predict returns score."""
+    from fmtune.predictor import Predictor
+
+    out, _ = det_run
+    info = json.loads((out / "run.json").read_text())["thresholds"]
+    assert info["chosen"] and info["metric"] == "box_f1" and info["unit"] == "images" and info["rows"] == 12
+    cut = json.loads((out / "labels.json").read_text())["threshold"]
+    assert cut == set(info["thresholds"].values()).pop() and 0.05 < cut < 1 and cut != 0.5
+    assert info["val_box_f1"] >= info["before"]["val_box_f1"]
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["at_threshold"]["threshold"] == pytest.approx(cut) and 0 < ev["at_threshold"]["f1"] <= 1
+    images = sorted(str(p) for p in (boxes_data["test"] / "images").iterdir())
+    pred = Predictor(out)
+    scores = [b["score"] for r in pred.predict(images) for b in r["boxes"]]
+    assert scores and min(scores) >= round(cut, 4) - 1e-4
+    pred.task.threshold = 0.05  # as task.thresholds=fixed with task.threshold 0.05: the boxes mAP scores
+    assert sum(len(r["boxes"]) for r in pred.predict(images)) > len(scores)
+
+
 def test_an_unreadable_upload_is_named_by_its_place(det_run):
     from fmtune.predictor import Predictor
 
@@ -319,6 +364,39 @@ def test_serve_returns_boxes(det_run, boxes_data):
         r = client.post("/predict", files={"files": (img.name, img.read_bytes(), "image/png")})
     assert r.status_code == 200, r.text
     assert "boxes" in r.json()["predictions"][0]
+
+
+def test_huggingface_hub_inference_client_detects_objects(det_run, boxes_data, monkeypatch):
+    """POST / as the Inference API's object detection, through huggingface_hub's InferenceClient: the boxes of
+    /predict as {label, score, box: {xmin, ymin, xmax, ymax}}; threshold keeps fewer, below the run's is a 422."""
+    import base64
+
+    import httpx
+    from conftest import hf_inference_client, live_server
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from fmtune.predictor import Predictor
+    from fmtune.serve import create_app
+
+    out, _ = det_run
+    pred = Predictor(out)
+    img = max((boxes_data["test"] / "images").iterdir(), key=lambda p: len(pred.predict(str(p))["boxes"]))
+    want = pred.predict(str(img))["boxes"]
+    assert len(want) >= 2
+    with live_server(create_app(pred)) as url:
+        client = hf_inference_client(url, monkeypatch)
+        got = client.object_detection(img)  # the file's bytes as the body
+        assert [(g.label, g.score) for g in got] == [(b["label"], b["score"]) for b in want]
+        assert [(g.box.xmin, g.box.ymin, g.box.xmax, g.box.ymax) for g in got] == [
+            tuple(round(b[k]) for k in ("x0", "y0", "x1", "y1")) for b in want]
+        middle = sorted(b["score"] for b in want)[len(want) // 2]
+        fewer = client.object_detection(img, threshold=middle)  # base64 JSON with parameters
+        assert [g.score for g in fewer] == [b["score"] for b in want if b["score"] >= middle]
+        with pytest.raises(HfHubHTTPError, match="below this run's"):
+            client.object_detection(img, threshold=pred.task.threshold / 2)
+        encoded = base64.b64encode(img.read_bytes()).decode()
+        r = httpx.post(url, json={"inputs": encoded, "parameters": {"threshold": "high"}})
+        assert r.status_code == 422 and "parameters.threshold must be a number" in r.json()["error"]
 
 
 @pytest.mark.parametrize("strategy", ["last_n", "lora"])
@@ -351,6 +429,7 @@ def test_onnx_export_gives_the_same_boxes(det_run, boxes_data):
     imgs = [str(p) for p in sorted((boxes_data["test"] / "images").iterdir())[:4]]
     torch_boxes = Predictor(out).predict(imgs)
     onnx_boxes = Predictor(out, backend="onnx").predict(imgs)
+    assert sum(len(t["boxes"]) for t in torch_boxes) >= 4
     for t, o in zip(torch_boxes, onnx_boxes):
         assert [b["label"] for b in t["boxes"]] == [b["label"] for b in o["boxes"]]
         for bt, bo in zip(t["boxes"], o["boxes"]):
@@ -584,7 +663,9 @@ def test_a_whole_detector_exports_to_onnx(model_type, boxes_data, tmp_path):
     torch.manual_seed(0)
     AutoModelForObjectDetection.from_config(cfg).save_pretrained(tmp_path / "m")
     out = tmp_path / "run"
-    api.train(det_cfg(tmp_path / "m", boxes_data, out, epochs=2), quiet=True, report=False)
+    cfg = det_cfg(tmp_path / "m", boxes_data, out, epochs=2)
+    cfg["task"].update(thresholds="fixed", threshold=0.05)  # every box mAP scores, to compare (the model is random)
+    api.train(cfg, quiet=True, report=False)
     res = export(out, format="onnx", quiet=True)
     assert res["max_abs_diff"] <= 1e-4 and res.get("batch_size") == (1 if fixed else None)
     folder = Path(res["out"])
@@ -716,6 +797,7 @@ def test_a_whole_detector_trains_an_adapter(model_type, tiny_rt_detr, boxes_data
     cfg = det_cfg(source, boxes_data, out, epochs=4)
     del cfg["train"]["lr"]
     cfg["strategy"] = {"name": "lora"}
+    cfg["task"].update(thresholds="fixed", threshold=0.05)  # every box mAP scores, to compare after reloading
     api.train(cfg, quiet=True, report=False)
     saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
     assert saved["lr"] == 5e-4 and saved["head_lr"] == 1e-4

@@ -111,6 +111,16 @@ def test_serve_pairs_as_lists_or_objects(pair_run):
         assert [p["label"] for p in r.json()["predictions"]] == ["pos", "neg"]
         r = client.post("/predict", json={"inputs": [{"premise": "a scene"}]})
         assert r.status_code == 422 and "'hypothesis' is missing" in r.json()["error"]
+        # the Inference API's format (POST /): a pair as transformers' pipeline takes one, alone or in a list
+        one = client.post("/", json={"inputs": {"text": "the plot", "text_pair": "a great film"}})
+        assert one.status_code == 200, one.text
+        assert one.json()[0][0]["label"] == "pos" and len(one.json()) == 1
+        both = client.post("/", json={"inputs": [{"text": "the plot", "text_pair": "a great film"},
+                                                 {"text": "a scene", "text_pair": "an awful story"}],
+                                      "parameters": {"top_k": 1}})
+        assert both.status_code == 200 and [b[0]["label"] for b in both.json()] == ["pos", "neg"], both.text
+        r = client.post("/", json={"inputs": {"text": "the plot"}})
+        assert r.status_code == 422 and "'text' and 'text_pair'" in r.json()["error"]
 
 
 def test_onnx_export_takes_segment_ids_and_matches_the_run(tmp_path, pair_run):

@@ -262,6 +262,34 @@ def test_serve_returns_a_mask(resnet_run, scenes):
     assert decode_mask_png(pred["mask_png"]).shape == Image.open(img).size[::-1]
 
 
+def test_huggingface_hub_inference_client_segments_images(resnet_run, scenes, monkeypatch):
+    """POST / as the Inference API's image segmentation, through huggingface_hub's InferenceClient: one mask per
+    class predicted, 255 where /predict's mask has that class; only the semantic subtask; thresholds refused."""
+    from conftest import hf_inference_client, live_server
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from fmtune.predictor import Predictor
+    from fmtune.serve import create_app
+
+    out, _ = resnet_run
+    pred = Predictor(out)
+    img = sorted((scenes["test"] / "images").iterdir())[0]
+    mask = decode_mask_png(pred.predict(str(img))["mask_png"])
+    with live_server(create_app(pred)) as url:
+        client = hf_inference_client(url, monkeypatch)
+        got = client.image_segmentation(img)
+        assert [g.label for g in got] == [pred.task.labels[k] for k in np.unique(mask)] and len(got) >= 2
+        for g in got:
+            k = pred.task.labels.index(g.label)
+            assert g.score is None and g.mask.size == Image.open(img).size
+            assert np.array_equal(np.asarray(g.mask), np.where(mask == k, 255, 0).astype(np.uint8))
+        assert [g.label for g in client.image_segmentation(img, subtask="semantic")] == [g.label for g in got]
+        for kw, message in (({"subtask": "panoptic"}, "segments semantically"),
+                            ({"threshold": 0.9}, "parameters.threshold is not supported")):
+            with pytest.raises(HfHubHTTPError, match=message):
+                client.image_segmentation(img, **kw)
+
+
 @pytest.mark.parametrize("strategy", ["head", "last_n", "lora", "ia3"])
 def test_strategies_train_and_reload(tmp_path, scenes, strategy):
     """Each strategy trains, predicts and reloads; an adapter merges (IA3's --merge failed: peft copied a .weight

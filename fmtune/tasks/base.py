@@ -298,6 +298,8 @@ class Task:
         head's fixed output affine), or None where a probe cannot be one."""
         return None
 
+    thresholds_unchosen = ""  # capability "thresholds": why choose_thresholds may return None (said when it does)
+
     def choose_thresholds(self, logits: torch.Tensor, targets: Any, metric: str) -> dict[str, Any] | None:
         """Capability "thresholds": set the decision thresholds that score best on ``metric`` on these
         (validation) outputs; returns what was chosen, or None where the rows cannot tell."""

@@ -10,7 +10,9 @@ cross-entropy over the classes at the positive locations: FCOS's focal loss alon
 object is here" long before "which one" (digit-scenes, 4 epochs: test mAP 0.066 without it, 0.196
 with it; mAP with the classes merged 0.44 and 0.35). Decoding: scores = class
 probability x centre-ness, above ``task.score_threshold``, non-maximum suppression per class
-(``task.nms_iou``), at most ``task.max_detections`` per image, in torch.
+(``task.nms_iou``), at most ``task.max_detections`` per image, in torch. Those are what mAP scores; predict
+and serve return the boxes scoring at least ``task.threshold``, which ``task.thresholds=auto`` chooses after
+training: the score of the best F1 of boxes on the validation images (``box_matches``, ``best_f1_cut``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ CLASS_WEIGHT = 1.0  # of the softmax cross-entropy over classes at positive loca
 # a whole transformers detector's outputs (fmtune.models.whole.SetDetector) have this many channels after the
 # K class logits: the FCOS head's 8 and the detector's own loss
 SET_EXTRA = 9
+MATCH_IOU = 0.5  # a predicted box is right where it overlaps a true box of its class by this IoU (PASCAL VOC's)
+MIN_TRUE_BOXES = 5  # true boxes the validation images need for the prediction threshold to be chosen on them
 
 
 def level_ranges(strides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +58,65 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rb = torch.min(a[:, None, 2:], b[None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
     return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-9)
+
+
+def box_matches(dets: list[tuple[np.ndarray, np.ndarray, np.ndarray]], targets: torch.Tensor,
+                iou: float = MATCH_IOU) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every detection's score and whether it is right: it overlaps a true box of its class by ``iou`` or more that
+    no better-scored detection took (each true box is found once, best scores first, as COCO matches). Also the
+    number of true boxes. A crowd region (COCO's iscrowd) is not a box to find, and a detection mostly inside one
+    of its class (intersection over the detection's area >= ``iou``) is neither right nor wrong: left out."""
+    scores, hits, n_true = [], [], 0
+    for (b, s, c), t in zip(dets, targets):
+        t = t[t[:, 0] >= 0].float()
+        crowd = t[:, 5] > 0
+        n_true += int((~crowd).sum())
+        for k in np.unique(c):
+            mine = np.nonzero(c == k)[0]
+            mine = mine[np.argsort(-s[mine], kind="stable")]
+            boxes = torch.as_tensor(b[mine], dtype=torch.float32).reshape(-1, 4)
+            truth, regions = t[(t[:, 0] == k) & ~crowd, 1:5], t[(t[:, 0] == k) & crowd, 1:5]
+            overlap = box_iou(boxes, truth).numpy()
+            inside = np.zeros(len(boxes), bool)
+            if len(regions):
+                lt = torch.max(boxes[:, None, :2], regions[None, :, :2])
+                rb = torch.min(boxes[:, None, 2:], regions[None, :, 2:])
+                area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-9)
+                inside = ((rb - lt).clamp(min=0).prod(-1).amax(1) / area >= iou).numpy()
+            free = np.ones(len(truth), bool)
+            for j, d in enumerate(mine):
+                best = np.where(free, overlap[j], -1.0)
+                if len(best) and best.max() >= iou:
+                    free[int(best.argmax())] = False
+                    scores.append(s[d])
+                    hits.append(True)
+                elif not inside[j]:
+                    scores.append(s[d])
+                    hits.append(False)
+    return np.asarray(scores, np.float64), np.asarray(hits, bool), n_true
+
+
+def best_f1_cut(scores: np.ndarray, hits: np.ndarray, n_true: int) -> dict[str, float] | None:
+    """The lowest score a box needs for the best F1 of boxes (right boxes against every box kept and every true
+    box; ``box_matches``), with that F1, precision and recall; the higher cut where two give the same F1. None
+    without a right box."""
+    if not n_true or not hits.any():
+        return None
+    order = np.argsort(-scores, kind="stable")
+    s, h = scores[order], hits[order]
+    tp, kept = np.cumsum(h), np.arange(1, len(h) + 1)
+    f1 = np.where(np.r_[s[1:] != s[:-1], True], 2 * tp / (kept + n_true), -1.0)  # cuts between different scores
+    i = int(f1.argmax())
+    return {"threshold": float(s[i]), "f1": float(f1[i]), "precision": float(tp[i] / kept[i]),
+            "recall": float(tp[i] / n_true)}
+
+
+def f1_at(scores: np.ndarray, hits: np.ndarray, n_true: int, threshold: float) -> dict[str, float]:
+    """F1, precision and recall of the boxes scoring at least ``threshold`` (``box_matches``)."""
+    keep = scores >= threshold
+    tp, kept = int(hits[keep].sum()), int(keep.sum())
+    return {"f1": 2 * tp / max(1, kept + n_true), "precision": tp / kept if kept else 0.0,
+            "recall": tp / n_true if n_true else 0.0}
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float) -> torch.Tensor:
@@ -89,7 +152,8 @@ class Detection(DenseTask):
     description = "object detection: labelled boxes (COCO JSON, YOLO, Pascal VOC), COCO mAP"
     default_metric = "map"
     metric_names = ("map", "map50", "map75", "loss")
-    capabilities = frozenset({"save_images", "robustness", "explain"})
+    capabilities = frozenset({"save_images", "robustness", "explain", "thresholds"})
+    thresholds_unchosen = f"fewer than {MIN_TRUE_BOXES} true boxes, or no box found"
     # measured on digit-scenes (MobileNetV2, 400 images): a head lr of 1e-2 (20x lr) left the FCOS towers at val
     # mAP 0.010 after an epoch, 1e-3 reached 0.042 (0.055 at 3 epochs against 0.049)
     default_head_lr = 1e-3
@@ -114,7 +178,7 @@ class Detection(DenseTask):
     @classmethod
     def options_from(cls, task_cfg, data_cfg):
         return {"classes": task_cfg.classes, "score_threshold": task_cfg.score_threshold,
-                "nms_iou": task_cfg.nms_iou, "max_detections": task_cfg.max_detections}
+                "nms_iou": task_cfg.nms_iou, "max_detections": task_cfg.max_detections, "threshold": task_cfg.threshold}
 
     @classmethod
     def from_train(cls, values, df, classes=None, **kw):
@@ -319,12 +383,39 @@ class Detection(DenseTask):
             out[n] = None if (p == -1).all() else round(float(np.mean(p[p > -1])), 6)
         return out
 
+    # --- the score predict and serve keep a box at (task.threshold) ---------------------------------
+    def decision_thresholds(self) -> dict[str, float]:
+        return {n: float(self.threshold) for n in self.labels}
+
+    def choose_thresholds(self, logits: torch.Tensor, targets: torch.Tensor, metric: str) -> dict[str, Any] | None:
+        """Set the score predict and serve keep a box at to the one of the best F1 of boxes on these (validation)
+        images (``best_f1_cut``; mAP scores every box down to task.score_threshold, so ``metric`` is not moved by it
+        and box F1 is what is chosen for). What was chosen, or None where the images hold fewer than
+        MIN_TRUE_BOXES true boxes or no box is found (the threshold is left as it was)."""
+        scores, hits, n_true = box_matches(self.detections(logits), targets)
+        best = best_f1_cut(scores, hits, n_true) if n_true >= MIN_TRUE_BOXES else None
+        if best is None:
+            return None
+        before = float(self.threshold)
+        self.threshold = best["threshold"]
+        return {"metric": "box_f1", "what": "the score from which predict returns a box", "rows": len(targets),
+                "unit": "images", "true_boxes": n_true,
+                "thresholds": self.decision_thresholds(),
+                "before": {"threshold": before, "val_box_f1": round(f1_at(scores, hits, n_true, before)["f1"], 6)},
+                "val_box_f1": round(best["f1"], 6), "val_box_precision": round(best["precision"], 6),
+                "val_box_recall": round(best["recall"], 6)}
+
+    def kept(self, scores: np.ndarray) -> np.ndarray:
+        """Which of these box scores predict and serve return (at least task.threshold)."""
+        return np.asarray(scores) >= float(self.threshold)
+
     # --- output ------------------------------------------------------------------------------
     def postprocess(self, logits, ds=None):
         out = []
         for (b, s, c), scale, (w, h) in zip(self.detections(logits), ds.scales, ds.sizes):
             boxes = []
-            for bb, ss, cc in zip(b / scale, s, c):
+            keep = self.kept(s)
+            for bb, ss, cc in zip(b[keep] / scale, s[keep], c[keep]):
                 x0, y0 = round(max(0.0, float(bb[0])), 1), round(max(0.0, float(bb[1])), 1)
                 x1, y1 = round(min(float(w), float(bb[2])), 1), round(min(float(h), float(bb[3])), 1)
                 if x1 > x0 and y1 > y0:  # a box on the padding, clipped to nothing, is no box
@@ -338,6 +429,24 @@ class Detection(DenseTask):
 
     def flatten(self, record):
         return {"boxes": record["boxes"], "count": record["count"]}
+
+    hf_parameters = ("threshold",)
+
+    def hf_output(self, record: dict[str, Any], parameters: dict[str, Any]) -> Any:
+        """The Inference API's object detection: [{label, score, box: {xmin, ymin, xmax, ymax}}] in the image's
+        pixels (whole numbers, as transformers' pipeline gives them), best first; ``threshold``: only boxes scoring
+        at least that (no lower than the run's own task.threshold, the boxes the record holds)."""
+        cut = parameters.get("threshold")
+        if cut is not None:
+            if isinstance(cut, bool) or not isinstance(cut, (int, float)) or not 0 <= cut <= 1:
+                raise DataError(f"parameters.threshold must be a number in [0, 1], got {cut!r}")
+            if cut < float(self.threshold) - 1e-9:
+                raise DataError(f"parameters.threshold {cut:g} is below this run's {float(self.threshold):.4g}: it "
+                                "returns the boxes scoring at least that (its task.threshold; chosen on validation "
+                                "unless task.thresholds=fixed); ask for that or more")
+        corners = (("xmin", "x0"), ("ymin", "y0"), ("xmax", "x1"), ("ymax", "y1"))
+        return [{"label": b["label"], "score": b["score"], "box": {k: int(round(b[v])) for k, v in corners}}
+                for b in record["boxes"] if cut is None or b["score"] >= cut]
 
     def write_files(self, out, column, base, folder, taken):
         """Each image with its predicted boxes drawn, as ``folder/<image name>.jpg``."""
@@ -378,15 +487,25 @@ class Detection(DenseTask):
             f"{n:>{width}}  {'-' if ap[n] is None else format(ap[n], '7.4f'):>7}  {counts[k]:6d}"
             for k, n in enumerate(self.labels)]
         merged = self.any_class(logits, targets)
+        cut = self.at_threshold(logits, targets)
         return (buf.getvalue() + "\n" + "\n".join(lines) + f"\n\nwith the classes merged into one (are objects found, "
-                f"whatever their class?): mAP {merged['map']:.4f}, mAP@.5 {merged['map50']:.4f}\n")
+                f"whatever their class?): mAP {merged['map']:.4f}, mAP@.5 {merged['map50']:.4f}\n"
+                f"the boxes predict returns (score >= {cut['threshold']:.4g}; right: IoU >= {MATCH_IOU} with a true "
+                f"box of its class): precision {cut['precision']:.4f}, recall {cut['recall']:.4f}, "
+                f"F1 {cut['f1']:.4f}\n")
+
+    def at_threshold(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Precision, recall and F1 of the boxes predict returns (``kept``), with the threshold."""
+        scores, hits, n_true = box_matches(self.detections(logits), targets)
+        got = f1_at(scores, hits, n_true, float(self.threshold))
+        return {"threshold": round(float(self.threshold), 6), **{k: round(v, 6) for k, v in got.items()}}
 
     def report_files(self, logits, targets, folder: Path, title: str) -> dict[str, Any]:
         from fmtune.plots import pyplot, save_atomic
 
         ev = self._coco(logits, targets)
         if ev is None:
-            return {"per_class_ap": self.per_class_ap(None)}
+            return {"per_class_ap": self.per_class_ap(None), "at_threshold": self.at_threshold(logits, targets)}
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4.5))
         recall = np.linspace(0, 1, 101)
@@ -401,7 +520,7 @@ class Detection(DenseTask):
         fig.tight_layout()
         save_atomic(fig, folder / "precision_recall.png")
         return {"per_class_ap": self.per_class_ap(ev), "precision_recall": "precision_recall.png",
-                "any_class": self.any_class(logits, targets)}
+                "any_class": self.any_class(logits, targets), "at_threshold": self.at_threshold(logits, targets)}
 
     def mistakes(self, logits, targets, ds, bundle, png: Path, k: int = 6) -> list[dict[str, Any]]:
         """A gallery of the first ``k`` test images: ground truth (green) beside the predictions."""
@@ -421,8 +540,9 @@ class Detection(DenseTask):
                       "y1": float(r[4])} for r in targets[i] if r[0] >= 0]
             b, s, c = dets[i]
             pred = [{"label": self.labels[int(cc)], "score": float(ss), "x0": float(bb[0]), "y0": float(bb[1]),
-                     "x1": float(bb[2]), "y1": float(bb[3])} for bb, ss, cc in zip(b, s, c) if ss >= 0.3]
-            for col, (boxes, name) in enumerate(((truth, "truth"), (pred, "prediction (score >= 0.3)"))):
+                     "x1": float(bb[2]), "y1": float(bb[3])} for bb, ss, cc, k in zip(b, s, c, self.kept(s)) if k]
+            shown = f"prediction (score >= {float(self.threshold):.2f})"
+            for col, (boxes, name) in enumerate(((truth, "truth"), (pred, shown))):
                 axes[i, col].imshow(draw_boxes(img, boxes, self.labels))
                 axes[i, col].set_title(f"{ds.names[i]}: {name}", fontsize=8)
                 axes[i, col].axis("off")

@@ -108,6 +108,7 @@ class MultiLabel(Task):
     hf_problem_type = "multi_label_classification"
     capabilities = frozenset({"embed", "explain", "robustness", "thresholds"})
     select_thresholded = False  # set for a run that chooses its thresholds on validation (``validation_metrics``)
+    thresholds_unchosen = "too few positive or negative rows of every label"
 
     def _split(self, v: Any) -> list[str]:
         if v is None or (isinstance(v, float) and math.isnan(v)):

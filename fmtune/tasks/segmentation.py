@@ -221,6 +221,21 @@ class Segmentation(DenseTask):
     def flatten(self, record):
         return {k: record[k] for k in self.prediction_columns()}
 
+    hf_parameters = ("subtask",)
+
+    def hf_output(self, record: dict[str, Any], parameters: dict[str, Any]) -> Any:
+        """The Inference API's image segmentation, as transformers' pipeline answers for a semantic model: one
+        entry per class predicted somewhere, in class order, {label, score: null, mask: a base64 PNG, 255 where
+        that class is and 0 elsewhere, at the image's size}. ``subtask``: semantic (instance and panoptic masks
+        are not what this model predicts)."""
+        sub = parameters.get("subtask")
+        if sub is not None and sub != "semantic":
+            raise DataError(f"parameters.subtask {sub!r}: this run segments semantically (a class per pixel); "
+                            "ask for 'semantic' or leave it out")
+        mask = decode_mask_png(record["mask_png"])
+        return [{"label": self.labels[int(k)], "score": None, "mask": mask_png((mask == k).astype(np.uint8) * 255)}
+                for k in np.unique(mask)]
+
     def write_files(self, out, column, base, folder, taken):
         """Each predicted mask as ``folder/<image name>.png`` (class indices) and
         ``<image name>_overlay.jpg`` (classes painted over the image); ``mask_png`` names the file."""
