@@ -80,6 +80,9 @@ class Predictor:
                 "model": self.config.model.name,
                 "kind": self.kind, "task": self.task.name, "labels": self.labels,
                 "precision": precision_name(self.autocast),
+                # multi-label: the probability above which each label is predicted; detection: the score from which
+                # a box is returned (per class); None elsewhere
+                "thresholds": self.task.decision_thresholds(),
                 "strategy": self.config.strategy.name, "max_length": self.bundle.max_length if self.kind == "text"
                 else None, "image_size": self.bundle.image.get("size"), "test_metrics": metrics}
 

@@ -397,6 +397,7 @@ def test_huggingface_hub_inference_client_detects_objects(det_run, boxes_data, m
         encoded = base64.b64encode(img.read_bytes()).decode()
         r = httpx.post(url, json={"inputs": encoded, "parameters": {"threshold": "high"}})
         assert r.status_code == 422 and "parameters.threshold must be a number" in r.json()["error"]
+        assert httpx.get(f"{url}/metadata").json()["thresholds"] == {c: pred.task.threshold for c in CLASSES}
 
 
 @pytest.mark.parametrize("strategy", ["last_n", "lora"])

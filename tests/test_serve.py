@@ -47,6 +47,7 @@ def test_predict_health_metadata_docs(text_run):
         assert client.get("/health").json() == {"status": "ok", "model_version": pred.version}
         meta = client.get("/metadata").json()
         assert meta["labels"] == ["neg", "pos"] and meta["strategy"] == "full" and "accuracy" in meta["test_metrics"]
+        assert meta["thresholds"] is None  # (single-label: the most probable label, no threshold)
         assert client.get("/docs").status_code == 200
         assert "/predict" in client.get("/openapi.json").json()["paths"]
 

@@ -89,6 +89,8 @@ def test_a_multilabel_run_chooses_its_thresholds_on_validation_and_predicts_with
     decided = probs > np.array(labels["threshold"])
     assert [set(str(c).split("|")) - {"nan", ""} for c in pred["labels"]] == \
         [{k for k, on in zip(labels["labels"], row) if on} for row in decided]
+    # the service's /metadata says them
+    assert fmtune.load(tmp_path / "run").metadata()["thresholds"] == pytest.approx(cut["thresholds"])
     truth = np.array([[k in str(c).split("|") for k in labels["labels"]] for c in pd.read_csv(test)["label"]])
     from sklearn.metrics import f1_score
 
