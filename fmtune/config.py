@@ -88,8 +88,8 @@ class DataConfig:
     box_format: Literal["xywh", "xyxy"] = _f(
         "xywh", "detection, boxes in a table (a Hugging Face dataset's objects.bbox): xywh = x, y, width, height "
         "in pixels (COCO, cppe-5), xyxy = the corners x0, y0, x1, y1")
-    yolo_split: str = _f("train", "detection: the split of a YOLO dataset YAML that --data reads (give --val / --test "
-                         "as the images/ folders of the other splits)")
+    yolo_split: str = _f("train", "detection: the split of a YOLO dataset YAML that --data reads (its val and test "
+                         "splits validate and test unless --val / --test are given; data.yaml:val names one)")
     input_column: str | None = _f(None, "generation: column of a table holding the input (default: prompt, else "
                                   "data.text_column)")
     target_column: str | None = _f(None, "generation: column of a table holding the target text (default: "

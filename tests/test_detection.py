@@ -165,6 +165,75 @@ def _voc_only(root: Path) -> Path:
     return voc
 
 
+def test_yolo_polygon_labels_image_lists_and_split_lists_read_the_same_boxes(boxes_data, tmp_path):
+    """YOLO as Ultralytics writes it beyond folders of boxes: a split as a .txt list of images (its coco.yaml's
+    train2017.txt; ./ relative to the list) or a list of folders / lists, and segmentation labels (a polygon a line,
+    read as the box around it). The first 4 numbers of a polygon were read as a box, silently."""
+    import shutil
+
+    root = tmp_path / "y"
+    shutil.copytree(boxes_data["train"] / "images", root / "images" / "a")
+    shutil.copytree(boxes_data["train"] / "labels", root / "labels" / "a")
+    want = _norm(read_detection(boxes_data["train"] / "annotations.json", DataConfig()))
+    names = sorted((root / "images" / "a").iterdir())
+    half = len(names) // 2
+    for im in names[half:]:  # the second half in another folder, with its labels as polygons
+        for sub, suffix in (("images", im.suffix), ("labels", ".txt")):
+            (root / sub / "b").mkdir(parents=True, exist_ok=True)
+            (root / sub / "a" / im.with_suffix(suffix).name).rename(root / sub / "b" / im.with_suffix(suffix).name)
+        label = root / "labels" / "b" / f"{im.stem}.txt"
+        lines = []
+        for line in label.read_text().splitlines():
+            c, cx, cy, w, h = line.split()
+            cx, cy, w, h = map(float, (cx, cy, w, h))
+            x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+            lines.append(f"{c} {cx} {y0} {x1} {cy} {cx} {y1} {x0} {cy}")  # a diamond touching the box's sides
+        label.write_text("\n".join(lines) + "\n")
+    (root / "a.txt").write_text("".join(f"./images/a/{n.name}\n" for n in names[:half]))
+    for spec in ("[images/a, images/b]", "[a.txt, images/b]"):
+        (root / "data.yaml").write_text(f"path: .\ntrain: {spec}\nnames: [red, green, blue]\n")
+        assert _norm(read_detection(root / "data.yaml", DataConfig())) == want, spec
+    (root / "data.yaml").write_text("path: .\ntrain: a.txt\nnames: [red, green, blue]\n")
+    assert len(read_detection(root / "data.yaml", DataConfig())) == half
+    (root / "a.txt").write_text("./images/a/nothere.png\n")
+    with pytest.raises(DataError, match=r"a.txt: line 1: image './images/a/nothere.png' not found"):
+        read_detection(root / "data.yaml", DataConfig())
+    bad = sorted((root / "labels" / "b").iterdir())[0]
+    bad.write_text("1 0.5 0.5 0.2 0.2 0.9\n")  # 5 numbers: neither a box nor a polygon
+    (root / "data.yaml").write_text("path: .\ntrain: images/b\nnames: [red, green, blue]\n")
+    with pytest.raises(DataError, match=rf"{bad.name}: line 1: expected 'class cx cy w h'.*or a polygon"):
+        read_detection(root / "data.yaml", DataConfig())
+
+
+def test_a_yolo_yaml_validates_and_tests_on_its_own_splits(boxes_data, tiny_resnet, tmp_path):
+    """fmtune train --data data.yaml read the train split only and split its validation off it, with the YAML's val
+    and test splits beside it unused. Now they validate and test (data.val = data.yaml:val, said in a warning and
+    kept in the run's config), unless --val / --test name others; data.yaml:test reads that split anywhere."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "ds"
+    for split in ("train", "val", "test"):
+        shutil.copytree(boxes_data[split] / "images", root / "images" / split)
+        shutil.copytree(boxes_data[split] / "labels", root / "labels" / split)
+    spec = root / "data.yaml"
+    spec.write_text("path: .\ntrain: images/train\nval: images/val\ntest: images/test\nnames: [red, green, blue]\n")
+    cfg = det_cfg(tiny_resnet, boxes_data, tmp_path / "run", epochs=1)
+    cfg["data"] = {"train": str(spec)}
+    with pytest.warns(UserWarning, match=r"ships its held-out splits: data.val = .*data.yaml:val; data.test = "):
+        summary = api.train(cfg, quiet=True, report=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert (saved["val"], saved["test"]) == (f"{spec}:val", f"{spec}:test")
+    data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert not data["val_split_from_train"] and (data["train"]["rows"], data["val"]["rows"]) == (48, 12)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["n_test"] == 12 and summary["eval"]["test"]
+    assert _norm(read_detection(f"{spec}:test", DataConfig())) == _norm(
+        read_detection(boxes_data["test"] / "annotations.json", DataConfig()))
+    with pytest.raises(DataError, match="no 'nope' split"):
+        read_detection(f"{spec}:nope", DataConfig())
+
+
 @pytest.mark.parametrize("problem, message", [
     ("outside", "lies outside its"),
     ("empty", "non-positive size"),

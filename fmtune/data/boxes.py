@@ -131,9 +131,69 @@ def _find_upwards(folder: Path, names: tuple[str, ...], levels: int = 3) -> Path
     return None
 
 
+def _yolo_label_file(image: Path) -> Path:
+    """Where YOLO keeps an image's labels: the same path with its last ``images`` folder as ``labels``, ``.txt``."""
+    parts = image.parts
+    k = len(parts) - 1 - parts[::-1].index("images")
+    return Path(*parts[:k], "labels", *parts[k + 1:]).with_suffix(".txt")
+
+
+def _yolo_images(entry: Any, base: Path, where: str) -> list[Path]:
+    """The images of one entry of a YOLO split: an image folder, or a .txt file listing images (one path a line;
+    ``./`` relative to the list's folder, other relative paths to the dataset's ``path``), as Ultralytics reads
+    them (its coco.yaml lists train2017.txt)."""
+    target = Path(str(entry))
+    target = target if target.is_absolute() else base / target
+    if target.is_file() and target.suffix.lower() == ".txt":
+        images = []
+        for n, line in enumerate(target.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line:
+                continue
+            img = target.parent / line[2:] if line.startswith("./") else Path(line)
+            img = img if img.is_absolute() else base / img
+            if not img.is_file():
+                raise DataError(f"{target}: line {n}: image {line!r} not found (looked for {img})")
+            images.append(img)
+        return images
+    if not target.is_dir():
+        raise DataError(f"{target}: no such image folder or image list ({where})")
+    return list_images(target)
+
+
+def _yolo_boxes(label_file: Path, names: list[str] | None, w: int, h: int) -> tuple[list, list]:
+    """An image's boxes and class names from its YOLO label file: ``class cx cy w h`` (normalised) a line, or a
+    polygon ``class x1 y1 x2 y2 ...`` (YOLO's segmentation labels, read as the box around it, as Ultralytics does)."""
+    boxes, labels = [], []
+    for n, line in enumerate(label_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{label_file}: line {n}"
+        f = line.split()
+        try:
+            c, values = int(f[0]), [float(v) for v in f[1:]]
+        except (ValueError, IndexError):
+            values, c = [], -1
+        if len(values) == 4:
+            cx, cy, bw, bh = values
+            box = [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
+        elif len(values) >= 6 and len(values) % 2 == 0:
+            xs, ys = values[0::2], values[1::2]
+            box = [min(xs) * w, min(ys) * h, max(xs) * w, max(ys) * h]
+        else:
+            raise DataError(f"{where}: expected 'class cx cy w h' (normalised) or a polygon 'class x1 y1 x2 y2 x3 "
+                            f"y3 ...', got {line.strip()!r}")
+        if names is not None and not 0 <= c < len(names):
+            raise DataError(f"{where}: class {c} is not one of the {len(names)} classes named in the dataset YAML")
+        boxes.append(_check_box(box, w, h, where))
+        labels.append(names[c] if names is not None else str(c))
+    return boxes, labels
+
+
 def read_yolo(path: Path, split: str = "train") -> pd.DataFrame:
-    """A YOLO dataset YAML (its ``split`` image folder), or an image folder with a parallel labels/."""
-    names: list[str] | None = None
+    """A YOLO dataset YAML (its ``split``: an image folder, a .txt list of images, or a list of those), or an image
+    folder with a parallel labels/."""
+    names = None
     if path.suffix.lower() in (".yaml", ".yml"):
         spec = _yolo_spec(path)
         names = _yolo_names(spec, path)
@@ -141,7 +201,9 @@ def read_yolo(path: Path, split: str = "train") -> pd.DataFrame:
             raise DataError(f"{path}: no {split!r} split (it has: {', '.join(k for k in spec if k != 'names')})")
         base = Path(spec.get("path") or ".")
         base = base if base.is_absolute() else path.parent / base
-        folder = base / str(spec[split])
+        entries = spec[split] if isinstance(spec[split], list) else [spec[split]]
+        images = [img for e in entries for img in _yolo_images(e, base, f"YOLO split {split!r} of {path}")]
+        folder = path
     else:
         folder = path
         found = _find_upwards(folder, ("data.yaml", "dataset.yaml"))
@@ -151,36 +213,19 @@ def read_yolo(path: Path, split: str = "train") -> pd.DataFrame:
             listed = _find_upwards(folder, ("classes.txt", "obj.names"))
             if listed is not None:
                 names = [x.strip() for x in listed.read_text().splitlines() if x.strip()]
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such image folder (YOLO split {split!r} of {path})")
-    parts = folder.parts
-    if "images" not in parts:
-        raise DataError(f"{folder}: a YOLO image folder is named images/ (labels in the parallel labels/ folder)")
-    k = len(parts) - 1 - parts[::-1].index("images")
-    label_dir = Path(*parts[:k], "labels", *parts[k + 1:])
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such image folder")
+        images = list_images(folder)
+    outside = next((img for img in images if "images" not in img.parts), None)
+    if outside is not None:
+        raise DataError(f"{outside}: a YOLO image sits in a folder named images/ (its labels in the parallel "
+                        "labels/ folder)")
     records = []
-    for img_path in list_images(folder):
-        rel = img_path.relative_to(folder).with_suffix(".txt")
-        label_file = label_dir / rel
+    for img_path in images:
+        label_file = _yolo_label_file(img_path)
         with Image.open(img_path) as im:
             w, h = im.size
-        boxes, labels = [], []
-        if label_file.is_file():  # no file: an image without objects
-            for n, line in enumerate(label_file.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                where = f"{label_file}: line {n}"
-                f = line.split()
-                try:
-                    c, cx, cy, bw, bh = int(f[0]), *(float(v) for v in f[1:5])
-                except (ValueError, IndexError):
-                    raise DataError(f"{where}: expected 'class cx cy w h' (normalised), got {line.strip()!r}") from None
-                if names is not None and not 0 <= c < len(names):
-                    raise DataError(f"{where}: class {c} is not one of the {len(names)} classes named in the dataset "
-                                    "YAML")
-                boxes.append(_check_box([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h],
-                                        w, h, where))
-                labels.append(names[c] if names is not None else str(c))
+        boxes, labels = _yolo_boxes(label_file, names, w, h) if label_file.is_file() else ([], [])  # no file: none
         records.append({"image": str(img_path), "width": w, "height": h, "boxes": boxes, "labels": labels,
                         "ignore": [False] * len(boxes)})
     if not records:
@@ -316,11 +361,38 @@ def read_box_table(path: Path, data_cfg: Any) -> pd.DataFrame:
     return out
 
 
+def yolo_split_path(path: str | Path) -> tuple[Path, str] | None:
+    """``data.yaml:val``: a YOLO dataset YAML and one of its splits (how a run names the YAML's own val and test
+    splits), or None where ``path`` is not of that form."""
+    text = str(path)
+    yaml_path, _, split = text.rpartition(":")
+    if not split or not yaml_path or Path(text).exists() or Path(yaml_path).suffix.lower() not in (".yaml", ".yml"):
+        return None
+    return Path(yaml_path), split
+
+
+def yolo_splits(path: str | Path) -> dict[str, str]:
+    """The val and test splits a YOLO dataset YAML names (as ``data.yaml:val``), for a run trained on it."""
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() not in (".yaml", ".yml"):
+        return {}
+    import yaml
+
+    try:
+        spec = _yolo_spec(p)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # (reading it as data says what is wrong)
+        return {}
+    return {k: f"{p}:{k}" for k in ("val", "test") if isinstance(spec, dict) and spec.get(k)}
+
+
 def read_detection(path: str | Path, data_cfg: Any) -> pd.DataFrame:
     """Rows (image, width, height, boxes, labels, ignore) from COCO JSON, YOLO, VOC or a table of
     images and objects (a Hugging Face Parquet split); a folder or file of images alone gives rows
-    without boxes (images to predict)."""
+    without boxes (images to predict). ``data.yaml:val`` reads that split of a YOLO YAML."""
     p = Path(path)
+    split = yolo_split_path(p)
+    if split is not None and split[0].is_file():
+        return read_yolo(*split)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     if p.is_file() and p.suffix.lower() in (".parquet", ".pq", ".jsonl"):

@@ -91,8 +91,11 @@ def split_lists_unset(data_cfg: Any, task_type: str) -> dict[str, str]:
     """The split lists (``readers.SPLIT_LISTS``: Speech Commands' validation_list.txt and testing_list.txt) of a
     class folder given as training data, for a task that reads them, where data.val / data.test are unset:
     {"val": path, "test": path}. Training then validates and tests on the speakers the folder holds out. A
-    DatasetDict saved to disk gives its splits the same way: {"train": its train split, "val", "test"}."""
+    DatasetDict saved to disk gives its splits the same way: {"train": its train split, "val", "test"}; and so do the
+    splits a task reads from the training file itself (``Task.splits_of``: a YOLO dataset YAML's val and test)."""
     train = Path(data_cfg.train) if data_cfg.train else None
+    if train is not None and train.is_file():
+        return {k: p for k, p in task_class(task_type).splits_of(train).items() if getattr(data_cfg, k) is None}
     if train is None or not train.is_dir():
         return {}
     saved = dataset_dict_splits(train)  # a Hugging Face DatasetDict saved to disk: its train split trains

@@ -298,6 +298,12 @@ class Task:
         head's fixed output affine), or None where a probe cannot be one."""
         return None
 
+    @classmethod
+    def splits_of(cls, train: Path) -> dict[str, str]:
+        """The held-out splits the training data names for itself in a way only this task reads (a YOLO dataset
+        YAML's val and test): {"val": path, "test": path}, used where data.val / data.test are unset."""
+        return {}
+
     thresholds_unchosen = ""  # capability "thresholds": why choose_thresholds may return None (said when it does)
 
     def choose_thresholds(self, logits: torch.Tensor, targets: Any, metric: str) -> dict[str, Any] | None:

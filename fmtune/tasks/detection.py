@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmtune.data.boxes import box_dataset, read_detection
+from fmtune.data.boxes import box_dataset, read_detection, yolo_splits
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks.base import TASKS
 from fmtune.tasks.dense import DenseTask
@@ -167,6 +167,10 @@ class Detection(DenseTask):
     @classmethod
     def target_column(cls, data_cfg):
         return "boxes"
+
+    @classmethod
+    def splits_of(cls, train):
+        return yolo_splits(train)
 
     @classmethod
     def require_targets(cls, df, data_cfg):
