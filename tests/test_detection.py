@@ -88,6 +88,23 @@ def test_coco_yolo_and_voc_read_the_same_boxes(boxes_data):
     assert _norm(coco) == _norm(yolo) == _norm(voc)
 
 
+def test_a_cvat_coco_export_is_found_and_its_images_beside_it(boxes_data, tmp_path):
+    """CVAT exports COCO as annotations/instances_default.json beside images/, file names relative to images/: the
+    folder is read as COCO (it was listed as images without boxes) and the file's images are found there."""
+    import shutil
+
+    root = boxes_data["train"]
+    shutil.copytree(root / "images", tmp_path / "cvat" / "images")
+    coco = json.loads((root / "annotations.json").read_text())
+    for im in coco["images"]:
+        im["file_name"] = Path(im["file_name"]).name
+    (tmp_path / "cvat" / "annotations").mkdir()
+    (tmp_path / "cvat" / "annotations" / "instances_default.json").write_text(json.dumps(coco))
+    want = _norm(read_detection(root / "annotations.json", DataConfig()))
+    assert _norm(read_detection(tmp_path / "cvat", DataConfig())) == want
+    assert _norm(read_detection(tmp_path / "cvat" / "annotations" / "instances_default.json", DataConfig())) == want
+
+
 def hf_detection_parquet(root: Path, out: Path, xyxy: bool = False, layout: str = "sequence") -> Path:
     """The COCO fixture as a Hugging Face detection split stores it: the image embedded, width and
     height, the objects' boxes [x, y, w, h] (or corners) and category ids, with the class names in

@@ -15,6 +15,7 @@ from conftest import assert_head_cache_trains_the_same, cfg_dict
 from PIL import Image
 
 from fmtune import api
+from fmtune.config import DataConfig
 from fmtune.data.masks import IGNORE, augment, read_segmentation
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks.segmentation import Segmentation, confusion, decode_mask_png, scores
@@ -63,6 +64,70 @@ def seg_cfg(model, scenes, out, **train):
 
 
 # --- reading ---------------------------------------------------------------------------------
+
+def coco_from_masks(split: Path, out: Path, names: tuple[str, ...] = ("red", "green", "blue")) -> Path:
+    """The images of a scenes split (copied to out/images/) with their masks as a COCO file in CVAT's layout
+    (out/annotations/instances_default.json, file names relative to images/): an RLE object per class present,
+    compressed as pycocotools writes it (counts a string)."""
+    import shutil
+
+    from pycocotools import mask as coco_mask
+
+    shutil.copytree(split / "images", out / "images")
+    (out / "annotations").mkdir()
+    coco = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
+    for i, img in enumerate(sorted((split / "images").iterdir())):
+        mask = np.asarray(Image.open(split / "masks" / f"{img.stem}.png"))
+        coco["images"].append({"id": i, "file_name": img.name, "width": mask.shape[1], "height": mask.shape[0]})
+        for k in np.unique(mask[mask > 0]):
+            rle = coco_mask.encode(np.asfortranarray(mask == k, dtype=np.uint8))
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i, "category_id": int(k),
+                                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                                        "area": float(coco_mask.area(rle)), "bbox": [0, 0, 1, 1], "iscrowd": 0})
+    (out / "annotations" / "instances_default.json").write_text(json.dumps(coco))
+    return out
+
+
+def test_a_coco_file_of_polygons_or_rle_is_read_as_class_index_masks(scenes, tmp_path):
+    """Segmentation read folders of mask images and tables only; COCO files (Roboflow, CVAT, COCO itself) were
+    refused. Now each image's objects are painted into one mask (0 background, category k in id order -> k + 1,
+    the names from the file), largest first; a CVAT folder (annotations/*.json beside images/) is found; a file of
+    boxes only is refused as detection data."""
+    from fmtune.data.masks import read_mask
+
+    folder = coco_from_masks(scenes["test"], tmp_path / "cvat")
+    for source in (folder, folder / "annotations" / "instances_default.json"):
+        df = read_segmentation(source, DataConfig())
+        assert df.attrs["classes"] == ["background", "red", "green", "blue"] and len(df) == 12
+        for img, cell in zip(df["image"], df["mask"]):
+            want = np.asarray(Image.open(scenes["test"] / "masks" / f"{Path(img).stem}.png"))
+            assert np.array_equal(read_mask(cell), want), img
+    # polygons: a small square on a large one keeps its pixels whatever the order in the file
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "p.png")
+    small = {"id": 1, "image_id": 7, "category_id": 5, "area": 25.0, "segmentation": [[5, 5, 10, 5, 10, 10, 5, 10]]}
+    large = {"id": 2, "image_id": 7, "category_id": 3, "area": 400.0, "segmentation": [[0, 0, 20, 0, 20, 20, 0, 20]]}
+    coco = {"images": [{"id": 7, "file_name": "p.png"}],  # (no width and height: read from the image)
+            "categories": [{"id": 5, "name": "dot"}, {"id": 3, "name": "square"}], "annotations": [small, large]}
+    (tmp_path / "poly.json").write_text(json.dumps(coco))
+    df = read_segmentation(tmp_path / "poly.json", DataConfig())
+    mask = read_mask(df["mask"][0])
+    assert df.attrs["classes"] == ["background", "square", "dot"] and mask.shape == (40, 40)
+    assert (mask[7, 7], mask[15, 15], mask[30, 30]) == (2, 1, 0)
+    del large["segmentation"]
+    (tmp_path / "poly.json").write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"poly.json: annotations\[1\] \(id 2\): no segmentation .*--task detection"):
+        read_segmentation(tmp_path / "poly.json", DataConfig())
+
+
+def test_training_on_coco_files_names_the_classes(scenes, tiny_resnet, tmp_path):
+    cfg = seg_cfg(tiny_resnet, scenes, tmp_path / "run", epochs=1)
+    cfg["data"] = {s: str(coco_from_masks(scenes[s], tmp_path / s)) for s in ("train", "val", "test")}
+    api.train(cfg, quiet=True, report=False)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["background", "red", "green",
+                                                                                     "blue"]
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["n_test"] == 12 and set(ev["per_class"]) == {"background", "red", "green", "blue"}
+
 
 def test_folder_pairs_and_table_read_the_same(scenes, tmp_path):
     from fmtune.config import DataConfig

@@ -25,7 +25,6 @@ boxes with them; training images are flipped and scale-jittered with their boxes
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,13 @@ from fmtune.data.masks import open_image
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
     class_label_names,
+    coco_image_root,
     embedded,
+    find_coco_file,
     hf_features,
     list_images,
     media_cell,
+    read_coco_json,
     read_table,
     require_column,
     row_prefix,
@@ -72,14 +74,8 @@ def _check_box(box: list[float], w: float, h: float, where: str, tolerance: floa
 
 
 def read_coco(path: Path, image_root: str | None = None) -> pd.DataFrame:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a readable COCO JSON file ({e})") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: no {key!r} list; a COCO detection file has images, annotations and categories")
-    root = Path(image_root) if image_root else path.parent
+    data = read_coco_json(path)
+    root = coco_image_root(path, data, image_root)
     names = {}
     for c in data["categories"]:
         names[c["id"]] = str(c.get("name", c["id"]))
@@ -404,9 +400,9 @@ def read_detection(path: str | Path, data_cfg: Any) -> pd.DataFrame:
     if p.is_dir() and (p / "Annotations").is_dir():
         return read_voc(p)
     if p.is_dir():
-        for ann in ("annotations.json", "_annotations.coco.json", "instances.json"):
-            if (p / ann).is_file():
-                return read_coco(p / ann, data_cfg.image_root)
+        coco = find_coco_file(p)
+        if coco is not None:
+            return read_coco(coco, data_cfg.image_root)
         if (p / "images").is_dir() and (p / "labels").is_dir():
             return read_yolo(p / "images")
         if p.name == "images" or "images" in p.parts:

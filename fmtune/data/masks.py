@@ -7,7 +7,9 @@ Read directly, without conversion scripts:
   whose files pair up by name (``images/a.jpg`` with ``masks/a.png``);
 - a CSV/TSV/JSONL/Parquet table with an image path and a mask path per row (``data.image_column``,
   ``data.mask_column``), paths relative to the table, or both files embedded in it (a Hugging
-  Face dataset's Parquet split: ``{bytes, path}`` cells).
+  Face dataset's Parquet split: ``{bytes, path}`` cells);
+- a COCO JSON file (or a folder holding one, as Roboflow and CVAT export it) of polygons or RLE:
+  each image's objects painted into one class-index mask (``read_coco_masks``).
 
 A mask is a one-channel PNG (mode L, P or 1; a grey RGB image is read as one channel) whose pixel
 value is the class index; ``task.ignore_index`` (255) marks pixels that are not scored. Masks
@@ -19,6 +21,7 @@ a known source of IoU 0). Images are resized to ``size`` x ``size`` (bilinear) a
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,13 @@ from PIL import Image, UnidentifiedImageError
 from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, load_rgb
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
+    coco_image_root,
     embedded,
     file_like,
+    find_coco_file,
     list_images,
     media_cell,
+    read_coco_json,
     read_table,
     require_column,
     row_prefix,
@@ -59,13 +65,88 @@ def image_folder(path: Path) -> Path:
     return (subdir(path, IMAGE_DIRS) or path) if path.is_dir() else path
 
 
+def _coco_file(p: Path) -> Path | None:
+    """The COCO JSON file ``p`` is, or that its folder holds (``find_coco_file``) where the folder has no mask
+    images beside its images; else None."""
+    if p.is_file():
+        return p if p.suffix.lower() == ".json" else None
+    masks = subdir(p, MASK_DIRS)
+    return None if masks is not None and list_images(masks) else find_coco_file(p)
+
+
+def read_coco_masks(path: Path, image_col: str, mask_col: str, image_root: str | None = None) -> pd.DataFrame:
+    """A COCO file's objects (polygons, or RLE as COCO and pycocotools write it) as one class-index mask per image,
+    embedded as PNG: 0 = background, category k (in category-id order) = k + 1, named in ``attrs["classes"]``. The
+    objects are painted largest first, so that one lying on another keeps its pixels (crowd regions too, as their
+    class). Images are named as for detection (``file_name`` relative to the file's folder, or data.image_root)."""
+    from pycocotools import mask as coco_mask
+
+    data = read_coco_json(path)
+    root = coco_image_root(path, data, image_root)
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    index = {c["id"]: k + 1 for k, c in enumerate(cats)}
+    images: dict[Any, dict[str, Any]] = {}
+    for i, im in enumerate(data["images"]):
+        if "id" not in im or "file_name" not in im:
+            raise DataError(f"{path}: images[{i}] has no id or file_name")
+        images[im["id"]] = {**im, "objects": []}
+    for i, a in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}] (id {a.get('id')})"
+        if a.get("image_id") not in images:
+            raise DataError(f"{where}: image_id {a.get('image_id')!r} is not in images")
+        if a.get("category_id") not in index:
+            raise DataError(f"{where}: category_id {a.get('category_id')!r} is not in categories")
+        if not a.get("segmentation"):
+            raise DataError(f"{where}: no segmentation (polygons or RLE) to paint a mask from; a file of boxes "
+                            "only is detection data (--task detection)")
+        images[a["image_id"]]["objects"].append((i, a))
+    rows = []
+    for im in images.values():
+        p = Path(im["file_name"])
+        p = p if p.is_absolute() else root / p
+        w, h = im.get("width"), im.get("height")
+        if not (w and h):
+            with open_image(str(p), f"{path}: image {im['id']}: ") as img:
+                w, h = img.size
+        mask = np.zeros((int(h), int(w)), np.uint8)
+        for i, a in sorted(im["objects"], key=lambda o: -float(o[1].get("area") or 0)):
+            seg = a["segmentation"]
+            try:
+                if isinstance(seg, list):  # polygons [x0, y0, x1, y1, ...]
+                    rle = coco_mask.merge(coco_mask.frPyObjects([q for q in seg if len(q) >= 6], int(h), int(w)))
+                elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+                    rle = coco_mask.frPyObjects(seg, int(h), int(w))
+                else:
+                    rle = dict(seg, counts=seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"])
+                painted = coco_mask.decode(rle).astype(bool)
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+                raise DataError(f"{path}: annotations[{i}] (id {a.get('id')}): not a readable segmentation "
+                                f"({type(e).__name__}: {e})") from None
+            if painted.shape != mask.shape:
+                raise DataError(f"{path}: annotations[{i}] (id {a.get('id')}): its RLE is {painted.shape[1]}x"
+                                f"{painted.shape[0]} but image {im['id']} is {w}x{h}")
+            mask[painted] = index[a["category_id"]]
+        buf = io.BytesIO()
+        Image.fromarray(mask).save(buf, format="PNG")
+        rows.append({image_col: str(p), mask_col: {"bytes": buf.getvalue(), "path": f"{p.stem}.png"}})
+    if not rows:
+        raise DataError(f"{path}: no images listed")
+    df = pd.DataFrame(rows)
+    df.attrs["source"] = str(path)
+    df.attrs["classes"] = ["background", *(str(c.get("name", c["id"])) for c in cats)]
+    return df
+
+
 def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
-    """Rows of (image path, mask path) from a folder pair or a table; the mask column is absent
-    for a folder of images alone (images to predict)."""
+    """Rows of (image path, mask path) from a folder pair, a table or a COCO file; the mask column is
+    absent for a folder of images alone (images to predict)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     image_col, mask_col = data_cfg.image_column, data_cfg.mask_column
+    coco = _coco_file(p)
+    if coco is not None:
+        return read_coco_masks(coco, image_col, mask_col, data_cfg.image_root)
     if p.is_file():
         if p.suffix.lower() in IMAGE_SUFFIXES:
             df = pd.DataFrame({image_col: [str(p)]})

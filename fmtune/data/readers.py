@@ -290,6 +290,46 @@ def absolute_paths(df: pd.DataFrame, column: str) -> pd.DataFrame:
     return out
 
 
+COCO_FILES = ("annotations.json", "_annotations.coco.json", "instances.json")  # a folder's COCO file (Roboflow's too)
+
+
+def find_coco_file(folder: Path) -> Path | None:
+    """The COCO file of a dataset folder: one of COCO_FILES in it, else the only .json in its annotations/ (CVAT's
+    export: annotations/instances_default.json beside images/); None if there is none."""
+    found = next((folder / n for n in COCO_FILES if (folder / n).is_file()), None)
+    if found is None and (folder / "annotations").is_dir():
+        listed = sorted((folder / "annotations").glob("*.json"))
+        found = listed[0] if len(listed) == 1 else None
+    return found
+
+
+def coco_image_root(path: Path, data: dict[str, Any], image_root: str | None) -> Path:
+    """The folder a COCO file's ``file_name``s are relative to: data.image_root if given, else the file's own folder,
+    or, where its first image is not there, the images/ folder beside it or above it (CVAT writes
+    annotations/instances_default.json beside images/)."""
+    if image_root:
+        return Path(image_root)
+    first = next((im.get("file_name") for im in data["images"] if isinstance(im, dict) and im.get("file_name")), None)
+    if first is None or Path(first).is_absolute():
+        return path.parent
+    for root in (path.parent, path.parent / "images", path.parent.parent / "images", path.parent.parent):
+        if (root / first).is_file():
+            return root
+    return path.parent
+
+
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """A COCO annotation file (images, annotations, categories); a DataError naming the file if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable COCO JSON file ({e})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise DataError(f"{path}: no {key!r} list; a COCO file has images, annotations and categories")
+    return data
+
+
 def embedded(value: Any) -> bytes | None:
     """The file held in a table cell itself: a Hugging Face dataset's Image / Audio cell as Parquet
     stores it (``{"bytes": ..., "path": name}``), or raw bytes; None for a cell naming a file."""

@@ -117,7 +117,7 @@ class Segmentation(DenseTask):
     def from_train(cls, values, df, column="mask", classes=None, mask_format="auto", ignore_index=IGNORE, **kw):
         seen = mask_values(df, column)
         binary = mask_format == "binary" or (mask_format == "auto" and 255 in seen and seen <= {0, 255})
-        names = cls.class_names(classes)
+        names = cls.class_names(classes) or list(df.attrs.get("classes") or [])  # (a COCO file names its own)
         listed = Path(str(df.attrs.get("source", ""))) / CLASSES_FILE
         if not names and listed.is_file():  # a dataset folder may name its classes, one per line
             names = [line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
