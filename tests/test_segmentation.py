@@ -119,6 +119,56 @@ def test_a_coco_file_of_polygons_or_rle_is_read_as_class_index_masks(scenes, tmp
         read_segmentation(tmp_path / "poly.json", DataConfig())
 
 
+def test_colour_masks_with_a_colour_map_and_masks_named_after_their_images(scenes, tmp_path):
+    """Colour (RGB) masks were refused. With CVAT's labelmap.txt (name:r,g,b:parts:actions) or a class_dict.csv
+    (name,r,g,b; CamVid's) beside the masks they are read as class indices in the map's order, named by it; a
+    colour it does not name is an error naming the mask and the colour. Masks named after their image with a
+    suffix (a.jpg -> a_mask.png, CamVid's a_L.png) pair up too."""
+    import shutil
+
+    from fmtune.data.masks import read_mask
+
+    palette = {0: (0, 0, 0), 1: (250, 50, 83), 2: (51, 221, 255), 3: (36, 179, 83)}
+    names = ["background", "red", "green", "blue"]
+    cvat = tmp_path / "cvat"
+    shutil.copytree(scenes["test"] / "images", cvat / "JPEGImages")
+    (cvat / "SegmentationClass").mkdir()
+    want = {}
+    for m in sorted((scenes["test"] / "masks").iterdir()):
+        mask = np.asarray(Image.open(m))
+        want[m.stem] = mask
+        colour = np.zeros((*mask.shape, 3), np.uint8)
+        for k, rgb in palette.items():
+            colour[mask == k] = rgb
+        Image.fromarray(colour).save(cvat / "SegmentationClass" / f"{m.stem}_mask.png")
+    (cvat / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n" + "".join(
+        f"{n}:{','.join(map(str, palette[k]))}::\n" for k, n in enumerate(names)))
+    df = read_segmentation(cvat, DataConfig())
+    assert df.attrs["classes"] == names and df.attrs["colour_map"] == str(cvat / "labelmap.txt")
+    for img, cell in zip(df["image"], df["mask"]):
+        assert np.array_equal(read_mask(cell), want[Path(img).stem]), img
+    # a table with a class_dict.csv beside it, the classes listed in another order
+    order = [2, 0, 3, 1]
+    (cvat / "labelmap.txt").unlink()
+    (cvat / "class_dict.csv").write_text("name,r,g,b\n" + "".join(f"{names[k]},{','.join(map(str, palette[k]))}\n"
+                                                                  for k in order))
+    pd.DataFrame({"image": [f"JPEGImages/{k}.jpg" for k in want],
+                  "mask": [f"SegmentationClass/{k}_mask.png" for k in want]}).to_csv(cvat / "pairs.csv", index=False)
+    df = read_segmentation(cvat / "pairs.csv", DataConfig())
+    assert df.attrs["classes"] == [names[k] for k in order]
+    assert np.array_equal(read_mask(df["mask"][0]), np.array(order).argsort()[want[next(iter(want))]])
+    # a colour the map does not name
+    first = sorted((cvat / "SegmentationClass").iterdir())[0]
+    bad = np.asarray(Image.open(first)).copy()
+    bad[0, 0] = (1, 2, 3)
+    Image.fromarray(bad).save(first)
+    with pytest.raises(DataError, match=rf"{first.name}: colour \(1, 2, 3\) is not one of the 4 colours of .*_dict"):
+        read_segmentation(cvat / "pairs.csv", DataConfig())
+    (cvat / "class_dict.csv").unlink()  # no map: the colour mask is refused, saying what would read it
+    with pytest.raises(DataError, match=r"a colour mask .*labelmap.txt or class_dict.csv"):
+        read_mask(first)
+
+
 def test_training_on_coco_files_names_the_classes(scenes, tiny_resnet, tmp_path):
     cfg = seg_cfg(tiny_resnet, scenes, tmp_path / "run", epochs=1)
     cfg["data"] = {s: str(coco_from_masks(scenes[s], tmp_path / s)) for s in ("train", "val", "test")}

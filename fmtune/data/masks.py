@@ -51,6 +51,12 @@ from fmtune.errors import DataError
 IMAGE_DIRS = ("images", "image", "imgs", "img", "JPEGImages", "inputs")
 MASK_DIRS = ("masks", "mask", "labels", "annotations", "SegmentationClass", "targets", "gt")
 IGNORE = 255
+# how mask files are often named after their image (a.jpg -> a_mask.png): Carvana, ISIC / Kvasir, CamVid, Cityscapes
+MASK_NAME_SUFFIXES = ("_mask", "-mask", "_masks", "_segmentation", "_seg", "_label", "_labels", "_L", "_gt",
+                      "_labelIds", "_gtFine_labelIds")
+# a file naming each colour of colour (RGB) masks: CVAT's Segmentation mask export (name:r,g,b:parts:actions a line),
+# CamVid's and many Kaggle sets' class_dict.csv (name,r,g,b)
+COLOUR_MAPS = ("labelmap.txt", "class_dict.csv")
 
 
 def subdir(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -159,7 +165,7 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
                     df[col] = [v if embedded(v) is not None else
                                None if (src := media_cell(v, base)[0]) is None else str(src) for v in df[col]]
         df.attrs["source"] = str(p)
-        return df
+        return _colour_masks_indexed(df, mask_col, p.parent) if mask_col in df.columns else df
     images_dir, masks_dir = subdir(p, IMAGE_DIRS), subdir(p, MASK_DIRS)
     if images_dir is None:
         images = list_images(p)
@@ -179,7 +185,7 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
         paired = []
         for f in images:
             key = f.relative_to(images_dir).with_suffix("").as_posix()
-            m = masks.pop(key, None)
+            m = next((masks.pop(k) for k in (key, *(key + x for x in MASK_NAME_SUFFIXES)) if k in masks), None)
             if m is None:
                 raise DataError(f"{f}: no mask for this image in {masks_dir} (expected {masks_dir / key}.png)")
             paired.append(str(m))
@@ -190,6 +196,82 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
         rows["mask"] = paired
     df = pd.DataFrame({image_col: rows["image"], **({mask_col: rows["mask"]} if "mask" in rows else {})})
     df.attrs["source"] = str(p)
+    return _colour_masks_indexed(df, mask_col, masks_dir) if masks_dir is not None else df
+
+
+def read_colour_map(path: Path) -> list[tuple[str, tuple[int, int, int]]]:
+    """The classes of a colour map file (COLOUR_MAPS), in order, with their colours; a DataError naming the line."""
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#") or (path.suffix.lower() == ".csv" and n == 1 and "name" in line.lower()):
+            continue
+        name, _, rest = line.partition(":") if path.suffix.lower() == ".txt" else line.partition(",")
+        values = (rest.split(":")[0] if path.suffix.lower() == ".txt" else rest).split(",")
+        try:
+            r, g, b = (int(v) for v in values[:3])
+            if len(values) < 3 or not all(0 <= v <= 255 for v in (r, g, b)):
+                raise ValueError
+        except ValueError:
+            raise DataError(f"{path}: line {n}: expected "
+                            + ("'name:r,g,b:...'" if path.suffix.lower() == ".txt" else "'name,r,g,b'")
+                            + f" with values 0-255, got {line!r}") from None
+        out.append((name.strip(), (r, g, b)))
+    if not out:
+        raise DataError(f"{path}: names no class")
+    return out
+
+
+def find_colour_map(folder: Path, levels: int = 2) -> Path | None:
+    for parent in [folder, *folder.parents][:levels + 1]:
+        for name in COLOUR_MAPS:
+            if (parent / name).is_file():
+                return parent / name
+    return None
+
+
+def colours_to_classes(rgb: np.ndarray, colours: dict[int, int], where: str, listed: Path) -> np.ndarray:
+    """A colour mask (H, W, 3) as class indices by ``colours`` (r << 16 | g << 8 | b -> class); a colour the map
+    does not name is a DataError naming the mask, the colour and the map."""
+    code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    found, inverse = np.unique(code, return_inverse=True)
+    lut = np.array([colours.get(int(c), -1) for c in found])
+    if (lut < 0).any():
+        c = int(found[lut < 0][0])
+        raise DataError(f"{where}: colour ({c >> 16}, {(c >> 8) & 255}, {c & 255}) is not one of the {len(colours)} "
+                        f"colours of {listed}")
+    return lut[inverse].reshape(code.shape).astype(np.uint8)
+
+
+def _colour_masks_indexed(df: pd.DataFrame, mask_col: str, masks_dir: Path) -> pd.DataFrame:
+    """Colour (RGB) masks, with a colour map file beside them or above (COLOUR_MAPS), as class-index masks embedded
+    as PNG, the classes named and ordered as the map lists them; masks already of one channel are left as they are
+    (and so is every mask where no map file is found)."""
+    listed = find_colour_map(masks_dir)
+    if listed is None:
+        return df
+    classes = read_colour_map(listed)
+    colours = {(r << 16) | (g << 8) | b: k for k, (_, (r, g, b)) in enumerate(classes)}
+    cells, recoloured = [], False
+    for cell in df[mask_col]:
+        source, name = _opened_cell(cell)
+        try:
+            with Image.open(source) as img:
+                rgb = np.asarray(img.convert("RGB")) if img.mode in ("RGB", "RGBA") else None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            rgb = None  # (read_mask names the file)
+        if rgb is None or (rgb == rgb[..., :1]).all():
+            cells.append(cell)  # one channel (a palette's index is the class too) or grey: read as class indices
+            continue
+        buf = io.BytesIO()
+        Image.fromarray(colours_to_classes(rgb, colours, name, listed)).save(buf, format="PNG")
+        cells.append({"bytes": buf.getvalue(), "path": Path(name).with_suffix(".png").name})
+        recoloured = True
+    if recoloured:
+        attrs = dict(df.attrs)
+        df = df.assign(**{mask_col: cells})
+        df.attrs.update(attrs, classes=[n for n, _ in classes], colour_map=str(listed))
     return df
 
 
@@ -211,7 +293,9 @@ def read_mask(path: Any) -> np.ndarray:
             arr = arr[..., :-1]
         if not (arr == arr[..., :1]).all():
             raise DataError(f"{path}: a colour mask ({mode}); fmtune reads class-index masks: one channel whose "
-                            "pixel value is the class (PNG mode L or P). Map each colour to its class index first")
+                            "pixel value is the class (PNG mode L or P), or colour masks with a file naming each "
+                            f"colour beside the masks' folder: {' or '.join(COLOUR_MAPS)} (CVAT's 'name:r,g,b:...' "
+                            "lines; name,r,g,b rows)")
         arr = arr[..., 0]
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
