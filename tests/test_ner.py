@@ -109,6 +109,32 @@ def test_jsonl_tokens_and_character_spans(tmp_path):
     assert df["tags"].iloc[1] == ["O", "O", "B-PER", "I-PER", "O", "B-LOC", "O"]
 
 
+def test_character_spans_as_annotation_tools_write_them(tmp_path):
+    """Spans as spaCy ([start, end, label] under entities), Prodigy (spans) and doccano (label lists in its JSONL;
+    start_offset / end_offset objects in its newer export) write them read as fmtune's own {start, end, label};
+    so do structs in a Parquet file."""
+    text = "I met Ada Lovelace in London."
+    want = ["O", "O", "B-PER", "I-PER", "O", "B-LOC", "O"]
+    rows = [{"text": text, "entities": [[6, 18, "PER"], [22, 28, "LOC"]]},
+            {"text": text, "spans": [{"start": 6, "end": 18, "label": "PER", "token_start": 2},
+                                     {"start": 22, "end": 28, "label": "LOC"}]},
+            {"id": 3, "text": text, "label": [[6, 18, "PER"], [22, 28, "LOC"]]},
+            {"text": text, "entities": [{"id": 1, "label": "PER", "start_offset": 6, "end_offset": 18},
+                                        {"id": 2, "label": "LOC", "start_offset": 22, "end_offset": 28}]},
+            {"text": "no entity here", "label": []}]
+    p = tmp_path / "tools.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df = read_tokens(p)
+    assert list(df["tags"].iloc[:4]) == [want] * 4 and df["tags"].iloc[4] == ["O", "O", "O"]
+    spans = [{"start_offset": 6, "end_offset": 18, "label": "PER"},
+             {"start_offset": 22, "end_offset": 28, "label": "LOC"}]
+    pd.DataFrame({"text": [text], "entities": [spans]}).to_parquet(tmp_path / "s.parquet")  # (numpy integers)
+    assert read_tokens(tmp_path / "s.parquet")["tags"].iloc[0] == want
+    p.write_text(json.dumps({"text": text, "entities": [[6, 18]]}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: entity 1 must be .*or a \[start, end, label\] list; got \[6, 18\]"):
+        read_tokens(p)
+
+
 @pytest.mark.parametrize("content, suffix, message", [
     ('{"tokens": ["a", "b"], "tags": ["O"]}\n', ".jsonl", "line 1: 2 tokens but 1 tags"),
     ('{"tokens": [], "tags": []}\n', ".jsonl", "line 1: the sentence is empty"),

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fmtune.data.readers import CONLL_PREDICT_SUFFIXES, check_encoding, jsonl_records, read_parquet
@@ -131,14 +132,35 @@ def _read_text(path: Path, encoding: str) -> str:
                         "--set data.encoding=latin-1 (or the file's encoding)") from None
 
 
+SPAN_KEYS = ("entities", "spans", "label")  # a text's entity spans: fmtune's and spaCy's, Prodigy's, doccano's JSONL
+
+
+def _span(ent: Any) -> tuple[Any, Any, Any] | None:
+    """(start, end, label) of one entity span as annotation tools write it: {start, end, label} (Prodigy too),
+    doccano's {start_offset, end_offset, label}, or spaCy's / doccano's [start, end, label]; None if none of those."""
+    if isinstance(ent, dict):
+        for a, b in (("start", "end"), ("start_offset", "end_offset")):
+            if a in ent and b in ent and "label" in ent:
+                return ent[a], ent[b], ent["label"]
+        return None
+    if isinstance(ent, (list, tuple)) and len(ent) == 3:
+        return ent[0], ent[1], ent[2]
+    return None
+
+
 def spans_to_tags(text: str, entities: list[Any], offsets: list[tuple[int, int]], where: str) -> list[str]:
-    """BIO tags of the words (``offsets``) of ``text`` from character spans {start, end, label}."""
+    """BIO tags of the words (``offsets``) of ``text`` from character spans (``_span``'s forms)."""
     tags = ["O"] * len(offsets)
     spans = []
+    entities = entities.tolist() if hasattr(entities, "tolist") else entities
+    if not isinstance(entities, list):
+        raise DataError(f"{where}: the entities must be a list of spans, got {type(entities).__name__}")
     for k, ent in enumerate(entities):
-        if not isinstance(ent, dict) or not {"start", "end", "label"} <= set(ent):
-            raise DataError(f"{where}: entity {k + 1} must be an object with start, end and label, got {ent!r}")
-        a, b, label = ent["start"], ent["end"], str(ent["label"])
+        span = _span(ent.tolist() if hasattr(ent, "tolist") else ent)
+        if span is None:
+            raise DataError(f"{where}: entity {k + 1} must be an object with start, end and label (or "
+                            f"start_offset / end_offset), or a [start, end, label] list; got {ent!r}")
+        (a, b), label = (int(v) if isinstance(v, np.integer) else v for v in span[:2]), str(span[2])
         if not (isinstance(a, int) and isinstance(b, int)) or not (0 <= a < b <= len(text)):
             raise DataError(f"{where}: entity {k + 1} ({label}) spans characters {a}..{b}, outside the text of "
                             f"{len(text)} characters (or empty)")
@@ -162,7 +184,8 @@ def spans_to_tags(text: str, entities: list[Any], offsets: list[tuple[int, int]]
 def _token_rows(records: list[tuple[str, int, dict]], text_column: str, names: list[str] | None) -> list[dict]:
     """Sentences from records ``(where, line, object)`` of ``{"tokens": [...], "tags": [...]}`` (or
     ``ner_tags``; numbers named by ``names``) or ``{"text": ..., "entities": [{start, end, label}]}``
-    (character spans; ``entities`` may be absent for unlabelled text)."""
+    (character spans; ``entities`` may be absent for unlabelled text; also Prodigy's ``spans``, doccano's
+    ``label`` lists and ``start_offset`` / ``end_offset``, spaCy's ``[start, end, label]``: ``_span``)."""
     rows = []
     for where, line, rec in records:
         if "tokens" in rec:
@@ -183,8 +206,8 @@ def _token_rows(records: list[tuple[str, int, dict]], text_column: str, names: l
             if not isinstance(text, str):
                 raise DataError(f"{where}: {text_column!r} must be a string")
             tokens, offsets = split_words(text)
-            ents = rec.get("entities")
-            tags = None if ents is None else spans_to_tags(text, ents, offsets, where)
+            key = next((k for k in SPAN_KEYS if rec.get(k) is not None and not isinstance(rec.get(k), str)), None)
+            tags = None if key is None else spans_to_tags(text, rec[key], offsets, where)
         else:
             raise DataError(f"{where}: expected 'tokens' (with 'tags' or 'ner_tags') or {text_column!r} (with "
                             f"'entities'); found keys {', '.join(map(repr, rec)) or 'none'}")
