@@ -80,6 +80,9 @@ class DataConfig:
     audio_column: str = _f("audio", "column holding audio file paths (relative to the file) in a CSV/JSONL/Parquet, "
                            "or a template over columns: 'fold{fold}/{slice_file_name}'")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
+    label_columns: str | None = _f(None, "multilabel: labels held as one 0/1 column each (comma-separated names, e.g. "
+                                   "toxic,obscene,insult, as Jigsaw's and GoEmotions' CSVs have them): a row has the "
+                                   "labels whose column is 1 (or true); the columns are not read as text")
     mask_column: str = _f("mask", "segmentation: column holding mask PNG paths (relative to the file) in a table")
     image_root: str | None = _f(None, "detection: the folder COCO file_names are relative to (default: the JSON "
                                 "file's folder)")

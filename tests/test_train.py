@@ -12,7 +12,7 @@ import yaml
 from conftest import cfg_dict
 
 import fmtune
-from fmtune.errors import RunDirError, TrainingError
+from fmtune.errors import DataError, RunDirError, TrainingError
 from fmtune.models import build
 
 
@@ -57,6 +57,53 @@ def test_multilabel(tmp_path, tiny_st_bert, text_files):
     assert s["eval"]["test"]["macro_f1"] > 0.6
     preds = fmtune.predict(tmp_path / "run", text_files["multilabel_test"], quiet=True)
     assert "labels" in preds and "prob_music" in preds
+
+
+def _one_hot(src, dst, names=("music", "neg", "pos")):
+    """The multi-label fixture as Jigsaw / GoEmotions CSVs hold labels: a 0/1 column each, the text under another
+    name, an id column beside them."""
+    df = pd.read_csv(src)
+    cells = [set(str(c).split("|")) for c in df["label"]]
+    out = pd.DataFrame({"id": range(len(df)), "comment_text": df["text"],
+                        **{n: [int(n in c) for c in cells] for n in names}})
+    out.to_csv(dst, index=False)
+    return dst
+
+
+def test_multilabel_from_one_hot_label_columns(tmp_path, tiny_st_bert, text_files):
+    """data.label_columns: one 0/1 column per label (Jigsaw's toxic comments, GoEmotions) -> the labels of a row;
+    they trained as one cell of joined labels only. The 0/1 columns are not text (text_columns=all leaves them out);
+    evaluate reads the test file's the same way; bad cells and missing columns are named."""
+    train = _one_hot(text_files["multilabel_train"], tmp_path / "train.csv")
+    test = _one_hot(text_files["multilabel_test"], tmp_path / "test.csv")
+    data = {"test": str(test), "text_column": "comment_text", "label_columns": "music, neg, pos"}
+    s = _train(tmp_path, tiny_st_bert, train, task={"type": "multilabel"}, data=data, train={"epochs": 6})
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["music", "neg", "pos"]
+    assert s["eval"]["test"]["macro_f1"] > 0.6, s["eval"]["test"]
+    assert fmtune.evaluate(tmp_path / "run", test, quiet=True)["test"] == pytest.approx(s["eval"]["test"])
+    preds = fmtune.predict(tmp_path / "run", test, quiet=True)
+    truth = [set(c.split("|")) for c in pd.read_csv(text_files["multilabel_test"])["label"]]
+    got = [set(str(c).split("|")) - {"nan", ""} for c in preds["labels"]]
+    assert np.mean([a == b for a, b in zip(got, truth)]) == pytest.approx(s["eval"]["test"]["accuracy"])  # exact sets
+    from fmtune.config import DataConfig
+    from fmtune.data.tabular import render
+    from fmtune.tasks.multilabel import MultiLabel
+
+    cfg = DataConfig(text_column="text", text_columns="all", label_columns="music,neg,pos")
+    rows = MultiLabel.read_file(test, cfg)
+    assert list(rows.columns) == ["id", "comment_text", "label"] and rows["label"][0] in ([], ["neg"], ["pos"],
+                                                                                          ["music", "neg"],
+                                                                                          ["music", "pos"])
+    assert render(pd.read_csv(test), cfg)["text"][0].startswith("id: 0, comment_text: ")  # (no 'pos: 1')
+    assert "pos:" not in render(pd.read_csv(test), cfg)["text"][0]
+    bad = pd.read_csv(test)
+    bad.loc[3, "neg"] = 2
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"bad.csv: row 4 \(line 5\): column 'neg' holds '2'; data.label_columns"):
+        MultiLabel.read_file(tmp_path / "bad.csv", cfg)
+    bad.drop(columns=["neg"]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"bad.csv: no column 'neg' \(data.label_columns\)"):
+        MultiLabel.read_file(tmp_path / "bad.csv", cfg)
 
 
 def test_the_zoos_multilabel_set_exports_with_empty_label_sets_and_trains(tmp_path, tiny_st_bert):

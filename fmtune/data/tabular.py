@@ -37,8 +37,8 @@ def uses_columns(data_cfg: Any) -> bool:
 
 def render(df: pd.DataFrame, data_cfg: Any, exclude: tuple[str, ...] = ()) -> pd.DataFrame:
     """``df`` with ``data.text_column`` written from its other columns as configured (unchanged
-    when neither option is set). ``text_columns: all`` means every column but the label (and
-    ``exclude``). A missing value is written as an empty string."""
+    when neither option is set). ``text_columns: all`` means every column but the label (or the
+    ``data.label_columns`` of a multi-label run) and ``exclude``. A missing value is written as an empty string."""
     if not uses_columns(data_cfg):
         return df
     template = data_cfg.text_template
@@ -47,7 +47,8 @@ def render(df: pd.DataFrame, data_cfg: Any, exclude: tuple[str, ...] = ()) -> pd
     else:
         columns = split_names(data_cfg.text_columns)
         if columns == ["all"]:
-            skip = {data_cfg.label_column, data_cfg.text_column, *exclude}
+            skip = {data_cfg.label_column, data_cfg.text_column, *split_names(getattr(data_cfg, "label_columns", None)),
+                    *exclude}
             columns = [c for c in df.columns if c not in skip]
     missing = [c for c in columns if c not in df.columns]
     if missing:

@@ -99,6 +99,41 @@ def _other_separator(cells: list[str], separator: str) -> str | None:
     return sep if n and n >= len(cells) / 10 else None
 
 
+TRUE_WORDS, FALSE_WORDS = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no"}
+
+
+def one_hot_labels(df: Any, data_cfg: Any) -> Any:
+    """``data.label_columns`` (one 0/1 column per label) as the list of labels of each row in ``data.label_column``,
+    the 0/1 columns dropped (so that nothing reads them as text). A table with none of them is left as it is (rows
+    to predict); one with some but not all, a cell that is not 0/1 (or true/false, yes/no), or a label column of its
+    own beside them is a DataError naming it."""
+    from fmtune.data.tabular import split_names
+
+    names, target, src = split_names(data_cfg.label_columns), data_cfg.label_column, df.attrs.get("source", "the data")
+    present = [c for c in names if c in df.columns]
+    if not present:
+        return df
+    if len(present) < len(names):
+        missing = next(c for c in names if c not in df.columns)
+        raise DataError(f"{src}: no column {missing!r} (data.label_columns); columns are: "
+                        f"{', '.join(map(str, df.columns))}")
+    if target in df.columns and target not in names:
+        raise DataError(f"{src}: data.label_columns gives the labels, but the table has a {target!r} column "
+                        "(data.label_column) too; name the column the labels go to with --set data.label_column=NAME")
+    on = np.zeros((len(df), len(names)), bool)
+    for j, c in enumerate(names):
+        for i, v in enumerate(df[c]):
+            word = str(v).strip().lower()
+            if word not in TRUE_WORDS | FALSE_WORDS:
+                raise DataError(f"{row_label(df, i)}: column {c!r} holds {v!r}; data.label_columns are 0/1 columns "
+                                "(or true / false)")
+            on[i, j] = word in TRUE_WORDS
+    out = df.drop(columns=names)
+    out[target] = [[n for n, flag in zip(names, row) if flag] for row in on]
+    out.attrs = dict(df.attrs)
+    return out
+
+
 @TASKS.register("multilabel")
 class MultiLabel(Task):
     name = "multilabel"
@@ -119,6 +154,21 @@ class MultiLabel(Task):
         if isinstance(v, (list, tuple, np.ndarray)):
             return [str(x).strip() for x in v if str(x).strip()]
         return [s.strip() for s in str(v).split(self.separator) if s.strip()]
+
+    @classmethod
+    def read_file(cls, path, data_cfg):
+        df = super().read_file(path, data_cfg)
+        return one_hot_labels(df, data_cfg) if data_cfg.label_columns else df
+
+    @classmethod
+    def require_targets(cls, df, data_cfg):
+        if data_cfg.label_columns and data_cfg.label_column not in df.columns:
+            from fmtune.data.tabular import split_names
+
+            first = split_names(data_cfg.label_columns)[0]
+            raise DataError(f"{df.attrs.get('source', 'the data')}: no column {first!r} (data.label_columns); columns "
+                            f"are: {', '.join(map(str, df.columns))}")
+        super().require_targets(df, data_cfg)
 
     @classmethod
     def options_from(cls, task_cfg, data_cfg):
