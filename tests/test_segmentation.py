@@ -150,7 +150,7 @@ def test_colour_masks_with_a_colour_map_and_masks_named_after_their_images(scene
     # a table with a class_dict.csv beside it, the classes listed in another order
     order = [2, 0, 3, 1]
     (cvat / "labelmap.txt").unlink()
-    (cvat / "class_dict.csv").write_text("name,r,g,b\n" + "".join(f"{names[k]},{','.join(map(str, palette[k]))}\n"
+    (cvat / "class_dict.csv").write_text("label,r,g,b\n" + "".join(f"{names[k]},{','.join(map(str, palette[k]))}\n"
                                                                   for k in order))
     pd.DataFrame({"image": [f"JPEGImages/{k}.jpg" for k in want],
                   "mask": [f"SegmentationClass/{k}_mask.png" for k in want]}).to_csv(cvat / "pairs.csv", index=False)

@@ -205,7 +205,7 @@ def read_colour_map(path: Path) -> list[tuple[str, tuple[int, int, int]]]:
     lines = path.read_text(encoding="utf-8").splitlines()
     for n, line in enumerate(lines, 1):
         line = line.strip()
-        if not line or line.startswith("#") or (path.suffix.lower() == ".csv" and n == 1 and "name" in line.lower()):
+        if not line or line.startswith("#"):
             continue
         name, _, rest = line.partition(":") if path.suffix.lower() == ".txt" else line.partition(",")
         values = (rest.split(":")[0] if path.suffix.lower() == ".txt" else rest).split(",")
@@ -214,6 +214,8 @@ def read_colour_map(path: Path) -> list[tuple[str, tuple[int, int, int]]]:
             if len(values) < 3 or not all(0 <= v <= 255 for v in (r, g, b)):
                 raise ValueError
         except ValueError:
+            if n == 1 and path.suffix.lower() == ".csv":
+                continue  # its header (name,r,g,b)
             raise DataError(f"{path}: line {n}: expected "
                             + ("'name:r,g,b:...'" if path.suffix.lower() == ".txt" else "'name,r,g,b'")
                             + f" with values 0-255, got {line!r}") from None
