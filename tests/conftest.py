@@ -24,7 +24,8 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "plot"
 POS, NEG = ["good", "great", "fine"], ["bad", "awful", "poor"]
 FILLER = ["the", "movie", "plot", "actor", "was", "a", "film", "story", "very", "really", "scene", "music"]
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread per pytest-xdist worker (make test runs two on 2 cores), else up to two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 def make_text_rows(n: int, seed: int = 0, task: str = "classification") -> pd.DataFrame:
