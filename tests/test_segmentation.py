@@ -65,23 +65,24 @@ def seg_cfg(model, scenes, out, **train):
 
 # --- reading ---------------------------------------------------------------------------------
 
-def coco_from_masks(split: Path, out: Path, names: tuple[str, ...] = ("red", "green", "blue")) -> Path:
+def coco_from_masks(split: Path, out: Path, names: tuple[str, ...] = ("red", "green", "blue"),
+                    ids: tuple[int, ...] = (1, 2, 3)) -> Path:
     """The images of a scenes split (copied to out/images/) with their masks as a COCO file in CVAT's layout
     (out/annotations/instances_default.json, file names relative to images/): an RLE object per class present,
-    compressed as pycocotools writes it (counts a string)."""
+    compressed as pycocotools writes it (counts a string); mask value k is category ``ids[k - 1]``."""
     import shutil
 
     from pycocotools import mask as coco_mask
 
     shutil.copytree(split / "images", out / "images")
     (out / "annotations").mkdir()
-    coco = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
+    coco = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for i, n in zip(ids, names)]}
     for i, img in enumerate(sorted((split / "images").iterdir())):
         mask = np.asarray(Image.open(split / "masks" / f"{img.stem}.png"))
         coco["images"].append({"id": i, "file_name": img.name, "width": mask.shape[1], "height": mask.shape[0]})
         for k in np.unique(mask[mask > 0]):
             rle = coco_mask.encode(np.asfortranarray(mask == k, dtype=np.uint8))
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i, "category_id": int(k),
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i, "category_id": ids[k - 1],
                                         "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
                                         "area": float(coco_mask.area(rle)), "bbox": [0, 0, 1, 1], "iscrowd": 0})
     (out / "annotations" / "instances_default.json").write_text(json.dumps(coco))
@@ -177,6 +178,10 @@ def test_training_on_coco_files_names_the_classes(scenes, tiny_resnet, tmp_path)
                                                                                      "blue"]
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert ev["n_test"] == 12 and set(ev["per_class"]) == {"background", "red", "green", "blue"}
+    # a test file numbering the same categories in another order is read by name, not by position
+    other = coco_from_masks(scenes["test"], tmp_path / "other", ids=(3, 1, 2))  # red 3, green 1, blue 2
+    assert read_segmentation(other, DataConfig()).attrs["classes"] == ["background", "green", "blue", "red"]
+    assert api.evaluate(tmp_path / "run", other, quiet=True)["test"] == pytest.approx(ev["test"])
 
 
 def test_folder_pairs_and_table_read_the_same(scenes, tmp_path):

@@ -163,7 +163,13 @@ class Segmentation(DenseTask):
         mask_col = self.target_column(data_cfg) if with_targets else None
         if with_targets:
             self.require_targets(df, data_cfg)
-        return seg_dataset(df, data_cfg.image_column, mask_col, bundle.image, self._encode), np.arange(len(df))
+        encode = self._encode
+        named = list(df.attrs.get("classes") or [])  # a COCO file's or a colour map's own classes, in its order
+        if with_targets and named and named != self.labels and set(named) <= set(self.labels):
+            lut = np.arange(256, dtype=np.uint8)  # its values as the run's classes of the same names
+            lut[: len(named)] = [self.labels.index(n) for n in named]
+            encode = lambda mask, where: self._encode(lut[mask], where)  # noqa: E731
+        return seg_dataset(df, data_cfg.image_column, mask_col, bundle.image, encode), np.arange(len(df))
 
     def image_input(self, source, bundle):
         from fmtune.data.dataset import load_rgb
