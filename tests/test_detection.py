@@ -207,7 +207,7 @@ def test_yolo_polygon_labels_image_lists_and_split_lists_read_the_same_boxes(box
             lines.append(f"{c} {cx} {y0} {x1} {cy} {cx} {y1} {x0} {cy}")  # a diamond touching the box's sides
         label.write_text("\n".join(lines) + "\n")
     (root / "a.txt").write_text("".join(f"./images/a/{n.name}\n" for n in names[:half]))
-    for spec in ("[images/a, images/b]", "[a.txt, images/b]"):
+    for spec in ("[images/a, images/b]", "[a.txt, images/b]", "[../images/a, ../images/b]"):  # (Roboflow's ../)
         (root / "data.yaml").write_text(f"path: .\ntrain: {spec}\nnames: [red, green, blue]\n")
         assert _norm(read_detection(root / "data.yaml", DataConfig())) == want, spec
     (root / "data.yaml").write_text("path: .\ntrain: a.txt\nnames: [red, green, blue]\n")

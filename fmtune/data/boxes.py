@@ -137,9 +137,12 @@ def _yolo_label_file(image: Path) -> Path:
 def _yolo_images(entry: Any, base: Path, where: str) -> list[Path]:
     """The images of one entry of a YOLO split: an image folder, or a .txt file listing images (one path a line;
     ``./`` relative to the list's folder, other relative paths to the dataset's ``path``), as Ultralytics reads
-    them (its coco.yaml lists train2017.txt)."""
+    them (its coco.yaml lists train2017.txt). A ``../x`` that is not there is read as ``x``, as Ultralytics does
+    (Roboflow's exports name ``../train/images`` from a data.yaml beside train/)."""
     target = Path(str(entry))
     target = target if target.is_absolute() else base / target
+    if not target.exists() and str(entry).startswith("../"):
+        target = base / str(entry)[3:]
     if target.is_file() and target.suffix.lower() == ".txt":
         images = []
         for n, line in enumerate(target.read_text(encoding="utf-8").splitlines(), 1):
