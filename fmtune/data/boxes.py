@@ -39,13 +39,12 @@ from fmtune.data.masks import open_image
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
     class_label_names,
-    coco_image_root,
+    coco_images,
     embedded,
     find_coco_file,
     hf_features,
     list_images,
     media_cell,
-    read_coco_json,
     read_table,
     require_column,
     row_prefix,
@@ -74,32 +73,21 @@ def _check_box(box: list[float], w: float, h: float, where: str, tolerance: floa
 
 
 def read_coco(path: Path, image_root: str | None = None) -> pd.DataFrame:
-    data = read_coco_json(path)
-    root = coco_image_root(path, data, image_root)
-    names = {}
-    for c in data["categories"]:
-        names[c["id"]] = str(c.get("name", c["id"]))
-    images: dict[Any, dict[str, Any]] = {}
-    for i, im in enumerate(data["images"]):
-        if "id" not in im or "file_name" not in im:
-            raise DataError(f"{path}: images[{i}] has no id or file_name")
-        p = Path(im["file_name"])
-        images[im["id"]] = {"image": str(p if p.is_absolute() else root / p), "width": im.get("width"),
-                            "height": im.get("height"), "boxes": [], "labels": [], "ignore": []}
-    for i, a in enumerate(data["annotations"]):
-        where = f"{path}: annotations[{i}] (id {a.get('id')})"
-        img = images.get(a.get("image_id"))
-        if img is None:
-            raise DataError(f"{where}: image_id {a.get('image_id')!r} is not in images")
-        if a.get("category_id") not in names:
-            raise DataError(f"{where}: category_id {a.get('category_id')!r} is not in categories")
-        x, y, bw, bh = (float(v) for v in a["bbox"])
-        w, h = img["width"] or 1e9, img["height"] or 1e9
-        img["boxes"].append(_check_box([x, y, x + bw, y + bh], w, h, f"{where} in {img['image']}"))
-        img["labels"].append(names[a["category_id"]])
-        img["ignore"].append(bool(a.get("iscrowd", 0)))
-    df = _rows(list(images.values()), str(path))
-    df.attrs["classes"] = [names[k] for k in sorted(names)]
+    images, categories = coco_images(path, image_root)
+    names = {c["id"]: str(c.get("name", c["id"])) for c in categories}
+    records = []
+    for img in images:
+        rec = {"image": str(img["file"]), "width": img["entry"].get("width"), "height": img["entry"].get("height"),
+               "boxes": [], "labels": [], "ignore": []}
+        w, h = rec["width"] or 1e9, rec["height"] or 1e9
+        for where, a in img["objects"]:
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            rec["boxes"].append(_check_box([x, y, x + bw, y + bh], w, h, f"{where} in {rec['image']}"))
+            rec["labels"].append(names[a["category_id"]])
+            rec["ignore"].append(bool(a.get("iscrowd", 0)))
+        records.append(rec)
+    df = _rows(records, str(path))
+    df.attrs["classes"] = list(names.values())
     return df
 
 

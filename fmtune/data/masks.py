@@ -34,13 +34,12 @@ from PIL import Image, UnidentifiedImageError
 from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, load_rgb
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
-    coco_image_root,
+    coco_images,
     embedded,
     file_like,
     find_coco_file,
     list_images,
     media_cell,
-    read_coco_json,
     read_table,
     require_column,
     row_prefix,
@@ -87,35 +86,21 @@ def read_coco_masks(path: Path, image_col: str, mask_col: str, image_root: str |
     class). Images are named as for detection (``file_name`` relative to the file's folder, or data.image_root)."""
     from pycocotools import mask as coco_mask
 
-    data = read_coco_json(path)
-    root = coco_image_root(path, data, image_root)
-    cats = sorted(data["categories"], key=lambda c: c["id"])
+    images, cats = coco_images(path, image_root)
     index = {c["id"]: k + 1 for k, c in enumerate(cats)}
-    images: dict[Any, dict[str, Any]] = {}
-    for i, im in enumerate(data["images"]):
-        if "id" not in im or "file_name" not in im:
-            raise DataError(f"{path}: images[{i}] has no id or file_name")
-        images[im["id"]] = {**im, "objects": []}
-    for i, a in enumerate(data["annotations"]):
-        where = f"{path}: annotations[{i}] (id {a.get('id')})"
-        if a.get("image_id") not in images:
-            raise DataError(f"{where}: image_id {a.get('image_id')!r} is not in images")
-        if a.get("category_id") not in index:
-            raise DataError(f"{where}: category_id {a.get('category_id')!r} is not in categories")
-        if not a.get("segmentation"):
-            raise DataError(f"{where}: no segmentation (polygons or RLE) to paint a mask from; a file of boxes "
-                            "only is detection data (--task detection)")
-        images[a["image_id"]]["objects"].append((i, a))
+    unpainted = next((where for img in images for where, a in img["objects"] if not a.get("segmentation")), None)
+    if unpainted is not None:
+        raise DataError(f"{unpainted}: no segmentation (polygons or RLE) to paint a mask from; a file of boxes "
+                        "only is detection data (--task detection)")
     rows = []
-    for im in images.values():
-        p = Path(im["file_name"])
-        p = p if p.is_absolute() else root / p
+    for img in images:
+        im, p = img["entry"], img["file"]
         w, h = im.get("width"), im.get("height")
         if not (w and h):
-            with open_image(str(p), f"{path}: image {im['id']}: ") as img:
-                w, h = img.size
+            with open_image(str(p), f"{path}: image {im['id']}: ") as opened:
+                w, h = opened.size
         mask = np.zeros((int(h), int(w)), np.uint8)
-        for i, a in sorted(im["objects"], key=lambda o: -float(o[1].get("area") or 0)):
+        for where, a in sorted(img["objects"], key=lambda o: -float(o[1].get("area") or 0)):
             seg = a["segmentation"]
             try:
                 if isinstance(seg, list):  # polygons [x0, y0, x1, y1, ...]
@@ -126,11 +111,10 @@ def read_coco_masks(path: Path, image_col: str, mask_col: str, image_root: str |
                     rle = dict(seg, counts=seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"])
                 painted = coco_mask.decode(rle).astype(bool)
             except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-                raise DataError(f"{path}: annotations[{i}] (id {a.get('id')}): not a readable segmentation "
-                                f"({type(e).__name__}: {e})") from None
+                raise DataError(f"{where}: not a readable segmentation ({type(e).__name__}: {e})") from None
             if painted.shape != mask.shape:
-                raise DataError(f"{path}: annotations[{i}] (id {a.get('id')}): its RLE is {painted.shape[1]}x"
-                                f"{painted.shape[0]} but image {im['id']} is {w}x{h}")
+                raise DataError(f"{where}: its RLE is {painted.shape[1]}x{painted.shape[0]} but image {im['id']} is "
+                                f"{w}x{h}")
             mask[painted] = index[a["category_id"]]
         buf = io.BytesIO()
         Image.fromarray(mask).save(buf, format="PNG")

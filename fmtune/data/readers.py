@@ -330,6 +330,31 @@ def read_coco_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def coco_images(path: Path, image_root: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A COCO file's images, each {"entry": its images[] object, "file": its path (``coco_image_root``),
+    "objects": [(where, annotation), ...]}, in the file's order, and its categories in id order. An image without
+    id or file_name, or an annotation whose image or category is not listed, is a DataError naming it (``where``
+    names an annotation so: file, index and id)."""
+    data = read_coco_json(path)
+    root = coco_image_root(path, data, image_root)
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    known = {c["id"] for c in categories}
+    images: dict[Any, dict[str, Any]] = {}
+    for i, im in enumerate(data["images"]):
+        if "id" not in im or "file_name" not in im:
+            raise DataError(f"{path}: images[{i}] has no id or file_name")
+        file = Path(im["file_name"])
+        images[im["id"]] = {"entry": im, "file": file if file.is_absolute() else root / file, "objects": []}
+    for i, a in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}] (id {a.get('id')})"
+        if a.get("image_id") not in images:
+            raise DataError(f"{where}: image_id {a.get('image_id')!r} is not in images")
+        if a.get("category_id") not in known:
+            raise DataError(f"{where}: category_id {a.get('category_id')!r} is not in categories")
+        images[a["image_id"]]["objects"].append((where, a))
+    return list(images.values()), categories
+
+
 def embedded(value: Any) -> bytes | None:
     """The file held in a table cell itself: a Hugging Face dataset's Image / Audio cell as Parquet
     stores it (``{"bytes": ..., "path": name}``), or raw bytes; None for a cell naming a file."""

@@ -122,12 +122,12 @@ def one_hot_labels(df: Any, data_cfg: Any) -> Any:
                         "(data.label_column) too; name the column the labels go to with --set data.label_column=NAME")
     on = np.zeros((len(df), len(names)), bool)
     for j, c in enumerate(names):
-        for i, v in enumerate(df[c]):
-            word = str(v).strip().lower()
-            if word not in TRUE_WORDS | FALSE_WORDS:
-                raise DataError(f"{row_label(df, i)}: column {c!r} holds {v!r}; data.label_columns are 0/1 columns "
-                                "(or true / false)")
-            on[i, j] = word in TRUE_WORDS
+        words = df[c].astype(str).str.strip().str.lower()
+        bad = np.flatnonzero(~words.isin(TRUE_WORDS | FALSE_WORDS).to_numpy())
+        if len(bad):
+            raise DataError(f"{row_label(df, int(bad[0]))}: column {c!r} holds {df[c].iloc[bad[0]]!r}; "
+                            "data.label_columns are 0/1 columns (or true / false)")
+        on[:, j] = words.isin(TRUE_WORDS).to_numpy()
     out = df.drop(columns=names)
     out[target] = [[n for n, flag in zip(names, row) if flag] for row in on]
     out.attrs = dict(df.attrs)
