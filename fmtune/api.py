@@ -27,7 +27,16 @@ from fmtune import evaluation, paths, ui
 from fmtune.data import tabular
 from fmtune.data.conll import sentence_chunks
 from fmtune.data.dataset import Rows, auto_max_length, epoch_batches, long_texts, long_texts_line, model_texts
-from fmtune.data.prepare import input_column, make_dataset, make_task, read_data, read_frames, split_lists_unset
+from fmtune.data.prepare import (
+    columns_read_line,
+    input_column,
+    make_dataset,
+    make_task,
+    read_data,
+    read_frames,
+    split_lists_unset,
+    usual_input,
+)
 from fmtune.data.readers import (
     CONLL_PREDICT_SUFFIXES,
     count_rows,
@@ -263,6 +272,8 @@ def _model_and_data(cfg: config_mod.Config, task: Any, frames: Any, cont: Any, h
     if cfg.model.dropout is not None:
         set_dropout(bundle.model, cfg.model.dropout)
     cfg, few = _few_labels(cfg, bundle, task, frames)
+    if frames.settled:
+        few["columns_read"] = frames.settled
     cfg, enough = config_mod.enough_steps(cfg, len(frames.train))
     if enough:
         few["small_training_set"] = enough
@@ -371,6 +382,8 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
                   "(strategy.freeze_embeddings=false trains them too)")
     for note in task.notes():
         out.print(f"  {note}")
+    if "columns_read" in few:
+        out.print(f"  {columns_read_line(few['columns_read'])}")
     if "auto" in few:
         out.print(f"  strategy auto -> {few['auto']['strategy']}: {few['auto']['why']}")
     out.print(f"  lr {cfg.train.lr:g}, head lr {optim.head_lr(cfg.train):g}")
@@ -483,7 +496,7 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                                                         result, frames.val_is_train, quiet, hw)
         if info["thresholds"].get("metric") == result.metric:
             summary["best"] = info["thresholds"][f"val_{result.metric}"]
-    for note in ("small_training_set", "long_texts", "max_length_auto"):  # said apart from the few-label notes
+    for note in ("small_training_set", "long_texts", "max_length_auto", "columns_read"):  # apart from few-label notes
         if few.get(note):
             info[note] = summary[note] = few.pop(note)
     if few.get("auto") or few.get("no_validation_split") or few.get("contrastive"):
@@ -878,6 +891,8 @@ def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict
         df = media_templates(df, cfg.data)  # (file paths built from other columns: data.image_column '{id}.jpg')
     column, what, key = input_column(pred.kind, cfg.data)
     column = task.input_column(df, column)
+    if column not in df.columns and task.supports("usual_columns"):  # (a file of another layout than training's)
+        column = usual_input(df, pred.kind) or column
     require_column(df, column, what, key)
     pair = pred.pair_column if pred.kind == "text" else None
     if pair:

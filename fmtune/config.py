@@ -66,7 +66,8 @@ class DataConfig:
     train: str | None = _f(None, "training data: CSV/JSONL/Parquet file, or a folder of class sub-folders")
     val: str | None = _f(None, "validation data (default: split off the training data)")
     test: str | None = _f(None, "test data, evaluated with the best checkpoint at the end")
-    text_column: str = _f("text", "column holding the text")
+    text_column: str = _f("text", "column holding the text (a table without 'text': its one column of a usual name, "
+                          "sentence, review, content, tweet ...)")
     text_pair_column: str | None = _f(None, "sentence pairs (entailment, paraphrase, question and answer): the "
                                       "column of each row's second text. The model reads both as one input, joined "
                                       "by its separator token, with segment ids where it has them; the longer text "
@@ -76,10 +77,13 @@ class DataConfig:
     text_template: str | None = _f(None, "tabular data: the text as a format string over column names, e.g. "
                                    "'{age} year old {sex}, works as {occupation}' (instead of text_columns)")
     image_column: str = _f("image", "column holding image paths (relative to the file) in a CSV/JSONL/Parquet, or a "
-                           "template over columns: 'train/{id}.jpg'")
+                           "template over columns: 'train/{id}.jpg' (a table without 'image': its one column of "
+                           "image file paths)")
     audio_column: str = _f("audio", "column holding audio file paths (relative to the file) in a CSV/JSONL/Parquet, "
-                           "or a template over columns: 'fold{fold}/{slice_file_name}'")
-    label_column: str = _f("label", "column holding the label (or the numeric target for regression)")
+                           "or a template over columns: 'fold{fold}/{slice_file_name}' (a table without 'audio': its "
+                           "one column of audio file paths)")
+    label_column: str = _f("label", "column holding the label (or the numeric target for regression; a table without "
+                           "'label': its one column of a usual name, labels, intent, category, class, sentiment ...)")
     label_columns: str | None = _f(None, "multilabel: labels held as one 0/1 column each (comma-separated names, e.g. "
                                    "toxic,obscene,insult, as Jigsaw's and GoEmotions' CSVs have them): a row has the "
                                    "labels whose column is 1 (or true); the columns are not read as text")
@@ -87,7 +91,8 @@ class DataConfig:
     image_root: str | None = _f(None, "detection: the folder COCO file_names are relative to (default: the JSON "
                                 "file's folder)")
     media_root: str | None = _f(None, "the folder that relative image / audio paths in a table are read from "
-                                "(default: the table's own folder), e.g. Common Voice's clips/, ESC-50's audio/")
+                                "(default: the table's own folder, else the one folder near it that holds them), e.g. "
+                                "Common Voice's clips/, ESC-50's audio/")
     box_format: Literal["xywh", "xyxy"] = _f(
         "xywh", "detection, boxes in a table (a Hugging Face dataset's objects.bbox): xywh = x, y, width, height "
         "in pixels (COCO, cppe-5), xyxy = the corners x0, y0, x1, y1")

@@ -1019,8 +1019,9 @@ def test_w2v_bert_end_to_end(tiny_w2v_bert, pulsed_tones, tmp_path):
 
 
 def test_a_table_whose_clips_are_in_another_folder(tiny_whisper, tone_dirs, tmp_path):
-    """ESC-50's layout: meta/esc50.csv names files that are in ../audio/. The error says where they are and
-    how to say so; data.media_root reads them from there (for training, evaluation and a table to predict)."""
+    """ESC-50 as it ships: meta/esc50.csv (filename, fold, target, category, ...) naming clips in ../audio/. Its
+    'filename' column and audio/ folder are found (kept for evaluate and predict); of its two label columns the user
+    names one; a media_root that holds none of the files gets the error that says where they are."""
     import shutil
 
     import fmtune
@@ -1029,23 +1030,32 @@ def test_a_table_whose_clips_are_in_another_folder(tiny_whisper, tone_dirs, tmp_
     (root / "meta").mkdir(parents=True)
     (root / "audio").mkdir()
     rows = []
-    for f in sorted(tone_dirs["train"].glob("*/*")):
-        shutil.copy(f, root / "audio" / f"{f.parent.name}-{f.name}")
-        rows.append({"filename": f"{f.parent.name}-{f.name}", "category": f.parent.name})
-    pd.DataFrame(rows).to_csv(root / "meta" / "esc50.csv", index=False)
-    cfg = cfg_dict(tiny_whisper, root / "meta" / "esc50.csv", out=str(tmp_path / "run"),
-                   task={"type": "audio-classification"}, train={"epochs": 1, "batch_size": 8},
-                   data={"audio_column": "filename", "label_column": "category"})
+    for i, f in enumerate(sorted(tone_dirs["train"].glob("*/*"))):
+        name = f"{i % 5 + 1}-{1000 + i}-A-{f.parent.name}{f.suffix}"
+        shutil.copy(f, root / "audio" / name)
+        rows.append({"filename": name, "fold": i % 5 + 1, "target": sorted(PITCHES).index(f.parent.name),
+                     "category": f.parent.name, "esc10": True, "src_file": 1000 + i, "take": "A"})
+    table = root / "meta" / "esc50.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    cfg = cfg_dict(tiny_whisper, table, out=str(tmp_path / "run"), task={"type": "audio-classification"},
+                   train={"epochs": 1, "batch_size": 8})
+    with pytest.raises(DataError, match=r"no label column 'label'.*\('target' or 'category'\?\)$"):
+        fmtune.train(cfg, quiet=True)
+    cfg["data"]["label_column"] = "category"
+    wrong = {**cfg, "data": {**cfg["data"], "media_root": str(root / "meta")}}
     with pytest.raises(DataError, match=rf"audio file not found(.|\n)*\(they are under {root / 'audio'}: --set "
                                         rf"data.media_root={root / 'audio'}\)$"):
-        fmtune.train(cfg, quiet=True)
-    cfg["data"]["media_root"] = str(root / "audio")
+        fmtune.train(wrong, quiet=True)
     summary = fmtune.train(cfg, quiet=True)
-    assert summary["best"] is not None
+    assert summary["columns_read"] == {"audio_column": "filename", "media_root": str((root / "audio").resolve())}
     got = fmtune.load(tmp_path / "run").predict([str(root / "audio" / rows[0]["filename"])])
     assert got[0]["label"] in {"low", "mid", "high"}
-    table = fmtune.predict(tmp_path / "run", root / "meta" / "esc50.csv")  # the run's media_root reads it again
-    assert len(table) == len(rows) and table.iloc[0]["label"] == got[0]["label"] and not table["error"].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        predicted = fmtune.predict(tmp_path / "run", table)  # the run's columns and media_root read it again
+    assert len(predicted) == len(rows) and predicted.iloc[0]["label"] == got[0]["label"]
+    assert not predicted["error"].any()
+    assert 0 <= fmtune.evaluate(tmp_path / "run", table, quiet=True)["test"]["accuracy"] <= 1
 
 
 def test_audio_paths_built_from_two_columns(tiny_whisper, tone_dirs, tmp_path):

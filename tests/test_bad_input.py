@@ -108,19 +108,89 @@ def test_hugging_face_class_ids_come_back_as_names(tmp_path, tiny_bert, text_fil
 
 # --- columns and values ----------------------------------------------------------------
 def test_missing_label_and_text_columns(tmp_path, tiny_bert):
-    p = _csv(tmp_path, "d.csv", [["good", "pos"], ["bad", "neg"]] * 5, columns=("review", "label"))
-    with pytest.raises(DataError, match="d.csv: no text column 'text'; columns are: review, label.*data.text_column"):
+    p = _csv(tmp_path, "d.csv", [["good", "pos"], ["bad", "neg"]] * 5, columns=("phrase", "label"))
+    with pytest.raises(DataError, match="d.csv: no text column 'text'; columns are: phrase, label.*data.text_column"):
         _train(tmp_path, tiny_bert, p)
     q = _csv(tmp_path, "e.csv", [["good", "pos"], ["bad", "neg"]] * 5, columns=("text", "y"))
     with pytest.raises(DataError, match=r"e.csv: no label column 'label'.*data.label_column=COLUMN \('y'\?\)$"):
         _train(tmp_path, tiny_bert, q)
     # the likely columns are named: the one of long texts; the ones named like labels (a TREC-style table)
     rows = [[i, f"what is the {w} of this long question", i % 2, i % 4] for i, w in enumerate(["name", "size"] * 6)]
-    g = _csv(tmp_path, "g.csv", rows, columns=("idx", "sentence", "coarse_label", "fine_label"))
-    with pytest.raises(DataError, match=r"data.text_column=COLUMN \('sentence'\?\)$"):
+    g = _csv(tmp_path, "g.csv", rows, columns=("idx", "question_text", "coarse_label", "fine_label"))
+    with pytest.raises(DataError, match=r"data.text_column=COLUMN \('question_text'\?\)$"):
         _train(tmp_path, tiny_bert, g)
     with pytest.raises(DataError, match=r"data.label_column=COLUMN \('coarse_label' or 'fine_label'\?\)$"):
-        _train(tmp_path, tiny_bert, g, data={"text_column": "sentence"})
+        _train(tmp_path, tiny_bert, g, data={"text_column": "question_text"})
+
+
+def test_the_columns_of_well_known_datasets_are_read_without_settings(tmp_path, tiny_bert, text_files):
+    """GLUE's SST-2 (idx, sentence, label), CLINC150 (text, intent), IMDB's CSV (review, sentiment), a regression
+    score: the one column a table holds under a usual name is read, said, kept in config.yaml for predict."""
+    import yaml
+
+    df = pd.read_csv(text_files["train"]).head(60)
+    sst2 = df.assign(idx=range(len(df))).rename(columns={"text": "sentence"})[["idx", "sentence", "label"]]
+    layouts = {"sst2": (sst2, {"text_column": "sentence"}),
+               "clinc": (df.rename(columns={"label": "intent"}), {"label_column": "intent"}),
+               "imdb": (df.rename(columns={"text": "Review", "label": "sentiment"}),
+                        {"text_column": "Review", "label_column": "sentiment"})}
+    for name, (table, settled) in layouts.items():
+        p = tmp_path / f"{name}.csv"
+        table.to_csv(p, index=False)
+        s = _train(tmp_path / name, tiny_bert, p, train={"max_steps": 2})
+        assert s["columns_read"] == settled, name
+        saved = yaml.safe_load((tmp_path / name / "run" / "config.yaml").read_text())["data"]
+        assert {k: saved[k] for k in settled} == settled
+        got = fmtune.predict(tmp_path / name / "run", p, quiet=True)  # the same layout predicts as it trained
+        assert len(got) == len(table) and got["error"].isna().all()
+    other = fmtune.predict(tmp_path / "sst2" / "run", text_files["test"], quiet=True)  # 'text', not 'sentence'
+    # the validation split is stratified by the label read, as by a 'label' column
+    from fmtune.config import DataConfig
+    from fmtune.data.prepare import read_frames
+
+    df.to_csv(tmp_path / "plain.csv", index=False)
+    split = {n: read_frames(DataConfig(train=str(tmp_path / f"{n}.csv"), min_val_per_class=0), "classification", 3).val
+             for n in ("plain", "clinc")}
+    assert split["plain"].index.tolist() == split["clinc"].index.tolist()
+    assert len(other) == 80 and other["error"].isna().all()
+    reg = pd.read_csv(text_files["regression_train"]).head(60).rename(columns={"label": "score"})
+    reg.to_csv(tmp_path / "reg.csv", index=False)
+    s = fmtune.train(cfg_dict(tiny_bert, tmp_path / "reg.csv", out=str(tmp_path / "reg"), task={"type": "regression"},
+                              train={"max_steps": 2}), quiet=True)
+    assert s["columns_read"] == {"label_column": "score"}
+    # two usual names for one column: nothing is chosen, the error names both
+    two = df.rename(columns={"label": "category"}).assign(target=df["label"])
+    two.to_csv(tmp_path / "two.csv", index=False)
+    with pytest.raises(DataError, match=r"no label column 'label'.*\('category' or 'target'\?\)$"):
+        _train(tmp_path / "two", tiny_bert, tmp_path / "two.csv")
+    # a column named in the config is never replaced; nor is a label guessed for tabular rows (it would be read
+    # as text too)
+    with pytest.raises(DataError, match="no text column 'words'"):
+        _train(tmp_path / "named", tiny_bert, tmp_path / "sst2.csv", data={"text_column": "words"})
+    tab = df.rename(columns={"label": "target"}).assign(n=range(len(df)))
+    tab.to_csv(tmp_path / "tab.csv", index=False)
+    with pytest.raises(DataError, match="no label column 'label'"):
+        _train(tmp_path / "tab", tiny_bert, tmp_path / "tab.csv", data={"text_columns": "all"})
+
+
+def test_image_paths_are_found_by_their_suffix_and_their_folder_near_the_table(tmp_path, tiny_vit, image_dirs):
+    """A Kaggle-style table (meta/train.csv naming files kept in images/) with the paths in 'filepath' trains
+    without data.image_column or data.media_root; both are kept for predict."""
+    files = sorted(image_dirs["train"].rglob("*.png"))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "meta").mkdir()
+    rows = []
+    for f in files:
+        name = f"{f.parent.name}_{f.name}"
+        (tmp_path / "images" / name).write_bytes(f.read_bytes())
+        rows.append({"id": len(rows), "filepath": name, "class": f.parent.name})
+    table = tmp_path / "meta" / "train.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    s = _train(tmp_path, tiny_vit, table, train={"max_steps": 2})
+    assert s["columns_read"] == {"image_column": "filepath", "label_column": "class",
+                                 "media_root": str((tmp_path / "images").resolve())}
+    got = fmtune.predict(tmp_path / "run", table, quiet=True)
+    assert len(got) == len(rows) and got["error"].isna().all()
 
 
 def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):

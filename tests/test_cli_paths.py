@@ -135,6 +135,6 @@ def test_a_missing_text_column_is_named_before_the_size_of_the_file(tmp_path):
     from fmtune.errors import DataError
 
     src = tmp_path / "tiny.csv"
-    src.write_text("review,label\ngood,pos\nbad,neg\n")
-    with pytest.raises(DataError, match=r"tiny.csv: no text column 'text'; columns are: review"):
+    src.write_text("phrase,label\ngood,pos\nbad,neg\n")
+    with pytest.raises(DataError, match=r"tiny.csv: no text column 'text'; columns are: phrase"):
         fmtune.train({"data": {"train": str(src)}}, quiet=True)

@@ -38,21 +38,27 @@ def test_image_classification_end_to_end(tmp_path, image_dirs, model, request):
 
 
 def test_a_table_whose_images_are_in_a_folder_below_it(tmp_path, image_dirs, tiny_vit):
-    """Kaggle's layout: train.csv beside train_images/, the table naming files relative to that folder. The error
-    says where they are; data.media_root reads them (and the run's setting reads a table to predict too)."""
+    """Kaggle's layout: train.csv beside train_images/, the table naming files relative to that folder. Training
+    finds the folder (data.media_root, kept for predict); another table's error says where its files are."""
     import shutil
 
     shutil.copytree(image_dirs["train"], tmp_path / "train_images")
     files = sorted(p.relative_to(image_dirs["train"]) for p in image_dirs["train"].glob("*/*.png"))
-    pd.DataFrame({"image_id": [str(f) for f in files], "label": [f.parent.name for f in files]}).to_csv(
-        tmp_path / "train.csv", index=False)
+    table = pd.DataFrame({"image_id": [str(f) for f in files], "label": [f.parent.name for f in files]})
+    table.to_csv(tmp_path / "train.csv", index=False)
     cfg = cfg_dict(tiny_vit, tmp_path / "train.csv", out=str(tmp_path / "run"), model={"image_size": 32},
                    data={"image_column": "image_id"}, train={"epochs": 1, "batch_size": 8})
-    with pytest.raises(DataError, match=rf"file not found(.|\n)*\(they are under {tmp_path / 'train_images'}: "
-                                        rf"--set data.media_root={tmp_path / 'train_images'}\)$"):
-        fmtune.train(cfg, quiet=True)
-    cfg["data"]["media_root"] = str(tmp_path / "train_images")
-    assert fmtune.train(cfg, quiet=True)["best"] is not None
+    s = fmtune.train(cfg, quiet=True)
+    assert s["columns_read"] == {"media_root": str((tmp_path / "train_images").resolve())} and s["best"] is not None
+    (tmp_path / "test_images").mkdir()
+    tests = sorted(image_dirs["test"].glob("*/*.png"))
+    for f in tests:
+        shutil.copy(f, tmp_path / "test_images" / f"{f.parent.name}-{f.name}")
+    pd.DataFrame({"image_id": [f"{f.parent.name}-{f.name}" for f in tests], "label": [f.parent.name for f in tests]}
+                 ).to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(DataError, match=rf"file not found(.|\n)*\(they are under {tmp_path / 'test_images'}: "
+                                        rf"--set data.media_root={tmp_path / 'test_images'}\)$"):
+        fmtune.evaluate(tmp_path / "run", tmp_path / "test.csv", quiet=True)  # (read from the run's media_root)
     preds = fmtune.predict(tmp_path / "run", tmp_path / "train.csv", quiet=True)
     assert len(preds) == len(files) and not preds["error"].any()
     moved = fmtune.predict(tmp_path / "run", tmp_path / "train.csv", quiet=True, media_root=tmp_path)

@@ -12,7 +12,17 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from fmtune.data import tabular
-from fmtune.data.readers import dataset_dict_splits, require_column, require_text_column, split_lists
+from fmtune.data.readers import (
+    USUAL_TEXT,
+    dataset_dict_splits,
+    media_folder,
+    media_path_columns,
+    require_column,
+    require_text_column,
+    split_lists,
+    table_base,
+    usual_columns,
+)
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks import Task, task_class
 
@@ -26,6 +36,7 @@ class Frames:
     val_is_train: bool = False  # few labels: no split was made; validation reads the training rows
     fewest: int | None = None  # training rows of the rarest label (None: no labels to count)
     typical: int | None = None  # training rows of the median label: what the split and --strategy auto go by
+    settled: dict[str, str] | None = None  # data.* options read from the training table (settle_columns)
 
 
 def label_counts(labels: list[list[str]] | None) -> pd.Series | None:
@@ -81,6 +92,74 @@ def _require_input(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> None:
         require_text_column(df, data_cfg.text_column, getattr(data_cfg, "text_pair_column", None))  # (or images)
 
 
+def _unset(data_cfg: Any, attr: str, df: pd.DataFrame) -> bool:
+    """data.``attr`` is left at its default and names no column of ``df``."""
+    from fmtune.config import DataConfig
+
+    value = getattr(data_cfg, attr)
+    return value == DataConfig.__dataclass_fields__[attr].default and value not in df.columns
+
+
+def settle_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> dict[str, str]:
+    """The data.* options a training table answers itself, for a task that reads tables (capability
+    ``usual_columns``): a text / image / audio / label column left at its default name that the table lacks is read
+    from the one column well-known datasets keep it in (``readers.USUAL_TEXT``, the task's ``usual_labels``; images
+    and audio: the one column of such file paths), where the table holds exactly one (more: the error lists them);
+    relative media paths not beside the table but under one folder near it (ESC-50's meta/ and audio/) are read
+    from that folder (data.media_root). Set in ``data_cfg`` (config.yaml keeps them, so evaluate, predict and serve
+    read the same) and returned, {option: value}, to be said before training."""
+    if not task.supports("usual_columns"):
+        return {}
+    settled: dict[str, str] = {}
+    media = "audio" if task.modality == "audio" else "image"
+    attr = f"{media}_column"
+    if (media == "audio" or data_cfg.text_column not in df.columns) and _unset(data_cfg, attr, df) \
+            and usual_input(df, media):  # (a text table's column of pictures is not its input)
+        settled[attr] = usual_input(df, media)
+    tabular_text = data_cfg.text_columns or data_cfg.text_template  # (the label is named, not guessed: never text)
+    if media == "image" and attr not in settled and data_cfg.image_column not in df.columns and not tabular_text \
+            and _unset(data_cfg, "text_column", df) and usual_input(df, "text"):
+        settled["text_column"] = usual_input(df, "text")
+    if not (data_cfg.label_columns or tabular_text) and _unset(data_cfg, "label_column", df):
+        inputs = {settled.get(a, getattr(data_cfg, a)) for a in ("text_column", attr)}
+        found = [c for c in usual_columns(df, task.usual_labels) if c not in inputs]
+        if len(found) == 1:
+            settled["label_column"] = found[0]
+    for key, column in settled.items():
+        setattr(data_cfg, key, column)
+    root = _media_root(df, getattr(data_cfg, attr)) if data_cfg.media_root is None else None
+    if root is not None:
+        settled["media_root"] = data_cfg.media_root = df.attrs["media_root"] = root
+    return settled
+
+
+def usual_input(df: pd.DataFrame, kind: str) -> str | None:
+    """The one column of ``df`` holding inputs of ``kind`` (text: a usual name, ``readers.USUAL_TEXT``; image,
+    audio: file paths of that kind), else None (none, or more than one)."""
+    found = usual_columns(df, USUAL_TEXT) if kind == "text" else media_path_columns(df, kind)
+    return found[0] if len(found) == 1 else None
+
+
+def columns_read_line(settled: dict[str, str]) -> str:
+    """``settle_columns``' choices as the line said before training."""
+    said = [f"data.{k}={v}" for k, v in settled.items()]
+    return (f"read as the table holds them: {', '.join(said)} (config.yaml keeps them; --set another to choose)")
+
+
+def _media_root(df: pd.DataFrame, column: str) -> str | None:
+    """The folder the relative file paths of ``column`` are under where none of its first ones is beside the table
+    (``readers.media_folder``), else None."""
+    if column not in df.columns or not Path(df.attrs.get("source", "")).is_file():
+        return None
+    base = table_base(df)
+    rel = [Path(v.strip()) for v in df[column].head(5) if isinstance(v, str) and v.strip()]
+    rel = [p for p in rel if not p.is_absolute()]
+    if not rel or any((base / p).exists() for p in rel):
+        return None
+    found = media_folder([base / p for p in rel], base)
+    return str(found.resolve()) if found is not None else None
+
+
 def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any) -> pd.DataFrame:
     """One data file (or folder) read the way ``task`` reads its data."""
     cls = task_class(task) if isinstance(task, str) else task
@@ -111,8 +190,11 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     if not data_cfg.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
     task = task_class(task_type)
-    column = task.target_column(data_cfg)
     train = read_data(data_cfg.train, task, data_cfg)
+    settled = settle_columns(train, data_cfg, task)
+    if "label_column" in settled and data_cfg.label_names:
+        train = task.with_label_names(train, data_cfg)
+    column = task.target_column(data_cfg)
     _require_input(train, data_cfg, task)  # the columns first: a missing one is the problem, whatever the size
     task.require_targets(train, data_cfg)
     if data_cfg.max_train_samples:
@@ -152,7 +234,8 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
             tr = pd.concat([tr, train[kept]])
         train, val, from_train = _keep_source(tr, train), _keep_source(va, train), True
     test = read_data(data_cfg.test, task, data_cfg) if data_cfg.test else None
-    return Frames(train, val, test, from_train, val_is_train=no_split, fewest=fewest, typical=typical)
+    return Frames(train, val, test, from_train, val_is_train=no_split, fewest=fewest, typical=typical,
+                  settled=settled)
 
 
 def make_task(task_cfg: Any, data_cfg: Any, train: pd.DataFrame) -> Task:

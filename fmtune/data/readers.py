@@ -265,20 +265,52 @@ def media_templates(df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
     return df
 
 
-def media_root_hint(missing: list[Path], base: Path) -> str:
-    """Where the relative paths of a table that are not found under ``base`` are instead, as advice to append to
-    the error: the first folder beside or below the table's that holds the first few of them (Common Voice's
-    clips/, ESC-50's ../audio/), or ""."""
+def media_folder(missing: list[Path], base: Path) -> Path | None:
+    """Where the relative paths of a table that are not found under ``base`` are instead: the first folder beside
+    or below the table's that holds the first few of them (Common Voice's clips/, ESC-50's ../audio/), or None."""
     rel = [p.relative_to(base) for p in missing if p.is_relative_to(base)][:5]
     if not rel or not base.is_dir():
-        return ""
+        return None
     here = base.resolve()
     for parent in (base, base.parent):
         folders = sorted(d for d in parent.iterdir() if d.is_dir()) + ([parent] if parent != base else [])
         for d in folders:
             if d.resolve() != here and all((d / r).is_file() for r in rel):
-                return f"\n  (they are under {d}: --set data.media_root={d})"
-    return ""
+                return d
+    return None
+
+
+def media_root_hint(missing: list[Path], base: Path) -> str:
+    """``media_folder`` as advice to append to the error, or ""."""
+    d = media_folder(missing, base)
+    return f"\n  (they are under {d}: --set data.media_root={d})" if d is not None else ""
+
+
+# The columns well-known datasets keep their inputs and labels in, read where the data.* option is left at its
+# default and a table lacks that column but holds exactly one of these (prepare.settle_columns): GLUE's SST-2 and
+# CoLA (sentence), IMDB's and Yelp's CSVs (review, sentiment), CLINC150 (intent), GoEmotions (labels), AG News
+# variants (category), ... Names are compared without case. Paths of images or audio are found by their suffixes.
+USUAL_TEXT = ("text", "sentence", "review", "content", "tweet", "comment_text", "comment", "document", "utterance",
+              "body", "message", "review_text", "sms")
+USUAL_LABELS = ("label", "labels", "intent", "category", "class", "sentiment", "emotion", "topic", "target")
+USUAL_TARGETS = ("label", "target", "score", "rating", "stars", "y")  # regression
+
+
+def usual_columns(df: pd.DataFrame, names: tuple[str, ...]) -> list[str]:
+    """The columns of ``df`` named as one of ``names`` (without regard to case)."""
+    wanted = set(names)
+    return [c for c in df.columns if isinstance(c, str) and c.strip().lower() in wanted]
+
+
+def media_path_columns(df: pd.DataFrame, kind: str) -> list[str]:
+    """The columns whose first cells (up to 50 that are filled) are all paths of ``kind`` files (image, audio),
+    by their suffixes."""
+    suffixes, head, out = MEDIA_SUFFIXES[kind], df.head(50), []
+    for c in df.columns:
+        cells = [v.strip() for v in head[c].tolist() if isinstance(v, str) and v.strip()]
+        if cells and all(Path(v).suffix.lower() in suffixes for v in cells):
+            out.append(c)
+    return out
 
 
 def absolute_paths(df: pd.DataFrame, column: str) -> pd.DataFrame:

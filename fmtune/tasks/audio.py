@@ -22,7 +22,7 @@ class AudioClassification(Classification):
                    "list of CLASS/FILE paths)")
     modality = "audio"
     capabilities = frozenset({"stratified_split", "mistakes", "transfer", "embed", "robustness", "explain",
-                              "split_lists"})
+                              "split_lists", "usual_columns"})
 
     @classmethod
     def read_file(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmtune.data.readers import name_labels, read_any, row_label, saved_dataset
+from fmtune.data.readers import USUAL_LABELS, name_labels, read_any, row_label, saved_dataset
 from fmtune.errors import DataError
 from fmtune.registry import Registry
 
@@ -43,8 +43,11 @@ UNKNOWN = "unknown"
 #   thresholds        decision thresholds chosen on the validation rows after training (choose_thresholds)
 #   split_lists       a class folder's validation_list.txt / testing_list.txt are its validation and test splits
 #   transcribe        records with a "transcript": a served run answers POST /v1/audio/transcriptions
+#   usual_columns     a table lacking the default-named text / image / audio / label column is read from the one
+#                     column well-known datasets keep it in (prepare.settle_columns; the names: usual_labels)
 CAPABILITIES = ("stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed", "robustness",
-                "fairness", "pseudo_labels", "save_images", "recentre", "thresholds", "split_lists", "transcribe")
+                "fairness", "pseudo_labels", "save_images", "recentre", "thresholds", "split_lists", "transcribe",
+                "usual_columns")
 
 
 class Task:
@@ -62,6 +65,7 @@ class Task:
     description = ""
     accepts_word_lists = False  # predict takes a list of words (already split) as well as a text
     modality = ""  # "audio": reads audio files; "" reads what the model reads (text or images)
+    usual_labels = USUAL_LABELS  # capability usual_columns: the names a table's label column goes by
     default_lrs: dict[str, float] = {}  # train.lr by strategy where this task needs other than config.DEFAULT_LR
     default_head_lr: float | None = None  # train.head_lr unless set (None: config.default_head_lr of train.lr)
     default_train: dict[str, int] = {}  # train.epochs / train.batch_size unless set (else config.DEFAULT_EPOCHS, ...)

@@ -41,7 +41,7 @@ class Classification(Task):
     metric_names = ("accuracy", "macro_f1", "loss")
     hf_problem_type = "single_label_classification"
     capabilities = frozenset({"stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed",
-                              "robustness", "fairness", "pseudo_labels"})
+                              "robustness", "fairness", "pseudo_labels", "usual_columns"})
 
     @classmethod
     def stratify_values(cls, df: pd.DataFrame, column: str) -> pd.Series | None:

@@ -141,7 +141,7 @@ class MultiLabel(Task):
     default_metric = "macro_f1"
     metric_names = ("macro_f1", "micro_f1", "accuracy", "loss")
     hf_problem_type = "multi_label_classification"
-    capabilities = frozenset({"embed", "explain", "robustness", "thresholds"})
+    capabilities = frozenset({"embed", "explain", "robustness", "thresholds", "usual_columns"})
     select_thresholded = False  # set for a run that chooses its thresholds on validation (``validation_metrics``)
     thresholds_unchosen = "too few positive or negative rows of every label"
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sklearn import metrics as skm
 from sklearn.linear_model import RidgeCV
 
-from fmtune.data.readers import row_label
+from fmtune.data.readers import USUAL_TARGETS, row_label
 from fmtune.errors import DataError
 from fmtune.tasks.base import TASKS, Task, missing_values
 from fmtune.tasks.probe import scaled, unscaled
@@ -26,7 +26,8 @@ class Regression(Task):
     default_metric = "rmse"
     metric_names = ("mae", "rmse", "r2", "loss")
     hf_problem_type = "regression"
-    capabilities = frozenset({"embed", "explain", "robustness", "fairness", "recentre"})
+    capabilities = frozenset({"embed", "explain", "robustness", "fairness", "recentre", "usual_columns"})
+    usual_labels = USUAL_TARGETS
     baseline_method = "ridge regression (scikit-learn) on the frozen pretrained backbone's pooled features"
 
     @property
