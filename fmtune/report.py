@@ -118,13 +118,14 @@ def _data_section(cfg: dict[str, Any], info: dict[str, Any]) -> str:
     if train and Path(train).is_dir():  # an image folder: the sizes the images came in
         from PIL import Image
 
+        from fmtune.data.dataset import upright_size
         from fmtune.data.readers import list_images
 
         sizes = []
         for f in list_images(Path(train))[:5000]:
             try:
                 with Image.open(f) as im:  # reads the header only
-                    sizes.append(im.size)
+                    sizes.append(upright_size(im))
             except OSError:
                 continue
         if sizes:

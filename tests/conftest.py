@@ -231,6 +231,17 @@ def save_tiny_ast(folder: Path, max_length: int = 100) -> Path:
     return folder
 
 
+def save_turned_photo(path: Path, upright: np.ndarray) -> Path:
+    """``upright`` (H, W, 3 uint8) saved as a phone camera saves a photo held upright: the pixels stored a quarter
+    turn round (W x H) with EXIF orientation 6, which tells viewers (and annotation tools) to turn them back."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+    return path
+
+
 def cfg_dict(model_name: Path | str, train_file: Path, **sections) -> dict:
     """A small, fast config: a few epochs, small batches, every default otherwise. The validation
     split is always made (data.min_val_per_class=0): these small files would otherwise train

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_head_cache_trains_the_same, cfg_dict
+from conftest import assert_head_cache_trains_the_same, cfg_dict, save_turned_photo
 from PIL import Image
 
 from fmtune import api
@@ -180,6 +180,29 @@ def _voc_only(root: Path) -> Path:
         (voc / "Annotations").symlink_to(root / "Annotations")
         (voc / "JPEGImages").symlink_to(root / "JPEGImages")
     return voc
+
+
+def test_boxes_of_turned_photos_are_where_they_are_shown(tmp_path):
+    """A phone photo (pixels stored turned, EXIF orientation 6) labelled as it is shown: YOLO's normalised boxes are
+    scaled by the shown size (Ultralytics' exif_size) and the box lies on the object in the image the model reads.
+    The stored size was used: boxes stretched across the wrong sides."""
+    from fmtune.data.boxes import box_dataset
+
+    upright = np.full((60, 30, 3), 20, np.uint8)
+    upright[10:20, 5:15] = (230, 30, 30)  # a red square near the top, as shown
+    root = tmp_path / "y"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    save_turned_photo(root / "images" / "a.jpg", upright)
+    (root / "labels" / "a.txt").write_text(f"0 {10 / 30} {15 / 60} {10 / 30} {10 / 60}\n")
+    (root / "data.yaml").write_text("path: .\ntrain: images\nnames: [red]\n")
+    df = read_detection(root / "data.yaml", DataConfig())
+    assert (df["width"][0], df["height"][0]) == (30, 60)
+    np.testing.assert_allclose(df["boxes"][0], [[5, 10, 15, 20]], atol=1e-4)  # x0, y0, x1, y1 in the shown image
+    ds = box_dataset(df, "image", {"size": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}, ["red"], True)
+    x0, y0, x1, y1 = ds.targets[0, 0, 1:5].round().int().tolist()
+    inside = ds.images[0][:, y0:y1, x0:x1].float()
+    assert inside[0].mean() > 150 and inside[1].mean() < 100  # red where the box is
 
 
 def test_yolo_polygon_labels_image_lists_and_split_lists_read_the_same_boxes(boxes_data, tmp_path):

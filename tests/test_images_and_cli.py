@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import cfg_dict, class_folders_as_hf_parquet, hf_parquet
+from conftest import cfg_dict, class_folders_as_hf_parquet, hf_parquet, save_turned_photo
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 import fmtune
@@ -66,6 +67,41 @@ def test_a_table_whose_images_are_in_a_folder_below_it(tmp_path, image_dirs, tin
     explained = fmtune.explain(tmp_path / "run", [str(tmp_path / "train.csv")], limit=2, quiet=True,
                                out=tmp_path / "explained")  # the table explained as the run read it
     assert [e["name"] for e in explained["items"]] == [f.name for f in files[:2]]
+
+
+def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path, image_dirs, tiny_vit):
+    """A phone photo stores its pixels turned, with an EXIF orientation: read as shown (transformers' load_image
+    does the same), in training and predict; it was read on its side."""
+    from transformers.image_utils import load_image
+
+    from fmtune.data.dataset import load_rgb, upright_size
+
+    upright = np.zeros((40, 20, 3), np.uint8)
+    upright[:20] = 220  # bright top half, as shown
+    photo = save_turned_photo(tmp_path / "photo.jpg", upright)
+    with Image.open(photo) as raw:
+        assert raw.size == (40, 20) and upright_size(raw) == (20, 40)
+    img = load_rgb(photo)
+    assert img.size == (20, 40)
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(load_image(str(photo))))
+    pixels = np.asarray(img).astype(float)
+    assert pixels[:20].mean() > 200 and pixels[20:].mean() < 20
+    # the shape images of a class, stored turned: predicted as the same images stored upright
+    turned = tmp_path / "turned"
+    for f in sorted(image_dirs["test"].glob("*/*.png")):
+        (turned / f.parent.name).mkdir(parents=True, exist_ok=True)
+        save_turned_photo(turned / f.parent.name / f"{f.stem}.jpg", np.asarray(Image.open(f).convert("RGB")))
+    fmtune.train(cfg_dict(tiny_vit, image_dirs["train"], out=str(tmp_path / "run"), model={"image_size": 32},
+                          train={"epochs": 1, "batch_size": 8}), quiet=True)
+    pred, moved = fmtune.load(tmp_path / "run"), []
+    for f in sorted(turned.glob("*/*.jpg"))[:6]:
+        shown, stored = f.with_name(f"{f.stem}-shown.png"), f.with_name(f"{f.stem}-stored.png")
+        load_image(str(f)).save(shown)  # as transformers shows it
+        Image.open(f).convert("RGB").save(stored)  # its pixels as stored
+        got = pred.predict(str(f))["probabilities"]
+        assert got == pytest.approx(pred.predict(str(shown))["probabilities"], abs=1e-5)
+        moved.append(max(abs(got[k] - v) for k, v in pred.predict(str(stored))["probabilities"].items()))
+    assert max(moved) > 1e-3  # (read as stored, the predictions differ)
 
 
 def test_image_paths_built_from_other_columns(tmp_path, image_dirs, tiny_vit):

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData
+from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, upright_size
 from fmtune.data.masks import open_image
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
@@ -211,7 +211,7 @@ def read_yolo(path: Path, split: str = "train") -> pd.DataFrame:
     for img_path in images:
         label_file = _yolo_label_file(img_path)
         with Image.open(img_path) as im:
-            w, h = im.size
+            w, h = upright_size(im)
         boxes, labels = _yolo_boxes(label_file, names, w, h) if label_file.is_file() else ([], [])  # no file: none
         records.append({"image": str(img_path), "width": w, "height": h, "boxes": boxes, "labels": labels,
                         "ignore": [False] * len(boxes)})
@@ -241,7 +241,7 @@ def read_voc(path: Path) -> pd.DataFrame:
             raise DataError(f"{xml}: its image {img_path} does not exist")
         if not w or not h:
             with Image.open(img_path) as im:
-                w, h = im.size
+                w, h = upright_size(im)
         boxes, labels, ignore = [], [], []
         for j, obj in enumerate(root.findall("object")):
             bb = obj.find("bndbox")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from fmtune.data.readers import (
     file_like,
@@ -135,10 +135,32 @@ class ImageData(torch.utils.data.Dataset):
         return batch
 
 
+EXIF_ORIENTATION = 0x0112  # the camera's turn of a photo (2..8), which viewers and annotation tools apply
+
+
+def orientation(img: Image.Image) -> int:
+    """A photo's EXIF orientation: 1 upright as stored, 2..8 turned or mirrored when shown; 5..8 swap its sides."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 (a broken EXIF block: the pixels as stored)
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as it is shown (``load_rgb`` turns it so), from its header alone."""
+    w, h = img.size
+    return (h, w) if orientation(img) >= 5 else (w, h)
+
+
 def load_rgb(source: Any) -> Image.Image:
-    """A path / file object / PIL image as a loaded RGB image (PIL's own errors for what is not one)."""
+    """A path / file object / PIL image as a loaded RGB image, upright as it is shown (a phone photo's EXIF
+    orientation applied, as transformers' load_image and annotation tools do); PIL's own errors for what is not
+    one."""
     img = source if isinstance(source, Image.Image) else Image.open(source)
     img.load()
+    if orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":  # grayscale, palette, RGBA, CMYK ...
         img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA") else img.convert("RGB")
     return img

@@ -43,7 +43,7 @@ from fmtune.strategies import WHOLE_BACKBONE, backbone_blocks, block_list, froze
 from fmtune.training import hardware, prefetch
 from fmtune.training.infer import model_device
 
-VERSION = "2"
+VERSION = "3"  # 3: photos decoded upright (EXIF orientation applied)
 FP16_MAX = 65504.0
 
 
