@@ -182,10 +182,11 @@ def _voc_only(root: Path) -> Path:
     return voc
 
 
-def test_boxes_of_turned_photos_are_where_they_are_shown(tmp_path):
+def test_boxes_of_turned_photos_are_where_they_are_shown(tmp_path, monkeypatch):
     """A phone photo (pixels stored turned, EXIF orientation 6) labelled as it is shown: YOLO's normalised boxes are
     scaled by the shown size (Ultralytics' exif_size) and the box lies on the object in the image the model reads.
     The stored size was used: boxes stretched across the wrong sides."""
+    from fmtune.data import boxes
     from fmtune.data.boxes import box_dataset
 
     upright = np.full((60, 30, 3), 20, np.uint8)
@@ -203,6 +204,23 @@ def test_boxes_of_turned_photos_are_where_they_are_shown(tmp_path):
     x0, y0, x1, y1 = ds.targets[0, 0, 1:5].round().int().tolist()
     inside = ds.images[0][:, y0:y1, x0:x1].float()
     assert inside[0].mean() > 150 and inside[1].mean() < 100  # red where the box is
+    # a COCO file whose tool drew on the pixels as stored (its size 60 x 30 is the stored one): read as stored
+    stored = np.asarray(Image.open(root / "images" / "a.jpg").convert("RGB"))
+    ys, xs = np.nonzero((stored[..., 0] > 150) & (stored[..., 1] < 100))
+    box = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+    coco = {"images": [{"id": 1, "file_name": "images/a.jpg", "width": 60, "height": 30}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "area": box[2] * box[3],
+                             "iscrowd": 0}], "categories": [{"id": 1, "name": "red"}]}
+    (root / "annotations.json").write_text(json.dumps(coco))
+    df = read_detection(root / "annotations.json", DataConfig())
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(boxes, "EAGER_IMAGE_BYTES", 0)
+        with pytest.warns(UserWarning, match="1 photo.*fit the pixels as stored"):
+            ds = box_dataset(df, "image", {"size": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}, ["red"], True)
+        x0, y0, x1, y1 = ds.targets[0, 0, 1:5].round().int().tolist()
+        inside = ds.raw([0])[0][:, y0:y1, x0:x1].float()
+        assert ds.sizes == [(60, 30)] and inside[0].mean() > 150 and inside[1].mean() < 100, eager
 
 
 def test_yolo_polygon_labels_image_lists_and_split_lists_read_the_same_boxes(boxes_data, tmp_path):

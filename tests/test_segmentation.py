@@ -230,9 +230,10 @@ def test_bad_masks_are_named(tmp_path, problem, message):
     assert "s002" in str(err.value) or "zzz" in str(err.value)
 
 
-def test_a_turned_photo_pairs_with_its_mask_as_shown(tmp_path):
+def test_a_turned_photo_pairs_with_its_mask_as_shown(tmp_path, monkeypatch):
     """A phone photo (pixels stored turned, EXIF orientation 6) with its mask drawn as the photo is shown (as
     annotation tools show it): the two line up. It was refused: 'mask is 48x64 but its image is 64x48'."""
+    from fmtune.data import masks
     from fmtune.data.masks import seg_dataset
 
     rng = np.random.default_rng(0)
@@ -252,6 +253,22 @@ def test_a_turned_photo_pairs_with_its_mask_as_shown(tmp_path):
         if where.any():
             colour = pixels.permute(0, 2, 3, 1)[where].mean(0)
             assert int(colour.argmax()) == c - 1 and float(colour.max()) > 150
+    # masks drawn on the pixels as stored (a tool that did not turn the photos): the photos are read as stored
+    for f in sorted((tmp_path / "masks").iterdir()):
+        Image.fromarray(np.asarray(Image.open(f)).T.copy()[::-1]).save(f)  # the mask turned as the stored pixels
+    df = read_segmentation(tmp_path, DataConfig())
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(masks, "EAGER_IMAGE_BYTES", 0)
+        with pytest.warns(UserWarning, match="3 photo.*masks fit the pixels as stored"):
+            ds = seg_dataset(df, "image", "mask", {"size": 32, "mean": [0.0] * 3, "std": [1.0] * 3}, task._encode)
+        assert ds.sizes == [(64, 48)] * 3
+        pixels, labels = ds.raw([0, 1, 2]).float(), ds.targets
+        for c in (1, 2, 3):
+            where = labels == c
+            if where.any():
+                colour = pixels.permute(0, 2, 3, 1)[where].mean(0)
+                assert int(colour.argmax()) == c - 1 and float(colour.max()) > 150, eager
 
 
 def test_binary_masks_saved_as_0_255_are_recognised(tmp_path):

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, upright_size
+from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, stored_warning, upright_size
 from fmtune.data.masks import open_image
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
@@ -493,12 +493,15 @@ class BoxData(ImageData):
                  sizes: list[tuple[int, int]], spec: dict[str, Any], names: list[str], augment_seed: int | None = None):
         super().__init__(images, targets, spec)
         self.scales, self.sizes, self.names, self.augment_seed = scales, sizes, names, augment_seed
+        self.stored: frozenset[Any] = frozenset()  # turned photos whose boxes fit their pixels as stored
 
     def decode(self, path: str) -> torch.Tensor:
-        return letterbox(open_image(path), self.spec["size"])[0]
+        return letterbox(open_image(path, upright=path not in self.stored), self.spec["size"])[0]
 
     def with_augment(self, seed: int) -> BoxData:
-        return BoxData(self.images, self.targets, self.scales, self.sizes, self.spec, self.names, seed)
+        out = BoxData(self.images, self.targets, self.scales, self.sizes, self.spec, self.names, seed)
+        out.stored = self.stored
+        return out
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         x = self.raw(idx).float() / 255.0
@@ -522,12 +525,20 @@ def box_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], classes: li
     images, scales, sizes, boxes, cls, ign = [], [], [], [], [], []
     index = {c: i for i, c in enumerate(classes or [])}
     names = [media_cell(v, Path("."))[1] for v in df[column]]  # a path, or an image embedded in the table
+    cells = [embedded(p) or str(p) for p in df[column]]
+    stored = set()
     for r, path in enumerate(df[column]):
         img = open_image(path, f"{df.attrs.get('source')}: ")
         path = names[r]
         w, h = img.size
-        if with_targets and df["width"].iloc[r] and (abs(float(df["width"].iloc[r]) - w) > 1 or
-                                                      abs(float(df["height"].iloc[r]) - h) > 1):
+        said = (_size(df["width"].iloc[r]), _size(df["height"].iloc[r])) if with_targets else (0.0, 0.0)
+        said = said if all(said) else None  # (no size given)
+        if said is not None and _near(said, (h, w)) and not _near(said, (w, h)):  # a turned photo's annotation
+            as_stored = open_image(df[column].iloc[r], f"{df.attrs.get('source')}: ", upright=False)
+            if _near(said, as_stored.size):  # drawn on its pixels as stored
+                img, (w, h) = as_stored, as_stored.size
+                stored.add(cells[r])
+        if said is not None and not _near(said, (w, h)):
             raise DataError(f"{df.attrs.get('source')}: {path} is {w}x{h} but its annotation says "
                             f"{int(df['width'].iloc[r])}x{int(df['height'].iloc[r])}")
         tensor, scale, _ = letterbox(img, size)
@@ -545,6 +556,22 @@ def box_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], classes: li
             cls.append(np.asarray([index[lab] for lab in labels], dtype=np.int64))
             ign.append(np.asarray(df["ignore"].iloc[r], dtype=bool))
     targets = pack_targets(boxes, cls, ign) if with_targets else None
-    data = torch.stack(images) if eager else [embedded(p) or str(p) for p in df[column]]
-    return BoxData(data, targets, scales, sizes, spec,
-                   [n if embedded(v) is not None else Path(n).name for v, n in zip(df[column], names)])
+    stored_warning(len(stored), df.attrs.get("source", "the data"), "sizes")
+    out = BoxData(torch.stack(images) if eager else cells, targets, scales, sizes, spec,
+                  [n if embedded(v) is not None else Path(n).name for v, n in zip(df[column], names)])
+    out.stored = frozenset(stored)
+    return out
+
+
+def _size(v: Any) -> float:
+    """A width or height an annotation gives (0.0 where it gives none: None, NaN, 0)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return 0.0
+    return f if f > 0 else 0.0
+
+
+def _near(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Two (width, height) the same within a pixel."""
+    return abs(a[0] - b[0]) <= 1 and abs(a[1] - b[1]) <= 1

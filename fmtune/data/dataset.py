@@ -147,19 +147,27 @@ def orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def stored_warning(n: int, source: Any, what: str) -> None:
+    """Say that ``n`` turned photos are read as stored because their annotations (``what``) fit the stored pixels."""
+    if n:
+        warnings.warn(f"{source}: {n} photo(s) carry an EXIF orientation but their {what} fit the pixels as stored "
+                      "(drawn by a tool that did not turn them): those photos are read as stored, not turned upright",
+                      stacklevel=3)
+
+
 def upright_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image as it is shown (``load_rgb`` turns it so), from its header alone."""
     w, h = img.size
     return (h, w) if orientation(img) >= 5 else (w, h)
 
 
-def load_rgb(source: Any) -> Image.Image:
+def load_rgb(source: Any, upright: bool = True) -> Image.Image:
     """A path / file object / PIL image as a loaded RGB image, upright as it is shown (a phone photo's EXIF
-    orientation applied, as transformers' load_image and annotation tools do); PIL's own errors for what is not
-    one."""
+    orientation applied, as transformers' load_image and annotation tools do; ``upright`` False: its pixels as
+    stored); PIL's own errors for what is not one."""
     img = source if isinstance(source, Image.Image) else Image.open(source)
     img.load()
-    if orientation(img) != 1:
+    if upright and orientation(img) != 1:
         img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":  # grayscale, palette, RGBA, CMYK ...
         img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA") else img.convert("RGB")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, load_rgb
+from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, load_rgb, stored_warning
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
     coco_images,
@@ -310,12 +310,12 @@ def mask_values(df: pd.DataFrame, column: str) -> set[int]:
     return seen
 
 
-def open_image(path: Any, where: str = "") -> Image.Image:
+def open_image(path: Any, where: str = "", upright: bool = True) -> Image.Image:
     """``load_rgb`` of a file (a path, or a table cell holding the file); a DataError naming it
     (after ``where``) if it is missing or unreadable."""
     source, path = _opened_cell(path)
     try:
-        return load_rgb(source)
+        return load_rgb(source, upright)
     except FileNotFoundError:
         raise DataError(f"{where}{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -358,12 +358,15 @@ class SegData(ImageData):
                  spec: dict[str, Any], names: list[str], augment_seed: int | None = None):
         super().__init__(images, masks, spec)
         self.sizes, self.names, self.augment_seed = sizes, names, augment_seed
+        self.stored: frozenset[Any] = frozenset()  # turned photos whose masks fit their pixels as stored
 
     def decode(self, path: str) -> torch.Tensor:
-        return resize_image(open_image(path), self.spec["size"])
+        return resize_image(open_image(path, upright=path not in self.stored), self.spec["size"])
 
     def with_augment(self, seed: int) -> SegData:
-        return SegData(self.images, self.targets, self.sizes, self.spec, self.names, seed)
+        out = SegData(self.images, self.targets, self.sizes, self.spec, self.names, seed)
+        out.stored = self.stored
+        return out
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         x = self.raw(idx).float() / 255.0
@@ -411,20 +414,29 @@ def seg_dataset(df: pd.DataFrame, column: str, mask_column: str | None, spec: di
     names = [_opened_cell(v)[1] for v in df[column]]
     cells = [embedded(v) or str(v) for v in df[column]]  # paths, or the bytes of files embedded in the table
     mask_cells = list(df[mask_column]) if with_masks else []
+    stored = set()
     for i, cell in enumerate(cells):
         where, path = row_prefix(df, i), names[i]
         img = open_image(cell, where)
-        sizes.append(img.size)
         if with_masks:
             if mask_cells[i] is None or (isinstance(mask_cells[i], float) and np.isnan(mask_cells[i])):
                 raise DataError(f"{where}{path}: no mask given for this image")
             m = read_mask(mask_cells[i])
             mask_name = _opened_cell(mask_cells[i])[1]
+            if (m.shape[0], m.shape[1]) == img.size and img.size[0] != img.size[1]:  # a turned photo's mask
+                as_stored = open_image(cell, where, upright=False)
+                if as_stored.size == (m.shape[1], m.shape[0]):  # drawn on its pixels as stored
+                    img = as_stored
+                    stored.add(cell)
             if (m.shape[1], m.shape[0]) != img.size:
                 raise DataError(f"{where}{mask_name}: mask is {m.shape[1]}x{m.shape[0]} but its image {path} is "
                                 f"{img.size[0]}x{img.size[1]}; a mask must have its image's size")
             masks.append(resize_mask(encode(m, f"{where}{mask_name}"), size))
+        sizes.append(img.size)
         if eager:
             images.append(resize_image(img, size))
-    return SegData(torch.stack(images) if eager else cells, torch.stack(masks) if with_masks else None, sizes, spec,
-                   [n if isinstance(c, bytes) else Path(n).name for c, n in zip(cells, names)])
+    stored_warning(len(stored), df.attrs.get("source", "the data"), "masks")
+    out = SegData(torch.stack(images) if eager else cells, torch.stack(masks) if with_masks else None, sizes, spec,
+                  [n if isinstance(c, bytes) else Path(n).name for c, n in zip(cells, names)])
+    out.stored = frozenset(stored)
+    return out
