@@ -28,6 +28,7 @@ from fmtune.data import tabular
 from fmtune.data.conll import sentence_chunks
 from fmtune.data.dataset import Rows, auto_max_length, epoch_batches, long_texts, long_texts_line, model_texts
 from fmtune.data.prepare import (
+    columns_of,
     columns_read_line,
     input_column,
     make_dataset,
@@ -873,7 +874,8 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
 
         return generation.evaluate(opened, source, baseline, quiet)
     df = read_data(Path(source), opened.task, cfg.data)
-    ds, _ = make_dataset(df, opened.bundle, opened.task, cfg.data, allow_unknown=cfg.data.unknown_labels == "unknown")
+    data_cfg = columns_of(df, cfg.data, opened.task, opened.bundle.kind)  # (a table of another layout than training's)
+    ds, _ = make_dataset(df, opened.bundle, opened.task, data_cfg, allow_unknown=cfg.data.unknown_labels == "unknown")
     opened.bundle.model.to(hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device)
     return _evaluate_run(opened, ds, baseline, quiet, source, precision=precision)
 

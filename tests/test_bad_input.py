@@ -144,6 +144,10 @@ def test_the_columns_of_well_known_datasets_are_read_without_settings(tmp_path, 
         got = fmtune.predict(tmp_path / name / "run", p, quiet=True)  # the same layout predicts as it trained
         assert len(got) == len(table) and got["error"].isna().all()
     other = fmtune.predict(tmp_path / "sst2" / "run", text_files["test"], quiet=True)  # 'text', not 'sentence'
+    assert len(other) == 80 and other["error"].isna().all()
+    scored = {n: fmtune.evaluate(tmp_path / "sst2" / "run", tmp_path / f"{n}.csv", quiet=True)["test"]["accuracy"]
+              for n in ("sst2", "imdb")}  # evaluate reads a labelled table of another layout too
+    assert scored["sst2"] == scored["imdb"]
     # the validation split is stratified by the label read, as by a 'label' column
     from fmtune.config import DataConfig
     from fmtune.data.prepare import read_frames
@@ -152,7 +156,6 @@ def test_the_columns_of_well_known_datasets_are_read_without_settings(tmp_path, 
     split = {n: read_frames(DataConfig(train=str(tmp_path / f"{n}.csv"), min_val_per_class=0), "classification", 3).val
              for n in ("plain", "clinc")}
     assert split["plain"].index.tolist() == split["clinc"].index.tolist()
-    assert len(other) == 80 and other["error"].isna().all()
     reg = pd.read_csv(text_files["regression_train"]).head(60).rename(columns={"label": "score"})
     reg.to_csv(tmp_path / "reg.csv", index=False)
     s = fmtune.train(cfg_dict(tiny_bert, tmp_path / "reg.csv", out=str(tmp_path / "reg"), task={"type": "regression"},

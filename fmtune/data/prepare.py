@@ -140,6 +140,24 @@ def usual_input(df: pd.DataFrame, kind: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def columns_of(df: pd.DataFrame, data_cfg: Any, task: type[Task] | Task, kind: str) -> Any:
+    """``data_cfg`` for a labelled table of another layout than the run trained on (``fmtune evaluate``): an input
+    column (``kind``: text, image, audio) or label column it names that the table lacks is read from the table's one
+    column of that kind (``usual_input``; labels: the task's ``usual_labels``)."""
+    import dataclasses
+
+    if not task.supports("usual_columns"):
+        return data_cfg
+    attr, changes = INPUT_COLUMNS[kind][0], {}
+    if getattr(data_cfg, attr) not in df.columns and usual_input(df, kind):
+        changes[attr] = usual_input(df, kind)
+    if not data_cfg.label_columns and data_cfg.label_column not in df.columns:
+        found = [c for c in usual_columns(df, task.usual_labels) if c != changes.get(attr, getattr(data_cfg, attr))]
+        if len(found) == 1:
+            changes["label_column"] = found[0]
+    return dataclasses.replace(data_cfg, **changes) if changes else data_cfg
+
+
 def columns_read_line(settled: dict[str, str]) -> str:
     """``settle_columns``' choices as the line said before training."""
     said = [f"data.{k}={v}" for k, v in settled.items()]
