@@ -396,15 +396,32 @@ def test_hugging_face_parquet_of_images_and_masks_trains_and_predicts(tmp_path, 
                                    "annotation": [{"bytes": m.read_bytes(), "path": m.name} for m in masks]},
                                   {}, set(), {"image": "Image", "annotation": "Image"})
     cfg = seg_cfg(tiny_resnet, {k: v for k, v in files.items()}, tmp_path / "run", epochs=1)
-    cfg["data"]["mask_column"] = "annotation"
-    s = api.train(cfg, quiet=True)
-    assert 0.0 <= s["eval"]["test"]["miou"] <= 1.0
+    s = api.train(cfg, quiet=True)  # the column of masks found as the one of images beside the image column
+    assert 0.0 <= s["eval"]["test"]["miou"] <= 1.0 and s["columns_read"] == {"mask_column": "annotation"}
     labels = json.loads((tmp_path / "run" / "labels.json").read_text())["labels"]
     assert len(labels) == 4  # the mask values seen in the embedded masks: background and three shapes
     api.predict(tmp_path / "run", files["test"], tmp_path / "out.csv", save_images=tmp_path / "masks", quiet=True)
     out = pd.read_csv(tmp_path / "out.csv")
     assert out["error"].isna().all() and out["image"].str.startswith("embedded file s0").all()
     assert sorted(p.name for p in (tmp_path / "masks").glob("*.png")) == [f"s{i:03d}.png" for i in range(12)]
+    # sidewalk-semantic's names (pixel_values, label) and a table of paths (image_path, mask_path) read the same
+    from fmtune.data.masks import read_segmentation
+
+    want = read_segmentation(files["test"], DataConfig(mask_column="annotation"))
+    for name, columns in (("sidewalk", ("pixel_values", "label")), ("paths", ("image_path", "seg_path"))):
+        df = pd.read_parquet(files["test"]).rename(columns=dict(zip(("image", "annotation"), columns)))
+        if name == "paths":
+            images = sorted((scenes["test"] / "images").iterdir())
+            df = pd.DataFrame({"id": range(len(images)), columns[0]: [str(p) for p in images],
+                               columns[1]: [str(scenes["test"] / "masks" / f"{p.stem}.png") for p in images]})
+            df.to_csv(tmp_path / f"{name}.csv", index=False)
+            got = read_segmentation(tmp_path / f"{name}.csv", DataConfig())
+            assert [Path(p).name for p in got["mask"]] == [f"{p.stem}.png" for p in images]
+        else:
+            df.to_parquet(tmp_path / f"{name}.parquet")
+            got = read_segmentation(tmp_path / f"{name}.parquet", DataConfig())
+            assert [c["bytes"] for c in got["mask"]] == [c["bytes"] for c in want["annotation"]]
+        assert got.attrs["columns_read"] == {"image_column": columns[0], "mask_column": columns[1]}, name
 
 
 def test_serve_returns_a_mask(resnet_run, scenes):

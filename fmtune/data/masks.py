@@ -40,6 +40,7 @@ from fmtune.data.readers import (
     find_coco_file,
     list_images,
     media_cell,
+    media_path_columns,
     read_table,
     require_column,
     row_prefix,
@@ -141,7 +142,8 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
         if p.suffix.lower() in IMAGE_SUFFIXES:
             df = pd.DataFrame({image_col: [str(p)]})
         else:
-            df = read_table(p, data_cfg.encoding, data_cfg.text_column, data_cfg)
+            df = _image_and_mask_columns(read_table(p, data_cfg.encoding, data_cfg.text_column, data_cfg), image_col,
+                                         mask_col)
             require_column(df, image_col, "image path", "data.image_column")
             base = table_base(df)
             for col in (image_col, mask_col):  # paths made absolute; files embedded in the table kept as they are
@@ -181,6 +183,34 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
     df = pd.DataFrame({image_col: rows["image"], **({mask_col: rows["mask"]} if "mask" in rows else {})})
     df.attrs["source"] = str(p)
     return _colour_masks_indexed(df, mask_col, masks_dir) if masks_dir is not None else df
+
+
+USUAL_IMAGES = ("image", "img", "images", "pixel_values")  # Hugging Face segmentation sets' image columns (and image_*)
+
+
+def _image_and_mask_columns(df: pd.DataFrame, image_col: str, mask_col: str) -> pd.DataFrame:
+    """A table whose image or mask column is not named as data.image_column / mask_column say, with its columns of
+    images (paths, or files embedded as a Hugging Face dataset's Parquet holds them) named so: the image column is
+    the one of a usual name (image, pixel_values, image_path ...) or the only one, the mask column the other one
+    (ADE20K's scene_parse_150: image, annotation; sidewalk-semantic: pixel_values, label). ``attrs["columns_read"]``
+    says which."""
+    held = [c for c in media_path_columns(df, "image") if c not in (image_col, mask_col)]
+    found: dict[str, str] = {}
+    if image_col not in df.columns:
+        named = [c for c in held if str(c).strip().lower() in USUAL_IMAGES
+                 or str(c).strip().lower().startswith(("image_", "img_"))]
+        pick = named or (held if mask_col in df.columns or len(held) == 1 else [])
+        if len(pick) == 1:
+            found["image_column"] = pick[0]
+    if mask_col not in df.columns:
+        others = [c for c in held if c != found.get("image_column")]
+        if len(others) == 1 and (image_col in df.columns or "image_column" in found):
+            found["mask_column"] = others[0]
+    if not found:
+        return df
+    out = df.rename(columns={v: {"image_column": image_col, "mask_column": mask_col}[k] for k, v in found.items()})
+    out.attrs = {**df.attrs, "columns_read": found}
+    return out
 
 
 def read_colour_map(path: Path) -> list[tuple[str, tuple[int, int, int]]]:

@@ -161,7 +161,7 @@ def columns_of(df: pd.DataFrame, data_cfg: Any, task: type[Task] | Task, kind: s
 def columns_read_line(settled: dict[str, str]) -> str:
     """``settle_columns``' choices as the line said before training."""
     said = [f"data.{k}={v}" for k, v in settled.items()]
-    return (f"read as the table holds them: {', '.join(said)} (config.yaml keeps them; --set another to choose)")
+    return f"read as the table holds them: {', '.join(said)} (--set another to choose)"
 
 
 def _media_root(df: pd.DataFrame, column: str) -> str | None:
@@ -209,7 +209,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
     task = task_class(task_type)
     train = read_data(data_cfg.train, task, data_cfg)
-    settled = settle_columns(train, data_cfg, task)
+    settled = {**train.attrs.get("columns_read", {}), **settle_columns(train, data_cfg, task)}  # (a reader's own)
     if "label_column" in settled and data_cfg.label_names:
         train = task.with_label_names(train, data_cfg)
     column = task.target_column(data_cfg)

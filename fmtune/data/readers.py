@@ -303,12 +303,23 @@ def usual_columns(df: pd.DataFrame, names: tuple[str, ...]) -> list[str]:
 
 
 def media_path_columns(df: pd.DataFrame, kind: str) -> list[str]:
-    """The columns whose first cells (up to 50 that are filled) are all paths of ``kind`` files (image, audio),
-    by their suffixes."""
+    """The columns whose first cells (up to 50 that are filled) all hold ``kind`` files (image, audio): paths with
+    such a suffix, or files embedded in the table (a Hugging Face dataset's Image / Audio cells; by the suffix of
+    the name they carry, if any)."""
     suffixes, head, out = MEDIA_SUFFIXES[kind], df.head(50), []
+
+    def holds(v: Any) -> bool:
+        if isinstance(v, str):
+            return Path(v.strip()).suffix.lower() in suffixes
+        name = v.get("path") if isinstance(v, dict) else None
+        return embedded(v) is not None and (not name or Path(str(name)).suffix.lower() in suffixes)
+
+    def filled(v: Any) -> bool:
+        return v is not None and not (isinstance(v, float) and v != v) and not (isinstance(v, str) and not v.strip())
+
     for c in df.columns:
-        cells = [v.strip() for v in head[c].tolist() if isinstance(v, str) and v.strip()]
-        if cells and all(Path(v).suffix.lower() in suffixes for v in cells):
+        cells = [v for v in head[c].tolist() if filled(v)]
+        if cells and all(holds(v) for v in cells):
             out.append(c)
     return out
 
