@@ -176,6 +176,25 @@ def test_the_columns_of_well_known_datasets_are_read_without_settings(tmp_path, 
         _train(tmp_path / "tab", tiny_bert, tmp_path / "tab.csv", data={"text_columns": "all"})
 
 
+def test_class_ids_named_by_the_column_beside_them(tmp_path, tiny_bert, text_files):
+    """SetFit's datasets (text, label, label_text): the classes are named by label_text, so labels.json, predict and
+    evaluate say 'neg' / 'pos', not 0 / 1; a naming that is not one name per id is not used."""
+    df = pd.read_csv(text_files["train"]).head(60)
+    ids = (df["label"] == "pos").astype(int)
+    pd.DataFrame({"text": df["text"], "label": ids, "label_text": df["label"]}).to_csv(tmp_path / "s.csv", index=False)
+    s = _train(tmp_path / "a", tiny_bert, tmp_path / "s.csv", train={"max_steps": 2})
+    assert s["columns_read"] == {"label_names": ["neg", "pos"]}
+    assert json.loads((tmp_path / "a" / "run" / "labels.json").read_text())["labels"] == ["neg", "pos"]
+    got = fmtune.predict(tmp_path / "a" / "run", tmp_path / "s.csv", quiet=True)
+    assert set(got["predicted_label"] if "predicted_label" in got else got["label"]) <= {"neg", "pos"}
+    assert fmtune.evaluate(tmp_path / "a" / "run", tmp_path / "s.csv", quiet=True)["test"]["accuracy"] >= 0
+    clash = pd.DataFrame({"text": df["text"], "label": ids, "label_text": ["x"] * len(df)})  # one name for both ids
+    clash.to_csv(tmp_path / "c.csv", index=False)
+    s = _train(tmp_path / "b", tiny_bert, tmp_path / "c.csv", train={"max_steps": 2})
+    assert "columns_read" not in s
+    assert json.loads((tmp_path / "b" / "run" / "labels.json").read_text())["labels"] == ["0", "1"]
+
+
 def test_image_paths_are_found_by_their_suffix_and_their_folder_near_the_table(tmp_path, tiny_vit, image_dirs):
     """A Kaggle-style table (meta/train.csv naming files kept in images/) with the paths in 'filepath' trains
     without data.image_column or data.media_root; both are kept for predict."""

@@ -15,6 +15,7 @@ from fmtune.data import tabular
 from fmtune.data.readers import (
     USUAL_TEXT,
     dataset_dict_splits,
+    label_names_beside,
     media_folder,
     media_path_columns,
     require_column,
@@ -36,7 +37,7 @@ class Frames:
     val_is_train: bool = False  # few labels: no split was made; validation reads the training rows
     fewest: int | None = None  # training rows of the rarest label (None: no labels to count)
     typical: int | None = None  # training rows of the median label: what the split and --strategy auto go by
-    settled: dict[str, str] | None = None  # data.* options read from the training table (settle_columns)
+    settled: dict[str, Any] | None = None  # data.* options read from the training table (settle_columns)
 
 
 def label_counts(labels: list[list[str]] | None) -> pd.Series | None:
@@ -100,17 +101,18 @@ def _unset(data_cfg: Any, attr: str, df: pd.DataFrame) -> bool:
     return value == DataConfig.__dataclass_fields__[attr].default and value not in df.columns
 
 
-def settle_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> dict[str, str]:
+def settle_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> dict[str, Any]:
     """The data.* options a training table answers itself, for a task that reads tables (capability
     ``usual_columns``): a text / image / audio / label column left at its default name that the table lacks is read
     from the one column well-known datasets keep it in (``readers.USUAL_TEXT``, the task's ``usual_labels``; images
     and audio: the one column of such file paths), where the table holds exactly one (more: the error lists them);
     relative media paths not beside the table but under one folder near it (ESC-50's meta/ and audio/) are read
-    from that folder (data.media_root). Set in ``data_cfg`` (config.yaml keeps them, so evaluate, predict and serve
-    read the same) and returned, {option: value}, to be said before training."""
+    from that folder (data.media_root); class ids named by a column beside them (label_text: ``label_names_beside``)
+    are read as those names (data.label_names). Set in ``data_cfg`` (config.yaml keeps them, so evaluate, predict
+    and serve read the same) and returned, {option: value}, to be said before training."""
     if not task.supports("usual_columns"):
         return {}
-    settled: dict[str, str] = {}
+    settled: dict[str, Any] = {}
     media = "audio" if task.modality == "audio" else "image"
     attr = f"{media}_column"
     if (media == "audio" or data_cfg.text_column not in df.columns) and _unset(data_cfg, attr, df) \
@@ -125,8 +127,12 @@ def settle_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> dict[st
         found = [c for c in usual_columns(df, task.usual_labels) if c not in inputs]
         if len(found) == 1:
             settled["label_column"] = found[0]
-    for key, column in settled.items():
-        setattr(data_cfg, key, column)
+    if task.hf_problem_type == "single_label_classification" and data_cfg.label_names is None:
+        names = label_names_beside(df, settled.get("label_column", data_cfg.label_column))
+        if names:
+            settled["label_names"] = names
+    for key, value in settled.items():
+        setattr(data_cfg, key, value)
     root = _media_root(df, getattr(data_cfg, attr)) if data_cfg.media_root is None else None
     if root is not None:
         settled["media_root"] = data_cfg.media_root = df.attrs["media_root"] = root
@@ -160,7 +166,9 @@ def columns_of(df: pd.DataFrame, data_cfg: Any, task: type[Task] | Task, kind: s
 
 def columns_read_line(settled: dict[str, str]) -> str:
     """``settle_columns``' choices as the line said before training."""
-    said = [f"data.{k}={v}" for k, v in settled.items()]
+    said = [f"data.{k}={v}" if isinstance(v, str) else
+            f"data.{k}={','.join(v[:5])}{' ...' if len(v) > 5 else ''} (from the column beside the ids)"
+            for k, v in settled.items()]
     return f"read as the table holds them: {', '.join(said)} (--set another to choose)"
 
 
@@ -210,8 +218,8 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     task = task_class(task_type)
     train = read_data(data_cfg.train, task, data_cfg)
     settled = {**train.attrs.get("columns_read", {}), **settle_columns(train, data_cfg, task)}  # (a reader's own)
-    if "label_column" in settled and data_cfg.label_names:
-        train = task.with_label_names(train, data_cfg)
+    if ("label_column" in settled or "label_names" in settled) and data_cfg.label_names:
+        train = task.with_label_names(train, data_cfg)  # (ids read before the names were known)
     column = task.target_column(data_cfg)
     _require_input(train, data_cfg, task)  # the columns first: a missing one is the problem, whatever the size
     task.require_targets(train, data_cfg)

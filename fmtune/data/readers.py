@@ -296,6 +296,22 @@ USUAL_LABELS = ("label", "labels", "intent", "category", "class", "sentiment", "
 USUAL_TARGETS = ("label", "target", "score", "rating", "stars", "y")  # regression
 
 
+def label_names_beside(df: pd.DataFrame, column: str) -> list[str] | None:
+    """The class names a column beside the label column gives its ids, in id order, where ``column`` holds ids 0..K-1
+    and ``{column}_text`` (SetFit's datasets: text, label, label_text) or ``{column}_name`` names each id with one
+    name of its own; else None."""
+    named = next((c for c in (f"{column}_text", f"{column}_name") if c in df.columns), None)
+    if named is None or column not in df.columns:
+        return None
+    pairs = df[[column, named]].dropna().astype(str).apply(lambda s: s.str.strip()).drop_duplicates()
+    if not len(pairs) or not pairs[column].str.fullmatch(r"\d+").all():
+        return None
+    ids = pairs[column].astype(int)
+    if ids.duplicated().any() or pairs[named].duplicated().any() or sorted(ids) != list(range(len(ids))):
+        return None
+    return [name for _, name in sorted(zip(ids, pairs[named]))]
+
+
 def usual_columns(df: pd.DataFrame, names: tuple[str, ...]) -> list[str]:
     """The columns of ``df`` named as one of ``names`` (without regard to case)."""
     wanted = set(names)
