@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from fmtune import config as config_mod
 from fmtune import evaluation, paths, ui
 from fmtune.data import tabular
-from fmtune.data.conll import sentence_chunks
+from fmtune.data.conll import is_word_table, sentence_chunks
 from fmtune.data.dataset import Rows, auto_max_length, epoch_batches, long_texts, long_texts_line, model_texts
 from fmtune.data.prepare import (
     columns_of,
@@ -1029,12 +1029,14 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target is not None else None
     media = "audio" if pred.kind == "audio" else "image"  # what a folder (or a lone file) is read for
     enc, text = pred.config.data.encoding, pred.config.data.text_column
-    if inputs.suffix.lower() in CONLL_PREDICT_SUFFIXES and inputs.is_file():
-        chunks = sentence_chunks(inputs, enc, chunk_rows, text)
+    if inputs.is_file() and (inputs.suffix.lower() in CONLL_PREDICT_SUFFIXES or (
+            pred.task.accepts_word_lists and is_word_table(inputs, enc))):  # (sentences of a word a line / row)
+        chunks, total = sentence_chunks(inputs, enc, chunk_rows, text), None  # (sentences: not counted up front)
     else:
         chunks = iter_chunks(inputs, enc, chunk_rows, input_column(media, pred.config.data)[0], text, media)
+        total = count_rows(inputs, media)
     try:
-        with ui.CountProgress("predict", count_rows(inputs, media) or 0, quiet) as bar:
+        with ui.CountProgress("predict", total or 0, quiet) as bar:
             root = media_root or pred.config.data.media_root
             for df, problems in chunks:
                 if root and inputs.is_file():

@@ -111,10 +111,12 @@ class DataConfig:
                                  "no label. Parquet files written by Hugging Face datasets carry the names and need "
                                  "none")
     encoding: str = _f("utf-8", "text encoding of CSV/JSONL files (e.g. latin-1)")
-    format: Literal["auto", "conll", "jsonl"] = _f(
+    format: Literal["auto", "conll", "jsonl", "table"] = _f(
         "auto", "ner: how the files are read: auto (by suffix: .jsonl/.json are JSONL or a JSON array, "
-        ".conll/.bio/.txt/.tsv CoNLL, .parquet Parquet), conll (word and tag per line), jsonl ({tokens, tags or "
-        "ner_tags} or {text, entities} per line)")
+        ".conll/.bio/.txt CoNLL, .csv a table, .tsv a table if its header names a word and a sentence column, else "
+        "CoNLL, .parquet Parquet), conll (word and tag per line), jsonl ({tokens, tags or ner_tags} or {text, "
+        "entities} per line), table (one word a row: word, sentence and tag columns, e.g. Kaggle's Sentence #, Word, "
+        "Tag)")
     val_fraction: float = _f(0.1, "share of training rows split off as validation when no val set is given")
     min_val_per_class: int = _f(5, "classification: when the split would leave fewer validation rows than this of "
                                 "the median class (and per label on average), none is split off: every row trains, "

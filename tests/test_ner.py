@@ -93,6 +93,36 @@ def test_conll_reader_docstart_spaces_and_blank_lines_with_whitespace(tmp_path):
     assert df["text"].iloc[1] == "in New York" and df["offsets"].iloc[1][2] == (7, 11)
 
 
+def as_word_table(conll: Path, out: Path, sep: str = ",", every_row: bool = False) -> Path:
+    """A CoNLL file written as Kaggle's "Annotated Corpus for NER" lays it out: Sentence #, Word, POS, Tag, one word a
+    row, the sentence named on its first word only (``every_row``: on each)."""
+    rows = []
+    for k, (words, tags) in enumerate(zip(read_tokens(conll)["tokens"], read_tokens(conll)["tags"]), 1):
+        for i, (w, t) in enumerate(zip(words, tags)):
+            rows.append({"Sentence #": f"Sentence: {k}" if i == 0 or every_row else None, "Word": w, "POS": "NN",
+                         "Tag": t})
+    pd.DataFrame(rows).to_csv(out, index=False, sep=sep)
+    return out
+
+
+def test_a_table_of_one_word_a_row_reads_as_its_conll_file(tmp_path, ner_files):
+    want = read_tokens(ner_files["val"])
+    for name, sep, every in (("a.csv", ",", False), ("b.tsv", "\t", True), ("c.csv", ";", False)):
+        got = read_tokens(as_word_table(ner_files["val"], tmp_path / name, sep, every))
+        assert got["tokens"].tolist() == want["tokens"].tolist() and got["tags"].tolist() == want["tags"].tolist()
+    assert got["line"].tolist()[:2] == [2, 2 + len(want["tokens"][0])]  # each sentence's first row, as a line
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Sentence #,Word,Tag\nSentence: 1,alice,B-PER\n,,O\n")
+    with pytest.raises(DataError, match=r"bad.csv: line 3: no word in column 'Word'"):
+        read_tokens(bad)
+    bad.write_text("Sentence #,Word,Tag\nSentence: 1,alice,B-PER\nSentence: 2,bob,Q-PER\n")
+    with pytest.raises(DataError, match=r"bad.csv: line 3: tag 'Q-PER' \(word 1\)"):
+        read_tokens(bad)
+    bad.write_text("id,text,label\n1,hello,x\n")
+    with pytest.raises(DataError, match=r"bad.csv: unsupported file type '.csv'.*a CSV of one word a row"):
+        read_tokens(bad)
+
+
 def test_iobes_and_dangling_inside_tags_become_iob2():
     assert to_bio(["S-PER", "O", "B-LOC", "E-LOC", "I-ORG", "I-ORG", "I-PER"], "x") == \
         ["B-PER", "O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER"]
@@ -334,6 +364,18 @@ def test_predict_a_conll_file_sentence_by_sentence(tmp_path, ner_run, labelled):
     assert df["predicted_tags" if labelled else "tags"].tolist()[0] == "B-PER I-PER O B-LOC"
     if labelled:
         assert df["tags"].tolist() == ["B-PER I-PER O B-LOC", "B-PER"]
+
+
+def test_a_table_of_one_word_a_row_trains_evaluates_and_predicts(tmp_path, ner_bert, ner_files, ner_run):
+    table = {k: as_word_table(v, tmp_path / f"{k}.csv") for k, v in ner_files.items()}
+    s = fmtune.train(_cfg(ner_bert, table, tmp_path / "run", train={"epochs": 1}), quiet=True)
+    assert 0 <= s["eval"]["test"]["entity_f1"] <= 1
+    run_scores = fmtune.evaluate(ner_run, ner_files["test"], quiet=True)["test"]
+    assert fmtune.evaluate(ner_run, table["test"], quiet=True)["test"] == run_scores  # the same sentences
+    df = fmtune.predict(ner_run, table["test"], quiet=True)  # sentence by sentence, as its CoNLL file
+    want = fmtune.predict(ner_run, ner_files["test"], quiet=True)
+    assert df["text"].tolist() == want["text"].tolist()
+    assert df["predicted_tags"].tolist() == want["predicted_tags"].tolist()
 
 
 def test_serve_returns_spans(ner_run):

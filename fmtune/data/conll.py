@@ -1,5 +1,6 @@
 """Readers for token-labelled text (named entities): CoNLL-style files, JSONL (or Parquet) of
-tokens and tags, and JSONL of texts with character spans. Each gives one row per sentence with
+tokens and tags, JSONL of texts with character spans, and CSV/TSV tables of one word a row. Each gives one row
+per sentence with
 
     tokens   the words                      tags     their tags (None where unlabelled)
     text     the sentence as text           offsets  each word's (start, end) in ``text``
@@ -20,7 +21,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fmtune.data.readers import CONLL_PREDICT_SUFFIXES, check_encoding, jsonl_records, read_parquet
+from fmtune.data.readers import (
+    CONLL_PREDICT_SUFFIXES,
+    check_encoding,
+    csv_separator,
+    jsonl_records,
+    read_parquet,
+    read_table,
+)
 from fmtune.errors import DataError
 
 CONLL_SUFFIXES = CONLL_PREDICT_SUFFIXES | {".txt", ".tsv"}  # training reads .txt / .tsv as CoNLL too
@@ -255,6 +263,63 @@ def read_token_parquet(path: Path, text_column: str = "text", names: list[str] |
     return _frame(_token_rows(records, text_column, names), path, "row")
 
 
+# A table of one word a row (Kaggle's "Annotated Corpus for NER": Sentence #, Word, POS, Tag, the sentence named on
+# its first word only): its columns are found by these names, without regard to case
+WORD_COLUMNS = ("word", "token", "words", "tokens")
+SENTENCE_COLUMNS = ("sentence #", "sentence_id", "sentence", "sentence_idx", "sentence_no", "sent_id")
+TAG_COLUMNS = ("tag", "ner_tag", "ner", "tags", "ner_tags", "label", "labels", "entity")
+
+
+def _named(columns: Any, names: tuple[str, ...]) -> str | None:
+    low = {str(c).strip().lower(): c for c in columns}
+    return next((low[n] for n in names if n in low), None)
+
+
+def is_word_table(path: Path, encoding: str) -> bool:
+    """A .csv / .tsv file whose header names a word column and a sentence column (a .tsv without: CoNLL)."""
+    import csv
+
+    if path.suffix.lower() not in (".csv", ".tsv") or not path.is_file():
+        return False
+    try:
+        with path.open(encoding=encoding, errors="replace", newline="") as fh:
+            header = next(csv.reader(fh, delimiter=csv_separator(path, encoding)), [])
+    except (OSError, csv.Error):
+        return False
+    return _named(header, WORD_COLUMNS) is not None and _named(header, SENTENCE_COLUMNS) is not None
+
+
+def read_token_table(path: Path, encoding: str = "utf-8", names: list[str] | None = None) -> pd.DataFrame:
+    """Sentences from a table of one word a row: a word column, a sentence column (its id, given on a sentence's
+    first word or on every word; a new sentence where it changes) and a tag column (absent: unlabelled words), found
+    by name (``WORD_COLUMNS``, ``SENTENCE_COLUMNS``, ``TAG_COLUMNS``). Errors name the file and line."""
+    df = read_table(path, encoding)
+    word, sentence, tag = (_named(df.columns, n) for n in (WORD_COLUMNS, SENTENCE_COLUMNS, TAG_COLUMNS))
+    if word is None or sentence is None:
+        raise DataError(f"{path}: a table of named entities holds one word a row, with columns for the word "
+                        f"({', '.join(WORD_COLUMNS[:2])}), its sentence ({', '.join(SENTENCE_COLUMNS[:3])}) and its "
+                        f"tag ({', '.join(TAG_COLUMNS[:3])}); columns are: {', '.join(map(str, df.columns))}")
+    ids = df[sentence].ffill()
+    if pd.isna(ids.iloc[0]):
+        raise DataError(f"{path}: line 2: no sentence named in column {sentence!r} for the first word")
+    records = []
+    starts = np.flatnonzero(ids.ne(ids.shift()).to_numpy())
+    for a, b in zip(starts, [*starts[1:], len(df)]):
+        rows = df.iloc[a:b]
+        empty = rows[word].isna().to_numpy()
+        if empty.any():
+            raise DataError(f"{path}: line {a + int(np.argmax(empty)) + 2}: no word in column {word!r}")
+        rec: dict[str, Any] = {"tokens": rows[word].astype(str).tolist()}
+        if tag is not None:
+            tags = rows[tag].tolist()
+            if any(pd.isna(t) for t in tags):
+                k = next(i for i, t in enumerate(tags) if pd.isna(t))
+                raise DataError(f"{path}: line {a + k + 2}: no tag in column {tag!r}")
+            rec["tags"] = [int(t) if names is not None and str(t).strip().isdigit() else t for t in tags]
+        records.append((f"{path}: line {a + 2}", a + 2, rec))
+    return _frame(_token_rows(records, "text", names), path)
+
+
 def read_tokens(path: str | Path, encoding: str = "utf-8", text_column: str = "text",
                 fmt: str = "auto", names: list[str] | None = None) -> pd.DataFrame:
     """Token-labelled data from a CoNLL-style, JSONL/JSON or Parquet file (``fmt``: auto, conll,
@@ -272,18 +337,21 @@ def read_tokens(path: str | Path, encoding: str = "utf-8", text_column: str = "t
         return read_token_parquet(path, text_column, names)
     if fmt == "jsonl" or (fmt == "auto" and suffix in (".jsonl", ".json")):
         return read_token_jsonl(path, encoding, text_column, names)
+    if fmt == "table" or (fmt == "auto" and is_word_table(path, encoding)):
+        return read_token_table(path, encoding, names)
     if fmt == "conll" or (fmt == "auto" and suffix in CONLL_SUFFIXES):
         return read_conll(path, encoding)
     raise DataError(f"{path}: unsupported file type {suffix!r} for named entities; use CoNLL (.conll, .bio, .txt: "
-                    "word and tag per line), JSONL or Parquet, or say --set data.format=conll|jsonl")
+                    "word and tag per line), JSONL, Parquet or a CSV of one word a row, or say --set "
+                    "data.format=conll|jsonl|table")
 
 
 def sentence_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
-    """``fmtune predict``'s chunks of a CoNLL-style file: each sentence a row, its words joined by
-    spaces in ``column``, beside its first ``line`` and its ``tags`` (joined likewise) where the
+    """``fmtune predict``'s chunks of a CoNLL-style file (or a table of one word a row): each sentence a row, its
+    words joined by spaces in ``column``, beside its first ``line`` and its ``tags`` (joined likewise) where the
     file has them. Yields ``(frame, problems)`` as ``fmtune.data.readers.iter_chunks`` does."""
     check_encoding(path, encoding)
-    df = read_conll(path, encoding)
+    df = read_token_table(path, encoding) if is_word_table(path, encoding) else read_conll(path, encoding)
     df = pd.DataFrame({column: df["text"], "line": df["line"],
                        **({} if df["tags"].isna().all() else {"tags": df["tags"].map(" ".join)})})
     for start in range(0, len(df), chunk_rows):
