@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 
 from fmtune import adapters, ui
 from fmtune import config as config_mod
+from fmtune.data.prepare import columns_read_line, settle_columns
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import read_json, write_json, write_text_atomic
 from fmtune.models import build, causal_lm
@@ -57,6 +58,7 @@ def _frames(cfg: config_mod.Config, task: Any) -> dict[str, pd.DataFrame]:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
     train = task.read(cfg.data.train, cfg.data)
+    train.attrs["settled"] = settle_columns(train, cfg.data, task)  # (a speech table's clips folder: media_root)
     if cfg.data.max_train_samples and cfg.data.max_train_samples < len(train):
         attrs = dict(train.attrs)
         train = train.sample(n=cfg.data.max_train_samples, random_state=cfg.train.seed)
@@ -120,6 +122,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     if not quiet:
         read_as = sorted({tuple(pair) for df in frames.values() for pair in df.attrs.get("read_as", [])})
         _print_plan(cfg, bundle, task, data, run_dir, hw, small, read_as)
+        if frames["train"].attrs.get("settled"):
+            out.print(f"  {columns_read_line(frames['train'].attrs['settled'])}")
     bundle.model.to(hw.device)
     if cfg.train.packing:
         causal_lm.check_packing(bundle)
@@ -150,6 +154,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
                  save_best=lambda: build.save(bundle, run_dir / "model"), progress=ui.FitProgress(quiet), net=net,
                  on_eval=on_eval, eval_first=True)
     said = {"small_training_set": small} if small else {}  # in run.json and the summary alike
+    if frames["train"].attrs.get("settled"):
+        said["columns_read"] = frames["train"].attrs["settled"]
     info = {"params": counts, "hardware": hw.describe(),
             "data": {k: {"rows": len(v), "source": frames[k].attrs.get("source"), **_size(v)} for k, v in data.items()},
             "fit": {k: v for k, v in vars(result).items() if k not in ("history", "processes", "params_in_sync",

@@ -290,6 +290,28 @@ def test_metadata_folder_and_usual_column_names(tiny_asr, tone_speech, tmp_path)
     assert len(ds) == 5 and ds.ids[0][:2] == [1, 2] and ds.ids[0][-1] == 0  # prefix ... end of text
 
 
+def test_common_voice_tables_read_their_clips_from_the_folder_beside_them(tiny_asr, tone_speech, tmp_path):
+    """Common Voice as it ships: train.tsv / dev.tsv / test.tsv (client_id, path, sentence, ...) naming mp3s kept in
+    clips/. The clips are found there (data.media_root, kept for evaluate and predict)."""
+    import fmtune
+
+    (tmp_path / "cv" / "clips").mkdir(parents=True)
+    tables = {}
+    for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
+        src = pd.read_csv(tone_speech[split])
+        for p in src["audio"]:
+            (tmp_path / "cv" / "clips" / f"{split}_{Path(p).name}").write_bytes(
+                (tone_speech[split].parent / p).read_bytes())
+        tables[split] = tmp_path / "cv" / f"{name}.tsv"
+        pd.DataFrame({"client_id": "x", "path": [f"{split}_{Path(p).name}" for p in src["audio"]],
+                      "sentence": src["text"], "up_votes": 2}).to_csv(tables[split], sep="\t", index=False)
+    s = fmtune.train(_cfg(tiny_asr, tables, tmp_path / "run", train={"max_steps": 2}), quiet=True)
+    assert s["columns_read"] == {"media_root": str((tmp_path / "cv" / "clips").resolve())}
+    assert fmtune.evaluate(tmp_path / "run", tables["test"], quiet=True)["test"]["wer"] >= 0
+    predicted = fmtune.predict(tmp_path / "run", tables["test"], quiet=True)
+    assert len(predicted) == 12 and ("error" not in predicted or predicted["error"].isna().all())
+
+
 def test_a_librispeech_folder_reads_its_transcript_files(tiny_asr, tone_speech, tmp_path):
     """LibriSpeech's layout: SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt lines 'CLIP-ID TRANSCRIPT', each clip a
     .flac beside it; a run trains on the folder as it is. Errors name the transcript file and line."""

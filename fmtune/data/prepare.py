@@ -102,18 +102,29 @@ def _unset(data_cfg: Any, attr: str, df: pd.DataFrame) -> bool:
 
 
 def settle_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> dict[str, Any]:
-    """The data.* options a training table answers itself, for a task that reads tables (capability
+    """The data.* options a training table answers itself. For a task that reads tables (capability
     ``usual_columns``): a text / image / audio / label column left at its default name that the table lacks is read
     from the one column well-known datasets keep it in (``readers.USUAL_TEXT``, the task's ``usual_labels``; images
     and audio: the one column of such file paths), where the table holds exactly one (more: the error lists them);
-    relative media paths not beside the table but under one folder near it (ESC-50's meta/ and audio/) are read
-    from that folder (data.media_root); class ids named by a column beside them (label_text: ``label_names_beside``)
-    are read as those names (data.label_names). Set in ``data_cfg`` (config.yaml keeps them, so evaluate, predict
-    and serve read the same) and returned, {option: value}, to be said before training."""
-    if not task.supports("usual_columns"):
-        return {}
+    class ids named by a column beside them (label_text: ``label_names_beside``) are read as those names
+    (data.label_names). For every task: relative media paths (``Task.media_column``) not beside the table but under
+    one folder near it (ESC-50's meta/ + audio/, Common Voice's clips/) are read from that folder (data.media_root).
+    Set in ``data_cfg`` (config.yaml keeps them, so evaluate, predict and serve read the same) and returned,
+    {option: value}, to be said before training."""
     settled: dict[str, Any] = {}
-    media = "audio" if task.modality == "audio" else "image"
+    if task.supports("usual_columns"):
+        settled.update(_usual_columns(df, data_cfg, task, "audio" if task.modality == "audio" else "image"))
+    for key, value in settled.items():
+        setattr(data_cfg, key, value)
+    root = _media_root(df, task.media_column(data_cfg)) if data_cfg.media_root is None else None
+    if root is not None:
+        settled["media_root"] = data_cfg.media_root = df.attrs["media_root"] = root
+    return settled
+
+
+def _usual_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task], media: str) -> dict[str, Any]:
+    """``settle_columns``' columns (and class names) of a task that reads tables."""
+    settled: dict[str, Any] = {}
     attr = f"{media}_column"
     if (media == "audio" or data_cfg.text_column not in df.columns) and _unset(data_cfg, attr, df) \
             and usual_input(df, media):  # (a text table's column of pictures is not its input)
@@ -131,11 +142,6 @@ def settle_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> dict[st
         names = label_names_beside(df, settled.get("label_column", data_cfg.label_column))
         if names:
             settled["label_names"] = names
-    for key, value in settled.items():
-        setattr(data_cfg, key, value)
-    root = _media_root(df, getattr(data_cfg, attr)) if data_cfg.media_root is None else None
-    if root is not None:
-        settled["media_root"] = data_cfg.media_root = df.attrs["media_root"] = root
     return settled
 
 

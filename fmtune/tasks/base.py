@@ -137,6 +137,12 @@ class Task:
         return data_cfg.label_column
 
     @classmethod
+    def media_column(cls, data_cfg: Any) -> str:
+        """The column of a training frame holding image / audio paths as its table writes them (relative ones not
+        beside the table are looked for near it: ``prepare.settle_columns``, data.media_root)."""
+        return data_cfg.audio_column if cls.modality == "audio" else data_cfg.image_column
+
+    @classmethod
     def require_targets(cls, df: pd.DataFrame, data_cfg: Any) -> None:
         """A DataError naming what is missing when ``df`` (labelled data) has no targets."""
         from fmtune.data.readers import require_column, text_columns

@@ -113,6 +113,8 @@ def _speech_rows(df: pd.DataFrame, data_cfg: Any, with_targets: bool, p: Path) -
     out["line"] = [int(i) + 1 for i in df.index]
     out.attrs["source"] = str(p)
     out.attrs["audio_column"] = audio_col
+    if df.attrs.get("media_root"):  # (data.media_root: where the table's relative paths are)
+        out.attrs["media_root"] = df.attrs["media_root"]
     return out
 
 
@@ -536,6 +538,10 @@ class SpeechRecognition(Task):
     def sample(self, ds: SpeechData, n: int | None = None) -> list[int]:
         """A fixed, seeded sample of clips with a transcript (the same at every evaluation)."""
         return fixed_sample(ds.references, self.settings.samples if n is None else n)
+
+    @classmethod
+    def media_column(cls, data_cfg: Any) -> str:
+        return "audio"  # (``read_speech``'s column, whichever the table's is)
 
     def input_column(self, df: pd.DataFrame, default: str) -> str:
         """The audio column of a table to transcribe: ``data.audio_column``, else a usual name
