@@ -312,6 +312,35 @@ def test_common_voice_tables_read_their_clips_from_the_folder_beside_them(tiny_a
     assert len(predicted) == 12 and ("error" not in predicted or predicted["error"].isna().all())
 
 
+def test_an_ljspeech_folder_reads_its_pipe_separated_metadata(tiny_asr, tone_speech, tmp_path):
+    """LJSpeech as it ships: metadata.csv without a header, ID|transcript|normalised transcript (commas inside),
+    clips in wavs/. The normalised transcript is read; the folder or the file trains."""
+    import fmtune
+    from fmtune import config as config_mod
+    from fmtune.tasks.speech import read_speech
+
+    src = pd.read_csv(tone_speech["train"]).head(8)
+    root = tmp_path / "LJSpeech-1.1"
+    (root / "wavs").mkdir(parents=True)
+    lines = []
+    for k, row in enumerate(src.itertuples()):
+        clip = f"LJ001-{k + 1:04d}"
+        (root / "wavs" / f"{clip}.wav").write_bytes((tone_speech["train"].parent / row.audio).read_bytes())
+        lines.append(f"{clip}|{row.text}, 2 times|{row.text}, two times")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    data = config_mod.from_dict(_cfg(tiny_asr, tone_speech, tmp_path)).data
+    for where in (root, root / "metadata.csv"):
+        df = read_speech(where, data)
+        assert df["text"].tolist() == [f"{t}, two times" for t in src["text"]]
+        assert df["audio"].tolist() == [str(root / "wavs" / f"LJ001-{k + 1:04d}.wav") for k in range(8)]
+    s = fmtune.train(_cfg(tiny_asr, {**tone_speech, "train": root}, tmp_path / "run",
+                          train={"max_steps": 2, "batch_size": 4}, data={"test": None}), quiet=True)
+    assert s["best"] is not None
+    (root / "metadata.csv").write_text(lines[0] + "\nLJ001-0099|Low|Low\n")
+    with pytest.raises(DataError, match=r"metadata.csv: line 2: no audio file LJ001-0099.wav"):
+        read_speech(root, data)
+
+
 def test_a_librispeech_folder_reads_its_transcript_files(tiny_asr, tone_speech, tmp_path):
     """LibriSpeech's layout: SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt lines 'CLIP-ID TRANSCRIPT', each clip a
     .flac beside it; a run trains on the folder as it is. Errors name the transcript file and line."""

@@ -75,6 +75,32 @@ def _read_transcript_files(folder: Path, files: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _read_ljspeech(meta: Path) -> pd.DataFrame | None:
+    """LJSpeech's layout: metadata.csv without a header, lines ``CLIP-ID|TRANSCRIPT|NORMALISED TRANSCRIPT`` (the
+    normalised one, numbers written as words, is read where given), each clip ``wavs/CLIP-ID.wav``; None for a
+    file not so laid out. Errors name the file and line."""
+    if meta.suffix.lower() != ".csv":
+        return None
+    with meta.open(encoding="utf-8", errors="replace") as fh:
+        first = fh.readline().split("|")
+    if len(first) < 2 or first[0].strip().lower() in AUDIO_COLUMNS + ("id",):  # (a header: a table)
+        return None
+    rows = []
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [x.strip() for x in line.split("|")]
+        text = parts[2] if len(parts) > 2 and parts[2] else parts[1] if len(parts) > 1 else ""
+        if not text:
+            raise DataError(f"{meta}: line {n}: expected 'CLIP-ID|TRANSCRIPT' (LJSpeech's metadata.csv)")
+        found = (meta.parent / d / f"{parts[0]}{x}" for d in ("wavs", ".") for x in sorted(AUDIO_SUFFIXES))
+        audio = next((f for f in found if f.is_file()), None)
+        if audio is None:
+            raise DataError(f"{meta}: line {n}: no audio file {parts[0]}.wav in {meta.parent / 'wavs'} (or beside it)")
+        rows.append({"file_name": str(audio), "text": text})
+    return pd.DataFrame(rows) if rows else None
+
+
 def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.DataFrame:
     """Rows of ``audio`` (a path as written) and ``text`` (the transcript; None without targets),
     ``line`` (the row in the file), with the table's path in ``attrs['source']``."""
@@ -91,6 +117,10 @@ def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> p
             df.attrs["source"] = str(p)
             return _speech_rows(df, data_cfg, with_targets, p)
         p = meta
+    lj = _read_ljspeech(p) if p.is_file() else None
+    if lj is not None:
+        lj.attrs["source"] = str(p)
+        return _speech_rows(lj, data_cfg, with_targets, p)
     df = read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg)
     if df.empty:
         raise DataError(f"{p}: no rows")
