@@ -87,7 +87,8 @@ class DataConfig:
     label_columns: str | None = _f(None, "multilabel: labels held as one 0/1 column each (comma-separated names, e.g. "
                                    "toxic,obscene,insult, as Jigsaw's and GoEmotions' CSVs have them): a row has the "
                                    "labels whose column is 1 (or true); the columns are not read as text")
-    mask_column: str = _f("mask", "segmentation: column holding mask PNG paths (relative to the file) in a table")
+    mask_column: str = _f("mask", "segmentation: column holding mask PNG paths (relative to the file) in a table (a "
+                          "table without 'mask': its other column of images, e.g. scene_parse_150's annotation)")
     image_root: str | None = _f(None, "detection: the folder COCO file_names are relative to (default: the JSON "
                                 "file's folder)")
     media_root: str | None = _f(None, "the folder that relative image / audio paths in a table are read from "
@@ -113,10 +114,10 @@ class DataConfig:
     encoding: str = _f("utf-8", "text encoding of CSV/JSONL files (e.g. latin-1)")
     format: Literal["auto", "conll", "jsonl", "table"] = _f(
         "auto", "ner: how the files are read: auto (by suffix: .jsonl/.json are JSONL or a JSON array, "
-        ".conll/.bio/.txt CoNLL, .csv a table, .tsv a table if its header names a word and a sentence column, else "
-        "CoNLL, .parquet Parquet), conll (word and tag per line), jsonl ({tokens, tags or ner_tags} or {text, "
-        "entities} per line), table (one word a row: word, sentence and tag columns, e.g. Kaggle's Sentence #, Word, "
-        "Tag)")
+        ".conll/.bio/.txt CoNLL, a .csv / .tsv whose header names a word and a sentence column a table (a .tsv "
+        "otherwise CoNLL), .parquet Parquet), conll (word and tag per line), jsonl ({tokens, tags or ner_tags} or "
+        "{text, entities} per line), table (one word a row: word, sentence and tag columns, e.g. Kaggle's Sentence #, "
+        "Word, Tag)")
     val_fraction: float = _f(0.1, "share of training rows split off as validation when no val set is given")
     min_val_per_class: int = _f(5, "classification: when the split would leave fewer validation rows than this of "
                                 "the median class (and per label on average), none is split off: every row trains, "

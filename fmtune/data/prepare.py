@@ -170,7 +170,7 @@ def columns_of(df: pd.DataFrame, data_cfg: Any, task: type[Task] | Task, kind: s
     return dataclasses.replace(data_cfg, **changes) if changes else data_cfg
 
 
-def columns_read_line(settled: dict[str, str]) -> str:
+def columns_read_line(settled: dict[str, Any]) -> str:
     """``settle_columns``' choices as the line said before training."""
     said = [f"data.{k}={v}" if isinstance(v, str) else
             f"data.{k}={','.join(v[:5])}{' ...' if len(v) > 5 else ''} (from the column beside the ids)"
