@@ -41,8 +41,8 @@ from fmtune.data.prepare import (
 from fmtune.data.readers import (
     CONLL_PREDICT_SUFFIXES,
     count_rows,
-    dataset_dict_splits,
     embedded,
+    held_out_test,
     iter_chunks,
     media_cell,
     media_templates,
@@ -868,7 +868,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
     source = data or cfg.data.test
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")
-    source = dataset_dict_splits(Path(source)).get("test", source)  # a saved DatasetDict: its test split
+    source = held_out_test(Path(source)) or source  # a saved DatasetDict's or a folder of splits' test split
     if opened.task.level == "lm":  # a model that generates: scored on its answers (fmtune.generation)
         from fmtune import generation
 
@@ -1014,7 +1014,7 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     if output is not None and str(output) != "-":
         paths.check(output, "output-file", "-o")
     pred = Predictor(run, batch_size, precision=precision)
-    inputs = dataset_dict_splits(inputs).get("test", inputs)  # a saved DatasetDict: its test split
+    inputs = held_out_test(inputs) or inputs  # a saved DatasetDict's or a folder of splits' test split
     inputs = saved_dataset(inputs) or pred.task.predict_source(inputs)  # (a dataset saved to disk: its Parquet)
     if save_images is not None:
         pred.task.require("save_images", "--save-images")

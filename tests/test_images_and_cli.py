@@ -104,6 +104,27 @@ def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path, image_
     assert max(moved) > 1e-3  # (read as stored, the predictions differ)
 
 
+def test_a_folder_of_split_folders_trains_on_train_and_tests_on_test(tmp_path, image_dirs, tiny_vit):
+    """Kaggle's and the imagefolder layout: data/train/<class>/..., data/test/<class>/... given as one folder trains on
+    train/ and tests on test/ (they were read as two classes, 'train' and 'test'); evaluate and predict read test/."""
+    import shutil
+
+    for split in ("train", "test"):
+        shutil.copytree(image_dirs[split], tmp_path / "data" / split)
+    with pytest.warns(UserWarning, match=r"ships its held-out splits: data.train = .*train; data.test = .*test"):
+        s = fmtune.train(cfg_dict(tiny_vit, tmp_path / "data", out=str(tmp_path / "run"), model={"image_size": 32},
+                                  train={"epochs": 1, "batch_size": 8}), quiet=True)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["bottom", "top"]
+    assert s["eval"]["test"]["accuracy"] == fmtune.evaluate(tmp_path / "run", tmp_path / "data",
+                                                            quiet=True)["test"]["accuracy"]
+    assert len(fmtune.predict(tmp_path / "run", tmp_path / "data", quiet=True)) == 20  # test/'s images
+    (tmp_path / "data" / "cats").mkdir()  # a sub-folder that is no split: then they are classes, as before
+    (tmp_path / "data" / "train" / "top" / "0.png").rename(tmp_path / "data" / "cats" / "0.png")
+    from fmtune.data.readers import split_folders
+
+    assert split_folders(tmp_path / "data") == {}
+
+
 def test_image_paths_built_from_other_columns(tmp_path, image_dirs, tiny_vit):
     """Kaggle's layout: an id column, the images named {id}.png in a folder. data.image_column takes the template;
     a name in it that is not a column is an error naming the columns."""

@@ -184,6 +184,17 @@ def test_training_on_coco_files_names_the_classes(scenes, tiny_resnet, tmp_path)
     assert api.evaluate(tmp_path / "run", other, quiet=True)["test"] == pytest.approx(ev["test"])
 
 
+def test_a_folder_of_split_folders_is_its_splits(scenes, tiny_resnet, tmp_path):
+    """fmtune datasets --export's layout (train/, val/, test/, each images/ + masks/) given as one folder."""
+    root = scenes["train"].parent
+    cfg = seg_cfg(tiny_resnet, scenes, tmp_path / "run", epochs=1)
+    cfg["data"] = {"train": str(root)}
+    with pytest.warns(UserWarning, match="ships its held-out splits"):
+        s = api.train(cfg, quiet=True)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert (info["train"]["rows"], info["val"]["rows"]) == (48, 12) and 0 <= s["eval"]["test"]["miou"] <= 1
+
+
 def test_folder_pairs_and_table_read_the_same(scenes, tmp_path):
     from fmtune.config import DataConfig
 

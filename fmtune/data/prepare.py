@@ -20,6 +20,7 @@ from fmtune.data.readers import (
     media_path_columns,
     require_column,
     require_text_column,
+    split_folders,
     split_lists,
     table_base,
     usual_columns,
@@ -203,14 +204,15 @@ def split_lists_unset(data_cfg: Any, task_type: str) -> dict[str, str]:
     class folder given as training data, for a task that reads them, where data.val / data.test are unset:
     {"val": path, "test": path}. Training then validates and tests on the speakers the folder holds out. A
     DatasetDict saved to disk gives its splits the same way: {"train": its train split, "val", "test"}; and so do the
-    splits a task reads from the training file itself (``Task.splits_of``: a YOLO dataset YAML's val and test)."""
+    splits a task reads from the training file itself (``Task.splits_of``: a YOLO dataset YAML's val and test), and a
+    folder whose sub-folders are its splits (``readers.split_folders``: train/, val/, test/)."""
     train = Path(data_cfg.train) if data_cfg.train else None
     if train is not None and train.is_file():
         return {k: p for k, p in task_class(task_type).splits_of(train).items() if getattr(data_cfg, k) is None}
     if train is None or not train.is_dir():
         return {}
-    saved = dataset_dict_splits(train)  # a Hugging Face DatasetDict saved to disk: its train split trains
-    if saved:
+    saved = dataset_dict_splits(train) or split_folders(train)  # a DatasetDict saved to disk, or folders of splits:
+    if saved:  # the train split trains
         return {k: str(p) for k, p in saved.items() if k == "train" or getattr(data_cfg, k) is None}
     if not task_class(task_type).supports("split_lists"):
         return {}

@@ -621,6 +621,27 @@ def _parquet_chunks(path: Path, chunk_rows: int):
 DICT_SPLITS = {"val": ("validation", "valid", "dev", "val"), "test": ("test",)}  # a DatasetDict's held-out splits
 
 
+# a dataset folder whose sub-folders are its splits (Kaggle's and the imagefolder layout: train/ beside val/, test/)
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("validation", "valid", "val", "dev"),
+                 "test": ("test", "testing")}
+
+
+def split_folders(folder: Path) -> dict[str, Path]:
+    """The splits of a folder whose sub-folders are splits (``SPLIT_FOLDERS``: train/ beside val/ or test/, each laid
+    out as the task reads a folder: class sub-folders, images/ + masks/ ...), as {"train": path, "val": path,
+    "test": path} where it has them; {} where it has no train/ or another sub-folder beside them (then they may
+    be classes)."""
+    if not folder.is_dir():
+        return {}
+    subs = {p.name.lower(): p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    known = {n for names in SPLIT_FOLDERS.values() for n in names}
+    if not subs or set(subs) - known:
+        return {}
+    out = {key: next(subs[n] for n in names if n in subs) for key, names in SPLIT_FOLDERS.items()
+           if any(n in subs for n in names)}
+    return out if "train" in out else {}
+
+
 def dataset_dict_splits(folder: Path) -> dict[str, Path]:
     """The splits of a ``DatasetDict.save_to_disk`` folder (``dataset_dict.json``), as {"train": path, "val": path,
     "test": path} where it has them; {} for any other path."""
@@ -634,6 +655,12 @@ def dataset_dict_splits(folder: Path) -> dict[str, Path]:
         if found:
             out[key] = folder / found
     return out
+
+
+def held_out_test(path: Path) -> Path | None:
+    """The test split of a saved DatasetDict or of a folder of splits (what evaluate and predict read of it), else
+    None."""
+    return (dataset_dict_splits(path) or split_folders(path)).get("test")
 
 
 def saved_dataset(path: str | Path) -> Path | None:
