@@ -118,6 +118,11 @@ def test_a_folder_of_split_folders_trains_on_train_and_tests_on_test(tmp_path, i
     assert s["eval"]["test"]["accuracy"] == fmtune.evaluate(tmp_path / "run", tmp_path / "data",
                                                             quiet=True)["test"]["accuracy"]
     assert len(fmtune.predict(tmp_path / "run", tmp_path / "data", quiet=True)) == 20  # test/'s images
+    from fmtune.data.readers import read_image_folder
+
+    with pytest.raises(DataError, match=r"data: its sub-folders are splits \(train, test\), not classes: give .*"
+                                        r"data/train"):
+        read_image_folder(tmp_path / "data")  # (what reads a class folder elsewhere: fmtune transfer, select ...)
     (tmp_path / "data" / "cats").mkdir()  # a sub-folder that is no split: then they are classes, as before
     (tmp_path / "data" / "train" / "top" / "0.png").rename(tmp_path / "data" / "cats" / "0.png")
     from fmtune.data.readers import split_folders

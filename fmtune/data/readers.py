@@ -193,6 +193,10 @@ def read_class_folder(path: Path, suffixes: set[str], column: str = "image", exa
     With ``split_lists_held_out`` (a task that reads them: audio classification), the files a split list of the
     folder names (``SPLIT_LISTS``) are left out too, said in a warning: they are its held-out splits, read through
     the lists."""
+    splits = split_folders(path)
+    if splits:  # (fmtune train, evaluate and predict read them as splits: prepare.split_lists_unset, held_out_test)
+        raise DataError(f"{path}: its sub-folders are splits ({', '.join(p.name for p in splits.values())}), not "
+                        f"classes: give {splits['train']} (its class sub-folders) here")
     rows = []
     subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     aside = [p.name for p in subs if p.name.startswith("_")]
