@@ -221,6 +221,11 @@ def test_boxes_of_turned_photos_are_where_they_are_shown(tmp_path, monkeypatch):
         x0, y0, x1, y1 = ds.targets[0, 0, 1:5].round().int().tolist()
         inside = ds.raw([0])[0][:, y0:y1, x0:x1].float()
         assert ds.sizes == [(60, 30)] and inside[0].mean() > 150 and inside[1].mean() < 100, eager
+    from fmtune.training.cache import content_key
+
+    upright = ds.with_augment(0)
+    upright.stored = frozenset()  # the same files read upright: other pixels, another feature cache entry
+    assert content_key("m", "train", ds, "mean") != content_key("m", "train", upright, "mean")
 
 
 def test_yolo_polygon_labels_image_lists_and_split_lists_read_the_same_boxes(boxes_data, tmp_path):
