@@ -339,6 +339,9 @@ def test_an_ljspeech_folder_reads_its_pipe_separated_metadata(tiny_asr, tone_spe
     (root / "metadata.csv").write_text(lines[0] + "\nLJ001-0099|Low|Low\n")
     with pytest.raises(DataError, match=r"metadata.csv: line 2: no audio file LJ001-0099.wav"):
         read_speech(root, data)
+    (root / "metadata.csv").write_text("wav|transcript\nwavs/LJ001-0001.wav|Low\n")  # a table with a header
+    with pytest.raises(DataError, match=r"metadata.csv: no audio path column \(looked for audio, file_name"):
+        read_speech(root, data)
 
 
 def test_a_librispeech_folder_reads_its_transcript_files(tiny_asr, tone_speech, tmp_path):

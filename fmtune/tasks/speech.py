@@ -79,11 +79,15 @@ def _read_ljspeech(meta: Path) -> pd.DataFrame | None:
     """LJSpeech's layout: metadata.csv without a header, lines ``CLIP-ID|TRANSCRIPT|NORMALISED TRANSCRIPT`` (the
     normalised one, numbers written as words, is read where given), each clip ``wavs/CLIP-ID.wav``; None for a
     file not so laid out. Errors name the file and line."""
+    def clip(name: str) -> Path | None:
+        found = (meta.parent / d / f"{name}{x}" for d in ("wavs", ".") for x in sorted(AUDIO_SUFFIXES))
+        return next((f for f in found if f.is_file()), None)
+
     if meta.suffix.lower() != ".csv":
         return None
     with meta.open(encoding="utf-8", errors="replace") as fh:
         first = fh.readline().split("|")
-    if len(first) < 2 or first[0].strip().lower() in AUDIO_COLUMNS + ("id",):  # (a header: a table)
+    if len(first) < 2 or clip(first[0].strip()) is None:  # (a header, or not clip ids: a table)
         return None
     rows = []
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
@@ -93,8 +97,7 @@ def _read_ljspeech(meta: Path) -> pd.DataFrame | None:
         text = parts[2] if len(parts) > 2 and parts[2] else parts[1] if len(parts) > 1 else ""
         if not text:
             raise DataError(f"{meta}: line {n}: expected 'CLIP-ID|TRANSCRIPT' (LJSpeech's metadata.csv)")
-        found = (meta.parent / d / f"{parts[0]}{x}" for d in ("wavs", ".") for x in sorted(AUDIO_SUFFIXES))
-        audio = next((f for f in found if f.is_file()), None)
+        audio = clip(parts[0])
         if audio is None:
             raise DataError(f"{meta}: line {n}: no audio file {parts[0]}.wav in {meta.parent / 'wavs'} (or beside it)")
         rows.append({"file_name": str(audio), "text": text})
