@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, stored_warning, upright_size
-from fmtune.data.masks import open_image
+from fmtune.data.masks import as_annotated, open_image
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
     class_label_names,
@@ -493,7 +493,6 @@ class BoxData(ImageData):
                  sizes: list[tuple[int, int]], spec: dict[str, Any], names: list[str], augment_seed: int | None = None):
         super().__init__(images, targets, spec)
         self.scales, self.sizes, self.names, self.augment_seed = scales, sizes, names, augment_seed
-        self.stored: frozenset[Any] = frozenset()  # turned photos whose boxes fit their pixels as stored
 
     def decode(self, path: str) -> torch.Tensor:
         return letterbox(open_image(path, upright=path not in self.stored), self.spec["size"])[0]
@@ -533,12 +532,12 @@ def box_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], classes: li
         w, h = img.size
         said = (_size(df["width"].iloc[r]), _size(df["height"].iloc[r])) if with_targets else (0.0, 0.0)
         said = said if all(said) else None  # (no size given)
-        if said is not None and _near(said, (h, w)) and not _near(said, (w, h)):  # a turned photo's annotation
-            as_stored = open_image(df[column].iloc[r], f"{df.attrs.get('source')}: ", upright=False)
-            if _near(said, as_stored.size):  # drawn on its pixels as stored
-                img, (w, h) = as_stored, as_stored.size
+        if said is not None:
+            img, as_stored = as_annotated(df[column].iloc[r], img, said, f"{df.attrs.get('source')}: ", tolerance=1)
+            if as_stored:
+                w, h = img.size
                 stored.add(cells[r])
-        if said is not None and not _near(said, (w, h)):
+        if said is not None and (abs(said[0] - w) > 1 or abs(said[1] - h) > 1):
             raise DataError(f"{df.attrs.get('source')}: {path} is {w}x{h} but its annotation says "
                             f"{int(df['width'].iloc[r])}x{int(df['height'].iloc[r])}")
         tensor, scale, _ = letterbox(img, size)
@@ -571,7 +570,3 @@ def _size(v: Any) -> float:
         return 0.0
     return f if f > 0 else 0.0
 
-
-def _near(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Two (width, height) the same within a pixel."""
-    return abs(a[0] - b[0]) <= 1 and abs(a[1] - b[1]) <= 1

@@ -104,6 +104,7 @@ class ImageData(torch.utils.data.Dataset):
         self.mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
         self.lengths = None
+        self.stored: frozenset[Any] = frozenset()  # turned photos read as stored: their annotations fit those pixels
 
     def __len__(self) -> int:
         return len(self.images)

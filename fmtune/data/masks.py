@@ -352,6 +352,21 @@ def open_image(path: Any, where: str = "", upright: bool = True) -> Image.Image:
         raise DataError(f"{where}{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
+def as_annotated(cell: Any, img: Image.Image, size: tuple[float, float], where: str = "",
+                 tolerance: float = 0) -> tuple[Image.Image, bool]:
+    """A photo opened upright (``img``, from ``cell``) as its annotation sizes it (``size``: width, height, within
+    ``tolerance`` pixels): where that is the size of its pixels as stored and not as shown (a turned photo drawn on
+    by a tool that did not turn it), the photo opened as stored and True; else ``img`` and False."""
+    def near(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return abs(a[0] - b[0]) <= tolerance and abs(a[1] - b[1]) <= tolerance
+
+    w, h = img.size
+    if not near(size, (h, w)) or near(size, (w, h)):
+        return img, False
+    stored = open_image(cell, where, upright=False)
+    return (stored, True) if near(size, stored.size) else (img, False)
+
+
 def resize_image(img: Image.Image, size: int) -> torch.Tensor:
     """uint8 (3, size, size): the whole image, resized (no crop: every pixel is predicted)."""
     img = img.resize((size, size), Image.BILINEAR)
@@ -388,7 +403,6 @@ class SegData(ImageData):
                  spec: dict[str, Any], names: list[str], augment_seed: int | None = None):
         super().__init__(images, masks, spec)
         self.sizes, self.names, self.augment_seed = sizes, names, augment_seed
-        self.stored: frozenset[Any] = frozenset()  # turned photos whose masks fit their pixels as stored
 
     def decode(self, path: str) -> torch.Tensor:
         return resize_image(open_image(path, upright=path not in self.stored), self.spec["size"])
@@ -453,11 +467,9 @@ def seg_dataset(df: pd.DataFrame, column: str, mask_column: str | None, spec: di
                 raise DataError(f"{where}{path}: no mask given for this image")
             m = read_mask(mask_cells[i])
             mask_name = _opened_cell(mask_cells[i])[1]
-            if (m.shape[0], m.shape[1]) == img.size and img.size[0] != img.size[1]:  # a turned photo's mask
-                as_stored = open_image(cell, where, upright=False)
-                if as_stored.size == (m.shape[1], m.shape[0]):  # drawn on its pixels as stored
-                    img = as_stored
-                    stored.add(cell)
+            img, as_stored = as_annotated(cell, img, (m.shape[1], m.shape[0]), where)
+            if as_stored:
+                stored.add(cell)
             if (m.shape[1], m.shape[0]) != img.size:
                 raise DataError(f"{where}{mask_name}: mask is {m.shape[1]}x{m.shape[0]} but its image {path} is "
                                 f"{img.size[0]}x{img.size[1]}; a mask must have its image's size")

@@ -127,23 +127,32 @@ def _usual_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task], media: str
     """``settle_columns``' columns (and class names) of a task that reads tables."""
     settled: dict[str, Any] = {}
     attr = f"{media}_column"
-    if (media == "audio" or data_cfg.text_column not in df.columns) and _unset(data_cfg, attr, df) \
-            and usual_input(df, media):  # (a text table's column of pictures is not its input)
-        settled[attr] = usual_input(df, media)
+    if (media == "audio" or data_cfg.text_column not in df.columns) and _unset(data_cfg, attr, df):
+        found = usual_input(df, media)  # (a text table's column of pictures is not its input)
+        if found:
+            settled[attr] = found
     tabular_text = data_cfg.text_columns or data_cfg.text_template  # (the label is named, not guessed: never text)
     if media == "image" and attr not in settled and data_cfg.image_column not in df.columns and not tabular_text \
-            and _unset(data_cfg, "text_column", df) and usual_input(df, "text"):
-        settled["text_column"] = usual_input(df, "text")
+            and _unset(data_cfg, "text_column", df):
+        found = usual_input(df, "text")
+        if found:
+            settled["text_column"] = found
     if not (data_cfg.label_columns or tabular_text) and _unset(data_cfg, "label_column", df):
-        inputs = {settled.get(a, getattr(data_cfg, a)) for a in ("text_column", attr)}
-        found = [c for c in usual_columns(df, task.usual_labels) if c not in inputs]
-        if len(found) == 1:
-            settled["label_column"] = found[0]
+        found = usual_label(df, task, {settled.get(a, getattr(data_cfg, a)) for a in ("text_column", attr)})
+        if found:
+            settled["label_column"] = found
     if task.hf_problem_type == "single_label_classification" and data_cfg.label_names is None:
         names = label_names_beside(df, settled.get("label_column", data_cfg.label_column))
         if names:
             settled["label_names"] = names
     return settled
+
+
+def usual_label(df: pd.DataFrame, task: type[Task] | Task, inputs: set[str]) -> str | None:
+    """The one column of ``df`` named as the task's labels go (``Task.usual_labels``) that is not one of ``inputs``,
+    else None (none, or more than one)."""
+    found = [c for c in usual_columns(df, task.usual_labels) if c not in inputs]
+    return found[0] if len(found) == 1 else None
 
 
 def usual_input(df: pd.DataFrame, kind: str) -> str | None:
@@ -162,12 +171,14 @@ def columns_of(df: pd.DataFrame, data_cfg: Any, task: type[Task] | Task, kind: s
     if not task.supports("usual_columns"):
         return data_cfg
     attr, changes = INPUT_COLUMNS[kind][0], {}
-    if getattr(data_cfg, attr) not in df.columns and usual_input(df, kind):
-        changes[attr] = usual_input(df, kind)
+    if getattr(data_cfg, attr) not in df.columns:
+        found = usual_input(df, kind)
+        if found:
+            changes[attr] = found
     if not data_cfg.label_columns and data_cfg.label_column not in df.columns:
-        found = [c for c in usual_columns(df, task.usual_labels) if c != changes.get(attr, getattr(data_cfg, attr))]
-        if len(found) == 1:
-            changes["label_column"] = found[0]
+        found = usual_label(df, task, {changes.get(attr, getattr(data_cfg, attr))})
+        if found:
+            changes["label_column"] = found
     return dataclasses.replace(data_cfg, **changes) if changes else data_cfg
 
 

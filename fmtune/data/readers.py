@@ -626,8 +626,7 @@ DICT_SPLITS = {"val": ("validation", "valid", "dev", "val"), "test": ("test",)} 
 
 
 # a dataset folder whose sub-folders are its splits (Kaggle's and the imagefolder layout: train/ beside val/, test/)
-SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("validation", "valid", "val", "dev"),
-                 "test": ("test", "testing")}
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": DICT_SPLITS["val"], "test": (*DICT_SPLITS["test"], "testing")}
 
 
 def split_folders(folder: Path) -> dict[str, Path]:

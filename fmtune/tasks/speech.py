@@ -65,8 +65,7 @@ def _read_transcript_files(folder: Path, files: list[Path]) -> pd.DataFrame:
             if not text.strip():
                 raise DataError(f"{f}: line {n}: no transcript after the clip id {clip!r} (each line is "
                                 "'CLIP-ID TRANSCRIPT')")
-            found = [f.parent / f"{clip}{suffix}" for suffix in sorted(AUDIO_SUFFIXES)]
-            audio = next((a for a in found if a.is_file()), None)
+            audio = _clip_file((f.parent,), clip)
             if audio is None:
                 raise DataError(f"{f}: line {n}: no audio file {clip}.flac (or another readable format) beside it")
             rows.append({"file_name": str(audio), "text": text.strip()})
@@ -75,19 +74,23 @@ def _read_transcript_files(folder: Path, files: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _clip_file(folders: tuple[Path, ...], clip: str) -> Path | None:
+    """The audio file of a clip id (``CLIP-ID.flac``, ``.wav`` or another readable format) in the first of
+    ``folders`` that holds one, else None."""
+    found = (d / f"{clip}{x}" for d in folders for x in sorted(AUDIO_SUFFIXES))
+    return next((f for f in found if f.is_file()), None)
+
+
 def _read_ljspeech(meta: Path) -> pd.DataFrame | None:
     """LJSpeech's layout: metadata.csv without a header, lines ``CLIP-ID|TRANSCRIPT|NORMALISED TRANSCRIPT`` (the
     normalised one, numbers written as words, is read where given), each clip ``wavs/CLIP-ID.wav``; None for a
     file not so laid out. Errors name the file and line."""
-    def clip(name: str) -> Path | None:
-        found = (meta.parent / d / f"{name}{x}" for d in ("wavs", ".") for x in sorted(AUDIO_SUFFIXES))
-        return next((f for f in found if f.is_file()), None)
-
+    folders = (meta.parent / "wavs", meta.parent)
     if meta.suffix.lower() != ".csv":
         return None
     with meta.open(encoding="utf-8", errors="replace") as fh:
         first = fh.readline().split("|")
-    if len(first) < 2 or clip(first[0].strip()) is None:  # (a header, or not clip ids: a table)
+    if len(first) < 2 or _clip_file(folders, first[0].strip()) is None:  # (a header, or not clip ids: a table)
         return None
     rows = []
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
@@ -97,7 +100,7 @@ def _read_ljspeech(meta: Path) -> pd.DataFrame | None:
         text = parts[2] if len(parts) > 2 and parts[2] else parts[1] if len(parts) > 1 else ""
         if not text:
             raise DataError(f"{meta}: line {n}: expected 'CLIP-ID|TRANSCRIPT' (LJSpeech's metadata.csv)")
-        audio = clip(parts[0])
+        audio = _clip_file(folders, parts[0])
         if audio is None:
             raise DataError(f"{meta}: line {n}: no audio file {parts[0]}.wav in {meta.parent / 'wavs'} (or beside it)")
         rows.append({"file_name": str(audio), "text": text})

@@ -288,9 +288,8 @@ def content_key(digest: str, split: Split, ds: Any, pooling: str, how: str = "")
         h.update(ds.images.numpy().tobytes())
     else:  # lazily decoded images: their paths, sizes and modification times (embedded ones: their bytes)
         h.update(json.dumps(ds.spec, sort_keys=True).encode())
-        stored = getattr(ds, "stored", frozenset())  # (turned photos read as stored: other pixels)
         for p in ds.images:
-            if p in stored:
+            if p in ds.stored:  # (a turned photo read as stored: other pixels)
                 h.update(b"stored|")
             if isinstance(p, bytes):
                 h.update(hashlib.sha256(p).digest())
