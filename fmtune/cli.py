@@ -443,11 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = verb("train", cmd_train, "fine-tune a model; writes a run directory", epilog=_config_epilog())
     t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     t.add_argument("--model", help=MODEL_HELP)
-    t.add_argument("--data", help="training data: CSV/JSONL/Parquet, or a folder of class sub-folders of images or "
+    t.add_argument("--data", help="training data: CSV/JSONL/Parquet (columns text and label, else the one column of "
+                   "a usual name: sentence, review ...; intent, category ...; said before training), or a folder of "
+                   "class sub-folders of images or "
                    "audio files (--task audio-classification; a table names the files in data.audio_column; a folder "
-                   "with Speech Commands' validation_list.txt / testing_list.txt is validated and tested on them); "
+                   "with Speech Commands' validation_list.txt / testing_list.txt is validated and tested on them), or "
+                   "a folder of train/, val/, test/ sub-folders (its splits); "
+                   "ner: CoNLL, JSONL, Parquet, or a CSV of one word a row (Sentence #, Word, Tag); "
                    "speech-recognition: a table of audio paths and transcripts, or a folder with metadata.csv "
-                   "(or LibriSpeech's *.trans.txt files); "
+                   "(or LibriSpeech's *.trans.txt files, or LJSpeech's metadata.csv and wavs/); "
                    "segmentation: a folder with images/ and masks/ (same names; or JPEGImages/ + "
                    "SegmentationClass/), or a table of image and mask paths (data.image_column, data.mask_column); "
                    "detection: a COCO JSON file, a YOLO dataset YAML (or images/ folder with labels/ beside it), or "
