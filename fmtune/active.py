@@ -105,11 +105,11 @@ def select(run: str | Path, pool: str | Path, n: int, *, strategy: str = "mix", 
         raise ConfigError(f"fmtune select ranks texts; {run} reads {pred.kind}s")
     if n < 1:
         raise ConfigError("-n: choose at least one row")
-    df = read_data(pool, task, cfg.data)
+    df = read_data(pool, task, cfg.data, split=None)
     emb, probs = pred.embed(_texts(df, cfg.data, str(pool)))
     labelled = None
     if strategy in ("kcenter", "mix") and cfg.data.train:
-        train = read_data(cfg.data.train, task, cfg.data)
+        train = read_data(cfg.data.train, task, cfg.data, split="train")
         labelled, _ = pred.embed(_texts(train, cfg.data, str(cfg.data.train)))
     order = rank(strategy, emb, probs, n, labelled, seed)
     out = df.iloc[order].copy()
@@ -142,7 +142,7 @@ def simulate(cfg: Any, pool: str | Path, test: str | Path, out: str | Path, *, s
     check_output_dir(out, "active.json")
     (out / "data").mkdir(parents=True, exist_ok=True)
     task = task_class(cfg.task.type)
-    df = read_data(pool, task, cfg.data)
+    df = read_data(pool, task, cfg.data, split="train")
     require_column(df, cfg.data.label_column, "label", "data.label_column")
     _texts(df, cfg.data, str(pool))
     bad = [s for s in strategies if s not in STRATEGIES]

@@ -508,7 +508,8 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
         build.load_weights(bundle, run_dir / "model")
         summary["eval"] = _evaluate_run(OpenRun(run_dir, cfg, task, bundle), data["test"],
                                         cfg.train.baseline and task.probe_baseline, quiet, source=cfg.data.test,
-                                        train_ds=data["train"], val_ds=None if frames.val_is_train else data["val"])
+                                        train_ds=data["train"], val_ds=None if frames.val_is_train else data["val"],
+                                        split_column=frames.test.attrs.get("split_column"))
     test = summary.get("eval", {}).get("test", {})
     _log_hparams(run_dir, cfg, result, test)
     for t in tracked:
@@ -803,15 +804,18 @@ def _thresholds_chosen(task: Any) -> bool:
 
 
 def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: Any, train_ds: Any = None,
-                  val_ds: Any = None, precision: str | None = None) -> dict:
+                  val_ds: Any = None, precision: str | None = None, split_column: str | None = None) -> dict:
     """The run's model scored on ``ds`` in the precision it predicts in (``precision``, default the run's
-    train.precision: ``hardware.inference_autocast``), so that eval.json says what fmtune predict gives."""
+    train.precision: ``hardware.inference_autocast``), so that eval.json says what fmtune predict gives.
+    ``split_column``: ``source``'s column that marked the rows of ``ds`` test."""
     cfg, task = run.config, run.task
     dtype = hardware.inference_autocast(precision or cfg.train.precision, model_device(run.bundle.model).type)
     with ui.CountProgress("evaluate", len(ds), quiet) as bar:
         logits, targets = infer(run.bundle.model, ds, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
     result: dict[str, Any] = {"test": task.metrics(logits, targets), "n_test": _rows(ds), "data": str(source),
                               "precision": hardware.precision_name(dtype)}
+    if split_column:
+        result["data_rows"] = f"the rows its {split_column!r} column marks test"
     result["test"].pop("loss", None)
     report = task.text_report(logits, targets)
     (run.dir / "classification_report.txt").write_text(report)
@@ -842,7 +846,8 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
         result["baseline_method"] = method
     write_json(run.dir / EVAL_FILE, result)
     if not quiet:
-        ui.console.print(f"\n[bold]test[/] ({_rows(ds)} examples, {source})\n{report}")
+        rows = f": {result['data_rows']}" if split_column else ""
+        ui.console.print(f"\n[bold]test[/] ({_rows(ds)} examples, {source}{rows})\n{report}")
         if png:
             ui.console.print(f"confusion matrix: {png}")
         print_comparison(result)
@@ -877,7 +882,8 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
     data_cfg = columns_of(df, cfg.data, opened.task, opened.bundle.kind)  # (a table of another layout than training's)
     ds, _ = make_dataset(df, opened.bundle, opened.task, data_cfg, allow_unknown=cfg.data.unknown_labels == "unknown")
     opened.bundle.model.to(hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device)
-    return _evaluate_run(opened, ds, baseline, quiet, source, precision=precision)
+    return _evaluate_run(opened, ds, baseline, quiet, source, precision=precision,
+                         split_column=df.attrs.get("split_column"))
 
 
 PREDICT_CHUNK_ROWS = 1024

@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "class sub-folders of images or "
                    "audio files (--task audio-classification; a table names the files in data.audio_column; a folder "
                    "with Speech Commands' validation_list.txt / testing_list.txt is validated and tested on them), or "
-                   "a folder of train/, val/, test/ sub-folders (its splits); "
+                   "a folder of train/, val/, test/ sub-folders (its splits); a table with a 'split' column "
+                   "(train / validation / test) trains, validates and tests on its rows of each; "
                    "ner: CoNLL, JSONL, Parquet, or a CSV of one word a row (Sentence #, Word, Tag); "
                    "speech-recognition: a table of audio paths and transcripts, or a folder with metadata.csv "
                    "(or LibriSpeech's *.trans.txt files, or LJSpeech's metadata.csv and wavs/); "
@@ -456,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "SegmentationClass/), or a table of image and mask paths (data.image_column, data.mask_column); "
                    "detection: a COCO JSON file, a YOLO dataset YAML (or images/ folder with labels/ beside it), or "
                    "a Pascal VOC folder (Annotations/, JPEGImages/)")
-    t.add_argument("--val", help="validation data (default: split off --data, or the folder's validation_list.txt)")
+    t.add_argument("--val", help="validation data (default: split off --data, or the folder's validation_list.txt, "
+                   "or the table's rows its split column marks validation)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")
     t.add_argument("--task", help="what to predict: classification (default), multilabel, regression, ner, "
                    "generation, audio-classification, speech-recognition, segmentation ... (`fmtune tasks` lists "

@@ -66,6 +66,10 @@ class DataConfig:
     train: str | None = _f(None, "training data: CSV/JSONL/Parquet file, or a folder of class sub-folders")
     val: str | None = _f(None, "validation data (default: split off the training data)")
     test: str | None = _f(None, "test data, evaluated with the best checkpoint at the end")
+    split_column: str = _f("auto", "a column naming each row's split (train / validation / test): of a training "
+                           "table, the rows of validation and test validate and test where --val / --test are not "
+                           "given, and evaluation reads a table's test rows. auto: a column named split, set, subset "
+                           "or partition whose every value names a split; none: no such column")
     text_column: str = _f("text", "column holding the text (a table without 'text': its one column of a usual name, "
                           "sentence, review, content, tweet ...)")
     text_pair_column: str | None = _f(None, "sentence pairs (entailment, paraphrase, question and answer): the "

@@ -29,7 +29,7 @@ from torch import nn
 
 from fmtune import ui
 from fmtune.data.dataset import model_texts
-from fmtune.data.prepare import make_dataset
+from fmtune.data.prepare import make_dataset, read_data
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
     TABLE_SUFFIXES,
@@ -283,12 +283,13 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
     return items
 
 
-def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool) -> list[dict[str, Any]]:
-    """The ``n`` most confident wrong predictions on ``data`` (a labelled file)."""
+def mistakes(pred: Predictor, data: str | Path, n: int, quiet: bool, split: str = "test") -> list[dict[str, Any]]:
+    """The ``n`` most confident wrong predictions on ``data`` (a labelled file; of a table whose column names each
+    row's split, its ``split`` rows)."""
     if not pred.task.supports("mistakes"):
         raise ConfigError(f"--misclassified needs a single-label classification run, not {pred.task.name}")
     cfg = pred.config
-    df = read_any(Path(data), cfg.data.encoding, media=cfg.data)
+    df = read_data(Path(data), pred.task, cfg.data, split=split)
     ds, kept = make_dataset(df, pred.bundle, pred.task, cfg.data)
     with ui.CountProgress("finding mistakes", len(ds), quiet) as bar:
         logits, targets = infer(pred.model, ds, pred.batch_size, progress=bar)

@@ -45,7 +45,7 @@ from fmtune.data.audio import (
     features_of,
     read_audio_folder,
 )
-from fmtune.data.prepare import make_dataset
+from fmtune.data.prepare import make_dataset, read_data
 from fmtune.data.readers import AUDIO_SUFFIXES, TABLE_SUFFIXES, list_files, read_table, row_label, table_base
 from fmtune.errors import ConfigError, DataError
 from fmtune.explain_inputs import choose_items
@@ -94,12 +94,13 @@ def collect(pred: Any, inputs: list[str], limit: int) -> list[dict[str, Any]]:
     return items
 
 
-def mistakes(pred: Any, data: str | Path, n: int, quiet: bool) -> list[dict[str, Any]]:
-    """The ``n`` most confident wrong predictions on ``data`` (a labelled folder or table)."""
+def mistakes(pred: Any, data: str | Path, n: int, quiet: bool, split: str = "test") -> list[dict[str, Any]]:
+    """The ``n`` most confident wrong predictions on ``data`` (a labelled folder or table; of a table whose column
+    names each row's split, its ``split`` rows)."""
     from fmtune.data.audio import load_audio
 
     cfg = pred.config
-    df = pred.task.read(data, cfg.data)
+    df = read_data(data, pred.task, cfg.data, split=split)
     ds, _ = make_dataset(df, pred.bundle, pred.task, cfg.data)
     with ui.CountProgress("finding mistakes", len(ds), quiet) as bar:
         logits, targets = infer(pred.model, ds, pred.batch_size, progress=bar)

@@ -17,7 +17,8 @@ def choose_items(pred: Any, inputs: list[str] | None, misclassified: int, data: 
         source = data or pred.config.data.test or pred.config.data.val
         if source is None:
             raise DataError("--misclassified needs labelled data: pass --data FILE (the run has no test file)")
-        return find_mistakes(pred, source, misclassified, quiet)
+        split = "val" if not (data or pred.config.data.test) else "test"  # (of a table whose column names splits)
+        return find_mistakes(pred, source, misclassified, quiet, split)
     if inputs:
         return collect(pred, inputs, limit)
     raise ConfigError(f"nothing to explain: give --input ({what}) or --misclassified N")

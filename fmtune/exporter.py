@@ -44,7 +44,7 @@ def check_rows(opened: Any) -> Any:
     cfg = opened.config
     for source in (cfg.data.test, cfg.data.val, cfg.data.train):
         if source and Path(source).exists():
-            df = read_data(Path(source), opened.task, cfg.data)
+            df = read_data(Path(source), opened.task, cfg.data, split=None)  # (any rows: their inputs are read)
             return make_dataset(df.head(CHECK_ROWS), opened.bundle, opened.task, cfg.data, with_targets=False)[0]
     raise DataError(f"{opened.dir}: none of the run's data files exist any more ({cfg.data.test}, {cfg.data.val}, "
                     f"{cfg.data.train}); the export cannot be checked against real inputs")

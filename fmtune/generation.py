@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 
 from fmtune import adapters, ui
 from fmtune import config as config_mod
-from fmtune.data.prepare import columns_read_line, settle_columns
+from fmtune.data.prepare import columns_read_line, read_data, settle_columns, split_by_column
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import read_json, write_json, write_text_atomic
 from fmtune.models import build, causal_lm
@@ -57,14 +57,16 @@ def settings(cfg: config_mod.Config) -> GenerationSettings:
 def _frames(cfg: config_mod.Config, task: Any) -> dict[str, pd.DataFrame]:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
-    train = task.read(cfg.data.train, cfg.data)
+    train, parts = split_by_column(read_data(cfg.data.train, task, cfg.data, split=None), cfg.data)
     train.attrs["settled"] = settle_columns(train, cfg.data, task)  # (a speech table's clips folder: media_root)
     if cfg.data.max_train_samples and cfg.data.max_train_samples < len(train):
         attrs = dict(train.attrs)
         train = train.sample(n=cfg.data.max_train_samples, random_state=cfg.train.seed)
         train.attrs.update(attrs)
-    if cfg.data.val:
-        val = task.read(cfg.data.val, cfg.data)
+    if "val" in parts:
+        val = parts["val"]
+    elif cfg.data.val:
+        val = read_data(cfg.data.val, task, cfg.data, split="val")
     else:
         if len(train) < 4:
             raise DataError(f"{cfg.data.train}: {len(train)} rows is too few to split off a validation set; "
@@ -74,8 +76,8 @@ def _frames(cfg: config_mod.Config, task: Any) -> dict[str, pd.DataFrame]:
                                       random_state=cfg.train.seed)
         train.attrs, val.attrs = dict(source), dict(source)
     out = {"train": train, "val": val}
-    if cfg.data.test:
-        out["test"] = task.read(cfg.data.test, cfg.data)
+    if "test" in parts or cfg.data.test:
+        out["test"] = parts["test"] if "test" in parts else read_data(cfg.data.test, task, cfg.data)
     return out
 
 
@@ -266,13 +268,14 @@ def evaluate(opened: Any, source: str | Path, baseline: bool, quiet: bool) -> di
     cfg, task, bundle = opened.config, opened.task, opened.bundle
     task.settings = settings(cfg)
     hw = hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads)
-    df = task.read(source, cfg.data)
+    df = read_data(source, task, cfg.data)
     ds, keep = task.dataset(df, bundle, cfg.data)
     sample = task.sample(ds, cfg.eval.test_samples or len(ds))
     before: dict[str, Any] = {}
     if baseline:
         if bundle.family == causal_lm.CTC_FAMILY and cfg.data.train and Path(cfg.data.train).exists():
-            task.use_transcripts(task.read(cfg.data.train, cfg.data))  # (a CTC head made from their characters)
+            # (a CTC head made from their characters)
+            task.use_transcripts(read_data(cfg.data.train, task, cfg.data, split="train"))
         set_seed(cfg.train.seed)  # (a fresh head starts as training's did)
         pre = build.create(cfg.model, task)  # the pretrained model, as training scores it before any strategy
         pre.model.to(hw.device)
@@ -652,7 +655,8 @@ def _export_speech(opened: Any, target: Path, kind: str, quiet: bool) -> dict[st
     is_ctc = bundle.family == causal_lm.CTC_FAMILY
     device = hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device
     source = _export_source(opened)
-    ds, _ = task.dataset(task.read(source, cfg.data).head(EXPORT_CHECK_PROMPTS), bundle, cfg.data, with_targets=False)
+    rows = read_data(source, task, cfg.data, split=None).head(EXPORT_CHECK_PROMPTS)  # (any rows: their inputs)
+    ds, _ = task.dataset(rows, bundle, cfg.data, with_targets=False)
     rows = list(range(len(ds)))
 
     def outputs(model: torch.nn.Module) -> list[str]:

@@ -143,7 +143,7 @@ def _data_section(cfg: dict[str, Any], info: dict[str, Any]) -> str:
             from fmtune.data.prepare import read_data
 
             data_cfg = from_dict({"data": cfg.get("data") or {}}).data
-            df = read_data(train, (cfg.get("task") or {}).get("type", "classification"), data_cfg)
+            df = read_data(train, (cfg.get("task") or {}).get("type", "classification"), data_cfg, split="train")
             if col in df:
                 lengths = df[col].dropna().astype(str).str.split().str.len()
                 fig, ax = plt.subplots(figsize=(6, 2.8))

@@ -52,7 +52,7 @@ def _pool(cfg: config_mod.Config) -> tuple[pd.DataFrame, np.ndarray | None]:
     """The unlabelled rows (their text), and their labels where the file has a label column (used
     only to say how many pseudo-labels were right)."""
     path = cfg.semi.unlabeled
-    df = read_data(path, cfg.task.type, cfg.data)
+    df = read_data(path, cfg.task.type, cfg.data, split=None)
     columns = require_text_column(df, cfg.data.text_column, cfg.data.text_pair_column)
     with_text = [df[c].notna() & df[c].astype(str).str.strip().astype(bool) for c in columns]
     df = df[np.logical_and.reduce(with_text)].reset_index(drop=True)

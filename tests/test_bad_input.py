@@ -195,6 +195,60 @@ def test_class_ids_named_by_the_column_beside_them(tmp_path, tiny_bert, text_fil
     assert json.loads((tmp_path / "b" / "run" / "labels.json").read_text())["labels"] == ["0", "1"]
 
 
+def test_a_column_naming_each_rows_split_splits_the_table(tmp_path, tiny_bert, text_files):
+    """A dataset written out whole, its rows' split in a 'split' column (any case): train rows train, validation rows
+    validate, test rows test, and evaluation reads the test rows again; never are val or test rows trained on."""
+    import yaml
+
+    from fmtune.config import DataConfig
+    from fmtune.data.prepare import read_data, read_frames
+
+    parts = {n: pd.read_csv(text_files[n]).assign(split=s) for n, s in
+             (("train", "train"), ("val", "Validation"), ("test", "TEST"))}
+    whole = pd.concat(parts.values()).sample(frac=1.0, random_state=0)  # rows of every split mixed
+    whole.to_csv(tmp_path / "all.csv", index=False)
+    with pytest.warns(UserWarning, match=r"'split' column marks each row's split: 240 train, 60 val, 80 test rows"):
+        s = _train(tmp_path / "a", tiny_bert, tmp_path / "all.csv", train={"max_steps": 4})
+    run = tmp_path / "a" / "run"
+    info = json.loads((run / "run.json").read_text())["data"]
+    assert (info["train"]["rows"], info["val"]["rows"], info["test"]["rows"]) == (240, 60, 80)
+    assert not info["val_split_from_train"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert saved["split_column"] == "split" and saved["val"] == saved["test"] == str(tmp_path / "all.csv")
+    # the same rows as the separate files: the run's test metrics are the test file's, and evaluate reads them again
+    assert s["eval"]["test"] == fmtune.evaluate(run, text_files["test"], quiet=True)["test"]
+    again = fmtune.evaluate(run, quiet=True)
+    assert again["test"] == s["eval"]["test"] and again["n_test"] == 80 and "split" in again["data_rows"]
+    with pytest.warns(UserWarning, match="marks each row's split"):
+        frames = read_frames(DataConfig(train=str(tmp_path / "all.csv")), "classification", 0)
+    assert sorted(frames.train["text"]) == sorted(parts["train"]["text"])
+    assert sorted(frames.test["text"]) == sorted(parts["test"]["text"])
+    assert (frames.test.index == whole.reset_index(drop=True).index[(whole["split"] == "TEST").to_numpy()]).all()
+    # a test file given: the table's test rows are left out, not trained on
+    with pytest.warns(UserWarning, match=r"its 80 test rows are left out \(data.test = "):
+        given = read_frames(DataConfig(train=str(tmp_path / "all.csv"), test=str(text_files["val"])),
+                            "classification", 0)
+    assert len(given.train) == 240 and len(given.val) == 60 and len(given.test) == 60
+    # the column is not read as text, and data.split_column=none reads every row
+    rows = read_data(tmp_path / "all.csv", "classification", DataConfig(text_columns="all"), split="train")
+    assert len(rows) == 240 and not rows["text"].str.contains("split:").any()
+    every = read_frames(DataConfig(train=str(tmp_path / "all.csv"), split_column="none"), "classification", 0)
+    assert len(every.train) + len(every.val) == 380 and every.val_from_train
+    # a column holding other values is no split column unless named; named, the row at fault is
+    other = whole.assign(split=whole["split"].replace({"TEST": "holdout"}))
+    other.to_csv(tmp_path / "other.csv", index=False)
+    assert len(read_frames(DataConfig(train=str(tmp_path / "other.csv"), min_val_per_class=0), "classification",
+                           0).train) == 342
+    first = int(np.flatnonzero((other["split"] == "holdout").to_numpy())[0])
+    with pytest.raises(DataError, match=rf"other.csv: row {first + 1} \(line {first + 2}\): split 'holdout' names "
+                                        r"no split \(train, .*; 80 row\(s\) in all\)"):
+        read_frames(DataConfig(train=str(tmp_path / "other.csv"), split_column="split"), "classification", 0)
+    no_test = whole[whole["split"] != "TEST"]
+    no_test.to_csv(tmp_path / "no_test.csv", index=False)
+    with pytest.raises(DataError, match=r"no_test.csv: its 'split' column marks no test rows \(train 240, val 60\)"):
+        fmtune.evaluate(run, tmp_path / "no_test.csv", quiet=True)
+
+
 def test_image_paths_are_found_by_their_suffix_and_their_folder_near_the_table(tmp_path, tiny_vit, image_dirs):
     """A Kaggle-style table (meta/train.csv naming files kept in images/) with the paths in 'filepath' trains
     without data.image_column or data.media_root; both are kept for predict."""

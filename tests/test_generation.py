@@ -312,6 +312,21 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(lm):
     assert together == alone
 
 
+def test_a_field_naming_each_rows_split_splits_generation_data(tiny_llama, tmp_path):
+    """Instruction data written out whole with each row's split: its train rows train, its validation and test rows
+    validate and test, and fmtune evaluate reads the test rows again."""
+    rows = [dict(r, split=s) for r, s in zip(repeat_rows(36, 3), ["train", "test", "train", "validation"] * 9)]
+    write_jsonl(tmp_path / "all.jsonl", rows)
+    out = train_silently(gen_cfg(tiny_llama, tmp_path / "all.jsonl", tmp_path / "run", train={"max_steps": 2}))
+    info = json.loads((Path(out["run_dir"]) / "run.json").read_text())["data"]
+    assert (info["train"]["rows"], info["val"]["rows"], info["test"]["rows"]) == (18, 9, 9)
+    assert (info["train"]["source"], info["test"]["source"]) == (str(tmp_path / "all.jsonl"),) * 2
+    first = json.loads((Path(out["run_dir"]) / "test_answers.jsonl").read_text().splitlines()[0])
+    assert first["prompt"].endswith(rows[1]["prompt"])  # the first test row, not the first row
+    again = api.evaluate(out["run_dir"], quiet=True)
+    assert again["n_test"] == 9 and again["test"]["loss"] == pytest.approx(out["eval"]["test"]["loss"], rel=1e-4)
+
+
 def test_generation_needs_a_causal_lm_and_a_strategy_that_applies(tiny_bert, tiny_llama, gen_files, tmp_path):
     with pytest.raises(ModelError, match="needs a model that generates text; .* bert model that does not"):
         api.train(gen_cfg(tiny_bert, gen_files["train"], tmp_path / "r1"), quiet=True)

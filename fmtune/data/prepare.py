@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ from fmtune.data.readers import (
     media_path_columns,
     require_column,
     require_text_column,
+    rows_of_split,
+    split_column,
     split_folders,
     split_lists,
+    split_roles,
     table_base,
     usual_columns,
 )
@@ -204,10 +208,50 @@ def _media_root(df: pd.DataFrame, column: str) -> str | None:
     return str(found.resolve()) if found is not None else None
 
 
-def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any) -> pd.DataFrame:
-    """One data file (or folder) read the way ``task`` reads its data."""
+def read_data(path: Any, task: str | Task | type[Task], data_cfg: Any, split: str | None = "test") -> pd.DataFrame:
+    """One data file (or folder) read the way ``task`` reads its data. Of a table whose column names each row's split
+    (``readers.split_column``, data.split_column), its ``split`` rows (train, val; default test: what is evaluated of
+    it), at their positions in the file; ``split=None``: every row, ``attrs["split_column"]`` naming the column."""
     cls = task_class(task) if isinstance(task, str) else task
-    return tabular.render(cls.read(path, data_cfg), data_cfg).reset_index(drop=True)
+    df = cls.read(path, data_cfg)
+    column = split_column(df, getattr(data_cfg, "split_column", "none"))
+    df = tabular.render(df, data_cfg, exclude=(column,) if column else ()).reset_index(drop=True)
+    if column is None:
+        return df
+    df.attrs["split_column"] = column
+    return rows_of_split(df, column, split) if split else df
+
+
+def split_by_column(train: pd.DataFrame, data_cfg: Any) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """A training table read whole (``read_data(..., split=None)``) whose column names each row's split: its train
+    rows, and {"val": rows, "test": rows} for the splits it marks that data.val / data.test do not name (those set to
+    the table, so evaluation reads its test rows again; data.split_column set to the column); the rows of a split
+    given as a file of its own are left out (never trained on). Said in a warning. A table without such a column:
+    itself and {}."""
+    column = train.attrs.get("split_column")
+    if column is None:
+        return train, {}
+    roles = split_roles(train[column])
+    counts = roles.value_counts()
+    parts = {k: rows_of_split(train, column, k) for k in ("val", "test") if counts.get(k)}
+    said, aside, settled = [], [], data_cfg.split_column == column  # (settled: a run's config read again)
+    for key, part in list(parts.items()):
+        given = getattr(data_cfg, key)
+        if given is None or str(given) == str(data_cfg.train):
+            settled = settled and given is not None
+            setattr(data_cfg, key, str(data_cfg.train))
+            said.append(f"{len(part):,} {key}")
+        else:
+            aside.append(f"its {len(part):,} {key} rows are left out (data.{key} = {given})")
+            del parts[key]
+    data_cfg.split_column = column
+    rows = rows_of_split(train, column, "train")
+    if not settled:
+            warnings.warn(f"{data_cfg.train}: its {column!r} column marks each row's split: {int(counts['train']):,} "
+                      f"train{''.join(f', {s}' for s in said)} rows{'; ' if aside else ''}{'; '.join(aside)} "
+                      f"(data.split_column={column}; --set data.split_column=none to read every row as training "
+                      "data)", UserWarning, stacklevel=3)
+    return rows, parts
 
 
 def split_lists_unset(data_cfg: Any, task_type: str) -> dict[str, str]:
@@ -235,7 +279,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     if not data_cfg.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
     task = task_class(task_type)
-    train = read_data(data_cfg.train, task, data_cfg)
+    train, parts = split_by_column(read_data(data_cfg.train, task, data_cfg, split=None), data_cfg)
     settled = {**train.attrs.get("columns_read", {}), **settle_columns(train, data_cfg, task)}  # (a reader's own)
     if ("label_column" in settled or "label_names" in settled) and data_cfg.label_names:
         train = task.with_label_names(train, data_cfg)  # (ids read before the names were known)
@@ -255,8 +299,10 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
         data_cfg.min_val_per_class == -1
         or (typical * data_cfg.val_fraction < data_cfg.min_val_per_class
             and len(train) * data_cfg.val_fraction < data_cfg.min_val_per_class * len(counts)))
-    if data_cfg.val:
-        val, from_train = read_data(data_cfg.val, task, data_cfg), False
+    if "val" in parts:
+        val, from_train = parts["val"], False
+    elif data_cfg.val:
+        val, from_train = read_data(data_cfg.val, task, data_cfg, split="val"), False
     elif no_split:
         val, from_train = train, False
     else:
@@ -278,7 +324,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
         if pool is not train:
             tr = pd.concat([tr, train[kept]])
         train, val, from_train = _keep_source(tr, train), _keep_source(va, train), True
-    test = read_data(data_cfg.test, task, data_cfg) if data_cfg.test else None
+    test = parts["test"] if "test" in parts else read_data(data_cfg.test, task, data_cfg) if data_cfg.test else None
     return Frames(train, val, test, from_train, val_is_train=no_split, fewest=fewest, typical=typical,
                   settled=settled)
 

@@ -660,6 +660,55 @@ def dataset_dict_splits(folder: Path) -> dict[str, Path]:
     return out
 
 
+# a table's column naming each row's split (a dataset written out whole: `split`, Kaggle's `set`), its values named as
+# split folders are (any case)
+SPLIT_COLUMNS = ("split", "data_split", "subset", "partition", "set")
+SPLIT_OF = {name: key for key, names in SPLIT_FOLDERS.items() for name in names}
+
+
+def split_roles(values: pd.Series) -> pd.Series:
+    """Each value's split (train, val, test; NaN where it names none)."""
+    return values.astype(object).where(values.notna(), "").astype(str).str.strip().str.lower().map(SPLIT_OF)
+
+
+def split_column(df: pd.DataFrame, option: str) -> str | None:
+    """The column of ``df`` naming each row's split, else None. ``option`` (data.split_column): ``auto``: the one
+    column named as such columns go (``SPLIT_COLUMNS``) whose every value names a split (``SPLIT_OF``), some rows train
+    and some another split; ``none``: none; a column's name: that column, where ``df`` has it, every value a split's
+    name (an error names the row that is not)."""
+    if option == "none":
+        return None
+    if option == "auto":
+        def marks(c: str) -> bool:
+            roles = split_roles(df[c])
+            return bool(roles.notna().all()) and "train" in set(roles) and roles.nunique() > 1
+
+        found = [c for c in usual_columns(df, SPLIT_COLUMNS) if marks(c)]
+        return found[0] if len(found) == 1 else None
+    if option not in df.columns:
+        return None
+    bad = np.flatnonzero(split_roles(df[option]).isna().to_numpy())
+    if len(bad):
+        names = ", ".join(n for names in SPLIT_FOLDERS.values() for n in names)
+        raise DataError(f"{row_label(df, int(bad[0]))}: {option} {df[option].iloc[bad[0]]!r} names no split ({names}; "
+                        f"{len(bad):,} row(s) in all); --set data.split_column=none to read every row")
+    return option
+
+
+def rows_of_split(df: pd.DataFrame, column: str, split: str) -> pd.DataFrame:
+    """The rows of ``df`` its split ``column`` marks as ``split`` (train, val, test), at their positions in the file
+    (messages name the file's rows); an error where it marks none."""
+    roles = split_roles(df[column])
+    part = df[(roles == split).to_numpy()]
+    if part.empty:
+        counts = ", ".join(f"{k} {n:,}" for k, n in roles.value_counts().items())
+        raise DataError(f"{df.attrs.get('source', 'the data')}: its {column!r} column marks no {split} rows "
+                        f"({counts}); give the {split} data as a file of its own, or --set data.split_column=none to "
+                        "read every row")
+    part.attrs = dict(df.attrs)
+    return part
+
+
 def held_out_test(path: Path) -> Path | None:
     """The test split of a saved DatasetDict or of a folder of splits (what evaluate and predict read of it), else
     None."""

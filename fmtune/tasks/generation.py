@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fmtune.data.readers import jsonl_records, read_any
+from fmtune.data.readers import SPLIT_COLUMNS, jsonl_records, read_any
 from fmtune.errors import ConfigError, DataError, ModelError, brief
 from fmtune.tasks.base import TASKS, Task
 
@@ -176,7 +176,8 @@ def _sharegpt(turns: Any, where: str) -> Any:
 
 
 def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.DataFrame:
-    """A generation data file as rows of kind, prompt, completion, messages (JSON) and line."""
+    """A generation data file as rows of kind, prompt, completion, messages (JSON) and line (and a field naming each
+    row's split, ``readers.SPLIT_COLUMNS``, as it is)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -218,6 +219,7 @@ def read_rows(path: str | Path, data_cfg: Any, with_targets: bool = True) -> pd.
     for n, rec in records:
         row = check_row(rec, _where(source, n, table), data_cfg.input_column, data_cfg.target_column, with_targets)
         row["line"] = n
+        row.update({k: v for k, v in rec.items() if isinstance(k, str) and k.strip().lower() in SPLIT_COLUMNS})
         rows.append(row)
         pair = row.pop("pair")
         if pair:
