@@ -33,6 +33,7 @@ from fmtune.data.prepare import (
     input_column,
     make_dataset,
     make_task,
+    media_elsewhere,
     read_data,
     read_frames,
     split_lists_unset,
@@ -889,15 +890,17 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
 PREDICT_CHUNK_ROWS = 1024
 
 
-def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict: bool) -> pd.DataFrame:
+def _predict_chunk(pred: Any, df: pd.DataFrame, problems: dict[int, str], strict: bool,
+                   data_cfg: Any = None) -> pd.DataFrame:
     """Prediction columns for one chunk of input rows; a row that cannot be predicted gets an
-    ``error`` (or, with ``strict``, stops everything with a DataError naming it)."""
-    cfg, task = pred.config, pred.task
+    ``error`` (or, with ``strict``, stops everything with a DataError naming it). ``data_cfg``: how the file's rows
+    are read (default: as the run's data.*)."""
+    task, data_cfg = pred.task, data_cfg or pred.config.data
     if pred.kind == "text":
-        df = tabular.render(df, cfg.data)  # a tabular run reads its rows written out as text
+        df = tabular.render(df, data_cfg)  # a tabular run reads its rows written out as text
     else:
-        df = media_templates(df, cfg.data)  # (file paths built from other columns: data.image_column '{id}.jpg')
-    column, what, key = input_column(pred.kind, cfg.data)
+        df = media_templates(df, data_cfg)  # (file paths built from other columns: data.image_column '{id}.jpg')
+    column, what, key = input_column(pred.kind, data_cfg)
     column = task.input_column(df, column)
     if column not in df.columns and task.supports("usual_columns"):  # (a file of another layout than training's)
         column = usual_input(df, pred.kind) or column
@@ -1043,11 +1046,15 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
         total = count_rows(inputs, media)
     try:
         with ui.CountProgress("predict", total or 0, quiet) as bar:
-            root = media_root or pred.config.data.media_root
+            root, data_cfg = media_root or pred.config.data.media_root, None
             for df, problems in chunks:
                 if root and inputs.is_file():
                     df.attrs["media_root"] = str(Path(root).expanduser())
-                out = _predict_chunk(pred, df, problems, strict)
+                if data_cfg is None and not media_root and inputs.is_file():  # (the first chunk: where its files are)
+                    data_cfg = media_elsewhere(df, pred.config.data, pred.kind)
+                if data_cfg is not None and data_cfg.media_root != pred.config.data.media_root:
+                    df.attrs["media_root"] = data_cfg.media_root
+                out = _predict_chunk(pred, df, problems, strict, data_cfg)
                 if save_images is not None:
                     column = pred.task.input_column(df, input_column(media, pred.config.data)[0])
                     out = pred.task.write_files(out, column, table_base(df), Path(save_images), written)

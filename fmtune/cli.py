@@ -444,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     t.add_argument("--model", help=MODEL_HELP)
     t.add_argument("--data", help="training data: CSV/JSONL/Parquet (columns text and label, else the one column of "
-                   "a usual name: sentence, review ...; intent, category ...; said before training), or a folder of "
+                   "a usual name: sentence, review ...; intent, category ...; images / audio: the column of their "
+                   "paths, or of ids their files near the table are named by, train_images/{id}.png; said before "
+                   "training), or a folder of "
                    "class sub-folders of images or "
                    "audio files (--task audio-classification; a table names the files in data.audio_column; a folder "
                    "with Speech Commands' validation_list.txt / testing_list.txt is validated and tested on them), or "

@@ -57,8 +57,9 @@ def settings(cfg: config_mod.Config) -> GenerationSettings:
 def _frames(cfg: config_mod.Config, task: Any) -> dict[str, pd.DataFrame]:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
-    train, parts = split_by_column(read_data(cfg.data.train, task, cfg.data, split=None), cfg.data)
+    train = read_data(cfg.data.train, task, cfg.data, split=None)
     train.attrs["settled"] = settle_columns(train, cfg.data, task)  # (a speech table's clips folder: media_root)
+    train, parts = split_by_column(train, cfg.data)  # (settled first: its validation and test rows read the same)
     if cfg.data.max_train_samples and cfg.data.max_train_samples < len(train):
         attrs = dict(train.attrs)
         train = train.sample(n=cfg.data.max_train_samples, random_state=cfg.train.seed)

@@ -1081,3 +1081,13 @@ def test_audio_paths_built_from_two_columns(tiny_whisper, tone_dirs, tmp_path):
     assert summary["best"] is not None
     preds = fmtune.predict(tmp_path / "run", root / "metadata" / "UrbanSound8K.csv", quiet=True)
     assert len(preds) == len(rows) and not preds["error"].any()
+    # without settings: the clips are found by name below the folder above the table, the template written from the
+    # folders' fold column, and the one usual label column read
+    found = fmtune.train(cfg_dict(tiny_whisper, root / "metadata" / "UrbanSound8K.csv", out=str(tmp_path / "found"),
+                                  task={"type": "audio-classification"}, train={"epochs": 1, "batch_size": 8}),
+                         quiet=True)
+    assert found["columns_read"] == {"audio_column": "audio/fold{fold}/{slice_file_name}", "label_column": "class",
+                                     "media_root": str(root.resolve())}
+    again = fmtune.predict(tmp_path / "found", root / "metadata" / "UrbanSound8K.csv", quiet=True)
+    assert set(again["label"]) <= set(PITCHES) and not again["error"].any()
+    assert fmtune.evaluate(tmp_path / "found", root / "metadata" / "UrbanSound8K.csv", quiet=True)["n_test"] == len(rows)

@@ -269,6 +269,46 @@ def test_image_paths_are_found_by_their_suffix_and_their_folder_near_the_table(t
     assert len(got) == len(rows) and got["error"].isna().all()
 
 
+def test_images_named_by_an_id_column_are_found_in_the_folder_beside_the_table(tmp_path, tiny_vit, image_dirs):
+    """Kaggle's layout (APTOS, dog breeds, cancer detection): train.csv names each image by an id without its
+    suffix (id_code, diagnosis), the images in train_images/{id_code}.png; test.csv's ids are in test_images/.
+    Training reads the template it finds; predict and evaluate of test.csv find its own folder, said in a warning;
+    an id that names a file in two folders is not guessed at."""
+    import yaml
+
+    def lay_out(split: str, folder: Path) -> pd.DataFrame:
+        (tmp_path / f"{split}_images").mkdir()
+        rows = []
+        for f in sorted(folder.rglob("*.png")):
+            code = f"{split[:2]}{len(rows):05x}"
+            (tmp_path / f"{split}_images" / f"{code}.png").write_bytes(f.read_bytes())
+            rows.append({"id_code": code, "diagnosis": f.parent.name})
+        pd.DataFrame(rows).to_csv(tmp_path / f"{split}.csv", index=False)
+        return pd.DataFrame(rows)
+
+    train, test = lay_out("train", image_dirs["train"]), lay_out("test", image_dirs["test"])
+    s = _train(tmp_path, tiny_vit, tmp_path / "train.csv", data={"label_column": "diagnosis"},
+               train={"max_steps": 2})
+    assert s["columns_read"] == {"image_column": "train_images/{id_code}.png"}
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert saved["image_column"] == "train_images/{id_code}.png" and saved["media_root"] is None
+    with pytest.warns(UserWarning, match=r"test.csv: its files are not where data.image_column "
+                                         r"'train_images/\{id_code\}.png' puts them; read as "
+                                         r"'test_images/\{id_code\}.png'"):
+        got = fmtune.predict(tmp_path / "run", tmp_path / "test.csv", quiet=True)
+    assert len(got) == len(test) and got["error"].isna().all()
+    direct = fmtune.load(tmp_path / "run").predict([str(tmp_path / "test_images" / f"{test['id_code'][0]}.png")])
+    assert got["label"][0] == direct[0]["label"]
+    with pytest.warns(UserWarning, match="its files are not where"):
+        assert fmtune.evaluate(tmp_path / "run", tmp_path / "test.csv", quiet=True)["n_test"] == len(test)
+    # the same ids in two folders: no template is guessed, the error is the one of a missing image column
+    (tmp_path / "copy").mkdir()
+    for f in (tmp_path / "train_images").iterdir():
+        (tmp_path / "copy" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(DataError, match="no text column 'text'"):
+        _train(tmp_path / "two", tiny_vit, tmp_path / "train.csv", data={"label_column": "diagnosis"})
+
+
 def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):
     rows = [[t, y] for _ in range(5) for t, y in (("good film", "pos"), ("bad film", "neg"))]
     rows[3][0] = None

@@ -19,6 +19,8 @@ from fmtune.data.readers import (
     label_names_beside,
     media_folder,
     media_path_columns,
+    media_template,
+    media_templates,
     require_column,
     require_text_column,
     rows_of_split,
@@ -117,14 +119,46 @@ def settle_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task]) -> dict[st
     Set in ``data_cfg`` (config.yaml keeps them, so evaluate, predict and serve read the same) and returned,
     {option: value}, to be said before training."""
     settled: dict[str, Any] = {}
+    media = "audio" if task.modality == "audio" else "image"
     if task.supports("usual_columns"):
-        settled.update(_usual_columns(df, data_cfg, task, "audio" if task.modality == "audio" else "image"))
+        settled.update(_usual_columns(df, data_cfg, task, media))
+    if data_cfg.media_root is None and "media_root" not in settled:
+        attr = f"{media}_column"
+        column = settled.get(attr, task.media_column(data_cfg))
+        root = _media_root(df, column)
+        if root is not None:
+            settled["media_root"] = root
+        elif column == settled.get(attr, getattr(data_cfg, attr)) and _missing_media(df, column):  # (UrbanSound8K's
+            # files named by a value, in folders named from other columns; not a reader's own column: speech's)
+            settled.update(_found_template(df, media, column))
     for key, value in settled.items():
         setattr(data_cfg, key, value)
-    root = _media_root(df, task.media_column(data_cfg)) if data_cfg.media_root is None else None
-    if root is not None:
-        settled["media_root"] = data_cfg.media_root = df.attrs["media_root"] = root
+    if "media_root" in settled:
+        df.attrs["media_root"] = settled["media_root"]
+    column = task.media_column(data_cfg)
+    if "{" in column and column not in df.columns:
+        media_templates(df, data_cfg)  # (the column the template writes, of the rows read before it was found)
     return settled
+
+
+def _found_template(df: pd.DataFrame, media: str, column: str | None = None) -> dict[str, str]:
+    """``readers.media_template`` as the data.* options it sets: {"image_column" / "audio_column": the template,
+    "media_root": the folder it is relative to, where not the table's}; {} where none is found."""
+    found = media_template(df, media, column)
+    if found is None:
+        return {}
+    out = {f"{media}_column": found[0]}
+    if found[1].resolve() != table_base(df).resolve():
+        out["media_root"] = str(found[1].resolve())
+    return out
+
+
+def _missing_media(df: pd.DataFrame, column: str) -> bool:
+    """``column`` holds relative file names of which the first is not under the table's folder."""
+    if column not in df.columns or not Path(df.attrs.get("source", "")).is_file():
+        return False
+    first = next((v.strip() for v in df[column].head(5) if isinstance(v, str) and v.strip()), None)
+    return first is not None and not Path(first).is_absolute() and not (table_base(df) / first).exists()
 
 
 def _usual_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task], media: str) -> dict[str, Any]:
@@ -141,6 +175,9 @@ def _usual_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task], media: str
         found = usual_input(df, "text")
         if found:
             settled["text_column"] = found
+    if attr not in settled and "text_column" not in settled and _unset(data_cfg, attr, df) and not tabular_text \
+            and (media == "audio" or data_cfg.text_column not in df.columns):  # files named by a value (Kaggle's id)
+        settled.update(_found_template(df, media))
     if not (data_cfg.label_columns or tabular_text) and _unset(data_cfg, "label_column", df):
         found = usual_label(df, task, {settled.get(a, getattr(data_cfg, a)) for a in ("text_column", attr)})
         if found:
@@ -169,9 +206,11 @@ def usual_input(df: pd.DataFrame, kind: str) -> str | None:
 def columns_of(df: pd.DataFrame, data_cfg: Any, task: type[Task] | Task, kind: str) -> Any:
     """``data_cfg`` for a labelled table of another layout than the run trained on (``fmtune evaluate``): an input
     column (``kind``: text, image, audio) or label column it names that the table lacks is read from the table's one
-    column of that kind (``usual_input``; labels: the task's ``usual_labels``)."""
+    column of that kind (``usual_input``; labels: the task's ``usual_labels``); files not where the run's template
+    puts them, where ``media_elsewhere`` finds them."""
     import dataclasses
 
+    data_cfg = media_elsewhere(df, data_cfg, kind)
     if not task.supports("usual_columns"):
         return data_cfg
     attr, changes = INPUT_COLUMNS[kind][0], {}
@@ -184,6 +223,38 @@ def columns_of(df: pd.DataFrame, data_cfg: Any, task: type[Task] | Task, kind: s
         if found:
             changes["label_column"] = found
     return dataclasses.replace(data_cfg, **changes) if changes else data_cfg
+
+
+def media_elsewhere(df: pd.DataFrame, data_cfg: Any, kind: str) -> Any:
+    """``data_cfg`` for a table other than training's whose files are not where the run's template puts them
+    (Kaggle's test.csv beside test_images/, the run trained on train.csv beside train_images/): the template
+    ``readers.media_template`` finds for the column the run's names its files by, said in a warning, ``df`` given
+    its column; else ``data_cfg``."""
+    import dataclasses
+    import string
+
+    attr = f"{kind}_column"
+    template = getattr(data_cfg, attr, None) if kind in ("image", "audio") else None
+    if not template or "{" not in template:
+        return data_cfg
+    names = [k for _, k, _, _ in string.Formatter().parse(Path(template).name) if k]
+    if len(names) != 1 or names[0] not in df.columns:
+        return data_cfg
+    try:
+        written = media_templates(df.head(5).copy(), data_cfg)[template].dropna()
+        if len(written) and (table_base(df) / written.iloc[0]).exists():
+            return data_cfg
+    except DataError:  # (the template names a column the table lacks)
+        pass
+    found = media_template(df, kind, names[0])
+    if found is None:
+        return data_cfg
+    out = dataclasses.replace(data_cfg, **{attr: found[0], "media_root": str(found[1].resolve())})
+    warnings.warn(f"{df.attrs.get('source', 'the data')}: its files are not where data.{attr} {template!r} puts "
+                  f"them; read as {found[0]!r} under {out.media_root}", UserWarning, stacklevel=3)
+    df.attrs["media_root"] = out.media_root
+    media_templates(df, out)
+    return out
 
 
 def columns_read_line(settled: dict[str, Any]) -> str:
@@ -279,10 +350,11 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     if not data_cfg.train:
         raise ConfigError("data.train: no training data given (--data FILE or data.train in the config)")
     task = task_class(task_type)
-    train, parts = split_by_column(read_data(data_cfg.train, task, data_cfg, split=None), data_cfg)
+    train = read_data(data_cfg.train, task, data_cfg, split=None)
     settled = {**train.attrs.get("columns_read", {}), **settle_columns(train, data_cfg, task)}  # (a reader's own)
     if ("label_column" in settled or "label_names" in settled) and data_cfg.label_names:
         train = task.with_label_names(train, data_cfg)  # (ids read before the names were known)
+    train, parts = split_by_column(train, data_cfg)  # (settled first: its validation and test rows read the same)
     column = task.target_column(data_cfg)
     _require_input(train, data_cfg, task)  # the columns first: a missing one is the problem, whatever the size
     task.require_targets(train, data_cfg)

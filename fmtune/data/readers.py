@@ -284,6 +284,107 @@ def media_folder(missing: list[Path], base: Path) -> Path | None:
     return None
 
 
+MEDIA_WALK = 200_000  # files looked at, at most, per folder searched for a table's media (media_template)
+
+
+def _media_files(root: Path, suffixes: set[str], limit: int = MEDIA_WALK) -> dict[str, list[str]]:
+    """The files of ``suffixes`` below ``root`` (hidden folders skipped; at most ``limit`` entries looked at), by
+    name and by stem: {name or stem: [path relative to root, ...]}."""
+    index: dict[str, list[str]] = {}
+    seen = 0
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        seen += len(files) + len(dirs)
+        rel = Path(folder).relative_to(root)
+        for f in files:
+            if Path(f).suffix.lower() in suffixes:
+                path = (rel / f).as_posix()
+                index.setdefault(f, []).append(path)
+                index.setdefault(Path(f).stem, []).append(path)
+        if seen > limit:
+            break
+    return index
+
+
+def _as_template(df: pd.DataFrame, column: str, rows: list[int], found: list[str]) -> str | None:
+    """The one template over ``df``'s columns that writes each of ``rows``' ``found`` file (a path relative to the
+    folder searched) from its ``column`` value: ``{column}`` or ``{column}.png`` as the name, each folder above it
+    the same for every row or written from a column (``fold{fold}``), else None."""
+    value = [str(df[column].iloc[i]).strip() for i in rows]
+    parts = [Path(f).parts for f in found]
+    if len({len(p) for p in parts}) != 1:
+        return None
+    names = {f"{{{column}}}" if Path(f).name == v else f"{{{column}}}{Path(f).suffix}" for f, v in zip(found, value)}
+    if len(names) != 1:
+        return None
+    out = []
+    for depth in range(len(parts[0]) - 1):
+        here = [p[depth] for p in parts]
+        if len(set(here)) == 1:
+            out.append(here[0].replace("{", "{{").replace("}", "}}"))
+            continue
+        written = None
+        for other in df.columns:
+            cells = [str(df[other].iloc[i]).strip() for i in rows]
+            if isinstance(other, str) and other.isidentifier() and all(c and c in h for c, h in zip(cells, here)):
+                forms = {h.replace(c, f"{{{other}}}", 1) for c, h in zip(cells, here)}
+                if len(forms) == 1:
+                    written = forms.pop()
+                    break
+        if written is None:
+            return None
+        out.append(written)
+    return "/".join([*out, names.pop()])
+
+
+def media_template(df: pd.DataFrame, kind: str, column: str | None = None, rows: int = 20) -> tuple[str, Path] | None:
+    """Where a table names its image / audio files (``kind``) not as paths but by a value its files are named after
+    (Kaggle's ``id`` / ``id_code`` beside ``train_images/{id}.png``; UrbanSound8K's ``slice_file_name`` in
+    ``audio/fold{fold}/``): a template over its columns (``media_templates``) that writes each row's file, found by
+    name below the table's media folder (``table_base``), its own folder or the one above it, and that folder.
+    Found from ``rows`` rows spread over the table, whose values in one column (``column``, if given) each name
+    exactly one file, their folders the same or written from another column; kept where it writes files that exist
+    for nine in ten of 200 rows spread over it. Names are matched as they are or as the file's name without its
+    suffix. None where there is no such column, or more than one."""
+    src = df.attrs.get("source", "")
+    if not src or not Path(src).is_file() or df.empty:
+        return None
+    here = Path(src).parent
+    sample = df.iloc[np.unique(np.linspace(0, len(df) - 1, min(rows, len(df))).astype(int))].reset_index(drop=True)
+    check = df.iloc[np.unique(np.linspace(0, len(df) - 1, min(200, len(df))).astype(int))].reset_index(drop=True)
+    columns = [column] if column else [c for c in df.columns if isinstance(c, str) and c.isidentifier()]
+    for root in dict.fromkeys((table_base(df), here, here.parent)):
+        index = _media_files(root, MEDIA_SUFFIXES[kind]) if root.is_dir() else {}
+        if not index:
+            continue
+        found = []
+        for c in columns:
+            cells = sample[c].astype(object).where(sample[c].notna(), "").astype(str).str.strip()
+            hits = [index.get(v, []) if v and "/" not in v and "\\" not in v else [] for v in cells]
+            if all(len(h) == 1 for h in hits):
+                template = _as_template(sample, c, list(range(len(sample))), [h[0] for h in hits])
+                if template:
+                    found.append(template)
+        if len(found) != 1:
+            continue
+        try:
+            written = media_templates(check.copy(), _Templates(found[0], kind))[found[0]]
+        except (KeyError, ValueError, IndexError, DataError):
+            continue
+        if sum(isinstance(p, str) and (root / p).is_file() for p in written) >= 0.9 * len(written):
+            return found[0], root
+    return None
+
+
+class _Templates:
+    """A data config of one template, for ``media_templates``."""
+
+    def __init__(self, template: str, kind: str) -> None:
+        self.image_column = template if kind == "image" else None
+        self.audio_column = template if kind == "audio" else None
+        self.mask_column = None
+
+
 def media_root_hint(missing: list[Path], base: Path) -> str:
     """``media_folder`` as advice to append to the error, or ""."""
     d = media_folder(missing, base)
