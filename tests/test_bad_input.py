@@ -301,6 +301,23 @@ def test_images_named_by_an_id_column_are_found_in_the_folder_beside_the_table(t
     assert got["label"][0] == direct[0]["label"]
     with pytest.warns(UserWarning, match="its files are not where"):
         assert fmtune.evaluate(tmp_path / "run", tmp_path / "test.csv", quiet=True)["n_test"] == len(test)
+    # a table of both splits (a 'split' column): its test rows read their files as its training rows do
+    from fmtune.config import DataConfig
+    from fmtune.data.prepare import read_frames
+
+    whole = pd.concat([train.assign(split="train"), test.assign(split="test")])
+    whole.assign(id_code=[f"{'train' if s == 'train' else 'test'}_images/{c}.png" for s, c in
+                          zip(whole["split"], whole["id_code"])]).to_csv(tmp_path / "paths.csv", index=False)
+    for name in ("paths", "ids"):
+        if name == "ids":  # ids of both folders: the template is written from the split column
+            (tmp_path / "split_images").mkdir()
+            whole.to_csv(tmp_path / "ids.csv", index=False)
+        with pytest.warns(UserWarning, match="marks each row's split"):
+            frames = read_frames(DataConfig(train=str(tmp_path / f"{name}.csv"), label_column="diagnosis"),
+                                 "classification", 0)
+        column = frames.settled["image_column"]
+        assert len(frames.test) == len(test) and all((tmp_path / p).is_file() for p in frames.test[column]), name
+    assert frames.settled == {"image_column": "{split}_images/{id_code}.png"}
     # the same ids in two folders: no template is guessed, the error is the one of a missing image column
     (tmp_path / "copy").mkdir()
     for f in (tmp_path / "train_images").iterdir():
