@@ -298,10 +298,32 @@ def test_prompt_tuning_refuses_pairs_and_the_two_columns_must_differ(tmp_path, t
         fmtune.train(_cfg(tiny_bert, pair_files, tmp_path / "s", data={"text_pair_column": "premise"}), quiet=True)
 
 
-def test_a_table_of_pairs_without_the_setting_is_told_how_to_read_it(tmp_path, tiny_bert, pair_files):
+def test_a_table_of_pairs_is_read_as_pairs_without_the_setting(tmp_path, tiny_bert, pair_files):
+    """GLUE's MRPC (sentence1, sentence2, label) and SNLI (premise, hypothesis) train as pairs without settings,
+    said and kept for predict; QNLI's question and sentence are a pair, not the one usual text column 'sentence'; a
+    table of pairs given to a run that reads one text is told how a pair run would read it."""
+    import yaml
+
+    from fmtune.config import DataConfig
+    from fmtune.data.prepare import read_frames
+    from fmtune.data.readers import require_text_column
+
     glue = tmp_path / "mrpc.csv"
-    pd.read_csv(pair_files["train"]).rename(columns={"premise": "sentence1", "hypothesis": "sentence2"}).to_csv(
-        glue, index=False)
+    df = pd.read_csv(pair_files["train"])
+    df.rename(columns={"premise": "sentence1", "hypothesis": "sentence2"}).to_csv(glue, index=False)
+    s = fmtune.train(cfg_dict(tiny_bert, glue, out=str(tmp_path / "r"), train={"max_steps": 2}), quiet=True)
+    assert s["columns_read"] == {"text_column": "sentence1", "text_pair_column": "sentence2"}
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["data"]
+    assert (saved["text_column"], saved["text_pair_column"]) == ("sentence1", "sentence2")
+    got = fmtune.predict(tmp_path / "r", glue, quiet=True)
+    assert got["error"].isna().all() and len(got) == len(df)
+    assert fmtune.load(tmp_path / "r").predict([df[["premise", "hypothesis"]].iloc[0].tolist()])[0]["label"] == \
+        got["label"][0]
+    df.to_csv(tmp_path / "snli.csv", index=False)
+    df.rename(columns={"premise": "question", "hypothesis": "sentence"}).to_csv(tmp_path / "qnli.csv", index=False)
+    for name, pair in (("snli", ("premise", "hypothesis")), ("qnli", ("question", "sentence"))):
+        frames = read_frames(DataConfig(train=str(tmp_path / f"{name}.csv")), "classification", 0)
+        assert frames.settled == dict(zip(("text_column", "text_pair_column"), pair)), name
     with pytest.raises(DataError, match=r"These look like pairs of texts: --set data.text_column=sentence1 --set "
                                         r"data.text_pair_column=sentence2"):
-        fmtune.train(cfg_dict(tiny_bert, glue, out=str(tmp_path / "r")), quiet=True)
+        require_text_column(pd.read_csv(glue), "text")

@@ -30,6 +30,7 @@ from fmtune.data.readers import (
     split_roles,
     table_base,
     usual_columns,
+    usual_pair,
 )
 from fmtune.errors import ConfigError, DataError
 from fmtune.tasks import Task, task_class
@@ -172,14 +173,18 @@ def _usual_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task], media: str
     tabular_text = data_cfg.text_columns or data_cfg.text_template  # (the label is named, not guessed: never text)
     if media == "image" and attr not in settled and data_cfg.image_column not in df.columns and not tabular_text \
             and _unset(data_cfg, "text_column", df):
-        found = usual_input(df, "text")
-        if found:
+        pair = usual_pair(df) if data_cfg.text_pair_column is None else None
+        found = None if pair else usual_input(df, "text")
+        if pair:  # (before the one text: QNLI's question and sentence are a pair, not a sentence)
+            settled["text_column"], settled["text_pair_column"] = pair
+        elif found:
             settled["text_column"] = found
     if attr not in settled and "text_column" not in settled and _unset(data_cfg, attr, df) and not tabular_text \
             and (media == "audio" or data_cfg.text_column not in df.columns):  # files named by a value (Kaggle's id)
         settled.update(_found_template(df, media))
     if not (data_cfg.label_columns or tabular_text) and _unset(data_cfg, "label_column", df):
-        found = usual_label(df, task, {settled.get(a, getattr(data_cfg, a)) for a in ("text_column", attr)})
+        found = usual_label(df, task, {settled.get(a, getattr(data_cfg, a))
+                                       for a in ("text_column", "text_pair_column", attr)})
         if found:
             settled["label_column"] = found
     if task.hf_problem_type == "single_label_classification" and data_cfg.label_names is None:

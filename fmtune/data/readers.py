@@ -596,11 +596,17 @@ def require_column(df: pd.DataFrame, column: str, what: str, option: str, exclud
                         f"Name the right one with --set {option}=COLUMN{hint}")
 
 
-# the column names of common sentence-pair sets (GLUE, SNLI, SICK, PAWS ...): a table holding one of these
-# pairs and no text column is told how to read it
+# the column names of common sentence-pair sets (GLUE, SNLI, SICK, PAWS ...): a training table holding one of these
+# pairs and no text column is read as pairs of texts (prepare.settle_columns); another is told how to read it
 PAIR_COLUMNS = [("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
                 ("question", "sentence"), ("question", "passage"), ("sentence_A", "sentence_B"),
                 ("sentence_a", "sentence_b"), ("text1", "text2"), ("text_a", "text_b"), ("query", "passage")]
+
+
+def usual_pair(df: pd.DataFrame) -> tuple[str, str] | None:
+    """The one pair of ``PAIR_COLUMNS`` ``df`` holds both columns of, else None (none, or more than one)."""
+    found = [(a, b) for a, b in PAIR_COLUMNS if a in df.columns and b in df.columns]
+    return found[0] if len(found) == 1 else None
 
 
 def text_columns(data_cfg: Any) -> list[str]:
@@ -614,7 +620,7 @@ def require_text_column(df: pd.DataFrame, column: str, pair_column: str | None =
     columns; a table of sentence pairs read without data.text_pair_column is told the settings that
     read it. Returns the columns a row's text is read from."""
     if column not in df.columns and pair_column is None:
-        pair = next(((a, b) for a, b in PAIR_COLUMNS if a in df.columns and b in df.columns), None)
+        pair = usual_pair(df)
         if pair:
             raise DataError(f"{df.attrs.get('source', 'the data')}: no text column {column!r}; columns are: "
                             f"{', '.join(map(str, df.columns))}. These look like pairs of texts: --set "
