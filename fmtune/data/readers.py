@@ -397,7 +397,8 @@ def media_root_hint(missing: list[Path], base: Path) -> str:
 # variants (category), ... Names are compared without case. Paths of images or audio are found by their suffixes.
 USUAL_TEXT = ("text", "sentence", "review", "content", "tweet", "comment_text", "comment", "document", "utterance",
               "body", "message", "review_text", "sms")
-USUAL_LABELS = ("label", "labels", "intent", "category", "class", "sentiment", "emotion", "topic", "target")
+USUAL_LABELS = ("label", "labels", "intent", "category", "class", "sentiment", "emotion", "topic", "target",
+                "fine_label", "genre", "intent_class")  # (CIFAR-100's beside coarse_label, GTZAN, MINDS-14)
 USUAL_TARGETS = ("label", "target", "score", "rating", "stars", "y")  # regression
 
 
