@@ -457,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or LibriSpeech's *.trans.txt files, or LJSpeech's metadata.csv and wavs/); "
                    "segmentation: a folder with images/ and masks/ (same names; or JPEGImages/ + "
                    "SegmentationClass/), or a table of image and mask paths (data.image_column, data.mask_column); "
-                   "detection: a COCO JSON file, a YOLO dataset YAML (or images/ folder with labels/ beside it), or "
-                   "a Pascal VOC folder (Annotations/, JPEGImages/)")
+                   "detection: a COCO JSON file, a YOLO dataset YAML (or images/ folder with labels/ beside it), "
+                   "a Pascal VOC folder (Annotations/, JPEGImages/), or a CSV of one box a row (filename, class, "
+                   "xmin, ymin, xmax, ymax; a folder with _annotations.csv)")
     t.add_argument("--val", help="validation data (default: split off --data, or the folder's validation_list.txt, "
                    "or the table's rows its split column marks validation)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")

@@ -1090,4 +1090,5 @@ def test_audio_paths_built_from_two_columns(tiny_whisper, tone_dirs, tmp_path):
                                      "media_root": str(root.resolve())}
     again = fmtune.predict(tmp_path / "found", root / "metadata" / "UrbanSound8K.csv", quiet=True)
     assert set(again["label"]) <= set(PITCHES) and not again["error"].any()
-    assert fmtune.evaluate(tmp_path / "found", root / "metadata" / "UrbanSound8K.csv", quiet=True)["n_test"] == len(rows)
+    scored = fmtune.evaluate(tmp_path / "found", root / "metadata" / "UrbanSound8K.csv", quiet=True)
+    assert scored["n_test"] == len(rows)

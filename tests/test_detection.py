@@ -6,6 +6,7 @@ pycocotools, training on tiny random backbones with a head-on-frozen-backbone ba
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,64 @@ def test_hugging_face_detection_parquet_reads_the_same_boxes_trains_and_predicts
     with pytest.raises(DataError, match=r"no 'objects' column; a detection table holds an image per row.*bboxes"):
         pd.DataFrame({"image": ["a.png"]}).to_parquet(tmp_path / "bad.parquet")
         read_detection(tmp_path / "bad.parquet", DataConfig())
+
+
+def tensorflow_csv(root: Path, out: Path) -> Path:
+    """``root``'s scenes as Roboflow's "Tensorflow CSV" export lays a split out: the images and _annotations.csv
+    (filename, width, height, class, xmin, ymin, xmax, ymax: one box a row) in one folder."""
+    import shutil
+
+    coco = read_detection(root / "annotations.json", DataConfig())
+    out.mkdir(parents=True)
+    rows = []
+    for image, w, h, boxes, labels in coco[["image", "width", "height", "boxes", "labels"]].itertuples(index=False):
+        shutil.copy(image, out / Path(image).name)
+        rows += [{"filename": Path(image).name, "width": w, "height": h, "class": lab, "xmin": b[0], "ymin": b[1],
+                  "xmax": b[2], "ymax": b[3]} for b, lab in zip(boxes, labels)]
+    pd.DataFrame(rows).to_csv(out / "_annotations.csv", index=False)
+    return out
+
+
+def test_a_table_of_one_box_a_row_reads_the_same_boxes_and_trains_as_exported(boxes_data, tmp_path, tiny_resnet):
+    """TensorFlow's object detection CSV (labelImg's xml_to_csv, Roboflow's Tensorflow CSV export: a row per box,
+    filename, width, height, class, xmin ... ymax) reads the boxes COCO holds, from the file or its folder; a
+    Roboflow export (train/, valid/, test/, each with _annotations.csv) trains on its splits; an image without a
+    box (empty corners) has no objects; a corner that is no number is named by its row and column."""
+    export = tmp_path / "export"
+    for split, folder in (("train", "train"), ("val", "valid"), ("test", "test")):
+        tensorflow_csv(boxes_data[split], export / folder)
+    want = _norm(read_detection(boxes_data["train"] / "annotations.json", DataConfig()))
+    assert _norm(read_detection(export / "train" / "_annotations.csv", DataConfig())) == want
+    got = read_detection(export / "train", DataConfig())
+    assert _norm(got) == want and len(got) == 48
+    table = pd.read_csv(export / "train" / "_annotations.csv")
+    empty = pd.concat([table, pd.DataFrame([{"filename": "extra.png", "width": 64, "height": 48}])])
+    Image.new("RGB", (64, 48)).save(export / "train" / "extra.png")
+    empty.to_csv(tmp_path / "empty.csv", index=False)
+    (tmp_path / "extra.png").write_bytes((export / "train" / "extra.png").read_bytes())
+    for f in table["filename"].unique():
+        (tmp_path / f).write_bytes((export / "train" / f).read_bytes())
+    with_empty = read_detection(tmp_path / "empty.csv", DataConfig())
+    assert len(with_empty) == 49 and with_empty.iloc[-1]["boxes"] == [] and with_empty.iloc[-1]["labels"] == []
+    bad = table.astype(object)
+    bad.loc[3, "ymax"] = "n/a"
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"bad.csv: row 4 \(line 5\): column 'ymax': 'n/a' is not a number"):
+        read_detection(tmp_path / "bad.csv", DataConfig())
+    second = int(np.flatnonzero((table["filename"] != table["filename"][0]).to_numpy())[0])  # an image's first row
+    bad = table.astype(object)
+    bad.loc[second, "width"] = "wide"
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=rf"bad.csv: row {second + 1} \(line {second + 2}\): column 'width': 'wide'"):
+        read_detection(tmp_path / "bad.csv", DataConfig())
+    cfg = cfg_dict(tiny_resnet, export, task={"type": "detection"}, model={"name": str(tiny_resnet), "image_size": 64},
+                   train={"epochs": 1, "batch_size": 8}, out=str(tmp_path / "run"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = api.train(cfg, quiet=True)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert (info["train"]["rows"], info["val"]["rows"], info["test"]["rows"]) == (48, 12, 12)
+    assert 0.0 <= summary["eval"]["test"]["map"] <= 1.0
 
 
 def _voc_only(root: Path) -> Path:

@@ -318,14 +318,89 @@ def _objects(df: pd.DataFrame, path: Path) -> list[dict]:
     return out
 
 
+BOX_CSV = "_annotations.csv"  # the box table of a folder of images (Roboflow's Tensorflow CSV export)
+# a table of one box a row (TensorFlow's object detection CSV, as labelImg's xml_to_csv and Roboflow's "Tensorflow
+# CSV" export write it: filename, width, height, class, xmin, ymin, xmax, ymax): its corner columns, any case
+CORNER_COLUMNS = (("xmin", "ymin", "xmax", "ymax"), ("x_min", "y_min", "x_max", "y_max"), ("x0", "y0", "x1", "y1"),
+                  ("x1", "y1", "x2", "y2"), ("left", "top", "right", "bottom"))
+ROW_IMAGE_KEYS = ("filename", "file_name", "image", "image_path", "path", "file", "img")
+ROW_CLASS_KEYS = ("class", "label", "category", "name", "class_name", "category_name")
+
+
+def _corner_columns(df: pd.DataFrame) -> tuple[str, ...] | None:
+    """The corner columns of a table of one box a row (``CORNER_COLUMNS``), as the table spells them, else None."""
+    lower = {str(c).strip().lower(): c for c in df.columns}
+    found = next((names for names in CORNER_COLUMNS if all(n in lower for n in names)), None)
+    return tuple(lower[n] for n in found) if found else None
+
+
+def _images_of_boxes(df: pd.DataFrame, corners: tuple[str, ...], path: Path, data_cfg: Any) -> tuple[pd.DataFrame,
+                                                                                                       str]:
+    """A table of one box a row as one image a row: its image column (``data.image_column`` where the table has it,
+    else the first of ``ROW_IMAGE_KEYS``), width / height where given, and ``objects`` {bbox: corners, category};
+    a row without a box (empty corners) is an image without objects. Each image's row keeps the position of its
+    first line (messages name the file's rows). Returns it and its image column."""
+    lower = {str(c).strip().lower(): c for c in df.columns}
+    image = data_cfg.image_column if data_cfg.image_column in df.columns else next(
+        (lower[k] for k in ROW_IMAGE_KEYS if k in lower), None)
+    cls = next((lower[k] for k in ROW_CLASS_KEYS if k in lower and lower[k] != image), None)
+    if image is None or cls is None:
+        raise DataError(f"{path}: a table of one box a row ({', '.join(map(str, corners))}) needs an image column "
+                        f"({'/'.join(ROW_IMAGE_KEYS)}, or data.image_column) and a class column "
+                        f"({'/'.join(ROW_CLASS_KEYS)}); columns are: {', '.join(map(str, df.columns))}")
+    if df[image].isna().any():
+        r = int(np.flatnonzero(df[image].isna().to_numpy())[0])
+        raise DataError(f"{row_prefix(df, r)}column {image!r} is empty")
+    box = df[list(corners)]
+    filled = box.notna().all(axis=1).to_numpy()
+    part = box.notna().any(axis=1).to_numpy() & ~filled
+    if part.any():
+        r = int(np.flatnonzero(part)[0])
+        raise DataError(f"{row_prefix(df, r)}a box needs all of {', '.join(map(str, corners))}; some are empty")
+    try:
+        values = box.astype(float).to_numpy()
+    except (TypeError, ValueError):
+        bad = pd.to_numeric(box.stack(), errors="coerce")
+        r, c = bad[bad.isna()].index[0]
+        raise DataError(f"{row_prefix(df, df.index.get_loc(r))}column {c!r}: {box.loc[r, c]!r} is not a number") \
+            from None
+    first: dict[str, int] = {}
+    objects: dict[str, dict[str, list]] = {}
+    for r, name in enumerate(df[image].astype(str)):
+        first.setdefault(name, r)
+        o = objects.setdefault(name, {"bbox": [], "category": []})
+        if filled[r]:
+            o["bbox"].append(values[r].tolist())
+            o["category"].append(str(df[cls].iloc[r]))
+    keep = list(first.values())
+    out = df.iloc[keep][[c for c in df.columns if c not in (*corners, cls)]].copy()
+    out["objects"] = [objects[n] for n in first]
+    out.attrs = dict(df.attrs)
+    return out, image
+
+
+def _cell_size(value: Any, df: pd.DataFrame, r: int, column: str) -> float | None:
+    """A table's image width / height cell as a number (None where empty); an error naming the row otherwise."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)) or str(value).strip() == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{row_prefix(df, r)}column {column!r}: {value!r} is not a number") from None
+
+
 def read_box_table(path: Path, data_cfg: Any) -> pd.DataFrame:
     """A table (a Hugging Face detection dataset's Parquet split) of one image per row (a path, or
     embedded: ``data.image_column``) and its objects: an ``objects`` column holding ``bbox``
     (``data.box_format``) and ``category`` lists (or a list of such objects), or top-level box and
     class list columns (``bboxes`` / ``labels`` ...); class ids are named by the file's metadata;
-    ``iscrowd`` where given."""
+    ``iscrowd`` where given. Or a table of one box a row (TensorFlow's CSV: filename, width, height, class, xmin,
+    ymin, xmax, ymax; ``CORNER_COLUMNS``), its boxes in pixels."""
     df = read_table(path, data_cfg.encoding, media=data_cfg)
-    column = data_cfg.image_column
+    column, box_format = data_cfg.image_column, data_cfg.box_format
+    corners = _corner_columns(df) if "objects" not in df.columns and not _first_key(df.columns, BOX_KEYS) else None
+    if corners:
+        df, column, box_format = *_images_of_boxes(df, corners, path, data_cfg), "xyxy"
     require_column(df, column, "image", "data.image_column")
     names, base, records = _object_names(path, list(df.columns)), table_base(df), []
     for r, (cell, objects) in enumerate(zip(df[column], _objects(df, path))):
@@ -334,10 +409,11 @@ def read_box_table(path: Path, data_cfg: Any) -> pd.DataFrame:
         if source is None:
             raise DataError(f"{row_prefix(df, r)}column {column!r} is empty")
         w, h = (df["width"].iloc[r], df["height"].iloc[r]) if {"width", "height"} <= set(df.columns) else (None, None)
-        if w is None or h is None or pd.isna(w) or pd.isna(h):
+        w, h = _cell_size(w, df, r, "width"), _cell_size(h, df, r, "height")  # (a CSV's cells are read as text)
+        if w is None or h is None:
             w, h = open_image(source, f"{row_prefix(df, r)}").size
         boxes = objects["boxes"]
-        corners = [[x, y, x + bw, y + bh] for x, y, bw, bh in boxes] if data_cfg.box_format == "xywh" else boxes
+        corners = [[x, y, x + bw, y + bh] for x, y, bw, bh in boxes] if box_format == "xywh" else boxes
         labels = [names[int(c)] if names is not None and not isinstance(c, str) else str(c) for c in objects["classes"]]
         records.append({"image": cell if isinstance(source, bytes) else str(source), "width": w, "height": h,
                         "boxes": [_check_box(b, w, h, f"{where}: box {k + 1}") for k, b in enumerate(corners)],
@@ -382,7 +458,7 @@ def read_detection(path: str | Path, data_cfg: Any) -> pd.DataFrame:
         return read_yolo(*split)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
-    if p.is_file() and p.suffix.lower() in (".parquet", ".pq", ".jsonl"):
+    if p.is_file() and p.suffix.lower() in (".parquet", ".pq", ".jsonl", ".csv", ".tsv"):
         return read_box_table(p, data_cfg)
     if p.is_file() and p.suffix.lower() == ".json":
         return read_coco(p, data_cfg.image_root)
@@ -394,6 +470,8 @@ def read_detection(path: str | Path, data_cfg: Any) -> pd.DataFrame:
         coco = find_coco_file(p)
         if coco is not None:
             return read_coco(coco, data_cfg.image_root)
+        if (p / BOX_CSV).is_file():  # (Roboflow's Tensorflow CSV export: a split folder's images and its boxes)
+            return read_box_table(p / BOX_CSV, data_cfg)
         if (p / "images").is_dir() and (p / "labels").is_dir():
             return read_yolo(p / "images")
         if p.name == "images" or "images" in p.parts:
