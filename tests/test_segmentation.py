@@ -306,6 +306,58 @@ def test_classes_file_names_the_classes(tmp_path):
     assert Segmentation.from_train(df["mask"], df, classes="w,x,y,z").labels == ["w", "x", "y", "z"]
 
 
+def roboflow_split(split: Path, out: Path, nested: bool = False) -> Path:
+    """A split as Roboflow's semantic segmentation export lays it out: each image and its a_mask.png in one folder
+    (``nested``: a folder per four images, as the LGG MRI set's per-patient folders), _classes.csv naming values."""
+    out.mkdir(parents=True)
+    for i, image in enumerate(sorted((split / "images").iterdir())):
+        folder = out / f"p{i // 4}" if nested else out
+        folder.mkdir(exist_ok=True)
+        (folder / image.name).write_bytes(image.read_bytes())
+        (folder / f"{image.stem}_mask.png").write_bytes((split / "masks" / f"{image.stem}.png").read_bytes())
+    (out / "_classes.csv").write_text("Pixel Value, Class\n0, background\n2, green\n1, red\n3, blue\n")
+    return out
+
+
+def test_masks_beside_their_images_and_roboflows_classes_file(scenes, tiny_resnet, tmp_path):
+    """Roboflow's semantic segmentation export (a.jpg beside a_mask.png, _classes.csv: pixel value, class) and
+    folders of such pairs read the masks images/ + masks/ hold, the classes named by the file; an image without
+    its mask is named; train/ valid/ test/ of such folders train on their splits."""
+    want = read_segmentation(scenes["train"], DataConfig())
+    for nested in (False, True):
+        got = read_segmentation(roboflow_split(scenes["train"], tmp_path / f"flat{nested}", nested), DataConfig())
+        pairs = dict(zip((Path(p).name for p in got["image"]), got["mask"]))
+        assert sorted(pairs) == sorted(Path(p).name for p in want["image"])
+        assert all(np.array_equal(np.array(Image.open(pairs[Path(a).name])), np.array(Image.open(b)))
+                   for a, b in zip(want["image"], want["mask"]))
+    df = read_segmentation(tmp_path / "flatFalse", DataConfig())
+    assert Segmentation.from_train(df["mask"], df).labels == ["background", "red", "green", "blue"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "_classes.csv").write_text("Pixel Value, Class\n0, background\n2, red\n")
+    with pytest.raises(DataError, match=r"_classes.csv: the pixel values must be 0..1, one row each; got 0, 2"):
+        Segmentation.from_train(df["mask"], _with_source(df.copy(), tmp_path / "bad"))
+    (tmp_path / "flatFalse" / "s002_mask.png").unlink()
+    with pytest.raises(DataError, match=r"s002.jpg: no mask for this image beside it .*1 image\(s\) without one"):
+        read_segmentation(tmp_path / "flatFalse", DataConfig())
+    export = tmp_path / "export"
+    for split, folder in (("train", "train"), ("val", "valid"), ("test", "test")):
+        roboflow_split(scenes[split], export / folder)
+    cfg = seg_cfg(tiny_resnet, scenes, tmp_path / "run", epochs=1)
+    cfg["data"] = {"train": str(export)}
+    with pytest.warns(UserWarning, match="ships its held-out splits"):
+        s = api.train(cfg, quiet=True)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert (info["train"]["rows"], info["val"]["rows"], info["test"]["rows"]) == (48, 12, 12)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["background", "red", "green",
+                                                                                    "blue"]
+    assert 0 <= s["eval"]["test"]["miou"] <= 1
+
+
+def _with_source(df: pd.DataFrame, source: Path) -> pd.DataFrame:
+    df.attrs["source"] = str(source)
+    return df
+
+
 # --- augmentation and metrics ----------------------------------------------------------------
 
 def test_augmentation_moves_the_mask_with_the_pixels():

@@ -155,6 +155,11 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
     images_dir, masks_dir = subdir(p, IMAGE_DIRS), subdir(p, MASK_DIRS)
     if images_dir is None:
         images = list_images(p)
+        beside = _masks_beside(images, p)
+        if beside is not None:  # (each image's mask beside it: a_mask.png)
+            df = pd.DataFrame({image_col: [str(f) for f in beside], mask_col: [str(m) for m in beside.values()]})
+            df.attrs["source"] = str(p)
+            return _colour_masks_indexed(df, mask_col, p)
         if not images:
             raise DataError(f"{p}: no images found; a segmentation folder holds images/ and masks/ (same file "
                             f"names; also {', '.join(IMAGE_DIRS[2:])} / {', '.join(MASK_DIRS[2:])}), or give a "
@@ -183,6 +188,30 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
     df = pd.DataFrame({image_col: rows["image"], **({mask_col: rows["mask"]} if "mask" in rows else {})})
     df.attrs["source"] = str(p)
     return _colour_masks_indexed(df, mask_col, masks_dir) if masks_dir is not None else df
+
+
+def _masks_beside(files: list[Path], folder: Path) -> dict[Path, Path] | None:
+    """{image: mask} of a folder whose masks lie beside their images, named after them (``MASK_NAME_SUFFIXES``:
+    Roboflow's semantic segmentation export, a.jpg + a_mask.png; the LGG MRI set's a.tif + a_mask.tif per patient
+    folder), where a file is such a mask of another; an image without its mask is an error naming it. None where no
+    file is a mask of another (images to predict)."""
+    by_stem = {f.with_suffix("").as_posix(): f for f in files}
+    masks: dict[Path, Path] = {}
+    for f in files:
+        stem = f.with_suffix("").as_posix()
+        for suffix in MASK_NAME_SUFFIXES:
+            if stem.endswith(suffix) and stem[: -len(suffix)] in by_stem:
+                masks[by_stem[stem[: -len(suffix)]]] = f
+                break
+    if not masks:
+        return None
+    images = [f for f in files if f not in set(masks.values())]
+    missing = [f for f in images if f not in masks]
+    if missing:
+        raise DataError(f"{missing[0]}: no mask for this image beside it in {folder} (expected "
+                        f"{missing[0].with_suffix('')}_mask.png, as {Path(masks[next(iter(masks))]).name} is "
+                        f"{next(iter(masks)).name}'s; {len(missing)} image(s) without one)")
+    return {f: masks[f] for f in images}
 
 
 USUAL_IMAGES = ("image", "img", "images", "pixel_values")  # Hugging Face segmentation sets' image columns (and image_*)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -25,6 +26,29 @@ from fmtune.tasks.dense import DenseTask
 
 CLASSES_FILE = "classes.txt"  # beside images/ and masks/: the class names, one per line, in mask-value order
 PROBE_PIXELS = 30000  # feature-map cells the baseline probe is fitted on (a random sample beyond)
+
+
+PIXEL_CLASSES_FILE = "_classes.csv"  # Roboflow's semantic segmentation export: "Pixel Value, Class" a row
+
+
+def listed_classes(folder: Path) -> list[str]:
+    """The class names a dataset folder lists, in mask-value order: ``classes.txt`` (one a line), or Roboflow's
+    ``_classes.csv`` (pixel value, class; values 0..K-1); [] where it lists none."""
+    listed = folder / CLASSES_FILE
+    if listed.is_file():
+        return [line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
+    table = folder / PIXEL_CLASSES_FILE
+    if not table.is_file():
+        return []
+    rows = pd.read_csv(table, dtype=str, skipinitialspace=True)
+    if rows.shape[1] < 2:
+        raise DataError(f"{table}: expected two columns, a pixel value and its class; columns are: "
+                        f"{', '.join(map(str, rows.columns))}")
+    values = pd.to_numeric(rows.iloc[:, 0], errors="coerce")
+    if values.isna().any() or sorted(values.astype(int)) != list(range(len(rows))):
+        raise DataError(f"{table}: the pixel values must be 0..{len(rows) - 1}, one row each; got "
+                        f"{', '.join(map(str, rows.iloc[:, 0]))}")
+    return [str(c).strip() for _, c in sorted(zip(values.astype(int), rows.iloc[:, 1]))]
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -118,9 +142,8 @@ class Segmentation(DenseTask):
         seen = mask_values(df, column)
         binary = mask_format == "binary" or (mask_format == "auto" and 255 in seen and seen <= {0, 255})
         names = cls.class_names(classes) or list(df.attrs.get("classes") or [])  # (a COCO file names its own)
-        listed = Path(str(df.attrs.get("source", ""))) / CLASSES_FILE
-        if not names and listed.is_file():  # a dataset folder may name its classes, one per line
-            names = [line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not names:  # a dataset folder may name its classes
+            names = listed_classes(Path(str(df.attrs.get("source", ""))))
         if binary:
             names = names or ["background", "foreground"]
             if len(names) != 2:
