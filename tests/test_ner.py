@@ -165,6 +165,36 @@ def test_character_spans_as_annotation_tools_write_them(tmp_path):
         read_tokens(p)
 
 
+def test_label_studio_exports_read_as_their_conll_sentences(tmp_path, ner_files):
+    """Label Studio's JSON export (tasks of data.text and annotations[].result[].value {start, end, labels}) and its
+    JSON-MIN ({text, label: [{start, end, text, labels}]}) read the tags of the sentences they were made from; a
+    cancelled annotation is passed over, and tasks not yet annotated are left out with a warning."""
+    want = read_tokens(ner_files["test"])
+    tasks, mins = [], []
+    for i, (text, tags, offsets) in enumerate(zip(want["text"], want["tags"], want["offsets"])):
+        spans, start = [], None
+        for k, tag in enumerate([*tags, "O"]):
+            if start is not None and not tag.startswith("I-"):
+                spans.append({"start": offsets[start][0], "end": offsets[k - 1][1], "labels": [tags[start][2:]]})
+                start = None
+            if tag.startswith("B-"):
+                start = k
+        result = [{"value": {**v, "text": text[v["start"]:v["end"]]}, "from_name": "label", "to_name": "text",
+                   "type": "labels"} for v in spans]
+        tasks.append({"id": i + 1, "data": {"text": text},
+                      "annotations": [{"was_cancelled": True, "result": []}, {"id": i, "result": result}]})
+        mins.append({"id": i + 1, "text": text, "label": [r["value"] for r in result]})
+    (tmp_path / "ls.json").write_text(json.dumps(tasks + [{"id": 999, "data": {"text": "not yet"}, "annotations": []}]))
+    (tmp_path / "min.json").write_text(json.dumps(mins))
+    with pytest.warns(UserWarning, match="1 Label Studio task"):
+        full = read_tokens(tmp_path / "ls.json")
+    assert full["tags"].tolist() == want["tags"].tolist()
+    assert read_tokens(tmp_path / "min.json")["tags"].tolist() == want["tags"].tolist()
+    (tmp_path / "todo.json").write_text(json.dumps([{"data": {"text": t}, "annotations": []} for t in want["text"]]))
+    todo = read_tokens(tmp_path / "todo.json")  # nothing annotated yet: texts to predict
+    assert todo["text"].tolist() == want["text"].tolist() and todo["tags"].isna().all()
+
+
 @pytest.mark.parametrize("content, suffix, message", [
     ('{"tokens": ["a", "b"], "tags": ["O"]}\n', ".jsonl", "line 1: 2 tokens but 1 tags"),
     ('{"tokens": [], "tags": []}\n', ".jsonl", "line 1: the sentence is empty"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,16 +141,20 @@ def _read_text(path: Path, encoding: str) -> str:
                         "--set data.encoding=latin-1 (or the file's encoding)") from None
 
 
-SPAN_KEYS = ("entities", "spans", "label")  # a text's entity spans: fmtune's and spaCy's, Prodigy's, doccano's JSONL
+SPAN_KEYS = ("entities", "spans", "label")  # a text's entity spans: fmtune's and spaCy's, Prodigy's, doccano's JSONL,
+# Label Studio's JSON-MIN
 
 
 def _span(ent: Any) -> tuple[Any, Any, Any] | None:
     """(start, end, label) of one entity span as annotation tools write it: {start, end, label} (Prodigy too),
     doccano's {start_offset, end_offset, label}, or spaCy's / doccano's [start, end, label]; None if none of those."""
     if isinstance(ent, dict):
+        label = ent.get("label")
+        if label is None and isinstance(ent.get("labels"), list) and len(ent["labels"]) == 1:
+            label = ent["labels"][0]  # (Label Studio's JSON-MIN: {start, end, text, labels: [name]})
         for a, b in (("start", "end"), ("start_offset", "end_offset")):
-            if a in ent and b in ent and "label" in ent:
-                return ent[a], ent[b], ent["label"]
+            if a in ent and b in ent and label is not None:
+                return ent[a], ent[b], label
         return None
     if isinstance(ent, (list, tuple)) and len(ent) == 3:
         return ent[0], ent[1], ent[2]
@@ -195,7 +200,13 @@ def _token_rows(records: list[tuple[str, int, dict]], text_column: str, names: l
     (character spans; ``entities`` may be absent for unlabelled text; also Prodigy's ``spans``, doccano's
     ``label`` lists and ``start_offset`` / ``end_offset``, spaCy's ``[start, end, label]``: ``_span``)."""
     rows = []
+    unlabelled = [i for i, (_, _, rec) in enumerate(records) if _label_studio_task(rec) and not _annotation(rec)]
+    if unlabelled and len(unlabelled) < len(records):  # (Label Studio exports the tasks not yet annotated too)
+        warnings.warn(f"{records[unlabelled[0]][0]}: {len(unlabelled)} Label Studio task(s) without an annotation "
+                      "left out", UserWarning, stacklevel=3)
+        records = [r for i, r in enumerate(records) if i not in set(unlabelled)]
     for where, line, rec in records:
+        rec = _label_studio(rec, text_column, where)
         if "tokens" in rec:
             tokens = rec["tokens"]
             tokens = tokens.tolist() if hasattr(tokens, "tolist") else tokens  # a Parquet list column
@@ -224,6 +235,35 @@ def _token_rows(records: list[tuple[str, int, dict]], text_column: str, names: l
         rows.append({"tokens": tokens, "tags": None if tags is None else to_bio(tags, where), "text": text,
                      "offsets": offsets, "line": line})
     return rows
+
+
+def _label_studio_task(rec: dict) -> bool:
+    return isinstance(rec.get("data"), dict) and isinstance(rec.get("annotations", []), list)
+
+
+def _annotation(rec: dict) -> dict | None:
+    """A Label Studio task's first annotation that was not cancelled, else None."""
+    return next((a for a in rec.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")), None)
+
+
+def _label_studio(rec: dict, text_column: str, where: str) -> dict:
+    """A task of Label Studio's JSON export ({data: {text}, annotations: [{result: [{value: {start, end, labels}}]}]})
+    as a text and its entity spans (its first annotation not cancelled; a task without one: the text alone); any
+    other record as it is."""
+    if not _label_studio_task(rec):
+        return rec
+    data = rec["data"]
+    texts = [v for v in data.values() if isinstance(v, str)]
+    text = data.get(text_column, texts[0] if len(texts) == 1 else None)
+    if not isinstance(text, str):
+        raise DataError(f"{where}: a Label Studio task whose data holds no {text_column!r} text (data.text_column); "
+                        f"its data keys: {', '.join(map(str, data))}")
+    done = _annotation(rec)
+    if done is None:
+        return {text_column: text}
+    result = [r.get("value") for r in done.get("result") or [] if isinstance(r, dict)
+              and isinstance(r.get("value"), dict) and "labels" in r["value"]]
+    return {text_column: text, "entities": result}
 
 
 def _named_tags(tags: list[Any], names: list[str], where: str) -> list[Any]:
