@@ -339,6 +339,12 @@ def test_an_ljspeech_folder_reads_its_pipe_separated_metadata(tiny_asr, tone_spe
     (root / "metadata.csv").write_text(lines[0] + "\nLJ001-0099|Low|Low\n")
     with pytest.raises(DataError, match=r"metadata.csv: line 2: no audio file LJ001-0099.wav"):
         read_speech(root, data)
+    (root / "wavs" / "LJ001-0003.wav").write_bytes(b"not a wave")  # an unreadable clip: named by its own line
+    (root / "metadata.csv").write_text("\n".join(lines[:4]) + "\n")
+    with pytest.raises(DataError, match=r"metadata.csv: line 3\b"):
+        fmtune.train(_cfg(tiny_asr, {**tone_speech, "train": root, "val": root}, tmp_path / "bad",
+                          train={"max_steps": 1, "batch_size": 4}, data={"test": None, "max_bad_fraction": 0.0}),
+                     quiet=True)
     (root / "metadata.csv").write_text("wav|transcript\nwavs/LJ001-0001.wav|Low\n")  # a table with a header
     with pytest.raises(DataError, match=r"metadata.csv: no audio path column \(looked for audio, file_name"):
         read_speech(root, data)

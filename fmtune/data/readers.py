@@ -642,6 +642,8 @@ def row_label(df: pd.DataFrame, i: int) -> str:
     src = df.attrs.get("source", "")
     idx = df.index[i]
     i = int(idx) if isinstance(idx, (int, np.integer)) else i
+    if df.attrs.get("header") is False:  # a table without a header line (LJSpeech's metadata.csv)
+        return f"{src}: line {i + 1}"
     if src.endswith((".csv", ".tsv")):
         return f"{src}: row {i + 1} (line {i + 2})"
     if src.endswith(".txt"):

@@ -125,7 +125,7 @@ def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> p
         p = meta
     lj = _read_ljspeech(p) if p.is_file() else None
     if lj is not None:
-        lj.attrs["source"] = str(p)
+        lj.attrs["source"], lj.attrs["header"] = str(p), False  # (row N is line N: messages say so)
         return _speech_rows(lj, data_cfg, with_targets, p)
     df = read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg)
     if df.empty:
@@ -149,6 +149,8 @@ def _speech_rows(df: pd.DataFrame, data_cfg: Any, with_targets: bool, p: Path) -
     out["line"] = [int(i) + 1 for i in df.index]
     out.attrs["source"] = str(p)
     out.attrs["audio_column"] = audio_col
+    if "header" in df.attrs:
+        out.attrs["header"] = df.attrs["header"]
     if df.attrs.get("media_root"):  # (data.media_root: where the table's relative paths are)
         out.attrs["media_root"] = df.attrs["media_root"]
     return out
