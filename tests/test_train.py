@@ -106,6 +106,29 @@ def test_multilabel_from_one_hot_label_columns(tmp_path, tiny_st_bert, text_file
         MultiLabel.read_file(tmp_path / "bad.csv", cfg)
 
 
+def test_multilabel_0_1_columns_are_read_without_settings(tmp_path, tiny_st_bert, text_files):
+    """A multi-label table without a label column whose labels are 0/1 columns (Jigsaw's comment_text + toxic ...;
+    GoEmotions' raw CSV, whose true / false example_very_unclear is no label) trains without data.label_columns:
+    said, kept, and evaluate reads the test file the same way."""
+    import yaml
+
+    train = _one_hot(text_files["multilabel_train"], tmp_path / "train.csv")
+    test = _one_hot(text_files["multilabel_test"], tmp_path / "test.csv")
+    df = pd.read_csv(train)
+    df.assign(example_very_unclear=[str(i % 7 == 0) for i in range(len(df))]).to_csv(train, index=False)
+    s = _train(tmp_path, tiny_st_bert, train, task={"type": "multilabel"}, data={"test": str(test)},
+               train={"epochs": 2})
+    assert s["columns_read"] == {"text_column": "comment_text", "label_columns": "music,neg,pos"}
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["music", "neg", "pos"]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert saved["label_columns"] == "music,neg,pos"
+    assert fmtune.evaluate(tmp_path / "run", test, quiet=True)["test"] == pytest.approx(s["eval"]["test"])
+    from fmtune.tasks.multilabel import MultiLabel
+
+    assert MultiLabel.usual_label_columns(df.assign(one=1), {"comment_text"}) == ["music", "neg", "pos", "one"]
+    assert MultiLabel.usual_label_columns(df[["id", "comment_text", "pos"]], {"comment_text"}) is None  # one: no set
+
+
 def test_the_zoos_multilabel_set_exports_with_empty_label_sets_and_trains(tmp_path, tiny_st_bert):
     """wnut16-entity-types: real tweets -> the entity types they mention, most of them none (an empty cell,
     read back as no label); its label sets are too rare to stratify the split by, so it is not."""

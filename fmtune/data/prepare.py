@@ -183,10 +183,13 @@ def _usual_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task], media: str
             and (media == "audio" or data_cfg.text_column not in df.columns):  # files named by a value (Kaggle's id)
         settled.update(_found_template(df, media))
     if not (data_cfg.label_columns or tabular_text) and _unset(data_cfg, "label_column", df):
-        found = usual_label(df, task, {settled.get(a, getattr(data_cfg, a))
-                                       for a in ("text_column", "text_pair_column", attr)})
+        inputs = {settled.get(a, getattr(data_cfg, a)) for a in ("text_column", "text_pair_column", attr)}
+        found = usual_label(df, task, inputs)
+        columns = None if found else task.usual_label_columns(df, inputs)
         if found:
             settled["label_column"] = found
+        elif columns:  # (multi-label: one 0/1 column a label)
+            settled["label_columns"] = ",".join(columns)
     if task.hf_problem_type == "single_label_classification" and data_cfg.label_names is None:
         names = label_names_beside(df, settled.get("label_column", data_cfg.label_column))
         if names:
@@ -357,8 +360,8 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     task = task_class(task_type)
     train = read_data(data_cfg.train, task, data_cfg, split=None)
     settled = {**train.attrs.get("columns_read", {}), **settle_columns(train, data_cfg, task)}  # (a reader's own)
-    if ("label_column" in settled or "label_names" in settled) and data_cfg.label_names:
-        train = task.with_label_names(train, data_cfg)  # (ids read before the names were known)
+    if {"label_column", "label_names", "label_columns"} & set(settled):
+        train = task.as_settled(train, data_cfg)  # (read before the options were known: ids, 0/1 columns)
     train, parts = split_by_column(train, data_cfg)  # (settled first: its validation and test rows read the same)
     column = task.target_column(data_cfg)
     _require_input(train, data_cfg, task)  # the columns first: a missing one is the problem, whatever the size

@@ -127,6 +127,18 @@ class Task:
                                     data_cfg)
 
     @classmethod
+    def usual_label_columns(cls, df: pd.DataFrame, inputs: set[str]) -> list[str] | None:
+        """Capability usual_columns: the columns of ``df`` (not ``inputs``) that hold its labels one a column, as
+        well-known datasets keep them (multi-label: Jigsaw's 0/1 columns), where it has no label column; None."""
+        return None
+
+    @classmethod
+    def as_settled(cls, df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
+        """A training frame read before ``prepare.settle_columns`` chose its label options, as its reader reads it
+        with them (class ids named; multi-label: its 0/1 columns as label lists)."""
+        return cls.with_label_names(df, data_cfg)
+
+    @classmethod
     def with_label_names(cls, df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
         """``df`` with the ids of its target column named by data.label_names, when set."""
         names = data_cfg.label_names

@@ -161,6 +161,26 @@ class MultiLabel(Task):
         return one_hot_labels(df, data_cfg) if data_cfg.label_columns else df
 
     @classmethod
+    def usual_label_columns(cls, df, inputs):
+        """The 0/1 columns of a table without a label column (Jigsaw's toxic ... identity_hate, GoEmotions' raw CSV's
+        28 emotions), where it has two or more: every cell 0 or 1 (true / false columns are not labels:
+        GoEmotions' example_very_unclear)."""
+        found = []
+        for c in df.columns:
+            if c in inputs or not isinstance(c, str):
+                continue
+            cells = df[c]
+            if cells.dtype == bool or cells.isna().any():
+                continue
+            if cells.astype(str).str.strip().isin(("0", "1")).all():
+                found.append(c)
+        return found if len(found) >= 2 else None
+
+    @classmethod
+    def as_settled(cls, df, data_cfg):
+        return super().as_settled(one_hot_labels(df, data_cfg) if data_cfg.label_columns else df, data_cfg)
+
+    @classmethod
     def require_targets(cls, df, data_cfg):
         if data_cfg.label_columns and data_cfg.label_column not in df.columns:
             from fmtune.data.tabular import split_names
