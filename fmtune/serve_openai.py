@@ -89,6 +89,9 @@ EMBEDDINGS_DOC = _doc({"model": DECODING["model"], "input": TEXTS,
                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
                        "dimensions": {"type": "integer"}}, ["model", "input"],
                       {"model": "run", "input": ["a gripping, well-acted film"]})
+FEATURE_EXTRACTION_DOC = _doc({"inputs": TEXTS, "normalize": {"type": "boolean"}, "truncate": {"type": "boolean"},
+                               "dimensions": {"type": "integer"}}, ["inputs"],
+                              {"inputs": ["a gripping, well-acted film"], "normalize": True})
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -348,7 +351,6 @@ def add_embedding_routes(app: Any, predictor: Any, limits: Limits, guard: Any, r
     the fine-tuned encoder's pooled features, L2-normalised as OpenAI's embeddings are."""
     import base64
 
-    import numpy as np
     from starlette.concurrency import run_in_threadpool
 
     model_id = add_model_routes(app, predictor.run_dir, guard)
@@ -368,13 +370,7 @@ def add_embedding_routes(app: Any, predictor: Any, limits: Limits, guard: Any, r
         if fmt not in ("float", "base64"):
             raise HTTPError(422, f"'encoding_format' must be float or base64, got {fmt!r}", param="encoding_format")
 
-        def run() -> tuple[np.ndarray, int]:
-            feats, _ = predictor.embed(texts)
-            tok, n = predictor.bundle.tokenizer, predictor.bundle.max_length
-            used = sum(len(ids) for ids in tok(texts, truncation=True, max_length=n)["input_ids"])
-            return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12), used
-
-        vectors, used = await run_in_threadpool(run)
+        vectors, used = await run_in_threadpool(_embedded, predictor, texts, True)
         if data.get("dimensions") is not None and data["dimensions"] != vectors.shape[1]:
             raise HTTPError(422, f"'dimensions': this model's embeddings have {vectors.shape[1]} (they are not "
                                  "shortened)", param="dimensions")
@@ -382,6 +378,50 @@ def add_embedding_routes(app: Any, predictor: Any, limits: Limits, guard: Any, r
                 for v in vectors]
         return {"object": "list", "model": model_id, "usage": {"prompt_tokens": used, "total_tokens": used},
                 "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(rows)]}
+
+    @app.post("/pipeline/feature-extraction", openapi_extra=FEATURE_EXTRACTION_DOC)
+    async def feature_extraction(request: Request) -> Any:
+        """The Hugging Face Inference API's feature extraction (huggingface_hub's
+        ``InferenceClient(model=URL + "/pipeline/feature-extraction").feature_extraction``, as Text Embeddings
+        Inference's /embed): {"inputs": a text or a list, "normalize": true (the default), "truncate"} -> a list of
+        vectors, one per text."""
+        guard(request)
+        data = await read_json(request)
+        if not isinstance(data, dict) or "inputs" not in data:
+            raise HTTPError(422, 'expected {"inputs": a text or a list of texts} (the Hugging Face Inference API)')
+        params = {**(data.get("parameters") or {}), **{k: v for k, v in data.items() if k != "parameters"}}
+        for key in ("prompt_name",):
+            if params.get(key) is not None:
+                raise HTTPError(422, f"{key} is not supported by this run (its encoder takes no prompts)")
+        if params.get("encoding_format") not in (None, "float"):
+            raise HTTPError(422, f"encoding_format: only float is given, not {params['encoding_format']!r}")
+        if predictor.backend != "torch":
+            raise HTTPError(501, f"this service runs the {predictor.backend} export, which gives predictions, not "
+                                 "embeddings: serve the run with --backend torch")
+        texts = _inputs(data, "inputs", limits)
+        normalize = params.get("normalize")
+        vectors, _ = await run_in_threadpool(_embedded, predictor, texts, normalize is None or bool(normalize),
+                                             params.get("truncate") is False)
+        if params.get("dimensions") is not None and params["dimensions"] != vectors.shape[1]:
+            raise HTTPError(422, f"dimensions: this model's embeddings have {vectors.shape[1]} (they are not "
+                                 "shortened)")
+        return vectors.tolist()
+
+
+def _embedded(predictor: Any, texts: list[str], normalize: bool, whole: bool = False) -> tuple[Any, int]:
+    """The run's pooled features of ``texts`` (L2-normalised with ``normalize``) and the tokens they used;
+    ``whole``: a text longer than the model reads is an error (413), not cut."""
+    import numpy as np
+
+    tok, n = predictor.bundle.tokenizer, predictor.bundle.max_length
+    lengths = [len(ids) for ids in tok(texts, truncation=not whole, max_length=n)["input_ids"]]
+    if whole and max(lengths) > n:
+        i = int(np.argmax(lengths))
+        raise HTTPError(413, f"inputs[{i}]: {lengths[i]} tokens; the model reads {n} (truncate: false)")
+    feats, _ = predictor.embed(texts)
+    if normalize:
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return feats, sum(min(x, n) for x in lengths)
 
 
 TRANSCRIPT_FORMATS = ("json", "text")

@@ -130,7 +130,9 @@ def test_the_official_openai_client_embeds_texts_with_the_fine_tuned_encoder(tex
 
 def test_huggingface_hub_inference_client_classifies_texts_and_images(text_run, image_run, image_dirs, monkeypatch):
     """POST / in the Hugging Face Inference API's format, through huggingface_hub's own InferenceClient
-    pointed at the service: text and image classification, top_k, a list of texts, refused parameters."""
+    pointed at the service: text and image classification, top_k, a list of texts, refused parameters; and
+    feature extraction (the fine-tuned encoder's pooled features) from POST /pipeline/feature-extraction."""
+    import numpy as np
     from conftest import hf_inference_client, live_server
 
     pred = fmtune.load(text_run)
@@ -149,6 +151,17 @@ def test_huggingface_hub_inference_client_classifies_texts_and_images(text_run, 
                               ({"text": "x"}, '"inputs"')]:
             r = httpx.post(url, json=body)
             assert r.status_code == 422 and message in r.json()["error"], (body, r.text)
+    feats, _ = pred.embed(["good film", "awful plot"])
+    with live_server(create_app(pred)) as url:  # the feature extraction pipeline's route, as the Inference API's
+        client = hf_inference_client(f"{url}/pipeline/feature-extraction", monkeypatch)
+        got = client.feature_extraction("good film")
+        assert got.shape == (1, feats.shape[1]) and np.allclose(got[0], feats[0] / np.linalg.norm(feats[0]), atol=1e-5)
+        raw = client.feature_extraction(["good film", "awful plot"], normalize=False)
+        assert np.allclose(raw, feats, atol=1e-4)
+        r = httpx.post(f"{url}/pipeline/feature-extraction", json={"inputs": "good " * 300, "truncate": False})
+        assert r.status_code == 413 and "tokens; the model reads" in r.json()["error"]
+        r = httpx.post(f"{url}/pipeline/feature-extraction", json={"inputs": "x", "prompt_name": "query"})
+        assert r.status_code == 422 and "prompt_name is not supported" in r.json()["error"]
     image = next(image_dirs["train"].rglob("*.png"))
     images = fmtune.load(image_run)
     with live_server(create_app(images)) as url:
