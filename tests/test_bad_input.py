@@ -330,6 +330,41 @@ def test_images_named_by_an_id_column_are_found_in_the_folder_beside_the_table(t
         _train(tmp_path / "two", tiny_vit, tmp_path / "train.csv", data={"label_column": "diagnosis"})
 
 
+def test_a_folder_of_class_folders_of_text_files(tmp_path, tiny_bert, text_files):
+    """scikit-learn's load_files layout: aclImdb (train/ and test/, each pos/ and neg/ of .txt files; train/unsup/
+    unlabelled, left out) trains on its splits and reads the same texts as the table they came from; 20 Newsgroups'
+    files without a suffix are texts too; hidden files are not examples; a file not in the encoding is named."""
+    root = tmp_path / "aclImdb"
+    for split in ("train", "test"):
+        df = pd.read_csv(text_files[split])
+        for i, (text, label) in enumerate(zip(df["text"], df["label"])):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            (root / split / label / f"{i}_7.txt").write_text(text)
+    (root / "train" / "unsup").mkdir()
+    (root / "train" / "unsup" / "0_0.txt").write_text("a review without its rating")
+    (root / "train" / "pos" / "._0_7.txt").write_bytes(b"\x00\x05\x16\x07 resource fork")  # (macOS' copy)
+    (root / "imdb.vocab").write_text("good\nbad\n")
+    with pytest.warns(UserWarning, match="ships its held-out splits"):
+        s = _train(tmp_path, tiny_bert, root, train={"max_steps": 2})
+    info = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert info["train"]["rows"] + info["val"]["rows"] == 240 and info["test"]["rows"] == 80
+    from fmtune.data.readers import read_any
+
+    with pytest.warns(UserWarning, match="sub-folder\\(s\\) unsup left out"):
+        got = read_any(root / "train")
+    want = pd.read_csv(text_files["train"])
+    assert sorted(zip(got["text"], got["label"])) == sorted(zip(want["text"], want["label"]))
+    assert fmtune.evaluate(tmp_path / "run", root / "test", quiet=True)["test"] == s["eval"]["test"]
+    news = tmp_path / "20news" / "sci.space"
+    news.mkdir(parents=True)
+    (news / "60154").write_text("orbit and launch")
+    (tmp_path / "20news" / "rec.autos").mkdir()
+    (tmp_path / "20news" / "rec.autos" / "101551").write_bytes("caf\xe9 engine".encode("latin-1"))
+    with pytest.raises(DataError, match=r"101551: not utf-8 text .*--set data.encoding=latin-1"):
+        read_any(tmp_path / "20news")
+    assert read_any(tmp_path / "20news", "latin-1")["text"].tolist() == ["café engine", "orbit and launch"]
+
+
 def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):
     rows = [[t, y] for _ in range(5) for t, y in (("good film", "pos"), ("bad film", "neg"))]
     rows[3][0] = None

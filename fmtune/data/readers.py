@@ -133,8 +133,10 @@ def jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
 
 
 def list_files(folder: Path, suffixes: set[str]) -> list[Path]:
-    """Files anywhere below ``folder`` whose suffix is one of ``suffixes``, sorted."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+    """Files anywhere below ``folder`` whose suffix is one of ``suffixes``, sorted; hidden ones (``.*``: macOS's
+    ``._photo.jpg`` resource forks, ``.DS_Store``) are not files of the data."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+                  and not f.name.startswith("."))
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -145,6 +147,7 @@ def list_images(folder: Path) -> list[Path]:
 # Lists of held-out files a class folder may ship, one path per line relative to the folder (CLASS/FILE): Speech
 # Commands' validation_list.txt and testing_list.txt name the clips of speakers kept out of training.
 SPLIT_LISTS = {"val": "validation_list.txt", "test": "testing_list.txt"}
+UNLABELLED_FOLDERS = ("unsup", "unlabeled", "unlabelled")  # a class folder's examples without a class (aclImdb)
 
 
 def split_lists(folder: Path) -> dict[str, Path]:
@@ -199,12 +202,12 @@ def read_class_folder(path: Path, suffixes: set[str], column: str = "image", exa
                         f"classes: give {splits['train']} (its class sub-folders) here")
     rows = []
     subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    aside = [p.name for p in subs if p.name.startswith("_")]
+    aside = [p.name for p in subs if p.name.startswith("_") or p.name.lower() in UNLABELLED_FOLDERS]
     if aside:
-        warnings.warn(f"{path}: sub-folder(s) {', '.join(aside)} left out (a name starting with '_' is not a class)",
-                      UserWarning, stacklevel=2)
+        warnings.warn(f"{path}: sub-folder(s) {', '.join(aside)} left out (a name starting with '_' is not a class, "
+                      "nor are unlabelled examples: unsup, unlabeled)", UserWarning, stacklevel=2)
     for sub in subs:
-        if not sub.name.startswith("_"):
+        if sub.name not in aside:
             rows += [(str(f), sub.name) for f in list_files(sub, suffixes)]
     lists = split_lists(path) if split_lists_held_out else {}
     if lists:
@@ -228,10 +231,33 @@ def read_image_folder(path: Path) -> pd.DataFrame:
     return read_class_folder(path, IMAGE_SUFFIXES)
 
 
+TEXT_FILE_SUFFIXES = {".txt", ""}  # a text class folder's files: aclImdb's .txt, 20 Newsgroups' numbered files
+
+
+def read_text_folder(path: Path, encoding: str = "utf-8", column: str = "text") -> pd.DataFrame:
+    """A folder of class sub-folders of text files, one example a file (scikit-learn's load_files layout: aclImdb's
+    train/pos/*.txt, 20 Newsgroups, BBC News) -> rows (its text in ``column``, label = sub-folder name, file)."""
+    df = read_class_folder(path, TEXT_FILE_SUFFIXES, column="file", example="pos/1.txt", what="text files")
+    texts = []
+    for f in df["file"]:
+        try:
+            texts.append(Path(f).read_text(encoding=encoding).strip())
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f}: not {encoding} text (byte {e.start}); give its encoding: --set "
+                            "data.encoding=latin-1 (or the files' encoding)") from None
+    df.insert(0, column, texts)
+    return df
+
+
 def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text", media: Any = None) -> pd.DataFrame:
-    """A table file (or a text file, one text per line), or an image folder of class sub-folders."""
+    """A table file (or a text file, one text per line), or a folder of class sub-folders: of images, else of text
+    files (``read_text_folder``)."""
     p = Path(path)
     if p.is_dir():
+        images = any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*"))
+        if not images and any(f.is_file() and f.suffix.lower() in TEXT_FILE_SUFFIXES and not f.name.startswith(".")
+                              for d in p.iterdir() if d.is_dir() for f in d.rglob("*")):
+            return read_text_folder(p, encoding, text_column)
         return read_image_folder(p)
     return read_table(p, encoding, text_column, media)
 
