@@ -1036,7 +1036,7 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     to_stdout = str(output) == "-"
     target = Path(output) if output is not None and not to_stdout else None
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target is not None else None
-    media = "audio" if pred.kind == "audio" else "image"  # what a folder (or a lone file) is read for
+    media = pred.kind if pred.kind in ("audio", "text") else "image"  # what a folder (or a lone file) is read for
     enc, text = pred.config.data.encoding, pred.config.data.text_column
     if inputs.is_file() and (inputs.suffix.lower() in CONLL_PREDICT_SUFFIXES or (
             pred.task.accepts_word_lists and is_word_table(inputs, enc))):  # (sentences of a word a line / row)

@@ -355,6 +355,10 @@ def test_a_folder_of_class_folders_of_text_files(tmp_path, tiny_bert, text_files
     want = pd.read_csv(text_files["train"])
     assert sorted(zip(got["text"], got["label"])) == sorted(zip(want["text"], want["label"]))
     assert fmtune.evaluate(tmp_path / "run", root / "test", quiet=True)["test"] == s["eval"]["test"]
+    predicted = fmtune.predict(tmp_path / "run", root / "test", quiet=True)  # each file, any depth
+    table = fmtune.predict(tmp_path / "run", text_files["test"], quiet=True)
+    assert len(predicted) == 80 and predicted["error"].isna().all()
+    assert sorted(zip(predicted["text"], predicted["label"])) == sorted(zip(table["text"], table["predicted_label"]))
     news = tmp_path / "20news" / "sci.space"
     news.mkdir(parents=True)
     (news / "60154").write_text("orbit and launch")

@@ -238,15 +238,18 @@ def read_text_folder(path: Path, encoding: str = "utf-8", column: str = "text") 
     """A folder of class sub-folders of text files, one example a file (scikit-learn's load_files layout: aclImdb's
     train/pos/*.txt, 20 Newsgroups, BBC News) -> rows (its text in ``column``, label = sub-folder name, file)."""
     df = read_class_folder(path, TEXT_FILE_SUFFIXES, column="file", example="pos/1.txt", what="text files")
-    texts = []
-    for f in df["file"]:
-        try:
-            texts.append(Path(f).read_text(encoding=encoding).strip())
-        except UnicodeDecodeError as e:
-            raise DataError(f"{f}: not {encoding} text (byte {e.start}); give its encoding: --set "
-                            "data.encoding=latin-1 (or the files' encoding)") from None
-    df.insert(0, column, texts)
+    df.insert(0, column, [text_file(f, encoding) for f in df["file"]])
     return df
+
+
+def text_file(path: str | Path, encoding: str) -> str:
+    """A text file's text (one example of a folder of text files), stripped; an error naming it if it is not in
+    ``encoding``."""
+    try:
+        return Path(path).read_text(encoding=encoding).strip()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not {encoding} text (byte {e.start}); give its encoding: --set "
+                        "data.encoding=latin-1 (or the files' encoding)") from None
 
 
 def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text", media: Any = None) -> pd.DataFrame:
@@ -691,8 +694,8 @@ def count_rows(path: Path, media: str = "image") -> int | None:
     bar); None if unknown."""
     suffix = path.suffix.lower()
     if path.is_dir():
-        return len(list_files(path, MEDIA_SUFFIXES[media]))
-    if suffix in MEDIA_SUFFIXES[media]:
+        return len(list_files(path, TEXT_FILE_SUFFIXES if media == "text" else MEDIA_SUFFIXES[media]))
+    if suffix in MEDIA_SUFFIXES.get(media, ()):
         return 1
     if suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
@@ -710,15 +713,26 @@ def count_rows(path: Path, media: str = "image") -> int | None:
 def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: str = "image",
                 text_column: str = "text", media: str = "image"):
     """Yield ``(frame, problems)`` chunks of at most ``chunk_rows`` rows of a table, a folder
-    (any depth) of ``media`` files (image, audio: their paths in ``image_column``) or one such
-    file. Frames keep the file's row positions in their index. A row
+    (any depth) of ``media`` files (image, audio: their paths in ``image_column``; text: their texts in
+    ``text_column``, the path in ``file``) or one such file. Frames keep the file's row positions in their index. A row
     that cannot be read at all (a CSV line with the wrong number of fields, a JSONL line that is
     not a JSON object) is an empty row, and ``problems`` maps its position in the chunk to a
     message naming its line."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"input {path} does not exist")
-    suffixes = MEDIA_SUFFIXES[media]
+    if media == "text" and path.is_dir():  # a folder of text files, one example a file
+        files = list_files(path, TEXT_FILE_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no text files found (.txt, or files without a suffix)")
+        for start in range(0, len(files), chunk_rows):
+            part = files[start:start + chunk_rows]
+            df = pd.DataFrame({text_column: [text_file(f, encoding) for f in part], "file": [str(f) for f in part]},
+                              index=range(start, start + len(part)))
+            df.attrs["source"] = str(path)
+            yield df, {}
+        return
+    suffixes = MEDIA_SUFFIXES.get(media, set())
     if path.is_dir() or path.suffix.lower() in suffixes:
         files = list_files(path, suffixes) if path.is_dir() else [path]
         if not files:
