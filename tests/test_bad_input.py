@@ -431,6 +431,30 @@ def test_semicolon_csv_from_a_spreadsheet_is_read_like_a_comma_one(tmp_path):
     assert read_table(comma)["text"].tolist() == ["a;b"]
 
 
+def test_an_index_pandas_wrote_into_the_file_is_not_data(tmp_path):
+    """df.to_csv(path) without index=False writes the index as a nameless first column, to_parquet as
+    __index_level_0__: neither is read as a column (text_columns=all read it as text); a nameless first column of
+    other values is kept."""
+    from fmtune.config import DataConfig
+    from fmtune.data.tabular import render
+
+    df = pd.DataFrame({"age": ["39", "50", "38"], "job": ["clerk", "manager", "cleaner"], "label": ["a", "b", "a"]},
+                      index=[4, 9, 2])
+    df.to_csv(tmp_path / "i.csv")
+    df.to_parquet(tmp_path / "i.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pandas(df).replace_schema_metadata(None), tmp_path / "hf.parquet")  # no pandas meta
+    for name in ("i.csv", "i.parquet", "hf.parquet"):
+        got = read_table(tmp_path / name)
+        assert got.columns.tolist() == ["age", "job", "label"], name
+        assert render(got, DataConfig(text_columns="all"))["text"][0] == "age: 39, job: clerk", name
+    df.reset_index().rename(columns={"index": ""}).assign(**{"": ["x", "y", "z"]}).to_csv(tmp_path / "k.csv",
+                                                                                           index=False)
+    assert read_table(tmp_path / "k.csv").columns[0] == "Unnamed: 0"
+
+
 def test_labels_differing_only_in_case_or_spaces_are_named(tmp_path, tiny_bert):
     rows = [["good", "pos"], ["bad", "neg"]] * 6 + [["fine", "pos "], ["poor", "Neg"]]
     p = _csv(tmp_path, "look.csv", rows)

@@ -91,6 +91,7 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
             raise DataError(f"{path}: the file is empty") from None
         except pd.errors.ParserError as e:
             raise DataError(f"{path}: malformed CSV: {e}") from None
+        df = _without_written_index(df)
     if len(df) == 0:
         raise DataError(f"{path}: no data rows (only a header?)")
     df.attrs["source"] = str(path)
@@ -973,13 +974,27 @@ def name_labels(df: pd.DataFrame, names: dict[str, list[str]], digits: bool = Fa
     return df
 
 
+def _without_written_index(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` without the index pandas wrote into its CSV (``to_csv`` without ``index=False``: a first column without
+    a name, read as ``Unnamed: 0``, of distinct whole numbers): a row number, not data (``text_columns: all`` would
+    read it as text)."""
+    first = df.columns[0] if len(df.columns) else None
+    if not (isinstance(first, str) and first.startswith("Unnamed: 0")):
+        return df
+    cells = df[first].astype(str).str.strip()
+    if cells.str.fullmatch(r"-?\d+").all() and cells.is_unique:
+        return df.drop(columns=[first])
+    return df
+
+
 def read_parquet(path: Path) -> pd.DataFrame:
     """A Parquet file as a DataFrame; class ids of a Hugging Face dataset's ClassLabel columns come
-    back as their names."""
+    back as their names. A pandas index written into the file (``__index_level_0__``) is not data."""
     try:
         df = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises many types
         raise DataError(f"{path}: cannot read as Parquet: {e}") from None
+    df = df.drop(columns=[c for c in df.columns if str(c).startswith("__index_level_")]).reset_index(drop=True)
     df.attrs["source"] = str(path)
     return name_labels(df, hf_label_names(path))
 
