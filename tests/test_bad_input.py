@@ -161,10 +161,10 @@ def test_the_columns_of_well_known_datasets_are_read_without_settings(tmp_path, 
     s = fmtune.train(cfg_dict(tiny_bert, tmp_path / "reg.csv", out=str(tmp_path / "reg"), task={"type": "regression"},
                               train={"max_steps": 2}), quiet=True)
     assert s["columns_read"] == {"label_column": "score"}
-    # CIFAR-100's fine_label beside its coarse_label (no usual name): the fine classes
-    df.rename(columns={"label": "fine_label"}).assign(coarse_label="x").to_csv(tmp_path / "fine.csv", index=False)
-    assert read_frames(DataConfig(train=str(tmp_path / "fine.csv")), "classification", 0).settled == {
-        "label_column": "fine_label"}
+    # GTZAN's genre
+    df.rename(columns={"label": "genre"}).to_csv(tmp_path / "genre.csv", index=False)
+    assert read_frames(DataConfig(train=str(tmp_path / "genre.csv")), "classification", 0).settled == {
+        "label_column": "genre"}
     # two usual names for one column: nothing is chosen, the error names both
     two = df.rename(columns={"label": "category"}).assign(target=df["label"])
     two.to_csv(tmp_path / "two.csv", index=False)

@@ -428,7 +428,8 @@ def media_root_hint(missing: list[Path], base: Path) -> str:
 USUAL_TEXT = ("text", "sentence", "review", "content", "tweet", "comment_text", "comment", "document", "utterance",
               "body", "message", "review_text", "sms")
 USUAL_LABELS = ("label", "labels", "intent", "category", "class", "sentiment", "emotion", "topic", "target",
-                "fine_label", "genre", "intent_class")  # (CIFAR-100's beside coarse_label, GTZAN, MINDS-14)
+                "genre", "intent_class")  # (GTZAN, MINDS-14; not fine_label: TREC's and CIFAR-100's beside
+# coarse_label are two tasks, the error names both)
 USUAL_TARGETS = ("label", "target", "score", "rating", "stars", "y")  # regression
 
 
