@@ -369,6 +369,37 @@ def test_a_folder_of_class_folders_of_text_files(tmp_path, tiny_bert, text_files
     assert read_any(tmp_path / "20news", "latin-1")["text"].tolist() == ["café engine", "orbit and launch"]
 
 
+def test_images_split_over_folders_no_column_names_are_found_by_name(tmp_path, image_dirs):
+    """HAM10000 (HAM10000_metadata.csv naming image_id, the images in HAM10000_images_part_1/ and _part_2/) and NIH
+    ChestX-ray14 ('Image Index' with its suffix, images_001/images/ ... images_012/images/): a wildcard over the
+    folders no column names, each file found by its name there."""
+    from fmtune.config import DataConfig
+    from fmtune.data.prepare import read_frames
+
+    files = sorted(image_dirs["train"].rglob("*.png"))
+    ham, nih = [], []
+    for i, f in enumerate(files):
+        part = tmp_path / "ham" / f"HAM10000_images_part_{1 + i % 2}"
+        part.mkdir(parents=True, exist_ok=True)
+        (part / f"ISIC_{i:07d}.jpg").write_bytes(f.read_bytes())
+        ham.append({"lesion_id": f"HAM_{i // 2:07d}", "image_id": f"ISIC_{i:07d}", "dx": f.parent.name})
+        folder = tmp_path / "nih" / f"images_{1 + i * 12 // len(files):03d}" / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:08d}_000.png").write_bytes(f.read_bytes())
+        nih.append({"Image Index": f"{i:08d}_000.png", "Finding Labels": f.parent.name, "Patient ID": i})
+    pd.DataFrame(ham).to_csv(tmp_path / "ham" / "HAM10000_metadata.csv", index=False)
+    pd.DataFrame(nih).to_csv(tmp_path / "nih" / "Data_Entry_2017.csv", index=False)
+    for name, table, label, template in (
+            ("ham", "HAM10000_metadata.csv", "dx", "HAM10000_images_part_*/{image_id}.jpg"),
+            ("nih", "Data_Entry_2017.csv", "Finding Labels", "images_*/images/{Image Index}")):
+        cfg = DataConfig(train=str(tmp_path / name / table), label_column=label, min_val_per_class=0)
+        frames = read_frames(cfg, "classification", 0)
+        assert frames.settled == {"image_column": template}, name
+        read = pd.concat([frames.train, frames.val])
+        assert all((tmp_path / name / p).is_file() for p in read[template]), name
+        assert len(read) == len(files)
+
+
 def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):
     rows = [[t, y] for _ in range(5) for t, y in (("good film", "pos"), ("bad film", "neg"))]
     rows[3][0] = None

@@ -295,8 +295,24 @@ def media_templates(df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
                             f"{', '.join(map(repr, missing))}, not a column; columns are: "
                             f"{', '.join(map(str, df.columns))}")
         rows = df[keys].astype(object).where(df[keys].notna(), None).to_dict("records")
-        df[template] = [None if any(v is None for v in r.values()) else template.format(**r) for r in rows]
+        paths = [None if any(v is None for v in r.values()) else template.format(**r) for r in rows]
+        df[template] = _by_name(paths, table_base(df)) if "*" in template else paths
     return df
+
+
+def _by_name(paths: list[str | None], base: Path) -> list[str | None]:
+    """Paths whose folders hold a wildcard (``HAM10000_images_part_*/{image_id}.jpg``: a table's files split over
+    folders no column names) as the one file of that name in the folders it matches under ``base``; a path that
+    matches none, or several, is kept as written (the error that follows names it)."""
+    index: dict[tuple[str, str], list[str]] = {}
+    for folder in {Path(p).parent.as_posix() for p in paths if p}:
+        for f in sorted(base.glob(f"{folder}/*")):
+            index.setdefault((folder, f.name), []).append(f.relative_to(base).as_posix())
+    out = []
+    for p in paths:
+        found = index.get((Path(p).parent.as_posix(), Path(p).name), []) if p else []
+        out.append(found[0] if len(found) == 1 else p)
+    return out
 
 
 def media_folder(missing: list[Path], base: Path) -> Path | None:
@@ -356,15 +372,24 @@ def _as_template(df: pd.DataFrame, column: str, rows: list[int], found: list[str
         written = None
         for other in df.columns:
             cells = [str(df[other].iloc[i]).strip() for i in rows]
-            if isinstance(other, str) and other.isidentifier() and all(c and c in h for c, h in zip(cells, here)):
+            if _field_name(other) and all(c and c in h for c, h in zip(cells, here)):
                 forms = {h.replace(c, f"{{{other}}}", 1) for c, h in zip(cells, here)}
                 if len(forms) == 1:
                     written = forms.pop()
                     break
-        if written is None:
-            return None
+        if written is None:  # folders no column names (HAM10000's part_1, part_2): a wildcard between what they share
+            start = os.path.commonprefix(here).rstrip("0123456789")  # (images_001 .. images_012: images_*)
+            end = os.path.commonprefix([h[len(start):][::-1] for h in here])[::-1].lstrip("0123456789")
+            if not (start or end):
+                return None
+            written = f"{start}*{end}".replace("{", "{{").replace("}", "}}")
         out.append(written)
     return "/".join([*out, names.pop()])
+
+
+def _field_name(column: Any) -> bool:
+    """``column`` can be named in a template (``{Image Index}``: str.format's field names)."""
+    return isinstance(column, str) and bool(column.strip()) and not set(column) & set(".[]:!{}*/\\")
 
 
 def media_template(df: pd.DataFrame, kind: str, column: str | None = None, rows: int = 20) -> tuple[str, Path] | None:
@@ -382,7 +407,7 @@ def media_template(df: pd.DataFrame, kind: str, column: str | None = None, rows:
     here = Path(src).parent
     sample = df.iloc[np.unique(np.linspace(0, len(df) - 1, min(rows, len(df))).astype(int))].reset_index(drop=True)
     check = df.iloc[np.unique(np.linspace(0, len(df) - 1, min(200, len(df))).astype(int))].reset_index(drop=True)
-    columns = [column] if column else [c for c in df.columns if isinstance(c, str) and c.isidentifier()]
+    columns = [column] if column else [c for c in df.columns if _field_name(c)]
     for root in dict.fromkeys((table_base(df), here, here.parent)):
         index = _media_files(root, MEDIA_SUFFIXES[kind]) if root.is_dir() else {}
         if not index:
@@ -398,6 +423,7 @@ def media_template(df: pd.DataFrame, kind: str, column: str | None = None, rows:
         if len(found) != 1:
             continue
         try:
+            check.attrs["media_root"] = str(root)  # (a wildcard's files are looked up there)
             written = media_templates(check.copy(), _Templates(found[0], kind))[found[0]]
         except (KeyError, ValueError, IndexError, DataError):
             continue
