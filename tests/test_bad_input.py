@@ -400,6 +400,30 @@ def test_images_split_over_folders_no_column_names_are_found_by_name(tmp_path, i
         assert len(read) == len(files)
 
 
+def test_label_studio_exports_of_choices_train_a_classifier(tmp_path, tiny_bert, text_files):
+    """Label Studio's JSON export for text classification (tasks of data.text, annotations' results of choices):
+    the texts and the choice of each task's first annotation not cancelled, as the table they came from; several
+    choices a multi-label list; tasks not yet annotated left out, with a warning."""
+    df = pd.read_csv(text_files["train"]).head(60)
+
+    def task(i, text, choices, cancelled=False):
+        result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": choices}}]
+        return {"id": i, "data": {"text": text}, "annotations": [
+            *([{"was_cancelled": True, "result": []}] if cancelled else []), {"id": i, "result": result}]}
+
+    tasks = [task(i, t, [lab], cancelled=i % 5 == 0) for i, (t, lab) in enumerate(zip(df["text"], df["label"]))]
+    (tmp_path / "ls.json").write_text(json.dumps([*tasks, {"id": 99, "data": {"text": "later"}, "annotations": []}]))
+    with pytest.warns(UserWarning, match="1 Label Studio task\\(s\\) without an annotation left out"):
+        got = read_any(tmp_path / "ls.json")
+    assert got["text"].tolist() == df["text"].tolist() and got["label"].tolist() == df["label"].tolist()
+    with pytest.warns(UserWarning, match="without an annotation"):
+        s = _train(tmp_path, tiny_bert, tmp_path / "ls.json", train={"max_steps": 2})
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == sorted(set(df["label"]))
+    (tmp_path / "multi.json").write_text(json.dumps([task(1, "a b", ["x", "y"]), task(2, "c", ["y"])]))
+    assert read_any(tmp_path / "multi.json")["label"].tolist() == [["x", "y"], "y"]
+    assert s["best"] is not None
+
+
 def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):
     rows = [[t, y] for _ in range(5) for t, y in (("good film", "pos"), ("bad film", "neg"))]
     rows[3][0] = None

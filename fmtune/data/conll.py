@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,12 @@ import pandas as pd
 
 from fmtune.data.readers import (
     CONLL_PREDICT_SUFFIXES,
+    annotated_tasks,
     check_encoding,
     csv_separator,
     jsonl_records,
+    label_studio_annotation,
+    label_studio_task,
     read_parquet,
     read_table,
 )
@@ -200,11 +202,8 @@ def _token_rows(records: list[tuple[str, int, dict]], text_column: str, names: l
     (character spans; ``entities`` may be absent for unlabelled text; also Prodigy's ``spans``, doccano's
     ``label`` lists and ``start_offset`` / ``end_offset``, spaCy's ``[start, end, label]``: ``_span``)."""
     rows = []
-    unlabelled = [i for i, (_, _, rec) in enumerate(records) if _label_studio_task(rec) and not _annotation(rec)]
-    if unlabelled and len(unlabelled) < len(records):  # (Label Studio exports the tasks not yet annotated too)
-        warnings.warn(f"{records[unlabelled[0]][0]}: {len(unlabelled)} Label Studio task(s) without an annotation "
-                      "left out", UserWarning, stacklevel=3)
-        records = [r for i, r in enumerate(records) if i not in set(unlabelled)]
+    annotated = annotated_tasks([rec for _, _, rec in records], records[0][0] if records else "")
+    records = [r for r, keep in zip(records, annotated) if keep]
     for where, line, rec in records:
         rec = _label_studio(rec, text_column, where)
         if "tokens" in rec:
@@ -237,20 +236,11 @@ def _token_rows(records: list[tuple[str, int, dict]], text_column: str, names: l
     return rows
 
 
-def _label_studio_task(rec: dict) -> bool:
-    return isinstance(rec.get("data"), dict) and isinstance(rec.get("annotations", []), list)
-
-
-def _annotation(rec: dict) -> dict | None:
-    """A Label Studio task's first annotation that was not cancelled, else None."""
-    return next((a for a in rec.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")), None)
-
-
 def _label_studio(rec: dict, text_column: str, where: str) -> dict:
     """A task of Label Studio's JSON export ({data: {text}, annotations: [{result: [{value: {start, end, labels}}]}]})
     as a text and its entity spans (its first annotation not cancelled; a task without one: the text alone); any
     other record as it is."""
-    if not _label_studio_task(rec):
+    if not label_studio_task(rec):
         return rec
     data = rec["data"]
     texts = [v for v in data.values() if isinstance(v, str)]
@@ -258,7 +248,7 @@ def _label_studio(rec: dict, text_column: str, where: str) -> dict:
     if not isinstance(text, str):
         raise DataError(f"{where}: a Label Studio task whose data holds no {text_column!r} text (data.text_column); "
                         f"its data keys: {', '.join(map(str, data))}")
-    done = _annotation(rec)
+    done = label_studio_annotation(rec)
     if done is None:
         return {text_column: text}
     result = [r.get("value") for r in done.get("result") or [] if isinstance(r, dict)

@@ -114,7 +114,48 @@ def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
         records = [rec for _, rec in jsonl_records(path, text)]
     if not records:
         raise DataError(f"{path}: the file is empty")
+    if all(label_studio_task(r) for r in records):
+        records = label_studio_rows(records, str(path))
     return pd.DataFrame.from_records(records)
+
+
+# Label Studio's JSON export: a list of tasks {data: {text / image ...}, annotations: [{result: [...], was_cancelled}]}
+def label_studio_task(rec: Any) -> bool:
+    return isinstance(rec, dict) and isinstance(rec.get("data"), dict) and isinstance(rec.get("annotations", []), list)
+
+
+def label_studio_annotation(rec: dict) -> dict | None:
+    """A Label Studio task's first annotation that was not cancelled, else None."""
+    return next((a for a in rec.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")), None)
+
+
+def annotated_tasks(records: list[Any], where: str) -> list[bool]:
+    """Which of ``records`` to read: all, except Label Studio tasks not yet annotated where others are (its export
+    holds them too; said in a warning); where none is annotated, all of them (inputs to predict)."""
+    bare = [label_studio_task(r) and label_studio_annotation(r) is None for r in records]
+    if any(bare) and not all(bare):
+        warnings.warn(f"{where}: {sum(bare)} Label Studio task(s) without an annotation left out", UserWarning,
+                      stacklevel=3)
+        return [not b for b in bare]
+    return [True] * len(records)
+
+
+def label_studio_rows(records: list[dict], where: str) -> list[dict]:
+    """Label Studio tasks as table rows: the task's data (text, image ...) and ``label``, the choice its annotation
+    made (a list where it made several: multi-label); tasks not yet annotated as ``annotated_tasks`` says."""
+    rows = []
+    for rec, keep in zip(records, annotated_tasks(records, where)):
+        if not keep:
+            continue
+        row = dict(rec["data"])
+        done = label_studio_annotation(rec)
+        if done is not None:
+            chosen = [c for r in done.get("result") or [] if isinstance(r, dict) and isinstance(r.get("value"), dict)
+                      for c in r["value"].get("choices") or []]
+            if chosen:
+                row["label"] = chosen[0] if len(chosen) == 1 else chosen
+        rows.append(row)
+    return rows
 
 
 def jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
