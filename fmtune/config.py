@@ -88,9 +88,11 @@ class DataConfig:
                            "one column of audio file paths)")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression; a table without "
                            "'label': its one column of a usual name, labels, intent, category, class, sentiment ...)")
-    label_columns: str | None = _f(None, "multilabel: labels held as one 0/1 column each (comma-separated names, e.g. "
+    label_columns: str | None = _f(None, "labels held as one 0/1 column each (comma-separated names, e.g. "
                                    "toxic,obscene,insult, as Jigsaw's and GoEmotions' CSVs have them): a row has the "
-                                   "labels whose column is 1 (or true); the columns are not read as text")
+                                   "labels whose column is 1 (or true); classification: one-hot columns, exactly "
+                                   "one 1 a row. The columns are not read as text. A table without a label column: "
+                                   "its 0/1 columns")
     mask_column: str = _f("mask", "segmentation: column holding mask PNG paths (relative to the file) in a table (a "
                           "table without 'mask': its other column of images, e.g. scene_parse_150's annotation)")
     image_root: str | None = _f(None, "detection: the folder COCO file_names are relative to (default: the JSON "

@@ -424,6 +424,35 @@ def test_label_studio_exports_of_choices_train_a_classifier(tmp_path, tiny_bert,
     assert s["best"] is not None
 
 
+def test_one_hot_class_columns_train_a_single_label_run(tmp_path, tiny_vit, image_dirs):
+    """Kaggle's plant-pathology layout: train.csv (image_id, then one 0/1 column a class, exactly one 1 a row) with
+    images/{image_id}.jpg: trains as classification without settings (the classes from the columns, the images from
+    the ids); a row with two classes marked is named."""
+    from fmtune.config import DataConfig
+    from fmtune.data.prepare import read_frames
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, f in enumerate(sorted(image_dirs["train"].rglob("*.png"))):
+        (tmp_path / "images" / f"Train_{i}.png").write_bytes(f.read_bytes())
+        rows.append({"image_id": f"Train_{i}", "bottom": float(f.parent.name == "bottom"),
+                     "top": int(f.parent.name == "top")})
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    s = _train(tmp_path, tiny_vit, tmp_path / "train.csv", train={"max_steps": 2})
+    assert s["columns_read"] == {"image_column": "images/{image_id}.png", "label_columns": "bottom,top"}
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["bottom", "top"]
+    got = fmtune.predict(tmp_path / "run", tmp_path / "train.csv", quiet=True)
+    assert got["error"].isna().all() and set(got["predicted_label"] if "predicted_label" in got else got["label"]) \
+        <= {"bottom", "top"}
+    assert fmtune.evaluate(tmp_path / "run", tmp_path / "train.csv", quiet=True)["n_test"] == len(rows)
+    rows[3]["top"] = 1
+    pd.DataFrame(rows).to_csv(tmp_path / "two.csv", index=False)
+    cfg = DataConfig(train=str(tmp_path / "two.csv"), label_columns="bottom,top", image_column="images/{image_id}.png")
+    with pytest.raises(DataError, match=r"two.csv: row 4 \(line 5\): data.label_columns marks 2 classes \(bottom, "
+                                        r"top\); a single-label run needs exactly one a row"):
+        read_frames(cfg, "classification", 0)
+
+
 def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):
     rows = [[t, y] for _ in range(5) for t, y in (("good film", "pos"), ("bad film", "neg"))]
     rows[3][0] = None

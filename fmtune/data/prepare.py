@@ -361,7 +361,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     train = read_data(data_cfg.train, task, data_cfg, split=None)
     settled = {**train.attrs.get("columns_read", {}), **settle_columns(train, data_cfg, task)}  # (a reader's own)
     if {"label_column", "label_names", "label_columns"} & set(settled):
-        train = task.as_settled(train, data_cfg)  # (read before the options were known: ids, 0/1 columns)
+        train = task.labelled(train, data_cfg)  # (read before the options were known: ids, 0/1 columns)
     train, parts = split_by_column(train, data_cfg)  # (settled first: its validation and test rows read the same)
     column = task.target_column(data_cfg)
     _require_input(train, data_cfg, task)  # the columns first: a missing one is the problem, whatever the size

@@ -34,5 +34,4 @@ class AudioClassification(Classification):
             return read_audio_folder(p, data_cfg.audio_column)
         if p.suffix.lower() == ".txt":  # a split list of a class folder (Speech Commands' validation_list.txt)
             return read_file_list(p, AUDIO_SUFFIXES, data_cfg.audio_column, "audio files")
-        return cls.with_label_names(read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg),
-                                    data_cfg)
+        return cls.labelled(read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg), data_cfg)

@@ -123,8 +123,7 @@ class Task:
     def read_file(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
         """What ``read`` reads, per task (this one: a table, or a folder of class sub-folders of images);
         labels stored as numbers named by data.label_names."""
-        return cls.with_label_names(read_any(path, data_cfg.encoding, data_cfg.text_column, data_cfg),
-                                    data_cfg)
+        return cls.labelled(read_any(path, data_cfg.encoding, data_cfg.text_column, data_cfg), data_cfg)
 
     @classmethod
     def usual_label_columns(cls, df: pd.DataFrame, inputs: set[str]) -> list[str] | None:
@@ -133,9 +132,10 @@ class Task:
         return None
 
     @classmethod
-    def as_settled(cls, df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
-        """A training frame read before ``prepare.settle_columns`` chose its label options, as its reader reads it
-        with them (class ids named; multi-label: its 0/1 columns as label lists)."""
+    def labelled(cls, df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
+        """A table's labels as data.* say to read them: class ids named (data.label_names); labels held a 0/1 column
+        each (data.label_columns) as the task's labels. Readers apply it, and training to a frame read before
+        ``prepare.settle_columns`` chose those options."""
         return cls.with_label_names(df, data_cfg)
 
     @classmethod
@@ -341,6 +341,52 @@ class Task:
         """What must be saved with a run to rebuild this task (labels.json)."""
         return {"task": self.name, "labels": self.labels, "threshold": self.threshold,
                 "separator": self.separator, "target_stats": self.target_stats, **self.options}
+
+
+TRUE_WORDS, FALSE_WORDS = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no"}
+
+
+def one_hot_labels(df: Any, data_cfg: Any) -> Any:
+    """``data.label_columns`` (one 0/1 column per label) as the list of labels of each row in ``data.label_column``,
+    the 0/1 columns dropped (so that nothing reads them as text). A table with none of them is left as it is (rows
+    to predict); one with some but not all, a cell that is not 0/1 (or true/false, yes/no), or a label column of its
+    own beside them is a DataError naming it."""
+    from fmtune.data.tabular import split_names
+
+    names, target, src = split_names(data_cfg.label_columns), data_cfg.label_column, df.attrs.get("source", "the data")
+    present = [c for c in names if c in df.columns]
+    if not present:
+        return df
+    if len(present) < len(names):
+        missing = next(c for c in names if c not in df.columns)
+        raise DataError(f"{src}: no column {missing!r} (data.label_columns); columns are: "
+                        f"{', '.join(map(str, df.columns))}")
+    if target in df.columns and target not in names:
+        raise DataError(f"{src}: data.label_columns gives the labels, but the table has a {target!r} column "
+                        "(data.label_column) too; name the column the labels go to with --set data.label_column=NAME")
+    on = np.zeros((len(df), len(names)), bool)
+    for j, c in enumerate(names):
+        words = df[c].astype(str).str.strip().str.lower()
+        bad = np.flatnonzero(~words.isin(TRUE_WORDS | FALSE_WORDS).to_numpy())
+        if len(bad):
+            raise DataError(f"{row_label(df, int(bad[0]))}: column {c!r} holds {df[c].iloc[bad[0]]!r}; "
+                            "data.label_columns are 0/1 columns (or true / false)")
+        on[:, j] = words.isin(TRUE_WORDS).to_numpy()
+    out = df.drop(columns=names)
+    out[target] = [[n for n, flag in zip(names, row) if flag] for row in on]
+    out.attrs = dict(df.attrs)
+    return out
+
+def zero_one_columns(df: pd.DataFrame, inputs: set[str]) -> list[str]:
+    """The columns of ``df`` (not ``inputs``) whose every cell is 0 or 1: labels held a column each (true / false
+    columns are not counted: GoEmotions' example_very_unclear is a flag, not an emotion)."""
+    found = []
+    for c in df.columns:
+        if c in inputs or not isinstance(c, str) or df[c].dtype == bool or df[c].isna().any():
+            continue
+        if df[c].astype(str).str.strip().isin(("0", "1", "0.0", "1.0")).all():
+            found.append(c)
+    return found
 
 
 def warn_look_alike_labels(df: pd.DataFrame, values: pd.Series, column: str) -> None:

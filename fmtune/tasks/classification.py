@@ -16,7 +16,15 @@ from sklearn import metrics as skm
 from fmtune import plots
 from fmtune.data.readers import row_label
 from fmtune.errors import DataError
-from fmtune.tasks.base import TASKS, Task, check_numeric_labels, missing_values, warn_look_alike_labels
+from fmtune.tasks.base import (
+    TASKS,
+    Task,
+    check_numeric_labels,
+    missing_values,
+    one_hot_labels,
+    warn_look_alike_labels,
+    zero_one_columns,
+)
 from fmtune.tasks.probe import logreg, scaled, unscaled
 
 
@@ -42,6 +50,32 @@ class Classification(Task):
     hf_problem_type = "single_label_classification"
     capabilities = frozenset({"stratified_split", "mistakes", "attacks", "continual", "transfer", "explain", "embed",
                               "robustness", "fairness", "pseudo_labels", "usual_columns"})
+
+    @classmethod
+    def usual_label_columns(cls, df: pd.DataFrame, inputs: set[str]) -> list[str] | None:
+        """One-hot class columns of a table without a label column (plant-pathology's healthy, multiple_diseases,
+        rust, scab; ISIC 2018's MEL, NV ... as 0.0 / 1.0): two or more 0/1 columns with exactly one 1 a row."""
+        found = zero_one_columns(df, inputs)
+        if len(found) < 2:
+            return None
+        ones = df[found].astype(str).apply(lambda c: c.str.strip().isin(("1", "1.0"))).sum(axis=1)
+        return found if (ones == 1).all() else None
+
+    @classmethod
+    def labelled(cls, df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
+        if data_cfg.label_columns:  # one-hot columns: each row's one class
+            df = one_hot_labels(df, data_cfg)
+            column = data_cfg.label_column
+            if column in df.columns and df[column].map(lambda v: isinstance(v, list)).all():
+                counts = df[column].map(len).to_numpy()
+                bad = np.flatnonzero(counts != 1)
+                if len(bad):
+                    i = int(bad[0])
+                    raise DataError(f"{row_label(df, i)}: data.label_columns marks {counts[i]} classes "
+                                    f"({', '.join(df[column].iloc[i]) or 'none'}); a single-label run needs exactly "
+                                    "one a row (--task multilabel reads several)")
+                df[column] = [v[0] for v in df[column]]
+        return super().labelled(df, data_cfg)
 
     @classmethod
     def stratify_values(cls, df: pd.DataFrame, column: str) -> pd.Series | None:

@@ -17,7 +17,7 @@ from sklearn.multiclass import OneVsRestClassifier
 
 from fmtune.data.readers import row_label
 from fmtune.errors import DataError
-from fmtune.tasks.base import TASKS, Task
+from fmtune.tasks.base import TASKS, Task, one_hot_labels, zero_one_columns
 from fmtune.tasks.probe import logreg, scaled, unscaled
 
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -99,41 +99,6 @@ def _other_separator(cells: list[str], separator: str) -> str | None:
     return sep if n and n >= len(cells) / 10 else None
 
 
-TRUE_WORDS, FALSE_WORDS = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no"}
-
-
-def one_hot_labels(df: Any, data_cfg: Any) -> Any:
-    """``data.label_columns`` (one 0/1 column per label) as the list of labels of each row in ``data.label_column``,
-    the 0/1 columns dropped (so that nothing reads them as text). A table with none of them is left as it is (rows
-    to predict); one with some but not all, a cell that is not 0/1 (or true/false, yes/no), or a label column of its
-    own beside them is a DataError naming it."""
-    from fmtune.data.tabular import split_names
-
-    names, target, src = split_names(data_cfg.label_columns), data_cfg.label_column, df.attrs.get("source", "the data")
-    present = [c for c in names if c in df.columns]
-    if not present:
-        return df
-    if len(present) < len(names):
-        missing = next(c for c in names if c not in df.columns)
-        raise DataError(f"{src}: no column {missing!r} (data.label_columns); columns are: "
-                        f"{', '.join(map(str, df.columns))}")
-    if target in df.columns and target not in names:
-        raise DataError(f"{src}: data.label_columns gives the labels, but the table has a {target!r} column "
-                        "(data.label_column) too; name the column the labels go to with --set data.label_column=NAME")
-    on = np.zeros((len(df), len(names)), bool)
-    for j, c in enumerate(names):
-        words = df[c].astype(str).str.strip().str.lower()
-        bad = np.flatnonzero(~words.isin(TRUE_WORDS | FALSE_WORDS).to_numpy())
-        if len(bad):
-            raise DataError(f"{row_label(df, int(bad[0]))}: column {c!r} holds {df[c].iloc[bad[0]]!r}; "
-                            "data.label_columns are 0/1 columns (or true / false)")
-        on[:, j] = words.isin(TRUE_WORDS).to_numpy()
-    out = df.drop(columns=names)
-    out[target] = [[n for n, flag in zip(names, row) if flag] for row in on]
-    out.attrs = dict(df.attrs)
-    return out
-
-
 @TASKS.register("multilabel")
 class MultiLabel(Task):
     name = "multilabel"
@@ -156,29 +121,15 @@ class MultiLabel(Task):
         return [s.strip() for s in str(v).split(self.separator) if s.strip()]
 
     @classmethod
-    def read_file(cls, path, data_cfg):
-        df = super().read_file(path, data_cfg)
-        return one_hot_labels(df, data_cfg) if data_cfg.label_columns else df
-
-    @classmethod
     def usual_label_columns(cls, df, inputs):
         """The 0/1 columns of a table without a label column (Jigsaw's toxic ... identity_hate, GoEmotions' raw CSV's
-        28 emotions), where it has two or more: every cell 0 or 1 (true / false columns are not labels:
-        GoEmotions' example_very_unclear)."""
-        found = []
-        for c in df.columns:
-            if c in inputs or not isinstance(c, str):
-                continue
-            cells = df[c]
-            if cells.dtype == bool or cells.isna().any():
-                continue
-            if cells.astype(str).str.strip().isin(("0", "1")).all():
-                found.append(c)
+        28 emotions), where it has two or more (``zero_one_columns``)."""
+        found = zero_one_columns(df, inputs)
         return found if len(found) >= 2 else None
 
     @classmethod
-    def as_settled(cls, df, data_cfg):
-        return super().as_settled(one_hot_labels(df, data_cfg) if data_cfg.label_columns else df, data_cfg)
+    def labelled(cls, df, data_cfg):
+        return super().labelled(one_hot_labels(df, data_cfg) if data_cfg.label_columns else df, data_cfg)
 
     @classmethod
     def require_targets(cls, df, data_cfg):
