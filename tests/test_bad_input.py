@@ -453,6 +453,42 @@ def test_one_hot_class_columns_train_a_single_label_run(tmp_path, tiny_vit, imag
         read_frames(cfg, "classification", 0)
 
 
+def test_a_csv_without_a_header_as_the_classic_text_sets_ship(tmp_path, tiny_bert, text_files):
+    """Yelp, AG News, DBpedia and Amazon polarity as fast.ai and Kaggle ship them: no header, the class id first
+    ("1","Title ...","Description ..."). Read without one (it was read as a header: columns named by the first
+    review), label the first column, text the column of the longest cells; training, predict (chunked) and
+    messages (line N is row N) agree; a CSV whose header has a number for a name is still a header."""
+    import csv
+
+    from fmtune.data.readers import iter_chunks
+
+    df = pd.read_csv(text_files["train"]).head(60)
+    ids = {"neg": 1, "pos": 2}
+    with (tmp_path / "ag.csv").open("w", newline="") as fh:
+        csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(
+            [ids[lab], f"title {i}", text] for i, (text, lab) in enumerate(zip(df["text"], df["label"])))
+    with pytest.warns(UserWarning, match=r"ag.csv: its first line is data, not a header \('\d', 'title 0' ...\): "
+                                         r"read without one, its columns named label, column_2, text"):
+        got = read_table(tmp_path / "ag.csv")
+    assert got["text"].tolist() == df["text"].tolist() and got["label"].tolist() == [str(ids[x]) for x in df["label"]]
+    with pytest.warns(UserWarning, match="first line is data"):
+        chunk = next(iter_chunks(tmp_path / "ag.csv", "utf-8", 100))[0]
+    assert chunk["text"].tolist() == df["text"].tolist()
+    with pytest.warns(UserWarning, match="first line is data"):
+        s = _train(tmp_path, tiny_bert, tmp_path / "ag.csv", train={"max_steps": 2})
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["1", "2"]
+    with pytest.warns(UserWarning, match="first line is data"):
+        assert len(fmtune.predict(tmp_path / "run", tmp_path / "ag.csv", quiet=True)) == 60
+    lines = (tmp_path / "ag.csv").read_text().splitlines()
+    lines[2] = '"2","title 2",""'  # an empty text on line 3: named by its line
+    (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="first line is data"), pytest.raises(DataError, match=r"bad.csv: line 3\b"):
+        _train(tmp_path / "b", tiny_bert, tmp_path / "bad.csv")
+    pd.DataFrame({"2019": ["1", "2"], "text": ["a b", "c d"]}).to_csv(tmp_path / "year.csv", index=False)
+    assert read_table(tmp_path / "year.csv").columns.tolist() == ["2019", "text"]
+    assert s["best"] is not None
+
+
 def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):
     rows = [[t, y] for _ in range(5) for t, y in (("good film", "pos"), ("bad film", "neg"))]
     rows[3][0] = None

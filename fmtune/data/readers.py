@@ -7,8 +7,10 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import itertools
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -84,13 +86,21 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
         df = pd.concat([chunk for chunk, _ in _txt_chunks(path, encoding, 1 << 30, text_column)] or [pd.DataFrame()])
     else:
         check_encoding(path, encoding)
-        try:
-            df = pd.read_csv(path, sep=csv_separator(path, encoding), encoding=encoding, dtype=str,
-                             keep_default_na=False, na_values=[""], quoting=csv.QUOTE_MINIMAL)
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path}: the file is empty") from None
-        except pd.errors.ParserError as e:
-            raise DataError(f"{path}: malformed CSV: {e}") from None
+        sep, names = csv_separator(path, encoding), None
+        for _ in range(2):  # (read again without a header where its first line is data)
+            try:
+                df = pd.read_csv(path, sep=sep, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""],
+                                 quoting=csv.QUOTE_MINIMAL, header=None if names else "infer", names=names)
+            except pd.errors.EmptyDataError:
+                raise DataError(f"{path}: the file is empty") from None
+            except pd.errors.ParserError as e:
+                raise DataError(f"{path}: malformed CSV: {e}") from None
+            if names is not None:
+                df.attrs["header"] = False
+                break
+            names = headerless_names(path, [str(c) for c in df.columns], df.head(50).values.tolist())
+            if names is None:
+                break
         df = _without_written_index(df)
     if len(df) == 0:
         raise DataError(f"{path}: no data rows (only a header?)")
@@ -1042,6 +1052,31 @@ def name_labels(df: pd.DataFrame, names: dict[str, list[str]], digits: bool = Fa
     return df
 
 
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def headerless_names(path: Path, first: list[str], sample: list[list[Any]]) -> list[str] | None:
+    """Names for the columns of a CSV whose first line is data, not a header (the sets of Zhang et al. 2015 as
+    fast.ai and Kaggle ship them: Yelp, AG News, DBpedia, Amazon polarity, ``"3","Wall St. Bears ...","Reuters -
+    ..."``; Sentiment140), said in a warning; None for a CSV with a header. Told by a first cell that is a number
+    (pandas numbers repeated names: ``5.1``) beside a cell that is no column name (spaces, or over 30 characters).
+    The first column is ``label`` where its cells are whole numbers, the other column of the longest cells ``text``,
+    the rest ``column_N``."""
+    cells = [c.strip() for c in first]
+    if len(cells) < 2 or not _NUMBER.fullmatch(cells[0]) or not any(" " in c or len(c) > 30 for c in cells[1:]):
+        return None
+    rows = [cells, *sample]
+    names = [f"column_{i + 1}" for i in range(len(cells))]
+    if all(re.fullmatch(r"-?\d+", str(r[0]).strip()) for r in rows if len(r) and r[0] is not None):
+        names[0] = "label"
+    lengths = [np.mean([len(str(r[j])) for r in rows if j < len(r) and r[j] is not None] or [0])
+               for j in range(1, len(cells))]
+    names[1 + int(np.argmax(lengths))] = "text"
+    warnings.warn(f"{path}: its first line is data, not a header ({cells[0]!r}, {cells[1][:40]!r} ...): read without "
+                  f"one, its columns named {', '.join(names)}", UserWarning, stacklevel=4)
+    return names
+
+
 def _without_written_index(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` without the index pandas wrote into its CSV (``to_csv`` without ``index=False``: a first column without
     a name, read as ``Unnamed: 0``, of distinct whole numbers): a row number, not data (``text_columns: all`` would
@@ -1143,29 +1178,38 @@ def _csv_chunks(path: Path, encoding: str, chunk_rows: int):
         header = next(reader, None)
         if not header:
             raise DataError(f"{path}: the file is empty")
+        numbered = ((reader.line_num, fields) for fields in reader)
+        ahead = list(itertools.islice(numbered, 50))  # (the first rows: is the first line data, not a header?)
+        names = headerless_names(path, header, [fields for _, fields in ahead])
+        lines = itertools.chain(ahead, numbered)
+        if names is not None:
+            lines, header = itertools.chain([(1, header)], lines), names
         rows: list[list[str | None]] = []
         index: list[int] = []
         problems: dict[int, str] = {}
         row = -1
-        for fields in reader:
+        for line, fields in lines:
             if not fields:
                 continue  # a blank line
             row += 1
             if len(fields) != len(header):
-                msg = (f"{path}: row {row + 1} (line {reader.line_num}) has {len(fields)} fields, the header has "
+                msg = (f"{path}: row {row + 1} (line {line}) has {len(fields)} fields, the header has "
                        f"{len(header)} (an unquoted separator in a value?)")
                 problems[len(rows)] = msg
                 fields = [None] * len(header)  # an empty row in its place: one output row per input row
             rows.append([v if v != "" else None for v in fields])
             index.append(row)
             if len(rows) == chunk_rows:
-                yield _table(rows, index, header, path), problems
+                yield _table(rows, index, header, path, names is None), problems
                 rows, index, problems = [], [], {}
         if rows:
-            yield _table(rows, index, header, path), problems
+            yield _table(rows, index, header, path, names is None), problems
 
 
-def _table(rows: list[list], index: list[int], header: list[str], path: Path) -> pd.DataFrame:
+def _table(rows: list[list], index: list[int], header: list[str], path: Path, with_header: bool = True
+           ) -> pd.DataFrame:
     df = pd.DataFrame(rows, index=index, columns=header, dtype=object)
     df.attrs["source"] = str(path)
+    if not with_header:
+        df.attrs["header"] = False
     return df
