@@ -76,6 +76,14 @@ def test_jsonl_and_parquet_train(tmp_path, tiny_bert, text_files):
                               data={"text_column": "review", "label_column": "y"}, train={"max_steps": 2}),
                      quiet=True)
     assert s["best"] is not None
+    # pandas' to_json default (orient=columns: {"text": {"0": ...}, ...}) and a JSON object of lists are tables too
+    df.to_json(tmp_path / "columns.json")
+    (tmp_path / "lists.json").write_text(json.dumps(df.to_dict(orient="list")))
+    for name in ("columns.json", "lists.json"):
+        got = read_table(tmp_path / name)
+        assert got["text"].tolist() == df["text"].tolist() and got["label"].tolist() == df["label"].tolist(), name
+    (tmp_path / "one.json").write_text(json.dumps({"text": "a lone row", "label": "pos"}))
+    assert read_table(tmp_path / "one.json").to_dict(orient="records") == [{"text": "a lone row", "label": "pos"}]
 
 
 def test_hugging_face_class_ids_come_back_as_names(tmp_path, tiny_bert, text_files):

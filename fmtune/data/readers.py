@@ -122,11 +122,28 @@ def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
             raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     else:
         records = [rec for _, rec in jsonl_records(path, text)]
+        columns = _json_columns(records)
+        if columns is not None:
+            return columns
     if not records:
         raise DataError(f"{path}: the file is empty")
     if all(label_studio_task(r) for r in records):
         records = label_studio_rows(records, str(path))
     return pd.DataFrame.from_records(records)
+
+
+def _json_columns(records: list[dict]) -> pd.DataFrame | None:
+    """One JSON object of columns (pandas' ``to_json`` default, orient=columns: {"text": {"0": ..., "1": ...},
+    "label": {...}}; or of lists: {"text": [...], "label": [...]}) as its table, else None."""
+    if len(records) != 1 or not records[0]:
+        return None
+    cells = list(records[0].values())
+    lengths = {len(v) for v in cells if isinstance(v, (dict, list))}
+    if len(lengths) != 1 or not all(isinstance(v, (dict, list)) for v in cells) or lengths == {0}:
+        return None
+    if all(isinstance(v, dict) for v in cells) and len({tuple(v) for v in cells}) != 1:
+        return None  # (columns of other rows: not a table)
+    return pd.DataFrame({k: list(v.values()) if isinstance(v, dict) else v for k, v in records[0].items()})
 
 
 # Label Studio's JSON export: a list of tasks {data: {text / image ...}, annotations: [{result: [...], was_cancelled}]}
