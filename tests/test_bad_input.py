@@ -78,10 +78,13 @@ def test_jsonl_and_parquet_train(tmp_path, tiny_bert, text_files):
     assert s["best"] is not None
     # pandas' to_json default (orient=columns: {"text": {"0": ...}, ...}) and a JSON object of lists are tables too
     df.to_json(tmp_path / "columns.json")
+    df.to_json(tmp_path / "indented.json", indent=2)
     (tmp_path / "lists.json").write_text(json.dumps(df.to_dict(orient="list")))
-    for name in ("columns.json", "lists.json"):
+    for name in ("columns.json", "indented.json", "lists.json"):
         got = read_table(tmp_path / name)
         assert got["text"].tolist() == df["text"].tolist() and got["label"].tolist() == df["label"].tolist(), name
+        chunks = [c for c, _ in iter_chunks(tmp_path / name, "utf-8", 100)]  # (predict reads it so)
+        assert pd.concat(chunks)["text"].tolist() == df["text"].tolist(), name
     (tmp_path / "one.json").write_text(json.dumps({"text": "a lone row", "label": "pos"}))
     assert read_table(tmp_path / "one.json").to_dict(orient="records") == [{"text": "a lone row", "label": "pos"}]
 

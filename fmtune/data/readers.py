@@ -121,7 +121,11 @@ def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     else:
-        records = [rec for _, rec in jsonl_records(path, text)]
+        try:  # one object, perhaps over many lines (pandas' to_json(indent=...))
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        records = [whole] if isinstance(whole, dict) else [rec for _, rec in jsonl_records(path, text)]
         columns = _json_columns(records)
         if columns is not None:
             return columns
@@ -130,6 +134,14 @@ def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
     if all(label_studio_task(r) for r in records):
         records = label_studio_rows(records, str(path))
     return pd.DataFrame.from_records(records)
+
+
+def _one_object(path: Path, encoding: str) -> bool:
+    """``path`` holds one JSON object (not JSON lines)."""
+    try:
+        return isinstance(json.loads(path.read_text(encoding=encoding)), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def _json_columns(records: list[dict]) -> pd.DataFrame | None:
@@ -1124,8 +1136,8 @@ def _jsonl_chunks(path: Path, encoding: str, chunk_rows: int):
         first = fh.read(1)
         while first.isspace():
             first = fh.read(1)
-    if first == "[":  # a plain JSON array cannot be streamed: read it whole
-        df = _read_jsonl(path, encoding)
+    if first == "[" or (first == "{" and path.suffix.lower() == ".json" and _one_object(path, encoding)):
+        df = _read_jsonl(path, encoding)  # (a JSON array, or one object of columns, cannot be streamed: read whole)
         for start in range(0, len(df), chunk_rows):
             yield df.iloc[start:start + chunk_rows], {}
         return
