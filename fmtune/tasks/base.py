@@ -377,6 +377,7 @@ def one_hot_labels(df: Any, data_cfg: Any) -> Any:
     out.attrs = dict(df.attrs)
     return out
 
+
 def zero_one_columns(df: pd.DataFrame, inputs: set[str]) -> list[str]:
     """The columns of ``df`` (not ``inputs``) whose every cell is 0 or 1: labels held a column each (true / false
     columns are not counted: GoEmotions' example_very_unclear is a flag, not an emotion)."""
