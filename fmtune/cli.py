@@ -801,13 +801,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_SHOWN: set[str] = set()  # the warnings said so far: a file read again (by the report, evaluation) says it once
+
+
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
                   line: Any = None) -> None:
-    """Warnings meant for the user (unreadable rows, images): one line, no source location."""
+    """Warnings meant for the user (unreadable rows, images): one line, no source location, each once."""
     from rich.markup import escape
 
     from fmtune.ui import console
 
+    if str(message) in _SHOWN:
+        return
+    _SHOWN.add(str(message))
     console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 
@@ -818,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
     warnings.showwarning = _show_warning
+    _SHOWN.clear()  # (once per command)
     try:
         check_paths(args)
         args.fn(args)

@@ -238,6 +238,24 @@ def test_cli_train_evaluate_predict(tmp_path, tiny_st_bert, text_files, capsys):
     assert len(pd.read_csv(out)) == len(pd.read_csv(text_files["test"]))
 
 
+def test_a_warning_is_said_once_per_command(capsys):
+    """A file read again (by the report, by evaluation) says its warning once, not at every read; a new command says
+    it again."""
+    from fmtune import cli
+
+    def said() -> int:
+        out = capsys.readouterr()
+        return (out.out + out.err).count("x.csv: its first line is data")
+
+    cli._SHOWN.clear()
+    for _ in range(3):
+        cli._show_warning(UserWarning("x.csv: its first line is data"), UserWarning, "f.py", 1)
+    assert said() == 1
+    assert cli.main(["models"]) == 0 and not cli._SHOWN  # (a new command starts afresh)
+    cli._show_warning(UserWarning("x.csv: its first line is data"), UserWarning, "f.py", 1)
+    assert said() == 1
+
+
 def test_cli_errors_are_one_clear_line(tmp_path, text_files, capsys):
     rc = main(["train", "--model", "no-such-model", "--data", str(text_files["train"]), "--out",
                str(tmp_path / "x")])
