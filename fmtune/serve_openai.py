@@ -362,9 +362,7 @@ def add_embedding_routes(app: Any, predictor: Any, limits: Limits, guard: Any, r
         data = await read_json(request)
         if not isinstance(data, dict):
             raise HTTPError(422, "expected a JSON object")
-        if predictor.backend != "torch":
-            raise HTTPError(501, f"this service runs the {predictor.backend} export, which gives predictions, not "
-                                 "embeddings: serve the run with --backend torch")
+        _require_torch(predictor)
         texts = _inputs(data, "input", limits)
         fmt = data.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
@@ -390,14 +388,11 @@ def add_embedding_routes(app: Any, predictor: Any, limits: Limits, guard: Any, r
         if not isinstance(data, dict) or "inputs" not in data:
             raise HTTPError(422, 'expected {"inputs": a text or a list of texts} (the Hugging Face Inference API)')
         params = {**(data.get("parameters") or {}), **{k: v for k, v in data.items() if k != "parameters"}}
-        for key in ("prompt_name",):
-            if params.get(key) is not None:
-                raise HTTPError(422, f"{key} is not supported by this run (its encoder takes no prompts)")
+        if params.get("prompt_name") is not None:
+            raise HTTPError(422, "prompt_name is not supported by this run (its encoder takes no prompts)")
         if params.get("encoding_format") not in (None, "float"):
             raise HTTPError(422, f"encoding_format: only float is given, not {params['encoding_format']!r}")
-        if predictor.backend != "torch":
-            raise HTTPError(501, f"this service runs the {predictor.backend} export, which gives predictions, not "
-                                 "embeddings: serve the run with --backend torch")
+        _require_torch(predictor)
         texts = _inputs(data, "inputs", limits)
         normalize = params.get("normalize")
         vectors, _ = await run_in_threadpool(_embedded, predictor, texts, normalize is None or bool(normalize),
@@ -406,6 +401,13 @@ def add_embedding_routes(app: Any, predictor: Any, limits: Limits, guard: Any, r
             raise HTTPError(422, f"dimensions: this model's embeddings have {vectors.shape[1]} (they are not "
                                  "shortened)")
         return vectors.tolist()
+
+
+def _require_torch(predictor: Any) -> None:
+    """Embeddings come from the torch model: an exported backend gives predictions only (501)."""
+    if predictor.backend != "torch":
+        raise HTTPError(501, f"this service runs the {predictor.backend} export, which gives predictions, not "
+                             "embeddings: serve the run with --backend torch")
 
 
 def _embedded(predictor: Any, texts: list[str], normalize: bool, whole: bool = False) -> tuple[Any, int]:

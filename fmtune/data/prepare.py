@@ -249,8 +249,8 @@ def media_elsewhere(df: pd.DataFrame, data_cfg: Any, kind: str) -> Any:
     if len(names) != 1 or names[0] not in df.columns:
         return data_cfg
     try:
-        written = media_templates(df.head(5).copy(), data_cfg)[template].dropna()
-        if len(written) and (table_base(df) / written.iloc[0]).exists():
+        head = media_templates(df.head(5).copy(), data_cfg)
+        if head[template].notna().any() and not _missing_media(head, template):
             return data_cfg
     except DataError:  # (the template names a column the table lacks)
         pass
@@ -313,24 +313,23 @@ def split_by_column(train: pd.DataFrame, data_cfg: Any) -> tuple[pd.DataFrame, d
     roles = split_roles(train[column])
     counts = roles.value_counts()
     parts = {k: rows_of_split(train, column, k) for k in ("val", "test") if counts.get(k)}
-    said, aside, settled = [], [], data_cfg.split_column == column  # (settled: a run's config read again)
+    said, aside, known = [], [], data_cfg.split_column == column  # (known: a run's config read again, not said)
     for key, part in list(parts.items()):
         given = getattr(data_cfg, key)
         if given is None or str(given) == str(data_cfg.train):
-            settled = settled and given is not None
+            known = known and given is not None
             setattr(data_cfg, key, str(data_cfg.train))
             said.append(f"{len(part):,} {key}")
         else:
             aside.append(f"its {len(part):,} {key} rows are left out (data.{key} = {given})")
             del parts[key]
     data_cfg.split_column = column
-    rows = rows_of_split(train, column, "train")
-    if not settled:
-            warnings.warn(f"{data_cfg.train}: its {column!r} column marks each row's split: {int(counts['train']):,} "
+    if not known:
+        warnings.warn(f"{data_cfg.train}: its {column!r} column marks each row's split: {int(counts['train']):,} "
                       f"train{''.join(f', {s}' for s in said)} rows{'; ' if aside else ''}{'; '.join(aside)} "
                       f"(data.split_column={column}; --set data.split_column=none to read every row as training "
                       "data)", UserWarning, stacklevel=3)
-    return rows, parts
+    return rows_of_split(train, column, "train"), parts
 
 
 def split_lists_unset(data_cfg: Any, task_type: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import string
 import warnings
 from pathlib import Path
 from typing import Any
@@ -86,21 +87,12 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
         df = pd.concat([chunk for chunk, _ in _txt_chunks(path, encoding, 1 << 30, text_column)] or [pd.DataFrame()])
     else:
         check_encoding(path, encoding)
-        sep, names = csv_separator(path, encoding), None
-        for _ in range(2):  # (read again without a header where its first line is data)
-            try:
-                df = pd.read_csv(path, sep=sep, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""],
-                                 quoting=csv.QUOTE_MINIMAL, header=None if names else "infer", names=names)
-            except pd.errors.EmptyDataError:
-                raise DataError(f"{path}: the file is empty") from None
-            except pd.errors.ParserError as e:
-                raise DataError(f"{path}: malformed CSV: {e}") from None
-            if names is not None:
-                df.attrs["header"] = False
-                break
-            names = headerless_names(path, [str(c) for c in df.columns], df.head(50).values.tolist())
-            if names is None:
-                break
+        sep = csv_separator(path, encoding)
+        df = _read_csv(path, sep, encoding)
+        names = headerless_names(path, [str(c) for c in df.columns], df.head(50).values.tolist())
+        if names is not None:  # its first line is data: read again without a header
+            df = _read_csv(path, sep, encoding, names)
+            df.attrs["header"] = False
         df = _without_written_index(df)
     if len(df) == 0:
         raise DataError(f"{path}: no data rows (only a header?)")
@@ -110,6 +102,17 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
     if media.media_root:
         df.attrs["media_root"] = str(Path(media.media_root).expanduser())
     return media_templates(df, media)
+
+
+def _read_csv(path: Path, sep: str, encoding: str, names: list[str] | None = None) -> pd.DataFrame:
+    """A CSV / TSV as text cells (its header's names, or ``names`` for a file without a header)."""
+    try:
+        return pd.read_csv(path, sep=sep, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""],
+                           quoting=csv.QUOTE_MINIMAL, header=None if names else "infer", names=names)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: malformed CSV: {e}") from None
 
 
 def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
@@ -216,8 +219,16 @@ def jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
 def list_files(folder: Path, suffixes: set[str]) -> list[Path]:
     """Files anywhere below ``folder`` whose suffix is one of ``suffixes``, sorted; hidden ones (``.*``: macOS's
     ``._photo.jpg`` resource forks, ``.DS_Store``) are not files of the data."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
-                  and not f.name.startswith("."))
+    return sorted(_files(folder, suffixes))
+
+
+def has_files(folder: Path, suffixes: set[str]) -> bool:
+    """``list_files`` would find some (it stops at the first)."""
+    return next(_files(folder, suffixes), None) is not None
+
+
+def _files(folder: Path, suffixes: set[str]) -> Any:
+    return (f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes and not f.name.startswith("."))
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -339,8 +350,7 @@ def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text
     p = Path(path)
     if p.is_dir():
         images = any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*"))
-        if not images and any(f.is_file() and f.suffix.lower() in TEXT_FILE_SUFFIXES and not f.name.startswith(".")
-                              for d in p.iterdir() if d.is_dir() for f in d.rglob("*")):
+        if not images and any(has_files(d, TEXT_FILE_SUFFIXES) for d in p.iterdir() if d.is_dir()):
             return read_text_folder(p, encoding, text_column)
         return read_image_folder(p)
     return read_table(p, encoding, text_column, media)
@@ -362,8 +372,6 @@ def media_templates(df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
     """``df`` with a column of file paths built from its other columns where ``data.image_column`` /
     ``audio_column`` / ``mask_column`` is a template over column names rather than a column: Kaggle's
     ``{id}.jpg``, UrbanSound8K's ``fold{fold}/{slice_file_name}``. The new column is named by the template."""
-    import string
-
     for attr in MEDIA_COLUMNS:
         template = getattr(data_cfg, attr, None)
         if not template or "{" not in template or template in df.columns:
@@ -374,10 +382,17 @@ def media_templates(df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
             raise DataError(f"{df.attrs.get('source', 'the data')}: data.{attr} {template!r} names "
                             f"{', '.join(map(repr, missing))}, not a column; columns are: "
                             f"{', '.join(map(str, df.columns))}")
-        rows = df[keys].astype(object).where(df[keys].notna(), None).to_dict("records")
-        paths = [None if any(v is None for v in r.values()) else template.format(**r) for r in rows]
-        df[template] = _by_name(paths, table_base(df)) if "*" in template else paths
+        df[template] = template_paths(df, template)
     return df
+
+
+def template_paths(df: pd.DataFrame, template: str) -> list[str | None]:
+    """Each row's file path as ``template`` writes it from its columns (None where a cell is empty); a wildcard
+    folder's files found by name (``_by_name``)."""
+    keys = [k for _, k, _, _ in string.Formatter().parse(template) if k]
+    rows = df[keys].astype(object).where(df[keys].notna(), None).to_dict("records")
+    paths = [None if any(v is None for v in r.values()) else template.format(**r) for r in rows]
+    return _by_name(paths, table_base(df)) if "*" in template else paths
 
 
 def _by_name(paths: list[str | None], base: Path) -> list[str | None]:
@@ -502,23 +517,14 @@ def media_template(df: pd.DataFrame, kind: str, column: str | None = None, rows:
                     found.append(template)
         if len(found) != 1:
             continue
+        check.attrs["media_root"] = str(root)  # (a wildcard's files are looked up there)
         try:
-            check.attrs["media_root"] = str(root)  # (a wildcard's files are looked up there)
-            written = media_templates(check.copy(), _Templates(found[0], kind))[found[0]]
-        except (KeyError, ValueError, IndexError, DataError):
+            written = template_paths(check, found[0])
+        except (KeyError, ValueError, IndexError):
             continue
         if sum(isinstance(p, str) and (root / p).is_file() for p in written) >= 0.9 * len(written):
             return found[0], root
     return None
-
-
-class _Templates:
-    """A data config of one template, for ``media_templates``."""
-
-    def __init__(self, template: str, kind: str) -> None:
-        self.image_column = template if kind == "image" else None
-        self.audio_column = template if kind == "audio" else None
-        self.mask_column = None
 
 
 def media_root_hint(missing: list[Path], base: Path) -> str:
@@ -947,7 +953,7 @@ def split_column(df: pd.DataFrame, option: str) -> str | None:
         return None
     bad = np.flatnonzero(split_roles(df[option]).isna().to_numpy())
     if len(bad):
-        names = ", ".join(n for names in SPLIT_FOLDERS.values() for n in names)
+        names = ", ".join(SPLIT_OF)
         raise DataError(f"{row_label(df, int(bad[0]))}: {option} {df[option].iloc[bad[0]]!r} names no split ({names}; "
                         f"{len(bad):,} row(s) in all); --set data.split_column=none to read every row")
     return option
