@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="*", help="a CSV/TSV/JSONL/Parquet file with the text (or image / audio path) "
                     "column, a .txt file of one text per line, a CoNLL file (.conll/.bio/.iob: each sentence; its "
                     "tags, if any, stay beside the predicted ones), an image or audio folder or file (what the run "
-                    "reads); "
+                    "reads; a text run: a folder of text files, one text a file); "
                     "- reads stdin; anything else that is not a path is a text to predict (a small table is printed)")
     pr.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to predict (repeatable)")
     pr.add_argument("--format", choices=["auto", "lines", "csv", "tsv", "jsonl"], default="auto",
