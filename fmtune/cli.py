@@ -443,10 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = verb("train", cmd_train, "fine-tune a model; writes a run directory", epilog=_config_epilog())
     t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     t.add_argument("--model", help=MODEL_HELP)
-    t.add_argument("--data", help="training data: CSV/JSONL/Parquet (columns text and label, else the one column of "
-                   "a usual name: sentence, review ...; intent, category ...; images / audio: the column of their "
+    t.add_argument("--data", help="training data: CSV/JSONL/Parquet/TXT (columns text and label, else the one column "
+                   "of a usual name: sentence, review ...; intent, category, airline_sentiment, Class Index ...; else "
+                   "its columns of free text (Title, Description: read as one) and its one column of values that "
+                   "repeat; images / audio: the column of their "
                    "paths, or of ids their files near the table are named by, train_images/{id}.png; said before "
-                   "training; sentence1 / sentence2 ... read as pairs; multi-label 0/1 columns; Label Studio's JSON "
+                   "training; sentence1 / sentence2 ... read as pairs; multi-label 0/1 columns; a CSV or a .txt of "
+                   "'text;label' lines without a header; a file not UTF-8 in the encoding found; Label Studio's JSON "
                    "export), or a folder of class sub-folders of images, text files (aclImdb's pos/*.txt) or "
                    "audio files (--task audio-classification; a table names the files in data.audio_column; a folder "
                    "with Speech Commands' validation_list.txt / testing_list.txt is validated and tested on them), or "

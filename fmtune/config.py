@@ -71,7 +71,8 @@ class DataConfig:
                            "given, and evaluation reads a table's test rows. auto: a column named split, set, subset "
                            "or partition whose every value names a split; none: no such column")
     text_column: str = _f("text", "column holding the text (a table without 'text': its one column of a usual name, "
-                          "sentence, review, content, tweet ...)")
+                          "sentence, review, content, tweet ...; else its columns of free text, written as one with "
+                          "data.text_template)")
     text_pair_column: str | None = _f(None, "sentence pairs (entailment, paraphrase, question and answer): the "
                                       "column of each row's second text. The model reads both as one input, joined "
                                       "by its separator token, with segment ids where it has them; the longer text "
@@ -87,7 +88,9 @@ class DataConfig:
                            "or a template over columns: 'fold{fold}/{slice_file_name}' (a table without 'audio': its "
                            "one column of audio file paths)")
     label_column: str = _f("label", "column holding the label (or the numeric target for regression; a table without "
-                           "'label': its one column of a usual name, labels, intent, category, class, sentiment ...)")
+                           "'label': its one column of a usual name, labels, intent, category, class, sentiment ...; "
+                           "else one named so in more words, airline_sentiment, 'Class Index'; for classes a "
+                           "rating's, Score, stars; else its one column of values that repeat)")
     label_columns: str | None = _f(None, "labels held as one 0/1 column each (comma-separated names, e.g. "
                                    "toxic,obscene,insult, as Jigsaw's and GoEmotions' CSVs have them): a row has the "
                                    "labels whose column is 1 (or true); classification: one-hot columns, exactly "
@@ -117,7 +120,9 @@ class DataConfig:
                                  "O,B-PER,I-PER,...), as a Hugging Face dataset saved as JSON/CSV holds them; -1 is "
                                  "no label. Parquet files written by Hugging Face datasets carry the names and need "
                                  "none")
-    encoding: str = _f("utf-8", "text encoding of CSV/JSONL files (e.g. latin-1)")
+    encoding: str = _f("utf-8", "text encoding of CSV/TSV/TXT/JSONL files. UTF-8 (the default): a file that is not "
+                       "is read in the encoding found for it (cp1252, cp1251 ...; a byte-order mark: UTF-16), said in "
+                       "a warning; another given (latin-1 ...): that one")
     format: Literal["auto", "conll", "jsonl", "table"] = _f(
         "auto", "ner: how the files are read: auto (by suffix: .jsonl/.json are JSONL or a JSON array, "
         ".conll/.bio/.txt CoNLL, a .csv / .tsv whose header names a word and a sentence column a table (a .tsv "

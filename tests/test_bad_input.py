@@ -43,12 +43,48 @@ def test_empty_file_and_header_only(tmp_path):
         read_table(tmp_path / "header.csv")
 
 
-def test_non_utf8_names_the_line(tmp_path):
+def test_a_file_not_in_utf8_is_read_in_the_encoding_it_is_in(tmp_path):
+    """Kaggle's SMS Spam Collection and Financial PhraseBank are Windows-1252, CoNLL-2002 Latin-1, Excel saves
+    "Unicode text" as UTF-16 and "CSV UTF-8" with a byte-order mark: each is read as it is, a file not UTF-8 said in a
+    warning that names its first line that is not; an encoding given that the file is not in is an error naming the
+    line."""
+    import codecs
+
     p = tmp_path / "latin.csv"
-    p.write_bytes("text,label\ngood film,pos\ncaf\xe9 noir,neg\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin.csv: line 3 \(row 2\) is not valid utf-8.*data.encoding"):
-        read_table(p)
-    assert read_table(p, encoding="latin-1")["text"].iloc[1] == "café noir"
+    p.write_bytes("text,label\ngood film,pos\ncaf\xe9 noir \u201cgreat\u201d,neg\n".encode("cp1252"))
+    with pytest.warns(UserWarning, match=r"latin.csv: not UTF-8 \(line 3, byte b'\\xe9'\): read as cp1252"):
+        assert read_table(p)["text"].iloc[1] == "caf\xe9 noir \u201cgreat\u201d"
+    with pytest.raises(DataError, match=r"latin.csv: line 3 \(row 2\) is not valid ascii \(byte b'\\xe9' at column "
+                                        r"4\).*data.encoding"):
+        read_table(p, encoding="ascii")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (given, it is not guessed)
+        assert read_table(p, encoding="latin-1")["text"].iloc[0] == "good film"
+    ru = tmp_path / "ru.csv"  # not Western: what is found, not cp1252's reading of its bytes
+    ru.write_bytes(("text,label\n" + "\u042d\u0442\u043e \u0445\u043e\u0440\u043e\u0448\u0438\u0439 "
+                    "\u0444\u0438\u043b\u044c\u043c,pos\n" * 30).encode("cp1251"))
+    with pytest.warns(UserWarning, match="read as cp1251"):
+        assert read_table(ru)["text"].iloc[0] == "\u042d\u0442\u043e \u0445\u043e\u0440\u043e\u0448\u0438\u0439 " \
+            "\u0444\u0438\u043b\u044c\u043c"
+    ja = tmp_path / "ja.csv"  # a multi-byte one
+    ja.write_bytes(("text,label\n" + "\u3053\u308c\u306f\u672c\u5f53\u306b\u7d20\u6674\u3089\u3057\u3044,pos\n" * 20)
+                   .encode("cp932"))
+    with pytest.warns(UserWarning, match="read as cp932"):
+        assert read_table(ja)["text"].iloc[0] == "\u3053\u308c\u306f\u672c\u5f53\u306b\u7d20\u6674\u3089\u3057\u3044"
+    odd = tmp_path / "odd.csv"  # bytes cp1252 has no letter for (0x8d): latin-1, which reads any
+    odd.write_bytes(b"text,label\n" + b"the car\x8ds are caf\xe9 good,pos\nbad film here,neg\n" * 20)
+    with pytest.warns(UserWarning, match="read as latin-1"):
+        assert read_table(odd)["text"].iloc[0] == "the car\x8ds are caf\xe9 good"
+    rows = "text\tlabel\n" + "sehr sch\xf6n\tpos\nschlecht\tneg\nsch\xf6n\tpos\n" * 4
+    (tmp_path / "unicode.txt").write_bytes(codecs.BOM_UTF16_LE + rows.encode("utf-16-le"))  # Excel's Unicode text
+    (tmp_path / "bom.csv").write_bytes(codecs.BOM_UTF8 + rows.replace("\t", ",").encode())
+    for name in ("unicode.txt", "bom.csv"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = read_table(tmp_path / name)
+            chunk = next(iter_chunks(tmp_path / name, "utf-8", 100))[0]
+        assert got.columns.tolist() == ["text", "label"] and got["text"].tolist() == chunk["text"].tolist() == [
+            "sehr sch\xf6n", "schlecht", "sch\xf6n"] * 4, name
 
 
 def test_jsonl_bad_line_and_parquet(tmp_path):
@@ -122,8 +158,8 @@ def test_missing_label_and_text_columns(tmp_path, tiny_bert):
     p = _csv(tmp_path, "d.csv", [["good", "pos"], ["bad", "neg"]] * 5, columns=("phrase", "label"))
     with pytest.raises(DataError, match="d.csv: no text column 'text'; columns are: phrase, label.*data.text_column"):
         _train(tmp_path, tiny_bert, p)
-    q = _csv(tmp_path, "e.csv", [["good", "pos"], ["bad", "neg"]] * 5, columns=("text", "y"))
-    with pytest.raises(DataError, match=r"e.csv: no label column 'label'.*data.label_column=COLUMN \('y'\?\)$"):
+    q = _csv(tmp_path, "e.csv", [["good", "pos", "a"], ["bad", "neg", "b"]] * 5, columns=("text", "y", "z"))
+    with pytest.raises(DataError, match=r"e.csv: no label column 'label'.*data.label_column=COLUMN \('y' or 'z'\?\)$"):
         _train(tmp_path, tiny_bert, q)
     # the likely columns are named: the one of long texts; the ones named like labels (a TREC-style table)
     rows = [[i, f"what is the {w} of this long question", i % 2, i % 4] for i, w in enumerate(["name", "size"] * 6)]
@@ -498,6 +534,78 @@ def test_a_csv_without_a_header_as_the_classic_text_sets_ship(tmp_path, tiny_ber
     pd.DataFrame({"2019": ["1", "2"], "text": ["a b", "c d"]}).to_csv(tmp_path / "year.csv", index=False)
     assert read_table(tmp_path / "year.csv").columns.tolist() == ["2019", "text"]
     assert s["best"] is not None
+
+
+def test_tables_without_a_header_whose_labels_are_words_and_text_files_that_are_tables(tmp_path, tiny_bert,
+                                                                                      text_files):
+    """Financial PhraseBank (``neutral,"According to ..."``), a ``text,label`` CSV saved without its header, the
+    Emotion dataset's ``text;label`` lines in a .txt, UCI's SMSSpamCollection (``ham<TAB>text``, no suffix): the first
+    line is data (a cell its column holds again beside a cell of words), the label the column that repeats, the
+    text the longest; training and predict read them so. A .txt of texts that hold a semicolon now and then stays one
+    text a line."""
+    df = pd.read_csv(text_files["train"]).head(60)
+    df["text"] = df["text"].str.replace(r"[;\t\"]", " ", regex=True)
+    df[["label", "text"]].to_csv(tmp_path / "fpb.csv", index=False, header=False)
+    df[["text", "label"]].to_csv(tmp_path / "saved.csv", index=False, header=False)
+    (tmp_path / "emotion.txt").write_text("".join(f"{t};{y}\n" for t, y in zip(df["text"], df["label"])))
+    (tmp_path / "SMSSpamCollection").write_text("".join(f"{y}\t{t}\n" for t, y in zip(df["text"], df["label"])))
+    for name, order in (("fpb.csv", "label, text"), ("saved.csv", "text, label"), ("emotion.txt", "text, label"),
+                        ("SMSSpamCollection", "label, text")):
+        with pytest.warns(UserWarning, match=f"{name}: its first line is data.*its columns named {order}"):
+            got = read_table(tmp_path / name)
+        assert got["text"].tolist() == df["text"].tolist() and got["label"].tolist() == df["label"].tolist(), name
+        with pytest.warns(UserWarning, match="first line is data"):
+            assert next(iter_chunks(tmp_path / name, "utf-8", 100))[0]["label"].tolist() == df["label"].tolist()
+    with pytest.warns(UserWarning, match="first line is data"):
+        _train(tmp_path, tiny_bert, tmp_path / "emotion.txt", train={"max_steps": 2})
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["neg", "pos"]
+    with pytest.warns(UserWarning, match="first line is data"):
+        got = fmtune.predict(tmp_path / "run", tmp_path / "SMSSpamCollection", quiet=True)
+    assert len(got) == 60 and got["error"].isna().all()
+    texts = [f"a film; {t}" if i % 3 == 0 else t for i, t in enumerate(df["text"])]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    assert read_table(tmp_path / "texts.txt")["text"].tolist() == texts
+    assert fmtune.predict(tmp_path / "run", tmp_path / "texts.txt", quiet=True)["text"].tolist() == texts
+
+
+def test_columns_of_tables_as_kaggle_ships_them_are_read_without_settings(tmp_path, tiny_bert, text_files):
+    """Where a table has no text or label column of a usual name: its columns of free text are its text (AG News'
+    Title and Description written as one; the SMS Spam Collection's v2), its label the column named for one in more
+    words (AG News' "Class Index", Twitter Airline Sentiment's airline_sentiment, not its confidence), a rating
+    (Amazon's Score), else its one column of values that repeat (v1). Said, kept in config.yaml, read so by predict;
+    two columns that may be the label are not chosen between, and a table evaluated is not guessed at."""
+    df = pd.read_csv(text_files["train"]).head(60)
+    words = df["text"].str.split()
+    ag = pd.DataFrame({"Class Index": df["label"].map({"neg": 1, "pos": 2}), "Title": words.str[:5].str.join(" "),
+                       "Description": [" ".join(w[5:] + ["and", "more", "words"]) for w in words]})
+    spam = pd.DataFrame({"v1": df["label"], "v2": df["text"], "Unnamed: 2": None, "Unnamed: 3": None})
+    air = pd.DataFrame({"tweet_id": range(60), "airline_sentiment": df["label"], "airline": "Virgin America",
+                        "airline_sentiment_confidence": np.linspace(0.3, 1, 60).round(4), "text": df["text"]})
+    air["airline"] = ["Virgin America", "United"] * 30
+    amazon = pd.DataFrame({"Id": range(60), "Score": df["label"].map({"neg": 1, "pos": 5}),
+                           "Summary": words.str[:2].str.join(" "), "Text": df["text"]})
+    layouts = {"ag": (ag, {"text_template": "{Title}. {Description}", "label_column": "Class Index"}),
+               "spam": (spam, {"text_column": "v2", "label_column": "v1"}),
+               "air": (air, {"label_column": "airline_sentiment"}),
+               "amazon": (amazon, {"text_column": "Text", "label_column": "Score"})}
+    for name, (table, settled) in layouts.items():
+        table.to_csv(tmp_path / f"{name}.csv", index=False)
+        s = _train(tmp_path / name, tiny_bert, tmp_path / f"{name}.csv", train={"max_steps": 2})
+        assert s["columns_read"] == settled, name
+        got = fmtune.predict(tmp_path / name / "run", tmp_path / f"{name}.csv", quiet=True)
+        assert len(got) == 60 and got["error"].isna().all(), name
+    assert fmtune.predict(tmp_path / "ag" / "run", tmp_path / "ag.csv", quiet=True)["text"].tolist() == [
+        f"{a}. {b}" for a, b in zip(ag["Title"], ag["Description"])]
+    assert fmtune.evaluate(tmp_path / "ag" / "run", tmp_path / "ag.csv", quiet=True)["test"]["accuracy"] >= 0
+    # two columns of values that repeat, neither named for a label: the error names both
+    two = df.assign(source=["web", "print"] * 30).rename(columns={"label": "y"})
+    two.to_csv(tmp_path / "two.csv", index=False)
+    with pytest.raises(DataError, match=r"no label column 'label'.*\('y' or 'source'\?\)$"):
+        _train(tmp_path / "two", tiny_bert, tmp_path / "two.csv")
+    # evaluated: the run's labels are in no column of the table; a column that repeats is not taken for them
+    df.drop(columns="label").assign(lang=["en", "de"] * 30).to_csv(tmp_path / "unlabelled.csv", index=False)
+    with pytest.raises(DataError, match="unlabelled.csv: no label column 'airline_sentiment'"):
+        fmtune.evaluate(tmp_path / "air" / "run", tmp_path / "unlabelled.csv", quiet=True)
 
 
 def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):

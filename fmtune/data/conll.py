@@ -24,8 +24,8 @@ import pandas as pd
 from fmtune.data.readers import (
     CONLL_PREDICT_SUFFIXES,
     annotated_tasks,
-    check_encoding,
     csv_separator,
+    file_encoding,
     jsonl_records,
     label_studio_annotation,
     label_studio_task,
@@ -117,6 +117,7 @@ def read_conll(path: Path, encoding: str = "utf-8", token_col: int = 0, tag_col:
         words.clear()
         tags.clear()
 
+    encoding = file_encoding(path, encoding)
     for lineno, line in enumerate(_read_text(path, encoding).split("\n"), start=1):  # not splitlines: \u2028 is a word
         stripped = line.strip()
         if not stripped:
@@ -380,7 +381,7 @@ def sentence_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
     """``fmtune predict``'s chunks of a CoNLL-style file (or a table of one word a row): each sentence a row, its
     words joined by spaces in ``column``, beside its first ``line`` and its ``tags`` (joined likewise) where the
     file has them. Yields ``(frame, problems)`` as ``fmtune.data.readers.iter_chunks`` does."""
-    check_encoding(path, encoding)
+    encoding = file_encoding(path, encoding)
     df = read_token_table(path, encoding) if is_word_table(path, encoding) else read_conll(path, encoding)
     df = pd.DataFrame({column: df["text"], "line": df["line"],
                        **({} if df["tags"].isna().all() else {"tags": df["tags"].map(" ".join)})})

@@ -14,13 +14,17 @@ from sklearn.model_selection import train_test_split
 
 from fmtune.data import tabular
 from fmtune.data.readers import (
+    SPLIT_COLUMNS,
     USUAL_TEXT,
     dataset_dict_splits,
+    free_text_columns,
+    label_named_columns,
     label_names_beside,
     media_folder,
     media_path_columns,
     media_template,
     media_templates,
+    repeating_columns,
     require_column,
     require_text_column,
     rows_of_split,
@@ -182,8 +186,13 @@ def _usual_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task], media: str
     if attr not in settled and "text_column" not in settled and _unset(data_cfg, attr, df) and not tabular_text \
             and (media == "audio" or data_cfg.text_column not in df.columns):  # files named by a value (Kaggle's id)
         settled.update(_found_template(df, media))
+        if media == "image" and attr not in settled and "text_pair_column" not in settled \
+                and _unset(data_cfg, "text_column", df):  # (no files: its columns of free text are its text)
+            settled.update(_free_text(df, data_cfg))
     if not (data_cfg.label_columns or tabular_text) and _unset(data_cfg, "label_column", df):
         inputs = {settled.get(a, getattr(data_cfg, a)) for a in ("text_column", "text_pair_column", attr)}
+        inputs |= set(tabular.template_columns(settled["text_template"]) if "text_template" in settled
+                      else tabular.split_names(settled.get("text_columns")))  # (its free text's columns)
         found = usual_label(df, task, inputs)
         columns = None if found else task.usual_label_columns(df, inputs)
         if found:
@@ -197,11 +206,48 @@ def _usual_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task], media: str
     return settled
 
 
-def usual_label(df: pd.DataFrame, task: type[Task] | Task, inputs: set[str]) -> str | None:
-    """The one column of ``df`` named as the task's labels go (``Task.usual_labels``) that is not one of ``inputs``,
-    else None (none, or more than one)."""
+def usual_label(df: pd.DataFrame, task: type[Task] | Task, inputs: set[str], guess: bool = True) -> str | None:
+    """The one column of ``df`` that is not one of ``inputs`` named as the task's labels go (``Task.usual_labels``);
+    else the one named for a label in more words (``readers.label_named_columns``: airline_sentiment, "Class
+    Index"; for classes also a rating's name: Amazon's Score, Yelp's stars) that holds labels (classes: values that
+    repeat; regression: numbers); else, for single-label classes and where ``guess`` (a training table, not one
+    evaluated: its labels are the run's), the one column of values that repeat (the SMS Spam Collection's v1, Spooky
+    Author's author, APTOS' diagnosis); else None (none, or more than one at the first step that finds any)."""
     found = [c for c in usual_columns(df, task.usual_labels) if c not in inputs]
-    return found[0] if len(found) == 1 else None
+    if found:
+        return found[0] if len(found) == 1 else None
+    classes = task.hf_problem_type == "single_label_classification"
+    inputs = inputs | set(usual_columns(df, SPLIT_COLUMNS))  # (train / test: the split, not a label)
+    repeating = set(repeating_columns(df, inputs)) if classes else set()
+    if classes:
+        names = set(task.usual_labels) | {"score", "rating", "stars"}
+        named = [c for c in usual_columns(df, ("score", "rating", "stars")) + label_named_columns(df, names, inputs)
+                 if c in repeating]
+    elif task.hf_problem_type == "regression":
+        named = [c for c in label_named_columns(df, set(task.usual_labels) - {"y"}, inputs)
+                 if pd.to_numeric(df[c].head(1000), errors="coerce").notna().mean() >= 0.9]
+    else:
+        return None
+    if named:
+        return named[0] if len(set(named)) == 1 else None
+    return next(iter(repeating)) if guess and len(repeating) == 1 else None
+
+
+def _free_text(df: pd.DataFrame, data_cfg: Any) -> dict[str, str]:
+    """The data.* options that read a table's text from its columns of free text (``readers.free_text_columns``)
+    where it has no text column of a usual name: {"text_column": the one}, {"text_template": "{Title}. {Description}"}
+    for several (data.text_columns where a name cannot be a template's field); {} where none."""
+    found = free_text_columns(df, {data_cfg.label_column})
+    if len(found) == 1:
+        return {"text_column": found[0]}
+    if not found:
+        return {}
+    template = ". ".join("{" + c + "}" for c in found)
+    try:
+        tabular.template_columns(template)
+    except ConfigError:
+        return {"text_columns": ",".join(found)}
+    return {"text_template": template}
 
 
 def usual_input(df: pd.DataFrame, kind: str) -> str | None:
@@ -227,7 +273,7 @@ def columns_of(df: pd.DataFrame, data_cfg: Any, task: type[Task] | Task, kind: s
         if found:
             changes[attr] = found
     if not data_cfg.label_columns and data_cfg.label_column not in df.columns:
-        found = usual_label(df, task, {changes.get(attr, getattr(data_cfg, attr))})
+        found = usual_label(df, task, {changes.get(attr, getattr(data_cfg, attr))}, guess=False)
         if found:
             changes["label_column"] = found
     return dataclasses.replace(data_cfg, **changes) if changes else data_cfg
@@ -361,6 +407,8 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     settled = {**train.attrs.get("columns_read", {}), **settle_columns(train, data_cfg, task)}  # (a reader's own)
     if {"label_column", "label_names", "label_columns"} & set(settled):
         train = task.labelled(train, data_cfg)  # (read before the options were known: ids, 0/1 columns)
+    if {"text_template", "text_columns"} & set(settled):  # (its columns of free text, written as its text)
+        train = tabular.render(train, data_cfg, exclude=(train.attrs.get("split_column"),))
     train, parts = split_by_column(train, data_cfg)  # (settled first: its validation and test rows read the same)
     column = task.target_column(data_cfg)
     _require_input(train, data_cfg, task)  # the columns first: a missing one is the problem, whatever the size

@@ -31,17 +31,93 @@ MEDIA_SUFFIXES = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}  # files a m
 
 def check_encoding(path: Path, encoding: str) -> None:
     """Decode the file incrementally and name the first line that is not valid ``encoding``."""
+    bad = _first_undecodable(path, encoding)
+    if bad is not None:
+        line, byte, column = bad
+        raise DataError(f"{path}: line {line} (row {line - 1}) is not valid {encoding} (byte {byte!r} at column "
+                        f"{column}); re-save the file as UTF-8 or pass --set data.encoding=latin-1 (or the file's "
+                        f"encoding)")
+
+
+def _first_undecodable(path: Path, encoding: str) -> tuple[int, bytes, int] | None:
+    """The line, byte and column where ``path`` is first not valid ``encoding``, else None."""
     decoder = codecs.getincrementaldecoder(encoding)()
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 decoder.decode(raw)
             except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}: line {lineno} (row {lineno - 1}) is not valid {encoding} "
-                    f"(byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}); re-save the file "
-                    f"as UTF-8 or pass --set data.encoding=latin-1 (or the file's encoding)"
-                ) from None
+                return lineno, raw[e.start:e.start + 1], e.start + 1
+    return None
+
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def file_encoding(path: Path, encoding: str) -> str:
+    """The encoding ``path`` is read in. Another than UTF-8 given (data.encoding): that one, a line not valid in it a
+    DataError naming the line. UTF-8, the default: a file that starts with a byte-order mark in its encoding (Excel's
+    "CSV UTF-8": utf-8-sig; its "Unicode Text": UTF-16); one that is not UTF-8 (Kaggle's SMS Spam Collection and
+    Financial PhraseBank are Windows-1252, CoNLL-2002's Spanish and Dutch Latin-1) in the encoding charset-normalizer
+    finds for it (cp1252 where that reads it the same), said in a warning naming its first line that is not UTF-8."""
+    if codecs.lookup(encoding).name != "utf-8":
+        check_encoding(path, encoding)
+        return encoding
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    bom = next((name for mark, name in _BOMS if head.startswith(mark)), None)
+    if bom is not None:
+        return bom
+    bad = _first_undecodable(path, encoding)
+    if bad is None:
+        return encoding
+    found = _found_encoding(path)
+    warnings.warn(f"{path}: not UTF-8 (line {bad[0]}, byte {bad[1]!r}): read as {found}; if its text reads wrong, "
+                  f"give its encoding: --set data.encoding=ENCODING", UserWarning, stacklevel=3)
+    return found
+
+
+# the encodings a table that is not UTF-8 is found in: Windows' and ISO's of Europe's scripts, the East Asian ones.
+# Not the rarer ones charset-normalizer may rank first for a Western file with a few accents or mojibake (mac_latin2,
+# hp_roman8, cp1258 ...): such a file is read as cp1252, which is what it nearly always is.
+KNOWN_ENCODINGS = {"cp1250", "cp1251", "cp1253", "cp1254", "cp1255", "cp1256", "cp1257", "iso8859_2", "iso8859_5",
+                   "iso8859_7", "iso8859_9", "koi8_r", "koi8_u", "cp932", "shift_jis", "euc_jp", "gb2312", "gbk",
+                   "gb18030", "big5", "cp949", "euc_kr", "cp874", "tis_620"}
+
+
+def _found_encoding(path: Path) -> str:
+    """The encoding of a file that is not UTF-8: charset-normalizer's best guess over its lines that are not ASCII
+    where that is one of ``KNOWN_ENCODINGS``, reads its bytes otherwise than cp1252 and better (Polish, Cyrillic,
+    Greek, Shift-JIS ...); else cp1252 (Windows' Western European, the usual one), or latin-1 (which reads any
+    byte) where cp1252 cannot read it."""
+    from charset_normalizer import from_bytes
+
+    ascii_bytes = bytes(range(128))
+    sample, high = bytearray(), set()
+    with path.open("rb") as fh:
+        for raw in fh:
+            rest = raw.translate(None, ascii_bytes)
+            if rest:
+                high.update(rest)
+                if len(sample) < 1 << 20:
+                    sample += raw
+    others = bytes(sorted(high))
+
+    def reads(name: str) -> str | None:
+        try:
+            return others.decode(name)
+        except (UnicodeDecodeError, LookupError):
+            return None
+
+    western, results = reads("cp1252"), from_bytes(bytes(sample))
+    best = results.best()
+    tied = best is not None and any(  # (a few accents read as well in cp1252 as in cp1250: cp1252)
+        "cp1252" in m.could_be_from_charset for m in results
+        if m.percent_chaos <= best.percent_chaos and m.percent_coherence >= best.percent_coherence)
+    if best is not None and best.encoding in KNOWN_ENCODINGS and not tied and (western is None
+                                                                               or reads(best.encoding) != western):
+        return best.encoding
+    return "cp1252" if western is not None else "latin-1"
 
 
 def csv_separator(path: Path, encoding: str) -> str:
@@ -49,6 +125,8 @@ def csv_separator(path: Path, encoding: str) -> str:
     bar (spreadsheets in many locales save "CSV" with semicolons)."""
     if path.suffix.lower() == ".tsv":
         return "\t"
+    if path.suffix.lower() in (".txt", ""):
+        return text_table_separator(path, encoding) or "\t"
     with path.open(encoding=encoding, errors="replace") as fh:
         header = fh.readline()
     if "," not in header:
@@ -60,13 +138,31 @@ def csv_separator(path: Path, encoding: str) -> str:
 
 def _check_table(path: Path, alternatives: str) -> str:
     """The lower-case suffix of a non-empty table file; a DataError otherwise."""
-    suffix = path.suffix.lower()
+    suffix = path.suffix.lower() or ".txt"  # (a file without a suffix: text, UCI's SMSSpamCollection)
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet or .txt (one "
                         f"text per line), {alternatives}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     return suffix
+
+
+def text_table_separator(path: Path, encoding: str) -> str | None:
+    """The separator of a text file (.txt, or no suffix) that is a table without being named one: every one of its
+    first 200 lines that are not empty split by a tab, or by a semicolon, into the same fields, one of which (not the
+    longest) repeats its values (a label: the Emotion dataset's ``i didnt feel humiliated;sadness``, UCI's SMS Spam
+    Collection's ``ham<TAB>Go until jurong point ...``); None for one text a line."""
+    with path.open(encoding=encoding, errors="replace", newline="") as fh:
+        lines = [x.rstrip("\r\n") for x in itertools.islice((x for x in fh if x.strip()), 200)]
+    for sep in ("\t", ";"):
+        counts = {x.count(sep) for x in lines}
+        if len(lines) < 2 or len(counts) != 1 or 0 in counts:
+            continue
+        columns = list(zip(*(x.split(sep) for x in lines)))
+        longest = int(np.argmax([np.mean([len(v) for v in c]) for c in columns]))
+        if any(j != longest and len(set(c)) <= len(c) / 2 for j, c in enumerate(columns)):
+            return sep
+    return None
 
 
 def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "text",
@@ -83,16 +179,16 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
         df = read_parquet(path)
     elif suffix in (".jsonl", ".json"):
         df = _read_jsonl(path, encoding)
-    elif suffix == ".txt":
+    elif suffix == ".txt" and text_table_separator(path, encoding := file_encoding(path, encoding)) is None:
         df = pd.concat([chunk for chunk, _ in _txt_chunks(path, encoding, 1 << 30, text_column)] or [pd.DataFrame()])
     else:
-        check_encoding(path, encoding)
+        encoding = file_encoding(path, encoding)
         sep = csv_separator(path, encoding)
         df = _read_csv(path, sep, encoding)
-        names = headerless_names(path, [str(c) for c in df.columns], df.head(50).values.tolist())
+        names = headerless_names(path, [str(c) for c in df.columns], df.head(200).values.tolist())
         if names is not None:  # its first line is data: read again without a header
             df = _read_csv(path, sep, encoding, names)
-            df.attrs["header"] = False
+        df.attrs["header"] = names is None
         df = _without_written_index(df)
     if len(df) == 0:
         raise DataError(f"{path}: no data rows (only a header?)")
@@ -104,11 +200,16 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
     return media_templates(df, media)
 
 
+def _quoting(path: Path) -> int:
+    """How a table's cells are quoted: as CSV's are; a text file read as a table not at all (an SMS's ``"`` is text)."""
+    return csv.QUOTE_NONE if path.suffix.lower() in (".txt", "") else csv.QUOTE_MINIMAL
+
+
 def _read_csv(path: Path, sep: str, encoding: str, names: list[str] | None = None) -> pd.DataFrame:
     """A CSV / TSV as text cells (its header's names, or ``names`` for a file without a header)."""
     try:
         return pd.read_csv(path, sep=sep, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""],
-                           quoting=csv.QUOTE_MINIMAL, header=None if names else "infer", names=names)
+                           quoting=_quoting(path), header=None if names else "infer", names=names)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
     except pd.errors.ParserError as e:
@@ -128,7 +229,12 @@ def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None
+        splits = _json_splits(whole)
+        if splits is not None:
+            return splits
         records = [whole] if isinstance(whole, dict) else [rec for _, rec in jsonl_records(path, text)]
+        if isinstance(whole, dict) and len(whole) == 1 and _records(next(iter(whole.values()))):
+            records = next(iter(whole.values()))  # ({"data": [{...}, ...]}: the records under one key)
         columns = _json_columns(records)
         if columns is not None:
             return columns
@@ -137,6 +243,37 @@ def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
     if all(label_studio_task(r) for r in records):
         records = label_studio_rows(records, str(path))
     return pd.DataFrame.from_records(records)
+
+
+def _records(value: Any) -> bool:
+    """``value`` is a list of JSON objects (rows), not empty."""
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
+
+
+def _json_splits(whole: Any) -> pd.DataFrame | None:
+    """One JSON object of splits, each a list of rows (CLINC150's data_full.json: {"train": [["what is the word for
+    ...", "translate"], ...], "val": [...], "test": [...], "oos_train": [...]}; rows as pairs of text and label, or as
+    objects) as one table with a ``split`` column naming each row's split (a key's last word that names one:
+    oos_train -> train), read as a table's split column is (``split_column``); None for another object."""
+    if not isinstance(whole, dict) or len(whole) < 2:
+        return None
+    parts = []
+    for key, rows in whole.items():
+        words = re.findall(r"[a-z]+", str(key).lower())
+        split = next((SPLIT_OF[w] for w in reversed(words) if w in SPLIT_OF), None)
+        if split is None or not isinstance(rows, list) or not rows:
+            return None
+        if all(isinstance(r, list) and len(r) == 2 for r in rows):
+            longer = int(np.mean([len(str(r[1])) for r in rows]) > np.mean([len(str(r[0])) for r in rows]))
+            part = pd.DataFrame({"text": [r[longer] for r in rows], "label": [r[1 - longer] for r in rows]})
+        elif _records(rows):
+            part = pd.DataFrame.from_records(rows)
+        else:
+            return None
+        parts.append(part.assign(split=split))
+    if "train" not in {p["split"].iat[0] for p in parts}:
+        return None
+    return pd.concat(parts, ignore_index=True)
 
 
 def _one_object(path: Path, encoding: str) -> bool:
@@ -710,7 +847,8 @@ def likely_columns(df: pd.DataFrame, what: str, exclude: tuple[str, ...] = ()) -
     names = [c for c in df.columns if isinstance(c, str) and c not in exclude]
     head = df.head(1000)
     if what == "text":
-        lengths = {c: head[c].dropna().map(lambda v: len(v) if isinstance(v, str) else 0).mean() for c in names}
+        lengths = {c: float(np.mean([len(v) if isinstance(v, str) else 0 for v in head[c].dropna()] or [0]))
+                   for c in names}  # (not Series.mean: an empty column of pandas' string dtype cannot average)
         return [c for c in sorted(lengths, key=lengths.get, reverse=True) if lengths[c] >= MIN_TEXT_CHARS][:1]
     if what == "label":
         named = [c for c in names if any(w in c.lower() for w in LABEL_WORDS)]
@@ -719,6 +857,61 @@ def likely_columns(df: pd.DataFrame, what: str, exclude: tuple[str, ...] = ()) -
         few = max(2, min(50, len(head) // 5))
         return [c for c in names if 2 <= _distinct(head[c]) <= few][:4]
     return []
+
+
+def spread(df: pd.DataFrame, n: int = 1000) -> pd.DataFrame:
+    """``n`` rows of ``df`` spread evenly over it (all of a shorter one)."""
+    return df if len(df) <= n else df.iloc[np.linspace(0, len(df) - 1, n).astype(int)]
+
+
+def free_text_columns(df: pd.DataFrame, exclude: set[str] | tuple[str, ...] = ()) -> list[str]:
+    """The columns of free text in a table without a text column of a usual name, in their order (AG News as
+    Kaggle ships it: Title, Description; News Category: headline, short_description): of 1,000 rows spread over it,
+    at least half filled, at least half their values distinct, four words or more on average (not authors, links,
+    dates, ids or labels). Never ``exclude``."""
+    out = []
+    for c in df.columns:
+        if not isinstance(c, str) or c in exclude:
+            continue
+        values = [v.strip() for v in spread(df)[c] if isinstance(v, str) and v.strip()]
+        if len(values) < max(1, min(len(df), 1000) / 2) or len(set(values)) < len(values) / 2:
+            continue
+        if np.mean([len(v.split()) for v in values]) >= 4:
+            out.append(c)
+    return out
+
+
+_LABEL_SUFFIXES = ("index", "id", "idx", "code", "name", "num")  # AG News' "Class Index", label_id, class_name
+
+
+def label_named_columns(df: pd.DataFrame, names: tuple[str, ...] | set[str], exclude: set[str]) -> list[str]:
+    """Columns named for a label in more words than one: whose last word is one of ``names`` (Twitter US Airline
+    Sentiment's airline_sentiment, not airline_sentiment_confidence), or whose first is, followed by an id's word
+    (Kaggle's AG News "Class Index", label_id). Words split at ``_``, ``-``, spaces and camelCase."""
+    out = []
+    for c in df.columns:
+        if not isinstance(c, str) or c in exclude:
+            continue
+        words = re.findall(r"[a-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", c).lower())
+        if len(words) > 1 and (words[-1] in names or (len(words) == 2 and words[0] in names
+                                                      and words[1] in _LABEL_SUFFIXES)):
+            out.append(c)
+    return out
+
+
+def repeating_columns(df: pd.DataFrame, exclude: set[str]) -> list[str]:
+    """The columns that may hold class labels: of 1,000 rows spread over the table (a table sorted by its label),
+    nine in ten filled, two values or more, each value repeated on average (distinct values at most half the filled
+    rows). Never ``exclude``."""
+    head, out = spread(df), []
+    for c in df.columns:
+        if c in exclude:
+            continue
+        filled = head[c].dropna()
+        filled = filled[filled.astype(str).str.strip() != ""]
+        if len(filled) >= 0.9 * len(head) and 2 <= _distinct(filled) <= len(filled) / 2:
+            out.append(c)
+    return out
 
 
 def _distinct(values: pd.Series) -> int:
@@ -787,7 +980,7 @@ def row_label(df: pd.DataFrame, i: int) -> str:
     i = int(idx) if isinstance(idx, (int, np.integer)) else i
     if df.attrs.get("header") is False:  # a table without a header line (LJSpeech's metadata.csv)
         return f"{src}: line {i + 1}"
-    if src.endswith((".csv", ".tsv")):
+    if df.attrs.get("header") is True or src.endswith((".csv", ".tsv")):  # (a .txt table with a header too)
         return f"{src}: row {i + 1} (line {i + 2})"
     if src.endswith(".txt"):
         return f"{src}: line {i + 1}"
@@ -862,7 +1055,7 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
         yield from _parquet_chunks(path, chunk_rows)
     elif suffix in (".jsonl", ".json"):
         yield from _jsonl_chunks(path, encoding, chunk_rows)
-    elif suffix == ".txt":
+    elif suffix == ".txt" and text_table_separator(path, encoding := file_encoding(path, encoding)) is None:
         yield from _txt_chunks(path, encoding, chunk_rows, text_column)
     else:
         yield from _csv_chunks(path, encoding, chunk_rows)
@@ -1091,24 +1284,37 @@ _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 def headerless_names(path: Path, first: list[str], sample: list[list[Any]]) -> list[str] | None:
-    """Names for the columns of a CSV whose first line is data, not a header (the sets of Zhang et al. 2015 as
-    fast.ai and Kaggle ship them: Yelp, AG News, DBpedia, Amazon polarity, ``"3","Wall St. Bears ...","Reuters -
-    ..."``; Sentiment140), said in a warning; None for a CSV with a header. Told by a first cell that is a number
-    (pandas numbers repeated names: ``5.1``) beside a cell that is no column name (spaces, or over 30 characters).
-    The first column is ``label`` where its cells are whole numbers, the other column of the longest cells ``text``,
-    the rest ``column_N``."""
+    """Names for the columns of a CSV whose first line is data, not a header, said in a warning; None for a CSV with
+    a header. Told by a cell of the first line that is no column name (spaces, or over 30 characters) beside one
+    that is a value: a number (the sets of Zhang et al. 2015 as fast.ai and Kaggle ship them: Yelp, AG News,
+    DBpedia, Amazon polarity, ``"3","Wall St. Bears ...","Reuters - ..."``; Sentiment140; pandas numbers repeated
+    names: ``5.1``), or a value its column holds again in the rows below (Financial PhraseBank's ``neutral,"According
+    to Gran ..."``; ``text,label`` files saved without their header). The column of the longest cells is ``text``;
+    ``label`` the first column where its cells are whole numbers, else the one that repeats its first cell (the
+    fewest distinct values first); the rest ``column_N``."""
     cells = [c.strip() for c in first]
-    if len(cells) < 2 or not _NUMBER.fullmatch(cells[0]) or not any(" " in c or len(c) > 30 for c in cells[1:]):
+    wordy = [j for j, c in enumerate(cells) if " " in c or len(c) > 30]
+    if len(cells) < 2 or not wordy:
         return None
     rows = [cells, *sample]
+
+    def column(j: int) -> list[str]:
+        return [str(r[j]).strip() for r in rows if j < len(r) and r[j] is not None]
+
+    again = [j for j in range(len(cells)) if j not in wordy and cells[j] and column(j)[1:].count(cells[j])]
+    numbered = bool(_NUMBER.fullmatch(cells[0])) and any(j > 0 for j in wordy)
+    if not (numbered or again):
+        return None
     names = [f"column_{i + 1}" for i in range(len(cells))]
-    if all(re.fullmatch(r"-?\d+", str(r[0]).strip()) for r in rows if len(r) and r[0] is not None):
+    lengths = [np.mean([len(v) for v in column(j)] or [0]) for j in range(len(cells))]
+    text = int(np.argmax(lengths))
+    if all(re.fullmatch(r"-?\d+", v) for v in column(0)) and text != 0:
         names[0] = "label"
-    lengths = [np.mean([len(str(r[j])) for r in rows if j < len(r) and r[j] is not None] or [0])
-               for j in range(1, len(cells))]
-    names[1 + int(np.argmax(lengths))] = "text"
-    warnings.warn(f"{path}: its first line is data, not a header ({cells[0]!r}, {cells[1][:40]!r} ...): read without "
-                  f"one, its columns named {', '.join(names)}", UserWarning, stacklevel=4)
+    elif again:
+        names[min((j for j in again if j != text), key=lambda j: len(set(column(j))), default=text)] = "label"
+    names[text] = "text"
+    warnings.warn(f"{path}: its first line is data, not a header ({cells[0][:40]!r}, {cells[1][:40]!r} ...): read "
+                  f"without one, its columns named {', '.join(names)}", UserWarning, stacklevel=4)
     return names
 
 
@@ -1176,7 +1382,7 @@ def _txt_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
     counted in a warning at the end."""
     import warnings
 
-    check_encoding(path, encoding)
+    encoding = file_encoding(path, encoding)
     texts: list[str] = []
     index: list[int] = []
     empty = 0
@@ -1206,15 +1412,15 @@ def _frame(records: list[dict], index: list[int], path: Path) -> pd.DataFrame:
 def _csv_chunks(path: Path, encoding: str, chunk_rows: int):
     """The csv module's reader, not pandas': it knows the file line of every row (quoted cells may
     span lines), so a malformed row is reported by line and the rest goes on."""
-    check_encoding(path, encoding)
+    encoding = file_encoding(path, encoding)
     sep = csv_separator(path, encoding)
     with path.open(encoding=encoding, newline="") as fh:
-        reader = csv.reader(fh, delimiter=sep)
+        reader = csv.reader(fh, delimiter=sep, quoting=_quoting(path))
         header = next(reader, None)
         if not header:
             raise DataError(f"{path}: the file is empty")
         numbered = ((reader.line_num, fields) for fields in reader)
-        ahead = list(itertools.islice(numbered, 50))  # (the first rows: is the first line data, not a header?)
+        ahead = list(itertools.islice(numbered, 200))  # (the first rows: is the first line data, not a header?)
         names = headerless_names(path, header, [fields for _, fields in ahead])
         lines = itertools.chain(ahead, numbered)
         if names is not None:
@@ -1245,6 +1451,5 @@ def _table(rows: list[list], index: list[int], header: list[str], path: Path, wi
            ) -> pd.DataFrame:
     df = pd.DataFrame(rows, index=index, columns=header, dtype=object)
     df.attrs["source"] = str(path)
-    if not with_header:
-        df.attrs["header"] = False
+    df.attrs["header"] = with_header
     return df
