@@ -300,6 +300,29 @@ def test_a_column_naming_each_rows_split_splits_the_table(tmp_path, tiny_bert, t
         fmtune.evaluate(run, tmp_path / "no_test.csv", quiet=True)
 
 
+def test_a_json_object_of_splits_and_records_under_one_key(tmp_path, tiny_bert, text_files):
+    """CLINC150's data_full.json ({"train": [[text, intent], ...], "val": ..., "test": ..., "oos_train": ...}): its
+    lists are its splits (oos_train trains, oos_test tests), each row a pair of text and label; training validates and
+    tests on them and evaluate reads its test rows. Records under one key ({"data": [{...}]}) are its rows."""
+    from fmtune.data.readers import read_table
+
+    parts = {n: pd.read_csv(text_files[n]) for n in ("train", "val", "test")}
+    oos = {f"oos_{n}": [["play me something not in scope", "oos"]] * k for n, k in (("train", 6), ("val", 3),
+                                                                                    ("test", 4))}
+    data = {**oos, **{n: df[["text", "label"]].values.tolist() for n, df in parts.items()}}
+    (tmp_path / "data_full.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"marks each row's split: 246 train, 63 val, 84 test rows"):
+        s = _train(tmp_path, tiny_bert, tmp_path / "data_full.json", train={"max_steps": 2})
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["neg", "oos", "pos"]
+    assert s["eval"]["test"] == fmtune.evaluate(tmp_path / "run", tmp_path / "data_full.json", quiet=True)["test"]
+    assert fmtune.evaluate(tmp_path / "run", quiet=True)["n_test"] == 84
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": parts["train"].to_dict("records")}))
+    assert read_table(tmp_path / "wrapped.json").to_dict("records") == parts["train"].to_dict("records")
+    assert len(next(iter_chunks(tmp_path / "wrapped.json", "utf-8", 1000))[0]) == 240
+    (tmp_path / "other.json").write_text(json.dumps({"train": [["a b", "x"]], "notes": [["c", "d"]]}))
+    assert "split" not in read_table(tmp_path / "other.json").columns  # (a key that names no split: not splits)
+
+
 def test_image_paths_are_found_by_their_suffix_and_their_folder_near_the_table(tmp_path, tiny_vit, image_dirs):
     """A Kaggle-style table (meta/train.csv naming files kept in images/) with the paths in 'filepath' trains
     without data.image_column or data.media_root; both are kept for predict."""
