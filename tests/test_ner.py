@@ -14,7 +14,7 @@ import torch
 from conftest import cfg_dict, hf_parquet
 
 import fmtune
-from fmtune.data.conll import read_tokens, split_words, to_bio
+from fmtune.data.conll import read_conll, read_tokens, split_words, to_bio
 from fmtune.data.tokens import encode_sentences, windows
 from fmtune.errors import ConfigError, DataError
 
@@ -91,6 +91,21 @@ def test_conll_reader_docstart_spaces_and_blank_lines_with_whitespace(tmp_path):
     assert list(df["tags"]) == [["B-PER", "O"], ["O", "B-LOC", "I-LOC"]]
     assert df["line"].tolist() == [3, 6]
     assert df["text"].iloc[1] == "in New York" and df["offsets"].iloc[1][2] == (7, 11)
+
+
+def test_tag_first_files_as_the_mit_corpora_ship_them(tmp_path, ner_files):
+    """The MIT Movie and Restaurant corpora (engtrain.bio): the tag first, then the word, a tab between; read as the
+    same sentences as word-first CoNLL, and a latin-1 CoNLL-2002-style file in the encoding found."""
+    want = read_tokens(ner_files["val"])
+    lines = ["".join(f"{t}\t{w}\n" for w, t in zip(words, tags)) for words, tags in zip(want["tokens"], want["tags"])]
+    (tmp_path / "engtrain.bio").write_text("\n".join(lines))
+    got = read_tokens(tmp_path / "engtrain.bio")
+    assert got["tokens"].tolist() == want["tokens"].tolist() and got["tags"].tolist() == want["tags"].tolist()
+    (tmp_path / "esp.train").write_bytes("Madrid B-LOC\nes O\nbonita O\n\nEl O\nca\xf1\xf3n B-LOC\n".encode("latin-1"))
+    with pytest.warns(UserWarning, match="not UTF-8"):
+        got = read_conll(tmp_path / "esp.train")
+    assert got["tokens"].tolist() == [["Madrid", "es", "bonita"], ["El", "ca\xf1\xf3n"]]
+    assert got["tags"].tolist() == [["B-LOC", "O", "O"], ["O", "B-LOC"]]
 
 
 def as_word_table(conll: Path, out: Path, sep: str = ",", every_row: bool = False) -> Path:
