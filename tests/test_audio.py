@@ -1020,8 +1020,9 @@ def test_w2v_bert_end_to_end(tiny_w2v_bert, pulsed_tones, tmp_path):
 
 def test_a_table_whose_clips_are_in_another_folder(tiny_whisper, tone_dirs, tmp_path):
     """ESC-50 as it ships: meta/esc50.csv (filename, fold, target, category, ...) naming clips in ../audio/. Its
-    'filename' column and audio/ folder are found (kept for evaluate and predict); of its two label columns the user
-    names one; a media_root that holds none of the files gets the error that says where they are."""
+    'filename' column and audio/ folder are found (kept for evaluate and predict); its two label columns, class ids
+    and their names, are one label, read as the names; two that are not (ids of other classes) are not chosen
+    between; a media_root that holds none of the files gets the error that says where they are."""
     import shutil
 
     import fmtune
@@ -1039,15 +1040,17 @@ def test_a_table_whose_clips_are_in_another_folder(tiny_whisper, tone_dirs, tmp_
     pd.DataFrame(rows).to_csv(table, index=False)
     cfg = cfg_dict(tiny_whisper, table, out=str(tmp_path / "run"), task={"type": "audio-classification"},
                    train={"epochs": 1, "batch_size": 8})
+    other = root / "meta" / "other.csv"
+    pd.DataFrame(rows).assign(target=[i % 2 for i in range(len(rows))]).to_csv(other, index=False)
     with pytest.raises(DataError, match=r"no label column 'label'.*\('target' or 'category'\?\)$"):
-        fmtune.train(cfg, quiet=True)
-    cfg["data"]["label_column"] = "category"
-    wrong = {**cfg, "data": {**cfg["data"], "media_root": str(root / "meta")}}
+        fmtune.train({**cfg, "data": {**cfg["data"], "train": str(other)}}, quiet=True)
+    wrong = {**cfg, "data": {**cfg["data"], "media_root": str(root / "meta"), "label_column": "category"}}
     with pytest.raises(DataError, match=rf"audio file not found(.|\n)*\(they are under {root / 'audio'}: --set "
                                         rf"data.media_root={root / 'audio'}\)$"):
         fmtune.train(wrong, quiet=True)
     summary = fmtune.train(cfg, quiet=True)
-    assert summary["columns_read"] == {"audio_column": "filename", "media_root": str((root / "audio").resolve())}
+    assert summary["columns_read"] == {"audio_column": "filename", "media_root": str((root / "audio").resolve()),
+                                       "label_column": "category"}
     got = fmtune.load(tmp_path / "run").predict([str(root / "audio" / rows[0]["filename"])])
     assert got[0]["label"] in {"low", "mid", "high"}
     with warnings.catch_warnings():

@@ -207,16 +207,19 @@ def _usual_columns(df: pd.DataFrame, data_cfg: Any, task: type[Task], media: str
 
 
 def usual_label(df: pd.DataFrame, task: type[Task] | Task, inputs: set[str], guess: bool = True) -> str | None:
-    """The one column of ``df`` that is not one of ``inputs`` named as the task's labels go (``Task.usual_labels``);
+    """The one column of ``df`` that is not one of ``inputs`` named as the task's labels go (``Task.usual_labels``; of
+    two that name one label, ids and names, ESC-50's target and category: the names);
     else the one named for a label in more words (``readers.label_named_columns``: airline_sentiment, "Class
     Index"; for classes also a rating's name: Amazon's Score, Yelp's stars) that holds labels (classes: values that
     repeat; regression: numbers); else, for single-label classes and where ``guess`` (a training table, not one
     evaluated: its labels are the run's), the one column of values that repeat (the SMS Spam Collection's v1, Spooky
     Author's author, APTOS' diagnosis); else None (none, or more than one at the first step that finds any)."""
     found = [c for c in usual_columns(df, task.usual_labels) if c not in inputs]
+    classes = task.hf_problem_type == "single_label_classification"
+    if classes and len(found) == 2 and _one_label_named_twice(df, *found):
+        found = [c for c in found if not df[c].astype(str).str.strip().str.fullmatch(r"-?\d+").all()]
     if found:
         return found[0] if len(found) == 1 else None
-    classes = task.hf_problem_type == "single_label_classification"
     inputs = inputs | set(usual_columns(df, SPLIT_COLUMNS))  # (train / test: the split, not a label)
     repeating = set(repeating_columns(df, inputs)) if classes else set()
     if classes:
@@ -231,6 +234,16 @@ def usual_label(df: pd.DataFrame, task: type[Task] | Task, inputs: set[str], gue
     if named:
         return named[0] if len(set(named)) == 1 else None
     return next(iter(repeating)) if guess and len(repeating) == 1 else None
+
+
+def _one_label_named_twice(df: pd.DataFrame, a: str, b: str) -> bool:
+    """Columns ``a`` and ``b`` hold one label, one as class ids, the other as names, each id always with the same
+    name (ESC-50's target and category): filled in every row, in one-to-one correspondence, one of whole numbers."""
+    pairs = df[[a, b]].astype(str).apply(lambda s: s.str.strip())
+    if df[[a, b]].isna().any().any() or pairs[a].str.fullmatch(r"-?\d+").all() == pairs[b].str.fullmatch(
+            r"-?\d+").all():
+        return False
+    return len(pairs.drop_duplicates()) == pairs[a].nunique() == pairs[b].nunique()
 
 
 def _free_text(df: pd.DataFrame, data_cfg: Any) -> dict[str, str]:
