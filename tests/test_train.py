@@ -127,6 +127,12 @@ def test_multilabel_0_1_columns_are_read_without_settings(tmp_path, tiny_st_bert
 
     assert MultiLabel.usual_label_columns(df.assign(one=1), {"comment_text"}) == ["music", "neg", "pos", "one"]
     assert MultiLabel.usual_label_columns(df[["id", "comment_text", "pos"]], {"comment_text"}) is None  # one: no set
+    # trained as single-label classes (the default task): told it is multi-label, at a row with several labels
+    many = int(np.flatnonzero((df[["music", "neg", "pos"]].sum(axis=1) > 1).to_numpy())[0])
+    with pytest.raises(DataError, match=rf"train.csv: row {many + 1} \(line {many + 2}\): no label column 'label', and "
+                                        r"the table's 0/1 columns music, neg, pos mark 2 labels on this row: a "
+                                        r"multi-label table; --task multilabel"):
+        _train(tmp_path / "single", tiny_st_bert, train)
 
 
 def test_the_zoos_multilabel_set_exports_with_empty_label_sets_and_trains(tmp_path, tiny_st_bert):

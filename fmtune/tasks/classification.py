@@ -62,6 +62,24 @@ class Classification(Task):
         return found if (ones == 1).all() else None
 
     @classmethod
+    def require_targets(cls, df: pd.DataFrame, data_cfg: Any) -> None:
+        """As every task's; a table without its label column whose 0/1 columns mark several a row (GoEmotions' raw
+        CSV) is told it is multi-label."""
+        column = cls.target_column(data_cfg)
+        if column not in df.columns and not data_cfg.label_columns:
+            from fmtune.data.readers import text_columns
+
+            found = zero_one_columns(df, set(text_columns(data_cfg)))
+            if len(found) >= 2:
+                ones = df[found].astype(str).apply(lambda c: c.str.strip().isin(("1", "1.0"))).sum(axis=1)
+                if (ones > 1).any():
+                    i = int(np.flatnonzero((ones > 1).to_numpy())[0])
+                    raise DataError(f"{row_label(df, i)}: no label column {column!r}, and the table's 0/1 columns "
+                                    f"{', '.join(found)} mark {int(ones.iat[i])} labels on this row: a multi-label "
+                                    "table; --task multilabel reads them")
+        super().require_targets(df, data_cfg)
+
+    @classmethod
     def labelled(cls, df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
         if data_cfg.label_columns:  # one-hot columns: each row's one class
             df = one_hot_labels(df, data_cfg)
