@@ -115,6 +115,10 @@ class DataConfig:
                                    "transcript, transcription, sentence)")
     label_separator: str = _f("|", "multi-label: separator between labels in one cell (a cell written as a list, "
                               "[\"a\", \"b\"] or ['a', 'b'], is read as that list)")
+    label_pattern: str | None = _f(None, "a folder of files without class sub-folders: a regular expression over "
+                                   "each file's name, its first group the file's class (e.g. '^(\\d+)_' reads "
+                                   "0_jackson_0.wav as 0); unset: the name without its number at the end "
+                                   "(Abyssinian_12.jpg: Abyssinian; cat.0.jpg: cat)")
     label_names: list[str] | None = _f(None, "names of labels stored as numbers, comma-separated in id order (id 0 "
                                  "first): the label column of a table, or a ner file's tags (e.g. "
                                  "O,B-PER,I-PER,...), as a Hugging Face dataset saved as JSON/CSV holds them; -1 is "
@@ -157,6 +161,14 @@ class DataConfig:
             from fmtune.data.tabular import template_columns
 
             template_columns(self.text_template)
+        if self.label_pattern:
+            import re
+
+            try:
+                re.compile(self.label_pattern)
+            except re.error as e:
+                raise ConfigError(f"data.label_pattern: {self.label_pattern!r} is not a regular expression: {e}") \
+                    from None
 
 
 @dataclass

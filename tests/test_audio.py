@@ -1061,6 +1061,25 @@ def test_a_table_whose_clips_are_in_another_folder(tiny_whisper, tone_dirs, tmp_
     assert 0 <= fmtune.evaluate(tmp_path / "run", table, quiet=True)["test"]["accuracy"] <= 1
 
 
+def test_a_folder_of_clips_named_by_their_class(tiny_whisper, tone_dirs, tmp_path):
+    """The Free Spoken Digit Dataset: recordings/ holds {digit}_{speaker}_{n}.wav, no class sub-folders; the class is
+    the name's first field (data.label_pattern '^([a-z]+)_'), or, unset, the name without its number at the end."""
+    import shutil
+
+    import fmtune
+
+    (tmp_path / "recordings").mkdir()
+    for i, f in enumerate(sorted(tone_dirs["train"].glob("*/*"))):
+        shutil.copy(f, tmp_path / "recordings" / f"{f.parent.name}_{['jackson', 'nicolas'][i % 2]}_{i}{f.suffix}")
+    cfg = cfg_dict(tiny_whisper, tmp_path / "recordings", out=str(tmp_path / "run"),
+                   task={"type": "audio-classification"}, train={"max_steps": 2}, data={"label_pattern": "^([a-z]+)_"})
+    fmtune.train(cfg, quiet=True)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == sorted(PITCHES)
+    with pytest.warns(UserWarning, match=r"no class sub-folders: .*: 6 classes"):  # (pitch and speaker)
+        fmtune.train({**cfg, "data": {**cfg["data"], "label_pattern": None}, "out": str(tmp_path / "run2")},
+                     quiet=True)
+
+
 def test_audio_paths_built_from_two_columns(tiny_whisper, tone_dirs, tmp_path):
     """UrbanSound8K's layout: metadata/UrbanSound8K.csv names slice_file_name and fold; the clips are in
     audio/fold{fold}/. data.audio_column takes the template, data.media_root the folder it is relative to."""

@@ -775,6 +775,53 @@ def test_image_csv_with_relative_paths(tmp_path, tiny_vit):
     assert len(read_any(root)) == 16
 
 
+def test_a_folder_without_class_folders_reads_each_class_from_the_file_name(tmp_path, tiny_vit, image_dirs):
+    """Oxford-IIIT Pet (Abyssinian_12.jpg, american_bulldog_3.jpg) and Dogs vs. Cats (cat.0.jpg): one folder of the
+    images, each one's class its name without the number at its end, said; evaluate reads a test folder so;
+    data.label_pattern reads other names (the Free Spoken Digit Dataset's 0_jackson_0.wav: '^(\\d+)_'), kept for
+    evaluate. Names that give one class, or a class a file, or no class, are errors naming the setting."""
+    import shutil
+
+    import yaml
+
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        for i, f in enumerate(sorted(image_dirs[split].rglob("*.png"))):
+            shutil.copy(f, tmp_path / split / f"{f.parent.name}_shape{'.' if i % 2 else '_'}{i}.png")
+    with pytest.warns(UserWarning, match=r"no class sub-folders: each file's class read from its name, without the "
+                                         r"number at its end \(\w+_shape[._]\d+.png -> \w+_shape\): 2 classes"):
+        _train(tmp_path / "a", tiny_vit, tmp_path / "train", train={"max_steps": 2})
+    classes = sorted(f"{p.name}_shape" for p in image_dirs["train"].iterdir() if p.is_dir())
+    assert json.loads((tmp_path / "a" / "run" / "labels.json").read_text())["labels"] == classes
+    with pytest.warns(UserWarning, match="no class sub-folders"):
+        assert fmtune.evaluate(tmp_path / "a" / "run", tmp_path / "test", quiet=True)["n_test"] == 20
+    # a pattern: its first group the class, for every file (sub-folders or not), kept in config.yaml
+    (tmp_path / "fsdd").mkdir()
+    for i, f in enumerate(sorted(image_dirs["train"].rglob("*.png"))):
+        shutil.copy(f, tmp_path / "fsdd" / f"{f.parent.name}_{['jackson', 'theo'][i % 2]}_{i}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(tmp_path / "b", tiny_vit, tmp_path / "fsdd", data={"label_pattern": r"^([a-z]+)_"},
+               train={"max_steps": 2})
+    assert json.loads((tmp_path / "b" / "run" / "labels.json").read_text())["labels"] == sorted(
+        p.name for p in image_dirs["train"].iterdir() if p.is_dir())
+    assert yaml.safe_load((tmp_path / "b" / "run" / "config.yaml").read_text())["data"]["label_pattern"] == "^([a-z]+)_"
+    # names that hold no classes
+    (tmp_path / "one").mkdir()
+    for i, f in enumerate(sorted(image_dirs["train"].rglob("*.png"))[:6]):
+        shutil.copy(f, tmp_path / "one" / f"IMG_{1000 + i}.png")
+    with pytest.raises(DataError, match=r"one: 6 files without class sub-folders, whose names give 1 class\(es\) "
+                                        r"\(IMG\); give the files in class sub-folders, or --set data.label_pattern"):
+        _train(tmp_path / "c", tiny_vit, tmp_path / "one")
+    (tmp_path / "one" / "cover.png").write_bytes((tmp_path / "one" / "IMG_1000.png").read_bytes())
+    with pytest.raises(DataError, match=r"cover.png: no class sub-folder holds it, and its name holds no class"):
+        _train(tmp_path / "c", tiny_vit, tmp_path / "one")
+    with pytest.raises(DataError, match=r"IMG_1000.png: data.label_pattern '\^\(x\)' finds no class in its name"):
+        _train(tmp_path / "c", tiny_vit, tmp_path / "one", data={"label_pattern": "^(x)"})
+    with pytest.raises(ConfigError, match=r"data.label_pattern: '\(' is not a regular expression"):
+        _train(tmp_path / "c", tiny_vit, tmp_path / "one", data={"label_pattern": "("})
+
+
 def test_empty_image_folder(tmp_path, tiny_vit):
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="no images found"):

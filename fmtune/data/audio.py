@@ -117,10 +117,13 @@ class AudioSpec:
         return cls(**{k: d[k] for k in keys if k in d})
 
 
-def read_audio_folder(path: Path, column: str = "audio", held_out: bool = True) -> pd.DataFrame:
-    """A folder of class sub-folders of audio files -> rows (audio path, label = sub-folder name); ``held_out``: the
-    files its split lists name (Speech Commands) left out (``readers.read_class_folder``)."""
-    return read_class_folder(path, AUDIO_SUFFIXES, column, "dog/1.wav", "audio files", split_lists_held_out=held_out)
+def read_audio_folder(path: Path, column: str = "audio", held_out: bool = True,
+                      label_pattern: str | None = None) -> pd.DataFrame:
+    """A folder of class sub-folders of audio files -> rows (audio path, label = sub-folder name; or read from the
+    file names, the Free Spoken Digit Dataset's recordings/); ``held_out``: the files its split lists name (Speech
+    Commands) left out (``readers.read_class_folder``)."""
+    return read_class_folder(path, AUDIO_SUFFIXES, column, "dog/1.wav", "audio files", split_lists_held_out=held_out,
+                             label_pattern=label_pattern)
 
 
 def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:

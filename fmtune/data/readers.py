@@ -418,17 +418,25 @@ def read_file_list(path: Path, suffixes: set[str], column: str, what: str) -> pd
 
 
 def read_class_folder(path: Path, suffixes: set[str], column: str = "image", example: str = "cat/1.png",
-                      what: str = "images", split_lists_held_out: bool = False) -> pd.DataFrame:
+                      what: str = "images", split_lists_held_out: bool = False,
+                      label_pattern: str | None = None) -> pd.DataFrame:
     """A folder of class sub-folders -> rows (file path in ``column``, label = sub-folder name) of
     the files below each sub-folder whose suffix is one of ``suffixes``. A sub-folder named ``.*`` or ``_*`` is not
     a class (Speech Commands keeps long noise recordings in ``_background_noise_``): left out, said in a warning.
     With ``split_lists_held_out`` (a task that reads them: audio classification), the files a split list of the
     folder names (``SPLIT_LISTS``) are left out too, said in a warning: they are its held-out splits, read through
-    the lists."""
+    the lists. A folder of the files themselves, without class sub-folders, or one read with ``label_pattern``
+    (data.label_pattern): each file's class is read from its name (``names_classes``)."""
     splits = split_folders(path)
     if splits:  # (fmtune train, evaluate and predict read them as splits: prepare.split_lists_unset, held_out_test)
         raise DataError(f"{path}: its sub-folders are splits ({', '.join(p.name for p in splits.values())}), not "
                         f"classes: give {splits['train']} (its class sub-folders) here")
+    flat = [f for f in path.iterdir() if f.is_file() and f.suffix.lower() in suffixes and not f.name.startswith(".")]
+    if label_pattern or (flat and not any(has_files(d, suffixes) for d in path.iterdir() if d.is_dir())):
+        files = list_files(path, suffixes)
+        df = pd.DataFrame({column: [str(f) for f in files], "label": names_classes(path, files, label_pattern)})
+        df.attrs["source"] = str(path)
+        return df
     rows = []
     subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     aside = [p.name for p in subs if p.name.startswith("_") or p.name.lower() in UNLABELLED_FOLDERS]
@@ -455,18 +463,56 @@ def read_class_folder(path: Path, suffixes: set[str], column: str = "image", exa
     return df
 
 
-def read_image_folder(path: Path) -> pd.DataFrame:
-    """A folder of class sub-folders of images -> rows (image path, label = sub-folder name)."""
-    return read_class_folder(path, IMAGE_SUFFIXES)
+# a file's class in its name, where no sub-folder holds it: the name without its number at the end (Oxford-IIIT Pet's
+# Abyssinian_12.jpg, Dogs vs. Cats' cat.0.jpg)
+_NAMED_CLASS = re.compile(r"^(.*?\D)[\s_.\-]*\d+$")
+
+
+def names_classes(path: Path, files: list[Path], pattern: str | None) -> list[str]:
+    """Each of ``files``' class, from its name: ``pattern``'s (data.label_pattern) first group over the file's name
+    (or what it matches, without a group: ``^(\\d+)_`` reads the Free Spoken Digit Dataset's 0_jackson_0.wav as 0);
+    unset, its name without its suffix and its number at the end, said in a warning. A name that holds none, or
+    names that give one class only or nearly one a file, are a DataError naming what to set."""
+    rx = re.compile(pattern) if pattern else _NAMED_CLASS
+    hint = ("give the files in class sub-folders, or --set data.label_pattern=REGEX (a regular expression over a "
+            "file's name, its first group the class: '^(\\d+)_' reads 0_jackson_0.wav as 0)")
+    out = []
+    for f in files:
+        m = rx.search(f.name if pattern else f.stem)
+        label = (m.group(1) if m and rx.groups else m.group(0) if m else None)
+        if not label or not label.strip(" _.-"):
+            said = f"data.label_pattern {pattern!r} finds no class in its name" if pattern else (
+                "no class sub-folder holds it, and its name holds no class before a number (cat.1.jpg, "
+                "Abyssinian_12.jpg)")
+            raise DataError(f"{f}: {said}; {hint}")
+        out.append(label.strip(" _.-") if not pattern else label)
+    counts = pd.Series(out).value_counts()
+    if len(counts) < 2 or (not pattern and len(counts) > len(out) / 2):
+        raise DataError(f"{path}: {len(out)} files without class sub-folders, whose names give {len(counts)} "
+                        f"class(es) ({', '.join(map(str, counts.index[:5]))}{' ...' if len(counts) > 5 else ''}); "
+                        f"{hint}")
+    if not pattern:
+        warnings.warn(f"{path}: no class sub-folders: each file's class read from its name, without the number at its "
+                      f"end ({files[0].name} -> {out[0]}): {len(counts)} classes, {counts.min()} to {counts.max()} "
+                      "files each (--set data.label_pattern=REGEX reads them otherwise)", UserWarning, stacklevel=3)
+    return out
+
+
+def read_image_folder(path: Path, label_pattern: str | None = None) -> pd.DataFrame:
+    """A folder of class sub-folders of images -> rows (image path, label = sub-folder name; or read from the file
+    names, ``names_classes``)."""
+    return read_class_folder(path, IMAGE_SUFFIXES, label_pattern=label_pattern)
 
 
 TEXT_FILE_SUFFIXES = {".txt", ""}  # a text class folder's files: aclImdb's .txt, 20 Newsgroups' numbered files
 
 
-def read_text_folder(path: Path, encoding: str = "utf-8", column: str = "text") -> pd.DataFrame:
+def read_text_folder(path: Path, encoding: str = "utf-8", column: str = "text",
+                     label_pattern: str | None = None) -> pd.DataFrame:
     """A folder of class sub-folders of text files, one example a file (scikit-learn's load_files layout: aclImdb's
     train/pos/*.txt, 20 Newsgroups, BBC News) -> rows (its text in ``column``, label = sub-folder name, file)."""
-    df = read_class_folder(path, TEXT_FILE_SUFFIXES, column="file", example="pos/1.txt", what="text files")
+    df = read_class_folder(path, TEXT_FILE_SUFFIXES, column="file", example="pos/1.txt", what="text files",
+                           label_pattern=label_pattern)
     df.insert(0, column, [text_file(f, encoding) for f in df["file"]])
     return df
 
@@ -487,9 +533,10 @@ def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text
     p = Path(path)
     if p.is_dir():
         images = any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*"))
+        pattern = getattr(media, "label_pattern", None)
         if not images and any(has_files(d, TEXT_FILE_SUFFIXES) for d in p.iterdir() if d.is_dir()):
-            return read_text_folder(p, encoding, text_column)
-        return read_image_folder(p)
+            return read_text_folder(p, encoding, text_column, pattern)
+        return read_image_folder(p, pattern)
     return read_table(p, encoding, text_column, media)
 
 

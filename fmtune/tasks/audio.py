@@ -31,7 +31,7 @@ class AudioClassification(Classification):
 
         p = Path(path)
         if p.is_dir():
-            return read_audio_folder(p, data_cfg.audio_column)
+            return read_audio_folder(p, data_cfg.audio_column, label_pattern=data_cfg.label_pattern)
         if p.suffix.lower() == ".txt":  # a split list of a class folder (Speech Commands' validation_list.txt)
             return read_file_list(p, AUDIO_SUFFIXES, data_cfg.audio_column, "audio files")
         return cls.labelled(read_table(p, data_cfg.encoding, data_cfg.audio_column, data_cfg), data_cfg)
