@@ -290,6 +290,44 @@ def test_metadata_folder_and_usual_column_names(tiny_asr, tone_speech, tmp_path)
     assert len(ds) == 5 and ds.ids[0][:2] == [1, 2] and ds.ids[0][-1] == 0  # prefix ... end of text
 
 
+def test_each_clips_transcript_in_a_file_of_its_name(tiny_asr, tone_speech, tmp_path):
+    """The Montreal Forced Aligner's corpus layout (a.wav + a.lab), VCTK's (wav48/p225/p225_001.wav beside
+    txt/p225/p225_001.txt) and TIMIT's (.TXT with the sample range first): each clip read with its transcript; a clip
+    without one is left out, said; a folder where most have none gets the error that names the layouts."""
+    import fmtune
+    from fmtune import config as config_mod
+    from fmtune.tasks.speech import read_speech
+
+    src = pd.read_csv(tone_speech["train"])
+    data = config_mod.from_dict(_cfg(tiny_asr, tone_speech, tmp_path)).data
+    for layout in ("mfa", "vctk", "timit"):
+        root = tmp_path / layout
+        for i, (clip, text) in enumerate(zip(src["audio"], src["text"])):
+            speaker = f"p{225 + i % 2}"
+            audio = root / ("wav48" if layout == "vctk" else "") / speaker / f"{speaker}_{i:03d}.wav"
+            words = root / ("txt" if layout == "vctk" else "") / speaker / f"{speaker}_{i:03d}"
+            audio.parent.mkdir(parents=True, exist_ok=True)
+            words.parent.mkdir(parents=True, exist_ok=True)
+            audio.write_bytes((tone_speech["train"].parent / clip).read_bytes())
+            suffix = {"mfa": ".lab", "vctk": ".txt", "timit": ".TXT"}[layout]
+            words.with_suffix(suffix).write_text(f"0 46797 {text}\n" if layout == "timit" else f"{text}\n")
+        df = read_speech(root, data)
+        assert sorted(df["text"]) == sorted(src["text"]) and len(df) == len(src), layout
+        assert all(Path(a).stem.startswith("p22") for a in df["audio"])
+    (tmp_path / "vctk" / "txt" / "p225" / "p225_000.txt").unlink()
+    with pytest.warns(UserWarning, match=rf"1 of its {len(src)} clips have no transcript file of their name "
+                                         r"\(first .*p225_000.wav\): left out"):
+        assert len(read_speech(tmp_path / "vctk", data)) == len(src) - 1
+    s = fmtune.train(_cfg(tiny_asr, {**tone_speech, "train": tmp_path / "mfa"}, tmp_path / "run",
+                          train={"max_steps": 2}), quiet=True)
+    assert s["best"] is not None
+    for f in list((tmp_path / "mfa").rglob("*.lab"))[:len(src) // 4]:
+        f.unlink()
+    with pytest.raises(DataError, match=r"mfa: a speech folder needs a table .*or each clip's transcript in a .txt / "
+                                        r".lab file of its name"):
+        read_speech(tmp_path / "mfa", data)
+
+
 def test_common_voice_tables_read_their_clips_from_the_folder_beside_them(tiny_asr, tone_speech, tmp_path):
     """Common Voice as it ships: train.tsv / dev.tsv / test.tsv (client_id, path, sentence, ...) naming mp3s kept in
     clips/. The clips are found there (data.media_root, kept for evaluate and predict)."""

@@ -4,7 +4,8 @@ fine-tuned with the token-level loss on the transcript.
 Data: a table (CSV/TSV/JSONL/Parquet) of audio paths (``data.audio_column``; relative to the table,
 or absolute) and transcripts (``data.target_column``; found by name when unset: text, transcript,
 transcription, sentence), or a folder holding such a table as ``metadata.csv`` / ``metadata.jsonl``
-(the Hugging Face audiofolder layout, paths in ``file_name``).
+(the Hugging Face audiofolder layout, paths in ``file_name``), LibriSpeech's ``*.trans.txt`` files, LJSpeech's
+metadata.csv + wavs/, or each clip's transcript in a ``.txt`` / ``.lab`` file of its name (VCTK, TIMIT, MFA).
 
 Validation measures the loss on every clip within the model's window (a longer clip, which
 cannot train, is left out of the training split) and, on a fixed sample, the transcripts the model
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,45 @@ def _read_transcript_files(folder: Path, files: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+TRANSCRIPT_SUFFIXES = {".txt", ".lab"}  # a clip's own transcript file (the Montreal Forced Aligner's .lab, VCTK's .txt)
+
+
+def _read_clip_transcripts(folder: Path) -> pd.DataFrame | None:
+    """Each clip's transcript in a file of its name: ``a.wav`` + ``a.txt`` / ``a.lab`` beside it (the Montreal Forced
+    Aligner's corpus layout), or anywhere under ``folder`` (VCTK: wav48/p225/p225_001.wav, txt/p225/p225_001.txt);
+    TIMIT's sample range before the words (``0 46797 She had ...``) is not read. None where under nine in ten clips
+    have one; the clips without one are left out, said in a warning."""
+    from fmtune.data.readers import list_files
+
+    clips = list_files(folder, AUDIO_SUFFIXES)
+    texts = {}
+    for f in list_files(folder, TRANSCRIPT_SUFFIXES):
+        texts.setdefault(f.stem.lower(), []).append(f)
+    if not clips:
+        return None
+
+    def own(clip: Path) -> Path | None:  # (beside it first; else the one file of its name anywhere)
+        named = texts.get(clip.stem.lower(), [])
+        near = [f for f in named if f.parent == clip.parent]
+        return near[0] if len(near) == 1 else named[0] if len(named) == 1 else None
+
+    found = {c: own(c) for c in clips}
+    kept = [c for c in clips if found[c] is not None]
+    if len(kept) < 0.9 * len(clips):
+        return None
+    if len(kept) < len(clips):
+        warnings.warn(f"{folder}: {len(clips) - len(kept)} of its {len(clips)} clips have no transcript file of their "
+                      f"name (first {next(c for c in clips if found[c] is None)}): left out", UserWarning, stacklevel=3)
+    rows = []
+    for c in kept:
+        words = found[c].read_text(encoding="utf-8", errors="replace").strip()
+        words = re.sub(r"^\d+ \d+ ", "", words) if re.match(r"^\d+ \d+ \S", words) else words
+        if not words:
+            raise DataError(f"{found[c]}: the transcript of {c.name} is empty (a clip without speech needs no file)")
+        rows.append({"file_name": str(c), "text": " ".join(words.split())})
+    return pd.DataFrame(rows)
+
+
 def _clip_file(folders: tuple[Path, ...], clip: str) -> Path | None:
     """The audio file of a clip id (``CLIP-ID.flac``, ``.wav`` or another readable format) in the first of
     ``folders`` that holds one, else None."""
@@ -114,12 +155,14 @@ def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> p
     if p.is_dir():
         meta = next((p / m for m in METADATA_FILES if (p / m).is_file()), None)
         transcripts = sorted(p.rglob("*.trans.txt")) if meta is None else []
-        if meta is None and not transcripts:
+        beside = _read_clip_transcripts(p) if meta is None and not transcripts else None
+        if meta is None and not transcripts and beside is None:
             raise DataError(f"{p}: a speech folder needs a table of its clips and transcripts: "
                             f"{' or '.join(METADATA_FILES[:2])} with columns file_name and text (or LibriSpeech's "
-                            "*.trans.txt files beside the clips)")
-        if transcripts:
-            df = _read_transcript_files(p, transcripts)
+                            "*.trans.txt files beside the clips, or each clip's transcript in a .txt / .lab file of "
+                            "its name)")
+        if transcripts or beside is not None:
+            df = _read_transcript_files(p, transcripts) if transcripts else beside
             df.attrs["source"] = str(p)
             return _speech_rows(df, data_cfg, with_targets, p)
         p = meta
