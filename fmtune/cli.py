@@ -697,7 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
               "POST /generate. OpenAI's API under /v1, for the openai clients (base_url http://HOST:PORT/v1): "
               "chat/completions, completions and responses (generation runs; greedy unless a temperature is "
               "sent), embeddings (text classification, multi-label and regression runs), audio/transcriptions (speech "
-              "recognition runs), models. POST / answers in the Hugging Face Inference API's format, for "
+              "recognition runs), models. POST /invocations (MLflow's and SageMaker's scoring protocol) and "
+              "POST /v1/models/NAME:predict (KServe / TF Serving v1) for prediction runs. POST / answers in the "
+              "Hugging Face Inference API's format, for "
               "huggingface_hub's InferenceClient(model=URL)")
     sv.add_argument("run", help="run directory")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "

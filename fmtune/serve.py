@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from fmtune import serve_openai
+from fmtune.data import tabular
 from fmtune.errors import ConfigError, DataError
 from fmtune.serve_base import HTTPError, Limits, check_items, number, open_stream, request_items, threaded_stream
 from fmtune.tasks.base import Task
@@ -302,6 +303,45 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
             out["truncated"] = truncated
         return out
 
+    async def scored(request: Request) -> dict[str, Any]:
+        """{"predictions": [...]} of the inputs in one of the bodies MLflow's and SageMaker's scoring servers and
+        KServe / TF Serving take (``scoring_inputs``)."""
+        guard(request)
+        if request.headers.get("content-type", "").startswith("text/csv"):
+            values = _csv_rows(await read_body(request))
+        else:
+            values = scoring_inputs(await read_json(request))
+        values = check_items(values, limits)
+        if not (getattr(predictor, "pair_column", None) or tabular.uses_columns(predictor.config.data)):
+            values = [next(iter(v.values())) if isinstance(v, dict) and len(v) == 1 else v for v in values]  # (a
+            # frame of one column, whatever its name: pandas' Series of texts or files)
+        items = (_prepare_texts(values, predictor, limits)[0] if predictor.kind == "text" else
+                 await run_in_threadpool(_prepare_files, values, predictor))
+        return {"predictions": await batcher.submit(items)}
+
+    @app.post("/invocations", openapi_extra=SCORING_DOC)
+    async def invocations(request: Request) -> Any:
+        """MLflow's and SageMaker's scoring protocol: {"dataframe_split": {"columns", "data"}},
+        {"dataframe_records": [...]}, {"instances": [...]} or {"inputs": ...} (or a CSV body); returns
+        {"predictions": [...]}."""
+        return await scored(request)
+
+    @app.post("/v1/models/{name}:predict", openapi_extra=SCORING_DOC)
+    async def kserve_predict(name: str, request: Request) -> Any:
+        """KServe's and TF Serving's v1 protocol: {"instances": [...]} (or {"inputs": ...}); returns
+        {"predictions": [...]}. Any model name: the one model served answers."""
+        return await scored(request)
+
+    @app.get("/ping")
+    async def ping() -> dict[str, str]:  # (SageMaker's and MLflow's health check)
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version() -> Any:  # (MLflow's scoring server: the model's version as text)
+        from fastapi.responses import PlainTextResponse
+
+        return PlainTextResponse(meta["model_version"])
+
     if type(predictor.task).hf_output is not Task.hf_output:
         @app.post("/", openapi_extra=HF_DOC)
         async def hf_inference(request: Request) -> Any:
@@ -342,6 +382,65 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
             return [outs[0]] if predictor.kind == "text" and task.hf_list_of_one else outs[0]
 
     return _common_routes(app, meta, limits, batcher, guard)
+
+
+def scoring_inputs(data: Any) -> list[Any]:
+    """The inputs of a body in MLflow's scoring format (``mlflow models serve``, SageMaker): a pandas DataFrame as
+    {"dataframe_split": {"columns": [...], "data": [[...], ...]}} or {"dataframe_records": [{...}, ...]}, each row a
+    table row (its text column, or a tabular run's columns); {"instances": [...]} (KServe's and TF Serving's v1) or
+    {"inputs": [...]}, a list of inputs as /predict takes them; {"inputs": {"column": [...], ...}}, columns of rows."""
+    if not isinstance(data, dict):
+        raise HTTPError(422, 'expected a JSON object: {"dataframe_split": ...}, {"dataframe_records": [...]}, '
+                             '{"instances": [...]} or {"inputs": [...]}')
+    if "dataframe_split" in data:
+        split = data["dataframe_split"]
+        if not isinstance(split, dict) or not isinstance(split.get("data"), list):
+            raise HTTPError(422, 'dataframe_split must be {"columns": [...], "data": [[...], ...]}')
+        columns = split.get("columns") or list(range(len(split["data"][0]) if split["data"] else 0))
+        rows = split["data"]
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, list) or len(r) != len(columns)), None)
+        if bad is not None:
+            raise HTTPError(422, f"dataframe_split.data[{bad}] does not hold one value for each of the "
+                                 f"{len(columns)} columns")
+        return [dict(zip(map(str, columns), r)) for r in rows]
+    if "dataframe_records" in data:
+        if not isinstance(data["dataframe_records"], list):
+            raise HTTPError(422, "dataframe_records must be a list of objects, one a row")
+        return data["dataframe_records"]
+    key = "instances" if "instances" in data else "inputs" if "inputs" in data else None
+    if key is None:
+        raise HTTPError(422, f"no inputs in the body (keys: {', '.join(map(str, data)) or 'none'}); send "
+                             '{"dataframe_split": ...}, {"dataframe_records": [...]}, {"instances": [...]} or '
+                             '{"inputs": [...]}')
+    value = data[key]
+    if isinstance(value, dict):  # columns of rows: {"text": [...]}
+        lengths = {len(v) if isinstance(v, list) else -1 for v in value.values()}
+        if len(lengths) != 1 or -1 in lengths:
+            raise HTTPError(422, f"{key}: an object of columns must hold lists of one length")
+        return [dict(zip(value, r)) for r in zip(*value.values())]
+    return value
+
+
+def _csv_rows(body: bytes) -> list[dict[str, Any]]:
+    """A CSV body (MLflow's text/csv, a header and rows) as table rows."""
+    import io
+
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(io.BytesIO(body), dtype=str, keep_default_na=False)
+    except Exception as e:  # (pandas raises many types)
+        raise HTTPError(400, f"the body is not CSV: {e}") from None
+    return df.to_dict("records")
+
+
+SCORING_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "properties": {
+        "dataframe_split": {"type": "object", "properties": {"columns": {"type": "array"}, "data": {"type": "array"}}},
+        "dataframe_records": {"type": "array", "items": {"type": "object"}},
+        "instances": {"type": "array"}, "inputs": {}}},
+        "example": {"dataframe_split": {"columns": ["text"], "data": [["a gripping, well-acted film"]]}}},
+    "text/csv": {"schema": {"type": "string"}}}}}
 
 
 HF_DOC = {"requestBody": {"required": True, "content": {

@@ -170,6 +170,50 @@ def test_huggingface_hub_inference_client_classifies_texts_and_images(text_run, 
         assert httpx.post(url, content=b"junk").status_code == 422
 
 
+def test_mlflow_sagemaker_and_kserve_clients_score_through_their_protocols(text_run, image_run, image_dirs):
+    """POST /invocations as MLflow's scoring server and SageMaker take it, through MLflow's own ScoringServerClient
+    (a pandas DataFrame as dataframe_split; a list as inputs); dataframe_records, a CSV body, columns of rows, and
+    KServe's / TF Serving's v1 {"instances": [...]} at /v1/models/NAME:predict: the predictions are /predict's.
+    Bodies it cannot read are 4xx errors that say what it takes."""
+    import pandas as pd
+    from conftest import live_server
+    from mlflow.pyfunc.scoring_server.client import ScoringServerClient
+
+    pred = fmtune.load(text_run)
+    texts = ["good film", "awful plot", "the plot was awful, the film good"]
+    want = [p["label"] for p in pred.predict(texts)]
+    with live_server(create_app(pred)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        client = ScoringServerClient(host, int(port))
+        client.wait_server_ready(timeout=30)
+        assert client.get_version() == pred.version
+        for data in (pd.DataFrame({"text": texts}), pd.DataFrame({0: texts}), texts):
+            got = client.invoke(data)["predictions"]
+            assert [g["label"] for g in got] == want, data
+        for body in ({"dataframe_records": [{"text": t} for t in texts]}, {"inputs": {"text": texts}},
+                     {"instances": texts}):
+            r = httpx.post(f"{url}/invocations", json=body)
+            assert [g["label"] for g in r.json()["predictions"]] == want, body
+        kserve = httpx.post(f"{url}/v1/models/sentiment:predict", json={"instances": [{"text": t} for t in texts]})
+        assert [g["label"] for g in kserve.json()["predictions"]] == want
+        csv = httpx.post(f"{url}/invocations", content=pd.DataFrame({"text": texts}).to_csv(index=False).encode(),
+                         headers={"content-type": "text/csv"})
+        assert [g["label"] for g in csv.json()["predictions"]] == want
+        for body, message in [({"rows": texts}, "no inputs in the body (keys: rows)"),
+                              ({"dataframe_split": {"columns": ["text"], "data": [["a", "b"]]}},
+                               "dataframe_split.data[0] does not hold one value for each of the 1 columns"),
+                              ({"inputs": {"text": texts, "id": [1]}}, "lists of one length"),
+                              ({"instances": []}, "empty list")]:
+            r = httpx.post(f"{url}/invocations", json=body)
+            assert r.status_code == 422 and message in r.json()["error"], (body, r.text)
+    images = fmtune.load(image_run)
+    f = sorted((image_dirs["test"] / "bottom").iterdir())[0]
+    with TestClient(create_app(images)) as client:
+        r = client.post("/invocations", json={"instances": [base64.b64encode(f.read_bytes()).decode()]})
+        assert r.json()["predictions"][0]["label"] == images.predict(str(f))["label"]
+        assert client.get("/ping").status_code == 200
+
+
 def test_inference_api_answers_of_multilabel_and_regression_records():
     from fmtune.errors import DataError
     from fmtune.tasks import task_class
