@@ -58,8 +58,8 @@ def file_encoding(path: Path, encoding: str) -> str:
     """The encoding ``path`` is read in. Another than UTF-8 given (data.encoding): that one, a line not valid in it a
     DataError naming the line. UTF-8, the default: a file that starts with a byte-order mark in its encoding (Excel's
     "CSV UTF-8": utf-8-sig; its "Unicode Text": UTF-16); one that is not UTF-8 (Kaggle's SMS Spam Collection and
-    Financial PhraseBank are Windows-1252, CoNLL-2002's Spanish and Dutch Latin-1) in the encoding charset-normalizer
-    finds for it (cp1252 where that reads it the same), said in a warning naming its first line that is not UTF-8."""
+    Financial PhraseBank are Windows-1252, CoNLL-2002's Spanish and Dutch Latin-1) in the encoding found for it
+    (``_found_encoding``), said in a warning naming its first line that is not UTF-8."""
     if codecs.lookup(encoding).name != "utf-8":
         check_encoding(path, encoding)
         return encoding
@@ -916,11 +916,11 @@ def free_text_columns(df: pd.DataFrame, exclude: set[str] | tuple[str, ...] = ()
     Kaggle ships it: Title, Description; News Category: headline, short_description): of 1,000 rows spread over it,
     at least half filled, at least half their values distinct, four words or more on average (not authors, links,
     dates, ids or labels). Never ``exclude``."""
-    out = []
+    out, rows = [], spread(df)
     for c in df.columns:
         if not isinstance(c, str) or c in exclude:
             continue
-        values = [v.strip() for v in spread(df)[c] if isinstance(v, str) and v.strip()]
+        values = [v.strip() for v in rows[c] if isinstance(v, str) and v.strip()]
         if len(values) < max(1, min(len(df), 1000) / 2) or len(set(values)) < len(values) / 2:
             continue
         if np.mean([len(v.split()) for v in values]) >= 4:

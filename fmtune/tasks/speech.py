@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fmtune.data.readers import AUDIO_SUFFIXES, read_table, row_label
+from fmtune.data.readers import AUDIO_SUFFIXES, list_files, read_table, row_label
 from fmtune.errors import DataError, ModelError
 from fmtune.tasks.base import TASKS, Task
 from fmtune.tasks.generation import GenerationSettings, fixed_sample, token_batches, token_loss
@@ -84,8 +84,6 @@ def _read_clip_transcripts(folder: Path) -> pd.DataFrame | None:
     Aligner's corpus layout), or anywhere under ``folder`` (VCTK: wav48/p225/p225_001.wav, txt/p225/p225_001.txt);
     TIMIT's sample range before the words (``0 46797 She had ...``) is not read. None where under nine in ten clips
     have one; the clips without one are left out, said in a warning."""
-    from fmtune.data.readers import list_files
-
     clips = list_files(folder, AUDIO_SUFFIXES)
     texts = {}
     for f in list_files(folder, TRANSCRIPT_SUFFIXES):
