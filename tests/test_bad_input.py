@@ -562,7 +562,8 @@ def test_a_csv_without_a_header_as_the_classic_text_sets_ship(tmp_path, tiny_ber
 def test_tables_without_a_header_whose_labels_are_words_and_text_files_that_are_tables(tmp_path, tiny_bert,
                                                                                       text_files):
     """Financial PhraseBank (``neutral,"According to ..."``), a ``text,label`` CSV saved without its header, the
-    Emotion dataset's ``text;label`` lines in a .txt, UCI's SMSSpamCollection (``ham<TAB>text``, no suffix): the first
+    Emotion dataset's ``text;label`` lines in a .txt, UCI's SMSSpamCollection (``ham<TAB>text``, no suffix), fastText's
+    ``__label__pos text`` lines: the first
     line is data (a cell its column holds again beside a cell of words), the label the column that repeats, the
     text the longest; training and predict read them so. A .txt of texts that hold a semicolon now and then stays one
     text a line."""
@@ -585,6 +586,15 @@ def test_tables_without_a_header_whose_labels_are_words_and_text_files_that_are_
     with pytest.warns(UserWarning, match="first line is data"):
         got = fmtune.predict(tmp_path / "run", tmp_path / "SMSSpamCollection", quiet=True)
     assert len(got) == 60 and got["error"].isna().all()
+    # fastText's format (Kaggle's Amazon reviews train.ft.txt): labels first, as __label__NAME
+    (tmp_path / "train.ft.txt").write_text("".join(f"__label__{y} {t}\n" for t, y in zip(df["text"], df["label"])))
+    got = read_table(tmp_path / "train.ft.txt")
+    assert got["text"].tolist() == df["text"].tolist() and got["label"].tolist() == df["label"].tolist()
+    _train(tmp_path / "ft", tiny_bert, tmp_path / "train.ft.txt", train={"max_steps": 2})
+    assert json.loads((tmp_path / "ft" / "run" / "labels.json").read_text())["labels"] == ["neg", "pos"]
+    (tmp_path / "multi.txt").write_text("__label__a __label__b two labels here\n" + "__label__a one\n" * 9
+                                        + "no label line\n")
+    assert read_table(tmp_path / "multi.txt")["label"].tolist() == [["a", "b"], *["a"] * 9, None]
     texts = [f"a film; {t}" if i % 3 == 0 else t for i, t in enumerate(df["text"])]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     assert read_table(tmp_path / "texts.txt")["text"].tolist() == texts

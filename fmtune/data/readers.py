@@ -1424,13 +1424,21 @@ def _jsonl_chunks(path: Path, encoding: str, chunk_rows: int):
         yield _frame(records, index, path), problems
 
 
+FASTTEXT_LABEL = "__label__"
+
+
 def _txt_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
     """One text per line (a row's index is its line number - 1); empty lines are skipped, and
-    counted in a warning at the end."""
+    counted in a warning at the end. A file in fastText's format (nine in ten of its first lines start with
+    ``__label__``: Kaggle's Amazon reviews ``train.ft.txt``, ``__label__2 Great CD: ...``) gives each line's labels
+    too, in ``label`` (several: a list, multi-label)."""
     import warnings
 
     encoding = file_encoding(path, encoding)
-    texts: list[str] = []
+    with path.open(encoding=encoding, newline="") as fh:
+        head = [x for x in itertools.islice((x for x in fh if x.strip()), 200)]
+    labelled = bool(head) and sum(x.startswith(FASTTEXT_LABEL) for x in head) >= 0.9 * len(head)
+    rows: list[dict] = []
     index: list[int] = []
     empty = 0
     with path.open(encoding=encoding, newline="") as fh:
@@ -1439,15 +1447,23 @@ def _txt_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
             if not text.strip():
                 empty += 1
                 continue
-            texts.append(text)
+            rows.append(_fasttext_row(text, column) if labelled else {column: text})
             index.append(lineno - 1)
-            if len(texts) == chunk_rows:
-                yield _frame([{column: t} for t in texts], index, path), {}
-                texts, index = [], []
-    if texts:
-        yield _frame([{column: t} for t in texts], index, path), {}
+            if len(rows) == chunk_rows:
+                yield _frame(rows, index, path), {}
+                rows, index = [], []
+    if rows:
+        yield _frame(rows, index, path), {}
     if empty:
         warnings.warn(f"{path}: {empty} empty line(s) skipped", UserWarning, stacklevel=2)
+
+
+def _fasttext_row(line: str, column: str) -> dict[str, Any]:
+    """A fastText line, ``__label__a __label__b words ...``: its text and its label (labels: a list)."""
+    words = line.split(" ")
+    k = next((i for i, w in enumerate(words) if not w.startswith(FASTTEXT_LABEL)), len(words))
+    labels = [w[len(FASTTEXT_LABEL):] for w in words[:k] if w[len(FASTTEXT_LABEL):]]
+    return {column: " ".join(words[k:]).strip(), "label": labels[0] if len(labels) == 1 else labels or None}
 
 
 def _frame(records: list[dict], index: list[int], path: Path) -> pd.DataFrame:
