@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from fmtune import serve_openai
+from fmtune import serve_ollama, serve_openai
 from fmtune.data import tabular
 from fmtune.errors import ConfigError, DataError
 from fmtune.serve_base import HTTPError, Limits, check_items, number, open_stream, request_items, threaded_stream
@@ -586,6 +586,7 @@ def _tgi_token(i: int, text: str, whole: str | None) -> dict[str, Any]:
 
 def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any) -> None:
     serve_openai.add_routes(app, generator, limits, guard, read_json, batcher)
+    serve_ollama.add_routes(app, generator, limits, guard, read_json, batcher)
 
     @app.post("/", openapi_extra=TGI_DOC)
     async def text_generation(request: Request) -> Any:

@@ -61,11 +61,11 @@ def check_items(value: Any, limits: Limits) -> list[Any]:
     return value
 
 
-def threaded_stream(events: Any) -> Any:
-    """A StreamingResponse of server-sent events made by ``events(cancel)`` (a generator of strings, given
-    a ``threading.Event``) in a worker thread of its own. The thread always runs the generator to its end or
-    closes it itself, so decoding stops as soon as the client goes away (``cancel`` is set then), not when a
-    forgotten generator is collected."""
+def threaded_stream(events: Any, media_type: str = "text/event-stream") -> Any:
+    """A StreamingResponse of server-sent events (or of what ``media_type`` says: Ollama's JSON lines) made by
+    ``events(cancel)`` (a generator of strings, given a ``threading.Event``) in a worker thread of its own. The thread
+    always runs the generator to its end or closes it itself, so decoding stops as soon as the client goes away
+    (``cancel`` is set then), not when a forgotten generator is collected."""
     import threading
 
     from fastapi.responses import StreamingResponse
@@ -104,7 +104,7 @@ def threaded_stream(events: Any) -> Any:
         finally:
             cancel.set()  # a client gone: the worker stops at the next token
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return StreamingResponse(body(), media_type=media_type)
 
 
 def request_items(rows: list[dict[str, Any]], opts: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:

@@ -523,6 +523,52 @@ def test_the_service_says_which_prompts_it_cut_and_refuses_them_under_long_text_
         assert client.post("/generate", json={"prompt": "repeat: cat"}).status_code == 200
 
 
+def test_the_ollama_client_talks_to_a_served_run(full_run):
+    """The ollama package itself, pointed at the service (host=URL, the service's key in its headers): generate and
+    chat, whole and streamed as JSON lines, the token limit (num_predict), stop strings, counts; list and show; its
+    errors raised as its ResponseError with the status and the option at fault."""
+    import ollama
+    from conftest import live_server
+
+    from fmtune.generation import Generator
+    from fmtune.serve import Limits, create_app
+
+    gen = Generator(full_run["run_dir"])
+    row = {"kind": "prompt", "prompt": "repeat: red dog", "completion": None, "messages": None}
+    (c,) = gen.complete([row])
+    prompt_tokens = len(gen.prompt_ids(row)[0])
+    name = Path(full_run["run_dir"]).name
+    with live_server(create_app(gen, Limits(max_new_tokens=16), api_key="k")) as url:
+        client = ollama.Client(host=url, headers={"Authorization": "Bearer k"})
+        r = client.generate(model="any", prompt="repeat: red dog")
+        assert (r.response, r.done, r.done_reason, r.model) == (c.text, True, "stop", name)
+        assert (r.prompt_eval_count, r.eval_count) == (prompt_tokens, c.tokens) and r.total_duration > 0
+        parts = list(client.generate(model="any", prompt="repeat: red dog", stream=True))
+        assert "".join(p.response for p in parts) == c.text and parts[-1].done and not parts[0].done
+        assert parts[-1].eval_count == c.tokens and parts[-1].done_reason == "stop"
+        chat = client.chat(model="any", messages=[{"role": "user", "content": "repeat: red dog"}])
+        assert (chat.message.role, chat.message.content, chat.done_reason) == ("assistant", c.text, "stop")
+        parts = list(client.chat(model="any", messages=[{"role": "user", "content": "repeat: red dog"}], stream=True))
+        assert "".join(p.message.content for p in parts) == c.text and parts[-1].done
+        short = client.generate(model="any", prompt="repeat: red dog", options={"num_predict": 1})
+        assert short.done_reason == "length" and short.eval_count == 1
+        cut = client.generate(model="any", prompt="repeat: red dog", options={"stop": [c.text[2:4]]})
+        assert cut.response == c.text[:c.text.find(c.text[2:4])] and cut.done_reason == "stop"
+        loaded = client.generate(model="any", prompt="repeat: red dog", options={"num_ctx": 4096, "num_thread": 2})
+        assert loaded.response == c.text  # (how a model is loaded is not this service's to set: let be)
+        assert [m.model for m in client.list().models] == [name]
+        assert client.show(name).capabilities == ["completion"]
+        for kwargs, status, match in [({"options": {"top_k": 5}}, 422, "options.top_k is not supported"),
+                                      ({"format": "json"}, 422, "'format' is not supported"),
+                                      ({"options": {"num_predict": 99}}, 422, "num_predict")]:
+            with pytest.raises(ollama.ResponseError, match=match) as e:
+                client.generate(model="any", prompt="repeat: red dog", **kwargs)
+            assert e.value.status_code == status
+        with pytest.raises(ollama.ResponseError) as e:
+            ollama.Client(host=url).chat(model="any", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 401
+
+
 def test_the_official_openai_client_talks_to_a_served_run(full_run):
     """The openai package itself, pointed at the service (base_url .../v1, the service's key as its own):
     models, chat completions and completions, whole and streamed, stop strings, the token limit, usage,
