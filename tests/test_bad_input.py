@@ -494,6 +494,30 @@ def test_label_studio_exports_of_choices_train_a_classifier(tmp_path, tiny_bert,
     assert s["best"] is not None
 
 
+def test_label_studio_exports_of_images_find_the_users_copies(tmp_path, tiny_vit, image_dirs):
+    """Label Studio's JSON export of an image classification project names its images as the server stores them:
+    uploads as /data/upload/N/PREFIX-name.jpg, local storage as /data/local-files/?d=path. Each is read as the user's
+    copy names it (name.jpg; path), found near the export, and trains."""
+    import shutil
+
+    (tmp_path / "photos").mkdir()
+    files = sorted(image_dirs["train"].rglob("*.png"))
+    for f in files:
+        shutil.copy(f, tmp_path / "photos" / f"{f.parent.name}-{f.name}")
+    for kind in ("upload", "local"):
+        tasks = [{"id": i, "data": {"image": f"/data/upload/3/{i:08x}-{f.parent.name}-{f.name}" if kind == "upload"
+                                    else f"/data/local-files/?d=photos/{f.parent.name}-{f.name}"},
+                  "annotations": [{"result": [{"from_name": "class", "to_name": "image", "type": "choices",
+                                               "value": {"choices": [f.parent.name]}}]}]} for i, f in enumerate(files)]
+        (tmp_path / f"{kind}.json").write_text(json.dumps(tasks))
+        rows = read_any(tmp_path / f"{kind}.json")
+        name = f"{files[0].parent.name}-{files[0].name}"
+        assert rows["image"].iloc[0] == (name if kind == "upload" else f"photos/{name}")
+        _train(tmp_path / kind, tiny_vit, tmp_path / f"{kind}.json", train={"max_steps": 2})
+        data = json.loads((tmp_path / kind / "run" / "run.json").read_text())["data"]
+        assert data["train"]["rows"] + data["val"]["rows"] == len(files), kind
+
+
 def test_one_hot_class_columns_train_a_single_label_run(tmp_path, tiny_vit, image_dirs):
     """Kaggle's plant-pathology layout: train.csv (image_id, then one 0/1 column a class, exactly one 1 a row) with
     images/{image_id}.jpg: trains as classification without settings (the classes from the columns, the images from

@@ -326,7 +326,7 @@ def label_studio_rows(records: list[dict], where: str) -> list[dict]:
     for rec, keep in zip(records, annotated_tasks(records, where)):
         if not keep:
             continue
-        row = dict(rec["data"])
+        row = {k: label_studio_file(v) for k, v in rec["data"].items()}
         done = label_studio_annotation(rec)
         if done is not None:
             chosen = [c for r in done.get("result") or [] if isinstance(r, dict) and isinstance(r.get("value"), dict)
@@ -335,6 +335,21 @@ def label_studio_rows(records: list[dict], where: str) -> list[dict]:
                 row["label"] = chosen[0] if len(chosen) == 1 else chosen
         rows.append(row)
     return rows
+
+
+def label_studio_file(value: Any) -> Any:
+    """A Label Studio task's file as the user's copy names it: an upload (``/data/upload/3/4f3c1a2b-cat.jpg``, stored
+    under a prefix of its own) as its own name, ``cat.jpg``; a local storage file (``/data/local-files/?d=photos/
+    cat.jpg``) as its path under the storage's root, ``photos/cat.jpg``: found near the export as a table's file
+    names are (``prepare.settle_columns``). Other values as they are."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith("/data/local-files/"):
+        from urllib.parse import parse_qs, urlsplit
+
+        return (parse_qs(urlsplit(value).query).get("d") or [value])[0]
+    m = re.fullmatch(r"/data/upload/\d+/(?:[0-9a-f]{8}-)?(.+)", value)
+    return m.group(1) if m else value
 
 
 def jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
