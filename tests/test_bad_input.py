@@ -101,6 +101,9 @@ def test_unsupported_suffix(tmp_path):
     (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(DataError, match="unsupported file type '.xlsx'"):
         read_table(tmp_path / "d.xlsx")
+    (tmp_path / "photo").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # no suffix, not text: not read as lines
+    with pytest.raises(DataError, match="unsupported file type ''"):
+        read_table(tmp_path / "photo")
 
 
 def test_jsonl_and_parquet_train(tmp_path, tiny_bert, text_files):

@@ -138,7 +138,10 @@ def csv_separator(path: Path, encoding: str) -> str:
 
 def _check_table(path: Path, alternatives: str) -> str:
     """The lower-case suffix of a non-empty table file; a DataError otherwise."""
-    suffix = path.suffix.lower() or ".txt"  # (a file without a suffix: text, UCI's SMSSpamCollection)
+    suffix = path.suffix.lower()
+    if not suffix and path.is_file():  # (a text file without a suffix: UCI's SMSSpamCollection; not a photo's bytes)
+        with path.open("rb") as fh:
+            suffix = ".txt" if b"\0" not in fh.read(8192) else suffix
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet or .txt (one "
                         f"text per line), {alternatives}")
