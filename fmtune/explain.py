@@ -228,7 +228,7 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
     cfg = pred.config.data
 
     def table(path: Path, column: str, what: str, key: str) -> Any:
-        df = read_any(path, cfg.encoding, media=cfg)  # (the run's data.media_root and path templates, as training)
+        df = read_any(path, cfg.encoding, cfg.text_column, media=cfg)  # (the run's media_root and templates)
         require_column(df, column, what, key)
         truth = df[cfg.label_column] if cfg.label_column in df.columns else [None] * len(df)
         return df, [None if t is None else str(t) for t in truth]
@@ -243,11 +243,7 @@ def collect_inputs(pred: Predictor, inputs: list[str], limit: int) -> list[dict[
             if _looks_like_image(value) or path.is_dir():
                 raise DataError(f"--input {value}: this run's model reads text, and this is "
                                 f"{'a folder' if path.is_dir() else 'an image file'}; give a text or a table file")
-            if path.is_file() and path.suffix.lower() == ".txt":
-                for n, line in enumerate(path.read_text(encoding=cfg.encoding).splitlines(), start=1):
-                    if line.strip() and add(f"{path.name}:{n}", line, None):
-                        return items
-            elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+            if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:  # (a .txt: one text a line, or a table)
                 df, truth = table(path, cfg.text_column, "text", "data.text_column")
                 require_text_column(df, cfg.text_column, pred.pair_column)
                 for i, (text, true) in enumerate(zip(model_texts(df, cfg), truth)):  # texts, or pairs

@@ -140,6 +140,23 @@ def test_cli_explain(text_run, tmp_path):
     assert main(["explain", str(text_run), "--method", "occlusion", "--input", "x"]) == 2
 
 
+def test_text_files_are_read_as_training_reads_them(text_run, tmp_path):
+    """--input a.txt: one text a line; a .txt that is a table (the Emotion dataset's text;label lines) gives each
+    text and its true label, as training reads it (it was explained whole, 'text;label', as one text)."""
+    from fmtune.explain import collect_inputs
+
+    pred = fmtune.load(text_run)
+    (tmp_path / "lines.txt").write_text("a really great film\n\nthe plot was awful\n")
+    got = collect_inputs(pred, [str(tmp_path / "lines.txt")], 10)
+    assert [(g["input"], g["true"]) for g in got] == [("a really great film", None), ("the plot was awful", None)]
+    assert [g["name"] for g in got] == ["line 1", "line 3"]
+    rows = [("a really great film", "pos"), ("the plot was awful", "neg")] * 3
+    (tmp_path / "emotion.txt").write_text("".join(f"{t};{y}\n" for t, y in rows))
+    with pytest.warns(UserWarning, match="first line is data"):
+        got = collect_inputs(pred, [str(tmp_path / "emotion.txt")], 10)
+    assert [(g["input"], g["true"]) for g in got] == rows
+
+
 @pytest.mark.parametrize("strategy", ["lora", "prompt"])
 def test_adapter_runs_are_explained_through_the_adapter(tiny_bert, text_files, tmp_path, strategy):
     run = tmp_path / strategy
