@@ -41,6 +41,11 @@ def label_scores(probabilities: dict[str, float], parameters: dict[str, Any], fu
     return [{"label": k, "score": v} for k, v in ranked[:top_k]]
 
 
+def _ones_a_row(df: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """How many of the 0/1 ``columns`` are 1 in each row."""
+    return df[columns].astype(str).apply(lambda c: c.str.strip().isin(("1", "1.0"))).sum(axis=1)
+
+
 @TASKS.register("classification")
 class Classification(Task):
     name = "classification"
@@ -58,8 +63,7 @@ class Classification(Task):
         found = zero_one_columns(df, inputs)
         if len(found) < 2:
             return None
-        ones = df[found].astype(str).apply(lambda c: c.str.strip().isin(("1", "1.0"))).sum(axis=1)
-        return found if (ones == 1).all() else None
+        return found if (_ones_a_row(df, found) == 1).all() else None
 
     @classmethod
     def require_targets(cls, df: pd.DataFrame, data_cfg: Any) -> None:
@@ -71,7 +75,7 @@ class Classification(Task):
 
             found = zero_one_columns(df, set(text_columns(data_cfg)))
             if len(found) >= 2:
-                ones = df[found].astype(str).apply(lambda c: c.str.strip().isin(("1", "1.0"))).sum(axis=1)
+                ones = _ones_a_row(df, found)
                 if (ones > 1).any():
                     i = int(np.flatnonzero((ones > 1).to_numpy())[0])
                     raise DataError(f"{row_label(df, i)}: no label column {column!r}, and the table's 0/1 columns "
