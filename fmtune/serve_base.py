@@ -133,3 +133,18 @@ def open_stream(batcher: Any, row: dict[str, Any], opts: dict[str, Any]) -> Any:
             info["tokens"], info["stopped"] = done.tokens, done.stopped
 
     return read
+
+
+def text_tokens(generator: Any, text: str) -> int:
+    """The tokens of ``text`` as a generation run's tokenizer splits it (an answer's length, where decoding stopped
+    early at a stop string)."""
+    return len(generator.bundle.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+async def json_object(request: Any, guard: Any, read_json: Any) -> dict[str, Any]:
+    """A request's body, a JSON object, once ``guard`` (the API key, the declared size) lets it through."""
+    guard(request)
+    data = await read_json(request)
+    if not isinstance(data, dict):
+        raise HTTPError(422, "expected a JSON object")
+    return data

@@ -35,7 +35,7 @@ from typing import Any
 from fastapi import Request
 
 from fmtune import serve_openai
-from fmtune.serve_base import HTTPError, Limits, number, open_stream, threaded_stream
+from fmtune.serve_base import HTTPError, Limits, json_object, number, open_stream, text_tokens, threaded_stream
 
 # Ollama's options of how a model is loaded and run, not of what it answers: let be
 LOAD_OPTIONS = {"numa", "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
@@ -95,14 +95,10 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
                if hasattr(generator.bundle.model, "parameters") else "", "quantization_level": ""}
 
     def tokens(text: str) -> int:
-        return len(generator.bundle.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return text_tokens(generator, text)
 
     async def body(request: Request) -> dict[str, Any]:
-        guard(request)
-        data = await read_json(request)
-        if not isinstance(data, dict):
-            raise HTTPError(422, "expected a JSON object")
-        return data
+        return await json_object(request, guard, read_json)
 
     async def answer(row: dict[str, Any], data: dict[str, Any], what: str, piece: Any) -> Any:
         """The answer to ``row``: one object (``piece(text)`` with the counts), or with "stream" (Ollama's

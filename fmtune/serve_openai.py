@@ -49,7 +49,17 @@ from typing import Any
 from fastapi import Request
 
 from fmtune.errors import DataError
-from fmtune.serve_base import HTTPError, Limits, check_items, number, open_stream, request_items, threaded_stream
+from fmtune.serve_base import (
+    HTTPError,
+    Limits,
+    check_items,
+    json_object,
+    number,
+    open_stream,
+    request_items,
+    text_tokens,
+    threaded_stream,
+)
 
 # request fields refused unless they carry their neutral value (None is always fine: a client's "not given")
 NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
@@ -502,14 +512,10 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
         return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
 
     def tokens(text: str) -> int:
-        return len(generator.bundle.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return text_tokens(generator, text)
 
     async def body(request: Request) -> dict[str, Any]:
-        guard(request)
-        data = await read_json(request)
-        if not isinstance(data, dict):
-            raise HTTPError(422, "expected a JSON object")
-        return data
+        return await json_object(request, guard, read_json)
 
     def finish(stopped: bool) -> str:
         return "stop" if stopped else "length"
