@@ -443,10 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = verb("train", cmd_train, "fine-tune a model; writes a run directory", epilog=_config_epilog())
     t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     t.add_argument("--model", help=MODEL_HELP)
-    t.add_argument("--data", help="training data: CSV/JSONL/Parquet/TXT (columns text and label, else the one column "
-                   "of a usual name: sentence, review ...; intent, category, airline_sentiment, Class Index ...; else "
-                   "its columns of free text (Title, Description: read as one) and its one column of values that "
-                   "repeat; images / audio: the column of their "
+    t.add_argument("--data", help="training data: CSV/JSONL/Parquet/TXT/XLSX (columns text and label, else the one "
+                   "column of a usual name: sentence, review ...; intent, category, airline_sentiment, Class Index "
+                   "...; else its columns of free text (Title, Description: read as one) and its one column of "
+                   "values that repeat; images / audio: the column of their "
                    "paths, or of ids their files near the table are named by, train_images/{id}.png; said before "
                    "training; sentence1 / sentence2 ... read as pairs; multi-label 0/1 columns; a CSV or a .txt of "
                    "'text;label' lines without a header, or of fastText's '__label__pos text' lines; a file not "

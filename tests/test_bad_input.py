@@ -87,6 +87,27 @@ def test_a_file_not_in_utf8_is_read_in_the_encoding_it_is_in(tmp_path):
             "sehr sch\xf6n", "schlecht", "sch\xf6n"] * 4, name
 
 
+def test_an_excel_workbook_is_a_table(tmp_path, tiny_bert, text_files):
+    """An Excel workbook (.xlsx): its first sheet's rows, the first row the header, trains, predicts and evaluates as
+    the CSV it came from; an empty cell is named by its sheet row; a file that is not a workbook says so."""
+    df = pd.read_csv(text_files["train"]).head(60)
+    df.to_excel(tmp_path / "train.xlsx", index=False)
+    got = read_table(tmp_path / "train.xlsx")
+    assert got["text"].tolist() == df["text"].tolist() and got["label"].tolist() == df["label"].tolist()
+    _train(tmp_path, tiny_bert, tmp_path / "train.xlsx", train={"max_steps": 2})
+    predicted = fmtune.predict(tmp_path / "run", tmp_path / "train.xlsx", quiet=True)
+    assert len(predicted) == 60 and predicted["error"].isna().all()
+    assert fmtune.evaluate(tmp_path / "run", tmp_path / "train.xlsx", quiet=True)["n_test"] == 60
+    bad = df.copy()
+    bad.loc[3, "text"] = None
+    bad.to_excel(tmp_path / "bad.xlsx", index=False)
+    with pytest.raises(DataError, match=r"bad.xlsx: row 4 \(sheet row 5\): column 'text' is empty"):
+        _train(tmp_path / "b", tiny_bert, tmp_path / "bad.xlsx")
+    (tmp_path / "fake.xlsx").write_text("text,label\na,b\n")
+    with pytest.raises(DataError, match="fake.xlsx: cannot read as an Excel workbook"):
+        read_table(tmp_path / "fake.xlsx")
+
+
 def test_jsonl_bad_line_and_parquet(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
@@ -98,9 +119,9 @@ def test_jsonl_bad_line_and_parquet(tmp_path):
 
 
 def test_unsupported_suffix(tmp_path):
-    (tmp_path / "d.xlsx").write_text("x")
-    with pytest.raises(DataError, match="unsupported file type '.xlsx'"):
-        read_table(tmp_path / "d.xlsx")
+    (tmp_path / "d.docx").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type '.docx'"):
+        read_table(tmp_path / "d.docx")
     (tmp_path / "photo").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # no suffix, not text: not read as lines
     with pytest.raises(DataError, match="unsupported file type ''"):
         read_table(tmp_path / "photo")

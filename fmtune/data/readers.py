@@ -21,7 +21,8 @@ import pandas as pd
 
 from fmtune.errors import DataError
 
-TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt"}  # .txt: one text per line
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt", ".xlsx", ".xlsm"}  # .txt: a text a line
+EXCEL_SUFFIXES = {".xlsx", ".xlsm"}
 # word-per-line files: `fmtune predict` reads each sentence as a text (fmtune.data.conll.sentence_chunks)
 CONLL_PREDICT_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -143,8 +144,8 @@ def _check_table(path: Path, alternatives: str) -> str:
         with path.open("rb") as fh:
             suffix = ".txt" if b"\0" not in fh.read(8192) else suffix
     if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet or .txt (one "
-                        f"text per line), {alternatives}")
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet, .xlsx or .txt "
+                        f"(one text per line), {alternatives}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     return suffix
@@ -180,6 +181,8 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
     suffix = _check_table(path, "or a folder of class sub-folders for images")
     if suffix in (".parquet", ".pq"):
         df = read_parquet(path)
+    elif suffix in EXCEL_SUFFIXES:
+        df = read_excel(path)
     elif suffix in (".jsonl", ".json"):
         df = _read_jsonl(path, encoding)
     elif suffix == ".txt" and text_table_separator(path, encoding := file_encoding(path, encoding)) is None:
@@ -201,6 +204,18 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
     if media.media_root:
         df.attrs["media_root"] = str(Path(media.media_root).expanduser())
     return media_templates(df, media)
+
+
+def read_excel(path: Path) -> pd.DataFrame:
+    """An Excel workbook's first sheet as a table of text cells (its first row the header; rows left empty are not
+    rows); a sheet with a header only, or a file Excel's format does not read, is a DataError."""
+    try:
+        df = pd.read_excel(path, sheet_name=0, dtype=str, engine="openpyxl")
+    except Exception as e:  # (openpyxl and zipfile raise many types)
+        raise DataError(f"{path}: cannot read as an Excel workbook: {e}") from None
+    df = df.dropna(how="all").reset_index(drop=True)
+    df.columns = [str(c) for c in df.columns]
+    return _without_written_index(df)
 
 
 def _quoting(path: Path) -> int:
@@ -1045,6 +1060,8 @@ def row_label(df: pd.DataFrame, i: int) -> str:
     i = int(idx) if isinstance(idx, (int, np.integer)) else i
     if df.attrs.get("header") is False:  # a table without a header line (LJSpeech's metadata.csv)
         return f"{src}: line {i + 1}"
+    if src.endswith(tuple(EXCEL_SUFFIXES)):
+        return f"{src}: row {i + 1} (sheet row {i + 2})"
     if df.attrs.get("header") is True or src.endswith((".csv", ".tsv")):  # (a .txt table with a header too)
         return f"{src}: row {i + 1} (line {i + 2})"
     if src.endswith(".txt"):
@@ -1073,8 +1090,8 @@ def count_rows(path: Path, media: str = "image") -> int | None:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
-    if suffix in CONLL_PREDICT_SUFFIXES:
-        return None  # sentences, not lines
+    if suffix in CONLL_PREDICT_SUFFIXES or suffix in EXCEL_SUFFIXES:
+        return None  # sentences, not lines; a workbook's rows are known once read
     lines = 0
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -1118,6 +1135,11 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
     suffix = _check_table(path, f"an {media} file, or a folder of {media} files")
     if suffix in (".parquet", ".pq"):
         yield from _parquet_chunks(path, chunk_rows)
+    elif suffix in EXCEL_SUFFIXES:
+        df = read_excel(path)
+        df.attrs["source"] = str(path)
+        for start in range(0, len(df), chunk_rows):
+            yield df.iloc[start:start + chunk_rows], {}
     elif suffix in (".jsonl", ".json"):
         yield from _jsonl_chunks(path, encoding, chunk_rows)
     elif suffix == ".txt" and text_table_separator(path, encoding := file_encoding(path, encoding)) is None:
