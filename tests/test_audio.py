@@ -1078,6 +1078,15 @@ def test_a_folder_of_clips_named_by_their_class(tiny_whisper, tone_dirs, tmp_pat
     with pytest.warns(UserWarning, match=r"no class sub-folders: .*: 6 classes"):  # (pitch and speaker)
         fmtune.train({**cfg, "data": {**cfg["data"], "label_pattern": None}, "out": str(tmp_path / "run2")},
                      quiet=True)
+    # Hugging Face's audiofolder layout: metadata.csv beside the clips names each one's label
+    from fmtune.tasks.audio import AudioClassification
+
+    names = sorted(f.name for f in (tmp_path / "recordings").iterdir())
+    pd.DataFrame({"file_name": names, "label": [n.split("_")[0] for n in names]}).to_csv(
+        tmp_path / "recordings" / "metadata.csv", index=False)
+    unset = fmtune.config.from_dict({**cfg, "data": {**cfg["data"], "label_pattern": None}}).data  # (not the names)
+    got = AudioClassification.read_file(tmp_path / "recordings", unset)
+    assert sorted(set(got["label"])) == sorted(PITCHES) and len(got) == len(names)
 
 
 def test_audio_paths_built_from_two_columns(tiny_whisper, tone_dirs, tmp_path):

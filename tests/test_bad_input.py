@@ -880,6 +880,23 @@ def test_a_folder_without_class_folders_reads_each_class_from_the_file_name(tmp_
         _train(tmp_path / "c", tiny_vit, tmp_path / "one", data={"label_pattern": "("})
 
 
+def test_a_folder_with_its_metadata_table_reads_its_labels_there(tmp_path, tiny_vit, image_dirs):
+    """Hugging Face's imagefolder layout: the images beside metadata.jsonl (or .csv), {"file_name": ..., "label": ...}:
+    the labels are the table's, not read from the file names (IMG_0001.png names no class)."""
+    import shutil
+
+    rows = []
+    (tmp_path / "data").mkdir()
+    for i, f in enumerate(sorted(image_dirs["train"].rglob("*.png"))):
+        shutil.copy(f, tmp_path / "data" / f"IMG_{i:04d}.png")
+        rows.append({"file_name": f"IMG_{i:04d}.png", "label": f.parent.name})
+    (tmp_path / "data" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_any(tmp_path / "data")
+    assert got["label"].tolist() == [r["label"] for r in rows]
+    _train(tmp_path, tiny_vit, tmp_path / "data", train={"max_steps": 2})
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == sorted({r["label"] for r in rows})
+
+
 def test_empty_image_folder(tmp_path, tiny_vit):
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="no images found"):

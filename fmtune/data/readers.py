@@ -560,10 +560,22 @@ def text_file(path: str | Path, encoding: str) -> str:
                         "data.encoding=latin-1 (or the files' encoding)") from None
 
 
+# a folder's table of its files and their labels (Hugging Face's imagefolder / audiofolder layout: file_name, ...)
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.tsv", "metadata.parquet")
+
+
+def folder_metadata(folder: Path) -> Path | None:
+    """The table of ``folder``'s files (``METADATA_FILES``), else None."""
+    return next((folder / m for m in METADATA_FILES if (folder / m).is_file()), None)
+
+
 def read_any(path: str | Path, encoding: str = "utf-8", text_column: str = "text", media: Any = None) -> pd.DataFrame:
-    """A table file (or a text file, one text per line), or a folder of class sub-folders: of images, else of text
+    """A table file (or a text file, one text per line), or a folder: its metadata.csv / .jsonl (Hugging Face's
+    imagefolder layout: file_name and its label) where it has one, else its class sub-folders of images or of text
     files (``read_text_folder``)."""
     p = Path(path)
+    if p.is_dir() and folder_metadata(p) is not None:
+        return read_table(folder_metadata(p), encoding, text_column, media)
     if p.is_dir():
         images = any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*"))
         pattern = getattr(media, "label_pattern", None)

@@ -27,10 +27,12 @@ class AudioClassification(Classification):
     @classmethod
     def read_file(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
         from fmtune.data.audio import read_audio_folder
-        from fmtune.data.readers import AUDIO_SUFFIXES, read_file_list
+        from fmtune.data.readers import AUDIO_SUFFIXES, folder_metadata, read_file_list
 
         p = Path(path)
-        if p.is_dir():
+        if p.is_dir() and folder_metadata(p) is not None:  # (Hugging Face's audiofolder layout)
+            p = folder_metadata(p)
+        elif p.is_dir():
             return read_audio_folder(p, data_cfg.audio_column, label_pattern=data_cfg.label_pattern)
         if p.suffix.lower() == ".txt":  # a split list of a class folder (Speech Commands' validation_list.txt)
             return read_file_list(p, AUDIO_SUFFIXES, data_cfg.audio_column, "audio files")

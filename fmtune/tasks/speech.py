@@ -30,14 +30,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fmtune.data.readers import AUDIO_SUFFIXES, list_files, read_table, row_label
+from fmtune.data.readers import AUDIO_SUFFIXES, METADATA_FILES, folder_metadata, list_files, read_table, row_label
 from fmtune.errors import DataError, ModelError
 from fmtune.tasks.base import TASKS, Task
 from fmtune.tasks.generation import GenerationSettings, fixed_sample, token_batches, token_loss
 
 AUDIO_COLUMNS = ("audio", "file_name", "path", "file", "filename", "audio_path", "audio_filepath")
 TEXT_COLUMNS = ("text", "transcript", "transcription", "sentence", "normalized_text")
-METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.tsv", "metadata.parquet")
 # clips are read padded to the next multiple of this many seconds, not to Whisper's 30 (fmtune.models.speech)
 BUCKET_SECONDS = 5.0
 
@@ -151,7 +150,7 @@ def read_speech(path: str | Path, data_cfg: Any, with_targets: bool = True) -> p
     ``line`` (the row in the file), with the table's path in ``attrs['source']``."""
     p = Path(path)
     if p.is_dir():
-        meta = next((p / m for m in METADATA_FILES if (p / m).is_file()), None)
+        meta = folder_metadata(p)
         transcripts = sorted(p.rglob("*.trans.txt")) if meta is None else []
         beside = _read_clip_transcripts(p) if meta is None and not transcripts else None
         if meta is None and not transcripts and beside is None:
