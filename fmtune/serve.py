@@ -396,9 +396,14 @@ def scoring_inputs(data: Any) -> list[Any]:
         split = data["dataframe_split"]
         if not isinstance(split, dict) or not isinstance(split.get("data"), list):
             raise HTTPError(422, 'dataframe_split must be {"columns": [...], "data": [[...], ...]}')
-        columns = split.get("columns") or list(range(len(split["data"][0]) if split["data"] else 0))
         rows = split["data"]
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, list) or len(r) != len(columns)), None)
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, list)), None)
+        if bad is not None:
+            raise HTTPError(422, f"dataframe_split.data[{bad}] must be a list of the row's values")
+        columns = split.get("columns") or list(range(len(rows[0]) if rows else 0))
+        if not isinstance(columns, list):
+            raise HTTPError(422, "dataframe_split.columns must be a list of the columns' names")
+        bad = next((i for i, r in enumerate(rows) if len(r) != len(columns)), None)
         if bad is not None:
             raise HTTPError(422, f"dataframe_split.data[{bad}] does not hold one value for each of the "
                                  f"{len(columns)} columns")

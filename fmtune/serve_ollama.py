@@ -163,7 +163,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
                                         if f.is_file()) if (generator.run_dir / "model").is_dir() else 0,
                             "digest": generator.version, "details": details}]}
 
-    @app.post("/api/show")
+    @app.post("/api/show", openapi_extra=SHOW_DOC)
     async def show(request: Request) -> dict[str, Any]:
         data = await body(request)
         name = data.get("model") or data.get("name")
@@ -190,3 +190,4 @@ CHAT_DOC = serve_openai._doc(
     {"model": {"type": "string"}, "messages": {"type": "array", "items": {"type": "object"}},
      "stream": {"type": "boolean"}, "options": _OPTIONS},
     ["model", "messages"], {"model": "run", "messages": [{"role": "user", "content": "Hello!"}], "stream": False})
+SHOW_DOC = serve_openai._doc({"model": {"type": "string"}}, ["model"], {"model": "run"})

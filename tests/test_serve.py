@@ -203,6 +203,7 @@ def test_mlflow_sagemaker_and_kserve_clients_score_through_their_protocols(text_
                               ({"dataframe_split": {"columns": ["text"], "data": [["a", "b"]]}},
                                "dataframe_split.data[0] does not hold one value for each of the 1 columns"),
                               ({"inputs": {"text": texts, "id": [1]}}, "lists of one length"),
+                              ({"dataframe_split": {"columns": [], "data": [None]}}, "data[0] must be a list"),
                               ({"instances": []}, "empty list")]:
             r = httpx.post(f"{url}/invocations", json=body)
             assert r.status_code == 422 and message in r.json()["error"], (body, r.text)
