@@ -122,6 +122,10 @@ def test_unsupported_suffix(tmp_path):
     (tmp_path / "d.docx").write_text("x")
     with pytest.raises(DataError, match="unsupported file type '.docx'"):
         read_table(tmp_path / "d.docx")
+    (tmp_path / "train.csv.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError, match=r"train.csv.zip: a compressed file \(.zip\); unpack it first .* give the "
+                                        r".csv file"):
+        read_table(tmp_path / "train.csv.zip")
     (tmp_path / "photo").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # no suffix, not text: not read as lines
     with pytest.raises(DataError, match="unsupported file type ''"):
         read_table(tmp_path / "photo")

@@ -23,6 +23,7 @@ from fmtune.errors import DataError
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt", ".xlsx", ".xlsm"}  # .txt: a text a line
 EXCEL_SUFFIXES = {".xlsx", ".xlsm"}
+COMPRESSED_SUFFIXES = {".zip", ".gz", ".bz2", ".xz", ".zst", ".7z", ".tar", ".tgz", ".rar"}
 # word-per-line files: `fmtune predict` reads each sentence as a text (fmtune.data.conll.sentence_chunks)
 CONLL_PREDICT_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -143,6 +144,9 @@ def _check_table(path: Path, alternatives: str) -> str:
     if not suffix and path.is_file():  # (a text file without a suffix: UCI's SMSSpamCollection; not a photo's bytes)
         with path.open("rb") as fh:
             suffix = ".txt" if b"\0" not in fh.read(8192) else suffix
+    if suffix in COMPRESSED_SUFFIXES:  # (Kaggle's downloads: train.csv.zip, train.ft.txt.bz2)
+        raise DataError(f"{path}: a compressed file ({suffix}); unpack it first (unzip, gunzip, bunzip2, tar -x ...) "
+                        f"and give the {''.join(Path(path.stem).suffixes) or 'table'} file or folder it holds")
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet, .xlsx or .txt "
                         f"(one text per line), {alternatives}")
