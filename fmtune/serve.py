@@ -240,6 +240,12 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HTTPError(400, f"the body is not valid JSON: {e}") from None
 
+    async def prepared(values: list[Any]) -> list[Any]:
+        """Inputs as the predictor takes them: texts checked (and cut to the limit), files decoded off the loop."""
+        if predictor.kind == "text":
+            return _prepare_texts(values, predictor, limits)[0]
+        return await run_in_threadpool(_prepare_files, values, predictor)
+
     async def inputs_of(request: Request) -> tuple[list[Any], list[int], list[dict]]:
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
@@ -315,9 +321,7 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
         if not (getattr(predictor, "pair_column", None) or tabular.uses_columns(predictor.config.data)):
             values = [next(iter(v.values())) if isinstance(v, dict) and len(v) == 1 else v for v in values]  # (a
             # frame of one column, whatever its name: pandas' Series of texts or files)
-        items = (_prepare_texts(values, predictor, limits)[0] if predictor.kind == "text" else
-                 await run_in_threadpool(_prepare_files, values, predictor))
-        return {"predictions": await batcher.submit(items)}
+        return {"predictions": await batcher.submit(await prepared(values))}
 
     @app.post("/invocations", openapi_extra=SCORING_DOC)
     async def invocations(request: Request) -> Any:
@@ -368,8 +372,7 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
                 if isinstance(inputs, dict) and getattr(predictor, "pair_column", None):
                     inputs = [inputs]  # one pair, {"text": ..., "text_pair": ...} as transformers' pipeline takes it
                 values = check_items(inputs, limits)
-                items = (_prepare_texts(values, predictor, limits)[0] if predictor.kind == "text" else
-                         await run_in_threadpool(_prepare_files, values, predictor))
+                items = await prepared(values)
             else:  # the file itself, as the client sends one without parameters
                 single, items = True, await run_in_threadpool(_prepare_files, [await read_body(request)], predictor)
             records = await batcher.submit(items)

@@ -35,7 +35,7 @@ from typing import Any
 from fastapi import Request
 
 from fmtune import serve_openai
-from fmtune.serve_base import HTTPError, Limits, json_object, number, open_stream, text_tokens, threaded_stream
+from fmtune.serve_base import HTTPError, Limits, json_object, open_stream, text_tokens, threaded_stream
 
 # Ollama's options of how a model is loaded and run, not of what it answers: let be
 LOAD_OPTIONS = {"numa", "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
@@ -67,13 +67,7 @@ def _options(data: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], list
                              "temperature, top_p, seed and stop)")
     if options.get("num_predict") in (-1, -2):  # (Ollama's "no limit" / "fill the context": the service's own)
         options = {k: v for k, v in options.items() if k != "num_predict"}
-    opts: dict[str, Any] = {}
-    for name, field, kind, low, high in (("max_new_tokens", "num_predict", int, 1, limits.max_new_tokens),
-                                         ("temperature", "temperature", float, 0.0, 2.0),
-                                         ("top_p", "top_p", float, 0.0, 1.0), ("seed", "seed", int, 0, 2**31 - 1)):
-        value = number(options, field, kind, low, high)
-        if value is not None:
-            opts[name] = value
+    opts = serve_openai._decoding(options, limits, "num_predict")  # (OpenAI's bounds, Ollama's name for the limit)
     try:
         stops = serve_openai._stops({"stop": options.get("stop")})
     except HTTPError:

@@ -400,7 +400,6 @@ def sentence_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
     """``fmtune predict``'s chunks of a CoNLL-style file (or a table of one word a row): each sentence a row, its
     words joined by spaces in ``column``, beside its first ``line`` and its ``tags`` (joined likewise) where the
     file has them. Yields ``(frame, problems)`` as ``fmtune.data.readers.iter_chunks`` does."""
-    encoding = file_encoding(path, encoding)
     df = read_token_table(path, encoding) if is_word_table(path, encoding) else read_conll(path, encoding)
     df = pd.DataFrame({column: df["text"], "line": df["line"],
                        **({} if df["tags"].isna().all() else {"tags": df["tags"].map(" ".join)})})

@@ -127,8 +127,6 @@ def csv_separator(path: Path, encoding: str) -> str:
     bar (spreadsheets in many locales save "CSV" with semicolons)."""
     if path.suffix.lower() == ".tsv":
         return "\t"
-    if path.suffix.lower() in (".txt", ""):
-        return text_table_separator(path, encoding) or "\t"
     with path.open(encoding=encoding, errors="replace") as fh:
         header = fh.readline()
     if "," not in header:
@@ -173,6 +171,13 @@ def text_table_separator(path: Path, encoding: str) -> str | None:
     return None
 
 
+def _text_layout(path: Path, suffix: str, encoding: str) -> tuple[str, str | None]:
+    """The encoding a CSV, TSV or text file is read in (``file_encoding``) and its separator (``csv_separator``; a text
+    file's ``text_table_separator``: None for one text a line), found once for the readers of its rows."""
+    encoding = file_encoding(path, encoding)
+    return encoding, text_table_separator(path, encoding) if suffix == ".txt" else csv_separator(path, encoding)
+
+
 def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "text",
                media: Any = None) -> pd.DataFrame:
     """Read CSV/TSV, JSONL, Parquet or plain text (one text per line, into ``text_column``; empty
@@ -189,11 +194,10 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
         df = read_excel(path)
     elif suffix in (".jsonl", ".json"):
         df = _read_jsonl(path, encoding)
-    elif suffix == ".txt" and text_table_separator(path, encoding := file_encoding(path, encoding)) is None:
-        df = pd.concat([chunk for chunk, _ in _txt_chunks(path, encoding, 1 << 30, text_column)] or [pd.DataFrame()])
+    elif (layout := _text_layout(path, suffix, encoding))[1] is None:
+        df = pd.concat([chunk for chunk, _ in _txt_chunks(path, layout[0], 1 << 30, text_column)] or [pd.DataFrame()])
     else:
-        encoding = file_encoding(path, encoding)
-        sep = csv_separator(path, encoding)
+        encoding, sep = layout
         df = _read_csv(path, sep, encoding)
         names = headerless_names(path, [str(c) for c in df.columns], df.head(200).values.tolist())
         if names is not None:  # its first line is data: read again without a header
@@ -219,7 +223,9 @@ def read_excel(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: cannot read as an Excel workbook: {e}") from None
     df = df.dropna(how="all").reset_index(drop=True)
     df.columns = [str(c) for c in df.columns]
-    return _without_written_index(df)
+    df = _without_written_index(df)
+    df.attrs["source"] = str(path)
+    return df
 
 
 def _quoting(path: Path) -> int:
@@ -1152,16 +1158,19 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
     if suffix in (".parquet", ".pq"):
         yield from _parquet_chunks(path, chunk_rows)
     elif suffix in EXCEL_SUFFIXES:
-        df = read_excel(path)
-        df.attrs["source"] = str(path)
-        for start in range(0, len(df), chunk_rows):
-            yield df.iloc[start:start + chunk_rows], {}
+        yield from _whole_chunks(read_excel(path), chunk_rows)
     elif suffix in (".jsonl", ".json"):
         yield from _jsonl_chunks(path, encoding, chunk_rows)
-    elif suffix == ".txt" and text_table_separator(path, encoding := file_encoding(path, encoding)) is None:
-        yield from _txt_chunks(path, encoding, chunk_rows, text_column)
+    elif (layout := _text_layout(path, suffix, encoding))[1] is None:
+        yield from _txt_chunks(path, layout[0], chunk_rows, text_column)
     else:
-        yield from _csv_chunks(path, encoding, chunk_rows)
+        yield from _csv_chunks(path, *layout, chunk_rows)
+
+
+def _whole_chunks(df: pd.DataFrame, chunk_rows: int):
+    """A table read whole (a JSON array, a workbook: they cannot be streamed) in chunks of ``chunk_rows`` rows."""
+    for start in range(0, len(df), chunk_rows):
+        yield df.iloc[start:start + chunk_rows], {}
 
 
 def _parquet_chunks(path: Path, chunk_rows: int):
@@ -1452,9 +1461,7 @@ def _jsonl_chunks(path: Path, encoding: str, chunk_rows: int):
         while first.isspace():
             first = fh.read(1)
     if first == "[" or (first == "{" and path.suffix.lower() == ".json" and _one_object(path, encoding)):
-        df = _read_jsonl(path, encoding)  # (a JSON array, or one object of columns, cannot be streamed: read whole)
-        for start in range(0, len(df), chunk_rows):
-            yield df.iloc[start:start + chunk_rows], {}
+        yield from _whole_chunks(_read_jsonl(path, encoding), chunk_rows)  # (a JSON array, or one object of columns)
         return
     records: list[dict] = []
     index: list[int] = []
@@ -1484,13 +1491,12 @@ FASTTEXT_LABEL = "__label__"
 
 
 def _txt_chunks(path: Path, encoding: str, chunk_rows: int, column: str):
-    """One text per line (a row's index is its line number - 1); empty lines are skipped, and
-    counted in a warning at the end. A file in fastText's format (nine in ten of its first lines start with
-    ``__label__``: Kaggle's Amazon reviews ``train.ft.txt``, ``__label__2 Great CD: ...``) gives each line's labels
-    too, in ``label`` (several: a list, multi-label)."""
+    """One text per line of a file in ``encoding`` (``_text_layout``'s; a row's index is its line number - 1); empty
+    lines are skipped, and counted in a warning at the end. A file in fastText's format (nine in ten of its first
+    lines start with ``__label__``: Kaggle's Amazon reviews ``train.ft.txt``, ``__label__2 Great CD: ...``) gives each
+    line's labels too, in ``label`` (several: a list, multi-label)."""
     import warnings
 
-    encoding = file_encoding(path, encoding)
     with path.open(encoding=encoding, newline="") as fh:
         head = [x for x in itertools.islice((x for x in fh if x.strip()), 200)]
     labelled = bool(head) and sum(x.startswith(FASTTEXT_LABEL) for x in head) >= 0.9 * len(head)
@@ -1528,11 +1534,10 @@ def _frame(records: list[dict], index: list[int], path: Path) -> pd.DataFrame:
     return df
 
 
-def _csv_chunks(path: Path, encoding: str, chunk_rows: int):
-    """The csv module's reader, not pandas': it knows the file line of every row (quoted cells may
-    span lines), so a malformed row is reported by line and the rest goes on."""
-    encoding = file_encoding(path, encoding)
-    sep = csv_separator(path, encoding)
+def _csv_chunks(path: Path, encoding: str, sep: str, chunk_rows: int):
+    """The csv module's reader, not pandas' (of a file in ``encoding``, split by ``sep``: ``_text_layout``'s): it knows
+    the file line of every row (quoted cells may span lines), so a malformed row is reported by line and the rest goes
+    on."""
     with path.open(encoding=encoding, newline="") as fh:
         reader = csv.reader(fh, delimiter=sep, quoting=_quoting(path))
         header = next(reader, None)
