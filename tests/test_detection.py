@@ -892,17 +892,138 @@ def test_a_whole_detectors_outputs_are_compared_as_a_set_of_queries():
     assert task.output_difference(own, own[:, torch.tensor([3, 1, 0, 5, 4, 2])]) > 1.0
 
 
-def test_a_detr_whose_backbone_is_timm_says_so(tmp_path, boxes_data):
-    """DETR's hub checkpoints build their ResNet with timm (use_timm_backbone), which fmtune does not depend on."""
+def test_a_detr_whose_backbone_timm_cannot_be_built_without_says_so(tmp_path, boxes_data):
+    """A DC5 checkpoint (facebook/detr-resnet-50-dc5: timm's ResNet dilated to stride 16) has no transformers ResNet
+    to load into: without timm installed (fmtune does not depend on it) that is an error saying so."""
     from transformers import DetrConfig
 
     from fmtune.errors import ModelError
 
     folder = tmp_path / "detr"
     folder.mkdir()
-    DetrConfig(d_model=32, encoder_layers=1, decoder_layers=1, num_queries=10).save_pretrained(folder)
+    DetrConfig(d_model=32, encoder_layers=1, decoder_layers=1, num_queries=10, dilation=True).save_pretrained(folder)
     with pytest.raises(ModelError, match="detr model whose backbone is a timm model .*pip install timm"):
         api.train(det_cfg(folder, boxes_data, tmp_path / "run"), quiet=True)
+
+
+def timm_resnet18(seed: int) -> dict[str, torch.Tensor]:
+    """Random weights of timm's resnet18 as its state dict names and shapes them (conv1, bn1, layerS.B.convN / bnN,
+    layerS.0.downsample.0 / .1 where a block changes size), batch-norm statistics away from 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    w: dict[str, torch.Tensor] = {}
+
+    def conv(name, cout, cin, k):
+        w[name + ".weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
+
+    def bn(name, c):
+        w.update({f"{name}.weight": 1 + 0.1 * torch.randn(c, generator=g),
+                  f"{name}.bias": 0.1 * torch.randn(c, generator=g),
+                  f"{name}.running_mean": 0.1 * torch.randn(c, generator=g),
+                  f"{name}.running_var": 0.5 + torch.rand(c, generator=g),
+                  f"{name}.num_batches_tracked": torch.tensor(7)})
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    cin = 64
+    for s, cout in enumerate([64, 128, 256, 512], 1):
+        for b in range(2):
+            p = f"layer{s}.{b}."
+            conv(p + "conv1", cout, cin if b == 0 else cout, 3)
+            bn(p + "bn1", cout)
+            conv(p + "conv2", cout, cout, 3)
+            bn(p + "bn2", cout)
+            if b == 0 and cin != cout:
+                conv(p + "downsample.0", cout, cin, 1)
+                bn(p + "downsample.1", cout)
+        cin = cout
+    w["fc.weight"], w["fc.bias"] = torch.randn(1000, 512, generator=g), torch.zeros(1000)
+    return w
+
+
+def timm_resnet18_maps(w: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """timm's resnet18 written out in torch's functions (a 7x7 stem at stride 2, a 3x3 max-pool, basic blocks whose
+    first 3x3 convolution strides): its four stages' feature maps, as timm's features_only gives them."""
+    import torch.nn.functional as F
+
+    def bn(t, p):
+        return F.batch_norm(t, w[p + ".running_mean"], w[p + ".running_var"], w[p + ".weight"], w[p + ".bias"],
+                            False, 0.0, 1e-5)
+
+    x = F.max_pool2d(F.relu(bn(F.conv2d(x, w["conv1.weight"], stride=2, padding=3), "bn1")), 3, 2, 1)
+    maps = []
+    for s in range(1, 5):
+        for b in range(2):
+            p, stride = f"layer{s}.{b}.", 2 if s > 1 and b == 0 else 1
+            y = F.relu(bn(F.conv2d(x, w[p + "conv1.weight"], stride=stride, padding=1), p + "bn1"))
+            y = bn(F.conv2d(y, w[p + "conv2.weight"], padding=1), p + "bn2")
+            if p + "downsample.0.weight" in w:
+                x = bn(F.conv2d(x, w[p + "downsample.0.weight"], stride=stride), p + "downsample.1")
+            x = F.relu(y + x)
+        maps.append(x)
+    return maps
+
+
+@pytest.fixture(scope="module")
+def timm_detr(tmp_path_factory):
+    """A DETR checkpoint laid out as the hub's are (facebook/detr-resnet-50 ...): config.json with timm's ResNet
+    (use_timm_backbone, backbone resnet18), its weights under model.backbone.conv_encoder.model. with timm's names.
+    Its transformer and heads are a tiny random DETR's; its ResNet timm_resnet18's random weights."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForObjectDetection, ResNetConfig
+
+    root = tmp_path_factory.mktemp("timm-detr")
+    tiny = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10)
+    AutoConfig.for_model("detr", backbone="resnet18", **tiny).save_pretrained(root / "detr")
+    resnet = ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
+                          out_features=["stage4"])  # (only the rest of this model is kept)
+    torch.manual_seed(0)
+    AutoModelForObjectDetection.from_config(AutoConfig.for_model(
+        "detr", use_timm_backbone=False, backbone_config=resnet, **tiny)).save_pretrained(root / "rest")
+    rest = {k: v for k, v in load_file(str(root / "rest" / "model.safetensors")).items() if "conv_encoder" not in k}
+    timm = timm_resnet18(1)
+    save_file({**rest, **{f"model.backbone.conv_encoder.model.{k}": v for k, v in timm.items()}},
+              str(root / "detr" / "model.safetensors"), metadata={"format": "pt"})
+    return root / "detr", timm, rest
+
+
+def test_a_detr_with_timms_resnet_loads_without_timm(timm_detr):
+    """DETR's hub checkpoints (and Conditional, Deformable, DAB-DETR's, Table Transformer's) build their ResNet with
+    timm, which fmtune does not depend on: that was an error saying to install it. Now, without timm, the ResNet is
+    transformers' own with the checkpoint's weights renamed into it: its feature maps are timm's network's (written
+    out in torch's functions) to float precision, and the rest of the checkpoint is loaded as it was."""
+    from transformers.models.resnet.modeling_resnet import ResNetBackbone
+
+    from fmtune.models.whole import DETECTOR, create
+
+    folder, timm, rest = timm_detr
+    model = create(folder, ["a", "b"], True, DETECTOR).eval()
+    (backbone,) = [m for m in model.modules() if isinstance(m, ResNetBackbone)]
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = backbone(x).feature_maps
+    want = timm_resnet18_maps(timm, x)
+    assert len(got) == 4
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    state = model.net.state_dict()
+    torch.testing.assert_close(state["model.input_projection.weight"], rest["model.input_projection.weight"])
+    assert model.net.config.backbone_config.model_type == "resnet"
+
+
+def test_a_detr_with_timms_resnet_trains_and_predicts(timm_detr, boxes_data, tmp_path):
+    """The whole way on such a checkpoint: it trains, its run's model is a plain transformers detector with a
+    transformers ResNet (loadable without timm), and predicts."""
+    from transformers import AutoConfig
+
+    from fmtune.predictor import Predictor
+
+    out = tmp_path / "run"
+    api.train(det_cfg(timm_detr[0], boxes_data, out, epochs=1), quiet=True, report=False)
+    assert AutoConfig.from_pretrained(out / "model").backbone_config.model_type == "resnet"
+    img = sorted((boxes_data["test"] / "images").iterdir())[0]
+    boxes = Predictor(out).predict(str(img))["boxes"]
+    assert isinstance(boxes, list) and all(b["label"] in CLASSES for b in boxes)
 
 
 def test_a_softmax_detector_scores_its_classes_without_no_object():

@@ -6,7 +6,9 @@ UperNet, DPT, BEiT, MobileViT-DeepLabV3 ... fine-tuned checkpoints; a backbone-o
 SegFormer's mit-b0 keeps fmtune's decoder).
 
 Either keeps everything it was pretrained with but its classifier, made anew for the run's classes
-(``ignore_mismatched_sizes``, as transformers' own fine-tuning guides do). A segmenter's logits go
+(``ignore_mismatched_sizes``, as transformers' own fine-tuning guides do). A DETR-family checkpoint
+built on timm's ResNet (``use_timm_backbone``: facebook/detr-resnet-50 ...) is read without timm into
+transformers' ResNet, the same network under other names (``_timm_resnet``). A segmenter's logits go
 to the segmentation task as fmtune's decoder's do (resized to the mask for the loss). A detector is
 trained with its own loss: transformers' Hungarian matching of queries to boxes with the
 classification, L1 and GIoU terms of the architecture (and its auxiliary and denoising losses).
@@ -22,6 +24,7 @@ outputs a per-location tensor cannot hold.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +75,11 @@ def create(path: Any, labels: list[str], pretrained: bool, kind: str) -> WholeMo
     from transformers import AutoConfig
 
     config = copy.deepcopy(AutoConfig.from_pretrained(path))
-    _needs_timm(path, config)
+    resnet = _timm_resnet(config)
+    if resnet is not None:
+        config.backbone_config = resnet
+    else:
+        _needs_timm(path, config)
     config.num_labels = len(labels)
     config.id2label, config.label2id = dict(enumerate(labels)), {n: i for i, n in enumerate(labels)}
     try:
@@ -82,7 +89,109 @@ def create(path: Any, labels: list[str], pretrained: bool, kind: str) -> WholeMo
             model = _auto(kind).from_config(config)
     except Exception as e:
         raise ModelError(_failure(path, config, e)) from None
+    if resnet is not None and pretrained:
+        _load_timm_resnet(model, path)
     return CLASSES[kind](model)
+
+
+# timm's plain ResNets (the backbones of DETR's, Conditional, Deformable and DAB-DETR's and Table Transformer's hub
+# checkpoints) as transformers' ResNet: block type and blocks per stage
+TIMM_RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
+                "resnet50": ("bottleneck", [3, 4, 6, 3]), "resnet101": ("bottleneck", [3, 4, 23, 3]),
+                "resnet152": ("bottleneck", [3, 8, 36, 3])}
+
+
+def _timm_resnet(config: Any) -> Any:
+    """Where ``config``'s backbone is one of timm's plain ResNets at its usual stride (not a DC5 checkpoint's
+    dilated one) and timm is not installed, the transformers ResNetConfig of the same network and feature maps (its
+    weights then read by ``_load_timm_resnet``), else None. transformers' ResNet is timm's (ResNet v1.5: the stride
+    in the 3x3 convolution), under other names."""
+    import importlib.util
+
+    from transformers import ResNetConfig
+
+    timm = getattr(config, "backbone_config", None)
+    if getattr(timm, "model_type", None) != "timm_backbone" or importlib.util.find_spec("timm") is not None:
+        return None
+    name = str(getattr(timm, "backbone", "") or "").split(".")[0]  # (a pretrained tag: resnet50.a1_in1k)
+    if name not in TIMM_RESNETS or getattr(timm, "output_stride", None) not in (None, 32):
+        return None
+    layer_type, depths = TIMM_RESNETS[name]
+    widths = [64, 128, 256, 512] if layer_type == "basic" else [256, 512, 1024, 2048]
+    indices = list(getattr(timm, "out_indices", None) or [1, 2, 3, 4])
+    if not all(i in (1, 2, 3, 4) for i in indices):  # (0: the stem's map, which transformers' backbone has not)
+        return None
+    return ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=widths, embedding_size=64,
+                        downsample_in_first_stage=False, downsample_in_bottleneck=False,
+                        out_features=[f"stage{i}" for i in indices])
+
+
+def timm_resnet_name(key: str) -> str | None:
+    """transformers' ResNet name of a timm ResNet's weight (``layer2.0.downsample.1.running_var`` ->
+    ``encoder.stages.1.layers.0.shortcut.normalization.running_var``), None for what it has not (``fc``, batch
+    counts)."""
+    if key.endswith("num_batches_tracked") or key.startswith("fc."):
+        return None
+    if m := re.fullmatch(r"(conv1|bn1)\.(\w+)", key):
+        return f"embedder.embedder.{'convolution' if m[1] == 'conv1' else 'normalization'}.{m[2]}"
+    if m := re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.([01])\.(\w+)", key):
+        part = "convolution" if m[3] == "0" else "normalization"
+        return f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.{part}.{m[4]}"
+    if m := re.fullmatch(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(\w+)", key):
+        part = "convolution" if m[3] == "conv" else "normalization"
+        return f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[4]) - 1}.{part}.{m[5]}"
+    return None
+
+
+def _load_timm_resnet(model: nn.Module, path: Any) -> None:
+    """The pretrained weights of the timm ResNet in the checkpoint at ``path`` (a folder or a hub id; its backbone
+    under ``...conv_encoder.model.``) into ``model``'s transformers ResNet, every one of them: a ModelError naming
+    what is missing or left over otherwise."""
+    from transformers.models.resnet.modeling_resnet import ResNetBackbone
+
+    backbones = [m for m in model.modules() if isinstance(m, ResNetBackbone)]
+    found = {}
+    for key, tensor in _checkpoint(path, "conv_encoder.model.").items():
+        name = timm_resnet_name(key.split("conv_encoder.model.", 1)[1])
+        if name is not None:
+            found[name] = tensor
+    if len(backbones) != 1 or not found:
+        raise ModelError(f"{path}: cannot read its timm ResNet backbone's weights (no weights under "
+                         "'conv_encoder.model.' in its checkpoint); install timm (pip install timm) to load it as "
+                         "transformers does")
+    missing, unexpected = backbones[0].load_state_dict(found, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{path}: its timm ResNet backbone's weights do not fit transformers' ResNet "
+                         f"(missing {sorted(missing)[:3]}, left over {sorted(unexpected)[:3]}); install timm (pip "
+                         "install timm) to load it as transformers does")
+
+
+def _checkpoint(path: Any, part: str) -> dict[str, torch.Tensor]:
+    """The tensors of the transformers checkpoint at ``path`` (a folder or a hub id: model.safetensors, sharded or
+    not, else pytorch_model.bin read with weights_only) whose names hold ``part``."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def file(name: str) -> str | None:
+        local = Path(str(path)) / name
+        if local.is_file():
+            return str(local)
+        if Path(str(path)).is_dir():
+            return None
+        return cached_file(str(path), name, _raise_exceptions_for_missing_entries=False)
+
+    names = ["model.safetensors"]
+    if (index := file("model.safetensors.index.json")) is not None:
+        names = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        if (found := file(name)) is not None:
+            with safe_open(found, framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys() if part in k})
+    if not out and (found := file("pytorch_model.bin")) is not None:
+        state = torch.load(found, map_location="cpu", weights_only=True)
+        out = {k: v for k, v in state.items() if part in k}
+    return out
 
 
 def _needs_timm(path: Any, config: Any) -> None:
