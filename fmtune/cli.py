@@ -14,11 +14,12 @@ from typing import Any
 from fmtune.config import INFERENCE_PRECISIONS, STRATEGY_NAMES
 from fmtune.errors import FmtuneError, Interrupted
 
-MODEL_HELP = ("zoo name (fmtune models), a local Hugging Face model folder, a GGUF file (a causal LM) or a "
-              "CTranslate2 Whisper folder (faster-whisper's format); the last two are converted once into "
-              "~/.cache/fmtune/models (FMTUNE_MODELS_DIR). Detection and segmentation put their head on an image "
-              "backbone, or fine-tune a whole detector (RT-DETR, D-FINE, DETR, YOLOS ...) or segmenter with its "
-              "decode head (SegFormer, UperNet ...) as it is")
+MODEL_HELP = ("zoo name (fmtune models), a local Hugging Face model folder, a GGUF file (a causal LM), a "
+              "CTranslate2 Whisper folder (faster-whisper's format), a torchvision or timm ResNet's weights file "
+              "(.pth / .safetensors) or timm folder, or a torchvision MobileNetV2's; GGUF, CTranslate2 and the "
+              "ResNets are converted once into ~/.cache/fmtune/models (FMTUNE_MODELS_DIR). Detection and "
+              "segmentation put their head on an image backbone, or fine-tune a whole detector (RT-DETR, D-FINE, "
+              "DETR, YOLOS ...) or segmenter with its decode head (SegFormer, UperNet ...) as it is")
 
 
 def _config_epilog() -> str:

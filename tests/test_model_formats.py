@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cfg_dict
 from test_architectures import data, train  # noqa: F401  (data: the fixture)
 
 from fmtune.errors import ModelError
@@ -188,3 +189,100 @@ def test_ctranslate2_errors(cache, tmp_path):
     (bad / "model.bin").write_bytes(b"\x06\0")
     with pytest.raises(ModelError, match=r"bad/model\.bin is not a readable CTranslate2 model"):
         resolve(str(bad))
+
+
+def test_a_torchvision_resnet_file_is_converted_and_trains(cache, image_dirs, tmp_path):
+    """A ResNet's weights as torchvision saves them (``resnet18-f37072fd.pth``: a state dict under conv1 / layerS.B /
+    fc names) was an error ("not a Hugging Face model folder"). Now it is converted once into a transformers
+    ResNetForImageClassification (its ImageNet classifier kept) with ImageNet's normalisation: its logits are the
+    network's (torchvision's ResNet-18 written out in torch's functions) to float precision; it trains."""
+    import torch
+    from test_detection import timm_resnet18, timm_resnet18_maps
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from fmtune import api
+
+    weights = timm_resnet18(3)
+    weights["fc.bias"] = torch.randn(1000)
+    file = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(weights, file)
+    family, folder = resolve(str(file))
+    assert family == "hf" and Path(folder).parent == cache
+    assert AutoConfig.from_pretrained(folder).model_type == "resnet"
+    pp = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+    assert pp["image_mean"] == [0.485, 0.456, 0.406] and pp["size"] == {"shortest_edge": 224}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = AutoModelForImageClassification.from_pretrained(folder).eval()(pixel_values=x).logits
+    want = timm_resnet18_maps(weights, x)[-1].mean((2, 3)) @ weights["fc.weight"].T + weights["fc.bias"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert resolve(str(file)) == (family, folder)  # converted once
+    api.train(cfg_dict(file, image_dirs["train"], task={"type": "classification"}, model={"image_size": 32},
+                       data={"test": str(image_dirs["test"])}, train={"epochs": 1}, out=str(tmp_path / "run")),
+              quiet=True, report=False)
+    assert (tmp_path / "run" / "eval.json").is_file()
+
+
+def test_a_timm_resnet_folder_is_converted_with_its_settings(cache, tmp_path):
+    """A timm model folder from the hub (timm/resnet18.a1_in1k: config.json with ``architecture`` and
+    ``pretrained_cfg``, model.safetensors) is read as transformers' ResNet, its normalisation, input size and class
+    names from its config; another timm architecture is an error naming it."""
+    import torch
+    from safetensors.torch import save_file
+    from test_detection import timm_resnet18
+
+    weights = {k: v for k, v in timm_resnet18(5).items() if not k.startswith("fc.")}
+    weights.update({"fc.weight": torch.randn(3, 512), "fc.bias": torch.zeros(3)})
+    folder = tmp_path / "resnet18.a1_in1k"
+    folder.mkdir()
+    save_file(weights, str(folder / "model.safetensors"))
+    cfg = {"architecture": "resnet18", "num_classes": 3, "label_names": ["cat", "dog", "fox"],
+           "pretrained_cfg": {"input_size": [3, 160, 160], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    family, out = resolve(str(folder))
+    pp = json.loads((Path(out) / "preprocessor_config.json").read_text())
+    assert pp["image_mean"] == [0.5] * 3 and pp["image_std"] == [0.25] * 3 and pp["size"] == {"shortest_edge": 160}
+    config = json.loads((Path(out) / "config.json").read_text())
+    assert config["model_type"] == "resnet" and list(config["id2label"].values()) == ["cat", "dog", "fox"]
+    cfg["architecture"] = "vit_base_patch16_224.augreg_in21k"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=r"timm model \(vit_base_patch16_224.augreg_in21k\).*plain ResNets"):
+        resolve(str(folder))
+
+
+def test_weights_files_fmtune_cannot_read_say_why(cache, tmp_path):
+    """A whole pickled model is not unpickled (weights_only); a ResNeXt (grouped convolutions) is not a ResNet
+    transformers' holds; an unknown architecture's names are shown; each error names the file."""
+    import torch
+    from test_detection import timm_resnet18
+
+    whole = tmp_path / "whole.pt"
+    torch.save(torch.nn.Linear(2, 2), whole)
+    with pytest.raises(ModelError, match=r"whole\.pt .*never unpickles a whole model: save its state_dict"):
+        resolve(str(whole))
+    grouped = timm_resnet18(0)
+    grouped["layer2.1.conv1.weight"] = grouped["layer2.1.conv1.weight"][:, :4]  # 32 groups: ResNeXt's shape
+    torch.save(grouped, tmp_path / "resnext.pth")
+    with pytest.raises(ModelError, match=r"resnext\.pth is not a plain ResNet .*weights of another shape: "
+                                         r"resnet\.encoder\.stages\.1\.layers\.1\.layer\.0"):
+        resolve(str(tmp_path / "resnext.pth"))
+    torch.save({"encoder.w": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ModelError, match=r"other\.pt holds weights of an architecture .*encoder\.w"):
+        resolve(str(tmp_path / "other.pt"))
+
+
+def test_a_torchvision_mobilenet_v2_file_is_the_mobilenet_family(cache, tmp_path):
+    """torchvision's MobileNetV2 weights as a file a user brings (the zoo's mobilenet-v2 is such a file) are read as
+    that family's backbone, the ImageNet classifier dropped as the zoo entry's is; nothing is converted."""
+    import torch
+
+    from fmtune.models import cnn
+    from fmtune.models.build import _pretrained_cnn
+
+    state = cnn.MobileNetV2().state_dict()
+    state.update({"classifier.1.weight": torch.randn(1000, 1280), "classifier.1.bias": torch.zeros(1000)})
+    file = tmp_path / "mobilenet_v2-b0353104.pth"
+    torch.save(state, file)
+    assert resolve(str(file)) == ("mobilenet-v2", file) and not cache.exists()
+    net = _pretrained_cnn("mobilenet-v2", file)
+    torch.testing.assert_close(net.state_dict()["features.0.0.weight"], state["features.0.0.weight"])

@@ -24,7 +24,6 @@ outputs a per-location tensor cannot hold.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +93,6 @@ def create(path: Any, labels: list[str], pretrained: bool, kind: str) -> WholeMo
     return CLASSES[kind](model)
 
 
-# timm's plain ResNets (the backbones of DETR's, Conditional, Deformable and DAB-DETR's and Table Transformer's hub
-# checkpoints) as transformers' ResNet: block type and blocks per stage
-TIMM_RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
-                "resnet50": ("bottleneck", [3, 4, 6, 3]), "resnet101": ("bottleneck", [3, 4, 23, 3]),
-                "resnet152": ("bottleneck", [3, 8, 36, 3])}
-
-
 def _timm_resnet(config: Any) -> Any:
     """Where ``config``'s backbone is one of timm's plain ResNets at its usual stride (not a DC5 checkpoint's
     dilated one) and timm is not installed, the transformers ResNetConfig of the same network and feature maps (its
@@ -108,7 +100,7 @@ def _timm_resnet(config: Any) -> Any:
     in the 3x3 convolution), under other names."""
     import importlib.util
 
-    from transformers import ResNetConfig
+    from fmtune.models.resnet_files import TIMM_RESNETS, config_of
 
     timm = getattr(config, "backbone_config", None)
     if getattr(timm, "model_type", None) != "timm_backbone" or importlib.util.find_spec("timm") is not None:
@@ -116,31 +108,10 @@ def _timm_resnet(config: Any) -> Any:
     name = str(getattr(timm, "backbone", "") or "").split(".")[0]  # (a pretrained tag: resnet50.a1_in1k)
     if name not in TIMM_RESNETS or getattr(timm, "output_stride", None) not in (None, 32):
         return None
-    layer_type, depths = TIMM_RESNETS[name]
-    widths = [64, 128, 256, 512] if layer_type == "basic" else [256, 512, 1024, 2048]
     indices = list(getattr(timm, "out_indices", None) or [1, 2, 3, 4])
     if not all(i in (1, 2, 3, 4) for i in indices):  # (0: the stem's map, which transformers' backbone has not)
         return None
-    return ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=widths, embedding_size=64,
-                        downsample_in_first_stage=False, downsample_in_bottleneck=False,
-                        out_features=[f"stage{i}" for i in indices])
-
-
-def timm_resnet_name(key: str) -> str | None:
-    """transformers' ResNet name of a timm ResNet's weight (``layer2.0.downsample.1.running_var`` ->
-    ``encoder.stages.1.layers.0.shortcut.normalization.running_var``), None for what it has not (``fc``, batch
-    counts)."""
-    if key.endswith("num_batches_tracked") or key.startswith("fc."):
-        return None
-    if m := re.fullmatch(r"(conv1|bn1)\.(\w+)", key):
-        return f"embedder.embedder.{'convolution' if m[1] == 'conv1' else 'normalization'}.{m[2]}"
-    if m := re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.([01])\.(\w+)", key):
-        part = "convolution" if m[3] == "0" else "normalization"
-        return f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.{part}.{m[4]}"
-    if m := re.fullmatch(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(\w+)", key):
-        part = "convolution" if m[3] == "conv" else "normalization"
-        return f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[4]) - 1}.{part}.{m[5]}"
-    return None
+    return config_of(*TIMM_RESNETS[name], out_features=[f"stage{i}" for i in indices])
 
 
 def _load_timm_resnet(model: nn.Module, path: Any) -> None:
@@ -149,10 +120,12 @@ def _load_timm_resnet(model: nn.Module, path: Any) -> None:
     what is missing or left over otherwise."""
     from transformers.models.resnet.modeling_resnet import ResNetBackbone
 
+    from fmtune.models.resnet_files import hf_name
+
     backbones = [m for m in model.modules() if isinstance(m, ResNetBackbone)]
     found = {}
     for key, tensor in _checkpoint(path, "conv_encoder.model.").items():
-        name = timm_resnet_name(key.split("conv_encoder.model.", 1)[1])
+        name = hf_name(key.split("conv_encoder.model.", 1)[1])
         if name is not None:
             found[name] = tensor
     if len(backbones) != 1 or not found:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmtune.errors import ModelError, brief
+from fmtune.models import resnet_files
 from fmtune.registry import Registry
 
 
@@ -205,6 +206,9 @@ def whole_model(name: str, dense_head: str) -> str | None:
 
 
 GGUF_MAGIC = b"GGUF"
+# files of weights alone (a state dict): torchvision's and timm's ResNets become transformers folders, torchvision's
+# MobileNetV2 and EfficientNet-Lite0 the backbones of those families (fmtune.models.cnn)
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
 def _cache_name(source: Path, stem: str) -> str:
@@ -241,6 +245,12 @@ def _local_format(p: Path) -> Path | None:
     and a CTranslate2 config.json). None for anything else."""
     if p.is_file() and p.suffix.lower() == ".gguf":
         return _gguf(p)
+    if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES:
+        state = resnet_files.read_state(p)
+        if not resnet_files.is_resnet(state):
+            return None  # (resolve: another architecture's file, or an error naming what it holds)
+        return _converted(_cache_name(p, p.stem), f"the ResNet weights {p}",
+                          lambda tmp: resnet_files.write_folder(state, tmp, str(p)))
     if not p.is_dir():
         return None
     ggufs = sorted(p.glob("*.gguf"))
@@ -249,6 +259,15 @@ def _local_format(p: Path) -> Path | None:
             raise ModelError(f"model folder {p} holds {len(ggufs)} GGUF files ({', '.join(g.name for g in ggufs)}); "
                              "give the one to use: --model " + str(ggufs[0]))
         return _gguf(ggufs[0])
+    if (values := resnet_files.timm_folder(p)) is not None:
+        arch = str(values.get("architecture"))
+        if arch.split(".")[0] not in resnet_files.TIMM_RESNETS:
+            raise ModelError(f"{p} is a timm model ({arch}); fmtune reads timm's plain ResNets "
+                             f"({', '.join(resnet_files.TIMM_RESNETS)}) from a timm folder, as transformers' ResNet, "
+                             "and no other timm architecture: give a transformers model folder")
+        weights = next((p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()), p)
+        return _converted(_cache_name(weights, p.name), f"the timm model {p}",
+                          lambda tmp: resnet_files.write_timm_folder(p, values, tmp))
     if (p / "model.bin").is_file() and not _is_transformers_config(p / "config.json"):
         from fmtune.models.ctranslate2 import convert_whisper, spec_name
 
@@ -262,6 +281,26 @@ def _local_format(p: Path) -> Path | None:
         return _converted(_cache_name(p / "model.bin", p.name), f"the CTranslate2 model {p}",
                           lambda tmp: convert_whisper(p, tmp))
     return None
+
+
+def _weights_family(file: Path) -> str:
+    """The CNN family whose backbone a weights file that is not a ResNet's holds (torchvision's MobileNetV2:
+    ``features.N`` and ``classifier.1``; efficientnet_lite_pytorch's EfficientNet-Lite0: ``_conv_stem`` ... ``_fc``),
+    its ImageNet classifier aside, or a ModelError naming what it holds."""
+    from fmtune.models import cnn
+
+    state = resnet_files.read_state(file)
+    families = {"mobilenet-v2": (cnn.MobileNetV2, "classifier."),
+                "efficientnet-lite0": (lambda: cnn.EfficientNetLite("efficientnet-lite0").net, "_fc.")}
+    for family, (make, classifier) in families.items():
+        ours = {k for k in make().state_dict() if not k.startswith(classifier)}
+        if ours == {k for k in state if not k.startswith(classifier)}:
+            return family
+    shown = ", ".join(list(state)[:4])
+    raise ModelError(f"{file} holds weights of an architecture fmtune does not know from a file alone (its first "
+                     f"names: {shown}); fmtune reads torchvision's and timm's ResNets, torchvision's MobileNetV2 and "
+                     "efficientnet_lite_pytorch's EfficientNet-Lite0 as files of weights: for anything else give a "
+                     "Hugging Face model folder (config.json and weights, saved with save_pretrained)")
 
 
 def converted_folder(name: str) -> str | None:
@@ -302,6 +341,8 @@ def resolve(name: str) -> tuple[str, Path | str]:
         converted = _local_format(p)
         if converted is not None:
             return "hf", converted
+        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES:
+            return _weights_family(p), p
         if not p.is_dir() or not (p / "config.json").is_file():
             raise ModelError(f"model path {p} is not a Hugging Face model folder (no config.json in it), a GGUF "
                              "file or a CTranslate2 Whisper folder; give a folder saved with save_pretrained, or "
