@@ -51,6 +51,7 @@ from fmtune.data.readers import (
     row_label,
     saved_dataset,
     table_base,
+    unpacked,
 )
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import write_json, write_text_atomic
@@ -1038,12 +1039,13 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target is not None else None
     media = pred.kind if pred.kind in ("audio", "text") else "image"  # what a folder (or a lone file) is read for
     enc, text = pred.config.data.encoding, pred.config.data.text_column
-    if inputs.is_file() and (inputs.suffix.lower() in CONLL_PREDICT_SUFFIXES or (
-            pred.task.accepts_word_lists and is_word_table(inputs, enc))):  # (sentences of a word a line / row)
-        chunks, total = sentence_chunks(inputs, enc, chunk_rows, text), None  # (sentences: not counted up front)
-    else:
+    source = (unpacked(inputs) if inputs.is_file() else None) or inputs  # (train.csv.gz: the table inside)
+    if source.is_file() and (source.suffix.lower() in CONLL_PREDICT_SUFFIXES or (
+            pred.task.accepts_word_lists and is_word_table(source, enc))):  # (sentences of a word a line / row)
+        chunks, total = sentence_chunks(source, enc, chunk_rows, text), None  # (sentences: not counted up front)
+    else:  # (a compressed table itself: its rows' relative media paths are read beside it)
         chunks = iter_chunks(inputs, enc, chunk_rows, input_column(media, pred.config.data)[0], text, media)
-        total = count_rows(inputs, media)
+        total = count_rows(source, media)
     try:
         with ui.CountProgress("predict", total or 0, quiet) as bar:
             root, data_cfg = media_root or pred.config.data.media_root, None

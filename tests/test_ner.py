@@ -120,6 +120,25 @@ def as_word_table(conll: Path, out: Path, sep: str = ",", every_row: bool = Fals
     return out
 
 
+def test_a_compressed_conll_file_trains_and_predicts(tmp_path, ner_bert, ner_files, ner_run, monkeypatch):
+    """CoNLL files as the hub and Kaggle ship them (``train.conll.gz``, ``test.conll.bz2``) are read as the file
+    inside (a word a line: its suffix picks the reader), for training and for predict."""
+    import bz2
+    import gzip
+
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "train.conll.gz").write_bytes(gzip.compress(ner_files["train"].read_bytes()))
+    (tmp_path / "test.conll.bz2").write_bytes(bz2.compress(ner_files["test"].read_bytes()))
+    files = {**ner_files, "train": tmp_path / "train.conll.gz", "test": tmp_path / "test.conll.bz2"}
+    fmtune.train(_cfg(ner_bert, files, tmp_path / "run", train={"max_steps": 2}), quiet=True)
+    data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert data["train"] == {"rows": 300, "source": str(files["train"])}  # (the user's file, not the cache's copy)
+    assert data["test"]["rows"] == 60 and data["test"]["source"] == str(files["test"])
+    fmtune.predict(ner_run, tmp_path / "test.conll.bz2", tmp_path / "packed.csv", quiet=True)
+    fmtune.predict(ner_run, ner_files["test"], tmp_path / "plain.csv", quiet=True)
+    assert (tmp_path / "packed.csv").read_text() == (tmp_path / "plain.csv").read_text()
+
+
 def test_a_table_of_one_word_a_row_reads_as_its_conll_file(tmp_path, ner_files):
     want = read_tokens(ner_files["val"])
     for name, sep, every in (("a.csv", ",", False), ("b.tsv", "\t", True), ("c.csv", ";", False)):

@@ -136,15 +136,89 @@ def csv_separator(path: Path, encoding: str) -> str:
     return ","
 
 
+# one-file compressions read in place (unpacked once into the cache), and the archive that holds one file
+STREAMS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+_UNPACKED: dict[str, Path] = {}  # an unpacked copy -> the compressed file it came from (this process's)
+
+
+def unpacked(path: str | Path) -> Path | None:
+    """The table inside a compressed file (``train.csv.gz``, ``.bz2``, ``.xz``; a ``.zip`` of one file, or of
+    several one of which is named as the archive is without .zip: Kaggle's ``train.csv.zip``), unpacked once into
+    the cache (``$FMTUNE_CACHE_DIR/unpacked/<archive name>-<digest>/<its name>``: a file replaced in place is
+    unpacked again) and read from there; None for anything else (a tar archive, 7z, zstd ...: an error asks to
+    unpack it). Tables read from it name the compressed file as their source, so relative image and audio paths
+    are read beside it."""
+    import hashlib
+    import shutil
+    import zipfile
+
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if not p.is_file() or suffix not in (".zip", *STREAMS) or p.name.lower().endswith(".tar" + suffix):
+        return None
+    member = None
+    try:
+        if suffix == ".zip":
+            with zipfile.ZipFile(p) as z:
+                files = [m for m in z.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")
+                         and not Path(m.filename).name.startswith(".")]
+            named = [m for m in files if Path(m.filename).name == p.stem]
+            if len(files) != 1 and len(named) != 1:
+                shown = ", ".join(m.filename for m in files[:5]) + (" ..." if len(files) > 5 else "")
+                raise DataError(f"{p}: a zip archive of {len(files)} files ({shown or 'none'}); fmtune reads a zip "
+                                "of one table in place: unpack this one (unzip) and give the file or folder to read")
+            member = (named or files)[0]
+            inner = Path(member.filename).name
+        else:
+            inner = p.stem
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{p}: not a readable zip archive ({e})") from None
+    from fmtune import ui
+    from fmtune.fsutil import cache_dir
+
+    st = p.stat()
+    key = hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "unpacked" / f"{p.name}-{key}" / inner
+    if not target.is_file():
+        ui.console.print(f"  unpacking {p} once into {target.parent}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{inner}.tmp-{os.getpid()}")  # (ranks of a distributed run may both write it)
+        try:
+            if member is not None:
+                with zipfile.ZipFile(p) as z, z.open(member) as src, tmp.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            else:
+                import importlib
+
+                with importlib.import_module(STREAMS[suffix]).open(p, "rb") as src, tmp.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"{p}: cannot unpack it, the file is damaged or not {suffix[1:]} data "
+                            f"({type(e).__name__}: {e})") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(target)
+    _UNPACKED[str(target)] = p
+    return target
+
+
+def packed_source(path: str | Path) -> Path:
+    """The compressed file an unpacked copy came from (``unpacked``), else ``path``."""
+    return _UNPACKED.get(str(path), Path(path))
+
+
 def _check_table(path: Path, alternatives: str) -> str:
     """The lower-case suffix of a non-empty table file; a DataError otherwise."""
     suffix = path.suffix.lower()
     if not suffix and path.is_file():  # (a text file without a suffix: UCI's SMSSpamCollection; not a photo's bytes)
         with path.open("rb") as fh:
             suffix = ".txt" if b"\0" not in fh.read(8192) else suffix
-    if suffix in COMPRESSED_SUFFIXES:  # (Kaggle's downloads: train.csv.zip, train.ft.txt.bz2)
-        raise DataError(f"{path}: a compressed file ({suffix}); unpack it first (unzip, gunzip, bunzip2, tar -x ...) "
-                        f"and give the {''.join(Path(path.stem).suffixes) or 'table'} file or folder it holds")
+    if suffix in COMPRESSED_SUFFIXES:  # (read in place by ``unpacked``: .gz, .bz2, .xz, a zip of one table)
+        raise DataError(f"{path}: a compressed file ({suffix}) fmtune does not read in place; unpack it first "
+                        f"(tar -x, unzstd, 7z x ...) and give the {''.join(Path(path.stem).suffixes) or 'table'} file "
+                        "or folder it holds")
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet, .xlsx or .txt "
                         f"(one text per line), {alternatives}")
@@ -187,6 +261,7 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    path = unpacked(path) or path
     suffix = _check_table(path, "or a folder of class sub-folders for images")
     if suffix in (".parquet", ".pq"):
         df = read_parquet(path)
@@ -206,7 +281,7 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
         df = _without_written_index(df)
     if len(df) == 0:
         raise DataError(f"{path}: no data rows (only a header?)")
-    df.attrs["source"] = str(path)
+    df.attrs["source"] = str(packed_source(path))
     if media is None:
         return df
     if media.media_root:
@@ -1153,6 +1228,11 @@ def iter_chunks(path: str | Path, encoding: str, chunk_rows: int, image_column: 
             df = pd.DataFrame({image_column: [str(f) for f in part]}, index=range(start, start + len(part)))
             df.attrs["source"] = str(path)
             yield df, {}
+        return
+    if (inside := unpacked(path)) is not None:  # (relative media paths: beside the compressed file)
+        for df, problems in iter_chunks(inside, encoding, chunk_rows, image_column, text_column, media):
+            df.attrs["source"] = str(path)
+            yield df, problems
         return
     suffix = _check_table(path, f"an {media} file, or a folder of {media} files")
     if suffix in (".parquet", ".pq"):

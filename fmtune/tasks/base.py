@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmtune.data.readers import USUAL_LABELS, name_labels, read_any, row_label, saved_dataset
+from fmtune.data.readers import USUAL_LABELS, name_labels, read_any, row_label, saved_dataset, unpacked
 from fmtune.errors import DataError
 from fmtune.registry import Registry
 
@@ -116,8 +116,13 @@ class Task:
     @classmethod
     def read(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
         """A data file (or folder) as a DataFrame with one row per example, as the task reads it
-        (``read_file``); a Hugging Face dataset saved to disk is read as its Parquet (``saved_dataset``)."""
-        return cls.read_file(saved_dataset(path) or path, data_cfg)
+        (``read_file``); a Hugging Face dataset saved to disk is read as its Parquet (``saved_dataset``), a
+        compressed file as the file inside (``unpacked``)."""
+        inside = unpacked(path)
+        df = cls.read_file(saved_dataset(path) or inside or path, data_cfg)
+        if inside is not None:  # (messages and run.json name the user's file)
+            df.attrs["source"] = str(path)
+        return df
 
     @classmethod
     def read_file(cls, path: str | Path, data_cfg: Any) -> pd.DataFrame:
