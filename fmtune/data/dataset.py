@@ -268,17 +268,24 @@ def long_texts_line(note: dict[str, Any]) -> str:
 
 
 def text_dataset(df: pd.DataFrame, column: str, bundle: Any, targets: torch.Tensor | None,
-                 pair_column: str | None = None) -> TextData:
-    """The texts of ``column`` (with ``pair_column``: pairs of texts) as the model reads them; an
-    empty or non-text cell is a DataError naming its row and column."""
+                 pair_column: str | None = None, max_bad_fraction: float = 0.0) -> tuple[TextData, np.ndarray]:
+    """The texts of ``column`` (with ``pair_column``: pairs of texts) as the model reads them, and the positions
+    (into ``df``) of the rows kept: a row whose cell is empty or not text is left out with a warning naming it, as an
+    unreadable image is, up to ``max_bad_fraction`` of the rows (real sets have a few: rotten-tomatoes' full corpus,
+    one of 14,000); more is a DataError listing them."""
+    bad: dict[int, str] = {}
     for col in require_text_column(df, column, pair_column):
         for i, v in enumerate(df[col]):
-            if not isinstance(v, str) or not v.strip():
+            if (not isinstance(v, str) or not v.strip()) and i not in bad:
                 what = "empty" if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "" \
                     else f"not text ({type(v).__name__})"
-                raise DataError(f"{row_label(df, i)}: column {col!r} is {what}; fill or drop that row")
-    values = list(df[column]) if pair_column is None else list(zip(df[column], df[pair_column]))
-    return bundle.text_data(values, targets)
+                bad[i] = f"{row_label(df, i)}: column {col!r} is {what}"
+    skip_bad([bad[i] for i in sorted(bad)], len(df), df.attrs.get("source", "the data"), max_bad_fraction,
+             "texts are empty or not text", "row(s) without a text", "; fill or drop those rows")
+    keep = np.array([i for i in range(len(df)) if i not in bad], dtype=np.int64)
+    texts = df[column].to_numpy()[keep]
+    values = list(texts) if pair_column is None else list(zip(texts, df[pair_column].to_numpy()[keep]))
+    return bundle.text_data(values, None if targets is None else targets[keep]), keep
 
 
 def image_dataset(df: pd.DataFrame, column: str, spec: dict[str, Any], targets: torch.Tensor | None,

@@ -201,7 +201,7 @@ class Task:
             targets = self.encode(df[column], df, column, allow_unknown)
         if bundle.kind == "text":
             return text_dataset(df, data_cfg.text_column, bundle, targets,
-                                getattr(data_cfg, "text_pair_column", None)), np.arange(len(df))
+                                getattr(data_cfg, "text_pair_column", None), data_cfg.max_bad_fraction)
         if bundle.kind == "audio":
             from fmtune.data.audio import AudioSpec, audio_dataset
 
