@@ -470,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(data.image_column, data.mask_column); "
                    "detection: a COCO JSON file, a YOLO dataset YAML (or images/ folder with labels/ beside it), "
                    "a Pascal VOC folder (Annotations/, JPEGImages/), or a CSV of one box a row (filename, class, "
-                   "xmin, ymin, xmax, ymax; a folder with _annotations.csv)")
+                   "xmin, ymin, xmax, ymax; a folder with _annotations.csv), or Label Studio's JSON / JSON-MIN "
+                   "export of rectangles")
     t.add_argument("--val", help="validation data (default: split off --data, or the folder's validation_list.txt, "
                    "or the table's rows its split column marks validation)")
     t.add_argument("--test", help="test data: the best checkpoint is evaluated on it at the end")

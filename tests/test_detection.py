@@ -231,6 +231,66 @@ def test_a_table_of_one_box_a_row_reads_the_same_boxes_and_trains_as_exported(bo
     assert 0.0 <= summary["eval"]["test"]["map"] <= 1.0
 
 
+def label_studio_boxes(root: Path, out: Path, minimal: bool = False) -> Path:
+    """The COCO boxes of ``root`` as Label Studio exports them: its JSON (a task per image, its upload path
+    /data/upload/1/<8 hex>-<name>, an annotation whose results are rectanglelabels in percent of original_width /
+    original_height) or JSON-MIN (``image`` and ``label``: the rectangles). Its images are copied under images/."""
+    import shutil
+
+    coco = json.loads((root / "annotations.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    (out / "images").mkdir(parents=True)
+    tasks = []
+    for k, im in enumerate(coco["images"]):
+        shutil.copy(root / im["file_name"], out / "images" / Path(im["file_name"]).name)
+        w, h = im["width"], im["height"]
+        rects = [{"x": a["bbox"][0] * 100 / w, "y": a["bbox"][1] * 100 / h, "width": a["bbox"][2] * 100 / w,
+                  "height": a["bbox"][3] * 100 / h, "rotation": 0, "rectanglelabels": [names[a["category_id"]]]}
+                 for a in coco["annotations"] if a["image_id"] == im["id"]]
+        upload = f"/data/upload/1/{k:08x}-{Path(im['file_name']).name}"
+        if minimal:
+            tasks.append({"image": upload, "id": k + 1, "label": [dict(r, original_width=w, original_height=h)
+                                                                  for r in rects]})
+        else:
+            result = [{"type": "rectanglelabels", "from_name": "label", "to_name": "image", "original_width": w,
+                       "original_height": h, "value": r} for r in rects]
+            tasks.append({"id": k + 1, "data": {"image": upload}, "annotations": [{"result": result}]})
+    (out / "export.json").write_text(json.dumps(tasks))
+    return out / "export.json"
+
+
+def test_label_studio_box_exports_read_the_same_boxes_and_train(boxes_data, tmp_path, tiny_resnet):
+    """Label Studio's own JSON export of image boxes (and its JSON-MIN) was read as a COCO file ("no 'images'
+    list"). Now its rectangles (percent of the image Label Studio saw) are the boxes COCO holds, its uploads'
+    images found below the export by their own names; a rotated rectangle is the box that holds it; tasks not
+    annotated are left out, said; a rectangle of two labels is an error naming its task; it trains."""
+    want = _norm(read_detection(boxes_data["train"] / "annotations.json", DataConfig()))
+    full = label_studio_boxes(boxes_data["train"], tmp_path / "ls")
+    got = read_detection(full, DataConfig())
+    assert _norm(got) == want and got.attrs["classes"] == sorted(CLASSES)
+    assert _norm(read_detection(label_studio_boxes(boxes_data["train"], tmp_path / "min", True), DataConfig())) == want
+    tasks = json.loads(full.read_text())
+    tasks.append({"id": 99, "data": {"image": tasks[0]["data"]["image"]}, "annotations": []})
+    box = tasks[0]["annotations"][0]["result"][0]
+    box["value"] = dict(box["value"], x=10.0, y=10.0, width=20.0, height=10.0, rotation=90)
+    w, h = box["original_width"], box["original_height"]
+    (tmp_path / "ls" / "more.json").write_text(json.dumps(tasks))
+    with pytest.warns(UserWarning, match="1 Label Studio task"):
+        more = read_detection(tmp_path / "ls" / "more.json", DataConfig())
+    assert len(more) == 48
+    x0, y0, x1, y1 = more.iloc[0]["boxes"][0]  # 20% wide, 10% high, turned a quarter clockwise about its corner
+    assert (x0, y0, x1, y1) == pytest.approx([0.1 * w - 0.1 * h, 0.1 * h, 0.1 * w, 0.1 * h + 0.2 * w])
+    box["value"]["rectanglelabels"] = ["red", "blue"]
+    (tmp_path / "ls" / "bad.json").write_text(json.dumps(tasks))
+    with pytest.raises(DataError, match=r"bad.json: task 1 \(id 1\): box 1 has 2 labels"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read_detection(tmp_path / "ls" / "bad.json", DataConfig())
+    cfg = det_cfg(tiny_resnet, boxes_data, tmp_path / "run", epochs=1)
+    cfg["data"]["train"] = str(full)
+    api.train(cfg, quiet=True, report=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["train"]["rows"] == 48
+
+
 def _voc_only(root: Path) -> Path:
     """A folder with just VOC's Annotations/ and JPEGImages/ (links), so the VOC reader is chosen."""
     voc = root.parent / f"{root.name}-voc"
