@@ -14,7 +14,8 @@ from typing import Any
 from fmtune.config import INFERENCE_PRECISIONS, STRATEGY_NAMES
 from fmtune.errors import FmtuneError, Interrupted
 
-MODEL_HELP = ("zoo name (fmtune models), a local Hugging Face model folder, a GGUF file (a causal LM), a "
+MODEL_HELP = ("zoo name (fmtune models), a local Hugging Face model folder, a hub id (downloaded once into Hugging "
+              "Face's cache; from there offline too), a GGUF file (a causal LM), a "
               "CTranslate2 Whisper folder (faster-whisper's format), a torchvision or timm ResNet's weights file "
               "(.pth / .safetensors) or timm folder, or a torchvision MobileNetV2's; GGUF, CTranslate2 and the "
               "ResNets are converted once into ~/.cache/fmtune/models (FMTUNE_MODELS_DIR). Detection and "

@@ -286,3 +286,61 @@ def test_a_torchvision_mobilenet_v2_file_is_the_mobilenet_family(cache, tmp_path
     assert resolve(str(file)) == ("mobilenet-v2", file) and not cache.exists()
     net = _pretrained_cnn("mobilenet-v2", file)
     torch.testing.assert_close(net.state_dict()["features.0.0.weight"], state["features.0.0.weight"])
+
+
+def test_a_hub_id_in_the_cache_works_offline(tiny_bert, text_files, tmp_path, monkeypatch):
+    """A model fetched once from the hub is in Hugging Face's cache; offline (HF_HUB_OFFLINE=1, as on clusters) its
+    id was refused ("not a zoo model and no such folder"). Now the id reads the cache's snapshot folder (as
+    transformers would) and trains; an id the cache has not is an error naming it and the cache."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from fmtune import api
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-bert" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_bert, snapshot)
+    (cache / "models--someone--tiny-bert" / "refs").mkdir()
+    (cache / "models--someone--tiny-bert" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert resolve("someone/tiny-bert") == ("hf", snapshot)
+    api.train(cfg_dict("someone/tiny-bert", text_files["train"], out=str(tmp_path / "run"), train={"max_steps": 2}),
+              quiet=True, report=False)
+    assert "name: someone/tiny-bert" in (tmp_path / "run" / "config.yaml").read_text()  # (the id, not the cache's)
+    with pytest.raises(ModelError, match=rf"'someone/other' is not a zoo model or folder, nor in the Hugging Face "
+                                         rf"cache \({cache}\), and HF_HUB_OFFLINE=1"):
+        resolve("someone/other")
+
+
+def test_a_hub_id_online_downloads_what_a_model_is_read_from(tiny_bert, tmp_path, monkeypatch):
+    """Where the hub is reached, a hub id is downloaded once into the cache as a folder (config, tokenizer,
+    safetensors weights; not ONNX, TF or GGUF copies), a repo without safetensors its PyTorch .bin weights too;
+    a missing repo is an error naming it. (Hub calls stand in: no network here.)"""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from fmtune.zoo.models import HUB_BIN_FILES, HUB_FILES
+
+    calls = []
+
+    def download(repo_id, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, allow_patterns, local_files_only))
+        if repo_id == "someone/missing":
+            url = "https://huggingface.co/api/models/someone/missing"
+            raise RepositoryNotFoundError("404", response=httpx2.Response(404, request=httpx2.Request("GET", url)))
+        return str(tiny_bert if repo_id == "someone/tiny-bert" else tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve("someone/tiny-bert") == ("hf", tiny_bert)
+    assert calls == [("someone/tiny-bert", HUB_FILES, False)]  # (its weights are safetensors: nothing more)
+    calls.clear()
+    resolve("someone/old-bert")
+    assert calls == [("someone/old-bert", HUB_FILES, False), ("someone/old-bert", HUB_FILES + HUB_BIN_FILES, False)]
+    with pytest.raises(ModelError, match="'someone/missing': no such model on the hub, or it is gated or private"):
+        resolve("someone/missing")

@@ -349,7 +349,50 @@ def resolve(name: str) -> tuple[str, Path | str]:
                              f"one of: {', '.join(MODELS.names())}")
         return "hf", p
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "~"))
-    if not hub_id or os.environ.get("HF_HUB_OFFLINE") == "1":
+    if not hub_id:
         raise ModelError(f"model {name!r} is not a zoo model and no such folder exists; "
                          f"zoo models: {', '.join(MODELS.names())} (see `fmtune models`)")
-    return "hf", name  # a hub id; loading will need the network
+    folder = hub_folder(name)
+    converted = _local_format(folder)  # (a timm model from the hub: timm/resnet50.a1_in1k)
+    return "hf", converted or folder
+
+
+# what a model from the hub is read from: its config, tokenizer and processor files, chat template, weights as
+# safetensors (a repo without them: its PyTorch .bin weights, read with weights_only)
+HUB_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.safetensors"]
+HUB_BIN_FILES = ["pytorch_model*.bin"]
+
+
+def hub_folder(repo_id: str) -> Path:
+    """The local folder of the hub model ``repo_id``: Hugging Face's cache snapshot, downloaded once where the hub is
+    reached (the files a model is read from, not its other formats: ONNX, TF, Flax, GGUF), else (HF_HUB_OFFLINE=1,
+    or no network) as the cache holds it, so a model fetched once works offline by its id; a ModelError naming the
+    id and the cache where it cannot be had."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
+            if not offline and not any(folder.rglob("*.safetensors")):
+                folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + HUB_BIN_FILES))
+        except IncompleteSnapshotError as e:  # (the cache holds what an earlier download fetched: read that)
+            folder = Path(e.snapshot_path)
+    except LocalEntryNotFoundError:
+        how = "HF_HUB_OFFLINE=1" if offline else "the hub cannot be reached"
+        raise ModelError(f"model {repo_id!r} is not a zoo model or folder, nor in the Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}), and {how}: download it once where the hub is reached, or give "
+                         f"its folder; zoo models: {', '.join(MODELS.names())}") from None
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise ModelError(f"model {repo_id!r}: no such model on the hub, or it is gated or private "
+                         f"({type(e).__name__}; a token: huggingface-cli login)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelError(f"model {repo_id!r}: cannot download it from the hub ({type(e).__name__}: {e})") from None
+    return folder
