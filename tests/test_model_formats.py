@@ -310,8 +310,10 @@ def test_a_hub_id_in_the_cache_works_offline(tiny_bert, text_files, tmp_path, mo
               quiet=True, report=False)
     assert "name: someone/tiny-bert" in (tmp_path / "run" / "config.yaml").read_text()  # (the id, not the cache's)
     with pytest.raises(ModelError, match=rf"'someone/other' is not a zoo model or folder, nor in the Hugging Face "
-                                         rf"cache \({cache}\), and HF_HUB_OFFLINE=1"):
+                                         rf"cache \({cache}\), and HF_HUB_OFFLINE=1.*zoo models: .*minilm-l6"):
         resolve("someone/other")
+    shutil.copytree(cache / "models--someone--tiny-bert", cache / "models--tiny-bert")  # a canonical id (gpt2 ...)
+    assert resolve("tiny-bert") == ("hf", cache / "models--tiny-bert" / "snapshots" / ("a" * 40))
 
 
 def test_a_hub_id_online_downloads_what_a_model_is_read_from(tiny_bert, tmp_path, monkeypatch):

@@ -348,7 +348,7 @@ def resolve(name: str) -> tuple[str, Path | str]:
                              "file or a CTranslate2 Whisper folder; give a folder saved with save_pretrained, or "
                              f"one of: {', '.join(MODELS.names())}")
         return "hf", p
-    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "~"))
+    hub_id = re.fullmatch(r"([\w.-]+/)?[\w.-]+", name) and not name.startswith((".", "~"))  # (gpt2: a canonical id)
     if not hub_id:
         raise ModelError(f"model {name!r} is not a zoo model and no such folder exists; "
                          f"zoo models: {', '.join(MODELS.names())} (see `fmtune models`)")
