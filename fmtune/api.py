@@ -882,6 +882,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, baseline: bool 
         return generation.evaluate(opened, source, baseline, quiet)
     df = read_data(Path(source), opened.task, cfg.data)
     data_cfg = columns_of(df, cfg.data, opened.task, opened.bundle.kind)  # (a table of another layout than training's)
+    df = opened.task.without_unlabelled(df, data_cfg)
     ds, _ = make_dataset(df, opened.bundle, opened.task, data_cfg, allow_unknown=cfg.data.unknown_labels == "unknown")
     opened.bundle.model.to(hardware.choose(cfg.train.device, "fp32", cfg.train.num_threads).device)
     return _evaluate_run(opened, ds, baseline, quiet, source, precision=precision,

@@ -143,7 +143,8 @@ class DataConfig:
         "error", "a val/test label unseen in training: fail, or map it to 'unknown' (never predicted)"
     )
     max_bad_fraction: float = _f(0.05, "rows left out with a warning, up to this share, where their image or "
-                                "audio file cannot be read or their text is empty; more fails, listing them")
+                                "audio file cannot be read, or their text or label is empty; more fails, listing "
+                                "them")
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 0.9, "data.val_fraction", "must be in (0, 0.9)")

@@ -796,6 +796,32 @@ def test_empty_text_cell_names_the_row(tmp_path, tiny_bert):
     assert data["test"]["rows"] == 38 and json.loads((tmp_path / "m" / "run" / "eval.json").read_text())["n_test"] == 38
 
 
+def test_rows_without_a_label_are_left_out_up_to_max_bad_fraction(tmp_path, tiny_bert, text_files):
+    """A row whose label cell is empty was an error ("empty 'label' value"), in training and when evaluating. Now a
+    few are left out with a warning naming them (from the classes, the split, the scores), as rows without a text
+    are; more than data.max_bad_fraction of a file's rows is an error listing them (a GLUE test split of -1s: all)."""
+    train = pd.read_csv(text_files["train"]).astype(object)
+    train.loc[[3, 17], "label"] = [None, " "]
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test = pd.read_csv(text_files["test"]).astype(object)
+    test.loc[5, "label"] = None
+    test.to_csv(tmp_path / "test.csv", index=False)
+    assert len(train) * 0.05 > 2 and len(test) * 0.05 > 1
+    with pytest.warns(UserWarning, match=r"skipping 2 row\(s\) without a label in .*train.csv:\n  .*row 4 \(line 5\): "
+                                         r"no 'label' value\n  .*row 18 \(line 19\)"):
+        fmtune.train(cfg_dict(tiny_bert, tmp_path / "train.csv", out=str(tmp_path / "run"),
+                              data={"test": str(tmp_path / "test.csv")}, train={"max_steps": 2}), quiet=True)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["neg", "pos"]  # (no 'nan')
+    data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert data["train"]["rows"] + data["val"]["rows"] == len(train) - 2 and data["test"]["rows"] == len(test) - 1
+    with pytest.warns(UserWarning, match=r"skipping 1 row\(s\) without a label in .*test.csv"):
+        assert fmtune.evaluate(tmp_path / "run", tmp_path / "test.csv", quiet=True)["n_test"] == len(test) - 1
+    test["label"] = None
+    test.to_csv(tmp_path / "unlabelled.csv", index=False)
+    with pytest.raises(DataError, match=rf"unlabelled.csv: {len(test)} of {len(test)} rows have no label \(100%"):
+        fmtune.evaluate(tmp_path / "run", tmp_path / "unlabelled.csv", quiet=True)
+
+
 def test_unseen_label_in_validation(tmp_path, tiny_bert, text_files):
     val = pd.read_csv(text_files["val"])
     val.loc[7, "label"] = "meh"

@@ -426,6 +426,8 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     column = task.target_column(data_cfg)
     _require_input(train, data_cfg, task)  # the columns first: a missing one is the problem, whatever the size
     task.require_targets(train, data_cfg)
+    train = task.without_unlabelled(train, data_cfg)
+    parts = {k: task.without_unlabelled(v, data_cfg) for k, v in parts.items()}
     if data_cfg.max_train_samples:
         train = _subset(train, data_cfg.max_train_samples, column, task, seed)
     labels = task.row_labels(train, data_cfg)
@@ -442,7 +444,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
     if "val" in parts:
         val, from_train = parts["val"], False
     elif data_cfg.val:
-        val, from_train = read_data(data_cfg.val, task, data_cfg, split="val"), False
+        val, from_train = task.without_unlabelled(read_data(data_cfg.val, task, data_cfg, split="val"), data_cfg), False
     elif no_split:
         val, from_train = train, False
     else:
@@ -465,6 +467,7 @@ def read_frames(data_cfg: Any, task_type: str, seed: int) -> Frames:
             tr = pd.concat([tr, train[kept]])
         train, val, from_train = _keep_source(tr, train), _keep_source(va, train), True
     test = parts["test"] if "test" in parts else read_data(data_cfg.test, task, data_cfg) if data_cfg.test else None
+    test = task.without_unlabelled(test, data_cfg) if test is not None else None
     return Frames(train, val, test, from_train, val_is_train=no_split, fewest=fewest, typical=typical,
                   settled=settled)
 

@@ -65,6 +65,7 @@ class Task:
     description = ""
     accepts_word_lists = False  # predict takes a list of words (already split) as well as a text
     modality = ""  # "audio": reads audio files; "" reads what the model reads (text or images)
+    scalar_targets = False  # one label (or number) a row, in the target column: a row with it empty is unlabelled
     usual_labels = USUAL_LABELS  # capability usual_columns: the names a table's label column goes by
     default_lrs: dict[str, float] = {}  # train.lr by strategy where this task needs other than config.DEFAULT_LR
     default_head_lr: float | None = None  # train.head_lr unless set (None: config.default_head_lr of train.lr)
@@ -158,6 +159,27 @@ class Task:
         """The column of a training frame holding image / audio paths as its table writes them (relative ones not
         beside the table are looked for near it: ``prepare.settle_columns``, data.media_root)."""
         return data_cfg.audio_column if cls.modality == "audio" else data_cfg.image_column
+
+    @classmethod
+    def without_unlabelled(cls, df: pd.DataFrame, data_cfg: Any) -> pd.DataFrame:
+        """``df`` (labelled data) without its rows whose label cell is empty (a task of one label a row:
+        ``scalar_targets``), left out with a warning naming them up to data.max_bad_fraction of its rows, as rows
+        without a text are (``skip_bad``); more is a DataError listing them. Row positions (messages) are kept."""
+        from fmtune.data.dataset import skip_bad
+
+        column = cls.target_column(data_cfg)
+        if not cls.scalar_targets or column not in df.columns:
+            return df
+        values = df[column]
+        bad = np.flatnonzero((values.isna() | values.astype(str).str.strip().eq("")).to_numpy())
+        if not len(bad):
+            return df
+        skip_bad([f"{row_label(df, int(i))}: no {column!r} value" for i in bad], len(df),
+                 df.attrs.get("source", "the data"), data_cfg.max_bad_fraction, "rows have no label",
+                 "row(s) without a label", "; fill or drop those rows")
+        out = df.drop(index=df.index[bad])
+        out.attrs = dict(df.attrs)
+        return out
 
     @classmethod
     def require_targets(cls, df: pd.DataFrame, data_cfg: Any) -> None:

@@ -49,6 +49,7 @@ def _ones_a_row(df: pd.DataFrame, columns: list[str]) -> pd.Series:
 @TASKS.register("classification")
 class Classification(Task):
     name = "classification"
+    scalar_targets = True
     description = "one label per example (softmax)"
     default_metric = "accuracy"
     metric_names = ("accuracy", "macro_f1", "loss")

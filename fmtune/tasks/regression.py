@@ -22,6 +22,7 @@ from fmtune.tasks.probe import scaled, unscaled
 @TASKS.register("regression")
 class Regression(Task):
     name = "regression"
+    scalar_targets = True
     description = "one number per example (MSE on standardised targets)"
     default_metric = "rmse"
     metric_names = ("mae", "rmse", "r2", "loss")
