@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "transcript in a .txt / .lab file of its name: VCTK, TIMIT, MFA corpora); "
                    "segmentation: a folder with images/ and masks/ (same names; or JPEGImages/ + "
                    "SegmentationClass/; or a_mask.png beside a.jpg), or a table of image and mask paths "
-                   "(data.image_column, data.mask_column); "
+                   "(data.image_column, data.mask_column), or a COCO or Label Studio JSON file of polygons; "
                    "detection: a COCO JSON file, a YOLO dataset YAML (or images/ folder with labels/ beside it), "
                    "a Pascal VOC folder (Annotations/, JPEGImages/), or a CSV of one box a row (filename, class, "
                    "xmin, ymin, xmax, ymax; a folder with _annotations.csv), or Label Studio's JSON / JSON-MIN "

@@ -120,6 +120,61 @@ def test_a_coco_file_of_polygons_or_rle_is_read_as_class_index_masks(scenes, tmp
         read_segmentation(tmp_path / "poly.json", DataConfig())
 
 
+def label_studio_polygons(split: Path, out: Path) -> Path:
+    """A Label Studio JSON export of ``split``'s scenes: per image a task (its upload path), an annotation of one
+    polygon per class present, the rectangle around that class's pixels, in percent of original_width / height."""
+    import shutil
+
+    (out / "images").mkdir(parents=True)
+    tasks = []
+    for k, img in enumerate(sorted((split / "images").iterdir())):
+        shutil.copy(img, out / "images" / img.name)
+        mask = np.asarray(Image.open(split / "masks" / f"{img.stem}.png"))
+        h, w = mask.shape
+        result = []
+        for c, name in enumerate(("red", "green", "blue"), 1):
+            ys, xs = np.nonzero(mask == c)
+            if len(xs):
+                x0, y0 = float(xs.min()) * 100 / w, float(ys.min()) * 100 / h
+                x1, y1 = float(xs.max() + 1) * 100 / w, float(ys.max() + 1) * 100 / h
+                result.append({"type": "polygonlabels", "original_width": w, "original_height": h,
+                               "value": {"points": [[x0, y0], [x1, y0], [x1, y1], [x0, y1]],
+                                         "polygonlabels": [name]}})
+        tasks.append({"id": k + 1, "data": {"image": f"/data/upload/2/{k:08x}-{img.name}"},
+                      "annotations": [{"result": result}]})
+    (out / "export.json").write_text(json.dumps(tasks))
+    return out / "export.json"
+
+
+def test_label_studio_polygon_exports_are_read_as_masks_and_train(scenes, tiny_resnet, tmp_path):
+    """Label Studio's JSON export of polygons was read as COCO and refused. Now each annotated task's polygons
+    (points in percent of the image Label Studio saw) are painted into one class-index mask, larger first (a
+    small polygon on a large one keeps its pixels), labels in name order from 1; its images are found below the
+    export; brush masks are an error saying how to export them; it trains."""
+    from fmtune.data.masks import read_mask
+
+    Image.fromarray(np.zeros((40, 80, 3), np.uint8)).save(tmp_path / "p.png")
+    small = {"points": [[6.25, 12.5], [12.5, 12.5], [12.5, 25.0], [6.25, 25.0]], "polygonlabels": ["dot"]}
+    large = {"points": [[0, 0], [25.0, 0], [25.0, 50.0], [0, 50.0]], "polygonlabels": ["square"]}
+    task = {"id": 3, "data": {"image": "/data/upload/1/0a1b2c3d-p.png"}, "annotations": [{"result": [
+        {"type": "polygonlabels", "value": small}, {"type": "polygonlabels", "value": large}]}]}
+    (tmp_path / "ls.json").write_text(json.dumps([task]))
+    df = read_segmentation(tmp_path / "ls.json", DataConfig())
+    mask = read_mask(df["mask"][0])
+    assert df.attrs["classes"] == ["background", "dot", "square"] and mask.shape == (40, 80)
+    assert (mask[7, 7], mask[15, 15], mask[30, 30]) == (1, 2, 0)  # (x 5-10, y 5-10 the dot; to 20, 20 the square)
+    task["annotations"][0]["result"].append({"type": "brushlabels", "value": {"format": "rle", "rle": [1, 2],
+                                                                              "brushlabels": ["dot"]}})
+    (tmp_path / "brush.json").write_text(json.dumps([task]))
+    with pytest.raises(DataError, match=r"brush.json: task 1 \(id 3\): brush masks .*export the project as COCO"):
+        read_segmentation(tmp_path / "brush.json", DataConfig())
+    cfg = seg_cfg(tiny_resnet, scenes, tmp_path / "run", epochs=1)
+    cfg["data"]["train"] = str(label_studio_polygons(scenes["train"], tmp_path / "ls"))
+    api.train(cfg, quiet=True, report=False)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["background", "blue", "green",
+                                                                                     "red"]
+
+
 def test_colour_masks_with_a_colour_map_and_masks_named_after_their_images(scenes, tmp_path):
     """Colour (RGB) masks were refused. With CVAT's labelmap.txt (name:r,g,b:parts:actions) or a class_dict.csv
     (name,r,g,b; CamVid's) beside the masks they are read as class indices in the map's order, named by it; a

@@ -45,7 +45,8 @@ from fmtune.data.readers import (
     embedded,
     find_coco_file,
     hf_features,
-    label_studio_task,
+    label_studio_export,
+    label_studio_images,
     list_images,
     media_cell,
     read_table,
@@ -94,39 +95,6 @@ def read_coco(path: Path, image_root: str | None = None) -> pd.DataFrame:
     return df
 
 
-def label_studio_export(path: Path) -> list[dict] | None:
-    """The tasks of a Label Studio JSON export of image boxes (``[{data: {image}, annotations: [{result: [{type:
-    rectanglelabels ...}]}]}]``, or its JSON-MIN form ``[{image, label: [{x, y, width, height, rectanglelabels}]}]``),
-    else None (a COCO file ...)."""
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
-        return None
-    if all(label_studio_task(r) for r in data) or all(_min_boxes(r) is not None for r in data):
-        return data
-    return None
-
-
-def _min_boxes(rec: dict) -> list | None:
-    """A JSON-MIN task's boxes (its one list of objects holding ``rectanglelabels``), else None."""
-    lists = [v for v in rec.values() if isinstance(v, list) and v and all(isinstance(o, dict) for o in v)]
-    boxes = [v for v in lists if all("rectanglelabels" in o for o in v)]
-    return boxes[0] if len(boxes) == 1 else ([] if not lists and _image_value(rec) is not None else None)
-
-
-def _image_value(data: dict) -> str | None:
-    """A Label Studio task's image: its ``image`` value, else its one value naming an image file or upload."""
-    if isinstance(data.get("image"), str):
-        return data["image"]
-    found = [v for v in data.values() if isinstance(v, str) and (v.startswith(("/data/", "http://", "https://"))
-                                                                  or Path(v).suffix.lower() in IMAGE_SUFFIXES)]
-    return found[0] if len(found) == 1 else None
-
-
 def _ls_box(v: dict, w: float, h: float) -> list[float]:
     """A Label Studio rectangle (x, y, width, height in percent of the image, turned ``rotation`` degrees clockwise
     about its top-left corner) as the pixel box x0, y0, x1, y1 that holds it."""
@@ -141,43 +109,14 @@ def _ls_box(v: dict, w: float, h: float) -> list[float]:
 
 
 def read_label_studio_boxes(path: Path, tasks: list[dict]) -> pd.DataFrame:
-    """Rows of a Label Studio export of image boxes (``label_studio_export``): each annotated task's image (its
-    upload or local-storage path as the user's copy names it, found beside the export or below it), size (the
-    ``original_width`` / ``original_height`` Label Studio saw, else the image's) and boxes; tasks not annotated left
-    out, said, where others are (all of them read, without boxes, where none is: images to predict)."""
-    from fmtune.data.readers import _media_files, annotated_tasks, label_studio_annotation, label_studio_file
-
-    base = path.parent
-    index: dict[str, list[str]] | None = None
+    """Rows of a Label Studio export of image rectangles (``label_studio_export``): each annotated task's image,
+    size and boxes (``label_studio_images``); all of them, without boxes, where none is annotated (images to
+    predict)."""
     records, names = [], set()
-    for i, (rec, keep) in enumerate(zip(tasks, annotated_tasks(tasks, str(path)))):
-        if not keep:
+    for where, file, objects, (w, h) in label_studio_images(path, tasks, ("rectanglelabels",)):
+        if objects is None:
+            records.append({"image": str(file)})
             continue
-        where = f"{path}: task {i + 1}" + (f" (id {rec['id']})" if "id" in rec else "")
-        data = rec.get("data") if label_studio_task(rec) else rec
-        value = _image_value(data)
-        if value is None:
-            raise DataError(f"{where}: no image (data.image, or one value naming an image file)")
-        name = label_studio_file(value)
-        file = Path(name) if Path(name).is_absolute() else base / name
-        if not file.is_file():
-            index = _media_files(base, IMAGE_SUFFIXES) if index is None else index
-            found = index.get(Path(name).name, [])
-            file = base / found[0] if len(found) == 1 else file
-        if label_studio_task(rec):
-            done = label_studio_annotation(rec)
-            results = [r for r in (done or {}).get("result") or [] if isinstance(r, dict)
-                       and isinstance(r.get("value"), dict) and "rectanglelabels" in r["value"]]
-            objects = [dict(r["value"], original_width=r.get("original_width"),
-                            original_height=r.get("original_height")) for r in results]
-            annotated = done is not None
-        else:
-            objects, annotated = _min_boxes(rec) or [], True
-        w = next((o["original_width"] for o in objects if o.get("original_width")), None)
-        h = next((o["original_height"] for o in objects if o.get("original_height")), None)
-        if annotated and objects and (w is None or h is None):
-            with open_image(file, f"{where}: ") as img:
-                w, h = img.size
         row = {"image": str(file), "width": w, "height": h, "boxes": [], "labels": [], "ignore": []}
         for j, o in enumerate(objects):
             labels = o.get("rectanglelabels") or []
@@ -191,7 +130,7 @@ def read_label_studio_boxes(path: Path, tasks: list[dict]) -> pd.DataFrame:
             row["labels"].append(str(labels[0]))
             row["ignore"].append(False)
             names.add(str(labels[0]))
-        records.append(row if annotated else {"image": str(file)})
+        records.append(row)
     if not any("boxes" in r for r in records):
         return pd.DataFrame({"image": [r["image"] for r in records]}).pipe(_with_source, str(path))
     df = _rows(records, str(path))
@@ -569,7 +508,7 @@ def read_detection(path: str | Path, data_cfg: Any) -> pd.DataFrame:
     if p.is_file() and p.suffix.lower() in (".parquet", ".pq", ".jsonl", ".csv", ".tsv"):
         return read_box_table(p, data_cfg)
     if p.is_file() and p.suffix.lower() == ".json":
-        tasks = label_studio_export(p)
+        tasks = label_studio_export(p, ("rectanglelabels",))
         return read_label_studio_boxes(p, tasks) if tasks is not None else read_coco(p, data_cfg.image_root)
     if p.is_file() and p.suffix.lower() in (".yaml", ".yml"):
         return read_yolo(p, data_cfg.yolo_split)

@@ -9,7 +9,8 @@ Read directly, without conversion scripts:
   ``data.mask_column``), paths relative to the table, or both files embedded in it (a Hugging
   Face dataset's Parquet split: ``{bytes, path}`` cells);
 - a COCO JSON file (or a folder holding one, as Roboflow and CVAT export it) of polygons or RLE:
-  each image's objects painted into one class-index mask (``read_coco_masks``).
+  each image's objects painted into one class-index mask (``read_coco_masks``);
+- Label Studio's JSON export of polygons, painted so too (``read_label_studio_masks``).
 
 A mask is a one-channel PNG (mode L, P or 1; a grey RGB image is read as one channel) whose pixel
 value is the class index; ``task.ignore_index`` (255) marks pixels that are not scored. Masks
@@ -38,6 +39,8 @@ from fmtune.data.readers import (
     embedded,
     file_like,
     find_coco_file,
+    label_studio_export,
+    label_studio_images,
     list_images,
     media_cell,
     media_path_columns,
@@ -85,8 +88,6 @@ def read_coco_masks(path: Path, image_col: str, mask_col: str, image_root: str |
     embedded as PNG: 0 = background, category k (in category-id order) = k + 1, named in ``attrs["classes"]``. The
     objects are painted largest first, so that one lying on another keeps its pixels (crowd regions too, as their
     class). Images are named as for detection (``file_name`` relative to the file's folder, or data.image_root)."""
-    from pycocotools import mask as coco_mask
-
     images, cats = coco_images(path, image_root)
     index = {c["id"]: k + 1 for k, c in enumerate(cats)}
     unpainted = next((where for img in images for where, a in img["objects"] if not a.get("segmentation")), None)
@@ -100,31 +101,88 @@ def read_coco_masks(path: Path, image_col: str, mask_col: str, image_root: str |
         if not (w and h):
             with open_image(str(p), f"{path}: image {im['id']}: ") as opened:
                 w, h = opened.size
-        mask = np.zeros((int(h), int(w)), np.uint8)
-        for where, a in sorted(img["objects"], key=lambda o: -float(o[1].get("area") or 0)):
-            seg = a["segmentation"]
-            try:
-                if isinstance(seg, list):  # polygons [x0, y0, x1, y1, ...]
-                    rle = coco_mask.merge(coco_mask.frPyObjects([q for q in seg if len(q) >= 6], int(h), int(w)))
-                elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-                    rle = coco_mask.frPyObjects(seg, int(h), int(w))
-                else:
-                    rle = dict(seg, counts=seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"])
-                painted = coco_mask.decode(rle).astype(bool)
-            except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-                raise DataError(f"{where}: not a readable segmentation ({type(e).__name__}: {e})") from None
-            if painted.shape != mask.shape:
-                raise DataError(f"{where}: its RLE is {painted.shape[1]}x{painted.shape[0]} but image {im['id']} is "
-                                f"{w}x{h}")
-            mask[painted] = index[a["category_id"]]
-        buf = io.BytesIO()
-        Image.fromarray(mask).save(buf, format="PNG")
-        rows.append({image_col: str(p), mask_col: {"bytes": buf.getvalue(), "path": f"{p.stem}.png"}})
+        objects = [(where, a["segmentation"], index[a["category_id"]], float(a.get("area") or 0))
+                   for where, a in img["objects"]]
+        rows.append({image_col: str(p), mask_col: _png_cell(_paint(objects, int(w), int(h), f"image {im['id']}"), p)})
     if not rows:
         raise DataError(f"{path}: no images listed")
     df = pd.DataFrame(rows)
     df.attrs["source"] = str(path)
     df.attrs["classes"] = ["background", *(str(c.get("name", c["id"])) for c in cats)]
+    return df
+
+
+def _paint(objects: list[tuple[str, Any, int, float]], w: int, h: int, image: str) -> np.ndarray:
+    """A class-index mask of an image's objects, each (where: named in messages, its COCO segmentation: polygons
+    [x0, y0, x1, y1, ...] in pixels or RLE, its class index, its area), painted largest first."""
+    from pycocotools import mask as coco_mask
+
+    mask = np.zeros((h, w), np.uint8)
+    for where, seg, k, _ in sorted(objects, key=lambda o: -o[3]):
+        try:
+            if isinstance(seg, list):  # polygons [x0, y0, x1, y1, ...]
+                rle = coco_mask.merge(coco_mask.frPyObjects([q for q in seg if len(q) >= 6], h, w))
+            elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+                rle = coco_mask.frPyObjects(seg, h, w)
+            else:
+                rle = dict(seg, counts=seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"])
+            painted = coco_mask.decode(rle).astype(bool)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise DataError(f"{where}: not a readable segmentation ({type(e).__name__}: {e})") from None
+        if painted.shape != mask.shape:
+            raise DataError(f"{where}: its RLE is {painted.shape[1]}x{painted.shape[0]} but {image} is {w}x{h}")
+        mask[painted] = k
+    return mask
+
+
+def _png_cell(mask: np.ndarray, image: Path) -> dict[str, Any]:
+    """A mask as a table cell of an embedded PNG (``readers.embedded``), named after its image."""
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": f"{image.stem}.png"}
+
+
+LABEL_STUDIO_MASKS = ("polygonlabels", "brushlabels")  # (brushes: an error saying how to export them instead)
+
+
+def read_label_studio_masks(path: Path, tasks: list[dict], image_col: str, mask_col: str) -> pd.DataFrame:
+    """A Label Studio export of polygons (``polygonlabels``: points in percent of the image Label Studio saw) as
+    one class-index mask per annotated task, embedded as PNG as a COCO file's are: 0 = background, the labels in
+    name order from 1, the larger polygons painted first. Its brush strokes (``brushlabels``: Label Studio's own
+    RLE) are not read: an error says to export them as COCO or PNG masks."""
+    rows, objects_of, names = [], [], set()
+    for where, file, objects, (w, h) in label_studio_images(path, tasks, LABEL_STUDIO_MASKS):
+        brush = [o for o in objects or [] if "brushlabels" in o]
+        if brush:
+            raise DataError(f"{where}: brush masks (brushlabels, Label Studio's own RLE) are not read; export the "
+                            "project as COCO (polygons) or as PNG masks (images/ and masks/) instead")
+        polygons = []
+        for j, o in enumerate(o for o in objects or [] if "polygonlabels" in o):
+            labels = o.get("polygonlabels") or []
+            if len(labels) != 1:
+                raise DataError(f"{where}: polygon {j + 1} has {len(labels)} labels ({labels}); a polygon needs one")
+            try:
+                flat = [float(v) * (w if k % 2 == 0 else h) / 100 for pt in o["points"] for k, v in enumerate(pt[:2])]
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{where}: polygon {j + 1} has no points [[x, y], ...] in percent") from None
+            xs, ys = np.array(flat[0::2]), np.array(flat[1::2])
+            area = 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+            polygons.append((f"{where}: polygon {j + 1}", [flat], str(labels[0]), area))
+            names.add(str(labels[0]))
+        rows.append((file, int(w), int(h)) if objects is not None else (file, None, None))
+        objects_of.append(polygons if objects is not None else None)
+    if all(o is None for o in objects_of):  # (none annotated: images to predict)
+        df = pd.DataFrame({image_col: [str(f) for f, _, _ in rows]})
+        df.attrs["source"] = str(path)
+        return df
+    classes = sorted(names)
+    index = {n: k + 1 for k, n in enumerate(classes)}
+    out = [{image_col: str(f), mask_col: _png_cell(_paint([(wh, seg, index[n], a) for wh, seg, n, a in polygons],
+                                                            w, h, f.name), f)}
+           for (f, w, h), polygons in zip(rows, objects_of) if polygons is not None]
+    df = pd.DataFrame(out)
+    df.attrs["source"] = str(path)
+    df.attrs["classes"] = ["background", *classes]
     return df
 
 
@@ -135,6 +193,9 @@ def read_segmentation(path: str | Path, data_cfg: Any) -> pd.DataFrame:
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     image_col, mask_col = data_cfg.image_column, data_cfg.mask_column
+    tasks = label_studio_export(p, LABEL_STUDIO_MASKS) if p.is_file() and p.suffix.lower() == ".json" else None
+    if tasks is not None:
+        return read_label_studio_masks(p, tasks, image_col, mask_col)
     coco = _coco_file(p)
     if coco is not None:
         return read_coco_masks(coco, image_col, mask_col, data_cfg.image_root)

@@ -440,6 +440,78 @@ def label_studio_rows(records: list[dict], where: str) -> list[dict]:
     return rows
 
 
+def label_studio_export(path: Path, kinds: tuple[str, ...]) -> list[dict] | None:
+    """The tasks of a Label Studio JSON export of images (``[{data: {image}, annotations: [{result: [...]}]}]``), or
+    of its JSON-MIN form whose objects are of ``kinds`` (``[{image, label: [{..., rectanglelabels}]}]``), else None
+    (a COCO file ...)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+        return None
+    if all(label_studio_task(r) for r in data) or all(_min_objects(r, kinds) is not None for r in data):
+        return data
+    return None
+
+
+def _min_objects(rec: dict, kinds: tuple[str, ...]) -> list | None:
+    """A JSON-MIN task's objects of ``kinds`` (its one list of objects each holding one of those keys; none where it
+    has no list and an image), else None."""
+    lists = [v for v in rec.values() if isinstance(v, list) and v and all(isinstance(o, dict) for o in v)]
+    found = [v for v in lists if all(any(k in o for k in kinds) for o in v)]
+    return found[0] if len(found) == 1 else ([] if not lists and _ls_image_value(rec) is not None else None)
+
+
+def _ls_image_value(data: dict) -> str | None:
+    """A Label Studio task's image: its ``image`` value, else its one value naming an image file or upload."""
+    if isinstance(data.get("image"), str):
+        return data["image"]
+    found = [v for v in data.values() if isinstance(v, str) and (v.startswith(("/data/", "http://", "https://"))
+                                                                  or Path(v).suffix.lower() in IMAGE_SUFFIXES)]
+    return found[0] if len(found) == 1 else None
+
+
+def label_studio_images(path: Path, tasks: list[dict], kinds: tuple[str, ...]):
+    """Per task of a Label Studio export of images (``label_studio_export``) to read: (where: the task named for
+    messages, its image file: the upload or local-storage path as the user's copy names it, found beside the export
+    or below it by its name, its objects of ``kinds``: their ``value`` with the ``original_width`` /
+    ``original_height`` Label Studio saw, None for a task not annotated, the image's (width, height): Label Studio's,
+    else the file's). Tasks not annotated are left out, said, where others are (``annotated_tasks``)."""
+    from fmtune.data.masks import open_image
+
+    index: dict[str, list[str]] | None = None
+    for i, (rec, keep) in enumerate(zip(tasks, annotated_tasks(tasks, str(path)))):
+        if not keep:
+            continue
+        where = f"{path}: task {i + 1}" + (f" (id {rec['id']})" if "id" in rec else "")
+        full = label_studio_task(rec)
+        value = _ls_image_value(rec["data"] if full else rec)
+        if value is None:
+            raise DataError(f"{where}: no image (data.image, or one value naming an image file)")
+        name = label_studio_file(value)
+        file = Path(name) if Path(name).is_absolute() else path.parent / name
+        if not file.is_file():
+            index = _media_files(path.parent, IMAGE_SUFFIXES) if index is None else index
+            found = index.get(Path(name).name, [])
+            file = path.parent / found[0] if len(found) == 1 else file
+        if full:
+            done = label_studio_annotation(rec)
+            results = [r for r in (done or {}).get("result") or [] if isinstance(r, dict)
+                       and isinstance(r.get("value"), dict) and any(k in r["value"] for k in kinds)]
+            objects = None if done is None else [
+                dict(r["value"], original_width=r.get("original_width"), original_height=r.get("original_height"))
+                for r in results]
+        else:
+            objects = _min_objects(rec, kinds) or []
+        w = next((o["original_width"] for o in objects or [] if o.get("original_width")), None)
+        h = next((o["original_height"] for o in objects or [] if o.get("original_height")), None)
+        if objects is not None and (w is None or h is None):
+            with open_image(file, f"{where}: ") as img:
+                w, h = img.size
+        yield where, file, objects, (w, h)
+
+
 def label_studio_file(value: Any) -> Any:
     """A Label Studio task's file as the user's copy names it: an upload (``/data/upload/3/4f3c1a2b-cat.jpg``, stored
     under a prefix of its own) as its own name, ``cat.jpg``; a local storage file (``/data/local-files/?d=photos/
