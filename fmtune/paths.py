@@ -40,9 +40,16 @@ def looks_like_path(value: str) -> bool:
     if "\n" in value:
         return False
     from fmtune.data.conll import CONLL_SUFFIXES  # the readers' own lists (imported here: pandas is slow to load)
-    from fmtune.data.readers import AUDIO_SUFFIXES, COMPRESSED_SUFFIXES, IMAGE_SUFFIXES, TABLE_SUFFIXES
+    from fmtune.data.readers import (
+        AUDIO_SUFFIXES,
+        COMPRESSED_SUFFIXES,
+        IMAGE_SUFFIXES,
+        PARALLEL_SUFFIXES,
+        TABLE_SUFFIXES,
+    )
 
     known = TABLE_SUFFIXES | IMAGE_SUFFIXES | AUDIO_SUFFIXES | CONLL_SUFFIXES | COMPRESSED_SUFFIXES | {".yaml", ".yml"}
+    known |= set(PARALLEL_SUFFIXES)
     if p.suffix.lower() in known:
         return True
     return " " not in value.strip() and os.sep in value

@@ -173,6 +173,33 @@ def test_compressed_tables_are_read_in_place(tmp_path, tiny_bert, text_files, mo
         _train(tmp_path / "bad", tiny_bert, tmp_path / "bad.csv.gz", data={"max_bad_fraction": 0})
 
 
+def test_tweeteval_line_aligned_text_and_label_files(tmp_path, tiny_bert, text_files):
+    """TweetEval as its repository ships it: train_text.txt beside train_labels.txt (a class id a line) and
+    mapping.txt naming the ids, val_ and test_ likewise. Each text file was read as texts without labels ("no
+    label column"). Now a *text*.txt file with a *labels*.txt of as many lines beside it is read as a table, the
+    ids named by mapping.txt; messages name the line; unequal files are an error naming both."""
+    names = {"neg": 0, "pos": 1}
+    for split in ("train", "val", "test"):
+        df = pd.read_csv(text_files[split])
+        (tmp_path / f"{split}_text.txt").write_text("\n".join(df["text"]) + "\n")
+        (tmp_path / f"{split}_labels.txt").write_text("\n".join(str(names[v]) for v in df["label"]) + "\n")
+    (tmp_path / "mapping.txt").write_text("0\tnegative\n1\tpositive\n")
+    got = read_table(tmp_path / "train_text.txt")
+    want = pd.read_csv(text_files["train"])
+    assert got["text"].tolist() == want["text"].tolist()
+    assert got["label"].tolist() == [{"neg": "negative", "pos": "positive"}[v] for v in want["label"]]
+    fmtune.train(cfg_dict(tiny_bert, tmp_path / "train_text.txt", out=str(tmp_path / "run"),
+                          data={"val": str(tmp_path / "val_text.txt"), "test": str(tmp_path / "test_text.txt")},
+                          train={"max_steps": 2}), quiet=True)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["negative", "positive"]
+    assert fmtune.evaluate(tmp_path / "run", tmp_path / "test_text.txt", quiet=True)["n_test"] == len(
+        pd.read_csv(text_files["test"]))
+    lines = (tmp_path / "test_labels.txt").read_text().splitlines()
+    (tmp_path / "test_labels.txt").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(DataError, match=r"test_text.txt has \d+ lines and .*test_labels.txt \d+: line-aligned"):
+        read_table(tmp_path / "test_text.txt")
+
+
 def test_compressed_files_that_cannot_be_read_in_place_say_why(tmp_path, monkeypatch):
     """A zip of several files none named as the archive, a damaged gzip, a tar archive: each an error naming it."""
     import gzip

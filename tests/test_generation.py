@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fmtune import api, config
+from fmtune.data.readers import read_table
 from fmtune.errors import ConfigError, DataError, ModelError
 from fmtune.tasks.generation import GenerationSettings, StreamSink, generate, read_rows
 
@@ -130,6 +131,26 @@ def test_hub_layouts_alpaca_dolly_sharegpt_and_parquet_chats_are_read(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "bot", "value": "x"}]}])
     with pytest.raises(DataError, match="bad.jsonl: line 1: conversations turn 1 is from 'bot'"):
         read_rows(bad, data_cfg())
+
+
+def test_line_aligned_source_and_target_files_are_read_as_pairs(tmp_path):
+    """Seq2seq sets as Hugging Face's summarisation examples ship them (train.source beside train.target, one
+    example a line; .src / .tgt too) were refused ("unsupported file type '.source'"). Now each line of the source
+    is a prompt and the same line of the target its completion; files of unequal lines are an error naming both; a
+    source alone is prompts to answer."""
+    (tmp_path / "train.source").write_text("A long article about cats.\nAnother article.\n")
+    (tmp_path / "train.target").write_text("Cats.\nAnother.\n\n")
+    df = read_rows(tmp_path / "train.source", data_cfg())
+    assert df["prompt"].tolist() == ["A long article about cats.", "Another article."]
+    assert df["completion"].tolist() == ["Cats.", "Another."]
+    (tmp_path / "val.src").write_text("x\ny\n")
+    (tmp_path / "val.tgt").write_text("x\n")
+    with pytest.raises(DataError, match=r"val.src has 2 lines and .*val.tgt 1: line-aligned files"):
+        read_rows(tmp_path / "val.src", data_cfg())
+    (tmp_path / "new.source").write_text("Summarise me.\n")
+    from fmtune.paths import looks_like_path
+
+    assert read_table(tmp_path / "new.source")["text"].tolist() == ["Summarise me."] and looks_like_path("a.source")
 
 
 def test_well_known_text_to_text_columns_are_read_without_settings(tmp_path):

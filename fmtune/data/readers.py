@@ -209,9 +209,59 @@ def packed_source(path: str | Path) -> Path:
     return _UNPACKED.get(str(path), Path(path))
 
 
-def _check_table(path: Path, alternatives: str) -> str:
-    """The lower-case suffix of a non-empty table file; a DataError otherwise."""
+# line-aligned files of inputs and their targets, one example a line: the suffix of each source and of its target
+# (seq2seq sets as Hugging Face's summarisation examples ship them: train.source / train.target)
+PARALLEL_SUFFIXES = {".source": ".target", ".src": ".tgt"}
+
+
+def parallel_file(path: Path) -> Path | None:
+    """The file whose lines are the targets of ``path``'s lines, where there is one beside it: TweetEval's
+    ``train_text.txt`` -> ``train_labels.txt``, a seq2seq set's ``train.source`` -> ``train.target``; else None."""
     suffix = path.suffix.lower()
+    if suffix in PARALLEL_SUFFIXES:
+        candidates = [path.with_suffix(PARALLEL_SUFFIXES[suffix])]
+    elif suffix == ".txt" and "text" in path.stem:
+        candidates = [path.with_name(path.name.replace("text", w, 1)) for w in ("labels", "label")]
+    else:
+        return None
+    return next((c for c in candidates if c.is_file() and c != path), None)
+
+
+def _lines(path: Path, encoding: str) -> list[str]:
+    """A file's lines (its trailing empty ones dropped), in the encoding found (``file_encoding``)."""
+    lines = path.read_text(encoding=file_encoding(path, encoding)).splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
+def read_parallel(path: Path, targets: Path, encoding: str, text_column: str) -> pd.DataFrame:
+    """Line-aligned files (``parallel_file``) as one table, row N of line N of each: a text and its label (class ids
+    named by a ``mapping.txt`` of "id<TAB>name" lines beside them, TweetEval's), or a seq2seq ``source`` and
+    ``target``; a DataError where their lines are not as many."""
+    inputs, outputs = _lines(path, encoding), _lines(targets, encoding)
+    if len(inputs) != len(outputs):
+        raise DataError(f"{path} has {len(inputs):,} lines and {targets} {len(outputs):,}: line-aligned files of "
+                        "examples and their targets must hold as many")
+    if path.suffix.lower() in PARALLEL_SUFFIXES:
+        df = pd.DataFrame({"source": inputs, "target": outputs})
+    else:
+        labels: list[Any] = [v.strip() for v in outputs]
+        mapping = path.parent / "mapping.txt"
+        if mapping.is_file():
+            names = dict(re.split(r"\s+", x.strip(), maxsplit=1) for x in _lines(mapping, encoding)
+                         if len(x.split()) >= 2)
+            if names and all(v in names for v in labels):
+                labels = [names[v] for v in labels]
+        df = pd.DataFrame({text_column: inputs, "label": labels})
+    df.attrs["header"] = False  # (row N is line N: messages say so)
+    return df
+
+
+def _check_table(path: Path, alternatives: str) -> str:
+    """The lower-case suffix of a non-empty table file (a seq2seq ``.source`` file's: .txt, one text a line); a
+    DataError otherwise."""
+    suffix = ".txt" if path.suffix.lower() in PARALLEL_SUFFIXES else path.suffix.lower()
     if not suffix and path.is_file():  # (a text file without a suffix: UCI's SMSSpamCollection; not a photo's bytes)
         with path.open("rb") as fh:
             suffix = ".txt" if b"\0" not in fh.read(8192) else suffix
@@ -269,6 +319,8 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
         df = read_excel(path)
     elif suffix in (".jsonl", ".json"):
         df = _read_jsonl(path, encoding)
+    elif suffix == ".txt" and (targets := parallel_file(path)) is not None:
+        df = read_parallel(path, targets, encoding, text_column)
     elif (layout := _text_layout(path, suffix, encoding))[1] is None:
         df = pd.concat([chunk for chunk, _ in _txt_chunks(path, layout[0], 1 << 30, text_column)] or [pd.DataFrame()])
     else:
