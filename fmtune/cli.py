@@ -704,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
               "sent; Ollama's /api/generate and /api/chat too), embeddings (text classification, multi-label and "
               "regression runs), audio/transcriptions (speech "
               "recognition runs), models. POST /invocations (MLflow's and SageMaker's scoring protocol) and "
-              "POST /v1/models/NAME:predict (KServe / TF Serving v1) for prediction runs. POST / answers in the "
+              "POST /v1/models/NAME:predict (KServe / TF Serving v1), and the Open Inference Protocol under /v2 "
+              "(KServe v2, Triton: tritonclient) for prediction runs. POST / answers in the "
               "Hugging Face Inference API's format, for "
               "huggingface_hub's InferenceClient(model=URL)")
     sv.add_argument("run", help="run directory")

@@ -13,6 +13,8 @@
     POST /          the Hugging Face Inference API's format (huggingface_hub's InferenceClient(model=URL)):
                     {"inputs": ..., "parameters": {...}} or a file as the body; each task formats its answer
                     (``Task.hf_output``); generation runs as TGI: [{"generated_text": ...}]
+    /v2/...         the Open Inference Protocol (KServe v2, Triton, MLServer: ``fmtune.serve_v2``), JSON and
+                    Triton's binary tensors, for tritonclient and KServe's clients
     GET  /health    liveness, no key needed
     GET  /metadata  model, task, labels, strategy, test metrics at training time, service limits
     GET  /docs      OpenAPI documentation
@@ -39,7 +41,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from fmtune import serve_ollama, serve_openai
+from fmtune import serve_ollama, serve_openai, serve_v2
 from fmtune.data import tabular
 from fmtune.errors import ConfigError, DataError
 from fmtune.serve_base import HTTPError, Limits, check_items, number, open_stream, request_items, threaded_stream
@@ -335,6 +337,8 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
         """KServe's and TF Serving's v1 protocol: {"instances": [...]} (or {"inputs": ...}); returns
         {"predictions": [...]}. Any model name: the one model served answers."""
         return await scored(request)
+
+    serve_v2.add_routes(app, predictor, meta, limits, guard, read_body, batcher, prepared)  # (KServe v2, Triton)
 
     @app.get("/ping")
     async def ping() -> dict[str, str]:  # (SageMaker's and MLflow's health check)

@@ -215,6 +215,58 @@ def test_mlflow_sagemaker_and_kserve_clients_score_through_their_protocols(text_
         assert client.get("/ping").status_code == 200
 
 
+def test_triton_and_kserve_v2_clients_infer_through_the_open_inference_protocol(text_run, image_run, image_dirs):
+    """The Open Inference Protocol (KServe v2, Triton, MLServer) was not served: tritonclient got 404s. Now
+    tritonclient.http (its default: inputs and outputs as binary tensors) and plain JSON requests get the
+    predictions /predict gives, each key an output tensor (labels BYTES, scores FP32, probabilities FP32 [N, K] named
+    by parameters.labels); health, server and model metadata answer; image runs take the files' bytes; bad requests
+    are 4xx errors naming the input."""
+    import numpy as np
+    import tritonclient.http as triton
+    from conftest import live_server
+
+    pred = fmtune.load(text_run)
+    texts = ["good film", "awful plot", "the plot was awful, the film good"]
+    want = pred.predict(texts)
+    with live_server(create_app(pred)) as url:
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("sentiment")
+        assert client.get_model_metadata("sentiment")["inputs"] == [{"name": "text", "datatype": "BYTES",
+                                                                      "shape": [-1]}]
+        for shape, binary in (([3], True), ([3, 1], False)):
+            tensor = triton.InferInput("text", shape, "BYTES")
+            tensor.set_data_from_numpy(np.array(texts, dtype=object).reshape(shape), binary_data=binary)
+            outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("label", "score", "probabilities")]
+            result = client.infer("sentiment", [tensor], outputs=outputs)
+            got = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]  # (JSON: str)
+            assert got == [w["label"] for w in want]
+            np.testing.assert_allclose(result.as_numpy("score"), [w["score"] for w in want], rtol=1e-6)
+            labels = result.get_output("probabilities")["parameters"]["labels"].split(",")
+            np.testing.assert_allclose(result.as_numpy("probabilities"),
+                                       [[w["probabilities"][lab] for lab in labels] for w in want], rtol=1e-6)
+        plain = httpx.post(f"{url}/v2/models/any/infer", json={"id": "7", "inputs": [
+            {"name": "text", "shape": [2], "datatype": "BYTES", "data": texts[:2]}]}).json()
+        assert plain["id"] == "7" and {o["name"] for o in plain["outputs"]} >= {"label", "score", "probabilities"}
+        assert next(o for o in plain["outputs"] if o["name"] == "label")["data"] == [w["label"] for w in want[:2]]
+        for body, message in [({"inputs": []}, "a non-empty list"),
+                              ({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]},
+                               "inputs[0] (text): 1 values for shape [2]"),
+                              ({"inputs": [{"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]}]},
+                               "several values a row"),
+                              ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                                "outputs": [{"name": "logits"}]}, "output 'logits' is not one of this model's")]:
+            r = httpx.post(f"{url}/v2/models/m/infer", json=body)
+            assert r.status_code in (400, 422) and message in r.json()["error"], (body, r.text)
+    images = fmtune.load(image_run)
+    files = sorted((image_dirs["test"] / "bottom").iterdir())[:2]
+    with live_server(create_app(images)) as url:
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        tensor = triton.InferInput("image", [2], "BYTES")
+        tensor.set_data_from_numpy(np.array([f.read_bytes() for f in files], dtype=object))
+        result = client.infer("digits", [tensor])
+        assert [v.decode() for v in result.as_numpy("label")] == [images.predict(str(f))["label"] for f in files]
+
+
 def test_inference_api_answers_of_multilabel_and_regression_records():
     from fmtune.errors import DataError
     from fmtune.tasks import task_class
