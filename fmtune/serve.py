@@ -284,6 +284,7 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
 
     if generates:  # a generation run: POST /generate instead of /predict
         _generate_routes(app, predictor, limits, guard, read_json, batcher)
+        serve_v2.add_generate_routes(app, predictor, meta, limits, guard, read_json, batcher)  # (Triton's)
         return _common_routes(app, meta, limits, batcher, guard)
 
     # OpenAI's API under /v1 where the run does what one of its endpoints does (fmtune.serve_openai)

@@ -6,6 +6,8 @@ it as they call those servers:
     GET  /v2/health/live, /ready      200 while the service runs
     GET  /v2/models/NAME[/versions/V] model metadata: its inputs (BYTES, one a row)
     GET  /v2/models/NAME/ready        200
+    POST /v2/models/NAME/generate[_stream]  a generation run: Triton's generate extension, {"text_input",
+                                      "max_tokens", ...} -> {"text_output"} (streamed: server-sent events)
     POST /v2/models/NAME[/versions/V]/infer
          {"id", "inputs": [{"name", "shape": [N] or [N, 1], "datatype": "BYTES", "data": [...]}],
           "outputs": [{"name"}, ...]}
@@ -51,16 +53,15 @@ INFER_DOC = {"requestBody": {"required": True, "content": {"application/json": {
     "example": {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a gripping film"]}]}}}}}}
 
 
-def add_routes(app: Any, predictor: Any, meta: dict[str, Any], limits: Any, guard: Any, read_body: Any,
-               batcher: Any, prepared: Any) -> None:
-    """The v2 routes of a predicting run on ``app`` (``fmtune.serve.create_app``'s helpers)."""
+def _common(app: Any, meta: dict[str, Any], guard: Any, inputs: list[dict[str, Any]],
+            outputs: list[dict[str, Any]]) -> None:
+    """The protocol's health and metadata routes (``inputs`` / ``outputs``: the model's, as its metadata lists
+    them)."""
     from fmtune import __version__
-
-    columns = input_names(predictor)
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "fmtune", "version": __version__, "extensions": ["binary_tensor_data"]}
+        return {"name": "fmtune", "version": __version__, "extensions": ["binary_tensor_data", "generate"]}
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, Any]:
@@ -79,8 +80,14 @@ def add_routes(app: Any, predictor: Any, meta: dict[str, Any], limits: Any, guar
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, request: Request, version: str | None = None) -> dict[str, Any]:
         guard(request)
-        return {"name": name, "versions": [meta["model_version"]], "platform": "fmtune",
-                "inputs": [{"name": c, "datatype": "BYTES", "shape": [-1]} for c in columns], "outputs": []}
+        return {"name": name, "versions": [meta["model_version"]], "platform": "fmtune", "inputs": inputs,
+                "outputs": outputs}
+
+
+def add_routes(app: Any, predictor: Any, meta: dict[str, Any], limits: Any, guard: Any, read_body: Any,
+               batcher: Any, prepared: Any) -> None:
+    """The v2 routes of a predicting run on ``app`` (``fmtune.serve.create_app``'s helpers)."""
+    _common(app, meta, guard, [{"name": c, "datatype": "BYTES", "shape": [-1]} for c in input_names(predictor)], [])
 
     @app.post("/v2/models/{name}/infer", openapi_extra=INFER_DOC)
     @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_DOC)
@@ -100,6 +107,78 @@ def add_routes(app: Any, predictor: Any, meta: dict[str, Any], limits: Any, guar
         if binary:
             return binary_reply(reply)
         return JSONResponse(dict(reply, outputs=[{k: v for k, v in o.items() if k != "binary"} for o in outputs]))
+
+
+# the generate extension's decoding parameters (top-level, as TensorRT-LLM's ensemble takes them, or under
+# "parameters", as vLLM's backend): fmtune's name of each
+GENERATE_PARAMETERS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+                       "stop": "stop", "stop_words": "stop"}
+GENERATE_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["text_input"], "properties": {
+        "text_input": {"type": "string"}, "max_tokens": {"type": "integer"}, "temperature": {"type": "number"},
+        "top_p": {"type": "number"}, "seed": {"type": "integer"},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "parameters": {"type": "object", "description": "the same decoding parameters, as vLLM's backend takes "
+                                                        "them"}},
+    "example": {"text_input": "Write a haiku about autumn.", "max_tokens": 32}}}}}}
+
+
+def add_generate_routes(app: Any, generator: Any, meta: dict[str, Any], limits: Any, guard: Any, read_json: Any,
+                        batcher: Any) -> None:
+    """Triton's generate extension for a generation run: POST /v2/models/NAME/generate {"text_input", "max_tokens",
+    "temperature", "top_p", "seed", "stop"} -> {"model_name", "model_version", "text_output"}; .../generate_stream
+    the answer's pieces as server-sent events of the same object. Greedy unless a temperature is sent; what else is
+    sent is refused (422) naming it, never ignored."""
+    from fmtune import serve_openai
+    from fmtune.serve_base import json_object, open_stream, threaded_stream
+
+    _common(app, meta, guard, [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
+            [{"name": "text_output", "datatype": "BYTES", "shape": [1]}])
+
+    async def request_of(request: Request) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        data = await json_object(request, guard, read_json)
+        prompt = data.get("text_input")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HTTPError(422, "'text_input' must be a non-empty string: the prompt")
+        nested = data.get("parameters") or {}
+        if not isinstance(nested, dict):
+            raise HTTPError(422, "'parameters' must be an object")
+        given = {**{k: v for k, v in data.items() if k not in ("text_input", "parameters", "id", "stream")},
+                 **nested}
+        given = {k: v for k, v in given.items() if v is not None and v != ""}
+        other = [k for k in given if k not in GENERATE_PARAMETERS]
+        if other:
+            raise HTTPError(422, f"{other[0]!r} is not supported by this service (it takes text_input, "
+                                 f"{', '.join(GENERATE_PARAMETERS)})")
+        named = {GENERATE_PARAMETERS[k]: v for k, v in given.items()}
+        opts = serve_openai._decoding(named, limits, "max_tokens")
+        stops = serve_openai._stops(named)
+        row = serve_openai._rows([{"prompt": prompt}], limits, "text_input")[0]
+        serve_openai.read_prompts(generator, [row], limits, "text_input")  # (too long: cut, or 413 under reject)
+        return row, opts, stops
+
+    def reply(name: str, text: str) -> dict[str, Any]:
+        return {"model_name": name, "model_version": meta["model_version"], "text_output": text}
+
+    @app.post("/v2/models/{name}/generate", openapi_extra=GENERATE_DOC)
+    async def generate(name: str, request: Request) -> Any:
+        """Triton's generate extension: the answer to ``text_input``."""
+        row, opts, stops = await request_of(request)
+        (c,) = await batcher.submit([(row, opts)])
+        return reply(name, serve_openai.cut_at_stop(c.text, stops)[0])
+
+    @app.post("/v2/models/{name}/generate_stream", openapi_extra=GENERATE_DOC)
+    async def generate_stream(name: str, request: Request) -> Any:
+        """Triton's generate extension, streamed: server-sent events of the answer's pieces."""
+        row, opts, stops = await request_of(request)
+        read = open_stream(batcher, row, opts)
+
+        def events(cancel: Any) -> Any:
+            scanner = serve_openai.StopScanner(stops)
+            for text in scanner.relay(read(cancel, {})):
+                yield f"data: {json.dumps(reply(name, text))}\n\n"
+
+        return threaded_stream(events)
 
 
 def input_names(predictor: Any) -> list[str]:

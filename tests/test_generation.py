@@ -854,6 +854,41 @@ def test_schema_fuzz_of_a_generation_service_finds_no_server_error(full_run):
     assert fuzz(create_app(Generator(full_run["run_dir"]), Limits(max_new_tokens=8, max_items=4)), 25) >= 60
 
 
+def test_triton_generate_extension_answers_as_generate_does(full_run):
+    """Triton's generate extension (the v2 protocol's, as TensorRT-LLM's and vLLM's backends serve it) was not
+    served. Now POST /v2/models/NAME/generate answers text_input as POST /generate does (greedy), its decoding
+    parameters top-level or under "parameters"; generate_stream streams the same answer as server-sent events;
+    what it cannot do is a 422 naming it; the model's metadata says its input and output."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from fmtune.generation import Generator
+    from fmtune.serve import Limits, create_app
+
+    gen = Generator(full_run["run_dir"])
+    want = gen.answer([{"kind": "prompt", "prompt": "repeat: two cat", "completion": None, "messages": None}],
+                      max_new_tokens=12)[0]
+    with TestClient(create_app(gen, Limits(max_new_tokens=16))) as client:
+        r = client.post("/v2/models/ensemble/generate", json={"text_input": "repeat: two cat", "max_tokens": 12})
+        assert r.status_code == 200 and r.json() == {"model_name": "ensemble", "model_version": gen.version,
+                                                     "text_output": want}
+        nested = client.post("/v2/models/m/generate", json={"text_input": "repeat: two cat",
+                                                            "parameters": {"max_tokens": 12, "temperature": 0}})
+        assert nested.json()["text_output"] == want
+        with client.stream("POST", "/v2/models/m/generate_stream",
+                           json={"text_input": "repeat: two cat", "max_tokens": 12}) as stream:
+            events = [json.loads(x.removeprefix("data: ")) for x in stream.iter_lines() if x.startswith("data: ")]
+        assert "".join(e["text_output"] for e in events).strip() == want.strip() and len(events) >= 1
+        for body, message in [({"text_input": "x", "top_k": 5}, "'top_k' is not supported"),
+                              ({"text_input": ""}, "'text_input' must be a non-empty string"),
+                              ({"text_input": "x", "max_tokens": 99}, "max_tokens")]:
+            bad = client.post("/v2/models/m/generate", json=body)
+            assert bad.status_code in (413, 422) and message in bad.json()["error"], (body, bad.text)
+        meta = client.get("/v2/models/m").json()
+        assert meta["inputs"][0]["name"] == "text_input" and meta["outputs"][0]["name"] == "text_output"
+
+
 def test_huggingface_hub_inference_client_generates_text(full_run, monkeypatch):
     from conftest import hf_inference_client, live_server
 
