@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from fmtune.data.dataset import EAGER_IMAGE_BYTES, ImageData, stored_warning, upright_size
-from fmtune.data.masks import as_annotated, open_image
+from fmtune.data.masks import as_annotated, label_studio_size, open_image
 from fmtune.data.readers import (
     IMAGE_SUFFIXES,
     class_label_names,
@@ -113,7 +113,8 @@ def read_label_studio_boxes(path: Path, tasks: list[dict]) -> pd.DataFrame:
     size and boxes (``label_studio_images``); all of them, without boxes, where none is annotated (images to
     predict)."""
     records, names = [], set()
-    for where, file, objects, (w, h) in label_studio_images(path, tasks, ("rectanglelabels",)):
+    for where, file, objects, size in label_studio_images(path, tasks, ("rectanglelabels",)):
+        w, h = label_studio_size(file, where, size, objects)
         if objects is None:
             records.append({"image": str(file)})
             continue

@@ -142,6 +142,14 @@ def _png_cell(mask: np.ndarray, image: Path) -> dict[str, Any]:
     return {"bytes": buf.getvalue(), "path": f"{image.stem}.png"}
 
 
+def label_studio_size(file: Path, where: str, size: tuple[Any, Any], objects: list | None) -> tuple[Any, Any]:
+    """The size of an annotated Label Studio task's image: as Label Studio saw it, else the file's (upright)."""
+    if objects is None or (size[0] and size[1]):
+        return size
+    with open_image(file, f"{where}: ") as img:
+        return img.size
+
+
 LABEL_STUDIO_MASKS = ("polygonlabels", "brushlabels")  # (brushes: an error saying how to export them instead)
 
 
@@ -151,7 +159,8 @@ def read_label_studio_masks(path: Path, tasks: list[dict], image_col: str, mask_
     name order from 1, the larger polygons painted first. Its brush strokes (``brushlabels``: Label Studio's own
     RLE) are not read: an error says to export them as COCO or PNG masks."""
     rows, objects_of, names = [], [], set()
-    for where, file, objects, (w, h) in label_studio_images(path, tasks, LABEL_STUDIO_MASKS):
+    for where, file, objects, size in label_studio_images(path, tasks, LABEL_STUDIO_MASKS):
+        w, h = label_studio_size(file, where, size, objects)
         brush = [o for o in objects or [] if "brushlabels" in o]
         if brush:
             raise DataError(f"{where}: brush masks (brushlabels, Label Studio's own RLE) are not read; export the "

@@ -528,10 +528,9 @@ def label_studio_images(path: Path, tasks: list[dict], kinds: tuple[str, ...]):
     """Per task of a Label Studio export of images (``label_studio_export``) to read: (where: the task named for
     messages, its image file: the upload or local-storage path as the user's copy names it, found beside the export
     or below it by its name, its objects of ``kinds``: their ``value`` with the ``original_width`` /
-    ``original_height`` Label Studio saw, None for a task not annotated, the image's (width, height): Label Studio's,
-    else the file's). Tasks not annotated are left out, said, where others are (``annotated_tasks``)."""
-    from fmtune.data.masks import open_image
-
+    ``original_height`` Label Studio saw, None for a task not annotated, the image's (width, height) Label Studio
+    saw: None where it says not, ``masks.label_studio_size`` reads them). Tasks not annotated are left out, said,
+    where others are (``annotated_tasks``)."""
     index: dict[str, list[str]] | None = None
     for i, (rec, keep) in enumerate(zip(tasks, annotated_tasks(tasks, str(path)))):
         if not keep:
@@ -558,9 +557,6 @@ def label_studio_images(path: Path, tasks: list[dict], kinds: tuple[str, ...]):
             objects = _min_objects(rec, kinds) or []
         w = next((o["original_width"] for o in objects or [] if o.get("original_width")), None)
         h = next((o["original_height"] for o in objects or [] if o.get("original_height")), None)
-        if objects is not None and (w is None or h is None):
-            with open_image(file, f"{where}: ") as img:
-                w, h = img.size
         yield where, file, objects, (w, h)
 
 
