@@ -176,7 +176,8 @@ class Task:
             return df
         skip_bad([f"{row_label(df, int(i))}: no {column!r} value" for i in bad], len(df),
                  df.attrs.get("source", "the data"), data_cfg.max_bad_fraction, "rows have no label",
-                 "row(s) without a label", "; fill or drop those rows")
+                 "row(s) without a label", "; fill or drop those rows (unlabelled rows to learn from: "
+                 "fmtune train --unlabeled FILE)")
         out = df.drop(index=df.index[bad])
         out.attrs = dict(df.attrs)
         return out
