@@ -200,6 +200,52 @@ def test_tweeteval_line_aligned_text_and_label_files(tmp_path, tiny_bert, text_f
         read_table(tmp_path / "test_text.txt")
 
 
+def test_a_folder_of_split_files_is_its_splits(tmp_path, tiny_bert, text_files, monkeypatch):
+    """A dataset as it downloads, its splits files side by side, given as one folder: GLUE's train.tsv / dev.tsv /
+    test.tsv (its test rows without labels), a Hugging Face dataset's Parquet files as the hub holds them (train in
+    two shards, validation, a test split of label -1), Kaggle's train.csv beside an unlabelled test.csv. It was
+    read as a folder of classes ("no class sub-folders"). Now its train file trains, its validation file
+    validates, its test file tests where it holds labels (else left out, said); predict and evaluate read its test
+    file."""
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    train, val, test = (pd.read_csv(text_files[s]) for s in ("train", "val", "test"))
+    glue = tmp_path / "SST-2"
+    glue.mkdir()
+    train.rename(columns={"text": "sentence"}).to_csv(glue / "train.tsv", sep="\t", index=False)
+    val.rename(columns={"text": "sentence"}).to_csv(glue / "dev.tsv", sep="\t", index=False)
+    test[["text"]].rename(columns={"text": "sentence"}).rename_axis("index").to_csv(glue / "test.tsv", sep="\t")
+    (glue / "README.md").write_text("SST-2")
+    with pytest.warns(UserWarning, match=r"test.tsv: not read as the test split: it holds no labels \(no 'label' "
+                                         r"column\)"):
+        fmtune.train(cfg_dict(tiny_bert, glue, out=str(tmp_path / "glue-run"), train={"max_steps": 2}), quiet=True)
+    data = json.loads((tmp_path / "glue-run" / "run.json").read_text())["data"]
+    assert (data["train"]["rows"], data["val"]["rows"]) == (len(train), len(val)) and "test" not in data
+    names = ["neg", "pos"]
+    hub = tmp_path / "hub" / "plain_text"
+    hub.mkdir(parents=True)
+    half = len(train) // 2
+    for part, rows in (("train-00000-of-00002", train[:half]), ("train-00001-of-00002", train[half:]),
+                       ("validation-00000-of-00001", val)):
+        hf_parquet(hub / f"{part}.parquet", {"text": rows["text"].tolist(),
+                                             "label": [names.index(v) for v in rows["label"]]}, {"label": names}, set())
+    hf_parquet(hub / "test-00000-of-00001.parquet", {"text": test["text"].tolist(), "label": [-1] * len(test)},
+               {"label": names}, set())
+    with pytest.warns(UserWarning, match=r"test-00000-of-00001.parquet: not read as the test split: .*'label' column "
+                                         r"is empty"):
+        fmtune.train(cfg_dict(tiny_bert, hub, out=str(tmp_path / "hub-run"), train={"max_steps": 2}), quiet=True)
+    data = json.loads((tmp_path / "hub-run" / "run.json").read_text())["data"]
+    assert (data["train"]["rows"], data["val"]["rows"]) == (len(train), len(val))  # (both shards)
+    assert json.loads((tmp_path / "hub-run" / "labels.json").read_text())["labels"] == names
+    kaggle = tmp_path / "kaggle"
+    kaggle.mkdir()
+    train.to_csv(kaggle / "train.csv", index=False)
+    test.to_csv(kaggle / "test.csv", index=False)
+    fmtune.train(cfg_dict(tiny_bert, kaggle, out=str(tmp_path / "kaggle-run"), train={"max_steps": 2}), quiet=True)
+    data = json.loads((tmp_path / "kaggle-run" / "run.json").read_text())["data"]
+    assert data["test"]["rows"] == len(test) and data["train"]["rows"] + data["val"]["rows"] == len(train)
+    assert fmtune.evaluate(tmp_path / "kaggle-run", kaggle, quiet=True)["n_test"] == len(test)
+
+
 def test_compressed_files_that_cannot_be_read_in_place_say_why(tmp_path, monkeypatch):
     """A zip of several files none named as the archive, a damaged gzip, a tar archive: each an error naming it."""
     import gzip

@@ -29,6 +29,7 @@ from fmtune.data.readers import (
     require_text_column,
     rows_of_split,
     split_column,
+    split_files,
     split_folders,
     split_lists,
     split_roles,
@@ -397,14 +398,16 @@ def split_lists_unset(data_cfg: Any, task_type: str) -> dict[str, str]:
     {"val": path, "test": path}. Training then validates and tests on the speakers the folder holds out. A
     DatasetDict saved to disk gives its splits the same way: {"train": its train split, "val", "test"}; and so do the
     splits a task reads from the training file itself (``Task.splits_of``: a YOLO dataset YAML's val and test), and a
-    folder whose sub-folders are its splits (``readers.split_folders``: train/, val/, test/)."""
+    folder whose sub-folders are its splits (``readers.split_folders``: train/, val/, test/) or whose files are
+    (``readers.split_files``: train.csv, dev.csv, test.csv; a Hugging Face dataset's Parquet files)."""
     train = Path(data_cfg.train) if data_cfg.train else None
     if train is not None and train.is_file():
         return {k: p for k, p in task_class(task_type).splits_of(train).items() if getattr(data_cfg, k) is None}
     if train is None or not train.is_dir():
         return {}
-    saved = dataset_dict_splits(train) or split_folders(train)  # a DatasetDict saved to disk, or folders of splits:
-    if saved:  # the train split trains
+    # a DatasetDict saved to disk, or a folder of splits (sub-folders or files): its train split trains
+    saved = dataset_dict_splits(train) or split_folders(train) or split_files(train)
+    if saved:
         return {k: str(p) for k, p in saved.items() if k == "train" or getattr(data_cfg, k) is None}
     if not task_class(task_type).supports("split_lists"):
         return {}

@@ -1478,10 +1478,90 @@ def rows_of_split(df: pd.DataFrame, column: str, split: str) -> pd.DataFrame:
     return part
 
 
+SHARD = re.compile(r"-\d{5}-of-\d{5}$")  # a Parquet shard's name after its split's: train-00000-of-00002
+
+
+def split_files(folder: Path) -> dict[str, Path]:
+    """The splits of a folder whose files are its splits, as {"train": path, "val": path, "test": path}: GLUE's
+    train.tsv / dev.tsv / test.tsv, Kaggle's train.csv / test.csv, a Hugging Face dataset's Parquet files as the hub
+    holds them (train-00000-of-00001.parquet, validation-..., test-...; a split in several shards is read as one
+    table, written once into the cache), TweetEval's train_text.txt ..., CoNLL's train.conll ...; compressed too.
+    A held-out split without labels (Kaggle's test.csv without the label column, GLUE's test rows of label -1: a
+    column the training split fills left empty) is left out, said. {} where the folder has no train file and no
+    other split's beside it."""
+    if not folder.is_dir() or split_folders(folder):
+        return {}
+    found: dict[str, list[Path]] = {}
+    readable = TABLE_SUFFIXES | set(PARALLEL_SUFFIXES) | CONLL_PREDICT_SUFFIXES
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        name = f.name.lower()
+        for packed in (*STREAMS, ".zip"):
+            name = name.removesuffix(packed)
+        stem, suffix = Path(name).stem, Path(name).suffix
+        key = SPLIT_OF.get(SHARD.sub("", stem).removesuffix("_text"))
+        if key is not None and suffix in readable:
+            found.setdefault(key, []).append(f)
+    if "train" not in found or len(found) < 2:
+        return {}
+    out = {key: files[0] if len(files) == 1 else _shards(folder, key, files) for key, files in found.items()}
+    for key in ("val", "test"):
+        why = _unlabelled_split(out[key], out["train"]) if key in out else None
+        if why is not None:
+            warnings.warn(f"{out[key]}: not read as the {key} split: it holds no labels ({why}); fmtune predict "
+                          "reads it", UserWarning, stacklevel=2)
+            del out[key]
+    return out
+
+
+def _unlabelled_split(split: Path, train: Path) -> str | None:
+    """What a held-out split's file lacks that the training file holds (its label column, or a column the training
+    file fills left empty in every row), else None; None too where either is not a table read here (a CoNLL file:
+    the task's reader says)."""
+    try:
+        held = read_table(split)
+        small = train.stat().st_size < 50 * 2**20  # (a large one: its first rows, as a stream reads them)
+        trained = read_table(train) if small else next(iter_chunks(train, "utf-8", 1000))[0]
+    except (DataError, StopIteration):
+        return None
+    missing = [c for c in trained.columns if c not in held.columns]
+    if missing:
+        return f"no {', '.join(map(repr, missing[:3]))} column"
+    empty = [c for c in trained.columns if held[c].isna().all() and not trained[c].isna().all()]
+    return f"its {empty[0]!r} column is empty" if empty else None
+
+
+def _shards(folder: Path, key: str, files: list[Path]) -> Path:
+    """The Parquet shards of one split (train-00000-of-00002.parquet ...) as one Parquet file of their rows and
+    metadata (class names), written once into the cache; a DataError for several files of another kind."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not all(f.suffix.lower() in (".parquet", ".pq") and SHARD.search(f.stem) for f in files):
+        raise DataError(f"{folder}: {len(files)} files hold its {key} split ({', '.join(f.name for f in files[:4])}); "
+                        "give the one to read (--data / --val / --test)")
+    from fmtune.fsutil import cache_dir
+
+    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    target = cache_dir() / "datasets" / f"{folder.name}-{key}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}.parquet"
+    if target.is_file():
+        return target
+    tables = [pq.read_table(f) for f in files]
+    table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(tables[0].schema.metadata)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    tmp.replace(target)
+    return target
+
+
 def held_out_test(path: Path) -> Path | None:
-    """The test split of a saved DatasetDict or of a folder of splits (what evaluate and predict read of it), else
-    None."""
-    return (dataset_dict_splits(path) or split_folders(path)).get("test")
+    """The test split of a saved DatasetDict or of a folder of splits (sub-folders or files: what evaluate and predict
+    read of it), else None."""
+    return (dataset_dict_splits(path) or split_folders(path) or split_files(path)).get("test")
 
 
 def saved_dataset(path: str | Path) -> Path | None:
