@@ -397,6 +397,8 @@ def check_paths(args: argparse.Namespace) -> None:
 
     for dest, kind in PATH_ARGS.get(args.verb, {}).items():
         values = getattr(args, dest, None)
+        if kind == "input" and isinstance(values, str) and (folder := paths.hub_dataset(values)) is not None:
+            setattr(args, dest, values := str(folder))  # (a dataset id: its files in the Hugging Face cache)
         for v in values if isinstance(values, list) else [values]:
             if v is not None and not (kind == "output-file" and v == "-"):
                 paths.check(v, kind, "--" + dest.replace("_", "-") if dest not in ("run", "runs", "config") else "")

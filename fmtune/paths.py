@@ -5,6 +5,7 @@ unreadable, or not writable)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from fmtune.errors import DataError
@@ -53,6 +54,56 @@ def looks_like_path(value: str) -> bool:
     if p.suffix.lower() in known:
         return True
     return " " not in value.strip() and os.sep in value
+
+
+# a dataset on the Hugging Face Hub: the files a dataset's splits are read from (not its scripts, images or audio
+# archives: those datasets are read from their Parquet conversion, which the hub's own files are for most)
+HUB_DATA_FILES = ["*.parquet", "*.csv", "*.tsv", "*.json", "*.jsonl", "*.txt", "*.conll", "README.md"]
+
+
+def hub_dataset(value: str) -> Path | None:
+    """The local folder of the Hugging Face dataset ``value`` names (``stanfordnlp/imdb``; ``owner/name/config``:
+    that configuration's folder) where no such path exists: the hub cache's snapshot of its data files, downloaded
+    once where the hub is reached, else (HF_HUB_OFFLINE=1) as the cache holds it; its folder of split files
+    (``readers.split_files``: train-00000-of-00001.parquet ...), or of its one configuration that has them. None
+    where ``value`` is a path, or not such an id; a DataError where the id's dataset cannot be had or read so."""
+    if Path(value).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w.-]+)?", value) or \
+            Path(value).suffix.lower() in {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt"}:
+        return None
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from fmtune.data.readers import split_named_files
+
+    parts = value.split("/")
+    repo_id, config = "/".join(parts[:2]), parts[2] if len(parts) == 3 else None
+    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        root = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=HUB_DATA_FILES,
+                                      local_files_only=offline))
+    except LocalEntryNotFoundError:
+        return None  # (not in the cache: "does not exist", as any path)
+    except RepositoryNotFoundError:
+        return None
+    except (HfHubHTTPError, OSError) as e:
+        raise DataError(f"{value}: cannot download the dataset from the hub ({type(e).__name__}: {e})") from None
+    if config is not None:
+        folder = root / config
+        if not folder.is_dir():
+            raise DataError(f"{value}: the dataset {repo_id} has no configuration {config!r} in its files ({root})")
+        return folder
+    if split_named_files(root):
+        return root
+    configs = sorted({f.parent for f in root.rglob("*") if f.is_file() and f.parent != root
+                      and split_named_files(f.parent)})
+    if len(configs) == 1:
+        return configs[0]
+    if not configs:
+        raise DataError(f"{value}: the dataset {repo_id}'s files ({root}) hold no split files (train, validation, "
+                        "test) fmtune reads; give its files as --data / --val / --test")
+    names = ", ".join(str(c.relative_to(root)) for c in configs[:6])
+    raise DataError(f"{value}: the dataset {repo_id} has several configurations ({names}); name one: "
+                    f"--data {repo_id}/{configs[0].relative_to(root).as_posix()}")
 
 
 def check(path: str | Path, kind: str, what: str = "") -> Path:

@@ -138,3 +138,47 @@ def test_a_missing_text_column_is_named_before_the_size_of_the_file(tmp_path):
     src.write_text("phrase,label\ngood,pos\nbad,neg\n")
     with pytest.raises(DataError, match=r"tiny.csv: no text column 'text'; columns are: phrase"):
         fmtune.train({"data": {"train": str(src)}}, quiet=True)
+
+
+def test_a_hugging_face_dataset_id_reads_its_files_from_the_hub_cache(text_run, text_files, tmp_path, monkeypatch,
+                                                                       capsys):
+    """`--data stanfordnlp/imdb` as a user who loaded the dataset once has it in the Hugging Face cache (its Parquet
+    files under a configuration's folder, as the hub holds them): it was "does not exist". Now the id is its files'
+    folder in the cache (offline too), read as a folder of split files: evaluate scores its test split; an id of
+    several configurations asks for one; an id the cache has not is "does not exist" as any path."""
+    import shutil
+
+    from conftest import hf_parquet
+    from huggingface_hub import constants
+
+    from fmtune.paths import hub_dataset
+
+    cache = tmp_path / "hub"
+    repo = cache / "datasets--someone--reviews"
+    snapshot = repo / "snapshots" / ("b" * 40)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("b" * 40)
+    names = ["neg", "pos"]
+    for config in ("plain_text",):
+        (snapshot / config).mkdir(parents=True)
+        for split, key in (("train", "train"), ("test", "test")):
+            df = pd.read_csv(text_files[key])
+            hf_parquet(snapshot / config / f"{split}-00000-of-00001.parquet",
+                       {"text": df["text"].tolist(), "label": [names.index(v) for v in df["label"]]},
+                       {"label": names}, set())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert hub_dataset("someone/reviews") == snapshot / "plain_text"
+    run = tmp_path / "run"
+    shutil.copytree(text_run, run)  # (evaluate writes into it: the session's run stays as trained)
+    assert main(["evaluate", str(run), "--data", "someone/reviews", "-q"]) == 0
+    assert json.loads((run / "eval.json").read_text())["n_test"] == len(pd.read_csv(text_files["test"]))
+    (snapshot / "other").mkdir()
+    for split in ("train", "validation"):
+        (snapshot / "other" / f"{split}.csv").write_text("text,label\na,b\n")
+    assert main(["evaluate", str(run), "--data", "someone/reviews", "-q"]) == 2
+    assert "has several configurations (other, plain_text); name one: --data someone/reviews/other" in (
+        capsys.readouterr().err)
+    assert hub_dataset("someone/reviews/plain_text") == snapshot / "plain_text"
+    assert hub_dataset("someone/missing") is None and hub_dataset(str(tmp_path)) is None
+    assert main(["evaluate", str(run), "--data", "someone/missing", "-q"]) == 2
+    assert "someone/missing does not exist" in capsys.readouterr().err

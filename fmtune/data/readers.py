@@ -1489,6 +1489,22 @@ def split_files(folder: Path) -> dict[str, Path]:
     A held-out split without labels (Kaggle's test.csv without the label column, GLUE's test rows of label -1: a
     column the training split fills left empty) is left out, said. {} where the folder has no train file and no
     other split's beside it."""
+    found = split_named_files(folder)
+    if not found:
+        return {}
+    out = {key: files[0] if len(files) == 1 else _shards(folder, key, files) for key, files in found.items()}
+    for key in ("val", "test"):
+        why = _unlabelled_split(out[key], out["train"]) if key in out else None
+        if why is not None:
+            warnings.warn(f"{out[key]}: not read as the {key} split: it holds no labels ({why}); fmtune predict "
+                          "reads it", UserWarning, stacklevel=2)
+            del out[key]
+    return out
+
+
+def split_named_files(folder: Path) -> dict[str, list[Path]]:
+    """The files of ``folder`` named as splits (``split_files``), by split, where it has a train file and another
+    split's; else {}."""
     if not folder.is_dir() or split_folders(folder):
         return {}
     found: dict[str, list[Path]] = {}
@@ -1503,16 +1519,7 @@ def split_files(folder: Path) -> dict[str, Path]:
         key = SPLIT_OF.get(SHARD.sub("", stem).removesuffix("_text"))
         if key is not None and suffix in readable:
             found.setdefault(key, []).append(f)
-    if "train" not in found or len(found) < 2:
-        return {}
-    out = {key: files[0] if len(files) == 1 else _shards(folder, key, files) for key, files in found.items()}
-    for key in ("val", "test"):
-        why = _unlabelled_split(out[key], out["train"]) if key in out else None
-        if why is not None:
-            warnings.warn(f"{out[key]}: not read as the {key} split: it holds no labels ({why}); fmtune predict "
-                          "reads it", UserWarning, stacklevel=2)
-            del out[key]
-    return out
+    return found if "train" in found and len(found) >= 2 else {}
 
 
 def _unlabelled_split(split: Path, train: Path) -> str | None:
