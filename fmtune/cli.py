@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = verb("train", cmd_train, "fine-tune a model; writes a run directory", epilog=_config_epilog())
     t.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     t.add_argument("--model", help=MODEL_HELP)
-    t.add_argument("--data", help="training data: CSV/JSONL/Parquet/TXT/XLSX (columns text and label, else the one "
+    t.add_argument("--data", help="training data (a file or folder; a Hugging Face dataset id, owner/name, reads its "
+                   "files in the hub cache): CSV/JSONL/Parquet/TXT/XLSX (columns text and label, else the one "
                    "column of a usual name: sentence, review ...; intent, category, airline_sentiment, Class Index "
                    "...; else its columns of free text (Title, Description: read as one) and its one column of "
                    "values that repeat; images / audio: the column of their "
