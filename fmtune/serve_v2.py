@@ -54,14 +54,14 @@ INFER_DOC = {"requestBody": {"required": True, "content": {"application/json": {
 
 
 def _common(app: Any, meta: dict[str, Any], guard: Any, inputs: list[dict[str, Any]],
-            outputs: list[dict[str, Any]]) -> None:
+            outputs: list[dict[str, Any]], extension: str) -> None:
     """The protocol's health and metadata routes (``inputs`` / ``outputs``: the model's, as its metadata lists
-    them)."""
+    them; ``extension``: the one this run's routes add, binary tensors or generate)."""
     from fmtune import __version__
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "fmtune", "version": __version__, "extensions": ["binary_tensor_data", "generate"]}
+        return {"name": "fmtune", "version": __version__, "extensions": [extension]}
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, Any]:
@@ -87,7 +87,8 @@ def _common(app: Any, meta: dict[str, Any], guard: Any, inputs: list[dict[str, A
 def add_routes(app: Any, predictor: Any, meta: dict[str, Any], limits: Any, guard: Any, read_body: Any,
                batcher: Any, prepared: Any) -> None:
     """The v2 routes of a predicting run on ``app`` (``fmtune.serve.create_app``'s helpers)."""
-    _common(app, meta, guard, [{"name": c, "datatype": "BYTES", "shape": [-1]} for c in input_names(predictor)], [])
+    _common(app, meta, guard, [{"name": c, "datatype": "BYTES", "shape": [-1]} for c in input_names(predictor)], [],
+            "binary_tensor_data")
 
     @app.post("/v2/models/{name}/infer", openapi_extra=INFER_DOC)
     @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_DOC)
@@ -133,7 +134,7 @@ def add_generate_routes(app: Any, generator: Any, meta: dict[str, Any], limits: 
     from fmtune.serve_base import json_object, open_stream, threaded_stream
 
     _common(app, meta, guard, [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
-            [{"name": "text_output", "datatype": "BYTES", "shape": [1]}])
+            [{"name": "text_output", "datatype": "BYTES", "shape": [1]}], "generate")
 
     async def request_of(request: Request) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         data = await json_object(request, guard, read_json)

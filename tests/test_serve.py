@@ -231,6 +231,7 @@ def test_triton_and_kserve_v2_clients_infer_through_the_open_inference_protocol(
     with live_server(create_app(pred)) as url:
         client = triton.InferenceServerClient(url.removeprefix("http://"))
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("sentiment")
+        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
         assert client.get_model_metadata("sentiment")["inputs"] == [{"name": "text", "datatype": "BYTES",
                                                                       "shape": [-1]}]
         for shape, binary in (([3], True), ([3, 1], False)):
