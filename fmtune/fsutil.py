@@ -27,6 +27,52 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def atomic_file(target: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a sibling temporary file, then rename it to ``target`` (its folder made): an interrupted
+    write leaves nothing at ``target``, and processes writing it at once (ranks of a distributed run) each rename a
+    whole file. Returns ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+    return target
+
+
+def files_digest(files: list[Path]) -> str:
+    """A short digest of where ``files`` are, their sizes and when they changed: the key of what the cache holds made
+    from them (a file replaced in place gets a new one)."""
+    import hashlib
+
+    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha1(stamp.encode()).hexdigest()[:12]
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is not to be reached (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def hub_snapshot(repo_id: str, patterns: list[str], repo_type: str = "model") -> Path:
+    """The Hugging Face cache's snapshot folder of the hub repository ``repo_id``: the files matching ``patterns``,
+    downloaded once where the hub is reached, else (``hub_offline``) as the cache holds them, a snapshot an earlier
+    download left incomplete included. huggingface_hub's LocalEntryNotFoundError where the cache has none and the
+    hub is not reached; its other errors (no such repository ...) as it raises them."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns,
+                                      local_files_only=hub_offline()))
+    except IncompleteSnapshotError as e:  # (the cache holds what an earlier download fetched: read that)
+        return Path(e.snapshot_path)
+
+
 def check_output_dir(target: Path, marker: str) -> None:
     """Refuse an output folder that holds something other than an earlier output of the same
     verb (recognised by its ``marker`` file): ``atomic_dir`` would replace it whole."""

@@ -70,21 +70,17 @@ def hub_dataset(value: str) -> Path | None:
     if Path(value).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w.-]+)?", value) or \
             Path(value).suffix.lower() in {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt"}:
         return None
-    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     from fmtune.data.readers import split_named_files
+    from fmtune.fsutil import hub_snapshot
 
     parts = value.split("/")
     repo_id, config = "/".join(parts[:2]), parts[2] if len(parts) == 3 else None
-    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        root = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=HUB_DATA_FILES,
-                                      local_files_only=offline))
-    except LocalEntryNotFoundError:
-        return None  # (not in the cache: "does not exist", as any path)
-    except RepositoryNotFoundError:
-        return None
+        root = hub_snapshot(repo_id, HUB_DATA_FILES, "dataset")
+    except (LocalEntryNotFoundError, RepositoryNotFoundError):
+        return None  # (not in the cache, nor on the hub: "does not exist", as any path)
     except (HfHubHTTPError, OSError) as e:
         raise DataError(f"{value}: cannot download the dataset from the hub ({type(e).__name__}: {e})") from None
     if config is not None:

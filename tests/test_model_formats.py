@@ -329,7 +329,7 @@ def test_a_hub_id_online_downloads_what_a_model_is_read_from(tiny_bert, tmp_path
 
     calls = []
 
-    def download(repo_id, allow_patterns=None, local_files_only=False):
+    def download(repo_id, repo_type=None, allow_patterns=None, local_files_only=False):
         calls.append((repo_id, allow_patterns, local_files_only))
         if repo_id == "someone/missing":
             url = "https://huggingface.co/api/models/someone/missing"

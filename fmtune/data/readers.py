@@ -148,7 +148,6 @@ def unpacked(path: str | Path) -> Path | None:
     unpacked again) and read from there; None for anything else (a tar archive, 7z, zstd ...: an error asks to
     unpack it). Tables read from it name the compressed file as their source, so relative image and audio paths
     are read beside it."""
-    import hashlib
     import shutil
     import zipfile
 
@@ -174,32 +173,26 @@ def unpacked(path: str | Path) -> Path | None:
     except zipfile.BadZipFile as e:
         raise DataError(f"{p}: not a readable zip archive ({e})") from None
     from fmtune import ui
-    from fmtune.fsutil import cache_dir
+    from fmtune.fsutil import atomic_file, cache_dir, files_digest
 
-    st = p.stat()
-    key = hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "unpacked" / f"{p.name}-{key}" / inner
+    def unpack(tmp: Path) -> None:
+        if member is not None:
+            with zipfile.ZipFile(p) as z, z.open(member) as src, tmp.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        else:
+            import importlib
+
+            with importlib.import_module(STREAMS[suffix]).open(p, "rb") as src, tmp.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+    target = cache_dir() / "unpacked" / f"{p.name}-{files_digest([p])}" / inner
     if not target.is_file():
         ui.console.print(f"  unpacking {p} once into {target.parent}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{inner}.tmp-{os.getpid()}")  # (ranks of a distributed run may both write it)
         try:
-            if member is not None:
-                with zipfile.ZipFile(p) as z, z.open(member) as src, tmp.open("wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            else:
-                import importlib
-
-                with importlib.import_module(STREAMS[suffix]).open(p, "rb") as src, tmp.open("wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+            atomic_file(target, unpack)
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-            tmp.unlink(missing_ok=True)
             raise DataError(f"{p}: cannot unpack it, the file is damaged or not {suffix[1:]} data "
                             f"({type(e).__name__}: {e})") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(target)
     _UNPACKED[str(target)] = p
     return target
 
@@ -1542,27 +1535,20 @@ def _unlabelled_split(split: Path, train: Path) -> str | None:
 def _shards(folder: Path, key: str, files: list[Path]) -> Path:
     """The Parquet shards of one split (train-00000-of-00002.parquet ...) as one Parquet file of their rows and
     metadata (class names), written once into the cache; a DataError for several files of another kind."""
-    import hashlib
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not all(f.suffix.lower() in (".parquet", ".pq") and SHARD.search(f.stem) for f in files):
         raise DataError(f"{folder}: {len(files)} files hold its {key} split ({', '.join(f.name for f in files[:4])}); "
                         "give the one to read (--data / --val / --test)")
-    from fmtune.fsutil import cache_dir
+    from fmtune.fsutil import atomic_file, cache_dir, files_digest
 
-    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    target = cache_dir() / "datasets" / f"{folder.name}-{key}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}.parquet"
+    target = cache_dir() / "datasets" / f"{folder.name}-{key}-{files_digest(files)}.parquet"
     if target.is_file():
         return target
     tables = [pq.read_table(f) for f in files]
     table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(tables[0].schema.metadata)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    tmp.replace(target)
-    return target
+    return atomic_file(target, lambda tmp: pq.write_table(table, tmp))
 
 
 def held_out_test(path: Path) -> Path | None:
@@ -1576,7 +1562,6 @@ def saved_dataset(path: str | Path) -> Path | None:
     its train split) as a Parquet file of the same rows and features (class names, embedded images and audio),
     written once into the feature cache's ``datasets`` folder and read as any Hugging Face Parquet file is; None
     for any other path."""
-    import hashlib
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -1597,10 +1582,9 @@ def saved_dataset(path: str | Path) -> Path | None:
     missing = [f.name for f in files if not f.is_file()]
     if missing or not files:
         raise DataError(f"{folder}: the dataset's Arrow files are missing ({', '.join(missing) or 'none listed'})")
-    from fmtune.fsutil import cache_dir
+    from fmtune.fsutil import atomic_file, cache_dir, files_digest
 
-    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    target = cache_dir() / "datasets" / f"{folder.name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}.parquet"
+    target = cache_dir() / "datasets" / f"{folder.name}-{files_digest(files)}.parquet"
     if target.is_file():
         return target
     tables = []
@@ -1618,11 +1602,7 @@ def saved_dataset(path: str | Path) -> Path | None:
     if features:
         meta = {**(table.schema.metadata or {}), b"huggingface": json.dumps({"info": {"features": features}}).encode()}
         table = table.replace_schema_metadata(meta)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")  # (ranks of a distributed run may both write it)
-    pq.write_table(table, tmp)
-    tmp.replace(target)
-    return target
+    return atomic_file(target, lambda tmp: pq.write_table(table, tmp))  # (ranks of a distributed run may both)
 
 
 def hf_features(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fmtune.errors import ModelError, brief
 from fmtune.models import resnet_files
@@ -69,11 +70,15 @@ def models_dir() -> Path:
     return Path(os.environ.get("FMTUNE_MODELS_DIR", Path.home() / ".cache" / "fmtune" / "models"))
 
 
+def _is_converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def _converted(name: str, what: str, write: Callable[[Path], None]) -> Path:
     """``models_dir() / name``: a plain transformers folder written once by ``write`` (atomically:
     an interrupted conversion leaves nothing half-written), then reused."""
     target = models_dir() / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _is_converted(target):
         return target
     from fmtune import ui
     from fmtune.fsutil import atomic_dir
@@ -246,11 +251,8 @@ def _local_format(p: Path) -> Path | None:
     if p.is_file() and p.suffix.lower() == ".gguf":
         return _gguf(p)
     if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES:
-        state = resnet_files.read_state(p)
-        if not resnet_files.is_resnet(state):
-            return None  # (resolve: another architecture's file, or an error naming what it holds)
-        return _converted(_cache_name(p, p.stem), f"the ResNet weights {p}",
-                          lambda tmp: resnet_files.write_folder(state, tmp, str(p)))
+        family, folder = _weights_file(p)
+        return folder if family == "hf" else None
     if not p.is_dir():
         return None
     ggufs = sorted(p.glob("*.gguf"))
@@ -283,13 +285,26 @@ def _local_format(p: Path) -> Path | None:
     return None
 
 
-def _weights_family(file: Path) -> str:
-    """The CNN family whose backbone a weights file that is not a ResNet's holds (torchvision's MobileNetV2:
-    ``features.N`` and ``classifier.1``; efficientnet_lite_pytorch's EfficientNet-Lite0: ``_conv_stem`` ... ``_fc``),
-    its ImageNet classifier aside, or a ModelError naming what it holds."""
+def _weights_file(p: Path) -> tuple[str, Path]:
+    """(family, path) of a file of weights alone (a state dict): a torchvision / timm ResNet's ("hf", the transformers
+    folder it is converted into once: the file is not read again once it is there), another's (the CNN family whose
+    backbone it is: ``_weights_family``, the file)."""
+    name = _cache_name(p, p.stem)
+    if _is_converted(models_dir() / name):
+        return "hf", models_dir() / name
+    state = resnet_files.read_state(p)
+    if resnet_files.is_resnet(state):
+        return "hf", _converted(name, f"the ResNet weights {p}", lambda tmp: resnet_files.write_folder(state, tmp,
+                                                                                                        str(p)))
+    return _weights_family(p, state), p
+
+
+def _weights_family(file: Path, state: dict[str, Any]) -> str:
+    """The CNN family whose backbone the weights ``state`` of ``file`` (not a ResNet's) are (torchvision's
+    MobileNetV2: ``features.N`` and ``classifier.1``; efficientnet_lite_pytorch's EfficientNet-Lite0: ``_conv_stem``
+    ... ``_fc``), its ImageNet classifier aside, or a ModelError naming what it holds."""
     from fmtune.models import cnn
 
-    state = resnet_files.read_state(file)
     families = {"mobilenet-v2": (cnn.MobileNetV2, "classifier."),
                 "efficientnet-lite0": (lambda: cnn.EfficientNetLite("efficientnet-lite0").net, "_fc.")}
     for family, (make, classifier) in families.items():
@@ -338,11 +353,11 @@ def resolve(name: str) -> tuple[str, Path | str]:
         return entry.family, entry.path()
     p = Path(name).expanduser()
     if p.exists():
+        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES:
+            return _weights_file(p)
         converted = _local_format(p)
         if converted is not None:
             return "hf", converted
-        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES:
-            return _weights_family(p), p
         if not p.is_dir() or not (p / "config.json").is_file():
             raise ModelError(f"model path {p} is not a Hugging Face model folder (no config.json in it), a GGUF "
                              "file or a CTranslate2 Whisper folder; give a folder saved with save_pretrained, or "
@@ -368,23 +383,16 @@ def hub_folder(repo_id: str) -> Path:
     reached (the files a model is read from, not its other formats: ONNX, TF, Flax, GGUF), else (HF_HUB_OFFLINE=1,
     or no network) as the cache holds it, so a model fetched once works offline by its id; a ModelError naming the
     id and the cache where it cannot be had."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    from fmtune.fsutil import hub_offline, hub_snapshot
+
+    offline = hub_offline()
     try:
-        try:
-            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
-            if not offline and not any(folder.rglob("*.safetensors")):
-                folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + HUB_BIN_FILES))
-        except IncompleteSnapshotError as e:  # (the cache holds what an earlier download fetched: read that)
-            folder = Path(e.snapshot_path)
+        folder = hub_snapshot(repo_id, HUB_FILES)
+        if not offline and not any(folder.rglob("*.safetensors")):
+            folder = hub_snapshot(repo_id, HUB_FILES + HUB_BIN_FILES)
     except LocalEntryNotFoundError:
         how = "HF_HUB_OFFLINE=1" if offline else "the hub cannot be reached"
         raise ModelError(f"model {repo_id!r} is not a zoo model or folder, nor in the Hugging Face cache "
