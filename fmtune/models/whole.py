@@ -115,8 +115,8 @@ def _timm_resnet(config: Any) -> Any:
 
 
 def _load_timm_resnet(model: nn.Module, path: Any) -> None:
-    """The pretrained weights of the timm ResNet in the checkpoint at ``path`` (a folder or a hub id; its backbone
-    under ``...conv_encoder.model.``) into ``model``'s transformers ResNet, every one of them: a ModelError naming
+    """The pretrained weights of the timm ResNet in the checkpoint in the folder ``path`` (its backbone under
+    ``...conv_encoder.model.``) into ``model``'s transformers ResNet, every one of them: a ModelError naming
     what is missing or left over otherwise."""
     from transformers.models.resnet.modeling_resnet import ResNetBackbone
 
@@ -139,30 +139,23 @@ def _load_timm_resnet(model: nn.Module, path: Any) -> None:
                          "install timm) to load it as transformers does")
 
 
-def _checkpoint(path: Any, part: str) -> dict[str, torch.Tensor]:
-    """The tensors of the transformers checkpoint at ``path`` (a folder or a hub id: model.safetensors, sharded or
-    not, else pytorch_model.bin read with weights_only) whose names hold ``part``."""
+def _checkpoint(folder: Any, part: str) -> dict[str, torch.Tensor]:
+    """The tensors of the transformers checkpoint in ``folder`` (a hub id is one too: ``zoo.models.resolve`` gives
+    its cache folder) whose names hold ``part``: model.safetensors, sharded or not, else pytorch_model.bin read with
+    weights_only."""
     from safetensors import safe_open
-    from transformers.utils import cached_file
 
-    def file(name: str) -> str | None:
-        local = Path(str(path)) / name
-        if local.is_file():
-            return str(local)
-        if Path(str(path)).is_dir():
-            return None
-        return cached_file(str(path), name, _raise_exceptions_for_missing_entries=False)
-
+    folder = Path(folder)
     names = ["model.safetensors"]
-    if (index := file("model.safetensors.index.json")) is not None:
-        names = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+    if (folder / "model.safetensors.index.json").is_file():
+        names = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
     out: dict[str, torch.Tensor] = {}
     for name in names:
-        if (found := file(name)) is not None:
-            with safe_open(found, framework="pt") as f:
+        if (folder / name).is_file():
+            with safe_open(str(folder / name), framework="pt") as f:
                 out.update({k: f.get_tensor(k) for k in f.keys() if part in k})
-    if not out and (found := file("pytorch_model.bin")) is not None:
-        state = torch.load(found, map_location="cpu", weights_only=True)
+    if not out and (folder / "pytorch_model.bin").is_file():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         out = {k: v for k, v in state.items() if part in k}
     return out
 
