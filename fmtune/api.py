@@ -1040,7 +1040,7 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target is not None else None
     media = pred.kind if pred.kind in ("audio", "text") else "image"  # what a folder (or a lone file) is read for
     enc, text = pred.config.data.encoding, pred.config.data.text_column
-    source = (unpacked(inputs) if inputs.is_file() else None) or inputs  # (train.csv.gz: the table inside)
+    source = unpacked(inputs) or inputs  # (train.csv.gz: the table inside)
     if source.is_file() and (source.suffix.lower() in CONLL_PREDICT_SUFFIXES or (
             pred.task.accepts_word_lists and is_word_table(source, enc))):  # (sentences of a word a line / row)
         chunks, total = sentence_chunks(source, enc, chunk_rows, text), None  # (sentences: not counted up front)

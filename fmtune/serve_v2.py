@@ -259,8 +259,7 @@ def request_rows(data: dict[str, Any], tail: bytes, texts: bool) -> list[Any]:
         if math.prod(shape[1:]) != 1:
             raise HTTPError(422, f"{where} ({t['name']}): shape {shape} holds several values a row; send one a row "
                                  "([rows] or [rows, 1])")
-        params = t.get("parameters") if isinstance(t.get("parameters"), dict) else {}
-        size = params.get("binary_data_size")
+        size = _parameters(t).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(tail):
                 raise HTTPError(422, f"{where} ({t['name']}): binary_data_size {size!r} is past the binary data sent")
@@ -312,11 +311,16 @@ def output_tensors(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _parameters(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object's ``parameters`` (the protocol's options of a request, an input or an output); {} where none."""
+    value = obj.get("parameters")
+    return value if isinstance(value, dict) else {}
+
+
 def requested(data: dict[str, Any], outputs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
     """The outputs a request asks for (all where it names none), each marked for binary where it asks so (its
     ``parameters.binary_data``, or the request's ``binary_data_output``); and whether any is."""
-    params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
-    default = bool(params.get("binary_data_output", False))
+    default = bool(_parameters(data).get("binary_data_output", False))
     asked = data.get("outputs")
     if asked is None:
         chosen = [(o, default) for o in outputs]
@@ -328,8 +332,7 @@ def requested(data: dict[str, Any], outputs: list[dict[str, Any]]) -> tuple[list
         unknown = [a["name"] for a in asked if a["name"] not in by_name]
         if unknown:
             raise HTTPError(400, f"output {unknown[0]!r} is not one of this model's: {', '.join(by_name)}")
-        chosen = [(by_name[a["name"]], bool(((a.get("parameters") or {}) if isinstance(a.get("parameters"), dict)
-                                            else {}).get("binary_data", default))) for a in asked]
+        chosen = [(by_name[a["name"]], bool(_parameters(a).get("binary_data", default))) for a in asked]
     return [dict(o, binary=b) for o, b in chosen], any(b for _, b in chosen)
 
 
