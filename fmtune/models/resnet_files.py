@@ -115,7 +115,7 @@ def write_folder(state: dict[str, torch.Tensor], folder: Path, where: str, mean:
         mapped.update({"classifier.1.weight": state["fc.weight"], "classifier.1.bias": state["fc.bias"]})
     own = model.state_dict()
     missing = sorted(k for k in own if k not in mapped and not k.endswith("num_batches_tracked"))
-    left = sorted(k for k, v in state.items() if hf_name(k) is None and not k.startswith("fc.")
+    left = sorted(k for k in state if hf_name(k) is None and not k.startswith("fc.")
                   and not k.endswith("num_batches_tracked"))
     wrong = sorted(k for k, v in mapped.items() if k in own and own[k].shape != v.shape)
     if missing or left or wrong:

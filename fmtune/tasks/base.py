@@ -178,7 +178,7 @@ class Task:
                  df.attrs.get("source", "the data"), data_cfg.max_bad_fraction, "rows have no label",
                  "row(s) without a label", "; fill or drop those rows (unlabelled rows to learn from: "
                  "fmtune train --unlabeled FILE)")
-        out = df.drop(index=df.index[bad])
+        out = df.iloc[np.setdiff1d(np.arange(len(df)), bad)]  # (by position: an index label may repeat)
         out.attrs = dict(df.attrs)
         return out
 
