@@ -20,7 +20,8 @@ MODEL_HELP = ("zoo name (fmtune models), a local Hugging Face model folder, a hu
               "(.pth / .safetensors) or timm folder, or a torchvision MobileNetV2's; GGUF, CTranslate2 and the "
               "ResNets are converted once into ~/.cache/fmtune/models (FMTUNE_MODELS_DIR). Detection and "
               "segmentation put their head on an image backbone, or fine-tune a whole detector (RT-DETR, D-FINE, "
-              "DETR, YOLOS ...) or segmenter with its decode head (SegFormer, UperNet ...) as it is")
+              "DETR, YOLOS ...) or segmenter with its decode head (SegFormer, UperNet, Mask2Former, MaskFormer ...) "
+              "as it is")
 
 
 def _config_epilog() -> str:

@@ -7,7 +7,7 @@
   weights, loadable without peft;
 - ``onnx`` / ``onnx-int8``: ``model.onnx`` (dynamic batch and sequence axes; int8: dynamic
   quantisation by onnxruntime) with ``preprocessing.json`` and the tokenizer (a whole RT-DETR-like
-  detector: one image per run, ``onnx_export._export_set_detector``); a decoder-only generation run:
+  detector: one image per run, ``onnx_export._export_set_model``); a decoder-only generation run:
   ``prefill.onnx`` and ``decode.onnx`` (``onnx_export.export_generation``), checked on greedy answers.
 
 Every export is loaded back and compared with the run's model on real rows of the run's data;
@@ -32,6 +32,7 @@ from fmtune.errors import ConfigError, DataError, ModelError, RunDirError
 from fmtune.fairness import THRESHOLDS_FILE, read_thresholds
 from fmtune.fsutil import atomic_dir, folder_digest, read_json
 from fmtune.models import build
+from fmtune.models.whole import DETECTOR
 from fmtune.onnx_export import MODEL_FILE, OnnxModel, export_onnx, quantize_int8, write_preprocessing
 from fmtune.run import open_run
 from fmtune.training.infer import infer
@@ -174,7 +175,7 @@ def export(run: str | Path, out: str | Path | None = None, *, format: str = "hf"
         elif not diff <= tolerance:
             why = (" (this detector picks its queries by a top-k of scores: where they tie to float precision, as a "
                    "barely trained detector's can, onnxruntime may pick other locations)"
-                   if getattr(adapters.base_model(bundle.model), "set_prediction", False) else "")
+                   if getattr(adapters.base_model(bundle.model), "kind", None) == DETECTOR else "")
             raise ModelError(f"export check failed: the exported model's outputs differ from the run's by {diff:.3g} "
                              f"(> {tolerance:g}) on {len(ds)} rows of the run's data{why}; nothing was written")
         (tmp / "export.json").write_text(json.dumps(result, indent=2))

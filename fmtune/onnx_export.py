@@ -95,11 +95,11 @@ def _quiet_exporter():
 def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], path: Path,
                 audio: dict[str, Any] | None = None) -> int | None:
     """Export a plain (adapter-free) task model to ``path`` with dynamic batch (and sequence) axes. Returns the
-    graph's fixed batch size where it has one (``_export_set_detector``), else None."""
+    graph's fixed batch size where it has one (``_export_set_model``), else None."""
     from fmtune.data.audio import STACKED
 
     if getattr(model, "set_prediction", False):
-        return _export_set_detector(model, sample["pixel_values"], path)
+        return _export_set_model(model, sample["pixel_values"], path)
     names = input_names(kind, audio, "token_type_ids" in sample)
     args = tuple(sample[n] for n in names)
     batch = torch.export.Dim("batch", min=1)
@@ -130,16 +130,17 @@ def export_onnx(model: nn.Module, kind: str, sample: dict[str, torch.Tensor], pa
     return None
 
 
-def _export_set_detector(model: nn.Module, pixels: torch.Tensor, path: Path) -> int | None:
+def _export_set_model(model: nn.Module, pixels: torch.Tensor, path: Path) -> int | None:
     """A whole transformers detector (``fmtune.models.whole.SetDetector``: its queries' class logits and boxes, the
-    layout fmtune's detection task decodes) through transformers' own ONNX exporter, whose graph rewrites make
+    layout fmtune's detection task decodes) or mask classifier (``MaskSegmenter``: its semantic map; Mask2Former's
+    deformable attention too) through transformers' own ONNX exporter, whose graph rewrites make
     RT-DETRv2 and D-FINE exportable (torch.onnx alone has no lowering for their finite-value checks). With a dynamic
     batch where the model allows it (DETR, Conditional DETR, YOLOS); RT-DETR and its successors take the batch size
     with ``len()`` of a tensor, which fixes it in any torch.export graph: these are exported for one image at a time
     (returns 1; ``OnnxModel`` runs a batch image by image)."""
     import onnx_ir
 
-    exporters = _transformers_exporter("a whole detector")
+    exporters = _transformers_exporter(f"a whole {model.kind}")
     OnnxConfig, OnnxExporter = exporters.OnnxConfig, exporters.OnnxExporter  # noqa: N806
 
     wrapper = _ImageLogits(model).eval()

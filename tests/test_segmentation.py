@@ -17,7 +17,7 @@ from PIL import Image
 from fmtune import api
 from fmtune.config import DataConfig
 from fmtune.data.masks import IGNORE, augment, read_segmentation
-from fmtune.errors import ConfigError, DataError
+from fmtune.errors import ConfigError, DataError, ModelError
 from fmtune.tasks.segmentation import Segmentation, confusion, decode_mask_png, scores
 
 COLOURS = np.array([[20, 20, 20], [230, 40, 40], [40, 200, 60], [60, 80, 230]], np.uint8)
@@ -718,6 +718,8 @@ def save_whole_segmenter(folder: Path, model_type: str) -> Path:
     )
 
     torch.manual_seed(0)
+    if model_type in ("mask2former", "maskformer"):
+        return save_mask_classifier(folder, model_type)
     if model_type == "segformer":
         model = SegformerForSemanticSegmentation(SegformerConfig(
             num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
@@ -731,6 +733,42 @@ def save_whole_segmenter(folder: Path, model_type: str) -> Path:
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
          "size": {"height": 512, "width": 512}}))
+    return folder
+
+
+def save_mask_classifier(folder: Path, model_type: str) -> Path:
+    """A random Mask2Former (a Swin backbone, its deformable pixel decoder) or MaskFormer (a ResNet backbone) of 150
+    ADE20K-like classes, with its processor settings as the hub's semantic checkpoints give them."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        MaskFormerConfig,
+        MaskFormerForInstanceSegmentation,
+        ResNetConfig,
+        SwinConfig,
+    )
+
+    torch.manual_seed(0)
+    if model_type == "mask2former":
+        swin = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, image_size=64,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+        model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
+            backbone_config=swin, num_labels=150, hidden_dim=32, mask_feature_size=32, encoder_feedforward_dim=64,
+            dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_queries=12, num_attention_heads=2,
+            train_num_points=1024))
+    else:
+        resnet = ResNetConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], embedding_size=8,
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+        model = MaskFormerForInstanceSegmentation(MaskFormerConfig(
+            backbone_config=resnet, num_labels=150, fpn_feature_size=32, mask_feature_size=32, num_queries=12,
+            decoder_config={"model_type": "detr", "d_model": 32, "encoder_layers": 1, "decoder_layers": 2,
+                            "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                            "decoder_ffn_dim": 64, "num_queries": 12}))
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+         "ignore_index": 255, "size": {"shortest_edge": 384}, "size_divisor": 32,
+         "image_processor_type": "Mask2FormerImageProcessor"}))
     return folder
 
 
@@ -818,3 +856,87 @@ def test_a_whole_segmenter_trains_an_adapter(scenes, tmp_path):
     backbone = {k for k in changed if k.startswith("backbone.")}
     assert backbone and all(k.endswith("bias") for k in backbone)
     assert any(k.startswith("decode_head.") and k.endswith("weight") for k in changed)
+
+
+@pytest.mark.parametrize("model_type", ["mask2former", "maskformer"])
+def test_a_mask_classifier_is_fine_tuned_for_semantic_segmentation(model_type, scenes, tmp_path):
+    """A Mask2Former or MaskFormer checkpoint (facebook/mask2former-swin-tiny-ade-semantic ...) was refused as "a
+    whole model". Now it is fine-tuned with its own loss (its queries matched to each image's class masks): a new
+    class head for the run's classes, the rest pretrained; it learns the scenes; its semantic map is transformers'
+    own post-processing's; the run's folder is a plain transformers model; ONNX agrees; strategy head keeps the
+    backbone as it was and trains the decoders."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForUniversalSegmentation
+
+    from fmtune.predictor import Predictor
+
+    source = save_whole_segmenter(tmp_path / model_type, model_type)
+    out = tmp_path / "run"
+    cfg = seg_cfg(source, scenes, out, epochs=6, lr=2e-4, head_lr=2e-3)  # (random weights: above the recipe's)
+    cfg["model"]["image_size"] = 64  # (at 32 MaskFormer's coarsest map is 1 x 1: its group norm needs 2 values)
+    api.train(cfg, quiet=True, report=False)
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if r["type"] == "train"]
+    assert losses[-1] < 0.8 * losses[0], losses  # its own loss (class, mask and dice terms) falls
+    ev = json.loads((out / "eval.json").read_text())
+    if model_type == "mask2former":  # (MaskFormer, its decoder a DETR's, learns slower: its loss falls)
+        assert ev["test"]["miou"] > 0.3, ev["test"]  # above all-background (0.2)
+    before, after = load_file(str(source / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert before["class_predictor.weight"].shape[0] == 151 and after["class_predictor.weight"].shape[0] == 5
+    hf = AutoModelForUniversalSegmentation.from_pretrained(out / "model").eval()
+    assert hf.config.num_labels == 4 and hf.config.id2label[1] == "1"
+
+    img = sorted((scenes["test"] / "images").iterdir())[0]
+    pred = Predictor(out)
+    first = pred.predict(str(img))
+    mask = decode_mask_png(first["mask_png"])
+    assert mask.shape == Image.open(img).size[::-1]
+    # transformers' own semantic post-processing of the saved model, on the pixels fmtune gives it, agrees
+    ds = pred.task.inputs([pred.task.image_input(str(img), pred.bundle)], pred.bundle)
+    pixels = ds.collate([0])["pixel_values"]
+    with torch.no_grad():
+        theirs = hf_semantic_map(hf, pixels, mask.shape)
+    # (but at the edges of regions: transformers resizes each query's mask before summing them, fmtune the sum; at
+    # this test's 16 x 16 maps that is a few percent of the pixels)
+    assert (theirs == torch.from_numpy(mask.astype(np.int64))).float().mean() > 0.95
+
+    from fmtune.exporter import export
+
+    assert export(out, format="onnx", quiet=True)["max_abs_diff"] < 1e-3
+    from fmtune.explain import explain
+    from fmtune.models.whole import gradcam_layer
+
+    # Grad-CAM in its backbone: a ResNet's stage; a Swin's patch embedding (not its window position bias, 4-d too)
+    layer = type(gradcam_layer(pred.model, 64)).__name__
+    assert layer == {"mask2former": "Conv2d", "maskformer": "ResNetStage"}[model_type], layer
+    assert len(explain(out, [str(img)], quiet=True)["items"]) == 1
+
+    head = tmp_path / "head"
+    cfg = seg_cfg(source, scenes, head, epochs=1)
+    cfg["strategy"] = {"name": "head"}
+    api.train(cfg, quiet=True, report=False)
+    frozen = load_file(str(head / "model" / "model.safetensors"))
+    stem = [k for k in before if ".pixel_level_module.encoder." in f".{k}"]
+    assert stem and all(torch.equal(before[k], frozen[k]) for k in stem)
+    decoder = [k for k in before if "pixel_level_module.decoder." in k or "transformer_module." in k]
+    assert decoder and any(not torch.equal(before[k], frozen[k]) for k in decoder)
+
+
+def hf_semantic_map(model, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """transformers' semantic post-processing of ``model`` on ``pixels`` at the image's ``size``."""
+    from transformers import Mask2FormerImageProcessor
+
+    out = model(pixel_values=pixels)
+    return Mask2FormerImageProcessor().post_process_semantic_segmentation(out, target_sizes=[size])[0]
+
+
+def test_a_mask_classifier_fmtune_does_not_fine_tune_is_named(scenes, tmp_path):
+    """EoMT (a ViT whose last blocks read the queries: no backbone config) was taken for an image backbone and failed
+    inside transformers; now it is named as a whole model, with what fmtune fine-tunes."""
+    from transformers import EomtConfig, EomtForUniversalSegmentation
+
+    EomtForUniversalSegmentation(EomtConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, image_size=64, patch_size=16, num_queries=4,
+                                            num_blocks=1, num_labels=3)).save_pretrained(tmp_path / "eomt")
+    with pytest.raises(ModelError, match="whole eomt model.*Mask2Former"):
+        api.train(seg_cfg(tmp_path / "eomt", scenes, tmp_path / "run"), quiet=True, report=False)

@@ -335,10 +335,10 @@ def _dense_net(family: str, path: Path | str, init: str, image_size: int | None,
 def _create_dense(model_cfg: Any, task: Any) -> Bundle:
     family, path = resolve(model_cfg.name)
     kind = whole.kind_of(_config_at(path).to_dict(), task.dense_head) if family == "hf" else None
-    if kind is not None:  # a whole detector or segmenter (RT-DETR, UperNet ...): fine-tuned as it is, a new classifier
+    if kind is not None:  # a whole detector or segmenter (RT-DETR, UperNet, Mask2Former ...): a new classifier
         model = whole.create(path, task.labels, model_cfg.init == "pretrained", kind)
         image = _image_spec(path, model.net.config, model_cfg.image_size)
-        if kind == whole.DETECTOR:  # (its batches carry the boxes to it: it computes its own loss)
+        if model.set_prediction:  # (its batches carry the boxes or masks to it: it computes its own loss)
             image["set_prediction"] = True
         return Bundle(model, "image", family, "none", image=image, source=str(model_cfg.name))
     net, image = _dense_net(family, path, model_cfg.init, model_cfg.image_size, task.name)

@@ -201,12 +201,19 @@ def hf_net(config: Any, path: str | None) -> nn.Module:
 def check_whole_model(config: Any, where: str, task: str) -> None:
     """A ModelError for a whole detector or segmenter (DETR, RT-DETR, UperNet, Mask2Former ...: an image backbone
     inside an architecture of its own), given where an image backbone is wanted."""
-    if getattr(config, "backbone_config", None) is not None or getattr(config, "use_timm_backbone", False):
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_INSTANCE_SEGMENTATION_MAPPING_NAMES,
+        MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES,
+    )
+
+    segmenter = config.model_type in {**MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES,
+                                      **MODEL_FOR_INSTANCE_SEGMENTATION_MAPPING_NAMES}  # (EoMT has no backbone config)
+    if getattr(config, "backbone_config", None) is not None or getattr(config, "use_timm_backbone", False) or segmenter:
         raise ModelError(f"{where} is a whole {config.model_type} model (an image backbone inside an architecture "
                          f"of its own); fmtune trains its own {task} head on an image backbone: give the folder of an "
                          "image model (a ResNet, ConvNeXt, Swin or ViT) instead (detection also fine-tunes a whole "
                          "object detector: RT-DETR, D-FINE, DETR, YOLOS ...; segmentation a whole semantic segmenter: "
-                         "SegFormer, UperNet, DPT ...)")
+                         "SegFormer, UperNet, DPT, Mask2Former, MaskFormer ...)")
 
 
 def check_hf(config: Any, where: str, task: str = "segmentation") -> None:

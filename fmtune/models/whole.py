@@ -3,7 +3,8 @@
 ``AutoModelForObjectDetection`` loads: RT-DETR, RT-DETRv2, D-FINE, DETR, Conditional DETR, YOLOS ...)
 or a semantic segmenter with its decode head (``AutoModelForSemanticSegmentation``: SegFormer,
 UperNet, DPT, BEiT, MobileViT-DeepLabV3 ... fine-tuned checkpoints; a backbone-only folder such as
-SegFormer's mit-b0 keeps fmtune's decoder).
+SegFormer's mit-b0 keeps fmtune's decoder), or a mask classifier (Mask2Former, MaskFormer: a class and a
+mask per query, ``AutoModelForUniversalSegmentation``) for semantic segmentation.
 
 Either keeps everything it was pretrained with but its classifier, made anew for the run's classes
 (``ignore_mismatched_sizes``, as transformers' own fine-tuning guides do). A DETR-family checkpoint
@@ -19,6 +20,13 @@ query the K class logits (a softmax detector's probabilities as logits of their 
 and a stride of 0; and one channel more, the detector's loss for the batch (each query holding
 its share), which the task's loss sums (``Detection.loss``): transformers computes the loss from
 outputs a per-location tensor cannot hold.
+
+A mask classifier (``MaskSegmenter``) is trained with its own loss too (queries matched to the image's class
+masks; class, mask and dice terms; its auxiliary losses): its batches carry the masks to it, as a detector's carry
+the boxes. Its output is the semantic map transformers' ``post_process_semantic_segmentation`` makes (each class's
+probability summed over the queries, weighted by their masks), as log-scores the segmentation task reads as it
+reads a decoder's logits, and, where the batch gave masks, one channel more holding the batch's loss
+(``Segmentation.loss`` reads it).
 """
 
 from __future__ import annotations
@@ -35,11 +43,16 @@ from fmtune.errors import ModelError
 from fmtune.tasks.detection import SET_EXTRA  # noqa: F401  (pack's layout: the task reads it)
 
 CERTAIN = 20.0  # the centre-ness logit of every query (sigmoid: 1)
-DETECTOR, SEGMENTER = "detector", "segmenter"  # (fmtune.json's dense head of a saved run)
+DETECTOR, SEGMENTER, MASKS = "detector", "segmenter", "mask-segmenter"  # (fmtune.json's dense head of a saved run)
+# mask classifiers fine-tuned for semantic segmentation (their forward takes mask_labels and class_labels). Not
+# OneFormer (it also reads a task prompt) nor EoMT (its ViT and its queries' blocks are one stack: no backbone to
+# freeze or adapt apart from the head)
+MASK_TYPES = ("mask2former", "maskformer")
 # learning rates unless set (backbone, the rest), from the models' own fine-tuning recipes, not measured here (no
 # detector or segmenter weights ship offline): RT-DETR and DETR train with AdamW at 1e-4, their backbone at 1e-5;
 # SegFormer at 6e-5, its decode head at ten times that
-LRS = {DETECTOR: (1e-5, 1e-4), SEGMENTER: (6e-5, 6e-4)}
+# Mask2Former and MaskFormer: AdamW at 1e-4, the backbone at a tenth of it
+LRS = {DETECTOR: (1e-5, 1e-4), SEGMENTER: (6e-5, 6e-4), MASKS: (1e-5, 1e-4)}
 
 
 def kind_of(values: dict[str, Any], dense_head: str) -> str | None:
@@ -57,13 +70,20 @@ def kind_of(values: dict[str, Any], dense_head: str) -> str | None:
         str(a).endswith("ForSemanticSegmentation") for a in values.get("architectures") or [])
     if dense_head == "lraspp" and model_type in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES and has_head:
         return SEGMENTER
+    if dense_head == "lraspp" and model_type in MASK_TYPES:
+        return MASKS
     return None
 
 
 def _auto(kind: str) -> Any:
-    from transformers import AutoModelForObjectDetection, AutoModelForSemanticSegmentation
+    from transformers import (
+        AutoModelForObjectDetection,
+        AutoModelForSemanticSegmentation,
+        AutoModelForUniversalSegmentation,
+    )
 
-    return AutoModelForObjectDetection if kind == DETECTOR else AutoModelForSemanticSegmentation
+    return {DETECTOR: AutoModelForObjectDetection, SEGMENTER: AutoModelForSemanticSegmentation,
+            MASKS: AutoModelForUniversalSegmentation}[kind]
 
 
 def create(path: Any, labels: list[str], pretrained: bool, kind: str) -> WholeModel:
@@ -224,6 +244,7 @@ class WholeModel(nn.Module):
     peft would take it for a transformers model and look for one's attributes; ``net.config`` is the model's.)"""
 
     level = "dense"
+    set_prediction = False  # (its batches carry the targets to it: it computes its own loss)
     whole = True  # (no feature cache; an adapter's head is all but the backbone; Grad-CAM at ``gradcam_layer``)
     kind = ""
 
@@ -241,29 +262,35 @@ class WholeModel(nn.Module):
 
     @property
     def head(self) -> nn.ModuleList:
-        """Everything but the backbone: a detector's transformer, queries and class and box heads; a segmenter's
-        decode head."""
-        backbone, net = self.backbone, self.net
-        base = net.base_model
-        parts = [m for m in base.children() if m is not backbone] if base is not backbone else []
-        if base is not net:
-            parts += [m for m in net.children() if m is not base and m is not backbone]
-        return nn.ModuleList(parts)
+        """Everything with weights but the backbone: a detector's transformer, queries and class and box heads; a
+        segmenter's decode head; a mask classifier's pixel decoder, transformer decoder and class head."""
+        backbone = self.backbone
+
+        def others(module: nn.Module) -> list[nn.Module]:  # its parts beside the backbone, those holding it opened
+            out = []
+            for m in module.children():
+                if m is backbone or not any(True for _ in m.parameters()):  # (a loss's class weights: no weights)
+                    continue
+                out += others(m) if any(x is backbone for x in m.modules()) else [m]
+            return out
+
+        return nn.ModuleList(others(self.net))
 
 
 def gradcam_layer(model: WholeModel, size: int) -> nn.Module:
     """The backbone's module whose output is its feature map nearest stride 16 (``fmtune.explain_dense`` reads
     Grad-CAM there, as on fmtune's own backbones): of the modules giving a 4-d map at that stride, the last to run,
-    a block rather than a single layer where there is one (a ResNet's, ConvNeXt's or SegFormer's stage; a ViT's
-    patch embedding, the only map its token encoder gives)."""
+    a block rather than a single layer where there is one (a ResNet's, ConvNeXt's or SegFormer's stage; a ViT's or
+    a Swin's patch embedding, the only map its token encoder gives)."""
     runs: list[tuple[nn.Module, int]] = []
 
-    def seen(module: nn.Module, _: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor) and out.dim() == 4:
+    def seen(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        reads = any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values()))  # (not a Swin's position bias)
+        if reads and isinstance(out, torch.Tensor) and out.dim() == 4:
             runs.append((module, int(out.shape[-1])))
 
     backbone = model.backbone
-    hooks = [m.register_forward_hook(seen) for m in backbone.modules() if m is not backbone]
+    hooks = [m.register_forward_hook(seen, with_kwargs=True) for m in backbone.modules() if m is not backbone]
     was = model.training
     try:
         with torch.no_grad():
@@ -275,7 +302,11 @@ def gradcam_layer(model: WholeModel, size: int) -> nn.Module:
     if not runs:
         raise ModelError(f"the {type(backbone).__name__} backbone gives no feature map to read Grad-CAM at")
     side = min({s for _, s in runs}, key=lambda s: abs(s - size / 16))
-    at = [m for m, s in runs if s == side]
+    names = {m: n for n, m in backbone.named_modules()}
+    coarser = [names[m] + "." for m, s in runs if s != side]
+    # at that stride, not inside a block of another (a bottleneck ResNet's next stage starts with a 1x1 convolution)
+    at = [m for m, s in runs if s == side and not names[m].startswith(tuple(coarser))] or [
+        m for m, s in runs if s == side]
     blocks = [m for m in at if any(True for _ in m.children())]
     return (blocks or at)[-1]
 
@@ -334,4 +365,40 @@ def pack(out: Any, k: int, height: int, width: int) -> torch.Tensor:
     return torch.cat([logits, xyxy, const, share], -1)
 
 
-CLASSES: dict[str, type[WholeModel]] = {DETECTOR: SetDetector, SEGMENTER: WholeSegmenter}
+class MaskSegmenter(WholeModel):
+    """A transformers mask classifier (Mask2Former, MaskFormer) as a semantic segmenter: see the module doc."""
+
+    kind = MASKS
+    set_prediction = True  # (its batches carry the masks to it)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The image backbone its pixel decoder reads (a Swin, a ResNet ...)."""
+        return self.net.base_model.pixel_level_module.encoder
+
+    @staticmethod
+    def targets(masks: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Class-index masks (B, H, W; IGNORE left out) as transformers' mask labels: per image a binary mask for
+        each class it shows, and those classes."""
+        from fmtune.data.masks import IGNORE
+
+        mask_labels, class_labels = [], []
+        for m in masks.long():
+            classes = m[m != IGNORE].unique()
+            mask_labels.append((m[None] == classes[:, None, None]).float())
+            class_labels.append(classes)
+        return mask_labels, class_labels
+
+    def forward(self, pixel_values: torch.Tensor, seg_targets: torch.Tensor | None = None,
+                **_: object) -> SemanticSegmenterOutput:
+        mask_labels, class_labels = self.targets(seg_targets) if seg_targets is not None else (None, None)
+        out = self.net(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+        classes = out.class_queries_logits.float().softmax(-1)[..., :-1]  # (the last class: "no object")
+        scores = torch.einsum("bqc,bqhw->bchw", classes, out.masks_queries_logits.float().sigmoid())
+        logits = scores.clamp(min=1e-6).log()
+        if out.loss is not None:
+            logits = torch.cat([logits, out.loss.float().expand_as(logits[:, :1])], 1)
+        return SemanticSegmenterOutput(logits=logits)
+
+
+CLASSES: dict[str, type[WholeModel]] = {DETECTOR: SetDetector, SEGMENTER: WholeSegmenter, MASKS: MaskSegmenter}

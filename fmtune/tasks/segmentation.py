@@ -208,13 +208,25 @@ class Segmentation(DenseTask):
                        [f"image {i}" for i in range(len(items))])
 
     # --- training and evaluation -----------------------------------------------------------------
+    def class_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, K[+1], h, w) without a mask classifier's loss channel (``models.whole.MaskSegmenter``:
+        one channel after the classes, given where its batch carried the masks)."""
+        return logits[:, :self.num_classes]
+
     def loss(self, logits, targets, weights=None):
+        if logits.shape[1] > self.num_classes:  # a mask classifier's own loss, in its last channel
+            return logits[:, -1].float().mean()
         w = self.class_weights.to(logits.device) if self.class_weights is not None else None
         return F.cross_entropy(upsample(logits, targets.shape[-2:]), targets.long(), weight=w, ignore_index=IGNORE)
 
     def metrics(self, logits, targets):
-        cm, loss = confusion_and_loss(logits, targets, self.num_classes)
+        cm, loss = confusion_and_loss(self.class_logits(logits), targets, self.num_classes)
+        if logits.shape[1] > self.num_classes:  # a mask classifier's own loss: what it trains on
+            loss = float(logits[:, -1, 0, 0].float().mean())
         return {**self._summary(scores(cm)), "loss": loss}
+
+    def output_difference(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return super().output_difference(self.class_logits(a), self.class_logits(b))
 
     def _summary(self, s: dict[str, Any]) -> dict[str, float]:
         """mIoU, pixel accuracy and Dice from ``scores``."""
@@ -228,7 +240,7 @@ class Segmentation(DenseTask):
     # --- output ------------------------------------------------------------------------------
     def predicted_masks(self, logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
         """Per image: the class of every pixel at the image's own size, and the mean confidence."""
-        out = []
+        out, logits = [], self.class_logits(logits)
         for i, (w, h) in enumerate(sizes):
             p = upsample(logits[i:i + 1], (h, w)).softmax(1)[0]
             conf, cls = p.max(0)
@@ -283,7 +295,7 @@ class Segmentation(DenseTask):
     def explain_target(self, logits: torch.Tensor, target: int | None) -> tuple[int, float, torch.Tensor]:
         """The class to explain in one image's logits (``target``, else the largest class predicted
         besides class 0), its share of the image, and the region predicted as it."""
-        pred = logits.argmax(0)
+        pred = logits[:self.num_classes].argmax(0)
         counts = torch.bincount(pred.flatten(), minlength=self.num_classes)
         if target is None:
             rest = counts.clone()
@@ -293,13 +305,14 @@ class Segmentation(DenseTask):
 
     def class_scores(self, logits: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
         """(B, K): each class's mean logit over the explained region (all pixels if it is empty)."""
+        logits = self.class_logits(logits)
         m = regions.to(logits.dtype)[:, None]
         m = torch.where(m.sum((2, 3), keepdim=True) > 0, m, torch.ones_like(m))
         return (logits * m).sum((2, 3)) / m.sum((2, 3))
 
     # --- the test report ---------------------------------------------------------------------
     def text_report(self, logits, targets) -> str:
-        s = scores(confusion(logits, targets, self.num_classes))
+        s = scores(confusion(self.class_logits(logits), targets, self.num_classes))
         width = max(12, *(len(n) for n in self.labels))
         lines = [f"{'class':>{width}}  {'IoU':>7}  {'Dice':>7}  {'pixels':>10}"]
         for i, name in enumerate(self.labels):
@@ -316,7 +329,7 @@ class Segmentation(DenseTask):
     def report_files(self, logits, targets, folder: Path, title: str) -> dict[str, Any]:
         from fmtune import plots
 
-        cm = confusion(logits, targets, self.num_classes)
+        cm = confusion(self.class_logits(logits), targets, self.num_classes)
         s = scores(cm)
         per_class = {n: {"iou": None if np.isnan(s["iou"][i]) else round(float(s["iou"][i]), 6),
                          "dice": None if np.isnan(s["dice"][i]) else round(float(s["dice"][i]), 6),
@@ -328,7 +341,7 @@ class Segmentation(DenseTask):
         """The ``k`` test images with the lowest pixel accuracy: image, truth and prediction side by side."""
         if not len(targets):
             return []
-        acc = []
+        acc, logits = [], self.class_logits(logits)
         for i in range(len(targets)):
             y = targets[i].long()
             keep = y != IGNORE
