@@ -97,6 +97,46 @@ def test_compressed_audio_as_speech_corpora_ship_it(tmp_path, suffix, fmt):
     assert abs(np.argmax(spectrum) * RATE / len(out) - 660.0) < 25
 
 
+def write_ffmpeg(path: Path, wave: np.ndarray, rate: int, codec: str, container: str | None = None) -> Path:
+    """``wave`` (samples, channels) encoded by FFmpeg through PyAV (AAC in M4A, Opus in WebM ...), in the encoder's
+    own frame size, as a phone or a browser writes it."""
+    import av
+
+    x = np.ascontiguousarray(np.atleast_2d(wave.T).astype(np.float32))
+    layout = "stereo" if len(x) == 2 else "mono"
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        n = stream.codec_context.frame_size or 1024
+        for i in range(0, x.shape[1], n):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i:i + n]), format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = rate, i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("suffix,codec,container", [(".m4a", "aac", None), (".webm", "libopus", None),
+                                                    (".aac", "aac", "adts")])
+def test_audio_libsndfile_does_not_open_is_decoded_by_ffmpeg(tmp_path, suffix, codec, container):
+    """A phone's voice memo (AAC in M4A), a browser's recording (Opus in WebM), a bare AAC stream were "unsupported
+    audio format": now decoded by FFmpeg (PyAV), mixed to mono and resampled as WAV is; the same from the file's
+    bytes (an upload, a table's embedded audio), where soundfile fails first."""
+    rng = np.random.default_rng(1)
+    wave = tone(660.0, 1.5, 48000, rng)
+    path = write_ffmpeg(tmp_path / f"memo{suffix}", np.stack([wave, 0.5 * wave], axis=1), 48000, codec, container)
+    out = load_audio(path, RATE)
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert abs(len(out) - 1.5 * RATE) <= 0.05 * RATE  # (AAC adds its encoder's priming frame)
+    spectrum = np.abs(np.fft.rfft(out))
+    assert abs(np.argmax(spectrum) * RATE / len(out) - 660.0) < 25
+    np.testing.assert_array_equal(load_audio(path.read_bytes(), RATE, "upload"), out)
+    (tmp_path / "bad.m4a").write_bytes(b"ftypM4A not really" * 20)
+    with pytest.raises(DataError, match="bad.m4a: not readable audio"):
+        load_audio(tmp_path / "bad.m4a", RATE)
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing", "audio file not found"),
     ("format", "unsupported audio format '.txt'"),
@@ -455,6 +495,11 @@ def test_serve_audio_upload_and_base64(tiny_whisper, tone_dirs, tmp_path, monkey
         assert r.json()["predictions"][0]["label"] == expected
         r = client.post("/predict", files=[("files", ("x.wav", b"not audio at all", "audio/wav"))])
         assert r.status_code == 422 and "inputs[0]: not readable audio" in r.json()["error"]
+        wave, rate = sf.read(clip, dtype="float32")
+        memo = write_ffmpeg(tmp_path / "memo.m4a", wave, rate, "aac")  # a phone's upload: AAC in M4A
+        r = client.post("/predict", files=[("files", (memo.name, memo.read_bytes(), "audio/mp4"))])
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["label"] == pred.predict(str(memo))["label"]
         assert client.get("/metadata").json()["kind"] == "audio"
     from conftest import hf_inference_client, live_server
 

@@ -2,7 +2,8 @@
 (Whisper) or as the normalised waveform itself (wav2vec2, HuBERT, WavLM: ``AudioSpec.frontend``).
 
 Files are decoded with soundfile (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF: whatever libsndfile
-reads), mixed down to mono and resampled to the model's rate with scipy's polyphase filter
+reads; M4A/AAC, MP4, WebM, WMA and AMR with FFmpeg's decoders through PyAV), mixed down to mono
+and resampled to the model's rate with scipy's polyphase filter
 (torchaudio has no release for torch 2.13). A clip longer than the model's window is cut into
 consecutive windows; each window becomes a log-mel spectrogram computed exactly as Whisper's
 feature extractor does (Hann STFT, mel filters, log10, 8-decade floor, (x + 4) / 4) but only
@@ -43,6 +44,7 @@ import torch
 from fmtune.data.dataset import skip_bad
 from fmtune.data.readers import (
     AUDIO_SUFFIXES,
+    FFMPEG_AUDIO_SUFFIXES,
     media_cell,
     media_root_hint,
     read_class_folder,
@@ -144,6 +146,7 @@ def load_audio(source: Any, rate: int, where: str = "") -> np.ndarray:
     import soundfile as sf
 
     name = where or str(source)
+    ffmpeg = False
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -151,12 +154,15 @@ def load_audio(source: Any, rate: int, where: str = "") -> np.ndarray:
         if path.suffix.lower() not in AUDIO_SUFFIXES:
             raise DataError(f"{name}: unsupported audio format {path.suffix or '(no suffix)'!r}; "
                             f"readable: {', '.join(sorted(AUDIO_SUFFIXES))}")
+        ffmpeg = path.suffix.lower() in FFMPEG_AUDIO_SUFFIXES
     elif isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
-        wave, sr = sf.read(source, dtype="float32", always_2d=True)
+        wave, sr = _ffmpeg_decode(source, name) if ffmpeg else sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise DataError(f"{name}: not readable audio ({type(e).__name__}: {e})") from None
+        if isinstance(source, (str, Path)) or not _ffmpeg_reads(source):  # (bytes of an upload: M4A, WebM ...?)
+            raise DataError(f"{name}: not readable audio ({type(e).__name__}: {e})") from None
+        wave, sr = _ffmpeg_decode(source, name)
     if wave.shape[0] == 0:
         raise DataError(f"{name}: the audio is empty (0 samples)")
     if not np.isfinite(wave).all():
@@ -168,6 +174,47 @@ def load_audio(source: Any, rate: int, where: str = "") -> np.ndarray:
     if np.abs(wave).max() < SILENCE_PEAK:
         warnings.warn(f"{name}: the clip is silent (peak amplitude {np.abs(wave).max():.1e})", stacklevel=2)
     return np.ascontiguousarray(resample(wave, sr, rate), dtype=np.float32)
+
+
+def _ffmpeg_reads(source: Any) -> bool:
+    """Whether FFmpeg (PyAV) finds an audio stream in the file object ``source`` (rewound after)."""
+    try:
+        import av
+    except ImportError:
+        return False
+    try:
+        source.seek(0)
+        with av.open(source) as container:
+            return bool(container.streams.audio)
+    except (av.FFmpegError, ValueError, OSError):
+        return False
+    finally:
+        source.seek(0)
+
+
+def _ffmpeg_decode(source: Any, name: str) -> tuple[np.ndarray, int]:
+    """(samples, channels) float32 and the sample rate of the first audio stream of ``source`` (a path or a file
+    object), decoded by FFmpeg through PyAV: the containers libsndfile does not open (``FFMPEG_AUDIO_SUFFIXES``)."""
+    try:
+        import av
+    except ImportError:
+        raise DataError(f"{name}: reading this audio (AAC, WebM, WMA ...) needs PyAV: pip install av") from None
+    chunks = []
+    try:
+        with av.open(str(source) if isinstance(source, Path) else source) as container:
+            if not container.streams.audio:
+                raise DataError(f"{name}: the file holds no audio stream")
+            stream = container.streams.audio[0]
+            planar = av.AudioResampler(format="fltp")  # float samples, a row per channel, at the stream's own rate
+            for frame in container.decode(stream):
+                chunks += [f.to_ndarray() for f in planar.resample(frame)]
+            chunks += [f.to_ndarray() for f in planar.resample(None)]
+            rate = int(stream.codec_context.sample_rate or stream.rate)
+    except (av.FFmpegError, ValueError, OSError) as e:
+        raise DataError(f"{name}: not readable audio ({type(e).__name__}: {e})") from None
+    if not chunks:
+        return np.zeros((0, 1), np.float32), rate
+    return np.ascontiguousarray(np.concatenate(chunks, axis=1).T, dtype=np.float32), rate
 
 
 class LogMel:

@@ -27,7 +27,11 @@ COMPRESSED_SUFFIXES = {".zip", ".gz", ".bz2", ".xz", ".zst", ".7z", ".tar", ".tg
 # word-per-line files: `fmtune predict` reads each sentence as a text (fmtune.data.conll.sentence_chunks)
 CONLL_PREDICT_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}  # what soundfile reads
+SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}  # what soundfile reads
+# audio in containers libsndfile does not open (AAC in M4A / MP4 from phones and podcasts, WebM from browsers, WMA,
+# AMR): decoded by FFmpeg's libraries through PyAV (``data.audio.load_audio``)
+FFMPEG_AUDIO_SUFFIXES = {".m4a", ".m4b", ".aac", ".mp4", ".webm", ".weba", ".wma", ".amr", ".3gp", ".mka"}
+AUDIO_SUFFIXES = SOUNDFILE_SUFFIXES | FFMPEG_AUDIO_SUFFIXES
 MEDIA_SUFFIXES = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}  # files a model reads one per example
 
 
