@@ -87,25 +87,48 @@ def test_a_file_not_in_utf8_is_read_in_the_encoding_it_is_in(tmp_path):
             "sehr sch\xf6n", "schlecht", "sch\xf6n"] * 4, name
 
 
-def test_an_excel_workbook_is_a_table(tmp_path, tiny_bert, text_files):
-    """An Excel workbook (.xlsx): its first sheet's rows, the first row the header, trains, predicts and evaluates as
-    the CSV it came from; an empty cell is named by its sheet row; a file that is not a workbook says so."""
+def write_sheet(df: pd.DataFrame, path: Path) -> Path:
+    """``df`` as a spreadsheet of ``path``'s kind: .xlsx (openpyxl), .xls (xlwt: Excel 97-2003, as UCI's datasets
+    ship), .ods (odfpy); its header the first row, an empty cell where a value is missing."""
+    if path.suffix == ".xls":
+        import xlwt
+
+        book = xlwt.Workbook()
+        sheet = book.add_sheet("Sheet1")
+        for j, column in enumerate(df.columns):
+            sheet.write(0, j, column)
+            for i, value in enumerate(df[column], 1):
+                if not pd.isna(value):
+                    sheet.write(i, j, value.item() if hasattr(value, "item") else value)
+        book.save(str(path))
+    else:
+        df.to_excel(path, index=False, engine="odf" if path.suffix == ".ods" else "openpyxl")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".xlsx", ".xls", ".ods"])
+def test_a_spreadsheet_is_a_table(tmp_path, tiny_bert, text_files, suffix):
+    """An Excel workbook (.xlsx; the old .xls, as UCI's datasets ship, was an unsupported file type, as was
+    OpenDocument's .ods): its first sheet's rows, the first row the header, trains, predicts and evaluates as the CSV
+    it came from; an empty cell is named by its sheet row; a file that is not a workbook says so."""
     df = pd.read_csv(text_files["train"]).head(60)
-    df.to_excel(tmp_path / "train.xlsx", index=False)
-    got = read_table(tmp_path / "train.xlsx")
+    train = write_sheet(df, tmp_path / f"train{suffix}")
+    got = read_table(train)
     assert got["text"].tolist() == df["text"].tolist() and got["label"].tolist() == df["label"].tolist()
-    _train(tmp_path, tiny_bert, tmp_path / "train.xlsx", train={"max_steps": 2})
-    predicted = fmtune.predict(tmp_path / "run", tmp_path / "train.xlsx", quiet=True)
+    numbers = read_table(write_sheet(pd.DataFrame({"x": [540.0, 332.5], "n": [28, 270]}), tmp_path / f"n{suffix}"))
+    assert numbers.to_dict("list") == {"x": ["540", "332.5"], "n": ["28", "270"]}  # (as a CSV writes them)
+    _train(tmp_path, tiny_bert, train, train={"max_steps": 2})
+    predicted = fmtune.predict(tmp_path / "run", train, quiet=True)
     assert len(predicted) == 60 and predicted["error"].isna().all()
-    assert fmtune.evaluate(tmp_path / "run", tmp_path / "train.xlsx", quiet=True)["n_test"] == 60
+    assert fmtune.evaluate(tmp_path / "run", train, quiet=True)["n_test"] == 60
     bad = df.copy()
     bad.loc[3, "text"] = None
-    bad.to_excel(tmp_path / "bad.xlsx", index=False)
-    with pytest.raises(DataError, match=r"bad.xlsx: row 4 \(sheet row 5\): column 'text' is empty"):
-        _train(tmp_path / "b", tiny_bert, tmp_path / "bad.xlsx", data={"max_bad_fraction": 0})
-    (tmp_path / "fake.xlsx").write_text("text,label\na,b\n")
-    with pytest.raises(DataError, match="fake.xlsx: cannot read as an Excel workbook"):
-        read_table(tmp_path / "fake.xlsx")
+    write_sheet(bad, tmp_path / f"bad{suffix}")
+    with pytest.raises(DataError, match=rf"bad{suffix}: row 4 \(sheet row 5\): column 'text' is empty"):
+        _train(tmp_path / "b", tiny_bert, tmp_path / f"bad{suffix}", data={"max_bad_fraction": 0})
+    (tmp_path / f"fake{suffix}").write_text("text,label\na,b\n")
+    with pytest.raises(DataError, match=rf"fake{suffix}: cannot read as an? (Excel workbook|OpenDocument spreadsheet)"):
+        read_table(tmp_path / f"fake{suffix}")
 
 
 def test_jsonl_bad_line_and_parquet(tmp_path):

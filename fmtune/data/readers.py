@@ -21,8 +21,10 @@ import pandas as pd
 
 from fmtune.errors import DataError
 
-TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt", ".xlsx", ".xlsm"}  # .txt: a text a line
-EXCEL_SUFFIXES = {".xlsx", ".xlsm"}
+# spreadsheets: Excel's workbooks (.xlsx by openpyxl; the old .xls, as UCI's datasets ship, and .xlsb by calamine) and
+# OpenDocument's (.ods, by calamine)
+EXCEL_SUFFIXES = {".xlsx", ".xlsm", ".xls", ".xlsb", ".ods"}
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt"} | EXCEL_SUFFIXES  # .txt: a text a line
 COMPRESSED_SUFFIXES = {".zip", ".gz", ".bz2", ".xz", ".zst", ".7z", ".tar", ".tgz", ".rar"}
 # word-per-line files: `fmtune predict` reads each sentence as a text (fmtune.data.conll.sentence_chunks)
 CONLL_PREDICT_SUFFIXES = {".conll", ".bio", ".iob", ".iob2", ".iobes"}
@@ -267,8 +269,8 @@ def _check_table(path: Path, alternatives: str) -> str:
                         f"(tar -x, unzstd, 7z x ...) and give the {''.join(Path(path.stem).suffixes) or 'table'} file "
                         "or folder it holds")
     if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet, .xlsx or .txt "
-                        f"(one text per line), {alternatives}")
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet, .xlsx / .xls / "
+                        f".ods or .txt (one text per line), {alternatives}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     return suffix
@@ -339,12 +341,17 @@ def read_table(path: str | Path, encoding: str = "utf-8", text_column: str = "te
 
 
 def read_excel(path: Path) -> pd.DataFrame:
-    """An Excel workbook's first sheet as a table of text cells (its first row the header; rows left empty are not
-    rows); a sheet with a header only, or a file Excel's format does not read, is a DataError."""
+    """A spreadsheet's first sheet (``EXCEL_SUFFIXES``) as a table of text cells (its first row the header; rows
+    left empty are not rows); a sheet with a header only, or a file its format does not read, is a DataError."""
+    engine = "openpyxl" if path.suffix.lower() in (".xlsx", ".xlsm") else "calamine"
+    what = "an OpenDocument spreadsheet" if path.suffix.lower() == ".ods" else "an Excel workbook"
     try:
-        df = pd.read_excel(path, sheet_name=0, dtype=str, engine="openpyxl")
-    except Exception as e:  # (openpyxl and zipfile raise many types)
-        raise DataError(f"{path}: cannot read as an Excel workbook: {e}") from None
+        df = pd.read_excel(path, sheet_name=0, dtype=str, engine=engine)
+    except ImportError as e:
+        raise DataError(f"{path}: reading {path.suffix} needs python-calamine ({e}): pip install python-calamine"
+                        ) from None
+    except Exception as e:  # (openpyxl, calamine and zipfile raise many types)
+        raise DataError(f"{path}: cannot read as {what}: {e}") from None
     df = df.dropna(how="all").reset_index(drop=True)
     df.columns = [str(c) for c in df.columns]
     df = _without_written_index(df)
