@@ -150,7 +150,7 @@ def test_label_studio_polygon_exports_are_read_as_masks_and_train(scenes, tiny_r
     """Label Studio's JSON export of polygons was read as COCO and refused. Now each annotated task's polygons
     (points in percent of the image Label Studio saw) are painted into one class-index mask, larger first (a
     small polygon on a large one keeps its pixels), labels in name order from 1; its images are found below the
-    export; brush masks are an error saying how to export them; it trains."""
+    export; it trains."""
     from fmtune.data.masks import read_mask
 
     Image.fromarray(np.zeros((40, 80, 3), np.uint8)).save(tmp_path / "p.png")
@@ -163,13 +163,92 @@ def test_label_studio_polygon_exports_are_read_as_masks_and_train(scenes, tiny_r
     mask = read_mask(df["mask"][0])
     assert df.attrs["classes"] == ["background", "dot", "square"] and mask.shape == (40, 80)
     assert (mask[7, 7], mask[15, 15], mask[30, 30]) == (1, 2, 0)  # (x 5-10, y 5-10 the dot; to 20, 20 the square)
-    task["annotations"][0]["result"].append({"type": "brushlabels", "value": {"format": "rle", "rle": [1, 2],
-                                                                              "brushlabels": ["dot"]}})
-    (tmp_path / "brush.json").write_text(json.dumps([task]))
-    with pytest.raises(DataError, match=r"brush.json: task 1 \(id 3\): brush masks .*export the project as COCO"):
-        read_segmentation(tmp_path / "brush.json", DataConfig())
     cfg = seg_cfg(tiny_resnet, scenes, tmp_path / "run", epochs=1)
     cfg["data"]["train"] = str(label_studio_polygons(scenes["train"], tmp_path / "ls"))
+    api.train(cfg, quiet=True, report=False)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["background", "blue", "green",
+                                                                                     "red"]
+
+
+def pack_brush(mask: np.ndarray, literal_every: int = 0) -> list[int]:
+    """``mask`` (h, w; painted where true) as Label Studio's editor exports a brush: its RGBA canvas (alpha 255 where
+    painted) packed with thi.ng's rle-pack (see fmtune.data.masks.decode_brush), written here from the format:
+    8-bit words, run lengths in 3, 6, 10 or 16 bits; runs of one value as repeat chunks, and with
+    ``literal_every`` every such chunk's first values as a literal chunk (as rle-pack writes a stretch of changing
+    values)."""
+    values = np.repeat(np.where(mask.ravel(), 255, 0).astype(np.uint8), 4)
+    values[0::4] = np.where(mask.ravel(), 200, 0)  # (red where painted: only alpha is read)
+    bits = [format(len(values), "032b"), format(8 - 1, "05b")] + [format(n - 1, "04b") for n in (3, 6, 10, 16)]
+
+    def chunk(repeat: bool, run: list[int]) -> None:
+        size = next(k for k, n in enumerate((3, 6, 10, 16)) if len(run) - 1 < 2 ** n)
+        bits.extend([str(int(repeat)), format(size, "02b"), format(len(run) - 1, f"0{(3, 6, 10, 16)[size]}b")])
+        bits.extend(format(v, "08b") for v in (run[:1] if repeat else run))
+
+    i, n = 0, 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j] == values[i] and j - i < 2 ** 16:
+            j += 1
+        run = values[i:j].tolist()
+        n += 1
+        if literal_every and n % literal_every == 0 and len(run) > 1:
+            chunk(False, run[:2])
+            run = run[2:]
+        if run:
+            chunk(True, run)
+        i = j
+    text = "".join(bits)
+    text += "0" * (-len(text) % 8)
+    return [int(text[k:k + 8], 2) for k in range(0, len(text), 8)]
+
+
+def test_label_studio_brush_masks_are_decoded(scenes, tiny_resnet, tmp_path):
+    """Label Studio's brush masks (brushlabels: its editor's RLE of the brush's RGBA canvas) were an error ("export
+    as COCO or PNG"). Now they are decoded and painted as polygons are (larger first, labels in name order); an RLE of
+    another size than the image, a cut one or one that is not bytes is an error naming the task and brush; a project
+    brushed in Label Studio trains."""
+    from fmtune.data.masks import read_mask
+
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(tmp_path / "p.png")
+    yy, xx = np.mgrid[:30, :50]
+    disc = (yy - 15) ** 2 + (xx - 20) ** 2 < 100  # (radius 10 around x 20, y 15)
+    spot = (yy - 15) ** 2 + (xx - 22) ** 2 < 9
+    task = {"id": 4, "data": {"image": "/data/upload/1/0a1b2c3d-p.png"}, "annotations": [{"result": [
+        {"type": "brushlabels", "original_width": 50, "original_height": 30,
+         "value": {"format": "rle", "rle": pack_brush(spot, literal_every=2), "brushlabels": ["spot"]}},
+        {"type": "brushlabels", "original_width": 50, "original_height": 30,
+         "value": {"format": "rle", "rle": pack_brush(disc), "brushlabels": ["disc"]}}]}]}
+    (tmp_path / "ls.json").write_text(json.dumps([task]))
+    df = read_segmentation(tmp_path / "ls.json", DataConfig())
+    mask = read_mask(df["mask"][0])
+    assert df.attrs["classes"] == ["background", "disc", "spot"]
+    expected = np.where(spot, 2, np.where(disc, 1, 0))
+    np.testing.assert_array_equal(mask, expected)
+    value = task["annotations"][0]["result"][1]["value"]
+    for rle, message in [(pack_brush(disc[:, :40]), r"holds 4800 values; the 50x30 image Label Studio saw has 6000"),
+                         (pack_brush(disc)[:40], "ends before the 50x30 image's pixels do"),
+                         ([1, 2, 300, 4, 5, 6, 7, 8], "not a list of bytes 0-255")]:
+        value["rle"] = rle
+        (tmp_path / "bad.json").write_text(json.dumps([task]))
+        with pytest.raises(DataError, match=rf"bad.json: task 1 \(id 4\): brush 2: its brush RLE .*{message}"):
+            read_segmentation(tmp_path / "bad.json", DataConfig())
+
+    cfg = seg_cfg(tiny_resnet, scenes, tmp_path / "run", epochs=1)
+    ls = label_studio_polygons(scenes["train"], tmp_path / "ls")
+    tasks = json.loads(ls.read_text())
+    for t, img in zip(tasks, sorted((scenes["train"] / "images").iterdir())):  # each class's pixels as a brush
+        truth = np.asarray(Image.open(scenes["train"] / "masks" / f"{img.stem}.png"))
+        h, w = truth.shape
+        t["annotations"][0]["result"] = [
+            {"type": "brushlabels", "original_width": w, "original_height": h,
+             "value": {"format": "rle", "rle": pack_brush(truth == c), "brushlabels": [name]}}
+            for c, name in enumerate(("red", "green", "blue"), 1) if (truth == c).any()]
+    ls.write_text(json.dumps(tasks))
+    first = read_mask(read_segmentation(ls, DataConfig())["mask"][0])
+    truth = np.asarray(Image.open(scenes["train"] / "masks" / "s000.png"))
+    np.testing.assert_array_equal(first, np.select([truth == 3, truth == 2, truth == 1], [1, 2, 3], 0))
+    cfg["data"]["train"] = str(ls)
     api.train(cfg, quiet=True, report=False)
     assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["background", "blue", "green",
                                                                                      "red"]

@@ -119,6 +119,9 @@ def _paint(objects: list[tuple[str, Any, int, float]], w: int, h: int, image: st
 
     mask = np.zeros((h, w), np.uint8)
     for where, seg, k, _ in sorted(objects, key=lambda o: -o[3]):
+        if isinstance(seg, np.ndarray):  # painted already (a Label Studio brush)
+            mask[seg] = k
+            continue
         try:
             if isinstance(seg, list):  # polygons [x0, y0, x1, y1, ...]
                 rle = coco_mask.merge(coco_mask.frPyObjects([q for q in seg if len(q) >= 6], h, w))
@@ -150,22 +153,71 @@ def label_studio_size(file: Path, where: str, size: tuple[Any, Any], objects: li
         return img.size
 
 
-LABEL_STUDIO_MASKS = ("polygonlabels", "brushlabels")  # (brushes: an error saying how to export them instead)
+LABEL_STUDIO_MASKS = ("polygonlabels", "brushlabels")
+
+
+def decode_brush(rle: Any, w: int, h: int, where: str) -> np.ndarray:
+    """A Label Studio brush mask (``brushlabels``, ``format: rle``) as a boolean (h, w) mask. Its editor packs the
+    RGBA pixels of the brush's canvas (at the image's own size) with thi.ng's rle-pack: a 32-bit count of values,
+    the word size - 1 (5 bits), four run-length sizes - 1 (4 bits each), then chunks of a repeat bit, a 2-bit
+    choice of run-length size, the run's length - 1 in that many bits, and one word repeated over the run or that
+    many words as they are; bits most significant first. A pixel is painted where its alpha is not 0 (as
+    label-studio-converter reads it)."""
+    try:
+        packed = np.asarray(rle, dtype=np.int64)
+        if packed.ndim != 1 or len(packed) < 8 or packed.min() < 0 or packed.max() > 255:
+            raise ValueError("not a list of bytes")
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: its brush RLE is not a list of bytes 0-255 ({e})") from None
+    array = np.unpackbits(packed.astype(np.uint8))
+    bits = (array + ord("0")).tobytes().decode("ascii")
+    short = DataError(f"{where}: its brush RLE ends before the {w}x{h} image's pixels do")
+    if len(bits) < 53:
+        raise short
+    num = int(bits[:32], 2)
+    if num != w * h * 4:
+        raise DataError(f"{where}: its brush RLE holds {num} values; the {w}x{h} image Label Studio saw has "
+                        f"{w * h * 4} (RGBA)")
+    word = int(bits[32:37], 2) + 1
+    sizes = [int(bits[37 + 4 * k:41 + 4 * k], 2) + 1 for k in range(4)]
+    weights = 1 << np.arange(word - 1, -1, -1, dtype=np.int64)
+    out = np.zeros(num, np.int64)
+    i, pos, end = 0, 53, len(bits)
+    while i < num:  # (one chunk a turn; a stretch of words read at once)
+        n = sizes[int(bits[pos + 1:pos + 3], 2)]
+        if pos + 3 + n > end:
+            raise short
+        j = min(num, i + 1 + int(bits[pos + 3:pos + 3 + n], 2))
+        repeat, pos = bits[pos] == "1", pos + 3 + n
+        count = 1 if repeat else j - i
+        if pos + count * word > end:
+            raise short
+        if count == 1:
+            out[i:j] = int(bits[pos:pos + word], 2)
+        else:
+            out[i:j] = array[pos:pos + count * word].reshape(count, word) @ weights
+        pos, i = pos + count * word, j
+    return out.reshape(h, w, 4)[:, :, 3] > 0
 
 
 def read_label_studio_masks(path: Path, tasks: list[dict], image_col: str, mask_col: str) -> pd.DataFrame:
-    """A Label Studio export of polygons (``polygonlabels``: points in percent of the image Label Studio saw) as
-    one class-index mask per annotated task, embedded as PNG as a COCO file's are: 0 = background, the labels in
-    name order from 1, the larger polygons painted first. Its brush strokes (``brushlabels``: Label Studio's own
-    RLE) are not read: an error says to export them as COCO or PNG masks."""
+    """A Label Studio export of polygons (``polygonlabels``: points in percent of the image Label Studio saw) and
+    brush strokes (``brushlabels``: its own RLE, ``decode_brush``) as one class-index mask per annotated task,
+    embedded as PNG as a COCO file's are: 0 = background, the labels in name order from 1, the larger regions
+    painted first."""
     rows, objects_of, names = [], [], set()
     for where, file, objects, size in label_studio_images(path, tasks, LABEL_STUDIO_MASKS):
         w, h = label_studio_size(file, where, size, objects)
-        brush = [o for o in objects or [] if "brushlabels" in o]
-        if brush:
-            raise DataError(f"{where}: brush masks (brushlabels, Label Studio's own RLE) are not read; export the "
-                            "project as COCO (polygons) or as PNG masks (images/ and masks/) instead")
         polygons = []
+        for j, o in enumerate(o for o in objects or [] if "brushlabels" in o):
+            labels = o.get("brushlabels") or []
+            if len(labels) != 1:
+                raise DataError(f"{where}: brush {j + 1} has {len(labels)} labels ({labels}); a brush needs one")
+            if o.get("format", "rle") != "rle":
+                raise DataError(f"{where}: brush {j + 1} is in format {o.get('format')!r}; Label Studio's is 'rle'")
+            painted = decode_brush(o.get("rle"), int(w), int(h), f"{where}: brush {j + 1}")
+            polygons.append((f"{where}: brush {j + 1}", painted, str(labels[0]), float(painted.sum())))
+            names.add(str(labels[0]))
         for j, o in enumerate(o for o in objects or [] if "polygonlabels" in o):
             labels = o.get("polygonlabels") or []
             if len(labels) != 1:
