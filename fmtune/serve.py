@@ -10,6 +10,8 @@
                     ``fmtune.serve_openai``): generation runs chat completions, completions and models;
                     text runs with one pooled vector (classification, multi-label, regression) embeddings;
                     speech recognition runs audio transcriptions
+    POST /v1/messages  Anthropic's Messages API for generation runs (the anthropic clients, base_url
+                    http://HOST:PORT; ``fmtune.serve_anthropic``)
     POST /          the Hugging Face Inference API's format (huggingface_hub's InferenceClient(model=URL)):
                     {"inputs": ..., "parameters": {...}} or a file as the body; each task formats its answer
                     (``Task.hf_output``); generation runs as TGI: [{"generated_text": ...}]
@@ -41,7 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from fmtune import serve_ollama, serve_openai, serve_v2
+from fmtune import serve_anthropic, serve_ollama, serve_openai, serve_v2
 from fmtune.data import tabular
 from fmtune.errors import ConfigError, DataError
 from fmtune.serve_base import HTTPError, Limits, check_items, number, open_stream, request_items, threaded_stream
@@ -204,6 +206,9 @@ def create_app(predictor: Any, limits: Limits | None = None, api_key: str | None
     app.state.batcher = batcher
 
     def error(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
+        if request.url.path.startswith(serve_anthropic.PATH):  # Anthropic's Messages API: errors in its shape
+            status, body = serve_anthropic.error_response(status, message)
+            return JSONResponse(body, status_code=status)
         if request.url.path.startswith("/v1/"):  # the OpenAI-compatible routes answer errors in OpenAI's shape
             return JSONResponse(serve_openai.error_body(status, message, param), status_code=status)
         return JSONResponse({"error": message}, status_code=status)
@@ -599,6 +604,7 @@ def _tgi_token(i: int, text: str, whole: str | None) -> dict[str, Any]:
 
 def _generate_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: Any, batcher: Any) -> None:
     serve_openai.add_routes(app, generator, limits, guard, read_json, batcher)
+    serve_anthropic.add_routes(app, generator, limits, guard, read_json, batcher)
     serve_ollama.add_routes(app, generator, limits, guard, read_json, batcher)
 
     @app.post("/", openapi_extra=TGI_DOC)
@@ -683,9 +689,12 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
         how = f"{backend}, {precision_name(predictor.autocast)}" if isinstance(predictor, Predictor) else backend
         ui.console.print(f"[bold]fmtune serve[/] {run} ({how}, model {predictor.version}) on http://{host}:{port}  "
                          f"docs: http://{host}:{port}/docs" + ("  (API key required)" if api_key else ""))
-        openai = sorted(r.path.removeprefix("/v1/") for r in app.routes if getattr(r, "path", "").startswith("/v1/")
-                        and "{" not in r.path)
+        paths = [getattr(r, "path", "") for r in app.routes]
+        openai = sorted(p.removeprefix("/v1/") for p in paths if p.startswith("/v1/") and "{" not in p
+                        and not p.startswith(serve_anthropic.PATH))
         if openai:
             ui.console.print(f"OpenAI-compatible ({', '.join(openai)}): base_url http://{host}:{port}/v1, model "
                              f"{predictor.run_dir.name!r}")
+        if serve_anthropic.PATH in paths:
+            ui.console.print(f"Anthropic-compatible (messages): base_url http://{host}:{port}")
     uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", timeout_graceful_shutdown=30)

@@ -697,6 +697,67 @@ def test_the_official_openai_client_talks_to_a_served_run(full_run):
         assert r.usage.prompt_tokens == len(gen.prompt_ids(row)[0]) > prompt_tokens
 
 
+def test_the_official_anthropic_client_talks_to_a_served_run(full_run):
+    """The anthropic package itself, pointed at the service (base_url, the service's key as its x-api-key): the
+    Messages API answered as POST /generate answers (the same greedy text), whole and streamed (its typed events),
+    a system prompt read as a system turn, stop sequences and the token limit as its stop reasons, usage, token
+    counting; what it cannot do is its BadRequestError naming the field; a wrong key its AuthenticationError."""
+    import anthropic
+    from fastapi.testclient import TestClient
+
+    from fmtune.generation import Generator
+    from fmtune.serve import Limits, create_app
+
+    gen = Generator(full_run["run_dir"])
+    row = {"kind": "prompt", "prompt": "repeat: red dog", "completion": None, "messages": None}
+    (c,) = gen.complete([row])
+    assert c.stopped and c.tokens > 1 and len(c.text) > 2
+    prompt_tokens = len(gen.prompt_ids(row)[0])
+    name = Path(full_run["run_dir"]).name
+    ask = [{"role": "user", "content": "repeat: red dog"}]
+    with TestClient(create_app(gen, Limits(max_new_tokens=16), api_key="k")) as http:
+        client = anthropic.Anthropic(base_url="http://testserver", api_key="k", http_client=http, max_retries=0)
+        m = client.messages.create(model="claude-any", max_tokens=16, messages=ask)
+        assert (m.content[0].text, m.stop_reason, m.stop_sequence, m.model) == (c.text, "end_turn", None, name)
+        assert (m.usage.input_tokens, m.usage.output_tokens) == (prompt_tokens, c.tokens)
+        blocks = [{"role": "user", "content": [{"type": "text", "text": "repeat: "}, {"type": "text",
+                                                                                     "text": "red dog"}]}]
+        assert client.messages.create(model="x", max_tokens=16, messages=blocks).content[0].text == c.text
+        assert client.messages.count_tokens(model="x", messages=ask).input_tokens == prompt_tokens
+        with_system = client.messages.create(model="x", max_tokens=16, messages=ask, system="Be brief.")
+        assert with_system.usage.input_tokens > prompt_tokens  # read as a system turn (the run's chat template)
+        assert client.messages.count_tokens(model="x", messages=ask, system="Be brief.").input_tokens == \
+            with_system.usage.input_tokens
+        short = client.messages.create(model="x", max_tokens=1, messages=ask)
+        assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 1
+        stop = c.text[len(c.text) // 2:]
+        cut = client.messages.create(model="x", max_tokens=16, messages=ask, stop_sequences=["zzz", stop])
+        assert (cut.content[0].text, cut.stop_reason, cut.stop_sequence) == (c.text[:c.text.index(stop)],
+                                                                            "stop_sequence", stop)
+        with client.messages.stream(model="x", max_tokens=16, messages=ask) as streamed:
+            assert "".join(streamed.text_stream) == c.text
+            final = streamed.get_final_message()
+        assert (final.content[0].text, final.stop_reason, final.usage.output_tokens) == (c.text, "end_turn", c.tokens)
+        events = list(client.messages.create(model="x", max_tokens=16, messages=ask, stop_sequences=[stop],
+                                             stream=True))
+        assert [e.type for e in events[:2]] == ["message_start", "content_block_start"]
+        assert events[-1].type == "message_stop" and events[-2].delta.stop_reason == "stop_sequence"
+        assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == c.text[:c.text.index(stop)]
+        for kw, match in [({"max_tokens": 17}, r"'max_tokens' must be in \[1, 16\]"),
+                          ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools: not supported"),
+                          ({"extra_body": {"top_k": 5}}, "top_k: not supported"),
+                          ({"messages": [*ask, {"role": "assistant", "content": "Sure"}]}, "prefill"),
+                          ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+                              "type": "base64", "media_type": "image/png", "data": "x"}}]}]},
+                           "only text blocks are supported")]:
+            with pytest.raises(anthropic.BadRequestError, match=match) as e:
+                client.messages.create(**{"model": "x", "max_tokens": 16, "messages": ask, **kw})
+            assert e.value.body["error"]["type"] == "invalid_request_error"
+        bad = anthropic.Anthropic(base_url="http://testserver", api_key="wrong", http_client=http, max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError):
+            bad.messages.create(model="x", max_tokens=16, messages=ask)
+
+
 def test_a_streaming_client_that_goes_away_frees_the_service_at_once(full_run):
     """A real server: the client reads two events of a long streamed answer and hangs up; the decoding
     stops there and the next request is answered, not queued behind the rest of that answer."""
