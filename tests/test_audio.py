@@ -122,7 +122,8 @@ def write_ffmpeg(path: Path, wave: np.ndarray, rate: int, codec: str, container:
 def test_audio_libsndfile_does_not_open_is_decoded_by_ffmpeg(tmp_path, suffix, codec, container):
     """A phone's voice memo (AAC in M4A), a browser's recording (Opus in WebM), a bare AAC stream were "unsupported
     audio format": now decoded by FFmpeg (PyAV), mixed to mono and resampled as WAV is; the same from the file's
-    bytes (an upload, a table's embedded audio), where soundfile fails first."""
+    bytes (an upload, a table's embedded audio) or under a name it does not have (.wav), where soundfile fails
+    first."""
     rng = np.random.default_rng(1)
     wave = tone(660.0, 1.5, 48000, rng)
     path = write_ffmpeg(tmp_path / f"memo{suffix}", np.stack([wave, 0.5 * wave], axis=1), 48000, codec, container)
@@ -132,6 +133,9 @@ def test_audio_libsndfile_does_not_open_is_decoded_by_ffmpeg(tmp_path, suffix, c
     spectrum = np.abs(np.fft.rfft(out))
     assert abs(np.argmax(spectrum) * RATE / len(out) - 660.0) < 25
     np.testing.assert_array_equal(load_audio(path.read_bytes(), RATE, "upload"), out)
+    misnamed = tmp_path / "memo.wav"  # (a recorder's file renamed .wav: libsndfile refuses it, FFmpeg reads it)
+    misnamed.write_bytes(path.read_bytes())
+    np.testing.assert_array_equal(load_audio(misnamed, RATE), out)
     (tmp_path / "bad.m4a").write_bytes(b"ftypM4A not really" * 20)
     with pytest.raises(DataError, match="bad.m4a: not readable audio"):
         load_audio(tmp_path / "bad.m4a", RATE)

@@ -160,7 +160,7 @@ def load_audio(source: Any, rate: int, where: str = "") -> np.ndarray:
     try:
         wave, sr = _ffmpeg_decode(source, name) if ffmpeg else sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        if isinstance(source, (str, Path)) or not _ffmpeg_reads(source):  # (bytes of an upload: M4A, WebM ...?)
+        if not _ffmpeg_reads(source):  # (an upload's bytes, a file named .wav: M4A, WebM ... FFmpeg reads?)
             raise DataError(f"{name}: not readable audio ({type(e).__name__}: {e})") from None
         wave, sr = _ffmpeg_decode(source, name)
     if wave.shape[0] == 0:
@@ -177,19 +177,22 @@ def load_audio(source: Any, rate: int, where: str = "") -> np.ndarray:
 
 
 def _ffmpeg_reads(source: Any) -> bool:
-    """Whether FFmpeg (PyAV) finds an audio stream in the file object ``source`` (rewound after)."""
+    """Whether FFmpeg (PyAV) finds an audio stream in ``source``, a path or a file object (rewound after)."""
     try:
         import av
     except ImportError:
         return False
+    path = isinstance(source, (str, Path))
     try:
-        source.seek(0)
-        with av.open(source) as container:
+        if not path:
+            source.seek(0)
+        with av.open(str(source) if path else source) as container:
             return bool(container.streams.audio)
     except (av.FFmpegError, ValueError, OSError):
         return False
     finally:
-        source.seek(0)
+        if not path:
+            source.seek(0)
 
 
 def _ffmpeg_decode(source: Any, name: str) -> tuple[np.ndarray, int]:
@@ -201,7 +204,7 @@ def _ffmpeg_decode(source: Any, name: str) -> tuple[np.ndarray, int]:
         raise DataError(f"{name}: reading this audio (AAC, WebM, WMA ...) needs PyAV: pip install av") from None
     chunks = []
     try:
-        with av.open(str(source) if isinstance(source, Path) else source) as container:
+        with av.open(str(source) if isinstance(source, (str, Path)) else source) as container:
             if not container.streams.audio:
                 raise DataError(f"{name}: the file holds no audio stream")
             stream = container.streams.audio[0]
