@@ -9,7 +9,9 @@ the tools built on them, talk to the fine-tuned model unchanged, with ``base_url
     POST /v1/embeddings             text runs whose head reads one pooled vector (classification,
                                      multi-label, regression; not pairs): {"model", "input": "..." or
                                      [...], "encoding_format": "float" or "base64"} -> the fine-tuned
-                                     encoder's pooled features, L2-normalised (cosine = dot product)
+                                     encoder's pooled features, L2-normalised (cosine = dot product); the
+                                     same features at POST /pipeline/feature-extraction and POST /embed
+                                     (Text Embeddings Inference's route)
     generation runs:
     POST /v1/chat/completions       {"model", "messages": [{role, content}, ...], "max_completion_tokens" or
                                      "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
@@ -388,11 +390,13 @@ def add_embedding_routes(app: Any, predictor: Any, limits: Limits, guard: Any, r
                 "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(rows)]}
 
     @app.post("/pipeline/feature-extraction", openapi_extra=FEATURE_EXTRACTION_DOC)
+    @app.post("/embed", openapi_extra=FEATURE_EXTRACTION_DOC)
     async def feature_extraction(request: Request) -> Any:
         """The Hugging Face Inference API's feature extraction (huggingface_hub's
-        ``InferenceClient(model=URL + "/pipeline/feature-extraction").feature_extraction``, as Text Embeddings
-        Inference's /embed): {"inputs": a text or a list, "normalize": true (the default), "truncate"} -> a list of
-        vectors, one per text."""
+        ``InferenceClient(model=URL + "/pipeline/feature-extraction").feature_extraction``), and Text Embeddings
+        Inference's POST /embed (what its clients call: LlamaIndex's TextEmbeddingsInference, LangChain's ...):
+        {"inputs": a text or a list, "normalize": true (the default), "truncate"} -> a list of vectors, one per
+        text."""
         guard(request)
         data = await read_json(request)
         if not isinstance(data, dict) or "inputs" not in data:

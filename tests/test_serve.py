@@ -162,6 +162,10 @@ def test_huggingface_hub_inference_client_classifies_texts_and_images(text_run, 
         assert r.status_code == 413 and "tokens; the model reads" in r.json()["error"]
         r = httpx.post(f"{url}/pipeline/feature-extraction", json={"inputs": "x", "prompt_name": "query"})
         assert r.status_code == 422 and "prompt_name is not supported" in r.json()["error"]
+        # Text Embeddings Inference's route, as its clients call it (LlamaIndex's TextEmbeddingsInference ...)
+        r = httpx.post(f"{url}/embed", json={"inputs": ["good film", "awful plot"], "normalize": False,
+                                            "truncate": True})
+        assert r.status_code == 200 and np.allclose(r.json(), feats, atol=1e-4)
     image = next(image_dirs["train"].rglob("*.png"))
     images = fmtune.load(image_run)
     with live_server(create_app(images)) as url:
