@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import Request
 
 from fmtune.serve_base import HTTPError, Limits, json_object, open_stream, request_items, text_tokens, threaded_stream
-from fmtune.serve_openai import MAX_STOPS, StopScanner, _decoding, _messages, _rows, read_prompts
+from fmtune.serve_openai import MAX_STOPS, StopScanner, chat_messages, decoding_options, prompt_rows, read_prompts
 
 PATH = "/v1/messages"
 # request fields refused unless they carry their neutral value (None: not given)
@@ -89,7 +89,7 @@ def _conversation(data: dict[str, Any]) -> list[dict[str, str]]:
     if out[-1]["role"] == "assistant":
         raise HTTPError(422, "the last message is the assistant's (a prefill to continue): not supported; end "
                              "with the user's turn, which the model answers", param="messages")
-    return _messages(out)
+    return chat_messages(out)
 
 
 def _options(data: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], list[str]]:
@@ -100,7 +100,7 @@ def _options(data: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], list
                                  "out", param=key)
     if data.get("max_tokens") is None:
         raise HTTPError(422, "max_tokens: required (the most tokens to answer with)", param="max_tokens")
-    opts = _decoding(data, limits, "max_tokens")
+    opts = decoding_options(data, limits, "max_tokens")
     stops = data.get("stop_sequences") or []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
         raise HTTPError(422, f"stop_sequences: a list of at most {MAX_STOPS} non-empty strings", param="stop_sequences")
@@ -130,7 +130,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
 
     async def request_row(request: Request) -> tuple[dict[str, Any], dict[str, Any], int]:
         data = await json_object(request, guard, read_json)
-        row = _rows([{"messages": _conversation(data)}], limits, "messages")[0]
+        row = prompt_rows([{"messages": _conversation(data)}], limits, "messages")[0]
         (prompt_tokens,), _ = read_prompts(generator, [row], limits, "messages")
         return data, row, prompt_tokens
 

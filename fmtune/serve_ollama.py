@@ -67,9 +67,9 @@ def _options(data: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], list
                              "temperature, top_p, seed and stop)")
     if options.get("num_predict") in (-1, -2):  # (Ollama's "no limit" / "fill the context": the service's own)
         options = {k: v for k, v in options.items() if k != "num_predict"}
-    opts = serve_openai._decoding(options, limits, "num_predict")  # (OpenAI's bounds, Ollama's name for the limit)
+    opts = serve_openai.decoding_options(options, limits, "num_predict")  # (OpenAI's bounds, Ollama's limit's name)
     try:
-        stops = serve_openai._stops({"stop": options.get("stop")})
+        stops = serve_openai.stop_strings({"stop": options.get("stop")})
     except HTTPError:
         raise HTTPError(422, f"options.stop must be a list of at most {serve_openai.MAX_STOPS} non-empty "
                              "strings") from None
@@ -136,7 +136,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
             raise HTTPError(422, "'system' must be a string")
         record = ({"messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}]}
                   if system else {"prompt": prompt})
-        row = serve_openai._rows([record], limits, "prompt" if not system else "messages")[0]
+        row = serve_openai.prompt_rows([record], limits, "prompt" if not system else "messages")[0]
         return await answer(row, data, "prompt" if not system else "messages",
                             lambda text: {"model": model_id, "created_at": _now(), "response": text})
 
@@ -144,8 +144,8 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
     async def chat(request: Request) -> Any:
         """Ollama's chat: the answer to the conversation's last user turn."""
         data = await body(request)
-        messages = serve_openai._messages(data.get("messages"))
-        row = serve_openai._rows([{"messages": messages}], limits, "messages")[0]
+        messages = serve_openai.chat_messages(data.get("messages"))
+        row = serve_openai.prompt_rows([{"messages": messages}], limits, "messages")[0]
         return await answer(row, data, "messages", lambda text: {
             "model": model_id, "created_at": _now(), "message": {"role": "assistant", "content": text}})
 
@@ -176,12 +176,12 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
 _OPTIONS = {"type": "object", "properties": {
     "num_predict": {"type": "integer"}, "temperature": {"type": "number"}, "top_p": {"type": "number"},
     "seed": {"type": "integer"}, "stop": {"type": "array", "items": {"type": "string"}}}}
-GENERATE_DOC = serve_openai._doc(
+GENERATE_DOC = serve_openai.body_doc(
     {"model": {"type": "string"}, "prompt": {"type": "string"}, "system": {"type": "string"},
      "stream": {"type": "boolean"}, "options": _OPTIONS},
     ["model", "prompt"], {"model": "run", "prompt": "Write a haiku about autumn.", "stream": False})
-CHAT_DOC = serve_openai._doc(
+CHAT_DOC = serve_openai.body_doc(
     {"model": {"type": "string"}, "messages": {"type": "array", "items": {"type": "object"}},
      "stream": {"type": "boolean"}, "options": _OPTIONS},
     ["model", "messages"], {"model": "run", "messages": [{"role": "user", "content": "Hello!"}], "stream": False})
-SHOW_DOC = serve_openai._doc({"model": {"type": "string"}}, ["model"], {"model": "run"})
+SHOW_DOC = serve_openai.body_doc({"model": {"type": "string"}}, ["model"], {"model": "run"})

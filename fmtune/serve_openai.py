@@ -70,7 +70,7 @@ NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (
 MAX_STOPS = 4  # as OpenAI's API
 
 
-def _doc(properties: dict[str, Any], required: list[str], example: dict[str, Any]) -> dict[str, Any]:
+def body_doc(properties: dict[str, Any], required: list[str], example: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI request body of a /v1 route (for /docs and schema-driven clients)."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": required, "properties": properties, "example": example}}}}}
@@ -82,28 +82,28 @@ DECODING = {"model": {"type": "string", "description": "any name (one model is s
             "temperature": {"type": "number", "description": "default 0: greedy"}, "top_p": {"type": "number"},
             "seed": {"type": "integer"}, "stop": TEXTS, "stream": {"type": "boolean"},
             "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}}
-CHAT_DOC = _doc({**DECODING, "messages": {"type": "array", "items": {"type": "object", "required": ["role", "content"],
-                                                                      "properties": {"role": {"type": "string"},
-                                                                                     "content": {"type": "string"}}}}},
-                ["model", "messages"], {"model": "run", "messages": [{"role": "user", "content": "Hello"}]})
-COMPLETIONS_DOC = _doc({**DECODING, "prompt": TEXTS}, ["model", "prompt"], {"model": "run", "prompt": "Hello"})
-RESPONSES_DOC = _doc({"model": DECODING["model"],
-                      "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
-                      "instructions": {"type": "string"}, "max_output_tokens": {"type": "integer"},
-                      "temperature": DECODING["temperature"], "top_p": {"type": "number"},
-                      "stream": {"type": "boolean"}},
-                     ["model", "input"], {"model": "run", "input": "Hello"})
+_CHAT_MESSAGE = {"type": "object", "required": ["role", "content"],
+                 "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}
+CHAT_DOC = body_doc({**DECODING, "messages": {"type": "array", "items": _CHAT_MESSAGE}},
+                    ["model", "messages"], {"model": "run", "messages": [{"role": "user", "content": "Hello"}]})
+COMPLETIONS_DOC = body_doc({**DECODING, "prompt": TEXTS}, ["model", "prompt"], {"model": "run", "prompt": "Hello"})
+RESPONSES_DOC = body_doc({"model": DECODING["model"],
+                          "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+                          "instructions": {"type": "string"}, "max_output_tokens": {"type": "integer"},
+                          "temperature": DECODING["temperature"], "top_p": {"type": "number"},
+                          "stream": {"type": "boolean"}},
+                         ["model", "input"], {"model": "run", "input": "Hello"})
 # Responses API fields refused unless neutral (what needs tools, state kept between requests or another output)
 RESPONSES_NEUTRAL = {"tools": ([],), "previous_response_id": (), "conversation": (), "background": (False,),
                      "include": ([],), "reasoning": ({},), "tool_choice": ("none", "auto"), "max_tool_calls": (),
                      "prompt": (), "top_logprobs": (0,)}
-EMBEDDINGS_DOC = _doc({"model": DECODING["model"], "input": TEXTS,
-                       "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-                       "dimensions": {"type": "integer"}}, ["model", "input"],
-                      {"model": "run", "input": ["a gripping, well-acted film"]})
-FEATURE_EXTRACTION_DOC = _doc({"inputs": TEXTS, "normalize": {"type": "boolean"}, "truncate": {"type": "boolean"},
-                               "dimensions": {"type": "integer"}}, ["inputs"],
-                              {"inputs": ["a gripping, well-acted film"], "normalize": True})
+EMBEDDINGS_DOC = body_doc({"model": DECODING["model"], "input": TEXTS,
+                           "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                           "dimensions": {"type": "integer"}}, ["model", "input"],
+                          {"model": "run", "input": ["a gripping, well-acted film"]})
+FEATURE_EXTRACTION_DOC = body_doc({"inputs": TEXTS, "normalize": {"type": "boolean"},
+                                   "truncate": {"type": "boolean"}, "dimensions": {"type": "integer"}}, ["inputs"],
+                                  {"inputs": ["a gripping, well-acted film"], "normalize": True})
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
         raise HTTPError(422, "'response_format': only {\"type\": \"text\"} is supported", param="response_format")
 
 
-def _stops(data: dict[str, Any]) -> list[str]:
+def stop_strings(data: dict[str, Any]) -> list[str]:
     stop = data.get("stop")
     if stop is None:
         return []
@@ -132,7 +132,7 @@ def _stops(data: dict[str, Any]) -> list[str]:
     return stops
 
 
-def _decoding(data: dict[str, Any], limits: Limits, max_field: str) -> dict[str, Any]:
+def decoding_options(data: dict[str, Any], limits: Limits, max_field: str) -> dict[str, Any]:
     """The decoding options every generation route takes, in Generator's terms (the token limit under the
     route's own name, ``max_field``), each checked; and ``stream`` a boolean."""
     opts: dict[str, Any] = {}
@@ -151,14 +151,14 @@ def _options(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """Decoding options in Generator's terms (temperature 0, greedy, unless one is sent)."""
     _refuse_unsupported(data)
     key = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
-    opts = _decoding(data, limits, key)
+    opts = decoding_options(data, limits, key)
     if data.get("stream_options") is not None and not isinstance(data["stream_options"], dict):
         raise HTTPError(422, "'stream_options' must be an object, e.g. {\"include_usage\": true}",
                         param="stream_options")
     return opts
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def chat_messages(value: Any) -> list[dict[str, str]]:
     """OpenAI chat messages as the run's chat reads them: text parts joined, "developer" as "system";
     the conversation ends with the user's turn (the answer is the model's)."""
     if not isinstance(value, list) or not value:
@@ -185,7 +185,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _rows(records: list[dict[str, Any]], limits: Limits, what: str) -> list[dict[str, Any]]:
+def prompt_rows(records: list[dict[str, Any]], limits: Limits, what: str) -> list[dict[str, Any]]:
     from fmtune.tasks.generation import check_row
 
     rows = []
@@ -301,7 +301,7 @@ def _response_messages(data: dict[str, Any]) -> list[dict[str, str]]:
     if instructions:  # as OpenAI reads them: a system (developer) message before the input
         items = [{"role": "system", "content": instructions}] + items
     try:
-        return _messages(items)
+        return chat_messages(items)
     except HTTPError as e:
         raise HTTPError(e.status, e.message.replace("messages[", "input[").replace("'messages'", "'input'"),
                         param="input") from None
@@ -316,7 +316,7 @@ def _response_options(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
     fmt = (data.get("text") or {}).get("format") if isinstance(data.get("text"), dict) else data.get("text")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise HTTPError(422, "'text.format': only {\"type\": \"text\"} is supported", param="text")
-    return _decoding(data, limits, "max_output_tokens")
+    return decoding_options(data, limits, "max_output_tokens")
 
 
 def add_model_routes(app: Any, run_dir: Any, guard: Any) -> str:
@@ -561,10 +561,10 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
     async def chat_completions(request: Request) -> Any:
         """OpenAI's chat completions: the answer to the conversation's last user turn."""
         data = await body(request)
-        opts, stops = _options(data, limits), _stops(data)
-        messages = _messages(data.get("messages"))
+        opts, stops = _options(data, limits), stop_strings(data)
+        messages = chat_messages(data.get("messages"))
         # asked as training asked (tasks.generation.prompt_ids): the run's instruction before the first user turn
-        row = _rows([{"messages": messages}], limits, "messages")[0]
+        row = prompt_rows([{"messages": messages}], limits, "messages")[0]
         (prompt_tokens,), _ = read_prompts(generator, [row], limits, "messages")
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if data.get("stream"):
@@ -589,7 +589,7 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
         chat template). Nothing is stored: each request stands alone."""
         data = await body(request)
         opts = _response_options(data, limits)
-        row = _rows([{"messages": _response_messages(data)}], limits, "input")[0]
+        row = prompt_rows([{"messages": _response_messages(data)}], limits, "input")[0]
         (prompt_tokens,), _ = read_prompts(generator, [row], limits, "input")
         ident, item_id, now = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
 
@@ -646,8 +646,8 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
     async def completions(request: Request) -> Any:
         """OpenAI's (legacy) completions: each prompt asked as the run was trained to be asked."""
         data = await body(request)
-        opts, stops = _options(data, limits), _stops(data)
-        rows = _rows([{"prompt": p} for p in _inputs(data, "prompt", limits)], limits, "prompt")
+        opts, stops = _options(data, limits), stop_strings(data)
+        rows = prompt_rows([{"prompt": p} for p in _inputs(data, "prompt", limits)], limits, "prompt")
         prompt_tokens, _ = read_prompts(generator, rows, limits, "prompt")
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "object": "text_completion", "created": now, "model": model_id}

@@ -152,9 +152,9 @@ def add_generate_routes(app: Any, generator: Any, meta: dict[str, Any], limits: 
             raise HTTPError(422, f"{other[0]!r} is not supported by this service (it takes text_input, "
                                  f"{', '.join(GENERATE_PARAMETERS)})")
         named = {GENERATE_PARAMETERS[k]: v for k, v in given.items()}
-        opts = serve_openai._decoding(named, limits, "max_tokens")
-        stops = serve_openai._stops(named)
-        row = serve_openai._rows([{"prompt": prompt}], limits, "text_input")[0]
+        opts = serve_openai.decoding_options(named, limits, "max_tokens")
+        stops = serve_openai.stop_strings(named)
+        row = serve_openai.prompt_rows([{"prompt": prompt}], limits, "text_input")[0]
         serve_openai.read_prompts(generator, [row], limits, "text_input")  # (too long: cut, or 413 under reject)
         return row, opts, stops
 
