@@ -320,14 +320,21 @@ def _response_options(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
 
 
 def add_model_routes(app: Any, run_dir: Any, guard: Any) -> str:
-    """GET /v1/models and /v1/models/{id}: the one model served, named by its run. Returns the name."""
+    """GET /v1/models and /v1/models/{id}: the one model served, named by its run, in OpenAI's shape and
+    Anthropic's at once (each client reads its own fields: ``display_name``, ``created_at``, ``has_more`` ...).
+    Returns the name."""
+    import datetime
+
     model_id = run_dir.name
-    card = {"id": model_id, "object": "model", "created": int(run_dir.stat().st_mtime), "owned_by": "fmtune"}
+    created = int(run_dir.stat().st_mtime)
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "fmtune", "type": "model",
+            "display_name": model_id,
+            "created_at": datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat()}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         guard(request)
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card], "has_more": False, "first_id": model_id, "last_id": model_id}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request) -> dict[str, Any]:

@@ -753,6 +753,9 @@ def test_the_official_anthropic_client_talks_to_a_served_run(full_run):
             with pytest.raises(anthropic.BadRequestError, match=match) as e:
                 client.messages.create(**{"model": "x", "max_tokens": 16, "messages": ask, **kw})
             assert e.value.body["error"]["type"] == "invalid_request_error"
+        listed = client.models.list()
+        assert [(m.id, m.display_name, m.type) for m in listed.data] == [(name, name, "model")]
+        assert listed.has_more is False and client.models.retrieve(name).created_at.year >= 2026
         bad = anthropic.Anthropic(base_url="http://testserver", api_key="wrong", http_client=http, max_retries=0)
         with pytest.raises(anthropic.AuthenticationError):
             bad.messages.create(model="x", max_tokens=16, messages=ask)
