@@ -943,7 +943,7 @@ def test_a_mask_classifier_is_fine_tuned_for_semantic_segmentation(model_type, s
     whole model". Now it is fine-tuned with its own loss (its queries matched to each image's class masks): a new
     class head for the run's classes, the rest pretrained; it learns the scenes; its semantic map is transformers'
     own post-processing's; the run's folder is a plain transformers model; ONNX agrees; strategy head keeps the
-    backbone as it was and trains the decoders."""
+    backbone as it was and trains the decoders; LoRA adapts the backbone, the decoders saved beside it (MaskFormer)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForUniversalSegmentation
 
@@ -999,6 +999,15 @@ def test_a_mask_classifier_is_fine_tuned_for_semantic_segmentation(model_type, s
     assert stem and all(torch.equal(before[k], frozen[k]) for k in stem)
     decoder = [k for k in before if "pixel_level_module.decoder." in k or "transformer_module." in k]
     assert decoder and any(not torch.equal(before[k], frozen[k]) for k in decoder)
+    if model_type == "maskformer":  # LoRA on its backbone, the decoders and class head saved beside the adapter
+        lora = tmp_path / "lora"
+        cfg = seg_cfg(source, scenes, lora, epochs=1)
+        cfg["model"]["image_size"], cfg["strategy"] = 64, {"name": "lora"}
+        api.train(cfg, quiet=True, report=False)
+        weights = load_file(str(lora / "model" / "adapter_model.safetensors"))
+        assert any("lora_" in k and "encoder" in k for k in weights)
+        assert any("transformer_module" in k for k in weights) and any("class_predictor" in k for k in weights)
+        assert export(lora, merge=True, quiet=True)["max_abs_diff"] < 1e-4
 
 
 def hf_semantic_map(model, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
