@@ -28,7 +28,15 @@ from typing import Any
 from fastapi import Request
 
 from fmtune.serve_base import HTTPError, Limits, json_object, open_stream, request_items, text_tokens, threaded_stream
-from fmtune.serve_openai import MAX_STOPS, StopScanner, chat_messages, decoding_options, prompt_rows, read_prompts
+from fmtune.serve_openai import (
+    MAX_STOPS,
+    StopScanner,
+    chat_messages,
+    decoding_options,
+    first_stop,
+    prompt_rows,
+    read_prompts,
+)
 
 PATH = "/v1/messages"
 # request fields refused unless they carry their neutral value (None: not given)
@@ -115,10 +123,9 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
 
     def ended(stops: list[str], text: str, stopped: bool) -> tuple[str, str, str | None]:
         """(the answer up to its stop sequence, stop_reason, the stop sequence met)."""
-        hits = [(text.find(s), s) for s in stops if s in text]
-        if hits:
-            at, seq = min(hits)
-            return text[:at], "stop_sequence", seq
+        hit = first_stop(text, stops)
+        if hit:
+            return text[:hit[0]], "stop_sequence", hit[1]
         return text, "end_turn" if stopped else "max_tokens", None
 
     def message(ident: str, text: str | None, reason: str | None, seq: str | None, prompt: int, n: int
@@ -156,12 +163,9 @@ def add_routes(app: Any, generator: Any, limits: Limits, guard: Any, read_json: 
                     yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
                 yield event("content_block_stop", index=0)
                 answer = scanner.answer
-                if scanner.stopped:
-                    _, reason, seq = ended(stops, scanner.text, False)
-                    n = text_tokens(generator, answer)
-                else:
-                    reason, seq, n = ("end_turn" if info.get("stopped") else "max_tokens"), None, info.get(
-                        "tokens", text_tokens(generator, answer))
+                _, reason, seq = ended(stops, scanner.text, info.get("stopped", False))
+                n = text_tokens(generator, answer) if seq is not None else info.get(
+                    "tokens", text_tokens(generator, answer))
                 yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": seq},
                             usage={"output_tokens": n})
                 yield event("message_stop")

@@ -219,10 +219,15 @@ def read_prompts(generator: Any, rows: list[dict[str, Any]], limits: Limits, wha
     return read, cut
 
 
+def first_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
+    """Where the first of ``stops`` in ``text`` begins, and which it is; None where none is in it."""
+    return min(((text.find(s), s) for s in stops if s in text), default=None)
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """``text`` up to the first of ``stops`` in it; whether one was found."""
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(cuts)], True) if cuts else (text, False)
+    hit = first_stop(text, stops)
+    return (text[:hit[0]], True) if hit else (text, False)
 
 
 class StopScanner:

@@ -160,9 +160,12 @@ def load_audio(source: Any, rate: int, where: str = "") -> np.ndarray:
     try:
         wave, sr = _ffmpeg_decode(source, name) if ffmpeg else sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        if not _ffmpeg_reads(source):  # (an upload's bytes, a file named .wav: M4A, WebM ... FFmpeg reads?)
+        try:  # (an upload's bytes, a file named .wav: M4A, WebM ... that FFmpeg reads)
+            if not isinstance(source, (str, Path)):
+                source.seek(0)
+            wave, sr = _ffmpeg_decode(source, name)
+        except DataError:
             raise DataError(f"{name}: not readable audio ({type(e).__name__}: {e})") from None
-        wave, sr = _ffmpeg_decode(source, name)
     if wave.shape[0] == 0:
         raise DataError(f"{name}: the audio is empty (0 samples)")
     if not np.isfinite(wave).all():
@@ -174,25 +177,6 @@ def load_audio(source: Any, rate: int, where: str = "") -> np.ndarray:
     if np.abs(wave).max() < SILENCE_PEAK:
         warnings.warn(f"{name}: the clip is silent (peak amplitude {np.abs(wave).max():.1e})", stacklevel=2)
     return np.ascontiguousarray(resample(wave, sr, rate), dtype=np.float32)
-
-
-def _ffmpeg_reads(source: Any) -> bool:
-    """Whether FFmpeg (PyAV) finds an audio stream in ``source``, a path or a file object (rewound after)."""
-    try:
-        import av
-    except ImportError:
-        return False
-    path = isinstance(source, (str, Path))
-    try:
-        if not path:
-            source.seek(0)
-        with av.open(str(source) if path else source) as container:
-            return bool(container.streams.audio)
-    except (av.FFmpegError, ValueError, OSError):
-        return False
-    finally:
-        if not path:
-            source.seek(0)
 
 
 def _ffmpeg_decode(source: Any, name: str) -> tuple[np.ndarray, int]:
