@@ -352,8 +352,9 @@ def default_lr(strategy: Any, task_type: str | None = None, model: str | None = 
     return DEFAULT_LR[strategy.name]
 
 
-# train.epochs and train.batch_size when they are not set, unless the task has its own (Task.default_train)
-DEFAULT_EPOCHS, DEFAULT_BATCH_SIZE = 3, 32
+# train.epochs, train.batch_size and train.eval_batch_size when they are not set, unless the task has its own
+# (Task.default_train)
+DEFAULT_EPOCHS, DEFAULT_BATCH_SIZE, DEFAULT_EVAL_BATCH_SIZE = 3, 32, 128
 MIN_STEPS, MIN_STEPS_BATCH = 200, 8  # train.min_steps, and the smallest batch it lowers train.batch_size to
 
 
@@ -488,9 +489,11 @@ class TrainConfig:
     batch_size: int | None = _f(None, f"examples per optimizer step, per accumulation micro-step (default: "
                                 f"{DEFAULT_BATCH_SIZE}, or the task's own: named entities, text generation, "
                                 "detection and segmentation 8)")
-    eval_batch_size: int = _f(128, "examples per forward pass when evaluating or predicting, at most: on a CPU a "
-                              "batch of texts sorted by length is cut where its padding would pass 5% of its "
-                              "tokens")
+    eval_batch_size: int | None = _f(None, "examples per forward pass when evaluating or predicting, at most "
+                                     f"(default: {DEFAULT_EVAL_BATCH_SIZE}; detection and segmentation 8: a dense "
+                                     "model holds 150-250 MB of activations an image at 512 px, and no more images a "
+                                     "second on a CPU above 4 an image batch); on a CPU a batch of texts sorted by "
+                                     "length is cut where its padding would pass 5% of its tokens")
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
     lr: float | None = _f(None, "learning rate of what trains besides the head (default: per strategy: "
                           + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
@@ -578,7 +581,8 @@ class TrainConfig:
         _check(self.min_steps is None or self.min_steps >= 1, "train.min_steps", "must be at least 1 or null")
         _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0")
         _check(self.batch_size is None or self.batch_size >= 1, "train.batch_size", "must be at least 1")
-        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1")
+        _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "train.eval_batch_size",
+               "must be at least 1")
         _check(self.loader_threads is None or self.loader_threads >= 0, "train.loader_threads", "must be >= 0")
         _check(self.lr is None or self.lr > 0, "train.lr", "must be > 0")
         _check(self.head_lr is None or self.head_lr > 0, "train.head_lr", "must be > 0")
@@ -684,6 +688,8 @@ class Config:
             self.train.epochs = own.get("epochs", DEFAULT_EPOCHS)
         if self.train.batch_size is None:
             self.train.batch_size = own.get("batch_size", DEFAULT_BATCH_SIZE)
+        if self.train.eval_batch_size is None:
+            self.train.eval_batch_size = own.get("eval_batch_size", DEFAULT_EVAL_BATCH_SIZE)
         whole = _whole_model(self.task.type, self.model.name) if self.train.head_lr is None else None
         if whole is not None:
             from fmtune.models.whole import LRS

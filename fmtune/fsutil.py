@@ -1,10 +1,13 @@
-"""Atomic writes: a crash or SIGKILL never leaves a half-written file or folder behind."""
+"""Atomic writes: a crash or SIGKILL never leaves a half-written file or folder behind. Scratch space on disk for
+outputs too large for memory (``output_tensor``)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,3 +128,42 @@ def cache_dir() -> Path:
     """Where fmtune keeps what it computes once: features of frozen backbones, datasets read from another format
     (``$FMTUNE_CACHE_DIR``, default ``~/.cache/fmtune/features``)."""
     return Path(os.environ.get("FMTUNE_CACHE_DIR", Path.home() / ".cache" / "fmtune" / "features"))
+
+
+SCRATCH_ENV = "FMTUNE_SCRATCH"  # the folder for outputs too large for memory (default: /var/tmp, else the temp folder)
+
+
+def spill_bytes() -> int:
+    """Outputs above this many bytes go to disk: a quarter of the memory available now (at least 256 MiB)."""
+    import psutil
+
+    return max(256 << 20, psutil.virtual_memory().available // 4)
+
+
+def scratch_dir() -> Path:
+    """$FMTUNE_SCRATCH, else /var/tmp (on disk by convention; /tmp is memory on many systems), else the temp folder."""
+    named = os.environ.get(SCRATCH_ENV)
+    if named:
+        return Path(named).expanduser()
+    var = Path("/var/tmp")
+    return var if var.is_dir() and os.access(var, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def output_tensor(shape: tuple[int, ...], dtype: Any = None) -> Any:
+    """Zeros of ``shape``: in memory, or above ``spill_bytes`` backed by a file in ``scratch_dir`` (removed at once:
+    the mapping lives as long as the tensor) where that disk has room; a tensor like any other to its readers."""
+    import torch
+
+    dtype = dtype or torch.float32
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    folder = scratch_dir()
+    if nbytes <= spill_bytes() or not folder.is_dir() or shutil.disk_usage(folder).free < nbytes * 1.1:
+        return torch.zeros(shape, dtype=dtype)
+    fd, path = tempfile.mkstemp(prefix="fmtune-outputs-", dir=folder)
+    try:
+        os.ftruncate(fd, nbytes)  # sparse: zeros, written as the batches come
+        return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+    finally:
+        os.close(fd)
+        os.unlink(path)

@@ -526,6 +526,30 @@ def test_metrics_match_scikit_learn():
     assert cm.sum() == keep.sum() and scores(cm)["support"].tolist() == np.bincount(y[keep], minlength=4).tolist()
 
 
+@pytest.mark.parametrize("budget", [1 << 25, 5000, 1])
+def test_scores_read_a_group_of_classes_at_a_time_as_all_at_once(monkeypatch, budget):
+    """Logits are resized to the masks a group of classes and of images at a time (memory stays bounded with 150
+    classes at full size): the same classes, cross-entropy and confidences as resizing every class at once."""
+    from fmtune.tasks import segmentation
+
+    monkeypatch.setattr(segmentation, "SCORE_ELEMENTS", budget)
+    rng = np.random.default_rng(1)
+    logits = torch.from_numpy(rng.normal(size=(3, 21, 8, 8))).float()
+    targets = torch.from_numpy(rng.integers(0, 21, (3, 24, 20))).to(torch.uint8)
+    targets[1, :4] = IGNORE
+    up = torch.nn.functional.interpolate(logits, size=(24, 20), mode="bilinear", align_corners=False)
+    task = Segmentation([str(i) for i in range(21)])
+    m = task.metrics(logits, targets)
+    keep = targets != IGNORE
+    assert m["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(up, targets.long(), ignore_index=IGNORE)),
+                                      rel=1e-5)
+    assert m["pixel_accuracy"] == pytest.approx(float((up.argmax(1) == targets)[keep].float().mean()))
+    masks = task.predicted_masks(logits, [(20, 24)] * 3)
+    assert all((mask == up[i].argmax(0).numpy()).all() for i, (mask, _) in enumerate(masks))
+    conf = up.softmax(1).max(1).values.mean((1, 2))
+    assert [c for _, c in masks] == pytest.approx(conf.tolist(), rel=1e-5)
+
+
 # --- training, prediction, reload ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -557,6 +581,37 @@ def test_evaluate_with_the_linear_probe_baseline(resnet_run, scenes, tmp_path):
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("baseline", "export", "robustness", "explain"))
     res = api.evaluate(copy, scenes["test"], baseline=True, quiet=True)
     assert 0 <= res["baseline"]["miou"] <= 1 and "linear probe" in res["baseline_method"]
+
+
+def test_outputs_too_large_for_memory_go_to_disk_and_score_the_same(resnet_run, scenes, tmp_path, monkeypatch):
+    """A segmenter's logits for every test image (150 classes at 128 x 128 cells: 10 MB an image) did not fit in
+    memory for a large test set: above fsutil.spill_bytes they are written to a file-backed tensor instead (its file
+    removed at once), and evaluate, its probe baseline and predict give what they give in memory."""
+    import shutil
+
+    from fmtune import fsutil
+
+    out, _ = resnet_run
+    copies = []
+    for name in ("memory", "disk"):
+        copies.append(tmp_path / name)
+        shutil.copytree(out, copies[-1], ignore=shutil.ignore_patterns("baseline", "export", "robustness", "explain"))
+    held = api.evaluate(copies[0], scenes["test"], baseline=True, quiet=True)
+    masks = api.predict(copies[0], scenes["test"] / "images", quiet=True)["mask_png"]
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv(fsutil.SCRATCH_ENV, str(scratch))
+    monkeypatch.setattr(fsutil, "spill_bytes", lambda: 0)
+    mapped = []
+    from_file = torch.from_file
+    monkeypatch.setattr(torch, "from_file", lambda path, *a, **kw: mapped.append(path) or from_file(path, *a, **kw))
+    spilled = api.evaluate(copies[1], scenes["test"], baseline=True, quiet=True)
+    assert mapped and all(Path(p).parent == scratch for p in mapped)  # the model's logits, its features, the probe's
+    assert spilled["test"] == held["test"] and spilled["baseline"] == held["baseline"]
+    assert spilled["per_class"] == held["per_class"] and spilled["mistakes"] == held["mistakes"]
+    assert api.predict(copies[1], scenes["test"] / "images", quiet=True)["mask_png"].tolist() == masks.tolist()
+    assert not list(scratch.iterdir())  # nothing left behind
 
 
 def test_predict_gives_masks_at_each_image_size_and_reload_agrees(resnet_run, scenes, tmp_path):

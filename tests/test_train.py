@@ -451,19 +451,22 @@ def test_epochs_and_batch_size_default_per_task_and_a_setting_wins(tmp_path):
     from fmtune.tasks import TASKS, task_class
 
     own = {name: task_class(name).default_train for name in TASKS.names()}
-    assert own["detection"] == own["segmentation"] == {"epochs": 12, "batch_size": 8}
+    # a dense model's activations: 150-250 MB an image at 512 px, so 8 an evaluation batch rather than 128
+    assert own["detection"] == own["segmentation"] == {"epochs": 12, "batch_size": 8, "eval_batch_size": 8}
     assert own["generation"] == own["ner"] == {"batch_size": 8}
     for name in TASKS.names():
         train = config.from_dict({"task": {"type": name}}).train
-        assert (train.epochs, train.batch_size) == (own[name].get("epochs", config.DEFAULT_EPOCHS),
-                                                    own[name].get("batch_size", config.DEFAULT_BATCH_SIZE)), name
-        chosen = config.from_dict({"task": {"type": name}, "train": {"epochs": 2, "batch_size": 5}}).train
-        assert (chosen.epochs, chosen.batch_size) == (2, 5), name
+        assert (train.epochs, train.batch_size, train.eval_batch_size) == (
+            own[name].get("epochs", config.DEFAULT_EPOCHS), own[name].get("batch_size", config.DEFAULT_BATCH_SIZE),
+            own[name].get("eval_batch_size", config.DEFAULT_EVAL_BATCH_SIZE)), name
+        chosen = config.from_dict({"task": {"type": name},
+                                   "train": {"epochs": 2, "batch_size": 5, "eval_batch_size": 3}}).train
+        assert (chosen.epochs, chosen.batch_size, chosen.eval_batch_size) == (2, 5, 3), name
     # a run's config.yaml holds the resolved numbers, so resuming or continuing it does not depend on the defaults
     cfg = config.from_dict({"task": {"type": "detection"}})
     cfg.save(tmp_path / "config.yaml")
     saved = config.load(tmp_path / "config.yaml").to_dict()["train"]
-    assert (saved["epochs"], saved["batch_size"]) == (12, 8)
+    assert (saved["epochs"], saved["batch_size"], saved["eval_batch_size"]) == (12, 8, 8)
     with pytest.raises(fmtune.errors.ConfigError, match="train.batch_size"):
         config.from_dict({"train": {"batch_size": 0}})
 

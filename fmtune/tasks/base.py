@@ -69,7 +69,7 @@ class Task:
     usual_labels = USUAL_LABELS  # capability usual_columns: the names a table's label column goes by
     default_lrs: dict[str, float] = {}  # train.lr by strategy where this task needs other than config.DEFAULT_LR
     default_head_lr: float | None = None  # train.head_lr unless set (None: config.default_head_lr of train.lr)
-    default_train: dict[str, int] = {}  # train.epochs / train.batch_size unless set (else config.DEFAULT_EPOCHS, ...)
+    default_train: dict[str, int] = {}  # train.epochs / batch_size / eval_batch_size unless set (else config.DEFAULT_*)
     dense_head = ""  # level "dense": the head on the backbone's feature maps (fmtune.models.dense.HEADS)
     probe_baseline = True  # train.baseline: a linear probe (else the head trained on the frozen backbone, a run)
     # POST / of a served run in the Hugging Face Inference API's format (fmtune.serve): the request

@@ -24,7 +24,10 @@ class DenseTask(Task):
     # a dense head learns from many steps, as detectors' usual "1x" schedule of 12 epochs. Full fine-tuning on
     # digit-scenes (400 images, 192 px): 3 epochs of 32 (39 steps) reached test mAP 0.027 / mIoU 0.229; 12 epochs
     # of 8 (600 steps) 0.410 / 0.538, still rising (bench/results-2026-12-02-dense-defaults-2core.json)
-    default_train = {"epochs": 12, "batch_size": 8}
+    # evaluation and prediction: a dense model holds 150-250 MB of activations an image at 512 px (SegFormer-b0 150,
+    # Mask2Former Swin-T 250: 19-32 GB at the usual 128 an evaluation batch), and on a CPU gives no more images a
+    # second above 4 an image batch (SegFormer-b0 at 512 px: 4.9 images/s at 4, 4.4 at 8, 16 and 32)
+    default_train = {"epochs": 12, "batch_size": 8, "eval_batch_size": 8}
 
     @staticmethod
     def class_names(classes: str | list[str] | None) -> list[str]:

@@ -1,4 +1,8 @@
-"""Batched forward passes in eval mode, results returned in the dataset's own order."""
+"""Batched forward passes in eval mode, results returned in the dataset's own order.
+
+Outputs too large to hold (a segmenter's logits: classes x cells for every image; 150 classes at 128 x 128 cells are
+10 MB an image) are written to a file-backed tensor on disk instead (``fsutil.output_tensor``), which the page cache
+keeps in memory while it fits and evicts when it does not; their readers take them in chunks."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 import torch
 
 from fmtune.data.dataset import inference_batches
+from fmtune.fsutil import output_tensor
 from fmtune.training import hardware, prefetch
 
 
@@ -45,7 +50,7 @@ def infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any = None, 
             shape = list(y.shape[1:])
             if y.dim() == 3 and getattr(ds, "lengths", None) is not None:  # per token: to the longest example
                 shape[0] = int(ds.lengths.max())
-            out = torch.zeros((len(ds), *shape), dtype=y.dtype)
+            out = output_tensor((len(ds), *shape), y.dtype)
         if y.dim() == 3:
             out[torch.as_tensor(idx), : y.shape[1]] = y
         else:
