@@ -27,7 +27,7 @@ from fmtune.data.dataset import ImageData
 from fmtune.data.prepare import make_dataset, read_data
 from fmtune.data.readers import text_columns
 from fmtune.errors import ConfigError, DataError
-from fmtune.fsutil import atomic_dir, check_output_dir
+from fmtune.fsutil import atomic_dir, check_output_dir, output_tensor
 from fmtune.training.hardware import precision_name
 from fmtune.training.infer import infer
 from fmtune.training.perturb import (  # noqa: F401  (re-exported: the suite's parts)
@@ -159,12 +159,16 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
                 else:
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     gen = torch.Generator().manual_seed(_seed(seed, name, severity))
-                    logits = []
+                    logits, start = None, 0
                     for raw, _targets in batches:
                         x = corrupt_images(raw.float() / 255, name, level, gen)
-                        logits.append(infer(forward, ImageData((x * 255).round().clamp(0, 255), None, ds.spec), bs)[0])
+                        out = infer(forward, ImageData((x * 255).round().clamp(0, 255), None, ds.spec), bs)[0]
+                        if logits is None:  # (a segmenter's: on disk past fsutil.spill_bytes, as infer's own)
+                            logits = output_tensor((len(ds), *out.shape[1:]))
+                        logits[start:start + len(raw)] = out
+                        start += len(raw)
                         bar(len(raw))
-                    value = score(torch.cat(logits), ds.targets)
+                    value = score(logits, ds.targets)
                 per.setdefault(name, {"unit": unit, "results": []})["results"].append(
                     {"severity": severity, "level": round(level, 5), metric: round(value, 4),
                      "relative": round(value / clean, 4) if clean else None})
