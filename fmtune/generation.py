@@ -219,12 +219,15 @@ def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
                 "vocabulary": len(tok), "new_head": not tok.name_or_path,
                 "wer_normalizer": NORMALIZERS[task.wer_normalizer]}
     if bundle.family == causal_lm.SPEECH_FAMILY:
+        from fmtune.data.audio import WAVEFORM
         from fmtune.models import speech
 
-        return {"prefix": tok.convert_ids_to_tokens(speech.prefix_ids(tok, task.language)),
-                "bucket_seconds": speech.BUCKET_SECONDS, "window_seconds": bundle.audio.get("window_seconds"),
-                "reads_clips": "in buckets" if bundle.audio.get(speech.BUCKETED) else "in the whole window (not "
-                "yet trained by fmtune)",
+        return {"prefix": tok.convert_ids_to_tokens(speech.prefix_ids(tok, task.language, bundle.model)),
+                "window_seconds": bundle.audio.get("window_seconds"),
+                **({"reads_clips": "the waveform, padded to the longest of a batch"} if bundle.audio.get(
+                    "frontend") == WAVEFORM else {
+                    "bucket_seconds": speech.BUCKET_SECONDS, "reads_clips": "in buckets" if bundle.audio.get(
+                        speech.BUCKETED) else "in the whole window (not yet trained by fmtune)"}),
                 "eos_token": tok.eos_token, "wer_normalizer": NORMALIZERS[task.wer_normalizer]}
     info = {"chat_template": uses_template(tok, task.chat_template), "train_on_prompt": task.train_on_prompt,
             "max_length": bundle.max_length, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
@@ -648,7 +651,7 @@ def _save_onnx(gen: Generator, prompts: list[list[int]], folder: Path, quiet: bo
 
 
 def _export_speech(opened: Any, target: Path, kind: str, quiet: bool) -> dict[str, Any]:
-    from transformers import AutoModelForCTC, WhisperForConditionalGeneration
+    from transformers import AutoModelForCTC, AutoModelForSpeechSeq2Seq
 
     from fmtune.models import ctc, speech
 
@@ -667,7 +670,7 @@ def _export_speech(opened: Any, target: Path, kind: str, quiet: bool) -> dict[st
                                  task.language, full_window=not bundle.audio.get(speech.BUCKETED, False))
 
     return _checked_export(opened, target, kind, quiet,
-                           auto=AutoModelForCTC if is_ctc else WhisperForConditionalGeneration,
+                           auto=AutoModelForCTC if is_ctc else AutoModelForSpeechSeq2Seq,
                            extra=lambda tmp: (ctc if is_ctc else speech).write_extra(bundle, tmp), outputs=outputs,
                            reference=outputs(bundle.model), what=("clips", "same_transcripts", "transcribes"),
                            source=source)

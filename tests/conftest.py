@@ -157,6 +157,30 @@ def save_tiny_whisper(folder: Path, vocab_size: int = 64, max_target_positions: 
     return folder
 
 
+def save_tiny_moonshine(folder: Path, texts: list[str]) -> Path:
+    """A 2+2-layer random Moonshine (hidden 32: its convolutions over the 16 kHz waveform, rotary encoder and
+    decoder), a SentencePiece-like BPE tokenizer of ``texts`` (<unk>, <s> the decoder start, </s> the end, as
+    Moonshine's) and its feature extractor's settings (the waveform as it is), saved as a transformers folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import MoonshineConfig, MoonshineForConditionalGeneration, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(folder)
+    cfg = MoonshineConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=2,
+                          decoder_num_hidden_layers=2, encoder_num_attention_heads=2, decoder_num_attention_heads=2,
+                          encoder_num_key_value_heads=2, decoder_num_key_value_heads=2, max_position_embeddings=64,
+                          bos_token_id=1, decoder_start_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    MoonshineForConditionalGeneration(cfg).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
+         "padding_value": 0.0, "do_normalize": False, "return_attention_mask": True}))
+    return folder
+
+
 def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_norm: str = "group",
                        ctc_letters: str | None = None) -> Path:
     """A 2-layer random raw-waveform encoder (hidden 32; wav2vec2's 7-convolution feature encoder at

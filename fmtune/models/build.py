@@ -260,20 +260,21 @@ def _create_speech(model_cfg: Any, task: Any) -> Bundle:
     family, path = resolve(model_cfg.name)
     if family != "hf":
         raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is not one (use "
-                         "whisper-tiny-en, or a local Whisper folder (Hugging Face or CTranslate2 format) or "
-                         "wav2vec2-style CTC folder)")
+                         "whisper-tiny-en, or a local Whisper folder (Hugging Face or CTranslate2 format), a "
+                         "Moonshine folder or a wav2vec2-style CTC folder)")
     config = _config_at(path)
-    audio = _audio_spec(path, config, model_cfg.audio_window) if _audio_kind(path, config) else {}
+    reads_audio = _audio_kind(path, config) or config.model_type in speech.WAVEFORM_SPEECH_TYPES
+    audio = _audio_spec(path, config, model_cfg.audio_window) if reads_audio else {}
     if config.model_type in AUDIO_ENCODERS:  # a CTC model: one character distribution per frame
         model, tokenizer = ctc.create(path, config, model_cfg.init, getattr(task, "alphabet", None))
         return Bundle(model, "audio", ctc.FAMILY, "none", tokenizer=tokenizer, audio=audio, max_length=0,
                       source=str(model_cfg.name))
     if config.model_type not in SPEECH_MODEL_TYPES:
         raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is a model of type "
-                         f"{config.model_type!r} (use whisper-tiny-en, or a local Whisper or wav2vec2-style CTC "
-                         "folder)")
+                         f"{config.model_type!r} (use whisper-tiny-en, or a local Whisper, Moonshine or "
+                         "wav2vec2-style CTC folder)")
     model, tokenizer = causal_lm.load_pretrained(path, config, model_cfg.init, AutoModelForSpeechSeq2Seq)
-    prefix_ids(tokenizer, getattr(task, "language", None))  # a wrong language is an error now, not at the end
+    prefix_ids(tokenizer, getattr(task, "language", None), model)  # a wrong language is an error now, not at the end
     return Bundle(model, "audio", speech.FAMILY, "none", tokenizer=tokenizer, audio=audio,
                   max_length=speech.max_target_positions(model), source=str(model_cfg.name))
 

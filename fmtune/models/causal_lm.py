@@ -48,6 +48,8 @@ LM_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
 # Whisper: the attention and feed-forward projections of encoder and decoder blocks (self- and cross-attention)
 LM_TARGETS["whisper"] = (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"],
                          ["fc2"])
+LM_TARGETS["moonshine"] = (["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"],
+                           ["fc2"])  # (the same, its attention output named o_proj)
 # T5 and its kin (Flan-T5, mT5, UL2): every projection of the self-, cross-attention and feed-forward layers of
 # encoder and decoder (wi for T5 v1.0, wi_0 / wi_1 gated from v1.1 on: the ones a model lacks are left out); IA3 as
 # peft's own defaults for T5 (keys, values and the feed-forward output)
@@ -475,10 +477,10 @@ def auto_class(family: str | None) -> Any:
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM
-    if family == SPEECH_FAMILY:
-        from transformers import WhisperForConditionalGeneration
+    if family == SPEECH_FAMILY:  # (Whisper, Moonshine)
+        from transformers import AutoModelForSpeechSeq2Seq
 
-        return WhisperForConditionalGeneration
+        return AutoModelForSpeechSeq2Seq
     if family == CTC_FAMILY:
         from transformers import AutoModelForCTC
 

@@ -152,8 +152,8 @@ def stacked_input(encoder: nn.Module) -> bool:
     return hasattr(encoder.config, "feature_projection_input_dim")
 
 
-def waveform_states(encoder: nn.Module, input_values: torch.Tensor,
-                    sample_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def waveform_states(encoder: nn.Module, input_values: torch.Tensor, sample_mask: torch.Tensor | None = None,
+                    grouped: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A raw-waveform encoder (wav2vec2, HuBERT, WavLM ...) over zero-padded windows: the last hidden
     states and the mask of frames that cover real samples. w2v-BERT's stacked filterbank frames (windows x
     frames x features, ``sample_mask`` over frames) are read the same way (it is trained with the mask).
@@ -161,9 +161,10 @@ def waveform_states(encoder: nn.Module, input_values: torch.Tensor,
     Models trained with an attention mask (``feat_extract_norm: layer``) get it. The others
     (wav2vec2-base and its group-norm kin) normalise their first convolution over the whole window,
     padding included, so a padded window would read differently from the same window alone: their
-    windows run in groups of equal length, unpadded, and a prediction never depends on its batch."""
+    windows run in groups of equal length, unpadded, and a prediction never depends on its batch; so do those of
+    ``grouped`` (Moonshine's encoder: its first convolution's group norm spans the window)."""
     lengths = None if sample_mask is None else sample_mask.sum(-1)
-    if getattr(encoder.config, "feat_extract_norm", "layer") == "layer" or lengths is None:
+    if (getattr(encoder.config, "feat_extract_norm", "layer") == "layer" and not grouped) or lengths is None:
         hidden = encoder(input_values, attention_mask=sample_mask).last_hidden_state
     elif torch.compiler.is_exporting() or bool((lengths == input_values.shape[-1]).all()):
         hidden = encoder(input_values).last_hidden_state  # (an ONNX graph: its runner groups by length)
@@ -175,7 +176,13 @@ def waveform_states(encoder: nn.Module, input_values: torch.Tensor,
             hidden[rows, : h.shape[1]] = h
     if lengths is None:
         return hidden, None
-    frames = encoder._get_feat_extract_output_lengths(lengths)
+    try:
+        frames = encoder._get_feat_extract_output_lengths(lengths)
+    except (RuntimeError, ValueError):
+        frames = None
+    if not isinstance(frames, torch.Tensor):  # (Moonshine's count takes one number, not a tensor)
+        frames = torch.tensor([int(encoder._get_feat_extract_output_lengths(int(n))) for n in lengths.tolist()],
+                              device=hidden.device)
     return hidden, (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None]).long()
 
 

@@ -1,5 +1,10 @@
-"""Encoder-decoder speech models (Whisper) for speech recognition: the training forward and batched
-greedy transcription with a KV cache (``fmtune.models.build`` creates, saves and loads them).
+"""Encoder-decoder speech models (Whisper; Moonshine, which reads the waveform) for speech recognition: the
+training forward and batched greedy transcription with a KV cache (``fmtune.models.build`` creates, saves and loads
+them).
+
+Moonshine reads the waveform itself, in windows of up to 30 s padded with zeros to the longest of the batch; its
+first convolution's group norm spans the window, so its windows are encoded in groups of equal length
+(``hf_remote.waveform_states``) and a transcript never depends on its batch. The rest of this doc is Whisper's.
 
 Whisper reads a fixed 30-second window (transformers' encoder refuses anything else): a 3-second
 clip padded to 30 s costs ten times its own compute in the encoder and gives the decoder 1,500
@@ -32,19 +37,32 @@ from fmtune.tasks.speech import BUCKET_SECONDS, prefix_ids, transcribe_clips  # 
 # Whisper's decoder holds 448 positions for a 30-second window: at most this many tokens per second
 # of audio are decoded (a model that loops on a phrase stops there, not at the decoder's end)
 TOKENS_PER_SECOND = 448 / 30
-SPEECH_MODEL_TYPES = ("whisper",)
+WAVEFORM_SPEECH_TYPES = ("moonshine",)  # encoder-decoders that read the waveform (a 16 kHz window, zero-padded)
+SPEECH_MODEL_TYPES = ("whisper", *WAVEFORM_SPEECH_TYPES)
 BUCKETED = "bucketed"  # key of a model's audio settings: fmtune trained it in buckets (read it in them)
 
 
 def max_target_positions(model: nn.Module) -> int:
-    return int(plain(model).config.max_target_positions)
+    config = plain(model).config
+    return int(getattr(config, "max_target_positions", None) or config.max_position_embeddings)
 
 
-def encode(model: nn.Module, input_features: torch.Tensor) -> torch.Tensor:
-    """The encoder's states of windows of any length up to Whisper's own (padding unmasked)."""
-    from fmtune.models.hf_remote import whisper_states
+def encode(model: nn.Module, input_features: torch.Tensor | None = None, input_values: torch.Tensor | None = None,
+           frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The encoder's states and the mask of its frames that cover the clip (None: every frame): Whisper's of
+    log-mel windows of any length up to its own (padding unmasked), Moonshine's of zero-padded waveform windows."""
+    from fmtune.models.hf_remote import waveform_states, whisper_states
 
-    return whisper_states(plain(model).get_encoder(), input_features)[0]
+    encoder = plain(model).get_encoder()
+    if input_values is not None:
+        return waveform_states(encoder, input_values, frame_mask, grouped=True)
+    return whisper_states(encoder, input_features)[0], None
+
+
+def _decode(decoder: nn.Module, states: torch.Tensor, mask: torch.Tensor | None, **kw: Any) -> Any:
+    """``decoder`` over the encoder's ``states`` (attending to the frames of ``mask`` only, where given)."""
+    return decoder(encoder_hidden_states=states, **({"encoder_attention_mask": mask} if mask is not None else {}),
+                   **kw)
 
 
 class SpeechLogits(nn.Module):
@@ -57,13 +75,14 @@ class SpeechLogits(nn.Module):
         self.tokenizer = tokenizer  # what evaluation decodes with
         self.audio = audio  # the bundle's audio settings: ``bucketed`` once a training step has run
 
-    def forward(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor,
-                target_index: torch.Tensor) -> types.SimpleNamespace:
-        if self.training:  # trained in buckets from here on: read in them (saved with the model, fmtune.json)
-            self.audio[BUCKETED] = True
+    def forward(self, decoder_input_ids: torch.Tensor, target_index: torch.Tensor,
+                input_features: torch.Tensor | None = None, input_values: torch.Tensor | None = None,
+                frame_mask: torch.Tensor | None = None) -> types.SimpleNamespace:
+        if self.training and input_features is not None:  # trained in buckets from here on: read in them (saved
+            self.audio[BUCKETED] = True  # with the model, fmtune.json)
         lm = plain(self.model)
-        states = encode(lm, input_features)
-        hidden = lm.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=states, use_cache=False)[0]
+        states, mask = encode(lm, input_features, input_values, frame_mask)
+        hidden = _decode(lm.get_decoder(), states, mask, input_ids=decoder_input_ids, use_cache=False)[0]
         picked = hidden.flatten(0, 1).index_select(0, target_index)
         return types.SimpleNamespace(logits=lm.get_output_embeddings()(picked))
 
@@ -87,7 +106,7 @@ def _suppressed(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return ids("suppress_tokens"), ids("begin_suppress_tokens")
 
 
-def greedy(model: nn.Module, features: torch.Tensor, prefix: list[int], eot: int,
+def greedy(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: list[int], eot: int,
            max_new: int | list[int]) -> list[list[int]]:
     """Greedy decoding of a batch of windows (all of one width): the encoder once, then one
     decoder step per token for the rows still decoding, with the self- and cross-attention keys
@@ -95,7 +114,7 @@ def greedy(model: nn.Module, features: torch.Tensor, prefix: list[int], eot: int
     looping on noise costs its own steps only); the model's suppressed tokens never chosen (and
     its begin-suppressed ones not first). ``max_new``: the most tokens of every window, or of each (a window's own
     limit, so a transcript that loops stops where it would alone). Returns each window's tokens before the end of
-    text."""
+    text. ``inputs``: what ``encode`` reads (a batch of ``SpeechData.inputs``)."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     from fmtune.models.causal_lm import _cache_arg, _cache_of
@@ -103,16 +122,16 @@ def greedy(model: nn.Module, features: torch.Tensor, prefix: list[int], eot: int
     lm = plain(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     every, first = _suppressed(lm)
-    rows = features.shape[0]
-    states = encode(lm, features)
+    states, mask = encode(lm, **inputs)
+    rows, device = states.shape[0], states.device
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    step_in = torch.tensor([prefix] * rows, dtype=torch.long, device=features.device)
-    active = torch.arange(rows, device=features.device)  # the batch rows still decoding, in cache order
+    step_in = torch.tensor([prefix] * rows, dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)  # the batch rows still decoding, in cache order
     out: list[list[int]] = [[] for _ in range(rows)]
-    limits = torch.tensor(max_new if isinstance(max_new, list) else [max_new] * rows, device=features.device)
+    limits = torch.tensor(max_new if isinstance(max_new, list) else [max_new] * rows, device=device)
     key = _cache_arg(decoder)
     for step in range(int(limits.max()) if rows else 0):
-        res = decoder(input_ids=step_in, encoder_hidden_states=states, use_cache=True, **{key: cache})
+        res = _decode(decoder, states, mask, input_ids=step_in, use_cache=True, **{key: cache})
         cache = _cache_of(res)
         logits = head(res[0][:, -1]).float()
         if len(every):
@@ -130,6 +149,7 @@ def greedy(model: nn.Module, features: torch.Tensor, prefix: list[int], eot: int
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             states, active, nxt, limits = states[keep], active[keep], nxt[keep], limits[keep]
+            mask = None if mask is None else mask[keep]
         step_in = nxt[:, None]
     return out
 
@@ -140,29 +160,36 @@ def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch
     window of every clip, in batches of one bucket width and similar length (``full_window``: each padded to the
     encoder's whole window, as Whisper was pretrained), decoded greedily; a clip's windows joined in order.
     ``on_batch(n)`` is told of each batch's clips done."""
-    prefix = prefix_ids(tokenizer, language)
+    prefix = prefix_ids(tokenizer, language, model)
     eot = tokenizer.eos_token_id
     room = max_target_positions(model) - len(prefix)
 
     def decode(windows: list[torch.Tensor]) -> list[str]:
         limits = [min(room, math.ceil(w.shape[-1] * ds.hop_seconds * TOKENS_PER_SECOND) + 8) for w in windows]
-        tokens = greedy(model, ds.features(windows, full_window).to(device), prefix, eot, limits)
+        inputs = {k: v.to(device) for k, v in ds.inputs(windows, full_window).items()}
+        tokens = greedy(model, inputs, prefix, eot, limits)
         return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
+    # (Whisper: a batch holds windows of one bucket; Moonshine's encoder groups them by length itself)
     return transcribe_clips(model, ds, rows, batch_size, decode, on_batch,
-                            width=lambda w: ds.width(w, full_window))
+                            width=None if ds.waveform else lambda w: ds.width(w, full_window))
 
 
 def write_extra(bundle: Any, folder: Path) -> None:
     """The feature extractor beside the model, so the folder is a whole transformers speech model."""
-    from transformers import WhisperFeatureExtractor
+    from transformers import AutoFeatureExtractor, WhisperFeatureExtractor
 
+    from fmtune.data.audio import WAVEFORM, feature_extractor
     from fmtune.zoo.models import resolve
 
+    spec = bundle.audio
     try:
         _, path = resolve(bundle.source)
-        WhisperFeatureExtractor.from_pretrained(path).save_pretrained(folder)
+        (AutoFeatureExtractor if spec["frontend"] == WAVEFORM else WhisperFeatureExtractor).from_pretrained(
+            path).save_pretrained(folder)
     except Exception:  # the source is gone: the settings fmtune reads are in fmtune.json
-        spec = bundle.audio
+        if spec["frontend"] == WAVEFORM:  # (Moonshine's: a Wav2Vec2FeatureExtractor)
+            feature_extractor(spec).save_pretrained(folder)
+            return
         WhisperFeatureExtractor(feature_size=spec["n_mels"], sampling_rate=spec["sampling_rate"],
                                 hop_length=spec["hop_length"], n_fft=spec["n_fft"]).save_pretrained(folder)

@@ -196,9 +196,24 @@ def _speech_rows(df: pd.DataFrame, data_cfg: Any, with_targets: bool, p: Path) -
     return out
 
 
-def prefix_ids(tokenizer: Any, language: str | None) -> list[int]:
-    """The decoder's first tokens: start of transcript, (language, transcribe: multilingual
-    models), no timestamps."""
+def decodes(bundle: Any) -> bool:
+    """Whether the bundle's speech model decodes its transcripts (an encoder-decoder: Whisper, Moonshine), rather
+    than emitting a token per frame (a CTC model)."""
+    from fmtune.models.wrapped import plain
+
+    return bool(getattr(plain(bundle.model).config, "is_encoder_decoder", False))
+
+
+def prefix_ids(tokenizer: Any, language: str | None, model: Any = None) -> list[int]:
+    """The decoder's first tokens: Whisper's start of transcript, (language, transcribe: multilingual
+    models), no timestamps; another model's (Moonshine) decoder start token (``model``'s)."""
+    if "<|startoftranscript|>" not in tokenizer.get_vocab():
+        from fmtune.models.wrapped import decoder_start, plain
+
+        if language:
+            raise ModelError(f"task.language: {language!r}, but a {plain(model).config.model_type} model transcribes "
+                             "the language it was trained on (task.language chooses among Whisper's)")
+        return [decoder_start(model)]
     multilingual = "<|en|>" in tokenizer.get_vocab() and tokenizer.convert_tokens_to_ids("<|en|>") != \
         tokenizer.unk_token_id and len(tokenizer.get_vocab()) > 51864
     if multilingual:
@@ -304,20 +319,24 @@ class _Clips:
 
 
 class SpeechData(_Clips, torch.utils.data.Dataset):
-    """Clips as log-mel windows (fp16) with their transcripts as decoder tokens.
+    """Clips as log-mel windows (fp16; Moonshine: waveform windows) with their transcripts as decoder tokens.
 
     ``ids[i]`` is the decoder's prefix (start of transcript, language, task, no timestamps), the
     transcript's tokens and the end-of-text token; position p predicts token p + 1 from
     ``start[i] - 1`` on (the prefix is not trained). A batch pads every window, with Whisper's own
     padding value (silence: its log-mel floor), to the longest ``bucket`` of the batch: clips are
     read in buckets of a few seconds, not in Whisper's fixed 30 s, and a clip's transcript does not
-    depend on the clips batched with it."""
+    depend on the clips batched with it. Waveform windows (``waveform``) pad with zeros to the longest of the
+    batch, ``frame_mask`` marking real samples."""
 
     def __init__(self, clips: list[list[torch.Tensor]], ids: list[list[int]] | None, start: int, pad_id: int,
                  spec: Any, references: list[str | None], lines: list[int], sources: list[str]):
+        from fmtune.data.audio import WAVEFORM
+
         self.clips, self.ids, self.start, self.pad_id = clips, ids, start, pad_id
         self.references, self.lines, self.sources = references, lines, sources
-        self.hop_seconds = spec.hop_length / spec.sampling_rate  # of one log-mel frame
+        self.spec, self.waveform = spec, spec.frontend == WAVEFORM
+        self.hop_seconds = (1 if self.waveform else spec.hop_length) / spec.sampling_rate  # of a frame, or a sample
         self.window_seconds = spec.window_seconds
         self.bucket_frames = int(round(BUCKET_SECONDS / self.hop_seconds))
         self.max_frames = spec.encoder_frames  # what the encoder holds
@@ -332,6 +351,8 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
     def width(self, window: torch.Tensor, full_window: bool = False) -> int:
         """Frames a window is padded to: its bucket (the next multiple of ``bucket_frames``), or the encoder's whole
         window (``full_window``: a model not trained in buckets)."""
+        if self.waveform:  # (padded to the longest of its batch)
+            return window.shape[-1]
         if full_window:
             return max(self.max_frames, window.shape[-1])
         n = window.shape[-1] + 2  # the convolutions at the end read padding, as in Whisper's window
@@ -348,8 +369,16 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
             out[j, :, w.shape[-1]:] = w.max() - 2.0
         return out
 
+    def inputs(self, windows: list[torch.Tensor], full_window: bool = False) -> dict[str, torch.Tensor]:
+        """What the encoder reads of ``windows`` (``fmtune.models.speech.encode``): Whisper's ``input_features``
+        (``features``), or zero-padded waveforms and their ``frame_mask``."""
+        from fmtune.data.audio import encoder_batch
+
+        return encoder_batch(windows, self.spec) if self.waveform else {"input_features": self.features(windows,
+                                                                                                          full_window)}
+
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        feats = self.features([self.clips[i][0] for i in idx])
+        batch = self.inputs([self.clips[i][0] for i in idx])
         rows = [self.ids[i] for i in idx]
         width = max(len(r) for r in rows) - 1
         dec = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
@@ -358,8 +387,8 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
             dec[b, : len(r) - 1] = torch.tensor(r[:-1])
             where.extend(b * width + p for p in range(self.start - 1, len(r) - 1))
             labels.extend(r[self.start:])
-        return {"input_features": feats, "decoder_input_ids": dec,
-                "target_index": torch.tensor(where, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+        return {**batch, "decoder_input_ids": dec, "target_index": torch.tensor(where, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 def case_of(tokenizer: Any) -> str:
@@ -450,9 +479,9 @@ class SpeechRecognition(Task):
     default_metric = "wer"
     metric_names = ("wer", "cer", "loss", "perplexity")
     capabilities = frozenset({"transcribe"})  # POST /v1/audio/transcriptions (fmtune.serve_openai)
-    description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper) or a wav2vec2-style CTC "
-                   "model on clips and their transcripts (a table of audio paths and text); WER picks the best "
-                   "checkpoint")
+    description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper, Moonshine) or a "
+                   "wav2vec2-style CTC model on clips and their transcripts (a table of audio paths and text); WER "
+                   "picks the best checkpoint")
     input_name = "audio"  # what each transcript in test_answers.jsonl transcribes
     baseline_method = "the pretrained model's own transcripts of the same test clips, before fine-tuning (zero-shot)"
 
@@ -493,24 +522,25 @@ class SpeechRecognition(Task):
     # --- data -----------------------------------------------------------------------------------
     def dataset(self, df: pd.DataFrame, bundle: Any, data_cfg: Any, with_targets: bool = True,
                 allow_unknown: bool = False) -> tuple[SpeechData | CTCData, np.ndarray]:
-        from fmtune.data.audio import ENCODER_FRONTENDS, AudioSpec, audio_dataset
+        from fmtune.data.audio import AudioSpec, audio_dataset
 
         spec = AudioSpec.from_dict(bundle.audio)
         audio, keep = audio_dataset(df, "audio", spec, None, data_cfg.max_bad_fraction)
         texts = df["text"].tolist() if with_targets and "text" in df.columns else [None] * len(df)
         lines = df["line"].tolist() if "line" in df.columns else list(range(1, len(df) + 1))
-        if spec.frontend in ENCODER_FRONTENDS:  # a wav2vec2-style CTC model (fmtune.models.ctc)
+        if not decodes(bundle):  # a wav2vec2-style CTC model (fmtune.models.ctc)
             return self._ctc_dataset(df, bundle, audio, keep, spec, texts, lines, with_targets), keep
         tok = bundle.tokenizer
-        prefix = prefix_ids(tok, self.language)
+        prefix = prefix_ids(tok, self.language, bundle.model)
         eot = tok.eos_token_id
+        lead = " " if "<|startoftranscript|>" in tok.get_vocab() else ""  # (Whisper's transcripts begin with one)
         ids, refs, kept_lines = [], [], []
         limit = bundle.max_length  # the decoder's positions
         for j, i in enumerate(keep):
             if with_targets and len(audio.clips[j]) > 1:
                 ids.append(None)  # longer than the window: scored on WER only (``_Clips``)
             elif with_targets:
-                body = tok(" " + texts[i], add_special_tokens=False)["input_ids"]
+                body = tok(lead + texts[i], add_special_tokens=False)["input_ids"]
                 if len(prefix) + len(body) + 1 > limit:
                     raise DataError(f"{row_label(df, int(i))}: the transcript is {len(body)} tokens; the decoder "
                                     f"holds {limit - len(prefix) - 1} (cut the clip and its transcript in two)")
@@ -564,10 +594,10 @@ class SpeechRecognition(Task):
 
     def inputs(self, items: list[Any], bundle: Any) -> SpeechData | CTCData:
         """Decoded waveforms to transcribe (any length: windows are transcribed in turn)."""
-        from fmtune.data.audio import ENCODER_FRONTENDS, AudioSpec, features_of
+        from fmtune.data.audio import AudioSpec, features_of
 
         spec = AudioSpec.from_dict(bundle.audio)
-        if spec.frontend in ENCODER_FRONTENDS:  # a CTC model
+        if not decodes(bundle):  # a CTC model
             return CTCData(features_of(items, spec), None, spec, [None] * len(items),
                            list(range(1, len(items) + 1)), [])
         return SpeechData(features_of(items, spec), None, 0, bundle.tokenizer.eos_token_id, spec,
