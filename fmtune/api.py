@@ -208,11 +208,24 @@ def _head_baseline(cfg: config_mod.Config, run_dir: Path, result: dict[str, Any]
     return result
 
 
+def _hub_datasets(cfg: config_mod.Config) -> None:
+    """A config's data files named as Hugging Face dataset ids (``data.train: stanfordnlp/imdb``, in a YAML file or
+    a dict, as ``--data`` takes them on the command line) as the folders of their files in the hub cache."""
+    from fmtune import paths
+
+    for section, key in (("data", "train"), ("data", "val"), ("data", "test"), ("semi", "unlabeled")):
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, str) and (folder := paths.hub_dataset(value)) is not None:
+            setattr(getattr(cfg, section), key, str(folder))
+
+
 def _config_and_dir(cfg: Any, resume: str | Path | None) -> tuple[config_mod.Config, Path | None]:
     """A fresh run's config (its folder is made later, once everything is checked); a resumed
     run's saved config and folder."""
     if resume is None:
-        return config_mod.coerce(cfg), None
+        cfg = config_mod.coerce(cfg)
+        _hub_datasets(cfg)
+        return cfg, None
     run_dir = Path(resume)
     cfg = read_config(run_dir)
     checkpoint.require_state(run_dir)

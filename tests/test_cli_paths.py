@@ -140,8 +140,8 @@ def test_a_missing_text_column_is_named_before_the_size_of_the_file(tmp_path):
         fmtune.train({"data": {"train": str(src)}}, quiet=True)
 
 
-def test_a_hugging_face_dataset_id_reads_its_files_from_the_hub_cache(text_run, text_files, tmp_path, monkeypatch,
-                                                                       capsys):
+def test_a_hugging_face_dataset_id_reads_its_files_from_the_hub_cache(text_run, text_files, tiny_st_bert, tmp_path,
+                                                                       monkeypatch, capsys):
     """`--data stanfordnlp/imdb` as a user who loaded the dataset once has it in the Hugging Face cache (its Parquet
     files under a configuration's folder, as the hub holds them): it was "does not exist". Now the id is its files'
     folder in the cache (offline too), read as a folder of split files: evaluate scores its test split; an id of
@@ -172,6 +172,16 @@ def test_a_hugging_face_dataset_id_reads_its_files_from_the_hub_cache(text_run, 
     shutil.copytree(text_run, run)  # (evaluate writes into it: the session's run stays as trained)
     assert main(["evaluate", str(run), "--data", "someone/reviews", "-q"]) == 0
     assert json.loads((run / "eval.json").read_text())["n_test"] == len(pd.read_csv(text_files["test"]))
+    # the Python API (and a config file) take the id too: it was "does not exist" there
+    from conftest import cfg_dict
+
+    import fmtune
+
+    summary = fmtune.train(cfg_dict(tiny_st_bert, "someone/reviews", out=str(tmp_path / "api"),
+                                    train={"max_steps": 2}), quiet=True)
+    assert summary["eval"]["n_test"] == len(pd.read_csv(text_files["test"]))  # its test split found beside
+    saved = fmtune.config.load(tmp_path / "api" / "config.yaml").data.train
+    assert saved.startswith(str(snapshot / "plain_text"))
     (snapshot / "other").mkdir()
     for split in ("train", "validation"):
         (snapshot / "other" / f"{split}.csv").write_text("text,label\na,b\n")
