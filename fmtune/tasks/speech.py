@@ -204,10 +204,15 @@ def decodes(bundle: Any) -> bool:
     return bool(getattr(plain(bundle.model).config, "is_encoder_decoder", False))
 
 
+def whisper_vocabulary(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is Whisper's (its transcripts follow its task tokens and begin with a space)."""
+    return "<|startoftranscript|>" in tokenizer.get_vocab()
+
+
 def prefix_ids(tokenizer: Any, language: str | None, model: Any = None) -> list[int]:
     """The decoder's first tokens: Whisper's start of transcript, (language, transcribe: multilingual
     models), no timestamps; another model's (Moonshine) decoder start token (``model``'s)."""
-    if "<|startoftranscript|>" not in tokenizer.get_vocab():
+    if not whisper_vocabulary(tokenizer):
         from fmtune.models.wrapped import decoder_start, plain
 
         if language:
@@ -533,7 +538,7 @@ class SpeechRecognition(Task):
         tok = bundle.tokenizer
         prefix = prefix_ids(tok, self.language, bundle.model)
         eot = tok.eos_token_id
-        lead = " " if "<|startoftranscript|>" in tok.get_vocab() else ""  # (Whisper's transcripts begin with one)
+        lead = " " if whisper_vocabulary(tok) else ""
         ids, refs, kept_lines = [], [], []
         limit = bundle.max_length  # the decoder's positions
         for j, i in enumerate(keep):
