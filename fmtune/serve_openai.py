@@ -470,8 +470,13 @@ def add_transcription_routes(app: Any, predictor: Any, batcher: Any, limits: Lim
     from fastapi.responses import PlainTextResponse
     from starlette.concurrency import run_in_threadpool
 
+    from fmtune.tasks.speech import whisper_vocabulary
+
     add_model_routes(app, predictor.run_dir, guard)
     language = predictor.task.language or "english"  # what the run transcribes (task.language)
+    # a language hint is checked where the run's language is known: a Whisper model's (task.language); another model
+    # (Moonshine, a CTC model) transcribes the language it was trained on, which the run does not record
+    known = bool(predictor.task.language) or whisper_vocabulary(predictor.bundle.tokenizer)
     doc = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file", "model"], "properties": {
             "file": {"type": "string", "format": "binary"}, "model": {"type": "string"},
@@ -494,7 +499,7 @@ def add_transcription_routes(app: Any, predictor: Any, batcher: Any, limits: Lim
             raise HTTPError(422, f"'response_format': {fmt!r} is not supported (one of: {', '.join(TRANSCRIPT_FORMATS)}"
                                  "; the transcript has no timestamps)", param="response_format")
         asked = form.get("language")
-        if asked and _language_code(str(asked)) != _language_code(language):
+        if asked and known and _language_code(str(asked)) != _language_code(language):
             raise HTTPError(422, f"'language': {asked!r}, but this run transcribes {language} (its task.language); "
                                  "leave it out", param="language")
         if form.get("prompt"):

@@ -218,6 +218,15 @@ def test_moonshine_reads_the_waveform_and_learns_to_transcribe(tiny_moonshine, t
     for i, clip in enumerate(clips):
         sf.write(tmp_path / f"{i}.wav", clip, RATE)
     assert [r["transcript"] for r in pred.predict([str(tmp_path / f"{i}.wav") for i in range(3)])] == together
+    import openai
+    from fastapi.testclient import TestClient
+
+    from fmtune.serve import create_app
+
+    with TestClient(create_app(pred)) as client:  # (a language hint is not refused: the run does not know its own)
+        oai = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client, max_retries=0)
+        with open(tmp_path / "0.wav", "rb") as f:
+            assert oai.audio.transcriptions.create(model="m", file=f, language="ar").text == together[0]
 
     res = fmtune.export(out, tmp_path / "hf", quiet=True)
     assert res["same_transcripts"] == res["checked_clips"] > 0
