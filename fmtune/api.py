@@ -827,17 +827,19 @@ def _evaluate_run(run: OpenRun, ds: Any, baseline: bool, quiet: bool, source: An
     dtype = hardware.inference_autocast(precision or cfg.train.precision, model_device(run.bundle.model).type)
     with ui.CountProgress("evaluate", len(ds), quiet) as bar:
         logits, targets = infer(run.bundle.model, ds, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
-    result: dict[str, Any] = {"test": task.metrics(logits, targets), "n_test": _rows(ds), "data": str(source),
-                              "precision": hardware.precision_name(dtype)}
-    if split_column:
-        result["data_rows"] = f"the rows its {split_column!r} column marks test"
-    result["test"].pop("loss", None)
-    report = task.text_report(logits, targets)
-    (run.dir / "classification_report.txt").write_text(report)
-    extra = task.report_files(logits, targets, run.dir, run.dir.name)  # plots, and what eval.json adds
-    png = run.dir / extra.pop("confusion_matrix") if "confusion_matrix" in extra else None
-    result.update(extra)
-    result["mistakes"] = task.mistakes(logits, targets, ds, run.bundle, run.dir / "mistakes.png")
+    # (scoring can take a while: a segmenter's logits resized to every mask of a large test set)
+    with contextlib.nullcontext() if quiet else ui.console.status(f"scoring {_rows(ds)} test examples"):
+        result: dict[str, Any] = {"test": task.metrics(logits, targets), "n_test": _rows(ds), "data": str(source),
+                                  "precision": hardware.precision_name(dtype)}
+        if split_column:
+            result["data_rows"] = f"the rows its {split_column!r} column marks test"
+        result["test"].pop("loss", None)
+        report = task.text_report(logits, targets)
+        (run.dir / "classification_report.txt").write_text(report)
+        extra = task.report_files(logits, targets, run.dir, run.dir.name)  # plots, and what eval.json adds
+        png = run.dir / extra.pop("confusion_matrix") if "confusion_matrix" in extra else None
+        result.update(extra)
+        result["mistakes"] = task.mistakes(logits, targets, ds, run.bundle, run.dir / "mistakes.png")
     if baseline:
         if train_ds is None:
             frames = read_frames(cfg.data, cfg.task.type, cfg.train.seed)
