@@ -156,7 +156,7 @@ def output_tensor(shape: tuple[int, ...], dtype: Any = None) -> Any:
 
     dtype = dtype or torch.float32
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     folder = scratch_dir()
     if nbytes <= spill_bytes() or not folder.is_dir() or shutil.disk_usage(folder).free < nbytes * 1.1:
         return torch.zeros(shape, dtype=dtype)
