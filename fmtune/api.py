@@ -69,7 +69,7 @@ from fmtune.run import (
 )
 from fmtune.strategies import WHOLE_BACKBONE, apply_strategy, frozen_prefix
 from fmtune.tasks import task_class
-from fmtune.training import cache, checkpoint, distributed, hardware, optim, trackers
+from fmtune.training import cache, checkpoint, distributed, hardware, memory, optim, trackers
 from fmtune.training.dropout import set_dropout
 from fmtune.training.infer import infer, model_device
 from fmtune.training.loop import TB_DIR, fit, resolve_metric
@@ -142,6 +142,12 @@ def train(cfg: config_mod.Config | dict | str | Path, *, overwrite: bool = False
     cont = _continual(cfg, run_dir)
     frames, task, new_rows = _frames_and_task(cfg, run_dir, cont)
     cfg, bundle, data, counts, few = _model_and_data(cfg, task, frames, cont, hw)
+    if resume is None and dist is None:  # (a resumed run replays its own batches; ranks would each measure)
+        headed = hasattr(bundle.model, "backbone") and hasattr(bundle.model, "head")
+        frozen = frozen_prefix(bundle.model) if headed else 0
+        cfg, fit = memory.fit_training(cfg, bundle.model, data["train"], hw.device, frozen=frozen)
+        if fit:
+            few["micro_batches"] = fit
     run_dir = _run_dir(cfg, run_dir, task, cont, overwrite, dist)
     if not quiet:
         _print_plan(cfg, bundle, task, counts, frames, data, run_dir, few)
@@ -414,6 +420,8 @@ def _print_plan(cfg: config_mod.Config, bundle: build.Bundle, task: Any, counts:
                   "less of each")
     if "long_texts" in few:
         out.print(f"  {long_texts_line(few['long_texts'])}")
+    if few.get("micro_batches"):
+        out.print(f"  memory: {few['micro_batches']['why']}")
     out.print(f"  data: train {_split_size(data['train'])}, val "
               + ("= the training rows" if frames.val_is_train else _split_size(data['val']))
               + f"{' (split off train)' if frames.val_from_train else ''}"
@@ -512,7 +520,8 @@ def _fit_and_test(cfg: config_mod.Config, bundle: build.Bundle, task: Any, data:
                                                                         result, frames.val_is_train, quiet, hw)
         if info["thresholds"].get("metric") == result.metric:
             summary["best"] = info["thresholds"][f"val_{result.metric}"]
-    for note in ("small_training_set", "long_texts", "max_length_auto", "columns_read"):  # apart from few-label notes
+    for note in ("small_training_set", "long_texts", "max_length_auto", "columns_read", "micro_batches"):
+        # (apart from the few-label notes)
         if few.get(note):
             info[note] = summary[note] = few.pop(note)
     if few.get("auto") or few.get("no_validation_split") or few.get("contrastive"):

@@ -488,12 +488,18 @@ class TrainConfig:
     max_minutes: float | None = _f(None, "time budget: evaluate, keep the best and stop once training took this long")
     batch_size: int | None = _f(None, f"examples per optimizer step, per accumulation micro-step (default: "
                                 f"{DEFAULT_BATCH_SIZE}, or the task's own: named entities, text generation, "
-                                "detection and segmentation 8)")
+                                "detection and segmentation 8). A batch of the longest training examples whose "
+                                "activations would take more than half the memory available (long audio clips, "
+                                "long texts on a large model) trains as micro-batches of a divisor of it, "
+                                "grad_accum raised to keep the examples per step; the plan says so and "
+                                "config.yaml keeps both")
     eval_batch_size: int | None = _f(None, "examples per forward pass when evaluating or predicting, at most "
                                      f"(default: {DEFAULT_EVAL_BATCH_SIZE}; detection and segmentation 8: a dense "
                                      "model holds 150-250 MB of activations an image at 512 px, and no more images a "
                                      "second on a CPU above 4 an image batch); on a CPU a batch of texts sorted by "
-                                     "length is cut where its padding would pass 5% of its tokens")
+                                     "length is cut where its padding would pass 5% of its tokens; fewer where that "
+                                     "many of the longest examples would take more than a quarter of the memory "
+                                     "available (30-s clips on a wav2vec2: about 0.6 GB each)")
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer")
     lr: float | None = _f(None, "learning rate of what trains besides the head (default: per strategy: "
                           + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())

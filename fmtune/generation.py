@@ -40,7 +40,7 @@ from fmtune.tasks.generation import (
     read_rows,
     uses_template,
 )
-from fmtune.training import hardware, optim
+from fmtune.training import hardware, memory, optim
 from fmtune.training.loop import fit
 
 BASELINE_FILE, ANSWERS_FILE = "baseline.json", "test_answers.jsonl"
@@ -118,6 +118,9 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     built = {name: task.dataset(df, bundle, cfg.data) for name, df in frames.items()}
     data = {name: ds for name, (ds, _) in built.items()}
     data["train"] = task.training_set(data["train"])
+    micro = None
+    if not resume and bundle.family not in causal_lm.TEXT_FAMILIES:  # speech: clips of up to 30 s (a causal LM's
+        cfg, micro = memory.fit_training(cfg, bundle.model, data["train"], hw.device)  # tokens: checkpointing below)
     if not resume:
         run_dir = new_run_dir(cfg, overwrite)
         write_start(run_dir, cfg, task)
@@ -125,6 +128,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     if not quiet:
         read_as = sorted({tuple(pair) for df in frames.values() for pair in df.attrs.get("read_as", [])})
         _print_plan(cfg, bundle, task, data, run_dir, hw, small, read_as)
+        if micro:
+            out.print(f"  memory: {micro['why']}")
         if frames["train"].attrs.get("settled"):
             out.print(f"  {columns_read_line(frames['train'].attrs['settled'])}")
     bundle.model.to(hw.device)
@@ -157,6 +162,8 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
                  save_best=lambda: build.save(bundle, run_dir / "model"), progress=ui.FitProgress(quiet), net=net,
                  on_eval=on_eval, eval_first=True)
     said = {"small_training_set": small} if small else {}  # in run.json and the summary alike
+    if micro:
+        said["micro_batches"] = micro
     if frames["train"].attrs.get("settled"):
         said["columns_read"] = frames["train"].attrs["settled"]
     info = {"params": counts, "hardware": hw.describe(),

@@ -104,6 +104,18 @@ class AudioSpec:
         """What a padded frame of a filterbank window holds: zero, normalised."""
         return -self.mean / (2 * self.std) if self.normalize else 0.0
 
+    def positions(self, units: int) -> int:
+        """Encoder positions of a window of ``units`` (what its last dimension counts: log-mel frames, samples,
+        stacked frames): Whisper halves its frames, wav2vec2's convolutions give one per 320 samples, an AST reads
+        its fixed window as patches of 16 x 16 every 10 frames and bands (and 2 more tokens)."""
+        if self.frontend == LOG_MEL:
+            return max(1, -(-units // 2))
+        if self.frontend == WAVEFORM:
+            return max(1, units // 320)
+        if self.frontend == FBANK:
+            return ((self.n_mels - 16) // 10 + 1) * ((self.frames - 16) // 10 + 1) + 2
+        return max(1, units)
+
     def as_dict(self) -> dict[str, Any]:
         return {"frontend": self.frontend, "normalize": self.normalize, "sampling_rate": self.sampling_rate,
                 "n_mels": self.n_mels, "n_fft": self.n_fft,
@@ -336,6 +348,10 @@ class AudioData(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
+    def memory_profile(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """What a clip costs a forward pass (``fmtune.training.memory``): a batch holds all its windows."""
+        return clips_profile(self.clips, self.spec)
+
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         wins = [(row, w) for row, i in enumerate(idx) for w in self.clips[i]]
         if self.spec.frontend in ENCODER_FRONTENDS:
@@ -363,6 +379,19 @@ class AudioData(torch.utils.data.Dataset):
         if self.targets is not None:
             batch["labels"] = self.targets[idx]
         return batch
+
+
+def clips_profile(clips: list[list[torch.Tensor]], spec: AudioSpec, per_window: bool = False,
+                  width: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(encoder positions, positions of the longest window, waveform samples or None) of each clip, or of each
+    window (``per_window``: datasets whose batches are of windows); ``width(window)``: what a window is padded to
+    (default: its own length)."""
+    units = [[width(w) if width else w.shape[-1] for w in c] for c in clips]
+    if per_window:
+        units = [[u] for c in units for u in c]
+    positions = [[spec.positions(u) for u in c] for c in units]
+    samples = np.array([sum(c) for c in units]) if spec.frontend == WAVEFORM else None
+    return np.array([sum(p) for p in positions]), np.array([max(p) for p in positions]), samples
 
 
 def encoder_batch(wins: list[torch.Tensor], spec: AudioSpec) -> dict[str, torch.Tensor]:

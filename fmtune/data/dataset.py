@@ -48,6 +48,10 @@ class TextData(torch.utils.data.Dataset):
         self.pairs = pairs  # pairs of texts (data.text_pair_column)
         self.lengths = np.array([len(x) for x in input_ids])
 
+    def memory_profile(self) -> tuple[np.ndarray, np.ndarray, None]:
+        """What a text costs a forward pass (``fmtune.training.memory``): its tokens."""
+        return self.lengths, self.lengths, None
+
     def text(self, i: int, tokenizer: Any) -> str:
         """Example ``i`` as the model read it; a pair keeps the separator between its two texts."""
         ids = self.input_ids[i]

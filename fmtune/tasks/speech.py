@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from fmtune.data.readers import AUDIO_SUFFIXES, METADATA_FILES, folder_metadata,
 from fmtune.errors import DataError, ModelError
 from fmtune.tasks.base import TASKS, Task
 from fmtune.tasks.generation import GenerationSettings, fixed_sample, token_batches, token_loss
+from fmtune.training.memory import inference_batch
 
 AUDIO_COLUMNS = ("audio", "file_name", "path", "file", "filename", "audio_path", "audio_filepath")
 TEXT_COLUMNS = ("text", "transcript", "transcription", "sentence", "normalized_text")
@@ -272,6 +274,8 @@ def transcribe_clips(model: torch.nn.Module, ds: Any, rows: list[int], batch_siz
     width), in batches of at most ``batch_size`` turned into texts by ``decode(windows)``, with the
     model in eval and inference mode; a clip's windows joined in order. ``on_batch(n)`` is told of
     each batch's clips done."""
+    padded = types.SimpleNamespace(memory_profile=lambda: ds.memory_profile(width))  # (Whisper's whole window)
+    batch_size = inference_batch(model, padded, batch_size, next(model.parameters()).device)
     width = width or (lambda _w: 0)
     windows = [(r, k, w) for r in rows for k, w in enumerate(ds.clips[r])]
     windows.sort(key=lambda x: (width(x[2]), x[2].shape[-1]))
@@ -307,6 +311,14 @@ class _Clips:
     lines: list[int]
     sources: list[Any]
     lengths: np.ndarray
+    spec: Any  # the model's AudioSpec
+
+    def memory_profile(self, width: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """What a window costs a forward pass (``fmtune.training.memory``): batches are of windows, each padded
+        to ``width(window)`` (default: to its bucket, or its own length)."""
+        from fmtune.data.audio import clips_profile
+
+        return clips_profile(self.clips, self.spec, per_window=True, width=width or getattr(self, "width", None))
 
     def trained_rows(self) -> list[int]:
         """The clips with trained targets (every clip within one window)."""
@@ -622,6 +634,7 @@ class SpeechRecognition(Task):
         net.eval()
         rows = ds.trained_rows()  # (a clip longer than the window has no loss: it is scored on WER only)
         lengths = ds.lengths[rows]
+        batch_size = inference_batch(net, ds, batch_size, device)
         batches = [[rows[j] for j in b] for b in token_batches(lengths, batch_size,
                                                                max_tokens=batch_size * int(lengths.max(initial=1)))]
         ctc = isinstance(ds, CTCData)

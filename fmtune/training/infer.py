@@ -12,7 +12,7 @@ import torch
 
 from fmtune.data.dataset import inference_batches
 from fmtune.fsutil import output_tensor
-from fmtune.training import hardware, prefetch
+from fmtune.training import hardware, memory, prefetch
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -32,11 +32,15 @@ def infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any = None, 
     Batches are sorted by length (text) so padding is minimal (``inference_batches``); outputs are put back in order.
     ``device``: where the batches go; by default wherever the model's weights are. ``loader``:
     how batches are collated ahead (default: as ``hardware.loader_for`` chooses for the device).
-    ``padding_cut=False``: as many batches as ``len(ds) / batch_size`` whatever the lengths.
+    ``padding_cut=False``: as many batches as ``len(ds) / batch_size`` whatever the lengths (and the memory
+    available: the ranks of a run must run as many). Otherwise fewer examples a batch where ``batch_size`` of the
+    longest would not fit in memory (``memory.inference_batch``: 30-s clips for a wav2vec2).
     """
     device = device or model_device(model)
     model.eval()  # the caller puts it back in train mode (see strategies.set_train_mode)
     dev_type = torch.device(device).type
+    if padding_cut:
+        batch_size = memory.inference_batch(model, ds, batch_size, device)
     batches = inference_batches(ds, batch_size, dev_type, padding_cut)
     out: torch.Tensor | None = None
     loader = loader or hardware.loader_for(dev_type)
