@@ -21,6 +21,7 @@
 #                           PyPI / Debian packages once, checked by SHA-256)
 #   make bench-dense  segmentation and detection: head vs last_n vs full, training and prediction images/s
 #   make bench-dense-memory  segmentation evaluate's time and memory on 600 images of 150 classes at 512 px
+#   make bench-audio-memory  training a base-size wav2vec2 on 32 clips of 10 s: time and peak memory, against b8991b3
 #   make bench-head-init  fine-tuning from a random head against from the linear probe (LP-FT)
 #   make bench-image-lr   full fine-tuning of two ImageNet CNNs on three image sets at several learning rates
 #   make bench-active  active learning: labels each strategy needs to reach 95% of the full pool's accuracy
@@ -34,7 +35,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-audio demo demo-image demo-ner demo-multilabel demo-regression demo-fairness demo-generation demo-audio demo-speech \
 	demo-segmentation demo-detection test \
-	test-slow lint clean bench-fewshot bench-generation bench-seq2seq bench-audio bench-speech bench-real-speech bench-dense bench-dense-memory bench-active bench-head-init \
+	test-slow lint clean bench-fewshot bench-generation bench-seq2seq bench-audio bench-speech bench-real-speech bench-dense bench-dense-memory bench-audio-memory bench-active bench-head-init \
 	bench-image-lr bench-time-to-accuracy
 
 setup: $(VENV)/.installed
@@ -159,3 +160,6 @@ bench-dense: setup
 
 bench-dense-memory: setup  # fmtune evaluate on 600 images of 150 classes at 512 px, against fmtune at 2e27c2e
 	$(PY) bench/dense_memory.py --ref 2e27c2e > bench/results-dense-memory-$$(date +%F).json
+
+bench-audio-memory: setup  # fmtune train on 32 clips of 10 s with a base-size wav2vec2, against fmtune at b8991b3
+	$(PY) bench/audio_memory.py --ref b8991b3 > bench/results-audio-memory-$$(date +%F).json

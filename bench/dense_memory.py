@@ -27,23 +27,16 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import start  # noqa: E402
+from common import log, measured, start  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def make_data(root: Path, n_test: int, classes: int, size: int) -> None:
@@ -78,36 +71,6 @@ def make_model(folder: Path, classes: int, size: int) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
          "size": {"height": size, "width": size}}))
-
-
-def measured(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """Run ``cmd``; its wall time and the peaks of its resident memory (anonymous; file-backed and shared)."""
-    began = time.perf_counter()
-    # (run from the working folder: python puts the current folder before PYTHONPATH, and this repository's fmtune
-    # there would shadow the version asked for)
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peaks = {"RssAnon": 0, "RssFile": 0}
-
-    def poll() -> None:
-        while proc.poll() is None:
-            try:
-                fields = dict(line.split(":", 1) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-                              if ":" in line)
-            except OSError:
-                break
-            kb = {k: int(fields.get(k, "0 kB").split()[0]) for k in ("RssAnon", "RssFile", "RssShmem")}
-            peaks["RssAnon"] = max(peaks["RssAnon"], kb["RssAnon"])
-            peaks["RssFile"] = max(peaks["RssFile"], kb["RssFile"] + kb["RssShmem"])
-            time.sleep(0.3)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    _, err = proc.communicate()
-    watcher.join()
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return {"seconds": round(time.perf_counter() - began, 1), "peak_anonymous_mb": round(peaks["RssAnon"] / 1024),
-            "peak_file_mb": round(peaks["RssFile"] / 1024)}
 
 
 def default_eval_batch(source: Path, cwd: Path) -> tuple[int, str]:
@@ -158,7 +121,7 @@ def main() -> None:
             (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
             log(f"evaluate with fmtune {name} (eval batch {cfg['train']['eval_batch_size']})")
             row = measured([*fmtune, "evaluate", str(run), "--data", str(work / "data" / "test"), "-q"],
-                           {**os.environ, "PYTHONPATH": str(source)}, work)
+                           {**os.environ, "PYTHONPATH": str(source)}, work, check=True)
             row.update(eval_batch_size=cfg["train"]["eval_batch_size"], fmtune_file=imported)
             row["test"] = json.loads((run / "eval.json").read_text())["test"]
             result["results"][name] = row

