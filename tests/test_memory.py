@@ -169,3 +169,28 @@ def test_speech_recognition_and_a_cached_head_within_memory(tmp_path, monkeypatc
                           task={"type": "audio-classification"}, strategy={"name": "head"},
                           train={"epochs": 1, "batch_size": 4}), quiet=True)
     assert "micro_batches" not in json.loads((tmp_path / "head" / "run.json").read_text())
+
+
+def test_the_feature_cache_is_filled_in_smaller_passes_with_the_same_numbers(tmp_path, tiny_st_bert, monkeypatch):
+    from conftest import small_bundle
+
+    from fmtune.config import StrategyConfig
+    from fmtune.data.dataset import TextData
+    from fmtune.strategies import apply_strategy
+    from fmtune.tasks import Classification
+    from fmtune.training import cache
+
+    bundle = small_bundle(tiny_st_bert, Classification(["a", "b"]))
+    apply_strategy(bundle, StrategyConfig(name="head"))
+    split, _ = cache.plan(bundle)
+    ds = TextData([[2, 5, 6, 3], [2, 7, 3], [2, 9, 9, 9, 8, 3]], torch.tensor([0, 1, 0]), 0)
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "whole"))
+    whole = np.array(cache.build(bundle, split, ds, 8)[0].data)
+    passes = []
+    real = memory.inference_batch
+    monkeypatch.setattr(memory, "inference_batch", lambda *a, **kw: passes.append(real(*a, **kw)) or passes[-1])
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 0)
+    monkeypatch.setenv("FMTUNE_CACHE_DIR", str(tmp_path / "one-by-one"))
+    single = np.array(cache.build(bundle, split, ds, 8)[0].data)
+    assert passes == [1]
+    np.testing.assert_allclose(single, whole, atol=1e-5)

@@ -40,7 +40,7 @@ from fmtune.data.audio import AudioData
 from fmtune.data.dataset import TextData, batch_targets, inference_batches
 from fmtune.fsutil import atomic_dir
 from fmtune.strategies import WHOLE_BACKBONE, backbone_blocks, block_list, frozen_prefix
-from fmtune.training import hardware, prefetch
+from fmtune.training import hardware, memory, prefetch
 from fmtune.training.infer import model_device
 
 VERSION = "3"  # 3: photos decoded upright (EXIF orientation applied)
@@ -376,7 +376,7 @@ def _fill(model: nn.Module, split: Split, ds: Any, batch_size: int, folder: Path
     was_training = model.training
     model.eval()
     try:
-        batches = inference_batches(ds, batch_size, device.type)
+        batches = inference_batches(ds, memory.inference_batch(model, ds, batch_size, device), device.type)
         for idx, host in zip(batches, prefetch.batches(ds.collate, batches, hardware.loader_for(device.type))):
             batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
             batch.pop("labels", None)
