@@ -490,9 +490,9 @@ class TrainConfig:
                                 f"{DEFAULT_BATCH_SIZE}, or the task's own: named entities, text generation, "
                                 "detection and segmentation 8). A batch of the longest training examples whose "
                                 "activations would take more than half the memory available (long audio clips, "
-                                "long texts on a large model) trains as micro-batches of a divisor of it, "
-                                "grad_accum raised to keep the examples per step; the plan says so and "
-                                "config.yaml keeps both")
+                                "long texts on a large model, large images on a vision transformer) trains as "
+                                "micro-batches of a divisor of it, grad_accum raised to keep the examples per step; "
+                                "the plan says so and config.yaml keeps both")
     eval_batch_size: int | None = _f(None, "examples per forward pass when evaluating or predicting, at most "
                                      f"(default: {DEFAULT_EVAL_BATCH_SIZE}; detection and segmentation 8: a dense "
                                      "model holds 150-250 MB of activations an image at 512 px, and no more images a "

@@ -61,6 +61,25 @@ def test_the_estimate_reads_the_model_shape_and_grows_with_length():
     assert 0.88 * 1371 < memory.Shape(768, 12, 3072, 12).example_bytes(1500, 1500) / mib < 1.45 * 1371
 
 
+def test_a_vision_transformer_reads_an_image_as_patches():
+    from transformers import ViTConfig, ViTModel
+
+    from fmtune.data.dataset import ImageData
+
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=64, patch_size=16))
+    shape = memory.shape_of(vit)
+    assert shape.patch == 16
+    images = ImageData(torch.zeros((4, 3, 64, 64), dtype=torch.uint8), None, {"size": 64, "mean": [0.5] * 3,
+                                                                           "std": [0.5] * 3})
+    assert images.image_side == 64
+    one = shape.example_bytes(17, 17)  # (64 / 16)^2 patches and the class token
+    cfg = from_dict({"train": {"batch_size": 8}})
+    assert memory.fit_training(cfg, vit, images, budget=int(2.5 * one))[0].train.batch_size == 2
+    bigger = ImageData(images.images, None, {**images.spec, "size": 128})  # 65 positions: a quarter fits
+    assert memory.fit_training(cfg, vit, bigger, budget=int(2.5 * one))[0].train.batch_size == 1
+
+
 def test_a_batch_over_the_budget_becomes_micro_batches_of_a_divisor():
     model = _bert()
     cfg = from_dict({"train": {"batch_size": 16, "grad_accum": 2}})

@@ -116,6 +116,12 @@ class ImageData(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
+    @property
+    def image_side(self) -> int | None:
+        """The side every image is read at (``fmtune.training.memory``), where one is."""
+        size = self.spec.get("size")
+        return size if isinstance(size, int) else None
+
     def raw(self, idx: list[int]) -> torch.Tensor:
         """The images ``idx`` as stored (uint8, or float 0-255), decoding lazily kept ones."""
         if isinstance(self.images, torch.Tensor):

@@ -16,8 +16,9 @@ PyTorch's math kernel), and the transient of a raw-waveform model's first convol
 resident memory measured on random weights of the real shapes (2 cores, fp32, training batches of 2-8;
 MiB per example, estimated / measured): MiniLM-L6 512 tokens 342 / 350, 128 tokens 45 / 51; BERT-base
 512 tokens 936 / 881; wav2vec2-base 5 s 441 / 445, 10 s 1,089 / 926, 30 s 5,741 / 3,986; Whisper-small's
-encoder 30 s 1,477 / 1,371. Inference keeps one layer's working set at a time: wav2vec2-base 30 s
-633 / 471, Whisper-small 70 / 69. So within 12 % below and 45 % above.
+encoder 30 s 1,477 / 1,371; ViT-B/16 at 224 px 194 / 137, at 384 px 568 / 402. Inference keeps one
+layer's working set at a time: wav2vec2-base 30 s 633 / 471, Whisper-small 70 / 69. So within 12 % below
+and 45 % above (bf16 autocast keeps less: fmtune measured 606 MiB a 10-s clip of wav2vec2-base).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Shape:
     eager: bool = False
     stem_channels: int = 0  # a raw-waveform model's first convolution: output channels ...
     stem_stride: int = 1  # ... and stride over the samples
+    patch: int = 0  # a vision transformer's patch side: an image of side s is (s / patch)^2 + 1 positions
 
     def example_bytes(self, tokens: Any, longest: Any, samples: Any = 0.0, train: bool = True,
                       trained_layers: int | None = None) -> Any:
@@ -94,8 +96,10 @@ def shape_of(model: torch.nn.Module) -> Shape | None:
     dropout = _first(config, "attention_dropout", "attention_probs_dropout_prob", "attn_pdrop") or 0.0
     convs, strides = getattr(config, "conv_dim", None), getattr(config, "conv_stride", None)
     stem = {"stem_channels": int(convs[0]), "stem_stride": int(strides[0])} if convs and strides else {}
+    patch = getattr(config, "patch_size", None)
     return Shape(int(hidden), int(layers), int(ffn), int(heads), float(dropout),
-                 getattr(config, "_attn_implementation", None) == "eager", **stem)
+                 getattr(config, "_attn_implementation", None) == "eager", **stem,
+                 patch=patch if isinstance(patch, int) else 0)
 
 
 def available_bytes(device: Any = "cpu") -> int:
@@ -110,9 +114,13 @@ def available_bytes(device: Any = "cpu") -> int:
 def _worst(shape: Shape, ds: Any, train: bool, trained_layers: int | None = None) -> float | None:
     """Bytes of the costliest example of ``ds`` (None: ``ds`` says nothing of its lengths). A dataset tells
     its lengths by ``memory_profile()``: (positions per example, longest sequence of each, waveform samples of
-    each or None)."""
+    each or None); an image dataset its side (``image_side``), which a vision transformer reads as patches."""
     profile = getattr(ds, "memory_profile", None)
     prof = profile() if callable(profile) else None
+    side = getattr(ds, "image_side", None)
+    if prof is None and side and shape.patch and len(ds):  # images, all read at one size
+        positions = np.array([(side // shape.patch) ** 2 + 1])
+        prof = (positions, positions, None)
     if prof is None or not len(prof[0]):
         return None
     tokens, longest, samples = prof
