@@ -78,6 +78,29 @@ def test_probe_fits_with_blas_on_one_thread_and_puts_the_limit_back():
     assert after == {2}
 
 
+@pytest.mark.parametrize("per_class", [1, 2])
+def test_a_probe_fits_one_or_two_examples_of_a_class(per_class, tmp_path, tiny_st_bert):
+    """3-fold cross-validation of the probe's C cannot split a class of 1 or 2 examples (scikit-learn raised
+    from a training run of one clip per class): fewer folds, or none and C = 1; multi-label too (a label on in
+    one row); and a run on such data trains, its baseline scored."""
+    x, y = _features(3 * per_class, 3)
+    y = np.repeat(np.arange(3), per_class)
+    task = Classification(["c0", "c1", "c2"])
+    probe = task.fit_probe(x, torch.from_numpy(y), seed=0)
+    assert probe.predict(x).tolist() == y.tolist()  # (separable: a fitted model, not a failure)
+    multi = MultiLabel(["a", "b"])
+    targets = torch.zeros(8, 2)
+    targets[0, 0] = targets[1:4, 1] = 1.0
+    multi.fit_probe(*_features(8, 2)[:1], targets, seed=0)
+    rows = pd.DataFrame({"text": [f"{w} {w} words" for w in ("good", "bad", "okay") for _ in range(per_class)],
+                         "label": [c for c in ("pos", "neg", "mid") for _ in range(per_class)]})
+    rows.to_csv(tmp_path / "train.csv", index=False)
+    summary = fmtune.train(cfg_dict(tiny_st_bert, tmp_path / "train.csv", out=str(tmp_path / "run"),
+                                    data={"test": str(tmp_path / "train.csv"), "min_val_per_class": -1},
+                                    train={"max_steps": 2, "head_init": "probe", "baseline": True}), quiet=True)
+    assert "accuracy" in summary["eval"]["baseline"]
+
+
 def test_solved_multilabel_and_regression_heads_are_the_probes():
     x, y = _features(300, 3)
     task = MultiLabel(["a", "b", "c", "never"])

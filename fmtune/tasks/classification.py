@@ -252,7 +252,9 @@ class Classification(Task):
         known = targets.numpy() >= 0
         with warnings.catch_warnings():  # scikit-learn announces changes of LogisticRegressionCV defaults
             warnings.simplefilter("ignore", FutureWarning)
-            return scaled(logreg(seed)).fit(x[known], targets.numpy()[known])
+            y = targets.numpy()[known]
+            counts = np.unique(y, return_counts=True)[1]
+            return scaled(logreg(seed, int(counts.min()) if len(counts) else 0)).fit(x[known], y)
 
     def head_from_probe(self, probe, num_features):
         w, b = unscaled(probe, probe[-1].coef_, probe[-1].intercept_)

@@ -266,7 +266,9 @@ class MultiLabel(Task):
         keep = (y.min(0) != y.max(0))  # a label that is always on/off in training cannot be fitted
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return scaled(OneVsRestClassifier(logreg(seed))).fit(x, y[:, keep]), keep
+            sides = np.minimum(y[:, keep].sum(0), len(y) - y[:, keep].sum(0))  # each label's rarer side, in rows
+            rarest = int(sides.min()) if len(sides) else 0
+            return scaled(OneVsRestClassifier(logreg(seed, rarest))).fit(x, y[:, keep]), keep
 
     def head_from_probe(self, probe, num_features):
         model, keep = probe
