@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,9 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import log, measured, start  # noqa: E402
+from common import add_version_options, fmtune_versions, log, measured, start  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 PITCHES = {"low": 220.0, "mid": 440.0, "high": 880.0}
 
 
@@ -68,8 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clips", type=int, default=32, help="training clips (default 32: one batch)")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds a clip (default 10)")
-    ap.add_argument("--ref", default=None, help="also train with fmtune at this git commit (e.g. b8991b3)")
-    ap.add_argument("--out", default=None, help="working folder (default: a new temporary one)")
+    add_version_options(ap, "train", "b8991b3")
     args = ap.parse_args()
 
     work, result = start(args.out, "fmtune-bench-audio-memory-")
@@ -80,13 +77,7 @@ def main() -> None:
     log(f"data and model in {work}")
     make_data(work / "data", args.clips, args.seconds)
     make_model(work / "wav2vec2-base-random")
-    versions = {"this": ROOT}
-    if args.ref:
-        tree = work / f"fmtune-{args.ref}"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.ref], check=True,
-                       capture_output=True)
-        versions[args.ref] = tree
-    try:
+    with fmtune_versions(work, args.ref) as versions:
         for name, source in versions.items():
             run = work / f"run-{name}"
             log(f"train with fmtune {name}")
@@ -105,10 +96,6 @@ def main() -> None:
                 row["outcome"] = "killed (out of memory)"
             result["results"][name] = row
             log(json.dumps(row))
-    finally:
-        if args.ref:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(versions[args.ref])],
-                           capture_output=True)
     print(json.dumps(result, indent=2))
 
 

@@ -3,14 +3,18 @@ memory."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def log(msg: str) -> None:
@@ -69,3 +73,28 @@ def measured(cmd: list[str], env: dict[str, str], cwd: Path, check: bool = False
     return {"seconds": round(time.perf_counter() - began, 1), "returncode": proc.returncode,
             "peak_anonymous_mb": round(peaks["RssAnon"] / 1024), "peak_file_mb": round(peaks["RssFile"] / 1024),
             **({"stderr_tail": err[-1500:]} if proc.returncode else {})}
+
+
+def add_version_options(ap: Any, verb: str, example_ref: str) -> None:
+    """``--ref`` (the earlier fmtune to compare with, ``fmtune_versions``) and ``--out`` (the working folder)."""
+    ap.add_argument("--ref", default=None, help=f"also {verb} with fmtune at this git commit (e.g. {example_ref})")
+    ap.add_argument("--out", default=None, help="working folder (default: a new temporary one)")
+
+
+@contextlib.contextmanager
+def fmtune_versions(work: Path, ref: str | None) -> Iterator[dict[str, Path]]:
+    """{name: source folder} of the fmtune versions a bench compares: this repository's ("this"), and with
+    ``ref`` the one at that git commit (a worktree under ``work``, removed at the end). Run each from outside the
+    repository with PYTHONPATH at its folder: python puts the current folder before PYTHONPATH."""
+    versions = {"this": ROOT}
+    if ref:
+        tree = work / f"fmtune-{ref}"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref], check=True,
+                       capture_output=True)
+        versions[ref] = tree
+    try:
+        yield versions
+    finally:
+        if ref:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(versions[ref])],
+                           capture_output=True)

@@ -34,9 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import log, measured, start  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, add_version_options, fmtune_versions, log, measured, start  # noqa: E402
 
 
 def make_data(root: Path, n_test: int, classes: int, size: int) -> None:
@@ -89,8 +87,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=600, help="test images (default 600)")
     ap.add_argument("--classes", type=int, default=150, help="classes (default 150, as ADE20K)")
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
-    ap.add_argument("--ref", default=None, help="also evaluate with fmtune at this git commit (e.g. 2e27c2e)")
-    ap.add_argument("--out", default=None, help="working folder (default: a new temporary one)")
+    add_version_options(ap, "evaluate", "2e27c2e")
     args = ap.parse_args()
     import yaml
 
@@ -105,13 +102,7 @@ def main() -> None:
     subprocess.run([*fmtune, "train", "-q", "--task", "segmentation", "--model", str(work / "segformer"), "--data",
                     str(work / "data" / "train"), "--val", str(work / "data" / "val"), "--epochs", "1", "--no-report",
                     "--out", str(work / "run")], env=env, cwd=work, check=True)
-    versions = {"this": ROOT}
-    if args.ref:
-        tree = work / f"fmtune-{args.ref}"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.ref], check=True,
-                       capture_output=True)
-        versions[args.ref] = tree
-    try:
+    with fmtune_versions(work, args.ref) as versions:
         for name, source in versions.items():
             run = work / f"run-{name}"
             shutil.rmtree(run, ignore_errors=True)
@@ -126,10 +117,6 @@ def main() -> None:
             row["test"] = json.loads((run / "eval.json").read_text())["test"]
             result["results"][name] = row
             log(json.dumps(row))
-    finally:
-        if args.ref:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(versions[args.ref])],
-                           capture_output=True)
     print(json.dumps(result, indent=2))
 
 
