@@ -38,7 +38,7 @@ def project(x: np.ndarray, method: str, seed: int) -> np.ndarray:
     if method == "tsne":
         from sklearn.manifold import TSNE
 
-        return TSNE(n_components=2, perplexity=min(30.0, max(2.0, (len(x) - 1) / 3)), init="pca",
+        return TSNE(n_components=2, perplexity=min(30.0, max(2.0, (len(x) - 1) / 3), len(x) - 1), init="pca",
                     random_state=seed).fit_transform(x)
     if method == "umap":
         try:
@@ -59,11 +59,13 @@ def separation(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
         return out
-    out["silhouette_cosine"] = round(float(silhouette_score(x, y, metric="cosine", sample_size=min(len(x), 2000),
-                                                            random_state=seed)), 4)
+    if len(classes) < len(x):  # (a silhouette needs a label shared by two points at least)
+        out["silhouette_cosine"] = round(float(silhouette_score(x, y, metric="cosine",
+                                                                sample_size=min(len(x), 2000), random_state=seed)), 4)
     folds = int(min(5, counts.min()))
     if folds >= 2:
-        knn = KNeighborsClassifier(n_neighbors=min(5, len(x) - 1), metric="cosine")
+        fitted = len(x) - -(-len(x) // folds)  # the fewest rows a fold's neighbours are drawn from
+        knn = KNeighborsClassifier(n_neighbors=max(1, min(5, fitted)), metric="cosine")
         out["knn5_accuracy_cv"] = round(float(cross_val_score(knn, x, y, cv=folds).mean()), 4)
     return out
 
@@ -89,6 +91,8 @@ def embed(run: str | Path, data: str | Path | None = None, *, methods: tuple[str
     if limit and len(df) > limit:
         df = df.sample(n=limit, random_state=seed).sort_index()
     ds, _ = make_dataset(df, pred.bundle, task, cfg.data)
+    if len(ds) < 2:
+        raise DataError(f"{source}: {len(ds)} usable row(s); a map of the features needs 2 at least")
     pretrained = build.create(dataclasses.replace(cfg.model, init="pretrained"), task).model
     feats = {}
     with ui.CountProgress("features (pretrained, fine-tuned)", 2 * len(ds), quiet) as bar:

@@ -32,3 +32,23 @@ def test_embed_cli_and_bad_methods(text_run, tmp_path):
     if importlib.util.find_spec("umap") is None:
         with pytest.raises(ConfigError, match="pip install umap-learn"):
             embed(text_run, methods=("umap",), out=tmp_path / "u", quiet=True)
+
+
+def test_a_few_rows_are_mapped_and_one_is_an_error(text_run, tmp_path):
+    """Two to four rows: mapped (t-SNE's perplexity under the rows, no silhouette where every point is its own
+    label, neighbours no more than a fold holds; each raised from scikit-learn); one row is an error that says
+    so."""
+    import pandas as pd
+
+    from fmtune.errors import DataError
+
+    for n in (2, 3, 4):  # (4: two folds of 2 rows, fewer than 5 neighbours)
+        rows = pd.DataFrame({"text": ["good movie", "bad movie", "a film", "bad one"][:n],
+                             "label": ["pos", "neg", "pos", "neg"][:n]})
+        rows.to_csv(tmp_path / f"{n}.csv", index=False)
+        res = embed(text_run, tmp_path / f"{n}.csv", out=tmp_path / f"e{n}", quiet=True)
+        assert res["rows"] == n and ("silhouette_cosine" in res["separation"]["fine-tuned"]) == (n > 2)
+        assert ("knn5_accuracy_cv" in res["separation"]["fine-tuned"]) == (n == 4)
+    pd.DataFrame({"text": ["good movie"], "label": ["pos"]}).to_csv(tmp_path / "1.csv", index=False)
+    with pytest.raises(DataError, match="1 usable row"):
+        embed(text_run, tmp_path / "1.csv", out=tmp_path / "e1", quiet=True)
