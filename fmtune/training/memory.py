@@ -6,8 +6,8 @@ keeps about 4 GB of activations per 30-s clip (measured, 2 cores, fp32: 445 MB a
 Whisper-small 1.4 GB, BERT-base 880 MB per 512-token text. On a CPU such a batch is not an error but the
 kernel's out-of-memory killer. Where the configured batch would not fit, training runs it as micro-batches
 whose gradients add up to the same step (``train.batch_size`` down to a divisor of it, ``train.grad_accum``
-up by as much: as many examples per optimizer step), and evaluation or prediction reads fewer examples a
-forward pass; both said, and kept in config.yaml.
+up by as much: as many examples per optimizer step; the plan says so, run.json's ``micro_batches`` and
+config.yaml keep it), and evaluation or prediction reads fewer examples a forward pass (the same outputs).
 
 The estimate (``Shape``) counts, per position and layer, what a transformer layer keeps for its backward
 pass (16 vectors of its width and 3 of its feed-forward width, 4 bytes each), the attention
@@ -147,7 +147,7 @@ def fit_training(cfg: Any, model: torch.nn.Module, train_ds: Any, device: Any = 
     train = cfg.train
     if budget is None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        budget = int((available_bytes(device) - 3 * trainable * FLOAT_BYTES) * TRAIN_SHARE)
+        budget = max(0, int((available_bytes(device) - 3 * trainable * FLOAT_BYTES) * TRAIN_SHARE))
     fits = max(1, int(budget // worst))
     if fits >= train.batch_size:
         return cfg, None
