@@ -118,6 +118,7 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
     built = {name: task.dataset(df, bundle, cfg.data) for name, df in frames.items()}
     data = {name: ds for name, (ds, _) in built.items()}
     data["train"] = task.training_set(data["train"])
+    bundle.model.to(hw.device)  # (before the memory left for activations is measured there)
     micro = None
     if not resume and bundle.family not in causal_lm.TEXT_FAMILIES:  # speech: clips of up to 30 s (a causal LM's
         cfg, micro = memory.fit_training(cfg, bundle.model, data["train"], hw.device)  # tokens: checkpointing below)
@@ -132,7 +133,6 @@ def train(cfg: config_mod.Config, run_dir: Path | None = None, *, overwrite: boo
             out.print(f"  memory: {micro['why']}")
         if frames["train"].attrs.get("settled"):
             out.print(f"  {columns_read_line(frames['train'].attrs['settled'])}")
-    bundle.model.to(hw.device)
     if cfg.train.packing:
         causal_lm.check_packing(bundle)
     test_sample = task.sample(data["test"], cfg.eval.test_samples or len(data["test"])) if "test" in data else []
