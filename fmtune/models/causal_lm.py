@@ -378,12 +378,9 @@ def checkpointing(bundle: Any, train: Any, lengths: np.ndarray, device: str) -> 
         return None
     rows, longest = min(train.batch_size, len(lengths)), int(np.max(lengths))
     need = ACTIVATION_BYTES * _width_times_layers(lm.config) * rows * longest
-    if device == "cuda":
-        available = torch.cuda.mem_get_info()[0]
-    else:
-        import psutil
+    from fmtune.training.memory import available_bytes
 
-        available = psutil.virtual_memory().available
+    available = available_bytes(device)
     if setting == "auto" and need <= available / 2:
         return None
     lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
