@@ -226,11 +226,13 @@ def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
                 "vocabulary": len(tok), "new_head": not tok.name_or_path,
                 "wer_normalizer": NORMALIZERS[task.wer_normalizer]}
     if bundle.family == causal_lm.SPEECH_FAMILY:
-        from fmtune.data.audio import WAVEFORM
+        from fmtune.data.audio import LOG_MEL, WAVEFORM
         from fmtune.models import speech
 
         if bundle.audio.get("frontend") == WAVEFORM:  # (Moonshine)
             reads = {"reads_clips": "the waveform, padded to the longest of a batch"}
+        elif bundle.audio.get("frontend", LOG_MEL) != LOG_MEL:  # (Speech2Text)
+            reads = {"reads_clips": "a filterbank, padded to the longest of a batch and masked"}
         else:
             reads = {"bucket_seconds": speech.BUCKET_SECONDS, "reads_clips": "in buckets" if bundle.audio.get(
                 speech.BUCKETED) else "in the whole window (not yet trained by fmtune)"}

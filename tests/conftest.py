@@ -181,6 +181,42 @@ def save_tiny_moonshine(folder: Path, texts: list[str]) -> Path:
     return folder
 
 
+def save_tiny_speech2text(folder: Path, texts: list[str], cmvn: bool = True) -> Path:
+    """A 2+2-layer random Speech2Text (d_model 32: two strided convolutions over 80 filterbank bands, sinusoidal
+    positions), a SentencePiece unigram tokenizer of ``texts`` with its vocabulary (<s>, <pad>, </s> the decoder
+    start and end, <unk>, as Speech2Text's) and Speech2TextFeatureExtractor's settings (``cmvn``: each band
+    normalised over the clip, as every released Speech2Text model's; without it a tone's band keeps its level, which
+    a random model learns in seconds), saved as a transformers folder."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import (
+        Speech2TextConfig,
+        Speech2TextFeatureExtractor,
+        Speech2TextForConditionalGeneration,
+        Speech2TextTokenizer,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=proto, vocab_size=20,
+                                   model_type="unigram", bos_id=-1, eos_id=-1, unk_id=0, hard_vocab_limit=False,
+                                   minloglevel=2)
+    (folder / "sentencepiece.bpe.model").write_bytes(proto.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    pieces = [sp.id_to_piece(i) for i in range(1, sp.get_piece_size())]  # (0: <unk>)
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *pieces])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    Speech2TextTokenizer(str(folder / "vocab.json"), str(folder / "sentencepiece.bpe.model")).save_pretrained(folder)
+    cfg = Speech2TextConfig(vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2,
+                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                            decoder_ffn_dim=64, conv_channels=16, max_source_positions=1500, max_target_positions=64)
+    torch.manual_seed(0)
+    Speech2TextForConditionalGeneration(cfg).save_pretrained(folder)
+    Speech2TextFeatureExtractor(do_ceptral_normalize=cmvn).save_pretrained(folder)
+    return folder
+
+
 def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_norm: str = "group",
                        ctc_letters: str | None = None) -> Path:
     """A 2-layer random raw-waveform encoder (hidden 32; wav2vec2's 7-convolution feature encoder at

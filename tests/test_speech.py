@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict, save_tiny_moonshine, save_tiny_whisper
+from conftest import cfg_dict, save_tiny_moonshine, save_tiny_speech2text, save_tiny_whisper
 
 from fmtune.errors import ConfigError, DataError, ModelError
 
@@ -246,6 +246,99 @@ def test_moonshine_reads_the_waveform_and_learns_to_transcribe(tiny_moonshine, t
     assert merged["kind"] == "merged" and merged["same_transcripts"] == merged["checked_clips"]
     with pytest.raises(ModelError, match="moonshine model transcribes the language it was trained on"):
         fmtune.train(_cfg(tiny_moonshine, tone_speech, tmp_path / "fr", task={"language": "french"}), quiet=True)
+
+
+S2T_TEXTS = ["Low. Mid. High. low mid high."] * 10
+
+
+def test_speech2text_features_are_its_extractors(tmp_path):
+    """Speech2Text reads a Kaldi filterbank, each band normalised over the clip (its utterance CMVN): fmtune's
+    features are Speech2TextFeatureExtractor's (fp16 storage apart), of clips of any length, one frame an input;
+    a silent clip gives (nearly) zeros, not the extractor's NaN (a band of no variance divided by zero). A
+    preprocessor that disagrees with the model's bands, or normalises means without deviations, is refused in a
+    line."""
+    from transformers import Speech2TextFeatureExtractor
+
+    from fmtune.data.audio import AudioSpec, features_of
+
+    model = save_tiny_speech2text(tmp_path / "s2t", S2T_TEXTS)
+    bundle, _ = _bundle(model)
+    spec = AudioSpec.from_dict(bundle.audio)
+    assert (spec.stride, spec.subsample, spec.normalize) == (1, 4, True)
+    rng = np.random.default_rng(0)
+    clips = [_clip(["low", "mid"], rng), _clip(["high"], rng), 0.1 * rng.standard_normal(3 * RATE).astype(np.float32)]
+    fe = Speech2TextFeatureExtractor.from_pretrained(model)
+    for clip, windows in zip(clips, features_of(clips, spec)):
+        ref = fe(clip, sampling_rate=RATE, return_tensors="pt")["input_features"][0]
+        assert windows[0].shape == (80, ref.shape[0])
+        torch.testing.assert_close(windows[0].float().T, ref, atol=3e-3, rtol=1e-3)
+    silent = features_of([np.zeros(RATE, dtype=np.float32)], spec)[0][0]
+    assert torch.isfinite(silent).all() and float(silent.abs().max()) < 0.01  # (rounding left of a constant band)
+    assert spec.positions(400) == 100  # two strided convolutions: a position every 4 frames (memory estimates)
+
+    pp = json.loads((model / "preprocessor_config.json").read_text())
+    for change, why in [({"num_mel_bins": 40}, "num_mel_bins 40; the model reads 80 filterbank bands"),
+                        ({"normalize_vars": False}, "normalises the filterbank's means or its deviations but not")]:
+        (model / "preprocessor_config.json").write_text(json.dumps({**pp, **change}))
+        with pytest.raises(ModelError, match=why):
+            _bundle(model)
+
+
+def test_speech2text_learns_to_transcribe_and_exports_as_itself(tone_speech, tmp_path):
+    """Speech2Text (an encoder-decoder over a filterbank, padded and masked) was refused ("a model of type
+    'speech_to_text'"): it is fine-tuned, scored, predicted and exported as Whisper is; its windows are encoded in
+    groups of equal length, so a transcript does not depend on its batch; the exported folder transcribes with
+    transformers' own generate as fmtune does; LoRA adapts its attention and feed-forward layers and merges. (Its
+    features without the normalisation over the clip: a random model learns tones from their bands' level in
+    seconds, not from their shapes.)"""
+    from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer, Speech2TextFeatureExtractor
+
+    import fmtune
+    from fmtune.models import speech
+
+    model = save_tiny_speech2text(tmp_path / "s2t", S2T_TEXTS, cmvn=False)
+    out = tmp_path / "run"
+    summary = fmtune.train(_cfg(model, tone_speech, out, strategy={"name": "full"},
+                                train={"epochs": 24, "batch_size": 8, "lr": 5e-3}), quiet=True)
+    ev = summary["eval"]
+    assert ev["baseline"]["wer"] >= 0.9 and ev["test"]["wer"] < 0.5, ev  # (0.0 measured)
+    info = json.loads((out / "run.json").read_text())["generation"]
+    assert info["prefix"] == ["</s>"] and "filterbank" in info["reads_clips"]
+    pred = fmtune.load(out)
+    rng = np.random.default_rng(3)
+    clips = [_clip(["low", "mid"], rng), _clip(["high"], rng), _clip(["mid", "high", "low"], rng)]
+    ds = pred.task.inputs(clips, pred.bundle)
+    mdl, tok = pred.bundle.model, pred.bundle.tokenizer
+    states, mask = speech.encode(mdl, **ds.inputs([c[0] for c in ds.clips]))
+    for i, c in enumerate(ds.clips):  # each clip's positions as it alone gives them, whatever the padding
+        alone = speech.encode(mdl, **ds.inputs(c[:1]))[0][0]
+        assert int(mask[i].sum()) == len(alone)
+        torch.testing.assert_close(states[i, : len(alone)], alone, atol=1e-5, rtol=1e-4)
+    together = speech.transcribe(mdl, tok, ds, [0, 1, 2], 3, "cpu")
+    assert together == [speech.transcribe(mdl, tok, ds, [i], 1, "cpu")[0] for i in range(3)]
+    for i, clip in enumerate(clips):
+        sf.write(tmp_path / f"{i}.wav", clip, RATE)
+    assert [r["transcript"] for r in pred.predict([str(tmp_path / f"{i}.wav") for i in range(3)])] == together
+
+    res = fmtune.export(out, tmp_path / "hf", quiet=True)
+    assert res["same_transcripts"] == res["checked_clips"] > 0
+    hf = AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "hf")
+    fe, hf_tok = AutoFeatureExtractor.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert isinstance(fe, Speech2TextFeatureExtractor) and not fe.do_ceptral_normalize
+    for clip, said in zip(clips, together):
+        ids = hf.generate(**fe(clip, sampling_rate=RATE, return_tensors="pt"), max_new_tokens=24, num_beams=1,
+                          do_sample=False)
+        assert hf_tok.decode(ids[0], skip_special_tokens=True).strip() == said
+
+    lora = tmp_path / "lora"
+    fmtune.train(_cfg(model, tone_speech, lora, strategy={"name": "lora"},
+                      train={"max_steps": 3, "batch_size": 8}, data={"test": None}), quiet=True)
+    adapted = json.loads((lora / "model" / "adapter_config.json").read_text())["target_modules"]
+    assert set(adapted) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    merged = fmtune.export(lora, tmp_path / "merged", merge=True, quiet=True)
+    assert merged["kind"] == "merged" and merged["same_transcripts"] == merged["checked_clips"]
+    with pytest.raises(ModelError, match="speech_to_text model transcribes the language it was trained on"):
+        fmtune.train(_cfg(model, tone_speech, tmp_path / "fr", task={"language": "french"}), quiet=True)
 
 
 def test_a_pretrained_model_reads_the_whole_window_a_model_fmtune_trained_reads_buckets(tiny_asr, tone_speech,
@@ -599,7 +692,7 @@ def test_speech_needs_a_speech_model(tiny_asr, tiny_bert, tone_speech, tmp_path)
     import fmtune
     from fmtune.tasks.speech import prefix_ids
 
-    with pytest.raises(ModelError, match="speech model; .* is a model of type 'bert' .*Moonshine or wav2vec2-style"):
+    with pytest.raises(ModelError, match="speech model; .* model of type 'bert' .*Moonshine, Speech2Text or wav2vec2"):
         fmtune.train(_cfg(tiny_bert, tone_speech, tmp_path / "r"), quiet=True)
     with pytest.raises(ModelError, match="transcribes English only"):
         prefix_ids(AutoTokenizer.from_pretrained(tiny_asr), "french")

@@ -25,7 +25,8 @@ w2v-BERT (wav2vec2-bert: w2v-BERT 2.0, the MMS-style low-resource recognisers fi
 reads SeamlessM4T's filterbank (``StackedFbank``): 80 Kaldi mel bands every 10 ms, each band
 normalised over the window's frames, two consecutive frames stacked into one input of 160 values
 (20 ms), padded with zeros in a batch and ``frame_mask`` marking real ones, as transformers'
-SeamlessM4TFeatureExtractor computes it.
+SeamlessM4TFeatureExtractor computes it. Speech2Text reads the same filterbank unstacked (one frame an input),
+each band normalised by its biased deviation (``AudioSpec.extractor``: Speech2TextFeatureExtractor's).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ INPUT_KEY = {LOG_MEL: "input_features", WAVEFORM: "input_values", FBANK: "input_
 # what wav2vec2-style encoders read (the CTC models of speech recognition): one output frame per input frame or
 # per 320 samples, masked where padded
 ENCODER_FRONTENDS = (WAVEFORM, STACKED)
+SPEECH2TEXT = "Speech2TextFeatureExtractor"  # AudioSpec.extractor of a Speech2Text model's stacked-fbank (stride 1)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ class AudioSpec:
     mean: float = 0.0  # fbank: the filterbank values' mean and deviation in the model's pretraining data
     std: float = 1.0
     stride: int = 1  # stacked-fbank: consecutive frames stacked into one input (SeamlessM4T's stride, 2)
+    # stacked-fbank: transformers' feature extractor whose features these are (SeamlessM4T's unless named:
+    # Speech2TextFeatureExtractor's deviation over a window is the biased one), and the input frames the
+    # encoder's convolutions fold into one position (Speech2Text: 4)
+    extractor: str = ""
+    subsample: int = 1
 
     @property
     def window_samples(self) -> int:
@@ -94,6 +101,13 @@ class AudioSpec:
         """Log-mel frames the encoder holds (even: its second convolution halves them)."""
         n = math.ceil(self.encoder_seconds * self.sampling_rate / self.hop_length)
         return n - n % 2
+
+    @property
+    def frame_seconds(self) -> float:
+        """Seconds of one unit of a window's last dimension: a sample, a (stacked) filterbank or log-mel frame."""
+        if self.frontend == WAVEFORM:
+            return 1 / self.sampling_rate
+        return self.hop_length * (self.stride if self.frontend == STACKED else 1) / self.sampling_rate
 
     @property
     def input_key(self) -> str:
@@ -114,7 +128,7 @@ class AudioSpec:
             return max(1, units // 320)
         if self.frontend == FBANK:
             return ((self.n_mels - 16) // 10 + 1) * ((self.frames - 16) // 10 + 1) + 2
-        return max(1, units)
+        return max(1, -(-units // self.subsample))
 
     def as_dict(self) -> dict[str, Any]:
         return {"frontend": self.frontend, "normalize": self.normalize, "sampling_rate": self.sampling_rate,
@@ -122,12 +136,13 @@ class AudioSpec:
                 "hop_length": self.hop_length, "window_seconds": self.window_seconds,
                 "encoder_seconds": self.encoder_seconds,
                 **({"frames": self.frames, "mean": self.mean, "std": self.std} if self.frontend == FBANK else {}),
-                **({"stride": self.stride} if self.frontend == STACKED else {})}
+                **({"stride": self.stride, "subsample": self.subsample,
+                    **({"extractor": self.extractor} if self.extractor else {})} if self.frontend == STACKED else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AudioSpec:
         keys = ("frontend", "normalize", "sampling_rate", "n_mels", "n_fft", "hop_length", "window_seconds",
-                "encoder_seconds", "frames", "mean", "std", "stride")
+                "encoder_seconds", "frames", "mean", "std", "stride", "extractor", "subsample")
         return cls(**{k: d[k] for k in keys if k in d})
 
 
@@ -290,14 +305,17 @@ class StackedFbank(Fbank):
     """SeamlessM4T's features of a window (w2v-BERT), as its SeamlessM4TFeatureExtractor computes them: the Kaldi
     filterbank (a Povey window over 16-bit-scaled samples), each mel band normalised to zero mean and unit variance
     over the window's frames, then every ``stride`` consecutive frames stacked into one input ((n_mels * stride) x
-    frames // stride; an odd last frame is dropped, as the extractor masks it)."""
+    frames // stride; an odd last frame is dropped, as the extractor masks it). Speech2Text's (``extractor``
+    SPEECH2TEXT, stride 1) are the same filterbank normalised by the biased deviation (its utterance CMVN; 1e-7 is
+    added to the variance here too, where Speech2Text's extractor divides a constant band, silence, by zero)."""
 
     WINDOW, SCALE = "povey", 2.0**15
 
     def __call__(self, wave: np.ndarray) -> torch.Tensor:
         fbank = self.log_mel(wave).T  # (frames, n_mels)
         if self.spec.normalize and fbank.shape[0] > 1:
-            fbank = (fbank - fbank.mean(0)) / (fbank.var(0, unbiased=True) + 1e-7).sqrt()
+            unbiased = self.spec.extractor != SPEECH2TEXT
+            fbank = (fbank - fbank.mean(0)) / (fbank.var(0, unbiased=unbiased) + 1e-7).sqrt()
         k = self.spec.stride
         n = fbank.shape[0] // k
         return fbank[: n * k].reshape(n, k * fbank.shape[1]).T.contiguous()
@@ -460,11 +478,15 @@ def feature_extractor(audio: dict[str, Any]) -> Any:
     from transformers import (
         ASTFeatureExtractor,
         SeamlessM4TFeatureExtractor,
+        Speech2TextFeatureExtractor,
         Wav2Vec2FeatureExtractor,
         WhisperFeatureExtractor,
     )
 
     a = AudioSpec.from_dict(audio)
+    if a.frontend == STACKED and a.extractor == SPEECH2TEXT:
+        return Speech2TextFeatureExtractor(feature_size=a.n_mels, num_mel_bins=a.n_mels, sampling_rate=a.sampling_rate,
+                                           padding_value=0.0, do_ceptral_normalize=a.normalize)
     if a.frontend == STACKED:
         return SeamlessM4TFeatureExtractor(feature_size=a.n_mels, num_mel_bins=a.n_mels, sampling_rate=a.sampling_rate,
                                            stride=a.stride, padding_value=0.0)

@@ -208,6 +208,7 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
     spectrogram transformer's filterbank: its frames (config max_length) and normalisation, or w2v-BERT's
     stacked filterbank (SeamlessM4TFeatureExtractor's mel bands and stride; windows of WAVEFORM_WINDOW seconds)."""
     from fmtune.data.audio import FBANK, STACKED, WAVEFORM, AudioSpec, Fbank
+    from fmtune.models.speech import FBANK_SPEECH_TYPES
 
     pp = read_json(Path(path) / "preprocessor_config.json", {}) if isinstance(path, Path) else {}
     rate = int(pp.get("sampling_rate", 16000))
@@ -222,6 +223,8 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
         seconds = float(window or WAVEFORM_WINDOW)
         return AudioSpec(frontend=STACKED, sampling_rate=rate, n_mels=mels, n_fft=Fbank.FFT, hop_length=160,
                          stride=stride, window_seconds=seconds, encoder_seconds=seconds).as_dict()
+    if getattr(config, "model_type", "") in FBANK_SPEECH_TYPES:
+        return _speech2text_spec(path, config, pp, window)
     if getattr(config, "model_type", "") in SPECTROGRAM_ENCODERS:
         if rate != 16000:  # (the extractor's frame length and FFT size are fixed for 16 kHz)
             raise ModelError(f"{path}: preprocessor_config.json says sampling_rate {rate}; fmtune reads AST models "
@@ -248,6 +251,31 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
                      window_seconds=float(window or longest), encoder_seconds=float(longest)).as_dict()
 
 
+def _speech2text_spec(path: Path | str, config: Any, pp: dict[str, Any], window: float | None) -> dict[str, Any]:
+    """A Speech2Text model's features (Speech2TextFeatureExtractor's): the Kaldi filterbank of SeamlessM4T's, one
+    frame an input (stride 1), each band normalised over the window (utterance CMVN) unless the extractor says not;
+    windows of WAVEFORM_WINDOW seconds (its positions hold minutes) unless model.audio_window says otherwise."""
+    from fmtune.data.audio import SPEECH2TEXT, STACKED, AudioSpec, Fbank
+
+    rate, mels = int(pp.get("sampling_rate", 16000)), int(pp.get("num_mel_bins", 80))
+    reads = int(config.input_feat_per_channel) * int(config.input_channels)
+    if rate != 16000 or mels != reads:
+        raise ModelError(f"{path}: preprocessor_config.json says sampling_rate {rate}, num_mel_bins {mels}; the model "
+                         f"reads {reads} filterbank bands a frame at 16000 Hz, as Speech2TextFeatureExtractor computes "
+                         "them")
+    cmvn = bool(pp.get("do_ceptral_normalize", True))
+    if cmvn and not (pp.get("normalize_means", True) and pp.get("normalize_vars", True)):
+        raise ModelError(f"{path}: preprocessor_config.json normalises the filterbank's means or its deviations but "
+                         "not both; fmtune reads Speech2Text models that normalise both (or neither)")
+    positions = int(config.max_source_positions) * 2 ** int(config.num_conv_layers) * 160 / rate
+    if window is not None and not 0 < window <= positions:
+        raise ModelError(f"model.audio_window={window:g} s: {path} reads at most {positions:g} s at once")
+    seconds = float(window or min(WAVEFORM_WINDOW, positions))
+    return AudioSpec(frontend=STACKED, normalize=cmvn, sampling_rate=rate, n_mels=mels, n_fft=Fbank.FFT,
+                     hop_length=160, stride=1, extractor=SPEECH2TEXT, subsample=2 ** int(config.num_conv_layers),
+                     window_seconds=seconds, encoder_seconds=seconds).as_dict()
+
+
 def _create_speech(model_cfg: Any, task: Any) -> Bundle:
     """The pretrained speech model named by ``model_cfg.name`` (a zoo name, a local Whisper folder or
     a local ``*ForCTC`` folder: wav2vec2, HuBERT, WavLM ...), its tokenizer and audio settings."""
@@ -261,9 +289,9 @@ def _create_speech(model_cfg: Any, task: Any) -> Bundle:
     if family != "hf":
         raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is not one (use "
                          "whisper-tiny-en, or a local Whisper folder (Hugging Face or CTranslate2 format), a "
-                         "Moonshine folder or a wav2vec2-style CTC folder)")
+                         "Moonshine or Speech2Text folder or a wav2vec2-style CTC folder)")
     config = _config_at(path)
-    reads_audio = _audio_kind(path, config) or config.model_type in speech.WAVEFORM_SPEECH_TYPES
+    reads_audio = _audio_kind(path, config) or config.model_type in speech.SPEECH_MODEL_TYPES
     audio = _audio_spec(path, config, model_cfg.audio_window) if reads_audio else {}
     if config.model_type in AUDIO_ENCODERS:  # a CTC model: one character distribution per frame
         model, tokenizer = ctc.create(path, config, model_cfg.init, getattr(task, "alphabet", None))
@@ -271,7 +299,7 @@ def _create_speech(model_cfg: Any, task: Any) -> Bundle:
                       source=str(model_cfg.name))
     if config.model_type not in SPEECH_MODEL_TYPES:
         raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is a model of type "
-                         f"{config.model_type!r} (use whisper-tiny-en, or a local Whisper, Moonshine or "
+                         f"{config.model_type!r} (use whisper-tiny-en, or a local Whisper, Moonshine, Speech2Text or "
                          "wav2vec2-style CTC folder)")
     model, tokenizer = causal_lm.load_pretrained(path, config, model_cfg.init, AutoModelForSpeechSeq2Seq)
     prefix_ids(tokenizer, getattr(task, "language", None), model)  # a wrong language is an error now, not at the end

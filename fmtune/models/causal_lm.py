@@ -45,9 +45,11 @@ LM_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
            ["k_proj", "v_proj", "down_proj"], ["down_proj"])
     for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3")
 }
-# Whisper: the attention and feed-forward projections of encoder and decoder blocks (self- and cross-attention)
+# Whisper (and Speech2Text): the attention and feed-forward projections of encoder and decoder blocks (self- and
+# cross-attention)
 LM_TARGETS["whisper"] = (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"],
                          ["fc2"])
+LM_TARGETS["speech_to_text"] = LM_TARGETS["whisper"]
 LM_TARGETS["moonshine"] = (["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"],
                            ["fc2"])  # (the same, its attention output named o_proj)
 # T5 and its kin (Flan-T5, mT5, UL2): every projection of the self-, cross-attention and feed-forward layers of

@@ -162,7 +162,8 @@ def waveform_states(encoder: nn.Module, input_values: torch.Tensor, sample_mask:
     (wav2vec2-base and its group-norm kin) normalise their first convolution over the whole window,
     padding included, so a padded window would read differently from the same window alone: their
     windows run in groups of equal length, unpadded, and a prediction never depends on its batch; so do those of
-    ``grouped`` (Moonshine's encoder: its first convolution's group norm spans the window)."""
+    ``grouped`` (Moonshine's encoder: its first convolution's group norm spans the window; Speech2Text's: its second
+    strided convolution reads what the first made of the padding)."""
     lengths = None if sample_mask is None else sample_mask.sum(-1)
     if (getattr(encoder.config, "feat_extract_norm", "layer") == "layer" and not grouped) or lengths is None:
         hidden = encoder(input_values, attention_mask=sample_mask).last_hidden_state

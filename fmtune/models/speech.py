@@ -38,7 +38,8 @@ from fmtune.tasks.speech import BUCKET_SECONDS, prefix_ids, transcribe_clips  # 
 # of audio are decoded (a model that loops on a phrase stops there, not at the decoder's end)
 TOKENS_PER_SECOND = 448 / 30
 WAVEFORM_SPEECH_TYPES = ("moonshine",)  # encoder-decoders that read the waveform (a 16 kHz window, zero-padded)
-SPEECH_MODEL_TYPES = ("whisper", *WAVEFORM_SPEECH_TYPES)
+FBANK_SPEECH_TYPES = ("speech_to_text",)  # encoder-decoders that read a Kaldi filterbank (padded, masked)
+SPEECH_MODEL_TYPES = ("whisper", *WAVEFORM_SPEECH_TYPES, *FBANK_SPEECH_TYPES)
 BUCKETED = "bucketed"  # key of a model's audio settings: fmtune trained it in buckets (read it in them)
 
 
@@ -50,12 +51,16 @@ def max_target_positions(model: nn.Module) -> int:
 def encode(model: nn.Module, input_features: torch.Tensor | None = None, input_values: torch.Tensor | None = None,
            frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The encoder's states and the mask of its frames that cover the clip (None: every frame): Whisper's of
-    log-mel windows of any length up to its own (padding unmasked), Moonshine's of zero-padded waveform windows."""
+    log-mel windows of any length up to its own (padding unmasked), Moonshine's of zero-padded waveform windows,
+    Speech2Text's of zero-padded filterbank frames (``frame_mask``: theirs); the last two in groups of equal length
+    (``hf_remote.waveform_states``), so that a window's states never depend on its batch."""
     from fmtune.models.hf_remote import waveform_states, whisper_states
 
     encoder = plain(model).get_encoder()
     if input_values is not None:
         return waveform_states(encoder, input_values, frame_mask, grouped=True)
+    if frame_mask is not None:  # Speech2Text: filterbank frames, in groups of equal length (its second convolution
+        return waveform_states(encoder, input_features, frame_mask, grouped=True)  # would read the first's padding)
     return whisper_states(encoder, input_features)[0], None
 
 
@@ -78,8 +83,8 @@ class SpeechLogits(nn.Module):
     def forward(self, decoder_input_ids: torch.Tensor, target_index: torch.Tensor,
                 input_features: torch.Tensor | None = None, input_values: torch.Tensor | None = None,
                 frame_mask: torch.Tensor | None = None) -> types.SimpleNamespace:
-        if self.training and input_features is not None:  # trained in buckets from here on: read in them (saved
-            self.audio[BUCKETED] = True  # with the model, fmtune.json)
+        if self.training and input_features is not None and frame_mask is None:  # Whisper: trained in buckets
+            self.audio[BUCKETED] = True  # from here on: read in them (saved with the model, fmtune.json)
         lm = plain(self.model)
         states, mask = encode(lm, input_features, input_values, frame_mask)
         hidden = _decode(lm.get_decoder(), states, mask, input_ids=decoder_input_ids, use_cache=False)[0]
@@ -170,25 +175,25 @@ def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch
         tokens = greedy(model, inputs, prefix, eot, limits)
         return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
-    # (Whisper: a batch holds windows of one bucket; Moonshine's encoder groups them by length itself)
+    # (Whisper: a batch holds windows of one bucket; Moonshine's and Speech2Text's encoders group them by length)
     return transcribe_clips(model, ds, rows, batch_size, decode, on_batch,
-                            width=None if ds.waveform else lambda w: ds.width(w, full_window))
+                            width=None if ds.padded else lambda w: ds.width(w, full_window))
 
 
 def write_extra(bundle: Any, folder: Path) -> None:
     """The feature extractor beside the model, so the folder is a whole transformers speech model."""
     from transformers import AutoFeatureExtractor, WhisperFeatureExtractor
 
-    from fmtune.data.audio import WAVEFORM, feature_extractor
+    from fmtune.data.audio import LOG_MEL, feature_extractor
     from fmtune.zoo.models import resolve
 
     spec = bundle.audio
     try:
         _, path = resolve(bundle.source)
-        (AutoFeatureExtractor if spec["frontend"] == WAVEFORM else WhisperFeatureExtractor).from_pretrained(
+        (WhisperFeatureExtractor if spec["frontend"] == LOG_MEL else AutoFeatureExtractor).from_pretrained(
             path).save_pretrained(folder)
     except Exception:  # the source is gone: the settings fmtune reads are in fmtune.json
-        if spec["frontend"] == WAVEFORM:  # (Moonshine's: a Wav2Vec2FeatureExtractor)
+        if spec["frontend"] != LOG_MEL:  # (Moonshine's: a Wav2Vec2FeatureExtractor; Speech2Text's own)
             feature_extractor(spec).save_pretrained(folder)
             return
         WhisperFeatureExtractor(feature_size=spec["n_mels"], sampling_rate=spec["sampling_rate"],

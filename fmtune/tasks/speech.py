@@ -336,24 +336,25 @@ class _Clips:
 
 
 class SpeechData(_Clips, torch.utils.data.Dataset):
-    """Clips as log-mel windows (fp16; Moonshine: waveform windows) with their transcripts as decoder tokens.
+    """Clips as log-mel windows (fp16; Moonshine: waveform windows; Speech2Text: filterbank frames) with their
+    transcripts as decoder tokens.
 
     ``ids[i]`` is the decoder's prefix (start of transcript, language, task, no timestamps), the
     transcript's tokens and the end-of-text token; position p predicts token p + 1 from
     ``start[i] - 1`` on (the prefix is not trained). A batch pads every window, with Whisper's own
     padding value (silence: its log-mel floor), to the longest ``bucket`` of the batch: clips are
     read in buckets of a few seconds, not in Whisper's fixed 30 s, and a clip's transcript does not
-    depend on the clips batched with it. Waveform windows (``waveform``) pad with zeros to the longest of the
-    batch, ``frame_mask`` marking real samples."""
+    depend on the clips batched with it. Waveform and filterbank windows (``padded``: what a wav2vec2-style
+    encoder reads) pad with zeros to the longest of the batch, ``frame_mask`` marking real samples or frames."""
 
     def __init__(self, clips: list[list[torch.Tensor]], ids: list[list[int]] | None, start: int, pad_id: int,
                  spec: Any, references: list[str | None], lines: list[int], sources: list[str]):
-        from fmtune.data.audio import WAVEFORM
+        from fmtune.data.audio import ENCODER_FRONTENDS
 
         self.clips, self.ids, self.start, self.pad_id = clips, ids, start, pad_id
         self.references, self.lines, self.sources = references, lines, sources
-        self.spec, self.waveform = spec, spec.frontend == WAVEFORM
-        self.hop_seconds = (1 if self.waveform else spec.hop_length) / spec.sampling_rate  # of a frame, or a sample
+        self.spec, self.padded = spec, spec.frontend in ENCODER_FRONTENDS
+        self.hop_seconds = spec.frame_seconds  # of a frame, or a sample
         self.window_seconds = spec.window_seconds
         self.bucket_frames = int(round(BUCKET_SECONDS / self.hop_seconds))
         self.max_frames = spec.encoder_frames  # what the encoder holds
@@ -368,7 +369,7 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
     def width(self, window: torch.Tensor, full_window: bool = False) -> int:
         """Frames a window is padded to: its bucket (the next multiple of ``bucket_frames``), or the encoder's whole
         window (``full_window``: a model not trained in buckets)."""
-        if self.waveform:  # (padded to the longest of its batch)
+        if self.padded:  # (padded to the longest of its batch)
             return window.shape[-1]
         if full_window:
             return max(self.max_frames, window.shape[-1])
@@ -388,11 +389,11 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
 
     def inputs(self, windows: list[torch.Tensor], full_window: bool = False) -> dict[str, torch.Tensor]:
         """What the encoder reads of ``windows`` (``fmtune.models.speech.encode``): Whisper's ``input_features``
-        (``features``), or zero-padded waveforms and their ``frame_mask``."""
+        (``features``), or zero-padded waveforms (filterbank frames) and their ``frame_mask``."""
         from fmtune.data.audio import encoder_batch
 
-        return encoder_batch(windows, self.spec) if self.waveform else {"input_features": self.features(windows,
-                                                                                                          full_window)}
+        return encoder_batch(windows, self.spec) if self.padded else {"input_features": self.features(windows,
+                                                                                                        full_window)}
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         batch = self.inputs([self.clips[i][0] for i in idx])
@@ -459,11 +460,8 @@ class CTCData(_Clips, torch.utils.data.Dataset):
                  references: list[str | None], lines: list[int], sources: list[str]):
         self.clips, self.ids = clips, ids
         self.references, self.lines, self.sources = references, lines, sources
-        from fmtune.data.audio import STACKED
-
         self.spec = spec
-        # of one sample, or one stacked frame (what the lengths count)
-        self.hop_seconds = (spec.hop_length * spec.stride if spec.frontend == STACKED else 1) / spec.sampling_rate
+        self.hop_seconds = spec.frame_seconds  # of one sample, or one stacked frame (what the lengths count)
         self.window_seconds = spec.window_seconds
         self.lengths = np.array([c[0].shape[-1] for c in clips])
 
