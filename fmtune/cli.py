@@ -316,7 +316,8 @@ def cmd_models(a: argparse.Namespace) -> None:
     ui.console.print(ui.table("offline models (--model NAME, or a local Hugging Face folder)",
                               ["name", "kind", "description", "package"], rows))
     ui.console.print("--model also takes a local Hugging Face folder (any encoder, causal LM, Whisper, wav2vec2-style "
-                     "or AST model; a T5/BART: the whole model for --task generation, else its encoder; of a "
+                     "or AST model; for speech recognition also Moonshine, Speech2Text and Parakeet CTC; a "
+                     "T5/BART: the whole model for --task generation, else its encoder; of a "
                      "CLIP/SigLIP the tower that reads the data), a GGUF "
                      "file (a causal LM, dequantised) or a CTranslate2 Whisper folder (faster-whisper's format); the "
                      "last two are converted once into ~/.cache/fmtune/models (FMTUNE_MODELS_DIR).")

@@ -42,7 +42,8 @@ class ModelConfig:
     image_size: int | None = _f(None, "images: side length fed to the backbone (default: the backbone's; "
                                 "segmentation and detection on a CNN: 320)")
     audio_window: float | None = _f(None, "audio: seconds the encoder reads at once (default: the model's own "
-                                    "window: 30 s for Whisper and wav2vec2-style encoders, max_length frames for an "
+                                    "window: 30 s for Whisper, wav2vec2-style, Speech2Text and Parakeet models, "
+                                    "max_length frames for an "
                                     "AST); longer clips are cut into windows, averaged")
     head_dropout: float = _f(0.1, "dropout before the linear head")
     dropout: float | None = _f(None, "while training, every dropout of the model (the backbone's hidden states and "

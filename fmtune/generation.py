@@ -221,7 +221,8 @@ def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
     from fmtune.tasks.speech import NORMALIZERS, case_of
 
     if bundle.family == causal_lm.CTC_FAMILY:
-        return {"decoding": "greedy CTC", "blank": tok.pad_token, "word_delimiter": tok.word_delimiter_token,
+        return {"decoding": "greedy CTC", "blank": tok.pad_token,
+                "word_delimiter": getattr(tok, "word_delimiter_token", None),  # (Parakeet's pieces: none)
                 "transcripts_cased": case_of(tok), "window_seconds": bundle.audio.get("window_seconds"),
                 "vocabulary": len(tok), "new_head": not tok.name_or_path,
                 "wer_normalizer": NORMALIZERS[task.wer_normalizer]}

@@ -217,6 +217,28 @@ def save_tiny_speech2text(folder: Path, texts: list[str], cmvn: bool = True) -> 
     return folder
 
 
+def save_tiny_parakeet(folder: Path, texts: list[str]) -> Path:
+    """A 2-layer random Parakeet CTC model (FastConformer, hidden 32: 8x convolutional subsampling of 80 mel bands,
+    relative-position attention, convolution modules), a SentencePiece-like BPE vocabulary of ``texts`` (<unk> first,
+    the blank <pad> last, as Parakeet's) and ParakeetFeatureExtractor's settings, saved as a transformers folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import ParakeetCTCConfig, ParakeetFeatureExtractor, ParakeetForCTC, ParakeetTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>"]))
+    bpe.add_special_tokens(["<pad>"])
+    tok = ParakeetTokenizer(tokenizer_object=bpe, unk_token="<unk>", pad_token="<pad>")
+    tok.save_pretrained(folder)
+    cfg = ParakeetCTCConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, encoder_config=dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+        subsampling_conv_channels=8, conv_kernel_size=9, num_mel_bins=80, layerdrop=0.0))
+    torch.manual_seed(0)
+    ParakeetForCTC(cfg).save_pretrained(folder)
+    ParakeetFeatureExtractor().save_pretrained(folder)
+    return folder
+
+
 def save_tiny_wav2vec2(folder: Path, model_type: str = "wav2vec2", feat_extract_norm: str = "group",
                        ctc_letters: str | None = None) -> Path:
     """A 2-layer random raw-waveform encoder (hidden 32; wav2vec2's 7-convolution feature encoder at

@@ -17,6 +17,7 @@ from conftest import (
     cfg_dict,
     class_folders_as_hf_parquet,
     save_tiny_ast,
+    save_tiny_moonshine,
     save_tiny_w2v_bert,
     save_tiny_wav2vec2,
     save_tiny_whisper,
@@ -419,19 +420,26 @@ def test_audio_task_and_model_must_match(tiny_whisper, tiny_bert, tone_dirs, tex
                               out=str(tmp_path / "a")), quiet=True)
     with pytest.raises(ModelError, match="is an audio model .*--task audio-classification"):
         fmtune.train(cfg_dict(tiny_whisper, text_files["train"], out=str(tmp_path / "b")), quiet=True)
-    # an audio model of a kind fmtune does not read (Moonshine: an encoder-decoder over the waveform): it was taken
-    # for an image model ("reads audio; ... is a image model")
-    from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
+    # an audio model of a kind fmtune does not read (here Parakeet's bare encoder, no CTC head) was taken for an
+    # image model ("reads audio; ... is a image model")
+    from transformers import AutoConfig, AutoModel, ParakeetFeatureExtractor
 
-    moonshine = tmp_path / "moonshine"
+    other = tmp_path / "parakeet-encoder"
     AutoModel.from_config(AutoConfig.for_model(
-        "moonshine", hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=1, decoder_num_hidden_layers=1,
-        encoder_num_attention_heads=2, decoder_num_attention_heads=2)).save_pretrained(moonshine)
-    Wav2Vec2FeatureExtractor().save_pretrained(moonshine)
-    with pytest.raises(ModelError, match=r"moonshine is an audio model fmtune does not read \(model type "
-                                         r"'moonshine', read by Wav2Vec2FeatureExtractor\); use whisper"):
-        fmtune.train(cfg_dict(moonshine, tone_dirs["train"], task={"type": "audio-classification"},
+        "parakeet_encoder", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, subsampling_conv_channels=8)).save_pretrained(other)
+    ParakeetFeatureExtractor().save_pretrained(other)
+    with pytest.raises(ModelError, match=r"parakeet-encoder is an audio model fmtune does not read \(model type "
+                                         r"'parakeet_encoder', read by ParakeetFeatureExtractor\); use whisper"):
+        fmtune.train(cfg_dict(other, tone_dirs["train"], task={"type": "audio-classification"},
                               out=str(tmp_path / "c")), quiet=True)
+    # a speech recognition model (Moonshine, Speech2Text, Parakeet) with its tokenizer was taken for a text model
+    moonshine = save_tiny_moonshine(tmp_path / "moonshine", ["low mid high"] * 4)
+    with pytest.raises(ModelError, match=r"moonshine is a speech recognition model \(moonshine\): fmtune fine-tunes "
+                                         r"it with --task speech-recognition; task audio-classification needs an "
+                                         r"audio encoder \(whisper"):
+        fmtune.train(cfg_dict(moonshine, tone_dirs["train"], task={"type": "audio-classification"},
+                              out=str(tmp_path / "d")), quiet=True)
 
 
 def test_train_predict_and_reload_audio_classification(tiny_whisper, tone_dirs, tmp_path):

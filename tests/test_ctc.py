@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import cfg_dict, save_tiny_w2v_bert, save_tiny_wav2vec2
+from conftest import cfg_dict, save_tiny_parakeet, save_tiny_w2v_bert, save_tiny_wav2vec2
 from test_audio import PITCHES, tone
 
 from fmtune import config
@@ -242,6 +242,78 @@ def test_w2v_bert_ctc_is_transformers_own_and_learns_from_a_pretrained_only_enco
         folder = Path(exported["out"])
         hf, extractor = AutoModelForCTC.from_pretrained(folder).eval(), AutoFeatureExtractor.from_pretrained(folder)
         assert hf.lm_head.out_features == 6 and type(extractor).__name__ == "SeamlessM4TFeatureExtractor"
+        wave = load_audio(tone_speech["test"] / "000.wav", 16000)
+        pred = fmtune.load(out)
+        clip = pred.task.inputs([wave], pred.bundle)
+        with torch.no_grad():
+            ours = CTCLogits(pred.bundle.model, pred.bundle.tokenizer)(**clip.waveforms(clip.clips[0])).logits[0]
+            theirs = hf(**extractor(wave, sampling_rate=16000, return_tensors="pt")).logits[0].log_softmax(-1)
+        torch.testing.assert_close(ours, theirs[: len(ours)], atol=2e-2, rtol=0)
+
+
+def test_parakeet_ctc_is_transformers_own_and_learns(tone_speech, tmp_path):
+    """Parakeet (NVIDIA's FastConformer CTC models: parakeet-ctc-0.6b / 1.1b) was refused ("a model of type
+    'parakeet_ctc'"). Its features are ParakeetFeatureExtractor's (NeMo's log-mel, each band normalised over the
+    clip); the loss over a padded batch equals transformers' with its attention mask; the transcripts are its
+    logits' decoding (its SentencePiece pieces, repeats merged, the blank <pad> dropped) and do not depend on the
+    batch; full fine-tuning and LoRA (attention and feed-forward projections, the 1x1-convolution head trained
+    beside the adapter) lower the loss on unseen clips; the export is a whole AutoModelForCTC folder with
+    ParakeetFeatureExtractor beside it, giving the run's log-probabilities from the extractor's features. Memory is
+    estimated from its encoder's config (its own holds none)."""
+    from safetensors.torch import load_file
+    from transformers import AutoFeatureExtractor, AutoModelForCTC
+
+    import fmtune
+    from fmtune.data.audio import load_audio
+    from fmtune.generation import lm_net
+    from fmtune.models.ctc import CTCLogits, transcribe
+
+    model_dir = save_tiny_parakeet(tmp_path / "ctc", ["l m h", "h m l", "m l h"] * 10)
+    bundle, task, cfg = _bundle(model_dir)
+    assert bundle.audio["extractor"] == "ParakeetFeatureExtractor" and bundle.audio["subsample"] == 8
+    from fmtune.training.memory import shape_of
+
+    assert (shape_of(bundle.model).hidden, shape_of(bundle.model).layers) == (32, 2)  # (its encoder's config)
+    ds, _ = task.dataset(task.read(tone_speech["train"], cfg.data), bundle, cfg.data)
+    model, tok = bundle.model.eval(), bundle.tokenizer
+    waves = [load_audio(tone_speech["train"] / f"{i:03d}.wav", 16000) for i in range(6)]
+    extracted = AutoFeatureExtractor.from_pretrained(model_dir)(waves, sampling_rate=16000, return_tensors="pt")
+    for i in range(6):
+        n = int(extracted["attention_mask"][i].sum())
+        torch.testing.assert_close(ds.clips[i][0].float().T, extracted["input_features"][i, :n], atol=3e-3, rtol=1e-3)
+    batch = ds.collate(list(range(6)))
+    labels = batch.pop("labels")
+    assert set(batch) == {"input_features", "frame_mask"} and batch["frame_mask"].float().mean() < 1  # padded
+    with torch.no_grad():
+        ours = task.loss(lm_net(bundle)(**batch).logits, labels)
+        theirs = model(input_features=batch["input_features"], attention_mask=batch["frame_mask"], labels=labels).loss
+        assert float(ours) == pytest.approx(float(theirs), rel=1e-4)
+        expected = [tok.decode(model(input_features=ds.collate([i])["input_features"]).logits[0].argmax(-1).tolist())
+                    for i in range(6)]
+    got = transcribe(model, tok, ds, list(range(6)), 4, "cpu")
+    assert got == [e.strip() for e in expected] == transcribe(model, tok, ds, list(range(6)), 1, "cpu") and any(got)
+
+    for strategy in ("full", "lora"):
+        out = tmp_path / strategy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            summary = fmtune.train(cfg_dict(model_dir, tone_speech["train"], out=str(out),
+                                            task={"type": "speech-recognition"}, strategy={"name": strategy},
+                                            data={"test": str(tone_speech["test"])},
+                                            train={"epochs": 6, "batch_size": 8, "lr": 3e-3, "metric": "loss"}),
+                                   quiet=True)
+        ev = summary["eval"]
+        assert ev["test"]["loss"] < 0.8 * ev["baseline"]["loss"], (strategy, ev)
+        if strategy == "lora":
+            saved = load_file(str(out / "model" / "adapter_model.safetensors"))
+            assert any("lora_" in k for k in saved) and any("ctc_head" in k for k in saved)
+            adapted = json.loads((out / "model" / "adapter_config.json").read_text())["target_modules"]
+            assert set(adapted) == {"q_proj", "k_proj", "v_proj", "o_proj", "linear1", "linear2"}
+        exported = fmtune.export(out, merge=True, quiet=True)
+        assert exported["same_transcripts"]
+        folder = Path(exported["out"])
+        hf, extractor = AutoModelForCTC.from_pretrained(folder).eval(), AutoFeatureExtractor.from_pretrained(folder)
+        assert type(extractor).__name__ == "ParakeetFeatureExtractor"
         wave = load_audio(tone_speech["test"] / "000.wav", 16000)
         pred = fmtune.load(out)
         clip = pred.task.inputs([wave], pred.bundle)

@@ -692,7 +692,7 @@ def test_speech_needs_a_speech_model(tiny_asr, tiny_bert, tone_speech, tmp_path)
     import fmtune
     from fmtune.tasks.speech import prefix_ids
 
-    with pytest.raises(ModelError, match="speech model; .* model of type 'bert' .*Moonshine, Speech2Text or wav2vec2"):
+    with pytest.raises(ModelError, match="speech model; .* type 'bert' .*Speech2Text, wav2vec2-style or Parakeet"):
         fmtune.train(_cfg(tiny_bert, tone_speech, tmp_path / "r"), quiet=True)
     with pytest.raises(ModelError, match="transcribes English only"):
         prefix_ids(AutoTokenizer.from_pretrained(tiny_asr), "french")

@@ -26,7 +26,9 @@ reads SeamlessM4T's filterbank (``StackedFbank``): 80 Kaldi mel bands every 10 m
 normalised over the window's frames, two consecutive frames stacked into one input of 160 values
 (20 ms), padded with zeros in a batch and ``frame_mask`` marking real ones, as transformers'
 SeamlessM4TFeatureExtractor computes it. Speech2Text reads the same filterbank unstacked (one frame an input),
-each band normalised by its biased deviation (``AudioSpec.extractor``: Speech2TextFeatureExtractor's).
+each band normalised by its biased deviation (``AudioSpec.extractor``: Speech2TextFeatureExtractor's); Parakeet
+(NVIDIA's FastConformer CTC models) NeMo's log-mel spectrogram, each band normalised over the clip
+(``ParakeetMel``), read the same way.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ INPUT_KEY = {LOG_MEL: "input_features", WAVEFORM: "input_values", FBANK: "input_
 # what wav2vec2-style encoders read (the CTC models of speech recognition): one output frame per input frame or
 # per 320 samples, masked where padded
 ENCODER_FRONTENDS = (WAVEFORM, STACKED)
-SPEECH2TEXT = "Speech2TextFeatureExtractor"  # AudioSpec.extractor of a Speech2Text model's stacked-fbank (stride 1)
+# AudioSpec.extractor of a stacked-fbank read one frame an input (stride 1): Speech2Text's Kaldi filterbank,
+# Parakeet's (NeMo's) log-mel spectrogram
+SPEECH2TEXT, PARAKEET = "Speech2TextFeatureExtractor", "ParakeetFeatureExtractor"
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,37 @@ class StackedFbank(Fbank):
 WAVEFORM_MIN_SECONDS = 0.25
 
 
+class ParakeetMel:
+    """Parakeet's features of a window (NeMo's preprocessor), as transformers' ParakeetFeatureExtractor computes them:
+    pre-emphasis 0.97, a centred 512-point STFT of a 25-ms symmetric Hann window every 10 ms (zeros around the
+    clip), Slaney mel filters from 0 Hz, log(power + 2^-24), the clip's frames only (one per 10 ms), each band
+    normalised to zero mean and unit (unbiased) deviation over them, 1e-5 added to the deviation. Returned as
+    ``StackedFbank`` returns its features (n_mels x frames)."""
+
+    WINDOW = 400  # samples of a frame at 16 kHz (25 ms)
+
+    def __init__(self, spec: AudioSpec):
+        from transformers.audio_utils import mel_filter_bank
+
+        self.spec = spec
+        self.filters = torch.from_numpy(mel_filter_bank(
+            num_frequency_bins=1 + spec.n_fft // 2, num_mel_filters=spec.n_mels, min_frequency=0.0,
+            max_frequency=spec.sampling_rate / 2, sampling_rate=spec.sampling_rate, norm="slaney",
+            mel_scale="slaney", dtype=np.float32).T).contiguous()
+        self.window = torch.hann_window(self.WINDOW, periodic=False)
+
+    def __call__(self, wave: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(wave, dtype=np.float32))
+        x = torch.cat([x[:1], x[1:] - 0.97 * x[:-1]])
+        stft = torch.stft(x, self.spec.n_fft, hop_length=self.spec.hop_length, win_length=self.WINDOW,
+                          window=self.window, return_complex=True, pad_mode="constant")
+        n = max(1, (len(x) + 2 * (self.spec.n_fft // 2) - self.spec.n_fft) // self.spec.hop_length)
+        mel = (self.filters @ stft[:, :n].abs().pow(2) + 2.0**-24).log()  # (n_mels, frames)
+        if self.spec.normalize and n > 1:
+            mel = (mel - mel.mean(1, keepdim=True)) / (mel.var(1, unbiased=True, keepdim=True).sqrt() + 1e-5)
+        return mel
+
+
 def windows(wave: np.ndarray, spec: AudioSpec) -> list[np.ndarray]:
     """A clip as consecutive windows of at most the model's window; a clip (or a last piece)
     shorter than PAD_TO_SECONDS is padded with silence to it (log-mel: context for the encoder), or,
@@ -437,7 +472,8 @@ def features_of(waves: list[np.ndarray], spec: AudioSpec) -> list[list[torch.Ten
         prep = normalized if spec.normalize else (lambda w: w)
         return [[torch.from_numpy(w).half() for w in windows(prep(np.asarray(wave, dtype=np.float32)), spec)]
                 for wave in waves]
-    mel = {FBANK: Fbank, STACKED: StackedFbank}.get(spec.frontend, LogMel)(spec)
+    mel = (ParakeetMel if spec.extractor == PARAKEET else
+           {FBANK: Fbank, STACKED: StackedFbank}.get(spec.frontend, LogMel))(spec)
     return [[mel(w).half() for w in windows(np.asarray(wave, dtype=np.float32), spec)] for wave in waves]
 
 
@@ -477,6 +513,7 @@ def feature_extractor(audio: dict[str, Any]) -> Any:
     """transformers' feature extractor that computes what fmtune feeds the model (``bundle.audio``)."""
     from transformers import (
         ASTFeatureExtractor,
+        ParakeetFeatureExtractor,
         SeamlessM4TFeatureExtractor,
         Speech2TextFeatureExtractor,
         Wav2Vec2FeatureExtractor,
@@ -484,6 +521,9 @@ def feature_extractor(audio: dict[str, Any]) -> Any:
     )
 
     a = AudioSpec.from_dict(audio)
+    if a.frontend == STACKED and a.extractor == PARAKEET:
+        return ParakeetFeatureExtractor(feature_size=a.n_mels, sampling_rate=a.sampling_rate, hop_length=a.hop_length,
+                                        n_fft=a.n_fft, win_length=ParakeetMel.WINDOW, preemphasis=0.97)
     if a.frontend == STACKED and a.extractor == SPEECH2TEXT:
         return Speech2TextFeatureExtractor(feature_size=a.n_mels, num_mel_bins=a.n_mels, sampling_rate=a.sampling_rate,
                                            padding_value=0.0, do_ceptral_normalize=a.normalize)

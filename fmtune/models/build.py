@@ -208,6 +208,7 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
     spectrogram transformer's filterbank: its frames (config max_length) and normalisation, or w2v-BERT's
     stacked filterbank (SeamlessM4TFeatureExtractor's mel bands and stride; windows of WAVEFORM_WINDOW seconds)."""
     from fmtune.data.audio import FBANK, STACKED, WAVEFORM, AudioSpec, Fbank
+    from fmtune.models.ctc import CTC_ONLY_TYPES
     from fmtune.models.speech import FBANK_SPEECH_TYPES
 
     pp = read_json(Path(path) / "preprocessor_config.json", {}) if isinstance(path, Path) else {}
@@ -225,6 +226,8 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
                          stride=stride, window_seconds=seconds, encoder_seconds=seconds).as_dict()
     if getattr(config, "model_type", "") in FBANK_SPEECH_TYPES:
         return _speech2text_spec(path, config, pp, window)
+    if getattr(config, "model_type", "") in CTC_ONLY_TYPES:
+        return _parakeet_spec(path, config, pp, window)
     if getattr(config, "model_type", "") in SPECTROGRAM_ENCODERS:
         if rate != 16000:  # (the extractor's frame length and FFT size are fixed for 16 kHz)
             raise ModelError(f"{path}: preprocessor_config.json says sampling_rate {rate}; fmtune reads AST models "
@@ -276,6 +279,28 @@ def _speech2text_spec(path: Path | str, config: Any, pp: dict[str, Any], window:
                      window_seconds=seconds, encoder_seconds=seconds).as_dict()
 
 
+def _parakeet_spec(path: Path | str, config: Any, pp: dict[str, Any], window: float | None) -> dict[str, Any]:
+    """A Parakeet CTC model's features (ParakeetFeatureExtractor's, ``data.audio.ParakeetMel``), in windows of
+    WAVEFORM_WINDOW seconds unless model.audio_window says otherwise."""
+    from fmtune.data.audio import PARAKEET, STACKED, AudioSpec, ParakeetMel
+
+    enc = config.encoder_config
+    got = {k: pp.get(k, default) for k, default in (("sampling_rate", 16000), ("feature_size", 80), ("n_fft", 512),
+                                                    ("hop_length", 160), ("win_length", 400), ("preemphasis", 0.97))}
+    want = {"sampling_rate": 16000, "feature_size": int(enc.num_mel_bins), "n_fft": 512, "hop_length": 160,
+            "win_length": ParakeetMel.WINDOW, "preemphasis": 0.97}
+    if got != want:
+        wrong = ", ".join(f"{k} {got[k]} (fmtune reads {want[k]})" for k in want if got[k] != want[k])
+        raise ModelError(f"{path}: preprocessor_config.json says {wrong}: fmtune reads Parakeet models at NeMo's "
+                         "usual settings, the model's mel bands as its config says")
+    if window is not None and window <= 0:
+        raise ModelError(f"model.audio_window={window:g} s: give a positive number of seconds")
+    seconds = float(window or WAVEFORM_WINDOW)
+    return AudioSpec(frontend=STACKED, sampling_rate=16000, n_mels=int(enc.num_mel_bins), n_fft=512, hop_length=160,
+                     stride=1, extractor=PARAKEET, subsample=int(enc.subsampling_factor), window_seconds=seconds,
+                     encoder_seconds=seconds).as_dict()
+
+
 def _create_speech(model_cfg: Any, task: Any) -> Bundle:
     """The pretrained speech model named by ``model_cfg.name`` (a zoo name, a local Whisper folder or
     a local ``*ForCTC`` folder: wav2vec2, HuBERT, WavLM ...), its tokenizer and audio settings."""
@@ -289,18 +314,18 @@ def _create_speech(model_cfg: Any, task: Any) -> Bundle:
     if family != "hf":
         raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is not one (use "
                          "whisper-tiny-en, or a local Whisper folder (Hugging Face or CTranslate2 format), a "
-                         "Moonshine or Speech2Text folder or a wav2vec2-style CTC folder)")
+                         "Moonshine or Speech2Text folder or a wav2vec2-style or Parakeet CTC folder)")
     config = _config_at(path)
-    reads_audio = _audio_kind(path, config) or config.model_type in speech.SPEECH_MODEL_TYPES
+    reads_audio = _audio_kind(path, config) or config.model_type in speech.SPEECH_MODEL_TYPES + ctc.CTC_ONLY_TYPES
     audio = _audio_spec(path, config, model_cfg.audio_window) if reads_audio else {}
-    if config.model_type in AUDIO_ENCODERS:  # a CTC model: one character distribution per frame
+    if config.model_type in AUDIO_ENCODERS + ctc.CTC_ONLY_TYPES:  # a CTC model: one token distribution per frame
         model, tokenizer = ctc.create(path, config, model_cfg.init, getattr(task, "alphabet", None))
         return Bundle(model, "audio", ctc.FAMILY, "none", tokenizer=tokenizer, audio=audio, max_length=0,
                       source=str(model_cfg.name))
     if config.model_type not in SPEECH_MODEL_TYPES:
         raise ModelError(f"task {task.name} needs a speech model; {model_cfg.name} is a model of type "
-                         f"{config.model_type!r} (use whisper-tiny-en, or a local Whisper, Moonshine, Speech2Text or "
-                         "wav2vec2-style CTC folder)")
+                         f"{config.model_type!r} (use whisper-tiny-en, or a local Whisper, Moonshine, Speech2Text, "
+                         "wav2vec2-style or Parakeet CTC folder)")
     model, tokenizer = causal_lm.load_pretrained(path, config, model_cfg.init, AutoModelForSpeechSeq2Seq)
     prefix_ids(tokenizer, getattr(task, "language", None), model)  # a wrong language is an error now, not at the end
     return Bundle(model, "audio", speech.FAMILY, "none", tokenizer=tokenizer, audio=audio,
@@ -337,6 +362,21 @@ def create(model_cfg: Any, task: Any) -> Bundle:
             raise ModelError(f"model.pooling: {family} pools globally (mean); {pooling!r} does not apply")
         return Bundle(model, "image", family, pooling, image=image, source=model_cfg.name)
     return _create_hf(path, model_cfg, task, scale, shift)
+
+
+def _refuse_transcriber(config: Any, path: Path | str, task: Any) -> None:
+    """A ModelError for a speech recognition model that is no audio encoder fmtune reads for other tasks (Moonshine,
+    Speech2Text, Parakeet: a Whisper's encoder is one) under another task (its tokenizer made it look like a text
+    model)."""
+    from fmtune.models.ctc import CTC_ONLY_TYPES
+    from fmtune.models.speech import SPEECH_MODEL_TYPES
+
+    model_type = getattr(config, "model_type", "")
+    if model_type in SPEECH_MODEL_TYPES + CTC_ONLY_TYPES and _audio_kind(path, config) is None:
+        raise ModelError(f"{path} is a speech recognition model ({model_type}): fmtune fine-tunes it with --task "
+                         f"speech-recognition; task {task.name} needs "
+                         + (f"an audio encoder ({AUDIO_CHOICES})" if task.modality == "audio" else
+                            f"a {task.modality} model"))
 
 
 DENSE_SIZE = 320  # model.image_size of segmentation and detection on a CNN unless set: objects and edges need pixels
@@ -390,6 +430,7 @@ def _create_hf(path: Path | str, model_cfg: Any, task: Any, scale: float, shift:
     from transformers import AutoTokenizer
 
     config = _config_at(path)
+    _refuse_transcriber(config, path, task)
     tower = None
     if two_towers(config):  # CLIP, SigLIP ...: one tower is the backbone (api resolves auto from the data)
         tower = model_cfg.tower if model_cfg.tower != "auto" else ("text" if task.level == "tokens" else "vision")

@@ -67,7 +67,17 @@ for _arch in ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "uni
                          ["k_proj", "v_proj", "output_dense"], ["output_dense"])
 LM_TARGETS["wav2vec2-conformer"] = (["linear_q", "linear_k", "linear_v", "linear_out", "intermediate_dense",
                                      "output_dense"], ["linear_k", "linear_v", "output_dense"], ["output_dense"])
-CTC_HEAD = "lm_head"  # a CTC model's head: trained under every strategy (saved beside an adapter)
+# Parakeet's FastConformer blocks: the attention projections and both feed-forward layers
+LM_TARGETS["parakeet_ctc"] = (["q_proj", "k_proj", "v_proj", "o_proj", "linear1", "linear2"],
+                              ["k_proj", "v_proj", "linear2"], ["linear2"])
+
+
+def ctc_head(model: nn.Module) -> str:
+    """The attribute of a ``*ForCTC`` model's head, trained under every strategy (saved beside an adapter):
+    ``lm_head`` (wav2vec2 and its kin), ``ctc_head`` (Parakeet)."""
+    return "lm_head" if hasattr(model, "lm_head") else "ctc_head"
+
+
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
 # A batch whose rows all start with at least this many identical tokens runs them once (TargetLogits)
 MIN_SHARED_PREFIX = 8
@@ -264,7 +274,7 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
         # (speech models: no task type, peft's seq2seq wrapper expects text)
         task_type = (None if bundle.kind == "audio" else peft.TaskType.SEQ_2_SEQ_LM if seq2seq
                      else peft.TaskType.CAUSAL_LM)
-        extra = {"modules_to_save": [CTC_HEAD]} if ctc else {}
+        extra = {"modules_to_save": [ctc_head(model)]} if ctc else {}
         if cfg.name == "prompt":
             pc = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
         else:
@@ -294,7 +304,7 @@ def apply_strategy(bundle: Any, cfg: Any) -> dict[str, int]:
                                                                        "final_layer_norm")) if m is not None), None)
             ids |= {id(p) for p in (norm.parameters() if norm is not None else [])}
             if ctc:
-                ids |= {id(p) for p in getattr(model, CTC_HEAD).parameters()}
+                ids |= {id(p) for p in getattr(model, ctc_head(model)).parameters()}
             trainable = {n for n, p in model.named_parameters() if id(p) in ids}
         if ctc:  # the convolutional feature encoder stays as pretrained
             from fmtune.strategies import waveform_convs

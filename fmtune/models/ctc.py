@@ -26,10 +26,19 @@ from torch import nn
 
 from fmtune.errors import ModelError
 from fmtune.models.causal_lm import CTC_FAMILY as FAMILY  # noqa: F401  (build names the family by it)
+from fmtune.models.causal_lm import ctc_head
 from fmtune.models.wrapped import plain
 from fmtune.tasks.speech import transcribe_clips
 
 WORD_DELIMITER = "|"
+# CTC models beyond the wav2vec2-style encoders (build.AUDIO_ENCODERS): Parakeet (NVIDIA's FastConformer over NeMo's
+# log-mel features, a SentencePiece vocabulary, its head a 1x1 convolution ``ctc_head``)
+CTC_ONLY_TYPES = ("parakeet_ctc",)
+
+
+def encoder_of(lm: nn.Module) -> nn.Module:
+    """The encoder of a ``*ForCTC`` model (wav2vec2's ``wav2vec2``, HuBERT's ``hubert`` ...; Parakeet's ``encoder``)."""
+    return getattr(lm, lm.base_model_prefix, None) or lm.encoder
 
 
 def new_vocabulary(chars: list[str]) -> Any:
@@ -97,10 +106,11 @@ class CTCLogits(nn.Module):
         from fmtune.models.hf_remote import waveform_states
 
         lm = plain(self.model)
-        encoder = getattr(lm, lm.base_model_prefix)
-        hidden, mask = waveform_states(encoder, input_values if input_values is not None else input_features,
+        hidden, mask = waveform_states(encoder_of(lm), input_values if input_values is not None else input_features,
                                        frame_mask)
-        logits = lm.lm_head(lm.dropout(hidden)).float().log_softmax(-1)
+        dropout = getattr(lm, "dropout", None)  # (wav2vec2's before its head; Parakeet has none)
+        head = getattr(lm, ctc_head(lm))
+        logits = head(dropout(hidden) if isinstance(dropout, nn.Module) else hidden).float().log_softmax(-1)
         if mask is not None and not bool(mask.all()):
             blank = torch.full_like(logits[0, 0], -1e4)  # (log 0, kept finite for the gradient)
             blank[lm.config.pad_token_id] = 0.0
@@ -116,12 +126,14 @@ def transcribe(model: nn.Module, tokenizer: Any, ds: Any, rows: list[int], batch
                on_batch: Any = None) -> list[str]:
     """Greedy CTC transcripts of clips ``rows`` of ``ds`` (``fmtune.tasks.speech.CTCData``): every
     window of every clip, in batches of similar length; a clip's windows joined in order."""
+    from fmtune.models.hf_remote import output_frames
+
     net = CTCLogits(model, tokenizer)
 
     def decode(windows: list[torch.Tensor]) -> list[str]:
         batch = ds.waveforms(windows)
         logits = net(**{k: v.to(device) for k, v in batch.items()}).logits
-        lengths = plain(model)._get_feat_extract_output_lengths(batch["frame_mask"].sum(-1)).tolist()
+        lengths = output_frames(plain(model), batch["frame_mask"].sum(-1)).tolist()
         return [tokenizer.decode(best[:n].tolist()).strip() for best, n in zip(logits.argmax(-1).cpu(), lengths)]
 
     return transcribe_clips(model, ds, rows, batch_size, decode, on_batch)

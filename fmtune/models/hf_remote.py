@@ -177,14 +177,22 @@ def waveform_states(encoder: nn.Module, input_values: torch.Tensor, sample_mask:
             hidden[rows, : h.shape[1]] = h
     if lengths is None:
         return hidden, None
+    frames = output_frames(encoder, lengths)
+    return hidden, (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None]).long()
+
+
+def output_frames(model: nn.Module, lengths: torch.Tensor) -> torch.Tensor:
+    """The frames a speech encoder (or a model holding one) gives inputs of ``lengths`` (samples, or feature
+    frames): transformers' own count, ``_get_feat_extract_output_lengths`` (wav2vec2 and its kin, Speech2Text,
+    Moonshine: one number at a time) or ``_get_subsampling_output_length`` (Parakeet)."""
+    count = getattr(model, "_get_feat_extract_output_lengths", None) or model._get_subsampling_output_length
     try:
-        frames = encoder._get_feat_extract_output_lengths(lengths)
+        frames = count(lengths)
     except (RuntimeError, ValueError):
         frames = None
     if not isinstance(frames, torch.Tensor):  # (Moonshine's count takes one number, not a tensor)
-        frames = torch.tensor([int(encoder._get_feat_extract_output_lengths(int(n))) for n in lengths.tolist()],
-                              device=hidden.device)
-    return hidden, (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None]).long()
+        frames = torch.tensor([int(count(int(n))) for n in lengths.tolist()], device=lengths.device)
+    return frames.long()
 
 
 def length_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:

@@ -589,14 +589,15 @@ class SpeechRecognition(Task):
                      texts: list[str | None], lines: list[int], with_targets: bool) -> CTCData:
         """A CTC model's clips and transcripts: a clip longer than the window has no ids (scored on WER only), and
         every other transcript at most as many tokens as its clip has frames (CTC emits one per frame)."""
+        from fmtune.models.hf_remote import output_frames
+
         tok = bundle.tokenizer
         self.blank = int(tok.pad_token_id)
         refs = [texts[i] for i in keep]
         ids = None
         if with_targets:
             ids = encode_texts(tok, refs, [row_label(df, int(i)) for i in keep])
-            frames = bundle.model._get_feat_extract_output_lengths(
-                torch.tensor([c[0].shape[-1] for c in audio.clips])).tolist()
+            frames = output_frames(bundle.model, torch.tensor([c[0].shape[-1] for c in audio.clips])).tolist()
             for j, windows in enumerate(audio.clips):
                 if len(windows) > 1:
                     ids[j] = None  # longer than the window: scored on WER only (``_Clips``)

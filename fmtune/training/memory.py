@@ -78,13 +78,25 @@ def _first(config: Any, *names: str) -> Any:
 
 def shape_of(model: torch.nn.Module) -> Shape | None:
     """The shape of the first Hugging Face transformer inside ``model`` (an encoder-decoder: its
-    encoder, which reads the long input); None for anything else (a CNN, a model with several towers)."""
+    encoder, which reads the long input; a model whose own config holds no shape, Parakeet's CTC model: the first
+    inside it that does); None for anything else (a CNN, a model with several towers)."""
     from transformers import PretrainedConfig
 
-    config = next((m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)),
-                  None)
-    if config is None or getattr(config, "text_config", None) is not None:
-        return None
+    seen: set[int] = set()
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if not isinstance(config, PretrainedConfig) or id(config) in seen:
+            continue
+        if getattr(config, "text_config", None) is not None:
+            return None
+        seen.add(id(config))
+        shape = _shape(config)
+        if shape is not None:
+            return shape
+    return None
+
+
+def _shape(config: Any) -> Shape | None:
     hidden = _first(config, "d_model", "hidden_size", "n_embd")
     layers = _first(config, "encoder_layers", "encoder_num_hidden_layers", "num_hidden_layers", "num_layers",
                     "n_layer")
