@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -1116,6 +1117,30 @@ def predict(run: str | Path, inputs: str | Path, output: str | Path | None = Non
     if not frames:
         raise DataError(f"{inputs}: no rows to predict")
     return pd.concat(frames, ignore_index=True)
+
+
+def predict_files(run: str | Path, files: list[str | Path], output: str | Path | None = None,
+                  **kw: Any) -> pd.DataFrame | dict[str, Any]:
+    """``predict`` on several image or audio files given one by one (``fmtune predict RUN clips/*.wav``), in that
+    order: one row each, its path in the run's input column. Anything else among them (a table, a folder, stdin) is
+    a ConfigError: those are predicted one at a time."""
+    from fmtune.data.readers import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+
+    others = [str(f) for f in files if str(f) == "-" or Path(f).suffix.lower() not in IMAGE_SUFFIXES | AUDIO_SUFFIXES
+              or not Path(f).is_file()]
+    if others:
+        raise ConfigError(f"one input at a time: {', '.join(others[:3])} with {len(files) - 1} more (several image "
+                          "or audio files can be given together; a table, folder or - alone)")
+    kinds = {"image" if Path(f).suffix.lower() in IMAGE_SUFFIXES else "audio" for f in files}
+    if len(kinds) > 1:
+        raise ConfigError(f"images and audio files together ({', '.join(map(str, files[:3]))} ...): a run reads one "
+                          "kind")
+    kind = kinds.pop()
+    column = input_column(kind, read_config(paths.check(run, "run")).data)[0]
+    with tempfile.TemporaryDirectory(prefix="fmtune-predict-") as d:
+        table = Path(d) / "inputs.csv"
+        pd.DataFrame({column: [str(Path(f).resolve()) for f in files]}).to_csv(table, index=False)
+        return predict(run, table, output, **kw)
 
 
 def predict_texts(run: str | Path, texts: list[str], output: str | Path | None = None, *,

@@ -187,8 +187,9 @@ def cmd_predict(a: argparse.Namespace) -> None:
     if files and texts:
         raise ConfigError(f"give either an input file ({files[0]}) or texts to predict, not both")
     if len(files) > 1:
-        raise ConfigError(f"one input at a time: {', '.join(files)}")
-    if texts:
+        api.predict_files(a.run, files, a.output or "-", quiet=a.quiet, batch_size=a.batch_size, strict=a.strict,
+                          save_images=a.save_images, precision=a.precision)
+    elif texts:
         df = api.predict_texts(a.run, texts, a.output, batch_size=a.batch_size, quiet=a.quiet, precision=a.precision)
         if not a.output:
             ui.console.print(ui.records_table(df))
@@ -648,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run", help="run directory")
     pr.add_argument("inputs", nargs="*", help="a CSV/TSV/JSONL/Parquet file with the text (or image / audio path) "
                     "column, a .txt file of one text per line, a CoNLL file (.conll/.bio/.iob: each sentence; its "
-                    "tags, if any, stay beside the predicted ones), an image or audio folder or file (what the run "
-                    "reads; a text run: a folder of text files, one text a file); "
+                    "tags, if any, stay beside the predicted ones), an image or audio folder or file, or several "
+                    "such files (clips/*.wav: a row each, in order; what the run reads; a text run: a folder of text "
+                    "files, one text a file); "
                     "- reads stdin; anything else that is not a path is a text to predict (a small table is printed)")
     pr.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to predict (repeatable)")
     pr.add_argument("--format", choices=["auto", "lines", "csv", "tsv", "jsonl"], default="auto",

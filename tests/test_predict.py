@@ -91,6 +91,19 @@ def test_load_image_predictor_takes_paths_bytes_and_pil(tmp_path, image_dirs):
     assert a["label"] == b["label"] == c["label"] and a["score"] == pytest.approx(c["score"], abs=1e-6)
     with pytest.raises(DataError, match="input 0: not a readable image"):
         p.predict(b"not an image")
+    # several image files on the command line (a shell's glob): a row each, in the order given; a table among them
+    # is one input too many ("one input at a time: a.jpg, b.jpg" was said even of image files alone)
+    from fmtune.cli import main
+
+    files = sorted((image_dirs["test"] / "top").iterdir())[:2] + sorted((image_dirs["test"] / "bottom").iterdir())[:1]
+    out = tmp_path / "several.csv"
+    assert main(["predict", str(tmp_path / "img"), *map(str, files), "-o", str(out), "-q"]) == 0
+    got = pd.read_csv(out)
+    assert got["image"].tolist() == [str(f.resolve()) for f in files]
+    assert got["label"].tolist() == [r["label"] for r in p.predict([str(f) for f in files])]
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"image": [str(files[0])]}).to_csv(table, index=False)
+    assert main(["predict", str(tmp_path / "img"), str(files[0]), str(table)]) == 2
 
 
 def test_inference_precision_follows_the_run_and_amx():
