@@ -273,7 +273,7 @@ def cmd_robustness(a: argparse.Namespace) -> None:
     from fmtune.robustness import robustness, table_rows
     from fmtune.ui import console
 
-    res = robustness(a.runs, a.data, suite=a.suite, out=a.output, limit=a.limit or None, seed=a.seed,
+    res = robustness(a.runs, a.data, suite=a.suite, out=a.output, limit=a.limit, seed=a.seed,
                      attacks=not a.no_attacks, quiet=a.quiet)
     if a.quiet:
         print(json.dumps(res, indent=2, default=float))
@@ -784,7 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--data", help="labelled data (default: the first run's test file)")
     rb.add_argument("--suite", choices=["default", "quick"], default="default",
                     help="default: every severity; quick: severities 1, 3, 5 and two attack epsilons")
-    rb.add_argument("--limit", type=int, default=1000, help="rows used, sampled with --seed (default: 1000; 0: all)")
+    rb.add_argument("--limit", type=int, default=None, help="rows used, sampled with --seed (default: 1000; speech "
+                    "recognition: 100, every clip transcribed again under each of 25 perturbations; 0: all)")
     rb.add_argument("--seed", type=int, default=0, help="seed of the sample and of every perturbation")
     rb.add_argument("--no-attacks", action="store_true", help="skip FGSM and PGD (images)")
     rb.add_argument("-o", "--output", help="output folder (default: RUN/robustness; several runs: "

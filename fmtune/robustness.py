@@ -29,7 +29,7 @@ from fmtune.data.readers import text_columns
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import atomic_dir, check_output_dir, output_tensor
 from fmtune.training.hardware import precision_name
-from fmtune.training.infer import infer
+from fmtune.training.infer import infer, model_device
 from fmtune.training.perturb import (  # noqa: F401  (re-exported: the suite's parts)
     ATTACKS,
     AUDIO_PERTURBATIONS,
@@ -95,6 +95,7 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
     model = pred.model.eval()
     ds, kept = make_dataset(df, bundle, task, cfg.data)
     bs = pred.batch_size
+    transcribes = task.level == "lm"  # speech recognition: each clip transcribed, the transcripts scored on WER
 
     def score(logits: torch.Tensor, targets: torch.Tensor) -> float:
         return float(task.metrics(logits, targets)[metric])
@@ -116,10 +117,14 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
         if attacks and task.supports("attacks"):
             plan.update({k: (_pick(v[0], suite) if suite == "default" else [(2, v[0][1]), (4, v[0][3])], v[1])
                          for k, v in ATTACKS.items()})
-    dtype = pred.autocast if pred.kind in ("text", "audio") else None
+    dtype = pred.autocast if pred.kind in ("text", "audio") and not transcribes else None  # (transcripts: as predict)
     results["precision"] = precision_name(dtype)
-    clean_logits, _ = infer(model, ds, bs, autocast_dtype=dtype)
-    clean = score(clean_logits, ds.targets)
+    if transcribes:
+        results["lower_is_better"] = True  # (relative: the error rate perturbed over the clean one)
+        clean = _transcripts_scored(pred, ds, ds.references)
+    else:
+        clean_logits, _ = infer(model, ds, bs, autocast_dtype=dtype)
+        clean = score(clean_logits, ds.targets)
     results["clean"] = round(clean, 4)
     per: dict[str, Any] = {}
     # the bar counts rows: every perturbation at every severity reads them all once
@@ -154,8 +159,12 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     rng = np.random.default_rng(_seed(seed, name, severity))
                     changed = [change_audio(w, spec.sampling_rate, name, level, rng) for w in waves]
-                    value = score(*infer(model, AudioData(features_of(changed, spec), ds.targets, spec), bs,
-                                         progress=bar, autocast_dtype=dtype))
+                    if transcribes:
+                        value = _transcripts_scored(pred, task.inputs(changed, bundle), ds.references)
+                        bar(len(changed))
+                    else:
+                        value = score(*infer(model, AudioData(features_of(changed, spec), ds.targets, spec), bs,
+                                             progress=bar, autocast_dtype=dtype))
                 else:
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     gen = torch.Generator().manual_seed(_seed(seed, name, severity))
@@ -194,25 +203,44 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.plot(xs, ys, marker="o", linestyle="--" if pname in ATTACKS else "-", label=pname,
                     color=plt.cm.tab10(i % 10))
         ax.axhline(res["clean"], color="black", linewidth=1, linestyle=":", label=f"clean {res['clean']:.3f}")
-        ax.set_title(f"{name}\nmean relative {metric}: {res['mean_relative']}", fontsize=9)
+        lower = res.get("lower_is_better", False)  # (an error rate: perturbed over clean, above 1 is worse)
+        ax.set_title(f"{name}\nmean {metric} " + ("perturbed / clean" if lower else "relative")
+                     + f": {res['mean_relative']}", fontsize=9)
         eps = next((p["results"] for pname, p in res["perturbations"].items() if pname in ATTACKS), [])
         levels = ", ".join(f"{r['level'] * 255:.3g}/255" for r in eps)
         ax.set_xlabel(f"severity (attacks: epsilon {levels})" if eps else "severity")
         ax.set_xticks(range(1, 6))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    lower = any(r.get("lower_is_better") for r in runs.values())
+    axes[0][-1].legend(fontsize=7, loc="upper left" if lower else "lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _transcripts_scored(pred: Any, ds: Any, references: list[str]) -> float:
+    """The error rate (the task's metric, WER) of a speech recognition run's transcripts of ``ds`` against
+    ``references``, transcribed as ``predict`` does."""
+    from fmtune.generation import lm_net
+    from fmtune.tasks.speech import error_rates
+
+    records = pred.task.generate_records(lm_net(pred.bundle), ds, pred.batch_size, model_device(pred.model))
+    return float(error_rates([r["transcript"] for r in records], references,
+                             pred.task.wer_normalizer)[pred.task.default_metric])
+
+
+ROWS = 1000  # rows scored unless --limit says otherwise ...
+ROWS_TRANSCRIBED = 100  # ... of a speech recognition run (every clip is transcribed again under every perturbation)
+
+
 def robustness(runs: str | Path | list[str | Path], data: str | Path | None = None, *, suite: str = "default",
-               out: str | Path | None = None, limit: int | None = 1000, seed: int = 0, attacks: bool = True,
+               out: str | Path | None = None, limit: int | None = None, seed: int = 0, attacks: bool = True,
                quiet: bool = False) -> dict[str, Any]:
     """Score each run on ``data`` (default: the first run's test file) clean and perturbed; write
     robustness.json and robustness.png to ``out`` (default: RUN/robustness for one run,
-    <first run>-robustness-compare beside it for several)."""
+    <first run>-robustness-compare beside it for several). ``limit``: rows sampled with ``seed`` (default
+    ROWS, a speech recognition run's ROWS_TRANSCRIBED; 0: all)."""
     from fmtune.predictor import Predictor
 
     run_list = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
@@ -233,6 +261,8 @@ def robustness(runs: str | Path | list[str | Path], data: str | Path | None = No
     if source is None:
         raise DataError(f"{run_list[0]}: no test data configured; pass --data FILE")
     df = read_data(Path(source), preds[0].task, preds[0].config.data)
+    if limit is None:
+        limit = ROWS_TRANSCRIBED if preds[0].task.level == "lm" else ROWS
     if limit and len(df) > limit:
         df = df.sample(n=limit, random_state=seed).sort_index()
     names = [p.run_dir.name for p in preds]

@@ -284,22 +284,31 @@ def test_speech2text_features_are_its_extractors(tmp_path):
             _bundle(model)
 
 
-def test_speech2text_learns_to_transcribe_and_exports_as_itself(tone_speech, tmp_path):
+@pytest.fixture(scope="module")
+def s2t_run(tone_speech, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A tiny Speech2Text (its features without the normalisation over the clip: a random model learns tones from
+    their bands' level in seconds, not from their shapes), fine-tuned on the tones: (model, run, summary)."""
+    import fmtune
+
+    root = tmp_path_factory.mktemp("s2t")
+    model = save_tiny_speech2text(root / "s2t", S2T_TEXTS, cmvn=False)
+    out = root / "run"
+    summary = fmtune.train(_cfg(model, tone_speech, out, strategy={"name": "full"},
+                                train={"epochs": 24, "batch_size": 8, "lr": 5e-3}), quiet=True)
+    return model, out, summary
+
+
+def test_speech2text_learns_to_transcribe_and_exports_as_itself(s2t_run, tone_speech, tmp_path):
     """Speech2Text (an encoder-decoder over a filterbank, padded and masked) was refused ("a model of type
     'speech_to_text'"): it is fine-tuned, scored, predicted and exported as Whisper is; its windows are encoded in
     groups of equal length, so a transcript does not depend on its batch; the exported folder transcribes with
-    transformers' own generate as fmtune does; LoRA adapts its attention and feed-forward layers and merges. (Its
-    features without the normalisation over the clip: a random model learns tones from their bands' level in
-    seconds, not from their shapes.)"""
+    transformers' own generate as fmtune does; LoRA adapts its attention and feed-forward layers and merges."""
     from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer, Speech2TextFeatureExtractor
 
     import fmtune
     from fmtune.models import speech
 
-    model = save_tiny_speech2text(tmp_path / "s2t", S2T_TEXTS, cmvn=False)
-    out = tmp_path / "run"
-    summary = fmtune.train(_cfg(model, tone_speech, out, strategy={"name": "full"},
-                                train={"epochs": 24, "batch_size": 8, "lr": 5e-3}), quiet=True)
+    model, out, summary = s2t_run
     ev = summary["eval"]
     assert ev["baseline"]["wer"] >= 0.9 and ev["test"]["wer"] < 0.5, ev  # (0.0 measured)
     info = json.loads((out / "run.json").read_text())["generation"]
@@ -339,6 +348,27 @@ def test_speech2text_learns_to_transcribe_and_exports_as_itself(tone_speech, tmp
     assert merged["kind"] == "merged" and merged["same_transcripts"] == merged["checked_clips"]
     with pytest.raises(ModelError, match="speech_to_text model transcribes the language it was trained on"):
         fmtune.train(_cfg(model, tone_speech, tmp_path / "fr", task={"language": "french"}), quiet=True)
+
+
+def test_robustness_of_speech_recognition_is_wer_under_perturbed_clips(s2t_run, tmp_path, monkeypatch):
+    """fmtune robustness was not available for speech recognition runs: every clip is transcribed again under noise,
+    delay, speed and level, the transcripts scored on WER as evaluation scores them (clean: the run's test WER);
+    slowed down, the tones fall into other bands and their words are missed. A speech run samples 100 clips unless
+    --limit says otherwise (a classifier's 1000)."""
+    import importlib
+
+    import fmtune
+
+    _, out, summary = s2t_run
+    report = fmtune.robustness(out, None, suite="quick", out=tmp_path / "rob", quiet=True)
+    res = report["runs"]["run"]
+    assert res["metric"] == "wer" and res["lower_is_better"] and res["examples"] == 12
+    assert res["clean"] == pytest.approx(summary["eval"]["test"]["wer"], abs=1e-4)
+    slow = res["perturbations"]["slow"]["results"]
+    assert [r["severity"] for r in slow] == [1, 3, 5] and slow[-1]["wer"] > res["clean"] + 0.3, slow
+    assert (tmp_path / "rob" / "robustness.png").is_file()
+    monkeypatch.setattr(importlib.import_module("fmtune.robustness"), "ROWS_TRANSCRIBED", 5)
+    assert fmtune.robustness(out, None, suite="quick", out=tmp_path / "rob5", quiet=True)["rows"] == 5
 
 
 def test_a_pretrained_model_reads_the_whole_window_a_model_fmtune_trained_reads_buckets(tiny_asr, tone_speech,

@@ -493,7 +493,8 @@ class SpeechRecognition(Task):
     modality = "audio"
     default_metric = "wer"
     metric_names = ("wer", "cer", "loss", "perplexity")
-    capabilities = frozenset({"transcribe"})  # POST /v1/audio/transcriptions (fmtune.serve_openai)
+    # POST /v1/audio/transcriptions (fmtune.serve_openai); fmtune robustness (WER under noise, delay, speed, level)
+    capabilities = frozenset({"transcribe", "robustness"})
     description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper, Moonshine) or a "
                    "wav2vec2-style CTC model on clips and their transcripts (a table of audio paths and text); WER "
                    "picks the best checkpoint")
