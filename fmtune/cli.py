@@ -610,13 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     fa = verb("fairness", cmd_fairness, "metrics per group (columns of the data, and their intersection) with "
               "bootstrap intervals, the largest gaps between groups, optional per-group decision thresholds and "
-              "counterfactuals; RUN/fairness.json, fairness.png and a section of the report")
+              "counterfactuals (speech recognition: WER and CER per group of clips); RUN/fairness.json, "
+              "fairness.png and a section of the report")
     fa.add_argument("run", help="run directory")
     fa.add_argument("--data", help="labelled data holding the group columns (default: the run's test file)")
     fa.add_argument("--groups", required=True, help="group columns, comma-separated, e.g. sex,race (several: each, "
                     "and their intersection)")
     fa.add_argument("--baseline", action="store_true", help="also audit the pretrained baseline (linear probe on "
-                    "the frozen backbone): did fine-tuning widen a gap?")
+                    "the frozen backbone; speech recognition: the pretrained model's transcripts): did fine-tuning "
+                    "widen a gap?")
     fa.add_argument("--missing", choices=["error", "group"], default="error", help="an empty group cell: stop "
                     "naming the row (default), or count those rows as a group '(missing)'")
     fa.add_argument("--min-group-size", type=int, default=30, help="groups with fewer examples are flagged and left "

@@ -11,10 +11,12 @@ its rows and costs nothing per row, so 1,000 resamples of 50,000 rows take milli
 
 Metrics per group: classification: accuracy, macro-F1 and, for two labels, the selection rate
 (share predicted positive), true- and false-positive rates; regression: MAE, RMSE, the mean
-prediction and the mean target. Gaps (over the groups judged): the accuracy difference and, for
-two labels, the demographic-parity difference and ratio of selection rates and the
+prediction and the mean target; speech recognition: WER and CER of the group's clips (its errors over its
+reference words or characters, as evaluation scores a set; a resample draws clips). Gaps (over the groups judged):
+the accuracy difference and, for two labels, the demographic-parity difference and ratio of selection rates and the
 equalized-odds difference (the larger of the TPR and FPR differences), as fairlearn defines
-them; regression: the MAE difference and the mean-prediction difference.
+them; regression: the MAE difference and the mean-prediction difference; speech recognition: the WER and CER
+differences.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ THRESHOLDS_FILE = "fairness_thresholds.json"
 MISSING = "(missing)"
 JOIN = " & "
 CONSTRAINTS = ("demographic_parity", "equalized_odds", "true_positive_rate_parity", "false_positive_rate_parity")
+KEY_METRICS = ("selection_rate", "accuracy", "mae", "wer")  # what a group table shows: the first a result has
 
 
 # --- groups ------------------------------------------------------------------------------------
@@ -108,6 +111,26 @@ def _value_metrics(err: np.ndarray, pred: np.ndarray, true: np.ndarray) -> dict[
             "mean_target": true.mean(-1)}
 
 
+ERROR_COUNTS = ("word_errors", "words", "char_errors", "chars")  # a transcript's, against its reference
+
+
+def _error_metrics(word_errors: np.ndarray, words: np.ndarray, char_errors: np.ndarray,
+                   chars: np.ndarray) -> dict[str, np.ndarray]:
+    """WER and CER of clips from their error and reference counts (summed over the last axis)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"wer": word_errors.sum(-1) / words.sum(-1), "cer": char_errors.sum(-1) / chars.sum(-1)}
+
+
+def _resampled(arrays: list[np.ndarray], n_boot: int, rng: np.random.Generator, metrics: Any) -> dict[str, np.ndarray]:
+    """``metrics(*arrays)`` of ``n_boot`` resamples of the rows (in chunks: memory stays bounded)."""
+    n = len(arrays[0])
+    chunks, per = [], max(1, 2_000_000 // max(n, 1))
+    for start in range(0, n_boot, per):
+        pick = rng.integers(0, n, size=(min(per, n_boot - start), n))
+        chunks.append(metrics(*[a[pick] for a in arrays]))
+    return {m: np.concatenate([c[m] for c in chunks]) for m in chunks[0]}
+
+
 def _per_group(outcomes: dict[str, Any], idx: np.ndarray, positive: int | None, n_boot: int,
                rng: np.random.Generator) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """(point metrics, bootstrap metrics of shape (n_boot,)) of the rows ``idx``."""
@@ -118,13 +141,13 @@ def _per_group(outcomes: dict[str, Any], idx: np.ndarray, positive: int | None, 
         point = {m: float(v) for m, v in _label_metrics(cells.reshape(k + 1, k), positive).items()}
         boot = rng.multinomial(len(idx), cells / cells.sum(), size=n_boot).reshape(n_boot, k + 1, k)
         return point, _label_metrics(boot, positive)
+    if outcomes["kind"] == "errors":  # transcripts: each clip's error and reference counts
+        counts = [np.asarray(outcomes[k], dtype=np.float64)[idx] for k in ERROR_COUNTS]
+        return ({m: float(v) for m, v in _error_metrics(*counts).items()},
+                _resampled(counts, n_boot, rng, _error_metrics))
     true, pred = outcomes["true"][idx], outcomes["pred"][idx]
     point = {m: float(v) for m, v in _value_metrics(pred - true, pred, true).items()}
-    chunks, per = [], max(1, 2_000_000 // max(len(idx), 1))  # rows resampled in chunks: memory stays bounded
-    for start in range(0, n_boot, per):
-        pick = rng.integers(0, len(idx), size=(min(per, n_boot - start), len(idx)))
-        chunks.append(_value_metrics(pred[pick] - true[pick], pred[pick], true[pick]))
-    return point, {m: np.concatenate([c[m] for c in chunks]) for m in chunks[0]}
+    return point, _resampled([true, pred], n_boot, rng, lambda t, p: _value_metrics(p - t, p, t))
 
 
 def _gaps(per: dict[str, dict[str, np.ndarray]], kind: str, binary: bool) -> dict[str, np.ndarray]:
@@ -134,6 +157,8 @@ def _gaps(per: dict[str, dict[str, np.ndarray]], kind: str, binary: bool) -> dic
 
     if kind == "values":
         return {"mae_difference": diff("mae"), "mean_prediction_difference": diff("mean_prediction")}
+    if kind == "errors":
+        return {"wer_difference": diff("wer"), "cer_difference": diff("cer")}
     out = {"accuracy_difference": diff("accuracy")}
     if binary:
         out["demographic_parity_difference"] = diff("selection_rate")
@@ -440,7 +465,7 @@ def _positive(task: Any, positive: str | None) -> int | None:
 
 def _inputs(opened: Any, df: pd.DataFrame, quiet: bool, what: str, dtype: Any) -> tuple[Any, np.ndarray, Any]:
     """(dataset, positions of the rows kept, logits and targets) of a labelled table, predicted under autocast
-    ``dtype`` (run_fairness's ``precision``)."""
+    ``dtype`` (run_fairness's ``precision``); a speech recognition run's: (transcripts, references)."""
     from fmtune import ui
     from fmtune.data.prepare import make_dataset
     from fmtune.training.infer import infer
@@ -449,8 +474,20 @@ def _inputs(opened: Any, df: pd.DataFrame, quiet: bool, what: str, dtype: Any) -
     ds, kept = make_dataset(df, opened.bundle, opened.task, cfg.data,
                             allow_unknown=cfg.data.unknown_labels == "unknown")
     with ui.CountProgress(what, len(ds), quiet) as bar:
-        out = infer(opened.bundle.model, ds, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
+        if opened.task.level == "lm":
+            out = (_transcripts(opened.bundle, opened.task, ds, cfg.train.eval_batch_size, bar), ds.references)
+        else:
+            out = infer(opened.bundle.model, ds, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
     return ds, np.asarray(kept), out
+
+
+def _transcripts(bundle: Any, task: Any, ds: Any, batch_size: int, bar: Any) -> list[str]:
+    """``bundle``'s transcript of every clip of ``ds``, as predict gives it."""
+    from fmtune.generation import lm_net
+    from fmtune.training.infer import model_device
+
+    return lm_net(bundle).transcribe(ds, list(range(len(ds))), batch_size, model_device(bundle.model), task.language,
+                                     on_batch=bar)
 
 
 def _thresholded(outcomes: dict[str, Any], rules: dict[str, Any], groups: pd.DataFrame, inputs: list[str],
@@ -464,7 +501,8 @@ def _thresholded(outcomes: dict[str, Any], rules: dict[str, Any], groups: pd.Dat
 
 
 def overall(outcomes: dict[str, Any], positive: int | None) -> dict[str, float]:
-    point, _ = _per_group(outcomes, np.arange(len(outcomes["pred"])), positive, 1, np.random.default_rng(0))
+    rows = len(outcomes["words"] if outcomes["kind"] == "errors" else outcomes["pred"])
+    point, _ = _per_group(outcomes, np.arange(rows), positive, 1, np.random.default_rng(0))
     return {k: round(v, 6) for k, v in point.items()}
 
 
@@ -492,7 +530,11 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
     opened = open_run(run)
     cfg, task = opened.config, opened.task
     task.require("fairness", "fmtune fairness")
-    dtype = inference_autocast(precision or cfg.train.precision, model_device(opened.bundle.model).type)
+    # (speech recognition: transcribed as predict transcribes, in fp32)
+    dtype = None if task.level == "lm" else inference_autocast(precision or cfg.train.precision,
+                                                               model_device(opened.bundle.model).type)
+    if counterfactual and task.level == "lm":
+        raise ConfigError("--counterfactual swaps identity terms in texts; a speech recognition run reads audio")
     source = data or cfg.data.test
     if source is None:
         raise DataError(f"{run}: no test data configured; pass --data FILE")
@@ -574,9 +616,12 @@ def _baseline_outcomes(opened: Any, ds: Any, quiet: bool, dtype: Any) -> dict[st
     from fmtune.training.infer import model_device
 
     cfg, task = opened.config, opened.task
-    train = make_dataset(read_frames(cfg.data, cfg.task.type, cfg.train.seed).train, opened.bundle, task, cfg.data)[0]
     pre = build.create(dataclasses.replace(cfg.model, init="pretrained"), task)
     pre.model.to(model_device(opened.bundle.model))
+    if task.level == "lm":  # speech recognition: the pretrained model's own transcripts (zero-shot)
+        with ui.CountProgress("fairness: baseline (pretrained transcripts)", len(ds), quiet) as bar:
+            return task.outcomes(_transcripts(pre, task, ds, cfg.train.eval_batch_size, bar), ds.references)
+    train = make_dataset(read_frames(cfg.data, cfg.task.type, cfg.train.seed).train, opened.bundle, task, cfg.data)[0]
     with ui.CountProgress("fairness: baseline (frozen features)", len(train) + len(ds), quiet) as bar:
         logits, targets = evaluation.probe_outputs(pre.model, task, train, {"data": ds}, cfg.train.eval_batch_size,
                                                    cfg.train.seed, progress=bar, autocast_dtype=dtype)["data"]
@@ -637,9 +682,10 @@ def _fmt(m: dict[str, Any]) -> str:
 
 
 def key_metric(result: dict[str, Any]) -> str:
-    """The metric a group table shows: the selection rate for two labels, else accuracy; regression MAE."""
+    """The metric a group table shows: the selection rate for two labels, else accuracy; regression MAE; speech
+    recognition WER."""
     first = next(iter(next(iter(result["models"].values())).values()))["groups"][0]["metrics"]
-    return next(m for m in ("selection_rate", "accuracy", "mae") if m in first)
+    return next(m for m in KEY_METRICS if m in first)
 
 
 def print_fairness(result: dict[str, Any]) -> None:
@@ -652,7 +698,8 @@ def print_fairness(result: dict[str, Any]) -> None:
              for m in models}
     names = {"accuracy_difference": "accuracy diff.", "demographic_parity_difference": "dem. parity diff.",
              "demographic_parity_ratio": "dem. parity ratio", "equalized_odds_difference": "eq. odds diff.",
-             "mae_difference": "MAE diff.", "mean_prediction_difference": "mean pred. diff."}
+             "mae_difference": "MAE diff.", "mean_prediction_difference": "mean pred. diff.",
+             "wer_difference": "WER diff.", "cer_difference": "CER diff."}
     metric = key_metric(result)
     conf = int(round(100 * result["confidence"]))
     for grouping in result["models"][models[0]]:

@@ -70,7 +70,7 @@ def fairness(result: dict[str, Any], path: Path) -> Path:
     models = list(result["models"])
     names = list(result["models"][models[0]])
     first = result["models"][models[0]][names[0]]["groups"][0]["metrics"]
-    metric = next(m for m in ("selection_rate", "accuracy", "mae") if m in first)
+    metric = next(m for m in ("selection_rate", "accuracy", "mae", "wer") if m in first)
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.2 + 0.35 * sum(
         len(result["models"][models[0]][n]["groups"]) for n in names)), squeeze=False)
     height = 0.8 / len(models)

@@ -371,6 +371,48 @@ def test_robustness_of_speech_recognition_is_wer_under_perturbed_clips(s2t_run, 
     assert fmtune.robustness(out, None, suite="quick", out=tmp_path / "rob5", quiet=True)["rows"] == 5
 
 
+def test_fairness_of_speech_recognition_is_wer_per_group_of_clips(s2t_run, tone_speech, tmp_path):
+    """fmtune fairness was not available for speech recognition runs (and a speech table's other columns were
+    dropped on reading): WER and CER per group of clips (a speaker's gender, accent ...) with bootstrap intervals,
+    each group's WER that of its own transcripts, and the gap between groups; the pretrained model's too
+    (--baseline). Here one group's clips are played three times as fast (its tones fall into other bands): its WER
+    is far above the other's and the gap's interval excludes 0."""
+    import fmtune
+    from fmtune.fairness import run_fairness
+    from fmtune.tasks.speech import error_counts, error_rates
+
+    _, out, _ = s2t_run
+    test = pd.read_csv(tone_speech["test"])
+    rows = []
+    for i, r in test.iterrows():
+        wave, rate = sf.read(tone_speech["test"].parent / r["audio"], dtype="float32")
+        fast = np.interp(np.arange(0, len(wave), 3.0), np.arange(len(wave)), wave).astype(np.float32)  # (x3)
+        for group, clip in (("clean", wave), ("fast", fast)):
+            sf.write(tmp_path / f"{group}-{i}.wav", clip, rate)
+            rows.append({"audio": f"{group}-{i}.wav", "text": r["text"], "speaker": group})
+    pd.DataFrame(rows).to_csv(tmp_path / "groups.csv", index=False)
+    res = run_fairness(out, tmp_path / "groups.csv", ["speaker"], baseline=True, min_group_size=5, n_boot=200,
+                       quiet=True)
+    tuned = res["models"]["fine-tuned"]["speaker"]
+    wer = {g["group"]: g["metrics"]["wer"] for g in tuned["groups"]}
+    assert wer["fast"]["value"] > wer["clean"]["value"] + 0.3, wer
+    assert wer["clean"]["ci"][0] <= wer["clean"]["value"] <= wer["clean"]["ci"][1]
+    assert tuned["gaps"]["wer_difference"]["ci"][0] > 0 and set(tuned["gaps"]) == {"wer_difference", "cer_difference"}
+    assert set(res["models"]) == {"pretrained baseline", "fine-tuned"} and (out / "fairness.png").is_file()
+    # each group's WER is that of its own transcripts, scored as evaluation scores a set
+    said = [r["transcript"] for r in fmtune.load(out).predict([str(tmp_path / r["audio"]) for r in rows])]
+    clean = [i for i, r in enumerate(rows) if r["speaker"] == "clean"]
+    assert wer["clean"]["value"] == pytest.approx(
+        error_rates([said[i] for i in clean], [rows[i]["text"] for i in clean])["wer"], abs=1e-6)
+    counts = error_counts(said, [r["text"] for r in rows])
+    assert res["overall"]["fine-tuned"]["cer"] == pytest.approx(
+        counts["char_errors"].sum() / counts["chars"].sum(), abs=1e-6)
+    assert counts["char_errors"].sum() / counts["chars"].sum() == pytest.approx(
+        error_rates(said, [r["text"] for r in rows])["cer"], abs=1e-9)
+    with pytest.raises(ConfigError, match="--counterfactual swaps identity terms in texts"):
+        run_fairness(out, tmp_path / "groups.csv", ["speaker"], counterfactual=True, quiet=True)
+
+
 def test_a_pretrained_model_reads_the_whole_window_a_model_fmtune_trained_reads_buckets(tiny_asr, tone_speech,
                                                                                           tmp_path, monkeypatch):
     """Whisper was pretrained on 30-s windows and loops on short real clips read in 5-s buckets (bench/real_speech.py):

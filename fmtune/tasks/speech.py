@@ -179,6 +179,9 @@ def _speech_rows(df: pd.DataFrame, data_cfg: Any, with_targets: bool, p: Path) -
     audio_col = _pick(df, data_cfg.audio_column if data_cfg.audio_column in df.columns else None, AUDIO_COLUMNS,
                       "audio path", "data.audio_column")
     out = pd.DataFrame({"audio": df[audio_col].to_numpy()}, index=df.index)
+    for c in df.columns:  # the rest (a speaker's gender, accent ...: what fmtune fairness groups clips by)
+        if c not in (audio_col, data_cfg.target_column, "audio", "text", "line") and c not in TEXT_COLUMNS:
+            out[c] = df[c].to_numpy()
     if with_targets:
         text_col = _pick(df, data_cfg.target_column, TEXT_COLUMNS, "transcript", "data.target_column")
         texts = df[text_col].tolist()
@@ -265,6 +268,23 @@ def error_rates(hypotheses: list[str], references: list[str], normalizer: str = 
     words = jiwer.process_words(refs, hyps)
     chars = jiwer.process_characters(refs, hyps)
     return {"wer": float(words.wer), "cer": float(chars.cer)}
+
+
+def error_counts(hypotheses: list[str], references: list[str], normalizer: str = "basic") -> dict[str, np.ndarray]:
+    """Each transcript's word errors (substitutions, deletions, insertions), its reference's words, its character
+    errors and its reference's characters, on normalised text as ``error_rates`` compares them: summed over clips
+    they give its WER and CER. A reference empty once normalised counts nothing."""
+    import jiwer
+
+    out = np.zeros((4, len(references)), dtype=np.int64)
+    for i, (h, r) in enumerate(zip(hypotheses, references)):
+        r, h = normalize(r, normalizer), normalize(h, normalizer)
+        if not r:
+            continue
+        w, c = jiwer.process_words(r, h), jiwer.process_characters(r, h)
+        out[:, i] = (w.substitutions + w.deletions + w.insertions, len(r.split()),
+                     c.substitutions + c.deletions + c.insertions, len(r))
+    return dict(zip(("word_errors", "words", "char_errors", "chars"), out))
 
 
 def transcribe_clips(model: torch.nn.Module, ds: Any, rows: list[int], batch_size: int, decode: Any,
@@ -493,8 +513,9 @@ class SpeechRecognition(Task):
     modality = "audio"
     default_metric = "wer"
     metric_names = ("wer", "cer", "loss", "perplexity")
-    # POST /v1/audio/transcriptions (fmtune.serve_openai); fmtune robustness (WER under noise, delay, speed, level)
-    capabilities = frozenset({"transcribe", "robustness"})
+    # POST /v1/audio/transcriptions (fmtune.serve_openai); fmtune robustness (WER under noise, delay, speed, level);
+    # fmtune fairness (WER and CER per group of clips: speakers' gender, accent ...)
+    capabilities = frozenset({"transcribe", "robustness", "fairness"})
     description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper, Moonshine) or a "
                    "wav2vec2-style CTC model on clips and their transcripts (a table of audio paths and text); WER "
                    "picks the best checkpoint")
@@ -683,6 +704,11 @@ class SpeechRecognition(Task):
 
     def prediction_columns(self) -> list[str]:
         return ["transcript"]
+
+    def outcomes(self, logits: list[str], targets: list[str]) -> dict[str, Any]:
+        """What a fairness audit compares across groups: each clip's word and character errors and its reference's
+        words and characters (``logits``: the transcripts, ``targets``: the references)."""
+        return {"kind": "errors", **error_counts(logits, targets, self.wer_normalizer)}
 
     def hf_output(self, record: dict[str, Any], parameters: dict[str, Any]) -> Any:
         return {"text": record["transcript"]}
