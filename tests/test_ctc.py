@@ -195,24 +195,13 @@ def test_a_pretrained_only_encoder_gets_a_vocabulary_from_the_transcripts(tone_s
     assert fmtune.export(out, quiet=True)["same_transcripts"]
 
 
-def test_w2v_bert_ctc_is_transformers_own_and_learns_from_a_pretrained_only_encoder(tone_speech, tmp_path):
-    """w2v-BERT (the Hugging Face blog's recipe for low-resource speech recognition) was refused. A
-    Wav2Vec2BertForCTC folder: the loss over a padded batch of stacked filterbank frames equals transformers' with
-    its attention mask, and the transcripts are its logits' decoding. A pretrained-only w2v-BERT encoder (w2v-BERT
-    2.0 ships no head) gets a vocabulary from the transcripts; full fine-tuning and LoRA lower the loss on unseen
-    clips (the best checkpoint chosen on the loss: a random model's WER is noise); the export is a whole CTC model
-    (AutoModelForCTC, and SeamlessM4TFeatureExtractor beside it) with the same transcripts, and the same
-    log-probabilities from the extractor's features as the run's from fmtune's."""
-    from transformers import AutoFeatureExtractor, AutoModelForCTC
-
-    import fmtune
-    from fmtune.data.audio import load_audio
+def _loss_and_transcripts_are_transformers_own(bundle, task, ds) -> list[str]:
+    """A CTC model reading filterbank frames (``input_features``, padded, ``frame_mask``): the loss over a padded
+    batch of 6 clips equals transformers' with its attention mask; the transcripts, in batches of 4 or 1, are its
+    logits' decoding for each clip alone (returned)."""
     from fmtune.generation import lm_net
-    from fmtune.models.ctc import CTCLogits, transcribe
+    from fmtune.models.ctc import transcribe
 
-    bundle, task, cfg = _bundle(save_tiny_w2v_bert(tmp_path / "ctc", ctc_letters="lmh"))
-    assert bundle.audio["frontend"] == "stacked-fbank"
-    ds, _ = task.dataset(task.read(tone_speech["train"], cfg.data), bundle, cfg.data)
     model, tok = bundle.model.eval(), bundle.tokenizer
     batch = ds.collate(list(range(6)))
     labels = batch.pop("labels")
@@ -223,32 +212,63 @@ def test_w2v_bert_ctc_is_transformers_own_and_learns_from_a_pretrained_only_enco
         assert float(ours) == pytest.approx(float(theirs), rel=1e-4)
         expected = [tok.decode(model(input_features=ds.collate([i])["input_features"]).logits[0].argmax(-1).tolist())
                     for i in range(6)]
-    assert transcribe(model, tok, ds, list(range(6)), 4, "cpu") == [e.strip() for e in expected]
+    got = transcribe(model, tok, ds, list(range(6)), 4, "cpu")
+    assert got == [e.strip() for e in expected] == transcribe(model, tok, ds, list(range(6)), 1, "cpu")
+    return got
+
+
+def _trained_and_exported(model_dir: Path, tone_speech: dict, out: Path, strategy: str, epochs: int) -> tuple:
+    """``model_dir`` fine-tuned with ``strategy`` (the best checkpoint chosen on the loss: a random model's WER is
+    noise), which lowers the loss on unseen clips; exported merged with the same transcripts, as an
+    AutoModelForCTC folder whose log-probabilities from its own feature extractor are the run's from fmtune's.
+    Returns (exported model, its feature extractor)."""
+    from transformers import AutoFeatureExtractor, AutoModelForCTC
+
+    import fmtune
+    from fmtune.data.audio import load_audio
+    from fmtune.models.ctc import CTCLogits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = fmtune.train(cfg_dict(model_dir, tone_speech["train"], out=str(out),
+                                        task={"type": "speech-recognition"}, strategy={"name": strategy},
+                                        data={"test": str(tone_speech["test"])},
+                                        train={"epochs": epochs, "batch_size": 8, "lr": 3e-3, "metric": "loss"}),
+                               quiet=True)
+    ev = summary["eval"]
+    assert ev["test"]["loss"] < 0.8 * ev["baseline"]["loss"], (strategy, ev)
+    exported = fmtune.export(out, merge=True, quiet=True)
+    assert exported["same_transcripts"]
+    folder = Path(exported["out"])
+    hf, extractor = AutoModelForCTC.from_pretrained(folder).eval(), AutoFeatureExtractor.from_pretrained(folder)
+    wave = load_audio(tone_speech["test"] / "000.wav", 16000)
+    pred = fmtune.load(out)
+    clip = pred.task.inputs([wave], pred.bundle)
+    with torch.no_grad():
+        ours = CTCLogits(pred.bundle.model, pred.bundle.tokenizer)(**clip.waveforms(clip.clips[0])).logits[0]
+        theirs = hf(**extractor(wave, sampling_rate=16000, return_tensors="pt")).logits[0].log_softmax(-1)
+    torch.testing.assert_close(ours, theirs[: len(ours)], atol=2e-2, rtol=0)
+    return hf, extractor
+
+
+def test_w2v_bert_ctc_is_transformers_own_and_learns_from_a_pretrained_only_encoder(tone_speech, tmp_path):
+    """w2v-BERT (the Hugging Face blog's recipe for low-resource speech recognition) was refused. A
+    Wav2Vec2BertForCTC folder: the loss over a padded batch of stacked filterbank frames equals transformers' with
+    its attention mask, and the transcripts are its logits' decoding. A pretrained-only w2v-BERT encoder (w2v-BERT
+    2.0 ships no head) gets a vocabulary from the transcripts; full fine-tuning and LoRA lower the loss on unseen
+    clips (the best checkpoint chosen on the loss: a random model's WER is noise); the export is a whole CTC model
+    (AutoModelForCTC, and SeamlessM4TFeatureExtractor beside it) with the same transcripts, and the same
+    log-probabilities from the extractor's features as the run's from fmtune's."""
+
+    bundle, task, cfg = _bundle(save_tiny_w2v_bert(tmp_path / "ctc", ctc_letters="lmh"))
+    assert bundle.audio["frontend"] == "stacked-fbank"
+    ds, _ = task.dataset(task.read(tone_speech["train"], cfg.data), bundle, cfg.data)
+    _loss_and_transcripts_are_transformers_own(bundle, task, ds)
 
     encoder = save_tiny_w2v_bert(tmp_path / "encoder")
     for strategy in ("full", "lora"):
-        out = tmp_path / strategy
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            summary = fmtune.train(cfg_dict(encoder, tone_speech["train"], out=str(out),
-                                            task={"type": "speech-recognition"}, strategy={"name": strategy},
-                                            data={"test": str(tone_speech["test"])},
-                                            train={"epochs": 4, "batch_size": 8, "lr": 3e-3, "metric": "loss"}),
-                                   quiet=True)
-        ev = summary["eval"]
-        assert ev["test"]["loss"] < 0.8 * ev["baseline"]["loss"], (strategy, ev)
-        exported = fmtune.export(out, merge=True, quiet=True)
-        assert exported["same_transcripts"]
-        folder = Path(exported["out"])
-        hf, extractor = AutoModelForCTC.from_pretrained(folder).eval(), AutoFeatureExtractor.from_pretrained(folder)
+        hf, extractor = _trained_and_exported(encoder, tone_speech, tmp_path / strategy, strategy, epochs=4)
         assert hf.lm_head.out_features == 6 and type(extractor).__name__ == "SeamlessM4TFeatureExtractor"
-        wave = load_audio(tone_speech["test"] / "000.wav", 16000)
-        pred = fmtune.load(out)
-        clip = pred.task.inputs([wave], pred.bundle)
-        with torch.no_grad():
-            ours = CTCLogits(pred.bundle.model, pred.bundle.tokenizer)(**clip.waveforms(clip.clips[0])).logits[0]
-            theirs = hf(**extractor(wave, sampling_rate=16000, return_tensors="pt")).logits[0].log_softmax(-1)
-        torch.testing.assert_close(ours, theirs[: len(ours)], atol=2e-2, rtol=0)
 
 
 def test_parakeet_ctc_is_transformers_own_and_learns(tone_speech, tmp_path):
@@ -261,66 +281,32 @@ def test_parakeet_ctc_is_transformers_own_and_learns(tone_speech, tmp_path):
     ParakeetFeatureExtractor beside it, giving the run's log-probabilities from the extractor's features. Memory is
     estimated from its encoder's config (its own holds none)."""
     from safetensors.torch import load_file
-    from transformers import AutoFeatureExtractor, AutoModelForCTC
+    from transformers import AutoFeatureExtractor
 
-    import fmtune
     from fmtune.data.audio import load_audio
-    from fmtune.generation import lm_net
-    from fmtune.models.ctc import CTCLogits, transcribe
+    from fmtune.training.memory import shape_of
 
     model_dir = save_tiny_parakeet(tmp_path / "ctc", ["l m h", "h m l", "m l h"] * 10)
     bundle, task, cfg = _bundle(model_dir)
     assert bundle.audio["extractor"] == "ParakeetFeatureExtractor" and bundle.audio["subsample"] == 8
-    from fmtune.training.memory import shape_of
-
     assert (shape_of(bundle.model).hidden, shape_of(bundle.model).layers) == (32, 2)  # (its encoder's config)
     ds, _ = task.dataset(task.read(tone_speech["train"], cfg.data), bundle, cfg.data)
-    model, tok = bundle.model.eval(), bundle.tokenizer
     waves = [load_audio(tone_speech["train"] / f"{i:03d}.wav", 16000) for i in range(6)]
     extracted = AutoFeatureExtractor.from_pretrained(model_dir)(waves, sampling_rate=16000, return_tensors="pt")
     for i in range(6):
         n = int(extracted["attention_mask"][i].sum())
         torch.testing.assert_close(ds.clips[i][0].float().T, extracted["input_features"][i, :n], atol=3e-3, rtol=1e-3)
-    batch = ds.collate(list(range(6)))
-    labels = batch.pop("labels")
-    assert set(batch) == {"input_features", "frame_mask"} and batch["frame_mask"].float().mean() < 1  # padded
-    with torch.no_grad():
-        ours = task.loss(lm_net(bundle)(**batch).logits, labels)
-        theirs = model(input_features=batch["input_features"], attention_mask=batch["frame_mask"], labels=labels).loss
-        assert float(ours) == pytest.approx(float(theirs), rel=1e-4)
-        expected = [tok.decode(model(input_features=ds.collate([i])["input_features"]).logits[0].argmax(-1).tolist())
-                    for i in range(6)]
-    got = transcribe(model, tok, ds, list(range(6)), 4, "cpu")
-    assert got == [e.strip() for e in expected] == transcribe(model, tok, ds, list(range(6)), 1, "cpu") and any(got)
+    assert any(_loss_and_transcripts_are_transformers_own(bundle, task, ds))  # (a random model says something)
 
     for strategy in ("full", "lora"):
         out = tmp_path / strategy
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            summary = fmtune.train(cfg_dict(model_dir, tone_speech["train"], out=str(out),
-                                            task={"type": "speech-recognition"}, strategy={"name": strategy},
-                                            data={"test": str(tone_speech["test"])},
-                                            train={"epochs": 6, "batch_size": 8, "lr": 3e-3, "metric": "loss"}),
-                                   quiet=True)
-        ev = summary["eval"]
-        assert ev["test"]["loss"] < 0.8 * ev["baseline"]["loss"], (strategy, ev)
+        _, extractor = _trained_and_exported(model_dir, tone_speech, out, strategy, epochs=6)
+        assert type(extractor).__name__ == "ParakeetFeatureExtractor"
         if strategy == "lora":
             saved = load_file(str(out / "model" / "adapter_model.safetensors"))
             assert any("lora_" in k for k in saved) and any("ctc_head" in k for k in saved)
             adapted = json.loads((out / "model" / "adapter_config.json").read_text())["target_modules"]
             assert set(adapted) == {"q_proj", "k_proj", "v_proj", "o_proj", "linear1", "linear2"}
-        exported = fmtune.export(out, merge=True, quiet=True)
-        assert exported["same_transcripts"]
-        folder = Path(exported["out"])
-        hf, extractor = AutoModelForCTC.from_pretrained(folder).eval(), AutoFeatureExtractor.from_pretrained(folder)
-        assert type(extractor).__name__ == "ParakeetFeatureExtractor"
-        wave = load_audio(tone_speech["test"] / "000.wav", 16000)
-        pred = fmtune.load(out)
-        clip = pred.task.inputs([wave], pred.bundle)
-        with torch.no_grad():
-            ours = CTCLogits(pred.bundle.model, pred.bundle.tokenizer)(**clip.waveforms(clip.clips[0])).logits[0]
-            theirs = hf(**extractor(wave, sampling_rate=16000, return_tensors="pt")).logits[0].log_softmax(-1)
-        torch.testing.assert_close(ours, theirs[: len(ours)], atol=2e-2, rtol=0)
 
 
 def test_a_ctc_clip_longer_than_the_window_has_no_loss_but_is_transcribed(ctc_models, tone_speech):

@@ -183,27 +183,12 @@ def test_a_transcript_does_not_depend_on_its_batch(tiny_asr, tone_speech):
     assert alone == together and len(set(map(len, together))) > 1
 
 
-@pytest.fixture(scope="module")
-def tiny_moonshine(tmp_path_factory) -> Path:
-    return save_tiny_moonshine(tmp_path_factory.mktemp("tiny-moonshine"), ["Low mid high. low High mid."] * 10)
-
-
-def test_moonshine_reads_the_waveform_and_learns_to_transcribe(tiny_moonshine, tone_speech, tmp_path):
-    """Moonshine (an encoder-decoder that reads the 16 kHz waveform) was refused ("a model of type 'moonshine'"):
-    it is fine-tuned, scored, predicted and exported as Whisper is; its windows are encoded in groups of equal
-    length, so a transcript does not depend on its batch; the exported folder transcribes with transformers' own
-    generate as fmtune does; LoRA adapts its attention and feed-forward layers and merges."""
-    from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer
-
-    import fmtune
+def _transcribed_alone_as_together(pred, folder: Path) -> tuple[list[np.ndarray], list[str]]:
+    """Three tone clips of different lengths transcribed by a loaded run (a model whose encoder reads padded
+    windows): each clip's encoder states in a batch are its states alone, so are its transcripts, and predict on
+    their files gives the same. Returns (clips, transcripts)."""
     from fmtune.models import speech
 
-    out = tmp_path / "run"
-    summary = fmtune.train(_cfg(tiny_moonshine, tone_speech, out, strategy={"name": "full"},
-                                train={"epochs": 16, "batch_size": 8, "lr": 1e-2}), quiet=True)
-    ev = summary["eval"]
-    assert ev["baseline"]["wer"] >= 0.9 and ev["test"]["wer"] < 0.5, ev  # (0.083 measured)
-    pred = fmtune.load(out)
     rng = np.random.default_rng(3)
     clips = [_clip(["low", "mid"], rng), _clip(["high"], rng), _clip(["mid", "high", "low"], rng)]
     ds = pred.task.inputs(clips, pred.bundle)
@@ -216,8 +201,61 @@ def test_moonshine_reads_the_waveform_and_learns_to_transcribe(tiny_moonshine, t
     together = speech.transcribe(model, tok, ds, [0, 1, 2], 3, "cpu")
     assert together == [speech.transcribe(model, tok, ds, [i], 1, "cpu")[0] for i in range(3)]
     for i, clip in enumerate(clips):
-        sf.write(tmp_path / f"{i}.wav", clip, RATE)
-    assert [r["transcript"] for r in pred.predict([str(tmp_path / f"{i}.wav") for i in range(3)])] == together
+        sf.write(folder / f"{i}.wav", clip, RATE)
+    assert [r["transcript"] for r in pred.predict([str(folder / f"{i}.wav") for i in range(3)])] == together
+    return clips, together
+
+
+def _exported_generates_and_lora_merges(model: Path, out: Path, clips: list[np.ndarray], said: list[str],
+                                        tone_speech: dict, tmp_path: Path, lora_targets: set[str]):
+    """The run ``out`` of ``model`` exported: a transformers folder whose own generate transcribes ``clips`` as the
+    run did (``said``); a LoRA run adapts ``lora_targets`` and exports merged with the same transcripts; a language
+    is refused (the model transcribes the one it was trained on). Returns the export's feature extractor."""
+    from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer
+
+    import fmtune
+
+    res = fmtune.export(out, tmp_path / "hf", quiet=True)
+    assert res["same_transcripts"] == res["checked_clips"] > 0
+    hf = AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "hf")
+    fe, hf_tok = AutoFeatureExtractor.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for clip, text in zip(clips, said):
+        ids = hf.generate(**fe(clip, sampling_rate=RATE, return_tensors="pt"), max_new_tokens=24, num_beams=1,
+                          do_sample=False)
+        assert hf_tok.decode(ids[0], skip_special_tokens=True).strip() == text
+
+    lora = tmp_path / "lora"
+    fmtune.train(_cfg(model, tone_speech, lora, strategy={"name": "lora"},
+                      train={"max_steps": 3, "batch_size": 8}, data={"test": None}), quiet=True)
+    adapted = json.loads((lora / "model" / "adapter_config.json").read_text())["target_modules"]
+    assert set(adapted) == lora_targets
+    merged = fmtune.export(lora, tmp_path / "merged", merge=True, quiet=True)
+    assert merged["kind"] == "merged" and merged["same_transcripts"] == merged["checked_clips"]
+    with pytest.raises(ModelError, match="model transcribes the language it was trained on"):
+        fmtune.train(_cfg(model, tone_speech, tmp_path / "fr", task={"language": "french"}), quiet=True)
+    return fe
+
+
+@pytest.fixture(scope="module")
+def tiny_moonshine(tmp_path_factory) -> Path:
+    return save_tiny_moonshine(tmp_path_factory.mktemp("tiny-moonshine"), ["Low mid high. low High mid."] * 10)
+
+
+def test_moonshine_reads_the_waveform_and_learns_to_transcribe(tiny_moonshine, tone_speech, tmp_path):
+    """Moonshine (an encoder-decoder that reads the 16 kHz waveform) was refused ("a model of type 'moonshine'"):
+    it is fine-tuned, scored, predicted and exported as Whisper is; its windows are encoded in groups of equal
+    length, so a transcript does not depend on its batch; the exported folder transcribes with transformers' own
+    generate as fmtune does; LoRA adapts its attention and feed-forward layers and merges."""
+
+    import fmtune
+
+    out = tmp_path / "run"
+    summary = fmtune.train(_cfg(tiny_moonshine, tone_speech, out, strategy={"name": "full"},
+                                train={"epochs": 16, "batch_size": 8, "lr": 1e-2}), quiet=True)
+    ev = summary["eval"]
+    assert ev["baseline"]["wer"] >= 0.9 and ev["test"]["wer"] < 0.5, ev  # (0.083 measured)
+    pred = fmtune.load(out)
+    clips, together = _transcribed_alone_as_together(pred, tmp_path)
     import openai
     from fastapi.testclient import TestClient
 
@@ -228,24 +266,8 @@ def test_moonshine_reads_the_waveform_and_learns_to_transcribe(tiny_moonshine, t
         with open(tmp_path / "0.wav", "rb") as f:
             assert oai.audio.transcriptions.create(model="m", file=f, language="ar").text == together[0]
 
-    res = fmtune.export(out, tmp_path / "hf", quiet=True)
-    assert res["same_transcripts"] == res["checked_clips"] > 0
-    hf = AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "hf")
-    fe, hf_tok = AutoFeatureExtractor.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for clip, said in zip(clips, together):
-        ids = hf.generate(**fe(clip, sampling_rate=16000, return_tensors="pt"), max_new_tokens=24, num_beams=1,
-                          do_sample=False)
-        assert hf_tok.decode(ids[0], skip_special_tokens=True).strip() == said
-
-    lora = tmp_path / "lora"
-    fmtune.train(_cfg(tiny_moonshine, tone_speech, lora, strategy={"name": "lora"},
-                      train={"max_steps": 3, "batch_size": 8}, data={"test": None}), quiet=True)
-    adapted = json.loads((lora / "model" / "adapter_config.json").read_text())["target_modules"]
-    assert set(adapted) == {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}
-    merged = fmtune.export(lora, tmp_path / "merged", merge=True, quiet=True)
-    assert merged["kind"] == "merged" and merged["same_transcripts"] == merged["checked_clips"]
-    with pytest.raises(ModelError, match="moonshine model transcribes the language it was trained on"):
-        fmtune.train(_cfg(tiny_moonshine, tone_speech, tmp_path / "fr", task={"language": "french"}), quiet=True)
+    _exported_generates_and_lora_merges(tiny_moonshine, out, clips, together, tone_speech, tmp_path,
+                                        {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"})
 
 
 S2T_TEXTS = ["Low. Mid. High. low mid high."] * 10
@@ -303,10 +325,9 @@ def test_speech2text_learns_to_transcribe_and_exports_as_itself(s2t_run, tone_sp
     'speech_to_text'"): it is fine-tuned, scored, predicted and exported as Whisper is; its windows are encoded in
     groups of equal length, so a transcript does not depend on its batch; the exported folder transcribes with
     transformers' own generate as fmtune does; LoRA adapts its attention and feed-forward layers and merges."""
-    from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer, Speech2TextFeatureExtractor
+    from transformers import Speech2TextFeatureExtractor
 
     import fmtune
-    from fmtune.models import speech
 
     model, out, summary = s2t_run
     ev = summary["eval"]
@@ -314,40 +335,11 @@ def test_speech2text_learns_to_transcribe_and_exports_as_itself(s2t_run, tone_sp
     info = json.loads((out / "run.json").read_text())["generation"]
     assert info["prefix"] == ["</s>"] and "filterbank" in info["reads_clips"]
     pred = fmtune.load(out)
-    rng = np.random.default_rng(3)
-    clips = [_clip(["low", "mid"], rng), _clip(["high"], rng), _clip(["mid", "high", "low"], rng)]
-    ds = pred.task.inputs(clips, pred.bundle)
-    mdl, tok = pred.bundle.model, pred.bundle.tokenizer
-    states, mask = speech.encode(mdl, **ds.inputs([c[0] for c in ds.clips]))
-    for i, c in enumerate(ds.clips):  # each clip's positions as it alone gives them, whatever the padding
-        alone = speech.encode(mdl, **ds.inputs(c[:1]))[0][0]
-        assert int(mask[i].sum()) == len(alone)
-        torch.testing.assert_close(states[i, : len(alone)], alone, atol=1e-5, rtol=1e-4)
-    together = speech.transcribe(mdl, tok, ds, [0, 1, 2], 3, "cpu")
-    assert together == [speech.transcribe(mdl, tok, ds, [i], 1, "cpu")[0] for i in range(3)]
-    for i, clip in enumerate(clips):
-        sf.write(tmp_path / f"{i}.wav", clip, RATE)
-    assert [r["transcript"] for r in pred.predict([str(tmp_path / f"{i}.wav") for i in range(3)])] == together
+    clips, together = _transcribed_alone_as_together(pred, tmp_path)
 
-    res = fmtune.export(out, tmp_path / "hf", quiet=True)
-    assert res["same_transcripts"] == res["checked_clips"] > 0
-    hf = AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "hf")
-    fe, hf_tok = AutoFeatureExtractor.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    fe = _exported_generates_and_lora_merges(model, out, clips, together, tone_speech, tmp_path,
+                                             {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"})
     assert isinstance(fe, Speech2TextFeatureExtractor) and not fe.do_ceptral_normalize
-    for clip, said in zip(clips, together):
-        ids = hf.generate(**fe(clip, sampling_rate=RATE, return_tensors="pt"), max_new_tokens=24, num_beams=1,
-                          do_sample=False)
-        assert hf_tok.decode(ids[0], skip_special_tokens=True).strip() == said
-
-    lora = tmp_path / "lora"
-    fmtune.train(_cfg(model, tone_speech, lora, strategy={"name": "lora"},
-                      train={"max_steps": 3, "batch_size": 8}, data={"test": None}), quiet=True)
-    adapted = json.loads((lora / "model" / "adapter_config.json").read_text())["target_modules"]
-    assert set(adapted) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
-    merged = fmtune.export(lora, tmp_path / "merged", merge=True, quiet=True)
-    assert merged["kind"] == "merged" and merged["same_transcripts"] == merged["checked_clips"]
-    with pytest.raises(ModelError, match="speech_to_text model transcribes the language it was trained on"):
-        fmtune.train(_cfg(model, tone_speech, tmp_path / "fr", task={"language": "french"}), quiet=True)
 
 
 def test_robustness_of_speech_recognition_is_wer_under_perturbed_clips(s2t_run, tmp_path, monkeypatch):
