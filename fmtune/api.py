@@ -1129,8 +1129,8 @@ def predict_files(run: str | Path, files: list[str | Path], output: str | Path |
     others = [str(f) for f in files if str(f) == "-" or Path(f).suffix.lower() not in IMAGE_SUFFIXES | AUDIO_SUFFIXES
               or not Path(f).is_file()]
     if others:
-        raise ConfigError(f"one input at a time: {', '.join(others[:3])} with {len(files) - 1} more (several image "
-                          "or audio files can be given together; a table, folder or - alone)")
+        raise ConfigError(f"one input at a time: {', '.join(others[:3])} among {len(files)} inputs (several image "
+                          "or audio files can be given together; a table, a folder or - alone)")
     kinds = {"image" if Path(f).suffix.lower() in IMAGE_SUFFIXES else "audio" for f in files}
     if len(kinds) > 1:
         raise ConfigError(f"images and audio files together ({', '.join(map(str, files[:3]))} ...): a run reads one "
