@@ -486,7 +486,7 @@ def auto_class(family: str | None) -> Any:
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM
-    if family == SPEECH_FAMILY:  # (Whisper, Moonshine)
+    if family == SPEECH_FAMILY:  # (Whisper, Moonshine, Speech2Text)
         from transformers import AutoModelForSpeechSeq2Seq
 
         return AutoModelForSpeechSeq2Seq

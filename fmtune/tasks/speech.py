@@ -202,8 +202,8 @@ def _speech_rows(df: pd.DataFrame, data_cfg: Any, with_targets: bool, p: Path) -
 
 
 def decodes(bundle: Any) -> bool:
-    """Whether the bundle's speech model decodes its transcripts (an encoder-decoder: Whisper, Moonshine), rather
-    than emitting a token per frame (a CTC model)."""
+    """Whether the bundle's speech model decodes its transcripts (an encoder-decoder: Whisper, Moonshine,
+    Speech2Text), rather than emitting a token per frame (a CTC model)."""
     from fmtune.models.wrapped import plain
 
     return bool(getattr(plain(bundle.model).config, "is_encoder_decoder", False))
@@ -516,9 +516,9 @@ class SpeechRecognition(Task):
     # POST /v1/audio/transcriptions (fmtune.serve_openai); fmtune robustness (WER under noise, delay, speed, level);
     # fmtune fairness (WER and CER per group of clips: speakers' gender, accent ...)
     capabilities = frozenset({"transcribe", "robustness", "fairness"})
-    description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper, Moonshine) or a "
-                   "wav2vec2-style CTC model on clips and their transcripts (a table of audio paths and text); WER "
-                   "picks the best checkpoint")
+    description = ("transcribe speech: fine-tune an encoder-decoder speech model (Whisper, Moonshine, Speech2Text) "
+                   "or a CTC model (wav2vec2-style, Parakeet) on clips and their transcripts (a table of audio paths "
+                   "and text); WER picks the best checkpoint")
     input_name = "audio"  # what each transcript in test_answers.jsonl transcribes
     baseline_method = "the pretrained model's own transcripts of the same test clips, before fine-tuning (zero-shot)"
 
