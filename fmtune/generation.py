@@ -238,7 +238,7 @@ def _settings_info(bundle: build.Bundle, task: Any) -> dict[str, Any]:
             reads = {"bucket_seconds": speech.BUCKET_SECONDS, "reads_clips": "in buckets" if bundle.audio.get(
                 speech.BUCKETED) else "in the whole window (not yet trained by fmtune)"}
         return {"prefix": tok.convert_ids_to_tokens(speech.prefix_ids(tok, task.language, bundle.model)),
-                "window_seconds": bundle.audio.get("window_seconds"), **reads,
+                "transcripts_cased": case_of(tok), "window_seconds": bundle.audio.get("window_seconds"), **reads,
                 "eos_token": tok.eos_token, "wer_normalizer": NORMALIZERS[task.wer_normalizer]}
     info = {"chat_template": uses_template(tok, task.chat_template), "train_on_prompt": task.train_on_prompt,
             "max_length": bundle.max_length, "eos_token": tok.eos_token, "pad_token": tok.pad_token}

@@ -320,6 +320,30 @@ def s2t_run(tone_speech, tmp_path_factory) -> tuple[Path, Path, dict]:
     return model, out, summary
 
 
+def test_a_vocabulary_of_one_case_reads_transcripts_in_its_case(tone_speech, tmp_path):
+    """Speech2Text's LibriSpeech pieces are lower case, LibriSpeech's transcripts upper case: they were tokenised as
+    they were ("LOW." as unknown pieces, or letters), so fine-tuning taught the model other words than its own. A
+    vocabulary of one case reads transcripts in that case (as a CTC vocabulary's already were); run.json says so."""
+    import fmtune
+
+    model = save_tiny_speech2text(tmp_path / "s2t", ["low. mid. high. low mid high."] * 10)
+    bundle, task = _bundle(model)
+    upper = tmp_path / "upper.csv"
+    df = pd.read_csv(tone_speech["train"])
+    df["audio"] = [str(tone_speech["train"].parent / a) for a in df["audio"]]
+    df.assign(text=df["text"].str.upper()).to_csv(upper, index=False)
+    from fmtune import config as config_mod
+
+    cfg = config_mod.from_dict(_cfg(model, tone_speech, Path("unused")))
+    ds, _ = task.dataset(task.read(upper, cfg.data), bundle, cfg.data)
+    tok = bundle.tokenizer
+    assert tok.unk_token_id not in {t for ids in ds.ids for t in ids}
+    assert ds.ids[0][ds.start:-1] == tok(df["text"][0].lower(), add_special_tokens=False)["input_ids"]
+    out = tmp_path / "run"
+    fmtune.train(_cfg(model, {**tone_speech, "train": upper}, out, train={"max_steps": 1}), quiet=True, report=False)
+    assert json.loads((out / "run.json").read_text())["generation"]["transcripts_cased"] == "lower"
+
+
 def test_speech2text_learns_to_transcribe_and_exports_as_itself(s2t_run, tone_speech, tmp_path):
     """Speech2Text (an encoder-decoder over a filterbank, padded and masked) was refused ("a model of type
     'speech_to_text'"): it is fine-tuned, scored, predicted and exported as Whisper is; its windows are encoded in

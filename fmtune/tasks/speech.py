@@ -430,13 +430,20 @@ class SpeechData(_Clips, torch.utils.data.Dataset):
 
 
 def case_of(tokenizer: Any) -> str:
-    """How transcripts are cased for this vocabulary: "upper" (e.g. wav2vec2-base-960h), "lower", or "keep"."""
+    """How transcripts are cased for this vocabulary: "upper" (e.g. wav2vec2-base-960h), "lower" (Speech2Text's
+    LibriSpeech pieces, Parakeet's), or "keep" (Whisper's, a vocabulary of both cases)."""
     letters = [c for t in tokenizer.get_vocab() if len(t) == 1 for c in t if c.isalpha()]
     if letters and not any(c.islower() for c in letters):
         return "upper"
     if letters and not any(c.isupper() for c in letters):
         return "lower"
     return "keep"
+
+
+def cased(text: str, case: str) -> str:
+    """``text`` in the case of a vocabulary (``case_of``): LibriSpeech's upper-case transcripts are read by a
+    lower-case vocabulary as its own words, not as unknown pieces."""
+    return text.upper() if case == "upper" else text.lower() if case == "lower" else text
 
 
 def encode_texts(tokenizer: Any, texts: list[str], where: list[str]) -> list[list[int]]:
@@ -447,7 +454,7 @@ def encode_texts(tokenizer: Any, texts: list[str], where: list[str]) -> list[lis
     delimiter = getattr(tokenizer, "word_delimiter_token", None) or " "
     out, missing = [], {}
     for text, w in zip(texts, where):
-        text = text.upper() if case == "upper" else text.lower() if case == "lower" else text
+        text = cased(text, case)
         for c in set(text) - set(vocab) - {" "}:
             missing.setdefault(c, w)
         ids = tokenizer(text)["input_ids"]
@@ -571,13 +578,14 @@ class SpeechRecognition(Task):
         prefix = prefix_ids(tok, self.language, bundle.model)
         eot = tok.eos_token_id
         lead = " " if whisper_vocabulary(tok) else ""
+        case = case_of(tok)  # (a vocabulary of one case: Speech2Text's)
         ids, refs, kept_lines = [], [], []
         limit = bundle.max_length  # the decoder's positions
         for j, i in enumerate(keep):
             if with_targets and len(audio.clips[j]) > 1:
                 ids.append(None)  # longer than the window: scored on WER only (``_Clips``)
             elif with_targets:
-                body = tok(lead + texts[i], add_special_tokens=False)["input_ids"]
+                body = tok(lead + cased(texts[i], case), add_special_tokens=False)["input_ids"]
                 if len(prefix) + len(body) + 1 > limit:
                     raise DataError(f"{row_label(df, int(i))}: the transcript is {len(body)} tokens; the decoder "
                                     f"holds {limit - len(prefix) - 1} (cut the clip and its transcript in two)")
