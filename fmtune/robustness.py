@@ -8,9 +8,10 @@ Images: Gaussian noise, Gaussian blur, brightness, contrast, JPEG compression an
 patch at five severities each (in the spirit of ImageNet-C), and white-box L-inf attacks (FGSM,
 and PGD with 10 steps and a random start; captum.robust) at several epsilons, in pixel units of
 [0, 1]. Text: character typos, dropped words, swapped neighbouring words, changed case, at five
-rates. Every perturbation is seeded by (seed, perturbation, severity), so two runs see the same
-perturbed inputs. The same functions give training-time augmentation (``train.augment``) and
-adversarial training (``train.adversarial``).
+rates (named entities: the same on each sentence's words with their tags kept true: only words outside entities are
+dropped or swapped). Speech recognition: the audio perturbations, scored on WER. Every perturbation is seeded by
+(seed, perturbation, severity), so two runs see the same perturbed inputs. The same functions give training-time
+augmentation (``train.augment``) and adversarial training (``train.adversarial``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fmtune import ui
@@ -44,6 +46,7 @@ from fmtune.training.perturb import (  # noqa: F401  (re-exported: the suite's p
     change_audio,
     corrupt_images,
     perturb_text,
+    perturb_words,
 )
 
 SUITES = ("default", "quick")
@@ -96,13 +99,17 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
     ds, kept = make_dataset(df, bundle, task, cfg.data)
     bs = pred.batch_size
     transcribes = task.level == "lm"  # speech recognition: each clip transcribed, the transcripts scored on WER
+    tagged = task.level == "tokens"  # named entities: each sentence's words perturbed, their tags kept true
 
     def score(logits: torch.Tensor, targets: torch.Tensor) -> float:
         return float(task.metrics(logits, targets)[metric])
 
     results: dict[str, Any] = {"metric": metric, "examples": len(ds)}
     if pred.kind == "text":  # a run on pairs of texts: both texts of a pair are perturbed
-        texts = list(df[text_columns(cfg.data)].iloc[kept].astype(str).itertuples(index=False, name=None))
+        if tagged:
+            sentences = list(zip(df["tokens"].iloc[kept], df["tags"].iloc[kept]))
+        else:
+            texts = list(df[text_columns(cfg.data)].iloc[kept].astype(str).itertuples(index=False, name=None))
         plan = {k: (_pick(v[0], suite), v[1]) for k, v in TEXT_PERTURBATIONS.items()}
     elif pred.kind == "audio":  # the clips read again from their files, perturbed as waveforms
         from fmtune.data.audio import AudioData, AudioSpec, features_of, load_audio
@@ -148,6 +155,14 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
             for k, (severity, level) in enumerate(levels):
                 if name in ATTACKS:
                     value = values[k]
+                elif tagged:
+                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
+                    rng = np.random.default_rng(_seed(seed, name, severity))
+                    pairs = [perturb_words(w, t, name, level, rng) for w, t in sentences]
+                    frame = pd.DataFrame({"tokens": [w for w, _ in pairs], "tags": [t for _, t in pairs]})
+                    frame.attrs = dict(df.attrs)
+                    changed_ds, _ = task.dataset(frame, bundle, cfg.data, allow_unknown=True)
+                    value = score(*infer(model, changed_ds, bs, progress=bar, autocast_dtype=dtype))
                 elif pred.kind == "text":
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     rng = np.random.default_rng(_seed(seed, name, severity))

@@ -512,11 +512,34 @@ def test_image_model_is_refused_for_ner(tmp_path, ner_files):
         fmtune.train(_cfg("mobilenet-v2", ner_files, tmp_path / "r"), quiet=True)
 
 
-def test_ner_verbs_without_support_say_so(ner_run):
-    from fmtune.robustness import robustness
+def test_robustness_of_a_tagger_perturbs_words_and_keeps_their_tags_true(ner_run, tmp_path):
+    """fmtune robustness was not available for ner runs. Each sentence's words are perturbed with their tags kept
+    true: typos and case changes within words, and only words outside entities dropped or swapped (an entity's words
+    stay, in order). Entity F1 clean is the run's test F1; typos (unknown words to this word-level vocabulary) lower
+    it; case changes leave it as it is (the tokenizer lower-cases)."""
+    import numpy as np
 
-    with pytest.raises(ConfigError, match="fmtune robustness .* is not available for ner runs"):
-        robustness(ner_run)
+    from fmtune.robustness import robustness
+    from fmtune.tasks.token_classification import entities
+    from fmtune.training.perturb import perturb_words
+
+    words, tags = ["alice", "smith", "saw", "the", "movie", "in", "paris"], ["B-PER", "I-PER", "O", "O", "O", "O",
+                                                                            "B-LOC"]
+    for name in ("word_drop", "word_swap"):
+        for seed in range(20):
+            w, t = perturb_words(words, tags, name, 0.6, np.random.default_rng(seed))
+            assert len(w) == len(t) and [w[a:b] for _, a, b in entities(t)] == [["alice", "smith"], ["paris"]]
+    w, t = perturb_words(words, tags, "typos", 0.5, np.random.default_rng(0))
+    assert t == tags and len(w) == len(words) and w != words
+
+    report = robustness(ner_run, None, suite="quick", out=tmp_path / "rob", quiet=True)
+    res = report["runs"]["run"]
+    test_f1 = json.loads((ner_run / "eval.json").read_text())["test"]["entity_f1"]
+    assert res["metric"] == "entity_f1" and res["clean"] == pytest.approx(test_f1, abs=1e-4)
+    per = {k: [r["entity_f1"] for r in v["results"]] for k, v in res["perturbations"].items()}
+    assert set(per) == {"typos", "word_drop", "word_swap", "case_change"}
+    assert per["typos"][-1] < res["clean"] - 0.2, per
+    assert per["case_change"] == [pytest.approx(res["clean"], abs=1e-4)] * 3, per
 
 
 def test_wnut_dataset_exports_as_conll(tmp_path):

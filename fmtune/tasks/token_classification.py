@@ -49,7 +49,8 @@ class TokenClassification(Task):
     metric_names = ("entity_f1", "entity_precision", "entity_recall", "macro_f1", "token_accuracy", "loss")
     level = "tokens"
     hf_problem_type = "token_classification"
-    capabilities = frozenset({"explain"})
+    capabilities = frozenset({"explain", "robustness"})  # (robustness: typos, case, dropped / swapped words outside
+    # entities, the tags kept true; fmtune.training.perturb.perturb_words)
     accepts_word_lists = True
     # batches of 8, as transformers' run_ner recipe: WNUT-2016 (1,695 tweets, MiniLM-L6, full, 3 epochs), test entity
     # F1 0.361 / 0.377 (seeds 0 / 1) at batches of 32 (153 steps, still improving at the last), 0.446 / 0.404 at 8

@@ -244,6 +244,27 @@ def perturb_text(text: str, name: str, rate: float, rng: np.random.Generator) ->
     raise ConfigError(f"unknown text perturbation {name!r}; choose one of: {', '.join(TEXT_PERTURBATIONS)}")
 
 
+def perturb_words(words: list[str], tags: list[str], name: str, rate: float,
+                  rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """A tagged sentence (named entities: a tag per word) under one text perturbation, its tags kept true: typos
+    and case changes within words (a word stays a word: one emptied by typos is kept as it was); word_drop drops
+    words outside entities (tag ``O``) with their tags; word_swap swaps neighbours that are both outside entities."""
+    words, tags = list(words), list(tags)
+    if name in ("typos", "case_change"):
+        return [perturb_text(w, name, rate, rng) if w.strip() else w for w in words], tags
+    if name == "word_drop":
+        keep = [t != "O" or rng.random() >= rate for t in tags]
+        if not any(keep):
+            keep[int(rng.integers(len(keep)))] = True
+        return [w for w, k in zip(words, keep) if k], [t for t, k in zip(tags, keep) if k]
+    if name == "word_swap":
+        for i in range(len(words) - 1):
+            if tags[i] == "O" and tags[i + 1] == "O" and rng.random() < rate:
+                words[i], words[i + 1] = words[i + 1], words[i]
+        return words, tags
+    raise ConfigError(f"unknown text perturbation {name!r}; choose one of: {', '.join(TEXT_PERTURBATIONS)}")
+
+
 # name -> (severity levels, what a level means); fmtune robustness of audio models
 AUDIO_PERTURBATIONS: dict[str, tuple[list[float], str]] = {
     "noise": ([30.0, 20.0, 10.0, 5.0, 0.0], "SNR of added white noise, dB"),
