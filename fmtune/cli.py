@@ -780,8 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "filterbank's floor) for AST")
 
     rb = verb("robustness", cmd_robustness, "score runs under noise, corruptions and white-box attacks (images), "
-              "typos, dropped/swapped words, case changes (text), or noise, delay, speed and level (audio), five "
-              "severities each; robustness.json and a plot")
+              "typos, dropped/swapped words, case changes (text; named entities: their tags kept true), or noise, "
+              "delay, speed and level (audio; speech recognition: on WER), five severities each; robustness.json "
+              "and a plot")
     rb.add_argument("runs", nargs="+", help="run directories (several: side by side, on the same perturbed inputs)")
     rb.add_argument("--data", help="labelled data (default: the first run's test file)")
     rb.add_argument("--suite", choices=["default", "quick"], default="default",
