@@ -780,15 +780,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "filterbank's floor) for AST")
 
     rb = verb("robustness", cmd_robustness, "score runs under noise, corruptions and white-box attacks (images), "
-              "typos, dropped/swapped words, case changes (text; named entities: their tags kept true), or noise, "
-              "delay, speed and level (audio; speech recognition: on WER), five severities each; robustness.json "
-              "and a plot")
+              "typos, dropped/swapped words, case changes (text; named entities: their tags kept true; generation: "
+              "the prompts, answers scored on ROUGE-L), or noise, delay, speed and level (audio; speech "
+              "recognition: on WER), five severities each; robustness.json and a plot")
     rb.add_argument("runs", nargs="+", help="run directories (several: side by side, on the same perturbed inputs)")
     rb.add_argument("--data", help="labelled data (default: the first run's test file)")
     rb.add_argument("--suite", choices=["default", "quick"], default="default",
                     help="default: every severity; quick: severities 1, 3, 5 and two attack epsilons")
     rb.add_argument("--limit", type=int, default=None, help="rows used, sampled with --seed (default: 1000; speech "
-                    "recognition: 100, every clip transcribed again under each of 25 perturbations; 0: all)")
+                    "recognition and generation: 100, every clip transcribed or prompt answered again under each "
+                    "perturbation; 0: all)")
     rb.add_argument("--seed", type=int, default=0, help="seed of the sample and of every perturbation")
     rb.add_argument("--no-attacks", action="store_true", help="skip FGSM and PGD (images)")
     rb.add_argument("-o", "--output", help="output folder (default: RUN/robustness; several runs: "

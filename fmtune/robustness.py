@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmtune import ui
+from fmtune import paths, ui
 from fmtune.data.dataset import ImageData
 from fmtune.data.prepare import make_dataset, read_data
 from fmtune.data.readers import text_columns
@@ -96,17 +96,26 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
     task, bundle, cfg = pred.task, pred.bundle, pred.config
     metric = task.default_metric
     model = pred.model.eval()
+    transcribes = task.level == "lm" and pred.kind == "audio"  # speech recognition: each clip transcribed again,
+    # the transcripts scored on WER
+    tagged = task.level == "tokens"  # named entities: each sentence's words perturbed, their tags kept true
+    answers = task.level == "lm" and pred.kind == "text"  # generation: each prompt perturbed and answered again
+    if answers:
+        df = df[df["kind"] != "text"]  # (plain text has no prompt to perturb)
+        if df.empty:
+            raise DataError(f"{df.attrs.get('source', 'the data')}: robustness perturbs the prompts of a generation "
+                            "run's rows; these rows are plain text, without prompts")
     ds, kept = make_dataset(df, bundle, task, cfg.data)
     bs = pred.batch_size
-    transcribes = task.level == "lm"  # speech recognition: each clip transcribed, the transcripts scored on WER
-    tagged = task.level == "tokens"  # named entities: each sentence's words perturbed, their tags kept true
 
     def score(logits: torch.Tensor, targets: torch.Tensor) -> float:
         return float(task.metrics(logits, targets)[metric])
 
     results: dict[str, Any] = {"metric": metric, "examples": len(ds)}
     if pred.kind == "text":  # a run on pairs of texts: both texts of a pair are perturbed
-        if tagged:
+        if answers:
+            rows = df.iloc[kept]
+        elif tagged:
             sentences = list(zip(df["tokens"].iloc[kept], df["tags"].iloc[kept]))
         else:
             texts = list(df[text_columns(cfg.data)].iloc[kept].astype(str).itertuples(index=False, name=None))
@@ -129,6 +138,8 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
     if transcribes:
         results["lower_is_better"] = True  # (relative: the error rate perturbed over the clean one)
         clean = _transcripts_scored(pred, ds, ds.references)
+    elif answers:
+        clean = _answers_scored(pred, ds, ds.references)
     else:
         clean_logits, _ = infer(model, ds, bs, autocast_dtype=dtype)
         clean = score(clean_logits, ds.targets)
@@ -155,6 +166,13 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
             for k, (severity, level) in enumerate(levels):
                 if name in ATTACKS:
                     value = values[k]
+                elif answers:
+                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
+                    rng = np.random.default_rng(_seed(seed, name, severity))
+                    changed_ds, _ = task.dataset(perturb_prompts(rows, name, level, rng), bundle, cfg.data,
+                                                 with_targets=False)
+                    value = _answers_scored(pred, changed_ds, ds.references)
+                    bar(len(rows))
                 elif tagged:
                     bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     rng = np.random.default_rng(_seed(seed, name, severity))
@@ -245,8 +263,62 @@ def _transcripts_scored(pred: Any, ds: Any, references: list[str]) -> float:
                              pred.task.wer_normalizer)[pred.task.default_metric])
 
 
+def _answers_scored(pred: Any, ds: Any, references: list[str]) -> float:
+    """The metric (ROUGE-L) of a generation run's greedy answers to the prompts of ``ds`` against ``references``."""
+    from fmtune.tasks.generation import generate, score
+
+    texts = generate(pred.model, pred.bundle.tokenizer, ds.prompts, pred.task.settings, model_device(pred.model))
+    return float(score(texts, references)[pred.task.default_metric])
+
+
+def perturb_prompts(rows: pd.DataFrame, name: str, level: float, rng: np.random.Generator) -> pd.DataFrame:
+    """Generation rows with their prompts perturbed (a chat: every user turn); the completions kept."""
+    out = rows.copy()
+    prompts, chats = out["prompt"].tolist(), out["messages"].tolist() if "messages" in out.columns else None
+    for i, kind in enumerate(out["kind"].tolist()):
+        if kind == "messages":
+            turns = json.loads(chats[i])
+            chats[i] = json.dumps([{**m, "content": perturb_text(m["content"], name, level, rng)}
+                                   if m["role"] == "user" and str(m["content"]).strip() else m for m in turns])
+        elif kind == "prompt" and str(prompts[i]).strip():
+            prompts[i] = perturb_text(str(prompts[i]), name, level, rng)
+    out["prompt"] = prompts
+    if chats is not None:
+        out["messages"] = chats
+    return out
+
+
+class _GenerationRun:
+    """What ``evaluate_run`` reads of a loaded run, for a run that generates text (``Predictor`` refuses one)."""
+
+    kind = "text"
+    autocast = None  # (answers are generated in fp32, as fmtune generate does)
+
+    def __init__(self, run: Path):
+        from fmtune.generation import settings
+        from fmtune.run import open_run
+        from fmtune.training import hardware
+
+        opened = open_run(run)
+        self.run_dir, self.config, self.task, self.bundle = opened.dir, opened.config, opened.task, opened.bundle
+        self.task.settings = settings(self.config)
+        device = hardware.choose(self.config.train.device, "fp32", self.config.train.num_threads).device
+        self.model = self.bundle.model.to(device).eval()
+        self.batch_size = self.task.settings.batch_size
+
+
+def _loaded(run: Path) -> Any:
+    """A run loaded for robustness: its Predictor, or for a generation run what generates its answers."""
+    from fmtune.predictor import Predictor
+    from fmtune.run import read_task
+
+    task = read_task(run)
+    return _GenerationRun(run) if task.level == "lm" and task.modality != "audio" else Predictor(run)
+
+
 ROWS = 1000  # rows scored unless --limit says otherwise ...
-ROWS_TRANSCRIBED = 100  # ... of a speech recognition run (every clip is transcribed again under every perturbation)
+ROWS_TRANSCRIBED = 100  # ... of a speech recognition or generation run (every clip transcribed, every prompt
+# answered again under every perturbation)
 
 
 def robustness(runs: str | Path | list[str | Path], data: str | Path | None = None, *, suite: str = "default",
@@ -256,8 +328,6 @@ def robustness(runs: str | Path | list[str | Path], data: str | Path | None = No
     robustness.json and robustness.png to ``out`` (default: RUN/robustness for one run,
     <first run>-robustness-compare beside it for several). ``limit``: rows sampled with ``seed`` (default
     ROWS, a speech recognition run's ROWS_TRANSCRIBED; 0: all)."""
-    from fmtune.predictor import Predictor
-
     run_list = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
     if not run_list:
         raise ConfigError("give at least one run directory")
@@ -266,7 +336,7 @@ def robustness(runs: str | Path | list[str | Path], data: str | Path | None = No
     target = Path(out) if out else (run_list[0] / "robustness" if len(run_list) == 1
                                     else run_list[0].parent / f"{run_list[0].name}-robustness-compare")
     check_output_dir(target, "robustness.json")  # before the work, not after
-    preds = [Predictor(r) for r in run_list]
+    preds = [_loaded(paths.check(r, "run")) for r in run_list]
     for p in preds:
         p.task.require("robustness", f"fmtune robustness ({p.run_dir})")
     kinds = {p.kind for p in preds}

@@ -389,6 +389,36 @@ def test_fine_tuning_beats_the_zero_shot_baseline_on_rouge_and_loss(full_run):
     assert "pretrained (zero-shot)" in html and "Answers" in html
 
 
+def test_robustness_of_a_generation_run_answers_perturbed_prompts(full_run, tmp_path):
+    """fmtune robustness was not available for generation runs (Predictor refused them). Each prompt is perturbed
+    (typos, dropped and swapped words, changed case; a chat: its user turns), answered again greedily and scored on
+    ROUGE-L against the same references: clean, the run's test ROUGE-L; a repeater asked to repeat fewer words
+    repeats fewer; the strongest perturbations cost it more than 0.1. Plain-text rows (no prompt) are refused; the
+    prompts of chats are perturbed in their user turns."""
+    import numpy as np
+
+    from fmtune.robustness import perturb_prompts, robustness
+
+    run = Path(full_run["run_dir"])
+    report = robustness(run, None, suite="quick", out=tmp_path / "rob", quiet=True)
+    res = report["runs"]["full"]
+    test = json.loads((run / "eval.json").read_text())["test"]
+    assert res["metric"] == "rougeL" and res["clean"] == pytest.approx(test["rougeL"], abs=1e-3)
+    per = {k: [r["rougeL"] for r in v["results"]] for k, v in res["perturbations"].items()}
+    assert per["word_drop"][-1] < res["clean"] and min(v[-1] for v in per.values()) < res["clean"] - 0.1, per
+    rows = read_rows(write_jsonl(tmp_path / "rows.jsonl", [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "repeat: a b c d"},
+                      {"role": "assistant", "content": "a b c d"}]}, {"prompt": "repeat: x y", "completion": "x y"}]),
+        data_cfg())
+    out = perturb_prompts(rows, "word_drop", 0.99, np.random.default_rng(0))
+    turns = json.loads(out["messages"][0])
+    assert turns[0]["content"] == "be brief" and turns[1]["content"] != "repeat: a b c d"
+    assert out["prompt"][1] != "repeat: x y" and out["completion"].tolist() == rows["completion"].tolist()
+    write_jsonl(tmp_path / "plain.jsonl", [{"text": "just text"}] * 3)
+    with pytest.raises(DataError, match="robustness perturbs the prompts"):
+        robustness(run, tmp_path / "plain.jsonl", out=tmp_path / "rob2", quiet=True)
+
+
 def test_evaluate_scores_a_generation_run_again_as_training_did(full_run, capsys):
     """fmtune evaluate on the run's test file (the CLI, --baseline) gives the test and zero-shot metrics that
     training wrote (same rows, same greedy answers)."""

@@ -392,7 +392,7 @@ class Generation(Task):
     # 8 took test ROUGE-L 0.215 -> 0.277; 7 steps of 32 stayed below the pretrained model on validation. A batch
     # of 32 long rows also holds 4x the activations (720 tokens x 32 rows: about 63 GiB without checkpointing).
     default_train = {"batch_size": 8}
-    capabilities = frozenset()
+    capabilities = frozenset({"robustness"})  # (prompts with typos, dropped / swapped words, changed case: ROUGE-L)
     description = ("generate text: fine-tune a causal language model (or a T5/BART-like encoder-decoder) on prompt "
                    "-> completion pairs, chat messages or plain text (loss on the completion; ROUGE-L picks the best "
                    "checkpoint)")
