@@ -9,7 +9,8 @@ patch at five severities each (in the spirit of ImageNet-C), and white-box L-inf
 and PGD with 10 steps and a random start; captum.robust) at several epsilons, in pixel units of
 [0, 1]. Text: character typos, dropped words, swapped neighbouring words, changed case, at five
 rates (named entities: the same on each sentence's words with their tags kept true: only words outside entities are
-dropped or swapped). Speech recognition: the audio perturbations, scored on WER. Every perturbation is seeded by
+dropped or swapped; generation: each prompt, answered again and scored on ROUGE-L). Speech recognition: the audio
+perturbations, scored on WER. Every perturbation is seeded by
 (seed, perturbation, severity), so two runs see the same perturbed inputs. The same functions give training-time
 augmentation (``train.augment``) and adversarial training (``train.adversarial``).
 """
