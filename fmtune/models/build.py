@@ -201,6 +201,14 @@ def _audio_kind(path: Path | str, config: Any) -> str | None:
 WAVEFORM_WINDOW = 30.0  # seconds a raw-waveform encoder reads at once unless model.audio_window says otherwise
 
 
+def _window(window: float | None, path: Path | str, default: float, longest: float | None = None) -> float:
+    """The seconds a model reads at once: model.audio_window (ModelConfig holds it to 1 s at least), at most the
+    ``longest`` the model holds, else ``default``."""
+    if window is not None and longest is not None and window > longest:
+        raise ModelError(f"model.audio_window={window:g} s: {path} reads at most {longest:g} s at once")
+    return float(window or default)
+
+
 def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str, Any]:
     """How the model reads audio, from its feature extractor's settings (preprocessor_config.json):
     Whisper's log-mel settings and window (its own 30 s unless model.audio_window is shorter), or a
@@ -219,9 +227,7 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
             raise ModelError(f"{path}: preprocessor_config.json says sampling_rate {rate}, num_mel_bins {mels}, "
                              f"stride {stride}; the model reads {config.feature_projection_input_dim} features per "
                              "frame (num_mel_bins x stride) at 16000 Hz, as SeamlessM4TFeatureExtractor computes them")
-        if window is not None and window <= 0:
-            raise ModelError(f"model.audio_window={window:g} s: give a positive number of seconds")
-        seconds = float(window or WAVEFORM_WINDOW)
+        seconds = _window(window, path, WAVEFORM_WINDOW)
         return AudioSpec(frontend=STACKED, sampling_rate=rate, n_mels=mels, n_fft=Fbank.FFT, hop_length=160,
                          stride=stride, window_seconds=seconds, encoder_seconds=seconds).as_dict()
     if getattr(config, "model_type", "") in FBANK_SPEECH_TYPES:
@@ -234,24 +240,18 @@ def _audio_spec(path: Path | str, config: Any, window: float | None) -> dict[str
                              "at 16000 Hz, as transformers' ASTFeatureExtractor does")
         frames, hop = int(config.max_length), 160
         longest = (Fbank.FRAME + (frames - 1) * hop) / rate
-        if window is not None and not 0 < window <= longest:
-            raise ModelError(f"model.audio_window={window:g} s: {path} reads at most {longest:g} s at once")
         return AudioSpec(frontend=FBANK, normalize=bool(pp.get("do_normalize", True)), sampling_rate=rate,
                          n_mels=int(config.num_mel_bins), n_fft=Fbank.FRAME, hop_length=hop,
-                         window_seconds=float(window or longest), encoder_seconds=longest, frames=frames,
+                         window_seconds=_window(window, path, longest, longest), encoder_seconds=longest, frames=frames,
                          mean=float(pp.get("mean", -4.2677393)), std=float(pp.get("std", 4.5689974))).as_dict()
     if getattr(config, "model_type", "") != "whisper":
-        if window is not None and window <= 0:
-            raise ModelError(f"model.audio_window={window:g} s: give a positive number of seconds")
-        seconds = float(window or WAVEFORM_WINDOW)
+        seconds = _window(window, path, WAVEFORM_WINDOW)
         return AudioSpec(frontend=WAVEFORM, normalize=bool(pp.get("do_normalize", True)), sampling_rate=rate,
                          window_seconds=seconds, encoder_seconds=seconds).as_dict()
     longest = 2 * config.max_source_positions * pp.get("hop_length", 160) / rate
-    if window is not None and window > longest:
-        raise ModelError(f"model.audio_window={window:g} s is longer than {path}'s window ({longest:g} s)")
     return AudioSpec(sampling_rate=rate, n_mels=int(config.num_mel_bins),
                      n_fft=int(pp.get("n_fft", 400)), hop_length=int(pp.get("hop_length", 160)),
-                     window_seconds=float(window or longest), encoder_seconds=float(longest)).as_dict()
+                     window_seconds=_window(window, path, longest, longest), encoder_seconds=float(longest)).as_dict()
 
 
 def _speech2text_spec(path: Path | str, config: Any, pp: dict[str, Any], window: float | None) -> dict[str, Any]:
@@ -271,9 +271,7 @@ def _speech2text_spec(path: Path | str, config: Any, pp: dict[str, Any], window:
         raise ModelError(f"{path}: preprocessor_config.json normalises the filterbank's means or its deviations but "
                          "not both; fmtune reads Speech2Text models that normalise both (or neither)")
     positions = int(config.max_source_positions) * 2 ** int(config.num_conv_layers) * 160 / rate
-    if window is not None and not 0 < window <= positions:
-        raise ModelError(f"model.audio_window={window:g} s: {path} reads at most {positions:g} s at once")
-    seconds = float(window or min(WAVEFORM_WINDOW, positions))
+    seconds = _window(window, path, min(WAVEFORM_WINDOW, positions), positions)
     return AudioSpec(frontend=STACKED, normalize=cmvn, sampling_rate=rate, n_mels=mels, n_fft=Fbank.FFT,
                      hop_length=160, stride=1, extractor=SPEECH2TEXT, subsample=2 ** int(config.num_conv_layers),
                      window_seconds=seconds, encoder_seconds=seconds).as_dict()
@@ -293,9 +291,7 @@ def _parakeet_spec(path: Path | str, config: Any, pp: dict[str, Any], window: fl
         wrong = ", ".join(f"{k} {got[k]} (fmtune reads {want[k]})" for k in want if got[k] != want[k])
         raise ModelError(f"{path}: preprocessor_config.json says {wrong}: fmtune reads Parakeet models at NeMo's "
                          "usual settings, the model's mel bands as its config says")
-    if window is not None and window <= 0:
-        raise ModelError(f"model.audio_window={window:g} s: give a positive number of seconds")
-    seconds = float(window or WAVEFORM_WINDOW)
+    seconds = _window(window, path, WAVEFORM_WINDOW)
     return AudioSpec(frontend=STACKED, sampling_rate=16000, n_mels=int(enc.num_mel_bins), n_fft=512, hop_length=160,
                      stride=1, extractor=PARAKEET, subsample=int(enc.subsampling_factor), window_seconds=seconds,
                      encoder_seconds=seconds).as_dict()
