@@ -468,6 +468,7 @@ def _inputs(opened: Any, df: pd.DataFrame, quiet: bool, what: str, dtype: Any) -
     ``dtype`` (run_fairness's ``precision``); a speech recognition run's: (transcripts, references)."""
     from fmtune import ui
     from fmtune.data.prepare import make_dataset
+    from fmtune.generation import transcripts
     from fmtune.training.infer import infer
 
     cfg = opened.config
@@ -475,19 +476,10 @@ def _inputs(opened: Any, df: pd.DataFrame, quiet: bool, what: str, dtype: Any) -
                             allow_unknown=cfg.data.unknown_labels == "unknown")
     with ui.CountProgress(what, len(ds), quiet) as bar:
         if opened.task.level == "lm":
-            out = (_transcripts(opened.bundle, opened.task, ds, cfg.train.eval_batch_size, bar), ds.references)
+            out = (transcripts(opened.bundle, opened.task, ds, cfg.train.eval_batch_size, bar), ds.references)
         else:
             out = infer(opened.bundle.model, ds, cfg.train.eval_batch_size, progress=bar, autocast_dtype=dtype)
     return ds, np.asarray(kept), out
-
-
-def _transcripts(bundle: Any, task: Any, ds: Any, batch_size: int, bar: Any) -> list[str]:
-    """``bundle``'s transcript of every clip of ``ds``, as predict gives it."""
-    from fmtune.generation import lm_net
-    from fmtune.training.infer import model_device
-
-    return lm_net(bundle).transcribe(ds, list(range(len(ds))), batch_size, model_device(bundle.model), task.language,
-                                     on_batch=bar)
 
 
 def _thresholded(outcomes: dict[str, Any], rules: dict[str, Any], groups: pd.DataFrame, inputs: list[str],
@@ -596,7 +588,7 @@ def run_fairness(run: str | Path, data: str | Path | None = None, groups: list[s
         result["counterfactual"] = _counterfactual(opened, df, list(group_df.columns), terms,
                                                    max_counterfactual_rows, quiet, dtype)
     write_json(opened.dir / FAIRNESS_FILE, result)
-    plots.fairness(result, opened.dir / FAIRNESS_PNG)
+    plots.fairness(result, opened.dir / FAIRNESS_PNG, key_metric(result))
     if not quiet:
         print_fairness(result)
         for n in notes:
@@ -612,6 +604,7 @@ def _baseline_outcomes(opened: Any, ds: Any, quiet: bool, dtype: Any) -> dict[st
 
     from fmtune import evaluation, ui
     from fmtune.data.prepare import make_dataset, read_frames
+    from fmtune.generation import transcripts
     from fmtune.models import build
     from fmtune.training.infer import model_device
 
@@ -620,7 +613,7 @@ def _baseline_outcomes(opened: Any, ds: Any, quiet: bool, dtype: Any) -> dict[st
     pre.model.to(model_device(opened.bundle.model))
     if task.level == "lm":  # speech recognition: the pretrained model's own transcripts (zero-shot)
         with ui.CountProgress("fairness: baseline (pretrained transcripts)", len(ds), quiet) as bar:
-            return task.outcomes(_transcripts(pre, task, ds, cfg.train.eval_batch_size, bar), ds.references)
+            return task.outcomes(transcripts(pre, task, ds, cfg.train.eval_batch_size, bar), ds.references)
     train = make_dataset(read_frames(cfg.data, cfg.task.type, cfg.train.seed).train, opened.bundle, task, cfg.data)[0]
     with ui.CountProgress("fairness: baseline (frozen features)", len(train) + len(ds), quiet) as bar:
         logits, targets = evaluation.probe_outputs(pre.model, task, train, {"data": ds}, cfg.train.eval_batch_size,

@@ -210,6 +210,15 @@ def lm_net(bundle: build.Bundle) -> torch.nn.Module:
     return causal_lm.TargetLogits(bundle.model, bundle.tokenizer)
 
 
+def transcripts(bundle: build.Bundle, task: Any, ds: Any, batch_size: int, on_batch: Any = None) -> list[str]:
+    """``bundle``'s transcript of every clip of ``ds`` (a speech recognition run's data), as predict gives them;
+    ``on_batch(n)`` is told of each batch's clips done."""
+    from fmtune.training.infer import model_device
+
+    return lm_net(bundle).transcribe(ds, list(range(len(ds))), batch_size, model_device(bundle.model), task.language,
+                                     on_batch=on_batch)
+
+
 def _size(ds: Any) -> dict[str, Any]:
     if hasattr(ds, "clips"):  # audio: seconds of speech
         return {"seconds": round(float(sum(w.shape[-1] for c in ds.clips for w in c) * ds.hop_seconds), 1)}

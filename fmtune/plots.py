@@ -63,14 +63,13 @@ def image_gallery(images: list[Any], titles: list[str], path: Path) -> Path:
     return path
 
 
-def fairness(result: dict[str, Any], path: Path) -> Path:
-    """One panel per grouping: each group's key metric (selection rate for two labels, else
-    accuracy; regression: MAE) per model, with its confidence interval; too-small groups hatched."""
+def fairness(result: dict[str, Any], path: Path, metric: str) -> Path:
+    """One panel per grouping: each group's ``metric`` (``fairness.key_metric``: the selection rate for two labels,
+    else accuracy; regression: MAE; speech recognition: WER) per model, with its confidence interval; too-small
+    groups hatched."""
     plt = pyplot()
     models = list(result["models"])
     names = list(result["models"][models[0]])
-    first = result["models"][models[0]][names[0]]["groups"][0]["metrics"]
-    metric = next(m for m in ("selection_rate", "accuracy", "mae", "wer") if m in first)
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.2 + 0.35 * sum(
         len(result["models"][models[0]][n]["groups"]) for n in names)), squeeze=False)
     height = 0.8 / len(models)

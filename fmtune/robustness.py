@@ -32,7 +32,7 @@ from fmtune.data.readers import text_columns
 from fmtune.errors import ConfigError, DataError
 from fmtune.fsutil import atomic_dir, check_output_dir, output_tensor
 from fmtune.training.hardware import precision_name
-from fmtune.training.infer import infer, model_device
+from fmtune.training.infer import infer
 from fmtune.training.perturb import (  # noqa: F401  (re-exported: the suite's parts)
     ATTACKS,
     AUDIO_PERTURBATIONS,
@@ -256,11 +256,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def _transcripts_scored(pred: Any, ds: Any, references: list[str]) -> float:
     """The error rate (the task's metric, WER) of a speech recognition run's transcripts of ``ds`` against
     ``references``, transcribed as ``predict`` does."""
-    from fmtune.generation import lm_net
+    from fmtune.generation import transcripts
     from fmtune.tasks.speech import error_rates
 
-    records = pred.task.generate_records(lm_net(pred.bundle), ds, pred.batch_size, model_device(pred.model))
-    return float(error_rates([r["transcript"] for r in records], references,
+    return float(error_rates(transcripts(pred.bundle, pred.task, ds, pred.batch_size), references,
                              pred.task.wer_normalizer)[pred.task.default_metric])
 
 
@@ -268,7 +267,7 @@ def _answers_scored(pred: Any, ds: Any, references: list[str]) -> float:
     """The metric (ROUGE-L) of a generation run's greedy answers to the prompts of ``ds`` against ``references``."""
     from fmtune.tasks.generation import generate, score
 
-    texts = generate(pred.model, pred.bundle.tokenizer, ds.prompts, pred.task.settings, model_device(pred.model))
+    texts = generate(pred.model, pred.bundle.tokenizer, ds.prompts, pred.task.settings, pred.device)
     return float(score(texts, references)[pred.task.default_metric])
 
 
@@ -289,32 +288,21 @@ def perturb_prompts(rows: pd.DataFrame, name: str, level: float, rng: np.random.
     return out
 
 
-class _GenerationRun:
-    """What ``evaluate_run`` reads of a loaded run, for a run that generates text (``Predictor`` refuses one)."""
-
-    kind = "text"
-    autocast = None  # (answers are generated in fp32, as fmtune generate does)
-
-    def __init__(self, run: Path):
-        from fmtune.generation import settings
-        from fmtune.run import open_run
-        from fmtune.training import hardware
-
-        opened = open_run(run)
-        self.run_dir, self.config, self.task, self.bundle = opened.dir, opened.config, opened.task, opened.bundle
-        self.task.settings = settings(self.config)
-        device = hardware.choose(self.config.train.device, "fp32", self.config.train.num_threads).device
-        self.model = self.bundle.model.to(device).eval()
-        self.batch_size = self.task.settings.batch_size
-
-
 def _loaded(run: Path) -> Any:
-    """A run loaded for robustness: its Predictor, or for a generation run what generates its answers."""
+    """A run loaded for robustness: its Predictor, or for a generation run (Predictor refuses one) its Generator with
+    what ``evaluate_run`` reads of a Predictor: the model, a batch size and the run's eval settings (answers in fp32,
+    as fmtune generate gives them)."""
+    from fmtune.generation import Generator, settings
     from fmtune.predictor import Predictor
     from fmtune.run import read_task
 
     task = read_task(run)
-    return _GenerationRun(run) if task.level == "lm" and task.modality != "audio" else Predictor(run)
+    if task.level != "lm" or task.modality == "audio":
+        return Predictor(run)
+    gen = Generator(run)
+    gen.task.settings = settings(gen.config)
+    gen.model, gen.batch_size, gen.autocast = gen.bundle.model, gen.task.settings.batch_size, None
+    return gen
 
 
 ROWS = 1000  # rows scored unless --limit says otherwise ...

@@ -255,25 +255,18 @@ def _normalizer(kind: str) -> Any:
 
 def error_rates(hypotheses: list[str], references: list[str], normalizer: str = "basic") -> dict[str, float]:
     """Word and character error rate over the whole set (errors / reference words or characters),
-    as jiwer computes them, on normalised text (``normalizer``: see ``normalize``). An empty hypothesis counts every
-    reference word as deleted."""
-    import jiwer
-
-    refs = [normalize(r, normalizer) for r in references]
-    hyps = [normalize(h, normalizer) for h in hypotheses]
-    keep = [i for i, r in enumerate(refs) if r]
-    if not keep:
-        return {"wer": float("nan"), "cer": float("nan")}
-    refs, hyps = [refs[i] for i in keep], [hyps[i] for i in keep]
-    words = jiwer.process_words(refs, hyps)
-    chars = jiwer.process_characters(refs, hyps)
-    return {"wer": float(words.wer), "cer": float(chars.cer)}
+    as jiwer computes them, on normalised text (``normalizer``: see ``normalize``): the clips' ``error_counts``
+    summed. An empty hypothesis counts every reference word as deleted; no reference at all gives NaN."""
+    c = error_counts(hypotheses, references, normalizer)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"wer": float(c["word_errors"].sum() / c["words"].sum()),
+                "cer": float(c["char_errors"].sum() / c["chars"].sum())}
 
 
 def error_counts(hypotheses: list[str], references: list[str], normalizer: str = "basic") -> dict[str, np.ndarray]:
     """Each transcript's word errors (substitutions, deletions, insertions), its reference's words, its character
-    errors and its reference's characters, on normalised text as ``error_rates`` compares them: summed over clips
-    they give its WER and CER. A reference empty once normalised counts nothing."""
+    errors and its reference's characters, on normalised text (jiwer's alignment): summed over clips they give the
+    set's WER and CER (``error_rates``). A reference empty once normalised counts nothing."""
     import jiwer
 
     out = np.zeros((4, len(references)), dtype=np.int64)
