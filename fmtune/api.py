@@ -54,7 +54,7 @@ from fmtune.data.readers import (
     table_base,
     unpacked,
 )
-from fmtune.errors import ConfigError, DataError
+from fmtune.errors import ConfigError, DataError, FmtuneError, PeerError
 from fmtune.fsutil import write_json, write_text_atomic
 from fmtune.models import build
 from fmtune.run import (
@@ -373,15 +373,26 @@ def _run_dir(cfg: config_mod.Config, run_dir: Path | None, task: Any, cont: Any,
              dist: Any) -> Path:
     """A fresh run's folder, made by rank 0 and told to the others."""
     main = dist is None or dist.is_main_process
+    failure = None
     if run_dir is None and main:
-        run_dir = new_run_dir(cfg, overwrite)
-        write_start(run_dir, cfg, task)
-        if cont is not None:
-            cont.write_memory(run_dir)
+        try:
+            run_dir = new_run_dir(cfg, overwrite)
+            write_start(run_dir, cfg, task)
+            if cont is not None:
+                cont.write_memory(run_dir)
+        except FmtuneError as e:  # (the folder exists, say): the other ranks are told, not left waiting
+            if dist is None:
+                raise
+            failure = e
     if dist is not None:
         from accelerate.utils import broadcast_object_list
 
-        run_dir = Path(broadcast_object_list([str(run_dir) if main else None])[0])
+        where, failed = broadcast_object_list([(str(run_dir), failure is not None) if main else None])[0]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise PeerError("rank 0 could not start the run")
+        run_dir = Path(where)
     return run_dir
 
 

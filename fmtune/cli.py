@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtune.config import INFERENCE_PRECISIONS, STRATEGY_NAMES
-from fmtune.errors import FmtuneError, Interrupted
+from fmtune.errors import FmtuneError, Interrupted, PeerError
 
 MODEL_HELP = ("zoo name (fmtune models), a local Hugging Face model folder, a hub id (downloaded once into Hugging "
               "Face's cache; from there offline too), a GGUF file (a causal LM), a "
@@ -847,6 +847,17 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code. A rank of a launched run (torchrun sets WORLD_SIZE) ends its
+    process here instead (``distributed.exit_rank``)."""
+    code = _command(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from fmtune.training.distributed import exit_rank
+
+        exit_rank(code)
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
@@ -860,6 +871,8 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    except PeerError:  # rank 0 printed why
+        return 2
     except FmtuneError as e:
         from rich.markup import escape
 

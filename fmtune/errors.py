@@ -21,6 +21,10 @@ class RunDirError(FmtuneError):
     """A run directory is missing, incomplete, or would be overwritten."""
 
 
+class PeerError(FmtuneError):
+    """Rank 0 of a launched run stopped with an error it printed; another rank stops with it, silently."""
+
+
 class Interrupted(FmtuneError):
     """The user stopped training (Ctrl-C); the message says how to resume."""
 
