@@ -136,6 +136,30 @@ def test_every_rank_runs_as_many_forward_passes_when_validation_is_gathered(monk
     assert calls == [2, 2]
 
 
+def test_gathered_outputs_of_a_fixed_size_need_no_lengths(monkeypatch):
+    """A detector's outputs are 3-D (images x queries x scores) but its data has no token lengths: gathered
+    as they are (a launched detection run failed on ``int(np.max(None))``)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fmtune.training import distributed
+
+    class Boxes:
+        lengths, targets = None, None
+
+        def __len__(self):
+            return 5
+
+    monkeypatch.setattr(distributed, "infer", lambda model, rows, *a, **k: (
+        torch.as_tensor(rows.keep, dtype=torch.float)[:, None, None].expand(-1, 4, 7), None))
+    rank1 = SimpleNamespace(num_processes=2, process_index=1, device=torch.device("cpu"),
+                            gather=lambda t: torch.cat([torch.zeros_like(t), t]))  # rank 0 sent zeros
+    out = distributed.gathered_infer(None, Boxes(), 4, torch.device("cpu"), rank1)[0]
+    assert out.shape == (3 + 2, 4, 7)  # rank 0's 3 images, rank 1's 2 (padded to 3 for the gather), each once
+    assert out[3:, 0, 0].tolist() == [3.0, 4.0]  # rank 1's own, in order
+
+
 def test_finish_leaves_the_process_group_once(tmp_path):
     import torch.distributed as td
 
@@ -218,3 +242,58 @@ def test_a_launched_rank_ends_without_interpreter_shutdown(tmp_path, world):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no-run does not exist" in proc.stderr  # the error was printed before the process ended
     assert ("interpreter shutdown ran" in proc.stdout) == (world is None)
+
+
+@pytest.fixture(scope="module")
+def layerdrop_wav2vec2(tmp_path_factory):
+    """A tiny group-norm wav2vec2 that drops each layer half the time in training."""
+    from conftest import save_tiny_wav2vec2
+
+    folder = save_tiny_wav2vec2(tmp_path_factory.mktemp("w2v-layerdrop"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "layerdrop": 0.5}))
+    return folder
+
+
+def test_layerdrop_is_off_in_the_modules_while_the_config_keeps_it(layerdrop_wav2vec2):
+    from transformers import AutoModel
+
+    from fmtune.training.distributed import same_layers
+
+    model = AutoModel.from_pretrained(layerdrop_wav2vec2)
+    with same_layers(model) as off:
+        assert off == {"layerdrop": 0.5}
+        assert model.encoder.config.layerdrop == 0.0  # what the encoder reads in its forward
+        assert model.config.layerdrop == 0.5  # what a checkpoint saves
+    assert model.encoder.config is model.config and model.encoder.config.layerdrop == 0.5
+
+
+def test_several_processes_train_a_layerdrop_model(layerdrop_wav2vec2, tmp_path):
+    """Each rank drew its own layers to skip and the ranks waited on each other for good (wav2vec2-base's
+    layerdrop 0.1 hung DDP and FSDP)."""
+    from test_audio import tone_splits
+
+    tones = tone_splits(tmp_path / "tones")
+    cfg = cfg_dict(layerdrop_wav2vec2, tones["train"], task={"type": "audio-classification"},
+                   data={"test": str(tones["test"])}, train={"epochs": 4, "batch_size": 8, "distributed": "ddp"})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "fmtune", "train", str(tmp_path / "cfg.yaml"), "--out",
+                           str(tmp_path / "run"), "--num-processes", "2", "--no-report", "-q"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LayerDrop off while 2 processes train (layerdrop 0.5)" in proc.stderr
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["layerdrop"] == 0.5
+    assert "accuracy" in json.loads((tmp_path / "run" / "eval.json").read_text())["test"]
+
+
+def test_fsdp_refuses_an_encoder_that_reads_clips_in_groups(layerdrop_wav2vec2):
+    """FSDP needs every rank to run each unit as often; a group-norm wav2vec2 reads a batch's clips in groups
+    of equal length, a count that differs between ranks (2-process FSDP hung)."""
+    from transformers import AutoModel
+
+    from fmtune.errors import ConfigError
+    from fmtune.training import fsdp
+
+    with pytest.raises(ConfigError, match="a wav2vec2 model reads each batch's clips in groups.*distributed=ddp"):
+        fsdp.shard(AutoModel.from_pretrained(layerdrop_wav2vec2))

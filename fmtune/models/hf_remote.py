@@ -152,6 +152,12 @@ def stacked_input(encoder: nn.Module) -> bool:
     return hasattr(encoder.config, "feature_projection_input_dim")
 
 
+def encodes_in_groups(config: object) -> bool:
+    """Whether a raw-waveform encoder of ``config`` reads a batch's windows in groups of equal length
+    (``waveform_states``): those normalising their first convolution over the whole window."""
+    return getattr(config, "feat_extract_norm", "layer") != "layer"
+
+
 def waveform_states(encoder: nn.Module, input_values: torch.Tensor, sample_mask: torch.Tensor | None = None,
                     grouped: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A raw-waveform encoder (wav2vec2, HuBERT, WavLM ...) over zero-padded windows: the last hidden
@@ -165,7 +171,7 @@ def waveform_states(encoder: nn.Module, input_values: torch.Tensor, sample_mask:
     ``grouped`` (Moonshine's encoder: its first convolution's group norm spans the window; Speech2Text's: its second
     strided convolution reads what the first made of the padding)."""
     lengths = None if sample_mask is None else sample_mask.sum(-1)
-    if (getattr(encoder.config, "feat_extract_norm", "layer") == "layer" and not grouped) or lengths is None:
+    if (not encodes_in_groups(encoder.config) and not grouped) or lengths is None:
         hidden = encoder(input_values, attention_mask=sample_mask).last_hidden_state
     elif torch.compiler.is_exporting() or bool((lengths == input_values.shape[-1]).all()):
         hidden = encoder(input_values).last_hidden_state  # (an ONNX graph: its runner groups by length)

@@ -10,9 +10,12 @@ early-stopping decision; the time budget is rank 0's clock, broadcast.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import numpy as np
@@ -68,6 +71,40 @@ def exit_rank(code: int) -> NoReturn:
     os._exit(code)
 
 
+@contextlib.contextmanager
+def same_layers(model: torch.nn.Module) -> Iterator[dict[str, float]]:
+    """LayerDrop off while several processes train ``model``: each rank would skip other layers
+    (its random draws follow its own batches), and the ranks then wait on each other forever (DDP
+    for gradients a skipped layer never makes, FSDP for its gathers; wav2vec2-base's 0.1 hung both).
+    The modules that draw read a copy of their config with ``*layerdrop`` at 0 (or their own
+    attribute), so the model's config, which checkpoints save, keeps the user's value; all restored
+    on leaving. Yields what was turned off, ``{name: probability}``."""
+    from transformers import PreTrainedModel
+
+    def drops(obj: Any) -> dict[str, float]:
+        return {k: v for k, v in vars(obj).items() if k.endswith("layerdrop") and isinstance(v, float) and v > 0}
+
+    undo, off = [], {}
+    for module in model.modules():
+        own = drops(module)
+        for k, v in own.items():
+            undo.append((module, k, v))
+            setattr(module, k, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and not isinstance(module, PreTrainedModel) and drops(config):
+            off.update(drops(config))
+            undo.append((module, "config", config))
+            module.config = copy.copy(config)
+            for k in drops(config):
+                setattr(module.config, k, 0.0)
+        off.update(own)
+    try:
+        yield off
+    finally:
+        for obj, k, v in reversed(undo):
+            setattr(obj, k, v)
+
+
 def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -89,8 +126,9 @@ def gathered_infer(model: torch.nn.Module, ds: Any, batch_size: int, device: Any
     own = parts[rank]
     keep = np.concatenate([own, np.full(width - len(own), own[-1] if len(own) else 0, dtype=own.dtype)])
     padded, _ = infer(model, Rows(ds, keep), batch_size, device, padding_cut=False)  # as many batches per rank
-    if padded.dim() == 3:  # per-token outputs: every rank pads to the longest example of the whole set
-        longest = int(np.max(ds.lengths))
+    lengths = getattr(ds, "lengths", None)
+    if padded.dim() == 3 and lengths is not None:  # per-token outputs: every rank pads to the longest example
+        longest = int(np.max(lengths))  # of the whole set (a detector's fixed queries need none)
         padded = torch.nn.functional.pad(padded, (0, 0, 0, longest - padded.shape[1]))
     everything = accelerator.gather(padded.to(accelerator.device)).cpu().view(world, width, *padded.shape[1:])
     out = torch.cat([everything[r, : len(parts[r])] for r in range(world)])

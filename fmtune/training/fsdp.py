@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from fmtune.errors import ConfigError
 from fmtune.strategies import backbone_blocks
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -36,6 +37,15 @@ def shard(model: torch.nn.Module) -> int:
     from torch.distributed.fsdp import fully_shard
 
     from fmtune import adapters
+    from fmtune.models.hf_remote import encodes_in_groups
+
+    grouped = {getattr(m.config, "model_type", type(m).__name__) for m in model.modules()
+               if encodes_in_groups(getattr(m, "config", None))}
+    if grouped:  # every forward of a unit is collective: the ranks would wait on each other for good
+        raise ConfigError(f"train.distributed=fsdp: a {sorted(grouped)[0]} model reads each batch's clips in groups of "
+                          "equal length (its first convolution normalises over the whole clip), so each process "
+                          "would run its encoder a different number of times, and FSDP needs every process to run "
+                          "the same passes; use train.distributed=ddp")
 
     base = adapters.base_model(model)
     blocks = backbone_blocks(base.backbone) if hasattr(base, "backbone") else []

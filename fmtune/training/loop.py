@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from fmtune.data.dataset import epoch_batches
 from fmtune.errors import ConfigError, Interrupted, TrainingError
 from fmtune.strategies import set_train_mode
 from fmtune.training import checkpoint, fsdp, prefetch
-from fmtune.training.distributed import broadcast_flag, gathered_infer, params_in_sync, shard
+from fmtune.training.distributed import broadcast_flag, gathered_infer, params_in_sync, same_layers, shard
 from fmtune.training.dropout import fast_dropout
 from fmtune.training.infer import infer
 from fmtune.training.optim import make_optimizer, make_scheduler
@@ -176,7 +177,14 @@ def fit(bundle: Any, task: Any, train_ds: Any, val_ds: Any, cfg: Any, run_dir: P
     if steps is not None:
         run.total_steps = steps
     run.start(resume, trackers)
-    return run.train(eval_first and not resume)
+    if run.world == 1:
+        return run.train(eval_first and not resume)
+    with same_layers(run.model) as off:
+        if off and run.main:
+            drops = ", ".join(f"{k} {v}" for k, v in off.items())
+            warnings.warn(f"LayerDrop off while {run.world} processes train ({drops}): each would skip other layers "
+                          "and wait on the others for good", stacklevel=2)
+        return run.train(eval_first and not resume)
 
 
 class _Fit:
@@ -243,6 +251,9 @@ class _Fit:
         if self.sharded:  # the model stays as FSDP made it (no DDP wrapper)
             self.optimizer = self.accelerator.prepare(self.optimizer)
         else:
+            if self.world > 1:  # images come channels_last (faster convolutions), so do a convolution's weight
+                # gradients, which DDP copies into its buckets: a note on speed for torch's developers, not users
+                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.net, self.optimizer = self.accelerator.prepare(self.net, self.optimizer)
         self.plain_net = self.accelerator.unwrap_model(self.net)
         # a host sync per step would stall a GPU's queue; with several processes a decision taken on
