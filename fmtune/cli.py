@@ -850,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code. A rank of a launched run (torchrun sets WORLD_SIZE) ends its
     process here instead (``distributed.exit_rank``)."""
     code = _command(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (distributed.world_size's test; that module imports torch)
         from fmtune.training.distributed import exit_rank
 
         exit_rank(code)

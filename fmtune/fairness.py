@@ -111,16 +111,6 @@ def _value_metrics(err: np.ndarray, pred: np.ndarray, true: np.ndarray) -> dict[
             "mean_target": true.mean(-1)}
 
 
-ERROR_COUNTS = ("word_errors", "words", "char_errors", "chars")  # a transcript's, against its reference
-
-
-def _error_metrics(word_errors: np.ndarray, words: np.ndarray, char_errors: np.ndarray,
-                   chars: np.ndarray) -> dict[str, np.ndarray]:
-    """WER and CER of clips from their error and reference counts (summed over the last axis)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {"wer": word_errors.sum(-1) / words.sum(-1), "cer": char_errors.sum(-1) / chars.sum(-1)}
-
-
 def _resampled(arrays: list[np.ndarray], n_boot: int, rng: np.random.Generator, metrics: Any) -> dict[str, np.ndarray]:
     """``metrics(*arrays)`` of ``n_boot`` resamples of the rows (in chunks: memory stays bounded)."""
     n = len(arrays[0])
@@ -142,9 +132,10 @@ def _per_group(outcomes: dict[str, Any], idx: np.ndarray, positive: int | None, 
         boot = rng.multinomial(len(idx), cells / cells.sum(), size=n_boot).reshape(n_boot, k + 1, k)
         return point, _label_metrics(boot, positive)
     if outcomes["kind"] == "errors":  # transcripts: each clip's error and reference counts
+        from fmtune.tasks.speech import ERROR_COUNTS, rates
+
         counts = [np.asarray(outcomes[k], dtype=np.float64)[idx] for k in ERROR_COUNTS]
-        return ({m: float(v) for m, v in _error_metrics(*counts).items()},
-                _resampled(counts, n_boot, rng, _error_metrics))
+        return {m: float(v) for m, v in rates(*counts).items()}, _resampled(counts, n_boot, rng, rates)
     true, pred = outcomes["true"][idx], outcomes["pred"][idx]
     point = {m: float(v) for m, v in _value_metrics(pred - true, pred, true).items()}
     return point, _resampled([true, pred], n_boot, rng, lambda t, p: _value_metrics(p - t, p, t))

@@ -165,33 +165,28 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
                     bar(n * len(levels))
                 values = [score(torch.cat([b[k] for b in sweeps]), ds.targets) for k in range(len(levels))]
             for k, (severity, level) in enumerate(levels):
+                if name not in ATTACKS:
+                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
+                    rng = np.random.default_rng(_seed(seed, name, severity))  # (images: a torch generator of it)
                 if name in ATTACKS:
                     value = values[k]
                 elif answers:
-                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
-                    rng = np.random.default_rng(_seed(seed, name, severity))
                     changed_ds, _ = task.dataset(perturb_prompts(rows, name, level, rng), bundle, cfg.data,
                                                  with_targets=False)
                     value = _answers_scored(pred, changed_ds, ds.references)
                     bar(len(rows))
                 elif tagged:
-                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
-                    rng = np.random.default_rng(_seed(seed, name, severity))
                     pairs = [perturb_words(w, t, name, level, rng) for w, t in sentences]
                     frame = pd.DataFrame({"tokens": [w for w, _ in pairs], "tags": [t for _, t in pairs]})
                     frame.attrs = dict(df.attrs)
                     changed_ds, _ = task.dataset(frame, bundle, cfg.data, allow_unknown=True)
                     value = score(*infer(model, changed_ds, bs, progress=bar, autocast_dtype=dtype))
                 elif pred.kind == "text":
-                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
-                    rng = np.random.default_rng(_seed(seed, name, severity))
                     changed = [tuple(perturb_text(t, name, level, rng) for t in row) for row in texts]
                     changed = changed if pred.pair_column else [row[0] for row in changed]
                     value = score(*infer(model, bundle.text_data(changed, ds.targets), bs, progress=bar,
                                          autocast_dtype=dtype))
                 elif pred.kind == "audio":
-                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
-                    rng = np.random.default_rng(_seed(seed, name, severity))
                     changed = [change_audio(w, spec.sampling_rate, name, level, rng) for w in waves]
                     if transcribes:
                         value = _transcripts_scored(pred, task.inputs(changed, bundle), ds.references)
@@ -200,7 +195,6 @@ def evaluate_run(pred: Any, df: Any, suite: str, seed: int, attacks: bool, quiet
                         value = score(*infer(model, AudioData(features_of(changed, spec), ds.targets, spec), bs,
                                              progress=bar, autocast_dtype=dtype))
                 else:
-                    bar.describe(f"robustness of {pred.run_dir.name}: {name}, severity {severity}")
                     gen = torch.Generator().manual_seed(_seed(seed, name, severity))
                     logits, start = None, 0
                     for raw, _targets in batches:

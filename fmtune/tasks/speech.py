@@ -253,14 +253,23 @@ def _normalizer(kind: str) -> Any:
     return EnglishTextNormalizer({}) if kind == "english" else BasicTextNormalizer()
 
 
+ERROR_COUNTS = ("word_errors", "words", "char_errors", "chars")  # a transcript's (``error_counts``)
+
+
+def rates(word_errors: np.ndarray, words: np.ndarray, char_errors: np.ndarray,
+          chars: np.ndarray) -> dict[str, np.ndarray]:
+    """WER and CER of clips from their ``error_counts``, summed over the last axis (a set's clips; fmtune fairness:
+    each bootstrap resample's)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"wer": word_errors.sum(-1) / words.sum(-1), "cer": char_errors.sum(-1) / chars.sum(-1)}
+
+
 def error_rates(hypotheses: list[str], references: list[str], normalizer: str = "basic") -> dict[str, float]:
     """Word and character error rate over the whole set (errors / reference words or characters),
     as jiwer computes them, on normalised text (``normalizer``: see ``normalize``): the clips' ``error_counts``
     summed. An empty hypothesis counts every reference word as deleted; no reference at all gives NaN."""
-    c = error_counts(hypotheses, references, normalizer)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {"wer": float(c["word_errors"].sum() / c["words"].sum()),
-                "cer": float(c["char_errors"].sum() / c["chars"].sum())}
+    counts = error_counts(hypotheses, references, normalizer)
+    return {m: float(v) for m, v in rates(*(counts[k] for k in ERROR_COUNTS)).items()}
 
 
 def error_counts(hypotheses: list[str], references: list[str], normalizer: str = "basic") -> dict[str, np.ndarray]:
@@ -277,7 +286,7 @@ def error_counts(hypotheses: list[str], references: list[str], normalizer: str =
         w, c = jiwer.process_words(r, h), jiwer.process_characters(r, h)
         out[:, i] = (w.substitutions + w.deletions + w.insertions, len(r.split()),
                      c.substitutions + c.deletions + c.insertions, len(r))
-    return dict(zip(("word_errors", "words", "char_errors", "chars"), out))
+    return dict(zip(ERROR_COUNTS, out))
 
 
 def transcribe_clips(model: torch.nn.Module, ds: Any, rows: list[int], batch_size: int, decode: Any,
